@@ -1,0 +1,311 @@
+"""Model configuration: every field of the official DeepSeek-V4 configs.
+
+Field names are the official ``inference/model.py`` ``ModelArgs`` names (architecture.md §1.3);
+:meth:`ModelConfig.from_json` also reads the Hugging Face ``config.json`` names (§1.1).
+A key that the architecture needs and the file lacks is an error: the reference dataclass
+defaults for missing keys are traps (``compress_rope_theta=40000``, ``original_seq_len=0``,
+``route_scale=1``, ``swiglu_limit=0``, ...; §1.3), so dsv4 never falls back to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["ModelConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration that dsv4 cannot run (missing keys, inconsistent shapes)."""
+
+
+# HF config.json name -> ModelArgs name (architecture.md §1.3).
+_HF_TO_ARGS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "moe_intermediate_size": "moe_inter_dim",
+    "num_hidden_layers": "n_layers",
+    "num_hash_layers": "n_hash_layers",
+    "num_nextn_predict_layers": "n_mtp_layers",
+    "num_attention_heads": "n_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts",
+    "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale",
+    "swiglu_limit": "swiglu_limit",
+    "q_lora_rank": "q_lora_rank",
+    "head_dim": "head_dim",
+    "qk_rope_head_dim": "rope_head_dim",
+    "rms_norm_eps": "norm_eps",
+    "o_groups": "o_groups",
+    "o_lora_rank": "o_lora_rank",
+    "sliding_window": "window_size",
+    "compress_ratios": "compress_ratios",
+    "compress_rope_theta": "compress_rope_theta",
+    "rope_theta": "rope_theta",
+    "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim",
+    "index_topk": "index_topk",
+    "hc_mult": "hc_mult",
+    "hc_sinkhorn_iters": "hc_sinkhorn_iters",
+    "hc_eps": "hc_eps",
+    "max_position_embeddings": "max_position_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "num_key_value_heads": "num_key_value_heads",
+    "topk_method": "topk_method",
+    "norm_topk_prob": "norm_topk_prob",
+    "hidden_act": "hidden_act",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "expert_dtype": "expert_dtype",
+}
+
+# Fields that must be present in a config file (no silent defaults, §1.3).
+_REQUIRED = (
+    "vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
+    "n_routed_experts", "n_shared_experts", "n_activated_experts", "score_func", "route_scale",
+    "swiglu_limit", "q_lora_rank", "head_dim", "rope_head_dim", "norm_eps", "o_groups",
+    "o_lora_rank", "window_size", "compress_ratios", "compress_rope_theta", "rope_theta",
+    "original_seq_len", "rope_factor", "beta_fast", "beta_slow", "index_n_heads",
+    "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "hc_eps",
+)
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V4 hyper-parameters (official ``ModelArgs`` names; architecture.md §1).
+
+    ``compress_ratios`` has ``n_layers + n_mtp_layers`` entries: 0 = sliding window only (SWA),
+    4 = Compressed Sparse Attention (overlapping compressor + Lightning Indexer), any other
+    positive ratio = Heavily Compressed Attention (non-overlapping compressor, dense over all
+    complete entries). Layers ``0 .. n_hash_layers-1`` route experts by ``tid2eid[token_id]``.
+
+    ``quant_sim`` switches the official quantisation simulation on (§3.3, §5): FP8 e4m3
+    quant-dequant of the non-RoPE KV dims in blocks of 64, Hadamard + FP4 e2m1 quant-dequant of
+    indexer q/k in blocks of 32. With ``quant_sim=False`` the arithmetic is exact.
+    """
+
+    vocab_size: int = 129280
+    dim: int = 4096
+    moe_inter_dim: int = 2048
+    n_layers: int = 43
+    n_hash_layers: int = 3
+    n_mtp_layers: int = 1
+    n_heads: int = 64
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    q_lora_rank: int = 1024
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    norm_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: tuple = tuple([0, 0] + [4, 128] * 20 + [4] + [0])
+    compress_rope_theta: float = 160000.0
+    rope_theta: float = 10000.0
+    original_seq_len: int = 65536
+    rope_factor: float = 16.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # Storage / bookkeeping fields of the official configs (do not change the maths).
+    max_position_embeddings: int = 1048576
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    num_key_value_heads: int = 1
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    dtype: str = "fp8"
+    scale_fmt: str = "ue8m0"
+    expert_dtype: Optional[str] = "fp4"
+    # dsv4 switch: the official quantisation simulation (architecture.md §3.3, §5).
+    quant_sim: bool = True
+
+    def __post_init__(self) -> None:
+        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        self.validate()
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def flash(cls, **overrides: Any) -> "ModelConfig":
+        """DeepSeek-V4-Flash (284B total, 13B active; architecture.md §1.1)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def pro(cls, **overrides: Any) -> "ModelConfig":
+        """DeepSeek-V4-Pro (1.6T total, 49B active; architecture.md §1.1, §1.3)."""
+        base = cls(
+            dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384,
+            route_scale=2.5, q_lora_rank=1536, o_groups=16, index_topk=1024,
+            compress_ratios=tuple([128, 128] + [4, 128] * 29 + [4] + [0]),
+        )
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "ModelConfig":
+        """A CPU-sized config with every layer type and the real 129280-token vocabulary.
+
+        Layers: 0 SWA (hash MoE), 1 CSA ratio 4 (hash MoE), 2 HCA ratio 16, 3 CSA, plus one MTP
+        layer (SWA). Dims fit the quantisation simulation (non-RoPE KV dims 64, indexer head
+        dim 64). Window 16 and ``index_topk`` 8 so that short prompts cross every boundary;
+        pass overrides (e.g. ``window_size=128``) to change them.
+        """
+        base = cls(
+            vocab_size=129280, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=2,
+            n_mtp_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
+            n_activated_experts=2, route_scale=1.5, q_lora_rank=64, head_dim=128,
+            rope_head_dim=64, o_groups=2, o_lora_rank=64, window_size=16,
+            compress_ratios=(0, 4, 16, 4, 0), index_n_heads=8, index_head_dim=64, index_topk=8,
+            max_position_embeddings=1048576, dtype="bf16", expert_dtype=None,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def nope_head_dim(self) -> int:
+        """Non-RoPE part of each head: ``head_dim - rope_head_dim`` (448 for the real models)."""
+        return self.head_dim - self.rope_head_dim
+
+    def layer_kind(self, layer_id: int) -> str:
+        """``"swa"``, ``"csa"`` or ``"hca"`` for layer ``layer_id`` (MTP layers follow n_layers)."""
+        r = self.compress_ratios[layer_id]
+        return "swa" if r == 0 else ("csa" if r == 4 else "hca")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for configs the model cannot run."""
+        errs = []
+        n_total = self.n_layers + self.n_mtp_layers
+        if len(self.compress_ratios) != n_total:
+            errs.append(
+                f"compress_ratios has {len(self.compress_ratios)} entries but n_layers + "
+                f"n_mtp_layers = {n_total}; dsv4 supports the April-2026 V4-Flash/V4-Pro layout "
+                "(one entry per layer plus one per MTP layer)")
+        if any(r < 0 for r in self.compress_ratios):
+            errs.append("compress_ratios must be >= 0")
+        if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
+            errs.append("rope_head_dim must be even and <= head_dim")
+        if self.index_head_dim < self.rope_head_dim or self.index_head_dim % 2:
+            errs.append("index_head_dim must be even and >= rope_head_dim")
+        if self.n_heads % self.o_groups:
+            errs.append(f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
+        if self.n_activated_experts > self.n_routed_experts:
+            errs.append("n_activated_experts must be <= n_routed_experts")
+        if self.n_hash_layers > self.n_layers:
+            errs.append("n_hash_layers must be <= n_layers")
+        if self.score_func != "sqrtsoftplus":
+            errs.append(f"score_func {self.score_func!r} is not supported (V4 uses 'sqrtsoftplus')")
+        if self.window_size < 1 or self.index_topk < 1 or self.hc_mult < 1:
+            errs.append("window_size, index_topk and hc_mult must be >= 1")
+        if self.quant_sim:
+            if self.nope_head_dim % 64:
+                errs.append(
+                    f"quant_sim=True needs head_dim - rope_head_dim to be a multiple of 64 (FP8 "
+                    f"blocks of 64, architecture.md §3.3); got {self.nope_head_dim}. "
+                    "Use quant_sim=False for this config")
+            d = self.index_head_dim
+            if d % 32 or d & (d - 1):
+                errs.append(
+                    f"quant_sim=True needs index_head_dim to be a power of two and a multiple of "
+                    f"32 (Hadamard + FP4 blocks of 32, §5); got {d}. Use quant_sim=False")
+        if errs:
+            raise ConfigError("invalid ModelConfig: " + "; ".join(errs))
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_dict(cls, d: dict, **overrides: Any) -> "ModelConfig":
+        """Build a config from an official HF ``config.json`` dict or an inference ``config.json``.
+
+        Raises :class:`ConfigError` listing every architectural key that is missing.
+        """
+        args: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k in _HF_TO_ARGS:
+                args[_HF_TO_ARGS[k]] = v
+            elif k in names:
+                args[k] = v
+        if "rope_scaling" in d:
+            rs = d["rope_scaling"]
+            if rs is None:
+                args.setdefault("original_seq_len", 0)
+                args.setdefault("rope_factor", 1.0)
+                args.setdefault("beta_fast", 32.0)
+                args.setdefault("beta_slow", 1.0)
+            else:
+                kind = rs.get("type", rs.get("rope_type"))
+                if kind != "yarn":
+                    raise ConfigError(f"rope_scaling type {kind!r} is not supported (V4 uses 'yarn')")
+                for src, dst in (("factor", "rope_factor"),
+                                 ("original_max_position_embeddings", "original_seq_len"),
+                                 ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
+                    if src in rs:
+                        args[dst] = rs[src]
+        if "quantization_config" in d:
+            q = d["quantization_config"] or {}
+            if q.get("scale_fmt"):
+                args["scale_fmt"] = q["scale_fmt"]
+            args.setdefault("dtype", "fp8" if q.get("quant_method") == "fp8" else "bf16")
+        elif "dtype" not in d:
+            args["dtype"] = "bf16"
+            args.setdefault("expert_dtype", None)
+        # n_mtp_layers: derive from compress_ratios when the file does not say.
+        if "n_mtp_layers" not in args and "compress_ratios" in args and "n_layers" in args:
+            args["n_mtp_layers"] = len(args["compress_ratios"]) - int(args["n_layers"])
+        args.update(overrides)
+        missing = [k for k in _REQUIRED if k not in args]
+        if missing:
+            raise ConfigError(
+                "config is missing required keys " + ", ".join(missing) +
+                " (dsv4 does not fall back to the reference ModelArgs defaults, which differ "
+                "from the released models; architecture.md §1.3)")
+        args = {k: v for k, v in args.items() if k in names}
+        return cls(**args)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+        """Read an official ``config.json`` (HF or inference names); ``path`` may be a directory."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def to_hf_dict(self) -> dict:
+        """The HF ``config.json`` form (what :meth:`Model.save_pretrained` writes)."""
+        inv = {v: k for k, v in _HF_TO_ARGS.items()}
+        out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "dtype",
+                          "scale_fmt"):
+                continue
+            out[inv.get(f.name, f.name)] = list(v) if isinstance(v, tuple) else v
+        out["rope_scaling"] = {
+            "type": "yarn", "factor": self.rope_factor,
+            "original_max_position_embeddings": self.original_seq_len,
+            "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
+        }
+        out["torch_dtype"] = "bfloat16"
+        return out
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_hf_dict` as JSON."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)

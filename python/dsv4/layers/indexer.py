@@ -1,0 +1,94 @@
+"""Lightning Indexer: top-k selection of compressed entries for CSA layers (architecture.md §5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import CompressorState
+from ..ops.quant import fp4_e2m1_sim, hadamard
+from .compressor import Compressor
+from .linear import Linear
+from .rope import apply_rope
+
+__all__ = ["Indexer", "indexer_topk_reference"]
+
+# Queries scored at once (bounds the [queries, heads, entries] score tensor).
+_QUERY_CHUNK = 256
+
+
+def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                           positions: torch.Tensor, compress_ratio: int, topk: int
+                           ) -> torch.Tensor:
+    """Causal top-k of ``I(t, s) = Σ_h w_h · ReLU(q_h · k_s)`` over complete compressed entries.
+
+    Args:
+        q: [tokens, heads, d] indexer queries (after RoPE and, with quant_sim, Hadamard + FP4).
+        weights: [tokens, heads] head weights (already scaled by d**-0.5 · heads**-0.5).
+        keys: [n_entries, d] the sequence's compressed indexer keys.
+        positions: [tokens] absolute position t of each query; entry s is complete for t iff
+            ``s < (t + 1) // compress_ratio``.
+        topk: number of indices returned per query.
+
+    Returns:
+        int64 [tokens, topk]: the entries with the highest scores among the complete ones, in
+        descending score order, lowest index first among equal scores; −1 fills the row when
+        fewer than ``topk`` entries are complete. Scores are computed in fp32.
+    """
+    T = q.shape[0]
+    n = keys.shape[0]
+    out = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
+    if n == 0 or T == 0:
+        return out
+    kf = keys.float()
+    for t0 in range(0, T, _QUERY_CHUNK):
+        qs = q[t0:t0 + _QUERY_CHUNK].float()
+        s = torch.einsum("thd,nd->thn", qs, kf).relu_()
+        s = (s * weights[t0:t0 + _QUERY_CHUNK, :, None].float()).sum(dim=1)    # [t, n]
+        n_valid = (positions[t0:t0 + _QUERY_CHUNK] + 1) // compress_ratio
+        valid = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
+        s = s.masked_fill(~valid, float("-inf"))
+        k = min(topk, n)
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+        picked_valid = valid.gather(1, order)
+        out[t0:t0 + _QUERY_CHUNK, :k] = torch.where(picked_valid, order, -1)
+    return out
+
+
+class Indexer(nn.Module):
+    """Scores the compressed entries of a CSA layer and picks ``index_topk`` per query.
+
+    Shares the main attention's q latent ``qr``; has its own overlapping compressor (ratio 4,
+    head dim ``index_head_dim``, ``rotate=True``). Parameters (official names): ``wq_b``
+    [index_n_heads·index_head_dim, q_lora_rank], ``weights_proj`` [index_n_heads, dim],
+    ``compressor.*``.
+    """
+
+    def __init__(self, config, compress_ratio: int):
+        super().__init__()
+        self.config = config
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.index_topk = config.index_topk
+        self.compress_ratio = compress_ratio
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = Linear(config.dim, self.n_heads)
+        self.compressor = Compressor(config, compress_ratio, self.head_dim, rotate=True)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState, row: int,
+                start: int, freqs: torch.Tensor) -> torch.Tensor:
+        """Select entries for tokens x [n, dim] / qr [n, q_lora] of sequence ``row``.
+
+        Updates the indexer key store with the blocks these tokens complete, then returns
+        int64 [n, index_topk] entry indices (−1 = none), causal per query (§3.5, §5).
+        """
+        n = x.shape[0]
+        pos = torch.arange(start, start + n, device=x.device)
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, pos[:, None], freqs)
+        if self.config.quant_sim:
+            q = fp4_e2m1_sim(hadamard(q), 32)
+        n_entries = self.compressor(x, state, row, start, freqs)
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        keys = state.entries[row, :n_entries]
+        return indexer_topk_reference(q, w, keys, pos, self.compress_ratio, self.index_topk)

@@ -1,0 +1,98 @@
+"""Quantisation simulation used by the reference forward (architecture.md §3.3, §5, §12.3).
+
+All functions are pure PyTorch, work on any device and return a tensor of the input's dtype and
+shape holding the *dequantised* values (a quant-dequant round trip). Scales are powers of two
+(UE8M0) and casts round to nearest, ties to even, as the official kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ue8m0_scale", "fp8_e4m3_sim", "fp4_e2m1_sim", "fp4_e2m1_round", "hadamard",
+           "FP8_E4M3_MAX", "FP4_E2M1_MAX"]
+
+FP8_E4M3_MAX = 448.0
+FP4_E2M1_MAX = 6.0
+
+
+def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Power-of-two scale ``2**ceil(log2(amax / qmax))``, exactly (no log2 rounding error).
+
+    ``amax`` fp32 (already clamped away from 0 by the caller). Source: the official
+    ``fast_round_scale`` (architecture.md §3.3, training.md §5.2).
+    """
+    mant, exp = torch.frexp(amax.float() / qmax)  # v = mant * 2**exp, mant in [0.5, 1)
+    exp = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), exp)
+
+
+def fp8_e4m3_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """FP8 e4m3 quant-dequant of ``x`` in blocks of ``block`` along the last dim.
+
+    x: [..., n] with ``n % block == 0``, any float dtype. Per block: ``amax = max(|x|, 1e-4)``,
+    ``s = 2**ceil(log2(amax / 448))``, ``y = e4m3(clamp(x / s, ±448)) * s`` (round to nearest
+    even). Used on the non-RoPE KV dims (architecture.md §3.3: dsv4 performs the real FP8 round
+    trip) and, with block 128, on activations before FP8 GEMMs (§12.3).
+    Raises ValueError if the last dim is not a multiple of ``block``.
+    """
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"fp8_e4m3_sim: last dim {n} is not a multiple of the block size {block}")
+    xf = x.float().unflatten(-1, (n // block, block))
+    amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    s = ue8m0_scale(amax, FP8_E4M3_MAX)
+    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return (q * s).flatten(-2).to(x.dtype)
+
+
+def fp4_e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values in [-6, 6] to the e2m1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even code.
+
+    Ties: 0.25→0, 0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4, 5→4 (the even code of each pair).
+    The sign is kept (−0 for negative values that round to 0). Source: the OCP MX e2m1 format.
+    """
+    a = y.abs()
+    v = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0,
+        torch.where(a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0,
+        torch.where(a <= 5.0, 4.0, 6.0)))))))
+    return torch.copysign(v.to(torch.float32), y)
+
+
+def fp4_e2m1_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 e2m1 quant-dequant of ``x`` in blocks of ``block`` along the last dim.
+
+    Per block: ``amax = max(|x|, 6 * 2**-126)``, ``s = 2**ceil(log2(amax / 6))``,
+    ``y = e2m1(x / s) * s``. Source: official ``fp4_act_quant`` (training.md §5.2), applied to
+    indexer queries and keys after the Hadamard rotation (architecture.md §5).
+    Raises ValueError if the last dim is not a multiple of ``block``.
+    """
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"fp4_e2m1_sim: last dim {n} is not a multiple of the block size {block}")
+    xf = x.float().unflatten(-1, (n // block, block))
+    amax = xf.abs().amax(-1, keepdim=True).clamp_min(FP4_E2M1_MAX * 2.0 ** -126)
+    s = ue8m0_scale(amax, FP4_E2M1_MAX)
+    q = fp4_e2m1_round((xf / s).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX))
+    return (q * s).flatten(-2).to(x.dtype)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Normalised Walsh–Hadamard transform over the last dim (Sylvester order), scale n**-0.5.
+
+    x: [..., n] with n a power of two; computed in fp32 by butterflies and cast back to
+    ``x.dtype``. Equals ``x @ H_n.T / sqrt(n)`` with ``H_{2k} = [[H_k, H_k], [H_k, -H_k]]``, the
+    matrix ``fast_hadamard_transform`` applies (architecture.md §5 step 3).
+    Raises ValueError if n is not a power of two.
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard: last dim must be a power of two, got {n}")
+    y = x.float()
+    h = 1
+    while h < n:
+        y = y.unflatten(-1, (n // (2 * h), 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return (y * n ** -0.5).to(x.dtype)
