@@ -1,0 +1,53 @@
+"""Quantisation simulation (training.md §7.5, architecture.md §3.3, §5)."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.quant import fp4_e2m1_round, fp4_e2m1_sim, fp8_e4m3_sim, hadamard, ue8m0_scale
+
+E2M1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6])
+
+
+def test_ue8m0_scale_exact_powers():
+    amax = torch.tensor([5.1, 448.0, 448.0 * 2 ** -3, 449.0, 1e-4])
+    s = ue8m0_scale(amax, 448.0)
+    assert s.tolist() == [2.0 ** -6, 1.0, 2.0 ** -3, 2.0, 2.0 ** -22]
+
+
+def test_fp8_sim_block_scale_and_rounding():
+    x = torch.linspace(-3.3, 5.1, 128)
+    y = fp8_e4m3_sim(x, 128)
+    s = 2.0 ** -6
+    assert torch.equal(y, (x / s).to(torch.float8_e4m3fn).float() * s)
+    # blocks of 64 are scaled independently
+    x2 = torch.cat([torch.randn(64) * 1000, torch.randn(64) * 1e-3])
+    y2 = fp8_e4m3_sim(x2, 64)
+    assert ((y2[64:] - x2[64:]).abs() <= x2[64:].abs() * 2 ** -4 + 1e-12).all()
+
+
+def test_fp4_round_every_code_and_midpoint():
+    for sign in (1.0, -1.0):
+        for v in E2M1:
+            assert fp4_e2m1_round(sign * v).item() == sign * v
+        mids = (E2M1[:-1] + E2M1[1:]) / 2
+        # ties go to the even code (codes 0, 2, 4, 6 = values 0, 1, 2, 4)
+        expected = torch.tensor([0, 1, 1, 2, 2, 4, 4.0])
+        got = fp4_e2m1_round(sign * mids)
+        assert torch.equal(got, sign * expected), (sign, got)
+
+
+def test_fp4_sim_vector():
+    w = torch.linspace(-0.7, 0.9, 32)
+    y = fp4_e2m1_sim(w, 32)
+    assert torch.equal((y[:6] / 0.25), torch.tensor([-3., -3, -2, -2, -2, -2]))
+    assert set((y / 0.25).abs().tolist()) <= set(E2M1.tolist())
+
+
+def test_hadamard_matches_sylvester_matrix_and_is_orthonormal():
+    H = torch.ones(1, 1)
+    while H.shape[0] < 64:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(hadamard(x), x @ H.T / 8, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hadamard(hadamard(x)), x, atol=1e-5, rtol=1e-5)
