@@ -1,0 +1,214 @@
+"""The compiled extension ``dsv4._C`` and the registration of every ``torch.ops.dsv4`` op.
+
+Each op has one name, ``torch.ops.dsv4.<name>``, and two implementations:
+
+* CUDA: the kernel compiled into ``dsv4._C`` (schema from ``TORCH_LIBRARY(dsv4, m)`` in
+  csrc/torch/registration.cpp, kernel from ``TORCH_LIBRARY_IMPL(dsv4, CUDA, m)``);
+* CPU: the pure-PyTorch reference, registered here, plus a fake (shape-only) implementation
+  for torch.compile / FakeTensor.
+
+Without the extension (``DSV4_SKIP_CUDA_BUILD=1`` install, or a failed import) the op is
+defined from Python with the same schema and the reference serves CPU and CUDA, so
+``torch.ops.dsv4.<name>`` always exists. ``info()`` / ``format_info()`` say which kernels are
+compiled and usable here (``dsv4 info``).
+
+Importing this module loads only torch and ``dsv4.ops.norm`` (no model code).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+
+from .norm import rms_norm_reference
+
+__all__ = ["HAS_C", "info", "format_info", "OP_SCHEMAS"]
+
+_NAMESPACE = "dsv4"
+
+# ---------------------------------------------------------------------------------------------
+# Load the extension (its static initialisers register the schemas and CUDA kernels).
+# ---------------------------------------------------------------------------------------------
+_IMPORT_ERROR: str | None = None
+try:
+    importlib.import_module("dsv4._C")
+    HAS_C: bool = True
+except (ImportError, OSError) as e:  # not built, or built against another torch/CUDA
+    HAS_C = False
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _cuda_kernels_now() -> list[str]:
+    """Names of dsv4 ops that currently have a CUDA kernel in the dispatcher."""
+    try:
+        names = torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+    except Exception:  # private API; fall back to probing the known ops
+        return sorted(n for n in OP_SCHEMAS if _has_kernel(n, "CUDA"))
+    prefix = _NAMESPACE + "::"
+    return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    try:
+        return bool(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{name}", dispatch_key)
+        )
+    except Exception:
+        return False
+
+
+def _op_exists(name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, _NAMESPACE), name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Op table: schema (identical to the C++ m.def), reference kernel, fake kernel.
+# ---------------------------------------------------------------------------------------------
+OP_SCHEMAS: dict[str, str] = {
+    "rms_norm": "(Tensor x, Tensor weight, float eps) -> Tensor",
+}
+
+
+def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # contiguous(): the CUDA kernel and the fake return a contiguous tensor whatever x's layout.
+    return rms_norm_reference(x, weight, eps).contiguous()
+
+
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least 1 dimension")
+    torch._check(
+        weight.dim() == 1 and weight.size(0) == x.size(-1),
+        lambda: f"rms_norm: weight must have shape [{x.size(-1)}], got {list(weight.shape)}",
+    )
+    return x.new_empty(x.shape)
+
+
+# The C++ kernels compiled into dsv4._C (snapshot before any Python kernel is registered).
+_COMPILED_CUDA_OPS: list[str] = _cuda_kernels_now() if HAS_C else []
+_PY_LIBS: list[Any] = []  # keep Library fragments alive
+
+
+def _register(name: str, reference: Callable, fake: Callable) -> None:
+    qualname = f"{_NAMESPACE}::{name}"
+    if not _op_exists(name):  # no extension (or an old one without this op)
+        lib = torch.library.Library(_NAMESPACE, "FRAGMENT")
+        _PY_LIBS.append(lib)
+        lib.define(name + OP_SCHEMAS[name])
+    device_types = ["cpu"] if _has_kernel(name, "CUDA") else ["cpu", "cuda"]
+    torch.library.register_kernel(qualname, device_types, reference)
+    torch.library.register_fake(qualname)(fake)
+
+
+_register("rms_norm", _rms_norm_kernel, _rms_norm_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+def _build_config() -> Any:
+    try:
+        return importlib.import_module("dsv4._build_config")
+    except ImportError:
+        return None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dsv4")
+    except Exception:
+        return "unknown"
+
+
+def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for TORCH_CUDA_ARCH_LIST entry ``arch`` (e.g. "9.0a") runs on a
+    device of compute capability ``capability``."""
+    base, ptx = arch.split("+")[0], arch.endswith("+PTX")
+    suffix = base[-1] if base[-1] in "af" else ""
+    major, minor = (int(v) for v in base.rstrip("af").split("."))
+    if ptx and not suffix:
+        return capability >= (major, minor)
+    if suffix == "a":
+        return capability == (major, minor)
+    if suffix == "f":  # family-specific: same major, minor >= built minor
+        return capability[0] == major and capability[1] >= minor
+    return capability[0] == major and capability[1] >= minor
+
+
+def info() -> dict[str, Any]:
+    """What this dsv4 install can run.
+
+    Returns a dict with keys:
+        version, torch_version, torch_cuda_version: package / torch / torch's CUDA versions.
+        compiled: whether ``dsv4._C`` imported.
+        import_error: why it did not (``"ExcType: message"``), else None.
+        cuda_compiled_ops: ops with a compiled CUDA kernel (names in ``torch.ops.dsv4``).
+        cuda_available: ``torch.cuda.is_available()``.
+        device_name, device_capability: of CUDA device 0, or None.
+        build_arch_list: TORCH_CUDA_ARCH_LIST the extension was built for (None if unknown).
+        build_torch_version: torch version the extension was built against (None if unknown).
+        cuda_usable_ops: compiled ops whose kernels can run on device 0 (else []).
+    """
+    build = _build_config()
+    cuda_available = torch.cuda.is_available()
+    device_name = capability = None
+    if cuda_available:
+        device_name = torch.cuda.get_device_name(0)
+        capability = tuple(torch.cuda.get_device_capability(0))
+    arch_list = getattr(build, "TORCH_CUDA_ARCH_LIST", None) if HAS_C else None
+    usable: list[str] = []
+    if HAS_C and capability is not None:
+        archs = [a for a in (arch_list or "").replace(",", ";").replace(" ", ";").split(";") if a]
+        try:
+            runs = not archs or any(_arch_runs_on(a, capability) for a in archs)
+        except ValueError:
+            runs = True  # unparsable record: let the kernel launch report it
+        usable = list(_COMPILED_CUDA_OPS) if runs else []
+    return {
+        "version": _version(),
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "compiled": HAS_C,
+        "import_error": _IMPORT_ERROR,
+        "cuda_compiled_ops": list(_COMPILED_CUDA_OPS),
+        "cuda_available": cuda_available,
+        "device_name": device_name,
+        "device_capability": capability,
+        "build_arch_list": arch_list,
+        "build_torch_version": getattr(build, "TORCH_VERSION", None) if HAS_C else None,
+        "cuda_usable_ops": usable,
+    }
+
+
+def format_info() -> str:
+    """``info()`` as a human-readable multi-line report."""
+    d = info()
+    lines = [
+        f"dsv4 {d['version']}  (torch {d['torch_version']}, torch CUDA {d['torch_cuda_version']})"
+    ]
+    if d["compiled"]:
+        built = f"built for {d['build_arch_list'] or 'unknown arch'}"
+        if d["build_torch_version"]:
+            built += f" against torch {d['build_torch_version']}"
+        lines.append(f"compiled extension: yes (dsv4._C, {built})")
+        ops = ", ".join(d["cuda_compiled_ops"]) or "(none)"
+        lines.append(f"CUDA kernels compiled: {ops}")
+    else:
+        lines.append(f"compiled extension: no ({d['import_error']})")
+        lines.append("CUDA kernels compiled: none (every op runs its PyTorch reference)")
+    if d["cuda_available"]:
+        cc = ".".join(str(v) for v in d["device_capability"])
+        lines.append(f"CUDA device: {d['device_name']} (compute capability {cc})")
+        usable = ", ".join(d["cuda_usable_ops"]) or "none (reference ops only on this device)"
+        lines.append(f"CUDA kernels usable here: {usable}")
+    else:
+        lines.append("CUDA device: none (torch.cuda.is_available() is False); ops run on CPU")
+    lines.append(f"ops: {', '.join('torch.ops.dsv4.' + n for n in OP_SCHEMAS)}")
+    return "\n".join(lines)

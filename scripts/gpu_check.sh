@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# On the GPU machine (H200; python3 3.12, torch 2.11+cu130, nvcc 13.0, no internet): build the
+# extension, run the CUDA tests, the C++ check and every bench/bench_*.py. All logs go to
+# ${OUT:-/tmp/dsv4_out}. Exits non-zero if any step failed (later steps still run, except that
+# nothing runs after a failed build).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/dsv4_out}
+mkdir -p "$OUT"
+status=0
+
+step() {  # step NAME CMD...: run CMD, tee its output to $OUT/NAME.log, remember a failure
+  local name=$1
+  shift
+  echo "=== $name: $*" | tee "$OUT/$name.log"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+  [[ $rc -eq 0 ]] || status=1
+  return "$rc"
+}
+
+if [[ -z "${CUDA_HOME:-}" ]]; then  # the nvcc on PATH may be a wrapper: find the real toolkit
+  CUDA_HOME=$("$PY" -c 'import setup; print(setup.find_cuda_home() or "")')
+  [[ -n "$CUDA_HOME" ]] && export CUDA_HOME
+fi
+nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
+
+export DSV4_EXPECT_C=1
+MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
+  || exit 1
+step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"
+step pytest_cuda "$PY" -m pytest -q -m cuda tests
+if command -v cmake >/dev/null; then
+  step cmake_build bash -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
+    && cmake --build build/cmake -j "$(nproc)"' && step check_rms_norm build/cmake/dsv4_check_rms_norm
+fi
+for bench in bench/bench_*.py; do
+  [[ -e "$bench" ]] || continue
+  step "$(basename "$bench" .py)" "$PY" "$bench"
+done
+echo "gpu_check: $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
+exit "$status"
