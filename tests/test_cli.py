@@ -1,0 +1,232 @@
+"""Tests of the ``dsv4`` command line (dsv4.cli)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import dsv4
+from dsv4 import cli
+from dsv4.tokenizer import default_tokenizer_path, encode_prompt, load_tokenizer
+
+STATS_RE = re.compile(
+    r"^\[prompt tokens: (\d+), new tokens: (\d+), (\d+(?:\.\d+)?) tokens/s, "
+    r"finish: (eos|length|stop)\]$"
+)
+FIB = "def fibonacci(n):"
+
+
+def _usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "0"], r"top-p must be in \(0, 1\]"),
+        (["--top-p", "1.01"], r"top-p must be in \(0, 1\]"),
+        (["--temperature", "-1"], r"temperature must be a finite number >= 0"),
+        (["--temperature", "nan"], r"temperature must be a finite number >= 0"),
+        (["--top-k", "-1"], r"top-k must be an integer >= 0"),
+        (["--max-new-tokens", "-5"], r"expected an integer >= 0"),
+        (["--max-new-tokens", "ten"], r"expected an integer >= 0"),
+        (["--dtype", "float16"], r"invalid choice: 'float16'"),
+        (["--device", "nonsense"], r"argument --device: invalid device"),
+    ],
+)
+def test_generate_argument_errors(capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    err = _usage_error(capsys, ["generate", "--prompt", "x", *extra])
+    assert re.search(message, err), err
+    assert "usage: dsv4 generate" in err
+
+
+def _no_model(*a, **k):
+    raise AssertionError("no model may be built on a usage error")
+
+
+def test_missing_prompt_and_subcommand(capsys):
+    assert "--prompt" in _usage_error(capsys, ["generate"])
+    assert "required" in _usage_error(capsys, [])
+    assert "invalid choice" in _usage_error(capsys, ["frobnicate"])
+
+
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_large_presets_need_a_checkpoint(capsys, monkeypatch, preset):
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    err = _usage_error(capsys, ["generate", "--model", preset, "--prompt", "x"])
+    assert "too large to instantiate with random weights" in err
+    assert "checkpoint directory" in err
+
+
+def test_unknown_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    err = _usage_error(capsys, ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert "expected tiny, flash, pro or an existing checkpoint directory" in err
+
+
+def test_missing_tokenizer_file(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    rc = cli.main(["generate", "--prompt", "x", "--device", "cpu", "--tokenizer", str(tmp_path)])
+    assert rc == 1
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Emits a fixed token list, then EOS (call contract of dsv4.model.Model)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script = script
+        self.config = SimpleNamespace(bos_token_id=0, eos_token_id=1, vocab_size=129280)
+
+    def make_cache(self, batch_size):
+        return SimpleNamespace(pos=0, start=None)
+
+    def forward(self, input_ids, cache=None, seq_lens=None):
+        if cache.start is None:
+            cache.start = input_ids.shape[1]
+        cache.pos += input_ids.shape[1]
+        logits = torch.zeros(*input_ids.shape, 129280)
+        logits[:, -1, self.script[cache.pos - cache.start]] = 1.0
+        return logits
+
+
+class _FlushCounter(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushed = []
+
+    def flush(self):
+        self.flushed.append(self.getvalue())
+
+
+def test_generate_output_format_with_fake_model(monkeypatch, capsys):
+    tok = load_tokenizer()
+    gen_text = "\n    return n if n < 2 else fib(n - 1)"
+    script = tok.encode(gen_text, add_special_tokens=False).ids + [1]
+    seen = {}
+
+    def fake_load(model, device, dtype):
+        seen.update(model=model, device=device, dtype=dtype)
+        return _ScriptedModel(script)
+
+    monkeypatch.setattr(cli, "_load_model", fake_load)
+    out = _FlushCounter()
+    monkeypatch.setattr(sys, "stdout", out)
+    rc = cli.main(["generate", "--model", "tiny", "--prompt", FIB, "--device", "cpu"])
+    assert rc == 0
+    assert seen == {"model": "tiny", "device": torch.device("cpu"), "dtype": torch.float32}
+    assert out.getvalue() == FIB + gen_text + "\n"
+    # Streamed: the prompt is flushed first, then the text grows token by token.
+    assert out.flushed[0] == FIB
+    assert len(set(out.flushed)) >= len(script) - 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == cli.TINY_NOTICE and "seeded random weights" in err[0]
+    m = STATS_RE.match(err[-1])
+    assert m, err[-1]
+    assert int(m.group(1)) == len(encode_prompt(tok, FIB))
+    assert int(m.group(2)) == len(script) and m.group(4) == "eos"
+
+
+def test_generate_length_and_stop(monkeypatch, capsys):
+    tok = load_tokenizer()
+    script = tok.encode(" one two three four five", add_special_tokens=False).ids + [1]
+    monkeypatch.setattr(cli, "_load_model", lambda *a: _ScriptedModel(script))
+    assert cli.main(["generate", "--prompt", "p", "--device", "cpu", "--max-new-tokens", "2",
+                     "--temperature", "0.7", "--top-k", "1", "--seed", "3"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "p one two\n"
+    assert STATS_RE.match(cap.err.strip().splitlines()[-1]).group(2, 4) == ("2", "length")
+    assert cli.main(["generate", "--prompt", "p", "--device", "cpu", "--stop", "three"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "p one two \n"
+    assert STATS_RE.match(cap.err.strip().splitlines()[-1]).group(4) == "stop"
+
+
+def test_info_runs(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out  # format_info()'s header, or the fallback note's
+    assert len(out.strip().splitlines()) >= 2
+
+
+def test_format_config_summary():
+    cfg = SimpleNamespace(n_layers=43, dim=4096, n_heads=64, vocab_size=129280,
+                          compress_ratios=tuple([0, 0] + [4, 128] * 20 + [4] + [0]))
+    s = cli.format_config_summary(cfg, "flash")
+    assert "layers:" in s and "43" in s and "4096" in s
+    assert "(SWA 2, CSA 21, HCA 20; +1 MTP)" in s
+
+
+def test_info_model_preset(capsys):
+    pytest.importorskip("dsv4.config", reason="dsv4.config not importable yet")
+    assert cli.main(["info", "--model", "flash"]) == 0
+    out = capsys.readouterr().out
+    assert "model config (flash):" in out and "SWA 2, CSA 21, HCA 20" in out
+
+
+def _model_importable() -> bool:
+    try:
+        return importlib.util.find_spec("dsv4.model") is not None and bool(
+            __import__("dsv4.model", fromlist=["Model"]).Model
+        )
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _model_importable(), reason="dsv4.model (Model) cannot be imported yet")
+def test_end_to_end_tiny_generate():
+    """The real `dsv4 generate --model tiny` on seeded random weights: checks the output format."""
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(list(dsv4.__path__)[0])  # import the same dsv4 as this process
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv4.cli", "generate", "--model", "tiny", "--prompt", FIB,
+         "--max-new-tokens", "4"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err[0] == cli.TINY_NOTICE
+    m = STATS_RE.match(err[-1])
+    assert m, proc.stderr
+    prompt_tokens, new_tokens, _, finish = m.groups()
+    assert int(prompt_tokens) == len(encode_prompt(load_tokenizer(), FIB))
+    assert (int(new_tokens), finish) == (4, "length") or (int(new_tokens) <= 4 and finish == "eos")
+    assert proc.stdout.startswith(FIB) and proc.stdout.endswith("\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _model_importable(), reason="dsv4.model (Model) cannot be imported yet")
+def test_checkpoint_dir_matches_tiny(tmp_path, capsys):
+    """`--model DIR` (from_pretrained + the directory's tokenizer.json) reproduces `--model tiny`."""
+    from dsv4.config import ModelConfig
+    from dsv4.model import Model
+
+    torch.manual_seed(cli.TINY_SEED)
+    Model(ModelConfig.tiny()).save_pretrained(tmp_path)
+    shutil.copy(default_tokenizer_path(), tmp_path / "tokenizer.json")
+    outs = []
+    for model in ("tiny", str(tmp_path)):
+        argv = ["generate", "--model", model, "--prompt", FIB, "--max-new-tokens", "3",
+                "--device", "cpu"]
+        assert cli.main(argv) == 0
+        cap = capsys.readouterr()
+        assert STATS_RE.match(cap.err.strip().splitlines()[-1])
+        outs.append(cap.out)
+    assert outs[0] == outs[1] and outs[0].startswith(FIB)
