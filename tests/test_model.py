@@ -82,6 +82,20 @@ def test_real_window_ratios_and_topk():
             _close(out, full[:, :out.shape[1]])
 
 
+def test_real_topk_512_saturated():
+    """Past 2048 tokens more than 512 blocks are complete: top-k really selects (§5)."""
+    m = _model(window_size=128, compress_ratios=(0, 4, 128, 4, 0), index_topk=512)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, VOCAB, (1, 2110), generator=g)
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.make_cache(1)
+        out = torch.cat([m(ids[:, :2100], cache=cache)] +
+                        [m(ids[:, p:p + 1], cache=cache) for p in range(2100, 2110)], 1)
+    assert cache.layers[1].indexer.entries.shape[1] >= 2110 // 4 > 512
+    _close(out, full)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])
 def test_chunked_prefill_equals_one_shot(model, ids, full_logits, chunk):
     n = 140 if chunk > 1 else 40
