@@ -75,20 +75,3 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
         out[t0:t0 + step] = torch.where(any_valid[..., None], o, 0.0)
         lse[t0:t0 + step] = torch.where(any_valid, m[..., 0] + torch.log(denom), math.inf)
     return out.to(q.dtype), lse
-    kvf = kv.float()
-    sink = attn_sink.float()
-    step = max(1, _CHUNK_BYTES // max(1, K * D * 4))
-    for t0 in range(0, T, step):
-        idx = indices[t0:t0 + step].long()
-        valid = idx >= 0
-        keys = kvf[idx.clamp_min(0)]                                   # [t, k, D]
-        s = torch.einsum("thd,tkd->thk", q[t0:t0 + step].float(), keys) * softmax_scale
-        s = s.masked_fill(~valid[:, None, :], -math.inf)
-        m = torch.maximum(s.amax(-1), sink)                            # [t, H], finite
-        p = torch.exp(s - m[..., None])
-        denom = p.sum(-1)
-        o = torch.einsum("thk,tkd->thd", p, keys) / (denom + torch.exp(sink - m))[..., None]
-        any_valid = valid.any(-1)[:, None]
-        out[t0:t0 + step] = torch.where(any_valid[..., None], o, 0.0)
-        lse[t0:t0 + step] = torch.where(any_valid, m + torch.log(denom), math.inf)
-    return out.to(q.dtype), lse
