@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_quant_sim_decode_matches_full_forward(ids):
         out = torch.cat([m(ids[:, :40], cache=cache)] +
                         [m(ids[:, p:p + 1], cache=cache) for p in range(40, 96)], 1)
     err = (out - full).abs().amax(-1) / full.abs().max()
-    assert err.max() < 5e-2 and (err < 1e-5).float().mean() > 0.5, err
+    assert err.max() < 1e-2 and (err < 1e-5).float().mean() > 0.5, err
 
 
 def test_real_window_ratios_and_topk():
@@ -229,7 +231,7 @@ def test_bf16_runs_and_tracks_fp32(model, ids, full_logits):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     a, b = out.double().flatten(0, 1), full_logits[:, :64].double().flatten(0, 1)
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    assert cos.median() > 0.97, cos
+    assert cos.median() > 0.995, cos
 
 
 def test_input_validation(model):
@@ -239,3 +241,53 @@ def test_input_validation(model):
         model(torch.zeros(2, 3, dtype=torch.long), cache=model.make_cache(1))
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(2, 3))
+
+
+def test_from_pretrained_bf16_keeps_fp32_parameters(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    m = dsv4.Model.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    fp32 = {n for n, p in m.named_parameters() if p.dtype == torch.float32}
+    assert fp32 == set(model._fp32_names)
+    for name in ("head.weight", "layers.0.hc_attn_fn", "layers.1.attn.attn_sink", "norm.weight",
+                 "layers.1.attn.compressor.wkv.weight", "layers.1.attn.compressor.ape",
+                 "layers.3.ffn.gate.bias", "layers.0.attn_norm.weight"):
+        assert name in fp32, name
+    assert m.layers[0].attn.wq_a.weight.dtype == torch.bfloat16
+    assert m.embed.weight.dtype == torch.bfloat16
+    assert m.layers[0].ffn.gate.tid2eid.dtype == torch.int64
+
+
+def test_truncated_shard_and_fp8_checkpoint_errors(model, tmp_path):
+    from dsv4.checkpoint import CheckpointError
+    model.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        dsv4.Model.from_pretrained(tmp_path, dtype=torch.float32)
+    fp8 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata", "golden_fp8")
+    if os.path.isdir(fp8):
+        with pytest.raises(CheckpointError, match="FP8/FP4 release format"):
+            dsv4.Model.from_pretrained(fp8, dtype=torch.float32)
+
+
+def test_empty_sequence_and_mtp_shape_checks(model, ids):
+    cache = model.make_cache(2)
+    with torch.no_grad():
+        out = model(ids[:, :0], cache=cache)
+        assert out.shape == (2, 0, VOCAB) and cache.lengths == [0, 0]
+        _, h = model(ids[:, :10], cache=cache, return_hidden=True)
+        with pytest.raises(ValueError, match="hidden must be"):
+            model.forward_mtp(h[:, :1], ids[:, 1:11], cache)
+        with pytest.raises(ValueError, match="hidden must be"):
+            model.forward_mtp(h[:1], ids[:, 1:11], cache)
+
+
+def test_cache_must_match_model(model):
+    other = _model().to(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="make the cache after"):
+        other(torch.zeros(1, 2, dtype=torch.long), cache=model.make_cache(1))
+    small = _model(window_size=8)
+    with pytest.raises(ValueError, match="config differs"):
+        small(torch.zeros(1, 2, dtype=torch.long), cache=model.make_cache(1))
+    with pytest.raises(ValueError, match="integers"):
+        model(torch.zeros(1, 3, dtype=torch.long), seq_lens=[2.7])

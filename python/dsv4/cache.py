@@ -84,6 +84,8 @@ class Cache:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.config = config
         self.batch_size = batch_size
+        self.dtype = dtype
+        self.device = torch.device(device)
         self.lengths = [0] * batch_size
         self.mtp_lengths = [0] * batch_size
         n = config.n_layers + config.n_mtp_layers
@@ -94,7 +96,10 @@ class Cache:
         ]
 
     def reset(self, rows: Optional[Iterable[int]] = None) -> None:
-        """Forget the sequences in ``rows`` (all rows by default) so the slots start afresh."""
+        """Forget the sequences in ``rows`` (all rows by default) so the slots start afresh.
+
+        Raises IndexError for a row outside [0, batch_size).
+        """
         rows = list(range(self.batch_size)) if rows is None else [int(r) for r in rows]
         for r in rows:
             if not 0 <= r < self.batch_size:

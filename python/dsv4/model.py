@@ -111,6 +111,9 @@ class Model(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.ones(1))
         self.hc_head_scale._dsv4_keep_fp32 = True
         self.mtp = nn.ModuleList(MTPBlock(c, c.n_layers + k) for k in range(c.n_mtp_layers))
+        # Names of the parameters the official code keeps in fp32 (survives to_empty/load).
+        self._fp32_names = frozenset(n for n, p in self.named_parameters()
+                                     if getattr(p, "_dsv4_keep_fp32", False))
 
     # ------------------------------------------------------------------ dtype / device
     @property
@@ -129,10 +132,20 @@ class Model(nn.Module):
         if dtype is not None:
             if dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
-            for p in self.parameters():
-                if not getattr(p, "_dsv4_keep_fp32", False) and p.is_floating_point():
-                    p.data = p.data.to(dtype)
+            for name, p in self.named_parameters():
+                want = torch.float32 if name in self._fp32_names else dtype
+                if p.is_floating_point() and p.dtype != want:
+                    p.data = p.data.to(want)
         return self
+
+    def bfloat16(self) -> "Model":
+        return self.to(dtype=torch.bfloat16)
+
+    def half(self) -> "Model":
+        return self.to(dtype=torch.float16)
+
+    def float(self) -> "Model":
+        return self.to(dtype=torch.float32)
 
     def make_cache(self, batch_size: int) -> Cache:
         """An empty :class:`Cache` for ``batch_size`` sequences on the model's device/dtype."""
@@ -145,9 +158,22 @@ class Model(nn.Module):
             raise ValueError("input_ids must be an int64/int32 tensor [batch, seq], got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
         B, S = input_ids.shape
+        if not isinstance(cache, Cache) or cache.config != self.config:
+            raise ValueError("cache was not made by this model's make_cache (config differs)")
         if cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} sequences but input_ids has batch {B}")
-        lens = [S] * B if seq_lens is None else [int(v) for v in seq_lens]
+        if cache.dtype != self.dtype or cache.device != self.device:
+            raise ValueError(f"cache holds {cache.dtype} on {cache.device} but the model runs "
+                             f"{self.dtype} on {self.device}: make the cache after .to(...)")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}")
+        if seq_lens is None:
+            lens = [S] * B
+        else:
+            raw = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
+            if any(isinstance(v, bool) or int(v) != v for v in raw):
+                raise ValueError(f"seq_lens must hold integers, got {raw}")
+            lens = [int(v) for v in raw]
         if len(lens) != B or any(not 0 <= v <= S for v in lens):
             raise ValueError(f"seq_lens must have {B} entries in [0, {S}], got {lens}")
         valid = torch.arange(S, device=input_ids.device)[None, :] < torch.tensor(
@@ -167,9 +193,19 @@ class Model(nn.Module):
                 seq_lens: Optional[Sequence[int] | torch.Tensor] = None,
                 return_hidden: bool = False):
         """Logits float32 [batch, seq, vocab]; with ``return_hidden`` also the last residual
-        streams [batch, seq, hc_mult, dim] (the MTP input)."""
+        streams [batch, seq, hc_mult, dim] (the MTP input).
+
+        Raises ValueError for input_ids that are not int64/int32 [batch, seq] on the model's
+        device, token ids outside [0, vocab_size), seq_lens that are not ``batch`` integers in
+        [0, seq], or a cache of another batch size, config, dtype or device.
+        """
         cache = self.make_cache(input_ids.shape[0]) if cache is None else cache
         lens = self._check_inputs(input_ids, cache, seq_lens)
+        if input_ids.shape[1] == 0:
+            B, c = input_ids.shape[0], self.config
+            logits = torch.empty(B, 0, c.vocab_size, device=self.device)
+            hidden = torch.empty(B, 0, c.hc_mult, c.dim, dtype=self.dtype, device=self.device)
+            return (logits, hidden) if return_hidden else logits
         starts = list(cache.lengths)
         ids = input_ids.long()
         # Padded positions get token 0 so that hash routing never indexes out of range.
@@ -194,10 +230,20 @@ class Model(nn.Module):
         p … (from ``forward(..., return_hidden=True)``); next_ids: int64 [batch, seq], the token
         at p+1 for each. Uses and advances the MTP layer's state in ``cache``
         (``cache.mtp_lengths``); positions are those of ``hidden``.
+
+        Raises ValueError for a ``depth`` outside [0, n_mtp_layers), a ``hidden`` whose shape is
+        not [batch, seq, hc_mult, dim] of ``next_ids``, and the input errors of :meth:`forward`.
         """
         if not 0 <= depth < len(self.mtp):
             raise ValueError(f"depth must be in [0, {len(self.mtp)}) (n_mtp_layers)")
         lens = self._check_inputs(next_ids, cache, seq_lens)
+        c = self.config
+        want = (*next_ids.shape, c.hc_mult, c.dim)
+        if tuple(hidden.shape) != want:
+            raise ValueError(f"hidden must be [batch, seq, hc_mult, dim] = {want}, got "
+                             f"{tuple(hidden.shape)}")
+        if next_ids.shape[1] == 0:
+            return torch.empty(next_ids.shape[0], 0, c.vocab_size, device=self.device)
         starts = list(cache.mtp_lengths)
         blk = self.mtp[depth]
         ids = next_ids.long()

@@ -74,7 +74,10 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
             norm_eps: float, eps: float) -> torch.Tensor:
-    """Final collapse y = Σ_i pre_i X_i with pre = sigmoid(scale·mixes + base) + eps (§8)."""
+    """Final collapse y = Σ_i pre_i X_i with pre = sigmoid(scale·mixes + base) + eps (§8).
+
+    x [b, s, hc, d] → [b, s, d] in x.dtype; fn [hc, hc·d], scale [1], base [hc] fp32.
+    """
     xf, mixes = _mixes(x, fn, norm_eps)
     pre = torch.sigmoid(mixes * scale + base) + eps
     return torch.sum(pre.unsqueeze(-1) * xf.view(x.shape), dim=-2).to(x.dtype)

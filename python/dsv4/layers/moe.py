@@ -77,6 +77,7 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, dim] → [N, dim] in x.dtype; ``weights`` [N, 1] fp32 routing weights or None."""
         h = swiglu_clamped(self.w1(x), self.w3(x), self.swiglu_limit)
         if weights is not None:
             h = weights * h
