@@ -92,3 +92,33 @@ def test_json_round_trip(tmp_path):
     c = ModelConfig.tiny(window_size=32)
     c.to_json(tmp_path / "config.json")
     assert ModelConfig.from_json(tmp_path / "config.json") == c
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_scaling": None}, "YaRN"),
+    ({"num_key_value_heads": 8}, "num_key_value_heads"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"norm_topk_prob": False}, "norm_topk_prob"),
+    ({"topk_method": "greedy"}, "topk_method"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"n_group": 8, "topk_group": 4}, "group-limited"),
+    ({"n_shared_experts": 2}, "n_shared_experts"),
+    ({"hc_sinkhorn_iters": 0}, "hc_sinkhorn_iters"),
+    ({"hidden_size": "4096x"}, "must be of type int"),
+    ({"num_attention_heads": 0}, "n_heads"),
+])
+def test_unsupported_values_are_rejected(change, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(dict(HF_FLASH, **change))
+
+
+def test_numeric_strings_are_coerced():
+    assert ModelConfig.from_dict(dict(HF_FLASH, hidden_size="4096")).dim == 4096
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="JSON"):
+        ModelConfig.from_json(tmp_path)

@@ -139,7 +139,23 @@ class ModelConfig:
     quant_sim: bool = True
 
     def __post_init__(self) -> None:
-        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        # Coerce JSON values to the declared types; a non-numeric value is a ConfigError.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            try:
+                if f.type in ("int", int) and not isinstance(v, bool):
+                    if isinstance(v, float) and not v.is_integer():
+                        raise ValueError
+                    setattr(self, f.name, int(v))
+                elif f.type in ("float", float):
+                    setattr(self, f.name, float(v))
+            except (TypeError, ValueError):
+                raise ConfigError(f"config field {f.name} must be of type {f.type}, got {v!r}") from None
+        try:
+            self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        except (TypeError, ValueError):
+            raise ConfigError(f"compress_ratios must be a list of ints, got "
+                              f"{self.compress_ratios!r}") from None
         self.validate()
 
     # ------------------------------------------------------------------ presets
@@ -191,6 +207,19 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for configs the model cannot run."""
         errs = []
+        for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "head_dim",
+                     "n_routed_experts", "n_activated_experts", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "index_n_heads", "index_head_dim", "hc_sinkhorn_iters"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_mtp_layers < 0 or self.n_hash_layers < 0:
+            errs.append("n_mtp_layers and n_hash_layers must be >= 0")
+        # Variants the V4 architecture does not have: refuse rather than silently ignore.
+        for name, want in (("n_shared_experts", 1), ("num_key_value_heads", 1),
+                           ("tie_word_embeddings", False), ("norm_topk_prob", True),
+                           ("topk_method", "noaux_tc"), ("hidden_act", "silu")):
+            if getattr(self, name) != want:
+                errs.append(f"{name}={getattr(self, name)!r} is not supported (V4 uses {want!r})")
         n_total = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != n_total:
             errs.append(
@@ -241,13 +270,16 @@ class ModelConfig:
                 args[_HF_TO_ARGS[k]] = v
             elif k in names:
                 args[k] = v
+        for key in ("n_group", "topk_group"):
+            if d.get(key) not in (None, 1):
+                raise ConfigError(f"{key}={d[key]!r}: group-limited routing is not part of V4 "
+                                  "(architecture.md §1.1)")
         if "rope_scaling" in d:
             rs = d["rope_scaling"]
-            if rs is None:
-                args.setdefault("original_seq_len", 0)
-                args.setdefault("rope_factor", 1.0)
-                args.setdefault("beta_fast", 32.0)
-                args.setdefault("beta_slow", 1.0)
+            if not isinstance(rs, dict):
+                raise ConfigError(
+                    f"rope_scaling must be the YaRN dict of the released configs, got {rs!r} "
+                    "(without it the compressed layers would silently lose YaRN; §1.3)")
             else:
                 kind = rs.get("type", rs.get("rope_type"))
                 if kind != "yarn":
@@ -280,15 +312,31 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
-        """Read an official ``config.json`` (HF or inference names); ``path`` may be a directory."""
+        """Read an official ``config.json`` (HF or inference names); ``path`` may be a directory.
+
+        Raises :class:`ConfigError` when the file is missing, is not JSON, lacks a required key
+        or holds values dsv4 cannot run.
+        """
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path} as JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(d, **overrides)
 
-    def to_hf_dict(self) -> dict:
-        """The HF ``config.json`` form (what :meth:`Model.save_pretrained` writes)."""
+    def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict:
+        """The HF ``config.json`` form (what :meth:`Model.save_pretrained` writes).
+
+        ``original_seq_len`` 0 (YaRN off) is written as such in ``rope_scaling``;
+        ``torch_dtype`` names the dtype the weights are stored in.
+        """
         inv = {v: k for k, v in _HF_TO_ARGS.items()}
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
         for f in dataclasses.fields(self):
@@ -302,10 +350,10 @@ class ModelConfig:
             "original_max_position_embeddings": self.original_seq_len,
             "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
         }
-        out["torch_dtype"] = "bfloat16"
+        out["torch_dtype"] = torch_dtype
         return out
 
-    def to_json(self, path: str | os.PathLike) -> None:
+    def to_json(self, path: str | os.PathLike, torch_dtype: str = "bfloat16") -> None:
         """Write :meth:`to_hf_dict` as JSON."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
+            json.dump(self.to_hf_dict(torch_dtype), f, indent=2)
