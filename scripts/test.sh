@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python}
 
-"$PY" -m pip install torch==2.14.1
+"$PY" -m pip install torch==2.14.1 "setuptools>=64" wheel
 if [[ -z "${CUDA_HOME:-}" ]]; then  # the nvcc on PATH may be a wrapper: find the real toolkit
   CUDA_HOME=$("$PY" -c 'import setup; print(setup.find_cuda_home() or "")')
   [[ -n "$CUDA_HOME" ]] && export CUDA_HOME

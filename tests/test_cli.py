@@ -44,6 +44,8 @@ def _usage_error(capsys, argv) -> str:
         (["--max-new-tokens", "ten"], r"expected an integer >= 0"),
         (["--dtype", "float16"], r"invalid choice: 'float16'"),
         (["--device", "nonsense"], r"argument --device: invalid device"),
+        (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*63\)"),
+        (["--quant-sim", "maybe"], r"invalid choice: 'maybe'"),
     ],
 )
 def test_generate_argument_errors(capsys, monkeypatch, extra, message):
@@ -120,7 +122,7 @@ def test_generate_output_format_with_fake_model(monkeypatch, capsys):
     script = tok.encode(gen_text, add_special_tokens=False).ids + [1]
     seen = {}
 
-    def fake_load(model, device, dtype):
+    def fake_load(model, device, dtype, quant_sim=None):
         seen.update(model=model, device=device, dtype=dtype)
         return _ScriptedModel(script)
 
@@ -230,3 +232,11 @@ def test_checkpoint_dir_matches_tiny(tmp_path, capsys):
         assert STATS_RE.match(cap.err.strip().splitlines()[-1])
         outs.append(cap.out)
     assert outs[0] == outs[1] and outs[0].startswith(FIB)
+
+
+def test_generate_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "dsv4 generate: error: cannot load" in err and "missing required keys" in err
+    assert "Traceback" not in err

