@@ -153,7 +153,9 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, input_ids: torch.Tensor, cache: Cache,
-                      seq_lens: Optional[Sequence[int] | torch.Tensor]) -> list[int]:
+                      seq_lens: Optional[Sequence[int] | torch.Tensor]
+                      ) -> tuple[list[int], torch.Tensor]:
+        """Validate a call; return (valid tokens per row, int64 ids with padding set to 0)."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError("input_ids must be an int64/int32 tensor [batch, seq], got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
@@ -182,7 +184,8 @@ class Model(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        return lens
+        # Padded positions get token 0 so that embedding and hash routing stay in range.
+        return lens, input_ids.long().masked_fill(~valid, 0)
 
     def _head(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm) -> torch.Tensor:
         c = self.config
@@ -200,18 +203,13 @@ class Model(nn.Module):
         [0, seq], or a cache of another batch size, config, dtype or device.
         """
         cache = self.make_cache(input_ids.shape[0]) if cache is None else cache
-        lens = self._check_inputs(input_ids, cache, seq_lens)
+        lens, ids = self._check_inputs(input_ids, cache, seq_lens)
         if input_ids.shape[1] == 0:
             B, c = input_ids.shape[0], self.config
             logits = torch.empty(B, 0, c.vocab_size, device=self.device)
             hidden = torch.empty(B, 0, c.hc_mult, c.dim, dtype=self.dtype, device=self.device)
             return (logits, hidden) if return_hidden else logits
         starts = list(cache.lengths)
-        ids = input_ids.long()
-        # Padded positions get token 0 so that hash routing never indexes out of range.
-        pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= torch.tensor(
-            lens, device=ids.device)[:, None]
-        ids = ids.masked_fill(pad, 0)
         h = self.embed(ids)
         x = h.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
         for i, layer in enumerate(self.layers):
@@ -236,7 +234,7 @@ class Model(nn.Module):
         """
         if not 0 <= depth < len(self.mtp):
             raise ValueError(f"depth must be in [0, {len(self.mtp)}) (n_mtp_layers)")
-        lens = self._check_inputs(next_ids, cache, seq_lens)
+        lens, ids = self._check_inputs(next_ids, cache, seq_lens)
         c = self.config
         want = (*next_ids.shape, c.hc_mult, c.dim)
         if tuple(hidden.shape) != want:
@@ -246,10 +244,6 @@ class Model(nn.Module):
             return torch.empty(next_ids.shape[0], 0, c.vocab_size, device=self.device)
         starts = list(cache.mtp_lengths)
         blk = self.mtp[depth]
-        ids = next_ids.long()
-        pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= torch.tensor(
-            lens, device=ids.device)[:, None]
-        ids = ids.masked_fill(pad, 0)
         e = blk.enorm(self.embed(ids))
         x = blk.e_proj(e).unsqueeze(2) + blk.h_proj(blk.hnorm(hidden.to(self.dtype)))
         x = blk(x, ids, cache.layers[self.config.n_layers + depth], starts, lens)
