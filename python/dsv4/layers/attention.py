@@ -11,7 +11,8 @@ from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor
 from .indexer import Indexer
 from .linear import Linear
-from .norm import RMSNorm, rms_norm
+from ..ops.norm import rms_norm_reference
+from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
 
 __all__ = ["Attention", "window_indices"]
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         pos = torch.tensor(starts, device=x.device)[:, None] + torch.arange(S, device=x.device)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = rms_norm(q, None, c.norm_eps)
+        q = rms_norm_reference(q, None, c.norm_eps)
         q = apply_rope(q, pos[..., None], freqs)
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, freqs)
         if c.quant_sim:

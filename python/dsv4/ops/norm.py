@@ -7,7 +7,7 @@ import torch
 __all__ = ["rms_norm_reference"]
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, the semantics of ``torch.ops.dsv4.rms_norm``.
 
     ``y = weight * (x * rsqrt(mean(x**2, dim=-1) + eps))``, computed in fp32 (x and weight are
@@ -18,6 +18,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
         x: ``[..., dim]``, any floating dtype (the CUDA kernel accepts float32 and bfloat16
             with a contiguous last dimension).
         weight: ``[dim]``, the learned scale; fp32 in the model (any floating dtype is upcast).
+            ``None`` gives the weight-free variant (per-head query norm, architecture.md §3.2;
+            the torch op itself always takes a weight).
         eps: added to the mean square before the rsqrt (1e-6 in DeepSeek-V4).
 
     Returns:
@@ -28,11 +30,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     """
     if x.dim() == 0:
         raise ValueError("rms_norm: x must have at least 1 dimension, got a 0-d tensor")
-    if weight.dim() != 1 or weight.size(0) != x.size(-1):
+    if weight is not None and (weight.dim() != 1 or weight.size(0) != x.size(-1)):
         raise ValueError(
             f"rms_norm: weight must have shape [{x.size(-1)}] (x.size(-1)), "
             f"got {list(weight.shape)}"
         )
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return (weight.float() * y).to(x.dtype)
+    return (y if weight is None else weight.float() * y).to(x.dtype)
