@@ -40,7 +40,7 @@ step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"
 step pytest_cuda "$PY" -m pytest -q -m cuda tests
 if command -v cmake >/dev/null; then
   step cmake_build bash -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
-    && cmake --build build/cmake -j "$(nproc)"' && step check_rms_norm build/cmake/dsv4_check_rms_norm
+    && cmake --build build/cmake -j "$(nproc)"' && step ctest ctest --test-dir build/cmake --output-on-failure
 fi
 for bench in bench/bench_*.py; do
   [[ -e "$bench" ]] || continue

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
 
 INFO_KEYS = {

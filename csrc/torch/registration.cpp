@@ -1,19 +1,17 @@
-// dsv4._C: operator schemas of the dsv4 namespace + the Python module init.
+// dsv4._C: the dsv4 operator namespace + the Python module init.
 //
-// Every op is declared here once (one TORCH_LIBRARY per namespace); each op family's .cpp in
-// this directory adds its CUDA implementation with TORCH_LIBRARY_IMPL(dsv4, CUDA, m). The CPU
-// implementation (the pure-PyTorch reference) and the fake (shape-only) implementation are
-// registered from Python in python/dsv4/ops/_ext.py.
+// The namespace is opened here (one TORCH_LIBRARY per namespace). Each op family's .cpp in this
+// directory declares its schemas with TORCH_LIBRARY_FRAGMENT(dsv4, m) and adds its CUDA
+// implementation with TORCH_LIBRARY_IMPL(dsv4, CUDA, m). The CPU implementation (the
+// pure-PyTorch reference) and the fake (shape-only) implementation are registered from the
+// family's Python module (python/dsv4/ops/<family>.py) with the same schema string.
 //
 // Only <torch/library.h> and <Python.h> are included (no torch/extension.h, no pybind11):
 // the extension exposes ops, not Python functions, and this keeps compile times low.
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(dsv4, m) {
-  // y = weight * (x * rsqrt(mean(x^2, -1) + eps)), fp32 math; architecture.md §10.1.
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-}
+TORCH_LIBRARY(dsv4, m) {}
 
 // `import dsv4._C` loads this shared library, which runs the static registrations above.
 // The module itself is empty (the pattern of PyTorch's "custom C++ and CUDA operators" guide).

@@ -1,5 +1,5 @@
-// CUDA implementation of torch.ops.dsv4.rms_norm: argument checks, device guard, current
-// stream, and the call into the torch-free kernel (csrc/kernels/rms_norm.cu).
+// torch.ops.dsv4.rms_norm: schema and CUDA implementation (argument checks, device guard, current
+// stream, and the call into the torch-free kernel csrc/kernels/rms_norm.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -54,5 +54,10 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
 
 }  // namespace
 }  // namespace dsv4
+
+TORCH_LIBRARY_FRAGMENT(dsv4, m) {
+  // y = weight * (x * rsqrt(mean(x^2, -1) + eps)), fp32 math; architecture.md §10.1.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(dsv4, CUDA, m) { m.impl("rms_norm", &dsv4::rms_norm_cuda); }

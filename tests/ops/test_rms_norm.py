@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
 from dsv4.ops.norm import rms_norm_reference
 

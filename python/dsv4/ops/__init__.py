@@ -1,3 +1,8 @@
-"""dsv4 ops: one module per op family (reference + CUDA kernel behind one torch.ops.dsv4 name)."""
+"""dsv4 ops: one module per op family (reference + CUDA kernel behind one torch.ops.dsv4 name).
 
-from . import _ext  # noqa: F401  (loads dsv4._C and registers every torch.ops.dsv4 op)
+Importing this package loads ``dsv4._C`` (the compiled kernels, if built) and registers the
+reference and fake implementation of every ``torch.ops.dsv4`` op.
+"""
+
+from . import _ext  # noqa: F401  (loads dsv4._C first)
+from . import norm  # noqa: F401

@@ -2,17 +2,19 @@
 
 Each op has one name, ``torch.ops.dsv4.<name>``, and two implementations:
 
-* CUDA: the kernel compiled into ``dsv4._C`` (schema from ``TORCH_LIBRARY(dsv4, m)`` in
-  csrc/torch/registration.cpp, kernel from ``TORCH_LIBRARY_IMPL(dsv4, CUDA, m)``);
-* CPU: the pure-PyTorch reference, registered here, plus a fake (shape-only) implementation
-  for torch.compile / FakeTensor.
+* CUDA: the kernel compiled into ``dsv4._C`` (schema from ``TORCH_LIBRARY_FRAGMENT(dsv4, m)``
+  and kernel from ``TORCH_LIBRARY_IMPL(dsv4, CUDA, m)``, both in the family's
+  csrc/torch/<family>.cpp);
+* CPU: the pure-PyTorch reference, plus a fake (shape-only) implementation for torch.compile /
+  FakeTensor, registered by the family's Python module (python/dsv4/ops/<family>.py) through
+  :func:`register_op` with the same schema string.
 
 Without the extension (``DSV4_SKIP_CUDA_BUILD=1`` install, or a failed import) the op is
 defined from Python with the same schema and the reference serves CPU and CUDA, so
 ``torch.ops.dsv4.<name>`` always exists. ``info()`` / ``format_info()`` say which kernels are
 compiled and usable here (``dsv4 info``).
 
-Importing this module loads only torch and ``dsv4.ops.norm`` (no model code).
+Importing this module loads only torch (no model code); ``dsv4.ops`` imports every family.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .norm import rms_norm_reference
-
-__all__ = ["HAS_C", "info", "format_info", "OP_SCHEMAS"]
+__all__ = ["HAS_C", "info", "format_info", "OP_SCHEMAS", "register_op"]
 
 _NAMESPACE = "dsv4"
 
@@ -68,44 +68,31 @@ def _op_exists(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Op table: schema (identical to the C++ m.def), reference kernel, fake kernel.
+# Op table: filled by register_op (schema identical to the C++ m.def of the family's .cpp).
 # ---------------------------------------------------------------------------------------------
-OP_SCHEMAS: dict[str, str] = {
-    "rms_norm": "(Tensor x, Tensor weight, float eps) -> Tensor",
-}
-
-
-def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # contiguous(): the CUDA kernel and the fake return a contiguous tensor whatever x's layout.
-    return rms_norm_reference(x, weight, eps).contiguous()
-
-
-def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least 1 dimension")
-    torch._check(
-        weight.dim() == 1 and weight.size(0) == x.size(-1),
-        lambda: f"rms_norm: weight must have shape [{x.size(-1)}], got {list(weight.shape)}",
-    )
-    return x.new_empty(x.shape)
-
+OP_SCHEMAS: dict[str, str] = {}
 
 # The C++ kernels compiled into dsv4._C (snapshot before any Python kernel is registered).
 _COMPILED_CUDA_OPS: list[str] = _cuda_kernels_now() if HAS_C else []
 _PY_LIBS: list[Any] = []  # keep Library fragments alive
 
 
-def _register(name: str, reference: Callable, fake: Callable) -> None:
+def register_op(name: str, schema: str, reference: Callable, fake: Callable) -> None:
+    """Give ``torch.ops.dsv4.<name>`` its reference (CPU) and fake implementations.
+
+    ``schema`` is the part after the name, e.g. ``"(Tensor x, float eps) -> Tensor"``, and must
+    equal the C++ ``m.def`` (tests/test_build.py checks this). Without a compiled kernel for the
+    op, the op is defined here and the reference also serves CUDA tensors.
+    """
     qualname = f"{_NAMESPACE}::{name}"
+    OP_SCHEMAS[name] = schema
     if not _op_exists(name):  # no extension (or an old one without this op)
         lib = torch.library.Library(_NAMESPACE, "FRAGMENT")
         _PY_LIBS.append(lib)
-        lib.define(name + OP_SCHEMAS[name])
+        lib.define(name + schema)
     device_types = ["cpu"] if _has_kernel(name, "CUDA") else ["cpu", "cuda"]
     torch.library.register_kernel(qualname, device_types, reference)
     torch.library.register_fake(qualname)(fake)
-
-
-_register("rms_norm", _rms_norm_kernel, _rms_norm_fake)
 
 
 # ---------------------------------------------------------------------------------------------

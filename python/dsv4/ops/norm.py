@@ -1,8 +1,10 @@
-"""RMSNorm op family: the pure-PyTorch reference of ``torch.ops.dsv4.rms_norm``."""
+"""RMSNorm op family: the pure-PyTorch reference of ``torch.ops.dsv4.rms_norm`` and its registration."""
 
 from __future__ import annotations
 
 import torch
+
+from ._ext import register_op
 
 __all__ = ["rms_norm_reference"]
 
@@ -38,3 +40,21 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (y if weight is None else weight.float() * y).to(x.dtype)
+
+
+def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # contiguous(): the CUDA kernel and the fake return a contiguous tensor whatever x's layout.
+    return rms_norm_reference(x, weight, eps).contiguous()
+
+
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least 1 dimension")
+    torch._check(
+        weight.dim() == 1 and weight.size(0) == x.size(-1),
+        lambda: f"rms_norm: weight must have shape [{x.size(-1)}], got {list(weight.shape)}",
+    )
+    return x.new_empty(x.shape)
+
+
+register_op("rms_norm", "(Tensor x, Tensor weight, float eps) -> Tensor", _rms_norm_kernel,
+            _rms_norm_fake)
