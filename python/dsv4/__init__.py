@@ -1,6 +1,7 @@
 """dsv4: DeepSeek-V4 (Flash / Pro) kernels and a pure-PyTorch reference model.
 
-Public API: :class:`ModelConfig`, :class:`Model`, :class:`Cache`, :func:`info`.
+Public API: :class:`ModelConfig`, :class:`Model`, :class:`Cache`, :func:`info`,
+:func:`set_backend` / :func:`get_backend` (CUDA kernels or the pure-PyTorch reference).
 """
 
 __version__ = "0.1.0"
@@ -9,5 +10,7 @@ from .config import ConfigError, ModelConfig
 from .cache import Cache
 from .model import Model
 from .ops._ext import info
+from .ops.backend import get_backend, set_backend
 
-__all__ = ["ModelConfig", "ConfigError", "Model", "Cache", "info", "__version__"]
+__all__ = ["ModelConfig", "ConfigError", "Model", "Cache", "info", "set_backend", "get_backend",
+           "__version__"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..cache import LayerCache
 from ..ops.attention import sparse_attn_reference
+from ..ops.backend import use_kernels
 from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor
 from .indexer import Indexer
@@ -14,6 +15,7 @@ from .linear import Linear
 from ..ops.norm import rms_norm_reference
 from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
+from .varlen import TokenLayout
 
 __all__ = ["Attention", "window_indices"]
 
@@ -95,6 +97,27 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, freqs)
         if c.quant_sim:
             kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
+        if use_kernels(x, self._kernel_ops):
+            o = self._attend_kernels(x, qr, q, kv, cache, starts, lens, freqs)
+        else:
+            o = self._attend_reference(x, qr, q, kv, cache, starts, lens, freqs)
+        o = apply_rope(o, pos[..., None], freqs, inverse=True)
+        o = o.view(B, S, self.o_groups, -1)
+        wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
+        z = torch.einsum("bsgd,grd->bsgr", o, wo_a.to(o.dtype))
+        return self.wo_b(z.flatten(2))
+
+    @property
+    def _kernel_ops(self) -> tuple[str, ...]:
+        if self.indexer is not None:
+            return ("sparse_attn", "compress_kv", "indexer_topk")
+        return ("sparse_attn", "compress_kv") if self.compress_ratio else ("sparse_attn",)
+
+    def _attend_reference(self, x, qr, q, kv, cache: LayerCache, starts: list[int],
+                          lens: list[int], freqs) -> torch.Tensor:
+        """The reference core: one sequence at a time, keys concatenated, then
+        :func:`sparse_attn_reference`. Returns o [batch, seq, heads, head_dim]."""
+        B = x.shape[0]
         o = torch.zeros_like(q)
         W = self.window_size
         for b in range(B):
@@ -119,8 +142,67 @@ class Attention(nn.Module):
             keep = min(n, W)
             slots = torch.arange(s + n - keep, s + n, device=x.device) % W
             cache.window[b, slots] = kv_new[n - keep:]
-        o = apply_rope(o, pos[..., None], freqs, inverse=True)
-        o = o.view(B, S, self.o_groups, -1)
-        wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        z = torch.einsum("bsgd,grd->bsgr", o, wo_a.to(o.dtype))
-        return self.wo_b(z.flatten(2))
+        return o
+
+    def _attend_kernels(self, x, qr, q, kv, cache: LayerCache, starts: list[int],
+                        lens: list[int], freqs) -> torch.Tensor:
+        """The kernel core for the whole batch in one launch per op (no per-sequence loop).
+
+        Keys live in two scopes of ``torch.ops.dsv4.sparse_attn``: the main scope is the
+        window ring buffers of all rows followed by this step's new keys
+        (``[batch·window_size + T, head_dim]``, a small copy), the extra scope is the
+        compressed-entry store of all rows viewed as ``[batch·capacity, head_dim]`` (no copy).
+        Returns o [batch, seq, heads, head_dim].
+        """
+        B, S = x.shape[:2]
+        W = self.window_size
+        lay = TokenLayout.build(B, S, starts, lens, x.device)
+        if lay.num_tokens == 0:
+            return torch.zeros_like(q)
+        q_t, kv_t = lay.gather(q), lay.gather(kv)
+        x_t, qr_t = lay.gather(x), lay.gather(qr)
+        rows = lay.rows.long()
+        # Window scope: position p of row b (chunk start s_b, token offset o_b) is at ring slot
+        # b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b); positions < 0 are −1 (§3.5).
+        p = lay.pos[:, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
+        chunk_start = lay.starts_t.long()[rows][:, None]
+        offset = lay.cu_seqlens.long()[rows][:, None]
+        win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
+                              rows[:, None] * W + p % W)
+        win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
+        main_kv = torch.cat([cache.window.view(B * W, -1), kv_t], dim=0)
+        extra_kv = extra_idx = extra_len = None
+        if self.compress_ratio:
+            m = self.compress_ratio
+            if self.indexer is not None:
+                sel = self.indexer.forward_varlen(x_t, qr_t, cache.indexer, lay, freqs)
+            self.compressor.forward_varlen(x_t, cache.compressor, lay, freqs)
+            entries = cache.compressor.entries
+            C = entries.shape[1]
+            if self.indexer is not None:
+                extra_idx = torch.where(sel >= 0, rows[:, None].to(torch.int32) * C + sel, -1)
+            else:  # HCA: every complete entry, causal per query
+                n_max = max((s + n) // m for s, n in zip(starts, lens))
+                extra_len = ((lay.pos + 1) // m).to(torch.int32)
+                j = torch.arange(n_max, device=x.device)[None, :]
+                extra_idx = torch.where(j < extra_len[:, None], rows[:, None] * C + j, -1)
+                extra_idx = extra_idx.to(torch.int32)
+            if extra_idx.shape[1]:
+                extra_kv = entries.view(B * C, -1)
+            else:
+                extra_idx = extra_len = None
+        out, _ = torch.ops.dsv4.sparse_attn(q_t, main_kv, win_idx, self.attn_sink,
+                                            self.softmax_scale, None, extra_kv, extra_idx,
+                                            extra_len)
+        # Ring update: the last min(n, W) new keys of each row.
+        dst, src = [], []
+        for b, (s, n) in enumerate(zip(starts, lens)):
+            keep = min(n, W)
+            o_b = int(sum(lens[:b]))
+            dst.extend(b * W + (t % W) for t in range(s + n - keep, s + n))
+            src.extend(range(o_b + n - keep, o_b + n))
+        if dst:
+            ring = cache.window.view(B * W, -1)
+            ring.index_copy_(0, torch.tensor(dst, device=x.device),
+                             kv_t[torch.tensor(src, device=x.device)])
+        return lay.scatter(out)

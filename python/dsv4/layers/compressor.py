@@ -13,6 +13,9 @@ from .rope import apply_rope
 
 __all__ = ["Compressor"]
 
+# compress_kv's ``quant`` argument: what the quantisation simulation does to each entry.
+QUANT_NONE, QUANT_FP8, QUANT_FP4_HADAMARD = 0, 1, 2
+
 
 class Compressor(nn.Module):
     """Gated pooling of every ``compress_ratio`` tokens into one ``head_dim`` entry.
@@ -93,3 +96,23 @@ class Compressor(nn.Module):
             state.kv[row, off:off + rem] = kv[nb * m:]
             state.score[row, off:off + rem] = score[nb * m:]
         return n_after
+
+    def forward_varlen(self, x: torch.Tensor, state: CompressorState, layout,
+                       freqs: torch.Tensor) -> None:
+        """Kernel path of :meth:`forward` for a whole batch: ``x`` [T, dim] holds the new tokens
+        of every row back to back (``layout``: a :class:`~dsv4.layers.varlen.TokenLayout`).
+
+        The projections run here; gating, pooling, RMSNorm, RoPE and the quantisation
+        simulation run in ``torch.ops.dsv4.compress_kv``, which writes the completed entries
+        into ``state.entries`` and updates the partial-block state in place.
+        """
+        m = self.compress_ratio
+        state.reserve(max((s + n) // m for s, n in zip(layout.starts, layout.lens)))
+        xf = x.float()
+        quant = QUANT_NONE
+        if self.config.quant_sim:
+            quant = QUANT_FP4_HADAMARD if self.rotate else QUANT_FP8
+        torch.ops.dsv4.compress_kv(
+            self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs, layout.cu_seqlens,
+            layout.starts_t, state.kv, state.score, state.entries, m, layout.max_seqlen,
+            self.config.norm_eps, quant)

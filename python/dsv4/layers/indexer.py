@@ -84,11 +84,31 @@ class Indexer(nn.Module):
         """
         n = x.shape[0]
         pos = torch.arange(start, start + n, device=x.device)
+        q, w = self.queries(x, qr, pos, freqs)
+        n_entries = self.compressor(x, state, row, start, freqs)
+        keys = state.entries[row, :n_entries]
+        return indexer_topk_reference(q, w, keys, pos, self.compress_ratio, self.index_topk)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor,
+                freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer queries [n, index_n_heads, index_head_dim] (RoPE'd; Hadamard + FP4 with
+        quant_sim) and head weights [n, index_n_heads] fp32 (scaled by d**-0.5 · H**-0.5)
+        for tokens x [n, dim] / qr [n, q_lora_rank] at positions ``pos`` [n] (§5)."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, pos[:, None], freqs)
         if self.config.quant_sim:
             q = fp4_e2m1_sim(hadamard(q), 32)
-        n_entries = self.compressor(x, state, row, start, freqs)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        keys = state.entries[row, :n_entries]
-        return indexer_topk_reference(q, w, keys, pos, self.compress_ratio, self.index_topk)
+        return q, w
+
+    def forward_varlen(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState,
+                       layout, freqs: torch.Tensor) -> torch.Tensor:
+        """Kernel path of :meth:`forward` for a whole batch (``x`` [T, dim], ``qr``
+        [T, q_lora_rank], tokens back to back as in ``layout``). Returns int32
+        [T, index_topk] entry indices into each token's own row of ``state.entries``
+        (−1 = none), from ``torch.ops.dsv4.indexer_topk``."""
+        q, w = self.queries(x, qr, layout.pos, freqs)
+        self.compressor.forward_varlen(x, state, layout, freqs)
+        n_valid = ((layout.pos + 1) // self.compress_ratio).to(torch.int32)
+        return torch.ops.dsv4.indexer_topk(q.contiguous(), w.contiguous(), state.entries,
+                                           layout.rows, n_valid, self.index_topk)

@@ -1,0 +1,92 @@
+"""Which implementation ``dsv4.Model`` calls for CUDA tensors: the CUDA kernels or the reference.
+
+Every op has one name, ``torch.ops.dsv4.<name>``; on a CUDA tensor the dispatcher runs the
+compiled kernel when ``dsv4._C`` has one. The *model* decides per layer whether to take its
+kernel path (batched, ops from :mod:`dsv4.ops`) or its reference path (per-sequence pure
+PyTorch, the semantics every kernel is checked against). This module holds that switch so that
+a user can compare the two on the same model in one process::
+
+    dsv4.set_backend("reference")   # the pure-PyTorch model everywhere
+    dsv4.set_backend("cuda")        # kernels on CUDA tensors where supported (the default)
+
+The environment variable ``DSV4_BACKEND`` (``cuda`` or ``reference``) sets the initial value.
+
+With ``"cuda"``, a layer uses its kernels only when all of these hold: the activations are
+CUDA bfloat16 tensors (the kernels' dtype; fp32 models run the reference) and the compiled
+extension has every op the layer needs. Otherwise it runs the reference and warns once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "use_kernels"]
+
+BACKENDS = ("cuda", "reference")
+
+
+def _initial() -> str:
+    name = os.environ.get("DSV4_BACKEND", "cuda").strip().lower() or "cuda"
+    if name not in BACKENDS:
+        raise ValueError(f"DSV4_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_backend = _initial()
+_warned: set[str] = set()
+
+
+def set_backend(name: str) -> None:
+    """Select what ``dsv4.Model`` runs on CUDA tensors.
+
+    Args:
+        name: ``"cuda"`` (the CUDA kernels where the layer's inputs are supported, else the
+            reference with a one-time warning) or ``"reference"`` (the pure-PyTorch path).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+    """
+    global _backend
+    key = str(name).strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    _backend = key
+
+
+def get_backend() -> str:
+    """The current backend name (``"cuda"`` or ``"reference"``)."""
+    return _backend
+
+
+def _kernel_available(op: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA"))
+    except Exception:
+        return False
+
+
+def use_kernels(x: torch.Tensor, ops: tuple[str, ...]) -> bool:
+    """Whether a layer whose activations are ``x`` runs its kernel path through ``ops``.
+
+    True iff the backend is ``"cuda"``, ``x`` is a CUDA bfloat16 tensor and every op in
+    ``ops`` has a compiled CUDA kernel. When the backend is ``"cuda"`` and ``x`` is on CUDA but
+    a condition fails, a warning names the reason (once per reason).
+    """
+    if _backend != "cuda" or not x.is_cuda:
+        return False
+    if x.dtype != torch.bfloat16:
+        reason = (f"dsv4: the CUDA kernels take bfloat16 activations; a {x.dtype} model on "
+                  "CUDA runs the pure-PyTorch reference")
+    else:
+        missing = [op for op in ops if not _kernel_available(op)]
+        if not missing:
+            return True
+        reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
+                  "those layers run the pure-PyTorch reference")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+    return False
