@@ -384,3 +384,179 @@ def test_generate_invalid_args(kw, match):
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
     assert model.calls == []
+
+
+# ---------------------------------------------------------------- sampling vs the official sampler
+
+
+def _official_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """The reference ``inference/generate.py`` sampler (architecture.md §13.1), written out here."""
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1, dtype=torch.float32)
+    return probs.div_(torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [0.25, 0.6, 1.0, 3.0])
+def test_sample_is_the_official_gumbel_max_draw(temperature):
+    """Without top-k/top-p, sample() is the reference sampler draw for draw (same noise stream)."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    logits = torch.randn(64, 1000) * 4
+    ours = sample(logits, temperature, generator=_gen(seed))
+    ref = _official_sample(logits, temperature, _gen(seed))
+    assert torch.equal(ours, ref), f"seed {seed}"
+
+
+def _expected_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) with the top-k and top-p masks, in float64, written independently."""
+    z = logits.double() / temperature
+    order = torch.argsort(z, descending=True)
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep[order[: top_k if top_k > 0 else z.numel()]] = True
+    p = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
+    if top_p < 1.0:
+        cum = 0.0
+        nucleus = torch.zeros_like(keep)
+        for i in order.tolist():  # the smallest prefix (by probability) whose mass reaches top_p
+            nucleus[i] = True
+            cum += float(p[i])
+            if cum >= top_p:
+                break
+        p = torch.softmax(z.masked_fill(~(keep & nucleus), float("-inf")), -1)
+    return p
+
+
+def _chi2_bound(df: int, z: float = 5.0) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df) at ~z standard deviations (p ~ 3e-7 for 5)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.6, 0, 1.0), (1.0, 12, 1.0), (0.8, 0, 0.8), (1.3, 20, 0.9)],
+)
+def test_sample_distribution_chi_square(temperature, top_k, top_p):
+    """Empirical frequencies of many seeded draws match softmax(logits/T) with top-k/top-p masks."""
+    vocab, n = 48, 60000
+    while True:  # fresh logits whose nucleus boundary is not within rounding of top_p
+        logits = torch.randn(vocab) * 1.5
+        p = _expected_probs(logits, temperature, top_k, 1.0)
+        cum = torch.cumsum(torch.sort(p, descending=True).values, 0)
+        if top_p == 1.0 or (cum - top_p).abs().min() > 1e-3:
+            break
+    expected = _expected_probs(logits, temperature, top_k, top_p)
+    support = expected > 0
+    if top_k:
+        assert int(support.sum()) <= top_k
+    if top_p < 1.0:
+        assert int(support.sum()) < vocab  # the test case really masks something
+    seed = int(torch.randint(0, 2**31, ()).item())
+    ids = sample(logits.expand(n, vocab), temperature, top_p, top_k, generator=_gen(seed))
+    counts = torch.bincount(ids, minlength=vocab).double()
+    assert counts[~support].sum() == 0, f"masked tokens were drawn (seed {seed})"
+    e = n * expected[support]
+    stat = float(((counts[support] - e) ** 2 / e).sum())
+    df = int(support.sum()) - 1
+    assert stat < _chi2_bound(df), f"chi2 {stat:.1f} >= bound {_chi2_bound(df):.1f} (df {df}, seed {seed})"
+    # The test has power: the unmasked / unscaled distribution is rejected by a wide margin.
+    wrong = torch.softmax(logits.double(), -1) if temperature != 1.0 else torch.softmax(logits.double() / 0.5, -1)
+    if top_k or top_p < 1.0:
+        wrong = _expected_probs(logits, temperature, 0, 1.0)
+    w = n * wrong
+    assert float(((counts - w) ** 2 / w).sum()) > 10 * _chi2_bound(vocab - 1)
+
+
+def test_generate_sampling_is_the_official_sampler_on_model_logits():
+    """generate(seed=s) draws exactly what the reference loop draws with a generator seeded s."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    got = generate(FakeModel([], vocab=50, noise=True), PROMPT, 10, temperature=0.8, seed=seed,
+                   eos_id=None).token_ids
+    model, gen = FakeModel([], vocab=50, noise=True), _gen(seed)
+    cache, ids, want = model.make_cache(1), torch.tensor([PROMPT]), []
+    for _ in range(10):
+        nxt = _official_sample(model(ids, cache=cache)[:, -1], 0.8, gen)
+        want.append(int(nxt))
+        ids = nxt.view(1, 1)
+    assert got == want, f"seed {seed}"
+    # T = 0 is greedy: the argmax path, whatever the seed.
+    model, cache, ids, greedy = FakeModel([], vocab=50, noise=True), None, torch.tensor([PROMPT]), []
+    cache = model.make_cache(1)
+    for _ in range(10):
+        nxt = model(ids, cache=cache)[:, -1].argmax(-1)
+        greedy.append(int(nxt))
+        ids = nxt.view(1, 1)
+    assert generate(FakeModel([], vocab=50, noise=True), PROMPT, 10, seed=seed, eos_id=None).token_ids == greedy
+
+
+def test_generate_seeded_text_reproducible(tok):
+    def run(seed):
+        model = FakeModel([], vocab=VOCAB, noise=True)
+        return generate(model, PROMPT, 8, temperature=1.0, top_p=0.95, seed=seed, eos_id=None,
+                        tokenizer=tok)
+
+    a, b = run(5), run(5)
+    assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) == 8
+    assert run(6).token_ids != a.token_ids
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def _token_spans(tok, ids):
+    """(start, end) character span of each token in the decoded text."""
+    spans, pos = [], 0
+    for k in range(1, len(ids) + 1):
+        end = len(tok.decode(ids[:k]))
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+def _run_stop(tok, text, stops):
+    ids = _ids(tok, text)
+    model = FakeModel(ids + [EOS], vocab=VOCAB)
+    streamed = []
+    r = generate(model, PROMPT, 100, tokenizer=tok, stop_strings=stops,
+                 on_token=lambda t, s: streamed.append(s))
+    return ids, r, "".join(streamed), model
+
+
+@pytest.mark.parametrize(
+    "stop, kind",
+    [
+        (" quick brown fox", "spans several whole tokens"),
+        ("ick brown fo", "starts and ends inside tokens, spans several"),
+        ("um", "inside one token"),
+        ("The", "at the very start"),
+    ],
+)
+def test_stop_string_cut_exactly(tok, stop, kind):
+    text = "The quick brown fox jumps over the lazy dog, quantum"
+    ids, r, streamed, model = _run_stop(tok, text, [stop])
+    cut = text.index(stop)
+    assert r.finish_reason == "stop"
+    assert r.text == text[:cut] == streamed, kind  # exactly before the stop string, never streamed
+    spans = _token_spans(tok, ids)
+    first, last = (next(k for k, (s, e) in enumerate(spans) if s <= i < e) for i in (cut, cut + len(stop) - 1))
+    if kind == "spans several whole tokens":
+        assert last - first >= 2 and spans[first][0] == cut
+    elif kind.startswith("starts and ends inside"):
+        assert last > first and spans[first][0] < cut and spans[last][1] > cut + len(stop)
+    elif kind == "inside one token":
+        assert first == last and spans[first][0] < cut and spans[first][1] > cut + len(stop)
+    # Generation stopped at the token that completed the stop string: no further model call.
+    assert r.token_ids == ids[: last + 1] and len(model.calls) == last + 1
+
+
+def test_stop_earliest_match_wins_and_multibyte(tok):
+    text = "say hello world then more"
+    _, r, streamed, _ = _run_stop(tok, text, ["world", "lo w"])  # both complete in " world"
+    assert r.text == "say hel" == streamed
+    # A stop string of multi-byte characters split across byte tokens.
+    prefix, stop = "ab ", "世界"
+    ids = _ids(tok, prefix) + _byte_token_ids(tok, stop + "!")
+    model = FakeModel(ids + [EOS], vocab=VOCAB)
+    streamed = []
+    r = generate(model, PROMPT, 100, tokenizer=tok, stop_strings=[stop],
+                 on_token=lambda t, s: streamed.append(s))
+    assert r.finish_reason == "stop" and r.text == prefix == "".join(streamed)
+    assert len(r.token_ids) == len(_ids(tok, prefix)) + len(stop.encode("utf-8"))

@@ -108,7 +108,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = 0)
 
     Args:
         tokenizer: from :func:`load_tokenizer`.
-        text: the prompt; no chat template is applied.
+        text: the prompt; no chat template is applied (for the DeepSeek-V4 chat format see
+            ``dsv4.chat.encode_chat``, which writes BOS itself).
         bos_token_id: prepended when not ``None`` (``ModelConfig.bos_token_id``, 0).
 
     Returns:
