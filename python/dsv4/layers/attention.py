@@ -187,9 +187,9 @@ class Attention(nn.Module):
                 j = torch.arange(n_max, device=x.device)[None, :]
                 extra_idx = torch.where(j < extra_len[:, None], rows[:, None] * C + j, -1)
                 extra_idx = extra_idx.to(torch.int32)
-            if extra_idx.shape[1]:
-                extra_kv = entries.view(B * C, -1)
-            else:
+            if C and extra_idx.shape[1]:
+                extra_kv = entries.view(B * C, entries.shape[-1])
+            else:  # no complete entry in any row yet
                 extra_idx = extra_len = None
         out, _ = torch.ops.dsv4.sparse_attn(q_t, main_kv, win_idx, self.attn_sink,
                                             self.softmax_scale, None, extra_kv, extra_idx,
