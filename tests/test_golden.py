@@ -26,15 +26,19 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out - ref).abs().amax(-1) / ref.abs().max()
 
 
-CASES = [("golden_tiny", False), ("golden_quant", False), ("golden_quant", True)]
+CASES = [("golden_tiny", False, "dequant"), ("golden_quant", False, "dequant"),
+         ("golden_quant", True, "dequant"),
+         # the release format (FP8 linears, FP4 experts, 2 shards + index), both weight modes
+         ("golden_fp8", False, "dequant"), ("golden_fp8", False, "native"),
+         ("golden_fp8", True, "dequant"), ("golden_fp8", True, "native")]
 
 
-@pytest.mark.parametrize("name,quant_sim", CASES)
+@pytest.mark.parametrize("name,quant_sim,weights", CASES)
 @pytest.mark.parametrize("mode", ["full", "decode"])
-def test_golden_logits(name, quant_sim, mode):
+def test_golden_logits(name, quant_sim, weights, mode):
     g = _load(name)
     model = dsv4.Model.from_pretrained(os.path.join(TESTDATA, name), dtype=torch.float32,
-                                       quant_sim=quant_sim)
+                                       quant_sim=quant_sim, weights=weights, progress=False)
     ref = g["logits_quant_sim" if quant_sim else "logits_exact"]
     ids = g["input_ids"]
     with torch.no_grad():
@@ -74,3 +78,29 @@ def test_golden_greedy_tokens_match_in_bf16():
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
     # A few positions move more: bf16 noise can change which compressed blocks the indexer picks.
     assert agree > 0.9 and cos.median() > 0.995 and cos.min() > 0.8, (agree, cos)
+
+
+def test_golden_fp8_storage_is_recognised():
+    """golden_fp8 holds FP8 linears and FP4 experts: the loader flags them (which switches the
+    activation simulation on) and, in native mode, keeps their bytes."""
+    path = os.path.join(TESTDATA, "golden_fp8")
+    model = dsv4.Model.from_pretrained(path, dtype=torch.float32, weights="native", progress=False)
+    attn, ffn = model.layers[1].attn, model.layers[1].ffn
+    assert attn.wq_a.stored_format == "fp8" and attn.wq_a.qweight.dtype == torch.float8_e4m3fn
+    assert attn.indexer.wq_b.stored_format == "fp8" and attn.wo_a.stored_format == "fp8"
+    assert not attn.wo_a.act_quant and attn.wq_b.act_quant
+    assert ffn.experts[3].w2.stored_format == "fp4" and ffn.experts[3].w2.qweight.dtype == torch.int8
+    assert ffn.shared_experts.w2.stored_format == "fp8" and model.mtp[0].h_proj.stored_format == "fp8"
+    assert attn.compressor.wkv.stored_format is None and model.head.stored_format is None
+    ref = dsv4.Model.from_pretrained(path, dtype=torch.float32, progress=False)
+    assert torch.equal(attn.wo_a.weight, ref.layers[1].attn.wo_a.weight)
+
+
+def test_golden_fp8_dequantised_state_matches_bf16_specs():
+    """Loaded in dequant mode, golden_fp8 holds exactly the tensors of tensor_specs(fmt="bf16")."""
+    from dsv4.checkpoint import tensor_specs
+    path = os.path.join(TESTDATA, "golden_fp8")
+    model = dsv4.Model.from_pretrained(path, dtype=torch.float32, progress=False)
+    specs = tensor_specs(model.config, "bf16")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
+        {k: v[0] for k, v in specs.items()}

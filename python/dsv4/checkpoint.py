@@ -1,112 +1,545 @@
-"""Checkpoint I/O with the official tensor names (architecture.md §12).
+"""Checkpoint I/O with the official tensor names and formats (architecture.md §12).
 
-This module reads and writes bf16/fp32 safetensors checkpoints: one ``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``. Tensors are read one at a time with
-``safetensors.safe_open`` and copied straight into parameters created on the target device.
+Reads the release format (FP8 e4m3 linears with e8m0 128x128 block scales, packed FP4 e2m1
+routed experts with e8m0 1x32 scales, bf16/fp32 tensors, int64 ``tid2eid``) and plain bf16/fp32
+checkpoints, from one ``model.safetensors`` or the shards of ``model.safetensors.index.json``.
+Every header is checked against the model before any data is read (one
+:class:`CheckpointError` lists every missing, unexpected or mis-shaped tensor); tensors are
+then read one at a time with ``safetensors.safe_open`` and moved straight to the target device,
+so host memory peaks near the largest tensor. :func:`tensor_specs` lists the tensors of the
+release layout for a config (used by ``dsv4 make-checkpoint`` / ``convert`` / ``info``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
+from .quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
-__all__ = ["CheckpointError", "checkpoint_files", "load_checkpoint", "save_checkpoint"]
-
-
-_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
-                    if hasattr(torch, n))
+__all__ = ["CheckpointError", "checkpoint_files", "tensor_specs", "linear_formats",
+           "official_name", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that does not match the model (names, shapes) or cannot be read."""
+    """A checkpoint that does not match the model (names, shapes, dtypes) or cannot be read."""
 
 
+# ----------------------------------------------------------------------------- release layout
+def linear_formats(config: ModelConfig, fmt: str = "fp8") -> dict[str, str]:
+    """Storage format of every linear weight of the release layout, by module name.
+
+    Returns ``{"layers.0.attn.wq_a": "fp8", "layers.0.ffn.experts.0.w1": "fp4",
+    "layers.1.attn.compressor.wkv": "bf16", ..., "head": "bf16"}``. With ``fmt="fp8"`` (the
+    official release, architecture.md §12.2): attention ``wq_a``, ``wq_b``, ``wkv``, ``wo_a``,
+    ``wo_b``, indexer ``wq_b``, shared experts and MTP ``e_proj``/``h_proj`` are FP8; routed
+    experts are FP4 when ``config.expert_dtype == "fp4"`` and FP8 otherwise (the official
+    ``ModelArgs`` rule); compressor ``wkv``/``wgate``, indexer ``weights_proj`` and ``head`` are
+    bf16. With ``fmt="bf16"`` every linear is bf16 (the dequantised twin).
+    Raises ValueError for another ``fmt``.
+    """
+    if fmt not in ("fp8", "bf16"):
+        raise ValueError(f"fmt must be 'fp8' (release layout) or 'bf16', got {fmt!r}")
+    q = "fp8" if fmt == "fp8" else "bf16"
+    qe = ("fp4" if config.expert_dtype == "fp4" else "fp8") if fmt == "fp8" else "bf16"
+    c = config
+    out: dict[str, str] = {}
+    for blk, layer_id in _blocks(c):
+        ratio = c.compress_ratios[layer_id]
+        for n in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b"):
+            out[f"{blk}.attn.{n}"] = q
+        if ratio:
+            out[f"{blk}.attn.compressor.wkv"] = out[f"{blk}.attn.compressor.wgate"] = "bf16"
+        if ratio == 4:
+            out[f"{blk}.attn.indexer.wq_b"] = q
+            out[f"{blk}.attn.indexer.weights_proj"] = "bf16"
+            out[f"{blk}.attn.indexer.compressor.wkv"] = "bf16"
+            out[f"{blk}.attn.indexer.compressor.wgate"] = "bf16"
+        for e in range(c.n_routed_experts):
+            for w in ("w1", "w2", "w3"):
+                out[f"{blk}.ffn.experts.{e}.{w}"] = qe
+        for w in ("w1", "w2", "w3"):
+            out[f"{blk}.ffn.shared_experts.{w}"] = q
+        if blk.startswith("mtp."):
+            out[f"{blk}.e_proj"] = out[f"{blk}.h_proj"] = q
+    out["head"] = "bf16"
+    return out
+
+
+def _blocks(c: ModelConfig):
+    """(name prefix, layer id) of every block: main layers, then MTP layers."""
+    for i in range(c.n_layers):
+        yield f"layers.{i}", i
+    for k in range(c.n_mtp_layers):
+        yield f"mtp.{k}", c.n_layers + k
+
+
+def _linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Logical [out_features, in_features] of every linear (architecture.md §12.2)."""
+    out: dict[str, tuple[int, int]] = {}
+    for blk, layer_id in _blocks(c):
+        ratio = c.compress_ratios[layer_id]
+        a = f"{blk}.attn"
+        out[f"{a}.wq_a"] = (c.q_lora_rank, c.dim)
+        out[f"{a}.wq_b"] = (c.n_heads * c.head_dim, c.q_lora_rank)
+        out[f"{a}.wkv"] = (c.head_dim, c.dim)
+        out[f"{a}.wo_a"] = (c.o_groups * c.o_lora_rank, c.n_heads * c.head_dim // c.o_groups)
+        out[f"{a}.wo_b"] = (c.dim, c.o_groups * c.o_lora_rank)
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            out[f"{a}.compressor.wkv"] = out[f"{a}.compressor.wgate"] = (coff * c.head_dim, c.dim)
+        if ratio == 4:
+            out[f"{a}.indexer.wq_b"] = (c.index_n_heads * c.index_head_dim, c.q_lora_rank)
+            out[f"{a}.indexer.weights_proj"] = (c.index_n_heads, c.dim)
+            out[f"{a}.indexer.compressor.wkv"] = (2 * c.index_head_dim, c.dim)
+            out[f"{a}.indexer.compressor.wgate"] = (2 * c.index_head_dim, c.dim)
+        for e in [f"experts.{e}" for e in range(c.n_routed_experts)] + ["shared_experts"]:
+            out[f"{blk}.ffn.{e}.w1"] = out[f"{blk}.ffn.{e}.w3"] = (c.moe_inter_dim, c.dim)
+            out[f"{blk}.ffn.{e}.w2"] = (c.dim, c.moe_inter_dim)
+        if blk.startswith("mtp."):
+            out[f"{blk}.e_proj"] = out[f"{blk}.h_proj"] = (c.dim, c.dim)
+    out["head"] = (c.vocab_size, c.dim)
+    return out
+
+
+def tensor_specs(config: ModelConfig, fmt: str = "fp8"
+                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor of the official checkpoint layout for ``config``: name -> (shape, dtype).
+
+    ``fmt="fp8"``: the release format (architecture.md §12.2/12.3). FP8 linears have
+    ``<name>.weight`` float8_e4m3fn [N, K] and ``<name>.scale`` float8_e8m0fnu
+    [ceil(N/128), ceil(K/128)]; FP4 routed experts (``config.expert_dtype == "fp4"``) have
+    ``<name>.weight`` int8 [N, K/2] (two e2m1 codes per byte) and ``<name>.scale``
+    float8_e8m0fnu [N, K/32]; which linear is which: :func:`linear_formats`. ``fmt="bf16"``:
+    the same names without ``.scale``, every linear weight bf16 [N, K].
+    In both: embed, head, norms, compressor ``wkv``/``wgate``, indexer ``weights_proj`` and
+    the gate weight are bf16; ``attn_sink``, compressor ``ape``, the mHC ``hc_*`` tensors and
+    ``gate.bias`` float32; ``gate.tid2eid`` int64 [vocab_size, n_activated_experts] in hash
+    layers (``layer < n_hash_layers``; they have no ``gate.bias``). MTP blocks are ``mtp.{k}.*``
+    (SWA attention, learned routing) plus ``e_proj``/``h_proj``/``enorm``/``hnorm``/``norm``
+    and their own ``hc_head_*``.
+    Raises ValueError for an unknown ``fmt`` or an FP4 expert whose in_features is not a
+    multiple of 32.
+    """
+    c = config
+    formats, shapes = linear_formats(c, fmt), _linear_shapes(c)
+    bf16, f32 = torch.bfloat16, torch.float32
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    mix = (2 + c.hc_mult) * c.hc_mult
+    specs["embed.weight"] = ((c.vocab_size, c.dim), bf16)
+
+    def linear(name: str) -> None:
+        (n, k), f = shapes[name], formats[name]
+        if f == "fp8":
+            specs[f"{name}.weight"] = ((n, k), torch.float8_e4m3fn)
+            specs[f"{name}.scale"] = ((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
+                                      torch.float8_e8m0fnu)
+        elif f == "fp4":
+            if k % FP4_BLOCK:
+                raise ValueError(f"{name}: FP4 storage needs in_features % {FP4_BLOCK} == 0, "
+                                 f"got {k}")
+            specs[f"{name}.weight"] = ((n, k // 2), torch.int8)
+            specs[f"{name}.scale"] = ((n, k // FP4_BLOCK), torch.float8_e8m0fnu)
+        else:
+            specs[f"{name}.weight"] = ((n, k), bf16)
+
+    for blk, layer_id in _blocks(c):
+        ratio = c.compress_ratios[layer_id]
+        specs[f"{blk}.attn_norm.weight"] = ((c.dim,), bf16)
+        specs[f"{blk}.ffn_norm.weight"] = ((c.dim,), bf16)
+        for site in ("attn", "ffn"):
+            specs[f"{blk}.hc_{site}_fn"] = ((mix, c.hc_mult * c.dim), f32)
+            specs[f"{blk}.hc_{site}_base"] = ((mix,), f32)
+            specs[f"{blk}.hc_{site}_scale"] = ((3,), f32)
+        a = f"{blk}.attn"
+        linear(f"{a}.wq_a")
+        specs[f"{a}.q_norm.weight"] = ((c.q_lora_rank,), bf16)
+        linear(f"{a}.wq_b")
+        linear(f"{a}.wkv")
+        specs[f"{a}.kv_norm.weight"] = ((c.head_dim,), bf16)
+        linear(f"{a}.wo_a")
+        linear(f"{a}.wo_b")
+        specs[f"{a}.attn_sink"] = ((c.n_heads,), f32)
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            linear(f"{a}.compressor.wkv")
+            linear(f"{a}.compressor.wgate")
+            specs[f"{a}.compressor.ape"] = ((ratio, coff * c.head_dim), f32)
+            specs[f"{a}.compressor.norm.weight"] = ((c.head_dim,), bf16)
+        if ratio == 4:
+            linear(f"{a}.indexer.wq_b")
+            linear(f"{a}.indexer.weights_proj")
+            linear(f"{a}.indexer.compressor.wkv")
+            linear(f"{a}.indexer.compressor.wgate")
+            specs[f"{a}.indexer.compressor.ape"] = ((ratio, 2 * c.index_head_dim), f32)
+            specs[f"{a}.indexer.compressor.norm.weight"] = ((c.index_head_dim,), bf16)
+        f = f"{blk}.ffn"
+        specs[f"{f}.gate.weight"] = ((c.n_routed_experts, c.dim), bf16)
+        if layer_id < c.n_hash_layers:
+            specs[f"{f}.gate.tid2eid"] = ((c.vocab_size, c.n_activated_experts), torch.int64)
+        else:
+            specs[f"{f}.gate.bias"] = ((c.n_routed_experts,), f32)
+        for e in range(c.n_routed_experts):
+            for w in ("w1", "w2", "w3"):
+                linear(f"{f}.experts.{e}.{w}")
+        for w in ("w1", "w2", "w3"):
+            linear(f"{f}.shared_experts.{w}")
+        if blk.startswith("mtp."):
+            linear(f"{blk}.e_proj")
+            linear(f"{blk}.h_proj")
+            for n in ("enorm", "hnorm", "norm"):
+                specs[f"{blk}.{n}.weight"] = ((c.dim,), bf16)
+            specs[f"{blk}.hc_head_fn"] = ((c.hc_mult, c.hc_mult * c.dim), f32)
+            specs[f"{blk}.hc_head_base"] = ((c.hc_mult,), f32)
+            specs[f"{blk}.hc_head_scale"] = ((1,), f32)
+    specs["norm.weight"] = ((c.dim,), bf16)
+    linear("head")
+    specs["hc_head_fn"] = ((c.hc_mult, c.hc_mult * c.dim), f32)
+    specs["hc_head_base"] = ((c.hc_mult,), f32)
+    specs["hc_head_scale"] = ((1,), f32)
+    return specs
+
+
+# ----------------------------------------------------------------------------- names
+# Segment renames of the official convert.py (architecture.md §12.4): HF-transformers-style
+# names -> inference names. V3-only modules (q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) map
+# to names V4 does not have and are then reported as unexpected.
+_HF_SEGMENTS = {
+    "self_attn": "attn", "mlp": "ffn", "weight_scale_inv": "scale",
+    "e_score_correction_bias": "bias", "embed_tokens": "embed", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm", "q_proj": "wq", "q_a_proj": "wq_a",
+    "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a",
+    "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo", "gate_proj": "w1",
+    "down_proj": "w2", "up_proj": "w3", "lm_head": "head",
+}
+
+
+def official_name(name: str) -> Optional[str]:
+    """Map a checkpoint tensor name to the inference name, as the official convert.py does.
+
+    Strips a ``model.`` prefix and renames segments (``self_attn``->``attn``, ``mlp``->``ffn``,
+    ``weight_scale_inv``->``scale``, ``e_score_correction_bias``->``bias``,
+    ``embed_tokens``->``embed``, ``lm_head``->``head``, ``input_layernorm``->``attn_norm``,
+    ``post_attention_layernorm``->``ffn_norm``, ``q_a_proj``->``wq_a``, ``q_a_layernorm``->
+    ``q_norm``, ``q_b_proj``->``wq_b``, ``kv_a_layernorm``->``kv_norm``, ``gate_proj``->``w1``,
+    ``down_proj``->``w2``, ``up_proj``->``w3``). Returns None for tensors convert.py drops:
+    ``mtp.*`` names containing ``emb`` or ending in ``head.weight`` (MTP shares the main
+    embedding and head). Inference names pass through unchanged.
+    """
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+        return None
+    return ".".join(_HF_SEGMENTS.get(s, s) for s in name.split("."))
+
+
+# ----------------------------------------------------------------------------- files
 def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of checkpoint directory ``path`` (index-listed shards or all
-    ``*.safetensors`` except ``golden.safetensors``). Raises CheckpointError when none exist."""
+    """The safetensors files of checkpoint directory ``path`` (index-listed shards, else
+    ``model.safetensors``, else all ``*.safetensors`` except ``golden.safetensors``).
+    Raises CheckpointError when none exist or an index-listed shard is missing."""
+    return _checkpoint_layout(path)[0]
+
+
+def _checkpoint_layout(path: str) -> tuple[list[str], Optional[dict[str, str]]]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
             with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                weight_map = dict(json.load(f)["weight_map"])
+            shards = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a safetensors index with a weight_map: "
                                   f"{e!r}") from None
-        return [os.path.join(path, s) for s in shards]
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that do not exist in {path}: "
+                                  + ", ".join(missing))
+        return [os.path.join(path, s) for s in shards], weight_map
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single], None
     files = sorted(f for f in os.listdir(path)
                    if f.endswith(".safetensors") and f != "golden.safetensors")
     if not files:
         raise CheckpointError(f"no *.safetensors weights found in {path}")
-    return [os.path.join(path, f) for f in files]
+    return [os.path.join(path, f) for f in files], None
 
 
-def load_checkpoint(model_cls, path, device="cpu", dtype=torch.bfloat16, **config_overrides):
+# safetensors dtype strings
+_FLOAT = {"F32", "BF16", "F16", "F64"}
+_INT = {"I64", "I32", "I16", "I8", "U8"}
+_FP4 = {"I8", "U8", "F4"}
+_SCALE = {"F8_E8M0", "F32"}
+
+
+@dataclasses.dataclass
+class _Entry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str          # the name in the file
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How one model tensor is filled: plain copy, or an FP8/FP4 linear weight."""
+    kind: str            # "plain" | "fp8" | "fp4"
+    weight: _Entry
+    scale: Optional[_Entry] = None
+
+
+def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
+    """Open every shard (kept open in ``handles``) and list its tensors by official name,
+    reading headers only."""
+    entries: dict[str, _Entry] = {}
+    problems = []
+    for file in files:
+        try:
+            f = handles[file] = stack.enter_context(safe_open(file, framework="pt",
+                                                              device="cpu"))
+            names = list(f.keys())
+            info = {n: f.get_slice(n) for n in names}
+            info = {n: (s.get_dtype(), tuple(s.get_shape())) for n, s in info.items()}
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {file} (truncated or not a safetensors file?): "
+                                  f"{e}") from e
+        for n, (dt, shape) in info.items():
+            off = official_name(n)
+            if off is None:
+                continue
+            if off in entries:
+                problems.append(f"{off} appears twice ({entries[off].source} in "
+                                f"{os.path.basename(entries[off].file)}, {n} in "
+                                f"{os.path.basename(file)})")
+                continue
+            entries[off] = _Entry(file, dt, shape, n)
+    if weight_map is not None:
+        held = {e.source: os.path.basename(e.file) for e in entries.values()}
+        wrong = [f"{n} (index: {s})" for n, s in weight_map.items()
+                 if official_name(n) is not None and held.get(n) != os.path.basename(s)]
+        if wrong:
+            problems.append("the index lists tensors its shards do not hold: "
+                            + _shorten(sorted(wrong)))
+    if problems:
+        raise CheckpointError("inconsistent checkpoint files:\n  " + "\n  ".join(problems))
+    return entries
+
+
+def _shorten(items: list[str], n: int = 20) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _plan_linear(name: str, shape: tuple[int, int], entries: dict[str, _Entry],
+                 used: set, bad: list, missing: list) -> Optional[_Plan]:
+    """Match a Linear ``name`` ([N, K] logical) against the file's ``name.weight`` (+ scale)."""
+    w, s = entries.get(f"{name}.weight"), entries.get(f"{name}.scale")
+    if w is None:
+        return None
+    used.add(f"{name}.weight")
+    if s is not None:
+        used.add(f"{name}.scale")
+    N, K = shape
+    if w.dtype in _FLOAT:
+        if s is not None:
+            bad.append(f"{name}.scale: a scale for a {w.dtype} (unquantised) weight")
+        elif w.shape != (N, K):
+            bad.append(f"{name}.weight: file {list(w.shape)} vs model {[N, K]}")
+        else:
+            return _Plan("plain", w)
+        return None
+    if w.dtype == "F8_E4M3":
+        kind, want_w, want_s = "fp8", (N, K), (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+    elif w.dtype in _FP4:
+        kind = "fp4"
+        want_w = (N, K) if w.dtype == "F4" else (N, K // 2)   # F4 headers count 4-bit values
+        want_s = (N, K // FP4_BLOCK)
+        if K % FP4_BLOCK:
+            bad.append(f"{name}.weight: packed FP4 needs in_features % {FP4_BLOCK} == 0 "
+                       f"(model {[N, K]})")
+            return None
+    else:
+        bad.append(f"{name}.weight: dtype {w.dtype} (accepted: BF16/F16/F32, F8_E4M3 + scale, "
+                   f"I8/U8/F4 packed FP4 + scale)")
+        return None
+    ok = True
+    if w.shape != want_w:
+        bad.append(f"{name}.weight: file {w.dtype} {list(w.shape)} vs {list(want_w)} for "
+                   f"{kind} storage of a {[N, K]} weight")
+        ok = False
+    if s is None:
+        missing.append(f"{name}.scale (for the {w.dtype} weight)")
+        return None
+    if s.dtype not in _SCALE:
+        bad.append(f"{name}.scale: dtype {s.dtype} (accepted: F8_E8M0, F32)")
+        ok = False
+    elif s.shape != want_s:
+        bad.append(f"{name}.scale: file {list(s.shape)} vs {list(want_s)} for {kind} storage "
+                   f"of a {[N, K]} weight")
+        ok = False
+    return _Plan(kind, w, s) if ok else None
+
+
+def _plan_plain(name: str, target: torch.Tensor, entries: dict[str, _Entry], used: set,
+                bad: list) -> Optional[_Plan]:
+    e = entries.get(name)
+    if e is None:
+        return None
+    used.add(name)
+    if e.shape != tuple(target.shape):
+        bad.append(f"{name}: file {list(e.shape)} vs model {list(target.shape)}")
+        return None
+    if target.is_floating_point() and e.dtype not in _FLOAT:
+        bad.append(f"{name}: file dtype {e.dtype} vs a float tensor (accepted: BF16/F16/F32)")
+        return None
+    if not target.is_floating_point() and e.dtype not in _INT:
+        bad.append(f"{name}: file dtype {e.dtype} vs an integer tensor")
+        return None
+    return _Plan("plain", e)
+
+
+def _skipped(name: str, c: ModelConfig) -> bool:
+    """Tensors of layers / MTP blocks that the (possibly truncated) model does not hold."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] in ("layers", "mtp") and parts[1].isdigit():
+        limit = c.n_layers if parts[0] == "layers" else c.n_mtp_layers
+        return int(parts[1]) >= limit
+    return False
+
+
+def _resolve_config(path: str, num_layers: Optional[int], overrides: dict) -> ModelConfig:
+    """The config of ``path`` with overrides; ``num_layers`` / ``n_mtp_layers`` keep a prefix
+    of the main layers / MTP blocks (their compress_ratios entries follow)."""
+    keep_mtp = overrides.pop("n_mtp_layers", None)
+    full = ModelConfig.from_json(path, **overrides)
+    if num_layers is None and keep_mtp is None:
+        return full
+    n = full.n_layers if num_layers is None else num_layers
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= full.n_layers:
+        raise ValueError(f"num_layers must be an int in [1, {full.n_layers}] (the checkpoint's "
+                         f"layer count), got {num_layers!r}")
+    m = (0 if num_layers is not None else full.n_mtp_layers) if keep_mtp is None else keep_mtp
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= full.n_mtp_layers:
+        raise ValueError(f"n_mtp_layers must be an int in [0, {full.n_mtp_layers}] (the "
+                         f"checkpoint's MTP blocks), got {keep_mtp!r}")
+    r = full.compress_ratios
+    return dataclasses.replace(
+        full, n_layers=n, n_mtp_layers=m, n_hash_layers=min(full.n_hash_layers, n),
+        compress_ratios=tuple(r[:n]) + tuple(r[full.n_layers:full.n_layers + m]))
+
+
+def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights="dequant",
+                    num_layers=None, progress=True, **config_overrides):
     """Build ``model_cls(config)`` from ``path/config.json`` and load its weights.
 
-    The model is created on the meta device and materialised on ``device``; compute weights are
-    held in ``dtype``, fp32-only parameters in fp32. Raises :class:`~dsv4.config.ConfigError`
-    for a missing or unusable config and :class:`CheckpointError` listing every missing,
-    unexpected, mis-shaped or mis-typed tensor (nothing is partially loaded silently), for an
-    unreadable shard (naming the file), for ``tid2eid`` entries outside the expert range, and
-    for release-format FP8/FP4 checkpoints (``*.scale`` tensors), which this loader does not
-    dequantise yet.
+    Args:
+        path: checkpoint directory: ``config.json`` plus ``model.safetensors.index.json`` and
+            its shards, or one ``model.safetensors`` (else every ``*.safetensors`` but
+            ``golden.safetensors``). Tensor names are the inference names of architecture.md
+            §12; HF-transformers-style names are mapped as the official convert.py does
+            (:func:`official_name`).
+        device: where the weights go (None: ``torch.get_default_device()``, normally CPU).
+        dtype: compute dtype (float32, bfloat16 or float16) of the weights; the tensors the
+            official code keeps in fp32 (norms, mHC, ``attn_sink``, ``ape``, compressor
+            ``wkv``/``wgate``, gate bias, head) are held in fp32.
+        weights: ``"dequant"``: FP8/FP4 linears are dequantised to ``dtype`` at load.
+            ``"native"``: they keep their stored bytes (float8_e4m3fn or packed int8 plus the
+            e8m0 scales; 1/2 or 1/4 of bf16) and are dequantised at every use
+            (:class:`dsv4.layers.linear.Linear`). Either way each such Linear records its
+            ``stored_format`` ("fp8"/"fp4"), which switches on the FP8 activation simulation
+            of ``quant_sim`` (all but ``wo_a``, architecture.md §12.3; testdata README).
+        num_layers: load only the first ``num_layers`` main layers (their compress_ratios and
+            hash-layer count follow) plus embed, head, final norm and ``hc_head``; MTP blocks
+            are then dropped unless ``n_mtp_layers=k`` is passed (keeps the first k).
+            ``n_mtp_layers`` alone (without num_layers) also keeps only the first k MTP blocks.
+        progress: show a tqdm bar over the tensors read (stderr).
+        config_overrides: replace config fields (e.g. ``quant_sim=False``).
+
+    Raises:
+        ConfigError: missing/unusable config.json, e.g. a ``compress_ratios`` whose length is
+            not ``n_layers + n_mtp_layers`` (later revisions, §14), or quant_sim=True with an
+            FP8/FP4-stored linear whose in_features is not a multiple of 128 (1x128 activation
+            blocks).
+        CheckpointError: one error listing every missing, unexpected, mis-shaped or mis-typed
+            tensor (checked from the headers before any data is read, so nothing is partially
+            loaded); an unreadable, truncated or corrupt shard (naming the file); an index that
+            disagrees with its shards; NaN scales; ``tid2eid`` entries outside the expert range.
+        ValueError: bad ``weights``, ``dtype`` or ``num_layers``.
     """
     path = os.fspath(path)
+    if weights not in ("dequant", "native"):
+        raise ValueError(f"weights must be 'dequant' or 'native', got {weights!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    config = ModelConfig.from_json(os.path.join(path, "config.json"), **config_overrides)
-    with torch.device("meta"):
-        model = model_cls(config)
-    model.to_empty(device=device)
-    model.to(dtype=dtype)
-    targets = dict(model.named_parameters())
-    targets.update(model.named_buffers())
-    seen, unexpected, bad = set(), [], []
-    for file in checkpoint_files(path):
-        try:
-            f = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {file}: {e}") from e
-        with f:
-            names = list(f.keys())
-            scales = [n for n in names if n.endswith(".scale")]
-            if scales:
-                raise CheckpointError(
-                    f"{file} is in the FP8/FP4 release format ({len(scales)} '*.scale' tensors, "
-                    f"e.g. {scales[0]}); this version of dsv4 loads bf16/fp32 checkpoints only")
-            for name in names:
-                if name not in targets:
-                    unexpected.append(name)
-                    continue
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"cannot read tensor {name} from {file}: {e}") from e
-                dst = targets[name]
-                seen.add(name)
-                if tuple(t.shape) != tuple(dst.shape):
-                    bad.append(f"{name}: file {tuple(t.shape)} vs model {tuple(dst.shape)}")
-                    continue
-                if t.is_floating_point() != dst.is_floating_point() or t.dtype in _FP8_DTYPES:
-                    bad.append(f"{name}: file dtype {t.dtype} vs model {dst.dtype}")
-                    continue
-                with torch.no_grad():
-                    dst.copy_(t.to(device))
-    missing = sorted(set(targets) - seen)
-    if missing or unexpected or bad:
-        msg = [f"checkpoint {path} does not match the model built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)),
-                             ("wrong shape or dtype", bad)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                msg.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(msg))
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    config = _resolve_config(path, num_layers, dict(config_overrides))
+    files, weight_map = _checkpoint_layout(path)
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+        entries = _read_headers(files, weight_map, stack, handles)
+        with torch.device("meta"):
+            model = model_cls(config)
+        fp32_names = getattr(model, "_fp32_names", frozenset())
+        linears = {n: m for n, m in model.named_modules() if _is_linear(m)}
+        plans: dict[str, _Plan] = {}
+        used: set = set()
+        missing, bad = [], []
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            mod = name.rpartition(".")[0]
+            if name.endswith(".weight") and mod in linears:
+                lin = linears[mod]
+                p = _plan_linear(mod, (lin.out_features, lin.in_features), entries, used, bad,
+                                 missing)
+            else:
+                p = _plan_plain(name, t, entries, used, bad)
+            if p is not None:
+                plans[name] = p
+            elif name not in used:
+                missing.append(name)
+        unexpected = sorted(n for n in entries if n not in used and not _skipped(n, config))
+        if missing or unexpected or bad:
+            msg = [f"checkpoint {path} does not match the model built from its config.json:"]
+            for title, items in (("missing", sorted(missing)), ("unexpected", unexpected),
+                                 ("wrong shape or dtype", bad)):
+                if items:
+                    msg.append(f"  {title}: {_shorten(items)}")
+            raise CheckpointError("\n".join(msg))
+
+        act_quant_bad = []
+        for name, p in plans.items():
+            mod = name.rpartition(".")[0]
+            if p.kind != "plain":
+                lin = linears[mod]
+                lin.stored_format = p.kind
+                lin.act_quant = not mod.endswith(".wo_a")
+                lin.config = model.config
+                if config.quant_sim and lin.act_quant and lin.in_features % FP8_BLOCK:
+                    act_quant_bad.append(f"{mod} (in_features {lin.in_features})")
+        if act_quant_bad:
+            raise ConfigError(
+                "quant_sim=True quantises the input of FP8/FP4-stored linears in 1x128 blocks "
+                "(architecture.md §12.3), which needs in_features % 128 == 0; not so for "
+                + _shorten(act_quant_bad) + ". Use quant_sim=False")
+
+        _materialise(model, plans, linears, fp32_names, device, dtype, weights, handles,
+                     progress, os.path.basename(os.path.normpath(path)))
+
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if t.is_meta]
+    if leftover:   # every tensor was planned above; this guards the loader itself
+        raise CheckpointError("internal error: tensors left unloaded: " + _shorten(leftover))
     n_exp = config.n_routed_experts
     for name, buf in model.named_buffers():
         if name.endswith("tid2eid") and buf.numel() and (int(buf.min()) < 0 or int(buf.max()) >= n_exp):
@@ -114,8 +547,65 @@ def load_checkpoint(model_cls, path, device="cpu", dtype=torch.bfloat16, **confi
     return model
 
 
+def _is_linear(m: nn.Module) -> bool:
+    from .layers.linear import Linear
+    return isinstance(m, Linear)
+
+
+def _materialise(model, plans, linears, fp32_names, device, dtype, weights, handles, progress,
+                 label):
+    from tqdm.auto import tqdm
+
+    def read(e: _Entry) -> torch.Tensor:
+        try:
+            return handles[e.file].get_tensor(e.source)
+        except Exception as ex:
+            raise CheckpointError(f"cannot read tensor {e.source} from {e.file}: {ex}") from ex
+
+    modules = dict(model.named_modules())
+    # Read shard by shard, in file order, for sequential I/O.
+    order = sorted(plans, key=lambda n: (plans[n].weight.file, n))
+    bar = tqdm(total=len(order), desc=f"loading {label}", unit="tensor", disable=not progress)
+    try:
+        for name in order:
+            p = plans[name]
+            mod_name, _, attr = name.rpartition(".")
+            mod = modules[mod_name]
+            old = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers[attr]
+            want = (torch.float32 if name in fp32_names else dtype) if old.is_floating_point() \
+                else old.dtype
+            t = read(p.weight)
+            if p.kind == "plain":
+                t = t.to(device=device, dtype=want)
+            else:
+                s = read(p.scale)
+                if s.dtype == torch.float8_e8m0fnu and bool((s.view(torch.uint8) == 255).any()):
+                    raise CheckpointError(f"{p.scale.source} in {p.scale.file} holds NaN scales "
+                                          "(e8m0 code 255)")
+                t, s = t.to(device), s.to(device)
+                if p.kind == "fp4":
+                    t = t.view(torch.int8)      # uint8 / float4_e2m1fn_x2 bytes alike
+                if weights == "native":
+                    linears[mod_name].set_quantized(t, s, p.kind, want)
+                    bar.update(1)
+                    continue
+                t = (fp8_block_dequantize(t, s, want) if p.kind == "fp8"
+                     else fp4_unpack(t, s, want))
+            if attr in mod._parameters:
+                mod._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                mod._buffers[attr] = t
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def save_checkpoint(model, path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (official names, tensors as held)."""
+    """Write ``config.json`` and ``model.safetensors`` (official names, tensors as held).
+
+    A model loaded with ``weights="native"`` writes its FP8/FP4 weights with their ``.scale``
+    tensors (the release format); a dequantised model writes plain bf16/fp32 weights.
+    """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     model.config.to_json(os.path.join(path, "config.json"),

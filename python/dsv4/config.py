@@ -225,7 +225,8 @@ class ModelConfig:
             errs.append(
                 f"compress_ratios has {len(self.compress_ratios)} entries but n_layers + "
                 f"n_mtp_layers = {n_total}; dsv4 supports the April-2026 V4-Flash/V4-Pro layout "
-                "(one entry per layer plus one per MTP layer)")
+                "(one entry per layer plus one per MTP layer), not later revisions such as "
+                "Flash-0731 (DSpark), Pro-0813 or V4.1 (architecture.md §14)")
         if any(r < 0 for r in self.compress_ratios):
             errs.append("compress_ratios must be >= 0")
         if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
@@ -270,6 +271,12 @@ class ModelConfig:
                 args[_HF_TO_ARGS[k]] = v
             elif k in names:
                 args[k] = v
+        revision = sorted(k for k in d if k.startswith("dspark"))
+        if revision:
+            raise ConfigError(
+                f"config has {', '.join(revision)}: a later DeepSeek-V4 revision (Flash-0731 "
+                "with DSpark drafting); dsv4 supports the April-2026 V4-Flash/V4-Pro layout "
+                "(architecture.md §14)")
         for key in ("n_group", "topk_group"):
             if d.get(key) not in (None, 1):
                 raise ConfigError(f"{key}={d[key]!r}: group-limited routing is not part of V4 "

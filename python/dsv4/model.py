@@ -253,15 +253,25 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16, **config_overrides) -> "Model":
-        """Load ``config.json`` and the safetensors weights (official names, §12) of ``path``.
+    def from_pretrained(cls, path: str | os.PathLike,
+                        device: Optional[str | torch.device] = None,
+                        dtype: torch.dtype = torch.bfloat16, weights: str = "dequant",
+                        num_layers: Optional[int] = None, progress: bool = True,
+                        **config_overrides) -> "Model":
+        """Load ``config.json`` and the safetensors weights (official names and formats, §12)
+        of the checkpoint directory ``path``: the FP8/FP4 release (shards + index) or bf16/fp32.
 
-        ``config_overrides`` replace config fields (e.g. ``quant_sim=False``). See
-        :func:`dsv4.checkpoint.load_checkpoint` for the errors raised.
+        ``device`` (None: ``torch.get_default_device()``); ``dtype`` the compute dtype;
+        ``weights="dequant"`` dequantises FP8/FP4 linears to ``dtype`` at load,
+        ``weights="native"`` keeps them FP8/FP4 (1/2 or 1/4 of the bf16 bytes) and dequantises
+        at use; ``num_layers=N`` loads only the first N layers (no MTP unless
+        ``n_mtp_layers=k``); ``progress`` shows a tqdm bar; ``config_overrides`` replace config
+        fields (e.g. ``quant_sim=False``). See :func:`dsv4.checkpoint.load_checkpoint` for the
+        details and the errors raised (ConfigError, CheckpointError, ValueError).
         """
         from .checkpoint import load_checkpoint
-        return load_checkpoint(cls, path, device=device, dtype=dtype, **config_overrides)
+        return load_checkpoint(cls, path, device=device, dtype=dtype, weights=weights,
+                               num_layers=num_layers, progress=progress, **config_overrides)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` with the official tensor names."""

@@ -1,0 +1,409 @@
+"""Release-format checkpoints: FP8/FP4 weights, shards + index, HF names, errors (§12)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dsv4
+from dsv4.checkpoint import CheckpointError, linear_formats, official_name, tensor_specs
+from dsv4.config import ConfigError
+from dsv4.quant import fp4_pack, fp4_unpack, fp8_block_dequantize, fp8_block_quantize
+
+VOCAB = 4096
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+
+
+def _config(**over):
+    """Tiny config whose FP8/FP4-stored linears all have in_features % 128 == 0 (quant_sim)."""
+    base = dict(vocab_size=VOCAB, q_lora_rank=128, expert_dtype="fp4", dtype="fp8")
+    base.update(over)
+    return dsv4.ModelConfig.tiny(**base)
+
+
+def _release_tensors(model, fmt_config):
+    """(release-format tensors, their dequantised bf16 twin) of ``model``'s weights."""
+    sd = model.state_dict()
+    formats = linear_formats(fmt_config)
+    rel, twin = {}, {}
+    for name, (shape, dtype) in tensor_specs(fmt_config).items():
+        if name.endswith(".scale"):
+            continue
+        mod = name[:-len(".weight")] if name.endswith(".weight") else None
+        f = formats.get(mod)
+        if f == "fp8":
+            q, s = fp8_block_quantize(sd[name])
+            rel[name], rel[f"{mod}.scale"] = q, s
+            twin[name] = fp8_block_dequantize(q, s, torch.bfloat16)
+        elif f == "fp4":
+            p, s = fp4_pack(sd[name])
+            rel[name], rel[f"{mod}.scale"] = p, s
+            twin[name] = fp4_unpack(p, s, torch.bfloat16)
+        else:
+            rel[name] = twin[name] = sd[name].to(dtype).contiguous()
+    return rel, twin
+
+
+def _write(path, config, tensors, shards=True, config_edit=None):
+    """Write config.json and ``tensors`` as 2 shards + index (or one model.safetensors)."""
+    os.makedirs(path, exist_ok=True)
+    d = config.to_hf_dict()
+    d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    if config_edit:
+        config_edit(d)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+    if not shards:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    first = {k: v for k, v in tensors.items() if k.startswith(("layers.0.", "layers.1.", "embed"))}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    save_file(first, os.path.join(path, SHARD1), metadata={"format": "pt"})
+    save_file(second, os.path.join(path, SHARD2), metadata={"format": "pt"})
+    wm = {k: SHARD1 for k in first} | {k: SHARD2 for k in second}
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny model in the release format (2 shards + index) and its bf16 twin."""
+    torch.manual_seed(0)
+    config = _config()
+    model = dsv4.Model(config)
+    rel, twin = _release_tensors(model, config)
+    root = tmp_path_factory.mktemp("ckpt")
+    _write(root / "fp8", config, rel)
+    _write(root / "bf16", config, twin, shards=False)
+    return {"config": config, "rel": rel, "twin": twin, "fp8": str(root / "fp8"),
+            "bf16": str(root / "bf16"), "root": root, "ref": model}
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+
+
+def _load(path, **kw):
+    kw.setdefault("dtype", torch.float32)
+    kw.setdefault("progress", False)
+    return dsv4.Model.from_pretrained(path, **kw)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ------------------------------------------------------------------------------ specs / names
+def test_tensor_specs_match_model_and_synthetic_release(ckpt):
+    config = ckpt["config"]
+    specs = tensor_specs(config)
+    got = {}
+    for shard in (SHARD1, SHARD2):
+        with safe_open(os.path.join(ckpt["fp8"], shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                got[k] = (tuple(t.shape), t.dtype)
+    assert got == specs
+    with torch.device("meta"):
+        m = dsv4.Model(config)
+    bf16 = tensor_specs(config, "bf16")
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {k: v[0] for k, v in bf16.items()}
+    assert not any(k.endswith(".scale") for k in bf16)
+    # the rule of §12.2: which linears are FP8, FP4, bf16
+    assert specs["layers.0.attn.wo_a.weight"][1] == torch.float8_e4m3fn
+    assert specs["layers.1.attn.indexer.wq_b.weight"][1] == torch.float8_e4m3fn
+    assert specs["layers.0.ffn.experts.3.w2.weight"] == ((128, 64), torch.int8)
+    assert specs["layers.0.ffn.experts.3.w2.scale"] == ((128, 4), torch.float8_e8m0fnu)
+    assert specs["layers.0.ffn.shared_experts.w1.scale"] == ((1, 1), torch.float8_e8m0fnu)
+    assert specs["layers.1.attn.compressor.wkv.weight"][1] == torch.bfloat16
+    assert specs["layers.1.attn.indexer.weights_proj.weight"][1] == torch.bfloat16
+    assert specs["mtp.0.e_proj.weight"][1] == torch.float8_e4m3fn
+    assert specs["head.weight"][1] == torch.bfloat16 and "head.scale" not in specs
+    assert specs["layers.0.ffn.gate.tid2eid"] == ((VOCAB, 2), torch.int64)
+    assert "layers.0.ffn.gate.bias" not in specs and "layers.2.ffn.gate.tid2eid" not in specs
+    # expert_dtype None (the ModelArgs default) means FP8 experts
+    fp8e = tensor_specs(_config(expert_dtype=None))
+    assert fp8e["layers.0.ffn.experts.0.w1.weight"] == ((128, 128), torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fmt"):
+        tensor_specs(config, "fp4")
+
+
+def test_flash_spec_shapes():
+    """A few shapes of §12.2 for the real V4-Flash config."""
+    specs = tensor_specs(dsv4.ModelConfig.flash())
+    assert specs["layers.0.attn.wq_a.scale"] == ((8, 32), torch.float8_e8m0fnu)
+    assert specs["layers.0.attn.wq_b.scale"][0] == (256, 8)
+    assert specs["layers.0.attn.wo_a.weight"][0] == (8192, 4096)
+    assert specs["layers.0.attn.wo_b.scale"][0] == (32, 64)
+    assert specs["layers.5.ffn.experts.255.w1.weight"] == ((2048, 2048), torch.int8)
+    assert specs["layers.5.ffn.experts.255.w1.scale"][0] == (2048, 128)
+    assert specs["layers.5.ffn.experts.7.w2.scale"][0] == (4096, 64)
+    assert specs["layers.2.attn.indexer.wq_b.scale"][0] == (64, 8)
+    assert specs["layers.3.attn.compressor.ape"] == ((128, 512), torch.float32)
+    assert specs["mtp.0.e_proj.scale"][0] == (32, 32)
+    assert specs["layers.2.ffn.gate.tid2eid"][0] == (129280, 6)
+    assert "layers.3.ffn.gate.tid2eid" not in specs and "mtp.0.ffn.gate.bias" in specs
+
+
+def test_official_name_mapping():
+    assert official_name("model.layers.3.self_attn.q_a_proj.weight_scale_inv") == \
+        "layers.3.attn.wq_a.scale"
+    assert official_name("model.layers.3.mlp.gate.e_score_correction_bias") == "layers.3.ffn.gate.bias"
+    assert official_name("model.layers.0.mlp.experts.5.down_proj.weight") == \
+        "layers.0.ffn.experts.5.w2.weight"
+    assert official_name("model.embed_tokens.weight") == "embed.weight"
+    assert official_name("lm_head.weight") == "head.weight"
+    assert official_name("model.layers.1.input_layernorm.weight") == "layers.1.attn_norm.weight"
+    assert official_name("layers.1.hc_attn_fn") == "layers.1.hc_attn_fn"       # untouched
+    assert official_name("model.mtp.0.embed_tokens.weight") is None             # dropped
+    assert official_name("mtp.0.head.weight") is None
+    assert official_name("mtp.0.hc_head_fn") == "mtp.0.hc_head_fn"
+
+
+# ------------------------------------------------------------------------------ loading
+def test_release_loads_in_both_modes_like_its_bf16_twin(ckpt, ids):
+    twin = _load(ckpt["bf16"], quant_sim=False)
+    ref = _logits(twin, ids)
+    for weights in ("dequant", "native"):
+        m = _load(ckpt["fp8"], quant_sim=False, weights=weights)
+        out = _logits(m, ids)
+        # same dequantised values -> same logits up to fp32 summation order
+        assert _rel(out, ref) < 1e-6, weights
+    # and close to the unquantised random model (FP8/FP4 weight rounding only)
+    orig = _logits(ckpt["ref"].float(), ids)
+    a, b = ref.double().flatten(0, 1), orig.double().flatten(0, 1)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    assert cos.min() > 0.75 and cos.median() > 0.95, cos       # random weights, FP4 experts
+
+
+def test_quant_sim_activation_quantisation_only_for_stored_linears(ckpt, ids):
+    deq = _load(ckpt["fp8"], quant_sim=True)
+    nat = _load(ckpt["fp8"], quant_sim=True, weights="native")
+    twin = _load(ckpt["bf16"], quant_sim=True)
+    a, b, t = _logits(deq, ids), _logits(nat, ids), _logits(twin, ids)
+    assert _rel(a, b) < 1e-6
+    # the twin's linears were not stored FP8: no activation quantisation, so it differs
+    assert _rel(a, t) > 1e-4
+    for m in (deq, nat):
+        attn = m.layers[1].attn
+        assert attn.wq_a.stored_format == "fp8" and attn.wq_a.act_quant
+        assert attn.wo_a.stored_format == "fp8" and not attn.wo_a.act_quant
+        assert m.layers[0].ffn.experts[0].w1.stored_format == "fp4"
+        assert m.layers[0].ffn.experts[0].w1.act_quant
+        assert attn.compressor.wkv.stored_format is None and m.head.stored_format is None
+    assert twin.layers[1].attn.wq_a.stored_format is None
+    # switching quant_sim off at run time reaches the linears too
+    deq.config.quant_sim = False
+    off = _logits(deq, ids)
+    assert _rel(off, _logits(_load(ckpt["fp8"], quant_sim=False), ids)) < 1e-6
+
+
+def test_native_holds_fewer_bytes_and_weight_access(ckpt, ids):
+    deq = _load(ckpt["fp8"], dtype=torch.bfloat16, quant_sim=False)
+    nat = _load(ckpt["fp8"], dtype=torch.bfloat16, quant_sim=False, weights="native")
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size()
+                   for t in list(m.parameters()) + list(m.buffers()))
+    assert nbytes(nat) < 0.8 * nbytes(deq)
+    e = nat.layers[0].ffn.experts[1].w2
+    assert e.weight_format == "fp4" and e.qweight.dtype == torch.int8
+    assert e.qweight.nbytes == e.in_features * e.out_features // 2          # a quarter of bf16
+    wq = nat.layers[0].attn.wq_b
+    assert wq.qweight.dtype == torch.float8_e4m3fn and wq.qweight.nbytes == wq.weight.numel()
+    assert "weight" not in dict(wq.named_parameters())
+    # .weight gives the dequantised weight, equal to the dequant-mode parameter
+    for name in ("layers.0.attn.wo_a", "layers.0.ffn.experts.1.w2", "mtp.0.e_proj"):
+        a = nat.get_submodule(name).weight
+        b = deq.get_submodule(name).weight
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(nat(ids[:, :12]), deq(ids[:, :12]))
+    # the state dict keeps the official names and the stored bytes, and loads back
+    sd = nat.state_dict()
+    assert sd["layers.0.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
+    assert sd["layers.0.attn.wq_b.scale"].dtype == torch.float8_e8m0fnu
+    assert "layers.0.attn.wq_b.qweight" not in sd
+    other = _load(ckpt["fp8"], dtype=torch.bfloat16, quant_sim=False, weights="native", num_layers=4)
+    for b in other.buffers():       # poison, so that load_state_dict must restore everything
+        if b.is_floating_point():
+            b.view(torch.uint8).zero_()
+    other.load_state_dict({k: v for k, v in sd.items() if not k.startswith("mtp.")})
+    with torch.no_grad():
+        assert torch.equal(other(ids[:, :12]), deq(ids[:, :12]))
+    # native linears follow Model.to(dtype): bf16-loaded then .float() == loaded in fp32
+    fp32 = _load(ckpt["fp8"], dtype=torch.float32, quant_sim=False, weights="native")
+    nat.float()
+    assert torch.equal(_logits(nat, ids), _logits(fp32, ids))
+
+
+def test_native_save_round_trip_writes_release_format(ckpt, ids, tmp_path):
+    nat = _load(ckpt["fp8"], quant_sim=False, weights="native")
+    nat.save_pretrained(tmp_path)
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
+        w = f.get_tensor("layers.0.ffn.experts.0.w1.weight")
+        assert w.dtype == torch.int8 and torch.equal(w, ckpt["rel"]["layers.0.ffn.experts.0.w1.weight"])
+        assert f.get_tensor("layers.1.attn.wkv.scale").dtype == torch.float8_e8m0fnu
+    again = _load(tmp_path, quant_sim=False, weights="native")
+    assert torch.equal(_logits(again, ids), _logits(nat, ids))
+    sd_a, sd_b = nat.state_dict(), again.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k].view(torch.uint8) if sd_a[k].element_size() == 1 else sd_a[k],
+                           sd_b[k].view(torch.uint8) if sd_b[k].element_size() == 1 else sd_b[k])
+               for k in sd_a)
+
+
+def test_num_layers_loads_a_prefix(ckpt, ids):
+    full = _load(ckpt["fp8"], quant_sim=False)
+    part = _load(ckpt["fp8"], quant_sim=False, num_layers=2)
+    c = part.config
+    assert c.n_layers == 2 and c.n_mtp_layers == 0 and len(part.layers) == 2 and len(part.mtp) == 0
+    assert c.compress_ratios == ckpt["config"].compress_ratios[:2]
+    ref = dsv4.Model(c)
+    sd = full.state_dict()
+    ref.load_state_dict({k: sd[k] for k in ref.state_dict()})
+    assert torch.equal(_logits(part, ids), _logits(ref, ids))
+    with_mtp = _load(ckpt["fp8"], quant_sim=False, num_layers=3, n_mtp_layers=1)
+    assert len(with_mtp.mtp) == 1 and with_mtp.config.compress_ratios == \
+        ckpt["config"].compress_ratios[:3] + ckpt["config"].compress_ratios[-1:]
+    assert torch.equal(with_mtp.mtp[0].e_proj.weight, full.mtp[0].e_proj.weight)
+    one = _load(ckpt["fp8"], quant_sim=False, num_layers=1)
+    assert one.config.n_hash_layers == 1
+    no_mtp = _load(ckpt["fp8"], quant_sim=False, n_mtp_layers=0)
+    assert len(no_mtp.layers) == 4 and len(no_mtp.mtp) == 0
+    for bad in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="num_layers"):
+            _load(ckpt["fp8"], num_layers=bad)
+
+
+def test_hf_names_load_like_official_names(ckpt, ids, tmp_path):
+    seg = {"attn": "self_attn", "ffn": "mlp", "scale": "weight_scale_inv", "embed": "embed_tokens",
+           "head": "lm_head", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+           "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+           "kv_norm": "kv_a_layernorm", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+    def hf(name):
+        parts = [seg.get(p, p) for p in name.split(".")]
+        if parts[-2:] == ["gate", "bias"]:
+            parts[-1] = "e_score_correction_bias"
+        return "model." + ".".join(parts)
+    tensors = {hf(k): v for k, v in ckpt["rel"].items()}
+    tensors["model.mtp.0.embed_tokens.weight"] = torch.zeros(3)     # dropped like convert.py
+    assert "model.layers.0.self_attn.q_a_proj.weight_scale_inv" in tensors
+    _write(tmp_path, ckpt["config"], tensors)
+    a = _load(tmp_path, quant_sim=False)
+    b = _load(ckpt["fp8"], quant_sim=False)
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+
+
+def test_progress_bar(ckpt, capfd):
+    _load(ckpt["fp8"], quant_sim=False, num_layers=1, progress=True)
+    assert "loading fp8" in capfd.readouterr().err
+    _load(ckpt["fp8"], quant_sim=False, num_layers=1, progress=False)
+    assert "loading" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------ errors
+def test_missing_unexpected_misshaped_listed_together(ckpt, tmp_path):
+    t = dict(ckpt["rel"])
+    del t["layers.0.attn.attn_sink"]                                # missing plain tensor
+    del t["layers.2.attn.wkv.scale"]                                # FP8 weight without scale
+    del t["layers.3.ffn.experts.1.w3.weight"]                       # missing weight (scale left)
+    t["layers.0.attn.bogus"] = torch.zeros(2)                       # unexpected
+    t["layers.1.attn.wq_b.scale"] = t["layers.1.attn.wq_b.scale"][:1].clone()   # wrong grid
+    t["layers.1.ffn.experts.0.w1.weight"] = t["layers.1.ffn.experts.0.w1.weight"][:, :8].clone()
+    t["norm.weight"] = torch.zeros(3)                               # wrong plain shape
+    t["layers.2.attn.wq_a.weight"] = torch.zeros(128, 128, dtype=torch.int32)   # bad dtype
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError) as e:
+        _load(tmp_path)
+    msg = str(e.value)
+    for s in ("missing: ", "layers.0.attn.attn_sink", "layers.2.attn.wkv.scale",
+              "layers.3.ffn.experts.1.w3.weight", "unexpected: ", "layers.0.attn.bogus",
+              "layers.3.ffn.experts.1.w3.scale", "layers.1.attn.wq_b.scale",
+              "layers.1.ffn.experts.0.w1.weight", "norm.weight", "layers.2.attn.wq_a.weight"):
+        assert s in msg, (s, msg)
+
+
+def test_truncated_and_corrupt_shards_name_the_file(ckpt, tmp_path):
+    _write(tmp_path, ckpt["config"], ckpt["rel"])
+    f = tmp_path / SHARD2
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=SHARD2):
+        _load(tmp_path)
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=SHARD2):
+        _load(tmp_path)
+    f.unlink()
+    with pytest.raises(CheckpointError, match=f"shards that do not exist.*{SHARD2}"):
+        _load(tmp_path)
+
+
+def test_index_must_agree_with_shards(ckpt, tmp_path):
+    _write(tmp_path, ckpt["config"], ckpt["rel"])
+    idx = tmp_path / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["norm.weight"] = SHARD1          # it is in shard 2
+    idx.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="norm.weight"):
+        _load(tmp_path)
+
+
+def test_nan_scale_is_refused(ckpt, tmp_path):
+    t = dict(ckpt["rel"])
+    s = t["layers.1.attn.wkv.scale"].view(torch.uint8).clone()
+    s[0, 0] = 255
+    t["layers.1.attn.wkv.scale"] = s.view(torch.float8_e8m0fnu)
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError, match="layers.1.attn.wkv.scale.*NaN"):
+        _load(tmp_path)
+
+
+def test_later_revision_compress_ratios_refused(ckpt, tmp_path):
+    def edit(d):     # Flash-0731-like: more compress_ratios entries than layers + MTP
+        d["compress_ratios"] = d["compress_ratios"] + [0, 0]
+        d["num_nextn_predict_layers"] = 1
+    _write(tmp_path, ckpt["config"], ckpt["rel"], config_edit=edit)
+    with pytest.raises(ConfigError, match="April-2026"):
+        _load(tmp_path)
+
+    def dspark(d):   # Flash-0731 keeps a consistent length but adds DSpark draft blocks
+        d["dspark_num_layers"] = 3
+    _write(tmp_path, ckpt["config"], ckpt["rel"], config_edit=dspark)
+    with pytest.raises(ConfigError, match="Flash-0731"):
+        _load(tmp_path)
+
+
+def test_quant_sim_needs_128_multiple_for_stored_linears(tmp_path, ids):
+    torch.manual_seed(1)
+    config = _config(q_lora_rank=64, n_mtp_layers=0, compress_ratios=(0, 4, 16, 4))
+    rel, _ = _release_tensors(dsv4.Model(config), config)
+    _write(tmp_path, config, rel, shards=False)
+    with pytest.raises(ConfigError, match=r"in_features % 128.*layers.0.attn.wq_b"):
+        _load(tmp_path, quant_sim=True)
+    m = _load(tmp_path, quant_sim=False)       # fine without the simulation
+    assert torch.isfinite(_logits(m, ids[:, :8])).all()
+
+
+def test_bad_arguments(ckpt):
+    with pytest.raises(ValueError, match="weights"):
+        _load(ckpt["fp8"], weights="fp8")
+    with pytest.raises(ValueError, match="dtype"):
+        _load(ckpt["fp8"], dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="not found"):
+        _load(os.path.join(ckpt["fp8"], "nope"))
