@@ -1,8 +1,14 @@
-"""Sparse attention with a per-head sink: the reference (architecture.md §3.6).
+"""Sparse attention with a per-head sink: ``torch.ops.dsv4.sparse_attn`` (architecture.md §3.6).
 
-The reference is the semantics every kernel is checked against: fp32 math, index −1 = invalid,
-a query with no valid key returns 0 and lse +inf, the sink joins the softmax denominator with a
-zero value, and lse excludes the sink (FlashMLA's convention).
+The reference is the semantics every kernel is checked against: fp32 math, index −1 (or any
+index outside the key array) = invalid, a query with no valid key returns 0 and lse +inf, the
+sink joins the softmax denominator with a zero value, and lse excludes the sink (FlashMLA's
+convention, kernels.md §4.1). Keys come from one or two scopes (the SWA window and the
+compressed store) joined into one softmax; ``topk_length`` / ``extra_topk_length`` limit how
+many lanes of each index row are used (lanes past the length are never read).
+
+``torch.ops.dsv4.sparse_attn`` runs the CUDA kernel (csrc/kernels/sparse_attn.cu, bf16) on CUDA
+tensors and this reference on CPU (and on CUDA when the extension is not built).
 """
 
 from __future__ import annotations
@@ -11,59 +17,144 @@ import math
 
 import torch
 
-__all__ = ["sparse_attn_reference"]
+from ._ext import register_op
+
+__all__ = ["sparse_attn", "sparse_attn_reference"]
 
 # Bytes of gathered keys materialised at once (the reference chunks over queries).
 _CHUNK_BYTES = 64 << 20
 
+_SCHEMA_ARGS = ("(Tensor q, Tensor kv, Tensor indices, Tensor attn_sink, float softmax_scale, "
+                "Tensor? topk_length=None, Tensor? extra_kv=None, Tensor? extra_indices=None, "
+                "Tensor? extra_topk_length=None")
+SPARSE_ATTN_SCHEMA = _SCHEMA_ARGS + ") -> (Tensor, Tensor)"
+SPARSE_ATTN_OUT_SCHEMA = _SCHEMA_ARGS + ", *, Tensor(a!) out, Tensor(b!) lse) -> ()"
 
-def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
-                          attn_sink: torch.Tensor, softmax_scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over its listed rows of a shared K = V array, with a sink.
 
-    Args:
-        q: [tokens, heads, head_dim], float32 or bfloat16.
-        kv: [n_kv, head_dim], same dtype; each row is both key and value (MQA, one KV head).
-        indices: [tokens, k] integer rows into ``kv``; −1 marks an unused slot. Other values
-            must lie in [0, n_kv).
-        attn_sink: [heads] float32 sink logit per head.
-        softmax_scale: multiplies q·k (``head_dim ** -0.5`` in V4).
-
-    Returns:
-        out: [tokens, heads, head_dim] in ``q.dtype``:
-            ``o_h = Σ_j e^{s_hj} k_j / (Σ_j e^{s_hj} + e^{sink_h})`` with ``s_hj = scale·q_h·k_j``;
-            0 for a query without a valid index.
-        lse: [tokens, heads] float32, ``log Σ_j e^{s_hj}`` over the valid keys only (no sink);
-            +inf for a query without a valid index.
-
-    Raises:
-        ValueError: on mismatched shapes or an index outside [−1, n_kv).
-    """
+def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
+                  extra_topk_length) -> None:
     if q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2:
         raise ValueError("sparse_attn: expected q [tokens, heads, dim], kv [n_kv, dim], "
                          f"indices [tokens, k]; got {tuple(q.shape)}, {tuple(kv.shape)}, "
                          f"{tuple(indices.shape)}")
     T, H, D = q.shape
-    if kv.shape[1] != D or indices.shape[0] != T or attn_sink.shape != (H,):
-        raise ValueError("sparse_attn: shape mismatch between q, kv, indices and attn_sink")
-    n_kv = kv.shape[0]
-    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= n_kv):
-        raise ValueError(f"sparse_attn: indices must lie in [-1, {n_kv}); got "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
-    K = indices.shape[1]
+    if kv.shape[1] != D or indices.shape[0] != T or tuple(attn_sink.shape) != (H,):
+        raise ValueError("sparse_attn: shape mismatch between q, kv, indices and attn_sink: "
+                         f"q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices "
+                         f"{tuple(indices.shape)}, attn_sink {tuple(attn_sink.shape)}")
+    if (extra_kv is None) != (extra_indices is None):
+        raise ValueError("sparse_attn: extra_kv and extra_indices must be given together")
+    if extra_topk_length is not None and extra_indices is None:
+        raise ValueError("sparse_attn: extra_topk_length needs extra_kv and extra_indices")
+    if extra_kv is not None:
+        if extra_kv.dim() != 2 or extra_kv.shape[1] != D:
+            raise ValueError(f"sparse_attn: extra_kv must be [n, {D}], got "
+                             f"{tuple(extra_kv.shape)}")
+        if extra_indices.dim() != 2 or extra_indices.shape[0] != T:
+            raise ValueError(f"sparse_attn: extra_indices must be [{T}, k], got "
+                             f"{tuple(extra_indices.shape)}")
+    for name, length in (("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
+        if length is not None and tuple(length.shape) != (T,):
+            raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
+                             f"{tuple(length.shape)}")
+    for name, idx in (("indices", indices), ("extra_indices", extra_indices)):
+        if idx is not None and (idx.dtype.is_floating_point or idx.dtype == torch.bool):
+            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {idx.dtype}")
+
+
+def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                          attn_sink: torch.Tensor, softmax_scale: float,
+                          topk_length: torch.Tensor | None = None,
+                          extra_kv: torch.Tensor | None = None,
+                          extra_indices: torch.Tensor | None = None,
+                          extra_topk_length: torch.Tensor | None = None, *,
+                          skip_out_of_range: bool = False,
+                          compute_dtype: torch.dtype = torch.float32,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its listed rows of shared K = V arrays, with a sink.
+
+    For token t and head h, over the keys J_t listed by ``indices[t, :topk_length[t]]`` (rows
+    of ``kv``) and ``extra_indices[t, :extra_topk_length[t]]`` (rows of ``extra_kv``), joined
+    into one softmax (architecture.md §3.6)::
+
+        s_hj = softmax_scale · q[t, h] · k_j
+        out[t, h] = Σ_j e^{s_hj} k_j / (Σ_j e^{s_hj} + e^{attn_sink[h]})
+        lse[t, h] = log Σ_j e^{s_hj}            (valid keys only, without the sink)
+
+    Duplicated indices count once per listing. sink = +inf gives out 0 (lse unchanged);
+    sink = −inf a plain softmax.
+
+    Args:
+        q: [tokens, heads, head_dim], float32 or bfloat16.
+        kv: [n_kv, head_dim], same dtype; each row is both key and value (MQA, one KV head).
+        indices: [tokens, k] integer rows into ``kv``; −1 marks an unused slot.
+        attn_sink: [heads] float32 sink logit per head.
+        softmax_scale: multiplies q·k (``head_dim ** -0.5`` in V4).
+        topk_length: optional [tokens] integer; only lanes ``i < topk_length[t]`` of row t are
+            used (clamped to [0, k]); the rest may hold anything.
+        extra_kv: optional [n_extra, head_dim] second key array (the compressed store).
+        extra_indices: optional [tokens, k2] rows into ``extra_kv`` (given with extra_kv).
+        extra_topk_length: optional [tokens] lane count of ``extra_indices``.
+        skip_out_of_range: False (default): an index outside [−1, n) of a used lane raises
+            ValueError (a host sync). True: any index outside [0, n) is an invalid slot, as
+            in the CUDA kernel and FlashMLA (``torch.ops.dsv4.sparse_attn`` uses this).
+        compute_dtype: float32 (the semantics). bfloat16 runs the same formula in bf16 math
+            (the low-precision baseline of the kernel tolerance rule in the tests).
+
+    Returns:
+        out: [tokens, heads, head_dim] in ``q.dtype``; 0 for a query without a valid key.
+        lse: [tokens, heads] float32; +inf for a query without a valid key.
+
+    Raises:
+        ValueError: on mismatched shapes, extra_kv without extra_indices (or the reverse),
+            non-integer indices, or (unless skip_out_of_range) an out-of-range used index.
+    """
+    _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
+                  extra_topk_length)
+    T, H, D = q.shape
+    scopes = [(kv, indices, topk_length, "indices")]
+    if extra_kv is not None:
+        scopes.append((extra_kv, extra_indices, extra_topk_length, "extra_indices"))
+
+    def used_lanes(idx: torch.Tensor, length: torch.Tensor | None) -> torch.Tensor:
+        lanes = torch.arange(idx.shape[1], device=idx.device)
+        if length is None:
+            return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        return lanes[None, :] < length.to(idx.device).long()[:, None]
+
+    if not skip_out_of_range:
+        for src, idx, length, name in scopes:
+            used = used_lanes(idx, length)
+            bad = used & ((idx < -1) | (idx >= src.shape[0]))
+            if idx.numel() and bool(bad.any()):
+                vals = idx[bad]
+                raise ValueError(f"sparse_attn: {name} must lie in [-1, {src.shape[0]}); got "
+                                 f"[{int(vals.min())}, {int(vals.max())}]")
+
+    K = sum(idx.shape[1] for _, idx, _, _ in scopes)
     out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
     lse = torch.full((T, H), math.inf, dtype=torch.float32, device=q.device)
     if T == 0 or K == 0:
         return out.to(q.dtype), lse
-    kvf = kv.float()
-    sink = attn_sink.float()
+    cd = compute_dtype
+    sink = attn_sink.to(cd)
     step = max(1, _CHUNK_BYTES // max(1, K * D * 4))
     for t0 in range(0, T, step):
-        idx = indices[t0:t0 + step].long()
-        valid = idx >= 0
-        keys = kvf[idx.clamp_min(0)]                                   # [t, k, D]
-        s = torch.einsum("thd,tkd->thk", q[t0:t0 + step].float(), keys) * softmax_scale
+        t1 = min(T, t0 + step)
+        keys_parts, valid_parts = [], []
+        for src, idx, length, _ in scopes:
+            ix = idx[t0:t1].long()
+            valid = (ix >= 0) & (ix < src.shape[0])
+            valid &= used_lanes(idx[t0:t1], None if length is None else length[t0:t1])
+            if src.shape[0] == 0:
+                keys = torch.zeros(*ix.shape, D, dtype=cd, device=q.device)
+            else:
+                keys = src[torch.where(valid, ix, 0)].to(cd)              # [t, k, D]
+            keys_parts.append(keys)
+            valid_parts.append(valid)
+        keys = torch.cat(keys_parts, 1)
+        valid = torch.cat(valid_parts, 1)
+        s = torch.einsum("thd,tkd->thk", q[t0:t1].to(cd), keys) * softmax_scale
         s = s.masked_fill(~valid[:, None, :], -math.inf)
         m = s.amax(-1, keepdim=True)                                    # -inf: no valid key
         m = torch.where(torch.isfinite(m), m, 0.0)
@@ -72,6 +163,89 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
         # sink = +inf gives out = 0; sink = -inf is a plain softmax.
         o = torch.einsum("thk,tkd->thd", p, keys) / (denom + torch.exp(sink - m[..., 0]))[..., None]
         any_valid = valid.any(-1)[:, None]
-        out[t0:t0 + step] = torch.where(any_valid[..., None], o, 0.0)
-        lse[t0:t0 + step] = torch.where(any_valid, m[..., 0] + torch.log(denom), math.inf)
+        out[t0:t1] = torch.where(any_valid[..., None], o.float(), 0.0)
+        lse[t0:t1] = torch.where(any_valid, (m[..., 0] + torch.log(denom)).float(), math.inf)
     return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.ops.dsv4.sparse_attn / sparse_attn_out: reference (CPU) and fake registrations
+# ---------------------------------------------------------------------------------------------
+def _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length=None, extra_kv=None,
+                    extra_indices=None, extra_topk_length=None):
+    out, lse = sparse_attn_reference(q, kv, indices, attn_sink, softmax_scale, topk_length,
+                                     extra_kv, extra_indices, extra_topk_length,
+                                     skip_out_of_range=True)
+    return out.contiguous(), lse
+
+
+def _sparse_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length=None,
+                        extra_kv=None, extra_indices=None, extra_topk_length=None, *, out, lse):
+    T, H, D = q.shape if q.dim() == 3 else (None, None, None)
+    if tuple(out.shape) != (T, H, D) or tuple(lse.shape) != (T, H):
+        raise ValueError(f"sparse_attn_out: out must be [{T}, {H}, {D}] and lse [{T}, {H}]; "
+                         f"got {tuple(out.shape)} and {tuple(lse.shape)}")
+    o, l = _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
+                           extra_indices, extra_topk_length)
+    out.copy_(o)
+    lse.copy_(l)
+
+
+def _fake_checks(q, kv, indices, attn_sink):
+    torch._check(q.dim() == 3, lambda: "sparse_attn: q must be [tokens, heads, head_dim]")
+    torch._check(kv.dim() == 2 and kv.size(1) == q.size(2),
+                 lambda: "sparse_attn: kv must be [n_kv, head_dim]")
+    torch._check(indices.dim() == 2 and indices.size(0) == q.size(0),
+                 lambda: "sparse_attn: indices must be [tokens, k]")
+    torch._check(attn_sink.dim() == 1 and attn_sink.size(0) == q.size(1),
+                 lambda: "sparse_attn: attn_sink must be [heads]")
+
+
+def _sparse_attn_fake(q, kv, indices, attn_sink, softmax_scale, topk_length=None, extra_kv=None,
+                      extra_indices=None, extra_topk_length=None):
+    _fake_checks(q, kv, indices, attn_sink)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _sparse_attn_out_fake(q, kv, indices, attn_sink, softmax_scale, topk_length=None,
+                          extra_kv=None, extra_indices=None, extra_topk_length=None, *, out, lse):
+    _fake_checks(q, kv, indices, attn_sink)
+    return None
+
+
+register_op("sparse_attn", SPARSE_ATTN_SCHEMA, _sparse_attn_op, _sparse_attn_fake)
+register_op("sparse_attn_out", SPARSE_ATTN_OUT_SCHEMA, _sparse_attn_out_op, _sparse_attn_out_fake)
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                attn_sink: torch.Tensor, softmax_scale: float,
+                topk_length: torch.Tensor | None = None, extra_kv: torch.Tensor | None = None,
+                extra_indices: torch.Tensor | None = None,
+                extra_topk_length: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.dsv4.sparse_attn`` (or ``sparse_attn_out`` when ``out``/``lse`` are given).
+
+    Same arguments and contract as :func:`sparse_attn_reference` with ``skip_out_of_range``
+    (any index outside [0, n) is an unused slot; no host sync). On CUDA the kernel needs
+    bfloat16 q / kv / extra_kv, int32 indices and lengths, float32 attn_sink, head_dim in
+    {64, 128, 256, 512} and any number of heads; other inputs raise RuntimeError (call the
+    reference for float32). On CPU the reference runs.
+
+    Args:
+        q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_indices,
+            extra_topk_length: see :func:`sparse_attn_reference`.
+        out: optional [tokens, heads, head_dim] bf16 buffer (unit last stride) to write into;
+            must be given together with ``lse`` [tokens, heads] float32.
+
+    Returns:
+        (out [tokens, heads, head_dim] in q.dtype, lse [tokens, heads] float32).
+    """
+    if (out is None) != (lse is None):
+        raise ValueError("sparse_attn: give both out and lse, or neither")
+    if out is None:
+        return torch.ops.dsv4.sparse_attn(q, kv, indices, attn_sink, softmax_scale, topk_length,
+                                          extra_kv, extra_indices, extra_topk_length)
+    torch.ops.dsv4.sparse_attn_out(q, kv, indices, attn_sink, softmax_scale, topk_length,
+                                   extra_kv, extra_indices, extra_topk_length, out=out, lse=lse)
+    return out, lse

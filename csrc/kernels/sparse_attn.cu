@@ -1,0 +1,115 @@
+// dsv4 sparse attention with a per-head sink: argument validation and dispatch (torch-free).
+// The kernels are in sparse_attn.cuh; the contract in include/dsv4/sparse_attn.h.
+#include "sparse_attn.cuh"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+namespace dsv4 {
+namespace {
+
+using sparse_attn_detail::kBlockM;
+using sparse_attn_detail::kBlockN;
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A bf16 [rows, D] operand: 16-byte aligned base, strides in multiples of 8 elements.
+inline bool rows_ok(const void* ptr, int64_t stride_a, int64_t stride_b = 0) {
+  return ptr != nullptr && aligned16(ptr) && stride_a % 8 == 0 && stride_b % 8 == 0;
+}
+
+inline bool valid_params(const SparseAttnParams& p) {
+  if (p.num_tokens < 0 || p.num_heads < 1 || p.num_heads > INT_MAX) return false;
+  if (!sparse_attn_supports_head_dim(p.head_dim)) return false;
+  constexpr int64_t kMaxTopk = INT_MAX - kBlockN;
+  if (p.topk < 0 || p.topk > kMaxTopk || p.n_kv < 0) return false;
+  if (p.num_splits < 1 || p.num_splits > kSparseAttnMaxSplits) return false;
+  if (!rows_ok(p.q, p.q_stride_token, p.q_stride_head)) return false;
+  if (!rows_ok(p.out, p.out_stride_token, p.out_stride_head)) return false;
+  if (p.lse == nullptr || p.attn_sink == nullptr) return false;
+  if (p.topk > 0 && p.indices == nullptr) return false;
+  if (p.n_kv > 0 && !rows_ok(p.kv, p.kv_stride)) return false;
+  if (p.extra_indices != nullptr) {
+    if (p.extra_topk < 0 || p.extra_topk > kMaxTopk || p.n_extra_kv < 0) return false;
+    if (p.n_extra_kv > 0 && !rows_ok(p.extra_kv, p.extra_kv_stride)) return false;
+  }
+  if (p.num_splits > 1) {
+    const size_t need =
+        sparse_attn_workspace_bytes(p.num_tokens, p.num_heads, p.head_dim, p.num_splits);
+    if (p.workspace == nullptr || p.workspace_bytes < need || !aligned16(p.workspace))
+      return false;
+  }
+  return true;
+}
+
+// Whether the current device is a Hopper (compute capability 9.0), where the sm_90a wgmma
+// kernel runs. Host attribute queries only (no stream work, fine under graph capture).
+bool current_device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
+
+// head_dim 512 (the V4 models) on Hopper: the wgmma kernel (294-335 TFLOP/s at the V4 prefill
+// shapes on the H200 against 201-232 for the mma.sync kernel, which serves the other head dims
+// and other GPUs).
+template <int D>
+cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
+  if (D == 512 && current_device_is_sm90()) {
+    return sparse_attn_detail::launch_wgmma<512>(p, stream);
+  } else {
+    // mma.sync kernel, 8 warps: 2 row groups of 32 heads x 4 key/column groups.
+    return sparse_attn_detail::launch<D, 2, 4>(p, stream);
+  }
+}
+
+}  // namespace
+
+bool sparse_attn_supports_head_dim(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 128 || head_dim == 256 || head_dim == 512;
+}
+
+int sparse_attn_num_splits(int64_t num_tokens, int64_t num_heads, int64_t topk, int64_t extra_topk,
+                           int num_sms) {
+  if (num_tokens <= 0 || num_heads <= 0 || num_sms <= 0 || topk < 0 || extra_topk < 0) return 1;
+  const int64_t ctas = num_tokens * ((num_heads + kBlockM - 1) / kBlockM);
+  const int64_t blocks = (topk + kBlockN - 1) / kBlockN + (extra_topk + kBlockN - 1) / kBlockN;
+  if (blocks <= 1 || 2 * ctas > num_sms) return 1;
+  int64_t s = std::min<int64_t>({blocks, num_sms / ctas, kSparseAttnMaxSplits});
+  // No split without a block: with `per` blocks each, ceil(blocks / per) splits suffice.
+  const int64_t per = (blocks + s - 1) / s;
+  s = (blocks + per - 1) / per;
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+size_t sparse_attn_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim,
+                                   int num_splits) {
+  if (num_splits <= 1 || num_tokens <= 0 || num_heads <= 0 || head_dim <= 0) return 0;
+  const int64_t n_ht = (num_heads + kBlockM - 1) / kBlockM;
+  const int64_t floats = static_cast<int64_t>(num_splits) * num_tokens *
+                         (num_heads * head_dim + num_heads + n_ht);
+  return static_cast<size_t>(floats) * sizeof(float);
+}
+
+cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0 && p.num_heads >= 1 && sparse_attn_supports_head_dim(p.head_dim))
+    return cudaSuccess;
+  if (!valid_params(p)) return cudaErrorInvalidValue;
+  switch (p.head_dim) {
+    case 64:
+      return dispatch<64>(p, stream);
+    case 128:
+      return dispatch<128>(p, stream);
+    case 256:
+      return dispatch<256>(p, stream);
+    case 512:
+      return dispatch<512>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,996 @@
+// dsv4 sparse attention kernels (torch-free). Contract: include/dsv4/sparse_attn.h.
+//
+// One CTA = one query token x one tile of 64 heads (x one key split in decode). The token's
+// key list (main scope lanes, then extra scope lanes) is walked in blocks of 64 gathered rows:
+//
+//   prologue : cp.async Q tile [64 heads x D] and key block 0 into shared memory
+//   block b  : wait; __syncthreads; cp.async key block b+1 into the other stage (overlaps);
+//              S = Q K^T  (mma.sync m16n8k16 bf16, fp32 accumulate; warp tile 32|16 rows x 16 keys)
+//              mask invalid slots to -inf, online softmax in the log2 domain
+//              (row max/sum shared by the 4 warps of a row group through shared memory and a
+//              named barrier), P rounded to bf16 into shared memory
+//              O += P V   (V = the same K tile, ldmatrix.trans; warp tile rows x D/4 columns)
+//   epilogue : O / (l + 2^(sink*log2e - m)), staged as bf16 through shared memory, 16-byte
+//              coalesced stores; lse = (m + log2 l) * ln 2.
+//
+// Invalid slots are zero-filled (cp.async src-size 0) and masked; the running max starts at
+// -inf but every exponent uses m_use = (m == -inf ? 0 : m), so (-inf) - (-inf) never occurs.
+// Shared-memory tiles use a 16-byte-chunk XOR swizzle (chunk ^ (row & 7)), so every ldmatrix
+// and the P / O stores are bank-conflict free.
+//
+// Two implementations of this design:
+//   sparse_attn_fwd_kernel        mma.sync m16n8k16 + ldmatrix (any sm_80+ GPU; every head_dim)
+//   sparse_attn_fwd_wgmma_kernel  Hopper wgmma, operands straight from shared memory
+//                                 (head_dim 512 on sm_90a: ~1.4x faster at the V4 shapes)
+// plus sparse_attn_combine_kernel, the merge of the key splits (decode).
+//
+// mma.sync template parameters: D = head_dim; WM x WN warps (WN = 4 always: 4 key groups of 16
+// in S and 4 column groups of D/4 in O; WM = 2 gives 32-row warp tiles, WM = 4 16-row tiles).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "dsv4/sparse_attn.h"
+
+namespace dsv4 {
+namespace sparse_attn_detail {
+
+constexpr int kBlockM = 64;  // heads per CTA tile
+constexpr int kBlockN = 64;  // keys per block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D, int WM, int WN>
+struct Cfg {
+  static_assert(WN == 4, "S warp tiles are 16 keys wide: 4 key groups cover a 64-key block");
+  static_assert(kBlockM % (16 * WM) == 0, "row groups must be multiples of 16 rows");
+  static_assert(D % 64 == 0 && D >= 64 && D <= 512, "head_dim must be a multiple of 64 <= 512");
+  static constexpr int kWarps = WM * WN;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsW = kBlockM / WM;  // rows (heads) per warp
+  static constexpr int kMT = kRowsW / 16;      // m16 tiles per warp
+  static constexpr int kColsW = D / WN;        // O columns per warp
+  static constexpr int kNTO = kColsW / 8;      // n8 tiles of O per warp
+  static constexpr int kChunks = D / 8;        // 16-byte chunks per row
+  static constexpr int kTPR = kThreads / kBlockN;  // loader threads per row
+  static constexpr int kCPT = kChunks / kTPR;      // chunks per loader thread
+  static_assert(kChunks % kTPR == 0, "loader mapping");
+  static constexpr int kTileBytes = kBlockN * D * 2;  // also the Q tile (kBlockM == kBlockN)
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kTileBytes;  // 2 stages
+  static constexpr int kPOff = kKOff + 2 * kTileBytes;
+  static constexpr int kRedOff = kPOff + kBlockM * kBlockN * 2;  // red_max, red_sum [WN][64] f32
+  static constexpr int kValidOff = kRedOff + 2 * WN * kBlockM * 4;  // uint8 [2][64]
+  static constexpr int kSmem = kValidOff + 2 * kBlockN;
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX helpers
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination (nothing read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d += a * b, m16n8k16, bf16 inputs, fp32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// 2^x (ex2.approx: ~2 ulp; 2^-inf = +0, 2^+inf = +inf, NaN stays NaN).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Named barrier for the `count` threads of one row group (ids 1..WM; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile whose rows hold
+// ROW_CHUNKS chunks (>= 8).
+template <int ROW_CHUNKS>
+__device__ __forceinline__ uint32_t swz(int row, int chunk) {
+  return static_cast<uint32_t>(row * (ROW_CHUNKS * 16) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Per-token key list: main lanes [0, k1) then extra lanes [0, k2), in 64-key blocks.
+struct TokenKeys {
+  const int32_t* idx1;
+  const int32_t* idx2;
+  int k1, k2, nb1, nb;
+};
+
+__device__ __forceinline__ TokenKeys token_keys(const SparseAttnParams& p, int64_t t) {
+  TokenKeys tk;
+  int k1 = static_cast<int>(p.topk);
+  if (p.topk_length != nullptr) k1 = min(max(__ldg(p.topk_length + t), 0), k1);
+  int k2 = 0;
+  tk.idx2 = nullptr;
+  if (p.extra_indices != nullptr) {
+    k2 = static_cast<int>(p.extra_topk);
+    if (p.extra_topk_length != nullptr) k2 = min(max(__ldg(p.extra_topk_length + t), 0), k2);
+    tk.idx2 = p.extra_indices + t * p.extra_indices_stride;
+  }
+  tk.idx1 = p.indices + t * p.indices_stride;
+  tk.k1 = k1;
+  tk.k2 = k2;
+  tk.nb1 = (k1 + kBlockN - 1) / kBlockN;
+  tk.nb = tk.nb1 + (k2 + kBlockN - 1) / kBlockN;
+  return tk;
+}
+
+// Raw index of key `r` of block `b` (-1 past the scope's length; never reads those lanes).
+__device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
+  if (b >= tk.nb) return -1;
+  if (b < tk.nb1) {
+    const int lane_k = b * kBlockN + r;
+    return lane_k < tk.k1 ? __ldg(tk.idx1 + lane_k) : -1;
+  }
+  const int lane_k = (b - tk.nb1) * kBlockN + r;
+  return lane_k < tk.k2 ? __ldg(tk.idx2 + lane_k) : -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main kernel. kSplit: write fp32 partials (O / l, log2-sum-exp, any-valid flag) to the
+// workspace for sparse_attn_combine_kernel instead of the final output.
+// ---------------------------------------------------------------------------------------------
+template <int D, int WM, int WN, bool kSplit>
+__global__ void __launch_bounds__(WM * WN * 32, 1)
+    sparse_attn_fwd_kernel(const SparseAttnParams p) {
+  using C = Cfg<D, WM, WN>;
+  constexpr int RW = C::kRowsW, MT = C::kMT, NTO = C::kNTO, TPR = C::kTPR, CPT = C::kCPT;
+  constexpr int RC = C::kChunks;  // chunks per row of the Q / K / O tiles
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sQ = smem_u32(smem + C::kQOff);
+  const uint32_t sK0 = smem_u32(smem + C::kKOff);
+  const uint32_t sP = smem_u32(smem + C::kPOff);
+  float* red_max = reinterpret_cast<float*>(smem + C::kRedOff);  // [WN][64]
+  float* red_sum = red_max + WN * kBlockM;                         // [WN][64]
+  uint8_t* s_valid = smem + C::kValidOff;                          // [2][64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane >> 2, tg = lane & 3;
+
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  int64_t bid = blockIdx.x;
+  int split = 0;
+  if (kSplit) {
+    split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+  }
+  const int ht = static_cast<int>(bid % n_ht);
+  const int64_t t = bid / n_ht;
+  const int h0 = ht * kBlockM;
+
+  const TokenKeys tk = token_keys(p, t);
+  int b_begin = 0, b_end = tk.nb;
+  if (kSplit) {
+    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
+    b_begin = min(tk.nb, split * per);
+    b_end = min(tk.nb, b_begin + per);
+  }
+
+  // Loader mapping (Q, K blocks, O store): row lrow, chunks lc0 + i*TPR.
+  const int lrow = tid / TPR, lc0 = tid % TPR;
+  const char* dummy = static_cast<const char*>(p.q);  // a valid global address (never read)
+  const __nv_bfloat16* kv1 = static_cast<const __nv_bfloat16*>(p.kv);
+  const __nv_bfloat16* kv2 = static_cast<const __nv_bfloat16*>(p.extra_kv);
+  bool any_valid = false;
+
+  auto issue_kv = [&](int b, int idx, int stage) {
+    const bool main_scope = b < tk.nb1;
+    const int64_t n = main_scope ? p.n_kv : p.n_extra_kv;
+    const bool valid = idx >= 0 && static_cast<int64_t>(idx) < n;
+    any_valid |= valid;
+    const char* src = dummy;
+    if (valid) {
+      src = main_scope ? reinterpret_cast<const char*>(kv1 + static_cast<int64_t>(idx) * p.kv_stride)
+                       : reinterpret_cast<const char*>(kv2 + static_cast<int64_t>(idx) *
+                                                                 p.extra_kv_stride);
+    }
+    const uint32_t dst = sK0 + stage * C::kTileBytes;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      cp_async16(dst + swz<RC>(lrow, c), src + (valid ? c * 16 : 0), valid ? 16 : 0);
+    }
+    if (lc0 == 0) s_valid[stage * kBlockN + lrow] = valid ? 1 : 0;
+  };
+
+  // ---- prologue: Q tile + first key block ----
+  {
+    const bool hv = h0 + lrow < H;
+    const char* src =
+        hv ? reinterpret_cast<const char*>(static_cast<const __nv_bfloat16*>(p.q) +
+                                           t * p.q_stride_token +
+                                           static_cast<int64_t>(h0 + lrow) * p.q_stride_head)
+           : dummy;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      cp_async16(sQ + swz<RC>(lrow, c), src + (hv ? c * 16 : 0), hv ? 16 : 0);
+    }
+  }
+  if (b_begin < b_end) issue_kv(b_begin, fetch_index(tk, b_begin, lrow), 0);
+  cp_async_commit();
+  int next_idx = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, lrow) : -1;
+
+  float o[MT][NTO][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NTO; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
+  const float sc2 = p.softmax_scale * kLog2e;
+
+  for (int b = b_begin; b < b_end; ++b) {
+    const int stage = (b - b_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // block b visible to all; everyone is done with block b-1's stage
+    if (b + 1 < b_end) issue_kv(b + 1, next_idx, stage ^ 1);
+    cp_async_commit();
+    next_idx = b + 2 < b_end ? fetch_index(tk, b + 2, lrow) : -1;  // consumed next iteration
+
+    const uint32_t sK = sK0 + stage * C::kTileBytes;
+
+    // ---- S = Q K^T: rows wm*RW .. +RW, keys wn*16 .. +16 ----
+    float s[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+    const int a_row = wm * RW + (lane & 15);
+    const int a_hi = lane >> 4;
+    const int b_row = wn * 16 + (lane & 7) + ((lane >> 4) << 3);
+    const int b_hi = (lane >> 3) & 1;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], sQ + swz<RC>(a_row + mt * 16, kk * 2 + a_hi));
+      uint32_t bb[4];
+      ldsm_x4(bb, sK + swz<RC>(b_row, kk * 2 + b_hi));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(s[mt][0], a[mt], bb[0], bb[1]);
+        mma_bf16(s[mt][1], a[mt], bb[2], bb[3]);
+      }
+    }
+
+    // ---- mask + scale (log2 domain), row max over this warp's 16 keys ----
+    const uint8_t* vflag = s_valid + stage * kBlockN + wn * 16;
+    bool key_ok[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) key_ok[nt][e] = vflag[nt * 8 + 2 * tg + e] != 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[mt][nt][e] = key_ok[nt][e & 1] ? s[mt][nt][e] * sc2 : -INFINITY;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = fmaxf(fmaxf(s[mt][0][2 * hf], s[mt][0][2 * hf + 1]),
+                         fmaxf(s[mt][1][2 * hf], s[mt][1][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (tg == 0) red_max[wn * kBlockM + wm * RW + mt * 16 + hf * 8 + g] = mx;
+      }
+    named_barrier(1 + wm, WN * 32);
+
+    // ---- new running max, P = 2^(s - m), partial row sums ----
+    float alpha[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = wm * RW + mt * 16 + hf * 8 + g;
+        float bm = red_max[row];
+#pragma unroll
+        for (int w = 1; w < WN; ++w) bm = fmaxf(bm, red_max[w * kBlockM + row]);
+        const float m_new = fmaxf(m_run[mt][hf], bm);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[mt][hf] = exp2_approx(m_run[mt][hf] - m_use);  // 0 while nothing was valid
+        m_run[mt][hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = exp2_approx(s[mt][nt][2 * hf + e] - m_use);
+            s[mt][nt][2 * hf + e] = pv;
+            sum += pv;
+          }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (tg == 0) red_sum[wn * kBlockM + row] = sum;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int col = wn * 16 + nt * 8 + 2 * tg;  // key within the block
+          st_shared_u32(sP + swz<8>(row, col >> 3) + (col & 7) * 2,
+                        pack_bf16x2(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+        }
+      }
+    named_barrier(1 + wm, WN * 32);
+
+    // ---- rescale O and l ----
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = wm * RW + mt * 16 + hf * 8 + g;
+        float bs = 0.f;
+#pragma unroll
+        for (int w = 0; w < WN; ++w) bs += red_sum[w * kBlockM + row];
+        l_run[mt][hf] = l_run[mt][hf] * alpha[mt][hf] + bs;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          o[mt][nt][2 * hf] *= alpha[mt][hf];
+          o[mt][nt][2 * hf + 1] *= alpha[mt][hf];
+        }
+      }
+
+    // ---- O += P V: rows wm*RW .. +RW, columns wn*(D/4) .. +D/4 ----
+    const int v_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int v_hi = lane >> 4;
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(pa[mt], sP + swz<8>(a_row + mt * 16, ks * 2 + a_hi));
+#pragma unroll
+      for (int j = 0; j < NTO / 2; ++j) {
+        uint32_t vb[4];
+        ldsm_x4_trans(vb, sK + swz<RC>(ks * 16 + v_row, wn * (C::kColsW / 8) + j * 2 + v_hi));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_bf16(o[mt][2 * j], pa[mt], vb[0], vb[1]);
+          mma_bf16(o[mt][2 * j + 1], pa[mt], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+
+  cp_async_wait_all();  // the Q tile when this CTA had no block
+  // Every warp is past its last read of Q / K / P: the Q tile may now stage the output.
+  const bool any = __syncthreads_or(any_valid ? 1 : 0) != 0;
+
+  if constexpr (!kSplit) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = wm * RW + mt * 16 + hf * 8 + g;
+        const int h = h0 + row;
+        const float m_use = m_run[mt][hf] == -INFINITY ? 0.f : m_run[mt][hf];
+        const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+        const float denom = l_run[mt][hf] + exp2_approx(sink2 - m_use);
+        const float inv = any ? 1.f / denom : 0.f;
+        if (wn == 0 && tg == 0 && h < H) {
+          p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+              any ? (m_use + log2f(l_run[mt][hf])) * kLn2 : INFINITY;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          const int col = wn * C::kColsW + nt * 8 + 2 * tg;
+          st_shared_u32(sQ + swz<RC>(row, col >> 3) + (col & 7) * 2,
+                        pack_bf16x2(o[mt][nt][2 * hf] * inv, o[mt][nt][2 * hf + 1] * inv));
+        }
+      }
+    __syncthreads();
+    if (h0 + lrow < H) {
+      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        const int c = lc0 + i * TPR;
+        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz<RC>(lrow, c));
+      }
+    }
+  } else {
+    // Partials: ws_o [splits][T][H][D] = O / l, ws_lse [splits][T][H] = m + log2 l (log2
+    // domain; -inf when l == 0), ws_flag [splits][T][n_ht] = any valid key.
+    const int64_t T = p.num_tokens;
+    float* ws_o = static_cast<float*>(p.workspace);
+    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
+    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
+    const int64_t st = static_cast<int64_t>(split) * T + t;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = wm * RW + mt * 16 + hf * 8 + g;
+        const int h = h0 + row;
+        if (h >= H) continue;
+        const float l = l_run[mt][hf];
+        const float m_use = m_run[mt][hf] == -INFINITY ? 0.f : m_run[mt][hf];
+        const float inv_l = l == 0.f ? 0.f : 1.f / l;
+        float* orow = ws_o + (st * H + h) * D;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          const int col = wn * C::kColsW + nt * 8 + 2 * tg;
+          *reinterpret_cast<float2*>(orow + col) =
+              make_float2(o[mt][nt][2 * hf] * inv_l, o[mt][nt][2 * hf + 1] * inv_l);
+        }
+        if (wn == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
+      }
+    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+  }
+}
+
+// Merge of the split partials: one CTA of 64 threads per (token, head), 8 columns per thread.
+template <int D>
+__global__ void __launch_bounds__(64) sparse_attn_combine_kernel(const SparseAttnParams p) {
+  __shared__ float w_s[kSparseAttnMaxSplits];
+  __shared__ float s_inv;
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  const int ns = p.num_splits;
+  const int64_t T = p.num_tokens;
+  const int h = static_cast<int>(blockIdx.x % H);
+  const int64_t t = blockIdx.x / H;
+  const float* ws_o = static_cast<const float*>(p.workspace);
+  const float* ws_lse = ws_o + static_cast<int64_t>(ns) * T * H * D;
+  const float* ws_flag = ws_lse + static_cast<int64_t>(ns) * T * H;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + t * p.out_stride_token +
+                       static_cast<int64_t>(h) * p.out_stride_head;
+
+  if (threadIdx.x == 0) {
+    bool any = false;
+    float M = -INFINITY;
+    for (int s = 0; s < ns; ++s) {
+      any |= ws_flag[(static_cast<int64_t>(s) * T + t) * n_ht + h / kBlockM] != 0.f;
+      const float v = ws_lse[(static_cast<int64_t>(s) * T + t) * H + h];
+      M = (v > M || v != v) ? v : M;  // keeps a NaN
+    }
+    const float M_use = M == -INFINITY ? 0.f : M;
+    float L = 0.f;
+    for (int s = 0; s < ns; ++s) {
+      const float w = exp2_approx(ws_lse[(static_cast<int64_t>(s) * T + t) * H + h] - M_use);
+      w_s[s] = w;
+      L += w;
+    }
+    const float denom = L + exp2_approx(__ldg(p.attn_sink + h) * kLog2e - M_use);
+    s_inv = any ? 1.f / denom : 0.f;
+    p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+        any ? (M_use + log2f(L)) * kLn2 : INFINITY;
+    if (!any)
+      for (int s = 0; s < ns; ++s) w_s[s] = 0.f;
+  }
+  __syncthreads();
+  const float inv = s_inv;
+  for (int c8 = threadIdx.x; c8 < D / 8; c8 += blockDim.x) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < ns; ++s) {
+      const float w = w_s[s];
+      if (w == 0.f) continue;  // empty split (its partial is 0) or no valid key at all
+      const float4* src =
+          reinterpret_cast<const float4*>(ws_o + ((static_cast<int64_t>(s) * T + t) * H + h) * D) +
+          2 * c8;
+      const float4 x0 = src[0], x1 = src[1];
+      acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
+      acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
+    }
+    uint4 v;
+    v.x = pack_bf16x2(acc[0] * inv, acc[1] * inv);
+    v.y = pack_bf16x2(acc[2] * inv, acc[3] * inv);
+    v.z = pack_bf16x2(acc[4] * inv, acc[5] * inv);
+    v.w = pack_bf16x2(acc[6] * inv, acc[7] * inv);
+    *reinterpret_cast<uint4*>(out + c8 * 8) = v;
+  }
+}
+
+// Launch of one configuration (the public sparse_attn() validates p first).
+template <int D, int WM, int WN>
+cudaError_t launch(const SparseAttnParams& p, cudaStream_t stream) {
+  using C = Cfg<D, WM, WN>;
+  const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
+  const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
+  const bool split = p.num_splits > 1;
+  if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
+  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fwd_kernel<D, WM, WN, true>)
+                         : reinterpret_cast<const void*>(&sparse_attn_fwd_kernel<D, WM, WN, false>);
+  cudaError_t err =
+      cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess) return err;
+  if (split) {
+    sparse_attn_fwd_kernel<D, WM, WN, true>
+        <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
+  } else {
+    sparse_attn_fwd_kernel<D, WM, WN, false>
+        <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !split) return err;
+  sparse_attn_combine_kernel<D>
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// =============================================================================================
+// Hopper wgmma kernel (head_dim 512; 2 warpgroups = 8 warps, 64 heads per CTA).
+//
+// Same pipeline, masking, online softmax and epilogue as sparse_attn_fwd_kernel, but both
+// products run as warpgroup MMAs with operands read straight from shared memory:
+//   S  [64 heads x 32 keys] per warpgroup (keys 32*wg ..): wgmma m64n32k16, A = Q, B = K tile,
+//      both K-major with the 128-byte swizzle (descriptor start advanced 32 B per k16 step);
+//   O  [64 heads x 256 cols] per warpgroup (cols 256*wg ..): wgmma m64n256k16, A = P (bf16,
+//      shared, K-major), B = the same K tile read MN-major (transposed: V = K).
+// Tiles are stored as 64-column slices [64 rows x 128 B] (8 KB, 1024-byte aligned), chunk
+// ^ (row & 7) inside each 128-byte row: the canonical SW128 layout wgmma expects.
+// The row max / row sum of each 16-row slab is exchanged between the two warpgroups through
+// shared memory; P is complete for both warpgroups after one __syncthreads.
+// =============================================================================================
+// wgmma exists only in sm_90a device code. Other targets of a multi-arch build compile the
+// kernel as a trap, and the host never launches it there (dispatch: compute capability 9.0 only).
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSV4_SPARSE_ATTN_WGMMA 0
+#else
+#define DSV4_SPARSE_ATTN_WGMMA 1
+#endif
+
+__device__ __forceinline__ uint32_t swz128(int row, int chunk) {
+  return static_cast<uint32_t>((chunk >> 3) * (kBlockN * 128) + row * 128 +
+                               (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((saddr & 0x3FFFFu) >> 4) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from touching an accumulator across wgmma.wait_group.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b) {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+#endif
+}
+
+template <int D>
+struct WgCfg {
+  static_assert(D == 512, "the wgmma kernel is instantiated for head_dim 512");
+  static constexpr int kThreads = 256;
+  static constexpr int kChunks = D / 8;
+  static constexpr int kTPR = kThreads / kBlockN;  // 4
+  static constexpr int kCPT = kChunks / kTPR;      // 16
+  static constexpr int kNO = D / 2;                // O columns per warpgroup
+  static constexpr int kTileBytes = kBlockN * D * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kTileBytes;
+  static constexpr int kPOff = kKOff + 2 * kTileBytes;
+  static constexpr int kRedOff = kPOff + kBlockM * kBlockN * 2;  // red_max, red_sum [2][64] f32
+  static constexpr int kValidOff = kRedOff + 2 * 2 * kBlockM * 4;
+  static constexpr int kSmemUsed = kValidOff + 2 * kBlockN;
+  static constexpr int kSmem = kSmemUsed + 1024;  // slack to align the base to 1024 bytes
+};
+
+// V is read MN-major (transposed) with LBO = the 64-column slice stride (8 KB) and SBO = the
+// 8-key-row stride (1 KB); verified on the H200 by check_sparse_attn (the swapped assignment
+// gives wrong results).
+template <int D, bool kSplit>
+__global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const SparseAttnParams p) {
+#if !DSV4_SPARSE_ATTN_WGMMA
+  __trap();
+#else
+  using C = WgCfg<D>;
+  constexpr int TPR = C::kTPR, CPT = C::kCPT, NO = C::kNO;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t sQ = base + C::kQOff;
+  const uint32_t sK0 = base + C::kKOff;
+  const uint32_t sP = base + C::kPOff;
+  float* red_max = reinterpret_cast<float*>(smem + C::kRedOff);  // [2][64]
+  float* red_sum = red_max + 2 * kBlockM;                         // [2][64]
+  uint8_t* s_valid = smem + C::kValidOff;                         // [2][64]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, w4 = warp & 3;
+  const int g = lane >> 2, tg = lane & 3;
+
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  int64_t bid = blockIdx.x;
+  int split = 0;
+  if (kSplit) {
+    split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+  }
+  const int ht = static_cast<int>(bid % n_ht);
+  const int64_t t = bid / n_ht;
+  const int h0 = ht * kBlockM;
+
+  const TokenKeys tk = token_keys(p, t);
+  int b_begin = 0, b_end = tk.nb;
+  if (kSplit) {
+    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
+    b_begin = min(tk.nb, split * per);
+    b_end = min(tk.nb, b_begin + per);
+  }
+
+  const int lrow = tid / TPR, lc0 = tid % TPR;
+  const char* dummy = static_cast<const char*>(p.q);
+  const __nv_bfloat16* kv1 = static_cast<const __nv_bfloat16*>(p.kv);
+  const __nv_bfloat16* kv2 = static_cast<const __nv_bfloat16*>(p.extra_kv);
+  bool any_valid = false;
+
+  auto issue_kv = [&](int b, int idx, int stage) {
+    const bool main_scope = b < tk.nb1;
+    const int64_t n = main_scope ? p.n_kv : p.n_extra_kv;
+    const bool valid = idx >= 0 && static_cast<int64_t>(idx) < n;
+    any_valid |= valid;
+    const char* src = dummy;
+    if (valid) {
+      src = main_scope ? reinterpret_cast<const char*>(kv1 + static_cast<int64_t>(idx) * p.kv_stride)
+                       : reinterpret_cast<const char*>(kv2 + static_cast<int64_t>(idx) *
+                                                                 p.extra_kv_stride);
+    }
+    const uint32_t dst = sK0 + stage * C::kTileBytes;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      cp_async16(dst + swz128(lrow, c), src + (valid ? c * 16 : 0), valid ? 16 : 0);
+    }
+    if (lc0 == 0) s_valid[stage * kBlockN + lrow] = valid ? 1 : 0;
+  };
+
+  {
+    const bool hv = h0 + lrow < H;
+    const char* src =
+        hv ? reinterpret_cast<const char*>(static_cast<const __nv_bfloat16*>(p.q) +
+                                           t * p.q_stride_token +
+                                           static_cast<int64_t>(h0 + lrow) * p.q_stride_head)
+           : dummy;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      cp_async16(sQ + swz128(lrow, c), src + (hv ? c * 16 : 0), hv ? 16 : 0);
+    }
+  }
+  if (b_begin < b_end) issue_kv(b_begin, fetch_index(tk, b_begin, lrow), 0);
+  cp_async_commit();
+  int next_idx = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, lrow) : -1;
+
+  float o[NO / 2];
+#pragma unroll
+  for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const float sc2 = p.softmax_scale * kLog2e;
+  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
+  constexpr uint32_t kLboV = kSlice;
+  constexpr uint32_t kSboV = 1024u;
+
+  for (int b = b_begin; b < b_end; ++b) {
+    const int stage = (b - b_begin) & 1;
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    if (b + 1 < b_end) issue_kv(b + 1, next_idx, stage ^ 1);
+    cp_async_commit();
+    next_idx = b + 2 < b_end ? fetch_index(tk, b + 2, lrow) : -1;
+    const uint32_t sK = sK0 + stage * C::kTileBytes;
+
+    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    float s[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
+      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
+                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(s);
+
+    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
+    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
+        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
+      }
+    float alpha[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
+    }
+    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
+      const float m_new = fmaxf(m_run[hf], bm);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hf] = exp2_approx(m_run[hf] - m_use);
+      m_run[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
+          s[i * 4 + 2 * hf + e] = pv;
+          sum += pv;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = wg * 32 + i * 8 + 2 * tg;
+        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
+                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+      }
+    }
+    fence_proxy_async();
+    __syncthreads();  // P complete (all 64 rows x 64 keys) for both warpgroups
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        o[i * 4 + 2 * hf] *= alpha[hf];
+        o[i * 4 + 2 * hf + 1] *= alpha[hf];
+      }
+    }
+
+    // ---- O[:, 256*wg .. +256] += P V ----
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
+                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(o);
+  }
+
+  cp_async_wait_all();
+  const bool any = __syncthreads_or(any_valid ? 1 : 0) != 0;
+
+  if constexpr (!kSplit) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const int h = h0 + row;
+      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
+      const float inv = any ? 1.f / denom : 0.f;
+      if (wg == 0 && tg == 0 && h < H) {
+        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
+      }
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        const int col = wg * NO + i * 8 + 2 * tg;
+        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
+                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
+      }
+    }
+    __syncthreads();
+    if (h0 + lrow < H) {
+      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        const int c = lc0 + i * TPR;
+        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
+      }
+    }
+  } else {
+    const int64_t T = p.num_tokens;
+    float* ws_o = static_cast<float*>(p.workspace);
+    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
+    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
+    const int64_t st = static_cast<int64_t>(split) * T + t;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const int h = h0 + row;
+      if (h >= H) continue;
+      const float l = l_run[hf];
+      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+      const float inv_l = l == 0.f ? 0.f : 1.f / l;
+      float* orow = ws_o + (st * H + h) * D;
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        const int col = wg * NO + i * 8 + 2 * tg;
+        *reinterpret_cast<float2*>(orow + col) =
+            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
+      }
+      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
+    }
+    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+  }
+#endif  // DSV4_SPARSE_ATTN_WGMMA
+}
+
+template <int D>
+cudaError_t launch_wgmma(const SparseAttnParams& p, cudaStream_t stream) {
+  using C = WgCfg<D>;
+  const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
+  const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
+  const bool split = p.num_splits > 1;
+  if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
+  const void* fn =
+      split ? reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, true>)
+            : reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, false>);
+  cudaError_t err =
+      cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess) return err;
+  if (split) {
+    sparse_attn_fwd_wgmma_kernel<D, true>
+        <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
+  } else {
+    sparse_attn_fwd_wgmma_kernel<D, false>
+        <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !split) return err;
+  sparse_attn_combine_kernel<D>
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sparse_attn_detail
+}  // namespace dsv4
