@@ -1,0 +1,215 @@
+"""KV compressor op family: ``torch.ops.dsv4.compress_kv``, its pure-PyTorch reference and
+registration (architecture.md §4).
+
+The op does everything the DeepSeek-V4 compressor does after its two projections
+``kv = wkv(x)`` and ``score = wgate(x)`` (which stay GEMMs in PyTorch), for a whole batch of
+sequences that each receive a span of new tokens (flash-attn's "varlen" layout): gate logits
+``score + ape``, per-feature softmax over the slots of every block these tokens complete, the
+weighted sum of ``kv``, the cast to the entry dtype, RMSNorm, RoPE at the block's first
+position, the quantisation simulation, the store of the entry, and the rewrite of the
+partial-block state. Its reference is ``Compressor.forward`` (python/dsv4/layers/compressor.py)
+applied to every row: same operations, same rounding, same state layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers.rope import apply_rope
+from ._ext import register_op
+from .norm import rms_norm_reference
+from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
+
+__all__ = ["compress_kv", "compress_kv_reference", "QUANT_NONE", "QUANT_FP8",
+           "QUANT_FP4_HADAMARD"]
+
+# ``quant`` argument of compress_kv (what the model's quant_sim does to each entry, §4.4).
+QUANT_NONE = 0           # no quantisation simulation
+QUANT_FP8 = 1            # FP8 e4m3 of the non-RoPE dims in blocks of 64 (main CSA / HCA KV)
+QUANT_FP4_HADAMARD = 2   # Hadamard rotation, then FP4 e2m1 in blocks of 32 (indexer keys)
+
+COMPRESS_KV_SCHEMA = (
+    "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor freqs, "
+    "Tensor cu_seqlens, Tensor starts, Tensor(a!) state_kv, Tensor(b!) state_score, "
+    "Tensor(c!) entries, int compress_ratio, int max_seqlen, float eps, int quant) -> ()"
+)
+
+
+def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv, state_score,
+                entries, compress_ratio, max_seqlen, quant) -> tuple[int, int, int, int]:
+    """Shape / dtype checks shared by the reference and the fake; returns (B, d, coff, rd)."""
+    def fail(msg: str) -> None:
+        raise ValueError(f"compress_kv: {msg}")
+
+    m = int(compress_ratio)
+    if m < 1:
+        fail(f"compress_ratio must be >= 1, got {m}")
+    if entries.dim() != 3:
+        fail(f"entries must be [batch, capacity, head_dim], got shape {tuple(entries.shape)}")
+    B, _, d = entries.shape
+    coff = 2 if m == 4 else 1
+    w = coff * d
+    if entries.dtype not in (torch.bfloat16, torch.float32):
+        fail(f"entries must be bfloat16 or float32, got {entries.dtype}")
+    if d % 4 or not 4 <= d <= 1024:
+        fail(f"head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got {d}")
+    for name, t in (("kv", kv), ("score", score)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != w:
+            fail(f"{name} must be float32 [tokens, {w}] (coff * head_dim, coff = "
+                 f"{coff} for compress_ratio {m}), got {t.dtype} {tuple(t.shape)}")
+    if score.shape[0] != kv.shape[0]:
+        fail(f"kv and score must have the same number of tokens, got {kv.shape[0]} and "
+             f"{score.shape[0]}")
+    if ape.dtype != torch.float32 or tuple(ape.shape) != (m, w):
+        fail(f"ape must be float32 [{m}, {w}], got {ape.dtype} {tuple(ape.shape)}")
+    if norm_weight.dtype != torch.float32 or tuple(norm_weight.shape) != (d,):
+        fail(f"norm_weight must be float32 [{d}], got {norm_weight.dtype} "
+             f"{tuple(norm_weight.shape)}")
+    rd = 2 * freqs.numel()
+    if freqs.dtype != torch.float32 or freqs.dim() != 1 or not 2 <= rd <= d:
+        fail(f"freqs must be float32 [rope_dim / 2] with 2 <= rope_dim <= {d}, got "
+             f"{freqs.dtype} {tuple(freqs.shape)}")
+    for name, t, n in (("cu_seqlens", cu_seqlens, B + 1), ("starts", starts, B)):
+        if t.dtype != torch.int32 or tuple(t.shape) != (n,):
+            fail(f"{name} must be int32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("state_kv", state_kv), ("state_score", state_score)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (B, coff * m, w):
+            fail(f"{name} must be float32 [{B}, {coff * m}, {w}], got {t.dtype} "
+                 f"{tuple(t.shape)}")
+    if int(max_seqlen) < 0:
+        fail(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if quant not in (QUANT_NONE, QUANT_FP8, QUANT_FP4_HADAMARD):
+        fail(f"quant must be 0 (none), 1 (FP8) or 2 (Hadamard + FP4), got {quant}")
+    if quant == QUANT_FP8 and (d - rd) % 64:
+        fail(f"quant=1 (FP8 blocks of 64) needs head_dim - rope_dim to be a multiple of 64, "
+             f"got {d} - {rd}")
+    if quant == QUANT_FP4_HADAMARD and (d < 32 or d & (d - 1)):
+        fail(f"quant=2 (Hadamard + FP4 blocks of 32) needs head_dim a power of two >= 32, "
+             f"got {d}")
+    return B, d, coff, rd
+
+
+def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
+                          norm_weight: torch.Tensor, freqs: torch.Tensor,
+                          cu_seqlens: torch.Tensor, starts: torch.Tensor,
+                          state_kv: torch.Tensor, state_score: torch.Tensor,
+                          entries: torch.Tensor, compress_ratio: int, max_seqlen: int,
+                          eps: float, quant: int) -> None:
+    """The semantics of ``torch.ops.dsv4.compress_kv``: ``Compressor.forward`` for every row.
+
+    Notation: B rows, T new tokens, m = ``compress_ratio``, d = head_dim, coff = 2 if m == 4
+    (overlapping windows, architecture.md §4.3) else 1 (§4.2), w = coff·d.
+
+    Args:
+        kv, score: [T, w] float32, ``wkv(x)`` and ``wgate(x)`` (before ``ape``) of the new
+            tokens, grouped by row: row b owns ``kv[cu_seqlens[b]:cu_seqlens[b+1]]`` at
+            positions ``starts[b], starts[b]+1, ...``.
+        ape: [m, w] float32, added to the score of the token at position p: ``ape[p % m]``.
+        norm_weight: [d] float32, the RMSNorm weight (eps ``eps``).
+        freqs: [rope_dim / 2] float32, RoPE frequencies; the entry of block k is rotated at
+            position k·m on its last rope_dim dims (interleaved pairs, §3.4).
+        cu_seqlens: [B + 1] int32 token offsets; starts: [B] int32.
+        state_kv, state_score: [B, coff·m, w] float32, updated in place (the layout of
+            :class:`dsv4.cache.CompressorState`: for m == 4 rows 0..3 hold the previous
+            complete block and rows 4..7 the partial current one; else rows 0..m-1 the partial
+            block; scores include ``ape``; initialise scores to -inf and kv to 0).
+        entries: [B, C, d] bfloat16 or float32, updated in place: entry k of row b is written
+            by the call that completes block k (tokens k·m ... k·m+m-1). Entries k >= C are not
+            written (the caller reserves capacity: C >= (starts[b] + n_b) // m).
+        compress_ratio: m >= 1.
+        max_seqlen: the largest n_b (sizes the CUDA grid; not needed here).
+        eps: RMSNorm epsilon.
+        quant: 0 none, 1 FP8 e4m3 of the first d - rope_dim dims in blocks of 64, 2 Hadamard
+            rotation + FP4 e2m1 in blocks of 32 (:mod:`dsv4.ops.quant`, §4.4).
+
+    Per entry (§4.2-§4.4): softmax over the slots (per feature, fp32) of score + ape, weighted
+    sum of kv, ``.to(entries.dtype)``, RMSNorm, RoPE, quantisation; a row with no new token is
+    untouched. The result equals feeding the tokens one at a time (§4.5).
+
+    Raises:
+        ValueError: on a bad shape / dtype / quant, or inconsistent cu_seqlens / starts (the
+            CUDA kernel cannot raise on device data and skips such rows instead).
+    """
+    B, d, coff, rd = _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts,
+                                 state_kv, state_score, entries, compress_ratio, max_seqlen,
+                                 quant)
+    m = int(compress_ratio)
+    overlap = m == 4
+    off = m if overlap else 0
+    T, C = kv.shape[0], entries.shape[1]
+    cu = cu_seqlens.tolist()
+    st = starts.tolist()
+    for row in range(B):
+        if not (0 <= cu[row] <= cu[row + 1] <= T) or st[row] < 0:
+            raise ValueError(f"compress_kv: row {row}: need 0 <= cu_seqlens[{row}] <= "
+                             f"cu_seqlens[{row + 1}] <= {T} and starts >= 0, got "
+                             f"cu_seqlens {cu[row]}, {cu[row + 1]} and start {st[row]}")
+    dev = kv.device
+    for row in range(B):
+        start, n = st[row], cu[row + 1] - cu[row]
+        if n == 0:
+            continue
+        # From here on: Compressor.forward with kv / score given (same ops, same order).
+        r0 = start % m
+        pos = torch.arange(start, start + n, device=dev)
+        kv_r = kv[cu[row]:cu[row + 1]]
+        sc_r = score[cu[row]:cu[row + 1]] + ape[pos % m]
+        kv_r = torch.cat([state_kv[row, off:off + r0], kv_r], dim=0)
+        sc_r = torch.cat([state_score[row, off:off + r0], sc_r], dim=0)
+        nb = (r0 + n) // m
+        first_block = (start - r0) // m
+        if nb:
+            bkv = kv_r[:nb * m].unflatten(0, (nb, m))
+            bsc = sc_r[:nb * m].unflatten(0, (nb, m))
+            if overlap:
+                prev_kv = torch.cat([state_kv[row, None, :m], bkv[:-1]], dim=0)
+                prev_sc = torch.cat([state_score[row, None, :m], bsc[:-1]], dim=0)
+                bkv = torch.cat([prev_kv[..., :d], bkv[..., d:]], dim=1)   # [nb, 2m, d]
+                bsc = torch.cat([prev_sc[..., :d], bsc[..., d:]], dim=1)
+                state_kv[row, :m] = kv_r[(nb - 1) * m:nb * m]
+                state_score[row, :m] = sc_r[(nb - 1) * m:nb * m]
+            pooled = (bkv * bsc.softmax(dim=1)).sum(dim=1)                 # [nb, d] fp32
+            out = rms_norm_reference(pooled.to(entries.dtype), norm_weight, eps)
+            block_pos = torch.arange(first_block, first_block + nb, device=dev) * m
+            out = apply_rope(out, block_pos, freqs)
+            if quant == QUANT_FP4_HADAMARD:
+                out = fp4_e2m1_sim(hadamard(out), 32)
+            elif quant == QUANT_FP8:
+                out = torch.cat([fp8_e4m3_sim(out[:, :d - rd], 64), out[:, d - rd:]], -1)
+            keep = max(0, min(nb, C - first_block))
+            if keep:
+                entries[row, first_block:first_block + keep] = out[:keep]
+        rem = r0 + n - nb * m
+        if rem:
+            state_kv[row, off:off + rem] = kv_r[nb * m:]
+            state_score[row, off:off + rem] = sc_r[nb * m:]
+
+
+def _compress_kv_fake(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
+                      state_score, entries, compress_ratio, max_seqlen, eps, quant) -> None:
+    _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv, state_score,
+                entries, compress_ratio, max_seqlen, quant)
+    return None
+
+
+register_op("compress_kv", COMPRESS_KV_SCHEMA, compress_kv_reference, _compress_kv_fake)
+
+
+def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
+                norm_weight: torch.Tensor, freqs: torch.Tensor, cu_seqlens: torch.Tensor,
+                starts: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                entries: torch.Tensor, compress_ratio: int, max_seqlen: int, eps: float,
+                quant: int = QUANT_NONE) -> None:
+    """Run ``torch.ops.dsv4.compress_kv`` (CUDA kernel on CUDA tensors, the reference on CPU).
+
+    Arguments and semantics: :func:`compress_kv_reference`. Mutates ``state_kv``,
+    ``state_score`` and ``entries`` in place and returns None. On CUDA the call makes no host
+    synchronisation (CUDA-graph capturable); ``max_seqlen`` (max new tokens of a row) only
+    sizes the grid, and rows with inconsistent cu_seqlens / starts are skipped (left
+    untouched) instead of raising. Additional CUDA requirements: contiguous ``ape``,
+    ``norm_weight``, ``freqs``, state tensors; ``kv`` / ``score`` with a contiguous last dim
+    and 16-byte aligned rows; ``entries`` with a contiguous last dim.
+    """
+    torch.ops.dsv4.compress_kv(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
+                               state_score, entries, int(compress_ratio), int(max_seqlen),
+                               float(eps), int(quant))
