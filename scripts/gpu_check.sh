@@ -3,6 +3,10 @@
 # extension, run the CUDA tests, the C++ check and every bench/bench_*.py. All logs go to
 # ${OUT:-/tmp/dsv4_out}. Exits non-zero if any step failed (later steps still run, except that
 # nothing runs after a failed build).
+#
+#   bash scripts/gpu_check.sh            # everything
+#   QUICK=1 bash scripts/gpu_check.sh    # build, CUDA tests, bench_csa --quick (no CMake, no model bench)
+#   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -37,7 +41,13 @@ export DSV4_EXPECT_C=1
 MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
   || exit 1
 step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"
-step pytest_cuda "$PY" -m pytest -q -m cuda tests
+# shellcheck disable=SC2086
+step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
+if [[ -n "${QUICK:-}" ]]; then
+  step bench_csa "$PY" bench/bench_csa.py --quick
+  echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
+  exit "$status"
+fi
 if command -v cmake >/dev/null; then
   step cmake_build bash -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
     && cmake --build build/cmake -j "$(nproc)"' && step ctest ctest --test-dir build/cmake --output-on-failure

@@ -180,14 +180,15 @@ class ModelConfig:
 
         Layers: 0 SWA (hash MoE), 1 CSA ratio 4 (hash MoE), 2 HCA ratio 16, 3 CSA, plus one MTP
         layer (SWA). Dims fit the quantisation simulation (non-RoPE KV dims 64, indexer head
-        dim 64). Window 16 and ``index_topk`` 8 so that short prompts cross every boundary;
+        dim 64) and the FP8 release format (the input of every FP8-stored linear is a multiple
+        of 128, as the 1x128 activation blocks and 2-way model parallelism need). Window 16 and ``index_topk`` 8 so that short prompts cross every boundary;
         pass overrides (e.g. ``window_size=128``) to change them.
         """
         base = cls(
             vocab_size=129280, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=2,
             n_mtp_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
-            n_activated_experts=2, route_scale=1.5, q_lora_rank=64, head_dim=128,
-            rope_head_dim=64, o_groups=2, o_lora_rank=64, window_size=16,
+            n_activated_experts=2, route_scale=1.5, q_lora_rank=128, head_dim=128,
+            rope_head_dim=64, o_groups=2, o_lora_rank=128, window_size=16,
             compress_ratios=(0, 4, 16, 4, 0), index_n_heads=8, index_head_dim=64, index_topk=8,
             max_position_embeddings=1048576, dtype="bf16", expert_dtype=None,
         )

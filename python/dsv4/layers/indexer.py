@@ -6,54 +6,13 @@ import torch
 from torch import nn
 
 from ..cache import CompressorState
+from ..ops.indexer import indexer_topk_reference
 from ..ops.quant import fp4_e2m1_sim, hadamard
 from .compressor import Compressor
 from .linear import Linear
 from .rope import apply_rope
 
 __all__ = ["Indexer", "indexer_topk_reference"]
-
-# Queries scored at once (bounds the [queries, heads, entries] score tensor).
-_QUERY_CHUNK = 256
-
-
-def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                           positions: torch.Tensor, compress_ratio: int, topk: int
-                           ) -> torch.Tensor:
-    """Causal top-k of ``I(t, s) = Σ_h w_h · ReLU(q_h · k_s)`` over complete compressed entries.
-
-    Args:
-        q: [tokens, heads, d] indexer queries (after RoPE and, with quant_sim, Hadamard + FP4).
-        weights: [tokens, heads] head weights (already scaled by d**-0.5 · heads**-0.5).
-        keys: [n_entries, d] the sequence's compressed indexer keys.
-        positions: [tokens] absolute position t of each query; entry s is complete for t iff
-            ``s < (t + 1) // compress_ratio``.
-        topk: number of indices returned per query.
-
-    Returns:
-        int64 [tokens, topk]: the entries with the highest scores among the complete ones, in
-        descending score order, lowest index first among equal scores; −1 fills the row when
-        fewer than ``topk`` entries are complete. Scores are computed in fp32.
-    """
-    T = q.shape[0]
-    n = keys.shape[0]
-    out = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
-    if n == 0 or T == 0:
-        return out
-    kf = keys.float()
-    for t0 in range(0, T, _QUERY_CHUNK):
-        qs = q[t0:t0 + _QUERY_CHUNK].float()
-        s = torch.einsum("thd,nd->thn", qs, kf).relu_()
-        s = (s * weights[t0:t0 + _QUERY_CHUNK, :, None].float()).sum(dim=1)    # [t, n]
-        n_valid = (positions[t0:t0 + _QUERY_CHUNK] + 1) // compress_ratio
-        valid = torch.arange(n, device=q.device)[None, :] < n_valid[:, None]
-        s = s.masked_fill(~valid, float("-inf"))
-        k = min(topk, n)
-        order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
-        picked_valid = valid.gather(1, order)
-        out[t0:t0 + _QUERY_CHUNK, :k] = torch.where(picked_valid, order, -1)
-    return out
-
 
 class Indexer(nn.Module):
     """Scores the compressed entries of a CSA layer and picks ``index_topk`` per query.

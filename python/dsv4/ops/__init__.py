@@ -6,3 +6,6 @@ reference and fake implementation of every ``torch.ops.dsv4`` op.
 
 from . import _ext  # noqa: F401  (loads dsv4._C first)
 from . import norm  # noqa: F401
+from . import indexer  # noqa: F401
+from . import compressor  # noqa: F401
+from . import attention  # noqa: F401

@@ -1,0 +1,165 @@
+"""Benchmark of ``torch.ops.dsv4.indexer_topk``: Lightning Indexer scoring + top-k (CSA layers).
+
+Cases (H = 64 indexer heads, D = 128, bf16 q / keys, fp32 weights; architecture.md §5):
+
+* decode: one query per sequence, batch 1 / 32 / 128, contexts 8K / 128K / 1M tokens, i.e.
+  N = ctx / 4 compressed entries per sequence (every entry visible), topk 512 (V4-Flash) and
+  1024 (V4-Pro). Memory-bound: the floor is the key bytes (N · 256 B per query) at 4.22 TB/s.
+* prefill: 4K / 16K / 64K tokens of one sequence with causal visibility n_valid[t] = (t+1) // 4.
+  Tensor-core-bound: FLOPs = Σ_t n_valid[t] · H · D · 2 at 767 TFLOP/s.
+
+Timing: CUDA events around the out-variant, median of several runs after a warm-up, L2 flushed
+(256 MB write) before every run, so no case benefits from keys cached by the previous run.
+The PyTorch reference (``indexer_topk_varlen_reference`` on the GPU, chunked so that it fits)
+is timed once or twice per case. The scan alone (scoring without selection) is measured by the
+C++ check binary: ``check_indexer_topk --bench`` (csrc/tests/check_indexer_topk.cu).
+
+    python bench/csa_indexer.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import dsv4.ops  # noqa: F401  (registers every op)
+import dsv4.ops._ext as ext
+from dsv4.ops.indexer import indexer_topk_varlen_reference
+
+PEAK_TFLOPS = 767.0   # measured bf16 dense on the project's H200
+PEAK_BW = 4.22e12     # measured device copy, bytes/s
+HEADS, HEAD_DIM = 64, 128
+_FLUSH_BYTES = 256 << 20
+
+
+def _time_us(fn, reps: int, flush: torch.Tensor) -> float:
+    """Median time of ``fn`` in microseconds (CUDA events), L2 flushed before each run."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3)
+    return statistics.median(times)
+
+
+def _inputs(T: int, B: int, N: int, seed: int):
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    q = torch.randn(T, HEADS, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+    keys = torch.empty(B, N, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    for b in range(B):  # row by row: no fp32 temporary of the whole store
+        keys[b] = torch.randn(N, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.rand(T, HEADS, generator=g, device="cuda") * 2 - 1) * (HEADS ** -0.5 * HEAD_DIM ** -0.5)
+    return q, w, keys
+
+
+def _case(op_case: str, q, w, keys, rows, n_valid, topk, key_bytes, flops, reps, ref_reps,
+          flush, kernel: bool, note: str) -> dict:
+    T = q.shape[0]
+    out = torch.empty(T, topk, dtype=torch.int32, device="cuda")
+    t_us = _time_us(lambda: torch.ops.dsv4.indexer_topk_out(q, w, keys, rows, n_valid, topk, out),
+                    reps, flush)
+    ref_us = None
+    if ref_reps > 0:
+        ref_us = _time_us(lambda: indexer_topk_varlen_reference(q, w, keys, rows, n_valid, topk),
+                          ref_reps, flush)
+    floor_us = max(flops / (PEAK_TFLOPS * 1e12), key_bytes / PEAK_BW) * 1e6
+    tflops = flops / (t_us * 1e-6) / 1e12
+    gbps = key_bytes / (t_us * 1e-6) / 1e9
+    return {
+        "op": "indexer_topk",
+        "case": op_case,
+        "time_us": t_us,
+        "tflops": tflops,
+        "gbps": gbps,
+        "pct_flops": 100 * tflops / PEAK_TFLOPS,
+        "pct_bw": 100 * gbps * 1e9 / PEAK_BW,
+        "ref_time_us": ref_us,
+        "speedup": (ref_us / t_us) if ref_us else None,
+        "floor_us": floor_us,
+        "note": note if kernel else "CUDA kernel not compiled: this times the reference; " + note,
+    }
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One dict per case (keys: op, case, time_us, tflops, gbps, pct_flops, pct_bw, ref_time_us,
+    speedup, floor_us, note). gbps counts compressed-key bytes (decode: every query reads its
+    row; prefill: the row once)."""
+    if not torch.cuda.is_available():
+        return []
+    kernel = "indexer_topk_out" in ext.info()["cuda_usable_ops"]
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    results = []
+    batches = (1, 32) if quick else (1, 32, 128)
+    contexts = (8192, 131072) if quick else (8192, 131072, 1048576)
+    topks = (512,) if quick else (512, 1024)
+    for ctx in contexts:
+        N = ctx // 4
+        for batch in batches:
+            q, w, keys = _inputs(batch, batch, N, seed=ctx + batch)
+            rows = torch.arange(batch, dtype=torch.int32, device="cuda")
+            n_valid = torch.full((batch,), N, dtype=torch.int32, device="cuda")
+            for topk in topks:
+                key_bytes = batch * N * HEAD_DIM * 2
+                flops = 2.0 * batch * N * HEADS * HEAD_DIM
+                ref_reps = 1 if batch * N > (1 << 22) else 3
+                results.append(_case(
+                    f"decode b={batch} ctx={ctx // 1024}K N={N} topk={topk}", q, w, keys, rows,
+                    n_valid, topk, key_bytes, flops, reps=5 if key_bytes > (1 << 30) else 20,
+                    ref_reps=ref_reps, flush=flush, kernel=kernel,
+                    note="memory-bound: floor = key bytes / 4.22 TB/s"))
+            del q, w, keys
+            torch.cuda.empty_cache()
+    for tokens in ((4096,) if quick else (4096, 16384, 65536)):
+        N = tokens // 4
+        q, w, keys = _inputs(tokens, 1, N, seed=tokens)
+        rows = torch.zeros(tokens, dtype=torch.int32, device="cuda")
+        n_valid = ((torch.arange(tokens, device="cuda") + 1) // 4).to(torch.int32)
+        flops = 2.0 * HEADS * HEAD_DIM * float(n_valid.sum())
+        for topk in topks:
+            results.append(_case(
+                f"prefill T={tokens} causal N={N} topk={topk}", q, w, keys, rows, n_valid, topk,
+                N * HEAD_DIM * 2, flops, reps=3 if tokens >= 65536 else 7,
+                ref_reps=1 if tokens >= 16384 else 2, flush=flush, kernel=kernel,
+                note="tensor-core-bound (mma.sync): floor = FLOPs / 767 TFLOP/s"))
+        del q, w, keys
+        torch.cuda.empty_cache()
+    return results
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    rows = run(quick=a.quick)
+    if not rows:
+        print("no CUDA device")
+        return
+    print(f"{'case':<46} {'time us':>10} {'floor us':>9} {'GB/s':>8} {'%bw':>6} {'TFLOP/s':>8} "
+          f"{'%flops':>7} {'ref us':>11} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['case']:<46} {r['time_us']:>10.1f} {r['floor_us']:>9.1f} {r['gbps']:>8.0f} "
+              f"{r['pct_bw']:>6.1f} {r['tflops']:>8.1f} {r['pct_flops']:>7.1f} "
+              f"{_fmt(r['ref_time_us'], '>11.0f')} {_fmt(r['speedup'], '>8.1f')}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

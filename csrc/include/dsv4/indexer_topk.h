@@ -1,0 +1,86 @@
+// dsv4 Lightning Indexer scoring + causal top-k (CSA layers): torch-free C++ API.
+//
+// For each query t (architecture.md §5, steps 6-7):
+//
+//   I(t, s) = sum_h weights[t, h] * ReLU(q[t, h, :] . keys[rows[t], s, :])     s < n_valid[t]
+//
+// with bf16 q/keys (products exact in fp32), fp32 weights, fp32 accumulation (mma.sync
+// m16n8k16 on tensor cores), and the indices of the `topk` highest scores returned:
+//
+//   - indices[t, :] lists the selected entries in descending score order; equal scores are
+//     ordered by the LOWEST entry index first (the order is a total order on (score, index),
+//     so the result does not depend on thread timing: kernels.md §5 #2). -0.0 equals +0.0.
+//   - NaN scores rank below -inf and are never returned; -inf scores are ordinary values.
+//   - with m = min(topk, number of non-NaN visible entries), slots [0, m) hold entries and
+//     slots [m, topk) hold -1.
+//   - n_valid[t] is clamped to [0, capacity]. A row index outside [0, batch) is treated as a
+//     query that sees no entries (all -1; no memory is read for it): a kernel cannot raise,
+//     the PyTorch reference raises ValueError instead.
+//
+// The score matrix is never materialised: each CTA streams key tiles (256 keys in decode, 128
+// in prefill) of one row through shared memory (cp.async pipeline), scores them on tensor cores
+// (mma.sync m16n8k16) for up to 8 queries of that
+// row (queries in registers), and keeps a per-query candidate buffer in shared memory that an
+// exact radix select (64-bit keys: ordered score bits << 32 | ~index) cuts back to `topk`
+// whenever it fills. When there are few query groups (decode), each query's key range is split
+// over CTAs; each CTA writes its `topk` candidates to `workspace`, and the last CTA to finish
+// (an atomic arrival counter, reset by a cudaMemsetAsync in the launch) merges them with the
+// same select, through a two-level tree when there are many splits. No host synchronisation;
+// the workspace size depends only on the shapes and the device (CUDA-graph capturable).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dsv4 {
+
+// Largest `topk` the kernel accepts.
+constexpr int64_t kIndexerMaxTopk = 2048;
+
+// Bytes of scratch memory dsv4::indexer_topk needs for these shapes on CUDA device `device`
+// (0 when no split of the key range is needed, e.g. prefill). Arguments as in indexer_topk.
+// Returns 0 as well for arguments indexer_topk would reject.
+size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
+                                    int64_t heads, int64_t head_dim, int64_t topk, int device);
+
+// q:        [tokens, heads, head_dim] bf16; element (t, h, d) at q + t*q_stride_t +
+//           h*q_stride_h + d (strides in elements, even; q 4-byte aligned)
+// weights:  [tokens, heads] fp32; element (t, h) at weights + t*w_stride_t + h
+// keys:     [batch, capacity, head_dim] bf16; element (b, s, d) at keys + b*k_stride_b +
+//           s*k_stride_c + d (strides multiples of 8 elements, keys 16-byte aligned)
+// rows:     [tokens] int32, the key row b of each query
+// n_valid:  [tokens] int32, query t sees entries 0 .. n_valid[t]-1 of its row (clamped)
+// indices:  [tokens, topk] int32 output; row t at indices + t*idx_stride_t (unit last stride)
+// head_dim: 64 or 128; heads >= 1 (any; 64 per MMA pass); 1 <= topk <= kIndexerMaxTopk.
+// workspace: device memory of at least indexer_topk_workspace_bytes(...) bytes for the
+//           current device (may be null when that is 0). Contents need not be initialised.
+// Returns cudaSuccess, cudaErrorInvalidValue for bad arguments (sizes, head_dim, topk, null
+// pointers, alignment, workspace too small), or the launch error. Does not synchronise.
+// tokens == 0 is a no-op.
+cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                         const float* weights, int64_t w_stride_t, const void* keys,
+                         int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
+                         const int32_t* n_valid, int32_t* indices, int64_t idx_stride_t,
+                         int64_t tokens, int64_t heads, int64_t head_dim, int64_t batch,
+                         int64_t capacity, int64_t topk, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
+
+// Benchmarking aid (not an op): the same key scan and scoring as indexer_topk with the same
+// launch plan, but no selection and no merge; score_sum[t] += the sum of query t's visible
+// scores (score_sum must be zeroed by the caller). head_dim 128 only. Gives the "scan alone"
+// time that the fused top-k is compared with.
+cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                                   const float* weights, int64_t w_stride_t, const void* keys,
+                                   int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
+                                   const int32_t* n_valid, float* score_sum, int64_t tokens,
+                                   int64_t heads, int64_t head_dim, int64_t batch,
+                                   int64_t capacity, int64_t topk, cudaStream_t stream);
+
+// Tuning aid for benchmarks (not thread-safe; affects later launches in this process): the
+// decode tile (keys per pipeline stage when each CTA serves one query: 128 or 256; 0 = default
+// 256, head_dim 128 only) and the pipeline depth (2..4; 0 = default). Settings that do not fit
+// in shared memory fall back to fewer stages. Call indexer_topk_workspace_bytes after changing.
+void indexer_topk_set_tuning(int decode_tile_keys, int stages);
+
+}  // namespace dsv4

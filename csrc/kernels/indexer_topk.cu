@@ -1,0 +1,1013 @@
+// dsv4 Lightning Indexer scoring + causal top-k (torch-free; contract in
+// include/dsv4/indexer_topk.h, semantics in python/dsv4/ops/indexer.py).
+//
+// One CTA = 8 warps = a "work item": a group of QPC queries (QPC = 8 for prefill-like calls,
+// where consecutive queries share a key row, 1 for decode) and one split of the key range.
+//
+//   scoring    keys stream through shared memory in tiles of 256 keys (decode) or 128 keys
+//              (prefill) (cp.async, `stages`-deep pipeline, 16-byte chunks XOR-swizzled so
+//              that ldmatrix is conflict-free). Each query's q block [64 heads, D] lives in
+//              registers as the B operand of mma.sync.m16n8k16 (row.col, bf16 -> fp32); keys
+//              are the A operand (16 keys per m-tile), so one accumulator row = one key, its
+//              64 head scores spread over the 4
+//              lanes of a quad: ReLU, * weight and the head sum stay in registers (2 quad
+//              shuffles). With QPC = 8 each warp owns a query and scores all 8 m-tiles of a
+//              tile; with QPC = 1 the 8 warps split the tile (2 m-tiles each). heads > 64:
+//              several head blocks, q reloaded from L1/L2 per m-tile.
+//   selection  each query has a candidate buffer of `cap` 64-bit ranks in shared memory,
+//              rank = ordered(score) << 32 | ~index (NaN is never inserted, -0.0 -> +0.0), so
+//              "higher rank" = higher score, then lower index: a total order. A candidate is
+//              appended (warp ballot + one shared atomic per warp) iff rank >= thr. When the
+//              buffer could overflow on the next tile, an exact radix select (8-bit digits
+//              below the highest bit where min and max differ; one atomic per warp when a
+//              whole warp hits one bin) finds the k-th largest rank's prefix, compacts the
+//              buffer in place to exactly k entries and raises thr to that prefix (<= the
+//              k-th rank, so nothing that can still win is ever dropped). At the end:
+//              select to k, bitonic sort, write indices with -1 padding.
+//   splits     (decode) each CTA writes its <= k candidates to the workspace; the last CTA of
+//              a node (atomic arrival counter) merges its children with the same buffer and
+//              select (all children's candidates loaded as one flat array): leaves ->
+//              [level 1, fan-in ~sqrt(splits), when splits > 16] -> root -> output.
+//
+// Measured on H200 (csrc/tests/check_indexer_topk.cu --bench): the decode scan is bound by the
+// CTA's mma.sync/latency chain (~2.8 TB/s of key bytes scan-only at batch 128, 1M context),
+// not by HBM; the split merge costs ~70 us at batch 1 (select passes are barrier-heavy).
+//
+// No fast-math. Scores use fp32 FMA accumulation (bf16 products are exact in fp32), so they
+// differ from the fp32 PyTorch reference only by summation order.
+#include "dsv4/indexer_topk.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+namespace dsv4 {
+namespace {
+
+using u64 = unsigned long long;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kHeadBlock = 64;   // heads per MMA pass (8 n-tiles of 8)
+constexpr int kMergePairs = 4;   // 16-byte loads (2 candidates) per thread per merge round
+constexpr int kUnroll = 4;       // elements per thread in flight in the select loops
+constexpr int kMaxChildren = 32; // merge fan-in bound (splits <= 1024, fan-in ~sqrt)
+constexpr unsigned kFull = 0xffffffffu;
+
+// Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
+// between barriers; prefill (QPC 8) 128 (each warp already scores 8 m-tiles per stage).
+// g_decode_tile / g_stages: tuning overrides (indexer_topk_set_tuning), 0 = default.
+int g_decode_tile = 0;
+int g_stages = 0;
+int tile_keys(int qpc, int64_t head_dim) {
+  if (qpc != 1) return 128;
+  return (g_decode_tile == 128 && head_dim == 128) ? 128 : 256;
+}
+
+// Per-query selection state in shared memory.
+struct alignas(16) QState {
+  u64 thr;                        // append a candidate iff rank >= thr
+  u64 red[2][kWarps];             // min / max partials (select)
+  int count;                      // candidates in the buffer
+  int sel_digit, sel_gt, sel_in;
+  int wcnt[2][kUnroll][kWarps];   // per-warp kept counts (compaction), double-buffered
+  int ccnt[kMaxChildren];         // candidate counts of the children being merged
+};
+
+struct Params {
+  const __nv_bfloat16* q;
+  int64_t q_st, q_sh;
+  const float* w;
+  int64_t w_st;
+  const __nv_bfloat16* keys;
+  int64_t k_sb, k_sc;
+  const int32_t* rows;
+  const int32_t* n_valid;
+  int32_t* out;
+  int64_t out_st;
+  float* scan_sum;
+  u64* ws_rank0;        // [T_pad][n_splits][slot_stride]
+  int32_t* ws_count0;   // [T_pad][n_splits]
+  u64* ws_rank1;        // [T_pad][n_l1][slot_stride]
+  int32_t* ws_count1;   // [T_pad][n_l1]
+  int32_t* arrive1;     // [n_groups][n_l1]
+  int32_t* arrive_root; // [n_groups]
+  int T, H, B, C, topk;
+  int n_groups, n_splits, fan1, n_l1;
+  int slot_stride, cap, stages, min_chunk;
+};
+
+// ------------------------------------------------------------------------------------------
+// PTX helpers
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  if (n <= 0) cp_async_wait<0>();
+  else if (n == 1) cp_async_wait<1>();
+  else cp_async_wait<2>();
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& a0, uint32_t& a1,
+                                            uint32_t& a2, uint32_t& a3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// ------------------------------------------------------------------------------------------
+// ranks and group synchronisation
+// ------------------------------------------------------------------------------------------
+// rank = ordered(score) << 32 | ~index; false for NaN (never a candidate). Valid ranks are > 0
+// (-inf maps to 0x007FFFFF), so 0 can pad the sort.
+__device__ __forceinline__ bool make_rank(float s, int idx, u64& r) {
+  if (s != s) return false;
+  s = __fadd_rn(s, 0.0f);  // -0.0 -> +0.0 (equal scores tie on the index)
+  const uint32_t b = __float_as_uint(s);
+  const uint32_t key = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  r = (static_cast<u64>(key) << 32) | static_cast<u64>(~static_cast<uint32_t>(idx));
+  return true;
+}
+
+__device__ __forceinline__ int32_t rank_index(u64 r) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(r));
+}
+
+// Barrier over the threads that serve one query: the CTA (QPC 1), a warp (QPC 8), or a named
+// barrier (QPC 2, 4).
+template <int QPC>
+__device__ __forceinline__ void gsync(int qi) {
+  if constexpr (QPC == 1) {
+    __syncthreads();
+  } else if constexpr (QPC == kWarps) {
+    __syncwarp();
+  } else {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(qi + 1), "n"(kThreads / QPC) : "memory");
+  }
+}
+
+// Appends the lanes' ranks with ok set (whole warp calls).
+__device__ __forceinline__ void warp_append(bool ok, u64 rank, u64* cand, QState* st) {
+  const unsigned ball = __ballot_sync(kFull, ok);
+  if (ball == 0) return;
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  if (lane == 0) base = atomicAdd(&st->count, __popc(ball));
+  base = __shfl_sync(kFull, base, 0);
+  if (ok) cand[base + __popc(ball & ((1u << lane) - 1u))] = rank;
+}
+
+// Cuts the buffer down to the k highest ranks (exact; ranks are distinct) and raises thr.
+// Called by all NT threads of the query's group, after a group barrier; st->count > k.
+template <int QPC>
+__device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, int qi) {
+  constexpr int NT = kThreads / QPC;
+  constexpr int NW = NT / 32;
+  const int lane = gtid & 31, wq = gtid >> 5;
+  const int n = st->count;
+  if (n <= k) return;
+
+  // Min / max: the bits above the highest differing bit are common to all candidates.
+  u64 mn = ~0ull, mx = 0ull;
+  for (int base = 0; base < n; base += NT * kUnroll) {
+    u64 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * NT + gtid;
+      r[u] = i < n ? cand[i] : cand[0];  // cand[0] is a real candidate: neutral for min / max
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      mn = r[u] < mn ? r[u] : mn;
+      mx = r[u] > mx ? r[u] : mx;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const u64 a = __shfl_xor_sync(kFull, mn, off);
+    const u64 b = __shfl_xor_sync(kFull, mx, off);
+    mn = a < mn ? a : mn;
+    mx = b > mx ? b : mx;
+  }
+  if constexpr (NW > 1) {
+    if (lane == 0) {
+      st->red[0][wq] = mn;
+      st->red[1][wq] = mx;
+    }
+    gsync<QPC>(qi);
+    mn = st->red[0][0];
+    mx = st->red[1][0];
+#pragma unroll
+    for (int w = 1; w < NW; ++w) {
+      const u64 a = st->red[0][w], b = st->red[1][w];
+      mn = a < mn ? a : mn;
+      mx = b > mx ? b : mx;
+    }
+  }
+  // n >= 2 distinct ranks, so mn != mx.
+  int top = 64 - __clzll(static_cast<long long>(mn ^ mx));  // undecided bits: [0, top)
+  u64 prefix = top >= 64 ? 0ull : (mx & (~0ull << top));
+  int needed = k;
+  u64 thr;
+  for (;;) {
+    const int width = top < 8 ? top : 8;
+    const int lo = top - width;
+    const u64 himask = top >= 64 ? 0ull : (~0ull << top);
+    const uint32_t dmask = (1u << width) - 1u;
+    for (int b = gtid; b < 256; b += NT) hist[b] = 0;
+    gsync<QPC>(qi);
+    for (int base = 0; base < n; base += NT * kUnroll) {
+      int bin[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * NT + gtid;
+        const u64 r = i < n ? cand[i] : 0ull;
+        bin[u] = (i < n && (r & himask) == prefix)
+                     ? static_cast<int>(static_cast<uint32_t>(r >> lo) & dmask)
+                     : -1;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        // Plateaus put a whole warp into one bin: one atomic instead of 32 serialised ones.
+        const int b0 = __shfl_sync(kFull, bin[u], 0);
+        if (__all_sync(kFull, bin[u] == b0)) {
+          if (lane == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
+        } else if (bin[u] >= 0) {
+          atomicAdd(&hist[bin[u]], 1);
+        }
+      }
+    }
+    gsync<QPC>(qi);
+    if (wq == 0) {  // the bin holding the needed-th largest: lane l scans bins [8l, 8l+8)
+      int c[8];
+      int tot = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        c[e] = hist[lane * 8 + e];
+        tot += c[e];
+      }
+      int incl = tot;  // sum over lanes >= lane
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_down_sync(kFull, incl, off);
+        if (lane + off < 32) incl += v;
+      }
+      const int above = incl - tot;
+      if (above < needed && incl >= needed) {
+        int cum = above;
+#pragma unroll
+        for (int e = 7; e >= 0; --e) {
+          if (cum + c[e] >= needed) {
+            st->sel_digit = lane * 8 + e;
+            st->sel_gt = cum;
+            st->sel_in = c[e];
+            break;
+          }
+          cum += c[e];
+        }
+      }
+    }
+    gsync<QPC>(qi);
+    const int d = st->sel_digit, gt = st->sel_gt, in = st->sel_in;
+    prefix |= static_cast<u64>(d) << lo;
+    needed -= gt;
+    top = lo;
+    if (in == needed || top == 0) {
+      thr = prefix;  // keep exactly the ranks >= prefix (all of bin d is kept)
+      break;
+    }
+  }
+
+  // In-place compaction of the kept ranks to [0, k), kUnroll * NT elements per step: all of a
+  // step's elements are read before any is written, and every write goes to a position <= the
+  // element's own (kept elements keep their order).
+  const unsigned lt = (1u << lane) - 1u;
+  int out = 0, parity = 0;
+  for (int base = 0; base < n; base += NT * kUnroll) {
+    u64 r[kUnroll];
+    unsigned ball[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * NT + gtid;
+      r[u] = i < n ? cand[i] : 0ull;
+      ball[u] = __ballot_sync(kFull, i < n && r[u] >= thr);
+    }
+    if constexpr (NW == 1) {
+      __syncwarp();
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if ((ball[u] >> lane) & 1u) cand[out + __popc(ball[u] & lt)] = r[u];
+        out += __popc(ball[u]);
+      }
+    } else {
+      if (lane == 0) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) st->wcnt[parity][u][wq] = __popc(ball[u]);
+      }
+      gsync<QPC>(qi);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        int before = 0, total = 0;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+          const int c = st->wcnt[parity][u][w];
+          total += c;
+          before += w < wq ? c : 0;
+        }
+        if ((ball[u] >> lane) & 1u) cand[out + before + __popc(ball[u] & lt)] = r[u];
+        out += total;
+      }
+      parity ^= 1;
+    }
+  }
+  gsync<QPC>(qi);
+  if (gtid == 0) {
+    st->count = k;
+    st->thr = thr;
+  }
+  gsync<QPC>(qi);
+}
+
+// Bitonic sort of cand[0, n) in descending order (pads to a power of two with 0 < any rank).
+template <int QPC>
+__device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
+  constexpr int NT = kThreads / QPC;
+  int P = 1;
+  while (P < n) P <<= 1;
+  for (int i = n + gtid; i < P; i += NT) cand[i] = 0;
+  gsync<QPC>(qi);
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = gtid; i < (P >> 1); i += NT) {
+        const int lo = 2 * i - (i & (stride - 1));
+        const int hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const u64 a = cand[lo], b = cand[hi];
+        if ((a < b) == desc) {
+          cand[lo] = b;
+          cand[hi] = a;
+        }
+      }
+      gsync<QPC>(qi);
+    }
+  }
+}
+
+template <int QPC>
+__device__ void write_indices(const Params& p, const u64* cand, int n, int t, int gtid) {
+  constexpr int NT = kThreads / QPC;
+  int32_t* o = p.out + static_cast<int64_t>(t) * p.out_st;
+  for (int i = gtid; i < p.topk; i += NT) o[i] = i < n ? rank_index(cand[i]) : -1;
+}
+
+// Final step for one query's buffer: select to k, then either sort + write the indices, or
+// store the (unsorted) candidates in a workspace slot.
+template <int QPC>
+__device__ void finish_query(const Params& p, u64* cand, QState* st, int* hist, int t, int gtid,
+                             int qi, bool to_output, u64* slot_rank, int32_t* slot_count) {
+  constexpr int NT = kThreads / QPC;
+  if (st->count > p.topk) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+  const int n = st->count < p.topk ? st->count : p.topk;
+  if (to_output) {
+    sort_desc<QPC>(cand, n, gtid, qi);
+    write_indices<QPC>(p, cand, n, t, gtid);
+  } else {
+    for (int i = gtid; i < n; i += NT) slot_rank[i] = cand[i];
+    if (gtid == 0) *slot_count = n;
+  }
+}
+
+// Merges the candidate slots [c0, c1) of query t (slots of `n_children` per query; the slots of
+// one query are contiguous, so the children form one flat array of (c1 - c0) * slot_stride
+// entries, read in rounds of kRound with every load of a round in flight at once).
+template <int QPC>
+__device__ void merge_slots(const Params& p, u64* cand, QState* st, int* hist, int t, int gtid,
+                            int qi, const u64* ranks, const int32_t* counts, int n_children,
+                            int c0, int c1, bool to_output, u64* dst_rank, int32_t* dst_count) {
+  constexpr int NT = kThreads / QPC;
+  constexpr int kRound = NT * 2 * kMergePairs;
+  const int nch = c1 - c0;  // <= kMaxChildren (host plan)
+  const int64_t first = static_cast<int64_t>(t) * n_children + c0;
+  if (gtid == 0) {
+    st->count = 0;
+    st->thr = 0;
+  }
+  if (gtid < nch) st->ccnt[gtid] = __ldcg(counts + first + gtid);
+  gsync<QPC>(qi);
+  const u64* src = ranks + first * p.slot_stride;
+  const int span = nch * p.slot_stride;
+  for (int base = 0; base < span; base += kRound) {
+    const u64 thr = st->thr;
+    uint4 v[kMergePairs];
+    int lim[kMergePairs];  // valid candidates in the pair: 0, 1 or 2
+#pragma unroll
+    for (int u = 0; u < kMergePairs; ++u) {
+      const int e = base + (u * NT + gtid) * 2;  // even; slot_stride is a multiple of 16
+      lim[u] = 0;
+      if (e < span) {
+        const int c = e / p.slot_stride;
+        const int cnt = st->ccnt[c] - (e - c * p.slot_stride);
+        lim[u] = cnt < 0 ? 0 : (cnt > 2 ? 2 : cnt);
+      }
+      v[u] = lim[u] > 0 ? __ldcg(reinterpret_cast<const uint4*>(src + e)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kMergePairs; ++u) {
+      const u64 r0 = (static_cast<u64>(v[u].y) << 32) | v[u].x;
+      const u64 r1 = (static_cast<u64>(v[u].w) << 32) | v[u].z;
+      warp_append(lim[u] > 0 && r0 >= thr, r0, cand, st);
+      warp_append(lim[u] > 1 && r1 >= thr, r1, cand, st);
+    }
+    gsync<QPC>(qi);
+    const int now = st->count;
+    gsync<QPC>(qi);
+    if (now > p.cap - kRound) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+  }
+  gsync<QPC>(qi);
+  finish_query<QPC>(p, cand, st, hist, t, gtid, qi, to_output, dst_rank, dst_count);
+}
+
+// ------------------------------------------------------------------------------------------
+// scoring
+// ------------------------------------------------------------------------------------------
+template <int D, int TILE>
+__device__ __forceinline__ void load_tile(uint32_t stage, const __nv_bfloat16* krow,
+                                          int64_t k_sc, int s_first, int s_end) {
+  constexpr int NCH = D / 8, RB = D * 2;
+#pragma unroll
+  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
+    const int i = u * kThreads + static_cast<int>(threadIdx.x);
+    const int r = i / NCH, c = i % NCH;
+    const int s = s_first + r;
+    if (s < s_end) {
+      cp_async16(stage + r * RB + ((c ^ (r & 7)) << 4), krow + static_cast<int64_t>(s) * k_sc + c * 8);
+    }
+  }
+}
+
+// q block of heads [hb*64, hb*64+64) of query t as mma B fragments (0 for heads >= H), and
+// the block's weights in the warp's shared-memory row w_s[64] (whole warp calls).
+template <int D>
+__device__ __forceinline__ void load_q(const Params& p, int t, int hb, int lane,
+                                       uint32_t (&qf)[D / 16][8][2], float* w_s) {
+  const int g = lane >> 2, tq = lane & 3;
+  const __nv_bfloat16* qt = p.q + static_cast<int64_t>(t) * p.q_st;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int h = hb * kHeadBlock + nt * 8 + g;
+    const bool ok = h < p.H;
+    const __nv_bfloat16* qh = qt + static_cast<int64_t>(ok ? h : 0) * p.q_sh + 2 * tq;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      qf[ks][nt][0] = ok ? __ldg(reinterpret_cast<const unsigned int*>(qh + ks * 16)) : 0u;
+      qf[ks][nt][1] = ok ? __ldg(reinterpret_cast<const unsigned int*>(qh + ks * 16 + 8)) : 0u;
+    }
+  }
+  const float* wt = p.w + static_cast<int64_t>(t) * p.w_st + hb * kHeadBlock;
+  const int hlim = p.H - hb * kHeadBlock;
+  __syncwarp();  // earlier readers of w_s are done
+  w_s[lane] = lane < hlim ? __ldg(wt + lane) : 0.f;
+  w_s[lane + 32] = lane + 32 < hlim ? __ldg(wt + lane + 32) : 0.f;
+  __syncwarp();
+}
+
+// Scores of the 16 keys of m-tile m (rows g and g+8 of the lane), summed over this lane's 16
+// heads of the head block into p0 / p1. kMasked: skip heads >= hlim (their padded q is 0,
+// but 0 * inf would turn into NaN).
+template <int D, bool kMasked>
+__device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
+                                            const uint32_t (&qf)[D / 16][8][2],
+                                            const float* w_s, int hlim, float& p0, float& p1) {
+  constexpr int RB = D * 2;
+  const int mat = lane >> 3, rr = lane & 7, tq = lane & 3;
+  const uint32_t row_addr = stage + (m * 16 + rr + ((mat & 1) << 3)) * RB;
+  float acc[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+  }
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int chunk = ks * 2 + (mat >> 1);
+    uint32_t a0, a1, a2, a3;
+    ldmatrix_x4(row_addr + ((chunk ^ rr) << 4), a0, a1, a2, a3);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) mma_bf16(acc[nt], a0, a1, a2, a3, qf[ks][nt][0], qf[ks][nt][1]);
+  }
+  float e0[2] = {0.f, 0.f}, e1[2] = {0.f, 0.f};  // two FMA chains per row (latency)
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 w2 = *reinterpret_cast<const float2*>(w_s + nt * 8 + 2 * tq);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float wv = c ? w2.y : w2.x;
+      float x0 = acc[nt][c], x1 = acc[nt][2 + c];
+      x0 = x0 < 0.f ? 0.f : x0;  // ReLU that keeps NaN (as torch.relu)
+      x1 = x1 < 0.f ? 0.f : x1;
+      if (!kMasked || nt * 8 + 2 * tq + c < hlim) {
+        e0[c] = fmaf(wv, x0, e0[c]);
+        e1[c] = fmaf(wv, x1, e1[c]);
+      }
+    }
+  }
+  p0 += e0[0] + e0[1];
+  p1 += e1[0] + e1[1];
+}
+
+// ------------------------------------------------------------------------------------------
+// the kernel
+// ------------------------------------------------------------------------------------------
+template <int D, int QPC, int TILE, bool kScanOnly>
+__global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
+  constexpr int WPQ = kWarps / QPC;          // warps per query
+  constexpr int NT = kThreads / QPC;         // threads per query
+  constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
+  constexpr int TILE_BYTES = TILE * D * 2;
+  constexpr unsigned kAllDone = (1u << QPC) - 1u;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_row[QPC], s_nv[QPC];
+  __shared__ int s_flag;
+  __shared__ __align__(16) float s_w[kWarps][kHeadBlock];  // each warp's copy of its weights
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int qi = warp / WPQ, kw = warp % WPQ;
+  const int gtid = tid - qi * NT;
+  const int g_lane = lane >> 2, tq = lane & 3;
+
+  // Shared memory: [stages key tiles][QState x QPC][hist 256 x QPC][cand cap x QPC].
+  QState* const states = reinterpret_cast<QState*>(smem + p.stages * TILE_BYTES);
+  int* const hists = reinterpret_cast<int*>(states + QPC);
+  u64* const cands = reinterpret_cast<u64*>(hists + QPC * 256);
+  QState* const st = states + qi;
+  int* const hist = hists + qi * 256;
+  u64* const cand = cands + static_cast<int64_t>(qi) * p.cap;
+  const uint32_t tiles = smem_u32(smem);
+
+  const int work = blockIdx.x;
+  const int g = p.n_groups - 1 - work / p.n_splits;  // heaviest (causal) groups first
+  const int j = work % p.n_splits;
+  const int t = g * QPC + qi;
+
+  if (tid < QPC) {
+    const int tt = g * QPC + tid;
+    int r = -2, nv = 0;  // -2: no query in this slot
+    if (tt < p.T) {
+      r = p.rows[tt];
+      nv = p.n_valid[tt];
+      nv = nv < 0 ? 0 : (nv > p.C ? p.C : nv);
+      if (r < 0 || r >= p.B) {
+        r = -1;
+        nv = 0;
+      }
+    }
+    s_row[tid] = r;
+    s_nv[tid] = nv;
+  }
+  __syncthreads();
+
+  unsigned done = 0;
+#pragma unroll
+  for (int i = 0; i < QPC; ++i) done |= s_row[i] == -2 ? (1u << i) : 0u;
+
+  uint32_t qf[D / 16][8][2];
+  float* const w_s = s_w[warp];
+  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
+
+  // Queries of the group that share a row are scored together (normally all of them).
+  while (done != kAllDone) {
+    const int lead = __ffs(~done) - 1;
+    const int lead_row = s_row[lead];
+    unsigned active = 0;
+    int nv_max = 0;
+#pragma unroll
+    for (int i = 0; i < QPC; ++i) {
+      if (!((done >> i) & 1u) && s_row[i] == lead_row) {
+        active |= 1u << i;
+        nv_max = s_nv[i] > nv_max ? s_nv[i] : nv_max;
+      }
+    }
+    done |= active;
+    const bool me = (active >> qi) & 1u;
+
+    // This split's key range [s_begin, s_end) of the row.
+    int64_t L = (static_cast<int64_t>(nv_max) + p.n_splits - 1) / p.n_splits;
+    L = (L + TILE - 1) / TILE * TILE;
+    L = L > p.min_chunk ? L : p.min_chunk;
+    const int64_t sb = static_cast<int64_t>(j) * L;
+    const int s_begin = sb < nv_max ? static_cast<int>(sb) : nv_max;
+    const int s_end = sb + L < nv_max ? static_cast<int>(sb + L) : nv_max;
+    const int n_tiles = (s_end - s_begin + TILE - 1) / TILE;
+    const int my_nv = s_nv[qi];
+    const int hi = s_end < my_nv ? s_end : my_nv;  // this query's keys: [s_begin, hi)
+    const __nv_bfloat16* krow =
+        p.keys + (lead_row >= 0 ? static_cast<int64_t>(lead_row) * p.k_sb : 0);
+
+    if (me && gtid == 0) {
+      st->count = 0;
+      st->thr = 0;
+    }
+    if (me && n_hb == 1) load_q<D>(p, t, 0, lane, qf, w_s);
+    float scan_acc = 0.f;
+    __syncthreads();
+
+    for (int s = 0; s < p.stages - 1; ++s) {
+      if (s < n_tiles) load_tile<D, TILE>(tiles + s * TILE_BYTES, krow, p.k_sc, s_begin + s * TILE, s_end);
+      cp_async_commit();
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+      cp_async_wait_dyn(p.stages - 2);
+      __syncthreads();  // tile `it` visible; stage (it-1) % stages free
+      {
+        const int nx = it + p.stages - 1;
+        if (nx < n_tiles) {
+          load_tile<D, TILE>(tiles + (nx % p.stages) * TILE_BYTES, krow, p.k_sc, s_begin + nx * TILE,
+                             s_end);
+        }
+        cp_async_commit();
+      }
+      if (me) {
+        const uint32_t stage = tiles + (it % p.stages) * TILE_BYTES;
+        const int tile_s0 = s_begin + it * TILE;
+        const u64 thr = kScanOnly ? 0ull : st->thr;
+#pragma unroll 1
+        for (int mi = 0; mi < MT; ++mi) {
+          const int m = kw + WPQ * mi;
+          const int s0 = tile_s0 + m * 16;
+          if (s0 >= hi) break;  // warp-uniform; later m-tiles start even further
+          float a = 0.f, b = 0.f;
+#pragma unroll 1
+          for (int hb = 0; hb < n_hb; ++hb) {
+            if (n_hb > 1) load_q<D>(p, t, hb, lane, qf, w_s);
+            const int hlim = p.H - hb * kHeadBlock;
+            if (hlim >= kHeadBlock) score_mtile<D, false>(stage, m, lane, qf, w_s, hlim, a, b);
+            else score_mtile<D, true>(stage, m, lane, qf, w_s, hlim, a, b);
+          }
+          a += __shfl_xor_sync(kFull, a, 1);
+          a += __shfl_xor_sync(kFull, a, 2);
+          b += __shfl_xor_sync(kFull, b, 1);
+          b += __shfl_xor_sync(kFull, b, 2);
+          const int s = s0 + g_lane + (tq & 1) * 8;  // lane tq 0: row g, tq 1: row g + 8
+          const float sc = (tq & 1) ? b : a;
+          const bool in_range = tq < 2 && s < hi;
+          if constexpr (kScanOnly) {
+            if (in_range) scan_acc += sc;
+          } else {
+            u64 r = 0;
+            const bool ok = in_range && make_rank(sc, s, r) && r >= thr;
+            warp_append(ok, r, cand, st);
+          }
+        }
+      }
+      if constexpr (!kScanOnly) {
+        gsync<QPC>(qi);  // this tile's appends are done
+        if (me && st->count > p.cap - TILE) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    if constexpr (kScanOnly) {
+      if (me) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) scan_acc += __shfl_xor_sync(kFull, scan_acc, off);
+        if (lane == 0) atomicAdd(p.scan_sum + t, scan_acc);
+      }
+    } else if (me) {
+      const int64_t slot = static_cast<int64_t>(t) * p.n_splits + j;
+      finish_query<QPC>(p, cand, st, hist, t, gtid, qi, p.n_splits == 1,
+                        p.ws_rank0 + slot * p.slot_stride, p.ws_count0 + slot);
+    }
+    __syncthreads();
+  }
+
+  if constexpr (!kScanOnly) {
+    if (p.n_splits == 1) return;
+    // Split-K style merge: the last CTA to arrive at a node merges its children.
+    __threadfence();
+    __syncthreads();
+    const int node = j / p.fan1;
+    if (tid == 0) {
+      bool last;
+      if (p.n_l1 > 1) {
+        const int rest = p.n_splits - node * p.fan1;
+        const int nch = rest < p.fan1 ? rest : p.fan1;
+        last = atomicAdd(p.arrive1 + static_cast<int64_t>(g) * p.n_l1 + node, 1) == nch - 1;
+      } else {
+        last = atomicAdd(p.arrive_root + g, 1) == p.n_splits - 1;
+      }
+      s_flag = last ? 1 : 0;
+    }
+    __syncthreads();
+    if (!s_flag) return;
+    __threadfence();
+    const bool my_q = t < p.T;
+    if (p.n_l1 > 1) {
+      const int c0 = node * p.fan1;
+      const int c1 = c0 + p.fan1 < p.n_splits ? c0 + p.fan1 : p.n_splits;
+      const int64_t slot1 = static_cast<int64_t>(t) * p.n_l1 + node;
+      if (my_q) {
+        merge_slots<QPC>(p, cand, st, hist, t, gtid, qi, p.ws_rank0, p.ws_count0, p.n_splits, c0,
+                         c1, false, p.ws_rank1 + slot1 * p.slot_stride, p.ws_count1 + slot1);
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) s_flag = atomicAdd(p.arrive_root + g, 1) == p.n_l1 - 1 ? 1 : 0;
+      __syncthreads();
+      if (!s_flag) return;
+      __threadfence();
+      if (my_q) {
+        merge_slots<QPC>(p, cand, st, hist, t, gtid, qi, p.ws_rank1, p.ws_count1, p.n_l1, 0,
+                         p.n_l1, true, nullptr, nullptr);
+      }
+    } else if (my_q) {
+      merge_slots<QPC>(p, cand, st, hist, t, gtid, qi, p.ws_rank0, p.ws_count0, p.n_splits, 0,
+                       p.n_splits, true, nullptr, nullptr);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// host side: launch plan
+// ------------------------------------------------------------------------------------------
+struct DevInfo {
+  int sms = 0;
+  int max_smem = 0;
+};
+
+cudaError_t device_info(int device, DevInfo& di) {
+  static DevInfo cache[64];
+  if (device >= 0 && device < 64 && cache[device].sms > 0) {
+    di = cache[device];
+    return cudaSuccess;
+  }
+  cudaError_t e = cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&di.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  if (device >= 0 && device < 64) cache[device] = di;
+  return cudaSuccess;
+}
+
+struct Plan {
+  bool ok = false;
+  int qpc = 1, n_groups = 0, n_splits = 1, fan1 = 1, n_l1 = 1;
+  int slot_stride = 0, cap = 0, stages = 0, min_chunk = 0, tile = 128;
+  size_t smem = 0;
+  size_t off_arrive1 = 0, off_root = 0, memset_bytes = 0;
+  size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+bool args_ok(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk) {
+  return T >= 0 && T <= INT_MAX && B >= 0 && B <= INT_MAX && C >= 0 && C <= INT_MAX && H >= 1 &&
+         H <= INT_MAX / 2 && (D == 64 || D == 128) && topk >= 1 && topk <= kIndexerMaxTopk;
+}
+
+Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const DevInfo& di) {
+  Plan pl;
+  if (T <= 0) return pl;
+  // Prefill-like calls (many queries per key row, consecutive in t): 8 queries per CTA share
+  // each key tile. Decode: one query per CTA, its key range split over CTAs.
+  pl.qpc = (T >= 8 * std::max<int64_t>(B, 1) && T >= 64) ? 8 : 1;
+  pl.n_groups = static_cast<int>((T + pl.qpc - 1) / pl.qpc);
+  const int nt = kThreads / pl.qpc;
+  const int tile = tile_keys(pl.qpc, D);
+  pl.tile = tile;
+  const int64_t round = std::max<int64_t>(tile, static_cast<int64_t>(nt) * 2 * kMergePairs);
+  int64_t pow2 = 1;
+  while (pow2 < topk) pow2 <<= 1;
+  const int64_t need = std::max<int64_t>(topk + round, pow2);
+  const int64_t tile_bytes = static_cast<int64_t>(tile) * D * 2;
+  const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int));
+  const int64_t margin = 3072;  // static shared memory of the kernel (2.1 KB) + slack
+  // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
+  // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
+  int stages = D == 64 ? 4 : (pl.qpc == 1 && tile == 256 && topk > 512 ? 2 : 3);
+  if (tile == 128 && pl.qpc == 1) stages = 4;
+  if (g_stages >= 2 && g_stages <= 4) stages = g_stages;
+  for (; stages >= 2; --stages) {
+    const int64_t avail = di.max_smem - stages * tile_bytes - fixed - margin;
+    int64_t cap = avail / (pl.qpc * 8);
+    cap = std::min<int64_t>(cap, topk + 8192);
+    cap = cap / 64 * 64;
+    if (cap >= need) {
+      pl.cap = static_cast<int>(cap);
+      pl.stages = stages;
+      break;
+    }
+  }
+  if (pl.cap == 0) return pl;
+  pl.smem = static_cast<size_t>(pl.stages * tile_bytes + fixed) +
+            static_cast<size_t>(pl.qpc) * pl.cap * sizeof(u64);
+  pl.min_chunk = static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
+
+  int64_t splits = std::max<int64_t>(1, di.sms / pl.n_groups);
+  const int64_t by_capacity = std::max<int64_t>(1, (C + pl.min_chunk - 1) / pl.min_chunk);
+  splits = std::min<int64_t>(std::min<int64_t>(splits, by_capacity), 1024);
+  pl.n_splits = static_cast<int>(splits);
+  if (pl.n_splits > 16) {
+    pl.fan1 = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(pl.n_splits))));
+    pl.n_l1 = (pl.n_splits + pl.fan1 - 1) / pl.fan1;
+  } else {
+    pl.fan1 = pl.n_splits;
+    pl.n_l1 = 1;
+  }
+  if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
+  pl.slot_stride = static_cast<int>(round_up(topk, 16));
+  if (pl.n_splits > 1) {
+    const int64_t t_pad = static_cast<int64_t>(pl.n_groups) * pl.qpc;
+    size_t off = 0;
+    auto take = [&off](size_t bytes) {
+      const size_t at = off;
+      off += static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 256));
+      return at;
+    };
+    const size_t n1 = pl.n_l1 > 1 ? static_cast<size_t>(pl.n_l1) : 0;
+    pl.off_arrive1 = off;
+    const size_t counter_ints = static_cast<size_t>(pl.n_groups) * (n1 + 1);
+    pl.off_root = pl.off_arrive1 + static_cast<size_t>(pl.n_groups) * n1 * sizeof(int32_t);
+    pl.memset_bytes = counter_ints * sizeof(int32_t);
+    take(pl.memset_bytes);
+    pl.off_count0 = take(static_cast<size_t>(t_pad) * pl.n_splits * sizeof(int32_t));
+    pl.off_count1 = take(static_cast<size_t>(t_pad) * n1 * sizeof(int32_t));
+    pl.off_rank0 = take(static_cast<size_t>(t_pad) * pl.n_splits * pl.slot_stride * sizeof(u64));
+    pl.off_rank1 = take(static_cast<size_t>(t_pad) * n1 * pl.slot_stride * sizeof(u64));
+    pl.ws_bytes = off;
+  }
+  pl.ok = true;
+  return pl;
+}
+
+template <int D, int QPC, int TILE, bool kScanOnly>
+cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
+  if (pl.tile != TILE) return cudaErrorInvalidValue;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(pl.smem));
+  if (e != cudaSuccess) return e;
+  const int64_t grid = static_cast<int64_t>(pl.n_groups) * pl.n_splits;
+  if (grid > INT_MAX) return cudaErrorInvalidValue;
+  kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
+  return cudaGetLastError();
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Shared argument checks and Params setup of indexer_topk / indexer_topk_scan_only.
+cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
+                    const void* keys, int64_t k_sb, int64_t k_sc, const int32_t* rows,
+                    const int32_t* n_valid, int64_t T, int64_t H, int64_t D, int64_t B,
+                    int64_t C, int64_t topk, Params& prm, Plan& pl) {
+  if (!args_ok(T, B, C, H, D, topk)) return cudaErrorInvalidValue;
+  if (T == 0) return cudaSuccess;
+  if (q == nullptr || w == nullptr || rows == nullptr || n_valid == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (!aligned(q, 4) || q_st % 2 != 0 || q_sh % 2 != 0) return cudaErrorInvalidValue;
+  if (B > 0 && C > 0) {
+    if (keys == nullptr || !aligned(keys, 16) || k_sb % 8 != 0 || k_sc % 8 != 0) {
+      return cudaErrorInvalidValue;
+    }
+  }
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  DevInfo di;
+  e = device_info(device, di);
+  if (e != cudaSuccess) return e;
+  pl = make_plan(T, B, C, D, topk, di);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  prm = Params{};
+  prm.q = static_cast<const __nv_bfloat16*>(q);
+  prm.q_st = q_st;
+  prm.q_sh = q_sh;
+  prm.w = w;
+  prm.w_st = w_st;
+  prm.keys = static_cast<const __nv_bfloat16*>(keys);
+  prm.k_sb = k_sb;
+  prm.k_sc = k_sc;
+  prm.rows = rows;
+  prm.n_valid = n_valid;
+  prm.T = static_cast<int>(T);
+  prm.H = static_cast<int>(H);
+  prm.B = static_cast<int>(B);
+  prm.C = (B > 0) ? static_cast<int>(C) : 0;
+  prm.topk = static_cast<int>(topk);
+  prm.n_groups = pl.n_groups;
+  prm.n_splits = pl.n_splits;
+  prm.fan1 = pl.fan1;
+  prm.n_l1 = pl.n_l1;
+  prm.slot_stride = pl.slot_stride;
+  prm.cap = pl.cap;
+  prm.stages = pl.stages;
+  prm.min_chunk = pl.min_chunk;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
+  g_decode_tile = decode_tile_keys;
+  g_stages = stages;
+}
+
+size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
+                                    int64_t heads, int64_t head_dim, int64_t topk, int device) {
+  if (!args_ok(tokens, batch, capacity, heads, head_dim, topk) || tokens == 0) return 0;
+  DevInfo di;
+  if (device_info(device, di) != cudaSuccess) return 0;
+  const Plan pl = make_plan(tokens, batch, capacity, head_dim, topk, di);
+  return pl.ok ? pl.ws_bytes : 0;
+}
+
+cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                         const float* weights, int64_t w_stride_t, const void* keys,
+                         int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
+                         const int32_t* n_valid, int32_t* indices, int64_t idx_stride_t,
+                         int64_t tokens, int64_t heads, int64_t head_dim, int64_t batch,
+                         int64_t capacity, int64_t topk, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+  Params prm;
+  Plan pl;
+  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t, keys, k_stride_b,
+                          k_stride_c, rows, n_valid, tokens, heads, head_dim, batch, capacity,
+                          topk, prm, pl);
+  if (e != cudaSuccess || tokens == 0) return e;
+  if (indices == nullptr) return cudaErrorInvalidValue;
+  if (workspace_bytes < pl.ws_bytes || (pl.ws_bytes > 0 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (pl.ws_bytes > 0 && !aligned(workspace, 256)) return cudaErrorInvalidValue;
+  prm.out = indices;
+  prm.out_st = idx_stride_t;
+  if (pl.n_splits > 1) {
+    char* ws = static_cast<char*>(workspace);
+    prm.arrive1 = reinterpret_cast<int32_t*>(ws + pl.off_arrive1);
+    prm.arrive_root = reinterpret_cast<int32_t*>(ws + pl.off_root);
+    prm.ws_count0 = reinterpret_cast<int32_t*>(ws + pl.off_count0);
+    prm.ws_count1 = reinterpret_cast<int32_t*>(ws + pl.off_count1);
+    prm.ws_rank0 = reinterpret_cast<u64*>(ws + pl.off_rank0);
+    prm.ws_rank1 = reinterpret_cast<u64*>(ws + pl.off_rank1);
+    e = cudaMemsetAsync(ws + pl.off_arrive1, 0, pl.memset_bytes, stream);
+    if (e != cudaSuccess) return e;
+  }
+  if (head_dim == 128) {
+    if (pl.qpc == 8) return launch_kernel<128, 8, 128, false>(prm, pl, stream);
+    return pl.tile == 128 ? launch_kernel<128, 1, 128, false>(prm, pl, stream)
+                          : launch_kernel<128, 1, 256, false>(prm, pl, stream);
+  }
+  return pl.qpc == 8 ? launch_kernel<64, 8, 128, false>(prm, pl, stream)
+                     : launch_kernel<64, 1, 256, false>(prm, pl, stream);
+}
+
+cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                                   const float* weights, int64_t w_stride_t, const void* keys,
+                                   int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
+                                   const int32_t* n_valid, float* score_sum, int64_t tokens,
+                                   int64_t heads, int64_t head_dim, int64_t batch,
+                                   int64_t capacity, int64_t topk, cudaStream_t stream) {
+  if (head_dim != 128) return cudaErrorInvalidValue;
+  Params prm;
+  Plan pl;
+  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t, keys, k_stride_b,
+                          k_stride_c, rows, n_valid, tokens, heads, head_dim, batch, capacity,
+                          topk, prm, pl);
+  if (e != cudaSuccess || tokens == 0) return e;
+  if (score_sum == nullptr) return cudaErrorInvalidValue;
+  prm.scan_sum = score_sum;
+  if (pl.qpc == 8) return launch_kernel<128, 8, 128, true>(prm, pl, stream);
+  return pl.tile == 128 ? launch_kernel<128, 1, 128, true>(prm, pl, stream)
+                        : launch_kernel<128, 1, 256, true>(prm, pl, stream);
+}
+
+}  // namespace dsv4

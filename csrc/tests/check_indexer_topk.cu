@@ -1,0 +1,635 @@
+// Standalone check of dsv4::indexer_topk (no torch): random inputs on the GPU, compared with a
+// CPU loop in double precision. Prints PASS / FAIL (exit 1) or "SKIP: no CUDA device" (exit 0).
+//
+// Exact cases use integer-valued q / keys and power-of-two weights: every score is exact in
+// fp32 whatever the summation order, so the kernel must reproduce the reference bit for bit,
+// including the order of equal scores (lowest index first), NaN exclusion and -1 padding.
+// Float cases (random normal data) check the selected SET with a tolerance: every selected
+// score >= every unselected score - tol, descending order within tol, exact -1 counts.
+// With an argument "--bench" it also times the benchmark shapes (decode and causal prefill)
+// with cold L2, and the scan alone (indexer_topk_scan_only).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "dsv4/indexer_topk.h"
+
+#define CHECK_CUDA(expr)                                                               \
+  do {                                                                                 \
+    cudaError_t err_ = (expr);                                                         \
+    if (err_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "FAIL: %s: %s (%s:%d)\n", #expr, cudaGetErrorString(err_),  \
+                   __FILE__, __LINE__);                                                \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+namespace {
+
+float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {  // round to nearest even; NaN / inf kept
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | ((bits & 0xffff) ? 0x40 : 0));
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+struct Problem {
+  std::string name;
+  int T = 0, B = 0, C = 0, H = 0, D = 0, k = 0;
+  int64_t c_store = 0;  // key rows allocated per batch row (>= C): row stride = c_store * D
+  std::vector<uint16_t> q;     // [T, H, D]
+  std::vector<float> w;        // [T, H]
+  std::vector<uint16_t> keys;  // [B, c_store, D]
+  std::vector<int32_t> rows, nv;
+  bool exact = true;
+};
+
+Problem make_problem(const std::string& name, int T, int B, int C, int H, int D, int k,
+                     bool exact, std::mt19937& rng) {
+  Problem p;
+  p.name = name;
+  p.T = T, p.B = B, p.C = C, p.H = H, p.D = D, p.k = k;
+  p.c_store = C + 8;  // a row stride that is not C * D
+  p.exact = exact;
+  p.q.resize(static_cast<size_t>(T) * H * D);
+  p.w.resize(static_cast<size_t>(T) * H);
+  p.keys.resize(static_cast<size_t>(std::max(B, 1)) * p.c_store * D);
+  p.rows.assign(T, 0);
+  p.nv.assign(T, 0);
+  if (exact) {
+    std::uniform_int_distribution<int> small(-3, 3);
+    const float wv[] = {0.25f, 0.5f, 1.f, 2.f, -0.5f, -1.f};
+    std::uniform_int_distribution<int> wi(0, 5);
+    for (auto& v : p.q) v = float_to_bf16(static_cast<float>(small(rng)));
+    for (auto& v : p.keys) v = float_to_bf16(static_cast<float>(small(rng)));
+    for (auto& v : p.w) v = wv[wi(rng)];
+  } else {
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::uniform_real_distribution<float> ud(-1.f, 1.f);
+    for (auto& v : p.q) v = float_to_bf16(nd(rng));
+    for (auto& v : p.keys) v = float_to_bf16(nd(rng));
+    for (auto& v : p.w) v = ud(rng) * 0.125f;
+  }
+  return p;
+}
+
+// Reference scores of query t in double (NaN kept); entries [0, nv) of its row.
+std::vector<double> ref_scores(const Problem& p, int t, double* abs_bound) {
+  std::vector<double> out;
+  const int r = p.rows[t];
+  int nv = std::min(std::max(p.nv[t], 0), p.C);
+  if (r < 0 || r >= p.B) nv = 0;
+  out.resize(nv);
+  std::vector<double> qd(static_cast<size_t>(p.H) * p.D);
+  for (size_t i = 0; i < qd.size(); ++i) qd[i] = bf16_to_float(p.q[static_cast<size_t>(t) * p.H * p.D + i]);
+  double bound = 0;
+  std::vector<double> kd(p.D);
+  for (int s = 0; s < nv; ++s) {
+    const uint16_t* kr = p.keys.data() + (static_cast<size_t>(r) * p.c_store + s) * p.D;
+    for (int d = 0; d < p.D; ++d) kd[d] = bf16_to_float(kr[d]);
+    double sc = 0, ab = 0;
+    for (int h = 0; h < p.H; ++h) {
+      double dot = 0, adot = 0;
+      const double* qh = qd.data() + static_cast<size_t>(h) * p.D;
+      for (int d = 0; d < p.D; ++d) {
+        dot += qh[d] * kd[d];
+        adot += std::fabs(qh[d] * kd[d]);
+      }
+      const double relu = dot < 0 ? 0.0 : dot;  // keeps NaN
+      const double wv = p.w[static_cast<size_t>(t) * p.H + h];
+      sc += wv * relu;
+      ab += std::fabs(wv) * adot;
+    }
+    out[s] = sc;
+    if (ab > bound && std::isfinite(ab)) bound = ab;
+  }
+  if (abs_bound) *abs_bound = bound;
+  return out;
+}
+
+struct DeviceBufs {
+  void *q = nullptr, *keys = nullptr, *ws = nullptr;
+  float* w = nullptr;
+  int32_t *rows = nullptr, *nv = nullptr, *out = nullptr;
+  size_t ws_bytes = 0;
+  void free_all() {
+    cudaFree(q), cudaFree(keys), cudaFree(ws), cudaFree(w), cudaFree(rows), cudaFree(nv),
+        cudaFree(out);
+  }
+};
+
+DeviceBufs upload(const Problem& p) {
+  DeviceBufs d;
+  CHECK_CUDA(cudaMalloc(&d.q, std::max<size_t>(p.q.size(), 1) * 2));
+  CHECK_CUDA(cudaMalloc(&d.keys, std::max<size_t>(p.keys.size(), 1) * 2));
+  CHECK_CUDA(cudaMalloc(&d.w, std::max<size_t>(p.w.size(), 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.rows, std::max<size_t>(p.T, 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.nv, std::max<size_t>(p.T, 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.out, std::max<size_t>(static_cast<size_t>(p.T) * p.k, 1) * 4));
+  CHECK_CUDA(cudaMemcpy(d.q, p.q.data(), p.q.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.keys, p.keys.data(), p.keys.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.w, p.w.data(), p.w.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.rows, p.rows.data(), p.T * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), p.T * 4, cudaMemcpyHostToDevice));
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(p.T, p.B, p.C, p.H, p.D, p.k, dev);
+  if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
+  return d;
+}
+
+cudaError_t launch(const Problem& p, const DeviceBufs& d, cudaStream_t stream = nullptr) {
+  return dsv4::indexer_topk(d.q, static_cast<int64_t>(p.H) * p.D, p.D, d.w, p.H, d.keys,
+                            p.c_store * p.D, p.D, d.rows, d.nv, d.out, p.k, p.T, p.H, p.D, p.B,
+                            p.C, p.k, d.ws, d.ws_bytes, stream);
+}
+
+// Checks query t's output row against the reference. Returns an empty string on success.
+std::string check_row(const Problem& p, int t, const int32_t* got) {
+  double bound = 0;
+  const std::vector<double> sc = ref_scores(p, t, &bound);
+  std::vector<int> order;
+  for (int s = 0; s < static_cast<int>(sc.size()); ++s)
+    if (!std::isnan(sc[s])) order.push_back(s);
+  const int n_ok = static_cast<int>(order.size());
+  const int m = std::min(n_ok, p.k);
+  char buf[512];
+  // -1 padding and count
+  for (int i = 0; i < p.k; ++i) {
+    if ((i < m) != (got[i] >= 0)) {
+      std::snprintf(buf, sizeof(buf), "t=%d slot %d: got %d, expected %s (m=%d of %d visible)",
+                    t, i, got[i], i < m ? "an index" : "-1", m, static_cast<int>(sc.size()));
+      return buf;
+    }
+    if (i >= m && got[i] != -1) {
+      std::snprintf(buf, sizeof(buf), "t=%d slot %d: got %d, expected -1", t, i, got[i]);
+      return buf;
+    }
+  }
+  if (p.exact) {
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sc[a] > sc[b]; });
+    for (int i = 0; i < m; ++i) {
+      if (got[i] != order[i]) {
+        std::snprintf(buf, sizeof(buf),
+                      "t=%d slot %d: got %d (score %.9g), expected %d (score %.9g)", t, i,
+                      got[i], got[i] >= 0 && got[i] < (int)sc.size() ? sc[got[i]] : NAN,
+                      order[i], sc[order[i]]);
+        return buf;
+      }
+    }
+    return "";
+  }
+  const double tol = 4.0 * (p.D + p.H) * std::ldexp(1.0, -24) * bound + 1e-30;
+  std::vector<char> chosen(sc.size(), 0);
+  double min_sel = INFINITY;
+  for (int i = 0; i < m; ++i) {
+    const int s = got[i];
+    if (s < 0 || s >= static_cast<int>(sc.size()) || std::isnan(sc[s]) || chosen[s]) {
+      std::snprintf(buf, sizeof(buf), "t=%d slot %d: invalid / NaN / repeated index %d", t, i, s);
+      return buf;
+    }
+    chosen[s] = 1;
+    min_sel = std::min(min_sel, sc[s]);
+    if (i > 0 && sc[s] > sc[got[i - 1]] + tol) {
+      std::snprintf(buf, sizeof(buf), "t=%d slot %d: order (%.9g after %.9g, tol %.3g)", t, i,
+                    sc[s], sc[got[i - 1]], tol);
+      return buf;
+    }
+  }
+  for (int s : order) {
+    if (!chosen[s] && sc[s] > min_sel + tol) {
+      std::snprintf(buf, sizeof(buf), "t=%d: unselected %d scores %.9g > min selected %.9g + %.3g",
+                    t, s, sc[s], min_sel, tol);
+      return buf;
+    }
+  }
+  return "";
+}
+
+bool run_problem(const Problem& p, bool check_determinism = false) {
+  DeviceBufs d = upload(p);
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, static_cast<size_t>(p.T) * p.k * 4));  // poison
+  CHECK_CUDA(launch(p, d));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<int32_t> got(static_cast<size_t>(p.T) * p.k);
+  CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+  bool ok = true;
+  std::string msg;
+  int bad = 0;
+  for (int t = 0; t < p.T; ++t) {
+    std::string e = check_row(p, t, got.data() + static_cast<size_t>(t) * p.k);
+    if (!e.empty()) {
+      if (bad == 0) msg = e;
+      ++bad;
+      ok = false;
+    }
+  }
+  if (check_determinism) {
+    std::vector<int32_t> again(got.size());
+    for (int rep = 0; rep < 3 && ok; ++rep) {
+      CHECK_CUDA(cudaMemset(d.out, 0x7f, got.size() * 4));
+      CHECK_CUDA(launch(p, d));
+      CHECK_CUDA(cudaMemcpy(again.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+      if (again != got) {
+        ok = false;
+        msg = "relaunch gave a different result";
+      }
+    }
+  }
+  std::printf("%s %-44s T=%-6d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d ws=%zu%s%s\n",
+              ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, d.ws_bytes,
+              ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
+  d.free_all();
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// benchmark shapes: device-generated data (hash), cold-L2 timing, sampled CPU checks
+// ---------------------------------------------------------------------------------------------
+__device__ __host__ inline uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+__global__ void fill_bf16(__nv_bfloat16* x, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
+    // sum of 3 uniforms in [-1, 1): roughly normal, unit-ish scale
+    float v = 0.f;
+    for (int j = 0; j < 3; ++j) v += static_cast<float>((h >> (j * 21)) & 0x1fffff) / 1048576.f - 1.f;
+    x[i] = __float2bfloat16_rn(v);
+  }
+}
+
+__global__ void fill_f32(float* x, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
+    x[i] = (static_cast<float>(h & 0xffffff) / 8388608.f - 1.f) * scale;
+  }
+}
+
+struct Timing {
+  double med_us = 0, min_us = 0;
+};
+
+template <typename F>
+Timing time_cold(F&& fn, int reps, void* flush, size_t flush_bytes) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  fn();  // warm-up
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<double> v;
+  for (int r = 0; r < reps; ++r) {
+    CHECK_CUDA(cudaMemsetAsync(flush, r & 0xff, flush_bytes));  // evict L2
+    CHECK_CUDA(cudaEventRecord(a));
+    fn();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    v.push_back(ms * 1e3);
+  }
+  std::sort(v.begin(), v.end());
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  return {v[v.size() / 2], v[0]};
+}
+
+bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int reps,
+                std::vector<int> check_ts, void* flush, size_t flush_bytes) {
+  const int H = 64, D = 128;
+  const size_t nq = static_cast<size_t>(T) * H * D, nk = static_cast<size_t>(B) * N * D;
+  Problem p;  // host mirror for the sampled checks (keys of the checked rows only)
+  p.name = kind;
+  p.T = T, p.B = B, p.C = N, p.H = H, p.D = D, p.k = k, p.c_store = N, p.exact = false;
+  p.rows.resize(T), p.nv.resize(T);
+  for (int t = 0; t < T; ++t) {
+    p.rows[t] = causal ? 0 : t % B;
+    p.nv[t] = causal ? (t + 1) / 4 : N;
+  }
+  DeviceBufs d;
+  CHECK_CUDA(cudaMalloc(&d.q, nq * 2));
+  CHECK_CUDA(cudaMalloc(&d.keys, nk * 2));
+  CHECK_CUDA(cudaMalloc(&d.w, static_cast<size_t>(T) * H * 4));
+  CHECK_CUDA(cudaMalloc(&d.rows, T * 4));
+  CHECK_CUDA(cudaMalloc(&d.nv, T * 4));
+  CHECK_CUDA(cudaMalloc(&d.out, static_cast<size_t>(T) * k * 4));
+  fill_bf16<<<1024, 256>>>(static_cast<__nv_bfloat16*>(d.q), nq, 1);
+  fill_bf16<<<4096, 256>>>(static_cast<__nv_bfloat16*>(d.keys), nk, 2);
+  fill_f32<<<256, 256>>>(d.w, static_cast<size_t>(T) * H, 3, 0.0156f);
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaMemcpy(d.rows, p.rows.data(), T * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), T * 4, cudaMemcpyHostToDevice));
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(T, B, N, H, D, k, dev);
+  if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
+  float* sums = nullptr;
+  CHECK_CUDA(cudaMalloc(&sums, T * 4));
+  CHECK_CUDA(cudaMemset(sums, 0, T * 4));
+
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, static_cast<size_t>(T) * k * 4));
+  const Timing full = time_cold([&] { CHECK_CUDA(launch(p, d)); }, reps, flush, flush_bytes);
+  const Timing scan = time_cold(
+      [&] {
+        CHECK_CUDA(dsv4::indexer_topk_scan_only(d.q, H * D, D, d.w, H, d.keys,
+                                                static_cast<int64_t>(N) * D, D, d.rows, d.nv,
+                                                sums, T, H, D, B, N, k, nullptr));
+      },
+      reps, flush, flush_bytes);
+
+  // sampled correctness check of the (last) full run: one-row sub-problem per checked query
+  bool ok = true;
+  std::string msg;
+  {
+    std::vector<int32_t> got(static_cast<size_t>(T) * k);
+    CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < got.size() && ok; ++i)
+      if (got[i] == 0x7f7f7f7f) {
+        ok = false;
+        msg = "unwritten output slot";
+      }
+    for (int t : check_ts) {
+      Problem one;
+      one.name = kind;
+      one.T = 1, one.B = 1, one.C = N, one.H = H, one.D = D, one.k = k, one.c_store = N;
+      one.exact = false;
+      one.rows = {0};
+      one.nv = {p.nv[t]};
+      one.q.resize(static_cast<size_t>(H) * D);
+      one.w.resize(H);
+      one.keys.resize(static_cast<size_t>(N) * D);
+      CHECK_CUDA(cudaMemcpy(one.q.data(), static_cast<const char*>(d.q) + static_cast<size_t>(t) * H * D * 2,
+                            one.q.size() * 2, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(one.w.data(), d.w + static_cast<size_t>(t) * H, H * 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(one.keys.data(),
+                            static_cast<const char*>(d.keys) + static_cast<size_t>(p.rows[t]) * N * D * 2,
+                            one.keys.size() * 2, cudaMemcpyDeviceToHost));
+      std::string e = check_row(one, 0, got.data() + static_cast<size_t>(t) * k);
+      if (!e.empty()) {
+        ok = false;
+        msg = "t=" + std::to_string(t) + ": " + e;
+      }
+    }
+  }
+  double key_bytes = 0, flops = 0;
+  for (int t = 0; t < T; ++t) flops += 2.0 * H * D * p.nv[t];
+  key_bytes = causal ? static_cast<double>(N) * D * 2 : static_cast<double>(T) * N * D * 2;
+  std::printf(
+      "TIME %-8s T=%-6d N=%-7d k=%-5d full %9.1f us (min %9.1f)  scan-only %9.1f us  ratio %.3f  "
+      "key-bytes %7.0f GB/s (%5.1f%% of 4.22 TB/s)  %6.1f TFLOP/s  splits-ws=%zuB  %s%s\n",
+      kind, T, N, k, full.med_us, full.min_us, scan.med_us, full.med_us / scan.med_us,
+      key_bytes / full.med_us * 1e-3, key_bytes / full.med_us * 1e-3 / 4220 * 100,
+      flops / full.med_us * 1e-6, d.ws_bytes, ok ? "check ok" : "CHECK FAIL: ", ok ? "" : msg.c_str());
+  CHECK_CUDA(cudaFree(sums));
+  d.free_all();
+  return ok;
+}
+
+bool correctness_suite(std::mt19937& rng) {
+  bool ok = true;
+
+  // ---- exact (integer-valued) cases -----------------------------------------------------
+  {  // decode-like varlen: one query per row, lengths around tile / chunk boundaries
+    const int lens[] = {0, 1, 3, 4, 5, 127, 128, 129, 1000, 3000, 5000, 7000};
+    for (int k : {1, 8, 512, 2048}) {
+      Problem p = make_problem("varlen decode lengths", 12, 12, 6000, 64, 128, k, true, rng);
+      for (int t = 0; t < 12; ++t) p.rows[t] = 11 - t, p.nv[t] = lens[t];
+      ok &= run_problem(p, k == 512);
+    }
+  }
+  {  // one long query: many splits + the two-level merge tree
+    Problem p = make_problem("decode T=1 long (merge tree)", 1, 1, 65536, 64, 128, 512, true, rng);
+    p.nv[0] = 65536;
+    ok &= run_problem(p, true);
+    Problem p2 = make_problem("decode T=2 long, ragged", 2, 2, 65536, 64, 128, 1024, true, rng);
+    p2.rows = {1, 0};
+    p2.nv = {40001, 65536};
+    ok &= run_problem(p2);
+  }
+  {  // causal prefill, two sequences; a query group straddles the row boundary (515 % 8 != 0)
+    for (int k : {8, 64}) {
+      const int S = 515;
+      Problem p = make_problem("prefill causal 2 rows", 2 * S, 2, S / 4, 64, 128, k, true, rng);
+      for (int t = 0; t < 2 * S; ++t) p.rows[t] = t / S, p.nv[t] = (t % S + 1) / 4;
+      ok &= run_problem(p);
+    }
+  }
+  {  // prefill-like (8 queries / CTA) with key-range splits + merges by single warps
+    Problem p = make_problem("prefill T=64 split", 64, 1, 4096, 64, 128, 64, true, rng);
+    for (int t = 0; t < 64; ++t) p.nv[t] = 4096 - 63 + t;
+    ok &= run_problem(p);
+  }
+  {  // tiny configs: D = 64, H = 8 / 16, topk 4 / 8 (prefill and decode)
+    Problem p = make_problem("tiny prefill D64 H8", 300, 1, 75, 8, 64, 4, true, rng);
+    for (int t = 0; t < 300; ++t) p.nv[t] = (t + 1) / 4;
+    ok &= run_problem(p);
+    Problem p2 = make_problem("tiny decode D64 H16", 5, 5, 300, 16, 64, 8, true, rng);
+    for (int t = 0; t < 5; ++t) p2.rows[t] = t, p2.nv[t] = 60 * t + 7;
+    ok &= run_problem(p2);
+  }
+  {  // head counts that are not 64: masking and several head blocks
+    for (int H : {1, 100, 128}) {
+      Problem p = make_problem("heads != 64 decode", 3, 3, 3000, H, 128, 256, true, rng);
+      for (int t = 0; t < 3; ++t) p.rows[t] = t, p.nv[t] = 1000 * t + 999;
+      ok &= run_problem(p);
+      Problem p2 = make_problem("heads != 64 prefill", 200, 1, 50, H, 128, 16, true, rng);
+      for (int t = 0; t < 200; ++t) p2.nv[t] = (t + 1) / 4;
+      ok &= run_problem(p2);
+    }
+  }
+  {  // invalid rows and n_valid out of range: -1 rows / clamping
+    Problem p = make_problem("bad rows, clamped n_valid", 6, 3, 500, 64, 128, 32, true, rng);
+    p.rows = {-1, 3, 0, 1, 2, 100};
+    p.nv = {10, 10, -5, 100000, 17, 10};
+    ok &= run_problem(p);
+  }
+  {  // all n_valid = 0, batch 32 (DeepGEMM #353)
+    Problem p = make_problem("all n_valid = 0, batch 32", 32, 32, 128, 64, 128, 512, true, rng);
+    for (int t = 0; t < 32; ++t) p.rows[t] = t, p.nv[t] = 0;
+    ok &= run_problem(p);
+  }
+  {  // all-zero keys: every score is +-0 (negative weights give -0): lowest indices first
+    for (int T : {3, 64}) {
+      Problem p = make_problem(T == 3 ? "all-zero keys decode" : "all-zero keys prefill", T, 1,
+                               3000, 64, 128, 512, true, rng);
+      std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+      for (int t = 0; t < T; ++t) p.nv[t] = 3000 - t;
+      ok &= run_problem(p, true);
+    }
+  }
+  {  // ties at the threshold (sglang #30645): 100 distinct winners + 8220 exact zeros
+    for (int T : {1, 64}) {
+      Problem p = make_problem(T == 1 ? "100 winners + 8220 zeros, decode" : "100 winners + 8220 zeros, prefill",
+                               T, 1, 8320, 64, 128, 2048, true, rng);
+      std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+      for (auto& v : p.q) v = float_to_bf16(1.f);
+      for (auto& v : p.w) v = 0.5f;
+      std::vector<int> pos(8320);
+      std::iota(pos.begin(), pos.end(), 0);
+      std::shuffle(pos.begin(), pos.end(), rng);
+      for (int i = 0; i < 100; ++i)  // winner i: key = (i+1) in dim i % D -> score 32 (i+1)
+        p.keys[static_cast<size_t>(pos[i]) * p.D + (i % p.D)] = float_to_bf16(static_cast<float>(i + 1));
+      for (int t = 0; t < T; ++t) p.nv[t] = 8320;
+      ok &= run_problem(p, true);
+    }
+  }
+  {  // scores differing only in the low 16 mantissa bits (tilelang #1351, sglang #37591)
+    Problem p = make_problem("low mantissa bits", 2, 1, 20000, 1, 128, 1024, true, rng);
+    std::fill(p.q.begin(), p.q.end(), float_to_bf16(0.f));
+    for (int t = 0; t < 2; ++t) {
+      p.q[static_cast<size_t>(t) * 128 + 0] = float_to_bf16(1.f);
+      p.q[static_cast<size_t>(t) * 128 + 1] = float_to_bf16(1.f / 256);
+      p.q[static_cast<size_t>(t) * 128 + 2] = float_to_bf16(1.f / 65536);
+      p.w[t] = 1.f;
+      p.nv[t] = 20000 - 7 * t;
+    }
+    std::uniform_int_distribution<int> a(0, 15), b(0, 255);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    for (int s = 0; s < 20000; ++s) {
+      p.keys[static_cast<size_t>(s) * 128 + 0] = float_to_bf16(1.f);
+      p.keys[static_cast<size_t>(s) * 128 + 1] = float_to_bf16(static_cast<float>(a(rng)));
+      p.keys[static_cast<size_t>(s) * 128 + 2] = float_to_bf16(static_cast<float>(b(rng)));
+    }
+    ok &= run_problem(p, true);
+  }
+  {  // NaN keys are never selected (vllm #49896); decode + prefill
+    for (int T : {2, 128}) {
+      Problem p = make_problem(T == 2 ? "NaN keys decode" : "NaN keys prefill", T, 1, 4000, 64,
+                               128, 512, true, rng);
+      std::uniform_int_distribution<int> u(0, 9);
+      for (int s = 0; s < 4000; ++s)
+        if (u(rng) == 0) p.keys[static_cast<size_t>(s) * 128 + u(rng)] = 0x7fc0;  // NaN
+      for (int t = 0; t < T; ++t) p.nv[t] = T == 2 ? 4000 - 2000 * t : 31 * t;
+      ok &= run_problem(p);
+    }
+    // only NaN visible: all -1
+    Problem p = make_problem("all-NaN row", 2, 1, 300, 64, 128, 16, true, rng);
+    std::fill(p.keys.begin(), p.keys.end(), static_cast<uint16_t>(0x7fc0));
+    p.nv = {300, 5};
+    ok &= run_problem(p);
+  }
+  {  // +-inf in keys: scores +-inf or NaN (inf * 0); -inf is a value, NaN never selected
+    Problem p = make_problem("inf keys", 2, 1, 2000, 64, 128, 256, true, rng);
+    std::uniform_int_distribution<int> u(0, 19);
+    for (int s = 0; s < 2000; ++s)
+      if (u(rng) == 0) p.keys[static_cast<size_t>(s) * 128 + u(rng)] = (u(rng) & 1) ? 0x7f80 : 0xff80;
+    p.nv = {2000, 1500};
+    ok &= run_problem(p);
+  }
+  {  // 70000 queries (grid limits; FlashMLA #182), varlen rows
+    Problem p = make_problem("T=70000 varlen", 70000, 4, 64, 8, 64, 8, true, rng);
+    std::uniform_int_distribution<int> r(0, 3), n(0, 70);
+    for (int t = 0; t < 70000; ++t) p.rows[t] = r(rng), p.nv[t] = n(rng);
+    ok &= run_problem(p);
+  }
+  // ---- float (tolerance) cases -------------------------------------------------------------
+  {
+    Problem p = make_problem("float decode", 3, 3, 20000, 64, 128, 512, false, rng);
+    for (int t = 0; t < 3; ++t) p.rows[t] = t, p.nv[t] = 20000 - 5000 * t;
+    ok &= run_problem(p, true);
+    Problem p2 = make_problem("float prefill causal", 2048, 1, 512, 64, 128, 128, false, rng);
+    for (int t = 0; t < 2048; ++t) p2.nv[t] = (t + 1) / 4;
+    ok &= run_problem(p2);
+    Problem p3 = make_problem("float decode D64 k=1024", 4, 2, 9000, 64, 64, 1024, false, rng);
+    for (int t = 0; t < 4; ++t) p3.rows[t] = t % 2, p3.nv[t] = 9000 - 1000 * t;
+    ok &= run_problem(p3);
+  }
+  // ---- argument validation ----------------------------------------------------------------
+  {
+    int x = 0;
+    ok &= dsv4::indexer_topk(&x, 0, 0, nullptr, 0, nullptr, 0, 0, nullptr, nullptr, nullptr, 0, 4,
+                             64, 96, 1, 1, 8, nullptr, 0, nullptr) == cudaErrorInvalidValue;  // D
+    ok &= dsv4::indexer_topk(nullptr, 0, 0, nullptr, 0, nullptr, 0, 0, nullptr, nullptr, nullptr,
+                             0, 0, 64, 128, 1, 1, 8, nullptr, 0, nullptr) == cudaSuccess;  // T=0
+    ok &= dsv4::indexer_topk(nullptr, 0, 0, nullptr, 0, nullptr, 0, 0, nullptr, nullptr, nullptr,
+                             0, 0, 64, 128, 1, 1, 2049, nullptr, 0, nullptr) == cudaErrorInvalidValue;
+    std::printf("%s argument validation\n", ok ? "ok  " : "FAIL");
+  }
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
+  std::mt19937 rng(12345);
+  bool ok = correctness_suite(rng);
+  // The same cases with the alternative decode tile (128 keys per stage, 4 stages).
+  std::printf("-- decode tile 128 (tuning variant)\n");
+  dsv4::indexer_topk_set_tuning(128, 0);
+  ok &= correctness_suite(rng);
+  dsv4::indexer_topk_set_tuning(0, 0);
+  std::printf("%s\n", ok ? "PASS" : "FAIL");
+
+  if (bench) {
+    void* flush0 = nullptr;
+    CHECK_CUDA(cudaMalloc(&flush0, 256ull << 20));
+    const int cfg[][2] = {{256, 0}, {256, 2}, {128, 4}, {128, 3}};
+    for (const auto& c : cfg) {
+      dsv4::indexer_topk_set_tuning(c[0], c[1]);
+      std::printf("-- tuning: decode tile %d, stages %d (0 = default)\n", c[0], c[1]);
+      bench_case("decode", 1, 1, 262144, 512, false, 15, {}, flush0, 256ull << 20);
+      bench_case("decode", 32, 32, 262144, 512, false, 7, {}, flush0, 256ull << 20);
+      bench_case("decode", 128, 128, 262144, 512, false, 5, {}, flush0, 256ull << 20);
+    }
+    dsv4::indexer_topk_set_tuning(0, 0);
+    CHECK_CUDA(cudaFree(flush0));
+    std::printf("-- default configuration\n");
+    void* flush = nullptr;
+    const size_t flush_bytes = 256ull << 20;
+    CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+    bool bok = true;
+    for (int ctx : {8192, 131072, 1048576}) {
+      for (int b : {1, 32, 128}) {
+        for (int k : {512, 1024}) {
+          const int N = ctx / 4;
+          std::vector<int> ts;  // CPU checks cost ~1 s per query at 1M
+          if (ctx < 1048576) ts = {0, b - 1};
+          else if (b == 1 || (b == 32 && k == 512)) ts = {0};
+          if (ts.size() == 2 && ts[1] == 0) ts.pop_back();
+          bok &= bench_case("decode", b, b, N, k, false, ctx == 1048576 && b == 128 ? 5 : 15, ts,
+                            flush, flush_bytes);
+        }
+      }
+    }
+    for (int T : {4096, 16384, 65536}) {
+      for (int k : {512, 1024}) {
+        bok &= bench_case("prefill", T, 1, T / 4, k, true, T == 65536 ? 3 : 7,
+                          {T - 1, T / 2, 7, T - 9}, flush, flush_bytes);
+      }
+    }
+    std::printf("%s (bench checks)\n", bok ? "PASS" : "FAIL");
+    ok &= bok;
+    CHECK_CUDA(cudaFree(flush));
+  }
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,266 @@
+"""Lightning Indexer scoring + causal top-k: the reference of ``torch.ops.dsv4.indexer_topk``.
+
+The score of compressed entry ``s`` for query ``t`` is (architecture.md §5, step 6)::
+
+    I(t, s) = Σ_h weights[t, h] · ReLU(q[t, h, :] · keys[rows[t], s, :])
+
+computed in fp32, and the op returns the indices of the ``topk`` highest scores among the
+entries the query sees (§5, step 7). The ordering contract, shared by the reference and the
+CUDA kernel (csrc/kernels/indexer_topk.cu):
+
+* descending score; equal scores (e.g. the ReLU zero plateau) by the LOWEST index first, so the
+  result is deterministic (kernels.md §5 #1, #2); ``-0.0`` equals ``+0.0``;
+* NaN scores rank below ``-inf`` and are never returned; ``-inf`` is an ordinary score;
+* with ``m = min(topk, number of non-NaN visible entries)``, slots ``[0, m)`` hold indices and
+  slots ``[m, topk)`` hold ``-1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ext import register_op
+
+__all__ = [
+    "indexer_topk",
+    "indexer_topk_out",
+    "indexer_topk_varlen_reference",
+    "indexer_topk_reference",
+    "INDEXER_HEAD_DIMS",
+    "INDEXER_MAX_TOPK",
+]
+
+# What the CUDA kernel supports (and the op checks on every device).
+INDEXER_HEAD_DIMS = (64, 128)
+INDEXER_MAX_TOPK = 2048
+
+# Elements of the fp32 [queries, heads, entries] product materialised at once, and of the
+# [queries, entries] score / sort-key block (the reference chunks over both).
+_PRODUCT_ELEMS = 1 << 25
+_SCORE_ELEMS = 1 << 24
+_INT64_MIN = -(2**63)
+_LOW_MASK = 0xFFFFFFFF
+_IDX_BIAS = 2**31 - 1
+
+_SCHEMA = "(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk) -> Tensor"
+_SCHEMA_OUT = ("(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk, "
+               "Tensor(a!) indices) -> ()")
+
+
+def _order_keys(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """int64 sort keys of fp32 ``scores`` [m, n]: higher key = higher score, then lower index.
+
+    ``(ordered float bits) << 32 | (2**31 - 1 - index)``; NaN and invisible entries get
+    INT64_MIN (below every real key: even -inf maps above it). -0.0 is folded into +0.0.
+    """
+    s = (scores + 0.0).contiguous()  # -0.0 + 0.0 = +0.0
+    bits = s.view(torch.int32).long()
+    key32 = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    idx = torch.arange(s.shape[1], device=s.device, dtype=torch.long)
+    key = key32 * (2**32) + (_IDX_BIAS - idx)
+    return key.masked_fill(~visible | torch.isnan(s), _INT64_MIN)
+
+
+def _topk_from_scores(scores: torch.Tensor, n_valid: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 [m, topk] of the contract above for fp32 ``scores`` [m, n], ``n_valid`` [m]."""
+    m, n = scores.shape
+    out = torch.full((m, topk), -1, dtype=torch.int32, device=scores.device)
+    kk = min(topk, n)
+    if m == 0 or kk == 0:
+        return out
+    visible = torch.arange(n, device=scores.device)[None, :] < n_valid[:, None]
+    vals = _order_keys(scores, visible).topk(kk, dim=1).values  # sorted, descending
+    idx = _IDX_BIAS - (vals & _LOW_MASK)
+    out[:, :kk] = torch.where(vals == _INT64_MIN, -1, idx).to(torch.int32)
+    return out
+
+
+def _scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """fp32 [t, n] = Σ_h w[t, h] · ReLU(q[t, h] · keys[s]) for q [t, H, D], keys [n, D],
+    chunked over the entries so the [t, H, chunk] product stays bounded."""
+    t, H, _ = q.shape
+    n = keys.shape[0]
+    out = torch.empty(t, n, dtype=torch.float32, device=q.device)
+    qf = q.float()
+    wf = weights.float()[:, :, None]
+    step = max(1, _PRODUCT_ELEMS // max(1, t * H))
+    for c0 in range(0, n, step):
+        x = torch.einsum("thd,nd->thn", qf, keys[c0:c0 + step].float()).relu_()  # keeps NaN
+        out[:, c0:c0 + step] = (x * wf).sum(dim=1)
+    return out
+
+
+def _check_shapes(q, weights, keys, rows, n_valid, topk, check):
+    check(q.dim() == 3, lambda: f"indexer_topk: q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
+    check(keys.dim() == 3,
+          lambda: f"indexer_topk: keys must be [batch, capacity, head_dim], got {tuple(keys.shape)}")
+    T, H, D = q.shape
+    check(weights.dim() == 2 and weights.shape[0] == T and weights.shape[1] == H,
+          lambda: f"indexer_topk: weights must be [{T}, {H}] ([tokens, heads]), got {tuple(weights.shape)}")
+    check(keys.shape[2] == D,
+          lambda: f"indexer_topk: keys head_dim {keys.shape[2]} != q head_dim {D}")
+    check(rows.dim() == 1 and rows.shape[0] == T,
+          lambda: f"indexer_topk: rows must be [{T}] ([tokens]), got {tuple(rows.shape)}")
+    check(n_valid.dim() == 1 and n_valid.shape[0] == T,
+          lambda: f"indexer_topk: n_valid must be [{T}] ([tokens]), got {tuple(n_valid.shape)}")
+    check(topk >= 0, lambda: f"indexer_topk: topk must be >= 0, got {topk}")
+
+
+def _check_op_contract(q, keys, rows, n_valid, topk, check):
+    """What the op (every device) accepts beyond the reference's own needs."""
+    check(q.shape[2] in INDEXER_HEAD_DIMS,
+          lambda: f"indexer_topk: head_dim must be one of {INDEXER_HEAD_DIMS}, got {q.shape[2]}")
+    check(1 <= topk <= INDEXER_MAX_TOPK,
+          lambda: f"indexer_topk: topk must be in [1, {INDEXER_MAX_TOPK}], got {topk}")
+    check(q.shape[1] >= 1, lambda: "indexer_topk: heads must be >= 1")
+    check(rows.dtype == torch.int32 and n_valid.dtype == torch.int32,
+          lambda: f"indexer_topk: rows and n_valid must be int32, got {rows.dtype} and {n_valid.dtype}")
+
+
+def _raise_value_error(cond, msg):
+    if not cond:
+        raise ValueError(msg())
+
+
+def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                                  rows: torch.Tensor, n_valid: torch.Tensor, topk: int
+                                  ) -> torch.Tensor:
+    """Top-k compressed entries per query over a batch of key stores (semantics of the op).
+
+    ``I(t, s) = Σ_h weights[t, h] · ReLU(q[t, h, :] · keys[rows[t], s, :])`` in fp32 for
+    ``s < n_valid[t]`` (architecture.md §5, steps 6-7), then the ordering contract of this
+    module (descending score, lowest index first among equal scores, NaN never selected, -1
+    padding). Chunked over queries and entries, so it also runs at 1M context (as a baseline,
+    not fast).
+
+    Args:
+        q: [tokens, heads, head_dim] indexer queries, any floating dtype (upcast to fp32; the
+            CUDA kernel takes bfloat16).
+        weights: [tokens, heads] head weights, already scaled (fp32 in the model).
+        keys: [batch, capacity, head_dim] per-sequence compressed indexer keys.
+        rows: [tokens] integer, the key row of each query, in [0, batch).
+        n_valid: [tokens] integer, query t sees entries 0 .. n_valid[t]-1 of its row; clamped
+            to [0, capacity].
+        topk: number of indices per query (>= 0).
+
+    Returns:
+        int32 [tokens, topk] on q.device.
+
+    Raises:
+        ValueError: mismatched shapes, negative topk, or a row index outside [0, batch)
+            (the CUDA kernel cannot raise; it returns a row of -1 for such a query).
+    """
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)
+    T = q.shape[0]
+    B, C, _ = keys.shape
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    if T == 0 or topk == 0:
+        return out
+    rows = rows.to(device=q.device, dtype=torch.long)
+    nv = n_valid.to(device=q.device, dtype=torch.long).clamp(0, C)
+    if bool((rows < 0).any()) or bool((rows >= B).any()):
+        raise ValueError(f"indexer_topk: rows must lie in [0, {B}) (keys.shape[0]); got "
+                         f"[{int(rows.min())}, {int(rows.max())}]")
+    for b in torch.unique(rows).tolist():
+        sel = (rows == b).nonzero().flatten()
+        n_b = int(nv[sel].max())
+        if n_b == 0:
+            continue  # every query of this row sees nothing: -1s
+        step = max(1, min(_SCORE_ELEMS // n_b, T))
+        for i0 in range(0, sel.numel(), step):
+            ts = sel[i0:i0 + step]
+            s = _scores(q[ts], weights[ts], keys[b, :n_b])
+            out[ts] = _topk_from_scores(s, nv[ts], topk)
+    return out
+
+
+def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                           positions: torch.Tensor, compress_ratio: int, topk: int
+                           ) -> torch.Tensor:
+    """Causal top-k of one sequence's queries, as the model's ``Indexer`` uses it (int64).
+
+    Entry ``s`` is complete for the query at absolute position ``t`` iff
+    ``s < (t + 1) // compress_ratio`` (architecture.md §3.5, §5). Same scores and ordering
+    contract as :func:`indexer_topk_varlen_reference` (lowest index first among equal scores,
+    NaN never selected, -1 padding).
+
+    Args:
+        q: [tokens, heads, d] indexer queries (after RoPE and, with quant_sim, Hadamard + FP4).
+        weights: [tokens, heads] head weights (already scaled by d**-0.5 · heads**-0.5).
+        keys: [n_entries, d] the sequence's compressed indexer keys.
+        positions: [tokens] absolute position t of each query.
+        compress_ratio: tokens per compressed entry (4 for CSA layers).
+        topk: number of indices returned per query.
+
+    Returns:
+        int64 [tokens, topk] entry indices, -1 where fewer than ``topk`` entries are complete.
+    """
+    n_valid = torch.div(positions + 1, compress_ratio, rounding_mode="floor")
+    rows = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return indexer_topk_varlen_reference(q, weights, keys[None], rows, n_valid, topk).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.ops.dsv4.indexer_topk / indexer_topk_out
+# ---------------------------------------------------------------------------------------------
+def _indexer_topk_kernel(q, weights, keys, rows, n_valid, topk):
+    _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
+    return indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk)
+
+
+def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices):
+    _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
+    T = q.shape[0]
+    if tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32:
+        raise ValueError(f"indexer_topk_out: indices must be int32 [{T}, {topk}], got "
+                         f"{indices.dtype} {tuple(indices.shape)}")
+    indices.copy_(indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk))
+
+
+def _indexer_topk_fake(q, weights, keys, rows, n_valid, topk):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check)
+    _check_op_contract(q, keys, rows, n_valid, topk, torch._check)
+    return q.new_empty((q.shape[0], topk), dtype=torch.int32)
+
+
+def _indexer_topk_out_fake(q, weights, keys, rows, n_valid, topk, indices):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check)
+    _check_op_contract(q, keys, rows, n_valid, topk, torch._check)
+    torch._check(indices.dim() == 2 and indices.shape[0] == q.shape[0] and indices.shape[1] == topk,
+                 lambda: f"indexer_topk_out: indices must be [tokens, {topk}]")
+    torch._check(indices.dtype == torch.int32, lambda: "indexer_topk_out: indices must be int32")
+
+
+register_op("indexer_topk", _SCHEMA, _indexer_topk_kernel, _indexer_topk_fake)
+register_op("indexer_topk_out", _SCHEMA_OUT, _indexer_topk_out_kernel, _indexer_topk_out_fake)
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
+                 n_valid: torch.Tensor, topk: int) -> torch.Tensor:
+    """``torch.ops.dsv4.indexer_topk``: top-k entries per query (architecture.md §5).
+
+    Args:
+        q: [tokens, heads, head_dim] bfloat16 (the reference on CPU takes any float dtype);
+            head_dim 64 or 128, heads >= 1.
+        weights: [tokens, heads] float32, already scaled.
+        keys: [batch, capacity, head_dim] bfloat16 compressed key store (unit last stride).
+        rows: [tokens] int32, key row of each query.
+        n_valid: [tokens] int32, visible entries per query (clamped to [0, capacity]).
+        topk: 1 .. 2048.
+
+    Returns:
+        int32 [tokens, topk]: indices in descending score order, lowest index first among
+        equal scores, NaN never selected, -1 padding (module docstring).
+
+    Raises:
+        RuntimeError / ValueError naming the accepted shapes / dtypes / head_dim / topk.
+    """
+    return torch.ops.dsv4.indexer_topk(q, weights, keys, rows, n_valid, topk)
+
+
+def indexer_topk_out(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                     rows: torch.Tensor, n_valid: torch.Tensor, topk: int,
+                     indices: torch.Tensor) -> None:
+    """``torch.ops.dsv4.indexer_topk_out``: as :func:`indexer_topk`, written into ``indices``
+    (int32 [tokens, topk]); no allocation visible to the caller, CUDA-graph capturable."""
+    torch.ops.dsv4.indexer_topk_out(q, weights, keys, rows, n_valid, topk, indices)
