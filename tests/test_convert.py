@@ -19,7 +19,7 @@ from dsv4.synthetic import make_checkpoint
 GOLDEN_FP8 = "/work/shared/testdata/golden_fp8"
 # ModelConfig.tiny() with low-rank dims of 128, so that wo_b (in = o_groups x o_lora_rank = 256)
 # splits over 2 ranks on whole 128-wide FP8 scale blocks (plain tiny has 128: see the error test).
-TINY_MP = dict(q_lora_rank=128, o_lora_rank=128)
+TINY_MP = dict(q_lora_rank=128, o_lora_rank=128)  # the tiny preset's own values
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -222,8 +222,10 @@ def test_bad_model_parallel_is_a_clear_error(src, tmp_path):
 
 
 def test_unaligned_fp8_split_is_a_clear_error(tmp_path):
-    """Plain tiny: wo_b has in_features 128, so 2 ranks would cut a 128-wide scale block."""
-    make_checkpoint(ModelConfig.tiny(), tmp_path / "s", tokenizer=False)
+    """o_lora_rank 64: wo_b has in_features 2·64 = 128, so 2 ranks would cut a 128-wide scale
+    block."""
+    make_checkpoint(ModelConfig.tiny(o_lora_rank=64, quant_sim=False), tmp_path / "s",
+                    tokenizer=False)
     with pytest.raises(ConvertError, match=r"wo_b\.weight \[128, 128\]: 64 per rank along dim 1 "
                                            r"is not a multiple of the 128-wide FP8 scale blocks"):
         convert(tmp_path / "s", tmp_path / "o", 2)

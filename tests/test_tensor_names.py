@@ -16,7 +16,7 @@ import torch
 from dsv4.checkpoint import tensor_specs
 from dsv4.config import ModelConfig
 from dsv4.convert import read_checkpoint_index
-from dsv4.info import meta_model
+from dsv4.model_info import meta_model
 from dsv4.synthetic import official_order
 
 GOLDEN_FP8 = "/work/shared/testdata/golden_fp8"

@@ -73,7 +73,7 @@ void run_indexer_topk(const at::Tensor& q_in, const at::Tensor& weights_in,
   at::Tensor q = q_in;
   if (q.stride(2) != 1 || q.stride(0) % 2 != 0 || q.stride(1) % 2 != 0 ||
       !aligned(q.data_ptr(), 4)) {
-    q = q.contiguous();
+    q = q.clone(at::MemoryFormat::Contiguous);  // clone: a misaligned view may already be contiguous
   }
   at::Tensor weights = weights_in.stride(1) == 1 || H == 1 ? weights_in : weights_in.contiguous();
   const int64_t w_st = weights.stride(0);
@@ -83,7 +83,7 @@ void run_indexer_topk(const at::Tensor& q_in, const at::Tensor& weights_in,
   if (B > 0 && C > 0 &&
       (keys.stride(2) != 1 || keys.stride(0) % 8 != 0 || keys.stride(1) % 8 != 0 ||
        !aligned(keys.data_ptr(), 16))) {
-    keys = keys.contiguous();
+    keys = keys.clone(at::MemoryFormat::Contiguous);  // clone: a misaligned view may already be contiguous
   }
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor n_valid = n_valid_in.contiguous();

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    g.add_argument("--backend", choices=("cuda", "reference"), default=None,
+                   help="attention on CUDA: the dsv4 kernels (cuda) or the pure-PyTorch "
+                   "reference (default: $DSV4_BACKEND, else cuda; see dsv4.set_backend)")
     g.add_argument("--quant-sim", choices=("on", "off"), default=None,
                    help="the official quantisation simulation (FP8 KV, FP4 indexer); default: "
                    "the config's value (on for tiny and released configs)")
@@ -296,6 +299,9 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("argument --mode/--system: only valid with --chat")
     _check_model_arg(parser, args.model)
     device = _resolve_device(parser, args.device)
+    if args.backend:
+        from dsv4.ops.backend import set_backend
+        set_backend(args.backend)
     import torch
 
     from dsv4.generate import generate
@@ -478,7 +484,7 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"dsv4 info: error: cannot load the config of {model!r}: {e}", file=sys.stderr)
             return 1
         print(format_config_summary(config, model))
-        from dsv4.info import format_model_info
+        from dsv4.model_info import format_model_info
 
         try:
             print(format_model_info(config, context=args.context))

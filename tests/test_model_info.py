@@ -1,4 +1,4 @@
-"""dsv4.info (parameter counts, layer schedule, KV-cache bytes) and `dsv4 info` (architecture.md
+"""dsv4.model_info (parameter counts, layer schedule, KV-cache bytes) and `dsv4 info` (architecture.md
 §1.2, §1.4, §11; kernels.md §3)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from dsv4 import cli
 from dsv4.config import ModelConfig
-from dsv4.info import (ONE_M, gqa_baseline_bytes, indexer_key_bytes, kv_bytes_per_token,
+from dsv4.model_info import (ONE_M, gqa_baseline_bytes, indexer_key_bytes, kv_bytes_per_token,
                        kv_cache_bytes, kv_entry_bytes, layer_schedule, meta_model, param_counts)
 from dsv4.model import Model
 
