@@ -87,16 +87,19 @@ def test_tiny_model_cuda_backend_matches_reference_backend(quant_sim):
 
 def test_generate_on_cuda_uses_kernels(monkeypatch):
     """dsv4's attention layers call the CUDA ops on a bf16 CUDA model (backend 'cuda')."""
+    import dsv4.layers.attention as attention
     called = []
-    real = torch.ops.dsv4.sparse_attn
+    real = torch.ops.dsv4
 
     class Spy:
-        def __call__(self, *a, **k):
+        def sparse_attn(self, *a, **k):
             called.append(a[0].device)
-            return real(*a, **k)
+            return real.sparse_attn(*a, **k)
 
-    import dsv4.layers.attention as attention
-    monkeypatch.setattr(attention.torch.ops.dsv4, "sparse_attn", Spy(), raising=False)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(attention, "_dsv4", Spy())
     dsv4.set_backend("cuda")
     m = dsv4.Model(dsv4.ModelConfig.tiny()).eval().to("cuda", torch.bfloat16)
     with torch.no_grad():

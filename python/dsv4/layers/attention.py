@@ -19,6 +19,9 @@ from .varlen import TokenLayout
 
 __all__ = ["Attention", "window_indices"]
 
+# The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
+_dsv4 = torch.ops.dsv4
+
 
 def window_indices(start: int, n: int, window_size: int, device=None) -> torch.Tensor:
     """Window part of the index lists for queries at positions start … start+n−1.
@@ -191,7 +194,7 @@ class Attention(nn.Module):
                 extra_kv = entries.view(B * C, entries.shape[-1])
             else:  # no complete entry in any row yet
                 extra_idx = extra_len = None
-        out, _ = torch.ops.dsv4.sparse_attn(q_t, main_kv, win_idx, self.attn_sink,
+        out, _ = _dsv4.sparse_attn(q_t, main_kv, win_idx, self.attn_sink,
                                             self.softmax_scale, None, extra_kv, extra_idx,
                                             extra_len)
         # Ring update: the last min(n, W) new keys of each row.

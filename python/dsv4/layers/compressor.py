@@ -13,6 +13,9 @@ from .rope import apply_rope
 
 __all__ = ["Compressor"]
 
+# The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
+_dsv4 = torch.ops.dsv4
+
 # compress_kv's ``quant`` argument: what the quantisation simulation does to each entry.
 QUANT_NONE, QUANT_FP8, QUANT_FP4_HADAMARD = 0, 1, 2
 
@@ -112,7 +115,7 @@ class Compressor(nn.Module):
         quant = QUANT_NONE
         if self.config.quant_sim:
             quant = QUANT_FP4_HADAMARD if self.rotate else QUANT_FP8
-        torch.ops.dsv4.compress_kv(
+        _dsv4.compress_kv(
             self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs, layout.cu_seqlens,
             layout.starts_t, state.kv, state.score, state.entries, m, layout.max_seqlen,
             self.config.norm_eps, quant)

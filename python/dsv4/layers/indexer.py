@@ -14,6 +14,9 @@ from .rope import apply_rope
 
 __all__ = ["Indexer", "indexer_topk_reference"]
 
+# The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
+_dsv4 = torch.ops.dsv4
+
 class Indexer(nn.Module):
     """Scores the compressed entries of a CSA layer and picks ``index_topk`` per query.
 
@@ -69,5 +72,5 @@ class Indexer(nn.Module):
         q, w = self.queries(x, qr, layout.pos, freqs)
         self.compressor.forward_varlen(x, state, layout, freqs)
         n_valid = ((layout.pos + 1) // self.compress_ratio).to(torch.int32)
-        return torch.ops.dsv4.indexer_topk(q.contiguous(), w.contiguous(), state.entries,
+        return _dsv4.indexer_topk(q.contiguous(), w.contiguous(), state.entries,
                                            layout.rows, n_valid, self.index_topk)
