@@ -41,17 +41,10 @@ export DSV4_EXPECT_C=1
 MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
   || exit 1
 step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"
-# dsv4 generate on the GPU: the kernels and the reference backend give the same greedy text.
-compare_generate() {
-  local a b
-  a=$("$PY" -m dsv4.cli generate --model tiny --device cuda --prompt "def fibonacci(n):" \
-    --max-new-tokens 48 --backend cuda) || return 1
-  b=$("$PY" -m dsv4.cli generate --model tiny --device cuda --prompt "def fibonacci(n):" \
-    --max-new-tokens 48 --backend reference) || return 1
-  printf 'cuda:      %s\nreference: %s\n' "$a" "$b"
-  [[ "$a" == "$b" ]]
-}
-step generate_cuda compare_generate
+# dsv4 generate on the GPU with both backends, then the two greedy continuations side by side.
+step generate_cuda "$PY" -m dsv4.cli generate --model tiny --device cuda --backend cuda \
+  --prompt "def fibonacci(n):" --max-new-tokens 32
+step compare_backends "$PY" scripts/compare_backends.py
 # shellcheck disable=SC2086
 step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
 if [[ -n "${QUICK:-}" ]]; then

@@ -50,39 +50,47 @@ def test_golden_on_cuda():
 
 
 @pytest.mark.parametrize("quant_sim", [False, True])
-def test_tiny_model_cuda_backend_matches_reference_backend(quant_sim):
-    """The whole tiny model in bf16 on the CUDA kernels vs the reference backend: prefill of a
-    mixed-length batch, then decode; logits close and the same greedy tokens."""
+def test_tiny_model_cuda_backend_as_accurate_as_reference_backend(quant_sim):
+    """The whole tiny model in bf16 on the CUDA kernels is as close to the fp32 model as the bf16
+    reference backend is (FlashAttention's rule at model level: error ≤ 2× the reference's).
+
+    A mixed-length prefill, then teacher-forced decode. The two bf16 backends do not give equal
+    logits: each op agrees with its reference to bf16 rounding (tests/test_model_ops_cuda.py),
+    but the indexer's top-k and the MoE routing are discrete, so a rounding-level difference can
+    move a near-tie selection and change a position's logits by a lot; the fp32 model is the
+    judge of which backend is closer.
+    """
     torch.manual_seed(0)
-    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=quant_sim)).eval().to("cuda", torch.bfloat16)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=quant_sim)).eval().to("cuda")
     assert set(dsv4.info()["cuda_usable_ops"]) >= {"sparse_attn", "indexer_topk", "compress_kv"}
     ids = torch.randint(0, 129280, (3, 200), device="cuda")
+    forced = torch.randint(0, 129280, (3, 16), device="cuda")
     lens = torch.tensor([200, 77, 5])
+    valid = torch.arange(200)[None, :] < lens[:, None]
 
-    def run(backend):
-        dsv4.set_backend(backend)
-        cache = m.make_cache(3)
+    def run(model):
+        cache = model.make_cache(3)
         with torch.no_grad():
-            first = m(ids, cache=cache, seq_lens=lens)
-            last = first[torch.arange(3), lens - 1]
-            toks, logits = [], [last]
-            for _ in range(24):
-                nxt = logits[-1].argmax(-1)
-                toks.append(nxt)
-                logits.append(m(nxt[:, None], cache=cache)[:, 0])
-        return first, torch.stack(toks, 1), torch.stack(logits, 1)
+            out = [model(ids, cache=cache, seq_lens=lens)[valid.cuda()]]
+            out += [model(forced[:, p:p + 1], cache=cache)[:, 0] for p in range(forced.shape[1])]
+        return torch.cat(out)
 
     old = dsv4.get_backend()
     try:
-        f_ref, t_ref, l_ref = run("reference")
-        f_cu, t_cu, l_cu = run("cuda")
+        truth = run(m)                       # fp32: the reference path
+        m = m.to(torch.bfloat16)
+        dsv4.set_backend("reference")
+        ref = run(m)
+        dsv4.set_backend("cuda")
+        cu = run(m)
     finally:
         dsv4.set_backend(old)
-    valid = torch.arange(200, device="cuda")[None, :] < lens.cuda()[:, None]
-    scale = f_ref[valid].abs().max()
-    assert ((f_cu - f_ref)[valid].abs().max() / scale).item() < 3e-2
-    assert torch.equal(t_cu, t_ref), (t_cu, t_ref)
-    assert ((l_cu - l_ref).abs().max() / l_ref.abs().max()).item() < 3e-2
+    e_ref = (ref - truth).abs().mean().item()
+    e_cu = (cu - truth).abs().mean().item()
+    assert e_cu <= 2 * e_ref, (e_cu, e_ref)
+    agree_ref = (ref.argmax(-1) == truth.argmax(-1)).float().mean().item()
+    agree_cu = (cu.argmax(-1) == truth.argmax(-1)).float().mean().item()
+    assert agree_cu >= agree_ref - 0.05, (agree_cu, agree_ref)
 
 
 def test_generate_on_cuda_uses_kernels(monkeypatch):
