@@ -39,6 +39,9 @@ def _fmt(v) -> str:
 
 
 def _commit() -> str:
+    """$DSV4_COMMIT if set (a copied tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("DSV4_COMMIT"):
+        return os.environ["DSV4_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
