@@ -21,35 +21,15 @@
 
 #include "dsv4/compress_kv.h"
 
-#define CHECK_CUDA(expr)                                                               \
-  do {                                                                                 \
-    cudaError_t err_ = (expr);                                                         \
-    if (err_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "FAIL: %s: %s (%s:%d)\n", #expr, cudaGetErrorString(err_),  \
-                   __FILE__, __LINE__);                                                \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+#include "check_common.h"
 
 namespace {
 
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
+
 constexpr int kRopeDim = 64;
 constexpr float kEps = 1e-6f;
-
-float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if (std::isnan(f)) return 0x7fc0;
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 float bf16_round(float f) { return bf16_to_float(float_to_bf16(f)); }
 

@@ -24,32 +24,12 @@
 
 #include "dsv4/indexer_topk.h"
 
-#define CHECK_CUDA(expr)                                                               \
-  do {                                                                                 \
-    cudaError_t err_ = (expr);                                                         \
-    if (err_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "FAIL: %s: %s (%s:%d)\n", #expr, cudaGetErrorString(err_),  \
-                   __FILE__, __LINE__);                                                \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+#include "check_common.h"
 
 namespace {
 
-float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even; NaN / inf kept
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | ((bits & 0xffff) ? 0x40 : 0));
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
 
 struct Problem {
   std::string name;

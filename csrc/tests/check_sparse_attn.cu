@@ -25,17 +25,12 @@
 #include "../kernels/sparse_attn.cuh"
 #include "dsv4/sparse_attn.h"
 
-#define CHECK_CUDA(expr)                                                              \
-  do {                                                                                \
-    cudaError_t err_ = (expr);                                                        \
-    if (err_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "FAIL: %s: %s (%s:%d)\n", #expr, cudaGetErrorString(err_), \
-                   __FILE__, __LINE__);                                               \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "check_common.h"
 
 namespace {
+
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
 
 // Which kernel run_case launches: 0 = the public dsv4::sparse_attn (wgmma for head_dim 512),
 // 1 = the mma.sync kernel at every head dim (an independent cross-check at 512).
@@ -57,20 +52,6 @@ cudaError_t launch_impl(const dsv4::SparseAttnParams& p) {
 }
 
 const double kInf = std::numeric_limits<double>::infinity();
-
-float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 template <typename T>
 T* to_device(const std::vector<T>& h) {

@@ -42,6 +42,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from safetensors import safe_open
 
+from .checkpoint import official_name  # the HF -> inference name map of convert.py (§12.4)
+
 __all__ = [
     "ConvertError", "DTYPE_NAMES", "convert", "check_model_parallel", "split_rule",
     "official_name", "rank_file", "load_model_parallel", "unshard", "write_safetensors",
@@ -260,31 +262,9 @@ class _Files:
 
 # ------------------------------------------------------------------------------ names and rules
 
-_LEGACY = {  # official convert.py name map (architecture.md §12.4 step 1)
-    "embed_tokens": "embed", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm", "q_proj": "wq", "q_a_proj": "wq_a",
-    "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a",
-    "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo", "gate_proj": "w1",
-    "down_proj": "w2", "up_proj": "w3", "lm_head": "head", "self_attn": "attn", "mlp": "ffn",
-    "weight_scale_inv": "scale", "e_score_correction_bias": "bias",
-}
 _SPLIT_DIM0 = {"embed", "head", "wq_b", "wo_a", "attn_sink", "weights_proj", "wq", "wkv_b"}
 _SPLIT_DIM1 = {"wo_b", "wo"}
 _RANK_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
-
-
-def official_name(name: str) -> Optional[str]:
-    """The inference name of an HF tensor name, or None for a tensor the conversion skips.
-
-    Strips ``model.``, renames legacy components (``self_attn``, ``mlp``, ``weight_scale_inv``,
-    ``e_score_correction_bias``, V3 projection names), and skips ``mtp.*`` tensors holding an
-    embedding or a head (MTP shares the main model's; §12.4 step 1). Release names pass unchanged.
-    """
-    if name.startswith("model."):
-        name = name[len("model."):]
-    if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
-        return None
-    return ".".join(_LEGACY.get(p, p) for p in name.split("."))
 
 
 def split_rule(name: str) -> tuple[str, int]:

@@ -1,0 +1,42 @@
+// Shared helpers of the torch-free C++ checks (csrc/tests/check_*.cu): the CUDA error check that
+// fails the check, and bf16 <-> float conversion on the host (bf16 is stored as uint16_t).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#define CHECK_CUDA(expr)                                                               \
+  do {                                                                                 \
+    cudaError_t err_ = (expr);                                                         \
+    if (err_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "FAIL: %s: %s (%s:%d)\n", #expr, cudaGetErrorString(err_),  \
+                   __FILE__, __LINE__);                                                \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+namespace dsv4_check {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest even; infinities keep their sign, a NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u) {
+    return static_cast<uint16_t>((bits >> 16) | ((bits & 0xffffu) ? 0x40u : 0u));
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace dsv4_check
