@@ -24,7 +24,7 @@ def kernel_path(monkeypatch):
     """Make every attention layer take its kernel path, on any device and dtype."""
     calls = []
 
-    def always(x, ops):
+    def always(x, ops, unsupported=None):
         calls.append(ops)
         return True
 
@@ -60,7 +60,7 @@ def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, spli
     with torch.no_grad():
         got = _run(m, ids, lens, splits)
         assert kernel_path, "the kernel path was not taken"
-        monkeypatch.setattr(attention, "use_kernels", lambda x, ops: False)
+        monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: False)
         ref = _run(m, ids, lens, splits)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, err
@@ -90,3 +90,13 @@ def test_cpu_tensors_never_take_kernels():
                                                 ("sparse_attn",))
     finally:
         dsv4.set_backend(old)
+
+
+def test_layers_outside_the_kernels_range_name_the_reason():
+    """A config the kernels cannot take (index_topk > 2048, odd head dims) runs the reference
+    path on CUDA; the layer says why (use_kernels warns with that reason once)."""
+    ok = dsv4.Model(dsv4.ModelConfig.tiny())
+    assert all(b.attn._kernel_unsupported is None for b in ok.layers)
+    big = dsv4.Model(dsv4.ModelConfig.tiny(index_topk=4096))
+    reasons = {b.attn._kernel_unsupported for b in big.layers if b.attn.indexer is not None}
+    assert reasons == {"indexer_topk takes index_topk 1..2048, not 4096"}

@@ -308,6 +308,10 @@ class ModelConfig:
         # n_mtp_layers: derive from compress_ratios when the file does not say.
         if "n_mtp_layers" not in args and "compress_ratios" in args and "n_layers" in args:
             args["n_mtp_layers"] = len(args["compress_ratios"]) - int(args["n_layers"])
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:  # a typo (quantsim=False) must not be dropped silently
+            raise ConfigError(f"unknown config override(s) {', '.join(unknown)}; overrides take "
+                              "ModelConfig field names (e.g. quant_sim, window_size)")
         args.update(overrides)
         missing = [k for k in _REQUIRED if k not in args]
         if missing:

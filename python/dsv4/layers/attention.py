@@ -100,7 +100,7 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), pos, freqs)
         if c.quant_sim:
             kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
-        if use_kernels(x, self._kernel_ops):
+        if use_kernels(x, self._kernel_ops, self._kernel_unsupported):
             o = self._attend_kernels(x, qr, q, kv, cache, starts, lens, freqs)
         else:
             o = self._attend_reference(x, qr, q, kv, cache, starts, lens, freqs)
@@ -109,6 +109,19 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("bsgd,grd->bsgr", o, wo_a.to(o.dtype))
         return self.wo_b(z.flatten(2))
+
+    @property
+    def _kernel_unsupported(self) -> str | None:
+        """Why this layer's shapes are outside the CUDA kernels' range, or None."""
+        c = self.config
+        if self.head_dim not in (64, 128, 256, 512):
+            return f"sparse_attn kernels take head_dim 64/128/256/512, not {self.head_dim}"
+        if self.indexer is not None:
+            if c.index_head_dim not in (64, 128):
+                return f"indexer_topk takes index_head_dim 64 or 128, not {c.index_head_dim}"
+            if not 1 <= c.index_topk <= 2048:
+                return f"indexer_topk takes index_topk 1..2048, not {c.index_topk}"
+        return None
 
     @property
     def _kernel_ops(self) -> tuple[str, ...]:

@@ -57,6 +57,10 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
         if length is not None and tuple(length.shape) != (T,):
             raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
                              f"{tuple(length.shape)}")
+    for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
+        if t is not None and not t.dtype.is_floating_point:
+            raise ValueError(f"sparse_attn: {name} must be a floating-point tensor (bfloat16 on "
+                             f"CUDA; float32 or bfloat16 for the reference), got {t.dtype}")
     for name, idx in (("indices", indices), ("extra_indices", extra_indices)):
         if idx is not None and (idx.dtype.is_floating_point or idx.dtype == torch.bool):
             raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {idx.dtype}")
@@ -107,7 +111,8 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
 
     Raises:
         ValueError: on mismatched shapes, extra_kv without extra_indices (or the reverse),
-            non-integer indices, or (unless skip_out_of_range) an out-of-range used index.
+            non-integer indices, non-floating q / kv / extra_kv, or (unless
+            skip_out_of_range) an out-of-range used index.
     """
     _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
                   extra_topk_length)
@@ -185,6 +190,9 @@ def _sparse_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length=No
     if tuple(out.shape) != (T, H, D) or tuple(lse.shape) != (T, H):
         raise ValueError(f"sparse_attn_out: out must be [{T}, {H}, {D}] and lse [{T}, {H}]; "
                          f"got {tuple(out.shape)} and {tuple(lse.shape)}")
+    if out.dtype != q.dtype or lse.dtype != torch.float32:
+        raise ValueError(f"sparse_attn_out: out must have q's dtype ({q.dtype}) and lse must be "
+                         f"float32; got {out.dtype} and {lse.dtype}")
     o, l = _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
                            extra_indices, extra_topk_length)
     out.copy_(o)

@@ -68,16 +68,19 @@ def _kernel_available(op: str) -> bool:
         return False
 
 
-def use_kernels(x: torch.Tensor, ops: tuple[str, ...]) -> bool:
+def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None = None) -> bool:
     """Whether a layer whose activations are ``x`` runs its kernel path through ``ops``.
 
-    True iff the backend is ``"cuda"``, ``x`` is a CUDA bfloat16 tensor and every op in
-    ``ops`` has a compiled CUDA kernel. When the backend is ``"cuda"`` and ``x`` is on CUDA but
-    a condition fails, a warning names the reason (once per reason).
+    True iff the backend is ``"cuda"``, ``x`` is a CUDA bfloat16 tensor, every op in ``ops``
+    has a compiled CUDA kernel and the layer passes no ``unsupported`` reason (a shape outside
+    the kernels' range, e.g. ``index_topk > 2048``). When the backend is ``"cuda"`` and ``x`` is
+    on CUDA but a condition fails, a warning names the reason (once per reason).
     """
     if _backend != "cuda" or not x.is_cuda:
         return False
-    if x.dtype != torch.bfloat16:
+    if unsupported:
+        reason = f"dsv4: {unsupported}; those layers run the pure-PyTorch reference"
+    elif x.dtype != torch.bfloat16:
         reason = (f"dsv4: the CUDA kernels take bfloat16 activations; a {x.dtype} model on "
                   "CUDA runs the pure-PyTorch reference")
     else:

@@ -104,6 +104,9 @@ def _check_shapes(q, weights, keys, rows, n_valid, topk, check):
     check(n_valid.dim() == 1 and n_valid.shape[0] == T,
           lambda: f"indexer_topk: n_valid must be [{T}] ([tokens]), got {tuple(n_valid.shape)}")
     check(topk >= 0, lambda: f"indexer_topk: topk must be >= 0, got {topk}")
+    check(all(t.dtype.is_floating_point for t in (q, weights, keys)),
+          lambda: "indexer_topk: q, weights and keys must be floating-point tensors, got "
+                  f"{q.dtype}, {weights.dtype} and {keys.dtype}")
 
 
 def _check_op_contract(q, keys, rows, n_valid, topk, check):
@@ -204,11 +207,13 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
 # torch.ops.dsv4.indexer_topk / indexer_topk_out
 # ---------------------------------------------------------------------------------------------
 def _indexer_topk_kernel(q, weights, keys, rows, n_valid, topk):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)  # before q.shape[2]
     _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
     return indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk)
 
 
 def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)  # before q.shape[2]
     _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
     T = q.shape[0]
     if tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32:
