@@ -51,9 +51,15 @@ def _run(m: dsv4.Model, ids: torch.Tensor, lens: list[int], splits: list[int]) -
     return torch.cat(outs, 1)
 
 
+@pytest.mark.parametrize("index_budget", [None, 300])
 @pytest.mark.parametrize("quant_sim", [False, True])
 @pytest.mark.parametrize("splits", [[70], [33, 34, 35, 70], [1, 2, 3, 4, 5, 64, 70]])
-def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, splits):
+def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, splits,
+                                       index_budget):
+    """index_budget 300: the queries of a step are attended in blocks of a few tokens (the
+    bound that keeps long-prompt index lists small), which must not change anything."""
+    if index_budget is not None:
+        monkeypatch.setattr(attention, "_INDEX_ELEMENTS", index_budget)
     m = _model(quant_sim=quant_sim)
     lens = [70, 37, 1, 0]
     ids = torch.randint(0, m.config.vocab_size, (4, 70))

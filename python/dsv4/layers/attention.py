@@ -19,6 +19,10 @@ from .varlen import TokenLayout
 
 __all__ = ["Attention", "window_indices"]
 
+# Index entries (window + compressed scope) the kernel path builds at once; beyond this, the
+# queries of one forward step are attended in blocks.
+_INDEX_ELEMENTS = 1 << 26
+
 # The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
 _dsv4 = torch.ops.dsv4
 
@@ -178,16 +182,9 @@ class Attention(nn.Module):
         q_t, kv_t = lay.gather(q), lay.gather(kv)
         x_t, qr_t = lay.gather(x), lay.gather(qr)
         rows = lay.rows.long()
-        # Window scope: position p of row b (chunk start s_b, token offset o_b) is at ring slot
-        # b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b); positions < 0 are −1 (§3.5).
-        p = lay.pos[:, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
-        chunk_start = lay.starts_t.long()[rows][:, None]
-        offset = lay.cu_seqlens.long()[rows][:, None]
-        win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
-                              rows[:, None] * W + p % W)
-        win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
         main_kv = torch.cat([cache.window.view(B * W, -1), kv_t], dim=0)
-        extra_kv = extra_idx = extra_len = None
+        sel = extra_kv = extra_len = None
+        n_extra = 0
         if self.compress_ratio:
             m = self.compress_ratio
             if self.indexer is not None:
@@ -195,28 +192,49 @@ class Attention(nn.Module):
             self.compressor.forward_varlen(x_t, cache.compressor, lay, freqs)
             entries = cache.compressor.entries
             C = entries.shape[1]
-            if self.indexer is not None:
-                extra_idx = torch.where(sel >= 0, rows[:, None].to(torch.int32) * C + sel, -1)
-            else:  # HCA: every complete entry, causal per query
-                n_max = max((s + n) // m for s, n in zip(starts, lens))
+            if self.indexer is None:   # HCA: every complete entry, causal per query
                 extra_len = ((lay.pos + 1) // m).to(torch.int32)
-                j = torch.arange(n_max, device=x.device)[None, :]
-                extra_idx = torch.where(j < extra_len[:, None], rows[:, None] * C + j, -1)
-                extra_idx = extra_idx.to(torch.int32)
-            if C and extra_idx.shape[1]:
+            n_extra = sel.shape[1] if sel is not None else max(
+                (s + n) // m for s, n in zip(starts, lens))
+            if C and n_extra:
                 extra_kv = entries.view(B * C, entries.shape[-1])
-            else:  # no complete entry in any row yet
-                extra_idx = extra_len = None
-        out, _ = _dsv4.sparse_attn(q_t, main_kv, win_idx, self.attn_sink,
-                                            self.softmax_scale, None, extra_kv, extra_idx,
-                                            extra_len)
+        # The index lists are built for blocks of queries so that their size stays bounded
+        # (an HCA list is [queries, entries]: a 512K-token prompt in one chunk would need
+        # ~25 GB); a decode step or an ordinary prefill is a single block.
+        T = lay.num_tokens
+        step = max(1, _INDEX_ELEMENTS // (W + n_extra))
+        outs = []
+        for t0 in range(0, T, step):
+            blk = slice(t0, min(T, t0 + step))
+            r = rows[blk, None]
+            # Window scope: position p of row b (chunk start s_b, token offset o_b) is at ring
+            # slot b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b); p < 0 is −1 (§3.5).
+            p = lay.pos[blk, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
+            chunk_start = lay.starts_t.long()[rows[blk]][:, None]
+            offset = lay.cu_seqlens.long()[rows[blk]][:, None]
+            win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
+                                  r * W + p % W)
+            win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
+            extra_idx = e_len = None
+            if extra_kv is not None:
+                if sel is not None:    # CSA: the indexer's picks, per-row entry indices
+                    extra_idx = torch.where(sel[blk] >= 0, r.to(torch.int32) * C + sel[blk], -1)
+                else:
+                    e_len = extra_len[blk]
+                    j = torch.arange(n_extra, device=x.device)[None, :]
+                    extra_idx = torch.where(j < e_len[:, None], r * C + j, -1).to(torch.int32)
+            o, _ = _dsv4.sparse_attn(q_t[blk], main_kv, win_idx, self.attn_sink,
+                                     self.softmax_scale, None, extra_kv, extra_idx, e_len)
+            outs.append(o)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         # Ring update: the last min(n, W) new keys of each row.
         dst, src = [], []
+        o_b = 0                                    # token offset of row b
         for b, (s, n) in enumerate(zip(starts, lens)):
             keep = min(n, W)
-            o_b = int(sum(lens[:b]))
-            dst.extend(b * W + (t % W) for t in range(s + n - keep, s + n))
+            dst.extend(b * W + (pos % W) for pos in range(s + n - keep, s + n))
             src.extend(range(o_b + n - keep, o_b + n))
+            o_b += n
         if dst:
             ring = cache.window.view(B * W, -1)
             ring.index_copy_(0, torch.tensor(dst, device=x.device),
