@@ -32,14 +32,21 @@ TINY_NOTICE = (
 # ---------------------------------------------------------------- argument types
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``, with a message naming the accepted range."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+_non_negative_int = _int_at_least(0)
+_positive_int = _int_at_least(1)
 
 
 def _temperature(s: str) -> float:
@@ -393,16 +400,6 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         file=sys.stderr, flush=True,
     )
     return 0
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
 
 
 def _add_info_and_checkpoint_commands(sub: Any) -> None:
