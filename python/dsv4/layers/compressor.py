@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..cache import CompressorState
+from ..ops.compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
 from .linear import Linear
 from .norm import RMSNorm
@@ -15,9 +16,6 @@ __all__ = ["Compressor"]
 
 # The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
 _dsv4 = torch.ops.dsv4
-
-# compress_kv's ``quant`` argument: what the quantisation simulation does to each entry.
-QUANT_NONE, QUANT_FP8, QUANT_FP4_HADAMARD = 0, 1, 2
 
 
 class Compressor(nn.Module):
