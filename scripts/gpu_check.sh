@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (H200; python3 3.12, torch 2.11+cu130, nvcc 13.0, no internet): build the
-# extension, run the CUDA tests, the C++ check and every bench/bench_*.py. All logs go to
+# extension, generate with both backends (scripts/compare_backends.py), run the CUDA tests, the
+# C++ checks (CMake + ctest) and every bench/bench_*.py. All logs go to
 # ${OUT:-/tmp/dsv4_out}. Exits non-zero if any step failed (later steps still run, except that
 # nothing runs after a failed build).
 #
