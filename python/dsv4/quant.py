@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.quant import ue8m0_scale
+from .ops.quant import fp4_e2m1_round, ue8m0_scale
 
 __all__ = [
     "FP8_E4M3_MAX", "FP4_E2M1_MAX", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
@@ -112,11 +112,11 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     if bool(torch.isnan(xf).any()):
         raise ValueError("e2m1_encode: NaN has no e2m1 code")
-    a = xf.abs()
-    # Interval ends: "<=" where the tie goes down to the even code, "<" where it goes up.
-    code = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5)
-            + (a >= 3.5) + (a > 5.0))
-    return code.to(torch.uint8) | (torch.signbit(xf).to(torch.uint8) << 3)
+    # The rounding is the simulation's (one definition); the code is the grid index + sign bit.
+    v = fp4_e2m1_round(xf)
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=xf.device)
+    code = torch.searchsorted(grid, v.abs().contiguous()).to(torch.uint8)
+    return code | (torch.signbit(v).to(torch.uint8) << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
