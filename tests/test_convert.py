@@ -16,7 +16,7 @@ from dsv4.model import Model
 from dsv4.quant import fp4_unpack, fp8_block_dequantize
 from dsv4.synthetic import make_checkpoint
 
-GOLDEN_FP8 = "/work/shared/testdata/golden_fp8"
+from _testdata import GOLDEN_FP8, needs_golden_fp8  # noqa: E402
 # ModelConfig.tiny() with low-rank dims of 128, so that wo_b (in = o_groups x o_lora_rank = 256)
 # splits over 2 ranks on whole 128-wide FP8 scale blocks (plain tiny has 128: see the error test).
 TINY_MP = dict(q_lora_rank=128, o_lora_rank=128)  # the tiny preset's own values
@@ -194,6 +194,7 @@ def test_unsharded_checkpoint_loads_to_identical_logits(src, mp2, tmp_path):
     assert torch.equal(logits[0], logits[1])
 
 
+@needs_golden_fp8
 def test_golden_fp8_mp1_round_trip(tmp_path, capsys):
     convert(GOLDEN_FP8, tmp_path / "o", 1, progress=True)
     assert "rank 0/1" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from dsv4.model_info import (ONE_M, gqa_baseline_bytes, indexer_key_bytes, kv_by
                        kv_cache_bytes, kv_entry_bytes, layer_schedule, meta_model, param_counts)
 from dsv4.model import Model
 
-GOLDEN_FP8 = "/work/shared/testdata/golden_fp8"
+from _testdata import GOLDEN_FP8, needs_golden_fp8  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,7 @@ def test_cli_info_flash(capsys):
     assert re.search(r"BF16 GQA-8 .*176,128\.0\s+184\.68 GB\s+100\.00%", out), out
 
 
+@needs_golden_fp8
 def test_cli_info_directory_and_context(capsys):
     assert cli.main(["info", GOLDEN_FP8, "--context", "4096"]) == 0
     out = capsys.readouterr().out
@@ -202,6 +203,7 @@ def test_cli_info_directory_and_context(capsys):
     assert kv_cache_bytes(cfg, 4096) == 5 * 16 * 200 + 2 * 1024 * 332 + 2 * 512 * 200
 
 
+@needs_golden_fp8
 def test_cli_info_without_model_is_unchanged(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,7 @@ from dsv4.convert import read_checkpoint_index
 from dsv4.model_info import meta_model
 from dsv4.synthetic import official_order
 
-GOLDEN_FP8 = "/work/shared/testdata/golden_fp8"
+from _testdata import GOLDEN_FP8, needs_golden_fp8  # noqa: E402
 E4M3, E8M0 = torch.float8_e4m3fn, torch.float8_e8m0fnu
 
 
@@ -160,6 +160,7 @@ def test_layer_type_specific_tensors(built):
                    for n in specs)
 
 
+@needs_golden_fp8
 def test_golden_fp8_files_match_tensor_specs_and_order():
     """The release-format golden: names, dtypes, shapes, and the index order."""
     cfg = ModelConfig.from_json(GOLDEN_FP8)
