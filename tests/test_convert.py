@@ -16,7 +16,7 @@ from dsv4.model import Model
 from dsv4.quant import fp4_unpack, fp8_block_dequantize
 from dsv4.synthetic import make_checkpoint
 
-from _testdata import GOLDEN_FP8, needs_golden_fp8  # noqa: E402
+from _testdata import GOLDEN_FP8, checkpoint_tensors as _tensors, needs_golden_fp8  # noqa: E402
 # ModelConfig.tiny() with low-rank dims of 128, so that wo_b (in = o_groups x o_lora_rank = 256)
 # splits over 2 ranks on whole 128-wide FP8 scale blocks (plain tiny has 128: see the error test).
 TINY_MP = dict(q_lora_rank=128, o_lora_rank=128)  # the tiny preset's own values
@@ -24,14 +24,6 @@ TINY_MP = dict(q_lora_rank=128, o_lora_rank=128)  # the tiny preset's own values
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (file, _, _) in read_checkpoint_index(str(path)).items():
-        with safe_open(file, framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 def _rank(path, r, mp) -> dict[str, torch.Tensor]:

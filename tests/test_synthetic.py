@@ -20,15 +20,7 @@ from dsv4.quant import fp4_pack, fp4_unpack, fp8_block_quantize
 from dsv4.synthetic import checkpoint_config, make_checkpoint, official_order, synthetic_tensor
 from dsv4.tokenizer import default_tokenizer_path
 
-from _testdata import GOLDEN_FP8, needs_golden_fp8  # noqa: E402
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (file, _, _) in read_checkpoint_index(str(path)).items():
-        with safe_open(file, framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
+from _testdata import GOLDEN_FP8, checkpoint_tensors as _tensors, needs_golden_fp8  # noqa: E402
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
