@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <optional>
 
 #include "dsv4/compress_kv.h"
 
@@ -31,8 +32,13 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                       const at::Tensor& norm_weight, const at::Tensor& freqs,
                       const at::Tensor& cu_seqlens, const at::Tensor& starts,
                       at::Tensor& state_kv, at::Tensor& state_score, at::Tensor& entries,
-                      int64_t compress_ratio, int64_t max_seqlen, double eps, int64_t quant) {
+                      int64_t compress_ratio, int64_t max_seqlen, double eps, int64_t quant,
+                      const std::optional<at::Tensor>& slots,
+                      const std::optional<at::Tensor>& block_table) {
   TORCH_CHECK(kv.is_cuda(), kOp, "kv must be a CUDA tensor, got device ", kv.device());
+  TORCH_CHECK(!slots.has_value() && !block_table.has_value(), kOp,
+              "slots / block_table (paged compressor state and entries, contracts.md A.1) are "
+              "not implemented on CUDA yet; the CPU reference accepts them");
   const at::Device dev = kv.device();
   check_on(score, "score", dev);
   check_on(ape, "ape", dev);
@@ -154,7 +160,8 @@ TORCH_LIBRARY_FRAGMENT(dsv4, m) {
   m.def(
       "compress_kv(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor freqs, "
       "Tensor cu_seqlens, Tensor starts, Tensor(a!) state_kv, Tensor(b!) state_score, "
-      "Tensor(c!) entries, int compress_ratio, int max_seqlen, float eps, int quant) -> ()");
+      "Tensor(c!) entries, int compress_ratio, int max_seqlen, float eps, int quant, "
+      "Tensor? slots=None, Tensor? block_table=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsv4, CUDA, m) { m.impl("compress_kv", &dsv4::compress_kv_cuda); }

@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <optional>
 
 #include "dsv4/indexer_topk.h"
 
@@ -106,7 +107,11 @@ void run_indexer_topk(const at::Tensor& q_in, const at::Tensor& weights_in,
 
 at::Tensor indexer_topk_cuda(const at::Tensor& q, const at::Tensor& weights,
                              const at::Tensor& keys, const at::Tensor& rows,
-                             const at::Tensor& n_valid, int64_t topk) {
+                             const at::Tensor& n_valid, int64_t topk,
+                             const std::optional<at::Tensor>& block_table) {
+  TORCH_CHECK(!block_table.has_value(), kOp,
+              "block_table (paged indexer keys, contracts.md A.2) is not implemented on CUDA "
+              "yet; the CPU reference accepts it");
   TORCH_CHECK(q.dim() == 3, kOp, "q must be [tokens, heads, head_dim], got ", q.sizes());
   TORCH_CHECK(topk >= 1 && topk <= kIndexerMaxTopk, kOp, "topk must be in [1, ",
               kIndexerMaxTopk, "], got ", topk);
@@ -118,7 +123,11 @@ at::Tensor indexer_topk_cuda(const at::Tensor& q, const at::Tensor& weights,
 
 void indexer_topk_out_cuda(const at::Tensor& q, const at::Tensor& weights,
                            const at::Tensor& keys, const at::Tensor& rows,
-                           const at::Tensor& n_valid, int64_t topk, at::Tensor& indices) {
+                           const at::Tensor& n_valid, int64_t topk, at::Tensor& indices,
+                           const std::optional<at::Tensor>& block_table) {
+  TORCH_CHECK(!block_table.has_value(), kOp,
+              "block_table (paged indexer keys, contracts.md A.2) is not implemented on CUDA "
+              "yet; the CPU reference accepts it");
   TORCH_CHECK(q.dim() == 3, kOp, "q must be [tokens, heads, head_dim], got ", q.sizes());
   check_same_device(indices, "indices", q);
   TORCH_CHECK(indices.scalar_type() == at::kInt, kOp, "indices must be int32, got ",
@@ -138,11 +147,11 @@ TORCH_LIBRARY_FRAGMENT(dsv4, m) {
   // Lightning Indexer top-k (architecture.md §5): int32 [tokens, topk], descending score,
   // lowest index first among equal scores, NaN never selected, -1 padding.
   m.def(
-      "indexer_topk(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk) "
-      "-> Tensor");
+      "indexer_topk(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk, "
+      "Tensor? block_table=None) -> Tensor");
   m.def(
       "indexer_topk_out(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, "
-      "int topk, Tensor(a!) indices) -> ()");
+      "int topk, Tensor(a!) indices, Tensor? block_table=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsv4, CUDA, m) {

@@ -31,12 +31,14 @@ QUANT_FP4_HADAMARD = 2   # Hadamard rotation, then FP4 e2m1 in blocks of 32 (ind
 COMPRESS_KV_SCHEMA = (
     "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor freqs, "
     "Tensor cu_seqlens, Tensor starts, Tensor(a!) state_kv, Tensor(b!) state_score, "
-    "Tensor(c!) entries, int compress_ratio, int max_seqlen, float eps, int quant) -> ()"
+    "Tensor(c!) entries, int compress_ratio, int max_seqlen, float eps, int quant, "
+    "Tensor? slots=None, Tensor? block_table=None) -> ()"
 )
 
 
 def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv, state_score,
-                entries, compress_ratio, max_seqlen, quant) -> tuple[int, int, int, int]:
+                entries, compress_ratio, max_seqlen, quant, slots=None, block_table=None
+                ) -> tuple[int, int, int, int]:
     """Shape / dtype checks shared by the reference and the fake; returns (B, d, coff, rd)."""
     def fail(msg: str) -> None:
         raise ValueError(f"compress_kv: {msg}")
@@ -44,9 +46,15 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
     m = int(compress_ratio)
     if m < 1:
         fail(f"compress_ratio must be >= 1, got {m}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        fail(f"cu_seqlens must be int32 [batch + 1], got {cu_seqlens.dtype} "
+             f"{tuple(cu_seqlens.shape)}")
+    B = cu_seqlens.shape[0] - 1
+    paged = block_table is not None
     if entries.dim() != 3:
-        fail(f"entries must be [batch, capacity, head_dim], got shape {tuple(entries.shape)}")
-    B, _, d = entries.shape
+        what = "[num_blocks, block_size, head_dim]" if paged else "[batch, capacity, head_dim]"
+        fail(f"entries must be {what}, got shape {tuple(entries.shape)}")
+    d = entries.shape[2]
     coff = 2 if m == 4 else 1
     w = coff * d
     if entries.dtype not in (torch.bfloat16, torch.float32):
@@ -69,13 +77,27 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
     if freqs.dtype != torch.float32 or freqs.dim() != 1 or not 2 <= rd <= d:
         fail(f"freqs must be float32 [rope_dim / 2] with 2 <= rope_dim <= {d}, got "
              f"{freqs.dtype} {tuple(freqs.shape)}")
-    for name, t, n in (("cu_seqlens", cu_seqlens, B + 1), ("starts", starts, B)):
-        if t.dtype != torch.int32 or tuple(t.shape) != (n,):
-            fail(f"{name} must be int32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    if starts.dtype != torch.int32 or tuple(starts.shape) != (B,):
+        fail(f"starts must be int32 [{B}], got {starts.dtype} {tuple(starts.shape)}")
+    if slots is not None and (slots.dtype != torch.int32 or tuple(slots.shape) != (B,)):
+        fail(f"slots must be int32 [{B}] (one state row per step row), got {slots.dtype} "
+             f"{tuple(slots.shape)}")
+    if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2
+                  or block_table.shape[0] != B):
+        fail(f"block_table must be int32 [{B}, max_blocks] (indexed by step row), got "
+             f"{block_table.dtype} {tuple(block_table.shape)}")
+    if slots is None and not paged and entries.shape[0] != B:
+        fail(f"entries must be [{B}, capacity, {d}] (one row per step row; pass slots or "
+             f"block_table otherwise), got {tuple(entries.shape)}")
     for name, t in (("state_kv", state_kv), ("state_score", state_score)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (B, coff * m, w):
-            fail(f"{name} must be float32 [{B}, {coff * m}, {w}], got {t.dtype} "
+        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != (coff * m, w) or (
+                slots is None and t.shape[0] != B):
+            rows = "n_slots" if slots is not None else str(B)
+            fail(f"{name} must be float32 [{rows}, {coff * m}, {w}], got {t.dtype} "
                  f"{tuple(t.shape)}")
+    if state_score.shape[0] != state_kv.shape[0]:
+        fail(f"state_kv and state_score must have the same rows, got {state_kv.shape[0]} and "
+             f"{state_score.shape[0]}")
     if int(max_seqlen) < 0:
         fail(f"max_seqlen must be >= 0, got {max_seqlen}")
     if quant not in (QUANT_NONE, QUANT_FP8, QUANT_FP4_HADAMARD):
@@ -94,11 +116,13 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
                           cu_seqlens: torch.Tensor, starts: torch.Tensor,
                           state_kv: torch.Tensor, state_score: torch.Tensor,
                           entries: torch.Tensor, compress_ratio: int, max_seqlen: int,
-                          eps: float, quant: int) -> None:
+                          eps: float, quant: int, slots: torch.Tensor | None = None,
+                          block_table: torch.Tensor | None = None) -> None:
     """The semantics of ``torch.ops.dsv4.compress_kv``: ``Compressor.forward`` for every row.
 
-    Notation: B rows, T new tokens, m = ``compress_ratio``, d = head_dim, coff = 2 if m == 4
-    (overlapping windows, architecture.md §4.3) else 1 (§4.2), w = coff·d.
+    Notation: B step rows (``len(cu_seqlens) - 1``), T new tokens, m = ``compress_ratio``,
+    d = head_dim, coff = 2 if m == 4 (overlapping windows, architecture.md §4.3) else 1 (§4.2),
+    w = coff·d.
 
     Args:
         kv, score: [T, w] float32, ``wkv(x)`` and ``wgate(x)`` (before ``ape``) of the new
@@ -109,65 +133,94 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
         freqs: [rope_dim / 2] float32, RoPE frequencies; the entry of block k is rotated at
             position k·m on its last rope_dim dims (interleaved pairs, §3.4).
         cu_seqlens: [B + 1] int32 token offsets; starts: [B] int32.
-        state_kv, state_score: [B, coff·m, w] float32, updated in place (the layout of
+        state_kv, state_score: [S, coff·m, w] float32, updated in place (the layout of
             :class:`dsv4.cache.CompressorState`: for m == 4 rows 0..3 hold the previous
             complete block and rows 4..7 the partial current one; else rows 0..m-1 the partial
-            block; scores include ``ape``; initialise scores to -inf and kv to 0).
-        entries: [B, C, d] bfloat16 or float32, updated in place: entry k of row b is written
-            by the call that completes block k (tokens k·m ... k·m+m-1). Entries k >= C are not
-            written (the caller reserves capacity: C >= (starts[b] + n_b) // m).
+            block; scores include ``ape``; initialise scores to -inf and kv to 0). Step row b
+            uses state row ``slots[b]`` (S >= max(slots) + 1), or row b when ``slots`` is None
+            (then S == B). Two step rows must not share a state row.
+        entries: updated in place; entry k of a row is written by the call that completes
+            block k (tokens k·m ... k·m+m-1), bfloat16 or float32:
+
+            * ``block_table`` None: [R, C, d]; entry k of step row b goes to
+              ``entries[slots[b], k]`` (or ``entries[b, k]`` without slots, then R == B).
+              Entries k >= C are not written (the caller reserves capacity).
+            * ``block_table`` [B, max_blocks] int32 (rows indexed by STEP row b, already
+              gathered for the step): ``entries`` is a paged pool [num_blocks, block_size, d]
+              and entry k of step row b goes to
+              ``entries[block_table[b, k // block_size], k % block_size]``. Entries whose block
+              id is < 0 or >= num_blocks, or with k // block_size >= max_blocks, are not
+              written. block_size is any positive size (not necessarily a power of two).
         compress_ratio: m >= 1.
         max_seqlen: the largest n_b (sizes the CUDA grid; not needed here).
         eps: RMSNorm epsilon.
         quant: 0 none, 1 FP8 e4m3 of the first d - rope_dim dims in blocks of 64, 2 Hadamard
             rotation + FP4 e2m1 in blocks of 32 (:mod:`dsv4.ops.quant`, §4.4).
+        slots: optional [B] int32, the state row (and, without ``block_table``, the entries
+            row) of each step row (contracts.md §A.1).
+        block_table: optional [B, max_blocks] int32 (see ``entries``).
 
     Per entry (§4.2-§4.4): softmax over the slots (per feature, fp32) of score + ape, weighted
     sum of kv, ``.to(entries.dtype)``, RMSNorm, RoPE, quantisation; a row with no new token is
     untouched. The result equals feeding the tokens one at a time (§4.5).
 
     Raises:
-        ValueError: on a bad shape / dtype / quant, or inconsistent cu_seqlens / starts (the
-            CUDA kernel cannot raise on device data and skips such rows instead).
+        ValueError: on a bad shape / dtype / quant, inconsistent cu_seqlens / starts, a slot
+            outside the state (or dense entries) rows, or two step rows with new tokens
+            sharing a slot (the CUDA kernel cannot raise on device data and skips such rows
+            instead; shared slots are the caller's error).
     """
     B, d, coff, rd = _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts,
                                  state_kv, state_score, entries, compress_ratio, max_seqlen,
-                                 quant)
+                                 quant, slots, block_table)
     m = int(compress_ratio)
     overlap = m == 4
     off = m if overlap else 0
-    T, C = kv.shape[0], entries.shape[1]
+    T = kv.shape[0]
     cu = cu_seqlens.tolist()
     st = starts.tolist()
+    sl = slots.tolist() if slots is not None else list(range(B))
+    n_state = state_kv.shape[0]
     for row in range(B):
         if not (0 <= cu[row] <= cu[row + 1] <= T) or st[row] < 0:
             raise ValueError(f"compress_kv: row {row}: need 0 <= cu_seqlens[{row}] <= "
                              f"cu_seqlens[{row + 1}] <= {T} and starts >= 0, got "
                              f"cu_seqlens {cu[row]}, {cu[row + 1]} and start {st[row]}")
+        if cu[row + 1] > cu[row]:
+            limit = n_state if block_table is not None else min(n_state, entries.shape[0])
+            if not 0 <= sl[row] < limit:
+                raise ValueError(f"compress_kv: slots[{row}] = {sl[row]} is outside [0, "
+                                 f"{limit}) (state rows {n_state}, entries rows "
+                                 f"{entries.shape[0]})")
+    busy = [sl[r] for r in range(B) if cu[r + 1] > cu[r]]
+    if len(set(busy)) != len(busy):
+        raise ValueError(f"compress_kv: two step rows with new tokens share a slot: {sl}")
+    bt = block_table.tolist() if block_table is not None else None
     dev = kv.device
     for row in range(B):
         start, n = st[row], cu[row + 1] - cu[row]
         if n == 0:
             continue
+        s = sl[row]
         # From here on: Compressor.forward with kv / score given (same ops, same order).
         r0 = start % m
         pos = torch.arange(start, start + n, device=dev)
         kv_r = kv[cu[row]:cu[row + 1]]
         sc_r = score[cu[row]:cu[row + 1]] + ape[pos % m]
-        kv_r = torch.cat([state_kv[row, off:off + r0], kv_r], dim=0)
-        sc_r = torch.cat([state_score[row, off:off + r0], sc_r], dim=0)
+        kv_r = torch.cat([state_kv[s, off:off + r0], kv_r], dim=0)
+        sc_r = torch.cat([state_score[s, off:off + r0], sc_r], dim=0)
         nb = (r0 + n) // m
         first_block = (start - r0) // m
         if nb:
             bkv = kv_r[:nb * m].unflatten(0, (nb, m))
             bsc = sc_r[:nb * m].unflatten(0, (nb, m))
             if overlap:
-                prev_kv = torch.cat([state_kv[row, None, :m], bkv[:-1]], dim=0)
-                prev_sc = torch.cat([state_score[row, None, :m], bsc[:-1]], dim=0)
+                prev_kv = torch.cat([state_kv[s, None, :m], bkv[:-1]], dim=0)
+                prev_sc = torch.cat([state_score[s, None, :m], bsc[:-1]], dim=0)
                 bkv = torch.cat([prev_kv[..., :d], bkv[..., d:]], dim=1)   # [nb, 2m, d]
                 bsc = torch.cat([prev_sc[..., :d], bsc[..., d:]], dim=1)
-                state_kv[row, :m] = kv_r[(nb - 1) * m:nb * m]
-                state_score[row, :m] = sc_r[(nb - 1) * m:nb * m]
+                state_kv[s, :m] = kv_r[(nb - 1) * m:nb * m]
+                state_score[s, :m] = sc_r[(nb - 1) * m:nb * m]
             pooled = (bkv * bsc.softmax(dim=1)).sum(dim=1)                 # [nb, d] fp32
             out = rms_norm_reference(pooled.to(entries.dtype), norm_weight, eps)
             block_pos = torch.arange(first_block, first_block + nb, device=dev) * m
@@ -176,19 +229,36 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
                 out = fp4_e2m1_sim(hadamard(out), 32)
             elif quant == QUANT_FP8:
                 out = torch.cat([fp8_e4m3_sim(out[:, :d - rd], 64), out[:, d - rd:]], -1)
-            keep = max(0, min(nb, C - first_block))
-            if keep:
-                entries[row, first_block:first_block + keep] = out[:keep]
+            _store_entries(entries, out, s, first_block, bt[row] if bt is not None else None)
         rem = r0 + n - nb * m
         if rem:
-            state_kv[row, off:off + rem] = kv_r[nb * m:]
-            state_score[row, off:off + rem] = sc_r[nb * m:]
+            state_kv[s, off:off + rem] = kv_r[nb * m:]
+            state_score[s, off:off + rem] = sc_r[nb * m:]
+
+
+def _store_entries(entries: torch.Tensor, out: torch.Tensor, slot: int, first: int,
+                   table: list[int] | None) -> None:
+    """Write entries ``first .. first + len(out) - 1`` of one row (dense row ``slot`` or through
+    the row's block table); entries without a place (capacity, block id) are dropped."""
+    nb = out.shape[0]
+    if table is None:
+        keep = max(0, min(nb, entries.shape[1] - first))
+        if keep:
+            entries[slot, first:first + keep] = out[:keep]
+        return
+    num_blocks, bs = entries.shape[0], entries.shape[1]
+    for i in range(nb):
+        k = first + i
+        blk = k // bs
+        if blk < len(table) and 0 <= table[blk] < num_blocks:
+            entries[table[blk], k % bs] = out[i]
 
 
 def _compress_kv_fake(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
-                      state_score, entries, compress_ratio, max_seqlen, eps, quant) -> None:
+                      state_score, entries, compress_ratio, max_seqlen, eps, quant, slots=None,
+                      block_table=None) -> None:
     _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv, state_score,
-                entries, compress_ratio, max_seqlen, quant)
+                entries, compress_ratio, max_seqlen, quant, slots, block_table)
     return None
 
 
@@ -199,7 +269,8 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
                 norm_weight: torch.Tensor, freqs: torch.Tensor, cu_seqlens: torch.Tensor,
                 starts: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                 entries: torch.Tensor, compress_ratio: int, max_seqlen: int, eps: float,
-                quant: int = QUANT_NONE) -> None:
+                quant: int = QUANT_NONE, slots: torch.Tensor | None = None,
+                block_table: torch.Tensor | None = None) -> None:
     """Run ``torch.ops.dsv4.compress_kv`` (CUDA kernel on CUDA tensors, the reference on CPU).
 
     Arguments and semantics: :func:`compress_kv_reference`. Mutates ``state_kv``,
@@ -208,8 +279,15 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     sizes the grid, and rows with inconsistent cu_seqlens / starts are skipped (left
     untouched) instead of raising. Additional CUDA requirements: contiguous ``ape``,
     ``norm_weight``, ``freqs``, state tensors; ``kv`` / ``score`` with a contiguous last dim
-    and 16-byte aligned rows; ``entries`` with a contiguous last dim.
+    and 16-byte aligned rows; ``entries`` with a contiguous last dim. On CUDA a step row whose
+    slot is outside the state rows is skipped, and paged entries without a valid block are
+    not written (no illegal access).
+
+    Paged / slotted use (contracts.md §A.1): ``slots`` [B] int32 picks the state row of each
+    step row; ``block_table`` [B, max_blocks] int32 makes ``entries`` a paged pool
+    [num_blocks, block_size, d] (entry k of step row b at
+    ``entries[block_table[b, k // block_size], k % block_size]``).
     """
     torch.ops.dsv4.compress_kv(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
                                state_score, entries, int(compress_ratio), int(max_seqlen),
-                               float(eps), int(quant))
+                               float(eps), int(quant), slots, block_table)

@@ -42,9 +42,10 @@ _INT64_MIN = -(2**63)
 _LOW_MASK = 0xFFFFFFFF
 _IDX_BIAS = 2**31 - 1
 
-_SCHEMA = "(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk) -> Tensor"
+_SCHEMA = ("(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk, "
+           "Tensor? block_table=None) -> Tensor")
 _SCHEMA_OUT = ("(Tensor q, Tensor weights, Tensor keys, Tensor rows, Tensor n_valid, int topk, "
-               "Tensor(a!) indices) -> ()")
+               "Tensor(a!) indices, Tensor? block_table=None) -> ()")
 
 
 def _order_keys(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -61,14 +62,18 @@ def _order_keys(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return key.masked_fill(~visible | torch.isnan(s), _INT64_MIN)
 
 
-def _topk_from_scores(scores: torch.Tensor, n_valid: torch.Tensor, topk: int) -> torch.Tensor:
-    """int32 [m, topk] of the contract above for fp32 ``scores`` [m, n], ``n_valid`` [m]."""
+def _topk_from_scores(scores: torch.Tensor, n_valid: torch.Tensor, topk: int,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [m, topk] of the contract above for fp32 ``scores`` [m, n], ``n_valid`` [m];
+    ``present`` [n] bool (optional) hides the entries whose paged block does not exist."""
     m, n = scores.shape
     out = torch.full((m, topk), -1, dtype=torch.int32, device=scores.device)
     kk = min(topk, n)
     if m == 0 or kk == 0:
         return out
     visible = torch.arange(n, device=scores.device)[None, :] < n_valid[:, None]
+    if present is not None:
+        visible = visible & present[None, :]
     vals = _order_keys(scores, visible).topk(kk, dim=1).values  # sorted, descending
     idx = _IDX_BIAS - (vals & _LOW_MASK)
     out[:, :kk] = torch.where(vals == _INT64_MIN, -1, idx).to(torch.int32)
@@ -90,10 +95,17 @@ def _scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch
     return out
 
 
-def _check_shapes(q, weights, keys, rows, n_valid, topk, check):
+def _check_shapes(q, weights, keys, rows, n_valid, topk, check, block_table=None):
     check(q.dim() == 3, lambda: f"indexer_topk: q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
-    check(keys.dim() == 3,
-          lambda: f"indexer_topk: keys must be [batch, capacity, head_dim], got {tuple(keys.shape)}")
+    if block_table is None:
+        check(keys.dim() == 3, lambda: "indexer_topk: keys must be [batch, capacity, head_dim], "
+                                       f"got {tuple(keys.shape)}")
+    else:
+        check(keys.dim() == 3, lambda: "indexer_topk: with block_table, keys must be a paged pool "
+                                       f"[num_blocks, block_size, head_dim], got {tuple(keys.shape)}")
+        check(block_table.dim() == 2 and block_table.dtype == torch.int32,
+              lambda: "indexer_topk: block_table must be int32 [rows, max_blocks], got "
+                      f"{block_table.dtype} {tuple(block_table.shape)}")
     T, H, D = q.shape
     check(weights.dim() == 2 and weights.shape[0] == T and weights.shape[1] == H,
           lambda: f"indexer_topk: weights must be [{T}, {H}] ([tokens, heads]), got {tuple(weights.shape)}")
@@ -126,11 +138,11 @@ def _raise_value_error(cond, msg):
 
 
 def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                                  rows: torch.Tensor, n_valid: torch.Tensor, topk: int
-                                  ) -> torch.Tensor:
+                                  rows: torch.Tensor, n_valid: torch.Tensor, topk: int,
+                                  block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k compressed entries per query over a batch of key stores (semantics of the op).
 
-    ``I(t, s) = Σ_h weights[t, h] · ReLU(q[t, h, :] · keys[rows[t], s, :])`` in fp32 for
+    ``I(t, s) = Σ_h weights[t, h] · ReLU(q[t, h, :] · key(t, s))`` in fp32 for
     ``s < n_valid[t]`` (architecture.md §5, steps 6-7), then the ordering contract of this
     module (descending score, lowest index first among equal scores, NaN never selected, -1
     padding). Chunked over queries and entries, so it also runs at 1M context (as a baseline,
@@ -140,41 +152,75 @@ def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: 
         q: [tokens, heads, head_dim] indexer queries, any floating dtype (upcast to fp32; the
             CUDA kernel takes bfloat16).
         weights: [tokens, heads] head weights, already scaled (fp32 in the model).
-        keys: [batch, capacity, head_dim] per-sequence compressed indexer keys.
-        rows: [tokens] integer, the key row of each query, in [0, batch).
+        keys: the compressed indexer keys, either dense per-sequence stores
+            [batch, capacity, head_dim] with ``key(t, s) = keys[rows[t], s]``, or (with
+            ``block_table``) a paged pool [num_blocks, block_size, head_dim] with
+            ``key(t, s) = keys[block_table[rows[t], s // block_size], s % block_size]``
+            (contracts.md §A.2; block_size need not be a power of two).
+        rows: [tokens] integer, the key row of each query: in [0, batch), or in
+            [0, block_table.shape[0]) with a block table.
         n_valid: [tokens] integer, query t sees entries 0 .. n_valid[t]-1 of its row; clamped
-            to [0, capacity].
+            to [0, capacity] (paged: [0, max_blocks · block_size]).
         topk: number of indices per query (>= 0).
+        block_table: optional [R, max_blocks] int32. An entry whose block id is < 0 or
+            >= num_blocks is not visible (never selected; no memory is read for it).
 
     Returns:
-        int32 [tokens, topk] on q.device.
+        int32 [tokens, topk] on q.device: LOGICAL entry indices s (also with a block table;
+        the physical row is ``block_table[row, s // bs] * bs + s % bs``).
 
     Raises:
-        ValueError: mismatched shapes, negative topk, or a row index outside [0, batch)
+        ValueError: mismatched shapes, negative topk, or a row index outside its range
             (the CUDA kernel cannot raise; it returns a row of -1 for such a query).
     """
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
     T = q.shape[0]
-    B, C, _ = keys.shape
+    if block_table is None:
+        B, C, _ = keys.shape
+    else:
+        B, bs = block_table.shape[0], keys.shape[1]
+        C = block_table.shape[1] * bs
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     if T == 0 or topk == 0:
         return out
     rows = rows.to(device=q.device, dtype=torch.long)
     nv = n_valid.to(device=q.device, dtype=torch.long).clamp(0, C)
     if bool((rows < 0).any()) or bool((rows >= B).any()):
-        raise ValueError(f"indexer_topk: rows must lie in [0, {B}) (keys.shape[0]); got "
+        what = "block_table.shape[0]" if block_table is not None else "keys.shape[0]"
+        raise ValueError(f"indexer_topk: rows must lie in [0, {B}) ({what}); got "
                          f"[{int(rows.min())}, {int(rows.max())}]")
     for b in torch.unique(rows).tolist():
         sel = (rows == b).nonzero().flatten()
         n_b = int(nv[sel].max())
         if n_b == 0:
             continue  # every query of this row sees nothing: -1s
+        present = None
+        if block_table is None:
+            row_keys = keys[b, :n_b]
+        else:
+            row_keys, present = _gather_paged(keys, block_table[b].to(q.device), n_b)
         step = max(1, min(_SCORE_ELEMS // n_b, T))
         for i0 in range(0, sel.numel(), step):
             ts = sel[i0:i0 + step]
-            s = _scores(q[ts], weights[ts], keys[b, :n_b])
-            out[ts] = _topk_from_scores(s, nv[ts], topk)
+            s = _scores(q[ts], weights[ts], row_keys)
+            out[ts] = _topk_from_scores(s, nv[ts], topk, present)
     return out
+
+
+def _gather_paged(keys: torch.Tensor, table: torch.Tensor, n: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical entries 0 .. n-1 of one row of a paged pool [num_blocks, bs, D] through its
+    block table [max_blocks]: (keys [n, D], present [n] bool). Missing blocks give zeros
+    (and present False)."""
+    num_blocks, bs = keys.shape[0], keys.shape[1]
+    s = torch.arange(n, device=keys.device)
+    blk = table.long()[s // bs]
+    present = (blk >= 0) & (blk < num_blocks)
+    phys = blk.clamp(0, max(num_blocks - 1, 0))
+    if num_blocks == 0:
+        return keys.new_zeros(n, keys.shape[2]), present
+    row_keys = keys[phys, s % bs]
+    return torch.where(present[:, None], row_keys, torch.zeros_like(row_keys)), present
 
 
 def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
@@ -206,30 +252,31 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
 # ---------------------------------------------------------------------------------------------
 # torch.ops.dsv4.indexer_topk / indexer_topk_out
 # ---------------------------------------------------------------------------------------------
-def _indexer_topk_kernel(q, weights, keys, rows, n_valid, topk):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)  # before q.shape[2]
+def _indexer_topk_kernel(q, weights, keys, rows, n_valid, topk, block_table=None):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
     _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
-    return indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk)
+    return indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk, block_table)
 
 
-def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error)  # before q.shape[2]
+def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices, block_table=None):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
     _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
     T = q.shape[0]
     if tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32:
         raise ValueError(f"indexer_topk_out: indices must be int32 [{T}, {topk}], got "
                          f"{indices.dtype} {tuple(indices.shape)}")
-    indices.copy_(indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk))
+    indices.copy_(indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk,
+                                                block_table))
 
 
-def _indexer_topk_fake(q, weights, keys, rows, n_valid, topk):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check)
+def _indexer_topk_fake(q, weights, keys, rows, n_valid, topk, block_table=None):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check, block_table)
     _check_op_contract(q, keys, rows, n_valid, topk, torch._check)
     return q.new_empty((q.shape[0], topk), dtype=torch.int32)
 
 
-def _indexer_topk_out_fake(q, weights, keys, rows, n_valid, topk, indices):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check)
+def _indexer_topk_out_fake(q, weights, keys, rows, n_valid, topk, indices, block_table=None):
+    _check_shapes(q, weights, keys, rows, n_valid, topk, torch._check, block_table)
     _check_op_contract(q, keys, rows, n_valid, topk, torch._check)
     torch._check(indices.dim() == 2 and indices.shape[0] == q.shape[0] and indices.shape[1] == topk,
                  lambda: f"indexer_topk_out: indices must be [tokens, {topk}]")
@@ -241,17 +288,23 @@ register_op("indexer_topk_out", _SCHEMA_OUT, _indexer_topk_out_kernel, _indexer_
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
-                 n_valid: torch.Tensor, topk: int) -> torch.Tensor:
+                 n_valid: torch.Tensor, topk: int, block_table: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """``torch.ops.dsv4.indexer_topk``: top-k entries per query (architecture.md §5).
 
     Args:
         q: [tokens, heads, head_dim] bfloat16 (the reference on CPU takes any float dtype);
             head_dim 64 or 128, heads >= 1.
         weights: [tokens, heads] float32, already scaled.
-        keys: [batch, capacity, head_dim] bfloat16 compressed key store (unit last stride).
-        rows: [tokens] int32, key row of each query.
+        keys: [batch, capacity, head_dim] bfloat16 compressed key store (unit last stride), or
+            with ``block_table`` a paged pool [num_blocks, block_size, head_dim].
+        rows: [tokens] int32, key row of each query (a row of ``block_table`` when paged).
         n_valid: [tokens] int32, visible entries per query (clamped to [0, capacity]).
         topk: 1 .. 2048.
+        block_table: optional [R, max_blocks] int32 (contracts.md §A.2): key s of query t is
+            ``keys[block_table[rows[t], s // block_size], s % block_size]``; the result stays
+            the logical index s. Entries in missing blocks (id < 0 or >= num_blocks) are
+            never selected.
 
     Returns:
         int32 [tokens, topk]: indices in descending score order, lowest index first among
@@ -260,12 +313,13 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, row
     Raises:
         RuntimeError / ValueError naming the accepted shapes / dtypes / head_dim / topk.
     """
-    return torch.ops.dsv4.indexer_topk(q, weights, keys, rows, n_valid, topk)
+    return torch.ops.dsv4.indexer_topk(q, weights, keys, rows, n_valid, topk, block_table)
 
 
 def indexer_topk_out(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                      rows: torch.Tensor, n_valid: torch.Tensor, topk: int,
-                     indices: torch.Tensor) -> None:
+                     indices: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
     """``torch.ops.dsv4.indexer_topk_out``: as :func:`indexer_topk`, written into ``indices``
     (int32 [tokens, topk]); no allocation visible to the caller, CUDA-graph capturable."""
-    torch.ops.dsv4.indexer_topk_out(q, weights, keys, rows, n_valid, topk, indices)
+    torch.ops.dsv4.indexer_topk_out(q, weights, keys, rows, n_valid, topk, indices,
+                                    block_table)
