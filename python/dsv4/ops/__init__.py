@@ -9,3 +9,5 @@ from . import norm  # noqa: F401
 from . import indexer  # noqa: F401
 from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
+from . import hca_attn  # noqa: F401
+from . import kv_cache  # noqa: F401
