@@ -11,3 +11,4 @@ from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
 from . import hca_attn  # noqa: F401
 from . import kv_cache  # noqa: F401
+from . import qkv_rope  # noqa: F401
