@@ -207,3 +207,13 @@ def test_cuda_compress_kv_fp8_cache_matches_reference(d, m, quant, fmt, bs, max_
     step = want.abs() * 2.0 ** -3 + 2.0 ** -20
     assert bool((err <= step).all()), err.max()
     assert (err == 0).float().mean().item() > 0.99
+
+
+def test_dsv4_info_bytes_describe_this_cache():
+    """`dsv4 info` (model_info) counts the entry sizes this module stores."""
+    from dsv4.config import ModelConfig
+    from dsv4.model_info import indexer_key_bytes, kv_entry_bytes
+    for cfg in (ModelConfig.flash(), ModelConfig.pro()):
+        assert kv_entry_bytes(cfg, "fp8") == kc.entry_bytes(kc.MODEL1, cfg.head_dim)
+        assert indexer_key_bytes(cfg, "fp8") == kc.entry_bytes(kc.INDEXER, cfg.index_head_dim)
+        assert kv_entry_bytes(cfg, "bf16") == kc.bytes_per_entry(torch.bfloat16, cfg.head_dim)

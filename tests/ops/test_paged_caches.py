@@ -392,3 +392,21 @@ def test_cuda_indexer_missing_blocks_never_selected():
     want = indexer_topk_varlen_reference(q, w, pool, rows, nv, 12, table)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_indexer_paged_70000_queries():
+    """70,000 queries over 4 rows (prefill-like grouping) with causal n_valid: paged == dense."""
+    T, B, C = 70000, 4, 300
+    q, w, keys, rows, _ = _indexer_cuda_problem(T, B, C, 8, 64, seed=70, integer=False)
+    rows = (torch.arange(T) * B // T).to(torch.int32)          # consecutive queries share a row
+    nv = ((torch.arange(T) % 1200 + 1) // 4).to(torch.int32)   # 0 .. 300, crossing blocks
+    dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), keys.cuda(), rows.cuda(), nv.cuda(), 16)
+    table, nb = scattered_tables([C] * B, 61, (C + 60) // 61, seed=70)
+    pool = torch.zeros(nb, 61, 64, dtype=torch.bfloat16)
+    scatter_rows(keys, table, pool)
+    paged = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(),
+                                        16, table.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(paged, dense)
