@@ -1077,7 +1077,7 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }
 
-template <int D, bool kFp8>
+template <int D, bool kFp8 = false>
 cudaError_t launch_wgmma(const SparseAttnParams& p, cudaStream_t stream) {
   using C = WgCfg<D, kFp8>;
   const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;

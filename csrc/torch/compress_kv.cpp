@@ -187,7 +187,9 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   p.state_kv = state_kv.data_ptr<float>();
   p.state_score = state_score.data_ptr<float>();
   p.entries = (R > 0 && C > 0) ? entries.data_ptr() : nullptr;
-  p.entries_batch_stride = R > 1 ? entries.stride(0) : (fp8 ? C * entries.size(2) : entries.stride(0));
+  // (a single block / row: its stride is never stepped; FP8 needs a multiple of 16 anyway)
+  p.entries_batch_stride =
+      R > 1 ? entries.stride(0) : (fp8 ? (C * entries.size(2) + 15) / 16 * 16 : entries.stride(0));
   p.entries_row_stride = entries.stride(1);
   p.capacity = paged ? 0 : C;
   p.entries_dtype = entries.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16;

@@ -120,7 +120,7 @@ void run_indexer_topk(const at::Tensor& q_in, const at::Tensor& weights_in,
 
   IndexerKeys k;
   k.data = (NB > 0 && BS > 0) ? keys.data_ptr() : nullptr;
-  k.stride_block = NB > 1 ? keys.stride(0) : (fp8 ? BS * (D + 4) : keys.stride(0));
+  k.stride_block = NB > 1 ? keys.stride(0) : (fp8 ? (BS * (D + 4) + 15) / 16 * 16 : keys.stride(0));
   k.stride_entry = keys.stride(1);
   k.format = fp8 ? CacheFormat::kFp8Indexer : CacheFormat::kPlain;
   if (paged) {
