@@ -284,12 +284,18 @@ def kv_norm_rope(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
     """``torch.ops.dsv4.kv_norm_rope`` (``_out`` with ``out``): :func:`kv_norm_rope_reference`
     in one CUDA pass, the window ring write included.
 
-    Attention layer (§3.3; ring slot of token t = row b·W + pos % W of the window pool viewed
-    [B·W, D], −1 for tokens that leave the window within the step)::
+    Attention layer (§3.3)::
 
-        kv = kv_norm_rope(self.wkv(x_t), self.kv_norm.weight, lay.pos, freqs, c.norm_eps,
-                          QUANT_FP8 if c.quant_sim else QUANT_NONE,
-                          cache.window.view(B * W, D), ring_rows)
+        kv_t = kv_norm_rope(self.wkv(x_t), self.kv_norm.weight, lay.pos, freqs, c.norm_eps,
+                            QUANT_FP8 if c.quant_sim else QUANT_NONE, cache_pool, rows)
+
+    The cache is written BEFORE the step's attention runs. That is right for a destination
+    that keeps every position of the step (a paged per-position window / store, as FlashMLA
+    engines keep it) and for a W-slot ring when each sequence gets one new token (decode).
+    With several new tokens per sequence (MTP, chunked prefill) a W-slot ring would lose
+    slots the earlier queries of the step still read (token p overwrites position p − W,
+    which query p − 1 sees): pass no cache then and update the ring after attention, as
+    ``Attention._attend_kernels`` does today.
     """
     if out is None:
         return torch.ops.dsv4.kv_norm_rope(x, weight, positions, freqs, float(eps), int(quant),
