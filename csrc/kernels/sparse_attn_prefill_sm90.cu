@@ -716,6 +716,8 @@ bool current_device_is_sm90() {
 
 }  // namespace
 
+// This kernel reads bf16 key rows addressed as kv + index * kv_stride: a SparseAttnParams field
+// that changes that (an FP8 cache, a paged layout) must make this return false.
 bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p) {
   return p.head_dim == sparse_prefill_detail::kD && p.num_splits == 1 && current_device_is_sm90();
 }

@@ -23,7 +23,8 @@ namespace dsv4 {
 // Whether sparse_attn_prefill_sm90 takes these parameters on the current device: head_dim 512,
 // num_splits == 1 and a compute-capability-9.0 device. Host attribute queries only (no stream
 // work; fine under CUDA-graph capture). Says nothing about the other fields:
-// sparse_attn_prefill_sm90 checks them.
+// sparse_attn_prefill_sm90 checks them. Keys must be bf16 rows at kv + index * kv_stride: a
+// future field selecting another key format (FP8 cache, paged layout) must make this false.
 bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p);
 
 // The DSV4_SPARSE_PREFILL environment switch, read at each call (so one process can time both
