@@ -77,13 +77,12 @@ constexpr int kProducerRegs = 56;    // of __launch_bounds__(384, 1): 65536 / 38
 static_assert(2 * kConsumerRegs + kProducerRegs <= 3 * 168, "register file of one SM");
 static_assert(kBlockM == 64 && kBlockN == 64, "64 heads x 64 keys per tile");
 
-// Shared memory (offsets from a 1024-byte aligned base). Q, B0, B1: [64 rows x 512] bf16 as 8
+// Shared memory (offsets from a 1024-byte aligned base): Q at 0, B0 at kTile, B1 at 2 kTile, then
+// sP, sM / sL, the validity bytes and the mbarriers. Q, B0, B1: [64 rows x 512] bf16 as 8
 // slices of [64 rows x 128 B] (8 KB each), 16-byte chunk c of row r at chunk (c ^ (r & 7))
 // (sparse_attn_detail::swz128, the SW128 layout of the wgmma descriptors). sP[w]: one slice.
 constexpr uint32_t kSlice = 64 * 128;
 constexpr uint32_t kTile = 8 * kSlice;
-constexpr uint32_t kQOff = 0;
-constexpr uint32_t kKOff = kTile;                   // B0, B1
 constexpr uint32_t kPOff = 3 * kTile;               // sP[0] (WG0's P), sP[1] (WG1's P)
 constexpr uint32_t kMOff = kPOff + 2 * kSlice;      // f32 sM[2][64] row maxima, sL[2][64] row sums
 constexpr uint32_t kFlagOff = kMOff + 4 * 64 * 4;   // u8 [2][64]: key row of buffer b is valid
@@ -93,10 +92,13 @@ constexpr uint32_t kSmem = kSmemUsed + 1024;        // slack to align the base
 static_assert(kBarOff % 8 == 0, "mbarriers are 8-byte aligned");
 static_assert(kSmem <= 227 * 1024, "shared memory of one SM");
 
+#if DSV4_SPARSE_ATTN_WGMMA
+constexpr uint32_t kQOff = 0;      // Q, then the bf16 O staging
+constexpr uint32_t kKOff = kTile;  // B0, B1 (kPOff = kKOff + 2 * kTile)
+static_assert(kPOff == kKOff + 2 * kTile, "layout");
 // Named barrier ids (0 is __syncthreads).
 constexpr int kBarM0 = 1, kBarM1 = 2, kBarP0 = 3, kBarP1 = 4, kBarL = 5, kBarStage = 6;  // +wg
 
-#if DSV4_SPARSE_ATTN_WGMMA
 using sparse_attn_detail::cp_async16;
 using sparse_attn_detail::cp_async_wait_all;
 using sparse_attn_detail::exp2_approx;
