@@ -142,10 +142,13 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
+// Waits until the phase of parity `parity` has completed; true when it did. A phase that does
+// not complete within 2^26 polls (seconds; a real wait takes microseconds) can only come from a
+// protocol bug: the wait gives up and returns false, so the kernel ends (its consumers then write
+// NaN) instead of hanging the GPU. (A trap here makes ptxas spill the consumers' registers.)
+__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+  for (uint32_t n = 0; n < (1u << 26); ++n) {
+    uint32_t done;
     asm volatile(
         "{\n.reg .pred p;\n"
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
@@ -153,7 +156,9 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
-  } while (done == 0);
+    if (done) return true;
+  }
+  return false;
 }
 // Named barrier: signal without waiting (the other side waits with named_barrier = bar.sync).
 __device__ __forceinline__ void named_arrive(int id, int count) {
@@ -370,11 +375,11 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
   uint32_t pa[16];    // P as bf16 A fragments: pa[4 ks + i] for keys 16 ks .. 16 ks + 15
   float l[2] = {0.f, 0.f};              // row sums of this warpgroup's blocks (thread partial)
   float m_run[2] = {-INFINITY, -INFINITY};  // the max O and l are scaled to
-  mbar_wait(bars, 0);  // Q landed
+  bool waits_ok = mbar_wait(bars, 0);       // Q landed (false: see mbar_wait)
 
   // S (+)= Q K^T over head-dim half `half` of buffer `buf` (16 k16 steps); zero_first: S = ...
   auto qk_half = [&](int buf, int half, uint32_t parity, bool zero_first) {
-    mbar_wait(bar_ready(buf, half), parity);
+    waits_ok &= mbar_wait(bar_ready(buf, half), parity);
     fence_proxy_async();
     wgmma_fence();
     const uint32_t kb = sK + buf * kTile;
@@ -601,10 +606,11 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
     const bool any = lt > 0.f;  // a valid key contributes 2^0 = 1 at the final max
     const float mu = finite_or_zero(m_run[hf]);
     const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-    const float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
+    float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
+    float lse = any ? (mu + log2f(lt)) * kLn2 : INFINITY;
+    if (!waits_ok) inv = lse = __int_as_float(0x7fffffff);  // a given-up wait: NaN, not a hang
     if (wg == 0 && tg == 0 && h < H)
-      p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-          any ? (mu + log2f(lt)) * kLn2 : INFINITY;
+      p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] = lse;
     // Stage bf16 O into this warpgroup's half of the Q tile (Q is no longer read).
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
