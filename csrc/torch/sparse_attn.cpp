@@ -11,10 +11,12 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
 #include "dsv4/sparse_attn.h"
+#include "dsv4/sparse_attn_prefill.h"
 
 namespace dsv4 {
 namespace {
@@ -290,7 +292,15 @@ void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indi
     p.workspace = workspace.data_ptr();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  C10_CUDA_CHECK(dsv4::sparse_attn(p, stream));
+  // Unsplit head_dim-512 calls on Hopper take the warp-specialised prefill kernel unless
+  // DSV4_SPARSE_PREFILL=old (read per call, so one process can time both kernels).
+  const int prefill = sparse_attn_prefill_env();
+  TORCH_CHECK(prefill >= 0, kOp, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: new), got '",
+              std::getenv("DSV4_SPARSE_PREFILL"), "'");
+  if (prefill == 1 && sparse_attn_prefill_sm90_takes(p))
+    C10_CUDA_CHECK(dsv4::sparse_attn_prefill_sm90(p, stream));
+  else
+    C10_CUDA_CHECK(dsv4::sparse_attn(p, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
