@@ -231,3 +231,208 @@ def test_route_helper_is_expert_major_and_stable():
     for e in range(5):
         seg = row_ids[offs[e]:offs[e + 1]].tolist()
         assert seg == sorted(seg)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels against the fp32 reference (2x bf16 rule), corner cases, tiles
+# ---------------------------------------------------------------------------------------------
+TILES = ("auto", "decode", "decode_deep", "medium", "large", "huge")
+
+
+def _set_tile(monkeypatch, tile):
+    if tile == "auto":
+        monkeypatch.delenv("DSV4_GEMM_TILE", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+
+
+def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
+    """Kernel error against the fp32 truth <= 2x the error of the bf16 reference (+ a floor for
+    outputs the bf16 reference gets exactly); inf/NaN positions equal."""
+    k, r, t = kernel.double(), ref_bf16.double(), truth.double()
+    assert torch.equal(torch.isnan(k), torch.isnan(t)), f"{what}: NaN positions differ"
+    fin = torch.isfinite(t)
+    assert torch.equal(torch.isfinite(k), fin), f"{what}: inf positions differ"
+    k_err = (k - t)[fin].abs().max().item() if fin.any() else 0.0
+    r_err = (r - t)[fin].abs().max().item() if fin.any() else 0.0
+    floor = 1e-6 * (t[fin].abs().max().item() if fin.any() else 1.0)
+    assert k_err <= 2 * r_err + floor, f"{what}: kernel err {k_err:.3g} > 2 x bf16 ref err {r_err:.3g}"
+    if fin.any() and t[fin].abs().max() > 0:
+        cos = torch.nn.functional.cosine_similarity(k[fin].flatten(), t[fin].flatten(), dim=0)
+        assert cos > 0.999, f"{what}: cosine similarity {cos:.6f}"
+
+
+def _truth_up(c, limit, act_quant):
+    """fp32 math with no intermediate bf16 rounding (the reference on fp32 inputs)."""
+    K = c.x.shape[1]
+    x = fp8_e4m3_sim(c.x, 128) if act_quant else c.x
+    return moe_up_reference(x.float(), c.row_ids, c.expert_offsets,
+                            dequantize_experts(c.w_up, c.w_up_scale, K), None, c.route_weight,
+                            limit, False)
+
+
+def _truth_down(c, h, act_quant):
+    N = h.shape[1]
+    hin = fp8_e4m3_sim(h, 128) if act_quant else h
+    return moe_down_reference(hin.float(), c.expert_offsets,
+                              dequantize_experts(c.w_down, c.w_down_scale, N), None, False)
+
+
+def _check_case_cuda(c, limit=LIMIT, act_quant=False):
+    cc = c.to("cuda")
+    P, N = c.row_ids.shape[0], c.w_up.shape[2]
+    D = c.w_down.shape[1]
+    n_used = int(c.expert_offsets[-1])
+    # moe_up (out variant on a NaN-poisoned buffer: rows past offsets[E] must stay untouched)
+    h = torch.full((P, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_up(cc.x, cc.row_ids, cc.expert_offsets, cc.w_up, cc.w_up_scale, cc.route_weight, limit,
+           act_quant, out=h)
+    torch.cuda.synchronize()
+    h = h.cpu()
+    assert bool(torch.isnan(h[n_used:]).all()), "moe_up_out wrote past offsets[E]"
+    ref = moe_up_reference(c.x, c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale,
+                           c.route_weight, limit, act_quant)
+    _assert_2x_bf16_rule(h[:n_used], ref[:n_used], _truth_up(c, limit, act_quant)[:n_used],
+                         "moe_up")
+    hf = moe_up(cc.x, cc.row_ids, cc.expert_offsets, cc.w_up, cc.w_up_scale, cc.route_weight,
+                limit, act_quant).cpu()
+    assert torch.equal(hf[:n_used], h[:n_used]) and bool((hf[n_used:] == 0).all())
+    # moe_down on the reference's h
+    y = torch.full((P, D), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_down(ref.cuda(), cc.expert_offsets, cc.w_down, cc.w_down_scale, act_quant, out=y)
+    y = y.cpu()
+    assert bool(torch.isnan(y[n_used:]).all()), "moe_down_out wrote past offsets[E]"
+    yref = moe_down_reference(ref, c.expert_offsets, c.w_down, c.w_down_scale, act_quant)
+    _assert_2x_bf16_rule(y[:n_used], yref[:n_used], _truth_down(c, ref, act_quant)[:n_used],
+                         "moe_down")
+    yf = moe_down(ref.cuda(), cc.expert_offsets, cc.w_down, cc.w_down_scale, act_quant).cpu()
+    assert torch.equal(yf[:n_used], y[:n_used]) and bool((yf[n_used:] == 0).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("T,K,N,E,topk", [(37, 128, 64, 8, 2), (5, 256, 128, 8, 2),
+                                          (300, 128, 256, 4, 2)])
+def test_cuda_matches_reference(monkeypatch, fmt, tile, T, K, N, E, topk):
+    _set_tile(monkeypatch, tile)
+    _check_case_cuda(moe_case(T=T, K=K, N=N, E=E, topk=topk, fmt=fmt, seed=T + K + N))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,K,N", [("bf16", 72, 40), ("fp8", 208, 48), ("fp4", 160, 96),
+                                     ("fp8", 192, 136)])
+def test_cuda_widths_not_multiples_of_the_tile(fmt, K, N):
+    # K / N not multiples of 64 or of the 128-wide FP8 blocks (partial scale blocks)
+    _check_case_cuda(moe_case(T=29, K=K, N=N, E=5, topk=2, fmt=fmt, seed=K * N))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("skew", ["one", "half"])
+@pytest.mark.parametrize("tile", ["auto", "decode", "huge"])
+def test_cuda_skewed_routing_and_empty_experts(monkeypatch, fmt, skew, tile):
+    _set_tile(monkeypatch, tile)
+    # skew "one": every pair on one expert, 600 rows (several row tiles), 7 experts empty
+    _check_case_cuda(moe_case(T=300, K=128, N=64, E=8, topk=2, fmt=fmt, seed=11, skew=skew))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("tile", ["decode", "large"])
+def test_cuda_act_quant_is_exact(monkeypatch, fmt, tile):
+    _set_tile(monkeypatch, tile)
+    c = moe_case(T=40, K=256, N=128, E=4, topk=2, fmt=fmt, seed=12)
+    _check_case_cuda(c, act_quant=True)
+    cc = c.to("cuda")
+    args = (cc.row_ids, cc.expert_offsets, cc.w_up, cc.w_up_scale, cc.route_weight, LIMIT)
+    a = moe_up(cc.x, *args, True)
+    b = moe_up(fp8_e4m3_sim(cc.x, 128), *args, False)
+    assert torch.equal(a, b), "in-kernel activation quantisation differs from fp8_e4m3_sim"
+    a = moe_down(cc.h, cc.expert_offsets, cc.w_down, cc.w_down_scale, True)
+    b = moe_down(fp8_e4m3_sim(cc.h, 128), cc.expert_offsets, cc.w_down, cc.w_down_scale, False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_act_quant_nonfinite_blocks():
+    # a 1x128 block holding inf or NaN gets scale 1 in fp8_e4m3_sim; the kernel must agree
+    c = moe_case(T=6, K=256, N=64, E=2, topk=1, fmt="fp8", seed=13)
+    c.x[1, 5] = float("inf")
+    c.x[2, 130] = float("nan")
+    cc = c.to("cuda")
+    args = (cc.row_ids, cc.expert_offsets, cc.w_up, cc.w_up_scale, cc.route_weight, 0.0)
+    a = moe_up(cc.x, *args, True)
+    b = moe_up(fp8_e4m3_sim(cc.x, 128), *args, False)
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.cuda
+def test_cuda_limits_and_zero_pairs():
+    c = moe_case(T=16, K=128, N=64, E=4, topk=2, fmt="bf16", seed=14)
+    c.x = c.x * 8  # g and u far beyond the clamp
+    _check_case_cuda(c, limit=LIMIT)
+    _check_case_cuda(c, limit=0.0)
+    cc = c.to("cuda")
+    offs = torch.zeros(5, dtype=torch.int32, device="cuda")
+    h = moe_up(cc.x, cc.row_ids[:0], offs, cc.w_up, None, cc.route_weight[:0], LIMIT)
+    assert h.shape == (0, 64)
+    y = moe_down(h, offs, cc.w_down, None)
+    assert y.shape == (0, 128)
+    # P > 0 but every expert empty: the functional ops return zeros
+    h = moe_up(cc.x, cc.row_ids, offs, cc.w_up, None, cc.route_weight, LIMIT)
+    assert bool((h == 0).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 8, 256])
+def test_cuda_v4_flash_shapes(fmt, T):
+    """V4-Flash expert shapes (dim 4096, inter 2048, top-6) with 32 of the 256 experts (the
+    kernel does not care how many exist; 32 keeps the weights small), reference on the GPU."""
+    E, K, N = 32, 4096, 2048
+    g = torch.Generator(device="cuda")
+    g.manual_seed(T)
+    row_ids, offs, rw = route(T, E, 6, seed=T, device="cuda")
+    x = (torch.randn(T, K, device="cuda", generator=g) * 2).bfloat16()
+    w_up = torch.randn(E, 2, N, K, device="cuda", generator=g) * K ** -0.5 * 2
+    w_down = torch.randn(E, K, N, device="cuda", generator=g) * N ** -0.5
+    from gemm_cases import MoECase, quantize_stack
+    wq_up, s_up = quantize_stack(w_up, fmt)
+    wq_down, s_down = quantize_stack(w_down, fmt)
+    del w_up, w_down
+    c = MoECase(x, row_ids, offs, rw, wq_up, s_up, wq_down, s_down, x[:0])
+    h = moe_up(x, row_ids, offs, wq_up, s_up, rw, LIMIT)
+    ref = moe_up_reference(x, row_ids, offs, wq_up, s_up, rw, LIMIT, False)
+    _assert_2x_bf16_rule(h, ref, _truth_up(c, LIMIT, False), "moe_up V4")
+    y = moe_down(ref, offs, wq_down, s_down)
+    yref = moe_down_reference(ref, offs, wq_down, s_down, False)
+    _assert_2x_bf16_rule(y, yref, _truth_down(c, ref, False), "moe_down V4")
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    c = moe_case(T=5, K=128, N=64, E=3, topk=2, fmt="fp4", seed=15).to("cuda")
+    c.w_up_scale = e8m0_to_float(c.w_up_scale)
+    c.w_down_scale = e8m0_to_float(c.w_down_scale)
+    up = (c.x, c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale, c.route_weight, LIMIT, False)
+    torch.library.opcheck(torch.ops.dsv4.moe_up.default, up)
+    h = torch.empty(10, 64, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.dsv4.moe_up_out.default, up, {"h": h})
+    down = (c.h, c.expert_offsets, c.w_down, c.w_down_scale, False)
+    torch.library.opcheck(torch.ops.dsv4.moe_down.default, down)
+    y = torch.empty(10, 128, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.dsv4.moe_down_out.default, down, {"y": y})
+
+
+@pytest.mark.cuda
+def test_cuda_errors_are_clear():
+    c = moe_case(T=4, K=64, N=32, E=2, topk=2, fmt="bf16", seed=16).to("cuda")
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        moe_up(c.x.float(), c.row_ids, c.expert_offsets, c.w_up, None, c.route_weight, LIMIT)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        moe_up(c.x, c.row_ids, c.expert_offsets, c.w_up.transpose(2, 3).contiguous()
+               .transpose(2, 3), None, c.route_weight, LIMIT)
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be int32 \[E \+ 1\]"):
+        moe_up(c.x, c.row_ids, c.expert_offsets[:-1], c.w_up, None, c.route_weight, LIMIT)

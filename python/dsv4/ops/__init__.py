@@ -10,3 +10,5 @@ from . import indexer  # noqa: F401
 from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
 from . import grouped_gemm  # noqa: F401
+from . import gemm  # noqa: F401
+from . import grouped_oproj  # noqa: F401
