@@ -496,6 +496,10 @@ cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t s
   auto* fn = &grouped_gemm_kernel<C, FMT, EPI, ROPE, NWG, BN>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
+  // all of the SM's shared memory as shared memory (three decode blocks need 3 x 76 KB)
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
   fn<<<grid, C::kThreads, C::kSmem, stream>>>(a);
   return cudaGetLastError();
 }
