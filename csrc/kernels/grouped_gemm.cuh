@@ -5,7 +5,7 @@
 // Design ("swap AB"): the weights are the MMA's M side and the activation rows its N side.
 //   * A CTA works on units (expert e, weight-row block fb, activation-row block tb): 64 x NWG
 //     weight rows (one m64 slab per warpgroup) times up to BN activation rows. The MMA's N
-//     (8, 16, 32, 64, 128, 256) is picked per unit from the rows the unit really has, so an
+//     (8 .. 256, mma_width) is picked per unit from the rows the unit really has, so an
 //     expert with 3 tokens issues m64n8 MMAs and streams its weights once: decode is a weight
 //     stream, prefill a tensor-core GEMM, same code.
 //   * Units are ordered expert -> weight block -> row block and a persistent grid walks them
@@ -17,7 +17,8 @@
 //     threads prepare step k + 1 and the loads of step k + STAGES - 1 are in flight.
 //   * FP8 / FP4 weights land raw (with one scale word per chunk, loaded by the same thread) and
 //     each thread converts the chunks it loaded itself to bf16 (exact: e4m3 or e2m1 times a
-//     power-of-two scale) into a double-buffered bf16 tile: no extra barrier.
+//     power-of-two scale; e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a
+//     double-buffered bf16 tile: no extra barrier.
 //   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
 //     each thread rotates the activation chunks it loaded, in place, with a per-unit
 //     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
@@ -41,6 +42,7 @@
 #include <cstdint>
 
 #include "dsv4/grouped_gemm.h"
+#include "grouped_gemm_fp4.cuh"
 #include "grouped_gemm_wgmma.cuh"
 
 namespace dsv4 {
@@ -126,23 +128,23 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s) {
   return pack_bf16x2(f.x * s, f.y * s);
 }
 
-// e2m1 code (4 bits) -> its value times 2^-126, exactly (fp32 bits: magnitude code m at bits
-// 22..24 gives 2^-126 * {0, .5, 1, 1.5, 2, 3, 4, 6}[m], the code-1 case being a subnormal).
-__device__ __forceinline__ float e2m1_scaled_down(uint32_t nib) {
-  return __uint_as_float(((nib & 7u) << 22) | ((nib & 8u) << 28));
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
 }
 
-// Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times scale s
-// -> four bf16x2 words (exact). s126 = s * 2^126 (finite when s <= 2).
-__device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, float s126, bool fast) {
-  float v[8];
+// Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times the
+// power-of-two scale s -> four bf16x2 words, exactly. `fast` (s in [2^-118, 2^118], so every
+// product is a normal bf16): one bf16x2 multiply by s2 = (s, s) per pair; otherwise fp32.
+__device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, uint32_t s2, bool fast) {
+  uint32_t v[4];
+  e2m1x8_to_bf16x8(w, v);
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
-    const float t = e2m1_scaled_down(w >> (4 * n));
-    v[n] = fast ? t * s126 : (t * 0x1p126f) * s;
+  for (int k = 0; k < 4; ++k) {
+    v[k] = fast ? bf16x2_mul(v[k], s2) : pack_bf16x2(bf16_lo(v[k]) * s, bf16_hi(v[k]) * s);
   }
-  return make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
-                    pack_bf16x2(v[6], v[7]));
+  return make_uint4(v[0], v[1], v[2], v[3]);
 }
 
 // One 64-wide k step of MMAs for the warpgroup: A rows [64] at a_tile, B rows [N] at b_tile.
@@ -156,28 +158,36 @@ __device__ __forceinline__ void mma_step(float (&acc)[M], uint32_t a_tile, uint3
   wgmma_commit();
 }
 
+// The MMA widths a unit may use: the smallest one >= its rows is taken (padding <= 1/7 above
+// 32 rows; an expert with 96 rows runs n = 96, not 128).
+__host__ __device__ constexpr int mma_width(int rows) {
+  return rows <= 8 ? 8 : rows <= 16 ? 16 : rows <= 24 ? 24 : rows <= 32 ? 32 : rows <= 48 ? 48
+       : rows <= 64 ? 64 : rows <= 80 ? 80 : rows <= 96 ? 96 : rows <= 112 ? 112
+       : rows <= 128 ? 128 : rows <= 160 ? 160 : rows <= 192 ? 192 : rows <= 224 ? 224 : 256;
+}
+
+template <int N, int BN, int M>
+__device__ __forceinline__ bool mma_try(int n, float (&acc)[M], uint32_t a_tile, uint32_t b_tile) {
+  if constexpr (N <= BN) {
+    if (n == N) {
+      mma_step<N>(acc, a_tile, b_tile);
+      return true;
+    }
+  }
+  return false;
+}
+
+// One k step with MMA width n = mma_width(rows of the unit) (uniform across the block).
 template <int BN, int M>
 __device__ __forceinline__ void mma_step_n(int n, float (&acc)[M], uint32_t a_tile,
                                            uint32_t b_tile) {
-  if (n <= 8) {
-    mma_step<8>(acc, a_tile, b_tile);
-  } else if (n <= 16) {
-    mma_step<16>(acc, a_tile, b_tile);
-  } else if constexpr (BN >= 32) {
-    if (n <= 32) {
-      mma_step<32>(acc, a_tile, b_tile);
-    } else if constexpr (BN >= 64) {
-      if (n <= 64) {
-        mma_step<64>(acc, a_tile, b_tile);
-      } else if constexpr (BN >= 128) {
-        if (n <= 128) {
-          mma_step<128>(acc, a_tile, b_tile);
-        } else if constexpr (BN >= 256) {
-          mma_step<256>(acc, a_tile, b_tile);
-        }
-      }
-    }
-  }
+  mma_try<8, BN>(n, acc, a_tile, b_tile) || mma_try<16, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<24, BN>(n, acc, a_tile, b_tile) || mma_try<32, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<48, BN>(n, acc, a_tile, b_tile) || mma_try<64, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<80, BN>(n, acc, a_tile, b_tile) || mma_try<96, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<112, BN>(n, acc, a_tile, b_tile) || mma_try<128, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<160, BN>(n, acc, a_tile, b_tile) || mma_try<192, BN>(n, acc, a_tile, b_tile) ||
+      mma_try<224, BN>(n, acc, a_tile, b_tile) || mma_try<256, BN>(n, acc, a_tile, b_tile);
 }
 
 template <class C, int FMT, int EPI, bool ROPE, int NWG, int BN>
@@ -314,8 +324,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     }
     __syncthreads();
 
-    int nsel = 8;
-    while (nsel < rows_t) nsel <<= 1;
+    const int nsel = mma_width(rows_t);  // <= BN (BN is one of the widths)
 
 #pragma unroll
     for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
@@ -380,12 +389,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             sts128(abf + r * 128 + ((((2 * a_col + 1) ^ r) & 7) << 4), hi);
           } else {
             // 32 values -> bf16 chunks 4 * a_col .. 4 * a_col + 3 of row r
-            const float s126 = s * 0x1p126f;
-            const bool fast = s <= 2.0f;
-            sts128(abf + r * 128 + ((((4 * a_col) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.x, s, s126, fast));
-            sts128(abf + r * 128 + ((((4 * a_col + 1) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.y, s, s126, fast));
-            sts128(abf + r * 128 + ((((4 * a_col + 2) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.z, s, s126, fast));
-            sts128(abf + r * 128 + ((((4 * a_col + 3) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.w, s, s126, fast));
+            const bool fast = s >= 0x1p-118f && s <= 0x1p118f;  // false for NaN
+            const uint32_t s2 = pack_bf16x2(s, s);               // exact: a power of two
+            sts128(abf + r * 128 + ((((4 * a_col) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.x, s, s2, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 1) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.y, s, s2, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 2) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.z, s, s2, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 3) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.w, s, s2, fast));
           }
         }
       }

@@ -2,7 +2,8 @@
 // routing (empty experts included), every tile configuration, the SwiGLU and plain epilogues and
 // the inverse-RoPE load path, compared with a CPU loop in double precision. Outputs are
 // NaN-poisoned first; rows past expert_offsets[E] must stay poisoned. Also checks
-// fp8_act_quant_sim against a CPU transcription of dsv4.ops.quant.fp8_e4m3_sim.
+// fp8_act_quant_sim against a CPU transcription of dsv4.ops.quant.fp8_e4m3_sim, and (on the host,
+// with or without a GPU) the kernel's byte-permutation e2m1 decoder against the e2m1 table.
 // Prints PASS / FAIL (exit 1) or "SKIP: ..." (exit 0).
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 
 #include "dsv4/grouped_gemm.h"
 
+#include "../kernels/grouped_gemm_fp4.cuh"
 #include "check_common.h"
 
 namespace {
@@ -331,9 +333,38 @@ bool check_act_quant(std::mt19937& rng) {
   return bad == 0;
 }
 
+// The kernel's e2m1 -> bf16 decoder (grouped_gemm_fp4.cuh, host emulation of PRMT) bit for
+// bit against the table: every 16-bit half word in both halves, plus random words.
+bool check_e2m1_decoder() {
+  std::mt19937 rng(7);
+  long bad = 0;
+  auto test = [&](uint32_t w) {
+    uint32_t o[4];
+    dsv4::gg::e2m1x8_to_bf16x8(w, o);
+    for (int j = 0; j < 8; ++j) {
+      const uint16_t got = static_cast<uint16_t>((o[j / 2] >> (16 * (j & 1))) & 0xFFFFu);
+      const uint16_t want = float_to_bf16(e2m1_to_float((w >> (4 * j)) & 15u));
+      if (got != want && bad++ < 3)
+        std::fprintf(stderr, "  e2m1 decoder: word %08x element %d: got %04x want %04x\n", w,
+                     j, got, want);
+    }
+  };
+  for (uint32_t x = 0; x < 65536; ++x) {
+    test(x | (static_cast<uint32_t>(rng()) << 16));
+    test((x << 16) | (static_cast<uint32_t>(rng()) & 0xFFFFu));
+  }
+  for (int i = 0; i < 200000; ++i) test(static_cast<uint32_t>(rng()));
+  std::printf("%-44s %s\n", "e2m1 byte-permutation decoder (host)", bad ? "FAIL" : "ok");
+  return bad == 0;
+}
+
 }  // namespace
 
 int main() {
+  if (!check_e2m1_decoder()) {
+    std::printf("FAIL\n");
+    return 1;
+  }
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::printf("SKIP: no CUDA device\n");
