@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, _set_tile, _time_us
+from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
 
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096),
           ("wo_b", 4096, 8192), ("shared w1", 2048, 4096), ("shared w2", 4096, 2048)]
@@ -62,18 +62,18 @@ def run(quick: bool = False) -> list[dict]:
 
             deq_us = _time_us(dequant_cublas, reps=10)
             cublas_us = _time_us(lambda: torch.nn.functional.linear(x, w16), reps=20)
-            for tile in (("auto",) if quick else ("auto", "decode", "decode_deep", "medium",
-                                                   "large", "huge")):
-                _set_tile(tile)
+            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+                _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20)
+                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
                 except Exception as ex:  # noqa: BLE001
-                    print(f"gemm_linear: {name} M={M} tile {tile} failed: {ex}")
+                    print(f"gemm_linear: {name} M={M} tile {tile}/{pipe} failed: {ex}")
                     continue
                 finally:
                     _set_tile("auto")
                 rows.append(dict(
-                    op="fp8_linear", case=f"{name} {N}x{K} M={M} tile={tile}", time_us=t_us,
+                    op="fp8_linear", case=f"{name} {N}x{K} M={M} tile={tile}/{pipe}",
+                    time_us=t_us,
                     tflops=flops / t_us / 1e6, pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
                     gbps=wbytes / t_us / 1e3,
                     pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3), floor_us=floor_us,

@@ -88,11 +88,20 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def _set_tile(tile):
+#: (tile, pipeline) variants timed per case: the automatic tile, then each tile forced
+#: (DSV4_GEMM_TILE); the two-warpgroup tiles with both pipelines (DSV4_GEMM_PIPE).
+VARIANTS = [("auto", "serial"), ("auto", "overlap"), ("decode", "serial"),
+            ("decode_deep", "serial"), ("medium", "serial"), ("medium", "overlap"),
+            ("large", "serial"), ("large", "overlap"), ("huge", "serial"), ("huge", "overlap")]
+QUICK_VARIANTS = VARIANTS[:2]
+
+
+def _set_tile(tile, pipe="serial"):
     if tile == "auto":
         os.environ.pop("DSV4_GEMM_TILE", None)
     else:
         os.environ["DSV4_GEMM_TILE"] = tile
+    os.environ["DSV4_GEMM_PIPE"] = pipe
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -158,18 +167,18 @@ def run(quick: bool = False) -> list[dict]:
                             _ = xe @ w_up[e, 0].T, xe @ w_up[e, 1].T
                             _ = hg[a:b] @ w_down[e].T
                 loop_us = _time_us(loop, warmup=1, reps=3)
-            for tile in (("auto",) if quick else ("auto", "decode", "decode_deep", "medium",
-                                                   "large", "huge")):
-                _set_tile(tile)
+            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+                _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=10 if kind == "prefill" else 30)
+                    reps = (10 if kind == "prefill" else 30) if tile == "auto" else 5
+                    t_us = _time_us(ours, reps=reps)
                 except Exception as ex:  # noqa: BLE001
-                    print(f"gemm_moe: {fmt} {kind} T={T} tile {tile} failed: {ex}")
+                    print(f"gemm_moe: {fmt} {kind} T={T} tile {tile}/{pipe} failed: {ex}")
                     continue
                 finally:
                     _set_tile("auto")
                 rows.append(dict(
-                    op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile}",
+                    op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile}/{pipe}",
                     time_us=t_us, tflops=flops / t_us / 1e6,
                     pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
                     gbps=wbytes / t_us / 1e3, pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3),

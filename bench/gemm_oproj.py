@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, _set_tile, _time_us
+from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
 
 H, HD, G, R = 64, 512, 8, 1024
 DG = H * HD // G
@@ -73,18 +73,18 @@ def run(quick: bool = False) -> list[dict]:
 
             ref_us = _time_us(layer_formula, reps=20)
             ein_us = _time_us(einsum_only, reps=20)
-            for tile in (("auto",) if quick else ("auto", "decode", "decode_deep", "medium",
-                                                   "large", "huge")):
-                _set_tile(tile)
+            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+                _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20)
+                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
                 except Exception as ex:  # noqa: BLE001
-                    print(f"gemm_oproj: {fmt} T={T} tile {tile} failed: {ex}")
+                    print(f"gemm_oproj: {fmt} T={T} tile {tile}/{pipe} failed: {ex}")
                     continue
                 finally:
                     _set_tile("auto")
                 rows.append(dict(
-                    op="grouped_oproj", case=f"{fmt} wo_a T={T} tile={tile}", time_us=t_us,
+                    op="grouped_oproj", case=f"{fmt} wo_a T={T} tile={tile}/{pipe}",
+                    time_us=t_us,
                     tflops=flops / t_us / 1e6, pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
                     gbps=wbytes / t_us / 1e3,
                     pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3), floor_us=floor_us,

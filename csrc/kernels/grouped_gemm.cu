@@ -154,11 +154,16 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (a.pairs == 0) return cudaSuccess;
   const GemmTile tile = grouped_gemm_resolve_tile(a);
+  bool overlap = a.pipeline == GemmPipeline::kOverlap;
+  if (a.pipeline == GemmPipeline::kAuto) {
+    const char* v = std::getenv("DSV4_GEMM_PIPE");
+    overlap = v != nullptr && !std::strcmp(v, "overlap");
+  }
   const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
   switch (a.w_format) {
-    case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, sms, stream);
-    case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, sms, stream);
-    case GemmWeightFormat::kFP4: return gg::launch_fp4(a, tile, sms, stream);
+    case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, overlap, sms, stream);
+    case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, overlap, sms, stream);
+    case GemmWeightFormat::kFP4: return gg::launch_fp4(a, tile, overlap, sms, stream);
   }
   return cudaErrorInvalidValue;
 }

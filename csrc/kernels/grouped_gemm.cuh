@@ -14,7 +14,10 @@
 //   * Pipeline: STAGES shared-memory stages filled with cp.async (16-byte chunks; weight rows,
 //     activation rows gathered through row_ids, zero-filled past the unit's rows or past k),
 //     one __syncthreads per 64-wide k step; the MMAs of step k run asynchronously while the
-//     threads prepare step k + 1 and the loads of step k + STAGES - 1 are in flight.
+//     threads prepare step k + 1 and the loads of step k + STAGES - 1 are in flight. The
+//     two-warpgroup tiles also come with an overlapped pipeline (OVL): the MMAs of step k are
+//     still running when those of step k + 1 are issued (wgmma.wait_group 1), at the price of
+//     one stage less of prefetch; GemmPipeline / DSV4_GEMM_PIPE selects it.
 //   * FP8 / FP4 weights land raw (with one scale word per chunk, loaded by the same thread) and
 //     each thread converts the chunks it loaded itself to bf16 (exact: e4m3 or e2m1 times a
 //     power-of-two scale; e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a
@@ -50,8 +53,11 @@ namespace gg {
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
-// Compile-time shape of one kernel variant.
-template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT>
+// Compile-time shape of one kernel variant. OVL: the overlapped pipeline (the MMAs of step k
+// stay in flight across the barrier of step k + 1; prefetch distance STAGES - 2, three bf16
+// buffers for converted FP8/FP4 weights) instead of the serial one (MMAs of step k done
+// before the barrier of step k + 1; prefetch distance STAGES - 1, two buffers).
+template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT, bool OVL>
 struct Cfg {
   static constexpr int kThreads = 128 * NWG;
   static constexpr int kMinBlocks = SMEM_LIMIT == kSmem3PerSm ? 3 : 1;
@@ -66,10 +72,12 @@ struct Cfg {
   static constexpr int kScaleBytes = FMT == kFmtBF16 ? 0 : kThreads * kAChunks * 4;
   static constexpr int kStageStride = round_up(kBBytes + kARawBytes + kScaleBytes, 1024);
   static constexpr int kABf16Bytes = FMT == kFmtBF16 ? 0 : kRowsA * 128;  // per buffer
+  static constexpr int kABufs = OVL ? 3 : 2;
   static constexpr int kRopeBytes = ROPE ? BN * kRopePairs * 8 : 0;
   static constexpr int kRwBytes = EPI == kEpiSwiGLU ? BN * 4 : 0;
   static constexpr int kPrefixBytes = (kMaxExperts + 1) * 4;
-  static constexpr int kFixed = 2 * kABf16Bytes + kRopeBytes + kRwBytes + kPrefixBytes + 1024;
+  static constexpr int kFixed =
+      kABufs * kABf16Bytes + kRopeBytes + kRwBytes + kPrefixBytes + 1024;
   // one warpgroup alone on an SM (kDecodeDeep) needs a deep pipeline to keep enough weight
   // bytes in flight; otherwise a few stages per block suffice
   static constexpr int kMaxStages =
@@ -77,7 +85,8 @@ struct Cfg {
   static constexpr int kFitStages = (SMEM_LIMIT - kFixed) / kStageStride;
   static constexpr int kStages = kFitStages < kMaxStages ? kFitStages : kMaxStages;
   static constexpr int kOffABf16 = kStages * kStageStride;
-  static constexpr int kOffRope = kOffABf16 + 2 * kABf16Bytes;
+  static constexpr int kOffRope = kOffABf16 + kABufs * kABf16Bytes;
+  static constexpr int kPrefetch = OVL ? kStages - 2 : kStages - 1;  // steps loaded ahead
   static constexpr int kOffRw = kOffRope + kRopeBytes;
   static constexpr int kOffPrefix = kOffRw + kRwBytes;
   static constexpr int kSmem = kOffPrefix + kPrefixBytes + 1024;  // + slack to align to 1024
@@ -89,7 +98,7 @@ struct Cfg {
   static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256, "tile rows");
   static_assert(kAChunks >= 1 && kAChunks * kThreads == kRowsA * kRawChunks, "A chunk split");
   static_assert(kBChunks >= 1 && kBChunks * kThreads == BN * 8, "B chunk split");
-  static_assert(kStages >= 2, "not enough shared memory for two pipeline stages");
+  static_assert(kStages >= (OVL ? 3 : 2), "not enough shared memory for the pipeline");
   static_assert(kSmem <= SMEM_LIMIT, "shared memory budget");
   static_assert(BN * kEpiStride <= kStages * kStageStride, "epilogue tile overlays the stages");
   static_assert(kBBytes % 1024 == 0 && kARawBytes % 1024 == 0, "1024-byte aligned tiles");
@@ -190,7 +199,7 @@ __device__ __forceinline__ void mma_step_n(int n, float (&acc)[M], uint32_t a_ti
       mma_try<224, BN>(n, acc, a_tile, b_tile) || mma_try<256, BN>(n, acc, a_tile, b_tile);
 }
 
-template <class C, int FMT, int EPI, bool ROPE, int NWG, int BN>
+template <class C, int FMT, int EPI, bool ROPE, int NWG, int BN, bool OVL>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     grouped_gemm_kernel(const GroupedGemmArgs a) {
 #if !DSV4_GG_WGMMA
@@ -355,17 +364,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     };
 
     // ---- pipeline ----
+    constexpr int D = C::kPrefetch;
 #pragma unroll 1
-    for (int s = 0; s < S - 1; ++s) {
+    for (int s = 0; s < D; ++s) {
       if (s < KT) load_step(s, s);
       cp_async_commit();
     }
 #pragma unroll 1
     for (int kt = 0; kt < KT; ++kt) {
       const uint32_t sb = base + (kt % S) * C::kStageStride;
-      cp_async_wait<S - 2>();  // this thread's chunks of step kt have landed
+      const uint32_t abf = abf_base + (kt % C::kABufs) * C::kABf16Bytes;
+      cp_async_wait<D - 1>();  // this thread's chunks of step kt have landed
       if constexpr (FMT != kFmtBF16) {
-        const uint32_t abf = abf_base + (kt & 1) * C::kABf16Bytes;
         const int kel = kt * kBK + a_col * C::kElemsPerChunk;
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
@@ -418,14 +428,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         }
       }
       fence_proxy_async();
-      wgmma_wait_all();  // MMAs of step kt - 1 done (this warpgroup)
-      fence_regs(acc);
-      __syncthreads();   // step kt's tiles complete; every warpgroup is past step kt - 1
-      const uint32_t a_tile =
-          (FMT == kFmtBF16 ? sb + C::kBBytes : abf_base + (kt & 1) * C::kABf16Bytes) +
-          wg * 64 * 128;
+      if constexpr (!OVL) {
+        wgmma_wait_all();  // MMAs of step kt - 1 done (this warpgroup)
+        fence_regs(acc);
+      }
+      // serial: step kt's tiles complete and every warpgroup's MMAs of step kt - 1 done;
+      // overlapped: every warpgroup's MMAs of step kt - 2 done (wait_group 1 below)
+      __syncthreads();
+      const uint32_t a_tile = (FMT == kFmtBF16 ? sb + C::kBBytes : abf) + wg * 64 * 128;
       mma_step_n<BN>(nsel, acc, a_tile, sb);
-      const int nk = kt + S - 1;  // refills the stage of step kt - 1
+      if constexpr (OVL) wgmma_wait_1();  // step kt - 1 done; step kt may still run
+      const int nk = kt + D;  // refills the stage of step kt - 1 (serial) / kt - 2 (overlapped)
       if (nk < KT) load_step(nk, nk % S);
       cp_async_commit();
     }
@@ -487,9 +500,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 }
 
 // Runs one variant: grid = min(upper bound of the unit count, blocks resident at once).
-template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT>
+template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT, bool OVL>
 cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream) {
-  using C = Cfg<FMT, EPI, ROPE, NWG, BN, SMEM_LIMIT>;
+  using C = Cfg<FMT, EPI, ROPE, NWG, BN, SMEM_LIMIT, OVL>;
   const int64_t n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
   int64_t tiles;  // >= sum over experts of ceil(rows_e / BN)
   if (a.expert_offsets == nullptr) {
@@ -502,7 +515,7 @@ cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t s
   if (units == 0) return cudaSuccess;
   const int64_t resident = static_cast<int64_t>(num_sms) * C::kMinBlocks;
   const int grid = static_cast<int>(units < resident ? units : resident);
-  auto* fn = &grouped_gemm_kernel<C, FMT, EPI, ROPE, NWG, BN>;
+  auto* fn = &grouped_gemm_kernel<C, FMT, EPI, ROPE, NWG, BN, OVL>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
   // all of the SM's shared memory as shared memory (three decode blocks need 3 x 76 KB)
@@ -513,29 +526,40 @@ cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t s
   return cudaGetLastError();
 }
 
-// The tile variants of one (format, epilogue, RoPE) combination.
+// The tile variants of one (format, epilogue, RoPE) combination; the overlapped pipeline
+// exists for the two-warpgroup (tensor-core bound) tiles.
 template <int FMT, int EPI, bool ROPE>
-cudaError_t launch_tile(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t stream) {
+cudaError_t launch_tile(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
+                        cudaStream_t stream) {
   switch (tile) {
     case GemmTile::kDecode:
-      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmem3PerSm>(a, num_sms, stream);
+      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmem3PerSm, false>(a, num_sms, stream);
     case GemmTile::kDecodeDeep:
-      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmemLimit>(a, num_sms, stream);
+      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmemLimit, false>(a, num_sms, stream);
     case GemmTile::kMedium:
-      return launch_variant<FMT, EPI, ROPE, 2, 64, kSmemLimit>(a, num_sms, stream);
+      return overlap ? launch_variant<FMT, EPI, ROPE, 2, 64, kSmemLimit, true>(a, num_sms, stream)
+                     : launch_variant<FMT, EPI, ROPE, 2, 64, kSmemLimit, false>(a, num_sms, stream);
     case GemmTile::kLarge:
-      return launch_variant<FMT, EPI, ROPE, 2, 128, kSmemLimit>(a, num_sms, stream);
+      return overlap ? launch_variant<FMT, EPI, ROPE, 2, 128, kSmemLimit, true>(a, num_sms, stream)
+                     : launch_variant<FMT, EPI, ROPE, 2, 128, kSmemLimit, false>(a, num_sms, stream);
     case GemmTile::kHuge:
-      return launch_variant<FMT, EPI, ROPE, 2, 256, kSmemLimit>(a, num_sms, stream);
+      // FP8 weights + the 64 KB RoPE table leave room for two stages only: serial there
+      if constexpr (!(ROPE && FMT != kFmtBF16)) {
+        if (overlap) return launch_variant<FMT, EPI, ROPE, 2, 256, kSmemLimit, true>(a, num_sms, stream);
+      }
+      return launch_variant<FMT, EPI, ROPE, 2, 256, kSmemLimit, false>(a, num_sms, stream);
     default:
       return cudaErrorInvalidValue;
   }
 }
 
 // Per-format entry points (one .cu file each, compiled in parallel).
-cudaError_t launch_bf16(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
-cudaError_t launch_fp8(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
-cudaError_t launch_fp4(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
+cudaError_t launch_bf16(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
+                        cudaStream_t s);
+cudaError_t launch_fp8(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
+                       cudaStream_t s);
+cudaError_t launch_fp4(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
+                       cudaStream_t s);
 
 }  // namespace gg
 }  // namespace dsv4

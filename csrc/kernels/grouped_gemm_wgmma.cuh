@@ -91,6 +91,11 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+__device__ __forceinline__ void wgmma_wait_1() {
+#if DSV4_GG_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#endif
+}
 // Generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async() {
 #if DSV4_GG_WGMMA

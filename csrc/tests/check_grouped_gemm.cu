@@ -116,6 +116,7 @@ struct Case {
   int E, rows, k, x_rows, pairs;
   bool rope = false;
   bool fp32_scale = false;
+  bool overlap = false;
 };
 
 float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
@@ -253,6 +254,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   a.out_row_stride = out_cols;
   a.out_expert_stride = dense ? c.rows : 0;
   a.tile = c.tile;
+  a.pipeline = c.overlap ? dsv4::GemmPipeline::kOverlap : dsv4::GemmPipeline::kSerial;
   CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> out16(out_n);
@@ -387,21 +389,26 @@ int main() {
   static char names[256][64];
   int ni = 0;
   for (int t = 0; t < 5; ++t)
-    for (int f = 0; f < 3; ++f)
-      for (int epi = 0; epi < 2; ++epi) {
-        std::snprintf(names[ni], 64, "%s %s %s", epi ? "swiglu" : "store", fmt_names[f],
-                      tile_names[t]);
-        Case c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
-               tiles[t], 6, epi ? 96 : 136, f == 2 ? 160 : 208, 45, 300};
-        c.fp32_scale = (t + f) % 2 == 1;
+    for (int ov = 0; ov < (t >= 2 ? 2 : 1); ++ov)  // overlapped pipeline: two-warpgroup tiles
+      for (int f = 0; f < 3; ++f)
+        for (int epi = 0; epi < 2; ++epi) {
+          std::snprintf(names[ni], 64, "%s %s %s%s", epi ? "swiglu" : "store", fmt_names[f],
+                        tile_names[t], ov ? " overlap" : "");
+          Case c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+                 tiles[t], 6, epi ? 96 : 136, f == 2 ? 160 : 208, 45, 300};
+          c.fp32_scale = (t + f) % 2 == 1;
+          c.overlap = ov == 1;
+          ok = run_case(c, rng) && ok;
+        }
+  for (int t = 0; t < 5; ++t)
+    for (int ov = 0; ov < (t >= 2 ? 2 : 1); ++ov)
+      for (int f = 0; f < 2; ++f) {
+        std::snprintf(names[ni], 64, "oproj rope %s %s%s", fmt_names[f], tile_names[t],
+                      ov ? " overlap" : "");
+        Case c{names[ni++], fmts[f], GemmEpilogue::kStore, tiles[t], 2, 128, 256, 70, 70, true};
+        c.overlap = ov == 1;
         ok = run_case(c, rng) && ok;
       }
-  for (int t = 0; t < 5; ++t)
-    for (int f = 0; f < 2; ++f) {
-      std::snprintf(names[ni], 64, "oproj rope %s %s", fmt_names[f], tile_names[t]);
-      Case c{names[ni++], fmts[f], GemmEpilogue::kStore, tiles[t], 2, 128, 256, 70, 70, true};
-      ok = run_case(c, rng) && ok;
-    }
   std::printf(ok ? "PASS\n" : "FAIL\n");
   return ok ? 0 : 1;
 }

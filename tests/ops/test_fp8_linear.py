@@ -99,14 +99,16 @@ def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge"])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (3, 96, 208), (77, 256, 384),
                                    (300, 136, 192), (1, 1024, 4096), (512, 512, 1024)])
-def test_cuda_matches_reference(monkeypatch, tile, M, N, K):
+def test_cuda_matches_reference(monkeypatch, pipe, tile, M, N, K):
     if tile == "auto":
         monkeypatch.delenv("DSV4_GEMM_TILE", raising=False)
     else:
         monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+    monkeypatch.setenv("DSV4_GEMM_PIPE", pipe)
     x, q, s = make(M, N, K, seed=M * 7 + N + K, device="cuda")
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
     fp8_linear(x, q, s, False, out=out)

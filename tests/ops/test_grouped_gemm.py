@@ -239,11 +239,13 @@ def test_route_helper_is_expert_major_and_stable():
 TILES = ("auto", "decode", "decode_deep", "medium", "large", "huge")
 
 
-def _set_tile(monkeypatch, tile):
+def _set_tile(monkeypatch, tile, pipe="serial"):
+    """Force the kernel's tile (DSV4_GEMM_TILE) and pipeline (DSV4_GEMM_PIPE) variants."""
     if tile == "auto":
         monkeypatch.delenv("DSV4_GEMM_TILE", raising=False)
     else:
         monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+    monkeypatch.setenv("DSV4_GEMM_PIPE", pipe)
 
 
 def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
@@ -256,7 +258,8 @@ def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
     k_err = (k - t)[fin].abs().max().item() if fin.any() else 0.0
     r_err = (r - t)[fin].abs().max().item() if fin.any() else 0.0
     floor = 1e-6 * (t[fin].abs().max().item() if fin.any() else 1.0)
-    assert k_err <= 2 * r_err + floor, f"{what}: kernel err {k_err:.3g} > 2 x bf16 ref err {r_err:.3g}"
+    assert k_err <= 2 * r_err + floor, \
+        f"{what}: kernel err {k_err:.3g} > 2 x bf16 ref err {r_err:.3g}"
     if fin.any() and t[fin].abs().max() > 0:
         cos = torch.nn.functional.cosine_similarity(k[fin].flatten(), t[fin].flatten(), dim=0)
         assert cos > 0.999, f"{what}: cosine similarity {cos:.6f}"
@@ -310,19 +313,22 @@ def _check_case_cuda(c, limit=LIMIT, act_quant=False):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("T,K,N,E,topk", [(37, 128, 64, 8, 2), (5, 256, 128, 8, 2),
                                           (300, 128, 256, 4, 2)])
-def test_cuda_matches_reference(monkeypatch, fmt, tile, T, K, N, E, topk):
-    _set_tile(monkeypatch, tile)
+def test_cuda_matches_reference(monkeypatch, pipe, fmt, tile, T, K, N, E, topk):
+    _set_tile(monkeypatch, tile, pipe)
     _check_case_cuda(moe_case(T=T, K=K, N=N, E=E, topk=topk, fmt=fmt, seed=T + K + N))
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("fmt,K,N", [("bf16", 72, 40), ("fp8", 208, 48), ("fp4", 160, 96),
                                      ("fp8", 192, 136)])
-def test_cuda_widths_not_multiples_of_the_tile(fmt, K, N):
+def test_cuda_widths_not_multiples_of_the_tile(monkeypatch, pipe, fmt, K, N):
+    _set_tile(monkeypatch, "auto", pipe)
     # K / N not multiples of 64 or of the 128-wide FP8 blocks (partial scale blocks)
     _check_case_cuda(moe_case(T=29, K=K, N=N, E=5, topk=2, fmt=fmt, seed=K * N))
 
@@ -330,9 +336,10 @@ def test_cuda_widths_not_multiples_of_the_tile(fmt, K, N):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("skew", ["one", "half"])
-@pytest.mark.parametrize("tile", ["auto", "decode", "huge"])
-def test_cuda_skewed_routing_and_empty_experts(monkeypatch, fmt, skew, tile):
-    _set_tile(monkeypatch, tile)
+@pytest.mark.parametrize("tile,pipe", [("auto", "serial"), ("decode", "serial"),
+                                       ("huge", "serial"), ("large", "overlap")])
+def test_cuda_skewed_routing_and_empty_experts(monkeypatch, fmt, skew, tile, pipe):
+    _set_tile(monkeypatch, tile, pipe)
     # skew "one": every pair on one expert, 600 rows (several row tiles), 7 experts empty
     _check_case_cuda(moe_case(T=300, K=128, N=64, E=8, topk=2, fmt=fmt, seed=11, skew=skew))
 

@@ -127,15 +127,17 @@ def _truth(o, pos, freqs, wo_a, scale):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge"])
 @pytest.mark.parametrize("T,H,hd,G,R", [(1, 4, 128, 2, 128), (37, 4, 128, 2, 128),
                                          (5, 8, 512, 2, 256), (300, 16, 64, 4, 128)])
-def test_cuda_matches_reference(monkeypatch, fmt, tile, T, H, hd, G, R):
+def test_cuda_matches_reference(monkeypatch, pipe, fmt, tile, T, H, hd, G, R):
     if tile == "auto":
         monkeypatch.delenv("DSV4_GEMM_TILE", raising=False)
     else:
         monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+    monkeypatch.setenv("DSV4_GEMM_PIPE", pipe)
     o, pos, freqs, wo_a, scale = make(T, H, hd, G, R, fmt, seed=T + H + G, device="cuda",
                                       max_pos=1 << 20)
     out = torch.full((T, G, R), float("nan"), dtype=torch.bfloat16, device="cuda")

@@ -44,6 +44,8 @@ enum class GemmTile : int32_t {
   kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5
 };
 
+enum class GemmPipeline : int32_t { kAuto = 0, kSerial = 1, kOverlap = 2 };
+
 struct GroupedGemmArgs {
   // Weights. All strides in BYTES. Row r of matrix m of expert e starts at
   //   w + e * w_expert_stride + m * w_mat_stride + r * w_row_stride.
@@ -82,6 +84,10 @@ struct GroupedGemmArgs {
   int64_t out_expert_stride = 0, out_row_stride = 0;
 
   GemmTile tile = GemmTile::kAuto;
+  // Pipeline of the two-warpgroup tiles (kMedium, kLarge, kHuge): the MMAs of a k step finish
+  // before the next barrier (kSerial) or stay in flight across it (kOverlap: one stage less of
+  // prefetch). kAuto: DSV4_GEMM_PIPE (serial | overlap), else serial.
+  GemmPipeline pipeline = GemmPipeline::kAuto;
   int32_t num_sms = 0;  // 0: read from the current device
 };
 

@@ -20,7 +20,7 @@ Dispatch hands over P (token, slot) pairs in expert-major order: ``row_ids`` [P]
 token of each pair), ``expert_offsets`` [E + 1] int32 (the pairs of expert e are
 ``[offsets[e], offsets[e + 1])``) and ``route_weight`` [P] float32. Then::
 
-    moe_up:   h[p] = route_weight[p] · silu(min(g, L)) · clamp(u, −L, L)     (L = 0: no clamp)
+    moe_up:   h[p] = route_weight[p] · silu(min(g, L)) · clamp(u, −L, L)    (L = 0: no clamp)
               g = x[row_ids[p]] · w1[e]ᵀ,  u = x[row_ids[p]] · w3[e]ᵀ         (e = expert of p)
     moe_down: y[p] = h[p] · w2[e]ᵀ
 
