@@ -9,3 +9,4 @@ from . import norm  # noqa: F401
 from . import indexer  # noqa: F401
 from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
+from . import moe  # noqa: F401
