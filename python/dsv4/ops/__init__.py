@@ -10,3 +10,4 @@ from . import indexer  # noqa: F401
 from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
 from . import moe  # noqa: F401
+from . import mhc  # noqa: F401
