@@ -7,6 +7,7 @@
 #
 #   bash scripts/gpu_check.sh            # everything
 #   QUICK=1 bash scripts/gpu_check.sh    # build, CUDA tests, bench_csa --quick (no CMake, no model bench)
+#                                        # and bench_gemm --quick
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,6 +51,7 @@ step compare_backends "$PY" scripts/compare_backends.py
 step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
 if [[ -n "${QUICK:-}" ]]; then
   step bench_csa "$PY" bench/bench_csa.py --quick
+  step bench_gemm "$PY" bench/bench_gemm.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
 fi

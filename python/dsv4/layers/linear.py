@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backend import use_kernels
+from ..ops.gemm import fp8_linear
 from ..ops.quant import fp8_e4m3_sim
 from ..quant import FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
@@ -122,10 +124,18 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features].
 
+        Native FP8 storage with CUDA bf16 activations (and the ``cuda`` backend) runs
+        ``torch.ops.dsv4.fp8_linear``, which streams the FP8 bytes (the weight is never
+        dequantised in memory); otherwise the weight is dequantised and ``F.linear`` runs.
+        Both compute the same values (the kernel within the bf16 tolerance of the reference).
+
         Raises ValueError (from the simulation) when the FP8 activation quantisation applies
         and in_features is not a multiple of 128.
         """
-        if self.act_quant and self.config is not None and self.config.quant_sim:
+        act_quant = bool(self.act_quant and self.config is not None and self.config.quant_sim)
+        if self.weight_format == "fp8" and not self.keep_fp32 and self._fp8_kernel(x):
+            return fp8_linear(x, self.qweight, self.scale, act_quant)
+        if act_quant:
             x = fp8_e4m3_sim(x, FP8_BLOCK)
         if self.weight_format is None:
             w = self._parameters["weight"]
@@ -139,6 +149,16 @@ class Linear(nn.Module):
         else:
             dtype = x.dtype if x.dtype in _FLOATS else self.dequant_dtype
         return F.linear(x.to(dtype), self.dequantized_weight(dtype))
+
+    def _fp8_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this FP8-stored layer runs the CUDA fp8_linear kernel on ``x``."""
+        if not x.is_cuda:
+            return False
+        unsupported = None
+        if self.in_features % 16 or self.out_features % 8:
+            unsupported = (f"fp8_linear takes in_features % 16 == 0 and out_features % 8 == 0, "
+                           f"not {self.in_features} -> {self.out_features}")
+        return use_kernels(x, ("fp8_linear",), unsupported)
 
     def extra_repr(self) -> str:
         s = f"{self.in_features} -> {self.out_features}"

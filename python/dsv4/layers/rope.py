@@ -49,7 +49,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     ang = positions.to(torch.float32)[..., None] * freqs.to(positions.device)
     rot = torch.polar(torch.ones_like(ang), ang)
     if inverse:
-        rot = rot.conj()
+        # conj_physical, not the lazy conj bit: op kernels run under torch.compile / AOT
+        # tracing with the Conjugate dispatch key excluded, where a lazy conj is ignored
+        rot = torch.conj_physical(rot)
     xr = torch.view_as_complex(x[..., -rd:].float().unflatten(-1, (-1, 2)).contiguous())
     y = torch.view_as_real(xr * rot).flatten(-2).to(x.dtype)
     return torch.cat([x[..., :-rd], y], dim=-1)

@@ -11,3 +11,6 @@ from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
 from . import moe  # noqa: F401
 from . import mhc  # noqa: F401
+from . import grouped_gemm  # noqa: F401
+from . import gemm  # noqa: F401
+from . import grouped_oproj  # noqa: F401

@@ -1,0 +1,191 @@
+"""Benchmark of the routed-expert GEMMs ``moe_up`` / ``moe_down`` at V4-Flash shapes
+(256 experts, top-6, dim 4096, moe_inter_dim 2048; kernels.md §4.6, issue 10 item 3).
+
+Cases, for bf16 / FP8 (128x128 e8m0 scales) / FP4 (1x32 e8m0 scales) experts:
+
+* prefill T = 4096 tokens (P = 24,576 pairs, every expert busy, ~96 rows each): FLOPs
+  = 2·P·K·2N (up) + 2·P·N·K (down); the FLOP floor at 767 TFLOP/s (bf16 tensor cores, which
+  every format runs on: sm_90 has no FP4 MMA and the FP8 weights are dequantised to bf16 in
+  shared memory). Bytes = every busy expert's weights once + x / h / y; at T = 4096 the weights
+  dominate (bf16 12.9 GB: the byte floor, 3.05 ms, is ABOVE the FLOP floor, 1.61 ms).
+* decode T = 1, 8, 32, 128: bytes = the busy experts' weights (+ scales) once; GB/s of weight
+  bytes is the figure of merit (target >= 3.0 TB/s).
+
+Baselines in the same process (bf16 weights, same routing): ``torch._grouped_mm`` on the
+pre-gathered rows (the GEMMs only: no gather, no SwiGLU: it favours the baseline) and a per-expert
+cuBLAS loop (``x[rows_e] @ W_eᵀ``, host-side offsets precomputed). Variants: the automatic tile
+and each forced tile (``DSV4_GEMM_TILE``), so the best can be kept.
+
+    python bench/gemm_moe.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+PEAK_TFLOPS = 767.0
+PEAK_TBPS = 4.22
+E, TOPK, K, N = 256, 6, 4096, 2048
+
+
+def _time_us(fn, warmup=3, reps=20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def _route(T, g):
+    idx = torch.rand(T, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
+    w = torch.rand(T, TOPK, device="cuda", generator=g) + 0.25
+    expert = idx.flatten()
+    order = torch.sort(expert * (T * TOPK) + torch.arange(T * TOPK, device="cuda"),
+                       stable=True).indices
+    row_ids = (order // TOPK).to(torch.int32)
+    counts = torch.bincount(expert, minlength=E)
+    offs = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
+    offs[1:] = counts.cumsum(0)
+    return row_ids, offs, w.flatten()[order].float().contiguous(), counts
+
+
+def _weights(fmt, g):
+    """Random stacked expert weights in ``fmt`` (values need not be realistic, only finite)."""
+    if fmt == "bf16":
+        up = (torch.randn(E, 2, N, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+        down = (torch.randn(E, K, N, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+        return up, None, down, None
+    if fmt == "fp8":
+        def q(shape):
+            b = torch.randint(0, 256, shape, device="cuda", generator=g, dtype=torch.uint8)
+            b = torch.where((b & 0x7F) == 0x7F, b & 0xF7, b)  # no NaN codes
+            return b.view(torch.float8_e4m3fn)
+        def sc(shape):
+            return torch.randint(118, 124, shape, device="cuda", generator=g,
+                                 dtype=torch.uint8).view(torch.float8_e8m0fnu)
+        return (q((E, 2, N, K)), sc((E, 2, N // 128, K // 128)), q((E, K, N)),
+                sc((E, K // 128, N // 128)))
+    def p(shape):
+        return torch.randint(-128, 128, shape, device="cuda", generator=g, dtype=torch.int8)
+    def sc(shape):
+        return torch.randint(118, 124, shape, device="cuda", generator=g,
+                             dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    return p((E, 2, N, K // 2)), sc((E, 2, N, K // 32)), p((E, K, N // 2)), sc((E, K, N // 32))
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _set_tile(tile):
+    if tile == "auto":
+        os.environ.pop("DSV4_GEMM_TILE", None)
+    else:
+        os.environ["DSV4_GEMM_TILE"] = tile
+
+
+def run(quick: bool = False) -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    import dsv4.ops  # noqa: F401
+    from dsv4.ops.grouped_gemm import moe_down, moe_up
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    formats = ("bf16", "fp8") if quick else ("bf16", "fp8", "fp4")
+    decode_T = (1, 128) if quick else (1, 8, 32, 128)
+    have_gmm = hasattr(torch, "_grouped_mm")
+    for fmt in formats:
+        w_up, s_up, w_down, s_down = _weights(fmt, g)
+        per_expert_bytes = (_nbytes(w_up, s_up) + _nbytes(w_down, s_down)) / E
+        cases = [("prefill", 4096)] + [("decode", t) for t in decode_T]
+        for kind, T in cases:
+            # several routings for decode so that the busy experts' weights are not in L2
+            n_rot = 1 if kind == "prefill" else 8
+            routes = [_route(T, g) for _ in range(n_rot)]
+            xs = [torch.randn(T, K, device="cuda", generator=g).bfloat16() for _ in range(n_rot)]
+            P = T * TOPK
+            busy = sum(int((r[3] > 0).sum()) for r in routes) / n_rot
+            flops = 2.0 * P * K * 2 * N + 2.0 * P * N * K
+            wbytes = busy * per_expert_bytes
+            nbytes = wbytes + P * (N * 2 * 2 + K * 2) + T * K * 2
+            floor_us = max(flops / (PEAK_TFLOPS * 1e12), nbytes / (PEAK_TBPS * 1e12)) * 1e6
+            hs = [torch.empty(P, N, device="cuda", dtype=torch.bfloat16) for _ in range(n_rot)]
+            ys = [torch.empty(P, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_rot)]
+            it = [0]
+
+            def ours():
+                i = it[0] % n_rot
+                it[0] += 1
+                r = routes[i]
+                moe_up(xs[i], r[0], r[1], w_up, s_up, r[2], 10.0, False, out=hs[i])
+                moe_down(hs[i], r[1], w_down, s_down, False, out=ys[i])
+
+            # baselines (bf16 weights, same routing): torch._grouped_mm and a per-expert loop
+            base_us = loop_us = None
+            if fmt == "bf16" and (kind == "prefill" or T == 128):
+                r, x = routes[0], xs[0]
+                xg = x[r[0].long()]
+                ends = r[1][1:].contiguous()
+                wu = w_up.view(E, 2 * N, K).transpose(1, 2)   # [E, K, 2N], K-major storage
+                wd = w_down.transpose(1, 2)                    # [E, N, K]
+                hg = torch.empty(P, N, device="cuda", dtype=torch.bfloat16)
+                if have_gmm:
+                    def gmm():
+                        torch._grouped_mm(xg, wu, offs=ends)
+                        torch._grouped_mm(hg, wd, offs=ends)
+                    try:
+                        base_us = _time_us(gmm, reps=10)
+                    except Exception as ex:  # noqa: BLE001
+                        print(f"gemm_moe: torch._grouped_mm failed: {ex}")
+                offs = r[1].tolist()
+                def loop():
+                    for e in range(E):
+                        a, b = offs[e], offs[e + 1]
+                        if a != b:
+                            xe = xg[a:b]
+                            _ = xe @ w_up[e, 0].T, xe @ w_up[e, 1].T
+                            _ = hg[a:b] @ w_down[e].T
+                loop_us = _time_us(loop, warmup=1, reps=3)
+            for tile in (("auto",) if quick else ("auto", "decode", "decode_deep", "medium",
+                                                   "large", "huge")):
+                _set_tile(tile)
+                try:
+                    t_us = _time_us(ours, reps=10 if kind == "prefill" else 30)
+                except Exception as ex:  # noqa: BLE001
+                    print(f"gemm_moe: {fmt} {kind} T={T} tile {tile} failed: {ex}")
+                    continue
+                finally:
+                    _set_tile("auto")
+                rows.append(dict(
+                    op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile}",
+                    time_us=t_us, tflops=flops / t_us / 1e6,
+                    pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
+                    gbps=wbytes / t_us / 1e3, pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3),
+                    floor_us=floor_us, ref_time_us=base_us,
+                    speedup=(base_us / t_us) if base_us else None,
+                    note=(f"busy experts {busy:.0f}; weight bytes {wbytes / 1e9:.2f} GB; "
+                          + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
+                          + (f"per-expert loop {loop_us:.0f} us" if loop_us else ""))))
+                print(rows[-1])
+            del hs, ys, xs, routes
+        del w_up, s_up, w_down, s_down
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    run(ap.parse_args().quick)

@@ -1,0 +1,109 @@
+// dsv4 grouped GEMM: torch-free C++ API of the kernels behind the routed-expert GEMMs
+// (moe_up / moe_down), the FP8 block-scaled linear (fp8_linear) and the grouped output
+// projection (grouped_oproj). Semantics: python/dsv4/ops/grouped_gemm.py, ops/gemm.py,
+// ops/grouped_oproj.py; design: csrc/kernels/grouped_gemm.cuh.
+//
+// One problem = E "experts" (groups), each a weight matrix W_e [rows, k] (two, gate and up, for
+// the SwiGLU epilogue) and a list of activation rows; for activation row i of expert e:
+//
+//   p      = (expert_offsets ? expert_offsets[e] : 0) + i          (the pair / token index)
+//   xrow   = row_ids ? row_ids[p] : p                               (the input row)
+//   a      = x[e * x_expert_stride + xrow * x_row_stride + (0 .. k)]     (bf16)
+//            (inverse RoPE on the last 64 dims of every head_dim-wide head when `positions`)
+//   kStore:  out[e * out_expert_stride + p * out_row_stride + r] = bf16(a . W_e[r])
+//   kSwiGLU: g = bf16(a . W_e,0[f]), u = bf16(a . W_e,1[f]);
+//            out[... + f] = bf16(route_weight[p] * silu(min(g, L)) * clamp(u, -L, L))
+//
+// with i < count_e = expert_offsets[e + 1] - expert_offsets[e] (offsets clamped to [0, pairs];
+// a decreasing pair gives 0) or, without offsets, count_e = pairs for every expert. Products
+// are fp32 on bf16 tensor cores (wgmma, sm_90a); FP8 / FP4 weights are dequantised exactly to
+// bf16 in shared memory. Rows outside [0, x_rows) read as zero rows.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dsv4 {
+
+enum class GemmWeightFormat : int32_t {
+  kBF16 = 0,  // bf16 [rows, k]
+  kFP8 = 1,   // float8_e4m3fn [rows, k], scale [ceil(rows/128), ceil(k/128)]
+  kFP4 = 2,   // packed e2m1 [rows, k/2] (low nibble = even k), scale [rows, k/32]
+};
+
+enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
+
+// Tile configurations (weight rows per CTA x activation rows per tile):
+//   kDecode 64 x 16 (3 CTAs per SM; weight-streaming, a few rows per expert),
+//   kDecodeDeep 64 x 16 with one CTA per SM and a deep pipeline (few units: e.g. the output
+//     projection at T = 1 has 128 units of 64 weight rows),
+//   kMedium 128 x 64, kLarge 128 x 128, kHuge 128 x 256 (tensor-core bound).
+// kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
+// environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge) overrides it.
+enum class GemmTile : int32_t {
+  kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5
+};
+
+struct GroupedGemmArgs {
+  // Weights. All strides in BYTES. Row r of matrix m of expert e starts at
+  //   w + e * w_expert_stride + m * w_mat_stride + r * w_row_stride.
+  const void* w = nullptr;
+  int64_t w_expert_stride = 0, w_mat_stride = 0, w_row_stride = 0;
+  GemmWeightFormat w_format = GemmWeightFormat::kBF16;
+  // Scales (FP8 / FP4): element (e, m, sr, sc) at scale + e*s_expert_stride + m*s_mat_stride +
+  // sr*s_row_stride + sc (strides in ELEMENTS); FP8: sr = r / 128, sc = k / 128; FP4: sr = r,
+  // sc = k / 32. e8m0 bytes, or float32 when scale_fp32.
+  const void* w_scale = nullptr;
+  bool scale_fp32 = false;
+  int64_t s_expert_stride = 0, s_mat_stride = 0, s_row_stride = 0;
+  int32_t n_experts = 0;
+  int32_t rows = 0;  // output features per expert (N for SwiGLU: features, not 2N)
+  int32_t k = 0;     // reduction length (bf16: % 8, FP8: % 16, FP4: % 32)
+
+  // Activations (bf16). Strides in ELEMENTS; rows 16-byte aligned.
+  const void* x = nullptr;
+  int64_t x_expert_stride = 0, x_row_stride = 0;
+  int64_t x_rows = 0;  // valid xrow range [0, x_rows)
+  const int32_t* row_ids = nullptr;         // [pairs] or nullptr (xrow = p)
+  const int32_t* expert_offsets = nullptr;  // [E + 1] or nullptr (every expert: all pairs)
+  int64_t pairs = 0;
+
+  // Inverse RoPE of the activations (grouped output projection): pair (2j, 2j+1) of the last
+  // 64 dims of every head_dim-wide head of row p is rotated by -positions[p] * freqs[j].
+  const int32_t* positions = nullptr;  // [pairs] or nullptr (no RoPE)
+  const float* freqs = nullptr;        // [32]
+  int32_t head_dim = 0;                // multiple of 64
+
+  // Output (bf16). Strides in ELEMENTS; 16-byte aligned rows.
+  GemmEpilogue epilogue = GemmEpilogue::kStore;
+  const float* route_weight = nullptr;  // [pairs] (kSwiGLU)
+  float swiglu_limit = 0.f;             // 0 = no clamp
+  void* out = nullptr;
+  int64_t out_expert_stride = 0, out_row_stride = 0;
+
+  GemmTile tile = GemmTile::kAuto;
+  int32_t num_sms = 0;  // 0: read from the current device
+};
+
+// Runs the grouped GEMM. Returns cudaErrorInvalidValue for arguments outside the contract
+// above (null pointers, k / rows not multiples of 8 (FP8 k: 16, FP4 k: 32), misaligned rows,
+// more than 1024 experts, RoPE with head_dim not a multiple of 64 or a SwiGLU epilogue),
+// cudaErrorNotSupported when built without sm_90a code, or the launch error. No host sync.
+cudaError_t grouped_gemm(const GroupedGemmArgs& args, cudaStream_t stream);
+
+// The tile kAuto resolves to for these arguments (what grouped_gemm will run).
+GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& args);
+
+// y = fp8_e4m3_sim(x, 128) (dsv4.ops.quant): per 1x128 block along a row, amax = max(|x|,
+// 1e-4), s = 2^ceil(log2(amax / 448)), y = bf16(e4m3(x / s) * s). x, y bf16 [rows, cols]
+// (row strides in elements, 16-byte aligned rows), cols % 128 == 0. y may not overlap x.
+cudaError_t fp8_act_quant_sim(const void* x, int64_t x_row_stride, void* y, int64_t y_row_stride,
+                              int64_t rows, int64_t cols, cudaStream_t stream);
+
+// Zeroes rows [clamp(expert_offsets[n_experts], 0, rows), rows) of the bf16 matrix out
+// [rows, cols] (row stride in elements; cols % 8 == 0, 16-byte aligned rows).
+cudaError_t zero_rows_past_offsets(void* out, int64_t out_row_stride, int64_t rows, int64_t cols,
+                                   const int32_t* expert_offsets, int32_t n_experts,
+                                   cudaStream_t stream);
+
+}  // namespace dsv4

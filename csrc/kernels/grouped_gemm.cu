@@ -1,0 +1,197 @@
+// Host entry points of the grouped GEMM (include/dsv4/grouped_gemm.h): argument checks, tile
+// choice, dispatch to the per-format variants (grouped_gemm_{bf16,fp8,fp4}.cu), and two small
+// kernels used around it: the FP8 activation quantisation simulation and the zeroing of rows
+// past the last expert.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "dsv4/grouped_gemm.h"
+#include "grouped_gemm.cuh"
+
+namespace dsv4 {
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+cudaError_t check_args(const GroupedGemmArgs& a) {
+  if (a.w == nullptr || a.x == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
+  if (a.n_experts < 1 || a.n_experts > gg::kMaxExperts) return cudaErrorInvalidValue;
+  if (a.rows < 1 || a.k < 1 || a.pairs < 0 || a.pairs > INT_MAX || a.x_rows < 0)
+    return cudaErrorInvalidValue;
+  if (a.rows % 8 != 0) return cudaErrorInvalidValue;  // 16-byte output chunks
+  const int k_align = a.w_format == GemmWeightFormat::kBF16 ? 8
+                      : a.w_format == GemmWeightFormat::kFP8 ? 16 : 32;
+  if (a.k % k_align != 0) return cudaErrorInvalidValue;
+  if (a.w_format != GemmWeightFormat::kBF16) {
+    if (a.w_scale == nullptr) return cudaErrorInvalidValue;
+    if (reinterpret_cast<uintptr_t>(a.w_scale) % 4 != 0) return cudaErrorInvalidValue;
+  }
+  // 16-byte rows: weights (byte strides), activations and outputs (element strides)
+  if (!aligned16(a.w) || a.w_row_stride % 16 || a.w_expert_stride % 16 || a.w_mat_stride % 16)
+    return cudaErrorInvalidValue;
+  if (!aligned16(a.x) || a.x_row_stride % 8 || a.x_expert_stride % 8) return cudaErrorInvalidValue;
+  if (!aligned16(a.out) || a.out_row_stride % 8 || a.out_expert_stride % 8)
+    return cudaErrorInvalidValue;
+  if (a.epilogue == GemmEpilogue::kSwiGLU && a.route_weight == nullptr) return cudaErrorInvalidValue;
+  if (a.positions != nullptr) {
+    if (a.freqs == nullptr || a.epilogue != GemmEpilogue::kStore) return cudaErrorInvalidValue;
+    if (a.head_dim < gg::kBK || a.head_dim % gg::kBK != 0 || a.k % a.head_dim != 0)
+      return cudaErrorInvalidValue;
+    if (a.w_format == GemmWeightFormat::kFP4) return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+GemmTile tile_from_env() {
+  const char* v = std::getenv("DSV4_GEMM_TILE");
+  if (v == nullptr) return GemmTile::kAuto;
+  if (!std::strcmp(v, "decode")) return GemmTile::kDecode;
+  if (!std::strcmp(v, "decode_deep")) return GemmTile::kDecodeDeep;
+  if (!std::strcmp(v, "medium")) return GemmTile::kMedium;
+  if (!std::strcmp(v, "large")) return GemmTile::kLarge;
+  if (!std::strcmp(v, "huge")) return GemmTile::kHuge;
+  return GemmTile::kAuto;
+}
+
+// The activation quantisation simulation of dsv4.ops.quant.fp8_e4m3_sim (block 128), bit for
+// bit: one warp per 1x128 block, 4 values per lane.
+__global__ void fp8_act_quant_sim_kernel(const __nv_bfloat16* __restrict__ x, int64_t xs,
+                                         __nv_bfloat16* __restrict__ y, int64_t ys, int64_t rows,
+                                         int64_t blocks_per_row) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+       b < rows * blocks_per_row; b += warps) {
+    const int64_t r = b / blocks_per_row, c0 = (b % blocks_per_row) * 128 + lane * 4;
+    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
+    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
+                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    amax = fmaxf(amax, 1e-4f);
+    // s = 2^ceil(log2(amax / 448)), exactly (dsv4.ops.quant.ue8m0_scale); a block holding inf
+    // or NaN gets s = 1 there (frexp of a non-finite value has exponent 0), and so here.
+    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
+                                                    isfinite(v[2]) && isfinite(v[3]));
+    const uint32_t rb = __float_as_uint(amax / 448.0f);
+    const uint32_t ex = (rb >> 23) & 0xFFu;
+    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    const float inv = 1.0f / s;  // exact: a power of two
+    uint32_t out[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float q[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float t = v[2 * i + h] * inv;
+        t = t > 448.f ? 448.f : (t < -448.f ? -448.f : t);  // NaN stays NaN (as torch.clamp)
+        const __nv_fp8_storage_t f8 = __nv_cvt_float_to_fp8(t, __NV_SATFINITE, __NV_E4M3);
+        const __half_raw hr = __nv_cvt_fp8_to_halfraw(f8, __NV_E4M3);
+        q[h] = __half2float(__half(hr)) * s;
+      }
+      out[i] = gg::pack_bf16x2(q[0], q[1]);
+    }
+    *reinterpret_cast<uint2*>(y + r * ys + c0) = make_uint2(out[0], out[1]);
+  }
+}
+
+__global__ void zero_rows_kernel(uint4* __restrict__ out, int64_t rs16, int64_t rows,
+                                 int64_t cols16, const int32_t* __restrict__ offsets, int32_t E) {
+  int64_t first = __ldg(offsets + E);
+  first = first < 0 ? 0 : (first > rows ? rows : first);
+  const int64_t n = (rows - first) * cols16;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[(first + i / cols16) * rs16 + i % cols16] = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+int device_sms() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return sms > 0 ? sms : 132;
+}
+
+}  // namespace
+
+GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
+  GemmTile t = a.tile != GemmTile::kAuto ? a.tile : tile_from_env();
+  if (t != GemmTile::kAuto) return t;
+  // average activation rows per expert that has any
+  int64_t per = a.pairs;
+  if (a.expert_offsets != nullptr) {
+    const int64_t busy = a.pairs < a.n_experts ? a.pairs : a.n_experts;
+    per = busy > 0 ? (a.pairs + busy - 1) / busy : 0;
+  }
+  if (per <= 16) {
+    // units of 64 weight rows x 16 activation rows (an upper bound with expert offsets):
+    // fewer than two per SM -> one deep-pipelined block per SM
+    const int64_t n_fb = (a.rows + (a.epilogue == GemmEpilogue::kSwiGLU ? 31 : 63)) /
+                         (a.epilogue == GemmEpilogue::kSwiGLU ? 32 : 64);
+    const int64_t tiles = a.expert_offsets == nullptr
+                              ? static_cast<int64_t>(a.n_experts) * ((a.pairs + 15) / 16)
+                              : (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + 15) / 16;
+    const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
+    return n_fb * tiles < 2 * static_cast<int64_t>(sms) ? GemmTile::kDecodeDeep : GemmTile::kDecode;
+  }
+  if (per <= 64) return GemmTile::kMedium;
+  // the RoPE table takes 64 KB at 256 rows: FP8 weights then have too few stages left
+  if (per <= 128 || (a.positions != nullptr && a.w_format != GemmWeightFormat::kBF16))
+    return GemmTile::kLarge;
+  return GemmTile::kHuge;
+}
+
+cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
+  cudaError_t err = check_args(a);
+  if (err != cudaSuccess) return err;
+  if (a.pairs == 0) return cudaSuccess;
+  const GemmTile tile = grouped_gemm_resolve_tile(a);
+  const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
+  switch (a.w_format) {
+    case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, sms, stream);
+    case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, sms, stream);
+    case GemmWeightFormat::kFP4: return gg::launch_fp4(a, tile, sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t fp8_act_quant_sim(const void* x, int64_t x_row_stride, void* y, int64_t y_row_stride,
+                              int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows < 0 || cols < 0 || cols % 128 != 0) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 8 ||
+      reinterpret_cast<uintptr_t>(y) % 8 || x_row_stride % 4 || y_row_stride % 4)
+    return cudaErrorInvalidValue;
+  const int64_t blocks = rows * (cols / 128);
+  const int64_t ctas64 = (blocks + 7) / 8;
+  const int ctas = static_cast<int>(ctas64 < 4096 ? ctas64 : 4096);
+  fp8_act_quant_sim_kernel<<<ctas, 256, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(x), x_row_stride, static_cast<__nv_bfloat16*>(y),
+      y_row_stride, rows, cols / 128);
+  return cudaGetLastError();
+}
+
+cudaError_t zero_rows_past_offsets(void* out, int64_t out_row_stride, int64_t rows, int64_t cols,
+                                   const int32_t* expert_offsets, int32_t n_experts,
+                                   cudaStream_t stream) {
+  if (rows < 0 || cols < 0 || cols % 8 != 0 || n_experts < 0) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (out == nullptr || expert_offsets == nullptr || !aligned16(out) || out_row_stride % 8)
+    return cudaErrorInvalidValue;
+  const int64_t n16 = rows * (cols / 8);
+  const int64_t ctas64 = (n16 + 255) / 256;
+  const int ctas = static_cast<int>(ctas64 < 1024 ? ctas64 : 1024);
+  zero_rows_kernel<<<ctas, 256, 0, stream>>>(static_cast<uint4*>(out), out_row_stride / 8, rows,
+                                             cols / 8, expert_offsets, n_experts);
+  return cudaGetLastError();
+}
+
+}  // namespace dsv4

@@ -1,0 +1,532 @@
+// Grouped GEMM on Hopper tensor cores (sm_90a wgmma): the kernel behind moe_up / moe_down,
+// fp8_linear and grouped_oproj. Torch-free; the C++ API and the exact semantics are in
+// include/dsv4/grouped_gemm.h.
+//
+// Design ("swap AB"): the weights are the MMA's M side and the activation rows its N side.
+//   * A CTA works on units (expert e, weight-row block fb, activation-row block tb): 64 x NWG
+//     weight rows (one m64 slab per warpgroup) times up to BN activation rows. The MMA's N
+//     (8, 16, 32, 64, 128, 256) is picked per unit from the rows the unit really has, so an
+//     expert with 3 tokens issues m64n8 MMAs and streams its weights once: decode is a weight
+//     stream, prefill a tensor-core GEMM, same code.
+//   * Units are ordered expert -> weight block -> row block and a persistent grid walks them
+//     round-robin. Per-expert unit counts come from expert_offsets on the device (a prefix sum
+//     in shared memory at kernel start): no host sync, CUDA-graph safe.
+//   * Pipeline: STAGES shared-memory stages filled with cp.async (16-byte chunks; weight rows,
+//     activation rows gathered through row_ids, zero-filled past the unit's rows or past k),
+//     one __syncthreads per 64-wide k step; the MMAs of step k run asynchronously while the
+//     threads prepare step k + 1 and the loads of step k + STAGES - 1 are in flight.
+//   * FP8 / FP4 weights land raw (with one scale word per chunk, loaded by the same thread) and
+//     each thread converts the chunks it loaded itself to bf16 (exact: e4m3 or e2m1 times a
+//     power-of-two scale) into a double-buffered bf16 tile: no extra barrier.
+//   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
+//     each thread rotates the activation chunks it loaded, in place, with a per-unit
+//     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
+//     rounds to bf16 as the reference does before its einsum.
+//   * Operands: K-major bf16 tiles in the canonical 128-byte swizzle (row r's 16-byte chunk c
+//     at r * 128 + ((c ^ (r & 7)) << 4), 1024-byte aligned), the layout sparse_attn's wgmma
+//     kernel uses (verified on the H200).
+//   * SwiGLU: the A tile interleaves gate and up rows in groups of 8 (tile rows 16j .. 16j+7 =
+//     gate of features 8j .. 8j+7, rows 16j+8 .. 16j+15 = up of the same features), so each
+//     thread's m64nN fragment (rows r and r + 8) holds g and u of the same (feature, row) pair
+//     and the clamped SwiGLU and the routing weight are applied in registers.
+//   * Epilogue: the bf16 tile is staged in shared memory (rows padded by 16 bytes: conflict-
+//     free), then written with 16-byte coalesced stores, only for the unit's real rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "dsv4/grouped_gemm.h"
+#include "grouped_gemm_wgmma.cuh"
+
+namespace dsv4 {
+namespace gg {
+
+__host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Compile-time shape of one kernel variant.
+template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT>
+struct Cfg {
+  static constexpr int kThreads = 128 * NWG;
+  static constexpr int kMinBlocks = SMEM_LIMIT == kSmem3PerSm ? 3 : 1;
+  static constexpr int kRowsA = 64 * NWG;                             // weight rows per tile
+  static constexpr int kRawRow = FMT == kFmtBF16 ? 128 : (FMT == kFmtFP8 ? 64 : 32);  // B/step
+  static constexpr int kRawChunks = kRawRow / 16;                     // 16-byte chunks per row
+  static constexpr int kElemsPerChunk = FMT == kFmtBF16 ? 8 : (FMT == kFmtFP8 ? 16 : 32);
+  static constexpr int kAChunks = kRowsA * kRawChunks / kThreads;     // per thread per step
+  static constexpr int kBChunks = BN * 8 / kThreads;                  // per thread per step
+  static constexpr int kBBytes = BN * 128;
+  static constexpr int kARawBytes = kRowsA * kRawRow;
+  static constexpr int kScaleBytes = FMT == kFmtBF16 ? 0 : kThreads * kAChunks * 4;
+  static constexpr int kStageStride = round_up(kBBytes + kARawBytes + kScaleBytes, 1024);
+  static constexpr int kABf16Bytes = FMT == kFmtBF16 ? 0 : kRowsA * 128;  // per buffer
+  static constexpr int kRopeBytes = ROPE ? BN * kRopePairs * 8 : 0;
+  static constexpr int kRwBytes = EPI == kEpiSwiGLU ? BN * 4 : 0;
+  static constexpr int kPrefixBytes = (kMaxExperts + 1) * 4;
+  static constexpr int kFixed = 2 * kABf16Bytes + kRopeBytes + kRwBytes + kPrefixBytes + 1024;
+  // one warpgroup alone on an SM (kDecodeDeep) needs a deep pipeline to keep enough weight
+  // bytes in flight; otherwise a few stages per block suffice
+  static constexpr int kMaxStages =
+      (NWG == 1 && SMEM_LIMIT == kSmemLimit) ? 32 : (FMT == kFmtFP4 ? 12 : 8);
+  static constexpr int kFitStages = (SMEM_LIMIT - kFixed) / kStageStride;
+  static constexpr int kStages = kFitStages < kMaxStages ? kFitStages : kMaxStages;
+  static constexpr int kOffABf16 = kStages * kStageStride;
+  static constexpr int kOffRope = kOffABf16 + 2 * kABf16Bytes;
+  static constexpr int kOffRw = kOffRope + kRopeBytes;
+  static constexpr int kOffPrefix = kOffRw + kRwBytes;
+  static constexpr int kSmem = kOffPrefix + kPrefixBytes + 1024;  // + slack to align to 1024
+  static constexpr int kFeat = EPI == kEpiSwiGLU ? kRowsA / 2 : kRowsA;  // outputs per tile
+  static constexpr int kEpiStride = kFeat * 2 + 16;                       // bytes per staged row
+  static constexpr int kAcc = BN / 2;
+
+  static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
+  static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256, "tile rows");
+  static_assert(kAChunks >= 1 && kAChunks * kThreads == kRowsA * kRawChunks, "A chunk split");
+  static_assert(kBChunks >= 1 && kBChunks * kThreads == BN * 8, "B chunk split");
+  static_assert(kStages >= 2, "not enough shared memory for two pipeline stages");
+  static_assert(kSmem <= SMEM_LIMIT, "shared memory budget");
+  static_assert(BN * kEpiStride <= kStages * kStageStride, "epilogue tile overlays the stages");
+  static_assert(kBBytes % 1024 == 0 && kARawBytes % 1024 == 0, "1024-byte aligned tiles");
+};
+
+// (first pair, pair count) of expert e; offsets clamped to [0, pairs], a decreasing pair -> 0.
+__device__ __forceinline__ int64_t expert_rows(const GroupedGemmArgs& a, int e, int64_t* p0) {
+  if (a.expert_offsets == nullptr) {
+    *p0 = 0;
+    return a.pairs;
+  }
+  int64_t lo = __ldg(a.expert_offsets + e), hi = __ldg(a.expert_offsets + e + 1);
+  lo = lo < 0 ? 0 : (lo > a.pairs ? a.pairs : lo);
+  hi = hi < lo ? lo : (hi > a.pairs ? a.pairs : hi);
+  *p0 = lo;
+  return hi - lo;
+}
+
+__device__ __forceinline__ float e8m0_to_f32(uint32_t code) {
+  return code == 255u ? __uint_as_float(0x7FC00000u)
+                      : (code == 0u ? __uint_as_float(0x00400000u) : __uint_as_float(code << 23));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+
+// Two e4m3 values (low byte first) times a power-of-two scale -> bf16x2 (exact).
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+  return pack_bf16x2(f.x * s, f.y * s);
+}
+
+// e2m1 code (4 bits) -> its value times 2^-126, exactly (fp32 bits: magnitude code m at bits
+// 22..24 gives 2^-126 * {0, .5, 1, 1.5, 2, 3, 4, 6}[m], the code-1 case being a subnormal).
+__device__ __forceinline__ float e2m1_scaled_down(uint32_t nib) {
+  return __uint_as_float(((nib & 7u) << 22) | ((nib & 8u) << 28));
+}
+
+// Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times scale s
+// -> four bf16x2 words (exact). s126 = s * 2^126 (finite when s <= 2).
+__device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, float s126, bool fast) {
+  float v[8];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    const float t = e2m1_scaled_down(w >> (4 * n));
+    v[n] = fast ? t * s126 : (t * 0x1p126f) * s;
+  }
+  return make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
+                    pack_bf16x2(v[6], v[7]));
+}
+
+// One 64-wide k step of MMAs for the warpgroup: A rows [64] at a_tile, B rows [N] at b_tile.
+template <int N, int M>
+__device__ __forceinline__ void mma_step(float (&acc)[M], uint32_t a_tile, uint32_t b_tile) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBK / 16; ++ks) {
+    Wgmma<N>::mma(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32));
+  }
+  wgmma_commit();
+}
+
+template <int BN, int M>
+__device__ __forceinline__ void mma_step_n(int n, float (&acc)[M], uint32_t a_tile,
+                                           uint32_t b_tile) {
+  if (n <= 8) {
+    mma_step<8>(acc, a_tile, b_tile);
+  } else if (n <= 16) {
+    mma_step<16>(acc, a_tile, b_tile);
+  } else if constexpr (BN >= 32) {
+    if (n <= 32) {
+      mma_step<32>(acc, a_tile, b_tile);
+    } else if constexpr (BN >= 64) {
+      if (n <= 64) {
+        mma_step<64>(acc, a_tile, b_tile);
+      } else if constexpr (BN >= 128) {
+        if (n <= 128) {
+          mma_step<128>(acc, a_tile, b_tile);
+        } else if constexpr (BN >= 256) {
+          mma_step<256>(acc, a_tile, b_tile);
+        }
+      }
+    }
+  }
+}
+
+template <class C, int FMT, int EPI, bool ROPE, int NWG, int BN>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    grouped_gemm_kernel(const GroupedGemmArgs a) {
+#if !DSV4_GG_WGMMA
+  __trap();
+#else
+  constexpr int T = C::kThreads;
+  constexpr int S = C::kStages;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  int* upre = reinterpret_cast<int*>(smem + C::kOffPrefix);
+  float2* rope_tab = reinterpret_cast<float2*>(smem + C::kOffRope);
+  float* rw_s = reinterpret_cast<float*>(smem + C::kOffRw);
+  const uint32_t abf_base = base + C::kOffABf16;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, w4 = warp & 3, g = lane >> 2, tg = lane & 3;
+  const int E = a.n_experts;
+  const int K = a.k;
+  const int KT = (K + kBK - 1) / kBK;
+  const int n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
+  const char* dummy = static_cast<const char*>(a.x);  // a valid address for zero-size copies
+
+  // ---- units per expert, prefix sum (upre[e] = first unit of expert e, upre[E] = total) ----
+  for (int e = tid; e < E; e += T) {
+    int64_t p0;
+    const int64_t cnt = expert_rows(a, e, &p0);
+    upre[e + 1] = n_fb * static_cast<int>((cnt + BN - 1) / BN);  // host bounds the total
+  }
+  if (tid == 0) upre[0] = 0;
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int b0 = 0; b0 < E; b0 += 32) {
+      const int i = b0 + lane;
+      int v = i < E ? upre[i + 1] : 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int o = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += o;
+      }
+      v += carry;
+      if (i < E) upre[i + 1] = v;
+      carry = __shfl_sync(0xffffffffu, v, 31);
+    }
+  }
+  __syncthreads();
+  const int total = upre[E];
+
+  // Per-thread chunk coordinates (fixed for the whole kernel: T is a multiple of 8 and of
+  // the raw chunks per row, so the column of every chunk a thread handles is the same).
+  const int a_col = tid % C::kRawChunks;
+  const int b_col = tid & 7;
+
+  float acc[C::kAcc];
+
+  for (int u = blockIdx.x; u < total; u += gridDim.x) {
+    // ---- which unit ----
+    int lo = 0, hi = E;  // upre[lo] <= u < upre[hi]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (upre[mid] <= u) lo = mid; else hi = mid;
+    }
+    const int e = lo;
+    int64_t p0;
+    const int64_t cnt = expert_rows(a, e, &p0);
+    const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
+    const int local = u - upre[e];
+    const int fb = local / n_tb, tb = local % n_tb;
+    const int64_t pt = p0 + static_cast<int64_t>(tb) * BN;  // first pair of the tile
+    const int rows_t = static_cast<int>(cnt - static_cast<int64_t>(tb) * BN < BN
+                                            ? cnt - static_cast<int64_t>(tb) * BN : BN);
+
+    // ---- weight rows this thread loads ----
+    const char* a_src[C::kAChunks];
+    int64_t s_idx[C::kAChunks];
+    uint32_t a_dst[C::kAChunks];
+    bool a_ok[C::kAChunks];
+#pragma unroll
+    for (int j = 0; j < C::kAChunks; ++j) {
+      const int r = (tid + j * T) / C::kRawChunks;  // tile row
+      int m = 0, wr;
+      if constexpr (EPI == kEpiSwiGLU) {
+        wr = fb * C::kFeat + (r >> 4) * 8 + (r & 7);
+        m = (r >> 3) & 1;
+      } else {
+        wr = fb * C::kRowsA + r;
+      }
+      a_ok[j] = wr < a.rows;
+      a_src[j] = static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
+                 static_cast<int64_t>(a_ok[j] ? wr : 0) * a.w_row_stride + a_col * 16;
+      s_idx[j] = e * a.s_expert_stride + m * a.s_mat_stride +
+                 static_cast<int64_t>(FMT == kFmtFP8 ? wr / 128 : wr) * a.s_row_stride;
+      a_dst[j] = FMT == kFmtBF16 ? r * 128 + (((a_col ^ r) & 7) << 4)
+                                 : r * C::kRawRow + a_col * 16;
+    }
+    // ---- activation rows this thread loads ----
+    const char* b_src[C::kBChunks];
+    uint32_t b_dst[C::kBChunks];
+    bool b_ok[C::kBChunks];
+#pragma unroll
+    for (int j = 0; j < C::kBChunks; ++j) {
+      const int br = (tid + j * T) >> 3;
+      bool ok = br < rows_t;
+      int64_t xr = 0;
+      if (ok) {
+        xr = a.row_ids != nullptr ? static_cast<int64_t>(__ldg(a.row_ids + pt + br)) : pt + br;
+        ok = xr >= 0 && xr < a.x_rows;
+      }
+      b_ok[j] = ok;
+      b_src[j] = ok ? static_cast<const char*>(a.x) +
+                          (e * a.x_expert_stride + xr * a.x_row_stride) * 2 + b_col * 16
+                    : dummy;
+      b_dst[j] = br * 128 + (((b_col ^ br) & 7) << 4);
+    }
+    // ---- per-unit tables: (cos, sin) of the inverse RoPE, routing weights ----
+    if constexpr (ROPE) {
+      for (int idx = tid; idx < BN * kRopePairs; idx += T) {
+        const int i = idx / kRopePairs, jp = idx % kRopePairs;
+        float sn = 0.f, cs = 1.f;
+        if (i < rows_t) {
+          const float ang = static_cast<float>(__ldg(a.positions + pt + i)) * __ldg(a.freqs + jp);
+          sincosf(ang, &sn, &cs);
+        }
+        rope_tab[idx] = make_float2(cs, sn);
+      }
+    }
+    if constexpr (EPI == kEpiSwiGLU) {
+      for (int i = tid; i < BN; i += T) rw_s[i] = i < rows_t ? __ldg(a.route_weight + pt + i) : 0.f;
+    }
+    __syncthreads();
+
+    int nsel = 8;
+    while (nsel < rows_t) nsel <<= 1;
+
+#pragma unroll
+    for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
+
+    auto load_step = [&](int kt, int stage) {
+      const uint32_t sb = base + stage * C::kStageStride;
+      const bool bk_ok = kt * kBK + b_col * 8 < K;
+#pragma unroll
+      for (int j = 0; j < C::kBChunks; ++j) {
+        const bool ok = b_ok[j] && bk_ok;
+        cp_async16(sb + b_dst[j], ok ? b_src[j] + kt * 128 : dummy, ok ? 16 : 0);
+      }
+      const int kel = kt * kBK + a_col * C::kElemsPerChunk;
+#pragma unroll
+      for (int j = 0; j < C::kAChunks; ++j) {
+        const bool ok = a_ok[j] && kel < K;
+        cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
+                   ok ? 16 : 0);
+        if constexpr (FMT != kFmtBF16) {
+          const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
+          const char* sp = a.scale_fp32
+                               ? static_cast<const char*>(a.w_scale) + si * 4
+                               : static_cast<const char*>(a.w_scale) + (si & ~int64_t{3});
+          cp_async4(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4, ok ? sp : dummy,
+                    ok ? 4 : 0);
+        }
+      }
+    };
+
+    // ---- pipeline ----
+#pragma unroll 1
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < KT) load_step(s, s);
+      cp_async_commit();
+    }
+#pragma unroll 1
+    for (int kt = 0; kt < KT; ++kt) {
+      const uint32_t sb = base + (kt % S) * C::kStageStride;
+      cp_async_wait<S - 2>();  // this thread's chunks of step kt have landed
+      if constexpr (FMT != kFmtBF16) {
+        const uint32_t abf = abf_base + (kt & 1) * C::kABf16Bytes;
+        const int kel = kt * kBK + a_col * C::kElemsPerChunk;
+#pragma unroll
+        for (int j = 0; j < C::kAChunks; ++j) {
+          const int r = (tid + j * T) / C::kRawChunks;
+          const uint4 q = lds128(sb + C::kBBytes + r * C::kRawRow + a_col * 16);
+          const uint32_t sw = lds32(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4);
+          float s;
+          if (a.scale_fp32) {
+            s = __uint_as_float(sw);
+          } else {
+            const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
+            s = e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
+          }
+          if constexpr (FMT == kFmtFP8) {
+            // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r
+            const uint4 lo = make_uint4(fp8x2_to_bf16x2(q.x, s), fp8x2_to_bf16x2(q.x >> 16, s),
+                                        fp8x2_to_bf16x2(q.y, s), fp8x2_to_bf16x2(q.y >> 16, s));
+            const uint4 hi = make_uint4(fp8x2_to_bf16x2(q.z, s), fp8x2_to_bf16x2(q.z >> 16, s),
+                                        fp8x2_to_bf16x2(q.w, s), fp8x2_to_bf16x2(q.w >> 16, s));
+            sts128(abf + r * 128 + ((((2 * a_col) ^ r) & 7) << 4), lo);
+            sts128(abf + r * 128 + ((((2 * a_col + 1) ^ r) & 7) << 4), hi);
+          } else {
+            // 32 values -> bf16 chunks 4 * a_col .. 4 * a_col + 3 of row r
+            const float s126 = s * 0x1p126f;
+            const bool fast = s <= 2.0f;
+            sts128(abf + r * 128 + ((((4 * a_col) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.x, s, s126, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 1) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.y, s, s126, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 2) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.z, s, s126, fast));
+            sts128(abf + r * 128 + ((((4 * a_col + 3) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.w, s, s126, fast));
+          }
+        }
+      }
+      if constexpr (ROPE) {
+        if ((kt * kBK) % a.head_dim == a.head_dim - kBK) {
+#pragma unroll
+          for (int j = 0; j < C::kBChunks; ++j) {
+            const int br = (tid + j * T) >> 3;
+            const uint32_t addr = sb + b_dst[j];
+            uint4 v = lds128(addr);
+            uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {  // pairs 4 * b_col + q of the 32 rope pairs
+              const float2 cs = rope_tab[br * kRopePairs + b_col * 4 + q];
+              const float x0 = bf16_lo(w[q]), x1 = bf16_hi(w[q]);
+              // (x0 + i x1) * conj(cos + i sin)
+              w[q] = pack_bf16x2(x0 * cs.x + x1 * cs.y, x1 * cs.x - x0 * cs.y);
+            }
+            sts128(addr, v);
+          }
+        }
+      }
+      fence_proxy_async();
+      wgmma_wait_all();  // MMAs of step kt - 1 done (this warpgroup)
+      fence_regs(acc);
+      __syncthreads();   // step kt's tiles complete; every warpgroup is past step kt - 1
+      const uint32_t a_tile =
+          (FMT == kFmtBF16 ? sb + C::kBBytes : abf_base + (kt & 1) * C::kABf16Bytes) +
+          wg * 64 * 128;
+      mma_step_n<BN>(nsel, acc, a_tile, sb);
+      const int nk = kt + S - 1;  // refills the stage of step kt - 1
+      if (nk < KT) load_step(nk, nk % S);
+      cp_async_commit();
+    }
+    wgmma_wait_all();
+    fence_regs(acc);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ---- epilogue: registers -> shared tile [BN rows][kFeat] bf16 -> global ----
+    uint8_t* et = smem;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int c = i * 8 + 2 * tg;
+      if constexpr (EPI == kEpiSwiGLU) {
+        const int f = wg * 32 + w4 * 8 + g;
+        const float L = a.swiglu_limit;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
+          float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
+          if (L > 0.f) {
+            gq = gq > L ? L : gq;
+            uq = uq > L ? L : (uq < -L ? -L : uq);
+          }
+          const float hv = rw_s[c + h] * (gq / (1.f + expf(-gq)) * uq);
+          *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * C::kEpiStride + f * 2) =
+              __float2bfloat16_rn(hv);
+        }
+      } else {
+        const int r0 = wg * 64 + w4 * 16 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // one paired conversion (two scalar ones make ptxas serialise the wgmma pipeline,
+          // warning C7514)
+          const uint32_t pr = pack_bf16x2(acc[i * 4 + h], acc[i * 4 + 2 + h]);
+          uint16_t* row = reinterpret_cast<uint16_t*>(et + (c + h) * C::kEpiStride);
+          row[r0] = static_cast<uint16_t>(pr & 0xFFFFu);
+          row[r0 + 8] = static_cast<uint16_t>(pr >> 16);
+        }
+      }
+    }
+    __syncthreads();
+    {
+      constexpr int kCpr = C::kFeat / 8;  // 16-byte chunks per output row
+      char* out = static_cast<char*>(a.out);
+      for (int idx = tid; idx < rows_t * kCpr; idx += T) {
+        const int i = idx / kCpr, ch = idx % kCpr;
+        const int f = fb * C::kFeat + ch * 8;
+        if (f < a.rows) {
+          const uint4 v = *reinterpret_cast<const uint4*>(et + i * C::kEpiStride + ch * 16);
+          *reinterpret_cast<uint4*>(out + (e * a.out_expert_stride +
+                                           (pt + i) * a.out_row_stride + f) * 2) = v;
+        }
+      }
+    }
+    __syncthreads();  // the next unit's loads overwrite the staged tile
+  }
+#endif  // DSV4_GG_WGMMA
+}
+
+// Runs one variant: grid = min(upper bound of the unit count, blocks resident at once).
+template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT>
+cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream) {
+  using C = Cfg<FMT, EPI, ROPE, NWG, BN, SMEM_LIMIT>;
+  const int64_t n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
+  int64_t tiles;  // >= sum over experts of ceil(rows_e / BN)
+  if (a.expert_offsets == nullptr) {
+    tiles = static_cast<int64_t>(a.n_experts) * ((a.pairs + BN - 1) / BN);
+  } else {
+    tiles = (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + BN - 1) / BN;
+  }
+  const int64_t units = n_fb * tiles;
+  if (units > INT_MAX) return cudaErrorInvalidValue;
+  if (units == 0) return cudaSuccess;
+  const int64_t resident = static_cast<int64_t>(num_sms) * C::kMinBlocks;
+  const int grid = static_cast<int>(units < resident ? units : resident);
+  auto* fn = &grouped_gemm_kernel<C, FMT, EPI, ROPE, NWG, BN>;
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess) return err;
+  // all of the SM's shared memory as shared memory (three decode blocks need 3 x 76 KB)
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
+  fn<<<grid, C::kThreads, C::kSmem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// The tile variants of one (format, epilogue, RoPE) combination.
+template <int FMT, int EPI, bool ROPE>
+cudaError_t launch_tile(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t stream) {
+  switch (tile) {
+    case GemmTile::kDecode:
+      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmem3PerSm>(a, num_sms, stream);
+    case GemmTile::kDecodeDeep:
+      return launch_variant<FMT, EPI, ROPE, 1, 16, kSmemLimit>(a, num_sms, stream);
+    case GemmTile::kMedium:
+      return launch_variant<FMT, EPI, ROPE, 2, 64, kSmemLimit>(a, num_sms, stream);
+    case GemmTile::kLarge:
+      return launch_variant<FMT, EPI, ROPE, 2, 128, kSmemLimit>(a, num_sms, stream);
+    case GemmTile::kHuge:
+      return launch_variant<FMT, EPI, ROPE, 2, 256, kSmemLimit>(a, num_sms, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Per-format entry points (one .cu file each, compiled in parallel).
+cudaError_t launch_bf16(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
+cudaError_t launch_fp8(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
+cudaError_t launch_fp4(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
+
+}  // namespace gg
+}  // namespace dsv4

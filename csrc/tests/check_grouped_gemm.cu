@@ -1,0 +1,376 @@
+// Standalone check of dsv4::grouped_gemm (no torch): random weights in the three formats, random
+// routing (empty experts included), every tile configuration, the SwiGLU and plain epilogues and
+// the inverse-RoPE load path, compared with a CPU loop in double precision. Outputs are
+// NaN-poisoned first; rows past expert_offsets[E] must stay poisoned. Also checks
+// fp8_act_quant_sim against a CPU transcription of dsv4.ops.quant.fp8_e4m3_sim.
+// Prints PASS / FAIL (exit 1) or "SKIP: ..." (exit 0).
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "dsv4/grouped_gemm.h"
+
+#include "check_common.h"
+
+namespace {
+
+using dsv4::GemmEpilogue;
+using dsv4::GemmTile;
+using dsv4::GemmWeightFormat;
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
+
+float e4m3_to_float(uint8_t v) {
+  const int s = v >> 7, e = (v >> 3) & 15, m = v & 7;
+  if (e == 15 && m == 7) return NAN;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9)
+                           : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return s ? -mag : mag;
+}
+float e2m1_to_float(uint8_t code) {
+  static const float kMag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  return (code & 8) ? -kMag[code & 7] : kMag[code & 7];
+}
+float e8m0_to_float(uint8_t c) { return c == 255 ? NAN : std::ldexp(1.0f, c - 127); }
+
+template <class T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T) + 16));
+  if (!h.empty()) CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Weights of `mats` matrices [rows, k] in one format; `deq` holds the dequantised values.
+struct Weights {
+  std::vector<uint8_t> bytes;   // raw storage
+  std::vector<uint8_t> scale8;  // e8m0 scales
+  std::vector<float> scale32;   // the same scales as float
+  std::vector<float> deq;       // [mats, rows, k]
+  int64_t row_bytes = 0, s_rows = 0, s_cols = 0;
+};
+
+Weights make_weights(GemmWeightFormat fmt, int mats, int rows, int k, std::mt19937& rng) {
+  Weights w;
+  std::normal_distribution<float> normal(0.f, 1.f / std::sqrt(static_cast<float>(k)));
+  std::uniform_int_distribution<int> byte(0, 255), scl(122, 128);
+  w.deq.resize(static_cast<size_t>(mats) * rows * k);
+  if (fmt == GemmWeightFormat::kBF16) {
+    w.row_bytes = 2 * k;
+    w.bytes.resize(w.deq.size() * 2);
+    for (size_t i = 0; i < w.deq.size(); ++i) {
+      const uint16_t b = float_to_bf16(normal(rng));
+      std::memcpy(&w.bytes[2 * i], &b, 2);
+      w.deq[i] = bf16_to_float(b);
+    }
+    return w;
+  }
+  const bool fp8 = fmt == GemmWeightFormat::kFP8;
+  w.row_bytes = fp8 ? k : k / 2;
+  w.s_rows = fp8 ? (rows + 127) / 128 : rows;
+  w.s_cols = fp8 ? (k + 127) / 128 : k / 32;
+  w.scale8.resize(static_cast<size_t>(mats) * w.s_rows * w.s_cols);
+  w.scale32.resize(w.scale8.size());
+  for (size_t i = 0; i < w.scale8.size(); ++i) {
+    w.scale8[i] = static_cast<uint8_t>(scl(rng));
+    w.scale32[i] = e8m0_to_float(w.scale8[i]);
+  }
+  w.bytes.resize(static_cast<size_t>(mats) * rows * w.row_bytes);
+  for (auto& b : w.bytes) {
+    int v = byte(rng);
+    if (fp8 && (v & 0x7F) == 0x7F) v &= 0xF7;  // no NaN codes
+    b = static_cast<uint8_t>(v);
+  }
+  for (int m = 0; m < mats; ++m)
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < k; ++c) {
+        const size_t bi = (static_cast<size_t>(m) * rows + r) * w.row_bytes;
+        float v, s;
+        if (fp8) {
+          v = e4m3_to_float(w.bytes[bi + c]);
+          s = w.scale32[(static_cast<size_t>(m) * w.s_rows + r / 128) * w.s_cols + c / 128];
+        } else {
+          const uint8_t b = w.bytes[bi + c / 2];
+          v = e2m1_to_float((c & 1) ? (b >> 4) : (b & 15));
+          s = w.scale32[(static_cast<size_t>(m) * w.s_rows + r) * w.s_cols + c / 32];
+        }
+        w.deq[(static_cast<size_t>(m) * rows + r) * k + c] = v * s;
+      }
+  return w;
+}
+
+struct Case {
+  const char* name;
+  GemmWeightFormat fmt;
+  GemmEpilogue epi;
+  GemmTile tile;
+  int E, rows, k, x_rows, pairs;
+  bool rope = false;
+  bool fp32_scale = false;
+};
+
+float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
+
+bool run_case(const Case& c, std::mt19937& rng) {
+  const bool swiglu = c.epi == GemmEpilogue::kSwiGLU;
+  const bool dense = c.rope;  // the RoPE case is the output projection: every expert, all rows
+  const int mats = c.E * (swiglu ? 2 : 1);
+  Weights w = make_weights(c.fmt, mats, c.rows, c.k, rng);
+  // activations: for the output projection x is [x_rows, E * k] (group e reads columns e*k ..)
+  const int64_t x_cols = dense ? static_cast<int64_t>(c.E) * c.k : c.k;
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<uint16_t> x16(static_cast<size_t>(c.x_rows) * x_cols);
+  std::vector<float> x(x16.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    x16[i] = float_to_bf16(normal(rng));
+    x[i] = bf16_to_float(x16[i]);
+  }
+  // routing: random counts (some experts empty), the last 3 pairs belong to no expert
+  std::vector<int32_t> offsets(c.E + 1, 0), row_ids(c.pairs);
+  std::vector<float> rw(c.pairs);
+  std::uniform_int_distribution<int> tok(0, c.x_rows - 1);
+  std::uniform_real_distribution<float> unif(0.25f, 1.25f);
+  for (auto& r : row_ids) r = tok(rng);
+  for (auto& v : rw) v = unif(rng);
+  const int used = dense ? c.pairs : std::max(0, c.pairs - 3);
+  {
+    std::vector<int> cuts(c.E - 1);
+    std::uniform_int_distribution<int> cut(0, used);
+    for (auto& v : cuts) v = cut(rng);
+    if (c.E > 2) cuts[0] = cuts[1];  // an empty expert for sure
+    std::sort(cuts.begin(), cuts.end());
+    for (int e = 1; e < c.E; ++e) offsets[e] = cuts[e - 1];
+    offsets[c.E] = used;
+  }
+  std::vector<int32_t> positions(c.x_rows);
+  std::vector<float> freqs(32);
+  std::uniform_int_distribution<int> posd(0, 1 << 20);
+  for (auto& p : positions) p = posd(rng);
+  for (int j = 0; j < 32; ++j) freqs[j] = std::pow(10000.0f, -2.0f * j / 64.0f);
+  const int head_dim = 128;
+
+  // ---- CPU reference (double accumulation) ----
+  const int64_t out_cols = dense ? static_cast<int64_t>(c.E) * c.rows : c.rows;
+  const int64_t out_rows = dense ? c.x_rows : c.pairs;
+  std::vector<double> ref(static_cast<size_t>(out_rows) * out_cols, NAN);
+  std::vector<float> xr(c.k);
+  for (int e = 0; e < c.E; ++e) {
+    const int p0 = dense ? 0 : offsets[e], p1 = dense ? c.pairs : offsets[e + 1];
+    for (int p = p0; p < p1; ++p) {
+      const int row = dense ? p : row_ids[p];
+      const float* src = &x[static_cast<size_t>(row) * x_cols + (dense ? static_cast<int64_t>(e) * c.k : 0)];
+      for (int q = 0; q < c.k; ++q) xr[q] = src[q];
+      if (c.rope) {  // inverse RoPE on the last 64 dims of every head, rounded to bf16
+        for (int h0 = 0; h0 < c.k; h0 += head_dim)
+          for (int j = 0; j < 32; ++j) {
+            const float ang = static_cast<float>(positions[p]) * freqs[j];
+            const double cs = std::cos(static_cast<double>(ang)), sn = std::sin(static_cast<double>(ang));
+            float& a0 = xr[h0 + head_dim - 64 + 2 * j];
+            float& a1 = xr[h0 + head_dim - 64 + 2 * j + 1];
+            const double n0 = a0 * cs + a1 * sn, n1 = a1 * cs - a0 * sn;
+            a0 = bf16_round(n0);
+            a1 = bf16_round(n1);
+          }
+      }
+      for (int f = 0; f < c.rows; ++f) {
+        auto dot = [&](int m) {
+          const float* wr = &w.deq[(static_cast<size_t>(m) * c.rows + f) * c.k];
+          double acc = 0;
+          for (int q = 0; q < c.k; ++q) acc += static_cast<double>(xr[q]) * wr[q];
+          return acc;
+        };
+        double v;
+        if (swiglu) {
+          double g = bf16_round(dot(2 * e)), u = bf16_round(dot(2 * e + 1));
+          const double L = 10.0;
+          g = std::min(g, L);
+          u = std::max(std::min(u, L), -L);
+          v = rw[p] * (g / (1.0 + std::exp(-g)) * u);
+        } else {
+          v = dot(e);
+        }
+        ref[static_cast<size_t>(p) * out_cols + (dense ? static_cast<int64_t>(e) * c.rows : 0) + f] = v;
+      }
+    }
+  }
+
+  // ---- GPU ----
+  uint8_t* dw = to_device(w.bytes);
+  uint8_t* ds8 = to_device(w.scale8);
+  float* ds32 = to_device(w.scale32);
+  uint16_t* dx = to_device(x16);
+  int32_t* doff = to_device(offsets);
+  int32_t* drow = to_device(row_ids);
+  float* drw = to_device(rw);
+  int32_t* dpos = to_device(positions);
+  float* dfr = to_device(freqs);
+  uint16_t* dout = nullptr;
+  const size_t out_n = static_cast<size_t>(out_rows) * out_cols;
+  CHECK_CUDA(cudaMalloc(&dout, out_n * 2 + 16));
+  CHECK_CUDA(cudaMemset(dout, 0xff, out_n * 2));  // NaN poison
+
+  dsv4::GroupedGemmArgs a;
+  a.w = dw;
+  a.w_format = c.fmt;
+  a.w_row_stride = w.row_bytes;
+  a.w_mat_stride = swiglu ? c.rows * w.row_bytes : 0;
+  a.w_expert_stride = (swiglu ? 2 : 1) * c.rows * w.row_bytes;
+  if (c.fmt != GemmWeightFormat::kBF16) {
+    a.w_scale = c.fp32_scale ? static_cast<const void*>(ds32) : static_cast<const void*>(ds8);
+    a.scale_fp32 = c.fp32_scale;
+    a.s_row_stride = w.s_cols;
+    a.s_mat_stride = swiglu ? w.s_rows * w.s_cols : 0;
+    a.s_expert_stride = (swiglu ? 2 : 1) * w.s_rows * w.s_cols;
+  }
+  a.n_experts = c.E;
+  a.rows = c.rows;
+  a.k = c.k;
+  a.x = dx;
+  a.x_row_stride = x_cols;
+  a.x_expert_stride = dense ? c.k : 0;
+  a.x_rows = c.x_rows;
+  a.row_ids = dense ? nullptr : drow;
+  a.expert_offsets = dense ? nullptr : doff;
+  a.pairs = c.pairs;
+  if (c.rope) {
+    a.positions = dpos;
+    a.freqs = dfr;
+    a.head_dim = head_dim;
+  }
+  a.epilogue = c.epi;
+  a.route_weight = drw;
+  a.swiglu_limit = 10.f;
+  a.out = dout;
+  a.out_row_stride = out_cols;
+  a.out_expert_stride = dense ? c.rows : 0;
+  a.tile = c.tile;
+  CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> out16(out_n);
+  CHECK_CUDA(cudaMemcpy(out16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
+
+  double max_ref = 0;
+  for (double v : ref)
+    if (!std::isnan(v)) max_ref = std::max(max_ref, std::fabs(v));
+  int bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < out_n; ++i) {
+    const float got = bf16_to_float(out16[i]);
+    if (std::isnan(ref[i])) {  // rows no expert owns: must stay poisoned
+      if (out16[i] != 0xffff && bad++ < 3)
+        std::fprintf(stderr, "  %s: element %zu written (0x%04x) but owned by no expert\n",
+                     c.name, i, out16[i]);
+      continue;
+    }
+    const double err = std::fabs(got - ref[i]);
+    const double tol = 0.02 * std::fabs(ref[i]) + 0.01 * max_ref;
+    worst = std::max(worst, err / (max_ref > 0 ? max_ref : 1));
+    if (!(err <= tol) && bad++ < 3)
+      std::fprintf(stderr, "  %s: element %zu (row %zu col %zu): got %g want %g\n", c.name, i,
+                   i / out_cols, i % out_cols, got, ref[i]);
+  }
+  std::printf("%-44s %s (max err / max |ref| = %.2e)\n", c.name, bad ? "FAIL" : "ok", worst);
+  for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
+                  static_cast<void*>(dx), static_cast<void*>(doff), static_cast<void*>(drow),
+                  static_cast<void*>(drw), static_cast<void*>(dpos), static_cast<void*>(dfr),
+                  static_cast<void*>(dout)})
+    CHECK_CUDA(cudaFree(p));
+  return bad == 0;
+}
+
+// fp8_act_quant_sim against a transcription of dsv4.ops.quant.fp8_e4m3_sim (block 128).
+bool check_act_quant(std::mt19937& rng) {
+  const int rows = 37, cols = 384;
+  std::vector<uint16_t> x16(rows * cols);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  for (size_t i = 0; i < x16.size(); ++i) {
+    float v = normal(rng) * ((i / 128) % 3 == 0 ? 1e-3f : 1.0f);
+    if (i % 997 == 5) v = 0.f;
+    x16[i] = float_to_bf16(v);
+  }
+  x16[3 * cols + 7] = 0x7f80;  // +inf: that block gets scale 1
+  uint16_t* dx = to_device(x16);
+  uint16_t* dy = nullptr;
+  CHECK_CUDA(cudaMalloc(&dy, x16.size() * 2));
+  CHECK_CUDA(dsv4::fp8_act_quant_sim(dx, cols, dy, cols, rows, cols, nullptr));
+  std::vector<uint16_t> y16(x16.size());
+  CHECK_CUDA(cudaMemcpy(y16.data(), dy, y16.size() * 2, cudaMemcpyDeviceToHost));
+  int bad = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int b = 0; b < cols / 128; ++b) {
+      float amax = 0.f;
+      bool finite = true;
+      for (int i = 0; i < 128; ++i) {
+        const float v = bf16_to_float(x16[r * cols + b * 128 + i]);
+        finite = finite && std::isfinite(v);
+        amax = std::max(amax, std::fabs(v));
+      }
+      amax = std::max(amax, 1e-4f);
+      int ex;
+      const float mant = std::frexp(amax / 448.0f, &ex);
+      const float s = finite ? std::ldexp(1.0f, mant == 0.5f ? ex - 1 : ex) : 1.0f;
+      for (int i = 0; i < 128; ++i) {
+        const size_t idx = r * cols + b * 128 + i;
+        const float t = std::min(std::max(bf16_to_float(x16[idx]) / s, -448.f), 448.f);
+        const float q = static_cast<float>(__nv_fp8_e4m3(t)) * s;  // RNE, host conversion
+        if (float_to_bf16(q) != y16[idx] && bad++ < 3)
+          std::fprintf(stderr, "  act_quant: [%d, %d]: got %g want %g\n", r, b * 128 + i,
+                       bf16_to_float(y16[idx]), q);
+      }
+    }
+  CHECK_CUDA(cudaFree(dx));
+  CHECK_CUDA(cudaFree(dy));
+  std::printf("%-44s %s\n", "fp8_act_quant_sim (bit-exact)", bad ? "FAIL" : "ok");
+  return bad == 0;
+}
+
+}  // namespace
+
+int main() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  if (prop.major != 9 || prop.minor != 0) {
+    std::printf("SKIP: the grouped GEMM needs sm_90a (found sm_%d%d)\n", prop.major, prop.minor);
+    return 0;
+  }
+  std::mt19937 rng(20261205);
+  const GemmTile tiles[] = {GemmTile::kDecode, GemmTile::kDecodeDeep, GemmTile::kMedium,
+                            GemmTile::kLarge, GemmTile::kHuge};
+  const char* tile_names[] = {"decode", "decode_deep", "medium", "large", "huge"};
+  const GemmWeightFormat fmts[] = {GemmWeightFormat::kBF16, GemmWeightFormat::kFP8,
+                                   GemmWeightFormat::kFP4};
+  const char* fmt_names[] = {"bf16", "fp8", "fp4"};
+  bool ok = check_act_quant(rng);
+  static char names[256][64];
+  int ni = 0;
+  for (int t = 0; t < 5; ++t)
+    for (int f = 0; f < 3; ++f)
+      for (int epi = 0; epi < 2; ++epi) {
+        std::snprintf(names[ni], 64, "%s %s %s", epi ? "swiglu" : "store", fmt_names[f],
+                      tile_names[t]);
+        Case c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+               tiles[t], 6, epi ? 96 : 136, f == 2 ? 160 : 208, 45, 300};
+        c.fp32_scale = (t + f) % 2 == 1;
+        ok = run_case(c, rng) && ok;
+      }
+  for (int t = 0; t < 5; ++t)
+    for (int f = 0; f < 2; ++f) {
+      std::snprintf(names[ni], 64, "oproj rope %s %s", fmt_names[f], tile_names[t]);
+      Case c{names[ni++], fmts[f], GemmEpilogue::kStore, tiles[t], 2, 128, 256, 70, 70, true};
+      ok = run_case(c, rng) && ok;
+    }
+  std::printf(ok ? "PASS\n" : "FAIL\n");
+  return ok ? 0 : 1;
+}

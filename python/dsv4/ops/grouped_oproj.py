@@ -1,0 +1,163 @@
+"""Grouped output projection of the attention block: ``torch.ops.dsv4.grouped_oproj``
+(architecture.md §3.7, §7; kernels.md §4.5).
+
+The attention output o [T, n_heads, head_dim] gets the inverse RoPE on the last ``rope_dim``
+dims of every head (rotation by -position, :func:`dsv4.layers.rope.apply_rope` with
+``inverse=True``), is viewed as G groups of consecutive heads (Dg = n_heads·head_dim / G
+features each), and each group gets its own map ``wo_a[g]`` [R, Dg] (R = o_lora_rank)::
+
+    z[t, g, :] = wo_a[g] · rope⁻¹(o)[t, g·Dg : (g+1)·Dg]          (einsum "tgd,grd->tgr")
+
+``wo_a`` is bf16 [G, R, Dg] (the official code's dequantised weight) or the release's FP8 form:
+float8_e4m3fn [G, R, Dg] with 128x128 block scales [G, ⌈R/128⌉, ⌈Dg/128⌉] (the stored
+[G·R, Dg] weight and [G·R/128, Dg/128] scale viewed per group; R % 128 == 0). The reference
+rounds the rotated o to o's dtype (as the layer does) and computes the einsum in fp32 from the
+exactly dequantised weight, rounded once. ``wo_b`` stays an ordinary (FP8) linear on z.
+
+On CUDA (bf16 o, rope_dim 64, head_dim a multiple of 64) the grouped GEMM kernel applies the
+inverse RoPE while loading o (no rotated copy of o in memory) and streams wo_a's bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._ext import register_op
+from .grouped_gemm import dequantize_experts, expert_weight_format
+
+__all__ = ["grouped_oproj", "grouped_oproj_reference", "output_projection",
+           "GROUPED_OPROJ_SCHEMA", "GROUPED_OPROJ_OUT_SCHEMA"]
+
+_ARGS = "(Tensor o, Tensor positions, Tensor freqs, Tensor wo_a, Tensor? wo_a_scale"
+GROUPED_OPROJ_SCHEMA = _ARGS + ") -> Tensor"
+GROUPED_OPROJ_OUT_SCHEMA = _ARGS + ", *, Tensor(a!) out) -> ()"
+
+
+def _raise_value_error(cond, msg_fn) -> None:
+    if not cond:
+        raise ValueError(msg_fn())
+
+
+def _check(o, positions, freqs, wo_a, wo_a_scale, check) -> str:
+    op = "grouped_oproj"
+    check(o.dim() == 3 and o.is_floating_point() and o.dtype.itemsize >= 2,
+          lambda: f"{op}: o must be a float [tokens, n_heads, head_dim] tensor, got {o.dtype} "
+                  f"{list(o.shape)}")
+    check(wo_a.dim() == 3, lambda: f"{op}: wo_a must be [groups, o_lora_rank, features per "
+                                    f"group], got {list(wo_a.shape)}")
+    T, H, hd = o.shape
+    G, Dg = wo_a.shape[0], H * hd // max(wo_a.shape[0], 1)
+    check(G >= 1 and G * Dg == H * hd and Dg % hd == 0,
+          lambda: f"{op}: {H} heads x {hd} must split into {G} groups of whole heads")
+    fmt = expert_weight_format(wo_a, wo_a_scale, Dg, "wo_a", check)
+    check(fmt != "fp4", lambda: f"{op}: wo_a must be bf16/fp32 or float8_e4m3fn, not FP4")
+    check(positions.dim() == 1 and positions.shape[0] == T and not positions.is_floating_point(),
+          lambda: f"{op}: positions must be an integer tensor [{T}], got {positions.dtype} "
+                  f"{list(positions.shape)}")
+    check(freqs.dim() == 1 and 0 < 2 * freqs.shape[0] <= hd and freqs.dtype == torch.float32,
+          lambda: f"{op}: freqs must be float32 [rope_dim / 2] with rope_dim <= head_dim "
+                  f"{hd}, got {freqs.dtype} {list(freqs.shape)}")
+    return fmt
+
+
+def grouped_oproj_reference(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                            wo_a: torch.Tensor, wo_a_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse RoPE + per-group projection (module docstring).
+
+    Args:
+        o: [T, n_heads, head_dim] float (bf16 in the model): the attention output.
+        positions: [T] integer, the absolute position of each token.
+        freqs: [rope_dim / 2] float32, the layer's RoPE frequencies (rope_frequencies).
+        wo_a: [G, R, Dg] bf16/fp32, or float8_e4m3fn with ``wo_a_scale``
+            [G, ⌈R/128⌉, ⌈Dg/128⌉] (float8_e8m0fnu or float32).
+        wo_a_scale: None for float weights.
+
+    Returns:
+        z [T, G, R] in o's dtype. Formula: the official ``Attention.forward`` output path
+        (architecture.md §3.7, §7), inverse RoPE from :func:`dsv4.layers.rope.apply_rope`.
+
+    Raises:
+        ValueError: shapes / dtypes outside the above.
+    """
+    from ..layers.rope import apply_rope  # lazy: layers import ops
+
+    fmt = _check(o, positions, freqs, wo_a, wo_a_scale, _raise_value_error)
+    T, H, hd = o.shape
+    G, R = wo_a.shape[0], wo_a.shape[1]
+    Dg = H * hd // G
+    o_rot = apply_rope(o, positions.to(o.device)[:, None], freqs.to(o.device), inverse=True)
+    w = dequantize_experts(wo_a, wo_a_scale, Dg) if fmt != "float" else wo_a.float()
+    z = torch.einsum("tgd,grd->tgr", o_rot.reshape(T, G, Dg).float(), w)
+    return z.to(o.dtype).contiguous()
+
+
+def _out_ref(o, positions, freqs, wo_a, wo_a_scale, out):
+    _check(o, positions, freqs, wo_a, wo_a_scale, _raise_value_error)
+    want = (o.shape[0], wo_a.shape[0], wo_a.shape[1])
+    if tuple(out.shape) != want or out.dtype != o.dtype:
+        raise ValueError(f"grouped_oproj_out: out must be {o.dtype} {list(want)}, got "
+                         f"{out.dtype} {list(out.shape)}")
+    out.copy_(grouped_oproj_reference(o, positions, freqs, wo_a, wo_a_scale))
+
+
+def _fake(o, positions, freqs, wo_a, wo_a_scale):
+    _check(o, positions, freqs, wo_a, wo_a_scale, torch._check)
+    return o.new_empty((o.shape[0], wo_a.shape[0], wo_a.shape[1]))
+
+
+def _out_fake(o, positions, freqs, wo_a, wo_a_scale, out):
+    _check(o, positions, freqs, wo_a, wo_a_scale, torch._check)
+    torch._check(tuple(out.shape) == (o.shape[0], wo_a.shape[0], wo_a.shape[1])
+                 and out.dtype == o.dtype,
+                 lambda: "grouped_oproj_out: out must be [tokens, groups, o_lora_rank]")
+
+
+register_op("grouped_oproj", GROUPED_OPROJ_SCHEMA, grouped_oproj_reference, _fake)
+register_op("grouped_oproj_out", GROUPED_OPROJ_OUT_SCHEMA, _out_ref, _out_fake)
+
+
+def grouped_oproj(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                  wo_a: torch.Tensor, wo_a_scale: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.ops.dsv4.grouped_oproj`` (``grouped_oproj_out`` into ``out`` when given, which is
+    then returned). Arguments, result and errors: :func:`grouped_oproj_reference`. The CUDA
+    kernel takes bf16 o with head_dim % 64 == 0 and rope_dim == 64."""
+    if out is None:
+        return torch.ops.dsv4.grouped_oproj(o, positions, freqs, wo_a, wo_a_scale)
+    torch.ops.dsv4.grouped_oproj_out(o, positions, freqs, wo_a, wo_a_scale, out=out)
+    return out
+
+
+def output_projection(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                      wo_a, o_groups: int) -> torch.Tensor:
+    """The attention layer's ``wo_a`` step in one call: inverse RoPE + grouped projection.
+
+    Args:
+        o: [..., n_heads, head_dim] attention output (bf16 on the kernel path).
+        positions: [...] integer positions (o's leading shape).
+        freqs: [rope_dim / 2] float32, the layer's RoPE frequencies.
+        wo_a: the layer's :class:`dsv4.layers.linear.Linear` ``wo_a`` ([o_groups·o_lora_rank,
+            n_heads·head_dim / o_groups]), a float parameter or native FP8 storage.
+        o_groups: number of groups G.
+
+    Returns:
+        z [..., G, o_lora_rank] in o's dtype, what ``layers/attention.py`` computes today as
+        ``einsum("bsgd,grd->bsgr", apply_rope(o, pos, freqs, inverse=True).view(..., G, -1),
+        wo_a.weight.view(G, R, -1))``; then ``wo_b(z.flatten(-2))``.
+    """
+    lead = o.shape[:-2]
+    H, hd = o.shape[-2], o.shape[-1]
+    G = o_groups
+    R, Dg = wo_a.out_features // G, wo_a.in_features
+    scale = None
+    if getattr(wo_a, "weight_format", None) == "fp8" and R % 128 == 0:
+        w = wo_a.qweight.view(G, R, Dg)
+        scale = wo_a.scale.view(G, R // 128, wo_a.scale.shape[-1])
+    else:  # float parameter, or FP8 blocks straddling groups: the dequantised weight
+        w = wo_a.weight.view(G, R, Dg)
+        if w.dtype != o.dtype:
+            w = w.to(o.dtype)
+    z = grouped_oproj(o.reshape(-1, H, hd), positions.reshape(-1), freqs, w, scale)
+    return z.view(*lead, G, R)
