@@ -3,9 +3,11 @@
 Two paths compute the same function:
 
 * reference (CPU, fp32 models, the ``"reference"`` backend, or whenever gradients are needed):
-  router → :func:`~dsv4.ops.moe.moe_dispatch_reference` → each expert's ``Expert.forward`` on
-  its slice of the dispatched pairs → :func:`~dsv4.ops.moe.moe_combine_reference` (the fp32
-  sum in expert order, then the shared expert, as the official ``MoE.forward``);
+  router → :func:`~dsv4.ops.moe.moe_dispatch_reference` → the references of ``moe_up`` /
+  ``moe_down`` (:mod:`dsv4.ops.grouped_gemm`: the official per-expert SwiGLU expert on the
+  stacked weights, the one definition of the expert formula) →
+  :func:`~dsv4.ops.moe.moe_combine_reference` (the fp32 sum in expert order, then the shared
+  expert, as the official ``MoE.forward``);
 * kernels (CUDA bfloat16 with the ``"cuda"`` backend): ``moe_gate`` → ``moe_dispatch`` →
   grouped expert GEMMs (``moe_up`` / ``moe_down`` of contracts.md §B when compiled, else
   ``torch._grouped_mm`` for bf16 experts) → ``moe_combine``; no host synchronisation, so the
@@ -34,6 +36,7 @@ from torch import nn
 from ..ops.backend import get_backend, use_kernels
 from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_combine_reference,
                        moe_dispatch_reference, moe_gate_reference)
+from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
 from ..ops.quant import fp8_e4m3_sim
 from ..quant import FP8_BLOCK
 from .linear import Linear
@@ -280,8 +283,6 @@ class MoE(nn.Module):
                 reason = self._stack_unsupported(stack)
             if use_kernels(x2, ("moe_gate", "moe_dispatch", "moe_combine"), reason):
                 return self._forward_kernels(x2, ids, stack).view(shape)
-        elif self._stack is not None and not self._stack_current():
-            self.restack()  # drop a stale stack (e.g. after Model.to(dtype)): keep one copy
         return self._forward_reference(x2, ids).view(shape)
 
     def kernel_unsupported(self, x: torch.Tensor) -> Optional[str]:
@@ -318,13 +319,24 @@ class MoE(nn.Module):
         weights, indices = self.gate(x, ids)
         E = len(self.experts)
         row_ids, offsets, route_weight, pair_pos = moe_dispatch_reference(indices, weights, E)
-        bounds = offsets.tolist()
-        y_pair = x.new_zeros(row_ids.shape[0], self.dim)
-        for e in range(E):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                rows = row_ids[lo:hi].long()
-                y_pair[lo:hi] = self.experts[e](x[rows], route_weight[lo:hi, None])
+        # With gradients, go through the experts' Linear layers (autograd reaches their
+        # Parameters; the stack is plain storage that those Parameters view).
+        grad = _needs_grad(x, *(getattr(self.experts[0], n)._parameters.get("weight")
+                                for n in ("w1", "w2", "w3")))
+        stack = None if grad else self.stacked_weights()
+        if stack is not None:  # the expert formula of contracts.md §B (one definition)
+            h = moe_up_reference(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
+                                 float(self.swiglu_limit), self._act_quant(self.experts[0].w1))
+            y_pair = moe_down_reference(h, offsets, stack.w_down, stack.w_down_scale,
+                                        self._act_quant(self.experts[0].w2))
+        else:  # gradients, or experts of mixed formats: each through its own Linear layers
+            bounds = offsets.tolist()
+            y_pair = x.new_zeros(row_ids.shape[0], self.dim)
+            for e in range(E):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi > lo:
+                    rows = row_ids[lo:hi].long()
+                    y_pair[lo:hi] = self.experts[e](x[rows], route_weight[lo:hi, None])
         return moe_combine_reference(y_pair, pair_pos, self.shared_experts(x))
 
     def _forward_kernels(self, x: torch.Tensor, ids: torch.Tensor,
