@@ -8,6 +8,7 @@
 #   bash scripts/gpu_check.sh            # everything
 #   QUICK=1 bash scripts/gpu_check.sh    # build, CUDA tests, bench_csa --quick (no CMake, no model bench)
 #                                        # and bench_gemm --quick
+#                                        # and bench_moe / bench_mhc --quick
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,6 +53,8 @@ step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
 if [[ -n "${QUICK:-}" ]]; then
   step bench_csa "$PY" bench/bench_csa.py --quick
   step bench_gemm "$PY" bench/bench_gemm.py --quick
+  step bench_moe "$PY" bench/bench_moe.py --quick
+  step bench_mhc "$PY" bench/bench_mhc.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
 fi

@@ -129,9 +129,18 @@ __device__ void finish_token(const FinishArgs& a, int64_t t) {
   const int per = (a.splits + kGroups - 1) / kGroups;
   const int s_lo = grp * per;
   const int s_hi = min(a.splits, s_lo + per);
+  const float* src = a.part + t * kPartCols + lane;
+  const int64_t stride = a.tokens * kPartCols;
   float s = 0.f;
-  for (int sp = s_lo; sp < s_hi; ++sp)
-    s = __fadd_rn(s, __ldcg(a.part + (static_cast<int64_t>(sp) * a.tokens + t) * kPartCols + lane));
+  int sp = s_lo;
+  for (; sp + 8 <= s_hi; sp += 8) {  // 8 loads in flight, added in split order
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __ldcg(src + (sp + i) * stride);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = __fadd_rn(s, v[i]);
+  }
+  for (; sp < s_hi; ++sp) s = __fadd_rn(s, __ldcg(src + sp * stride));
   red[grp][lane] = s;
   __syncthreads();
   if (tid < kPartCols) {

@@ -79,12 +79,24 @@ __device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
   return v;
 }
 
-// Sum of the split partials of logit (t, e), in split order.
-__device__ __forceinline__ float load_logit(const float* part, int64_t tokens, int64_t experts,
-                                            int splits, int64_t t, int e) {
+// Sum of the split partials p[0], p[stride], ... in split order; 8 loads in flight at a time.
+__device__ __forceinline__ float sum_splits(const float* p, int64_t stride, int splits) {
   float l = 0.f;
-  for (int s = 0; s < splits; ++s) l += __ldcg(part + (s * tokens + t) * experts + e);
+  int s = 0;
+  for (; s + 8 <= splits; s += 8) {
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __ldcg(p + (s + i) * stride);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) l += v[i];
+  }
+  for (; s < splits; ++s) l += __ldcg(p + s * stride);
   return l;
+}
+
+// The logit (t, e) after the epilogue's reduction (the sum sits in split 0).
+__device__ __forceinline__ float load_logit(const float* part, int64_t experts, int64_t t, int e) {
+  return __ldcg(part + t * experts + e);
 }
 
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
@@ -112,11 +124,23 @@ struct GateArgs {
   int64_t k_tiles;
 };
 
-// The per-token epilogue of the last CTA of token tile m (one warp per token).
+// The epilogue of the last CTA of token tile m: the split partials of the tile's logits are
+// summed (in split order, by all threads) into split 0, then one warp per token selects.
 __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int E = static_cast<int>(a.experts);
+  if (a.splits > 1) {
+    const int64_t t0 = m * kBM;
+    const int64_t rows = a.tokens - t0 < kBM ? a.tokens - t0 : kBM;
+    const int64_t stride = a.tokens * a.experts;
+    for (int64_t i = threadIdx.x; i < rows * a.experts; i += kThreads) {
+      float* p = a.part + t0 * a.experts + i;  // (t0 + i / E, i % E) of split 0
+      const float l = sum_splits(p, stride, a.splits);
+      *p = l;  // only this thread reads or writes element i of the tile
+    }
+    __syncthreads();
+  }
   for (int r = warp; r < kBM; r += kThreads / 32) {
     const int64_t t = m * kBM + r;
     if (t >= a.tokens) break;
@@ -131,7 +155,7 @@ __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
         const int64_t e = load_index(a.tid2eid, a.tid2eid_is_int64, id * a.topk + lane);
         if (e >= 0 && e < E) {
           my_e = static_cast<int>(e);
-          s = sqrtf(softplus(load_logit(a.part, a.tokens, a.experts, a.splits, t, my_e)));
+          s = sqrtf(softplus(load_logit(a.part, a.experts, t, my_e)));
         }
       }
       float denom = 0.f;  // slot order, as the reference's sum
@@ -147,7 +171,7 @@ __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
         score[j] = 0.f;
         key[j] = 0;
         if (e < E) {
-          score[j] = sqrtf(softplus(load_logit(a.part, a.tokens, a.experts, a.splits, t, e)));
+          score[j] = sqrtf(softplus(load_logit(a.part, a.experts, t, e)));
           const float b = a.bias != nullptr ? a.bias[e] : 0.f;
           key[j] = select_key(score[j] + b, e);
         }
