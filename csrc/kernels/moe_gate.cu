@@ -160,7 +160,7 @@ __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
       }
       float denom = 0.f;  // slot order, as the reference's sum
       for (int j = 0; j < a.topk; ++j) denom += __shfl_sync(0xffffffffu, s, j);
-      if (my_e >= 0 && denom > 0.f) my_w = (s / denom) * a.route_scale;
+      if (my_e >= 0) my_w = (s / (denom == 0.f ? 1.f : denom)) * a.route_scale;
     } else {
       // Learned routing: lane holds experts lane, lane + 32, ...
       float score[kExpertsPerLane];
@@ -202,7 +202,8 @@ __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
           my_w = s;
         }
       }
-      my_w = denom > 0.f ? (my_w / denom) * a.route_scale : 0.f;
+      // As the reference: a zero sum gives zero weights (not 0/0); NaN propagates.
+      my_w = (my_w / (denom == 0.f ? 1.f : denom)) * a.route_scale;
     }
     if (lane < a.topk) {
       a.weights[t * a.topk + lane] = my_w;
