@@ -79,7 +79,9 @@ def _build(cfg):
 
     with torch.device("cuda"):
         moe = MoE(cfg, cfg.n_hash_layers)      # fp32 init on the GPU, stacked
-    return moe.to(torch.bfloat16)              # restacked in bf16
+    moe = moe.to(torch.bfloat16)               # restacked in bf16
+    moe.gate.bias.data = moe.gate.bias.data.float()  # fp32, as Model.to keeps it
+    return moe
 
 
 def _to_fp4(moe, cfg):

@@ -145,20 +145,50 @@ def test_mixed_formats_do_not_stack():
 # CUDA: kernel path vs reference path
 # ---------------------------------------------------------------------------------------------
 def _cuda_moe(hash_layer, seed, **kw):
+    """A bf16 MoE on the GPU with the gate bias kept in fp32 (as Model.to does)."""
     torch.manual_seed(seed)
     cfg = _cfg(**kw)
-    moe = MoE(cfg, 0 if hash_layer else cfg.n_hash_layers)
-    return cfg, moe.to("cuda", torch.bfloat16)
+    moe = MoE(cfg, 0 if hash_layer else cfg.n_hash_layers).to("cuda", torch.bfloat16)
+    if moe.gate.bias is not None:
+        moe.gate.bias.data = moe.gate.bias.data.float()
+    return cfg, moe
+
+
+class _CountingOps:
+    """Stands in for torch.ops.dsv4 in a layer module and counts the ops it runs."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.dsv4, name)
+
+        def run(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return op(*args, **kwargs)
+        return run
 
 
 def _both_paths(moe, x, ids):
+    import dsv4.layers.moe as moe_mod
+    from dsv4.layers.moe import _grouped_kernels_available
+
     with torch.no_grad():
         dsv4.set_backend("reference")
         try:
             ref16 = moe(x, ids)
         finally:
             dsv4.set_backend("cuda")
-        got = moe(x, ids)
+        spy = _CountingOps()
+        real, moe_mod._dsv4 = moe_mod._dsv4, spy
+        try:
+            got = moe(x, ids)
+        finally:
+            moe_mod._dsv4 = real
+    want = {"moe_gate", "moe_dispatch", "moe_combine"}
+    if _grouped_kernels_available():
+        want |= {"moe_up", "moe_down"}
+    assert want <= set(spy.calls), f"the kernel path did not run: {spy.calls}"
     return got, ref16
 
 
@@ -240,6 +270,9 @@ def test_kernel_path_is_deterministic_and_graph_capturable():
 def test_tiny_model_logits_with_moe_and_mhc_kernels():
     """The tiny model (hash and learned MoE layers, every mHC site, MTP) on the cuda backend
     against its fp32 reference, with the 2x-bf16 rule on the logits."""
+    import dsv4.layers.mhc as mhc_mod
+    import dsv4.layers.moe as moe_mod
+
     torch.manual_seed(0)
     cfg = dsv4.ModelConfig.tiny()
     model32 = dsv4.Model(cfg).to("cuda")
@@ -254,7 +287,16 @@ def test_tiny_model_logits_with_moe_and_mhc_kernels():
             ref16 = model16(ids)
         finally:
             dsv4.set_backend("cuda")
-        got = model16(ids)
+        spy_moe, spy_mhc = _CountingOps(), _CountingOps()
+        real_moe, real_mhc = moe_mod._dsv4, mhc_mod._dsv4
+        moe_mod._dsv4, mhc_mod._dsv4 = spy_moe, spy_mhc
+        try:
+            got = model16(ids)
+        finally:
+            moe_mod._dsv4, mhc_mod._dsv4 = real_moe, real_mhc
+    n_moe = cfg.n_layers       # forward() runs the main layers (MTP only in forward_mtp)
+    assert spy_moe.calls.get("moe_combine") == n_moe, spy_moe.calls
+    assert spy_mhc.calls.get("mhc_pre") == 2 * n_moe and spy_mhc.calls.get("mhc_head") == 1
     err = (got - ref32).abs().max().item()
     err16 = (ref16 - ref32).abs().max().item()
     assert err <= 2 * err16, f"logits: kernel error {err:.3g} > 2 x bf16 error {err16:.3g}"

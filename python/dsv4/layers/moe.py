@@ -302,6 +302,13 @@ class MoE(nn.Module):
         if stack is None:
             return "the routed experts differ in format, dtype or device (cannot be stacked)"
         if _grouped_kernels_available():
+            N = stack.w_up.shape[2]
+            align = {None: 8, "fp8": 16, "fp4": 32}[stack.fmt]
+            if self.dim % align or N % align:
+                return (f"moe_up / moe_down take dim and moe_inter_dim % {align} == 0 for "
+                        f"{stack.fmt or 'bf16'} experts, not {self.dim} and {N}")
+            if stack.fmt is None and stack.w_up.dtype != torch.bfloat16:
+                return f"moe_up / moe_down take bfloat16 experts, not {stack.w_up.dtype}"
             return None
         if stack.fmt is not None:
             return (f"native {stack.fmt} experts need the moe_up / moe_down kernels (not in this "
