@@ -55,7 +55,8 @@ MhcPlan make_plan(int64_t tokens, int64_t dim, int num_sms) {
   p.chunk = p.fused ? tokens : (tokens < kChunkTokens ? tokens : kChunkTokens);
   p.m_tiles = (p.chunk + kBM - 1) / kBM;
   p.k_tiles = (kHc * dim + kBK - 1) / kBK;
-  int64_t s = (static_cast<int64_t>(num_sms) + p.m_tiles - 1) / p.m_tiles;
+  // ~2 CTAs per SM (a 2-stage pipeline per CTA: more CTAs keep more bytes in flight)
+  int64_t s = (2 * static_cast<int64_t>(num_sms) + p.m_tiles - 1) / p.m_tiles;
   const int64_t max_s = p.k_tiles / kMinTilesPerSplit > 0 ? p.k_tiles / kMinTilesPerSplit : 1;
   if (s > max_s) s = max_s;
   if (s < 1) s = 1;

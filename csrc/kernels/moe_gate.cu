@@ -42,7 +42,8 @@ GatePlan make_plan(int64_t tokens, int64_t experts, int64_t dim, int num_sms) {
   p.n_tiles = (experts + kBN - 1) / kBN;
   p.k_tiles = (dim + kBK - 1) / kBK;
   const int64_t base = p.m_tiles * p.n_tiles;
-  int64_t splits = (static_cast<int64_t>(num_sms) + base - 1) / base;  // about one wave
+  // ~4 CTAs per SM (2-stage pipelines: more CTAs keep more bytes in flight)
+  int64_t splits = (4 * static_cast<int64_t>(num_sms) + base - 1) / base;
   if (splits < 1) splits = 1;
   if (splits > kMaxSplits) splits = kMaxSplits;
   if (splits > p.k_tiles) splits = p.k_tiles;
