@@ -319,3 +319,42 @@ def test_reference_path_trains_the_expert_parameters():
     assert moe.gate.weight.grad is not None and x.grad is not None
     with torch.no_grad():                            # same values as the stacked path
         torch.testing.assert_close(y, moe(x, torch.zeros(2, 9, dtype=torch.long)))
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_kernel_path_native_experts_against_exact_dequantisation(fmt):
+    """Native FP8 / FP4 experts (stacked bytes + scales) on the kernel path against the same
+    layer holding their exact bf16 dequantisation, both judged against its fp32 reference."""
+    cfg, moe = _cuda_moe(False, 21, dim=128, moe_inter_dim=128)
+    with torch.no_grad():
+        for ex in moe.experts:
+            for name in ("w1", "w3", "w2"):
+                lin = getattr(ex, name)
+                q, s = (fp8_block_quantize if fmt == "fp8" else fp4_pack)(lin.weight.float())
+                lin.set_quantized(q, s, fmt, torch.bfloat16)
+    assert moe.restack().fmt == fmt
+    import copy
+    dense = copy.deepcopy(moe)
+    for ex in dense.experts:                         # the exact dequantisation, as parameters
+        for name in ("w1", "w3", "w2"):
+            lin = getattr(ex, name)
+            w = lin.dequantized_weight(torch.bfloat16)
+            for buf in ("qweight", "scale"):
+                lin._buffers.pop(buf)
+            lin.weight_format = None
+            lin.weight = torch.nn.Parameter(w)
+    dense.restack()
+    x = torch.randn(1, 77, cfg.dim, device="cuda").to(torch.bfloat16)
+    ids = torch.zeros(1, 77, dtype=torch.long, device="cuda")
+    got, _ = _both_paths(moe, x, ids)
+    ref32 = _fp32_reference(dense, x, ids)
+    with torch.no_grad():
+        dsv4.set_backend("reference")
+        try:
+            ref16 = dense(x, ids)
+        finally:
+            dsv4.set_backend("cuda")
+    err = (got.float() - ref32).abs().max().item()
+    err16 = (ref16.float() - ref32).abs().max().item()
+    assert err <= 2 * err16 + 1e-6, f"{fmt}: kernel error {err:.3g} > 2 x bf16 error {err16:.3g}"
