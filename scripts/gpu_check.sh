@@ -9,6 +9,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh    # build, CUDA tests, bench_csa --quick (no CMake, no model bench)
 #   (QUICK also runs bench_attn --quick; the full run adds FlashMLA side by side when ./peers exists)
 #   (QUICK also runs bench_gemm --quick)
+#   (QUICK also runs bench_moe / bench_mhc --quick)
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,6 +55,8 @@ if [[ -n "${QUICK:-}" ]]; then
   step bench_csa "$PY" bench/bench_csa.py --quick
   step bench_attn "$PY" bench/bench_attn.py --quick
   step bench_gemm "$PY" bench/bench_gemm.py --quick
+  step bench_moe "$PY" bench/bench_moe.py --quick
+  step bench_mhc "$PY" bench/bench_mhc.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
 fi

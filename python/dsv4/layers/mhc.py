@@ -4,15 +4,44 @@ The residual is ``hc_mult`` parallel streams X [batch, seq, hc, dim]. Each sub-l
 collapses them with ``pre`` weights, runs the sub-layer, and writes back
 ``X'_k = post_k · F(u) + Σ_j comb[j, k] · X_j`` (comb applied transposed). All mixing maths is
 fp32; the residual keeps the model dtype between sub-layers.
+
+The ``*_reference`` functions below are the one definition of the maths: the references of
+``torch.ops.dsv4.mhc_pre`` / ``mhc_post`` / ``mhc_head`` (python/dsv4/ops/mhc.py) call them.
+:func:`hc_pre`, :func:`hc_post` and :func:`hc_head` run those fused CUDA ops when the backend is
+``"cuda"`` and the inputs suit the kernels (CUDA bfloat16 streams, hc_mult 4, dim % 8 == 0, no
+gradient needed), and the references otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["sinkhorn", "hc_split", "hc_pre", "hc_post", "hc_head"]
+from ..ops.backend import use_kernels
+
+__all__ = ["sinkhorn", "hc_split", "hc_pre", "hc_post", "hc_head", "hc_pre_reference",
+           "hc_post_reference", "hc_head_reference"]
+
+_dsv4 = torch.ops.dsv4
+_KERNEL_STREAMS = 4  # hc_mult the CUDA kernels take
+
+
+def _kernel_unsupported(x: torch.Tensor, *params: torch.Tensor) -> str | None:
+    """Why the fused mHC kernels cannot serve streams ``x`` [..., hc, dim], or None."""
+    if x.dim() < 2 or x.shape[-2] != _KERNEL_STREAMS:
+        return f"the mHC kernels take hc_mult {_KERNEL_STREAMS}, not {x.shape[-2] if x.dim() > 1 else '?'}"
+    if x.shape[-1] % 8:
+        return f"the mHC kernels take dim % 8 == 0, not {x.shape[-1]}"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return ("the mHC kernels have no backward; with gradients enabled mHC runs the "
+                "reference (wrap inference in torch.no_grad())")
+    return None
+
+
+def _use_kernels(x: torch.Tensor, op: str, *params: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    return use_kernels(x, (op,), _kernel_unsupported(x, *params))
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -50,10 +79,15 @@ def hc_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: i
     return pre, post, sinkhorn(logits, iters, eps)
 
 
-def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           norm_eps: float, iters: int, eps: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collapse streams x [b, s, hc, d] → (u [b, s, d] in x.dtype, post [b, s, hc], comb [b, s, hc, hc])."""
+def hc_pre_reference(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                     norm_eps: float, iters: int, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collapse streams x [b, s, hc, d] → (u [b, s, d] in x.dtype, post [b, s, hc], comb [b, s, hc, hc]).
+
+    u = Σ_i pre_i X_i with pre / post / comb from :func:`hc_split` of
+    ``mixes = (fn · x̂) · rsqrt(mean(x̂²) + norm_eps)``, x̂ the token's hc·d values in fp32
+    (architecture.md §8 steps 1-6; official ``Block.hc_pre``). Any leading dims.
+    """
     hc = x.shape[-2]
     xf, mixes = _mixes(x, fn, norm_eps)
     pre, post, comb = hc_split(mixes, scale, base, hc, iters, eps)
@@ -61,8 +95,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     return u.to(x.dtype), post, comb
 
 
-def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
-            ) -> torch.Tensor:
+def hc_post_reference(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
+                      comb: torch.Tensor) -> torch.Tensor:
     """``out[k] = post[k]·f + Σ_j comb[j, k]·residual[j]`` in fp32, cast to f.dtype.
 
     f [b, s, d]; residual [b, s, hc, d]; post [b, s, hc]; comb [b, s, hc, hc] (combᵀ applied).
@@ -72,8 +106,8 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     return y.to(f.dtype)
 
 
-def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            norm_eps: float, eps: float) -> torch.Tensor:
+def hc_head_reference(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor,
+                      base: torch.Tensor, norm_eps: float, eps: float) -> torch.Tensor:
     """Final collapse y = Σ_i pre_i X_i with pre = sigmoid(scale·mixes + base) + eps (§8).
 
     x [b, s, hc, d] → [b, s, d] in x.dtype; fn [hc, hc·d], scale [1], base [hc] fp32.
@@ -82,3 +116,37 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     pre = torch.sigmoid(mixes * scale + base) + eps
     return torch.sum(pre.unsqueeze(-1) * xf.view(x.shape), dim=-2).to(x.dtype)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points of the model: fused CUDA ops or the references above
+# ---------------------------------------------------------------------------------------------
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+           norm_eps: float, iters: int, eps: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`hc_pre_reference`, through ``torch.ops.dsv4.mhc_pre`` (one fused kernel at decode)
+    when the kernels apply (see the module doc). x [..., hc, d]; fn [(2+hc)·hc, hc·d],
+    scale [3], base [(2+hc)·hc] fp32. Returns (u [..., d] x.dtype, post [..., hc] fp32,
+    comb [..., hc, hc] fp32)."""
+    if _use_kernels(x, "mhc_pre", fn, scale, base):
+        return _dsv4.mhc_pre(x, fn, scale, base, norm_eps, iters, eps)
+    return hc_pre_reference(x, fn, scale, base, norm_eps, iters, eps)
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+            ) -> torch.Tensor:
+    """:func:`hc_post_reference`, through ``torch.ops.dsv4.mhc_post`` when the kernels apply.
+    f [..., d]; residual [..., hc, d]; post [..., hc]; comb [..., hc, hc] → [..., hc, d] f.dtype."""
+    if (f.dtype == residual.dtype and post.dtype == comb.dtype == torch.float32
+            and _use_kernels(residual, "mhc_post", f, post, comb)):
+        return _dsv4.mhc_post(f, residual, post, comb)
+    return hc_post_reference(f, residual, post, comb)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+            norm_eps: float, eps: float) -> torch.Tensor:
+    """:func:`hc_head_reference`, through ``torch.ops.dsv4.mhc_head`` when the kernels apply.
+    x [..., hc, d]; fn [hc, hc·d], scale [1], base [hc] fp32 → [..., d] in x.dtype."""
+    if _use_kernels(x, "mhc_head", fn, scale, base):
+        return _dsv4.mhc_head(x, fn, scale, base, norm_eps, eps)
+    return hc_head_reference(x, fn, scale, base, norm_eps, eps)

@@ -1,14 +1,49 @@
-"""Mixture of experts: sqrt-softplus gate, hash routing, clamped SwiGLU experts (§9)."""
+"""Mixture of experts: sqrt-softplus gate, hash routing, clamped SwiGLU experts (§9).
+
+Two paths compute the same function:
+
+* reference (CPU, fp32 models, the ``"reference"`` backend, or whenever gradients are needed):
+  router → :func:`~dsv4.ops.moe.moe_dispatch_reference` → the references of ``moe_up`` /
+  ``moe_down`` (:mod:`dsv4.ops.grouped_gemm`: the official per-expert SwiGLU expert on the
+  stacked weights, the one definition of the expert formula) →
+  :func:`~dsv4.ops.moe.moe_combine_reference` (the fp32 sum in expert order, then the shared
+  expert, as the official ``MoE.forward``);
+* kernels (CUDA bfloat16 with the ``"cuda"`` backend): ``moe_gate`` → ``moe_dispatch`` →
+  grouped expert GEMMs (``moe_up`` / ``moe_down`` of contracts.md §B when compiled, else
+  ``torch._grouped_mm`` for bf16 experts) → ``moe_combine``; no host synchronisation, so the
+  step can be captured in a CUDA graph.
+
+Routed experts are stored stacked (contracts.md §B): ``w_up`` [E, 2, N, K] (index 0 = w1, the
+gate; 1 = w3, the up projection) and ``w_down`` [E, dim, N] (w2), in the experts' dtype, or
+their native FP8/FP4 bytes with stacked scales after ``from_pretrained(weights="native")``.
+Each ``experts.{e}.w1/w3/w2`` keeps its official name and is a view into the stack, so
+``state_dict``, ``load_state_dict`` (in place) and checkpoints see the per-expert tensors.
+Operations that give an expert a new tensor (``Model.to(dtype)``, the checkpoint loader, a
+``.data =`` assignment) are detected on the next kernel-path forward (the first and last
+expert are checked) and the stack is rebuilt; after replacing a middle expert's tensor object
+by hand, call :meth:`MoE.restack`.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backend import get_backend, use_kernels
+from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_combine_reference,
+                       moe_dispatch_reference, moe_gate_reference)
+from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
+from ..ops.quant import fp8_e4m3_sim
+from ..quant import FP8_BLOCK
 from .linear import Linear
 
-__all__ = ["Gate", "Expert", "MoE", "swiglu_clamped"]
+__all__ = ["Gate", "Expert", "MoE", "ExpertStack", "swiglu_clamped"]
+
+_dsv4 = torch.ops.dsv4
 
 
 def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -23,12 +58,18 @@ def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return F.silu(gate) * up
 
 
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class Gate(nn.Module):
     """Router: scores ``sqrt(softplus(x·Wᵀ))`` in fp32; selection by top-k of ``score + bias``
-    (learned layers) or by ``tid2eid[token_id]`` (hash layers, ``layer_id < n_hash_layers``);
-    weights = selected scores / their sum × ``route_scale`` (the bias never enters the weights).
-    Parameters: ``weight`` [n_routed_experts, dim]; ``bias`` [n_routed_experts] fp32 (learned) or
-    the int64 buffer ``tid2eid`` [vocab_size, n_activated_experts] (hash).
+    (learned layers; equal keys: lowest expert first) or by ``tid2eid[token_id]`` (hash layers,
+    ``layer_id < n_hash_layers``); weights = selected scores / their sum × ``route_scale`` (the
+    bias never enters the weights). The maths is :func:`dsv4.ops.moe.moe_gate_reference`; on
+    CUDA bfloat16 inputs with the ``"cuda"`` backend the fused ``torch.ops.dsv4.moe_gate`` runs.
+    Parameters: ``weight`` [n_routed_experts, dim]; ``bias`` [n_routed_experts] fp32 (learned)
+    or the int64 buffer ``tid2eid`` [vocab_size, n_activated_experts] (hash).
     """
 
     def __init__(self, config, layer_id: int):
@@ -46,24 +87,35 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.randn(config.n_routed_experts) * 0.01)
             self.bias._dsv4_keep_fp32 = True
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim], input_ids [N] → (weights [N, topk] fp32, indices [N, topk] int64).
+    def kernel_unsupported(self, x: torch.Tensor) -> Optional[str]:
+        """Why ``torch.ops.dsv4.moe_gate`` cannot serve ``x`` [N, dim], or None."""
+        if self.weight.dtype != torch.bfloat16:
+            return f"the MoE gate kernel takes a bfloat16 gate weight, not {self.weight.dtype}"
+        if x.shape[-1] % 8 or not 1 <= self.n_experts <= GATE_MAX_EXPERTS or self.topk > MAX_TOPK:
+            return (f"the MoE gate kernel takes dim % 8 == 0, <= {GATE_MAX_EXPERTS} experts, "
+                    f"top-k <= {MAX_TOPK} (got {x.shape[-1]}, {self.n_experts}, {self.topk})")
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            return f"the MoE gate kernel takes a float32 bias, not {self.bias.dtype}"
+        if _needs_grad(x, self.weight, self.bias):
+            return ("the MoE kernels have no backward; with gradients enabled the MoE runs the "
+                    "reference (wrap inference in torch.no_grad())")
+        return None
 
-        Raises ValueError (hash layers) for a token id outside [0, tid2eid.shape[0]).
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim], input_ids [N] → (weights [N, topk] fp32, indices [N, topk] int32).
+
+        Raises ValueError (reference path, hash layers) for a token id outside
+        [0, tid2eid.shape[0]). The kernel path does not synchronise with the host to check ids
+        (``Model`` checks them before the step); there such a token gets no routed expert
+        (index -1, weight 0) and no memory outside the table is read.
         """
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
-        if self.hash:
-            n_ids = self.tid2eid.shape[0]
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= n_ids):
-                raise ValueError(
-                    f"hash-routed MoE: token ids must lie in [0, {n_ids}) (the rows of tid2eid); "
-                    f"got ids in [{int(input_ids.min())}, {int(input_ids.max())}]")
-            indices = self.tid2eid[input_ids]
-        else:
-            indices = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, indices)
-        weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
-        return weights, indices
+        tid2eid = self.tid2eid if self.hash else None
+        ids = input_ids if self.hash else None
+        if x.is_cuda and use_kernels(x, ("moe_gate",), self.kernel_unsupported(x)):
+            return _dsv4.moe_gate(x, self.weight, self.bias, tid2eid, ids, self.topk,
+                                  self.route_scale)
+        return moe_gate_reference(x, self.weight, self.bias, tid2eid, ids, self.topk,
+                                  self.route_scale)
 
 
 class Expert(nn.Module):
@@ -84,11 +136,44 @@ class Expert(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
+def _stored(lin: Linear) -> tuple[Optional[str], torch.Tensor, Optional[torch.Tensor]]:
+    """(format, weight or packed weight, scale) of a Linear as it holds them now."""
+    if lin.weight_format is None:
+        return None, lin._parameters["weight"], None
+    return lin.weight_format, lin.qweight, lin.scale
+
+
+def _repoint(lin: Linear, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+    """Make a Linear's storage the given views (keeping its Parameter object)."""
+    if lin.weight_format is None:
+        lin._parameters["weight"].data = weight
+    else:
+        lin._buffers["qweight"] = weight
+        lin._buffers["scale"] = scale
+
+
+@dataclasses.dataclass
+class ExpertStack:
+    """The routed experts of one MoE in the layout of contracts.md §B.
+
+    fmt None: ``w_up`` [E, 2, N, K] / ``w_down`` [E, dim, N] float (bf16/fp32), no scales;
+    ``"fp8"``: float8_e4m3fn with 128x128 block scales [E, 2, ceil(N/128), ceil(K/128)] /
+    [E, ceil(dim/128), ceil(N/128)]; ``"fp4"``: packed int8 [E, 2, N, K/2] / [E, dim, N/2] with
+    1x32 scales [E, 2, N, K/32] / [E, dim, N/32] (scales float8_e8m0fnu or float32).
+    """
+    fmt: Optional[str]
+    w_up: torch.Tensor
+    w_up_scale: Optional[torch.Tensor]
+    w_down: torch.Tensor
+    w_down_scale: Optional[torch.Tensor]
+
+
 class MoE(nn.Module):
     """Routed experts (top-``n_activated_experts``) plus the always-on shared expert, both clamped.
 
     ``y = Σ_routed expert_e(x, w_e)`` accumulated in fp32 in expert order, ``+ shared(x)``, cast to
     x.dtype (official ``MoE.forward``; the shared expert is clamped too, architecture.md §9).
+    See the module docstring for the two paths and the stacked expert storage.
     """
 
     def __init__(self, config, layer_id: int):
@@ -101,18 +186,203 @@ class MoE(nn.Module):
         if c.n_shared_experts != 1:
             raise ValueError("dsv4 supports n_shared_experts == 1 (the released V4 models)")
         self.shared_experts = Expert(c.dim, c.n_shared_experts * c.moe_inter_dim, c.swiglu_limit)
+        self.swiglu_limit = c.swiglu_limit
+        self._stack: Optional[ExpertStack] = None
+        self.restack()
 
+    # ------------------------------------------------------------------ stacked storage
+    def restack(self) -> Optional[ExpertStack]:
+        """(Re)build the stacked expert storage from the experts' current tensors and make each
+        expert's w1/w3/w2 a view into it. Returns the stack, or None (and leaves the experts
+        as they are) when the experts differ in format, dtype, device or shape."""
+        self._stack = None
+        stored = [[_stored(getattr(e, n)) for n in ("w1", "w3", "w2")] for e in self.experts]
+        if not stored:
+            return None
+        first = stored[0]
+        for row in stored:
+            for (fmt, w, s), (fmt0, w0, s0) in zip(row, first):
+                if (fmt != fmt0 or w.dtype != w0.dtype or w.device != w0.device
+                        or w.shape != w0.shape or (s is None) != (s0 is None)
+                        or (s is not None and (s.dtype != s0.dtype or s.shape != s0.shape))):
+                    return None
+        if first[0][1].shape != first[1][1].shape:
+            return None
+        E = len(stored)
+        fmt, w1, s1 = first[0]
+        _, w2, s2 = first[2]
+        with torch.no_grad():
+            w_up = torch.empty((E, 2) + tuple(w1.shape), dtype=w1.dtype, device=w1.device)
+            w_down = torch.empty((E,) + tuple(w2.shape), dtype=w2.dtype, device=w2.device)
+            su = sd = None
+            if s1 is not None:
+                su = torch.empty((E, 2) + tuple(s1.shape), dtype=s1.dtype, device=s1.device)
+                sd = torch.empty((E,) + tuple(s2.shape), dtype=s2.dtype, device=s2.device)
+            for e, row in enumerate(stored):
+                for i in (0, 1):
+                    w_up[e, i].copy_(row[i][1])
+                    if su is not None:
+                        su[e, i].copy_(row[i][2])
+                w_down[e].copy_(row[2][1])
+                if sd is not None:
+                    sd[e].copy_(row[2][2])
+        for e, ex in enumerate(self.experts):
+            _repoint(ex.w1, w_up[e, 0], None if su is None else su[e, 0])
+            _repoint(ex.w3, w_up[e, 1], None if su is None else su[e, 1])
+            _repoint(ex.w2, w_down[e], None if sd is None else sd[e])
+        self._stack = ExpertStack(fmt, w_up, su, w_down, sd)
+        return self._stack
+
+    def _stack_current(self) -> bool:
+        """Whether the first and last experts still view the stack (cheap staleness check)."""
+        st = self._stack
+        if st is None:
+            return False
+        E = len(self.experts)
+        for e in (0, E - 1):
+            ex = self.experts[e]
+            for lin, w, s in ((ex.w1, st.w_up[e, 0], None if st.w_up_scale is None else st.w_up_scale[e, 0]),
+                              (ex.w3, st.w_up[e, 1], None if st.w_up_scale is None else st.w_up_scale[e, 1]),
+                              (ex.w2, st.w_down[e], None if st.w_down_scale is None else st.w_down_scale[e])):
+                fmt, tw, ts = _stored(lin)
+                if (fmt != st.fmt or tw.device != w.device or tw.dtype != w.dtype
+                        or tw.data_ptr() != w.data_ptr()):
+                    return False
+                if (ts is None) != (s is None) or (ts is not None and ts.data_ptr() != s.data_ptr()):
+                    return False
+        return True
+
+    def stacked_weights(self) -> Optional[ExpertStack]:
+        """The stacked expert storage (contracts.md §B), rebuilt if an expert got a new tensor;
+        None when the experts cannot be stacked (mixed formats, dtypes or devices)."""
+        if self._stack_current():
+            return self._stack
+        stack = self.restack()
+        if stack is not None and stack.w_up.is_cuda and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.empty_cache()  # the per-expert blocks just freed would stay reserved
+        return stack
+
+    def _apply(self, fn, recurse=True):
+        # .to(device/dtype), .cuda(), .half(), to_empty(): convert, then restack on the result.
+        out = super()._apply(fn, recurse)
+        if self._stack is not None:
+            self.restack()
+        return out
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, dim], input_ids [batch, seq] → [batch, seq, dim]."""
         shape = x.shape
-        x = x.reshape(-1, self.dim)
-        weights, indices = self.gate(x, input_ids.reshape(-1))
-        y = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            tok, slot = torch.where(indices == e)
-            y.index_add_(0, tok, self.experts[e](x[tok], weights[tok, slot, None]).float())
-        y = y + self.shared_experts(x).float()
-        return y.to(x.dtype).view(shape)
+        x2 = x.reshape(-1, self.dim)
+        ids = input_ids.reshape(-1)
+        if x2.is_cuda and x2.dtype == torch.bfloat16 and get_backend() == "cuda":
+            reason = self.kernel_unsupported(x2)
+            stack = None
+            if reason is None:
+                stack = self.stacked_weights()
+                reason = self._stack_unsupported(stack)
+            if use_kernels(x2, ("moe_gate", "moe_dispatch", "moe_combine"), reason):
+                return self._forward_kernels(x2, ids, stack).view(shape)
+        return self._forward_reference(x2, ids).view(shape)
+
+    def kernel_unsupported(self, x: torch.Tensor) -> Optional[str]:
+        """Why this layer's kernel path cannot serve ``x`` [N, dim] (before looking at the
+        expert storage), or None."""
+        reason = self.gate.kernel_unsupported(x)
+        if reason is not None:
+            return reason
+        if len(self.experts) > DISPATCH_MAX_EXPERTS:
+            return f"moe_dispatch takes <= {DISPATCH_MAX_EXPERTS} experts, not {len(self.experts)}"
+        if _needs_grad(self.experts[0].w1._parameters.get("weight")):
+            return ("the MoE kernels have no backward; with gradients enabled the MoE runs the "
+                    "reference (wrap inference in torch.no_grad())")
+        return None
+
+    def _stack_unsupported(self, stack: Optional[ExpertStack]) -> Optional[str]:
+        if stack is None:
+            return "the routed experts differ in format, dtype or device (cannot be stacked)"
+        if _grouped_kernels_available():
+            N = stack.w_up.shape[2]
+            align = {None: 8, "fp8": 16, "fp4": 32}[stack.fmt]
+            if self.dim % align or N % align:
+                return (f"moe_up / moe_down take dim and moe_inter_dim % {align} == 0 for "
+                        f"{stack.fmt or 'bf16'} experts, not {self.dim} and {N}")
+            if stack.fmt is None and stack.w_up.dtype != torch.bfloat16:
+                return f"moe_up / moe_down take bfloat16 experts, not {stack.w_up.dtype}"
+            return None
+        if stack.fmt is not None:
+            return (f"native {stack.fmt} experts need the moe_up / moe_down kernels (not in this "
+                    "build)")
+        if stack.w_up.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+            return "the expert GEMM fallback needs bfloat16 experts and torch._grouped_mm"
+        if self.dim % 8 or stack.w_up.shape[2] % 8:
+            return "the torch._grouped_mm fallback needs dim and moe_inter_dim % 8 == 0"
+        return None
+
+    def _act_quant(self, lin: Linear) -> bool:
+        return bool(lin.act_quant and lin.config is not None and lin.config.quant_sim)
+
+    def _forward_reference(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        weights, indices = self.gate(x, ids)
+        E = len(self.experts)
+        row_ids, offsets, route_weight, pair_pos = moe_dispatch_reference(indices, weights, E)
+        # With gradients, go through the experts' Linear layers (autograd reaches their
+        # Parameters; the stack is plain storage that those Parameters view).
+        grad = _needs_grad(x, *(getattr(self.experts[0], n)._parameters.get("weight")
+                                for n in ("w1", "w2", "w3")))
+        stack = None if grad else self.stacked_weights()
+        if stack is not None:  # the expert formula of contracts.md §B (one definition)
+            h = moe_up_reference(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
+                                 float(self.swiglu_limit), self._act_quant(self.experts[0].w1))
+            y_pair = moe_down_reference(h, offsets, stack.w_down, stack.w_down_scale,
+                                        self._act_quant(self.experts[0].w2))
+        else:  # gradients, or experts of mixed formats: each through its own Linear layers
+            bounds = offsets.tolist()
+            y_pair = x.new_zeros(row_ids.shape[0], self.dim)
+            for e in range(E):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi > lo:
+                    rows = row_ids[lo:hi].long()
+                    y_pair[lo:hi] = self.experts[e](x[rows], route_weight[lo:hi, None])
+        return moe_combine_reference(y_pair, pair_pos, self.shared_experts(x))
+
+    def _forward_kernels(self, x: torch.Tensor, ids: torch.Tensor,
+                         stack: ExpertStack) -> torch.Tensor:
+        weights, indices = self.gate(x, ids)
+        row_ids, offsets, route_weight, pair_pos = _dsv4.moe_dispatch(indices, weights,
+                                                                      len(self.experts))
+        x = x.contiguous()
+        up_q = self._act_quant(self.experts[0].w1)
+        down_q = self._act_quant(self.experts[0].w2)
+        if _grouped_kernels_available():
+            h = _dsv4.moe_up(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
+                             float(self.swiglu_limit), up_q)
+            y_pair = _dsv4.moe_down(h, offsets, stack.w_down, stack.w_down_scale, down_q)
+        else:
+            y_pair = self._experts_grouped_mm(x, row_ids, offsets, route_weight, stack, up_q,
+                                              down_q)
+        return _dsv4.moe_combine(y_pair, pair_pos, self.shared_experts(x))
+
+    def _experts_grouped_mm(self, x, row_ids, offsets, route_weight, stack, up_q, down_q):
+        """The expert formula of ``Expert.forward`` over the dispatched pairs with two
+        ``torch._grouped_mm`` calls (bf16 in, bf16 out, as ``F.linear`` rounds w1/w3/w2 outputs;
+        fallback until moe_up / moe_down are compiled)."""
+        E, _, N, K = stack.w_up.shape
+        xin = fp8_e4m3_sim(x, FP8_BLOCK) if up_q else x
+        offs = offsets[1:]
+        gu = torch._grouped_mm(xin[row_ids.long()], stack.w_up.view(E, 2 * N, K).transpose(1, 2),
+                               offs=offs)
+        h = (route_weight[:, None] * swiglu_clamped(gu[:, :N], gu[:, N:], self.swiglu_limit)
+             ).to(x.dtype)
+        if down_q:
+            h = fp8_e4m3_sim(h, FP8_BLOCK)
+        return torch._grouped_mm(h, stack.w_down.transpose(1, 2), offs=offs)
+
+
+def _grouped_kernels_available() -> bool:
+    """Whether ``moe_up`` / ``moe_down`` (contracts.md §B) have compiled CUDA kernels."""
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA")
+                   for op in ("moe_up", "moe_down"))
+    except Exception:
+        return False

@@ -12,6 +12,8 @@ from . import attention  # noqa: F401
 from . import hca_attn  # noqa: F401
 from . import kv_cache  # noqa: F401
 from . import qkv_rope  # noqa: F401
+from . import moe  # noqa: F401
+from . import mhc  # noqa: F401
 from . import grouped_gemm  # noqa: F401
 from . import gemm  # noqa: F401
 from . import grouped_oproj  # noqa: F401

@@ -1,0 +1,186 @@
+"""mHC kernels on the GPU (hc_mult 4, dim 4096 = V4-Flash): mhc_pre, mhc_post, mhc_head and
+pre + post together, at T = 1, 64, 4096, 16384 tokens, beside the PyTorch references
+(dsv4.layers.mhc.*_reference) on the same GPU.
+
+Bytes counted (the op is bound by them; FLOPs are a few per byte, the projection runs on
+tensor cores):
+* pre:  x (T·4·D·2) + fn (24·4D·4 = 1.5 MB) + u (T·D·2) + post/comb (T·80)
+* post: f (T·D·2) + residual (T·4·D·2) + out (T·4·D·2) + post/comb (T·80)
+* head: x (T·4·D·2) + fn (4·4D·4) + y (T·D·2)
+fn differs per layer and site in the model (86 sites × 1.5 MB do not fit in L2), so T <= 64
+rotates 64 copies of fn; x is rotated when it is smaller than 4 × L2. Times are GPU times of
+calls replayed from a CUDA graph (no launch overhead; what the runtime's captured step pays),
+median of 5 samples. Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
+launch each.
+
+Usage: python bench/bench_mhc.py [--quick] [--json F] [--markdown F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+PEAK_TBPS = 4.22
+L2_BYTES = 50 << 20
+D = 4096
+COLUMNS = ("op", "case", "time_us", "gbps", "pct_bw", "floor_us", "ref_time_us", "speedup",
+           "note")
+
+
+def _graph_time_us(fn, iters: int) -> float:
+    """Per-call GPU time: `iters` calls captured in one CUDA graph, replayed 5 times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for k in range(2):
+            fn(k)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(iters):
+            fn(k)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / iters)
+    return statistics.median(samples)
+
+
+def _row(op, case, t, nbytes, ref_t, note=""):
+    return dict(op=op, case=case, time_us=t, gbps=nbytes / t * 1e-3,
+                pct_bw=100 * nbytes / t * 1e-3 / (PEAK_TBPS * 1e3),
+                floor_us=nbytes / (PEAK_TBPS * 1e6), ref_time_us=ref_t,
+                speedup=(ref_t / t) if ref_t else None, note=note)
+
+
+def _cases(T: int) -> list[dict]:
+    from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
+
+    ops = torch.ops.dsv4
+    g = torch.Generator(device="cuda").manual_seed(T)
+    K = 4 * D
+    xb = T * K * 2
+    nx = max(1, min(8, (4 * L2_BYTES) // xb))
+    nf = 64 if T <= 64 else 1
+    xs = [(torch.randn(T, 4, D, device="cuda", generator=g) * 2).to(torch.bfloat16)
+          for _ in range(nx)]
+    fns = [torch.randn(24, K, device="cuda", generator=g) * K ** -0.5 for _ in range(nf)]
+    hfns = [torch.randn(4, K, device="cuda", generator=g) * K ** -0.5 for _ in range(nf)]
+    scale = torch.rand(3, device="cuda", generator=g) + 0.5
+    base = torch.randn(24, device="cuda", generator=g) * 0.5
+    f = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+    _, post, comb = ops.mhc_pre(xs[0], fns[0], scale, base, 1e-6, 20, 1e-6)
+    iters = 200 if T <= 64 else (20 if T <= 4096 else 5)
+    ref_iters = 20 if T <= 64 else 3
+
+    def pre(k):
+        return ops.mhc_pre(xs[k % nx], fns[k % nf], scale, base, 1e-6, 20, 1e-6)
+
+    def pre_ref(k):
+        return hc_pre_reference(xs[k % nx], fns[k % nf], scale, base, 1e-6, 20, 1e-6)
+
+    def post_k(k):
+        return ops.mhc_post(f, xs[k % nx], post, comb)
+
+    def post_ref(k):
+        return hc_post_reference(f, xs[k % nx], post, comb)
+
+    def head(k):
+        return ops.mhc_head(xs[k % nx], hfns[k % nf], scale[:1], base[:4], 1e-6, 1e-6)
+
+    def head_ref(k):
+        return hc_head_reference(xs[k % nx], hfns[k % nf], scale[:1], base[:4], 1e-6, 1e-6)
+
+    b_pre = xb + 24 * K * 4 + T * D * 2 + T * 80
+    b_post = T * D * 2 + 2 * xb + T * 80
+    b_head = xb + 4 * K * 4 + T * D * 2
+    t_pre, t_post, t_head = (_graph_time_us(fn, iters) for fn in (pre, post_k, head))
+    r_pre, r_post, r_head = (_graph_time_us(fn, ref_iters) for fn in (pre_ref, post_ref, head_ref))
+    launches = "1 launch" if T <= 8 else f"{2 * -(-T // 512)} launches (chunks of 512)"
+    return [
+        _row("mhc_pre", f"T={T}", t_pre, b_pre, r_pre, launches),
+        _row("mhc_post", f"T={T}", t_post, b_post, r_post, "1 launch"),
+        _row("mhc_pre+post", f"T={T}", t_pre + t_post, b_pre + b_post, r_pre + r_post,
+             "target >= 3.5 TB/s at T >= 4096"),
+        _row("mhc_head", f"T={T}", t_head, b_head, r_head, launches),
+    ]
+
+
+def run(quick: bool = False) -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    import dsv4.ops  # noqa: F401
+
+    for op in ("mhc_pre", "mhc_post", "mhc_head"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA"):
+            print(f"bench_mhc: no compiled CUDA kernel for {op}; skipped", file=sys.stderr)
+            return []
+    rows = []
+    with torch.no_grad():
+        for T in ([1, 4096] if quick else [1, 64, 4096, 16384]):
+            rows += _cases(T)
+    return rows
+
+
+def _commit() -> str:
+    if os.environ.get("DSV4_COMMIT"):
+        return os.environ["DSV4_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    return str(v)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T = 1 and 4096 only")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_mhc: no CUDA device; nothing to measure")
+        return 0
+    rows = run(quick=a.quick)
+    header = (f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch "
+              f"{torch.__version__} · commit {_commit()}")
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    out = os.environ.get("OUT")
+    json_path = a.json or (os.path.join(out, "bench_mhc.json") if out else None)
+    md_path = a.markdown or (os.path.join(out, "bench_mhc.md") if out else None)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1, default=str)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(table + "\n")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+// dsv4 mHC (manifold-constrained hyper-connections) kernels: torch-free C++ API.
+// Semantics (the reference): python/dsv4/layers/mhc.py (hc_pre, hc_post, hc_head);
+// architecture.md §8, training.md §1.4 (test vectors §7.1-7.2). hc_mult = 4 streams.
+//
+// pre   x [tokens, 4, dim] bf16 → mixes = (fn · x̂) · rsqrt(mean(x̂²) + norm_eps) (x̂ = the token's
+//       4·dim values in fp32; fn [24, 4·dim] fp32), pre = sigmoid(scale0·m + base) + eps,
+//       post = 2·sigmoid(scale1·m + base), comb = Sinkhorn(scale2·m + base) with `iters` column
+//       normalisations, u = Σ_i pre_i x_i → bf16.
+// post  out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · x[t, j] (combᵀ applied) → bf16.
+// head  pre = sigmoid(scale·m + base) + eps with fn [4, 4·dim]; y = Σ_i pre_i x_i → bf16.
+//
+// The projection runs on tensor cores (mma.sync bf16, fp32 accumulation) with fn split into
+// three bf16 terms (hi + mid + lo carry fn's 24 mantissa bits), so its products are those of
+// an fp32 GEMM; the epilogue uses explicitly rounded multiplies and adds in the reference's
+// order of operations. No host synchronisation; the workspace depends only on the shapes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dsv4 {
+
+constexpr int64_t kMhcStreams = 4;         // hc_mult supported by the kernels
+constexpr int64_t kMhcMaxFusedTokens = 8;  // up to this many tokens: one launch (decode)
+
+// Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.
+size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
+
+// x:      [tokens, 4, dim] bf16; token t at x + t * x_token_stride, its 4 streams contiguous
+//         (stream stride dim); x_token_stride a multiple of 8 elements, x 16-byte aligned
+// fn:     [24, 4·dim] fp32 contiguous, 16-byte aligned; scale [3] fp32; base [24] fp32
+// u:      [tokens, dim] bf16 output, row stride u_stride (multiple of 8; 16-byte aligned)
+// post:   [tokens, 4] fp32 output (contiguous); comb: [tokens, 4, 4] fp32 output (contiguous,
+//         comb[t, j, k] row-major)
+// Requires dim % 8 == 0, iters >= 1. Returns cudaSuccess, cudaErrorInvalidValue (bad sizes,
+// null pointers, alignment, workspace too small) or the launch error. tokens == 0: no-op.
+cudaError_t mhc_pre(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
+                    const float* base, float norm_eps, int iters, float eps, void* u,
+                    int64_t u_stride, float* post, float* comb, int64_t tokens, int64_t dim,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// The final collapse: fn [4, 4·dim] fp32, scale [1], base [4]; y [tokens, dim] bf16 (row stride
+// y_stride). Same layout rules and workspace as mhc_pre.
+cudaError_t mhc_head(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
+                     const float* base, float norm_eps, float eps, void* y, int64_t y_stride,
+                     int64_t tokens, int64_t dim, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream);
+
+// f:        [tokens, dim] bf16, row stride f_stride
+// residual: [tokens, 4, dim] bf16, token stride res_token_stride (streams contiguous)
+// post:     [tokens, 4] fp32 contiguous; comb: [tokens, 4, 4] fp32 contiguous
+// out:      [tokens, 4, dim] bf16, token stride out_token_stride (streams contiguous); must not
+//           overlap the inputs
+// One launch; 16-byte vectors when dim, strides and pointers allow, scalar code otherwise.
+// Returns cudaSuccess, cudaErrorInvalidValue or the launch error.
+cudaError_t mhc_post(const void* f, int64_t f_stride, const void* residual,
+                     int64_t res_token_stride, const float* post, const float* comb, void* out,
+                     int64_t out_token_stride, int64_t tokens, int64_t dim, cudaStream_t stream);
+
+}  // namespace dsv4

@@ -1,0 +1,555 @@
+// dsv4 mHC kernels: hc_pre (RMS + projection + sigmoid/Sinkhorn + collapse), hc_post and the
+// head collapse. Contract: include/dsv4/mhc.h; semantics: python/dsv4/layers/mhc.py.
+//
+// hc_pre / head, two phases:
+//  1. "mix": the projection fn · x̂ ([tokens, 4·dim] x [24 or 4, 4·dim]ᵀ) and Σ x̂² as a split-K
+//     GEMM on tensor cores. A CTA owns 64 tokens and a range of 4·dim: x tiles (bf16) and fn
+//     tiles (fp32) arrive by cp.async (double buffer); each fn tile is split once into three
+//     bf16 tiles hi/mid/lo (hi + mid + lo = fn to 24 bits), and every warp runs
+//     mma.sync m16n8k16 over its 16 tokens for each of the three, so the products equal fp32
+//     products. Σ x̂² comes from the A fragments in registers. Partial sums go to the
+//     workspace, [split][token][32] (columns 0..23 mixes, 31 Σ x̂²).
+//  2. "finish", one CTA per token: the partials are summed in a fixed split order
+//     (deterministic), warp 0 computes r = rsqrt(mean + eps), pre, post and the Sinkhorn
+//     projection (one comb entry per lane; row / column sums by xor shuffles), then all threads
+//     write u = Σ_i pre_i x_i (16-byte vectors).
+//  Prefill runs the two phases on chunks of 512 tokens, so that phase 2 re-reads x from L2.
+//  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
+//  runs phase 2 for every token.
+// Every multiply and add of the epilogues is an explicitly rounded __fmul_rn / __fadd_rn (no
+// FMA contraction) in the order of the PyTorch reference.
+// hc_post: one elementwise pass, 16-byte vectors, one thread per 8 columns of a token.
+#include "dsv4/mhc.h"
+
+#include <climits>
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "moe_mma.cuh"
+
+namespace dsv4 {
+namespace {
+
+using namespace moe_detail;
+
+constexpr int kHc = static_cast<int>(kMhcStreams);
+constexpr int kBM = 64;                 // tokens per mix CTA (4 warps x m16)
+constexpr int kBK = 64;                 // 4·dim columns per pipeline stage
+constexpr int kXPitch = kBK + 8;        // bf16 elements per smem row (144 B)
+constexpr int kFPitch = kBK + 8;        // floats per smem fn row (288 B)
+constexpr int kThreads = 128;
+constexpr int kPartCols = 32;           // partial row: mixes [0, 24), Σ x̂² at kSumsqCol
+constexpr int kSumsqCol = 31;
+constexpr int64_t kChunkTokens = 512;   // prefill chunk (x of a chunk stays in L2 for phase 2)
+constexpr int64_t kMinTilesPerSplit = 4;
+
+struct MhcPlan {
+  bool fused;
+  int64_t chunk, m_tiles, k_tiles, splits, tiles_per_split;
+};
+
+MhcPlan make_plan(int64_t tokens, int64_t dim, int num_sms) {
+  MhcPlan p;
+  p.fused = tokens <= kMhcMaxFusedTokens;
+  p.chunk = p.fused ? tokens : (tokens < kChunkTokens ? tokens : kChunkTokens);
+  p.m_tiles = (p.chunk + kBM - 1) / kBM;
+  p.k_tiles = (kHc * dim + kBK - 1) / kBK;
+  // ~2 CTAs per SM (a 2-stage pipeline per CTA: more CTAs keep more bytes in flight)
+  int64_t s = (2 * static_cast<int64_t>(num_sms) + p.m_tiles - 1) / p.m_tiles;
+  const int64_t max_s = p.k_tiles / kMinTilesPerSplit > 0 ? p.k_tiles / kMinTilesPerSplit : 1;
+  if (s > max_s) s = max_s;
+  if (s < 1) s = 1;
+  p.tiles_per_split = (p.k_tiles + s - 1) / s;
+  p.splits = (p.k_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  return p;
+}
+
+int sm_count(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0)
+    n = 132;
+  return n;
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t addr, uint32_t& r0, uint32_t& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(a))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(b))) << 16);
+}
+// torch's sigmoid: 1 / (1 + exp(-z)).
+__device__ __forceinline__ float sigmoid(float z) {
+  return __fdiv_rn(1.f, __fadd_rn(1.f, expf(-z)));
+}
+
+struct MixArgs {
+  const __nv_bfloat16* x;  // first token of the chunk
+  int64_t x_stride;        // token stride (elements)
+  const float* fn;         // [rows, K]
+  int64_t K;               // 4 * dim
+  int64_t tokens;          // tokens of this launch
+  int splits, tiles_per_split;
+  int64_t k_tiles;
+  float* part;             // [splits, tokens, kPartCols]
+};
+
+struct FinishArgs {
+  const __nv_bfloat16* x;  // first token of the chunk
+  int64_t x_stride, dim, tokens;
+  const float* part;
+  int splits;
+  const float* scale;
+  const float* base;
+  float norm_eps, eps;
+  int iters;
+  __nv_bfloat16* u;        // first output row of the chunk
+  int64_t u_stride;
+  float* post;             // [tokens, 4] (chunk) or null (head)
+  float* comb;             // [tokens, 16] (chunk) or null (head)
+};
+
+// Phase 2 for token t, by the whole CTA (kThreads threads; contains __syncthreads).
+// NT = 3: hc_pre (24 mixes: pre, post, comb); NT = 1: head (4 mixes: pre only).
+template <int NT>
+__device__ void finish_token(const FinishArgs& a, int64_t t) {
+  __shared__ float red[kThreads / 32][kPartCols];
+  __shared__ float tot[kPartCols];
+  __shared__ float pre_s[kHc];
+  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
+  constexpr int kGroups = kThreads / 32;
+
+  // 1. Sum the split partials: group g takes splits [g * per, (g + 1) * per) in order, then the
+  //    four group sums are added in group order.
+  const int per = (a.splits + kGroups - 1) / kGroups;
+  const int s_lo = grp * per;
+  const int s_hi = min(a.splits, s_lo + per);
+  const float* src = a.part + t * kPartCols + lane;
+  const int64_t stride = a.tokens * kPartCols;
+  float s = 0.f;
+  int sp = s_lo;
+  for (; sp + 8 <= s_hi; sp += 8) {  // 8 loads in flight, added in split order
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __ldcg(src + (sp + i) * stride);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = __fadd_rn(s, v[i]);
+  }
+  for (; sp < s_hi; ++sp) s = __fadd_rn(s, __ldcg(src + sp * stride));
+  red[grp][lane] = s;
+  __syncthreads();
+  if (tid < kPartCols) {
+    float v = red[0][tid];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) v = __fadd_rn(v, red[g][tid]);
+    tot[tid] = v;
+  }
+  __syncthreads();
+
+  // 2. Coefficients (warp 0).
+  if (grp == 0) {
+    const float inv_k = 1.f / static_cast<float>(kHc * a.dim);
+    const float r = 1.f / sqrtf(__fadd_rn(__fmul_rn(tot[kSumsqCol], inv_k), a.norm_eps));
+    if (lane < kHc) {  // pre_i = sigmoid(scale0 * m_i + base_i) + eps
+      const float m = __fmul_rn(tot[lane], r);
+      pre_s[lane] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(m, a.scale[0]), a.base[lane])), a.eps);
+    }
+    if constexpr (NT == 3) {
+      if (lane >= kHc && lane < 2 * kHc) {  // post_i = 2 sigmoid(scale1 * m + base)
+        const float m = __fmul_rn(tot[lane], r);
+        a.post[t * kHc + (lane - kHc)] =
+            __fmul_rn(2.f, sigmoid(__fadd_rn(__fmul_rn(m, a.scale[1]), a.base[lane])));
+      }
+      // comb[j][k], lane (& 15) = 4 j + k; row = lanes xor 1, 2; column = lanes xor 4, 8.
+      const int e = lane & 15;
+      const float m = __fmul_rn(tot[2 * kHc + e], r);
+      const float L = __fadd_rn(__fmul_rn(m, a.scale[2]), a.base[2 * kHc + e]);
+      float mx = fmaxf(L, __shfl_xor_sync(0xffffffffu, L, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ex = expf(__fsub_rn(L, mx));
+      float rs = __fadd_rn(ex, __shfl_xor_sync(0xffffffffu, ex, 1));
+      rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
+      float c = __fadd_rn(__fdiv_rn(ex, rs), a.eps);
+      float cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+      cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
+      c = __fdiv_rn(c, __fadd_rn(cs, a.eps));
+      for (int it = 1; it < a.iters; ++it) {
+        rs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 1));
+        rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
+        c = __fdiv_rn(c, __fadd_rn(rs, a.eps));
+        cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+        cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
+        c = __fdiv_rn(c, __fadd_rn(cs, a.eps));
+      }
+      if (lane < kHc * kHc) a.comb[t * kHc * kHc + lane] = c;
+    }
+  }
+  __syncthreads();
+
+  // 3. Collapse u = Σ_i pre_i x_i (products rounded, summed in stream order), 8 columns a thread.
+  const float p0 = pre_s[0], p1 = pre_s[1], p2 = pre_s[2], p3 = pre_s[3];
+  const __nv_bfloat16* xt = a.x + t * a.x_stride;
+  __nv_bfloat16* ut = a.u + t * a.u_stride;
+  const int64_t n_chunks = a.dim / 8;
+  for (int64_t c = tid; c < n_chunks; c += kThreads) {
+    const uint4 v0 = *reinterpret_cast<const uint4*>(xt + c * 8);
+    const uint4 v1 = *reinterpret_cast<const uint4*>(xt + a.dim + c * 8);
+    const uint4 v2 = *reinterpret_cast<const uint4*>(xt + 2 * a.dim + c * 8);
+    const uint4 v3 = *reinterpret_cast<const uint4*>(xt + 3 * a.dim + c * 8);
+    const uint32_t w0[4] = {v0.x, v0.y, v0.z, v0.w}, w1[4] = {v1.x, v1.y, v1.z, v1.w};
+    const uint32_t w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float lo = __fmul_rn(p0, bf16_lo(w0[i]));
+      lo = __fadd_rn(lo, __fmul_rn(p1, bf16_lo(w1[i])));
+      lo = __fadd_rn(lo, __fmul_rn(p2, bf16_lo(w2[i])));
+      lo = __fadd_rn(lo, __fmul_rn(p3, bf16_lo(w3[i])));
+      float hi = __fmul_rn(p0, bf16_hi(w0[i]));
+      hi = __fadd_rn(hi, __fmul_rn(p1, bf16_hi(w1[i])));
+      hi = __fadd_rn(hi, __fmul_rn(p2, bf16_hi(w2[i])));
+      hi = __fadd_rn(hi, __fmul_rn(p3, bf16_hi(w3[i])));
+      o[i] = pack2(lo, hi);
+    }
+    *reinterpret_cast<uint4*>(ut + c * 8) = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+  __syncthreads();  // shared buffers are reused by the next token (decode loop)
+}
+
+// Phase 1 (and, when `fused`, phase 2 in the last CTA). grid = m_tiles * splits.
+static_assert(kBM == 16 * (kThreads / 32), "one m16 tile per warp");
+
+template <int NT>
+__global__ void __launch_bounds__(kThreads)
+    mhc_mix_kernel(const MixArgs a, const FinishArgs f, int* counter, bool fused) {
+  constexpr int kRows = NT * 8;              // fn rows as n8 tiles (head: 4 real + 4 zero)
+  constexpr int kNReal = NT == 3 ? 24 : 4;
+  __shared__ __align__(16) __nv_bfloat16 sX[2][kBM][kXPitch];
+  __shared__ __align__(16) float sF[2][kRows][kFPitch];
+  __shared__ __align__(16) __nv_bfloat16 sB[3][kRows][kXPitch];
+
+  const int split = static_cast<int>(blockIdx.x % a.splits);
+  const int64_t m_tile = blockIdx.x / a.splits;
+  const int64_t t0 = m_tile * kBM;
+  const int64_t kt_begin = static_cast<int64_t>(split) * a.tiles_per_split;
+  int64_t kt_end = kt_begin + a.tiles_per_split;
+  if (kt_end > a.k_tiles) kt_end = a.k_tiles;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  auto load_stage = [&](int buf, int64_t kt) {
+    const int64_t k0 = kt * kBK;
+#pragma unroll
+    for (int i = 0; i < (kBM * kBK / 8) / kThreads; ++i) {  // x: 64 rows x 8 chunks
+      const int c = tid + i * kThreads;
+      const int row = c >> 3, ch = c & 7;
+      const int64_t t = t0 + row, k = k0 + ch * 8;
+      const bool ok = t < a.tokens && k < a.K;
+      cp_async16_zfill(smem_addr(&sX[buf][row][ch * 8]), ok ? a.x + t * a.x_stride + k : a.x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < (kRows * kBK / 4) / kThreads; ++i) {  // fn: kRows x 16 chunks
+      const int c = tid + i * kThreads;
+      const int row = c >> 4, ch = c & 15;
+      const int64_t k = k0 + ch * 4;
+      const bool ok = row < kNReal && k < a.K;
+      cp_async16_zfill(smem_addr(&sF[buf][row][ch * 4]), ok ? a.fn + row * a.K + k : a.fn, ok);
+    }
+    cp_async_commit();
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
+  float sq0 = 0.f, sq1 = 0.f;  // Σ x² of rows g and g + 8 (partial over this lane's columns)
+
+  if (kt_begin < kt_end) load_stage(0, kt_begin);
+  for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
+    const int buf = static_cast<int>((kt - kt_begin) & 1);
+    if (kt + 1 < kt_end) {
+      load_stage(buf ^ 1, kt + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    // fn tile -> three bf16 tiles (hi + mid + lo == fn to 24 bits)
+#pragma unroll
+    for (int i = 0; i < kRows * kBK / kThreads; ++i) {
+      const int e = tid + i * kThreads;
+      const int n = e / kBK, k = e % kBK;
+      const float v = sF[buf][n][k];
+      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+      const float r1 = __fsub_rn(v, __bfloat162float(hi));
+      const __nv_bfloat16 mid = __float2bfloat16_rn(r1);
+      const float r2 = __fsub_rn(r1, __bfloat162float(mid));
+      sB[0][n][k] = hi;
+      sB[1][n][k] = mid;
+      sB[2][n][k] = __float2bfloat16_rn(r2);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      uint32_t a0, a1, a2, a3;
+      ldmatrix_x4(smem_addr(&sX[buf][warp * 16 + (lane & 15)][ks * 16 + (lane >> 4) * 8]), a0, a1,
+                  a2, a3);
+      {
+        const float v[8] = {bf16_lo(a0), bf16_hi(a0), bf16_lo(a2), bf16_hi(a2),
+                            bf16_lo(a1), bf16_hi(a1), bf16_lo(a3), bf16_hi(a3)};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sq0 = __fmaf_rn(v[i], v[i], sq0);
+#pragma unroll
+        for (int i = 4; i < 8; ++i) sq1 = __fmaf_rn(v[i], v[i], sq1);
+      }
+#pragma unroll
+      for (int part = 0; part < 3; ++part) {
+        uint32_t b[NT][2];
+        if constexpr (NT >= 2) {  // n-tiles 0 and 1
+          const int q = lane >> 3;
+          ldmatrix_x4(smem_addr(&sB[part][(q >> 1) * 8 + (lane & 7)][ks * 16 + (q & 1) * 8]),
+                      b[0][0], b[0][1], b[1][0], b[1][1]);
+        }
+        if constexpr (NT % 2 == 1) {  // the last (odd) n-tile
+          constexpr int nt = NT - 1;
+          ldmatrix_x2(smem_addr(&sB[part][nt * 8 + (lane & 7)][ks * 16 + ((lane >> 3) & 1) * 8]),
+                      b[nt][0], b[nt][1]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[j], a0, a1, a2, a3, b[j][0], b[j][1]);
+      }
+    }
+    __syncthreads();
+  }
+
+  sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
+  sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
+  sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
+  sq1 += __shfl_xor_sync(0xffffffffu, sq1, 2);
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t t = t0 + warp * 16 + g + h * 8;
+    if (t >= a.tokens) continue;
+    float* row = a.part + (static_cast<int64_t>(split) * a.tokens + t) * kPartCols;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int n = j * 8 + c2;
+      if (n < kNReal) row[n] = acc[j][2 * h];
+      if (n + 1 < kNReal) row[n + 1] = acc[j][2 * h + 1];
+    }
+    if ((lane & 3) == 0) row[kSumsqCol] = h == 0 ? sq0 : sq1;
+  }
+
+  if (!fused) return;
+  if (!arrive_last(counter, static_cast<int>(gridDim.x))) return;
+  for (int64_t t = 0; t < a.tokens; ++t) finish_token<NT>(f, t);
+}
+
+template <int NT>
+__global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f) {
+  finish_token<NT>(f, blockIdx.x);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Shared driver of mhc_pre (NT = 3) and mhc_head (NT = 1).
+template <int NT>
+cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
+                    const float* base, float norm_eps, int iters, float eps, void* u,
+                    int64_t u_stride, float* post, float* comb, int64_t tokens, int64_t dim,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (tokens < 0 || dim <= 0 || dim % 8 != 0 || iters < 1) return cudaErrorInvalidValue;
+  if (tokens == 0) return cudaSuccess;
+  if (x == nullptr || fn == nullptr || scale == nullptr || base == nullptr || u == nullptr ||
+      workspace == nullptr || (NT == 3 && (post == nullptr || comb == nullptr)))
+    return cudaErrorInvalidValue;
+  if (x_token_stride < kHc * dim || x_token_stride % 8 != 0 || u_stride < dim ||
+      u_stride % 8 != 0 || !aligned16(x) || !aligned16(u) || !aligned16(fn))
+    return cudaErrorInvalidValue;
+  if (tokens > INT_MAX) return cudaErrorInvalidValue;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < mhc_pre_workspace_bytes(tokens, dim, device)) return cudaErrorInvalidValue;
+  const MhcPlan p = make_plan(tokens, dim, sm_count(device));
+  float* part = static_cast<float*>(workspace);
+  int* counter = reinterpret_cast<int*>(
+      static_cast<char*>(workspace) +
+      static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float));
+  if (p.fused) {
+    err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  auto* ub = static_cast<__nv_bfloat16*>(u);
+  for (int64_t c0 = 0; c0 < tokens; c0 += p.chunk) {
+    const int64_t n = tokens - c0 < p.chunk ? tokens - c0 : p.chunk;
+    MixArgs ma;
+    ma.x = xb + c0 * x_token_stride;
+    ma.x_stride = x_token_stride;
+    ma.fn = fn;
+    ma.K = kHc * dim;
+    ma.tokens = n;
+    ma.splits = static_cast<int>(p.splits);
+    ma.tiles_per_split = static_cast<int>(p.tiles_per_split);
+    ma.k_tiles = p.k_tiles;
+    ma.part = part;
+    FinishArgs fa;
+    fa.x = ma.x;
+    fa.x_stride = x_token_stride;
+    fa.dim = dim;
+    fa.tokens = n;
+    fa.part = part;
+    fa.splits = ma.splits;
+    fa.scale = scale;
+    fa.base = base;
+    fa.norm_eps = norm_eps;
+    fa.eps = eps;
+    fa.iters = iters;
+    fa.u = ub + c0 * u_stride;
+    fa.u_stride = u_stride;
+    fa.post = NT == 3 ? post + c0 * kHc : nullptr;
+    fa.comb = NT == 3 ? comb + c0 * kHc * kHc : nullptr;
+    const int64_t ctas = ((n + kBM - 1) / kBM) * p.splits;
+    mhc_mix_kernel<NT><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(ma, fa, counter,
+                                                                             p.fused);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (!p.fused) {
+      mhc_finish_kernel<NT><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(fa);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// hc_post
+// ---------------------------------------------------------------------------------------------
+template <int VEC>
+struct PostVec;
+template <>
+struct PostVec<8> {
+  using T = uint4;
+  static __device__ __forceinline__ void unpack(const T& v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = bf16_lo(w[i]);
+      f[2 * i + 1] = bf16_hi(w[i]);
+    }
+  }
+  static __device__ __forceinline__ T pack(const float* f) {
+    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+  }
+};
+template <>
+struct PostVec<1> {
+  using T = uint16_t;
+  static __device__ __forceinline__ void unpack(const T& v, float* f) {
+    f[0] = __uint_as_float(static_cast<uint32_t>(v) << 16);
+  }
+  static __device__ __forceinline__ T pack(const float* f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f[0]));
+  }
+};
+
+template <int VEC>
+__global__ void __launch_bounds__(kThreads)
+    mhc_post_kernel(const uint16_t* f, int64_t f_stride, const uint16_t* res, int64_t res_stride,
+                    const float* post, const float* comb, uint16_t* out, int64_t out_stride,
+                    int64_t dim, int64_t n_chunks) {
+  using P = PostVec<VEC>;
+  using V = typename P::T;
+  const int64_t t = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (c >= n_chunks) return;
+  float cm[kHc][kHc], pk[kHc];
+#pragma unroll
+  for (int j = 0; j < kHc; ++j) {
+    pk[j] = __ldg(post + t * kHc + j);
+#pragma unroll
+    for (int k = 0; k < kHc; ++k) cm[j][k] = __ldg(comb + t * kHc * kHc + j * kHc + k);
+  }
+  float fv[VEC], xv[kHc][VEC];
+  P::unpack(*reinterpret_cast<const V*>(f + t * f_stride + c * VEC), fv);
+#pragma unroll
+  for (int j = 0; j < kHc; ++j)
+    P::unpack(*reinterpret_cast<const V*>(res + t * res_stride + j * dim + c * VEC), xv[j]);
+#pragma unroll
+  for (int k = 0; k < kHc; ++k) {
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      float s = __fmul_rn(cm[0][k], xv[0][e]);
+#pragma unroll
+      for (int j = 1; j < kHc; ++j) s = __fadd_rn(s, __fmul_rn(cm[j][k], xv[j][e]));
+      o[e] = __fadd_rn(__fmul_rn(pk[k], fv[e]), s);
+    }
+    *reinterpret_cast<V*>(out + t * out_stride + k * dim + c * VEC) = P::pack(o);
+  }
+}
+
+}  // namespace
+
+size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
+  if (tokens <= 0 || dim <= 0) return 0;
+  const MhcPlan p = make_plan(tokens, dim, sm_count(device));
+  return static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float) + 16;
+}
+
+cudaError_t mhc_pre(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
+                    const float* base, float norm_eps, int iters, float eps, void* u,
+                    int64_t u_stride, float* post, float* comb, int64_t tokens, int64_t dim,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return run_mix<3>(x, x_token_stride, fn, scale, base, norm_eps, iters, eps, u, u_stride, post,
+                    comb, tokens, dim, workspace, workspace_bytes, stream);
+}
+
+cudaError_t mhc_head(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
+                     const float* base, float norm_eps, float eps, void* y, int64_t y_stride,
+                     int64_t tokens, int64_t dim, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream) {
+  return run_mix<1>(x, x_token_stride, fn, scale, base, norm_eps, 1, eps, y, y_stride, nullptr,
+                    nullptr, tokens, dim, workspace, workspace_bytes, stream);
+}
+
+cudaError_t mhc_post(const void* f, int64_t f_stride, const void* residual,
+                     int64_t res_token_stride, const float* post, const float* comb, void* out,
+                     int64_t out_token_stride, int64_t tokens, int64_t dim, cudaStream_t stream) {
+  if (tokens < 0 || dim < 0) return cudaErrorInvalidValue;
+  if (tokens == 0 || dim == 0) return cudaSuccess;
+  if (f == nullptr || residual == nullptr || post == nullptr || comb == nullptr || out == nullptr)
+    return cudaErrorInvalidValue;
+  if (tokens > INT_MAX || res_token_stride < kHc * dim || out_token_stride < kHc * dim ||
+      f_stride < dim)
+    return cudaErrorInvalidValue;
+  const bool vec = dim % 8 == 0 && f_stride % 8 == 0 && res_token_stride % 8 == 0 &&
+                   out_token_stride % 8 == 0 && aligned16(f) && aligned16(residual) &&
+                   aligned16(out);
+  const int64_t n_chunks = vec ? dim / 8 : dim;
+  const int64_t col_blocks = (n_chunks + kThreads - 1) / kThreads;
+  if (col_blocks > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(col_blocks));
+  const auto* fb = static_cast<const uint16_t*>(f);
+  const auto* rb = static_cast<const uint16_t*>(residual);
+  auto* ob = static_cast<uint16_t*>(out);
+  if (vec) {
+    mhc_post_kernel<8><<<grid, kThreads, 0, stream>>>(fb, f_stride, rb, res_token_stride, post,
+                                                      comb, ob, out_token_stride, dim, n_chunks);
+  } else {
+    mhc_post_kernel<1><<<grid, kThreads, 0, stream>>>(fb, f_stride, rb, res_token_stride, post,
+                                                      comb, ob, out_token_stride, dim, n_chunks);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace dsv4

@@ -1,0 +1,206 @@
+// Standalone check of dsv4::mhc_pre / mhc_post / mhc_head (no torch): random inputs on the GPU
+// against CPU loops. hc_post uses the same rounded fp32 operations in the same order, so it
+// must match bit for bit; hc_pre / head compute the projection in double on the CPU, so
+// post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (one launch,
+// tokens <= 8), the two-kernel path and chunked prefill (> 512 tokens), dims that are no
+// multiple of the 64-wide k tile. Prints PASS / FAIL (exit 1) or "SKIP: no CUDA device".
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "dsv4/mhc.h"
+
+#include "check_common.h"
+
+namespace {
+
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
+
+template <typename T>
+T* to_device(const std::vector<T>& v) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(v.size(), 1) * sizeof(T)));
+  if (!v.empty()) CHECK_CUDA(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+template <typename T>
+std::vector<T> to_host(const T* d, size_t n) {
+  std::vector<T> v(n);
+  if (n) CHECK_CUDA(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+bool check_post(int T, int d, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 2.f);
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  std::vector<uint16_t> f(static_cast<size_t>(T) * d), x(static_cast<size_t>(T) * 4 * d);
+  std::vector<float> post(T * 4), comb(T * 16);
+  for (auto& v : f) v = float_to_bf16(nd(rng));
+  for (auto& v : x) v = float_to_bf16(nd(rng));
+  for (auto& v : post) v = 2 * ud(rng);
+  for (auto& v : comb) v = ud(rng);
+  std::vector<uint16_t> ref(x.size());
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < 4; ++k)
+      for (int c = 0; c < d; ++c) {
+        const size_t tx = static_cast<size_t>(t) * 4 * d;
+        volatile float s = comb[t * 16 + k] * bf16_to_float(x[tx + c]);  // no contraction
+        for (int j = 1; j < 4; ++j) {
+          volatile float p = comb[t * 16 + j * 4 + k] * bf16_to_float(x[tx + j * d + c]);
+          s = s + p;
+        }
+        volatile float a = post[t * 4 + k] * bf16_to_float(f[static_cast<size_t>(t) * d + c]);
+        ref[tx + k * d + c] = float_to_bf16(a + s);
+      }
+  uint16_t* df = to_device(f);
+  uint16_t* dx = to_device(x);
+  float* dp = to_device(post);
+  float* dc = to_device(comb);
+  uint16_t* dout = to_device(std::vector<uint16_t>(x.size(), 0xFFFF));
+  CHECK_CUDA(dsv4::mhc_post(df, d, dx, 4 * d, dp, dc, dout, 4 * d, T, d, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const bool ok = to_host(dout, x.size()) == ref;
+  std::printf("%s post T=%-5d d=%-5d\n", ok ? "ok  " : "FAIL", T, d);
+  for (void* p : {static_cast<void*>(df), static_cast<void*>(dx), static_cast<void*>(dp),
+                  static_cast<void*>(dc), static_cast<void*>(dout)})
+    CHECK_CUDA(cudaFree(p));
+  return ok;
+}
+
+float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+// hc_pre (head = false) or the head collapse (head = true).
+bool check_pre(int T, int d, bool head, std::mt19937& rng) {
+  const int K = 4 * d, rows = head ? 4 : 24, iters = 20;
+  const float eps = 1e-6f, norm_eps = 1e-6f;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<uint16_t> x(static_cast<size_t>(T) * K);
+  std::vector<float> fn(static_cast<size_t>(rows) * K), scale(head ? 1 : 3), base(rows);
+  for (auto& v : x) v = float_to_bf16(2 * nd(rng));
+  for (auto& v : fn) v = nd(rng) * 3.f / std::sqrt(float(K));
+  for (auto& v : scale) v = 0.5f + std::fabs(nd(rng)) * 0.5f;
+  for (auto& v : base) v = 0.5f * nd(rng);
+  std::vector<float> ref_u(static_cast<size_t>(T) * d), ref_post(T * 4), ref_comb(T * 16);
+  for (int t = 0; t < T; ++t) {
+    const uint16_t* xt = x.data() + static_cast<size_t>(t) * K;
+    double ss = 0;
+    std::vector<double> acc(rows, 0.0);
+    for (int c = 0; c < K; ++c) {
+      const double v = bf16_to_float(xt[c]);
+      ss += v * v;
+      for (int r = 0; r < rows; ++r) acc[r] += double(fn[static_cast<size_t>(r) * K + c]) * v;
+    }
+    const float rr = 1.f / std::sqrt(static_cast<float>(ss / K) + norm_eps);
+    float m[24];
+    for (int r = 0; r < rows; ++r) m[r] = static_cast<float>(acc[r]) * rr;
+    float pre[4];
+    for (int i = 0; i < 4; ++i) pre[i] = sigmoid(m[i] * scale[0] + base[i]) + eps;
+    if (!head) {
+      for (int i = 0; i < 4; ++i) ref_post[t * 4 + i] = 2.f * sigmoid(m[4 + i] * scale[1] + base[4 + i]);
+      float c[4][4];
+      for (int j = 0; j < 4; ++j) {
+        float L[4], mx = -INFINITY, s = 0;
+        for (int k = 0; k < 4; ++k) mx = std::max(mx, L[k] = m[8 + 4 * j + k] * scale[2] + base[8 + 4 * j + k]);
+        for (int k = 0; k < 4; ++k) s += (c[j][k] = std::exp(L[k] - mx));
+        for (int k = 0; k < 4; ++k) c[j][k] = c[j][k] / s + eps;
+      }
+      auto colnorm = [&]() {
+        for (int k = 0; k < 4; ++k) {
+          const float s = c[0][k] + c[1][k] + c[2][k] + c[3][k] + eps;
+          for (int j = 0; j < 4; ++j) c[j][k] /= s;
+        }
+      };
+      colnorm();
+      for (int it = 1; it < iters; ++it) {
+        for (int j = 0; j < 4; ++j) {
+          const float s = c[j][0] + c[j][1] + c[j][2] + c[j][3] + eps;
+          for (int k = 0; k < 4; ++k) c[j][k] /= s;
+        }
+        colnorm();
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k) ref_comb[t * 16 + j * 4 + k] = c[j][k];
+    }
+    for (int c = 0; c < d; ++c) {
+      float u = 0;
+      for (int i = 0; i < 4; ++i) u += pre[i] * bf16_to_float(xt[i * d + c]);
+      ref_u[static_cast<size_t>(t) * d + c] = u;
+    }
+  }
+  uint16_t* dx = to_device(x);
+  float* dfn = to_device(fn);
+  float* ds = to_device(scale);
+  float* db = to_device(base);
+  uint16_t* du = to_device(std::vector<uint16_t>(static_cast<size_t>(T) * d, 0xFFFF));
+  float* dp = to_device(std::vector<float>(T * 4, NAN));
+  float* dc = to_device(std::vector<float>(T * 16, NAN));
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  if (head) {
+    CHECK_CUDA(dsv4::mhc_head(dx, K, dfn, ds, db, norm_eps, eps, du, d, T, d, ws, ws_bytes, nullptr));
+  } else {
+    CHECK_CUDA(dsv4::mhc_pre(dx, K, dfn, ds, db, norm_eps, iters, eps, du, d, dp, dc, T, d, ws,
+                             ws_bytes, nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const auto gu = to_host(du, ref_u.size());
+  bool ok = true;
+  double max_u = 0, max_pc = 0;
+  for (size_t i = 0; i < gu.size(); ++i) {
+    const double err = std::fabs(double(bf16_to_float(gu[i])) - ref_u[i]);
+    const double tol = std::fabs(ref_u[i]) * (1.0 / 256) * 1.01 + 1e-5;  // one bf16 rounding
+    if (!(err <= tol)) ok = false;
+    max_u = std::max(max_u, err / (std::fabs(ref_u[i]) + 1e-3));
+  }
+  if (!head) {
+    const auto gp = to_host(dp, ref_post.size());
+    const auto gc = to_host(dc, ref_comb.size());
+    for (size_t i = 0; i < gp.size(); ++i) {
+      const double e = std::fabs(double(gp[i]) - ref_post[i]);
+      if (!(e <= 2e-5)) ok = false;
+      max_pc = std::max(max_pc, e);
+    }
+    for (size_t i = 0; i < gc.size(); ++i) {
+      const double e = std::fabs(double(gc[i]) - ref_comb[i]);
+      if (!(e <= 2e-5)) ok = false;
+      max_pc = std::max(max_pc, e);
+    }
+  }
+  std::printf("%s %s T=%-5d d=%-5d max_rel_u=%.3g max_abs_post_comb=%.3g\n", ok ? "ok  " : "FAIL",
+              head ? "head" : "pre ", T, d, max_u, max_pc);
+  for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                  static_cast<void*>(db), static_cast<void*>(du), static_cast<void*>(dp),
+                  static_cast<void*>(dc), ws})
+    CHECK_CUDA(cudaFree(p));
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  std::mt19937 rng(4321);
+  bool ok = true;
+  const int post_cases[][2] = {{1, 4096}, {5, 4096}, {300, 136}, {3, 13}};
+  for (auto& c : post_cases) ok &= check_post(c[0], c[1], rng);
+  const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256}};
+  for (auto& c : pre_cases)
+    for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+  ok &= dsv4::mhc_pre(nullptr, 0, nullptr, nullptr, nullptr, 1e-6f, 20, 1e-6f, nullptr, 0, nullptr,
+                      nullptr, 4, 12, nullptr, 0, nullptr) == cudaErrorInvalidValue;  // dim % 8
+  std::printf("%s\n", ok ? "PASS" : "FAIL");
+  return ok ? 0 : 1;
+}

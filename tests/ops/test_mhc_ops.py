@@ -1,0 +1,252 @@
+"""torch.ops.dsv4.mhc_pre / mhc_post / mhc_head: the ops (CPU = the layer references) against
+training.md §7.1-7.2, the CUDA kernels against the references with the 2x-bf16 rule, Sinkhorn
+on the GPU against the §7.1 vector and a matrix whose 19th and 20th iterations differ by 3e-3,
+decode (one launch) and prefill (chunked) sizes, strided inputs, poisoned outputs, and
+torch.library.opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4.ops  # noqa: F401  (registers the ops)
+from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
+
+ops = torch.ops.dsv4
+cuda = pytest.mark.cuda
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+L_71 = torch.tensor([[-3.3775196, -3.4570806, -0.7517357, -1.3016365],
+                     [2.5461311, 2.0760274, -0.9480383, -6.3456583],
+                     [0.9668248, -3.7900043, 1.0499495, 0.9244018],
+                     [0.3595245, 3.7129736, 3.3503315, -0.7418345]])
+COMB_71 = torch.tensor([[0.0405936, 0.0330831, 0.4034770, 0.5228455],
+                        [0.6354968, 0.3504710, 0.0138882, 0.0001429],
+                        [0.2995740, 0.0022724, 0.2342138, 0.4639388],
+                        [0.0243346, 0.6141724, 0.3484201, 0.0130718]])
+
+
+def _sinkhorn64(L: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor:
+    """The official order (training.md §7.1) in float64, written out independently."""
+    c = torch.softmax(L.double(), -1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+def _slow_matrix() -> torch.Tensor:
+    """Upper-triangular-like logits (-12 below the diagonal): Sinkhorn converges slowly, so
+    19 and 20 iterations differ by ~3e-3."""
+    return torch.tril(torch.full((4, 4), -12.0), diagonal=-1)
+
+
+def test_slow_matrix_separates_19_from_20_iterations():
+    L = _slow_matrix()
+    assert (_sinkhorn64(L, 19) - _sinkhorn64(L, 20)).abs().max() > 2e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# training.md §7.2 vectors through the ops (CPU: the references)
+# ---------------------------------------------------------------------------------------------
+def _vectors():
+    X = torch.arange(12.).view(1, 1, 4, 3) / 10 - 0.5
+    fn = ((torch.arange(24 * 12).view(24, 12) % 7) - 3) / 10
+    return X, fn, torch.tensor([0.5, 0.25, 1.0]), torch.linspace(-1, 1, 24)
+
+
+def test_ops_reproduce_hc_vectors():
+    X, fn, scale, base = _vectors()
+    u, post, comb = ops.mhc_pre(X, fn, scale, base, 1e-6, 20, 1e-6)
+    torch.testing.assert_close(u.flatten(), torch.tensor([-0.026476, 0.094946, 0.216368]),
+                               atol=2e-6, rtol=0)
+    torch.testing.assert_close(post.flatten(), torch.tensor([0.656249, 0.656668, 0.844563, 0.869600]),
+                               atol=2e-6, rtol=0)
+    torch.testing.assert_close(comb[0, 0, 0], torch.tensor([0.158760, 0.151850, 0.374765, 0.314623]),
+                               atol=2e-6, rtol=0)
+    f = torch.tensor([1.0, -2.0, 0.5]).view(1, 1, 3)
+    out = ops.mhc_post(f, X, post, comb)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.745732, -1.123016, 0.617607]),
+                               atol=2e-6, rtol=0)
+    y = ops.mhc_head(X, fn[:4], torch.tensor([0.5]), torch.tensor([0.1, -0.1, 0.2, -0.2]), 1e-6,
+                     1e-6)
+    torch.testing.assert_close(y.flatten(), torch.tensor([-0.116592, 0.085966, 0.288524]),
+                               atol=2e-6, rtol=0)
+
+
+def test_ops_reject_bad_shapes():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match=r"fn must be float32 \[24, 32\]"):
+        ops.mhc_pre(x, torch.randn(24, 31), torch.ones(3), torch.zeros(24), 1e-6, 20, 1e-6)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        ops.mhc_pre(x, torch.randn(24, 32), torch.ones(3), torch.zeros(24), 1e-6, 0, 1e-6)
+    with pytest.raises(ValueError, match=r"comb must be float32 \[2, 4, 4\]"):
+        ops.mhc_post(torch.randn(2, 8), x, torch.rand(2, 4), torch.rand(2, 4, 3))
+    with pytest.raises(ValueError, match=r"scale must be float32 \[1\]"):
+        ops.mhc_head(x, torch.randn(4, 32), torch.ones(3), torch.zeros(4), 1e-6, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the tolerance rule
+# ---------------------------------------------------------------------------------------------
+def _inputs(T, d, seed, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (T,) if lead is None else lead
+    x = (torch.randn(*shape, 4, d, generator=g) * 2).to(torch.bfloat16)
+    fn = torch.randn(24, 4 * d, generator=g) * (4 * d) ** -0.5 * 3
+    scale = torch.rand(3, generator=g) + 0.5
+    base = torch.randn(24, generator=g) * 0.5
+    head = (torch.randn(4, 4 * d, generator=g) * (4 * d) ** -0.5, torch.rand(1, generator=g) + 0.5,
+            torch.randn(4, generator=g) * 0.5)
+    return x, fn, scale, base, head
+
+
+def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor, what: str):
+    """Kernel error vs the fp32 reference <= 2x that of the same reference run in bf16."""
+    got, ref32, ref16 = got.float().cpu(), ref32.float().cpu(), ref16.float().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref32)), what
+    err = (got - ref32).abs().max().item()
+    err16 = (ref16 - ref32).abs().max().item()
+    assert err <= 2 * err16 + 1e-6, f"{what}: kernel error {err:.3g} > 2 x bf16 error {err16:.3g}"
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref32.flatten(), dim=0)
+    assert cos > 0.99999, f"{what}: cosine {cos}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels
+# ---------------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (8, 4096), (9, 4096), (64, 136),
+                                 (65, 128), (513, 256), (1000, 4096), (4096, 512), (2, 7168)])
+def test_mhc_pre_kernel_matches_reference(T, d):
+    x, fn, scale, base, _ = _inputs(T, d, T + d)
+    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
+    u16, _, _ = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)
+    dev = [t.cuda() for t in (x, fn, scale, base)]
+    u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    post = torch.full((T, 4), float("nan"), device="cuda")
+    comb = torch.full((T, 4, 4), float("nan"), device="cuda")
+    ops.mhc_pre_out(*dev, 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
+    _assert_2x_bf16(u, u32, u16, "u")
+    torch.testing.assert_close(post.cpu(), post32, atol=2e-5, rtol=0)
+    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
+    u2, post2, comb2 = ops.mhc_pre(*dev, 1e-6, 20, 1e-6)        # bit-identical run to run
+    assert torch.equal(u2, u) and torch.equal(post2, post) and torch.equal(comb2, comb)
+
+
+@cuda
+@pytest.mark.parametrize("iters", [19, 20])
+@pytest.mark.parametrize("T", [1, 40])   # decode (one launch) and the two-kernel path
+def test_mhc_pre_kernel_sinkhorn_vectors(iters, T):
+    """fn rows 0..23 = 0, base = the logits: the kernel's comb is Sinkhorn(base) exactly; the
+    §7.1 vector and the slow matrix (19 vs 20 iterations differ by 3e-3) in fp64."""
+    d = 64
+    x = torch.randn(T, 4, d).to(torch.bfloat16).cuda()
+    fn = torch.zeros(24, 4 * d, device="cuda")
+    scale = torch.tensor([1.0, 1.0, 3.0], device="cuda")
+    for L, tol in ((L_71, 3e-7), (_slow_matrix(), 1e-6)):
+        base = torch.cat([torch.linspace(-1, 1, 8), L.flatten()]).cuda()
+        u, post, comb = ops.mhc_pre(x, fn, scale, base, 1e-6, iters, 1e-6)
+        want = _sinkhorn64(L, iters).float()
+        for t in range(T):
+            torch.testing.assert_close(comb[t].cpu(), want, atol=tol, rtol=0)
+        if iters == 20 and L is L_71:
+            torch.testing.assert_close(comb[0].cpu(), COMB_71, atol=3e-7, rtol=0)
+        pre = torch.sigmoid(base[:4]) + 1e-6
+        torch.testing.assert_close(post, (2 * torch.sigmoid(base[4:8])).expand(T, 4),
+                                   atol=1e-7, rtol=0)
+        u_ref = (pre[None, :, None] * x.float()).sum(1).to(torch.bfloat16)
+        assert (u.float() - u_ref.float()).abs().max() <= u_ref.float().abs().max() * 2 ** -7
+
+
+@cuda
+@pytest.mark.parametrize("T,d", [(1, 4096), (7, 40), (300, 4096), (64, 13 * 8)])
+def test_mhc_post_kernel_matches_reference(T, d):
+    g = torch.Generator().manual_seed(T * d)
+    f = torch.randn(T, d, generator=g).to(torch.bfloat16)
+    res = (torch.randn(T, 4, d, generator=g) * 3).to(torch.bfloat16)
+    post = torch.rand(T, 4, generator=g) * 2
+    comb = torch.softmax(torch.randn(T, 4, 4, generator=g), -1)
+    ref32 = hc_post_reference(f.float(), res.float(), post, comb)
+    ref16 = hc_post_reference(f, res, post, comb)
+    out = torch.full((T, 4, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.mhc_post_out(f.cuda(), res.cuda(), post.cuda(), comb.cuda(), out=out)
+    _assert_2x_bf16(out, ref32, ref16, "post")
+    assert torch.equal(ops.mhc_post(f.cuda(), res.cuda(), post.cuda(), comb.cuda()), out)
+
+
+@cuda
+def test_mhc_post_kernel_odd_dim_and_strided_inputs():
+    g = torch.Generator().manual_seed(3)
+    T, d = 5, 13                                       # scalar path (dim % 8 != 0)
+    f = torch.randn(T, 2 * d, generator=g).to(torch.bfloat16)[:, 1:d + 1]
+    res = torch.randn(T, 4, d, generator=g).to(torch.bfloat16)
+    post, comb = torch.rand(T, 4, generator=g), torch.rand(T, 4, 4, generator=g)
+    ref16 = hc_post_reference(f, res, post, comb)
+    out = ops.mhc_post(f.cuda(), res.cuda(), post.cuda(), comb.cuda())
+    _assert_2x_bf16(out, hc_post_reference(f.float(), res.float(), post, comb), ref16, "post")
+
+
+@cuda
+@pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (9, 4096), (600, 256)])
+def test_mhc_head_kernel_matches_reference(T, d):
+    x, _, _, _, (fn, scale, base) = _inputs(T, d, 7 * T + d)
+    ref32 = hc_head_reference(x.float(), fn, scale, base, 1e-6, 1e-6)
+    ref16 = hc_head_reference(x, fn, scale, base, 1e-6, 1e-6)
+    y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.mhc_head_out(x.cuda(), fn.cuda(), scale.cuda(), base.cuda(), 1e-6, 1e-6, y=y)
+    _assert_2x_bf16(y, ref32, ref16, "head")
+
+
+@cuda
+def test_mhc_pre_kernel_strided_and_batched_inputs():
+    """[batch, seq, 4, d] streams that are a misaligned slice of a larger buffer."""
+    x, fn, scale, base, _ = _inputs(6, 64, 1, lead=(2, 3))
+    big = torch.zeros(2, 3, 4, 64 + 1, dtype=torch.bfloat16)
+    big[..., 1:] = x
+    xs = big.cuda()[..., 1:]                         # not contiguous, not 16-byte aligned
+    u, post, comb = ops.mhc_pre(xs, fn.cuda(), scale.cuda(), base.cuda(), 1e-6, 20, 1e-6)
+    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
+    assert u.shape == (2, 3, 64) and post.shape == (2, 3, 4) and comb.shape == (2, 3, 4, 4)
+    _assert_2x_bf16(u, u32, hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0], "u")
+    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
+
+
+@cuda
+def test_mhc_kernels_reject_unsupported_shapes():
+    x = torch.randn(2, 3, 12, device="cuda", dtype=torch.bfloat16)   # hc 3
+    fn = torch.randn(15, 36, device="cuda")
+    with pytest.raises(RuntimeError, match="hc_mult = 4"):
+        ops.mhc_pre(x, fn, torch.ones(3, device="cuda"), torch.zeros(15, device="cuda"), 1e-6,
+                    20, 1e-6)
+    x = torch.randn(2, 4, 12, device="cuda", dtype=torch.bfloat16)   # dim % 8
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.mhc_head(x, torch.randn(4, 48, device="cuda"), torch.ones(1, device="cuda"),
+                     torch.zeros(4, device="cuda"), 1e-6, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(5, 16, 0, lead=(1, 5))
+    x = x.to(device, dt)
+    fn, scale, base = fn.to(device), scale.to(device), base.to(device)
+    hfn, hscale, hbase = hfn.to(device), hscale.to(device), hbase.to(device)
+    u, post, comb = ops.mhc_pre(x, fn, scale, base, 1e-6, 20, 1e-6)
+    f = torch.randn_like(u)
+    cases = [
+        (ops.mhc_pre.default, (x, fn, scale, base, 1e-6, 20, 1e-6), {}),
+        (ops.mhc_pre_out.default, (x, fn, scale, base, 1e-6, 20, 1e-6),
+         dict(u=torch.empty_like(u), post=torch.empty_like(post), comb=torch.empty_like(comb))),
+        (ops.mhc_post.default, (f, x, post, comb), {}),
+        (ops.mhc_post_out.default, (f, x, post, comb), dict(out=torch.empty_like(x))),
+        (ops.mhc_head.default, (x, hfn, hscale, hbase, 1e-6, 1e-6), {}),
+        (ops.mhc_head_out.default, (x, hfn, hscale, hbase, 1e-6, 1e-6),
+         dict(y=torch.empty_like(u))),
+    ]
+    for op, args, kwargs in cases:
+        torch.library.opcheck(op, args, kwargs)
