@@ -194,38 +194,36 @@ def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """``{name: (file, dtype string, shape)}`` of a checkpoint directory, from file headers only.
 
     Files: those listed in ``model.safetensors.index.json``, else every ``*.safetensors`` except
-    ``golden.safetensors`` and model-parallel rank files. Raises ConvertError for a missing
-    directory, no weights, an unreadable file or a tensor present in two files.
+    ``golden.safetensors`` and model-parallel rank files, each confined to the directory
+    (:func:`dsv4.checkpoint_io.confined_path`). Raises ConvertError for a missing
+    directory, no weights, a file outside the directory, an unreadable file or a tensor
+    present in two files.
     """
     if not os.path.isdir(path):
         raise ConvertError(f"checkpoint directory not found: {path}")
+    from .checkpoint_io import SafetensorsFile, confined_path, read_json
+
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConvertError(f"{index} is not a safetensors index with a weight_map: "
-                               f"{e!r}") from None
+        d = read_json(index, "the safetensors index", ConvertError)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wm, dict):
+            raise ConvertError(f"{index} is not a safetensors index with a weight_map object")
+        files = sorted({confined_path(path, f, f"{index}: weight_map entry {n!r} -> {f!r}",
+                                      ConvertError) for n, f in wm.items()})
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")
-                       and f != "golden.safetensors" and not _RANK_FILE.match(f))
+        files = sorted(confined_path(path, f, f, ConvertError) for f in os.listdir(path)
+                       if f.endswith(".safetensors") and f != "golden.safetensors"
+                       and not _RANK_FILE.match(f))
     if not files:
         raise ConvertError(f"no *.safetensors weights found in {path}")
     out: dict[str, tuple[str, str, list[int]]] = {}
-    for fname in files:
-        fpath = os.path.join(path, fname)
-        try:
-            with safe_open(fpath, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if name in out:
-                        raise ConvertError(f"tensor {name} is in both {out[name][0]} and {fpath}")
-                    out[name] = (fpath, sl.get_dtype(), list(sl.get_shape()))
-        except ConvertError:
-            raise
-        except Exception as e:  # safetensors raises its own error types
-            raise ConvertError(f"cannot read {fpath}: {e}") from e
+    for fpath in files:
+        with SafetensorsFile(fpath, ConvertError) as f:      # the header only
+            for name, (dtype, shape, _) in f.tensors.items():
+                if name in out:
+                    raise ConvertError(f"tensor {name} is in both {out[name][0]} and {fpath}")
+                out[name] = (fpath, dtype, list(shape))
     return out
 
 
