@@ -394,11 +394,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print("[interrupted]", file=sys.stderr)
         return 130
     end_output()
-    print(
-        f"[prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}, "
-        f"{result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}]",
-        file=sys.stderr, flush=True,
-    )
+    from dsv4.generate import format_rates
+    print(format_rates(result), file=sys.stderr, flush=True)
     return 0
 
 
