@@ -307,7 +307,11 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     _check_model_arg(parser, args.model)
     device = _resolve_device(parser, args.device)
     if args.backend:
-        from dsv4.ops.backend import set_backend
+        from dsv4.ops.backend import check_backend, set_backend
+        try:
+            check_backend(args.backend, device)
+        except ValueError as e:
+            parser.error(f"argument --backend: {e}")
         set_backend(args.backend)
     import torch
 
