@@ -509,7 +509,12 @@ def _cmd_make_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentPars
     tokenizer = False if args.no_tokenizer else args.tokenizer
     try:
         files = make_checkpoint(config, args.out, fmt=args.format, n_shards=args.shards,
-                                seed=args.seed, tokenizer=tokenizer, overwrite=args.overwrite)
+                                seed=args.seed, tokenizer=tokenizer, overwrite=args.overwrite,
+                                log=lambda line: print(f"writing {line}", flush=True))
+    except KeyboardInterrupt:
+        print("dsv4 make-checkpoint: interrupted; the files written so far were removed",
+              file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dsv4 make-checkpoint: error: {e}", file=sys.stderr)
         return 1
