@@ -633,3 +633,34 @@ def test_convert_reads_only_confined_files(sharded):
     _edit_index(d, lambda wm: wm.__setitem__("norm.weight", str(out / SHARD2)))
     with pytest.raises(ConvertError, match="weight_map entry 'norm.weight'.*relative"):
         read_checkpoint_index(str(d))
+
+
+# ------------------------------------------------------------------------------ no random init
+def test_meta_build_draws_no_linear_weights(monkeypatch):
+    """The loader builds on the meta device; Linear must not run nn.init on meta weights
+    (~0.7 ms a call through torch's Python decomposition: about a minute for V4-Flash)."""
+    from dsv4.layers.linear import Linear
+
+    seen = []
+    real = torch.nn.init.normal_
+
+    def normal_(tensor, *a, **k):
+        seen.append(tensor)
+        return real(tensor, *a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    with torch.device("meta"):
+        m = dsv4.Model(_config())
+    linear_weights = {id(mod.weight) for mod in m.modules() if isinstance(mod, Linear)}
+    assert len(linear_weights) > 100
+    assert not [t for t in seen if id(t) in linear_weights]
+    seen.clear()
+    m = dsv4.Model(_config())                          # on the CPU: drawn as before
+    assert sum(id(t) in {id(mod.weight) for mod in m.modules() if isinstance(mod, Linear)}
+               for t in seen) > 100
+
+
+def test_from_pretrained_draws_no_random_numbers(ckpt):
+    state = torch.get_rng_state()
+    _load(ckpt["fp8"], quant_sim=False, num_layers=2)
+    assert torch.equal(torch.get_rng_state(), state)
