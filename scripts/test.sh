@@ -21,6 +21,8 @@ sys.exit(torch.__version__.split("+")[0] != "2.14.1"
          or int(setuptools.__version__.split(".")[0]) < 64)' 2>/dev/null; then
   "$PY" -m pip install torch==2.14.1 "setuptools>=64" wheel
 fi
+# ninja: parallel, incremental compiles (and the [n/N] progress lines below)
+command -v ninja >/dev/null || "$PY" -m pip install ninja
 if [[ -z "${CUDA_HOME:-}" ]]; then  # the nvcc on PATH may be a wrapper: find the real toolkit
   CUDA_HOME=$("$PY" -c 'import setup; print(setup.find_cuda_home() or "")')
   [[ -n "$CUDA_HOME" ]] && export CUDA_HOME
