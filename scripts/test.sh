@@ -50,15 +50,15 @@ EOF
 # Print one short line per compile/link step of the (verbose) pip output.
 progress() {
   awk '
-    /^\[[0-9]+\/[0-9]+\]/ {
+    /^[[:space:]]*\[[0-9]+\/[0-9]+\]/ {
       src = ""
-      for (i = 2; i <= NF; i++) if ($i == "-c" && i < NF) { src = $(i + 1) }
+      for (i = 2; i <= NF; i++) if ($i ~ /\.(cu|cpp|cc|c)$/ && $(i - 1) == "-c") { src = $i }
       sub(".*/csrc/", "csrc/", src)
       print "  " $1 " " (src != "" ? "compiling " src : "building")
       fflush(); next
     }
     /-shared / { print "  linking dsv4/_C"; fflush(); next }
-    /^dsv4 setup:|^Successfully installed|[Ee]rror:/ { print "  " $0; fflush() }
+    /^[[:space:]]*(dsv4 setup:|Successfully installed)|[Ee]rror:/ { sub(/^[[:space:]]+/, ""); print "  " $0; fflush() }
   '
 }
 
