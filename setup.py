@@ -15,6 +15,17 @@ Environment:
 
 The .cu files in csrc/kernels include no torch header (nvcc takes ~2 s per file instead of
 ~100 s); the torch glue in csrc/torch/*.cpp is compiled by the host compiler.
+
+Object files live in build/temp-dsv4-<python>/ (not in the throw-away directory pip gives an
+editable build), so ninja recompiles only the sources that changed since the last build.
+
+python/dsv4/_build_config.py records what was built (read by ``dsv4.info()``). An editable
+install or ``build_ext --inplace`` writes it in the source tree; a wheel build writes it into
+the wheel only, and never touches the source tree: building a pure-Python wheel
+(``DSV4_SKIP_CUDA_BUILD=1 pip wheel .``) leaves an editable CUDA install of the same checkout
+(its ``_C*.so`` and its build record) as it was. An editable pure-Python install of a tree that
+still holds a ``_C*.so`` from an earlier build does not delete it either: its build record says
+CUDA_BUILD = False, and ``dsv4`` then does not load the stale extension (``dsv4 info`` says so).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import sysconfig
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = Path(__file__).resolve().parent
 BUILD_CONFIG = ROOT / "python" / "dsv4" / "_build_config.py"
@@ -163,13 +175,53 @@ def gencode_flags(arch_list: str) -> list[str]:
     return flags
 
 
-def write_build_config(values: dict) -> None:
-    """python/dsv4/_build_config.py (gitignored), read by dsv4.ops._ext.info()."""
+#: What this build produces, written to _build_config.py by the build commands below.
+BUILD_VALUES: dict = {"CUDA_BUILD": False}
+
+
+def write_build_config(values: dict, path: Path = BUILD_CONFIG) -> None:
+    """Write ``_build_config.py`` (read by dsv4.ops._ext.info()) at ``path``: the source tree's
+    python/dsv4/ for in-place builds, build_lib/dsv4/ for a wheel."""
     lines = ['"""Written by setup.py at build time; do not edit (gitignored)."""', ""]
     lines += [f"{k} = {v!r}" for k, v in values.items()]
     text = "\n".join(lines) + "\n"
-    if not BUILD_CONFIG.exists() or BUILD_CONFIG.read_text() != text:
-        BUILD_CONFIG.write_text(text)
+    path = Path(path)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+class BuildPy(_build_py):
+    """build_py that records the build: in the source tree for an editable install, in the
+    wheel's build directory otherwise (the source tree is left alone)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            write_build_config(BUILD_VALUES)
+        else:
+            write_build_config(BUILD_VALUES, Path(self.build_lib) / "dsv4" / "_build_config.py")
+
+
+def source_digest() -> str:
+    """SHA-256 of what the compiled extension depends on: every file under csrc/, setup.py,
+    pyproject.toml, and the build environment (python, torch, CUDA_HOME, TORCH_CUDA_ARCH_LIST,
+    DSV4_SKIP_CUDA_BUILD). scripts/test.sh rebuilds only when it changes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(p for p in (ROOT / "csrc").rglob("*") if p.is_file())
+    for p in files + [ROOT / "setup.py", ROOT / "pyproject.toml"]:
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+    try:
+        from importlib.metadata import version
+        torch_version = version("torch")
+    except Exception:
+        torch_version = "none"
+    env = [sys.executable, torch_version, os.environ.get("CUDA_HOME", ""),
+           os.environ.get("TORCH_CUDA_ARCH_LIST", ""), os.environ.get("DSV4_SKIP_CUDA_BUILD", "")]
+    h.update("\0".join(env).encode())
+    return h.hexdigest()
 
 
 def cuda_extensions() -> tuple[list, dict]:
@@ -194,6 +246,21 @@ def cuda_extensions() -> tuple[list, dict]:
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    class BuildExt(BuildExtension):
+        """torch's BuildExtension with a persistent object directory (ninja then recompiles
+        only what changed; pip's editable builds otherwise use a fresh temporary directory)
+        that records the build in the source tree when it builds in place."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+            self.build_temp = str(ROOT / "build" / f"temp-dsv4-{tag}")
+
+        def run(self) -> None:
+            super().run()
+            if self.inplace or getattr(self, "editable_mode", False):
+                write_build_config(BUILD_VALUES)
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
     # Our own -gencode flags (torch then adds none): independent of torch's arch table.
@@ -223,7 +290,8 @@ def cuda_extensions() -> tuple[list, dict]:
         depends=sorted(glob.glob("csrc/include/**/*.h", recursive=True))
         + sorted(glob.glob("csrc/kernels/*.cuh")),
     )
-    write_build_config(
+    BUILD_VALUES.clear()
+    BUILD_VALUES.update(
         {
             "CUDA_BUILD": True,
             "TORCH_CUDA_ARCH_LIST": arch_list,
@@ -239,21 +307,18 @@ def cuda_extensions() -> tuple[list, dict]:
         f"NVCC_THREADS={nvcc_threads or '(unset)'}",
         file=sys.stderr,
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": BuildExt}
 
 
 def main() -> None:
     os.chdir(ROOT)  # source paths must be relative to setup.py
     if _env_flag("DSV4_SKIP_CUDA_BUILD"):
-        write_build_config({"CUDA_BUILD": False})
-        # An editable install imports from the source tree: drop a stale in-place extension.
-        for stale in glob.glob("python/dsv4/_C.*.so") + glob.glob("python/dsv4/_C.*.pyd"):
-            print(f"dsv4 setup: DSV4_SKIP_CUDA_BUILD=1, removing stale {stale}", file=sys.stderr)
-            os.remove(stale)
+        BUILD_VALUES.clear()
+        BUILD_VALUES["CUDA_BUILD"] = False
         ext_modules, cmdclass = [], {}
     else:
         ext_modules, cmdclass = cuda_extensions()
-
+    cmdclass["build_py"] = BuildPy
     setup(ext_modules=ext_modules, cmdclass=cmdclass)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -407,3 +408,259 @@ def test_bad_arguments(ckpt):
         _load(ckpt["fp8"], dtype=torch.int8)
     with pytest.raises(CheckpointError, match="not found"):
         _load(os.path.join(ckpt["fp8"], "nope"))
+
+
+# ------------------------------------------------------------------------------ confined paths
+def _index_path(d):
+    return d / "model.safetensors.index.json"
+
+
+def _edit_index(d, edit):
+    idx = _index_path(d)
+    data = json.loads(idx.read_text())
+    edit(data["weight_map"])
+    idx.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def sharded(ckpt, tmp_path):
+    """A copy of the release checkpoint (2 shards + index) in tmp_path/ckpt, and a directory
+    tmp_path/outside holding a copy of shard 2 (readable, valid: only the path is wrong)."""
+    d, out = tmp_path / "ckpt", tmp_path / "outside"
+    _write(d, ckpt["config"], ckpt["rel"])
+    out.mkdir()
+    (out / SHARD2).write_bytes((d / SHARD2).read_bytes())
+    return d, out
+
+
+def test_index_entries_outside_the_directory_are_refused(sharded):
+    d, out = sharded
+    cases = {
+        str(out / SHARD2): "relative to the checkpoint directory",              # absolute
+        f"../outside/{SHARD2}": "without '..'",                                  # parent
+        f"sub/../../outside/{SHARD2}": "without '..'",
+        "": "non-empty string",
+    }
+    for target, why in cases.items():
+        _edit_index(d, lambda wm: wm.__setitem__("norm.weight", target))
+        with pytest.raises(CheckpointError) as e:
+            _load(d)
+        msg = str(e.value)
+        assert "weight_map entry 'norm.weight'" in msg and why in msg, msg
+        _edit_index(d, lambda wm: wm.__setitem__("norm.weight", SHARD2))
+    _load(d, quant_sim=False, num_layers=1)          # restored: loads
+
+
+def test_symlinks_leaving_the_directory_are_refused(sharded, ckpt):
+    d, out = sharded
+    (d / SHARD2).unlink()
+    (d / SHARD2).symlink_to(out / SHARD2)               # the index names an in-directory file
+    with pytest.raises(CheckpointError, match=rf"weight_map entry .*{SHARD2}.*outside the "
+                                              r"checkpoint directory .*symlink"):
+        _load(d)
+    # The same for a single-file checkpoint and for config.json.
+    single = d.parent / "single"
+    _write(single, ckpt["config"], ckpt["rel"], shards=False)
+    (out / "model.safetensors").write_bytes((single / "model.safetensors").read_bytes())
+    (single / "model.safetensors").unlink()
+    (single / "model.safetensors").symlink_to(out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors.*outside the checkpoint"):
+        _load(single)
+    (single / "model.safetensors").unlink()
+    (single / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (out / "config.json").write_text((single / "config.json").read_text())
+    (single / "config.json").unlink()
+    (single / "config.json").symlink_to(out / "config.json")
+    with pytest.raises(CheckpointError, match="config.json.*outside the checkpoint"):
+        _load(single)
+
+
+def test_hugging_face_cache_symlinks_to_blobs_load(ckpt, tmp_path, ids):
+    """hub cache layout: snapshots/<rev>/<file> -> ../../blobs/<hash> stays allowed."""
+    src = tmp_path / "src"
+    _write(src, ckpt["config"], ckpt["rel"])
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(os.listdir(src))):
+        (repo / "blobs" / f"blob{i}").write_bytes((src / f).read_bytes())
+        (snap / f).symlink_to(f"../../blobs/blob{i}")
+    a = _logits(_load(snap, quant_sim=False), ids)
+    b = _logits(_load(src, quant_sim=False), ids)
+    assert torch.equal(a, b)
+
+
+def test_deeply_nested_index_is_a_checkpoint_error(sharded):
+    d, _ = sharded
+    _index_path(d).write_text("{\"weight_map\": " + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        _load(d)
+    _index_path(d).write_text("{\"weight_map\": [1, 2]}")
+    with pytest.raises(CheckpointError, match="weight_map"):
+        _load(d)
+
+
+# ------------------------------------------------------------------------------ lazy shards
+def _append_sparse_tensor(file, name, nbytes):
+    """Add a U8 tensor of ``nbytes`` zero bytes at the end of a safetensors file, as a hole
+    (sparse file: no disk blocks, no memory)."""
+    import struct
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    header[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [len(data), len(data) + nbytes]}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+        f.truncate(8 + len(blob) + len(data) + nbytes)
+
+
+def test_a_shard_larger_than_memory_loads(ckpt, tmp_path, ids):
+    """A shard bigger than RAM + swap (safetensors' safe_open maps it copy-on-write and fails
+    with "Cannot allocate memory"); the loader reads only the tensors it needs."""
+    _write(tmp_path, ckpt["config"], ckpt["rel"], shards=False)
+    f = tmp_path / "model.safetensors"
+    pages = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    big = max(pages * 2, 32 << 30)
+    # "mtp.*emb*" tensors are dropped by the official name mapping (MTP shares the embedding).
+    _append_sparse_tensor(f, "mtp.0.emb.padding", big)
+    if os.stat(f).st_blocks * 512 > 1 << 30:
+        pytest.skip("the filesystem does not support sparse files")
+    assert os.path.getsize(f) > pages
+    a = _logits(_load(tmp_path, quant_sim=False), ids)
+    b = _logits(_load(ckpt["fp8"], quant_sim=False), ids)
+    assert torch.equal(a, b)
+
+
+def test_shard_header_is_validated(ckpt, tmp_path):
+    import struct
+    from dsv4.checkpoint_io import SafetensorsFile
+
+    _write(tmp_path, ckpt["config"], ckpt["rel"], shards=False)
+    f = tmp_path / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    good = json.loads(raw[8:8 + n])
+
+    def rewrite(header):
+        blob = json.dumps(header).encode()
+        f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+    name = "norm.weight"
+    b, e = good[name]["data_offsets"]
+    for change, msg in (({"dtype": "Q7"}, "bad header entry for 'norm.weight'"),
+                        ({"shape": [-1]}, "bad header entry"),
+                        ({"data_offsets": [b, e + 2]}, "needs 256 bytes"),
+                        ({"data_offsets": [0, e - b]}, "overlap"),
+                        ({"data_offsets": [10 ** 12, 10 ** 12 + e - b]}, "inside the")):
+        rewrite(dict(good, **{name: dict(good[name], **change)}))
+        with pytest.raises(CheckpointError, match=msg):
+            SafetensorsFile(str(f), CheckpointError)
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            _load(tmp_path)
+    f.write_bytes((2 ** 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header length"):
+        _load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ scales, sizes
+@pytest.mark.parametrize("value, shown", [
+    (float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf"), (-0.5, "-0.5"),
+    (1e30, "1e+30"), (200.0, "200"),
+])
+def test_bad_f32_scales_are_refused(ckpt, tmp_path, value, shown):
+    t = dict(ckpt["rel"])
+    s = t["layers.1.attn.wq_b.scale"].float().clone()
+    s[2, 0] = value
+    t["layers.1.attn.wq_b.scale"] = s                            # F32 scales (accepted dtype)
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError, match=rf"layers.1.attn.wq_b.scale in {SHARD1}: 1 "
+                       rf"scale\(s\) outside the accepted range \[0, 146\.214\].*at \[2, 0\], "
+                       rf"is {re.escape(shown)}"):
+        _load(tmp_path)
+    s[2, 0] = 2.0 ** -7                                          # a sane F32 scale loads
+    _write(tmp_path, ckpt["config"], t)
+    _load(tmp_path, num_layers=2)
+
+
+def test_huge_e8m0_and_fp4_scales_are_refused(ckpt, tmp_path):
+    t = dict(ckpt["rel"])
+    s = t["layers.1.attn.wkv.scale"].view(torch.uint8).clone()
+    s[0, 0] = 254                                               # 2^127
+    t["layers.1.attn.wkv.scale"] = s.view(torch.float8_e8m0fnu)
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError, match=r"layers.1.attn.wkv.scale.*\[0, 146.214\].*"
+                                              r"is 1\.70141e\+38"):
+        _load(tmp_path)
+    t = dict(ckpt["rel"])
+    name = "layers.0.ffn.experts.3.w2.scale"
+    s = t[name].float().clone()
+    s[2, 1] = 2e4
+    t[name] = s
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError, match=rf"{name}.*\[0, 10917.3\] \(FP4 weights: scale x 6"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(n_routed_experts=10 ** 6), r"n_routed_experts=1000000, but the "
+     r"checkpoint files hold layers 0..3, experts 0..7 \(no layers.0.ffn.experts.999999"),
+    (lambda d: d.update(num_hidden_layers=10 ** 5, num_hash_layers=2,
+                        compress_ratios=[0] * (10 ** 5 + 1)),
+     r"n_layers=100000.*\(no layers.99999.attn_norm.weight"),
+])
+def test_oversized_configs_are_refused_before_any_module_is_built(ckpt, tmp_path, edit, message):
+    from dsv4.checkpoint import load_checkpoint
+
+    class NotBuilt:
+        def __init__(self, config):
+            raise AssertionError("a module was built")
+
+    _write(tmp_path, ckpt["config"], ckpt["rel"], config_edit=edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(NotBuilt, tmp_path, progress=False)
+
+
+def test_convert_reads_only_confined_files(sharded):
+    from dsv4.convert import ConvertError, read_checkpoint_index
+
+    d, out = sharded
+    assert len(read_checkpoint_index(str(d))) == len(json.loads(_index_path(d).read_text())
+                                                      ["weight_map"])
+    _edit_index(d, lambda wm: wm.__setitem__("norm.weight", str(out / SHARD2)))
+    with pytest.raises(ConvertError, match="weight_map entry 'norm.weight'.*relative"):
+        read_checkpoint_index(str(d))
+
+
+# ------------------------------------------------------------------------------ no random init
+def test_meta_build_draws_no_linear_weights(monkeypatch):
+    """The loader builds on the meta device; Linear must not run nn.init on meta weights
+    (~0.7 ms a call through torch's Python decomposition: about a minute for V4-Flash)."""
+    from dsv4.layers.linear import Linear
+
+    seen = []
+    real = torch.nn.init.normal_
+
+    def normal_(tensor, *a, **k):
+        seen.append(tensor)
+        return real(tensor, *a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    with torch.device("meta"):
+        m = dsv4.Model(_config())
+    linear_weights = {id(mod.weight) for mod in m.modules() if isinstance(mod, Linear)}
+    assert len(linear_weights) > 100
+    assert not [t for t in seen if id(t) in linear_weights]
+    seen.clear()
+    m = dsv4.Model(_config())                          # on the CPU: drawn as before
+    assert sum(id(t) in {id(mod.weight) for mod in m.modules() if isinstance(mod, Linear)}
+               for t in seen) > 100
+
+
+def test_from_pretrained_draws_no_random_numbers(ckpt):
+    state = torch.get_rng_state()
+    _load(ckpt["fp8"], quant_sim=False, num_layers=2)
+    assert torch.equal(torch.get_rng_state(), state)

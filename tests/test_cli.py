@@ -18,9 +18,9 @@ import dsv4
 from dsv4 import cli
 from dsv4.tokenizer import default_tokenizer_path, encode_prompt, load_tokenizer
 
-STATS_RE = re.compile(
-    r"^\[prompt tokens: (\d+), new tokens: (\d+), (\d+(?:\.\d+)?) tokens/s, "
-    r"finish: (eos|length|stop)\]$"
+STATS_RE = re.compile(   # prefill and decode rates separately (groups 3: prefill rate)
+    r"^\[prompt tokens: (\d+), new tokens: (\d+), prefill: (\d+\.\d) tokens/s \(\d+\.\d\d s\), "
+    r"decode: (?:\d+\.\d tokens/s \(\d+\.\d\d s\)|n/a), finish: (eos|length|stop)\]$"
 )
 FIB = "def fibonacci(n):"
 

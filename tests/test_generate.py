@@ -560,3 +560,72 @@ def test_stop_earliest_match_wins_and_multibyte(tok):
                  on_token=lambda t, s: streamed.append(s))
     assert r.finish_reason == "stop" and r.text == prefix == "".join(streamed)
     assert len(r.token_ids) == len(_ids(tok, prefix)) + len(stop.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- non-finite logits, rates
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("poison, match", [
+    (float("nan"), r"logits row 1 holds nan at token 3 \(1 non-finite"),
+    (float("inf"), r"logits row 1 holds inf at token 3"),
+])
+def test_sample_refuses_nan_and_inf_logits(temperature, poison, match):
+    logits = torch.zeros(2, 8)
+    logits[1, 3] = poison
+    with pytest.raises(ValueError, match=match):
+        sample(logits, temperature=temperature)
+
+
+def test_sample_refuses_rows_without_a_finite_logit_and_accepts_masked_tokens():
+    logits = torch.full((2, 5), float("-inf"))
+    logits[0, 2] = 1.0
+    with pytest.raises(ValueError, match="logits row 1 has no finite value"):
+        sample(logits)
+    logits[1, 4] = -3.0                        # -inf elsewhere are masked tokens: fine
+    assert sample(logits).tolist() == [2, 4]
+    assert sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(0)).tolist() == [2, 4]
+
+
+def test_generate_raises_on_nan_logits_instead_of_emitting_token_0():
+    class NaNModel(FakeModel):
+        def forward(self, input_ids, cache=None, seq_lens=None):
+            return super().forward(input_ids, cache, seq_lens) * float("nan")
+
+    with pytest.raises(ValueError, match="NaN/inf"):
+        generate(NaNModel([5, 6]), PROMPT, max_new_tokens=4)
+
+
+class _Clock:
+    """A fake time.perf_counter that only the model advances."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_prefill_and_decode_rates_are_reported_separately(monkeypatch):
+    from dsv4 import generate as gen
+
+    clock = _Clock()
+    monkeypatch.setattr(gen.time, "perf_counter", clock)
+
+    class TimedModel(FakeModel):
+        def forward(self, input_ids, cache=None, seq_lens=None):
+            clock.now += 0.01 * input_ids.shape[1] if input_ids.shape[1] > 1 else 0.25
+            return super().forward(input_ids, cache, seq_lens)
+
+    prompt = [BOS] + [7] * 299                 # prefill: 300 tokens in 3 s = 100 tokens/s
+    r = generate(TimedModel([5] * 9), prompt, max_new_tokens=9, eos_id=None)
+    assert (r.prompt_tokens, r.new_tokens) == (300, 9)
+    assert r.prefill_seconds == pytest.approx(3.0) and r.decode_seconds == pytest.approx(2.0)
+    assert r.prefill_tokens_per_second == pytest.approx(100.0)
+    assert r.decode_tokens_per_second == pytest.approx(4.0)     # 8 decode steps of 0.25 s
+    assert r.tokens_per_second == pytest.approx(9 / 5.0)        # the old mixed figure
+    line = gen.format_rates(r)
+    assert line == ("[prompt tokens: 300, new tokens: 9, prefill: 100.0 tokens/s (3.00 s), "
+                    "decode: 4.0 tokens/s (2.00 s), finish: length]")
+    one = generate(TimedModel([5]), prompt, max_new_tokens=1, eos_id=None)
+    assert one.decode_tokens_per_second == 0.0 and "decode: n/a" in gen.format_rates(one)

@@ -347,3 +347,144 @@ def test_cli_make_checkpoint_errors(tmp_path, capsys):
     assert cli.main(["make-checkpoint", "--config", str(tmp_path / "bad.json"), "--out",
                      str(tmp_path / "o")]) == 1
     assert "missing required keys" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ size, space, atomic
+def _data_bytes(out) -> int:
+    from dsv4.checkpoint_io import SafetensorsFile
+
+    total = 0
+    for f in os.listdir(out):
+        if f.endswith(".safetensors"):
+            with SafetensorsFile(str(out / f)) as s:
+                total += sum(e - b for _, _, (b, e) in s.tensors.values())
+    return total
+
+
+def test_cli_prints_the_size_before_writing(tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert cli.main(["make-checkpoint", "--config", "tiny", "--out", str(out), "--shards", "2",
+                     "--no-tokenizer"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    import re
+    m = re.fullmatch(rf"writing {out}: ([\d,]+) tensors, [\d.]+ MB \(([\d,]+) bytes\) of weights "
+                     r"in 2 shard\(s\); [\d.]+ [MG]B free on .*", lines[0])
+    assert m, lines
+    assert int(m.group(2).replace(",", "")) == _data_bytes(out)
+    assert int(m.group(1).replace(",", "")) == len(tensor_specs(ModelConfig.tiny()))
+    assert lines[-1].startswith(f"wrote {out}")
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from dsv4 import synthetic
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(synthetic.shutil, "disk_usage", lambda p: usage(10 ** 9, 0, 10 ** 6))
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match=r"not enough free space for the checkpoint: it needs "
+                                         r"[\d.]+ MB \([\d,]+ bytes\) plus 0.27 GB of margin, "
+                                         r"but .* has 1.0 MB free"):
+        make_checkpoint(ModelConfig.tiny(), out, tokenizer=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch, tmpfile, n_shards):
+    """Ctrl-C (or SIGTERM, turned into the same unwinding) in the middle of a shard: no
+    partial file and none of the files of this call remain; with O_TMPFILE (Linux) and without
+    (the .partial fallback)."""
+    from dsv4 import synthetic
+
+    if not tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    real = synthetic._entries
+    count = {"n": 0}
+
+    def entries(*a, **k):
+        out = real(*a, **k)
+        e = out[len(out) * 2 // 3]
+        produce = e.produce
+
+        def boom():
+            count["n"] += 1
+            if count["n"] == 1:
+                raise KeyboardInterrupt
+            return produce()
+        e.produce = boom
+        return out
+
+    monkeypatch.setattr(synthetic, "_entries", entries)
+    out = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        make_checkpoint(ModelConfig.tiny(), out, n_shards=n_shards)
+    assert not out.exists()
+    # Into an existing directory holding a user's file: only that file is left.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    count["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        make_checkpoint(ModelConfig.tiny(), out, n_shards=n_shards, overwrite=True)
+    assert os.listdir(out) == ["notes.txt"]
+    # Overwriting a checkpoint: the old config.json goes first, so a half-replaced directory
+    # never loads as a checkpoint.
+    count["n"] = 1                                  # no interruption
+    make_checkpoint(ModelConfig.tiny(), out, n_shards=n_shards, overwrite=True)
+    count["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        make_checkpoint(ModelConfig.tiny(), out, n_shards=n_shards, seed=3, overwrite=True)
+    assert not (out / "config.json").exists()
+    assert not [f for f in os.listdir(out) if "partial" in f or f.endswith(".tmp")]
+
+
+def _writing_into(pid: int, out: str) -> bool:
+    """Whether process ``pid`` holds a file of directory ``out`` open (an O_TMPFILE shows as
+    ``out/#inode (deleted)``, a fallback file under its name)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(out + os.sep):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killed_make_checkpoint_leaves_no_partial_file(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import dsv4
+
+    cfg = tmp_path / "config.json"
+    c, d = checkpoint_config(ModelConfig.tiny(dim=512, n_routed_experts=16), "fp8")
+    cfg.write_text(json.dumps(d))
+    out = str(tmp_path / "ck")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dsv4.__file__)))
+    p = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "make-checkpoint", "--config",
+                          str(cfg), "--out", out, "--shards", "2", "--no-tokenizer"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not _writing_into(p.pid, out) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    if p.poll() is not None:
+        pytest.skip(f"make-checkpoint finished before it could be interrupted: {p.stderr.read()}")
+    os.kill(p.pid, getattr(signal, sig))
+    p.communicate(timeout=120)
+    left = os.listdir(out) if os.path.isdir(out) else []
+    assert not [f for f in left if "partial" in f or f.endswith(".tmp")], left
+    assert "config.json" not in left
+    if sig == "SIGTERM":
+        assert p.returncode == 130 and left == [], (p.returncode, left)
+    for f in left:                                   # whatever SIGKILL left is complete
+        assert f.endswith(".safetensors"), left
+        read_checkpoint_index(os.path.join(out))     # headers and sizes consistent

@@ -55,10 +55,13 @@ from typing import Any
 __all__ = [
     "ASSISTANT",
     "BOS",
+    "ChatPrompt",
     "DSML",
     "EOS",
     "LATEST_REMINDER",
     "MODES",
+    "SPECIAL_TEXT",
+    "SPECIAL_TOKEN_MODES",
     "TASK_TOKENS",
     "THINK_END",
     "THINK_MAX_PROMPT",
@@ -72,6 +75,7 @@ __all__ = [
     "parse_completion",
     "render_tools",
     "special_token_ids",
+    "text_only_tokenizer",
 ]
 
 # ---------------------------------------------------------------- the format's strings (data)
@@ -162,6 +166,145 @@ def _check_mode(mode: str) -> tuple[bool, bool]:
     return thinking_mode == "thinking", think_max
 
 
+# ---------------------------------------------------------------- caller content vs the format
+
+#: Values of ``special_tokens`` (:func:`encode_messages`).
+SPECIAL_TOKEN_MODES = ("escape", "reject", "verbatim")
+
+#: Text that looks like a DeepSeek special token: every added token of the V4 tokenizer has one
+#: of these shapes (``<｜...｜>``, ``<｜/table>｜``, ``｜DSML｜``, ``<think>``, ``</think>``,
+#: ``<|EOT|>``, ``<|place_holder_mm_span_N|>``, ``<dsml:``, ``</dsml:``; tests check all
+#: 1,283). ``special_tokens="reject"`` refuses content that contains a match.
+SPECIAL_TEXT = re.compile(r"<｜[^｜\n]{1,64}｜>?|｜DSML｜|</?think>|<\|(?:EOT|place_holder_\w{1,40})\|>"
+                          r"|</?dsml:")
+
+
+class _Writer:
+    """Builds the prompt text and records which character spans are caller content."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.parts: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+        self.length = 0
+
+    def format(self, text: str) -> None:
+        """Text the format writes (control tokens, the release's fixed prose)."""
+        self.parts.append(text)
+        self.length += len(text)
+
+    def content(self, text: str, where: str) -> None:
+        """Caller text: escaped, rejected or kept verbatim according to ``mode``."""
+        if not text:
+            return
+        if self.mode == "reject":
+            m = SPECIAL_TEXT.search(text)
+            if m:
+                raise ValueError(
+                    f"{where} contains the special-token text {m.group()!r} (at offset "
+                    f"{m.start()}); special_tokens='reject' refuses it ('escape', the default, "
+                    "encodes it as ordinary text)")
+        if self.spans and self.spans[-1][1] == self.length:
+            self.spans[-1] = (self.spans[-1][0], self.length + len(text))
+        else:
+            self.spans.append((self.length, self.length + len(text)))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class ChatPrompt(str):
+    """A rendered prompt (:func:`encode_messages`): the text, plus where the caller's content is.
+
+    A ``str`` equal to the release's prompt text. Attributes:
+
+    * ``content_spans``: ``((start, end), ...)`` character ranges of caller content.
+    * ``special_tokens``: the mode it was rendered with (:data:`SPECIAL_TOKEN_MODES`).
+
+    String operations return plain ``str`` (without the spans).
+    """
+
+    content_spans: tuple[tuple[int, int], ...]
+    special_tokens: str
+
+    def __new__(cls, text: str, content_spans=(), special_tokens: str = "escape"):
+        self = super().__new__(cls, text)
+        self.content_spans = tuple(content_spans)
+        self.special_tokens = special_tokens
+        return self
+
+    def token_ids(self, tokenizer: Any) -> list[int]:
+        """Token ids (no added specials) of this prompt for ``tokenizer``.
+
+        ``special_tokens="verbatim"``: ``tokenizer.encode(text)``, as the release does, so
+        special-token text anywhere becomes control ids. Otherwise the format's own text is
+        split at the tokenizer's added tokens (each one id) and everything else -- the format's
+        plain text and the caller content -- is encoded by the same tokenizer with no added
+        token matched (:func:`text_only_tokenizer`). Special-token text inside content thus
+        becomes ordinary text tokens, and a prompt without any gets exactly the release's ids
+        (the tokenizer splits on added tokens first and tokenises the pieces between them on
+        their own, which is what happens here).
+        """
+        if self.special_tokens == "verbatim":
+            return list(tokenizer.encode(str(self), add_special_tokens=False).ids)
+        text_only, added, pattern = _tokenizer_tables(tokenizer)
+        ids: list[int] = []
+        plain: list[str] = []
+
+        def flush() -> None:
+            if plain:
+                ids.extend(text_only.encode("".join(plain), add_special_tokens=False).ids)
+                plain.clear()
+
+        def format_text(a: int, b: int) -> None:
+            pos = a
+            for m in pattern.finditer(self, a, b):
+                plain.append(self[pos:m.start()])
+                flush()
+                ids.append(added[m.group()])
+                pos = m.end()
+            plain.append(self[pos:b])
+
+        pos = 0
+        for a, b in self.content_spans:
+            format_text(pos, a)
+            plain.append(self[a:b])
+            pos = b
+        format_text(pos, len(self))
+        flush()
+        return ids
+
+
+_TABLES: dict[int, tuple[Any, tuple]] = {}
+
+
+def text_only_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` without its added tokens: it encodes any string as ordinary
+    (byte-level BPE) text, e.g. ``"<｜User｜>"`` as ``<``, ``｜``, ``User``, ... Ids mean the
+    same in both (the BPE vocabulary is shared); built once per tokenizer."""
+    return _tokenizer_tables(tokenizer)[0]
+
+
+def _tokenizer_tables(tokenizer: Any) -> tuple[Any, dict[str, int], "re.Pattern[str]"]:
+    """(text-only copy, ``{added token text: id}``, a regex of the added tokens, longest first
+    -- the leftmost-longest matching of ``tokenizers``)."""
+    hit = _TABLES.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+    spec["added_tokens"] = []
+    text_only = Tokenizer.from_str(json.dumps(spec))
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
+                         or r"(?!)")
+    _TABLES[id(tokenizer)] = (tokenizer, (text_only, added, pattern))
+    return text_only, added, pattern
+
+
 # ---------------------------------------------------------------- tools and tool calls
 
 
@@ -191,8 +334,21 @@ def render_tools(tools: Sequence[Any]) -> str:
     Raises:
         ValueError: a tool is not a dict or has no function name.
     """
-    schemas = "\n".join(_to_json(dict(_function_of(t, i))) for i, t in enumerate(tools))
-    return _TOOLS_PROMPT.replace("{schemas}", schemas)
+    w = _Writer("verbatim")
+    _write_tools(w, tools, "tools")
+    return w.text()
+
+
+def _write_tools(w: "_Writer", tools: Sequence[Any], where: str) -> None:
+    """The ``## Tools`` section: the release's instructions (format text) around the callers'
+    schemas (content)."""
+    head, tail = _TOOLS_PROMPT.split("{schemas}")
+    w.format(head)
+    for i, t in enumerate(tools):
+        if i:
+            w.format("\n")
+        w.content(_to_json(dict(_function_of(t, i))), f"{where}[{i}]")
+    w.format(tail)
 
 
 def _call_name_and_args(call: Any, where: str) -> tuple[str, Any, str]:
@@ -209,11 +365,26 @@ def _call_name_and_args(call: Any, where: str) -> tuple[str, Any, str]:
     return fn["name"], fn.get("arguments", "{}"), str(call_id)
 
 
-def _render_parameters(arguments: Any, where: str) -> str:
+def _check_dsml_name(name: str, what: str, w: "_Writer") -> None:
+    """A tool or parameter name sits in ``name="..."`` on one line: a quote or a newline would
+    end it early, so the parser could not read the call back (refused unless verbatim)."""
+    if w.mode != "verbatim" and ('"' in name or "\n" in name):
+        raise ValueError(f"{what} {name!r} contains a double quote or a newline, which the DSML "
+                         "tool call format cannot hold (special_tokens='verbatim' renders it "
+                         "as the release would, unreadably)")
+
+
+def _write_parameters(w: "_Writer", arguments: Any, where: str) -> None:
     """DSML ``parameter`` lines of one call (release ``encode_arguments_to_dsml``).
 
     ``arguments`` is the OpenAI JSON string (or, as an extension, an already-parsed dict). Text that
     is not JSON becomes one string parameter named ``arguments``, as in the release.
+
+    A value containing the closing tag ``</｜DSML｜parameter>`` cannot be written as the
+    release writes it (the parser would end the value there and read the rest as markup). Unless
+    ``special_tokens="verbatim"``, such a string is written as a JSON string (``string="false"``)
+    and in any JSON value the ``<`` of that tag is written ``\\u003c``: valid JSON that
+    :func:`parse_completion` reads back to exactly the same value.
     """
     if isinstance(arguments, Mapping):
         args = dict(arguments)
@@ -226,24 +397,36 @@ def _render_parameters(arguments: Any, where: str) -> str:
             args = {"arguments": arguments}
         if not isinstance(args, dict):
             raise ValueError(f"{where} arguments must be a JSON object, got {arguments!r}")
-    lines = []
-    for key, value in args.items():
+    for k, (key, value) in enumerate(args.items()):
+        key = str(key)
+        _check_dsml_name(key, f"{where} parameter name", w)
         is_str = isinstance(value, str)
         text = value if is_str else _to_json(value)
-        lines.append(
-            f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">{text}'
-            f"</{DSML}parameter>"
-        )
-    return "\n".join(lines)
+        if w.mode != "verbatim" and _PARAM_CLOSE in text:
+            text = (_to_json(value) if is_str else text).replace(_PARAM_CLOSE, _PARAM_CLOSE_JSON)
+            is_str = False
+        if k:
+            w.format("\n")
+        w.format(f'<{DSML}parameter name="')
+        w.content(key, f"{where} parameter name")
+        w.format(f'" string="{"true" if is_str else "false"}">')
+        w.content(text, f"{where} argument {key!r}")
+        w.format(_PARAM_CLOSE)
 
 
-def _render_tool_calls(calls: Sequence[Any], where: str) -> str:
-    invokes = []
+def _write_tool_calls(w: "_Writer", calls: Sequence[Any], where: str) -> None:
+    w.format("\n\n" + TOOL_CALLS_OPEN + "\n")
     for j, call in enumerate(calls):
         name, arguments, _ = _call_name_and_args(call, f"{where}.tool_calls[{j}]")
-        params = _render_parameters(arguments, f"{where}.tool_calls[{j}]")
-        invokes.append(f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>')
-    return "\n\n" + TOOL_CALLS_OPEN + "\n" + "\n".join(invokes) + "\n" + TOOL_CALLS_CLOSE
+        _check_dsml_name(name, f"{where}.tool_calls[{j}] name", w)
+        if j:
+            w.format("\n")
+        w.format(f'<{DSML}invoke name="')
+        w.content(name, f"{where}.tool_calls[{j}] name")
+        w.format('">\n')
+        _write_parameters(w, arguments, f"{where}.tool_calls[{j}]")
+        w.format(f"\n</{DSML}invoke>")
+    w.format("\n" + TOOL_CALLS_CLOSE)
 
 
 # ---------------------------------------------------------------- message preprocessing
@@ -273,7 +456,7 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             )
         if role == "developer" and not content:
             raise ValueError(f"messages[{i}]: a developer message needs non-empty content")
-        out.append(copy.deepcopy(dict(m)))
+        out.append(copy.deepcopy(dict(m)) | {"_index": i})
     return out
 
 
@@ -291,17 +474,18 @@ def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev_is_block_user = prev is not None and prev["role"] == "user" and "content_blocks" in prev
         if role == "tool":
             block = {"type": "tool_result", "tool_use_id": str(m.get("tool_call_id") or ""),
-                     "content": m.get("content") or ""}
+                     "content": m.get("content") or "", "_index": m["_index"]}
             if prev_is_block_user:
                 prev["content_blocks"].append(block)
             else:
-                merged.append({"role": "user", "content_blocks": [block]})
+                merged.append({"role": "user", "content_blocks": [block], "_index": m["_index"]})
         elif role == "user":
-            block = {"type": "text", "text": m.get("content") or ""}
+            block = {"type": "text", "text": m.get("content") or "", "_index": m["_index"]}
             if prev_is_block_user and prev.get("task") is None:
                 prev["content_blocks"].append(block)
             else:
-                new = {"role": "user", "content": m.get("content") or "", "content_blocks": [block]}
+                new = {"role": "user", "content": m.get("content") or "", "content_blocks": [block],
+                       "_index": m["_index"]}
                 for key in ("task", "wo_eos"):
                     if key in m:
                         new[key] = m[key]
@@ -357,65 +541,81 @@ def _drop_old_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- rendering
 
 
-def _render_user_blocks(blocks: Sequence[Mapping[str, Any]]) -> str:
-    parts = []
-    for b in blocks:
+def _write_user_blocks(w: "_Writer", blocks: Sequence[Mapping[str, Any]]) -> None:
+    for k, b in enumerate(blocks):
+        if k:
+            w.format("\n\n")
         kind = b.get("type")
         if kind == "text":
-            parts.append(b.get("text", ""))
+            w.content(b.get("text", ""), f"message {b.get('_index')} (user) content")
         elif kind == "tool_result":
-            parts.append(TOOL_RESULT_OPEN + str(b.get("content", "")) + TOOL_RESULT_CLOSE)
+            w.format(TOOL_RESULT_OPEN)
+            w.content(str(b.get("content", "")), f"message {b.get('_index')} (tool) content")
+            w.format(TOOL_RESULT_CLOSE)
         else:
-            parts.append(f"[Unsupported {kind}]")
-    return "\n\n".join(parts)
+            w.format(f"[Unsupported {kind}]")
 
 
-def _render_message(i: int, messages: Sequence[Mapping[str, Any]], thinking: bool,
-                    drop_thinking: bool, think_max: bool, generation_prompt: bool) -> str:
+def _write_message(w: "_Writer", i: int, messages: Sequence[Mapping[str, Any]], thinking: bool,
+                   drop_thinking: bool, think_max: bool, generation_prompt: bool) -> None:
     """One message plus the transition that follows it (release ``render_message``)."""
     m = messages[i]
     role = m["role"]
     content = m.get("content") or ""
+    where = f"message {m.get('_index', i)} ({role})"
     last_user = _last_user_index(messages)
-    out = THINK_MAX_PROMPT if (i == 0 and thinking and think_max) else ""
+    if i == 0 and thinking and think_max:
+        w.format(THINK_MAX_PROMPT)
 
     if role in ("system", "developer"):
-        text = content if role == "system" else USER + content
+        if role == "developer":
+            w.format(USER)
+        w.content(content, f"{where} content")
         if m.get("tools"):
-            text += "\n\n" + render_tools(m["tools"])
+            w.format("\n\n")
+            _write_tools(w, m["tools"], f"{where} tools")
         if m.get("response_format"):
-            text += "\n\n" + _RESPONSE_FORMAT_PROMPT.format(schema=_to_json(m["response_format"]))
-        out += text
+            head, tail = _RESPONSE_FORMAT_PROMPT.split("{schema}")
+            w.format("\n\n" + head)
+            w.content(_to_json(m["response_format"]), f"{where} response_format")
+            w.format(tail)
     elif role == "user":
+        w.format(USER)
         blocks = m.get("content_blocks")
-        out += USER + (_render_user_blocks(blocks) if blocks else content)
+        if blocks:
+            _write_user_blocks(w, blocks)
+        else:
+            w.content(content, f"{where} content")
     elif role == "latest_reminder":
-        out += LATEST_REMINDER + content
+        w.format(LATEST_REMINDER)
+        w.content(content, f"{where} content")
     elif role == "assistant":
-        reasoning = ""
         prev_task = i > 0 and messages[i - 1].get("task") is not None
         if thinking and not prev_task and (not drop_thinking or i > last_user):
-            reasoning = (m.get("reasoning_content") or "") + THINK_END
-        calls = _render_tool_calls(m["tool_calls"], f"messages[{i}]") if m.get("tool_calls") else ""
-        out += reasoning + content + calls + ("" if m.get("wo_eos") else EOS)
+            w.content(m.get("reasoning_content") or "", f"{where} reasoning_content")
+            w.format(THINK_END)
+        w.content(content, f"{where} content")
+        if m.get("tool_calls"):
+            _write_tool_calls(w, m["tool_calls"], f"messages[{m.get('_index', i)}]")
+        if not m.get("wo_eos"):
+            w.format(EOS)
     else:  # pragma: no cover - tool messages were merged, roles were checked
         raise ValueError(f"unexpected role {role!r}")
 
     # The transition: only after the last message, or before an assistant/latest_reminder turn.
     if i + 1 < len(messages) and messages[i + 1]["role"] not in ("assistant", "latest_reminder"):
-        return out
+        return
     task = m.get("task")
     if task is not None:
         if task == "action":
-            out += ASSISTANT + (THINK_START if thinking else THINK_END) + TASK_TOKENS[task]
+            w.format(ASSISTANT + (THINK_START if thinking else THINK_END) + TASK_TOKENS[task])
         else:
-            out += TASK_TOKENS[task]
+            w.format(TASK_TOKENS[task])
     elif role in _USER_LIKE:
         if i == len(messages) - 1 and not generation_prompt:
-            return out
+            return
         opens_thinking = thinking and (not drop_thinking or i >= last_user)
-        out += ASSISTANT + (THINK_START if opens_thinking else THINK_END)
-    return out
+        w.format(ASSISTANT + (THINK_START if opens_thinking else THINK_END))
 
 
 def encode_messages(
@@ -425,7 +625,8 @@ def encode_messages(
     add_generation_prompt: bool = True,
     drop_thinking: bool = True,
     add_bos: bool = True,
-) -> str:
+    special_tokens: str = "escape",
+) -> "ChatPrompt":
     """Render a conversation as a DeepSeek-V4 prompt string (release ``encode_messages``).
 
     Args:
@@ -447,15 +648,36 @@ def encode_messages(
         drop_thinking: in thinking modes, drop the reasoning of assistant turns before the last user
             turn (release default). Ignored (treated as ``False``) when any message has ``tools``.
         add_bos: start with BOS (``<｜begin▁of▁sentence｜>``).
+        special_tokens: what special-token text inside caller content becomes (the text of a
+            user, system, developer, tool, latest_reminder or assistant message, reasoning,
+            tool schemas, response formats, tool-call names and arguments: anything the format
+            does not write itself). ``"escape"`` (default): ordinary text -- the prompt's
+            :meth:`ChatPrompt.token_ids` / :func:`encode_chat` tokenise content without matching
+            special tokens, so ``<｜User｜>`` typed by a user is the text tokens ``<``, ``｜``,
+            ``User``, ... and never the control id (a user cannot forge turns, end the sequence
+            or inject tool calls); tool-call arguments containing the DSML closing tag are
+            written so that they parse back exactly (:func:`_write_parameters`).
+            ``"reject"``: a ValueError naming the message, the field and the special text
+            (:data:`SPECIAL_TEXT`). ``"verbatim"``: the release's behaviour -- the prompt is
+            tokenised as one string, special-token text anywhere becomes control ids.
 
     Returns:
-        The prompt text; tokenise it with ``add_special_tokens=False`` (:func:`encode_chat`).
+        A :class:`ChatPrompt`: the prompt text (a ``str``; identical in every mode) that also
+        records which spans are caller content. Turn it into ids with
+        ``prompt.token_ids(tokenizer)`` or :func:`encode_chat`. Tokenising the plain string
+        yourself (``tokenizer.encode(prompt)``) is the release's verbatim behaviour and undoes
+        the escaping: a string alone cannot say which ``<｜User｜>`` is a control token.
 
     Raises:
-        ValueError: unknown mode or role, non-string content, an empty developer message, an
-            unknown task, malformed tools or tool calls.
+        ValueError: unknown mode, role or ``special_tokens``; non-string content, an empty
+            developer message, an unknown task, malformed tools or tool calls; with
+            ``special_tokens="reject"``, special-token text in content; unless ``"verbatim"``,
+            a tool or parameter name holding a double quote or a newline (DSML cannot hold it).
     """
     thinking, think_max = _check_mode(mode)
+    if special_tokens not in SPECIAL_TOKEN_MODES:
+        raise ValueError(f"special_tokens must be one of "
+                         f"{', '.join(repr(m) for m in SPECIAL_TOKEN_MODES)}, got {special_tokens!r}")
     msgs = _check_messages(messages)
     if tools:
         tools = list(tools)
@@ -471,12 +693,12 @@ def encode_messages(
         drop_thinking = False
     if thinking and drop_thinking:
         msgs = _drop_old_reasoning(msgs)
-    parts = [BOS] if add_bos else []
-    parts += [
-        _render_message(i, msgs, thinking, drop_thinking, think_max, add_generation_prompt)
-        for i in range(len(msgs))
-    ]
-    return "".join(parts)
+    w = _Writer(special_tokens)
+    if add_bos:
+        w.format(BOS)
+    for i in range(len(msgs)):
+        _write_message(w, i, msgs, thinking, drop_thinking, think_max, add_generation_prompt)
+    return ChatPrompt(w.text(), w.spans, special_tokens)
 
 
 # ---------------------------------------------------------------- token ids
@@ -515,24 +737,29 @@ def encode_chat(
     tools: Sequence[Any] | None = None,
     add_generation_prompt: bool = True,
     drop_thinking: bool = True,
+    special_tokens: str = "escape",
 ) -> list[int]:
-    """Token ids of a chat prompt: :func:`encode_messages` tokenised without added specials.
+    """Token ids of a chat prompt: :func:`encode_messages`, then :meth:`ChatPrompt.token_ids`.
 
     Args:
         tokenizer: a DeepSeek-V4 ``tokenizers.Tokenizer`` (``dsv4.tokenizer.load_tokenizer``).
-        messages, mode, tools, add_generation_prompt, drop_thinking: see :func:`encode_messages`.
+        messages, mode, tools, add_generation_prompt, drop_thinking, special_tokens: see
+            :func:`encode_messages` (by default special-token text in content is escaped:
+            encoded as ordinary text tokens, never as control ids).
 
     Returns:
-        ``list[int]``; the first id is the tokenizer's BOS id, each special string is one id.
+        ``list[int]``; the first id is the tokenizer's BOS id, each special string the format
+        writes is one id.
 
     Raises:
         ValueError: as :func:`encode_messages`, or the tokenizer lacks the special tokens
             (:func:`special_token_ids`).
     """
     ids_of = special_token_ids(tokenizer)
-    text = encode_messages(messages, mode=mode, tools=tools,
-                           add_generation_prompt=add_generation_prompt, drop_thinking=drop_thinking)
-    ids = list(tokenizer.encode(text, add_special_tokens=False).ids)
+    prompt = encode_messages(messages, mode=mode, tools=tools,
+                             add_generation_prompt=add_generation_prompt,
+                             drop_thinking=drop_thinking, special_tokens=special_tokens)
+    ids = prompt.token_ids(tokenizer)
     if not ids or ids[0] != ids_of[BOS]:  # pragma: no cover - guarded by special_token_ids
         raise ValueError("the tokenizer did not map the BOS string to its BOS id")
     return ids
@@ -595,6 +822,7 @@ class ParsedCompletion:
 _INVOKE_RE = re.compile(r'<｜DSML｜invoke name="([^"\n]*)">\n')
 _PARAM_RE = re.compile(r'<｜DSML｜parameter name="([^"\n]*)" string="(true|false)">')
 _PARAM_CLOSE = f"</{DSML}parameter>"
+_PARAM_CLOSE_JSON = "\\u003c" + _PARAM_CLOSE[1:]     # the same tag inside a JSON string
 _INVOKE_CLOSE = f"</{DSML}invoke>"
 
 

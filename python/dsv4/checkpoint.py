@@ -3,10 +3,12 @@
 Reads the release format (FP8 e4m3 linears with e8m0 128x128 block scales, packed FP4 e2m1
 routed experts with e8m0 1x32 scales, bf16/fp32 tensors, int64 ``tid2eid``) and plain bf16/fp32
 checkpoints, from one ``model.safetensors`` or the shards of ``model.safetensors.index.json``.
-Every header is checked against the model before any data is read (one
-:class:`CheckpointError` lists every missing, unexpected or mis-shaped tensor); tensors are
-then read one at a time with ``safetensors.safe_open`` and moved straight to the target device,
-so host memory peaks near the largest tensor. :func:`tensor_specs` lists the tensors of the
+Every file the loader opens is confined to the checkpoint directory, and every header is
+checked against the model before any data is read (one :class:`CheckpointError` lists every
+missing, unexpected or mis-shaped tensor); tensors are then read one at a time
+(:class:`dsv4.checkpoint_io.SafetensorsFile`, positioned reads: a shard may be larger than
+memory) and moved straight to the target device, so host memory peaks near the largest tensor;
+block scales are checked as they are read. :func:`tensor_specs` lists the tensors of the
 release layout for a config (used by ``dsv4 make-checkpoint`` / ``convert`` / ``info``).
 """
 
@@ -19,10 +21,10 @@ import os
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint_io import SafetensorsFile, confined_path, read_json
 from .config import ConfigError, ModelConfig
 from .quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
@@ -251,28 +253,35 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def _checkpoint_layout(path: str) -> tuple[list[str], Optional[dict[str, str]]]:
+    """(shard paths, ``{tensor name: shard path}`` of the index or None), every path confined
+    to the checkpoint directory (:func:`dsv4.checkpoint_io.confined_path`)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = dict(json.load(f)["weight_map"])
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index with a weight_map: "
-                                  f"{e!r}") from None
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        confined_path(path, "model.safetensors.index.json", "the index", CheckpointError)
+        d = read_json(index, "the safetensors index", CheckpointError)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a safetensors index: expected a JSON object "
+                                  "with a 'weight_map' object {tensor name: shard file}")
+        resolved: dict[str, str] = {}
+        for name, file in weight_map.items():
+            resolved[name] = confined_path(
+                path, file, f"{index}: weight_map entry {name!r} -> {file!r}", CheckpointError)
+        shards = sorted(set(resolved.values()))
+        missing = sorted({f for n, f in weight_map.items() if not os.path.isfile(resolved[n])})
         if missing:
             raise CheckpointError(f"{index} lists shards that do not exist in {path}: "
                                   + ", ".join(missing))
-        return [os.path.join(path, s) for s in shards], weight_map
+        return shards, resolved
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        return [single], None
+        return [confined_path(path, "model.safetensors", "model.safetensors",
+                              CheckpointError)], None
     files = sorted(f for f in os.listdir(path)
                    if f.endswith(".safetensors") and f != "golden.safetensors")
     if not files:
         raise CheckpointError(f"no *.safetensors weights found in {path}")
-    return [os.path.join(path, f) for f in files], None
+    return [confined_path(path, f, f, CheckpointError) for f in files], None
 
 
 # safetensors dtype strings
@@ -304,15 +313,8 @@ def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {}
     problems = []
     for file in files:
-        try:
-            f = handles[file] = stack.enter_context(safe_open(file, framework="pt",
-                                                              device="cpu"))
-            names = list(f.keys())
-            info = {n: f.get_slice(n) for n in names}
-            info = {n: (s.get_dtype(), tuple(s.get_shape())) for n, s in info.items()}
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {file} (truncated or not a safetensors file?): "
-                                  f"{e}") from e
+        f = handles[file] = stack.enter_context(SafetensorsFile(file, CheckpointError))
+        info = {n: (dt, shape) for n, (dt, shape, _) in f.tensors.items()}
         for n, (dt, shape) in info.items():
             off = official_name(n)
             if off is None:
@@ -324,9 +326,9 @@ def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
                 continue
             entries[off] = _Entry(file, dt, shape, n)
     if weight_map is not None:
-        held = {e.source: os.path.basename(e.file) for e in entries.values()}
-        wrong = [f"{n} (index: {s})" for n, s in weight_map.items()
-                 if official_name(n) is not None and held.get(n) != os.path.basename(s)]
+        held = {e.source: e.file for e in entries.values()}
+        wrong = [f"{n} (index: {os.path.basename(s)})" for n, s in weight_map.items()
+                 if official_name(n) is not None and held.get(n) != s]
         if wrong:
             problems.append("the index lists tensors its shards do not hold: "
                             + _shorten(sorted(wrong)))
@@ -437,6 +439,35 @@ def _resolve_config(path: str, num_layers: Optional[int], overrides: dict) -> Mo
         compress_ratios=tuple(r[:n]) + tuple(r[full.n_layers:full.n_layers + m]))
 
 
+def _check_extent(c: ModelConfig, entries: dict[str, "_Entry"]) -> None:
+    """Refuse, before any module is built, a config with more layers, MTP blocks or experts
+    than the checkpoint holds: a config.json with 10^6 experts or 10^5 layers would otherwise
+    build modules for minutes before the tensor comparison refuses it.
+
+    Arithmetic on the header names only: the last main layer's and the last MTP block's
+    ``attn_norm.weight``, and the last expert's ``w1.weight`` in the first and those blocks,
+    must exist. (Any other missing
+    tensor is listed by the full comparison that follows.)
+    """
+    ends = [f"layers.{c.n_layers - 1}"] + ([f"mtp.{c.n_mtp_layers - 1}"]
+                                            if c.n_mtp_layers else [])
+    probes = [f"{b}.attn_norm.weight" for b in ends] + [
+        f"{b}.ffn.experts.{c.n_routed_experts - 1}.w1.weight"
+        for b in dict.fromkeys(["layers.0"] + ends)]
+    absent = [p for p in probes if p not in entries]
+    if absent:
+        layers = sorted({int(n.split(".")[1]) for n in entries
+                         if n.startswith("layers.") and n.split(".")[1].isdigit()})
+        experts = sorted({int(n.split(".")[4]) for n in entries
+                          if ".ffn.experts." in n and n.split(".")[4].isdigit()})
+        have = (f"layers {layers[0]}..{layers[-1]}" if layers else "no layers") + ", " + (
+            f"experts {experts[0]}..{experts[-1]}" if experts else "no routed experts")
+        raise CheckpointError(
+            f"the config asks for n_layers={c.n_layers}, n_mtp_layers={c.n_mtp_layers} and "
+            f"n_routed_experts={c.n_routed_experts}, but the checkpoint files hold {have} "
+            f"(no {', '.join(absent)}): config.json does not describe these weights")
+
+
 def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights="dequant",
                     num_layers=None, progress=True, **config_overrides):
     """Build ``model_cls(config)`` from ``path/config.json`` and load its weights.
@@ -483,12 +514,15 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     device = torch.device(device) if device is not None else torch.get_default_device()
+    if os.path.exists(os.path.join(path, "config.json")):
+        confined_path(path, "config.json", "config.json", CheckpointError)
     config = _resolve_config(path, num_layers, dict(config_overrides))
     files, weight_map = _checkpoint_layout(path)
 
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
         entries = _read_headers(files, weight_map, stack, handles)
+        _check_extent(config, entries)
         with torch.device("meta"):
             model = model_cls(config)
         fp32_names = getattr(model, "_fp32_names", frozenset())
@@ -552,15 +586,41 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, Linear)
 
 
+#: The largest dequantised weight magnitude accepted: the float16 range, the narrowest compute
+#: dtype the loader offers. A trained weight is orders of magnitude smaller; a scale that makes
+#: ``code x scale`` exceed it is corrupt.
+MAX_WEIGHT = float(torch.finfo(torch.float16).max)
+_MAX_CODE = {"fp8": float(torch.finfo(torch.float8_e4m3fn).max), "fp4": 6.0}   # e4m3, e2m1
+
+
+def _check_scales(entry: _Entry, scale: torch.Tensor, kind: str) -> None:
+    """Refuse block scales that are NaN, infinite, negative or absurdly large.
+
+    Accepted: ``0 <= scale <= MAX_WEIGHT / max_code`` (max_code 448 for FP8 e4m3, 6 for FP4
+    e2m1), i.e. every dequantised weight finite and within the float16 range. An e8m0 NaN
+    (code 255) is NaN here too.
+    """
+    limit = MAX_WEIGHT / _MAX_CODE[kind]
+    sf = scale.float()
+    bad = ~((sf >= 0) & (sf <= limit))          # NaN fails both comparisons
+    if bool(bad.any()):
+        n = int(bad.sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        v = float(sf[first])
+        shown = "NaN" if v != v else f"{v:.6g}"
+        raise CheckpointError(
+            f"{entry.source} in {os.path.basename(entry.file)}: {n} scale(s) outside the "
+            f"accepted range [0, {limit:.6g}] ({kind.upper()} weights: scale x {_MAX_CODE[kind]:g} "
+            f"must stay within the float16 range {MAX_WEIGHT:g}); the first, at {list(first)}, "
+            f"is {shown}")
+
+
 def _materialise(model, plans, linears, fp32_names, device, dtype, weights, handles, progress,
                  label):
     from tqdm.auto import tqdm
 
     def read(e: _Entry) -> torch.Tensor:
-        try:
-            return handles[e.file].get_tensor(e.source)
-        except Exception as ex:
-            raise CheckpointError(f"cannot read tensor {e.source} from {e.file}: {ex}") from ex
+        return handles[e.file].read(e.source)
 
     modules = dict(model.named_modules())
     # Read shard by shard, in file order, for sequential I/O.
@@ -579,9 +639,7 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
                 t = t.to(device=device, dtype=want)
             else:
                 s = read(p.scale)
-                if s.dtype == torch.float8_e8m0fnu and bool((s.view(torch.uint8) == 255).any()):
-                    raise CheckpointError(f"{p.scale.source} in {p.scale.file} holds NaN scales "
-                                          "(e8m0 code 255)")
+                _check_scales(p.scale, s, p.kind)
                 t, s = t.to(device), s.to(device)
                 if p.kind == "fp4":
                     t = t.view(torch.int8)      # uint8 / float4_e2m1fn_x2 bytes alike

@@ -307,7 +307,11 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     _check_model_arg(parser, args.model)
     device = _resolve_device(parser, args.device)
     if args.backend:
-        from dsv4.ops.backend import set_backend
+        from dsv4.ops.backend import check_backend, set_backend
+        try:
+            check_backend(args.backend, device)
+        except ValueError as e:
+            parser.error(f"argument --backend: {e}")
         set_backend(args.backend)
     import torch
 
@@ -394,11 +398,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print("[interrupted]", file=sys.stderr)
         return 130
     end_output()
-    print(
-        f"[prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}, "
-        f"{result.tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}]",
-        file=sys.stderr, flush=True,
-    )
+    from dsv4.generate import format_rates
+    print(format_rates(result), file=sys.stderr, flush=True)
     return 0
 
 
@@ -508,7 +509,12 @@ def _cmd_make_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentPars
     tokenizer = False if args.no_tokenizer else args.tokenizer
     try:
         files = make_checkpoint(config, args.out, fmt=args.format, n_shards=args.shards,
-                                seed=args.seed, tokenizer=tokenizer, overwrite=args.overwrite)
+                                seed=args.seed, tokenizer=tokenizer, overwrite=args.overwrite,
+                                log=lambda line: print(f"writing {line}", flush=True))
+    except KeyboardInterrupt:
+        print("dsv4 make-checkpoint: interrupted; the files written so far were removed",
+              file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dsv4 make-checkpoint: error: {e}", file=sys.stderr)
         return 1

@@ -65,6 +65,50 @@ _HF_TO_ARGS = {
     "expert_dtype": "expert_dtype",
 }
 
+# ModelArgs name -> HF config.json name, for error messages.
+_ARGS_TO_HF = {v: k for k, v in _HF_TO_ARGS.items() if k != v}
+_ARGS_TO_HF.update(original_seq_len="rope_scaling.original_max_position_embeddings",
+                   rope_factor="rope_scaling.factor", beta_fast="rope_scaling.beta_fast",
+                   beta_slow="rope_scaling.beta_slow")
+
+#: The largest size or count a config may hold: the kernels index with int32.
+INT_MAX = 2 ** 31 - 1
+
+_TYPES = {"int": "int", int: "int", "float": "float", float: "float", "bool": "bool",
+          bool: "bool", "str": "str", str: "str", "Optional[str]": "optional str"}
+_BAD = object()
+
+
+def _hf_alias(name: str) -> str:
+    return f" ({_ARGS_TO_HF[name]})" if name in _ARGS_TO_HF else ""
+
+
+def _show(v: Any) -> str:
+    """A value for an error message (long values shortened)."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _coerce(v: Any, kind: str) -> Any:
+    """``v`` as ``kind`` ("int", "float", "bool", "str", "optional str"), or ``_BAD``."""
+    if kind == "bool":
+        return v if isinstance(v, bool) else _BAD
+    if kind in ("str", "optional str"):
+        return v if isinstance(v, str) or (v is None and kind == "optional str") else _BAD
+    if isinstance(v, bool):          # True is an int to Python, never a size to us
+        return _BAD
+    if isinstance(v, str):
+        try:
+            v = float(v.strip()) if kind == "float" else int(v.strip())
+        except ValueError:
+            return _BAD
+    if kind == "int":
+        if isinstance(v, float):
+            return int(v) if v.is_integer() else _BAD
+        return int(v) if isinstance(v, int) else _BAD
+    return float(v) if isinstance(v, (int, float)) else _BAD
+
+
 # Fields that must be present in a config file (no silent defaults, §1.3).
 _REQUIRED = (
     "vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
@@ -139,23 +183,29 @@ class ModelConfig:
     quant_sim: bool = True
 
     def __post_init__(self) -> None:
-        # Coerce JSON values to the declared types; a non-numeric value is a ConfigError.
+        # Coerce JSON values to the declared types (an integral float or a numeric string is
+        # accepted for a number); anything else -- a bool for a number (`hidden_size: true`), a
+        # list, a dict, a non-numeric string -- is a ConfigError naming the field.
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            try:
-                if f.type in ("int", int) and not isinstance(v, bool):
-                    if isinstance(v, float) and not v.is_integer():
-                        raise ValueError
-                    setattr(self, f.name, int(v))
-                elif f.type in ("float", float):
-                    setattr(self, f.name, float(v))
-            except (TypeError, ValueError):
-                raise ConfigError(f"config field {f.name} must be of type {f.type}, got {v!r}") from None
-        try:
-            self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
-        except (TypeError, ValueError):
-            raise ConfigError(f"compress_ratios must be a list of ints, got "
-                              f"{self.compress_ratios!r}") from None
+            kind = _TYPES.get(f.type)
+            if kind is None:
+                continue
+            coerced = _coerce(v, kind)
+            if coerced is _BAD:
+                want = {"int": "int (an integer JSON number)", "float": "float (a JSON number)",
+                        "bool": "bool (JSON true/false)", "str": "str (a JSON string)",
+                        "optional str": "str or null"}[kind]
+                raise ConfigError(f"config field {f.name}{_hf_alias(f.name)} must be of type "
+                                  f"{want}, got {_show(v)}")
+            setattr(self, f.name, coerced)
+        ratios = self.compress_ratios
+        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (list, tuple)):
+            raise ConfigError(f"compress_ratios must be a list of ints, got {_show(ratios)}")
+        coerced = tuple(_coerce(r, "int") for r in ratios)
+        if any(r is _BAD for r in coerced):
+            raise ConfigError(f"compress_ratios must be a list of ints, got {_show(ratios)}")
+        self.compress_ratios = coerced
         self.validate()
 
     # ------------------------------------------------------------------ presets
@@ -206,21 +256,70 @@ class ModelConfig:
         return "swa" if r == 0 else ("csa" if r == 4 else "hca")
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for configs the model cannot run."""
+        """Raise :class:`ConfigError` for configs the model cannot run.
+
+        Every problem is listed in one error, each naming the field, its value and what is
+        accepted: sizes and counts are ints in their range (at most :data:`INT_MAX`, the
+        kernels' int32 indexing); ``rope_theta`` / ``compress_rope_theta`` finite and > 1 (YaRN
+        divides by ``log(theta)``); ``norm_eps`` / ``hc_eps`` finite in (0, 1]; ``route_scale``
+        finite > 0; ``swiglu_limit`` finite >= 0 (0 = no clamp); ``rope_factor`` finite >= 1;
+        ``beta_fast`` >= ``beta_slow`` > 0, finite; ``index_topk`` at most the number of CSA
+        entries at ``max_position_embeddings`` (a larger top-k can never fill and only sizes
+        buffers); ``window_size`` at most ``max_position_embeddings``; plus the architectural
+        rules (divisibility, supported variants, the compress_ratios layout).
+        """
         errs = []
+
+        def bad(name: str, accepted: str) -> None:
+            errs.append(f"{name}{_hf_alias(name)}={_show(getattr(self, name))}: expected "
+                        f"{accepted}")
+
         for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "head_dim",
                      "n_routed_experts", "n_activated_experts", "q_lora_rank", "o_groups",
-                     "o_lora_rank", "index_n_heads", "index_head_dim", "hc_sinkhorn_iters"):
-            if getattr(self, name) < 1:
-                errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_mtp_layers < 0 or self.n_hash_layers < 0:
-            errs.append("n_mtp_layers and n_hash_layers must be >= 0")
+                     "o_lora_rank", "index_n_heads", "index_head_dim", "hc_sinkhorn_iters",
+                     "window_size", "index_topk", "hc_mult", "rope_head_dim",
+                     "max_position_embeddings"):
+            if not 1 <= getattr(self, name) <= INT_MAX:
+                bad(name, f"an int in [1, {INT_MAX}]")
+        for name in ("n_mtp_layers", "n_hash_layers", "original_seq_len", "n_shared_experts",
+                     "num_key_value_heads", "bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) <= INT_MAX:
+                bad(name, f"an int in [0, {INT_MAX}]")
+        finite = math.isfinite
+        for name in ("rope_theta", "compress_rope_theta"):
+            v = getattr(self, name)
+            if not (finite(v) and v > 1):
+                bad(name, "a finite number > 1 (the RoPE base)")
+        for name in ("norm_eps", "hc_eps"):
+            v = getattr(self, name)
+            if not (finite(v) and 0 < v <= 1):
+                bad(name, "a finite number in (0, 1]")
+        if not (finite(self.route_scale) and self.route_scale > 0):
+            bad("route_scale", "a finite number > 0")
+        if not (finite(self.swiglu_limit) and self.swiglu_limit >= 0):
+            bad("swiglu_limit", "a finite number >= 0 (0 = no clamp)")
+        if not (finite(self.rope_factor) and self.rope_factor >= 1):
+            bad("rope_factor", "a finite number >= 1 (the YaRN factor)")
+        for name in ("beta_fast", "beta_slow"):
+            v = getattr(self, name)
+            if not (finite(v) and v > 0):
+                bad(name, "a finite number > 0")
+        if finite(self.beta_fast) and finite(self.beta_slow) and self.beta_fast < self.beta_slow:
+            errs.append(f"beta_fast={self.beta_fast} < beta_slow={self.beta_slow}: YaRN needs "
+                        "beta_fast >= beta_slow")
+        if errs:   # the rules below compare these fields: stop at the first wrong value
+            raise ConfigError("invalid ModelConfig: " + "; ".join(errs))
+
         # Variants the V4 architecture does not have: refuse rather than silently ignore.
         for name, want in (("n_shared_experts", 1), ("num_key_value_heads", 1),
                            ("tie_word_embeddings", False), ("norm_topk_prob", True),
                            ("topk_method", "noaux_tc"), ("hidden_act", "silu")):
             if getattr(self, name) != want:
                 errs.append(f"{name}={getattr(self, name)!r} is not supported (V4 uses {want!r})")
+        if self.dtype not in ("fp8", "bf16"):
+            errs.append(f"dtype={self.dtype!r}: expected 'fp8' (release storage) or 'bf16'")
+        if self.expert_dtype not in (None, "fp4", "fp8"):
+            errs.append(f"expert_dtype={self.expert_dtype!r}: expected 'fp4', 'fp8' or null")
         n_total = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != n_total:
             errs.append(
@@ -228,8 +327,10 @@ class ModelConfig:
                 f"n_mtp_layers = {n_total}; dsv4 supports the April-2026 V4-Flash/V4-Pro layout "
                 "(one entry per layer plus one per MTP layer), not later revisions such as "
                 "Flash-0731 (DSpark), Pro-0813 or V4.1 (architecture.md §14)")
-        if any(r < 0 for r in self.compress_ratios):
-            errs.append("compress_ratios must be >= 0")
+        wrong = sorted({r for r in self.compress_ratios if not 0 <= r <= INT_MAX})
+        if wrong:
+            errs.append(f"compress_ratios holds {wrong}: expected ints in [0, {INT_MAX}] "
+                        "(0 = SWA, 4 = CSA, other = HCA)")
         if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
             errs.append("rope_head_dim must be even and <= head_dim")
         if self.index_head_dim < self.rope_head_dim or self.index_head_dim % 2:
@@ -242,8 +343,18 @@ class ModelConfig:
             errs.append("n_hash_layers must be <= n_layers")
         if self.score_func != "sqrtsoftplus":
             errs.append(f"score_func {self.score_func!r} is not supported (V4 uses 'sqrtsoftplus')")
-        if self.window_size < 1 or self.index_topk < 1 or self.hc_mult < 1:
-            errs.append("window_size, index_topk and hc_mult must be >= 1")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                errs.append(f"{name}={getattr(self, name)}: expected an int in [0, vocab_size="
+                            f"{self.vocab_size})")
+        if self.window_size > self.max_position_embeddings:
+            errs.append(f"window_size={self.window_size}: expected an int in [1, "
+                        f"max_position_embeddings={self.max_position_embeddings}]")
+        topk_max = max(1, self.max_position_embeddings // 4)
+        if self.index_topk > topk_max:
+            errs.append(f"index_topk={self.index_topk}: expected an int in [1, {topk_max}] "
+                        f"(max_position_embeddings={self.max_position_embeddings} tokens hold "
+                        f"at most {topk_max} ratio-4 entries to select)")
         if self.quant_sim:
             if self.nope_head_dim % 64:
                 errs.append(
@@ -299,6 +410,8 @@ class ModelConfig:
                         args[dst] = rs[src]
         if "quantization_config" in d:
             q = d["quantization_config"] or {}
+            if not isinstance(q, dict):
+                raise ConfigError(f"quantization_config must be a JSON object, got {_show(q)}")
             if q.get("scale_fmt"):
                 args["scale_fmt"] = q["scale_fmt"]
             args.setdefault("dtype", "fp8" if q.get("quant_method") == "fp8" else "bf16")
@@ -307,7 +420,10 @@ class ModelConfig:
             args.setdefault("expert_dtype", None)
         # n_mtp_layers: derive from compress_ratios when the file does not say.
         if "n_mtp_layers" not in args and "compress_ratios" in args and "n_layers" in args:
-            args["n_mtp_layers"] = len(args["compress_ratios"]) - int(args["n_layers"])
+            n_layers = _coerce(args["n_layers"], "int")
+            if (isinstance(args["compress_ratios"], (list, tuple)) and n_layers is not _BAD
+                    and len(args["compress_ratios"]) >= n_layers):
+                args["n_mtp_layers"] = len(args["compress_ratios"]) - n_layers
         unknown = sorted(k for k in overrides if k not in names)
         if unknown:  # a typo (quantsim=False) must not be dropped silently
             raise ConfigError(f"unknown config override(s) {', '.join(unknown)}; overrides take "
@@ -339,6 +455,9 @@ class ModelConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {path} as JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"cannot read {path} as JSON: nested too deeply (a config.json "
+                              "is a flat object)") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(d, **overrides)

@@ -47,7 +47,7 @@ from .checkpoint import official_name  # the HF -> inference name map of convert
 __all__ = [
     "ConvertError", "DTYPE_NAMES", "convert", "check_model_parallel", "split_rule",
     "official_name", "rank_file", "load_model_parallel", "unshard", "write_safetensors",
-    "write_sharded", "read_checkpoint_index",
+    "write_sharded", "read_checkpoint_index", "atomic_write", "entry_bytes",
 ]
 
 
@@ -78,6 +78,12 @@ def _file_shape(t: torch.Tensor) -> list[int]:
     return shape
 
 
+def entry_bytes(entries: list) -> int:
+    """Data bytes of ``entries`` (objects with ``dtype`` and ``shape`` as the file records
+    them), i.e. the size of the checkpoint :func:`write_sharded` writes, headers aside."""
+    return sum(_nbytes(e.dtype, e.shape) for e in entries)
+
+
 def _nbytes(dtype: str, shape: Iterable[int]) -> int:
     n = 1
     for s in shape:
@@ -98,6 +104,70 @@ class _Entry:
     produce: Callable[[], torch.Tensor]
 
 
+class atomic_write:
+    """``with atomic_write(path) as f: f.write(...)``: the file appears complete or not at all.
+
+    On Linux the data goes to an unnamed file in the target directory (``O_TMPFILE``), given
+    its name only when the block ends without an exception: a process killed while writing,
+    even by SIGKILL, leaves nothing behind. Where ``O_TMPFILE`` is unavailable, the data goes
+    to ``<path>.partial``, renamed at the end and removed on any exception (Ctrl-C included;
+    only an uncatchable kill leaves it). An existing ``path`` is replaced atomically.
+    """
+
+    def __init__(self, path: str, mode: str = "wb"):
+        self.path, self.mode = os.fspath(path), mode
+        self._fd = self._tmp = self._file = None
+
+    def __enter__(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        flag = getattr(os, "O_TMPFILE", None)
+        if flag is not None and os.path.isdir("/proc/self/fd"):
+            try:
+                self._fd = os.open(directory, flag | os.O_WRONLY, 0o644)
+            except OSError:              # filesystem without O_TMPFILE support
+                self._fd = None
+        encoding = None if "b" in self.mode else "utf-8"
+        if self._fd is not None:
+            self._file = os.fdopen(os.dup(self._fd), self.mode, encoding=encoding)
+        else:
+            self._tmp = self.path + ".partial"
+            self._file = open(self._tmp, self.mode, encoding=encoding)
+        return self._file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._file.flush()
+            self._file.close()
+            if exc_type is not None:
+                return
+            if self._fd is not None:
+                self._link()
+            else:
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+            if self._tmp is not None and os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+    def _link(self) -> None:
+        """Give the unnamed file its name (``linkat`` through /proc/self/fd)."""
+        proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            def link(dst: str) -> None:
+                os.link(str(self._fd), dst, src_dir_fd=proc, follow_symlinks=True)
+            try:
+                link(self.path)
+            except FileExistsError:      # replace: link under a private name, then rename
+                tmp = f"{self.path}.{os.getpid()}.tmp"
+                link(tmp)
+                os.replace(tmp, self.path)
+        finally:
+            os.close(proc)
+
+
 def write_safetensors(path: str, entries: list, metadata: Optional[dict] = None) -> int:
     """Write one safetensors file, producing and writing one tensor at a time.
 
@@ -106,8 +176,10 @@ def write_safetensors(path: str, entries: list, metadata: Optional[dict] = None)
     written first from the declared dtypes/shapes; each produced tensor must match its
     declaration. Tensors are laid out by decreasing element size, then by name, so every tensor
     starts aligned (safetensors spec: 8-byte-padded JSON header, no holes).
+    The file appears complete or not at all (:class:`atomic_write`: no partial file is left
+    by an exception, Ctrl-C or, on Linux, even SIGKILL).
     Returns the number of data bytes. Raises ConvertError for a mismatching tensor or a
-    duplicate name (the partly written file is removed).
+    duplicate name.
     """
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -124,24 +196,17 @@ def write_safetensors(path: str, entries: list, metadata: Optional[dict] = None)
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for e in order:
-                t = e.produce()
-                if (DTYPE_NAMES.get(t.dtype) != e.dtype or _file_shape(t) != list(e.shape)):
-                    raise ConvertError(
-                        f"{e.name}: produced {t.dtype} {_file_shape(t)}, declared {e.dtype} "
-                        f"{list(e.shape)} (internal error)")
-                data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                f.write(data.numpy().data)           # no extra copy of the tensor's bytes
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for e in order:
+            t = e.produce()
+            if (DTYPE_NAMES.get(t.dtype) != e.dtype or _file_shape(t) != list(e.shape)):
+                raise ConvertError(
+                    f"{e.name}: produced {t.dtype} {_file_shape(t)}, declared {e.dtype} "
+                    f"{list(e.shape)} (internal error)")
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            f.write(data.numpy().data)           # no extra copy of the tensor's bytes
     return offset
 
 
@@ -185,7 +250,7 @@ def write_sharded(out_dir: str, entries: list, n_shards: int = 1,
             weight_map[e.name] = fname
     index = {"metadata": {"total_size": total},
              "weight_map": {e.name: weight_map[e.name] for e in entries}}
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return files
 
@@ -194,38 +259,36 @@ def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """``{name: (file, dtype string, shape)}`` of a checkpoint directory, from file headers only.
 
     Files: those listed in ``model.safetensors.index.json``, else every ``*.safetensors`` except
-    ``golden.safetensors`` and model-parallel rank files. Raises ConvertError for a missing
-    directory, no weights, an unreadable file or a tensor present in two files.
+    ``golden.safetensors`` and model-parallel rank files, each confined to the directory
+    (:func:`dsv4.checkpoint_io.confined_path`). Raises ConvertError for a missing
+    directory, no weights, a file outside the directory, an unreadable file or a tensor
+    present in two files.
     """
     if not os.path.isdir(path):
         raise ConvertError(f"checkpoint directory not found: {path}")
+    from .checkpoint_io import SafetensorsFile, confined_path, read_json
+
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConvertError(f"{index} is not a safetensors index with a weight_map: "
-                               f"{e!r}") from None
+        d = read_json(index, "the safetensors index", ConvertError)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wm, dict):
+            raise ConvertError(f"{index} is not a safetensors index with a weight_map object")
+        files = sorted({confined_path(path, f, f"{index}: weight_map entry {n!r} -> {f!r}",
+                                      ConvertError) for n, f in wm.items()})
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")
-                       and f != "golden.safetensors" and not _RANK_FILE.match(f))
+        files = sorted(confined_path(path, f, f, ConvertError) for f in os.listdir(path)
+                       if f.endswith(".safetensors") and f != "golden.safetensors"
+                       and not _RANK_FILE.match(f))
     if not files:
         raise ConvertError(f"no *.safetensors weights found in {path}")
     out: dict[str, tuple[str, str, list[int]]] = {}
-    for fname in files:
-        fpath = os.path.join(path, fname)
-        try:
-            with safe_open(fpath, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if name in out:
-                        raise ConvertError(f"tensor {name} is in both {out[name][0]} and {fpath}")
-                    out[name] = (fpath, sl.get_dtype(), list(sl.get_shape()))
-        except ConvertError:
-            raise
-        except Exception as e:  # safetensors raises its own error types
-            raise ConvertError(f"cannot read {fpath}: {e}") from e
+    for fpath in files:
+        with SafetensorsFile(fpath, ConvertError) as f:      # the header only
+            for name, (dtype, shape, _) in f.tensors.items():
+                if name in out:
+                    raise ConvertError(f"tensor {name} is in both {out[name][0]} and {fpath}")
+                out[name] = (fpath, dtype, list(shape))
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["GenerationResult", "check_sampling_args", "generate", "sample"]
+__all__ = ["GenerationResult", "check_sampling_args", "format_rates", "generate", "sample"]
 
 FinishReason = Literal["eos", "length", "stop"]
 
@@ -44,6 +44,24 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """ValueError naming the first row with NaN / +inf logits or without a finite one."""
+    bad = torch.isnan(logits) | (logits == float("inf"))
+    empty = ~(logits > float("-inf")).any(-1) if logits.shape[-1] else torch.ones(
+        logits.shape[0], dtype=torch.bool, device=logits.device)
+    rows = bad.any(-1) | empty
+    if not bool(rows.any()):
+        return
+    r = int(rows.nonzero()[0])
+    if bool(bad[r].any()):
+        i = int(bad[r].nonzero()[0])
+        raise ValueError(f"logits row {r} holds {float(logits[r, i])} at token {i} "
+                         f"({int(bad[r].sum())} non-finite values): the model produced "
+                         "NaN/inf, no token can be sampled")
+    raise ValueError(f"logits row {r} has no finite value (every token is -inf): no token "
+                     "can be sampled")
 
 
 def sample(
@@ -75,8 +93,11 @@ def sample(
         ``[batch]`` int64 token ids on ``logits.device``.
 
     Raises:
-        ValueError: invalid sampling arguments (see :func:`check_sampling_args`), or
-            ``logits`` is not a 2-D floating-point tensor.
+        ValueError: invalid sampling arguments (see :func:`check_sampling_args`);
+            ``logits`` is not a 2-D floating-point tensor; a row holds NaN or +inf, or has no
+            finite logit (all -inf): no token can be drawn from it, and argmax would silently
+            return token 0. (-inf entries, i.e. masked tokens, are fine.) The check makes one
+            host synchronisation.
     """
     check_sampling_args(temperature, top_p, top_k)
     if logits.dim() != 2 or not logits.is_floating_point():
@@ -84,6 +105,7 @@ def sample(
             f"logits must be a floating-point [batch, vocab] tensor, got {tuple(logits.shape)} "
             f"{logits.dtype}"
         )
+    _check_finite(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
 
@@ -119,7 +141,12 @@ class GenerationResult:
         new_tokens: number of tokens sampled, a final EOS included.
         seconds: wall time of prefill + decode, in seconds.
         prefill_seconds: wall time of the prefill call and the first sample, in seconds.
-        tokens_per_second: ``new_tokens / seconds``.
+        tokens_per_second: ``new_tokens / seconds`` (prefill included; see the rates below).
+
+    Properties: ``decode_seconds`` (``seconds - prefill_seconds``), ``prefill_tokens_per_second``
+    (prompt tokens processed per second by the prefill call), ``decode_tokens_per_second``
+    (tokens generated per second after the first, ``(new_tokens - 1) / decode_seconds``; 0.0
+    without a decode step).
         finish_reason: ``'eos'`` (EOS sampled), ``'length'`` (``max_new_tokens`` reached) or
             ``'stop'`` (a stop string appeared in the text).
     """
@@ -132,6 +159,19 @@ class GenerationResult:
     tokens_per_second: float
     finish_reason: FinishReason
     prefill_seconds: float = field(default=0.0)
+
+    @property
+    def decode_seconds(self) -> float:
+        return max(0.0, self.seconds - self.prefill_seconds)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(0, self.new_tokens - 1)
+        return steps / self.decode_seconds if steps and self.decode_seconds > 0 else 0.0
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -310,3 +350,19 @@ def generate(
         finish_reason=finish,
         prefill_seconds=prefill_seconds,
     )
+
+
+def format_rates(result: GenerationResult) -> str:
+    """The statistics line of ``dsv4 generate``: prefill and decode rates reported separately
+    (a long prompt's prefill would otherwise swamp the generation rate).
+
+    ``[prompt tokens: P, new tokens: N, prefill: R tokens/s (S s), decode: R tokens/s (S s),
+    finish: eos|length|stop]``; the decode part reads ``decode: n/a`` when only one token was
+    generated (no decode step).
+    """
+    decode = (f"{result.decode_tokens_per_second:.1f} tokens/s ({result.decode_seconds:.2f} s)"
+              if result.new_tokens > 1 else "n/a")
+    return (f"[prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}, "
+            f"prefill: {result.prefill_tokens_per_second:.1f} tokens/s "
+            f"({result.prefill_seconds:.2f} s), decode: {decode}, "
+            f"finish: {result.finish_reason}]")

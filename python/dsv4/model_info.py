@@ -13,10 +13,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -37,23 +36,6 @@ _ROUTED = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\.")
 # ------------------------------------------------------------------------------ parameters
 
 
-@contextlib.contextmanager
-def _no_meta_init() -> Iterator[None]:
-    # nn.init.normal_ on a meta tensor runs torch's Python decomposition (~1 ms per call);
-    # a meta tensor holds no values, so skipping it changes nothing but the build time
-    # (Flash: 15 s -> 3 s).
-    orig = nn.init.normal_
-
-    def normal_(tensor, *args, **kwargs):
-        return tensor if tensor.is_meta else orig(tensor, *args, **kwargs)
-
-    nn.init.normal_ = normal_
-    try:
-        yield
-    finally:
-        nn.init.normal_ = orig
-
-
 def meta_model(config: ModelConfig) -> nn.Module:
     """``Model(config)`` on the meta device: every parameter with its shape and no storage.
 
@@ -61,7 +43,7 @@ def meta_model(config: ModelConfig) -> nn.Module:
     """
     from .model import Model
 
-    with _no_meta_init(), torch.device("meta"):
+    with torch.device("meta"):     # Linear draws no values on meta (layers/linear.py)
         return Model(config)
 
 

@@ -20,11 +20,14 @@ generated, quantised and written one at a time (memory about one tensor, even fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -200,9 +203,43 @@ def _entries(config: ModelConfig, fmt: str, seed: int):
     return entries
 
 
+#: Room kept free beyond the checkpoint's own bytes (headers, config, tokenizer, filesystem).
+FREE_SPACE_MARGIN = 256 << 20
+
+
+def _free_bytes(path: str) -> tuple[int, str]:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free, probe
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """While writing, SIGTERM (``kill PID``) unwinds like Ctrl-C, so that the cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shards: int = 1,
                     seed: int = 0, tokenizer: Optional[str] | bool = None,
-                    expert_dtype: str = "fp4", overwrite: bool = False) -> list[str]:
+                    expert_dtype: str = "fp4", overwrite: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> list[str]:
     """Write a random checkpoint of ``config`` in the official layout (module docstring).
 
     Args:
@@ -218,13 +255,22 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
             False = write none.
         expert_dtype: with ``fmt="fp8"``, ``"fp4"`` (release) or ``"fp8"`` routed experts.
         overwrite: allow a non-empty ``out_dir``.
+        log: called with a line giving the size of the checkpoint and the free space, before
+            anything is written (``dsv4 make-checkpoint`` prints it).
+
+    Writing is all or nothing: every file appears complete or not at all
+    (:class:`dsv4.convert.atomic_write`), ``config.json`` comes last (a directory without it
+    is not a checkpoint; when overwriting, the old one is removed first), and an exception,
+    Ctrl-C or SIGTERM removes the files this call created. On Linux even SIGKILL leaves no
+    partial file (only whole shards, without ``config.json``).
 
     Returns the names of the files written.
     Raises ValueError for a bad ``fmt``/``expert_dtype``/``n_shards``/``seed``, a non-empty
-    ``out_dir``, or dims the storage cannot hold (FP4 needs in_features % 32 == 0);
-    FileNotFoundError when the tokenizer cannot be found.
+    ``out_dir``, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
+    little free space (checked before writing: the weights' bytes plus
+    :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the tokenizer cannot be found.
     """
-    from .convert import write_sharded
+    from .convert import atomic_write, entry_bytes, write_sharded
     from .tokenizer import TOKENIZER_FILE, default_tokenizer_path
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
@@ -249,16 +295,52 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     entries = _entries(cfg, fmt, seed)
     if n_shards > len(entries):
         raise ValueError(f"n_shards {n_shards} exceeds the {len(entries)} tensors")
+    total = entry_bytes(entries)
+    free, where = _free_bytes(out_dir)
+    if log is not None:
+        log(f"{out_dir}: {len(entries):,} tensors, {_gb(total)} ({total:,} bytes) of weights "
+            f"in {n_shards} shard(s); {_gb(free)} free on {where}")
+    if total + FREE_SPACE_MARGIN > free:
+        raise ValueError(f"not enough free space for the checkpoint: it needs {_gb(total)} "
+                         f"({total:,} bytes) plus {_gb(FREE_SPACE_MARGIN)} of margin, but "
+                         f"{where} has {_gb(free)} free")
+    names = (["model.safetensors"] if n_shards == 1 else
+             [f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors" for k in range(n_shards)]
+             + ["model.safetensors.index.json"])
+    names += ["generation_config.json", TOKENIZER_FILE, "config.json"]
+    made_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    written = write_sharded(out_dir, entries, n_shards)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg_dict, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(_GENERATION_CONFIG, f)
-    files = ["config.json", "generation_config.json"] + written
-    if n_shards > 1:
-        files.append("model.safetensors.index.json")
-    if tok_src is not None:
-        shutil.copyfile(tok_src, os.path.join(out_dir, TOKENIZER_FILE))
-        files.append(TOKENIZER_FILE)
-    return files
+    # Overwriting: until the new config.json is written the directory is not a checkpoint (a
+    # half-replaced one must not load), and an old index would shadow a new single file.
+    stale = ["config.json"] + (["model.safetensors.index.json"] if n_shards == 1 else [])
+    for n in stale:
+        if os.path.lexists(os.path.join(out_dir, n)):
+            os.remove(os.path.join(out_dir, n))
+    before = {n for n in names if os.path.lexists(os.path.join(out_dir, n))}
+    try:
+        with _sigterm_as_exception():
+            written = write_sharded(out_dir, entries, n_shards)
+            files = written + (["model.safetensors.index.json"] if n_shards > 1 else [])
+            with atomic_write(os.path.join(out_dir, "generation_config.json"), "w") as f:
+                json.dump(_GENERATION_CONFIG, f)
+            files.append("generation_config.json")
+            if tok_src is not None:
+                with open(tok_src, "rb") as src, \
+                        atomic_write(os.path.join(out_dir, TOKENIZER_FILE)) as f:
+                    shutil.copyfileobj(src, f)
+                files.append(TOKENIZER_FILE)
+            with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(cfg_dict, f, indent=2)
+            files.append("config.json")
+    except BaseException:
+        # Remove what this call created (files that were there before are left alone).
+        for n in names:
+            p = os.path.join(out_dir, n)
+            if n not in before and os.path.lexists(p):
+                os.remove(p)
+        if made_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    return ["config.json", "generation_config.json"] + written + (
+        ["model.safetensors.index.json"] if n_shards > 1 else []) + (
+        [TOKENIZER_FILE] if tok_src is not None else [])

@@ -32,12 +32,33 @@ _NAMESPACE = "dsv4"
 # Load the extension (its static initialisers register the schemas and CUDA kernels).
 # ---------------------------------------------------------------------------------------------
 _IMPORT_ERROR: str | None = None
-try:
-    importlib.import_module("dsv4._C")
-    HAS_C: bool = True
-except (ImportError, OSError) as e:  # not built, or built against another torch/CUDA
+
+
+def _skipped_build() -> str | None:
+    """Why ``dsv4._C`` must not be loaded, or None: the build record says this install was
+    built without CUDA (``DSV4_SKIP_CUDA_BUILD=1``), so a ``_C`` beside it is left from an
+    earlier build of the same source tree (setup.py never deletes it)."""
+    try:
+        build = importlib.import_module("dsv4._build_config")
+    except ImportError:
+        return None
+    if getattr(build, "CUDA_BUILD", True):
+        return None
+    return ("not loaded: this install was built with DSV4_SKIP_CUDA_BUILD=1 (dsv4/_build_config.py "
+            "says CUDA_BUILD = False); a dsv4._C beside it is left from an earlier build. "
+            "Reinstall without DSV4_SKIP_CUDA_BUILD to use the kernels")
+
+
+_IMPORT_ERROR = _skipped_build()
+if _IMPORT_ERROR is None:
+    try:
+        importlib.import_module("dsv4._C")
+        HAS_C: bool = True
+    except (ImportError, OSError) as e:  # not built, or built against another torch/CUDA
+        HAS_C = False
+        _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
     HAS_C = False
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 
 def _cuda_kernels_now() -> list[str]:

@@ -9,7 +9,9 @@ a user can compare the two on the same model in one process::
     dsv4.set_backend("reference")   # the pure-PyTorch model everywhere
     dsv4.set_backend("cuda")        # kernels on CUDA tensors where supported (the default)
 
-The environment variable ``DSV4_BACKEND`` (``cuda`` or ``reference``) sets the initial value.
+The environment variable ``DSV4_BACKEND`` (``cuda`` or ``reference``) sets the initial value;
+an unknown value is not an import error (``import dsv4`` and ``dsv4 --help`` keep working): it
+prints one notice line to stderr and the default, ``cuda``, applies.
 
 With ``"cuda"``, a layer uses its kernels only when all of these hold: the activations are
 CUDA bfloat16 tensors (the kernels' dtype; fp32 models run the reference) and the compiled
@@ -19,19 +21,25 @@ extension has every op the layer needs. Otherwise it runs the reference and warn
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "use_kernels"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "set_backend", "get_backend", "use_kernels",
+           "check_backend"]
 
 BACKENDS = ("cuda", "reference")
+DEFAULT_BACKEND = "cuda"
 
 
 def _initial() -> str:
-    name = os.environ.get("DSV4_BACKEND", "cuda").strip().lower() or "cuda"
+    raw = os.environ.get("DSV4_BACKEND", "")
+    name = raw.strip().lower() or DEFAULT_BACKEND
     if name not in BACKENDS:
-        raise ValueError(f"DSV4_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+        print(f"dsv4: DSV4_BACKEND={raw!r} is not one of {', '.join(BACKENDS)}; using "
+              f"{DEFAULT_BACKEND!r} (the default)", file=sys.stderr, flush=True)
+        return DEFAULT_BACKEND
     return name
 
 
@@ -59,6 +67,35 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The current backend name (``"cuda"`` or ``"reference"``)."""
     return _backend
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """Check that backend ``name`` can run a model on ``device`` before a run that asks for it.
+
+    ``"reference"`` runs anywhere. ``"cuda"`` needs a CUDA device (the kernels take CUDA
+    tensors; on the CPU the reference would run silently instead) and a compiled extension
+    with CUDA kernels (``dsv4 info``).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`, or ``"cuda"`` cannot run on
+            ``device``; the message says why and what to use instead.
+    """
+    key = str(name).strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if key != "cuda":
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        why = ("no CUDA device is available (torch.cuda.is_available() is False)"
+               if not torch.cuda.is_available() else f"the model runs on {device}")
+        raise ValueError(f"backend 'cuda' runs the dsv4 CUDA kernels on CUDA tensors, but {why}; "
+                         "use backend 'reference' (the pure-PyTorch model) or a CUDA device")
+    from ._ext import info
+    if not info()["cuda_compiled_ops"]:
+        raise ValueError("backend 'cuda': this dsv4 install has no compiled CUDA kernels "
+                         f"({info()['import_error'] or 'none registered'}; see `dsv4 info`); "
+                         "rebuild with nvcc available, or use backend 'reference'")
 
 
 def _kernel_available(op: str) -> bool:
