@@ -42,6 +42,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 export DSV4_EXPECT_C=1
+# This harness is what verifies kernels on hardware: the model may call all of them here
+# (dsv4.ops.backend.HARDWARE_VERIFIED lists those that passed; the model calls only those by default).
+export DSV4_UNVERIFIED_KERNELS=1
 MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
   || exit 1
 step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"

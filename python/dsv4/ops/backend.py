@@ -14,8 +14,16 @@ an unknown value is not an import error (``import dsv4`` and ``dsv4 --help`` kee
 prints one notice line to stderr and the default, ``cuda``, applies.
 
 With ``"cuda"``, a layer uses its kernels only when all of these hold: the activations are
-CUDA bfloat16 tensors (the kernels' dtype; fp32 models run the reference) and the compiled
-extension has every op the layer needs. Otherwise it runs the reference and warns once.
+CUDA bfloat16 tensors (the kernels' dtype; fp32 models run the reference), the compiled
+extension has every op the layer needs, and every one of those kernels has passed the CUDA test
+suite on the H200 at its current code (:data:`HARDWARE_VERIFIED`). Otherwise it runs the
+reference and warns once, naming the reason.
+
+Kernels written or changed since their last H200 run are *unverified*: the model does not call
+them unless the caller opts in with ``DSV4_UNVERIFIED_KERNELS=1`` or
+:func:`allow_unverified_kernels` (the GPU test harness ``scripts/gpu_check.sh`` and the
+``cuda``-marked tests do, since they are what verifies them). Calling ``torch.ops.dsv4.<name>``
+directly always runs the compiled kernel.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "set_backend", "get_backend", "use_kernels",
-           "check_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "HARDWARE_VERIFIED", "set_backend", "get_backend",
+           "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed"]
 
 BACKENDS = ("cuda", "reference")
 DEFAULT_BACKEND = "cuda"
@@ -45,6 +53,36 @@ def _initial() -> str:
 
 _backend = _initial()
 _warned: set[str] = set()
+
+# Ops whose CUDA kernel passed the CUDA test suite on the H200 at its current source, with where
+# that was recorded. An op whose kernel source changed after its last H200 run leaves this table
+# until the next run passes (bench/README.md keeps the history). Empty at present: every kernel
+# was written or changed after the last H200 run (2026-12-05, commit 268a114), and the device
+# loans were paused for the rest of that session.
+HARDWARE_VERIFIED: dict[str, str] = {}
+
+_UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
+_allow_unverified = os.environ.get(_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes",
+                                                                           "on")
+
+
+def allow_unverified_kernels(flag: bool = True) -> None:
+    """Let (``True``) or stop (``False``) the model calling CUDA kernels that have not passed
+    the H200 test suite at their current code (see :data:`HARDWARE_VERIFIED`). The initial value
+    comes from the environment variable ``DSV4_UNVERIFIED_KERNELS`` (``1`` = allow).
+
+    Raises:
+        TypeError: ``flag`` is not a bool.
+    """
+    global _allow_unverified
+    if not isinstance(flag, bool):
+        raise TypeError(f"allow_unverified_kernels takes a bool, got {flag!r}")
+    _allow_unverified = flag
+
+
+def unverified_allowed() -> bool:
+    """Whether the model may call CUDA kernels not (yet) verified on the H200."""
+    return _allow_unverified
 
 
 def set_backend(name: str) -> None:
@@ -109,9 +147,10 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
     """Whether a layer whose activations are ``x`` runs its kernel path through ``ops``.
 
     True iff the backend is ``"cuda"``, ``x`` is a CUDA bfloat16 tensor, every op in ``ops``
-    has a compiled CUDA kernel and the layer passes no ``unsupported`` reason (a shape outside
-    the kernels' range, e.g. ``index_topk > 2048``). When the backend is ``"cuda"`` and ``x`` is
-    on CUDA but a condition fails, a warning names the reason (once per reason).
+    has a compiled CUDA kernel that is hardware-verified (or unverified kernels are allowed, see
+    :func:`allow_unverified_kernels`) and the layer passes no ``unsupported`` reason (a shape
+    outside the kernels' range, e.g. ``index_topk > 2048``). When the backend is ``"cuda"`` and
+    ``x`` is on CUDA but a condition fails, a warning names the reason (once per reason).
     """
     if _backend != "cuda" or not x.is_cuda:
         return False
@@ -122,10 +161,17 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
                   "CUDA runs the pure-PyTorch reference")
     else:
         missing = [op for op in ops if not _kernel_available(op)]
-        if not missing:
+        unverified = [op for op in ops if op not in HARDWARE_VERIFIED]
+        if missing:
+            reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
+                      "those layers run the pure-PyTorch reference")
+        elif unverified and not _allow_unverified:
+            reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
+                      "H200 test suite at this version; those layers run the pure-PyTorch "
+                      f"reference (set {_UNVERIFIED_ENV}=1 or call "
+                      "dsv4.allow_unverified_kernels() to use them)")
+        else:
             return True
-        reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
-                  "those layers run the pure-PyTorch reference")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(reason, RuntimeWarning, stacklevel=3)

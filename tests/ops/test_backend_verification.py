@@ -1,0 +1,72 @@
+"""The model calls only CUDA kernels verified on the H200 unless the caller opts in
+(dsv4.ops.backend.HARDWARE_VERIFIED, DSV4_UNVERIFIED_KERNELS, allow_unverified_kernels)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.ops import backend
+
+
+@pytest.fixture
+def cuda_like(monkeypatch):
+    """A stand-in for CUDA bf16 activations with every kernel compiled (no GPU needed)."""
+    monkeypatch.setattr(backend, "_kernel_available", lambda op: True)
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_backend", "cuda")
+    return types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+
+
+def test_unverified_kernels_are_not_called_by_default(cuda_like, monkeypatch):
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
+    with pytest.warns(RuntimeWarning, match="moe_gate have not yet passed the H200 test suite"):
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is False
+
+
+def test_verified_kernels_are_called(cuda_like, monkeypatch):
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "H200, test"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is True
+    # one unverified op among verified ones keeps the whole layer on the reference
+    with pytest.warns(RuntimeWarning, match="moe_combine"):
+        assert backend.use_kernels(cuda_like, ("moe_gate", "moe_combine")) is False
+
+
+def test_opt_in_calls_unverified_kernels(cuda_like, monkeypatch):
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
+    before = backend.unverified_allowed()
+    try:
+        dsv4.allow_unverified_kernels(True)
+        assert backend.unverified_allowed()
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is True
+        dsv4.allow_unverified_kernels(False)
+        with pytest.warns(RuntimeWarning):
+            assert backend.use_kernels(cuda_like, ("moe_gate",)) is False
+    finally:
+        backend.allow_unverified_kernels(before)
+    with pytest.raises(TypeError, match="bool"):
+        dsv4.allow_unverified_kernels("yes")
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("", False)])
+def test_environment_variable(value, expected):
+    env = dict(os.environ, DSV4_UNVERIFIED_KERNELS=value)
+    code = "import dsv4.ops.backend as b; print(b.unverified_allowed())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)
+
+
+def test_info_names_the_verified_kernels():
+    assert "verified on the H200" in dsv4.ops._ext.format_info()
