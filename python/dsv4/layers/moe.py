@@ -29,7 +29,15 @@ class Gate(nn.Module):
     weights = selected scores / their sum × ``route_scale`` (the bias never enters the weights).
     Parameters: ``weight`` [n_routed_experts, dim]; ``bias`` [n_routed_experts] fp32 (learned) or
     the int64 buffer ``tid2eid`` [vocab_size, n_activated_experts] (hash).
+
+    ``route_hook`` (None by default; set by :mod:`dsv4.train.routing`): a callable
+    ``(gate, scores [N, n_routed_experts] fp32, indices [N, topk] int64) -> indices`` run after
+    the selection and before the weights are gathered. Training uses it to read the scores
+    (balance loss) and the load, and to apply routing indices computed earlier (anticipatory
+    routing, training.md §3.7); the weights always come from this call's scores.
     """
+
+    route_hook = None
 
     def __init__(self, config, layer_id: int):
         super().__init__()
@@ -61,6 +69,8 @@ class Gate(nn.Module):
             indices = self.tid2eid[input_ids]
         else:
             indices = (scores + self.bias).topk(self.topk, dim=-1).indices
+        if self.route_hook is not None:
+            indices = self.route_hook(self, scores, indices)
         weights = scores.gather(1, indices)
         weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
         return weights, indices
