@@ -175,6 +175,19 @@ class Muon(torch.optim.Optimizer):
                              f"a {tuple(p.shape)} parameter")
         return row_blocks, p.shape[0] // row_blocks, p.shape[1]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like ``Optimizer.load_state_dict``, but state tensors keep their saved dtype: the
+        base class casts them to the parameter's dtype, which would round the fp32 master
+        weights and moments of bf16 parameters (and break exact resumption)."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for k, v in saved.get(i, {}).items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.to(p.device, copy=True)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
