@@ -162,7 +162,7 @@ def test_anticipatory_delta1_applies_previous_parameters_routing():
     tr.train_step()
     assert tr.history[-1]["replayed_gates"] == len(rec)
     for name, idx in rec.items():
-        assert torch.equal(used[name].int(), idx)
+        assert used[name].dtype == torch.int64 and torch.equal(used[name].int(), idx)
     # Switching off drops the records; the next step routes normally.
     tr.cfg.anticipatory = None
     tr.train_step()

@@ -126,7 +126,7 @@ class RoutingController:
             if rec.shape != indices.shape:
                 raise RuntimeError(f"anticipatory routing: recorded indices of {name} have shape "
                                    f"{tuple(rec.shape)}, this step routes {tuple(indices.shape)}")
-            indices = rec.to(indices.device)
+            indices = rec.to(indices.device, indices.dtype)
             self.replayed_layers += 1
         if self._mode == "record":
             if not gate.hash:
