@@ -457,6 +457,9 @@ def _add_info_and_checkpoint_commands(sub: Any) -> None:
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     c.set_defaults(func=_cmd_convert, subparser=c)
 
+    from dsv4.train.cli import add_train_parser  # `dsv4 train` (python/dsv4/train/cli.py)
+    add_train_parser(sub)
+
 
 def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.path is not None and args.model is not None:

@@ -70,7 +70,16 @@ class Gate(nn.Module):
     CUDA bfloat16 inputs with the ``"cuda"`` backend the fused ``torch.ops.dsv4.moe_gate`` runs.
     Parameters: ``weight`` [n_routed_experts, dim]; ``bias`` [n_routed_experts] fp32 (learned)
     or the int64 buffer ``tid2eid`` [vocab_size, n_activated_experts] (hash).
+
+    ``route_hook`` (None by default; set by :mod:`dsv4.train.routing`): a callable
+    ``(gate, scores [N, n_routed_experts] fp32, indices [N, topk] int64) -> indices`` run after
+    the selection and before the weights are gathered. Training uses it to read the scores
+    (balance loss) and the load, and to apply routing indices computed earlier (anticipatory
+    routing, training.md §3.7); the weights always come from this call's scores. A set hook
+    keeps the gate on the reference path.
     """
+
+    route_hook = None
 
     def __init__(self, config, layer_id: int):
         super().__init__()
@@ -111,11 +120,14 @@ class Gate(nn.Module):
         """
         tid2eid = self.tid2eid if self.hash else None
         ids = input_ids if self.hash else None
-        if x.is_cuda and use_kernels(x, ("moe_gate",), self.kernel_unsupported(x)):
+        hook = self.route_hook
+        if (hook is None and x.is_cuda
+                and use_kernels(x, ("moe_gate",), self.kernel_unsupported(x))):
             return _dsv4.moe_gate(x, self.weight, self.bias, tid2eid, ids, self.topk,
                                   self.route_scale)
+        select = None if hook is None else (lambda scores, idx: hook(self, scores, idx))
         return moe_gate_reference(x, self.weight, self.bias, tid2eid, ids, self.topk,
-                                  self.route_scale)
+                                  self.route_scale, select_hook=select)
 
 
 class Expert(nn.Module):

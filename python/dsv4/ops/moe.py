@@ -91,7 +91,8 @@ def _check_gate(x, weight, bias, tid2eid, input_ids, topk, check):
 
 def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        tid2eid: Optional[torch.Tensor], input_ids: Optional[torch.Tensor],
-                       topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       topk: int, route_scale: float, *, select_hook=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE router (architecture.md §9; official ``Gate.forward``; training.md §3.2, §3.5).
 
     Args:
@@ -102,6 +103,10 @@ def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         input_ids: [tokens] integer token ids (hash layers; ignored otherwise).
         topk: experts per token, in [1, min(experts, 16)].
         route_scale: factor on the normalised weights (1.5 Flash, 2.5 Pro).
+        select_hook: optional Python callable ``(scores [tokens, experts] fp32, indices
+            [tokens, topk] int64) -> indices`` run after the selection and before the weights
+            are gathered (training: balance loss, load statistics, anticipatory routing; see
+            ``dsv4.layers.moe.Gate.route_hook``). Not part of the op schema.
 
     Returns:
         (weights fp32 [tokens, topk], indices int32 [tokens, topk]), slots in selection order
@@ -128,6 +133,8 @@ def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         indices = tid2eid.to(x.device)[ids].long()
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= E):
             raise ValueError(f"moe_gate: tid2eid holds expert ids outside [0, {E})")
+    if select_hook is not None:
+        indices = select_hook(scores, indices)
     w = scores.gather(1, indices)
     denom = w.sum(-1, keepdim=True)
     w = w / torch.where(denom == 0, torch.ones_like(denom), denom) * route_scale
@@ -195,8 +202,10 @@ def _check_dispatch(indices, weights, n_experts, check):
           lambda: f"moe_dispatch: indices must be [tokens, topk], got {tuple(indices.shape)}")
     check(indices.dtype == torch.int32,
           lambda: f"moe_dispatch: indices must be int32, got {indices.dtype}")
-    check(tuple(weights.shape) == tuple(indices.shape) and weights.dtype == torch.float32,
-          lambda: f"moe_dispatch: weights must be float32 {tuple(indices.shape)} (as indices), got "
+    check(tuple(weights.shape) == tuple(indices.shape)
+          and weights.dtype in (torch.float32, torch.float64),
+          lambda: f"moe_dispatch: weights must be float32 {tuple(indices.shape)} (as indices; the "
+                  f"CPU reference also takes float64, for gradient checks), got "
                   f"{weights.dtype} {tuple(weights.shape)}")
     check(1 <= n_experts <= DISPATCH_MAX_EXPERTS,
           lambda: f"moe_dispatch: n_experts must be in [1, {DISPATCH_MAX_EXPERTS}], got {n_experts}")
@@ -210,7 +219,8 @@ def moe_dispatch_reference(indices: torch.Tensor, weights: torch.Tensor, n_exper
 
     Args:
         indices: int32 [tokens, topk] selected experts (from :func:`moe_gate_reference`).
-        weights: float32 [tokens, topk] routing weights.
+        weights: float32 [tokens, topk] routing weights (float64 too, on the CPU reference:
+            ``route_weight`` keeps the dtype, so float64 gradient checks stay float64).
         n_experts: number of routed experts E (<= 1023).
 
     Returns:
@@ -233,7 +243,7 @@ def moe_dispatch_reference(indices: torch.Tensor, weights: torch.Tensor, n_exper
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=dev)
     row_ids = (order // k).to(torch.int32)
-    route_weight = torch.where(valid, weights.reshape(-1).float(), 0.0)[order]
+    route_weight = torch.where(valid, weights.reshape(-1), 0.0)[order]
     counts = torch.bincount(bucket, minlength=n_experts + 1)[:n_experts]
     offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=dev)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)

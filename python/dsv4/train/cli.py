@@ -1,0 +1,307 @@
+"""``dsv4 train``: train a DeepSeek-V4 model on real text with the V4 recipe.
+
+::
+
+    dsv4 train --config small --steps 600 --out runs/small          # stdlib .py corpus
+    dsv4 train --resume runs/small --steps 800                       # continue (same schedule
+                                                                     # if --steps is unchanged)
+    dsv4 generate --model runs/small --prompt "def read_file(path):"
+
+Writes into ``--out``: ``config.json`` + ``model.safetensors`` (official format),
+``trainer_state.pt`` (optimizer, routing, step), ``metrics.jsonl``, ``run.json`` (corpus and
+settings), ``curves.png`` (training and validation loss against the corpus unigram entropy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_train_parser", "small_config", "CONFIGS"]
+
+CONFIGS = ("tiny", "small")
+
+
+def small_config(**overrides):
+    """The CPU-trainable V4 of the evidence runs (docs/training.md): every layer type (SWA, CSA
+    with indexer, HCA, hash-routed and learned MoE, mHC, one MTP block) at dim 64, with the
+    real 129,280-token vocabulary. 1.8M parameters outside the embedding and head (16.5M with
+    them). Window 64 and HCA ratio 16 so that 128-token training windows exercise both."""
+    from ..config import ModelConfig
+    base = dict(dim=64, moe_inter_dim=128, n_layers=4, n_hash_layers=2, n_mtp_layers=1,
+                n_heads=4, n_routed_experts=8, n_activated_experts=2, q_lora_rank=64,
+                head_dim=128, rope_head_dim=64, o_groups=2, o_lora_rank=64, window_size=64,
+                compress_ratios=(0, 4, 16, 4, 0), index_n_heads=4, index_head_dim=64,
+                index_topk=16)
+    base.update(overrides)
+    return ModelConfig.tiny(**base)
+
+
+def _float_pos(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
+def _float_nonneg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _int_min(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _ranges(s: str):
+    """'all' or 'A:B[,C:D...]' (step ranges [A, B))."""
+    if s == "all":
+        return "all"
+    out = []
+    for part in s.split(","):
+        try:
+            a, b = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected 'all' or step ranges START:END[,START:END...], got {s!r}") from None
+        if not 0 <= a < b:
+            raise argparse.ArgumentTypeError(f"range {part!r}: need 0 <= START < END")
+        out.append([a, b])
+    return out
+
+
+def add_train_parser(sub) -> None:
+    """Register ``dsv4 train`` on the ``dsv4`` subparsers object ``sub``."""
+    t = sub.add_parser(
+        "train", help="train a V4 model on text (Muon, loss-free balancing, MTP)",
+        description="Train a DeepSeek-V4 model with the V4 recipe (Muon with hybrid "
+        "Newton-Schulz, AdamW for embedding/head/norms/mHC biases, auxiliary-loss-free "
+        "balancing, sequence-wise balance loss, MTP loss 0.3 then 0.1, optional anticipatory "
+        "routing) on text tokenised with the V4 tokenizer. Default corpus: the .py files of "
+        "this Python's standard library. Writes an official-format checkpoint that "
+        "`dsv4 generate --model OUT` loads, metrics.jsonl and curves.png.")
+    t.add_argument("--config", default=None, metavar="tiny|small|FILE",
+                   help="model: 'tiny' (ModelConfig.tiny()), 'small' (the CPU evidence model, "
+                   "dim 64) or a config.json (default: small; with --resume: the run's)")
+    t.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="files and directories (directories give their *.py files); default: "
+                   "the standard library of this Python")
+    t.add_argument("--steps", type=_int_min(1), default=None, metavar="N",
+                   help="optimizer steps of the whole run (the schedules span them); required "
+                   "unless --resume")
+    t.add_argument("--batch", type=_int_min(1), default=8, metavar="B",
+                   help="sequences per step (default 8)")
+    t.add_argument("--seq-len", type=_int_min(1), default=128, metavar="S",
+                   help="tokens per sequence (default 128)")
+    t.add_argument("--lr", type=_float_pos, default=2e-3, metavar="LR",
+                   help="peak learning rate of all groups (default 2e-3)")
+    t.add_argument("--optimizer", choices=("muon", "adamw"), default="muon",
+                   help="muon: V4's partition (Muon + AdamW groups); adamw: AdamW everywhere "
+                   "(default muon)")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default runs/dsv4-train; with --resume: that DIR)")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run saved in DIR (bit-identical on CPU with the same "
+                   "--steps and thread count)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
+                   "optimizer; default float32)")
+    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument("--threads", type=_int_min(1), default=None, metavar="N",
+                   help="torch CPU threads (use 1 on a shared machine)")
+    t.add_argument("--seed", type=_int_min(0), default=0, help="model init and data order")
+    t.add_argument("--weight-decay", type=_float_nonneg, default=0.1)
+    t.add_argument("--warmup", type=_int_min(0), default=None, metavar="N",
+                   help="warm-up steps (default 5%% of --steps)")
+    t.add_argument("--decay-start", type=_float_nonneg, default=0.8, metavar="F",
+                   help="fraction of the run after which the cosine decay and the MTP weight "
+                   "0.1 start (default 0.8)")
+    t.add_argument("--no-mtp", action="store_true", help="do not train the MTP block")
+    t.add_argument("--balance-alpha", type=_float_nonneg, default=1e-4,
+                   help="α of the sequence-wise balance loss (default 1e-4)")
+    t.add_argument("--bias-speed", type=_float_nonneg, default=1e-3,
+                   help="γ of the loss-free bias update (default 1e-3)")
+    t.add_argument("--anticipatory", type=_ranges, default=None, metavar="all|A:B,...",
+                   help="anticipatory routing: on for the whole run or in step ranges [A, B)")
+    t.add_argument("--anticipatory-delta", type=_int_min(0), default=1, metavar="DT",
+                   help="Δt of anticipatory routing in steps (default 1)")
+    t.add_argument("--grad-clip", type=_float_nonneg, default=1.0,
+                   help="global gradient-norm clip, 0 = off (default 1.0)")
+    t.add_argument("--eval-every", type=_int_min(1), default=100, metavar="N")
+    t.add_argument("--eval-windows", type=_int_min(1), default=32, metavar="N",
+                   help="validation windows of seq-len + 2 tokens (default 32)")
+    t.add_argument("--save-every", type=_int_min(1), default=None, metavar="N",
+                   help="also checkpoint every N steps (default: at the end)")
+    t.add_argument("--stop-after", type=_int_min(1), default=None, metavar="K",
+                   help="save and exit after K steps of this invocation (resume later)")
+    t.add_argument("--val-fraction", type=_float_pos, default=0.02,
+                   help="share of files held out for validation (default 0.02)")
+    t.add_argument("--max-files", type=_int_min(2), default=None, metavar="N",
+                   help="use only the first N files (quick runs)")
+    t.set_defaults(func=_cmd_train, subparser=t)
+
+
+def _model_config(spec: str):
+    from ..config import ModelConfig
+    if spec == "tiny":
+        return ModelConfig.tiny()
+    if spec == "small":
+        return small_config()
+    return ModelConfig.from_json(spec)
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    if args.resume is None and args.steps is None:
+        parser.error("argument --steps is required (unless --resume)")
+    if args.config not in (None, *CONFIGS) and not os.path.exists(args.config):
+        parser.error(f"argument --config: expected tiny, small or a config.json, got "
+                     f"{args.config!r}")
+    if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
+        parser.error(f"argument --resume: {args.resume!r} has no trainer_state.pt")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..config import ConfigError
+    from ..model import Model
+    from ..tokenizer import load_tokenizer
+    from .data import Corpus, collect_files, stdlib_files, unigram_entropy
+    from .trainer import TrainConfig, Trainer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    out = Path(args.out or args.resume or "runs/dsv4-train")
+    run_info: dict = {}
+    try:
+        if args.resume:
+            run_info = json.loads((Path(args.resume) / "run.json").read_text())
+            state = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu",
+                               weights_only=False)
+            cfg_d = dict(state["config"])
+            if args.steps is not None and args.steps != cfg_d["steps"]:
+                print(f"dsv4 train: --steps {args.steps} differs from the run's "
+                      f"{cfg_d['steps']}: the schedules are laid out anew", file=sys.stderr)
+                cfg_d["steps"] = args.steps
+            cfg = TrainConfig(**cfg_d)
+            model = Model.from_pretrained(args.resume, device=device,
+                                          dtype=getattr(torch, run_info["dtype"]),
+                                          progress=False)
+            data = run_info["data"]
+        else:
+            config = _model_config(args.config or "small")
+            torch.manual_seed(args.seed)
+            model = Model(config).to(device=device, dtype=dtype)
+            cfg = TrainConfig(
+                steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup,
+                decay_start=args.decay_start, mtp=not args.no_mtp,
+                balance_alpha=args.balance_alpha, bias_update_speed=args.bias_speed,
+                anticipatory_delta=args.anticipatory_delta, anticipatory=args.anticipatory,
+                grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every,
+                eval_windows=args.eval_windows)
+            data = args.data
+        files = collect_files(data) if data else stdlib_files()
+        if args.max_files or run_info.get("max_files"):
+            files = files[:args.max_files or run_info["max_files"]]
+        tokenizer = load_tokenizer()
+        t0 = time.perf_counter()
+        corpus = Corpus.from_files(files, tokenizer, args.val_fraction
+                                   if not run_info else run_info["val_fraction"],
+                                   model.config.bos_token_id)
+        trainer = Trainer(model, corpus, cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"dsv4 train: error: {e}", file=sys.stderr)
+        return 1
+    if args.resume:
+        trainer.load_state(args.resume)
+    n_body = sum(p.numel() for n, p in model.named_parameters()
+                 if n not in ("embed.weight", "head.weight"))
+    n_all = sum(p.numel() for p in model.parameters())
+    if not run_info:
+        run_info = {"data": data, "max_files": args.max_files, "val_fraction": args.val_fraction,
+                    "dtype": args.dtype, "files": len(files),
+                    "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val)),
+                    "unigram_entropy": unigram_entropy(corpus.train),
+                    "parameters": n_all, "parameters_without_embed_head": n_body,
+                    "model_config": dataclasses.asdict(model.config)}
+    print(f"dsv4 train: {len(files)} files ({corpus.n_train_files} train, {corpus.n_val_files} "
+          f"validation), {len(corpus.train):,} + {len(corpus.val):,} tokens (tokenised in "
+          f"{time.perf_counter() - t0:.0f} s), unigram entropy "
+          f"{run_info['unigram_entropy']:.3f} nats; model {n_all / 1e6:.2f}M parameters "
+          f"({n_body / 1e6:.2f}M without embedding and head), {cfg.optimizer}, {args.dtype} on "
+          f"{device}; steps {trainer.step} -> {cfg.steps}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+    return _loop(trainer, out, args, run_info["unigram_entropy"])
+
+
+def _loop(trainer, out: Path, args, unigram: float) -> int:
+    from tqdm import tqdm
+
+    from .plot import plot_runs
+    cfg = trainer.cfg
+
+    def save():
+        trainer.save(out)
+        try:
+            plot_runs([(out.name, trainer.history)], out / "curves.png", unigram,
+                      title=f"dsv4 train ({cfg.optimizer}, lr {cfg.lr:g})")
+        except ImportError:
+            print("dsv4 train: matplotlib is not installed: no curves.png", file=sys.stderr)
+
+    done_here = 0
+    ema = None
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="train", unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        while trainer.step < cfg.steps:
+            m = trainer.train_step()
+            done_here += 1
+            ema = m["loss"] if ema is None else 0.95 * ema + 0.05 * m["loss"]
+            post = dict(loss=f"{ema:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                        load=f"{m['load_max_over_mean']:.2f}", lr=f"{m['lr']:.2e}")
+            last = trainer.step == cfg.steps
+            if trainer.step % cfg.eval_every == 0 or last:
+                v = trainer.evaluate()
+                post["val"] = f"{v['val_loss']:.3f}"
+                bar.write(f"step {trainer.step}: train {ema:.3f}, validation "
+                          f"{v['val_loss']:.3f} nats (unigram entropy {unigram:.3f})")
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if last or (args.save_every and trainer.step % args.save_every == 0):
+                save()
+            if args.stop_after and done_here >= args.stop_after and not last:
+                save()
+                bar.write(f"stopped after {done_here} steps; continue with "
+                          f"`dsv4 train --resume {out}`")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        print(f"dsv4 train: interrupted at step {trainer.step}; saved to {out}", file=sys.stderr)
+        return 130
+    bar.close()
+    print(f"dsv4 train: step {trainer.step}/{cfg.steps}; checkpoint in {out} "
+          f"(`dsv4 generate --model {out} --prompt ...`)", file=sys.stderr)
+    return 0

@@ -1,0 +1,288 @@
+"""The training loop of ``dsv4 train``: one step = forward (main + MTP), loss, backward, optimizer
+step, loss-free bias update; plus evaluation, schedules and resumable state.
+
+Step t (training.md §2.3, §3.3-§3.7, §4.1):
+
+1. learning rate: linear warm-up, constant, cosine decay to ``final_lr_ratio``·peak over the
+   last ``1 − decay_start`` of the run (the report: warm-up, constant "for most of the
+   training", cosine decay near the end); MTP weight λ = 0.3, then 0.1 from the start of the
+   decay;
+2. anticipatory routing, when on: a gradient-free forward of step t + Δt's batch records the
+   learned gates' indices (θ_t), and the indices recorded for step t are applied now;
+3. ``loss = CE_main + λ·CE_MTP + α·L_bal``; backward; gradient clipping; :class:`Muon` step;
+   the gate biases move by ``γ·sign(mean_load − load)``.
+
+Everything a step depends on is a function of the step index and the saved state, so a run
+resumed from a checkpoint continues bit-identically (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..optim import Muon, param_groups
+from .data import Corpus
+from .loss import head_features, linear_cross_entropy, reference_backend
+from .routing import RoutingController
+
+__all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at"]
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (defaults: the V4 values where the report gives them).
+
+    steps: optimizer steps of the whole run (the schedules are laid out over them).
+    batch, seq_len: sequences per step and tokens per sequence (each window holds seq_len + 2
+        tokens: inputs, next tokens, and the MTP targets one further).
+    lr: peak learning rate, shared by the Muon and AdamW groups. optimizer: "muon" | "adamw".
+    weight_decay: 0.1. warmup: warm-up steps (None: 5 % of steps). decay_start: fraction of the
+        run after which the cosine decay (and MTP weight mtp_weight_decay) starts.
+    final_lr_ratio: lr at the end / peak (V4: 2.7e-5 / 2.7e-4 = 0.1).
+    mtp_weight, mtp_weight_decay: λ before / during the decay (0.3 / 0.1). mtp: train the MTP
+        block at all.
+    balance_alpha: α of the sequence-wise balance loss (1e-4). bias_update_speed: γ (1e-3).
+    anticipatory_delta: Δt; anticipatory: None (off), "all" (whole run) or a list of
+        [start, end) step ranges in which it is on.
+    grad_clip: max global gradient norm (DeepSeek-V3 used 1.0; 0 = off).
+    seed: data order (and nothing else: model init is seeded by the caller).
+    eval_every, eval_windows: validation cadence (steps) and number of validation windows.
+    """
+
+    steps: int = 1000
+    batch: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    optimizer: str = "muon"
+    weight_decay: float = 0.1
+    warmup: Optional[int] = None
+    decay_start: float = 0.8
+    final_lr_ratio: float = 0.1
+    mtp: bool = True
+    mtp_weight: float = 0.3
+    mtp_weight_decay: float = 0.1
+    balance_alpha: float = 1e-4
+    bias_update_speed: float = 1e-3
+    anticipatory_delta: int = 1
+    anticipatory: Optional[object] = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_windows: int = 32
+
+    def __post_init__(self) -> None:
+        errs = []
+        for name in ("steps", "batch", "seq_len", "eval_every", "eval_windows"):
+            if int(getattr(self, name)) < 1:
+                errs.append(f"{name} must be >= 1")
+        if self.optimizer not in ("muon", "adamw"):
+            errs.append(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        if not self.lr > 0:
+            errs.append("lr must be > 0")
+        if not 0 <= self.decay_start <= 1:
+            errs.append("decay_start must be in [0, 1]")
+        if self.anticipatory_delta < 0:
+            errs.append("anticipatory_delta must be >= 0")
+        if self.anticipatory not in (None, "all"):
+            try:
+                self.anticipatory = [[int(a), int(b)] for a, b in self.anticipatory]
+            except (TypeError, ValueError):
+                errs.append("anticipatory must be None, 'all' or a list of [start, end) ranges")
+        if errs:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errs))
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(0.05 * self.steps)) if self.warmup is None else int(self.warmup)
+
+    @property
+    def decay_start_step(self) -> int:
+        return int(self.decay_start * self.steps)
+
+    def anticipatory_on(self, step: int) -> bool:
+        """Whether anticipatory routing is on at ``step``."""
+        if self.anticipatory is None:
+            return False
+        if self.anticipatory == "all":
+            return True
+        return any(a <= step < b for a, b in self.anticipatory)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, constant, cosine decay."""
+    w = cfg.warmup_steps
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    d0 = cfg.decay_start_step
+    if step < d0:
+        return cfg.lr
+    t = (step - d0) / max(1, cfg.steps - 1 - d0)
+    r = cfg.final_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def mtp_weight_at(cfg: TrainConfig, step: int) -> float:
+    """λ of the MTP loss: ``mtp_weight`` until the decay starts, then ``mtp_weight_decay``."""
+    return cfg.mtp_weight if step < cfg.decay_start_step else cfg.mtp_weight_decay
+
+
+class Trainer:
+    """Trains ``model`` on ``corpus`` with ``cfg`` (see the module docstring).
+
+    Args:
+        model: a :class:`dsv4.Model` in fp32 or bf16 on any device (weights held as float
+            parameters).
+        corpus: a :class:`~dsv4.train.data.Corpus`.
+        cfg: a :class:`TrainConfig`.
+
+    Attributes: ``step`` (steps done), ``optimizer`` (:class:`dsv4.optim.Muon`), ``routing``
+    (:class:`~dsv4.train.routing.RoutingController`), ``history`` (list of per-step metric
+    dicts, validation entries included).
+    """
+
+    def __init__(self, model: nn.Module, corpus: Corpus, cfg: TrainConfig):
+        self.model, self.corpus, self.cfg = model, corpus, cfg
+        corpus.check(cfg.seq_len + 2, model.config.vocab_size)
+        self.optimizer = Muon(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           optimizer=cfg.optimizer))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.routing = RoutingController(model, cfg.bias_update_speed, cfg.balance_alpha,
+                                         cfg.anticipatory_delta)
+        self.step = 0
+        self.history: list[dict] = []
+        self._val = None
+
+    # ------------------------------------------------------------------ forward pieces
+    def _features(self, tokens: torch.Tensor, mtp: bool):
+        """Head inputs of the main model and the MTP block for a [B, seq+2] block."""
+        S = tokens.shape[1] - 2
+        model = self.model
+        cache = model.make_cache(tokens.shape[0])
+        inp, nxt = tokens[:, :S], tokens[:, 1:S + 1]
+        y, hidden = model(inp, cache=cache, return_hidden=True)
+        y2 = model.forward_mtp(hidden, nxt, cache) if mtp else None
+        return y, y2
+
+    def _losses(self, tokens: torch.Tensor, mtp: bool):
+        S = tokens.shape[1] - 2
+        with head_features(self.model) as w:
+            y, y2 = self._features(tokens, mtp)
+            main = linear_cross_entropy(y, w, tokens[:, 1:S + 1])
+            extra = linear_cross_entropy(y2, w, tokens[:, 2:S + 2]) if mtp else None
+        return main, extra
+
+    @property
+    def _use_mtp(self) -> bool:
+        return self.cfg.mtp and len(getattr(self.model, "mtp", ())) > 0
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The token block of ``step`` on the model's device."""
+        c = self.cfg
+        return self.corpus.batch(step, c.batch, c.seq_len + 2, c.seed).to(self.model.device)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """Run step ``self.step``; returns its metrics (also appended to ``history``)."""
+        c, s = self.cfg, self.step
+        t0 = time.perf_counter()
+        lr = lr_at(c, s)
+        lam = mtp_weight_at(c, s)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        routing = self.routing
+        routing.set_anticipatory(c.anticipatory_on(s))
+        with reference_backend():
+            if routing.anticipatory:          # record the routing of step s + Δt with θ_s
+                target = s + routing.anticipatory_delta
+                with torch.no_grad(), head_features(self.model), \
+                        routing.recording(c.batch, c.seq_len) as rec:
+                    self._features(self.batch(target), self._use_mtp)
+                routing.store(target, rec)
+            tokens = self.batch(s)
+            with routing.step(c.batch, c.seq_len, replay=routing.take(s)):
+                main, extra = self._losses(tokens, self._use_mtp)
+                bal = routing.balance_loss().to(main.device)
+                replayed = routing.replayed_layers
+            loss = main + bal + (lam * extra if extra is not None else 0.0)
+            loss.backward()
+        gnorm = float("nan")
+        if c.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.params if p.grad is not None], c.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        imbalance = routing.update_biases()
+        learned = [v for k, v in imbalance.items() if not routing.gates[k].hash]
+        self.step += 1
+        dt = time.perf_counter() - t0
+        m = {"step": self.step, "loss": float(main.detach()), "mtp_loss": None if extra is None
+             else float(extra.detach()), "balance_loss": float(bal.detach()), "lr": lr,
+             "mtp_weight": lam,
+             "grad_norm": gnorm, "load_max_over_mean": sum(learned) / max(1, len(learned)),
+             "anticipatory": routing.anticipatory, "replayed_gates": replayed,
+             "seconds": dt, "tokens_per_s": c.batch * c.seq_len / dt}
+        self.history.append(m)
+        return m
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean main (and MTP) cross-entropy over the fixed validation windows (nats)."""
+        c = self.cfg
+        if self._val is None:
+            self._val = self.corpus.val_batches(c.eval_windows, c.batch, c.seq_len + 2)
+        self.model.eval()
+        tot = tot2 = 0.0
+        n = 0
+        with reference_backend():
+            for b in self._val:
+                main, extra = self._losses(b.to(self.model.device), self._use_mtp)
+                tot += float(main) * b.shape[0]
+                tot2 += float(extra) * b.shape[0] if extra is not None else 0.0
+                n += b.shape[0]
+        m = {"step": self.step, "val_loss": tot / n,
+             "val_mtp_loss": tot2 / n if self._use_mtp else None}
+        self.history.append(m)
+        return m
+
+    # ------------------------------------------------------------------ state
+    def save(self, out: str | os.PathLike) -> None:
+        """Write the model (official format: ``config.json`` + ``model.safetensors``, loadable
+        by ``dsv4 generate --model OUT`` and ``Model.from_pretrained``), the optimizer / routing
+        / step state (``trainer_state.pt``) and the metrics (``metrics.jsonl``) into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "routing": self.routing.state_dict(), "config": dataclasses.asdict(self.cfg)}
+        tmp = out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, out / STATE_FILE)
+        with open(out / METRICS_FILE, "w", encoding="utf-8") as f:
+            for m in self.history:
+                f.write(json.dumps(m) + "\n")
+
+    def load_state(self, out: str | os.PathLike) -> None:
+        """Restore what :meth:`save` wrote (the model weights are loaded by the caller)."""
+        out = Path(out)
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.routing.load_state_dict(state["routing"])
+        metrics = out / METRICS_FILE
+        self.history = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] \
+            if metrics.is_file() else []
