@@ -67,6 +67,13 @@ if command -v cmake >/dev/null; then
   step cmake_build bash -c 'cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
     && cmake --build build/cmake -j "$(nproc)"' && step ctest ctest --test-dir build/cmake --output-on-failure
 fi
+# The MoE / mHC / GEMM C++ checks under compute-sanitizer memcheck (exact-size buffers: any read
+# or write past a tensor is reported; gemm-review)
+if command -v compute-sanitizer >/dev/null && [[ -x build/cmake/dsv4_check_grouped_gemm ]]; then
+  for c in grouped_gemm moe_routing mhc; do
+    step "memcheck_$c" compute-sanitizer --tool memcheck --error-exitcode 1 "build/cmake/dsv4_check_$c"
+  done
+fi
 for bench in bench/bench_*.py; do
   [[ -e "$bench" ]] || continue
   step "$(basename "$bench" .py)" "$PY" "$bench"

@@ -353,12 +353,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
                    ok ? 16 : 0);
         if constexpr (FMT != kFmtBF16) {
+          // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si, of which
+          // only bytes 0 .. si & 3 are read (the rest is zero-filled): never a byte past the
+          // scale tensor, whatever its length.
           const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
           const char* sp = a.scale_fp32
                                ? static_cast<const char*>(a.w_scale) + si * 4
                                : static_cast<const char*>(a.w_scale) + (si & ~int64_t{3});
+          const int s_bytes = a.scale_fp32 ? 4 : static_cast<int>(si & 3) + 1;
           cp_async4(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4, ok ? sp : dummy,
-                    ok ? 4 : 0);
+                    ok ? s_bytes : 0);
         }
       }
     };

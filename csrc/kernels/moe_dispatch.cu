@@ -247,7 +247,7 @@ cudaError_t moe_dispatch(const int32_t* indices, const float* weights, int32_t* 
   }
   if (workspace == nullptr || workspace_bytes < moe_dispatch_workspace_bytes(pairs, experts))
     return cudaErrorInvalidValue;
-  const int n_tiles = (P + kTile - 1) / kTile;
+  const int n_tiles = static_cast<int>((pairs + kTile - 1) / kTile);  // int64: P + 1023 > INT_MAX
   int* hist = static_cast<int*>(workspace);
   int* start = hist + static_cast<int64_t>(n_tiles) * (E + 1);
   dispatch_count_kernel<<<n_tiles, kThreads, 0, stream>>>(indices, P, E, hist);

@@ -22,12 +22,23 @@ using namespace gemm_glue;
 constexpr const char* kOp = "dsv4::fp8_linear (CUDA): ";
 
 // out: [M, N] bf16 rows (a view of the caller's [..., N] output).
+// Rows of x [..., K] (the product of the leading dims; also when K == 0).
+int64_t lead_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
 void run_fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                     bool act_quant, const at::Tensor& out2) {
   const int64_t K = x_in.size(-1), N = weight.size(0);
-  const int64_t M = K > 0 ? x_in.numel() / K : 0;
+  const int64_t M = lead_rows(x_in);
   TORCH_CHECK(M <= INT_MAX, kOp, "at most ", INT_MAX, " rows, got ", M);
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: y = 0 (the kernel needs k >= 1)
+    out2.zero_();
+    return;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_in.device().index()).stream();
   at::Tensor x = readable_rows(x_in.reshape({M, K}));
   if (act_quant) x = gemm_glue::act_quant(x, stream, kOp);
@@ -37,12 +48,12 @@ void run_fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::
   a.rows = static_cast<int32_t>(N);
   a.k = static_cast<int32_t>(K);
   a.x = x.data_ptr();
-  a.x_row_stride = x.stride(0);
+  a.x_row_stride = row_stride(x);
   a.x_rows = M;
   a.pairs = M;
   a.epilogue = GemmEpilogue::kStore;
   a.out = out2.data_ptr();
-  a.out_row_stride = out2.stride(0);
+  a.out_row_stride = row_stride(out2);
   run(a, stream, kOp);
 }
 
@@ -74,7 +85,7 @@ at::Tensor fp8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const 
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
-  run_fp8_linear(x, weight, scale, act_quant, y.view({-1, N}));
+  run_fp8_linear(x, weight, scale, act_quant, y.view({lead_rows(x), N}));
   return y;
 }
 
@@ -85,7 +96,7 @@ void fp8_linear_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t N = weight.size(0);
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape(x, N)), kOp, "out must be ",
               at::IntArrayRef(out_shape(x, N)), ", got ", out.sizes());
-  const int64_t M = x.size(-1) > 0 ? x.numel() / x.size(-1) : 0;
+  const int64_t M = lead_rows(x);
   TORCH_CHECK(out.is_contiguous() || out.dim() == 2, kOp,
               "out must be contiguous (or 2-D with a unit last stride), got strides ",
               out.strides());

@@ -22,12 +22,17 @@ inline bool aligned16(const at::Tensor& t) {
 }
 
 // bf16 activations [rows, cols] the kernels read in place: unit last stride, 16-byte aligned
-// rows (else an aligned contiguous copy).
+// rows (else an aligned contiguous copy: clone, since .contiguous() returns a misaligned view,
+// or a one-row view with any row stride, unchanged).
 inline at::Tensor readable_rows(const at::Tensor& t) {
   const bool ok = (t.stride(-1) == 1 || t.size(-1) <= 1) && aligned16(t) &&
-                  (t.dim() < 2 || t.size(0) <= 1 || t.stride(0) % 8 == 0);
-  return ok ? t : t.contiguous();
+                  (t.dim() < 2 || t.stride(0) % 8 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
+
+// The row stride the kernels get for a [rows, cols] tensor: 0 when it has at most one row
+// (torch leaves the stride of a size-1 dim arbitrary, and the kernels only multiply it by 0).
+inline int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
 
 inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
                          const char* name) {
@@ -126,7 +131,7 @@ inline at::Tensor act_quant(const at::Tensor& x, cudaStream_t stream, const char
   TORCH_CHECK(x.size(1) % 128 == 0, op, "act_quant needs an input width divisible by 128, got ",
               x.size(1));
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  C10_CUDA_CHECK(fp8_act_quant_sim(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+  C10_CUDA_CHECK(fp8_act_quant_sim(x.data_ptr(), row_stride(x), y.data_ptr(), row_stride(y),
                                    x.size(0), x.size(1), stream));
   return y;
 }

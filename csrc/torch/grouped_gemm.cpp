@@ -76,7 +76,7 @@ void run_up(const at::Tensor& x_in, const at::Tensor& row_ids_in, const at::Tens
   a.rows = static_cast<int32_t>(N);
   a.k = static_cast<int32_t>(K);
   a.x = x.data_ptr();
-  a.x_row_stride = x.stride(0);
+  a.x_row_stride = row_stride(x);
   a.x_rows = T;
   a.row_ids = row_ids.data_ptr<int32_t>();
   a.expert_offsets = offsets.data_ptr<int32_t>();
@@ -85,7 +85,7 @@ void run_up(const at::Tensor& x_in, const at::Tensor& row_ids_in, const at::Tens
   a.route_weight = rw.data_ptr<float>();
   a.swiglu_limit = static_cast<float>(swiglu_limit);
   a.out = h.data_ptr();
-  a.out_row_stride = h.stride(0);
+  a.out_row_stride = row_stride(h);
   run(a, stream, kUp);
 }
 
@@ -118,13 +118,13 @@ void run_down(const at::Tensor& h_in, const at::Tensor& offsets_in, const at::Te
   a.rows = static_cast<int32_t>(D);
   a.k = static_cast<int32_t>(N);
   a.x = h.data_ptr();
-  a.x_row_stride = h.stride(0);
+  a.x_row_stride = row_stride(h);
   a.x_rows = P;
   a.expert_offsets = offsets.data_ptr<int32_t>();
   a.pairs = P;
   a.epilogue = GemmEpilogue::kStore;
   a.out = y.data_ptr();
-  a.out_row_stride = y.stride(0);
+  a.out_row_stride = row_stride(y);
   run(a, stream, kDown);
 }
 
@@ -132,7 +132,7 @@ void zero_tail(const at::Tensor& out, const at::Tensor& offsets, const char* op)
   if (out.size(0) == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
   const at::Tensor offs = offsets.contiguous();
-  const cudaError_t err = zero_rows_past_offsets(out.data_ptr(), out.stride(0), out.size(0),
+  const cudaError_t err = zero_rows_past_offsets(out.data_ptr(), row_stride(out), out.size(0),
                                                  out.size(1), offs.data_ptr<int32_t>(),
                                                  static_cast<int32_t>(offs.size(0) - 1), stream);
   TORCH_CHECK(err == cudaSuccess, op, "zeroing the rows past expert_offsets[E] failed: ",

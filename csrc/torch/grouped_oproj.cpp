@@ -62,7 +62,7 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
   // o rows of n_heads * head_dim contiguous features, 16-byte aligned
   at::Tensor o = o_in;
   if (!(o.stride(2) == 1 && o.stride(1) == hd && o.stride(0) % 8 == 0 && aligned16(o)))
-    o = o.contiguous();
+    o = o.clone(at::MemoryFormat::Contiguous);  // .contiguous() may return a misaligned view
   const at::Tensor pos = positions.scalar_type() == at::kInt ? positions.contiguous()
                                                               : positions.to(at::kInt);
   const at::Tensor fr = freqs.contiguous();
@@ -75,7 +75,7 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
   a.k = static_cast<int32_t>(Dg);
   a.x = o.data_ptr();
   a.x_expert_stride = Dg;
-  a.x_row_stride = o.stride(0);
+  a.x_row_stride = row_stride(o);
   a.x_rows = T;
   a.pairs = T;
   a.positions = pos.data_ptr<int32_t>();
@@ -84,7 +84,7 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
   a.epilogue = GemmEpilogue::kStore;
   a.out = out.data_ptr();
   a.out_expert_stride = out.stride(1);
-  a.out_row_stride = out.stride(0);
+  a.out_row_stride = row_stride(out);
   run(a, stream, kOp);
 }
 

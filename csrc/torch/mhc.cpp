@@ -232,10 +232,13 @@ void run_post(const at::Tensor& f_in, const at::Tensor& residual_in, const at::T
   const int64_t d = residual_in.size(-1);
   if (d == 0 || residual_in.numel() == 0) return;
   const int64_t T = residual_in.numel() / (kHc * d);
+  // clone, not .contiguous(): a one-token view may count as contiguous with any token stride,
+  // which the kernel rejects (stride < 4 * dim)
   at::Tensor res = residual_in.reshape({T, kHc, d});
-  if (res.stride(2) != 1 || res.stride(1) != d || res.stride(0) < kHc * d) res = res.contiguous();
+  if (res.stride(2) != 1 || res.stride(1) != d || res.stride(0) < kHc * d)
+    res = res.clone(at::MemoryFormat::Contiguous);
   at::Tensor f = f_in.reshape({T, d});
-  if (f.stride(1) != 1 || f.stride(0) < d) f = f.contiguous();
+  if (f.stride(1) != 1 || f.stride(0) < d) f = f.clone(at::MemoryFormat::Contiguous);
   const at::Tensor post = post_in.contiguous(), comb = comb_in.contiguous();
   const at::Tensor o = out.view({T, kHc, d});  // out is contiguous (checked / allocated)
   const cudaStream_t stream =

@@ -163,3 +163,29 @@ def test_cuda_opcheck():
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.dsv4.fp8_linear.default, (x, q, e8m0_to_float(s), False),
                           test_utils=utils)
+
+
+@pytest.mark.cuda
+def test_cuda_awkward_layouts_and_empty_widths():
+    """A misaligned contiguous x, one-row x / out views with a row stride of 3, a scale tensor
+    of 2 bytes (not a multiple of the 4-byte word the kernel reads), K = 0 (y = 0, not
+    uninitialised memory) and N = 0."""
+    x, q, s = make(5, 120, 208, seed=3, device="cuda")
+    assert s.numel() == 2
+    y = fp8_linear(x, q, s)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    xm = buf[1:].view(x.shape)
+    xm.copy_(x)
+    assert torch.equal(fp8_linear(xm, q, s), y)
+    x1 = torch.empty(3 * 208 + 208, dtype=x.dtype, device="cuda").as_strided((1, 208), (3, 1))
+    x1.copy_(x[:1])
+    assert torch.equal(fp8_linear(x1, q, s), y[:1])
+    out1 = torch.full((3 * 120 + 120,), float("nan"), dtype=x.dtype,
+                      device="cuda").as_strided((1, 120), (3, 1))
+    fp8_linear(x[:1], q, s, False, out=out1)
+    assert torch.equal(out1, y[:1])
+    x0 = torch.empty(4, 0, dtype=torch.bfloat16, device="cuda")
+    q0 = torch.empty(120, 0, dtype=torch.float8_e4m3fn, device="cuda")
+    s0 = torch.empty(1, 0, dtype=s.dtype, device="cuda")
+    assert torch.equal(fp8_linear(x0, q0, s0), torch.zeros(4, 120, dtype=x.dtype, device="cuda"))
+    assert fp8_linear(x, q[:0], s[:0]).shape == (5, 0)

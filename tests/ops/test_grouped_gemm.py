@@ -443,3 +443,45 @@ def test_cuda_errors_are_clear():
                .transpose(2, 3), None, c.route_weight, LIMIT)
     with pytest.raises(RuntimeError, match=r"expert_offsets must be int32 \[E \+ 1\]"):
         moe_up(c.x, c.row_ids, c.expert_offsets[:-1], c.w_up, None, c.route_weight, LIMIT)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose data pointer is 2 bytes past a 16-byte boundary (contiguous strides)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = buf[1:].view(t.shape)
+    v.copy_(t)
+    assert v.data_ptr() % 16 != 0 and v.is_contiguous()
+    return v
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_and_one_row_views():
+    """Inputs the kernels cannot read in place (a misaligned contiguous view, a one-row view
+    whose row stride is not a multiple of 8) are copied, and one-row outputs with such a stride
+    are written in place: same values as the aligned call (before: 'launch failed: invalid
+    argument', since .contiguous() returns those views unchanged)."""
+    c = moe_case(T=6, K=128, N=64, E=3, topk=2, fmt="fp8", seed=17).to("cuda")
+    args = (c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale, c.route_weight, LIMIT, False)
+    h = moe_up(c.x, *args)
+    assert torch.equal(moe_up(_misaligned(c.x), *args), h)
+    y = moe_down(h, c.expert_offsets, c.w_down, c.w_down_scale, False)
+    assert torch.equal(moe_down(_misaligned(h), c.expert_offsets, c.w_down, c.w_down_scale,
+                                False), y)
+    # one token, one pair: x, h and the out buffers as one-row views with a row stride of 3
+    x1 = c.x[:1].clone()
+    one = (torch.zeros(1, dtype=torch.int32, device="cuda"),
+           torch.tensor([0, 1, 1, 1], dtype=torch.int32, device="cuda"), c.w_up, c.w_up_scale,
+           c.route_weight[:1], LIMIT, False)
+    h1 = moe_up(x1, *one)
+    odd = torch.full((3 * 128 + 128,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    x_odd = odd.as_strided((1, 128), (3, 1))
+    x_odd.copy_(x1)
+    assert torch.equal(moe_up(x_odd, *one), h1)
+    h_out = odd.as_strided((1, 64), (3, 1))
+    moe_up(x1, *one, out=h_out)
+    assert torch.equal(h_out, h1)
+    y1 = moe_down(h1, one[1], c.w_down, c.w_down_scale, False)
+    y_out = torch.full((1, 3 * 128 + 128), float("nan"), dtype=torch.bfloat16,
+                       device="cuda").as_strided((1, 128), (3, 1))
+    moe_down(h1, one[1], c.w_down, c.w_down_scale, False, out=y_out)
+    assert torch.equal(y_out, y1)

@@ -169,3 +169,22 @@ def test_cuda_strided_o_and_opcheck():
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.dsv4.grouped_oproj.default,
                           (o, pos, freqs, wo_a, e8m0_to_float(scale)), test_utils=utils)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_o_and_one_token_views():
+    """A misaligned contiguous o is copied, and one-token o / out views whose token stride is
+    not a multiple of 8 work (before: 'launch failed: invalid argument')."""
+    o, pos, freqs, wo_a, scale = make(3, 4, 128, 2, 128, "fp8", seed=8, device="cuda")
+    z = grouped_oproj(o, pos, freqs, wo_a, scale)
+    buf = torch.empty(o.numel() + 1, dtype=o.dtype, device="cuda")
+    om = buf[1:].view(o.shape)
+    om.copy_(o)
+    assert torch.equal(grouped_oproj(om, pos, freqs, wo_a, scale), z)
+    o1 = torch.empty(3 + 512, dtype=o.dtype, device="cuda").as_strided((1, 4, 128), (3, 128, 1))
+    o1.copy_(o[:1])
+    assert torch.equal(grouped_oproj(o1, pos[:1], freqs, wo_a, scale), z[:1])
+    out1 = torch.full((3 + 256,), float("nan"), dtype=o.dtype,
+                      device="cuda").as_strided((1, 2, 128), (3, 128, 1))
+    grouped_oproj(o[:1], pos[:1], freqs, wo_a, scale, out=out1)
+    assert torch.equal(out1, z[:1])

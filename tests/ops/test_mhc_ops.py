@@ -189,6 +189,24 @@ def test_mhc_post_kernel_odd_dim_and_strided_inputs():
 
 
 @cuda
+def test_mhc_post_kernel_one_token_views_with_a_short_stride():
+    """One token whose residual / f views have a token stride below 4·dim / dim (torch counts
+    such a view as contiguous, so .contiguous() returned it unchanged and the kernel refused it
+    with 'invalid argument'): copied, same values as the compact tensors."""
+    g = torch.Generator().manual_seed(4)
+    d = 64
+    f = torch.randn(1, d, generator=g).to(torch.bfloat16).cuda()
+    res = torch.randn(1, 4, d, generator=g).to(torch.bfloat16).cuda()
+    post, comb = torch.rand(1, 4, generator=g).cuda(), torch.rand(1, 4, 4, generator=g).cuda()
+    want = ops.mhc_post(f, res, post, comb)
+    res1 = torch.empty(4 * d, dtype=res.dtype, device="cuda").as_strided((1, 4, d), (8, d, 1))
+    res1.copy_(res)
+    f1 = torch.empty(d, dtype=f.dtype, device="cuda").as_strided((1, d), (8, 1))
+    f1.copy_(f)
+    assert torch.equal(ops.mhc_post(f1, res1, post, comb), want)
+
+
+@cuda
 @pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (9, 4096), (600, 256)])
 def test_mhc_head_kernel_matches_reference(T, d):
     x, _, _, _, (fn, scale, base) = _inputs(T, d, 7 * T + d)
