@@ -705,6 +705,11 @@ bool prefill_params_ok(const SparseAttnParams& p) {
   if (!rows_ok(p.out, p.out_stride_token, p.out_stride_head)) return false;
   if (p.lse == nullptr || p.attn_sink == nullptr) return false;
   if (p.topk > 0 && p.indices == nullptr) return false;
+  // bf16 rows at kv + index * kv_stride only: an FP8 pool (kv_stride = block bytes) or the HCA
+  // block-table mode would be read out of bounds.
+  if (p.kv_format != CacheFormat::kPlain || p.extra_kv_format != CacheFormat::kPlain ||
+      p.extra_block_table != nullptr)
+    return false;
   if (p.n_kv > 0 && !rows_ok(p.kv, p.kv_stride)) return false;
   if (p.extra_indices != nullptr) {
     if (p.extra_topk < 0 || p.extra_topk > kMaxTopk || p.n_extra_kv < 0) return false;
