@@ -603,7 +603,9 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
     const int row = row0 + 8 * hf;
     const int h = h0 + row;
     const float lt = sL[row] + sL[64 + row];
-    const bool any = lt > 0.f;  // a valid key contributes 2^0 = 1 at the final max
+    // A valid key contributes 2^0 = 1 at the final max, so lt == 0 exactly when there is none;
+    // a NaN score (NaN in q or a key) makes lt NaN and must reach out and lse as in sparse_attn.
+    const bool any = lt != 0.f;
     const float mu = finite_or_zero(m_run[hf]);
     const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
     float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
