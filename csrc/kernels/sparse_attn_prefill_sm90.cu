@@ -603,7 +603,9 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
     const int row = row0 + 8 * hf;
     const int h = h0 + row;
     const float lt = sL[row] + sL[64 + row];
-    const bool any = lt > 0.f;  // a valid key contributes 2^0 = 1 at the final max
+    // A valid key contributes 2^0 = 1 at the final max, so lt == 0 exactly when there is none;
+    // a NaN score (NaN in q or a key) makes lt NaN and must reach out and lse as in sparse_attn.
+    const bool any = lt != 0.f;
     const float mu = finite_or_zero(m_run[hf]);
     const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
     float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
@@ -705,6 +707,11 @@ bool prefill_params_ok(const SparseAttnParams& p) {
   if (!rows_ok(p.out, p.out_stride_token, p.out_stride_head)) return false;
   if (p.lse == nullptr || p.attn_sink == nullptr) return false;
   if (p.topk > 0 && p.indices == nullptr) return false;
+  // bf16 rows at kv + index * kv_stride only: an FP8 pool (kv_stride = block bytes) or the HCA
+  // block-table mode would be read out of bounds.
+  if (p.kv_format != CacheFormat::kPlain || p.extra_kv_format != CacheFormat::kPlain ||
+      p.extra_block_table != nullptr)
+    return false;
   if (p.n_kv > 0 && !rows_ok(p.kv, p.kv_stride)) return false;
   if (p.extra_indices != nullptr) {
     if (p.extra_topk < 0 || p.extra_topk > kMaxTopk || p.n_extra_kv < 0) return false;
@@ -734,8 +741,8 @@ bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p) {
 
 int sparse_attn_prefill_env() {
   const char* v = std::getenv("DSV4_SPARSE_PREFILL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "new") == 0) return 1;
-  if (std::strcmp(v, "old") == 0) return 0;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "old") == 0) return 0;
+  if (std::strcmp(v, "new") == 0) return 1;
   return -1;
 }
 

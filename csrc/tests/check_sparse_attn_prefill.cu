@@ -448,6 +448,31 @@ int main(int argc, char** argv) {
     ok &= dsv4::sparse_attn_prefill_sm90(bad, nullptr) == cudaErrorInvalidValue;  // split
     bad.num_splits = 1;
     ok &= dsv4::sparse_attn_prefill_sm90(bad, nullptr) == cudaSuccess;  // empty is a no-op
+    {
+      // An FP8 cache or the HCA block-table mode is rejected (this kernel would read them as
+      // bf16 rows); the same call without them runs (no key: out 0).
+      void* buf = nullptr;
+      const size_t tile = 64 * 512 * 2;
+      CHECK_CUDA(cudaMalloc(&buf, 2 * tile + 2 * 64 * 4));
+      CHECK_CUDA(cudaMemset(buf, 0, 2 * tile + 2 * 64 * 4));
+      dsv4::SparseAttnParams f;
+      f.num_tokens = 1; f.num_heads = 64; f.head_dim = 512;
+      f.q = buf; f.q_stride_head = 512;
+      f.out = static_cast<char*>(buf) + tile; f.out_stride_head = 512;
+      f.lse = reinterpret_cast<float*>(static_cast<char*>(buf) + 2 * tile); f.lse_stride_head = 1;
+      f.attn_sink = f.lse + 64;
+      f.kv_format = dsv4::CacheFormat::kFp8Model1;
+      ok &= dsv4::sparse_attn_prefill_sm90(f, nullptr) == cudaErrorInvalidValue;  // FP8 kv
+      f.kv_format = dsv4::CacheFormat::kPlain;
+      f.extra_block_table = static_cast<const int32_t*>(buf);
+      f.extra_rows = static_cast<const int32_t*>(buf);
+      ok &= dsv4::sparse_attn_prefill_sm90(f, nullptr) == cudaErrorInvalidValue;  // HCA mode
+      f.extra_block_table = nullptr;
+      f.extra_rows = nullptr;
+      ok &= dsv4::sparse_attn_prefill_sm90(f, nullptr) == cudaSuccess;
+      CHECK_CUDA(cudaDeviceSynchronize());
+      CHECK_CUDA(cudaFree(buf));
+    }
     std::printf("%s\n", ok ? "PASS" : "FAIL");
   }
   if (mode == "all" || mode == "time") {

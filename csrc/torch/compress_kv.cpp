@@ -191,7 +191,7 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   p.entries_batch_stride =
       R > 1 ? entries.stride(0) : (fp8 ? (C * entries.size(2) + 15) / 16 * 16 : entries.stride(0));
   p.entries_row_stride = entries.stride(1);
-  p.capacity = paged ? 0 : C;
+  p.capacity = (paged || p.entries == nullptr) ? 0 : C;  // no entries row: nothing written
   p.entries_dtype = entries.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16;
   p.entries_format = fmt;
   if (slots.has_value()) {

@@ -74,7 +74,8 @@ void run_q(const at::Tensor& x_in, const at::Tensor& positions, const at::Tensor
   TORCH_CHECK(H >= 1, kQ, "x must have at least one head");
   c10::cuda::CUDAGuard guard(x_in.device());
   if (T == 0) return;
-  const at::Tensor x = rows_ok(x_in, D) ? x_in : x_in.contiguous();
+  // clone, not contiguous(): a misaligned view may already be contiguous
+  const at::Tensor x = rows_ok(x_in, D) ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor pos = positions.contiguous();
   const at::Tensor fr = freqs.contiguous();
   QkvRopeParams p;
@@ -187,7 +188,8 @@ void run_kv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& 
   set_dst(p.dst[1], cache2, cache2_rows, x_in, D, rd, "cache2");
   c10::cuda::CUDAGuard guard(x_in.device());
   if (T == 0) return;
-  const at::Tensor x = rows_ok(x_in, D) ? x_in : x_in.contiguous();
+  // clone, not contiguous(): a misaligned view may already be contiguous
+  const at::Tensor x = rows_ok(x_in, D) ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor pos = positions.contiguous();
   const at::Tensor fr = freqs.contiguous();
   const at::Tensor w = weight.contiguous();

@@ -161,6 +161,8 @@ void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indi
          const std::optional<at::Tensor>& extra_topk_length, const at::Tensor& out,
          const at::Tensor& lse, const HcaScope* hca = nullptr) {
   TORCH_CHECK(q_in.is_cuda(), kOp, "q must be a CUDA tensor, got device ", q_in.device());
+  // q's device from here on: check_kv asks whether it can read FP8 pools (compute capability).
+  c10::cuda::CUDAGuard device_guard(q_in.device());
   TORCH_CHECK(q_in.scalar_type() == at::kBFloat16, kOp,
               "q must be bfloat16 (use dsv4.ops.attention.sparse_attn_reference for float32), "
               "got ",
@@ -222,7 +224,6 @@ void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indi
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H, kOp,
               "lse must have shape [", T, ", ", H, "], got ", lse.sizes());
 
-  c10::cuda::CUDAGuard device_guard(q_in.device());
   if (T == 0) return;
 
   SparseAttnParams p;
@@ -292,10 +293,11 @@ void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indi
     p.workspace = workspace.data_ptr();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  // Unsplit head_dim-512 calls on Hopper take the warp-specialised prefill kernel unless
-  // DSV4_SPARSE_PREFILL=old (read per call, so one process can time both kernels).
+  // Unsplit head_dim-512 calls on Hopper take the warp-specialised prefill kernel only with
+  // DSV4_SPARSE_PREFILL=new (read per call, so one process can time both kernels). The default
+  // is the previously verified kernel: the new one has not run on a GPU yet.
   const int prefill = sparse_attn_prefill_env();
-  TORCH_CHECK(prefill >= 0, kOp, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: new), got '",
+  TORCH_CHECK(prefill >= 0, kOp, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: old), got '",
               std::getenv("DSV4_SPARSE_PREFILL"), "'");
   if (prefill == 1 && sparse_attn_prefill_sm90_takes(p))
     C10_CUDA_CHECK(dsv4::sparse_attn_prefill_sm90(p, stream));
