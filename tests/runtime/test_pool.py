@@ -44,9 +44,10 @@ def test_paged_cache_shapes_and_slots():
                    device="cpu")
     csa, hca, swa = c.layers[1], c.layers[2], c.layers[0]
     assert swa.window.shape == (4, cfg.window_size, cfg.head_dim) and swa.compressor is None
-    assert csa.compressor.entries.shape == (6, 8, cfg.head_dim)          # 32 tokens / 4
-    assert csa.indexer.entries.shape == (6, 8, cfg.index_head_dim)
-    assert hca.compressor.entries.shape == (6, 2, cfg.head_dim)          # 32 / 16
+    # 6 blocks + the scratch block; 32 tokens = 8 CSA entries, 2 HCA entries (ratio 16)
+    assert csa.compressor.entries.shape == (7, 8, cfg.head_dim)
+    assert csa.indexer.entries.shape == (7, 8, cfg.index_head_dim)
+    assert hca.compressor.entries.shape == (7, 2, cfg.head_dim)
     assert csa.compressor.kv.shape == (4, 8, 2 * cfg.head_dim)           # slots + scratch
     assert c.scratch_slot == 3 and len(c.layers) == cfg.n_layers
     assert c.bytes == PagedCache.estimate_bytes(cfg, 3, 6, 32, torch.float32)

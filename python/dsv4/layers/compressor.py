@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -98,13 +99,63 @@ class Compressor(nn.Module):
         (a dense store is grown from the host-side bound ``batch.max_end``).
         """
         m = self.compress_ratio
-        paged = {}
-        if state.paged:
-            paged = dict(slots=batch.slots, block_table=batch.block_table)
-        else:
+        if not state.paged:
             state.reserve(batch.max_end // m)
         xf = x.float()
-        _dsv4.compress_kv(
-            self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs, batch.cu_seqlens,
-            batch.starts, state.kv, state.score, state.entries, m, batch.max_seqlen,
-            self.norm.eps, self.quant, **paged)
+        head = (self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs,
+                batch.cu_seqlens, batch.starts)
+        tail = (m, batch.max_seqlen, self.norm.eps, self.quant)
+        if not state.paged:
+            _dsv4.compress_kv(*head, state.kv, state.score, state.entries, *tail)
+            return
+        if paged_op_available("compress_kv"):
+            try:
+                _dsv4.compress_kv(*head, state.kv, state.score, state.entries, *tail,
+                                  batch.slots, batch.block_table)
+                return
+            except RuntimeError as e:
+                paged_op_missing("compress_kv", e)
+        # A build whose CUDA kernel does not take block tables yet: the dense form on copies.
+        slots = batch.slots.long()
+        kv, score = state.kv.index_select(0, slots), state.score.index_select(0, slots)
+        entries, ids = gather_blocks(state.entries, batch.block_table)
+        _dsv4.compress_kv(*head, kv, score, entries, *tail)
+        state.kv.index_copy_(0, slots, kv)
+        state.score.index_copy_(0, slots, score)
+        state.entries.index_copy_(0, ids, entries.view(-1, *state.entries.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged stores on a build whose CUDA kernels do not take ``slots`` / ``block_table`` yet
+# (contracts.md §A: the CUDA glue rejects them until the kernels land). The layer then runs the
+# dense form of the op on copies gathered through the block table and scatters them back:
+# correct, slow (it copies the rows' whole stores), and said once.
+# ---------------------------------------------------------------------------------------------
+_PAGED_MISSING: dict[str, str] = {}
+
+
+def paged_op_available(op: str) -> bool:
+    """False once ``op`` was found to reject paged arguments on this build."""
+    return op not in _PAGED_MISSING
+
+
+def paged_op_missing(op: str, error: RuntimeError) -> None:
+    """Record (and warn once) that ``op`` rejects its paged arguments; re-raise other errors."""
+    if "not implemented on CUDA" not in str(error):
+        raise error
+    _PAGED_MISSING[op] = str(error)
+    warnings.warn(f"dsv4: this build's CUDA {op} does not take paged caches yet "
+                  "(contracts.md §A); the runtime gathers the pages of each step and runs the "
+                  "dense kernel instead (correct, slow at long contexts)", RuntimeWarning,
+                  stacklevel=3)
+
+
+def gather_blocks(store: torch.Tensor, block_table: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense copies [B, max_blocks·block_size, d] of the rows of a paged ``store``
+    [num_blocks, block_size, d] through ``block_table`` [B, max_blocks] (−1 = no block: the
+    pool's last block, a scratch block no sequence owns, stands in), and the block ids used
+    (int64 [B·max_blocks], for scattering back)."""
+    ids = torch.where(block_table >= 0, block_table, store.shape[0] - 1).long().flatten()
+    B, mb = block_table.shape
+    return store.index_select(0, ids).view(B, mb * store.shape[1], store.shape[2]), ids

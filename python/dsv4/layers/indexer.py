@@ -10,7 +10,8 @@ from torch import nn
 from ..cache import CompressorState
 from ..ops.indexer import indexer_topk_reference
 from ..ops.quant import fp4_e2m1_sim, hadamard
-from .compressor import Compressor
+from .compressor import (Compressor, gather_blocks, paged_op_available,
+                         paged_op_missing)
 from .linear import Linear
 from .rope import apply_rope
 from .varlen import StepBatch
@@ -79,6 +80,14 @@ class Indexer(nn.Module):
         q, w = self.queries(x, qr, batch.pos, freqs)
         self.compressor.forward_batch(x, state, batch, freqs)
         n_valid = torch.div(batch.pos + 1, self.compress_ratio, rounding_mode="floor")
-        paged = dict(block_table=batch.block_table) if state.paged else {}
-        return _dsv4.indexer_topk(q.contiguous(), w.contiguous(), state.entries, batch.rows,
-                                  n_valid.to(torch.int32), self.index_topk, **paged)
+        args = (q.contiguous(), w.contiguous())
+        tail = (batch.rows, n_valid.to(torch.int32), self.index_topk)
+        if not state.paged:
+            return _dsv4.indexer_topk(*args, state.entries, *tail)
+        if paged_op_available("indexer_topk"):
+            try:
+                return _dsv4.indexer_topk(*args, state.entries, *tail, batch.block_table)
+            except RuntimeError as e:
+                paged_op_missing("indexer_topk", e)
+        keys, _ = gather_blocks(state.entries, batch.block_table)   # dense fallback
+        return _dsv4.indexer_topk(*args, keys, *tail)

@@ -78,7 +78,9 @@ class PagedCache:
             [max_seqs + 1, window_size, head_dim]; compressor / indexer state
             [max_seqs + 1, ...]; entry stores [num_blocks, block_tokens // ratio, dim].
         scratch_slot: the slot index ``max_seqs``, never given to a sequence (padding rows of
-            a CUDA-graph batch write there).
+            a CUDA-graph batch write there). Likewise the stores hold one block more than the
+            allocator hands out: the last block is scratch (see
+            :func:`dsv4.layers.compressor.gather_blocks`).
         blocks: the :class:`BlockAllocator` (no blocks when the model has no compressed
             layer).
         bytes: device bytes of all tensors.
@@ -106,7 +108,7 @@ class PagedCache:
             self.layers = [
                 LayerCache(self.max_seqs + 1, config.window_size, config.head_dim,
                            config.compress_ratios[i], config.index_head_dim, dtype, self.device,
-                           num_blocks=max(self.num_blocks, 1), block_tokens=self.block_tokens)
+                           num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens)
                 for i in range(config.n_layers)]
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
@@ -146,7 +148,7 @@ class PagedCache:
     def estimate_bytes(config, max_seqs: int, num_blocks: int, block_tokens: int,
                        dtype: torch.dtype) -> int:
         return ((max_seqs + 1) * PagedCache.slot_bytes(config, dtype)
-                + max(num_blocks, 1) * PagedCache.block_bytes(config, block_tokens, dtype))
+                + (num_blocks + 1) * PagedCache.block_bytes(config, block_tokens, dtype))
 
     @property
     def bytes(self) -> int:
