@@ -383,6 +383,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             out.write("\n")
             out.flush()
 
+    if device.type == "cuda":   # on a GPU, the runtime engine (dsv4.runtime) runs the loop
+        from dsv4.runtime import generate
     try:
         result = generate(
             model, prompt_ids, args.max_new_tokens, temperature=args.temperature,

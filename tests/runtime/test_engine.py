@@ -68,11 +68,11 @@ def _engine(model, **kw):
 
 
 def _run_all_logits(engine, prompts, params):
-    """Drive the engine with all_logits; returns per request (token ids fed, logits [n, V])."""
+    """Drive the engine with logits="all"; returns per request (token ids fed, logits [n, V])."""
     ids = [engine.add_request(p, params) for p in prompts]
     fed = {rid: [] for rid in ids}
     while engine.has_unfinished():
-        for out in engine.step(all_logits=True):
+        for out in engine.step(logits="all"):
             fed[out.request_id].append(out.logits.clone())
     return ids, {rid: torch.cat(v) for rid, v in fed.items()}
 

@@ -156,3 +156,17 @@ def test_keyboard_interrupt_in_mtp_marks_rows(model, ids, monkeypatch):
         monkeypatch.undo()
         with pytest.raises(CacheRowError, match="reset"):
             model(ids[:, 6:7], cache=cache)
+
+
+def test_generate_computes_logits_for_the_last_position_only(model):
+    """A prompt of P tokens: the head sees one row per call, not P (issue 13 item 8: a
+    3,000-token prompt materialised 1.5 GB of fp32 logits nobody used)."""
+    from dsv4.generate import generate
+    rows = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape))
+    try:
+        res = generate(model, list(range(5, 35)), 3, eos_id=None)
+    finally:
+        hook.remove()
+    assert len(res.token_ids) == 3
+    assert [r[0] for r in rows] == [1, 1, 1], rows      # prefill, then two decode calls

@@ -159,33 +159,33 @@ class Engine:
         return self.scheduler.has_work
 
     # ------------------------------------------------------------------ stepping
-    def step(self, all_logits: bool = False) -> list[RequestOutput]:
+    def step(self, logits: Optional[str] = None) -> list[RequestOutput]:
         """Run one step: schedule, run the model, sample, retire finished requests.
 
         Args:
-            all_logits: also return the float32 logits of every token fed in this step
-                (``RequestOutput.logits``; the step then runs eagerly). By default only the
-                positions that are sampled get logits.
+            logits: None (default): only the positions that are sampled get logits, and they
+                are not returned. ``"sampled"``: ``RequestOutput.logits`` holds them (float32
+                [1, vocab] on the device; the step runs as usual, a CUDA graph for decode).
+                ``"all"``: every token fed in this step gets logits, returned per request
+                (the step runs eagerly; requests in the middle of a prompt get outputs too).
 
         Returns one :class:`RequestOutput` per request that sampled a token or finished (with
-        ``all_logits``: per request fed).
+        ``logits="all"``: per request fed).
 
         Raises:
             EngineStepError: the model raised; the step's requests are finished with
                 ``finish_reason="error"`` and everything else continues. A KeyboardInterrupt
                 is re-raised after the same clean-up.
         """
+        if logits not in (None, "sampled", "all"):
+            raise ValueError(f"logits must be None, 'sampled' or 'all', got {logits!r}")
+        all_logits = logits == "all"
         rows = self.scheduler.schedule()
         if not rows:
             return []
         try:
-            logits, counts = self.runner.run(rows, all_logits)
-            ends = list(itertools.accumulate(counts))
-            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
-            sampled = [r.request for r in rows if r.sample]
-            chosen = logits if not all_logits else logits.index_select(
-                0, torch.tensor(pick, dtype=torch.long, device=logits.device))
-            toks, finite = sample_rows(chosen, sampled).tolist()
+            out_logits, counts, drawn = self._launch(rows, all_logits)
+            toks, finite = drawn.tolist()          # the step's one device-to-host copy
         except BaseException as e:
             ids = [r.request.request_id for r in rows]
             for r in rows:
@@ -198,7 +198,7 @@ class Engine:
             r.request.num_computed += r.n
         outputs = []
         it = iter(zip(toks, finite))
-        for r, end, cnt in zip(rows, ends, counts):
+        for r, end, cnt in zip(rows, itertools.accumulate(counts), counts):
             out = None
             if r.sample:
                 tok, ok = next(it)
@@ -207,10 +207,24 @@ class Engine:
                 req = r.request
                 out = RequestOutput(req.request_id, [], list(req.output_ids), False)
             if out is not None:
-                if all_logits:
-                    out.logits = logits[end - cnt:end]
+                if logits is not None:
+                    out.logits = out_logits[end - cnt:end].clone()
                 outputs.append(out)
         return outputs
+
+    def _launch(self, rows, all_logits: bool) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """The device work of a step: the model on ``rows`` and the sampling of the rows that
+        sample. Returns (logits [L, vocab], logit rows per scheduled row, int64 [2, S] sampled
+        ids and finiteness flags). No host synchronisation in a decode step."""
+        logits, counts = self.runner.run(rows, all_logits)
+        sampled = [r.request for r in rows if r.sample]
+        chosen = logits
+        if all_logits:
+            ends = list(itertools.accumulate(counts))
+            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
+            chosen = logits.index_select(0, torch.tensor(pick, dtype=torch.long,
+                                                         device=logits.device))
+        return logits, counts, sample_rows(chosen, sampled)
 
     def _advance(self, req: Request, tok: int, finite: bool) -> RequestOutput:
         new: list[int] = []

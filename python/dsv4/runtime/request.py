@@ -105,8 +105,9 @@ class RequestOutput:
     new_token_ids: tokens generated in this step (0 or 1; an EOS is not included);
     token_ids: every token generated so far (without EOS); finished / finish_reason:
     ``"eos"``, ``"stop"`` (a stop token), ``"length"`` (max_new_tokens or max_model_len),
-    ``"abort"`` or ``"error"`` (``error`` says why); logits: with ``Engine.step(all_logits=
-    True)``, float32 [tokens fed this step, vocab] on the device, else None.
+    ``"abort"`` or ``"error"`` (``error`` says why); logits: with ``Engine.step(logits=...)``,
+    float32 [tokens, vocab] on the device (the sampled position, or every token fed this
+    step), else None.
     """
 
     request_id: str

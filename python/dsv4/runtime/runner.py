@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layers.varlen import HostBatch, StepBatch
+from ..ops.backend import get_backend
 from .pool import PagedCache
 from .scheduler import ScheduledRow
 
@@ -159,6 +160,11 @@ class ModelRunner:
         """Capture the decode step of ``bucket`` rows; None (and graphs off, with the reason
         said once) if the step synchronises with the host or capture fails."""
         model, layers, head = self.model, self.cache.layers, self.head_dtype
+        if get_backend() != "cuda" or model.dtype != torch.bfloat16:
+            self.graph_off_reason = (
+                "decode runs eagerly: the layers run their per-sequence reference path (backend "
+                f"{get_backend()!r}, {model.dtype} model), which a CUDA graph cannot capture")
+            return None
         buf, _ = self._pack([], pad_to=bucket)          # padding rows only: scratch slot
         static = buf.to(self.device)
         batch = self._graph_batch(static, bucket)
