@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate, subparser=g)
 
     _add_info_and_checkpoint_commands(sub)
+    from dsv4.runtime.bench import add_bench_command
+    add_bench_command(sub)
     return parser
 
 

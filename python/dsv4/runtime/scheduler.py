@@ -132,3 +132,23 @@ class Scheduler:
             scheduled.add(id(req))
             budget -= n
         return rows
+
+    def admit_prefilled(self, req: Request, n_computed: int) -> None:
+        """Benchmarks only: admit ``req`` now as if its first ``n_computed`` tokens were
+        already in the cache (their cache contents are whatever the slot and blocks hold), so
+        that decode at a long context can be timed without prefilling it. Raises RuntimeError
+        without a free slot or blocks (nothing changed)."""
+        if req not in self.waiting or not 0 <= n_computed < req.num_tokens:
+            raise ValueError("admit_prefilled: a waiting request and 0 <= n_computed < its "
+                             "tokens are required")
+        if not self.cache.num_free_slots:
+            raise RuntimeError("admit_prefilled: no free slot")
+        table: list[int] = []
+        if self.cache.grow(table, n_computed + 1) is None:
+            raise RuntimeError(f"admit_prefilled: the pool cannot hold {n_computed + 1} tokens")
+        self.waiting.remove(req)
+        req.slot = self.cache.take_slot()
+        req.block_table = table
+        req.num_computed = n_computed
+        req.status = Status.RUNNING
+        self.running.append(req)
