@@ -50,6 +50,7 @@ step compare_backends "$PY" scripts/compare_backends.py
 step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
 if [[ -n "${QUICK:-}" ]]; then
   step bench_csa "$PY" bench/bench_csa.py --quick
+  step bench_e2e "$PY" bench/bench_e2e.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
 fi
@@ -61,5 +62,11 @@ for bench in bench/bench_*.py; do
   [[ -e "$bench" ]] || continue
   step "$(basename "$bench" .py)" "$PY" "$bench"
 done
+# Runtime engine (issue 8): the engine's CUDA tests run in pytest_cuda above and bench_e2e.py in
+# the loop above; the 1M-context mode is opt-in (several minutes): RUNTIME_1M=1.
+if [[ -n "${RUNTIME_1M:-}" ]]; then
+  step bench_1m "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
+    --json "$OUT/bench_1m.json"
+fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
 exit "$status"
