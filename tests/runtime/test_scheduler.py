@@ -101,3 +101,29 @@ def test_admission_chunk_shrinks_to_the_free_blocks():
     s.add(a)
     rows = s.schedule()
     assert _plan(rows) == [("a", 0, 32, False)]            # 2 blocks = 32 tokens
+
+
+def test_decode_tokens_go_before_an_older_requests_prompt_chunks():
+    """A long prompt of an older request does not starve the younger ones' decode steps."""
+    s, cache = _sched(slots=2, blocks=8, budget=8, block_tokens=16)
+    a, b = _req(40, "a"), _req(3, "b")
+    s.add(b)
+    rows = s.schedule()
+    _done(rows)                                  # b prefilled, sampled its first token
+    a.arrival = -1                               # a is older than b
+    s.add(a)
+    rows = s.schedule()
+    assert _plan(rows) == [("b", 3, 1, True), ("a", 0, 7, False)]
+    _done(rows)
+    assert _plan(s.schedule()) == [("b", 4, 1, True), ("a", 7, 7, False)]
+
+
+def test_a_short_pool_shrinks_a_prompt_chunk_before_evicting():
+    s, cache = _sched(slots=2, blocks=3, budget=64, block_tokens=16)
+    a, b = _req(20, "a"), _req(40, "b")
+    s.add(a)
+    _done(s.schedule())                          # a: 20 tokens in 2 blocks
+    s.add(b)
+    rows = s.schedule()                          # b gets the one free block: 16 tokens
+    assert _plan(rows) == [("a", 20, 1, True), ("b", 0, 16, False)]
+    assert a.status == b.status == Status.RUNNING

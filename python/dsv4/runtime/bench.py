@@ -242,8 +242,6 @@ def bench_prefill(model, args, batch: int, prompt: int) -> dict:
     row = dict(impl="dsv4", kind="prefill", batch=batch, tokens=prompt, seconds=sec,
                tok_s=tok_s, floor_tok_s=floor_tok_s, pct_of_floor=100 * tok_s / floor_tok_s,
                tflops=fl["flops"] / sec / 1e12, peak_gb=_peak_gb())
-    del eng
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row
 
 
@@ -277,8 +275,6 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
                graphs=eng.runner.stats["graph_steps"] > 0,
                graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())
-    del eng
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row
 
 
@@ -492,11 +488,13 @@ def run(args) -> list[dict]:
             for b, p in args.prefill:
                 rows.append(bench_prefill(model, args, b, p))
                 print(_fmt(rows[-1]), flush=True)
+                torch.cuda.empty_cache()            # the row's engine (pool) is gone
             for ctx in args.context:
                 for b in args.batch:
                     try:
                         rows.append(bench_decode(model, args, b, ctx))
                         print(_fmt(rows[-1]), flush=True)
+                        torch.cuda.empty_cache()
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         print(f"dsv4 decode {b} @ {ctx}: skipped ({type(e).__name__}: "
                               f"{str(e)[:200]})", flush=True)

@@ -2,11 +2,13 @@
 
 Every step, under a token budget:
 
-1. each running request that is decoding gets its one token (the last sampled one); if its
-   sequence needs a new block and the pool has none, the most recently admitted running
-   request is preempted (its slot and blocks are freed and it is queued again, to be
-   recomputed from its prompt and generated tokens: outputs are unchanged);
-2. running requests in the middle of their prompt get their next chunk;
+1. each running request that is decoding gets its one token (the last sampled one), oldest
+   first; if its sequence needs a new block and the pool has none, the most recently admitted
+   request not yet in the step is preempted (possibly itself: its slot and blocks are freed
+   and it is queued again, to be recomputed from its prompt and generated tokens; outputs are
+   unchanged);
+2. running requests in the middle of their prompt get their next chunk (shrunk to the free
+   blocks when the pool is short, else preempting as above);
 3. waiting requests are admitted in arrival order while a slot, blocks and budget remain, with
    a first chunk of their prompt (not in a step that had to preempt).
 
@@ -90,26 +92,30 @@ class Scheduler:
         budget = self.budget
         scheduled: set[int] = set()
         preempted = False
-        # 1. decode tokens (and 2. prompt chunks) of running requests, oldest first.
-        for req in sorted(self.running, key=lambda r: r.arrival):
+        # 1. decode tokens, then 2. prompt chunks of running requests, oldest first.
+        order = sorted(self.running, key=lambda r: (r.remaining > 1, r.arrival))
+        for req in order:
             if budget == 0:
                 break
             if req.status != Status.RUNNING or id(req) in scheduled:
                 continue
             n = min(req.remaining, budget)
+            if n > 1:   # a prompt chunk shrinks to the blocks it can get before anyone is evicted
+                cap = ((len(req.block_table) + self.cache.blocks.num_free)
+                       * self.cache.block_tokens - req.num_computed)
+                if 0 < cap < n:
+                    n = cap
             while self.cache.grow(req.block_table, req.num_computed + n) is None:
-                victims = [r for r in self.running if id(r) not in scheduled and r is not req]
-                if not victims:
-                    break
-                self._preempt(max(victims, key=lambda r: r.arrival))
+                # The pool is short: preempt the youngest request not yet in this step
+                # (possibly this one).
+                victims = [r for r in self.running if id(r) not in scheduled]
+                victim = max(victims, key=lambda r: r.arrival)
+                self._preempt(victim)
                 preempted = True
+                if victim is req:
+                    break
             if req.status != Status.RUNNING:
                 continue
-            if self.cache.blocks_for(req.num_computed + n) > len(req.block_table):
-                # Nothing left to preempt: shrink the chunk to the blocks it already has.
-                n = len(req.block_table) * self.cache.block_tokens - req.num_computed
-                if n <= 0:
-                    continue
             rows.append(ScheduledRow(req, req.num_computed, n, n == req.remaining))
             scheduled.add(id(req))
             budget -= n
