@@ -7,6 +7,7 @@
 #
 #   bash scripts/gpu_check.sh            # everything
 #   QUICK=1 bash scripts/gpu_check.sh    # build, CUDA tests, bench_csa --quick (no CMake, no model bench)
+#   (QUICK also runs bench_attn --quick; the full run adds FlashMLA side by side when ./peers exists)
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,6 +51,7 @@ step compare_backends "$PY" scripts/compare_backends.py
 step pytest_cuda "$PY" -m pytest -q -m cuda -rfE ${PYTEST_ARGS:-} tests
 if [[ -n "${QUICK:-}" ]]; then
   step bench_csa "$PY" bench/bench_csa.py --quick
+  step bench_attn "$PY" bench/bench_attn.py --quick
   step bench_e2e "$PY" bench/bench_e2e.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
@@ -62,6 +64,12 @@ for bench in bench/bench_*.py; do
   [[ -e "$bench" ]] || continue
   step "$(basename "$bench" .py)" "$PY" "$bench"
 done
+# FlashMLA beside dsv4 in one process (issue 9): needs ../shared/peers carried as ./peers
+# (../shared/peers/README.md); FlashMLA is built here from the tarball, never committed.
+if [[ -f peers/build_flashmla.sh ]]; then
+  step build_flashmla bash peers/build_flashmla.sh /tmp/flashmla \
+    && FMLA_DIR=/tmp/flashmla step side_by_side_flashmla "$PY" bench/side_by_side_flashmla.py
+fi
 # Runtime engine (issue 8): the engine's CUDA tests run in pytest_cuda above and bench_e2e.py in
 # the loop above; the 1M-context mode is opt-in (several minutes): RUNTIME_1M=1.
 if [[ -n "${RUNTIME_1M:-}" ]]; then

@@ -58,6 +58,21 @@ struct Args {
   float* ssc;
   void* entries;
   int64_t e_bstride, e_rstride, capacity;
+  // Paged / slotted layout (contracts.md A.1): slot_ids null = state row b; else state row
+  // slot_ids[b] (rows with a slot outside [0, n_slots) are skipped). Dense entries: row
+  // (slot_ids ? slot_ids[b] : b) < entry_rows, index j < capacity. Paged entries (bt != null):
+  // entry j of step row b at block bt[b * bt_stride + j / block_size] (skipped if outside
+  // [0, num_blocks) or j / block_size >= bt_cols), row j % block_size.
+  const int32_t* slot_ids;
+  int64_t n_slots, entry_rows;
+  const int32_t* bt;
+  int64_t bt_stride, bt_cols, block_size, num_blocks;
+  // Entry format (CacheFormat): 0 plain OutT elements; 1 FP8 MODEL1 (584 bytes per entry,
+  // d 512, rope 64), 2 FP8 indexer keys (d e4m3 bytes + fp32 scale). FP8: e_bstride is the
+  // byte stride of a block (dense: of a row of `capacity` entries) and fp8_rows the entries
+  // per block (block_size, or capacity when dense).
+  int fmt;
+  int64_t fp8_rows;
   int d, m, coff;
   int slots;       // coff * m: pooling slots of an entry = state rows of a batch row
   int groups;      // S: slot groups per entry
@@ -73,6 +88,7 @@ struct Args {
 // Token span of one batch row and its block arithmetic.
 struct Row {
   bool valid;
+  int64_t slot;         // state row (and dense entries row) of this step row
   int64_t tok0;         // first token of the row in kv / score
   int64_t n;            // new tokens
   int64_t r0;           // start % m: partial rows already held in the state
@@ -84,7 +100,9 @@ struct Row {
 __device__ __forceinline__ Row load_row(const Args& a, int64_t b) {
   Row r{};
   const int64_t c0 = a.cu[b], c1 = a.cu[b + 1], s = a.starts[b];
-  r.valid = c0 >= 0 && c1 >= c0 && c1 <= a.num_tokens && s >= 0;
+  r.slot = a.slot_ids != nullptr ? static_cast<int64_t>(a.slot_ids[b]) : b;
+  r.valid = c0 >= 0 && c1 >= c0 && c1 <= a.num_tokens && s >= 0 && r.slot >= 0 &&
+            r.slot < a.n_slots;
   if (!r.valid) return r;
   r.tok0 = c0;
   r.n = c1 - c0;
@@ -105,8 +123,8 @@ struct Src {
 __device__ __forceinline__ Src slot_src(const Args& a, const Row& r, int64_t b, int64_t i,
                                         int s) {
   const int64_t w = static_cast<int64_t>(a.coff) * a.d;
-  const float* skv = a.skv + b * a.slots * w;
-  const float* ssc = a.ssc + b * a.slots * w;
+  const float* skv = a.skv + r.slot * a.slots * w;
+  const float* ssc = a.ssc + r.slot * a.slots * w;
   int64_t t;
   int64_t col = 0;
   if (a.coff == 2 && s < a.m) {  // A halves of the previous block
@@ -245,14 +263,94 @@ __device__ __forceinline__ Smem carve_smem(float* base, const Args& a) {
   return s;
 }
 
-// Computes entry i of row b and stores it at entries[b, first_block + i] (if inside the
-// capacity). Called by every thread of the block (block-uniform arguments); ends with a
+// Where entry j of step row b goes: `base` = offset of its block (dense: of its entries row)
+// in elements (plain) or bytes (FP8), `row` = its index inside the block. False when it has
+// no place (dense: beyond the capacity or the entries rows; paged: no valid block). Uniform
+// over a block (depends on block-uniform arguments only).
+__device__ __forceinline__ bool entry_place(const Args& a, const Row& r, int64_t b, int64_t j,
+                                            int64_t& base, int64_t& row) {
+  if (a.bt == nullptr) {
+    if (j >= a.capacity || r.slot >= a.entry_rows) return false;
+    base = r.slot * a.e_bstride;
+    row = j;
+    return true;
+  }
+  const int64_t col = j / a.block_size;
+  if (col >= a.bt_cols) return false;
+  const int64_t blk = a.bt[b * a.bt_stride + col];
+  if (blk < 0 || blk >= a.num_blocks) return false;
+  base = blk * a.e_bstride;
+  row = j - col * a.block_size;
+  return true;
+}
+
+// Biased exponent byte (UE8M0 / float8_e8m0fnu) of a power-of-two fp32 scale.
+__device__ __forceinline__ uint8_t e8m0_byte(float s) {
+  return static_cast<uint8_t>((__float_as_uint(s) >> 23) & 0xffu);
+}
+
+// Stores the finished entry y[0, d) (values already rounded as the reference rounds them) at
+// (base, row) in the entry format. FP8 formats quantise here (include/dsv4/kv_cache.h):
+// MODEL1: e4m3 of y / s per 64-block of the 448 nope dims with s = 2^ceil(log2(max(amax,
+// 1e-4) / 448)) (exactly ops.quant.fp8_e4m3_sim), rope dims as bf16; indexer: the same with
+// one block of d and an fp32 scale. Called by every thread of the block; `scales` holds at
+// least d / 32 floats. Contains __syncthreads (block-uniform call).
+template <typename OutT>
+__device__ void store_entry(const Args& a, int64_t base, int64_t row, const float* y,
+                            float* scales) {
+  const int d = a.d, tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, n_warps = nt >> 5;
+  if (a.fmt == 0) {
+    OutT* out = static_cast<OutT*>(a.entries) + base + row * a.e_rstride;
+    for (int f = tid; f < d; f += nt) out[f] = store_cast<OutT>(y[f]);
+    return;
+  }
+  uint8_t* blk = static_cast<uint8_t*>(a.entries) + base;
+  if (a.fmt == 1) {  // MODEL1: [rows x (448 e4m3 | 64 bf16)] then [rows x (7 e8m0 | pad)]
+    constexpr int kNope = 448, kTok = 576;
+    for (int g = warp; g < kNope / 64; g += n_warps) {
+      float amax = fmaxf(fabsf(y[g * 64 + lane]), fabsf(y[g * 64 + 32 + lane]));
+      amax = warp_max(amax);
+      if (lane == 0) scales[g] = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+    }
+    __syncthreads();
+    uint8_t* tok = blk + row * kTok;
+    for (int f = tid; f < kNope; f += nt) {
+      const float v = fminf(fmaxf(y[f] / scales[f >> 6], -448.0f), 448.0f);
+      tok[f] = __nv_fp8_e4m3(v).__x;  // RNE, satfinite
+    }
+    __nv_bfloat16* rope = reinterpret_cast<__nv_bfloat16*>(tok + kNope);
+    for (int f = kNope + tid; f < d; f += nt) rope[f - kNope] = __float2bfloat16_rn(y[f]);
+    uint8_t* sc = blk + a.fp8_rows * kTok + row * 8;
+    if (tid < 8) sc[tid] = tid < 7 ? e8m0_byte(scales[tid]) : uint8_t{0};
+    return;
+  }
+  // Indexer keys: [rows x d e4m3] then [rows x fp32 scale].
+  for (int g = warp; g < d / 32; g += n_warps) {
+    const float amax = warp_max(fabsf(y[g * 32 + lane]));
+    if (lane == 0) scales[g] = amax;
+  }
+  __syncthreads();
+  float amax = 0.f;
+  for (int g = 0; g < d / 32; ++g) amax = fmaxf(amax, scales[g]);
+  const float s = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+  uint8_t* vals = blk + row * d;
+  for (int f = tid; f < d; f += nt) {
+    vals[f] = __nv_fp8_e4m3(fminf(fmaxf(y[f] / s, -448.0f), 448.0f)).__x;
+  }
+  if (tid == 0) *reinterpret_cast<float*>(blk + a.fp8_rows * d + row * 4) = s;
+  __syncthreads();  // scales may be reused by the caller
+}
+
+// Computes entry i of row b and stores it at its place in `entries` (entry_place; nothing
+// when it has none). Called by every thread of the block (block-uniform arguments); ends with a
 // __syncthreads, so shared memory may be reused right after.
 template <typename OutT>
 __device__ void compute_entry(const Args& a, const Row& r, int64_t b, int64_t i,
                               const Smem& sm) {
   const int64_t j = r.first_block + i;
-  if (j >= a.capacity) return;  // not written (documented); uniform over the block
+  int64_t base = 0, row = 0;
+  if (!entry_place(a, r, b, j, base, row)) return;  // not written (documented); block-uniform
   const int d = a.d, ft_count = d / 4, tid = threadIdx.x, nt = blockDim.x;
 
   // 1. Per-feature online softmax over this thread's slots, partials to shared memory.
@@ -397,8 +495,7 @@ __device__ void compute_entry(const Args& a, const Row& r, int64_t b, int64_t i,
   }
 
   // 6. Store.
-  OutT* out = static_cast<OutT*>(a.entries) + b * a.e_bstride + j * a.e_rstride;
-  for (int f = tid; f < d; f += nt) out[f] = store_cast<OutT>(sm.y[f]);
+  store_entry<OutT>(a, base, row, sm.y, sm.scales);
   __syncthreads();
 }
 
@@ -426,8 +523,8 @@ __device__ void update_state(const Args& a, const Row& r, int64_t b, int64_t fir
                              int64_t step) {
   const int64_t w = static_cast<int64_t>(a.coff) * a.d;
   const int64_t quads = w / 4;
-  float* skv = a.skv + b * a.slots * w;
-  float* ssc = a.ssc + b * a.slots * w;
+  float* skv = a.skv + r.slot * a.slots * w;
+  float* ssc = a.ssc + r.slot * a.slots * w;
   // Rows 0..k_lo-1 of the partial block already hold their values (nb == 0: the old rows).
   const int64_t k_lo = r.nb == 0 ? r.r0 : 0;
   const int64_t n_tail = r.rem - k_lo;
@@ -664,9 +761,11 @@ __device__ __forceinline__ void cluster_or_cta_sync(const Args& a) {
   }
 }
 
-// CTA rank 0: merges the partials of the cluster's CTAs and builds + stores entry j of row b.
+// CTA rank 0: merges the partials of the cluster's CTAs and builds entry j (RoPE position
+// j * m), stored at (base, row) (entry_place).
 template <typename OutT>
-__device__ void finish_cluster(const Args& a, int64_t b, int64_t j, const ClusterSmem& sm) {
+__device__ void finish_cluster(const Args& a, int64_t j, int64_t base, int64_t row,
+                               const ClusterSmem& sm) {
   const int d = a.d, tid = threadIdx.x, nt = blockDim.x;
   float ss = 0.f;
   for (int f = tid; f < d; f += nt) {
@@ -766,8 +865,7 @@ __device__ void finish_cluster(const Args& a, int64_t b, int64_t j, const Cluste
     __syncthreads();
   }
 
-  OutT* out = static_cast<OutT*>(a.entries) + b * a.e_bstride + j * a.e_rstride;
-  for (int f = tid; f < d; f += nt) out[f] = store_cast<OutT>(sm.y[f]);
+  store_entry<OutT>(a, base, row, sm.y, sm.scales);
 }
 
 // Work items: item `it` in [0, B * max_blocks) is (row it / max_blocks, ii = it % max_blocks)
@@ -786,7 +884,8 @@ __device__ __forceinline__ bool find_item(const Args& a, int64_t stride, int64_t
     }
     if (!r.valid) continue;
     const int64_t cand = ii + k * a.max_blocks;
-    if (cand < r.nb && r.first_block + cand < a.capacity) {
+    int64_t base, row;
+    if (cand < r.nb && entry_place(a, r, bb, r.first_block + cand, base, row)) {
       i = cand;
       return true;
     }
@@ -814,7 +913,11 @@ __global__ void __launch_bounds__(kMaxThreads) compress_entries_persistent_kerne
     // The next entry's first chunk is in flight while this one is post-processed.
     if (have_next) prefetch_first_chunk(a, nr, nb_, ni, rank, ch);
     cluster_or_cta_sync(a);  // every CTA's partials are ready
-    if (rank == 0) finish_cluster<OutT>(a, b, r.first_block + i, sm);
+    if (rank == 0) {
+      int64_t base = 0, row = 0;
+      entry_place(a, r, b, r.first_block + i, base, row);  // true: find_item checked it
+      finish_cluster<OutT>(a, r.first_block + i, base, row, sm);
+    }
     cluster_or_cta_sync(a);  // partials (local and remote) and y may be overwritten
     have = have_next;
     it = nit;
@@ -837,11 +940,12 @@ __global__ void __launch_bounds__(kMaxThreads) compress_fused_kernel(const Args 
   Chunk ch;
   for (int64_t i = 0; i < r.nb; ++i) {
     const int64_t j = r.first_block + i;
-    if (j >= a.capacity) break;
+    int64_t base = 0, row = 0;
+    if (!entry_place(a, r, b, j, base, row)) continue;  // uniform over the cluster (same row)
     prefetch_first_chunk(a, r, b, i, rank, ch);
     pool_cluster(a, r, b, i, rank, ch, sm);
     cluster_or_cta_sync(a);
-    if (rank == 0) finish_cluster<OutT>(a, b, j, sm);
+    if (rank == 0) finish_cluster<OutT>(a, j, base, row, sm);
     cluster_or_cta_sync(a);  // also: every read of the old state is done
   }
   __syncthreads();
@@ -982,6 +1086,12 @@ cudaError_t compress_kv_variant(const CompressKVParams& p, int variant, int clus
   if (p.batch < 0 || p.num_tokens < 0 || p.max_seqlen < 0 || p.capacity < 0) {
     return cudaErrorInvalidValue;
   }
+  const bool paged = p.block_table != nullptr;
+  if (p.slots != nullptr && p.num_slots < 0) return cudaErrorInvalidValue;
+  if (paged && (p.block_size < 1 || p.num_blocks < 0 || p.max_blocks_per_row < 0 ||
+                p.block_table_stride < 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (m < 1 || d < 4 || d > kMaxHeadDim || d % 4 != 0) return cudaErrorInvalidValue;
   if (rd < 2 || rd % 2 != 0 || rd > d) return cudaErrorInvalidValue;
   if (p.quant == CompressQuant::kFp8) {
@@ -994,12 +1104,24 @@ cudaError_t compress_kv_variant(const CompressKVParams& p, int variant, int clus
   if (p.entries_dtype != DType::kFloat32 && p.entries_dtype != DType::kBFloat16) {
     return cudaErrorInvalidValue;
   }
+  const int fmt = static_cast<int>(p.entries_format);
+  if (fmt == static_cast<int>(CacheFormat::kFp8Model1)) {
+    if (d != 512 || rd != 64 || p.quant == CompressQuant::kFp4Hadamard) return cudaErrorInvalidValue;
+  } else if (fmt == static_cast<int>(CacheFormat::kFp8Indexer)) {
+    if ((d != 64 && d != 128) || p.quant == CompressQuant::kFp8) return cudaErrorInvalidValue;
+  } else if (fmt != static_cast<int>(CacheFormat::kPlain)) {
+    return cudaErrorInvalidValue;
+  }
+  if (fmt != 0 && (p.entries_batch_stride % 16 != 0 ||
+                   (p.entries != nullptr && !aligned16(p.entries)))) {
+    return cudaErrorInvalidValue;
+  }
   if (p.batch > INT_MAX) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.num_tokens == 0) return cudaSuccess;
   if (p.kv == nullptr || p.score == nullptr || p.ape == nullptr || p.norm_weight == nullptr ||
       p.freqs == nullptr || p.cu_seqlens == nullptr || p.starts == nullptr ||
       p.state_kv == nullptr || p.state_score == nullptr ||
-      (p.entries == nullptr && p.capacity > 0)) {
+      (p.entries == nullptr && (paged ? p.num_blocks > 0 : p.capacity > 0))) {
     return cudaErrorInvalidValue;
   }
   if (!aligned16(p.kv) || !aligned16(p.score) || !aligned16(p.ape) || !aligned16(p.state_kv) ||
@@ -1025,12 +1147,24 @@ cudaError_t compress_kv_variant(const CompressKVParams& p, int variant, int clus
   a.e_bstride = p.entries_batch_stride;
   a.e_rstride = p.entries_row_stride;
   a.capacity = p.entries == nullptr ? 0 : p.capacity;
+  a.slot_ids = p.slots;
+  a.n_slots = p.slots != nullptr ? p.num_slots : p.batch;
+  a.entry_rows = p.slots != nullptr ? p.entry_rows : p.batch;
+  a.bt = paged && p.entries != nullptr ? p.block_table : nullptr;
+  a.bt_stride = p.block_table_stride;
+  a.bt_cols = p.max_blocks_per_row;
+  a.block_size = paged ? p.block_size : 1;
+  a.num_blocks = p.num_blocks;
+  if (paged && p.entries == nullptr) a.capacity = 0;  // nothing to write (empty pool)
+  a.fmt = fmt;
+  a.fp8_rows = paged ? p.block_size : p.capacity;
   a.d = static_cast<int>(d);
   a.m = static_cast<int>(m);
   a.coff = m == 4 ? 2 : 1;
   a.slots = a.coff * a.m;
   a.eps = p.eps;
-  a.quant = static_cast<int>(p.quant);
+  // MODEL1 FP8 entries: the store quantises (the same values as the FP8 simulation).
+  a.quant = fmt == static_cast<int>(CacheFormat::kFp8Model1) ? 0 : static_cast<int>(p.quant);
   a.hadamard_scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
   a.batch = p.batch;
   a.cluster = 1;
@@ -1057,7 +1191,7 @@ cudaError_t compress_kv_variant(const CompressKVParams& p, int variant, int clus
       1, std::min<int64_t>({state_blocks, kMaxStateBlocksPerRow, INT_MAX / p.batch}));
   a.state_blocks = state_blocks;
 
-  if (p.entries_dtype == DType::kFloat32) {
+  if (p.entries_dtype == DType::kFloat32 && fmt == 0) {
     return dispatch<float>(a, p.batch, p.max_seqlen, threads, smem_bytes, variant, cluster,
                            stream);
   }

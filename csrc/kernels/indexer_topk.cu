@@ -83,8 +83,14 @@ struct Params {
   int64_t q_st, q_sh;
   const float* w;
   int64_t w_st;
-  const __nv_bfloat16* keys;
-  int64_t k_sb, k_sc;
+  const __nv_bfloat16* keys;  // bf16 keys (elements), or the FP8 key bytes (kFp8)
+  int64_t k_sb, k_sc;         // block (dense: row) / entry strides; FP8: k_sb in bytes
+  // Paged keys (contracts.md A.2): key s of row b at block bt[b * bt_st + s / bs], entry
+  // s % bs (a block id outside [0, n_blocks) hides the key). Dense: block b, entry s.
+  const int32_t* bt;
+  int64_t bt_st;
+  int bt_cols, bs, n_blocks;
+  int fp8_rows;               // FP8 keys: entries per block (the scales follow them)
   const int32_t* rows;
   const int32_t* n_valid;
   int32_t* out;
@@ -110,6 +116,9 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -455,18 +464,104 @@ __device__ void merge_slots(const Params& p, u64* cand, QState* st, int* hist, i
 // ------------------------------------------------------------------------------------------
 // scoring
 // ------------------------------------------------------------------------------------------
-template <int D, int TILE>
-__device__ __forceinline__ void load_tile(uint32_t stage, const __nv_bfloat16* krow,
-                                          int64_t k_sc, int s_first, int s_end) {
-  constexpr int NCH = D / 8, RB = D * 2;
+// Block id and entry of key s of row `row` (the row's block-table row when paged); false
+// when the key's block does not exist.
+__device__ __forceinline__ bool key_place(const Params& p, int row, int s, int64_t& blk,
+                                          int& e) {
+  if (p.bt == nullptr) {
+    blk = row;
+    e = s;
+    return true;
+  }
+  const int col = s / p.bs;
+  const int64_t id = col < p.bt_cols ? p.bt[static_cast<int64_t>(row) * p.bt_st + col] : -1;
+  blk = id;
+  e = s - col * p.bs;
+  return id >= 0 && id < p.n_blocks;
+}
+
+// Loads keys [s_first, min(s_first + TILE, s_end)) of row `row` into a pipeline stage.
+// bf16: the XOR-swizzled bf16 tile itself. FP8: the raw e4m3 rows [TILE][D] followed by the
+// scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
+template <int D, int TILE, bool kFp8>
+__device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
+                                          int s_first, int s_end) {
+  if constexpr (!kFp8) {
+    constexpr int NCH = D / 8, RB = D * 2;
 #pragma unroll
-  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
-    const int i = u * kThreads + static_cast<int>(threadIdx.x);
-    const int r = i / NCH, c = i % NCH;
-    const int s = s_first + r;
-    if (s < s_end) {
-      cp_async16(stage + r * RB + ((c ^ (r & 7)) << 4), krow + static_cast<int64_t>(s) * k_sc + c * 8);
+    for (int u = 0; u < TILE * NCH / kThreads; ++u) {
+      const int i = u * kThreads + static_cast<int>(threadIdx.x);
+      const int r = i / NCH, c = i % NCH;
+      const int s = s_first + r;
+      int64_t blk;
+      int e;
+      if (s < s_end && key_place(p, row, s, blk, e)) {
+        cp_async16(stage + r * RB + ((c ^ (r & 7)) << 4),
+                   p.keys + blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc + c * 8);
+      }
     }
+  } else {
+    constexpr int NCH = D / 16;  // 16-byte chunks of e4m3 per key
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(p.keys);
+#pragma unroll
+    for (int u = 0; u < TILE * NCH / kThreads; ++u) {
+      const int i = u * kThreads + static_cast<int>(threadIdx.x);
+      const int r = i / NCH, c = i % NCH;
+      const int s = s_first + r;
+      int64_t blk;
+      int e;
+      if (s < s_end && key_place(p, row, s, blk, e)) {
+        cp_async16(stage + r * D + c * 16, base + blk * p.k_sb + static_cast<int64_t>(e) * D + c * 16);
+      }
+    }
+    for (int r = threadIdx.x; r < TILE; r += kThreads) {
+      const int s = s_first + r;
+      int64_t blk;
+      int e;
+      if (s < s_end && key_place(p, row, s, blk, e)) {
+        cp_async4(stage + TILE * D + r * 4,
+                  base + blk * p.k_sb + static_cast<int64_t>(p.fp8_rows) * D +
+                      static_cast<int64_t>(e) * 4);
+      }
+    }
+  }
+}
+
+// fp32 value of an e4m3 byte (exact; NaN codes give NaN): the byte's exponent / mantissa
+// placed in an fp32 with bias 127 (a subnormal code becomes an fp32 subnormal), then scaled
+// by 2^120 to rebias to 7.
+__device__ __forceinline__ float e4m3_to_float(uint32_t b) {
+  const uint32_t mag = b & 0x7fu;
+  const uint32_t bits = (mag << 20) | ((b & 0x80u) << 24);
+  return mag == 0x7fu ? __uint_as_float(0x7fc00000u) : __uint_as_float(bits) * 0x1p120f;
+}
+
+// FP8 keys: converts the e4m3 rows of a stage into the swizzled bf16 tile (unscaled values:
+// the per-key scale multiplies the key's score instead, exactly, being a power of two).
+template <int D, int TILE>
+__device__ __forceinline__ void convert_fp8_tile(const unsigned char* src,
+                                                 unsigned char* dst_tile) {
+  constexpr int NCH = D / 16, RB = D * 2;
+  for (int i = threadIdx.x; i < TILE * NCH; i += kThreads) {
+    const int r = i / NCH, c = i % NCH;
+    const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float f0 = e4m3_to_float(w[k] & 0xffu), f1 = e4m3_to_float((w[k] >> 8) & 0xffu);
+      const float f2 = e4m3_to_float((w[k] >> 16) & 0xffu), f3 = e4m3_to_float(w[k] >> 24);
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(f0, f1);
+      const __nv_bfloat162 hi = __floats2bfloat162_rn(f2, f3);
+      o[2 * k] = *reinterpret_cast<const uint32_t*>(&lo);
+      o[2 * k + 1] = *reinterpret_cast<const uint32_t*>(&hi);
+    }
+    // 16 e4m3 values = bf16 chunks 2c and 2c + 1 of row r (8 values each).
+    const int c0 = 2 * c, c1 = 2 * c + 1;
+    *reinterpret_cast<uint4*>(dst_tile + r * RB + ((c0 ^ (r & 7)) << 4)) =
+        make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(dst_tile + r * RB + ((c1 ^ (r & 7)) << 4)) =
+        make_uint4(o[4], o[5], o[6], o[7]);
   }
 }
 
@@ -543,12 +638,16 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
-template <int D, int QPC, int TILE, bool kScanOnly>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   constexpr int WPQ = kWarps / QPC;          // warps per query
   constexpr int NT = kThreads / QPC;         // threads per query
   constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
-  constexpr int TILE_BYTES = TILE * D * 2;
+  constexpr int TILE_BYTES = TILE * D * 2;   // a bf16 tile
+  // A pipeline stage: the bf16 tile, or (FP8) e4m3 rows + fp32 scales; FP8 adds one bf16
+  // tile that each stage is converted into before scoring.
+  constexpr int STAGE_BYTES = kFp8 ? TILE * D + TILE * 4 : TILE_BYTES;
+  constexpr int EXTRA_BYTES = kFp8 ? TILE_BYTES : 0;
   constexpr unsigned kAllDone = (1u << QPC) - 1u;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -561,8 +660,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   const int gtid = tid - qi * NT;
   const int g_lane = lane >> 2, tq = lane & 3;
 
-  // Shared memory: [stages key tiles][QState x QPC][hist 256 x QPC][cand cap x QPC].
-  QState* const states = reinterpret_cast<QState*>(smem + p.stages * TILE_BYTES);
+  // Shared memory: [stages key tiles][FP8: bf16 tile][QState x QPC][hist 256 x QPC]
+  // [cand cap x QPC].
+  QState* const states = reinterpret_cast<QState*>(smem + p.stages * STAGE_BYTES + EXTRA_BYTES);
   int* const hists = reinterpret_cast<int*>(states + QPC);
   u64* const cands = reinterpret_cast<u64*>(hists + QPC * 256);
   QState* const st = states + qi;
@@ -626,8 +726,6 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     const int n_tiles = (s_end - s_begin + TILE - 1) / TILE;
     const int my_nv = s_nv[qi];
     const int hi = s_end < my_nv ? s_end : my_nv;  // this query's keys: [s_begin, hi)
-    const __nv_bfloat16* krow =
-        p.keys + (lead_row >= 0 ? static_cast<int64_t>(lead_row) * p.k_sb : 0);
 
     if (me && gtid == 0) {
       st->count = 0;
@@ -637,8 +735,11 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     float scan_acc = 0.f;
     __syncthreads();
 
+    // (lead_row is -1 only with nv_max == 0: no tile is loaded for it.)
     for (int s = 0; s < p.stages - 1; ++s) {
-      if (s < n_tiles) load_tile<D, TILE>(tiles + s * TILE_BYTES, krow, p.k_sc, s_begin + s * TILE, s_end);
+      if (s < n_tiles) {
+        load_tile<D, TILE, kFp8>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE, s_end);
+      }
       cp_async_commit();
     }
     for (int it = 0; it < n_tiles; ++it) {
@@ -647,13 +748,20 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       {
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
-          load_tile<D, TILE>(tiles + (nx % p.stages) * TILE_BYTES, krow, p.k_sc, s_begin + nx * TILE,
-                             s_end);
+          load_tile<D, TILE, kFp8>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
+                                   s_begin + nx * TILE, s_end);
         }
         cp_async_commit();
       }
+      const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
+      const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
+      if constexpr (kFp8) {
+        convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+        __syncthreads();  // the bf16 tile is complete (the next top barrier frees it again)
+      }
       if (me) {
-        const uint32_t stage = tiles + (it % p.stages) * TILE_BYTES;
+        const uint32_t stage =
+            kFp8 ? tiles + p.stages * STAGE_BYTES : tiles + (it % p.stages) * STAGE_BYTES;
         const int tile_s0 = s_begin + it * TILE;
         const u64 thr = kScanOnly ? 0ull : st->thr;
 #pragma unroll 1
@@ -674,8 +782,17 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
           b += __shfl_xor_sync(kFull, b, 1);
           b += __shfl_xor_sync(kFull, b, 2);
           const int s = s0 + g_lane + (tq & 1) * 8;  // lane tq 0: row g, tq 1: row g + 8
-          const float sc = (tq & 1) ? b : a;
-          const bool in_range = tq < 2 && s < hi;
+          float sc = (tq & 1) ? b : a;
+          bool in_range = tq < 2 && s < hi;
+          if (p.bt != nullptr && in_range) {
+            int64_t blk;
+            int e;
+            in_range = key_place(p, lead_row, s, blk, e);  // a missing block hides the key
+          }
+          if constexpr (kFp8) {
+            // score(k * scale) = scale * score(k) exactly (power-of-two scale > 0)
+            if (in_range) sc *= key_scale[s - tile_s0];
+          }
           if constexpr (kScanOnly) {
             if (in_range) scan_acc += sc;
           } else {
@@ -791,7 +908,8 @@ bool args_ok(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk
          H <= INT_MAX / 2 && (D == 64 || D == 128) && topk >= 1 && topk <= kIndexerMaxTopk;
 }
 
-Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const DevInfo& di) {
+Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const DevInfo& di,
+               bool fp8) {
   Plan pl;
   if (T <= 0) return pl;
   // Prefill-like calls (many queries per key row, consecutive in t): 8 queries per CTA share
@@ -805,8 +923,11 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   int64_t pow2 = 1;
   while (pow2 < topk) pow2 <<= 1;
   const int64_t need = std::max<int64_t>(topk + round, pow2);
-  const int64_t tile_bytes = static_cast<int64_t>(tile) * D * 2;
-  const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int));
+  // Per stage: a bf16 tile, or FP8 rows + scales (plus one bf16 conversion tile, in `fixed`).
+  const int64_t tile_bytes =
+      fp8 ? static_cast<int64_t>(tile) * (D + 4) : static_cast<int64_t>(tile) * D * 2;
+  const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int)) +
+                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0);
   const int64_t margin = 3072;  // static shared memory of the kernel (2.1 KB) + slack
   // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
   // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
@@ -866,10 +987,10 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   return pl;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
   if (pl.tile != TILE) return cudaErrorInvalidValue;
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly>;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
@@ -885,27 +1006,43 @@ bool aligned(const void* ptr, uintptr_t bytes) {
 
 // Shared argument checks and Params setup of indexer_topk / indexer_topk_scan_only.
 cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
-                    const void* keys, int64_t k_sb, int64_t k_sc, const int32_t* rows,
-                    const int32_t* n_valid, int64_t T, int64_t H, int64_t D, int64_t B,
-                    int64_t C, int64_t topk, Params& prm, Plan& pl) {
+                    const IndexerKeys& k, const int32_t* rows, const int32_t* n_valid, int64_t T,
+                    int64_t H, int64_t D, int64_t topk, Params& prm, Plan& pl) {
+  const bool paged = k.block_table != nullptr;
+  const bool fp8 = k.format == CacheFormat::kFp8Indexer;
+  if (k.format != CacheFormat::kPlain && !fp8) return cudaErrorInvalidValue;
+  if (paged && (k.block_size < 1 || k.block_size > INT_MAX || k.max_blocks < 0 ||
+                k.num_blocks < 0 || k.num_blocks > INT_MAX || k.block_table_stride < 0 ||
+                k.max_blocks > INT_MAX / k.block_size)) {
+    return cudaErrorInvalidValue;
+  }
+  // Logical capacity of a row, and the number of key rows (dense: keys rows; paged: rows of
+  // the block table).
+  const int64_t B = k.rows;
+  const int64_t C = paged ? k.max_blocks * k.block_size : k.capacity;
   if (!args_ok(T, B, C, H, D, topk)) return cudaErrorInvalidValue;
   if (T == 0) return cudaSuccess;
   if (q == nullptr || w == nullptr || rows == nullptr || n_valid == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (!aligned(q, 4) || q_st % 2 != 0 || q_sh % 2 != 0) return cudaErrorInvalidValue;
-  if (B > 0 && C > 0) {
-    if (keys == nullptr || !aligned(keys, 16) || k_sb % 8 != 0 || k_sc % 8 != 0) {
+  const bool any_keys = paged ? (k.num_blocks > 0 && k.block_size > 0) : (B > 0 && C > 0);
+  if (any_keys) {
+    if (k.data == nullptr || !aligned(k.data, 16)) return cudaErrorInvalidValue;
+    if (fp8) {
+      if (k.stride_block % 16 != 0) return cudaErrorInvalidValue;
+    } else if (k.stride_block % 8 != 0 || k.stride_entry % 8 != 0) {
       return cudaErrorInvalidValue;
     }
   }
+  if (paged && k.max_blocks > 0 && B > 0 && k.block_table == nullptr) return cudaErrorInvalidValue;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   DevInfo di;
   e = device_info(device, di);
   if (e != cudaSuccess) return e;
-  pl = make_plan(T, B, C, D, topk, di);
+  pl = make_plan(T, B, C, D, topk, di, fp8);
   if (!pl.ok) return cudaErrorInvalidValue;
   prm = Params{};
   prm.q = static_cast<const __nv_bfloat16*>(q);
@@ -913,15 +1050,21 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   prm.q_sh = q_sh;
   prm.w = w;
   prm.w_st = w_st;
-  prm.keys = static_cast<const __nv_bfloat16*>(keys);
-  prm.k_sb = k_sb;
-  prm.k_sc = k_sc;
+  prm.keys = static_cast<const __nv_bfloat16*>(k.data);
+  prm.k_sb = k.stride_block;
+  prm.k_sc = k.stride_entry;
+  prm.bt = paged ? k.block_table : nullptr;
+  prm.bt_st = k.block_table_stride;
+  prm.bt_cols = paged ? static_cast<int>(k.max_blocks) : 0;
+  prm.bs = paged ? static_cast<int>(k.block_size) : 1;
+  prm.n_blocks = paged && any_keys ? static_cast<int>(k.num_blocks) : 0;
+  prm.fp8_rows = static_cast<int>(paged ? k.block_size : C);
   prm.rows = rows;
   prm.n_valid = n_valid;
   prm.T = static_cast<int>(T);
   prm.H = static_cast<int>(H);
   prm.B = static_cast<int>(B);
-  prm.C = (B > 0) ? static_cast<int>(C) : 0;
+  prm.C = (B > 0 && any_keys) ? static_cast<int>(C) : 0;
   prm.topk = static_cast<int>(topk);
   prm.n_groups = pl.n_groups;
   prm.n_splits = pl.n_splits;
@@ -934,6 +1077,32 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   return cudaSuccess;
 }
 
+IndexerKeys dense_keys(const void* keys, int64_t k_sb, int64_t k_sc, int64_t batch,
+                       int64_t capacity) {
+  IndexerKeys k;
+  k.data = keys;
+  k.stride_block = k_sb;
+  k.stride_entry = k_sc;
+  k.rows = batch;
+  k.capacity = capacity;
+  return k;
+}
+
+template <bool kScanOnly, bool kFp8>
+cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cudaStream_t stream) {
+  if (head_dim == 128) {
+    if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8>(prm, pl, stream);
+    return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8>(prm, pl, stream)
+                          : launch_kernel<128, 1, 256, kScanOnly, kFp8>(prm, pl, stream);
+  }
+  if constexpr (kScanOnly) {
+    return cudaErrorInvalidValue;  // the scan-only aid exists for head_dim 128
+  } else {
+    return pl.qpc == 8 ? launch_kernel<64, 8, 128, kScanOnly, kFp8>(prm, pl, stream)
+                       : launch_kernel<64, 1, 256, kScanOnly, kFp8>(prm, pl, stream);
+  }
+}
+
 }  // namespace
 
 void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
@@ -942,26 +1111,33 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
 }
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
-                                    int64_t heads, int64_t head_dim, int64_t topk, int device) {
+                                    int64_t heads, int64_t head_dim, int64_t topk, int device,
+                                    bool fp8_keys) {
   if (!args_ok(tokens, batch, capacity, heads, head_dim, topk) || tokens == 0) return 0;
   DevInfo di;
   if (device_info(device, di) != cudaSuccess) return 0;
-  const Plan pl = make_plan(tokens, batch, capacity, head_dim, topk, di);
+  const Plan pl = make_plan(tokens, batch, capacity, head_dim, topk, di, fp8_keys);
   return pl.ok ? pl.ws_bytes : 0;
 }
 
+size_t indexer_topk_workspace_bytes(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                                    int64_t head_dim, int64_t topk, int device) {
+  const int64_t C = keys.block_table != nullptr ? keys.max_blocks * keys.block_size
+                                                : keys.capacity;
+  return indexer_topk_workspace_bytes(tokens, keys.rows, C, heads, head_dim, topk, device,
+                                      keys.format == CacheFormat::kFp8Indexer);
+}
+
 cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
-                         const float* weights, int64_t w_stride_t, const void* keys,
-                         int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
-                         const int32_t* n_valid, int32_t* indices, int64_t idx_stride_t,
-                         int64_t tokens, int64_t heads, int64_t head_dim, int64_t batch,
-                         int64_t capacity, int64_t topk, void* workspace,
-                         size_t workspace_bytes, cudaStream_t stream) {
+                         const float* weights, int64_t w_stride_t, const IndexerKeys& keys,
+                         const int32_t* rows, const int32_t* n_valid, int32_t* indices,
+                         int64_t idx_stride_t, int64_t tokens, int64_t heads, int64_t head_dim,
+                         int64_t topk, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream) {
   Params prm;
   Plan pl;
-  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t, keys, k_stride_b,
-                          k_stride_c, rows, n_valid, tokens, heads, head_dim, batch, capacity,
-                          topk, prm, pl);
+  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t, keys, rows, n_valid,
+                          tokens, heads, head_dim, topk, prm, pl);
   if (e != cudaSuccess || tokens == 0) return e;
   if (indices == nullptr) return cudaErrorInvalidValue;
   if (workspace_bytes < pl.ws_bytes || (pl.ws_bytes > 0 && workspace == nullptr)) {
@@ -981,13 +1157,21 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
     e = cudaMemsetAsync(ws + pl.off_arrive1, 0, pl.memset_bytes, stream);
     if (e != cudaSuccess) return e;
   }
-  if (head_dim == 128) {
-    if (pl.qpc == 8) return launch_kernel<128, 8, 128, false>(prm, pl, stream);
-    return pl.tile == 128 ? launch_kernel<128, 1, 128, false>(prm, pl, stream)
-                          : launch_kernel<128, 1, 256, false>(prm, pl, stream);
-  }
-  return pl.qpc == 8 ? launch_kernel<64, 8, 128, false>(prm, pl, stream)
-                     : launch_kernel<64, 1, 256, false>(prm, pl, stream);
+  if (keys.format == CacheFormat::kFp8Indexer) return launch_for<false, true>(prm, pl, head_dim, stream);
+  return launch_for<false, false>(prm, pl, head_dim, stream);
+}
+
+cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                         const float* weights, int64_t w_stride_t, const void* keys,
+                         int64_t k_stride_b, int64_t k_stride_c, const int32_t* rows,
+                         const int32_t* n_valid, int32_t* indices, int64_t idx_stride_t,
+                         int64_t tokens, int64_t heads, int64_t head_dim, int64_t batch,
+                         int64_t capacity, int64_t topk, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+  return indexer_topk(q, q_stride_t, q_stride_h, weights, w_stride_t,
+                      dense_keys(keys, k_stride_b, k_stride_c, batch, capacity), rows, n_valid,
+                      indices, idx_stride_t, tokens, heads, head_dim, topk, workspace,
+                      workspace_bytes, stream);
 }
 
 cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,
@@ -999,15 +1183,13 @@ cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_
   if (head_dim != 128) return cudaErrorInvalidValue;
   Params prm;
   Plan pl;
-  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t, keys, k_stride_b,
-                          k_stride_c, rows, n_valid, tokens, heads, head_dim, batch, capacity,
-                          topk, prm, pl);
+  cudaError_t e = prepare(q, q_stride_t, q_stride_h, weights, w_stride_t,
+                          dense_keys(keys, k_stride_b, k_stride_c, batch, capacity), rows,
+                          n_valid, tokens, heads, head_dim, topk, prm, pl);
   if (e != cudaSuccess || tokens == 0) return e;
   if (score_sum == nullptr) return cudaErrorInvalidValue;
   prm.scan_sum = score_sum;
-  if (pl.qpc == 8) return launch_kernel<128, 8, 128, true>(prm, pl, stream);
-  return pl.tile == 128 ? launch_kernel<128, 1, 128, true>(prm, pl, stream)
-                        : launch_kernel<128, 1, 256, true>(prm, pl, stream);
+  return launch_for<true, false>(prm, pl, head_dim, stream);
 }
 
 }  // namespace dsv4

@@ -19,6 +19,16 @@ inline bool rows_ok(const void* ptr, int64_t stride_a, int64_t stride_b = 0) {
   return ptr != nullptr && aligned16(ptr) && stride_a % 8 == 0 && stride_b % 8 == 0;
 }
 
+// An FP8 (MODEL1) pool: 16-byte aligned, block stride a multiple of 16 that holds a block.
+inline bool fp8_pool_ok(const void* ptr, int64_t block_stride, int64_t block_size, int64_t n) {
+  if (block_size < 1 || n % block_size != 0 || n > INT_MAX) return false;
+  if (n == 0) return true;
+  const int64_t blocks = n / block_size;
+  const int64_t need = block_size * kModel1EntryBytes;
+  return ptr != nullptr && aligned16(ptr) && block_stride % 16 == 0 &&
+         (blocks == 1 || block_stride >= need);
+}
+
 inline bool valid_params(const SparseAttnParams& p) {
   if (p.num_tokens < 0 || p.num_heads < 1 || p.num_heads > INT_MAX) return false;
   if (!sparse_attn_supports_head_dim(p.head_dim)) return false;
@@ -29,10 +39,32 @@ inline bool valid_params(const SparseAttnParams& p) {
   if (!rows_ok(p.out, p.out_stride_token, p.out_stride_head)) return false;
   if (p.lse == nullptr || p.attn_sink == nullptr) return false;
   if (p.topk > 0 && p.indices == nullptr) return false;
-  if (p.n_kv > 0 && !rows_ok(p.kv, p.kv_stride)) return false;
-  if (p.extra_indices != nullptr) {
+  const bool hca = p.extra_block_table != nullptr;
+  const bool has_extra = p.extra_indices != nullptr || hca;
+  const bool fp8 = p.kv_format != CacheFormat::kPlain;
+  if (p.kv_format != CacheFormat::kPlain && p.kv_format != CacheFormat::kFp8Model1) return false;
+  if (has_extra && p.extra_kv_format != p.kv_format) return false;  // one format for both
+  if (fp8) {
+    if (p.head_dim != kModel1HeadDim) return false;
+    if (!fp8_pool_ok(p.kv, p.kv_stride, p.kv_block_size, p.n_kv)) return false;
+  } else if (p.n_kv > 0 && !rows_ok(p.kv, p.kv_stride)) {
+    return false;
+  }
+  if (has_extra) {
     if (p.extra_topk < 0 || p.extra_topk > kMaxTopk || p.n_extra_kv < 0) return false;
-    if (p.n_extra_kv > 0 && !rows_ok(p.extra_kv, p.extra_kv_stride)) return false;
+    if (fp8) {
+      if (!fp8_pool_ok(p.extra_kv, p.extra_kv_stride, p.extra_block_size, p.n_extra_kv))
+        return false;
+    } else if (p.n_extra_kv > 0 && !rows_ok(p.extra_kv, p.extra_kv_stride)) {
+      return false;
+    }
+  }
+  if (hca) {
+    if (p.extra_indices != nullptr || p.extra_rows == nullptr) return false;
+    if (p.extra_block_size < 1 || p.extra_block_size > INT_MAX || p.extra_max_blocks < 0 ||
+        p.extra_max_blocks > INT_MAX || p.extra_block_table_rows < 0 ||
+        p.extra_block_table_stride < 0 || p.n_extra_kv > INT_MAX)
+      return false;
   }
   if (p.num_splits > 1) {
     const size_t need =
@@ -59,8 +91,12 @@ bool current_device_is_sm90() {
 // and other GPUs).
 template <int D>
 cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
+  if (p.kv_format == CacheFormat::kFp8Model1) {  // FP8 caches: the wgmma kernel only
+    if (D != 512 || !current_device_is_sm90()) return cudaErrorInvalidValue;
+    return sparse_attn_detail::launch_wgmma<512, true>(p, stream);
+  }
   if (D == 512 && current_device_is_sm90()) {
-    return sparse_attn_detail::launch_wgmma<512>(p, stream);
+    return sparse_attn_detail::launch_wgmma<512, false>(p, stream);
   } else {
     // mma.sync kernel, 8 warps: 2 row groups of 32 heads x 4 key/column groups.
     return sparse_attn_detail::launch<D, 2, 4>(p, stream);
@@ -71,6 +107,10 @@ cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
 
 bool sparse_attn_supports_head_dim(int64_t head_dim) {
   return head_dim == 64 || head_dim == 128 || head_dim == 256 || head_dim == 512;
+}
+
+bool sparse_attn_supports_fp8_cache(int64_t head_dim) {
+  return head_dim == kModel1HeadDim && current_device_is_sm90();
 }
 
 int sparse_attn_num_splits(int64_t num_tokens, int64_t num_heads, int64_t topk, int64_t extra_topk,

@@ -29,6 +29,8 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -147,10 +149,15 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * (ROW_CHUNKS * 16) + ((chunk ^ (row & 7)) << 4));
 }
 
-// Per-token key list: main lanes [0, k1) then extra lanes [0, k2), in 64-key blocks.
+// Per-token key list: main lanes [0, k1) then extra lanes [0, k2), in 64-key blocks. In the
+// HCA dense mode (bt_row != nullptr) extra lane i is computed from the block table instead of
+// read from an index list.
 struct TokenKeys {
   const int32_t* idx1;
   const int32_t* idx2;
+  const int32_t* bt_row;  // HCA: this token's block-table row
+  int bs, bt_cols;        // HCA: entries per block, columns of the table
+  int64_t n_blk;          // HCA: blocks in the extra pool
   int k1, k2, nb1, nb;
 };
 
@@ -160,10 +167,26 @@ __device__ __forceinline__ TokenKeys token_keys(const SparseAttnParams& p, int64
   if (p.topk_length != nullptr) k1 = min(max(__ldg(p.topk_length + t), 0), k1);
   int k2 = 0;
   tk.idx2 = nullptr;
-  if (p.extra_indices != nullptr) {
+  tk.bt_row = nullptr;
+  tk.bs = 1;
+  tk.bt_cols = 0;
+  tk.n_blk = 0;
+  if (p.extra_indices != nullptr || p.extra_block_table != nullptr) {
     k2 = static_cast<int>(p.extra_topk);
     if (p.extra_topk_length != nullptr) k2 = min(max(__ldg(p.extra_topk_length + t), 0), k2);
-    tk.idx2 = p.extra_indices + t * p.extra_indices_stride;
+    if (p.extra_indices != nullptr) {
+      tk.idx2 = p.extra_indices + t * p.extra_indices_stride;
+    } else {
+      const int row = __ldg(p.extra_rows + t);
+      if (row < 0 || static_cast<int64_t>(row) >= p.extra_block_table_rows) {
+        k2 = 0;  // no such row: no extra key
+      } else {
+        tk.bt_row = p.extra_block_table + static_cast<int64_t>(row) * p.extra_block_table_stride;
+        tk.bs = static_cast<int>(p.extra_block_size);
+        tk.bt_cols = static_cast<int>(p.extra_max_blocks);
+        tk.n_blk = p.n_extra_kv / p.extra_block_size;
+      }
+    }
   }
   tk.idx1 = p.indices + t * p.indices_stride;
   tk.k1 = k1;
@@ -181,7 +204,14 @@ __device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
     return lane_k < tk.k1 ? __ldg(tk.idx1 + lane_k) : -1;
   }
   const int lane_k = (b - tk.nb1) * kBlockN + r;
-  return lane_k < tk.k2 ? __ldg(tk.idx2 + lane_k) : -1;
+  if (lane_k >= tk.k2) return -1;
+  if (tk.bt_row == nullptr) return __ldg(tk.idx2 + lane_k);
+  // HCA: compressed entry lane_k of the token's block-table row.
+  const int col = lane_k / tk.bs;
+  if (col >= tk.bt_cols) return -1;
+  const int blk = __ldg(tk.bt_row + col);
+  if (blk < 0 || static_cast<int64_t>(blk) >= tk.n_blk) return -1;
+  return blk * tk.bs + (lane_k - col * tk.bs);  // < n_extra_kv <= INT_MAX (host check)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,7 +719,52 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t
 #endif
 }
 
-template <int D>
+// 8-byte async copy (src_bytes = 0 zero-fills).
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// fp32 value of a UE8M0 scale byte: 2^(byte - 127) (byte 0 = 2^-127, a subnormal).
+__device__ __forceinline__ float ue8m0_value(uint32_t byte) {
+  return byte == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(byte << 23);
+}
+
+// Dequantises a raw MODEL1 stage ([64 x 576 B] rows then [64 x 8 B] scales) into the bf16 K
+// tile at shared address sK (SW128 layout, swz128): nope dim c = e4m3 * 2^(scale[c/64] - 127),
+// exact in bf16 for the scales the writers produce (>= 2^-22); rope dims copied. Every thread
+// of the CTA calls it (256 threads, 16 chunks of 8 values each).
+__device__ __forceinline__ void dequant_model1_tile(const uint8_t* raw, uint32_t sK) {
+  constexpr int kRow = kModel1TokenBytes;
+  const uint8_t* scales = raw + kBlockN * kRow;
+  for (int item = threadIdx.x; item < kBlockN * 64; item += blockDim.x) {
+    const int row = item >> 6, c = item & 63;  // c: 16-byte bf16 chunk (8 dims) of the row
+    uint4 v;
+    if (c < kModel1Nope / 8) {
+      const uint2 q = *reinterpret_cast<const uint2*>(raw + row * kRow + c * 8);
+      const float sc = ue8m0_value(scales[row * kModel1ScaleBytes + (c >> 3)]);
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t word = k < 2 ? q.x : q.y;
+        const __nv_fp8x2_storage_t pair =
+            static_cast<__nv_fp8x2_storage_t>((word >> (16 * (k & 1))) & 0xffffu);
+        const __half2 h = __half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));
+        const float2 f = __half22float2(h);
+        w[k] = pack_bf16x2(f.x * sc, f.y * sc);
+      }
+      v = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      v = *reinterpret_cast<const uint4*>(raw + row * kRow + kModel1Nope + (c - 56) * 16);
+    }
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(sK + swz128(row, c)),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  }
+}
+
+template <int D, bool kFp8 = false>
 struct WgCfg {
   static_assert(D == 512, "the wgmma kernel is instantiated for head_dim 512");
   static constexpr int kThreads = 256;
@@ -700,7 +775,14 @@ struct WgCfg {
   static constexpr int kTileBytes = kBlockN * D * 2;
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kTileBytes;
-  static constexpr int kPOff = kKOff + 2 * kTileBytes;
+  // FP8 (MODEL1) keys: one bf16 K tile, fed from two raw stages of
+  // [64 x 576 B (448 e4m3 | 64 bf16)][64 x 8 B scales] (the cache's own row layout).
+  static constexpr int kRawRow = kModel1TokenBytes;                     // 576
+  static constexpr int kRawStage = kBlockN * (kRawRow + kModel1ScaleBytes);  // 37376
+  static constexpr int kRawChunks = kRawRow / 16;                       // 36
+  static constexpr int kRawOff = kKOff + (kFp8 ? 1 : 2) * kTileBytes;
+  static constexpr int kPOff = kFp8 ? kRawOff + 2 * kRawStage : kKOff + 2 * kTileBytes;
+  static_assert(kPOff % 1024 == 0, "P is a 128-byte-swizzled wgmma operand");
   static constexpr int kRedOff = kPOff + kBlockM * kBlockN * 2;  // red_max, red_sum [2][64] f32
   static constexpr int kValidOff = kRedOff + 2 * 2 * kBlockM * 4;
   static constexpr int kSmemUsed = kValidOff + 2 * kBlockN;
@@ -710,12 +792,12 @@ struct WgCfg {
 // V is read MN-major (transposed) with LBO = the 64-column slice stride (8 KB) and SBO = the
 // 8-key-row stride (1 KB); verified on the H200 by check_sparse_attn (the swapped assignment
 // gives wrong results).
-template <int D, bool kSplit>
+template <int D, bool kSplit, bool kFp8>
 __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const SparseAttnParams p) {
 #if !DSV4_SPARSE_ATTN_WGMMA
   __trap();
 #else
-  using C = WgCfg<D>;
+  using C = WgCfg<D, kFp8>;
   constexpr int TPR = C::kTPR, CPT = C::kCPT, NO = C::kNO;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
@@ -763,17 +845,41 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
     const int64_t n = main_scope ? p.n_kv : p.n_extra_kv;
     const bool valid = idx >= 0 && static_cast<int64_t>(idx) < n;
     any_valid |= valid;
-    const char* src = dummy;
-    if (valid) {
-      src = main_scope ? reinterpret_cast<const char*>(kv1 + static_cast<int64_t>(idx) * p.kv_stride)
-                       : reinterpret_cast<const char*>(kv2 + static_cast<int64_t>(idx) *
-                                                                 p.extra_kv_stride);
-    }
-    const uint32_t dst = sK0 + stage * C::kTileBytes;
+    if constexpr (kFp8) {
+      // Row idx of an FP8 pool: entry idx % bs of block idx / bs (kv_stride = block bytes).
+      const char* src = dummy;
+      const char* ssrc = dummy;
+      if (valid) {
+        const int64_t bsz = main_scope ? p.kv_block_size : p.extra_block_size;
+        const int64_t blk = idx / bsz, e = idx - blk * bsz;
+        const char* pool = main_scope ? reinterpret_cast<const char*>(p.kv)
+                                      : reinterpret_cast<const char*>(p.extra_kv);
+        const char* bbase = pool + blk * (main_scope ? p.kv_stride : p.extra_kv_stride);
+        src = bbase + e * C::kRawRow;
+        ssrc = bbase + bsz * C::kRawRow + e * kModel1ScaleBytes;
+      }
+      const uint32_t dst = base + C::kRawOff + stage * C::kRawStage;
 #pragma unroll
-    for (int i = 0; i < CPT; ++i) {
-      const int c = lc0 + i * TPR;
-      cp_async16(dst + swz128(lrow, c), src + (valid ? c * 16 : 0), valid ? 16 : 0);
+      for (int i = 0; i < C::kRawChunks / TPR; ++i) {
+        const int c = lc0 + i * TPR;
+        cp_async16(dst + lrow * C::kRawRow + c * 16, src + (valid ? c * 16 : 0), valid ? 16 : 0);
+      }
+      if (lc0 == 0) {
+        cp_async8(dst + kBlockN * C::kRawRow + lrow * kModel1ScaleBytes, ssrc, valid ? 8 : 0);
+      }
+    } else {
+      const char* src = dummy;
+      if (valid) {
+        src = main_scope ? reinterpret_cast<const char*>(kv1 + static_cast<int64_t>(idx) * p.kv_stride)
+                         : reinterpret_cast<const char*>(kv2 + static_cast<int64_t>(idx) *
+                                                                   p.extra_kv_stride);
+      }
+      const uint32_t dst = sK0 + stage * C::kTileBytes;
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        const int c = lc0 + i * TPR;
+        cp_async16(dst + swz128(lrow, c), src + (valid ? c * 16 : 0), valid ? 16 : 0);
+      }
     }
     if (lc0 == 0) s_valid[stage * kBlockN + lrow] = valid ? 1 : 0;
   };
@@ -808,11 +914,17 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
     const int stage = (b - b_begin) & 1;
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();
+    __syncthreads();  // block b landed; every warp is done with block b-1 (its wgmmas waited)
     if (b + 1 < b_end) issue_kv(b + 1, next_idx, stage ^ 1);
     cp_async_commit();
     next_idx = b + 2 < b_end ? fetch_index(tk, b + 2, lrow) : -1;
-    const uint32_t sK = sK0 + stage * C::kTileBytes;
+    uint32_t sK = sK0 + stage * C::kTileBytes;
+    if constexpr (kFp8) {
+      sK = sK0;  // the single bf16 tile
+      dequant_model1_tile(smem + C::kRawOff + stage * C::kRawStage, sK);
+      fence_proxy_async();
+      __syncthreads();  // the bf16 tile is complete for both warpgroups
+    }
 
     // ---- S = Q K^T for keys 32*wg .. +32 ----
     float s[16];
@@ -965,24 +1077,24 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }
 
-template <int D>
+template <int D, bool kFp8 = false>
 cudaError_t launch_wgmma(const SparseAttnParams& p, cudaStream_t stream) {
-  using C = WgCfg<D>;
+  using C = WgCfg<D, kFp8>;
   const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
   const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
   const bool split = p.num_splits > 1;
   if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
   const void* fn =
-      split ? reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, true>)
-            : reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, false>);
+      split ? reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, true, kFp8>)
+            : reinterpret_cast<const void*>(&sparse_attn_fwd_wgmma_kernel<D, false, kFp8>);
   cudaError_t err =
       cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
   if (split) {
-    sparse_attn_fwd_wgmma_kernel<D, true>
+    sparse_attn_fwd_wgmma_kernel<D, true, kFp8>
         <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
   } else {
-    sparse_attn_fwd_wgmma_kernel<D, false>
+    sparse_attn_fwd_wgmma_kernel<D, false, kFp8>
         <<<static_cast<unsigned>(ctas), C::kThreads, C::kSmem, stream>>>(p);
   }
   err = cudaGetLastError();

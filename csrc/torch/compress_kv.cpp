@@ -11,6 +11,7 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "dsv4/compress_kv.h"
 
@@ -36,9 +37,6 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                       const std::optional<at::Tensor>& slots,
                       const std::optional<at::Tensor>& block_table) {
   TORCH_CHECK(kv.is_cuda(), kOp, "kv must be a CUDA tensor, got device ", kv.device());
-  TORCH_CHECK(!slots.has_value() && !block_table.has_value(), kOp,
-              "slots / block_table (paged compressor state and entries, contracts.md A.1) are "
-              "not implemented on CUDA yet; the CPU reference accepts them");
   const at::Device dev = kv.device();
   check_on(score, "score", dev);
   check_on(ape, "ape", dev);
@@ -49,18 +47,68 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   check_on(state_kv, "state_kv", dev);
   check_on(state_score, "state_score", dev);
   check_on(entries, "entries", dev);
+  if (slots.has_value()) check_on(*slots, "slots", dev);
+  if (block_table.has_value()) check_on(*block_table, "block_table", dev);
 
   const int64_t m = compress_ratio;
   TORCH_CHECK(m >= 1 && m <= INT_MAX, kOp, "compress_ratio must be >= 1, got ", m);
-  TORCH_CHECK(entries.dim() == 3, kOp, "entries must be [batch, capacity, head_dim], got shape ",
-              entries.sizes());
-  TORCH_CHECK(entries.scalar_type() == at::kBFloat16 || entries.scalar_type() == at::kFloat,
-              kOp, "entries must be bfloat16 or float32, got ", entries.scalar_type());
-  const int64_t B = entries.size(0), C = entries.size(1), d = entries.size(2);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.size(0) >= 1 && cu_seqlens.is_contiguous(),
+              kOp, "cu_seqlens must be a contiguous int32 [batch + 1] tensor, got ",
+              cu_seqlens.scalar_type(), " ", cu_seqlens.sizes());
+  const int64_t B = cu_seqlens.size(0) - 1;
+  const bool paged = block_table.has_value();
+  TORCH_CHECK(entries.dim() == 3, kOp, "entries must be ",
+              paged ? "[num_blocks, block_size, head_dim]" : "[batch, capacity, head_dim]",
+              " (uint8 FP8 caches: [..., entry_bytes]), got shape ", entries.sizes());
+  const bool fp8 = entries.scalar_type() == at::kByte;
+  TORCH_CHECK(entries.scalar_type() == at::kBFloat16 || entries.scalar_type() == at::kFloat || fp8,
+              kOp, "entries must be bfloat16 or float32 (or a uint8 FP8 cache of "
+              "dsv4.ops.kv_cache), got ", entries.scalar_type());
+  TORCH_CHECK(norm_weight.dim() == 1, kOp, "norm_weight must be [head_dim], got ",
+              norm_weight.sizes());
+  const int64_t d = fp8 ? norm_weight.size(0) : entries.size(2);
+  const int64_t R = entries.size(0), C = entries.size(1);
+  CacheFormat fmt = CacheFormat::kPlain;
+  if (fp8) {
+    if (d == kModel1HeadDim && entries.size(2) == kModel1EntryBytes) {
+      fmt = CacheFormat::kFp8Model1;
+    } else if ((d == 64 || d == 128) && entries.size(2) == fp8_indexer_entry_bytes(d)) {
+      fmt = CacheFormat::kFp8Indexer;
+    } else {
+      TORCH_CHECK(false, kOp, "a uint8 entries cache must be MODEL1 [..., 584] (head_dim 512) "
+                  "or FP8 indexer keys [..., head_dim + 4] (head_dim 64 / 128); got last dim ",
+                  entries.size(2), " for head_dim ", d);
+    }
+    TORCH_CHECK(entries.stride(2) == 1 && (C <= 1 || entries.stride(1) == entries.size(2)) &&
+                    (R <= 1 || (entries.stride(0) >= C * entries.size(2) &&
+                                entries.stride(0) % 16 == 0)) &&
+                    aligned16(entries),
+                kOp, "an FP8 cache must be a dsv4.ops.kv_cache.allocate pool (row stride = entry "
+                "bytes, block stride >= block bytes and a multiple of 16, 16-byte aligned), got "
+                "strides ", entries.strides());
+  } else {
+    TORCH_CHECK(entries.stride(2) == 1, kOp,
+                "entries must have a contiguous last dimension, got strides ", entries.strides());
+  }
   TORCH_CHECK(d % 4 == 0 && d >= 4 && d <= 1024, kOp,
               "head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got ", d);
-  TORCH_CHECK(entries.stride(2) == 1, kOp,
-              "entries must have a contiguous last dimension, got strides ", entries.strides());
+  if (slots.has_value()) {
+    TORCH_CHECK(slots->scalar_type() == at::kInt && slots->dim() == 1 && slots->size(0) == B &&
+                    slots->is_contiguous(),
+                kOp, "slots must be a contiguous int32 [", B, "] tensor (one state row per step "
+                "row), got ", slots->scalar_type(), " ", slots->sizes());
+  } else if (!paged) {
+    TORCH_CHECK(R == B, kOp, "entries must be [", B, ", capacity, head_dim] (one row per step "
+                "row; pass slots or block_table otherwise), got ", entries.sizes());
+  }
+  if (paged) {
+    TORCH_CHECK(block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                    block_table->size(0) == B && block_table->stride(1) == 1,
+                kOp, "block_table must be int32 [", B, ", max_blocks] (indexed by step row) "
+                "with a unit last stride, got ", block_table->scalar_type(), " ",
+                block_table->sizes());
+  }
   const int64_t coff = m == 4 ? 2 : 1, w = coff * d;
   for (const auto* p : {&kv, &score}) {
     const char* name = p == &kv ? "kv" : "score";
@@ -91,19 +139,17 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                   rd >= 2 && rd <= d,
               kOp, "freqs must be a contiguous float32 [rope_dim / 2] tensor with 2 <= "
               "rope_dim <= ", d, ", got ", freqs.scalar_type(), " ", freqs.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
-                  cu_seqlens.size(0) == B + 1 && cu_seqlens.is_contiguous(),
-              kOp, "cu_seqlens must be a contiguous int32 [", B + 1, "] tensor, got ",
-              cu_seqlens.scalar_type(), " ", cu_seqlens.sizes());
   TORCH_CHECK(starts.scalar_type() == at::kInt && starts.dim() == 1 && starts.size(0) == B &&
                   starts.is_contiguous(),
               kOp, "starts must be a contiguous int32 [", B, "] tensor, got ",
               starts.scalar_type(), " ", starts.sizes());
   for (const auto* p : {&state_kv, &state_score}) {
     const char* name = p == &state_kv ? "state_kv" : "state_score";
-    TORCH_CHECK(p->scalar_type() == at::kFloat && p->dim() == 3 && p->size(0) == B &&
+    TORCH_CHECK(p->scalar_type() == at::kFloat && p->dim() == 3 &&
+                    (slots.has_value() || p->size(0) == B) && p->size(0) == state_kv.size(0) &&
                     p->size(1) == coff * m && p->size(2) == w && p->is_contiguous(),
-                kOp, name, " must be a contiguous float32 [", B, ", ", coff * m, ", ", w,
+                kOp, name, " must be a contiguous float32 [",
+                slots.has_value() ? "n_slots" : std::to_string(B), ", ", coff * m, ", ", w,
                 "] tensor, got ", p->scalar_type(), " ", p->sizes());
     TORCH_CHECK(p->numel() == 0 || aligned16(*p), kOp, name, " must be 16-byte aligned");
   }
@@ -116,6 +162,11 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   TORCH_CHECK(quant != 2 || (d >= 32 && (d & (d - 1)) == 0), kOp,
               "quant=2 (Hadamard + FP4 blocks of 32) needs head_dim a power of two >= 32, got ",
               d);
+  TORCH_CHECK(fmt != CacheFormat::kFp8Model1 || (rd == kModel1Rope && quant != 2), kOp,
+              "a MODEL1 FP8 cache takes rope_dim 64 and quant 0 or 1, got rope_dim ", rd,
+              ", quant ", quant);
+  TORCH_CHECK(fmt != CacheFormat::kFp8Indexer || quant != 1, kOp,
+              "an FP8 indexer-key cache takes quant 0 or 2, got 1");
   TORCH_CHECK(B <= INT_MAX, kOp, "at most ", INT_MAX, " rows are supported, got ", B);
 
   c10::cuda::CUDAGuard device_guard(dev);
@@ -135,11 +186,27 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   p.batch = B;
   p.state_kv = state_kv.data_ptr<float>();
   p.state_score = state_score.data_ptr<float>();
-  p.entries = C > 0 ? entries.data_ptr() : nullptr;
-  p.entries_batch_stride = entries.stride(0);
+  p.entries = (R > 0 && C > 0) ? entries.data_ptr() : nullptr;
+  // (a single block / row: its stride is never stepped; FP8 needs a multiple of 16 anyway)
+  p.entries_batch_stride =
+      R > 1 ? entries.stride(0) : (fp8 ? (C * entries.size(2) + 15) / 16 * 16 : entries.stride(0));
   p.entries_row_stride = entries.stride(1);
-  p.capacity = C;
+  p.capacity = paged ? 0 : C;
   p.entries_dtype = entries.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16;
+  p.entries_format = fmt;
+  if (slots.has_value()) {
+    p.slots = slots->data_ptr<int32_t>();
+    p.num_slots = state_kv.size(0);
+    p.entry_rows = R;
+  }
+  if (paged) {
+    p.block_table = block_table->data_ptr<int32_t>();
+    p.block_table_stride = block_table->stride(0);
+    p.max_blocks_per_row = block_table->size(1);
+    p.block_size = C;
+    p.num_blocks = (C > 0) ? R : 0;
+    if (C == 0) p.block_size = 1;  // an empty pool: nothing is written
+  }
   p.head_dim = static_cast<int>(d);
   p.compress_ratio = static_cast<int>(m);
   p.max_seqlen = max_seqlen;

@@ -18,51 +18,14 @@ from dsv4.layers.rope import rope_frequencies
 from dsv4.ops.compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE, compress_kv_reference
 from dsv4.ops.indexer import indexer_topk_varlen_reference
 
+from _paged import gather_rows, scatter_rows, scattered_tables  # noqa: E402  (tests/_paged.py)
+
 EPS = 1e-6
 needs_kernel = pytest.mark.skipif(not ext.HAS_C, reason="dsv4._C not built")
 
 
 def _freqs() -> torch.Tensor:
     return rope_frequencies(64, 160000.0, 65536, 16.0, 32.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout helpers
-# ---------------------------------------------------------------------------------------------
-def scattered_tables(n_entries: list[int], block_size: int, max_blocks: int, seed: int,
-                     spare: int = 3) -> tuple[torch.Tensor, int]:
-    """A block table [rows, max_blocks] int32 giving every row the blocks its ``n_entries``
-    need, ids drawn from one shared pool in a random (out of order) permutation; unused
-    entries are -1. Returns (table, num_blocks); the pool has ``spare`` never-used blocks."""
-    g = torch.Generator().manual_seed(seed)
-    need = [(n + block_size - 1) // block_size for n in n_entries]
-    assert max(need, default=0) <= max_blocks
-    num_blocks = sum(need) + spare
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    table = torch.full((len(n_entries), max_blocks), -1, dtype=torch.int32)
-    k = 0
-    for r, nb in enumerate(need):
-        table[r, :nb] = torch.tensor(perm[k:k + nb], dtype=torch.int32)
-        k += nb
-    return table, num_blocks
-
-
-def gather_rows(pool: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """[rows, n, d]: logical entries 0..n-1 of each row of a pool [num_blocks, bs, d]."""
-    bs = pool.shape[1]
-    s = torch.arange(n)
-    blk = table.long().cpu()[:, s // bs]
-    return pool[blk.to(pool.device), (s % bs).to(pool.device)]
-
-
-def scatter_rows(dense: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
-    """Write dense [rows, C, d] into a pool through the table (every entry with a block)."""
-    bs = pool.shape[1]
-    for r in range(dense.shape[0]):
-        for k in range(dense.shape[1]):
-            blk = int(table[r, k // bs]) if k // bs < table.shape[1] else -1
-            if blk >= 0:
-                pool[blk, k % bs] = dense[r, k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,3 +248,165 @@ def test_indexer_opcheck_paged():
     out = torch.empty(5, 4, dtype=torch.int32)
     torch.library.opcheck(torch.ops.dsv4.indexer_topk_out.default,
                           (q, w, pool, rows, nv, 4, out, table))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels: paged == dense, and == the reference
+# ---------------------------------------------------------------------------------------------
+def _cuda(p):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+
+
+@pytest.mark.cuda
+@needs_kernel
+@pytest.mark.parametrize("d,m,quant,lens,starts,bs", CASES + [
+    (512, 4, QUANT_FP8, [1, 1, 1, 1], [3, 7, 126, 255], 3),          # decode (fused kernel)
+    (512, 128, QUANT_FP8, [300, 5, 128], [0, 123, 256], 2),          # HCA prefill
+    (512, 128, QUANT_FP8, [1, 1], [127, 1023], 5),                   # HCA decode (clusters)
+])
+def test_cuda_compress_kv_paged_equals_dense(d, m, quant, lens, starts, bs):
+    cap = max((s + n) // m for s, n in zip(starts, lens)) + 1
+    p = _cuda(_problem(d, m, lens, starts, "cpu", seed=d + m + bs, capacity=cap))
+    dense = {k: p[k].clone() for k in ("state_kv", "state_score", "entries")}
+    _run(torch.ops.dsv4.compress_kv, p, m, quant, dense["state_kv"], dense["state_score"],
+         dense["entries"])
+    ref = {k: p[k].clone() for k in ("state_kv", "state_score", "entries")}
+    _run(compress_kv_reference, p, m, quant, ref["state_kv"], ref["state_score"], ref["entries"])
+    torch.cuda.synchronize()
+    assert torch.equal(dense["state_kv"], ref["state_kv"])
+    assert torch.equal(dense["entries"].isnan(), ref["entries"].isnan())
+    slots, skv, ssc, table, pool = _paged_copy(p, m, 11, 5, bs, cap // bs + 2, [cap] * len(lens))
+    _run(torch.ops.dsv4.compress_kv, p, m, quant, skv, ssc, pool, slots=slots,
+         block_table=table)
+    torch.cuda.synchronize()
+    sl = slots.long()
+    # The same kernel, another destination: bit for bit.
+    assert torch.equal(skv[sl], dense["state_kv"]) and torch.equal(ssc[sl], dense["state_score"])
+    got = gather_rows(pool, table, cap)
+    assert torch.equal(got.nan_to_num(7.0), dense["entries"].nan_to_num(7.0))
+    # Slots without a block table (dense entries indexed by slot), and a slot out of range.
+    ent = torch.full((11, cap, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    skv2, ssc2 = _fresh(p, skv, sl, "state_kv"), _fresh(p, ssc, sl, "state_score")
+    bad = slots.clone()
+    bad[0] = 11                                   # outside the state rows: row 0 skipped
+    _run(torch.ops.dsv4.compress_kv, p, m, quant, skv2, ssc2, ent, slots=bad)
+    torch.cuda.synchronize()
+    for r in range(1, len(lens)):
+        assert torch.equal(skv2[sl[r]], dense["state_kv"][r])
+        assert torch.equal(ent[sl[r]].nan_to_num(7.0), dense["entries"][r].nan_to_num(7.0))
+    assert torch.equal(skv2[sl[0]], p["state_kv"][0]) or lens[0] == 0
+    assert bool(ent[sl[0]].isnan().all())
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_compress_kv_missing_blocks_not_written():
+    d, m, bs = 64, 4, 3
+    p = _cuda(_problem(d, m, [30, 30], [0, 0], "cpu", seed=2, capacity=8))
+    table = torch.tensor([[4, -1, 0], [2, 99, 1]], dtype=torch.int32, device="cuda")
+    pool = torch.full((5, bs, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ref_pool = pool.clone()
+    skv, ssc = p["state_kv"].clone(), p["state_score"].clone()
+    _run(torch.ops.dsv4.compress_kv, p, m, QUANT_FP8, skv, ssc, pool, block_table=table)
+    _run(compress_kv_reference, p, m, QUANT_FP8, p["state_kv"].clone(), p["state_score"].clone(),
+         ref_pool, block_table=table)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.isnan(), ref_pool.isnan())
+    assert bool(pool[3].isnan().all())
+
+
+def _indexer_cuda_problem(T, B, C, H, D, seed, integer):
+    g = torch.Generator().manual_seed(seed)
+    if integer:   # exact scores (and exact FP8 keys: |k| <= 3 -> scale 2^-7, codes <= 384)
+        q = torch.randint(-3, 4, (T, H, D), generator=g).to(torch.bfloat16)
+        keys = torch.randint(-3, 4, (B, C, D), generator=g).to(torch.bfloat16)
+        w = torch.tensor([0.25, 0.5, 1.0, -0.5])[torch.randint(0, 4, (T, H), generator=g)]
+    else:
+        q = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
+        keys = torch.randn(B, C, D, generator=g).to(torch.bfloat16)
+        w = (torch.rand(T, H, generator=g) * 2 - 1) * 0.125
+    rows = torch.randint(0, B, (T,), generator=g, dtype=torch.int32)
+    nv = torch.randint(0, C + 3, (T,), generator=g, dtype=torch.int32)
+    return q, w, keys, rows, nv
+
+
+@pytest.mark.cuda
+@needs_kernel
+@pytest.mark.parametrize("T,B,C,topk", [(4, 4, 3000, 512), (96, 2, 700, 64), (1, 1, 20000, 1024)])
+@pytest.mark.parametrize("bs", [64, 61, 1])
+def test_cuda_indexer_paged_equals_dense(T, B, C, topk, bs):
+    if bs == 1 and C > 3000:
+        pytest.skip("block_size 1 over 20K keys: covered by the smaller cases")
+    q, w, keys, rows, nv = _indexer_cuda_problem(T, B, C, 64, 128, seed=bs + T, integer=False)
+    nv[0] = C
+    dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), keys.cuda(), rows.cuda(), nv.cuda(),
+                                        topk)
+    max_blocks = (C + bs - 1) // bs
+    table, nb = scattered_tables([C] * B, bs, max_blocks, seed=bs)
+    pool = torch.full((nb, bs, 128), float("nan"), dtype=torch.bfloat16)
+    scatter_rows(keys, table, pool)
+    paged = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(),
+                                        topk, table.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(paged, dense)
+
+
+@pytest.mark.cuda
+@needs_kernel
+@pytest.mark.parametrize("T,B,C,topk,bs", [(3, 3, 2000, 512, 64), (72, 1, 600, 32, 7),
+                                           (2, 2, 9000, 1024, 61)])
+@pytest.mark.parametrize("D", [128, 64])
+def test_cuda_indexer_fp8_keys_equal_reference(T, B, C, topk, bs, D):
+    """FP8 keys (paged and dense) against the reference on exact integer scores."""
+    from dsv4.ops import kv_cache as kc
+    q, w, keys, rows, nv = _indexer_cuda_problem(T, B, C, 16, D, seed=C + D, integer=True)
+    want = indexer_topk_varlen_reference(q, w, keys, rows, nv, topk)
+    max_blocks = (C + bs - 1) // bs
+    table, nb = scattered_tables([C] * B, bs, max_blocks, seed=bs)
+    pool = kc.allocate(kc.INDEXER, nb, bs, D)
+    for b in range(B):
+        s = torch.arange(C)
+        kc.write_entries(pool, table[b, s // bs].long(), s % bs, keys[b])
+    got = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(),
+                                      topk, table.cuda())
+    dense_pool = kc.allocate(kc.INDEXER, B, C, D)
+    for b in range(B):
+        kc.write_entries(dense_pool, torch.full((C,), b), torch.arange(C), keys[b])
+    got_dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), dense_pool.cuda(), rows.cuda(),
+                                            nv.cuda(), topk)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want) and torch.equal(got_dense.cpu(), want)
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_indexer_missing_blocks_never_selected():
+    q, w, keys, _, _ = _indexer_cuda_problem(6, 1, 12, 64, 128, seed=9, integer=False)
+    rows = torch.zeros(6, dtype=torch.int32)
+    nv = torch.full((6,), 12, dtype=torch.int32)
+    table = torch.tensor([[1, -1, 7]], dtype=torch.int32)
+    pool = torch.full((3, 4, 128), float("nan"), dtype=torch.bfloat16)
+    pool[1] = keys[0, 0:4]
+    got = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(), 12,
+                                      table.cuda())
+    want = indexer_topk_varlen_reference(q, w, pool, rows, nv, 12, table)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_indexer_paged_70000_queries():
+    """70,000 queries over 4 rows (prefill-like grouping) with causal n_valid: paged == dense."""
+    T, B, C = 70000, 4, 300
+    q, w, keys, rows, _ = _indexer_cuda_problem(T, B, C, 8, 64, seed=70, integer=False)
+    rows = (torch.arange(T) * B // T).to(torch.int32)          # consecutive queries share a row
+    nv = ((torch.arange(T) % 1200 + 1) // 4).to(torch.int32)   # 0 .. 300, crossing blocks
+    dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), keys.cuda(), rows.cuda(), nv.cuda(), 16)
+    table, nb = scattered_tables([C] * B, 61, (C + 60) // 61, seed=70)
+    pool = torch.zeros(nb, 61, 64, dtype=torch.bfloat16)
+    scatter_rows(keys, table, pool)
+    paged = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(),
+                                        16, table.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(paged, dense)

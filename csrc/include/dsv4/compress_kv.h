@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "dsv4/kv_cache.h"  // dsv4::CacheFormat
 #include "dsv4/rms_norm.h"  // dsv4::DType (storage dtype of activations)
 
 namespace dsv4 {
@@ -69,6 +70,31 @@ struct CompressKVParams {
   int64_t entries_row_stride = 0;
   int64_t capacity = 0;             // C
   DType entries_dtype = DType::kBFloat16;
+  // Slotted state (contracts.md A.1), optional: step row b uses state row slots[b] of
+  // state_kv / state_score ([num_slots, coff * m, w]); a row whose slot is outside
+  // [0, num_slots) is skipped. Null: row b (then num_slots is ignored and the state has B
+  // rows). Without a block table, entries row slots[b] (< entry_rows, else not written).
+  const int32_t* slots = nullptr;   // [B] (device)
+  int64_t num_slots = 0;
+  int64_t entry_rows = 0;           // rows of the dense entries (used only with slots)
+  // Paged entries (contracts.md A.1), optional: entries is a pool [num_blocks, block_size, d]
+  // (entries_batch_stride = block stride, entries_row_stride = row stride; capacity unused)
+  // and entry k of step row b is stored at block block_table[b * block_table_stride +
+  // k / block_size], row k % block_size. Entries whose block id is < 0 or >= num_blocks, or
+  // with k / block_size >= max_blocks_per_row, are not written. block_size is any size >= 1.
+  const int32_t* block_table = nullptr;  // [B, max_blocks_per_row] (device)
+  int64_t block_table_stride = 0;   // elements between rows of block_table
+  int64_t max_blocks_per_row = 0;
+  int64_t block_size = 0;
+  int64_t num_blocks = 0;
+  // Entry format (dsv4/kv_cache.h). kPlain: entries_dtype elements. kFp8Model1 (head_dim 512,
+  // rope_dim 64, quant kNone or kFp8: the stored values are the FP8 simulation either way) and
+  // kFp8Indexer (head_dim 64 / 128, quant kNone or kFp4Hadamard): `entries` is bytes, the
+  // entry is computed as a bf16 entry and then packed; entries_batch_stride is the BYTE stride
+  // of a block (paged) or of a row of `capacity` entries (dense; that row is laid out as one
+  // block of `capacity` entries), a multiple of 16, entries 16-byte aligned;
+  // entries_row_stride is unused.
+  CacheFormat entries_format = CacheFormat::kPlain;
   int head_dim = 0;                 // d: multiple of 4, 4 <= d <= 1024
   int compress_ratio = 0;           // m >= 1 (4 = overlapping)
   // Max new tokens of any row (host-known). Only sizes the grid (and picks the one-launch

@@ -33,7 +33,34 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "dsv4/kv_cache.h"  // dsv4::CacheFormat
+
 namespace dsv4 {
+
+// Where the keys are (the general form; the positional overload below is the dense bf16 case).
+//   format kPlain: bf16 keys; key (blk, e) at data + blk*stride_block + e*stride_entry
+//     (elements; strides multiples of 8, data 16-byte aligned).
+//   format kFp8Indexer (dsv4/kv_cache.h): blocks of e4m3 rows then fp32 scales; block blk at
+//     byte offset blk*stride_block (a multiple of 16; data 16-byte aligned); stride_entry
+//     unused. Dense FP8 stores have one block of `capacity` keys per row.
+//   block_table null (dense): `rows` key rows of `capacity` keys; key s of row b = (b, s).
+//   block_table (paged, contracts.md A.2): `rows` block-table rows of max_blocks columns;
+//     key s of row b = (block_table[b*block_table_stride + s/block_size], s % block_size);
+//     a block id outside [0, num_blocks) hides the key (never selected, not read); the
+//     logical capacity of a row is max_blocks * block_size. block_size is any size >= 1.
+struct IndexerKeys {
+  const void* data = nullptr;
+  int64_t stride_block = 0;
+  int64_t stride_entry = 0;
+  CacheFormat format = CacheFormat::kPlain;
+  int64_t rows = 0;
+  int64_t capacity = 0;                  // dense only
+  const int32_t* block_table = nullptr;  // paged only (device)
+  int64_t block_table_stride = 0;
+  int64_t max_blocks = 0;
+  int64_t block_size = 0;
+  int64_t num_blocks = 0;
+};
 
 // Largest `topk` the kernel accepts.
 constexpr int64_t kIndexerMaxTopk = 2048;
@@ -42,7 +69,10 @@ constexpr int64_t kIndexerMaxTopk = 2048;
 // (0 when no split of the key range is needed, e.g. prefill). Arguments as in indexer_topk.
 // Returns 0 as well for arguments indexer_topk would reject.
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
-                                    int64_t heads, int64_t head_dim, int64_t topk, int device);
+                                    int64_t heads, int64_t head_dim, int64_t topk, int device,
+                                    bool fp8_keys = false);
+size_t indexer_topk_workspace_bytes(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                                    int64_t head_dim, int64_t topk, int device);
 
 // q:        [tokens, heads, head_dim] bf16; element (t, h, d) at q + t*q_stride_t +
 //           h*q_stride_h + d (strides in elements, even; q 4-byte aligned)
@@ -65,6 +95,17 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
                          int64_t tokens, int64_t heads, int64_t head_dim, int64_t batch,
                          int64_t capacity, int64_t topk, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);
+
+// The general form: keys described by `keys` (dense or paged, bf16 or FP8; see IndexerKeys).
+// FP8 keys are converted to bf16 in shared memory (exact) and each key's score is multiplied
+// by its power-of-two scale (exactly the score of the dequantised key, up to summation order).
+// Returned indices are LOGICAL entry indices s in every case.
+cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
+                         const float* weights, int64_t w_stride_t, const IndexerKeys& keys,
+                         const int32_t* rows, const int32_t* n_valid, int32_t* indices,
+                         int64_t idx_stride_t, int64_t tokens, int64_t heads, int64_t head_dim,
+                         int64_t topk, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
 
 // Benchmarking aid (not an op): the same key scan and scoring as indexer_topk with the same
 // launch plan, but no selection and no merge; score_sum[t] += the sum of query t's visible

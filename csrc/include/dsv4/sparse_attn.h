@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "dsv4/kv_cache.h"  // dsv4::CacheFormat
+
 namespace dsv4 {
 
 // All element strides are in elements of the pointed-to type. bf16 tensors need a unit last
@@ -56,6 +58,29 @@ struct SparseAttnParams {
   int64_t extra_indices_stride = 0;
   int64_t extra_topk = 0;
   const int32_t* extra_topk_length = nullptr;
+  // HCA dense mode (no extra index list; contracts.md A.4): when extra_block_table is set,
+  // extra_indices must be null and lane i < len2(t) of the extra scope is compressed entry i
+  // of block-table row r = extra_rows[t], i.e. extra_kv row
+  //     extra_block_table[r * extra_block_table_stride + i / extra_block_size] * extra_block_size
+  //       + i % extra_block_size
+  // (a block id outside [0, n_extra_kv / extra_block_size) or a column >= extra_max_blocks
+  // makes the lane an invalid slot; a row r outside [0, extra_block_table_rows) sees no extra
+  // key). extra_topk = the lane count (normally extra_max_blocks * extra_block_size) and
+  // extra_topk_length = the per-token entry counts (len2 as above).
+  const int32_t* extra_block_table = nullptr;
+  int64_t extra_block_table_stride = 0;
+  int64_t extra_block_table_rows = 0;
+  int64_t extra_max_blocks = 0;
+  int64_t extra_block_size = 0;
+  const int32_t* extra_rows = nullptr;  // [num_tokens] (device)
+  // FP8 caches (dsv4/kv_cache.h, kFp8Model1; head_dim 512 on sm_90a only, and then both scopes
+  // are FP8): kv / extra_kv point at a pool of blocks of kv_block_size / extra_block_size
+  // entries, kv_stride / extra_kv_stride = the BYTE stride of a block (a multiple of 16), and
+  // row r of the scope = entry r % block_size of block r / block_size (n_kv = blocks * size).
+  // The kernel dequantises each key block into bf16 in shared memory (exact).
+  CacheFormat kv_format = CacheFormat::kPlain;
+  int64_t kv_block_size = 0;          // FP8 only
+  CacheFormat extra_kv_format = CacheFormat::kPlain;
   // attn_sink: [num_heads] fp32 (contiguous), the sink logit of each head.
   const float* attn_sink = nullptr;
   float softmax_scale = 0.f;
@@ -82,6 +107,10 @@ constexpr int kSparseAttnMaxSplits = 64;
 
 // Whether head_dim is one the kernel is compiled for (64, 128, 256, 512).
 bool sparse_attn_supports_head_dim(int64_t head_dim);
+
+// Whether FP8 (MODEL1) caches can be read on the current device: head_dim 512 on a compute
+// capability 9.0 GPU (the wgmma kernel).
+bool sparse_attn_supports_fp8_cache(int64_t head_dim);
 
 // A split count for this shape on a GPU with num_sms SMs: > 1 only when the token x head-tile
 // grid fills less than half of the SMs (decode of a few sequences). Depends on shapes only

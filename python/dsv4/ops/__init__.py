@@ -9,3 +9,6 @@ from . import norm  # noqa: F401
 from . import indexer  # noqa: F401
 from . import compressor  # noqa: F401
 from . import attention  # noqa: F401
+from . import hca_attn  # noqa: F401
+from . import kv_cache  # noqa: F401
+from . import qkv_rope  # noqa: F401

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import kv_cache
 from ._ext import register_op
 
 __all__ = ["sparse_attn", "sparse_attn_reference"]
@@ -31,14 +32,39 @@ SPARSE_ATTN_SCHEMA = _SCHEMA_ARGS + ") -> (Tensor, Tensor)"
 SPARSE_ATTN_OUT_SCHEMA = _SCHEMA_ARGS + ", *, Tensor(a!) out, Tensor(b!) lse) -> ()"
 
 
+def _is_fp8_pool(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dtype == torch.uint8
+
+
+def _check_pool(name: str, t: torch.Tensor, D: int) -> None:
+    """An FP8 (MODEL1) key pool [num_blocks, block_size, 584] for head_dim 512."""
+    if t.dim() != 3 or kv_cache.cache_format(t, D) != kv_cache.MODEL1:
+        raise ValueError(f"sparse_attn: a uint8 {name} must be a MODEL1 FP8 pool "
+                         f"[num_blocks, block_size, 584] (head_dim 512, dsv4.ops.kv_cache), got "
+                         f"{tuple(t.shape)} for head_dim {D}")
+
+
+def _flat_keys(t: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, D] keys of a scope: a plain [N, D] array as is, an FP8 pool dequantised and
+    flattened (row r = entry r % block_size of block r // block_size; exact)."""
+    if not _is_fp8_pool(t):
+        return t
+    return kv_cache.read_pool(t, D, dtype).reshape(-1, D)
+
+
 def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
                   extra_topk_length) -> None:
-    if q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2:
-        raise ValueError("sparse_attn: expected q [tokens, heads, dim], kv [n_kv, dim], "
-                         f"indices [tokens, k]; got {tuple(q.shape)}, {tuple(kv.shape)}, "
-                         f"{tuple(indices.shape)}")
+    if q.dim() != 3 or indices.dim() != 2 or (kv.dim() != 2 and not _is_fp8_pool(kv)):
+        raise ValueError("sparse_attn: expected q [tokens, heads, dim], kv [n_kv, dim] (or a "
+                         "uint8 FP8 pool), indices [tokens, k]; got "
+                         f"{tuple(q.shape)}, {tuple(kv.shape)}, {tuple(indices.shape)}")
     T, H, D = q.shape
-    if kv.shape[1] != D or indices.shape[0] != T or tuple(attn_sink.shape) != (H,):
+    if _is_fp8_pool(kv):
+        _check_pool("kv", kv, D)
+    if extra_kv is not None and _is_fp8_pool(extra_kv):
+        _check_pool("extra_kv", extra_kv, D)
+    if (not _is_fp8_pool(kv) and kv.shape[1] != D) or indices.shape[0] != T or \
+            tuple(attn_sink.shape) != (H,):
         raise ValueError("sparse_attn: shape mismatch between q, kv, indices and attn_sink: "
                          f"q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices "
                          f"{tuple(indices.shape)}, attn_sink {tuple(attn_sink.shape)}")
@@ -47,7 +73,7 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
     if extra_topk_length is not None and extra_indices is None:
         raise ValueError("sparse_attn: extra_topk_length needs extra_kv and extra_indices")
     if extra_kv is not None:
-        if extra_kv.dim() != 2 or extra_kv.shape[1] != D:
+        if not _is_fp8_pool(extra_kv) and (extra_kv.dim() != 2 or extra_kv.shape[1] != D):
             raise ValueError(f"sparse_attn: extra_kv must be [n, {D}], got "
                              f"{tuple(extra_kv.shape)}")
         if extra_indices.dim() != 2 or extra_indices.shape[0] != T:
@@ -58,7 +84,7 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
             raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
                              f"{tuple(length.shape)}")
     for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
-        if t is not None and not t.dtype.is_floating_point:
+        if t is not None and not t.dtype.is_floating_point and not _is_fp8_pool(t):
             raise ValueError(f"sparse_attn: {name} must be a floating-point tensor (bfloat16 on "
                              f"CUDA; float32 or bfloat16 for the reference), got {t.dtype}")
     for name, idx in (("indices", indices), ("extra_indices", extra_indices)):
@@ -91,6 +117,9 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
     Args:
         q: [tokens, heads, head_dim], float32 or bfloat16.
         kv: [n_kv, head_dim], same dtype; each row is both key and value (MQA, one KV head).
+            Or an FP8 MODEL1 pool uint8 [num_blocks, block_size, 584] (head_dim 512,
+            :mod:`dsv4.ops.kv_cache`): row r is entry r % block_size of block
+            r // block_size, dequantised exactly (extra_kv likewise).
         indices: [tokens, k] integer rows into ``kv``; −1 marks an unused slot.
         attn_sink: [heads] float32 sink logit per head.
         softmax_scale: multiplies q·k (``head_dim ** -0.5`` in V4).
@@ -117,6 +146,9 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
     _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
                   extra_topk_length)
     T, H, D = q.shape
+    kv = _flat_keys(kv, D, q.dtype)
+    if extra_kv is not None:
+        extra_kv = _flat_keys(extra_kv, D, q.dtype)
     scopes = [(kv, indices, topk_length, "indices")]
     if extra_kv is not None:
         scopes.append((extra_kv, extra_indices, extra_topk_length, "extra_indices"))
@@ -201,8 +233,9 @@ def _sparse_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length=No
 
 def _fake_checks(q, kv, indices, attn_sink):
     torch._check(q.dim() == 3, lambda: "sparse_attn: q must be [tokens, heads, head_dim]")
-    torch._check(kv.dim() == 2 and kv.size(1) == q.size(2),
-                 lambda: "sparse_attn: kv must be [n_kv, head_dim]")
+    torch._check((kv.dim() == 2 and kv.size(1) == q.size(2)) or
+                 (kv.dtype == torch.uint8 and kv.dim() == 3),
+                 lambda: "sparse_attn: kv must be [n_kv, head_dim] or an FP8 pool")
     torch._check(indices.dim() == 2 and indices.size(0) == q.size(0),
                  lambda: "sparse_attn: indices must be [tokens, k]")
     torch._check(attn_sink.dim() == 1 and attn_sink.size(0) == q.size(1),

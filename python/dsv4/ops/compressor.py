@@ -18,6 +18,7 @@ import torch
 from ..layers.rope import apply_rope
 from ._ext import register_op
 from .norm import rms_norm_reference
+from . import kv_cache
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
 
 __all__ = ["compress_kv", "compress_kv_reference", "QUANT_NONE", "QUANT_FP8",
@@ -54,11 +55,20 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
     if entries.dim() != 3:
         what = "[num_blocks, block_size, head_dim]" if paged else "[batch, capacity, head_dim]"
         fail(f"entries must be {what}, got shape {tuple(entries.shape)}")
-    d = entries.shape[2]
+    fmt = None
+    if entries.dtype == torch.uint8:
+        d = norm_weight.shape[0] if norm_weight.dim() == 1 else -1
+        try:
+            fmt = kv_cache.cache_format(entries, d)
+        except ValueError as e:
+            fail(str(e))
+    else:
+        d = entries.shape[2]
     coff = 2 if m == 4 else 1
     w = coff * d
-    if entries.dtype not in (torch.bfloat16, torch.float32):
-        fail(f"entries must be bfloat16 or float32, got {entries.dtype}")
+    if entries.dtype not in (torch.bfloat16, torch.float32, torch.uint8):
+        fail(f"entries must be bfloat16 or float32 (or a uint8 FP8 cache of dsv4.ops.kv_cache), "
+             f"got {entries.dtype}")
     if d % 4 or not 4 <= d <= 1024:
         fail(f"head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got {d}")
     for name, t in (("kv", kv), ("score", score)):
@@ -108,6 +118,11 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
     if quant == QUANT_FP4_HADAMARD and (d < 32 or d & (d - 1)):
         fail(f"quant=2 (Hadamard + FP4 blocks of 32) needs head_dim a power of two >= 32, "
              f"got {d}")
+    if fmt == kv_cache.MODEL1 and (rd != kv_cache.MODEL1_ROPE_DIM or quant == QUANT_FP4_HADAMARD):
+        fail(f"a MODEL1 FP8 cache takes rope_dim 64 and quant 0 or 1, got rope_dim {rd}, "
+             f"quant {quant}")
+    if fmt == kv_cache.INDEXER and quant == QUANT_FP8:
+        fail("an FP8 indexer-key cache takes quant 0 or 2, got 1")
     return B, d, coff, rd
 
 
@@ -151,6 +166,12 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
               ``entries[block_table[b, k // block_size], k % block_size]``. Entries whose block
               id is < 0 or >= num_blocks, or with k // block_size >= max_blocks, are not
               written. block_size is any positive size (not necessarily a power of two).
+
+            A uint8 ``entries`` is an FP8 cache (:mod:`dsv4.ops.kv_cache`): MODEL1
+            ``[..., 584]`` (head_dim 512, rope_dim 64, quant 0 or 1) or FP8 indexer keys
+            ``[..., head_dim + 4]`` (quant 0 or 2). The entry is computed as a bfloat16 entry
+            and packed; a dense FP8 store holds one block of C entries per row. A MODEL1
+            cache dequantises to exactly the FP8 simulation (quant 1) of the bf16 entry.
         compress_ratio: m >= 1.
         max_seqlen: the largest n_b (sizes the CUDA grid; not needed here).
         eps: RMSNorm epsilon.
@@ -197,6 +218,8 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
         raise ValueError(f"compress_kv: two step rows with new tokens share a slot: {sl}")
     bt = block_table.tolist() if block_table is not None else None
     dev = kv.device
+    # An FP8 cache: the entry is computed in bf16, then packed (dsv4.ops.kv_cache).
+    dtype = torch.bfloat16 if entries.dtype == torch.uint8 else entries.dtype
     for row in range(B):
         start, n = st[row], cu[row + 1] - cu[row]
         if n == 0:
@@ -222,12 +245,13 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
                 state_kv[s, :m] = kv_r[(nb - 1) * m:nb * m]
                 state_score[s, :m] = sc_r[(nb - 1) * m:nb * m]
             pooled = (bkv * bsc.softmax(dim=1)).sum(dim=1)                 # [nb, d] fp32
-            out = rms_norm_reference(pooled.to(entries.dtype), norm_weight, eps)
+            out = rms_norm_reference(pooled.to(dtype), norm_weight, eps)
             block_pos = torch.arange(first_block, first_block + nb, device=dev) * m
             out = apply_rope(out, block_pos, freqs)
             if quant == QUANT_FP4_HADAMARD:
                 out = fp4_e2m1_sim(hadamard(out), 32)
-            elif quant == QUANT_FP8:
+            elif quant == QUANT_FP8 and entries.dtype != torch.uint8:
+                # (a MODEL1 FP8 cache quantises in the pack: the same values, §11.2)
                 out = torch.cat([fp8_e4m3_sim(out[:, :d - rd], 64), out[:, d - rd:]], -1)
             _store_entries(entries, out, s, first_block, bt[row] if bt is not None else None)
         rem = r0 + n - nb * m
@@ -239,19 +263,27 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
 def _store_entries(entries: torch.Tensor, out: torch.Tensor, slot: int, first: int,
                    table: list[int] | None) -> None:
     """Write entries ``first .. first + len(out) - 1`` of one row (dense row ``slot`` or through
-    the row's block table); entries without a place (capacity, block id) are dropped."""
+    the row's block table); entries without a place (capacity, block id) are dropped. A uint8
+    ``entries`` is an FP8 cache (a dense one has one block of ``capacity`` entries per row)."""
     nb = out.shape[0]
-    if table is None:
-        keep = max(0, min(nb, entries.shape[1] - first))
-        if keep:
-            entries[slot, first:first + keep] = out[:keep]
-        return
     num_blocks, bs = entries.shape[0], entries.shape[1]
+    places = []  # (block, row, i)
     for i in range(nb):
         k = first + i
+        if table is None:
+            if k < bs:
+                places.append((slot, k, i))
+            continue
         blk = k // bs
         if blk < len(table) and 0 <= table[blk] < num_blocks:
-            entries[table[blk], k % bs] = out[i]
+            places.append((table[blk], k % bs, i))
+    if not places:
+        return
+    blk_ids, rows, src = (torch.tensor(v, device=entries.device) for v in zip(*places))
+    if entries.dtype == torch.uint8:
+        kv_cache.write_entries(entries, blk_ids, rows, out[src.to(out.device)])
+    else:
+        entries[blk_ids, rows] = out[src.to(out.device)]
 
 
 def _compress_kv_fake(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,

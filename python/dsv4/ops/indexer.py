@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kv_cache
 from ._ext import register_op
 
 __all__ = [
@@ -109,16 +110,21 @@ def _check_shapes(q, weights, keys, rows, n_valid, topk, check, block_table=None
     T, H, D = q.shape
     check(weights.dim() == 2 and weights.shape[0] == T and weights.shape[1] == H,
           lambda: f"indexer_topk: weights must be [{T}, {H}] ([tokens, heads]), got {tuple(weights.shape)}")
-    check(keys.shape[2] == D,
-          lambda: f"indexer_topk: keys head_dim {keys.shape[2]} != q head_dim {D}")
+    if keys.dtype == torch.uint8:  # FP8 keys (dsv4.ops.kv_cache): [..., head_dim + 4] bytes
+        check(keys.shape[2] == kv_cache.indexer_entry_bytes(D),
+              lambda: f"indexer_topk: FP8 keys last dim {keys.shape[2]} != head_dim + 4 = {D + 4}")
+    else:
+        check(keys.shape[2] == D,
+              lambda: f"indexer_topk: keys head_dim {keys.shape[2]} != q head_dim {D}")
     check(rows.dim() == 1 and rows.shape[0] == T,
           lambda: f"indexer_topk: rows must be [{T}] ([tokens]), got {tuple(rows.shape)}")
     check(n_valid.dim() == 1 and n_valid.shape[0] == T,
           lambda: f"indexer_topk: n_valid must be [{T}] ([tokens]), got {tuple(n_valid.shape)}")
     check(topk >= 0, lambda: f"indexer_topk: topk must be >= 0, got {topk}")
-    check(all(t.dtype.is_floating_point for t in (q, weights, keys)),
-          lambda: "indexer_topk: q, weights and keys must be floating-point tensors, got "
-                  f"{q.dtype}, {weights.dtype} and {keys.dtype}")
+    check(all(t.dtype.is_floating_point for t in (q, weights))
+          and (keys.dtype.is_floating_point or keys.dtype == torch.uint8),
+          lambda: "indexer_topk: q, weights and keys must be floating-point tensors (keys may be "
+                  f"uint8 FP8 keys), got {q.dtype}, {weights.dtype} and {keys.dtype}")
 
 
 def _check_op_contract(q, keys, rows, n_valid, topk, check):
@@ -156,7 +162,9 @@ def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: 
             [batch, capacity, head_dim] with ``key(t, s) = keys[rows[t], s]``, or (with
             ``block_table``) a paged pool [num_blocks, block_size, head_dim] with
             ``key(t, s) = keys[block_table[rows[t], s // block_size], s % block_size]``
-            (contracts.md §A.2; block_size need not be a power of two).
+            (contracts.md §A.2; block_size need not be a power of two). A uint8 ``keys``
+            [..., head_dim + 4] is an FP8 key cache (:mod:`dsv4.ops.kv_cache`), scored
+            through its dequantised values.
         rows: [tokens] integer, the key row of each query: in [0, batch), or in
             [0, block_table.shape[0]) with a block table.
         n_valid: [tokens] integer, query t sees entries 0 .. n_valid[t]-1 of its row; clamped
@@ -174,6 +182,8 @@ def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: 
             (the CUDA kernel cannot raise; it returns a row of -1 for such a query).
     """
     _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
+    if keys.dtype == torch.uint8:  # FP8 keys: score the dequantised values (exact in fp32)
+        keys = kv_cache.read_pool(keys, q.shape[2], torch.float32)
     T = q.shape[0]
     if block_table is None:
         B, C, _ = keys.shape

@@ -1,0 +1,58 @@
+"""Shared helpers of the bench/attn_*.py modules: timing with an L2 flush and the result row
+(the columns of bench_csa: time, TFLOP/s, GB/s, their share of the measured H200 ceilings,
+the floor, the baseline run in the same process and the ratio to it)."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+PEAK_TFLOPS = 767.0   # measured bf16 dense matmul on the project's H200
+PEAK_BW = 4.22e12     # measured device-to-device copy, bytes/s
+_FLUSH_BYTES = 256 << 20
+_flush: torch.Tensor | None = None
+
+
+def time_us(fn, reps: int, warmup: int = 2) -> float:
+    """Median of ``reps`` CUDA-event timings of ``fn()`` in microseconds, with the L2 flushed
+    (a 256 MB write) before every run."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        _flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def row(op: str, case: str, t_us: float, flops: float, nbytes: float, base_us: float | None,
+        base_name: str, note: str = "") -> dict:
+    """One result row. ``base_us``: the baseline (named ``base_name``) timed in this process;
+    ``speedup`` = base / this."""
+    floor = max(flops / (PEAK_TFLOPS * 1e12), nbytes / PEAK_BW) * 1e6
+    tflops = flops / (t_us * 1e-6) / 1e12 if flops else 0.0
+    gbps = nbytes / (t_us * 1e-6) / 1e9
+    return {
+        "op": op,
+        "case": case,
+        "time_us": t_us,
+        "tflops": tflops,
+        "pct_flops": 100 * tflops / PEAK_TFLOPS,
+        "gbps": gbps,
+        "pct_bw": 100 * gbps * 1e9 / PEAK_BW,
+        "floor_us": floor,
+        "pct_floor": 100 * floor / t_us,
+        "ref_time_us": base_us,
+        "speedup": (base_us / t_us) if base_us else None,
+        "note": f"baseline: {base_name}" + (f"; {note}" if note else ""),
+    }

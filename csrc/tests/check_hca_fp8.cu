@@ -1,0 +1,304 @@
+// Standalone check (no torch) of the HCA dense mode and the FP8 MODEL1 cache read of
+// dsv4::sparse_attn, by equivalence with paths check_sparse_attn already verifies against a
+// double-precision loop:
+//   1. HCA mode (extra lanes computed from a block table, scattered blocks, block sizes 1 / 2 /
+//      61 / 64, per-token entry counts incl. 0 and > capacity, missing blocks, bad rows) gives
+//      BIT-IDENTICAL out / lse to the same kernel fed the equivalent explicit index list.
+//   2. FP8 MODEL1 pools (packed here on the host: e4m3 + UE8M0 scales, FlashMLA's block layout)
+//      give BIT-IDENTICAL results to bf16 pools holding the dequantised values (sm_90 only), in
+//      sparse mode and in HCA mode, with and without the split-K path.
+// Prints PASS / FAIL (exit 1) or SKIP.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "dsv4/kv_cache.h"
+#include "dsv4/sparse_attn.h"
+
+#include "check_common.h"
+
+namespace {
+
+using dsv4_check::bf16_to_float;
+using dsv4_check::float_to_bf16;
+
+constexpr int D = 512;
+
+template <typename T>
+T* dev(const std::vector<T>& h) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)));
+  if (!h.empty()) CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// 2^ceil(log2(v)) for positive normal v (ops/quant.py ue8m0_scale).
+float ue8m0(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7fffffu) == 0) return v;
+  b = ((b >> 23) + 1u) << 23;
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+}
+
+// A MODEL1 pool of nb blocks x bs entries from bf16 entries [nb * bs, 512]; returns the bytes
+// (block stride = bs * 584 rounded up to 576) and, in deq, the dequantised bf16 entries.
+std::vector<uint8_t> pack_model1(const std::vector<uint16_t>& x, int64_t nb, int64_t bs,
+                                 int64_t& block_stride, std::vector<uint16_t>& deq) {
+  block_stride = (bs * dsv4::kModel1EntryBytes + 575) / 576 * 576;
+  std::vector<uint8_t> pool(static_cast<size_t>(nb * block_stride), 0);
+  deq.assign(x.size(), 0);
+  for (int64_t r = 0; r < nb * bs; ++r) {
+    const int64_t blk = r / bs, e = r % bs;
+    uint8_t* base = pool.data() + blk * block_stride;
+    uint8_t* tok = base + e * dsv4::kModel1TokenBytes;
+    uint8_t* sc = base + bs * dsv4::kModel1TokenBytes + e * dsv4::kModel1ScaleBytes;
+    for (int g = 0; g < 7; ++g) {
+      float amax = 0.f;
+      for (int c = 64 * g; c < 64 * g + 64; ++c) amax = std::max(amax, std::fabs(bf16_to_float(x[r * D + c])));
+      const float s = ue8m0(std::max(amax, 1e-4f) / 448.f);
+      uint32_t sb;
+      std::memcpy(&sb, &s, 4);
+      sc[g] = static_cast<uint8_t>((sb >> 23) & 0xff);
+      for (int c = 64 * g; c < 64 * g + 64; ++c) {
+        const float v = std::min(std::max(bf16_to_float(x[r * D + c]) / s, -448.f), 448.f);
+        const __nv_fp8_e4m3 q(v);
+        tok[c] = q.__x;
+        deq[r * D + c] = float_to_bf16(static_cast<float>(q) * s);
+      }
+    }
+    sc[7] = 0;
+    for (int c = 448; c < D; ++c) {
+      std::memcpy(tok + 448 + 2 * (c - 448), &x[r * D + c], 2);
+      deq[r * D + c] = x[r * D + c];
+    }
+  }
+  return pool;
+}
+
+struct Result {
+  std::vector<uint16_t> out;
+  std::vector<float> lse;
+};
+
+Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
+  uint16_t* d_out;
+  float* d_lse;
+  CHECK_CUDA(cudaMalloc(&d_out, T * H * D * 2));
+  CHECK_CUDA(cudaMemset(d_out, 0xff, T * H * D * 2));
+  CHECK_CUDA(cudaMalloc(&d_lse, T * H * 4));
+  CHECK_CUDA(cudaMemset(d_lse, 0xff, T * H * 4));
+  p.out = d_out;
+  p.out_stride_token = H * D;
+  p.out_stride_head = D;
+  p.lse = d_lse;
+  p.lse_stride_token = H;
+  p.lse_stride_head = 1;
+  p.num_tokens = T;
+  p.num_heads = H;
+  p.head_dim = D;
+  p.num_splits = splits;
+  void* ws = nullptr;
+  if (splits > 1) {
+    p.workspace_bytes = dsv4::sparse_attn_workspace_bytes(T, H, D, splits);
+    CHECK_CUDA(cudaMalloc(&ws, p.workspace_bytes));
+    p.workspace = ws;
+  }
+  CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  Result r;
+  r.out.resize(T * H * D);
+  r.lse.resize(T * H);
+  CHECK_CUDA(cudaMemcpy(r.out.data(), d_out, r.out.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(r.lse.data(), d_lse, r.lse.size() * 4, cudaMemcpyDeviceToHost));
+  cudaFree(d_out);
+  cudaFree(d_lse);
+  if (ws) cudaFree(ws);
+  return r;
+}
+
+bool same(const Result& a, const Result& b, const char* what) {
+  const bool ok = a.out == b.out &&
+                  std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * 4) == 0;
+  size_t nan = 0;
+  for (uint16_t v : a.out) nan += ((v & 0x7f80) == 0x7f80 && (v & 0x7f)) ? 1 : 0;
+  std::printf("%s %s (NaN outputs: %zu)\n", ok && nan == 0 ? "ok  " : "FAIL", what, nan);
+  return ok && nan == 0;
+}
+
+// One problem: T tokens (2 per sequence), B = T / 2 sequences, window W per token (rows of a
+// window pool of bs_w entries per block), compressed pool of nb blocks x bs, each sequence
+// owning blocks scattered over the pool.
+bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, std::mt19937& rng) {
+  const int64_t T = 2 * B, W = 128, bs_w = 64;
+  const int64_t nbw = (B * W + bs_w - 1) / bs_w;
+  const int64_t max_blocks = (max_entries + bs - 1) / bs + 1;
+  const int64_t nb = B * max_blocks + 3;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto rnd_bf16 = [&](size_t n, float s) {
+    std::vector<uint16_t> v(n);
+    for (auto& x : v) x = float_to_bf16(nd(rng) * s);
+    return v;
+  };
+  std::vector<uint16_t> q = rnd_bf16(T * H * D, 1.5f);
+  std::vector<uint16_t> win = rnd_bf16(nbw * bs_w * D, 1.f);
+  std::vector<uint16_t> comp = rnd_bf16(nb * bs * D, 1.f);
+  std::vector<float> sink(H);
+  for (auto& s : sink) s = nd(rng);
+  if (H >= 2) sink[0] = INFINITY;
+
+  // window indices: the sequence's 128 rows, a few -1 at the front of token 0
+  std::vector<int32_t> idx(T * W);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < W; ++k) idx[t * W + k] = static_cast<int32_t>((t / 2) * W + k);
+  for (int k = 0; k < 70 && k < W; ++k) idx[k] = -1;
+  // block table: scattered permutation; some -1 / out-of-range blocks
+  std::vector<int32_t> perm(nb);
+  for (int64_t i = 0; i < nb; ++i) perm[i] = static_cast<int32_t>(i);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> table(B * max_blocks);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < max_blocks; ++j) table[b * max_blocks + j] = perm[b * max_blocks + j];
+  if (B > 1) table[1 * max_blocks + 0] = -1;
+  if (B > 2) table[2 * max_blocks + 1] = static_cast<int32_t>(nb + 5);
+  std::vector<int32_t> rows(T), lengths(T);
+  std::uniform_int_distribution<int> ld(0, max_entries);
+  for (int64_t t = 0; t < T; ++t) {
+    rows[t] = static_cast<int32_t>(t / 2);
+    lengths[t] = ld(rng);
+  }
+  lengths[0] = 0;
+  if (T > 3) lengths[3] = static_cast<int32_t>(max_blocks * bs + 50);  // clamps to capacity
+  if (T > 5) rows[5] = -3;                                            // no compressed key
+  // the equivalent explicit list
+  const int64_t cap = max_blocks * bs;
+  std::vector<int32_t> eidx(T * cap, -1);
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows[t] < 0) continue;
+    const int64_t n = std::min<int64_t>(std::max(lengths[t], 0), cap);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t blk = table[rows[t] * max_blocks + i / bs];
+      if (blk >= 0 && blk < nb) eidx[t * cap + i] = static_cast<int32_t>(blk * bs + i % bs);
+    }
+  }
+
+  std::vector<uint16_t> win_deq, comp_deq;
+  int64_t wstride = 0, cstride = 0;
+  std::vector<uint8_t> wpool, cpool;
+  if (fp8) {
+    wpool = pack_model1(win, nbw, bs_w, wstride, win_deq);
+    cpool = pack_model1(comp, nb, bs, cstride, comp_deq);
+  } else {
+    win_deq = win;
+    comp_deq = comp;
+  }
+  dsv4::SparseAttnParams base;
+  base.q = dev(q);
+  base.q_stride_token = H * D;
+  base.q_stride_head = D;
+  base.indices = dev(idx);
+  base.indices_stride = W;
+  base.topk = W;
+  base.attn_sink = dev(sink);
+  base.softmax_scale = 1.f / std::sqrt(float(D));
+  int32_t* d_len = dev(lengths);
+  base.extra_topk_length = d_len;
+
+  // bf16 explicit list (the verified path)
+  dsv4::SparseAttnParams a = base;
+  a.kv = dev(win_deq);
+  a.kv_stride = D;
+  a.n_kv = nbw * bs_w;
+  a.extra_kv = dev(comp_deq);
+  a.extra_kv_stride = D;
+  a.n_extra_kv = nb * bs;
+  a.extra_indices = dev(eidx);
+  a.extra_indices_stride = cap;
+  a.extra_topk = cap;
+  const Result ra = launch(a, T, H, splits);
+
+  // bf16 HCA mode
+  dsv4::SparseAttnParams h = a;
+  h.extra_indices = nullptr;
+  h.extra_indices_stride = 0;
+  h.extra_block_table = dev(table);
+  h.extra_block_table_stride = max_blocks;
+  h.extra_block_table_rows = B;
+  h.extra_max_blocks = max_blocks;
+  h.extra_block_size = bs;
+  h.extra_rows = dev(rows);
+  char name[160];
+  std::snprintf(name, sizeof(name), "HCA == list   H=%d B=%lld bs=%lld entries<=%d splits=%d",
+                H, (long long)B, (long long)bs, max_entries, splits);
+  bool ok = same(launch(h, T, H, splits), ra, name);
+
+  if (fp8) {
+    dsv4::SparseAttnParams f = a;  // FP8 pools, explicit list
+    f.kv = dev(wpool);
+    f.kv_stride = wstride;
+    f.kv_format = dsv4::CacheFormat::kFp8Model1;
+    f.kv_block_size = bs_w;
+    f.extra_kv = dev(cpool);
+    f.extra_kv_stride = cstride;
+    f.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
+    f.extra_block_size = bs;
+    std::snprintf(name, sizeof(name), "FP8 == bf16  H=%d B=%lld bs=%lld splits=%d (list)", H,
+                  (long long)B, (long long)bs, splits);
+    ok &= same(launch(f, T, H, splits), ra, name);
+    dsv4::SparseAttnParams fh = f;  // FP8 pools, HCA mode
+    fh.extra_indices = nullptr;
+    fh.extra_block_table = h.extra_block_table;
+    fh.extra_block_table_stride = max_blocks;
+    fh.extra_block_table_rows = B;
+    fh.extra_max_blocks = max_blocks;
+    fh.extra_rows = h.extra_rows;
+    std::snprintf(name, sizeof(name), "FP8 == bf16  H=%d B=%lld bs=%lld splits=%d (HCA)", H,
+                  (long long)B, (long long)bs, splits);
+    ok &= same(launch(fh, T, H, splits), ra, name);
+    cudaFree(const_cast<void*>(f.kv));
+    cudaFree(const_cast<void*>(f.extra_kv));
+  }
+  cudaFree(const_cast<void*>(base.q));
+  cudaFree(const_cast<int32_t*>(base.indices));
+  cudaFree(const_cast<float*>(base.attn_sink));
+  cudaFree(d_len);
+  cudaFree(const_cast<void*>(a.kv));
+  cudaFree(const_cast<void*>(a.extra_kv));
+  cudaFree(const_cast<int32_t*>(a.extra_indices));
+  cudaFree(const_cast<int32_t*>(h.extra_block_table));
+  cudaFree(const_cast<int32_t*>(h.extra_rows));
+  CHECK_CUDA(cudaGetLastError());
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  std::mt19937 rng(1234);
+  const bool fp8 = dsv4::sparse_attn_supports_fp8_cache(D);
+  if (!fp8) std::printf("note: FP8 caches need sm_90 (head_dim 512): checking HCA mode only\n");
+  bool ok = true;
+  ok &= run(64, 3, 64, 1024, 1, fp8, rng);
+  ok &= run(64, 2, 61, 700, 1, fp8, rng);
+  ok &= run(128, 4, 2, 300, 1, fp8, rng);
+  ok &= run(64, 1, 1, 200, 4, fp8, rng);      // split-K path
+  ok &= run(128, 2, 64, 1024, 8, fp8, rng);   // split-K path, 2 head tiles
+  ok &= run(3, 5, 7, 150, 1, fp8, rng);       // 3 heads (a partial head tile)
+  std::printf("%s\n", ok ? "PASS" : "FAIL");
+  return ok ? 0 : 1;
+}
