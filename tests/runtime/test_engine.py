@@ -217,3 +217,25 @@ def test_golden_logits_through_the_engine(name, quant_sim, weights, path):
             assert err.max() < 2e-3 and (err < 1e-5).float().mean() > 0.5, err
         else:
             assert err.max() < 1e-5, err.max()
+
+
+def test_bf16_kernel_path_decode_matches_the_reference_path(model, monkeypatch):
+    """bf16 (the kernels' dtype): decode steps write the window ring inside kv_norm_rope;
+    the forced kernel path (CPU references of the ops) agrees with the per-sequence reference
+    path to bf16 rounding over prefill + decode."""
+    m16 = dsv4.Model(model.config).eval()
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    prompts = _prompts(9, [21, 6])
+    params = SamplingParams(max_new_tokens=5, eos_token_id=-1)
+    got = {}
+    for path in ("reference", "kernels"):
+        if path == "kernels":
+            monkeypatch.setattr(attention, "use_kernels",
+                                lambda x, ops, unsupported=None: True)
+        e = _engine(m16, max_num_batched_tokens=64)
+        ids, logits = _run_all_logits(e, prompts, params)
+        got[path] = [logits[i] for i in ids]
+    for a, b in zip(got["kernels"], got["reference"]):
+        assert a.shape == b.shape
+        assert _rel(a, b) < 3e-2, _rel(a, b)

@@ -8,11 +8,12 @@ from torch import nn
 from ..cache import LayerCache
 from ..ops.attention import sparse_attn_reference
 from ..ops.backend import use_kernels
+from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor
 from .indexer import Indexer
-from .linear import Linear
 from ..ops.norm import rms_norm_reference
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
 from .varlen import StepBatch
@@ -95,18 +96,19 @@ class Attention(nn.Module):
         T = x.shape[0]
         c = self.config
         freqs = self.freqs(x.device)
-        rd = self.rope_dim
         pos = batch.pos
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = rms_norm_reference(q, None, c.norm_eps)
-        q = apply_rope(q, pos[:, None], freqs)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, freqs)
-        if c.quant_sim:
-            kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
+        kv = self.wkv(x)
         if use_kernels(x, self._kernel_ops, self._kernel_unsupported):
             o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs)
         else:
+            # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
+            q = apply_rope(rms_norm_reference(q, None, c.norm_eps), pos[:, None], freqs)
+            kv = apply_rope(self.kv_norm(kv), pos, freqs)
+            if c.quant_sim:
+                rd = self.rope_dim
+                kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
             o = self._attend_reference(x, qr, q, kv, cache, batch, freqs)
         o = apply_rope(o, pos[:, None], freqs, inverse=True)
         o = o.view(T, self.o_groups, self.n_heads * self.head_dim // self.o_groups)
@@ -129,9 +131,10 @@ class Attention(nn.Module):
 
     @property
     def _kernel_ops(self) -> tuple[str, ...]:
+        ops = ("sparse_attn", "q_norm_rope", "kv_norm_rope")
         if self.indexer is not None:
-            return ("sparse_attn", "compress_kv", "indexer_topk")
-        return ("sparse_attn", "compress_kv") if self.compress_ratio else ("sparse_attn",)
+            return ops + ("compress_kv", "indexer_topk")
+        return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
 
     def _attend_reference(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
                           freqs) -> torch.Tensor:
@@ -167,53 +170,63 @@ class Attention(nn.Module):
             t0 = t1
         return o
 
-    def _attend_kernels(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
+    def _attend_kernels(self, x, qr, q_raw, kv_raw, cache: LayerCache, batch: StepBatch,
                         freqs) -> torch.Tensor:
         """The kernel core for the whole step in one launch per op, from device tensors only
         (no host synchronisation; shapes depend on host-side sizes of ``batch`` alone).
 
-        Keys live in two scopes of ``torch.ops.dsv4.sparse_attn``. Main scope: in a decode
-        step (every row at most one new token) the new keys are written into the window rings
-        first and the rings of all slots are the scope, in place; otherwise the rings of the
-        step's rows followed by the step's new keys (``[B·window_size + T, head_dim]``, a
-        copy), and the rings are updated afterwards. Extra scope: the compressed-entry store
-        viewed as ``[num_blocks·block_size, head_dim]`` (no copy), addressed through each
-        row's block table: the indexer's picks (CSA) or every complete entry (HCA, with
-        ``batch.max_end // ratio`` lanes per query). Returns o [T, heads, head_dim].
+        ``q_raw`` [T, heads, head_dim] / ``kv_raw`` [T, head_dim] are the ``wq_b`` / ``wkv``
+        outputs: ``q_norm_rope`` and ``kv_norm_rope`` finish the q and kv paths in one pass
+        each (§3.2, §3.3). Keys live in two scopes. Main scope: in a decode step (every row at
+        most one new token) ``kv_norm_rope`` writes the new keys into the window rings and the
+        rings of all slots are the scope, in place; otherwise the rings of the step's rows
+        followed by the step's new keys (``[B·window_size + T, head_dim]``, a copy), and the
+        rings are updated after attention. Compressed scope: the entry store viewed as a pool
+        ``[num_blocks, block_size, head_dim]`` addressed through each row's block table: the
+        indexer's picks (CSA, ``sparse_attn`` with physical indices) or every complete entry
+        (HCA, ``hca_attn`` with per-query entry counts, no index list). Returns o
+        [T, heads, head_dim].
         """
+        c = self.config
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
         if T == 0:
-            return torch.zeros_like(q)
+            return torch.zeros_like(q_raw)
         dev = x.device
         rows = batch.rows.long()
         pos = batch.pos.long()
         ring = cache.window.view(-1, cache.window.shape[-1])
         slot_t = batch.slots.long()[rows]
-        lanes = torch.arange(W, device=dev)
-        if batch.decode:
+        q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
+        quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
+        if batch.decode and ring.dtype == torch.bfloat16:   # the op's cache dtype
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant, ring, (slot_t * W + pos % W).to(torch.int32))
+            main_kv = ring
+        elif batch.decode:
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant)
             ring.index_copy_(0, slot_t * W + pos % W, kv)
             main_kv = ring
         else:
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant)
             main_kv = torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1),
                                  kv], dim=0)
-        sel = extra_kv = extra_len = None
-        n_extra = 0
+        sel = entries = extra_len = None
         if self.compress_ratio:
             m = self.compress_ratio
             if self.indexer is not None:
                 sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs)
             self.compressor.forward_batch(x, cache.compressor, batch, freqs)
-            entries = cache.compressor.entries
+            if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
+                entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query
                 extra_len = torch.div(batch.pos + 1, m, rounding_mode="floor").to(torch.int32)
-            n_extra = sel.shape[1] if sel is not None else batch.max_end // m
-            if entries.numel() and n_extra:
-                extra_kv = entries.view(-1, entries.shape[-1])
         table = batch.block_table.long()
-        # The index lists are built for blocks of queries so that their size stays bounded
-        # (an HCA list is [queries, entries]: a 512K-token prompt in one chunk would need
-        # ~25 GB); a decode step or an ordinary prefill is a single block.
-        step = max(1, _INDEX_ELEMENTS // (W + n_extra))
+        # The index lists are built for blocks of queries so that their size stays bounded;
+        # a decode step or an ordinary prefill is a single block.
+        step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
+        lanes = torch.arange(W, device=dev)
         outs = []
         for t0 in range(0, T, step):
             blk = slice(t0, min(T, t0 + step))
@@ -230,17 +243,18 @@ class Attention(nn.Module):
                 win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
                                       r * W + p % W)
             win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
-            extra_idx = e_len = None
-            if extra_kv is not None:
-                if sel is not None:    # CSA: the indexer's picks (logical entry indices)
-                    extra_idx = _physical(table, r, sel[blk].long(), entries.shape[1])
-                else:
-                    e_len = extra_len[blk]
-                    j = torch.arange(n_extra, device=dev)[None, :]
-                    extra_idx = _physical(table, r, torch.where(j < e_len[:, None], j, -1),
-                                          entries.shape[1])
-            o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
-                                     self.softmax_scale, None, extra_kv, extra_idx, e_len)
+            if entries is None:
+                o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                         self.softmax_scale)
+            elif sel is None:          # HCA
+                o, _ = _dsv4.hca_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                      self.softmax_scale, None, entries, batch.block_table,
+                                      batch.rows[blk], extra_len[blk])
+            else:                      # CSA: the indexer's picks (logical entry indices)
+                extra_idx = _physical(table, r, sel[blk].long(), entries.shape[1])
+                o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                         self.softmax_scale, None,
+                                         entries.view(-1, entries.shape[-1]), extra_idx)
             outs.append(o)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         if not batch.decode:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..cache import CompressorState
 from ..ops.indexer import indexer_topk_reference
+from ..ops.qkv_rope import QUANT_FP4_HADAMARD, QUANT_NONE
 from ..ops.quant import fp4_e2m1_sim, hadamard
 from .compressor import (Compressor, gather_blocks, paged_op_available,
                          paged_op_missing)
@@ -68,16 +69,24 @@ class Indexer(nn.Module):
         q = apply_rope(q, pos[:, None], freqs)
         if self.config.quant_sim:
             q = fp4_e2m1_sim(hadamard(q), 32)
-        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        return q, w
+        return q, self.head_weights(x)
+
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head weights [n, index_n_heads] fp32: ``weights_proj(x) · d**-0.5 · H**-0.5``
+        (§5)."""
+        return self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
 
     def forward_batch(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState,
                       batch: StepBatch, freqs: torch.Tensor) -> torch.Tensor:
         """Batched path of :meth:`forward` (``x`` [T, dim], ``qr`` [T, q_lora_rank], the
-        tokens of ``batch`` back to back). Returns int32 [T, index_topk] LOGICAL entry indices
+        tokens of ``batch`` back to back; the query path of :meth:`queries` in one
+        ``q_norm_rope`` pass). Returns int32 [T, index_topk] LOGICAL entry indices
         of each token's own sequence (−1 = none) from ``torch.ops.dsv4.indexer_topk``; a paged
         store is read through ``batch.block_table``. No host synchronisation."""
-        q, w = self.queries(x, qr, batch.pos, freqs)
+        q = _dsv4.q_norm_rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)),
+                              batch.pos, freqs, 0.0, False,
+                              QUANT_FP4_HADAMARD if self.config.quant_sim else QUANT_NONE)
+        w = self.head_weights(x)
         self.compressor.forward_batch(x, state, batch, freqs)
         n_valid = torch.div(batch.pos + 1, self.compress_ratio, rounding_mode="floor")
         args = (q.contiguous(), w.contiguous())
