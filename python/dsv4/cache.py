@@ -66,15 +66,23 @@ class CompressorState:
 
     def __init__(self, batch: int, ratio: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, num_blocks: Optional[int] = None,
-                 block_size: Optional[int] = None):
+                 block_size: Optional[int] = None, fp8: bool = False):
         self.ratio = ratio
         self.overlap = ratio == 4
+        self.head_dim = head_dim
+        self.dtype = dtype
         coff = 2 if self.overlap else 1
         self.kv = torch.zeros(batch, coff * ratio, coff * head_dim, dtype=torch.float32,
                               device=device)
         self.score = torch.full_like(self.kv, float("-inf"))
         self.paged = num_blocks is not None
-        if self.paged:
+        if fp8 and not self.paged:
+            raise ValueError("FP8 entry stores are paged pools (pass num_blocks)")
+        if fp8:      # FP8 indexer keys, DeepGEMM's 132-byte layout (dsv4.ops.kv_cache)
+            from .ops import kv_cache
+            self.entries = kv_cache.allocate(kv_cache.INDEXER, num_blocks, block_size, head_dim,
+                                             device)
+        elif self.paged:
             self.entries = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype,
                                        device=device)
         else:
@@ -108,7 +116,14 @@ class CompressorState:
                                                                    default=0) < 0:
             raise RuntimeError(f"slot {slot}: {n} entries need {need} blocks of {bs}, the "
                                f"block table holds {block_table}")
-        blocks = torch.tensor(block_table[:need], dtype=torch.long, device=self.entries.device)
+        dev = self.entries.device
+        if self.entries.dtype == torch.uint8:      # an FP8 pool: dequantise the n entries
+            from .ops import kv_cache
+            s = torch.arange(n, device=dev)
+            blocks = torch.tensor(block_table[:need], dtype=torch.long, device=dev)[s // bs]
+            return kv_cache.read_entries(self.entries, blocks, s % bs, self.head_dim,
+                                         self.dtype)
+        blocks = torch.tensor(block_table[:need], dtype=torch.long, device=dev)
         return self.entries[blocks].flatten(0, 1)[:n]
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -124,11 +139,14 @@ class LayerCache:
 
     ``block_tokens`` (with ``num_blocks``) makes the entry stores paged: a block holds the
     entries of ``block_tokens`` consecutive tokens, i.e. ``block_tokens // ratio`` entries.
+    ``indexer_fp8`` stores the indexer keys of a paged CSA layer in FP8 (132 bytes per key at
+    head dim 128, :mod:`dsv4.ops.kv_cache`; exact for quant_sim's FP4-simulated keys).
     """
 
     def __init__(self, batch: int, window_size: int, head_dim: int, ratio: int,
                  index_head_dim: int, dtype: torch.dtype, device: torch.device,
-                 num_blocks: Optional[int] = None, block_tokens: Optional[int] = None):
+                 num_blocks: Optional[int] = None, block_tokens: Optional[int] = None,
+                 indexer_fp8: bool = False):
         self.window = torch.zeros(batch, window_size, head_dim, dtype=dtype, device=device)
         self.compressor: Optional[CompressorState] = None
         self.indexer: Optional[CompressorState] = None
@@ -141,7 +159,8 @@ class LayerCache:
         if ratio:
             self.compressor = CompressorState(batch, ratio, head_dim, dtype, device, **paged)
         if ratio == 4:
-            self.indexer = CompressorState(batch, ratio, index_head_dim, dtype, device, **paged)
+            self.indexer = CompressorState(batch, ratio, index_head_dim, dtype, device, **paged,
+                                           fp8=indexer_fp8)
 
     def reset_rows(self, rows: list[int]) -> None:
         self.window[rows] = 0

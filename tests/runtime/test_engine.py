@@ -239,3 +239,23 @@ def test_bf16_kernel_path_decode_matches_the_reference_path(model, monkeypatch):
     for a, b in zip(got["kernels"], got["reference"]):
         assert a.shape == b.shape
         assert _rel(a, b) < 3e-2, _rel(a, b)
+
+
+@pytest.mark.parametrize("route", ["reference", "kernels"])
+def test_fp8_indexer_keys_change_nothing_under_quant_sim(route, monkeypatch):
+    """quant_sim FP4-simulates the indexer keys; stored in FP8 (132-byte layout) they come
+    back exactly, so the logits equal those of the bf16 key cache."""
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=True)).eval().to(torch.bfloat16)
+    if route == "kernels":
+        monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
+    prompts = _prompts(10, [45, 9])
+    params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
+    out = {}
+    for fmt in ("bf16", "fp8"):
+        e = _engine(m, indexer_cache=fmt)
+        assert (e.cache.layers[1].indexer.entries.dtype == torch.uint8) == (fmt == "fp8")
+        ids, logits = _run_all_logits(e, prompts, params)
+        out[fmt] = [logits[i] for i in ids]
+    for a, b in zip(out["fp8"], out["bf16"]):
+        assert a.shape == b.shape and _rel(a, b) < 1e-6, _rel(a, b)

@@ -83,3 +83,20 @@ def test_grow_and_blocks_needed():
     assert c.grow(t, 49) is None and t == [0, 1]              # 4 blocks > pool: unchanged
     swa_only = dsv4.ModelConfig.tiny(compress_ratios=(0, 0, 0, 0, 0))
     assert blocks_needed(swa_only, 10 ** 6, 16) == 0
+
+
+def test_fp8_indexer_keys_pool():
+    from dsv4.ops import kv_cache
+    cfg = dsv4.ModelConfig.tiny()
+    c = PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", indexer_cache="fp8")
+    idx = c.layers[1].indexer.entries
+    assert idx.dtype == torch.uint8 and idx.shape == (6, 8, cfg.index_head_dim + 4)
+    assert c.layers[1].compressor.entries.dtype == torch.bfloat16
+    assert c.bytes == PagedCache.estimate_bytes(cfg, 2, 5, 32, torch.bfloat16, "fp8")
+    per_block = PagedCache.block_bytes(cfg, 32, torch.bfloat16, "fp8")
+    # two CSA layers (8 bf16 entries + 8 FP8 keys each), one HCA layer (2 bf16 entries)
+    assert per_block == (2 * (8 * cfg.head_dim * 2
+                              + kv_cache.block_bytes(kv_cache.INDEXER, 8, cfg.index_head_dim))
+                         + 2 * cfg.head_dim * 2)
+    with pytest.raises(ValueError, match="indexer_cache must be"):
+        PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", indexer_cache="fp4")

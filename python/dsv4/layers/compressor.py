@@ -156,6 +156,9 @@ def gather_blocks(store: torch.Tensor, block_table: torch.Tensor
     [num_blocks, block_size, d] through ``block_table`` [B, max_blocks] (−1 = no block: the
     pool's last block, a scratch block no sequence owns, stands in), and the block ids used
     (int64 [B·max_blocks], for scattering back)."""
+    if store.dtype == torch.uint8:
+        raise RuntimeError("FP8 cache pools need CUDA kernels that take block tables "
+                           "(contracts.md §A); this build's do not")
     ids = torch.where(block_table >= 0, block_table, store.shape[0] - 1).long().flatten()
     B, mb = block_table.shape
     return store.index_select(0, ids).view(B, mb * store.shape[1], store.shape[2]), ids

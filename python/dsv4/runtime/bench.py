@@ -103,6 +103,8 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="random weights in bf16, or the release's native FP8/FP4 storage")
     b.add_argument("--head", choices=("bf16", "fp32"), default="bf16",
                    help="head read in bf16 (fp32 accumulation) or the official fp32 head")
+    b.add_argument("--indexer-cache", choices=("bf16", "fp8"), default="bf16",
+                   help="indexer keys in bf16 or the release's FP8 132-byte layout")
     b.add_argument("--prefill", type=_cases, default=[(1, 2048), (8, 2048), (64, 512)],
                    metavar="BxP,...", help="prefill cases (default 1x2048,8x2048,64x512)")
     b.add_argument("--batch", type=_int_list, default=[1, 8, 64], metavar="B,...",
@@ -209,7 +211,15 @@ def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None)
     head = torch.bfloat16 if args.head == "bf16" else None
     return Engine(model, max_batch=batch, max_model_len=max_len,
                   max_num_batched_tokens=budget or args.chunk,
-                  cuda_graphs=not args.no_graphs, head_dtype=head)
+                  cuda_graphs=not args.no_graphs, head_dtype=head,
+                  indexer_cache=getattr(args, "indexer_cache", "bf16"))
+
+
+def _key_bytes(model, args) -> float:
+    """Bytes per indexer key the decode floor counts (bf16, or FP8 + its fp32 scale)."""
+    d = model.config.index_head_dim
+    return d + 4 if getattr(args, "indexer_cache", "bf16") == "fp8" else \
+        d * model.embed.weight.element_size()
 
 
 def bench_prefill(model, args, batch: int, prompt: int) -> dict:
@@ -269,7 +279,8 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
         eng.step()
     _sync()
     sec = (time.perf_counter() - t) / steps
-    fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4)
+    fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
+                      _key_bytes(model, args))
     row = dict(impl="dsv4", kind="decode", batch=batch, tokens=context, ms_step=1e3 * sec,
                tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
@@ -360,9 +371,9 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     pre = time.perf_counter() - t
     c = model.config
     used = len(req.block_table) * PagedCache.block_bytes(c, eng.cache.block_tokens,
-                                                         model.dtype)
+                                                         model.dtype, eng.cache.indexer_cache)
     used += PagedCache.slot_bytes(c, model.dtype)
-    info = kv_bytes_per_token(c, indexer="bf16", kv_dtype="bf16")     # the cache dsv4 keeps
+    info = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype="bf16")  # dsv4's
     eng.step()
     _sync()
     t = time.perf_counter()
@@ -370,7 +381,8 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
         eng.step()
     _sync()
     sec = (time.perf_counter() - t) / steps
-    fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4)
+    fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
+                        _key_bytes(model, args))
     fl_p = prefill_floor(model, 1, context)
     rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
                  tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
@@ -500,7 +512,8 @@ def run(args) -> list[dict]:
                               f"{str(e)[:200]})", flush=True)
                         torch.cuda.empty_cache()
     meta = dict(model=args.model, layers=cfg.n_layers, experts=cfg.n_routed_experts,
-                weights=args.weights, head=head, gpu=torch.cuda.get_device_name(),
+                weights=args.weights, head=head, indexer_cache=args.indexer_cache,
+                gpu=torch.cuda.get_device_name(),
                 commit=_commit(), date=datetime.date.today().isoformat())
     if args.compare == "hf" and args.mode == "e2e":
         del model

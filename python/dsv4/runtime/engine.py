@@ -61,6 +61,8 @@ class Engine:
         cuda_graphs: capture decode steps as CUDA graphs (default: on for CUDA).
         head_dtype: None for the official fp32 head, or torch.bfloat16 for a bf16 copy of the
             head weight with fp32 accumulation (half the bytes per decode step).
+        indexer_cache: "bf16" (the model dtype) or "fp8" (the release's 132-byte FP8 indexer
+            keys; exact with quant_sim, see :class:`~dsv4.runtime.pool.PagedCache`).
 
     Raises ValueError for arguments outside their range.
     """
@@ -68,7 +70,7 @@ class Engine:
     def __init__(self, model, max_batch: int = 16, max_model_len: int = 8192,
                  block_tokens: Optional[int] = None, num_blocks: Optional[int] = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
-                 head_dtype: Optional[torch.dtype] = None):
+                 head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16"):
         from ..model import Model
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dsv4.Model, got {type(model).__name__}")
@@ -86,7 +88,8 @@ class Engine:
         if head_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
-        self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device)
+        self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
+                                indexer_cache)
         self.scheduler = Scheduler(self.cache, budget)
         graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.runner = ModelRunner(model, self.cache, self.max_model_len, head_dtype, graphs,

@@ -85,12 +85,17 @@ class PagedCache:
             layer).
         bytes: device bytes of all tensors.
 
-    Raises ValueError for ``block_tokens`` that is not a multiple of every compress ratio, and
-    a clear MemoryError-derived RuntimeError when the device cannot hold the pool.
+    ``indexer_cache="fp8"`` keeps the CSA layers' indexer keys in FP8 (:mod:`dsv4.ops.kv_cache`,
+    132 bytes per key at head dim 128 instead of 256): exact when quant_sim has FP4-simulated
+    them, an approximation otherwise.
+
+    Raises ValueError for ``block_tokens`` that is not a multiple of every compress ratio or an
+    unknown ``indexer_cache``, and a RuntimeError naming the size when the device cannot hold
+    the pool.
     """
 
     def __init__(self, config, max_seqs: int, num_blocks: int, block_tokens: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, indexer_cache: str = "bf16"):
         self.config = config
         self.max_seqs = check_count(max_seqs, "max_seqs")
         self.block_tokens = check_count(block_tokens, "block_tokens")
@@ -101,6 +106,10 @@ class PagedCache:
             raise ValueError(f"block_tokens must be a multiple of every compress ratio "
                              f"{ratios}; got {self.block_tokens}")
         self.num_blocks = check_count(num_blocks, "num_blocks", 0) if self.has_pool else 0
+        if indexer_cache not in ("bf16", "fp8"):
+            raise ValueError(f"indexer_cache must be 'bf16' (the model dtype) or 'fp8', got "
+                             f"{indexer_cache!r}")
+        self.indexer_cache = indexer_cache
         self.scratch_slot = self.max_seqs
         self.device = torch.device(device)
         self.dtype = dtype
@@ -108,27 +117,33 @@ class PagedCache:
             self.layers = [
                 LayerCache(self.max_seqs + 1, config.window_size, config.head_dim,
                            config.compress_ratios[i], config.index_head_dim, dtype, self.device,
-                           num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens)
+                           num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens,
+                           indexer_fp8=indexer_cache == "fp8")
                 for i in range(config.n_layers)]
         except torch.OutOfMemoryError as e:
             raise RuntimeError(
                 f"the runtime cache ({self.max_seqs} slots, {self.num_blocks} blocks of "
                 f"{self.block_tokens} tokens) does not fit on {self.device}: "
-                f"{PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks, self.block_tokens, dtype):,}"
+                f"{PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks, self.block_tokens, dtype, indexer_cache):,}"
                 " bytes needed; lower max_batch, max_model_len or num_blocks") from e
         self.blocks = BlockAllocator(self.num_blocks)
         self._free_slots = list(range(self.max_seqs - 1, -1, -1))
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
-    def block_bytes(config, block_tokens: int, dtype: torch.dtype) -> int:
+    def block_bytes(config, block_tokens: int, dtype: torch.dtype,
+                    indexer_cache: str = "bf16") -> int:
         """Device bytes of one block across all main layers' entry stores."""
         es = torch.empty((), dtype=dtype).element_size()
         total = 0
         for r in config.compress_ratios[:config.n_layers]:
             if r:
                 total += (block_tokens // r) * config.head_dim * es
-            if r == 4:
+            if r == 4 and indexer_cache == "fp8":
+                from ..ops import kv_cache
+                total += kv_cache.block_bytes(kv_cache.INDEXER, block_tokens // r,
+                                              config.index_head_dim)
+            elif r == 4:
                 total += (block_tokens // r) * config.index_head_dim * es
         return total
 
@@ -146,9 +161,10 @@ class PagedCache:
 
     @staticmethod
     def estimate_bytes(config, max_seqs: int, num_blocks: int, block_tokens: int,
-                       dtype: torch.dtype) -> int:
+                       dtype: torch.dtype, indexer_cache: str = "bf16") -> int:
         return ((max_seqs + 1) * PagedCache.slot_bytes(config, dtype)
-                + (num_blocks + 1) * PagedCache.block_bytes(config, block_tokens, dtype))
+                + (num_blocks + 1) * PagedCache.block_bytes(config, block_tokens, dtype,
+                                                            indexer_cache))
 
     @property
     def bytes(self) -> int:
@@ -157,8 +173,10 @@ class PagedCache:
             total += lc.window.numel() * lc.window.element_size()
             for st in (lc.compressor, lc.indexer):
                 if st is not None:
-                    for t in (st.kv, st.score, st.entries):
+                    for t in (st.kv, st.score):
                         total += t.numel() * t.element_size()
+                    e = st.entries      # (an FP8 pool is a strided view of padded blocks)
+                    total += e.shape[0] * e.stride(0) * e.element_size()
         return total
 
     def blocks_for(self, n_tokens: int) -> int:
