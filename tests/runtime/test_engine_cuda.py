@@ -170,3 +170,18 @@ def test_generate_cli_path_on_cuda():
     res = generate(m16, _prompts([40])[0], 12, eos_id=None)
     assert len(res.token_ids) == 12 and res.finish_reason == "length"
     assert 0 < res.prefill_seconds < res.seconds
+
+
+def test_fp8_indexer_keys_on_cuda():
+    """quant_sim keys stored in FP8 (compress_kv writes them, indexer_topk reads them): the
+    engine's logits equal those of the bf16 key cache (exact storage; the kernels may sum in
+    another order)."""
+    _, m16 = _models(quant_sim=True)
+    out = {}
+    for fmt in ("bf16", "fp8"):
+        engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
+                        indexer_cache=fmt)
+        out[fmt] = _collect(engine, _prompts([150, 40], seed=6), 8)
+    for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
+        assert sa == sb
+        assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
