@@ -60,6 +60,7 @@ if [[ -n "${QUICK:-}" ]]; then
   step bench_gemm "$PY" bench/bench_gemm.py --quick
   step bench_moe "$PY" bench/bench_moe.py --quick
   step bench_mhc "$PY" bench/bench_mhc.py --quick
+  step bench_e2e "$PY" bench/bench_e2e.py --quick
   echo "gpu_check (quick): $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
   exit "$status"
 fi
@@ -83,6 +84,12 @@ done
 if [[ -f peers/build_flashmla.sh ]]; then
   step build_flashmla bash peers/build_flashmla.sh /tmp/flashmla \
     && FMLA_DIR=/tmp/flashmla step side_by_side_flashmla "$PY" bench/side_by_side_flashmla.py
+fi
+# Runtime engine (issue 8): the engine's CUDA tests run in pytest_cuda above and bench_e2e.py in
+# the loop above; the 1M-context mode is opt-in (several minutes): RUNTIME_1M=1.
+if [[ -n "${RUNTIME_1M:-}" ]]; then
+  step bench_1m "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
+    --json "$OUT/bench_1m.json"
 fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
 exit "$status"

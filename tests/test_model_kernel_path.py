@@ -70,9 +70,9 @@ def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, spli
         ref = _run(m, ids, lens, splits)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, err
+    fused = ("sparse_attn", "q_norm_rope", "kv_norm_rope")
     assert {ops for ops in kernel_path} == {
-        ("sparse_attn",), ("sparse_attn", "compress_kv", "indexer_topk"),
-        ("sparse_attn", "compress_kv")}
+        fused, fused + ("compress_kv", "indexer_topk"), fused + ("compress_kv", "hca_attn")}
 
 
 def test_backend_switch_validates():

@@ -1,43 +1,103 @@
-"""Inference state of a batch of sequences (architecture.md §4.5, §11.1).
+"""Inference state of sequences (architecture.md §4.5, §11.1).
 
-One :class:`Cache` holds, per layer (main layers then MTP layers):
+Per layer (main layers then MTP layers) a :class:`LayerCache` holds, for each cache *slot*
+(one sequence):
 
-* ``window``: the sliding-window ring buffer [batch, window_size, head_dim]; token position p
-  lives at slot ``p % window_size``.
+* ``window``: the sliding-window ring buffer [slots, window_size, head_dim]; token position p
+  lives at ring slot ``p % window_size``.
 * ``compressor`` (CSA/HCA layers) and ``indexer`` (CSA layers): a :class:`CompressorState` with
-  the fp32 partial-block state (``kv``/``score`` [batch, coff·ratio, coff·head_dim], score
-  initialised to −inf) and the store of emitted compressed entries [batch, capacity, head_dim]
-  (entry j of a sequence is valid iff ``j < length // ratio``).
+  the fp32 partial-block state (``kv``/``score`` [slots, coff·ratio, coff·head_dim], score
+  initialised to −inf) and the store of emitted compressed entries. Entry j of a sequence is
+  valid iff ``j < length // ratio``.
 
-``lengths[b]`` is the number of tokens of row b already processed. Rows are independent:
-resetting one row (a new request in that batch slot) clears exactly that row's state, including
-the "previous block" rows of the overlapping compressor that the reference never clears (§15).
+The entry store is either *dense*, [slots, capacity, head_dim] with entry j of slot s at
+``entries[s, j]`` (grown by :meth:`CompressorState.reserve`; what :class:`Cache` and
+``dsv4.Model`` use), or *paged*, a pool [num_blocks, block_size, head_dim] shared by all slots,
+entry j of a sequence at ``entries[table[j // block_size], j % block_size]`` through the
+sequence's block table (what ``dsv4.runtime`` uses; contracts.md §A). A dense store is the paged
+layout with one block per slot (``table = [slot]``, ``block_size = capacity``), so the layers
+address both the same way.
+
+:class:`Cache` is the public cache of ``dsv4.Model``: ``lengths[b]`` is the number of tokens of
+row b already processed. Rows are independent: resetting one row (a new request in that batch
+slot) clears exactly that row's state, including the "previous block" rows of the overlapping
+compressor that the reference never clears (§15). Every public method validates all of its
+arguments before it changes anything.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import operator
+from typing import Optional
 
 import torch
 
-__all__ = ["Cache", "LayerCache", "CompressorState"]
+__all__ = ["Cache", "LayerCache", "CompressorState", "CacheRowError", "check_count"]
+
+
+class CacheRowError(RuntimeError):
+    """A cache row is unusable: a call that was advancing it failed midway (reset it)."""
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as a python int >= ``minimum``; ValueError naming ``name`` otherwise.
+
+    Accepts ints and integer-like objects (``operator.index``: numpy / 0-d torch integers);
+    rejects bools, floats (also 2.0), strings and everything else.
+    """
+    if isinstance(value, bool) or isinstance(value, (str, bytes, float)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v}")
+    return v
 
 
 class CompressorState:
-    """Compressor state and compressed-entry store for one layer and a batch."""
+    """Compressor state and compressed-entry store for one layer and a set of slots.
+
+    ``CompressorState(slots, ratio, head_dim, dtype, device)`` makes a dense store (capacity 0,
+    grown by :meth:`reserve`); with ``num_blocks`` and ``block_size`` a paged pool of that many
+    blocks, allocated once.
+    """
 
     def __init__(self, batch: int, ratio: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, num_blocks: Optional[int] = None,
+                 block_size: Optional[int] = None, fp8: bool = False):
         self.ratio = ratio
         self.overlap = ratio == 4
+        self.head_dim = head_dim
+        self.dtype = dtype
         coff = 2 if self.overlap else 1
         self.kv = torch.zeros(batch, coff * ratio, coff * head_dim, dtype=torch.float32,
                               device=device)
         self.score = torch.full_like(self.kv, float("-inf"))
-        self.entries = torch.zeros(batch, 0, head_dim, dtype=dtype, device=device)
+        self.paged = num_blocks is not None
+        if fp8 and not self.paged:
+            raise ValueError("FP8 entry stores are paged pools (pass num_blocks)")
+        if fp8:      # FP8 indexer keys, DeepGEMM's 132-byte layout (dsv4.ops.kv_cache)
+            from .ops import kv_cache
+            self.entries = kv_cache.allocate(kv_cache.INDEXER, num_blocks, block_size, head_dim,
+                                             device)
+        elif self.paged:
+            self.entries = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype,
+                                       device=device)
+        else:
+            self.entries = torch.zeros(batch, 0, head_dim, dtype=dtype, device=device)
+
+    @property
+    def block_size(self) -> int:
+        """Entries per block (a dense store: its capacity per slot)."""
+        return self.entries.shape[1]
 
     def reserve(self, n_entries: int) -> None:
-        """Grow the entry store (doubling) so that it holds at least ``n_entries`` per row."""
+        """Grow a dense store (doubling) so that it holds at least ``n_entries`` per slot."""
+        if self.paged:
+            raise RuntimeError("a paged entry store is allocated once; its blocks are "
+                               "assigned through block tables")
         cap = self.entries.shape[1]
         if n_entries <= cap:
             return
@@ -46,24 +106,61 @@ class CompressorState:
         new[:, :cap] = self.entries
         self.entries = new
 
+    def row_entries(self, slot: int, block_table: Optional[list[int]], n: int) -> torch.Tensor:
+        """Entries 0 … n−1 of the sequence in ``slot`` [n, head_dim] (a copy when paged)."""
+        if not self.paged:
+            return self.entries[slot, :n]
+        bs = self.block_size
+        need = -(-n // bs)
+        if block_table is None or len(block_table) < need or min(block_table[:need],
+                                                                   default=0) < 0:
+            raise RuntimeError(f"slot {slot}: {n} entries need {need} blocks of {bs}, the "
+                               f"block table holds {block_table}")
+        dev = self.entries.device
+        if self.entries.dtype == torch.uint8:      # an FP8 pool: dequantise the n entries
+            from .ops import kv_cache
+            s = torch.arange(n, device=dev)
+            blocks = torch.tensor(block_table[:need], dtype=torch.long, device=dev)[s // bs]
+            return kv_cache.read_entries(self.entries, blocks, s % bs, self.head_dim,
+                                         self.dtype)
+        blocks = torch.tensor(block_table[:need], dtype=torch.long, device=dev)
+        return self.entries[blocks].flatten(0, 1)[:n]
+
     def reset_rows(self, rows: list[int]) -> None:
+        """Clear the partial-block state of ``rows`` (and their dense entries)."""
         self.kv[rows] = 0.0
         self.score[rows] = float("-inf")
-        self.entries[rows] = 0
+        if not self.paged:
+            self.entries[rows] = 0
 
 
 class LayerCache:
-    """Window ring buffer plus the optional compressor / indexer states of one layer."""
+    """Window ring buffer plus the optional compressor / indexer states of one layer.
+
+    ``block_tokens`` (with ``num_blocks``) makes the entry stores paged: a block holds the
+    entries of ``block_tokens`` consecutive tokens, i.e. ``block_tokens // ratio`` entries.
+    ``indexer_fp8`` stores the indexer keys of a paged CSA layer in FP8 (132 bytes per key at
+    head dim 128, :mod:`dsv4.ops.kv_cache`; exact for quant_sim's FP4-simulated keys).
+    """
 
     def __init__(self, batch: int, window_size: int, head_dim: int, ratio: int,
-                 index_head_dim: int, dtype: torch.dtype, device: torch.device):
+                 index_head_dim: int, dtype: torch.dtype, device: torch.device,
+                 num_blocks: Optional[int] = None, block_tokens: Optional[int] = None,
+                 indexer_fp8: bool = False):
         self.window = torch.zeros(batch, window_size, head_dim, dtype=dtype, device=device)
         self.compressor: Optional[CompressorState] = None
         self.indexer: Optional[CompressorState] = None
+        paged = {}
+        if num_blocks is not None and ratio:
+            if block_tokens % ratio:
+                raise ValueError(f"block_tokens {block_tokens} must be a multiple of every "
+                                 f"compress ratio (got ratio {ratio})")
+            paged = dict(num_blocks=num_blocks, block_size=block_tokens // ratio)
         if ratio:
-            self.compressor = CompressorState(batch, ratio, head_dim, dtype, device)
+            self.compressor = CompressorState(batch, ratio, head_dim, dtype, device, **paged)
         if ratio == 4:
-            self.indexer = CompressorState(batch, ratio, index_head_dim, dtype, device)
+            self.indexer = CompressorState(batch, ratio, index_head_dim, dtype, device, **paged,
+                                           fp8=indexer_fp8)
 
     def reset_rows(self, rows: list[int]) -> None:
         self.window[rows] = 0
@@ -76,18 +173,23 @@ class Cache:
     """Decode state of ``batch_size`` independent sequences; made by ``Model.make_cache``.
 
     ``lengths[b]`` (python ints, host side) counts the tokens of row b processed by the main
-    layers; ``mtp_lengths[b]`` those processed by the MTP layers.
+    layers; ``mtp_lengths[b]`` those processed by the MTP layers. Stores are dense (one block
+    per row, grown as needed).
+
+    If a call fails while it is advancing some rows (an exception or Ctrl-C inside a layer),
+    those rows are marked unusable: later calls that feed them raise :class:`CacheRowError`
+    until ``reset`` clears them (their state would otherwise silently give wrong logits).
     """
 
     def __init__(self, config, batch_size: int, dtype: torch.dtype, device: torch.device):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_count(batch_size, "batch_size")
         self.config = config
         self.batch_size = batch_size
         self.dtype = dtype
         self.device = torch.device(device)
         self.lengths = [0] * batch_size
         self.mtp_lengths = [0] * batch_size
+        self.broken: dict[int, str] = {}
         n = config.n_layers + config.n_mtp_layers
         self.layers = [
             LayerCache(batch_size, config.window_size, config.head_dim, config.compress_ratios[i],
@@ -95,16 +197,69 @@ class Cache:
             for i in range(n)
         ]
 
-    def reset(self, rows: Optional[Iterable[int]] = None) -> None:
-        """Forget the sequences in ``rows`` (all rows by default) so the slots start afresh.
+    def _rows_arg(self, rows) -> list[int]:
+        """Validate ``reset``'s argument completely; return the rows as python ints."""
+        if rows is None:
+            return list(range(self.batch_size))
+        what = ("rows must be a sequence of row indices (ints in [0, "
+                f"{self.batch_size})) or None for all rows")
+        if isinstance(rows, (str, bytes, bool, int, float)) or (
+                isinstance(rows, torch.Tensor) and rows.dim() != 1):
+            raise TypeError(f"{what}; got {rows!r}")
+        if isinstance(rows, torch.Tensor):
+            if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+                raise TypeError(f"{what}; got a {rows.dtype} tensor")
+            rows = rows.tolist()
+        try:
+            items = list(rows)
+        except TypeError:
+            raise TypeError(f"{what}; got {rows!r}") from None
+        out = []
+        for r in items:
+            if isinstance(r, (bool, str, bytes, float)) or (
+                    isinstance(r, torch.Tensor) and (r.dim() or r.dtype.is_floating_point)):
+                raise TypeError(f"{what}; got element {r!r}")
+            try:
+                v = operator.index(r)
+            except TypeError:
+                raise TypeError(f"{what}; got element {r!r}") from None
+            if not 0 <= v < self.batch_size:
+                raise IndexError(f"row {v} out of range for a cache of batch {self.batch_size}")
+            out.append(v)
+        return out
 
-        Raises IndexError for a row outside [0, batch_size).
+    def reset(self, rows=None) -> None:
+        """Forget the sequences in ``rows`` (all rows by default) so the slots start afresh;
+        also clears the unusable mark of a row whose last call failed.
+
+        Args:
+            rows: None, or a sequence (list, tuple, range, 1-D integer tensor) of row indices.
+
+        Raises:
+            TypeError: ``rows`` is a string, a number, a bool, or holds a non-integer.
+            IndexError: a row outside [0, batch_size).
+            In both cases nothing is changed.
         """
-        rows = list(range(self.batch_size)) if rows is None else [int(r) for r in rows]
+        rows = self._rows_arg(rows)
         for r in rows:
-            if not 0 <= r < self.batch_size:
-                raise IndexError(f"row {r} out of range for a cache of batch {self.batch_size}")
             self.lengths[r] = 0
             self.mtp_lengths[r] = 0
-        for lc in self.layers:
-            lc.reset_rows(rows)
+            self.broken.pop(r, None)
+        if rows:
+            for lc in self.layers:
+                lc.reset_rows(rows)
+
+    def check_usable(self, rows: list[int]) -> None:
+        """Raise :class:`CacheRowError` if any of ``rows`` was left unusable by a failed call."""
+        bad = [r for r in rows if r in self.broken]
+        if bad:
+            why = self.broken[bad[0]]
+            raise CacheRowError(
+                f"cache rows {bad} are unusable: an earlier call failed while advancing them "
+                f"({why}); call cache.reset({bad}) and feed those sequences again")
+
+    def mark_broken(self, rows: list[int], error: BaseException) -> None:
+        """Mark ``rows`` unusable after ``error`` interrupted a call that was advancing them."""
+        why = f"{type(error).__name__}: {error}"[:300]
+        for r in rows:
+            self.broken[r] = why

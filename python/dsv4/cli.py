@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate, subparser=g)
 
     _add_info_and_checkpoint_commands(sub)
+    from dsv4.runtime.bench import add_bench_command
+    add_bench_command(sub)
     return parser
 
 
@@ -387,6 +389,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             out.write("\n")
             out.flush()
 
+    if device.type == "cuda":   # on a GPU, the runtime engine (dsv4.runtime) runs the loop
+        from dsv4.runtime import generate
     try:
         result = generate(
             model, prompt_ids, args.max_new_tokens, temperature=args.temperature,

@@ -307,8 +307,10 @@ def generate(
         with torch.no_grad():
             cache = model.make_cache(1)
             inputs = torch.tensor([prompt], dtype=torch.long, device=device)
+            from .model import Model  # only the last position's logits are sampled from
+            last = {"logits": "last"} if isinstance(model, Model) else {}
             while True:
-                logits = model(inputs, cache=cache, seq_lens=None)
+                logits = model(inputs, cache=cache, seq_lens=None, **last)
                 next_id = sample(logits[:, -1, :], temperature, top_p, top_k, generator)
                 token = int(next_id.item())  # host sync: needed for EOS / streaming
                 new_tokens += 1

@@ -8,21 +8,55 @@ next from the last residual streams and the next token's embedding.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .cache import Cache, LayerCache
+from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
 from .layers.linear import Linear
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
+from .layers.varlen import StepBatch
 
 __all__ = ["Block", "MTPBlock", "Model"]
+
+
+def _seq_lens_arg(seq_lens, batch: int, seq: int) -> list[int]:
+    """Validate ``seq_lens`` (None, a sequence of ints or a 1-D integer tensor, ``batch``
+    values in [0, seq]) and return it as python ints; ValueError naming what is accepted."""
+    what = (f"seq_lens must be None or {batch} integers in [0, {seq}] (a list, tuple or 1-D "
+            "integer tensor)")
+    if seq_lens is None:
+        return [seq] * batch
+    if isinstance(seq_lens, torch.Tensor):
+        if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex \
+                or seq_lens.dtype == torch.bool:
+            raise ValueError(f"{what}; got a {seq_lens.dtype} tensor of shape "
+                             f"{tuple(seq_lens.shape)}")
+        raw = seq_lens.tolist()
+    elif isinstance(seq_lens, (str, bytes)) or not hasattr(seq_lens, "__iter__"):
+        raise ValueError(f"{what}; got {seq_lens!r}")
+    else:
+        raw = list(seq_lens)
+    lens = []
+    for v in raw:
+        if isinstance(v, (bool, float, str, bytes)) or v is None or (
+                isinstance(v, torch.Tensor) and (v.dim() or v.dtype.is_floating_point)):
+            raise ValueError(f"{what}; got {raw!r}")
+        try:
+            lens.append(operator.index(v))
+        except TypeError:
+            raise ValueError(f"{what}; got {raw!r}") from None
+    if len(lens) != batch or any(not 0 <= v <= seq for v in lens):
+        raise ValueError(f"{what}; got {lens}")
+    return lens
 
 
 def _fp32_param(*shape: int, std: float = 0.0) -> nn.Parameter:
@@ -56,10 +90,11 @@ class Block(nn.Module):
                       getattr(self, f"hc_{site}_base"), c.norm_eps, c.hc_sinkhorn_iters, c.hc_eps)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, cache: LayerCache,
-                starts: list[int], lens: list[int]) -> torch.Tensor:
-        """x [batch, seq, hc_mult, dim] residual streams → the same shape."""
+                batch: StepBatch) -> torch.Tensor:
+        """x [T, hc_mult, dim] residual streams of the step's tokens (``batch``), input_ids
+        [T] → the same shape; advances ``cache``."""
         u, post, comb = self._hc_pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(u), cache, starts, lens), x, post, comb)
+        x = hc_post(self.attn(self.attn_norm(u), cache, batch), x, post, comb)
         u, post, comb = self._hc_pre(x, "ffn")
         return hc_post(self.ffn(self.ffn_norm(u), input_ids), x, post, comb)
 
@@ -148,14 +183,24 @@ class Model(nn.Module):
         return self.to(dtype=torch.float32)
 
     def make_cache(self, batch_size: int) -> Cache:
-        """An empty :class:`Cache` for ``batch_size`` sequences on the model's device/dtype."""
-        return Cache(self.config, batch_size, self.dtype, self.device)
+        """An empty :class:`Cache` for ``batch_size`` sequences on the model's device/dtype.
+
+        Raises ValueError unless ``batch_size`` is an integer >= 1 (not a float, bool or
+        string).
+        """
+        return Cache(self.config, check_count(batch_size, "batch_size"), self.dtype,
+                     self.device)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, input_ids: torch.Tensor, cache: Cache,
                       seq_lens: Optional[Sequence[int] | torch.Tensor]
                       ) -> tuple[list[int], torch.Tensor]:
-        """Validate a call; return (valid tokens per row, int64 ids with padding set to 0)."""
+        """Validate a call; return (valid tokens per row, int64 ids [T] of the valid tokens,
+        row by row). Changes nothing."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (int64/int32) "
+                            f"[batch, seq], got {type(input_ids).__name__}; e.g. "
+                            "torch.tensor([ids])")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError("input_ids must be an int64/int32 tensor [batch, seq], got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
@@ -169,60 +214,160 @@ class Model(nn.Module):
                              f"{self.dtype} on {self.device}: make the cache after .to(...)")
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}")
-        if seq_lens is None:
-            lens = [S] * B
-        else:
-            raw = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
-            if any(isinstance(v, bool) or int(v) != v for v in raw):
-                raise ValueError(f"seq_lens must hold integers, got {raw}")
-            lens = [int(v) for v in raw]
-        if len(lens) != B or any(not 0 <= v <= S for v in lens):
-            raise ValueError(f"seq_lens must have {B} entries in [0, {S}], got {lens}")
-        valid = torch.arange(S, device=input_ids.device)[None, :] < torch.tensor(
-            lens, device=input_ids.device)[:, None]
-        ids = input_ids[valid]
+        lens = _seq_lens_arg(seq_lens, B, S)
+        cache.check_usable([b for b in range(B) if lens[b]])
+        valid = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
+        ids = input_ids[valid.to(input_ids.device)]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        # Padded positions get token 0 so that embedding and hash routing stay in range.
-        return lens, input_ids.long().masked_fill(~valid, 0)
+        return lens, ids.long()
 
-    def _head(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm) -> torch.Tensor:
+    def _step_batch(self, starts: list[int], lens: list[int], logits: str) -> StepBatch:
+        """The step description of a padded call on a dense :class:`Cache` (row b = slot b,
+        one block per row). ``logits``: "all" (every valid token) or "last" (the last valid
+        token of each row that has one)."""
+        if logits == "all":
+            index = list(range(sum(lens)))
+        else:
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            index = [cu[b + 1] - 1 for b in range(len(lens)) if lens[b]]
+        B = len(lens)
+        return StepBatch.build(starts, lens, list(range(B)), [[b] for b in range(B)], index,
+                               self.device, max_blocks=1)
+
+    def _head(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm,
+              head_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """hc_head collapse → norm → head: float32 logits [..., vocab] (§10.2).
+
+        ``head_dtype`` None / float32: the official fp32 head (the input upcast to fp32).
+        ``torch.bfloat16``: an opt-in low-precision head for serving: a bf16 copy of the head
+        weight (half the bytes a decode step reads), the normed activations in bf16, fp32
+        accumulation and fp32 logits (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere
+        the bf16 product is upcast).
+        """
         c = self.config
         y = norm(hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps))
-        return self.head(y.float())
+        if head_dtype in (None, torch.float32):
+            return self.head(y.float())
+        w = self._low_precision_head(head_dtype)
+        y = y.to(head_dtype)
+        if y.is_cuda:
+            try:
+                return torch.mm(y.reshape(-1, y.shape[-1]), w.t(), out_dtype=torch.float32
+                                ).view(*y.shape[:-1], w.shape[0])
+            except (RuntimeError, TypeError):   # a torch without mm(out_dtype=)
+                pass
+        return F.linear(y, w).float()
+
+    def _low_precision_head(self, dtype: torch.dtype) -> torch.Tensor:
+        """A cached ``dtype`` copy of the head weight (rebuilt when the weight changes)."""
+        w = self.head.weight
+        key = (dtype, w.data_ptr(), w._version, w.device)
+        cached = getattr(self, "_head_copy", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().to(dtype))
+            self._head_copy = cached
+        return cached[1]
+
+    def forward_step(self, input_ids: torch.Tensor, layers: Sequence[LayerCache],
+                     batch: StepBatch, head_dtype: Optional[torch.dtype] = None,
+                     return_hidden: bool = False):
+        """The model on one step: the entry point of ``dsv4.runtime`` and of :meth:`forward`.
+
+        Args:
+            input_ids: int64 [T], the step's tokens (row by row, as ``batch`` describes them).
+            layers: one :class:`~dsv4.cache.LayerCache` per main layer (dense or paged),
+                advanced in place for the rows' slots.
+            batch: the :class:`~dsv4.layers.varlen.StepBatch` every layer receives.
+            head_dtype: see :meth:`_head` (None = the official fp32 head).
+            return_hidden: also return the last residual streams [T, hc_mult, dim].
+
+        Returns:
+            float32 logits [batch.num_logits, vocab] of the tokens ``batch.logits_index``
+            (and the streams). No host synchronisation beyond what the layers' ops do, so a
+            decode step on the kernels can be captured in a CUDA graph.
+        """
+        x = self.embed(input_ids).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, input_ids, layers[i], batch)
+        logits = self._head(x.index_select(0, batch.logits_index), self.hc_head_fn,
+                            self.hc_head_scale, self.hc_head_base, self.norm, head_dtype)
+        return (logits, x) if return_hidden else logits
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[Cache] = None,
                 seq_lens: Optional[Sequence[int] | torch.Tensor] = None,
-                return_hidden: bool = False):
-        """Logits float32 [batch, seq, vocab]; with ``return_hidden`` also the last residual
-        streams [batch, seq, hc_mult, dim] (the MTP input).
+                return_hidden: bool = False, logits: str = "all"):
+        """Logits float32 of the fed tokens; with ``return_hidden`` also the last residual
+        streams [batch, seq, hc_mult, dim] (the MTP input; zeros at padding).
 
-        Raises ValueError for input_ids that are not int64/int32 [batch, seq] on the model's
-        device, token ids outside [0, vocab_size), seq_lens that are not ``batch`` integers in
-        [0, seq], or a cache of another batch size, config, dtype or device.
+        ``logits="all"``: [batch, seq, vocab] (zeros at padding positions); ``logits="last"``:
+        [batch, 1, vocab], the last valid position of each row only (zeros for a row with
+        ``seq_lens`` 0), so a prompt does not materialise fp32 logits for every position.
+
+        Internally the valid tokens of all rows are processed back to back (a
+        :class:`~dsv4.layers.varlen.StepBatch`, the calling convention of every layer).
+
+        Raises:
+            TypeError: input_ids is not a tensor (e.g. a Python list).
+            ValueError: input_ids not int64/int32 [batch, seq] on the model's device, token
+                ids outside [0, vocab_size), seq_lens that are not ``batch`` integers in
+                [0, seq] (None, NaN, inf, floats, bools, a 2-D tensor ...), an unknown
+                ``logits`` mode, or a cache of another batch size, config, dtype or device.
+            CacheRowError: a row with tokens to feed was left unusable by a failed call.
+            Nothing is changed when an error is raised before the layers run; an exception
+            inside the layers marks the rows being fed unusable (``cache.reset`` them).
         """
-        cache = self.make_cache(input_ids.shape[0]) if cache is None else cache
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        if cache is None:
+            cache = self.make_cache(input_ids.shape[0] if isinstance(input_ids, torch.Tensor)
+                                    and input_ids.dim() == 2 else 1)
         lens, ids = self._check_inputs(input_ids, cache, seq_lens)
-        if input_ids.shape[1] == 0:
-            B, c = input_ids.shape[0], self.config
-            logits = torch.empty(B, 0, c.vocab_size, device=self.device)
-            hidden = torch.empty(B, 0, c.hc_mult, c.dim, dtype=self.dtype, device=self.device)
-            return (logits, hidden) if return_hidden else logits
-        starts = list(cache.lengths)
-        h = self.embed(ids)
-        x = h.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ids, cache.layers[i], starts, lens)
-        for b in range(len(lens)):
+        B, S = input_ids.shape
+        c = self.config
+        if not any(lens):   # nothing to feed: no state changes
+            out = torch.zeros(B, S if logits == "all" else 1, c.vocab_size, device=self.device)
+            hidden = torch.zeros(B, S, c.hc_mult, c.dim, dtype=self.dtype, device=self.device)
+            return (out, hidden) if return_hidden else out
+        batch = self._step_batch(list(cache.lengths), lens, logits)
+        fed = [b for b in range(B) if lens[b]]
+        try:
+            out, x = self.forward_step(ids, cache.layers, batch, return_hidden=True)
+        except BaseException as e:
+            cache.mark_broken(fed, e)
+            raise
+        for b in fed:
             cache.lengths[b] += lens[b]
-        logits = self._head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
-        return (logits, x) if return_hidden else logits
+        out = self._unflatten(out, lens, S if logits == "all" else 1, logits == "last")
+        if not return_hidden:
+            return out
+        return out, self._unflatten(x, lens, S, False)
+
+    @staticmethod
+    def _unflatten(y: torch.Tensor, lens: list[int], S: int, last: bool) -> torch.Tensor:
+        """[n, *rest] rows of the fed tokens (or of the rows' last tokens) → [batch, S, *rest],
+        zeros where nothing was computed."""
+        B = len(lens)
+        if last:
+            if all(lens):
+                return y.view(B, 1, *y.shape[1:])
+            keep = torch.tensor([b for b in range(B) if lens[b]], device=y.device)
+        elif sum(lens) == B * S:
+            return y.view(B, S, *y.shape[1:])
+        else:
+            keep = torch.tensor([b * S + t for b in range(B) for t in range(lens[b])],
+                                dtype=torch.long, device=y.device)
+        out = y.new_zeros(B * S, *y.shape[1:])
+        out.index_copy_(0, keep, y)
+        return out.view(B, S, *y.shape[1:])
 
     def forward_mtp(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: Cache,
                     seq_lens: Optional[Sequence[int] | torch.Tensor] = None,
                     depth: int = 0) -> torch.Tensor:
-        """MTP draft logits float32 [batch, seq, vocab] (§10.3).
+        """MTP draft logits float32 [batch, seq, vocab] (§10.3; zeros at padding).
 
         hidden: [batch, seq, hc_mult, dim] last residual streams of the main model at positions
         p … (from ``forward(..., return_hidden=True)``); next_ids: int64 [batch, seq], the token
@@ -230,26 +375,37 @@ class Model(nn.Module):
         (``cache.mtp_lengths``); positions are those of ``hidden``.
 
         Raises ValueError for a ``depth`` outside [0, n_mtp_layers), a ``hidden`` whose shape is
-        not [batch, seq, hc_mult, dim] of ``next_ids``, and the input errors of :meth:`forward`.
+        not [batch, seq, hc_mult, dim] of ``next_ids``, and the input errors of :meth:`forward`
+        (an exception inside the MTP block marks the fed rows unusable likewise).
         """
-        if not 0 <= depth < len(self.mtp):
-            raise ValueError(f"depth must be in [0, {len(self.mtp)}) (n_mtp_layers)")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth < len(self.mtp):
+            raise ValueError(f"depth must be an integer in [0, {len(self.mtp)}) (n_mtp_layers), "
+                             f"got {depth!r}")
         lens, ids = self._check_inputs(next_ids, cache, seq_lens)
         c = self.config
-        want = (*next_ids.shape, c.hc_mult, c.dim)
-        if tuple(hidden.shape) != want:
+        B, S = next_ids.shape
+        want = (B, S, c.hc_mult, c.dim)
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != want:
             raise ValueError(f"hidden must be [batch, seq, hc_mult, dim] = {want}, got "
-                             f"{tuple(hidden.shape)}")
-        if next_ids.shape[1] == 0:
-            return torch.empty(next_ids.shape[0], 0, c.vocab_size, device=self.device)
-        starts = list(cache.mtp_lengths)
-        blk = self.mtp[depth]
-        e = blk.enorm(self.embed(ids))
-        x = blk.e_proj(e).unsqueeze(2) + blk.h_proj(blk.hnorm(hidden.to(self.dtype)))
-        x = blk(x, ids, cache.layers[self.config.n_layers + depth], starts, lens)
-        for b in range(len(lens)):
+                             f"{tuple(getattr(hidden, 'shape', ()))}")
+        if not any(lens):
+            return torch.zeros(B, S, c.vocab_size, device=self.device)
+        batch = self._step_batch(list(cache.mtp_lengths), lens, "all")
+        fed = [b for b in range(B) if lens[b]]
+        valid = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
+        try:
+            h = hidden[valid.to(hidden.device)].to(self.dtype)
+            blk = self.mtp[depth]
+            e = blk.enorm(self.embed(ids))
+            x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(h))
+            x = blk(x, ids, cache.layers[self.config.n_layers + depth], batch)
+            out = self._head(x, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, blk.norm)
+        except BaseException as e:
+            cache.mark_broken(fed, e)
+            raise
+        for b in fed:
             cache.mtp_lengths[b] += lens[b]
-        return self._head(x, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, blk.norm)
+        return self._unflatten(out, lens, S, False)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

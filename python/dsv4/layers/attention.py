@@ -8,14 +8,15 @@ from torch import nn
 from ..cache import LayerCache
 from ..ops.attention import sparse_attn_reference
 from ..ops.backend import use_kernels
+from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor
 from .indexer import Indexer
-from .linear import Linear
 from ..ops.norm import rms_norm_reference
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
-from .varlen import TokenLayout
+from .varlen import StepBatch
 
 __all__ = ["Attention", "window_indices"]
 
@@ -88,31 +89,32 @@ class Attention(nn.Module):
             self._freqs[device] = next(iter(self._freqs.values())).to(device)
         return self._freqs[device]
 
-    def forward(self, x: torch.Tensor, cache: LayerCache, starts: list[int], lens: list[int]
-                ) -> torch.Tensor:
-        """x [batch, seq, dim] (right-padded; row b has ``lens[b]`` valid tokens at positions
-        ``starts[b]`` …). Advances ``cache``; returns [batch, seq, dim] (0 rows at padding)."""
-        B, S, _ = x.shape
+    def forward(self, x: torch.Tensor, cache: LayerCache, batch: StepBatch) -> torch.Tensor:
+        """x [T, dim]: the new tokens of every row of ``batch`` back to back (see
+        :class:`~dsv4.layers.varlen.StepBatch`). Advances ``cache`` (the rows' slots);
+        returns [T, dim]."""
+        T = x.shape[0]
         c = self.config
         freqs = self.freqs(x.device)
-        rd = self.rope_dim
-        pos = torch.tensor(starts, device=x.device)[:, None] + torch.arange(S, device=x.device)
+        pos = batch.pos
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = rms_norm_reference(q, None, c.norm_eps)
-        q = apply_rope(q, pos[..., None], freqs)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, freqs)
-        if c.quant_sim:
-            kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
+        kv = self.wkv(x)
         if use_kernels(x, self._kernel_ops, self._kernel_unsupported):
-            o = self._attend_kernels(x, qr, q, kv, cache, starts, lens, freqs)
+            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs)
         else:
-            o = self._attend_reference(x, qr, q, kv, cache, starts, lens, freqs)
-        o = apply_rope(o, pos[..., None], freqs, inverse=True)
-        o = o.view(B, S, self.o_groups, -1)
+            # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
+            q = apply_rope(rms_norm_reference(q, None, c.norm_eps), pos[:, None], freqs)
+            kv = apply_rope(self.kv_norm(kv), pos, freqs)
+            if c.quant_sim:
+                rd = self.rope_dim
+                kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
+            o = self._attend_reference(x, qr, q, kv, cache, batch, freqs)
+        o = apply_rope(o, pos[:, None], freqs, inverse=True)
+        o = o.view(T, self.o_groups, self.n_heads * self.head_dim // self.o_groups)
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        z = torch.einsum("bsgd,grd->bsgr", o, wo_a.to(o.dtype))
-        return self.wo_b(z.flatten(2))
+        z = torch.einsum("tgd,grd->tgr", o, wo_a.to(o.dtype))
+        return self.wo_b(z.flatten(1))
 
     @property
     def _kernel_unsupported(self) -> str | None:
@@ -129,114 +131,150 @@ class Attention(nn.Module):
 
     @property
     def _kernel_ops(self) -> tuple[str, ...]:
+        ops = ("sparse_attn", "q_norm_rope", "kv_norm_rope")
         if self.indexer is not None:
-            return ("sparse_attn", "compress_kv", "indexer_topk")
-        return ("sparse_attn", "compress_kv") if self.compress_ratio else ("sparse_attn",)
+            return ops + ("compress_kv", "indexer_topk")
+        return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
 
-    def _attend_reference(self, x, qr, q, kv, cache: LayerCache, starts: list[int],
-                          lens: list[int], freqs) -> torch.Tensor:
-        """The reference core: one sequence at a time, keys concatenated, then
-        :func:`sparse_attn_reference`. Returns o [batch, seq, heads, head_dim]."""
-        B = x.shape[0]
+    def _attend_reference(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
+                          freqs) -> torch.Tensor:
+        """The reference core: one sequence at a time from the host lists of ``batch``, keys
+        concatenated, then :func:`sparse_attn_reference`. Returns o [T, heads, head_dim]."""
+        h = batch.require_host()
         o = torch.zeros_like(q)
         W = self.window_size
-        for b in range(B):
-            s, n = starts[b], lens[b]
+        t0 = 0
+        for s, n, slot, table in zip(h.starts, h.lens, h.slots, h.block_tables):
+            t1 = t0 + n
             if n == 0:
                 continue
-            kv_new = kv[b, :n]
+            kv_new = kv[t0:t1]
             idx = window_indices(s, n, W, x.device)
-            parts = [cache.window[b], kv_new]
+            parts = [cache.window[slot], kv_new]
             if self.compress_ratio:
                 if self.indexer is not None:
-                    comp = self.indexer(x[b, :n], qr[b, :n], cache.indexer, b, s, freqs)
-                n_entries = self.compressor(x[b, :n], cache.compressor, b, s, freqs)
+                    comp = self.indexer(x[t0:t1], qr[t0:t1], cache.indexer, slot, s, freqs,
+                                        table)
+                n_entries = self.compressor(x[t0:t1], cache.compressor, slot, s, freqs, table)
                 if self.indexer is None:   # HCA: every complete entry, causal per query
                     t = torch.arange(s, s + n, device=x.device)[:, None]
                     j = torch.arange(n_entries, device=x.device)[None, :]
                     comp = torch.where(j < (t + 1) // self.compress_ratio, j, -1)
-                parts.append(cache.compressor.entries[b, :n_entries])
+                parts.append(cache.compressor.row_entries(slot, table, n_entries))
                 idx = torch.cat([idx, torch.where(comp >= 0, comp + W + n, -1)], dim=-1)
-            o[b, :n], _ = sparse_attn_reference(q[b, :n], torch.cat(parts, 0), idx,
+            o[t0:t1], _ = sparse_attn_reference(q[t0:t1], torch.cat(parts, 0), idx,
                                                 self.attn_sink, self.softmax_scale)
             keep = min(n, W)
-            slots = torch.arange(s + n - keep, s + n, device=x.device) % W
-            cache.window[b, slots] = kv_new[n - keep:]
+            ring = torch.arange(s + n - keep, s + n, device=x.device) % W
+            cache.window[slot, ring] = kv_new[n - keep:]
+            t0 = t1
         return o
 
-    def _attend_kernels(self, x, qr, q, kv, cache: LayerCache, starts: list[int],
-                        lens: list[int], freqs) -> torch.Tensor:
-        """The kernel core for the whole batch in one launch per op (no per-sequence loop).
+    def _attend_kernels(self, x, qr, q_raw, kv_raw, cache: LayerCache, batch: StepBatch,
+                        freqs) -> torch.Tensor:
+        """The kernel core for the whole step in one launch per op, from device tensors only
+        (no host synchronisation; shapes depend on host-side sizes of ``batch`` alone).
 
-        Keys live in two scopes of ``torch.ops.dsv4.sparse_attn``: the main scope is the
-        window ring buffers of all rows followed by this step's new keys
-        (``[batch·window_size + T, head_dim]``, a small copy), the extra scope is the
-        compressed-entry store of all rows viewed as ``[batch·capacity, head_dim]`` (no copy).
-        Returns o [batch, seq, heads, head_dim].
+        ``q_raw`` [T, heads, head_dim] / ``kv_raw`` [T, head_dim] are the ``wq_b`` / ``wkv``
+        outputs: ``q_norm_rope`` and ``kv_norm_rope`` finish the q and kv paths in one pass
+        each (§3.2, §3.3). Keys live in two scopes. Main scope: in a decode step (every row at
+        most one new token) ``kv_norm_rope`` writes the new keys into the window rings and the
+        rings of all slots are the scope, in place; otherwise the rings of the step's rows
+        followed by the step's new keys (``[B·window_size + T, head_dim]``, a copy), and the
+        rings are updated after attention. Compressed scope: the entry store viewed as a pool
+        ``[num_blocks, block_size, head_dim]`` addressed through each row's block table: the
+        indexer's picks (CSA, ``sparse_attn`` with physical indices) or every complete entry
+        (HCA, ``hca_attn`` with per-query entry counts, no index list). Returns o
+        [T, heads, head_dim].
         """
-        B, S = x.shape[:2]
-        W = self.window_size
-        lay = TokenLayout.build(B, S, starts, lens, x.device)
-        if lay.num_tokens == 0:
-            return torch.zeros_like(q)
-        q_t, kv_t = lay.gather(q), lay.gather(kv)
-        x_t, qr_t = lay.gather(x), lay.gather(qr)
-        rows = lay.rows.long()
-        main_kv = torch.cat([cache.window.view(B * W, -1), kv_t], dim=0)
-        sel = extra_kv = extra_len = None
-        n_extra = 0
+        c = self.config
+        T, B, W = batch.num_tokens, batch.num_rows, self.window_size
+        if T == 0:
+            return torch.zeros_like(q_raw)
+        dev = x.device
+        rows = batch.rows.long()
+        pos = batch.pos.long()
+        ring = cache.window.view(-1, cache.window.shape[-1])
+        slot_t = batch.slots.long()[rows]
+        q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
+        quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
+        if batch.decode and ring.dtype == torch.bfloat16:   # the op's cache dtype
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant, ring, (slot_t * W + pos % W).to(torch.int32))
+            main_kv = ring
+        elif batch.decode:
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant)
+            ring.index_copy_(0, slot_t * W + pos % W, kv)
+            main_kv = ring
+        else:
+            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                    quant)
+            main_kv = torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1),
+                                 kv], dim=0)
+        sel = entries = extra_len = None
         if self.compress_ratio:
             m = self.compress_ratio
             if self.indexer is not None:
-                sel = self.indexer.forward_varlen(x_t, qr_t, cache.indexer, lay, freqs)
-            self.compressor.forward_varlen(x_t, cache.compressor, lay, freqs)
-            entries = cache.compressor.entries
-            C = entries.shape[1]
+                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs)
+            self.compressor.forward_batch(x, cache.compressor, batch, freqs)
+            if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
+                entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query
-                extra_len = ((lay.pos + 1) // m).to(torch.int32)
-            n_extra = sel.shape[1] if sel is not None else max(
-                (s + n) // m for s, n in zip(starts, lens))
-            if C and n_extra:
-                extra_kv = entries.view(B * C, entries.shape[-1])
-        # The index lists are built for blocks of queries so that their size stays bounded
-        # (an HCA list is [queries, entries]: a 512K-token prompt in one chunk would need
-        # ~25 GB); a decode step or an ordinary prefill is a single block.
-        T = lay.num_tokens
-        step = max(1, _INDEX_ELEMENTS // (W + n_extra))
+                extra_len = torch.div(batch.pos + 1, m, rounding_mode="floor").to(torch.int32)
+        table = batch.block_table.long()
+        # The index lists are built for blocks of queries so that their size stays bounded;
+        # a decode step or an ordinary prefill is a single block.
+        step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
+        lanes = torch.arange(W, device=dev)
         outs = []
         for t0 in range(0, T, step):
             blk = slice(t0, min(T, t0 + step))
             r = rows[blk, None]
-            # Window scope: position p of row b (chunk start s_b, token offset o_b) is at ring
-            # slot b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b); p < 0 is −1 (§3.5).
-            p = lay.pos[blk, None] - (W - 1) + torch.arange(W, device=x.device)[None, :]
-            chunk_start = lay.starts_t.long()[rows[blk]][:, None]
-            offset = lay.cu_seqlens.long()[rows[blk]][:, None]
-            win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
-                                  r * W + p % W)
+            p = pos[blk, None] - (W - 1) + lanes[None, :]
+            if batch.decode:
+                # Window scope = the rings: position p of slot s at s·W + p % W (§3.5).
+                win_idx = slot_t[blk, None] * W + p % W
+            else:
+                # Position p of row b (chunk start s_b, token offset o_b) is at ring slot
+                # b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b).
+                chunk_start = batch.starts.long()[r]
+                offset = batch.cu_seqlens.long()[r]
+                win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
+                                      r * W + p % W)
             win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
-            extra_idx = e_len = None
-            if extra_kv is not None:
-                if sel is not None:    # CSA: the indexer's picks, per-row entry indices
-                    extra_idx = torch.where(sel[blk] >= 0, r.to(torch.int32) * C + sel[blk], -1)
-                else:
-                    e_len = extra_len[blk]
-                    j = torch.arange(n_extra, device=x.device)[None, :]
-                    extra_idx = torch.where(j < e_len[:, None], r * C + j, -1).to(torch.int32)
-            o, _ = _dsv4.sparse_attn(q_t[blk], main_kv, win_idx, self.attn_sink,
-                                     self.softmax_scale, None, extra_kv, extra_idx, e_len)
+            if entries is None:
+                o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                         self.softmax_scale)
+            elif sel is None:          # HCA
+                o, _ = _dsv4.hca_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                      self.softmax_scale, None, entries, batch.block_table,
+                                      batch.rows[blk], extra_len[blk])
+            else:                      # CSA: the indexer's picks (logical entry indices)
+                extra_idx = _physical(table, r, sel[blk].long(), entries.shape[1])
+                o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
+                                         self.softmax_scale, None,
+                                         entries.view(-1, entries.shape[-1]), extra_idx)
             outs.append(o)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        # Ring update: the last min(n, W) new keys of each row.
-        dst, src = [], []
-        o_b = 0                                    # token offset of row b
-        for b, (s, n) in enumerate(zip(starts, lens)):
-            keep = min(n, W)
-            dst.extend(b * W + (pos % W) for pos in range(s + n - keep, s + n))
-            src.extend(range(o_b + n - keep, o_b + n))
-            o_b += n
-        if dst:
-            ring = cache.window.view(B * W, -1)
-            ring.index_copy_(0, torch.tensor(dst, device=x.device),
-                             kv_t[torch.tensor(src, device=x.device)])
-        return lay.scatter(out)
+        if not batch.decode:
+            # Ring update: every token writes ring slot (slot, p % W) with the value of the
+            # last token of its row at a position ≡ p (mod W), so that the tokens that share
+            # a ring slot write the same value (deterministic without a host-side list).
+            end = (batch.starts + batch.lens).long()[rows]
+            final = pos + W * torch.div(end - 1 - pos, W, rounding_mode="floor")
+            src = torch.arange(T, device=dev) + (final - pos)
+            ring.index_copy_(0, slot_t * W + pos % W, kv.index_select(0, src))
+        return out
+
+
+def _physical(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor,
+              block_size: int) -> torch.Tensor:
+    """Physical rows of logical entries ``s`` [t, k] (−1 = none) of the sequences ``rows``
+    [t, 1] in a store [num_blocks, block_size, d] viewed as [num_blocks·block_size, d]:
+    ``table[row, s // block_size] · block_size + s % block_size``; −1 where s < 0 or the
+    block is missing. int32 [t, k]."""
+    sc = s.clamp(min=0)
+    blk = table[rows, (sc // block_size).clamp(max=table.shape[1] - 1)]
+    phys = blk * block_size + sc % block_size
+    return torch.where((s >= 0) & (blk >= 0), phys, -1).to(torch.int32)

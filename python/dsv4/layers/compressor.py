@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..cache import CompressorState
-from ..ops.compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE
-from ..ops.quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
+from ..ops.compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE, compress_kv_reference
 from .linear import Linear
 from .norm import RMSNorm
-from .rope import apply_rope
+from .varlen import StepBatch
 
 __all__ = ["Compressor"]
 
@@ -45,75 +47,118 @@ class Compressor(nn.Module):
         self.ape._dsv4_keep_fp32 = True
         self.norm = RMSNorm(head_dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, state: CompressorState, row: int, start: int,
-                freqs: torch.Tensor) -> int:
-        """Feed tokens ``x`` [n, dim] of sequence ``row`` at positions start … start+n−1.
+    @property
+    def quant(self) -> int:
+        """The ``quant`` code of ``compress_kv`` for this compressor (§4.4)."""
+        if not self.config.quant_sim:
+            return QUANT_NONE
+        return QUANT_FP4_HADAMARD if self.rotate else QUANT_FP8
 
-        Emits every block that these tokens complete into ``state.entries[row]`` and updates the
-        partial-block state. Returns the number of entries of the row afterwards
-        (``(start + n) // ratio``). The result equals feeding the tokens one at a time
-        (architecture.md §4.5; chunked prefill is defined that way).
+    def forward(self, x: torch.Tensor, state: CompressorState, row: int, start: int,
+                freqs: torch.Tensor, block_table: Optional[list[int]] = None) -> int:
+        """Feed tokens ``x`` [n, dim] of the sequence in slot ``row`` at positions
+        start … start+n−1 (the per-sequence reference path).
+
+        Emits every block that these tokens complete into the slot's entries (dense store:
+        ``state.entries[row]``, grown as needed; paged store: through ``block_table``, the
+        sequence's block ids) and updates the partial-block state. Returns the number of
+        entries of the sequence afterwards (``(start + n) // ratio``). The result equals
+        feeding the tokens one at a time (architecture.md §4.5; chunked prefill is defined
+        that way). After the two projections the maths is
+        :func:`dsv4.ops.compressor.compress_kv_reference` (one definition of the compressor).
         """
-        m, d = self.compress_ratio, self.head_dim
+        m = self.compress_ratio
         n = x.shape[0]
-        r0 = start % m
-        off = m if self.overlap else 0
         n_after = (start + n) // m
         if n == 0:
             return n_after
-        pos = torch.arange(start, start + n, device=x.device)
+        dev = x.device
+        table = None
+        if state.paged:
+            if block_table is None:
+                raise ValueError("a paged entry store needs the sequence's block_table")
+            table = torch.tensor([list(block_table) or [-1]], dtype=torch.int32, device=dev)
+        else:
+            state.reserve(n_after)
         xf = x.float()
-        kv = self.wkv(xf)
-        score = self.wgate(xf) + self.ape[pos % m]
-        # The stream of this block-aligned span: the partial rows already held, then the new ones.
-        kv = torch.cat([state.kv[row, off:off + r0], kv], dim=0)
-        score = torch.cat([state.score[row, off:off + r0], score], dim=0)
-        nb = (r0 + n) // m
-        first_block = (start - r0) // m
-        if nb:
-            bkv = kv[:nb * m].unflatten(0, (nb, m))
-            bsc = score[:nb * m].unflatten(0, (nb, m))
-            if self.overlap:
-                prev_kv = torch.cat([state.kv[row, None, :m], bkv[:-1]], dim=0)
-                prev_sc = torch.cat([state.score[row, None, :m], bsc[:-1]], dim=0)
-                bkv = torch.cat([prev_kv[..., :d], bkv[..., d:]], dim=1)   # [nb, 2m, d]
-                bsc = torch.cat([prev_sc[..., :d], bsc[..., d:]], dim=1)
-                state.kv[row, :m] = kv[(nb - 1) * m:nb * m]
-                state.score[row, :m] = score[(nb - 1) * m:nb * m]
-            pooled = (bkv * bsc.softmax(dim=1)).sum(dim=1)                 # [nb, d] fp32
-            entries = self.norm(pooled.to(state.entries.dtype))
-            block_pos = torch.arange(first_block, first_block + nb, device=x.device) * m
-            entries = apply_rope(entries, block_pos, freqs)
-            if self.config.quant_sim:
-                rd = self.config.rope_head_dim
-                if self.rotate:
-                    entries = fp4_e2m1_sim(hadamard(entries), 32)
-                else:
-                    entries = torch.cat([fp8_e4m3_sim(entries[:, :-rd], 64), entries[:, -rd:]], -1)
-            state.reserve(first_block + nb)
-            state.entries[row, first_block:first_block + nb] = entries
-        rem = r0 + n - nb * m
-        if rem:
-            state.kv[row, off:off + rem] = kv[nb * m:]
-            state.score[row, off:off + rem] = score[nb * m:]
+        compress_kv_reference(
+            self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs,
+            torch.tensor([0, n], dtype=torch.int32, device=dev),
+            torch.tensor([start], dtype=torch.int32, device=dev), state.kv, state.score,
+            state.entries, m, n, self.norm.eps, self.quant,
+            slots=torch.tensor([row], dtype=torch.int32, device=dev), block_table=table)
         return n_after
 
-    def forward_varlen(self, x: torch.Tensor, state: CompressorState, layout,
-                       freqs: torch.Tensor) -> None:
-        """Kernel path of :meth:`forward` for a whole batch: ``x`` [T, dim] holds the new tokens
-        of every row back to back (``layout``: a :class:`~dsv4.layers.varlen.TokenLayout`).
-
-        The projections run here; gating, pooling, RMSNorm, RoPE and the quantisation
-        simulation run in ``torch.ops.dsv4.compress_kv``, which writes the completed entries
-        into ``state.entries`` and updates the partial-block state in place.
+    def forward_batch(self, x: torch.Tensor, state: CompressorState, batch: StepBatch,
+                      freqs: torch.Tensor) -> None:
+        """Batched path of :meth:`forward`: ``x`` [T, dim] holds the new tokens of every row of
+        ``batch`` back to back. The projections run here; gating, pooling, RMSNorm, RoPE and
+        the quantisation simulation run in ``torch.ops.dsv4.compress_kv``, which writes the
+        completed entries (paged: through ``batch.block_table``; dense: row b = slot b) and
+        updates the partial-block state of each row's slot in place. No host synchronisation
+        (a dense store is grown from the host-side bound ``batch.max_end``).
         """
         m = self.compress_ratio
-        state.reserve(max((s + n) // m for s, n in zip(layout.starts, layout.lens)))
+        if not state.paged:
+            state.reserve(batch.max_end // m)
         xf = x.float()
-        quant = QUANT_NONE
-        if self.config.quant_sim:
-            quant = QUANT_FP4_HADAMARD if self.rotate else QUANT_FP8
-        _dsv4.compress_kv(
-            self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs, layout.cu_seqlens,
-            layout.starts_t, state.kv, state.score, state.entries, m, layout.max_seqlen,
-            self.config.norm_eps, quant)
+        head = (self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs,
+                batch.cu_seqlens, batch.starts)
+        tail = (m, batch.max_seqlen, self.norm.eps, self.quant)
+        if not state.paged:
+            _dsv4.compress_kv(*head, state.kv, state.score, state.entries, *tail)
+            return
+        if paged_op_available("compress_kv"):
+            try:
+                _dsv4.compress_kv(*head, state.kv, state.score, state.entries, *tail,
+                                  batch.slots, batch.block_table)
+                return
+            except RuntimeError as e:
+                paged_op_missing("compress_kv", e)
+        # A build whose CUDA kernel does not take block tables yet: the dense form on copies.
+        slots = batch.slots.long()
+        kv, score = state.kv.index_select(0, slots), state.score.index_select(0, slots)
+        entries, ids = gather_blocks(state.entries, batch.block_table)
+        _dsv4.compress_kv(*head, kv, score, entries, *tail)
+        state.kv.index_copy_(0, slots, kv)
+        state.score.index_copy_(0, slots, score)
+        state.entries.index_copy_(0, ids, entries.view(-1, *state.entries.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged stores on a build whose CUDA kernels do not take ``slots`` / ``block_table`` yet
+# (contracts.md §A: the CUDA glue rejects them until the kernels land). The layer then runs the
+# dense form of the op on copies gathered through the block table and scatters them back:
+# correct, slow (it copies the rows' whole stores), and said once.
+# ---------------------------------------------------------------------------------------------
+_PAGED_MISSING: dict[str, str] = {}
+
+
+def paged_op_available(op: str) -> bool:
+    """False once ``op`` was found to reject paged arguments on this build."""
+    return op not in _PAGED_MISSING
+
+
+def paged_op_missing(op: str, error: RuntimeError) -> None:
+    """Record (and warn once) that ``op`` rejects its paged arguments; re-raise other errors."""
+    if "not implemented on CUDA" not in str(error):
+        raise error
+    _PAGED_MISSING[op] = str(error)
+    warnings.warn(f"dsv4: this build's CUDA {op} does not take paged caches yet "
+                  "(contracts.md §A); the runtime gathers the pages of each step and runs the "
+                  "dense kernel instead (correct, slow at long contexts)", RuntimeWarning,
+                  stacklevel=3)
+
+
+def gather_blocks(store: torch.Tensor, block_table: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense copies [B, max_blocks·block_size, d] of the rows of a paged ``store``
+    [num_blocks, block_size, d] through ``block_table`` [B, max_blocks] (−1 = no block: the
+    pool's last block, a scratch block no sequence owns, stands in), and the block ids used
+    (int64 [B·max_blocks], for scattering back)."""
+    if store.dtype == torch.uint8:
+        raise RuntimeError("FP8 cache pools need CUDA kernels that take block tables "
+                           "(contracts.md §A); this build's do not")
+    ids = torch.where(block_table >= 0, block_table, store.shape[0] - 1).long().flatten()
+    B, mb = block_table.shape
+    return store.index_select(0, ids).view(B, mb * store.shape[1], store.shape[2]), ids

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..cache import CompressorState
 from ..ops.indexer import indexer_topk_reference
+from ..ops.qkv_rope import QUANT_FP4_HADAMARD, QUANT_NONE
 from ..ops.quant import fp4_e2m1_sim, hadamard
-from .compressor import Compressor
+from .compressor import (Compressor, gather_blocks, paged_op_available,
+                         paged_op_missing)
 from .linear import Linear
 from .rope import apply_rope
+from .varlen import StepBatch
 
 __all__ = ["Indexer", "indexer_topk_reference"]
 
 # The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
 _dsv4 = torch.ops.dsv4
+
 
 class Indexer(nn.Module):
     """Scores the compressed entries of a CSA layer and picks ``index_topk`` per query.
@@ -38,8 +44,11 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, compress_ratio, self.head_dim, rotate=True)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState, row: int,
-                start: int, freqs: torch.Tensor) -> torch.Tensor:
-        """Select entries for tokens x [n, dim] / qr [n, q_lora] of sequence ``row``.
+                start: int, freqs: torch.Tensor,
+                block_table: Optional[list[int]] = None) -> torch.Tensor:
+        """Select entries for tokens x [n, dim] / qr [n, q_lora] of the sequence in slot
+        ``row`` (per-sequence reference path; ``block_table``: its block ids when the key
+        store is paged).
 
         Updates the indexer key store with the blocks these tokens complete, then returns
         int64 [n, index_topk] entry indices (−1 = none), causal per query (§3.5, §5).
@@ -47,8 +56,8 @@ class Indexer(nn.Module):
         n = x.shape[0]
         pos = torch.arange(start, start + n, device=x.device)
         q, w = self.queries(x, qr, pos, freqs)
-        n_entries = self.compressor(x, state, row, start, freqs)
-        keys = state.entries[row, :n_entries]
+        n_entries = self.compressor(x, state, row, start, freqs, block_table)
+        keys = state.row_entries(row, block_table, n_entries)
         return indexer_topk_reference(q, w, keys, pos, self.compress_ratio, self.index_topk)
 
     def queries(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor,
@@ -60,17 +69,34 @@ class Indexer(nn.Module):
         q = apply_rope(q, pos[:, None], freqs)
         if self.config.quant_sim:
             q = fp4_e2m1_sim(hadamard(q), 32)
-        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        return q, w
+        return q, self.head_weights(x)
 
-    def forward_varlen(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState,
-                       layout, freqs: torch.Tensor) -> torch.Tensor:
-        """Kernel path of :meth:`forward` for a whole batch (``x`` [T, dim], ``qr``
-        [T, q_lora_rank], tokens back to back as in ``layout``). Returns int32
-        [T, index_topk] entry indices into each token's own row of ``state.entries``
-        (−1 = none), from ``torch.ops.dsv4.indexer_topk``."""
-        q, w = self.queries(x, qr, layout.pos, freqs)
-        self.compressor.forward_varlen(x, state, layout, freqs)
-        n_valid = ((layout.pos + 1) // self.compress_ratio).to(torch.int32)
-        return _dsv4.indexer_topk(q.contiguous(), w.contiguous(), state.entries,
-                                           layout.rows, n_valid, self.index_topk)
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head weights [n, index_n_heads] fp32: ``weights_proj(x) · d**-0.5 · H**-0.5``
+        (§5)."""
+        return self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+
+    def forward_batch(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState,
+                      batch: StepBatch, freqs: torch.Tensor) -> torch.Tensor:
+        """Batched path of :meth:`forward` (``x`` [T, dim], ``qr`` [T, q_lora_rank], the
+        tokens of ``batch`` back to back; the query path of :meth:`queries` in one
+        ``q_norm_rope`` pass). Returns int32 [T, index_topk] LOGICAL entry indices
+        of each token's own sequence (−1 = none) from ``torch.ops.dsv4.indexer_topk``; a paged
+        store is read through ``batch.block_table``. No host synchronisation."""
+        q = _dsv4.q_norm_rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)),
+                              batch.pos, freqs, 0.0, False,
+                              QUANT_FP4_HADAMARD if self.config.quant_sim else QUANT_NONE)
+        w = self.head_weights(x)
+        self.compressor.forward_batch(x, state, batch, freqs)
+        n_valid = torch.div(batch.pos + 1, self.compress_ratio, rounding_mode="floor")
+        args = (q.contiguous(), w.contiguous())
+        tail = (batch.rows, n_valid.to(torch.int32), self.index_topk)
+        if not state.paged:
+            return _dsv4.indexer_topk(*args, state.entries, *tail)
+        if paged_op_available("indexer_topk"):
+            try:
+                return _dsv4.indexer_topk(*args, state.entries, *tail, batch.block_table)
+            except RuntimeError as e:
+                paged_op_missing("indexer_topk", e)
+        keys, _ = gather_blocks(state.entries, batch.block_table)   # dense fallback
+        return _dsv4.indexer_topk(*args, keys, *tail)

@@ -1,69 +1,191 @@
-"""The flattened ("varlen") token layout the kernel path of a layer works in.
+"""The step batch: what one forward step processes, described once and handed to every layer.
 
-The model's activations are right-padded ``[batch, seq, ...]`` tensors; row b holds ``lens[b]``
-valid tokens at positions ``starts[b]`` … ``starts[b] + lens[b] − 1``. The kernels take the
-``T = Σ lens`` valid tokens back to back, grouped by row (flash-attn's varlen convention).
+A step feeds new tokens to ``B`` rows (sequences). The tokens of all rows lie back to back,
+grouped by row (flash-attn's "varlen" layout): ``T = Σ lens`` tokens, row b owning tokens
+``cu_seqlens[b] .. cu_seqlens[b+1]-1`` at absolute positions ``starts[b] ..``. Each row lives in
+a cache *slot* (its window ring and compressor state) and reaches its compressed entries
+through a *block table* (the paged pool of contracts.md §A; a dense per-row store is the special
+case of one block per row, ``block_table[b] = [slot]``).
+
+Everything a layer reads on its batched (kernel) path is a device tensor, built on the host
+from python lists and copied to the device in ONE host-to-device copy (all metadata packed into
+one int32 buffer). Shapes depend only on host-side sizes (``T``, ``B``, the block-table width and
+the bounds ``max_seqlen`` / ``max_end``), never on device values, so a decode step with fixed
+sizes can be captured in a CUDA graph and replayed after copying new metadata into the same
+buffer (:meth:`StepBatch.pack` + :meth:`StepBatch.from_buffer`). The per-sequence reference
+path also gets the python lists (``host``): it is the oracle, not the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["TokenLayout"]
+__all__ = ["StepBatch", "HostBatch"]
 
 
 @dataclass
-class TokenLayout:
-    """Index tensors of one forward step (built on the host from python lists, copied once).
+class HostBatch:
+    """The python lists a step was built from (the per-sequence reference path reads them).
 
-    Attributes (device tensors unless noted):
-        batch, seq: the padded shape; num_tokens: T (python ints).
-        starts, lens: python lists, per row.
-        flat: int64 [T], position of each valid token in the padded ``batch*seq`` order.
-        rows: int32 [T], the batch row of each token.
-        pos: int64 [T], the absolute position of each token.
-        cu_seqlens: int32 [batch+1], token offsets of the rows in the flattened order.
-        starts_t: int32 [batch], ``starts`` on the device.
-        max_seqlen: max(lens) (python int).
+    starts[b], lens[b]: first position and token count of row b; slots[b]: its cache slot;
+    block_tables[b]: the block ids of its compressed entries (logical block k = entries
+    ``k·bs .. k·bs + bs - 1`` of every compressed store of the row).
     """
 
-    batch: int
-    seq: int
-    num_tokens: int
     starts: list[int]
     lens: list[int]
-    flat: torch.Tensor
-    rows: torch.Tensor
-    pos: torch.Tensor
-    cu_seqlens: torch.Tensor
-    starts_t: torch.Tensor
+    slots: list[int]
+    block_tables: list[list[int]]
+
+
+@dataclass
+class StepBatch:
+    """Device description of one forward step (see the module docstring).
+
+    Host-side sizes (python ints / bools; static for a CUDA graph):
+        num_tokens (T), num_rows (B), max_blocks (block-table width), num_logits (L);
+        max_seqlen: an upper bound on ``lens[b]`` (sizes kernel grids);
+        max_end: an upper bound on ``starts[b] + lens[b]`` (sizes the HCA scope: a ratio-m
+            layer gives each query ``max_end // m`` lanes of compressed entries);
+        decode: every row has at most one new token (the layer may then write the window ring
+            before attending, and attend from the ring in place).
+
+    Device tensors (int32 views of one buffer):
+        pos [T]: absolute position of each token; rows [T]: its step row;
+        cu_seqlens [B+1]; starts [B]; lens [B]; slots [B]: cache slot of each row;
+        block_table [B, max_blocks]: block ids (-1 = none) of each row;
+        logits_index [L]: the tokens whose logits the step returns, in output order.
+
+    host: the :class:`HostBatch` lists, or None (a replayed CUDA graph has no lists).
+    """
+
+    num_tokens: int
+    num_rows: int
+    max_blocks: int
+    num_logits: int
     max_seqlen: int
+    max_end: int
+    decode: bool
+    buffer: torch.Tensor
+    pos: torch.Tensor
+    rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    starts: torch.Tensor
+    lens: torch.Tensor
+    slots: torch.Tensor
+    block_table: torch.Tensor
+    logits_index: torch.Tensor
+    host: Optional[HostBatch] = None
+
+    # ------------------------------------------------------------------ layout of the buffer
+    @staticmethod
+    def buffer_size(num_tokens: int, num_rows: int, max_blocks: int, num_logits: int) -> int:
+        """int32 elements of the packed metadata buffer for these sizes."""
+        return 2 * num_tokens + 4 * num_rows + 1 + num_rows * max_blocks + num_logits
+
+    @staticmethod
+    def pack(starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
+             block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
+             max_blocks: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The packed int32 metadata of a step, on the CPU (into ``out`` when given).
+
+        Layout: pos [T] | rows [T] | cu_seqlens [B+1] | starts [B] | lens [B] | slots [B] |
+        block_table [B·max_blocks] | logits_index [L], with T = Σ lens; block tables are padded
+        with -1 to ``max_blocks``.
+
+        Raises ValueError when the lists disagree in length or a block table is too wide.
+        """
+        B = len(lens)
+        if not (len(starts) == len(slots) == len(block_tables) == B):
+            raise ValueError(f"starts, lens, slots and block_tables must all have {B} entries, "
+                             f"got {len(starts)}, {B}, {len(slots)}, {len(block_tables)}")
+        lens_t = torch.tensor(list(lens), dtype=torch.int64)
+        starts_t = torch.tensor(list(starts), dtype=torch.int64)
+        T = int(lens_t.sum())
+        L = len(logits_index)
+        size = StepBatch.buffer_size(T, B, max_blocks, L)
+        buf = torch.empty(size, dtype=torch.int32) if out is None else out
+        if buf.numel() != size or buf.dtype != torch.int32:
+            raise ValueError(f"out must be int32 with {size} elements, got {buf.dtype} "
+                             f"{buf.numel()}")
+        rows = torch.repeat_interleave(torch.arange(B), lens_t)
+        cu = torch.zeros(B + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(lens_t, 0)
+        pos = starts_t[rows] + torch.arange(T) - cu[:-1][rows]
+        table = torch.full((B, max_blocks), -1, dtype=torch.int32)
+        for b, t in enumerate(block_tables):
+            if len(t) > max_blocks:
+                raise ValueError(f"row {b} has {len(t)} blocks, more than max_blocks "
+                                 f"{max_blocks}")
+            if len(t):
+                table[b, :len(t)] = torch.tensor(list(t), dtype=torch.int32)
+        o = 0
+        for part, n in ((pos, T), (rows, T), (cu, B + 1), (starts_t, B), (lens_t, B),
+                        (torch.tensor(list(slots), dtype=torch.int64), B),
+                        (table.flatten(), B * max_blocks),
+                        (torch.tensor(list(logits_index), dtype=torch.int64), L)):
+            buf[o:o + n] = part
+            o += n
+        return buf
 
     @classmethod
-    def build(cls, batch: int, seq: int, starts: list[int], lens: list[int],
-              device: torch.device) -> "TokenLayout":
-        lens_c = torch.tensor(lens, dtype=torch.int64)
-        starts_c = torch.tensor(starts, dtype=torch.int64)
-        rows = torch.repeat_interleave(torch.arange(batch), lens_c)
-        cu = torch.zeros(batch + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(lens_c, 0)
-        within = torch.arange(int(cu[-1])) - cu[:-1][rows]
-        flat = rows * seq + within
-        pos = starts_c[rows] + within
-        to = dict(device=device, non_blocking=True)
-        return cls(batch=batch, seq=seq, num_tokens=int(cu[-1]), starts=list(starts),
-                   lens=list(lens), flat=flat.to(**to), rows=rows.to(torch.int32).to(**to),
-                   pos=pos.to(**to), cu_seqlens=cu.to(torch.int32).to(**to),
-                   starts_t=starts_c.to(torch.int32).to(**to), max_seqlen=max(lens, default=0))
+    def from_buffer(cls, buffer: torch.Tensor, num_tokens: int, num_rows: int, max_blocks: int,
+                    num_logits: int, max_seqlen: int, max_end: int, decode: bool,
+                    host: Optional[HostBatch] = None) -> "StepBatch":
+        """Views of a packed buffer (:meth:`pack` layout) on any device; no copy."""
+        T, B, MB, L = num_tokens, num_rows, max_blocks, num_logits
+        o = [0]
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, *rest] → [T, *rest] (the valid tokens, contiguous)."""
-        return x.reshape(self.batch * self.seq, *x.shape[2:])[self.flat]
+        def take(n: int) -> torch.Tensor:
+            v = buffer[o[0]:o[0] + n]
+            o[0] += n
+            return v
 
-    def scatter(self, y: torch.Tensor) -> torch.Tensor:
-        """[T, *rest] → [batch, seq, *rest], zeros at padded positions."""
-        out = y.new_zeros(self.batch * self.seq, *y.shape[1:])
-        out[self.flat] = y
-        return out.view(self.batch, self.seq, *y.shape[1:])
+        pos, rows, cu = take(T), take(T), take(B + 1)
+        starts, lens, slots = take(B), take(B), take(B)
+        table = take(B * MB).view(B, MB)
+        logits_index = take(L)
+        return cls(num_tokens=T, num_rows=B, max_blocks=MB, num_logits=L,
+                   max_seqlen=max_seqlen, max_end=max_end, decode=decode, buffer=buffer,
+                   pos=pos, rows=rows, cu_seqlens=cu, starts=starts, lens=lens, slots=slots,
+                   block_table=table, logits_index=logits_index, host=host)
+
+    @classmethod
+    def build(cls, starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
+              block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
+              device: torch.device | str, max_blocks: Optional[int] = None) -> "StepBatch":
+        """Pack the lists and copy them to ``device`` in one host-to-device copy (pinned and
+        non-blocking on CUDA, so building a step never waits for the GPU).
+
+        Args:
+            starts, lens, slots: per row (python ints): cache length before the step, new
+                tokens, cache slot.
+            block_tables: per row, the block ids of its compressed entries.
+            logits_index: the tokens (indices into the step's T tokens) that need logits.
+            device: where the layers run.
+            max_blocks: block-table width (default: the longest table, at least 1).
+        """
+        device = torch.device(device)
+        mb = max([len(t) for t in block_tables] + [1]) if max_blocks is None else max_blocks
+        buf = cls.pack(starts, lens, slots, block_tables, logits_index, mb)
+        if device.type == "cuda":
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        elif device != buf.device:
+            buf = buf.to(device)
+        lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
+        host = HostBatch(starts=starts_l, lens=lens_l, slots=[int(s) for s in slots],
+                         block_tables=[[int(b) for b in t] for t in block_tables])
+        return cls.from_buffer(
+            buf, sum(lens_l), len(lens_l), mb, len(logits_index), max(lens_l, default=0),
+            max((s + n for s, n in zip(starts_l, lens_l)), default=0),
+            all(n <= 1 for n in lens_l), host)
+
+    def require_host(self) -> HostBatch:
+        """The python lists, for the per-sequence reference path (raises when absent)."""
+        if self.host is None:
+            raise RuntimeError("this step batch has no host lists (a CUDA-graph step); the "
+                               "per-sequence reference path cannot run on it")
+        return self.host

@@ -1,0 +1,551 @@
+"""``dsv4 bench``: end-to-end prefill and decode of the runtime engine beside their floors
+(and beside transformers' ``DeepseekV4ForCausalLM`` with ``--compare hf``).
+
+    dsv4 bench                                   # 2 layers at V4-Flash width, 64 experts, bf16
+    dsv4 bench --batch 1,8,64,256 --context 4096,65536 --compare hf --json r.json --plot r.png
+    dsv4 bench --mode 1m --layers 2              # a 1M-token prompt prefilled in chunks, decode
+
+Random weights (seeded): ``--weights bf16``, or ``fp8`` for the release's native storage (FP8
+linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
+
+* prefill ``B x P``: B prompts of P tokens through the engine (chunked under the token
+  budget), logits for each last position; tok/s = B·P / wall time (synchronised).
+* decode ``B @ C``: B sequences whose first C tokens are taken as already cached (the pool
+  holds random entries: attention reads real-sized scopes without a real prefill), then
+  ``--steps`` engine steps (CUDA graphs where capturable); ms/step is wall time per step,
+  sampling and the host included.
+
+Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
+and the peak GPU memory. The head is read in bf16 by default (``--head bf16``: a bf16 copy of
+the official fp32 head with fp32 accumulation; the issue's 0.54 ms floor assumes it);
+``--head fp32`` runs the official head and counts its 2x bytes in the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+__all__ = ["add_bench_command", "main", "build_config", "build_model"]
+
+
+# ------------------------------------------------------------------ argument parsing
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") \
+            from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def eval_size(v: str) -> int:
+    """'4096', '64K', '1M' -> tokens."""
+    v = v.strip().upper()
+    mult = 1
+    if v.endswith("K"):
+        mult, v = 1024, v[:-1]
+    elif v.endswith("M"):
+        mult, v = 1 << 20, v[:-1]
+    return int(v) * mult
+
+
+def _sizes(s: str) -> list[int]:
+    try:
+        out = [eval_size(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 4096,64K,1M, got {s!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {s!r}")
+    return out
+
+
+def _cases(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        try:
+            b, p = part.lower().split("x")
+            out.append((int(b), eval_size(p)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected cases like 1x2048,64x512, got {s!r}") \
+                from None
+    if any(b < 1 or p < 1 for b, p in out):
+        raise argparse.ArgumentTypeError(f"batch and prompt must be >= 1, got {s!r}")
+    return out
+
+
+def add_bench_command(sub: Any) -> None:
+    """Register ``dsv4 bench`` on the CLI's subparsers."""
+    b = sub.add_parser(
+        "bench", help="end-to-end prefill / decode throughput of the runtime vs floors",
+        description=__doc__.split("\n\n")[0] + " Random weights; JSON and a PNG plot.")
+    _add_arguments(b)
+    b.set_defaults(func=_cmd_bench, subparser=b)
+
+
+def _add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
+                   help="config preset or a checkpoint directory's config.json (default: flash)")
+    b.add_argument("--layers", type=int, default=2, metavar="N",
+                   help="main layers (default 2: one CSA and one HCA layer)")
+    b.add_argument("--experts", type=int, default=64, metavar="E",
+                   help="routed experts per layer (default 64, as the issue's case; 0 = the "
+                   "config's)")
+    b.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                   help="random weights in bf16, or the release's native FP8/FP4 storage")
+    b.add_argument("--head", choices=("bf16", "fp32"), default="bf16",
+                   help="head read in bf16 (fp32 accumulation) or the official fp32 head")
+    b.add_argument("--indexer-cache", choices=("bf16", "fp8"), default="bf16",
+                   help="indexer keys in bf16 or the release's FP8 132-byte layout")
+    b.add_argument("--prefill", type=_cases, default=[(1, 2048), (8, 2048), (64, 512)],
+                   metavar="BxP,...", help="prefill cases (default 1x2048,8x2048,64x512)")
+    b.add_argument("--batch", type=_int_list, default=[1, 8, 64], metavar="B,...",
+                   help="decode batch sizes (default 1,8,64)")
+    b.add_argument("--context", type=_sizes, default=[4096], metavar="C,...",
+                   help="decode contexts in tokens, e.g. 4096,64K,1M (default 4096)")
+    b.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    b.add_argument("--chunk", type=int, default=16384,
+                   help="max tokens per engine step (prefill chunks; default 16384)")
+    b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    b.add_argument("--compare", choices=("hf",), default=None,
+                   help="also run transformers' DeepseekV4ForCausalLM on the same config")
+    b.add_argument("--mode", choices=("e2e", "1m"), default="e2e",
+                   help="e2e: the table above; 1m: one 1M-token prompt prefilled in chunks, "
+                   "decode at 1M, KV bytes per token vs dsv4 info")
+    b.add_argument("--quick", action="store_true",
+                   help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
+    b.add_argument("--seed", type=int, default=0)
+
+
+# ------------------------------------------------------------------ model
+def build_config(model: str, layers: int, experts: int):
+    """The bench config: ``layers`` main layers of the preset (CSA/HCA alternating, as the
+    release's schedule after its two SWA layers), no MTP, no hash layers, exact arithmetic."""
+    from ..config import ModelConfig
+    if model in ("flash", "pro", "tiny"):
+        base = getattr(ModelConfig, model)()
+    else:
+        base = ModelConfig.from_json(model)
+    ratios = tuple(4 if i % 2 == 0 else (128 if model != "tiny" else 16)
+                   for i in range(layers))
+    over = dict(n_layers=layers, n_mtp_layers=0, n_hash_layers=0, compress_ratios=ratios,
+                quant_sim=False)
+    if experts:
+        over["n_routed_experts"] = experts
+        over["n_activated_experts"] = min(base.n_activated_experts, experts)
+    import dataclasses
+    return dataclasses.replace(base, **over)
+
+
+def build_model(config, weights: str, device, seed: int = 0):
+    """A random-weight model on ``device`` in bf16; ``weights="fp8"`` converts the linears of
+    the release's FP8/FP4 layout to native storage (``Linear.set_quantized``)."""
+    import torch
+
+    from ..model import Model
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = Model(config)
+    m = m.to(torch.bfloat16).eval()
+    if weights == "fp8":
+        from ..checkpoint import linear_formats
+        from ..quant import fp4_pack, fp8_block_quantize
+        fmts = linear_formats(config, "fp8")
+        for name, mod in m.named_modules():
+            fmt = fmts.get(name)
+            if fmt not in ("fp8", "fp4"):
+                continue
+            w = mod.weight.detach()
+            q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
+            mod.set_quantized(q, s, fmt, torch.bfloat16)
+            mod.stored_format = fmt
+            mod.act_quant = not name.endswith(".wo_a")
+            mod.config = config
+        torch.cuda.empty_cache()
+    return m
+
+
+# ------------------------------------------------------------------ measurements
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float:
+    import torch
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+def _reset_peak():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _fill_pool(engine, seed: int) -> None:
+    """Random cache contents (the decode rows read real-sized scopes of finite values)."""
+    import torch
+    g = torch.Generator(device=engine.model.device).manual_seed(seed)
+    for lc in engine.cache.layers:
+        lc.window.normal_(generator=g)
+        for st in (lc.compressor, lc.indexer):
+            if st is not None:
+                st.entries.normal_(generator=g)
+
+
+def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None):
+    import torch
+
+    from .engine import Engine
+    head = torch.bfloat16 if args.head == "bf16" else None
+    return Engine(model, max_batch=batch, max_model_len=max_len,
+                  max_num_batched_tokens=budget or args.chunk,
+                  cuda_graphs=not args.no_graphs, head_dtype=head,
+                  indexer_cache=getattr(args, "indexer_cache", "bf16"))
+
+
+def _key_bytes(model, args) -> float:
+    """Bytes per indexer key the decode floor counts (bf16, or FP8 + its fp32 scale)."""
+    d = model.config.index_head_dim
+    return d + 4 if getattr(args, "indexer_cache", "bf16") == "fp8" else \
+        d * model.embed.weight.element_size()
+
+
+def bench_prefill(model, args, batch: int, prompt: int) -> dict:
+    import torch
+
+    from .floors import prefill_floor
+    from .request import SamplingParams
+    budget = min(batch * prompt, max(args.chunk, prompt))
+    eng = _engine(model, args, batch, prompt + 1, budget)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
+    sp = SamplingParams(max_new_tokens=1, eos_token_id=-1)
+
+    def once():
+        for p in prompts:
+            eng.add_request(p, sp)
+        _sync()
+        t = time.perf_counter()
+        for _ in eng.stream():
+            pass
+        _sync()
+        return time.perf_counter() - t
+
+    once()                                     # warm-up (allocator, kernels, autotuning)
+    _reset_peak()
+    sec = once()
+    fl = prefill_floor(model, batch, prompt)
+    tok_s = batch * prompt / sec
+    floor_tok_s = batch * prompt / fl["seconds"]
+    row = dict(impl="dsv4", kind="prefill", batch=batch, tokens=prompt, seconds=sec,
+               tok_s=tok_s, floor_tok_s=floor_tok_s, pct_of_floor=100 * tok_s / floor_tok_s,
+               tflops=fl["flops"] / sec / 1e12, peak_gb=_peak_gb())
+    return row
+
+
+def bench_decode(model, args, batch: int, context: int) -> dict:
+    import torch
+
+    from .floors import decode_floor
+    from .request import SamplingParams
+    warm = 3
+    steps = args.steps
+    eng = _engine(model, args, batch, context + warm + steps + 2)
+    _fill_pool(eng, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    sp = SamplingParams(max_new_tokens=warm + steps + 1, eos_token_id=-1)
+    for _ in range(batch):
+        ids = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
+        rid = eng.add_request(ids, sp)
+        eng.scheduler.admit_prefilled(eng.requests[rid], context - 1)
+    for _ in range(warm):                      # graph capture, allocator warm-up
+        eng.step()
+    _reset_peak()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    _sync()
+    sec = (time.perf_counter() - t) / steps
+    fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
+                      _key_bytes(model, args))
+    row = dict(impl="dsv4", kind="decode", batch=batch, tokens=context, ms_step=1e3 * sec,
+               tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
+               pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
+               graphs=eng.runner.stats["graph_steps"] > 0,
+               graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())
+    return row
+
+
+def bench_hf(config, args, model_rows: list[dict]) -> list[dict]:
+    """transformers' DeepseekV4ForCausalLM (eager) on the same config, same process."""
+    import torch
+    try:
+        import transformers
+        from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    except Exception as e:     # not installed, or a version without V4
+        print(f"dsv4 bench: --compare hf skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+    hcfg = DeepseekV4Config(**config.to_hf_dict())
+    hcfg._attn_implementation = "eager"
+    torch.manual_seed(args.seed)
+    with torch.device("cuda"):
+        h = DeepseekV4ForCausalLM(hcfg)
+    h = h.to(torch.bfloat16).eval()
+    name = f"hf-{transformers.__version__}-eager"
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(args.seed)
+    with torch.no_grad():
+        for b, p in args.prefill:
+            ids = torch.randint(0, config.vocab_size, (b, p), device="cuda", generator=g)
+            h(ids[:, :16])
+            _reset_peak()
+            _sync()
+            t = time.perf_counter()
+            h(ids, use_cache=True, logits_to_keep=1)
+            _sync()
+            sec = time.perf_counter() - t
+            rows.append(dict(impl=name, kind="prefill", batch=b, tokens=p, seconds=sec,
+                             tok_s=b * p / sec, peak_gb=_peak_gb()))
+            print(_fmt(rows[-1]), flush=True)
+        for b in args.batch:
+            ctx = 512 if b > 8 else 2048          # HF's eager prefill cannot take more here
+            ids = torch.randint(0, config.vocab_size, (b, ctx + args.steps + 1), device="cuda",
+                                generator=g)
+            out = h(ids[:, :ctx], use_cache=True, logits_to_keep=1)
+            pkv = out.past_key_values
+            _reset_peak()
+            _sync()
+            t = time.perf_counter()
+            for s in range(args.steps):
+                pkv = h(ids[:, ctx + s:ctx + s + 1], past_key_values=pkv,
+                        use_cache=True).past_key_values
+            _sync()
+            sec = (time.perf_counter() - t) / args.steps
+            rows.append(dict(impl=name, kind="decode", batch=b, tokens=ctx, ms_step=1e3 * sec,
+                             tok_s=b / sec, peak_gb=_peak_gb()))
+            print(_fmt(rows[-1]), flush=True)
+    del h
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
+    """One ``context``-token prompt prefilled in chunks of ``--chunk``, then decode at that
+    context; KV bytes per token measured from the pool vs ``dsv4 info``'s arithmetic."""
+    import torch
+
+    from ..model_info import kv_bytes_per_token
+    from .floors import decode_floor, prefill_floor
+    from .pool import PagedCache
+    from .request import SamplingParams
+    steps = args.steps
+    eng = _engine(model, args, 1, context + steps + 2)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
+    rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 1, eos_token_id=-1))
+    req = eng.requests[rid]
+    _reset_peak()
+    _sync()
+    t = time.perf_counter()
+    n_steps = 0
+    while not req.output_ids:
+        eng.step()
+        n_steps += 1
+        if n_steps % 16 == 0:
+            print(f"  prefill: {req.num_computed:,} / {context:,} tokens, "
+                  f"{time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    _sync()
+    pre = time.perf_counter() - t
+    c = model.config
+    used = len(req.block_table) * PagedCache.block_bytes(c, eng.cache.block_tokens,
+                                                         model.dtype, eng.cache.indexer_cache)
+    used += PagedCache.slot_bytes(c, model.dtype)
+    info = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype="bf16")  # dsv4's
+    eng.step()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    _sync()
+    sec = (time.perf_counter() - t) / steps
+    fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
+                        _key_bytes(model, args))
+    fl_p = prefill_floor(model, 1, context)
+    rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
+                 tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
+                 pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=_peak_gb()),
+            dict(impl="dsv4", kind="decode-1m", batch=1, tokens=context, ms_step=1e3 * sec,
+                 tok_s=1 / sec, floor_ms=1e3 * fl_d["seconds"],
+                 pct_of_floor=100 * fl_d["seconds"] / sec,
+                 kv_bytes_per_token=used / context, info_kv_bytes_per_token_bf16=info,
+                 info_kv_bytes_per_token_fp8=kv_bytes_per_token(c),
+                 graphs=eng.runner.stats["graph_steps"] > 0,
+                 graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())]
+    return rows
+
+
+# ------------------------------------------------------------------ output
+def _fmt(r: dict) -> str:
+    if r["kind"].startswith("prefill"):
+        s = (f"{r['impl']:<22} {r['kind']:<10} {r['batch']:>4} x {r['tokens']:<8} "
+             f"{r['tok_s']:>12,.0f} tok/s")
+        if "floor_tok_s" in r:
+            s += f"   floor {r['floor_tok_s']:>11,.0f} tok/s ({r['pct_of_floor']:.1f}% of it)"
+    else:
+        s = (f"{r['impl']:<22} {r['kind']:<10} {r['batch']:>4} @ {r['tokens']:<8} "
+             f"{r['ms_step']:>9.3f} ms/step {r['tok_s']:>10,.0f} tok/s")
+        if "floor_ms" in r:
+            s += f"   floor {r['floor_ms']:.3f} ms ({r['pct_of_floor']:.1f}% of it)"
+            if not r.get("graphs", True):
+                s += "  [eager]"
+    return s + f"   peak {r['peak_gb']:.1f} GB"
+
+
+def _commit() -> str:
+    c = os.environ.get("DSV4_COMMIT")
+    if c:
+        return c
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__), timeout=10
+                              ).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Decode ms/step per batch and prefill tok/s per case, per implementation, with floors."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    impls = sorted({r["impl"] for r in rows}, key=lambda s: (s != "dsv4", s))
+    dec = [r for r in rows if r["kind"] == "decode"]
+    for impl in impls:
+        for ctx in sorted({r["tokens"] for r in dec if r["impl"] == impl}):
+            rs = sorted([r for r in dec if r["impl"] == impl and r["tokens"] == ctx],
+                        key=lambda r: r["batch"])
+            if rs:
+                ax1.plot([r["batch"] for r in rs], [r["ms_step"] for r in rs], "o-",
+                         label=f"{impl} @ {ctx}")
+    for ctx in sorted({r["tokens"] for r in dec if "floor_ms" in r}):
+        rs = sorted([r for r in dec if "floor_ms" in r and r["tokens"] == ctx],
+                    key=lambda r: r["batch"])
+        ax1.plot([r["batch"] for r in rs], [r["floor_ms"] for r in rs], "k--",
+                 label=f"floor @ {ctx}")
+    ax1.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode ms / step",
+            title="decode (lower is better)")
+    ax1.legend(fontsize=7)
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    cases = sorted({(r["batch"], r["tokens"]) for r in pre})
+    width = 0.8 / max(1, len(impls) + 1)
+    for i, impl in enumerate(impls + ["floor"]):
+        vals = []
+        for b, p in cases:
+            if impl == "floor":
+                m = [r["floor_tok_s"] for r in pre if (r["batch"], r["tokens"]) == (b, p)
+                     and "floor_tok_s" in r]
+            else:
+                m = [r["tok_s"] for r in pre if r["impl"] == impl
+                     and (r["batch"], r["tokens"]) == (b, p)]
+            vals.append(m[0] if m else 0)
+        ax2.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
+    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
+                   [f"{b}x{p}" for b, p in cases])
+    ax2.set(yscale="log", ylabel="prefill tok/s", title="prefill (higher is better)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ entry points
+def run(args) -> list[dict]:
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("dsv4 bench needs a CUDA GPU (the floors are the H200's)")
+    if args.quick:
+        args.prefill, args.batch, args.steps = [(1, 2048)], [1, 8], min(args.steps, 8)
+    cfg = build_config(args.model, args.layers, args.experts)
+    model = build_model(cfg, args.weights, "cuda", args.seed)
+    head = args.head
+    print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
+          f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
+          f"{torch.cuda.get_device_name()}, commit {_commit()}", flush=True)
+    rows = []
+    with torch.no_grad():
+        if args.mode == "1m":
+            for r in bench_1m(model, args):
+                rows.append(r)
+                print(_fmt(r), flush=True)
+            print(f"KV bytes per token: measured {rows[-1]['kv_bytes_per_token']:.1f} (bf16 "
+                  f"cache, window and state included), dsv4 info: "
+                  f"{rows[-1]['info_kv_bytes_per_token_bf16']:.1f} bf16 / "
+                  f"{rows[-1]['info_kv_bytes_per_token_fp8']:.1f} FP8 layout", flush=True)
+        else:
+            for b, p in args.prefill:
+                rows.append(bench_prefill(model, args, b, p))
+                print(_fmt(rows[-1]), flush=True)
+                torch.cuda.empty_cache()            # the row's engine (pool) is gone
+            for ctx in args.context:
+                for b in args.batch:
+                    try:
+                        rows.append(bench_decode(model, args, b, ctx))
+                        print(_fmt(rows[-1]), flush=True)
+                        torch.cuda.empty_cache()
+                    except (RuntimeError, torch.OutOfMemoryError) as e:
+                        print(f"dsv4 decode {b} @ {ctx}: skipped ({type(e).__name__}: "
+                              f"{str(e)[:200]})", flush=True)
+                        torch.cuda.empty_cache()
+    meta = dict(model=args.model, layers=cfg.n_layers, experts=cfg.n_routed_experts,
+                weights=args.weights, head=head, indexer_cache=args.indexer_cache,
+                gpu=torch.cuda.get_device_name(),
+                commit=_commit(), date=datetime.date.today().isoformat())
+    if args.compare == "hf" and args.mode == "e2e":
+        del model
+        torch.cuda.empty_cache()
+        rows += bench_hf(cfg, args, rows)
+    for r in rows:
+        r.update(meta)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot and args.mode == "e2e":
+        plot(rows, args.plot, f"dsv4 bench: {args.model} x {cfg.n_layers} layers, "
+             f"{cfg.n_routed_experts} experts, {args.weights}, {head} head, {meta['gpu']}, "
+             f"{meta['commit']}")
+    return rows
+
+
+def _cmd_bench(args, parser) -> int:
+    try:
+        run(args)
+    except RuntimeError as e:
+        print(f"dsv4 bench: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m dsv4.runtime.bench ...`` (same arguments as ``dsv4 bench``)."""
+    p = argparse.ArgumentParser(prog="dsv4 bench", description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    return _cmd_bench(p.parse_args(argv), p)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""The runtime's Python API: add requests, step, stream tokens (docs runtime.md).
+
+    engine = dsv4.runtime.Engine(model, max_batch=8, max_model_len=4096)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.new_token_ids, out.finished)
+
+or ``engine.generate([ids_a, ids_b], params)`` for whole completions, or iterate
+``engine.stream()``. The engine runs the same ``dsv4.Model`` modules and weights as the
+reference forward (one definition of each layer), with a step batch on the device, caches
+allocated once (:class:`~dsv4.runtime.pool.PagedCache`), continuous batching with chunked
+prefill (:class:`~dsv4.runtime.scheduler.Scheduler`), CUDA-graph decode
+(:class:`~dsv4.runtime.runner.ModelRunner`) and sampling on the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ..cache import check_count
+from .pool import PagedCache, blocks_needed
+from .request import Request, RequestOutput, SamplingParams, Status
+from .runner import ModelRunner
+from .sampler import sample_rows
+from .scheduler import Scheduler
+
+__all__ = ["Engine", "EngineStepError", "default_block_tokens"]
+
+
+class EngineStepError(RuntimeError):
+    """A step failed inside the model; the requests of that step were finished with
+    ``finish_reason="error"`` (their slots and blocks freed). The engine stays usable."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
+def default_block_tokens(config, target: int = 1024) -> int:
+    """Tokens per pool block: the smallest multiple of every compress ratio >= ``target``."""
+    ratios = [r for r in config.compress_ratios[:config.n_layers] if r]
+    lcm = math.lcm(*ratios) if ratios else 1
+    return lcm * max(1, -(-target // lcm))
+
+
+class Engine:
+    """Continuous-batching inference over a :class:`dsv4.Model` on its device.
+
+    Args:
+        model: the model (any dtype / device; the CUDA kernels run for bf16 on CUDA).
+        max_batch: sequences in flight at once (cache slots); also the largest decode graph.
+        max_model_len: longest sequence (prompt + generated tokens) a request may reach.
+        block_tokens: tokens per pool block (default :func:`default_block_tokens`).
+        num_blocks: blocks in the pool (default: every slot can reach ``max_model_len``).
+        max_num_batched_tokens: tokens per step at most (prefill chunks + decode tokens).
+        cuda_graphs: capture decode steps as CUDA graphs (default: on for CUDA).
+        head_dtype: None for the official fp32 head, or torch.bfloat16 for a bf16 copy of the
+            head weight with fp32 accumulation (half the bytes per decode step).
+        indexer_cache: "bf16" (the model dtype) or "fp8" (the release's 132-byte FP8 indexer
+            keys; exact with quant_sim, see :class:`~dsv4.runtime.pool.PagedCache`).
+
+    Raises ValueError for arguments outside their range.
+    """
+
+    def __init__(self, model, max_batch: int = 16, max_model_len: int = 8192,
+                 block_tokens: Optional[int] = None, num_blocks: Optional[int] = None,
+                 max_num_batched_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
+                 head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16"):
+        from ..model import Model
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a dsv4.Model, got {type(model).__name__}")
+        c = model.config
+        self.model = model
+        self.config = c
+        self.max_batch = check_count(max_batch, "max_batch")
+        self.max_model_len = check_count(max_model_len, "max_model_len")
+        bt = default_block_tokens(c) if block_tokens is None else check_count(
+            block_tokens, "block_tokens")
+        per_seq = blocks_needed(c, self.max_model_len, bt)
+        nb = self.max_batch * per_seq if num_blocks is None else check_count(
+            num_blocks, "num_blocks", 0)
+        budget = check_count(max_num_batched_tokens, "max_num_batched_tokens")
+        if head_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
+                             f"{head_dtype!r}")
+        self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
+                                indexer_cache)
+        self.scheduler = Scheduler(self.cache, budget)
+        graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, head_dtype, graphs,
+                                  self.max_batch)
+        self.requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor,
+                    params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; it joins the running batch at the next step that has room.
+
+        Args:
+            prompt_ids: token ids (a list or 1-D integer tensor), at least one.
+            params: :class:`SamplingParams` (default: greedy, 64 new tokens).
+            request_id: a name (default: generated); must be new.
+
+        Returns the request id.
+
+        Raises:
+            ValueError: an empty prompt, ids outside [0, vocab_size), a duplicate id, or a
+                request that can never fit: prompt + max_new_tokens beyond ``max_model_len``,
+                or more blocks than the whole pool holds. Nothing is queued then, and the
+                running requests are not disturbed.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = _token_list(prompt_ids, self.config.vocab_size)
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) = {total} exceeds max_model_len "
+                             f"{self.max_model_len}")
+        need = self.cache.blocks_for(total)
+        if need > self.cache.num_blocks:
+            raise ValueError(f"the request needs {need} blocks of {self.cache.block_tokens} "
+                             f"tokens ({total} tokens) but the pool holds "
+                             f"{self.cache.num_blocks}; raise num_blocks or shorten it")
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        eos = params.eos_token_id if params.eos_token_id is not None else getattr(
+            self.config, "eos_token_id", None)
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.model.device)
+            if params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(params.seed)
+        req = Request(prompt_ids=ids, params=params,
+                      eos_token_id=None if eos is None or eos < 0 else eos, generator=gen)
+        if request_id is not None:
+            req.request_id = request_id
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (between steps); its slot and blocks are freed. Raises KeyError
+        for an unknown (or already finished) request."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown request_id {request_id!r}")
+        if req.status != Status.FINISHED:
+            self.scheduler.finish(req, "abort")
+        del self.requests[request_id]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, logits: Optional[str] = None) -> list[RequestOutput]:
+        """Run one step: schedule, run the model, sample, retire finished requests.
+
+        Args:
+            logits: None (default): only the positions that are sampled get logits, and they
+                are not returned. ``"sampled"``: ``RequestOutput.logits`` holds them (float32
+                [1, vocab] on the device; the step runs as usual, a CUDA graph for decode).
+                ``"all"``: every token fed in this step gets logits, returned per request
+                (the step runs eagerly; requests in the middle of a prompt get outputs too).
+
+        Returns one :class:`RequestOutput` per request that sampled a token or finished (with
+        ``logits="all"``: per request fed).
+
+        Raises:
+            EngineStepError: the model raised; the step's requests are finished with
+                ``finish_reason="error"`` and everything else continues. A KeyboardInterrupt
+                is re-raised after the same clean-up.
+        """
+        if logits not in (None, "sampled", "all"):
+            raise ValueError(f"logits must be None, 'sampled' or 'all', got {logits!r}")
+        all_logits = logits == "all"
+        rows = self.scheduler.schedule()
+        if not rows:
+            return []
+        try:
+            out_logits, counts, drawn = self._launch(rows, all_logits)
+            toks, finite = drawn.tolist()          # the step's one device-to-host copy
+        except BaseException as e:
+            ids = [r.request.request_id for r in rows]
+            for r in rows:
+                self.scheduler.finish(r.request, "error", f"{type(e).__name__}: {e}"[:500])
+                self.requests.pop(r.request.request_id, None)
+            if isinstance(e, Exception):
+                raise EngineStepError(f"step failed for requests {ids}: {e}", ids) from e
+            raise
+        for r in rows:
+            r.request.num_computed += r.n
+        outputs = []
+        it = iter(zip(toks, finite))
+        for r, end, cnt in zip(rows, itertools.accumulate(counts), counts):
+            out = None
+            if r.sample:
+                tok, ok = next(it)
+                out = self._advance(r.request, tok, bool(ok))
+            elif all_logits:
+                req = r.request
+                out = RequestOutput(req.request_id, [], list(req.output_ids), False)
+            if out is not None:
+                if logits is not None:
+                    out.logits = out_logits[end - cnt:end].clone()
+                outputs.append(out)
+        return outputs
+
+    def _launch(self, rows, all_logits: bool) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """The device work of a step: the model on ``rows`` and the sampling of the rows that
+        sample. Returns (logits [L, vocab], logit rows per scheduled row, int64 [2, S] sampled
+        ids and finiteness flags). No host synchronisation in a decode step."""
+        logits, counts = self.runner.run(rows, all_logits)
+        sampled = [r.request for r in rows if r.sample]
+        chosen = logits
+        if all_logits:
+            ends = list(itertools.accumulate(counts))
+            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
+            chosen = logits.index_select(0, torch.tensor(pick, dtype=torch.long,
+                                                         device=logits.device))
+        return logits, counts, sample_rows(chosen, sampled)
+
+    def _advance(self, req: Request, tok: int, finite: bool) -> RequestOutput:
+        new: list[int] = []
+        if not finite:
+            self.scheduler.finish(req, "error", "the model produced non-finite logits")
+        elif req.eos_token_id is not None and tok == req.eos_token_id:
+            self.scheduler.finish(req, "eos")
+        else:
+            req.output_ids.append(tok)
+            new = [tok]
+            if tok in req.params.stop_token_ids:
+                self.scheduler.finish(req, "stop")
+            elif len(req.output_ids) >= req.params.max_new_tokens:
+                self.scheduler.finish(req, "length")
+        done = req.status == Status.FINISHED
+        if done:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, new, list(req.output_ids), done,
+                             req.finish_reason, req.error)
+
+    def stream(self) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding each step's outputs."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, prompts: Iterable[Sequence[int]],
+                 params: Optional[SamplingParams | Sequence[SamplingParams]] = None
+                 ) -> list[list[int]]:
+        """Complete every prompt (continuously batched); returns the generated ids of each,
+        in order (EOS excluded). Raises EngineStepError if a step fails, RuntimeError if a
+        request ends with an error."""
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        for out in self.stream():
+            if out.finished:
+                final[out.request_id] = out
+        res = []
+        for rid in ids:
+            out = final[rid]
+            if out.finish_reason == "error":
+                raise RuntimeError(f"request {rid} failed: {out.error}")
+            res.append(out.token_ids)
+        return res
+
+
+def _token_list(prompt_ids, vocab: int) -> list[int]:
+    """Validate a prompt (list / tuple / 1-D integer tensor of ids in [0, vocab))."""
+    what = f"prompt_ids must be a non-empty sequence of token ids in [0, {vocab})"
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or \
+                prompt_ids.dtype == torch.bool:
+            raise ValueError(f"{what}; got a {prompt_ids.dtype} tensor of shape "
+                             f"{tuple(prompt_ids.shape)}")
+        ids = prompt_ids.tolist()
+    elif isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+        raise ValueError(f"{what}; got {prompt_ids!r}")
+    else:
+        ids = list(prompt_ids)
+    if not ids:
+        raise ValueError(f"{what}; got an empty prompt")
+    out = []
+    for t in ids:
+        if isinstance(t, (bool, float, str)) or not isinstance(t, int) and not hasattr(
+                t, "__index__"):
+            raise ValueError(f"{what}; got {t!r}")
+        v = int(t)
+        if not 0 <= v < vocab:
+            raise ValueError(f"{what}; got {v}")
+        out.append(v)
+    return out

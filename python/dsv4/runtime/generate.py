@@ -1,0 +1,104 @@
+"""``dsv4 generate`` on the runtime: one prompt through :class:`~dsv4.runtime.Engine`.
+
+Same arguments, streaming contract and result as the reference loop
+:func:`dsv4.generate.generate` (which stays the oracle and the CPU path): the prompt is
+prefilled in chunks with logits for its last position only, each decode step replays a CUDA
+graph on a GPU, and the token is drawn on the device by the same sampler
+(:func:`dsv4.generate.sample` with the request's seeded generator), so a greedy or seeded run
+gives the tokens of the reference loop up to the kernels' rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..generate import GenerationResult, _StopStringFilter, check_sampling_args
+from .engine import Engine
+from .request import SamplingParams
+
+__all__ = ["generate"]
+
+
+def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             eos_id: int | None = 1, stop_strings: Sequence[str] = (),
+             on_token: Callable[[int, str], Any] | None = None, tokenizer: Any | None = None,
+             **engine_args) -> GenerationResult:
+    """Generate a continuation of one prompt on the runtime engine.
+
+    Arguments, callbacks, errors and the returned :class:`~dsv4.generate.GenerationResult`
+    are those of :func:`dsv4.generate.generate`; ``engine_args`` go to
+    :class:`~dsv4.runtime.Engine` (default: one slot, ``max_model_len`` = prompt +
+    ``max_new_tokens``). ``prefill_seconds`` is the time to the first token.
+    """
+    check_sampling_args(temperature, top_p, top_k)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids must contain at least one token (e.g. BOS)")
+    if min(prompt) < 0:
+        raise ValueError(f"prompt_ids must be >= 0, got {min(prompt)}")
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    from ..tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    stops = _StopStringFilter(stop_strings)
+    token_ids: list[int] = []
+    finish = "length"
+    new_tokens = 0
+    prefill_seconds = 0.0
+    dev = model.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    if max_new_tokens > 0:
+        args = dict(max_batch=1, max_model_len=len(prompt) + max_new_tokens)
+        args.update(engine_args)
+        engine = Engine(model, **args)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed,
+                                eos_token_id=-1 if eos_id is None else eos_id)
+        rid = engine.add_request(prompt, params)
+        t0 = time.perf_counter()   # the engine's allocation is set-up, not generation
+        try:
+            for out in engine.stream():
+                if out.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {out.error}")
+                new_tokens += 1
+                if new_tokens == 1:
+                    prefill_seconds = time.perf_counter() - t0
+                if out.finish_reason == "eos":
+                    finish = "eos"
+                    break
+                token = out.new_token_ids[0]
+                token_ids.append(token)
+                piece = stops.push(decoder.step(token)) if decoder is not None else ""
+                if on_token is not None:
+                    on_token(token, piece)
+                if stops.stop_at is not None:
+                    finish = "stop"
+                    break
+        finally:
+            if rid in engine.requests:
+                engine.abort(rid)
+    sync()
+    seconds = time.perf_counter() - t0
+    text = None
+    if decoder is not None:
+        if finish != "stop":
+            stops.push(decoder.flush())
+        tail = stops.finish()
+        if tail and on_token is not None:
+            on_token(-1, tail)
+        text = stops.text if stops.stop_at is None else stops.text[:stops.stop_at]
+    return GenerationResult(token_ids=token_ids, text=text, prompt_tokens=len(prompt),
+                            new_tokens=new_tokens, seconds=seconds,
+                            tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
+                            finish_reason=finish, prefill_seconds=prefill_seconds)

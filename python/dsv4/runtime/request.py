@@ -1,0 +1,119 @@
+"""Requests of the runtime: sampling parameters, lifecycle state, per-step outputs."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..cache import check_count
+from ..generate import check_sampling_args
+
+__all__ = ["SamplingParams", "Request", "RequestOutput", "Status"]
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    Attributes:
+        max_new_tokens: tokens to generate at most (>= 1).
+        temperature, top_p, top_k: :func:`dsv4.generate.sample`'s (0 = greedy; the official
+            Gumbel-max sampler otherwise, architecture.md §13.1).
+        seed: seeds the request's own ``torch.Generator`` (None: nondeterministic); a request's
+            sampled tokens do not depend on the other requests of the batch.
+        eos_token_id: stop when sampled (not returned); None: the model config's; -1: never.
+        stop_token_ids: more ids that stop generation (returned, as the stop token).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    stop_token_ids: tuple = ()
+
+    def __post_init__(self):
+        check_count(self.max_new_tokens, "max_new_tokens")
+        check_sampling_args(self.temperature, self.top_p, self.top_k)
+        if self.seed is not None:
+            check_count(self.seed, "seed", 0)
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
+                                              or not isinstance(self.eos_token_id, int)):
+            raise ValueError(f"eos_token_id must be an int or None, got {self.eos_token_id!r}")
+        object.__setattr__(self, "stop_token_ids",
+                           tuple(check_count(t, "stop_token_ids entries", 0)
+                                 for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # queued, no slot (new, or preempted and to be recomputed)
+    RUNNING = "running"      # holds a slot and blocks
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One sequence in the runtime (host-side bookkeeping).
+
+    ``num_computed`` tokens of ``token_ids`` (prompt + generated) are in the cache; the next
+    step feeds ``token_ids[num_computed:]`` (a prefill chunk, or the last sampled token).
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_token_id: Optional[int]
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    slot: Optional[int] = None
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    generator: Optional[torch.Generator] = None
+    arrival: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens known but not yet in the cache."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass
+class RequestOutput:
+    """What one ``Engine.step`` produced for a request.
+
+    new_token_ids: tokens generated in this step (0 or 1; an EOS is not included);
+    token_ids: every token generated so far (without EOS); finished / finish_reason:
+    ``"eos"``, ``"stop"`` (a stop token), ``"length"`` (max_new_tokens or max_model_len),
+    ``"abort"`` or ``"error"`` (``error`` says why); logits: with ``Engine.step(logits=...)``,
+    float32 [tokens, vocab] on the device (the sampled position, or every token fed this
+    step), else None.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    logits: Optional[torch.Tensor] = None

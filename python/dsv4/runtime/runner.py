@@ -1,0 +1,199 @@
+"""Runs one scheduled step of the model: the step batch on the device, eager or a CUDA graph.
+
+A step's metadata (token ids, positions, ``cu_seqlens``, slots, block tables, the tokens that
+need logits) is packed on the host into one pinned int32 buffer and copied to the device in one
+non-blocking copy (:class:`~dsv4.layers.varlen.StepBatch`); the model runs
+:meth:`dsv4.Model.forward_step` on it.
+
+Decode steps (every row feeds one token and samples) on CUDA replay a CUDA graph captured once
+per batch-size bucket (1, 2, 4, 8, ..., max_batch): the batch is padded to its bucket with rows
+that write only the cache's scratch slot, the metadata is copied into the graph's static buffer
+and the graph is replayed. Before capturing, the step is run eagerly under
+``torch.cuda.set_sync_debug_mode("error")``: if anything in it synchronises with the host (a
+layer whose ops are not capturable), the runner keeps running decode eagerly and says why once.
+Prefill and mixed steps run eagerly (they are compute-bound).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..layers.varlen import HostBatch, StepBatch
+from ..ops.backend import get_backend
+from .pool import PagedCache
+from .scheduler import ScheduledRow
+
+__all__ = ["ModelRunner", "graph_buckets"]
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a decode graph: powers of two below ``max_batch``, then ``max_batch``."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    static: torch.Tensor        # int32 [bucket + meta]: ids then the packed StepBatch
+    logits: torch.Tensor        # float32 [bucket, vocab], the graph's output
+
+
+class ModelRunner:
+    """Executes scheduled rows on ``model`` over a :class:`PagedCache`.
+
+    Args:
+        model: a :class:`dsv4.Model`.
+        cache: its runtime cache.
+        max_model_len: longest sequence (sizes the block-table width and, in graphs, the HCA
+            scope).
+        head_dtype: None (the official fp32 head) or torch.bfloat16 (see ``Model._head``).
+        cuda_graphs: capture decode graphs (CUDA only).
+        max_batch: largest decode batch (the last bucket).
+    """
+
+    def __init__(self, model, cache: PagedCache, max_model_len: int,
+                 head_dtype: Optional[torch.dtype], cuda_graphs: bool, max_batch: int):
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.max_model_len = max_model_len
+        self.max_blocks = max(1, cache.blocks_for(max_model_len))
+        self.head_dtype = head_dtype
+        self.buckets = graph_buckets(max_batch)
+        self.graphs: dict[int, _Graph] = {}
+        self.graph_off_reason: Optional[str] = None
+        if not cuda_graphs:
+            self.graph_off_reason = "disabled (cuda_graphs=False)"
+        elif self.device.type != "cuda":
+            self.graph_off_reason = f"CUDA graphs need a CUDA device, the model is on {self.device}"
+        self._pool = None
+        self.stats = {"graph_steps": 0, "eager_steps": 0}
+
+    # ------------------------------------------------------------------ packing
+    def _pack(self, rows: Sequence[ScheduledRow], pad_to: int = 0, all_logits: bool = False
+              ) -> tuple[torch.Tensor, dict]:
+        """Host buffer [ids | StepBatch] (pinned on CUDA) and the sizes to view it with."""
+        starts, lens, slots, tables, ids, index = [], [], [], [], [], []
+        t = 0
+        for r in rows:
+            req = r.request
+            starts.append(r.start)
+            lens.append(r.n)
+            slots.append(req.slot)
+            tables.append(req.block_table)
+            ids.extend(req.token_ids[r.start:r.start + r.n])
+            if all_logits:
+                index.extend(range(t, t + r.n))
+            elif r.sample:
+                index.append(t + r.n - 1)
+            t += r.n
+        for _ in range(pad_to - len(rows)):   # graph padding: one token in the scratch slot
+            starts.append(0)
+            lens.append(1)
+            slots.append(self.cache.scratch_slot)
+            tables.append([])
+            ids.append(0)
+            index.append(t)
+            t += 1
+        T, B, L = len(ids), len(lens), len(index)
+        meta = StepBatch.buffer_size(T, B, self.max_blocks, L)
+        buf = torch.empty(T + meta, dtype=torch.int32,
+                          pin_memory=self.device.type == "cuda")
+        buf[:T] = torch.tensor(ids, dtype=torch.int32)
+        StepBatch.pack(starts, lens, slots, tables, index, self.max_blocks, out=buf[T:])
+        sizes = dict(num_tokens=T, num_rows=B, max_blocks=self.max_blocks, num_logits=L,
+                     max_seqlen=max(lens, default=0),
+                     max_end=max((s + n for s, n in zip(starts, lens)), default=0),
+                     decode=all(n <= 1 for n in lens),
+                     host=HostBatch(starts, lens, slots, [list(x) for x in tables]))
+        return buf, sizes
+
+    # ------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def run(self, rows: Sequence[ScheduledRow], all_logits: bool = False
+            ) -> tuple[torch.Tensor, list[int]]:
+        """Feed ``rows``; return (float32 logits [L, vocab] on the device, how many of those
+        rows belong to each scheduled row, in order). A row gets one logit row when it
+        samples (the logits of its last token), none otherwise; with ``all_logits`` every
+        fed token gets one."""
+        counts = [r.n if all_logits else int(r.sample) for r in rows]
+        decode = not all_logits and all(r.n == 1 and r.sample for r in rows)
+        if decode and self.graph_off_reason is None and len(rows) <= self.buckets[-1]:
+            logits = self._run_graph(rows)
+            if logits is not None:
+                self.stats["graph_steps"] += 1
+                return logits, counts
+        self.stats["eager_steps"] += 1
+        buf, sizes = self._pack(rows, all_logits=all_logits)
+        dev = buf.to(self.device, non_blocking=True)
+        T = sizes.pop("num_tokens")
+        batch = StepBatch.from_buffer(dev[T:], T, **sizes)
+        logits = self.model.forward_step(dev[:T].long(), self.cache.layers, batch,
+                                         self.head_dtype)
+        return logits, counts
+
+    def _run_graph(self, rows: Sequence[ScheduledRow]) -> Optional[torch.Tensor]:
+        bucket = next(b for b in self.buckets if b >= len(rows))
+        g = self.graphs.get(bucket)
+        if g is None:
+            g = self._capture(bucket)
+            if g is None:
+                return None
+        buf, _ = self._pack(rows, pad_to=bucket)
+        g.static.copy_(buf, non_blocking=True)
+        g.graph.replay()
+        return g.logits[:len(rows)]
+
+    def _graph_batch(self, static: torch.Tensor, bucket: int) -> StepBatch:
+        return StepBatch.from_buffer(static[bucket:], bucket, bucket, self.max_blocks, bucket,
+                                     1, self.max_model_len, True, host=None)
+
+    def _capture(self, bucket: int) -> Optional[_Graph]:
+        """Capture the decode step of ``bucket`` rows; None (and graphs off, with the reason
+        said once) if the step synchronises with the host or capture fails."""
+        model, layers, head = self.model, self.cache.layers, self.head_dtype
+        if get_backend() != "cuda" or model.dtype != torch.bfloat16:
+            self.graph_off_reason = (
+                "decode runs eagerly: the layers run their per-sequence reference path (backend "
+                f"{get_backend()!r}, {model.dtype} model), which a CUDA graph cannot capture")
+            return None
+        buf, _ = self._pack([], pad_to=bucket)          # padding rows only: scratch slot
+        static = buf.to(self.device)
+        batch = self._graph_batch(static, bucket)
+        torch.cuda.synchronize(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                model.forward_step(static[:bucket].long(), layers, batch, head)   # warm caches
+                prev = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    model.forward_step(static[:bucket].long(), layers, batch, head)
+                finally:
+                    torch.cuda.set_sync_debug_mode(prev)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = model.forward_step(static[:bucket].long(), layers, batch, head)
+        except Exception as e:      # a host sync or anything else capture cannot take
+            torch.cuda.synchronize(self.device)
+            self.graph_off_reason = (f"decode runs eagerly: the step could not be captured as "
+                                     f"a CUDA graph ({type(e).__name__}: {str(e)[:300]})")
+            warnings.warn(f"dsv4.runtime: {self.graph_off_reason}", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        g = _Graph(graph, static, logits)
+        self.graphs[bucket] = g
+        return g
