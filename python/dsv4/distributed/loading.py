@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..checkpoint_io import SafetensorsFile
-from ..convert import ConvertError, _rank_files, split_rule
+from ..convert import _RANK_FILE, ConvertError, _rank_files, split_rule
 from .group import ExpertParallelGroup, init
 from .model import check_same_model, convert_moe_layers
 
@@ -31,15 +31,12 @@ __all__ = ["from_pretrained", "RankFiles", "is_rank_directory"]
 
 def is_rank_directory(path: str) -> bool:
     """Whether ``path`` holds ``model{r}-mp{MP}.safetensors`` rank files (and no index or
-    ``model.safetensors``, which the ordinary layout would use)."""
+    ``model.safetensors``, which the ordinary layout would use). An incomplete set counts
+    (:class:`RankFiles` then names what is missing)."""
     if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model.safetensors.index.json")) \
             or os.path.isfile(os.path.join(path, "model.safetensors")):
         return False
-    try:
-        _rank_files(path)
-    except ConvertError:
-        return False
-    return True
+    return any(_RANK_FILE.match(f) for f in os.listdir(path))
 
 
 class RankFiles:
