@@ -114,8 +114,9 @@ def _sparse_down(out: int, inner: int, g: torch.Generator) -> torch.Tensor:
     return w
 
 
-def _exact_moe(layer_id: int, seed: int, dtype=torch.float32, bias=None) -> MoE:
-    """A MoE whose GEMMs are exact in fp32 (module docstring)."""
+def _exact_moe(layer_id: int, seed: int, dtype=torch.float32, bias=None, device="cpu") -> MoE:
+    """A MoE whose GEMMs are exact in fp32 (module docstring); the gate bias stays fp32 (as
+    ``Model.to`` keeps it, and the CUDA gate kernel wants it)."""
     torch.manual_seed(seed)
     moe = MoE(CFG, layer_id)
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +128,10 @@ def _exact_moe(layer_id: int, seed: int, dtype=torch.float32, bias=None) -> MoE:
             ex.w1.weight.copy_(_dyadic(ex.w1.weight.shape, 32, g, 4))
             ex.w3.weight.copy_(_dyadic(ex.w3.weight.shape, 32, g, 4))
             ex.w2.weight.copy_(_sparse_down(*ex.w2.weight.shape, g))
-    return moe.to(dtype)
+    moe = moe.to(device=device, dtype=dtype)
+    if moe.gate.bias is not None:
+        moe.gate.bias.data = moe.gate.bias.data.float()
+    return moe
 
 
 def _split(n: list[int], rank: int) -> slice:
@@ -136,9 +140,11 @@ def _split(n: list[int], rank: int) -> slice:
 
 def _case(rank, world, layer_id, counts, seed, *, dtype=torch.float32, bias=None, x=None,
           expect_received=None, serve_ranks=()):
-    """One exchange: rank r has counts[r] tokens (or serves); compare with the single process."""
+    """One exchange: rank r has counts[r] tokens (or serves); compare with the single process
+    (on this rank's device: the CPU with gloo, its GPU with NCCL)."""
     group = ExpertParallelGroup.current()
-    ref = _exact_moe(layer_id, seed, dtype, bias)
+    dev = group.device
+    ref = _exact_moe(layer_id, seed, dtype, bias, dev)
     ep = ExpertParallelMoE(copy.deepcopy(ref), group, tag=layer_id)
     received = []
     local = ep.local_experts
@@ -147,8 +153,8 @@ def _case(rank, world, layer_id, counts, seed, *, dtype=torch.float32, bias=None
     N = sum(counts)
     if x is None:
         x = _tokens(N, g)
-    x = x.to(dtype)
-    ids = torch.randint(0, CFG.vocab_size, (N,), generator=g)
+    x = x.to(dev, dtype)
+    ids = torch.randint(0, CFG.vocab_size, (N,), generator=g).to(dev)
     with torch.no_grad():
         want = ref(x, ids)
         mine = _split(counts, rank)
@@ -170,26 +176,30 @@ def _bias_towards(rank_experts: range, value: float) -> torch.Tensor:
     return b
 
 
-def _layer_cases(rank, world):
+def layer_cases(rank, world, dtype=torch.float32):
+    """Every case of this module in one process group; ``dtype`` of most cases (the CUDA
+    version runs bfloat16: the MoE kernels)."""
     L = E // world
+    group = ExpertParallelGroup.current()
     uneven = [5, 11, 1, 8][:world]
     # learned and hash routing, uneven token counts per rank
     for layer_id in (LEARNED, HASHED):
-        _case(rank, world, layer_id, uneven, seed=10 + layer_id)
-    # bf16 activations and weights (the reference path on CPU)
+        _case(rank, world, layer_id, uneven, seed=10 + layer_id, dtype=dtype)
+    # bf16 activations and weights (the reference path on CPU, the kernels on CUDA)
     _case(rank, world, LEARNED, uneven, seed=20, dtype=torch.bfloat16)
     # a rank with zero local tokens calling the layer; then one serving instead
     zero = [6, 0, 3, 0][:world]
-    _case(rank, world, LEARNED, zero, seed=30)
-    _case(rank, world, HASHED, zero, seed=31, serve_ranks=(1, 3))
+    _case(rank, world, LEARNED, zero, seed=30, dtype=dtype)
+    _case(rank, world, HASHED, zero, seed=31, serve_ranks=(1, 3), dtype=dtype)
     # rank 0's experts get no token (their bias pushes every token away)
-    got = _case(rank, world, LEARNED, uneven, seed=40, bias=_bias_towards(range(L), -100.0))
+    got = _case(rank, world, LEARNED, uneven, seed=40, bias=_bias_towards(range(L), -100.0),
+                dtype=dtype)
     if rank == 0:
         assert got == [0]
     # the last rank receives every token of every rank (min(top-k, its experts) pairs each)
     total = sum(uneven) * min(K, L)
     got = _case(rank, world, LEARNED, uneven, seed=50,
-                bias=_bias_towards(range(E - L, E), 100.0))
+                bias=_bias_towards(range(E - L, E), 100.0), dtype=dtype)
     if rank == world - 1:
         assert got == [total], got
     elif K <= L:
@@ -200,23 +210,25 @@ def _layer_cases(rank, world):
     x[torch.randperm(2304, generator=g)[:10]] = _tokens(10, g)
     skew = [1500, 0, 700, 104][:world]
     skew[-1] += 2304 - sum(skew)
-    _case(rank, world, LEARNED, skew, seed=61, x=x)
+    _case(rank, world, LEARNED, skew, seed=61, x=x, dtype=dtype)
     # every rank serving: nothing is exchanged, serve_once says so on every rank
-    ep = ExpertParallelMoE(_exact_moe(LEARNED, 70), ExpertParallelGroup.current(), tag=LEARNED)
+    dev = group.device
+    ep = ExpertParallelMoE(_exact_moe(LEARNED, 70, dtype, device=dev), group, tag=LEARNED)
     assert serve_once({LEARNED: ep}) is None
     # ranks out of step (odd ranks in another layer): the same error everywhere ...
-    ep2 = ExpertParallelMoE(_exact_moe(HASHED, 71), ExpertParallelGroup.current(), tag=HASHED)
+    ep2 = ExpertParallelMoE(_exact_moe(HASHED, 71, dtype, device=dev), group, tag=HASHED)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"out of step \(rank 0: MoE of layer "
                                                            r"3 .*rank 1: MoE of layer 0"):
-        (ep if rank % 2 == 0 else ep2)(torch.randn(3, D), torch.zeros(3, dtype=torch.long))
+        (ep if rank % 2 == 0 else ep2)(torch.randn(3, D, device=dev, dtype=dtype),
+                                       torch.zeros(3, dtype=torch.long, device=dev))
     # ... and the group is still usable
-    _case(rank, world, LEARNED, uneven, seed=80)
+    _case(rank, world, LEARNED, uneven, seed=80, dtype=dtype)
     assert IDLE < 0
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_equals_single_process(world):
-    run_ranks(world, _layer_cases)
+    run_ranks(world, layer_cases)
 
 
 def _gradient_refused(rank, world):

@@ -58,7 +58,10 @@ class ExpertParallelGroup:
                 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got "
                              f"{self.rank!r}")
-        object.__setattr__(self, "device", torch.device(self.device))
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:   # tensors report their index
+            device = torch.device("cuda", torch.cuda.current_device())
+        object.__setattr__(self, "device", device)
 
     @classmethod
     def current(cls, device: Optional[torch.device | str] = None,
