@@ -130,7 +130,7 @@ def from_pretrained(path: str | os.PathLike, group: Optional[ExpertParallelGroup
                     device: Optional[str | torch.device] = None,
                     dtype: torch.dtype = torch.bfloat16, weights: str = "dequant",
                     num_layers: Optional[int] = None, progress: bool = True,
-                    **config_overrides):
+                    readers: Optional[list] = None, **config_overrides):
     """Load a :class:`dsv4.Model` whose MoE layers hold this rank's experts only.
 
     Args:
@@ -143,6 +143,9 @@ def from_pretrained(path: str | os.PathLike, group: Optional[ExpertParallelGroup
         dtype, weights, num_layers, config_overrides: as :meth:`dsv4.Model.from_pretrained`
             (``weights="native"`` keeps FP8/FP4 bytes).
         progress: a tqdm bar on rank 0.
+        readers: tensor sources to read instead of ``path``'s files (SafetensorsFile-like, see
+            :func:`dsv4.checkpoint.load_checkpoint`; e.g. a synthetic release-format model,
+            bench/bench_ep.py); ``path`` still supplies ``config.json``.
 
     Returns the model on ``device``, checked to be the same on every rank (collective).
 
@@ -170,7 +173,9 @@ def from_pretrained(path: str | os.PathLike, group: Optional[ExpertParallelGroup
 
     kwargs = dict(device=device, dtype=dtype, weights=weights, num_layers=num_layers,
                   progress=progress and group.rank == 0, skip_tensor=foreign_expert)
-    if is_rank_directory(path):
+    if readers is not None:
+        model = load_checkpoint(build, path, readers=readers, **kwargs, **config_overrides)
+    elif is_rank_directory(path):
         with RankFiles(path, prefer_rank=group.rank) as files:
             model = load_checkpoint(build, path, readers=[files], **kwargs, **config_overrides)
     else:
