@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.distributed import ExpertParallelGroup, ExpertParallelMoE, expert_parallel, serve, \
-    serve_step
+from dsv4.distributed import (ExpertParallelGroup, ExpertParallelMoE, expert_parallel, serve,
+                              serve_step)
 from dsv4.model import Model
 
 from _ep_harness import free_port, run_ranks

@@ -79,7 +79,7 @@ def test_rank_keeps_its_experts_under_their_global_names():
     assert moe.experts[0] is moe.experts._modules["2"] and moe.experts[-1] is moe.experts[1]
     with pytest.raises(IndexError):
         moe.experts[2]
-    stack = moe.stacked_weights()                      # the grouped-GEMM layout of the local experts
+    stack = moe.stacked_weights()          # the grouped-GEMM layout of the local experts
     assert stack.w_up.shape[0] == 2
     assert torch.equal(stack.w_up[1, 0], full[f"layers.{LEARNED}.ffn.experts.3.w1.weight"])
     assert not any(p.requires_grad for p in model.parameters())   # inference only

@@ -12,7 +12,7 @@ Python API (every rank runs the same program, e.g. under ``torchrun --nproc-per-
     #   or: model = ep.expert_parallel(dsv4.Model(config), group)   (same seed on every rank)
     with torch.no_grad():
         logits = model(my_ids, cache=my_cache)              # each rank its own sequences
-    ep.serve(model)                                         # nothing (left) to run: serve the others
+    ep.serve(model)                                         # no work left: serve the others
 
 A rank with no work in one step (but maybe in the next) calls ``ep.serve_step(model)``.
 
@@ -31,4 +31,5 @@ from .moe import IDLE, ExpertParallelMoE, ExpertSlice, serve_once
 
 __all__ = ["ExpertParallelGroup", "init", "torchrun_world_size", "from_pretrained", "RankFiles",
            "is_rank_directory", "expert_parallel", "convert_moe_layers", "check_same_model",
-           "serve", "serve_step", "group_of", "ExpertParallelMoE", "ExpertSlice", "serve_once", "IDLE"]
+           "serve", "serve_step", "group_of", "ExpertParallelMoE", "ExpertSlice", "serve_once",
+           "IDLE"]

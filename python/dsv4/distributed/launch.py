@@ -1,6 +1,7 @@
-"""The ``dsv4`` command line under ``torchrun``: ``torchrun --nproc-per-node N -m dsv4 generate ...``
-runs the model with expert parallelism over N processes (one GPU each with NCCL; the CPU with
-gloo when CUDA is unavailable or ``--device cpu``).
+"""The ``dsv4`` command line under ``torchrun``:
+``torchrun --nproc-per-node N -m dsv4 generate ...`` runs the model with expert parallelism over
+N processes (one GPU each with NCCL; the CPU with gloo when CUDA is unavailable or
+``--device cpu``).
 
 How a command runs (``cli.main`` hands it here when ``WORLD_SIZE > 1``):
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 from typing import Any, Optional
 

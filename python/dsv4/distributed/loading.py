@@ -33,8 +33,8 @@ def is_rank_directory(path: str) -> bool:
     """Whether ``path`` holds ``model{r}-mp{MP}.safetensors`` rank files (and no index or
     ``model.safetensors``, which the ordinary layout would use). An incomplete set counts
     (:class:`RankFiles` then names what is missing)."""
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model.safetensors.index.json")) \
-            or os.path.isfile(os.path.join(path, "model.safetensors")):
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")) \
+            or os.path.exists(os.path.join(path, "model.safetensors.index.json")):
         return False
     return any(_RANK_FILE.match(f) for f in os.listdir(path))
 
@@ -167,7 +167,7 @@ def from_pretrained(path: str | os.PathLike, group: Optional[ExpertParallelGroup
         local.append(group.expert_range(config.n_routed_experts))
         return convert_moe_layers(Model(config), group)
 
-    def foreign_expert(name: str) -> bool:   # the other ranks' experts: neither read nor "unexpected"
+    def foreign_expert(name: str) -> bool:   # other ranks' experts: not read, not "unexpected"
         kind, e = split_rule(name)
         return kind == "expert" and e not in local[-1]
 

@@ -116,8 +116,9 @@ def _agree(c: _Counts) -> Optional[tuple[int, torch.dtype]]:
     if not active:
         return None
     if len({t for _, t, _ in active}) > 1 or len({d for _, _, d in active}) > 1:
-        where = ", ".join(f"rank {r}: MoE of layer {t} ({_DTYPES[d] if 0 <= d < len(_DTYPES) else d})"
-                          for r, t, d in active)
+        where = ", ".join(
+            f"rank {r}: MoE of layer {t} ({_DTYPES[d] if 0 <= d < len(_DTYPES) else d})"
+            for r, t, d in active)
         raise RuntimeError(
             f"expert-parallel ranks are out of step ({where}): in each step every rank must "
             "run the MoE layers in the same order with the same activation dtype, and a rank "
