@@ -140,10 +140,14 @@ def run(args: Any, parser: Any) -> int:
         else:
             rc = int(args.func(args, parser))
         if _state.model is None:
-            # Failed before loading the model: leave; torchrun stops the other ranks.
-            print(f"dsv4: rank {group.rank} stopped before loading the model (exit {rc})",
-                  file=sys.stderr)
-            return rc or 1
+            # No expert-parallel model was loaded here: the command failed before loading it
+            # (torchrun then stops the other ranks), or it loads its model some other way
+            # (then it ran without expert parallelism).
+            why = (f"stopped before loading the model (exit {rc})" if rc else
+                   "ran without an expert-parallel model (the command did not load it through "
+                   "dsv4.cli._load_model / dsv4.distributed.launch.load_model)")
+            print(f"dsv4: rank {group.rank} {why}", file=sys.stderr)
+            return rc
         with torch.no_grad():
             serve(_state.model)          # until every rank is done
         return rc

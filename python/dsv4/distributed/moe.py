@@ -220,11 +220,7 @@ class ExpertParallelMoE(MoE):
         x2 = x2.contiguous()
         W, L = self.group.world_size, len(self.experts)
         counts = (offsets[1:] - offsets[:-1]).view(W, L)
-        code = _DTYPES.index(x2.dtype) if x2.dtype in _DTYPES else None
-        if code is None:
-            raise ValueError(f"the expert-parallel MoE exchanges float32, bfloat16 or float16 "
-                             f"activations, not {x2.dtype}")
-        c = _exchange_counts(self.group, self.tag, code, L, counts)
+        c = _exchange_counts(self.group, self.tag, _DTYPES.index(x2.dtype), L, counts)
         _agree(c)   # raises unless every rank with work is in this layer with this dtype
         n = sum(c.send_splits)
         rows = x2.index_select(0, row_ids[:n].long())
@@ -232,6 +228,8 @@ class ExpertParallelMoE(MoE):
         return combine(y_sent, pair_pos, self.shared_experts(x2)).view(shape)
 
     def _check_call(self, x: torch.Tensor) -> None:
+        """Refuse, before any exchange, what this rank cannot send (the others then wait: a
+        rank that raises here must stop the job, as torchrun does)."""
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in self.parameters())):
             raise RuntimeError("the expert-parallel MoE is inference-only (its all-to-all has no "
@@ -244,6 +242,9 @@ class ExpertParallelMoE(MoE):
         if x.device != self.group.device:
             raise ValueError(f"the expert-parallel MoE of this rank runs on "
                              f"{self.group.device}, got activations on {x.device}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"the expert-parallel MoE exchanges float32, bfloat16 or float16 "
+                             f"activations, not {x.dtype}")
 
     # ------------------------------------------------------------------ other ranks' tokens
     def local_experts(self, x: torch.Tensor, weights: torch.Tensor,
