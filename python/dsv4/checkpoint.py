@@ -309,11 +309,17 @@ class _Plan:
 
 def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
     """Open every shard (kept open in ``handles``) and list its tensors by official name,
-    reading headers only."""
+    reading headers only. ``files`` holds paths, or already opened readers with the
+    :class:`SafetensorsFile` interface (``path``, ``tensors``, ``read``; see
+    :func:`load_checkpoint`'s ``readers``)."""
     entries: dict[str, _Entry] = {}
     problems = []
     for file in files:
-        f = handles[file] = stack.enter_context(SafetensorsFile(file, CheckpointError))
+        if isinstance(file, str):
+            f = stack.enter_context(SafetensorsFile(file, CheckpointError))
+        else:
+            f, file = file, file.path
+        handles[file] = f
         info = {n: (dt, shape) for n, (dt, shape, _) in f.tensors.items()}
         for n, (dt, shape) in info.items():
             off = official_name(n)
@@ -469,7 +475,8 @@ def _check_extent(c: ModelConfig, entries: dict[str, "_Entry"]) -> None:
 
 
 def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights="dequant",
-                    num_layers=None, progress=True, **config_overrides):
+                    num_layers=None, progress=True, *, skip_tensor=None, readers=None,
+                    **config_overrides):
     """Build ``model_cls(config)`` from ``path/config.json`` and load its weights.
 
     Args:
@@ -493,6 +500,14 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
             are then dropped unless ``n_mtp_layers=k`` is passed (keeps the first k).
             ``n_mtp_layers`` alone (without num_layers) also keeps only the first k MTP blocks.
         progress: show a tqdm bar over the tensors read (stderr).
+        skip_tensor: None, or ``skip_tensor(name) -> bool``: checkpoint tensors (official
+            names) it accepts are neither read nor reported as unexpected; the model built by
+            ``model_cls`` must not hold them (expert parallelism: the other ranks' experts,
+            :mod:`dsv4.distributed`).
+        readers: None (read the directory's safetensors files), or a list of opened tensor
+            sources used instead, each with the :class:`~dsv4.checkpoint_io.SafetensorsFile`
+            interface (``path``, ``tensors`` ``{name: (dtype string, shape, _)}``, ``read(name)``;
+            the caller closes them). ``path`` still supplies ``config.json``.
         config_overrides: replace config fields (e.g. ``quant_sim=False``).
 
     Raises:
@@ -517,7 +532,7 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
     if os.path.exists(os.path.join(path, "config.json")):
         confined_path(path, "config.json", "config.json", CheckpointError)
     config = _resolve_config(path, num_layers, dict(config_overrides))
-    files, weight_map = _checkpoint_layout(path)
+    files, weight_map = _checkpoint_layout(path) if readers is None else (list(readers), None)
 
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
@@ -542,7 +557,8 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
                 plans[name] = p
             elif name not in used:
                 missing.append(name)
-        unexpected = sorted(n for n in entries if n not in used and not _skipped(n, config))
+        unexpected = sorted(n for n in entries if n not in used and not _skipped(n, config)
+                            and not (skip_tensor is not None and skip_tensor(n)))
         if missing or unexpected or bad:
             msg = [f"checkpoint {path} does not match the model built from its config.json:"]
             for title, items in (("missing", sorted(missing)), ("unexpected", unexpected),

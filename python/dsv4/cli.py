@@ -184,6 +184,10 @@ def _check_model_arg(parser: argparse.ArgumentParser, model: str) -> None:
 
 def _load_model(model: str, device: Any, dtype: Any, quant_sim: bool | None = None) -> Any:
     """Build ``--model tiny`` (seeded random weights) or load a checkpoint directory."""
+    from dsv4.distributed import launch as _ep_launch   # under torchrun: expert-parallel model
+
+    if _ep_launch.active():
+        return _ep_launch.load_model(model, device, dtype, quant_sim)
     import torch
 
     from dsv4.model import Model
@@ -563,6 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dsv4.distributed import launch as _ep_launch   # torchrun, WORLD_SIZE > 1
+
+    if _ep_launch.runs_distributed(args):
+        return int(_ep_launch.run(args, args.subparser))
     return int(args.func(args, args.subparser))
 
 

@@ -287,15 +287,24 @@ class MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.dim)
         ids = input_ids.reshape(-1)
-        if x2.is_cuda and x2.dtype == torch.bfloat16 and get_backend() == "cuda":
-            reason = self.kernel_unsupported(x2)
+        stack = self.kernel_path_stack(x2)
+        if stack is not None:
+            return self._forward_kernels(x2, ids, stack).view(shape)
+        return self._forward_reference(x2, ids).view(shape)
+
+    def kernel_path_stack(self, x: torch.Tensor) -> Optional[ExpertStack]:
+        """The stacked experts when the kernel path serves ``x`` [N, dim] (CUDA bfloat16, the
+        ``"cuda"`` backend, every kernel and shape supported), else None: the reference path.
+        Warns once per reason when the kernel path was asked for but cannot run."""
+        if x.is_cuda and x.dtype == torch.bfloat16 and get_backend() == "cuda":
+            reason = self.kernel_unsupported(x)
             stack = None
             if reason is None:
                 stack = self.stacked_weights()
                 reason = self._stack_unsupported(stack)
-            if use_kernels(x2, ("moe_gate", "moe_dispatch", "moe_combine"), reason):
-                return self._forward_kernels(x2, ids, stack).view(shape)
-        return self._forward_reference(x2, ids).view(shape)
+            if use_kernels(x, ("moe_gate", "moe_dispatch", "moe_combine"), reason):
+                return stack
+        return None
 
     def kernel_unsupported(self, x: torch.Tensor) -> Optional[str]:
         """Why this layer's kernel path cannot serve ``x`` [N, dim] (before looking at the
@@ -336,26 +345,9 @@ class MoE(nn.Module):
 
     def _forward_reference(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         weights, indices = self.gate(x, ids)
-        E = len(self.experts)
-        row_ids, offsets, route_weight, pair_pos = moe_dispatch_reference(indices, weights, E)
-        # With gradients, go through the experts' Linear layers (autograd reaches their
-        # Parameters; the stack is plain storage that those Parameters view).
-        grad = _needs_grad(x, *(getattr(self.experts[0], n)._parameters.get("weight")
-                                for n in ("w1", "w2", "w3")))
-        stack = None if grad else self.stacked_weights()
-        if stack is not None:  # the expert formula of contracts.md §B (one definition)
-            h = moe_up_reference(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
-                                 float(self.swiglu_limit), self._act_quant(self.experts[0].w1))
-            y_pair = moe_down_reference(h, offsets, stack.w_down, stack.w_down_scale,
-                                        self._act_quant(self.experts[0].w2))
-        else:  # gradients, or experts of mixed formats: each through its own Linear layers
-            bounds = offsets.tolist()
-            y_pair = x.new_zeros(row_ids.shape[0], self.dim)
-            for e in range(E):
-                lo, hi = bounds[e], bounds[e + 1]
-                if hi > lo:
-                    rows = row_ids[lo:hi].long()
-                    y_pair[lo:hi] = self.experts[e](x[rows], route_weight[lo:hi, None])
+        row_ids, offsets, route_weight, pair_pos = moe_dispatch_reference(indices, weights,
+                                                                          len(self.experts))
+        y_pair = self.expert_pairs(x, row_ids, offsets, route_weight, None)
         return moe_combine_reference(y_pair, pair_pos, self.shared_experts(x))
 
     def _forward_kernels(self, x: torch.Tensor, ids: torch.Tensor,
@@ -364,16 +356,53 @@ class MoE(nn.Module):
         row_ids, offsets, route_weight, pair_pos = _dsv4.moe_dispatch(indices, weights,
                                                                       len(self.experts))
         x = x.contiguous()
-        up_q = self._act_quant(self.experts[0].w1)
-        down_q = self._act_quant(self.experts[0].w2)
-        if _grouped_kernels_available():
-            h = _dsv4.moe_up(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
-                             float(self.swiglu_limit), up_q)
-            y_pair = _dsv4.moe_down(h, offsets, stack.w_down, stack.w_down_scale, down_q)
-        else:
-            y_pair = self._experts_grouped_mm(x, row_ids, offsets, route_weight, stack, up_q,
-                                              down_q)
+        y_pair = self.expert_pairs(x, row_ids, offsets, route_weight, stack)
         return _dsv4.moe_combine(y_pair, pair_pos, self.shared_experts(x))
+
+    def expert_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
+                     route_weight: torch.Tensor,
+                     kernel_stack: Optional[ExpertStack]) -> torch.Tensor:
+        """This layer's routed experts on dispatched pairs: ``y_pair`` [P, dim] in x's dtype.
+
+        ``x`` [T, dim]; ``row_ids`` int32 [P], ``offsets`` int32 [len(experts) + 1] and
+        ``route_weight`` fp32 [P] in the expert-major order of ``moe_dispatch`` (experts
+        indexed 0 .. len(experts) - 1). ``kernel_stack`` from :meth:`kernel_path_stack`: the
+        compiled ``moe_up`` / ``moe_down`` (or the ``torch._grouped_mm`` fallback); None: the
+        references (or, with gradients or unstackable experts, each expert's Linear layers).
+        Rows ``p >= offsets[-1]`` are 0 (reference) or unspecified (kernels). The one place
+        the expert formula is applied, shared by :class:`MoE` and the expert-parallel MoE
+        (:mod:`dsv4.distributed`).
+        """
+        if kernel_stack is not None:
+            up_q = self._act_quant(self.experts[0].w1)
+            down_q = self._act_quant(self.experts[0].w2)
+            if _grouped_kernels_available():
+                h = _dsv4.moe_up(x, row_ids, offsets, kernel_stack.w_up, kernel_stack.w_up_scale,
+                                 route_weight, float(self.swiglu_limit), up_q)
+                return _dsv4.moe_down(h, offsets, kernel_stack.w_down, kernel_stack.w_down_scale,
+                                      down_q)
+            return self._experts_grouped_mm(x, row_ids, offsets, route_weight, kernel_stack,
+                                            up_q, down_q)
+        E = len(self.experts)
+        # With gradients, go through the experts' Linear layers (autograd reaches their
+        # Parameters; the stack is plain storage that those Parameters view).
+        grad = _needs_grad(x, *(getattr(self.experts[0], n)._parameters.get("weight")
+                                for n in ("w1", "w2", "w3")))
+        stack = None if grad else self.stacked_weights()
+        if stack is not None:  # the expert formula of contracts.md §B (one definition)
+            h = moe_up_reference(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
+                                 float(self.swiglu_limit), self._act_quant(self.experts[0].w1))
+            return moe_down_reference(h, offsets, stack.w_down, stack.w_down_scale,
+                                      self._act_quant(self.experts[0].w2))
+        # gradients, or experts of mixed formats: each through its own Linear layers
+        bounds = offsets.tolist()
+        y_pair = x.new_zeros(row_ids.shape[0], self.dim)
+        for e in range(E):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                rows = row_ids[lo:hi].long()
+                y_pair[lo:hi] = self.experts[e](x[rows], route_weight[lo:hi, None])
+        return y_pair
 
     def _experts_grouped_mm(self, x, row_ids, offsets, route_weight, stack, up_q, down_q):
         """The expert formula of ``Expert.forward`` over the dispatched pairs with two
