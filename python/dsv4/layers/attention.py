@@ -8,6 +8,7 @@ from torch import nn
 from ..cache import LayerCache
 from ..ops.attention import sparse_attn_reference
 from ..ops.backend import use_kernels
+from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
 from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor
@@ -110,11 +111,25 @@ class Attention(nn.Module):
                 rd = self.rope_dim
                 kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
             o = self._attend_reference(x, qr, q, kv, cache, batch, freqs)
-        o = apply_rope(o, pos[:, None], freqs, inverse=True)
-        o = o.view(T, self.o_groups, self.n_heads * self.head_dim // self.o_groups)
+        return self.wo_b(self._project(o, pos, freqs).flatten(1))
+
+    def _project(self, o: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """§3.7: inverse RoPE and the grouped ``wo_a`` on o [T, heads, head_dim] → z [T, G, R]
+        (the formula of ``dsv4.ops.grouped_oproj``; its CUDA kernel when the layer's kernels
+        run and no gradient is needed, since the kernel has no backward)."""
+        grad = torch.is_grad_enabled() and (o.requires_grad or any(
+            p.requires_grad for p in self.wo_a.parameters()))
+        if not grad and use_kernels(o, ("grouped_oproj",), self._oproj_unsupported):
+            return output_projection(o, pos, freqs, self.wo_a, self.o_groups)
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        z = torch.einsum("tgd,grd->tgr", o, wo_a.to(o.dtype))
-        return self.wo_b(z.flatten(1))
+        return grouped_oproj_reference(o, pos, freqs, wo_a.to(o.dtype), None)
+
+    @property
+    def _oproj_unsupported(self) -> str | None:
+        if self.rope_dim != 64 or self.head_dim % 64:
+            return (f"grouped_oproj takes rope_head_dim 64 and head_dim % 64 == 0, not "
+                    f"{self.rope_dim} and {self.head_dim}")
+        return None
 
     @property
     def _kernel_unsupported(self) -> str | None:
