@@ -167,7 +167,10 @@ def test_block_each_attention_type(layer):
 
     def run(x, flat):
         cache = model.make_cache(B)
-        return functional_call(blk, unflat(flat), (x, ids, cache.layers[layer], [0] * B, [S] * B))
+        batch = model._step_batch([0] * B, [S] * B, "all")  # the step every layer receives
+        out = functional_call(blk, unflat(flat), (x.flatten(0, 1), ids.reshape(-1),
+                                                  cache.layers[layer], batch))
+        return out.view_as(x)
 
     assert gradcheck(run, (x, flat))
 

@@ -66,22 +66,26 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
         d = entries.shape[2]
     coff = 2 if m == 4 else 1
     w = coff * d
-    if entries.dtype not in (torch.bfloat16, torch.float32, torch.uint8):
-        fail(f"entries must be bfloat16 or float32 (or a uint8 FP8 cache of dsv4.ops.kv_cache), "
-             f"got {entries.dtype}")
+    # float64 data is accepted on CPU (the reference under float64 gradient checks, e.g. the
+    # training tests); the CUDA kernel takes float32.
+    fl = (torch.float32, torch.float64) if kv.device.type == "cpu" else (torch.float32,)
+    f64 = " (float64 on CPU)" if len(fl) == 2 else ""
+    if entries.dtype not in (torch.bfloat16, torch.uint8) + fl:
+        fail(f"entries must be bfloat16 or float32{f64} (or a uint8 FP8 cache of "
+             f"dsv4.ops.kv_cache), got {entries.dtype}")
     if d % 4 or not 4 <= d <= 1024:
         fail(f"head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got {d}")
     for name, t in (("kv", kv), ("score", score)):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != w:
-            fail(f"{name} must be float32 [tokens, {w}] (coff * head_dim, coff = "
+        if t.dtype not in fl or t.dim() != 2 or t.shape[1] != w:
+            fail(f"{name} must be float32{f64} [tokens, {w}] (coff * head_dim, coff = "
                  f"{coff} for compress_ratio {m}), got {t.dtype} {tuple(t.shape)}")
     if score.shape[0] != kv.shape[0]:
         fail(f"kv and score must have the same number of tokens, got {kv.shape[0]} and "
              f"{score.shape[0]}")
-    if ape.dtype != torch.float32 or tuple(ape.shape) != (m, w):
-        fail(f"ape must be float32 [{m}, {w}], got {ape.dtype} {tuple(ape.shape)}")
-    if norm_weight.dtype != torch.float32 or tuple(norm_weight.shape) != (d,):
-        fail(f"norm_weight must be float32 [{d}], got {norm_weight.dtype} "
+    if ape.dtype not in fl or tuple(ape.shape) != (m, w):
+        fail(f"ape must be float32{f64} [{m}, {w}], got {ape.dtype} {tuple(ape.shape)}")
+    if norm_weight.dtype not in fl or tuple(norm_weight.shape) != (d,):
+        fail(f"norm_weight must be float32{f64} [{d}], got {norm_weight.dtype} "
              f"{tuple(norm_weight.shape)}")
     rd = 2 * freqs.numel()
     if freqs.dtype != torch.float32 or freqs.dim() != 1 or not 2 <= rd <= d:
@@ -100,10 +104,10 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
         fail(f"entries must be [{B}, capacity, {d}] (one row per step row; pass slots or "
              f"block_table otherwise), got {tuple(entries.shape)}")
     for name, t in (("state_kv", state_kv), ("state_score", state_score)):
-        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != (coff * m, w) or (
+        if t.dtype not in fl or t.dim() != 3 or tuple(t.shape[1:]) != (coff * m, w) or (
                 slots is None and t.shape[0] != B):
             rows = "n_slots" if slots is not None else str(B)
-            fail(f"{name} must be float32 [{rows}, {coff * m}, {w}], got {t.dtype} "
+            fail(f"{name} must be float32{f64} [{rows}, {coff * m}, {w}], got {t.dtype} "
                  f"{tuple(t.shape)}")
     if state_score.shape[0] != state_kv.shape[0]:
         fail(f"state_kv and state_score must have the same rows, got {state_kv.shape[0]} and "
