@@ -15,81 +15,19 @@ FlashMLA comparison (same process, identical inputs) is ``bench/side_by_side_fla
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import importlib
-import json
 import os
-import subprocess
 import sys
-import traceback
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _driver import run_bench  # noqa: E402  (one command line and table format for all benches)
 
-FAMILIES = ("hca", "fp8_decode", "indexer_paged", "qkv_rope")
+FAMILIES = {f: f"attn_{f}" for f in ("hca", "fp8_decode", "indexer_paged", "qkv_rope")}
 COLUMNS = ("op", "case", "time_us", "tflops", "pct_flops", "gbps", "pct_bw", "floor_us",
            "pct_floor", "ref_time_us", "speedup", "note")
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
-    return str(v)
-
-
-def _commit() -> str:
-    if os.environ.get("DSV4_COMMIT"):
-        return os.environ["DSV4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small cases only")
-    ap.add_argument("--only", default=",".join(FAMILIES))
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", default=None)
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_attn: no CUDA device; nothing to measure")
-        return 0
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import dsv4  # noqa: F401  (registers the ops)
-
-    rows: list[dict] = []
-    failed = []
-    for fam in a.only.split(","):
-        try:
-            rows += importlib.import_module(f"attn_{fam}").run(quick=a.quick)
-        except Exception:  # one family failing must not hide the others
-            traceback.print_exc()
-            failed.append(fam)
-        torch.cuda.empty_cache()
-    header = (f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch "
-              f"{torch.__version__} · commit {_commit()}")
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    out = os.environ.get("OUT")
-    json_path = a.json or (os.path.join(out, "bench_attn.json") if out else None)
-    md_path = a.markdown or (os.path.join(out, "bench_attn.md") if out else None)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1, default=str)
-    if md_path:
-        with open(md_path, "w") as f:
-            f.write(table + "\n")
-    if failed:
-        print(f"bench_attn: FAILED families: {', '.join(failed)}")
-        return 1
-    return 0
+def main(argv=None) -> int:
+    return run_bench("bench_attn", __doc__, FAMILIES, COLUMNS, "small cases only", argv)
 
 
 if __name__ == "__main__":

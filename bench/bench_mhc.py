@@ -18,12 +18,8 @@ Usage: python bench/bench_mhc.py [--quick] [--json F] [--markdown F]
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -136,50 +132,11 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    if os.environ.get("DSV4_COMMIT"):
-        return os.environ["DSV4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
-    except OSError:
-        return "?"
+def main(argv=None) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _driver import run_bench  # one command line and table format for all benches
 
-
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
-    return str(v)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="T = 1 and 4096 only")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", default=None)
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_mhc: no CUDA device; nothing to measure")
-        return 0
-    rows = run(quick=a.quick)
-    header = (f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch "
-              f"{torch.__version__} · commit {_commit()}")
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    out = os.environ.get("OUT")
-    json_path = a.json or (os.path.join(out, "bench_mhc.json") if out else None)
-    md_path = a.markdown or (os.path.join(out, "bench_mhc.md") if out else None)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1, default=str)
-    if md_path:
-        with open(md_path, "w") as f:
-            f.write(table + "\n")
-    return 0 if rows else 1
+    return run_bench("bench_mhc", __doc__, {"mhc": run}, COLUMNS, "T = 1 and 4096 only", argv)
 
 
 if __name__ == "__main__":

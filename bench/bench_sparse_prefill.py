@@ -215,7 +215,7 @@ def main() -> int:
         print("bench_sparse_prefill: no CUDA device; nothing to measure")
         return 0
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_csa import _commit
+    from _driver import commit as _commit
 
     rows = run(a.quick, a.build_flashmla)
     print(f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} "

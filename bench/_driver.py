@@ -1,0 +1,131 @@
+"""The command line, table and output files shared by the kernel benchmarks
+(``bench_csa``, ``bench_attn``, ``bench_gemm``, ``bench_moe``, ``bench_mhc``).
+
+A benchmark is a set of families; each family is a module beside this file whose
+``run(quick: bool) -> list[dict]`` returns one dict per case (keys: the column names). The
+driver runs the families in one process (one failing family is reported and does not hide the
+others), prints a Markdown table headed by the date, GPU, torch version and commit, and writes
+the rows as JSON and the table as Markdown (``--json`` / ``--markdown``; by default
+``$OUT/<name>.json`` / ``.md`` when ``$OUT`` is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import subprocess
+import sys
+import traceback
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+
+Columns = Union[Sequence[str], Mapping[str, Sequence[str]]]
+
+
+def fmt(v) -> str:
+    """One table cell: '–' for a missing value, floats to 3 significant digits below 10."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    return str(v)
+
+
+def commit() -> str:
+    """$DSV4_COMMIT if set (a copied tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("DSV4_COMMIT"):
+        return os.environ["DSV4_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+    """The lines of a Markdown table of ``rows`` restricted to ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+
+
+def run_bench(name: str, doc: str, families: Mapping[str, Union[str, Callable]],
+              columns: Columns,
+              quick_help: str = "small cases only", argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the families, print and write the results.
+
+    Args:
+        name: the benchmark's name (messages, default output file names).
+        doc: the benchmark module's docstring (its first line is the --help description).
+        families: family name (``--only``) -> module name (beside this file) or the
+            family's ``run`` function itself.
+        columns: one column tuple (one table of every family's rows; JSON ``rows`` is a list)
+            or a tuple per family (one table per family; JSON ``rows`` maps family -> rows).
+        quick_help: what ``--quick`` selects.
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 1 when a family raised or no family returned a row.
+    """
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    if len(families) > 1:
+        ap.add_argument("--only", default=",".join(families),
+                        help=f"comma-separated families out of {', '.join(families)}")
+    ap.add_argument("--json", default=None, help=f"default: $OUT/{name}.json")
+    ap.add_argument("--markdown", default=None, help=f"default: $OUT/{name}.md")
+    a = ap.parse_args(argv)
+    chosen = a.only.split(",") if len(families) > 1 else list(families)
+    unknown = [f for f in chosen if f not in families]
+    if unknown:
+        ap.error(f"unknown families {unknown}; choose from {', '.join(families)}")
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device; nothing to measure")
+        return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dsv4  # noqa: F401  (registers the ops)
+
+    per_family = not isinstance(columns, (list, tuple))
+    rows: dict[str, list[dict]] = {}
+    failed = []
+    for fam in chosen:
+        try:
+            run = families[fam]
+            if isinstance(run, str):
+                run = importlib.import_module(run).run
+            rows[fam] = run(quick=a.quick)
+        except Exception:  # one family failing must not hide the others
+            traceback.print_exc()
+            failed.append(fam)
+        torch.cuda.empty_cache()
+    header = (f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch "
+              f"{torch.__version__} · commit {commit()}")
+    lines = [header]
+    if per_family:
+        for fam, fam_rows in rows.items():
+            lines += ["", f"### {fam}", ""] + markdown_table(fam_rows, columns[fam])
+        payload = rows
+    else:
+        payload = [r for fam_rows in rows.values() for r in fam_rows]
+        lines += [""] + markdown_table(payload, columns)
+    table = "\n".join(lines)
+    print(table)
+    out = os.environ.get("OUT")
+    json_path = a.json or (os.path.join(out, f"{name}.json") if out else None)
+    md_path = a.markdown or (os.path.join(out, f"{name}.md") if out else None)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": header, "rows": payload}, f, indent=1, default=str)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(table + "\n")
+    if failed:
+        print(f"{name}: FAILED families: {', '.join(failed)}")
+        return 1
+    if not any(rows.values()):
+        print(f"{name}: no case ran")
+        return 1
+    return 0
