@@ -303,8 +303,9 @@ def test_fp8_kv_cache_kernel_path_matches_reference_path():
     """Without quant_sim the FP8 cache is an approximation (e4m3 nope dims); both layer paths
     must make the same one: the kernel path packs the step's new keys with kv_norm_rope, the
     reference path round-trips them through kv_cache.pack / unpack, both read the stores
-    dequantised. Prompt positions only (greedy continuations could drift apart), to bf16
-    rounding of the two paths; and the cache really changes the logits (not a bf16 cache)."""
+    dequantised. Prompt positions only (greedy continuations could drift apart); measured
+    equal on this CPU (< 1e-3 asserted; a path that skips packing its new keys is off by
+    0.14-0.38); and the cache really changes the logits (0.26-0.38 from the bf16 cache)."""
     torch.manual_seed(0)
     m = dsv4.Model(dsv4.ModelConfig.tiny(head_dim=512, quant_sim=False)).eval()
     m = m.to(torch.bfloat16)
@@ -320,8 +321,8 @@ def test_fp8_kv_cache_kernel_path_matches_reference_path():
                 got[route, kv] = [logits[i] for i in ids]
     for a, b, c in zip(got["kernels", "fp8"], got["reference", "fp8"], got["reference", "bf16"]):
         assert a.shape == b.shape == c.shape
-        assert _rel(a, b) < 3e-2, _rel(a, b)
-        assert _rel(b, c) > 1e-3, _rel(b, c)
+        assert _rel(a, b) < 1e-3, _rel(a, b)
+        assert _rel(b, c) > 3e-2, _rel(b, c)
 
 
 def test_fp8_kv_cache_through_preemption(model512, monkeypatch):

@@ -188,25 +188,27 @@ def test_fp8_indexer_keys_on_cuda():
 
 
 # --------------------------------------------------------------------------- FP8 attention KV
-def _models512(quant_sim=True, seed=0):
+def _models512(quant_sim=True, seed=0, heads=4):
     """fp32 / bf16 tiny models at the release's attention head (head_dim 512, rope 64), the
-    only one the FP8 MODEL1 layout takes."""
+    only one the FP8 MODEL1 layout takes; ``heads=64`` as V4-Flash (the FP8 kernels' own tests
+    use 64 / 128 heads, the tiny model 4)."""
     torch.manual_seed(seed)
-    cfg = dsv4.ModelConfig.tiny(head_dim=512, quant_sim=quant_sim)
+    cfg = dsv4.ModelConfig.tiny(head_dim=512, quant_sim=quant_sim, n_heads=heads)
     m32 = dsv4.Model(cfg).eval().to("cuda")
     m16 = dsv4.Model(cfg).eval()
     m16.load_state_dict(m32.state_dict())
     return m32, m16.to("cuda", torch.bfloat16)
 
 
-def test_fp8_kv_cache_on_cuda():
+@pytest.mark.parametrize("heads", [4, 64])
+def test_fp8_kv_cache_on_cuda(heads):
     """kv_cache="fp8" on the H200: window rings and CSA / HCA entries in the 584-byte MODEL1
     layout (kv_norm_rope and compress_kv write it, sparse_attn / hca_attn read both scopes in
     FP8, prefill packs the step's new keys): under quant_sim the stored values are exact, so
     the logits equal those of the bf16 KV cache (the rule of the FP8 indexer-key test: same
     tokens, |diff| <= 1e-3 max |logit|; the FP8 kernels may sum in another order). Chunked
     prefill with mixed steps, then graph-replayed decode."""
-    _, m16 = _models512(quant_sim=True)
+    _, m16 = _models512(quant_sim=True, heads=heads)
     out = {}
     for fmt in ("bf16", "fp8"):
         engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
@@ -223,7 +225,7 @@ def test_fp8_kv_cache_as_accurate_as_the_bf16_reference():
     indexer_cache "fp8"): the engine's logits are as close to the fp32 quant_sim model (whose
     KV is FP8-simulated, so the FP8 storage adds no error) as the bf16 reference backend's
     (error <= 2x), 3 prompts with joins, then decode."""
-    m32, m16 = _models512(quant_sim=True)
+    m32, m16 = _models512(quant_sim=True, heads=64)
     engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
                     kv_cache="fp8", indexer_cache="fp8")
     runs = _collect(engine, _prompts([200, 77, 5]), 16)
