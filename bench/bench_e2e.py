@@ -6,7 +6,8 @@ Default: 2 layers at V4-Flash width (one CSA, one HCA; 64 experts; bf16 weights;
 prefill 1x2048, 8x2048, 64x512, decode batch 1/8/64 at 4096 context, each row beside its floor
 (bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s) and peak memory; transformers'
 DeepseekV4ForCausalLM on the same config when it is importable. JSON and PNG go to $OUT
-(default /tmp/dsv4_out): bench_e2e.json, bench_e2e.png.
+(default /tmp/dsv4_out): bench_e2e.json, bench_e2e.png. Pass e.g. ``--kv-cache fp8
+--indexer-cache fp8`` for the release's FP8 cache layouts (head_dim 512, sm_90).
 """
 
 from __future__ import annotations

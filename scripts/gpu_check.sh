@@ -91,5 +91,14 @@ if [[ -n "${RUNTIME_1M:-}" ]]; then
   step bench_1m "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
     --json "$OUT/bench_1m.json"
 fi
+# FP8 caches (rt-fp8kv): the quick engine bench with the attention KV (584-byte MODEL1) and the
+# indexer keys in the release's FP8 layouts, beside bench_e2e's bf16 rows; with RUNTIME_1M=1
+# also the 1M mode (bytes per token vs dsv4 info's FP8 arithmetic).
+step bench_e2e_fp8 "$PY" -m dsv4.cli bench --quick --kv-cache fp8 --indexer-cache fp8 \
+  --json "$OUT/bench_e2e_fp8.json"
+if [[ -n "${RUNTIME_1M:-}" ]]; then
+  step bench_1m_fp8 "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
+    --kv-cache fp8 --indexer-cache fp8 --json "$OUT/bench_1m_fp8.json"
+fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
 exit "$status"

@@ -66,7 +66,7 @@ class CompressorState:
 
     def __init__(self, batch: int, ratio: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, num_blocks: Optional[int] = None,
-                 block_size: Optional[int] = None, fp8: bool = False):
+                 block_size: Optional[int] = None, fp8_format: Optional[str] = None):
         self.ratio = ratio
         self.overlap = ratio == 4
         self.head_dim = head_dim
@@ -76,11 +76,13 @@ class CompressorState:
                               device=device)
         self.score = torch.full_like(self.kv, float("-inf"))
         self.paged = num_blocks is not None
-        if fp8 and not self.paged:
+        if fp8_format is not None and not self.paged:
             raise ValueError("FP8 entry stores are paged pools (pass num_blocks)")
-        if fp8:      # FP8 indexer keys, DeepGEMM's 132-byte layout (dsv4.ops.kv_cache)
+        if fp8_format is not None:
+            # dsv4.ops.kv_cache: MODEL1 (584-byte attention entries, head_dim 512) or FP8
+            # indexer keys (DeepGEMM's 132-byte layout at head_dim 128)
             from .ops import kv_cache
-            self.entries = kv_cache.allocate(kv_cache.INDEXER, num_blocks, block_size, head_dim,
+            self.entries = kv_cache.allocate(fp8_format, num_blocks, block_size, head_dim,
                                              device)
         elif self.paged:
             self.entries = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype,
@@ -141,13 +143,31 @@ class LayerCache:
     entries of ``block_tokens`` consecutive tokens, i.e. ``block_tokens // ratio`` entries.
     ``indexer_fp8`` stores the indexer keys of a paged CSA layer in FP8 (132 bytes per key at
     head dim 128, :mod:`dsv4.ops.kv_cache`; exact for quant_sim's FP4-simulated keys).
+    ``kv_fp8`` stores the attention KV, the window ring AND the compressed entries (paged
+    only), in the release's FP8 MODEL1 layout (584 bytes per entry: 448 e4m3 nope dims with a
+    UE8M0 scale per 64, 64 bf16 RoPE dims; head_dim 512, rope_dim 64 only). The ring is then a
+    MODEL1 pool ``uint8 [slots, window_size, 584]`` (one block per slot, flat row
+    ``slot·window_size + p % window_size`` as for the bf16 ring); it stores exactly
+    ``fp8_e4m3_sim`` of the nope dims in blocks of 64, i.e. what ``quant_sim`` computes (§3.3),
+    and the RoPE dims rounded to bf16. Read it with :meth:`ring_keys`, write it with
+    :meth:`write_ring`.
     """
 
     def __init__(self, batch: int, window_size: int, head_dim: int, ratio: int,
                  index_head_dim: int, dtype: torch.dtype, device: torch.device,
                  num_blocks: Optional[int] = None, block_tokens: Optional[int] = None,
-                 indexer_fp8: bool = False):
-        self.window = torch.zeros(batch, window_size, head_dim, dtype=dtype, device=device)
+                 indexer_fp8: bool = False, kv_fp8: bool = False):
+        from .ops import kv_cache
+        self.dtype = dtype
+        self.kv_fp8 = bool(kv_fp8)
+        if self.kv_fp8:
+            if ratio and num_blocks is None:
+                raise ValueError("an FP8 attention KV cache keeps its compressed entries in a "
+                                 "paged pool (pass num_blocks and block_tokens)")
+            self.window = kv_cache.allocate(kv_cache.MODEL1, batch, window_size, head_dim,
+                                            device)
+        else:
+            self.window = torch.zeros(batch, window_size, head_dim, dtype=dtype, device=device)
         self.compressor: Optional[CompressorState] = None
         self.indexer: Optional[CompressorState] = None
         paged = {}
@@ -157,13 +177,54 @@ class LayerCache:
                                  f"compress ratio (got ratio {ratio})")
             paged = dict(num_blocks=num_blocks, block_size=block_tokens // ratio)
         if ratio:
-            self.compressor = CompressorState(batch, ratio, head_dim, dtype, device, **paged)
+            self.compressor = CompressorState(
+                batch, ratio, head_dim, dtype, device, **paged,
+                fp8_format=kv_cache.MODEL1 if self.kv_fp8 else None)
         if ratio == 4:
-            self.indexer = CompressorState(batch, ratio, index_head_dim, dtype, device, **paged,
-                                           fp8=indexer_fp8)
+            self.indexer = CompressorState(
+                batch, ratio, index_head_dim, dtype, device, **paged,
+                fp8_format=kv_cache.INDEXER if indexer_fp8 else None)
+
+    # ------------------------------------------------------------------ the window ring
+    def ring_keys(self, slot: int) -> torch.Tensor:
+        """The window ring of ``slot`` as keys [window_size, head_dim] (ring slot i holds the
+        latest position p with p % window_size == i): the bf16 ring itself (a view), or the
+        FP8 ring dequantised (a copy, exact; :func:`dsv4.ops.kv_cache.read_pool`)."""
+        if not self.kv_fp8:
+            return self.window[slot]
+        from .ops import kv_cache
+        return kv_cache.read_pool(self.window[slot:slot + 1], self.window_head_dim,
+                                  self.dtype)[0]
+
+    def write_ring(self, slot: int, ring_slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Store ``keys`` [n, head_dim] at ring slots ``ring_slots`` [n] (distinct) of
+        ``slot``; an FP8 ring quantises them (:func:`dsv4.ops.kv_cache.write_entries`)."""
+        if not self.kv_fp8:
+            self.window[slot, ring_slots] = keys
+            return
+        from .ops import kv_cache
+        kv_cache.write_entries(self.window, torch.full_like(ring_slots, slot), ring_slots, keys)
+
+    def stored_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys`` [..., head_dim] as this cache stores them: unchanged for a bf16 cache, the
+        MODEL1 round trip for an FP8 one (:func:`dsv4.ops.kv_cache.pack` then ``unpack``; the
+        identity on keys that ``quant_sim`` has already FP8-simulated)."""
+        if not self.kv_fp8:
+            return keys
+        from .ops import kv_cache
+        return kv_cache.unpack(kv_cache.MODEL1, kv_cache.pack(kv_cache.MODEL1, keys),
+                               keys.dtype)
+
+    @property
+    def window_head_dim(self) -> int:
+        """head_dim of the ring's keys (512 for an FP8 ring)."""
+        if self.kv_fp8:
+            from .ops import kv_cache
+            return kv_cache.MODEL1_HEAD_DIM
+        return self.window.shape[-1]
 
     def reset_rows(self, rows: list[int]) -> None:
-        self.window[rows] = 0
+        self.window[rows] = 0       # (zero bytes of an FP8 ring decode to zero keys)
         for st in (self.compressor, self.indexer):
             if st is not None:
                 st.reset_rows(rows)

@@ -92,3 +92,58 @@ def test_fp8_native_weights():
     assert m.layers[0].attn.wq_a.weight_format == "fp8"
     assert m.layers[0].ffn.experts[0].w1.weight_format == "fp8"     # tiny: expert_dtype None
     assert weight_bytes(m).dense < weight_bytes(bench.build_model(cfg, "bf16", "cpu")).dense
+
+
+def test_kv_read_bytes_with_fp8_entries_by_hand():
+    """--kv-cache fp8: every window key and compressed entry counts 584 bytes (MODEL1),
+    indexer keys their own size."""
+    cfg = dsv4.ModelConfig.tiny(head_dim=512, compress_ratios=(0, 4, 16, 4, 0))
+    want = 4 * 16 * 584 + 2 * (8 * 584 + 25 * 68) + 6 * 584
+    assert kv_read_bytes(cfg, 100, 2, key_bytes=68, entry_bytes=584) == want
+    m = _meta_model(cfg)
+    bf16 = decode_floor(m, 4, 100, 2)
+    fp8 = decode_floor(m, 4, 100, 2, key_bytes=68, entry_bytes=584)
+    assert fp8["kv_bytes"] == 4 * want and bf16["kv_bytes"] == 4 * kv_read_bytes(cfg, 100, 2)
+    assert bf16["weight_bytes"] == fp8["weight_bytes"]
+
+
+def test_1m_mode_bytes_per_token_with_fp8_caches():
+    """bench --mode 1m with --kv-cache fp8 --indexer-cache fp8 on a head_dim-512 tiny model: the
+    pool's bytes per token (its blocks; MODEL1 blocks padded to 576 bytes) match dsv4 info's
+    arithmetic for the release's FP8 layout within the padding (< 1%), and the floor counts
+    584-byte entries."""
+    import dataclasses
+
+    from dsv4.model_info import kv_bytes_per_token
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(bench.build_config("tiny", 2, 0), head_dim=512)
+    m = bench.build_model(cfg, "bf16", "cpu")
+    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2,
+                              kv_cache="fp8", indexer_cache="fp8")
+    pre, dec = bench.bench_1m(m, args, context=150)
+    info = kv_bytes_per_token(cfg)                  # what `dsv4 info` prints (FP8 layouts)
+    # CSA: 256 entries x 584 -> 149,760 padded + 256 keys x 68; HCA: 64 x 584 -> 37,440
+    assert dec["kv_block_bytes_per_token"] == (149760 + 256 * 68 + 37440) / 1024
+    assert dec["info_kv_bytes_per_token"] == info == (584 + 68) / 4 + 584 / 16
+    assert info <= dec["kv_block_bytes_per_token"] < 1.01 * info
+    assert dec["kv_bytes_per_token"] > dec["kv_block_bytes_per_token"]   # + window and state
+    assert dec["info_kv_bytes_per_token_bf16"] == (1024 + 68) / 4 + 1024 / 16
+    fl = decode_floor(m, 1, 150, 2, 68, 584)
+    assert dec["floor_ms"] == pytest.approx(1e3 * fl["seconds"])
+    assert bench.bench_decode(m, args, 2, 40)["tok_s"] > 0
+    from dsv4.ops import kv_cache
+    e = bench._engine(m, args, 2, 64)
+    bench._fill_pool(e, 0)                          # random FP8 bytes: finite, not all zero
+    for lc in e.cache.layers:
+        for t, d in [(lc.window, 512)] + [(st.entries, st.head_dim)
+                                          for st in (lc.compressor, lc.indexer) if st]:
+            v = kv_cache.read_pool(t, d, torch.float32)
+            assert t.dtype == torch.uint8 and torch.isfinite(v).all() and v.abs().max() > 0
+
+
+def test_cli_parses_kv_cache():
+    p = cli.build_parser()
+    assert p.parse_args(["bench", "--kv-cache", "fp8"]).kv_cache == "fp8"
+    assert p.parse_args(["bench"]).kv_cache == "bf16"
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "--kv-cache", "fp4"])

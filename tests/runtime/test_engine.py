@@ -259,3 +259,155 @@ def test_fp8_indexer_keys_change_nothing_under_quant_sim(route, monkeypatch):
         out[fmt] = [logits[i] for i in ids]
     for a, b in zip(out["fp8"], out["bf16"]):
         assert a.shape == b.shape and _rel(a, b) < 1e-6, _rel(a, b)
+
+
+# --------------------------------------------------------------------------- FP8 attention KV
+@pytest.fixture(scope="module")
+def model512():
+    """bf16 tiny model at the release's attention head (head_dim 512, rope 64: the MODEL1
+    layout's) with quant_sim, whose keys are FP8-simulated in the FP8 cache's own 64-blocks."""
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(head_dim=512, quant_sim=True)).eval()
+    return m.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("route", ["reference", "kernels"])
+def test_fp8_kv_cache_changes_nothing_under_quant_sim(model512, route, monkeypatch):
+    """kv_cache="fp8" (window rings and CSA / HCA entries in the 584-byte MODEL1 layout, the
+    step's new keys packed before attention): the logits EQUAL those of the bf16 KV cache,
+    bit for bit, because quant_sim already rounds the nope dims to e4m3 in the same blocks of
+    64 and the RoPE dims are bf16. 3 requests in 2 slots (the third joins when one leaves),
+    chunked prefill under a 23-token budget, steps mixing prompt chunks with decode tokens,
+    pure decode steps (the ring written inside kv_norm_rope), blocks of 16 tokens reused.
+    Also with FP8 indexer keys on top (both FP8 stores of the release)."""
+    if route == "kernels":
+        monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
+    prompts = _prompts(11, [37, 5, 30])
+    params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
+    out = {}
+    for kv, idx in (("bf16", "bf16"), ("fp8", "bf16"), ("fp8", "fp8")):
+        e = _engine(model512, kv_cache=kv, indexer_cache=idx)
+        layers = e.cache.layers
+        assert all((lc.window.dtype == torch.uint8) == (kv == "fp8") for lc in layers)
+        assert (layers[1].compressor.entries.dtype == torch.uint8) == (kv == "fp8")
+        assert (layers[2].compressor.entries.dtype == torch.uint8) == (kv == "fp8")
+        ids, logits = _run_all_logits(e, prompts, params)
+        out[kv, idx] = [logits[i] for i in ids]
+        assert e.cache.blocks.num_free == e.cache.num_blocks
+    for fmt in (("fp8", "bf16"), ("fp8", "fp8")):
+        for a, b in zip(out[fmt], out["bf16", "bf16"]):
+            assert a.shape == b.shape and torch.equal(a, b), (fmt, _rel(a, b))
+
+
+def test_fp8_kv_cache_kernel_path_matches_reference_path():
+    """Without quant_sim the FP8 cache is an approximation (e4m3 nope dims); both layer paths
+    must make the same one: the kernel path packs the step's new keys with kv_norm_rope, the
+    reference path round-trips them through kv_cache.pack / unpack, both read the stores
+    dequantised. Prompt positions only (greedy continuations could drift apart); measured
+    equal on this CPU (< 1e-3 asserted; a path that skips packing its new keys is off by
+    0.14-0.38); and the cache really changes the logits (0.26-0.38 from the bf16 cache)."""
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(head_dim=512, quant_sim=False)).eval()
+    m = m.to(torch.bfloat16)
+    prompts = _prompts(12, [40, 19])
+    params = SamplingParams(max_new_tokens=1, eos_token_id=-1)
+    got = {}
+    for route in ("reference", "kernels"):
+        with pytest.MonkeyPatch.context() as mp:
+            if route == "kernels":
+                mp.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
+            for kv in ("fp8", "bf16"):
+                ids, logits = _run_all_logits(_engine(m, kv_cache=kv), prompts, params)
+                got[route, kv] = [logits[i] for i in ids]
+    for a, b, c in zip(got["kernels", "fp8"], got["reference", "fp8"], got["reference", "bf16"]):
+        assert a.shape == b.shape == c.shape
+        assert _rel(a, b) < 1e-3, _rel(a, b)
+        assert _rel(b, c) > 3e-2, _rel(b, c)
+
+
+def test_fp8_kv_cache_through_preemption(model512, monkeypatch):
+    """A short pool preempts the younger request, whose slot (FP8 ring) and blocks (FP8
+    entries) are freed and later recomputed: its tokens equal those of an engine with room
+    for both, and those of the bf16 cache on the same schedule (kernel path)."""
+    from dsv4.runtime.scheduler import Scheduler
+    monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
+    preempted = []
+    real = Scheduler._preempt
+
+    def spy(self, req):
+        preempted.append(req.request_id)
+        return real(self, req)
+
+    monkeypatch.setattr(Scheduler, "_preempt", spy)
+    prompts = _prompts(13, [16, 30])
+    params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
+    short = dict(max_model_len=48, num_blocks=3, max_num_batched_tokens=64)
+    tokens = {}
+    for kv, kw in (("fp8", short), ("bf16", short), ("fp8", {})):
+        n = len(preempted)
+        tokens[kv, bool(kw)] = _engine(model512, kv_cache=kv, **kw).generate(prompts, params)
+        assert (len(preempted) > n) == bool(kw), preempted
+    assert tokens["fp8", True] == tokens["fp8", False] == tokens["bf16", True]
+
+
+def test_fp8_kv_cache_refused_at_construction(model):
+    """The MODEL1 layout takes head_dim 512: another model is refused when the Engine is
+    built, with the reason, not in a step."""
+    with pytest.raises(ValueError, match="head_dim 512"):
+        _engine(model, kv_cache="fp8")
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        _engine(model, kv_cache="float8")
+
+
+class _GlueContract:
+    """torch.ops.dsv4 with the CUDA glue's checks on FP8 pools (csrc/torch/sparse_attn.cpp,
+    qkv_rope.cpp, compress_kv.cpp) applied before the CPU reference runs: MODEL1 pools of
+    dsv4.ops.kv_cache.allocate (row stride 584, unit last stride, block stride a multiple of
+    16 holding a block, 16-byte aligned), both attention scopes FP8, contiguous int32 rows."""
+
+    def __init__(self):
+        self.seen = []
+
+    @staticmethod
+    def _pool(t):
+        nb, bs, eb = t.shape
+        assert eb == 584 and t.stride(2) == 1 and (bs <= 1 or t.stride(1) == 584)
+        assert nb <= 1 or (t.stride(0) % 16 == 0 and t.stride(0) >= bs * 584)
+        assert t.data_ptr() % 16 == 0
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.dsv4, name)
+
+        def call(*args, **kw):
+            u8 = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.uint8]
+            for t in u8:
+                self._pool(t)
+            if name in ("sparse_attn", "hca_attn"):
+                kv, extra = args[1], args[6] if len(args) > 6 else None
+                assert kv.dtype == torch.uint8 and (extra is None or extra.dtype == torch.uint8)
+            if name == "kv_norm_rope":
+                for c, rows in zip(args[6::2], args[7::2]):
+                    if c is not None:
+                        assert rows.dtype == torch.int32 and rows.is_contiguous()
+                        assert rows.shape == (args[0].shape[0],)
+            self.seen.append((name, len(u8)))
+            return op(*args, **kw)
+        return call
+
+
+def test_fp8_kernel_path_arguments_meet_the_cuda_glue(model512, monkeypatch):
+    """What the kernel path hands the ops with kv_cache="fp8" passes the CUDA glue's checks
+    (the GPU itself is verified by tests/runtime/test_engine_cuda.py): prefill (ring copy +
+    packed new keys, ring written in the same kv_norm_rope launch) and decode (ring in place),
+    CSA (sparse_attn, FP8 extra pool) and HCA (hca_attn) and SWA layers."""
+    glue = _GlueContract()
+    monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
+    monkeypatch.setattr(attention, "_dsv4", glue)
+    import dsv4.layers.compressor as compressor
+    monkeypatch.setattr(compressor, "_dsv4", glue)
+    _engine(model512, kv_cache="fp8").generate(_prompts(14, [21, 3]),
+                                                SamplingParams(max_new_tokens=3, eos_token_id=-1))
+    names = {n for n, k in glue.seen if k}
+    assert {"sparse_attn", "hca_attn", "kv_norm_rope", "compress_kv"} <= names
+    # prefill: kv_norm_rope writes two FP8 pools (scope + ring); decode: one (the ring)
+    assert {k for n, k in glue.seen if n == "kv_norm_rope"} == {1, 2}

@@ -185,3 +185,85 @@ def test_fp8_indexer_keys_on_cuda():
     for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
         assert sa == sb
         assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
+
+
+# --------------------------------------------------------------------------- FP8 attention KV
+def _models512(quant_sim=True, seed=0, heads=4):
+    """fp32 / bf16 tiny models at the release's attention head (head_dim 512, rope 64), the
+    only one the FP8 MODEL1 layout takes; ``heads=64`` as V4-Flash (the FP8 kernels' own tests
+    use 64 / 128 heads, the tiny model 4)."""
+    torch.manual_seed(seed)
+    cfg = dsv4.ModelConfig.tiny(head_dim=512, quant_sim=quant_sim, n_heads=heads)
+    m32 = dsv4.Model(cfg).eval().to("cuda")
+    m16 = dsv4.Model(cfg).eval()
+    m16.load_state_dict(m32.state_dict())
+    return m32, m16.to("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_fp8_kv_cache_on_cuda(heads):
+    """kv_cache="fp8" on the H200: window rings and CSA / HCA entries in the 584-byte MODEL1
+    layout (kv_norm_rope and compress_kv write it, sparse_attn / hca_attn read both scopes in
+    FP8, prefill packs the step's new keys): under quant_sim the stored values are exact, so
+    the logits equal those of the bf16 KV cache (the rule of the FP8 indexer-key test: same
+    tokens, |diff| <= 1e-3 max |logit|; the FP8 kernels may sum in another order). Chunked
+    prefill with mixed steps, then graph-replayed decode."""
+    _, m16 = _models512(quant_sim=True, heads=heads)
+    out = {}
+    for fmt in ("bf16", "fp8"):
+        engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
+                        kv_cache=fmt)
+        assert (engine.cache.layers[1].window.dtype == torch.uint8) == (fmt == "fp8")
+        out[fmt] = _collect(engine, _prompts([150, 40], seed=6), 8)
+    for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
+        assert sa == sb
+        assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
+
+
+def test_fp8_kv_cache_as_accurate_as_the_bf16_reference():
+    """The kernel tolerance rule at model level with both FP8 caches (kv_cache and
+    indexer_cache "fp8"): the engine's logits are as close to the fp32 quant_sim model (whose
+    KV is FP8-simulated, so the FP8 storage adds no error) as the bf16 reference backend's
+    (error <= 2x), 3 prompts with joins, then decode."""
+    m32, m16 = _models512(quant_sim=True, heads=64)
+    engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
+                    kv_cache="fp8", indexer_cache="fp8")
+    runs = _collect(engine, _prompts([200, 77, 5]), 16)
+    e_eng = e_ref = 0.0
+    old = dsv4.get_backend()
+    try:
+        for seq, logits in runs:
+            ids = torch.tensor([seq], device="cuda")
+            with torch.no_grad():
+                truth = m32(ids)[0]
+                dsv4.set_backend("reference")
+                ref = m16(ids)[0]
+                dsv4.set_backend("cuda")
+            assert logits.shape == truth.shape
+            e_eng += (logits - truth).abs().mean().item()
+            e_ref += (ref - truth).abs().mean().item()
+    finally:
+        dsv4.set_backend(old)
+    assert e_eng <= 2 * e_ref, (e_eng, e_ref)
+
+
+def test_fp8_kv_decode_step_is_sync_free_and_captured(monkeypatch):
+    """With the FP8 KV cache a decode step (kv_norm_rope writing the FP8 ring, FP8 scopes) has
+    no host sync and is replayed from CUDA graphs (MoE replaced by its shared expert, as in
+    test_runtime_decode_step_is_sync_free_and_captured)."""
+    _, m16 = _models512(quant_sim=True)
+    for blk in m16.layers:
+        monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
+    engine = _graph_engine(m16, kv_cache="fp8")
+    _to_decode(engine, _prompts([33, 70, 5]))
+    engine.step()
+    for _ in range(4):
+        rows = engine.scheduler.schedule()
+        assert all(r.n == 1 for r in rows)
+        with _no_host_sync():
+            engine._launch(rows, False)
+        for r in rows:
+            r.request.num_computed += 1
+            r.request.output_ids.append(r.request.token_ids[-1])
+    assert engine.runner.graph_off_reason is None
+    assert engine.runner.stats["graph_steps"] >= 4 and 4 in engine.runner.graphs

@@ -100,3 +100,85 @@ def test_fp8_indexer_keys_pool():
                          + 2 * cfg.head_dim * 2)
     with pytest.raises(ValueError, match="indexer_cache must be"):
         PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", indexer_cache="fp4")
+
+
+def _cfg512(**kw):
+    """The tiny config at the release's attention head (head_dim 512 = 448 nope + 64 RoPE),
+    the only one the FP8 MODEL1 KV layout takes."""
+    return dsv4.ModelConfig.tiny(head_dim=512, **kw)
+
+
+def test_fp8_kv_cache_pool():
+    """kv_cache="fp8": every window ring and CSA / HCA entry store is a MODEL1 pool (584 bytes
+    per entry, blocks padded to a multiple of 576 bytes as FlashMLA allocates them); the bytes
+    the pool reports are its allocation; the indexer keys keep their own format."""
+    from dsv4.ops import kv_cache
+    cfg = _cfg512()
+    c = PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", kv_cache="fp8")
+    assert c.kv_cache == "fp8"
+    for lc in c.layers:
+        assert lc.kv_fp8 and lc.window.dtype == torch.uint8
+        assert lc.window.shape == (3, cfg.window_size, 584)
+        assert lc.window.stride(0) == 17 * 576        # a ring of 16 x 584 = 9344 B, padded
+    csa, hca = c.layers[1], c.layers[2]
+    assert csa.compressor.entries.shape == (6, 8, 584)
+    assert hca.compressor.entries.shape == (6, 2, 584)
+    assert csa.indexer.entries.dtype == torch.bfloat16
+    # by hand: 8 entries x 584 = 4672 B -> 9 x 576 = 5184; 2 x 584 = 1168 -> 3 x 576 = 1728;
+    # a ring of 16 x 584 = 9344 B -> 17 x 576 = 9792
+    assert kv_cache.block_bytes(kv_cache.MODEL1, 8, 512) == 5184
+    per_block = PagedCache.block_bytes(cfg, 32, torch.bfloat16, "bf16", "fp8")
+    assert per_block == 2 * (5184 + 8 * cfg.index_head_dim * 2) + 1728
+    state = 2 * (8 * 2 * 512 + 8 * 2 * 64) * 4 * 2 + 2 * 16 * 512 * 4  # CSA x2 (+keys), HCA
+    assert PagedCache.slot_bytes(cfg, torch.bfloat16, "fp8") == 4 * 9792 + state
+    assert c.bytes == PagedCache.estimate_bytes(cfg, 2, 5, 32, torch.bfloat16, "bf16", "fp8")
+    assert per_block < PagedCache.block_bytes(cfg, 32, torch.bfloat16)   # 14,144 vs 20,480
+    both = PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", indexer_cache="fp8", kv_cache="fp8")
+    assert both.layers[1].indexer.entries.shape[-1] == cfg.index_head_dim + 4
+    assert both.bytes == PagedCache.estimate_bytes(cfg, 2, 5, 32, torch.bfloat16, "fp8", "fp8")
+
+
+def test_fp8_ring_round_trip_and_reset():
+    """write_ring quantises (kv_cache.pack), ring_keys dequantises: exactly fp8_e4m3_sim of the
+    nope dims in blocks of 64 and the bf16 RoPE dims; stored_keys is the same round trip; a
+    new slot's ring reads back as zeros."""
+    from dsv4.ops.quant import fp8_e4m3_sim
+    cfg = _cfg512()
+    c = PagedCache(cfg, 2, 5, 32, torch.bfloat16, "cpu", kv_cache="fp8")
+    lc = c.layers[0]
+    g = torch.Generator().manual_seed(0)
+    keys = (torch.randn(5, 512, generator=g) * 3).to(torch.bfloat16)
+    s = c.take_slot()
+    lc.write_ring(s, torch.tensor([3, 0, 15, 7, 8]), keys)
+    want = torch.cat([fp8_e4m3_sim(keys[:, :448], 64), keys[:, 448:]], -1)
+    got = lc.ring_keys(s)
+    assert got.dtype == torch.bfloat16 and got.shape == (16, 512)
+    assert torch.equal(got[[3, 0, 15, 7, 8]], want)
+    assert not got[[1, 2, 4]].any() and not (want == keys).all()
+    assert torch.equal(lc.stored_keys(keys), want)
+    assert torch.equal(lc.stored_keys(want), want)          # idempotent on simulated keys
+    assert not lc.ring_keys(1 - s).any()                     # the other slot is untouched
+    c.release_slot(s)
+    assert c.take_slot() == s and not lc.ring_keys(s).any()
+
+
+def test_kv_cache_argument_is_checked_before_allocation(monkeypatch):
+    from dsv4.ops import backend
+    from dsv4.runtime.pool import check_kv_cache
+    with pytest.raises(ValueError, match="kv_cache must be 'bf16'"):
+        PagedCache(_cfg512(), 2, 5, 32, torch.bfloat16, "cpu", kv_cache="fp4")
+    with pytest.raises(ValueError, match="head_dim 512 with rope_head_dim 64.*head_dim 128"):
+        PagedCache(dsv4.ModelConfig.tiny(), 2, 5, 32, torch.bfloat16, "cpu", kv_cache="fp8")
+    with pytest.raises(ValueError, match="rope_head_dim 32"):
+        check_kv_cache(_cfg512(rope_head_dim=32, quant_sim=False), "fp8", "cpu")
+    # CUDA device of another generation: refused with the cuda backend, fine with reference
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(backend, "_backend", "cuda")
+    with pytest.raises(ValueError, match="sm_90 GPUs.*sm_80"):
+        check_kv_cache(_cfg512(), "fp8", "cuda")
+    check_kv_cache(_cfg512(), "bf16", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    check_kv_cache(_cfg512(), "fp8", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (10, 0))
+    monkeypatch.setattr(backend, "_backend", "reference")
+    check_kv_cache(_cfg512(), "fp8", "cuda")

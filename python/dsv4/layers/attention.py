@@ -163,9 +163,10 @@ class Attention(nn.Module):
             t1 = t0 + n
             if n == 0:
                 continue
-            kv_new = kv[t0:t1]
+            # (an FP8 cache: the step's new keys are attended as the cache will store them)
+            kv_new = cache.stored_keys(kv[t0:t1])
             idx = window_indices(s, n, W, x.device)
-            parts = [cache.window[slot], kv_new]
+            parts = [cache.ring_keys(slot), kv_new]
             if self.compress_ratio:
                 if self.indexer is not None:
                     comp = self.indexer(x[t0:t1], qr[t0:t1], cache.indexer, slot, s, freqs,
@@ -181,7 +182,7 @@ class Attention(nn.Module):
                                                 self.attn_sink, self.softmax_scale)
             keep = min(n, W)
             ring = torch.arange(s + n - keep, s + n, device=x.device) % W
-            cache.window[slot, ring] = kv_new[n - keep:]
+            cache.write_ring(slot, ring, kv_new[n - keep:])
             t0 = t1
         return o
 
@@ -199,8 +200,9 @@ class Attention(nn.Module):
         rings are updated after attention. Compressed scope: the entry store viewed as a pool
         ``[num_blocks, block_size, head_dim]`` addressed through each row's block table: the
         indexer's picks (CSA, ``sparse_attn`` with physical indices) or every complete entry
-        (HCA, ``hca_attn`` with per-query entry counts, no index list). Returns o
-        [T, heads, head_dim].
+        (HCA, ``hca_attn`` with per-query entry counts, no index list). With an FP8 cache
+        (``cache.kv_fp8``: MODEL1 rings and entry pools) both scopes are FP8 pools with the
+        same flat rows (see :func:`_fp8_main_scope`). Returns o [T, heads, head_dim].
         """
         c = self.config
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
@@ -209,20 +211,26 @@ class Attention(nn.Module):
         dev = x.device
         rows = batch.rows.long()
         pos = batch.pos.long()
-        ring = cache.window.view(-1, cache.window.shape[-1])
         slot_t = batch.slots.long()[rows]
         q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
         quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
-        if batch.decode and ring.dtype == torch.bfloat16:   # the op's cache dtype
+        if cache.kv_fp8:
+            main_kv = _fp8_main_scope(kv_raw, self.kv_norm.weight, batch, freqs, c.norm_eps,
+                                      quant, cache.window, slot_t, pos, W)
+            ring = None
+        elif batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
+            ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
                                     quant, ring, (slot_t * W + pos % W).to(torch.int32))
             main_kv = ring
         elif batch.decode:
+            ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
                                     quant)
             ring.index_copy_(0, slot_t * W + pos % W, kv)
             main_kv = ring
         else:
+            ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
                                     quant)
             main_kv = torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1),
@@ -267,12 +275,14 @@ class Attention(nn.Module):
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
                 extra_idx = _physical(table, r, sel[blk].long(), entries.shape[1])
+                # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
+                extra = entries if entries.dtype == torch.uint8 else \
+                    entries.view(-1, entries.shape[-1])
                 o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
-                                         self.softmax_scale, None,
-                                         entries.view(-1, entries.shape[-1]), extra_idx)
+                                         self.softmax_scale, None, extra, extra_idx)
             outs.append(o)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        if not batch.decode:
+        if not batch.decode and ring is not None:     # (an FP8 ring was written before)
             # Ring update: every token writes ring slot (slot, p % W) with the value of the
             # last token of its row at a position ≡ p (mod W), so that the tokens that share
             # a ring slot write the same value (deterministic without a host-side list).
@@ -281,6 +291,49 @@ class Attention(nn.Module):
             src = torch.arange(T, device=dev) + (final - pos)
             ring.index_copy_(0, slot_t * W + pos % W, kv.index_select(0, src))
         return out
+
+
+def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: int,
+                    ring: torch.Tensor, slot_t: torch.Tensor, pos: torch.Tensor,
+                    W: int) -> torch.Tensor:
+    """The main key scope of a step over an FP8 MODEL1 window ring ``ring``
+    (uint8 [slots, W, 584], :mod:`dsv4.ops.kv_cache`), with the step's new keys packed by
+    ``kv_norm_rope`` (the quantiser of every FP8 cache write). Same flat rows as the bf16
+    scopes of :meth:`Attention._attend_kernels`, so the index arithmetic is shared:
+
+    * decode: ``kv_norm_rope`` writes each new key into its ring slot first; the scope is the
+      ring itself (row ``slot·W + p % W``), in place.
+    * otherwise: a MODEL1 pool of blocks of W entries, the rings of the step's B rows
+      (copied, blocks 0 … B−1) followed by the T new keys (row ``B·W + t``), since the kernels
+      take both scopes in FP8 or both in bf16. ``kv_norm_rope`` packs the new keys into it
+      and, in the same launch, writes into the ring the tokens that are the last of their
+      row at their ring slot (``p ≥ end − W``; the scope holds the copy, so writing the ring
+      before attention is safe). Distinct tokens write distinct ring rows.
+
+    Returns the scope (a uint8 pool [nb, W, 584])."""
+    from ..ops import kv_cache
+    T, B = batch.num_tokens, batch.num_rows
+    ring_rows = (slot_t * W + pos % W).to(torch.int32)
+    if batch.decode:
+        _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, ring, ring_rows)
+        return ring
+    D = kv_cache.MODEL1_HEAD_DIM
+    scope = kv_cache.allocate(kv_cache.MODEL1, B + -(-T // W), W, D, kv_raw.device)
+    _pool_blocks(scope)[:B] = _pool_blocks(ring).index_select(0, batch.slots.long())
+    end = (batch.starts + batch.lens).long()[batch.rows.long()]
+    last = torch.where(pos >= end - W, ring_rows, -1).to(torch.int32)
+    new_rows = torch.arange(B * W, B * W + T, dtype=torch.int32, device=kv_raw.device)
+    _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, scope, new_rows, ring,
+                       last)
+    return scope
+
+
+def _pool_blocks(pool: torch.Tensor) -> torch.Tensor:
+    """The whole padded blocks of an FP8 pool made by :func:`dsv4.ops.kv_cache.allocate`
+    (uint8 [num_blocks, block_size, entry_bytes] with block stride ``stride(0)``) as a byte
+    view [num_blocks, stride(0)] (whole-block copies keep every part of the layout)."""
+    nb = pool.shape[0]
+    return pool.as_strided((nb, pool.stride(0)), (pool.stride(0), 1), pool.storage_offset())
 
 
 def _physical(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor,

@@ -19,6 +19,9 @@ Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 7
 and the peak GPU memory. The head is read in bf16 by default (``--head bf16``: a bf16 copy of
 the official fp32 head with fp32 accumulation; the issue's 0.54 ms floor assumes it);
 ``--head fp32`` runs the official head and counts its 2x bytes in the floor.
+``--indexer-cache fp8`` / ``--kv-cache fp8`` store the indexer keys (132 B) / the attention KV
+(window rings and compressed entries, 584 B MODEL1; head_dim 512, sm_90) in the release's FP8
+layouts; the decode floors then count those bytes.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="head read in bf16 (fp32 accumulation) or the official fp32 head")
     b.add_argument("--indexer-cache", choices=("bf16", "fp8"), default="bf16",
                    help="indexer keys in bf16 or the release's FP8 132-byte layout")
+    b.add_argument("--kv-cache", choices=("bf16", "fp8"), default="bf16",
+                   help="attention KV (window rings, CSA / HCA entries) in bf16 or the "
+                   "release's FP8 584-byte MODEL1 layout (head_dim 512, sm_90)")
     b.add_argument("--prefill", type=_cases, default=[(1, 2048), (8, 2048), (64, 512)],
                    metavar="BxP,...", help="prefill cases (default 1x2048,8x2048,64x512)")
     b.add_argument("--batch", type=_int_list, default=[1, 8, 64], metavar="B,...",
@@ -194,14 +200,18 @@ def _reset_peak():
 
 
 def _fill_pool(engine, seed: int) -> None:
-    """Random cache contents (the decode rows read real-sized scopes of finite values)."""
+    """Random cache contents (the decode rows read real-sized scopes of finite values). An FP8
+    store (uint8) gets random bytes below 64: finite e4m3 codes, bf16 RoPE halves and scales
+    (UE8M0 bytes or fp32 high bytes < 64 are small positive powers / values)."""
     import torch
     g = torch.Generator(device=engine.model.device).manual_seed(seed)
     for lc in engine.cache.layers:
-        lc.window.normal_(generator=g)
-        for st in (lc.compressor, lc.indexer):
-            if st is not None:
-                st.entries.normal_(generator=g)
+        for t in [lc.window] + [st.entries for st in (lc.compressor, lc.indexer)
+                                if st is not None]:
+            if t.dtype == torch.uint8:
+                t.random_(0, 64, generator=g)
+            else:
+                t.normal_(generator=g)
 
 
 def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None):
@@ -212,7 +222,8 @@ def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None)
     return Engine(model, max_batch=batch, max_model_len=max_len,
                   max_num_batched_tokens=budget or args.chunk,
                   cuda_graphs=not args.no_graphs, head_dtype=head,
-                  indexer_cache=getattr(args, "indexer_cache", "bf16"))
+                  indexer_cache=getattr(args, "indexer_cache", "bf16"),
+                  kv_cache=getattr(args, "kv_cache", "bf16"))
 
 
 def _key_bytes(model, args) -> float:
@@ -220,6 +231,14 @@ def _key_bytes(model, args) -> float:
     d = model.config.index_head_dim
     return d + 4 if getattr(args, "indexer_cache", "bf16") == "fp8" else \
         d * model.embed.weight.element_size()
+
+
+def _entry_bytes(model, args) -> float:
+    """Bytes per attention KV entry the decode floor counts (bf16, or the 584-byte MODEL1)."""
+    from ..model_info import kv_entry_bytes
+    if getattr(args, "kv_cache", "bf16") == "fp8":
+        return kv_entry_bytes(model.config, "fp8")
+    return model.config.head_dim * model.embed.weight.element_size()
 
 
 def bench_prefill(model, args, batch: int, prompt: int) -> dict:
@@ -280,7 +299,7 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
     _sync()
     sec = (time.perf_counter() - t) / steps
     fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
-                      _key_bytes(model, args))
+                      _key_bytes(model, args), _entry_bytes(model, args))
     row = dict(impl="dsv4", kind="decode", batch=batch, tokens=context, ms_step=1e3 * sec,
                tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
@@ -370,10 +389,13 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     _sync()
     pre = time.perf_counter() - t
     c = model.config
-    used = len(req.block_table) * PagedCache.block_bytes(c, eng.cache.block_tokens,
-                                                         model.dtype, eng.cache.indexer_cache)
-    used += PagedCache.slot_bytes(c, model.dtype)
-    info = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype="bf16")  # dsv4's
+    kv_fmt = eng.cache.kv_cache
+    per_block = PagedCache.block_bytes(c, eng.cache.block_tokens, model.dtype,
+                                       eng.cache.indexer_cache, kv_fmt)
+    used = len(req.block_table) * per_block + PagedCache.slot_bytes(c, model.dtype, kv_fmt)
+    # dsv4 info's arithmetic for the formats this engine keeps (window excluded)
+    info = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype=kv_fmt)
+    info_bf16 = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype="bf16")
     eng.step()
     _sync()
     t = time.perf_counter()
@@ -382,7 +404,7 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     _sync()
     sec = (time.perf_counter() - t) / steps
     fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
-                        _key_bytes(model, args))
+                        _key_bytes(model, args), _entry_bytes(model, args))
     fl_p = prefill_floor(model, 1, context)
     rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
                  tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
@@ -390,7 +412,9 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
             dict(impl="dsv4", kind="decode-1m", batch=1, tokens=context, ms_step=1e3 * sec,
                  tok_s=1 / sec, floor_ms=1e3 * fl_d["seconds"],
                  pct_of_floor=100 * fl_d["seconds"] / sec,
-                 kv_bytes_per_token=used / context, info_kv_bytes_per_token_bf16=info,
+                 kv_bytes_per_token=used / context,
+                 kv_block_bytes_per_token=per_block / eng.cache.block_tokens,
+                 info_kv_bytes_per_token=info, info_kv_bytes_per_token_bf16=info_bf16,
                  info_kv_bytes_per_token_fp8=kv_bytes_per_token(c),
                  graphs=eng.runner.stats["graph_steps"] > 0,
                  graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())]
@@ -481,10 +505,13 @@ def run(args) -> list[dict]:
     if args.quick:
         args.prefill, args.batch, args.steps = [(1, 2048)], [1, 8], min(args.steps, 8)
     cfg = build_config(args.model, args.layers, args.experts)
+    from .pool import check_kv_cache
+    check_kv_cache(cfg, args.kv_cache, "cuda")      # before the model is built
     model = build_model(cfg, args.weights, "cuda", args.seed)
     head = args.head
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
           f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
+          f"{args.kv_cache} KV, {args.indexer_cache} indexer keys, "
           f"{torch.cuda.get_device_name()}, commit {_commit()}", flush=True)
     rows = []
     with torch.no_grad():
@@ -492,10 +519,13 @@ def run(args) -> list[dict]:
             for r in bench_1m(model, args):
                 rows.append(r)
                 print(_fmt(r), flush=True)
-            print(f"KV bytes per token: measured {rows[-1]['kv_bytes_per_token']:.1f} (bf16 "
-                  f"cache, window and state included), dsv4 info: "
-                  f"{rows[-1]['info_kv_bytes_per_token_bf16']:.1f} bf16 / "
-                  f"{rows[-1]['info_kv_bytes_per_token_fp8']:.1f} FP8 layout", flush=True)
+            r = rows[-1]
+            print(f"KV bytes per token ({args.kv_cache} KV, {args.indexer_cache} indexer keys): "
+                  f"measured {r['kv_bytes_per_token']:.1f} (window and state included), "
+                  f"{r['kv_block_bytes_per_token']:.1f} in pool blocks; dsv4 info: "
+                  f"{r['info_kv_bytes_per_token']:.1f} for these formats "
+                  f"({r['info_kv_bytes_per_token_bf16']:.1f} bf16 KV / "
+                  f"{r['info_kv_bytes_per_token_fp8']:.1f} release FP8 layout)", flush=True)
         else:
             for b, p in args.prefill:
                 rows.append(bench_prefill(model, args, b, p))
@@ -513,6 +543,7 @@ def run(args) -> list[dict]:
                         torch.cuda.empty_cache()
     meta = dict(model=args.model, layers=cfg.n_layers, experts=cfg.n_routed_experts,
                 weights=args.weights, head=head, indexer_cache=args.indexer_cache,
+                kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),
                 commit=_commit(), date=datetime.date.today().isoformat())
     if args.compare == "hf" and args.mode == "e2e":
@@ -534,7 +565,7 @@ def run(args) -> list[dict]:
 def _cmd_bench(args, parser) -> int:
     try:
         run(args)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:     # (ValueError: e.g. --kv-cache fp8 on tiny)
         print(f"dsv4 bench: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -63,6 +63,10 @@ class Engine:
             head weight with fp32 accumulation (half the bytes per decode step).
         indexer_cache: "bf16" (the model dtype) or "fp8" (the release's 132-byte FP8 indexer
             keys; exact with quant_sim, see :class:`~dsv4.runtime.pool.PagedCache`).
+        kv_cache: "bf16" (the model dtype) or "fp8" (the release's 584-byte MODEL1 layout for
+            the window rings and the compressed entries; head_dim 512, sm_90 on the kernel
+            path; exact for a bf16 model with quant_sim, see
+            :func:`~dsv4.runtime.pool.check_kv_cache`).
 
     Raises ValueError for arguments outside their range.
     """
@@ -70,7 +74,8 @@ class Engine:
     def __init__(self, model, max_batch: int = 16, max_model_len: int = 8192,
                  block_tokens: Optional[int] = None, num_blocks: Optional[int] = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
-                 head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16"):
+                 head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16",
+                 kv_cache: str = "bf16"):
         from ..model import Model
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dsv4.Model, got {type(model).__name__}")
@@ -89,7 +94,7 @@ class Engine:
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
         self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
-                                indexer_cache)
+                                indexer_cache, kv_cache)
         self.scheduler = Scheduler(self.cache, budget)
         graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.runner = ModelRunner(model, self.cache, self.max_model_len, head_dtype, graphs,

@@ -80,32 +80,35 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def kv_read_bytes(config, context: int, elem_bytes: int = 2,
-                  key_bytes: float | None = None) -> float:
+                  key_bytes: float | None = None, entry_bytes: float | None = None) -> float:
     """KV bytes one decode token of a sequence at ``context`` reads, all main layers: the
     window (min(context, W) keys), CSA: min(index_topk, entries) entries + every indexer key,
-    HCA: every entry (architecture.md §3.5, §5); ``elem_bytes`` per value, ``key_bytes`` per
-    indexer key (default ``index_head_dim · elem_bytes``; 132 for FP8 keys)."""
+    HCA: every entry (architecture.md §3.5, §5); ``entry_bytes`` per window key or compressed
+    entry (default ``head_dim · elem_bytes``; 584 for the FP8 MODEL1 layout), ``key_bytes``
+    per indexer key (default ``index_head_dim · elem_bytes``; 132 for FP8 keys)."""
     c = config
     key = c.index_head_dim * elem_bytes if key_bytes is None else key_bytes
+    entry = c.head_dim * elem_bytes if entry_bytes is None else entry_bytes
     total = 0.0
     for i in range(c.n_layers):
         r = c.compress_ratios[i]
-        total += min(context, c.window_size) * c.head_dim * elem_bytes
+        total += min(context, c.window_size) * entry
         n = context // r if r else 0
         if r == 4:
-            total += min(c.index_topk, n) * c.head_dim * elem_bytes + n * key
+            total += min(c.index_topk, n) * entry + n * key
         elif r:
-            total += n * c.head_dim * elem_bytes
+            total += n * entry
     return total
 
 
 def decode_floor(model, batch: int, context: int, head_bytes_per_param: int = 4,
-                 key_bytes: float | None = None) -> dict:
+                 key_bytes: float | None = None, entry_bytes: float | None = None) -> dict:
     """Floor of one decode step of ``batch`` sequences at ``context`` tokens.
 
     Returns {"bytes", "flops", "seconds"} (seconds = max of bytes / 4.22 TB/s and
     flops / 767 TFLOP/s). Distinct experts per layer: ``E (1 − (1 − k/E)^batch)`` (uniform
-    routing, in expectation); ``key_bytes`` per indexer key (see :func:`kv_read_bytes`).
+    routing, in expectation); ``key_bytes`` per indexer key, ``entry_bytes`` per attention KV
+    entry (see :func:`kv_read_bytes`).
     """
     w = weight_bytes(model)
     c = model.config
@@ -113,7 +116,8 @@ def decode_floor(model, batch: int, context: int, head_bytes_per_param: int = 4,
     distinct = E * (1 - (1 - k / E) ** batch)
     weights = w.dense + sum(distinct * b for b in w.expert) + \
         c.vocab_size * c.dim * head_bytes_per_param + batch * w.embed_row
-    kv = batch * kv_read_bytes(c, context, model.embed.weight.element_size(), key_bytes)
+    kv = batch * kv_read_bytes(c, context, model.embed.weight.element_size(), key_bytes,
+                               entry_bytes)
     flops = batch * (2 * (w.active_params + w.head_params)
                      + _attention_flops_at(c, context))
     seconds = max((weights + kv) / HBM_BYTES_PER_S, flops / BF16_FLOPS)

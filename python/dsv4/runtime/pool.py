@@ -18,7 +18,42 @@ import torch
 
 from ..cache import LayerCache, check_count
 
-__all__ = ["BlockAllocator", "PagedCache", "PoolExhausted", "blocks_needed"]
+__all__ = ["BlockAllocator", "PagedCache", "PoolExhausted", "blocks_needed", "check_kv_cache"]
+
+KV_CACHE_FORMATS = ("bf16", "fp8")
+
+
+def check_kv_cache(config, kv_cache: str, device: torch.device | str) -> None:
+    """Check that the attention KV can be stored as ``kv_cache`` for ``config`` on ``device``.
+
+    ``"bf16"`` (the model dtype) always can. ``"fp8"`` is the release's MODEL1 layout
+    (:mod:`dsv4.ops.kv_cache`, FlashMLA's V4 format): head_dim 512 = 448 nope + 64 RoPE dims
+    only; on a CUDA device with the ``"cuda"`` backend the attention kernels read FP8 scopes
+    only on sm_90 (H100 / H200), so another GPU must use ``kv_cache="bf16"`` or the
+    ``"reference"`` backend (whose layers dequantise the cache, on any device).
+
+    Raises ValueError naming what is accepted (checked before anything is allocated).
+    """
+    if kv_cache not in KV_CACHE_FORMATS:
+        raise ValueError(f"kv_cache must be 'bf16' (the model dtype) or 'fp8' (the release's "
+                         f"584-byte MODEL1 layout), got {kv_cache!r}")
+    if kv_cache != "fp8":
+        return
+    from ..ops import kv_cache as fmt
+    if config.head_dim != fmt.MODEL1_HEAD_DIM or config.rope_head_dim != fmt.MODEL1_ROPE_DIM:
+        raise ValueError(f"kv_cache='fp8' stores the release's MODEL1 layout, which takes "
+                         f"head_dim {fmt.MODEL1_HEAD_DIM} with rope_head_dim "
+                         f"{fmt.MODEL1_ROPE_DIM}; this model has head_dim {config.head_dim}, "
+                         f"rope_head_dim {config.rope_head_dim} (use kv_cache='bf16')")
+    device = torch.device(device)
+    if device.type == "cuda":
+        from ..ops.backend import get_backend
+        cap = torch.cuda.get_device_capability(device)
+        if get_backend() == "cuda" and tuple(cap) != (9, 0):
+            raise ValueError(f"kv_cache='fp8': the attention kernels read FP8 (MODEL1) caches on "
+                             f"sm_90 GPUs (H100 / H200) only; {device} is sm_{cap[0]}{cap[1]}. "
+                             "Use kv_cache='bf16', or dsv4.set_backend('reference') (the "
+                             "layers then dequantise the cache)")
 
 
 def blocks_needed(config, n_tokens: int, block_tokens: int) -> int:
@@ -76,7 +111,10 @@ class PagedCache:
     Attributes:
         layers: one :class:`~dsv4.cache.LayerCache` per main layer: ``window``
             [max_seqs + 1, window_size, head_dim]; compressor / indexer state
-            [max_seqs + 1, ...]; entry stores [num_blocks, block_tokens // ratio, dim].
+            [max_seqs + 1, ...]; entry stores [num_blocks, block_tokens // ratio, dim]
+            (FP8 stores: uint8 [..., entry_bytes] pools of :mod:`dsv4.ops.kv_cache`).
+        kv_cache, indexer_cache: the formats ("bf16" or "fp8") of the attention KV and of the
+            indexer keys.
         scratch_slot: the slot index ``max_seqs``, never given to a sequence (padding rows of
             a CUDA-graph batch write there). Likewise the stores hold one block more than the
             allocator hands out: the last block is scratch (see
@@ -89,13 +127,20 @@ class PagedCache:
     132 bytes per key at head dim 128 instead of 256): exact when quant_sim has FP4-simulated
     them, an approximation otherwise.
 
-    Raises ValueError for ``block_tokens`` that is not a multiple of every compress ratio or an
-    unknown ``indexer_cache``, and a RuntimeError naming the size when the device cannot hold
-    the pool.
+    ``kv_cache="fp8"`` keeps the attention KV, the window rings and the CSA / HCA compressed
+    entries, in the release's MODEL1 layout (584 bytes per entry at head_dim 512 instead of
+    1024; :class:`~dsv4.cache.LayerCache`): exact for a bf16 model with quant_sim (which has
+    FP8-simulated the nope dims in the same 64-blocks), an approximation otherwise (the nope
+    dims rounded to e4m3, the RoPE dims to bf16). See :func:`check_kv_cache`.
+
+    Raises ValueError for ``block_tokens`` that is not a multiple of every compress ratio, an
+    unknown ``indexer_cache`` or a ``kv_cache`` this model / device cannot use, and a
+    RuntimeError naming the size when the device cannot hold the pool.
     """
 
     def __init__(self, config, max_seqs: int, num_blocks: int, block_tokens: int,
-                 dtype: torch.dtype, device: torch.device | str, indexer_cache: str = "bf16"):
+                 dtype: torch.dtype, device: torch.device | str, indexer_cache: str = "bf16",
+                 kv_cache: str = "bf16"):
         self.config = config
         self.max_seqs = check_count(max_seqs, "max_seqs")
         self.block_tokens = check_count(block_tokens, "block_tokens")
@@ -110,6 +155,8 @@ class PagedCache:
             raise ValueError(f"indexer_cache must be 'bf16' (the model dtype) or 'fp8', got "
                              f"{indexer_cache!r}")
         self.indexer_cache = indexer_cache
+        check_kv_cache(config, kv_cache, device)
+        self.kv_cache = kv_cache
         self.scratch_slot = self.max_seqs
         self.device = torch.device(device)
         self.dtype = dtype
@@ -118,42 +165,50 @@ class PagedCache:
                 LayerCache(self.max_seqs + 1, config.window_size, config.head_dim,
                            config.compress_ratios[i], config.index_head_dim, dtype, self.device,
                            num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens,
-                           indexer_fp8=indexer_cache == "fp8")
+                           indexer_fp8=indexer_cache == "fp8", kv_fp8=kv_cache == "fp8")
                 for i in range(config.n_layers)]
         except torch.OutOfMemoryError as e:
+            need = PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks,
+                                             self.block_tokens, dtype, indexer_cache, kv_cache)
             raise RuntimeError(
                 f"the runtime cache ({self.max_seqs} slots, {self.num_blocks} blocks of "
-                f"{self.block_tokens} tokens) does not fit on {self.device}: "
-                f"{PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks, self.block_tokens, dtype, indexer_cache):,}"
-                " bytes needed; lower max_batch, max_model_len or num_blocks") from e
+                f"{self.block_tokens} tokens) does not fit on {self.device}: {need:,} bytes "
+                "needed; lower max_batch, max_model_len or num_blocks") from e
         self.blocks = BlockAllocator(self.num_blocks)
         self._free_slots = list(range(self.max_seqs - 1, -1, -1))
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
     def block_bytes(config, block_tokens: int, dtype: torch.dtype,
-                    indexer_cache: str = "bf16") -> int:
-        """Device bytes of one block across all main layers' entry stores."""
+                    indexer_cache: str = "bf16", kv_cache: str = "bf16") -> int:
+        """Device bytes of one block across all main layers' entry stores (FP8 blocks padded
+        as :func:`dsv4.ops.kv_cache.block_bytes` allocates them)."""
+        from ..ops import kv_cache as fmt
         es = torch.empty((), dtype=dtype).element_size()
         total = 0
         for r in config.compress_ratios[:config.n_layers]:
-            if r:
+            if r and kv_cache == "fp8":
+                total += fmt.block_bytes(fmt.MODEL1, block_tokens // r, config.head_dim)
+            elif r:
                 total += (block_tokens // r) * config.head_dim * es
             if r == 4 and indexer_cache == "fp8":
-                from ..ops import kv_cache
-                total += kv_cache.block_bytes(kv_cache.INDEXER, block_tokens // r,
-                                              config.index_head_dim)
+                total += fmt.block_bytes(fmt.INDEXER, block_tokens // r, config.index_head_dim)
             elif r == 4:
                 total += (block_tokens // r) * config.index_head_dim * es
         return total
 
     @staticmethod
-    def slot_bytes(config, dtype: torch.dtype) -> int:
-        """Device bytes of one sequence slot (window rings + fp32 compressor state)."""
+    def slot_bytes(config, dtype: torch.dtype, kv_cache: str = "bf16") -> int:
+        """Device bytes of one sequence slot (window rings + fp32 compressor state; an FP8
+        ring is one padded MODEL1 block of window_size entries)."""
+        from ..ops import kv_cache as fmt
         es = torch.empty((), dtype=dtype).element_size()
         total = 0
         for r in config.compress_ratios[:config.n_layers]:
-            total += config.window_size * config.head_dim * es
+            if kv_cache == "fp8":
+                total += fmt.block_bytes(fmt.MODEL1, config.window_size, config.head_dim)
+            else:
+                total += config.window_size * config.head_dim * es
             for d in ([config.head_dim] if r else []) + ([config.index_head_dim] if r == 4 else []):
                 coff = 2 if r == 4 else 1
                 total += 2 * (coff * r) * (coff * d) * 4
@@ -161,16 +216,18 @@ class PagedCache:
 
     @staticmethod
     def estimate_bytes(config, max_seqs: int, num_blocks: int, block_tokens: int,
-                       dtype: torch.dtype, indexer_cache: str = "bf16") -> int:
-        return ((max_seqs + 1) * PagedCache.slot_bytes(config, dtype)
+                       dtype: torch.dtype, indexer_cache: str = "bf16",
+                       kv_cache: str = "bf16") -> int:
+        return ((max_seqs + 1) * PagedCache.slot_bytes(config, dtype, kv_cache)
                 + (num_blocks + 1) * PagedCache.block_bytes(config, block_tokens, dtype,
-                                                            indexer_cache))
+                                                            indexer_cache, kv_cache))
 
     @property
     def bytes(self) -> int:
         total = 0
         for lc in self.layers:
-            total += lc.window.numel() * lc.window.element_size()
+            w = lc.window       # (an FP8 ring is a strided view of padded blocks)
+            total += w.shape[0] * w.stride(0) * w.element_size()
             for st in (lc.compressor, lc.indexer):
                 if st is not None:
                     for t in (st.kv, st.score):
