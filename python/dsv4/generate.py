@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["GenerationResult", "check_sampling_args", "format_rates", "generate", "sample"]
+__all__ = ["GenerationResult", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
 
 FinishReason = Literal["eos", "length", "stop"]
 
@@ -174,6 +174,30 @@ class GenerationResult:
         return steps / self.decode_seconds if steps and self.decode_seconds > 0 else 0.0
 
 
+def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
+                        top_p: float, top_k: int, stop_strings: Sequence[str] | str,
+                        tokenizer: Any | None) -> tuple[list[int], list[str]]:
+    """The argument checks of :func:`generate` (and ``dsv4.runtime.generate``): returns the
+    prompt as a list of ints and the stop strings as a list.
+
+    Raises:
+        ValueError: invalid sampling arguments, ``max_new_tokens`` not an integer >= 0, an
+            empty prompt, a negative prompt id, or ``stop_strings`` without a tokenizer.
+    """
+    check_sampling_args(temperature, top_p, top_k)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids must contain at least one token (e.g. BOS)")
+    if min(prompt) < 0:
+        raise ValueError(f"prompt_ids must be >= 0, got {min(prompt)}")
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    return prompt, stops
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -274,17 +298,8 @@ def generate(
         ValueError: invalid sampling arguments, ``max_new_tokens < 0``, an empty prompt, a
             negative prompt id, or ``stop_strings`` without a tokenizer.
     """
-    check_sampling_args(temperature, top_p, top_k)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids must contain at least one token (e.g. BOS)")
-    if min(prompt) < 0:
-        raise ValueError(f"prompt_ids must be >= 0, got {min(prompt)}")
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
+                                               top_k, stop_strings, tokenizer)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 

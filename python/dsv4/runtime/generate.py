@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..generate import GenerationResult, _StopStringFilter, check_sampling_args
+from ..generate import GenerationResult, _StopStringFilter, check_generate_args
 from .engine import Engine
 from .request import SamplingParams
 
@@ -35,17 +35,8 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature:
     :class:`~dsv4.runtime.Engine` (default: one slot, ``max_model_len`` = prompt +
     ``max_new_tokens``). ``prefill_seconds`` is the time to the first token.
     """
-    check_sampling_args(temperature, top_p, top_k)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids must contain at least one token (e.g. BOS)")
-    if min(prompt) < 0:
-        raise ValueError(f"prompt_ids must be >= 0, got {min(prompt)}")
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
+                                               top_k, stop_strings, tokenizer)
     from ..tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
