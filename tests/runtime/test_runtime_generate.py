@@ -1,0 +1,37 @@
+"""dsv4.runtime.generate (what `dsv4 generate` runs on a GPU) against dsv4.generate.generate
+on CPU: the same argument checks and, greedy in fp32, the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.generate import generate as model_generate
+from dsv4.runtime.generate import generate as engine_generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return dsv4.Model(dsv4.ModelConfig.tiny()).eval()
+
+
+@pytest.mark.parametrize("prompt", [[0, 5, 17, 99, 3, 42], list(range(3, 140))])
+def test_greedy_tokens_equal_the_model_loop(model, prompt):
+    a = engine_generate(model, prompt, 8)
+    b = model_generate(model, prompt, 8)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt_ids=[], max_new_tokens=3), "at least one token"),
+    (dict(prompt_ids=[1, -2], max_new_tokens=3), ">= 0"),
+    (dict(prompt_ids=[1], max_new_tokens=-1), "max_new_tokens"),
+    (dict(prompt_ids=[1], max_new_tokens=2, top_p=0.0), "top_p"),
+    (dict(prompt_ids=[1], max_new_tokens=2, stop_strings=["x"]), "tokenizer"),
+])
+def test_the_same_argument_errors(model, kwargs, match):
+    for fn in (engine_generate, model_generate):
+        with pytest.raises(ValueError, match=match):
+            fn(model, **kwargs)
