@@ -105,12 +105,14 @@ class Engine:
         Args:
             prompt_ids: token ids (a list or 1-D integer tensor), at least one.
             params: :class:`SamplingParams` (default: greedy, 64 new tokens).
-            request_id: a name (default: generated); must be new.
+            request_id: a non-empty str, not in use (default: a generated name that no
+                request of this engine holds).
 
         Returns the request id.
 
         Raises:
-            ValueError: an empty prompt, ids outside [0, vocab_size), a duplicate id, or a
+            ValueError: an empty prompt, ids outside [0, vocab_size), a request_id that is not
+                a non-empty str or is in use, or a
                 request that can never fit: prompt + max_new_tokens beyond ``max_model_len``,
                 or more blocks than the whole pool holds. Nothing is queued then, and the
                 running requests are not disturbed.
@@ -129,6 +131,9 @@ class Engine:
             raise ValueError(f"the request needs {need} blocks of {self.cache.block_tokens} "
                              f"tokens ({total} tokens) but the pool holds "
                              f"{self.cache.num_blocks}; raise num_blocks or shorten it")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise ValueError(f"request_id must be a non-empty str or None (a generated name), "
+                             f"got {request_id!r}")
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         eos = params.eos_token_id if params.eos_token_id is not None else getattr(
@@ -144,6 +149,8 @@ class Engine:
                       eos_token_id=None if eos is None or eos < 0 else eos, generator=gen)
         if request_id is not None:
             req.request_id = request_id
+        while req.request_id in self.requests:      # a generated name a caller already took
+            req.request_id = Request(prompt_ids=[], params=params, eos_token_id=None).request_id
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         return req.request_id
@@ -257,17 +264,51 @@ class Engine:
                  params: Optional[SamplingParams | Sequence[SamplingParams]] = None
                  ) -> list[list[int]]:
         """Complete every prompt (continuously batched); returns the generated ids of each,
-        in order (EOS excluded). Raises EngineStepError if a step fails, RuntimeError if a
-        request ends with an error."""
+        in order (EOS excluded).
+
+        Args:
+            prompts: a sequence of prompts, each what :meth:`add_request` accepts (or a 2-D
+                integer tensor, one prompt per row).
+            params: one :class:`SamplingParams` for all, or one per prompt.
+
+        Raises:
+            ValueError: the engine already holds requests (their outputs would be consumed
+                here; drive them with :meth:`step` / :meth:`stream` or :meth:`abort` them),
+                ``prompts`` is not a sequence of prompts, or a prompt / params is invalid
+                (:meth:`add_request`'s errors). Nothing is queued then.
+            EngineStepError: a step failed; RuntimeError: a request ended with an error.
+            On any exception (Ctrl-C included) the requests of this call that are still
+            queued or running are aborted: the engine is left idle, as it was.
+        """
+        if self.requests or self.has_unfinished():
+            raise ValueError(f"generate() needs an idle engine: {len(self.requests)} request(s) "
+                             "already added would be run and their outputs dropped; drive them "
+                             "with step() / stream() or abort() them first")
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__") or (
+                isinstance(prompts, torch.Tensor) and prompts.dim() != 2):
+            raise ValueError(f"prompts must be a sequence of prompts (each a list or 1-D tensor "
+                             f"of token ids; or a 2-D tensor, one prompt per row), got "
+                             f"{type(prompts).__name__} {tuple(getattr(prompts, 'shape', ()))}")
         prompts = list(prompts)
+        if any(isinstance(p, int) for p in prompts):
+            raise ValueError("prompts must be a sequence of prompts (each a list or 1-D tensor "
+                             "of token ids), got a flat list of ints; wrap it: [ids]")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        final: dict[str, RequestOutput] = {}
-        for out in self.stream():
-            if out.finished:
-                final[out.request_id] = out
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+            final: dict[str, RequestOutput] = {}
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid in self.requests:
+                    self.abort(rid)
         res = []
         for rid in ids:
             out = final[rid]
