@@ -187,3 +187,19 @@ def test_abort_of_waiting_and_running_requests(model):
     assert _idle(e)
     with pytest.raises(KeyError, match="unknown request_id"):
         e.abort(a)
+
+
+def test_a_cache_larger_than_the_device_is_refused_before_allocating(model, monkeypatch):
+    """max_model_len 10M on the tiny model asks for ~66 GB of pool: a clear error up front,
+    not a host OOM kill while the pool is zeroed."""
+    from dsv4.runtime import engine as engine_mod
+    from dsv4.runtime.pool import PagedCache
+    monkeypatch.setattr(engine_mod, "_available_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(PagedCache, "__init__", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match=r"needs 61\.99 GiB but cpu has 1\.00 GiB available; "
+                       "lower max_batch, max_model_len or num_blocks"):
+        Engine(model, max_batch=16, max_model_len=10 ** 7)
+    monkeypatch.undo()
+    assert engine_mod._available_bytes(torch.device("cpu")) > 0   # Linux: MemAvailable read
+    monkeypatch.setattr(engine_mod, "_available_bytes", lambda device: 2 ** 30)
+    _engine(model)                                  # a small cache still fits

@@ -64,7 +64,8 @@ class Engine:
         indexer_cache: "bf16" (the model dtype) or "fp8" (the release's 132-byte FP8 indexer
             keys; exact with quant_sim, see :class:`~dsv4.runtime.pool.PagedCache`).
 
-    Raises ValueError for arguments outside their range.
+    Raises ValueError for arguments outside their range, and (before allocating anything) when
+    the cache would not fit in the device's available memory.
     """
 
     def __init__(self, model, max_batch: int = 16, max_model_len: int = 8192,
@@ -88,6 +89,14 @@ class Engine:
         if head_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
+        need = PagedCache.estimate_bytes(c, self.max_batch, nb, bt, model.dtype, indexer_cache)
+        free = _available_bytes(model.device)
+        if free is not None and need > free:
+            raise ValueError(
+                f"the runtime cache ({self.max_batch} slots, {nb} blocks of {bt} tokens for "
+                f"max_model_len {self.max_model_len}) needs {need / 2**30:.2f} GiB but "
+                f"{model.device} has {free / 2**30:.2f} GiB available; lower max_batch, "
+                "max_model_len or num_blocks")
         self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
                                 indexer_cache)
         self.scheduler = Scheduler(self.cache, budget)
@@ -316,6 +325,22 @@ class Engine:
                 raise RuntimeError(f"request {rid} failed: {out.error}")
             res.append(out.token_ids)
         return res
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory ``device`` can still give: free CUDA memory, or the host's MemAvailable for the
+    CPU (Linux); None when unknown (then nothing is checked)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
 
 
 def _token_list(prompt_ids, vocab: int) -> list[int]:
