@@ -181,8 +181,17 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                      f"{args.config!r}")
     if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
         parser.error(f"argument --resume: {args.resume!r} has no trainer_state.pt")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: expected a torch device such as cpu, cuda or cuda:1, "
+                     f"got {args.device!r}")
+    out_dir = Path(args.out or args.resume or "runs/dsv4-train")
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"argument --out: {str(out_dir)!r} exists and is not a directory")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..checkpoint import CheckpointError
     from ..config import ConfigError
     from ..model import Model
     from ..tokenizer import load_tokenizer
@@ -196,14 +205,21 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         if args.resume:
             run_info = json.loads((Path(args.resume) / "run.json").read_text())
-            state = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu",
-                               weights_only=False)
+            lacking = [k for k in ("dtype", "data", "val_fraction", "unigram_entropy")
+                       if not isinstance(run_info, dict) or k not in run_info]
+            if lacking:
+                raise ValueError(f"{Path(args.resume) / 'run.json'} lacks {', '.join(lacking)}")
+            state = Trainer.read_state(args.resume)
             cfg_d = dict(state["config"])
             if args.steps is not None and args.steps != cfg_d["steps"]:
                 print(f"dsv4 train: --steps {args.steps} differs from the run's "
                       f"{cfg_d['steps']}: the schedules are laid out anew", file=sys.stderr)
                 cfg_d["steps"] = args.steps
-            cfg = TrainConfig(**cfg_d)
+            try:
+                cfg = TrainConfig(**cfg_d)
+            except TypeError as e:      # keys of another version / a tampered file
+                raise ValueError(f"{Path(args.resume) / 'trainer_state.pt'}: its config does "
+                                 f"not fit TrainConfig ({e})") from None
             model = Model.from_pretrained(args.resume, device=device,
                                           dtype=getattr(torch, run_info["dtype"]),
                                           progress=False)
@@ -230,11 +246,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                    if not run_info else run_info["val_fraction"],
                                    model.config.bos_token_id)
         trainer = Trainer(model, corpus, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"dsv4 train: error: {e}", file=sys.stderr)
+        if args.resume:
+            trainer.load_state(args.resume)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        what = f"cannot resume from {args.resume}: " if args.resume else ""
+        print(f"dsv4 train: error: {what}{e}", file=sys.stderr)
         return 1
-    if args.resume:
-        trainer.load_state(args.resume)
     n_body = sum(p.numel() for n, p in model.named_parameters()
                  if n not in ("embed.weight", "head.weight"))
     n_all = sum(p.numel() for p in model.parameters())
