@@ -203,3 +203,19 @@ def test_a_cache_larger_than_the_device_is_refused_before_allocating(model, monk
     assert engine_mod._available_bytes(torch.device("cpu")) > 0   # Linux: MemAvailable read
     monkeypatch.setattr(engine_mod, "_available_bytes", lambda device: 2 ** 30)
     _engine(model)                                  # a small cache still fits
+
+
+def test_a_model_moved_after_the_engine_was_built_is_named(model):
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval()
+    m.load_state_dict(model.state_dict())
+    e = _engine(m)
+    rid = e.add_request([1, 2, 3], P2)
+    m.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="the model is torch.bfloat16 on cpu but this "
+                       "Engine's cache holds torch.float32 on cpu"):
+        e.step()
+    assert list(e.requests) == [rid] and e.requests[rid].status == Status.WAITING
+    m.to(torch.float32)
+    final = [o for o in e.stream() if o.finished]
+    assert final[0].token_ids == _engine(model).generate([[1, 2, 3]], P2)[0]

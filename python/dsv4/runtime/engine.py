@@ -192,12 +192,20 @@ class Engine:
         ``logits="all"``: per request fed).
 
         Raises:
+            RuntimeError: the model was moved to another dtype or device after the engine
+                was built (nothing is scheduled or changed).
             EngineStepError: the model raised; the step's requests are finished with
                 ``finish_reason="error"`` and everything else continues. A KeyboardInterrupt
                 is re-raised after the same clean-up.
         """
         if logits not in (None, "sampled", "all"):
             raise ValueError(f"logits must be None, 'sampled' or 'all', got {logits!r}")
+        m = self.model
+        if m.dtype != self.cache.dtype or m.device != self.cache.device:
+            raise RuntimeError(f"the model is {m.dtype} on {m.device} but this Engine's cache "
+                               f"holds {self.cache.dtype} on {self.cache.device}: the model was "
+                               "moved after the Engine was built; move it back or build a new "
+                               "Engine (nothing was run)")
         all_logits = logits == "all"
         rows = self.scheduler.schedule()
         if not rows:
