@@ -219,3 +219,29 @@ def test_a_model_moved_after_the_engine_was_built_is_named(model):
     m.to(torch.float32)
     final = [o for o in e.stream() if o.finished]
     assert final[0].token_ids == _engine(model).generate([[1, 2, 3]], P2)[0]
+
+
+def test_all_logits_are_returned_once_per_position_across_preemption(model):
+    """Two 20-token prompts with 12 new tokens each in a 3-block pool (48 tokens): the younger
+    request is preempted and recomputed. step(logits="all") returns each fed position's
+    logits exactly once (20 + 11 rows per request, not the recomputed ones again), equal to
+    the model's logits of the final sequence."""
+    e = _engine(model, num_blocks=3, max_num_batched_tokens=64)
+    sp = SamplingParams(max_new_tokens=12, eos_token_id=-1)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, V, (20,), generator=g).tolist() for _ in range(2)]
+    ids = [e.add_request(p, sp) for p in prompts]
+    got = {rid: [] for rid in ids}
+    final = {}
+    while e.has_unfinished():
+        for o in e.step(logits="all"):
+            got[o.request_id].append(o.logits)
+            if o.finished:
+                final[o.request_id] = o.token_ids
+    assert e.runner.stats["eager_steps"] > 0
+    with torch.no_grad():
+        for rid, p in zip(ids, prompts):
+            rows = torch.cat(got[rid])
+            assert rows.shape[0] == 20 + 11, rows.shape
+            ref = model(torch.tensor([p + final[rid][:-1]]))[0]
+            assert (rows - ref).abs().max() <= 1e-4 * ref.abs().max()

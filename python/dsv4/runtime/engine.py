@@ -187,6 +187,8 @@ class Engine:
                 [1, vocab] on the device; the step runs as usual, a CUDA graph for decode).
                 ``"all"``: every token fed in this step gets logits, returned per request
                 (the step runs eagerly; requests in the middle of a prompt get outputs too).
+                Each position's logits are returned once, in order: the positions a preempted
+                request feeds again while it is recomputed are not returned a second time.
 
         Returns one :class:`RequestOutput` per request that sampled a token or finished (with
         ``logits="all"``: per request fed).
@@ -227,15 +229,19 @@ class Engine:
         it = iter(zip(toks, finite))
         for r, end, cnt in zip(rows, itertools.accumulate(counts), counts):
             out = None
+            req = r.request
+            skip = 0
+            if all_logits:      # positions a preemption made us feed again were returned already
+                skip = min(cnt, max(0, req.logits_returned - r.start))
+                req.logits_returned = max(req.logits_returned, r.start + r.n)
             if r.sample:
                 tok, ok = next(it)
-                out = self._advance(r.request, tok, bool(ok))
-            elif all_logits:
-                req = r.request
+                out = self._advance(req, tok, bool(ok))
+            elif all_logits and skip < cnt:
                 out = RequestOutput(req.request_id, [], list(req.output_ids), False)
             if out is not None:
                 if logits is not None:
-                    out.logits = out_logits[end - cnt:end].clone()
+                    out.logits = out_logits[end - cnt + skip:end].clone()
                 outputs.append(out)
         return outputs
 

@@ -91,6 +91,7 @@ class Request:
     error: Optional[str] = None
     generator: Optional[torch.Generator] = None
     arrival: int = field(default_factory=lambda: next(_ids))
+    logits_returned: int = 0     # positions whose logits step(logits="all") returned
 
     @property
     def token_ids(self) -> list[int]:
