@@ -106,3 +106,13 @@ def test_bad_device_and_out_are_usage_errors(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--lr", "5"], ["--config", "small"], ["--batch", "7"],
+                                  ["--dtype", "bfloat16"], ["--no-mtp"], ["--max-files", "3"]])
+def test_run_settings_with_resume_are_refused_not_ignored(run_dir, argv, capsys):
+    """They were silently ignored (a resumed run keeps its saved settings)."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--resume", str(run_dir), "--steps", "3", *argv])
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: a resumed run keeps its own settings" in capsys.readouterr().err

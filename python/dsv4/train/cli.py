@@ -122,8 +122,9 @@ def add_train_parser(sub) -> None:
     t.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default runs/dsv4-train; with --resume: that DIR)")
     t.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run saved in DIR (bit-identical on CPU with the same "
-                   "--steps and thread count)")
+                   help="continue the run saved in DIR with its saved settings (bit-identical "
+                   "on CPU with the same --steps and thread count); only --steps, --out, "
+                   "--device, --threads, --save-every and --stop-after may be given with it")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
                    "optimizer; default float32)")
@@ -162,6 +163,13 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=_cmd_train, subparser=t)
 
 
+#: Options that define a run: fixed when it starts, refused with --resume (they were ignored).
+_RUN_SETTINGS = ("config", "data", "batch", "seq_len", "lr", "optimizer", "dtype", "seed",
+                 "weight_decay", "warmup", "decay_start", "no_mtp", "balance_alpha", "bias_speed",
+                 "anticipatory", "anticipatory_delta", "grad_clip", "eval_every", "eval_windows",
+                 "val_fraction", "max_files")
+
+
 def _model_config(spec: str):
     from ..config import ModelConfig
     if spec == "tiny":
@@ -181,6 +189,13 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                      f"{args.config!r}")
     if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
         parser.error(f"argument --resume: {args.resume!r} has no trainer_state.pt")
+    if args.resume is not None:
+        for dest in _RUN_SETTINGS:
+            if getattr(args, dest) != parser.get_default(dest):
+                parser.error(f"argument --{dest.replace('_', '-')}: a resumed run keeps its own "
+                             f"settings (saved in {args.resume}); only --steps, --out, "
+                             "--device, --threads, --save-every and --stop-after apply. Start a "
+                             "new run (--out) to change it")
     try:
         torch.device(args.device)
     except RuntimeError:
@@ -238,7 +253,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 eval_windows=args.eval_windows)
             data = args.data
         files = collect_files(data) if data else stdlib_files()
-        if args.max_files or run_info.get("max_files"):
+        if args.max_files or run_info.get("max_files"):      # (no --max-files with --resume)
             files = files[:args.max_files or run_info["max_files"]]
         tokenizer = load_tokenizer()
         t0 = time.perf_counter()
