@@ -116,6 +116,9 @@ def test_sampling_params_name_their_argument():
     with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids"):
         SamplingParams(stop_token_ids="ab")
     assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    sp = SamplingParams(max_new_tokens=torch.tensor(3), temperature=1.0, seed=torch.tensor(5))
+    assert type(sp.max_new_tokens) is int and type(sp.seed) is int     # stored as python ints
+    assert (sp.max_new_tokens, sp.seed) == (3, 5)
 
 
 def test_huge_seed_is_refused_before_queueing(model):

@@ -44,11 +44,15 @@ class SamplingParams:
     stop_token_ids: tuple = ()
 
     def __post_init__(self):
-        check_count(self.max_new_tokens, "max_new_tokens")
+        object.__setattr__(self, "max_new_tokens",       # numpy / 0-d tensor ints → int
+                           check_count(self.max_new_tokens, "max_new_tokens"))
         check_sampling_args(self.temperature, self.top_p, self.top_k)
-        if self.seed is not None and not 0 <= check_count(self.seed, "seed", 0) < 2 ** 64:
-            raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator seed), "
-                             f"got {self.seed!r}")
+        if self.seed is not None:
+            seed = check_count(self.seed, "seed", 0)
+            if seed >= 2 ** 64:
+                raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator "
+                                 f"seed), got {self.seed!r}")
+            object.__setattr__(self, "seed", seed)
         if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
                                               or not isinstance(self.eos_token_id, int)):
             raise ValueError(f"eos_token_id must be an int or None, got {self.eos_token_id!r}")
