@@ -342,11 +342,13 @@ class Engine:
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:
-    """Memory ``device`` can still give: free CUDA memory, or the host's MemAvailable for the
-    CPU (Linux); None when unknown (then nothing is checked)."""
+    """Memory ``device`` can still give: free CUDA memory plus the blocks torch's caching
+    allocator reserved but does not use (an earlier engine's pool), or the host's MemAvailable
+    for the CPU (Linux); None when unknown (then nothing is checked)."""
     try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cuda":       # + what torch's caching allocator holds unused
+            return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                       - torch.cuda.memory_allocated(device))
         if device.type == "cpu":
             with open("/proc/meminfo") as f:
                 for line in f:
