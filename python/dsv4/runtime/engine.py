@@ -24,7 +24,7 @@ import torch
 
 from ..cache import check_count
 from .pool import PagedCache, blocks_needed
-from .request import Request, RequestOutput, SamplingParams, Status
+from .request import Request, RequestOutput, SamplingParams, Status, new_request_id
 from .runner import ModelRunner
 from .sampler import sample_rows
 from .scheduler import Scheduler
@@ -159,7 +159,7 @@ class Engine:
         if request_id is not None:
             req.request_id = request_id
         while req.request_id in self.requests:      # a generated name a caller already took
-            req.request_id = Request(prompt_ids=[], params=params, eos_token_id=None).request_id
+            req.request_id = new_request_id()
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         return req.request_id

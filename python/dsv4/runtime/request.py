@@ -17,6 +17,11 @@ __all__ = ["SamplingParams", "Request", "RequestOutput", "Status"]
 _ids = itertools.count()
 
 
+def new_request_id() -> str:
+    """A generated request name, ``req-N`` (N unique in this process)."""
+    return f"req-{next(_ids)}"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops.
@@ -85,7 +90,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     eos_token_id: Optional[int]
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    request_id: str = field(default_factory=lambda: new_request_id())
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     slot: Optional[int] = None
