@@ -99,8 +99,12 @@ def test_an_undamaged_copy_resumes(run_dir, tmp_path):
 def test_bad_device_and_out_are_usage_errors(tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("x")
-    for argv, msg in ((["--device", "bogus"], "argument --device: expected a torch device"),
-                      (["--out", str(f)], "argument --out: ")):
+    cases = [(["--device", "bogus"], "argument --device: expected a torch device"),
+             (["--out", str(f)], "argument --out: ")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "argument --device: 'cuda' requested but CUDA is "
+                      "not available"))
+    for argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             cli_main(["train", "--config", "tiny", "--steps", "1", *argv])
         assert e.value.code == 2

@@ -197,10 +197,13 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                              "--device, --threads, --save-every and --stop-after apply. Start a "
                              "new run (--out) to change it")
     try:
-        torch.device(args.device)
+        dev = torch.device(args.device)
     except RuntimeError:
         parser.error(f"argument --device: expected a torch device such as cpu, cuda or cuda:1, "
                      f"got {args.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device!r} requested but CUDA is not available "
+                     "(use --device cpu)")
     out_dir = Path(args.out or args.resume or "runs/dsv4-train")
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"argument --out: {str(out_dir)!r} exists and is not a directory")
