@@ -248,3 +248,11 @@ def test_all_logits_are_returned_once_per_position_across_preemption(model):
             assert rows.shape[0] == 20 + 11, rows.shape
             ref = model(torch.tensor([p + final[rid][:-1]]))[0]
             assert (rows - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_cuda_graphs_must_be_a_bool(model):
+    """"no" was truthy: it turned CUDA graphs on."""
+    for bad in ("no", 0, 1.0):
+        with pytest.raises(ValueError, match="cuda_graphs must be None"):
+            _engine(model, cuda_graphs=bad)
+    _engine(model, cuda_graphs=False)

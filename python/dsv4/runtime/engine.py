@@ -86,6 +86,9 @@ class Engine:
         nb = self.max_batch * per_seq if num_blocks is None else check_count(
             num_blocks, "num_blocks", 0)
         budget = check_count(max_num_batched_tokens, "max_num_batched_tokens")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None (on for CUDA), True or False, got "
+                             f"{cuda_graphs!r}")
         if head_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
