@@ -256,3 +256,21 @@ def test_cuda_graphs_must_be_a_bool(model):
         with pytest.raises(ValueError, match="cuda_graphs must be None"):
             _engine(model, cuda_graphs=bad)
     _engine(model, cuda_graphs=False)
+
+
+def test_seeded_samples_survive_preemption(model, monkeypatch):
+    """Sampled requests in a pool too small for all of them: the preempted ones are
+    recomputed and still draw exactly the tokens they draw alone (their generator is not
+    re-drawn for the tokens they already have)."""
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (18, 9, 25)]
+    params = [SamplingParams(max_new_tokens=8, temperature=0.9, top_k=40, seed=s,
+                             eos_token_id=-1) for s in (1, 2, 3)]
+    alone = [_engine(model, max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    e = _engine(model, max_batch=3, num_blocks=4, max_num_batched_tokens=9)
+    preempted = []
+    real = e.scheduler._preempt
+    monkeypatch.setattr(e.scheduler, "_preempt", lambda r: (preempted.append(r.request_id),
+                                                           real(r)))
+    assert e.generate(prompts, params) == alone
+    assert preempted
