@@ -132,14 +132,11 @@ def test_prompt_of_every_integer_dtype_and_container(model):
     """Lists, tuples, numpy arrays, int8/uint8/int32 tensors give the same tokens; float,
     bool, 2-D tensors and nested lists are refused by name."""
     np = pytest.importorskip("numpy")
-    ref = _engine(model).generate([[1, 200, 3]], P2)[0]
-    for p in ([1, 200, 3], (1, 200, 3), np.array([1, 200, 3]),
-              torch.tensor([1, 200, 3], dtype=torch.int32),
-              torch.tensor([1, 200, 3], dtype=torch.uint8),
-              torch.tensor([1, 100, 3], dtype=torch.int8) + torch.tensor([0, 100, 0],
-                                                                         dtype=torch.int8)):
-        if isinstance(p, torch.Tensor) and p.dtype == torch.int8:
-            continue        # 200 does not fit int8 (wraps): not a dsv4 matter
+    ref = _engine(model).generate([[1, 100, 3]], P2)[0]
+    for p in ([1, 100, 3], (1, 100, 3), np.array([1, 100, 3]),
+              torch.tensor([1, 100, 3], dtype=torch.int32),
+              torch.tensor([1, 100, 3], dtype=torch.uint8),
+              torch.tensor([1, 100, 3], dtype=torch.int8)):
         assert _engine(model).generate([p], P2)[0] == ref, type(p)
     e = _engine(model)
     for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True]), torch.tensor([[1, 2]]),
