@@ -146,15 +146,20 @@ def test_prompt_of_every_integer_dtype_and_container(model):
     assert _idle(e)
 
 
+@pytest.mark.parametrize("limit", ["max_model_len", "pool"])
 @pytest.mark.parametrize("total", [47, 48, 49])
-def test_prompt_at_the_pool_size(model, total):
-    """A pool of 3 blocks of 16 tokens (48 tokens, = max_model_len): prompt + max_new_tokens of
-    47 and 48 run to the end with the right tokens; 49 is refused up front."""
-    e = _engine(model, max_batch=1, num_blocks=3)
+def test_prompt_at_the_pool_size(model, total, limit):
+    """48 tokens at most, by max_model_len 48 or by a pool of 3 blocks of 16 tokens (with
+    max_model_len 96): prompt + max_new_tokens of 47 and 48 run to the end with the reference
+    tokens; 49 is refused up front, naming the limit."""
+    kw = dict(max_model_len=48) if limit == "max_model_len" else dict(max_model_len=96)
+    e = _engine(model, max_batch=1, num_blocks=3, **kw)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, V, (total - 2,), generator=g).tolist()
     if total > 48:
-        with pytest.raises(ValueError, match="exceeds max_model_len 48"):
+        msg = ("exceeds max_model_len 48" if limit == "max_model_len" else
+               "needs 4 blocks of 16 tokens .* the pool holds 3")
+        with pytest.raises(ValueError, match=msg):
             e.add_request(prompt, P2)
         assert _idle(e)
         return
