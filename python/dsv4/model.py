@@ -375,7 +375,8 @@ class Model(nn.Module):
         (``cache.mtp_lengths``); positions are those of ``hidden``.
 
         Raises ValueError for a ``depth`` outside [0, n_mtp_layers), a ``hidden`` whose shape is
-        not [batch, seq, hc_mult, dim] of ``next_ids``, and the input errors of :meth:`forward`
+        not [batch, seq, hc_mult, dim] of ``next_ids`` or that is not a floating-point tensor
+        on the model's device (nothing changed then), and the input errors of :meth:`forward`
         (an exception inside the MTP block marks the fed rows unusable likewise).
         """
         if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth < len(self.mtp):
@@ -388,6 +389,9 @@ class Model(nn.Module):
         if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != want:
             raise ValueError(f"hidden must be [batch, seq, hc_mult, dim] = {want}, got "
                              f"{tuple(getattr(hidden, 'shape', ()))}")
+        if not hidden.dtype.is_floating_point or hidden.device != self.device:
+            raise ValueError(f"hidden must be a floating-point tensor on {self.device} (the "
+                             f"model's device), got {hidden.dtype} on {hidden.device}")
         if not any(lens):
             return torch.zeros(B, S, c.vocab_size, device=self.device)
         batch = self._step_batch(list(cache.mtp_lengths), lens, "all")

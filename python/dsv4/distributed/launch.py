@@ -73,6 +73,7 @@ def load_model(name: str, device: Any, dtype: Any, quant_sim: Optional[bool] = N
     if torch.device(device).type != group.device.type:
         raise ValueError(f"the command asked for {device} but the process group runs on "
                          f"{group.device}")
+    _check_world_size(name, group, quant_sim)
     if name == "tiny":
         from .. import cli
         _state.plain = True
@@ -86,6 +87,22 @@ def load_model(name: str, device: Any, dtype: Any, quant_sim: Optional[bool] = N
         model = from_pretrained(name, group, dtype=dtype, **over)
     _state.model = model
     return model
+
+
+def _check_world_size(name: str, group: Any, quant_sim: Optional[bool]) -> None:
+    """Raise ConfigError (a one-line ``cannot load`` error of the command, the same on every
+    rank) before anything is built or read when the world size does not divide the model's
+    routed experts; a config that cannot be read is left to the loader to report."""
+    from ..config import ConfigError, ModelConfig
+    try:
+        over = {} if quant_sim is None else {"quant_sim": quant_sim}
+        cfg = ModelConfig.tiny(**over) if name == "tiny" else ModelConfig.from_json(name)
+    except (ConfigError, OSError, ValueError):
+        return
+    try:
+        group.expert_range(cfg.n_routed_experts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @contextlib.contextmanager

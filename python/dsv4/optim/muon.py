@@ -53,6 +53,45 @@ def _check_schedule(schedule) -> tuple[tuple[float, float, float], ...]:
     return out
 
 
+def _check_group(group: dict, where: str) -> dict:
+    """Check (and normalise in place) the hyper-parameters of a Muon / AdamW group; ValueError
+    naming ``where`` and the key otherwise. Returns ``group``."""
+    def number(key, ok, accepted):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not ok(v):
+            raise ValueError(f"{where}: {key} must be {accepted}, got {v!r}")
+
+    number("lr", lambda v: v >= 0, "a finite number >= 0")
+    number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+    number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    number("update_rms", lambda v: v > 0, "a finite number > 0")
+    number("eps", lambda v: v > 0, "a finite number > 0 (0 turns a zero gradient into NaN)")
+    number("ns_eps", lambda v: v > 0, "a finite number > 0 (0 turns a zero gradient into NaN)")
+    b = group["betas"]
+    try:
+        b = tuple(float(x) for x in b)
+    except (TypeError, ValueError):
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {group['betas']!r}")
+    group["betas"] = b
+    try:
+        group["ns_schedule"] = _check_schedule(group["ns_schedule"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not isinstance(group["ns_dtype"], torch.dtype) or not group["ns_dtype"].is_floating_point:
+        raise ValueError(f"{where}: ns_dtype must be a floating torch.dtype, got "
+                         f"{group['ns_dtype']!r}")
+    rb = group["row_blocks"]
+    if isinstance(rb, bool) or not isinstance(rb, int) or rb < 1:
+        raise ValueError(f"{where}: row_blocks must be an integer >= 1, got {rb!r}")
+    for key in ("use_muon", "nesterov"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{where}: {key} must be a bool, got {group[key]!r}")
+    return group
+
+
 def newton_schulz(x: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
                   ) -> torch.Tensor:
     """Apply the quintic iterations ``X ← aX + b(XXᵀ)X + c(XXᵀ)²X`` of ``schedule`` to x.
@@ -67,7 +106,7 @@ def newton_schulz(x: torch.Tensor, schedule: Sequence[tuple[float, float, float]
     if tall:
         x = x.mT
     batch = x.shape[:-2]
-    x = x.reshape(-1, *x.shape[-2:])
+    x = x.reshape(math.prod(batch), *x.shape[-2:])     # (not -1: a [0, m] matrix has no size)
     for a, b, c in _check_schedule(schedule):
         gram = torch.bmm(x, x.mT)
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -121,9 +160,11 @@ class Muon(torch.optim.Optimizer):
     is left as it is). Non-fp32 parameters get an fp32 master copy (state ``"master"``).
 
     Raises:
-        ValueError: a bad hyper-parameter, or (at ``step``) a Muon parameter that is not a
-            [rows, cols] / [E, rows, cols] matrix, or whose rows do not split into
-            ``row_blocks``.
+        ValueError: a bad hyper-parameter, in the constructor's defaults or in any group
+            (lr, weight_decay finite >= 0; momentum, betas in [0, 1); update_rms, eps, ns_eps
+            finite > 0; ns_dtype floating; row_blocks an int >= 1), or (at ``step``, before
+            anything is updated) a Muon parameter that is not a [rows, cols] / [E, rows, cols]
+            matrix, or whose rows do not split into ``row_blocks``. Empty matrices are fine.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1,
@@ -131,23 +172,22 @@ class Muon(torch.optim.Optimizer):
                  ns_schedule: Sequence[tuple[float, float, float]] = HYBRID_SCHEDULE,
                  ns_eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-20):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not update_rms > 0:
-            raise ValueError(f"update_rms must be > 0, got {update_rms}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if not eps >= 0 or not ns_eps >= 0:
-            raise ValueError("eps and ns_eps must be >= 0")
-        defaults = dict(lr=lr, weight_decay=weight_decay, use_muon=True, momentum=momentum,
-                        nesterov=nesterov, update_rms=update_rms,
-                        ns_schedule=_check_schedule(ns_schedule), ns_eps=ns_eps,
-                        ns_dtype=ns_dtype, row_blocks=1, betas=tuple(betas), eps=eps)
+        defaults = _check_group(dict(
+            lr=lr, weight_decay=weight_decay, use_muon=True, momentum=momentum,
+            nesterov=nesterov, update_rms=update_rms, ns_schedule=ns_schedule, ns_eps=ns_eps,
+            ns_dtype=ns_dtype, row_blocks=1, betas=betas, eps=eps), "Muon")
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``Optimizer.add_param_group`` with this optimizer's checks on the group's values
+        (its own or the defaults): a bad value raises ValueError naming the group key, and the
+        group is not added."""
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # ------------------------------------------------------------------ helpers
     def _master(self, p: torch.Tensor) -> torch.Tensor:
@@ -196,6 +236,11 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:     # shapes first: a bad one changes nothing
+            if group["use_muon"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._matrices(p, int(group["row_blocks"]))
         # Muon: momentum per parameter, then one batched Newton-Schulz per (shape, settings).
         buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
         for group in self.param_groups:

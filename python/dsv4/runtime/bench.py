@@ -50,6 +50,19 @@ def _int_list(s: str) -> list[int]:
     return out
 
 
+def _int_min(lo: int):
+    """An argparse type: an integer >= ``lo`` (named in the error)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
 def eval_size(v: str) -> int:
     """'4096', '64K', '1M' -> tokens."""
     v = v.strip().upper()
@@ -97,9 +110,9 @@ def add_bench_command(sub: Any) -> None:
 def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
                    help="config preset or a checkpoint directory's config.json (default: flash)")
-    b.add_argument("--layers", type=int, default=2, metavar="N",
+    b.add_argument("--layers", type=_int_min(1), default=2, metavar="N",
                    help="main layers (default 2: one CSA and one HCA layer)")
-    b.add_argument("--experts", type=int, default=64, metavar="E",
+    b.add_argument("--experts", type=_int_min(0), default=64, metavar="E",
                    help="routed experts per layer (default 64, as the issue's case; 0 = the "
                    "config's)")
     b.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
@@ -117,8 +130,8 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="decode batch sizes (default 1,8,64)")
     b.add_argument("--context", type=_sizes, default=[4096], metavar="C,...",
                    help="decode contexts in tokens, e.g. 4096,64K,1M (default 4096)")
-    b.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
-    b.add_argument("--chunk", type=int, default=16384,
+    b.add_argument("--steps", type=_int_min(1), default=32, help="timed decode steps (default 32)")
+    b.add_argument("--chunk", type=_int_min(1), default=16384,
                    help="max tokens per engine step (prefill chunks; default 16384)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     b.add_argument("--compare", choices=("hf",), default=None,
@@ -130,7 +143,7 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_int_min(0), default=0)
 
 
 # ------------------------------------------------------------------ model
@@ -500,11 +513,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 # ------------------------------------------------------------------ entry points
 def run(args) -> list[dict]:
     import torch
+    cfg = build_config(args.model, args.layers, args.experts)    # config errors first, anywhere
+    for opt in ("json", "plot"):
+        path = getattr(args, opt, None)
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise ValueError(f"argument --{opt}: cannot write {path!r} (its directory does not "
+                             "exist or is not writable)")
     if not torch.cuda.is_available():
         raise RuntimeError("dsv4 bench needs a CUDA GPU (the floors are the H200's)")
     if args.quick:
         args.prefill, args.batch, args.steps = [(1, 2048)], [1, 8], min(args.steps, 8)
-    cfg = build_config(args.model, args.layers, args.experts)
     from .pool import check_kv_cache
     check_kv_cache(cfg, args.kv_cache, "cuda")      # before the model is built
     model = build_model(cfg, args.weights, "cuda", args.seed)
@@ -565,7 +583,8 @@ def run(args) -> list[dict]:
 def _cmd_bench(args, parser) -> int:
     try:
         run(args)
-    except (RuntimeError, ValueError) as e:     # (ValueError: e.g. --kv-cache fp8 on tiny)
+    except (RuntimeError, ValueError) as e:     # ValueError: ConfigError, an unwritable path,
+        #                                         --kv-cache fp8 on a model without its shapes
         print(f"dsv4 bench: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -23,8 +23,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from ..cache import check_count
-from .pool import PagedCache, blocks_needed
-from .request import Request, RequestOutput, SamplingParams, Status
+from .pool import PagedCache, blocks_needed, check_cache_formats
+from .request import Request, RequestOutput, SamplingParams, Status, new_request_id
 from .runner import ModelRunner
 from .sampler import sample_rows
 from .scheduler import Scheduler
@@ -68,7 +68,8 @@ class Engine:
             path; exact for a bf16 model with quant_sim, see
             :func:`~dsv4.runtime.pool.check_kv_cache`).
 
-    Raises ValueError for arguments outside their range.
+    Raises ValueError for arguments outside their range, and (before allocating anything) when
+    the cache would not fit in the device's available memory.
     """
 
     def __init__(self, model, max_batch: int = 16, max_model_len: int = 8192,
@@ -90,9 +91,22 @@ class Engine:
         nb = self.max_batch * per_seq if num_blocks is None else check_count(
             num_blocks, "num_blocks", 0)
         budget = check_count(max_num_batched_tokens, "max_num_batched_tokens")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None (on for CUDA), True or False, got "
+                             f"{cuda_graphs!r}")
         if head_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
+        check_cache_formats(c, indexer_cache, kv_cache, model.device)
+        need = PagedCache.estimate_bytes(c, self.max_batch, nb, bt, model.dtype, indexer_cache,
+                                         kv_cache)
+        free = _available_bytes(model.device)
+        if free is not None and need > free:
+            raise ValueError(
+                f"the runtime cache ({self.max_batch} slots, {nb} blocks of {bt} tokens for "
+                f"max_model_len {self.max_model_len}) needs {need / 2**30:.2f} GiB but "
+                f"{model.device} has {free / 2**30:.2f} GiB available; lower max_batch, "
+                "max_model_len or num_blocks")
         self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
                                 indexer_cache, kv_cache)
         self.scheduler = Scheduler(self.cache, budget)
@@ -110,12 +124,14 @@ class Engine:
         Args:
             prompt_ids: token ids (a list or 1-D integer tensor), at least one.
             params: :class:`SamplingParams` (default: greedy, 64 new tokens).
-            request_id: a name (default: generated); must be new.
+            request_id: a non-empty str, not in use (default: a generated name that no
+                request of this engine holds).
 
         Returns the request id.
 
         Raises:
-            ValueError: an empty prompt, ids outside [0, vocab_size), a duplicate id, or a
+            ValueError: an empty prompt, ids outside [0, vocab_size), a request_id that is not
+                a non-empty str or is in use, or a
                 request that can never fit: prompt + max_new_tokens beyond ``max_model_len``,
                 or more blocks than the whole pool holds. Nothing is queued then, and the
                 running requests are not disturbed.
@@ -134,6 +150,9 @@ class Engine:
             raise ValueError(f"the request needs {need} blocks of {self.cache.block_tokens} "
                              f"tokens ({total} tokens) but the pool holds "
                              f"{self.cache.num_blocks}; raise num_blocks or shorten it")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise ValueError(f"request_id must be a non-empty str or None (a generated name), "
+                             f"got {request_id!r}")
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         eos = params.eos_token_id if params.eos_token_id is not None else getattr(
@@ -149,6 +168,8 @@ class Engine:
                       eos_token_id=None if eos is None or eos < 0 else eos, generator=gen)
         if request_id is not None:
             req.request_id = request_id
+        while req.request_id in self.requests:      # a generated name a caller already took
+            req.request_id = new_request_id()
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         return req.request_id
@@ -176,17 +197,27 @@ class Engine:
                 [1, vocab] on the device; the step runs as usual, a CUDA graph for decode).
                 ``"all"``: every token fed in this step gets logits, returned per request
                 (the step runs eagerly; requests in the middle of a prompt get outputs too).
+                Each position's logits are returned once, in order: the positions a preempted
+                request feeds again while it is recomputed are not returned a second time.
 
         Returns one :class:`RequestOutput` per request that sampled a token or finished (with
         ``logits="all"``: per request fed).
 
         Raises:
+            RuntimeError: the model was moved to another dtype or device after the engine
+                was built (nothing is scheduled or changed).
             EngineStepError: the model raised; the step's requests are finished with
                 ``finish_reason="error"`` and everything else continues. A KeyboardInterrupt
                 is re-raised after the same clean-up.
         """
         if logits not in (None, "sampled", "all"):
             raise ValueError(f"logits must be None, 'sampled' or 'all', got {logits!r}")
+        m = self.model
+        if m.dtype != self.cache.dtype or m.device != self.cache.device:
+            raise RuntimeError(f"the model is {m.dtype} on {m.device} but this Engine's cache "
+                               f"holds {self.cache.dtype} on {self.cache.device}: the model was "
+                               "moved after the Engine was built; move it back or build a new "
+                               "Engine (nothing was run)")
         all_logits = logits == "all"
         rows = self.scheduler.schedule()
         if not rows:
@@ -208,15 +239,19 @@ class Engine:
         it = iter(zip(toks, finite))
         for r, end, cnt in zip(rows, itertools.accumulate(counts), counts):
             out = None
+            req = r.request
+            skip = 0
+            if all_logits:      # positions a preemption made us feed again were returned already
+                skip = min(cnt, max(0, req.logits_returned - r.start))
+                req.logits_returned = max(req.logits_returned, r.start + r.n)
             if r.sample:
                 tok, ok = next(it)
-                out = self._advance(r.request, tok, bool(ok))
-            elif all_logits:
-                req = r.request
+                out = self._advance(req, tok, bool(ok))
+            elif all_logits and skip < cnt:
                 out = RequestOutput(req.request_id, [], list(req.output_ids), False)
             if out is not None:
                 if logits is not None:
-                    out.logits = out_logits[end - cnt:end].clone()
+                    out.logits = out_logits[end - cnt + skip:end].clone()
                 outputs.append(out)
         return outputs
 
@@ -262,17 +297,51 @@ class Engine:
                  params: Optional[SamplingParams | Sequence[SamplingParams]] = None
                  ) -> list[list[int]]:
         """Complete every prompt (continuously batched); returns the generated ids of each,
-        in order (EOS excluded). Raises EngineStepError if a step fails, RuntimeError if a
-        request ends with an error."""
+        in order (EOS excluded).
+
+        Args:
+            prompts: a sequence of prompts, each what :meth:`add_request` accepts (or a 2-D
+                integer tensor, one prompt per row).
+            params: one :class:`SamplingParams` for all, or one per prompt.
+
+        Raises:
+            ValueError: the engine already holds requests (their outputs would be consumed
+                here; drive them with :meth:`step` / :meth:`stream` or :meth:`abort` them),
+                ``prompts`` is not a sequence of prompts, or a prompt / params is invalid
+                (:meth:`add_request`'s errors). Nothing is queued then.
+            EngineStepError: a step failed; RuntimeError: a request ended with an error.
+            On any exception (Ctrl-C included) the requests of this call that are still
+            queued or running are aborted: the engine is left idle, as it was.
+        """
+        if self.requests or self.has_unfinished():
+            raise ValueError(f"generate() needs an idle engine: {len(self.requests)} request(s) "
+                             "already added would be run and their outputs dropped; drive them "
+                             "with step() / stream() or abort() them first")
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__") or (
+                isinstance(prompts, torch.Tensor) and prompts.dim() != 2):
+            raise ValueError(f"prompts must be a sequence of prompts (each a list or 1-D tensor "
+                             f"of token ids; or a 2-D tensor, one prompt per row), got "
+                             f"{type(prompts).__name__} {tuple(getattr(prompts, 'shape', ()))}")
         prompts = list(prompts)
+        if any(isinstance(p, int) for p in prompts):
+            raise ValueError("prompts must be a sequence of prompts (each a list or 1-D tensor "
+                             "of token ids), got a flat list of ints; wrap it: [ids]")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        final: dict[str, RequestOutput] = {}
-        for out in self.stream():
-            if out.finished:
-                final[out.request_id] = out
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+            final: dict[str, RequestOutput] = {}
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid in self.requests:
+                    self.abort(rid)
         res = []
         for rid in ids:
             out = final[rid]
@@ -280,6 +349,24 @@ class Engine:
                 raise RuntimeError(f"request {rid} failed: {out.error}")
             res.append(out.token_ids)
         return res
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory ``device`` can still give: free CUDA memory plus the blocks torch's caching
+    allocator reserved but does not use (an earlier engine's pool), or the host's MemAvailable
+    for the CPU (Linux); None when unknown (then nothing is checked)."""
+    try:
+        if device.type == "cuda":       # + what torch's caching allocator holds unused
+            return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                       - torch.cuda.memory_allocated(device))
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
 
 
 def _token_list(prompt_ids, vocab: int) -> list[int]:

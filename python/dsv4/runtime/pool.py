@@ -18,9 +18,20 @@ import torch
 
 from ..cache import LayerCache, check_count
 
-__all__ = ["BlockAllocator", "PagedCache", "PoolExhausted", "blocks_needed", "check_kv_cache"]
+__all__ = ["BlockAllocator", "PagedCache", "PoolExhausted", "blocks_needed", "check_cache_formats",
+           "check_kv_cache"]
 
 KV_CACHE_FORMATS = ("bf16", "fp8")
+
+
+def check_cache_formats(config, indexer_cache: str, kv_cache: str,
+                        device: torch.device | str) -> None:
+    """Check both storage options of the pool (``indexer_cache``: 'bf16' or 'fp8'; ``kv_cache``:
+    :func:`check_kv_cache`). Raises ValueError naming what is accepted."""
+    if indexer_cache not in ("bf16", "fp8"):
+        raise ValueError(f"indexer_cache must be 'bf16' (the model dtype) or 'fp8', got "
+                         f"{indexer_cache!r}")
+    check_kv_cache(config, kv_cache, device)
 
 
 def check_kv_cache(config, kv_cache: str, device: torch.device | str) -> None:
@@ -151,11 +162,8 @@ class PagedCache:
             raise ValueError(f"block_tokens must be a multiple of every compress ratio "
                              f"{ratios}; got {self.block_tokens}")
         self.num_blocks = check_count(num_blocks, "num_blocks", 0) if self.has_pool else 0
-        if indexer_cache not in ("bf16", "fp8"):
-            raise ValueError(f"indexer_cache must be 'bf16' (the model dtype) or 'fp8', got "
-                             f"{indexer_cache!r}")
+        check_cache_formats(config, indexer_cache, kv_cache, device)
         self.indexer_cache = indexer_cache
-        check_kv_cache(config, kv_cache, device)
         self.kv_cache = kv_cache
         self.scratch_slot = self.max_seqs
         self.device = torch.device(device)

@@ -17,6 +17,11 @@ __all__ = ["SamplingParams", "Request", "RequestOutput", "Status"]
 _ids = itertools.count()
 
 
+def new_request_id() -> str:
+    """A generated request name, ``req-N`` (N unique in this process)."""
+    return f"req-{next(_ids)}"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops.
@@ -25,10 +30,14 @@ class SamplingParams:
         max_new_tokens: tokens to generate at most (>= 1).
         temperature, top_p, top_k: :func:`dsv4.generate.sample`'s (0 = greedy; the official
             Gumbel-max sampler otherwise, architecture.md §13.1).
-        seed: seeds the request's own ``torch.Generator`` (None: nondeterministic); a request's
-            sampled tokens do not depend on the other requests of the batch.
+        seed: seeds the request's own ``torch.Generator`` (an int in [0, 2**64); None:
+            nondeterministic); a request's sampled tokens do not depend on the other requests
+            of the batch.
         eos_token_id: stop when sampled (not returned); None: the model config's; -1: never.
-        stop_token_ids: more ids that stop generation (returned, as the stop token).
+        stop_token_ids: more ids that stop generation (returned, as the stop token); a
+            sequence of ints >= 0.
+
+    Raises ValueError naming the field for a value outside these ranges.
     """
 
     max_new_tokens: int = 64
@@ -40,16 +49,24 @@ class SamplingParams:
     stop_token_ids: tuple = ()
 
     def __post_init__(self):
-        check_count(self.max_new_tokens, "max_new_tokens")
+        object.__setattr__(self, "max_new_tokens",       # numpy / 0-d tensor ints → int
+                           check_count(self.max_new_tokens, "max_new_tokens"))
         check_sampling_args(self.temperature, self.top_p, self.top_k)
         if self.seed is not None:
-            check_count(self.seed, "seed", 0)
+            seed = check_count(self.seed, "seed", 0)
+            if seed >= 2 ** 64:
+                raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator "
+                                 f"seed), got {self.seed!r}")
+            object.__setattr__(self, "seed", seed)
         if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
                                               or not isinstance(self.eos_token_id, int)):
             raise ValueError(f"eos_token_id must be an int or None, got {self.eos_token_id!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+            raise ValueError(f"stop_token_ids must be a sequence of token ids (ints >= 0), got "
+                             f"{stops!r}")
         object.__setattr__(self, "stop_token_ids",
-                           tuple(check_count(t, "stop_token_ids entries", 0)
-                                 for t in self.stop_token_ids))
+                           tuple(check_count(t, "stop_token_ids entries", 0) for t in stops))
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +90,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     eos_token_id: Optional[int]
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    request_id: str = field(default_factory=lambda: new_request_id())
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     slot: Optional[int] = None
@@ -83,6 +100,7 @@ class Request:
     error: Optional[str] = None
     generator: Optional[torch.Generator] = None
     arrival: int = field(default_factory=lambda: next(_ids))
+    logits_returned: int = 0     # positions whose logits step(logits="all") returned
 
     @property
     def token_ids(self) -> list[int]:

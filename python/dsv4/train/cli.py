@@ -122,8 +122,9 @@ def add_train_parser(sub) -> None:
     t.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default runs/dsv4-train; with --resume: that DIR)")
     t.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run saved in DIR (bit-identical on CPU with the same "
-                   "--steps and thread count)")
+                   help="continue the run saved in DIR with its saved settings (bit-identical "
+                   "on CPU with the same --steps and thread count); only --steps, --out, "
+                   "--device, --threads, --save-every and --stop-after may be given with it")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
                    "optimizer; default float32)")
@@ -162,6 +163,13 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=_cmd_train, subparser=t)
 
 
+#: Options that define a run: fixed when it starts, refused with --resume (they were ignored).
+_RUN_SETTINGS = ("config", "data", "batch", "seq_len", "lr", "optimizer", "dtype", "seed",
+                 "weight_decay", "warmup", "decay_start", "no_mtp", "balance_alpha", "bias_speed",
+                 "anticipatory", "anticipatory_delta", "grad_clip", "eval_every", "eval_windows",
+                 "val_fraction", "max_files")
+
+
 def _model_config(spec: str):
     from ..config import ModelConfig
     if spec == "tiny":
@@ -181,8 +189,27 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                      f"{args.config!r}")
     if args.resume is not None and not (Path(args.resume) / "trainer_state.pt").is_file():
         parser.error(f"argument --resume: {args.resume!r} has no trainer_state.pt")
+    if args.resume is not None:
+        for dest in _RUN_SETTINGS:
+            if getattr(args, dest) != parser.get_default(dest):
+                parser.error(f"argument --{dest.replace('_', '-')}: a resumed run keeps its own "
+                             f"settings (saved in {args.resume}); only --steps, --out, "
+                             "--device, --threads, --save-every and --stop-after apply. Start a "
+                             "new run (--out) to change it")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: expected a torch device such as cpu, cuda or cuda:1, "
+                     f"got {args.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device!r} requested but CUDA is not available "
+                     "(use --device cpu)")
+    out_dir = Path(args.out or args.resume or "runs/dsv4-train")
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"argument --out: {str(out_dir)!r} exists and is not a directory")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..checkpoint import CheckpointError
     from ..config import ConfigError
     from ..model import Model
     from ..tokenizer import load_tokenizer
@@ -196,14 +223,21 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         if args.resume:
             run_info = json.loads((Path(args.resume) / "run.json").read_text())
-            state = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu",
-                               weights_only=False)
+            lacking = [k for k in ("dtype", "data", "val_fraction", "unigram_entropy")
+                       if not isinstance(run_info, dict) or k not in run_info]
+            if lacking:
+                raise ValueError(f"{Path(args.resume) / 'run.json'} lacks {', '.join(lacking)}")
+            state = Trainer.read_state(args.resume)
             cfg_d = dict(state["config"])
             if args.steps is not None and args.steps != cfg_d["steps"]:
                 print(f"dsv4 train: --steps {args.steps} differs from the run's "
                       f"{cfg_d['steps']}: the schedules are laid out anew", file=sys.stderr)
                 cfg_d["steps"] = args.steps
-            cfg = TrainConfig(**cfg_d)
+            try:
+                cfg = TrainConfig(**cfg_d)
+            except TypeError as e:      # keys of another version / a tampered file
+                raise ValueError(f"{Path(args.resume) / 'trainer_state.pt'}: its config does "
+                                 f"not fit TrainConfig ({e})") from None
             model = Model.from_pretrained(args.resume, device=device,
                                           dtype=getattr(torch, run_info["dtype"]),
                                           progress=False)
@@ -222,7 +256,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 eval_windows=args.eval_windows)
             data = args.data
         files = collect_files(data) if data else stdlib_files()
-        if args.max_files or run_info.get("max_files"):
+        if args.max_files or run_info.get("max_files"):      # (no --max-files with --resume)
             files = files[:args.max_files or run_info["max_files"]]
         tokenizer = load_tokenizer()
         t0 = time.perf_counter()
@@ -230,11 +264,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                    if not run_info else run_info["val_fraction"],
                                    model.config.bos_token_id)
         trainer = Trainer(model, corpus, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"dsv4 train: error: {e}", file=sys.stderr)
+        if args.resume:
+            trainer.load_state(args.resume)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        what = f"cannot resume from {args.resume}: " if args.resume else ""
+        print(f"dsv4 train: error: {what}{e}", file=sys.stderr)
         return 1
-    if args.resume:
-        trainer.load_state(args.resume)
     n_body = sum(p.numel() for n, p in model.named_parameters()
                  if n not in ("embed.weight", "head.weight"))
     n_all = sum(p.numel() for p in model.parameters())

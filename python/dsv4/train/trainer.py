@@ -276,13 +276,48 @@ class Trainer:
             for m in self.history:
                 f.write(json.dumps(m) + "\n")
 
+    @staticmethod
+    def read_state(out: str | os.PathLike) -> dict:
+        """The ``trainer_state.pt`` that :meth:`save` wrote into ``out``, checked.
+
+        Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers
+        only, so a crafted file cannot run code. Raises ValueError naming the file when it is
+        missing, unreadable or lacks the keys a resume needs.
+        """
+        path = Path(out) / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [k for k in ("step", "optimizer", "routing", "config")
+                       if not isinstance(state, dict) or k not in state]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+            int(state["step"])
+        except Exception as e:      # unpickling, zip, KeyError, ...: all mean "not our file"
+            raise ValueError(f"{path} is not a trainer state written by dsv4 train "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        return state
+
     def load_state(self, out: str | os.PathLike) -> None:
-        """Restore what :meth:`save` wrote (the model weights are loaded by the caller)."""
+        """Restore what :meth:`save` wrote (the model weights are loaded by the caller).
+
+        Raises ValueError naming the file (``trainer_state.pt`` or ``metrics.jsonl``) when it
+        is unreadable or does not fit this trainer's model; the trainer is unchanged then.
+        """
         out = Path(out)
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
-        self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.routing.load_state_dict(state["routing"])
+        state = self.read_state(out)
         metrics = out / METRICS_FILE
-        self.history = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] \
-            if metrics.is_file() else []
+        try:
+            history = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] \
+                if metrics.is_file() else []
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{metrics}: unreadable metrics ({e})") from None
+        saved_opt = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.routing.load_state_dict(state["routing"])
+        except Exception as e:
+            self.optimizer.load_state_dict(saved_opt)
+            raise ValueError(f"{out / STATE_FILE} does not fit this model's optimizer / routing "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        self.step = int(state["step"])
+        self.history = history

