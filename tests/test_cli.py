@@ -350,3 +350,13 @@ def test_end_to_end_tiny_chat(capsys):
     assert int(m.group(1)) == len(want) and int(m.group(2)) <= 3
     assert not cap.out.startswith(FIB) and cap.out.endswith("\n")
     assert cli.main(argv) == 0 and capsys.readouterr().out == cap.out  # seeded: reproducible
+
+
+def test_generate_value_error_is_one_line(capsys):
+    """A ValueError from the generation loop (here an empty --stop string; on a GPU e.g. an
+    engine cache that does not fit) is a one-line error and exit status 1, not a traceback."""
+    assert cli.main(["generate", "--model", "tiny", "--prompt", FIB, "--max-new-tokens", "2",
+                     "--stop", ""]) == 1
+    err = capsys.readouterr().err
+    assert "dsv4 generate: error: stop_strings must be non-empty strings" in err
+    assert "Traceback" not in err

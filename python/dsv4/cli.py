@@ -405,6 +405,10 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         end_output()
         print("[interrupted]", file=sys.stderr)
         return 130
+    except ValueError as e:   # e.g. the engine's cache does not fit in the GPU's memory
+        end_output()
+        print(f"dsv4 generate: error: {e}", file=sys.stderr)
+        return 1
     end_output()
     from dsv4.generate import format_rates
     print(format_rates(result), file=sys.stderr, flush=True)

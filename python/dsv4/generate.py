@@ -17,6 +17,7 @@ The model contract (``dsv4.model.Model``): ``cache = model.make_cache(batch_size
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -176,25 +177,43 @@ class GenerationResult:
 
 def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
                         top_p: float, top_k: int, stop_strings: Sequence[str] | str,
-                        tokenizer: Any | None) -> tuple[list[int], list[str]]:
+                        tokenizer: Any | None, seed: int | None = None
+                        ) -> tuple[list[int], list[str]]:
     """The argument checks of :func:`generate` (and ``dsv4.runtime.generate``): returns the
     prompt as a list of ints and the stop strings as a list.
 
     Raises:
         ValueError: invalid sampling arguments, ``max_new_tokens`` not an integer >= 0, an
-            empty prompt, a negative prompt id, or ``stop_strings`` without a tokenizer.
+            empty prompt, a prompt id that is not an integer >= 0, an empty stop string,
+            ``stop_strings`` without a tokenizer, or a seed outside [0, 2**64).
     """
     check_sampling_args(temperature, top_p, top_k)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    prompt = [int(t) for t in prompt_ids]
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise ValueError(f"prompt_ids must be a 1-D integer tensor or a list of ints, got "
+                             f"{prompt_ids.dtype} {list(prompt_ids.shape)}")
+        prompt = prompt_ids.tolist()
+    else:
+        prompt = list(prompt_ids)
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise ValueError(f"prompt_ids must hold integer token ids, got {bad[0]!r}")
+        prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("prompt_ids must contain at least one token (e.g. BOS)")
     if min(prompt) < 0:
         raise ValueError(f"prompt_ids must be >= 0, got {min(prompt)}")
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if any(not isinstance(t, str) or not t for t in stops):
+        raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be None or an integer in [0, 2**64) (a torch.Generator "
+                         f"seed), got {seed!r}")
     return prompt, stops
 
 
@@ -299,7 +318,7 @@ def generate(
             negative prompt id, or ``stop_strings`` without a tokenizer.
     """
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
-                                               top_k, stop_strings, tokenizer)
+                                               top_k, stop_strings, tokenizer, seed)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 

@@ -30,8 +30,21 @@ def test_greedy_tokens_equal_the_model_loop(model, prompt):
     (dict(prompt_ids=[1], max_new_tokens=-1), "max_new_tokens"),
     (dict(prompt_ids=[1], max_new_tokens=2, top_p=0.0), "top_p"),
     (dict(prompt_ids=[1], max_new_tokens=2, stop_strings=["x"]), "tokenizer"),
+    (dict(prompt_ids=[1, 2.7], max_new_tokens=2), "integer token ids"),
+    (dict(prompt_ids=torch.tensor([1.0, 2.0]), max_new_tokens=2), "integer tensor"),
+    (dict(prompt_ids=[1], max_new_tokens=2, stop_strings=[""]), "non-empty strings"),
+    (dict(prompt_ids=[1], max_new_tokens=2, seed=2 ** 64), r"\[0, 2\*\*64\)"),
+    (dict(prompt_ids=[1], max_new_tokens=2, seed=-1), r"\[0, 2\*\*64\)"),
 ])
 def test_the_same_argument_errors(model, kwargs, match):
     for fn in (engine_generate, model_generate):
         with pytest.raises(ValueError, match=match):
             fn(model, **kwargs)
+
+
+def test_integer_containers_are_accepted(model):
+    import numpy as np
+    want = model_generate(model, [4, 8, 15], 3).token_ids
+    for ids in (torch.tensor([4, 8, 15]), np.array([4, 8, 15]), (4, 8, 15)):
+        assert engine_generate(model, ids, 3).token_ids == want
+        assert model_generate(model, ids, 3).token_ids == want

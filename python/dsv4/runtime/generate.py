@@ -36,7 +36,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature:
     ``max_new_tokens``). ``prefill_seconds`` is the time to the first token.
     """
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
-                                               top_k, stop_strings, tokenizer)
+                                               top_k, stop_strings, tokenizer, seed)
     from ..tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
