@@ -77,15 +77,15 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
         fail(f"head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got {d}")
     for name, t in (("kv", kv), ("score", score)):
         if t.dtype not in fl or t.dim() != 2 or t.shape[1] != w:
-            fail(f"{name} must be float32{f64} [tokens, {w}] (coff * head_dim, coff = "
+            fail(f"{name} must be float32 [tokens, {w}]{f64} (coff * head_dim, coff = "
                  f"{coff} for compress_ratio {m}), got {t.dtype} {tuple(t.shape)}")
     if score.shape[0] != kv.shape[0]:
         fail(f"kv and score must have the same number of tokens, got {kv.shape[0]} and "
              f"{score.shape[0]}")
     if ape.dtype not in fl or tuple(ape.shape) != (m, w):
-        fail(f"ape must be float32{f64} [{m}, {w}], got {ape.dtype} {tuple(ape.shape)}")
+        fail(f"ape must be float32 [{m}, {w}]{f64}, got {ape.dtype} {tuple(ape.shape)}")
     if norm_weight.dtype not in fl or tuple(norm_weight.shape) != (d,):
-        fail(f"norm_weight must be float32{f64} [{d}], got {norm_weight.dtype} "
+        fail(f"norm_weight must be float32 [{d}]{f64}, got {norm_weight.dtype} "
              f"{tuple(norm_weight.shape)}")
     rd = 2 * freqs.numel()
     if freqs.dtype != torch.float32 or freqs.dim() != 1 or not 2 <= rd <= d:
@@ -107,7 +107,7 @@ def _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv
         if t.dtype not in fl or t.dim() != 3 or tuple(t.shape[1:]) != (coff * m, w) or (
                 slots is None and t.shape[0] != B):
             rows = "n_slots" if slots is not None else str(B)
-            fail(f"{name} must be float32{f64} [{rows}, {coff * m}, {w}], got {t.dtype} "
+            fail(f"{name} must be float32 [{rows}, {coff * m}, {w}]{f64}, got {t.dtype} "
                  f"{tuple(t.shape)}")
     if state_score.shape[0] != state_kv.shape[0]:
         fail(f"state_kv and state_score must have the same rows, got {state_kv.shape[0]} and "
