@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .argtypes import int_at_least
+
 __all__ = ["build_parser", "format_config_summary", "main"]
 
 PRESETS = ("tiny", "flash", "pro")
@@ -32,17 +34,7 @@ TINY_NOTICE = (
 # ---------------------------------------------------------------- argument types
 
 
-def _int_at_least(lo: int):
-    """An argparse type: an integer >= ``lo``, with a message naming the accepted range."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
+_int_at_least = int_at_least
 
 
 _non_negative_int = _int_at_least(0)

@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from ..argtypes import int_at_least
+
 __all__ = ["add_bench_command", "main", "build_config", "build_model"]
 
 
@@ -50,17 +52,6 @@ def _int_list(s: str) -> list[int]:
     return out
 
 
-def _int_min(lo: int):
-    """An argparse type: an integer >= ``lo`` (named in the error)."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
 
 
 def eval_size(v: str) -> int:
@@ -110,9 +101,9 @@ def add_bench_command(sub: Any) -> None:
 def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
                    help="config preset or a checkpoint directory's config.json (default: flash)")
-    b.add_argument("--layers", type=_int_min(1), default=2, metavar="N",
+    b.add_argument("--layers", type=int_at_least(1), default=2, metavar="N",
                    help="main layers (default 2: one CSA and one HCA layer)")
-    b.add_argument("--experts", type=_int_min(0), default=64, metavar="E",
+    b.add_argument("--experts", type=int_at_least(0), default=64, metavar="E",
                    help="routed experts per layer (default 64, as the issue's case; 0 = the "
                    "config's)")
     b.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
@@ -130,8 +121,8 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="decode batch sizes (default 1,8,64)")
     b.add_argument("--context", type=_sizes, default=[4096], metavar="C,...",
                    help="decode contexts in tokens, e.g. 4096,64K,1M (default 4096)")
-    b.add_argument("--steps", type=_int_min(1), default=32, help="timed decode steps (default 32)")
-    b.add_argument("--chunk", type=_int_min(1), default=16384,
+    b.add_argument("--steps", type=int_at_least(1), default=32, help="timed decode steps (default 32)")
+    b.add_argument("--chunk", type=int_at_least(1), default=16384,
                    help="max tokens per engine step (prefill chunks; default 16384)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     b.add_argument("--compare", choices=("hf",), default=None,
@@ -143,7 +134,7 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
-    b.add_argument("--seed", type=_int_min(0), default=0)
+    b.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 # ------------------------------------------------------------------ model

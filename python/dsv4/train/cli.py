@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..argtypes import int_at_least
+
 __all__ = ["add_train_parser", "small_config", "CONFIGS"]
 
 CONFIGS = ("tiny", "small")
@@ -62,16 +64,6 @@ def _float_nonneg(s: str) -> float:
     return v
 
 
-def _int_min(lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
 
 
 def _ranges(s: str):
@@ -107,12 +99,12 @@ def add_train_parser(sub) -> None:
     t.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="files and directories (directories give their *.py files); default: "
                    "the standard library of this Python")
-    t.add_argument("--steps", type=_int_min(1), default=None, metavar="N",
+    t.add_argument("--steps", type=int_at_least(1), default=None, metavar="N",
                    help="optimizer steps of the whole run (the schedules span them); required "
                    "unless --resume")
-    t.add_argument("--batch", type=_int_min(1), default=8, metavar="B",
+    t.add_argument("--batch", type=int_at_least(1), default=8, metavar="B",
                    help="sequences per step (default 8)")
-    t.add_argument("--seq-len", type=_int_min(1), default=128, metavar="S",
+    t.add_argument("--seq-len", type=int_at_least(1), default=128, metavar="S",
                    help="tokens per sequence (default 128)")
     t.add_argument("--lr", type=_float_pos, default=2e-3, metavar="LR",
                    help="peak learning rate of all groups (default 2e-3)")
@@ -129,11 +121,11 @@ def add_train_parser(sub) -> None:
                    help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
                    "optimizer; default float32)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    t.add_argument("--threads", type=_int_min(1), default=None, metavar="N",
+    t.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                    help="torch CPU threads (use 1 on a shared machine)")
-    t.add_argument("--seed", type=_int_min(0), default=0, help="model init and data order")
+    t.add_argument("--seed", type=int_at_least(0), default=0, help="model init and data order")
     t.add_argument("--weight-decay", type=_float_nonneg, default=0.1)
-    t.add_argument("--warmup", type=_int_min(0), default=None, metavar="N",
+    t.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                    help="warm-up steps (default 5%% of --steps)")
     t.add_argument("--decay-start", type=_float_nonneg, default=0.8, metavar="F",
                    help="fraction of the run after which the cosine decay and the MTP weight "
@@ -145,20 +137,20 @@ def add_train_parser(sub) -> None:
                    help="γ of the loss-free bias update (default 1e-3)")
     t.add_argument("--anticipatory", type=_ranges, default=None, metavar="all|A:B,...",
                    help="anticipatory routing: on for the whole run or in step ranges [A, B)")
-    t.add_argument("--anticipatory-delta", type=_int_min(0), default=1, metavar="DT",
+    t.add_argument("--anticipatory-delta", type=int_at_least(0), default=1, metavar="DT",
                    help="Δt of anticipatory routing in steps (default 1)")
     t.add_argument("--grad-clip", type=_float_nonneg, default=1.0,
                    help="global gradient-norm clip, 0 = off (default 1.0)")
-    t.add_argument("--eval-every", type=_int_min(1), default=100, metavar="N")
-    t.add_argument("--eval-windows", type=_int_min(1), default=32, metavar="N",
+    t.add_argument("--eval-every", type=int_at_least(1), default=100, metavar="N")
+    t.add_argument("--eval-windows", type=int_at_least(1), default=32, metavar="N",
                    help="validation windows of seq-len + 2 tokens (default 32)")
-    t.add_argument("--save-every", type=_int_min(1), default=None, metavar="N",
+    t.add_argument("--save-every", type=int_at_least(1), default=None, metavar="N",
                    help="also checkpoint every N steps (default: at the end)")
-    t.add_argument("--stop-after", type=_int_min(1), default=None, metavar="K",
+    t.add_argument("--stop-after", type=int_at_least(1), default=None, metavar="K",
                    help="save and exit after K steps of this invocation (resume later)")
     t.add_argument("--val-fraction", type=_float_pos, default=0.02,
                    help="share of files held out for validation (default 0.02)")
-    t.add_argument("--max-files", type=_int_min(2), default=None, metavar="N",
+    t.add_argument("--max-files", type=int_at_least(2), default=None, metavar="N",
                    help="use only the first N files (quick runs)")
     t.set_defaults(func=_cmd_train, subparser=t)
 
