@@ -12,6 +12,9 @@ RuntimeError ("out of step") or a deadlock (the harness times out).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import warnings
 
 import pytest
@@ -25,7 +28,7 @@ from dsv4.runtime import Engine, SamplingParams
 from dsv4.runtime import generate as runtime_generate
 from dsv4.runtime.engine import EP_GRAPHS_OFF
 
-from _ep_harness import run_ranks
+from _ep_harness import free_port, run_ranks
 
 CFG = ModelConfig.tiny(vocab_size=512)
 SEED = 11
@@ -164,6 +167,44 @@ def _failing_rank(rank, world, ref):
 
 def test_a_failing_rank_keeps_serving_the_others(reference):
     run_ranks(2, _failing_rank, reference)
+
+
+# ---------------------------------------------------------------------- the command line
+ARGV = ["generate", "--model", "tiny", "--prompt", "def fibonacci(n):", "--max-new-tokens", "3",
+        "--device", "cpu"]
+
+
+def _cli_rank(rank, world, port, out_dir):
+    """``torchrun ... dsv4 generate`` with the GPU's loop (``dsv4.runtime.generate``, which the
+    command runs on CUDA) swapped in for the CPU's reference loop, as torchrun would start it."""
+    import dsv4.generate
+    from dsv4 import cli
+    from dsv4.runtime.generate import generate as engine_loop
+    calls = []
+
+    def loop(model, prompt_ids, max_new_tokens, **kw):
+        calls.append((is_expert_parallel(model), max_new_tokens))
+        return engine_loop(model, prompt_ids, max_new_tokens, **kw)
+
+    dsv4.generate.generate = loop                 # this forked rank only
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(ARGV)
+    assert rc == 0, err.getvalue()
+    assert calls == [(True, 3 if rank == 0 else 0)]     # rank 0 generates, rank 1 serves
+    with open(os.path.join(out_dir, f"rank{rank}.out"), "w") as f:
+        f.write(out.getvalue())
+
+
+def test_cli_generate_across_two_processes_on_the_engine(tmp_path, capsys):
+    from dsv4 import cli
+    assert cli.main(ARGV) == 0          # single process, the reference loop
+    single = capsys.readouterr().out
+    run_ranks(2, _cli_rank, free_port(), str(tmp_path), init=False)
+    assert (tmp_path / "rank0.out").read_text() == single
+    assert (tmp_path / "rank1.out").read_text() == ""
 
 
 def test_single_process_engine_is_not_expert_parallel():
