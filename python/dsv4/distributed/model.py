@@ -142,8 +142,9 @@ def is_expert_parallel(model: nn.Module) -> bool:
     """Whether ``model`` has expert-parallel MoE layers (made by :func:`expert_parallel` or
     :func:`~dsv4.distributed.loading.from_pretrained`): its forward is then a collective, and a
     driver must keep every rank in step (:func:`serve_step`, :func:`serve`). Walks the
-    modules; a driver that asks per step should ask once and keep the answer."""
-    return group_of(model) is not None
+    modules; a driver that asks per step should ask once and keep the answer. False for
+    anything that is not an ``nn.Module``."""
+    return isinstance(model, nn.Module) and group_of(model) is not None
 
 
 def then_serve(model: nn.Module, fn, *args, **kwargs):
