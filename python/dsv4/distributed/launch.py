@@ -11,7 +11,9 @@ How a command runs (``cli.main`` hands it here when ``WORLD_SIZE > 1``):
   rank's experts, a checkpoint directory is read with :func:`dsv4.distributed.from_pretrained`
   (this rank's experts only);
 * ``generate``: rank 0 generates the prompt and prints; the other ranks load the model,
-  generate nothing (``max_new_tokens`` 0) and serve rank 0's MoE exchanges;
+  generate nothing (``max_new_tokens`` 0) and serve rank 0's MoE exchanges (on CUDA the loop is
+  ``dsv4.runtime.generate``, whose engine runs eagerly on an expert-parallel model and serves
+  until every rank is done; on the CPU the reference loop);
 * ``bench`` (the runtime's command, when present) and any other command listed in
   :data:`COMMANDS`: every rank runs it on its own data (data-parallel), rank 0 prints;
 * at the end every rank calls :func:`dsv4.distributed.serve` until all ranks are done, so a

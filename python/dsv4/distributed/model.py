@@ -17,7 +17,7 @@ from .group import ExpertParallelGroup
 from .moe import ExpertParallelMoE, moe_layers, serve_once
 
 __all__ = ["expert_parallel", "convert_moe_layers", "serve", "serve_step", "check_same_model",
-           "group_of"]
+           "group_of", "is_expert_parallel", "then_serve"]
 
 
 def _blocks(model: nn.Module):
@@ -136,3 +136,38 @@ def group_of(model: nn.Module) -> Optional[ExpertParallelGroup]:
         if isinstance(m, ExpertParallelMoE):
             return m.group
     return None
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` has expert-parallel MoE layers (made by :func:`expert_parallel` or
+    :func:`~dsv4.distributed.loading.from_pretrained`): its forward is then a collective, and a
+    driver must keep every rank in step (:func:`serve_step`, :func:`serve`). Walks the
+    modules; a driver that asks per step should ask once and keep the answer. False for
+    anything that is not an ``nn.Module``."""
+    return isinstance(model, nn.Module) and group_of(model) is not None
+
+
+def then_serve(model: nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, then :func:`serve` until every rank is done, for a driver that
+    runs its own work on an expert-parallel ``model`` and may finish before the other ranks
+    (``dsv4.runtime.Engine.generate``, ``dsv4.runtime.generate``). Returns ``fn``'s result.
+
+    When ``fn`` raises an Exception, this rank still serves (so that the others' steps, and a
+    step this rank left half-way before its next exchange, complete) and then re-raises it; an
+    error of that serve is attached to it as a note. A KeyboardInterrupt or SystemExit is
+    re-raised at once (the job is being stopped). Collective: every rank calls :func:`serve`
+    the same number of times, so every rank must call this (or :func:`serve`) once per call.
+    """
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:
+        try:
+            with torch.no_grad():
+                serve(model)
+        except Exception as e2:
+            e.add_note(f"dsv4.distributed: serving the other ranks after this error failed "
+                       f"too ({type(e2).__name__}: {e2})")
+        raise
+    with torch.no_grad():
+        serve(model)
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -30,6 +31,10 @@ from .sampler import sample_rows
 from .scheduler import Scheduler
 
 __all__ = ["Engine", "EngineStepError", "default_block_tokens"]
+
+#: Why an expert-parallel engine runs decode eagerly (``runner.graph_off_reason``).
+EP_GRAPHS_OFF = ("decode runs eagerly: the model is expert-parallel, and its MoE exchange reads "
+                 "the all-to-all split sizes on the host, which a CUDA graph cannot capture")
 
 
 class EngineStepError(RuntimeError):
@@ -68,6 +73,16 @@ class Engine:
             path; exact for a bf16 model with quant_sim, see
             :func:`~dsv4.runtime.pool.check_kv_cache`).
 
+    Expert parallelism (a model made by ``dsv4.distributed.expert_parallel`` /
+    ``from_pretrained``; :func:`dsv4.distributed.is_expert_parallel`): each rank builds its own
+    engine over its own requests, and the engine keeps the ranks in step: CUDA graphs are off
+    (``runner.graph_off_reason`` says why; an explicit ``cuda_graphs=True`` warns once), a
+    :meth:`step` with nothing to run serves the other ranks' MoE exchanges for one step
+    (``dsv4.distributed.serve_step``) instead of returning at once, and :meth:`generate`
+    serves the others until every rank is done (``dsv4.distributed.serve``). A caller driving
+    :meth:`step` itself calls it on every rank, the same number of times (an idle rank's step
+    serves), and ``dsv4.distributed.serve(model)`` on every rank at the end.
+
     Raises ValueError for arguments outside their range, and (before allocating anything) when
     the cache would not fit in the device's available memory.
     """
@@ -77,9 +92,11 @@ class Engine:
                  max_num_batched_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
                  head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16",
                  kv_cache: str = "bf16"):
+        from ..distributed.model import is_expert_parallel
         from ..model import Model
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dsv4.Model, got {type(model).__name__}")
+        self._ep = is_expert_parallel(model)   # its forward is a collective over the ranks
         c = model.config
         self.model = model
         self.config = c
@@ -111,8 +128,15 @@ class Engine:
                                 indexer_cache, kv_cache)
         self.scheduler = Scheduler(self.cache, budget)
         graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if self._ep:        # capture would also run the model on this rank alone (a deadlock)
+            if cuda_graphs:
+                warnings.warn(f"dsv4.runtime: cuda_graphs=True ignored: {EP_GRAPHS_OFF}",
+                              RuntimeWarning, stacklevel=2)
+            graphs = False
         self.runner = ModelRunner(model, self.cache, self.max_model_len, head_dtype, graphs,
                                   self.max_batch)
+        if self._ep:
+            self.runner.graph_off_reason = EP_GRAPHS_OFF
         self.requests: dict[str, Request] = {}
 
     # ------------------------------------------------------------------ requests
@@ -201,7 +225,8 @@ class Engine:
                 request feeds again while it is recomputed are not returned a second time.
 
         Returns one :class:`RequestOutput` per request that sampled a token or finished (with
-        ``logits="all"``: per request fed).
+        ``logits="all"``: per request fed). On an expert-parallel model a step with nothing to
+        run serves the other ranks' exchanges of their step (``dsv4.distributed.serve_step``).
 
         Raises:
             RuntimeError: the model was moved to another dtype or device after the engine
@@ -221,6 +246,9 @@ class Engine:
         all_logits = logits == "all"
         rows = self.scheduler.schedule()
         if not rows:
+            if self._ep:    # the other ranks' MoE layers exchange with this rank in their step
+                from ..distributed.model import serve_step
+                serve_step(m)
             return []
         try:
             out_logits, counts, drawn = self._launch(rows, all_logits)
@@ -299,6 +327,10 @@ class Engine:
         """Complete every prompt (continuously batched); returns the generated ids of each,
         in order (EOS excluded).
 
+        On an expert-parallel model every rank calls it (each with its own prompts, none
+        included); a rank that is done serves the others until every rank is done
+        (``dsv4.distributed.then_serve``), also when it raises.
+
         Args:
             prompts: a sequence of prompts, each what :meth:`add_request` accepts (or a 2-D
                 integer tensor, one prompt per row).
@@ -313,6 +345,12 @@ class Engine:
             On any exception (Ctrl-C included) the requests of this call that are still
             queued or running are aborted: the engine is left idle, as it was.
         """
+        if self._ep:
+            from ..distributed.model import then_serve
+            return then_serve(self.model, self._generate, prompts, params)
+        return self._generate(prompts, params)
+
+    def _generate(self, prompts, params) -> list[list[int]]:
         if self.requests or self.has_unfinished():
             raise ValueError(f"generate() needs an idle engine: {len(self.requests)} request(s) "
                              "already added would be run and their outputs dropped; drive them "

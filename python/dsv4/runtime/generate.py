@@ -34,7 +34,22 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature:
     are those of :func:`dsv4.generate.generate`; ``engine_args`` go to
     :class:`~dsv4.runtime.Engine` (default: one slot, ``max_model_len`` = prompt +
     ``max_new_tokens``). ``prefill_seconds`` is the time to the first token.
+
+    Expert parallelism (``dsv4.distributed``): every rank calls it, each with its own prompt
+    (``max_new_tokens=0`` on a rank with nothing to generate, as ``torchrun ... dsv4 generate``
+    does on ranks other than 0); a rank that is done serves the others' MoE exchanges until
+    every rank is done, also when it stops early (EOS, a stop string) or raises.
     """
+    from ..distributed.model import is_expert_parallel, then_serve
+    args = (model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
+            stop_strings, on_token, tokenizer)
+    if is_expert_parallel(model):
+        return then_serve(model, _generate, *args, **engine_args)
+    return _generate(*args, **engine_args)
+
+
+def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
+              stop_strings, on_token, tokenizer, **engine_args) -> GenerationResult:
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
     from ..tokenizer import StreamDecoder
