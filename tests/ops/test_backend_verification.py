@@ -70,3 +70,19 @@ def test_environment_variable(value, expected):
 
 def test_info_names_the_verified_kernels():
     assert "verified on the H200" in dsv4.ops._ext.format_info()
+
+
+def test_expert_gemm_kernels_are_gated_too(monkeypatch):
+    """moe_up / moe_down are chosen inside the MoE layer's kernel path (not through
+    use_kernels' op list): unverified, the layer takes the torch._grouped_mm fallback."""
+    from dsv4.layers import moe
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: True)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    assert moe._grouped_kernels_available() is False
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_up": "H200", "moe_down": "H200"})
+    assert moe._grouped_kernels_available() is True
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_up": "H200"})
+    assert moe._grouped_kernels_available() is False
+    monkeypatch.setattr(backend, "_allow_unverified", True)
+    assert moe._grouped_kernels_available() is True

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.backend import get_backend, use_kernels
+from ..ops.backend import get_backend, may_call, use_kernels
 from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_combine_reference,
                        moe_dispatch_reference, moe_gate_reference)
 from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
@@ -333,7 +333,7 @@ class MoE(nn.Module):
             return None
         if stack.fmt is not None:
             return (f"native {stack.fmt} experts need the moe_up / moe_down kernels (not in this "
-                    "build)")
+                    "build, or not yet verified on the H200: see dsv4.allow_unverified_kernels)")
         if stack.w_up.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
             return "the expert GEMM fallback needs bfloat16 experts and torch._grouped_mm"
         if self.dim % 8 or stack.w_up.shape[2] % 8:
@@ -421,9 +421,13 @@ class MoE(nn.Module):
 
 
 def _grouped_kernels_available() -> bool:
-    """Whether ``moe_up`` / ``moe_down`` (contracts.md §B) have compiled CUDA kernels."""
+    """Whether ``moe_up`` / ``moe_down`` (contracts.md §B) have compiled CUDA kernels that the
+    model may call (hardware-verified, or unverified kernels allowed: ``dsv4.ops.backend``)."""
+    ops = ("moe_up", "moe_down")
+    if not may_call(ops):
+        return False
     try:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA")
-                   for op in ("moe_up", "moe_down"))
+                   for op in ops)
     except Exception:
         return False

@@ -35,7 +35,8 @@ import warnings
 import torch
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "HARDWARE_VERIFIED", "set_backend", "get_backend",
-           "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed"]
+           "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed",
+           "may_call"]
 
 BACKENDS = ("cuda", "reference")
 DEFAULT_BACKEND = "cuda"
@@ -83,6 +84,13 @@ def allow_unverified_kernels(flag: bool = True) -> None:
 def unverified_allowed() -> bool:
     """Whether the model may call CUDA kernels not (yet) verified on the H200."""
     return _allow_unverified
+
+
+def may_call(ops: tuple[str, ...]) -> bool:
+    """Whether the model may call the CUDA kernels of ``ops``: each is in
+    :data:`HARDWARE_VERIFIED`, or unverified kernels are allowed (compilation is not checked
+    here; :func:`use_kernels` checks everything and says why not)."""
+    return _allow_unverified or all(op in HARDWARE_VERIFIED for op in ops)
 
 
 def set_backend(name: str) -> None:
@@ -165,7 +173,7 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
         if missing:
             reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
                       "those layers run the pure-PyTorch reference")
-        elif unverified and not _allow_unverified:
+        elif unverified and not may_call(ops):
             reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
                       "H200 test suite at this version; those layers run the pure-PyTorch "
                       f"reference (set {_UNVERIFIED_ENV}=1 or call "
