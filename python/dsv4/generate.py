@@ -217,6 +217,20 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
     return prompt, stops
 
 
+def _final_text(decoder, stops, finish: str, on_token) -> str | None:
+    """The generated text once generation ended (None without a tokenizer): the decoder's held
+    bytes unless a stop string ended it, the stop-string filter's held-back tail passed to
+    ``on_token(-1, tail)``, the text cut at the stop string."""
+    if decoder is None:
+        return None
+    if finish != "stop":
+        stops.push(decoder.flush())
+    tail = stops.finish()
+    if tail and on_token is not None:
+        on_token(-1, tail)
+    return stops.text if stops.stop_at is None else stops.text[: stops.stop_at]
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -368,14 +382,7 @@ def generate(
     _synchronize(device)
     seconds = time.perf_counter() - t0
 
-    text = None
-    if decoder is not None:
-        if finish != "stop":
-            stops.push(decoder.flush())
-        tail = stops.finish()
-        if tail and on_token is not None:
-            on_token(-1, tail)
-        text = stops.text if stops.stop_at is None else stops.text[: stops.stop_at]
+    text = _final_text(decoder, stops, finish, on_token)
     return GenerationResult(
         token_ids=token_ids,
         text=text,

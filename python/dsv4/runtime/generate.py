@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..generate import GenerationResult, _StopStringFilter, check_generate_args
+from ..generate import GenerationResult, _final_text, _StopStringFilter, check_generate_args
 from .engine import Engine
 from .request import SamplingParams
 
@@ -96,14 +96,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
                 engine.abort(rid)
     sync()
     seconds = time.perf_counter() - t0
-    text = None
-    if decoder is not None:
-        if finish != "stop":
-            stops.push(decoder.flush())
-        tail = stops.finish()
-        if tail and on_token is not None:
-            on_token(-1, tail)
-        text = stops.text if stops.stop_at is None else stops.text[:stops.stop_at]
+    text = _final_text(decoder, stops, finish, on_token)
     return GenerationResult(token_ids=token_ids, text=text, prompt_tokens=len(prompt),
                             new_tokens=new_tokens, seconds=seconds,
                             tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
