@@ -302,13 +302,18 @@ class Cache:
             In both cases nothing is changed.
         """
         rows = self._rows_arg(rows)
+        if not rows:
+            return
+        # The rows stay marked unusable until every layer is cleared: a reset interrupted
+        # between layers (Ctrl-C) leaves them refused with a clear error, not half-reset.
+        for r in rows:
+            self.broken[r] = "cache.reset did not finish"
+        for lc in self.layers:
+            lc.reset_rows(rows)
         for r in rows:
             self.lengths[r] = 0
             self.mtp_lengths[r] = 0
             self.broken.pop(r, None)
-        if rows:
-            for lc in self.layers:
-                lc.reset_rows(rows)
 
     def check_usable(self, rows: list[int]) -> None:
         """Raise :class:`CacheRowError` if any of ``rows`` was left unusable by a failed call."""

@@ -71,6 +71,32 @@ def test_reset_validates_every_row_before_changing_any(model, ids):
     assert cache.lengths == [9, 0]
 
 
+def test_an_interrupted_reset_leaves_the_rows_refused_not_half_reset(model, ids, monkeypatch):
+    """Ctrl-C between two layers of cache.reset: the rows are refused (CacheRowError) until a
+    reset finishes, and then give the logits of a fresh cache."""
+    cache = model.make_cache(2)
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache)
+        layer = cache.layers[2]
+        real = layer.reset_rows
+
+        def interrupted(rows):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(layer, "reset_rows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cache.reset([1])
+        with pytest.raises(CacheRowError, match="reset did not finish"):
+            model(ids[:, 9:14], cache=cache, seq_lens=torch.tensor([0, 5]))
+        monkeypatch.setattr(layer, "reset_rows", real)
+        cache.reset([1])
+        fresh = model.make_cache(2)
+        feed = ids[:, 9:14].clone()
+        got = model(feed, cache=cache, seq_lens=torch.tensor([0, 5]))[1]
+        want = model(feed, cache=fresh, seq_lens=torch.tensor([0, 5]))[1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [[None, 3], [float("nan"), 3], [math.inf, 3], [1.5, 3],
                                  [True, 3], torch.tensor([[3, 3]]), torch.tensor([3.0, 3.0]),
                                  "33", 3, [3], [3, 30], [-1, 3]])
