@@ -263,12 +263,18 @@ def _checkpoint_layout(path: str) -> tuple[list[str], Optional[dict[str, str]]]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} is not a safetensors index: expected a JSON object "
                                   "with a 'weight_map' object {tensor name: shard file}")
+        # Each shard file is resolved and checked once (an index names ~10^5 tensors but tens
+        # of files); an error names the first entry that lists the file.
+        shard_of: dict[str, str] = {}
         resolved: dict[str, str] = {}
         for name, file in weight_map.items():
-            resolved[name] = confined_path(
-                path, file, f"{index}: weight_map entry {name!r} -> {file!r}", CheckpointError)
-        shards = sorted(set(resolved.values()))
-        missing = sorted({f for n, f in weight_map.items() if not os.path.isfile(resolved[n])})
+            if not isinstance(file, str) or file not in shard_of:
+                shard_of[file] = confined_path(
+                    path, file, f"{index}: weight_map entry {name!r} -> {file!r}",
+                    CheckpointError)
+            resolved[name] = shard_of[file]
+        shards = sorted(set(shard_of.values()))
+        missing = sorted(f for f, p in shard_of.items() if not os.path.isfile(p))
         if missing:
             raise CheckpointError(f"{index} lists shards that do not exist in {path}: "
                                   + ", ".join(missing))

@@ -274,8 +274,12 @@ def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
         wm = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(wm, dict):
             raise ConvertError(f"{index} is not a safetensors index with a weight_map object")
-        files = sorted({confined_path(path, f, f"{index}: weight_map entry {n!r} -> {f!r}",
-                                      ConvertError) for n, f in wm.items()})
+        first = {}                       # each file resolved once, named by its first entry
+        for n, f in wm.items():
+            if not isinstance(f, str) or f not in first:
+                first[f] = confined_path(path, f, f"{index}: weight_map entry {n!r} -> {f!r}",
+                                         ConvertError)
+        files = sorted(set(first.values()))
     else:
         files = sorted(confined_path(path, f, f, ConvertError) for f in os.listdir(path)
                        if f.endswith(".safetensors") and f != "golden.safetensors"

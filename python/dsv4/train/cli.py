@@ -257,7 +257,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                    model.config.bos_token_id)
         trainer = Trainer(model, corpus, cfg)
         if args.resume:
-            trainer.load_state(args.resume)
+            trainer.load_state(args.resume, state)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         what = f"cannot resume from {args.resume}: " if args.resume else ""
         print(f"dsv4 train: error: {what}{e}", file=sys.stderr)

@@ -297,14 +297,18 @@ class Trainer:
                              f"({type(e).__name__}: {str(e)[:200]})") from None
         return state
 
-    def load_state(self, out: str | os.PathLike) -> None:
+    def load_state(self, out: str | os.PathLike, state: Optional[dict] = None) -> None:
         """Restore what :meth:`save` wrote (the model weights are loaded by the caller).
+
+        ``state``: what :meth:`read_state` already returned for ``out`` (then the file is not
+        read again; it holds the optimizer state, several times the model's size).
 
         Raises ValueError naming the file (``trainer_state.pt`` or ``metrics.jsonl``) when it
         is unreadable or does not fit this trainer's model; the trainer is unchanged then.
         """
         out = Path(out)
-        state = self.read_state(out)
+        if state is None:
+            state = self.read_state(out)
         metrics = out / METRICS_FILE
         try:
             history = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] \
