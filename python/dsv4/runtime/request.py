@@ -79,7 +79,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)     # a request is itself: list membership / removal by identity
 class Request:
     """One sequence in the runtime (host-side bookkeeping).
 
@@ -105,6 +105,14 @@ class Request:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """``token_ids[start:start + n]`` without joining prompt and output (a decode step
+        reads one token of a possibly 1M-token context)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        return self.prompt_ids[start:start + n] + self.output_ids[:max(0, start + n - p)]
 
     @property
     def num_tokens(self) -> int:

@@ -89,7 +89,7 @@ class ModelRunner:
             lens.append(r.n)
             slots.append(req.slot)
             tables.append(req.block_table)
-            ids.extend(req.token_ids[r.start:r.start + r.n])
+            ids.extend(req.token_slice(r.start, r.n))
             if all_logits:
                 index.extend(range(t, t + r.n))
             elif r.sample:
