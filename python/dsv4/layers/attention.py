@@ -319,21 +319,14 @@ def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: 
         return ring
     D = kv_cache.MODEL1_HEAD_DIM
     scope = kv_cache.allocate(kv_cache.MODEL1, B + -(-T // W), W, D, kv_raw.device)
-    _pool_blocks(scope)[:B] = _pool_blocks(ring).index_select(0, batch.slots.long())
+    blocks = kv_cache.block_view(ring).index_select(0, batch.slots.long())
+    kv_cache.block_view(scope)[:B] = blocks     # whole blocks: values and scales
     end = (batch.starts + batch.lens).long()[batch.rows.long()]
     last = torch.where(pos >= end - W, ring_rows, -1).to(torch.int32)
     new_rows = torch.arange(B * W, B * W + T, dtype=torch.int32, device=kv_raw.device)
     _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, scope, new_rows, ring,
                        last)
     return scope
-
-
-def _pool_blocks(pool: torch.Tensor) -> torch.Tensor:
-    """The whole padded blocks of an FP8 pool made by :func:`dsv4.ops.kv_cache.allocate`
-    (uint8 [num_blocks, block_size, entry_bytes] with block stride ``stride(0)``) as a byte
-    view [num_blocks, stride(0)] (whole-block copies keep every part of the layout)."""
-    nb = pool.shape[0]
-    return pool.as_strided((nb, pool.stride(0)), (pool.stride(0), 1), pool.storage_offset())
 
 
 def _physical(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor,

@@ -34,15 +34,19 @@ _NAMESPACE = "dsv4"
 _IMPORT_ERROR: str | None = None
 
 
+def _build_config() -> Any:
+    try:
+        return importlib.import_module("dsv4._build_config")
+    except ImportError:
+        return None
+
+
 def _skipped_build() -> str | None:
     """Why ``dsv4._C`` must not be loaded, or None: the build record says this install was
     built without CUDA (``DSV4_SKIP_CUDA_BUILD=1``), so a ``_C`` beside it is left from an
     earlier build of the same source tree (setup.py never deletes it)."""
-    try:
-        build = importlib.import_module("dsv4._build_config")
-    except ImportError:
-        return None
-    if getattr(build, "CUDA_BUILD", True):
+    build = _build_config()
+    if build is None or getattr(build, "CUDA_BUILD", True):
         return None
     return ("not loaded: this install was built with DSV4_SKIP_CUDA_BUILD=1 (dsv4/_build_config.py "
             "says CUDA_BUILD = False); a dsv4._C beside it is left from an earlier build. "
@@ -119,13 +123,6 @@ def register_op(name: str, schema: str, reference: Callable, fake: Callable) -> 
 # ---------------------------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------------------------
-def _build_config() -> Any:
-    try:
-        return importlib.import_module("dsv4._build_config")
-    except ImportError:
-        return None
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version

@@ -169,11 +169,11 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
                   "CUDA runs the pure-PyTorch reference")
     else:
         missing = [op for op in ops if not _kernel_available(op)]
-        unverified = [op for op in ops if op not in HARDWARE_VERIFIED]
         if missing:
             reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
                       "those layers run the pure-PyTorch reference")
-        elif unverified and not may_call(ops):
+        elif not may_call(ops):
+            unverified = [op for op in ops if op not in HARDWARE_VERIFIED]
             reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
                       "H200 test suite at this version; those layers run the pure-PyTorch "
                       f"reference (set {_UNVERIFIED_ENV}=1 or call "

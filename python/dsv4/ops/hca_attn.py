@@ -29,7 +29,7 @@ import math
 import torch
 
 from ._ext import register_op
-from .attention import sparse_attn_reference
+from .attention import _flat_keys, sparse_attn_reference
 
 __all__ = ["hca_attn", "hca_attn_reference", "hca_entry_counts", "dense_block_table"]
 
@@ -122,8 +122,10 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     row_ok = (rows >= 0) & (rows < R)
     lengths = torch.where(row_ok, lengths, 0)
     table = extra_block_table.to(dev).long()
-    flat_extra = extra_kv.reshape(nb * bs, *extra_kv.shape[2:]) if extra_kv.dtype != torch.uint8 \
-        else extra_kv
+    # FP8 pools are dequantised once here, not again for every chunk of queries below.
+    kv = _flat_keys(kv, q.shape[-1], q.dtype)
+    flat_extra = _flat_keys(extra_kv, q.shape[-1], q.dtype) if extra_kv.dtype == torch.uint8 \
+        else extra_kv.reshape(nb * bs, *extra_kv.shape[2:])
     outs, lses = [], []
     L_all = int(lengths.max()) if T else 0
     step = max(1, _CHUNK_ELEMS // max(1, L_all))

@@ -37,7 +37,7 @@ __all__ = [
     "MODEL1", "INDEXER", "MODEL1_ENTRY_BYTES", "MODEL1_NOPE_DIM", "MODEL1_ROPE_DIM",
     "MODEL1_HEAD_DIM", "indexer_entry_bytes", "entry_bytes", "block_bytes", "pool_shape",
     "allocate", "cache_format", "pack", "unpack", "write_entries", "read_entries",
-    "read_pool", "bytes_per_entry",
+    "read_pool", "bytes_per_entry", "block_view",
 ]
 
 MODEL1 = "fp8_model1"
@@ -183,8 +183,10 @@ def unpack(fmt: str, b: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> to
 # ---------------------------------------------------------------------------------------------
 # The block layout
 # ---------------------------------------------------------------------------------------------
-def _block_bytes_view(pool: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size * entry_bytes] byte view of each block's used bytes."""
+def block_view(pool: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size * entry_bytes] byte view of each block's used bytes (values and
+    scales; whole-block copies through it keep every part of the layout). Raises ValueError
+    for a pool without the layout of :func:`allocate`."""
     nb, bs, eb = pool.shape
     if (bs > 1 and pool.stride(1) != eb) or (eb > 1 and pool.stride(2) != 1):
         raise ValueError(f"kv_cache: a pool must have row stride {eb} and unit last stride, got "
@@ -214,7 +216,7 @@ def write_entries(pool: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tenso
     if fmt is None:
         raise ValueError("kv_cache.write_entries: pool is not an FP8 (uint8) cache")
     packed = pack(fmt, x)
-    blocks = _block_bytes_view(pool)
+    blocks = block_view(pool)
     vals, scales, vb = _part_views(fmt, blocks, bs, eb)
     bi, ri = block_ids.long(), rows.long()
     vals[bi, ri] = packed[:, :vb]
@@ -226,7 +228,7 @@ def read_entries(pool: torch.Tensor, block_ids: torch.Tensor, rows: torch.Tensor
     """Dequantised entries [n, head_dim] at (block_ids[i], rows[i]) of an FP8 ``pool``."""
     nb, bs, eb = pool.shape
     fmt = cache_format(pool, head_dim)
-    blocks = _block_bytes_view(pool)
+    blocks = block_view(pool)
     vals, scales, _ = _part_views(fmt, blocks, bs, eb)
     bi, ri = block_ids.long(), rows.long()
     return unpack(fmt, torch.cat([vals[bi, ri], scales[bi, ri]], -1), dtype)
@@ -240,6 +242,6 @@ def read_pool(pool: torch.Tensor, head_dim: int,
         return pool.to(dtype)
     nb, bs, _ = pool.shape
     fmt = cache_format(pool, head_dim)
-    blocks = _block_bytes_view(pool)
+    blocks = block_view(pool)
     vals, scales, _ = _part_views(fmt, blocks, bs, pool.shape[2])
     return unpack(fmt, torch.cat([vals, scales], -1), dtype)

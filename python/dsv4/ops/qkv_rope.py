@@ -24,14 +24,14 @@ from ..layers.rope import apply_rope
 from . import kv_cache
 from ._ext import register_op
 from .norm import rms_norm_reference
+from .compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
 
 __all__ = ["q_norm_rope", "kv_norm_rope", "q_norm_rope_reference", "kv_norm_rope_reference",
            "QUANT_NONE", "QUANT_FP8", "QUANT_FP4_HADAMARD"]
 
-QUANT_NONE = 0           # no simulation
-QUANT_FP8 = 1            # FP8 e4m3 round trip of the nope dims in blocks of 64 (§3.3)
-QUANT_FP4_HADAMARD = 2   # Hadamard rotation, FP4 e2m1 round trip in blocks of 32 (§5; q only)
+# The ``quant`` codes are compress_kv's (one definition): 0 none, 1 FP8 e4m3 round trip of the
+# nope dims in blocks of 64 (§3.3), 2 Hadamard rotation + FP4 e2m1 in blocks of 32 (§5; q only).
 
 HEAD_DIMS = (64, 128, 256, 512)
 
