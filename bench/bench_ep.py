@@ -43,8 +43,9 @@ import zlib
 
 import torch
 
-HBM = 4.22e12          # bytes/s, measured H200 copy bandwidth (kernels.md §2)
-BF16 = 767e12          # FLOP/s, measured H200 bf16 dense
+from dsv4.runtime.floors import BF16_FLOPS as BF16, HBM_BYTES_PER_S as HBM
+from dsv4.runtime.floors import kv_read_bytes  # (bf16 dense cache: the default)
+
 DECODE_CASES = [(1, 8192), (64, 8192), (1, 131072), (64, 131072)]
 PREFILL_CASES = [(1, 8192), (64, 8192), (1, 131072), (64, 131072)]
 NOT_RUN = {("prefill", 64, 131072): "8.4M prompt tokens: floor only"}
@@ -88,22 +89,6 @@ def _spec_bytes(config):
     n_layers = c.n_layers
     return (dense, expert / n_layers, c.dim * 2, c.vocab_size * c.dim * 4, dense_params,
             expert_params / n_layers)
-
-
-def kv_read_bytes(c, context: int, elem: int = 2) -> float:
-    """KV bytes one decode token of a sequence at ``context`` reads over the main layers (bf16
-    dense cache): the window, CSA: top-k entries + every indexer key, HCA: every entry. The
-    formula of dsv4.runtime.floors (runtime branch); use that one once merged."""
-    total = 0.0
-    for i in range(c.n_layers):
-        r = c.compress_ratios[i]
-        total += min(context, c.window_size) * c.head_dim * elem
-        n = context // r if r else 0
-        if r == 4:
-            total += min(c.index_topk, n) * c.head_dim * elem + n * c.index_head_dim * elem
-        elif r:
-            total += n * c.head_dim * elem
-    return total
 
 
 def attention_flops(c, start: int, n: int) -> float:
