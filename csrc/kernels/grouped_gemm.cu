@@ -31,6 +31,7 @@ cudaError_t check_args(const GroupedGemmArgs& a) {
   if (a.w_format != GemmWeightFormat::kBF16) {
     if (a.w_scale == nullptr) return cudaErrorInvalidValue;
     if (reinterpret_cast<uintptr_t>(a.w_scale) % 4 != 0) return cudaErrorInvalidValue;
+    if (a.w_scale_bytes < (a.scale_fp32 ? 4 : 1)) return cudaErrorInvalidValue;
   }
   // 16-byte rows: weights (byte strides), activations and outputs (element strides)
   if (!aligned16(a.w) || a.w_row_stride % 16 || a.w_expert_stride % 16 || a.w_mat_stride % 16)

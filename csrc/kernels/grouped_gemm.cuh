@@ -353,16 +353,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
                    ok ? 16 : 0);
         if constexpr (FMT != kFmtBF16) {
-          // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si, of which
-          // only bytes 0 .. si & 3 are read (the rest is zero-filled): never a byte past the
-          // scale tensor, whatever its length.
+          // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si (the
+          // consumer picks byte si & 3). The last word of a scale tensor whose length is not a
+          // multiple of 4 is read byte by byte: no read reaches past w_scale_bytes.
           const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-          const char* sp = a.scale_fp32
-                               ? static_cast<const char*>(a.w_scale) + si * 4
-                               : static_cast<const char*>(a.w_scale) + (si & ~int64_t{3});
-          const int s_bytes = a.scale_fp32 ? 4 : static_cast<int>(si & 3) + 1;
-          cp_async4(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4, ok ? sp : dummy,
-                    ok ? s_bytes : 0);
+          const uint32_t s_dst = sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4;
+          const char* s_base = static_cast<const char*>(a.w_scale);
+          const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
+          if (!ok || s_off + 4 <= a.w_scale_bytes) {
+            cp_async4(s_dst, ok ? s_base + s_off : dummy, ok ? 4 : 0);
+          } else {
+            const auto byte = static_cast<uint32_t>(
+                __ldg(reinterpret_cast<const unsigned char*>(s_base) + si));
+            sts32(s_dst, byte << (8 * static_cast<int>(si & 3)));
+          }
         }
       }
     };

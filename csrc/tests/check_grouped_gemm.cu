@@ -229,6 +229,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
   if (c.fmt != GemmWeightFormat::kBF16) {
     a.w_scale = c.fp32_scale ? static_cast<const void*>(ds32) : static_cast<const void*>(ds8);
     a.scale_fp32 = c.fp32_scale;
+    a.w_scale_bytes = c.fp32_scale ? static_cast<int64_t>(w.scale32.size() * 4)
+                                   : static_cast<int64_t>(w.scale8.size());
     a.s_row_stride = w.s_cols;
     a.s_mat_stride = swiglu ? w.s_rows * w.s_cols : 0;
     a.s_expert_stride = (swiglu ? 2 : 1) * w.s_rows * w.s_cols;

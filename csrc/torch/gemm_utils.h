@@ -120,6 +120,9 @@ inline void set_weight(GroupedGemmArgs& a, const at::Tensor& w,
     const at::Tensor& s = *scale;
     a.w_scale = s.data_ptr();
     a.scale_fp32 = s.scalar_type() == at::kFloat;
+    // readable bytes: from the first scale to the end of the tensor's storage
+    a.w_scale_bytes = static_cast<int64_t>(s.storage().nbytes()) -
+                      s.storage_offset() * static_cast<int64_t>(s.element_size());
     a.s_expert_stride = s.stride(0);
     a.s_mat_stride = s.dim() == 4 ? s.stride(1) : 0;
     a.s_row_stride = s.stride(-2);

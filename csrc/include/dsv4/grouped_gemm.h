@@ -57,6 +57,9 @@ struct GroupedGemmArgs {
   // sc = k / 32. e8m0 bytes, or float32 when scale_fp32.
   const void* w_scale = nullptr;
   bool scale_fp32 = false;
+  // Bytes readable from w_scale (to the end of its allocation or tensor storage): the kernel
+  // reads no scale byte at or past it. Required (> 0) with w_scale.
+  int64_t w_scale_bytes = 0;
   int64_t s_expert_stride = 0, s_mat_stride = 0, s_row_stride = 0;
   int32_t n_experts = 0;
   int32_t rows = 0;  // output features per expert (N for SwiGLU: features, not 2N)
