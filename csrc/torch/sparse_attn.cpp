@@ -21,7 +21,9 @@
 namespace dsv4 {
 namespace {
 
-constexpr const char* kOp = "dsv4::sparse_attn (CUDA): ";
+// Error prefixes: the helpers below take the calling op's, so hca_attn's errors name hca_attn.
+constexpr const char* kSparseOp = "dsv4::sparse_attn (CUDA): ";
+constexpr const char* kHcaOp = "dsv4::hca_attn (CUDA): ";
 
 bool rows_aligned(const at::Tensor& t) {
   // bf16 rows read/written 16 bytes at a time: unit last stride, other strides multiples of 8
@@ -37,40 +39,41 @@ at::Tensor readable_rows(const at::Tensor& t) {
   return rows_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), kOp, name, " must be on q's device (", q.device(),
+void check_device(const char* op, const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.device() == q.device(), op, name, " must be on q's device (", q.device(),
               "), got ", t.device());
 }
 
-void check_lengths(const std::optional<at::Tensor>& len, const at::Tensor& q, int64_t T,
-                   const char* name) {
+void check_lengths(const char* op, const std::optional<at::Tensor>& len, const at::Tensor& q,
+                   int64_t T, const char* name) {
   if (!len.has_value()) return;
-  check_device(*len, q, name);
-  TORCH_CHECK(len->scalar_type() == at::kInt, kOp, name, " must be int32, got ",
+  check_device(op, *len, q, name);
+  TORCH_CHECK(len->scalar_type() == at::kInt, op, name, " must be int32, got ",
               len->scalar_type());
-  TORCH_CHECK(len->dim() == 1 && len->size(0) == T, kOp, name, " must have shape [", T,
+  TORCH_CHECK(len->dim() == 1 && len->size(0) == T, op, name, " must have shape [", T,
               "] (q.size(0)), got ", len->sizes());
 }
 
-void check_indices(const at::Tensor& idx, const at::Tensor& q, int64_t T, const char* name) {
-  check_device(idx, q, name);
-  TORCH_CHECK(idx.scalar_type() == at::kInt, kOp, name,
+void check_indices(const char* op, const at::Tensor& idx, const at::Tensor& q, int64_t T,
+                   const char* name) {
+  check_device(op, idx, q, name);
+  TORCH_CHECK(idx.scalar_type() == at::kInt, op, name,
               " must be int32 (rows of the key array, -1 = unused), got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == T, kOp, name, " must have shape [", T,
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == T, op, name, " must have shape [", T,
               ", k] (q.size(0) tokens), got ", idx.sizes());
-  TORCH_CHECK(idx.size(1) <= INT_MAX - 64, kOp, name, " has too many lanes (", idx.size(1), ")");
+  TORCH_CHECK(idx.size(1) <= INT_MAX - 64, op, name, " has too many lanes (", idx.size(1), ")");
 }
 
 // A key scope: bf16 [n, D] rows, or (FP8) a MODEL1 pool uint8 [num_blocks, block_size, 584].
 // `pool3d`: a bf16 scope given as a pool [num_blocks, block_size, D] (hca_attn's extra_kv).
-void check_kv(const at::Tensor& kv, const at::Tensor& q, int64_t D, const char* name,
-              bool pool3d = false) {
-  check_device(kv, q, name);
+void check_kv(const char* op, const at::Tensor& kv, const at::Tensor& q, int64_t D,
+              const char* name, bool pool3d = false) {
+  check_device(op, kv, q, name);
   if (kv.scalar_type() == at::kByte) {
-    TORCH_CHECK(kv.dim() == 3 && kv.size(2) == kModel1EntryBytes && D == kModel1HeadDim, kOp,
+    TORCH_CHECK(kv.dim() == 3 && kv.size(2) == kModel1EntryBytes && D == kModel1HeadDim, op,
                 name, ": a uint8 scope must be a MODEL1 FP8 pool [num_blocks, block_size, 584] "
                 "with head_dim 512 (dsv4.ops.kv_cache), got ", kv.sizes(), " for head_dim ", D);
-    TORCH_CHECK(sparse_attn_supports_fp8_cache(D), kOp, name,
+    TORCH_CHECK(sparse_attn_supports_fp8_cache(D), op, name,
                 ": FP8 (MODEL1) caches are read by the sm_90 kernel only (head_dim 512 on an "
                 "H100 / H200); dequantise with dsv4.ops.kv_cache.read_pool elsewhere");
     const int64_t nb = kv.size(0), bs = kv.size(1);
@@ -78,23 +81,23 @@ void check_kv(const at::Tensor& kv, const at::Tensor& q, int64_t D, const char* 
                     (nb <= 1 || (kv.stride(0) >= bs * kModel1EntryBytes &&
                                  kv.stride(0) % 16 == 0)) &&
                     (nb * bs == 0 || reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0),
-                kOp, name, ": an FP8 pool must come from dsv4.ops.kv_cache.allocate (row stride "
+                op, name, ": an FP8 pool must come from dsv4.ops.kv_cache.allocate (row stride "
                 "584, block stride >= block bytes and a multiple of 16, 16-byte aligned), got "
                 "strides ", kv.strides());
-    TORCH_CHECK(nb * bs <= INT_MAX, kOp, name, ": at most 2^31 - 1 entries, got ", nb * bs);
+    TORCH_CHECK(nb * bs <= INT_MAX, op, name, ": at most 2^31 - 1 entries, got ", nb * bs);
     return;
   }
-  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, kOp, name,
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, op, name,
               " must be bfloat16 (the CUDA kernel reads bf16 keys; call the reference "
               "dsv4.ops.attention.sparse_attn_reference for float32), got ",
               kv.scalar_type());
   if (pool3d) {
-    TORCH_CHECK(kv.dim() == 3 && kv.size(2) == D, kOp, name,
+    TORCH_CHECK(kv.dim() == 3 && kv.size(2) == D, op, name,
                 " must be a pool [num_blocks, block_size, ", D, "], got ", kv.sizes());
-    TORCH_CHECK(kv.size(0) * kv.size(1) <= INT_MAX, kOp, name,
+    TORCH_CHECK(kv.size(0) * kv.size(1) <= INT_MAX, op, name,
                 ": at most 2^31 - 1 entries, got ", kv.size(0) * kv.size(1));
   } else {
-    TORCH_CHECK(kv.dim() == 2 && kv.size(1) == D, kOp, name, " must have shape [n, ", D,
+    TORCH_CHECK(kv.dim() == 2 && kv.size(1) == D, op, name, " must have shape [n, ", D,
                 "] (head_dim of q), got ", kv.sizes());
   }
 }
@@ -153,75 +156,76 @@ at::Tensor set_scope(const at::Tensor& kv_in, bool extra, SparseAttnParams& p) {
 }
 
 // Checks every input and runs the kernel (sparse_attn: extra_indices; hca_attn: `hca`).
-void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indices_in,
+void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
+         const at::Tensor& indices_in,
          const at::Tensor& attn_sink_in, double softmax_scale,
          const std::optional<at::Tensor>& topk_length,
          const std::optional<at::Tensor>& extra_kv,
          const std::optional<at::Tensor>& extra_indices,
          const std::optional<at::Tensor>& extra_topk_length, const at::Tensor& out,
          const at::Tensor& lse, const HcaScope* hca = nullptr) {
-  TORCH_CHECK(q_in.is_cuda(), kOp, "q must be a CUDA tensor, got device ", q_in.device());
+  TORCH_CHECK(q_in.is_cuda(), op, "q must be a CUDA tensor, got device ", q_in.device());
   // q's device from here on: check_kv asks whether it can read FP8 pools (compute capability).
   c10::cuda::CUDAGuard device_guard(q_in.device());
-  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16, kOp,
+  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16, op,
               "q must be bfloat16 (use dsv4.ops.attention.sparse_attn_reference for float32), "
               "got ",
               q_in.scalar_type());
-  TORCH_CHECK(q_in.dim() == 3, kOp, "q must be [tokens, heads, head_dim], got ", q_in.sizes());
+  TORCH_CHECK(q_in.dim() == 3, op, "q must be [tokens, heads, head_dim], got ", q_in.sizes());
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
-  TORCH_CHECK(sparse_attn_supports_head_dim(D), kOp,
+  TORCH_CHECK(sparse_attn_supports_head_dim(D), op,
               "head_dim must be 64, 128, 256 or 512, got ", D);
-  TORCH_CHECK(H >= 1 && H <= INT_MAX, kOp, "q must have at least one head, got ", H);
-  check_kv(kv_in, q_in, D, "kv");
-  check_indices(indices_in, q_in, T, "indices");
-  check_lengths(topk_length, q_in, T, "topk_length");
+  TORCH_CHECK(H >= 1 && H <= INT_MAX, op, "q must have at least one head, got ", H);
+  check_kv(op, kv_in, q_in, D, "kv");
+  check_indices(op, indices_in, q_in, T, "indices");
+  check_lengths(op, topk_length, q_in, T, "topk_length");
   if (hca == nullptr) {
-    TORCH_CHECK(extra_kv.has_value() == extra_indices.has_value(), kOp,
+    TORCH_CHECK(extra_kv.has_value() == extra_indices.has_value(), op,
                 "extra_kv and extra_indices must be given together");
-    TORCH_CHECK(!extra_topk_length.has_value() || extra_indices.has_value(), kOp,
+    TORCH_CHECK(!extra_topk_length.has_value() || extra_indices.has_value(), op,
                 "extra_topk_length needs extra_kv and extra_indices");
     if (extra_kv.has_value()) {
-      check_kv(*extra_kv, q_in, D, "extra_kv");
-      check_indices(*extra_indices, q_in, T, "extra_indices");
+      check_kv(op, *extra_kv, q_in, D, "extra_kv");
+      check_indices(op, *extra_indices, q_in, T, "extra_indices");
     }
   } else {
-    check_kv(*extra_kv, q_in, D, "extra_kv", /*pool3d=*/true);
+    check_kv(op, *extra_kv, q_in, D, "extra_kv", /*pool3d=*/true);
     const at::Tensor& bt = *hca->block_table;
-    check_device(bt, q_in, "extra_block_table");
-    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2, kOp,
+    check_device(op, bt, q_in, "extra_block_table");
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2, op,
                 "extra_block_table must be int32 [rows, max_blocks], got ", bt.scalar_type(),
                 " ", bt.sizes());
     const int64_t cap = bt.size(1) * std::max<int64_t>(extra_kv->size(1), 1);
-    TORCH_CHECK(cap <= INT_MAX - 64 && bt.size(0) <= INT_MAX, kOp,
+    TORCH_CHECK(cap <= INT_MAX - 64 && bt.size(0) <= INT_MAX, op,
                 "extra_block_table x block_size must stay below 2^31 - 64 lanes, got ",
                 bt.sizes(), " x ", extra_kv->size(1));
     std::optional<at::Tensor> rows_opt(*hca->rows);
-    check_lengths(rows_opt, q_in, T, "extra_rows");
+    check_lengths(op, rows_opt, q_in, T, "extra_rows");
   }
   const bool any_fp8 = kv_in.scalar_type() == at::kByte ||
                        (extra_kv.has_value() && extra_kv->scalar_type() == at::kByte);
   TORCH_CHECK(!any_fp8 || ((kv_in.scalar_type() == at::kByte) &&
                            (!extra_kv.has_value() || extra_kv->scalar_type() == at::kByte)),
-              kOp, "kv and extra_kv must both be FP8 pools or both bfloat16");
-  check_lengths(extra_topk_length, q_in, T, "extra_topk_length");
-  check_device(attn_sink_in, q_in, "attn_sink");
-  TORCH_CHECK(attn_sink_in.scalar_type() == at::kFloat, kOp, "attn_sink must be float32, got ",
+              op, "kv and extra_kv must both be FP8 pools or both bfloat16");
+  check_lengths(op, extra_topk_length, q_in, T, "extra_topk_length");
+  check_device(op, attn_sink_in, q_in, "attn_sink");
+  TORCH_CHECK(attn_sink_in.scalar_type() == at::kFloat, op, "attn_sink must be float32, got ",
               attn_sink_in.scalar_type());
-  TORCH_CHECK(attn_sink_in.dim() == 1 && attn_sink_in.size(0) == H, kOp,
+  TORCH_CHECK(attn_sink_in.dim() == 1 && attn_sink_in.size(0) == H, op,
               "attn_sink must have shape [", H, "] (q.size(1) heads), got ", attn_sink_in.sizes());
-  check_device(out, q_in, "out");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16, kOp, "out must be bfloat16, got ",
+  check_device(op, out, q_in, "out");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16, op, "out must be bfloat16, got ",
               out.scalar_type());
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D, kOp,
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D, op,
               "out must have shape [", T, ", ", H, ", ", D, "], got ", out.sizes());
-  TORCH_CHECK(T == 0 || rows_aligned(out), kOp,
+  TORCH_CHECK(T == 0 || rows_aligned(out), op,
               "out must have a unit last stride, other strides multiples of 8 and a 16-byte "
               "aligned data pointer (e.g. a contiguous tensor); got strides ",
               out.strides());
-  check_device(lse, q_in, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, kOp, "lse must be float32, got ",
+  check_device(op, lse, q_in, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, "lse must be float32, got ",
               lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H, kOp,
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H, op,
               "lse must have shape [", T, ", ", H, "], got ", lse.sizes());
 
   if (T == 0) return;
@@ -297,7 +301,7 @@ void run(const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indi
   // DSV4_SPARSE_PREFILL=new (read per call, so one process can time both kernels). The default
   // is the previously verified kernel: the new one has not run on a GPU yet.
   const int prefill = sparse_attn_prefill_env();
-  TORCH_CHECK(prefill >= 0, kOp, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: old), got '",
+  TORCH_CHECK(prefill >= 0, op, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: old), got '",
               std::getenv("DSV4_SPARSE_PREFILL"), "'");
   if (prefill == 1 && sparse_attn_prefill_sm90_takes(p))
     C10_CUDA_CHECK(dsv4::sparse_attn_prefill_sm90(p, stream));
@@ -312,10 +316,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_attn_cuda(
     const std::optional<at::Tensor>& topk_length, const std::optional<at::Tensor>& extra_kv,
     const std::optional<at::Tensor>& extra_indices,
     const std::optional<at::Tensor>& extra_topk_length) {
-  TORCH_CHECK(q.dim() == 3, kOp, "q must be [tokens, heads, head_dim], got ", q.sizes());
+  const char* op = kSparseOp;
+  TORCH_CHECK(q.dim() == 3, op, "q must be [tokens, heads, head_dim], got ", q.sizes());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, like the fake impl
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  run(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_indices,
+  run(op, q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_indices,
       extra_topk_length, out, lse);
   return {out, lse};
 }
@@ -327,7 +332,8 @@ void sparse_attn_out_cuda(const at::Tensor& q, const at::Tensor& kv, const at::T
                           const std::optional<at::Tensor>& extra_indices,
                           const std::optional<at::Tensor>& extra_topk_length,
                           at::Tensor& out, at::Tensor& lse) {
-  run(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_indices,
+  const char* op = kSparseOp;
+  run(op, q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_indices,
       extra_topk_length, out, lse);
 }
 
@@ -337,11 +343,12 @@ std::tuple<at::Tensor, at::Tensor> hca_attn_cuda(
     const std::optional<at::Tensor>& topk_length, const at::Tensor& extra_kv,
     const at::Tensor& extra_block_table, const at::Tensor& extra_rows,
     const at::Tensor& extra_lengths) {
-  TORCH_CHECK(q.dim() == 3, kOp, "q must be [tokens, heads, head_dim], got ", q.sizes());
+  const char* op = kHcaOp;
+  TORCH_CHECK(q.dim() == 3, op, "q must be [tokens, heads, head_dim], got ", q.sizes());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   const HcaScope hca{&extra_block_table, &extra_rows};
-  run(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, std::nullopt,
+  run(op, q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, std::nullopt,
       extra_lengths, out, lse, &hca);
   return {out, lse};
 }
@@ -351,8 +358,9 @@ void hca_attn_out_cuda(const at::Tensor& q, const at::Tensor& kv, const at::Tens
                        const std::optional<at::Tensor>& topk_length, const at::Tensor& extra_kv,
                        const at::Tensor& extra_block_table, const at::Tensor& extra_rows,
                        const at::Tensor& extra_lengths, at::Tensor& out, at::Tensor& lse) {
+  const char* op = kHcaOp;
   const HcaScope hca{&extra_block_table, &extra_rows};
-  run(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, std::nullopt,
+  run(op, q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, std::nullopt,
       extra_lengths, out, lse, &hca);
 }
 

@@ -332,5 +332,6 @@ def test_cuda_rejects_mixed_formats():
     a = make_problem(DECODE, D=512, seed=9, fp8=True)
     a = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bf16(a).items()}
     a["extra_kv"] = torch.zeros(2, 4, 512, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="both FP8 pools or both bfloat16"):
+    with pytest.raises(RuntimeError, match=r"hca_attn \(CUDA\): kv and extra_kv must both be "
+                                            r"FP8 pools or both bfloat16"):
         torch.ops.dsv4.hca_attn(*a.values())
