@@ -351,6 +351,14 @@ def test_cuda_indexer_paged_equals_dense(T, B, C, topk, bs):
     assert torch.equal(paged, dense)
 
 
+def _to_cuda_pool(pool, block_size, head_dim):
+    """A CPU FP8 indexer pool copied into one allocated on the GPU (``pool.cuda()`` would make
+    the padded block stride dense, which the kernel refuses)."""
+    from dsv4.ops import kv_cache as kc
+    out = kc.allocate(kc.INDEXER, pool.shape[0], block_size, head_dim, device="cuda")
+    return out.copy_(pool)
+
+
 @pytest.mark.cuda
 @needs_kernel
 @pytest.mark.parametrize("T,B,C,topk,bs", [(3, 3, 2000, 512, 64), (72, 1, 600, 32, 7),
@@ -367,13 +375,13 @@ def test_cuda_indexer_fp8_keys_equal_reference(T, B, C, topk, bs, D):
     for b in range(B):
         s = torch.arange(C)
         kc.write_entries(pool, table[b, s // bs].long(), s % bs, keys[b])
-    got = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), pool.cuda(), rows.cuda(), nv.cuda(),
-                                      topk, table.cuda())
+    got = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), _to_cuda_pool(pool, bs, D), rows.cuda(),
+                                      nv.cuda(), topk, table.cuda())
     dense_pool = kc.allocate(kc.INDEXER, B, C, D)
     for b in range(B):
         kc.write_entries(dense_pool, torch.full((C,), b), torch.arange(C), keys[b])
-    got_dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), dense_pool.cuda(), rows.cuda(),
-                                            nv.cuda(), topk)
+    got_dense = torch.ops.dsv4.indexer_topk(q.cuda(), w.cuda(), _to_cuda_pool(dense_pool, C, D),
+                                            rows.cuda(), nv.cuda(), topk)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want) and torch.equal(got_dense.cpu(), want)
 

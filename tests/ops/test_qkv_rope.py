@@ -151,9 +151,14 @@ needs_kernel = pytest.mark.skipif("kv_norm_rope" not in ext.info()["cuda_compile
                                   reason="dsv4._C built without the qkv_rope kernels")
 
 
-def assert_close_rounding(got, want, quant, frac=0.999):
+def assert_close_rounding(got, want, quant, frac=0.999, rope_dim=64):
     """Equal except where an fp32 last-bit difference flips one rounding: within one bf16
-    step (or one FP8 / FP4 step when quantised) and in at most 0.1% of the elements."""
+    step (or one FP8 / FP4 step when quantised) and in at most 0.1% of the elements.
+
+    On the last ``rope_dim`` dims a flip of the normed bf16 input (the kernel's 1/sqrt vs
+    torch's rsqrt differ in the last bit) is rotated into the output: there one bf16 step of
+    the pair's magnitude is allowed too (H100, 2026-12-05: such outputs ~1e-7 differed by
+    ~1e-9, others by one step of a pair of magnitude ~2)."""
     g, w = got.float(), want.float()
     assert torch.equal(g.isnan(), w.isnan())
     diff = (g - w).abs()
@@ -163,6 +168,10 @@ def assert_close_rounding(got, want, quant, frac=0.999):
         step = w.abs() * 2.0 ** -3 + g.abs() * 2.0 ** -3 + 2.0 ** -20
     else:
         step = w.abs().amax(-1, keepdim=True).expand_as(w) * 0.7
+    if rope_dim and quant != QUANT_FP4_HADAMARD:
+        pair = w[..., -rope_dim:].unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, -1)
+        step = step.clone()
+        step[..., -rope_dim:] += pair * 2.0 ** -7
     assert bool((diff <= step).all()), diff.max()
     assert (diff == 0).float().mean().item() >= frac
 
@@ -204,7 +213,7 @@ def test_cuda_kv_path_and_caches(quant, T):
     f = _freqs().cuda()
     n_rows = T + 5
     perm = torch.randperm(n_rows, generator=g)[:T].to(torch.int32)
-    perm[::7] = -1                                 # tokens not written
+    perm[1::7] = -1                                # tokens not written (none when T = 1)
     rows = perm.cuda()
     ring_k = torch.full((n_rows, D), float("nan"), dtype=torch.bfloat16, device="cuda")
     ring_r = ring_k.clone()
