@@ -47,7 +47,10 @@ export DSV4_EXPECT_C=1
 export DSV4_UNVERIFIED_KERNELS=1
 MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
   || exit 1
-step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())"
+step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())
+from dsv4.ops.backend import kernel_source_digest as d, VERIFIED_SOURCE_DIGEST as v
+print('kernel source digest', d(), '(= the verified one)' if d() == v else '(NOT the verified '
+      'one: when every step below passes, record it in dsv4.ops.backend)')"
 # dsv4 generate on the GPU with both backends, then the two greedy continuations side by side.
 step generate_cuda "$PY" -m dsv4.cli generate --model tiny --device cuda --backend cuda \
   --prompt "def fibonacci(n):" --max-new-tokens 32

@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(autouse=True)
 def _cuda_tests_use_unverified_kernels(request):
     """A `cuda` test is what verifies a kernel on hardware, so inside it the model calls every
-    compiled kernel, verified on the H200 yet or not (dsv4.ops.backend.HARDWARE_VERIFIED)."""
+    compiled kernel, verified on a GPU yet or not (dsv4.ops.backend.HARDWARE_VERIFIED)."""
     if "cuda" not in request.keywords:
         yield
         return

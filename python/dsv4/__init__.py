@@ -2,7 +2,7 @@
 
 Public API: :class:`ModelConfig`, :class:`Model`, :class:`Cache`, :func:`info`,
 :func:`set_backend` / :func:`get_backend` (CUDA kernels or the pure-PyTorch reference),
-:func:`allow_unverified_kernels` (kernels not yet verified on the H200; see dsv4.ops.backend).
+:func:`allow_unverified_kernels` (kernels not yet verified on a GPU; see dsv4.ops.backend).
 """
 
 __version__ = "0.1.0"

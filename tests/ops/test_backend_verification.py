@@ -1,4 +1,4 @@
-"""The model calls only CUDA kernels verified on the H200 unless the caller opts in
+"""The model calls only CUDA kernels verified on a GPU unless the caller opts in
 (dsv4.ops.backend.HARDWARE_VERIFIED, DSV4_UNVERIFIED_KERNELS, allow_unverified_kernels)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def cuda_like(monkeypatch):
 def test_unverified_kernels_are_not_called_by_default(cuda_like, monkeypatch):
     monkeypatch.setattr(backend, "_allow_unverified", False)
     monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
-    with pytest.warns(RuntimeWarning, match="moe_gate have not yet passed the H200 test suite"):
+    with pytest.warns(RuntimeWarning, match="moe_gate have not yet passed the GPU test suite"):
         assert backend.use_kernels(cuda_like, ("moe_gate",)) is False
 
 
@@ -69,7 +69,7 @@ def test_environment_variable(value, expected):
 
 
 def test_info_names_the_verified_kernels():
-    assert "verified on the H200" in dsv4.ops._ext.format_info()
+    assert "verified on a GPU" in dsv4.ops._ext.format_info()
 
 
 def test_expert_gemm_kernels_are_gated_too(monkeypatch):
@@ -86,3 +86,33 @@ def test_expert_gemm_kernels_are_gated_too(monkeypatch):
     assert moe._grouped_kernels_available() is False
     monkeypatch.setattr(backend, "_allow_unverified", True)
     assert moe._grouped_kernels_available() is True
+
+
+def test_verified_table_matches_the_kernel_sources():
+    """HARDWARE_VERIFIED holds for the csrc/ it was recorded at: a kernel change without a new
+    GPU run fails here (the model would otherwise call an unverified kernel by default)."""
+    digest = backend.kernel_source_digest()
+    if digest is None:
+        pytest.skip("no csrc/ beside the package (an installed wheel)")
+    assert digest == backend.VERIFIED_SOURCE_DIGEST, (
+        "csrc/ changed since the kernels in dsv4.ops.backend.HARDWARE_VERIFIED passed the GPU "
+        "suite: run scripts/gpu_check.sh on an H100 / H200, then set VERIFIED_SOURCE_DIGEST to "
+        f"{digest} and update the table (meanwhile drop the ops whose kernels changed)")
+
+
+def test_kernel_source_digest_sees_every_byte(tmp_path):
+    for d in ("include", "kernels", "torch"):
+        (tmp_path / "csrc" / d).mkdir(parents=True)
+    f = tmp_path / "csrc" / "kernels" / "a.cu"
+    f.write_bytes(b"__global__ void k() {}\n")
+    (tmp_path / "csrc" / "kernels" / "notes.txt").write_text("not a source")
+    d0 = backend.kernel_source_digest(str(tmp_path))
+    (tmp_path / "csrc" / "kernels" / "notes.txt").write_text("changed")
+    assert backend.kernel_source_digest(str(tmp_path)) == d0        # not a C++/CUDA file
+    f.write_bytes(b"__global__ void k() { }\n")
+    d1 = backend.kernel_source_digest(str(tmp_path))
+    assert d1 != d0
+    f.rename(tmp_path / "csrc" / "kernels" / "b.cu")                 # same bytes, new name
+    assert backend.kernel_source_digest(str(tmp_path)) not in (d0, d1)
+    assert backend.kernel_source_digest(str(tmp_path / "nowhere")) is None
+

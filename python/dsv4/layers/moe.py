@@ -333,7 +333,7 @@ class MoE(nn.Module):
             return None
         if stack.fmt is not None:
             return (f"native {stack.fmt} experts need the moe_up / moe_down kernels (not in this "
-                    "build, or not yet verified on the H200: see dsv4.allow_unverified_kernels)")
+                    "build, or not yet verified on a GPU: see dsv4.allow_unverified_kernels)")
         if stack.w_up.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
             return "the expert GEMM fallback needs bfloat16 experts and torch._grouped_mm"
         if self.dim % 8 or stack.w_up.shape[2] % 8:

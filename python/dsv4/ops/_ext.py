@@ -217,7 +217,7 @@ def format_info() -> str:
         lines.append("CUDA device: none (torch.cuda.is_available() is False); ops run on CPU")
     from .backend import HARDWARE_VERIFIED, unverified_allowed
     verified = ", ".join(sorted(HARDWARE_VERIFIED)) or "none at this version"
-    lines.append(f"CUDA kernels verified on the H200 (the model calls only these): {verified}"
+    lines.append(f"CUDA kernels verified on a GPU (the model calls only these): {verified}"
                  + ("; unverified kernels allowed (DSV4_UNVERIFIED_KERNELS)"
                     if unverified_allowed() else ""))
     lines.append(f"ops: {', '.join('torch.ops.dsv4.' + n for n in OP_SCHEMAS)}")

@@ -16,10 +16,10 @@ prints one notice line to stderr and the default, ``cuda``, applies.
 With ``"cuda"``, a layer uses its kernels only when all of these hold: the activations are
 CUDA bfloat16 tensors (the kernels' dtype; fp32 models run the reference), the compiled
 extension has every op the layer needs, and every one of those kernels has passed the CUDA test
-suite on the H200 at its current code (:data:`HARDWARE_VERIFIED`). Otherwise it runs the
-reference and warns once, naming the reason.
+suite on a Hopper GPU (H100 / H200) at its current code (:data:`HARDWARE_VERIFIED`). Otherwise it
+runs the reference and warns once, naming the reason.
 
-Kernels written or changed since their last H200 run are *unverified*: the model does not call
+Kernels written or changed since their last GPU run are *unverified*: the model does not call
 them unless the caller opts in with ``DSV4_UNVERIFIED_KERNELS=1`` or
 :func:`allow_unverified_kernels` (the GPU test harness ``scripts/gpu_check.sh`` and the
 ``cuda``-marked tests do, since they are what verifies them). Calling ``torch.ops.dsv4.<name>``
@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "HARDWARE_VERIFIED", "set_backend", "get_backend",
            "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed",
-           "may_call"]
+           "may_call", "kernel_source_digest", "VERIFIED_SOURCE_DIGEST"]
 
 BACKENDS = ("cuda", "reference")
 DEFAULT_BACKEND = "cuda"
@@ -55,12 +55,19 @@ def _initial() -> str:
 _backend = _initial()
 _warned: set[str] = set()
 
-# Ops whose CUDA kernel passed the CUDA test suite on the H200 at its current source, with where
-# that was recorded. An op whose kernel source changed after its last H200 run leaves this table
-# until the next run passes (bench/README.md keeps the history). Empty at present: every kernel
-# was written or changed after the last H200 run (2026-12-05, commit 268a114), and the device
-# loans were paused for the rest of that session.
-HARDWARE_VERIFIED: dict[str, str] = {}
+# Ops whose CUDA kernel passed the CUDA test suite (pytest -m cuda, the C++ checks under
+# compute-sanitizer memcheck) on a Hopper GPU at its current source, with where that was recorded.
+# A change under csrc/ makes tests/ops/test_backend_verification.py fail until the suite has
+# passed again on a GPU and VERIFIED_SOURCE_DIGEST is updated (an op whose kernel changed leaves
+# this table meanwhile). bench/README.md and the issue notes keep the history.
+_RUN_20261205 = ("2026-12-05: H100 80GB (751 CUDA tests, ctest, memcheck) and H200 (q/kv path "
+                 "tests after a tolerance fix), csrc of commit f8fc074 / fb59436")
+HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205 for op in (
+    "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
+    "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
+    "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
+# sha256 over csrc/{include,kernels,torch} (dsv4.ops.backend.source_digest) of that run
+VERIFIED_SOURCE_DIGEST = "045eec7327fea2968c4a8632897c66ca4e6ee094a36a0021fbc9b304a7f24a73"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
 _allow_unverified = os.environ.get(_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes",
@@ -69,7 +76,7 @@ _allow_unverified = os.environ.get(_UNVERIFIED_ENV, "").strip().lower() in ("1",
 
 def allow_unverified_kernels(flag: bool = True) -> None:
     """Let (``True``) or stop (``False``) the model calling CUDA kernels that have not passed
-    the H200 test suite at their current code (see :data:`HARDWARE_VERIFIED`). The initial value
+    the GPU test suite at their current code (see :data:`HARDWARE_VERIFIED`). The initial value
     comes from the environment variable ``DSV4_UNVERIFIED_KERNELS`` (``1`` = allow).
 
     Raises:
@@ -82,7 +89,7 @@ def allow_unverified_kernels(flag: bool = True) -> None:
 
 
 def unverified_allowed() -> bool:
-    """Whether the model may call CUDA kernels not (yet) verified on the H200."""
+    """Whether the model may call CUDA kernels not (yet) verified on a GPU."""
     return _allow_unverified
 
 
@@ -91,6 +98,24 @@ def may_call(ops: tuple[str, ...]) -> bool:
     :data:`HARDWARE_VERIFIED`, or unverified kernels are allowed (compilation is not checked
     here; :func:`use_kernels` checks everything and says why not)."""
     return _allow_unverified or all(op in HARDWARE_VERIFIED for op in ops)
+
+
+def kernel_source_digest(root: str | None = None) -> str | None:
+    """sha256 over the kernel sources of a source checkout (the C++/CUDA files under
+    csrc/include, csrc/kernels and csrc/torch: relative path and bytes, in path order), or None
+    where there is none (an installed wheel). Compared with :data:`VERIFIED_SOURCE_DIGEST` by
+    the tests."""
+    import hashlib
+    from pathlib import Path
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[3]
+    parts = [base / "csrc" / d for d in ("include", "kernels", "torch")]
+    if not all(p.is_dir() for p in parts):
+        return None
+    h = hashlib.sha256()
+    suffixes = {".h", ".hpp", ".cuh", ".cu", ".cpp", ".cc"}
+    for f in sorted(f for p in parts for f in p.rglob("*") if f.suffix in suffixes):
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def set_backend(name: str) -> None:
@@ -175,7 +200,7 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
         elif not may_call(ops):
             unverified = [op for op in ops if op not in HARDWARE_VERIFIED]
             reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
-                      "H200 test suite at this version; those layers run the pure-PyTorch "
+                      "GPU test suite at this version; those layers run the pure-PyTorch "
                       f"reference (set {_UNVERIFIED_ENV}=1 or call "
                       "dsv4.allow_unverified_kernels() to use them)")
         else:
