@@ -72,12 +72,16 @@ def test_measurements_run_on_the_tiny_model(tmp_path):
     cfg = bench.build_config("tiny", 2, 0)
     assert cfg.compress_ratios == (4, 16)
     m = bench.build_model(cfg, "bf16", "cpu")
-    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2)
+    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2, repeats=2)
     rows = [bench.bench_prefill(m, args, 2, 40), bench.bench_decode(m, args, 2, 100)]
     rows += bench.bench_1m(m, args, context=150)
     assert [r["kind"] for r in rows] == ["prefill", "decode", "prefill-1m", "decode-1m"]
     assert all(r["tok_s"] > 0 for r in rows)
     assert rows[1]["floor_ms"] > 0 and not rows[1]["graphs"]
+    # medians: prefill over --repeats runs, decode over --steps steps (mean and max beside)
+    assert len(rows[0]["seconds_runs"]) == 2 and rows[0]["seconds"] == pytest.approx(
+        sum(rows[0]["seconds_runs"]) / 2)
+    assert rows[1]["ms_step"] <= rows[1]["ms_step_max"] and rows[1]["ms_step_mean"] > 0
     # measured cache bytes per token: blocks of the sequence + its slot, over 150 tokens
     assert rows[3]["kv_bytes_per_token"] > rows[3]["info_kv_bytes_per_token_bf16"]
     out = tmp_path / "p.png"
@@ -118,7 +122,7 @@ def test_1m_mode_bytes_per_token_with_fp8_caches():
     torch.manual_seed(0)
     cfg = dataclasses.replace(bench.build_config("tiny", 2, 0), head_dim=512)
     m = bench.build_model(cfg, "bf16", "cpu")
-    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2,
+    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2, repeats=1,
                               kv_cache="fp8", indexer_cache="fp8")
     pre, dec = bench.bench_1m(m, args, context=150)
     info = kv_bytes_per_token(cfg)                  # what `dsv4 info` prints (FP8 layouts)

@@ -9,11 +9,13 @@ Random weights (seeded): ``--weights bf16``, or ``fp8`` for the release's native
 linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
 
 * prefill ``B x P``: B prompts of P tokens through the engine (chunked under the token
-  budget), logits for each last position; tok/s = B·P / wall time (synchronised).
+  budget), logits for each last position; tok/s = B·P / wall time (synchronised), the median
+  of ``--repeats`` runs after one warm-up run.
 * decode ``B @ C``: B sequences whose first C tokens are taken as already cached (the pool
   holds random entries: attention reads real-sized scopes without a real prefill), then
-  ``--steps`` engine steps (CUDA graphs where capturable); ms/step is wall time per step,
-  sampling and the host included.
+  ``--steps`` engine steps (CUDA graphs where capturable) after 3 warm-up steps; ms/step is
+  the median step's wall time, sampling and the host included (the JSON adds the mean and
+  the slowest step). transformers' rows are timed the same way.
 
 Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
 and the peak GPU memory. The head is read in bf16 by default (``--head bf16``: a bf16 copy of
@@ -30,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -121,7 +124,10 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="decode batch sizes (default 1,8,64)")
     b.add_argument("--context", type=_sizes, default=[4096], metavar="C,...",
                    help="decode contexts in tokens, e.g. 4096,64K,1M (default 4096)")
-    b.add_argument("--steps", type=int_at_least(1), default=32, help="timed decode steps (default 32)")
+    b.add_argument("--steps", type=int_at_least(1), default=32,
+                   help="timed decode steps (default 32); the row is their median")
+    b.add_argument("--repeats", type=int_at_least(1), default=3,
+                   help="timed prefill runs (default 3); the row is their median")
     b.add_argument("--chunk", type=int_at_least(1), default=16384,
                    help="max tokens per engine step (prefill chunks; default 16384)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
@@ -245,6 +251,20 @@ def _entry_bytes(model, args) -> float:
     return model.config.head_dim * model.embed.weight.element_size()
 
 
+def _step_times(step, n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``step``, the GPU synchronised around each (an engine
+    step ends with the device-to-host copy of its tokens anyway). Rows report the median: one
+    slow step (a Python GC pass, an allocator call) moved a 16-step mean by 2x on the H200."""
+    out = []
+    for _ in range(n):
+        _sync()
+        t = time.perf_counter()
+        step()
+        _sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def bench_prefill(model, args, batch: int, prompt: int) -> dict:
     import torch
 
@@ -268,13 +288,15 @@ def bench_prefill(model, args, batch: int, prompt: int) -> dict:
 
     once()                                     # warm-up (allocator, kernels, autotuning)
     _reset_peak()
-    sec = once()
+    runs = [once() for _ in range(args.repeats)]
+    sec = statistics.median(runs)
     fl = prefill_floor(model, batch, prompt)
     tok_s = batch * prompt / sec
     floor_tok_s = batch * prompt / fl["seconds"]
     row = dict(impl="dsv4", kind="prefill", batch=batch, tokens=prompt, seconds=sec,
-               tok_s=tok_s, floor_tok_s=floor_tok_s, pct_of_floor=100 * tok_s / floor_tok_s,
-               tflops=fl["flops"] / sec / 1e12, peak_gb=_peak_gb())
+               seconds_runs=runs, tok_s=tok_s, floor_tok_s=floor_tok_s,
+               pct_of_floor=100 * tok_s / floor_tok_s, tflops=fl["flops"] / sec / 1e12,
+               peak_gb=_peak_gb())
     return row
 
 
@@ -296,15 +318,12 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
     for _ in range(warm):                      # graph capture, allocator warm-up
         eng.step()
     _reset_peak()
-    _sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    _sync()
-    sec = (time.perf_counter() - t) / steps
+    times = _step_times(eng.step, steps)
+    sec = statistics.median(times)
     fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
                       _key_bytes(model, args), _entry_bytes(model, args))
     row = dict(impl="dsv4", kind="decode", batch=batch, tokens=context, ms_step=1e3 * sec,
+               ms_step_mean=1e3 * statistics.fmean(times), ms_step_max=1e3 * max(times),
                tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
                graphs=eng.runner.stats["graph_steps"] > 0,
@@ -335,13 +354,10 @@ def bench_hf(config, args, model_rows: list[dict]) -> list[dict]:
             ids = torch.randint(0, config.vocab_size, (b, p), device="cuda", generator=g)
             h(ids[:, :16])
             _reset_peak()
-            _sync()
-            t = time.perf_counter()
-            h(ids, use_cache=True, logits_to_keep=1)
-            _sync()
-            sec = time.perf_counter() - t
+            runs = _step_times(lambda: h(ids, use_cache=True, logits_to_keep=1), args.repeats)
+            sec = statistics.median(runs)
             rows.append(dict(impl=name, kind="prefill", batch=b, tokens=p, seconds=sec,
-                             tok_s=b * p / sec, peak_gb=_peak_gb()))
+                             seconds_runs=runs, tok_s=b * p / sec, peak_gb=_peak_gb()))
             print(_fmt(rows[-1]), flush=True)
         for b in args.batch:
             ctx = 512 if b > 8 else 2048          # HF's eager prefill cannot take more here
@@ -350,15 +366,18 @@ def bench_hf(config, args, model_rows: list[dict]) -> list[dict]:
             out = h(ids[:, :ctx], use_cache=True, logits_to_keep=1)
             pkv = out.past_key_values
             _reset_peak()
-            _sync()
-            t = time.perf_counter()
-            for s in range(args.steps):
-                pkv = h(ids[:, ctx + s:ctx + s + 1], past_key_values=pkv,
-                        use_cache=True).past_key_values
-            _sync()
-            sec = (time.perf_counter() - t) / args.steps
+            pos = iter(range(ctx, ctx + args.steps))
+
+            def hf_step():
+                nonlocal pkv
+                s = next(pos)
+                pkv = h(ids[:, s:s + 1], past_key_values=pkv, use_cache=True).past_key_values
+
+            times = _step_times(hf_step, args.steps)
+            sec = statistics.median(times)
             rows.append(dict(impl=name, kind="decode", batch=b, tokens=ctx, ms_step=1e3 * sec,
-                             tok_s=b / sec, peak_gb=_peak_gb()))
+                             ms_step_mean=1e3 * statistics.fmean(times),
+                             ms_step_max=1e3 * max(times), tok_s=b / sec, peak_gb=_peak_gb()))
             print(_fmt(rows[-1]), flush=True)
     del h
     torch.cuda.empty_cache()
