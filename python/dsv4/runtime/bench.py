@@ -253,8 +253,9 @@ def _entry_bytes(model, args) -> float:
 
 def _step_times(step, n: int) -> list[float]:
     """Seconds of each of ``n`` calls of ``step``, the GPU synchronised around each (an engine
-    step ends with the device-to-host copy of its tokens anyway). Rows report the median: one
-    slow step (a Python GC pass, an allocator call) moved a 16-step mean by 2x on the H200."""
+    step ends with the device-to-host copy of its tokens anyway). Rows report the median: on
+    the H200 a 16-step mean moved by 2x between runs, as one slow step of ~40 ms would (cause
+    not found: a per-step run showed none, and no GC pass)."""
     out = []
     for _ in range(n):
         _sync()
