@@ -66,7 +66,7 @@ HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205 for op in (
     "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
     "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
     "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
-# sha256 over csrc/{include,kernels,torch} (dsv4.ops.backend.source_digest) of that run
+# sha256 over csrc/{include,kernels,torch} (kernel_source_digest below) of that run
 VERIFIED_SOURCE_DIGEST = "045eec7327fea2968c4a8632897c66ca4e6ee094a36a0021fbc9b304a7f24a73"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
