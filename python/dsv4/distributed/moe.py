@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers.moe import MoE
-from ..ops.moe import moe_combine_reference, moe_dispatch_reference
+from ..ops.moe import moe_dispatch_reference
 from .group import ExpertParallelGroup
 
 __all__ = ["ExpertSlice", "ExpertParallelMoE", "serve_once", "IDLE"]
@@ -205,27 +205,22 @@ class ExpertParallelMoE(MoE):
 
     # ------------------------------------------------------------------ this rank's tokens
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.dim)
-        ids = input_ids.reshape(-1)
-        self._check_call(x2)
-        stack = self.kernel_path_stack(x2)
-        weights, indices = self.gate(x2, ids)
-        if stack is not None:
-            dispatch, combine = _dsv4.moe_dispatch, _dsv4.moe_combine
-        else:
-            dispatch, combine = moe_dispatch_reference, moe_combine_reference
-        row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
-                                                            self.n_routed_experts)
-        x2 = x2.contiguous()
+        self._check_call(x.reshape(-1, self.dim))
+        return super().forward(x, input_ids)
+
+    def routed_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
+                     route_weight: torch.Tensor, stack) -> torch.Tensor:
+        """The single-process MoE's routed step across ranks: this rank's pairs (dispatched
+        over all ``n_routed_experts``, blocks by owning rank) go to their experts' ranks and
+        their outputs come back in dispatch order; pairs of no expert stay out of the exchange
+        (combine skips them)."""
         W, L = self.group.world_size, len(self.experts)
         counts = (offsets[1:] - offsets[:-1]).view(W, L)
-        c = _exchange_counts(self.group, self.tag, _DTYPES.index(x2.dtype), L, counts)
+        c = _exchange_counts(self.group, self.tag, _DTYPES.index(x.dtype), L, counts)
         _agree(c)   # raises unless every rank with work is in this layer with this dtype
         n = sum(c.send_splits)
-        rows = x2.index_select(0, row_ids[:n].long())
-        y_sent = _exchange_pairs(self.group, self, rows, route_weight[:n], c, x2.dtype)
-        return combine(y_sent, pair_pos, self.shared_experts(x2)).view(shape)
+        rows = x.index_select(0, row_ids[:n].long())
+        return _exchange_pairs(self.group, self, rows, route_weight[:n], c, x.dtype)
 
     def _check_call(self, x: torch.Tensor) -> None:
         """Refuse, before any exchange, what this rank cannot send (the others then wait: a

@@ -199,6 +199,7 @@ class MoE(nn.Module):
             raise ValueError("dsv4 supports n_shared_experts == 1 (the released V4 models)")
         self.shared_experts = Expert(c.dim, c.n_shared_experts * c.moe_inter_dim, c.swiglu_limit)
         self.swiglu_limit = c.swiglu_limit
+        self.n_routed_experts = c.n_routed_experts  # what the gate routes over (dispatch bins)
         self._stack: Optional[ExpertStack] = None
         self.restack()
 
@@ -283,14 +284,32 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """x [batch, seq, dim], input_ids [batch, seq] → [batch, seq, dim]."""
+        """x [batch, seq, dim], input_ids [batch, seq] → [batch, seq, dim].
+
+        gate → dispatch (pairs grouped by expert) → :meth:`routed_pairs` → combine with the
+        shared expert; dispatch and combine are the kernels on the kernel path, their
+        references otherwise (the same contract, contracts.md §B)."""
         shape = x.shape
         x2 = x.reshape(-1, self.dim)
         ids = input_ids.reshape(-1)
         stack = self.kernel_path_stack(x2)
         if stack is not None:
-            return self._forward_kernels(x2, ids, stack).view(shape)
-        return self._forward_reference(x2, ids).view(shape)
+            dispatch, combine = _dsv4.moe_dispatch, _dsv4.moe_combine
+        else:
+            dispatch, combine = moe_dispatch_reference, moe_combine_reference
+        weights, indices = self.gate(x2, ids)
+        row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
+                                                            self.n_routed_experts)
+        x2 = x2.contiguous()
+        y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
+        return combine(y_pair, pair_pos, self.shared_experts(x2)).view(shape)
+
+    def routed_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
+                     route_weight: torch.Tensor, stack: Optional[ExpertStack]) -> torch.Tensor:
+        """The routed experts' outputs for the dispatched pairs (``y_pair`` of combine): here
+        :meth:`expert_pairs` on this module's experts; the expert-parallel layer overrides it
+        with the all-to-all exchange (dsv4.distributed.moe)."""
+        return self.expert_pairs(x, row_ids, offsets, route_weight, stack)
 
     def kernel_path_stack(self, x: torch.Tensor) -> Optional[ExpertStack]:
         """The stacked experts when the kernel path serves ``x`` [N, dim] (CUDA bfloat16, the
@@ -342,22 +361,6 @@ class MoE(nn.Module):
 
     def _act_quant(self, lin: Linear) -> bool:
         return bool(lin.act_quant and lin.config is not None and lin.config.quant_sim)
-
-    def _forward_reference(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        weights, indices = self.gate(x, ids)
-        row_ids, offsets, route_weight, pair_pos = moe_dispatch_reference(indices, weights,
-                                                                          len(self.experts))
-        y_pair = self.expert_pairs(x, row_ids, offsets, route_weight, None)
-        return moe_combine_reference(y_pair, pair_pos, self.shared_experts(x))
-
-    def _forward_kernels(self, x: torch.Tensor, ids: torch.Tensor,
-                         stack: ExpertStack) -> torch.Tensor:
-        weights, indices = self.gate(x, ids)
-        row_ids, offsets, route_weight, pair_pos = _dsv4.moe_dispatch(indices, weights,
-                                                                      len(self.experts))
-        x = x.contiguous()
-        y_pair = self.expert_pairs(x, row_ids, offsets, route_weight, stack)
-        return _dsv4.moe_combine(y_pair, pair_pos, self.shared_experts(x))
 
     def expert_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
                      route_weight: torch.Tensor,
