@@ -314,3 +314,34 @@ def test_cli_convert_errors(src, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dsv4 convert: error: --model-parallel 3 must divide" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_rank_tensors_reassembles_and_reports_every_inconsistency():
+    """The rank-file plan shared by `dsv4 convert --unshard` and the expert-parallel loader."""
+    import copy
+
+    from dsv4.convert import RankTensor, plan_rank_tensors
+    e0, e1 = "layers.0.ffn.experts.0.w1.weight", "layers.0.ffn.experts.1.w1.weight"
+    good = [{"embed.weight": ("BF16", [5, 8]), e0: ("F8_E4M3", [4, 8]), "norm.weight": ("F32", [8]),
+             "layers.0.attn.wo_b.weight": ("BF16", [8, 3])},
+            {"embed.weight": ("BF16", [6, 8]), e1: ("F8_E4M3", [4, 8]), "norm.weight": ("F32", [8]),
+             "layers.0.attn.wo_b.weight": ("BF16", [8, 2])}]
+    plan, problems = plan_rank_tensors(good)
+    assert problems == []
+    assert list(plan) == ["embed.weight", e0, "norm.weight", "layers.0.attn.wo_b.weight", e1]
+    assert plan["embed.weight"] == RankTensor("split", 0, [0, 1], "BF16", [11, 8])
+    assert plan["layers.0.attn.wo_b.weight"] == RankTensor("split", 1, [0, 1], "BF16", [8, 5])
+    assert plan[e1] == RankTensor("expert", -1, [1], "F8_E4M3", [4, 8])
+    assert plan["norm.weight"] == RankTensor("replicate", -1, [0, 1], "F32", [8])
+    bad = copy.deepcopy(good)
+    bad[1][e0] = ("F8_E4M3", [4, 8])                        # an expert on two ranks
+    del bad[1]["norm.weight"]                               # a replica missing on rank 1
+    bad[1]["embed.weight"] = ("BF16", [6, 9])               # a split slice differing off-dim
+    bad[0]["layers.0.attn.wo_b.weight"] = ("F32", [8, 3])   # dtypes differing
+    plan, problems = plan_rank_tensors(bad)
+    assert set(plan) == {e1} and len(problems) == 4
+    text = "\n".join(problems)
+    for want in (f"{e0} is on ranks [0, 1]", "norm.weight is on ranks [0] only",
+                 "embed.weight: rank slices differ in dims other than 0",
+                 "layers.0.attn.wo_b.weight has different dtypes"):
+        assert want in text

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -618,6 +618,55 @@ def _rank_files(path: str) -> tuple[int, list[str]]:
     return mp, [ranks[r] for r in range(mp)]
 
 
+class RankTensor(NamedTuple):
+    """Where one tensor of a ``--model-parallel`` conversion lives: ``kind`` "expert" (on one
+    rank), "split" (every rank holds a slice; concatenate along ``dim`` in rank order) or
+    "replicate" (every rank holds a copy); ``dim`` -1 unless split; ``dtype`` the safetensors
+    dtype string; ``shape`` the full (reassembled) shape."""
+    kind: str
+    dim: int
+    holders: list[int]
+    dtype: str
+    shape: list[int]
+
+
+def plan_rank_tensors(metas: list[dict[str, tuple[str, Sequence[int]]]]
+                      ) -> tuple[dict[str, RankTensor], list[str]]:
+    """How to read each tensor from the rank files' headers ``metas[rank][name] = (dtype,
+    shape)`` (:func:`split_rule` decides the kind by name). Returns the plan of the consistent
+    tensors (in rank-0-first name order) and one message per inconsistent one: a routed expert
+    on several ranks, a tensor missing on some rank, dtypes that differ between ranks, split
+    slices that differ in a dim other than the split one. One definition for ``dsv4 convert
+    --unshard`` and the expert-parallel loader (dsv4.distributed.loading.RankFiles)."""
+    mp = len(metas)
+    plan: dict[str, RankTensor] = {}
+    problems: list[str] = []
+    for name in dict.fromkeys(n for m in metas for n in m):
+        holders = [r for r in range(mp) if name in metas[r]]
+        kind, dim = split_rule(name)
+        dtype, shape = metas[holders[0]][name]
+        shape = list(shape)
+        if kind == "expert":
+            if len(holders) != 1:
+                problems.append(f"{name} is on ranks {holders}; a routed expert must be on one")
+                continue
+        elif len(holders) != mp:
+            problems.append(f"{name} is on ranks {holders} only; expected every rank of {mp}")
+            continue
+        elif any(metas[r][name][0] != dtype for r in holders):
+            problems.append(f"{name} has different dtypes across ranks")
+            continue
+        elif kind == "split":
+            parts = [list(metas[r][name][1]) for r in range(mp)]
+            if any(len(p) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(p, shape))
+                                               if i != dim) for p in parts):
+                problems.append(f"{name}: rank slices differ in dims other than {dim}")
+                continue
+            shape[dim] = sum(p[dim] for p in parts)
+        plan[name] = RankTensor(kind, dim if kind == "split" else -1, holders, dtype, shape)
+    return plan, problems
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """The bytes of a tensor (bitwise comparison of any dtype, NaN included)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -630,10 +679,9 @@ def _plan_unshard(path: str, check_replicas: bool, files: _Files) -> list[_Entry
         with safe_open(p, framework="pt", device="cpu") as f:
             metas.append({n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape()))
                           for n in f.keys()})
-    names: dict[str, None] = {}
-    for m in metas:
-        for n in m:
-            names.setdefault(n, None)
+    plan, problems = plan_rank_tensors(metas)
+    if problems:
+        raise ConvertError(f"inconsistent rank files in {path}:\n  " + "\n  ".join(problems[:20]))
 
     def replica(n: str) -> torch.Tensor:
         t = files.tensor(paths[0], n)
@@ -645,31 +693,20 @@ def _plan_unshard(path: str, check_replicas: bool, files: _Files) -> list[_Entry
         return t
 
     entries = []
-    for name in names:
-        holders = [r for r in range(mp) if name in metas[r]]
-        kind, dim = split_rule(name)
-        dtype, shape = metas[holders[0]][name]
-        if kind == "expert":
-            if len(holders) != 1:
-                raise ConvertError(f"{name} is on ranks {holders}; a routed expert must be on one")
-            p = paths[holders[0]]
-            if dtype == "F4":        # back to the release's int8 [out, in/2]
-                entries.append(_Entry(name, "I8", [shape[0], shape[1] // 2],
+    for name, t in plan.items():
+        if t.kind == "expert":
+            p = paths[t.holders[0]]
+            if t.dtype == "F4":        # back to the release's int8 [out, in/2]
+                entries.append(_Entry(name, "I8", [t.shape[0], t.shape[1] // 2],
                                       lambda p=p, n=name: files.tensor(p, n).view(torch.int8)))
             else:
-                entries.append(_Entry(name, dtype, shape, lambda p=p, n=name: files.tensor(p, n)))
-            continue
-        if len(holders) != mp:
-            raise ConvertError(f"{name} is on ranks {holders} only; expected every rank of {mp}")
-        if any(metas[r][name][0] != dtype for r in holders):
-            raise ConvertError(f"{name} has different dtypes across ranks")
-        if kind == "split":
-            full = list(shape)
-            full[dim] = sum(metas[r][name][1][dim] for r in range(mp))
-            entries.append(_Entry(name, dtype, full, lambda n=name, d=dim: torch.cat(
+                entries.append(_Entry(name, t.dtype, t.shape,
+                                      lambda p=p, n=name: files.tensor(p, n)))
+        elif t.kind == "split":
+            entries.append(_Entry(name, t.dtype, t.shape, lambda n=name, d=t.dim: torch.cat(
                 [files.tensor(p, n) for p in paths], dim=d)))
         else:
-            entries.append(_Entry(name, dtype, shape, lambda n=name: replica(n)))
+            entries.append(_Entry(name, t.dtype, t.shape, lambda n=name: replica(n)))
     return entries
 
 

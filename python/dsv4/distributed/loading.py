@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..checkpoint_io import SafetensorsFile
-from ..convert import _RANK_FILE, ConvertError, _rank_files, split_rule
+from ..convert import _RANK_FILE, ConvertError, _rank_files, plan_rank_tensors, split_rule
 from .group import ExpertParallelGroup, init
 from .model import check_same_model, convert_moe_layers
 
@@ -67,44 +67,21 @@ class RankFiles:
         except BaseException:
             self.close()
             raise
-        self.tensors: dict[str, tuple[str, tuple[int, ...], None]] = {}
-        self._how: dict[str, tuple[str, int, list[int]]] = {}   # kind, dim, ranks
         prefer = prefer_rank % mp
-        names: dict[str, None] = {}
-        for f in self._files:
-            names.update(dict.fromkeys(f.tensors))
-        problems = []
-        for name in names:
-            holders = [r for r, f in enumerate(self._files) if name in f.tensors]
-            kind, dim = split_rule(name)
-            dtype, shape, _ = self._files[holders[0]].tensors[name]
-            if kind == "expert":
-                if len(holders) != 1:
-                    problems.append(f"{name} is on ranks {holders} (a routed expert is on one)")
-                    continue
-                self._how[name] = ("one", -1, holders)
-            elif len(holders) != mp:
-                problems.append(f"{name} is on ranks {holders} only (expected all {mp})")
-                continue
-            elif kind == "split":
-                parts = [self._files[r].tensors[name] for r in range(mp)]
-                full = list(shape)
-                full[dim] = sum(p[1][dim] for p in parts)
-                if any(p[0] != dtype or len(p[1]) != len(shape)
-                       or any(a != b for i, (a, b) in enumerate(zip(p[1], shape)) if i != dim)
-                       for p in parts):
-                    problems.append(f"{name}: rank slices differ in dtype or in dims other than "
-                                    f"{dim}")
-                    continue
-                shape = tuple(full)
-                self._how[name] = ("split", dim, list(range(mp)))
-            else:
-                self._how[name] = ("one", -1, [prefer if prefer in holders else holders[0]])
-            self.tensors[name] = (dtype, tuple(shape), None)
+        headers = [{n: (d, shape) for n, (d, shape, _) in f.tensors.items()} for f in self._files]
+        plan, problems = plan_rank_tensors(headers)
         if problems:
             self.close()
             raise CheckpointError(f"inconsistent rank files in {path}:\n  "
                                   + "\n  ".join(problems[:20]))
+        self.tensors: dict[str, tuple[str, tuple[int, ...], None]] = {
+            n: (t.dtype, tuple(t.shape), None) for n, t in plan.items()}
+        self._how: dict[str, tuple[str, int, list[int]]] = {}   # kind, dim, ranks to read
+        for n, t in plan.items():
+            if t.kind == "split":
+                self._how[n] = ("split", t.dim, list(range(mp)))
+            else:      # an expert's one holder; a replica from prefer_rank's file
+                self._how[n] = ("one", -1, [prefer if t.kind == "replicate" else t.holders[0]])
 
     def keys(self) -> list[str]:
         return list(self.tensors)
