@@ -51,3 +51,20 @@ def test_hadamard_matches_sylvester_matrix_and_is_orthonormal():
     x = torch.randn(3, 64)
     torch.testing.assert_close(hadamard(x), x @ H.T / 8, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hadamard(hadamard(x)), x, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_quantize_is_the_half_of_the_sim_the_caches_store():
+    """fp8_e4m3_quantize's codes x scales are fp8_e4m3_sim's values; the scales are powers of
+    two from amax / 448 (a block of zeros takes the 1e-4 floor, 2^-22)."""
+    from dsv4.ops.quant import fp8_e4m3_quantize
+    x = torch.randn(3, 5, 256, dtype=torch.float64)
+    x = x * torch.logspace(-3, 3, 256, dtype=torch.float64)
+    x[0, 0, :64] = 0
+    q, s = fp8_e4m3_quantize(x, 64)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.shape == (3, 5, 4)
+    assert torch.equal(torch.frexp(s).mantissa, torch.full_like(s, 0.5))     # powers of two
+    assert s[0, 0, 0].item() == 2.0 ** -22
+    blocks = x.float().unflatten(-1, (4, 64)).abs().amax(-1)
+    assert ((blocks / s <= 448) & (blocks / s > 224)).flatten()[1:].all()   # the smallest such
+    y = (q.double().unflatten(-1, (4, 64)) * s.double()[..., None]).flatten(-2)
+    assert torch.equal(y.to(x.dtype), fp8_e4m3_sim(x, 64))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import FP8_E4M3_MAX, ue8m0_scale
+from .quant import fp8_e4m3_quantize
 
 __all__ = [
     "MODEL1", "INDEXER", "MODEL1_ENTRY_BYTES", "MODEL1_NOPE_DIM", "MODEL1_ROPE_DIM",
@@ -51,7 +51,6 @@ MODEL1_SCALE_BYTES = 8          # 7 UE8M0 scales + 1 pad byte
 MODEL1_ENTRY_BYTES = 584
 _MODEL1_PAGE_ALIGN = 576        # FlashMLA pads a block to a multiple of this
 _INDEXER_ALIGN = 16
-_SCALE_FLOOR = 1e-4             # amax floor of fp8_e4m3_sim
 
 
 def indexer_entry_bytes(head_dim: int) -> int:
@@ -126,15 +125,6 @@ def cache_format(pool: torch.Tensor, head_dim: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Pack / unpack of entries (no layout): the quantisation itself
 # ---------------------------------------------------------------------------------------------
-def _fp8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 codes (uint8) and power-of-two scales (fp32 [..., n / block]) of fp8_e4m3_sim."""
-    xf = x.float().unflatten(-1, (x.shape[-1] // block, block))
-    amax = xf.abs().amax(-1, keepdim=True).clamp_min(_SCALE_FLOOR)
-    s = ue8m0_scale(amax, FP8_E4M3_MAX)
-    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.flatten(-2).view(torch.uint8), s.squeeze(-1)
-
-
 def _e8m0_byte(s: torch.Tensor) -> torch.Tensor:
     return ((s.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
 
@@ -152,14 +142,14 @@ def pack(fmt: str, x: torch.Tensor) -> torch.Tensor:
     eb = entry_bytes(fmt, d)
     out = torch.zeros(*x.shape[:-1], eb, dtype=torch.uint8, device=x.device)
     if fmt == MODEL1:
-        q, s = _fp8_blocks(x[..., :MODEL1_NOPE_DIM], 64)
-        out[..., :MODEL1_NOPE_DIM] = q
+        q, s = fp8_e4m3_quantize(x[..., :MODEL1_NOPE_DIM], 64)
+        out[..., :MODEL1_NOPE_DIM] = q.view(torch.uint8)
         rope = x[..., MODEL1_NOPE_DIM:].to(torch.bfloat16).contiguous()
         out[..., MODEL1_NOPE_DIM:MODEL1_TOKEN_BYTES] = rope.view(torch.uint8)
         out[..., MODEL1_TOKEN_BYTES:MODEL1_TOKEN_BYTES + 7] = _e8m0_byte(s)
     else:
-        q, s = _fp8_blocks(x, d)
-        out[..., :d] = q
+        q, s = fp8_e4m3_quantize(x, d)
+        out[..., :d] = q.view(torch.uint8)
         out[..., d:] = s.contiguous().view(torch.uint8)
     return out
 

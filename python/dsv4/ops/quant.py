@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ue8m0_scale", "fp8_e4m3_sim", "fp4_e2m1_sim", "fp4_e2m1_round", "hadamard",
+__all__ = ["ue8m0_scale", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim", "fp4_e2m1_round",
+           "hadamard",
            "FP8_E4M3_MAX", "FP4_E2M1_MAX"]
 
 FP8_E4M3_MAX = 448.0
@@ -27,6 +28,22 @@ def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), exp)
 
 
+def fp8_e4m3_quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantisation half of :func:`fp8_e4m3_sim`: e4m3 codes ``float8_e4m3fn [..., n]`` and
+    their power-of-two block scales ``float32 [..., n / block]`` (``x ≈ codes * scale``; the
+    FP8 caches store exactly these, dsv4.ops.kv_cache).
+    Raises ValueError if the last dim is not a multiple of ``block``.
+    """
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"fp8_e4m3_sim: last dim {n} is not a multiple of the block size {block}")
+    xf = x.float().unflatten(-1, (n // block, block))
+    amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    s = ue8m0_scale(amax, FP8_E4M3_MAX)
+    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), s.squeeze(-1)
+
+
 def fp8_e4m3_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """FP8 e4m3 quant-dequant of ``x`` in blocks of ``block`` along the last dim.
 
@@ -36,14 +53,8 @@ def fp8_e4m3_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     trip) and, with block 128, on activations before FP8 GEMMs (§12.3).
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
-    n = x.shape[-1]
-    if n % block:
-        raise ValueError(f"fp8_e4m3_sim: last dim {n} is not a multiple of the block size {block}")
-    xf = x.float().unflatten(-1, (n // block, block))
-    amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-    s = ue8m0_scale(amax, FP8_E4M3_MAX)
-    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-    return (q * s).flatten(-2).to(x.dtype)
+    q, s = fp8_e4m3_quantize(x, block)
+    return (q.float().unflatten(-1, (-1, block)) * s[..., None]).flatten(-2).to(x.dtype)
 
 
 def fp4_e2m1_round(y: torch.Tensor) -> torch.Tensor:
