@@ -1,4 +1,4 @@
-"""The command line, table and output files shared by the kernel benchmarks
+"""The command line, table, output files and kernel timer shared by the kernel benchmarks
 (``bench_csa``, ``bench_attn``, ``bench_gemm``, ``bench_moe``, ``bench_mhc``).
 
 A benchmark is a set of families; each family is a module beside this file whose
@@ -16,6 +16,7 @@ import datetime
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import traceback
@@ -24,6 +25,55 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 
 Columns = Union[Sequence[str], Mapping[str, Sequence[str]]]
+
+
+_L2_FLUSH_BYTES = 256 << 20     # > the L2 of an H100 (50 MB) / H200 (60 MB)
+_l2_flush_buf: "torch.Tensor | None" = None
+
+
+def l2_flush() -> None:
+    """Evict the GPU's L2 cache (a write of 256 MB), so the next kernel reads from HBM."""
+    global _l2_flush_buf
+    if _l2_flush_buf is None:
+        _l2_flush_buf = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    _l2_flush_buf.zero_()
+
+
+def cuda_time_us(fn: Callable, reps: int = 10, warmup: int = 2, *, calls: int = 1,
+                 flush: bool = False, indexed: bool = False) -> float:
+    """The kernel benchmarks' timer: microseconds per call of ``fn``, the median over ``reps``
+    samples, each sample CUDA events around ``calls`` back-to-back calls (their mean), after
+    ``warmup`` calls.
+
+    Args:
+        flush: evict the L2 (:func:`l2_flush`) before each sample, outside the timed region.
+        indexed: call ``fn(k)`` with the running call index k = 0, 1, ... (warm-up included),
+            e.g. to rotate through copies of the inputs (``x[k % n]``) larger than the L2 in
+            total; else ``fn()``.
+    """
+    k = 0
+
+    def call() -> None:
+        nonlocal k
+        fn(k) if indexed else fn()
+        k += 1
+
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        if flush:
+            l2_flush()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples)
 
 
 def fmt(v) -> str:

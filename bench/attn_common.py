@@ -4,36 +4,16 @@ the floor, the baseline run in the same process and the ratio to it)."""
 
 from __future__ import annotations
 
-import statistics
-
-import torch
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0   # measured bf16 dense matmul on the project's H200
 PEAK_BW = 4.22e12     # measured device-to-device copy, bytes/s
-_FLUSH_BYTES = 256 << 20
-_flush: torch.Tensor | None = None
 
 
 def time_us(fn, reps: int, warmup: int = 2) -> float:
-    """Median of ``reps`` CUDA-event timings of ``fn()`` in microseconds, with the L2 flushed
-    (a 256 MB write) before every run."""
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        _flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
+    """Median of ``reps`` CUDA-event timings of ``fn()`` in microseconds, the L2 flushed before
+    every run (the shared timer, bench/_driver.py)."""
+    return cuda_time_us(fn, reps, warmup, flush=True)
 
 def row(op: str, case: str, t_us: float, flops: float, nbytes: float, base_us: float | None,
         base_name: str, note: str = "") -> dict:

@@ -12,10 +12,11 @@ Usage: python bench/csa_compress_kv.py [--quick]
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
+
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0
 PEAK_TBPS = 4.22
@@ -27,21 +28,9 @@ SHAPES = [("csa d512 r4 fp8", 512, 4, 1), ("hca d512 r128 fp8", 512, 128, 1),
 
 
 def _time_us(fn, iters: int, warmup: int = 3) -> float:
-    """Median of per-call CUDA-event timings (each sample averages `iters` calls)."""
-    for _ in range(warmup):
-        fn(0)
-    torch.cuda.synchronize()
-    samples = []
-    for _rep in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for k in range(iters):
-            fn(k)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1000.0 / iters)
-    return statistics.median(samples)
-
+    """Median of 5 samples of the mean per-call time of ``iters`` calls ``fn(k)`` (k rotates
+    the inputs; the shared timer, bench/_driver.py)."""
+    return cuda_time_us(fn, 5, warmup, calls=iters, indexed=True)
 
 def _case(name: str, d: int, m: int, quant: int, batch: int, n_per_row: int, decode: bool,
           with_ref: bool) -> dict:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+
+from _driver import cuda_time_us
 
 import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
@@ -32,25 +33,12 @@ from dsv4.ops.indexer import indexer_topk_varlen_reference
 PEAK_TFLOPS = 767.0   # measured bf16 dense on the project's H200
 PEAK_BW = 4.22e12     # measured device copy, bytes/s
 HEADS, HEAD_DIM = 64, 128
-_FLUSH_BYTES = 256 << 20
 
 
-def _time_us(fn, reps: int, flush: torch.Tensor) -> float:
-    """Median time of ``fn`` in microseconds (CUDA events), L2 flushed before each run."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    return statistics.median(times)
-
+def _time_us(fn, reps: int) -> float:
+    """Median time of ``fn`` in microseconds (CUDA events), L2 flushed before each run (the
+    shared timer, bench/_driver.py)."""
+    return cuda_time_us(fn, reps, 1, flush=True)
 
 def _inputs(T: int, B: int, N: int, seed: int):
     g = torch.Generator(device="cuda")
@@ -64,15 +52,15 @@ def _inputs(T: int, B: int, N: int, seed: int):
 
 
 def _case(op_case: str, q, w, keys, rows, n_valid, topk, key_bytes, flops, reps, ref_reps,
-          flush, kernel: bool, note: str) -> dict:
+          kernel: bool, note: str) -> dict:
     T = q.shape[0]
     out = torch.empty(T, topk, dtype=torch.int32, device="cuda")
     t_us = _time_us(lambda: torch.ops.dsv4.indexer_topk_out(q, w, keys, rows, n_valid, topk, out),
-                    reps, flush)
+                    reps)
     ref_us = None
     if ref_reps > 0:
         ref_us = _time_us(lambda: indexer_topk_varlen_reference(q, w, keys, rows, n_valid, topk),
-                          ref_reps, flush)
+                          ref_reps)
     floor_us = max(flops / (PEAK_TFLOPS * 1e12), key_bytes / PEAK_BW) * 1e6
     tflops = flops / (t_us * 1e-6) / 1e12
     gbps = key_bytes / (t_us * 1e-6) / 1e9
@@ -98,7 +86,6 @@ def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return []
     kernel = "indexer_topk_out" in ext.info()["cuda_usable_ops"]
-    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     results = []
     batches = (1, 32) if quick else (1, 32, 128)
     contexts = (8192, 131072) if quick else (8192, 131072, 1048576)
@@ -116,7 +103,7 @@ def run(quick: bool = False) -> list[dict]:
                 results.append(_case(
                     f"decode b={batch} ctx={ctx // 1024}K N={N} topk={topk}", q, w, keys, rows,
                     n_valid, topk, key_bytes, flops, reps=5 if key_bytes > (1 << 30) else 20,
-                    ref_reps=ref_reps, flush=flush, kernel=kernel,
+                    ref_reps=ref_reps, kernel=kernel,
                     note="memory-bound: floor = key bytes / 4.22 TB/s"))
             del q, w, keys
             torch.cuda.empty_cache()
@@ -130,7 +117,7 @@ def run(quick: bool = False) -> list[dict]:
             results.append(_case(
                 f"prefill T={tokens} causal N={N} topk={topk}", q, w, keys, rows, n_valid, topk,
                 N * HEAD_DIM * 2, flops, reps=3 if tokens >= 65536 else 7,
-                ref_reps=1 if tokens >= 16384 else 2, flush=flush, kernel=kernel,
+                ref_reps=1 if tokens >= 16384 else 2, kernel=kernel,
                 note="tensor-core-bound (mma.sync): floor = FLOPs / 767 TFLOP/s"))
         del q, w, keys
         torch.cuda.empty_cache()

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
+
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0   # measured bf16 dense matmul on the project's H200
 PEAK_TBPS = 4.22      # measured device-to-device copy
@@ -79,21 +80,8 @@ def _input_bytes(a) -> int:
 
 def _time_us(fn, arg_sets, warmup: int, reps: int) -> float:
     """Median over reps of one call timed with CUDA events, cycling through arg_sets (copies of
-    the inputs, so that inputs smaller than L2 are not served from it)."""
-    for i in range(warmup):
-        fn(arg_sets[i % len(arg_sets)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        a = arg_sets[i % len(arg_sets)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
+    the inputs, so that inputs smaller than L2 are not served from it; bench/_driver.py)."""
+    return cuda_time_us(lambda k: fn(arg_sets[k % len(arg_sets)]), reps, warmup, indexed=True)
 
 def _run_case(name, a, H, flashmla_us, quick, with_ref):
     import dsv4.ops  # noqa: F401

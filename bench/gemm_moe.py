@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
+
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0
 PEAK_TBPS = 4.22
@@ -33,19 +34,7 @@ E, TOPK, K, N = 256, 6, 4096, 2048
 
 
 def _time_us(fn, warmup=3, reps=20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
-
+    return cuda_time_us(fn, reps, warmup)      # the shared timer (bench/_driver.py)
 
 def _route(T, g):
     idx = torch.rand(T, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]

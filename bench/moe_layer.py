@@ -20,30 +20,19 @@ when moe_up / moe_down are compiled.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from unittest import mock
 
 import torch
+
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0
 PEAK_TBPS = 4.22
 
 
 def _time_us(fn, reps: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
-
+    return cuda_time_us(fn, reps, warmup)      # the shared timer (bench/_driver.py)
 
 def _graph_us(fn, reps: int = 20) -> float | None:
     """GPU time of fn replayed from a CUDA graph (None if it cannot be captured)."""

@@ -17,10 +17,11 @@ timings, after warm-up; inputs rotated beyond the 50 MB L2 where they are smalle
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
+
+from _driver import cuda_time_us
 
 PEAK_TFLOPS = 767.0
 PEAK_TBPS = 4.22
@@ -29,21 +30,9 @@ D, E, TOPK = 4096, 256, 6
 
 
 def _time_us(fn, iters: int, warmup: int = 3) -> float:
-    """Median over 5 samples of the mean per-call time of `iters` back-to-back calls."""
-    for k in range(warmup):
-        fn(k)
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for k in range(iters):
-            fn(k)
-        e.record()
-        e.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / iters)
-    return statistics.median(samples)
-
+    """Median over 5 samples of the mean per-call time of `iters` back-to-back calls fn(k)
+    (the shared timer, bench/_driver.py)."""
+    return cuda_time_us(fn, 5, warmup, calls=iters, indexed=True)
 
 def _row(op, case, t, flops, nbytes, ref_t=None, note=""):
     floor = max(flops / (PEAK_TFLOPS * 1e6), nbytes / (PEAK_TBPS * 1e6))

@@ -71,3 +71,41 @@ def test_without_a_gpu_nothing_is_measured(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _driver.run_bench("bench_n", "N.\n", {"a": _boom}, ("op",), argv=[]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_cuda_time_us_samples_warmup_flush_and_index(monkeypatch):
+    """The kernel benches' one timer (bench/_driver.cuda_time_us) on a fake clock: warm-up calls
+    untimed, ``calls`` calls per sample averaged, the median of the samples, the L2 flushed
+    before each sample and outside it, ``fn(k)`` with the running index."""
+    clock = {"ms": 0.0}
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.t = clock["ms"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(_driver, "l2_flush", lambda: (log.append("flush"),
+                                                      clock.__setitem__("ms", clock["ms"] + 50)))
+    costs = iter([9.0, 9.0] + [1.0, 3.0] + [2.0, 2.0] + [30.0, 30.0])   # ms per call
+
+    def fn(k):
+        log.append(k)
+        clock["ms"] += next(costs)
+
+    # 2 warm-up calls, then 3 samples of 2 calls: per-call means 2, 2 and 30 ms -> median 2 ms
+    assert _driver.cuda_time_us(fn, reps=3, warmup=2, calls=2, flush=True, indexed=True) == 2000
+    assert log == [0, 1, "flush", 2, 3, "flush", 4, 5, "flush", 6, 7]
+    n = []
+    assert _driver.cuda_time_us(lambda: n.append(1), reps=4, warmup=1) == 0.0
+    assert len(n) == 5
