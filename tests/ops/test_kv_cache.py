@@ -217,3 +217,24 @@ def test_dsv4_info_bytes_describe_this_cache():
         assert kv_entry_bytes(cfg, "fp8") == kc.entry_bytes(kc.MODEL1, cfg.head_dim)
         assert indexer_key_bytes(cfg, "fp8") == kc.entry_bytes(kc.INDEXER, cfg.index_head_dim)
         assert kv_entry_bytes(cfg, "bf16") == kc.bytes_per_entry(torch.bfloat16, cfg.head_dim)
+
+
+def test_paged_rows_against_a_loop():
+    """kv_cache.paged_rows (the block-table addressing of every paged store) against a plain
+    loop: missing blocks (-1), ids past num_blocks, entries past the table and s = -1 give -1."""
+    g = torch.Generator().manual_seed(3)
+    R, M, bs, nb = 4, 5, 3, 9
+    table = torch.randint(-1, nb + 2, (R, M), generator=g, dtype=torch.int32)
+    rows = torch.randint(0, R, (6, 1), generator=g)
+    s = torch.randint(-1, M * bs + 4, (6, 7), generator=g)
+    got = kc.paged_rows(table, rows, s, bs, nb)
+    for t in range(6):
+        for k in range(7):
+            e, r = int(s[t, k]), int(rows[t, 0])
+            b = int(table[r, e // bs]) if 0 <= e < M * bs else -1
+            want = b * bs + e % bs if 0 <= b < nb else -1
+            assert int(got[t, k]) == want, (t, k)
+    assert got.dtype == torch.int64
+    # without num_blocks only negative ids are missing; an empty table has no entries
+    assert (kc.paged_rows(table, rows, s, bs) >= got).all()
+    assert (kc.paged_rows(table[:, :0], rows, s, bs) == -1).all()

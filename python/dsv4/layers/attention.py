@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerCache
+from ..ops import kv_cache
 from ..ops.attention import sparse_attn_reference
 from ..ops.backend import use_kernels
 from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
@@ -274,7 +275,8 @@ class Attention(nn.Module):
                                       self.softmax_scale, None, entries, batch.block_table,
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
-                extra_idx = _physical(table, r, sel[blk].long(), entries.shape[1])
+                extra_idx = kv_cache.paged_rows(table, r, sel[blk], entries.shape[1]
+                                                 ).to(torch.int32)
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
                 extra = entries if entries.dtype == torch.uint8 else \
                     entries.view(-1, entries.shape[-1])
@@ -311,7 +313,6 @@ def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: 
       before attention is safe). Distinct tokens write distinct ring rows.
 
     Returns the scope (a uint8 pool [nb, W, 584])."""
-    from ..ops import kv_cache
     T, B = batch.num_tokens, batch.num_rows
     ring_rows = (slot_t * W + pos % W).to(torch.int32)
     if batch.decode:
@@ -327,15 +328,3 @@ def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: 
     _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, scope, new_rows, ring,
                        last)
     return scope
-
-
-def _physical(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor,
-              block_size: int) -> torch.Tensor:
-    """Physical rows of logical entries ``s`` [t, k] (−1 = none) of the sequences ``rows``
-    [t, 1] in a store [num_blocks, block_size, d] viewed as [num_blocks·block_size, d]:
-    ``table[row, s // block_size] · block_size + s % block_size``; −1 where s < 0 or the
-    block is missing. int32 [t, k]."""
-    sc = s.clamp(min=0)
-    blk = table[rows, (sc // block_size).clamp(max=table.shape[1] - 1)]
-    phys = blk * block_size + sc % block_size
-    return torch.where((s >= 0) & (blk >= 0), phys, -1).to(torch.int32)

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from . import kv_cache
 from ._ext import register_op
 from .attention import _flat_keys, sparse_attn_reference
 
@@ -136,10 +137,9 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         if L == 0:  # (also every R == 0 / max_blocks == 0 case: lengths are 0 there)
             extra_idx = torch.empty(t1 - t0, 0, dtype=torch.int32, device=dev)
         else:
-            # i < L <= max_blocks * bs, so the column i // bs is inside the table.
-            blk = table[rows[t0:t1].clamp(0, R - 1)].gather(1, (i // bs).expand(t1 - t0, L))
-            ok = (i < lengths[t0:t1, None]) & (blk >= 0) & (blk < nb)
-            extra_idx = torch.where(ok, blk * bs + i % bs, -1).to(torch.int32)
+            flat = kv_cache.paged_rows(table, rows[t0:t1, None].clamp(0, R - 1),
+                                       i.expand(t1 - t0, L), bs, nb)
+            extra_idx = torch.where(i < lengths[t0:t1, None], flat, -1).to(torch.int32)
         o, l = sparse_attn_reference(
             q[t0:t1], kv, indices[t0:t1], attn_sink, softmax_scale,
             None if topk_length is None else topk_length[t0:t1], flat_extra, extra_idx, None,

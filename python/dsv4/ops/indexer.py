@@ -224,12 +224,12 @@ def _gather_paged(keys: torch.Tensor, table: torch.Tensor, n: int
     (and present False)."""
     num_blocks, bs = keys.shape[0], keys.shape[1]
     s = torch.arange(n, device=keys.device)
-    blk = table.long()[s // bs]
-    present = (blk >= 0) & (blk < num_blocks)
-    phys = blk.clamp(0, max(num_blocks - 1, 0))
+    flat = kv_cache.paged_rows(table[None], s.new_zeros(1, 1), s[None], bs, num_blocks)[0]
+    present = flat >= 0
     if num_blocks == 0:
         return keys.new_zeros(n, keys.shape[2]), present
-    row_keys = keys[phys, s % bs]
+    f = flat.clamp(min=0)
+    row_keys = keys[f // bs, f % bs]
     return torch.where(present[:, None], row_keys, torch.zeros_like(row_keys)), present
 
 

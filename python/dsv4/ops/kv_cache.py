@@ -37,7 +37,7 @@ __all__ = [
     "MODEL1", "INDEXER", "MODEL1_ENTRY_BYTES", "MODEL1_NOPE_DIM", "MODEL1_ROPE_DIM",
     "MODEL1_HEAD_DIM", "indexer_entry_bytes", "entry_bytes", "block_bytes", "pool_shape",
     "allocate", "cache_format", "pack", "unpack", "write_entries", "read_entries",
-    "read_pool", "bytes_per_entry", "block_view",
+    "read_pool", "bytes_per_entry", "block_view", "paged_rows",
 ]
 
 MODEL1 = "fp8_model1"
@@ -186,6 +186,34 @@ def block_view(pool: torch.Tensor) -> torch.Tensor:
                          f"({bs} x {eb} bytes)")
     return pool.as_strided((nb, bs * eb), (pool.stride(0) if nb > 1 else bs * eb, 1),
                            pool.storage_offset())
+
+
+def paged_rows(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor, block_size: int,
+               num_blocks: int | None = None) -> torch.Tensor:
+    """Flat rows of logical entries through block tables: entry ``s`` of sequence ``row`` is
+    at ``table[row, s // block_size] * block_size + s % block_size`` of a store
+    [num_blocks, block_size, ...] viewed as [num_blocks * block_size, ...] (every paged store
+    of the runtime: compressed KV, indexer keys).
+
+    Args:
+        table: int [R, max_blocks] block ids (−1 = no block).
+        rows: int [t, 1] or [t, k], rows of ``table`` (in [0, R)).
+        s: int [t, k] logical entry indices (−1 = none).
+        num_blocks: the store's block count; block ids outside [0, num_blocks) give −1 too.
+
+    Returns int64 [t, k]: the flat row, or −1 where ``s < 0``, ``s`` lies past the table's
+    blocks, or the block is missing. No host synchronisation (usable in CUDA graphs).
+    """
+    M = table.shape[1]
+    s = s.long()
+    if M == 0:
+        return torch.full_like(s, -1)
+    col = torch.div(s, block_size, rounding_mode="floor")
+    blk = table.long()[rows.long(), col.clamp(0, M - 1)]
+    ok = (s >= 0) & (col < M) & (blk >= 0)
+    if num_blocks is not None:
+        ok &= blk < num_blocks
+    return torch.where(ok, blk * block_size + s % block_size, -1)
 
 
 def _part_views(fmt: str, blocks: torch.Tensor, bs: int, eb: int):
