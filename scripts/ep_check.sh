@@ -10,34 +10,10 @@
 #   NPROC=4 bash scripts/ep_check.sh bench   # EP = 4 on the x4 kind
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-/tmp/dsv4_out}
+source scripts/gpu_common.sh   # PY, OUT, status, step(), CUDA_HOME, the .whl/ wheels
 NPROC=${NPROC:-2}
 STAGE=${1:-all}
-mkdir -p "$OUT"
-status=0
-
-step() {  # step NAME CMD...: run CMD, tee its output to $OUT/NAME.log, remember a failure
-  local name=$1
-  shift
-  echo "=== $name: $*" | tee "$OUT/$name.log"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee -a "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
-  [[ $rc -eq 0 ]] || status=1
-  return "$rc"
-}
-
-if [[ -z "${CUDA_HOME:-}" ]]; then  # the nvcc on PATH may be a wrapper: find the real toolkit
-  CUDA_HOME=$("$PY" -c 'import setup; print(setup.find_cuda_home() or "")')
-  [[ -n "$CUDA_HOME" ]] && export CUDA_HOME
-fi
 nvidia-smi topo -m > "$OUT/nvidia-smi-topo.log" 2>&1
-if compgen -G ".whl/*.whl" > /dev/null; then   # wheels the GPU image lacks (as gpu_check.sh)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export DSV4_EXPECT_C=1
 
 case "$STAGE" in
