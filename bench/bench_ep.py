@@ -44,7 +44,7 @@ import zlib
 import torch
 
 from dsv4.runtime.floors import BF16_FLOPS as BF16, HBM_BYTES_PER_S as HBM
-from dsv4.runtime.floors import kv_read_bytes  # (bf16 dense cache: the default)
+from dsv4.runtime.floors import attention_flops, kv_read_bytes  # (bf16 dense cache: default)
 
 DECODE_CASES = [(1, 8192), (64, 8192), (1, 131072), (64, 131072)]
 PREFILL_CASES = [(1, 8192), (64, 8192), (1, 131072), (64, 131072)]
@@ -89,25 +89,6 @@ def _spec_bytes(config):
     n_layers = c.n_layers
     return (dense, expert / n_layers, c.dim * 2, c.vocab_size * c.dim * 4, dense_params,
             expert_params / n_layers)
-
-
-def attention_flops(c, start: int, n: int) -> float:
-    """Attention + indexer FLOPs of the queries at positions start .. start + n - 1 (main
-    layers): 4 · heads · head_dim per attended key, 2 · index heads · index dim per scored
-    entry (dsv4.runtime.floors' count)."""
-    pos = torch.arange(start, start + n, dtype=torch.float64)
-    f = 0.0
-    for i in range(c.n_layers):
-        r = c.compress_ratios[i]
-        keys = torch.clamp(pos + 1, max=c.window_size)
-        m = torch.div(pos + 1, r, rounding_mode="floor") if r else torch.zeros_like(pos)
-        if r == 4:
-            keys = keys + torch.clamp(m, max=c.index_topk)
-            f += float((2 * c.index_n_heads * c.index_head_dim * m).sum())
-        elif r:
-            keys = keys + m
-        f += float((4 * c.n_heads * c.head_dim * keys).sum())
-    return f
 
 
 def floors(c, kind: str, batch: int, context: int, world: int, full_logits: bool) -> dict:

@@ -151,3 +151,25 @@ def test_cli_parses_kv_cache():
     assert p.parse_args(["bench"]).kv_cache == "bf16"
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "--kv-cache", "fp4"])
+
+
+def test_attention_flops_by_hand():
+    """floors.attention_flops (the prefill / decode floors and bench_ep) against a per-query
+    count: window keys + CSA top-k picks or HCA entries, and the indexer's scored entries."""
+    from dsv4.runtime.floors import attention_flops
+    cfg = dsv4.ModelConfig.tiny(compress_ratios=(0, 4, 16, 4, 0))
+
+    def one(t):
+        f = 0
+        for r in cfg.compress_ratios[:cfg.n_layers]:      # main layers (the MTP one excluded)
+            keys, m = min(t + 1, cfg.window_size), ((t + 1) // r if r else 0)
+            if r == 4:
+                keys += min(m, cfg.index_topk)
+                f += 2 * cfg.index_n_heads * cfg.index_head_dim * m
+            elif r:
+                keys += m
+            f += 4 * cfg.n_heads * cfg.head_dim * keys
+        return f
+
+    for start, n in ((0, 1), (0, 300), (1000, 77), (5 << 16, 3)):
+        assert attention_flops(cfg, start, n) == sum(one(t) for t in range(start, start + n))

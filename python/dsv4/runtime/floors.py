@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["HBM_BYTES_PER_S", "BF16_FLOPS", "WeightBytes", "weight_bytes", "decode_floor",
-           "prefill_floor", "kv_read_bytes"]
+           "prefill_floor", "kv_read_bytes", "attention_flops"]
 
 HBM_BYTES_PER_S = 4.22e12
 BF16_FLOPS = 767e12
@@ -119,25 +119,29 @@ def decode_floor(model, batch: int, context: int, head_bytes_per_param: int = 4,
     kv = batch * kv_read_bytes(c, context, model.embed.weight.element_size(), key_bytes,
                                entry_bytes)
     flops = batch * (2 * (w.active_params + w.head_params)
-                     + _attention_flops_at(c, context))
+                     + attention_flops(c, context, 1))
     seconds = max((weights + kv) / HBM_BYTES_PER_S, flops / BF16_FLOPS)
     return {"bytes": weights + kv, "weight_bytes": weights, "kv_bytes": kv, "flops": flops,
             "seconds": seconds}
 
 
-def _attention_flops_at(c, t: int) -> float:
-    """Attention + indexer FLOPs of one query at position t (0-based), all main layers."""
+def attention_flops(c, start: int, n: int) -> float:
+    """Attention + indexer FLOPs of the queries at positions ``start`` … ``start + n − 1``
+    (0-based), all main layers: 4 · heads · head_dim per attended key (QK and PV; the window,
+    plus the top-k picks on CSA layers or every complete entry on HCA layers) and
+    2 · index heads · index dim per entry the indexer scores."""
+    pos = torch.arange(start, start + n, dtype=torch.float64)
     f = 0.0
     for i in range(c.n_layers):
         r = c.compress_ratios[i]
-        keys = min(t + 1, c.window_size)
-        n = (t + 1) // r if r else 0
+        keys = torch.clamp(pos + 1, max=c.window_size)
+        m = torch.div(pos + 1, r, rounding_mode="floor") if r else torch.zeros_like(pos)
         if r == 4:
-            keys += min(c.index_topk, n)
-            f += 2 * c.index_n_heads * c.index_head_dim * n
+            keys = keys + torch.clamp(m, max=c.index_topk)
+            f += float((2 * c.index_n_heads * c.index_head_dim * m).sum())
         elif r:
-            keys += n
-        f += 4 * c.n_heads * c.head_dim * keys
+            keys = keys + m
+        f += float((4 * c.n_heads * c.head_dim * keys).sum())
     return f
 
 
@@ -146,19 +150,8 @@ def prefill_floor(model, batch: int, prompt: int, start: int = 0) -> dict:
     for each prompt's last position only. Returns {"flops", "bytes", "seconds"}."""
     c = model.config
     w = weight_bytes(model)
-    pos = torch.arange(start, start + prompt, dtype=torch.float64)
-    attn = 0.0
-    for i in range(c.n_layers):
-        r = c.compress_ratios[i]
-        keys = torch.clamp(pos + 1, max=c.window_size)
-        n = torch.div(pos + 1, r, rounding_mode="floor") if r else torch.zeros_like(pos)
-        if r == 4:
-            keys = keys + torch.clamp(n, max=c.index_topk)
-            attn += float((2 * c.index_n_heads * c.index_head_dim * n).sum())
-        elif r:
-            keys = keys + n
-        attn += float((4 * c.n_heads * c.head_dim * keys).sum())
-    flops = batch * (2 * w.active_params * prompt + attn + 2 * w.head_params)
+    flops = batch * (2 * w.active_params * prompt + attention_flops(c, start, prompt)
+                     + 2 * w.head_params)
     E, k = w.n_experts, w.topk
     distinct = E * (1 - (1 - k / E) ** (batch * prompt))
     weights = w.dense + sum(distinct * b for b in w.expert) + w.head_fp32
