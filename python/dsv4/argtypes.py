@@ -1,12 +1,16 @@
-"""argparse value types shared by the command lines (``dsv4`` and its ``bench`` / ``train``
-subcommands): each names the accepted range in its error message."""
+"""Value checks shared by the command lines (argparse types of ``dsv4`` and its ``bench`` /
+``train`` subcommands) and the public API (integer sequences): each error names what is
+accepted."""
 
 from __future__ import annotations
 
 import argparse
+import operator
 from typing import Callable
 
-__all__ = ["int_at_least"]
+import torch
+
+__all__ = ["int_at_least", "int_sequence"]
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -20,3 +24,32 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
         return v
     return parse
+
+
+def int_sequence(value, what: str) -> list[int]:
+    """``value`` (a list, tuple or other iterable of integers, or a 1-D integer tensor) as
+    python ints. Raises ValueError ``f"{what}; got ..."`` for anything else: a string, a
+    scalar, a float / bool / complex tensor or a tensor of another rank, an element that is a
+    bool, float, string, None or non-integer tensor. Ranges and lengths are the caller's."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex \
+                or value.dtype == torch.bool:
+            raise ValueError(f"{what}; got a {value.dtype} tensor of shape "
+                             f"{tuple(value.shape)}")
+        return value.tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what}; got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, (bool, float, str, bytes)) or v is None or (
+                isinstance(v, torch.Tensor) and (v.dim() or not _integer(v.dtype))):
+            raise ValueError(f"{what}; got {v!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ValueError(f"{what}; got {v!r}") from None
+    return out
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

@@ -8,7 +8,6 @@ next from the last residual streams and the next token's embedding.
 
 from __future__ import annotations
 
-import operator
 import os
 from typing import Optional, Sequence
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .argtypes import int_sequence
 from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
@@ -35,25 +35,7 @@ def _seq_lens_arg(seq_lens, batch: int, seq: int) -> list[int]:
             "integer tensor)")
     if seq_lens is None:
         return [seq] * batch
-    if isinstance(seq_lens, torch.Tensor):
-        if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex \
-                or seq_lens.dtype == torch.bool:
-            raise ValueError(f"{what}; got a {seq_lens.dtype} tensor of shape "
-                             f"{tuple(seq_lens.shape)}")
-        raw = seq_lens.tolist()
-    elif isinstance(seq_lens, (str, bytes)) or not hasattr(seq_lens, "__iter__"):
-        raise ValueError(f"{what}; got {seq_lens!r}")
-    else:
-        raw = list(seq_lens)
-    lens = []
-    for v in raw:
-        if isinstance(v, (bool, float, str, bytes)) or v is None or (
-                isinstance(v, torch.Tensor) and (v.dim() or v.dtype.is_floating_point)):
-            raise ValueError(f"{what}; got {raw!r}")
-        try:
-            lens.append(operator.index(v))
-        except TypeError:
-            raise ValueError(f"{what}; got {raw!r}") from None
+    lens = int_sequence(seq_lens, what)
     if len(lens) != batch or any(not 0 <= v <= seq for v in lens):
         raise ValueError(f"{what}; got {lens}")
     return lens

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ..argtypes import int_sequence
 from ..cache import check_count
 from .pool import PagedCache, blocks_needed, check_cache_formats
 from .request import Request, RequestOutput, SamplingParams, Status, new_request_id
@@ -410,25 +411,10 @@ def _available_bytes(device: torch.device) -> Optional[int]:
 def _token_list(prompt_ids, vocab: int) -> list[int]:
     """Validate a prompt (list / tuple / 1-D integer tensor of ids in [0, vocab))."""
     what = f"prompt_ids must be a non-empty sequence of token ids in [0, {vocab})"
-    if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or \
-                prompt_ids.dtype == torch.bool:
-            raise ValueError(f"{what}; got a {prompt_ids.dtype} tensor of shape "
-                             f"{tuple(prompt_ids.shape)}")
-        ids = prompt_ids.tolist()
-    elif isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
-        raise ValueError(f"{what}; got {prompt_ids!r}")
-    else:
-        ids = list(prompt_ids)
+    ids = int_sequence(prompt_ids, what)
     if not ids:
         raise ValueError(f"{what}; got an empty prompt")
-    out = []
-    for t in ids:
-        if isinstance(t, (bool, float, str)) or not isinstance(t, int) and not hasattr(
-                t, "__index__"):
-            raise ValueError(f"{what}; got {t!r}")
-        v = int(t)
-        if not 0 <= v < vocab:
-            raise ValueError(f"{what}; got {v}")
-        out.append(v)
-    return out
+    bad = next((v for v in ids if not 0 <= v < vocab), None)
+    if bad is not None:
+        raise ValueError(f"{what}; got {bad}")
+    return ids
