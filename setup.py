@@ -203,6 +203,18 @@ class BuildPy(_build_py):
             write_build_config(BUILD_VALUES, Path(self.build_lib) / "dsv4" / "_build_config.py")
 
 
+def _kernel_source_digest() -> str | None:
+    """dsv4._kernel_digest.kernel_source_digest of this tree, loaded by path (dsv4 is not
+    importable while it is being built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_dsv4_kernel_digest", ROOT / "python" / "dsv4" / "_kernel_digest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.kernel_source_digest(ROOT)
+
+
 def source_digest() -> str:
     """SHA-256 of what the compiled extension depends on: every file under csrc/, setup.py,
     pyproject.toml, and the build environment (python, torch, CUDA_HOME, TORCH_CUDA_ARCH_LIST,
@@ -299,6 +311,8 @@ def cuda_extensions() -> tuple[list, dict]:
             "CUDA_HOME": cuda_home,
             "TORCH_VERSION": torch.__version__,
             "TORCH_CUDA_VERSION": torch.version.cuda,
+            # the kernels' source hash (dsv4.ops.backend compares it with the GPU-verified one)
+            "KERNEL_SOURCE_DIGEST": _kernel_source_digest(),
         }
     )
     print(

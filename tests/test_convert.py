@@ -338,10 +338,14 @@ def test_plan_rank_tensors_reassembles_and_reports_every_inconsistency():
     del bad[1]["norm.weight"]                               # a replica missing on rank 1
     bad[1]["embed.weight"] = ("BF16", [6, 9])               # a split slice differing off-dim
     bad[0]["layers.0.attn.wo_b.weight"] = ("F32", [8, 3])   # dtypes differing
+    bad[0]["final.weight"], bad[1]["final.weight"] = ("F32", [8]), ("F32", [9])  # replicas
+    bad[0]["head.weight"] = bad[1]["head.weight"] = ("BF16", [])                 # no dim 0
     plan, problems = plan_rank_tensors(bad)
-    assert set(plan) == {e1} and len(problems) == 4
+    assert set(plan) == {e1} and len(problems) == 6
     text = "\n".join(problems)
     for want in (f"{e0} is on ranks [0, 1]", "norm.weight is on ranks [0] only",
                  "embed.weight: rank slices differ in dims other than 0",
-                 "layers.0.attn.wo_b.weight has different dtypes"):
+                 "layers.0.attn.wo_b.weight has different dtypes",
+                 "final.weight: a replicated tensor with different shapes",
+                 "head.weight has 0 dims; it is split along dim 0"):
         assert want in text

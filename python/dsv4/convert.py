@@ -636,7 +636,8 @@ def plan_rank_tensors(metas: list[dict[str, tuple[str, Sequence[int]]]]
     shape)`` (:func:`split_rule` decides the kind by name). Returns the plan of the consistent
     tensors (in rank-0-first name order) and one message per inconsistent one: a routed expert
     on several ranks, a tensor missing on some rank, dtypes that differ between ranks, split
-    slices that differ in a dim other than the split one. One definition for ``dsv4 convert
+    slices that differ in a dim other than the split one (or lack that dim), replicas whose
+    shapes differ. One definition for ``dsv4 convert
     --unshard`` and the expert-parallel loader (dsv4.distributed.loading.RankFiles)."""
     mp = len(metas)
     plan: dict[str, RankTensor] = {}
@@ -658,11 +659,17 @@ def plan_rank_tensors(metas: list[dict[str, tuple[str, Sequence[int]]]]
             continue
         elif kind == "split":
             parts = [list(metas[r][name][1]) for r in range(mp)]
+            if len(shape) <= dim:
+                problems.append(f"{name} has {len(shape)} dims; it is split along dim {dim}")
+                continue
             if any(len(p) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(p, shape))
                                                if i != dim) for p in parts):
                 problems.append(f"{name}: rank slices differ in dims other than {dim}")
                 continue
             shape[dim] = sum(p[dim] for p in parts)
+        elif any(list(metas[r][name][1]) != shape for r in holders):
+            problems.append(f"{name}: a replicated tensor with different shapes across ranks")
+            continue
         plan[name] = RankTensor(kind, dim if kind == "split" else -1, holders, dtype, shape)
     return plan, problems
 

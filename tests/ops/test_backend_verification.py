@@ -113,6 +113,32 @@ def test_kernel_source_digest_sees_every_byte(tmp_path):
     d1 = backend.kernel_source_digest(str(tmp_path))
     assert d1 != d0
     f.rename(tmp_path / "csrc" / "kernels" / "b.cu")                 # same bytes, new name
-    assert backend.kernel_source_digest(str(tmp_path)) not in (d0, d1)
+    d2 = backend.kernel_source_digest(str(tmp_path))
+    assert d2 not in (d0, d1)
+    (tmp_path / "csrc" / "kernels" / "b.cu").write_bytes(b"__global__ void k() { }\r\n")
+    assert backend.kernel_source_digest(str(tmp_path)) == d2        # a CRLF checkout
     assert backend.kernel_source_digest(str(tmp_path / "nowhere")) is None
+
+
+def test_an_extension_built_from_other_sources_is_not_verified(cuda_like, monkeypatch):
+    """setup.py records the kernels' source digest in dsv4/_build_config.py; an extension
+    built from csrc/ other than the verified one has no verified kernel (a warning says why),
+    whatever HARDWARE_VERIFIED lists; a record without the digest (older builds) is trusted."""
+    import dsv4.ops._ext as ext
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "H200, test"})
+    for digest in (backend.VERIFIED_SOURCE_DIGEST, None):
+        monkeypatch.setattr(ext, "_build_config",
+                            lambda d=digest: types.SimpleNamespace(KERNEL_SOURCE_DIGEST=d))
+        assert backend.built_source_mismatch() is None
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is True
+    monkeypatch.setattr(ext, "_build_config",
+                        lambda: types.SimpleNamespace(KERNEL_SOURCE_DIGEST="f" * 64))
+    assert "ffffffffffff" in backend.built_source_mismatch()
+    with pytest.warns(RuntimeWarning, match=r"moe_gate have not yet passed the GPU test suite "
+                                            r"at this version \(the extension was built from"):
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is False
+    assert not backend.may_call(("moe_gate",))
+    monkeypatch.setattr(backend, "_allow_unverified", True)                # the opt-in still works
+    assert backend.may_call(("moe_gate",))
 

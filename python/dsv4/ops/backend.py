@@ -34,9 +34,12 @@ import warnings
 
 import torch
 
+from .._kernel_digest import kernel_source_digest
+
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "HARDWARE_VERIFIED", "set_backend", "get_backend",
            "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed",
-           "may_call", "kernel_source_digest", "VERIFIED_SOURCE_DIGEST"]
+           "may_call", "kernel_source_digest", "built_source_mismatch",
+           "VERIFIED_SOURCE_DIGEST"]
 
 BACKENDS = ("cuda", "reference")
 DEFAULT_BACKEND = "cuda"
@@ -55,18 +58,21 @@ def _initial() -> str:
 _backend = _initial()
 _warned: set[str] = set()
 
-# Ops whose CUDA kernel passed the CUDA test suite (pytest -m cuda, the C++ checks under
-# compute-sanitizer memcheck) on a Hopper GPU at its current source, with where that was recorded.
-# A change under csrc/ makes tests/ops/test_backend_verification.py fail until the suite has
-# passed again on a GPU and VERIFIED_SOURCE_DIGEST is updated (an op whose kernel changed leaves
-# this table meanwhile). bench/README.md and the issue notes keep the history.
-_RUN_20261205 = ("2026-12-05: H100 80GB (751 CUDA tests, ctest, memcheck) and H200 (q/kv path "
-                 "tests after a tolerance fix), csrc of commit f8fc074 / fb59436")
+# Ops whose CUDA kernel passed the CUDA test suite (pytest -m cuda and the C++ checks) on a
+# Hopper GPU at its current source, with where that was recorded. A change under csrc/ makes
+# tests/ops/test_backend_verification.py fail until the suite has passed again on a GPU and
+# VERIFIED_SOURCE_DIGEST is updated (an op whose kernel changed leaves this table meanwhile);
+# an extension built from other sources has no verified kernel (built_source_mismatch).
+# bench/README.md and the issue notes keep the history.
+_RUN_20261205 = ("2026-12-05, csrc of fb59436: on an H100 80GB 745 of the 751 CUDA tests passed "
+                 "(1 skipped) and the 5 q/kv-path tests after a tolerance fix of the tests on an "
+                 "H200; ctest 9/9; memcheck clean on the grouped-GEMM, MoE-routing and mHC "
+                 "checks")
 HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205 for op in (
     "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
     "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
     "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
-# sha256 over csrc/{include,kernels,torch} (kernel_source_digest below) of that run
+# sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest) of that run
 VERIFIED_SOURCE_DIGEST = "045eec7327fea2968c4a8632897c66ca4e6ee094a36a0021fbc9b304a7f24a73"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
@@ -95,27 +101,24 @@ def unverified_allowed() -> bool:
 
 def may_call(ops: tuple[str, ...]) -> bool:
     """Whether the model may call the CUDA kernels of ``ops``: each is in
-    :data:`HARDWARE_VERIFIED`, or unverified kernels are allowed (compilation is not checked
-    here; :func:`use_kernels` checks everything and says why not)."""
-    return _allow_unverified or all(op in HARDWARE_VERIFIED for op in ops)
+    :data:`HARDWARE_VERIFIED` and the extension was built from the verified source (see
+    :func:`built_source_mismatch`), or unverified kernels are allowed (compilation is not
+    checked here; :func:`use_kernels` checks everything and says why not)."""
+    return _allow_unverified or (built_source_mismatch() is None
+                                 and all(op in HARDWARE_VERIFIED for op in ops))
 
 
-def kernel_source_digest(root: str | None = None) -> str | None:
-    """sha256 over the kernel sources of a source checkout (the C++/CUDA files under
-    csrc/include, csrc/kernels and csrc/torch: relative path and bytes, in path order), or None
-    where there is none (an installed wheel). Compared with :data:`VERIFIED_SOURCE_DIGEST` by
-    the tests."""
-    import hashlib
-    from pathlib import Path
-    base = Path(root) if root is not None else Path(__file__).resolve().parents[3]
-    parts = [base / "csrc" / d for d in ("include", "kernels", "torch")]
-    if not all(p.is_dir() for p in parts):
+def built_source_mismatch() -> str | None:
+    """None when the compiled extension was built from the kernel sources of
+    :data:`VERIFIED_SOURCE_DIGEST` (or its build record predates the digest), else a sentence
+    saying it was not: then no kernel counts as verified (a csrc/ change since the last GPU
+    run reaches the model only by opting in)."""
+    from . import _ext
+    built = getattr(_ext._build_config(), "KERNEL_SOURCE_DIGEST", None)
+    if built is None or built == VERIFIED_SOURCE_DIGEST:
         return None
-    h = hashlib.sha256()
-    suffixes = {".h", ".hpp", ".cuh", ".cu", ".cpp", ".cc"}
-    for f in sorted(f for p in parts for f in p.rglob("*") if f.suffix in suffixes):
-        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
+    return (f"the extension was built from kernel sources (digest {built[:12]}) other than the "
+            f"GPU-verified ones ({VERIFIED_SOURCE_DIGEST[:12]})")
 
 
 def set_backend(name: str) -> None:
@@ -198,10 +201,12 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
             reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
                       "those layers run the pure-PyTorch reference")
         elif not may_call(ops):
-            unverified = [op for op in ops if op not in HARDWARE_VERIFIED]
+            mismatch = built_source_mismatch()
+            unverified = ops if mismatch else [op for op in ops if op not in HARDWARE_VERIFIED]
             reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
-                      "GPU test suite at this version; those layers run the pure-PyTorch "
-                      f"reference (set {_UNVERIFIED_ENV}=1 or call "
+                      "GPU test suite at this version"
+                      + (f" ({mismatch})" if mismatch else "") + "; those layers run the "
+                      f"pure-PyTorch reference (set {_UNVERIFIED_ENV}=1 or call "
                       "dsv4.allow_unverified_kernels() to use them)")
         else:
             return True

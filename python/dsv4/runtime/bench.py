@@ -15,7 +15,8 @@ linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
   holds random entries: attention reads real-sized scopes without a real prefill), then
   ``--steps`` engine steps (CUDA graphs where capturable) after 3 warm-up steps; ms/step is
   the median step's wall time, sampling and the host included (the JSON adds the mean and
-  the slowest step). transformers' rows are timed the same way.
+  the slowest step). transformers' rows take the same medians (its prefill after one 16-token
+  warm-up forward).
 
 Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
 and the peak GPU memory. The head is read in bf16 by default (``--head bf16``: a bf16 copy of
