@@ -183,3 +183,19 @@ def test_decode_row_is_the_median_step(monkeypatch):
     r = bench.bench_decode(m, args, 2, 40)
     assert (r["ms_step"], r["ms_step_max"]) == (2.0, 20.0)
     assert r["ms_step_mean"] == pytest.approx(23.0 / 3) and r["tok_s"] == pytest.approx(1000.0)
+
+
+def test_profile_decode_script_runs_on_cpu(capsys):
+    """bench/profile_decode.py (the decode-step breakdown of bench/README.md) end to end on the
+    reference path: step times per batch, then the profiler table."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "profile_decode.py")
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--model", "tiny", "--layers", "2", "--experts", "0",
+                     "--batch", "1", "--context", "40", "--steps", "1", "--profile-batch",
+                     "1"]) == 0
+    out = capsys.readouterr().out
+    assert "b=1 @ 40 graphs=False: median" in out and "=== b=1 graphs=False: 3 steps by CPU" in out
