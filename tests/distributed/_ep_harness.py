@@ -64,3 +64,19 @@ def run_ranks(world: int, fn, *args, backend: str = "gloo", init: bool = True,
                 p.terminate()
         if os.path.exists(store):
             os.remove(store)
+
+
+def run_dsv4_cli(argv: list[str], nproc: int = 0, timeout: int = 900):
+    """``python -m dsv4 *argv`` (``nproc`` 0) or ``torchrun --nproc-per-node nproc -m dsv4
+    *argv`` with this checkout's package first on PYTHONPATH; the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    import dsv4
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(list(dsv4.__path__)[0])
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    launcher = [sys.executable] if nproc == 0 else \
+        ["torchrun", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return subprocess.run([*launcher, "-m", "dsv4", *argv], capture_output=True, text=True,
+                          env=env, timeout=timeout)

@@ -11,10 +11,7 @@ and ``torchrun --nproc-per-node 2 -m dsv4 generate`` printing the single-GPU tex
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ from dsv4.distributed import (ExpertParallelGroup, ExpertParallelMoE, expert_par
                               serve_step)
 from dsv4.model import Model
 
-from _ep_harness import free_port, run_ranks
+from _ep_harness import run_dsv4_cli, run_ranks
 
 pytestmark = pytest.mark.cuda
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs "
@@ -156,14 +153,8 @@ def test_native_checkpoint_on_two_gpus(tmp_path):
 def test_torchrun_generate_on_two_gpus():
     argv = ["generate", "--model", "tiny", "--prompt", "def fibonacci(n):", "--max-new-tokens",
             "8", "--device", "cuda", "--dtype", "float32"]
-    env = dict(os.environ)
-    pkg_root = os.path.dirname(list(dsv4.__path__)[0])
-    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    single = subprocess.run([sys.executable, "-m", "dsv4", *argv], capture_output=True,
-                            text=True, env=env, timeout=900)
+    single = run_dsv4_cli(argv)
     assert single.returncode == 0, single.stderr
-    proc = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "dsv4", *argv],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = run_dsv4_cli(argv, nproc=2)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == single.stdout

@@ -11,19 +11,15 @@ off and the reason recorded, and ``torchrun --nproc-per-node 2 -m dsv4 generate`
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import dsv4
 from dsv4.distributed import ExpertParallelGroup, expert_parallel, serve
 from dsv4.model import Model
 
-from _ep_harness import free_port, run_ranks
+from _ep_harness import run_dsv4_cli, run_ranks
 
 pytestmark = pytest.mark.cuda
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs "
@@ -84,12 +80,7 @@ def test_engines_on_two_gpus(dtype_name):
 def test_torchrun_generate_bf16_on_two_gpus():
     argv = ["generate", "--model", "tiny", "--prompt", "def fibonacci(n):", "--max-new-tokens",
             "8", "--device", "cuda", "--dtype", "bfloat16"]
-    env = dict(os.environ)
-    pkg_root = os.path.dirname(list(dsv4.__path__)[0])
-    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "dsv4", *argv],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = run_dsv4_cli(argv, nproc=2)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def fibonacci(n):")
     assert "new tokens: " in proc.stderr     # 8 unless the random model drew EOS first
