@@ -55,3 +55,15 @@ def test_a_graph_step_has_no_host_lists():
     g = StepBatch.from_buffer(b.buffer, 1, 1, 1, 1, 1, 1, True)
     with pytest.raises(RuntimeError, match="no host lists"):
         g.require_host()
+
+
+def test_host_pack_puts_the_token_ids_before_the_metadata_of_build():
+    # The runner's one host-to-device copy: [ids | metadata], viewed by from_buffer.
+    lists = ([5, 40], [3, 1], [4, 0], [[7, 2], [1]], [2, 3])
+    buf, sizes = StepBatch.host_pack(*lists, max_blocks=3, prefix=[11, 12, 13, 14])
+    assert buf[:4].tolist() == [11, 12, 13, 14]
+    b = StepBatch.from_buffer(buf[4:], **sizes)
+    ref = StepBatch.build(*lists, device="cpu", max_blocks=3)
+    assert torch.equal(b.buffer, ref.buffer)
+    assert (b.num_tokens, b.max_seqlen, b.max_end, b.decode) == (4, 3, 41, False)
+    assert b.host == ref.host

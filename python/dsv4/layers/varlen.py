@@ -154,6 +154,30 @@ class StepBatch:
                    block_table=table, logits_index=logits_index, host=host)
 
     @classmethod
+    def host_pack(cls, starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
+                  block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
+                  max_blocks: int, prefix: Sequence[int] = (), pin: bool = False
+                  ) -> tuple[torch.Tensor, dict]:
+        """One host int32 buffer ``[prefix | packed metadata]`` (pinned when ``pin``) and the
+        keyword arguments of :meth:`from_buffer` for its metadata part (sizes and the
+        :class:`HostBatch` lists). ``prefix`` rides along in the same host-to-device copy
+        (the runner puts the step's token ids there)."""
+        lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
+        P, T, B, L = len(prefix), sum(lens_l), len(lens_l), len(logits_index)
+        buf = torch.empty(P + cls.buffer_size(T, B, max_blocks, L), dtype=torch.int32,
+                          pin_memory=pin)
+        if P:
+            buf[:P] = torch.tensor(list(prefix), dtype=torch.int32)
+        cls.pack(starts_l, lens_l, slots, block_tables, logits_index, max_blocks, out=buf[P:])
+        host = HostBatch(starts=starts_l, lens=lens_l, slots=[int(s) for s in slots],
+                         block_tables=[[int(b) for b in t] for t in block_tables])
+        sizes = dict(num_tokens=T, num_rows=B, max_blocks=max_blocks, num_logits=L,
+                     max_seqlen=max(lens_l, default=0),
+                     max_end=max((s + n for s, n in zip(starts_l, lens_l)), default=0),
+                     decode=all(n <= 1 for n in lens_l), host=host)
+        return buf, sizes
+
+    @classmethod
     def build(cls, starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
               block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
               device: torch.device | str, max_blocks: Optional[int] = None) -> "StepBatch":
@@ -170,18 +194,13 @@ class StepBatch:
         """
         device = torch.device(device)
         mb = max([len(t) for t in block_tables] + [1]) if max_blocks is None else max_blocks
-        buf = cls.pack(starts, lens, slots, block_tables, logits_index, mb)
+        buf, sizes = cls.host_pack(starts, lens, slots, block_tables, logits_index, mb,
+                                   pin=device.type == "cuda")
         if device.type == "cuda":
-            buf = buf.pin_memory().to(device, non_blocking=True)
+            buf = buf.to(device, non_blocking=True)
         elif device != buf.device:
             buf = buf.to(device)
-        lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
-        host = HostBatch(starts=starts_l, lens=lens_l, slots=[int(s) for s in slots],
-                         block_tables=[[int(b) for b in t] for t in block_tables])
-        return cls.from_buffer(
-            buf, sum(lens_l), len(lens_l), mb, len(logits_index), max(lens_l, default=0),
-            max((s + n for s, n in zip(starts_l, lens_l)), default=0),
-            all(n <= 1 for n in lens_l), host)
+        return cls.from_buffer(buf, **sizes)
 
     def require_host(self) -> HostBatch:
         """The python lists, for the per-sequence reference path (raises when absent)."""

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..layers.varlen import HostBatch, StepBatch
+from ..layers.varlen import StepBatch
 from ..ops.backend import get_backend
 from .pool import PagedCache
 from .scheduler import ScheduledRow
@@ -103,18 +103,8 @@ class ModelRunner:
             ids.append(0)
             index.append(t)
             t += 1
-        T, B, L = len(ids), len(lens), len(index)
-        meta = StepBatch.buffer_size(T, B, self.max_blocks, L)
-        buf = torch.empty(T + meta, dtype=torch.int32,
-                          pin_memory=self.device.type == "cuda")
-        buf[:T] = torch.tensor(ids, dtype=torch.int32)
-        StepBatch.pack(starts, lens, slots, tables, index, self.max_blocks, out=buf[T:])
-        sizes = dict(num_tokens=T, num_rows=B, max_blocks=self.max_blocks, num_logits=L,
-                     max_seqlen=max(lens, default=0),
-                     max_end=max((s + n for s, n in zip(starts, lens)), default=0),
-                     decode=all(n <= 1 for n in lens),
-                     host=HostBatch(starts, lens, slots, [list(x) for x in tables]))
-        return buf, sizes
+        return StepBatch.host_pack(starts, lens, slots, tables, index, self.max_blocks,
+                                   prefix=ids, pin=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
