@@ -1,5 +1,5 @@
 """mHC kernels on the GPU (hc_mult 4, dim 4096 = V4-Flash): mhc_pre, mhc_post, mhc_head and
-pre + post together, at T = 1, 64, 4096, 16384 tokens, beside the PyTorch references
+pre + post together, at T = 1, 8, 64, 4096, 16384 tokens, beside the PyTorch references
 (dsv4.layers.mhc.*_reference) on the same GPU.
 
 Bytes counted (the op is bound by them; FLOPs are a few per byte, the projection runs on
@@ -127,7 +127,7 @@ def run(quick: bool = False) -> list[dict]:
             return []
     rows = []
     with torch.no_grad():
-        for T in ([1, 4096] if quick else [1, 64, 4096, 16384]):
+        for T in ([1, 8, 4096] if quick else [1, 8, 64, 4096, 16384]):   # 8: decode at batch 8
             rows += _cases(T)
     return rows
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _driver import run_bench  # one command line and table format for all benches
 
-    return run_bench("bench_mhc", __doc__, {"mhc": run}, COLUMNS, "T = 1 and 4096 only", argv)
+    return run_bench("bench_mhc", __doc__, {"mhc": run}, COLUMNS, "T = 1, 8 and 4096 only", argv)
 
 
 if __name__ == "__main__":
