@@ -142,3 +142,20 @@ def test_an_extension_built_from_other_sources_is_not_verified(cuda_like, monkey
     monkeypatch.setattr(backend, "_allow_unverified", True)                # the opt-in still works
     assert backend.may_call(("moe_gate",))
 
+
+
+def test_a_reference_registered_for_cuda_is_not_a_compiled_kernel(monkeypatch):
+    """Without dsv4._C the references serve CUDA tensors too (register_op), so the dispatcher
+    has a CUDA kernel for every op; a layer must still take its reference path and say so
+    (a GPU run with a truncated _C.so once timed the references through the kernel path)."""
+    from dsv4.ops import _ext
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dsv4::moe_gate", "CUDA")
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", [])
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_backend", "cuda")
+    monkeypatch.setattr(backend, "_allow_unverified", True)
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="no compiled CUDA kernel for moe_gate"):
+        assert backend.use_kernels(x, ("moe_gate",)) is False
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_gate"])
+    assert backend.use_kernels(x, ("moe_gate",)) is True
