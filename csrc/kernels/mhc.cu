@@ -10,12 +10,13 @@
 //     products. Σ x̂² comes from the A fragments in registers. Partial sums go to the
 //     workspace, [split][token][32] (columns 0..23 mixes, 31 Σ x̂²).
 //  2. "finish", one CTA per token: the partials are summed in a fixed split order
-//     (deterministic), warp 0 computes r = rsqrt(mean + eps), pre, post and the Sinkhorn
+//     (deterministic), a half-warp computes r = rsqrt(mean + eps), pre, post and the Sinkhorn
 //     projection (one comb entry per lane; row / column sums by xor shuffles), then all threads
 //     write u = Σ_i pre_i x_i (16-byte vectors).
 //  Prefill runs the two phases on chunks of 512 tokens, so that phase 2 re-reads x from L2.
 //  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
-//  runs phase 2 for every token.
+//  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
+//  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
 // Every multiply and add of the epilogues is an explicitly rounded __fmul_rn / __fadd_rn (no
 // FMA contraction) in the order of the PyTorch reference.
 // hc_post: one elementwise pass, 16-byte vectors, one thread per 8 columns of a token.
@@ -115,89 +116,127 @@ struct FinishArgs {
   float* comb;             // [tokens, 16] (chunk) or null (head)
 };
 
-// Phase 2 for token t, by the whole CTA (kThreads threads; contains __syncthreads).
-// NT = 3: hc_pre (24 mixes: pre, post, comb); NT = 1: head (4 mixes: pre only).
+// Phase 2 scratch (3.2 KB): the fused path lays it over the mix kernel's x tiles.
+constexpr int kMaxFinish = static_cast<int>(kMhcMaxFusedTokens);
+struct FinishSmem {
+  float4 red[kThreads];              // one float4 of split sums per thread
+  float tot[kMaxFinish][kPartCols];  // the summed partial row of each token
+  float pre[kMaxFinish][kHc];
+};
+
+// The coefficients of one token, by a half-warp (l = lane & 15; every lane of the warp must
+// call it: the shuffles are full-warp, xor 1..8 stays in the half). `store` false: a lane of
+// a half without a token (its results are dropped).
 template <int NT>
-__device__ void finish_token(const FinishArgs& a, int64_t t) {
-  __shared__ float red[kThreads / 32][kPartCols];
-  __shared__ float tot[kPartCols];
-  __shared__ float pre_s[kHc];
-  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
-  constexpr int kGroups = kThreads / 32;
-
-  // 1. Sum the split partials: group g takes splits [g * per, (g + 1) * per) in order, then the
-  //    four group sums are added in group order.
-  const int per = (a.splits + kGroups - 1) / kGroups;
-  const int s_lo = grp * per;
-  const int s_hi = min(a.splits, s_lo + per);
-  const float* src = a.part + t * kPartCols + lane;
-  const int64_t stride = a.tokens * kPartCols;
-  float s = 0.f;
-  int sp = s_lo;
-  for (; sp + 8 <= s_hi; sp += 8) {  // 8 loads in flight, added in split order
-    float v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __ldcg(src + (sp + i) * stride);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s = __fadd_rn(s, v[i]);
+__device__ __forceinline__ void token_coefficients(const FinishArgs& a, const float* tot,
+                                                   float* pre, int64_t t, int l, bool store) {
+  const float inv_k = 1.f / static_cast<float>(kHc * a.dim);
+  const float r = 1.f / sqrtf(__fadd_rn(__fmul_rn(tot[kSumsqCol], inv_k), a.norm_eps));
+  if (store && l < kHc) {  // pre_i = sigmoid(scale0 * m_i + base_i) + eps
+    const float m = __fmul_rn(tot[l], r);
+    pre[l] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(m, a.scale[0]), a.base[l])), a.eps);
   }
-  for (; sp < s_hi; ++sp) s = __fadd_rn(s, __ldcg(src + sp * stride));
-  red[grp][lane] = s;
-  __syncthreads();
-  if (tid < kPartCols) {
-    float v = red[0][tid];
-#pragma unroll
-    for (int g = 1; g < kGroups; ++g) v = __fadd_rn(v, red[g][tid]);
-    tot[tid] = v;
-  }
-  __syncthreads();
-
-  // 2. Coefficients (warp 0).
-  if (grp == 0) {
-    const float inv_k = 1.f / static_cast<float>(kHc * a.dim);
-    const float r = 1.f / sqrtf(__fadd_rn(__fmul_rn(tot[kSumsqCol], inv_k), a.norm_eps));
-    if (lane < kHc) {  // pre_i = sigmoid(scale0 * m_i + base_i) + eps
-      const float m = __fmul_rn(tot[lane], r);
-      pre_s[lane] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(m, a.scale[0]), a.base[lane])), a.eps);
+  if constexpr (NT == 3) {
+    if (store && l >= kHc && l < 2 * kHc) {  // post_i = 2 sigmoid(scale1 * m + base)
+      const float m = __fmul_rn(tot[l], r);
+      a.post[t * kHc + (l - kHc)] =
+          __fmul_rn(2.f, sigmoid(__fadd_rn(__fmul_rn(m, a.scale[1]), a.base[l])));
     }
-    if constexpr (NT == 3) {
-      if (lane >= kHc && lane < 2 * kHc) {  // post_i = 2 sigmoid(scale1 * m + base)
-        const float m = __fmul_rn(tot[lane], r);
-        a.post[t * kHc + (lane - kHc)] =
-            __fmul_rn(2.f, sigmoid(__fadd_rn(__fmul_rn(m, a.scale[1]), a.base[lane])));
-      }
-      // comb[j][k], lane (& 15) = 4 j + k; row = lanes xor 1, 2; column = lanes xor 4, 8.
-      const int e = lane & 15;
-      const float m = __fmul_rn(tot[2 * kHc + e], r);
-      const float L = __fadd_rn(__fmul_rn(m, a.scale[2]), a.base[2 * kHc + e]);
-      float mx = fmaxf(L, __shfl_xor_sync(0xffffffffu, L, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float ex = expf(__fsub_rn(L, mx));
-      float rs = __fadd_rn(ex, __shfl_xor_sync(0xffffffffu, ex, 1));
+    // comb[j][k], l = 4 j + k; row = lanes xor 1, 2; column = lanes xor 4, 8.
+    const float m = __fmul_rn(tot[2 * kHc + l], r);
+    const float L = __fadd_rn(__fmul_rn(m, a.scale[2]), a.base[2 * kHc + l]);
+    float mx = fmaxf(L, __shfl_xor_sync(0xffffffffu, L, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float ex = expf(__fsub_rn(L, mx));
+    float rs = __fadd_rn(ex, __shfl_xor_sync(0xffffffffu, ex, 1));
+    rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
+    float c = __fadd_rn(__fdiv_rn(ex, rs), a.eps);
+    float cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+    cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
+    c = __fdiv_rn(c, __fadd_rn(cs, a.eps));
+    for (int it = 1; it < a.iters; ++it) {
+      rs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 1));
       rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
-      float c = __fadd_rn(__fdiv_rn(ex, rs), a.eps);
-      float cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+      c = __fdiv_rn(c, __fadd_rn(rs, a.eps));
+      cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
       cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
       c = __fdiv_rn(c, __fadd_rn(cs, a.eps));
-      for (int it = 1; it < a.iters; ++it) {
-        rs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 1));
-        rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
-        c = __fdiv_rn(c, __fadd_rn(rs, a.eps));
-        cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
-        cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
-        c = __fdiv_rn(c, __fadd_rn(cs, a.eps));
-      }
-      if (lane < kHc * kHc) a.comb[t * kHc * kHc + lane] = c;
     }
+    if (store) a.comb[t * kHc * kHc + l] = c;
+  }
+}
+
+// Phase 2 for tokens [t0, t0 + n), 1 <= n <= kMaxFinish, by the whole CTA (kThreads threads;
+// contains __syncthreads). NT = 3: hc_pre (24 mixes: pre, post, comb); NT = 1: head (4 mixes:
+// pre only). All n tokens advance together, so the fused decode path costs about one token's
+// latency, not n.
+template <int NT>
+__device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, int n) {
+  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
+
+  // 1. Sum the split partials. Pair = (token, 4 columns); the kThreads / pairs groups take
+  //    consecutive split ranges, each summed in split order (float4 loads, 8 in flight), then
+  //    the group sums are added in group order: a fixed order, so the result is deterministic.
+  const int pairs = n * (kPartCols / 4);
+  const int groups = kThreads / pairs;
+  const int per = (a.splits + groups - 1) / groups;
+  const int64_t stride = a.tokens * (kPartCols / 4);  // float4s per split
+  if (tid < groups * pairs) {
+    const int g = tid / pairs, pr = tid % pairs;
+    const int s_lo = g * per, s_hi = min(a.splits, s_lo + per);
+    const float4* src = reinterpret_cast<const float4*>(a.part) + t0 * (kPartCols / 4) + pr;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    int sp = s_lo;
+    for (; sp + 8 <= s_hi; sp += 8) {
+      float4 v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = __ldcg(src + (sp + i) * stride);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s.x = __fadd_rn(s.x, v[i].x);
+        s.y = __fadd_rn(s.y, v[i].y);
+        s.z = __fadd_rn(s.z, v[i].z);
+        s.w = __fadd_rn(s.w, v[i].w);
+      }
+    }
+    for (; sp < s_hi; ++sp) {
+      const float4 v = __ldcg(src + sp * stride);
+      s.x = __fadd_rn(s.x, v.x);
+      s.y = __fadd_rn(s.y, v.y);
+      s.z = __fadd_rn(s.z, v.z);
+      s.w = __fadd_rn(s.w, v.w);
+    }
+    sm.red[tid] = s;
+  }
+  __syncthreads();
+  for (int e = tid; e < n * kPartCols; e += kThreads) {
+    const int i = e / kPartCols, c = e % kPartCols;
+    const float* red = reinterpret_cast<const float*>(sm.red);
+    float v = red[i * kPartCols + c];  // group 0: pair i * 8 + c / 4, component c % 4
+    for (int g = 1; g < groups; ++g) v = __fadd_rn(v, red[(g * pairs) * 4 + i * kPartCols + c]);
+    sm.tot[i][c] = v;
   }
   __syncthreads();
 
-  // 3. Collapse u = Σ_i pre_i x_i (products rounded, summed in stream order), 8 columns a thread.
-  const float p0 = pre_s[0], p1 = pre_s[1], p2 = pre_s[2], p3 = pre_s[3];
-  const __nv_bfloat16* xt = a.x + t * a.x_stride;
-  __nv_bfloat16* ut = a.u + t * a.u_stride;
+  // 2. Coefficients: token 2 w + h on half h of warp w (up to 8 tokens at once).
+  {
+    const int i = 2 * grp + (lane >> 4);
+    const bool have = i < n;
+    const int ii = have ? i : 0;
+    token_coefficients<NT>(a, sm.tot[ii], sm.pre[ii], t0 + ii, lane & 15, have);
+  }
+  __syncthreads();
+
+  // 3. Collapse u = Σ_i pre_i x_i (products rounded, summed in stream order), 8 columns per
+  //    item, all tokens' items spread over the CTA.
   const int64_t n_chunks = a.dim / 8;
-  for (int64_t c = tid; c < n_chunks; c += kThreads) {
+#pragma unroll 2
+  for (int64_t e = tid; e < n * n_chunks; e += kThreads) {
+    const int i = static_cast<int>(e / n_chunks);
+    const int64_t c = e % n_chunks;
+    const float p0 = sm.pre[i][0], p1 = sm.pre[i][1], p2 = sm.pre[i][2], p3 = sm.pre[i][3];
+    const __nv_bfloat16* xt = a.x + (t0 + i) * a.x_stride;
+    __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride;
     const uint4 v0 = *reinterpret_cast<const uint4*>(xt + c * 8);
     const uint4 v1 = *reinterpret_cast<const uint4*>(xt + a.dim + c * 8);
     const uint4 v2 = *reinterpret_cast<const uint4*>(xt + 2 * a.dim + c * 8);
@@ -206,28 +245,29 @@ __device__ void finish_token(const FinishArgs& a, int64_t t) {
     const uint32_t w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
     uint32_t o[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float lo = __fmul_rn(p0, bf16_lo(w0[i]));
-      lo = __fadd_rn(lo, __fmul_rn(p1, bf16_lo(w1[i])));
-      lo = __fadd_rn(lo, __fmul_rn(p2, bf16_lo(w2[i])));
-      lo = __fadd_rn(lo, __fmul_rn(p3, bf16_lo(w3[i])));
-      float hi = __fmul_rn(p0, bf16_hi(w0[i]));
-      hi = __fadd_rn(hi, __fmul_rn(p1, bf16_hi(w1[i])));
-      hi = __fadd_rn(hi, __fmul_rn(p2, bf16_hi(w2[i])));
-      hi = __fadd_rn(hi, __fmul_rn(p3, bf16_hi(w3[i])));
-      o[i] = pack2(lo, hi);
+    for (int q = 0; q < 4; ++q) {
+      float lo = __fmul_rn(p0, bf16_lo(w0[q]));
+      lo = __fadd_rn(lo, __fmul_rn(p1, bf16_lo(w1[q])));
+      lo = __fadd_rn(lo, __fmul_rn(p2, bf16_lo(w2[q])));
+      lo = __fadd_rn(lo, __fmul_rn(p3, bf16_lo(w3[q])));
+      float hi = __fmul_rn(p0, bf16_hi(w0[q]));
+      hi = __fadd_rn(hi, __fmul_rn(p1, bf16_hi(w1[q])));
+      hi = __fadd_rn(hi, __fmul_rn(p2, bf16_hi(w2[q])));
+      hi = __fadd_rn(hi, __fmul_rn(p3, bf16_hi(w3[q])));
+      o[q] = pack2(lo, hi);
     }
     *reinterpret_cast<uint4*>(ut + c * 8) = make_uint4(o[0], o[1], o[2], o[3]);
   }
-  __syncthreads();  // shared buffers are reused by the next token (decode loop)
 }
 
-// Phase 1 (and, when `fused`, phase 2 in the last CTA). grid = m_tiles * splits.
+// Phase 1 (and, when kFused, phase 2 of every token in the last CTA). grid = m_tiles * splits.
 static_assert(kBM == 16 * (kThreads / 32), "one m16 tile per warp");
+static_assert(kThreads % (kPartCols / 4 * kMaxFinish) == 0 && kMaxFinish <= 2 * kThreads / 32,
+              "finish_tokens: whole groups of (token, 4-column) pairs; two tokens per warp");
 
-template <int NT>
+template <int NT, bool kFused>
 __global__ void __launch_bounds__(kThreads)
-    mhc_mix_kernel(const MixArgs a, const FinishArgs f, int* counter, bool fused) {
+    mhc_mix_kernel(const MixArgs a, const FinishArgs f, int* counter) {
   constexpr int kRows = NT * 8;              // fn rows as n8 tiles (head: 4 real + 4 zero)
   constexpr int kNReal = NT == 3 ? 24 : 4;
   __shared__ __align__(16) __nv_bfloat16 sX[2][kBM][kXPitch];
@@ -347,14 +387,19 @@ __global__ void __launch_bounds__(kThreads)
     if ((lane & 3) == 0) row[kSumsqCol] = h == 0 ? sq0 : sq1;
   }
 
-  if (!fused) return;
-  if (!arrive_last(counter, static_cast<int>(gridDim.x))) return;
-  for (int64_t t = 0; t < a.tokens; ++t) finish_token<NT>(f, t);
+  if constexpr (kFused) {
+    if (!arrive_last(counter, static_cast<int>(gridDim.x))) return;
+    static_assert(sizeof(FinishSmem) <= sizeof(sX), "the finish scratch fits over sX");
+    // sX is free: the last k-tile loop iteration ended with __syncthreads
+    finish_tokens<NT>(f, *reinterpret_cast<FinishSmem*>(&sX[0][0][0]), 0,
+                      static_cast<int>(a.tokens));
+  }
 }
 
 template <int NT>
 __global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f) {
-  finish_token<NT>(f, blockIdx.x);
+  __shared__ FinishSmem sm;
+  finish_tokens<NT>(f, sm, blockIdx.x, 1);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -418,8 +463,12 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
     fa.post = NT == 3 ? post + c0 * kHc : nullptr;
     fa.comb = NT == 3 ? comb + c0 * kHc * kHc : nullptr;
     const int64_t ctas = ((n + kBM - 1) / kBM) * p.splits;
-    mhc_mix_kernel<NT><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(ma, fa, counter,
-                                                                             p.fused);
+    if (p.fused)
+      mhc_mix_kernel<NT, true><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(ma, fa,
+                                                                                    counter);
+    else
+      mhc_mix_kernel<NT, false><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(ma, fa,
+                                                                                     counter);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     if (!p.fused) {
