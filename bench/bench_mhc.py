@@ -120,9 +120,10 @@ def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return []
     import dsv4.ops  # noqa: F401
+    from dsv4.ops._ext import has_compiled_kernel
 
     for op in ("mhc_pre", "mhc_post", "mhc_head"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA"):
+        if not has_compiled_kernel(op):
             print(f"bench_mhc: no compiled CUDA kernel for {op}; skipped", file=sys.stderr)
             return []
     rows = []

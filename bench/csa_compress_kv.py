@@ -90,7 +90,8 @@ def run(quick: bool = False) -> list[dict]:
         return []
     import dsv4.ops  # noqa: F401  (registers the op)
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("dsv4::compress_kv", "CUDA"):
+    from dsv4.ops._ext import has_compiled_kernel
+    if not has_compiled_kernel("compress_kv"):
         print("csa_compress_kv: no compiled CUDA kernel for compress_kv; skipped",
               file=sys.stderr)
         return []

@@ -138,8 +138,10 @@ def run(quick: bool = False) -> list[dict]:
     import dsv4
     from dsv4.layers.moe import _grouped_kernels_available
 
+    from dsv4.ops._ext import has_compiled_kernel
+
     for op in ("moe_gate", "moe_dispatch", "moe_combine"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA"):
+        if not has_compiled_kernel(op):
             print(f"moe_layer: no compiled CUDA kernel for {op}; skipped", file=sys.stderr)
             return []
     cfg = dsv4.ModelConfig.flash()

@@ -204,6 +204,11 @@ def main(argv=None) -> int:
         print("profile_kernels: no CUDA device", file=sys.stderr)
         return 1
     import dsv4.ops  # noqa: F401  (registers torch.ops.dsv4)
+    from dsv4.ops import _ext
+
+    if not _ext.HAS_C:      # the references would serve the CUDA tensors: nothing to profile
+        print(f"profile_kernels: dsv4._C is not loaded ({_ext._IMPORT_ERROR})", file=sys.stderr)
+        return 1
 
     torch.manual_seed(0)
     for name, mod, make in todo:

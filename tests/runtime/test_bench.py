@@ -199,3 +199,19 @@ def test_profile_decode_script_runs_on_cpu(capsys):
                      "1"]) == 0
     out = capsys.readouterr().out
     assert "b=1 @ 40 graphs=False: median" in out and "=== b=1 graphs=False: 3 steps by CPU" in out
+
+
+def test_kernel_state_says_what_the_rows_time(monkeypatch):
+    from dsv4.ops import _ext, backend
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", [])
+    monkeypatch.setattr(_ext, "_IMPORT_ERROR", "ImportError: truncated _C.so")
+    k = bench.kernel_state()
+    assert (k["kernels_compiled"], k["kernels_called"]) == (0, 0)
+    assert "truncated _C.so" in k["kernel_note"] and "reference" in k["kernel_note"]
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_gate", "moe_gate_out", "mhc_pre"])
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "test"})
+    monkeypatch.setattr(backend, "built_source_mismatch", lambda: None)
+    k = bench.kernel_state()
+    assert (k["kernels_compiled"], k["kernels_called"]) == (2, 1)
+    assert "1 of 2" in k["kernel_note"] and "DSV4_UNVERIFIED_KERNELS=1" in k["kernel_note"]

@@ -429,8 +429,5 @@ def _grouped_kernels_available() -> bool:
     ops = ("moe_up", "moe_down")
     if not may_call(ops):
         return False
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv4::{op}", "CUDA")
-                   for op in ops)
-    except Exception:
-        return False
+    from ..ops._ext import has_compiled_kernel
+    return all(has_compiled_kernel(op) for op in ops)

@@ -84,6 +84,13 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
         return False
 
 
+def has_compiled_kernel(name: str) -> bool:
+    """Whether op ``name`` has a CUDA kernel compiled into dsv4._C. Ask this, not the
+    dispatcher: without the extension :func:`register_op` registers the references for CUDA
+    tensors too, so the dispatcher then has a "CUDA kernel" for every op."""
+    return name in _COMPILED_CUDA_OPS
+
+
 def _op_exists(name: str) -> bool:
     try:
         getattr(getattr(torch.ops, _NAMESPACE), name)

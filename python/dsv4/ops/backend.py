@@ -173,12 +173,8 @@ def check_backend(name: str, device: torch.device) -> None:
 
 
 def _kernel_available(op: str) -> bool:
-    """Whether ``op`` has a CUDA kernel compiled into dsv4._C. Not the live dispatcher: without
-    the extension the references are registered for CUDA tensors too (dsv4.ops._ext.register_op),
-    and a layer must then say that it runs the reference, not call the references op by op
-    through its kernel path."""
     from . import _ext
-    return op in _ext._COMPILED_CUDA_OPS
+    return _ext.has_compiled_kernel(op)
 
 
 def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None = None) -> bool:

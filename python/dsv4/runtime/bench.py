@@ -475,6 +475,27 @@ def _commit() -> str:
         return "unknown"
 
 
+def kernel_state() -> dict:
+    """What the rows time: the CUDA kernels compiled into dsv4._C, those the model calls (see
+    dsv4.ops.backend.may_call), the kernel-source digest of the build, and a one-line note."""
+    from ..ops import _ext, backend
+    compiled = [op for op in _ext._COMPILED_CUDA_OPS if not op.endswith("_out")]
+    called = [op for op in compiled if backend.may_call((op,))]
+    digest = getattr(_ext._build_config(), "KERNEL_SOURCE_DIGEST", None)
+    if not compiled:
+        note = (f"no compiled CUDA kernel ({_ext._IMPORT_ERROR or 'dsv4._C has none'}): every "
+                "row times the pure-PyTorch reference")
+    else:
+        note = (f"{len(called)} of {len(compiled)} compiled kernels called by the model"
+                + (f" (build digest {digest[:12]})" if digest else ""))
+        if len(called) < len(compiled):
+            note += ("; the others run their PyTorch reference: "
+                     + (backend.built_source_mismatch() or "not verified on a GPU at this "
+                        "version") + f" (set {backend._UNVERIFIED_ENV}=1 to call them)")
+    return {"kernels_compiled": len(compiled), "kernels_called": len(called),
+            "kernel_digest": digest, "kernel_note": note}
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Decode ms/step per batch and prefill tok/s per case, per implementation, with floors."""
     import matplotlib
@@ -543,6 +564,10 @@ def run(args) -> list[dict]:
           f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
           f"{args.kv_cache} KV, {args.indexer_cache} indexer keys, "
           f"{torch.cuda.get_device_name()}, commit {_commit()}", flush=True)
+    kernels = kernel_state()
+    print(f"kernels: {kernels['kernel_note']}", flush=True)
+    if kernels["kernels_called"] == 0:
+        print(f"dsv4 bench: warning: {kernels['kernel_note']}", file=sys.stderr, flush=True)
     rows = []
     with torch.no_grad():
         if args.mode == "1m":
@@ -575,7 +600,7 @@ def run(args) -> list[dict]:
                 weights=args.weights, head=head, indexer_cache=args.indexer_cache,
                 kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),
-                commit=_commit(), date=datetime.date.today().isoformat())
+                commit=_commit(), date=datetime.date.today().isoformat(), **kernels)
     if args.compare == "hf" and args.mode == "e2e":
         del model
         torch.cuda.empty_cache()
