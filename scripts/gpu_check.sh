@@ -11,6 +11,7 @@
 #   (QUICK also runs bench_gemm --quick)
 #   (QUICK also runs bench_moe / bench_mhc --quick)
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
+#   RUNTIME_1M=1 / NCU_PROFILE=1 ...     # also the 1M-context mode / ncu of the missed targets
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu_common.sh   # PY, OUT, status, step(), CUDA_HOME, the .whl/ wheels
@@ -77,6 +78,13 @@ step bench_e2e_fp8 "$PY" -m dsv4.cli bench --quick --kv-cache fp8 --indexer-cach
 if [[ -n "${RUNTIME_1M:-}" ]]; then
   step bench_1m_fp8 "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
     --kv-cache fp8 --indexer-cache fp8 --json "$OUT/bench_1m_fp8.json"
+fi
+# Nsight Compute profile of one launch of each missed-target case (issues 9, 10; opt-in, ~30 s
+# a case): NCU_PROFILE=1, NCU_CASES="case ..." (default: every case of bench/profile_kernels.py)
+if [[ -n "${NCU_PROFILE:-}" ]] && command -v ncu >/dev/null; then
+  # shellcheck disable=SC2046  # the case list splits on whitespace
+  PY="$PY" NCU_TIMEOUT=${NCU_TIMEOUT:-120} step ncu_profile bash scripts/ncu_profile.sh "$OUT/ncu" \
+    ${NCU_CASES:-$("$PY" bench/profile_kernels.py --list)}
 fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo OK || echo FAILED); logs in $OUT"
 exit "$status"
