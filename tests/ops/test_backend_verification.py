@@ -76,7 +76,9 @@ def test_expert_gemm_kernels_are_gated_too(monkeypatch):
     """moe_up / moe_down are chosen inside the MoE layer's kernel path (not through
     use_kernels' op list): unverified, the layer takes the torch._grouped_mm fallback."""
     from dsv4.layers import moe
-    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: True)
+    from dsv4.ops import _ext
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_up", "moe_down"])
+    monkeypatch.setattr(backend, "built_source_mismatch", lambda: None)
     monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
     monkeypatch.setattr(backend, "_allow_unverified", False)
     assert moe._grouped_kernels_available() is False
@@ -159,3 +161,42 @@ def test_a_reference_registered_for_cuda_is_not_a_compiled_kernel(monkeypatch):
         assert backend.use_kernels(x, ("moe_gate",)) is False
     monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_gate"])
     assert backend.use_kernels(x, ("moe_gate",)) is True
+
+
+def test_kernels_built_for_another_gpu_are_not_called(monkeypatch):
+    """An sm_90a build on another GPU: the layers say so and run the reference instead of
+    failing with 'no kernel image is available'."""
+    from dsv4.ops import _ext
+    monkeypatch.setattr(backend, "_kernel_available", lambda op: True)
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_backend", "cuda")
+    monkeypatch.setattr(backend, "_allow_unverified", True)
+    monkeypatch.setattr(_ext, "_RUNS_ON", {})
+    monkeypatch.setattr(_ext, "_build_config",
+                        lambda: types.SimpleNamespace(TORCH_CUDA_ARCH_LIST="9.0a"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    with pytest.warns(RuntimeWarning, match="built for TORCH_CUDA_ARCH_LIST='9.0a'.*8.0"):
+        assert backend.use_kernels(x, ("moe_gate",)) is False
+    monkeypatch.setattr(_ext, "_RUNS_ON", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert backend.use_kernels(x, ("moe_gate",)) is True
+
+
+def test_compiled_ops_are_recorded_when_the_registry_snapshot_fails(monkeypatch):
+    """register_op records an op whose CUDA kernel came with dsv4._C even when the private
+    registry API gave an empty snapshot, and never records a reference it registered."""
+    from dsv4.ops import _ext
+    monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", [])
+    monkeypatch.setattr(_ext, "HAS_C", True)
+    monkeypatch.setattr(_ext, "_has_kernel", lambda name, key: name == "compiled_op")
+    monkeypatch.setattr(_ext, "_op_exists", lambda name: True)
+    calls = []
+    monkeypatch.setattr(torch.library, "register_kernel", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(torch.library, "register_fake", lambda q: (lambda f: f))
+    monkeypatch.setattr(_ext, "OP_SCHEMAS", dict(_ext.OP_SCHEMAS))
+    monkeypatch.setattr(_ext, "_PY_CUDA_OPS", set())
+    _ext.register_op("compiled_op", "(Tensor x) -> Tensor", None, None)
+    _ext.register_op("py_only_op", "(Tensor x) -> Tensor", None, None)
+    assert _ext._COMPILED_CUDA_OPS == ["compiled_op"]
+    assert [c[1] for c in calls] == [["cpu"], ["cpu", "cuda"]]

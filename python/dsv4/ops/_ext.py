@@ -107,6 +107,7 @@ OP_SCHEMAS: dict[str, str] = {}
 # The C++ kernels compiled into dsv4._C (snapshot before any Python kernel is registered).
 _COMPILED_CUDA_OPS: list[str] = _cuda_kernels_now() if HAS_C else []
 _PY_LIBS: list[Any] = []  # keep Library fragments alive
+_PY_CUDA_OPS: set[str] = set()  # ops whose CUDA tensors this module gave the reference
 
 
 def register_op(name: str, schema: str, reference: Callable, fake: Callable) -> None:
@@ -122,7 +123,12 @@ def register_op(name: str, schema: str, reference: Callable, fake: Callable) -> 
         lib = torch.library.Library(_NAMESPACE, "FRAGMENT")
         _PY_LIBS.append(lib)
         lib.define(name + schema)
-    device_types = ["cpu"] if _has_kernel(name, "CUDA") else ["cpu", "cuda"]
+    has_cuda = _has_kernel(name, "CUDA")
+    if has_cuda and HAS_C and name not in _PY_CUDA_OPS and name not in _COMPILED_CUDA_OPS:
+        _COMPILED_CUDA_OPS.append(name)  # compiled, and missed by the snapshot (private API)
+    if not has_cuda:
+        _PY_CUDA_OPS.add(name)
+    device_types = ["cpu"] if has_cuda else ["cpu", "cuda"]
     torch.library.register_kernel(qualname, device_types, reference)
     torch.library.register_fake(qualname)(fake)
 
@@ -154,6 +160,28 @@ def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     return capability[0] == major and capability[1] >= minor
 
 
+def _built_for(capability: tuple[int, int]) -> bool:
+    """Whether the extension's recorded TORCH_CUDA_ARCH_LIST has code for ``capability``
+    (True when the record is missing or unparsable: the kernel launch then reports it)."""
+    arch_list = getattr(_build_config(), "TORCH_CUDA_ARCH_LIST", None) or ""
+    archs = [a for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a]
+    try:
+        return not archs or any(_arch_runs_on(a, capability) for a in archs)
+    except ValueError:
+        return True
+
+
+_RUNS_ON: dict[int, bool] = {}
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the compiled kernels have code for CUDA ``device`` (cached per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _RUNS_ON:
+        _RUNS_ON[idx] = _built_for(tuple(torch.cuda.get_device_capability(idx)))
+    return _RUNS_ON[idx]
+
+
 def info() -> dict[str, Any]:
     """What this dsv4 install can run.
 
@@ -177,12 +205,7 @@ def info() -> dict[str, Any]:
     arch_list = getattr(build, "TORCH_CUDA_ARCH_LIST", None) if HAS_C else None
     usable: list[str] = []
     if HAS_C and capability is not None:
-        archs = [a for a in (arch_list or "").replace(",", ";").replace(" ", ";").split(";") if a]
-        try:
-            runs = not archs or any(_arch_runs_on(a, capability) for a in archs)
-        except ValueError:
-            runs = True  # unparsable record: let the kernel launch report it
-        usable = list(_COMPILED_CUDA_OPS) if runs else []
+        usable = list(_COMPILED_CUDA_OPS) if _built_for(capability) else []
     return {
         "version": _version(),
         "torch_version": torch.__version__,

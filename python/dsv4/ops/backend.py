@@ -177,6 +177,11 @@ def _kernel_available(op: str) -> bool:
     return _ext.has_compiled_kernel(op)
 
 
+def _kernels_run_on(device: torch.device) -> bool:
+    from . import _ext
+    return _ext.kernels_run_on(device)
+
+
 def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None = None) -> bool:
     """Whether a layer whose activations are ``x`` runs its kernel path through ``ops``.
 
@@ -195,9 +200,17 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
                   "CUDA runs the pure-PyTorch reference")
     else:
         missing = [op for op in ops if not _kernel_available(op)]
+        device = getattr(x, "device", None)
         if missing:
             reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
                       "those layers run the pure-PyTorch reference")
+        elif device is not None and not _kernels_run_on(device):
+            from . import _ext
+            arch = getattr(_ext._build_config(), "TORCH_CUDA_ARCH_LIST", None)
+            cc = ".".join(str(v) for v in torch.cuda.get_device_capability(device))
+            reason = (f"dsv4: the extension was built for TORCH_CUDA_ARCH_LIST={arch!r}, which "
+                      f"has no code for this GPU (compute capability {cc}); those layers run the "
+                      "pure-PyTorch reference (rebuild with this GPU's arch to use the kernels)")
         elif not may_call(ops):
             mismatch = built_source_mismatch()
             unverified = ops if mismatch else [op for op in ops if op not in HARDWARE_VERIFIED]
