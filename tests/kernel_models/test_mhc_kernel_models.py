@@ -70,7 +70,7 @@ def test_mix_plan_partials(tokens, dim):
                             written[split, t, SUMSQ_COL] += 1
         assert (k_cov == 1).all()
         assert (written[:, :, :24] == 1).all() and (written[:, :, SUMSQ_COL] == 1).all()
-        assert (written[:, :, 24:SUMSQ_COL] == 0).all()  # read by finish_token, never used
+        assert (written[:, :, 24:SUMSQ_COL] == 0).all()  # read by finish_tokens, never used
 
 
 def test_sumsq_lanes_cover_each_column_once():
@@ -109,8 +109,8 @@ def test_fn_three_way_split_is_exact():
 
 
 def model_sinkhorn_warp(L: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """finish_token's Sinkhorn (NT = 3), lane e = 4j + k holds comb[j, k]; lanes 16-31 mirror
-    0-15. Row sums: xor 1 then 2; column sums: xor 4 then 8; fp32 with explicit rounding."""
+    """token_coefficients' Sinkhorn (NT = 3), lane e = 4j + k holds comb[j, k]; lanes 16-31 mirror
+    0-15 (one token per half-warp in finish_tokens). Row sums: xor 1 then 2; column sums: xor 4 then 8; fp32 with explicit rounding."""
     f = np.float32
     lanes = np.array([L[(l & 15) // 4, (l & 15) % 4] for l in range(32)], dtype=f)
 

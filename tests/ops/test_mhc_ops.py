@@ -119,8 +119,9 @@ def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor,
 # CUDA kernels
 # ---------------------------------------------------------------------------------------------
 @cuda
-@pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (8, 4096), (9, 4096), (64, 136),
-                                 (65, 128), (513, 256), (1000, 4096), (4096, 512), (2, 7168)])
+@pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (4, 4096), (5, 136), (7, 40), (8, 4096),
+                                 (9, 4096), (64, 136), (65, 128), (513, 256), (1000, 4096),
+                                 (4096, 512), (2, 7168)])   # T <= 8: every fused token count
 def test_mhc_pre_kernel_matches_reference(T, d):
     x, fn, scale, base, _ = _inputs(T, d, T + d)
     u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
@@ -209,7 +210,8 @@ def test_mhc_post_kernel_one_token_views_with_a_short_stride():
 
 
 @cuda
-@pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (9, 4096), (600, 256)])
+@pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (3, 136), (5, 4096), (8, 40), (9, 4096),
+                                 (600, 256)])
 def test_mhc_head_kernel_matches_reference(T, d):
     x, _, _, _, (fn, scale, base) = _inputs(T, d, 7 * T + d)
     ref32 = hc_head_reference(x.float(), fn, scale, base, 1e-6, 1e-6)
