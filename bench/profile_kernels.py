@@ -207,7 +207,9 @@ def main(argv=None) -> int:
     from dsv4.ops import _ext
 
     if not _ext.HAS_C:      # the references would serve the CUDA tensors: nothing to profile
-        print(f"profile_kernels: dsv4._C is not loaded ({_ext._IMPORT_ERROR})", file=sys.stderr)
+        print(f"profile_kernels: dsv4._C is not loaded from {os.path.dirname(dsv4.ops.__file__)} "
+              f"({_ext._IMPORT_ERROR}): the ops would run their PyTorch references; build the "
+              "extension in this checkout (pip install -e .)", file=sys.stderr)
         return 1
 
     torch.manual_seed(0)
