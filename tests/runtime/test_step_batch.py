@@ -67,3 +67,31 @@ def test_host_pack_puts_the_token_ids_before_the_metadata_of_build():
     assert torch.equal(b.buffer, ref.buffer)
     assert (b.num_tokens, b.max_seqlen, b.max_end, b.decode) == (4, 3, 41, False)
     assert b.host == ref.host
+
+
+def test_numpy_pack_equals_a_loop_over_rows():
+    # Ragged tables, idle rows, long prompts: the vectorised fill against a plain loop.
+    g = torch.Generator().manual_seed(0)
+    for B in (0, 1, 3, 17):
+        lens = torch.randint(0, 5, (B,), generator=g).tolist()
+        starts = torch.randint(0, 100, (B,), generator=g).tolist()
+        slots = torch.randperm(max(B, 1), generator=g)[:B].tolist()
+        tables = [torch.randint(0, 50, (int(w),), generator=g).tolist()
+                  for w in torch.randint(0, 4, (B,), generator=g)]
+        T = sum(lens)
+        index = list(range(0, T, 2))
+        buf = StepBatch.pack(starts, lens, slots, tables, index, 4)
+        want = []
+        for b in range(B):
+            want += [starts[b] + j for j in range(lens[b])]
+        for b in range(B):
+            want += [b] * lens[b]
+        want += [sum(lens[:b]) for b in range(B + 1)] + starts + lens + slots
+        for t in tables:
+            want += t + [-1] * (4 - len(t))
+        assert buf.tolist() == want + index
+
+
+def test_negative_lengths_are_rejected():
+    with pytest.raises(ValueError, match="lens must be >= 0"):
+        StepBatch.pack([0, 0], [1, -1], [0, 1], [[], []], [], 1)

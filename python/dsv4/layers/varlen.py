@@ -18,9 +18,11 @@ path also gets the python lists (``host``): it is the oracle, not the engine.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["StepBatch", "HostBatch"]
@@ -94,41 +96,50 @@ class StepBatch:
 
         Layout: pos [T] | rows [T] | cu_seqlens [B+1] | starts [B] | lens [B] | slots [B] |
         block_table [B·max_blocks] | logits_index [L], with T = Σ lens; block tables are padded
-        with -1 to ``max_blocks``.
+        with -1 to ``max_blocks``. Filled with a few numpy operations whatever B is (this runs
+        on the host before every step, a CUDA-graph replay included).
 
-        Raises ValueError when the lists disagree in length or a block table is too wide.
+        Raises ValueError when the lists disagree in length, a length is negative or a block
+        table is too wide.
         """
         B = len(lens)
         if not (len(starts) == len(slots) == len(block_tables) == B):
             raise ValueError(f"starts, lens, slots and block_tables must all have {B} entries, "
                              f"got {len(starts)}, {B}, {len(slots)}, {len(block_tables)}")
-        lens_t = torch.tensor(list(lens), dtype=torch.int64)
-        starts_t = torch.tensor(list(starts), dtype=torch.int64)
-        T = int(lens_t.sum())
-        L = len(logits_index)
+        lens_a = np.asarray(lens, dtype=np.int64).reshape(B)
+        if B and lens_a.min() < 0:
+            raise ValueError(f"lens must be >= 0, got {lens_a.tolist()}")
+        widths = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=B)
+        if B and widths.max() > max_blocks:
+            b = int(np.argmax(widths > max_blocks))
+            raise ValueError(f"row {b} has {int(widths[b])} blocks, more than max_blocks "
+                             f"{max_blocks}")
+        T, L = int(lens_a.sum()), len(logits_index)
         size = StepBatch.buffer_size(T, B, max_blocks, L)
         buf = torch.empty(size, dtype=torch.int32) if out is None else out
-        if buf.numel() != size or buf.dtype != torch.int32:
-            raise ValueError(f"out must be int32 with {size} elements, got {buf.dtype} "
-                             f"{buf.numel()}")
-        rows = torch.repeat_interleave(torch.arange(B), lens_t)
-        cu = torch.zeros(B + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(lens_t, 0)
-        pos = starts_t[rows] + torch.arange(T) - cu[:-1][rows]
-        table = torch.full((B, max_blocks), -1, dtype=torch.int32)
-        for b, t in enumerate(block_tables):
-            if len(t) > max_blocks:
-                raise ValueError(f"row {b} has {len(t)} blocks, more than max_blocks "
-                                 f"{max_blocks}")
-            if len(t):
-                table[b, :len(t)] = torch.tensor(list(t), dtype=torch.int32)
+        if buf.numel() != size or buf.dtype != torch.int32 or buf.device.type != "cpu":
+            raise ValueError(f"out must be int32 with {size} elements on the CPU, got "
+                             f"{buf.dtype} {buf.numel()} on {buf.device}")
+        a = buf.numpy()
+        cu = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(lens_a, out=cu[1:])
+        rows = np.repeat(np.arange(B), lens_a)
+        starts_a = np.asarray(starts, dtype=np.int64).reshape(B)
         o = 0
-        for part, n in ((pos, T), (rows, T), (cu, B + 1), (starts_t, B), (lens_t, B),
-                        (torch.tensor(list(slots), dtype=torch.int64), B),
-                        (table.flatten(), B * max_blocks),
-                        (torch.tensor(list(logits_index), dtype=torch.int64), L)):
-            buf[o:o + n] = part
+        for part, n in ((starts_a[rows] + np.arange(T) - cu[:-1][rows], T), (rows, T),
+                        (cu, B + 1), (starts_a, B), (lens_a, B),
+                        (np.asarray(slots, dtype=np.int64).reshape(B), B)):
+            a[o:o + n] = part
             o += n
+        table = a[o:o + B * max_blocks].reshape(B, max_blocks)
+        table.fill(-1)
+        n_ids = int(widths.sum())
+        if n_ids:
+            first = np.repeat(np.cumsum(widths) - widths, widths)
+            table[np.repeat(np.arange(B), widths), np.arange(n_ids) - first] = np.fromiter(
+                itertools.chain.from_iterable(block_tables), dtype=np.int64, count=n_ids)
+        o += B * max_blocks
+        a[o:o + L] = np.asarray(logits_index, dtype=np.int64).reshape(L)
         return buf
 
     @classmethod
@@ -156,25 +167,27 @@ class StepBatch:
     @classmethod
     def host_pack(cls, starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
                   block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
-                  max_blocks: int, prefix: Sequence[int] = (), pin: bool = False
-                  ) -> tuple[torch.Tensor, dict]:
+                  max_blocks: int, prefix: Sequence[int] = (), pin: bool = False,
+                  host: bool = True) -> tuple[torch.Tensor, dict]:
         """One host int32 buffer ``[prefix | packed metadata]`` (pinned when ``pin``) and the
-        keyword arguments of :meth:`from_buffer` for its metadata part (sizes and the
-        :class:`HostBatch` lists). ``prefix`` rides along in the same host-to-device copy
-        (the runner puts the step's token ids there)."""
+        keyword arguments of :meth:`from_buffer` for its metadata part (sizes and, when
+        ``host``, the :class:`HostBatch` lists; a CUDA-graph replay needs none). ``prefix``
+        rides along in the same host-to-device copy (the runner puts the step's token ids
+        there)."""
         lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
         P, T, B, L = len(prefix), sum(lens_l), len(lens_l), len(logits_index)
         buf = torch.empty(P + cls.buffer_size(T, B, max_blocks, L), dtype=torch.int32,
                           pin_memory=pin)
         if P:
-            buf[:P] = torch.tensor(list(prefix), dtype=torch.int32)
+            buf.numpy()[:P] = np.asarray(prefix, dtype=np.int64).reshape(P)
         cls.pack(starts_l, lens_l, slots, block_tables, logits_index, max_blocks, out=buf[P:])
-        host = HostBatch(starts=starts_l, lens=lens_l, slots=[int(s) for s in slots],
-                         block_tables=[[int(b) for b in t] for t in block_tables])
+        lists = HostBatch(starts=starts_l, lens=lens_l, slots=[int(s) for s in slots],
+                          block_tables=[[int(b) for b in t] for t in block_tables]
+                          ) if host else None
         sizes = dict(num_tokens=T, num_rows=B, max_blocks=max_blocks, num_logits=L,
                      max_seqlen=max(lens_l, default=0),
                      max_end=max((s + n for s, n in zip(starts_l, lens_l)), default=0),
-                     decode=all(n <= 1 for n in lens_l), host=host)
+                     decode=all(n <= 1 for n in lens_l), host=lists)
         return buf, sizes
 
     @classmethod

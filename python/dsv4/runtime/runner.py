@@ -78,9 +78,10 @@ class ModelRunner:
         self.stats = {"graph_steps": 0, "eager_steps": 0}
 
     # ------------------------------------------------------------------ packing
-    def _pack(self, rows: Sequence[ScheduledRow], pad_to: int = 0, all_logits: bool = False
-              ) -> tuple[torch.Tensor, dict]:
-        """Host buffer [ids | StepBatch] (pinned on CUDA) and the sizes to view it with."""
+    def _pack(self, rows: Sequence[ScheduledRow], pad_to: int = 0, all_logits: bool = False,
+              host: bool = True) -> tuple[torch.Tensor, dict]:
+        """Host buffer [ids | StepBatch] (pinned on CUDA) and the sizes to view it with (with
+        the host lists when ``host``: an eager step's reference path may need them)."""
         starts, lens, slots, tables, ids, index = [], [], [], [], [], []
         t = 0
         for r in rows:
@@ -103,8 +104,11 @@ class ModelRunner:
             ids.append(0)
             index.append(t)
             t += 1
+        if len(ids) != t:   # the ids and the metadata are split at T = Σ lens
+            raise RuntimeError(f"the step's rows feed {t} tokens but their requests hold "
+                               f"{len(ids)} of them (a request's tokens changed under it)")
         return StepBatch.host_pack(starts, lens, slots, tables, index, self.max_blocks,
-                                   prefix=ids, pin=self.device.type == "cuda")
+                                   prefix=ids, pin=self.device.type == "cuda", host=host)
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -137,7 +141,7 @@ class ModelRunner:
             g = self._capture(bucket)
             if g is None:
                 return None
-        buf, _ = self._pack(rows, pad_to=bucket)
+        buf, _ = self._pack(rows, pad_to=bucket, host=False)
         g.static.copy_(buf, non_blocking=True)
         g.graph.replay()
         return g.logits[:len(rows)]
@@ -155,7 +159,7 @@ class ModelRunner:
                 "decode runs eagerly: the layers run their per-sequence reference path (backend "
                 f"{get_backend()!r}, {model.dtype} model), which a CUDA graph cannot capture")
             return None
-        buf, _ = self._pack([], pad_to=bucket)          # padding rows only: scratch slot
+        buf, _ = self._pack([], pad_to=bucket, host=False)          # padding rows only: scratch slot
         static = buf.to(self.device)
         batch = self._graph_batch(static, bucket)
         torch.cuda.synchronize(self.device)
