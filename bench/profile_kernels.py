@@ -79,6 +79,13 @@ def _gen():
     return torch.Generator(device="cuda").manual_seed(0)
 
 
+def _keyed(make, timer, fn_name=None, **where):
+    """Attach what ``make`` captures (the bench's timer, the timed function's name, the loop
+    variables it matches) so that a CPU test can check them against the bench's source."""
+    make.capture = (timer, fn_name, where)
+    return make
+
+
 def _sparse_prefill(H, K, N):
     def make(m):
         with mock.patch.object(m, "PREFILL", [(H, K, N)]), mock.patch.object(m, "DECODE", []), \
@@ -86,7 +93,7 @@ def _sparse_prefill(H, K, N):
             # fns = {"old": (setup, call), "new": ...}: the same call; the mode is the env's
             return _capture(m, "_time", lambda: m.run(quick=False),
                             take=lambda fns: fns["old"][1], H=H, K=K, N=N)
-    return "bench_sparse_prefill", make
+    return "bench_sparse_prefill", _keyed(make, "_time", H=H, K=K, N=N)
 
 
 def _fp8_decode(H, B):
@@ -106,20 +113,20 @@ def _hca_decode(H, B, fp8):
 def _gemm(module, **where):
     def make(m):
         return _capture(m, "_time_us", lambda: m.run(quick=True), "ours", **where)
-    return module, make
+    return module, _keyed(make, "_time_us", "ours", **where)
 
 
 def _cases(module, timer, T, fn_name=None):
     def make(m):
         with torch.no_grad():
             return _capture(m, timer, lambda: m._cases(T), fn_name, _k0)
-    return module, make
+    return module, _keyed(make, timer, fn_name)
 
 
 def _routing_gate(T):   # the first timed call of moe_routing._cases: the learned gate
     def make(m):
         return _capture(m, "_time_us", lambda: m._cases(T, with_ref=False), None, _k0)
-    return "moe_routing", make
+    return "moe_routing", _keyed(make, "_time_us")
 
 
 #: name -> (bench module, make(module) -> zero-argument callable that launches the op)

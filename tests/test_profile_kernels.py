@@ -120,3 +120,26 @@ def test_profile_case_warms_up_then_brackets_one_call(monkeypatch, capsys):
     pk.profile_case("case_x", lambda: log.append("op"))
     assert log == ["op"] * 3 + ["sync", "start", "range case_x", "op", "end", "sync", "stop"]
     assert capsys.readouterr().out == "case_x: kernel names in the ncu report\n"
+
+
+def test_capture_keys_exist_in_the_bench_sources():
+    """What a case captures must exist in its bench module: the timer (a module function), the
+    timed function's name (a def) and each matched variable (a loop target or an assigned
+    name) with a value the bench can take (checked on the literals of its loops)."""
+    import ast
+    import importlib
+    checked = 0
+    for name, (module, make) in pk.CASES.items():
+        if not hasattr(make, "capture"):
+            continue                               # a builder function is called directly
+        timer, fn_name, where = make.capture
+        mod = importlib.import_module(module)
+        tree = ast.parse(open(mod.__file__).read())
+        defs = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        targets = {t.id for n in ast.walk(tree) if isinstance(n, (ast.For, ast.comprehension))
+                   for t in ast.walk(n.target) if isinstance(t, ast.Name)}
+        assert callable(getattr(mod, timer, None)), (name, timer)   # patched on the module
+        assert fn_name is None or fn_name in defs, (name, fn_name)
+        assert set(where) <= targets, (name, set(where) - targets)
+        checked += 1
+    assert checked >= 10
