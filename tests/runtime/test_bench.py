@@ -215,3 +215,27 @@ def test_kernel_state_says_what_the_rows_time(monkeypatch):
     k = bench.kernel_state()
     assert (k["kernels_compiled"], k["kernels_called"]) == (2, 1)
     assert "1 of 2" in k["kernel_note"] and "DSV4_UNVERIFIED_KERNELS=1" in k["kernel_note"]
+
+
+def test_1m_mode_reports_where_the_memory_peaks(monkeypatch):
+    """The 1M rows separate the resident bytes, the first prefill chunk's peak, the whole
+    prefill's and the decode's (peak counters reset before the prefill and before decode)."""
+    cfg = bench.build_config("tiny", 2, 0)
+    m = bench.build_model(cfg, "bf16", "cpu")
+    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2, repeats=1,
+                              kv_cache="bf16", indexer_cache="bf16")
+    log = []
+    monkeypatch.setattr(bench, "_allocated_gb", lambda: 1.0)
+    monkeypatch.setattr(bench, "_reset_peak", lambda: log.append("reset"))
+    monkeypatch.setattr(bench, "_peak_gb", lambda: float(len(log)))   # grows as the run goes
+    from dsv4.runtime.engine import Engine
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step",
+                        lambda self, *a, **k: (log.append("step"), real_step(self, *a, **k))[1])
+    pre, dec = bench.bench_1m(m, args, context=150)
+    assert pre["resident_gb"] == 1.0
+    assert pre["first_chunk_peak_gb"] == 2.0            # read after "reset", "step"
+    n_pre = -(-150 // 64)                               # prefill steps: chunks of 64
+    assert log[:1 + n_pre + 2] == ["reset"] + ["step"] * (n_pre + 1) + ["reset"]
+    assert pre["peak_gb"] == 1 + n_pre                  # read when the prefill ended
+    assert dec["peak_gb"] == len(log)                   # after the decode reset

@@ -204,6 +204,11 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
 
 
+def _allocated_gb() -> float:
+    import torch
+    return torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
 def _reset_peak():
     import torch
     if torch.cuda.is_available():
@@ -401,18 +406,24 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     ids = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
     rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 1, eos_token_id=-1))
     req = eng.requests[rid]
+    resident = _allocated_gb()          # weights + pool: what stays between steps
     _reset_peak()
     _sync()
     t = time.perf_counter()
     n_steps = 0
+    first_peak = 0.0
     while not req.output_ids:
         eng.step()
         n_steps += 1
+        if n_steps == 1:
+            first_peak = _peak_gb()     # vs the whole prefill's: a transient that grows with
+            #                             the context shows as a later, higher peak
         if n_steps % 16 == 0:
             print(f"  prefill: {req.num_computed:,} / {context:,} tokens, "
                   f"{time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     _sync()
     pre = time.perf_counter() - t
+    peak_prefill = _peak_gb()
     c = model.config
     kv_fmt = eng.cache.kv_cache
     per_block = PagedCache.block_bytes(c, eng.cache.block_tokens, model.dtype,
@@ -423,6 +434,7 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     info_bf16 = kv_bytes_per_token(c, indexer=eng.cache.indexer_cache, kv_dtype="bf16")
     eng.step()
     _sync()
+    _reset_peak()
     t = time.perf_counter()
     for _ in range(steps):
         eng.step()
@@ -433,7 +445,8 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     fl_p = prefill_floor(model, 1, context)
     rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
                  tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
-                 pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=_peak_gb()),
+                 pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=peak_prefill,
+                 resident_gb=resident, first_chunk_peak_gb=first_peak),
             dict(impl="dsv4", kind="decode-1m", batch=1, tokens=context, ms_step=1e3 * sec,
                  tok_s=1 / sec, floor_ms=1e3 * fl_d["seconds"],
                  pct_of_floor=100 * fl_d["seconds"] / sec,
@@ -581,6 +594,11 @@ def run(args) -> list[dict]:
                   f"{r['info_kv_bytes_per_token']:.1f} for these formats "
                   f"({r['info_kv_bytes_per_token_bf16']:.1f} bf16 KV / "
                   f"{r['info_kv_bytes_per_token_fp8']:.1f} release FP8 layout)", flush=True)
+            p = rows[0]
+            print(f"memory: {p['resident_gb']:.1f} GB resident (weights + pool); peak "
+                  f"{p['first_chunk_peak_gb']:.1f} GB in the first prefill chunk, "
+                  f"{p['peak_gb']:.1f} GB over the prefill, {r['peak_gb']:.1f} GB in decode",
+                  flush=True)
         else:
             for b, p in args.prefill:
                 rows.append(bench_prefill(model, args, b, p))
