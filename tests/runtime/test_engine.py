@@ -411,3 +411,24 @@ def test_fp8_kernel_path_arguments_meet_the_cuda_glue(model512, monkeypatch):
     assert {"sparse_attn", "hca_attn", "kv_norm_rope", "compress_kv"} <= names
     # prefill: kv_norm_rope writes two FP8 pools (scope + ring); decode: one (the ring)
     assert {k for n, k in glue.seen if n == "kv_norm_rope"} == {1, 2}
+
+
+def test_an_output_keeps_the_tokens_of_its_step(model):
+    """RequestOutput.token_ids is built when read (a step copies nothing): an output read after
+    later steps still holds the tokens of its own step, and equals a list."""
+    from dsv4.runtime.request import RequestOutput, TokenPrefix
+    eng = _engine(model)
+    eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=5, eos_token_id=-1))
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()                                  # read only after the last step
+    final = outs[-1].token_ids
+    assert len(final) == 5
+    assert [o.token_ids for o in outs] == [final[:k] for k in range(1, 6)]
+    assert [o.new_token_ids for o in outs] == [[t] for t in final]
+    toks = [5, 6]
+    out = RequestOutput("r", [6], TokenPrefix(toks, 2), False)
+    toks.append(7)
+    assert out.token_ids == [5, 6] and isinstance(out.token_ids, list)
+    assert out == RequestOutput("r", [6], [5, 6], False)
+    assert "token_ids=[5, 6]" in repr(out)

@@ -26,7 +26,8 @@ import torch
 from ..argtypes import int_sequence
 from ..cache import check_count
 from .pool import PagedCache, blocks_needed, check_cache_formats
-from .request import Request, RequestOutput, SamplingParams, Status, new_request_id
+from .request import (Request, RequestOutput, SamplingParams, Status, TokenPrefix,
+                      new_request_id)
 from .runner import ModelRunner
 from .sampler import sample_rows
 from .scheduler import Scheduler
@@ -277,7 +278,7 @@ class Engine:
                 tok, ok = next(it)
                 out = self._advance(req, tok, bool(ok))
             elif all_logits and skip < cnt:
-                out = RequestOutput(req.request_id, [], list(req.output_ids), False)
+                out = RequestOutput(req.request_id, [], _tokens_so_far(req), False)
             if out is not None:
                 if logits is not None:
                     out.logits = out_logits[end - cnt + skip:end].clone()
@@ -314,8 +315,8 @@ class Engine:
         done = req.status == Status.FINISHED
         if done:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, new, list(req.output_ids), done,
-                             req.finish_reason, req.error)
+        return RequestOutput(req.request_id, new, _tokens_so_far(req), done, req.finish_reason,
+                             req.error)
 
     def stream(self) -> Iterator[RequestOutput]:
         """Step until every request has finished, yielding each step's outputs."""
@@ -388,6 +389,11 @@ class Engine:
                 raise RuntimeError(f"request {rid} failed: {out.error}")
             res.append(out.token_ids)
         return res
+
+
+def _tokens_so_far(req: Request) -> TokenPrefix:
+    """The request's output tokens as they are now, without copying them (O(1) per step)."""
+    return TokenPrefix(req.output_ids, len(req.output_ids))
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:

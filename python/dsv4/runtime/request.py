@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -124,12 +124,21 @@ class Request:
         return self.num_tokens - self.num_computed
 
 
+class TokenPrefix(NamedTuple):
+    """The first ``n`` tokens of a request's output list, without copying them: the list only
+    grows (``Engine`` appends), so the prefix stays what it was when it was taken."""
+
+    tokens: list
+    n: int
+
+
 @dataclass
 class RequestOutput:
     """What one ``Engine.step`` produced for a request.
 
     new_token_ids: tokens generated in this step (0 or 1; an EOS is not included);
-    token_ids: every token generated so far (without EOS); finished / finish_reason:
+    token_ids: every token generated so far (without EOS; a list built when first read, so a
+    step does not copy every request's tokens); finished / finish_reason:
     ``"eos"``, ``"stop"`` (a stop token), ``"length"`` (max_new_tokens or max_model_len),
     ``"abort"`` or ``"error"`` (``error`` says why); logits: with ``Engine.step(logits=...)``,
     float32 [tokens, vocab] on the device (the sampled position, or every token fed this
@@ -138,8 +147,23 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
-    token_ids: list[int]
+    token_ids: list[int]     # a list, or a TokenPrefix turned into one when read
     finished: bool
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     logits: Optional[torch.Tensor] = None
+
+
+def _get_token_ids(self) -> list[int]:
+    ids = self._token_ids
+    if isinstance(ids, TokenPrefix):
+        ids = self._token_ids = ids.tokens[:ids.n]
+    return ids
+
+
+def _set_token_ids(self, ids) -> None:
+    self._token_ids = ids
+
+
+# After @dataclass: its __init__, __eq__ and __repr__ go through the property.
+RequestOutput.token_ids = property(_get_token_ids, _set_token_ids)
