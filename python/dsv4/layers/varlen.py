@@ -173,7 +173,7 @@ class StepBatch:
         keyword arguments of :meth:`from_buffer` for its metadata part (sizes and, when
         ``host``, the :class:`HostBatch` lists; a CUDA-graph replay needs none). ``prefix``
         rides along in the same host-to-device copy (the runner puts the step's token ids
-        there)."""
+        there). Raises ValueError as :meth:`pack` does (nothing is returned then)."""
         lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
         P, T, B, L = len(prefix), sum(lens_l), len(lens_l), len(logits_index)
         buf = torch.empty(P + cls.buffer_size(T, B, max_blocks, L), dtype=torch.int32,

@@ -159,7 +159,7 @@ class ModelRunner:
                 "decode runs eagerly: the layers run their per-sequence reference path (backend "
                 f"{get_backend()!r}, {model.dtype} model), which a CUDA graph cannot capture")
             return None
-        buf, _ = self._pack([], pad_to=bucket, host=False)          # padding rows only: scratch slot
+        buf, _ = self._pack([], pad_to=bucket, host=False)   # padding rows only: scratch slot
         static = buf.to(self.device)
         batch = self._graph_batch(static, bucket)
         torch.cuda.synchronize(self.device)
