@@ -20,9 +20,10 @@ from dsv4.ops import backend
 def cuda_like(monkeypatch):
     """A stand-in for CUDA bf16 activations with every kernel compiled (no GPU needed)."""
     monkeypatch.setattr(backend, "_kernel_available", lambda op: True)
+    monkeypatch.setattr(backend, "_kernels_run_on", lambda device: True)
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "_backend", "cuda")
-    return types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    return types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
 
 
 def test_unverified_kernels_are_not_called_by_default(cuda_like, monkeypatch):
@@ -156,7 +157,8 @@ def test_a_reference_registered_for_cuda_is_not_a_compiled_kernel(monkeypatch):
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "_backend", "cuda")
     monkeypatch.setattr(backend, "_allow_unverified", True)
-    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(backend, "_kernels_run_on", lambda device: True)
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
     with pytest.warns(RuntimeWarning, match="no compiled CUDA kernel for moe_gate"):
         assert backend.use_kernels(x, ("moe_gate",)) is False
     monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_gate"])

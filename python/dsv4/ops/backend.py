@@ -200,14 +200,13 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
                   "CUDA runs the pure-PyTorch reference")
     else:
         missing = [op for op in ops if not _kernel_available(op)]
-        device = getattr(x, "device", None)
         if missing:
             reason = (f"dsv4: no compiled CUDA kernel for {', '.join(missing)} (see `dsv4 info`); "
                       "those layers run the pure-PyTorch reference")
-        elif device is not None and not _kernels_run_on(device):
+        elif not _kernels_run_on(x.device):
             from . import _ext
             arch = getattr(_ext._build_config(), "TORCH_CUDA_ARCH_LIST", None)
-            cc = ".".join(str(v) for v in torch.cuda.get_device_capability(device))
+            cc = ".".join(str(v) for v in torch.cuda.get_device_capability(x.device))
             reason = (f"dsv4: the extension was built for TORCH_CUDA_ARCH_LIST={arch!r}, which "
                       f"has no code for this GPU (compute capability {cc}); those layers run the "
                       "pure-PyTorch reference (rebuild with this GPU's arch to use the kernels)")
