@@ -196,16 +196,28 @@ __device__ __forceinline__ TokenKeys token_keys(const SparseAttnParams& p, int64
   return tk;
 }
 
-// Raw index of key `r` of block `b` (-1 past the scope's length; never reads those lanes).
-__device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
-  if (b >= tk.nb) return -1;
+// Where the raw index of key `r` of block `b` is stored, for the index-list modes (not the HCA
+// block-table mode, whose extra lanes fetch_index computes): nullptr past the scope's length
+// (that lane is never read). Lets a caller issue the loads of several keys before using any.
+__device__ __forceinline__ const int32_t* index_slot(const TokenKeys& tk, int b, int r) {
+  if (b >= tk.nb) return nullptr;
   if (b < tk.nb1) {
     const int lane_k = b * kBlockN + r;
-    return lane_k < tk.k1 ? __ldg(tk.idx1 + lane_k) : -1;
+    return lane_k < tk.k1 ? tk.idx1 + lane_k : nullptr;
   }
   const int lane_k = (b - tk.nb1) * kBlockN + r;
+  return lane_k < tk.k2 && tk.idx2 != nullptr ? tk.idx2 + lane_k : nullptr;
+}
+
+// Raw index of key `r` of block `b` (-1 past the scope's length; never reads those lanes).
+__device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
+  if (tk.bt_row == nullptr || b < tk.nb1) {
+    const int32_t* slot = index_slot(tk, b, r);
+    return slot != nullptr ? __ldg(slot) : -1;
+  }
+  if (b >= tk.nb) return -1;
+  const int lane_k = (b - tk.nb1) * kBlockN + r;
   if (lane_k >= tk.k2) return -1;
-  if (tk.bt_row == nullptr) return __ldg(tk.idx2 + lane_k);
   // HCA: compressed entry lane_k of the token's block-table row.
   const int col = lane_k / tk.bs;
   if (col >= tk.bt_cols) return -1;
