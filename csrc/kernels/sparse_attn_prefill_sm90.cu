@@ -104,7 +104,6 @@ static_assert(kPOff == kKOff + 2 * kTile, "layout");
 // Named barrier ids (0 is __syncthreads).
 constexpr int kBarM0 = 1, kBarM1 = 2, kBarP0 = 3, kBarP1 = 4, kBarL = 5, kBarStage = 6;  // +wg
 
-using sparse_attn_detail::cp_async16;
 using sparse_attn_detail::cp_async_wait_all;
 using sparse_attn_detail::exp2_approx;
 using sparse_attn_detail::fence_proxy_async;
@@ -204,6 +203,18 @@ __device__ __forceinline__ uint64_t l2_evict_last_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// 16-byte global store, streaming (.cs: written once, evicted first), so the output does not
+// push gathered key rows out of L2.
+__device__ __forceinline__ void st_global_cs_v4(void* dst, uint4 v) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
 }
 // 16-byte cp.async (src_bytes = 0 zero-fills, nothing read) with an L2 eviction-priority hint
 // and a 256-byte L2 prefetch (the next 128-byte slice of the same key row).
@@ -311,6 +322,9 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
   int raw_next[8];
   load_raw(0, raw_next);  // in flight during the Q copies
 
+  const uint64_t keep = l2_evict_last_policy();   // key rows are gathered by many tokens
+  const uint64_t once = l2_evict_first_policy();  // the Q tile is read once
+
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int row = r0 + 16 * j;
@@ -322,11 +336,11 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
            : dummy;
 #pragma unroll
     for (int s = 0; s < 8; ++s)
-      cp_async16(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128, hv ? 16 : 0);
+      cp_async16_l2(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128,
+                    hv ? 16 : 0, once);
   }
   mbar_arrive_cp_async(bar_q);
 
-  const uint64_t keep = l2_evict_last_policy();  // key rows are gathered by many tokens
   const __nv_bfloat16* kv1 = static_cast<const __nv_bfloat16*>(p.kv);
   const __nv_bfloat16* kv2 = static_cast<const __nv_bfloat16*>(p.extra_kv);
   for (int it = 0; it < n_iter; ++it) {
@@ -673,7 +687,7 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
     if (h0 + row < H) {
       char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
                                           static_cast<int64_t>(h0 + row) * p.out_stride_head);
-      *reinterpret_cast<uint4*>(dst + chunk * 16) = ld_shared_v4(sQ + swz128(row, chunk));
+      st_global_cs_v4(dst + chunk * 16, ld_shared_v4(sQ + swz128(row, chunk)));
     }
   }
 }
