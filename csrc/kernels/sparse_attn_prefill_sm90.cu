@@ -9,11 +9,11 @@
 //       for invalid slots) into two key buffers B0, B1 (64 keys x 512 bf16 each), each in two
 //       halves L (columns 0-255) and R (256-511) with their own "ready" / "free" mbarriers, and
 //       writes one validity byte per key row. The raw indices of an iteration's two blocks are
-//       loaded one iteration ahead, all 8 loads of a thread in flight at once (loaded one by one,
-//       each used before the next was issued, they cost 8 global round trips per iteration on
-//       the producer's path: the first H100 run measured 994 us against a 490-600 us
-//       prediction).
-//   WG0, WG1 (consumers, 232 registers): iteration i covers blocks 2i (in B0, "WG0's block")
+//       loaded one iteration ahead, all 8 loads of a thread in flight at once. (The first
+//       version loaded them one by one, each used before the next was issued: 8 dependent
+//       global round trips per iteration on the producer's path; it measured 994 us on the
+//       H100 at T4096 h64 top-512 against a 490-600 us prediction.)
+//   WG0, WG1 (consumers, 224 registers): iteration i covers blocks 2i (in B0, "WG0's block")
 //       and 2i+1 (in B1, "WG1's block"). WG0 owns output columns 0-255, WG1 columns 256-511.
 //       Each consumer computes S = Q K^T of its own block (64 heads x 64 keys, wgmma m64n64k16
 //       from shared memory), its softmax, and O_half += P V for BOTH blocks: its own P from
