@@ -9,7 +9,9 @@ top-k rows of each query are distinct, every 7th query has its last 5 lanes at -
 decode batches (128 sequences x 2 queries, window 128 + compressed top-512 / top-1024, bf16
 caches) where the op also takes the new kernel (no key split); FlashMLA's decode reads an FP8
 cache, so it is not run there. The old and new kernels are both ``torch.ops.dsv4.sparse_attn``,
-selected per call by DSV4_SPARSE_PREFILL=old|new; FlashMLA is ``flash_mla_sparse_fwd``.
+selected per call by DSV4_SPARSE_PREFILL=old|new; "persist" is the new kernel launched as a
+persistent grid (DSV4_SPARSE_PREFILL_PERSISTENT=1: one CTA per SM looping over tiles); FlashMLA
+is ``flash_mla_sparse_fwd``.
 
 Timing (the method of ../shared/peers/side_by_side_flashmla.py): median of CUDA-event times,
 a 256 MB buffer zeroed before every call (L2 flushed), the libraries alternating call by call.
@@ -84,8 +86,14 @@ def _flashmla(build: bool):
     return None
 
 
-def _set_mode(mode: str):
-    return lambda: os.environ.__setitem__("DSV4_SPARSE_PREFILL", mode)
+def _set_mode(mode: str, persistent: bool = False):
+    def setup():
+        os.environ["DSV4_SPARSE_PREFILL"] = mode
+        if persistent:
+            os.environ["DSV4_SPARSE_PREFILL_PERSISTENT"] = "1"
+        else:
+            os.environ.pop("DSV4_SPARSE_PREFILL_PERSISTENT", None)
+    return setup
 
 
 def _time(fns: dict, flush: torch.Tensor, iters: int, warm: int) -> dict:
@@ -119,13 +127,19 @@ def _row(case, H, keys, T, nbytes, t, outs, fm_ref) -> dict:
     floor = max(flops / (PEAK_TFLOPS * 1e12), nbytes / (PEAK_TBPS * 1e12)) * 1e6
     r = {"op": "sparse_attn", "case": case, "floor_us": floor,
          "old_us": t["old"], "new_us": t["new"], "flashmla_us": t.get("flashmla"),
+         "persist_us": t.get("persist"),
          "new_over_old": t["new"] / t["old"],
+         "persist_over_new": t["persist"] / t["new"] if "persist" in t else None,
+         "persist_over_flashmla": t["persist"] / t["flashmla"]
+         if "persist" in t and "flashmla" in t else None,
+         "persist_vs_new_rel_diff": _rel(outs["persist"], outs["new"]) if "persist" in outs
+         else None,
          "new_over_flashmla": t["new"] / t["flashmla"] if "flashmla" in t else None,
          "new_vs_old_rel_diff": _rel(outs["new"], outs["old"]),
          "new_vs_flashmla_rel_diff": _rel(outs["new"], outs["flashmla"])
          if "flashmla" in outs else None,
          "flashmla_before_us": fm_ref}
-    for k in ("old", "new", "flashmla"):
+    for k in ("old", "new", "persist", "flashmla"):
         if k in t:
             r[f"{k}_tflops"] = flops / t[k] * 1e-6
             r[f"{k}_pct_peak"] = 100.0 * flops / t[k] * 1e-6 / PEAK_TFLOPS
@@ -139,6 +153,7 @@ def run(quick: bool = False, build_flashmla: bool = False) -> list[dict]:
 
     fmla = _flashmla(build_flashmla)
     saved = os.environ.get("DSV4_SPARSE_PREFILL")
+    saved_persist = os.environ.get("DSV4_SPARSE_PREFILL_PERSISTENT")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     iters, warm = (5, 2) if quick else (15, 3)
@@ -152,7 +167,8 @@ def run(quick: bool = False, build_flashmla: bool = False) -> list[dict]:
             sink = torch.randn(H, device="cuda", generator=g)
             scale = D ** -0.5
             dsv4_call = lambda: torch.ops.dsv4.sparse_attn(q, kv, idx, sink, scale)  # noqa: E731
-            fns = {"old": (_set_mode("old"), dsv4_call), "new": (_set_mode("new"), dsv4_call)}
+            fns = {"old": (_set_mode("old"), dsv4_call), "new": (_set_mode("new"), dsv4_call),
+                   "persist": (_set_mode("new", persistent=True), dsv4_call)}
             if fmla is not None:
                 fns["flashmla"] = (lambda: None,
                                    lambda: fmla(q, kv[:, None, :], idx[:, None, :], scale, 512, sink))
@@ -180,7 +196,8 @@ def run(quick: bool = False, build_flashmla: bool = False) -> list[dict]:
             sink = torch.randn(H, device="cuda", generator=g)
             call = lambda: torch.ops.dsv4.sparse_attn(q, window, win_idx, sink, D ** -0.5,  # noqa: E731
                                                       None, comp, comp_idx)
-            fns = {"old": (_set_mode("old"), call), "new": (_set_mode("new"), call)}
+            fns = {"old": (_set_mode("old"), call), "new": (_set_mode("new"), call),
+                   "persist": (_set_mode("new", persistent=True), call)}
             outs = {}
             for name, (setup, c) in fns.items():
                 setup()
@@ -193,10 +210,12 @@ def run(quick: bool = False, build_flashmla: bool = False) -> list[dict]:
             del q, window, comp, outs
             torch.cuda.empty_cache()
     finally:
-        if saved is None:
-            os.environ.pop("DSV4_SPARSE_PREFILL", None)
-        else:
-            os.environ["DSV4_SPARSE_PREFILL"] = saved
+        for name, value in (("DSV4_SPARSE_PREFILL", saved),
+                            ("DSV4_SPARSE_PREFILL_PERSISTENT", saved_persist)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 
@@ -220,16 +239,20 @@ def main() -> int:
     rows = run(a.quick, a.build_flashmla)
     print(f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} "
           f"· commit {_commit()}")
-    print("| case | old µs (TFLOP/s) | new µs (TFLOP/s, % of 767) | FlashMLA µs (TFLOP/s) | "
-          "new ÷ old | new ÷ FlashMLA | floor µs | new vs old / FlashMLA rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | old µs (TFLOP/s) | new µs (TFLOP/s, % of 767) | persist µs (TFLOP/s) | "
+          "FlashMLA µs (TFLOP/s) | new ÷ old | new ÷ FlashMLA | persist ÷ FlashMLA | floor µs | "
+          "new vs old / FlashMLA rel diff | persist vs new rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fm = (f"{_f(r['flashmla_us'])} ({_f(r.get('flashmla_tflops'), '.0f')})"
               if r["flashmla_us"] is not None else f"– (earlier run: {r['flashmla_before_us']})")
         print(f"| {r['case']} | {_f(r['old_us'])} ({r['old_tflops']:.0f}) | {_f(r['new_us'])} "
-              f"({r['new_tflops']:.0f}, {r['new_pct_peak']:.1f}%) | {fm} | {r['new_over_old']:.2f} "
-              f"| {_f(r['new_over_flashmla'], '.2f')} | {_f(r['floor_us'])} | "
-              f"{r['new_vs_old_rel_diff']:.1e} / {_f(r['new_vs_flashmla_rel_diff'], '.1e')} |")
+              f"({r['new_tflops']:.0f}, {r['new_pct_peak']:.1f}%) | {_f(r['persist_us'])} "
+              f"({_f(r.get('persist_tflops'), '.0f')}) | {fm} | {r['new_over_old']:.2f} "
+              f"| {_f(r['new_over_flashmla'], '.2f')} | {_f(r['persist_over_flashmla'], '.2f')} "
+              f"| {_f(r['floor_us'])} | "
+              f"{r['new_vs_old_rel_diff']:.1e} / {_f(r['new_vs_flashmla_rel_diff'], '.1e')} | "
+              f"{_f(r['persist_vs_new_rel_diff'], '.1e')} |")
     path = a.json or (os.path.join(os.environ["OUT"], "bench_sparse_prefill.json")
                       if os.environ.get("OUT") else None)
     if path:

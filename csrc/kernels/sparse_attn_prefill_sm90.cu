@@ -4,7 +4,10 @@
 // lengths, 64-key blocks), the shared-memory swizzle, the wgmma descriptors and wrappers come
 // from sparse_attn.cuh, so both kernels read one definition of the key set.
 //
-// One CTA = one query token x one tile of 64 heads, 384 threads (grid.x only):
+// One tile = one query token x 64 heads. 384 threads per CTA (grid.x only), one CTA per tile,
+// or (DSV4_SPARSE_PREFILL_PERSISTENT=1, kPersist) at most one CTA per SM looping over tiles
+// tile = blockIdx.x + k gridDim.x; everything below is per tile, and the barrier phases run on
+// from tile to tile (the iteration count i below counts this CTA's earlier tiles' too):
 //   WG2 (producer, 56 registers): gathers key rows with cp.async (16 B per thread, zero-filled
 //       for invalid slots) into two key buffers B0, B1 (64 keys x 512 bf16 each), each in two
 //       halves L (columns 0-255) and R (256-511) with their own "ready" / "free" mbarriers, and
@@ -36,6 +39,9 @@
 //
 // Synchronisation (each line: who signals -> who waits, and what it orders):
 //   mbarrier q          (128 cp.async arrivals)  producer -> consumers: Q tile landed.
+//   mbarrier q_free     (256 arrivals) both consumers -> producer: the tile's Q is read no more
+//       (each after its last S GEMM of the tile; at once for a tile without keys). The producer
+//       waits for it before loading the next tile's Q (tile k + 1 waits for phase k).
 //   mbarrier ready[b][h] (128 cp.async + 128 plain arrivals) producer -> consumers: half h of
 //       buffer b landed, and (with ready[0][L], ready[1][R]) the validity bytes of buffer b.
 //   mbarrier free[b][h]  (128 arrivals) the last consumer reading that half -> producer:
@@ -54,10 +60,18 @@
 //     WG1 finished this iteration, P0 wait and SS GEMM included); WG1's next P1 arrive follows
 //     its next M0 wait (after WG0's P1 wait and its SS GEMM). The same orderings make every
 //     rewrite of sM, sP and the validity bytes happen after the previous reader is done.
+//       L: both wrote their row sums (sL[k & 1]) -> both read them (bar.sync on both sides, once
+//     per tile: across tiles it orders the rewrites above like an iteration's barriers do; the
+//     row sums alternate between two buffers, as one consumer may start the next tile, and
+//     write its sums if that tile has no keys, while the other still reads the last ones).
 //   Consumers run fence.proxy.async after each mbarrier wait, before wgmma reads the gathered
 //   rows; writers of sP run it before their bar.arrive.
 // Phases: consumers wait ready with parity (i & 1); the producer waits free with parity
-// ((i & 1) ^ 1) (iteration 0 passes at once: the buffers start free).
+// ((i & 1) ^ 1) (the CTA's first iteration passes at once: the buffers start free); consumers
+// wait q with parity (k & 1) for the CTA's k-th tile.
+// Output: one CTA per tile stages bf16 O through the Q buffer (16-byte stores); the persistent
+// grid writes it straight from registers (4-byte stores), as the producer is already loading the
+// next tile's Q there.
 #include "sparse_attn.cuh"
 
 #include <climits>
@@ -89,10 +103,10 @@ static_assert(kBlockM == 64 && kBlockN == 64, "64 heads x 64 keys per tile");
 constexpr uint32_t kSlice = 64 * 128;
 constexpr uint32_t kTile = 8 * kSlice;
 constexpr uint32_t kPOff = 3 * kTile;               // sP[0] (WG0's P), sP[1] (WG1's P)
-constexpr uint32_t kMOff = kPOff + 2 * kSlice;      // f32 sM[2][64] row maxima, sL[2][64] row sums
-constexpr uint32_t kFlagOff = kMOff + 4 * 64 * 4;   // u8 [2][64]: key row of buffer b is valid
-constexpr uint32_t kBarOff = kFlagOff + 2 * 64;     // 9 mbarriers: q, ready[2][2], free[2][2]
-constexpr uint32_t kSmemUsed = kBarOff + 9 * 8;
+constexpr uint32_t kMOff = kPOff + 2 * kSlice;  // f32 sM[2][64] row maxima, sL[2][2][64] row sums
+constexpr uint32_t kFlagOff = kMOff + 6 * 64 * 4;   // u8 [2][64]: key row of buffer b is valid
+constexpr uint32_t kBarOff = kFlagOff + 2 * 64;  // 10 mbarriers: q, ready[2][2], free[2][2], q_free
+constexpr uint32_t kSmemUsed = kBarOff + 10 * 8;
 constexpr uint32_t kSmem = kSmemUsed + 1024;        // slack to align the base
 static_assert(kBarOff % 8 == 0, "mbarriers are 8-byte aligned");
 static_assert(kSmem <= 227 * 1024, "shared memory of one SM");
@@ -209,12 +223,14 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
-// 16-byte global store, streaming (.cs: written once, evicted first), so the output does not
-// push gathered key rows out of L2.
+// Global stores of the output, streaming (st.global.cs: written once, evicted first), so it
+// does not push gathered key rows out of L2. (__stcs, not inline PTX: the compiler folds the
+// constant parts of the addresses into the instructions.)
+__device__ __forceinline__ void st_global_cs_u32(void* dst, uint32_t v) {
+  __stcs(static_cast<unsigned int*>(dst), v);
+}
 __device__ __forceinline__ void st_global_cs_v4(void* dst, uint4 v) {
-  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y),
-               "r"(v.z), "r"(v.w)
-               : "memory");
+  __stcs(static_cast<uint4*>(dst), v);
 }
 // 16-byte cp.async (src_bytes = 0 zero-fills, nothing read) with an L2 eviction-priority hint
 // and a 256-byte L2 prefetch (the next 128-byte slice of the same key row).
@@ -293,8 +309,8 @@ __device__ __forceinline__ float finite_or_zero(float m) { return m == -INFINITY
 // loaded one iteration ahead, all 8 issued before any is used: one global round trip per
 // iteration, hidden behind the previous iteration's waits (iteration 0's behind the Q copies).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
-                                         int64_t t, int h0, int n_iter, int pt, uint32_t sQ,
+__device__ __forceinline__ void producer(const SparseAttnParams& p, uint32_t n_ht,
+                                         uint32_t n_tiles, uint32_t stride, int pt, uint32_t sQ,
                                          uint32_t sK, uint8_t* flags, uint32_t bars) {
   const int H = static_cast<int>(p.num_heads);
   const int c8 = pt & 7, r0 = pt >> 3;
@@ -304,14 +320,14 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
   const uint32_t my_chunk = swz128(r0, c8);
   constexpr uint32_t kRow16 = 16 * 128;
   const char* dummy = static_cast<const char*>(p.q);  // never read (src-size 0)
-  const uint32_t bar_q = bars;
+  const uint32_t bar_q = bars, bar_q_free = bars + 8u * 9;
   auto bar_ready = [&](int b, int h) { return bars + 8u * (1 + 2 * b + h); };
   auto bar_free = [&](int b, int h) { return bars + 8u * (5 + 2 * b + h); };
 
   // raw[4 * buf + j]: raw index of key row r0 + 16 j of block 2 it + buf (-1 past the scope's
   // length; a block >= tk.nb, the empty second block of an odd count or the blocks of iteration
   // n_iter, has no slot and reads nothing).
-  auto load_raw = [&](int it, int (&raw)[8]) {
+  auto load_raw = [&](const TokenKeys& tk, int it, int (&raw)[8]) {
 #pragma unroll
     for (int buf = 0; buf < 2; ++buf)
 #pragma unroll
@@ -319,86 +335,96 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
         raw[4 * buf + j] = ld_index_or_minus1(sparse_attn_detail::index_slot(tk, 2 * it + buf,
                                                                              r0 + 16 * j));
   };
-  int raw_next[8];
-  load_raw(0, raw_next);  // in flight during the Q copies
-
   const uint64_t keep = l2_evict_last_policy();   // key rows are gathered by many tokens
   const uint64_t once = l2_evict_first_policy();  // the Q tile is read once
-
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = r0 + 16 * j;
-    const bool hv = h0 + row < H;
-    const char* src =
-        hv ? reinterpret_cast<const char*>(static_cast<const __nv_bfloat16*>(p.q) +
-                                           t * p.q_stride_token +
-                                           static_cast<int64_t>(h0 + row) * p.q_stride_head)
-           : dummy;
-#pragma unroll
-    for (int s = 0; s < 8; ++s)
-      cp_async16_l2(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128,
-                    hv ? 16 : 0, once);
-  }
-  mbar_arrive_cp_async(bar_q);
-
   const __nv_bfloat16* kv1 = static_cast<const __nv_bfloat16*>(p.kv);
   const __nv_bfloat16* kv2 = static_cast<const __nv_bfloat16*>(p.extra_kv);
-  for (int it = 0; it < n_iter; ++it) {
-    const uint32_t free_parity = (it & 1) ^ 1;
-    int raw[8];
+  uint32_t gi = 0;  // iterations of this CTA's earlier tiles (barrier phases run on across tiles)
+  uint32_t k = 0;   // this CTA's earlier tiles
+  for (uint32_t tile = blockIdx.x; tile < n_tiles; tile += stride, ++k) {
+    const int64_t t = tile / n_ht;
+    const int h0 = static_cast<int>(tile % n_ht) * kBlockM;
+    const TokenKeys tk = token_keys(p, t);
+    const int n_iter = (tk.nb + 1) >> 1;  // two 64-key blocks per iteration (the last may be empty)
+    int raw_next[8];
+    load_raw(tk, 0, raw_next);  // in flight during the Q copies
+    // Both consumers are done with the previous tile's Q (its last S GEMMs) before it is replaced.
+    if (k > 0) mbar_wait(bar_q_free, (k - 1) & 1u);
+
 #pragma unroll
-    for (int k = 0; k < 8; ++k) raw[k] = raw_next[k];
-    load_raw(it + 1, raw_next);  // next iteration's indices (none past the last block)
-    // Raw index -> key row, or -1: the row is not a valid key (zero-filled, masked).
+    for (int j = 0; j < 4; ++j) {
+      const int row = r0 + 16 * j;
+      const bool hv = h0 + row < H;
+      const char* src =
+          hv ? reinterpret_cast<const char*>(static_cast<const __nv_bfloat16*>(p.q) +
+                                             t * p.q_stride_token +
+                                             static_cast<int64_t>(h0 + row) * p.q_stride_head)
+             : dummy;
 #pragma unroll
-    for (int buf = 0; buf < 2; ++buf) {
-      const int b = 2 * it + buf;  // >= tk.nb: an all-invalid block (raw index -1)
-      const int64_t n = b < tk.nb1 ? p.n_kv : p.n_extra_kv;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int idx = raw[4 * buf + j];
-        raw[4 * buf + j] = idx >= 0 && static_cast<int64_t>(idx) < n ? idx : -1;
-      }
+      for (int s = 0; s < 8; ++s)
+        cp_async16_l2(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128,
+                      hv ? 16 : 0, once);
     }
-    // Half `s0 / 4` (slices s0 .. s0 + 3) of buffer `buf`, then its ready barrier. The row
-    // addresses are formed here from the raw indices (fewer live registers than 8 pointers).
-    auto fill = [&](int buf, int s0) {
-      const uint32_t dst = sK + buf * kTile;
-      const bool main_scope = 2 * it + buf < tk.nb1;
-      const __nv_bfloat16* kv = main_scope ? kv1 : kv2;
-      const int64_t stride = main_scope ? p.kv_stride : p.extra_kv_stride;
+    mbar_arrive_cp_async(bar_q);
+
+    for (int it = 0; it < n_iter; ++it) {
+      const uint32_t free_parity = ((gi + it) & 1u) ^ 1u;
+      int raw[8];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const bool valid = raw[4 * buf + j] >= 0;
-        // An invalid row reads nothing (src-size 0) at dummy + < 1 KB: inside q's first row.
-        const char* src = (valid ? reinterpret_cast<const char*>(
-                                       kv + static_cast<int64_t>(raw[4 * buf + j]) * stride)
-                                 : dummy) + c8 * 16;
+      for (int i = 0; i < 8; ++i) raw[i] = raw_next[i];
+      load_raw(tk, it + 1, raw_next);  // next iteration's indices (none past the last block)
+      // Raw index -> key row, or -1: the row is not a valid key (zero-filled, masked).
 #pragma unroll
-        for (int s = s0; s < s0 + 4; ++s)
-          cp_async16_l2(dst + my_chunk + j * kRow16 + s * kSlice, src + s * 128, valid ? 16 : 0,
-                        keep);
+      for (int buf = 0; buf < 2; ++buf) {
+        const int b = 2 * it + buf;  // >= tk.nb: an all-invalid block (raw index -1)
+        const int64_t n = b < tk.nb1 ? p.n_kv : p.n_extra_kv;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int idx = raw[4 * buf + j];
+          raw[4 * buf + j] = idx >= 0 && static_cast<int64_t>(idx) < n ? idx : -1;
+        }
       }
-      const uint32_t bar = bar_ready(buf, s0 / 4);
-      mbar_arrive_cp_async(bar);  // fires when the copies have landed
-      mbar_arrive(bar);           // releases the validity bytes written before
-    };
-    auto write_flags = [&](int buf) {
-      if (c8 == 0) {
+      // Half `s0 / 4` (slices s0 .. s0 + 3) of buffer `buf`, then its ready barrier. The row
+      // addresses are formed here from the raw indices (fewer live registers than 8 pointers).
+      auto fill = [&](int buf, int s0) {
+        const uint32_t dst = sK + buf * kTile;
+        const bool main_scope = 2 * it + buf < tk.nb1;
+        const __nv_bfloat16* kv = main_scope ? kv1 : kv2;
+        const int64_t row_stride = main_scope ? p.kv_stride : p.extra_kv_stride;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) flags[buf * 64 + r0 + 16 * j] = raw[4 * buf + j] >= 0;
-      }
-    };
-    mbar_wait(bar_free(0, 0), free_parity);  // WG0 done with B0 (its S, P0 V0[:, L], mask)
-    write_flags(0);
-    fill(0, 0);
-    mbar_wait(bar_free(1, 1), free_parity);  // WG1 done with B1 (its S, P1 V1[:, R], mask)
-    write_flags(1);
-    fill(1, 4);
-    mbar_wait(bar_free(0, 1), free_parity);  // WG1 done with P0 V0[:, R]
-    fill(0, 4);
-    mbar_wait(bar_free(1, 0), free_parity);  // WG0 done with P1 V1[:, L]
-    fill(1, 0);
+        for (int j = 0; j < 4; ++j) {
+          const bool valid = raw[4 * buf + j] >= 0;
+          // An invalid row reads nothing (src-size 0) at dummy + < 1 KB: inside q's first row.
+          const char* src = (valid ? reinterpret_cast<const char*>(
+                                         kv + static_cast<int64_t>(raw[4 * buf + j]) * row_stride)
+                                   : dummy) + c8 * 16;
+#pragma unroll
+          for (int s = s0; s < s0 + 4; ++s)
+            cp_async16_l2(dst + my_chunk + j * kRow16 + s * kSlice, src + s * 128, valid ? 16 : 0,
+                          keep);
+        }
+        const uint32_t bar = bar_ready(buf, s0 / 4);
+        mbar_arrive_cp_async(bar);  // fires when the copies have landed
+        mbar_arrive(bar);           // releases the validity bytes written before
+      };
+      auto write_flags = [&](int buf) {
+        if (c8 == 0) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) flags[buf * 64 + r0 + 16 * j] = raw[4 * buf + j] >= 0;
+        }
+      };
+      mbar_wait(bar_free(0, 0), free_parity);  // WG0 done with B0 (its S, P0 V0[:, L], mask)
+      write_flags(0);
+      fill(0, 0);
+      mbar_wait(bar_free(1, 1), free_parity);  // WG1 done with B1 (its S, P1 V1[:, R], mask)
+      write_flags(1);
+      fill(1, 4);
+      mbar_wait(bar_free(0, 1), free_parity);  // WG1 done with P0 V0[:, R]
+      fill(0, 4);
+      mbar_wait(bar_free(1, 0), free_parity);  // WG0 done with P1 V1[:, L]
+      fill(1, 0);
+    }
+    gi += n_iter;
   }
   cp_async_wait_all();
 }
@@ -408,10 +434,11 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
 // holds rows 16 w4 + g and 16 w4 + g + 8 (g = lane / 4); element 4 j + e is column
 // 8 j + 2 t + (e & 1) (t = lane % 4) of row (e < 2 ? first : second).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, int h0,
-                                         int n_iter, int wg, int tid, uint32_t sQ, uint32_t sK,
-                                         uint32_t sP, float* sM, float* sL,
-                                         const uint8_t* flags, uint32_t bars) {
+template <bool kPersist>
+__device__ __forceinline__ void consumer(const SparseAttnParams& p, uint32_t n_ht,
+                                         uint32_t n_tiles, uint32_t stride, int wg, int tid,
+                                         uint32_t sQ, uint32_t sK, uint32_t sP, float* sM,
+                                         float* sL2, const uint8_t* flags, uint32_t bars) {
   const int H = static_cast<int>(p.num_heads);
   const int lane = tid & 31, w4 = (tid >> 5) & 3;
   const int g = lane >> 2, tg = lane & 3;
@@ -419,15 +446,14 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
   const float sc2 = p.softmax_scale * kLog2e;
   auto bar_ready = [&](int b, int h) { return bars + 8u * (1 + 2 * b + h); };
   auto bar_free = [&](int b, int h) { return bars + 8u * (5 + 2 * b + h); };
+  const uint32_t bar_q_free = bars + 8u * 9;
 
-  float o[128];  // O[:, 256 wg .. 256 wg + 255]
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float o[128];       // O[:, 256 wg .. 256 wg + 255]
   float s[32];        // S, then P (fp32) of this warpgroup's block
   uint32_t pa[16];    // P as bf16 A fragments: pa[4 ks + i] for keys 16 ks .. 16 ks + 15
-  float l[2] = {0.f, 0.f};              // row sums of this warpgroup's blocks (thread partial)
-  float m_run[2] = {-INFINITY, -INFINITY};  // the max O and l are scaled to
-  bool waits_ok = mbar_wait(bars, 0);       // Q landed (false: see mbar_wait)
+  float l[2];         // row sums of this warpgroup's blocks (thread partial)
+  float m_run[2];     // the max O and l are scaled to
+  bool waits_ok = true;  // false: a wait gave up (see mbar_wait)
 
   // S (+)= Q K^T over head-dim half `half` of buffer `buf` (16 k16 steps); zero_first: S = ...
   auto qk_half = [&](int buf, int half, uint32_t parity, bool zero_first) {
@@ -511,187 +537,227 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, int64_t t, i
                              smem_desc(vb + ks * 16 * 128, kSlice, 1024));
   };
 
-  if (wg == 0) {
-    if (n_iter > 0) {  // S of block 0; later blocks' S are issued at the end of each iteration
-      qk_half(0, 0, 0u, true);
-      qk_half(0, 1, 0u, false);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-    }
-    for (int it = 0; it < n_iter; ++it) {
-      const uint32_t ph = it & 1;
-      float mx[2], m0[2], mu[2], alpha[2], c[2];
-      mask_scale_max(0, mx);
+  uint32_t gi = 0;  // iterations of this CTA's earlier tiles (barrier phases run on across tiles)
+  uint32_t k = 0;   // this CTA's earlier tiles
+  for (uint32_t tile = blockIdx.x; tile < n_tiles; tile += stride, ++k) {
+    const int64_t t = tile / n_ht;
+    const int h0 = static_cast<int>(tile % n_ht) * kBlockM;
+    const int n_iter = (token_keys(p, t).nb + 1) >> 1;  // as the producer counts them
+    // Row sums: alternate buffers per tile (the other warpgroup may still read the last one).
+    float* sL = sL2 + 128 * (k & 1u);
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        m0[hf] = fmaxf(m_run[hf], mx[hf]);
-        mu[hf] = finite_or_zero(m0[hf]);
-        alpha[hf] = exp2_approx(m_run[hf] - mu[hf]);
-      }
-      if (tg == 0) {
-        sM[row0] = m0[0];
-        sM[row0 + 8] = m0[1];
-      }
-      named_arrive(kBarM0, 256);  // -> WG1: M0
-      softmax(mu, alpha);
-      wgmma_fence();
-      pv_rs(0, 0);  // O0 += P0 V0[:, L]
-      wgmma_commit();
-      // Free B0's left half as soon as its last reader is done, before waiting on WG1: its
-      // refill is the first the producer issues for the next iteration. (P0 reaches WG1 no
-      // later for it: WG1's SS GEMM queues behind its own RS GEMM, issued after this one.)
-      wgmma_wait<0>();  // P0 V0[:, L] done
-      fence_regs(o);
-      fence_regs_u32(pa);
-      mbar_arrive(bar_free(0, 0));
-      named_barrier(kBarM1, 256);  // <- WG1: M1
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float m1 = sM[64 + row0 + 8 * hf];
-        c[hf] = exp2_approx(m0[hf] - finite_or_zero(m1));
-        m_run[hf] = m1;
-      }
-      // P0 rescaled to M1 -> sP[0] for WG1 (bank-conflict free: chunk j ^ g per row).
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          st_shared_u32(sP + swz<8>(row0 + 8 * hf, j) + 4 * tg,
-                        pack_bf16x2(s[4 * j + 2 * hf] * c[hf], s[4 * j + 2 * hf + 1] * c[hf]));
-      fence_proxy_async();
-      named_arrive(kBarP0, 256);  // -> WG1: sP[0]
-      if (__any_sync(0xffffffffu, c[0] != 1.f || c[1] != 1.f)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j + 0] *= c[0];
-          o[4 * j + 1] *= c[0];
-          o[4 * j + 2] *= c[1];
-          o[4 * j + 3] *= c[1];
-        }
-      }
-      l[0] *= c[0];
-      l[1] *= c[1];
-      named_barrier(kBarP1, 256);  // <- WG1: sP[1]
-      wgmma_fence();
-      pv_ss(1, 1, 0);  // O0 += P1 V1[:, L]
-      wgmma_commit();
-      if (it + 1 < n_iter) {  // next block's S behind the P V GEMM
-        qk_half(0, 0, ph ^ 1u, true);
-        wgmma_commit();
-        wgmma_wait<1>();  // P1 V1[:, L] done
-        fence_regs(o);
-        mbar_arrive(bar_free(1, 0));
-        qk_half(0, 1, ph ^ 1u, false);
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;  // no wgmma in flight: all waited last tile
+    l[0] = l[1] = 0.f;
+    m_run[0] = m_run[1] = -INFINITY;
+    waits_ok &= mbar_wait(bars, k & 1u);  // this tile's Q landed
+    if (n_iter == 0) mbar_arrive(bar_q_free);  // Q not read: free for the next tile at once
+    if (wg == 0) {
+      if (n_iter > 0) {  // S of block 0; later blocks' S are issued at the end of each iteration
+        qk_half(0, 0, gi & 1u, true);
+        qk_half(0, 1, gi & 1u, false);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
-      } else {
-        wgmma_wait<0>();
+      }
+      for (int it = 0; it < n_iter; ++it) {
+        const uint32_t ph = (gi + it) & 1u;
+        // The tile's last S is in registers: WG0 reads Q no more (the producer may replace it).
+        if (it == n_iter - 1) mbar_arrive(bar_q_free);
+        float mx[2], m0[2], mu[2], alpha[2], c[2];
+        mask_scale_max(0, mx);
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          m0[hf] = fmaxf(m_run[hf], mx[hf]);
+          mu[hf] = finite_or_zero(m0[hf]);
+          alpha[hf] = exp2_approx(m_run[hf] - mu[hf]);
+        }
+        if (tg == 0) {
+          sM[row0] = m0[0];
+          sM[row0 + 8] = m0[1];
+        }
+        named_arrive(kBarM0, 256);  // -> WG1: M0
+        softmax(mu, alpha);
+        wgmma_fence();
+        pv_rs(0, 0);  // O0 += P0 V0[:, L]
+        wgmma_commit();
+        // Free B0's left half as soon as its last reader is done, before waiting on WG1: its
+        // refill is the first the producer issues for the next iteration. (P0 reaches WG1 no
+        // later for it: WG1's SS GEMM queues behind its own RS GEMM, issued after this one.)
+        wgmma_wait<0>();  // P0 V0[:, L] done
         fence_regs(o);
-        mbar_arrive(bar_free(1, 0));
+        fence_regs_u32(pa);
+        mbar_arrive(bar_free(0, 0));
+        named_barrier(kBarM1, 256);  // <- WG1: M1
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float m1 = sM[64 + row0 + 8 * hf];
+          c[hf] = exp2_approx(m0[hf] - finite_or_zero(m1));
+          m_run[hf] = m1;
+        }
+        // P0 rescaled to M1 -> sP[0] for WG1 (bank-conflict free: chunk j ^ g per row).
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            st_shared_u32(sP + swz<8>(row0 + 8 * hf, j) + 4 * tg,
+                          pack_bf16x2(s[4 * j + 2 * hf] * c[hf], s[4 * j + 2 * hf + 1] * c[hf]));
+        fence_proxy_async();
+        named_arrive(kBarP0, 256);  // -> WG1: sP[0]
+        if (__any_sync(0xffffffffu, c[0] != 1.f || c[1] != 1.f)) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            o[4 * j + 0] *= c[0];
+            o[4 * j + 1] *= c[0];
+            o[4 * j + 2] *= c[1];
+            o[4 * j + 3] *= c[1];
+          }
+        }
+        l[0] *= c[0];
+        l[1] *= c[1];
+        named_barrier(kBarP1, 256);  // <- WG1: sP[1]
+        wgmma_fence();
+        pv_ss(1, 1, 0);  // O0 += P1 V1[:, L]
+        wgmma_commit();
+        if (it + 1 < n_iter) {  // next block's S behind the P V GEMM
+          qk_half(0, 0, ph ^ 1u, true);
+          wgmma_commit();
+          wgmma_wait<1>();  // P1 V1[:, L] done
+          fence_regs(o);
+          mbar_arrive(bar_free(1, 0));
+          qk_half(0, 1, ph ^ 1u, false);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(s);
+        } else {
+          wgmma_wait<0>();
+          fence_regs(o);
+          mbar_arrive(bar_free(1, 0));
+        }
+      }
+    } else {
+      for (int it = 0; it < n_iter; ++it) {
+        const uint32_t ph = (gi + it) & 1u;
+        qk_half(1, 1, ph, true);  // the producer fills B1's right half first
+        qk_half(1, 0, ph, false);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        if (it == n_iter - 1) mbar_arrive(bar_q_free);  // WG1's last read of this tile's Q done
+        float mx[2], m1[2], mu[2], alpha[2];
+        mask_scale_max(1, mx);
+        named_barrier(kBarM0, 256);  // <- WG0: M0
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) m1[hf] = fmaxf(sM[row0 + 8 * hf], mx[hf]);
+        if (tg == 0) {
+          sM[64 + row0] = m1[0];
+          sM[64 + row0 + 8] = m1[1];
+        }
+        named_arrive(kBarM1, 256);  // -> WG0: M1
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          mu[hf] = finite_or_zero(m1[hf]);
+          alpha[hf] = exp2_approx(m_run[hf] - mu[hf]);
+          m_run[hf] = m1[hf];
+        }
+        softmax(mu, alpha);
+        // P1 -> sP[1] for WG0 (the same bf16 values as the A fragments), before the RS GEMM
+        // that reads them (PTX leaves reading an in-flight A fragment undefined).
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            st_shared_u32(sP + kSlice + swz<8>(row0 + 8 * hf, j) + 4 * tg, pa[2 * j + hf]);
+        fence_proxy_async();
+        named_arrive(kBarP1, 256);  // -> WG0: sP[1]
+        wgmma_fence();
+        pv_rs(1, 1);  // O1 += P1 V1[:, R]
+        wgmma_commit();
+        named_barrier(kBarP0, 256);  // <- WG0: sP[0]
+        wgmma_fence();
+        pv_ss(0, 0, 1);  // O1 += P0 V0[:, R]
+        wgmma_commit();
+        wgmma_wait<1>();  // P1 V1[:, R] done
+        fence_regs_u32(pa);
+        mbar_arrive(bar_free(1, 1));
+        wgmma_wait<0>();  // P0 V0[:, R] done
+        fence_regs(o);
+        mbar_arrive(bar_free(0, 1));
       }
     }
-  } else {
-    for (int it = 0; it < n_iter; ++it) {
-      const uint32_t ph = it & 1;
-      qk_half(1, 1, ph, true);  // the producer fills B1's right half first
-      qk_half(1, 0, ph, false);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-      float mx[2], m1[2], mu[2], alpha[2];
-      mask_scale_max(1, mx);
-      named_barrier(kBarM0, 256);  // <- WG0: M0
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) m1[hf] = fmaxf(sM[row0 + 8 * hf], mx[hf]);
-      if (tg == 0) {
-        sM[64 + row0] = m1[0];
-        sM[64 + row0 + 8] = m1[1];
-      }
-      named_arrive(kBarM1, 256);  // -> WG0: M1
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        mu[hf] = finite_or_zero(m1[hf]);
-        alpha[hf] = exp2_approx(m_run[hf] - mu[hf]);
-        m_run[hf] = m1[hf];
-      }
-      softmax(mu, alpha);
-      // P1 -> sP[1] for WG0 (the same bf16 values as the A fragments), before the RS GEMM
-      // that reads them (PTX leaves reading an in-flight A fragment undefined).
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          st_shared_u32(sP + kSlice + swz<8>(row0 + 8 * hf, j) + 4 * tg, pa[2 * j + hf]);
-      fence_proxy_async();
-      named_arrive(kBarP1, 256);  // -> WG0: sP[1]
-      wgmma_fence();
-      pv_rs(1, 1);  // O1 += P1 V1[:, R]
-      wgmma_commit();
-      named_barrier(kBarP0, 256);  // <- WG0: sP[0]
-      wgmma_fence();
-      pv_ss(0, 0, 1);  // O1 += P0 V0[:, R]
-      wgmma_commit();
-      wgmma_wait<1>();  // P1 V1[:, R] done
-      fence_regs_u32(pa);
-      mbar_arrive(bar_free(1, 1));
-      wgmma_wait<0>();  // P0 V0[:, R] done
-      fence_regs(o);
-      mbar_arrive(bar_free(0, 1));
-    }
-  }
 
-  // ---- epilogue: l of both warpgroups, out = O / (l + 2^(sink - M)), lse without the sink ----
+    // ---- epilogue: l of both warpgroups, out = O / (l + 2^(sink - M)), lse without the sink ----
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
-    l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
-  }
-  if (tg == 0) {
-    sL[wg * 64 + row0] = l[0];
-    sL[wg * 64 + row0 + 8] = l[1];
-  }
-  named_barrier(kBarL, 256);  // both row sums written; every GEMM of both warpgroups is done
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int row = row0 + 8 * hf;
-    const int h = h0 + row;
-    const float lt = sL[row] + sL[64 + row];
-    // A valid key contributes 2^0 = 1 at the final max, so lt == 0 exactly when there is none;
-    // a NaN score (NaN in q or a key) makes lt NaN and must reach out and lse as in sparse_attn.
-    const bool any = lt != 0.f;
-    const float mu = finite_or_zero(m_run[hf]);
-    const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-    float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
-    float lse = any ? (mu + log2f(lt)) * kLn2 : INFINITY;
-    if (!waits_ok) inv = lse = __int_as_float(0x7fffffff);  // a given-up wait: NaN, not a hang
-    if (wg == 0 && tg == 0 && h < H)
-      p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] = lse;
-    // Stage bf16 O into this warpgroup's half of the Q tile (Q is no longer read).
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int col = 256 * wg + 8 * j + 2 * tg;
-      st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
-                    pack_bf16x2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv));
+    for (int hf = 0; hf < 2; ++hf) {
+      l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
+      l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
     }
-  }
-  named_barrier(kBarStage + wg, 128);
-  // 16-byte coalesced stores: a warp writes 512 contiguous bytes (one row's half) per step.
-  const int q = tid & 127;
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-#pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    const int row = (q >> 5) + 4 * k;
-    const int chunk = 32 * wg + (q & 31);
-    if (h0 + row < H) {
-      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
-                                          static_cast<int64_t>(h0 + row) * p.out_stride_head);
-      st_global_cs_v4(dst + chunk * 16, ld_shared_v4(sQ + swz128(row, chunk)));
+    if (tg == 0) {
+      sL[wg * 64 + row0] = l[0];
+      sL[wg * 64 + row0 + 8] = l[1];
     }
+    named_barrier(kBarL, 256);  // both row sums written; every GEMM of both warpgroups is done
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = row0 + 8 * hf;
+      const int h = h0 + row;
+      const float lt = sL[row] + sL[64 + row];
+      // A valid key contributes 2^0 = 1 at the final max, so lt == 0 exactly when there is none;
+      // a NaN score (NaN in q or a key) makes lt NaN and must reach out and lse as in sparse_attn.
+      const bool any = lt != 0.f;
+      const float mu = finite_or_zero(m_run[hf]);
+      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+      float inv = any ? 1.f / (lt + exp2_approx(sink2 - mu)) : 0.f;
+      float lse = any ? (mu + log2f(lt)) * kLn2 : INFINITY;
+      if (!waits_ok) inv = lse = __int_as_float(0x7fffffff);  // a given-up wait: NaN, not a hang
+      if (wg == 0 && tg == 0 && h < H)
+        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] = lse;
+      if constexpr (kPersist) {
+        // Straight from registers (4-byte stores; a quad writes 16 contiguous bytes of the row):
+        // the Q tile is already being refilled with the next tile's Q.
+        if (h < H) {
+          char* dst = reinterpret_cast<char*>(static_cast<__nv_bfloat16*>(p.out) +
+                                              t * p.out_stride_token +
+                                              static_cast<int64_t>(h) * p.out_stride_head);
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            const int col = 256 * wg + 8 * j + 2 * tg;
+            st_global_cs_u32(dst + 2 * col,
+                             pack_bf16x2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv));
+          }
+        }
+      } else {
+        // Stage bf16 O into this warpgroup's half of the Q tile (Q is no longer read).
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = 256 * wg + 8 * j + 2 * tg;
+          st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
+                        pack_bf16x2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv));
+        }
+      }
+    }
+    if constexpr (!kPersist) {
+      named_barrier(kBarStage + wg, 128);
+      // 16-byte coalesced stores: a warp writes 512 contiguous bytes (one row's half) per step.
+      const int q = tid & 127;
+      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        const int row = (q >> 5) + 4 * r;
+        const int chunk = 32 * wg + (q & 31);
+        if (h0 + row < H) {
+          char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                              static_cast<int64_t>(h0 + row) * p.out_stride_head);
+          st_global_cs_v4(dst + chunk * 16, ld_shared_v4(sQ + swz128(row, chunk)));
+        }
+      }
+    }
+    gi += n_iter;
   }
 }
 
+// kPersist: a grid of at most one CTA per SM, each looping over tiles (token, head tile) with
+// stride gridDim.x; otherwise one CTA per tile (the grid must then have exactly n_tiles CTAs).
+template <bool kPersist>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attn_prefill_sm90_kernel(const SparseAttnParams p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -703,12 +769,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  const int64_t bid = blockIdx.x;
-  const int h0 = static_cast<int>(bid % n_ht) * kBlockM;
-  const int64_t t = bid / n_ht;
-  const TokenKeys tk = token_keys(p, t);
-  const int n_iter = (tk.nb + 1) >> 1;  // two 64-key blocks per iteration (the last may be empty)
+  // Tiles (token, 64-head tile) in 32 bits: the host checks num_tokens * n_ht <= INT_MAX, so
+  // tile + stride < 2^32 (stride = gridDim.x, or n_tiles: one tile per CTA).
+  const uint32_t n_ht = static_cast<uint32_t>((H + kBlockM - 1) / kBlockM);
+  const uint32_t n_tiles = static_cast<uint32_t>(p.num_tokens) * n_ht;
+  const uint32_t stride = kPersist ? gridDim.x : n_tiles;
 
   if (tid == 0) {
     mbar_init(bars, 128);  // q: the producer's 128 cp.async arrivals
@@ -717,21 +782,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bars + 8u * (1 + i), 256);  // ready: 128 cp.async + 128 plain arrivals
       mbar_init(bars + 8u * (5 + i), 128);  // free: one consumer warpgroup
     }
+    mbar_init(bars + 8u * 9, 256);  // q_free: both consumer warpgroups
     fence_mbarrier_init();
   }
   __syncthreads();
 
   if (wg == 2) {
     setmaxnreg_dec<kProducerRegs>();
-    producer(p, tk, t, h0, n_iter, tid - 256, base + kQOff, base + kKOff, smem + kFlagOff, bars);
+    producer(p, n_ht, n_tiles, stride, tid - 256, base + kQOff, base + kKOff, smem + kFlagOff,
+             bars);
   } else {
     setmaxnreg_inc<kConsumerRegs>();
     float* sM = reinterpret_cast<float*>(smem + kMOff);
-    consumer(p, t, h0, n_iter, wg, tid, base + kQOff, base + kKOff, base + kPOff, sM, sM + 128,
-             smem + kFlagOff, bars);
+    consumer<kPersist>(p, n_ht, n_tiles, stride, wg, tid, base + kQOff, base + kKOff,
+                       base + kPOff, sM, sM + 128, smem + kFlagOff, bars);
   }
 }
 #else   // not sm_90a device code: never launched (sparse_attn_prefill_sm90_takes needs cc 9.0)
+template <bool kPersist>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attn_prefill_sm90_kernel(const SparseAttnParams p) {
   __trap();
@@ -801,6 +869,11 @@ int sparse_attn_prefill_env() {
   return -1;
 }
 
+bool sparse_attn_prefill_persistent_env() {
+  const char* v = std::getenv("DSV4_SPARSE_PREFILL_PERSISTENT");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t stream) {
   using namespace sparse_prefill_detail;
   if (p.num_tokens == 0 && p.num_heads >= 1 && p.head_dim == kD && p.num_splits == 1)
@@ -808,10 +881,21 @@ cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t str
   if (!prefill_params_ok(p)) return cudaErrorInvalidValue;
   const int64_t ctas = p.num_tokens * ((p.num_heads + kBlockM - 1) / kBlockM);
   if (ctas > INT_MAX) return cudaErrorInvalidValue;
-  cudaError_t err = cudaFuncSetAttribute(sparse_attn_prefill_sm90_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const bool persist = sparse_attn_prefill_persistent_env();
+  int64_t grid = ctas;
+  if (persist) {  // one CTA per SM (the kernel's shared memory allows no more), looping over tiles
+    int dev = 0, sms = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
+    grid = ctas < sms ? ctas : sms;
+  }
+  void (*kernel)(SparseAttnParams) =
+      persist ? sparse_attn_prefill_sm90_kernel<true> : sparse_attn_prefill_sm90_kernel<false>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  sparse_attn_prefill_sm90_kernel<<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,9 @@
 // at FlashMLA's four V4 prefill cases. Prints PASS / FAIL (exit 1), or SKIP (exit 0) without a
 // compute-capability-9.0 GPU.
 //
+// Every correctness case runs twice: one CTA per tile, then as the persistent grid
+// (DSV4_SPARSE_PREFILL_PERSISTENT=1), which adds two cases with ~5 tiles per CTA.
+//
 //   check_sparse_attn_prefill          correctness, then timing
 //   check_sparse_attn_prefill quick    small correctness cases (for compute-sanitizer)
 //   check_sparse_attn_prefill time     timing only
@@ -18,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
@@ -374,26 +378,31 @@ void time_case(const char* name, int H, int K, int64_t N, double flashmla_us) {
   cudaEvent_t a, b;
   CHECK_CUDA(cudaEventCreate(&a));
   CHECK_CUDA(cudaEventCreate(&b));
-  std::vector<float> t_old, t_new;
+  std::vector<float> t_old, t_new, t_per;  // old kernel, new (one CTA per tile), persistent grid
   for (int i = 0; i < 13; ++i) {
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < 3; ++k) {
+      if (k == 2) setenv("DSV4_SPARSE_PREFILL_PERSISTENT", "1", 1);
       CHECK_CUDA(cudaEventRecord(a));
       CHECK_CUDA(k == 0 ? dsv4::sparse_attn(p, nullptr) : dsv4::sparse_attn_prefill_sm90(p, nullptr));
       CHECK_CUDA(cudaEventRecord(b));
       CHECK_CUDA(cudaEventSynchronize(b));
+      if (k == 2) unsetenv("DSV4_SPARSE_PREFILL_PERSISTENT");
       float ms;
       CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-      if (i >= 2) (k == 0 ? t_old : t_new).push_back(ms * 1000.f);  // 2 warm-up rounds
+      if (i >= 2) (k == 0 ? t_old : k == 1 ? t_new : t_per).push_back(ms * 1000.f);  // 2 warm-up
     }
   }
   std::sort(t_old.begin(), t_old.end());
   std::sort(t_new.begin(), t_new.end());
+  std::sort(t_per.begin(), t_per.end());
   const float mo = t_old[t_old.size() / 2], mn = t_new[t_new.size() / 2];
+  const float mp = t_per[t_per.size() / 2];
   const double flops = 2.0 * K * H * (D + D) * T;
   std::printf("TIME %-32s old %7.1f us %5.1f TF | new %7.1f us %5.1f TF | new/old %.2f | "
-              "FlashMLA %6.1f us, new/FlashMLA %.2f\n",
-              name, mo, flops / mo * 1e-6, mn, flops / mn * 1e-6, mn / mo, flashmla_us,
-              mn / flashmla_us);
+              "persistent %7.1f us, persistent/new %.2f | FlashMLA %6.1f us, new/FlashMLA %.2f, "
+              "persistent/FlashMLA %.2f\n",
+              name, mo, flops / mo * 1e-6, mn, flops / mn * 1e-6, mn / mo, mp, mp / mn,
+              flashmla_us, mn / flashmla_us, mp / flashmla_us);
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   cudaFree(q); cudaFree(out); cudaFree(lse); cudaFree(sink); cudaFree(kv); cudaFree(idx);
@@ -437,6 +446,17 @@ int main(int argc, char** argv) {
       cases.push_back({"h2 T=70000", 70000, 2, 3000, 64, 2000, 40, true, 0.1, false, 0, false});
     }
     for (const auto& c : cases) ok &= run_case(c, rng);
+    // The same cases through the persistent grid (DSV4_SPARSE_PREFILL_PERSISTENT=1: one CTA per
+    // SM looping over tiles), plus cases with ~5 tiles per CTA whose neighbouring tiles have
+    // different iteration counts (lengths), none included (lengths clamped at 0).
+    setenv("DSV4_SPARSE_PREFILL_PERSISTENT", "1", 1);
+    std::printf("persistent grid:\n");
+    cases.push_back({"h64 main, ~5 tiles per CTA", 661, 64, 700, 200, 0, 0, true, 0.2, true, 0,
+                     false});
+    cases.push_back({"h128 two scopes, ~5 tiles per CTA", 661, 128, 300, 130, 900, 77, true,
+                     0.2, true, 0, false});
+    for (const auto& c : cases) ok &= run_case(c, rng);
+    unsetenv("DSV4_SPARSE_PREFILL_PERSISTENT");
     // Argument validation.
     dsv4::SparseAttnParams bad;
     bad.num_tokens = 1; bad.num_heads = 64; bad.head_dim = 256;

@@ -9,6 +9,12 @@ outputs overwritten; ``_check_kernel`` of test_sparse_attn.py), and the new one 
 the old one within the same bound. The op takes the new kernel only when the token x head-tile
 grid fills the GPU (2 * tokens * ceil(heads / 64) > SMs, so no key split); the cases below are
 sized for that, and one test reads the profiler's kernel names to prove it.
+
+DSV4_SPARSE_PREFILL_PERSISTENT=1 launches the same kernel as a persistent grid (one CTA per SM
+looping over (token, head-tile) tiles, barrier phases running on across tiles). Every test below
+runs with it unset (one CTA per tile) unless it sets it; the ``persistent`` tests check that grid
+against the reference and against one CTA per tile, with several tiles per CTA and tiles of
+every iteration count, none included.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ def _tokens(H: int, at_least: int) -> int:
     """An odd token count >= at_least that takes the prefill path."""
     T = max(at_least, _min_tokens(H))
     return T | 1
+
+
+@pytest.fixture(autouse=True)
+def _one_cta_per_tile(monkeypatch):
+    """The persistent-grid switch is off unless a test sets it."""
+    monkeypatch.delenv("DSV4_SPARSE_PREFILL_PERSISTENT", raising=False)
 
 
 def _run_both(a, monkeypatch, out_variant=False):
@@ -205,3 +217,78 @@ def test_prefill_env_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("DSV4_SPARSE_PREFILL", "fast")
     with pytest.raises(RuntimeError, match="DSV4_SPARSE_PREFILL must be 'new' or 'old'"):
         torch.ops.dsv4.sparse_attn(**a)
+
+
+def _persistent_vs_per_tile(a, monkeypatch, out_variant=False):
+    """The case through the new kernel as one CTA per tile, then as the persistent grid; each
+    checked against the fp32 reference; the two agree (the same per-tile arithmetic: equal up to
+    the compiler's instruction choices, far inside the bf16-vs-fp32 error). Returns (out, lse) of
+    the persistent grid."""
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
+    monkeypatch.delenv("DSV4_SPARSE_PREFILL_PERSISTENT", raising=False)
+    one_o, one_l = _check_kernel(a, out_variant)
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL_PERSISTENT", "1")
+    per_o, per_l = _check_kernel(a, out_variant)
+    monkeypatch.delenv("DSV4_SPARSE_PREFILL_PERSISTENT", raising=False)
+    assert torch.equal(torch.isinf(per_l), torch.isinf(one_l))
+    scale = one_o.float().abs().max().clamp_min(1e-6)
+    assert ((per_o.float() - one_o.float()).abs().max() / scale).item() <= 1e-2
+    fin = torch.isfinite(one_l)
+    if fin.any():
+        assert (per_l[fin] - one_l[fin]).abs().max().item() <= 1e-3
+    return per_o, per_l
+
+
+def _several_tiles_per_cta(H: int) -> int:
+    """An odd token count giving each CTA of the persistent grid about 5 tiles."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return (5 * sms // ((H + 63) // 64)) | 1
+
+
+@pytest.mark.parametrize("H", [64, 128, 1, 96])
+@pytest.mark.parametrize("scopes", ["main", "two"])
+@pytest.mark.parametrize("lengths", [True, False])
+def test_persistent_grid_matches_reference_and_one_cta_per_tile(H, scopes, lengths, monkeypatch):
+    # Per-token lengths (lengths=True) give neighbouring tiles of one CTA different iteration
+    # counts, 0 included (lengths clamped at 0, all-invalid rows keep their iterations).
+    T = _several_tiles_per_cta(H)
+    if scopes == "main":
+        a = _random_case(T, H, D, 700, 200, seed=40 + H + lengths, device="cuda",
+                         dtype=torch.bfloat16, lengths=lengths)
+    else:
+        a = _random_case(T, H, D, 300, 130, 900, 77, seed=50 + 2 * H + lengths, device="cuda",
+                         dtype=torch.bfloat16, lengths=lengths)
+    _persistent_vs_per_tile(a, monkeypatch)
+
+
+@pytest.mark.parametrize("K1,K2", [(64, 0), (100, 0), (1024, 0), (128, 512), (1, 1), (65, 63)])
+def test_persistent_grid_block_counts(K1, K2, monkeypatch):
+    H = 64
+    a = _random_case(_several_tiles_per_cta(H), H, D, 4000, K1, 3000 if K2 else 0, K2,
+                     seed=K1 * 5 + K2, device="cuda", dtype=torch.bfloat16, sink_inf=False)
+    _persistent_vs_per_tile(a, monkeypatch)
+
+
+def test_persistent_grid_tiles_without_keys_and_out_variant(monkeypatch):
+    # Runs of tiles without any key between tiles with keys (row sums alternate between two
+    # buffers for that), strided q, the out-variant.
+    H = 128
+    T = _several_tiles_per_cta(H)
+    a = _random_case(T, H, D, 500, 128, 400, 64, seed=60, device="cuda", dtype=torch.bfloat16)
+    a["topk_length"] = torch.zeros(T, dtype=torch.int32, device="cuda")
+    a["topk_length"][::5] = 128
+    a["extra_topk_length"] = torch.zeros(T, dtype=torch.int32, device="cuda")
+    a["extra_topk_length"][1::3] = 64
+    a["q"] = a["q"].transpose(0, 1).contiguous().transpose(0, 1)   # heads outermost
+    out, lse = _persistent_vs_per_tile(a, monkeypatch, out_variant=True)
+    none = (a["topk_length"] == 0) & (a["extra_topk_length"] == 0)
+    assert (lse[none] == math.inf).all() and (out[none] == 0).all()
+
+
+def test_persistent_grid_70000_queries(monkeypatch):
+    # ~530 tiles per CTA (barrier phases over hundreds of tiles).
+    a = _random_case(70000, 2, D, 3000, 64, 2000, 40, seed=70, device="cuda",
+                     dtype=torch.bfloat16, sink_inf=False)
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL_PERSISTENT", "1")
+    _check_kernel(a)

@@ -34,6 +34,13 @@ bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p);
 // GPU run (tests/ops/test_sparse_attn_prefill.py, dsv4_check_sparse_attn_prefill).
 int sparse_attn_prefill_env();
 
+// The DSV4_SPARSE_PREFILL_PERSISTENT environment switch, read by sparse_attn_prefill_sm90 at each
+// call: "1" launches the kernel as a persistent grid (at most one CTA per SM, each looping over
+// (token, head tile) tiles; its producer loads the next tile's Q and first key blocks while the
+// consumers finish the current one); anything else (or unset) one CTA per tile. Opt-in until the
+// persistent grid has passed its first GPU run (tests/ops/test_sparse_attn_prefill.py).
+bool sparse_attn_prefill_persistent_env();
+
 // Launches the prefill kernel on `stream`. Returns cudaSuccess, cudaErrorInvalidValue for bad
 // arguments (head_dim other than 512, num_splits other than 1, num_heads < 1, negative sizes,
 // null or misaligned pointers, strides that are not multiples of 8 elements, topk or
