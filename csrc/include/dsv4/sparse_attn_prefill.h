@@ -8,10 +8,11 @@
 //   - head_dim 512 (the DeepSeek-V4 models), bf16 q / kv / out, any number of heads (tiles of 64);
 //   - no key split (SparseAttnParams::num_splits == 1);
 //   - a compute-capability-9.0 GPU with the library built for sm_90a (the project default).
-// One CTA of 384 threads per (token, 64-head tile) on grid.x: a producer warpgroup gathers key
-// rows with cp.async into two double-half buffers tracked by mbarriers; two consumer
-// warpgroups each own one half of the output columns and one of every two 64-key blocks
-// (S = Q K^T, online softmax, P V), FlashMLA's sm90 sparse-prefill design.
+// One CTA of 384 threads per (token, 64-head tile) on grid.x (or, with
+// DSV4_SPARSE_PREFILL_PERSISTENT=1, at most one CTA per SM looping over those tiles): a producer
+// warpgroup gathers key rows with cp.async into two double-half buffers tracked by mbarriers;
+// two consumer warpgroups each own one half of the output columns and one of every two 64-key
+// blocks (S = Q K^T, online softmax, P V), FlashMLA's sm90 sparse-prefill design.
 #pragma once
 
 #include <cuda_runtime.h>
