@@ -581,8 +581,8 @@ __device__ __forceinline__ void consumer(const SparseAttnParams& p, uint32_t n_h
         pv_rs(0, 0);  // O0 += P0 V0[:, L]
         wgmma_commit();
         // Free B0's left half as soon as its last reader is done, before waiting on WG1: its
-        // refill is the first the producer issues for the next iteration. (P0 reaches WG1 no
-        // later for it: WG1's SS GEMM queues behind its own RS GEMM, issued after this one.)
+        // refill is the first the producer issues for the next iteration. (P0 reaches WG1 at
+        // most this GEMM's duration later, while the tensor cores run WG1's own RS GEMM.)
         wgmma_wait<0>();  // P0 V0[:, L] done
         fence_regs(o);
         fence_regs_u32(pa);
