@@ -196,17 +196,25 @@ __device__ __forceinline__ TokenKeys token_keys(const SparseAttnParams& p, int64
   return tk;
 }
 
-// Where the raw index of key `r` of block `b` is stored, for the index-list modes (not the HCA
-// block-table mode, whose extra lanes fetch_index computes): nullptr past the scope's length
-// (that lane is never read). Lets a caller issue the loads of several keys before using any.
+// Where the raw indices of block `b` are stored, for the index-list modes (not the HCA
+// block-table mode, whose extra lanes fetch_index computes): key r of the block at slots + r for
+// r < lanes, none past the scope's length (lanes <= 0 for a block >= nb; those lanes are never
+// read). Lets a caller issue the loads of several keys before using any.
+struct BlockSlots {
+  const int32_t* slots;
+  int lanes;
+};
+__device__ __forceinline__ BlockSlots block_slots(const TokenKeys& tk, int b) {
+  if (b >= tk.nb) return {tk.idx1, 0};
+  if (b < tk.nb1) return {tk.idx1 + b * kBlockN, tk.k1 - b * kBlockN};
+  if (tk.idx2 == nullptr) return {tk.idx1, 0};
+  const int lane0 = (b - tk.nb1) * kBlockN;
+  return {tk.idx2 + lane0, tk.k2 - lane0};
+}
+// The slot of key `r` of block `b` (block_slots), nullptr past the scope's length.
 __device__ __forceinline__ const int32_t* index_slot(const TokenKeys& tk, int b, int r) {
-  if (b >= tk.nb) return nullptr;
-  if (b < tk.nb1) {
-    const int lane_k = b * kBlockN + r;
-    return lane_k < tk.k1 ? tk.idx1 + lane_k : nullptr;
-  }
-  const int lane_k = (b - tk.nb1) * kBlockN + r;
-  return lane_k < tk.k2 && tk.idx2 != nullptr ? tk.idx2 + lane_k : nullptr;
+  const BlockSlots bs = block_slots(tk, b);
+  return r < bs.lanes ? bs.slots + r : nullptr;
 }
 
 // Raw index of key `r` of block `b` (-1 past the scope's length; never reads those lanes).

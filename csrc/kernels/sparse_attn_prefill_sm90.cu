@@ -329,11 +329,13 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, uint32_t n_h
   // n_iter, has no slot and reads nothing).
   auto load_raw = [&](const TokenKeys& tk, int it, int (&raw)[8]) {
 #pragma unroll
-    for (int buf = 0; buf < 2; ++buf)
+    for (int buf = 0; buf < 2; ++buf) {
+      const sparse_attn_detail::BlockSlots bs = sparse_attn_detail::block_slots(tk, 2 * it + buf);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        raw[4 * buf + j] = ld_index_or_minus1(sparse_attn_detail::index_slot(tk, 2 * it + buf,
-                                                                             r0 + 16 * j));
+        raw[4 * buf + j] =
+            ld_index_or_minus1(r0 + 16 * j < bs.lanes ? bs.slots + r0 + 16 * j : nullptr);
+    }
   };
   const uint64_t keep = l2_evict_last_policy();   // key rows are gathered by many tokens
   const uint64_t once = l2_evict_first_policy();  // the Q tile is read once
