@@ -18,10 +18,15 @@
 //     two-warpgroup tiles also come with an overlapped pipeline (OVL): the MMAs of step k are
 //     still running when those of step k + 1 are issued (wgmma.wait_group 1), at the price of
 //     one stage less of prefetch; GemmPipeline / DSV4_GEMM_PIPE selects it.
-//   * FP8 / FP4 weights land raw (with one scale word per chunk, loaded by the same thread) and
-//     each thread converts the chunks it loaded itself to bf16 (exact: e4m3 or e2m1 times a
-//     power-of-two scale; e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a
-//     double-buffered bf16 tile: no extra barrier.
+//   * FP8 / FP4 weights land raw and each warp converts the rows it loaded itself to bf16
+//     (exact: e4m3 or e2m1 times a power-of-two scale; e2m1 by byte permutation,
+//     grouped_gemm_fp4.cuh) into a double-buffered bf16 tile: cp.async.wait_group and a
+//     __syncwarp, no extra block barrier. The raw weights come two k steps per fill (a row's
+//     128 (FP8) / 64 (FP4) contiguous bytes per copy instead of 64 / 32: a cp.async copy costs a
+//     shared-memory wavefront per global line it touches, so 64-byte row pieces cost twice the
+//     ideal), the rows of the odd step stored pairwise swapped (row r at r ^ 1) so that a line's
+//     two halves land in different banks. FP8 scales: one word per warp and chunk, copied by
+//     lane 0 (a 4-byte copy of one global word by all 32 lanes costs 32 wavefronts).
 //   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
 //     each thread rotates the activation chunks it loaded, in place, with a per-unit
 //     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
@@ -66,10 +71,21 @@ struct Cfg {
   static constexpr int kRawChunks = kRawRow / 16;                     // 16-byte chunks per row
   static constexpr int kElemsPerChunk = FMT == kFmtBF16 ? 8 : (FMT == kFmtFP8 ? 16 : 32);
   static constexpr int kAChunks = kRowsA * kRawChunks / kThreads;     // per thread per step
+  // FP8 / FP4: the weights are filled two k steps at a time (see "pair fill" in the kernel):
+  // a row's 2 * kRawRow contiguous bytes (FP8: one 128-byte line) per fill, split over the
+  // stages of the two steps
+  static constexpr int kPairChunks = 2 * kRawChunks;  // 16-byte chunks of a row per pair fill
+  static constexpr int kFillRows = 32 / kPairChunks;  // rows of one warp-wide pair-fill copy
+  static constexpr int kConvRows = 32 / kRawChunks;   // rows of one warp-wide conversion chunk
   static constexpr int kBChunks = BN * 8 / kThreads;                  // per thread per step
   static constexpr int kBBytes = BN * 128;
   static constexpr int kARawBytes = kRowsA * kRawRow;
-  static constexpr int kScaleBytes = FMT == kFmtBF16 ? 0 : kThreads * kAChunks * 4;
+  // scale words per stage: FP8, one per warp and chunk index (a warp's chunk j covers 8
+  // consecutive rows of one 128 x 128 scale block: one word, loaded by lane 0); FP4, one per
+  // thread and chunk (every chunk has its own 1 x 32 block)
+  static constexpr int kScaleWords = FMT == kFmtBF16 ? 0
+                                   : (FMT == kFmtFP8 ? kThreads / 32 : kThreads) * kAChunks;
+  static constexpr int kScaleBytes = kScaleWords * 4;
   static constexpr int kStageStride = round_up(kBBytes + kARawBytes + kScaleBytes, 1024);
   static constexpr int kABf16Bytes = FMT == kFmtBF16 ? 0 : kRowsA * 128;  // per buffer
   static constexpr int kABufs = OVL ? 3 : 2;
@@ -97,6 +113,10 @@ struct Cfg {
   static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
   static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256, "tile rows");
   static_assert(kAChunks >= 1 && kAChunks * kThreads == kRowsA * kRawChunks, "A chunk split");
+  static_assert(FMT != kFmtFP8 || kConvRows == 8,
+                "FP8: a warp's chunk j covers 8 rows (one SwiGLU group, one scale block)");
+  static_assert(FMT == kFmtBF16 || (kConvRows == 2 * kFillRows && kFillRows % 4 == 0),
+                "pair fill: a warp's conversion rows are its two fill copies' rows");
   static_assert(kBChunks >= 1 && kBChunks * kThreads == BN * 8, "B chunk split");
   static_assert(kStages >= (OVL ? 3 : 2), "not enough shared memory for the pipeline");
   static_assert(kSmem <= SMEM_LIMIT, "shared memory budget");
@@ -274,29 +294,61 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     const int rows_t = static_cast<int>(cnt - static_cast<int64_t>(tb) * BN < BN
                                             ? cnt - static_cast<int64_t>(tb) * BN : BN);
 
-    // ---- weight rows this thread loads ----
-    const char* a_src[C::kAChunks];
+    // ---- weight rows ----
+    // tile row r -> weight row wr of matrix m (SwiGLU: gate / up interleaved by 8)
+    auto weight_row = [&](int r, int& m) {
+      if constexpr (EPI == kEpiSwiGLU) {
+        m = (r >> 3) & 1;
+        return fb * C::kFeat + (r >> 4) * 8 + (r & 7);
+      } else {
+        m = 0;
+        return fb * C::kRowsA + r;
+      }
+    };
+    auto weight_src = [&](int wr, int m, bool ok, int col) {
+      return static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
+             static_cast<int64_t>(ok ? wr : 0) * a.w_row_stride + col * 16;
+    };
+    // the rows this thread converts (FP8 / FP4) or loads (bf16): chunk j = row
+    // (tid + j T) / kRawChunks, 16-byte column a_col; a warp's chunk j = kConvRows whole rows
+    const char* a_src[C::kAChunks];  // bf16
+    uint32_t a_dst[C::kAChunks];     // bf16
     int64_t s_idx[C::kAChunks];
-    uint32_t a_dst[C::kAChunks];
     bool a_ok[C::kAChunks];
 #pragma unroll
     for (int j = 0; j < C::kAChunks; ++j) {
       const int r = (tid + j * T) / C::kRawChunks;  // tile row
-      int m = 0, wr;
-      if constexpr (EPI == kEpiSwiGLU) {
-        wr = fb * C::kFeat + (r >> 4) * 8 + (r & 7);
-        m = (r >> 3) & 1;
-      } else {
-        wr = fb * C::kRowsA + r;
-      }
+      int m;
+      const int wr = weight_row(r, m);
       a_ok[j] = wr < a.rows;
-      a_src[j] = static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
-                 static_cast<int64_t>(a_ok[j] ? wr : 0) * a.w_row_stride + a_col * 16;
+      a_src[j] = weight_src(wr, m, a_ok[j], a_col);
       s_idx[j] = e * a.s_expert_stride + m * a.s_mat_stride +
                  static_cast<int64_t>(FMT == kFmtFP8 ? wr / 128 : wr) * a.s_row_stride;
-      a_dst[j] = FMT == kFmtBF16 ? r * 128 + (((a_col ^ r) & 7) << 4)
-                                 : r * C::kRawRow + a_col * 16;
+      a_dst[j] = r * 128 + (((a_col ^ r) & 7) << 4);
     }
+    // FP8 / FP4 pair fill: the rows this thread copies. Copy (j, h) of warp w covers the
+    // kFillRows rows kConvRows (w + j T / 32) + h kFillRows + [0, kFillRows), kPairChunks
+    // lanes per row; lane chunk f_c of the row's two-step segment belongs to step f_g of the
+    // pair, 16-byte column f_rc of that step's row. Both copies of (w, j) are the rows that
+    // warp w converts as its chunk j.
+    const int f_c = lane % C::kPairChunks, f_g = f_c / C::kRawChunks, f_rc = f_c % C::kRawChunks;
+    const char* f_src[C::kAChunks][2];
+    bool f_ok[C::kAChunks][2];
+#pragma unroll
+    for (int j = 0; j < C::kAChunks; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = C::kConvRows * (warp + j * (T / 32)) + h * C::kFillRows +
+                      lane / C::kPairChunks;
+        int m;
+        const int wr = weight_row(r, m);
+        f_ok[j][h] = wr < a.rows;
+        f_src[j][h] = weight_src(wr, m, f_ok[j][h], f_c);
+      }
+    }
+    // shared offset of copy (0, 0) in its step's raw tile (odd step: row r stored at r ^ 1)
+    const uint32_t f_dst = (C::kConvRows * warp + ((lane / C::kPairChunks) ^ f_g)) * C::kRawRow +
+                           f_rc * 16;
     // ---- activation rows this thread loads ----
     const char* b_src[C::kBChunks];
     uint32_t b_dst[C::kBChunks];
@@ -338,6 +390,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
     for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
 
+    // the stage's scale word of this thread's chunk j (FP8: the warp's, FP4: the thread's)
+    auto scale_slot = [&](int j) {
+      return FMT == kFmtFP8 ? j * (T / 32) + warp : j * T + tid;
+    };
     auto load_step = [&](int kt, int stage) {
       const uint32_t sb = base + stage * C::kStageStride;
       const bool bk_ok = kt * kBK + b_col * 8 < K;
@@ -346,18 +402,45 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         const bool ok = b_ok[j] && bk_ok;
         cp_async16(sb + b_dst[j], ok ? b_src[j] + kt * 128 : dummy, ok ? 16 : 0);
       }
+      if constexpr (FMT != kFmtBF16) {
+        // pair fill on even steps: k steps kt and kt + 1 (zero-filled past K) into the raw
+        // tiles of `stage` and the next stage. The next stage's raw tile last held step
+        // kt + 1 - S, converted before the barrier of step kt - D at the latest (D <= S - 1),
+        // and this fill is issued after that barrier.
+        if ((kt & 1) == 0) {
+          const int st = f_g == 0 ? stage : (stage + 1 == S ? 0 : stage + 1);
+          const uint32_t dst = base + st * C::kStageStride + C::kBBytes + f_dst;
+          const bool k_ok = kt * kBK + f_c * C::kElemsPerChunk < K;
+#pragma unroll
+          for (int j = 0; j < C::kAChunks; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const bool ok = f_ok[j][h] && k_ok;
+              cp_async16(dst + j * T * 16 + h * C::kFillRows * C::kRawRow,
+                         ok ? f_src[j][h] + kt * C::kRawRow : dummy, ok ? 16 : 0);
+            }
+          }
+        }
+      }
       const int kel = kt * kBK + a_col * C::kElemsPerChunk;
 #pragma unroll
       for (int j = 0; j < C::kAChunks; ++j) {
         const bool ok = a_ok[j] && kel < K;
-        cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
-                   ok ? 16 : 0);
-        if constexpr (FMT != kFmtBF16) {
+        if constexpr (FMT == kFmtBF16) {
+          cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
+                     ok ? 16 : 0);
+        }
+        // FP8: one scale word per warp and chunk, copied by lane 0 alone (a 4-byte cp.async
+        // of one global word into 32 shared words costs 32 shared-memory wavefronts: ncu
+        // counted 32 per instruction, 88% of the kernel's excess wavefronts); FP4: every
+        // thread its own word.
+        if (FMT == kFmtFP4 || (FMT == kFmtFP8 && lane == 0)) {
           // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si (the
           // consumer picks byte si & 3). The last word of a scale tensor whose length is not a
           // multiple of 4 is read byte by byte: no read reaches past w_scale_bytes.
+          // (FP8: lane 0's row is the warp's first; its block and kel / 128 are the warp's.)
           const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-          const uint32_t s_dst = sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4;
+          const uint32_t s_dst = sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4;
           const char* s_base = static_cast<const char*>(a.w_scale);
           const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
           if (!ok || s_off + 4 <= a.w_scale_bytes) {
@@ -383,13 +466,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const uint32_t sb = base + (kt % S) * C::kStageStride;
       const uint32_t abf = abf_base + (kt % C::kABufs) * C::kABf16Bytes;
       cp_async_wait<D - 1>();  // this thread's chunks of step kt have landed
+      // FP8 / FP4: the raw rows of step kt came from the warp's pair fill (any lane) and the
+      // FP8 scale words from lane 0; all landed (every lane waited above): __syncwarp makes
+      // them visible across the warp
+      if constexpr (FMT != kFmtBF16) __syncwarp();
       if constexpr (FMT != kFmtBF16) {
         const int kel = kt * kBK + a_col * C::kElemsPerChunk;
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
           const int r = (tid + j * T) / C::kRawChunks;
-          const uint4 q = lds128(sb + C::kBBytes + r * C::kRawRow + a_col * 16);
-          const uint32_t sw = lds32(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4);
+          // (pair fill: an odd step's row r sits at r ^ 1)
+          const uint4 q = lds128(sb + C::kBBytes + (r ^ (kt & 1)) * C::kRawRow + a_col * 16);
+          const uint32_t sw = lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4);
           float s;
           if (a.scale_fp32) {
             s = __uint_as_float(sw);
@@ -397,6 +485,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
             s = e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
           }
+          // FP8: a chunk that was zero-filled (row past `rows` or k past K) still reads the
+          // warp's real scale; 0 keeps it exactly zero even where that scale is inf or NaN
+          // (FP4 chunks read their own zero-filled word, as before)
+          if (FMT == kFmtFP8 && !(a_ok[j] && kel < K)) s = 0.f;
           if constexpr (FMT == kFmtFP8) {
             // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r
             const uint4 lo = make_uint4(fp8x2_to_bf16x2(q.x, s), fp8x2_to_bf16x2(q.x >> 16, s),
