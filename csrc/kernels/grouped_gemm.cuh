@@ -25,8 +25,10 @@
 //     128 (FP8) / 64 (FP4) contiguous bytes per copy instead of 64 / 32: a cp.async copy costs a
 //     shared-memory wavefront per global line it touches, so 64-byte row pieces cost twice the
 //     ideal), the rows of the odd step stored pairwise swapped (row r at r ^ 1) so that a line's
-//     two halves land in different banks. FP8 scales: one word per warp and chunk, copied by
-//     lane 0 (a 4-byte copy of one global word by all 32 lanes costs 32 wavefronts).
+//     two halves land in different banks. FP8 scales: one word per warp and pair of steps
+//     (all the rows a warp converts share one 128 x 128 block), copied by lane 0 (a 4-byte
+//     copy of one global word by all 32 lanes costs 32 wavefronts); FP4: one word per thread
+//     and chunk, every step.
 //   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
 //     each thread rotates the activation chunks it loaded, in place, with a per-unit
 //     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
@@ -80,11 +82,11 @@ struct Cfg {
   static constexpr int kBChunks = BN * 8 / kThreads;                  // per thread per step
   static constexpr int kBBytes = BN * 128;
   static constexpr int kARawBytes = kRowsA * kRawRow;
-  // scale words per stage: FP8, one per warp and chunk index (a warp's chunk j covers 8
-  // consecutive rows of one 128 x 128 scale block: one word, loaded by lane 0); FP4, one per
-  // thread and chunk (every chunk has its own 1 x 32 block)
+  // scale words per stage: FP8, one per warp (every row a warp converts lies in the same
+  // matrix and 128 x 128 scale block: one word, copied by lane 0); FP4, one per thread and
+  // chunk (every chunk has its own 1 x 32 block)
   static constexpr int kScaleWords = FMT == kFmtBF16 ? 0
-                                   : (FMT == kFmtFP8 ? kThreads / 32 : kThreads) * kAChunks;
+                                   : (FMT == kFmtFP8 ? kThreads / 32 : kThreads * kAChunks);
   static constexpr int kScaleBytes = kScaleWords * 4;
   static constexpr int kStageStride = round_up(kBBytes + kARawBytes + kScaleBytes, 1024);
   static constexpr int kABf16Bytes = FMT == kFmtBF16 ? 0 : kRowsA * 128;  // per buffer
@@ -113,8 +115,12 @@ struct Cfg {
   static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
   static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256, "tile rows");
   static_assert(kAChunks >= 1 && kAChunks * kThreads == kRowsA * kRawChunks, "A chunk split");
-  static_assert(FMT != kFmtFP8 || kConvRows == 8,
-                "FP8: a warp's chunk j covers 8 rows (one SwiGLU group, one scale block)");
+  // FP8: a warp's chunk j = 8 rows 8 (w + j T / 32) + [0, 8): one SwiGLU group of matrix
+  // (w + j T / 32) & 1 = w & 1 for every j (T / 32 even); the tile's rows (64 or 128 from a
+  // multiple of their count) lie in one 128-row scale block: one scale word per warp and step
+  static_assert(FMT != kFmtFP8 || (kConvRows == 8 && (kThreads / 32) % 2 == 0 &&
+                                   128 % kRowsA == 0 && 128 % kFeat == 0),
+                "FP8: one scale word per warp");
   static_assert(FMT == kFmtBF16 || (kConvRows == 2 * kFillRows && kFillRows % 4 == 0),
                 "pair fill: a warp's conversion rows are its two fill copies' rows");
   static_assert(kBChunks >= 1 && kBChunks * kThreads == BN * 8, "B chunk split");
@@ -177,12 +183,15 @@ __device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, uint32_t s
 }
 
 // One 64-wide k step of MMAs for the warpgroup: A rows [64] at a_tile, B rows [N] at b_tile.
+// The k16 slices of a 128-byte-swizzled tile start 32 bytes apart: descriptor + 2 in the
+// address field (bits 0-13, address >> 4; shared addresses < 2^18 leave no carry out of it).
 template <int N, int M>
 __device__ __forceinline__ void mma_step(float (&acc)[M], uint32_t a_tile, uint32_t b_tile) {
+  const uint64_t da = smem_desc(a_tile), db = smem_desc(b_tile);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kBK / 16; ++ks) {
-    Wgmma<N>::mma(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32));
+    Wgmma<N>::mma(acc, da + 2 * ks, db + 2 * ks);
   }
   wgmma_commit();
 }
@@ -391,8 +400,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
 
     // the stage's scale word of this thread's chunk j (FP8: the warp's, FP4: the thread's)
-    auto scale_slot = [&](int j) {
-      return FMT == kFmtFP8 ? j * (T / 32) + warp : j * T + tid;
+    auto scale_slot = [&](int j) { return FMT == kFmtFP8 ? warp : j * T + tid; };
+    // copies the scale word holding element si of the scale tensor (zeros if !ok). fp32: the
+    // scale itself. e8m0: the 4-byte aligned word holding byte si (the consumer picks byte
+    // si & 3); the last word of a scale tensor whose length is not a multiple of 4 is read
+    // byte by byte: no read reaches past w_scale_bytes.
+    auto copy_scale = [&](int64_t si, bool ok, uint32_t s_dst) {
+      const char* s_base = static_cast<const char*>(a.w_scale);
+      const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
+      if (!ok || s_off + 4 <= a.w_scale_bytes) {
+        cp_async4(s_dst, ok ? s_base + s_off : dummy, ok ? 4 : 0);
+      } else {
+        const auto byte = static_cast<uint32_t>(
+            __ldg(reinterpret_cast<const unsigned char*>(s_base) + si));
+        sts32(s_dst, byte << (8 * static_cast<int>(si & 3)));
+      }
     };
     auto load_step = [&](int kt, int stage) {
       const uint32_t sb = base + stage * C::kStageStride;
@@ -408,8 +430,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         // kt + 1 - S, converted before the barrier of step kt - D at the latest (D <= S - 1),
         // and this fill is issued after that barrier.
         if ((kt & 1) == 0) {
-          const int st = f_g == 0 ? stage : (stage + 1 == S ? 0 : stage + 1);
+          const int st1 = stage + 1 == S ? 0 : stage + 1;
+          const int st = f_g == 0 ? stage : st1;
           const uint32_t dst = base + st * C::kStageStride + C::kBBytes + f_dst;
+          if constexpr (FMT == kFmtFP8) {
+            // the warp's scale word of both steps (one 128-wide k block), lane 0 alone into
+            // each stage's slot: a 4-byte copy of one global word by all 32 lanes costs 32
+            // shared-memory wavefronts (ncu: ~88% of the FP8 kernel's excess wavefronts).
+            // Lane 0's rows are the warp's first: none valid if they are not.
+            if (lane == 0) {
+              const int64_t si = s_idx[0] + kt * kBK / 128;
+              const uint32_t slot = C::kBBytes + C::kARawBytes + scale_slot(0) * 4;
+              copy_scale(si, a_ok[0], base + stage * C::kStageStride + slot);
+              copy_scale(si, a_ok[0], base + st1 * C::kStageStride + slot);
+            }
+          }
           const bool k_ok = kt * kBK + f_c * C::kElemsPerChunk < K;
 #pragma unroll
           for (int j = 0; j < C::kAChunks; ++j) {
@@ -430,26 +465,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
                      ok ? 16 : 0);
         }
-        // FP8: one scale word per warp and chunk, copied by lane 0 alone (a 4-byte cp.async
-        // of one global word into 32 shared words costs 32 shared-memory wavefronts: ncu
-        // counted 32 per instruction, 88% of the kernel's excess wavefronts); FP4: every
-        // thread its own word.
-        if (FMT == kFmtFP4 || (FMT == kFmtFP8 && lane == 0)) {
-          // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si (the
-          // consumer picks byte si & 3). The last word of a scale tensor whose length is not a
-          // multiple of 4 is read byte by byte: no read reaches past w_scale_bytes.
-          // (FP8: lane 0's row is the warp's first; its block and kel / 128 are the warp's.)
-          const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-          const uint32_t s_dst = sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4;
-          const char* s_base = static_cast<const char*>(a.w_scale);
-          const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
-          if (!ok || s_off + 4 <= a.w_scale_bytes) {
-            cp_async4(s_dst, ok ? s_base + s_off : dummy, ok ? 4 : 0);
-          } else {
-            const auto byte = static_cast<uint32_t>(
-                __ldg(reinterpret_cast<const unsigned char*>(s_base) + si));
-            sts32(s_dst, byte << (8 * static_cast<int>(si & 3)));
-          }
+        // FP4: every thread the scale word of its own chunk, every step
+        if constexpr (FMT == kFmtFP4) {
+          copy_scale(s_idx[j] + kel / 32, ok, sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4);
         }
       }
     };
@@ -472,23 +490,31 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       if constexpr (FMT != kFmtBF16) __syncwarp();
       if constexpr (FMT != kFmtBF16) {
         const int kel = kt * kBK + a_col * C::kElemsPerChunk;
+        // the scale of a stage word: fp32 as is, e8m0 the byte of element si
+        auto decode_scale = [&](uint32_t sw, int64_t si) {
+          return a.scale_fp32 ? __uint_as_float(sw)
+                              : e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
+        };
+        float s_warp = 0.f;  // FP8: the warp's scale of step kt
+        if constexpr (FMT == kFmtFP8) {
+          s_warp = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(0) * 4),
+                                s_idx[0] + kt * kBK / 128);
+        }
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
           const int r = (tid + j * T) / C::kRawChunks;
           // (pair fill: an odd step's row r sits at r ^ 1)
           const uint4 q = lds128(sb + C::kBBytes + (r ^ (kt & 1)) * C::kRawRow + a_col * 16);
-          const uint32_t sw = lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4);
           float s;
-          if (a.scale_fp32) {
-            s = __uint_as_float(sw);
+          if constexpr (FMT == kFmtFP8) {
+            // a zero-filled chunk (row past `rows` or k past K) gets 0, not the warp's scale:
+            // exactly zero even where that scale is inf or NaN
+            s = a_ok[j] && kel < K ? s_warp : 0.f;
           } else {
-            const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-            s = e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
+            // FP4: the chunk's own word (zero-filled with its chunk)
+            s = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4),
+                             s_idx[j] + kel / 32);
           }
-          // FP8: a chunk that was zero-filled (row past `rows` or k past K) still reads the
-          // warp's real scale; 0 keeps it exactly zero even where that scale is inf or NaN
-          // (FP4 chunks read their own zero-filled word, as before)
-          if (FMT == kFmtFP8 && !(a_ok[j] && kel < K)) s = 0.f;
           if constexpr (FMT == kFmtFP8) {
             // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r
             const uint4 lo = make_uint4(fp8x2_to_bf16x2(q.x, s), fp8x2_to_bf16x2(q.x >> 16, s),
