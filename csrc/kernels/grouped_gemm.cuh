@@ -155,18 +155,34 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
-// Two e4m3 values (low byte first) times a power-of-two scale -> bf16x2 (exact).
-__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s) {
-  uint32_t h2;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-  return pack_bf16x2(f.x * s, f.y * s);
-}
-
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
   return d;
+}
+
+// Two e4m3 values (low byte first) -> float2 (exact).
+__device__ __forceinline__ float2 fp8x2_to_f32x2(uint32_t two) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h2));
+}
+// Two e4m3 values times a power-of-two scale -> bf16x2 (exact). `fast` (s in [2^-117, 2^118]:
+// e4m3 magnitudes lie in [2^-9, 448], so every nonzero product is a normal bf16): the pair
+// rounded to bf16 (exact: 4 significant bits) times s2 = (s, s), one bf16x2 multiply;
+// otherwise two fp32 multiplies. (The caller branches on a warp-uniform `fast`.)
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s, uint32_t s2,
+                                                    bool fast) {
+  const float2 f = fp8x2_to_f32x2(two);
+  return fast ? bf16x2_mul(pack_bf16x2(f.x, f.y), s2) : pack_bf16x2(f.x * s, f.y * s);
+}
+// Sixteen e4m3 values (one 16-byte chunk) -> two uint4 of bf16x2 (lo: values 0-7).
+__device__ __forceinline__ void fp8x16_to_bf16x16(uint4 q, float s, uint32_t s2, bool fast,
+                                                  uint4& lo, uint4& hi) {
+  lo = make_uint4(fp8x2_to_bf16x2(q.x, s, s2, fast), fp8x2_to_bf16x2(q.x >> 16, s, s2, fast),
+                  fp8x2_to_bf16x2(q.y, s, s2, fast), fp8x2_to_bf16x2(q.y >> 16, s, s2, fast));
+  hi = make_uint4(fp8x2_to_bf16x2(q.z, s, s2, fast), fp8x2_to_bf16x2(q.z >> 16, s, s2, fast),
+                  fp8x2_to_bf16x2(q.w, s, s2, fast), fp8x2_to_bf16x2(q.w >> 16, s, s2, fast));
 }
 
 // Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times the
@@ -500,6 +516,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           s_warp = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(0) * 4),
                                 s_idx[0] + kt * kBK / 128);
         }
+        // FP8 fast conversion (bf16x2 multiply), warp-uniform; false for NaN
+        const bool fp8_fast = s_warp >= 0x1p-117f && s_warp <= 0x1p118f;
+        const uint32_t s2_warp = pack_bf16x2(s_warp, s_warp);  // exact: a power of two
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
           const int r = (tid + j * T) / C::kRawChunks;
@@ -516,11 +535,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
                              s_idx[j] + kel / 32);
           }
           if constexpr (FMT == kFmtFP8) {
-            // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r
-            const uint4 lo = make_uint4(fp8x2_to_bf16x2(q.x, s), fp8x2_to_bf16x2(q.x >> 16, s),
-                                        fp8x2_to_bf16x2(q.y, s), fp8x2_to_bf16x2(q.y >> 16, s));
-            const uint4 hi = make_uint4(fp8x2_to_bf16x2(q.z, s), fp8x2_to_bf16x2(q.z >> 16, s),
-                                        fp8x2_to_bf16x2(q.w, s), fp8x2_to_bf16x2(q.w >> 16, s));
+            // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r. Fast path: a
+            // zero-filled chunk is 0 x s2 = 0 (s2 finite there)
+            uint4 lo, hi;
+            if (fp8_fast) {
+              fp8x16_to_bf16x16(q, s_warp, s2_warp, true, lo, hi);
+            } else {
+              fp8x16_to_bf16x16(q, s, s2_warp, false, lo, hi);
+            }
             sts128(abf + r * 128 + ((((2 * a_col) ^ r) & 7) << 4), lo);
             sts128(abf + r * 128 + ((((2 * a_col + 1) ^ r) & 7) << 4), hi);
           } else {
