@@ -155,6 +155,13 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
+// s is +-2^e with lo <= |s| <= hi (then s is exact in bf16 and a bf16 product by it is exact
+// while it stays normal).
+__device__ __forceinline__ bool pow2_in(float s, float lo, float hi) {
+  const float m = fabsf(s);
+  return (__float_as_uint(s) & 0x007FFFFFu) == 0u && m >= lo && m <= hi;
+}
+
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
@@ -167,10 +174,10 @@ __device__ __forceinline__ float2 fp8x2_to_f32x2(uint32_t two) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
   return __half22float2(*reinterpret_cast<const __half2*>(&h2));
 }
-// Two e4m3 values times a power-of-two scale -> bf16x2 (exact). `fast` (s in [2^-117, 2^118]:
-// e4m3 magnitudes lie in [2^-9, 448], so every nonzero product is a normal bf16): the pair
-// rounded to bf16 (exact: 4 significant bits) times s2 = (s, s), one bf16x2 multiply;
-// otherwise two fp32 multiplies. (The caller branches on a warp-uniform `fast`.)
+// Two e4m3 values times the scale s -> bf16x2, rounded once. `fast` (s = +-2^e with |s| in
+// [2^-117, 2^118]: e4m3 magnitudes lie in [2^-9, 448], so every nonzero product is a normal
+// bf16, exact): the pair as bf16 (exact: 4 significant bits) times s2 = (s, s), one bf16x2
+// multiply; otherwise two fp32 multiplies. (The caller branches on a warp-uniform `fast`.)
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s, uint32_t s2,
                                                     bool fast) {
   const float2 f = fp8x2_to_f32x2(two);
@@ -186,8 +193,9 @@ __device__ __forceinline__ void fp8x16_to_bf16x16(uint4 q, float s, uint32_t s2,
 }
 
 // Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times the
-// power-of-two scale s -> four bf16x2 words, exactly. `fast` (s in [2^-118, 2^118], so every
-// product is a normal bf16): one bf16x2 multiply by s2 = (s, s) per pair; otherwise fp32.
+// scale s -> four bf16x2 words, rounded once. `fast` (s = +-2^e with |s| in [2^-118, 2^118],
+// so every product is a normal bf16, exact): one bf16x2 multiply by s2 = (s, s) per pair;
+// otherwise fp32 (a float32 scale need not be a power of two).
 __device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, uint32_t s2, bool fast) {
   uint32_t v[4];
   e2m1x8_to_bf16x8(w, v);
@@ -516,9 +524,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           s_warp = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(0) * 4),
                                 s_idx[0] + kt * kBK / 128);
         }
-        // FP8 fast conversion (bf16x2 multiply), warp-uniform; false for NaN
-        const bool fp8_fast = s_warp >= 0x1p-117f && s_warp <= 0x1p118f;
-        const uint32_t s2_warp = pack_bf16x2(s_warp, s_warp);  // exact: a power of two
+        // FP8 fast conversion (bf16x2 multiply; warp-uniform): a power of two (every e8m0
+        // scale; a float32 scale may be any value) in range; false for NaN, inf, 0
+        const bool fp8_fast = pow2_in(s_warp, 0x1p-117f, 0x1p118f);
+        const uint32_t s2_warp = pack_bf16x2(s_warp, s_warp);  // exact where fp8_fast
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
           const int r = (tid + j * T) / C::kRawChunks;
@@ -547,8 +556,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             sts128(abf + r * 128 + ((((2 * a_col + 1) ^ r) & 7) << 4), hi);
           } else {
             // 32 values -> bf16 chunks 4 * a_col .. 4 * a_col + 3 of row r
-            const bool fast = s >= 0x1p-118f && s <= 0x1p118f;  // false for NaN
-            const uint32_t s2 = pack_bf16x2(s, s);               // exact: a power of two
+            // a power of two in range (float32 scales need not be): false for NaN, inf, 0
+            const bool fast = pow2_in(s, 0x1p-118f, 0x1p118f);
+            const uint32_t s2 = pack_bf16x2(s, s);  // exact where fast
             sts128(abf + r * 128 + ((((4 * a_col) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.x, s, s2, fast));
             sts128(abf + r * 128 + ((((4 * a_col + 1) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.y, s, s2, fast));
             sts128(abf + r * 128 + ((((4 * a_col + 2) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.z, s, s2, fast));

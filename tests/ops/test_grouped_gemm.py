@@ -370,6 +370,21 @@ def test_cuda_nan_and_tiny_weight_scales(monkeypatch, fmt, K, N, tile, pipe):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "overlap")])
+def test_cuda_float32_scales_not_powers_of_two(monkeypatch, fmt, tile, pipe):
+    """float32 weight scales (the "-Base" checkpoints' kind) that are not powers of two: the
+    kernel may not take its bf16x2-multiply shortcut (exact only for a power-of-two scale)."""
+    _set_tile(monkeypatch, tile, pipe)
+    c = moe_case(T=37, K=256, N=144 if fmt == "fp8" else 96, E=4, topk=2, fmt=fmt, seed=21)
+    g = torch.Generator().manual_seed(22)
+    for name in ("w_up_scale", "w_down_scale"):
+        s = e8m0_to_float(getattr(c, name))
+        setattr(c, name, s * (1.0 + torch.rand(s.shape, generator=g)))  # in [1, 2) x 2^e
+    _check_case_cuda(c)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("skew", ["one", "half"])
 @pytest.mark.parametrize("tile,pipe", [("auto", "serial"), ("decode", "serial"),
