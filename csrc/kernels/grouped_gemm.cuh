@@ -19,16 +19,16 @@
 //     still running when those of step k + 1 are issued (wgmma.wait_group 1), at the price of
 //     one stage less of prefetch; GemmPipeline / DSV4_GEMM_PIPE selects it.
 //   * FP8 / FP4 weights land raw and each warp converts the rows it loaded itself to bf16
-//     (exact: e4m3 or e2m1 times a power-of-two scale; e2m1 by byte permutation,
-//     grouped_gemm_fp4.cuh) into a double-buffered bf16 tile: cp.async.wait_group and a
-//     __syncwarp, no extra block barrier. The raw weights come two k steps per fill (a row's
-//     128 (FP8) / 64 (FP4) contiguous bytes per copy instead of 64 / 32: a cp.async copy costs a
-//     shared-memory wavefront per global line it touches, so 64-byte row pieces cost twice the
-//     ideal), the rows of the odd step stored pairwise swapped (row r at r ^ 1) so that a line's
-//     two halves land in different banks. FP8 scales: one word per warp and pair of steps
-//     (all the rows a warp converts share one 128 x 128 block), copied by lane 0 (a 4-byte
-//     copy of one global word by all 32 lanes costs 32 wavefronts); FP4: one word per thread
-//     and chunk, every step.
+//     (e4m3 or e2m1 times the scale, rounded once: exact for the power-of-two e8m0 scales;
+//     e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a double-buffered bf16 tile:
+//     cp.async.wait_group and a __syncwarp, no extra block barrier. The raw weights come two
+//     k steps per fill (a row's 128 (FP8) / 64 (FP4) contiguous bytes per copy instead of
+//     64 / 32: a cp.async copy costs a shared-memory wavefront per global line it touches, so
+//     64-byte row pieces cost twice the ideal), the rows of the odd step stored pairwise
+//     swapped (row r at r ^ 1) so that a line's two halves land in different banks. FP8
+//     scales: one word per warp and pair of steps (all the rows a warp converts share one
+//     128 x 128 block), copied by lane 0 (a 4-byte copy of one global word by all 32 lanes
+//     costs 32 wavefronts); FP4: one word per thread and chunk, every step.
 //   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
 //     each thread rotates the activation chunks it loaded, in place, with a per-unit
 //     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
