@@ -520,6 +520,30 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
   const int wcol = (warp >> 2) * W + (warp & 3) * (W / 4);                // in a smem row
   const int64_t kcol = (warp >> 2) * dim + slice0 + (warp & 3) * (W / 4);  // in fn / x rows
 
+  // The tile's x slice: token i, stream s, 16-byte chunk ch -> sX[buf][i][s * W + ch * 8];
+  // tokens past the end are zero-filled.
+  // Chunk c = tid + pass * kWideThreads: token c / (4 W / 8), and (stream, chunk) from
+  // c % (4 W / 8) = tid % (4 W / 8), the same in every pass.
+  const int ld_per_token = kHc * (W / 8);               // 16-byte chunks per token
+  const int ld_tokens = kWideThreads / ld_per_token;    // tokens per pass (4, 8 or 16)
+  const int ld_i0 = tid / ld_per_token;
+  const int ld_s = (tid % ld_per_token) / (W / 8), ld_ch = tid % (W / 8);
+  const int ld_soff = ld_s * W + ld_ch * 8;                       // in a smem row
+  const int64_t ld_goff = ld_s * dim + slice0 + ld_ch * 8;        // in an x row
+  auto load_tile = [&](int buf, int64_t tile) {
+    const uint32_t dst = smem_addr(sX + buf * kWideTM * pitch + ld_soff);
+    for (int i = ld_i0; i < kWideTM; i += ld_tokens) {
+      const int64_t t = tile * kWideTM + i;
+      const bool ok = t < a.tokens;
+      cp_async16_zfill(dst + static_cast<uint32_t>(i * pitch * 2),
+                       ok ? a.x + t * a.x_stride + ld_goff : a.x, ok);
+    }
+    cp_async_commit();
+  };
+
+  int64_t tile = cid;
+  if (tile < a.n_tiles) load_tile(0, tile);  // in flight while fn fills the registers
+
   // fn -> B fragments: b[j][p][nt] = part p of fn rows nt·8 + g, columns kcol + 16 j + c2 + {0,
   // 1} (reg 0) and + {8, 9} (reg 1); rows past kNReal (head: 4..7) and steps j >= ks are 0.
   uint32_t b[kWideMaxKs][kParts][NT][2];
@@ -549,29 +573,6 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
     }
   }
 
-  // The tile's x slice: token i, stream s, 16-byte chunk ch -> sX[buf][i][s * W + ch * 8];
-  // tokens past the end are zero-filled.
-  // Chunk c = tid + pass * kWideThreads: token c / (4 W / 8), and (stream, chunk) from
-  // c % (4 W / 8) = tid % (4 W / 8), the same in every pass.
-  const int ld_per_token = kHc * (W / 8);               // 16-byte chunks per token
-  const int ld_tokens = kWideThreads / ld_per_token;    // tokens per pass (4, 8 or 16)
-  const int ld_i0 = tid / ld_per_token;
-  const int ld_s = (tid % ld_per_token) / (W / 8), ld_ch = tid % (W / 8);
-  const int ld_soff = ld_s * W + ld_ch * 8;                       // in a smem row
-  const int64_t ld_goff = ld_s * dim + slice0 + ld_ch * 8;        // in an x row
-  auto load_tile = [&](int buf, int64_t tile) {
-    const uint32_t dst = smem_addr(sX + buf * kWideTM * pitch + ld_soff);
-    for (int i = ld_i0; i < kWideTM; i += ld_tokens) {
-      const int64_t t = tile * kWideTM + i;
-      const bool ok = t < a.tokens;
-      cp_async16_zfill(dst + static_cast<uint32_t>(i * pitch * 2),
-                       ok ? a.x + t * a.x_stride + ld_goff : a.x, ok);
-    }
-    cp_async_commit();
-  };
-
-  int64_t tile = cid;
-  if (tile < a.n_tiles) load_tile(0, tile);
   for (int it = 0; tile < a.n_tiles; tile += ncl, ++it) {
     const int buf = it & 1;
     const int64_t t0 = tile * kWideTM;
