@@ -13,10 +13,10 @@
 //     (deterministic), a half-warp computes r = rsqrt(mean + eps), pre, post and the Sinkhorn
 //     projection (one comb entry per lane; row / column sums by xor shuffles), then all threads
 //     write u = Σ_i pre_i x_i (16-byte vectors).
-//  Prefill at dim 1024 / 2048 / 4096 runs neither: the "wide" kernel below does both phases in
-//  one pass over x (a 16-CTA cluster per 32-token tile, x kept in shared memory). Other dims
-//  (or a device without such clusters) run the two phases on chunks of 512 tokens, so that
-//  phase 2 re-reads x from L2.
+//  Prefill runs the two phases on chunks of 512 tokens, so that phase 2 re-reads x from L2.
+//  With DSV4_MHC_ONE_PASS=1 (opt-in until verified on hardware), prefill at dim 1024 / 2048 /
+//  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
+//  cluster per 32-token tile, x kept in shared memory).
 //  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
 //  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
 //  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
@@ -27,6 +27,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cuda_bf16.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -704,6 +705,13 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The one-pass path is opt-in until it has run on hardware: DSV4_MHC_ONE_PASS=1 (read at each
+// call, so a CUDA graph keeps the path it was captured with).
+bool one_pass_enabled() {
+  const char* v = std::getenv("DSV4_MHC_ONE_PASS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
 // Clusters of the wide kernel that can be resident at once on `device` (the current device):
 // 0 when a 16-CTA cluster of it cannot run there (then the chunked two-phase path runs).
 // Queried once per device and kernel; the attributes it sets are those every launch needs.
@@ -798,7 +806,7 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (workspace_bytes < mhc_pre_workspace_bytes(tokens, dim, device)) return cudaErrorInvalidValue;
-  if (tokens > kMhcMaxFusedTokens && wide_dim_ok(dim)) {
+  if (tokens > kMhcMaxFusedTokens && wide_dim_ok(dim) && one_pass_enabled()) {
     const int clusters = wide_clusters<NT>(device);
     if (clusters > 0) {
       FinishArgs fa = {};

@@ -3,13 +3,16 @@
 // must match bit for bit; hc_pre / head compute the projection in double on the CPU, so
 // post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (one launch,
 // tokens <= 8), the two-kernel path and chunked prefill (> 512 tokens), dims that are no
-// multiple of the 64-wide k tile. Prints PASS / FAIL (exit 1) or "SKIP: no CUDA device".
+// multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
+// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 8). Prints
+// PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -236,20 +239,25 @@ int main() {
   bool ok = true;
   const int post_cases[][2] = {{1, 4096}, {5, 4096}, {300, 136}, {3, 13}};
   for (auto& c : post_cases) ok &= check_post(c[0], c[1], rng);
-  std::printf("one-pass prefill path (clusters of 16 CTAs; 0 = chunked path): pre dim 4096: %d, "
-              "head dim 4096: %d, dim 1024: %d, dim 128: %d\n",
+  std::printf("one-pass prefill kernel (DSV4_MHC_ONE_PASS=1), clusters of 16 CTAs it runs with "
+              "(0 = the chunked path runs): pre dim 4096: %d, head dim 4096: %d, dim 1024: %d, "
+              "dim 128: %d\n",
               dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true),
               dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
-  // T <= 8: the fused decode launch; T > 8 at dim 1024 / 2048 / 4096: the one-pass (cluster)
-  // kernel, with partial last tiles (T % 32 != 0) and several tiles per cluster (T = 1000,
-  // 4100); other dims: the chunked two-phase path.
+  // T <= 8: the fused decode launch; T > 8: the chunked two-phase path, or with
+  // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
+  // last tiles (T % 32 != 0) and several tiles per cluster (T = 1000, 4100).
   const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256},
                               {9, 4096}, {77, 1024}, {100, 2048}, {1000, 4096}, {4100, 1024}};
-  for (auto& c : pre_cases)
-    for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+  for (const char* one_pass : {"0", "1"}) {
+    setenv("DSV4_MHC_ONE_PASS", one_pass, 1);
+    std::printf("DSV4_MHC_ONE_PASS=%s\n", one_pass);
+    for (auto& c : pre_cases)
+      for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+    ok &= check_misaligned_workspace();
+  }
   ok &= dsv4::mhc_pre(nullptr, 0, nullptr, nullptr, nullptr, 1e-6f, 20, 1e-6f, nullptr, 0, nullptr,
                       nullptr, 4, 12, nullptr, 0, nullptr) == cudaErrorInvalidValue;  // dim % 8
-  ok &= check_misaligned_workspace();
   std::printf("%s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
 }

@@ -6,6 +6,11 @@ torch.library.opcheck."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -287,6 +292,56 @@ def test_mhc_kernels_reject_unsupported_shapes():
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.mhc_head(x, torch.randn(4, 48, device="cuda"), torch.ones(1, device="cuda"),
                      torch.zeros(4, device="cuda"), 1e-6, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-pass prefill kernel (opt-in: DSV4_MHC_ONE_PASS=1)
+# ---------------------------------------------------------------------------------------------
+ONE_PASS = os.environ.get("DSV4_MHC_ONE_PASS") == "1"
+
+
+@cuda
+@pytest.mark.skipif(ONE_PASS, reason="this is the child run")
+def test_cuda_tests_again_with_the_one_pass_prefill_kernel():
+    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=1, which sends T > 8 at dim
+    1024 / 2048 / 4096 (the parametrised sizes above) through the one-pass cluster kernel. In a
+    child process, with a time limit: a fault or a hang of the new kernel fails this test only,
+    not the CUDA context of the rest of the suite."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DSV4_MHC_ONE_PASS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs",
+                        "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    print(r.stdout[-3000:])                           # the child's summary, in -rP / -s output
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+@cuda
+@pytest.mark.skipif(not ONE_PASS, reason="runs in the DSV4_MHC_ONE_PASS=1 child run")
+def test_one_pass_kernel_is_the_one_that_runs():
+    """With DSV4_MHC_ONE_PASS=1, mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the
+    one-pass kernel (the child run above would otherwise test the chunked path twice); dim 512
+    keeps the chunked path's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(T, d):
+        x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
+        dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6)
+            ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages() if "mhc" in e.key]
+
+    names = kernels(100, 1024)
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    names = kernels(100, 4096)
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    assert not any("mhc_wide_kernel" in n for n in kernels(100, 512))
 
 
 # ---------------------------------------------------------------------------------------------
