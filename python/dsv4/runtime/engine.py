@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
@@ -181,6 +182,9 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._inflight: Optional[_Launched] = None   # the launched step not yet read
         self._ready: list[RequestOutput] = []         # outputs held over by a failed step
+        #: seconds step() spent waiting for the GPU (for a step's sampled tokens): a step's
+        #: wall time minus this is its host time (benchmarks)
+        self.wait_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor,
@@ -385,7 +389,9 @@ class Engine:
         an earlier token, or aborted) is discarded. Raises EngineStepError (the step's
         requests finished with an error) when the device reports one here."""
         try:
+            t = time.perf_counter()
             toks, finite = st.read()
+            self.wait_seconds += time.perf_counter() - t
         except BaseException as e:
             live = [r.request for r in st.rows if r.request.status != Status.FINISHED]
             for req in live:
