@@ -8,7 +8,8 @@ non-blocking copy (:class:`~dsv4.layers.varlen.StepBatch`); the model runs
 Tokens the host does not have yet (the overlapped loop: the step before this one sampled them
 and is still running) are taken on the device: the buffer carries, beside the token ids, one
 source index per token (-1: the id is in the buffer; j >= 0: row j of the previous step's
-sampled ids), and two small kernels copy those ids in before the model (or the graph) runs.
+sampled ids), and a few tiny kernels (a gather and a select over the step's T ids) copy them
+in before the model (or the graph) runs.
 Everything runs on the current stream, so the step reads them after the step before wrote them.
 
 Decode steps (every row feeds one token and samples) on CUDA replay a CUDA graph captured once
