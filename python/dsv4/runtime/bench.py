@@ -14,8 +14,10 @@ linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
 * decode ``B @ C``: B sequences whose first C tokens are taken as already cached (the pool
   holds random entries: attention reads real-sized scopes without a real prefill), then
   ``--steps`` engine steps (CUDA graphs where capturable) after 3 warm-up steps; ms/step is
-  the median step's wall time, sampling and the host included (the JSON adds the mean and
-  the slowest step). transformers' rows take the same medians (its prefill after one 16-token
+  the median interval between the returns of back-to-back ``step()`` calls, sampling and the
+  host included (the JSON adds the mean and the slowest step, and ``overlap``: whether the
+  engine ran its overlapped loop, the default on CUDA; ``--no-overlap`` for the synchronous
+  one). transformers' rows take the same medians (its prefill after one 16-token
   warm-up forward).
 
 Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
@@ -132,6 +134,10 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--chunk", type=int_at_least(1), default=16384,
                    help="max tokens per engine step (prefill chunks; default 16384)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    b.add_argument("--no-overlap", action="store_true",
+                   help="the synchronous engine loop (default: the overlapped loop on CUDA, "
+                   "the host preparing step n+1 while the GPU runs step n; --mode 1m is "
+                   "always synchronous)")
     b.add_argument("--compare", choices=("hf",), default=None,
                    help="also run transformers' DeepseekV4ForCausalLM on the same config")
     b.add_argument("--mode", choices=("e2e", "1m"), default="e2e",
@@ -235,11 +241,16 @@ def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None)
 
     from .engine import Engine
     head = torch.bfloat16 if args.head == "bf16" else None
+    # --mode 1m times its steps as the synchronous loop runs them (its loops read each
+    # step's token at once); the e2e rows run the overlapped loop unless --no-overlap
+    overlap = None if getattr(args, "mode", "e2e") == "e2e" else False
+    if getattr(args, "no_overlap", False):
+        overlap = False
     return Engine(model, max_batch=batch, max_model_len=max_len,
                   max_num_batched_tokens=budget or args.chunk,
                   cuda_graphs=not args.no_graphs, head_dtype=head,
                   indexer_cache=getattr(args, "indexer_cache", "bf16"),
-                  kv_cache=getattr(args, "kv_cache", "bf16"))
+                  kv_cache=getattr(args, "kv_cache", "bf16"), overlap=overlap)
 
 
 def _key_bytes(model, args) -> float:
@@ -269,6 +280,24 @@ def _step_times(step, n: int) -> list[float]:
         step()
         _sync()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def _loop_step_times(step, n: int) -> list[float]:
+    """Seconds between the returns of ``n`` back-to-back calls of ``step``, the GPU
+    synchronised only before the first and after the last: what a serving loop sees per step.
+    With the overlapped loop a call returns once the step before it is done and its own is
+    queued, so in steady state an interval is one step's time on whichever of host and GPU is
+    slower; with the synchronous loop it is host + GPU (each call waits for its own tokens)."""
+    out = []
+    _sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+        now = time.perf_counter()
+        out.append(now - t)
+        t = now
+    _sync()
     return out
 
 
@@ -325,7 +354,9 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
     for _ in range(warm):                      # graph capture, allocator warm-up
         eng.step()
     _reset_peak()
-    times = _step_times(eng.step, steps)
+    waited = eng.wait_seconds
+    times = _loop_step_times(eng.step, steps)
+    waited = eng.wait_seconds - waited
     sec = statistics.median(times)
     fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
                       _key_bytes(model, args), _entry_bytes(model, args))
@@ -334,7 +365,9 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
                tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
                graphs=eng.runner.stats["graph_steps"] > 0,
-               graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())
+               graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb(),
+               overlap=eng.overlap, timing="loop",
+               host_ms_step=1e3 * (sum(times) - waited) / steps)
     return row
 
 
@@ -473,6 +506,8 @@ def _fmt(r: dict) -> str:
             s += f"   floor {r['floor_ms']:.3f} ms ({r['pct_of_floor']:.1f}% of it)"
             if not r.get("graphs", True):
                 s += "  [eager]"
+            if r.get("overlap") is False:
+                s += "  [sync loop]"
     return s + f"   peak {r['peak_gb']:.1f} GB"
 
 
