@@ -164,32 +164,165 @@ def build_config(model: str, layers: int, experts: int):
     return dataclasses.replace(base, **over)
 
 
-def build_model(config, weights: str, device, seed: int = 0):
-    """A random-weight model on ``device`` in bf16; ``weights="fp8"`` converts the linears of
-    the release's FP8/FP4 layout to native storage (``Linear.set_quantized``)."""
+def build_model(config, weights: str, device, seed: int = 0, fits=None):
+    """A random-weight model on ``device`` in bf16; ``weights="fp8"`` stores the linears of the
+    release's FP8/FP4 layout natively (``Linear.set_quantized``).
+
+    Built one block at a time (:func:`_build_block`), each block cast and quantised before the
+    next one is drawn, so that the device holds the finished blocks plus one block in
+    construction: a block is drawn in fp32 (a V4-Flash block's 256 routed experts: 26 GB), and
+    drawing every block first, as ``Model(config)`` does, cannot build more than a few V4-Flash
+    layers on one GPU. Routed experts are quantised one by one as the MoE constructs them
+    (:func:`_expert_factory`), so a block's build transient is its fp32 attention weights plus
+    one expert. Every MoE's stacked storage is rebuilt from the stored (FP8/FP4) experts
+    (``MoE.restack``): no stale float stack stays behind.
+
+    ``fits(i, blocks)`` (optional): called before block ``i`` is built with the blocks built so
+    far; returning False stops the build there. The model then has ``len(blocks)`` layers
+    (``config`` truncated to them; at least one layer is always built). Used by ``--layers
+    auto``: see :func:`dsv4.runtime.long_context.fit_layers`.
+    """
+    import dataclasses
+
     import torch
 
     from ..model import Model
-    torch.manual_seed(seed)
-    with torch.device(device):
-        m = Model(config)
-    m = m.to(torch.bfloat16).eval()
+    dev = torch.device(device)
+    fmts = {}
     if weights == "fp8":
         from ..checkpoint import linear_formats
-        from ..quant import fp4_pack, fp8_block_quantize
         fmts = linear_formats(config, "fp8")
+    torch.manual_seed(seed)
+    with torch.device("meta"):                  # names and the fp32-kept set, no storage
+        keep = Model(config)._fp32_names
+    blocks = []
+    for i in range(config.n_layers):
+        if blocks and fits is not None and not fits(i, blocks):
+            break
+        blocks.append(_build_block(config, i, dev, fmts, keep))
+    n = len(blocks)
+    cfg = config if n == config.n_layers else dataclasses.replace(
+        config, n_layers=n, compress_ratios=config.compress_ratios[:n])
+    # Everything outside the blocks (embedding, head, final norm, hc_head) from a one-layer,
+    # one-expert model of the same width: the same constructors draw them.
+    small = dataclasses.replace(cfg, n_layers=1, compress_ratios=cfg.compress_ratios[:1],
+                                n_mtp_layers=0, n_hash_layers=0, n_routed_experts=1,
+                                n_activated_experts=1)
+    with torch.device(dev):
+        rest = Model(small)
+    with torch.device("meta"):
+        m = Model(cfg)
+    for name, child in rest.named_children():
+        if name not in ("layers", "mtp"):
+            setattr(m, name, child)
+    for name, p in rest.named_parameters(recurse=False):
+        setattr(m, name, p)
+    del rest
+    m.layers = torch.nn.ModuleList(blocks)
+    for mod in m.modules():                     # one config object for the whole model
+        if getattr(mod, "config", None) is config:
+            mod.config = cfg
+    left = [k for k, t in list(m.named_parameters()) + list(m.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_model left tensors without storage: {left[:5]}")
+    m = m.to(torch.bfloat16).eval()
+    if fmts:
         for name, mod in m.named_modules():
-            fmt = fmts.get(name)
-            if fmt not in ("fp8", "fp4"):
-                continue
-            w = mod.weight.detach()
-            q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
-            mod.set_quantized(q, s, fmt, torch.bfloat16)
-            mod.stored_format = fmt
-            mod.act_quant = not name.endswith(".wo_a")
-            mod.config = config
+            if fmts.get(name) in ("fp8", "fp4") and mod.weight_format is None:
+                _quantize_linear(mod, name, fmts[name], cfg)
+    if dev.type == "cuda":
         torch.cuda.empty_cache()
     return m
+
+
+def _quantize_linear(mod, name: str, fmt: str, config) -> None:
+    """Store a Linear's weight in ``fmt`` ("fp8" 128x128 blocks / "fp4" 1x32) as the release
+    does, with the release's activation-quantisation flag (all but ``wo_a``)."""
+    import torch
+
+    from ..quant import fp4_pack, fp8_block_quantize
+    w = mod.weight.detach()
+    q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
+    mod.set_quantized(q, s, fmt, torch.bfloat16)
+    mod.stored_format = fmt
+    mod.act_quant = not name.endswith(".wo_a")
+    mod.config = config
+
+
+def _cast_block(blk, prefix: str, keep) -> None:
+    """The compute dtype (bf16) on every float parameter of ``blk`` except those the official
+    code keeps in fp32 (``Model._fp32_names``, as ``Model.to`` decides)."""
+    import torch
+    for name, p in blk.named_parameters():
+        want = torch.float32 if prefix + name in keep else torch.bfloat16
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+
+
+def _build_block(config, i: int, dev, fmts: dict, keep):
+    """Block ``i`` on ``dev``: drawn by its constructor, cast to bf16 (fp32 where the release
+    keeps it), its FP8/FP4 linears quantised (``fmts``: ``checkpoint.linear_formats``), every
+    MoE restacked from the stored experts."""
+    import torch
+
+    from ..layers import moe as moe_mod
+    from ..model import Block
+    prefix = f"layers.{i}."
+    with torch.device(dev), _expert_factory(config, prefix, fmts, keep):
+        blk = Block(config, i)
+    _cast_block(blk, prefix, keep)
+    for name, mod in blk.named_modules():
+        fmt = fmts.get(prefix + name)
+        if fmt in ("fp8", "fp4") and mod.weight_format is None:
+            _quantize_linear(mod, prefix + name, fmt, config)
+    for mod in blk.modules():
+        if isinstance(mod, moe_mod.MoE):
+            mod.restack()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return blk
+
+
+class _expert_factory:
+    """While active, ``dsv4.layers.moe.Expert(...)`` (what ``MoE.__init__`` calls for each
+    routed expert, then once for the shared expert) returns the expert already cast and
+    quantised, so that a V4-Flash MoE never holds its 256 experts in fp32 at once. The n-th
+    call of a block is routed expert n (n < n_routed_experts), then the shared expert; the
+    count is checked on exit (a changed MoE constructor fails loudly, not silently)."""
+
+    def __init__(self, config, prefix: str, fmts: dict, keep):
+        self.config, self.prefix, self.fmts, self.keep = config, prefix, fmts, keep
+        self.calls = 0
+
+    def __enter__(self):
+        from ..layers import moe as moe_mod
+        self._orig = cls = moe_mod.Expert
+
+        def make(*args, **kwargs):
+            k = self.calls
+            self.calls += 1
+            name = (f"ffn.experts.{k}" if k < self.config.n_routed_experts
+                    else "ffn.shared_experts")
+            ex = cls(*args, **kwargs)
+            _cast_block(ex, f"{self.prefix}{name}.", self.keep)
+            for w in ("w1", "w2", "w3"):
+                full = f"{self.prefix}{name}.{w}"
+                if self.fmts.get(full) in ("fp8", "fp4"):
+                    _quantize_linear(getattr(ex, w), full, self.fmts[full], self.config)
+            return ex
+
+        moe_mod.Expert = make
+        return self
+
+    def __exit__(self, *exc):
+        from ..layers import moe as moe_mod
+        moe_mod.Expert = self._orig
+        want = self.config.n_routed_experts + self.config.n_shared_experts
+        if exc[0] is None and self.calls != want:
+            raise RuntimeError(f"build_model: the MoE of {self.prefix[:-1]} constructed "
+                               f"{self.calls} experts, expected {want} (routed then shared); "
+                               "the expert factory no longer matches MoE.__init__")
+        return False
 
 
 # ------------------------------------------------------------------ measurements
