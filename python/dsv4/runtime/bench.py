@@ -4,6 +4,8 @@
     dsv4 bench                                   # 2 layers at V4-Flash width, 64 experts, bf16
     dsv4 bench --batch 1,8,64,256 --context 4096,65536 --compare hf --json r.json --plot r.png
     dsv4 bench --mode 1m --layers 2              # a 1M-token prompt prefilled in chunks, decode
+    dsv4 bench --mode 1m --layers auto --experts 0 --weights fp8 --kv-cache fp8 \
+        --indexer-cache fp8                      # as many V4-Flash layers as the GPU holds
 
 Random weights (seeded): ``--weights bf16``, or ``fp8`` for the release's native storage (FP8
 linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
@@ -93,6 +95,20 @@ def _cases(s: str) -> list[tuple[int, int]]:
     return out
 
 
+def _layers_arg(s: str):
+    if str(s).strip().lower() == "auto":
+        return "auto"
+    return int_at_least(1)(s)
+
+
+def max_layers(model: str) -> int:
+    """Main layers of the preset or checkpoint config (the ceiling of ``--layers auto``)."""
+    from ..config import ModelConfig
+    if model in ("flash", "pro", "tiny"):
+        return getattr(ModelConfig, model)().n_layers
+    return ModelConfig.from_json(model).n_layers
+
+
 def add_bench_command(sub: Any) -> None:
     """Register ``dsv4 bench`` on the CLI's subparsers."""
     b = sub.add_parser(
@@ -105,8 +121,10 @@ def add_bench_command(sub: Any) -> None:
 def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
                    help="config preset or a checkpoint directory's config.json (default: flash)")
-    b.add_argument("--layers", type=int_at_least(1), default=2, metavar="N",
-                   help="main layers (default 2: one CSA and one HCA layer)")
+    b.add_argument("--layers", type=_layers_arg, default=2, metavar="N|auto",
+                   help="main layers (default 2: one CSA and one HCA layer); auto (--mode 1m): "
+                   "as many as fit in the GPU's free memory with the pool at 1M, one prefill "
+                   "chunk's transient and a margin (dsv4.runtime.long_context.LayerFit)")
     b.add_argument("--experts", type=int_at_least(0), default=64, metavar="E",
                    help="routed experts per layer (default 64, as the issue's case; 0 = the "
                    "config's)")
@@ -180,7 +198,7 @@ def build_model(config, weights: str, device, seed: int = 0, fits=None):
     ``fits(i, blocks)`` (optional): called before block ``i`` is built with the blocks built so
     far; returning False stops the build there. The model then has ``len(blocks)`` layers
     (``config`` truncated to them; at least one layer is always built). Used by ``--layers
-    auto``: see :func:`dsv4.runtime.long_context.fit_layers`.
+    auto``: see :func:`layer_plan`.
     """
     import dataclasses
 
@@ -323,6 +341,53 @@ class _expert_factory:
                                f"{self.calls} experts, expected {want} (routed then shared); "
                                "the expert factory no longer matches MoE.__init__")
         return False
+
+
+def layer_plan(model: str, args, context: int):
+    """``--layers auto`` on CUDA: the :class:`~dsv4.runtime.long_context.LayerFit` of this GPU
+    (its free memory now; the non-layer weights; one ``--chunk`` prefill step's transient
+    measured on the meta device at ``context``, plus op workspaces; a margin of 3% of the free
+    memory, at least 2 GiB) and the ``fits(i, blocks)`` callback of :func:`build_model`, which
+    measures each built layer (allocated bytes before / after it) and adds the next layer
+    while ``LayerFit.fits`` holds (the next layer taken as large as the last one of its kind).
+    Returns (plan, fits, a dict the bench reports)."""
+    import dataclasses
+
+    import torch
+
+    from .engine import default_block_tokens
+    from .long_context import WORKSPACE_ALLOWANCE, LayerFit, step_transient
+    from .pool import PagedCache, blocks_needed
+    c = build_config(model, 2, args.experts)
+    mem = step_transient(c, min(args.chunk, context), context, args.kv_cache,
+                         args.indexer_cache, args.weights,
+                         torch.bfloat16 if args.head == "bf16" else None)
+    free = torch.cuda.mem_get_info()[0]
+    fixed = c.vocab_size * c.dim * (2 + 4 + (2 if args.head == "bf16" else 0))
+    plan = LayerFit(budget=free, fixed=fixed, transient=mem.peak + WORKSPACE_ALLOWANCE,
+                    margin=max(2 << 30, int(0.03 * free)))
+    full = build_config(model, max_layers(model), args.experts)
+    start = torch.cuda.memory_allocated()
+    marks = [start]
+    sizes: list[int] = []
+
+    def pool(n: int) -> int:
+        cn = dataclasses.replace(full, n_layers=n, compress_ratios=full.compress_ratios[:n])
+        bt = default_block_tokens(cn)
+        return PagedCache.estimate_bytes(cn, 1, blocks_needed(cn, context + 64, bt), bt,
+                                         torch.bfloat16, args.indexer_cache, args.kv_cache)
+
+    def fits(i: int, blocks) -> bool:
+        now = torch.cuda.memory_allocated()
+        sizes.append(now - marks[-1])          # the block built since the last call
+        marks.append(now)
+        nxt = sizes[-2] if len(sizes) >= 2 else sizes[-1]    # CSA / HCA alternate
+        return plan.fits(now - start, nxt, pool(i + 1))
+
+    info = dict(budget_gb=free / 1e9, fixed_gb=fixed / 1e9, transient_gb=plan.transient / 1e9,
+                margin_gb=plan.margin / 1e9, layer_bytes=sizes, pool_bytes=pool,
+                transient_top=mem.top)
+    return plan, fits, info
 
 
 # ------------------------------------------------------------------ measurements
@@ -534,11 +599,14 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     from .pool import PagedCache
     from .request import SamplingParams
     steps = args.steps
-    eng = _engine(model, args, 1, context + steps + 2)
+    eng = _engine(model, args, 1, context + steps + 4)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
-    rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 1, eos_token_id=-1))
+    # (two tokens more than timed: the request still holds its slot for the attention timing)
+    rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 3, eos_token_id=-1))
     req = eng.requests[rid]
+    if getattr(args, "head", "bf16") == "bf16":
+        model._low_precision_head(torch.bfloat16)   # made by the first step, kept: resident
     resident = _allocated_gb()          # weights + pool: what stays between steps
     _reset_peak()
     _sync()
@@ -573,9 +641,11 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
         eng.step()
     _sync()
     sec = (time.perf_counter() - t) / steps
+    decode_peak = _peak_gb()
     fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
                         _key_bytes(model, args), _entry_bytes(model, args))
     fl_p = prefill_floor(model, 1, context)
+    attn = attention_row(model, eng, req, args, context)
     rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
                  tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
                  pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=peak_prefill,
@@ -588,8 +658,45 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
                  info_kv_bytes_per_token=info, info_kv_bytes_per_token_bf16=info_bf16,
                  info_kv_bytes_per_token_fp8=kv_bytes_per_token(c),
                  graphs=eng.runner.stats["graph_steps"] > 0,
-                 graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())]
+                 graph_note=eng.runner.graph_off_reason, peak_gb=decode_peak, **attn)]
     return rows
+
+
+def attention_row(model, eng, req, args, context: int) -> dict:
+    """The attention stack's decode time at ``context`` (the request's next position), beside
+    its floors (:func:`dsv4.runtime.long_context.time_attention_decode`):
+
+    * ``attn_ms``: every layer's Attention module (projections, q / kv paths, compressor,
+      indexer, attention) in one CUDA graph; floor ``attn_floor_ms``: its weights + the KV it
+      reads at 4.22 TB/s.
+    * ``attn_core_ms``: the KV-reading ops alone (indexer_topk, sparse_attn, hca_attn);
+      floor ``attn_core_floor_ms``: the KV bytes (kernels.md §2's arithmetic,
+      ``floors.kv_read_bytes``).
+    * ``attn_core_flash_ms``: the core projected to V4-Flash's 21 CSA + 20 HCA layers (the
+      mean measured CSA / HCA layer; its 2 SWA layers, 0.05 µs of floor each, left out),
+      against kernels.md's 195 µs floor at 1M (4.3 TB/s); the issue's target is 1.5x that.
+    """
+    from ..layers.varlen import StepBatch
+    from .floors import HBM_BYTES_PER_S, _tensor_bytes, kv_read_bytes
+    from .long_context import time_attention_decode
+    c = model.config
+    batch = StepBatch.build([req.num_computed], [1], [req.slot], [req.block_table], [0],
+                            model.device, max_blocks=eng.runner.max_blocks)
+    t = time_attention_decode(model, eng.cache.layers, batch)
+    kv = kv_read_bytes(c, context, model.embed.weight.element_size(),
+                       _key_bytes(model, args), _entry_bytes(model, args))
+    w = sum(_tensor_bytes(blk.attn) for blk in model.layers)
+    mean = {}
+    for kind in ("csa", "hca"):
+        v = [s for s, k in zip(t["core_per_layer"], t["kinds"]) if k == kind]
+        mean[kind] = sum(v) / len(v) if v else None
+    proj = (21 * mean["csa"] + 20 * mean["hca"]) if None not in mean.values() else None
+    return dict(attn_ms=1e3 * t["attention"], attn_floor_ms=1e3 * (w + kv) / HBM_BYTES_PER_S,
+                attn_core_ms=1e3 * t["core"], attn_core_floor_ms=1e3 * kv / HBM_BYTES_PER_S,
+                attn_layer_ms=[1e3 * v for v in t["per_layer"]],
+                attn_core_layer_ms=[1e3 * v for v in t["core_per_layer"]],
+                attn_core_flash_ms=None if proj is None else 1e3 * proj,
+                attn_core_flash_floor_ms=0.195, attn_kinds=t["kinds"])
 
 
 # ------------------------------------------------------------------ output
@@ -692,7 +799,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 # ------------------------------------------------------------------ entry points
 def run(args) -> list[dict]:
     import torch
-    cfg = build_config(args.model, args.layers, args.experts)    # config errors first, anywhere
+    auto = args.layers == "auto"
+    if auto and args.mode != "1m":
+        raise ValueError("--layers auto is for --mode 1m (it sizes the model for the 1M pool)")
+    cfg = build_config(args.model, max_layers(args.model) if auto else args.layers,
+                       args.experts)                # config errors first, anywhere
     for opt in ("json", "plot"):
         path = getattr(args, opt, None)
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
@@ -704,7 +815,25 @@ def run(args) -> list[dict]:
         args.prefill, args.batch, args.steps = [(1, 2048)], [1, 8], min(args.steps, 8)
     from .pool import check_kv_cache
     check_kv_cache(cfg, args.kv_cache, "cuda")      # before the model is built
-    model = build_model(cfg, args.weights, "cuda", args.seed)
+    fits, plan_info = None, None
+    if auto:
+        _, fits, plan_info = layer_plan(args.model, args, 1 << 20)
+    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits)
+    cfg = model.config
+    if plan_info is not None:
+        n = cfg.n_layers
+        sizes = plan_info["layer_bytes"]
+        print(f"layers auto: {n} of {max_layers(args.model)} fit: {plan_info['budget_gb']:.1f} GB "
+              f"free at the start >= layers (measured {min(sizes) / 1e9:.2f}-"
+              f"{max(sizes) / 1e9:.2f} GB each, {sum(sizes[:n]) / 1e9:.1f} GB) + pool at 1M "
+              f"{plan_info['pool_bytes'](n) / 1e9:.2f} GB + embedding and heads "
+              f"{plan_info['fixed_gb']:.1f} GB + one {args.chunk}-token chunk's transient "
+              f"{plan_info['transient_gb']:.2f} GB (meta-device measure + workspaces) + margin "
+              f"{plan_info['margin_gb']:.1f} GB; allocated now {_allocated_gb():.1f} GB",
+              flush=True)
+        top = ", ".join(f"{op} {tuple(shape)} {b / 1e9:.2f} GB"
+                        for b, op, shape, _ in plan_info["transient_top"][:4])
+        print(f"  transient at its peak: {top}", flush=True)
     head = args.head
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
           f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
@@ -727,6 +856,16 @@ def run(args) -> list[dict]:
                   f"{r['info_kv_bytes_per_token']:.1f} for these formats "
                   f"({r['info_kv_bytes_per_token_bf16']:.1f} bf16 KV / "
                   f"{r['info_kv_bytes_per_token_fp8']:.1f} release FP8 layout)", flush=True)
+            if r.get("attn_ms") is not None:
+                flash = r["attn_core_flash_ms"]
+                print(f"attention stack at 1M ({cfg.n_layers} layers, CUDA graph): modules "
+                      f"{1e3 * r['attn_ms']:.1f} us (floor {1e3 * r['attn_floor_ms']:.1f} us: "
+                      f"weights + KV); KV-reading ops {1e3 * r['attn_core_ms']:.1f} us (floor "
+                      f"{1e3 * r['attn_core_floor_ms']:.1f} us)"
+                      + ("" if flash is None else
+                         f"; projected to V4-Flash's 21 CSA + 20 HCA layers {1e3 * flash:.0f} us "
+                         f"vs kernels.md's 195 us ({flash / 0.195:.2f}x; target <= 1.5x)"),
+                      flush=True)
             p = rows[0]
             print(f"memory: {p['resident_gb']:.1f} GB resident (weights + pool); peak "
                   f"{p['first_chunk_peak_gb']:.1f} GB in the first prefill chunk, "
@@ -747,7 +886,8 @@ def run(args) -> list[dict]:
                         print(f"dsv4 decode {b} @ {ctx}: skipped ({type(e).__name__}: "
                               f"{str(e)[:200]})", flush=True)
                         torch.cuda.empty_cache()
-    meta = dict(model=args.model, layers=cfg.n_layers, experts=cfg.n_routed_experts,
+    meta = dict(model=args.model, layers=cfg.n_layers, layers_auto=auto,
+                experts=cfg.n_routed_experts,
                 weights=args.weights, head=head, indexer_cache=args.indexer_cache,
                 kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),
