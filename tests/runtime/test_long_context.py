@@ -98,3 +98,27 @@ def test_attention_decode_timing_records_each_layers_core_ops(monkeypatch):
     with torch.no_grad():
         t = long_context.time_attention_decode(m, eng.cache.layers, batch, reps=2)
     assert t["core_calls"] == [["indexer_topk", "sparse_attn"], ["hca_attn"]]
+
+
+def test_layer_plan_builds_the_layers_layer_fit_counts():
+    """--layers auto end to end on CPU: a budget of 7.5 tiny layers' bytes (+ the fixed
+    parts) stops the streamed build where LayerFit says, from the bytes each built layer
+    measured."""
+    from dsv4.runtime.floors import _tensor_bytes
+    args = argparse.Namespace(chunk=64, head="bf16", kv_cache="bf16", indexer_cache="bf16",
+                              weights="bf16", experts=0)
+    measured = lambda blocks: sum(_tensor_bytes(b) for b in blocks)      # noqa: E731
+    cfg = bench.build_config("tiny", 2, 0)
+    one = bench.build_model(cfg, "bf16", "cpu")
+    sizes = [_tensor_bytes(b) for b in one.layers]          # CSA, HCA
+    plan0, _, info0 = bench.layer_plan("tiny", args, 4096, free=0, allocated=measured)
+    over = plan0.fixed + plan0.transient + plan0.margin
+    budget = over + int(3.75 * sum(sizes)) + info0["pool_bytes"](8)
+    plan, fits, info = bench.layer_plan("tiny", args, 4096, free=budget, allocated=measured)
+    want = plan.count(lambda i: sizes[i % 2], info["pool_bytes"], limit=100)
+    assert want == 7
+    big = bench.build_config("tiny", 12, 0)
+    m = bench.build_model(big, "bf16", "cpu", fits=fits)
+    assert len(m.layers) == m.config.n_layers == want
+    assert info["layer_bytes"][:2] == sizes                  # measured, block by block
+    assert plan.transient > 0 and plan.margin == 2 << 30

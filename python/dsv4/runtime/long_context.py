@@ -133,8 +133,8 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     ``context`` (its chunk ``[context - tokens, context)``, the earlier tokens cached), on the
     runtime's paged cache and the kernel path, measured on the meta device (see the module
     docstring). ``weights="fp8"`` stores the release's FP8/FP4 linears natively, as the bench
-    does. Returns a :class:`StepMemory`; op workspaces are not in it (:func:`op_workspace_bytes`).
-    Raises ValueError for tokens outside [1, context]."""
+    does. Returns a :class:`StepMemory`; op workspaces are not in it
+    (:data:`WORKSPACE_ALLOWANCE`). Raises ValueError for tokens outside [1, context]."""
     from ..layers.varlen import StepBatch
     from ..model_info import meta_model
     from .engine import default_block_tokens
@@ -144,11 +144,10 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     model = meta_model(config).to(torch.bfloat16)
     if weights == "fp8":
         from ..checkpoint import linear_formats
-        from .bench import _quantize_linear
         fmts = linear_formats(config, "fp8")
         for name, mod in model.named_modules():
             if fmts.get(name) in ("fp8", "fp4"):
-                _quantize_meta(mod, name, fmts[name], config, _quantize_linear)
+                _quantize_meta(mod, name, fmts[name], config)
         for mod in model.modules():
             if hasattr(mod, "restack"):
                 mod.restack()
@@ -168,7 +167,7 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     return StepMemory(peak=mode.peak, top=mode.top, tokens=tokens, context=context)
 
 
-def _quantize_meta(mod, name, fmt, config, quantize) -> None:
+def _quantize_meta(mod, name, fmt, config) -> None:
     """``bench._quantize_linear`` on a meta Linear: the stored tensors' shapes and dtypes
     (``Linear.set_quantized`` checks them) without values."""
     from ..quant import FP8_BLOCK
@@ -271,7 +270,8 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
             calls: list = []
             attn_mod._dsv4 = _Recorder(saved[0], CORE_OPS, calls)
             idx_mod._dsv4 = _Recorder(saved[1], CORE_OPS, calls)
-            blk.attn(x, cache_layers[i], batch)
+            with torch.no_grad():
+                blk.attn(x, cache_layers[i], batch)
             calls_per_layer.append(calls)
     finally:
         attn_mod._dsv4, idx_mod._dsv4 = saved
