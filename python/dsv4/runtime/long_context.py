@@ -169,16 +169,17 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
 
 def _quantize_meta(mod, name, fmt, config) -> None:
     """``bench._quantize_linear`` on a meta Linear: the stored tensors' shapes and dtypes
-    (``Linear.set_quantized`` checks them) without values."""
+    (those of ``quant.fp8_block_quantize`` / ``quant.fp4_pack``; ``Linear.set_quantized``
+    checks them) without values (the quantisers read values: they reject inf / NaN)."""
     from ..quant import FP8_BLOCK
     n, k = mod.out_features, mod.in_features
     if fmt == "fp8":
         q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device="meta")
-        s = torch.empty(-(-n // FP8_BLOCK), -(-k // FP8_BLOCK), dtype=torch.float32,
+        s = torch.empty(-(-n // FP8_BLOCK), -(-k // FP8_BLOCK), dtype=torch.float8_e8m0fnu,
                         device="meta")
     else:
         q = torch.empty(n, k // 2, dtype=torch.int8, device="meta")
-        s = torch.empty(n, k // 32, dtype=torch.float32, device="meta")
+        s = torch.empty(n, k // 32, dtype=torch.float8_e8m0fnu, device="meta")
     mod.set_quantized(q, s, fmt, torch.bfloat16)
     mod.stored_format = fmt
     mod.act_quant = not name.endswith(".wo_a")
