@@ -122,3 +122,23 @@ def test_layer_plan_builds_the_layers_layer_fit_counts():
     assert len(m.layers) == m.config.n_layers == want
     assert info["layer_bytes"][:2] == sizes                  # measured, block by block
     assert plan.transient > 0 and plan.margin == 2 << 30
+
+
+def test_1m_mode_last_chunk_only():
+    """--prefill-1m last: the cache holds the first context - chunk tokens (random pool), the
+    last chunk is prefilled; the pool's bytes per token are those of the full prefill, and the
+    row's floor is that of the chunk at its position."""
+    from dsv4.runtime.floors import prefill_floor
+    torch.manual_seed(0)
+    m = bench.build_model(bench.build_config("tiny", 2, 0), "bf16", "cpu")
+    args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=2,
+                              repeats=1)
+    full = bench.bench_1m(m, args, context=300)
+    args.prefill_1m = "last"
+    last = bench.bench_1m(m, args, context=300)
+    assert [r["kind"] for r in last] == ["prefill-1m-last", "decode-1m"]
+    assert last[0]["tokens"] == 64 and last[0]["context"] == 300 == full[0]["tokens"]
+    fl = prefill_floor(m, 1, 64, start=236)
+    assert last[0]["floor_tok_s"] == pytest.approx(64 / fl["seconds"])
+    assert last[1]["kv_bytes_per_token"] == full[1]["kv_bytes_per_token"]
+    assert last[1]["tok_s"] > 0

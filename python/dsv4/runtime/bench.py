@@ -160,6 +160,10 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--mode", choices=("e2e", "1m"), default="e2e",
                    help="e2e: the table above; 1m: one 1M-token prompt prefilled in chunks, "
                    "decode at 1M, KV bytes per token vs dsv4 info")
+    b.add_argument("--prefill-1m", choices=("full", "last"), default="full",
+                   help="--mode 1m: prefill the whole prompt (minutes at many layers), or "
+                   "only its last --chunk tokens over a cache taken as holding the rest "
+                   "(random pool contents): the same memory, decode and attention rows")
     b.add_argument("--quick", action="store_true",
                    help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
@@ -607,7 +611,14 @@ def bench_hf(config, args, model_rows: list[dict]) -> list[dict]:
 
 def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     """One ``context``-token prompt prefilled in chunks of ``--chunk``, then decode at that
-    context; KV bytes per token measured from the pool vs ``dsv4 info``'s arithmetic."""
+    context; KV bytes per token measured from the pool vs ``dsv4 info``'s arithmetic; the
+    attention stack's decode time (:func:`attention_row`).
+
+    ``--prefill-1m last`` (``args.prefill_1m``): the cache is taken as holding the first
+    ``context - chunk`` tokens (random pool contents of the real size, as the decode rows
+    do) and only the last chunk is prefilled: the same memory (a chunk's transient does not
+    depend on how the earlier entries got there), decode and attention rows, in seconds
+    instead of minutes; the prefill row (kind ``prefill-1m-last``) then times that chunk."""
     import torch
 
     from ..model_info import kv_bytes_per_token
@@ -621,6 +632,11 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     # (two tokens more than timed: the request still holds its slot for the attention timing)
     rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 3, eos_token_id=-1))
     req = eng.requests[rid]
+    first = 0
+    if getattr(args, "prefill_1m", "full") == "last":
+        first = context - min(args.chunk, context)
+        _fill_pool(eng, args.seed)
+        eng.scheduler.admit_prefilled(req, first)
     if getattr(args, "head", "bf16") == "bf16":
         model._low_precision_head(torch.bfloat16)   # made by the first step, kept: resident
     resident = _allocated_gb()          # weights + pool: what stays between steps
@@ -660,10 +676,12 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     decode_peak = _peak_gb()
     fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
                         _key_bytes(model, args), _entry_bytes(model, args))
-    fl_p = prefill_floor(model, 1, context)
+    fed = context - first
+    fl_p = prefill_floor(model, 1, fed, start=first)
     attn = attention_row(model, eng, req, args, context)
-    rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
-                 tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
+    rows = [dict(impl="dsv4", kind="prefill-1m" if first == 0 else "prefill-1m-last", batch=1,
+                 tokens=fed, context=context, seconds=pre,
+                 tok_s=fed / pre, floor_tok_s=fed / fl_p["seconds"],
                  pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=peak_prefill,
                  resident_gb=resident, first_chunk_peak_gb=first_peak),
             dict(impl="dsv4", kind="decode-1m", batch=1, tokens=context, ms_step=1e3 * sec,
