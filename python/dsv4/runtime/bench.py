@@ -716,7 +716,8 @@ def attention_row(model, eng, req, args, context: int) -> dict:
     c = model.config
     batch = StepBatch.build([req.num_computed], [1], [req.slot], [req.block_table], [0],
                             model.device, max_blocks=eng.runner.max_blocks)
-    t = time_attention_decode(model, eng.cache.layers, batch)
+    t = time_attention_decode(model, eng.cache.layers, batch,
+                              reps=50 if model.device.type == "cuda" else 2)
     kv = kv_read_bytes(c, context, model.embed.weight.element_size(),
                        _key_bytes(model, args), _entry_bytes(model, args))
     w = sum(_tensor_bytes(blk.attn) for blk in model.layers)
