@@ -153,6 +153,12 @@ class Model(nn.Module):
                 want = torch.float32 if name in self._fp32_names else dtype
                 if p.is_floating_point() and p.dtype != want:
                     p.data = p.data.to(want)
+            # The experts' new tensors no longer view their MoE's stacked storage: rebuild
+            # it now, so that the stack in the old dtype (a V4-Flash layer's 256 experts:
+            # 26 GB in fp32) is freed here rather than at the first forward.
+            for mod in self.modules():
+                if isinstance(mod, MoE):
+                    mod.stacked_weights()
         return self
 
     def bfloat16(self) -> "Model":
