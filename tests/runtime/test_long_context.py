@@ -142,3 +142,63 @@ def test_1m_mode_last_chunk_only():
     assert last[0]["floor_tok_s"] == pytest.approx(64 / fl["seconds"])
     assert last[1]["kv_bytes_per_token"] == full[1]["kv_bytes_per_token"]
     assert last[1]["tok_s"] > 0
+
+
+def _interleave(make_cm):
+    """Thread A enters ``make_cm()``; thread B then tries to enter one too; A leaves (after
+    B entered, or after 0.5 s if B cannot enter while A is inside); then B leaves."""
+    import threading
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    errors = []
+
+    def a():
+        try:
+            with make_cm():
+                a_in.set()
+                b_in.wait(0.5)
+        except BaseException as e:      # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            a_in.set()
+            a_out.set()
+
+    def b():
+        a_in.wait(5)
+        try:
+            with make_cm():
+                b_in.set()
+                a_out.wait(5)
+        except BaseException as e:      # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=f) for f in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert not errors and not any(t.is_alive() for t in ts)
+
+
+def test_run_time_patches_do_not_leak_across_threads():
+    """Two threads using the meta-device kernel-path patch (or bench's expert factory) at
+    once: afterwards every patched library global is the original again (interleaved, each
+    thread used to restore what the other had patched in, leaving the patch for good)."""
+    import dsv4.layers.attention as attention
+    import dsv4.layers.linear as linear
+    import dsv4.layers.mhc as mhc
+    import dsv4.layers.moe as moe
+    before = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
+              linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
+              moe.Expert)
+    _interleave(long_context._kernel_path_everywhere)
+    cfg = bench.build_config("tiny", 2, 0)
+
+    class _Factory(bench._expert_factory):
+        def __exit__(self, *exc):           # no experts are built here: skip the count
+            self.calls = self.config.n_routed_experts + self.config.n_shared_experts
+            return super().__exit__(*exc)
+    _interleave(lambda: _Factory(cfg, "layers.0.", {}, frozenset()))
+    after = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
+             linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
+             moe.Expert)
+    assert after == before

@@ -249,3 +249,32 @@ def test_a_device_token_without_a_step_in_flight_is_refused(model):
     with pytest.raises(RuntimeError, match="no step is in flight"):
         e.runner.run(rows, False, None)
     assert e.requests[rid].num_pending == 1
+
+
+def test_held_outputs_survive_a_second_failed_step(model, monkeypatch):
+    """The outputs a failed step holds over (those of the step before it) are returned by a
+    later call even when the next call fails too: c's last token (max_new_tokens=1), read
+    while a's decode step failed, is not lost when d's prefill then fails."""
+    e = _engine(model, True)
+    p = _prompts(9, [10, 12, 8])
+    one = SamplingParams(max_new_tokens=1, eos_token_id=-1)
+    a = e.add_request(p[0], SamplingParams(max_new_tokens=4, eos_token_id=-1))
+    c = e.add_request(p[1], one)
+    assert e.step() == []                   # the prefill of a and c, in flight
+    run = e.runner.run
+
+    def boom(*args, **kw):
+        raise Boom("injected")
+    monkeypatch.setattr(e.runner, "run", boom)
+    with pytest.raises(EngineStepError) as err:
+        e.step()                            # a's decode fails; c's token is held over
+    assert err.value.request_ids == [a]
+    d = e.add_request(p[2], one)
+    with pytest.raises(EngineStepError) as err:
+        e.step()                            # d's prefill fails too
+    assert err.value.request_ids == [d]
+    monkeypatch.setattr(e.runner, "run", run)
+    outs = list(e.stream())
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outs] == [(c, True, "length")]
+    assert outs[0].token_ids == _engine(model, False).generate([p[1]], one)[0]
+    assert not e.has_unfinished() and e.cache.num_free_slots == 2

@@ -329,6 +329,8 @@ class _expert_factory:
 
     def __enter__(self):
         from ..layers import moe as moe_mod
+        from .long_context import PATCH_LOCK
+        PATCH_LOCK.acquire()        # released in __exit__ (see PATCH_LOCK)
         self._orig = cls = moe_mod.Expert
 
         def make(*args, **kwargs):
@@ -349,7 +351,9 @@ class _expert_factory:
 
     def __exit__(self, *exc):
         from ..layers import moe as moe_mod
+        from .long_context import PATCH_LOCK
         moe_mod.Expert = self._orig
+        PATCH_LOCK.release()
         want = self.config.n_routed_experts + self.config.n_shared_experts
         if exc[0] is None and self.calls != want:
             raise RuntimeError(f"build_model: the MoE of {self.prefix[:-1]} constructed "

@@ -308,6 +308,17 @@ class Engine:
                                "Engine (nothing was run)")
         overlap = self.overlap and logits is None
         outputs, self._ready = self._ready, []
+        try:
+            return self._step(logits, overlap, outputs)
+        except BaseException:
+            # what this call gathered before it failed (outputs held over by an earlier
+            # failed call, a completed step's) comes with the next call: never dropped
+            self._ready = outputs
+            raise
+
+    def _step(self, logits: Optional[str], overlap: bool,
+              outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The body of :meth:`step`; appends to ``outputs`` (in place) as steps complete."""
         if not overlap and self._inflight is not None:
             outputs += self._complete(self._take_inflight())
         rows = self.scheduler.schedule()
@@ -316,7 +327,7 @@ class Engine:
                 outputs += self._complete(self._take_inflight())
             elif self._ep:  # the other ranks' MoE layers exchange with this rank in their step
                 from ..distributed.model import serve_step
-                serve_step(m)
+                serve_step(self.model)
             return outputs
         prev = self._take_inflight()            # None unless overlapped
         try:
@@ -328,16 +339,19 @@ class Engine:
                 self.requests.pop(r.request.request_id, None)
             if prev is not None:                # its outputs come with the next call
                 try:
-                    self._ready = outputs + self._complete(prev)
+                    outputs += self._complete(prev)
                 except EngineStepError:
-                    self._ready = outputs
+                    pass
             if isinstance(e, Exception):
                 raise EngineStepError(f"step failed for requests {ids}: {e}", ids) from e
             raise
         if overlap:
             self._inflight = launched
-            return outputs + (self._complete(prev) if prev is not None else [])
-        return outputs + self._complete(launched)
+            if prev is not None:
+                outputs += self._complete(prev)
+            return outputs
+        outputs += self._complete(launched)
+        return outputs
 
     def _discard_inflight(self) -> None:
         """Wait for the step in flight (its requests were aborted) and drop its outputs."""

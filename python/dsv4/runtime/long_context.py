@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import weakref
 from typing import Optional
 
@@ -31,6 +32,12 @@ __all__ = ["StepMemory", "step_transient", "LayerFit", "time_attention_decode",
 
 #: Bytes set aside for op workspaces taken inside launches (see the module docstring).
 WORKSPACE_ALLOWANCE = 256 << 20
+
+#: Held while a function here (or ``bench``'s expert factory) has a library global patched:
+#: two threads interleaving such patches would each restore what the other one patched in,
+#: leaving the patch in place for good. It does not hide the patch from other threads' models
+#: meanwhile (these are benchmark tools: run them where no other model runs).
+PATCH_LOCK = threading.RLock()
 
 
 @dataclasses.dataclass
@@ -98,31 +105,32 @@ def _kernel_path_everywhere():
     """Every layer takes its CUDA kernel path although the tensors are on the meta device
     (the ops then run their registered shape functions)."""
     from ..layers import attention, linear, mhc, moe
-    saved = [(attention, "use_kernels", lambda *a, **k: True),
-             (mhc, "_use_kernels", lambda *a, **k: True),
-             (moe, "_grouped_kernels_available", lambda: True),
-             (linear.Linear, "_fp8_kernel", lambda self, x: True)]
-    old = [(mod, name, getattr(mod, name)) for mod, name, _ in saved]
-    for mod, name, new in saved:
-        setattr(mod, name, new)
-    # MoE / Gate check x.is_cuda themselves; a meta tensor answers False: route on kernels
-    orig_stack, orig_gate = moe.MoE.kernel_path_stack, moe.Gate.forward
+    with PATCH_LOCK:
+        saved = [(attention, "use_kernels", lambda *a, **k: True),
+                 (mhc, "_use_kernels", lambda *a, **k: True),
+                 (moe, "_grouped_kernels_available", lambda: True),
+                 (linear.Linear, "_fp8_kernel", lambda self, x: True)]
+        old = [(mod, name, getattr(mod, name)) for mod, name, _ in saved]
+        # MoE / Gate check x.is_cuda themselves; a meta tensor answers False: route on kernels
+        orig_stack, orig_gate = moe.MoE.kernel_path_stack, moe.Gate.forward
 
-    def stack(self, x):
-        return self.stacked_weights()
+        def stack(self, x):
+            return self.stacked_weights()
 
-    def gate(self, x, input_ids):
-        return torch.ops.dsv4.moe_gate(x, self.weight, self.bias,
-                                       self.tid2eid if self.hash else None,
-                                       input_ids if self.hash else None, self.topk,
-                                       self.route_scale)
-    moe.MoE.kernel_path_stack, moe.Gate.forward = stack, gate
-    try:
-        yield
-    finally:
-        moe.MoE.kernel_path_stack, moe.Gate.forward = orig_stack, orig_gate
-        for mod, name, f in old:
-            setattr(mod, name, f)
+        def gate(self, x, input_ids):
+            return torch.ops.dsv4.moe_gate(x, self.weight, self.bias,
+                                           self.tid2eid if self.hash else None,
+                                           input_ids if self.hash else None, self.topk,
+                                           self.route_scale)
+        try:
+            for mod, name, new in saved:
+                setattr(mod, name, new)
+            moe.MoE.kernel_path_stack, moe.Gate.forward = stack, gate
+            yield
+        finally:
+            moe.MoE.kernel_path_stack, moe.Gate.forward = orig_stack, orig_gate
+            for mod, name, f in old:
+                setattr(mod, name, f)
 
 
 def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
@@ -265,17 +273,18 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
     x = torch.randn(batch.num_tokens, c.dim, generator=g, device=dev).to(model.dtype)
     cuda = dev.type == "cuda"
     calls_per_layer = []
-    saved = attn_mod._dsv4, idx_mod._dsv4
-    try:
-        for i, blk in enumerate(model.layers):
-            calls: list = []
-            attn_mod._dsv4 = _Recorder(saved[0], CORE_OPS, calls)
-            idx_mod._dsv4 = _Recorder(saved[1], CORE_OPS, calls)
-            with torch.no_grad():
-                blk.attn(x, cache_layers[i], batch)
-            calls_per_layer.append(calls)
-    finally:
-        attn_mod._dsv4, idx_mod._dsv4 = saved
+    with PATCH_LOCK:
+        saved = attn_mod._dsv4, idx_mod._dsv4
+        try:
+            for i, blk in enumerate(model.layers):
+                calls: list = []
+                attn_mod._dsv4 = _Recorder(saved[0], CORE_OPS, calls)
+                idx_mod._dsv4 = _Recorder(saved[1], CORE_OPS, calls)
+                with torch.no_grad():
+                    blk.attn(x, cache_layers[i], batch)
+                calls_per_layer.append(calls)
+        finally:
+            attn_mod._dsv4, idx_mod._dsv4 = saved
 
     def layer_fn(i):
         return lambda: model.layers[i].attn(x, cache_layers[i], batch)
