@@ -112,3 +112,32 @@ def test_the_host_runs_ahead_of_the_gpu(overlap):
     else:
         assert host > 0.04, host
     torch.cuda.synchronize()
+
+
+def test_steps_on_alternating_streams_give_the_synchronous_tokens():
+    """step() called on a different CUDA stream each time (a serving loop that hops streams):
+    each step waits on the GPU for the step in flight (its sampled ids, the slots it writes),
+    so the overlapped loop still gives the synchronous loop's tokens."""
+    m = _model()
+    prompts = _prompts([40, 9, 21])
+    params = [SamplingParams(max_new_tokens=10, eos_token_id=-1),
+              SamplingParams(max_new_tokens=7, temperature=0.9, top_k=50, seed=5,
+                             eos_token_id=-1),
+              SamplingParams(max_new_tokens=12, eos_token_id=-1)]
+    sync, _ = _run(m, prompts, params, overlap=False)
+    _deterministic(sync, _run(m, prompts, params, overlap=False)[0])
+    e = Engine(m, max_batch=2, max_model_len=256, max_num_batched_tokens=64)
+    assert e.overlap
+    ids = [e.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got = {i: [] for i in ids}
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    k = 0
+    while e.has_unfinished():
+        with torch.cuda.stream(streams[k % 3]):
+            torch.cuda._sleep(2_000_000)    # the new stream lags: a missing wait would show
+            for o in e.step():
+                got[o.request_id].extend(o.new_token_ids)
+        k += 1
+    torch.cuda.synchronize()
+    assert [got[i] for i in ids] == sync
+    assert e.cache.num_free_slots == e.max_batch

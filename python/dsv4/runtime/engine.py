@@ -319,6 +319,11 @@ class Engine:
     def _step(self, logits: Optional[str], overlap: bool,
               outputs: list[RequestOutput]) -> list[RequestOutput]:
         """The body of :meth:`step`; appends to ``outputs`` (in place) as steps complete."""
+        if self._inflight is not None and self._inflight.event is not None:
+            # a call on another CUDA stream than the step in flight: this stream's work (slot
+            # resets in schedule(), the next step reading the in-flight step's sampled ids)
+            # runs after that step (a GPU-side wait: no host sync; same stream: a no-op)
+            torch.cuda.current_stream(self._inflight.ids.device).wait_event(self._inflight.event)
         if not overlap and self._inflight is not None:
             outputs += self._complete(self._take_inflight())
         rows = self.scheduler.schedule()
@@ -374,6 +379,8 @@ class Engine:
         computed from here on, and a sampled token as pending until :meth:`_complete` reads
         it. No host synchronisation in a decode step."""
         all_logits = logits == "all"
+        if prev is not None and prev.ids.is_cuda:   # read on this stream (maybe not its own)
+            prev.ids.record_stream(torch.cuda.current_stream(prev.ids.device))
         out, counts = self.runner.run(rows, all_logits, None if prev is None else prev.ids)
         sampled = [r.request for r in rows if r.sample]
         chosen = out
