@@ -273,12 +273,13 @@ def _quantize_linear(mod, name: str, fmt: str, config) -> None:
     does, with the release's activation-quantisation flag (all but ``wo_a``)."""
     import torch
 
+    from ..checkpoint import act_quant_of
     from ..quant import fp4_pack, fp8_block_quantize
     w = mod.weight.detach()
     q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
     mod.set_quantized(q, s, fmt, torch.bfloat16)
     mod.stored_format = fmt
-    mod.act_quant = not name.endswith(".wo_a")
+    mod.act_quant = act_quant_of(name)
     mod.config = config
 
 

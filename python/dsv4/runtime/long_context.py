@@ -179,6 +179,7 @@ def _quantize_meta(mod, name, fmt, config) -> None:
     """``bench._quantize_linear`` on a meta Linear: the stored tensors' shapes and dtypes
     (those of ``quant.fp8_block_quantize`` / ``quant.fp4_pack``; ``Linear.set_quantized``
     checks them) without values (the quantisers read values: they reject inf / NaN)."""
+    from ..checkpoint import act_quant_of
     from ..quant import FP8_BLOCK
     n, k = mod.out_features, mod.in_features
     if fmt == "fp8":
@@ -190,7 +191,7 @@ def _quantize_meta(mod, name, fmt, config) -> None:
         s = torch.empty(n, k // 32, dtype=torch.float8_e8m0fnu, device="meta")
     mod.set_quantized(q, s, fmt, torch.bfloat16)
     mod.stored_format = fmt
-    mod.act_quant = not name.endswith(".wo_a")
+    mod.act_quant = act_quant_of(name)
     mod.config = config
 
 
