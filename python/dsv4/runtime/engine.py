@@ -338,10 +338,7 @@ class Engine:
         try:
             launched = self._launch(rows, logits, prev)
         except BaseException as e:
-            ids = [r.request.request_id for r in rows]
-            for r in rows:
-                self.scheduler.finish(r.request, "error", f"{type(e).__name__}: {e}"[:500])
-                self.requests.pop(r.request.request_id, None)
+            ids = self._fail([r.request for r in rows], e)
             if prev is not None:                # its outputs come with the next call
                 try:
                     outputs += self._complete(prev)
@@ -357,6 +354,14 @@ class Engine:
             return outputs
         outputs += self._complete(launched)
         return outputs
+
+    def _fail(self, reqs: list[Request], e: BaseException) -> list[str]:
+        """Finish ``reqs`` with ``finish_reason="error"`` (``e`` as the reason; slots and blocks
+        freed) and forget them; returns their ids."""
+        for req in reqs:
+            self.scheduler.finish(req, "error", f"{type(e).__name__}: {e}"[:500])
+            self.requests.pop(req.request_id, None)
+        return [req.request_id for req in reqs]
 
     def _discard_inflight(self) -> None:
         """Wait for the step in flight (its requests were aborted) and drop its outputs."""
@@ -414,12 +419,9 @@ class Engine:
             toks, finite = st.read()
             self.wait_seconds += time.perf_counter() - t
         except BaseException as e:
-            live = [r.request for r in st.rows if r.request.status != Status.FINISHED]
-            for req in live:
-                self.scheduler.finish(req, "error", f"{type(e).__name__}: {e}"[:500])
-                self.requests.pop(req.request_id, None)
+            ids = self._fail([r.request for r in st.rows if r.request.status != Status.FINISHED],
+                             e)
             if isinstance(e, Exception):
-                ids = [req.request_id for req in live]
                 raise EngineStepError(f"step failed for requests {ids}: {e}", ids) from e
             raise
         outputs = []
