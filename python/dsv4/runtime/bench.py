@@ -283,16 +283,6 @@ def _quantize_linear(mod, name: str, fmt: str, config) -> None:
     mod.config = config
 
 
-def _cast_block(blk, prefix: str, keep) -> None:
-    """The compute dtype (bf16) on every float parameter of ``blk`` except those the official
-    code keeps in fp32 (``Model._fp32_names``, as ``Model.to`` decides)."""
-    import torch
-    for name, p in blk.named_parameters():
-        want = torch.float32 if prefix + name in keep else torch.bfloat16
-        if p.is_floating_point() and p.dtype != want:
-            p.data = p.data.to(want)
-
-
 def _build_block(config, i: int, dev, fmts: dict, keep):
     """Block ``i`` on ``dev``: drawn by its constructor, cast to bf16 (fp32 where the release
     keeps it), its FP8/FP4 linears quantised (``fmts``: ``checkpoint.linear_formats``), every
@@ -300,11 +290,11 @@ def _build_block(config, i: int, dev, fmts: dict, keep):
     import torch
 
     from ..layers import moe as moe_mod
-    from ..model import Block
+    from ..model import Block, cast_compute_weights
     prefix = f"layers.{i}."
     with torch.device(dev), _expert_factory(config, prefix, fmts, keep):
         blk = Block(config, i)
-    _cast_block(blk, prefix, keep)
+    cast_compute_weights(blk, torch.bfloat16, keep, prefix)
     for name, mod in blk.named_modules():
         fmt = fmts.get(prefix + name)
         if fmt in ("fp8", "fp4") and mod.weight_format is None:
@@ -329,7 +319,10 @@ class _expert_factory:
         self.calls = 0
 
     def __enter__(self):
+        import torch
+
         from ..layers import moe as moe_mod
+        from ..model import cast_compute_weights
         from .long_context import PATCH_LOCK
         PATCH_LOCK.acquire()        # released in __exit__ (see PATCH_LOCK)
         self._orig = cls = moe_mod.Expert
@@ -340,7 +333,7 @@ class _expert_factory:
             name = (f"ffn.experts.{k}" if k < self.config.n_routed_experts
                     else "ffn.shared_experts")
             ex = cls(*args, **kwargs)
-            _cast_block(ex, f"{self.prefix}{name}.", self.keep)
+            cast_compute_weights(ex, torch.bfloat16, self.keep, f"{self.prefix}{name}.")
             for w in ("w1", "w2", "w3"):
                 full = f"{self.prefix}{name}.{w}"
                 if self.fmts.get(full) in ("fp8", "fp4"):
