@@ -106,7 +106,7 @@ def test_layer_plan_builds_the_layers_layer_fit_counts():
     measured."""
     from dsv4.runtime.floors import _tensor_bytes
     args = argparse.Namespace(chunk=64, head="bf16", kv_cache="bf16", indexer_cache="bf16",
-                              weights="bf16", experts=0)
+                              weights="bf16", experts=0, steps=2)
     measured = lambda blocks: sum(_tensor_bytes(b) for b in blocks)      # noqa: E731
     cfg = bench.build_config("tiny", 2, 0)
     one = bench.build_model(cfg, "bf16", "cpu")
