@@ -10,7 +10,9 @@ tensor cores):
 fn differs per layer and site in the model (86 sites × 1.5 MB do not fit in L2), so T <= 64
 rotates 64 copies of fn; x is rotated when it is smaller than 4 × L2. Times are GPU times of
 calls replayed from a CUDA graph (no launch overhead; what the runtime's captured step pays),
-median of 5 samples. Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
+median of 5 samples. Every T > 8 runs twice: the default (chunked) path, then the one-pass
+cluster kernel (DSV4_MHC_ONE_PASS=1, rows "T=… one-pass", whose reference column is the chunked
+path's time in this process). Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
 launch each.
 
 Usage: python bench/bench_mhc.py [--quick] [--json F] [--markdown F]
@@ -63,7 +65,10 @@ def _row(op, case, t, nbytes, ref_t, note=""):
                 speedup=(ref_t / t) if ref_t else None, note=note)
 
 
-def _cases(T: int) -> list[dict]:
+def _cases(T: int, chunked: list[dict] | None = None) -> list[dict]:
+    """The four rows at T tokens. `chunked`: the rows of the default (chunked) path at the same
+    T, timed just before in this process; given, this is the one-pass run (DSV4_MHC_ONE_PASS=1
+    set by the caller) and its reference column is the chunked path's time."""
     from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
 
     ops = torch.ops.dsv4
@@ -105,14 +110,22 @@ def _cases(T: int) -> list[dict]:
     b_post = T * D * 2 + 2 * xb + T * 80
     b_head = xb + 4 * K * 4 + T * D * 2
     t_pre, t_post, t_head = (_graph_time_us(fn, iters) for fn in (pre, post_k, head))
-    r_pre, r_post, r_head = (_graph_time_us(fn, ref_iters) for fn in (pre_ref, post_ref, head_ref))
-    launches = "1 launch" if T <= 8 else f"{2 * -(-T // 512)} launches (chunks of 512)"
+    if chunked is None:
+        r_pre, r_post, r_head = (_graph_time_us(fn, ref_iters)
+                                 for fn in (pre_ref, post_ref, head_ref))
+        launches = "1 launch" if T <= 8 else f"{2 * -(-T // 512)} launches (chunks of 512)"
+        case, ref_note = f"T={T}", ""
+    else:
+        r_pre, r_post, r_head = (chunked[i]["time_us"] for i in (0, 1, 3))
+        # (the chunked path runs instead where a 16-CTA cluster cannot: check_mhc prints it)
+        launches = "1 launch (one pass, clusters of 16 CTAs)"
+        case, ref_note = f"T={T} one-pass", "; ref = the chunked path"
     return [
-        _row("mhc_pre", f"T={T}", t_pre, b_pre, r_pre, launches),
-        _row("mhc_post", f"T={T}", t_post, b_post, r_post, "1 launch"),
-        _row("mhc_pre+post", f"T={T}", t_pre + t_post, b_pre + b_post, r_pre + r_post,
-             "target >= 3.5 TB/s at T >= 4096"),
-        _row("mhc_head", f"T={T}", t_head, b_head, r_head, launches),
+        _row("mhc_pre", case, t_pre, b_pre, r_pre, launches + ref_note),
+        _row("mhc_post", case, t_post, b_post, r_post, "1 launch" + ref_note),
+        _row("mhc_pre+post", case, t_pre + t_post, b_pre + b_post, r_pre + r_post,
+             "target >= 3.5 TB/s at T >= 4096" + ref_note),
+        _row("mhc_head", case, t_head, b_head, r_head, launches + ref_note),
     ]
 
 
@@ -127,9 +140,27 @@ def run(quick: bool = False) -> list[dict]:
             print(f"bench_mhc: no compiled CUDA kernel for {op}; skipped", file=sys.stderr)
             return []
     rows = []
+    user_choice = os.environ.get("DSV4_MHC_ONE_PASS")
+    os.environ["DSV4_MHC_ONE_PASS"] = "0"     # the chunked path, whatever the default
     with torch.no_grad():
         for T in ([1, 8, 4096] if quick else [1, 8, 64, 4096, 16384]):   # 8: decode at batch 8
             rows += _cases(T)
+            if T <= 8:
+                continue
+            # the same sizes through the one-pass kernel (opt-in; correct on an H100, H100-5):
+            # a failure is reported, and ends the runs (a fault poisons the context)
+            os.environ["DSV4_MHC_ONE_PASS"] = "1"
+            try:
+                rows += _cases(T, chunked=rows[-4:])
+            except RuntimeError as e:
+                print(f"bench_mhc: the one-pass path failed at T={T}: {e}", file=sys.stderr)
+                break
+            finally:
+                os.environ["DSV4_MHC_ONE_PASS"] = "0"
+    if user_choice is None:
+        os.environ.pop("DSV4_MHC_ONE_PASS", None)
+    else:
+        os.environ["DSV4_MHC_ONE_PASS"] = user_choice
     return rows
 
 

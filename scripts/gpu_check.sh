@@ -79,6 +79,16 @@ if [[ -n "${RUNTIME_1M:-}" ]]; then
   step bench_1m_fp8 "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
     --kv-cache fp8 --indexer-cache fp8 --json "$OUT/bench_1m_fp8.json"
 fi
+# 1M context on one GPU (mem-1m, issue 8 item 5): as many V4-Flash layers as fit (--layers
+# auto: measured layer bytes, the 1M pool, one chunk's transient, a margin), native FP8/FP4
+# weights, FP8 caches; the last 16K-token chunk prefilled over a random 1M pool, decode and the
+# attention stack's decode time at 1M (~1-2 minutes): RUNTIME_1M_AUTO=1
+# (RUNTIME_1M_PREFILL=full prefills the whole 1M prompt instead: ~7-8 minutes at ~36 layers).
+if [[ -n "${RUNTIME_1M_AUTO:-}" ]]; then
+  step bench_1m_auto "$PY" -m dsv4.cli bench --mode 1m --layers auto --experts 0 --weights fp8 \
+    --kv-cache fp8 --indexer-cache fp8 --prefill-1m "${RUNTIME_1M_PREFILL:-last}" --steps 16 \
+    --json "$OUT/bench_1m_auto.json"
+fi
 # Nsight Compute profile of one launch of each missed-target case (issues 9, 10; opt-in, ~30 s
 # a case): NCU_PROFILE=1, NCU_CASES="case ..." (default: every case of bench/profile_kernels.py)
 if [[ -n "${NCU_PROFILE:-}" ]] && command -v ncu >/dev/null; then

@@ -18,10 +18,17 @@
 //     two-warpgroup tiles also come with an overlapped pipeline (OVL): the MMAs of step k are
 //     still running when those of step k + 1 are issued (wgmma.wait_group 1), at the price of
 //     one stage less of prefetch; GemmPipeline / DSV4_GEMM_PIPE selects it.
-//   * FP8 / FP4 weights land raw (with one scale word per chunk, loaded by the same thread) and
-//     each thread converts the chunks it loaded itself to bf16 (exact: e4m3 or e2m1 times a
-//     power-of-two scale; e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a
-//     double-buffered bf16 tile: no extra barrier.
+//   * FP8 / FP4 weights land raw and each warp converts the rows it loaded itself to bf16
+//     (e4m3 or e2m1 times the scale, rounded once: exact for the power-of-two e8m0 scales;
+//     e2m1 by byte permutation, grouped_gemm_fp4.cuh) into a double-buffered bf16 tile:
+//     cp.async.wait_group and a __syncwarp, no extra block barrier. The raw weights come two
+//     k steps per fill (a row's 128 (FP8) / 64 (FP4) contiguous bytes per copy instead of
+//     64 / 32: a cp.async copy costs a shared-memory wavefront per global line it touches, so
+//     64-byte row pieces cost twice the ideal), the rows of the odd step stored pairwise
+//     swapped (row r at r ^ 1) so that a line's two halves land in different banks. FP8
+//     scales: one word per warp and pair of steps (all the rows a warp converts share one
+//     128 x 128 block), copied by lane 0 (a 4-byte copy of one global word by all 32 lanes
+//     costs 32 wavefronts); FP4: one word per thread and chunk, every step.
 //   * Inverse RoPE (grouped output projection): on the k steps that hold a head's last 64 dims
 //     each thread rotates the activation chunks it loaded, in place, with a per-unit
 //     [rows x 32] (cos, sin) table (fp32 angles pos * freq, as layers/rope.apply_rope), and
@@ -66,10 +73,21 @@ struct Cfg {
   static constexpr int kRawChunks = kRawRow / 16;                     // 16-byte chunks per row
   static constexpr int kElemsPerChunk = FMT == kFmtBF16 ? 8 : (FMT == kFmtFP8 ? 16 : 32);
   static constexpr int kAChunks = kRowsA * kRawChunks / kThreads;     // per thread per step
+  // FP8 / FP4: the weights are filled two k steps at a time (see "pair fill" in the kernel):
+  // a row's 2 * kRawRow contiguous bytes (FP8: one 128-byte line) per fill, split over the
+  // stages of the two steps
+  static constexpr int kPairChunks = 2 * kRawChunks;  // 16-byte chunks of a row per pair fill
+  static constexpr int kFillRows = 32 / kPairChunks;  // rows of one warp-wide pair-fill copy
+  static constexpr int kConvRows = 32 / kRawChunks;   // rows of one warp-wide conversion chunk
   static constexpr int kBChunks = BN * 8 / kThreads;                  // per thread per step
   static constexpr int kBBytes = BN * 128;
   static constexpr int kARawBytes = kRowsA * kRawRow;
-  static constexpr int kScaleBytes = FMT == kFmtBF16 ? 0 : kThreads * kAChunks * 4;
+  // scale words per stage: FP8, one per warp (every row a warp converts lies in the same
+  // matrix and 128 x 128 scale block: one word, copied by lane 0); FP4, one per thread and
+  // chunk (every chunk has its own 1 x 32 block)
+  static constexpr int kScaleWords = FMT == kFmtBF16 ? 0
+                                   : (FMT == kFmtFP8 ? kThreads / 32 : kThreads * kAChunks);
+  static constexpr int kScaleBytes = kScaleWords * 4;
   static constexpr int kStageStride = round_up(kBBytes + kARawBytes + kScaleBytes, 1024);
   static constexpr int kABf16Bytes = FMT == kFmtBF16 ? 0 : kRowsA * 128;  // per buffer
   static constexpr int kABufs = OVL ? 3 : 2;
@@ -97,6 +115,14 @@ struct Cfg {
   static_assert(NWG == 1 || NWG == 2, "one or two consumer warpgroups");
   static_assert(BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256, "tile rows");
   static_assert(kAChunks >= 1 && kAChunks * kThreads == kRowsA * kRawChunks, "A chunk split");
+  // FP8: a warp's chunk j = 8 rows 8 (w + j T / 32) + [0, 8): one SwiGLU group of matrix
+  // (w + j T / 32) & 1 = w & 1 for every j (T / 32 even); the tile's rows (64 or 128 from a
+  // multiple of their count) lie in one 128-row scale block: one scale word per warp and step
+  static_assert(FMT != kFmtFP8 || (kConvRows == 8 && (kThreads / 32) % 2 == 0 &&
+                                   128 % kRowsA == 0 && 128 % kFeat == 0),
+                "FP8: one scale word per warp");
+  static_assert(FMT == kFmtBF16 || (kConvRows == 2 * kFillRows && kFillRows % 4 == 0),
+                "pair fill: a warp's conversion rows are its two fill copies' rows");
   static_assert(kBChunks >= 1 && kBChunks * kThreads == BN * 8, "B chunk split");
   static_assert(kStages >= (OVL ? 3 : 2), "not enough shared memory for the pipeline");
   static_assert(kSmem <= SMEM_LIMIT, "shared memory budget");
@@ -129,12 +155,11 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
-// Two e4m3 values (low byte first) times a power-of-two scale -> bf16x2 (exact).
-__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s) {
-  uint32_t h2;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-  return pack_bf16x2(f.x * s, f.y * s);
+// s is +-2^e with lo <= |s| <= hi (then s is exact in bf16 and a bf16 product by it is exact
+// while it stays normal).
+__device__ __forceinline__ bool pow2_in(float s, float lo, float hi) {
+  const float m = fabsf(s);
+  return (__float_as_uint(s) & 0x007FFFFFu) == 0u && m >= lo && m <= hi;
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
@@ -143,9 +168,34 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
+// Two e4m3 values (low byte first) -> float2 (exact).
+__device__ __forceinline__ float2 fp8x2_to_f32x2(uint32_t two) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<unsigned short>(two)));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h2));
+}
+// Two e4m3 values times the scale s -> bf16x2, rounded once. `fast` (s = +-2^e with |s| in
+// [2^-117, 2^118]: e4m3 magnitudes lie in [2^-9, 448], so every nonzero product is a normal
+// bf16, exact): the pair as bf16 (exact: 4 significant bits) times s2 = (s, s), one bf16x2
+// multiply; otherwise two fp32 multiplies. (The caller branches on a warp-uniform `fast`.)
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float s, uint32_t s2,
+                                                    bool fast) {
+  const float2 f = fp8x2_to_f32x2(two);
+  return fast ? bf16x2_mul(pack_bf16x2(f.x, f.y), s2) : pack_bf16x2(f.x * s, f.y * s);
+}
+// Sixteen e4m3 values (one 16-byte chunk) -> two uint4 of bf16x2 (lo: values 0-7).
+__device__ __forceinline__ void fp8x16_to_bf16x16(uint4 q, float s, uint32_t s2, bool fast,
+                                                  uint4& lo, uint4& hi) {
+  lo = make_uint4(fp8x2_to_bf16x2(q.x, s, s2, fast), fp8x2_to_bf16x2(q.x >> 16, s, s2, fast),
+                  fp8x2_to_bf16x2(q.y, s, s2, fast), fp8x2_to_bf16x2(q.y >> 16, s, s2, fast));
+  hi = make_uint4(fp8x2_to_bf16x2(q.z, s, s2, fast), fp8x2_to_bf16x2(q.z >> 16, s, s2, fast),
+                  fp8x2_to_bf16x2(q.w, s, s2, fast), fp8x2_to_bf16x2(q.w >> 16, s, s2, fast));
+}
+
 // Eight e2m1 codes of one 32-bit word (element 2j in the low nibble of byte j) times the
-// power-of-two scale s -> four bf16x2 words, exactly. `fast` (s in [2^-118, 2^118], so every
-// product is a normal bf16): one bf16x2 multiply by s2 = (s, s) per pair; otherwise fp32.
+// scale s -> four bf16x2 words, rounded once. `fast` (s = +-2^e with |s| in [2^-118, 2^118],
+// so every product is a normal bf16, exact): one bf16x2 multiply by s2 = (s, s) per pair;
+// otherwise fp32 (a float32 scale need not be a power of two).
 __device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, uint32_t s2, bool fast) {
   uint32_t v[4];
   e2m1x8_to_bf16x8(w, v);
@@ -157,12 +207,15 @@ __device__ __forceinline__ uint4 fp4x8_to_bf16x8(uint32_t w, float s, uint32_t s
 }
 
 // One 64-wide k step of MMAs for the warpgroup: A rows [64] at a_tile, B rows [N] at b_tile.
+// The k16 slices of a 128-byte-swizzled tile start 32 bytes apart: descriptor + 2 in the
+// address field (bits 0-13, address >> 4; shared addresses < 2^18 leave no carry out of it).
 template <int N, int M>
 __device__ __forceinline__ void mma_step(float (&acc)[M], uint32_t a_tile, uint32_t b_tile) {
+  const uint64_t da = smem_desc(a_tile), db = smem_desc(b_tile);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kBK / 16; ++ks) {
-    Wgmma<N>::mma(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32));
+    Wgmma<N>::mma(acc, da + 2 * ks, db + 2 * ks);
   }
   wgmma_commit();
 }
@@ -274,29 +327,61 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     const int rows_t = static_cast<int>(cnt - static_cast<int64_t>(tb) * BN < BN
                                             ? cnt - static_cast<int64_t>(tb) * BN : BN);
 
-    // ---- weight rows this thread loads ----
-    const char* a_src[C::kAChunks];
+    // ---- weight rows ----
+    // tile row r -> weight row wr of matrix m (SwiGLU: gate / up interleaved by 8)
+    auto weight_row = [&](int r, int& m) {
+      if constexpr (EPI == kEpiSwiGLU) {
+        m = (r >> 3) & 1;
+        return fb * C::kFeat + (r >> 4) * 8 + (r & 7);
+      } else {
+        m = 0;
+        return fb * C::kRowsA + r;
+      }
+    };
+    auto weight_src = [&](int wr, int m, bool ok, int col) {
+      return static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
+             static_cast<int64_t>(ok ? wr : 0) * a.w_row_stride + col * 16;
+    };
+    // the rows this thread converts (FP8 / FP4) or loads (bf16): chunk j = row
+    // (tid + j T) / kRawChunks, 16-byte column a_col; a warp's chunk j = kConvRows whole rows
+    const char* a_src[C::kAChunks];  // bf16
+    uint32_t a_dst[C::kAChunks];     // bf16
     int64_t s_idx[C::kAChunks];
-    uint32_t a_dst[C::kAChunks];
     bool a_ok[C::kAChunks];
 #pragma unroll
     for (int j = 0; j < C::kAChunks; ++j) {
       const int r = (tid + j * T) / C::kRawChunks;  // tile row
-      int m = 0, wr;
-      if constexpr (EPI == kEpiSwiGLU) {
-        wr = fb * C::kFeat + (r >> 4) * 8 + (r & 7);
-        m = (r >> 3) & 1;
-      } else {
-        wr = fb * C::kRowsA + r;
-      }
+      int m;
+      const int wr = weight_row(r, m);
       a_ok[j] = wr < a.rows;
-      a_src[j] = static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
-                 static_cast<int64_t>(a_ok[j] ? wr : 0) * a.w_row_stride + a_col * 16;
+      a_src[j] = weight_src(wr, m, a_ok[j], a_col);
       s_idx[j] = e * a.s_expert_stride + m * a.s_mat_stride +
                  static_cast<int64_t>(FMT == kFmtFP8 ? wr / 128 : wr) * a.s_row_stride;
-      a_dst[j] = FMT == kFmtBF16 ? r * 128 + (((a_col ^ r) & 7) << 4)
-                                 : r * C::kRawRow + a_col * 16;
+      a_dst[j] = r * 128 + (((a_col ^ r) & 7) << 4);
     }
+    // FP8 / FP4 pair fill: the rows this thread copies. Copy (j, h) of warp w covers the
+    // kFillRows rows kConvRows (w + j T / 32) + h kFillRows + [0, kFillRows), kPairChunks
+    // lanes per row; lane chunk f_c of the row's two-step segment belongs to step f_g of the
+    // pair, 16-byte column f_rc of that step's row. Both copies of (w, j) are the rows that
+    // warp w converts as its chunk j.
+    const int f_c = lane % C::kPairChunks, f_g = f_c / C::kRawChunks, f_rc = f_c % C::kRawChunks;
+    const char* f_src[C::kAChunks][2];
+    bool f_ok[C::kAChunks][2];
+#pragma unroll
+    for (int j = 0; j < C::kAChunks; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = C::kConvRows * (warp + j * (T / 32)) + h * C::kFillRows +
+                      lane / C::kPairChunks;
+        int m;
+        const int wr = weight_row(r, m);
+        f_ok[j][h] = wr < a.rows;
+        f_src[j][h] = weight_src(wr, m, f_ok[j][h], f_c);
+      }
+    }
+    // shared offset of copy (0, 0) in its step's raw tile (odd step: row r stored at r ^ 1)
+    const uint32_t f_dst = (C::kConvRows * warp + ((lane / C::kPairChunks) ^ f_g)) * C::kRawRow +
+                           f_rc * 16;
     // ---- activation rows this thread loads ----
     const char* b_src[C::kBChunks];
     uint32_t b_dst[C::kBChunks];
@@ -338,6 +423,23 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
     for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
 
+    // the stage's scale word of this thread's chunk j (FP8: the warp's, FP4: the thread's)
+    auto scale_slot = [&](int j) { return FMT == kFmtFP8 ? warp : j * T + tid; };
+    // copies the scale word holding element si of the scale tensor (zeros if !ok). fp32: the
+    // scale itself. e8m0: the 4-byte aligned word holding byte si (the consumer picks byte
+    // si & 3); the last word of a scale tensor whose length is not a multiple of 4 is read
+    // byte by byte: no read reaches past w_scale_bytes.
+    auto copy_scale = [&](int64_t si, bool ok, uint32_t s_dst) {
+      const char* s_base = static_cast<const char*>(a.w_scale);
+      const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
+      if (!ok || s_off + 4 <= a.w_scale_bytes) {
+        cp_async4(s_dst, ok ? s_base + s_off : dummy, ok ? 4 : 0);
+      } else {
+        const auto byte = static_cast<uint32_t>(
+            __ldg(reinterpret_cast<const unsigned char*>(s_base) + si));
+        sts32(s_dst, byte << (8 * static_cast<int>(si & 3)));
+      }
+    };
     auto load_step = [&](int kt, int stage) {
       const uint32_t sb = base + stage * C::kStageStride;
       const bool bk_ok = kt * kBK + b_col * 8 < K;
@@ -346,27 +448,50 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         const bool ok = b_ok[j] && bk_ok;
         cp_async16(sb + b_dst[j], ok ? b_src[j] + kt * 128 : dummy, ok ? 16 : 0);
       }
+      if constexpr (FMT != kFmtBF16) {
+        // pair fill on even steps: k steps kt and kt + 1 (zero-filled past K) into the raw
+        // tiles of `stage` and the next stage. The next stage's raw tile last held step
+        // kt + 1 - S, converted before the barrier of step kt - D at the latest (D <= S - 1),
+        // and this fill is issued after that barrier.
+        if ((kt & 1) == 0) {
+          const int st1 = stage + 1 == S ? 0 : stage + 1;
+          const int st = f_g == 0 ? stage : st1;
+          const uint32_t dst = base + st * C::kStageStride + C::kBBytes + f_dst;
+          if constexpr (FMT == kFmtFP8) {
+            // the warp's scale word of both steps (one 128-wide k block), lane 0 alone into
+            // each stage's slot: a 4-byte copy of one global word by all 32 lanes costs 32
+            // shared-memory wavefronts (ncu: ~88% of the FP8 kernel's excess wavefronts).
+            // Lane 0's rows are the warp's first: none valid if they are not.
+            if (lane == 0) {
+              const int64_t si = s_idx[0] + kt * kBK / 128;
+              const uint32_t slot = C::kBBytes + C::kARawBytes + scale_slot(0) * 4;
+              copy_scale(si, a_ok[0], base + stage * C::kStageStride + slot);
+              copy_scale(si, a_ok[0], base + st1 * C::kStageStride + slot);
+            }
+          }
+          const bool k_ok = kt * kBK + f_c * C::kElemsPerChunk < K;
+#pragma unroll
+          for (int j = 0; j < C::kAChunks; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const bool ok = f_ok[j][h] && k_ok;
+              cp_async16(dst + j * T * 16 + h * C::kFillRows * C::kRawRow,
+                         ok ? f_src[j][h] + kt * C::kRawRow : dummy, ok ? 16 : 0);
+            }
+          }
+        }
+      }
       const int kel = kt * kBK + a_col * C::kElemsPerChunk;
 #pragma unroll
       for (int j = 0; j < C::kAChunks; ++j) {
         const bool ok = a_ok[j] && kel < K;
-        cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
-                   ok ? 16 : 0);
-        if constexpr (FMT != kFmtBF16) {
-          // fp32: the scale itself. e8m0: the 4-byte aligned word holding byte si (the
-          // consumer picks byte si & 3). The last word of a scale tensor whose length is not a
-          // multiple of 4 is read byte by byte: no read reaches past w_scale_bytes.
-          const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-          const uint32_t s_dst = sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4;
-          const char* s_base = static_cast<const char*>(a.w_scale);
-          const int64_t s_off = a.scale_fp32 ? si * 4 : (si & ~int64_t{3});
-          if (!ok || s_off + 4 <= a.w_scale_bytes) {
-            cp_async4(s_dst, ok ? s_base + s_off : dummy, ok ? 4 : 0);
-          } else {
-            const auto byte = static_cast<uint32_t>(
-                __ldg(reinterpret_cast<const unsigned char*>(s_base) + si));
-            sts32(s_dst, byte << (8 * static_cast<int>(si & 3)));
-          }
+        if constexpr (FMT == kFmtBF16) {
+          cp_async16(sb + C::kBBytes + a_dst[j], ok ? a_src[j] + kt * C::kRawRow : dummy,
+                     ok ? 16 : 0);
+        }
+        // FP4: every thread the scale word of its own chunk, every step
+        if constexpr (FMT == kFmtFP4) {
+          copy_scale(s_idx[j] + kel / 32, ok, sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4);
         }
       }
     };
@@ -383,32 +508,57 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const uint32_t sb = base + (kt % S) * C::kStageStride;
       const uint32_t abf = abf_base + (kt % C::kABufs) * C::kABf16Bytes;
       cp_async_wait<D - 1>();  // this thread's chunks of step kt have landed
+      // FP8 / FP4: the raw rows of step kt came from the warp's pair fill (any lane) and the
+      // FP8 scale words from lane 0; all landed (every lane waited above): __syncwarp makes
+      // them visible across the warp
+      if constexpr (FMT != kFmtBF16) __syncwarp();
       if constexpr (FMT != kFmtBF16) {
         const int kel = kt * kBK + a_col * C::kElemsPerChunk;
+        // the scale of a stage word: fp32 as is, e8m0 the byte of element si
+        auto decode_scale = [&](uint32_t sw, int64_t si) {
+          return a.scale_fp32 ? __uint_as_float(sw)
+                              : e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
+        };
+        float s_warp = 0.f;  // FP8: the warp's scale of step kt
+        if constexpr (FMT == kFmtFP8) {
+          s_warp = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(0) * 4),
+                                s_idx[0] + kt * kBK / 128);
+        }
+        // FP8 fast conversion (bf16x2 multiply; warp-uniform): a power of two (every e8m0
+        // scale; a float32 scale may be any value) in range; false for NaN, inf, 0
+        const bool fp8_fast = pow2_in(s_warp, 0x1p-117f, 0x1p118f);
+        const uint32_t s2_warp = pack_bf16x2(s_warp, s_warp);  // exact where fp8_fast
 #pragma unroll
         for (int j = 0; j < C::kAChunks; ++j) {
           const int r = (tid + j * T) / C::kRawChunks;
-          const uint4 q = lds128(sb + C::kBBytes + r * C::kRawRow + a_col * 16);
-          const uint32_t sw = lds32(sb + C::kBBytes + C::kARawBytes + (j * T + tid) * 4);
+          // (pair fill: an odd step's row r sits at r ^ 1)
+          const uint4 q = lds128(sb + C::kBBytes + (r ^ (kt & 1)) * C::kRawRow + a_col * 16);
           float s;
-          if (a.scale_fp32) {
-            s = __uint_as_float(sw);
+          if constexpr (FMT == kFmtFP8) {
+            // a zero-filled chunk (row past `rows` or k past K) gets 0, not the warp's scale:
+            // exactly zero even where that scale is inf or NaN
+            s = a_ok[j] && kel < K ? s_warp : 0.f;
           } else {
-            const int64_t si = s_idx[j] + (FMT == kFmtFP8 ? kel / 128 : kel / 32);
-            s = e8m0_to_f32((sw >> (8 * static_cast<int>(si & 3))) & 0xFFu);
+            // FP4: the chunk's own word (zero-filled with its chunk)
+            s = decode_scale(lds32(sb + C::kBBytes + C::kARawBytes + scale_slot(j) * 4),
+                             s_idx[j] + kel / 32);
           }
           if constexpr (FMT == kFmtFP8) {
-            // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r
-            const uint4 lo = make_uint4(fp8x2_to_bf16x2(q.x, s), fp8x2_to_bf16x2(q.x >> 16, s),
-                                        fp8x2_to_bf16x2(q.y, s), fp8x2_to_bf16x2(q.y >> 16, s));
-            const uint4 hi = make_uint4(fp8x2_to_bf16x2(q.z, s), fp8x2_to_bf16x2(q.z >> 16, s),
-                                        fp8x2_to_bf16x2(q.w, s), fp8x2_to_bf16x2(q.w >> 16, s));
+            // 16 values -> bf16 chunks 2 * a_col and 2 * a_col + 1 of row r. Fast path: a
+            // zero-filled chunk is 0 x s2 = 0 (s2 finite there)
+            uint4 lo, hi;
+            if (fp8_fast) {
+              fp8x16_to_bf16x16(q, s_warp, s2_warp, true, lo, hi);
+            } else {
+              fp8x16_to_bf16x16(q, s, s2_warp, false, lo, hi);
+            }
             sts128(abf + r * 128 + ((((2 * a_col) ^ r) & 7) << 4), lo);
             sts128(abf + r * 128 + ((((2 * a_col + 1) ^ r) & 7) << 4), hi);
           } else {
             // 32 values -> bf16 chunks 4 * a_col .. 4 * a_col + 3 of row r
-            const bool fast = s >= 0x1p-118f && s <= 0x1p118f;  // false for NaN
-            const uint32_t s2 = pack_bf16x2(s, s);               // exact: a power of two
+            // a power of two in range (float32 scales need not be): false for NaN, inf, 0
+            const bool fast = pow2_in(s, 0x1p-118f, 0x1p118f);
+            const uint32_t s2 = pack_bf16x2(s, s);  // exact where fast
             sts128(abf + r * 128 + ((((4 * a_col) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.x, s, s2, fast));
             sts128(abf + r * 128 + ((((4 * a_col + 1) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.y, s, s2, fast));
             sts128(abf + r * 128 + ((((4 * a_col + 2) ^ r) & 7) << 4), fp4x8_to_bf16x8(q.z, s, s2, fast));

@@ -14,6 +14,9 @@
 //     projection (one comb entry per lane; row / column sums by xor shuffles), then all threads
 //     write u = Σ_i pre_i x_i (16-byte vectors).
 //  Prefill runs the two phases on chunks of 512 tokens, so that phase 2 re-reads x from L2.
+//  With DSV4_MHC_ONE_PASS=1 (opt-in until verified on hardware), prefill at dim 1024 / 2048 /
+//  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
+//  cluster per 32-token tile, x kept in shared memory).
 //  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
 //  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
 //  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
@@ -24,8 +27,12 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
 
 #include "moe_mma.cuh"
 
@@ -33,6 +40,7 @@ namespace dsv4 {
 namespace {
 
 using namespace moe_detail;
+namespace cg = cooperative_groups;
 
 constexpr int kHc = static_cast<int>(kMhcStreams);
 constexpr int kBM = 64;                 // tokens per mix CTA (4 warps x m16)
@@ -90,6 +98,62 @@ __device__ __forceinline__ float sigmoid(float z) {
   return __fdiv_rn(1.f, __fadd_rn(1.f, expf(-z)));
 }
 
+// fn value -> three bf16 terms, hi + mid + lo == v to 24 bits (the projection's B operand).
+__device__ __forceinline__ void split3(float v, __nv_bfloat16& hi, __nv_bfloat16& mid,
+                                       __nv_bfloat16& lo) {
+  hi = __float2bfloat16_rn(v);
+  const float r1 = __fsub_rn(v, __bfloat162float(hi));
+  mid = __float2bfloat16_rn(r1);
+  const float r2 = __fsub_rn(r1, __bfloat162float(mid));
+  lo = __float2bfloat16_rn(r2);
+}
+
+// Σ x² of an m16k16 A fragment (ldmatrix x4 order): row g into sq0, row g + 8 into sq1.
+__device__ __forceinline__ void sumsq_frag(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                           float& sq0, float& sq1) {
+  const float v[8] = {bf16_lo(a0), bf16_hi(a0), bf16_lo(a2), bf16_hi(a2),
+                      bf16_lo(a1), bf16_hi(a1), bf16_lo(a3), bf16_hi(a3)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sq0 = __fmaf_rn(v[i], v[i], sq0);
+#pragma unroll
+  for (int i = 4; i < 8; ++i) sq1 = __fmaf_rn(v[i], v[i], sq1);
+}
+
+// r = rsqrt(mean(x̂²) + norm_eps) from the token's Σ x̂² over its 4·dim values.
+__device__ __forceinline__ float mix_rstd(int64_t dim, float norm_eps, float sumsq) {
+  const float inv_k = 1.f / static_cast<float>(kHc * dim);
+  return 1.f / sqrtf(__fadd_rn(__fmul_rn(sumsq, inv_k), norm_eps));
+}
+
+// pre_i = sigmoid(scale0 * (mix_i * r) + base_i) + eps.
+__device__ __forceinline__ float pre_value(float mix, float r, float scale0, float base,
+                                           float eps) {
+  const float m = __fmul_rn(mix, r);
+  return __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(m, scale0), base)), eps);
+}
+
+// u = Σ_i p_i x_i for 8 columns (16-byte vectors of the 4 streams): products rounded, summed in
+// stream order, then rounded to bf16.
+__device__ __forceinline__ uint4 collapse8(float p0, float p1, float p2, float p3, const uint4& v0,
+                                           const uint4& v1, const uint4& v2, const uint4& v3) {
+  const uint32_t w0[4] = {v0.x, v0.y, v0.z, v0.w}, w1[4] = {v1.x, v1.y, v1.z, v1.w};
+  const uint32_t w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float lo = __fmul_rn(p0, bf16_lo(w0[q]));
+    lo = __fadd_rn(lo, __fmul_rn(p1, bf16_lo(w1[q])));
+    lo = __fadd_rn(lo, __fmul_rn(p2, bf16_lo(w2[q])));
+    lo = __fadd_rn(lo, __fmul_rn(p3, bf16_lo(w3[q])));
+    float hi = __fmul_rn(p0, bf16_hi(w0[q]));
+    hi = __fadd_rn(hi, __fmul_rn(p1, bf16_hi(w1[q])));
+    hi = __fadd_rn(hi, __fmul_rn(p2, bf16_hi(w2[q])));
+    hi = __fadd_rn(hi, __fmul_rn(p3, bf16_hi(w3[q])));
+    o[q] = pack2(lo, hi);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 struct MixArgs {
   const __nv_bfloat16* x;  // first token of the chunk
   int64_t x_stride;        // token stride (elements)
@@ -130,12 +194,8 @@ struct FinishSmem {
 template <int NT>
 __device__ __forceinline__ void token_coefficients(const FinishArgs& a, const float* tot,
                                                    float* pre, int64_t t, int l, bool store) {
-  const float inv_k = 1.f / static_cast<float>(kHc * a.dim);
-  const float r = 1.f / sqrtf(__fadd_rn(__fmul_rn(tot[kSumsqCol], inv_k), a.norm_eps));
-  if (store && l < kHc) {  // pre_i = sigmoid(scale0 * m_i + base_i) + eps
-    const float m = __fmul_rn(tot[l], r);
-    pre[l] = __fadd_rn(sigmoid(__fadd_rn(__fmul_rn(m, a.scale[0]), a.base[l])), a.eps);
-  }
+  const float r = mix_rstd(a.dim, a.norm_eps, tot[kSumsqCol]);
+  if (store && l < kHc) pre[l] = pre_value(tot[l], r, a.scale[0], a.base[l], a.eps);
   if constexpr (NT == 3) {
     if (store && l >= kHc && l < 2 * kHc) {  // post_i = 2 sigmoid(scale1 * m + base)
       const float m = __fmul_rn(tot[l], r);
@@ -235,28 +295,13 @@ __device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, i
     const int i = static_cast<int>(e / n_chunks);
     const int64_t c = e % n_chunks;
     const float p0 = sm.pre[i][0], p1 = sm.pre[i][1], p2 = sm.pre[i][2], p3 = sm.pre[i][3];
-    const __nv_bfloat16* xt = a.x + (t0 + i) * a.x_stride;
+    const __nv_bfloat16* xt = a.x + (t0 + i) * a.x_stride + c * 8;
     __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride;
-    const uint4 v0 = *reinterpret_cast<const uint4*>(xt + c * 8);
-    const uint4 v1 = *reinterpret_cast<const uint4*>(xt + a.dim + c * 8);
-    const uint4 v2 = *reinterpret_cast<const uint4*>(xt + 2 * a.dim + c * 8);
-    const uint4 v3 = *reinterpret_cast<const uint4*>(xt + 3 * a.dim + c * 8);
-    const uint32_t w0[4] = {v0.x, v0.y, v0.z, v0.w}, w1[4] = {v1.x, v1.y, v1.z, v1.w};
-    const uint32_t w2[4] = {v2.x, v2.y, v2.z, v2.w}, w3[4] = {v3.x, v3.y, v3.z, v3.w};
-    uint32_t o[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float lo = __fmul_rn(p0, bf16_lo(w0[q]));
-      lo = __fadd_rn(lo, __fmul_rn(p1, bf16_lo(w1[q])));
-      lo = __fadd_rn(lo, __fmul_rn(p2, bf16_lo(w2[q])));
-      lo = __fadd_rn(lo, __fmul_rn(p3, bf16_lo(w3[q])));
-      float hi = __fmul_rn(p0, bf16_hi(w0[q]));
-      hi = __fadd_rn(hi, __fmul_rn(p1, bf16_hi(w1[q])));
-      hi = __fadd_rn(hi, __fmul_rn(p2, bf16_hi(w2[q])));
-      hi = __fadd_rn(hi, __fmul_rn(p3, bf16_hi(w3[q])));
-      o[q] = pack2(lo, hi);
-    }
-    *reinterpret_cast<uint4*>(ut + c * 8) = make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(ut + c * 8) =
+        collapse8(p0, p1, p2, p3, *reinterpret_cast<const uint4*>(xt),
+                  *reinterpret_cast<const uint4*>(xt + a.dim),
+                  *reinterpret_cast<const uint4*>(xt + 2 * a.dim),
+                  *reinterpret_cast<const uint4*>(xt + 3 * a.dim));
   }
 }
 
@@ -325,14 +370,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kRows * kBK / kThreads; ++i) {
       const int e = tid + i * kThreads;
       const int n = e / kBK, k = e % kBK;
-      const float v = sF[buf][n][k];
-      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-      const float r1 = __fsub_rn(v, __bfloat162float(hi));
-      const __nv_bfloat16 mid = __float2bfloat16_rn(r1);
-      const float r2 = __fsub_rn(r1, __bfloat162float(mid));
-      sB[0][n][k] = hi;
-      sB[1][n][k] = mid;
-      sB[2][n][k] = __float2bfloat16_rn(r2);
+      split3(sF[buf][n][k], sB[0][n][k], sB[1][n][k], sB[2][n][k]);
     }
     __syncthreads();
 #pragma unroll
@@ -340,14 +378,7 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t a0, a1, a2, a3;
       ldmatrix_x4(smem_addr(&sX[buf][warp * 16 + (lane & 15)][ks * 16 + (lane >> 4) * 8]), a0, a1,
                   a2, a3);
-      {
-        const float v[8] = {bf16_lo(a0), bf16_hi(a0), bf16_lo(a2), bf16_hi(a2),
-                            bf16_lo(a1), bf16_hi(a1), bf16_lo(a3), bf16_hi(a3)};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sq0 = __fmaf_rn(v[i], v[i], sq0);
-#pragma unroll
-        for (int i = 4; i < 8; ++i) sq1 = __fmaf_rn(v[i], v[i], sq1);
-      }
+      sumsq_frag(a0, a1, a2, a3, sq0, sq1);
 #pragma unroll
       for (int part = 0; part < 3; ++part) {
         uint32_t b[NT][2];
@@ -402,7 +433,358 @@ __global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f
   finish_tokens<NT>(f, sm, blockIdx.x, 1);
 }
 
+// ---------------------------------------------------------------------------------------------
+// hc_pre / head for prefill in ONE pass over x ("wide" path: tokens > 8, dim = 1024·n <= 4096)
+// ---------------------------------------------------------------------------------------------
+// A cluster of 16 CTAs (one per SM, 16 warps each) owns a tile of 32 tokens at a time; CTA
+// `rank` owns the dims [rank·W, rank·W + W) of all 4 streams (W = dim / 16), i.e. a 4·W-column
+// slice of the projection's K, which stays in its shared memory for the whole tile:
+//  1. x tile -> smem by cp.async (double buffer: the next tile loads while this one computes).
+//  2. Warp w owns 4·W/16 columns of the slice (stream w / 4); its fn columns live in registers
+//     for the whole kernel as the three bf16 terms of mma B fragments. Every warp runs mma
+//     m16n8k16 over the 32 tokens and its columns, Σx² from the A fragments, and writes its
+//     partial row per token ([warp][token][32]: mixes, Σx² in column 31) to smem; the CTA sums
+//     the 16 warps in warp order.
+//  3. Cluster barrier; CTA rank r finalises tokens 2r, 2r + 1 (a half of warp 0 each): sums
+//     the 16 CTAs' rows in rank order (distributed shared memory), computes pre and writes it
+//     into every CTA of the cluster; hc_pre also stores the summed row for step 5.
+//  4. Cluster barrier; every CTA writes u = Σ_i pre_i x_i for its dims of the tile from smem.
+//  5. (hc_pre) After the last tile, each CTA computes post and comb (the Sinkhorn,
+//     token_coefficients) of the tokens it finalised, a half-warp per token, from the stored
+//     rows: off the per-tile critical path, which needs only pre.
+// x is read from HBM once; fn once per CTA (1/16 of it); the sums are in fixed orders
+// (deterministic run to run).
+constexpr int kCluster = 16;              // CTAs per cluster (a non-portable size: one GPC)
+constexpr int kWideTM = 32;               // tokens per tile
+constexpr int kWideThreads = 512;         // 16 warps
+constexpr int kWideWarps = kWideThreads / 32;
+constexpr int kWideMaxKs = 4;             // k16 steps per warp (W / 64); 4 at dim 4096
+constexpr int kParts = 3;                 // bf16 terms of fn
+static_assert(kWideTM == 2 * kCluster, "finalise: two tokens per CTA, one per half of warp 0");
+static_assert(kWideWarps == 4 * kHc, "four warps per stream");
+static_assert(kWideTM % 16 == 0, "whole m16 tiles");
+
+// W = dim / 16 in {64, 128, 256}: a power of two, so that a thread's (stream, chunk) of the
+// tile loads and its chunk of the collapse are the same in every pass (kWideThreads is a
+// multiple of 4·W/8 and of W/8).
+bool wide_dim_ok(int64_t dim) {
+  return dim == kCluster * 64 || dim == kCluster * 128 || dim == kCluster * 256;
+}
+
+// Dynamic shared memory of the wide kernel for slice width W, in floats after the x buffers:
+// red [warps][TM][32], ctot [TM][32], pre [TM][4], tot [2][32], pre_loc [2][4],
+// scratch [32][4] (the tail's pre, unused), zero_row [32].
+__host__ __device__ constexpr int wide_pitch(int W) { return kHc * W + 8; }  // bf16 per token row
+constexpr int kWideFloats = kWideWarps * kWideTM * kPartCols + kWideTM * kPartCols +
+                            kWideTM * kHc + 2 * kPartCols + 2 * kHc + 32 * kHc + kPartCols;
+__host__ __device__ constexpr size_t wide_smem_bytes(int W) {
+  return static_cast<size_t>(2 * kWideTM * wide_pitch(W)) * 2 + kWideFloats * sizeof(float);
+}
+static_assert(wide_smem_bytes(64 * kWideMaxKs) <= 232448, "fits the 227 KB of an sm_90 CTA");
+
+struct WideArgs {
+  const __nv_bfloat16* x;
+  int64_t x_stride;      // token stride (elements)
+  const float* fn;       // [rows, K]
+  int64_t K;             // 4 * dim
+  int64_t tokens, n_tiles;
+  int W, ks;             // slice width (dim / 16) and k16 steps per warp (W / 64)
+  __nv_bfloat16* u;
+  int64_t u_stride;
+  float* rows;           // [tokens, 32] summed rows (hc_pre only)
+  FinishArgs f;          // dim, scale, base, norm_eps, eps, iters, post, comb
+};
+
+template <int NT>
+__global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArgs a) {
+  constexpr int kNReal = NT == 3 ? 24 : 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int W = a.W, ks = a.ks, pitch = wide_pitch(W);
+  auto* sX = reinterpret_cast<__nv_bfloat16*>(smem);  // [2][TM][pitch]
+  float* red = reinterpret_cast<float*>(smem + static_cast<size_t>(2 * kWideTM * pitch) * 2);
+  float* ctot = red + kWideWarps * kWideTM * kPartCols;  // [TM][32] this CTA's sums
+  float* spre = ctot + kWideTM * kPartCols;              // [TM][4] pre of the tile's tokens
+  float* tot = spre + kWideTM * kHc;                     // [2][32] (warp 0)
+  float* pre_loc = tot + 2 * kPartCols;                  // [2][4] (warp 0)
+  float* scratch = pre_loc + 2 * kHc;                    // [32][4] (tail)
+  float* zero_row = scratch + 32 * kHc;                  // [32] (tail)
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t cid = blockIdx.x / kCluster, ncl = gridDim.x / kCluster;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+  const int64_t dim = a.f.dim;
+  const int64_t slice0 = static_cast<int64_t>(rank) * W;  // first dim of this CTA's slice
+
+  // This warp's columns: stream warp / 4, W / 4 dims from (warp % 4) * W / 4 of the slice.
+  const int wcol = (warp >> 2) * W + (warp & 3) * (W / 4);                // in a smem row
+  const int64_t kcol = (warp >> 2) * dim + slice0 + (warp & 3) * (W / 4);  // in fn / x rows
+
+  // The tile's x slice: token i, stream s, 16-byte chunk ch -> sX[buf][i][s * W + ch * 8];
+  // tokens past the end are zero-filled.
+  // Chunk c = tid + pass * kWideThreads: token c / (4 W / 8), and (stream, chunk) from
+  // c % (4 W / 8) = tid % (4 W / 8), the same in every pass.
+  const int ld_per_token = kHc * (W / 8);               // 16-byte chunks per token
+  const int ld_tokens = kWideThreads / ld_per_token;    // tokens per pass (4, 8 or 16)
+  const int ld_i0 = tid / ld_per_token;
+  const int ld_s = (tid % ld_per_token) / (W / 8), ld_ch = tid % (W / 8);
+  const int ld_soff = ld_s * W + ld_ch * 8;                       // in a smem row
+  const int64_t ld_goff = ld_s * dim + slice0 + ld_ch * 8;        // in an x row
+  auto load_tile = [&](int buf, int64_t tile) {
+    const uint32_t dst = smem_addr(sX + buf * kWideTM * pitch + ld_soff);
+    for (int i = ld_i0; i < kWideTM; i += ld_tokens) {
+      const int64_t t = tile * kWideTM + i;
+      const bool ok = t < a.tokens;
+      cp_async16_zfill(dst + static_cast<uint32_t>(i * pitch * 2),
+                       ok ? a.x + t * a.x_stride + ld_goff : a.x, ok);
+    }
+    cp_async_commit();
+  };
+
+  int64_t tile = cid;
+  if (tile < a.n_tiles) load_tile(0, tile);  // in flight while fn fills the registers
+
+  // fn -> B fragments: b[j][p][nt] = part p of fn rows nt·8 + g, columns kcol + 16 j + c2 + {0,
+  // 1} (reg 0) and + {8, 9} (reg 1); rows past kNReal (head: 4..7) and steps j >= ks are 0.
+  uint32_t b[kWideMaxKs][kParts][NT][2];
+#pragma unroll
+  for (int j = 0; j < kWideMaxKs; ++j) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = nt * 8 + g;
+      float v[4] = {0.f, 0.f, 0.f, 0.f};
+      if (j < ks && n < kNReal) {
+        const float* src = a.fn + n * a.K + kcol + j * 16 + c2;
+        const float2 lo = __ldg(reinterpret_cast<const float2*>(src));
+        const float2 hi = __ldg(reinterpret_cast<const float2*>(src + 8));
+        v[0] = lo.x;
+        v[1] = lo.y;
+        v[2] = hi.x;
+        v[3] = hi.y;
+      }
+      __nv_bfloat16 s[4][kParts];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) split3(v[q], s[q][0], s[q][1], s[q][2]);
+#pragma unroll
+      for (int p = 0; p < kParts; ++p) {
+        b[j][p][nt][0] = pack_bf16(s[0][p], s[1][p]);
+        b[j][p][nt][1] = pack_bf16(s[2][p], s[3][p]);
+      }
+    }
+  }
+
+  for (int it = 0; tile < a.n_tiles; tile += ncl, ++it) {
+    const int buf = it & 1;
+    const int64_t t0 = tile * kWideTM;
+    if (tile + ncl < a.n_tiles) {  // (the same branch in every thread of the cluster)
+      load_tile(buf ^ 1, tile + ncl);  // buffer buf ^ 1 was released at the end of it - 1
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const __nv_bfloat16* xb = sX + buf * kWideTM * pitch;
+
+    // 2. partial rows of this warp's columns (one m16 tile at a time: registers)
+#pragma unroll 1
+    for (int mt = 0; mt < kWideTM / 16; ++mt) {
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+      float sq0 = 0.f, sq1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < kWideMaxKs; ++j) {
+        if (j < ks) {
+          uint32_t a0, a1, a2, a3;
+          ldmatrix_x4(
+              smem_addr(xb + (mt * 16 + (lane & 15)) * pitch + wcol + j * 16 + (lane >> 4) * 8),
+              a0, a1, a2, a3);
+          sumsq_frag(a0, a1, a2, a3, sq0, sq1);
+#pragma unroll
+          for (int p = 0; p < kParts; ++p)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+              mma_bf16_16816(acc[nt], a0, a1, a2, a3, b[j][p][nt][0], b[j][p][nt][1]);
+        }
+      }
+      sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
+      sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
+      sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
+      sq1 += __shfl_xor_sync(0xffffffffu, sq1, 2);
+      float* rw = red + (warp * kWideTM + mt * 16) * kPartCols;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* row = rw + (g + 8 * h) * kPartCols;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int n = nt * 8 + c2;
+          if (n < kNReal) row[n] = acc[nt][2 * h];
+          if (n + 1 < kNReal) row[n + 1] = acc[nt][2 * h + 1];
+        }
+        if ((lane & 3) == 0) row[kSumsqCol] = h == 0 ? sq0 : sq1;
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < kWideTM * kPartCols; e += kWideThreads) {  // the CTA's sums
+      const int c = e % kPartCols;
+      if (c < kNReal || c == kSumsqCol) {
+        float v = red[e];
+#pragma unroll
+        for (int w = 1; w < kWideWarps; ++w) v = __fadd_rn(v, red[w * kWideTM * kPartCols + e]);
+        ctot[e] = v;
+      }
+    }
+    cluster.sync();  // every CTA's ctot is complete (release / acquire)
+
+    // 3. finalise tokens 2 rank + h (h = half of warp 0), then pre into every CTA's spre
+    if (warp == 0) {
+      const int h = lane >> 4, l = lane & 15, i = 2 * rank + h;
+      const int64_t t = t0 + i;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int c = l + 16 * q;
+        if (c < kNReal || c == kSumsqCol) {
+          float v[kCluster];
+#pragma unroll
+          for (int r = 0; r < kCluster; ++r)
+            v[r] = cluster.map_shared_rank(ctot, static_cast<unsigned>(r))[i * kPartCols + c];
+          float s = v[0];
+#pragma unroll
+          for (int r = 1; r < kCluster; ++r) s = __fadd_rn(s, v[r]);
+          tot[h * kPartCols + c] = s;
+          if (NT == 3 && t < a.tokens) a.rows[t * kPartCols + c] = s;
+        }
+      }
+      __syncwarp();
+      if (l < kHc) {
+        const float r = mix_rstd(dim, a.f.norm_eps, tot[h * kPartCols + kSumsqCol]);
+        pre_loc[h * kHc + l] =
+            pre_value(tot[h * kPartCols + l], r, a.f.scale[0], a.f.base[l], a.f.eps);
+      }
+      __syncwarp();
+      const float4 pv = *reinterpret_cast<const float4*>(pre_loc + h * kHc);
+      *reinterpret_cast<float4*>(cluster.map_shared_rank(spre, static_cast<unsigned>(l)) +
+                                 i * kHc) = pv;  // lane l of each half -> CTA rank l
+    }
+    cluster.sync();  // spre holds every token of the tile; no CTA reads ctot any more
+
+    // 4. u for this CTA's dims of the tile
+    const int chunks = W / 8, ch = tid % chunks;
+    for (int i = tid / chunks; i < kWideTM; i += kWideThreads / chunks) {
+      const int64_t t = t0 + i;
+      if (t >= a.tokens) break;  // i only grows
+      const float4 p = *reinterpret_cast<const float4*>(spre + i * kHc);
+      const __nv_bfloat16* xr = xb + i * pitch + ch * 8;
+      *reinterpret_cast<uint4*>(a.u + t * a.u_stride + slice0 + ch * 8) =
+          collapse8(p.x, p.y, p.z, p.w, *reinterpret_cast<const uint4*>(xr),
+                    *reinterpret_cast<const uint4*>(xr + W),
+                    *reinterpret_cast<const uint4*>(xr + 2 * W),
+                    *reinterpret_cast<const uint4*>(xr + 3 * W));
+    }
+    __syncthreads();  // x buffer buf is free for the load issued by iteration it + 1
+  }
+
+  // 5. post and comb of the tokens this CTA finalised: k = 2 · (its n-th tile) + half.
+  if constexpr (NT == 3) {
+    if (tid < kPartCols) zero_row[tid] = 0.f;
+    __syncthreads();  // warp 0's rows (global) and zero_row are visible to the whole CTA
+    const int64_t my_tiles = cid < a.n_tiles ? (a.n_tiles - cid + ncl - 1) / ncl : 0;
+    const int h = lane >> 4, l = lane & 15;
+    for (int64_t k0 = 2 * warp; k0 < 2 * my_tiles; k0 += 2 * kWideWarps) {  // warp-uniform
+      const int64_t k = k0 + h;
+      const int64_t t = (cid + (k >> 1) * ncl) * kWideTM + 2 * rank + (k & 1);
+      const bool have = k < 2 * my_tiles && t < a.tokens;
+      token_coefficients<3>(a.f, have ? a.rows + t * kPartCols : zero_row,
+                            scratch + (2 * warp + h) * kHc, t, l, have);
+    }
+  }
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The one-pass path is opt-in until it has run on hardware: DSV4_MHC_ONE_PASS=1 (read at each
+// call, so a CUDA graph keeps the path it was captured with).
+bool one_pass_enabled() {
+  const char* v = std::getenv("DSV4_MHC_ONE_PASS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// Clusters of the wide kernel that can be resident at once on `device` (the current device):
+// 0 when a 16-CTA cluster of it cannot run there (then the chunked two-phase path runs).
+// Queried once per device and kernel; the attributes it sets are those every launch needs.
+template <int NT>
+int wide_clusters(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet; else clusters + 1
+  if (device < 0 || device >= kMaxDevices) return 0;
+  const int known = cache[device].load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  const size_t smem = wide_smem_bytes(64 * kWideMaxKs);
+  int n = 0;
+  cudaError_t err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
+                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (err == cudaSuccess) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(kCluster);
+    cfg.blockDim = dim3(kWideThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaOccupancyMaxActiveClusters(&n, mhc_wide_kernel<NT>, &cfg);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // this query's own error: the caller falls back, nothing failed
+    n = 0;
+  }
+  if (n < 0) n = 0;
+  cache[device].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
+template <int NT>
+cudaError_t run_wide(const __nv_bfloat16* x, int64_t x_token_stride, const float* fn,
+                     const FinishArgs& f, __nv_bfloat16* u, int64_t u_stride, int64_t tokens,
+                     float* rows, int max_clusters, cudaStream_t stream) {
+  WideArgs a;
+  a.x = x;
+  a.x_stride = x_token_stride;
+  a.fn = fn;
+  a.K = kHc * f.dim;
+  a.tokens = tokens;
+  a.n_tiles = (tokens + kWideTM - 1) / kWideTM;
+  a.W = static_cast<int>(f.dim / kCluster);
+  a.ks = a.W / 64;
+  a.u = u;
+  a.u_stride = u_stride;
+  a.rows = rows;
+  a.f = f;
+  const int64_t clusters = a.n_tiles < max_clusters ? a.n_tiles : max_clusters;
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kCluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * kCluster));
+  cfg.blockDim = dim3(kWideThreads);
+  cfg.dynamicSmemBytes = wide_smem_bytes(a.W);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, mhc_wide_kernel<NT>, a);
+}
 
 // Shared driver of mhc_pre (NT = 3) and mhc_head (NT = 1).
 template <int NT>
@@ -416,13 +798,31 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
       workspace == nullptr || (NT == 3 && (post == nullptr || comb == nullptr)))
     return cudaErrorInvalidValue;
   if (x_token_stride < kHc * dim || x_token_stride % 8 != 0 || u_stride < dim ||
-      u_stride % 8 != 0 || !aligned16(x) || !aligned16(u) || !aligned16(fn))
+      u_stride % 8 != 0 || !aligned16(x) || !aligned16(u) || !aligned16(fn) ||
+      !aligned16(workspace))
     return cudaErrorInvalidValue;
   if (tokens > INT_MAX) return cudaErrorInvalidValue;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (workspace_bytes < mhc_pre_workspace_bytes(tokens, dim, device)) return cudaErrorInvalidValue;
+  if (tokens > kMhcMaxFusedTokens && wide_dim_ok(dim) && one_pass_enabled()) {
+    const int clusters = wide_clusters<NT>(device);
+    if (clusters > 0) {
+      FinishArgs fa = {};
+      fa.dim = dim;
+      fa.scale = scale;
+      fa.base = base;
+      fa.norm_eps = norm_eps;
+      fa.eps = eps;
+      fa.iters = iters;
+      fa.post = post;
+      fa.comb = comb;
+      return run_wide<NT>(static_cast<const __nv_bfloat16*>(x), x_token_stride, fn, fa,
+                          static_cast<__nv_bfloat16*>(u), u_stride, tokens,
+                          static_cast<float*>(workspace), clusters, stream);
+    }
+  }
   const MhcPlan p = make_plan(tokens, dim, sm_count(device));
   float* part = static_cast<float*>(workspace);
   int* counter = reinterpret_cast<int*>(
@@ -552,7 +952,19 @@ __global__ void __launch_bounds__(kThreads)
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
   if (tokens <= 0 || dim <= 0) return 0;
   const MhcPlan p = make_plan(tokens, dim, sm_count(device));
-  return static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float) + 16;
+  const size_t chunked = static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float) + 16;
+  // the wide path's summed rows [tokens, 32] (whichever path run_mix takes, the size fits)
+  const size_t wide = tokens > kMhcMaxFusedTokens
+                          ? static_cast<size_t>(tokens) * kPartCols * sizeof(float)
+                          : 0;
+  return chunked > wide ? chunked : wide;
+}
+
+int mhc_prefill_clusters(int64_t dim, bool head) {
+  if (!wide_dim_ok(dim)) return 0;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  return head ? wide_clusters<1>(device) : wide_clusters<3>(device);
 }
 
 cudaError_t mhc_pre(const void* x, int64_t x_token_stride, const float* fn, const float* scale,

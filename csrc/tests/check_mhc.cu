@@ -3,13 +3,16 @@
 // must match bit for bit; hc_pre / head compute the projection in double on the CPU, so
 // post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (one launch,
 // tokens <= 8), the two-kernel path and chunked prefill (> 512 tokens), dims that are no
-// multiple of the 64-wide k tile. Prints PASS / FAIL (exit 1) or "SKIP: no CUDA device".
+// multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
+// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 8). Prints
+// PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -184,6 +187,46 @@ bool check_pre(int T, int d, bool head, std::mt19937& rng) {
   return ok;
 }
 
+// A workspace that is large enough but not 16-byte aligned is refused (cudaErrorInvalidValue)
+// by mhc_pre and mhc_head on every path (decode, chunked, one-pass), and nothing is written.
+bool check_misaligned_workspace() {
+  bool ok = true;
+  const int cases[][2] = {{4, 4096}, {100, 128}, {100, 4096}};  // decode, chunked, one-pass
+  for (auto& c : cases) {
+    const int T = c[0], d = c[1], K = 4 * d;
+    uint16_t* dx = to_device(std::vector<uint16_t>(static_cast<size_t>(T) * K, 0x3F80));  // 1.0
+    float* dfn = to_device(std::vector<float>(static_cast<size_t>(24) * K, 0.01f));
+    float* ds = to_device(std::vector<float>(3, 1.f));
+    float* db = to_device(std::vector<float>(24, 0.f));
+    uint16_t* du = to_device(std::vector<uint16_t>(static_cast<size_t>(T) * d, 0xFFFF));
+    float* dp = to_device(std::vector<float>(T * 4, NAN));
+    float* dc = to_device(std::vector<float>(T * 16, NAN));
+    int dev = 0;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+    char* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, ws_bytes + 16));
+    const cudaError_t e_pre = dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du, d, dp, dc,
+                                            T, d, ws + 4, ws_bytes, nullptr);
+    const cudaError_t e_head = dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du, d, T, d,
+                                              ws + 8, ws_bytes, nullptr);
+    const cudaError_t e_ok = dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du, d, dp, dc,
+                                           T, d, ws + 16, ws_bytes, nullptr);  // aligned: runs
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const bool this_ok = e_pre == cudaErrorInvalidValue && e_head == cudaErrorInvalidValue &&
+                         e_ok == cudaSuccess;
+    std::printf("%s misaligned workspace refused T=%-5d d=%-5d (pre %d, head %d, aligned %d)\n",
+                this_ok ? "ok  " : "FAIL", T, d, static_cast<int>(e_pre),
+                static_cast<int>(e_head), static_cast<int>(e_ok));
+    ok &= this_ok;
+    for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                    static_cast<void*>(db), static_cast<void*>(du), static_cast<void*>(dp),
+                    static_cast<void*>(dc), static_cast<void*>(ws)})
+      CHECK_CUDA(cudaFree(p));
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -196,9 +239,23 @@ int main() {
   bool ok = true;
   const int post_cases[][2] = {{1, 4096}, {5, 4096}, {300, 136}, {3, 13}};
   for (auto& c : post_cases) ok &= check_post(c[0], c[1], rng);
-  const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256}};
-  for (auto& c : pre_cases)
-    for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+  std::printf("one-pass prefill kernel (DSV4_MHC_ONE_PASS=1), clusters of 16 CTAs it runs with "
+              "(0 = the chunked path runs): pre dim 4096: %d, head dim 4096: %d, dim 1024: %d, "
+              "dim 128: %d\n",
+              dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true),
+              dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
+  // T <= 8: the fused decode launch; T > 8: the chunked two-phase path, or with
+  // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
+  // last tiles (T % 32 != 0) and several tiles per cluster (T = 1000, 4100).
+  const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256},
+                              {9, 4096}, {77, 1024}, {100, 2048}, {1000, 4096}, {4100, 1024}};
+  for (const char* one_pass : {"0", "1"}) {
+    setenv("DSV4_MHC_ONE_PASS", one_pass, 1);
+    std::printf("DSV4_MHC_ONE_PASS=%s\n", one_pass);
+    for (auto& c : pre_cases)
+      for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+    ok &= check_misaligned_workspace();
+  }
   ok &= dsv4::mhc_pre(nullptr, 0, nullptr, nullptr, nullptr, 1e-6f, 20, 1e-6f, nullptr, 0, nullptr,
                       nullptr, 4, 12, nullptr, 0, nullptr) == cudaErrorInvalidValue;  // dim % 8
   std::printf("%s\n", ok ? "PASS" : "FAIL");

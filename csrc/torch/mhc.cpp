@@ -85,9 +85,14 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
-at::Tensor mix_workspace(const at::Tensor& x, int64_t T, int64_t d) {
+at::Tensor mix_workspace(const at::Tensor& x, int64_t T, int64_t d, const char* op) {
   const size_t bytes = mhc_pre_workspace_bytes(T, d, x.device().index());
-  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  // the caching allocator's blocks are 512-byte aligned; the C API rejects anything less
+  // than 16 (float4 accesses)
+  TORCH_CHECK(aligned16(ws.data_ptr()), op, "the workspace must be 16-byte aligned, got address ",
+              ws.data_ptr());
+  return ws;
 }
 
 // out rows [T, dim] with a unit column stride, row stride % 8 == 0, 16-byte aligned.
@@ -109,7 +114,7 @@ void run_pre(const at::Tensor& x_in, const at::Tensor& fn_in, const at::Tensor& 
   if (T == 0) return;
   const at::Tensor fn = contiguous_aligned(fn_in);
   const at::Tensor s = scale.contiguous(), b = base.contiguous();
-  at::Tensor ws = mix_workspace(x, T, d);
+  at::Tensor ws = mix_workspace(x, T, d, kPre);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   C10_CUDA_CHECK(mhc_pre(x.data_ptr(), x.stride(0), fn.data_ptr<float>(), s.data_ptr<float>(),
                          b.data_ptr<float>(), static_cast<float>(norm_eps),
@@ -169,7 +174,7 @@ void run_head(const at::Tensor& x_in, const at::Tensor& fn_in, const at::Tensor&
   if (T == 0) return;
   const at::Tensor fn = contiguous_aligned(fn_in);
   const at::Tensor s = scale.contiguous(), b = base.contiguous();
-  at::Tensor ws = mix_workspace(x, T, d);
+  at::Tensor ws = mix_workspace(x, T, d, kHead);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   C10_CUDA_CHECK(mhc_head(x.data_ptr(), x.stride(0), fn.data_ptr<float>(), s.data_ptr<float>(),
                           b.data_ptr<float>(), static_cast<float>(norm_eps),

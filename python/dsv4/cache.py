@@ -128,7 +128,7 @@ class CompressorState:
         blocks = torch.tensor(block_table[:need], dtype=torch.long, device=dev)
         return self.entries[blocks].flatten(0, 1)[:n]
 
-    def reset_rows(self, rows: list[int]) -> None:
+    def reset_rows(self, rows: list[int] | slice) -> None:
         """Clear the partial-block state of ``rows`` (and their dense entries)."""
         self.kv[rows] = 0.0
         self.score[rows] = float("-inf")
@@ -223,7 +223,7 @@ class LayerCache:
             return kv_cache.MODEL1_HEAD_DIM
         return self.window.shape[-1]
 
-    def reset_rows(self, rows: list[int]) -> None:
+    def reset_rows(self, rows: list[int] | slice) -> None:
         self.window[rows] = 0       # (zero bytes of an FP8 ring decode to zero keys)
         for st in (self.compressor, self.indexer):
             if st is not None:

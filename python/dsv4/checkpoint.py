@@ -29,7 +29,7 @@ from .config import ConfigError, ModelConfig
 from .quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
 __all__ = ["CheckpointError", "checkpoint_files", "tensor_specs", "linear_formats",
-           "official_name", "load_checkpoint", "save_checkpoint"]
+           "act_quant_of", "official_name", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -37,6 +37,13 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- release layout
+def act_quant_of(linear_name: str) -> bool:
+    """Whether the release quantises the input activations of the FP8/FP4-stored linear
+    ``linear_name`` (a module path such as ``layers.0.attn.wq_a``) under ``quant_sim``: every
+    one except the attention output projection's ``wo_a`` (architecture.md §12.3)."""
+    return not linear_name.endswith(".wo_a")
+
+
 def linear_formats(config: ModelConfig, fmt: str = "fp8") -> dict[str, str]:
     """Storage format of every linear weight of the release layout, by module name.
 
@@ -579,7 +586,7 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
             if p.kind != "plain":
                 lin = linears[mod]
                 lin.stored_format = p.kind
-                lin.act_quant = not mod.endswith(".wo_a")
+                lin.act_quant = act_quant_of(mod)
                 lin.config = model.config
                 if config.quant_sim and lin.act_quant and lin.in_features % FP8_BLOCK:
                     act_quant_bad.append(f"{mod} (in_features {lin.in_features})")

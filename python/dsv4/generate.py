@@ -71,6 +71,8 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    *,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Draw one token id per row from next-token logits.
 
@@ -89,6 +91,11 @@ def sample(
         top_k: ≥ 0; 0 disables top-k filtering.
         generator: ``torch.Generator`` on ``logits.device`` for the Exp(1) noise
             (``None`` → the global RNG).
+        check_finite: validate the rows first (the ValueError below; one host
+            synchronisation). ``False`` skips it, for a caller that checks finiteness on the
+            device itself (``dsv4.runtime``'s sampler flags such rows and fails their
+            requests): the draw then makes no host synchronisation, and a row with NaN / +inf
+            or without a finite logit gets an arbitrary id.
 
     Returns:
         ``[batch]`` int64 token ids on ``logits.device``.
@@ -106,7 +113,8 @@ def sample(
             f"logits must be a floating-point [batch, vocab] tensor, got {tuple(logits.shape)} "
             f"{logits.dtype}"
         )
-    _check_finite(logits)
+    if check_finite:
+        _check_finite(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
 

@@ -47,6 +47,17 @@ def _fp32_param(*shape: int, std: float = 0.0) -> nn.Parameter:
     return p
 
 
+def cast_compute_weights(module: nn.Module, dtype: torch.dtype, keep_fp32,
+                         prefix: str = "") -> None:
+    """Store every floating-point parameter of ``module`` in ``dtype``, except those named in
+    ``keep_fp32`` (full names: ``prefix`` + the name in ``module``), which stay float32 as the
+    official code keeps them (``Model._fp32_names``). In place, on the parameters' data."""
+    for name, p in module.named_parameters():
+        want = torch.float32 if prefix + name in keep_fp32 else dtype
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+
+
 class Block(nn.Module):
     """One transformer block: two mHC sites (attention, MoE) with official parameter names."""
 
@@ -149,10 +160,13 @@ class Model(nn.Module):
         if dtype is not None:
             if dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
-            for name, p in self.named_parameters():
-                want = torch.float32 if name in self._fp32_names else dtype
-                if p.is_floating_point() and p.dtype != want:
-                    p.data = p.data.to(want)
+            cast_compute_weights(self, dtype, self._fp32_names)
+            # The experts' new tensors no longer view their MoE's stacked storage: rebuild
+            # it now, so that the stack in the old dtype (a V4-Flash layer's 256 experts:
+            # 26 GB in fp32) is freed here rather than at the first forward.
+            for mod in self.modules():
+                if isinstance(mod, MoE):
+                    mod.stacked_weights()
         return self
 
     def bfloat16(self) -> "Model":

@@ -335,6 +335,56 @@ def test_cuda_widths_not_multiples_of_the_tile(monkeypatch, pipe, fmt, K, N):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt,K,N", [("fp8", 208, 144), ("fp4", 160, 96)])
+@pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "serial"),
+                                       ("large", "overlap"), ("huge", "overlap")])
+def test_cuda_nan_and_tiny_weight_scales(monkeypatch, fmt, K, N, tile, pipe):
+    """e8m0 weight scales 255 (NaN) and 2-3 (2^-125, 2^-124: outside the range where the kernel
+    converts with one bf16x2 multiply) in a few blocks, K not a multiple of 64 (zero-filled
+    chunks in the NaN block): NaN exactly where the fp32 truth has it, the rest by the 2x bf16
+    rule. moe_down runs on a finite random h, so its own blocks are what it tests."""
+    _set_tile(monkeypatch, tile, pipe)
+    c = moe_case(T=37, K=K, N=N, E=4, topk=2, fmt=fmt, seed=K + N)
+    su, sd = c.w_up_scale.view(torch.uint8), c.w_down_scale.view(torch.uint8)
+    su[0, 0, -1, -1] = 255  # expert 0, gate, last row block (FP4: row) and last k block
+    su[1, 1, 0, 0] = 2
+    sd[3, -1, 0] = 255
+    sd[0, 0, -1] = 3
+    assert bool((c.expert_offsets[1:] > c.expert_offsets[:-1]).all()), "an expert got no pairs"
+    cc = c.to("cuda")
+    P, n_used = c.row_ids.shape[0], int(c.expert_offsets[-1])
+    h = torch.full((P, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_up(cc.x, cc.row_ids, cc.expert_offsets, cc.w_up, cc.w_up_scale, cc.route_weight, LIMIT,
+           False, out=h)
+    ref = moe_up_reference(c.x, c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale,
+                           c.route_weight, LIMIT, False)
+    truth = _truth_up(c, LIMIT, False)[:n_used]
+    assert bool(torch.isnan(truth).any()) and not bool(torch.isnan(truth).all())
+    _assert_2x_bf16_rule(h.cpu()[:n_used], ref[:n_used], truth, "moe_up")
+    y = torch.full((P, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_down(cc.h, cc.expert_offsets, cc.w_down, cc.w_down_scale, False, out=y)
+    yref = moe_down_reference(c.h, c.expert_offsets, c.w_down, c.w_down_scale, False)
+    ytruth = _truth_down(c, c.h, False)[:n_used]
+    assert bool(torch.isnan(ytruth).any()) and not bool(torch.isnan(ytruth).all())
+    _assert_2x_bf16_rule(y.cpu()[:n_used], yref[:n_used], ytruth, "moe_down")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "overlap")])
+def test_cuda_float32_scales_not_powers_of_two(monkeypatch, fmt, tile, pipe):
+    """float32 weight scales (the "-Base" checkpoints' kind) that are not powers of two: the
+    kernel may not take its bf16x2-multiply shortcut (exact only for a power-of-two scale)."""
+    _set_tile(monkeypatch, tile, pipe)
+    c = moe_case(T=37, K=256, N=144 if fmt == "fp8" else 96, E=4, topk=2, fmt=fmt, seed=21)
+    g = torch.Generator().manual_seed(22)
+    for name in ("w_up_scale", "w_down_scale"):
+        s = e8m0_to_float(getattr(c, name))
+        setattr(c, name, s * (1.0 + torch.rand(s.shape, generator=g)))  # in [1, 2) x 2^e
+    _check_case_cuda(c)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("skew", ["one", "half"])
 @pytest.mark.parametrize("tile,pipe", [("auto", "serial"), ("decode", "serial"),

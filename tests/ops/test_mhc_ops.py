@@ -6,6 +6,11 @@ torch.library.opcheck."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,7 +126,11 @@ def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor,
 @cuda
 @pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (4, 4096), (5, 136), (7, 40), (8, 4096),
                                  (9, 4096), (64, 136), (65, 128), (513, 256), (1000, 4096),
-                                 (4096, 512), (2, 7168)])   # T <= 8: every fused token count
+                                 (4096, 512), (2, 7168),
+                                 # the one-pass cluster kernel (T > 8, dim 1024 / 2048 / 4096):
+                                 # one partial tile, tiles of 32 with a partial last one, more
+                                 # tiles than clusters
+                                 (33, 1024), (100, 2048), (2050, 2048), (4100, 1024)])
 def test_mhc_pre_kernel_matches_reference(T, d):
     x, fn, scale, base, _ = _inputs(T, d, T + d)
     u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
@@ -140,12 +149,13 @@ def test_mhc_pre_kernel_matches_reference(T, d):
 
 @cuda
 @pytest.mark.parametrize("iters", [19, 20])
-@pytest.mark.parametrize("T", [1, 40])   # decode (one launch) and the two-kernel path
-def test_mhc_pre_kernel_sinkhorn_vectors(iters, T):
+# decode (one launch), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
+@pytest.mark.parametrize("T,d", [(1, 64), (40, 64), (40, 1024)])
+def test_mhc_pre_kernel_sinkhorn_vectors(iters, T, d):
     """fn rows 0..23 = 0, base = the logits: the kernel's comb is Sinkhorn(base) exactly; the
     §7.1 vector and the slow matrix (19 vs 20 iterations differ by 3e-3) in fp64."""
-    d = 64
-    x = torch.randn(T, 4, d).to(torch.bfloat16).cuda()
+    x = torch.randn(T, 4, d, generator=torch.Generator().manual_seed(T + d))
+    x = x.to(torch.bfloat16).cuda()
     fn = torch.zeros(24, 4 * d, device="cuda")
     scale = torch.tensor([1.0, 1.0, 3.0], device="cuda")
     for L, tol in ((L_71, 3e-7), (_slow_matrix(), 1e-6)):
@@ -211,7 +221,7 @@ def test_mhc_post_kernel_one_token_views_with_a_short_stride():
 
 @cuda
 @pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (3, 136), (5, 4096), (8, 40), (9, 4096),
-                                 (600, 256)])
+                                 (600, 256), (77, 1024), (1000, 4096)])
 def test_mhc_head_kernel_matches_reference(T, d):
     x, _, _, _, (fn, scale, base) = _inputs(T, d, 7 * T + d)
     ref32 = hc_head_reference(x.float(), fn, scale, base, 1e-6, 1e-6)
@@ -219,6 +229,42 @@ def test_mhc_head_kernel_matches_reference(T, d):
     y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
     ops.mhc_head_out(x.cuda(), fn.cuda(), scale.cuda(), base.cuda(), 1e-6, 1e-6, y=y)
     _assert_2x_bf16(y, ref32, ref16, "head")
+
+
+@cuda
+@pytest.mark.parametrize("T,d", [(5, 4096), (100, 1024), (300, 256)])  # decode, one-pass, chunked
+def test_mhc_pre_and_head_replay_from_a_cuda_graph(T, d):
+    """Captured once, replayed on new inputs copied into the captured buffers: the same values
+    as eager calls on those inputs (no host sync or allocation-dependent state in the launch)."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 11 * T + d)
+    x2 = _inputs(T, d, 11 * T + d + 1)[0]
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    xc = dev[0]
+    u = torch.empty(T, d, dtype=torch.bfloat16, device="cuda")
+    post = torch.empty(T, 4, device="cuda")
+    comb = torch.empty(T, 4, 4, device="cuda")
+    y = torch.empty(T, d, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        ops.mhc_pre_out(xc, dev[1], dev[2], dev[3], 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
+        ops.mhc_head_out(xc, dev[4], dev[5], dev[6], 1e-6, 1e-6, y=y)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()                                         # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    xc.copy_(x2.cuda())
+    for t in (u, post, comb, y):
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ops.mhc_pre(x2.cuda(), *dev[1:4], 1e-6, 20, 1e-6)
+    assert torch.equal(u, want[0]) and torch.equal(post, want[1]) and torch.equal(comb, want[2])
+    assert torch.equal(y, ops.mhc_head(x2.cuda(), *dev[4:7], 1e-6, 1e-6))
 
 
 @cuda
@@ -246,6 +292,56 @@ def test_mhc_kernels_reject_unsupported_shapes():
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.mhc_head(x, torch.randn(4, 48, device="cuda"), torch.ones(1, device="cuda"),
                      torch.zeros(4, device="cuda"), 1e-6, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-pass prefill kernel (opt-in: DSV4_MHC_ONE_PASS=1)
+# ---------------------------------------------------------------------------------------------
+ONE_PASS = os.environ.get("DSV4_MHC_ONE_PASS") == "1"
+
+
+@cuda
+@pytest.mark.skipif(ONE_PASS, reason="this is the child run")
+def test_cuda_tests_again_with_the_one_pass_prefill_kernel():
+    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=1, which sends T > 8 at dim
+    1024 / 2048 / 4096 (the parametrised sizes above) through the one-pass cluster kernel. In a
+    child process, with a time limit: a fault or a hang of the new kernel fails this test only,
+    not the CUDA context of the rest of the suite."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DSV4_MHC_ONE_PASS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs",
+                        "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    print(r.stdout[-3000:])                           # the child's summary, in -rP / -s output
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+@cuda
+@pytest.mark.skipif(not ONE_PASS, reason="runs in the DSV4_MHC_ONE_PASS=1 child run")
+def test_one_pass_kernel_is_the_one_that_runs():
+    """With DSV4_MHC_ONE_PASS=1, mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the
+    one-pass kernel (the child run above would otherwise test the chunked path twice); dim 512
+    keeps the chunked path's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(T, d):
+        x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
+        dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6)
+            ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages() if "mhc" in e.key and "kernel" in e.key]
+
+    names = kernels(100, 1024)
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    names = kernels(100, 4096)
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    assert not any("mhc_wide_kernel" in n for n in kernels(100, 512))
 
 
 # ---------------------------------------------------------------------------------------------

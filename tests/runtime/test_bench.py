@@ -179,7 +179,7 @@ def test_decode_row_is_the_median_step(monkeypatch):
     torch.manual_seed(0)
     m = bench.build_model(bench.build_config("tiny", 2, 0), "bf16", "cpu")
     args = argparse.Namespace(chunk=64, head="bf16", no_graphs=True, seed=0, steps=3, repeats=1)
-    monkeypatch.setattr(bench, "_step_times", lambda step, n: [0.002, 0.020, 0.001][:n])
+    monkeypatch.setattr(bench, "_loop_step_times", lambda step, n: [0.002, 0.020, 0.001][:n])
     r = bench.bench_decode(m, args, 2, 40)
     assert (r["ms_step"], r["ms_step_max"]) == (2.0, 20.0)
     assert r["ms_step_mean"] == pytest.approx(23.0 / 3) and r["tok_s"] == pytest.approx(1000.0)

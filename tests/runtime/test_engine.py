@@ -171,13 +171,20 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("layer", range(4))
-def test_exception_in_a_layer_fails_only_that_steps_requests(model, layer, monkeypatch):
-    e = _engine(model, max_batch=2)
+def test_exception_in_a_layer_fails_only_that_steps_requests(model, layer, overlap, monkeypatch):
+    """A layer raises in the step after a prefill: that step's requests fail (slots and blocks
+    freed); a waiting request then runs to the synchronous loop's tokens. With the overlapped
+    loop the prefill is still in flight when the failing step is launched: its outputs
+    (discarded: their requests failed) do not come back."""
+    e = _engine(model, max_batch=2, overlap=overlap)
     p = _prompts(8, [11, 13, 9])
     params = SamplingParams(max_new_tokens=3, eos_token_id=-1)
     a, b = e.add_request(p[0], params), e.add_request(p[1], params)
-    e.step()
+    first = e.step()
+    if overlap:
+        assert first == []                          # the prefill of a and b, in flight
     c = e.add_request(p[2], params)                 # waiting: no slot
     blk = model.layers[layer]
 

@@ -116,36 +116,52 @@ def _to_decode(engine, prompts):
         engine.step()
 
 
-def test_runtime_decode_step_is_sync_free_and_captured(monkeypatch):
+def _sync_free_decode_steps(engine, n=4):
+    """``n`` whole engine steps of decode (schedule, pack, model, sampling, the token copy and,
+    synchronous loop, the wait for it: an event wait, which is not a sync the debug mode
+    flags) under set_sync_debug_mode("error"); returns their outputs."""
+    eager = engine.runner.stats["eager_steps"]
+    outs = []
+    for _ in range(n):
+        with _no_host_sync():
+            outs += engine.step()
+    assert engine.runner.stats["eager_steps"] == eager      # every one a graph replay
+    return outs
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_runtime_decode_step_is_sync_free_and_captured(monkeypatch, overlap):
     """Everything of a decode step except the routed experts: no host sync (set_sync_debug_mode
-    "error" around the device work of engine steps), and decode runs from CUDA graphs."""
+    "error" around whole engine steps, the overlapped loop's and the synchronous loop's), and
+    decode runs from CUDA graphs."""
     _, m16 = _models()
     for blk in m16.layers:
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
-    engine = _graph_engine(m16)
+    engine = _graph_engine(m16, overlap=overlap)
     _to_decode(engine, _prompts([33, 70, 5]))
     engine.step()                       # the first decode step captures the bucket-4 graph
-    for _ in range(4):
-        rows = engine.scheduler.schedule()
-        assert all(r.n == 1 for r in rows)
-        with _no_host_sync():
-            engine._launch(rows, False)
-        for r in rows:      # keep the bookkeeping consistent (feed the same token again)
-            r.request.num_computed += 1
-            r.request.output_ids.append(r.request.token_ids[-1])
+    engine.step()
+    outs = _sync_free_decode_steps(engine)
+    assert len(outs) == 4 * 3 and all(len(o.new_token_ids) == 1 for o in outs)
     assert engine.runner.graph_off_reason is None
     assert engine.runner.stats["graph_steps"] >= 4 and 4 in engine.runner.graphs
 
 
-def test_full_model_decode_step_is_sync_free():
-    """The whole decode step, routed experts included (needs the sync-free MoE of issue 10)."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_full_model_decode_step_is_sync_free(overlap):
+    """The whole decode step, routed experts included (needs the sync-free MoE of issue 10),
+    greedy and seeded (the official sampler) rows."""
     _, m16 = _models()
-    engine = _graph_engine(m16)
-    _to_decode(engine, _prompts([33, 70, 5]))
+    engine = _graph_engine(m16, overlap=overlap)
+    for i, p in enumerate(_prompts([33, 70, 5])):
+        engine.add_request(p, SamplingParams(max_new_tokens=40, eos_token_id=-1,
+                                             temperature=0.0 if i else 0.7, top_p=0.9,
+                                             top_k=20, seed=i))
+    while any(not r.output_ids for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
     engine.step()                       # the first decode step tries to capture its graph
-    rows = engine.scheduler.schedule()
-    with _no_host_sync():
-        engine._launch(rows, False)
+    engine.step()
+    _sync_free_decode_steps(engine, 3)
     assert engine.runner.graph_off_reason is None, engine.runner.graph_off_reason
 
 
@@ -158,8 +174,8 @@ def test_graph_replay_equals_eager(monkeypatch):
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
     prompts = _prompts([33, 70, 5], seed=4)
     logits = []
-    for graphs in (True, False):
-        engine = _graph_engine(m16, cuda_graphs=graphs)
+    for graphs in (True, False):      # the synchronous loop: no step in flight before it
+        engine = _graph_engine(m16, cuda_graphs=graphs, overlap=False)
         _to_decode(engine, prompts)
         logits.append(torch.cat([o.logits for o in engine.step(logits="sampled")]))
         assert (engine.runner.stats["graph_steps"] > 0) == graphs, engine.runner.graph_off_reason
@@ -246,15 +262,10 @@ def test_fp8_kv_decode_step_is_sync_free_and_captured(monkeypatch):
     for blk in m16.layers:
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
     engine = _graph_engine(m16, kv_cache="fp8")
+    assert engine.overlap                   # the default on CUDA
     _to_decode(engine, _prompts([33, 70, 5]))
     engine.step()
-    for _ in range(4):
-        rows = engine.scheduler.schedule()
-        assert all(r.n == 1 for r in rows)
-        with _no_host_sync():
-            engine._launch(rows, False)
-        for r in rows:
-            r.request.num_computed += 1
-            r.request.output_ids.append(r.request.token_ids[-1])
+    engine.step()
+    _sync_free_decode_steps(engine)
     assert engine.runner.graph_off_reason is None
     assert engine.runner.stats["graph_steps"] >= 4 and 4 in engine.runner.graphs

@@ -13,6 +13,12 @@
 // three bf16 terms (hi + mid + lo carry fn's 24 mantissa bits), so its products are those of
 // an fp32 GEMM; the epilogue uses explicitly rounded multiplies and adds in the reference's
 // order of operations. No host synchronisation; the workspace depends only on the shapes.
+// Prefill (tokens > 8) runs the projection, then re-reads x from L2 for the collapse, per chunk
+// of 512 tokens. With the environment variable DSV4_MHC_ONE_PASS=1 (opt-in until verified on
+// hardware; read at each call), prefill at dim 1024, 2048 or 4096 runs ONE launch that reads x
+// once: a cluster of 16 CTAs keeps a tile's x slices in shared memory and reduces the
+// projection through distributed shared memory (sm_90 clusters); a device where such a
+// cluster cannot run keeps the chunked path.
 #pragma once
 
 #include <cstddef>
@@ -27,14 +33,23 @@ constexpr int64_t kMhcMaxFusedTokens = 8;  // up to this many tokens: one launch
 // Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
 
+// Clusters of 16 CTAs the one-pass prefill kernel of mhc_pre (head = false) or mhc_head
+// (head = true) runs with for this dim on the current device when DSV4_MHC_ONE_PASS=1: 0 when
+// it cannot run (dim not 1024 / 2048 / 4096, or no such cluster fits the device).
+// Diagnostics and tests.
+int mhc_prefill_clusters(int64_t dim, bool head);
+
 // x:      [tokens, 4, dim] bf16; token t at x + t * x_token_stride, its 4 streams contiguous
 //         (stream stride dim); x_token_stride a multiple of 8 elements, x 16-byte aligned
 // fn:     [24, 4·dim] fp32 contiguous, 16-byte aligned; scale [3] fp32; base [24] fp32
 // u:      [tokens, dim] bf16 output, row stride u_stride (multiple of 8; 16-byte aligned)
 // post:   [tokens, 4] fp32 output (contiguous); comb: [tokens, 4, 4] fp32 output (contiguous,
 //         comb[t, j, k] row-major)
+// workspace: at least mhc_pre_workspace_bytes(tokens, dim, device) bytes, 16-byte aligned (the
+//         kernels read and write it as float4)
 // Requires dim % 8 == 0, iters >= 1. Returns cudaSuccess, cudaErrorInvalidValue (bad sizes,
-// null pointers, alignment, workspace too small) or the launch error. tokens == 0: no-op.
+// null pointers, alignment of x / u / fn / workspace, workspace too small) or the launch
+// error. tokens == 0: no-op.
 cudaError_t mhc_pre(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
                     const float* base, float norm_eps, int iters, float eps, void* u,
                     int64_t u_stride, float* post, float* comb, int64_t tokens, int64_t dim,

@@ -64,16 +64,18 @@ _warned: set[str] = set()
 # VERIFIED_SOURCE_DIGEST is updated (an op whose kernel changed leaves this table meanwhile);
 # an extension built from other sources has no verified kernel (built_source_mismatch).
 # bench/README.md and the issue notes keep the history.
-_RUN_20261205 = ("2026-12-05, csrc of the mHC-finish merge (072ad5e): on an H100 80GB the whole "
-                 "CUDA suite passed (752 passed, 8 skipped: 7 need two GPUs, 1 is covered by "
-                 "smaller cases), ctest 9/9; compute-sanitizer memcheck last ran at fb59436 "
-                 "(grouped-GEMM, MoE-routing and mHC checks, clean)")
+_RUN_20261205 = ("2026-12-05 (afternoon), csrc 91155a42 (the FP8 / FP4 weight fills, the opt-in "
+                 "one-pass mHC prefill): on an H100 80GB the whole CUDA suite passed (791 passed, "
+                 "9 skipped: 7 need two GPUs, 1 runs in the suite's one-pass child process, 1 is "
+                 "covered by smaller cases), the grouped-GEMM, mHC and sparse_attn_prefill C++ "
+                 "checks passed (the other six last ran at a88eeb31, sources unchanged since); "
+                 "compute-sanitizer memcheck last ran at fb59436")
 HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205 for op in (
     "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
     "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
     "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest) of that run
-VERIFIED_SOURCE_DIGEST = "a88eeb3191357bd45752d52c2748dfffe04deb9d9bf7754712b6666157d566c7"
+VERIFIED_SOURCE_DIGEST = "91155a42876a8e0d2994929217e1c8c314189353ceaccf09f2b92b779fa05391"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
 _allow_unverified = os.environ.get(_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes",

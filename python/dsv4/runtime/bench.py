@@ -4,6 +4,8 @@
     dsv4 bench                                   # 2 layers at V4-Flash width, 64 experts, bf16
     dsv4 bench --batch 1,8,64,256 --context 4096,65536 --compare hf --json r.json --plot r.png
     dsv4 bench --mode 1m --layers 2              # a 1M-token prompt prefilled in chunks, decode
+    dsv4 bench --mode 1m --layers auto --experts 0 --weights fp8 --kv-cache fp8 \
+        --indexer-cache fp8                      # as many V4-Flash layers as the GPU holds
 
 Random weights (seeded): ``--weights bf16``, or ``fp8`` for the release's native storage (FP8
 linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
@@ -14,8 +16,10 @@ linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
 * decode ``B @ C``: B sequences whose first C tokens are taken as already cached (the pool
   holds random entries: attention reads real-sized scopes without a real prefill), then
   ``--steps`` engine steps (CUDA graphs where capturable) after 3 warm-up steps; ms/step is
-  the median step's wall time, sampling and the host included (the JSON adds the mean and
-  the slowest step). transformers' rows take the same medians (its prefill after one 16-token
+  the median interval between the returns of back-to-back ``step()`` calls, sampling and the
+  host included (the JSON adds the mean and the slowest step, and ``overlap``: whether the
+  engine ran its overlapped loop, the default on CUDA; ``--no-overlap`` for the synchronous
+  one). transformers' rows take the same medians (its prefill after one 16-token
   warm-up forward).
 
 Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
@@ -79,6 +83,11 @@ def _sizes(s: str) -> list[int]:
     return out
 
 
+#: kernels.md §2: the KV-reading floor of V4-Flash's attention side at 1M tokens (FP8 indexer
+#: keys), the anchor of issue 8's 1M target (1.5x of it).
+FLASH_ATTN_1M_FLOOR_S = 195e-6
+
+
 def _cases(s: str) -> list[tuple[int, int]]:
     out = []
     for part in s.split(","):
@@ -93,6 +102,24 @@ def _cases(s: str) -> list[tuple[int, int]]:
     return out
 
 
+def _layers_arg(s: str):
+    """N (>= 1), "auto", or "auto:N" (auto, at most N layers)."""
+    v = str(s).strip().lower()
+    if v == "auto":
+        return "auto"
+    if v.startswith("auto:"):
+        return f"auto:{int_at_least(1)(v[5:])}"
+    return int_at_least(1)(s)
+
+
+def max_layers(model: str) -> int:
+    """Main layers of the preset or checkpoint config (the ceiling of ``--layers auto``)."""
+    from ..config import ModelConfig
+    if model in ("flash", "pro", "tiny"):
+        return getattr(ModelConfig, model)().n_layers
+    return ModelConfig.from_json(model).n_layers
+
+
 def add_bench_command(sub: Any) -> None:
     """Register ``dsv4 bench`` on the CLI's subparsers."""
     b = sub.add_parser(
@@ -105,8 +132,11 @@ def add_bench_command(sub: Any) -> None:
 def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
                    help="config preset or a checkpoint directory's config.json (default: flash)")
-    b.add_argument("--layers", type=int_at_least(1), default=2, metavar="N",
-                   help="main layers (default 2: one CSA and one HCA layer)")
+    b.add_argument("--layers", type=_layers_arg, default=2, metavar="N|auto",
+                   help="main layers (default 2: one CSA and one HCA layer); auto (--mode 1m): "
+                   "as many as fit in the GPU's free memory with the pool at 1M, one prefill "
+                   "chunk's transient and a margin (dsv4.runtime.long_context.LayerFit); "
+                   "auto:N: the same, at most N")
     b.add_argument("--experts", type=int_at_least(0), default=64, metavar="E",
                    help="routed experts per layer (default 64, as the issue's case; 0 = the "
                    "config's)")
@@ -132,11 +162,19 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--chunk", type=int_at_least(1), default=16384,
                    help="max tokens per engine step (prefill chunks; default 16384)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    b.add_argument("--no-overlap", action="store_true",
+                   help="the synchronous engine loop (default: the overlapped loop on CUDA, "
+                   "the host preparing step n+1 while the GPU runs step n; --mode 1m is "
+                   "always synchronous)")
     b.add_argument("--compare", choices=("hf",), default=None,
                    help="also run transformers' DeepseekV4ForCausalLM on the same config")
     b.add_argument("--mode", choices=("e2e", "1m"), default="e2e",
                    help="e2e: the table above; 1m: one 1M-token prompt prefilled in chunks, "
                    "decode at 1M, KV bytes per token vs dsv4 info")
+    b.add_argument("--prefill-1m", choices=("full", "last"), default="full",
+                   help="--mode 1m: prefill the whole prompt (minutes at many layers), or "
+                   "only its last --chunk tokens over a cache taken as holding the rest "
+                   "(random pool contents): the same memory, decode and attention rows")
     b.add_argument("--quick", action="store_true",
                    help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
@@ -164,32 +202,222 @@ def build_config(model: str, layers: int, experts: int):
     return dataclasses.replace(base, **over)
 
 
-def build_model(config, weights: str, device, seed: int = 0):
-    """A random-weight model on ``device`` in bf16; ``weights="fp8"`` converts the linears of
-    the release's FP8/FP4 layout to native storage (``Linear.set_quantized``)."""
+def build_model(config, weights: str, device, seed: int = 0, fits=None):
+    """A random-weight model on ``device`` in bf16; ``weights="fp8"`` stores the linears of the
+    release's FP8/FP4 layout natively (``Linear.set_quantized``).
+
+    Built one block at a time (:func:`_build_block`), each block cast and quantised before the
+    next one is drawn, so that the device holds the finished blocks plus one block in
+    construction: a block is drawn in fp32 (a V4-Flash block's 256 routed experts: 26 GB), and
+    drawing every block first, as ``Model(config)`` does, cannot build more than a few V4-Flash
+    layers on one GPU. Routed experts are quantised one by one as the MoE constructs them
+    (:func:`_expert_factory`), so a block's build transient is its fp32 attention weights plus
+    one expert. Every MoE's stacked storage is rebuilt from the stored (FP8/FP4) experts
+    (``MoE.restack``): no stale float stack stays behind.
+
+    ``fits(i, blocks)`` (optional): called before block ``i`` is built with the blocks built so
+    far; returning False stops the build there. The model then has ``len(blocks)`` layers
+    (``config`` truncated to them; at least one layer is always built). Used by ``--layers
+    auto``: see :func:`layer_plan`.
+    """
+    import dataclasses
+
     import torch
 
     from ..model import Model
-    torch.manual_seed(seed)
-    with torch.device(device):
-        m = Model(config)
-    m = m.to(torch.bfloat16).eval()
+    dev = torch.device(device)
+    fmts = {}
     if weights == "fp8":
         from ..checkpoint import linear_formats
-        from ..quant import fp4_pack, fp8_block_quantize
         fmts = linear_formats(config, "fp8")
+    torch.manual_seed(seed)
+    with torch.device("meta"):                  # names and the fp32-kept set, no storage
+        keep = Model(config)._fp32_names
+    blocks = []
+    for i in range(config.n_layers):
+        if blocks and fits is not None and not fits(i, blocks):
+            break
+        blocks.append(_build_block(config, i, dev, fmts, keep))
+    n = len(blocks)
+    cfg = config if n == config.n_layers else dataclasses.replace(
+        config, n_layers=n, compress_ratios=config.compress_ratios[:n])
+    # Everything outside the blocks (embedding, head, final norm, hc_head) from a one-layer,
+    # one-expert model of the same width: the same constructors draw them.
+    small = dataclasses.replace(cfg, n_layers=1, compress_ratios=cfg.compress_ratios[:1],
+                                n_mtp_layers=0, n_hash_layers=0, n_routed_experts=1,
+                                n_activated_experts=1)
+    with torch.device(dev):
+        rest = Model(small)
+    with torch.device("meta"):
+        m = Model(cfg)
+    for name, child in rest.named_children():
+        if name not in ("layers", "mtp"):
+            setattr(m, name, child)
+    for name, p in rest.named_parameters(recurse=False):
+        setattr(m, name, p)
+    del rest
+    m.layers = torch.nn.ModuleList(blocks)
+    for mod in m.modules():                     # one config object for the whole model
+        if getattr(mod, "config", None) is config:
+            mod.config = cfg
+    left = [k for k, t in list(m.named_parameters()) + list(m.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_model left tensors without storage: {left[:5]}")
+    m = m.to(torch.bfloat16).eval()
+    if fmts:
         for name, mod in m.named_modules():
-            fmt = fmts.get(name)
-            if fmt not in ("fp8", "fp4"):
-                continue
-            w = mod.weight.detach()
-            q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
-            mod.set_quantized(q, s, fmt, torch.bfloat16)
-            mod.stored_format = fmt
-            mod.act_quant = not name.endswith(".wo_a")
-            mod.config = config
+            if fmts.get(name) in ("fp8", "fp4") and mod.weight_format is None:
+                _quantize_linear(mod, name, fmts[name], cfg)
+    if dev.type == "cuda":
         torch.cuda.empty_cache()
     return m
+
+
+def _quantize_linear(mod, name: str, fmt: str, config) -> None:
+    """Store a Linear's weight in ``fmt`` ("fp8" 128x128 blocks / "fp4" 1x32) as the release
+    does, with the release's activation-quantisation flag (all but ``wo_a``)."""
+    import torch
+
+    from ..checkpoint import act_quant_of
+    from ..quant import fp4_pack, fp8_block_quantize
+    w = mod.weight.detach()
+    q, s = fp8_block_quantize(w.float()) if fmt == "fp8" else fp4_pack(w.float())
+    mod.set_quantized(q, s, fmt, torch.bfloat16)
+    mod.stored_format = fmt
+    mod.act_quant = act_quant_of(name)
+    mod.config = config
+
+
+def _build_block(config, i: int, dev, fmts: dict, keep):
+    """Block ``i`` on ``dev``: drawn by its constructor, cast to bf16 (fp32 where the release
+    keeps it), its FP8/FP4 linears quantised (``fmts``: ``checkpoint.linear_formats``), every
+    MoE restacked from the stored experts."""
+    import torch
+
+    from ..layers import moe as moe_mod
+    from ..model import Block, cast_compute_weights
+    prefix = f"layers.{i}."
+    with torch.device(dev), _expert_factory(config, prefix, fmts, keep):
+        blk = Block(config, i)
+    cast_compute_weights(blk, torch.bfloat16, keep, prefix)
+    for name, mod in blk.named_modules():
+        fmt = fmts.get(prefix + name)
+        if fmt in ("fp8", "fp4") and mod.weight_format is None:
+            _quantize_linear(mod, prefix + name, fmt, config)
+    for mod in blk.modules():
+        if isinstance(mod, moe_mod.MoE):
+            mod.restack()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return blk
+
+
+class _expert_factory:
+    """While active, ``dsv4.layers.moe.Expert(...)`` (what ``MoE.__init__`` calls for each
+    routed expert, then once for the shared expert) returns the expert already cast and
+    quantised, so that a V4-Flash MoE never holds its 256 experts in fp32 at once. The n-th
+    call of a block is routed expert n (n < n_routed_experts), then the shared expert; the
+    count is checked on exit (a changed MoE constructor fails loudly, not silently)."""
+
+    def __init__(self, config, prefix: str, fmts: dict, keep):
+        self.config, self.prefix, self.fmts, self.keep = config, prefix, fmts, keep
+        self.calls = 0
+
+    def __enter__(self):
+        import torch
+
+        from ..layers import moe as moe_mod
+        from ..model import cast_compute_weights
+        from .long_context import PATCH_LOCK
+        PATCH_LOCK.acquire()        # released in __exit__ (see PATCH_LOCK)
+        self._orig = cls = moe_mod.Expert
+
+        def make(*args, **kwargs):
+            k = self.calls
+            self.calls += 1
+            name = (f"ffn.experts.{k}" if k < self.config.n_routed_experts
+                    else "ffn.shared_experts")
+            ex = cls(*args, **kwargs)
+            cast_compute_weights(ex, torch.bfloat16, self.keep, f"{self.prefix}{name}.")
+            for w in ("w1", "w2", "w3"):
+                full = f"{self.prefix}{name}.{w}"
+                if self.fmts.get(full) in ("fp8", "fp4"):
+                    _quantize_linear(getattr(ex, w), full, self.fmts[full], self.config)
+            return ex
+
+        moe_mod.Expert = make
+        return self
+
+    def __exit__(self, *exc):
+        from ..layers import moe as moe_mod
+        from .long_context import PATCH_LOCK
+        moe_mod.Expert = self._orig
+        PATCH_LOCK.release()
+        want = self.config.n_routed_experts + self.config.n_shared_experts
+        if exc[0] is None and self.calls != want:
+            raise RuntimeError(f"build_model: the MoE of {self.prefix[:-1]} constructed "
+                               f"{self.calls} experts, expected {want} (routed then shared); "
+                               "the expert factory no longer matches MoE.__init__")
+        return False
+
+
+def layer_plan(model: str, args, context: int, free: Optional[int] = None, allocated=None):
+    """``--layers auto`` on CUDA: the :class:`~dsv4.runtime.long_context.LayerFit` of this GPU
+    (its free memory now; the non-layer weights; one ``--chunk`` prefill step's transient
+    measured on the meta device at ``context``, plus op workspaces; a margin of 3% of the free
+    memory, at least 2 GiB) and the ``fits(i, blocks)`` callback of :func:`build_model`, which
+    measures each built layer (allocated bytes before / after it) and adds the next layer
+    while ``LayerFit.fits`` holds (the next layer taken as large as the last one of its kind).
+    ``free`` (bytes) and ``allocated(blocks)`` (bytes allocated now) stand for the CUDA
+    allocator's numbers (``torch.cuda.mem_get_info`` / ``memory_allocated``) in CPU tests.
+    Returns (plan, fits, a dict the bench reports)."""
+    import torch
+
+    from .engine import default_block_tokens
+    from .long_context import WORKSPACE_ALLOWANCE, LayerFit, StepMemory, step_transient
+    from .pool import PagedCache, blocks_needed
+    c = build_config(model, 2, args.experts)
+    chunk = min(args.chunk, context)
+    try:
+        mem = step_transient(c, chunk, context, args.kv_cache, args.indexer_cache,
+                             args.weights, torch.bfloat16 if args.head == "bf16" else None)
+    except Exception as e:      # the plan must not stop the bench: say so, bound it by hand
+        per_token = 3 * c.n_heads * c.head_dim * 2 + 2 * c.hc_mult * c.dim * 2
+        mem = StepMemory(peak=int(1.5 * per_token * chunk), top=[], tokens=chunk,
+                         context=context)
+        print(f"dsv4 bench: the meta-device transient measure failed ({type(e).__name__}: "
+              f"{str(e)[:200]}); taking 1.5 x [q, q normed, o, 2 residual streams] per token: "
+              f"{mem.peak / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    if free is None:
+        free = torch.cuda.mem_get_info()[0]
+    if allocated is None:
+        def allocated(blocks):
+            return torch.cuda.memory_allocated()
+    fixed = c.vocab_size * c.dim * (2 + 4 + (2 if args.head == "bf16" else 0))
+    plan = LayerFit(budget=free, fixed=fixed, transient=mem.peak + WORKSPACE_ALLOWANCE,
+                    margin=max(2 << 30, int(0.03 * free)))
+    start = allocated([])
+    marks = [start]
+    sizes: list[int] = []
+
+    def pool(n: int) -> int:
+        cn = build_config(model, n, args.experts)
+        bt = default_block_tokens(cn)
+        nb = blocks_needed(cn, _max_len_1m(context, args.steps), bt)
+        return PagedCache.estimate_bytes(cn, 1, nb, bt, torch.bfloat16, args.indexer_cache,
+                                         args.kv_cache)
+
+    def fits(i: int, blocks) -> bool:
+        now = allocated(blocks)
+        sizes.append(now - marks[-1])          # the block built since the last call
+        marks.append(now)
+        nxt = sizes[-2] if len(sizes) >= 2 else sizes[-1]    # CSA / HCA alternate
+        return plan.fits(now - start, nxt, pool(i + 1))
+
+    info = dict(budget_gb=free / 1e9, fixed_gb=fixed / 1e9, transient_gb=plan.transient / 1e9,
+                margin_gb=plan.margin / 1e9, layer_bytes=sizes, pool_bytes=pool,
+                transient_top=mem.top)
+    return plan, fits, info
 
 
 # ------------------------------------------------------------------ measurements
@@ -235,11 +463,16 @@ def _engine(model, args, batch: int, max_len: int, budget: Optional[int] = None)
 
     from .engine import Engine
     head = torch.bfloat16 if args.head == "bf16" else None
+    # --mode 1m times its steps as the synchronous loop runs them (its loops read each
+    # step's token at once); the e2e rows run the overlapped loop unless --no-overlap
+    overlap = None if getattr(args, "mode", "e2e") == "e2e" else False
+    if getattr(args, "no_overlap", False):
+        overlap = False
     return Engine(model, max_batch=batch, max_model_len=max_len,
                   max_num_batched_tokens=budget or args.chunk,
                   cuda_graphs=not args.no_graphs, head_dtype=head,
                   indexer_cache=getattr(args, "indexer_cache", "bf16"),
-                  kv_cache=getattr(args, "kv_cache", "bf16"))
+                  kv_cache=getattr(args, "kv_cache", "bf16"), overlap=overlap)
 
 
 def _key_bytes(model, args) -> float:
@@ -269,6 +502,24 @@ def _step_times(step, n: int) -> list[float]:
         step()
         _sync()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def _loop_step_times(step, n: int) -> list[float]:
+    """Seconds between the returns of ``n`` back-to-back calls of ``step``, the GPU
+    synchronised only before the first and after the last: what a serving loop sees per step.
+    With the overlapped loop a call returns once the step before it is done and its own is
+    queued, so in steady state an interval is one step's time on whichever of host and GPU is
+    slower; with the synchronous loop it is host + GPU (each call waits for its own tokens)."""
+    out = []
+    _sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+        now = time.perf_counter()
+        out.append(now - t)
+        t = now
+    _sync()
     return out
 
 
@@ -325,7 +576,9 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
     for _ in range(warm):                      # graph capture, allocator warm-up
         eng.step()
     _reset_peak()
-    times = _step_times(eng.step, steps)
+    waited = eng.wait_seconds
+    times = _loop_step_times(eng.step, steps)
+    waited = eng.wait_seconds - waited
     sec = statistics.median(times)
     fl = decode_floor(model, batch, context, 2 if args.head == "bf16" else 4,
                       _key_bytes(model, args), _entry_bytes(model, args))
@@ -334,7 +587,9 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
                tok_s=batch / sec, floor_ms=1e3 * fl["seconds"],
                pct_of_floor=100 * fl["seconds"] / sec, gb_s=fl["bytes"] / sec / 1e9,
                graphs=eng.runner.stats["graph_steps"] > 0,
-               graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())
+               graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb(),
+               overlap=eng.overlap, timing="loop",
+               host_ms_step=1e3 * (sum(times) - waited) / steps)
     return row
 
 
@@ -391,9 +646,23 @@ def bench_hf(config, args, model_rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _max_len_1m(context: int, steps: int) -> int:
+    """The 1M mode's sequence length: the prompt, the timed decode steps, the first decode
+    step and the two tokens the attention timing keeps the request alive for, and one spare
+    (the pool :func:`layer_plan` plans is the one :func:`bench_1m` builds)."""
+    return context + steps + 4
+
+
 def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     """One ``context``-token prompt prefilled in chunks of ``--chunk``, then decode at that
-    context; KV bytes per token measured from the pool vs ``dsv4 info``'s arithmetic."""
+    context; KV bytes per token measured from the pool vs ``dsv4 info``'s arithmetic; the
+    attention stack's decode time (:func:`attention_row`).
+
+    ``--prefill-1m last`` (``args.prefill_1m``): the cache is taken as holding the first
+    ``context - chunk`` tokens (random pool contents of the real size, as the decode rows
+    do) and only the last chunk is prefilled: the same memory (a chunk's transient does not
+    depend on how the earlier entries got there), decode and attention rows, in seconds
+    instead of minutes; the prefill row (kind ``prefill-1m-last``) then times that chunk."""
     import torch
 
     from ..model_info import kv_bytes_per_token
@@ -401,11 +670,19 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
     from .pool import PagedCache
     from .request import SamplingParams
     steps = args.steps
-    eng = _engine(model, args, 1, context + steps + 2)
+    eng = _engine(model, args, 1, _max_len_1m(context, steps))
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
-    rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 1, eos_token_id=-1))
+    # (two tokens more than timed: the request still holds its slot for the attention timing)
+    rid = eng.add_request(ids, SamplingParams(max_new_tokens=steps + 3, eos_token_id=-1))
     req = eng.requests[rid]
+    first = 0
+    if getattr(args, "prefill_1m", "full") == "last":
+        first = context - min(args.chunk, context)
+        _fill_pool(eng, args.seed)
+        eng.scheduler.admit_prefilled(req, first)
+    if getattr(args, "head", "bf16") == "bf16":
+        model._low_precision_head(torch.bfloat16)   # made by the first step, kept: resident
     resident = _allocated_gb()          # weights + pool: what stays between steps
     _reset_peak()
     _sync()
@@ -440,11 +717,15 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
         eng.step()
     _sync()
     sec = (time.perf_counter() - t) / steps
+    decode_peak = _peak_gb()
     fl_d = decode_floor(model, 1, context, 2 if args.head == "bf16" else 4,
                         _key_bytes(model, args), _entry_bytes(model, args))
-    fl_p = prefill_floor(model, 1, context)
-    rows = [dict(impl="dsv4", kind="prefill-1m", batch=1, tokens=context, seconds=pre,
-                 tok_s=context / pre, floor_tok_s=context / fl_p["seconds"],
+    fed = context - first
+    fl_p = prefill_floor(model, 1, fed, start=first)
+    attn = attention_row(model, eng, req, args, context)
+    rows = [dict(impl="dsv4", kind="prefill-1m" if first == 0 else "prefill-1m-last", batch=1,
+                 tokens=fed, context=context, seconds=pre,
+                 tok_s=fed / pre, floor_tok_s=fed / fl_p["seconds"],
                  pct_of_floor=100 * fl_p["seconds"] / pre, peak_gb=peak_prefill,
                  resident_gb=resident, first_chunk_peak_gb=first_peak),
             dict(impl="dsv4", kind="decode-1m", batch=1, tokens=context, ms_step=1e3 * sec,
@@ -455,8 +736,50 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
                  info_kv_bytes_per_token=info, info_kv_bytes_per_token_bf16=info_bf16,
                  info_kv_bytes_per_token_fp8=kv_bytes_per_token(c),
                  graphs=eng.runner.stats["graph_steps"] > 0,
-                 graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb())]
+                 graph_note=eng.runner.graph_off_reason, peak_gb=decode_peak, **attn)]
     return rows
+
+
+def attention_row(model, eng, req, args, context: int) -> dict:
+    """The attention stack's decode time at ``context`` (the request's next position), beside
+    its floors (:func:`dsv4.runtime.long_context.time_attention_decode`):
+
+    * ``attn_ms``: every layer's Attention module (projections, q / kv paths, compressor,
+      indexer, attention) in one CUDA graph; floor ``attn_floor_ms``: its weights + the KV it
+      reads at 4.22 TB/s.
+    * ``attn_core_ms``: the KV-reading ops alone (indexer_topk, sparse_attn, hca_attn);
+      floor ``attn_core_floor_ms``: the KV bytes (kernels.md §2's arithmetic,
+      ``floors.kv_read_bytes``).
+    * ``attn_core_flash_ms``: the core projected to V4-Flash's 21 CSA + 20 HCA layers (the
+      mean measured CSA / HCA layer; its 2 SWA layers, 0.05 µs of floor each, left out),
+      against kernels.md's 195 µs floor at 1M (4.3 TB/s); the issue's target is 1.5x that.
+    """
+    from ..config import ModelConfig
+    from ..layers.varlen import StepBatch
+    from .floors import HBM_BYTES_PER_S, _tensor_bytes, kv_read_bytes
+    from .long_context import time_attention_decode
+    c = model.config
+    batch = StepBatch.build([req.num_computed], [1], [req.slot], [req.block_table], [0],
+                            model.device, max_blocks=eng.runner.max_blocks)
+    t = time_attention_decode(model, eng.cache.layers, batch,
+                              reps=50 if model.device.type == "cuda" else 2)
+    kv = kv_read_bytes(c, context, model.embed.weight.element_size(),
+                       _key_bytes(model, args), _entry_bytes(model, args))
+    w = sum(_tensor_bytes(blk.attn) for blk in model.layers)
+    mean = {}
+    for kind in ("csa", "hca"):
+        v = [s for s, k in zip(t["core_per_layer"], t["kinds"]) if k == kind]
+        mean[kind] = sum(v) / len(v) if v else None
+    flash = ModelConfig.flash()
+    kinds = [flash.layer_kind(i) for i in range(flash.n_layers)]
+    proj = (kinds.count("csa") * mean["csa"] + kinds.count("hca") * mean["hca"]
+            if None not in mean.values() else None)
+    return dict(attn_ms=1e3 * t["attention"], attn_floor_ms=1e3 * (w + kv) / HBM_BYTES_PER_S,
+                attn_core_ms=1e3 * t["core"], attn_core_floor_ms=1e3 * kv / HBM_BYTES_PER_S,
+                attn_layer_ms=[1e3 * v for v in t["per_layer"]],
+                attn_core_layer_ms=[1e3 * v for v in t["core_per_layer"]],
+                attn_core_flash_ms=None if proj is None else 1e3 * proj,
+                attn_core_flash_floor_ms=1e3 * FLASH_ATTN_1M_FLOOR_S, attn_kinds=t["kinds"])
 
 
 # ------------------------------------------------------------------ output
@@ -473,6 +796,8 @@ def _fmt(r: dict) -> str:
             s += f"   floor {r['floor_ms']:.3f} ms ({r['pct_of_floor']:.1f}% of it)"
             if not r.get("graphs", True):
                 s += "  [eager]"
+            if r.get("overlap") is False:
+                s += "  [sync loop]"
     return s + f"   peak {r['peak_gb']:.1f} GB"
 
 
@@ -559,7 +884,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 # ------------------------------------------------------------------ entry points
 def run(args) -> list[dict]:
     import torch
-    cfg = build_config(args.model, args.layers, args.experts)    # config errors first, anywhere
+    auto = isinstance(args.layers, str)
+    if auto and args.mode != "1m":
+        raise ValueError("--layers auto is for --mode 1m (it sizes the model for the 1M pool)")
+    ceiling = max_layers(args.model)
+    if auto and ":" in args.layers:
+        ceiling = min(ceiling, int(args.layers.split(":")[1]))
+    cfg = build_config(args.model, ceiling if auto else args.layers,
+                       args.experts)                # config errors first, anywhere
     for opt in ("json", "plot"):
         path = getattr(args, opt, None)
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
@@ -571,7 +903,27 @@ def run(args) -> list[dict]:
         args.prefill, args.batch, args.steps = [(1, 2048)], [1, 8], min(args.steps, 8)
     from .pool import check_kv_cache
     check_kv_cache(cfg, args.kv_cache, "cuda")      # before the model is built
-    model = build_model(cfg, args.weights, "cuda", args.seed)
+    fits, plan_info = None, None
+    if auto:
+        _, fits, plan_info = layer_plan(args.model, args, 1 << 20)
+    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits)
+    cfg = model.config
+    if plan_info is not None:
+        from .floors import _tensor_bytes
+        n = cfg.n_layers
+        sizes = plan_info["layer_bytes"] or [_tensor_bytes(b) for b in model.layers]
+        total = sum(_tensor_bytes(b) for b in model.layers)
+        print(f"layers auto: {n} (at most {ceiling}): {plan_info['budget_gb']:.1f} GB "
+              f"free at the start >= layers (measured {min(sizes) / 1e9:.2f}-"
+              f"{max(sizes) / 1e9:.2f} GB each, {total / 1e9:.1f} GB) + pool at 1M "
+              f"{plan_info['pool_bytes'](n) / 1e9:.2f} GB + embedding and heads "
+              f"{plan_info['fixed_gb']:.1f} GB + one {args.chunk}-token chunk's transient "
+              f"{plan_info['transient_gb']:.2f} GB (meta-device measure + workspaces) + margin "
+              f"{plan_info['margin_gb']:.1f} GB; allocated now {_allocated_gb():.1f} GB",
+              flush=True)
+        top = ", ".join(f"{op} {tuple(shape)} {b / 1e9:.2f} GB"
+                        for b, op, shape, _ in plan_info["transient_top"][:4])
+        print(f"  transient at its peak: {top}", flush=True)
     head = args.head
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
           f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
@@ -594,6 +946,17 @@ def run(args) -> list[dict]:
                   f"{r['info_kv_bytes_per_token']:.1f} for these formats "
                   f"({r['info_kv_bytes_per_token_bf16']:.1f} bf16 KV / "
                   f"{r['info_kv_bytes_per_token_fp8']:.1f} release FP8 layout)", flush=True)
+            if r.get("attn_ms") is not None:
+                flash = r["attn_core_flash_ms"]
+                print(f"attention stack at 1M ({cfg.n_layers} layers, CUDA graph): modules "
+                      f"{1e3 * r['attn_ms']:.1f} us (floor {1e3 * r['attn_floor_ms']:.1f} us: "
+                      f"weights + KV); KV-reading ops {1e3 * r['attn_core_ms']:.1f} us (floor "
+                      f"{1e3 * r['attn_core_floor_ms']:.1f} us)"
+                      + ("" if flash is None else
+                         f"; projected to V4-Flash's 21 CSA + 20 HCA layers {1e3 * flash:.0f} us "
+                         f"vs kernels.md's 195 us "
+                         f"({flash / r['attn_core_flash_floor_ms']:.2f}x; target <= 1.5x)"),
+                      flush=True)
             p = rows[0]
             print(f"memory: {p['resident_gb']:.1f} GB resident (weights + pool); peak "
                   f"{p['first_chunk_peak_gb']:.1f} GB in the first prefill chunk, "
@@ -614,7 +977,12 @@ def run(args) -> list[dict]:
                         print(f"dsv4 decode {b} @ {ctx}: skipped ({type(e).__name__}: "
                               f"{str(e)[:200]})", flush=True)
                         torch.cuda.empty_cache()
-    meta = dict(model=args.model, layers=cfg.n_layers, experts=cfg.n_routed_experts,
+    if plan_info is not None:
+        plan_info = {k: v for k, v in plan_info.items() if k in (
+            "budget_gb", "fixed_gb", "transient_gb", "margin_gb", "layer_bytes")}
+        plan_info["ceiling"] = ceiling
+    meta = dict(model=args.model, layers=cfg.n_layers, layers_auto=auto, layer_plan=plan_info,
+                experts=cfg.n_routed_experts,
                 weights=args.weights, head=head, indexer_cache=args.indexer_cache,
                 kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),

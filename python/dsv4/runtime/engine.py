@@ -11,14 +11,17 @@ or ``engine.generate([ids_a, ids_b], params)`` for whole completions, or iterate
 reference forward (one definition of each layer), with a step batch on the device, caches
 allocated once (:class:`~dsv4.runtime.pool.PagedCache`), continuous batching with chunked
 prefill (:class:`~dsv4.runtime.scheduler.Scheduler`), CUDA-graph decode
-(:class:`~dsv4.runtime.runner.ModelRunner`) and sampling on the device.
+(:class:`~dsv4.runtime.runner.ModelRunner`), sampling on the device and, on CUDA, an overlapped
+loop (the host prepares step n + 1 while the GPU runs step n; :meth:`Engine.step`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -30,13 +33,37 @@ from .request import (Request, RequestOutput, SamplingParams, Status, TokenPrefi
                       new_request_id)
 from .runner import ModelRunner
 from .sampler import sample_rows
-from .scheduler import Scheduler
+from .scheduler import ScheduledRow, Scheduler
 
 __all__ = ["Engine", "EngineStepError", "default_block_tokens"]
 
 #: Why an expert-parallel engine runs decode eagerly (``runner.graph_off_reason``).
 EP_GRAPHS_OFF = ("decode runs eagerly: the model is expert-parallel, and its MoE exchange reads "
                  "the all-to-all split sizes on the host, which a CUDA graph cannot capture")
+
+
+#: Why an expert-parallel engine runs its steps one after the other (``overlap`` off).
+EP_OVERLAP_OFF = ("an expert-parallel step with nothing to run serves the other ranks' "
+                  "exchanges, so every rank's steps stay synchronous")
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued: what :meth:`Engine._complete` needs to finish it."""
+
+    rows: list[ScheduledRow]
+    counts: list[int]               # logit rows per scheduled row
+    ids: torch.Tensor               # int64 [S] sampled ids on the device (the next step's input)
+    host: torch.Tensor              # int64 [2, S] ids and finiteness flags, pinned on CUDA
+    event: Optional[torch.cuda.Event]    # recorded after the copy to ``host`` (CUDA only)
+    logits: Optional[torch.Tensor]  # kept for step(logits=...), else None
+    all_logits: bool
+
+    def read(self) -> list[list[int]]:
+        """[ids, finiteness flags] on the host, once the copy is done (waits for the step)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class EngineStepError(RuntimeError):
@@ -68,6 +95,10 @@ class Engine:
         cuda_graphs: capture decode steps as CUDA graphs (default: on for CUDA).
         head_dtype: None for the official fp32 head, or torch.bfloat16 for a bf16 copy of the
             head weight with fp32 accumulation (half the bytes per decode step).
+        overlap: the overlapped loop (default: on for CUDA): while the GPU runs step n the
+            host schedules and packs step n + 1, which takes step n's sampled tokens on the
+            device; the host reads them one step late (see :meth:`step`). Same tokens as the
+            synchronous loop (``overlap=False``). Off for an expert-parallel model.
         indexer_cache: "bf16" (the model dtype) or "fp8" (the release's 132-byte FP8 indexer
             keys; exact with quant_sim, see :class:`~dsv4.runtime.pool.PagedCache`).
         kv_cache: "bf16" (the model dtype) or "fp8" (the release's 584-byte MODEL1 layout for
@@ -93,7 +124,7 @@ class Engine:
                  block_tokens: Optional[int] = None, num_blocks: Optional[int] = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: Optional[bool] = None,
                  head_dtype: Optional[torch.dtype] = None, indexer_cache: str = "bf16",
-                 kv_cache: str = "bf16"):
+                 kv_cache: str = "bf16", overlap: Optional[bool] = None):
         from ..distributed.model import is_expert_parallel
         from ..model import Model
         if not isinstance(model, Model):
@@ -113,6 +144,9 @@ class Engine:
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None (on for CUDA), True or False, got "
                              f"{cuda_graphs!r}")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be None (on for CUDA), True or False, got "
+                             f"{overlap!r}")
         if head_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"head_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{head_dtype!r}")
@@ -139,7 +173,18 @@ class Engine:
                                   self.max_batch)
         if self._ep:
             self.runner.graph_off_reason = EP_GRAPHS_OFF
+            if overlap:
+                warnings.warn(f"dsv4.runtime: overlap=True ignored: {EP_OVERLAP_OFF}",
+                              RuntimeWarning, stacklevel=2)
+        #: the overlapped loop is on (see :meth:`step`)
+        self.overlap = (model.device.type == "cuda" if overlap is None else overlap) and \
+            not self._ep
         self.requests: dict[str, Request] = {}
+        self._inflight: Optional[_Launched] = None   # the launched step not yet read
+        self._ready: list[RequestOutput] = []         # outputs held over by a failed step
+        #: seconds step() spent waiting for the GPU (for a step's sampled tokens): a step's
+        #: wall time minus this is its host time (benchmarks)
+        self.wait_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Sequence[int] | torch.Tensor,
@@ -201,8 +246,9 @@ class Engine:
         return req.request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now (between steps); its slot and blocks are freed. Raises KeyError
-        for an unknown (or already finished) request."""
+        """Stop a request now (between steps); its slot and blocks are freed (a step in flight
+        that feeds it runs before any later step that reuses them, and its token is
+        discarded). Raises KeyError for an unknown (or already finished) request."""
         req = self.requests.get(request_id)
         if req is None:
             raise KeyError(f"unknown request_id {request_id!r}")
@@ -211,11 +257,24 @@ class Engine:
         del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Requests queued or running, or a step in flight whose outputs are not returned."""
+        return self.scheduler.has_work or self._inflight is not None or bool(self._ready)
 
     # ------------------------------------------------------------------ stepping
     def step(self, logits: Optional[str] = None) -> list[RequestOutput]:
         """Run one step: schedule, run the model, sample, retire finished requests.
+
+        Overlapped loop (``overlap``, the default on CUDA): the step is launched on the GPU
+        and the call returns the outputs of the step before it, which the GPU ran while this
+        one was being scheduled and packed; its tokens come back through a non-blocking copy,
+        and the step launched here feeds them to the model on the device. A request that
+        stopped at step n (EOS or a stop token, which the host learns one step late) was fed
+        once more in step n + 1; that token is discarded (its slot and blocks, freed when the
+        host reads step n, are used again only by steps queued after step n + 1 on the same
+        stream). The outputs are those of the synchronous loop, one call later; a call that
+        has nothing new to run returns the last step's outputs. ``logits="sampled"`` or
+        ``"all"`` runs synchronously: the step in flight is completed first and its outputs
+        (without logits) come first in the list.
 
         Args:
             logits: None (default): only the positions that are sampled get logits, and they
@@ -227,15 +286,17 @@ class Engine:
                 request feeds again while it is recomputed are not returned a second time.
 
         Returns one :class:`RequestOutput` per request that sampled a token or finished (with
-        ``logits="all"``: per request fed). On an expert-parallel model a step with nothing to
-        run serves the other ranks' exchanges of their step (``dsv4.distributed.serve_step``).
+        ``logits="all"``: per request fed), for the step(s) completed in this call. On an
+        expert-parallel model a step with nothing to run serves the other ranks' exchanges
+        of their step (``dsv4.distributed.serve_step``).
 
         Raises:
             RuntimeError: the model was moved to another dtype or device after the engine
                 was built (nothing is scheduled or changed).
             EngineStepError: the model raised; the step's requests are finished with
-                ``finish_reason="error"`` and everything else continues. A KeyboardInterrupt
-                is re-raised after the same clean-up.
+                ``finish_reason="error"`` and everything else continues (with the overlapped
+                loop, the outputs of the step before it come with the next call). A
+                KeyboardInterrupt is re-raised after the same clean-up.
         """
         if logits not in (None, "sampled", "all"):
             raise ValueError(f"logits must be None, 'sampled' or 'all', got {logits!r}")
@@ -245,59 +306,147 @@ class Engine:
                                f"holds {self.cache.dtype} on {self.cache.device}: the model was "
                                "moved after the Engine was built; move it back or build a new "
                                "Engine (nothing was run)")
-        all_logits = logits == "all"
+        overlap = self.overlap and logits is None
+        outputs, self._ready = self._ready, []
+        try:
+            return self._step(logits, overlap, outputs)
+        except BaseException:
+            # what this call gathered before it failed (outputs held over by an earlier
+            # failed call, a completed step's) comes with the next call: never dropped
+            self._ready = outputs
+            raise
+
+    def _step(self, logits: Optional[str], overlap: bool,
+              outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The body of :meth:`step`; appends to ``outputs`` (in place) as steps complete."""
+        if self._inflight is not None and self._inflight.event is not None:
+            # a call on another CUDA stream than the step in flight: this stream's work (slot
+            # resets in schedule(), the next step reading the in-flight step's sampled ids)
+            # runs after that step (a GPU-side wait: no host sync; same stream: a no-op)
+            torch.cuda.current_stream(self._inflight.ids.device).wait_event(self._inflight.event)
+        if not overlap and self._inflight is not None:
+            outputs += self._complete(self._take_inflight())
         rows = self.scheduler.schedule()
         if not rows:
-            if self._ep:    # the other ranks' MoE layers exchange with this rank in their step
+            if self._inflight is not None:
+                outputs += self._complete(self._take_inflight())
+            elif self._ep:  # the other ranks' MoE layers exchange with this rank in their step
                 from ..distributed.model import serve_step
-                serve_step(m)
-            return []
+                serve_step(self.model)
+            return outputs
+        prev = self._take_inflight()            # None unless overlapped
         try:
-            out_logits, counts, drawn = self._launch(rows, all_logits)
-            toks, finite = drawn.tolist()          # the step's one device-to-host copy
+            launched = self._launch(rows, logits, prev)
         except BaseException as e:
-            ids = [r.request.request_id for r in rows]
-            for r in rows:
-                self.scheduler.finish(r.request, "error", f"{type(e).__name__}: {e}"[:500])
-                self.requests.pop(r.request.request_id, None)
+            ids = self._fail([r.request for r in rows], e)
+            if prev is not None:                # its outputs come with the next call
+                try:
+                    outputs += self._complete(prev)
+                except EngineStepError:
+                    pass
             if isinstance(e, Exception):
                 raise EngineStepError(f"step failed for requests {ids}: {e}", ids) from e
             raise
+        if overlap:
+            self._inflight = launched
+            if prev is not None:
+                outputs += self._complete(prev)
+            return outputs
+        outputs += self._complete(launched)
+        return outputs
+
+    def _fail(self, reqs: list[Request], e: BaseException) -> list[str]:
+        """Finish ``reqs`` with ``finish_reason="error"`` (``e`` as the reason; slots and blocks
+        freed) and forget them; returns their ids."""
+        for req in reqs:
+            self.scheduler.finish(req, "error", f"{type(e).__name__}: {e}"[:500])
+            self.requests.pop(req.request_id, None)
+        return [req.request_id for req in reqs]
+
+    def _discard_inflight(self) -> None:
+        """Wait for the step in flight (its requests were aborted) and drop its outputs."""
+        st = self._take_inflight()
+        self._ready = []
+        if st is not None:
+            try:
+                self._complete(st)
+            except EngineStepError:
+                pass
+
+    def _take_inflight(self) -> Optional["_Launched"]:
+        st, self._inflight = self._inflight, None
+        return st
+
+    def _launch(self, rows, logits: Optional[str], prev: Optional["_Launched"]) -> "_Launched":
+        """The device work of a step: the model on ``rows`` (their tokens pending in ``prev``
+        taken on the device) and the sampling of the rows that sample, then the non-blocking
+        copy of the sampled ids and finiteness flags to the host. The rows' tokens count as
+        computed from here on, and a sampled token as pending until :meth:`_complete` reads
+        it. No host synchronisation in a decode step."""
+        all_logits = logits == "all"
+        if prev is not None and prev.ids.is_cuda:   # read on this stream (maybe not its own)
+            prev.ids.record_stream(torch.cuda.current_stream(prev.ids.device))
+        out, counts = self.runner.run(rows, all_logits, None if prev is None else prev.ids)
+        sampled = [r.request for r in rows if r.sample]
+        chosen = out
+        if all_logits:
+            ends = list(itertools.accumulate(counts))
+            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
+            chosen = out.index_select(0, torch.tensor(pick, dtype=torch.long,
+                                                      device=out.device))
+        drawn = sample_rows(chosen, sampled)
         for r in rows:
             r.request.num_computed += r.n
+        for j, req in enumerate(sampled):
+            req.num_pending += 1
+            req.pending_index = j
+        host, event = drawn, None
+        if drawn.device.type == "cuda":
+            host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+            host.copy_(drawn, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _Launched(rows, counts, drawn[0], host, event,
+                         out if logits is not None else None, all_logits)
+
+    def _complete(self, st: "_Launched") -> list[RequestOutput]:
+        """Read the sampled tokens of a launched step (waiting for its copy) and apply them:
+        stop conditions, outputs, retirement. A token of a request that already finished (at
+        an earlier token, or aborted) is discarded. Raises EngineStepError (the step's
+        requests finished with an error) when the device reports one here."""
+        try:
+            t = time.perf_counter()
+            toks, finite = st.read()
+            self.wait_seconds += time.perf_counter() - t
+        except BaseException as e:
+            ids = self._fail([r.request for r in st.rows if r.request.status != Status.FINISHED],
+                             e)
+            if isinstance(e, Exception):
+                raise EngineStepError(f"step failed for requests {ids}: {e}", ids) from e
+            raise
         outputs = []
         it = iter(zip(toks, finite))
-        for r, end, cnt in zip(rows, itertools.accumulate(counts), counts):
+        for r, end, cnt in zip(st.rows, itertools.accumulate(st.counts), st.counts):
             out = None
             req = r.request
             skip = 0
-            if all_logits:      # positions a preemption made us feed again were returned already
+            if st.all_logits:   # positions a preemption made us feed again were returned already
                 skip = min(cnt, max(0, req.logits_returned - r.start))
                 req.logits_returned = max(req.logits_returned, r.start + r.n)
             if r.sample:
                 tok, ok = next(it)
-                out = self._advance(req, tok, bool(ok))
-            elif all_logits and skip < cnt:
+                req.num_pending -= 1
+                if not req.num_pending:
+                    req.pending_index = None
+                if req.status != Status.FINISHED:
+                    out = self._advance(req, tok, bool(ok))
+            elif st.all_logits and skip < cnt:
                 out = RequestOutput(req.request_id, [], _tokens_so_far(req), False)
             if out is not None:
-                if logits is not None:
-                    out.logits = out_logits[end - cnt + skip:end].clone()
+                if st.logits is not None:
+                    out.logits = st.logits[end - cnt + skip:end].clone()
                 outputs.append(out)
         return outputs
-
-    def _launch(self, rows, all_logits: bool) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        """The device work of a step: the model on ``rows`` and the sampling of the rows that
-        sample. Returns (logits [L, vocab], logit rows per scheduled row, int64 [2, S] sampled
-        ids and finiteness flags). No host synchronisation in a decode step."""
-        logits, counts = self.runner.run(rows, all_logits)
-        sampled = [r.request for r in rows if r.sample]
-        chosen = logits
-        if all_logits:
-            ends = list(itertools.accumulate(counts))
-            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
-            chosen = logits.index_select(0, torch.tensor(pick, dtype=torch.long,
-                                                         device=logits.device))
-        return logits, counts, sample_rows(chosen, sampled)
 
     def _advance(self, req: Request, tok: int, finite: bool) -> RequestOutput:
         new: list[int] = []
@@ -382,6 +531,7 @@ class Engine:
             for rid in ids:
                 if rid in self.requests:
                     self.abort(rid)
+            self._discard_inflight()
         res = []
         for rid in ids:
             out = final[rid]

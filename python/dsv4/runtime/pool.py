@@ -254,12 +254,14 @@ class PagedCache:
         return len(self._free_slots)
 
     def take_slot(self) -> int:
-        """A free slot, its state cleared (window zeroed, scores −inf)."""
+        """A free slot, its state cleared (window zeroed, scores −inf) by device work queued
+        on the current stream (a slice, not an index list: a list would be copied to the
+        device synchronously, waiting for the step in flight)."""
         if not self._free_slots:
             raise RuntimeError("no free sequence slot")
         slot = self._free_slots.pop()
         for lc in self.layers:
-            lc.reset_rows([slot])
+            lc.reset_rows(slice(slot, slot + 1))
         return slot
 
     def release_slot(self, slot: int) -> None:

@@ -85,6 +85,12 @@ class Request:
 
     ``num_computed`` tokens of ``token_ids`` (prompt + generated) are in the cache; the next
     step feeds ``token_ids[num_computed:]`` (a prefill chunk, or the last sampled token).
+
+    With the overlapped loop (``Engine(overlap=True)``) a step is launched before the host has
+    read the tokens of the step before it: ``num_pending`` tokens (0, 1, or 2 for a moment
+    inside ``Engine.step``) were sampled on the device and not yet read; they count in
+    ``num_tokens``, and the next decode row of the request takes its input token from row
+    ``pending_index`` of the in-flight step's sampled ids, on the device.
     """
 
     prompt_ids: list[int]
@@ -101,6 +107,8 @@ class Request:
     generator: Optional[torch.Generator] = None
     arrival: int = field(default_factory=lambda: next(_ids))
     logits_returned: int = 0     # positions whose logits step(logits="all") returned
+    num_pending: int = 0         # tokens sampled on the device, not yet read by the host
+    pending_index: Optional[int] = None   # the latest one's row in its step's sampled ids
 
     @property
     def token_ids(self) -> list[int]:
@@ -116,7 +124,15 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt + generated tokens, the ones sampled but not yet read included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def last_token_pending(self) -> bool:
+        """Its last possible token is sampled but not read (max_new_tokens reached): the
+        request has nothing more to feed and finishes when the host reads it."""
+        return bool(self.num_pending) and (len(self.output_ids) + self.num_pending
+                                           >= self.params.max_new_tokens)
 
     @property
     def remaining(self) -> int:

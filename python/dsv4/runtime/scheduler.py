@@ -15,6 +15,16 @@ Every step, under a token budget:
 A row needs logits iff the step feeds the last known token of its request (the end of the
 prompt, or a decode token): only those rows are sampled. Finished requests free their slot and
 blocks before the next step.
+
+Overlapped loop (``Engine(overlap=True)``): the next step is scheduled while the step before it
+runs, before the host has read its sampled tokens. Those tokens count as known
+(``Request.num_pending``): a request that sampled gets its decode row (fed on the device); a
+request whose ``max_new_tokens``-th token is pending gets none and gives its slot and blocks
+back at once (as the synchronous loop would before this step; only steps queued after the one
+in flight can reuse them), it finishes when the host reads that token; a request that stopped
+on a token the host has not read yet (EOS, a stop token) gets one row too many, whose token the
+engine discards, and frees its slot one step later than the synchronous loop. A preempted
+request whose last token is still pending is admitted again only once it has been read.
 """
 
 from __future__ import annotations
@@ -88,6 +98,9 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledRow]:
         """The rows of the next step (empty when there is nothing to run)."""
+        for req in [r for r in self.running if r.last_token_pending]:
+            self._release(req)      # nothing more to feed (overlapped loop, see above)
+            self.running.remove(req)
         rows: list[ScheduledRow] = []
         budget = self.budget
         scheduled: set[int] = set()
@@ -122,6 +135,8 @@ class Scheduler:
         # 3. admissions (none in a step that had to preempt: the pool is short).
         while not preempted and self.waiting and budget > 0 and self.cache.num_free_slots:
             req = self.waiting[0]
+            if req.num_pending:     # preempted with its last token unread: not fed before read
+                break
             n = min(req.remaining, budget)
             table: list[int] = []
             if self.cache.grow(table, n) is None:
