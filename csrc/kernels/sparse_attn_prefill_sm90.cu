@@ -118,6 +118,7 @@ static_assert(kPOff == kKOff + 2 * kTile, "layout");
 // Named barrier ids (0 is __syncthreads).
 constexpr int kBarM0 = 1, kBarM1 = 2, kBarP0 = 3, kBarP1 = 4, kBarL = 5, kBarStage = 6;  // +wg
 
+using sparse_attn_detail::cp_async16;
 using sparse_attn_detail::cp_async_wait_all;
 using sparse_attn_detail::exp2_approx;
 using sparse_attn_detail::fence_proxy_async;
@@ -213,16 +214,6 @@ __device__ __forceinline__ int ld_index_or_minus1(const int32_t* slot) {
       : "l"(slot));
   return v;
 }
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
 // Global stores of the output, streaming (st.global.cs: written once, evicted first), so it
 // does not push gathered key rows out of L2. (__stcs, not inline PTX: the compiler folds the
 // constant parts of the addresses into the instructions.)
@@ -232,14 +223,16 @@ __device__ __forceinline__ void st_global_cs_u32(void* dst, uint32_t v) {
 __device__ __forceinline__ void st_global_cs_v4(void* dst, uint4 v) {
   __stcs(static_cast<uint4*>(dst), v);
 }
-// 16-byte cp.async (src_bytes = 0 zero-fills, nothing read) with an L2 eviction-priority hint
-// and a 256-byte L2 prefetch (the next 128-byte slice of the same key row).
-__device__ __forceinline__ void cp_async16_l2(uint32_t dst, const void* src, int src_bytes,
-                                              uint64_t policy) {
-  asm volatile(
-      "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-      "l"(src), "r"(src_bytes), "l"(policy)
-      : "memory");
+// 16-byte cp.async (src_bytes = 0 zero-fills, nothing read) with a 256-byte L2 prefetch (the
+// next 128-byte slice of the same key row). No L2 cache-policy operand: with one
+// (`.L2::cache_hint`, the policy from createpolicy or as a constant) ptxas 13.0 gave this
+// kernel's cp.async a 64-bit policy descriptor whose low word is the uniform register that also
+// holds the shared-memory base (SASS: `UMOV UR40, 0x0; UMOV UR41, 0x14f00000; UMOV UR40, UR13`
+// before the LDGSTS), an "illegal instruction" on the GPU (H100, 2026-12-05).
+__device__ __forceinline__ void cp_async16_prefetch(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
 }
 
 // d (+)= A B, 64 x 64 x 16, A and B K-major in shared memory (SW128). scale_d = 0: d = A B.
@@ -337,8 +330,6 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, uint32_t n_h
             ld_index_or_minus1(r0 + 16 * j < bs.lanes ? bs.slots + r0 + 16 * j : nullptr);
     }
   };
-  const uint64_t keep = l2_evict_last_policy();   // key rows are gathered by many tokens
-  const uint64_t once = l2_evict_first_policy();  // the Q tile is read once
   const __nv_bfloat16* kv1 = static_cast<const __nv_bfloat16*>(p.kv);
   const __nv_bfloat16* kv2 = static_cast<const __nv_bfloat16*>(p.extra_kv);
   uint32_t gi = 0;  // iterations of this CTA's earlier tiles (barrier phases run on across tiles)
@@ -364,8 +355,7 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, uint32_t n_h
              : dummy;
 #pragma unroll
       for (int s = 0; s < 8; ++s)
-        cp_async16_l2(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128,
-                      hv ? 16 : 0, once);
+        cp_async16(sQ + my_chunk + j * kRow16 + s * kSlice, src + c8 * 16 + s * 128, hv ? 16 : 0);
     }
     mbar_arrive_cp_async(bar_q);
 
@@ -402,8 +392,8 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, uint32_t n_h
                                    : dummy) + c8 * 16;
 #pragma unroll
           for (int s = s0; s < s0 + 4; ++s)
-            cp_async16_l2(dst + my_chunk + j * kRow16 + s * kSlice, src + s * 128, valid ? 16 : 0,
-                          keep);
+            cp_async16_prefetch(dst + my_chunk + j * kRow16 + s * kSlice, src + s * 128,
+                                valid ? 16 : 0);
         }
         const uint32_t bar = bar_ready(buf, s0 / 4);
         mbar_arrive_cp_async(bar);  // fires when the copies have landed
