@@ -718,6 +718,8 @@ cudaError_t launch_fp8(const GroupedGemmArgs& a, GemmTile tile, bool overlap, in
                        cudaStream_t s);
 cudaError_t launch_fp4(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
                        cudaStream_t s);
+// FP8 activations x FP8 / FP4 weights on FP8 tensor cores (grouped_gemm_qmma.cu)
+cudaError_t launch_qmma(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
 
 }  // namespace gg
 }  // namespace dsv4
