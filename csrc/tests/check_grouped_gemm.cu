@@ -363,10 +363,49 @@ bool check_e2m1_decoder() {
   return bad == 0;
 }
 
+// The FP8 x FP8 path's e2m1 -> e4m3 conversion with a folded scale shift t (grouped_gemm_fp4.cuh,
+// host emulation of PRMT): every code word of a random sample for every shift t in [-20, 6];
+// exact (e4m3 value == e2m1 value * 2^t) for t >= -8, nearest e4m3 (error <= half the 2^-9
+// subnormal step) below; and the folded scale 2^(cmax - 133) for every code.
+bool check_e2m1_to_e4m3() {
+  std::mt19937 rng(11);
+  long bad = 0;
+  for (int t = -20; t <= 6; ++t) {
+    uint32_t lut0, lut1;
+    dsv4::gg::e4m3_lut_for_shift(t, lut0, lut1);
+    auto test = [&](uint32_t w) {
+      uint32_t o[2];
+      dsv4::gg::e2m1x8_to_e4m3x8(w, lut0, lut1, o);
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t code = static_cast<uint8_t>((w >> (4 * j)) & 15u);
+        const float got = e4m3_to_float(static_cast<uint8_t>((o[j / 4] >> (8 * (j & 3))) & 0xFFu));
+        const float want = std::ldexp(e2m1_to_float(code), t);
+        const float tol = t >= -8 ? 0.f : std::ldexp(1.0f, -10);
+        const bool sign_ok = (code & 7) == 0 || std::signbit(got) == std::signbit(want) ||
+                             got == 0.f;
+        if ((std::fabs(got - want) > tol || !sign_ok) && bad++ < 3)
+          std::fprintf(stderr, "  e2m1->e4m3: t %d word %08x element %d: got %g want %g\n", t,
+                       w, j, got, want);
+      }
+    };
+    for (uint32_t x = 0; x < 65536; x += 7) test(x | (static_cast<uint32_t>(rng()) << 16));
+    for (int i = 0; i < 20000; ++i) test(static_cast<uint32_t>(rng()));
+  }
+  for (uint32_t c = 0; c < 255; ++c) {
+    const float got = dsv4::gg::fp4_folded_scale(c, false);
+    if (got != std::ldexp(1.0f, static_cast<int>(c) - 133) && bad++ < 3)
+      std::fprintf(stderr, "  folded scale: code %u: got %g\n", c, got);
+  }
+  if (!std::isnan(dsv4::gg::fp4_folded_scale(7, true)) && bad++ < 3)
+    std::fprintf(stderr, "  folded scale: NaN code not NaN\n");
+  std::printf("%-44s %s\n", "e2m1 -> e4m3 with folded scales (host)", bad ? "FAIL" : "ok");
+  return bad == 0;
+}
+
 }  // namespace
 
 int main() {
-  if (!check_e2m1_decoder()) {
+  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3()) {
     std::printf("FAIL\n");
     return 1;
   }
