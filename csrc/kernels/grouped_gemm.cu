@@ -183,11 +183,9 @@ GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
     // fewer than two per SM -> one deep-pipelined block per SM
     const int64_t n_fb = (a.rows + (a.epilogue == GemmEpilogue::kSwiGLU ? 31 : 63)) /
                          (a.epilogue == GemmEpilogue::kSwiGLU ? 32 : 64);
-    const int64_t tiles = a.expert_offsets == nullptr
-                              ? static_cast<int64_t>(a.n_experts) * ((a.pairs + 15) / 16)
-                              : (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + 15) / 16;
     const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
-    return n_fb * tiles < 2 * static_cast<int64_t>(sms) ? GemmTile::kDecodeDeep : GemmTile::kDecode;
+    return gg::unit_bound(a, n_fb, 16) < 2 * static_cast<int64_t>(sms) ? GemmTile::kDecodeDeep
+                                                                       : GemmTile::kDecode;
   }
   if (per <= 64) return GemmTile::kMedium;
   // the RoPE table takes 64 KB at 256 rows: FP8 weights then have too few stages left

@@ -9,17 +9,50 @@
 //     activation rows as e4m3 codes, both K-major, 128-byte swizzle; one pipeline stage = one
 //     128-wide k block = one activation scale block and one weight scale block.
 //   * Warp specialisation: warpgroups 0 and 1 are the consumers (MMAs, scale promotion,
-//     epilogue), warpgroup 2 the producer. The producer fills stage s with cp.async (weights,
-//     gathered activation rows, their 1x128 scales, the raw weight scale words) and arrives on
-//     full[s] through cp.async.mbarrier.arrive.noinc (the arrival happens when its copies have
-//     landed). FP4: the copies land raw (raw_full[s]); kStages / 2 steps later the producer
-//     converts them (e2m1 -> e4m3 with the 1x32 scales folded in, grouped_gemm_fp4.cuh), fences
-//     its writes to the async proxy and arrives on full[s]. Consumers wait on full[s]
-//     (fence.proxy.async: the landed data -> wgmma's async proxy), run the four k32 MMAs into
-//     a scratch accumulator, promote it into the fp32 accumulator with (weight scale of the row)
-//     x (activation scale of the column), and arrive on empty[s], which the producer waits on
-//     before refilling s. The producer walks the same units and runs ahead across unit
-//     boundaries (the next unit's first stages load during this unit's epilogue).
+//     epilogue), warpgroup 2 the producer (cp.async fills; FP4: the e2m1 -> e4m3 conversion).
+//     Both walk the same units (grouped_gemm.cuh: unit_prefix / find_unit) in the same order
+//     and number the k blocks they handle 0, 1, 2, ... across units ("steps"); step i uses
+//     stage i % S. The producer runs ahead across unit boundaries (the next unit's first
+//     stages load during this unit's epilogue).
+//
+// Pipeline protocol (S stages; three mbarriers per stage, initialised by thread 0 before the
+// first __syncthreads; a barrier's k-th phase (k = 0, 1, ...) completes on the k-th use of its
+// stage, i.e. for step i = s + k S, and a wait for that phase passes parity k & 1):
+//   full[s]     expected 128: one arrival per producer thread per step.
+//               FP8: cp.async.mbarrier.arrive.noinc, issued after the thread's copies of the
+//               step; .noinc: the asynchronous arrival is one of the 128 expected (not an
+//               extra pending count), and it happens once every cp.async the thread issued
+//               before it has landed. FP4: a plain arrive after the thread's conversion
+//               writes and its fence.proxy.async.
+//   raw_full[s] (FP4) expected 128: the noinc cp.async arrivals of the raw copies.
+//   empty[s]    expected 256: one arrive per consumer thread per step, issued after its
+//               wgmma.wait_group 0 (the wgmmas that read stage s are complete) and after its
+//               generic reads of the stage's scales; mbarrier.arrive has release semantics.
+//   Producer, step i: if i >= S, wait empty[s] parity (i / S - 1) & 1 (the consumers released
+//   step i - S); issue the copies; arrive (FP8 full / FP4 raw_full). FP4: after issuing step
+//   i, convert step j = i - L (L = S / 2, 1 <= L <= S - 1): wait raw_full[j % S] parity
+//   (j / S) & 1, convert, fence.proxy.async, arrive full[j % S]; after the last step convert
+//   the rest in order.
+//   Consumer, step i: wait full[s] parity (i / S) & 1; fence.proxy.async; wgmmas; wait_group 0;
+//   promote; arrive empty[s].
+//   Why every phase is matched (no hang): every stage is used by both sides for the same
+//   steps, every arrival count is met by exactly the threads that always arrive (all 128
+//   producer threads arrive for every step, none conditionally; all 256 consumer threads
+//   likewise), and the waits never alias a phase: the producer cannot issue step i before the
+//   consumers released step i - S, and the consumers cannot consume step i before the
+//   producer published it, so the two sides are never more than S steps apart and a parity
+//   wait always refers to the newest or the next phase. FP4: when the producer waits empty
+//   for step i - S it has converted every step <= i - 1 - L >= i - S (L <= S - 1), so the
+//   consumers can reach step i - S; raw_full of step j only needs copies already issued.
+//   Nothing waits on a step that is never issued: both sides iterate the same units x KT.
+// Proxies: cp.async (non-bulk) and st.shared write shared memory through the generic proxy;
+// wgmma reads its operands through the async proxy. The converted FP4 tile is written by
+// st.shared: the writing threads fence.proxy.async after their writes and before arriving on
+// full (the writer-side pattern). The cp.async data's writes complete asynchronously, so the
+// issuing thread cannot fence after them; the consumer orders them instead: the mbarrier wait
+// (acquire) makes the landed data visible to the consumer thread, and its
+// fence.proxy.async.shared::cta right after the wait, before its first wgmma, orders that view
+// with its async-proxy reads. (The consumer fence runs for FP4 steps too: harmless.)
 //   * Scales: FP8 weights, the 128 x 128 block's scale (e8m0 byte or float32) of the gate and
 //     up matrices (SwiGLU: a thread's accumulator rows r and r + 8 are the gate and up rows of
 //     one feature) — every tile row lies in one 128-row block; FP4, one folded power of two per
@@ -133,46 +166,6 @@ __device__ __forceinline__ void qmma_block(float (&tmp)[M], uint32_t a_tile, uin
   }
   wgmma_commit();
 }
-template <int N, int BN, int M>
-__device__ __forceinline__ bool qmma_try(int n, float (&tmp)[M], uint32_t a, uint32_t b) {
-  if constexpr (N <= BN) {
-    if (n == N) {
-      qmma_block<N>(tmp, a, b);
-      return true;
-    }
-  }
-  return false;
-}
-template <int BN, int M>
-__device__ __forceinline__ void qmma_block_n(int n, float (&tmp)[M], uint32_t a, uint32_t b) {
-  qmma_try<8, BN>(n, tmp, a, b) || qmma_try<16, BN>(n, tmp, a, b) ||
-      qmma_try<24, BN>(n, tmp, a, b) || qmma_try<32, BN>(n, tmp, a, b) ||
-      qmma_try<48, BN>(n, tmp, a, b) || qmma_try<64, BN>(n, tmp, a, b) ||
-      qmma_try<80, BN>(n, tmp, a, b) || qmma_try<96, BN>(n, tmp, a, b) ||
-      qmma_try<112, BN>(n, tmp, a, b) || qmma_try<128, BN>(n, tmp, a, b);
-}
-
-// The unit u of the walk: expert e, weight block fb, first pair pt, rows_t rows.
-template <int BN>
-__device__ __forceinline__ void find_unit(const GroupedGemmArgs& a, const int* upre, int u,
-                                          int& e, int& fb, int64_t& pt, int& rows_t) {
-  int lo = 0, hi = a.n_experts;  // upre[lo] <= u < upre[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (upre[mid] <= u) lo = mid; else hi = mid;
-  }
-  e = lo;
-  int64_t p0;
-  const int64_t cnt = expert_rows(a, e, &p0);
-  const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
-  const int local = u - upre[e];
-  fb = local / n_tb;
-  const int tb = local % n_tb;
-  pt = p0 + static_cast<int64_t>(tb) * BN;
-  const int64_t left = cnt - static_cast<int64_t>(tb) * BN;
-  rows_t = static_cast<int>(left < BN ? left : BN);
-}
-
 template <class C, int WFMT, int EPI, int BN>
 __global__ void __launch_bounds__(C::kThreads, 1)
     grouped_gemm_qmma_kernel(const GroupedGemmArgs a) {
@@ -192,53 +185,22 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                  raw_full_bar = empty_bar + 32 * 8;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int E = a.n_experts;
   const int KT = a.k / kQBK;  // k % 128 == 0 (host check)
   const int n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
 
-  // ---- units per expert, prefix sum (as grouped_gemm.cuh) and the barriers ----
-  for (int e = tid; e < E; e += C::kThreads) {
-    int64_t p0;
-    const int64_t cnt = expert_rows(a, e, &p0);
-    upre[e + 1] = n_fb * static_cast<int>((cnt + BN - 1) / BN);  // host bounds the total
-  }
+  // ---- the barriers (see the protocol above), then the unit prefix sum (grouped_gemm.cuh;
+  // its __syncthreads publish the initialised barriers) ----
   if (tid == 0) {
-    upre[0] = 0;
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar + s * 8, 128u);           // the producer threads, one arrive each
       mbar_init(empty_bar + s * 8, C::kConsumers);  // the consumer threads, one arrive each
-      mbar_init(raw_full_bar + s * 8, 128u);
+      mbar_init(raw_full_bar + s * 8, 128u);        // FP4: the producer threads' raw copies
     }
   }
-  __syncthreads();
-  if (warp == 0) {
-    int carry = 0;
-    for (int b0 = 0; b0 < E; b0 += 32) {
-      const int i = b0 + lane;
-      int v = i < E ? upre[i + 1] : 0;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int o = __shfl_up_sync(0xffffffffu, v, d);
-        if (lane >= d) v += o;
-      }
-      v += carry;
-      if (i < E) upre[i + 1] = v;
-      carry = __shfl_sync(0xffffffffu, v, 31);
-    }
-  }
-  __syncthreads();
-  const int total = upre[E];
+  const int total = unit_prefix<BN>(a, n_fb, upre, tid, C::kThreads);
 
   // tile row r -> weight row of matrix m (SwiGLU: gate / up interleaved by 8, grouped_gemm.cuh)
-  auto weight_row = [&](int fb, int r, int& m) {
-    if constexpr (EPI == kEpiSwiGLU) {
-      m = (r >> 3) & 1;
-      return fb * C::kFeat + (r >> 4) * 8 + (r & 7);
-    } else {
-      m = 0;
-      return fb * C::kRowsA + r;
-    }
-  };
+  auto weight_row = [&](int fb, int r, int& m) { return gg::weight_row<EPI, C::kFeat>(fb, r, m); };
   // element index of the weight scale of (expert e, matrix m, weight row wr, k block kt)
   auto w_scale_idx = [&](int e, int m, int wr, int kt) -> int64_t {
     if constexpr (WFMT == kFmtFP8) {
@@ -301,9 +263,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     static_assert(kLag <= S - 1, "conversion lag");
 
     for (int u = blockIdx.x; u < total; u += gridDim.x) {
-      int e, fb, rows_t;
-      int64_t pt;
-      find_unit<BN>(a, upre, u, e, fb, pt, rows_t);
+      const Unit t = find_unit<BN>(a, upre, u);
+      const int e = t.e, fb = t.fb, rows_t = t.rows_t;
+      const int64_t pt = t.pt;
       // weight chunks of this thread: FP8, c = pt_id + 128 j (j < 8), row c / 8, 16-byte
       // column c % 8 (a warp copies 4 whole 128-byte rows); FP4, c = lane + 32 j (j < 4) of
       // warp pw: row 32 pw + c / 4, 16-byte piece c % 4 (8 whole 64-byte rows per copy)
@@ -432,110 +394,76 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const int wg = warp >> 2, w4 = warp & 3, g = lane >> 2, tg = lane & 3;
   const int r0 = wg * 64 + w4 * 16 + g;  // this thread's accumulator rows r0 and r0 + 8
   uint8_t* et = smem + C::kOffEpi;
-  float acc[C::kAcc];
-  float tmp[C::kAcc];
-#pragma unroll
-  for (int i = 0; i < C::kAcc; ++i) tmp[i] = 0.f;
-  int it = 0;
+  float acc[C::kAcc];  // the unit's fp32 result (scaled)
+  int it = 0;  // steps consumed (the producer's step numbering)
 
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
-    int e, fb, rows_t;
-    int64_t pt;
-    find_unit<BN>(a, upre, u, e, fb, pt, rows_t);
-    const int nsel = mma_width(rows_t);  // <= BN
+    const Unit t = find_unit<BN>(a, upre, u);
     // FP8 e8m0: the producer copies the aligned word holding element si = idx_m + kt of matrix
     // m's scale; its byte is (idx_m + kt) & 3
     int b0 = 0, b1 = 0;
     if constexpr (WFMT == kFmtFP8) {
       int m0;
-      const int wr0 = weight_row(fb, 0, m0);
-      b0 = static_cast<int>(w_scale_idx(e, 0, wr0, 0) & 3);
-      b1 = EPI == kEpiSwiGLU ? static_cast<int>(w_scale_idx(e, 1, wr0, 0) & 3) : b0;
+      const int wr0 = weight_row(t.fb, 0, m0);
+      b0 = static_cast<int>(w_scale_idx(t.e, 0, wr0, 0) & 3);
+      b1 = EPI == kEpiSwiGLU ? static_cast<int>(w_scale_idx(t.e, 1, wr0, 0) & 3) : b0;
     }
 #pragma unroll
     for (int i = 0; i < C::kAcc; ++i) acc[i] = 0.f;
 
-    for (int kt = 0; kt < KT; ++kt, ++it) {
-      const int s = it % S;
-      const uint32_t sb = base + s * C::kStageStride;
-      mbar_wait(full_bar + s * 8, static_cast<uint32_t>((it / S) & 1));
-      fence_proxy_async();  // the landed cp.async / converted data -> wgmma's async proxy
-      qmma_block_n<BN>(nsel, tmp, sb + wg * 64 * 128, sb + C::kOffB);
-      // weight scales of rows r0 / r0 + 8 (read while the MMAs run)
-      float sw_lo, sw_hi;
-      if constexpr (WFMT == kFmtFP8) {
-        const uint32_t w0 = lds32(sb + C::kOffSw);
-        const uint32_t w1 = EPI == kEpiSwiGLU ? lds32(sb + C::kOffSw + 4) : w0;
-        if (a.scale_fp32) {
-          sw_lo = __uint_as_float(w0);
-          sw_hi = __uint_as_float(w1);
-        } else {
-          sw_lo = e8m0_to_f32((w0 >> (8 * ((b0 + kt) & 3))) & 0xFFu);
-          sw_hi = e8m0_to_f32((w1 >> (8 * ((b1 + kt) & 3))) & 0xFFu);
-        }
-      } else {
-        sw_lo = ldsf(sb + C::kOffSw + r0 * 4);
-        sw_hi = ldsf(sb + C::kOffSw + (r0 + 8) * 4);
-      }
-      wgmma_wait_all();
-      fence_regs(tmp);
+    // The k loop with the unit's MMA width N as a compile-time constant: every wgmma of the
+    // loop has the same fragment (tmp[0 .. N/2)), which ptxas needs to pipeline them (a
+    // runtime choice of N per k block made it serialise them: warning C7511).
+    with_mma_width<BN>(mma_width(t.rows_t), [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      // one k block's unscaled MMA result: the m64nN fragment of this width alone (each
+      // block's first wgmma overwrites it: scale-d = 0; zeroed here only to be defined)
+      float tmp[N / 2];
 #pragma unroll
-      for (int i = 0; i < BN / 8; ++i) {
-        if (i * 8 < nsel) {
+      for (int i = 0; i < N / 2; ++i) tmp[i] = 0.f;
+      for (int kt = 0; kt < KT; ++kt, ++it) {
+        const int s = it % S;
+        const uint32_t sb = base + s * C::kStageStride;
+        mbar_wait(full_bar + s * 8, static_cast<uint32_t>((it / S) & 1));
+        fence_proxy_async();  // the landed cp.async data -> wgmma's async proxy (see above)
+        qmma_block<N>(tmp, sb + wg * 64 * 128, sb + C::kOffB);
+        // weight scales of rows r0 / r0 + 8 (read while the MMAs run)
+        float sw_lo, sw_hi;
+        if constexpr (WFMT == kFmtFP8) {
+          const uint32_t w0 = lds32(sb + C::kOffSw);
+          const uint32_t w1 = EPI == kEpiSwiGLU ? lds32(sb + C::kOffSw + 4) : w0;
+          if (a.scale_fp32) {
+            sw_lo = __uint_as_float(w0);
+            sw_hi = __uint_as_float(w1);
+          } else {
+            sw_lo = e8m0_to_f32((w0 >> (8 * ((b0 + kt) & 3))) & 0xFFu);
+            sw_hi = e8m0_to_f32((w1 >> (8 * ((b1 + kt) & 3))) & 0xFFu);
+          }
+        } else {
+          sw_lo = ldsf(sb + C::kOffSw + r0 * 4);
+          sw_hi = ldsf(sb + C::kOffSw + (r0 + 8) * 4);
+        }
+        // promotion after wait_group 0: tmp is complete and stage s is no longer read
+        wgmma_wait_all();
+        fence_regs(tmp);
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i) {
           const float2 sa = lds64f(sb + C::kOffSa + (i * 8 + 2 * tg) * 4);
           acc[i * 4 + 0] = fmaf(tmp[i * 4 + 0], sw_lo * sa.x, acc[i * 4 + 0]);
           acc[i * 4 + 1] = fmaf(tmp[i * 4 + 1], sw_lo * sa.y, acc[i * 4 + 1]);
           acc[i * 4 + 2] = fmaf(tmp[i * 4 + 2], sw_hi * sa.x, acc[i * 4 + 2]);
           acc[i * 4 + 3] = fmaf(tmp[i * 4 + 3], sw_hi * sa.y, acc[i * 4 + 3]);
         }
+        mbar_arrive(empty_bar + s * 8);  // this thread is done with stage s (release)
       }
-      mbar_arrive(empty_bar + s * 8);  // this thread is done with stage s
-    }
+    });
 
     // ---- epilogue: registers -> shared tile [BN rows][kFeat] bf16 -> global ----
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int c = i * 8 + 2 * tg;
-      if constexpr (EPI == kEpiSwiGLU) {
-        const int f = wg * 32 + w4 * 8 + g;
-        const float L = a.swiglu_limit;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
-          float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
-          if (L > 0.f) {
-            gq = gq > L ? L : gq;
-            uq = uq > L ? L : (uq < -L ? -L : uq);
-          }
-          const float rw = c + h < rows_t ? __ldg(a.route_weight + pt + c + h) : 0.f;
-          const float hv = rw * (gq / (1.f + expf(-gq)) * uq);
-          *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * C::kEpiStride + f * 2) =
-              __float2bfloat16_rn(hv);
-        }
-      } else {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t pr = pack_bf16x2(acc[i * 4 + h], acc[i * 4 + 2 + h]);
-          uint16_t* row = reinterpret_cast<uint16_t*>(et + (c + h) * C::kEpiStride);
-          row[r0] = static_cast<uint16_t>(pr & 0xFFFFu);
-          row[r0 + 8] = static_cast<uint16_t>(pr >> 16);
-        }
-      }
-    }
+    epi_stage<EPI, BN, C::kEpiStride>(acc, et, wg, w4, g, tg, a.swiglu_limit, [&](int c) {
+      return c < t.rows_t ? __ldg(a.route_weight + t.pt + c) : 0.f;
+    });
     consumer_sync();
-    {
-      constexpr int kCpr = C::kFeat / 8;  // 16-byte chunks per output row
-      char* out = static_cast<char*>(a.out);
-      for (int idx = tid; idx < rows_t * kCpr; idx += C::kConsumers) {
-        const int i = idx / kCpr, ch = idx % kCpr;
-        const int f = fb * C::kFeat + ch * 8;
-        if (f < a.rows) {
-          const uint4 v = *reinterpret_cast<const uint4*>(et + i * C::kEpiStride + ch * 16);
-          *reinterpret_cast<uint4*>(out + (e * a.out_expert_stride +
-                                           (pt + i) * a.out_row_stride + f) * 2) = v;
-        }
-      }
-    }
+    epi_store<C::kFeat, C::kEpiStride>(a, et, t, tid, C::kConsumers);
     consumer_sync();  // the next unit's epilogue overwrites the staged tile
   }
 #endif  // DSV4_GG_WGMMA
@@ -546,13 +474,7 @@ template <int WFMT, int EPI, int BN>
 cudaError_t launch_qmma_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream) {
   using C = QCfg<WFMT, EPI, BN>;
   const int64_t n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
-  int64_t tiles;  // >= sum over experts of ceil(rows_e / BN)
-  if (a.expert_offsets == nullptr) {
-    tiles = static_cast<int64_t>(a.n_experts) * ((a.pairs + BN - 1) / BN);
-  } else {
-    tiles = (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + BN - 1) / BN;
-  }
-  const int64_t units = n_fb * tiles;
+  const int64_t units = unit_bound(a, n_fb, BN);
   if (units > INT_MAX) return cudaErrorInvalidValue;
   if (units == 0) return cudaSuccess;
   const int grid = static_cast<int>(units < num_sms ? units : num_sms);
