@@ -101,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    formats = ("bf16", "fp8") if quick else ("bf16", "fp8", "fp4")
+    formats = ("bf16", "fp8", "fp4")
     decode_T = (1, 128) if quick else (1, 8, 32, 128)
     have_gmm = hasattr(torch, "_grouped_mm")
     for fmt in formats:
@@ -123,12 +123,14 @@ def run(quick: bool = False) -> list[dict]:
             ys = [torch.empty(P, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_rot)]
             it = [0]
 
+            aq = [False]  # act_quant (the FP8-activation rows below)
+
             def ours():
                 i = it[0] % n_rot
                 it[0] += 1
                 r = routes[i]
-                moe_up(xs[i], r[0], r[1], w_up, s_up, r[2], 10.0, False, out=hs[i])
-                moe_down(hs[i], r[1], w_down, s_down, False, out=ys[i])
+                moe_up(xs[i], r[0], r[1], w_up, s_up, r[2], 10.0, aq[0], out=hs[i])
+                moe_down(hs[i], r[1], w_down, s_down, aq[0], out=ys[i])
 
             # baselines (bf16 weights, same routing): torch._grouped_mm and a per-expert loop
             base_us = loop_us = None
@@ -177,6 +179,35 @@ def run(quick: bool = False) -> list[dict]:
                           + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
                           + (f"per-expert loop {loop_us:.0f} us" if loop_us else ""))))
                 print(rows[-1])
+            # act_quant (quant_sim, FP8 activations): the bf16-MMA path (quantisation simulated,
+            # weights dequantised in shared memory) against the FP8 x FP8 path
+            # (DSV4_MOE_FP8_MMA=1, FP8 tensor cores), tile auto, in the same process
+            if fmt != "bf16":
+                aq[0] = True
+                base_aq = None
+                for path in ("bf16_mma", "fp8_mma"):
+                    if path == "fp8_mma":
+                        os.environ["DSV4_MOE_FP8_MMA"] = "1"
+                    try:
+                        t_us = _time_us(ours, reps=10 if kind == "prefill" else 30)
+                    except Exception as ex:  # noqa: BLE001
+                        print(f"gemm_moe: {fmt} {kind} T={T} act_quant {path} failed: {ex}")
+                        continue
+                    finally:
+                        os.environ.pop("DSV4_MOE_FP8_MMA", None)
+                    if path == "bf16_mma":
+                        base_aq = t_us
+                    rows.append(dict(
+                        op="moe_up+moe_down", case=f"{fmt} {kind} T={T} act_quant {path}",
+                        time_us=t_us, tflops=flops / t_us / 1e6,
+                        pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
+                        gbps=wbytes / t_us / 1e3,
+                        pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3),
+                        floor_us=floor_us, ref_time_us=base_aq,
+                        speedup=(base_aq / t_us) if base_aq else None,
+                        note=f"act_quant; baseline = the bf16_mma path; busy experts {busy:.0f}"))
+                    print(rows[-1])
+                aq[0] = False
             del hs, ys, xs, routes
         del w_up, s_up, w_down, s_down
         torch.cuda.empty_cache()

@@ -46,6 +46,15 @@ cudaError_t check_args(const GroupedGemmArgs& a) {
       return cudaErrorInvalidValue;
     if (a.w_format == GemmWeightFormat::kFP4) return cudaErrorInvalidValue;
   }
+  if (a.x_scale != nullptr) {  // FP8 activations: the FP8 x FP8 path (grouped_gemm_qmma.cuh)
+    if (a.w_format == GemmWeightFormat::kBF16 || a.positions != nullptr) return cudaErrorInvalidValue;
+    if (a.k % 128 != 0 || a.x_row_stride % 16 || a.x_expert_stride % 16 || a.x_scale_row_stride < 0)
+      return cudaErrorInvalidValue;
+    if (reinterpret_cast<uintptr_t>(a.x_scale) % 4 != 0) return cudaErrorInvalidValue;
+    if (a.w_format == GemmWeightFormat::kFP4 &&
+        (a.scale_fp32 || a.s_expert_stride % 4 || a.s_mat_stride % 4 || a.s_row_stride % 4))
+      return cudaErrorInvalidValue;
+  }
   return cudaSuccess;
 }
 
@@ -103,6 +112,43 @@ __global__ void fp8_act_quant_sim_kernel(const __nv_bfloat16* __restrict__ x, in
   }
 }
 
+// dsv4.ops.quant.fp8_e4m3_quantize(x, 128), bit for bit: one warp per 1x128 block, 4 values
+// per lane; the scale as in fp8_act_quant_sim_kernel above (the same rule, the codes and the
+// scale stored instead of their product).
+__global__ void fp8_act_quant_kernel(const __nv_bfloat16* __restrict__ x, int64_t xs,
+                                     uint8_t* __restrict__ q, int64_t qs, float* __restrict__ sc,
+                                     int64_t ss, int64_t rows, int64_t blocks_per_row) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+       b < rows * blocks_per_row; b += warps) {
+    const int64_t r = b / blocks_per_row, kb = b % blocks_per_row, c0 = kb * 128 + lane * 4;
+    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
+    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
+                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    amax = fmaxf(amax, 1e-4f);
+    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
+                                                    isfinite(v[2]) && isfinite(v[3]));
+    const uint32_t rb = __float_as_uint(amax / 448.0f);
+    const uint32_t ex = (rb >> 23) & 0xFFu;
+    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    const float inv = 1.0f / s;  // exact: a power of two
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float t = v[i] * inv;
+      t = t > 448.f ? 448.f : (t < -448.f ? -448.f : t);  // NaN stays NaN (as torch.clamp)
+      const __nv_fp8_storage_t f8 = __nv_cvt_float_to_fp8(t, __NV_SATFINITE, __NV_E4M3);
+      packed |= static_cast<uint32_t>(f8) << (8 * i);
+    }
+    *reinterpret_cast<uint32_t*>(q + r * qs + c0) = packed;
+    if (lane == 0) sc[r * ss + kb] = s;
+  }
+}
+
 __global__ void zero_rows_kernel(uint4* __restrict__ out, int64_t rs16, int64_t rows,
                                  int64_t cols16, const int32_t* __restrict__ offsets, int32_t E) {
   int64_t first = __ldg(offsets + E);
@@ -137,11 +183,9 @@ GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
     // fewer than two per SM -> one deep-pipelined block per SM
     const int64_t n_fb = (a.rows + (a.epilogue == GemmEpilogue::kSwiGLU ? 31 : 63)) /
                          (a.epilogue == GemmEpilogue::kSwiGLU ? 32 : 64);
-    const int64_t tiles = a.expert_offsets == nullptr
-                              ? static_cast<int64_t>(a.n_experts) * ((a.pairs + 15) / 16)
-                              : (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + 15) / 16;
     const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
-    return n_fb * tiles < 2 * static_cast<int64_t>(sms) ? GemmTile::kDecodeDeep : GemmTile::kDecode;
+    return gg::unit_bound(a, n_fb, 16) < 2 * static_cast<int64_t>(sms) ? GemmTile::kDecodeDeep
+                                                                       : GemmTile::kDecode;
   }
   if (per <= 64) return GemmTile::kMedium;
   // the RoPE table takes 64 KB at 256 rows: FP8 weights then have too few stages left
@@ -161,6 +205,7 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
     overlap = v != nullptr && !std::strcmp(v, "overlap");
   }
   const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
+  if (a.x_scale != nullptr) return gg::launch_qmma(a, tile, sms, stream);
   switch (a.w_format) {
     case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, overlap, sms, stream);
     case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, overlap, sms, stream);
@@ -182,6 +227,24 @@ cudaError_t fp8_act_quant_sim(const void* x, int64_t x_row_stride, void* y, int6
   fp8_act_quant_sim_kernel<<<ctas, 256, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), x_row_stride, static_cast<__nv_bfloat16*>(y),
       y_row_stride, rows, cols / 128);
+  return cudaGetLastError();
+}
+
+cudaError_t fp8_act_quant(const void* x, int64_t x_row_stride, void* q, int64_t q_row_stride,
+                          float* s, int64_t s_row_stride, int64_t rows, int64_t cols,
+                          cudaStream_t stream) {
+  if (rows < 0 || cols < 0 || cols % 128 != 0) return cudaErrorInvalidValue;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (x == nullptr || q == nullptr || s == nullptr || reinterpret_cast<uintptr_t>(x) % 8 ||
+      reinterpret_cast<uintptr_t>(q) % 4 || reinterpret_cast<uintptr_t>(s) % 4 ||
+      x_row_stride % 4 || q_row_stride % 4)
+    return cudaErrorInvalidValue;
+  const int64_t blocks = rows * (cols / 128);
+  const int64_t ctas64 = (blocks + 7) / 8;
+  const int ctas = static_cast<int>(ctas64 < 4096 ? ctas64 : 4096);
+  fp8_act_quant_kernel<<<ctas, 256, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(x), x_row_stride, static_cast<uint8_t*>(q), q_row_stride,
+      s, s_row_stride, rows, cols / 128);
   return cudaGetLastError();
 }
 

@@ -50,6 +50,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm_fp4.cuh"
@@ -228,28 +229,185 @@ __host__ __device__ constexpr int mma_width(int rows) {
        : rows <= 128 ? 128 : rows <= 160 ? 160 : rows <= 192 ? 192 : rows <= 224 ? 224 : 256;
 }
 
-template <int N, int BN, int M>
-__device__ __forceinline__ bool mma_try(int n, float (&acc)[M], uint32_t a_tile, uint32_t b_tile) {
-  if constexpr (N <= BN) {
-    if (n == N) {
-      mma_step<N>(acc, a_tile, b_tile);
-      return true;
+// The i-th MMA width (i = 0 .. kNumWidths - 1): 8, 16, 24, 32, 48, ..., 128, 160, ..., 256.
+constexpr int kNumWidths = 14;
+__host__ __device__ constexpr int mma_width_at(int i) {
+  return i < 4 ? 8 * (i + 1) : (i < 10 ? 48 + 16 * (i - 4) : 160 + 32 * (i - 10));
+}
+static_assert(mma_width_at(9) == 128 && mma_width_at(13) == 256, "width table");
+
+// Calls f(std::integral_constant<int, n>{}) for the MMA width n (one of mma_width_at(i) <= BN;
+// uniform across the block), so that f sees n as a compile-time constant.
+template <int BN, int I = 0, class F>
+__device__ __forceinline__ void with_mma_width(int n, F&& f) {
+  if constexpr (I < kNumWidths && mma_width_at(I) <= BN) {
+    if (n == mma_width_at(I)) {
+      f(std::integral_constant<int, mma_width_at(I)>{});
+      return;
     }
+    with_mma_width<BN, I + 1>(n, f);
   }
-  return false;
 }
 
 // One k step with MMA width n = mma_width(rows of the unit) (uniform across the block).
 template <int BN, int M>
 __device__ __forceinline__ void mma_step_n(int n, float (&acc)[M], uint32_t a_tile,
                                            uint32_t b_tile) {
-  mma_try<8, BN>(n, acc, a_tile, b_tile) || mma_try<16, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<24, BN>(n, acc, a_tile, b_tile) || mma_try<32, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<48, BN>(n, acc, a_tile, b_tile) || mma_try<64, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<80, BN>(n, acc, a_tile, b_tile) || mma_try<96, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<112, BN>(n, acc, a_tile, b_tile) || mma_try<128, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<160, BN>(n, acc, a_tile, b_tile) || mma_try<192, BN>(n, acc, a_tile, b_tile) ||
-      mma_try<224, BN>(n, acc, a_tile, b_tile) || mma_try<256, BN>(n, acc, a_tile, b_tile);
+  with_mma_width<BN>(n, [&](auto w) { mma_step<decltype(w)::value>(acc, a_tile, b_tile); });
+}
+
+// ------------------------------------------------------------------ the unit walk (shared)
+// A unit is (expert e, block fb of kFeat output features, tile of BN rows of the expert);
+// units are numbered expert by expert, feature block by block within an expert. Both kernels
+// (this file's and grouped_gemm_qmma.cuh's) walk them with a grid stride.
+
+// upre[e] = first unit of expert e, upre[E] = the total (returned). Run by all nthreads threads
+// of the block (warp 0 scans); contains two __syncthreads. The host bounds the total by INT_MAX
+// (unit_bound).
+template <int BN>
+__device__ __forceinline__ int unit_prefix(const GroupedGemmArgs& a, int n_fb, int* upre, int tid,
+                                           int nthreads) {
+  const int E = a.n_experts, lane = tid & 31;
+  for (int e = tid; e < E; e += nthreads) {
+    int64_t p0;
+    const int64_t cnt = expert_rows(a, e, &p0);
+    upre[e + 1] = n_fb * static_cast<int>((cnt + BN - 1) / BN);
+  }
+  if (tid == 0) upre[0] = 0;
+  __syncthreads();
+  if (tid < 32) {
+    int carry = 0;
+    for (int b0 = 0; b0 < E; b0 += 32) {
+      const int i = b0 + lane;
+      int v = i < E ? upre[i + 1] : 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int o = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += o;
+      }
+      v += carry;
+      if (i < E) upre[i + 1] = v;
+      carry = __shfl_sync(0xffffffffu, v, 31);
+    }
+  }
+  __syncthreads();
+  return upre[E];
+}
+
+struct Unit {
+  int e;        // expert
+  int fb;       // feature block
+  int64_t pt;   // first pair (row of x / out) of the tile
+  int rows_t;   // rows of the tile, 1 .. BN
+};
+
+// Unit u (< upre[E]) of the walk.
+template <int BN>
+__device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* upre, int u) {
+  int lo = 0, hi = a.n_experts;  // upre[lo] <= u < upre[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (upre[mid] <= u) lo = mid; else hi = mid;
+  }
+  Unit t;
+  t.e = lo;
+  int64_t p0;
+  const int64_t cnt = expert_rows(a, lo, &p0);
+  const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
+  const int local = u - upre[lo];
+  t.fb = local / n_tb;
+  const int tb = local % n_tb;
+  t.pt = p0 + static_cast<int64_t>(tb) * BN;
+  const int64_t left = cnt - static_cast<int64_t>(tb) * BN;
+  t.rows_t = static_cast<int>(left < BN ? left : BN);
+  return t;
+}
+
+// An upper bound of the unit count (host; the launch's grid): n_fb x (>= sum over experts of
+// ceil(rows_e / BN)).
+inline int64_t unit_bound(const GroupedGemmArgs& a, int64_t n_fb, int bn) {
+  int64_t tiles;
+  if (a.expert_offsets == nullptr) {
+    tiles = static_cast<int64_t>(a.n_experts) * ((a.pairs + bn - 1) / bn);
+  } else {
+    tiles = (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + bn - 1) / bn;
+  }
+  return n_fb * tiles;
+}
+
+// Tile row r of feature block fb -> weight row of matrix m. SwiGLU: the gate (m = 0) and up
+// (m = 1) rows of a feature are interleaved by 8 (rows 16 j + [0, 8) gate, + [8, 16) up, of
+// features 8 j + [0, 8)), so a thread's accumulator rows r and r + 8 are one feature's gate
+// and up. kFeat: features per block (= tile rows for the store epilogue).
+template <int EPI, int kFeat>
+__device__ __forceinline__ int weight_row(int fb, int r, int& m) {
+  if constexpr (EPI == kEpiSwiGLU) {
+    m = (r >> 3) & 1;
+    return fb * kFeat + (r >> 4) * 8 + (r & 7);
+  } else {
+    m = 0;
+    return fb * kFeat + r;
+  }
+}
+
+// ---------------------------------------------------------------- the epilogue (shared)
+// Registers -> shared tile et [BN rows][kFeat] bf16 (row stride kEpiStride bytes). The
+// accumulator of the warpgroup wg (64 tile rows, the m64nN fragment: thread (w4, g, tg) holds
+// rows wg 64 + w4 16 + g (+ 8) x columns 8 i + 2 tg (+ 1)). SwiGLU: bf16-rounded gate / up,
+// clamped at limit (> 0), silu(gate) x up x rw(column) (rw: the routing weight of a tile
+// column, 0 past the tile's rows); store: the bf16 accumulator.
+template <int EPI, int BN, int kEpiStride, int M, class RW>
+__device__ __forceinline__ void epi_stage(const float (&acc)[M], uint8_t* et, int wg, int w4,
+                                          int g, int tg, float limit, RW&& rw) {
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = i * 8 + 2 * tg;
+    if constexpr (EPI == kEpiSwiGLU) {
+      const int f = wg * 32 + w4 * 8 + g;
+      const float L = limit;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
+        float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
+        if (L > 0.f) {
+          gq = gq > L ? L : gq;
+          uq = uq > L ? L : (uq < -L ? -L : uq);
+        }
+        const float hv = rw(c + h) * (gq / (1.f + expf(-gq)) * uq);
+        *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * kEpiStride + f * 2) =
+            __float2bfloat16_rn(hv);
+      }
+    } else {
+      const int r0 = wg * 64 + w4 * 16 + g;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // one paired conversion (two scalar ones make ptxas serialise the wgmma pipeline,
+        // warning C7514)
+        const uint32_t pr = pack_bf16x2(acc[i * 4 + h], acc[i * 4 + 2 + h]);
+        uint16_t* row = reinterpret_cast<uint16_t*>(et + (c + h) * kEpiStride);
+        row[r0] = static_cast<uint16_t>(pr & 0xFFFFu);
+        row[r0 + 8] = static_cast<uint16_t>(pr >> 16);
+      }
+    }
+  }
+}
+
+// The staged tile -> out rows pt .. pt + rows_t - 1, features fb kFeat .. (< a.rows), 16-byte
+// stores by nthreads threads (tid among them).
+template <int kFeat, int kEpiStride>
+__device__ __forceinline__ void epi_store(const GroupedGemmArgs& a, const uint8_t* et,
+                                          const Unit& t, int tid, int nthreads) {
+  constexpr int kCpr = kFeat / 8;  // 16-byte chunks per output row
+  char* out = static_cast<char*>(a.out);
+  for (int idx = tid; idx < t.rows_t * kCpr; idx += nthreads) {
+    const int i = idx / kCpr, ch = idx % kCpr;
+    const int f = t.fb * kFeat + ch * 8;
+    if (f < a.rows) {
+      const uint4 v = *reinterpret_cast<const uint4*>(et + i * kEpiStride + ch * 16);
+      *reinterpret_cast<uint4*>(out + (t.e * a.out_expert_stride +
+                                       (t.pt + i) * a.out_row_stride + f) * 2) = v;
+    }
+  }
 }
 
 template <class C, int FMT, int EPI, bool ROPE, int NWG, int BN, bool OVL>
@@ -278,30 +436,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   const char* dummy = static_cast<const char*>(a.x);  // a valid address for zero-size copies
 
   // ---- units per expert, prefix sum (upre[e] = first unit of expert e, upre[E] = total) ----
-  for (int e = tid; e < E; e += T) {
-    int64_t p0;
-    const int64_t cnt = expert_rows(a, e, &p0);
-    upre[e + 1] = n_fb * static_cast<int>((cnt + BN - 1) / BN);  // host bounds the total
-  }
-  if (tid == 0) upre[0] = 0;
-  __syncthreads();
-  if (warp == 0) {
-    int carry = 0;
-    for (int b0 = 0; b0 < E; b0 += 32) {
-      const int i = b0 + lane;
-      int v = i < E ? upre[i + 1] : 0;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int o = __shfl_up_sync(0xffffffffu, v, d);
-        if (lane >= d) v += o;
-      }
-      v += carry;
-      if (i < E) upre[i + 1] = v;
-      carry = __shfl_sync(0xffffffffu, v, 31);
-    }
-  }
-  __syncthreads();
-  const int total = upre[E];
+  const int total = unit_prefix<BN>(a, n_fb, upre, tid, T);
 
   // Per-thread chunk coordinates (fixed for the whole kernel: T is a multiple of 8 and of
   // the raw chunks per row, so the column of every chunk a thread handles is the same).
@@ -312,32 +447,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     // ---- which unit ----
-    int lo = 0, hi = E;  // upre[lo] <= u < upre[hi]
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) >> 1;
-      if (upre[mid] <= u) lo = mid; else hi = mid;
-    }
-    const int e = lo;
-    int64_t p0;
-    const int64_t cnt = expert_rows(a, e, &p0);
-    const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
-    const int local = u - upre[e];
-    const int fb = local / n_tb, tb = local % n_tb;
-    const int64_t pt = p0 + static_cast<int64_t>(tb) * BN;  // first pair of the tile
-    const int rows_t = static_cast<int>(cnt - static_cast<int64_t>(tb) * BN < BN
-                                            ? cnt - static_cast<int64_t>(tb) * BN : BN);
+    const Unit unit = find_unit<BN>(a, upre, u);
+    const int e = unit.e, fb = unit.fb, rows_t = unit.rows_t;
+    const int64_t pt = unit.pt;  // first pair of the tile
 
     // ---- weight rows ----
     // tile row r -> weight row wr of matrix m (SwiGLU: gate / up interleaved by 8)
-    auto weight_row = [&](int r, int& m) {
-      if constexpr (EPI == kEpiSwiGLU) {
-        m = (r >> 3) & 1;
-        return fb * C::kFeat + (r >> 4) * 8 + (r & 7);
-      } else {
-        m = 0;
-        return fb * C::kRowsA + r;
-      }
-    };
+    auto weight_row = [&](int r, int& m) { return gg::weight_row<EPI, C::kFeat>(fb, r, m); };
     auto weight_src = [&](int wr, int m, bool ok, int col) {
       return static_cast<const char*>(a.w) + e * a.w_expert_stride + m * a.w_mat_stride +
              static_cast<int64_t>(ok ? wr : 0) * a.w_row_stride + col * 16;
@@ -607,51 +723,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 
     // ---- epilogue: registers -> shared tile [BN rows][kFeat] bf16 -> global ----
     uint8_t* et = smem;
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int c = i * 8 + 2 * tg;
-      if constexpr (EPI == kEpiSwiGLU) {
-        const int f = wg * 32 + w4 * 8 + g;
-        const float L = a.swiglu_limit;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
-          float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
-          if (L > 0.f) {
-            gq = gq > L ? L : gq;
-            uq = uq > L ? L : (uq < -L ? -L : uq);
-          }
-          const float hv = rw_s[c + h] * (gq / (1.f + expf(-gq)) * uq);
-          *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * C::kEpiStride + f * 2) =
-              __float2bfloat16_rn(hv);
-        }
-      } else {
-        const int r0 = wg * 64 + w4 * 16 + g;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // one paired conversion (two scalar ones make ptxas serialise the wgmma pipeline,
-          // warning C7514)
-          const uint32_t pr = pack_bf16x2(acc[i * 4 + h], acc[i * 4 + 2 + h]);
-          uint16_t* row = reinterpret_cast<uint16_t*>(et + (c + h) * C::kEpiStride);
-          row[r0] = static_cast<uint16_t>(pr & 0xFFFFu);
-          row[r0 + 8] = static_cast<uint16_t>(pr >> 16);
-        }
-      }
-    }
+    epi_stage<EPI, BN, C::kEpiStride>(acc, et, wg, w4, g, tg, a.swiglu_limit,
+                                      [&](int c) { return rw_s[c]; });
     __syncthreads();
-    {
-      constexpr int kCpr = C::kFeat / 8;  // 16-byte chunks per output row
-      char* out = static_cast<char*>(a.out);
-      for (int idx = tid; idx < rows_t * kCpr; idx += T) {
-        const int i = idx / kCpr, ch = idx % kCpr;
-        const int f = fb * C::kFeat + ch * 8;
-        if (f < a.rows) {
-          const uint4 v = *reinterpret_cast<const uint4*>(et + i * C::kEpiStride + ch * 16);
-          *reinterpret_cast<uint4*>(out + (e * a.out_expert_stride +
-                                           (pt + i) * a.out_row_stride + f) * 2) = v;
-        }
-      }
-    }
+    epi_store<C::kFeat, C::kEpiStride>(a, et, unit, tid, T);
     __syncthreads();  // the next unit's loads overwrite the staged tile
   }
 #endif  // DSV4_GG_WGMMA
@@ -662,13 +737,7 @@ template <int FMT, int EPI, bool ROPE, int NWG, int BN, int SMEM_LIMIT, bool OVL
 cudaError_t launch_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream) {
   using C = Cfg<FMT, EPI, ROPE, NWG, BN, SMEM_LIMIT, OVL>;
   const int64_t n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
-  int64_t tiles;  // >= sum over experts of ceil(rows_e / BN)
-  if (a.expert_offsets == nullptr) {
-    tiles = static_cast<int64_t>(a.n_experts) * ((a.pairs + BN - 1) / BN);
-  } else {
-    tiles = (a.pairs < a.n_experts ? a.pairs : a.n_experts) + (a.pairs + BN - 1) / BN;
-  }
-  const int64_t units = n_fb * tiles;
+  const int64_t units = unit_bound(a, n_fb, BN);
   if (units > INT_MAX) return cudaErrorInvalidValue;
   if (units == 0) return cudaSuccess;
   const int64_t resident = static_cast<int64_t>(num_sms) * C::kMinBlocks;
@@ -718,6 +787,8 @@ cudaError_t launch_fp8(const GroupedGemmArgs& a, GemmTile tile, bool overlap, in
                        cudaStream_t s);
 cudaError_t launch_fp4(const GroupedGemmArgs& a, GemmTile tile, bool overlap, int num_sms,
                        cudaStream_t s);
+// FP8 activations x FP8 / FP4 weights on FP8 tensor cores (grouped_gemm_qmma.cu)
+cudaError_t launch_qmma(const GroupedGemmArgs& a, GemmTile tile, int num_sms, cudaStream_t s);
 
 }  // namespace gg
 }  // namespace dsv4

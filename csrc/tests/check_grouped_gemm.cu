@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -122,6 +123,61 @@ struct Case {
 
 float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
 
+struct Routing {
+  std::vector<int32_t> offsets, row_ids;  // [E + 1], [pairs]
+  std::vector<float> rw;                  // [pairs]
+};
+// Random routing of `pairs` pairs to E experts: the first `used` pairs are split at random cuts
+// (one expert empty for sure when E > 2), the rest belong to no expert; random tokens and
+// routing weights in [0.25, 1.25).
+Routing make_routing(int E, int pairs, int used, int x_rows, std::mt19937& rng) {
+  Routing rt;
+  rt.offsets.assign(E + 1, 0);
+  rt.row_ids.resize(pairs);
+  rt.rw.resize(pairs);
+  std::uniform_int_distribution<int> tok(0, x_rows - 1);
+  std::uniform_real_distribution<float> unif(0.25f, 1.25f);
+  for (auto& r : rt.row_ids) r = tok(rng);
+  for (auto& v : rt.rw) v = unif(rng);
+  std::vector<int> cuts(E - 1);
+  std::uniform_int_distribution<int> cut(0, used);
+  for (auto& v : cuts) v = cut(rng);
+  if (E > 2) cuts[0] = cuts[1];  // an empty expert for sure
+  std::sort(cuts.begin(), cuts.end());
+  for (int e = 1; e < E; ++e) rt.offsets[e] = cuts[e - 1];
+  rt.offsets[E] = used;
+  return rt;
+}
+
+// The bf16 output against the double reference (NaN in ref: a row no expert owns, which must
+// stay poisoned, 0xffff): |got - ref| <= 0.02 |ref| + 0.01 max |ref|. Prints one line; returns
+// whether every element passed.
+bool compare_out(const char* name, const std::vector<double>& ref,
+                 const std::vector<uint16_t>& out16, int64_t out_cols) {
+  double max_ref = 0;
+  for (double v : ref)
+    if (!std::isnan(v)) max_ref = std::max(max_ref, std::fabs(v));
+  int bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < out16.size(); ++i) {
+    const float got = bf16_to_float(out16[i]);
+    if (std::isnan(ref[i])) {  // rows no expert owns: must stay poisoned
+      if (out16[i] != 0xffff && bad++ < 3)
+        std::fprintf(stderr, "  %s: element %zu written (0x%04x) but owned by no expert\n",
+                     name, i, out16[i]);
+      continue;
+    }
+    const double err = std::fabs(got - ref[i]);
+    const double tol = 0.02 * std::fabs(ref[i]) + 0.01 * max_ref;
+    worst = std::max(worst, err / (max_ref > 0 ? max_ref : 1));
+    if (!(err <= tol) && bad++ < 3)
+      std::fprintf(stderr, "  %s: element %zu (row %zu col %zu): got %g want %g\n", name, i,
+                   i / out_cols, i % out_cols, got, ref[i]);
+  }
+  std::printf("%-44s %s (max err / max |ref| = %.2e)\n", name, bad ? "FAIL" : "ok", worst);
+  return bad == 0;
+}
+
 bool run_case(const Case& c, std::mt19937& rng) {
   const bool swiglu = c.epi == GemmEpilogue::kSwiGLU;
   const bool dense = c.rope;  // the RoPE case is the output projection: every expert, all rows
@@ -137,22 +193,11 @@ bool run_case(const Case& c, std::mt19937& rng) {
     x[i] = bf16_to_float(x16[i]);
   }
   // routing: random counts (some experts empty), the last 3 pairs belong to no expert
-  std::vector<int32_t> offsets(c.E + 1, 0), row_ids(c.pairs);
-  std::vector<float> rw(c.pairs);
-  std::uniform_int_distribution<int> tok(0, c.x_rows - 1);
-  std::uniform_real_distribution<float> unif(0.25f, 1.25f);
-  for (auto& r : row_ids) r = tok(rng);
-  for (auto& v : rw) v = unif(rng);
-  const int used = dense ? c.pairs : std::max(0, c.pairs - 3);
-  {
-    std::vector<int> cuts(c.E - 1);
-    std::uniform_int_distribution<int> cut(0, used);
-    for (auto& v : cuts) v = cut(rng);
-    if (c.E > 2) cuts[0] = cuts[1];  // an empty expert for sure
-    std::sort(cuts.begin(), cuts.end());
-    for (int e = 1; e < c.E; ++e) offsets[e] = cuts[e - 1];
-    offsets[c.E] = used;
-  }
+  const Routing rt = make_routing(c.E, c.pairs, dense ? c.pairs : std::max(0, c.pairs - 3),
+                                  c.x_rows, rng);
+  const std::vector<int32_t>& offsets = rt.offsets;
+  const std::vector<int32_t>& row_ids = rt.row_ids;
+  const std::vector<float>& rw = rt.rw;
   std::vector<int32_t> positions(c.x_rows);
   std::vector<float> freqs(32);
   std::uniform_int_distribution<int> posd(0, 1 << 20);
@@ -263,33 +308,244 @@ bool run_case(const Case& c, std::mt19937& rng) {
   std::vector<uint16_t> out16(out_n);
   CHECK_CUDA(cudaMemcpy(out16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
 
-  double max_ref = 0;
-  for (double v : ref)
-    if (!std::isnan(v)) max_ref = std::max(max_ref, std::fabs(v));
-  int bad = 0;
-  double worst = 0;
-  for (size_t i = 0; i < out_n; ++i) {
-    const float got = bf16_to_float(out16[i]);
-    if (std::isnan(ref[i])) {  // rows no expert owns: must stay poisoned
-      if (out16[i] != 0xffff && bad++ < 3)
-        std::fprintf(stderr, "  %s: element %zu written (0x%04x) but owned by no expert\n",
-                     c.name, i, out16[i]);
-      continue;
-    }
-    const double err = std::fabs(got - ref[i]);
-    const double tol = 0.02 * std::fabs(ref[i]) + 0.01 * max_ref;
-    worst = std::max(worst, err / (max_ref > 0 ? max_ref : 1));
-    if (!(err <= tol) && bad++ < 3)
-      std::fprintf(stderr, "  %s: element %zu (row %zu col %zu): got %g want %g\n", c.name, i,
-                   i / out_cols, i % out_cols, got, ref[i]);
-  }
-  std::printf("%-44s %s (max err / max |ref| = %.2e)\n", c.name, bad ? "FAIL" : "ok", worst);
+  const bool pass = compare_out(c.name, ref, out16, out_cols);
   for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
                   static_cast<void*>(dx), static_cast<void*>(doff), static_cast<void*>(drow),
                   static_cast<void*>(drw), static_cast<void*>(dpos), static_cast<void*>(dfr),
                   static_cast<void*>(dout)})
     CHECK_CUDA(cudaFree(p));
-  return bad == 0;
+  return pass;
+}
+
+// ---- the FP8 x FP8 path (x_scale set: grouped_gemm_qmma.cuh) ----
+struct QCase {
+  const char* name;
+  GemmWeightFormat fmt;  // kFP8 or kFP4 (e8m0 scales; FP8 also float32)
+  GemmEpilogue epi;
+  GemmTile tile;
+  int E, rows, k, x_rows, pairs, unowned;  // the last `unowned` pairs belong to no expert
+  bool fp32_scale = false;
+};
+
+// Random bf16 activations quantised on the GPU by fp8_act_quant (e4m3 codes + 1x128 float32
+// scales); the reference uses the dequantised codes (codes x scale) and the dequantised
+// weights, in double. FP4 scales span <= 6 octaves per 128-wide k block (make_weights), where
+// the kernel's folded scales are exact.
+bool run_qmma_case(const QCase& c, std::mt19937& rng) {
+  const bool swiglu = c.epi == GemmEpilogue::kSwiGLU;
+  const int mats = c.E * (swiglu ? 2 : 1);
+  Weights w = make_weights(c.fmt, mats, c.rows, c.k, rng);
+  const int kb = c.k / 128;
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<uint16_t> x16(static_cast<size_t>(c.x_rows) * c.k);
+  for (auto& v : x16) v = float_to_bf16(normal(rng));
+  uint16_t* dx = to_device(x16);
+  uint8_t* dq = nullptr;
+  float* dsx = nullptr;
+  CHECK_CUDA(cudaMalloc(&dq, x16.size()));
+  CHECK_CUDA(cudaMalloc(&dsx, static_cast<size_t>(c.x_rows) * kb * 4));
+  CHECK_CUDA(dsv4::fp8_act_quant(dx, c.k, dq, c.k, dsx, kb, c.x_rows, c.k, nullptr));
+  std::vector<uint8_t> q(x16.size());
+  std::vector<float> sx(static_cast<size_t>(c.x_rows) * kb);
+  CHECK_CUDA(cudaMemcpy(q.data(), dq, q.size(), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(sx.data(), dsx, sx.size() * 4, cudaMemcpyDeviceToHost));
+  std::vector<float> x(q.size());
+  for (size_t i = 0; i < q.size(); ++i) x[i] = e4m3_to_float(q[i]) * sx[i / 128];
+
+  const Routing rt = make_routing(c.E, c.pairs, std::max(0, c.pairs - c.unowned), c.x_rows, rng);
+  std::vector<double> ref(static_cast<size_t>(c.pairs) * c.rows, NAN);
+  for (int e = 0; e < c.E; ++e)
+    for (int p = rt.offsets[e]; p < rt.offsets[e + 1]; ++p) {
+      const float* xr = &x[static_cast<size_t>(rt.row_ids[p]) * c.k];
+      for (int f = 0; f < c.rows; ++f) {
+        auto dot = [&](int m) {
+          const float* wr = &w.deq[(static_cast<size_t>(m) * c.rows + f) * c.k];
+          double acc = 0;
+          for (int t = 0; t < c.k; ++t) acc += static_cast<double>(xr[t]) * wr[t];
+          return acc;
+        };
+        double v;
+        if (swiglu) {
+          double g = bf16_round(dot(2 * e)), u = bf16_round(dot(2 * e + 1));
+          const double L = 10.0;
+          g = std::min(g, L);
+          u = std::max(std::min(u, L), -L);
+          v = rt.rw[p] * (g / (1.0 + std::exp(-g)) * u);
+        } else {
+          v = dot(e);
+        }
+        ref[static_cast<size_t>(p) * c.rows + f] = v;
+      }
+    }
+
+  uint8_t* dw = to_device(w.bytes);
+  uint8_t* ds8 = to_device(w.scale8);
+  float* ds32 = to_device(w.scale32);
+  int32_t* doff = to_device(rt.offsets);
+  int32_t* drow = to_device(rt.row_ids);
+  float* drw = to_device(rt.rw);
+  uint16_t* dout = nullptr;
+  const size_t out_n = static_cast<size_t>(c.pairs) * c.rows;
+  CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(out_n, 1) * 2));
+  CHECK_CUDA(cudaMemset(dout, 0xff, out_n * 2));  // NaN poison
+
+  dsv4::GroupedGemmArgs a;
+  a.w = dw;
+  a.w_format = c.fmt;
+  a.w_row_stride = w.row_bytes;
+  a.w_mat_stride = swiglu ? c.rows * w.row_bytes : 0;
+  a.w_expert_stride = (swiglu ? 2 : 1) * c.rows * w.row_bytes;
+  a.w_scale = c.fp32_scale ? static_cast<const void*>(ds32) : static_cast<const void*>(ds8);
+  a.scale_fp32 = c.fp32_scale;
+  a.w_scale_bytes = c.fp32_scale ? static_cast<int64_t>(w.scale32.size() * 4)
+                                 : static_cast<int64_t>(w.scale8.size());
+  a.s_row_stride = w.s_cols;
+  a.s_mat_stride = swiglu ? w.s_rows * w.s_cols : 0;
+  a.s_expert_stride = (swiglu ? 2 : 1) * w.s_rows * w.s_cols;
+  a.n_experts = c.E;
+  a.rows = c.rows;
+  a.k = c.k;
+  a.x = dq;
+  a.x_row_stride = c.k;
+  a.x_rows = c.x_rows;
+  a.x_scale = dsx;
+  a.x_scale_row_stride = kb;
+  a.row_ids = drow;
+  a.expert_offsets = doff;
+  a.pairs = c.pairs;
+  a.epilogue = c.epi;
+  a.route_weight = drw;
+  a.swiglu_limit = 10.f;
+  a.out = dout;
+  a.out_row_stride = c.rows;
+  a.tile = c.tile;
+  CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> out16(out_n);
+  CHECK_CUDA(cudaMemcpy(out16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
+  const bool pass = compare_out(c.name, ref, out16, c.rows);
+  for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
+                  static_cast<void*>(dx), static_cast<void*>(dq), static_cast<void*>(dsx),
+                  static_cast<void*>(doff), static_cast<void*>(drow), static_cast<void*>(drw),
+                  static_cast<void*>(dout)})
+    CHECK_CUDA(cudaFree(p));
+  return pass;
+}
+
+// Deterministic pseudo-random bytes on the device (the timing case's 2-4 GB of weights would
+// take minutes to generate on the host): byte i = hash(i, seed) with `mask` cleared bits,
+// or (lo + hash % span) where span > 0.
+__global__ void fill_hash(uint8_t* p, int64_t n, uint32_t seed, uint32_t clear, int lo, int span) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9E3779B1u ^ static_cast<uint32_t>(i >> 32) ^ seed;
+    h ^= h >> 15;
+    h *= 0x2C1B3C6Du;
+    h ^= h >> 12;
+    h *= 0x297A2D39u;
+    h ^= h >> 15;
+    p[i] = span > 0 ? static_cast<uint8_t>(lo + static_cast<int>(h % span))
+                    : static_cast<uint8_t>((h & 0xFFu) & ~clear);
+  }
+}
+
+// The prefill shape of moe_up (256 experts, T = 4096, top-6: 24576 pairs, balanced; dim 4096 ->
+// SwiGLU 2048) on the FP8 x FP8 path, FP8 and FP4 weights with e8m0 scales: prints the time
+// (CUDA events, mean of 20 after 3 warm-ups) and TFLOP/s; checks only that the output is finite
+// (the values are covered by the cases above). FP8 codes never NaN (bit 3 cleared on 0x7F).
+bool time_qmma_prefill() {
+  const int E = 256, T = 4096, topk = 6, rows = 2048, k = 4096;
+  const int64_t pairs = static_cast<int64_t>(T) * topk;
+  bool ok = true;
+  for (int f = 0; f < 2; ++f) {
+    const bool fp8 = f == 0;
+    const int64_t row_bytes = fp8 ? k : k / 2;
+    const int64_t w_n = static_cast<int64_t>(E) * 2 * rows * row_bytes;
+    const int64_t s_rows = fp8 ? rows / 128 : rows, s_cols = fp8 ? k / 128 : k / 32;
+    const int64_t s_n = static_cast<int64_t>(E) * 2 * s_rows * s_cols;
+    uint8_t *dw = nullptr, *ds = nullptr, *dq = nullptr;
+    float *dsx = nullptr, *drw = nullptr;
+    int32_t *doff = nullptr, *drow = nullptr;
+    uint16_t* dout = nullptr;
+    CHECK_CUDA(cudaMalloc(&dw, w_n));
+    CHECK_CUDA(cudaMalloc(&ds, s_n));
+    CHECK_CUDA(cudaMalloc(&dq, static_cast<size_t>(T) * k));
+    CHECK_CUDA(cudaMalloc(&dsx, static_cast<size_t>(T) * (k / 128) * 4));
+    CHECK_CUDA(cudaMalloc(&drw, pairs * 4));
+    CHECK_CUDA(cudaMalloc(&doff, (E + 1) * 4));
+    CHECK_CUDA(cudaMalloc(&drow, pairs * 4));
+    CHECK_CUDA(cudaMalloc(&dout, pairs * rows * 2));
+    fill_hash<<<1024, 256>>>(dw, w_n, 1u, fp8 ? 0x08u : 0u, 0, 0);
+    // (FP8: clearing bit 3 of every byte removes the NaN codes 0x7F / 0xFF, keeps the rest random)
+    fill_hash<<<1024, 256>>>(ds, s_n, 2u, 0u, 122, 7);
+    fill_hash<<<1024, 256>>>(dq, static_cast<int64_t>(T) * k, 3u, 0x08u, 0, 0);
+    CHECK_CUDA(cudaGetLastError());
+    std::vector<float> sx(static_cast<size_t>(T) * (k / 128), 1.f / 64), rwv(pairs, 0.5f);
+    std::vector<int32_t> off(E + 1), rid(pairs);
+    for (int e = 0; e <= E; ++e) off[e] = static_cast<int32_t>(pairs * e / E);
+    std::mt19937 rng(5);
+    for (auto& r : rid) r = static_cast<int32_t>(rng() % T);
+    CHECK_CUDA(cudaMemcpy(dsx, sx.data(), sx.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(drw, rwv.data(), rwv.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(doff, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(drow, rid.data(), rid.size() * 4, cudaMemcpyHostToDevice));
+    dsv4::GroupedGemmArgs a;
+    a.w = dw;
+    a.w_format = fp8 ? GemmWeightFormat::kFP8 : GemmWeightFormat::kFP4;
+    a.w_row_stride = row_bytes;
+    a.w_mat_stride = rows * row_bytes;
+    a.w_expert_stride = 2 * rows * row_bytes;
+    a.w_scale = ds;
+    a.w_scale_bytes = s_n;
+    a.s_row_stride = s_cols;
+    a.s_mat_stride = s_rows * s_cols;
+    a.s_expert_stride = 2 * s_rows * s_cols;
+    a.n_experts = E;
+    a.rows = rows;
+    a.k = k;
+    a.x = dq;
+    a.x_row_stride = k;
+    a.x_rows = T;
+    a.x_scale = dsx;
+    a.x_scale_row_stride = k / 128;
+    a.row_ids = drow;
+    a.expert_offsets = doff;
+    a.pairs = pairs;
+    a.epilogue = GemmEpilogue::kSwiGLU;
+    a.route_weight = drw;
+    a.swiglu_limit = 10.f;
+    a.out = dout;
+    a.out_row_stride = rows;
+    for (int i = 0; i < 3; ++i) CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+    cudaEvent_t t0, t1;
+    CHECK_CUDA(cudaEventCreate(&t0));
+    CHECK_CUDA(cudaEventCreate(&t1));
+    const int iters = 20;
+    CHECK_CUDA(cudaEventRecord(t0));
+    for (int i = 0; i < iters; ++i) CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+    CHECK_CUDA(cudaEventRecord(t1));
+    CHECK_CUDA(cudaEventSynchronize(t1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, t0, t1));
+    ms /= iters;
+    std::vector<uint16_t> out(static_cast<size_t>(pairs) * rows);
+    CHECK_CUDA(cudaMemcpy(out.data(), dout, out.size() * 2, cudaMemcpyDeviceToHost));
+    int64_t nonfinite = 0;
+    for (uint16_t v : out) nonfinite += (v & 0x7F80u) == 0x7F80u;
+    const double flops = 2.0 * pairs * (2.0 * rows) * k;
+    std::printf("%-44s %s (%.3f ms, %.0f TFLOP/s, %lld non-finite)\n",
+                fp8 ? "timing moe_up fp8 T=4096 fp8_mma" : "timing moe_up fp4 T=4096 fp8_mma",
+                nonfinite ? "FAIL" : "ok", ms, flops / (ms * 1e-3) / 1e12,
+                static_cast<long long>(nonfinite));
+    ok = ok && nonfinite == 0;
+    CHECK_CUDA(cudaEventDestroy(t0));
+    CHECK_CUDA(cudaEventDestroy(t1));
+    for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds), static_cast<void*>(dq),
+                    static_cast<void*>(dsx), static_cast<void*>(drw), static_cast<void*>(doff),
+                    static_cast<void*>(drow), static_cast<void*>(dout)})
+      CHECK_CUDA(cudaFree(p));
+  }
+  return ok;
 }
 
 // fp8_act_quant_sim against a transcription of dsv4.ops.quant.fp8_e4m3_sim (block 128).
@@ -363,10 +619,49 @@ bool check_e2m1_decoder() {
   return bad == 0;
 }
 
+// The FP8 x FP8 path's e2m1 -> e4m3 conversion with a folded scale shift t (grouped_gemm_fp4.cuh,
+// host emulation of PRMT): every code word of a random sample for every shift t in [-20, 6];
+// exact (e4m3 value == e2m1 value * 2^t) for t >= -8, nearest e4m3 (error <= half the 2^-9
+// subnormal step) below; and the folded scale 2^(cmax - 133) for every code.
+bool check_e2m1_to_e4m3() {
+  std::mt19937 rng(11);
+  long bad = 0;
+  for (int t = -20; t <= 6; ++t) {
+    uint32_t lut0, lut1;
+    dsv4::gg::e4m3_lut_for_shift(t, lut0, lut1);
+    auto test = [&](uint32_t w) {
+      uint32_t o[2];
+      dsv4::gg::e2m1x8_to_e4m3x8(w, lut0, lut1, o);
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t code = static_cast<uint8_t>((w >> (4 * j)) & 15u);
+        const float got = e4m3_to_float(static_cast<uint8_t>((o[j / 4] >> (8 * (j & 3))) & 0xFFu));
+        const float want = std::ldexp(e2m1_to_float(code), t);
+        const float tol = t >= -8 ? 0.f : std::ldexp(1.0f, -10);
+        const bool sign_ok = (code & 7) == 0 || std::signbit(got) == std::signbit(want) ||
+                             got == 0.f;
+        if ((std::fabs(got - want) > tol || !sign_ok) && bad++ < 3)
+          std::fprintf(stderr, "  e2m1->e4m3: t %d word %08x element %d: got %g want %g\n", t,
+                       w, j, got, want);
+      }
+    };
+    for (uint32_t x = 0; x < 65536; x += 7) test(x | (static_cast<uint32_t>(rng()) << 16));
+    for (int i = 0; i < 20000; ++i) test(static_cast<uint32_t>(rng()));
+  }
+  for (uint32_t c = 0; c < 255; ++c) {
+    const float got = dsv4::gg::fp4_folded_scale(c, false);
+    if (got != std::ldexp(1.0f, static_cast<int>(c) - 133) && bad++ < 3)
+      std::fprintf(stderr, "  folded scale: code %u: got %g\n", c, got);
+  }
+  if (!std::isnan(dsv4::gg::fp4_folded_scale(7, true)) && bad++ < 3)
+    std::fprintf(stderr, "  folded scale: NaN code not NaN\n");
+  std::printf("%-44s %s\n", "e2m1 -> e4m3 with folded scales (host)", bad ? "FAIL" : "ok");
+  return bad == 0;
+}
+
 }  // namespace
 
 int main() {
-  if (!check_e2m1_decoder()) {
+  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3()) {
     std::printf("FAIL\n");
     return 1;
   }
@@ -419,6 +714,32 @@ int main() {
     Case c{names[ni++], GemmWeightFormat::kFP8, GemmEpilogue::kStore, tiles[t], 1, 120, 208, 9, 9};
     ok = run_case(c, rng) && ok;
   }
+  // the FP8 x FP8 path: FP8 (e8m0 / float32 scales) and FP4 weights, both epilogues, the three
+  // tiles (16 / 64 / 128 rows), empty experts, unowned pairs, T = 1, a k of one block
+  const GemmTile qtiles[] = {GemmTile::kDecode, GemmTile::kMedium, GemmTile::kLarge};
+  for (int t = 0; t < 3; ++t)
+    for (int f = 1; f < 3; ++f)
+      for (int epi = 0; epi < 2; ++epi) {
+        std::snprintf(names[ni], 64, "fp8_mma %s %s %s%s", epi ? "swiglu" : "store", fmt_names[f],
+                      tile_names[t == 0 ? 0 : t + 1], f == 1 && t == 1 ? " fp32 scales" : "");
+        QCase c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+                qtiles[t], 6, epi ? 200 : 136, 384, 45, 300, 3};
+        c.fp32_scale = f == 1 && t == 1;
+        ok = run_qmma_case(c, rng) && ok;
+      }
+  {
+    QCase c1{"fp8_mma swiglu fp8 T=1 (one pair)", GemmWeightFormat::kFP8, GemmEpilogue::kSwiGLU,
+             GemmTile::kAuto, 4, 96, 256, 1, 1, 0};
+    ok = run_qmma_case(c1, rng) && ok;
+    QCase c2{"fp8_mma store fp4 T=1 k=128", GemmWeightFormat::kFP4, GemmEpilogue::kStore,
+             GemmTile::kAuto, 3, 72, 128, 1, 2, 0};
+    ok = run_qmma_case(c2, rng) && ok;
+    QCase c3{"fp8_mma swiglu fp4 300 pairs auto tile", GemmWeightFormat::kFP4,
+             GemmEpilogue::kSwiGLU, GemmTile::kAuto, 5, 256, 512, 80, 300, 3};
+    ok = run_qmma_case(c3, rng) && ok;
+  }
+  // (DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer)
+  if (std::getenv("DSV4_CHECK_NO_TIMING") == nullptr) ok = time_qmma_prefill() && ok;
   std::printf(ok ? "PASS\n" : "FAIL\n");
   return ok ? 0 : 1;
 }

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 #include <optional>
 #include <string>
 
@@ -137,6 +139,36 @@ inline at::Tensor act_quant(const at::Tensor& x, cudaStream_t stream, const char
   C10_CUDA_CHECK(fp8_act_quant_sim(x.data_ptr(), row_stride(x), y.data_ptr(), row_stride(y),
                                    x.size(0), x.size(1), stream));
   return y;
+}
+
+// fp8_e4m3_quantize(x, 128) of bf16 rows: (codes float8_e4m3fn [rows, cols], scales float32
+// [rows, cols / 128]), both new contiguous tensors.
+inline std::pair<at::Tensor, at::Tensor> fp8_quant(const at::Tensor& x, cudaStream_t stream,
+                                                   const char* op) {
+  TORCH_CHECK(x.size(1) % 128 == 0, op, "FP8 activation quantisation needs an input width "
+              "divisible by 128, got ", x.size(1));
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn)
+                                          .memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor s = at::empty({x.size(0), x.size(1) / 128}, x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(fp8_act_quant(x.data_ptr(), row_stride(x), q.data_ptr(), row_stride(q),
+                               s.data_ptr<float>(), s.size(0) <= 1 ? 0 : s.stride(0), x.size(0),
+                               x.size(1), stream));
+  return {q, s};
+}
+
+// Whether act_quant runs on FP8 tensor cores (FP8 x FP8, grouped_gemm_qmma.cuh) instead of the
+// quantisation simulation + bf16 MMAs: opt-in (DSV4_MOE_FP8_MMA=1) until it has run on the
+// H200, for FP8 weights and for FP4 weights with e8m0 scales (float32 FP4 scales need not be
+// powers of two and cannot be folded exactly: they stay on the bf16 path).
+inline bool use_fp8_mma(bool act_quant, GemmWeightFormat fmt, const GroupedGemmArgs& a) {
+  if (!act_quant || fmt == GemmWeightFormat::kBF16) return false;
+  const char* v = std::getenv("DSV4_MOE_FP8_MMA");
+  if (v == nullptr || std::string(v) != "1") return false;
+  if (fmt == GemmWeightFormat::kFP4) {
+    return !a.scale_fp32 && a.s_expert_stride % 4 == 0 && a.s_mat_stride % 4 == 0 &&
+           a.s_row_stride % 4 == 0;
+  }
+  return true;
 }
 
 inline void run(const GroupedGemmArgs& a, cudaStream_t stream, const char* op) {

@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <optional>
+#include <tuple>
 
 #include "dsv4/grouped_gemm.h"
 #include "gemm_utils.h"
@@ -65,13 +66,20 @@ void run_up(const at::Tensor& x_in, const at::Tensor& row_ids_in, const at::Tens
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_in.device().index()).stream();
   at::Tensor x = readable_rows(x_in);
-  if (act_quant) x = gemm_glue::act_quant(x, stream, kUp);
+  GroupedGemmArgs a;
+  set_weight(a, w_up, w_up_scale, fmt);
+  at::Tensor x_scale;  // FP8 x FP8 path: the tokens quantised once, before the gather
+  if (use_fp8_mma(act_quant, fmt, a)) {
+    std::tie(x, x_scale) = fp8_quant(x, stream, kUp);
+    a.x_scale = x_scale.data_ptr<float>();
+    a.x_scale_row_stride = row_stride(x_scale);
+  } else if (act_quant) {
+    x = gemm_glue::act_quant(x, stream, kUp);
+  }
   const at::Tensor row_ids = row_ids_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const at::Tensor rw = route_weight_in.contiguous();
 
-  GroupedGemmArgs a;
-  set_weight(a, w_up, w_up_scale, fmt);
   a.n_experts = static_cast<int32_t>(E);
   a.rows = static_cast<int32_t>(N);
   a.k = static_cast<int32_t>(K);
@@ -109,11 +117,18 @@ void run_down(const at::Tensor& h_in, const at::Tensor& offsets_in, const at::Te
   if (P == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h_in.device().index()).stream();
   at::Tensor h = readable_rows(h_in);
-  if (act_quant) h = gemm_glue::act_quant(h, stream, kDown);
-  const at::Tensor offsets = offsets_in.contiguous();
-
   GroupedGemmArgs a;
   set_weight(a, w_down, w_down_scale, fmt);
+  at::Tensor h_scale;  // FP8 x FP8 path
+  if (use_fp8_mma(act_quant, fmt, a)) {
+    std::tie(h, h_scale) = fp8_quant(h, stream, kDown);
+    a.x_scale = h_scale.data_ptr<float>();
+    a.x_scale_row_stride = row_stride(h_scale);
+  } else if (act_quant) {
+    h = gemm_glue::act_quant(h, stream, kDown);
+  }
+  const at::Tensor offsets = offsets_in.contiguous();
+
   a.n_experts = static_cast<int32_t>(E);
   a.rows = static_cast<int32_t>(D);
   a.k = static_cast<int32_t>(N);
@@ -184,6 +199,23 @@ void moe_down_out_cuda(const at::Tensor& h, const at::Tensor& expert_offsets,
   run_down(h, expert_offsets, w_down, w_down_scale, act_quant, y);
 }
 
+// (codes, scales) = fp8_e4m3_quantize(x, 128): the quantiser of the FP8 x FP8 path.
+std::tuple<at::Tensor, at::Tensor> fp8_act_quant_cuda(const at::Tensor& x_in) {
+  constexpr const char* kQ = "dsv4::fp8_act_quant (CUDA): ";
+  TORCH_CHECK(x_in.is_cuda(), kQ, "x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2, kQ,
+              "x must be bfloat16 [rows, cols], got ", x_in.scalar_type(), " ", x_in.sizes());
+  TORCH_CHECK(x_in.size(1) % 128 == 0, kQ, "cols must be a multiple of 128, got ", x_in.size(1));
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_in.device().index()).stream();
+  if (x_in.size(0) == 0) {
+    return {at::empty(x_in.sizes(), x_in.options().dtype(at::kFloat8_e4m3fn)),
+            at::empty({0, x_in.size(1) / 128}, x_in.options().dtype(at::kFloat))};
+  }
+  auto [q, s] = fp8_quant(readable_rows(x_in), stream, kQ);
+  return {q, s};
+}
+
 }  // namespace
 }  // namespace dsv4
 
@@ -200,6 +232,9 @@ TORCH_LIBRARY_FRAGMENT(dsv4, m) {
   m.def(
       "moe_down(Tensor h, Tensor expert_offsets, Tensor w_down, Tensor? w_down_scale, "
       "bool act_quant) -> Tensor");
+  // FP8 activation quantisation of the FP8 x FP8 expert path (= ops.quant.fp8_e4m3_quantize
+  // with block 128): codes float8_e4m3fn [rows, cols], scales float32 [rows, cols / 128].
+  m.def("fp8_act_quant(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "moe_down_out(Tensor h, Tensor expert_offsets, Tensor w_down, Tensor? w_down_scale, "
       "bool act_quant, *, Tensor(a!) y) -> ()");
@@ -210,4 +245,5 @@ TORCH_LIBRARY_IMPL(dsv4, CUDA, m) {
   m.impl("moe_up_out", &dsv4::moe_up_out_cuda);
   m.impl("moe_down", &dsv4::moe_down_cuda);
   m.impl("moe_down_out", &dsv4::moe_down_out_cuda);
+  m.impl("fp8_act_quant", &dsv4::fp8_act_quant_cuda);
 }

@@ -86,6 +86,20 @@ struct GroupedGemmArgs {
   void* out = nullptr;
   int64_t out_expert_stride = 0, out_row_stride = 0;
 
+  // FP8 activations (the FP8 x FP8 path, csrc/kernels/grouped_gemm_qmma.cuh): when x_scale is
+  // set, x holds float8_e4m3fn codes (strides in elements = bytes, 16-byte aligned rows) and
+  // x_scale their 1x128 block scales, float32 [x_rows, k / 128] with row stride
+  // x_scale_row_stride (elements); a = codes * scale per block (fp8_act_quant). The products
+  // run on FP8 tensor cores: sum over k blocks of (codes_x . codes_w) * s_x * s_w in fp32.
+  // Needs FP8 weights (e8m0 or float32 scales) or FP4 weights with e8m0 scales whose strides
+  // (s_expert_stride, s_mat_stride, s_row_stride) are multiples of 4; k % 128 == 0; no RoPE.
+  // FP4: each row's four 1x32 scales of a 128-wide k block are folded into one power of two
+  // (exact while they span <= 14 octaves; grouped_gemm_fp4.cuh). Tiles: 128 weight rows x 16,
+  // 64 or 128 activation rows (from the average rows per expert; `tile` kDecode / kMedium /
+  // kLarge force 16 / 64 / 128).
+  const float* x_scale = nullptr;
+  int64_t x_scale_row_stride = 0;
+
   GemmTile tile = GemmTile::kAuto;
   // Pipeline of the two-warpgroup tiles (kMedium, kLarge, kHuge): the MMAs of a k step finish
   // before the next barrier (kSerial) or stay in flight across it (kOverlap: one stage less of
@@ -108,6 +122,16 @@ GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& args);
 // (row strides in elements, 16-byte aligned rows), cols % 128 == 0. y may not overlap x.
 cudaError_t fp8_act_quant_sim(const void* x, int64_t x_row_stride, void* y, int64_t y_row_stride,
                               int64_t rows, int64_t cols, cudaStream_t stream);
+
+// FP8 activation quantisation for the FP8 x FP8 path, bit for bit dsv4.ops.quant.
+// fp8_e4m3_quantize(x, 128): per 1x128 block along a row, amax = max(|x|, 1e-4),
+// s = 2^ceil(log2(amax / 448)) (1 for a block holding inf / NaN), q = e4m3(clamp(x / s, +-448)).
+// x bf16 [rows, cols] (row stride in elements, 8-byte aligned), cols % 128 == 0; q
+// float8_e4m3fn [rows, cols] (row stride in elements, 4-byte aligned), s float32
+// [rows, cols / 128] (row stride in elements).
+cudaError_t fp8_act_quant(const void* x, int64_t x_row_stride, void* q, int64_t q_row_stride,
+                          float* s, int64_t s_row_stride, int64_t rows, int64_t cols,
+                          cudaStream_t stream);
 
 // Zeroes rows [clamp(expert_offsets[n_experts], 0, rows), rows) of the bf16 matrix out
 // [rows, cols] (row stride in elements; cols % 8 == 0, 16-byte aligned rows).

@@ -32,6 +32,15 @@ ue8m0 scales, :func:`dsv4.ops.quant.fp8_e4m3_sim`); the MoE uses it when ``quant
 and the experts were stored FP8/FP4. Rows ``p >= offsets[E]`` are zero in the functional ops'
 results and left untouched by the ``_out`` variants.
 
+On CUDA with ``act_quant`` and FP8 / FP4 (e8m0-scaled) experts, ``DSV4_MOE_FP8_MMA=1`` selects
+the FP8 x FP8 path (opt-in until measured on the H200): the input rows are quantised once by
+:func:`fp8_act_quant` (codes + 1x128 scales, before the gather) and multiplied on FP8 tensor
+cores with the weight scales applied to the fp32 partial sums of each 128-deep k block
+(grouped_gemm_qmma.cuh; FP4 weights converted exactly to e4m3 with their four 1x32 scales of a
+k block folded into one power of two). Same result as the reference up to fp32 summation order.
+Without it, the activation quantisation is simulated in bf16 and the products run on bf16 tensor
+cores (FP8 / FP4 weights dequantised in shared memory).
+
 On CUDA (bf16 activations) the kernels in csrc/kernels/grouped_gemm*.cu run; the CUDA kernels
 check shapes and dtypes but not the values of ``row_ids`` / ``expert_offsets`` (that would need
 a host sync): an out-of-range row id reads as a zero row and offsets are clamped to [0, P],
@@ -46,12 +55,13 @@ import torch
 
 from ..quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 from ._ext import register_op
-from .quant import fp8_e4m3_sim
+from .quant import fp8_e4m3_quantize, fp8_e4m3_sim
 
 __all__ = [
     "moe_up", "moe_down", "moe_up_reference", "moe_down_reference",
     "expert_weight_format", "dequantize_expert", "dequantize_experts",
     "MOE_UP_SCHEMA", "MOE_UP_OUT_SCHEMA", "MOE_DOWN_SCHEMA", "MOE_DOWN_OUT_SCHEMA",
+    "fp8_act_quant", "fp8_act_quant_reference", "FP8_ACT_QUANT_SCHEMA",
 ]
 
 _UP_ARGS = ("(Tensor x, Tensor row_ids, Tensor expert_offsets, Tensor w_up, Tensor? w_up_scale, "
@@ -362,6 +372,37 @@ def _moe_down_out_fake(h, expert_offsets, w_down, w_down_scale, act_quant, y):
     _check_out("moe_down_out", y, (h.shape[0], w_down.shape[1]), h.dtype, torch._check)
 
 
+FP8_ACT_QUANT_SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
+
+
+def fp8_act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantiser of the FP8 x FP8 expert path: exactly
+    :func:`dsv4.ops.quant.fp8_e4m3_quantize` with block 128 (architecture.md §12.3).
+
+    Args:
+        x: [rows, cols] float (bf16 on CUDA), ``cols % 128 == 0``.
+
+    Returns:
+        (codes float8_e4m3fn [rows, cols], scales float32 [rows, cols / 128]); ``x ≈ codes *
+        scale`` per 1x128 block, and ``codes * scale`` is :func:`fp8_e4m3_sim` (x, 128).
+
+    Raises:
+        ValueError: x not 2-D or cols not a multiple of 128.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"fp8_act_quant: x must be [rows, cols], got {list(x.shape)}")
+    return fp8_e4m3_quantize(x, FP8_BLOCK)
+
+
+def _fp8_act_quant_fake(x):
+    torch._check(x.dim() == 2 and x.shape[1] % FP8_BLOCK == 0,
+                 lambda: f"fp8_act_quant: x must be [rows, cols] with cols % {FP8_BLOCK} == 0, "
+                         f"got {list(x.shape)}")
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+            x.new_empty((x.shape[0], x.shape[1] // FP8_BLOCK), dtype=torch.float32))
+
+
+register_op("fp8_act_quant", FP8_ACT_QUANT_SCHEMA, fp8_act_quant_reference, _fp8_act_quant_fake)
 register_op("moe_up", MOE_UP_SCHEMA, moe_up_reference, _moe_up_fake)
 register_op("moe_up_out", MOE_UP_OUT_SCHEMA, _moe_up_out_ref, _moe_up_out_fake)
 register_op("moe_down", MOE_DOWN_SCHEMA, moe_down_reference, _moe_down_fake)
@@ -371,6 +412,12 @@ register_op("moe_down_out", MOE_DOWN_OUT_SCHEMA, _moe_down_out_ref, _moe_down_ou
 # ---------------------------------------------------------------------------------------------
 # Wrappers
 # ---------------------------------------------------------------------------------------------
+def fp8_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.dsv4.fp8_act_quant``: see :func:`fp8_act_quant_reference` (on CUDA: bf16 x,
+    one kernel, bit for bit the reference)."""
+    return torch.ops.dsv4.fp8_act_quant(x)
+
+
 def moe_up(x: torch.Tensor, row_ids: torch.Tensor, expert_offsets: torch.Tensor,
            w_up: torch.Tensor, w_up_scale: Optional[torch.Tensor], route_weight: torch.Tensor,
            swiglu_limit: float, act_quant: bool = False,
