@@ -429,13 +429,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, w4 = warp & 3, g = lane >> 2, tg = lane & 3;
-  const int E = a.n_experts;
   const int K = a.k;
   const int KT = (K + kBK - 1) / kBK;
   const int n_fb = (a.rows + C::kFeat - 1) / C::kFeat;
   const char* dummy = static_cast<const char*>(a.x);  // a valid address for zero-size copies
 
-  // ---- units per expert, prefix sum (upre[e] = first unit of expert e, upre[E] = total) ----
+  // ---- units per expert, prefix sum (upre[e] = first unit of expert e, upre[n_experts] = total) ----
   const int total = unit_prefix<BN>(a, n_fb, upre, tid, T);
 
   // Per-thread chunk coordinates (fixed for the whole kernel: T is a multiple of 8 and of
