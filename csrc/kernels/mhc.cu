@@ -541,11 +541,15 @@ __device__ __forceinline__ void wide_mbar_expect(uint32_t bar, uint32_t bytes) {
       : "memory");
 }
 // Waits for the phase of parity `parity`, with acquire at cluster scope: the st.async bytes
-// of other CTAs that completed the phase are visible afterwards. Unbounded: every phase's bytes
-// are sent unconditionally by the cluster's CTAs (see the ordering notes above).
-__device__ __forceinline__ void wide_mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
+// of other CTAs that completed the phase are visible afterwards. Every phase's bytes are sent
+// unconditionally by the cluster's CTAs (see the ordering notes above), so a real wait takes
+// microseconds; a phase that has not completed after 2^24 polls (seconds) can only come from
+// a protocol bug: the wait then gives up and returns false (`alive` becomes false, and later
+// waits of the thread return at once), the kernel writes NaN where the missing data was used
+// and ends instead of hanging the GPU.
+__device__ __forceinline__ void wide_mbar_wait(uint32_t bar, uint32_t parity, bool& alive) {
+  for (uint32_t n = 0; alive; ++n) {
+    uint32_t done;
     asm volatile(
         "{\n.reg .pred p;\n"
         "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
@@ -553,6 +557,8 @@ __device__ __forceinline__ void wide_mbar_wait(uint32_t bar, uint32_t parity) {
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+    if (done) return;
+    if (n == (1u << 24)) alive = false;
   }
 }
 // The address of the same shared-memory location in CTA `rank` of the cluster.
@@ -667,12 +673,14 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
   }
   cluster.sync();  // every CTA's mbarriers are initialised before any st.async reaches them
 
+  bool alive = true;  // false once a wait of this thread gave up (a protocol bug; see wait)
+
   // Step 4 for tile k (finalising warp): tokens 2 rank + h of the tile, h = lane / 16.
   auto finalise = [&](int64_t k) {
     const int par = static_cast<int>(k & 1);
     const uint32_t rbar = recv_bar0 + 8 * par;
     if (lane == 0) wide_mbar_expect(rbar, kRecvBytes);
-    wide_mbar_wait(rbar, static_cast<uint32_t>((k >> 1) & 1));
+    wide_mbar_wait(rbar, static_cast<uint32_t>((k >> 1) & 1), alive);
     const int h = lane >> 4, l = lane & 15, i = 2 * rank + h;
     const int64_t t = (cid + k * ncl) * kWideTM + i;
     const float* src = recv + (par * kCluster * 2 + h) * kRP;  // + r * 2 kRP: rank r's row
@@ -686,6 +694,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
         float s = v[0];
 #pragma unroll
         for (int r = 1; r < kCluster; ++r) s = __fadd_rn(s, v[r]);
+        if (!alive) s = __int_as_float(0x7fc00000);  // the rows never came: NaN, not garbage
         const int oc = c == kNReal ? kSumsqCol : c;  // the 32-column row layout
         tot[h * kPartCols + oc] = s;
         if (NT == 3 && t < a.tokens) a.rows[t * kPartCols + oc] = s;
@@ -783,7 +792,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
       const int par = static_cast<int>(k & 1);
       const uint32_t pbar = pre_bar0 + 8 * par;
       if (tid == 0) wide_mbar_expect(pbar, kPreBytes);
-      wide_mbar_wait(pbar, static_cast<uint32_t>((k >> 1) & 1));
+      wide_mbar_wait(pbar, static_cast<uint32_t>((k >> 1) & 1), alive);
       const int64_t t0 = (cid + k * ncl) * kWideTM;
       const __nv_bfloat16* xb = sX + prev * kWideTM * pitch;
       const float* sp = spre + par * kWideTM * kHc;
@@ -791,7 +800,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
       for (int i = tid / chunks; i < kWideTM; i += kWideThreads / chunks) {
         const int64_t t = t0 + i;
         if (t >= a.tokens) break;  // i only grows
-        const float4 p = *reinterpret_cast<const float4*>(sp + i * kHc);
+        float4 p = *reinterpret_cast<const float4*>(sp + i * kHc);
+        if (!alive) p.x = __int_as_float(0x7fc00000);  // pre never came: u is NaN
         const __nv_bfloat16* xr = xb + i * pitch + ch * 8;
         *reinterpret_cast<uint4*>(a.u + t * a.u_stride + slice0 + ch * 8) =
             collapse8(p.x, p.y, p.z, p.w, *reinterpret_cast<const uint4*>(xr),
