@@ -16,7 +16,8 @@
 //  Prefill runs the two phases on chunks of 512 tokens, so that phase 2 re-reads x from L2.
 //  With DSV4_MHC_ONE_PASS=1 (opt-in until verified on hardware), prefill at dim 1024 / 2048 /
 //  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
-//  cluster per 32-token tile, x kept in shared memory).
+//  cluster per 32-token tile, x kept in shared memory, the cross-CTA sums pipelined a tile
+//  behind through st.async and mbarriers).
 //  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
 //  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
 //  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
@@ -438,31 +439,49 @@ __global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f
 // ---------------------------------------------------------------------------------------------
 // A cluster of 16 CTAs (one per SM, 16 warps each) owns a tile of 32 tokens at a time; CTA
 // `rank` owns the dims [rank·W, rank·W + W) of all 4 streams (W = dim / 16), i.e. a 4·W-column
-// slice of the projection's K, which stays in its shared memory for the whole tile:
-//  1. x tile -> smem by cp.async (double buffer: the next tile loads while this one computes).
+// slice of the projection's K, which stays in its shared memory until its u is written.
+// Per tile k (a software pipeline: the cross-CTA steps of tile k overlap the work of tile k+1):
+//  1. x tile -> smem by cp.async, three buffers: tile k+1 loads while tile k is multiplied and
+//     tile k-1 still waits for its pre to write u.
 //  2. Warp w owns 4·W/16 columns of the slice (stream w / 4); its fn columns live in registers
-//     for the whole kernel as the three bf16 terms of mma B fragments. Every warp runs mma
-//     m16n8k16 over the 32 tokens and its columns, Σx² from the A fragments, and writes its
-//     partial row per token ([warp][token][32]: mixes, Σx² in column 31) to smem; the CTA sums
+//     for the whole kernel as the three bf16 terms of mma B fragments. Per m16 half of the tile
+//     every warp runs mma m16n8k16 over its columns and Σx² from the A fragments, stages its
+//     partial rows ([warp][16 tokens][25]: 24 mixes or 4, Σx² in column 24), and the CTA sums
 //     the 16 warps in warp order.
-//  3. Cluster barrier; CTA rank r finalises tokens 2r, 2r + 1 (a half of warp 0 each): sums
-//     the 16 CTAs' rows in rank order (distributed shared memory), computes pre and writes it
-//     into every CTA of the cluster; hc_pre also stores the summed row for step 5.
-//  4. Cluster barrier; every CTA writes u = Σ_i pre_i x_i for its dims of the tile from smem.
-//  5. (hc_pre) After the last tile, each CTA computes post and comb (the Sinkhorn,
+//  3. Each sum is pushed at once, by st.async, into the receive slot of the CTA that finalises
+//     the token (rank t / 2 of the tile); st.async counts its bytes on that CTA's mbarrier, so
+//     no fence or cluster barrier is needed.
+//  4. During tile k+1, warp 15 of CTA r waits for tile k's 16 x 2 rows (long arrived), sums
+//     them in rank order, computes pre of tokens 2r, 2r + 1 and pushes it (st.async) into every
+//     CTA of the cluster; hc_pre also stores the summed row for step 6.
+//  5. At the end of tile k+1 every CTA waits for tile k's pre (long arrived) and writes u for
+//     its dims of tile k from smem.
+//  6. (hc_pre) After the last tile, each CTA computes post and comb (the Sinkhorn,
 //     token_coefficients) of the tokens it finalised, a half-warp per token, from the stored
-//     rows: off the per-tile critical path, which needs only pre.
+//     rows: off the per-tile path, which needs only pre.
 // x is read from HBM once; fn once per CTA (1/16 of it); the sums are in fixed orders
-// (deterministic run to run).
+// (deterministic run to run). Ordering, all through mbarriers (phase k >> 1 of barrier k & 1):
+//  - recv[k & 1] of CTA r: its slot of tile k is rewritten by tile k + 2's rows, which a CTA
+//    sends only after it has received tile k's pre from r, which r computed from the slot.
+//  - spre[k & 1] of CTA s: rewritten by tile k + 2's pre, which needs s's rows of tile k + 2,
+//    sent after s wrote u of tile k (its last read of spre[k & 1]).
+//  - an mbarrier phase never receives the next phase's bytes early (the same chains), and bytes
+//    that arrive before the local arrive.expect_tx only make tx-count negative for a while.
 constexpr int kCluster = 16;              // CTAs per cluster (a non-portable size: one GPC)
 constexpr int kWideTM = 32;               // tokens per tile
 constexpr int kWideThreads = 512;         // 16 warps
 constexpr int kWideWarps = kWideThreads / 32;
 constexpr int kWideMaxKs = 4;             // k16 steps per warp (W / 64); 4 at dim 4096
 constexpr int kParts = 3;                 // bf16 terms of fn
-static_assert(kWideTM == 2 * kCluster, "finalise: two tokens per CTA, one per half of warp 0");
+constexpr int kXBufs = 3;                 // x tiles in smem: loading, multiplying, awaiting pre
+constexpr int kRP = 25;                   // floats per staged / sent row: mixes, then Σx̂²
+constexpr int kRowSumsq = 24;             // Σx̂²'s column in a staged / sent row (head too)
+constexpr int kFinWarp = kWideWarps - 1;  // the finalising warp
+static_assert(kWideTM == 2 * kCluster, "finalise: two tokens per CTA, one per half-warp");
 static_assert(kWideWarps == 4 * kHc, "four warps per stream");
-static_assert(kWideTM % 16 == 0, "whole m16 tiles");
+static_assert(kWideTM == 32, "two m16 halves per tile");
+static_assert(16 * kRP <= 32 * kFinWarp,
+              "a half's CTA sums (16 tokens x at most kRP columns) skip the finalising warp");
 
 // W = dim / 16 in {64, 128, 256}: a power of two, so that a thread's (stream, chunk) of the
 // tile loads and its chunk of the collapse are the same in every pass (kWideThreads is a
@@ -471,16 +490,27 @@ bool wide_dim_ok(int64_t dim) {
   return dim == kCluster * 64 || dim == kCluster * 128 || dim == kCluster * 256;
 }
 
-// Dynamic shared memory of the wide kernel for slice width W, in floats after the x buffers:
-// red [warps][TM][32], ctot [TM][32], pre [TM][4], tot [2][32], pre_loc [2][4],
-// scratch [32][4] (the tail's pre, unused), zero_row [32].
+// Dynamic shared memory of the wide kernel for slice width W: the x buffers, then in floats
+// stage [warps][16][kRP], recv [2][ranks][2][kRP], spre [2][TM][4], tot [2][32], pre_loc [2][4],
+// then the 4 mbarriers (recv[2], pre[2]). The tail's scratch [32][4] and zero row [32] lie over
+// stage once the tiles are done.
 __host__ __device__ constexpr int wide_pitch(int W) { return kHc * W + 8; }  // bf16 per token row
-constexpr int kWideFloats = kWideWarps * kWideTM * kPartCols + kWideTM * kPartCols +
-                            kWideTM * kHc + 2 * kPartCols + 2 * kHc + 32 * kHc + kPartCols;
+constexpr int kStageFloats = kWideWarps * 16 * kRP;
+constexpr int kRecvFloats = 2 * kCluster * 2 * kRP;
+constexpr int kWideFloats =
+    kStageFloats + kRecvFloats + 2 * kWideTM * kHc + 2 * kPartCols + 2 * kHc;
+constexpr int kWideBars = 4;
+__host__ __device__ constexpr size_t wide_x_bytes(int W) {
+  return static_cast<size_t>(kXBufs * kWideTM * wide_pitch(W)) * 2;
+}
 __host__ __device__ constexpr size_t wide_smem_bytes(int W) {
-  return static_cast<size_t>(2 * kWideTM * wide_pitch(W)) * 2 + kWideFloats * sizeof(float);
+  return wide_x_bytes(W) + kWideFloats * sizeof(float) + kWideBars * sizeof(uint64_t);
 }
 static_assert(wide_smem_bytes(64 * kWideMaxKs) <= 232448, "fits the 227 KB of an sm_90 CTA");
+static_assert(wide_x_bytes(64) % 16 == 0 && (kStageFloats + kRecvFloats) % 4 == 0 &&
+                  (kWideFloats * sizeof(float)) % 8 == 0,
+              "spre is 16-byte aligned, the mbarriers 8-byte aligned");
+static_assert(32 * kHc + kPartCols <= kStageFloats, "the tail's scratch fits over stage");
 
 struct WideArgs {
   const __nv_bfloat16* x;
@@ -495,19 +525,81 @@ struct WideArgs {
   FinishArgs f;          // dim, scale, base, norm_eps, eps, iters, post, comb
 };
 
+// --- mbarrier / distributed shared memory helpers (sm_90) ---
+__device__ __forceinline__ void wide_mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void wide_fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The local arrival of a phase (the barriers count 1) and the bytes the phase waits for.
+__device__ __forceinline__ void wide_mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .b64 st;\n"
+      "mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+}
+// Waits for the phase of parity `parity`, with acquire at cluster scope: the st.async bytes
+// of other CTAs that completed the phase are visible afterwards. Every phase's bytes are sent
+// unconditionally by the cluster's CTAs (see the ordering notes above), so a real wait takes
+// microseconds; a phase that has not completed after 2^24 polls (seconds) can only come from
+// a protocol bug: the wait then gives up and returns false (`alive` becomes false, and later
+// waits of the thread return at once), the kernel writes NaN where the missing data was used
+// and ends instead of hanging the GPU.
+__device__ __forceinline__ void wide_mbar_wait(uint32_t bar, uint32_t parity, bool& alive) {
+  for (uint32_t n = 0; alive; ++n) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (n == (1u << 24)) alive = false;
+  }
+}
+// The address of the same shared-memory location in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t wide_mapa(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+// Stores into another CTA's shared memory; the bytes complete on that CTA's mbarrier `rbar`.
+__device__ __forceinline__ void wide_st_async(uint32_t raddr, float v, uint32_t rbar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(raddr),
+      "r"(__float_as_uint(v)), "r"(rbar)
+      : "memory");
+}
+__device__ __forceinline__ void wide_st_async4(uint32_t raddr, float4 v, uint32_t rbar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(raddr),
+      "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+      "r"(__float_as_uint(v.w)), "r"(rbar)
+      : "memory");
+}
+
 template <int NT>
 __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArgs a) {
   constexpr int kNReal = NT == 3 ? 24 : 4;
+  constexpr int kSend = kNReal + 1;  // columns sent per token: mixes, Σx̂²
+  constexpr uint32_t kRecvBytes = kCluster * 2 * kSend * sizeof(float);  // per tile, finaliser
+  constexpr uint32_t kPreBytes = kCluster * 2 * kHc * sizeof(float);     // per tile, every CTA
   extern __shared__ __align__(16) unsigned char smem[];
   const int W = a.W, ks = a.ks, pitch = wide_pitch(W);
-  auto* sX = reinterpret_cast<__nv_bfloat16*>(smem);  // [2][TM][pitch]
-  float* red = reinterpret_cast<float*>(smem + static_cast<size_t>(2 * kWideTM * pitch) * 2);
-  float* ctot = red + kWideWarps * kWideTM * kPartCols;  // [TM][32] this CTA's sums
-  float* spre = ctot + kWideTM * kPartCols;              // [TM][4] pre of the tile's tokens
-  float* tot = spre + kWideTM * kHc;                     // [2][32] (warp 0)
-  float* pre_loc = tot + 2 * kPartCols;                  // [2][4] (warp 0)
-  float* scratch = pre_loc + 2 * kHc;                    // [32][4] (tail)
-  float* zero_row = scratch + 32 * kHc;                  // [32] (tail)
+  auto* sX = reinterpret_cast<__nv_bfloat16*>(smem);  // [3][TM][pitch]
+  float* stage = reinterpret_cast<float*>(smem + wide_x_bytes(W));  // [warps][16][kRP]
+  float* recv = stage + kStageFloats;            // [2][ranks][2][kRP] rows sent to this CTA
+  float* spre = recv + kRecvFloats;              // [2][TM][4] pre of a tile's tokens
+  float* tot = spre + 2 * kWideTM * kHc;         // [2][32] (finalising warp)
+  float* pre_loc = tot + 2 * kPartCols;          // [2][4] (finalising warp)
+  auto* bars = reinterpret_cast<uint64_t*>(pre_loc + 2 * kHc);  // recv[2], pre[2]
+  float* scratch = stage;                        // [32][4] (tail, after the tiles)
+  float* zero_row = stage + 32 * kHc;            // [32] (tail)
 
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
@@ -516,6 +608,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
   const int g = lane >> 2, c2 = (lane & 3) * 2;
   const int64_t dim = a.f.dim;
   const int64_t slice0 = static_cast<int64_t>(rank) * W;  // first dim of this CTA's slice
+  const int64_t my_tiles = cid < a.n_tiles ? (a.n_tiles - cid + ncl - 1) / ncl : 0;
+  const uint32_t recv_bar0 = smem_addr(bars), pre_bar0 = smem_addr(bars + 2);
 
   // This warp's columns: stream warp / 4, W / 4 dims from (warp % 4) * W / 4 of the slice.
   const int wcol = (warp >> 2) * W + (warp & 3) * (W / 4);                // in a smem row
@@ -542,8 +636,12 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
     cp_async_commit();
   };
 
-  int64_t tile = cid;
-  if (tile < a.n_tiles) load_tile(0, tile);  // in flight while fn fills the registers
+  if (tid == 0) {
+#pragma unroll
+    for (int b = 0; b < kWideBars; ++b) wide_mbar_init(smem_addr(bars + b), 1);
+    wide_fence_mbar_init();
+  }
+  if (my_tiles > 0) load_tile(0, cid);  // in flight while fn fills the registers
 
   // fn -> B fragments: b[j][p][nt] = part p of fn rows nt·8 + g, columns kcol + 16 j + c2 + {0,
   // 1} (reg 0) and + {8, 9} (reg 1); rows past kNReal (head: 4..7) and steps j >= ks are 0.
@@ -573,125 +671,153 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
       }
     }
   }
+  cluster.sync();  // every CTA's mbarriers are initialised before any st.async reaches them
 
-  for (int it = 0; tile < a.n_tiles; tile += ncl, ++it) {
-    const int buf = it & 1;
-    const int64_t t0 = tile * kWideTM;
-    if (tile + ncl < a.n_tiles) {  // (the same branch in every thread of the cluster)
-      load_tile(buf ^ 1, tile + ncl);  // buffer buf ^ 1 was released at the end of it - 1
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+  bool alive = true;  // false once a wait of this thread gave up (a protocol bug; see wait)
+
+  // Step 4 for tile k (finalising warp): tokens 2 rank + h of the tile, h = lane / 16.
+  auto finalise = [&](int64_t k) {
+    const int par = static_cast<int>(k & 1);
+    const uint32_t rbar = recv_bar0 + 8 * par;
+    if (lane == 0) wide_mbar_expect(rbar, kRecvBytes);
+    wide_mbar_wait(rbar, static_cast<uint32_t>((k >> 1) & 1), alive);
+    const int h = lane >> 4, l = lane & 15, i = 2 * rank + h;
+    const int64_t t = (cid + k * ncl) * kWideTM + i;
+    const float* src = recv + (par * kCluster * 2 + h) * kRP;  // + r * 2 kRP: rank r's row
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int c = l + 16 * q;
+      if (c < kSend) {
+        float v[kCluster];
+#pragma unroll
+        for (int r = 0; r < kCluster; ++r) v[r] = src[r * 2 * kRP + c];
+        float s = v[0];
+#pragma unroll
+        for (int r = 1; r < kCluster; ++r) s = __fadd_rn(s, v[r]);
+        if (!alive) s = __int_as_float(0x7fc00000);  // the rows never came: NaN, not garbage
+        const int oc = c == kNReal ? kSumsqCol : c;  // the 32-column row layout
+        tot[h * kPartCols + oc] = s;
+        if (NT == 3 && t < a.tokens) a.rows[t * kPartCols + oc] = s;
+      }
     }
-    __syncthreads();
-    const __nv_bfloat16* xb = sX + buf * kWideTM * pitch;
+    __syncwarp();
+    if (l < kHc) {
+      const float r = mix_rstd(dim, a.f.norm_eps, tot[h * kPartCols + kSumsqCol]);
+      pre_loc[h * kHc + l] =
+          pre_value(tot[h * kPartCols + l], r, a.f.scale[0], a.f.base[l], a.f.eps);
+    }
+    __syncwarp();
+    const float4 pv = *reinterpret_cast<const float4*>(pre_loc + h * kHc);
+    const uint32_t dst = smem_addr(spre + (par * kWideTM + i) * kHc);
+    wide_st_async4(wide_mapa(dst, l), pv, wide_mapa(pre_bar0 + 8 * par, l));  // -> CTA rank l
+  };
 
-    // 2. partial rows of this warp's columns (one m16 tile at a time: registers)
+  int cur = 0;  // x buffer of tile it (it % 3)
+  for (int64_t it = 0; it <= my_tiles; ++it) {
+    const int prev = cur == 0 ? kXBufs - 1 : cur - 1;  // tile it - 1's buffer
+    const int next = cur == kXBufs - 1 ? 0 : cur + 1;  // tile it + 1's (= tile it - 2's)
+    cp_async_wait<0>();  // tile it's x (the only group in flight)
+    __syncthreads();     // x(it) visible; u of tile it - 2 written (its buffer is free)
+    if (it + 1 < my_tiles) load_tile(next, cid + (it + 1) * ncl);
+    const bool fin = it >= 1 && warp == kFinWarp;
+
+    if (it < my_tiles) {  // (the same branch in every thread of the cluster)
+      const int par = static_cast<int>(it & 1);
+      const __nv_bfloat16* xb = sX + cur * kWideTM * pitch;
 #pragma unroll 1
-    for (int mt = 0; mt < kWideTM / 16; ++mt) {
-      float acc[NT][4];
+      for (int mt = 0; mt < kWideTM / 16; ++mt) {
+        // 2. partial rows of this warp's columns for tokens mt·16 .. mt·16 + 15
+        float acc[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
-      float sq0 = 0.f, sq1 = 0.f;
+          for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
+        float sq0 = 0.f, sq1 = 0.f;
 #pragma unroll
-      for (int j = 0; j < kWideMaxKs; ++j) {
-        if (j < ks) {
-          uint32_t a0, a1, a2, a3;
-          ldmatrix_x4(
-              smem_addr(xb + (mt * 16 + (lane & 15)) * pitch + wcol + j * 16 + (lane >> 4) * 8),
-              a0, a1, a2, a3);
-          sumsq_frag(a0, a1, a2, a3, sq0, sq1);
+        for (int j = 0; j < kWideMaxKs; ++j) {
+          if (j < ks) {
+            uint32_t a0, a1, a2, a3;
+            ldmatrix_x4(
+                smem_addr(xb + (mt * 16 + (lane & 15)) * pitch + wcol + j * 16 + (lane >> 4) * 8),
+                a0, a1, a2, a3);
+            sumsq_frag(a0, a1, a2, a3, sq0, sq1);
 #pragma unroll
-          for (int p = 0; p < kParts; ++p)
+            for (int p = 0; p < kParts; ++p)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-              mma_bf16_16816(acc[nt], a0, a1, a2, a3, b[j][p][nt][0], b[j][p][nt][1]);
+              for (int nt = 0; nt < NT; ++nt)
+                mma_bf16_16816(acc[nt], a0, a1, a2, a3, b[j][p][nt][0], b[j][p][nt][1]);
+          }
+        }
+        sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
+        sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
+        sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
+        sq1 += __shfl_xor_sync(0xffffffffu, sq1, 2);
+        if (mt > 0) __syncthreads();  // every CTA sum of the first half has read stage
+        float* rw = stage + warp * 16 * kRP;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float* row = rw + (g + 8 * h) * kRP;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int n = nt * 8 + c2;
+            if (n < kNReal) row[n] = acc[nt][2 * h];
+            if (n + 1 < kNReal) row[n + 1] = acc[nt][2 * h + 1];
+          }
+          if ((lane & 3) == 0) row[kRowSumsq] = h == 0 ? sq0 : sq1;
+        }
+        __syncthreads();  // stage complete
+        if (mt == 0 && fin) {
+          finalise(it - 1);  // 4. tile it - 1 (the finalising warp takes no part in the sums)
+        } else if (tid < 16 * kSend) {
+          // 3. the CTA's sum of (token mt·16 + i, column c), in warp order -> its finaliser
+          const int i = tid / kSend, c = tid % kSend;   // c = kNReal: Σx̂²
+          const int sc = c == kNReal ? kRowSumsq : c;  // its staged column (head: 24, not 4)
+          float v = stage[i * kRP + sc];
+#pragma unroll
+          for (int w = 1; w < kWideWarps; ++w) v = __fadd_rn(v, stage[(w * 16 + i) * kRP + sc]);
+          const int ti = mt * 16 + i;  // token in the tile: finalised by rank ti / 2, half ti % 2
+          const uint32_t dst =
+              smem_addr(recv + ((par * kCluster + rank) * 2 + (ti & 1)) * kRP + c);
+          const uint32_t fr = static_cast<uint32_t>(ti >> 1);
+          wide_st_async(wide_mapa(dst, fr), v, wide_mapa(recv_bar0 + 8 * par, fr));
         }
       }
-      sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
-      sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
-      sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
-      sq1 += __shfl_xor_sync(0xffffffffu, sq1, 2);
-      float* rw = red + (warp * kWideTM + mt * 16) * kPartCols;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float* row = rw + (g + 8 * h) * kPartCols;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int n = nt * 8 + c2;
-          if (n < kNReal) row[n] = acc[nt][2 * h];
-          if (n + 1 < kNReal) row[n + 1] = acc[nt][2 * h + 1];
-        }
-        if ((lane & 3) == 0) row[kSumsqCol] = h == 0 ? sq0 : sq1;
-      }
+    } else if (fin) {
+      finalise(it - 1);  // the last tile's
     }
-    __syncthreads();
-    for (int e = tid; e < kWideTM * kPartCols; e += kWideThreads) {  // the CTA's sums
-      const int c = e % kPartCols;
-      if (c < kNReal || c == kSumsqCol) {
-        float v = red[e];
-#pragma unroll
-        for (int w = 1; w < kWideWarps; ++w) v = __fadd_rn(v, red[w * kWideTM * kPartCols + e]);
-        ctot[e] = v;
-      }
-    }
-    cluster.sync();  // every CTA's ctot is complete (release / acquire)
 
-    // 3. finalise tokens 2 rank + h (h = half of warp 0), then pre into every CTA's spre
-    if (warp == 0) {
-      const int h = lane >> 4, l = lane & 15, i = 2 * rank + h;
-      const int64_t t = t0 + i;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int c = l + 16 * q;
-        if (c < kNReal || c == kSumsqCol) {
-          float v[kCluster];
-#pragma unroll
-          for (int r = 0; r < kCluster; ++r)
-            v[r] = cluster.map_shared_rank(ctot, static_cast<unsigned>(r))[i * kPartCols + c];
-          float s = v[0];
-#pragma unroll
-          for (int r = 1; r < kCluster; ++r) s = __fadd_rn(s, v[r]);
-          tot[h * kPartCols + c] = s;
-          if (NT == 3 && t < a.tokens) a.rows[t * kPartCols + c] = s;
-        }
+    // 5. u of tile it - 1 for this CTA's dims, once its pre has arrived from the 16 finalisers
+    if (it >= 1) {
+      const int64_t k = it - 1;
+      const int par = static_cast<int>(k & 1);
+      const uint32_t pbar = pre_bar0 + 8 * par;
+      if (tid == 0) wide_mbar_expect(pbar, kPreBytes);
+      wide_mbar_wait(pbar, static_cast<uint32_t>((k >> 1) & 1), alive);
+      const int64_t t0 = (cid + k * ncl) * kWideTM;
+      const __nv_bfloat16* xb = sX + prev * kWideTM * pitch;
+      const float* sp = spre + par * kWideTM * kHc;
+      const int chunks = W / 8, ch = tid % chunks;
+      for (int i = tid / chunks; i < kWideTM; i += kWideThreads / chunks) {
+        const int64_t t = t0 + i;
+        if (t >= a.tokens) break;  // i only grows
+        float4 p = *reinterpret_cast<const float4*>(sp + i * kHc);
+        if (!alive) p.x = __int_as_float(0x7fc00000);  // pre never came: u is NaN
+        const __nv_bfloat16* xr = xb + i * pitch + ch * 8;
+        *reinterpret_cast<uint4*>(a.u + t * a.u_stride + slice0 + ch * 8) =
+            collapse8(p.x, p.y, p.z, p.w, *reinterpret_cast<const uint4*>(xr),
+                      *reinterpret_cast<const uint4*>(xr + W),
+                      *reinterpret_cast<const uint4*>(xr + 2 * W),
+                      *reinterpret_cast<const uint4*>(xr + 3 * W));
       }
-      __syncwarp();
-      if (l < kHc) {
-        const float r = mix_rstd(dim, a.f.norm_eps, tot[h * kPartCols + kSumsqCol]);
-        pre_loc[h * kHc + l] =
-            pre_value(tot[h * kPartCols + l], r, a.f.scale[0], a.f.base[l], a.f.eps);
-      }
-      __syncwarp();
-      const float4 pv = *reinterpret_cast<const float4*>(pre_loc + h * kHc);
-      *reinterpret_cast<float4*>(cluster.map_shared_rank(spre, static_cast<unsigned>(l)) +
-                                 i * kHc) = pv;  // lane l of each half -> CTA rank l
     }
-    cluster.sync();  // spre holds every token of the tile; no CTA reads ctot any more
-
-    // 4. u for this CTA's dims of the tile
-    const int chunks = W / 8, ch = tid % chunks;
-    for (int i = tid / chunks; i < kWideTM; i += kWideThreads / chunks) {
-      const int64_t t = t0 + i;
-      if (t >= a.tokens) break;  // i only grows
-      const float4 p = *reinterpret_cast<const float4*>(spre + i * kHc);
-      const __nv_bfloat16* xr = xb + i * pitch + ch * 8;
-      *reinterpret_cast<uint4*>(a.u + t * a.u_stride + slice0 + ch * 8) =
-          collapse8(p.x, p.y, p.z, p.w, *reinterpret_cast<const uint4*>(xr),
-                    *reinterpret_cast<const uint4*>(xr + W),
-                    *reinterpret_cast<const uint4*>(xr + 2 * W),
-                    *reinterpret_cast<const uint4*>(xr + 3 * W));
-    }
-    __syncthreads();  // x buffer buf is free for the load issued by iteration it + 1
+    cur = next;
   }
 
-  // 5. post and comb of the tokens this CTA finalised: k = 2 · (its n-th tile) + half.
+  // 6. post and comb of the tokens this CTA finalised: k = 2 · (its n-th tile) + half.
   if constexpr (NT == 3) {
+    __syncthreads();  // the last stage reads are done (scratch and zero_row lie over stage)
     if (tid < kPartCols) zero_row[tid] = 0.f;
-    __syncthreads();  // warp 0's rows (global) and zero_row are visible to the whole CTA
-    const int64_t my_tiles = cid < a.n_tiles ? (a.n_tiles - cid + ncl - 1) / ncl : 0;
+    __syncthreads();  // the finalising warp's rows (global) and zero_row are visible to all
     const int h = lane >> 4, l = lane & 15;
     for (int64_t k0 = 2 * warp; k0 < 2 * my_tiles; k0 += 2 * kWideWarps) {  // warp-uniform
       const int64_t k = k0 + h;
@@ -701,6 +827,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
                             scratch + (2 * warp + h) * kHc, t, l, have);
     }
   }
+  cluster.sync();  // no CTA leaves while a peer could still address its shared memory
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

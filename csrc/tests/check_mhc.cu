@@ -4,7 +4,9 @@
 // post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (one launch,
 // tokens <= 8), the two-kernel path and chunked prefill (> 512 tokens), dims that are no
 // multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
-// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 8). Prints
+// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 8). Then
+// times both prefill paths at T = 4096 and 16384, dim 4096 (pre and head), with the cluster
+// count, and checks that the one-pass kernel is deterministic run to run. Prints
 // PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
 
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -227,6 +230,108 @@ bool check_misaligned_workspace() {
   return ok;
 }
 
+// Deterministic pseudo-random bf16 in about [-4, 4) (device fill: the timing cases are too
+// large for a host generator).
+__global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = (static_cast<float>(h & 0xFFFF) / 65536.f - 0.5f) * 8.f;
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    p[i] = static_cast<uint16_t>(b >> 16);
+  }
+}
+
+// Prefill timing of mhc_pre / mhc_head at (T, d), the chunked path and then the one-pass kernel
+// (DSV4_MHC_ONE_PASS=0 / 1, the same inputs), and the one-pass result's run-to-run
+// determinism: a second run must give the same bytes of u, post and comb. Informational times
+// (HBM floor: x read once + u written); the check fails only on an error or a nondeterminism.
+bool time_prefill(int T, int d, bool head, bool check_determinism) {
+  const size_t K = 4 * size_t(d);
+  uint16_t* dx = nullptr;
+  CHECK_CUDA(cudaMalloc(&dx, size_t(T) * K * 2));
+  fill_bf16<<<1024, 256>>>(dx, size_t(T) * K, 77u);
+  std::vector<float> fn(24 * K), scale = {0.7f, 0.9f, 1.1f}, base(24);
+  std::mt19937 rng(99);
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  for (auto& v : fn) v = nd(rng);
+  for (auto& v : base) v = 10 * nd(rng);
+  float* dfn = to_device(fn);
+  float* ds = to_device(scale);
+  float* db = to_device(base);
+  uint16_t *du[2] = {nullptr, nullptr};
+  float *dp[2] = {nullptr, nullptr}, *dc[2] = {nullptr, nullptr};
+  for (int r = 0; r < 2; ++r) {
+    CHECK_CUDA(cudaMalloc(&du[r], size_t(T) * d * 2));
+    CHECK_CUDA(cudaMalloc(&dp[r], size_t(T) * 4 * 4));
+    CHECK_CUDA(cudaMalloc(&dc[r], size_t(T) * 16 * 4));
+  }
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  auto run = [&](int r) {
+    return head ? dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du[r], d, T, d, ws, ws_bytes,
+                                 nullptr)
+                : dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du[r], d, dp[r], dc[r], T,
+                                d, ws, ws_bytes, nullptr);
+  };
+  bool ok = true;
+  float us[2] = {0, 0};
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int one_pass = 0; one_pass < 2; ++one_pass) {
+    setenv("DSV4_MHC_ONE_PASS", one_pass ? "1" : "0", 1);
+    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
+    constexpr int kReps = 20;
+    CHECK_CUDA(cudaEventRecord(e0));
+    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    us[one_pass] = ms * 1000.f / kReps;
+  }
+  bool same = true;
+  if (check_determinism) {  // DSV4_MHC_ONE_PASS is still 1: run 0's outputs vs a fresh run 1
+    CHECK_CUDA(cudaMemset(du[1], 0xFF, size_t(T) * d * 2));
+    CHECK_CUDA(cudaMemset(dp[1], 0xFF, size_t(T) * 4 * 4));
+    CHECK_CUDA(cudaMemset(dc[1], 0xFF, size_t(T) * 16 * 4));
+    ok &= run(1) == cudaSuccess;
+    CHECK_CUDA(cudaDeviceSynchronize());
+    same = to_host(du[0], size_t(T) * d) == to_host(du[1], size_t(T) * d);
+    if (!head)
+      same = same && to_host(dp[0], size_t(T) * 4) == to_host(dp[1], size_t(T) * 4) &&
+             to_host(dc[0], size_t(T) * 16) == to_host(dc[1], size_t(T) * 16);
+    ok &= same;
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const double bytes = double(T) * K * 2 + double(T) * d * 2 + (head ? 0.0 : double(T) * 20 * 4);
+  std::printf("%s time %s T=%-5d d=%-5d chunked %.1f us, one-pass %.1f us = %.2f TB/s (x read "
+              "once + u%s; floor at 3.35 TB/s H100 / 4.22 TB/s H200: %.1f / %.1f us), %d "
+              "clusters of 16%s\n",
+              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1],
+              bytes / (us[1] * 1e-6) / 1e12, head ? "" : " + post/comb", bytes / 3.35e6,
+              bytes / 4.22e6, dsv4::mhc_prefill_clusters(d, head),
+              check_determinism ? (same ? ", one-pass deterministic run to run"
+                                        : ", ONE-PASS NOT DETERMINISTIC")
+                                : "");
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                  static_cast<void*>(db), static_cast<void*>(du[0]), static_cast<void*>(du[1]),
+                  static_cast<void*>(dp[0]), static_cast<void*>(dp[1]), static_cast<void*>(dc[0]),
+                  static_cast<void*>(dc[1]), ws})
+    CHECK_CUDA(cudaFree(p));
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -246,9 +351,11 @@ int main() {
               dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
   // T <= 8: the fused decode launch; T > 8: the chunked two-phase path, or with
   // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
-  // last tiles (T % 32 != 0) and several tiles per cluster (T = 1000, 4100).
+  // last tiles (T % 32 != 0), one tile per cluster (T = 33) and several, through both
+  // mbarrier parities many times (T = 1000, 2000, 4100).
   const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256},
-                              {9, 4096}, {77, 1024}, {100, 2048}, {1000, 4096}, {4100, 1024}};
+                              {9, 4096}, {77, 1024}, {100, 2048}, {1000, 4096}, {4100, 1024},
+                              {33, 4096}, {2000, 2048}};
   for (const char* one_pass : {"0", "1"}) {
     setenv("DSV4_MHC_ONE_PASS", one_pass, 1);
     std::printf("DSV4_MHC_ONE_PASS=%s\n", one_pass);
@@ -256,6 +363,12 @@ int main() {
       for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
     ok &= check_misaligned_workspace();
   }
+  // times (and the one-pass kernel's run-to-run determinism) at the sizes of issue 10's target
+  for (bool head : {false, true}) {
+    ok &= time_prefill(4096, 4096, head, true);
+    ok &= time_prefill(16384, 4096, head, false);
+  }
+  unsetenv("DSV4_MHC_ONE_PASS");
   ok &= dsv4::mhc_pre(nullptr, 0, nullptr, nullptr, nullptr, 1e-6f, 20, 1e-6f, nullptr, 0, nullptr,
                       nullptr, 4, 12, nullptr, 0, nullptr) == cudaErrorInvalidValue;  // dim % 8
   std::printf("%s\n", ok ? "PASS" : "FAIL");
