@@ -295,20 +295,20 @@ def test_mhc_kernels_reject_unsupported_shapes():
 
 
 # ---------------------------------------------------------------------------------------------
-# the one-pass prefill kernel (opt-in: DSV4_MHC_ONE_PASS=1)
+# the one-pass prefill kernel (the default; DSV4_MHC_ONE_PASS=0 selects the chunked path)
 # ---------------------------------------------------------------------------------------------
-ONE_PASS = os.environ.get("DSV4_MHC_ONE_PASS") == "1"
+ONE_PASS = os.environ.get("DSV4_MHC_ONE_PASS") != "0"
 
 
 @cuda
-@pytest.mark.skipif(ONE_PASS, reason="this is the child run")
-def test_cuda_tests_again_with_the_one_pass_prefill_kernel():
-    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=1, which sends T > 8 at dim
-    1024 / 2048 / 4096 (the parametrised sizes above) through the one-pass cluster kernel. In a
-    child process, with a time limit: a fault or a hang of the new kernel fails this test only,
-    not the CUDA context of the rest of the suite."""
+@pytest.mark.skipif(not ONE_PASS, reason="this is the child run")
+def test_cuda_tests_again_with_the_chunked_prefill_path():
+    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=0, which sends T > 8 at dim
+    1024 / 2048 / 4096 (the parametrised sizes above) through the chunked two-phase path instead
+    of the one-pass cluster kernel. In a child process, with a time limit: a fault or a hang
+    there fails this test only, not the CUDA context of the rest of the suite."""
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, DSV4_MHC_ONE_PASS="1")
+    env = dict(os.environ, DSV4_MHC_ONE_PASS="0")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs",
                         "-p", "no:cacheprovider", str(Path(__file__).resolve())],
                        cwd=root, env=env, capture_output=True, text=True, timeout=1200)
@@ -318,11 +318,11 @@ def test_cuda_tests_again_with_the_one_pass_prefill_kernel():
 
 
 @cuda
-@pytest.mark.skipif(not ONE_PASS, reason="runs in the DSV4_MHC_ONE_PASS=1 child run")
+@pytest.mark.skipif(not ONE_PASS, reason="the DSV4_MHC_ONE_PASS=0 child run takes the chunked path")
 def test_one_pass_kernel_is_the_one_that_runs():
-    """With DSV4_MHC_ONE_PASS=1, mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the
-    one-pass kernel (the child run above would otherwise test the chunked path twice); dim 512
-    keeps the chunked path's kernels."""
+    """By default mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the one-pass kernel
+    (the child run above would otherwise test the same path twice); dim 512 keeps the chunked
+    path's kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(T, d):

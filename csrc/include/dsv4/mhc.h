@@ -14,8 +14,8 @@
 // an fp32 GEMM; the epilogue uses explicitly rounded multiplies and adds in the reference's
 // order of operations. No host synchronisation; the workspace depends only on the shapes.
 // Prefill (tokens > 8) runs the projection, then re-reads x from L2 for the collapse, per chunk
-// of 512 tokens. With the environment variable DSV4_MHC_ONE_PASS=1 (opt-in until verified on
-// hardware; read at each call), prefill at dim 1024, 2048 or 4096 runs ONE launch that reads x
+// of 512 tokens, when the environment variable DSV4_MHC_ONE_PASS=0 (read at each call); by
+// default prefill at dim 1024, 2048 or 4096 runs ONE launch that reads x
 // once: a cluster of 16 CTAs keeps a tile's x slices in shared memory and reduces the
 // projection through distributed shared memory (sm_90 clusters); a device where such a
 // cluster cannot run keeps the chunked path.
@@ -34,7 +34,7 @@ constexpr int64_t kMhcMaxFusedTokens = 8;  // up to this many tokens: one launch
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
 
 // Clusters of 16 CTAs the one-pass prefill kernel of mhc_pre (head = false) or mhc_head
-// (head = true) runs with for this dim on the current device when DSV4_MHC_ONE_PASS=1: 0 when
+// (head = true) runs with for this dim on the current device (unless DSV4_MHC_ONE_PASS=0): 0 when
 // it cannot run (dim not 1024 / 2048 / 4096, or no such cluster fits the device).
 // Diagnostics and tests.
 int mhc_prefill_clusters(int64_t dim, bool head);
