@@ -112,6 +112,16 @@ bool sparse_attn_supports_head_dim(int64_t head_dim);
 // capability 9.0 GPU (the wgmma kernel).
 bool sparse_attn_supports_fp8_cache(int64_t head_dim);
 
+// The DSV4_SPARSE_FP8 environment switch, read by sparse_attn at each call with an FP8 cache
+// (so one process can time both kernels): 1 for "new" (the warp-specialised kernel of
+// csrc/kernels/sparse_attn_fp8_sm90.cuh: producer warps dequantise each key block into one of
+// two bf16 stages while the MMA warps run the previous block), 0 when unset, empty or "old"
+// (the wgmma kernel that dequantises between its GEMMs, verified on the H200), -1 for any other
+// value (sparse_attn then returns cudaErrorInvalidValue; the torch glue reports it). Both give
+// bit-identical outputs. The default stays "old" until the new kernel has passed its first GPU
+// run (tests/ops/test_hca_attn.py, tests/ops/test_sparse_attn.py, dsv4_check_hca_fp8).
+int sparse_attn_fp8_kernel_env();
+
 // A split count for this shape on a GPU with num_sms SMs: > 1 only when the token x head-tile
 // grid fills less than half of the SMs (decode of a few sequences). Depends on shapes only
 // (never on index values), so a CUDA graph can capture it.
