@@ -331,6 +331,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
 
   if (tid == 0) *s_any = 0;
   __syncthreads();  // the only CTA-wide barrier: s_any is 0 before any producer write
+  // Split grids (at most one wave: splits are only chosen when the grid fills < half the SMs)
+  // let the combine grid launch now (programmatic dependent launch); its CTAs wait in
+  // griddepcontrol.wait until this grid has completed. Every CTA of this grid is resident by
+  // the time the last one signals, so the waiting combine CTAs cannot keep one from starting.
+  if (kSplit) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 
   if (wg == 2) {
     // ================================ producer ================================
@@ -551,9 +556,26 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
   }
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
-  sparse_attn_combine_kernel<kD>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
-  return cudaGetLastError();
+  // The merge, as a programmatic dependent launch (its launch overlaps this grid's tail; the
+  // kernel starts with griddepcontrol.wait). A plain launch if the runtime refuses it.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.num_tokens * p.num_heads));
+  cfg.blockDim = dim3(64);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  err = cudaLaunchKernelEx(&cfg, sparse_attn_combine_kernel<kD>, p);
+  if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue) {
+    (void)cudaGetLastError();
+    sparse_attn_combine_kernel<kD>
+        <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+    err = cudaGetLastError();
+  }
+  return err;
 }
 
 }  // namespace sparse_attn_fp8
