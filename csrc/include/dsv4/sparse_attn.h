@@ -20,7 +20,9 @@
 // Kernels (csrc/kernels/sparse_attn.cuh): head_dim 512 on a compute-capability-9.0 GPU runs the
 // wgmma kernel (needs the library built for sm_90a, the project default "9.0a"); every other
 // case runs the mma.sync kernel (sm_80+). One CTA per (token, 64-head tile[, key split]) on
-// grid.x only, so any number of tokens up to 2^31 - 1 CTAs is fine.
+// grid.x only, so any number of tokens up to 2^31 - 1 CTAs is fine. FP8 caches: the wgmma
+// kernel, or with DSV4_SPARSE_FP8=new the warp-specialised kernel of sparse_attn_fp8_sm90.cuh
+// (same grid and results; see sparse_attn_fp8_kernel_env).
 #pragma once
 
 #include <cstddef>
