@@ -36,3 +36,21 @@ def row(op: str, case: str, t_us: float, flops: float, nbytes: float, base_us: f
         "speedup": (base_us / t_us) if base_us else None,
         "note": f"baseline: {base_name}" + (f"; {note}" if note else ""),
     }
+
+
+def with_fp8_kernel(kernel: str, fn):
+    """``fn`` run with DSV4_SPARSE_FP8=kernel ("old" / "new": which sparse_attn kernel reads FP8
+    caches; read by the op at each call), the previous value restored after each call."""
+    import os
+
+    def call():
+        prev = os.environ.get("DSV4_SPARSE_FP8")
+        os.environ["DSV4_SPARSE_FP8"] = kernel
+        try:
+            return fn()
+        finally:
+            if prev is None:
+                del os.environ["DSV4_SPARSE_FP8"]
+            else:
+                os.environ["DSV4_SPARSE_FP8"] = prev
+    return call

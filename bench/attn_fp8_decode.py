@@ -3,7 +3,8 @@
 FlashMLA's V4 decode cases: batch 2 / 64 / 128 x 2 query tokens, window 128 (a 256-entry-page
 pool) + compressed top-512 (h64) or top-1024 (h128) rows of a 64-entry-page pool (4096
 entries per sequence). The same values are timed from the FP8 cache (584 B per key) and from
-a bf16 copy (1024 B per key, the baseline in this process). FLOPs = 2 x keys x heads x 1024;
+a bf16 copy (1024 B per key, the baseline in this process), through the old FP8 kernel
+(DSV4_SPARSE_FP8=old) and the warp-specialised one (=new, baseline: the old FP8 kernel). FLOPs = 2 x keys x heads x 1024;
 bytes = q + out + distinct key bytes + indices. The issue's target: <= 0.9x FlashMLA's time
 (bench/side_by_side_flashmla.py measures that ratio in one process).
 
@@ -16,7 +17,7 @@ import argparse
 
 import torch
 
-from attn_common import row, time_us
+from attn_common import row, time_us, with_fp8_kernel
 
 D = 512
 N_COMP = 4096
@@ -59,13 +60,17 @@ def run(quick: bool = False) -> list[dict]:
     for H in (64, 128):
         for B in ((2, 128) if quick else (2, 64, 128)):
             fp8, bf16, flops, distinct, T, H_, K2 = _inputs(B, H, g)
-            t8 = time_us(lambda: torch.ops.dsv4.sparse_attn(*fp8), 10 if quick else 30)
-            t16 = time_us(lambda: torch.ops.dsv4.sparse_attn(*bf16), 10 if quick else 30)
+            reps = 10 if quick else 30
+            t8 = time_us(with_fp8_kernel("old", lambda: torch.ops.dsv4.sparse_attn(*fp8)), reps)
+            t8n = time_us(with_fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(*fp8)), reps)
+            t16 = time_us(lambda: torch.ops.dsv4.sparse_attn(*bf16), reps)
             small = 2 * T * H * D * 2 + T * (128 + K2) * 4
-            out.append(row("sparse_attn", f"decode fp8 b{B} x2 h{H} win128+top{K2}", t8, flops,
-                           small + distinct * 584, t16, "the same values in bf16",
-                           f"FlashMLA (FP8, its own run on this H200): {fm[(H, B)]} us; "
-                           f"target <= 0.9x FlashMLA in one process"))
+            note = (f"FlashMLA (FP8, its own run on this H200): {fm[(H, B)]} us; "
+                    f"target <= 0.9x FlashMLA in one process")
+            out.append(row("sparse_attn", f"decode fp8 b{B} x2 h{H} win128+top{K2} (old)", t8,
+                           flops, small + distinct * 584, t16, "the same values in bf16", note))
+            out.append(row("sparse_attn", f"decode fp8 b{B} x2 h{H} win128+top{K2} (new)", t8n,
+                           flops, small + distinct * 584, t8, "the old FP8 kernel", note))
     return out
 
 

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from attn_common import row, time_us
+from attn_common import row, time_us, with_fp8_kernel
 
 D = 512
 
@@ -96,14 +96,21 @@ def run(quick: bool = False) -> list[dict]:
         for B in ((2, 128) if quick else (2, 64, 128)):
             for fp8 in ((False, True) if fp8_ok else (False,)):
                 a, base, flops, nbytes = _decode(B, H, 1024, fp8, g)
-                t = time_us(lambda: torch.ops.dsv4.hca_attn(*a), 10 if quick else 30)
-                tb = time_us(lambda: torch.ops.dsv4.sparse_attn(*base), 10 if quick else 30)
+                reps = 10 if quick else 30
+                call = lambda: torch.ops.dsv4.hca_attn(*a)  # noqa: E731
+                t = time_us(with_fp8_kernel("old", call) if fp8 else call, reps)
+                tb = time_us(with_fp8_kernel("old", lambda: torch.ops.dsv4.sparse_attn(*base))
+                             if fp8 else (lambda: torch.ops.dsv4.sparse_attn(*base)), reps)
                 target = {64: 100.0, 128: 130.0}[H] if B == 128 else None
                 note = (f"target <= {target:.0f} us (FlashMLA HCA-style 115 / 146 us)"
                         if target else "")
-                out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 "
-                               f"{'fp8' if fp8 else 'bf16'}", t, flops, nbytes, tb,
-                               "sparse_attn + index list", note))
+                kind = "fp8 (old)" if fp8 else "bf16"
+                out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 {kind}", t, flops,
+                               nbytes, tb, "sparse_attn + index list", note))
+                if fp8:  # the warp-specialised FP8 kernel, against the old one
+                    tn = time_us(with_fp8_kernel("new", call), reps)
+                    out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 fp8 (new)", tn,
+                                   flops, nbytes, t, "the old FP8 kernel", note))
                 del a, base
     for T in ((4096,) if quick else (4096, 65536)):
         a, base, flops, nbytes = _prefill(T, 64, g)

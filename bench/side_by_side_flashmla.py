@@ -9,6 +9,9 @@ CUDA-event timings with the L2 flushed before every call, the two libraries alte
   ``torch.ops.dsv4.sparse_attn`` reading THE SAME FP8 bytes (window 128 in a 256-entry-page
   cache + compressed top-512 / top-1024 in a 64-entry-page cache), b = 2, 64, 128, 2 q/seq.
   dsv4 on the dequantised bf16 values is timed too (the previous comparison).
+* Both dsv4 FP8 kernels are timed (``DSV4_SPARSE_FP8=old``: dequantisation between the GEMMs;
+  ``=new``: the warp-specialised kernel); ``dsv4_us`` / ``ratio_dsv4_over_fmla`` are the old
+  kernel's, ``dsv4_new_us`` / ``ratio_new_over_fmla`` the new one's (outputs checked equal).
 * decode, HCA-style (FlashMLA's MODEL1 CONFIG3/4: compressed scope in pages of 2 entries with
   per-sequence entry counts up to 1024): FlashMLA with the full index list + extra_topk_length
   vs ``torch.ops.dsv4.hca_attn`` (block table + per-query counts, no index list), same FP8
@@ -39,6 +42,21 @@ sys.path.insert(0, os.path.join(FMLA_DIR, "tests"))
 
 DEV = "cuda"
 D = 512
+
+
+def _fp8_kernel(kernel, fn):
+    """fn run with DSV4_SPARSE_FP8=kernel (read by the op at each call), restored after."""
+    def call():
+        prev = os.environ.get("DSV4_SPARSE_FP8")
+        os.environ["DSV4_SPARSE_FP8"] = kernel
+        try:
+            return fn()
+        finally:
+            if prev is None:
+                os.environ.pop("DSV4_SPARSE_FP8", None)
+            else:
+                os.environ["DSV4_SPARSE_FP8"] = prev
+    return call
 
 
 def _timeit(fns, flush, iters=20, warm=3):
@@ -133,19 +151,28 @@ def decode_cases(results, flush, quick):
             qf = q.reshape(b * sq, h, D)
             w2, e2 = win.reshape(b * sq, topk), eidx.reshape(b * sq, etopk)
             pool, epool = _as_pool(kc), _as_pool(ekc)
-            d8 = lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None, epool, e2)  # noqa: E731
+            d8 = _fp8_kernel("old", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
+                                                                       epool, e2))
+            d8n = _fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
+                                                                        epool, e2))
             d16 = lambda: torch.ops.dsv4.sparse_attn(qf, kd, w2, sink, scale, None, ekd, e2)  # noqa: E731
             fo = f_out()[0].reshape(b * sq, h, D)
-            o8, o16 = d8()[0], d16()[0]
-            t = _timeit({"flashmla": f_out, "dsv4_fp8": d8, "dsv4_bf16": d16}, flush,
-                        iters=10 if quick else 30)
+            o8, o8n, o16 = d8()[0], d8n()[0], d16()[0]
+            t = _timeit({"flashmla": f_out, "dsv4_fp8": d8, "dsv4_fp8_new": d8n, "dsv4_bf16": d16},
+                        flush, iters=10 if quick else 30)
             flops = 2 * b * sq * h * (topk + etopk) * (D + 512)
             _emit(results, dict(kind="decode_fp8", h=h, etopk=etopk, b=b, flashmla_us=t["flashmla"],
-                                dsv4_us=t["dsv4_fp8"], dsv4_bf16_us=t["dsv4_bf16"],
+                                dsv4_us=t["dsv4_fp8"], dsv4_new_us=t["dsv4_fp8_new"],
+                                dsv4_bf16_us=t["dsv4_bf16"],
                                 ratio_dsv4_over_fmla=t["dsv4_fp8"] / t["flashmla"],
+                                ratio_new_over_fmla=t["dsv4_fp8_new"] / t["flashmla"],
                                 ratio_bf16_over_fmla=t["dsv4_bf16"] / t["flashmla"],
-                                out_rel_diff=_rel(o8, fo), fp8_vs_bf16_equal=bool(torch.equal(o8, o16)),
-                                dsv4_tflops=flops / t["dsv4_fp8"] / 1e6))
+                                out_rel_diff=_rel(o8, fo), out_rel_diff_new=_rel(o8n, fo),
+                                new_equals_old=bool(torch.equal(o8n, o8)),
+                                fp8_vs_bf16_equal=bool(torch.equal(o8, o16)),
+                                dsv4_tflops=flops / t["dsv4_fp8"] / 1e6,
+                                dsv4_new_tflops=flops / t["dsv4_fp8_new"] / 1e6,
+                                target_ratio=0.9))
             del q, kc, ekc, kd, ekd
 
 
@@ -182,16 +209,23 @@ def hca_cases(results, flush, quick):
                      + torch.arange(blocks_per_seq, device=DEV)[None, :]).int()
             rows = (torch.arange(b * sq, device=DEV) // sq).int()
             lengths = n_b.repeat_interleave(sq)
-            d_out = lambda: hca_attn(qf, pool, w2, sink, scale, None, epool, table, rows, lengths)  # noqa: E731
+            d_call = lambda: hca_attn(qf, pool, w2, sink, scale, None, epool, table, rows, lengths)  # noqa: E731
+            d_out, d_new = _fp8_kernel("old", d_call), _fp8_kernel("new", d_call)
             fo = f_out()[0].reshape(b * sq, h, D)
-            do = d_out()[0]
-            t = _timeit({"flashmla": f_out, "dsv4": d_out}, flush, iters=10 if quick else 30)
+            do, dn = d_out()[0], d_new()[0]
+            t = _timeit({"flashmla": f_out, "dsv4": d_out, "dsv4_new": d_new}, flush,
+                        iters=10 if quick else 30)
             keys = (topk * b * sq + int(lengths.sum()))
             flops = 2 * h * keys * (D + 512)
             _emit(results, dict(kind="hca_decode_fp8", h=h, b=b, max_entries=etopk,
                                 flashmla_us=t["flashmla"], dsv4_us=t["dsv4"],
+                                dsv4_new_us=t["dsv4_new"],
                                 ratio_dsv4_over_fmla=t["dsv4"] / t["flashmla"],
-                                out_rel_diff=_rel(do, fo), dsv4_tflops=flops / t["dsv4"] / 1e6,
+                                ratio_new_over_fmla=t["dsv4_new"] / t["flashmla"],
+                                out_rel_diff=_rel(do, fo), out_rel_diff_new=_rel(dn, fo),
+                                new_equals_old=bool(torch.equal(dn, do)),
+                                dsv4_tflops=flops / t["dsv4"] / 1e6,
+                                dsv4_new_tflops=flops / t["dsv4_new"] / 1e6,
                                 target_us=100.0 if h == 64 else 130.0))
             del q, kc, ekc
 

@@ -1,10 +1,13 @@
 // dsv4 sparse attention with a per-head sink: argument validation and dispatch (torch-free).
 // The kernels are in sparse_attn.cuh; the contract in include/dsv4/sparse_attn.h.
 #include "sparse_attn.cuh"
+#include "sparse_attn_fp8_sm90.cuh"
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace dsv4 {
 namespace {
@@ -91,9 +94,15 @@ bool current_device_is_sm90() {
 // and other GPUs).
 template <int D>
 cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
-  if (p.kv_format == CacheFormat::kFp8Model1) {  // FP8 caches: the wgmma kernel only
+  if (p.kv_format == CacheFormat::kFp8Model1) {  // FP8 caches: the sm_90a kernels only
     if (D != 512 || !current_device_is_sm90()) return cudaErrorInvalidValue;
-    return sparse_attn_detail::launch_wgmma<512, true>(p, stream);
+    const int which = sparse_attn_fp8_kernel_env();
+    if (which < 0) return cudaErrorInvalidValue;
+    // "new": the warp-specialised kernel (producer warps dequantise into two bf16 stages);
+    // "old" (the default until the new one has passed its first GPU run): the wgmma kernel
+    // that dequantises between its GEMMs.
+    return which == 1 ? sparse_attn_fp8::launch_fp8_ws(p, stream)
+                      : sparse_attn_detail::launch_wgmma<512, true>(p, stream);
   }
   if (D == 512 && current_device_is_sm90()) {
     return sparse_attn_detail::launch_wgmma<512, false>(p, stream);
@@ -107,6 +116,13 @@ cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
 
 bool sparse_attn_supports_head_dim(int64_t head_dim) {
   return head_dim == 64 || head_dim == 128 || head_dim == 256 || head_dim == 512;
+}
+
+int sparse_attn_fp8_kernel_env() {
+  const char* v = std::getenv("DSV4_SPARSE_FP8");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "old") == 0) return 0;
+  if (std::strcmp(v, "new") == 0) return 1;
+  return -1;
 }
 
 bool sparse_attn_supports_fp8_cache(int64_t head_dim) {

@@ -542,6 +542,12 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
 // Merge of the split partials: one CTA of 64 threads per (token, head), 8 columns per thread.
 template <int D>
 __global__ void __launch_bounds__(64) sparse_attn_combine_kernel(const SparseAttnParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The FP8 decode kernel (sparse_attn_fp8_sm90.cuh) launches this grid with programmatic
+  // dependent launch: wait until the main grid has completed and its partials are visible.
+  // Returns at once for an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   __shared__ float w_s[kSparseAttnMaxSplits];
   __shared__ float s_inv;
   const int H = static_cast<int>(p.num_heads);

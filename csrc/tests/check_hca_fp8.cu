@@ -6,7 +6,14 @@
 //      BIT-IDENTICAL out / lse to the same kernel fed the equivalent explicit index list.
 //   2. FP8 MODEL1 pools (packed here on the host: e4m3 + UE8M0 scales, FlashMLA's block layout)
 //      give BIT-IDENTICAL results to bf16 pools holding the dequantised values (sm_90 only), in
-//      sparse mode and in HCA mode, with and without the split-K path.
+//      sparse mode and in HCA mode, with and without the split-K path, through BOTH FP8 kernels
+//      (DSV4_SPARSE_FP8=old: dequantisation between the GEMMs; =new: the warp-specialised
+//      kernel of sparse_attn_fp8_sm90.cuh). "raw" cases fill the pools with random bytes (every
+//      e4m3 value but the NaNs 0x7f / 0xff, scale bytes 3..127) and dequantise them on the host
+//      with the reference formula (float(e4m3) * 2^(s-127), rounded to bf16): the exactness of
+//      the new kernel's bit-level dequantisation over the whole byte range.
+//   3. (sm_90) Times the old and the new FP8 kernel at FlashMLA's decode shapes (printed, not
+//      checked; DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer).
 // Prints PASS / FAIL (exit 1) or SKIP.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -15,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -86,6 +94,39 @@ std::vector<uint8_t> pack_model1(const std::vector<uint16_t>& x, int64_t nb, int
   return pool;
 }
 
+// A MODEL1 pool of random bytes (nope bytes: any e4m3 but the NaNs; scale bytes 3..127; rope:
+// random bf16) and, in deq, its entries dequantised by the reference formula.
+std::vector<uint8_t> pack_raw_model1(int64_t nb, int64_t bs, std::mt19937& rng,
+                                     int64_t& block_stride, std::vector<uint16_t>& deq) {
+  block_stride = (bs * dsv4::kModel1EntryBytes + 575) / 576 * 576;
+  std::vector<uint8_t> pool(static_cast<size_t>(nb * block_stride), 0);
+  deq.assign(static_cast<size_t>(nb * bs * D), 0);
+  std::uniform_int_distribution<int> byte(0, 255), sbyte(3, 127);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t r = 0; r < nb * bs; ++r) {
+    const int64_t blk = r / bs, e = r % bs;
+    uint8_t* base = pool.data() + blk * block_stride;
+    uint8_t* tok = base + e * dsv4::kModel1TokenBytes;
+    uint8_t* sc = base + bs * dsv4::kModel1TokenBytes + e * dsv4::kModel1ScaleBytes;
+    for (int g = 0; g < 7; ++g) sc[g] = static_cast<uint8_t>(sbyte(rng));
+    sc[7] = static_cast<uint8_t>(byte(rng));  // the pad byte: never read as a scale
+    for (int c = 0; c < 448; ++c) {
+      int v = byte(rng);
+      if ((v & 0x7f) == 0x7f) v &= 0xfe;  // no NaN byte
+      tok[c] = static_cast<uint8_t>(v);
+      __nv_fp8_e4m3 q;
+      q.__x = static_cast<__nv_fp8_storage_t>(v);
+      deq[r * D + c] = float_to_bf16(static_cast<float>(q) * std::ldexp(1.f, sc[c / 64] - 127));
+    }
+    for (int c = 448; c < D; ++c) {
+      const uint16_t x = float_to_bf16(nd(rng));
+      std::memcpy(tok + 448 + 2 * (c - 448), &x, 2);
+      deq[r * D + c] = x;
+    }
+  }
+  return pool;
+}
+
 struct Result {
   std::vector<uint16_t> out;
   std::vector<float> lse;
@@ -139,7 +180,8 @@ bool same(const Result& a, const Result& b, const char* what) {
 // One problem: T tokens (2 per sequence), B = T / 2 sequences, window W per token (rows of a
 // window pool of bs_w entries per block), compressed pool of nb blocks x bs, each sequence
 // owning blocks scattered over the pool.
-bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, std::mt19937& rng) {
+bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, std::mt19937& rng,
+         bool raw = false) {
   const int64_t T = 2 * B, W = 128, bs_w = 64;
   const int64_t nbw = (B * W + bs_w - 1) / bs_w;
   const int64_t max_blocks = (max_entries + bs - 1) / bs + 1;
@@ -195,7 +237,10 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   std::vector<uint16_t> win_deq, comp_deq;
   int64_t wstride = 0, cstride = 0;
   std::vector<uint8_t> wpool, cpool;
-  if (fp8) {
+  if (fp8 && raw) {
+    wpool = pack_raw_model1(nbw, bs_w, rng, wstride, win_deq);
+    cpool = pack_raw_model1(nb, bs, rng, cstride, comp_deq);
+  } else if (fp8) {
     wpool = pack_model1(win, nbw, bs_w, wstride, win_deq);
     cpool = pack_model1(comp, nb, bs, cstride, comp_deq);
   } else {
@@ -252,9 +297,6 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     f.extra_kv_stride = cstride;
     f.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
     f.extra_block_size = bs;
-    std::snprintf(name, sizeof(name), "FP8 == bf16  H=%d B=%lld bs=%lld splits=%d (list)", H,
-                  (long long)B, (long long)bs, splits);
-    ok &= same(launch(f, T, H, splits), ra, name);
     dsv4::SparseAttnParams fh = f;  // FP8 pools, HCA mode
     fh.extra_indices = nullptr;
     fh.extra_block_table = h.extra_block_table;
@@ -262,9 +304,16 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     fh.extra_block_table_rows = B;
     fh.extra_max_blocks = max_blocks;
     fh.extra_rows = h.extra_rows;
-    std::snprintf(name, sizeof(name), "FP8 == bf16  H=%d B=%lld bs=%lld splits=%d (HCA)", H,
-                  (long long)B, (long long)bs, splits);
-    ok &= same(launch(fh, T, H, splits), ra, name);
+    for (const char* kernel : {"old", "new"}) {
+      setenv("DSV4_SPARSE_FP8", kernel, 1);
+      std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (list)",
+                    kernel, H, (long long)B, (long long)bs, splits, raw ? " raw bytes" : "");
+      ok &= same(launch(f, T, H, splits), ra, name);
+      std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (HCA)",
+                    kernel, H, (long long)B, (long long)bs, splits, raw ? " raw bytes" : "");
+      ok &= same(launch(fh, T, H, splits), ra, name);
+    }
+    unsetenv("DSV4_SPARSE_FP8");
     cudaFree(const_cast<void*>(f.kv));
     cudaFree(const_cast<void*>(f.extra_kv));
   }
@@ -279,6 +328,143 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   cudaFree(const_cast<int32_t*>(h.extra_rows));
   CHECK_CUDA(cudaGetLastError());
   return ok;
+}
+
+// Median time (us) of sparse_attn(p) under DSV4_SPARSE_FP8=old and =new, alternating, 20 calls
+// each after 3 warm-ups (L2 not flushed). Pools hold a constant byte pattern (timing only).
+void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
+  int dev_id = 0, sms = 0;
+  CHECK_CUDA(cudaGetDevice(&dev_id));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev_id));
+  p.num_tokens = T;
+  p.num_heads = H;
+  p.head_dim = D;
+  p.num_splits = dsv4::sparse_attn_num_splits(T, H, p.topk, p.extra_topk, sms);
+  void *out, *lse, *ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&out, T * H * D * 2));
+  CHECK_CUDA(cudaMalloc(&lse, T * H * 4));
+  p.out = out;
+  p.out_stride_token = H * D;
+  p.out_stride_head = D;
+  p.lse = static_cast<float*>(lse);
+  p.lse_stride_token = H;
+  p.lse_stride_head = 1;
+  if (p.num_splits > 1) {
+    p.workspace_bytes = dsv4::sparse_attn_workspace_bytes(T, H, D, p.num_splits);
+    CHECK_CUDA(cudaMalloc(&ws, p.workspace_bytes));
+    p.workspace = ws;
+  }
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<float> t_old, t_new;
+  for (int it = 0; it < 23; ++it) {
+    for (int k = 0; k < 2; ++k) {
+      setenv("DSV4_SPARSE_FP8", k ? "new" : "old", 1);
+      CHECK_CUDA(cudaEventRecord(e0));
+      CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0.f;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      if (it >= 3) (k ? t_new : t_old).push_back(ms * 1e3f);
+    }
+  }
+  unsetenv("DSV4_SPARSE_FP8");
+  std::sort(t_old.begin(), t_old.end());
+  std::sort(t_new.begin(), t_new.end());
+  const float mo = t_old[t_old.size() / 2], mn = t_new[t_new.size() / 2];
+  std::printf("time %-44s splits %2d: old %8.1f us, new %8.1f us (new / old %.2f)\n", what,
+              p.num_splits, mo, mn, mn / mo);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(out);
+  cudaFree(lse);
+  if (ws) cudaFree(ws);
+}
+
+// FlashMLA's decode shapes: B sequences x 2 queries, window 128 (pages of 256), and either a
+// top-`etopk` list over the sequence's 16384 compressed entries (pages of 64) or (hca) the
+// sequence's first n_b <= 1024 compressed entries through a block table (pages of 2).
+void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
+  const int64_t T = 2 * B, W = 128, s_k = 16384, bs_w = 256, bs_c = hca ? 2 : 64;
+  const int64_t n_w = B * s_k, n_c = B * s_k;
+  auto pool = [](int64_t n, int64_t bs) {
+    void* d = nullptr;
+    CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    return d;
+  };
+  std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
+  std::vector<float> sink(H, 0.f);
+  std::vector<int32_t> win(T * W);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < W; ++k) win[t * W + k] = static_cast<int32_t>((t / 2) * s_k + s_k - W + k);
+  dsv4::SparseAttnParams p;
+  p.q = dev(q);
+  p.q_stride_token = H * D;
+  p.q_stride_head = D;
+  p.kv = pool(n_w, bs_w);
+  p.kv_stride = bs_w * dsv4::kModel1EntryBytes;
+  p.n_kv = n_w;
+  p.kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.kv_block_size = bs_w;
+  p.indices = dev(win);
+  p.indices_stride = W;
+  p.topk = W;
+  p.attn_sink = dev(sink);
+  p.softmax_scale = 1.f / std::sqrt(float(D));
+  p.extra_kv = pool(n_c, bs_c);
+  p.extra_kv_stride = bs_c * dsv4::kModel1EntryBytes;
+  p.n_extra_kv = n_c;
+  p.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.extra_block_size = bs_c;
+  std::vector<int32_t> eidx, table, rows, lens;
+  if (!hca) {
+    eidx.resize(T * etopk);
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(s_k / 4) - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int i = 0; i < etopk; ++i) eidx[t * etopk + i] = static_cast<int32_t>((t / 2) * s_k + pick(rng));
+    p.extra_indices = dev(eidx);
+    p.extra_indices_stride = etopk;
+    p.extra_topk = etopk;
+  } else {
+    const int64_t mb = s_k / bs_c;
+    table.resize(B * mb);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < mb; ++j) table[b * mb + j] = static_cast<int32_t>(b * mb + j);
+    std::uniform_int_distribution<int> nd(0, 1024);
+    rows.resize(T);
+    lens.resize(T);
+    for (int64_t b = 0; b < B; ++b) {
+      const int n = nd(rng);
+      for (int s = 0; s < 2; ++s) {
+        rows[2 * b + s] = static_cast<int32_t>(b);
+        lens[2 * b + s] = n;
+      }
+    }
+    p.extra_block_table = dev(table);
+    p.extra_block_table_stride = mb;
+    p.extra_block_table_rows = B;
+    p.extra_max_blocks = 1024 / bs_c;  // lanes = 1024 (FlashMLA's extra_topk)
+    p.extra_rows = dev(rows);
+    p.extra_topk = 1024;
+    p.extra_topk_length = dev(lens);
+  }
+  char what[96];
+  std::snprintf(what, sizeof(what), "%s h%d b%lld (window 128 + %s)", hca ? "HCA decode" : "FP8 decode",
+                H, (long long)B, hca ? "<= 1024 entries" : (etopk == 512 ? "top-512" : "top-1024"));
+  time_pair(p, T, H, what);
+  cudaFree(const_cast<void*>(p.q));
+  cudaFree(const_cast<void*>(p.kv));
+  cudaFree(const_cast<void*>(p.extra_kv));
+  cudaFree(const_cast<int32_t*>(p.indices));
+  cudaFree(const_cast<float*>(p.attn_sink));
+  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
+  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
+  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
+  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
+  CHECK_CUDA(cudaGetLastError());
 }
 
 }  // namespace
@@ -299,6 +485,20 @@ int main() {
   ok &= run(64, 1, 1, 200, 4, fp8, rng);      // split-K path
   ok &= run(128, 2, 64, 1024, 8, fp8, rng);   // split-K path, 2 head tiles
   ok &= run(3, 5, 7, 150, 1, fp8, rng);       // 3 heads (a partial head tile)
+  if (fp8) {
+    ok &= run(64, 3, 64, 1024, 1, fp8, rng, /*raw=*/true);
+    ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);  // split-K, HCA pages of 2
+    ok &= run(64, 64, 64, 1024, 1, fp8, rng);              // b64: grid of 128 CTAs
+  }
+  const char* no_timing = std::getenv("DSV4_CHECK_NO_TIMING");  // e.g. under compute-sanitizer
+  if (fp8 && ok && (no_timing == nullptr || std::strcmp(no_timing, "1") != 0)) {
+    time_decode(64, 2, 512, false, rng);
+    time_decode(64, 64, 512, false, rng);
+    time_decode(128, 2, 1024, false, rng);
+    time_decode(128, 64, 1024, false, rng);
+    time_decode(64, 128, 0, true, rng);
+    time_decode(128, 128, 0, true, rng);
+  }
   std::printf("%s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
 }

@@ -301,9 +301,12 @@ def test_cuda_70000_queries():
 @pytest.mark.parametrize("seqs", [PREFILL, DECODE, [(65534, 2, 512)] * 64],
                          ids=["prefill", "decode", "decode-b64"])
 @pytest.mark.parametrize("H", [64, 128])
-def test_cuda_fp8_equals_bf16_kernel_on_dequantised_cache(seqs, H):
-    """The FP8 kernel dequantises into the same bf16 tile the bf16 kernel loads: bit-equal
-    outputs (hca_attn and sparse_attn), and the tolerance rule against the fp32 reference."""
+@pytest.mark.parametrize("kernel", ["old", "new"])
+def test_cuda_fp8_equals_bf16_kernel_on_dequantised_cache(seqs, H, kernel, monkeypatch):
+    """Both FP8 kernels (DSV4_SPARSE_FP8) dequantise into the same bf16 tile the bf16 kernel
+    loads: bit-equal outputs (hca_attn and sparse_attn), and the tolerance rule against the
+    fp32 reference."""
+    monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
     seqs = [(s, n, max(c, (s + n) // RATIO)) for s, n, c in seqs]
     a = make_problem(seqs, H=H, D=512, bs=64, W=128, seed=H, fp8=True)
     deq = {**a, "kv": kc.read_pool(a["kv"], 512).reshape(-1, 512),
@@ -324,6 +327,54 @@ def test_cuda_fp8_equals_bf16_kernel_on_dequantised_cache(seqs, H):
     s16 = torch.ops.dsv4.sparse_attn(a16["q"], a16["kv"], a16["indices"], a16["attn_sink"], 0.04,
                                      None, a16["extra_kv"].reshape(-1, 512), idx)
     assert torch.equal(s8[0], s16[0]) and torch.equal(s8[1], s16[1])
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
+                                torch.cuda.get_device_capability() != (9, 0),
+                                reason="FP8 caches need sm_90")
+
+
+def _cuda(a):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bf16(a).items()}
+
+
+def _both_fp8_kernels(a, monkeypatch, out_variants=(False, True)):
+    """_check_kernel (fp32 reference, 2x bf16 rule, poisoned outputs) through both FP8 kernels
+    (DSV4_SPARSE_FP8 = old / new); the two agree bit for bit."""
+    res = {}
+    for kernel in ("old", "new"):
+        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
+        res[kernel] = [_check_kernel(a, ov) for ov in out_variants]
+    for (o_old, l_old), (o_new, l_new) in zip(res["old"], res["new"]):
+        assert torch.equal(o_old, o_new) and torch.equal(l_old, l_new)
+    return res["new"][0]
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("B,bs", [(2, 2), (64, 2), (128, 64)])
+def test_cuda_fp8_decode_both_kernels(H, B, bs, monkeypatch):
+    """HCA decode, FP8 pools: B sequences x 2 queries at random positions, so the entry counts
+    (pos + 1) // 128 run over 0..1024 (crossing every 64-entry block), window 128 with -1
+    before position 0, scattered blocks of 2 or 64 entries; split path at B = 2."""
+    g = torch.Generator().manual_seed(B + H + bs)
+    pos = torch.randint(0, 1024 * RATIO - 1, (B,), generator=g)
+    pos[0], pos[-1] = 0, 1024 * RATIO - 2                      # counts 0 / 1 and 1024
+    seqs = [(int(p), 2, (int(p) + 2) // RATIO) for p in pos]
+    a = _cuda(make_problem(seqs, H=H, D=512, bs=bs, W=128, seed=B * H + bs, fp8=True))
+    _both_fp8_kernels(a, monkeypatch)
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+def test_cuda_fp8_70000_queries_both_kernels(monkeypatch):
+    seqs = [(1000 * i, 700, (1000 * i + 700) // RATIO) for i in range(100)]
+    a = _cuda(make_problem(seqs, H=1, D=512, bs=7, W=16, seed=5, fp8=True))
+    assert a["q"].shape[0] == 70000
+    _both_fp8_kernels(a, monkeypatch, out_variants=(False,))
 
 
 @pytest.mark.cuda

@@ -353,6 +353,102 @@ def test_cuda_decode_shapes_split_path(H, batch):
         _check_kernel(a, out_variant)
 
 
+# FP8 (MODEL1) caches: both kernels (DSV4_SPARSE_FP8 = old / new) against the fp32 reference
+# of the same FP8 bytes, and bit-equal to each other (the new kernel keeps the old one's math).
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
+                                torch.cuda.get_device_capability() != (9, 0),
+                                reason="FP8 caches need sm_90")
+
+
+def _fp8_pools(a, bs1=64, bs2=64):
+    """``a`` with kv / extra_kv replaced by MODEL1 FP8 pools (block sizes bs1 / bs2) holding
+    the same rows, quantised (dsv4.ops.kv_cache, the writers' format)."""
+    from dsv4.ops import kv_cache as kc
+    out = dict(a)
+    for name, bs in (("kv", bs1), ("extra_kv", bs2)):
+        x = a.get(name)
+        if x is None:
+            continue
+        n = x.shape[0]
+        assert n % bs == 0, (name, n, bs)
+        pool = kc.allocate(kc.MODEL1, n // bs, bs, x.shape[1], device=x.device)
+        r = torch.arange(n, device=x.device)
+        kc.write_entries(pool, r // bs, r % bs, x.float())
+        out[name] = pool
+    return out
+
+
+def _both_fp8_kernels(a, monkeypatch, out_variants=(False, True)):
+    """Runs _check_kernel on ``a`` through both FP8 kernels; asserts they agree bit for bit."""
+    res = {}
+    for kernel in ("old", "new"):
+        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
+        res[kernel] = [_check_kernel(a, ov) for ov in out_variants]
+    for (o_old, l_old), (o_new, l_new) in zip(res["old"], res["new"]):
+        assert torch.equal(o_old, o_new) and torch.equal(l_old, l_new)
+    return res["new"][0]
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("H,K2", [(64, 512), (128, 1024)])
+@pytest.mark.parametrize("batch", [1, 2, 64, 128])
+def test_cuda_fp8_decode_both_kernels(H, K2, batch, monkeypatch):
+    """Decode (2 queries per sequence, b up to 128): window 128 (pages of 256) + compressed
+    top-K2 (pages of 64) from FP8 pools; -1 / out-of-range / duplicate indices, garbage lanes
+    past the lengths, extra lengths 0..K2 crossing every 64-key block boundary; split path at
+    small batch, poisoned outputs."""
+    T, D, N2 = 2 * batch, 512, 4096
+    g = torch.Generator().manual_seed(7 * batch + H)
+    a = _random_case(T, H, D, 256 * batch, 128, N2, K2, seed=batch + 3 * H, device="cuda",
+                     dtype=torch.bfloat16, sink_inf=batch == 1)
+    seq = torch.arange(T) // 2
+    win = (seq[:, None] * 256 + 128 + torch.arange(128)).int()
+    win[0, :70] = -1                                              # before position 0
+    a["indices"] = win.cuda()
+    a["topk_length"] = torch.randint(1, 129, (T,), generator=g, dtype=torch.int32).cuda()
+    ln2 = torch.randint(0, K2 + 1, (T,), generator=g, dtype=torch.int32)
+    ln2[0], ln2[-1] = 0, K2
+    a["extra_topk_length"] = ln2.cuda()
+    out, lse = _both_fp8_kernels(_fp8_pools(a, 256, 64), monkeypatch)
+    if batch == 1 and H >= 2:
+        assert (out[:, 0] == 0).all()                                # sink = +inf
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("H", [3, 64, 128])
+def test_cuda_fp8_prefill_shapes_both_kernels(H, monkeypatch):
+    """Many tokens (no split): the contract cases of _random_case (all-invalid rows, a whole
+    first block of -1, indices >= n and < -1) over FP8 pools, partial head tiles."""
+    a = _random_case(300, H, 512, 640, 200, 512, 77, seed=H, device="cuda",
+                     dtype=torch.bfloat16)
+    out, lse = _both_fp8_kernels(_fp8_pools(a), monkeypatch)
+    assert (lse[3::7] == math.inf).all()                             # all-invalid rows
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+def test_cuda_fp8_many_tokens_grid_limit(monkeypatch):
+    """70,000 query tokens (> 65535: grid.x only) over FP8 pools, both kernels."""
+    a = _random_case(70000, 1, 512, 640, 24, 128, 8, seed=11, device="cuda",
+                     dtype=torch.bfloat16, sink_inf=False)
+    _both_fp8_kernels(_fp8_pools(a), monkeypatch, out_variants=(False,))
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+def test_cuda_fp8_kernel_switch_rejects_bad_values(monkeypatch):
+    a = _fp8_pools(_random_case(4, 64, 512, 64, 16, seed=2, device="cuda", dtype=torch.bfloat16))
+    monkeypatch.setenv("DSV4_SPARSE_FP8", "fast")
+    with pytest.raises(RuntimeError, match="DSV4_SPARSE_FP8 must be 'new' or 'old'"):
+        torch.ops.dsv4.sparse_attn(**a)
+
+
 @pytest.mark.cuda
 @needs_kernel
 def test_cuda_out_variant_poisoned_buffers():

@@ -119,7 +119,11 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
         kv: [n_kv, head_dim], same dtype; each row is both key and value (MQA, one KV head).
             Or an FP8 MODEL1 pool uint8 [num_blocks, block_size, 584] (head_dim 512,
             :mod:`dsv4.ops.kv_cache`): row r is entry r % block_size of block
-            r // block_size, dequantised exactly (extra_kv likewise).
+            r // block_size, dequantised exactly (extra_kv likewise). On CUDA the
+            environment variable ``DSV4_SPARSE_FP8`` (read at each call) picks the kernel for
+            FP8 pools: ``old`` (default) or ``new`` (warp-specialised: producer warps
+            dequantise the next key block while the MMA warps run the current one); both give
+            bit-identical results; any other value raises RuntimeError.
         indices: [tokens, k] integer rows into ``kv``; −1 marks an unused slot.
         attn_sink: [heads] float32 sink logit per head.
         softmax_scale: multiplies q·k (``head_dim ** -0.5`` in V4).

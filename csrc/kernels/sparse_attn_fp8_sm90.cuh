@@ -1,0 +1,582 @@
+// dsv4 sparse attention over FP8 (MODEL1) key caches: the warp-specialised Hopper kernel
+// (torch-free). Contract: include/dsv4/sparse_attn.h; included by sparse_attn.cu only (the
+// helpers it reuses live in sparse_attn.cuh).
+//
+// Why a second FP8 kernel: sparse_attn_fwd_wgmma_kernel<512, *, true> (the "old" FP8 path) has
+// all 256 threads dequantise each 64-key block between its two GEMMs, with the hardware
+// conversions e4m3x2 -> f16x2 -> f32 -> bf16x2 (conversion-pipe instructions, ~4x slower than
+// plain ALU ones): about 2 us per block per CTA that nothing overlaps (measured: FP8 193.8 us
+// against 124.1 us for the same kernel on bf16 keys, h128 b64, H200).
+//
+// One CTA = one query token x one tile of 64 heads (x one key split), 384 threads:
+//   warpgroups 0, 1 (consumers, 200 registers each after setmaxnreg): exactly the math of the
+//     old kernel (so the output is bit-equal to it and to the bf16 kernel on the dequantised
+//     cache): S [64 heads x 32 keys] per warpgroup with wgmma m64n32k16 (A = Q, B = the bf16 K
+//     tile, both from shared memory), masked online softmax in the log2 domain with the row
+//     max / sum exchanged through shared memory, P (bf16) to shared memory, O [64 x 256 cols]
+//     per warpgroup += P V with wgmma m64n256k16 (V = the same K tile read MN-major).
+//   warpgroup 2 (producer, 104 registers): per 64-key block, reads each key's raw MODEL1 bytes
+//     (448 e4m3 + 64 bf16 rope + 8 UE8M0 scales) with ld.global.nc straight into registers,
+//     dequantises them with integer / fp32 ALU instructions only (below) and writes the bf16 K
+//     tile (128-byte swizzle, the layout wgmma reads) into one of TWO stages, so the producer
+//     prepares block b+1 while the consumers run the GEMMs of block b. It also prefetches the
+//     rows of block b+1 into L2 while block b's loads are in flight (a third, register-free
+//     pipeline stage) and fetches the indices two blocks ahead.
+// Producer warps 0-1 take bytes 0-223 of the nope part and rope bytes 0-63 of keys 0..63 (one
+// key per thread), warps 2-3 nope bytes 224-447 and rope bytes 64-127 (warp-uniform halves).
+//
+// Synchronisation (hardware named barriers; ids 1-4 are the consumers' row exchange):
+//   5          the 256 consumer threads (P complete; epilogue staging)
+//   6 + stage  FULL:  producer bar.arrive (128) -> consumers bar.sync (256), count 384: the
+//              stage's bf16 tile and validity bytes are written. Because every consumer
+//              thread must arrive, it also keeps one warpgroup from starting block b+1 (and
+//              rewriting P) while the other still runs the P V of block b.
+//   8 + stage  EMPTY: consumers bar.arrive after the P V of block b (wgmma waited) ->
+//              producer bar.sync before writing block b+2 into that stage; only issued when a
+//              block b+2 exists, so no barrier is left half-arrived at exit.
+// Writers of shared memory that wgmma reads (the producer's tile, the consumers' P and Q) run
+// fence.proxy.async before the barrier that publishes it.
+//
+// Dequantisation, exact: for a byte v = (sign, 4-bit exponent e, 3-bit mantissa m) the bf16
+// bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for EVERY v (normal:
+// 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8). Placed in
+// the high half of an fp32 it is that number in fp32; times 2^120 (exact) it is e4m3(v), the
+// same fp32 value torch's float8_e4m3fn -> float gives; times the scale 2^(s-127) it is the
+// reference's fp32 product bit for bit (the same fp32 multiply). That product has at most 4
+// significant bits, so its low 16 bits are zero and the high half IS its bf16 value (what the
+// reference's round-to-nearest gives) whenever |product| >= 2^-133 or it is 0 — true for
+// every value when s >= 3 (scales >= 2^-124; the cache writers produce >= 2^-22). Exception:
+// the e4m3 NaN bytes 0x7f / 0xff (never written by the quantiser) read as +-480, not NaN.
+// Cost per 2 values: 3 ALU (byte_perm, shift, lop3) + 2 ALU (to fp32) + 4 FMUL + 1/2 byte_perm.
+#pragma once
+
+#include "sparse_attn.cuh"
+
+namespace dsv4 {
+namespace sparse_attn_fp8 {
+
+using sparse_attn_detail::cp_async16;
+using sparse_attn_detail::cp_async_commit;
+using sparse_attn_detail::cp_async_wait_all;
+using sparse_attn_detail::exp2_approx;
+using sparse_attn_detail::fence_proxy_async;
+using sparse_attn_detail::fence_regs;
+using sparse_attn_detail::fetch_index;
+using sparse_attn_detail::kBlockM;
+using sparse_attn_detail::kBlockN;
+using sparse_attn_detail::kLn2;
+using sparse_attn_detail::kLog2e;
+using sparse_attn_detail::ld_shared_v4;
+using sparse_attn_detail::named_barrier;
+using sparse_attn_detail::pack_bf16x2;
+using sparse_attn_detail::smem_desc;
+using sparse_attn_detail::smem_u32;
+using sparse_attn_detail::sparse_attn_combine_kernel;
+using sparse_attn_detail::st_shared_u32;
+using sparse_attn_detail::swz;
+using sparse_attn_detail::swz128;
+using sparse_attn_detail::token_keys;
+using sparse_attn_detail::TokenKeys;
+using sparse_attn_detail::ue8m0_value;
+using sparse_attn_detail::wgmma_commit;
+using sparse_attn_detail::wgmma_fence;
+using sparse_attn_detail::wgmma_m64n256k16_ss_tb;
+using sparse_attn_detail::wgmma_m64n32k16_ss;
+using sparse_attn_detail::wgmma_wait_all;
+
+constexpr int kD = 512;
+constexpr int kThreads = 384;
+constexpr int kConsumerRegs = 200;  // setmaxnreg targets: 2 * 200 + 104 = 3 * 168, the entry
+constexpr int kProducerRegs = 104;  // cap of __launch_bounds__(384, 1) (65536 / 384, to 8)
+static_assert(2 * kConsumerRegs + kProducerRegs <= 3 * 168, "register file of one CTA");
+
+// Shared memory (offsets from a 1024-byte aligned base). Q and the two K stages are bf16
+// [64 rows x 512] tiles as 8 slices of [64 rows x 128 B] (swz128, the SW128 wgmma layout).
+constexpr int kTile = kBlockN * kD * 2;                    // 65536
+constexpr int kQOff = 0;
+constexpr int kKOff = kTile;                               // 2 stages
+constexpr int kPOff = kKOff + 2 * kTile;                   // P [64 x 64] bf16 (swz<8>)
+constexpr int kRedOff = kPOff + kBlockM * kBlockN * 2;     // red_max, red_sum [2][64] fp32
+constexpr int kValidOff = kRedOff + 2 * 2 * kBlockM * 4;   // uint8 [2 stages][64 keys]
+constexpr int kAnyOff = kValidOff + 2 * kBlockN;           // int: some key of the CTA is valid
+constexpr int kSmemUsed = kAnyOff + 16;
+constexpr int kSmem = kSmemUsed + 1024;  // slack to align the base to 1024 bytes
+static_assert(kPOff % 1024 == 0, "P is a 128-byte-swizzled wgmma operand");
+static_assert(kSmem <= 227 * 1024, "one CTA per SM");
+
+constexpr int kBarConsumers = 5;
+constexpr int kBarFull = 6;   // + stage
+constexpr int kBarEmpty = 8;  // + stage
+
+// Raw MODEL1 row split between the two producer halves.
+constexpr int kNopeHalf = kModel1Nope / 2;  // 224 bytes = 14 x 16
+constexpr int kNopeLoads = kNopeHalf / 16;  // 14
+constexpr int kRopeHalf = kModel1Rope * 2 / 2;  // 64 bytes = 4 x 16
+constexpr int kRopeLoads = kRopeHalf / 16;      // 4
+static_assert(kNopeHalf % 16 == 0 && kRopeHalf % 16 == 0, "16-byte loads");
+
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if DSV4_SPARSE_ATTN_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+// Read-only global loads that do not allocate in L1 (each raw row is read once per CTA).
+__device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_nc_v2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
+                                             uint32_t d) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
+
+// Four e4m3 bytes (byte i of w = dim i) times 2^120 * k2 (k2 = the group's scale 2^(s-127)):
+// two bf16x2 words (dims 0-1, 2-3). Exact: see the header comment.
+__device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
+  constexpr float k1 = 1.329227995784916e36f;  // 2^120
+  // Each byte in the high byte of a 16-bit lane: [0, b0, 0, b1] and [0, b2, 0, b3].
+  const uint32_t u01 = __byte_perm(w, 0u, 0x1404);
+  const uint32_t u23 = __byte_perm(w, 0u, 0x3424);
+  // bf16 bits of e4m3 * 2^-120: sign to bit 15, exponent and mantissa to bits 4..10.
+  const uint32_t h01 = (u01 & 0x80008000u) | ((u01 >> 4) & 0x07F007F0u);
+  const uint32_t h23 = (u23 & 0x80008000u) | ((u23 >> 4) & 0x07F007F0u);
+  const float f0 = __uint_as_float(h01 << 16) * k1 * k2;
+  const float f1 = __uint_as_float(h01 & 0xFFFF0000u) * k1 * k2;
+  const float f2 = __uint_as_float(h23 << 16) * k1 * k2;
+  const float f3 = __uint_as_float(h23 & 0xFFFF0000u) * k1 * k2;
+  // The high halves (exact bf16 values): dims 0 | 1 << 16 and 2 | 3 << 16.
+  return make_uint2(__byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632),
+                    __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632));
+}
+
+// Where key `idx` of block `b` lives in its FP8 pool (row idx = entry idx % block_size of block
+// idx / block_size); valid = idx in [0, rows of the scope).
+struct Fp8Row {
+  const char* src;   // the 576 value bytes (448 e4m3, 64 bf16)
+  const char* ssrc;  // the 8 scale bytes
+  bool valid;
+};
+__device__ __forceinline__ Fp8Row fp8_row(const SparseAttnParams& p, const TokenKeys& tk, int b,
+                                          int idx) {
+  const bool main_scope = b < tk.nb1;
+  const int64_t n = main_scope ? p.n_kv : p.n_extra_kv;
+  Fp8Row row{nullptr, nullptr, idx >= 0 && static_cast<int64_t>(idx) < n};
+  if (row.valid) {
+    // n <= INT_MAX and block_size divides n (host checks): 32-bit unsigned arithmetic is exact.
+    const uint32_t bsz =
+        static_cast<uint32_t>(main_scope ? p.kv_block_size : p.extra_block_size);
+    const uint32_t blk = static_cast<uint32_t>(idx) / bsz;
+    const uint32_t e = static_cast<uint32_t>(idx) - blk * bsz;
+    const char* base = static_cast<const char*>(main_scope ? p.kv : p.extra_kv) +
+                       static_cast<int64_t>(blk) * (main_scope ? p.kv_stride : p.extra_kv_stride);
+    row.src = base + static_cast<int64_t>(e) * kModel1TokenBytes;
+    row.ssrc = base + static_cast<int64_t>(bsz) * kModel1TokenBytes +
+               static_cast<int64_t>(e) * kModel1ScaleBytes;
+  }
+  return row;
+}
+
+// One producer half (HH = 0: nope bytes 0-223, rope bytes 0-63; HH = 1: nope bytes 224-447,
+// rope bytes 64-127) of key `r`: dequantise the registers into the bf16 tile at sK.
+template <int HH>
+__device__ __forceinline__ void store_half(uint32_t sK, int r, const uint4 (&nope)[kNopeLoads],
+                                           const uint4 (&rope)[kRopeLoads], uint2 scl) {
+#pragma unroll
+  for (int i = 0; i < kNopeLoads; ++i) {
+    constexpr int kDim0 = HH * kNopeHalf;  // first dim of this half
+    const int d0 = kDim0 + 16 * i;         // compile-time after unrolling
+    const int grp = d0 >> 6;               // 64-dim scale group (16-dim runs never cross one)
+    const uint32_t sb = grp < 4 ? (scl.x >> (8 * grp)) & 0xffu : (scl.y >> (8 * (grp - 4))) & 0xffu;
+    const float k2 = ue8m0_value(sb);
+    const uint2 a = dequant4(nope[i].x, k2), b = dequant4(nope[i].y, k2);
+    const uint2 c = dequant4(nope[i].z, k2), d = dequant4(nope[i].w, k2);
+    const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)
+    st_shared_v4(sK + swz128(r, chunk), a.x, a.y, b.x, b.y);
+    st_shared_v4(sK + swz128(r, chunk + 1), c.x, c.y, d.x, d.y);
+  }
+#pragma unroll
+  for (int i = 0; i < kRopeLoads; ++i) {
+    const int chunk = kModel1Nope / 8 + HH * kRopeLoads + i;  // 56 + ...
+    st_shared_v4(sK + swz128(r, chunk), rope[i].x, rope[i].y, rope[i].z, rope[i].w);
+  }
+}
+
+template <int HH>
+__device__ __forceinline__ void load_half(const Fp8Row& row, uint4 (&nope)[kNopeLoads],
+                                          uint4 (&rope)[kRopeLoads], uint2& scl) {
+  if (row.valid) {
+    const char* s0 = row.src + HH * kNopeHalf;
+#pragma unroll
+    for (int i = 0; i < kNopeLoads; ++i) nope[i] = ld_nc_v4(s0 + 16 * i);
+    const char* s1 = row.src + kModel1Nope + HH * kRopeHalf;
+#pragma unroll
+    for (int i = 0; i < kRopeLoads; ++i) rope[i] = ld_nc_v4(s1 + 16 * i);
+    scl = ld_nc_v2(row.ssrc);
+  } else {  // zeros: the tile row is 0 (masked in S; a finite V row for P = 0)
+#pragma unroll
+    for (int i = 0; i < kNopeLoads; ++i) nope[i] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < kRopeLoads; ++i) rope[i] = make_uint4(0u, 0u, 0u, 0u);
+    scl = make_uint2(0u, 0u);
+  }
+}
+
+// Producer loop of one half (HH warp-uniform). Blocks [b_begin, b_end) of token keys tk.
+template <int HH>
+__device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
+                                         int b_begin, int b_end, int r, uint32_t sK0,
+                                         uint8_t* s_valid, volatile int* s_any) {
+  int idx_cur = b_begin < b_end ? fetch_index(tk, b_begin, r) : -1;
+  int idx_nxt = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, r) : -1;
+  for (int b = b_begin; b < b_end; ++b) {
+    const int st = (b - b_begin) & 1;
+    const Fp8Row row = fp8_row(p, tk, b, idx_cur);
+    uint4 nope[kNopeLoads], rope[kRopeLoads];
+    uint2 scl;
+    load_half<HH>(row, nope, rope, scl);
+    // L2 prefetch of block b+1's row: points 0,128,256 | 384,512,575 of the 576 value bytes
+    // touch every 128-byte line of it; plus the scales.
+    if (b + 1 < b_end) {
+      const Fp8Row nr = fp8_row(p, tk, b + 1, idx_nxt);
+      if (nr.valid) {
+        prefetch_l2(nr.src + HH * 384);
+        prefetch_l2(nr.src + HH * 384 + 128);
+        prefetch_l2(nr.src + (HH ? kModel1TokenBytes - 1 : 256));
+        if (HH) prefetch_l2(nr.ssrc);
+      }
+    }
+    const int idx_nn = b + 2 < b_end ? fetch_index(tk, b + 2, r) : -1;
+    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
+    store_half<HH>(sK0 + st * kTile, r, nope, rope, scl);
+    if (HH == 0) s_valid[st * kBlockN + r] = row.valid ? 1 : 0;
+    if (row.valid) *s_any = 1;
+    fence_proxy_async();
+    bar_arrive(kBarFull + st, kThreads);
+    idx_cur = idx_nxt;
+    idx_nxt = idx_nn;
+  }
+}
+
+// kSplit: fp32 partials to the workspace for sparse_attn_combine_kernel (as the old kernel).
+template <bool kSplit>
+__global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const SparseAttnParams p) {
+#if !DSV4_SPARSE_ATTN_WGMMA
+  __trap();
+#else
+  constexpr int NO = kD / 2;  // O columns per consumer warpgroup
+  constexpr int TPR = 4, CPT = 16;  // Q / O rows: 4 consumer threads per row, 16 chunks each
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t sQ = base + kQOff;
+  const uint32_t sK0 = base + kKOff;
+  const uint32_t sP = base + kPOff;
+  float* red_max = reinterpret_cast<float*>(smem + kRedOff);  // [2][64]
+  float* red_sum = red_max + 2 * kBlockM;                      // [2][64]
+  uint8_t* s_valid = smem + kValidOff;                         // [2][64]
+  volatile int* s_any = reinterpret_cast<volatile int*>(smem + kAnyOff);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, w4 = warp & 3;
+  const int g = lane >> 2, tg = lane & 3;
+
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  int64_t bid = blockIdx.x;
+  int split = 0;
+  if (kSplit) {
+    split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+  }
+  const int ht = static_cast<int>(bid % n_ht);
+  const int64_t t = bid / n_ht;
+  const int h0 = ht * kBlockM;
+
+  const TokenKeys tk = token_keys(p, t);
+  int b_begin = 0, b_end = tk.nb;
+  if (kSplit) {
+    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
+    b_begin = min(tk.nb, split * per);
+    b_end = min(tk.nb, b_begin + per);
+  }
+
+  if (tid == 0) *s_any = 0;
+  __syncthreads();  // the only CTA-wide barrier: s_any is 0 before any producer write
+  // Split grids (at most one wave: splits are only chosen when the grid fills < half the SMs)
+  // let the combine grid launch now (programmatic dependent launch); its CTAs wait in
+  // griddepcontrol.wait until this grid has completed. Every CTA of this grid is resident by
+  // the time the last one signals, so the waiting combine CTAs cannot keep one from starting.
+  if (kSplit) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+
+  if (wg == 2) {
+    // ================================ producer ================================
+    setmaxnreg_dec<kProducerRegs>();
+    const int pt = tid - 256;           // 0..127
+    const int r = pt & (kBlockN - 1);   // key of the block
+    if (pt < kBlockN)
+      producer<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    else
+      producer<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    return;  // every arrival it owes was made inside the loop
+  }
+
+  // ================================ consumers ================================
+  setmaxnreg_inc<kConsumerRegs>();
+  const int lrow = tid / TPR, lc0 = tid % TPR;  // Q / O row mapping (tid < 256)
+  const char* dummy = static_cast<const char*>(p.q);
+  {
+    const bool hv = h0 + lrow < H;
+    const char* src =
+        hv ? reinterpret_cast<const char*>(static_cast<const __nv_bfloat16*>(p.q) +
+                                           t * p.q_stride_token +
+                                           static_cast<int64_t>(h0 + lrow) * p.q_stride_head)
+           : dummy;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      cp_async16(sQ + swz128(lrow, c), src + (hv ? c * 16 : 0), hv ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_proxy_async();
+    bar_sync(kBarConsumers, 256);  // Q landed for both warpgroups
+  }
+
+  float o[NO / 2];
+#pragma unroll
+  for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const float sc2 = p.softmax_scale * kLog2e;
+  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
+  constexpr uint32_t kLboV = kSlice;
+  constexpr uint32_t kSboV = 1024u;
+
+  for (int b = b_begin; b < b_end; ++b) {
+    const int stage = (b - b_begin) & 1;
+    bar_sync(kBarFull + stage, kThreads);  // block b's tile is in `stage`; both WGs done with b-1
+    const uint32_t sK = sK0 + stage * kTile;
+
+    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    float s[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
+      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
+                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(s);
+
+    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
+    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
+        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
+      }
+    float alpha[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
+    }
+    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
+      const float m_new = fmaxf(m_run[hf], bm);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hf] = exp2_approx(m_run[hf] - m_use);
+      m_run[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
+          s[i * 4 + 2 * hf + e] = pv;
+          sum += pv;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = wg * 32 + i * 8 + 2 * tg;
+        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
+                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+      }
+    }
+    fence_proxy_async();
+    bar_sync(kBarConsumers, 256);  // P complete (64 rows x 64 keys) for both warpgroups
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        o[i * 4 + 2 * hf] *= alpha[hf];
+        o[i * 4 + 2 * hf + 1] *= alpha[hf];
+      }
+    }
+
+    // ---- O[:, 256*wg .. +256] += P V ----
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
+                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(o);
+    if (b + 2 < b_end) bar_arrive(kBarEmpty + stage, kThreads);  // the producer may refill it
+  }
+
+  // Every consumer is past its last wgmma on sQ (S of the last block precedes its P barrier);
+  // this barrier also orders the epilogue's sQ staging after the other warpgroup's reads.
+  bar_sync(kBarConsumers, 256);
+  const bool any = *s_any != 0;  // final: the producer wrote it before its last FULL arrive
+
+  if constexpr (!kSplit) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const int h = h0 + row;
+      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
+      const float inv = any ? 1.f / denom : 0.f;
+      if (wg == 0 && tg == 0 && h < H) {
+        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
+      }
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        const int col = wg * NO + i * 8 + 2 * tg;
+        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
+                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
+      }
+    }
+    bar_sync(kBarConsumers, 256);
+    if (h0 + lrow < H) {
+      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        const int c = lc0 + i * TPR;
+        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
+      }
+    }
+  } else {
+    const int64_t T = p.num_tokens;
+    float* ws_o = static_cast<float*>(p.workspace);
+    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * kD;
+    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
+    const int64_t st = static_cast<int64_t>(split) * T + t;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = w4 * 16 + hf * 8 + g;
+      const int h = h0 + row;
+      if (h >= H) continue;
+      const float l = l_run[hf];
+      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+      const float inv_l = l == 0.f ? 0.f : 1.f / l;
+      float* orow = ws_o + (st * H + h) * kD;
+#pragma unroll
+      for (int i = 0; i < NO / 8; ++i) {
+        const int col = wg * NO + i * 8 + 2 * tg;
+        *reinterpret_cast<float2*>(orow + col) =
+            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
+      }
+      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
+    }
+    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+  }
+#endif  // DSV4_SPARSE_ATTN_WGMMA
+}
+
+// Launch (sparse_attn() validated p; FP8 MODEL1 pools, head_dim 512, sm_90a).
+inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream) {
+  const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
+  const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
+  const bool split = p.num_splits > 1;
+  if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
+  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<true>)
+                         : reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<false>);
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  if (split) {
+    sparse_attn_fp8_ws_kernel<true><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+  } else {
+    sparse_attn_fp8_ws_kernel<false><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !split) return err;
+  // The merge, as a programmatic dependent launch (its launch overlaps this grid's tail; the
+  // kernel starts with griddepcontrol.wait). A plain launch if the runtime refuses it.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.num_tokens * p.num_heads));
+  cfg.blockDim = dim3(64);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  err = cudaLaunchKernelEx(&cfg, sparse_attn_combine_kernel<kD>, p);
+  if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue) {
+    (void)cudaGetLastError();
+    sparse_attn_combine_kernel<kD>
+        <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+}  // namespace sparse_attn_fp8
+}  // namespace dsv4
