@@ -246,7 +246,6 @@ class Attention(nn.Module):
                 entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query
                 extra_len = torch.div(batch.pos + 1, m, rounding_mode="floor").to(torch.int32)
-        table = batch.block_table.long()
         # The index lists are built for blocks of queries so that their size stays bounded;
         # a decode step or an ordinary prefill is a single block.
         step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
@@ -275,8 +274,8 @@ class Attention(nn.Module):
                                       self.softmax_scale, None, entries, batch.block_table,
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
-                extra_idx = kv_cache.paged_rows(table, r, sel[blk], entries.shape[1]
-                                                 ).to(torch.int32)
+                extra_idx = kv_cache.paged_rows(batch.block_table, r, sel[blk],
+                                                entries.shape[1]).to(torch.int32)
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
                 extra = entries if entries.dtype == torch.uint8 else \
                     entries.view(-1, entries.shape[-1])
