@@ -126,6 +126,9 @@ def test_attention_decode_timing_records_each_layers_core_ops(monkeypatch):
     with torch.no_grad():
         t = long_context.time_attention_decode(m, eng.cache.layers, batch, reps=2)
     assert t["core_calls"] == [["indexer_topk", "sparse_attn"], ["hca_attn"]]
+    assert set(t["per_op"]) == {"indexer_topk", "sparse_attn", "hca_attn"}
+    assert all(v > 0 for v in t["per_op"].values()) and t["indexer_tree"] > 0
+    assert set(dec["attn_core_op_ms"]) == set(t["per_op"]) and dec["attn_indexer_tree_ms"] > 0
 
 
 def test_layer_plan_builds_the_layers_layer_fit_counts():

@@ -331,8 +331,12 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
     slot every replay).
 
     Returns seconds per step: ``attention`` (all modules), ``core`` (the core ops),
-    ``per_layer`` and ``core_per_layer`` (lists, one per layer), and ``kinds`` (the layers'
-    kinds, "csa" / "hca" / "swa").
+    ``per_layer`` and ``core_per_layer`` (lists, one per layer), ``per_op`` (each core op's
+    calls over all layers, one graph per op: ``{"indexer_topk": s, ...}``),
+    ``indexer_tree`` (the ``indexer_topk`` calls again with the candidate-list tree merge,
+    ``DSV4_INDEXER_TOPK_MERGE=tree``, the baseline of the default histogram select; None
+    without CSA layers), ``kinds`` (the layers' kinds, "csa" / "hca" / "swa") and
+    ``core_calls`` (each layer's core op names).
     """
     import time
 
@@ -393,14 +397,36 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / reps
 
+    def op_fn(name):
+        def run():
+            for cl in calls_per_layer:
+                for n, f, a, k in cl:
+                    if n == name:
+                        f(*a, **k)
+        return run
+
     L = len(model.layers)
+    names = [n for n in CORE_OPS if any(c[0] == n for cl in calls_per_layer for c in cl)]
     with torch.no_grad():
         per_layer = [seconds([layer_fn(i)]) for i in range(L)]
         core_per_layer = [seconds([core_fn(i)]) if calls_per_layer[i] else 0.0
                           for i in range(L)]
         total = seconds([layer_fn(i) for i in range(L)])
         core = seconds([core_fn(i) for i in range(L)])
+        per_op = {n: seconds([op_fn(n)]) for n in names}
+        tree = None
+        if "indexer_topk" in names:
+            import os
+            old = os.environ.get("DSV4_INDEXER_TOPK_MERGE")
+            os.environ["DSV4_INDEXER_TOPK_MERGE"] = "tree"
+            try:
+                tree = seconds([op_fn("indexer_topk")])
+            finally:
+                if old is None:
+                    del os.environ["DSV4_INDEXER_TOPK_MERGE"]
+                else:
+                    os.environ["DSV4_INDEXER_TOPK_MERGE"] = old
     return {"attention": total, "core": core, "per_layer": per_layer,
-            "core_per_layer": core_per_layer,
+            "core_per_layer": core_per_layer, "per_op": per_op, "indexer_tree": tree,
             "kinds": [c.layer_kind(i) for i in range(L)],
             "core_calls": [[name for name, *_ in cl] for cl in calls_per_layer]}
