@@ -11,7 +11,13 @@ Cases (H = 64 indexer heads, D = 128, bf16 q / keys, fp32 weights; architecture.
 Timing: CUDA events around the out-variant, median of several runs after a warm-up, L2 flushed
 (256 MB write) before every run, so no case benefits from keys cached by the previous run.
 The PyTorch reference (``indexer_topk_varlen_reference`` on the GPU, chunked so that it fits)
-is timed once or twice per case. The scan alone (scoring without selection) is measured by the
+is timed once or twice per case.
+
+Batch-1 decode at 1M context (the runtime's case: FP8 keys, 132 B, in a paged pool of
+256-entry blocks; and dense bf16): the split-range merge is timed both ways in one process, the
+candidate-list tree (``DSV4_INDEXER_TOPK_MERGE=tree``, the previous default: its row is the
+baseline, ``ref_time_us``) and the default (histogram select beyond 16 splits); both results
+are compared (identical indices required). The scan alone (scoring without selection) is measured by the
 C++ check binary: ``check_indexer_topk --bench`` (csrc/tests/check_indexer_topk.cu).
 
     python bench/csa_indexer.py [--quick] [--json out.json]
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -79,6 +86,68 @@ def _case(op_case: str, q, w, keys, rows, n_valid, topk, key_bytes, flops, reps,
     }
 
 
+def _with_merge(mode: str | None, fn):
+    """Runs fn() with DSV4_INDEXER_TOPK_MERGE set to ``mode`` (None: unset = default)."""
+    old = os.environ.pop("DSV4_INDEXER_TOPK_MERGE", None)
+    try:
+        if mode is not None:
+            os.environ["DSV4_INDEXER_TOPK_MERGE"] = mode
+        return fn()
+    finally:
+        os.environ.pop("DSV4_INDEXER_TOPK_MERGE", None)
+        if old is not None:
+            os.environ["DSV4_INDEXER_TOPK_MERGE"] = old
+
+
+def merge_rows(kernel: bool) -> list[dict]:
+    """Batch 1 (and 2) at 1M context, paged FP8 keys and dense bf16 keys: the histogram select
+    (default) against the candidate-list tree (baseline, same process, same inputs)."""
+    from dsv4.ops import kv_cache as kc
+    N, bs, topk = (1 << 20) // 4, 256, 512
+    out_rows = []
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1)
+    keys = torch.randn(N, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+    nb = N // bs
+    pool = kc.allocate(kc.INDEXER, nb + 1, bs, HEAD_DIM, device="cuda")
+    perm = torch.randperm(nb, generator=g, device="cuda")          # scattered block ids
+    s = torch.arange(N, device="cuda")
+    kc.write_entries(pool, perm[s // bs], s % bs, keys)
+    table = perm.to(torch.int32)[None, :]
+    for T in (1, 2):
+        q = torch.randn(T, HEADS, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+        w = (torch.rand(T, HEADS, generator=g, device="cuda") * 2 - 1) * (HEADS ** -0.5 * HEAD_DIM ** -0.5)
+        rows = torch.zeros(T, dtype=torch.int32, device="cuda")
+        nv = torch.full((T,), N, dtype=torch.int32, device="cuda")
+        for label, kv, tb, key_bytes in (("FP8 paged", pool, table, N * 132),
+                                         ("bf16 dense", keys[None], None, N * HEAD_DIM * 2)):
+            out = torch.empty(T, topk, dtype=torch.int32, device="cuda")
+
+            def call():
+                torch.ops.dsv4.indexer_topk_out(q, w, kv, rows, nv, topk, out, tb)
+
+            def timed():
+                call()
+                first = out.clone()
+                return _time_us(call, 20), first
+            tree_us, tree_out = _with_merge("tree", timed)
+            hist_us, hist_out = _with_merge(None, timed)
+            same = torch.equal(tree_out, hist_out)
+            floor_us = T * key_bytes / PEAK_BW * 1e6
+            gbps = T * key_bytes / (hist_us * 1e-6) / 1e9
+            flops = 2.0 * T * N * HEADS * HEAD_DIM
+            out_rows.append({
+                "op": "indexer_topk", "case": f"decode b={T} 1M {label} topk=512 (merge: default)",
+                "time_us": hist_us, "tflops": flops / (hist_us * 1e-6) / 1e12,
+                "gbps": gbps, "pct_flops": 100 * flops / (hist_us * 1e-6) / 1e12 / PEAK_TFLOPS,
+                "pct_bw": 100 * gbps * 1e9 / PEAK_BW, "ref_time_us": tree_us,
+                "speedup": tree_us / hist_us, "floor_us": floor_us,
+                "note": ("baseline (ref) = the candidate-list tree merge, same process; "
+                         f"indices {'identical' if same else 'DIFFER (bug)'}")
+                        if kernel else "CUDA kernel not compiled"})
+    return out_rows
+
+
 def run(quick: bool = False) -> list[dict]:
     """One dict per case (keys: op, case, time_us, tflops, gbps, pct_flops, pct_bw, ref_time_us,
     speedup, floor_us, note). gbps counts compressed-key bytes (decode: every query reads its
@@ -86,7 +155,7 @@ def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return []
     kernel = "indexer_topk_out" in ext.info()["cuda_usable_ops"]
-    results = []
+    results = merge_rows(kernel)
     batches = (1, 32) if quick else (1, 32, 128)
     contexts = (8192, 131072) if quick else (8192, 131072, 1048576)
     topks = (512,) if quick else (512, 1024)

@@ -70,7 +70,7 @@ def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, spli
         ref = _run(m, ids, lens, splits)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, err
-    fused = ("sparse_attn", "q_norm_rope", "kv_norm_rope")
+    fused = ("sparse_attn", "q_norm_rope", "kv_norm_rope", "rms_norm")
     assert {ops for ops in kernel_path} == {
         fused, fused + ("compress_kv", "indexer_topk"), fused + ("compress_kv", "hca_attn"),
         ("grouped_oproj",)}

@@ -28,6 +28,15 @@
 //              a node (atomic arrival counter) merges its children with the same buffer and
 //              select (all children's candidates loaded as one flat array): leaves ->
 //              [level 1, fan-in ~sqrt(splits), when splits > 16] -> root -> output.
+//   histogram  (decode with > 16 splits by default: batch <= 7 on 132 SMs; "merge modes" in the
+//   select     header) instead of candidate buffers, the scan writes each entry's 32-bit score
+//              key (4 B per entry: 1 MB at 1M context) and counts it in a 4096-bin histogram of
+//              the key's top 12 bits; a second launch over the same CTAs finds the bin b* of
+//              the topk-th key, gathers the keys above b* (< topk) and in b* (usually a few
+//              hundred), and the query's last CTA selects among them (select + sort as above).
+//              Serial work after the scan: one launch, a pass over 8 KB of keys per CTA, one
+//              select over ~topk + |b*| candidates and the sort, instead of three selects over
+//              2K-6K candidates each in the tree.
 //
 // Measured on H200 (csrc/tests/check_indexer_topk.cu --bench): the decode scan is bound by the
 // CTA's mma.sync/latency chain (~2.8 TB/s of key bytes scan-only at batch 128, 1M context),
@@ -44,6 +53,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace dsv4 {
 namespace {
@@ -57,6 +68,27 @@ constexpr int kMergePairs = 4;   // 16-byte loads (2 candidates) per thread per 
 constexpr int kUnroll = 4;       // elements per thread in flight in the select loops
 constexpr int kMaxChildren = 32; // merge fan-in bound (splits <= 1024, fan-in ~sqrt)
 constexpr unsigned kFull = 0xffffffffu;
+// Histogram select (batch-1-like decode; see the header comment): bins of the top 12 bits of
+// the 32-bit score key, the boundary-bin candidates gathered before falling back to a scan of
+// all keys, and the keys each thread has in flight in the select kernel's loops.
+constexpr int kHistBins = 4096;
+constexpr int kHistShift = 20;
+constexpr int kBoundaryCap = 8192;
+constexpr int kSelUnroll = 8;
+
+// Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
+// else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
+// (decode plans only). g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
+constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2;
+int g_merge = -1;
+int merge_mode() {
+  if (g_merge >= 0) return g_merge;
+  const char* e = std::getenv("DSV4_INDEXER_TOPK_MERGE");
+  if (e == nullptr) return kMergeAuto;
+  if (std::strcmp(e, "tree") == 0) return kMergeTree;
+  if (std::strcmp(e, "hist") == 0) return kMergeHist;
+  return kMergeAuto;
+}
 
 // Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
 // between barriers; prefill (QPC 8) 128 (each warp already scores 8 m-tiles per stage).
@@ -102,6 +134,18 @@ struct Params {
   int32_t* ws_count1;   // [T_pad][n_l1]
   int32_t* arrive1;     // [n_groups][n_l1]
   int32_t* arrive_root; // [n_groups]
+  // Histogram select (decode, QPC 1: query t = group t). Zeroed by the launch's memset:
+  uint32_t* hs_hist;    // [T][kHistBins] counts of the non-NaN visible keys per top-12-bit bin
+  int32_t* hs_arrive;   // [T] select CTAs done
+  int32_t* hs_nwin;     // [T] winners appended
+  int32_t* hs_nbnd;     // [T] boundary-bin keys appended (may exceed kBoundaryCap)
+  // Written before being read:
+  int32_t* hs_nv;       // [T] the query's clamped n_valid (0 for a bad row)
+  uint32_t* hs_keys;    // [T][hs_key_stride] score key of entry s (0: NaN / hidden)
+  int64_t hs_key_stride;
+  u64* hs_win;          // [T][slot_stride] ranks of the keys above the boundary bin
+  u64* hs_bnd;          // [T][kBoundaryCap] ranks of the boundary bin's keys
+  int sel_cap;          // candidate buffer of the select kernel (entries)
   int T, H, B, C, topk;
   int n_groups, n_splits, fan1, n_l1;
   int slot_stride, cap, stages, min_chunk;
@@ -154,12 +198,23 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
 // ------------------------------------------------------------------------------------------
 // rank = ordered(score) << 32 | ~index; false for NaN (never a candidate). Valid ranks are > 0
 // (-inf maps to 0x007FFFFF), so 0 can pad the sort.
-__device__ __forceinline__ bool make_rank(float s, int idx, u64& r) {
-  if (s != s) return false;
+// score_key: the rank's upper 32 bits, monotone in the score; 0 for NaN (no other score maps
+// to 0: -inf gives 0x007FFFFF).
+__device__ __forceinline__ uint32_t score_key(float s) {
+  if (s != s) return 0u;
   s = __fadd_rn(s, 0.0f);  // -0.0 -> +0.0 (equal scores tie on the index)
   const uint32_t b = __float_as_uint(s);
-  const uint32_t key = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  r = (static_cast<u64>(key) << 32) | static_cast<u64>(~static_cast<uint32_t>(idx));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ u64 key_rank(uint32_t key, int idx) {
+  return (static_cast<u64>(key) << 32) | static_cast<u64>(~static_cast<uint32_t>(idx));
+}
+
+__device__ __forceinline__ bool make_rank(float s, int idx, u64& r) {
+  const uint32_t key = score_key(s);
+  if (key == 0u) return false;
+  r = key_rank(key, idx);
   return true;
 }
 
@@ -638,8 +693,12 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8>
+// kHist (decode, QPC 1): no candidate buffer; every visible entry's score key goes to
+// p.hs_keys and is counted in the query's histogram p.hs_hist (shared-memory bins first, then
+// one global atomic per non-empty bin); indexer_select_kernel does the selection.
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
+  static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
   constexpr int WPQ = kWarps / QPC;          // warps per query
   constexpr int NT = kThreads / QPC;         // threads per query
   constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
@@ -668,6 +727,8 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   QState* const st = states + qi;
   int* const hist = hists + qi * 256;
   u64* const cand = cands + static_cast<int64_t>(qi) * p.cap;
+  // kHist: the bins live where the candidate buffer would (cap >= 2048 entries = 16 KB).
+  unsigned* const hbins = reinterpret_cast<unsigned*>(cands);
   const uint32_t tiles = smem_u32(smem);
 
   const int work = blockIdx.x;
@@ -690,7 +751,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     s_row[tid] = r;
     s_nv[tid] = nv;
   }
+  if constexpr (kHist) {
+    for (int i = tid; i < kHistBins; i += kThreads) hbins[i] = 0u;
+  }
   __syncthreads();
+  if constexpr (kHist) {
+    if (j == 0 && tid == 0) p.hs_nv[t] = s_nv[0];
+  }
 
   unsigned done = 0;
 #pragma unroll
@@ -795,6 +862,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
           }
           if constexpr (kScanOnly) {
             if (in_range) scan_acc += sc;
+          } else if constexpr (kHist) {
+            // every entry of [s_begin, hi) gets its key (0: NaN or a missing block)
+            if (tq < 2 && s < hi) {
+              const uint32_t key = in_range ? score_key(sc) : 0u;
+              p.hs_keys[static_cast<int64_t>(t) * p.hs_key_stride + s] = key;
+              if (key != 0u) atomicAdd(hbins + (key >> kHistShift), 1u);
+            }
           } else {
             u64 r = 0;
             const bool ok = in_range && make_rank(sc, s, r) && r >= thr;
@@ -802,7 +876,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
           }
         }
       }
-      if constexpr (!kScanOnly) {
+      if constexpr (!kScanOnly && !kHist) {
         gsync<QPC>(qi);  // this tile's appends are done
         if (me && st->count > p.cap - TILE) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
       }
@@ -816,7 +890,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         for (int off = 16; off > 0; off >>= 1) scan_acc += __shfl_xor_sync(kFull, scan_acc, off);
         if (lane == 0) atomicAdd(p.scan_sum + t, scan_acc);
       }
-    } else if (me) {
+    } else if (me && !kHist) {
       const int64_t slot = static_cast<int64_t>(t) * p.n_splits + j;
       finish_query<QPC>(p, cand, st, hist, t, gtid, qi, p.n_splits == 1,
                         p.ws_rank0 + slot * p.slot_stride, p.ws_count0 + slot);
@@ -824,6 +898,15 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     __syncthreads();
   }
 
+  if constexpr (kHist) {
+    // (the loop ended with a barrier: every shared-memory count is in)
+    uint32_t* const gh = p.hs_hist + static_cast<int64_t>(t) * kHistBins;
+    for (int i = tid; i < kHistBins; i += kThreads) {
+      const unsigned c = hbins[i];
+      if (c != 0u) atomicAdd(gh + i, c);
+    }
+    return;
+  }
   if constexpr (!kScanOnly) {
     if (p.n_splits == 1) return;
     // Split-K style merge: the last CTA to arrive at a node merges its children.
@@ -871,6 +954,165 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
 }
 
 // ------------------------------------------------------------------------------------------
+// histogram select (second launch of a kHist plan)
+// ------------------------------------------------------------------------------------------
+// Appends the lanes' ranks with ok set to a global list (whole warp calls): one atomic per warp
+// on *counter; positions >= limit are counted but not stored.
+__device__ __forceinline__ void warp_append_global(bool ok, u64 rank, u64* list, int32_t* counter,
+                                                   int limit) {
+  const unsigned ball = __ballot_sync(kFull, ok);
+  if (ball == 0) return;
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  if (lane == 0) base = atomicAdd(counter, __popc(ball));
+  base = __shfl_sync(kFull, base, 0);
+  const int pos = base + __popc(ball & ((1u << lane) - 1u));
+  if (ok && pos < limit) list[pos] = rank;
+}
+
+// Grid: T x n_splits CTAs (query t = blockIdx.x / n_splits, chunk c = blockIdx.x % n_splits).
+//  1. From the query's histogram (exact counts of its non-NaN visible keys per top-12-bit bin)
+//     every CTA finds the boundary bin b*: the bin holding the topk-th largest key; fewer than
+//     topk keys lie in bins above it. With at most topk keys in all, b* = -1 (all are kept).
+//  2. Each CTA reads its chunk of the query's keys: keys in bins above b* are winners (fewer
+//     than topk in all: the list hs_win), keys in bin b* are boundary candidates (hs_bnd, up to
+//     kBoundaryCap of them), keys below b* cannot be selected.
+//  3. The last CTA of the query (arrival counter) loads the winners and the boundary
+//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
+//     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
+//     it streams all of the query's keys instead, keeping those of bin b* with the same select
+//     (exact as well, one CTA reading 4 B per entry).
+// Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
+__global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
+  static_assert(kHistBins == kThreads * 16, "16 bins per thread");
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_wsum[kWarps];
+  __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
+  QState* const st = reinterpret_cast<QState*>(smem);
+  int* const hist = reinterpret_cast<int*>(st + 1);
+  u64* const cand = reinterpret_cast<u64*>(hist + 256);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t = static_cast<int>(blockIdx.x / p.n_splits);
+  const int c = static_cast<int>(blockIdx.x % p.n_splits);
+  const int k = p.topk;
+
+  // 1. the boundary bin: thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins.
+  const uint32_t* hq = p.hs_hist + static_cast<int64_t>(t) * kHistBins + tid * 16;
+  int h[16];
+  int tot = 0;
+#pragma unroll
+  for (int e = 0; e < 16; ++e) {
+    h[e] = static_cast<int>(__ldcg(hq + e));
+    tot += h[e];
+  }
+  int incl = tot;  // sum over lanes >= lane
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_down_sync(kFull, incl, off);
+    if (lane + off < 32) incl += v;
+  }
+  if (lane == 0) s_wsum[warp] = incl;
+  if (tid == 0) s_bstar = -1;  // kept when every key is kept (total <= topk)
+  __syncthreads();
+  int above = incl - tot, total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    total += s_wsum[w];
+    above += w > warp ? s_wsum[w] : 0;
+  }
+  if (total > k && above < k && above + tot >= k) {  // exactly one thread
+    int cum = above;
+#pragma unroll
+    for (int e = 15; e >= 0; --e) {
+      if (cum + h[e] >= k) {
+        s_bstar = tid * 16 + e;
+        break;
+      }
+      cum += h[e];
+    }
+  }
+  __syncthreads();
+  const int bstar = s_bstar;
+
+  // 2. this CTA's chunk of the query's keys
+  const int nv = __ldcg(p.hs_nv + t);
+  const int64_t chunk = (static_cast<int64_t>(nv) + p.n_splits - 1) / p.n_splits;
+  const int64_t s0 = std::min<int64_t>(static_cast<int64_t>(c) * chunk, nv);
+  const int64_t s1 = std::min<int64_t>(s0 + chunk, nv);
+  const uint32_t* keys = p.hs_keys + static_cast<int64_t>(t) * p.hs_key_stride;
+  u64* const win = p.hs_win + static_cast<int64_t>(t) * p.slot_stride;
+  u64* const bnd = p.hs_bnd + static_cast<int64_t>(t) * kBoundaryCap;
+  for (int64_t base = s0; base < s1; base += kThreads * kSelUnroll) {
+    uint32_t v[kSelUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) {
+      const int64_t s = base + u * kThreads + tid;
+      v[u] = s < s1 ? __ldcg(keys + s) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) {
+      const int s = static_cast<int>(base + u * kThreads + tid);  // < nv when v[u] != 0
+      const int bin = static_cast<int>(v[u] >> kHistShift);
+      const u64 r = key_rank(v[u], s);
+      warp_append_global(v[u] != 0u && bin > bstar, r, win, p.hs_nwin + t, p.slot_stride);
+      warp_append_global(v[u] != 0u && bin == bstar, r, bnd, p.hs_nbnd + t, kBoundaryCap);
+    }
+  }
+
+  // 3. the last CTA of the query selects
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_flag = atomicAdd(p.hs_arrive + t, 1) == p.n_splits - 1 ? 1 : 0;
+  __syncthreads();
+  if (!s_flag) return;
+  __threadfence();
+  if (tid == 0) {
+    const int nw = atomicAdd(p.hs_nwin + t, 0);
+    s_nwin = nw < p.slot_stride ? nw : p.slot_stride;  // (nw < topk by construction)
+    s_nbnd = atomicAdd(p.hs_nbnd + t, 0);
+    st->count = 0;
+    st->thr = 0;
+  }
+  __syncthreads();
+  const int n_win = s_nwin, n_bnd = s_nbnd;
+  for (int i = tid; i < n_win; i += kThreads) cand[i] = __ldcg(win + i);
+  if (n_bnd <= kBoundaryCap) {
+    for (int i = tid; i < n_bnd; i += kThreads) cand[n_win + i] = __ldcg(bnd + i);
+    if (tid == 0) st->count = n_win + n_bnd;
+    __syncthreads();
+  } else {
+    if (tid == 0) st->count = n_win;
+    __syncthreads();
+    constexpr int kRound = kThreads * kSelUnroll;
+    for (int64_t base = 0; base < nv; base += kRound) {
+      const u64 thr = st->thr;
+      uint32_t v[kSelUnroll];
+#pragma unroll
+      for (int u = 0; u < kSelUnroll; ++u) {
+        const int64_t s = base + u * kThreads + tid;
+        v[u] = s < nv ? __ldcg(keys + s) : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kSelUnroll; ++u) {
+        const int s = static_cast<int>(base + u * kThreads + tid);
+        const u64 r = key_rank(v[u], s);
+        const bool ok = v[u] != 0u && static_cast<int>(v[u] >> kHistShift) == bstar && r >= thr;
+        warp_append(ok, r, cand, st);
+      }
+      __syncthreads();
+      const int now = st->count;
+      __syncthreads();
+      if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0);
+    }
+  }
+  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0);
+  const int n = st->count < k ? st->count : k;
+  sort_desc<1>(cand, n, tid, 0);
+  write_indices<1>(p, cand, n, t, tid);
+}
+
+// ------------------------------------------------------------------------------------------
 // host side: launch plan
 // ------------------------------------------------------------------------------------------
 struct DevInfo {
@@ -899,6 +1141,12 @@ struct Plan {
   size_t smem = 0;
   size_t off_arrive1 = 0, off_root = 0, memset_bytes = 0;
   size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
+  // Histogram select (hist): the memset region [0, memset_bytes) holds the bins and counters.
+  bool hist = false;
+  int sel_cap = 0;
+  size_t sel_smem = 0;
+  size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0;
+  size_t off_hs_nv = 0, off_hs_keys = 0, off_hs_win = 0, off_hs_bnd = 0;
 };
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -963,7 +1211,32 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   }
   if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
   pl.slot_stride = static_cast<int>(round_up(topk, 16));
-  if (pl.n_splits > 1) {
+  const int mode = merge_mode();
+  pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
+            (mode == kMergeHist || (mode == kMergeAuto && pl.n_splits > 16));
+  if (pl.hist) {
+    // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
+    const int64_t T1 = pl.n_groups;
+    pl.off_hs_hist = 0;
+    pl.off_hs_arrive = static_cast<size_t>(T1) * kHistBins * sizeof(uint32_t);
+    pl.off_hs_nwin = pl.off_hs_arrive + static_cast<size_t>(T1) * sizeof(int32_t);
+    pl.off_hs_nbnd = pl.off_hs_nwin + static_cast<size_t>(T1) * sizeof(int32_t);
+    pl.memset_bytes = pl.off_hs_nbnd + static_cast<size_t>(T1) * sizeof(int32_t);
+    size_t off = static_cast<size_t>(round_up(static_cast<int64_t>(pl.memset_bytes), 256));
+    auto take = [&off](size_t bytes) {
+      const size_t at = off;
+      off += static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 256));
+      return at;
+    };
+    pl.off_hs_nv = take(static_cast<size_t>(T1) * sizeof(int32_t));
+    pl.off_hs_keys = take(static_cast<size_t>(T1) * static_cast<size_t>(C) * sizeof(uint32_t));
+    pl.off_hs_win = take(static_cast<size_t>(T1) * pl.slot_stride * sizeof(u64));
+    pl.off_hs_bnd = take(static_cast<size_t>(T1) * kBoundaryCap * sizeof(u64));
+    pl.ws_bytes = off;
+    pl.sel_cap = pl.slot_stride + kBoundaryCap + kThreads * kSelUnroll;
+    pl.sel_smem = sizeof(QState) + 256 * sizeof(int) + static_cast<size_t>(pl.sel_cap) * sizeof(u64);
+    if (pl.sel_smem + 1024 > static_cast<size_t>(di.max_smem)) return pl;  // not ok (cannot happen)
+  } else if (pl.n_splits > 1) {
     const int64_t t_pad = static_cast<int64_t>(pl.n_groups) * pl.qpc;
     size_t off = 0;
     auto take = [&off](size_t bytes) {
@@ -987,16 +1260,24 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   return pl;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
   if (pl.tile != TILE) return cudaErrorInvalidValue;
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8>;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
   const int64_t grid = static_cast<int64_t>(pl.n_groups) * pl.n_splits;
   if (grid > INT_MAX) return cudaErrorInvalidValue;
   kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || !kHist) return e;
+  // The selection: the same T x n_splits grid, after the scan (stream order).
+  e = cudaFuncSetAttribute(indexer_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(pl.sel_smem));
+  if (e != cudaSuccess) return e;
+  indexer_select_kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.sel_smem,
+                          stream>>>(prm);
   return cudaGetLastError();
 }
 
@@ -1088,18 +1369,23 @@ IndexerKeys dense_keys(const void* keys, int64_t k_sb, int64_t k_sc, int64_t bat
   return k;
 }
 
-template <bool kScanOnly, bool kFp8>
+template <bool kScanOnly, bool kFp8, bool kHist = false>
 cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cudaStream_t stream) {
+  if (kHist && pl.qpc != 1) return cudaErrorInvalidValue;  // (the plan never asks for it)
   if (head_dim == 128) {
-    if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8>(prm, pl, stream);
-    return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8>(prm, pl, stream)
-                          : launch_kernel<128, 1, 256, kScanOnly, kFp8>(prm, pl, stream);
+    if constexpr (!kHist) {
+      if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8, false>(prm, pl, stream);
+    }
+    return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8, kHist>(prm, pl, stream)
+                          : launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist>(prm, pl, stream);
   }
   if constexpr (kScanOnly) {
     return cudaErrorInvalidValue;  // the scan-only aid exists for head_dim 128
   } else {
-    return pl.qpc == 8 ? launch_kernel<64, 8, 128, kScanOnly, kFp8>(prm, pl, stream)
-                       : launch_kernel<64, 1, 256, kScanOnly, kFp8>(prm, pl, stream);
+    if constexpr (!kHist) {
+      if (pl.qpc == 8) return launch_kernel<64, 8, 128, false, kFp8, false>(prm, pl, stream);
+    }
+    return launch_kernel<64, 1, 256, false, kFp8, kHist>(prm, pl, stream);
   }
 }
 
@@ -1109,6 +1395,8 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
   g_decode_tile = decode_tile_keys;
   g_stages = stages;
 }
+
+void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 2 ? mode : -1; }
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
                                     int64_t heads, int64_t head_dim, int64_t topk, int device,
@@ -1146,6 +1434,25 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
   if (pl.ws_bytes > 0 && !aligned(workspace, 256)) return cudaErrorInvalidValue;
   prm.out = indices;
   prm.out_st = idx_stride_t;
+  if (pl.hist) {
+    char* ws = static_cast<char*>(workspace);
+    prm.hs_hist = reinterpret_cast<uint32_t*>(ws + pl.off_hs_hist);
+    prm.hs_arrive = reinterpret_cast<int32_t*>(ws + pl.off_hs_arrive);
+    prm.hs_nwin = reinterpret_cast<int32_t*>(ws + pl.off_hs_nwin);
+    prm.hs_nbnd = reinterpret_cast<int32_t*>(ws + pl.off_hs_nbnd);
+    prm.hs_nv = reinterpret_cast<int32_t*>(ws + pl.off_hs_nv);
+    prm.hs_keys = reinterpret_cast<uint32_t*>(ws + pl.off_hs_keys);
+    prm.hs_key_stride = prm.C;
+    prm.hs_win = reinterpret_cast<u64*>(ws + pl.off_hs_win);
+    prm.hs_bnd = reinterpret_cast<u64*>(ws + pl.off_hs_bnd);
+    prm.sel_cap = pl.sel_cap;
+    e = cudaMemsetAsync(ws, 0, pl.memset_bytes, stream);
+    if (e != cudaSuccess) return e;
+    if (keys.format == CacheFormat::kFp8Indexer) {
+      return launch_for<false, true, true>(prm, pl, head_dim, stream);
+    }
+    return launch_for<false, false, true>(prm, pl, head_dim, stream);
+  }
   if (pl.n_splits > 1) {
     char* ws = static_cast<char*>(workspace);
     prm.arrive1 = reinterpret_cast<int32_t*>(ws + pl.off_arrive1);

@@ -552,6 +552,67 @@ bool correctness_suite(std::mt19937& rng) {
   return ok;
 }
 
+// Long decode queries: many key-range splits, so that the default (auto) merge takes the
+// histogram select; run under every merge mode. 1M-token context = 262144 entries.
+bool long_decode_suite(std::mt19937& rng) {
+  bool ok = true;
+  {  // 1M context, batch 1, integer-valued scores (many exact ties), V4-Flash shapes
+    Problem p = make_problem("1M decode T=1 k=512 (exact, ties)", 1, 1, 262144, 64, 128, 512,
+                             true, rng);
+    p.nv[0] = 262144;
+    ok &= run_problem(p, true);
+  }
+  {  // all scores equal (+-0): the boundary bin holds every entry (> 8192: full-scan fallback)
+    Problem p = make_problem("1M decode all-equal scores", 2, 1, 262144, 8, 128, 512, true, rng);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    p.nv = {262144, 200001};
+    ok &= run_problem(p, true);
+  }
+  {  // 100 winners + 99900 exact zeros, k = 2048 > winners: ties at the threshold, fallback
+    Problem p = make_problem("100 winners + 99900 zeros, T=2", 2, 1, 100000, 8, 128, 2048, true,
+                             rng);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    for (auto& v : p.q) v = float_to_bf16(1.f);
+    for (auto& v : p.w) v = 0.5f;
+    std::vector<int> pos(100000);
+    std::iota(pos.begin(), pos.end(), 0);
+    std::shuffle(pos.begin(), pos.end(), rng);
+    for (int i = 0; i < 100; ++i)
+      p.keys[static_cast<size_t>(pos[i]) * p.D + (i % p.D)] = float_to_bf16(static_cast<float>(i + 1));
+    p.nv = {100000, 99999};
+    ok &= run_problem(p, true);
+  }
+  {  // 3000 winners + zeros, k = 512: the boundary bin is a bin of winners (no fallback)
+    Problem p = make_problem("3000 winners + zeros, k=512", 1, 1, 120000, 8, 128, 512, true,
+                             rng);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    std::uniform_int_distribution<int> val(1, 64);
+    for (int i = 0; i < 3000; ++i)
+      p.keys[static_cast<size_t>(i * 40 + 7) * p.D + (i % p.D)] = float_to_bf16(static_cast<float>(val(rng)));
+    p.nv = {120000};
+    ok &= run_problem(p, true);
+  }
+  {  // fewer visible entries than topk in a long row; an empty scope; a bad row; NaN-only
+    Problem p = make_problem("long rows: k > visible, empty, bad row", 4, 2, 131072, 64, 128,
+                             512, true, rng);
+    p.rows = {0, 1, -1, 0};
+    p.nv = {300, 0, 131072, 131072};
+    // row 0 has NaN keys at every entry >= 1000 (query 3 sees 1000 non-NaN entries)
+    for (int sidx = 1000; sidx < 131072; ++sidx) p.keys[static_cast<size_t>(sidx) * p.D] = 0x7fc0;
+    ok &= run_problem(p);
+  }
+  {  // contexts crossing split / chunk boundaries, float scores, D 64 and 128, k 1024
+    Problem p = make_problem("float long decode ragged", 3, 3, 70000, 16, 128, 1024, false, rng);
+    p.rows = {2, 0, 1};
+    p.nv = {70000, 65537, 40961};
+    ok &= run_problem(p, true);
+    Problem p2 = make_problem("float long decode D64", 2, 1, 50000, 16, 64, 512, false, rng);
+    p2.nv = {50000, 4097};
+    ok &= run_problem(p2);
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -562,12 +623,24 @@ int main(int argc, char** argv) {
   }
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
   std::mt19937 rng(12345);
+  // Merge modes (indexer_topk_set_merge): the default (auto: histogram select for > 16
+  // splits), the candidate-list tree always, the histogram select whenever there are splits.
+  dsv4::indexer_topk_set_merge(0);
+  std::printf("-- merge: auto (default)\n");
   bool ok = correctness_suite(rng);
+  ok &= long_decode_suite(rng);
+  std::printf("-- merge: tree (the previous path; its short cases are the auto ones)\n");
+  dsv4::indexer_topk_set_merge(1);
+  ok &= long_decode_suite(rng);
+  std::printf("-- merge: histogram select for every split decode plan\n");
+  dsv4::indexer_topk_set_merge(2);
+  ok &= correctness_suite(rng);
   // The same cases with the alternative decode tile (128 keys per stage, 4 stages).
-  std::printf("-- decode tile 128 (tuning variant)\n");
+  std::printf("-- decode tile 128 (tuning variant), merge: histogram select\n");
   dsv4::indexer_topk_set_tuning(128, 0);
   ok &= correctness_suite(rng);
   dsv4::indexer_topk_set_tuning(0, 0);
+  dsv4::indexer_topk_set_merge(0);
   std::printf("%s\n", ok ? "PASS" : "FAIL");
 
   if (bench) {
@@ -582,6 +655,13 @@ int main(int argc, char** argv) {
       bench_case("decode", 128, 128, 262144, 512, false, 5, {}, flush0, 256ull << 20);
     }
     dsv4::indexer_topk_set_tuning(0, 0);
+    for (int mode : {1, 0}) {  // batch 1 / 4 at 1M: the tree, then the histogram select
+      dsv4::indexer_topk_set_merge(mode);
+      std::printf("-- merge %s\n", mode == 1 ? "tree" : "auto (histogram select)");
+      bench_case("decode", 1, 1, 262144, 512, false, 15, {0}, flush0, 256ull << 20);
+      bench_case("decode", 4, 4, 262144, 512, false, 15, {0}, flush0, 256ull << 20);
+    }
+    dsv4::indexer_topk_set_merge(0);
     CHECK_CUDA(cudaFree(flush0));
     std::printf("-- default configuration\n");
     void* flush = nullptr;

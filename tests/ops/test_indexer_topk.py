@@ -215,6 +215,25 @@ needs_kernel = pytest.mark.skipif(not ext.HAS_C, reason="dsv4._C not built")
 cuda = [pytest.mark.cuda, needs_kernel]
 
 
+@pytest.fixture(params=["tree", "hist"])
+def merge(request, monkeypatch):
+    """How the kernel merges split key ranges (DSV4_INDEXER_TOPK_MERGE, read at each call):
+    the candidate-list tree, or the histogram select for every decode plan with splits. The
+    default ("auto") takes the histogram select beyond 16 splits; all give the same indices."""
+    monkeypatch.setenv("DSV4_INDEXER_TOPK_MERGE", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["auto", "tree", "hist"])
+def merge3(request, monkeypatch):
+    """As ``merge``, plus the default (unset: auto)."""
+    if request.param == "auto":
+        monkeypatch.delenv("DSV4_INDEXER_TOPK_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_INDEXER_TOPK_MERGE", request.param)
+    return request.param
+
+
 def _run_cuda(q, w, keys, rows, n_valid, topk):
     out = torch.full((q.shape[0], topk), 0x7F7F7F7F, dtype=torch.int32, device=q.device)  # poison
     indexer_topk_out(q, w, keys, rows, n_valid, topk, out)
@@ -227,7 +246,7 @@ def _run_cuda(q, w, keys, rows, n_valid, topk):
 @pytest.mark.parametrize("topk", [1, 4, 8, 512, 1024])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_lengths_decode(D, H, topk):
+def test_cuda_lengths_decode(D, H, topk, merge):
     lens = [0, 1, 3, 4, 5, 127, 128, 129, 3000, 5000]
     B = len(lens)
     q, w, keys = make_inputs(B, B, 5000, H=H, D=D, device="cuda")
@@ -240,7 +259,7 @@ def test_cuda_lengths_decode(D, H, topk):
 @pytest.mark.parametrize("topk", [4, 8, 512])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_exact_scores_equal_reference(topk):
+def test_cuda_exact_scores_equal_reference(topk, merge):
     """Integer data: scores are exact, so the kernel must equal the reference bit for bit."""
     q, w, keys = make_inputs(12, 4, 3000, device="cuda", integer=True)
     rows = i32([0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3], "cuda")
@@ -266,7 +285,7 @@ def test_cuda_prefill_varlen_causal(topk):
 
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_long_decode_split_merge():
+def test_cuda_long_decode_split_merge(merge3):
     """Few queries, long rows: the key range is split over CTAs and merged (two-level tree)."""
     q, w, keys = make_inputs(3, 3, 65536, device="cuda")
     rows, nv = i32([2, 0, 1], "cuda"), i32([65536, 40001, 1025], "cuda")
@@ -280,7 +299,7 @@ def test_cuda_long_decode_split_merge():
 @pytest.mark.parametrize("T", [3, 64])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_all_equal_scores_give_lowest_indices(T):
+def test_cuda_all_equal_scores_give_lowest_indices(T, merge):
     q, w, _ = make_inputs(T, 1, 1, device="cuda")
     keys = torch.zeros(1, 3000, 128, dtype=torch.bfloat16, device="cuda")
     nv = torch.full((T,), 3000, dtype=torch.int32, device="cuda")
@@ -291,7 +310,7 @@ def test_cuda_all_equal_scores_give_lowest_indices(T):
 @pytest.mark.parametrize("T", [1, 64])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_ties_at_threshold(T):
+def test_cuda_ties_at_threshold(T, merge):
     """sglang #30645: seq 8320, topk 2048, 100 distinct winners + 8220 exact zeros."""
     n, topk = 8320, 2048
     q = torch.ones(T, 64, 128, dtype=torch.bfloat16, device="cuda")
@@ -310,7 +329,7 @@ def test_cuda_ties_at_threshold(T):
 
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_low_mantissa_bits():
+def test_cuda_low_mantissa_bits(merge):
     """Scores that share their top 16 bits (tilelang #1351, sglang #37591), many exact ties."""
     n, topk = 20000, 1024
     q = torch.zeros(2, 1, 128, dtype=torch.bfloat16, device="cuda")
@@ -329,7 +348,7 @@ def test_cuda_low_mantissa_bits():
 @pytest.mark.parametrize("T", [2, 128])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_nan_keys_never_selected(T):
+def test_cuda_nan_keys_never_selected(T, merge):
     q, w, keys = make_inputs(T, 1, 4000, device="cuda", integer=True)
     bad = torch.rand(4000, device="cuda") < 0.1
     keys[0, bad, 5] = float("nan")
@@ -417,3 +436,108 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.dsv4.indexer_topk.default, args)
         out = torch.empty(args[0].shape[0], args[5], dtype=torch.int32, device=device)
         torch.library.opcheck(torch.ops.dsv4.indexer_topk_out.default, (*args, out))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1M-token context (262,144 compressed entries), decode: many splits per query, so the default
+# merge is the histogram select; every mode must equal the reference exactly
+# ---------------------------------------------------------------------------------------------
+N_1M = (1 << 20) // 4
+
+
+def _run_paged(q, w, pool, rows, nv, topk, table):
+    out = torch.full((q.shape[0], topk), 0x7F7F7F7F, dtype=torch.int32, device=q.device)  # poison
+    indexer_topk_out(q, w, pool, rows, nv, topk, out, table)
+    assert torch.equal(indexer_topk(q, w, pool, rows, nv, topk, table), out)
+    return out
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_1m_decode_exact_equals_reference(merge3):
+    """Batch 1 (and 2: MTP-like) at 1M, integer data: many exact ties among 262,144 scores."""
+    q, w, keys = make_inputs(2, 1, N_1M, device="cuda", integer=True, seed=11)
+    rows, nv = i32([0, 0], "cuda"), i32([N_1M, N_1M - 1], "cuda")
+    for T in (1, 2):
+        got = _run_cuda(q[:T], w[:T], keys, rows[:T], nv[:T], 512)
+        want = indexer_topk_varlen_reference(q[:T], w[:T], keys, rows[:T], nv[:T], 512)
+        assert torch.equal(got, want)
+        assert torch.equal(indexer_topk(q[:T], w[:T], keys, rows[:T], nv[:T], 512), got)
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_1m_paged_fp8_decode_equals_reference(merge3):
+    """The runtime's layout at 1M: FP8 indexer keys (132 B) in a paged pool of 256-entry
+    blocks, scattered block ids, a missing block (-1) in one row, rows that end mid-block."""
+    from dsv4.ops import kv_cache as kc
+    from _paged import scattered_tables  # (tests/_paged.py)
+    bs, B, T, topk = 256, 2, 3, 512
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-3, 4, (T, 64, 128), generator=g).to(torch.bfloat16)
+    w = torch.tensor([0.25, 0.5, 1.0, -0.5])[torch.randint(0, 4, (T, 64), generator=g)]
+    keys = torch.randint(-3, 4, (B, N_1M, 128), generator=g).to(torch.bfloat16)
+    max_blocks = N_1M // bs
+    table, nb = scattered_tables([N_1M] * B, bs, max_blocks, seed=3)
+    table[1, 77] = -1                             # a missing block: its keys are never selected
+    pool = kc.allocate(kc.INDEXER, nb, bs, 128)
+    s = torch.arange(N_1M)
+    for b in range(B):
+        blk = table[b, s // bs].long()
+        ok = blk >= 0
+        kc.write_entries(pool, blk[ok], (s % bs)[ok], keys[b][ok])
+    pool_cuda = kc.allocate(kc.INDEXER, nb, bs, 128, device="cuda").copy_(pool)
+    rows, nv = i32([0, 1, 0], "cuda"), i32([N_1M, N_1M - 3, 200_001], "cuda")
+    table_cuda = table.cuda()
+    got = _run_paged(q.cuda(), w.cuda(), pool_cuda, rows, nv, topk, table_cuda)
+    want = indexer_topk_varlen_reference(q.cuda(), w.cuda(), pool_cuda, rows, nv, topk,
+                                         table_cuda)
+    assert torch.equal(got, want)
+    assert not bool(((got[1] >= 77 * bs) & (got[1] < 78 * bs)).any())
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_1m_all_equal_scores_empty_scope_and_short_rows(merge3):
+    """All scores equal (the topk-th key's bin holds every key: the histogram select's
+    full-scan fallback): lowest indices first; a query that sees nothing gets -1s; one that
+    sees fewer entries than topk gets all of them, then -1s."""
+    q, w, _ = make_inputs(4, 1, 1, device="cuda", seed=3)
+    keys = torch.zeros(2, N_1M, 128, dtype=torch.bfloat16, device="cuda")
+    rows, nv = i32([0, 1, 0, 1], "cuda"), i32([N_1M, 0, 300, 131_073], "cuda")
+    got = _run_cuda(q, w, keys, rows, nv, 512)
+    ar = torch.arange(512, dtype=torch.int32, device="cuda")
+    assert torch.equal(got[0], ar) and torch.equal(got[3], ar)
+    assert bool((got[1] == -1).all())
+    assert torch.equal(got[2], torch.where(ar < 300, ar, -1))
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_long_ties_at_threshold(merge3):
+    """100 winners among 100,000 exact zeros, topk 2048: the 1,948 lowest-index zeros follow
+    the winners (the boundary bin holds ~100K keys: the fallback path)."""
+    n, topk = 100_000, 2048
+    q = torch.ones(1, 8, 128, dtype=torch.bfloat16, device="cuda")
+    w = torch.full((1, 8), 0.5, device="cuda")
+    keys = torch.zeros(1, n, 128, dtype=torch.bfloat16, device="cuda")
+    winners = torch.randperm(n, generator=_gen("cpu", 7))[:100].cuda()
+    keys[0, winners, torch.arange(100, device="cuda") % 128] = torch.arange(
+        1, 101, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    nv = torch.full((1,), n, dtype=torch.int32, device="cuda")
+    got = _run_cuda(q, w, keys, torch.zeros_like(nv), nv, topk)
+    zeros = torch.ones(n, dtype=torch.bool, device="cuda")
+    zeros[winners] = False
+    expected = torch.cat([winners.flip(0), zeros.nonzero().flatten()[:topk - 100]])
+    assert torch.equal(got[0], expected.to(torch.int32))
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_long_float_scores_cross_split_boundaries(merge3):
+    """Random float scores, contexts that end just past split / chunk / tile boundaries."""
+    q, w, keys = make_inputs(3, 3, 70_000, H=16, device="cuda", seed=21)
+    rows, nv = i32([2, 0, 1], "cuda"), i32([70_000, 65_537, 40_961], "cuda")
+    for topk in (512, 1024):
+        got = _run_cuda(q, w, keys, rows, nv, topk)
+        check_selection(got, q, w, keys, rows, nv, topk)

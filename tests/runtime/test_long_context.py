@@ -31,6 +31,34 @@ def test_chunk_transient_does_not_grow_with_the_context():
     assert {op for _, op, _, _ in a.top[:3]} == {"fp8_linear", "q_norm_rope", "sparse_attn"}
 
 
+def test_attention_decode_step_does_not_grow_with_the_context():
+    """One decode token through each layer's Attention module (V4-Flash width, CSA + HCA, FP8
+    caches, native weights) at 64K and at 1M context: the same ops on the same shapes. What
+    grows: the KV pools and block tables the ops that read or write the cache take (the pools
+    are passed, never copied), and in CSA the int64 copy of the block table that
+    ``kv_cache.paged_rows`` gathers the picks' block ids from (8 B per 1024 tokens of
+    context); nothing else."""
+    from dsv4.runtime.engine import default_block_tokens
+    from dsv4.runtime.pool import blocks_needed
+    cfg = bench.build_config("flash", 2, 16)
+    a = long_context.attention_decode_ops(cfg, 1 << 16, "fp8", "fp8", "fp8")
+    b = long_context.attention_decode_ops(cfg, 1 << 20, "fp8", "fp8", "fp8")
+    nb = blocks_needed(cfg, 1 << 20, default_block_tokens(cfg))
+    kinds = [cfg.layer_kind(i) for i in range(2)]
+    assert kinds == ["csa", "hca"]
+    kv_ops = {"dsv4.compress_kv", "dsv4.indexer_topk", "dsv4.sparse_attn", "dsv4.hca_attn"}
+    for kind, small, big in zip(kinds, a, b):
+        assert [r.op for r in small] == [r.op for r in big]
+        grown = [r for r0, r in zip(small, big) if r0.outputs != r.outputs]
+        table_cast = [("aten._to_copy", (((1, nb), "int32"),), (((1, nb), "int64"),))]
+        assert [(r.op, r.inputs, r.outputs) for r in grown] == (table_cast if kind == "csa" else [])
+        grown_in = {r.op for r0, r in zip(small, big) if r0.inputs != r.inputs}
+        # (paged_rows: the table's cast and the gather of the picks' block ids from it)
+        assert grown_in <= kv_ops | {"aten._to_copy", "aten.index"}, grown_in
+        assert any(r.op == ("dsv4.indexer_topk" if kind == "csa" else "dsv4.hca_attn")
+                   for r in big)
+
+
 def test_step_transient_rejects_a_chunk_longer_than_the_context():
     with pytest.raises(ValueError, match="tokens must be in"):
         step_transient(bench.build_config("tiny", 2, 0), 10, 5)
@@ -98,6 +126,9 @@ def test_attention_decode_timing_records_each_layers_core_ops(monkeypatch):
     with torch.no_grad():
         t = long_context.time_attention_decode(m, eng.cache.layers, batch, reps=2)
     assert t["core_calls"] == [["indexer_topk", "sparse_attn"], ["hca_attn"]]
+    assert set(t["per_op"]) == {"indexer_topk", "sparse_attn", "hca_attn"}
+    assert all(v > 0 for v in t["per_op"].values()) and t["indexer_tree"] > 0
+    assert set(dec["attn_core_op_ms"]) == set(t["per_op"]) and dec["attn_indexer_tree_ms"] > 0
 
 
 def test_layer_plan_builds_the_layers_layer_fit_counts():

@@ -72,5 +72,7 @@ def test_attention_decode_timing_on_graphs():
     assert t["core_calls"] == [["indexer_topk", "sparse_attn"], ["hca_attn"]]
     assert t["attention"] > 0 and t["core"] > 0
     assert all(v > 0 for v in t["per_layer"] + t["core_per_layer"])
+    assert set(t["per_op"]) == {"indexer_topk", "sparse_attn", "hca_attn"}
+    assert all(v > 0 for v in t["per_op"].values()) and t["indexer_tree"] > 0
     outs = [o for o in eng.step()]          # the engine goes on (graphs, the same cache)
     assert outs and all(o.request_id == rid for o in outs)

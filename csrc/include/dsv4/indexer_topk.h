@@ -25,8 +25,15 @@
 // whenever it fills. When there are few query groups (decode), each query's key range is split
 // over CTAs; each CTA writes its `topk` candidates to `workspace`, and the last CTA to finish
 // (an atomic arrival counter, reset by a cudaMemsetAsync in the launch) merges them with the
-// same select, through a two-level tree when there are many splits. No host synchronisation;
-// the workspace size depends only on the shapes and the device (CUDA-graph capturable).
+// same select, through a two-level tree when there are many splits ("tree" merge). When a
+// decode query's keys are split over more than 16 CTAs (batch <= 8 at long context on 132
+// SMs) the default is the "histogram" select instead: the scan writes every entry's 32-bit
+// score key and a histogram of their top 12 bits; a second launch finds the bin holding the
+// topk-th key, gathers the keys above it and in it (parallel over the same CTAs), and its last
+// CTA selects exactly among them with the same select (falling back to a scan of all the
+// query's keys when that bin holds more than 8192 keys). Same result, same order. No host
+// synchronisation; the workspace size depends only on the shapes, the device and the merge
+// mode (CUDA-graph capturable).
 #pragma once
 
 #include <cstddef>
@@ -123,5 +130,13 @@ cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_
 // 256, head_dim 128 only) and the pipeline depth (2..4; 0 = default). Settings that do not fit
 // in shared memory fall back to fewer stages. Call indexer_topk_workspace_bytes after changing.
 void indexer_topk_set_tuning(int decode_tile_keys, int stages);
+
+// Selects how split key ranges are merged (not thread-safe; affects later launches and
+// workspace sizes in this process): 0 auto (histogram select when a decode query's keys span
+// more than 16 splits, else the tree), 1 the candidate-list tree always, 2 the histogram select
+// for every decode plan with splits, -1 (default) the environment variable
+// DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", anything else / unset = auto.
+// Every mode returns the same indices (the contract above); this exists for tests and benches.
+void indexer_topk_set_merge(int mode);
 
 }  // namespace dsv4

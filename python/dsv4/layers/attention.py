@@ -99,10 +99,15 @@ class Attention(nn.Module):
         c = self.config
         freqs = self.freqs(x.device)
         pos = batch.pos
-        qr = self.q_norm(self.wq_a(x))
+        kernels = use_kernels(x, self._kernel_ops, self._kernel_unsupported)
+        qa = self.wq_a(x)
+        # q_norm: the rms_norm op on the kernel path (one launch instead of the reference's
+        # eight; same formula, ops/norm.py)
+        qr = _dsv4.rms_norm(qa, self.q_norm.weight, self.q_norm.eps) if kernels \
+            else self.q_norm(qa)
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         kv = self.wkv(x)
-        if use_kernels(x, self._kernel_ops, self._kernel_unsupported):
+        if kernels:
             o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs)
         else:
             # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
@@ -147,7 +152,7 @@ class Attention(nn.Module):
 
     @property
     def _kernel_ops(self) -> tuple[str, ...]:
-        ops = ("sparse_attn", "q_norm_rope", "kv_norm_rope")
+        ops = ("sparse_attn", "q_norm_rope", "kv_norm_rope", "rms_norm")
         if self.indexer is not None:
             return ops + ("compress_kv", "indexer_topk")
         return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
@@ -246,7 +251,6 @@ class Attention(nn.Module):
                 entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query
                 extra_len = torch.div(batch.pos + 1, m, rounding_mode="floor").to(torch.int32)
-        table = batch.block_table.long()
         # The index lists are built for blocks of queries so that their size stays bounded;
         # a decode step or an ordinary prefill is a single block.
         step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
@@ -275,8 +279,8 @@ class Attention(nn.Module):
                                       self.softmax_scale, None, entries, batch.block_table,
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
-                extra_idx = kv_cache.paged_rows(table, r, sel[blk], entries.shape[1]
-                                                 ).to(torch.int32)
+                extra_idx = kv_cache.paged_rows(batch.block_table, r, sel[blk],
+                                                entries.shape[1]).to(torch.int32)
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
                 extra = entries if entries.dtype == torch.uint8 else \
                     entries.view(-1, entries.shape[-1])

@@ -753,6 +753,9 @@ def attention_row(model, eng, req, args, context: int) -> dict:
     * ``attn_core_flash_ms``: the core projected to V4-Flash's 21 CSA + 20 HCA layers (the
       mean measured CSA / HCA layer; its 2 SWA layers, 0.05 µs of floor each, left out),
       against kernels.md's 195 µs floor at 1M (4.3 TB/s); the issue's target is 1.5x that.
+    * ``attn_core_op_ms``: each core op's calls over all layers (``{"indexer_topk": ms, ...}``);
+      ``attn_indexer_tree_ms``: the ``indexer_topk`` calls with the candidate-list tree merge
+      (the previous default, same process), for the histogram select's gain.
     """
     from ..config import ModelConfig
     from ..layers.varlen import StepBatch
@@ -779,7 +782,10 @@ def attention_row(model, eng, req, args, context: int) -> dict:
                 attn_layer_ms=[1e3 * v for v in t["per_layer"]],
                 attn_core_layer_ms=[1e3 * v for v in t["core_per_layer"]],
                 attn_core_flash_ms=None if proj is None else 1e3 * proj,
-                attn_core_flash_floor_ms=1e3 * FLASH_ATTN_1M_FLOOR_S, attn_kinds=t["kinds"])
+                attn_core_flash_floor_ms=1e3 * FLASH_ATTN_1M_FLOOR_S, attn_kinds=t["kinds"],
+                attn_core_op_ms={k: 1e3 * v for k, v in t["per_op"].items()},
+                attn_indexer_tree_ms=None if t["indexer_tree"] is None
+                else 1e3 * t["indexer_tree"])
 
 
 # ------------------------------------------------------------------ output
@@ -957,6 +963,16 @@ def run(args) -> list[dict]:
                          f"vs kernels.md's 195 us "
                          f"({flash / r['attn_core_flash_floor_ms']:.2f}x; target <= 1.5x)"),
                       flush=True)
+                n_kind = {k: r["attn_kinds"].count(k) for k in ("csa", "hca")}
+                per = {"indexer_topk": n_kind["csa"], "sparse_attn": n_kind["csa"],
+                       "hca_attn": n_kind["hca"]}
+                parts = [f"{op} {1e3 * ms:.1f} us ({1e3 * ms / max(per.get(op, 1), 1):.1f} per "
+                         f"layer)" for op, ms in r.get("attn_core_op_ms", {}).items()]
+                if r.get("attn_indexer_tree_ms") is not None:
+                    parts.append(f"indexer_topk with the tree merge (previous default) "
+                                 f"{1e3 * r['attn_indexer_tree_ms']:.1f} us")
+                if parts:
+                    print("KV-reading ops alone: " + "; ".join(parts), flush=True)
             p = rows[0]
             print(f"memory: {p['resident_gb']:.1f} GB resident (weights + pool); peak "
                   f"{p['first_chunk_peak_gb']:.1f} GB in the first prefill chunk, "

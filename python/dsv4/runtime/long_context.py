@@ -14,6 +14,9 @@ allocates on top of the weights and the pool, and how many layers fit on a GPU.
 * :class:`LayerFit`: the arithmetic of ``--layers auto``.
 * :func:`time_attention_decode`: the decode time of the attention stack alone (every layer's
   ``Attention`` module, and its KV-reading core ops) replayed as CUDA graphs.
+* :func:`attention_decode_ops`: every op one decode token runs in each layer's ``Attention``
+  module at a given context, with its tensor shapes (meta device): what a decode step of the
+  attention side launches, and whether anything in it grows with the context.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["StepMemory", "step_transient", "LayerFit", "time_attention_decode",
-           "WORKSPACE_ALLOWANCE"]
+           "WORKSPACE_ALLOWANCE", "OpRecord", "attention_decode_ops"]
 
 #: Bytes set aside for op workspaces taken inside launches (see the module docstring).
 WORKSPACE_ALLOWANCE = 256 << 20
@@ -143,12 +146,29 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     docstring). ``weights="fp8"`` stores the release's FP8/FP4 linears natively, as the bench
     does. Returns a :class:`StepMemory`; op workspaces are not in it
     (:data:`WORKSPACE_ALLOWANCE`). Raises ValueError for tokens outside [1, context]."""
+    if not 1 <= tokens <= context:
+        raise ValueError(f"tokens must be in [1, context={context}], got {tokens}")
+    model, cache, batch = _meta_step(config, tokens, context, kv_cache, indexer_cache, weights,
+                                     block_tokens)
+    ids = torch.zeros(tokens, dtype=torch.long, device="meta")
+    if head_dtype not in (None, torch.float32):
+        model._low_precision_head(head_dtype)   # kept by the model after the first step
+    mode = _LiveBytes()
+    with torch.no_grad(), _kernel_path_everywhere(), mode:
+        out = model.forward_step(ids, cache.layers, batch, head_dtype)
+        del out
+    return StepMemory(peak=mode.peak, top=mode.top, tokens=tokens, context=context)
+
+
+def _meta_step(config, tokens: int, context: int, kv_cache: str, indexer_cache: str,
+               weights: str, block_tokens: Optional[int]):
+    """(model, paged cache, step batch) on the meta device: one sequence whose chunk of
+    ``tokens`` tokens ends at ``context`` (the runtime's pool and block tables; weights in bf16
+    or, ``weights="fp8"``, the release's native FP8 / FP4 formats)."""
     from ..layers.varlen import StepBatch
     from ..model_info import meta_model
     from .engine import default_block_tokens
     from .pool import PagedCache, blocks_needed
-    if not 1 <= tokens <= context:
-        raise ValueError(f"tokens must be in [1, context={context}], got {tokens}")
     model = meta_model(config).to(torch.bfloat16)
     if weights == "fp8":
         from ..checkpoint import linear_formats
@@ -165,14 +185,64 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     start = context - tokens
     batch = StepBatch.build([start], [tokens], [0], [list(range(nb))], [tokens - 1], "meta",
                             max_blocks=nb)
-    ids = torch.zeros(tokens, dtype=torch.long, device="meta")
-    if head_dtype not in (None, torch.float32):
-        model._low_precision_head(head_dtype)   # kept by the model after the first step
-    mode = _LiveBytes()
-    with torch.no_grad(), _kernel_path_everywhere(), mode:
-        out = model.forward_step(ids, cache.layers, batch, head_dtype)
-        del out
-    return StepMemory(peak=mode.peak, top=mode.top, tokens=tokens, context=context)
+    return model, cache, batch
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+    """One op a step ran: its name (``aten.mm``, ``dsv4.indexer_topk``, ...) and the shapes
+    and dtypes of its tensor inputs and outputs, ``((shape, dtype name), ...)``."""
+
+    op: str
+    inputs: tuple
+    outputs: tuple
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every op dispatched under it (views included) as an :class:`OpRecord`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[OpRecord] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+
+        def shapes(tree):
+            return tuple((tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                         for t in torch.utils._pytree.tree_leaves(tree)
+                         if isinstance(t, torch.Tensor))
+        name = func.overloadpacket
+        self.ops.append(OpRecord(f"{name._qualified_op_name.replace('::', '.')}",
+                                 shapes((args, kwargs)), shapes(out)))
+        return out
+
+
+def attention_decode_ops(config, context: int, kv_cache: str = "bf16",
+                         indexer_cache: str = "bf16", weights: str = "bf16",
+                         block_tokens: Optional[int] = None) -> list[list[OpRecord]]:
+    """Every op that one decode token at position ``context - 1`` runs in each layer's
+    ``Attention`` module (the runtime's paged cache, the kernel path: the ``torch.ops.dsv4``
+    ops' shape functions), on the meta device: nothing is allocated or computed, so 1M
+    contexts take a second on the CPU. Returns one list of :class:`OpRecord` per layer.
+
+    What it is for: a decode step's attention side must cost the same at any context except in
+    the ops that read the KV cache through the block table (``indexer_topk``, ``sparse_attn``,
+    ``hca_attn``); comparing two contexts shows every tensor that grows with it.
+    Raises ValueError for a context < 1."""
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    model, cache, batch = _meta_step(config, 1, context, kv_cache, indexer_cache, weights,
+                                     block_tokens)
+    x = torch.zeros(1, config.dim, dtype=torch.bfloat16, device="meta")
+    out = []
+    with torch.no_grad(), _kernel_path_everywhere():
+        for i, blk in enumerate(model.layers):
+            log = _OpLog()
+            with log:
+                blk.attn(x, cache.layers[i], batch)
+            out.append(log.ops)
+    return out
 
 
 def _quantize_meta(mod, name, fmt, config) -> None:
@@ -261,8 +331,12 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
     slot every replay).
 
     Returns seconds per step: ``attention`` (all modules), ``core`` (the core ops),
-    ``per_layer`` and ``core_per_layer`` (lists, one per layer), and ``kinds`` (the layers'
-    kinds, "csa" / "hca" / "swa").
+    ``per_layer`` and ``core_per_layer`` (lists, one per layer), ``per_op`` (each core op's
+    calls over all layers, one graph per op: ``{"indexer_topk": s, ...}``),
+    ``indexer_tree`` (the ``indexer_topk`` calls again with the candidate-list tree merge,
+    ``DSV4_INDEXER_TOPK_MERGE=tree``, the baseline of the default histogram select; None
+    without CSA layers), ``kinds`` (the layers' kinds, "csa" / "hca" / "swa") and
+    ``core_calls`` (each layer's core op names).
     """
     import time
 
@@ -323,14 +397,36 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / reps
 
+    def op_fn(name):
+        def run():
+            for cl in calls_per_layer:
+                for n, f, a, k in cl:
+                    if n == name:
+                        f(*a, **k)
+        return run
+
     L = len(model.layers)
+    names = [n for n in CORE_OPS if any(c[0] == n for cl in calls_per_layer for c in cl)]
     with torch.no_grad():
         per_layer = [seconds([layer_fn(i)]) for i in range(L)]
         core_per_layer = [seconds([core_fn(i)]) if calls_per_layer[i] else 0.0
                           for i in range(L)]
         total = seconds([layer_fn(i) for i in range(L)])
         core = seconds([core_fn(i) for i in range(L)])
+        per_op = {n: seconds([op_fn(n)]) for n in names}
+        tree = None
+        if "indexer_topk" in names:
+            import os
+            old = os.environ.get("DSV4_INDEXER_TOPK_MERGE")
+            os.environ["DSV4_INDEXER_TOPK_MERGE"] = "tree"
+            try:
+                tree = seconds([op_fn("indexer_topk")])
+            finally:
+                if old is None:
+                    del os.environ["DSV4_INDEXER_TOPK_MERGE"]
+                else:
+                    os.environ["DSV4_INDEXER_TOPK_MERGE"] = old
     return {"attention": total, "core": core, "per_layer": per_layer,
-            "core_per_layer": core_per_layer,
+            "core_per_layer": core_per_layer, "per_op": per_op, "indexer_tree": tree,
             "kinds": [c.layer_kind(i) for i in range(L)],
             "core_calls": [[name for name, *_ in cl] for cl in calls_per_layer]}
