@@ -2,9 +2,11 @@
 ``emulate_graphs``): the gather of the step before's tokens, the greedy draw and the advance of
 the metadata inside the captured body; an upload only when the rows change; the seeded draws
 outside it. Same outputs as the eager synchronous loop, step by step, for both loops; greedy and
-seeded requests joining and leaving, EOS / stop tokens / max_new_tokens, a block boundary
-crossed mid-decode; and the sampler split (sample_greedy + sample_seeded) equal to
-``dsv4.generate.sample`` row by row."""
+seeded requests joining and leaving (the official temperature-only sampler drawn inside the
+sampling graph with per-row generators set to the requests' states, top-k / top-p rows outside),
+EOS / stop tokens / max_new_tokens, a block boundary crossed mid-decode; and the sampler split
+(sample_greedy, sample_temperature, sample_seeded) equal to ``dsv4.generate.sample`` row by
+row."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from dsv4.generate import sample
 from dsv4.layers.varlen import StepBatch
 from dsv4.runtime import Engine, SamplingParams
 from dsv4.runtime.request import Request
-from dsv4.runtime.sampler import sample_greedy, sample_rows, sample_seeded
+from dsv4.runtime.sampler import (draws_in_graph, sample_greedy, sample_rows, sample_seeded,
+                                  sample_temperature)
 
 V = 129280
 
@@ -88,6 +91,8 @@ def test_graph_step_gives_the_eager_loops_outputs(model, overlap):
     assert got == want
     st = e.runner.stats
     assert st["graph_steps"] >= 12 and 2 <= st["uploads"] < st["graph_steps"] // 2, st
+    # the temperature-only request (the official sampler) drew inside the sampling graph
+    assert st["sampling_steps"] >= 5 and e.runner.sampling_off_reason is None, st
 
 
 def test_steady_decode_is_one_replay_without_packing(model, monkeypatch):
@@ -201,3 +206,29 @@ def test_host_pack_into_a_given_buffer():
     with pytest.raises(ValueError, match="out must be a host int32 tensor"):
         StepBatch.host_pack(*args, prefix=[9, 8], out=torch.empty(fresh.numel() + 1,
                                                                   dtype=torch.int32))
+
+
+def test_sample_temperature_is_generate_sample_row_by_row():
+    """The sampling graph's draw: per-row temperatures as tensors and one generator per row
+    give, for the flagged rows, what dsv4.generate.sample gives each row alone with its
+    temperature and a generator of the same state (several draws in a row: the generators
+    advance as sample's do); unflagged rows keep what was there."""
+    torch.manual_seed(1)
+    temps = [0.7, 1.0, 1e-7, 2.5]
+    flags = torch.tensor([1, 1, 1, 0], dtype=torch.int32)
+    t = torch.tensor([max(x, 1e-5) for x in temps], dtype=torch.float32)
+    inv = 1.0 / t
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+    refs = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+    for _ in range(3):
+        logits = torch.randn(4, 500) * 4
+        out = torch.full((2, 5), -3, dtype=torch.long)
+        sample_temperature(logits, t, inv, flags, gens, out)
+        for i in range(3):
+            want = sample(logits[i:i + 1], temps[i], 1.0, 0, refs[i], check_finite=False)
+            assert int(out[0, i]) == int(want), i
+        assert out[0, 3:].eq(-3).all() and out[1].eq(-3).all()
+    assert draws_in_graph(SamplingParams(temperature=0.5))
+    assert not draws_in_graph(SamplingParams())
+    assert not draws_in_graph(SamplingParams(temperature=0.5, top_k=3))
+    assert not draws_in_graph(SamplingParams(temperature=0.5, top_p=0.9))

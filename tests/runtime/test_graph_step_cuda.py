@@ -14,7 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsv4
+from dsv4.generate import sample
 from dsv4.runtime import Engine, SamplingParams
+from dsv4.runtime.runner import _copy_generator
+from dsv4.runtime.sampler import sample_temperature
 
 pytestmark = pytest.mark.cuda
 V = 129280
@@ -55,6 +58,8 @@ def _generate(m, prompts, emulate, overlap):
     out = e.generate(prompts, _params())
     assert e.runner.stats["graph_steps"] > 0 and e.runner.graph_off_reason is None
     assert e.runner.stats["uploads"] < e.runner.stats["graph_steps"]
+    # the temperature-only request drew inside the sampling graph
+    assert e.runner.stats["sampling_steps"] > 0, e.runner.sampling_off_reason
     return out
 
 
@@ -123,3 +128,46 @@ def test_joins_and_leaves_are_sync_free():
     while e.has_unfinished():
         out += e.step()
     assert not e.has_unfinished() and e.cache.num_free_slots == 4
+
+
+def test_reciprocal_scaling_is_torchs_scalar_division():
+    """sample() divides the logits by a Python float, which CUDA computes as a product with
+    the float32 reciprocal: the sampling graph's per-row tensor product gives the same bits."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(3, V, device="cuda", generator=g) * 7
+    for T in (0.7, 1.3, 1e-5, 1 / 3, 2.0, 0.05):
+        t = torch.tensor([max(T, 1e-5)] * 3, dtype=torch.float32)
+        inv = (1.0 / t).cuda()
+        assert torch.equal(logits * inv[:, None], logits / max(T, 1e-5)), T
+
+
+def test_generator_copy_and_registered_draws_match_eager():
+    """A row generator set to a request's state (seed, offset) draws what the request's own
+    generator draws, eagerly and from a CUDA graph it is registered with (torch reads its
+    seed / offset at each replay), draw after draw; copying back leaves the request's
+    generator where an eager draw would."""
+    logits = torch.randn(2, V, device="cuda") * 3
+    t = torch.tensor([0.8, 1.0], dtype=torch.float32, device="cuda")
+    inv = 1.0 / t
+    flags = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
+    rows = [torch.Generator(device="cuda") for _ in range(2)]
+    out = torch.zeros(2, 2, dtype=torch.long, device="cuda")
+    sample_temperature(logits, t, inv, flags, rows, out)        # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    for r in rows:
+        graph.register_generator_state(r)
+    with torch.cuda.graph(graph):
+        sample_temperature(logits, t, inv, flags, rows, out)
+    reqs = [torch.Generator(device="cuda").manual_seed(s) for s in (123, 2 ** 63 + 7)]
+    refs = [torch.Generator(device="cuda").manual_seed(s) for s in (123, 2 ** 63 + 7)]
+    for _ in range(4):
+        for r, q in zip(rows, reqs):
+            _copy_generator(r, q)
+        graph.replay()
+        for r, q in zip(rows, reqs):
+            _copy_generator(q, r)
+        want = [int(sample(logits[i:i + 1], [0.8, 1.0][i], 1.0, 0, refs[i],
+                           check_finite=False)) for i in range(2)]
+        assert out[0].tolist() == want
+        assert [q.get_offset() for q in reqs] == [f.get_offset() for f in refs]

@@ -52,7 +52,8 @@ import torch
 from ..layers.varlen import StepBatch
 from ..ops.backend import get_backend
 from .pool import PagedCache
-from .sampler import sample_greedy, sample_rows, sample_seeded
+from .sampler import (draws_in_graph, sample_greedy, sample_rows, sample_seeded,
+                      sample_temperature)
 from .scheduler import ScheduledRow
 
 __all__ = ["ModelRunner", "StepOutput", "graph_buckets"]
@@ -84,15 +85,26 @@ class StepOutput:
     event: Optional[torch.cuda.Event]
 
 
+#: int32 columns of a graph bucket's static buffer before its StepBatch: ids, their sources,
+#: the sources of the next replay, and per row its temperature max(T, 1e-5) and reciprocal
+#: (float32 bits) and whether the sampling graph draws it (sampler.draws_in_graph)
+_PREFIX = 6
+
+
 @dataclass
 class _Graph:
     graph: Any                  # torch.cuda.CUDAGraph, or _EagerReplay (emulate_graphs)
-    static: torch.Tensor        # int32 [3 bucket + meta] on the device: ids, their sources,
-    #                             the sources of the next replay, the StepBatch
+    static: torch.Tensor        # int32 [_PREFIX bucket + meta] on the device
     logits: torch.Tensor        # float32 [bucket, vocab], the graph's output
+    batch: StepBatch            # views of ``static``
     staging: list[torch.Tensor] = field(default_factory=list)   # pinned uploads, a ring of 2
     events: list[Optional[torch.cuda.Event]] = field(default_factory=list)
     turn: int = 0
+    # the sampling graph (same static buffer, + the temperature rows' draws), its output and
+    # its per-row generators; captured when a row first needs it
+    sampling: Any = None
+    sampling_logits: Optional[torch.Tensor] = None
+    generators: list = field(default_factory=list)
 
 
 class _EagerReplay:
@@ -159,7 +171,10 @@ class ModelRunner:
         # after a graph replay: (its graph, requests, starts, block-table widths), what the
         # graph's static buffer holds for the next decode step of the same rows; else None
         self._last: Optional[tuple] = None
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "uploads": 0}
+        #: why rows with a temperature draw outside the decode graph (None: they draw in a
+        #: bucket's sampling graph, see :func:`~dsv4.runtime.sampler.draws_in_graph`)
+        self.sampling_off_reason: Optional[str] = None
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "uploads": 0, "sampling_steps": 0}
 
     def emulate_graphs(self) -> None:
         """Run decode steps through the graph path with the captured step body replayed
@@ -209,13 +224,23 @@ class ModelRunner:
         if len(ids) != t:   # the ids and the metadata are split at T = Σ lens
             raise RuntimeError(f"the step's rows feed {t} tokens but their requests hold "
                                f"{len(ids)} of them (a request's tokens changed under it)")
-        parts = 3 if pad_to else 2
+        parts = _PREFIX if pad_to else 2
         prefix = np.full(parts * t, -1, dtype=np.int64)
         prefix[:t] = ids
         for i, j in pending:
             prefix[t + i] = j
         if pad_to:
             prefix[2 * t:2 * t + len(rows)] = np.arange(len(rows))
+            temp = np.ones(t, dtype=np.float32)
+            flag = np.zeros(t, dtype=np.int64)
+            for i, r in enumerate(rows):
+                if draws_in_graph(r.request.params):
+                    temp[i] = max(r.request.params.temperature, 1e-5)
+                    flag[i] = 1
+            inv = np.float32(1.0) / temp            # as CUDA divides by a Python float
+            prefix[3 * t:4 * t] = temp.view(np.int32)
+            prefix[4 * t:5 * t] = inv.view(np.int32)
+            prefix[5 * t:6 * t] = flag
         buf, sizes = StepBatch.host_pack(starts, lens, slots, tables, index, self.max_blocks,
                                          prefix=prefix, pin=self._cuda, host=host, out=out)
         return buf, sizes, len(pending)
@@ -241,10 +266,11 @@ class ModelRunner:
         decode = not all_logits and all(r.n == 1 and r.sample for r in rows)
         logits = None
         if decode and self.graph_off_reason is None and len(rows) <= self.buckets[-1]:
-            logits = self._run_graph(rows, prev_in_flight, last)
-            if logits is not None:
+            ran = self._run_graph(rows, prev_in_flight, last)
+            if ran is not None:
+                logits, in_graph = ran
                 self.stats["graph_steps"] += 1
-                sample_seeded(logits, sampling, self.sampled)
+                sample_seeded(logits, sampling, self.sampled, skip_in_graph=in_graph)
         if logits is None:
             logits = self._run_eager(rows, all_logits, prev_in_flight)
             self.stats["eager_steps"] += 1
@@ -283,7 +309,10 @@ class ModelRunner:
                                        self.head_dtype)
 
     def _run_graph(self, rows: Sequence[ScheduledRow], prev_in_flight,
-                   last: Optional[tuple]) -> Optional[torch.Tensor]:
+                   last: Optional[tuple]) -> Optional[tuple[torch.Tensor, bool]]:
+        """Replay the bucket's graph (the sampling graph when a row :func:`draws_in_graph`);
+        (its logits, whether those rows were drawn in it), or None when decode must run
+        eagerly (capture failed)."""
         bucket = next(b for b in self.buckets if b >= len(rows))
         g = self.graphs.get(bucket)
         if g is None:
@@ -309,25 +338,44 @@ class ModelRunner:
             if g.events[k] is not None:
                 g.events[k].record()
             self.stats["uploads"] += 1
+        drawn = [i for i, q in enumerate(reqs) if draws_in_graph(q.params)]
+        if drawn and g.sampling is None and self.sampling_off_reason is None:
+            self._capture_sampling(g, bucket)
+        if drawn and g.sampling is not None:
+            for i in drawn:     # row i's generator at its request's state, and back after
+                _copy_generator(g.generators[i], reqs[i].generator)
+            g.sampling.replay()
+            for i in drawn:
+                _copy_generator(reqs[i].generator, g.generators[i])
+            self.stats["sampling_steps"] += 1
+            self._last = (g, reqs, starts, widths)
+            return g.sampling_logits[:len(rows)], True
         g.graph.replay()
         self._last = (g, reqs, starts, widths)
-        return g.logits[:len(rows)]
+        return g.logits[:len(rows)], False
 
     def _graph_batch(self, static: torch.Tensor, bucket: int) -> StepBatch:
-        return StepBatch.from_buffer(static[3 * bucket:], bucket, bucket, self.max_blocks,
+        return StepBatch.from_buffer(static[_PREFIX * bucket:], bucket, bucket, self.max_blocks,
                                      bucket, 1, self.max_model_len, True, host=None)
 
-    def _decode_body(self, static: torch.Tensor, bucket: int,
-                     batch: StepBatch) -> torch.Tensor:
+    def _decode_body(self, static: torch.Tensor, bucket: int, batch: StepBatch,
+                     generators: Optional[list] = None) -> torch.Tensor:
         """The captured decode step of ``bucket`` rows on the static buffer ``static``: take
         the device-sourced tokens from :attr:`sampled`, run the model, draw every row greedily
-        (and its finiteness flag) into :attr:`sampled`, then advance the buffer to the next
-        decode step of the same rows (positions + 1, each real row's token from its row of
-        :attr:`sampled`; padding rows unchanged). Returns the logits [bucket, vocab]."""
-        ids, src, nxt = static[:bucket], static[bucket:2 * bucket], static[2 * bucket:3 * bucket]
+        (and its finiteness flag) into :attr:`sampled` and, with ``generators`` (the sampling
+        graph), the rows flagged in the buffer with their temperatures
+        (:func:`sample_temperature`), then advance the buffer to the next decode step of the
+        same rows (positions + 1, each real row's token from its row of :attr:`sampled`;
+        padding rows unchanged). Returns the logits [bucket, vocab]."""
+        b = bucket
+        ids, src, nxt = static[:b], static[b:2 * b], static[2 * b:3 * b]
         _take_device_tokens(ids, src, self.sampled[0])
         logits = self.model.forward_step(ids.long(), self.cache.layers, batch, self.head_dtype)
         sample_greedy(logits, self.sampled)
+        if generators is not None:
+            sample_temperature(logits, static[3 * b:4 * b].view(torch.float32),
+                               static[4 * b:5 * b].view(torch.float32), static[5 * b:6 * b],
+                               generators, self.sampled)
         step = (nxt >= 0).to(torch.int32)
         batch.pos.add_(step)
         batch.starts.add_(step)
@@ -348,16 +396,46 @@ class ModelRunner:
         staging = [buf, torch.empty(buf.shape, dtype=buf.dtype, pin_memory=self._cuda)]
         events = [torch.cuda.Event() if self._cuda else None for _ in staging]
         batch = self._graph_batch(static, bucket)
+        try:
+            graph, logits = self._record(static, bucket, batch, None)
+        except Exception as e:      # a host sync or anything else capture cannot take
+            self.graph_off_reason = (f"decode runs eagerly: the step could not be captured as "
+                                     f"a CUDA graph ({type(e).__name__}: {str(e)[:300]})")
+            warnings.warn(f"dsv4.runtime: {self.graph_off_reason}", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        g = _Graph(graph, static, logits, batch, staging, events)
+        self.graphs[bucket] = g
+        return g
 
+    def _capture_sampling(self, g: _Graph, bucket: int) -> None:
+        """Capture the bucket's sampling graph (the decode step + the temperature rows'
+        draws, one registered generator per row); on failure those rows keep drawing outside
+        the graph and :attr:`sampling_off_reason` says why (once)."""
+        gens = [torch.Generator(device=self.device) for _ in range(bucket)]
+        try:
+            g.sampling, g.sampling_logits = self._record(g.static, bucket, g.batch, gens)
+            g.generators = gens
+        except Exception as e:
+            self.sampling_off_reason = (
+                f"seeded rows draw outside the decode graph: the sampling graph could not be "
+                f"captured ({type(e).__name__}: {str(e)[:300]})")
+            warnings.warn(f"dsv4.runtime: {self.sampling_off_reason}", RuntimeWarning,
+                          stacklevel=5)
+
+    def _record(self, static: torch.Tensor, bucket: int, batch: StepBatch,
+                generators: Optional[list]) -> tuple[Any, torch.Tensor]:
+        """(graph, its logits) of :meth:`_decode_body` on ``static``: a CUDA graph (the body
+        run twice first, the second time under ``set_sync_debug_mode("error")``), or with
+        :meth:`emulate_graphs` an eager stand-in. Raises what the capture raised (the
+        device synchronised, :attr:`sampled` as it was)."""
         def body() -> torch.Tensor:
-            return self._decode_body(static, bucket, batch)
+            return self._decode_body(static, bucket, batch, generators)
 
         if self._emulate:
-            logits = torch.empty(bucket, model.config.vocab_size, dtype=torch.float32,
+            logits = torch.empty(bucket, self.model.config.vocab_size, dtype=torch.float32,
                                  device=self.device)
-            g = _Graph(_EagerReplay(body, logits), static, logits, staging, events)
-            self.graphs[bucket] = g
-            return g
+            return _EagerReplay(body, logits), logits
         torch.cuda.synchronize(self.device)
         kept = self.sampled.clone()     # the warm-up runs draw into it: the step reads it after
         side = torch.cuda.Stream(self.device)
@@ -374,23 +452,27 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
+            for gen in generators or ():    # their seed / offset: read at each replay
+                graph.register_generator_state(gen)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = body()
-        except Exception as e:      # a host sync or anything else capture cannot take
+        finally:
             torch.cuda.synchronize(self.device)
             self.sampled.copy_(kept)
-            self.graph_off_reason = (f"decode runs eagerly: the step could not be captured as "
-                                     f"a CUDA graph ({type(e).__name__}: {str(e)[:300]})")
-            warnings.warn(f"dsv4.runtime: {self.graph_off_reason}", RuntimeWarning,
-                          stacklevel=4)
-            return None
-        self.sampled.copy_(kept)
-        torch.cuda.synchronize(self.device)
-        g = _Graph(graph, static, logits, staging, events)
-        self.graphs[bucket] = g
-        return g
+            torch.cuda.synchronize(self.device)
+        return graph, logits
+
+
+def _copy_generator(dst: torch.Generator, src: torch.Generator) -> None:
+    """Set ``dst`` to ``src``'s state without allocating on CUDA (seed and Philox offset; a
+    CPU generator has no offset: its whole state)."""
+    if dst.device.type == "cuda":
+        dst.manual_seed(src.initial_seed())
+        dst.set_offset(src.get_offset())
+    else:
+        dst.set_state(src.get_state())
 
 
 def _need(prev_tokens) -> None:
