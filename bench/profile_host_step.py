@@ -141,8 +141,10 @@ def measure(batch: int, steps: int, vocab: int, context: int, seeded: bool = Fal
             wrap(R, name, label)
         else:
             wrap(obj, name, label)
-    for g in ([] if cuda else eng.runner.graphs.values()):
-        body = g.graph.body
+    replays = [r for g in eng.runner.graphs.values() for r in (g.graph, g.sampling)
+               if r is not None]
+    for r in ([] if cuda else replays):     # the emulated graphs (greedy and sampling)
+        body = r.body
 
         def marked(body=body):
             t = time.perf_counter()
@@ -150,7 +152,7 @@ def measure(batch: int, steps: int, vocab: int, context: int, seeded: bool = Fal
                 out = body()
             acc["body"] += time.perf_counter() - t
             return out
-        g.graph.body = marked
+        r.body = marked
     uploads = eng.runner.stats["uploads"]
     waited = eng.wait_seconds
     t = time.perf_counter()
