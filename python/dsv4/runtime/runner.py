@@ -410,9 +410,16 @@ class ModelRunner:
 
     def _capture_sampling(self, g: _Graph, bucket: int) -> None:
         """Capture the bucket's sampling graph (the decode step + the temperature rows'
-        draws, one registered generator per row); on failure those rows keep drawing outside
-        the graph and :attr:`sampling_off_reason` says why (once)."""
+        draws, one registered generator per row) on ``g``'s static buffer, whose contents (the
+        step about to replay) are kept aside while padding rows serve the warm-up runs; on
+        failure those rows keep drawing outside the graph and :attr:`sampling_off_reason`
+        says why (once)."""
         gens = [torch.Generator(device=self.device) for _ in range(bucket)]
+        if self._cuda:
+            torch.cuda.synchronize(self.device)     # this step's upload has landed
+        kept = g.static.clone()     # this step's rows: the warm-up runs would advance them
+        pad, _, _ = self._pack([], pad_to=bucket, host=False)
+        g.static.copy_(pad)         # the warm-up runs write only the scratch slot
         try:
             g.sampling, g.sampling_logits = self._record(g.static, bucket, g.batch, gens)
             g.generators = gens
@@ -422,6 +429,10 @@ class ModelRunner:
                 f"captured ({type(e).__name__}: {str(e)[:300]})")
             warnings.warn(f"dsv4.runtime: {self.sampling_off_reason}", RuntimeWarning,
                           stacklevel=5)
+        finally:
+            g.static.copy_(kept)
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
 
     def _record(self, static: torch.Tensor, bucket: int, batch: StepBatch,
                 generators: Optional[list]) -> tuple[Any, torch.Tensor]:
