@@ -8,7 +8,9 @@ synchronous loop (``Engine(overlap=False)``: the host schedules, packs, launches
 for the step's tokens) and the overlapped loop (the default on CUDA: step n + 1 is prepared
 and queued while step n runs). Per row: ms/step (median interval between back-to-back
 ``step()`` returns), the host's share (the interval minus the time step() waited for the GPU),
-the byte floor and the speed-up of the overlapped loop. JSON to ``$OUT/bench_overlap.json``.
+the metadata uploads per overlapped step (a graph step at steady state uploads nothing: its
+positions advance inside the graph), the byte floor and the speed-up of the overlapped loop.
+JSON to ``$OUT/bench_overlap.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
           f"{a.weights}, {a.head} head, {torch.cuda.get_device_name()}, commit {B._commit()}, "
           f"{a.steps} steps", flush=True)
     print(f"{'batch':>5} {'ctx':>6} | {'sync ms':>8} {'host ms':>8} | {'overlap ms':>10} "
-          f"{'host ms':>8} | {'floor ms':>8} {'% floor':>7} | {'speed-up':>8}", flush=True)
+          f"{'host ms':>8} {'uploads':>7} | {'floor ms':>8} {'% floor':>7} | {'speed-up':>8}",
+          flush=True)
     rows = []
     with torch.no_grad():
         for ctx in a.context:
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                 s, o = pair[False], pair[True]
                 print(f"{b:>5} {ctx:>6} | {s['ms_step']:>8.3f} {s['host_ms_step']:>8.3f} | "
-                      f"{o['ms_step']:>10.3f} {o['host_ms_step']:>8.3f} | {o['floor_ms']:>8.3f} "
+                      f"{o['ms_step']:>10.3f} {o['host_ms_step']:>8.3f} "
+                      f"{o['uploads_per_step']:>7.2f} | {o['floor_ms']:>8.3f} "
                       f"{o['pct_of_floor']:>6.1f}% | {s['ms_step'] / o['ms_step']:>7.2f}x"
                       + ("" if o["graphs"] else "  [eager]"), flush=True)
     out = os.environ.get("OUT", "/tmp/dsv4_out")

@@ -70,6 +70,9 @@ if [[ -n "${RUNTIME_1M:-}" ]]; then
   step bench_1m "$PY" -m dsv4.cli bench --mode 1m --layers "${RUNTIME_1M_LAYERS:-2}" \
     --json "$OUT/bench_1m.json"
 fi
+# Host side of a decode step (host-step, issue 8): the host µs of each operation of an
+# overlapped decode step, the CUDA API calls per step and the GPU kernel time (~30 s)
+step profile_host_step "$PY" bench/profile_host_step.py --device cuda --steps 32
 # FP8 caches (rt-fp8kv): the quick engine bench with the attention KV (584-byte MODEL1) and the
 # indexer keys in the release's FP8 layouts, beside bench_e2e's bf16 rows; with RUNTIME_1M=1
 # also the 1M mode (bytes per token vs dsv4 info's FP8 arithmetic).

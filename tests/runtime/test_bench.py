@@ -201,6 +201,27 @@ def test_profile_decode_script_runs_on_cpu(capsys):
     assert "b=1 @ 40 graphs=False: median" in out and "=== b=1 graphs=False: 3 steps by CPU" in out
 
 
+def test_profile_host_step_script_runs_on_cpu(capsys, tmp_path, monkeypatch):
+    """bench/profile_host_step.py (the host-side table of bench/README.md) on the CPU: every
+    host operation of a steady decode step timed, no upload at steady state, and only the
+    copy of the sampled ids (and views of it) outside the graph body."""
+    import importlib.util
+    import json
+    import os
+    monkeypatch.setenv("OUT", str(tmp_path))
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "profile_host_step.py")
+    spec = importlib.util.spec_from_file_location("profile_host_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "2", "--steps", "6", "--vocab", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2: host" in out and "0.00 uploads/step" in out
+    (row,) = json.loads((tmp_path / "profile_host_step.json").read_text())
+    assert set(row["phases_us"]) >= {label for _, label in mod.PHASES}
+    assert row["ops_per_step"].get("aten::copy_", 0) <= 2
+    assert "aten::index_select" not in row["ops_per_step"]
+
+
 def test_kernel_state_says_what_the_rows_time(monkeypatch):
     from dsv4.ops import _ext, backend
     monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", [])

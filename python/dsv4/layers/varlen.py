@@ -168,16 +168,25 @@ class StepBatch:
     def host_pack(cls, starts: Sequence[int], lens: Sequence[int], slots: Sequence[int],
                   block_tables: Sequence[Sequence[int]], logits_index: Sequence[int],
                   max_blocks: int, prefix: Sequence[int] = (), pin: bool = False,
-                  host: bool = True) -> tuple[torch.Tensor, dict]:
-        """One host int32 buffer ``[prefix | packed metadata]`` (pinned when ``pin``) and the
-        keyword arguments of :meth:`from_buffer` for its metadata part (sizes and, when
-        ``host``, the :class:`HostBatch` lists; a CUDA-graph replay needs none). ``prefix``
-        rides along in the same host-to-device copy (the runner puts the step's token ids
-        there). Raises ValueError as :meth:`pack` does (nothing is returned then)."""
+                  host: bool = True, out: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, dict]:
+        """One host int32 buffer ``[prefix | packed metadata]`` (pinned when ``pin``; ``out``
+        when given, a host int32 tensor of exactly that size, e.g. a runner's reused staging
+        buffer) and the keyword arguments of :meth:`from_buffer` for its metadata part (sizes
+        and, when ``host``, the :class:`HostBatch` lists; a CUDA-graph replay needs none).
+        ``prefix`` rides along in the same host-to-device copy (the runner puts the step's
+        token ids there). Raises ValueError as :meth:`pack` does, and for an ``out`` of
+        another size (nothing is returned then)."""
         lens_l, starts_l = [int(n) for n in lens], [int(s) for s in starts]
         P, T, B, L = len(prefix), sum(lens_l), len(lens_l), len(logits_index)
-        buf = torch.empty(P + cls.buffer_size(T, B, max_blocks, L), dtype=torch.int32,
-                          pin_memory=pin)
+        size = P + cls.buffer_size(T, B, max_blocks, L)
+        if out is None:
+            buf = torch.empty(size, dtype=torch.int32, pin_memory=pin)
+        elif out.numel() != size or out.dtype != torch.int32 or out.device.type != "cpu":
+            raise ValueError(f"out must be a host int32 tensor of {size} elements, got "
+                             f"{out.dtype} {out.numel()} on {out.device}")
+        else:
+            buf = out
         if P:
             buf.numpy()[:P] = np.asarray(prefix, dtype=np.int64).reshape(P)
         cls.pack(starts_l, lens_l, slots, block_tables, logits_index, max_blocks, out=buf[P:])

@@ -577,6 +577,7 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
         eng.step()
     _reset_peak()
     waited = eng.wait_seconds
+    uploads = eng.runner.stats["uploads"]      # graph steps that copied new metadata
     times = _loop_step_times(eng.step, steps)
     waited = eng.wait_seconds - waited
     sec = statistics.median(times)
@@ -589,7 +590,8 @@ def bench_decode(model, args, batch: int, context: int) -> dict:
                graphs=eng.runner.stats["graph_steps"] > 0,
                graph_note=eng.runner.graph_off_reason, peak_gb=_peak_gb(),
                overlap=eng.overlap, timing="loop",
-               host_ms_step=1e3 * (sum(times) - waited) / steps)
+               host_ms_step=1e3 * (sum(times) - waited) / steps,
+               uploads_per_step=(eng.runner.stats["uploads"] - uploads) / steps)
     return row
 
 
@@ -804,6 +806,8 @@ def _fmt(r: dict) -> str:
                 s += "  [eager]"
             if r.get("overlap") is False:
                 s += "  [sync loop]"
+            if "host_ms_step" in r:
+                s += f"   host {r['host_ms_step']:.3f} ms"
     return s + f"   peak {r['peak_gb']:.1f} GB"
 
 

@@ -32,7 +32,6 @@ from .pool import PagedCache, blocks_needed, check_cache_formats
 from .request import (Request, RequestOutput, SamplingParams, Status, TokenPrefix,
                       new_request_id)
 from .runner import ModelRunner
-from .sampler import sample_rows
 from .scheduler import ScheduledRow, Scheduler
 
 __all__ = ["Engine", "EngineStepError", "default_block_tokens"]
@@ -53,7 +52,6 @@ class _Launched:
 
     rows: list[ScheduledRow]
     counts: list[int]               # logit rows per scheduled row
-    ids: torch.Tensor               # int64 [S] sampled ids on the device (the next step's input)
     host: torch.Tensor              # int64 [2, S] ids and finiteness flags, pinned on CUDA
     event: Optional[torch.cuda.Event]    # recorded after the copy to ``host`` (CUDA only)
     logits: Optional[torch.Tensor]  # kept for step(logits=...), else None
@@ -323,7 +321,7 @@ class Engine:
             # a call on another CUDA stream than the step in flight: this stream's work (slot
             # resets in schedule(), the next step reading the in-flight step's sampled ids)
             # runs after that step (a GPU-side wait: no host sync; same stream: a no-op)
-            torch.cuda.current_stream(self._inflight.ids.device).wait_event(self._inflight.event)
+            torch.cuda.current_stream(self.runner.device).wait_event(self._inflight.event)
         if not overlap and self._inflight is not None:
             outputs += self._complete(self._take_inflight())
         rows = self.scheduler.schedule()
@@ -378,36 +376,22 @@ class Engine:
         return st
 
     def _launch(self, rows, logits: Optional[str], prev: Optional["_Launched"]) -> "_Launched":
-        """The device work of a step: the model on ``rows`` (their tokens pending in ``prev``
-        taken on the device) and the sampling of the rows that sample, then the non-blocking
-        copy of the sampled ids and finiteness flags to the host. The rows' tokens count as
-        computed from here on, and a sampled token as pending until :meth:`_complete` reads
-        it. No host synchronisation in a decode step."""
-        all_logits = logits == "all"
-        if prev is not None and prev.ids.is_cuda:   # read on this stream (maybe not its own)
-            prev.ids.record_stream(torch.cuda.current_stream(prev.ids.device))
-        out, counts = self.runner.run(rows, all_logits, None if prev is None else prev.ids)
-        sampled = [r.request for r in rows if r.sample]
-        chosen = out
-        if all_logits:
-            ends = list(itertools.accumulate(counts))
-            pick = [e - 1 for e, r in zip(ends, rows) if r.sample]
-            chosen = out.index_select(0, torch.tensor(pick, dtype=torch.long,
-                                                      device=out.device))
-        drawn = sample_rows(chosen, sampled)
+        """The device work of a step (:meth:`ModelRunner.run`): the model on ``rows`` (their
+        tokens pending in ``prev`` taken on the device), the sampling of the rows that
+        sample, then the non-blocking copy of the sampled ids and finiteness flags to the
+        host. The rows' tokens count as computed from here on, and a sampled token as pending
+        until :meth:`_complete` reads it. No host synchronisation in a decode step."""
+        ran = self.runner.run(rows, logits == "all", prev is not None)
+        j = 0
         for r in rows:
-            r.request.num_computed += r.n
-        for j, req in enumerate(sampled):
-            req.num_pending += 1
-            req.pending_index = j
-        host, event = drawn, None
-        if drawn.device.type == "cuda":
-            host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
-            host.copy_(drawn, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return _Launched(rows, counts, drawn[0], host, event,
-                         out if logits is not None else None, all_logits)
+            req = r.request
+            req.num_computed += r.n
+            if r.sample:
+                req.num_pending += 1
+                req.pending_index = j
+                j += 1
+        return _Launched(rows, ran.counts, ran.host, ran.event,
+                         ran.logits if logits is not None else None, logits == "all")
 
     def _complete(self, st: "_Launched") -> list[RequestOutput]:
         """Read the sampled tokens of a launched step (waiting for its copy) and apply them:

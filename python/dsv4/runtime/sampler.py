@@ -8,6 +8,15 @@ argmax, taken for all rows at once. No host synchronisation, greedy or sampled (
 finiteness check, a host sync, is skipped: the flags returned here carry it to the engine, which
 fails a request whose logits are not finite): the tokens stay on the device until the engine
 reads them (with the flags, in one copy), and the next step can take them from there.
+
+The draw is split so that a CUDA graph can hold it (:class:`~dsv4.runtime.runner.ModelRunner`):
+:func:`sample_greedy` (argmax and finiteness of every row, fixed shapes, no generator) is
+captured in every decode graph; :func:`sample_temperature` (the official sampler: temperature
+only, no top-k / top-p, :func:`draws_in_graph`) is captured in a bucket's sampling graph, each
+row drawing with a generator of its own that the runner sets to the request's state before the
+replay and copies back after it, the temperature a graph input; :func:`sample_seeded` draws the
+other sampled rows (top-k / top-p) outside the graph with their requests' generators.
+:func:`sample_rows` is greedy + seeded (eager steps). Every draw is :func:`dsv4.generate.sample`.
 """
 
 from __future__ import annotations
@@ -19,22 +28,83 @@ import torch
 from ..generate import sample
 from .request import Request
 
-__all__ = ["sample_rows"]
+__all__ = ["draws_in_graph", "sample_greedy", "sample_rows", "sample_seeded", "sample_temperature"]
 
 
-def sample_rows(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """Token ids and finiteness flags for ``logits`` [L, vocab] float32 (row i belongs to
-    ``requests[i]``).
+def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
+    """Every row's greedy id and finiteness flag, into ``out``.
 
-    Returns int64 [2, L] on the device: row 0 the sampled ids, row 1 ``1`` where the row's
-    logits are all finite (the engine fails a request whose logits are not, instead of
-    sampling from NaN).
+    Args:
+        logits: float32 [L, vocab].
+        out: int64 [2, >= L] on ``logits.device``; column i gets row i's argmax (row 0) and
+            ``1`` when row i's logits are all finite, else ``0`` (row 1). Columns from L on
+            are left as they are.
     """
-    ids = logits.argmax(dim=-1)      # sample()'s temperature-0 case, every row at once
+    L = logits.shape[0]
+    torch.argmax(logits, dim=-1, out=out[0, :L])   # sample()'s temperature-0 case
+    out[1, :L].copy_(torch.isfinite(logits).all(dim=-1))
+
+
+def draws_in_graph(params) -> bool:
+    """A request whose draw a sampling graph holds: a temperature and neither top-k nor top-p
+    (the official sampler, architecture.md §13.1)."""
+    return not params.greedy and params.top_k == 0 and params.top_p >= 1.0
+
+
+def sample_temperature(logits: torch.Tensor, temperature: torch.Tensor, inverse: torch.Tensor,
+                       rows: torch.Tensor, generators: Sequence[torch.Generator],
+                       out: torch.Tensor) -> None:
+    """The official sampler for the rows flagged in ``rows``, into ``out[0, i]``, with
+    per-row temperatures as tensors (a CUDA graph's inputs): row i is
+    ``sample(logits[i] / T_i, 1.0, generator=generators[i])``, which is exactly
+    ``sample(logits[i], T_i, generator=...)``: ``sample`` divides by a Python float, which
+    CUDA computes as a multiplication by its float32 reciprocal and the CPU as a division, so
+    the logits are scaled here the same way (then ``sample``'s own division by 1.0 is exact).
+
+    Args:
+        logits: float32 [L, vocab].
+        temperature, inverse: float32 [>= L]: ``max(T, 1e-5)`` rounded to float32, and
+            ``1 / that`` in float32 (padding / other rows: any finite value).
+        rows: int32 [>= L], non-zero where the row draws here; other columns keep ``out``.
+        generators: at least L generators on ``logits.device`` (row i draws with the i-th).
+        out: int64 [2, >= L].
+    """
+    L = logits.shape[0]
+    if logits.is_cuda:
+        z = logits * inverse[:L, None]
+    else:
+        z = logits / temperature[:L, None]
+    drawn = torch.cat([sample(z[i:i + 1], 1.0, 1.0, 0, generators[i], check_finite=False)
+                       for i in range(L)])
+    out[0, :L].copy_(torch.where(rows[:L] != 0, drawn, out[0, :L]))
+
+
+def sample_seeded(logits: torch.Tensor, requests: Sequence[Request], out: torch.Tensor,
+                  skip_in_graph: bool = False) -> None:
+    """Redraw the rows whose request has a temperature (``requests[i]`` owns row i) with
+    :func:`dsv4.generate.sample` and the request's generator, into ``out[0, i]``; greedy
+    rows are left as :func:`sample_greedy` wrote them, and with ``skip_in_graph`` the rows
+    :func:`draws_in_graph` (a sampling graph drew them). One ``sample`` call per such row,
+    none for a greedy batch."""
     for i, r in enumerate(requests):
-        if not r.params.greedy:
+        if not r.params.greedy and not (skip_in_graph and draws_in_graph(r.params)):
             p = r.params
-            ids[i:i + 1] = sample(logits[i:i + 1], p.temperature, p.top_p, p.top_k,
-                                  r.generator, check_finite=False)
-    finite = torch.isfinite(logits).all(dim=-1).long()
-    return torch.stack([ids, finite])
+            out[0, i:i + 1] = sample(logits[i:i + 1], p.temperature, p.top_p, p.top_k,
+                                     r.generator, check_finite=False)
+
+
+def sample_rows(logits: torch.Tensor, requests: Sequence[Request],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids and finiteness flags for ``logits`` [L, vocab] float32 (row i belongs to
+    ``requests[i]``): :func:`sample_greedy`, then :func:`sample_seeded`.
+
+    Returns int64 [2, L] on the device (a view of ``out`` [2, >= L] when given): row 0 the
+    sampled ids, row 1 ``1`` where the row's logits are all finite (the engine fails a
+    request whose logits are not, instead of sampling from NaN).
+    """
+    L = logits.shape[0]
+    if out is None:
+        out = torch.empty(2, L, dtype=torch.long, device=logits.device)
+    sample_greedy(logits, out)
+    sample_seeded(logits, requests, out)
+    return out[:, :L]

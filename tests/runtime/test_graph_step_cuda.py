@@ -1,0 +1,173 @@
+"""The decode step as one graph replay on the GPU (runs on the H200): the captured step (token
+gather, model, greedy draw, metadata advance) gives the tokens of the same body run eagerly;
+a steady-state step launches one graph, one copy and at most a few tiny kernels outside it; the
+steps that upload (rows joining and leaving) and the seeded draws outside the graph are
+sync-free."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dsv4
+from dsv4.generate import sample
+from dsv4.runtime import Engine, SamplingParams
+from dsv4.runtime.runner import _copy_generator
+from dsv4.runtime.sampler import sample_temperature
+
+pytestmark = pytest.mark.cuda
+V = 129280
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return dsv4.Model(dsv4.ModelConfig.tiny()).eval().to("cuda", torch.bfloat16)
+
+
+def _prompts(lens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def _params():
+    return [SamplingParams(max_new_tokens=14, eos_token_id=-1),
+            SamplingParams(max_new_tokens=9, temperature=0.8, top_k=40, top_p=0.9, seed=3,
+                           eos_token_id=-1),
+            SamplingParams(max_new_tokens=16, eos_token_id=-1),
+            SamplingParams(max_new_tokens=7, temperature=1.0, seed=8, eos_token_id=-1)]
+
+
+def _generate(m, prompts, emulate, overlap):
+    e = Engine(m, max_batch=2, max_model_len=256, max_num_batched_tokens=64, overlap=overlap)
+    if emulate:
+        e.runner.emulate_graphs()
+    out = e.generate(prompts, _params())
+    assert e.runner.stats["graph_steps"] > 0 and e.runner.graph_off_reason is None
+    assert e.runner.stats["uploads"] < e.runner.stats["graph_steps"]
+    # the temperature-only request drew inside the sampling graph
+    assert e.runner.stats["sampling_steps"] > 0, e.runner.sampling_off_reason
+    return out
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_captured_step_gives_the_eager_bodys_tokens(overlap):
+    """Four requests through two slots, greedy and seeded: the CUDA graph (its metadata
+    advanced inside the graph between uploads) gives the tokens of the same step body run
+    eagerly on the same buffers (emulate_graphs), for either loop."""
+    m = _model()
+    prompts = _prompts([40, 7, 23, 12])
+    ref = _generate(m, prompts, True, False)
+    if ref != _generate(m, prompts, True, False):
+        pytest.skip("the GPU path is not run-to-run deterministic here")
+    assert _generate(m, prompts, False, overlap) == ref
+
+
+def test_steady_step_is_one_graph_launch_and_one_copy():
+    """Four greedy rows decoding: per steady-state step (nothing joins, no new block) one
+    cudaGraphLaunch, one memcpy (the sampled ids to the host; no metadata upload) and at most
+    3 kernel launches outside the graph (torch's RNG bookkeeping at replay), where the step
+    before this branch launched ~15 (gather, sampler, casts) plus two copies."""
+    m = _model()
+    e = Engine(m, max_batch=4, max_model_len=256, max_num_batched_tokens=256)
+    for p in _prompts([20, 21, 22, 23], seed=5):
+        e.add_request(p, SamplingParams(max_new_tokens=60, eos_token_id=-1))
+    for _ in range(6):
+        e.step()
+    torch.cuda.synchronize()
+    n = 5
+    up = e.runner.stats["uploads"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            e.step()
+        torch.cuda.synchronize()
+    assert e.runner.stats["uploads"] == up, "a steady step uploaded its metadata"
+    calls = collections.Counter()
+    for ev in prof.events():
+        for key in ("GraphLaunch", "LaunchKernel", "Memcpy"):
+            if key in ev.name and ev.name.startswith("cu"):
+                calls[key] += 1
+    assert calls["GraphLaunch"] == n, calls
+    assert calls["Memcpy"] <= n, calls
+    assert calls["LaunchKernel"] <= 3 * n, calls
+
+
+def test_joins_and_leaves_are_sync_free():
+    """Whole engine steps under set_sync_debug_mode("error") while a request leaves (an
+    upload), with seeded rows drawn outside the graph: no host sync; then a request joins
+    and every request completes."""
+    m = _model()
+    e = Engine(m, max_batch=4, max_model_len=256, max_num_batched_tokens=256)
+    ps = _prompts([9, 10, 11, 12, 13], seed=7)
+    for i, p in enumerate(ps[:4]):
+        e.add_request(p, SamplingParams(max_new_tokens=6 + 10 * i, eos_token_id=-1,
+                                        temperature=0.9 if i % 2 else 0.0, seed=i))
+    for _ in range(4):
+        e.step()                            # prefill, capture
+    up = e.runner.stats["uploads"]
+    with _no_host_sync():
+        for _ in range(5):
+            e.step()
+    # the first request leaves at max_new_tokens (the others stay in bucket 4): an upload
+    assert e.runner.stats["uploads"] > up and len(e.scheduler.running) == 3
+    e.add_request(ps[4], SamplingParams(max_new_tokens=5, eos_token_id=-1))
+    out = []
+    while e.has_unfinished():
+        out += e.step()
+    assert not e.has_unfinished() and e.cache.num_free_slots == 4
+
+
+def test_reciprocal_scaling_is_torchs_scalar_division():
+    """sample() divides the logits by a Python float, which CUDA computes as a product with
+    the float32 reciprocal: the sampling graph's per-row tensor product gives the same bits."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(3, V, device="cuda", generator=g) * 7
+    for T in (0.7, 1.3, 1e-5, 1 / 3, 2.0, 0.05):
+        t = torch.tensor([max(T, 1e-5)] * 3, dtype=torch.float32)
+        inv = (1.0 / t).cuda()
+        assert torch.equal(logits * inv[:, None], logits / max(T, 1e-5)), T
+
+
+def test_generator_copy_and_registered_draws_match_eager():
+    """A row generator set to a request's state (seed, offset) draws what the request's own
+    generator draws, eagerly and from a CUDA graph it is registered with (torch reads its
+    seed / offset at each replay), draw after draw; copying back leaves the request's
+    generator where an eager draw would."""
+    logits = torch.randn(2, V, device="cuda") * 3
+    t = torch.tensor([0.8, 1.0], dtype=torch.float32, device="cuda")
+    inv = 1.0 / t
+    flags = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
+    rows = [torch.Generator(device="cuda") for _ in range(2)]
+    out = torch.zeros(2, 2, dtype=torch.long, device="cuda")
+    sample_temperature(logits, t, inv, flags, rows, out)        # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    for r in rows:
+        graph.register_generator_state(r)
+    with torch.cuda.graph(graph):
+        sample_temperature(logits, t, inv, flags, rows, out)
+    reqs = [torch.Generator(device="cuda").manual_seed(s) for s in (123, 2 ** 63 + 7)]
+    refs = [torch.Generator(device="cuda").manual_seed(s) for s in (123, 2 ** 63 + 7)]
+    for _ in range(4):
+        for r, q in zip(rows, reqs):
+            _copy_generator(r, q)
+        graph.replay()
+        for r, q in zip(rows, reqs):
+            _copy_generator(q, r)
+        want = [int(sample(logits[i:i + 1], [0.8, 1.0][i], 1.0, 0, refs[i],
+                           check_finite=False)) for i in range(2)]
+        assert out[0].tolist() == want
+        assert [q.get_offset() for q in reqs] == [f.get_offset() for f in refs]
