@@ -38,16 +38,25 @@
 // fence.proxy.async before the barrier that publishes it.
 //
 // Dequantisation, exact: for a byte v = (sign, 4-bit exponent e, 3-bit mantissa m) the bf16
-// bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for EVERY v (normal:
-// 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8). Placed in
-// the high half of an fp32 it is that number in fp32; times 2^120 (exact) it is e4m3(v), the
-// same fp32 value torch's float8_e4m3fn -> float gives; times the scale 2^(s-127) it is the
-// reference's fp32 product bit for bit (the same fp32 multiply). That product has at most 4
-// significant bits, so its low 16 bits are zero and the high half IS its bf16 value (what the
-// reference's round-to-nearest gives) whenever |product| >= 2^-133 or it is 0 — true for
-// every value when s >= 3 (scales >= 2^-124; the cache writers produce >= 2^-22). Exception:
-// the e4m3 NaN bytes 0x7f / 0xff (never written by the quantiser) read as +-480, not NaN.
-// Cost per 2 values: 3 ALU (byte_perm, shift, lop3) + 2 ALU (to fp32) + 4 FMUL + 1/2 byte_perm.
+// bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for every non-NaN v
+// (normal: 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8).
+// Placed in the high half of an fp32 it is that number in fp32; times 2^120 (exact) it is
+// e4m3(v), the same fp32 value torch's float8_e4m3fn -> float gives; times the scale
+// 2^(s-127) it is the reference's fp32 product bit for bit (the same fp32 multiply). That
+// product has at most 4 significant bits, so its low 16 bits are zero and the high half IS its
+// bf16 value (what the reference's round-to-nearest gives) whenever |product| >= 2^-133 or it
+// is 0: true for every value when s >= 3 (scales >= 2^-124; the cache writers produce
+// 2^-22 .. 2^120, and 255 for an infinite block maximum in the CUDA writers).
+// NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its fp32 products
+// are NaN, their high halves bf16 NaNs), from a per-byte flag: bit 7 of (v & 0x7f) + 1,
+// replicated over the value's 16-bit lane by prmt's sign mode and ORed into the lane.
+// Scale bytes as the reference reads them (dsv4.ops.kv_cache: fp32 bits byte << 23): 0 is 0,
+// 255 is +inf (e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the reference's fp32 product).
+// The one difference from the reference: scale bytes 1 and 2 (never written) give products
+// below 2^-126 that are not multiples of 2^-133 (bf16 subnormals); the high half truncates
+// them toward zero where the reference rounds to nearest even.
+// Cost per 4 values: 2 prmt + 2 shift + 6 lop3 + 2 imad + 8 FMUL + 2 prmt (values), plus
+// 1 lop3 + 1 iadd + 2 prmt (NaN flags; the OR folds into a lop3).
 #pragma once
 
 #include "sparse_attn.cuh"
@@ -77,7 +86,6 @@ using sparse_attn_detail::swz;
 using sparse_attn_detail::swz128;
 using sparse_attn_detail::token_keys;
 using sparse_attn_detail::TokenKeys;
-using sparse_attn_detail::ue8m0_value;
 using sparse_attn_detail::wgmma_commit;
 using sparse_attn_detail::wgmma_fence;
 using sparse_attn_detail::wgmma_m64n256k16_ss_tb;
@@ -158,16 +166,34 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t
                : "memory");
 }
 
-// Four e4m3 bytes (byte i of w = dim i) times 2^120 * k2 (k2 = the group's scale 2^(s-127)):
-// two bf16x2 words (dims 0-1, 2-3). Exact: see the header comment.
+// prmt in its sign mode: byte i of the result is 0xff if the top bit of byte sel_i of `a` is
+// set, else 0 (each selector nibble 8..11 = "sign of byte 0..3"; __byte_perm drops that bit).
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t prmt_sign(uint32_t a) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %1, %2;" : "=r"(r) : "r"(a), "n"(kSel));
+  return r;
+}
+
+// fp32 value of a UE8M0 scale byte as the reference reads the pool (dsv4.ops.kv_cache
+// _e8m0_value: the fp32 bits byte << 23): 2^(byte - 127), byte 0 -> 0, byte 255 -> +inf.
+__device__ __forceinline__ float scale_value(uint32_t byte) { return __uint_as_float(byte << 23); }
+
+// Four e4m3 bytes (byte i of w = dim i) times 2^120 * k2 (k2 = the group's scale_value):
+// two bf16x2 words (dims 0-1, 2-3). Exact, NaN bytes -> NaN: see the header comment.
 __device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
   constexpr float k1 = 1.329227995784916e36f;  // 2^120
+  // Bit 7 of byte i: byte i of w is 0x7f or 0xff (its low 7 bits + 1 carry into bit 7, never
+  // into the next byte). Each flag over its value's 16-bit lane: 0xffff (a bf16 NaN) or 0.
+  const uint32_t n = (w & 0x7F7F7F7Fu) + 0x01010101u;
+  const uint32_t nan01 = prmt_sign<0x9988>(n);
+  const uint32_t nan23 = prmt_sign<0xBBAA>(n);
   // Each byte in the high byte of a 16-bit lane: [0, b0, 0, b1] and [0, b2, 0, b3].
   const uint32_t u01 = __byte_perm(w, 0u, 0x1404);
   const uint32_t u23 = __byte_perm(w, 0u, 0x3424);
   // bf16 bits of e4m3 * 2^-120: sign to bit 15, exponent and mantissa to bits 4..10.
-  const uint32_t h01 = (u01 & 0x80008000u) | ((u01 >> 4) & 0x07F007F0u);
-  const uint32_t h23 = (u23 & 0x80008000u) | ((u23 >> 4) & 0x07F007F0u);
+  const uint32_t h01 = (u01 & 0x80008000u) | ((u01 >> 4) & 0x07F007F0u) | nan01;
+  const uint32_t h23 = (u23 & 0x80008000u) | ((u23 >> 4) & 0x07F007F0u) | nan23;
   const float f0 = __uint_as_float(h01 << 16) * k1 * k2;
   const float f1 = __uint_as_float(h01 & 0xFFFF0000u) * k1 * k2;
   const float f2 = __uint_as_float(h23 << 16) * k1 * k2;
@@ -215,7 +241,7 @@ __device__ __forceinline__ void store_half(uint32_t sK, int r, const uint4 (&nop
     const int d0 = kDim0 + 16 * i;         // compile-time after unrolling
     const int grp = d0 >> 6;               // 64-dim scale group (16-dim runs never cross one)
     const uint32_t sb = grp < 4 ? (scl.x >> (8 * grp)) & 0xffu : (scl.y >> (8 * (grp - 4))) & 0xffu;
-    const float k2 = ue8m0_value(sb);
+    const float k2 = scale_value(sb);
     const uint2 a = dequant4(nope[i].x, k2), b = dequant4(nope[i].y, k2);
     const uint2 c = dequant4(nope[i].z, k2), d = dequant4(nope[i].w, k2);
     const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)

@@ -11,7 +11,11 @@
 //      kernel of sparse_attn_fp8_sm90.cuh). "raw" cases fill the pools with random bytes (every
 //      e4m3 value but the NaNs 0x7f / 0xff, scale bytes 3..127) and dequantise them on the host
 //      with the reference formula (float(e4m3) * 2^(s-127), rounded to bf16): the exactness of
-//      the new kernel's bit-level dequantisation over the whole byte range.
+//      the new kernel's bit-level dequantisation over the whole byte range. "NaN" cases then
+//      write the e4m3 NaN codes 0x7f / 0xff into one key of each pool and a scale byte 255
+//      (+inf) into a third key: both FP8 kernels must give NaN exactly where the bf16 kernel
+//      on the dequantised pools does (NaN = NaN whatever its bits; every other value
+//      bit-identical), and some outputs must be NaN and some not.
 //   3. (sm_90) Times the old and the new FP8 kernel at FlashMLA's decode shapes (printed, not
 //      checked; DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer).
 // Prints PASS / FAIL (exit 1) or SKIP.
@@ -127,6 +131,35 @@ std::vector<uint8_t> pack_raw_model1(int64_t nb, int64_t bs, std::mt19937& rng,
   return pool;
 }
 
+// Makes nope dim c of pool row r the e4m3 byte `code` (deq: its value under the row's scale,
+// NaN for 0x7f / 0xff).
+void set_code(std::vector<uint8_t>& pool, std::vector<uint16_t>& deq, int64_t bs,
+              int64_t block_stride, int64_t r, int c, uint8_t code) {
+  uint8_t* base = pool.data() + (r / bs) * block_stride;
+  uint8_t* tok = base + (r % bs) * dsv4::kModel1TokenBytes;
+  const uint8_t s = base[bs * dsv4::kModel1TokenBytes + (r % bs) * dsv4::kModel1ScaleBytes +
+                         c / 64];
+  tok[c] = code;
+  __nv_fp8_e4m3 q;
+  q.__x = static_cast<__nv_fp8_storage_t>(code);
+  deq[r * D + c] = float_to_bf16(static_cast<float>(q) * std::ldexp(1.f, s - 127));
+}
+
+// Makes scale byte g of pool row r the byte `s` (deq of its 64 dims recomputed; 255 = +inf:
+// e4m3 0 -> NaN, others -> +-inf, as the reference reads the pool).
+void set_scale(std::vector<uint8_t>& pool, std::vector<uint16_t>& deq, int64_t bs,
+               int64_t block_stride, int64_t r, int g, uint8_t s) {
+  uint8_t* base = pool.data() + (r / bs) * block_stride;
+  const uint8_t* tok = base + (r % bs) * dsv4::kModel1TokenBytes;
+  base[bs * dsv4::kModel1TokenBytes + (r % bs) * dsv4::kModel1ScaleBytes + g] = s;
+  const float k = s == 255 ? INFINITY : std::ldexp(1.f, s - 127);
+  for (int c = 64 * g; c < 64 * g + 64; ++c) {
+    __nv_fp8_e4m3 q;
+    q.__x = static_cast<__nv_fp8_storage_t>(tok[c]);
+    deq[r * D + c] = float_to_bf16(static_cast<float>(q) * k);
+  }
+}
+
 struct Result {
   std::vector<uint16_t> out;
   std::vector<float> lse;
@@ -168,20 +201,32 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
   return r;
 }
 
-bool same(const Result& a, const Result& b, const char* what) {
-  const bool ok = a.out == b.out &&
-                  std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * 4) == 0;
+bool bf16_nan(uint16_t v) { return (v & 0x7f80) == 0x7f80 && (v & 0x7f); }
+
+// a == b bit for bit, except that a NaN equals any NaN. nan_expected: some (not all) outputs
+// must be NaN; otherwise none may be.
+bool same(const Result& a, const Result& b, const char* what, bool nan_expected = false) {
+  bool ok = a.out.size() == b.out.size() && a.lse.size() == b.lse.size();
   size_t nan = 0;
-  for (uint16_t v : a.out) nan += ((v & 0x7f80) == 0x7f80 && (v & 0x7f)) ? 1 : 0;
-  std::printf("%s %s (NaN outputs: %zu)\n", ok && nan == 0 ? "ok  " : "FAIL", what, nan);
-  return ok && nan == 0;
+  for (size_t i = 0; ok && i < a.out.size(); ++i) {
+    const bool na = bf16_nan(a.out[i]), nb = bf16_nan(b.out[i]);
+    ok = na == nb && (na || a.out[i] == b.out[i]);
+    nan += na ? 1 : 0;
+  }
+  for (size_t i = 0; ok && i < a.lse.size(); ++i) {
+    const bool na = std::isnan(a.lse[i]), nb = std::isnan(b.lse[i]);
+    ok = na == nb && (na || std::memcmp(&a.lse[i], &b.lse[i], 4) == 0);
+  }
+  const bool nan_ok = nan_expected ? nan > 0 && nan < a.out.size() : nan == 0;
+  std::printf("%s %s (NaN outputs: %zu)\n", ok && nan_ok ? "ok  " : "FAIL", what, nan);
+  return ok && nan_ok;
 }
 
 // One problem: T tokens (2 per sequence), B = T / 2 sequences, window W per token (rows of a
 // window pool of bs_w entries per block), compressed pool of nb blocks x bs, each sequence
 // owning blocks scattered over the pool.
 bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, std::mt19937& rng,
-         bool raw = false) {
+         bool raw = false, bool nan = false) {
   const int64_t T = 2 * B, W = 128, bs_w = 64;
   const int64_t nbw = (B * W + bs_w - 1) / bs_w;
   const int64_t max_blocks = (max_entries + bs - 1) / bs + 1;
@@ -240,6 +285,15 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   if (fp8 && raw) {
     wpool = pack_raw_model1(nbw, bs_w, rng, wstride, win_deq);
     cpool = pack_raw_model1(nb, bs, rng, cstride, comp_deq);
+    if (nan) {  // needs B >= 3: tokens 2, 3 (window row W + 5) and 4, 5 (row 2W + 9) get NaN
+      set_code(wpool, win_deq, bs_w, wstride, W + 5, 5, 0x7f);          // +NaN, first half
+      set_scale(wpool, win_deq, bs_w, wstride, 2 * W + 9, 3, 255);      // scale +inf
+      // -NaN in the last nope dim (second producer half) of the first entry of sequence 0's
+      // first block (its second if the first is block 0: row 0 stays finite): token 1 if its
+      // entry count reaches it.
+      const int32_t blk = table[0] > 0 ? table[0] : table[1];
+      set_code(cpool, comp_deq, bs, cstride, static_cast<int64_t>(blk) * bs, 447, 0xff);
+    }
   } else if (fp8) {
     wpool = pack_model1(win, nbw, bs_w, wstride, win_deq);
     cpool = pack_model1(comp, nb, bs, cstride, comp_deq);
@@ -285,7 +339,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   char name[160];
   std::snprintf(name, sizeof(name), "HCA == list   H=%d B=%lld bs=%lld entries<=%d splits=%d",
                 H, (long long)B, (long long)bs, max_entries, splits);
-  bool ok = same(launch(h, T, H, splits), ra, name);
+  bool ok = same(launch(h, T, H, splits), ra, name, nan);
 
   if (fp8) {
     dsv4::SparseAttnParams f = a;  // FP8 pools, explicit list
@@ -304,14 +358,15 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     fh.extra_block_table_rows = B;
     fh.extra_max_blocks = max_blocks;
     fh.extra_rows = h.extra_rows;
+    const char* kind = nan ? " raw bytes + NaN" : raw ? " raw bytes" : "";
     for (const char* kernel : {"old", "new"}) {
       setenv("DSV4_SPARSE_FP8", kernel, 1);
       std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (list)",
-                    kernel, H, (long long)B, (long long)bs, splits, raw ? " raw bytes" : "");
-      ok &= same(launch(f, T, H, splits), ra, name);
+                    kernel, H, (long long)B, (long long)bs, splits, kind);
+      ok &= same(launch(f, T, H, splits), ra, name, nan);
       std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (HCA)",
-                    kernel, H, (long long)B, (long long)bs, splits, raw ? " raw bytes" : "");
-      ok &= same(launch(fh, T, H, splits), ra, name);
+                    kernel, H, (long long)B, (long long)bs, splits, kind);
+      ok &= same(launch(fh, T, H, splits), ra, name, nan);
     }
     unsetenv("DSV4_SPARSE_FP8");
     cudaFree(const_cast<void*>(f.kv));
@@ -489,6 +544,8 @@ int main() {
     ok &= run(64, 3, 64, 1024, 1, fp8, rng, /*raw=*/true);
     ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);  // split-K, HCA pages of 2
     ok &= run(64, 64, 64, 1024, 1, fp8, rng);              // b64: grid of 128 CTAs
+    ok &= run(64, 3, 64, 1024, 1, fp8, rng, true, /*nan=*/true);
+    ok &= run(128, 4, 2, 600, 6, fp8, rng, true, /*nan=*/true);  // split-K, pages of 2
   }
   const char* no_timing = std::getenv("DSV4_CHECK_NO_TIMING");  // e.g. under compute-sanitizer
   if (fp8 && ok && (no_timing == nullptr || std::strcmp(no_timing, "1") != 0)) {

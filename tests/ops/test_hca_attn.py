@@ -379,6 +379,55 @@ def test_cuda_fp8_70000_queries_both_kernels(monkeypatch):
 
 @pytest.mark.cuda
 @needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("H,B,bs", [(64, 2, 2), (128, 64, 64)])
+def test_cuda_fp8_nan_codes_give_nan_where_the_reference_does(H, B, bs, monkeypatch):
+    """HCA decode over FP8 pools holding a NaN activation (e4m3 NaN code 0x7f in a window
+    key, 0xff in the last nope dim of sequence 1's first compressed entry, written by
+    dsv4.ops.kv_cache): both FP8 kernels give NaN in exactly the output rows (and lse) where
+    the fp32 reference does, the tolerance rule elsewhere, and agree bit for bit (a NaN equals
+    any NaN). Split path at B = 2; sinks +-inf included."""
+    from _fp8_nan import (assert_nan_where_reference, assert_same_bits_nan_equal,
+                          poison_allocator, tokens_reading, write_nan)
+    g = torch.Generator().manual_seed(3 * B + H + bs)
+    pos = torch.randint(RATIO, 1024 * RATIO - 1, (B,), generator=g)
+    pos[-1] = 1024 * RATIO - 2
+    seqs = [(int(p), 2, (int(p) + 2) // RATIO) for p in pos]
+    a = make_problem(seqs, H=H, D=512, bs=bs, W=128, seed=B * H + bs + 1, fp8=True)
+    T, n_kv = a["q"].shape[0], int(a["indices"].max()) + 1
+    # The window key fewest tokens read (at least one), and the first entry of the first
+    # sequence whose first block is not block 0. Never row 0 of a scope: the reference gathers
+    # it for invalid lanes (weight 0, but 0 * NaN = NaN), so a NaN there also reaches tokens
+    # that do not read it.
+    win = a["indices"].long()
+    count = torch.zeros(n_kv, dtype=torch.long).index_add_(
+        0, win[win >= 0], torch.ones(int((win >= 0).sum()), dtype=torch.long))
+    count[0] = 0
+    k1 = int(torch.where(count > 0, count, T + 1).argmin())
+    seq = next(b for b in range(B) if int(a["extra_block_table"][b, 0]) > 0)
+    write_nan(a["kv"], k1, 5, negative=False)
+    write_nan(a["extra_kv"], int(a["extra_block_table"][seq, 0]) * bs, 447, negative=True)
+    nan_tokens = tokens_reading(a["indices"], None, k1) | (
+        (a["extra_rows"] == seq) & (a["extra_lengths"] >= 1))
+    a = _cuda(a)
+    fp32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v)
+            for k, v in a.items()}
+    ref_o, ref_l = hca_attn_reference(**fp32)
+    lo_o, lo_l = hca_attn_reference(**a, compute_dtype=torch.bfloat16)
+    res = {}
+    for kernel in ("old", "new"):
+        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
+        poison_allocator(T * H * 512, torch.bfloat16)
+        poison_allocator(T * H, torch.float32)
+        out, lse = torch.ops.dsv4.hca_attn(*a.values())
+        assert_nan_where_reference(out, lse, ref_o, ref_l, lo_o, lo_l, nan_tokens)
+        res[kernel] = out, lse
+    assert_same_bits_nan_equal(res["old"][0], res["new"][0])
+    assert_same_bits_nan_equal(res["old"][1], res["new"][1])
+
+
+@pytest.mark.cuda
+@needs_kernel
 def test_cuda_rejects_mixed_formats():
     a = make_problem(DECODE, D=512, seed=9, fp8=True)
     a = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bf16(a).items()}

@@ -451,6 +451,60 @@ def test_cuda_fp8_kernel_switch_rejects_bad_values(monkeypatch):
 
 @pytest.mark.cuda
 @needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("H,K2,batch", [(64, 512, 2), (128, 1024, 64)])
+def test_cuda_fp8_nan_codes_give_nan_where_the_reference_does(H, K2, batch, monkeypatch):
+    """A NaN activation that reached the cache (e4m3 NaN codes 0x7f in a window key, 0xff in
+    the last nope dim of a compressed key, written by dsv4.ops.kv_cache): both FP8 kernels give
+    NaN in exactly the output rows (and lse) where the fp32 reference does, i.e. the tokens
+    that read those keys, and the tolerance rule elsewhere; the two kernels agree bit for bit
+    (a NaN equals any NaN). Split path at batch 2; sinks +-inf included."""
+    from _fp8_nan import (assert_nan_where_reference, assert_same_bits_nan_equal,
+                          poison_allocator, tokens_reading, write_nan)
+    T = 2 * batch
+    g = torch.Generator().manual_seed(17 * batch + H)
+    a = _random_case(T, H, 512, 256 * batch, 128, 4096, K2, seed=batch + 5 * H, device="cuda",
+                     dtype=torch.bfloat16)
+    seq = torch.arange(T) // 2
+    a["indices"] = (seq[:, None] * 256 + 128 + torch.arange(128)).int().cuda()
+    a["topk_length"] = torch.randint(1, 129, (T,), generator=g, dtype=torch.int32).cuda()
+    a["topk_length"][2:4] = 128
+    ln2 = torch.randint(0, K2 + 1, (T,), generator=g, dtype=torch.int32)
+    ln2[-1] = K2
+    a["extra_topk_length"] = ln2.cuda()
+    a = _fp8_pools(a, 256, 64)
+    k1 = 1 * 256 + 128 + 5                                   # sequence 1's window: tokens 2, 3
+    # k2: the compressed key fewest tokens read (at least one). Not key 0: the reference
+    # gathers row 0 for invalid lanes (weight 0, but 0 * NaN = NaN), so a NaN there also
+    # reaches tokens that do not read it.
+    e, used = a["extra_indices"].cpu().long(), torch.arange(K2)[None, :] < ln2[:, None]
+    reads = torch.zeros(T, 4096, dtype=torch.bool)
+    reads[torch.arange(T)[:, None].expand_as(e)[used & (e > 0) & (e < 4096)],
+          e[used & (e > 0) & (e < 4096)]] = True
+    count = reads.sum(0)
+    k2 = int(torch.where(count > 0, count, T + 1).argmin())
+    write_nan(a["kv"], k1, 5, negative=False)
+    write_nan(a["extra_kv"], k2, 447, negative=True)
+    nan_tokens = (tokens_reading(a["indices"], a["topk_length"], k1) |
+                  tokens_reading(a["extra_indices"], a["extra_topk_length"], k2))
+    fp32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v)
+            for k, v in a.items()}
+    ref_o, ref_l = sparse_attn_reference(**fp32, skip_out_of_range=True)
+    lo_o, lo_l = sparse_attn_reference(**a, skip_out_of_range=True, compute_dtype=torch.bfloat16)
+    res = {}
+    for kernel in ("old", "new"):
+        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
+        poison_allocator(T * H * 512, torch.bfloat16)
+        poison_allocator(T * H, torch.float32)
+        out, lse = torch.ops.dsv4.sparse_attn(**a)
+        assert_nan_where_reference(out, lse, ref_o, ref_l, lo_o, lo_l, nan_tokens)
+        res[kernel] = out, lse
+    assert_same_bits_nan_equal(res["old"][0], res["new"][0])
+    assert_same_bits_nan_equal(res["old"][1], res["new"][1])
+
+
+@pytest.mark.cuda
+@needs_kernel
 def test_cuda_out_variant_poisoned_buffers():
     a = _random_case(17, 64, 512, 400, 150, 300, 70, seed=9, device="cuda", dtype=torch.bfloat16)
     _check_kernel(a, out_variant=True)

@@ -1,0 +1,150 @@
+"""Host model of the FP8 (MODEL1) decode kernel's dequantisation (csrc/kernels/
+sparse_attn_fp8_sm90.cuh: dequant4, prmt_sign, scale_value), CPU.
+
+The kernel turns 4 e4m3 bytes and a UE8M0 scale byte into 4 bf16 values with integer bit
+manipulation, prmt and two fp32 multiplies (no conversion instructions). This file transcribes
+that arithmetic in numpy (uint32 lanes, fp32 multiplies; the kernel is compiled without
+--use_fast_math, so fp32 subnormals are kept as here) and compares it, for EVERY e4m3 byte
+(NaN codes included) under EVERY scale byte 0..255, with the reference's dequantisation
+(dsv4.ops.kv_cache.unpack: float8_e4m3fn -> fp32, times the fp32 of the scale bits
+``byte << 23``, rounded to bf16 to nearest even). If the kernel's formula changes, change
+its model here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dsv4.ops import kv_cache as kc
+from dsv4.ops.quant import fp8_e4m3_quantize
+
+U32 = np.uint32
+
+
+def prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (sel_i & 7) of {b, a}
+    (a = bytes 0-3, b = bytes 4-7), or, when bit 3 of sel_i is set, that byte's top bit
+    replicated over 8 bits."""
+    src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros(a.shape, dtype=np.uint64)
+    for i in range(4):
+        nib = (sel >> (4 * i)) & 0xF
+        byte = (src >> np.uint64(8 * (nib & 7))) & np.uint64(0xFF)
+        if nib & 8:
+            byte = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        out |= byte << np.uint64(8 * i)
+    return out.astype(U32)
+
+
+def scale_value(byte: np.ndarray) -> np.ndarray:
+    """scale_value: the fp32 bits byte << 23."""
+    return (byte.astype(U32) << U32(23)).view(np.float32)
+
+
+def dequant4(w: np.ndarray, k2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dequant4: uint32 words of 4 e4m3 bytes -> two uint32 words of bf16 pairs."""
+    k1 = np.float32(2.0 ** 120)
+    zero = np.zeros_like(w)
+    n = (w & U32(0x7F7F7F7F)) + U32(0x01010101)
+    nan01, nan23 = prmt(n, n, 0x9988), prmt(n, n, 0xBBAA)
+    u01, u23 = prmt(w, zero, 0x1404), prmt(w, zero, 0x3424)
+    h01 = (u01 & U32(0x80008000)) | ((u01 >> U32(4)) & U32(0x07F007F0)) | nan01
+    h23 = (u23 & U32(0x80008000)) | ((u23 >> U32(4)) & U32(0x07F007F0)) | nan23
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = [((x.view(np.float32) * k1) * k2).view(U32)
+             for x in (h01 << U32(16), h01 & U32(0xFFFF0000), h23 << U32(16),
+                       h23 & U32(0xFFFF0000))]
+    return prmt(f[0], f[1], 0x7632), prmt(f[2], f[3], 0x7632)
+
+
+def model_values(words: np.ndarray, scale_bytes: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns [n, 4] (dims 0..3 of each word) of the kernel."""
+    lo, hi = dequant4(words, scale_value(scale_bytes))
+    return np.stack([lo & U32(0xFFFF), lo >> U32(16), hi & U32(0xFFFF), hi >> U32(16)],
+                    -1).astype(np.uint16)
+
+
+def reference_values(codes: np.ndarray, scale_byte: int) -> torch.Tensor:
+    """The reference's bf16 values of e4m3 ``codes`` (uint8 [n]) under one scale byte: MODEL1
+    entries holding the codes in their nope dims, dequantised by dsv4.ops.kv_cache.unpack."""
+    nope = kc.MODEL1_NOPE_DIM
+    n = codes.size
+    rows = -(-n // nope)
+    entries = torch.zeros(rows, kc.MODEL1_TOKEN_BYTES + kc.MODEL1_SCALE_BYTES, dtype=torch.uint8)
+    flat = torch.zeros(rows * nope, dtype=torch.uint8)
+    flat[:n] = torch.from_numpy(codes)
+    entries[:, :nope] = flat.view(rows, nope)
+    entries[:, kc.MODEL1_TOKEN_BYTES:kc.MODEL1_TOKEN_BYTES + 7] = scale_byte
+    fp32 = kc.unpack(kc.MODEL1, entries, torch.float32)[:, :nope].reshape(-1)[:n]
+    return fp32
+
+
+def bf16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def is_nan_bf16(bits: np.ndarray) -> np.ndarray:
+    return ((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)
+
+
+def _check(words: np.ndarray, s: int) -> int:
+    """Kernel model vs reference for ``words`` under scale byte ``s``; returns how many
+    values differ (only allowed for s = 1, 2: see test_every_byte_every_scale)."""
+    got = model_values(words, np.full(words.shape, s, dtype=np.uint8)).reshape(-1)
+    codes = words.view(np.uint8).reshape(-1)           # little endian: byte i = dim i
+    ref32 = reference_values(codes, s)
+    ref = bf16_bits(ref32)
+    nan_ref = is_nan_bf16(ref)
+    # NaN exactly where the reference has NaN (NaN codes; 0 * inf at scale 255).
+    np.testing.assert_array_equal(is_nan_bf16(got), nan_ref)
+    fin = ~nan_ref
+    diff = fin & (got != ref)
+    if diff.any():
+        # The documented difference: the kernel takes the high half of the exact fp32 product
+        # (truncation toward zero) where the reference rounds it to nearest even; only bf16
+        # subnormal products (|x| < 2^-126) that are not multiples of 2^-133.
+        r = ref32.numpy()[diff]
+        trunc = (r.view(U32) >> U32(16)).astype(np.uint16)
+        np.testing.assert_array_equal(got[diff], trunc)
+        assert (np.abs(r) < 2.0 ** -126).all()
+        assert (np.abs(r.astype(np.float64)) * 2.0 ** 133 % 1 != 0).all()
+    return int(diff.sum())
+
+
+def test_prmt_model_sign_mode():
+    a = np.array([0x80017F00], dtype=U32)
+    assert prmt(a, a, 0x9988)[0] == 0x00000000      # byte 0 = 0x00, byte 1 = 0x7f
+    assert prmt(a, a, 0xBBAA)[0] == 0xFFFF0000      # byte 2 = 0x01, byte 3 = 0x80
+    assert prmt(a, np.zeros_like(a), 0x1404)[0] == 0x7F000000
+
+
+@pytest.mark.parametrize("s", range(256))
+def test_every_byte_every_scale(s):
+    """Every e4m3 byte (4 copies in a word, so each byte position) under scale byte s: equal
+    to the reference's bf16 bits everywhere, NaN codes 0x7f / 0xff and 0 * inf at s = 255 give
+    NaN, and only s = 1, 2 (never written by the cache writers) differ, by truncation."""
+    words = (np.arange(256, dtype=U32) * U32(0x01010101))
+    n_diff = _check(words, s)
+    assert (n_diff > 0) == (s in (1, 2)), n_diff
+
+
+@pytest.mark.parametrize("s", [0, 3, 105, 127, 200, 247, 254, 255])
+def test_every_pair_of_neighbouring_bytes(s):
+    """All 65536 ordered byte pairs (a, b) as words [a, b, b, a]: a NaN flag never leaks into
+    a neighbouring value (the carry of (v & 0x7f) + 1 stays in its byte)."""
+    a = np.repeat(np.arange(256, dtype=U32), 256)
+    b = np.tile(np.arange(256, dtype=U32), 256)
+    words = a | (b << U32(8)) | (b << U32(16)) | (a << U32(24))
+    assert _check(words, s) == 0
+
+
+def test_nan_activation_reaches_the_cache_as_nan_codes():
+    """The writers' quantiser (the Python pool path) stores +NaN as 0x7f and -NaN as 0xff:
+    the bytes the kernel must read as NaN."""
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    x[0, 3], x[1, 60] = float("nan"), -float("nan")
+    q, _ = fp8_e4m3_quantize(x, 64)
+    codes = q.view(torch.uint8)
+    assert int(codes[0, 3]) == 0x7F and int(codes[1, 60]) == 0xFF
