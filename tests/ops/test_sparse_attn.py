@@ -198,6 +198,24 @@ def test_op_two_scopes_equal_one_concatenated_scope():
     torch.testing.assert_close(lse, ref_l)
 
 
+def test_reference_nan_in_an_unread_row_stays_out():
+    # invalid / unused lanes gather row 0 with weight 0; a NaN in row 0 must not reach tokens
+    # that never read row 0 (0 x NaN): only the tokens whose valid lanes list row 0 are NaN
+    a = _random_case(29, 2, 16, 40, 24, seed=3)
+    a["kv"][0, 5] = float("nan")
+    out, lse = sparse_attn_reference(**a, skip_out_of_range=True)
+    idx, ln = a["indices"].long(), a["topk_length"].clamp(0, a["indices"].shape[1]).long()
+    used = torch.arange(idx.shape[1])[None, :] < ln[:, None]
+    reads0 = ((idx == 0) & used).any(1)
+    assert reads0.any() and not reads0.all()
+    assert torch.equal(torch.isnan(out).any(-1).any(-1), reads0)
+    clean = {**a, "kv": a["kv"].clone()}
+    clean["kv"][0] = 0
+    out0, lse0 = sparse_attn_reference(**clean, skip_out_of_range=True)
+    torch.testing.assert_close(out[~reads0], out0[~reads0], rtol=0, atol=0)
+    torch.testing.assert_close(lse[~reads0], lse0[~reads0], rtol=0, atol=0)
+
+
 def test_op_empty_shapes():
     q = torch.randn(0, 2, 8)
     out, lse = torch.ops.dsv4.sparse_attn(q, torch.randn(3, 8), torch.zeros(0, 4, dtype=torch.int32),

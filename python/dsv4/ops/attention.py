@@ -190,7 +190,10 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
             if src.shape[0] == 0:
                 keys = torch.zeros(*ix.shape, D, dtype=cd, device=q.device)
             else:
+                # invalid lanes read row 0 and are zeroed: their weight is 0, and 0 x NaN
+                # would otherwise carry a NaN of row 0 into tokens that never read it
                 keys = src[torch.where(valid, ix, 0)].to(cd)              # [t, k, D]
+                keys = keys.masked_fill(~valid[..., None], 0)
             keys_parts.append(keys)
             valid_parts.append(valid)
         keys = torch.cat(keys_parts, 1)
