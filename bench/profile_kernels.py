@@ -16,8 +16,8 @@ for the case (matched on the loop variables of the calling frame, e.g. ``fmt``/`
 and the bench stopped there. So a case is exactly what the bench times, its first variant
 (automatic tile, serial pipeline).
 
-Environment read per call, as set when this script starts: ``DSV4_SPARSE_PREFILL=old`` profiles
-the previous sparse_attn prefill kernel (default: the warp-specialised one); ``DSV4_GEMM_TILE`` /
+Environment read per call, as set when this script starts: ``DSV4_SPARSE_PREFILL=new`` profiles
+the warp-specialised sparse_attn prefill kernel (default: the old one); ``DSV4_GEMM_TILE`` /
 ``DSV4_GEMM_PIPE`` force a grouped-GEMM variant. Nsight Compute flushes the L2 before each
 replayed kernel (``--cache-control all``) and locks clocks to base (``--clock-control base``),
 so durations in the report are cold-L2, base-clock numbers (pass ``--clock-control none`` via

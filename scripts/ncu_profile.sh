@@ -10,7 +10,7 @@
 # A case that fails or passes the per-case timeout (NCU_TIMEOUT, 90 s) is reported and skipped;
 # the exit status is 1 if any case failed.
 # Env: PY (python, default python3), NCU (default ncu), NCU_ARGS (extra profile options, e.g.
-# "--clock-control none"), DSV4_SPARSE_PREFILL=old (the previous sparse_attn prefill kernel; default: the warp-specialised one),
+# "--clock-control none"), DSV4_SPARSE_PREFILL=new (the warp-specialised prefill kernel),
 # DSV4_GEMM_TILE / DSV4_GEMM_PIPE (a forced grouped-GEMM variant).
 set -uo pipefail
 

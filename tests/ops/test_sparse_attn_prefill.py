@@ -1,8 +1,7 @@
 """torch.ops.dsv4.sparse_attn through the warp-specialised prefill kernel (head_dim 512, sm_90a;
 csrc/kernels/sparse_attn_prefill_sm90.cu), selected per call by DSV4_SPARSE_PREFILL=new|old
-(unset = new: the default since its fixed version passed these tests on an H100 on 2026-12-05 at
-0.62-0.82x the old kernel's time; every test here sets the variable explicitly but one, which
-checks the default).
+(unset = old: the new kernel passed these tests on an H100 on 2026-12-05 but was 6% slower than
+the old one there, so it stays opt-in; every test here sets the variable explicitly).
 
 Every case runs both kernels in one process: each must pass the tolerance rule against the fp32
 reference (error <= 2x that of the reference computed in bf16, inf positions equal, poisoned
@@ -195,7 +194,7 @@ def test_prefill_kernel_is_the_one_that_runs(monkeypatch):
     H = 64
     a = _random_case(_tokens(H, 67), H, D, 300, 128, seed=1, device="cuda", dtype=torch.bfloat16)
     names = {}
-    for mode in ("new", "old", None):    # None: unset, the default (the warp-specialised kernel)
+    for mode in ("new", "old", None):    # None: unset, the default (the verified old kernel)
         if mode is None:
             monkeypatch.delenv("DSV4_SPARSE_PREFILL", raising=False)
         else:
@@ -210,7 +209,7 @@ def test_prefill_kernel_is_the_one_that_runs(monkeypatch):
         pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI)")
     assert "sparse_attn_prefill_sm90_kernel" in names["new"]
     assert "sparse_attn_prefill_sm90_kernel" not in names["old"]
-    assert "sparse_attn_prefill_sm90_kernel" in names[None]   # the default since 2026-12-05
+    assert "sparse_attn_prefill_sm90_kernel" not in names[None]   # opt-in until verified
 
 
 def test_prefill_env_switch_rejects_unknown_values(monkeypatch):

@@ -29,10 +29,10 @@ namespace dsv4 {
 bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p);
 
 // The DSV4_SPARSE_PREFILL environment switch, read at each call (so one process can time both
-// kernels): 1 when unset, empty or "new" (use sparse_attn_prefill_sm90 where it applies: the
-// default since it passed its tests, C++ check and compute-sanitizer on an H100 at 0.62-0.82x
-// the old kernel's time, 2026-12-05), 0 for "old" (always dsv4::sparse_attn), -1 for any other
-// value (the caller reports the error).
+// kernels): 1 for "new" (use sparse_attn_prefill_sm90 where it applies), 0 when unset, empty or
+// "old" (always dsv4::sparse_attn, the kernel verified on the H200), -1 for any other value (the
+// caller reports the error). The default stays "old" until the new kernel has passed its first
+// GPU run (tests/ops/test_sparse_attn_prefill.py, dsv4_check_sparse_attn_prefill).
 int sparse_attn_prefill_env();
 
 // The DSV4_SPARSE_PREFILL_PERSISTENT environment switch, read by sparse_attn_prefill_sm90 at each
