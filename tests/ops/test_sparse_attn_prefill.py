@@ -294,3 +294,149 @@ def test_persistent_grid_70000_queries(monkeypatch):
     monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
     monkeypatch.setenv("DSV4_SPARSE_PREFILL_PERSISTENT", "1")
     _check_kernel(a)
+
+
+# --------------------------------------------------------------------------- engine patterns
+# What the runtime engine passes (tests/runtime/test_engine_cuda.py::test_fp8_kv_cache_on_cuda,
+# logged on CPU with the kernel path forced, /work/wt/notes/ws-bug.md): the tiny model at
+# head_dim 512 has window 16 and CSA top-8, so every call is ONE iteration of the kernel (a
+# partial 16-lane window block, plus an 8-lane extra block for CSA); -1 at the front of the
+# window of a sequence's first 15 tokens; -1 tails in the extra lists and rows without any
+# entry (positions < 3); sinks 0; softmax_scale 512^-0.5; RMS-normalised q and keys; contiguous
+# q / kv / indices; no lengths; T = 96 (one sequence's first chunk, kv = 16 ring rows + 96 new),
+# 94 (a mixed step: 54 + 40 tokens of two sequences, kv = 32 ring rows + 94 new) and 2 (decode:
+# kv = the 3-slot ring in place, rotated all-valid windows). The window-only decode call has one
+# key block, so the op never splits it: it takes this kernel for T = 2 (inside the engine's
+# decode CUDA graph), far below the grids the tests above use.
+_ENGINE_STEPS = {"first-chunk": [(0, 96)], "mixed": [(96, 54), (0, 40)],
+                 "decode": [(150, 1), (40, 1)]}
+
+
+def _engine_step(kind, H, csa, seed, W=16, topk=8, ratio=4, block=256):
+    """sparse_attn arguments shaped like the engine's (see above): rows (start, new tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = _ENGINE_STEPS[kind]
+    B, T = len(rows), sum(n for _, n in rows)
+
+    def rms(*shape):
+        x = torch.randn(*shape, generator=g)
+        return (x / x.pow(2).mean(-1, keepdim=True).sqrt()).bfloat16()
+
+    row = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(rows)])
+    pos = torch.cat([torch.arange(s, s + n) for s, n in rows])
+    start = torch.tensor([s for s, _ in rows])[row]
+    offset = torch.tensor([0] + [n for _, n in rows]).cumsum(0)[row]
+    p = pos[:, None] - (W - 1) + torch.arange(W)[None, :]
+    if kind == "decode":
+        kv = rms((B + 1) * W, D)                  # every slot's ring (+ the padding slot)
+        idx = row[:, None] * W + p % W
+    else:
+        kv = rms(B * W + T, D)                    # the rows' rings, then the step's new keys
+        idx = torch.where(p >= start[:, None], B * W + offset[:, None] + (p - start[:, None]),
+                          row[:, None] * W + p % W)
+    idx = torch.where(p >= 0, idx, -1).int()
+    a = dict(q=rms(T, H, D), kv=kv, indices=idx, attn_sink=torch.zeros(H),
+             softmax_scale=D ** -0.5)
+    if csa:
+        extra = torch.full((T, topk), -1, dtype=torch.int32)
+        for t in range(T):
+            n = int(pos[t] + 1) // ratio              # complete entries of the sequence
+            pick = torch.randperm(n, generator=g)[:topk]
+            extra[t, :pick.numel()] = row[t] * block + pick
+        a.update(extra_kv=rms(3 * block, D), extra_indices=extra)
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+
+def _takes_new_kernel(a) -> bool:
+    """The glue's rule: head_dim 512 and no key split (one key block, or the token x
+    head-tile grid over half the SMs)."""
+    T, H, _ = a["q"].shape
+    k2 = a["extra_indices"].shape[1] if a.get("extra_indices") is not None else 0
+    blocks = -(-a["indices"].shape[1] // 64) + -(-k2 // 64)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return blocks <= 1 or 2 * T * -(-H // 64) > sms
+
+
+@pytest.mark.parametrize("H", [4, 64])
+@pytest.mark.parametrize("kind", list(_ENGINE_STEPS))
+@pytest.mark.parametrize("csa", [False, True], ids=["window", "window+csa"])
+def test_engine_argument_patterns(H, kind, csa, monkeypatch):
+    a = _engine_step(kind, H, csa, seed=H + 3 * csa + 7 * len(kind))
+    # (decode with CSA is split over its two key blocks: the old kernel both times)
+    assert _takes_new_kernel(a) == (kind != "decode" or not csa)
+    out, lse, _, _ = _run_both(a, monkeypatch)
+    if csa and kind == "first-chunk":                # tokens 0-2: window only, no entry yet
+        assert (a["extra_indices"][:3] == -1).all() and torch.isfinite(lse[:3]).all()
+
+
+@pytest.mark.parametrize("H", [4, 64])
+def test_engine_decode_window_call_in_a_cuda_graph(H, monkeypatch):
+    # The engine's decode step runs the window-only call (this kernel, T = 2) from a CUDA graph:
+    # capture it, refill the static inputs with another step's values, replay; the replay equals
+    # the eager call on those inputs and passes the reference rule.
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
+    a = _engine_step("decode", H, False, seed=1)
+    b = _engine_step("decode", H, False, seed=2)
+    assert _takes_new_kernel(a)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.dsv4.sparse_attn(**a)               # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.dsv4.sparse_attn(**a)
+    for k in ("q", "kv", "indices"):
+        a[k].copy_(b[k])
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_o, eager_l = _check_kernel(b)
+    assert torch.equal(out, eager_o) and torch.equal(lse, eager_l)
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_engine_calls_through_both_kernels(heads, monkeypatch):
+    # Every sparse_attn call of the engine scenario of tests/runtime/test_engine_cuda.py::
+    # test_fp8_kv_cache_on_cuda (bf16 KV cache, eager decode so that every call is recorded),
+    # replayed through both kernels against the fp32 reference (the per-call rule).
+    import dsv4
+    import dsv4.layers.attention as attention
+    from dsv4.runtime import Engine, SamplingParams
+
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
+    calls = []
+
+    class _Recorder:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.dsv4, name)
+            if name != "sparse_attn":
+                return op
+
+            def call(*args, **kw):
+                names = ("q", "kv", "indices", "attn_sink", "softmax_scale", "topk_length",
+                         "extra_kv", "extra_indices", "extra_topk_length")
+                got = {**dict(zip(names, args)), **kw}
+                calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                              for k, v in got.items()})
+                return op(*args, **kw)
+            return call
+
+    monkeypatch.setattr(attention, "_dsv4", _Recorder())
+    torch.manual_seed(0)
+    cfg = dsv4.ModelConfig.tiny(head_dim=512, quant_sim=True, n_heads=heads)
+    m16 = dsv4.Model(cfg).eval().to("cuda", torch.bfloat16)
+    engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
+                    kv_cache="bf16", cuda_graphs=False)
+    g = torch.Generator().manual_seed(6)
+    for n in (150, 40):
+        engine.add_request(torch.randint(0, 129280, (n,), generator=g).tolist(),
+                           SamplingParams(max_new_tokens=8, eos_token_id=-1))
+    while engine.has_unfinished():
+        engine.step()
+    assert calls
+    assert sum(_takes_new_kernel(a) for a in calls) >= 4      # prefill steps and decode
+    for a in calls:
+        _run_both(a, monkeypatch)

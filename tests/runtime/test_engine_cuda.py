@@ -223,13 +223,23 @@ def _models512(quant_sim=True, seed=0, heads=4):
 
 
 @pytest.mark.parametrize("heads", [4, 64])
-def test_fp8_kv_cache_on_cuda(heads):
+def test_fp8_kv_cache_on_cuda(heads, monkeypatch):
     """kv_cache="fp8" on the H200: window rings and CSA / HCA entries in the 584-byte MODEL1
     layout (kv_norm_rope and compress_kv write it, sparse_attn / hca_attn read both scopes in
     FP8, prefill packs the step's new keys): under quant_sim the stored values are exact, so
     the logits equal those of the bf16 KV cache (the rule of the FP8 indexer-key test: same
-    tokens, |diff| <= 1e-3 max |logit|; the FP8 kernels may sum in another order). Chunked
-    prefill with mixed steps, then graph-replayed decode."""
+    tokens, |diff| <= 1e-3 max |logit|). Chunked prefill with mixed steps, then graph-replayed
+    decode.
+
+    This bound holds only where both caches' attention outputs are bit-equal: one bf16 ulp on
+    1% of the window / CSA attention outputs (or P rounded to bf16 before P V, a kernel within
+    the tolerance rule) moves this tiny model's logits by up to ~7 (measured on CPU with the
+    kernel path forced: the indexer's top-8 and the MoE top-2 flip at rounding-level changes).
+    So the bf16 side runs the kernel family the FP8 kernels are bit-equal to
+    (DSV4_SPARSE_PREFILL=old, as in tests/ops/test_hca_attn.py); the warp-specialised prefill
+    kernel, which sums in another order, is held to the model-level accuracy rule in
+    test_bf16_kv_cache_prefill_kernel_as_accurate_as_the_bf16_reference."""
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "old")
     _, m16 = _models512(quant_sim=True, heads=heads)
     out = {}
     for fmt in ("bf16", "fp8"):
@@ -240,6 +250,21 @@ def test_fp8_kv_cache_on_cuda(heads):
     for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
         assert sa == sb
         assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_bf16_kv_cache_prefill_kernel_as_accurate_as_the_bf16_reference(heads, monkeypatch):
+    """The warp-specialised sparse_attn kernel (DSV4_SPARSE_PREFILL=new) in the engine of
+    test_fp8_kv_cache_on_cuda with the bf16 KV cache: it runs the window and CSA calls of the
+    prefill steps (T = 96, 94) and the window call of every decode step (one key block: never
+    split, so T = 2, from the decode graph). The engine's logits are as close to the fp32 model
+    as the bf16 reference backend's on the same token sequences (error <= 2x)."""
+    monkeypatch.setenv("DSV4_SPARSE_PREFILL", "new")
+    m32, m16 = _models512(quant_sim=True, heads=heads)
+    engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
+                    kv_cache="bf16")
+    runs = _collect(engine, _prompts([150, 40], seed=6), 8)
+    _assert_as_accurate_as_the_bf16_reference(runs, m32, m16)
 
 
 def test_fp8_kv_cache_as_accurate_as_the_bf16_reference():
