@@ -102,6 +102,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
     return lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
 
 
+def write_out_json(name: str, obj) -> str:
+    """Write ``obj`` as JSON to ``$OUT/<name>.json`` (``$OUT`` defaults to /tmp/dsv4_out,
+    created if missing): the output file of a standalone bench script (the families run by
+    ``run_bench`` write theirs there only when ``$OUT`` is set). Returns the path."""
+    out = os.environ.get("OUT", "/tmp/dsv4_out")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path
+
+
 def run_bench(name: str, doc: str, families: Mapping[str, Union[str, Callable]],
               columns: Columns,
               quick_help: str = "small cases only", argv: Sequence[str] | None = None) -> int:

@@ -16,14 +16,15 @@ JSON to ``$OUT/bench_overlap.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_driver.py
 
+from _driver import write_out_json  # noqa: E402
 from dsv4.runtime import bench as B  # noqa: E402
 
 
@@ -62,10 +63,7 @@ def main(argv=None) -> int:
                       f"{o['uploads_per_step']:>7.2f} | {o['floor_ms']:>8.3f} "
                       f"{o['pct_of_floor']:>6.1f}% | {s['ms_step'] / o['ms_step']:>7.2f}x"
                       + ("" if o["graphs"] else "  [eager]"), flush=True)
-    out = os.environ.get("OUT", "/tmp/dsv4_out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_overlap.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_out_json("bench_overlap", rows)
     return 0
 
 

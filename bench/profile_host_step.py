@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -38,9 +37,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_driver.py
 
 import dsv4  # noqa: E402
 from dsv4.runtime import Engine, SamplingParams  # noqa: E402
+from _driver import write_out_json  # noqa: E402
 from dsv4.runtime import bench as B  # noqa: E402
 from dsv4.runtime import runner as R  # noqa: E402
 
@@ -240,10 +241,7 @@ def main(argv=None) -> int:
                 print("  ops:", ", ".join(f"{k} {v:g}" for k, v in r["ops_per_step"].items()))
             if cuda:
                 torch.cuda.empty_cache()
-    out = os.environ.get("OUT", "/tmp/dsv4_out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "profile_host_step.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_out_json("profile_host_step", rows)
     return 0
 
 

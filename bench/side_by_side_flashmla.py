@@ -40,23 +40,10 @@ FMLA_DIR = os.environ.get("FMLA_DIR", "/tmp/flashmla")
 sys.path.insert(0, FMLA_DIR)
 sys.path.insert(0, os.path.join(FMLA_DIR, "tests"))
 
+from attn_common import with_fp8_kernel  # noqa: E402  (bench/attn_common.py)
+
 DEV = "cuda"
 D = 512
-
-
-def _fp8_kernel(kernel, fn):
-    """fn run with DSV4_SPARSE_FP8=kernel (read by the op at each call), restored after."""
-    def call():
-        prev = os.environ.get("DSV4_SPARSE_FP8")
-        os.environ["DSV4_SPARSE_FP8"] = kernel
-        try:
-            return fn()
-        finally:
-            if prev is None:
-                os.environ.pop("DSV4_SPARSE_FP8", None)
-            else:
-                os.environ["DSV4_SPARSE_FP8"] = prev
-    return call
 
 
 def _timeit(fns, flush, iters=20, warm=3):
@@ -151,9 +138,9 @@ def decode_cases(results, flush, quick):
             qf = q.reshape(b * sq, h, D)
             w2, e2 = win.reshape(b * sq, topk), eidx.reshape(b * sq, etopk)
             pool, epool = _as_pool(kc), _as_pool(ekc)
-            d8 = _fp8_kernel("old", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
+            d8 = with_fp8_kernel("old", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
                                                                        epool, e2))
-            d8n = _fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
+            d8n = with_fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
                                                                         epool, e2))
             d16 = lambda: torch.ops.dsv4.sparse_attn(qf, kd, w2, sink, scale, None, ekd, e2)  # noqa: E731
             fo = f_out()[0].reshape(b * sq, h, D)
@@ -210,7 +197,7 @@ def hca_cases(results, flush, quick):
             rows = (torch.arange(b * sq, device=DEV) // sq).int()
             lengths = n_b.repeat_interleave(sq)
             d_call = lambda: hca_attn(qf, pool, w2, sink, scale, None, epool, table, rows, lengths)  # noqa: E731
-            d_out, d_new = _fp8_kernel("old", d_call), _fp8_kernel("new", d_call)
+            d_out, d_new = with_fp8_kernel("old", d_call), with_fp8_kernel("new", d_call)
             fo = f_out()[0].reshape(b * sq, h, D)
             do, dn = d_out()[0], d_new()[0]
             t = _timeit({"flashmla": f_out, "dsv4": d_out, "dsv4_new": d_new}, flush,

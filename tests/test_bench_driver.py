@@ -109,3 +109,23 @@ def test_cuda_time_us_samples_warmup_flush_and_index(monkeypatch):
     n = []
     assert _driver.cuda_time_us(lambda: n.append(1), reps=4, warmup=1) == 0.0
     assert len(n) == 5
+
+
+def test_write_out_json_to_out_or_the_default_dir(monkeypatch, tmp_path):
+    """Standalone bench scripts' JSON: $OUT/<name>.json (the directory created), else under
+    /tmp/dsv4_out; the rows read back equal."""
+    rows = [{"batch": 2, "ms_step": 1.5, "note": None}]
+    monkeypatch.setenv("OUT", str(tmp_path / "new"))
+    path = _driver.write_out_json("bench_y", rows)
+    assert path == str(tmp_path / "new" / "bench_y.json")
+    assert json.loads((tmp_path / "new" / "bench_y.json").read_text()) == rows
+    monkeypatch.delenv("OUT")
+    made = []
+    monkeypatch.setattr(os, "makedirs", lambda d, exist_ok=False: made.append(d))
+
+    def refuse(path, *a, **kw):  # the default directory is shared: write nothing there
+        raise OSError(f"not writing {path}")
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(OSError, match="not writing /tmp/dsv4_out/bench_y.json"):
+        _driver.write_out_json("bench_y", rows)
+    assert made == ["/tmp/dsv4_out"]

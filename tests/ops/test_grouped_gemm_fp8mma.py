@@ -28,6 +28,14 @@ def _set_path(monkeypatch, path):
         monkeypatch.delenv("DSV4_MOE_FP8_MMA", raising=False)
 
 
+def _case(monkeypatch, path, tile, **case):
+    """gemm_cases.moe_case(**case), the CUDA run set to ``path`` (one of PATHS) and ``tile``
+    (test_grouped_gemm._set_tile)."""
+    _set_path(monkeypatch, path)
+    _set_tile(monkeypatch, tile)
+    return moe_case(**case)
+
+
 def _x(rows, cols, seed):
     g = torch.Generator().manual_seed(seed)
     # magnitudes over many octaves per block, so the scales differ block to block
@@ -94,9 +102,8 @@ def test_cuda_fp8_act_quant_bit_exact(rows):
     (300, 256, 128, 8, 2, "half"),  # half the experts empty
 ])
 def test_cuda_act_quant_matches_reference(monkeypatch, path, fmt, tile, T, K, N, E, topk, skew):
-    _set_path(monkeypatch, path)
-    _set_tile(monkeypatch, tile)
-    c = moe_case(T=T, K=K, N=N, E=E, topk=topk, fmt=fmt, seed=T + K + N + E, skew=skew)
+    c = _case(monkeypatch, path, tile, T=T, K=K, N=N, E=E, topk=topk, fmt=fmt,
+              seed=T + K + N + E, skew=skew)
     _check_case_cuda(c, act_quant=True)
 
 
@@ -105,9 +112,7 @@ def test_cuda_act_quant_matches_reference(monkeypatch, path, fmt, tile, T, K, N,
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 def test_cuda_act_quant_prefill_t4096(monkeypatch, path, fmt):
     # T = 4096 at reduced widths (~128 rows per expert: the 128-row tile, several k blocks)
-    _set_path(monkeypatch, path)
-    _set_tile(monkeypatch, "auto")
-    c = moe_case(T=4096, K=512, N=256, E=64, topk=2, fmt=fmt, seed=4096)
+    c = _case(monkeypatch, path, "auto", T=4096, K=512, N=256, E=64, topk=2, fmt=fmt, seed=4096)
     _check_case_cuda(c, act_quant=True)
 
 
@@ -118,9 +123,7 @@ def test_cuda_act_quant_prefill_t4096(monkeypatch, path, fmt):
 def test_cuda_output_width_tails(monkeypatch, path, fmt, D, tile):
     # output widths that are not a multiple of the 128-row weight tile (the tile's last rows
     # zero-filled; for FP8 the partial 128-row scale block)
-    _set_path(monkeypatch, path)
-    _set_tile(monkeypatch, tile)
-    c = moe_case(T=50, K=D, N=128, E=4, topk=2, fmt=fmt, seed=D)
+    c = _case(monkeypatch, path, tile, T=50, K=D, N=128, E=4, topk=2, fmt=fmt, seed=D)
     cc = c.to("cuda")
     P, n_used = c.h.shape[0], int(c.expert_offsets[-1])
     y = torch.full((P, D), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -147,9 +150,7 @@ def test_cuda_fp4_scale_spread(monkeypatch, path, spread):
     # 2x the bf16 reference's (relative to the small output): spread 11 failed on the H100
     # (1.14 vs 2 x 0.537); a CPU emulation of the accumulation reproduces it at 11, 12 and 14
     # with those codes and passes all four spreads with these.
-    _set_path(monkeypatch, path)
-    _set_tile(monkeypatch, "large")
-    c = moe_case(T=64, K=256, N=128, E=2, topk=1, fmt="fp4", seed=spread)
+    c = _case(monkeypatch, path, "large", T=64, K=256, N=128, E=2, topk=1, fmt="fp4", seed=spread)
     for s in (c.w_up_scale, c.w_down_scale):
         codes = s.view(torch.uint8)
         g = torch.Generator().manual_seed(spread)
@@ -165,9 +166,7 @@ def test_cuda_fp4_scale_spread(monkeypatch, path, spread):
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 def test_cuda_nan_weight_scale(monkeypatch, path, fmt):
     # an e8m0 NaN scale (code 255) poisons exactly the outputs the reference poisons
-    _set_path(monkeypatch, path)
-    _set_tile(monkeypatch, "auto")
-    c = moe_case(T=40, K=256, N=128, E=2, topk=1, fmt=fmt, seed=5)
+    c = _case(monkeypatch, path, "auto", T=40, K=256, N=128, E=2, topk=1, fmt=fmt, seed=5)
     c.w_up_scale.view(torch.uint8)[0, 1, 0, 1] = 255
     c.w_down_scale.view(torch.uint8)[1, 0, 0] = 255
     _check_case_cuda(c, act_quant=True)
@@ -178,9 +177,7 @@ def test_cuda_nan_weight_scale(monkeypatch, path, fmt):
 def test_cuda_float32_scales_take_a_correct_path(monkeypatch, fmt):
     # float32 scales: FP8 on the FP8 path (applied in fp32), FP4 stays on the bf16 path (a
     # non-power-of-two scale cannot be folded exactly); both equal the reference
-    _set_path(monkeypatch, "fp8_mma")
-    _set_tile(monkeypatch, "auto")
-    c = moe_case(T=40, K=256, N=128, E=2, topk=1, fmt=fmt, seed=6)
+    c = _case(monkeypatch, "fp8_mma", "auto", T=40, K=256, N=128, E=2, topk=1, fmt=fmt, seed=6)
     g = torch.Generator().manual_seed(6)
     c.w_up_scale = c.w_up_scale.float() * (1 + torch.rand(c.w_up_scale.shape, generator=g))
     c.w_down_scale = c.w_down_scale.float() * (1 + torch.rand(c.w_down_scale.shape, generator=g))

@@ -22,6 +22,7 @@ from dsv4.ops import kv_cache as kc
 from dsv4.ops.attention import sparse_attn_reference
 from dsv4.ops.hca_attn import dense_block_table, hca_attn, hca_attn_reference, hca_entry_counts
 
+from _fp8_kernels import both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
 from _paged import scattered_tables  # noqa: E402  (tests/_paged.py)
 
 RATIO = 128
@@ -332,25 +333,8 @@ def test_cuda_fp8_equals_bf16_kernel_on_dequantised_cache(seqs, H, kernel, monke
     assert torch.equal(s8[0], s16[0]) and torch.equal(s8[1], s16[1])
 
 
-needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
-                                torch.cuda.get_device_capability() != (9, 0),
-                                reason="FP8 caches need sm_90")
-
-
 def _cuda(a):
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bf16(a).items()}
-
-
-def _both_fp8_kernels(a, monkeypatch, out_variants=(False, True)):
-    """_check_kernel (fp32 reference, 2x bf16 rule, poisoned outputs) through both FP8 kernels
-    (DSV4_SPARSE_FP8 = old / new); the two agree bit for bit."""
-    res = {}
-    for kernel in ("old", "new"):
-        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
-        res[kernel] = [_check_kernel(a, ov) for ov in out_variants]
-    for (o_old, l_old), (o_new, l_new) in zip(res["old"], res["new"]):
-        assert torch.equal(o_old, o_new) and torch.equal(l_old, l_new)
-    return res["new"][0]
 
 
 @pytest.mark.cuda
@@ -367,7 +351,7 @@ def test_cuda_fp8_decode_both_kernels(H, B, bs, monkeypatch):
     pos[0], pos[-1] = 0, 1024 * RATIO - 2                      # counts 0 / 1 and 1024
     seqs = [(int(p), 2, (int(p) + 2) // RATIO) for p in pos]
     a = _cuda(make_problem(seqs, H=H, D=512, bs=bs, W=128, seed=B * H + bs, fp8=True))
-    _both_fp8_kernels(a, monkeypatch)
+    both_fp8_kernels(_check_kernel, a, monkeypatch)
 
 
 @pytest.mark.cuda
@@ -377,7 +361,7 @@ def test_cuda_fp8_70000_queries_both_kernels(monkeypatch):
     seqs = [(1000 * i, 700, (1000 * i + 700) // RATIO) for i in range(100)]
     a = _cuda(make_problem(seqs, H=1, D=512, bs=8, W=16, seed=5, fp8=True))  # 8 x 584 B: 16-byte blocks
     assert a["q"].shape[0] == 70000
-    _both_fp8_kernels(a, monkeypatch, out_variants=(False,))
+    both_fp8_kernels(_check_kernel, a, monkeypatch, out_variants=(False,))
 
 
 @pytest.mark.cuda

@@ -12,6 +12,8 @@ import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
 from dsv4.ops.attention import sparse_attn, sparse_attn_reference
 
+from _fp8_kernels import both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
+
 
 def _dense(q, kv, idx, sink, scale, lengths=None, extra=None):
     """float64: o = Σ e^s v / (Σ e^s + e^sink) over the listed valid rows, lse without the sink.
@@ -373,11 +375,6 @@ def test_cuda_decode_shapes_split_path(H, batch):
 
 # FP8 (MODEL1) caches: both kernels (DSV4_SPARSE_FP8 = old / new) against the fp32 reference
 # of the same FP8 bytes, and bit-equal to each other (the new kernel keeps the old one's math).
-needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
-                                torch.cuda.get_device_capability() != (9, 0),
-                                reason="FP8 caches need sm_90")
-
-
 def _fp8_pools(a, bs1=64, bs2=64):
     """``a`` with kv / extra_kv replaced by MODEL1 FP8 pools (block sizes bs1 / bs2) holding
     the same rows, quantised (dsv4.ops.kv_cache, the writers' format)."""
@@ -394,17 +391,6 @@ def _fp8_pools(a, bs1=64, bs2=64):
         kc.write_entries(pool, r // bs, r % bs, x.float())
         out[name] = pool
     return out
-
-
-def _both_fp8_kernels(a, monkeypatch, out_variants=(False, True)):
-    """Runs _check_kernel on ``a`` through both FP8 kernels; asserts they agree bit for bit."""
-    res = {}
-    for kernel in ("old", "new"):
-        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
-        res[kernel] = [_check_kernel(a, ov) for ov in out_variants]
-    for (o_old, l_old), (o_new, l_new) in zip(res["old"], res["new"]):
-        assert torch.equal(o_old, o_new) and torch.equal(l_old, l_new)
-    return res["new"][0]
 
 
 @pytest.mark.cuda
@@ -429,7 +415,7 @@ def test_cuda_fp8_decode_both_kernels(H, K2, batch, monkeypatch):
     ln2 = torch.randint(0, K2 + 1, (T,), generator=g, dtype=torch.int32)
     ln2[0], ln2[-1] = 0, K2
     a["extra_topk_length"] = ln2.cuda()
-    out, lse = _both_fp8_kernels(_fp8_pools(a, 256, 64), monkeypatch)
+    out, lse = both_fp8_kernels(_check_kernel, _fp8_pools(a, 256, 64), monkeypatch)
     if batch == 1 and H >= 2:
         assert (out[:, 0] == 0).all()                                # sink = +inf
 
@@ -443,7 +429,7 @@ def test_cuda_fp8_prefill_shapes_both_kernels(H, monkeypatch):
     first block of -1, indices >= n and < -1) over FP8 pools, partial head tiles."""
     a = _random_case(300, H, 512, 640, 200, 512, 77, seed=H, device="cuda",
                      dtype=torch.bfloat16)
-    out, lse = _both_fp8_kernels(_fp8_pools(a), monkeypatch)
+    out, lse = both_fp8_kernels(_check_kernel, _fp8_pools(a), monkeypatch)
     assert (lse[3::7] == math.inf).all()                             # all-invalid rows
 
 
@@ -454,7 +440,7 @@ def test_cuda_fp8_many_tokens_grid_limit(monkeypatch):
     """70,000 query tokens (> 65535: grid.x only) over FP8 pools, both kernels."""
     a = _random_case(70000, 1, 512, 640, 24, 128, 8, seed=11, device="cuda",
                      dtype=torch.bfloat16, sink_inf=False)
-    _both_fp8_kernels(_fp8_pools(a), monkeypatch, out_variants=(False,))
+    both_fp8_kernels(_check_kernel, _fp8_pools(a), monkeypatch, out_variants=(False,))
 
 
 @pytest.mark.cuda

@@ -18,7 +18,7 @@ import dsv4.layers.attention as attention
 from dsv4.generate import generate as reference_generate
 from dsv4.runtime import Engine, EngineStepError, SamplingParams
 
-V = 129280
+from _runtime_common import V, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _prompts(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
-
-
 def _engine(model, **kw):
     args = dict(max_batch=2, max_model_len=96, block_tokens=16, max_num_batched_tokens=23)
     args.update(kw)
@@ -86,7 +81,7 @@ def test_runtime_logits_equal_model_logits(model, path):
     """3 requests, 2 slots (the third joins when the first leaves), budget 23 tokens (prompts
     split in odd chunks, chunks mixed with decode tokens), blocks of 16 tokens taken from a
     pool where the freed blocks of finished requests are reused out of order."""
-    prompts = _prompts(1, [37, 5, 50])
+    prompts = random_prompts([37, 5, 50], seed=1)
     engine = _engine(model)
     params = SamplingParams(max_new_tokens=7, eos_token_id=-1)
     ids, logits = _run_all_logits(engine, prompts, params)
@@ -106,10 +101,10 @@ def test_runtime_logits_equal_model_logits(model, path):
 
 @pytest.mark.filterwarnings("ignore:dsv4. this build's CUDA")
 def test_greedy_tokens_do_not_depend_on_neighbours(model, path):
-    target = _prompts(2, [29])[0]
+    target = random_prompts([29], seed=2)[0]
     params = SamplingParams(max_new_tokens=6, eos_token_id=-1)
     alone = _engine(model).generate([target], params)[0]
-    others = _prompts(3, [3, 41, 17])
+    others = random_prompts([3, 41, 17], seed=3)
     crowd = _engine(model, max_batch=3, max_num_batched_tokens=16).generate(
         others[:1] + [target] + others[1:], params)
     assert crowd[1] == alone
@@ -117,12 +112,12 @@ def test_greedy_tokens_do_not_depend_on_neighbours(model, path):
 
 
 def test_seeded_sampling_is_per_request_and_matches_the_reference_loop(model):
-    p = _prompts(4, [12])[0]
+    p = random_prompts([12], seed=4)[0]
     sp = SamplingParams(max_new_tokens=5, temperature=0.8, top_k=50, top_p=0.9, seed=123,
                         eos_token_id=-1)
     alone = _engine(model).generate([p], sp)[0]
     mixed = _engine(model, max_batch=3).generate(
-        [_prompts(5, [9])[0], p, p],
+        [random_prompts([9], seed=5)[0], p, p],
         [SamplingParams(max_new_tokens=5, temperature=1.0, seed=7, eos_token_id=-1), sp,
          SamplingParams(max_new_tokens=5, eos_token_id=-1)])
     assert mixed[1] == alone
@@ -132,7 +127,7 @@ def test_seeded_sampling_is_per_request_and_matches_the_reference_loop(model):
 
 
 def test_stop_conditions_and_abort(model):
-    p = _prompts(6, [10])[0]
+    p = random_prompts([10], seed=6)[0]
     greedy = _engine(model).generate([p], SamplingParams(max_new_tokens=4, eos_token_id=-1))[0]
     e = _engine(model)
     a = e.add_request(p, SamplingParams(max_new_tokens=4, eos_token_id=greedy[2]))
@@ -150,7 +145,7 @@ def test_stop_conditions_and_abort(model):
 
 def test_admission_errors_leave_the_batch_alone(model):
     e = _engine(model, num_blocks=4)            # 4 blocks of 16 tokens
-    p = _prompts(7, [20])[0]
+    p = random_prompts([20], seed=7)[0]
     rid = e.add_request(p, SamplingParams(max_new_tokens=3, eos_token_id=-1))
     e.step()
     with pytest.raises(ValueError, match="exceeds max_model_len 96"):
@@ -179,7 +174,7 @@ def test_exception_in_a_layer_fails_only_that_steps_requests(model, layer, overl
     loop the prefill is still in flight when the failing step is launched: its outputs
     (discarded: their requests failed) do not come back."""
     e = _engine(model, max_batch=2, overlap=overlap)
-    p = _prompts(8, [11, 13, 9])
+    p = random_prompts([11, 13, 9], seed=8)
     params = SamplingParams(max_new_tokens=3, eos_token_id=-1)
     a, b = e.add_request(p[0], params), e.add_request(p[1], params)
     first = e.step()
@@ -233,7 +228,7 @@ def test_bf16_kernel_path_decode_matches_the_reference_path(model, monkeypatch):
     m16 = dsv4.Model(model.config).eval()
     m16.load_state_dict(model.state_dict())
     m16 = m16.to(torch.bfloat16)
-    prompts = _prompts(9, [21, 6])
+    prompts = random_prompts([21, 6], seed=9)
     params = SamplingParams(max_new_tokens=5, eos_token_id=-1)
     got = {}
     for path in ("reference", "kernels"):
@@ -256,7 +251,7 @@ def test_fp8_indexer_keys_change_nothing_under_quant_sim(route, monkeypatch):
     m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=True)).eval().to(torch.bfloat16)
     if route == "kernels":
         monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
-    prompts = _prompts(10, [45, 9])
+    prompts = random_prompts([45, 9], seed=10)
     params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
     out = {}
     for fmt in ("bf16", "fp8"):
@@ -289,7 +284,7 @@ def test_fp8_kv_cache_changes_nothing_under_quant_sim(model512, route, monkeypat
     Also with FP8 indexer keys on top (both FP8 stores of the release)."""
     if route == "kernels":
         monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
-    prompts = _prompts(11, [37, 5, 30])
+    prompts = random_prompts([37, 5, 30], seed=11)
     params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
     out = {}
     for kv, idx in (("bf16", "bf16"), ("fp8", "bf16"), ("fp8", "fp8")):
@@ -316,7 +311,7 @@ def test_fp8_kv_cache_kernel_path_matches_reference_path():
     torch.manual_seed(0)
     m = dsv4.Model(dsv4.ModelConfig.tiny(head_dim=512, quant_sim=False)).eval()
     m = m.to(torch.bfloat16)
-    prompts = _prompts(12, [40, 19])
+    prompts = random_prompts([40, 19], seed=12)
     params = SamplingParams(max_new_tokens=1, eos_token_id=-1)
     got = {}
     for route in ("reference", "kernels"):
@@ -346,7 +341,7 @@ def test_fp8_kv_cache_through_preemption(model512, monkeypatch):
         return real(self, req)
 
     monkeypatch.setattr(Scheduler, "_preempt", spy)
-    prompts = _prompts(13, [16, 30])
+    prompts = random_prompts([16, 30], seed=13)
     params = SamplingParams(max_new_tokens=4, eos_token_id=-1)
     short = dict(max_model_len=48, num_blocks=3, max_num_batched_tokens=64)
     tokens = {}
@@ -412,7 +407,7 @@ def test_fp8_kernel_path_arguments_meet_the_cuda_glue(model512, monkeypatch):
     monkeypatch.setattr(attention, "_dsv4", glue)
     import dsv4.layers.compressor as compressor
     monkeypatch.setattr(compressor, "_dsv4", glue)
-    _engine(model512, kv_cache="fp8").generate(_prompts(14, [21, 3]),
+    _engine(model512, kv_cache="fp8").generate(random_prompts([21, 3], seed=14),
                                                 SamplingParams(max_new_tokens=3, eos_token_id=-1))
     names = {n for n, k in glue.seen if k}
     assert {"sparse_attn", "hca_attn", "kv_norm_rope", "compress_kv"} <= names

@@ -4,8 +4,6 @@ a decode step, graph replay equal to eager."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -13,18 +11,9 @@ from torch import nn
 import dsv4
 from dsv4.runtime import Engine, SamplingParams
 
+from _runtime_common import V, no_host_sync, random_prompts
+
 pytestmark = pytest.mark.cuda
-V = 129280
-
-
-@contextlib.contextmanager
-def _no_host_sync():
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
 
 
 def _models(quant_sim=False, seed=0):
@@ -33,11 +22,6 @@ def _models(quant_sim=False, seed=0):
     m16 = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=quant_sim)).eval()
     m16.load_state_dict(m32.state_dict())
     return m32, m16.to("cuda", torch.bfloat16)
-
-
-def _prompts(lens, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
 
 
 def _collect(engine, prompts, new_tokens):
@@ -87,7 +71,7 @@ def test_engine_bf16_as_accurate_as_the_bf16_reference(quant_sim):
     token sequences (error <= 2x; FlashAttention's rule at model level)."""
     m32, m16 = _models(quant_sim)
     engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96)
-    runs = _collect(engine, _prompts([200, 77, 5]), 24)   # decode: graphs where capturable
+    runs = _collect(engine, random_prompts([200, 77, 5]), 24)   # decode: graphs where capturable
     _assert_as_accurate_as_the_bf16_reference(runs, m32, m16)
 
 
@@ -123,7 +107,7 @@ def _sync_free_decode_steps(engine, n=4):
     eager = engine.runner.stats["eager_steps"]
     outs = []
     for _ in range(n):
-        with _no_host_sync():
+        with no_host_sync():
             outs += engine.step()
     assert engine.runner.stats["eager_steps"] == eager      # every one a graph replay
     return outs
@@ -138,7 +122,7 @@ def test_runtime_decode_step_is_sync_free_and_captured(monkeypatch, overlap):
     for blk in m16.layers:
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
     engine = _graph_engine(m16, overlap=overlap)
-    _to_decode(engine, _prompts([33, 70, 5]))
+    _to_decode(engine, random_prompts([33, 70, 5]))
     engine.step()                       # the first decode step captures the bucket-4 graph
     engine.step()
     outs = _sync_free_decode_steps(engine)
@@ -153,7 +137,7 @@ def test_full_model_decode_step_is_sync_free(overlap):
     greedy and seeded (the official sampler) rows."""
     _, m16 = _models()
     engine = _graph_engine(m16, overlap=overlap)
-    for i, p in enumerate(_prompts([33, 70, 5])):
+    for i, p in enumerate(random_prompts([33, 70, 5])):
         engine.add_request(p, SamplingParams(max_new_tokens=40, eos_token_id=-1,
                                              temperature=0.0 if i else 0.7, top_p=0.9,
                                              top_k=20, seed=i))
@@ -172,7 +156,7 @@ def test_graph_replay_equals_eager(monkeypatch):
     _, m16 = _models()
     for blk in m16.layers:
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
-    prompts = _prompts([33, 70, 5], seed=4)
+    prompts = random_prompts([33, 70, 5], seed=4)
     logits = []
     for graphs in (True, False):      # the synchronous loop: no step in flight before it
         engine = _graph_engine(m16, cuda_graphs=graphs, overlap=False)
@@ -189,7 +173,7 @@ def test_generate_cli_path_on_cuda():
     of tokens and a separate prefill time."""
     from dsv4.runtime import generate
     _, m16 = _models()
-    res = generate(m16, _prompts([40])[0], 12, eos_id=None)
+    res = generate(m16, random_prompts([40])[0], 12, eos_id=None)
     assert len(res.token_ids) == 12 and res.finish_reason == "length"
     assert 0 < res.prefill_seconds < res.seconds
 
@@ -203,7 +187,7 @@ def test_fp8_indexer_keys_on_cuda():
     for fmt in ("bf16", "fp8"):
         engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
                         indexer_cache=fmt)
-        out[fmt] = _collect(engine, _prompts([150, 40], seed=6), 8)
+        out[fmt] = _collect(engine, random_prompts([150, 40], seed=6), 8)
     for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
         assert sa == sb
         assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
@@ -246,7 +230,7 @@ def test_fp8_kv_cache_on_cuda(heads, monkeypatch):
         engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
                         kv_cache=fmt)
         assert (engine.cache.layers[1].window.dtype == torch.uint8) == (fmt == "fp8")
-        out[fmt] = _collect(engine, _prompts([150, 40], seed=6), 8)
+        out[fmt] = _collect(engine, random_prompts([150, 40], seed=6), 8)
     for (sa, la), (sb, lb) in zip(out["fp8"], out["bf16"]):
         assert sa == sb
         assert (la - lb).abs().max() <= 1e-3 * lb.abs().max()
@@ -275,7 +259,7 @@ def test_fp8_kv_cache_as_accurate_as_the_bf16_reference():
     m32, m16 = _models512(quant_sim=True, heads=64)
     engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
                     kv_cache="fp8", indexer_cache="fp8")
-    runs = _collect(engine, _prompts([200, 77, 5]), 16)
+    runs = _collect(engine, random_prompts([200, 77, 5]), 16)
     _assert_as_accurate_as_the_bf16_reference(runs, m32, m16)
 
 
@@ -288,7 +272,7 @@ def test_fp8_kv_decode_step_is_sync_free_and_captured(monkeypatch):
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
     engine = _graph_engine(m16, kv_cache="fp8")
     assert engine.overlap                   # the default on CUDA
-    _to_decode(engine, _prompts([33, 70, 5]))
+    _to_decode(engine, random_prompts([33, 70, 5]))
     engine.step()
     engine.step()
     _sync_free_decode_steps(engine)

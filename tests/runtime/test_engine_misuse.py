@@ -11,7 +11,7 @@ import dsv4
 from dsv4.runtime import Engine, SamplingParams
 from dsv4.runtime.request import Status
 
-V = 129280
+from _runtime_common import V
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from dsv4.runtime.request import Request
 from dsv4.runtime.sampler import (draws_in_graph, sample_greedy, sample_rows, sample_seeded,
                                   sample_temperature)
 
-V = 129280
+from _runtime_common import drive, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,6 @@ def kernel_glue(monkeypatch):
     monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
 
 
-def _prompts(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
-
-
 def _engine(model, overlap, graphs, **kw):
     args = dict(max_batch=2, max_model_len=96, block_tokens=16, max_num_batched_tokens=23)
     args.update(kw)
@@ -55,20 +50,6 @@ def _engine(model, overlap, graphs, **kw):
     return e
 
 
-def _drive(engine, prompts, params):
-    """Every request's outputs, in order: (new tokens, finished, reason, all tokens so far)."""
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    seen = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            seen[o.request_id].append((tuple(o.new_token_ids), o.finished, o.finish_reason,
-                                       tuple(o.token_ids)))
-    assert not engine.requests and engine._inflight is None
-    assert engine.cache.num_free_slots == engine.max_batch
-    assert engine.cache.blocks.num_free == engine.cache.num_blocks
-    return [seen[rid] for rid in ids]
-
-
 @pytest.mark.parametrize("overlap", [False, True])
 def test_graph_step_gives_the_eager_loops_outputs(model, overlap):
     """Four requests through two slots (joins and leaves), greedy and seeded (top-k / top-p),
@@ -76,7 +57,7 @@ def test_graph_step_gives_the_eager_loops_outputs(model, overlap):
     16-token block boundary: the outputs of the graph path (either loop) are those of the
     eager synchronous loop; most decode steps upload nothing (their metadata advanced on the
     device), and an upload follows each change of the rows."""
-    prompts = _prompts(1, [12, 5, 9, 7])
+    prompts = random_prompts([12, 5, 9, 7], seed=1)
     greedy = _engine(model, False, False).generate(
         [prompts[0], prompts[2]], SamplingParams(max_new_tokens=8, eos_token_id=-1))
     params = [SamplingParams(max_new_tokens=10, eos_token_id=greedy[0][6]),   # EOS at 7
@@ -84,10 +65,10 @@ def test_graph_step_gives_the_eager_loops_outputs(model, overlap):
                              eos_token_id=-1),
               SamplingParams(max_new_tokens=8, eos_token_id=-1, stop_token_ids=(greedy[1][4],)),
               SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, eos_token_id=-1)]
-    want = _drive(_engine(model, False, False), prompts, params)
+    want = drive(_engine(model, False, False), prompts, params)[0]
     assert [o[-1][2] for o in want] == ["eos", "length", "stop", "length"]
     e = _engine(model, overlap, True)
-    got = _drive(e, prompts, params)
+    got = drive(e, prompts, params)[0]
     assert got == want
     st = e.runner.stats
     assert st["graph_steps"] >= 12 and 2 <= st["uploads"] < st["graph_steps"] // 2, st
@@ -100,7 +81,7 @@ def test_steady_decode_is_one_replay_without_packing(model, monkeypatch):
     nothing until a request crosses into a new block (then exactly one upload), and each step
     runs the captured body once."""
     e = _engine(model, True, True, max_model_len=64)
-    for p in _prompts(2, [10, 11]):
+    for p in random_prompts([10, 11], seed=2):
         e.add_request(p, SamplingParams(max_new_tokens=30, eos_token_id=-1))
     for _ in range(3):
         e.step()                            # the prefills, the first (uploading) graph step
@@ -135,7 +116,7 @@ def test_host_ops_outside_the_graph(model):
     body (the copy of the sampled ids to the host and the views of it; the emulation's own
     copy of the logits), whatever the batch: no packing, no gather, no sampling launches."""
     e = _engine(model, True, True, max_batch=4, max_model_len=64)
-    for p in _prompts(3, [6, 7, 8, 9]):
+    for p in random_prompts([6, 7, 8, 9], seed=3):
         e.add_request(p, SamplingParams(max_new_tokens=20, eos_token_id=-1))
     for _ in range(4):
         e.step()

@@ -7,40 +7,19 @@ sync-free."""
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import dsv4
 from dsv4.generate import sample
 from dsv4.runtime import Engine, SamplingParams
 from dsv4.runtime.runner import _copy_generator
 from dsv4.runtime.sampler import sample_temperature
 
+from _runtime_common import V, no_host_sync, random_prompts, tiny_cuda_model
+
 pytestmark = pytest.mark.cuda
-V = 129280
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return dsv4.Model(dsv4.ModelConfig.tiny()).eval().to("cuda", torch.bfloat16)
-
-
-def _prompts(lens, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
-
-
-@contextlib.contextmanager
-def _no_host_sync():
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
 
 
 def _params():
@@ -68,8 +47,8 @@ def test_captured_step_gives_the_eager_bodys_tokens(overlap):
     """Four requests through two slots, greedy and seeded: the CUDA graph (its metadata
     advanced inside the graph between uploads) gives the tokens of the same step body run
     eagerly on the same buffers (emulate_graphs), for either loop."""
-    m = _model()
-    prompts = _prompts([40, 7, 23, 12])
+    m = tiny_cuda_model()
+    prompts = random_prompts([40, 7, 23, 12])
     ref = _generate(m, prompts, True, False)
     if ref != _generate(m, prompts, True, False):
         pytest.skip("the GPU path is not run-to-run deterministic here")
@@ -81,9 +60,9 @@ def test_steady_step_is_one_graph_launch_and_one_copy():
     cudaGraphLaunch, one memcpy (the sampled ids to the host; no metadata upload) and at most
     3 kernel launches outside the graph (torch's RNG bookkeeping at replay), where the step
     before this branch launched ~15 (gather, sampler, casts) plus two copies."""
-    m = _model()
+    m = tiny_cuda_model()
     e = Engine(m, max_batch=4, max_model_len=256, max_num_batched_tokens=256)
-    for p in _prompts([20, 21, 22, 23], seed=5):
+    for p in random_prompts([20, 21, 22, 23], seed=5):
         e.add_request(p, SamplingParams(max_new_tokens=60, eos_token_id=-1))
     for _ in range(6):
         e.step()
@@ -109,16 +88,16 @@ def test_joins_and_leaves_are_sync_free():
     """Whole engine steps under set_sync_debug_mode("error") while a request leaves (an
     upload), with seeded rows drawn outside the graph: no host sync; then a request joins
     and every request completes."""
-    m = _model()
+    m = tiny_cuda_model()
     e = Engine(m, max_batch=4, max_model_len=256, max_num_batched_tokens=256)
-    ps = _prompts([9, 10, 11, 12, 13], seed=7)
+    ps = random_prompts([9, 10, 11, 12, 13], seed=7)
     for i, p in enumerate(ps[:4]):
         e.add_request(p, SamplingParams(max_new_tokens=6 + 10 * i, eos_token_id=-1,
                                         temperature=0.9 if i % 2 else 0.0, seed=i))
     for _ in range(4):
         e.step()                            # prefill, capture
     up = e.runner.stats["uploads"]
-    with _no_host_sync():
+    with no_host_sync():
         for _ in range(5):
             e.step()
     # the first request leaves at max_new_tokens (the others stay in bucket 4): an upload

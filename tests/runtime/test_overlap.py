@@ -18,7 +18,7 @@ import dsv4
 import dsv4.layers.attention as attention
 from dsv4.runtime import Engine, EngineStepError, SamplingParams
 
-V = 129280
+from _runtime_common import drive, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,6 @@ def path(request, monkeypatch):
     if request.param == "kernels":
         monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
     return request.param
-
-
-def _prompts(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
 
 
 def _engine(model, overlap, **kw):
@@ -67,18 +62,8 @@ def _drive(engine, prompts, params):
     """Add every request, step until done; per request the list of its outputs
     (new tokens, finished, reason), the number of step() calls, and the token counts fed."""
     fed = _Fed(engine)
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    seen = {rid: [] for rid in ids}
-    calls = 0
-    while engine.has_unfinished():
-        calls += 1
-        for o in engine.step():
-            seen[o.request_id].append((tuple(o.new_token_ids), o.finished, o.finish_reason,
-                                       tuple(o.token_ids)))
-    assert not engine.requests and engine._inflight is None
-    assert engine.cache.num_free_slots == engine.max_batch
-    assert engine.cache.blocks.num_free == engine.cache.num_blocks
-    return [seen[rid] for rid in ids], calls, [fed.tokens[rid] for rid in ids]
+    outs, ids, calls = drive(engine, prompts, params)
+    return outs, calls, [fed.tokens[rid] for rid in ids]
 
 
 def _mixed_params(greedy_tokens):
@@ -98,7 +83,7 @@ def test_overlap_gives_the_synchronous_loops_outputs(model, path):
     23-token budget beside decode rows: each request's outputs, step by step, are those of the
     synchronous loop. The overlapped loop feeds exactly the same tokens, plus one row for each
     request that stopped on a token read late (EOS, a stop token); none after max_new_tokens."""
-    prompts = _prompts(1, [29, 3, 41, 17, 9])
+    prompts = random_prompts([29, 3, 41, 17, 9], seed=1)
     greedy = _engine(model, False).generate(
         [prompts[0], prompts[2]], SamplingParams(max_new_tokens=6, eos_token_id=-1))
     params = _mixed_params(greedy)
@@ -115,7 +100,7 @@ def test_overlap_gives_the_synchronous_loops_outputs(model, path):
 def test_outputs_come_one_call_late(model):
     """The first call launches the prompt and returns nothing; each later call returns the
     step before it; the last call launches nothing and returns the last token."""
-    p = _prompts(2, [12])[0]
+    p = random_prompts([12], seed=2)[0]
     sp = SamplingParams(max_new_tokens=3, eos_token_id=-1)
     want = _engine(model, False).generate([p], sp)[0]
     e = _engine(model, True)
@@ -142,7 +127,7 @@ def test_slot_reused_after_a_late_eos_row(model):
     """One slot: A stops on EOS, which the overlapped loop reads one step late, so A is fed one
     more token (written to A's window ring, compressor state and blocks); B then takes the
     slot and the blocks: B's tokens are those of B alone in a fresh engine."""
-    pa, pb = _prompts(3, [19, 26])
+    pa, pb = random_prompts([19, 26], seed=3)
     greedy = _engine(model, False).generate([pa], SamplingParams(max_new_tokens=5,
                                                                  eos_token_id=-1))[0]
     pa_params = SamplingParams(max_new_tokens=8, eos_token_id=greedy[2])
@@ -157,7 +142,7 @@ def test_slot_reused_after_a_late_eos_row(model):
 def test_preemption_under_overlap(model, monkeypatch):
     """A pool too small for both requests: the younger is preempted (possibly with a token
     still on the device) and recomputed; both get the synchronous loop's tokens."""
-    prompts = _prompts(4, [30, 28])
+    prompts = random_prompts([30, 28], seed=4)
     sp = [SamplingParams(max_new_tokens=8, eos_token_id=-1),
           SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, eos_token_id=-1)]
     res = {}
@@ -179,7 +164,7 @@ def test_preemption_under_overlap(model, monkeypatch):
 def test_abort_with_a_step_in_flight(model):
     """Aborting a request whose token is still on the device frees its slot and blocks at
     once; the step in flight completes without an output for it; the engine is reusable."""
-    p, q = _prompts(5, [14, 11])
+    p, q = random_prompts([14, 11], seed=5)
     sp = SamplingParams(max_new_tokens=6, eos_token_id=-1)
     e = _engine(model, True)
     a = e.add_request(p, sp)
@@ -194,7 +179,7 @@ def test_abort_with_a_step_in_flight(model):
 def test_logits_request_completes_the_step_in_flight_first(model):
     """step(logits="sampled") with a step in flight: that step's outputs (no logits) come
     first, then this step's with its logits, which equal the synchronous loop's."""
-    p = _prompts(7, [15])[0]
+    p = random_prompts([15], seed=7)[0]
     sp = SamplingParams(max_new_tokens=5, eos_token_id=-1)
     ref = _engine(model, False)
     ref.add_request(p, sp)
@@ -212,7 +197,7 @@ def test_logits_request_completes_the_step_in_flight_first(model):
 
 def test_a_device_token_without_a_step_in_flight_is_refused(model):
     e = _engine(model, True)
-    rid = e.add_request(_prompts(8, [6])[0], SamplingParams(max_new_tokens=4,
+    rid = e.add_request(random_prompts([6], seed=8)[0], SamplingParams(max_new_tokens=4,
                                                             eos_token_id=-1))
     e.step()
     rows = e.scheduler.schedule()
@@ -231,7 +216,7 @@ def test_held_outputs_survive_a_second_failed_step(model, monkeypatch):
     later call even when the next call fails too: c's last token (max_new_tokens=1), read
     while a's decode step failed, is not lost when d's prefill then fails."""
     e = _engine(model, True)
-    p = _prompts(9, [10, 12, 8])
+    p = random_prompts([10, 12, 8], seed=9)
     one = SamplingParams(max_new_tokens=1, eos_token_id=-1)
     a = e.add_request(p[0], SamplingParams(max_new_tokens=4, eos_token_id=-1))
     c = e.add_request(p[1], one)

@@ -14,21 +14,11 @@ import time
 import pytest
 import torch
 
-import dsv4
 from dsv4.runtime import Engine, SamplingParams
 
+from _runtime_common import random_prompts, tiny_cuda_model
+
 pytestmark = pytest.mark.cuda
-V = 129280
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return dsv4.Model(dsv4.ModelConfig.tiny()).eval().to("cuda", torch.bfloat16)
-
-
-def _prompts(lens, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
 
 
 def _deterministic(first, again):
@@ -55,8 +45,8 @@ def test_overlap_is_the_cuda_default_and_gives_the_synchronous_tokens():
     """Four requests through two slots (joins and leaves; a 100-token prompt chunked beside
     decode rows), greedy and seeded (top-k / top-p): the same tokens with and without the
     overlapped loop, decode from CUDA graphs in both."""
-    m = _model()
-    prompts = _prompts([100, 7, 33, 18])
+    m = tiny_cuda_model()
+    prompts = random_prompts([100, 7, 33, 18])
     params = [SamplingParams(max_new_tokens=12, eos_token_id=-1),
               SamplingParams(max_new_tokens=9, temperature=0.8, top_k=40, top_p=0.9, seed=3,
                              eos_token_id=-1),
@@ -75,8 +65,8 @@ def test_overlap_is_the_cuda_default_and_gives_the_synchronous_tokens():
 def test_slot_reused_after_a_late_eos_row_on_cuda():
     """One slot: A stops on EOS, read one step late, so A's cache got one more token; B then
     takes the slot and blocks and gets the tokens it gets alone."""
-    m = _model()
-    pa, pb = _prompts([40, 25], seed=2)
+    m = tiny_cuda_model()
+    pa, pb = random_prompts([40, 25], seed=2)
     greedy, _ = _run(m, [pa], [SamplingParams(max_new_tokens=6, eos_token_id=-1)],
                      max_batch=1, overlap=False)
     pa_params = SamplingParams(max_new_tokens=10, eos_token_id=greedy[0][3])
@@ -94,9 +84,9 @@ def test_the_host_runs_ahead_of_the_gpu(overlap):
     loop, step() launches its step behind it and returns the previous step's outputs at once
     (its tokens were on the host already), the launched step still pending; the synchronous
     loop waits for its own step, so the call takes the sleep."""
-    m = _model()
+    m = tiny_cuda_model()
     e = Engine(m, max_batch=8, max_model_len=256, max_num_batched_tokens=512, overlap=overlap)
-    for p in _prompts([64] * 8, seed=3):
+    for p in random_prompts([64] * 8, seed=3):
         e.add_request(p, SamplingParams(max_new_tokens=40, eos_token_id=-1))
     for _ in range(6):
         e.step()                            # prefill, graph capture, steady decode
@@ -118,8 +108,8 @@ def test_steps_on_alternating_streams_give_the_synchronous_tokens():
     """step() called on a different CUDA stream each time (a serving loop that hops streams):
     each step waits on the GPU for the step in flight (its sampled ids, the slots it writes),
     so the overlapped loop still gives the synchronous loop's tokens."""
-    m = _model()
-    prompts = _prompts([40, 9, 21])
+    m = tiny_cuda_model()
+    prompts = random_prompts([40, 9, 21])
     params = [SamplingParams(max_new_tokens=10, eos_token_id=-1),
               SamplingParams(max_new_tokens=7, temperature=0.9, top_k=50, seed=5,
                              eos_token_id=-1),

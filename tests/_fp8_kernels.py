@@ -1,0 +1,29 @@
+"""The two kernels that read FP8 (MODEL1) key caches in sparse_attn / hca_attn, for their CUDA
+tests: ``DSV4_SPARSE_FP8=old`` (dequantisation between the GEMMs) and ``=new`` (the
+warp-specialised kernel), read by the op at each call."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
+                                torch.cuda.get_device_capability() != (9, 0),
+                                reason="FP8 caches need sm_90")
+
+
+def both_fp8_kernels(check_kernel: Callable, a: dict, monkeypatch,
+                     out_variants=(False, True)):
+    """Runs ``check_kernel(a, out_variant)`` (the test file's check: fp32 reference, 2x bf16
+    rule, poisoned outputs; returns (out, lse)) for every ``out_variants`` through both FP8
+    kernels, and asserts the two kernels agree bit for bit. Returns the new kernel's first
+    (out, lse)."""
+    res = {}
+    for kernel in ("old", "new"):
+        monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
+        res[kernel] = [check_kernel(a, ov) for ov in out_variants]
+    for (o_old, l_old), (o_new, l_new) in zip(res["old"], res["new"]):
+        assert torch.equal(o_old, o_new) and torch.equal(l_old, l_new)
+    return res["new"][0]
