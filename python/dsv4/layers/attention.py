@@ -100,11 +100,7 @@ class Attention(nn.Module):
         freqs = self.freqs(x.device)
         pos = batch.pos
         kernels = use_kernels(x, self._kernel_ops, self._kernel_unsupported)
-        qa = self.wq_a(x)
-        # q_norm: the rms_norm op on the kernel path (one launch instead of the reference's
-        # eight; same formula, ops/norm.py)
-        qr = _dsv4.rms_norm(qa, self.q_norm.weight, self.q_norm.eps) if kernels \
-            else self.q_norm(qa)
+        qr = self.q_norm(self.wq_a(x), kernel=kernels)   # one rms_norm launch on the kernel path
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         kv = self.wkv(x)
         if kernels:

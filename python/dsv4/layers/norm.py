@@ -20,5 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.weight._dsv4_keep_fp32 = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+        """x: [..., dim] -> same shape and dtype. ``kernel``: through ``torch.ops.dsv4.rms_norm``
+        (one launch; the caller decides, e.g. a layer on its kernel path) instead of the
+        reference; the same formula (architecture.md §10.1)."""
+        if kernel:
+            return torch.ops.dsv4.rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
