@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import weakref
 from typing import Optional
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -416,16 +418,8 @@ def time_attention_decode(model, cache_layers, batch, reps: int = 50) -> dict:
         per_op = {n: seconds([op_fn(n)]) for n in names}
         tree = None
         if "indexer_topk" in names:
-            import os
-            old = os.environ.get("DSV4_INDEXER_TOPK_MERGE")
-            os.environ["DSV4_INDEXER_TOPK_MERGE"] = "tree"
-            try:
+            with mock.patch.dict(os.environ, {"DSV4_INDEXER_TOPK_MERGE": "tree"}):
                 tree = seconds([op_fn("indexer_topk")])
-            finally:
-                if old is None:
-                    del os.environ["DSV4_INDEXER_TOPK_MERGE"]
-                else:
-                    os.environ["DSV4_INDEXER_TOPK_MERGE"] = old
     return {"attention": total, "core": core, "per_layer": per_layer,
             "core_per_layer": core_per_layer, "per_op": per_op, "indexer_tree": tree,
             "kinds": [c.layer_kind(i) for i in range(L)],
