@@ -123,6 +123,26 @@ struct Case {
 
 float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
 
+// Host reference (double accumulation) of one output element: feature f of expert e for the
+// input row xr [k], with the dequantised weights deq [matrices][rows][k]. store: the dot with
+// matrix e; SwiGLU: gate (matrix 2e) and up (2e + 1) rounded to bf16, clamped at 10 (the up
+// also at -10), silu(gate) * up * route weight rw.
+double host_expert_out(const float* xr, const std::vector<float>& deq, int rows, int k, int e,
+                       int f, bool swiglu, float rw) {
+  auto dot = [&](int m) {
+    const float* wr = &deq[(static_cast<size_t>(m) * rows + f) * k];
+    double acc = 0;
+    for (int q = 0; q < k; ++q) acc += static_cast<double>(xr[q]) * wr[q];
+    return acc;
+  };
+  if (!swiglu) return dot(e);
+  double g = bf16_round(dot(2 * e)), u = bf16_round(dot(2 * e + 1));
+  const double L = 10.0;
+  g = std::min(g, L);
+  u = std::max(std::min(u, L), -L);
+  return rw * (g / (1.0 + std::exp(-g)) * u);
+}
+
 struct Routing {
   std::vector<int32_t> offsets, row_ids;  // [E + 1], [pairs]
   std::vector<float> rw;                  // [pairs]
@@ -228,25 +248,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
             a1 = bf16_round(n1);
           }
       }
-      for (int f = 0; f < c.rows; ++f) {
-        auto dot = [&](int m) {
-          const float* wr = &w.deq[(static_cast<size_t>(m) * c.rows + f) * c.k];
-          double acc = 0;
-          for (int q = 0; q < c.k; ++q) acc += static_cast<double>(xr[q]) * wr[q];
-          return acc;
-        };
-        double v;
-        if (swiglu) {
-          double g = bf16_round(dot(2 * e)), u = bf16_round(dot(2 * e + 1));
-          const double L = 10.0;
-          g = std::min(g, L);
-          u = std::max(std::min(u, L), -L);
-          v = rw[p] * (g / (1.0 + std::exp(-g)) * u);
-        } else {
-          v = dot(e);
-        }
-        ref[static_cast<size_t>(p) * out_cols + (dense ? static_cast<int64_t>(e) * c.rows : 0) + f] = v;
-      }
+      for (int f = 0; f < c.rows; ++f)
+        ref[static_cast<size_t>(p) * out_cols + (dense ? static_cast<int64_t>(e) * c.rows : 0) + f] =
+            host_expert_out(xr.data(), w.deq, c.rows, c.k, e, f, swiglu, rw[p]);
     }
   }
 
@@ -370,25 +374,9 @@ bool run_qmma_case(const QCase& c, std::mt19937& rng) {
   for (int e = 0; e < c.E; ++e)
     for (int p = rt.offsets[e]; p < rt.offsets[e + 1]; ++p) {
       const float* xr = &x[static_cast<size_t>(rt.row_ids[p]) * c.k];
-      for (int f = 0; f < c.rows; ++f) {
-        auto dot = [&](int m) {
-          const float* wr = &w.deq[(static_cast<size_t>(m) * c.rows + f) * c.k];
-          double acc = 0;
-          for (int t = 0; t < c.k; ++t) acc += static_cast<double>(xr[t]) * wr[t];
-          return acc;
-        };
-        double v;
-        if (swiglu) {
-          double g = bf16_round(dot(2 * e)), u = bf16_round(dot(2 * e + 1));
-          const double L = 10.0;
-          g = std::min(g, L);
-          u = std::max(std::min(u, L), -L);
-          v = rt.rw[p] * (g / (1.0 + std::exp(-g)) * u);
-        } else {
-          v = dot(e);
-        }
-        ref[static_cast<size_t>(p) * c.rows + f] = v;
-      }
+      for (int f = 0; f < c.rows; ++f)
+        ref[static_cast<size_t>(p) * c.rows + f] =
+            host_expert_out(xr, w.deq, c.rows, c.k, e, f, swiglu, rt.rw[p]);
     }
 
   uint8_t* dw = to_device(w.bytes);
