@@ -247,7 +247,7 @@ def test_bf16_kv_cache_prefill_kernel_as_accurate_as_the_bf16_reference(heads, m
     m32, m16 = _models512(quant_sim=True, heads=heads)
     engine = Engine(m16, max_batch=2, max_model_len=320, max_num_batched_tokens=96,
                     kv_cache="bf16")
-    runs = _collect(engine, _prompts([150, 40], seed=6), 8)
+    runs = _collect(engine, random_prompts([150, 40], seed=6), 8)
     _assert_as_accurate_as_the_bf16_reference(runs, m32, m16)
 
 
