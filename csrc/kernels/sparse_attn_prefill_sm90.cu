@@ -856,8 +856,8 @@ bool sparse_attn_prefill_sm90_takes(const SparseAttnParams& p) {
 
 int sparse_attn_prefill_env() {
   const char* v = std::getenv("DSV4_SPARSE_PREFILL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "old") == 0) return 0;
-  if (std::strcmp(v, "new") == 0) return 1;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "new") == 0) return 1;
+  if (std::strcmp(v, "old") == 0) return 0;
   return -1;
 }
 

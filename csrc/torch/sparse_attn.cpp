@@ -301,11 +301,10 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
     p.workspace = workspace.data_ptr();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  // Unsplit head_dim-512 calls on Hopper take the warp-specialised prefill kernel only with
-  // DSV4_SPARSE_PREFILL=new (read per call, so one process can time both kernels). The default
-  // is the previously verified kernel: the new one has not run on a GPU yet.
+  // Unsplit head_dim-512 calls on Hopper take the warp-specialised prefill kernel unless
+  // DSV4_SPARSE_PREFILL=old (read per call, so one process can time both kernels).
   const int prefill = sparse_attn_prefill_env();
-  TORCH_CHECK(prefill >= 0, op, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: old), got '",
+  TORCH_CHECK(prefill >= 0, op, "DSV4_SPARSE_PREFILL must be 'new' or 'old' (unset: new), got '",
               std::getenv("DSV4_SPARSE_PREFILL"), "'");
   if (prefill == 1 && sparse_attn_prefill_sm90_takes(p))
     C10_CUDA_CHECK(dsv4::sparse_attn_prefill_sm90(p, stream));

@@ -1,9 +1,9 @@
 """torch.ops.dsv4.sparse_attn through the warp-specialised prefill kernel (head_dim 512, sm_90a;
 csrc/kernels/sparse_attn_prefill_sm90.cu), selected per call by DSV4_SPARSE_PREFILL=new|old
-(unset = old: the new kernel passes these tests on an H100 and is faster, but as the default it
-changed the engine's logits in tests/runtime/test_engine_cuda.py::test_fp8_kv_cache_on_cuda
-(2026-12-05), so it stays opt-in until that is found; every test here sets the variable
-explicitly).
+(unset = new, the default; every test here sets the variable explicitly). Its rounding differs
+from the old kernel's (P is rounded to bf16 before P V), so engine tests that compare two cache
+formats bit for bit pin one kernel (tests/runtime/test_engine_cuda.py); its model-level accuracy
+is test_bf16_kv_cache_prefill_kernel_as_accurate_as_the_bf16_reference there.
 
 Every case runs both kernels in one process: each must pass the tolerance rule against the fp32
 reference (error <= 2x that of the reference computed in bf16, inf positions equal, poisoned
@@ -196,7 +196,7 @@ def test_prefill_kernel_is_the_one_that_runs(monkeypatch):
     H = 64
     a = _random_case(_tokens(H, 67), H, D, 300, 128, seed=1, device="cuda", dtype=torch.bfloat16)
     names = {}
-    for mode in ("new", "old", None):    # None: unset, the default (the verified old kernel)
+    for mode in ("new", "old", None):    # None: unset, the default (the new kernel)
         if mode is None:
             monkeypatch.delenv("DSV4_SPARSE_PREFILL", raising=False)
         else:
@@ -211,7 +211,7 @@ def test_prefill_kernel_is_the_one_that_runs(monkeypatch):
         pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI)")
     assert "sparse_attn_prefill_sm90_kernel" in names["new"]
     assert "sparse_attn_prefill_sm90_kernel" not in names["old"]
-    assert "sparse_attn_prefill_sm90_kernel" not in names[None]   # opt-in until verified
+    assert "sparse_attn_prefill_sm90_kernel" in names[None]       # the default
 
 
 def test_prefill_env_switch_rejects_unknown_values(monkeypatch):
