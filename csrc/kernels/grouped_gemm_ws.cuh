@@ -141,7 +141,7 @@ struct WsCfg {
 
 template <class C, int EPI, bool ROPE, int BN>
 __global__ void __launch_bounds__(C::kThreads, 1)
-    grouped_gemm_ws_kernel(const GroupedGemmArgs a) {
+    grouped_gemm_ws_kernel(const GroupedGemmArgs a, bool tb_major) {
 #if !DSV4_GG_WGMMA
   __trap();
 #else
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const uint32_t xoff = base + C::kOffXoff;
     int it = 0;  // steps issued
     for (int u = blockIdx.x; u < total; u += gridDim.x) {
-      const Unit t = find_unit<BN>(a, upre, u);
+      const Unit t = find_unit<BN>(a, upre, u, tb_major);
       const int e = t.e, fb = t.fb, rows_t = t.rows_t;
       const int64_t pt = t.pt;
       // the warp's activation rows 4 pw + q + 16 j (q < 4, j < kBJ): byte offset from x of
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   };
 
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
-    const Unit t = find_unit<BN>(a, upre, u);
+    const Unit t = find_unit<BN>(a, upre, u, tb_major);
     if constexpr (ROPE) {
       // (cos, sin) of -positions[p] * freqs[j] per tile row (as grouped_gemm.cuh); the previous
       // unit's epilogue is done with the region (the consumer_sync that ends it)
@@ -337,7 +337,11 @@ cudaError_t launch_ws_variant(const GroupedGemmArgs& a, int num_sms, cudaStream_
   auto* fn = &grouped_gemm_ws_kernel<C, EPI, ROPE, BN>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
-  fn<<<grid, C::kThreads, C::kSmem, stream>>>(a);
+  // unit order: row tile by row tile where every expert's activation rows outweigh its weights
+  // (the output projection at prefill: concurrent blocks share the activation tile, and the
+  // group's weights stay in L2), feature block by feature block otherwise (routed experts)
+  const bool tb_major = a.expert_offsets == nullptr && a.pairs > n_fb * C::kRowsA;
+  fn<<<grid, C::kThreads, C::kSmem, stream>>>(a, tb_major);
   return cudaGetLastError();
 }
 
