@@ -213,7 +213,7 @@ def run(quick: bool = False) -> list[dict]:
             # bf16 weights: the path it serves), same process, same routing
             if fmt == "bf16" and kind == "prefill":
                 it[0] = 0
-                for tile in (WS_TILES[:1] if quick else WS_TILES):
+                for tile in WS_TILES:
                     cl_us, ws_us, same = mainloop_pair(ours, [hs[0], ys[0]], tile, reps=10)
                     if ws_us is None:
                         continue

@@ -99,7 +99,7 @@ def run(quick: bool = False) -> list[dict]:
             if fmt == "bf16" and T >= 2048:
                 def ours_one():
                     grouped_oproj(o, pos, freqs, w16[0], None, out=out)
-                for tile in (WS_TILES[:1] if quick else WS_TILES):
+                for tile in WS_TILES:
                     cl_us, ws_us, same = mainloop_pair(ours_one, [out], tile, reps=20)
                     if ws_us is None:
                         continue

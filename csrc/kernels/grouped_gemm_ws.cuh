@@ -17,7 +17,8 @@
 //   2, ... across units; step i uses stage i % S. The producer runs ahead across unit
 //   boundaries (the next unit's first stages load during this unit's epilogue).
 //
-// Pipeline protocol (the one of grouped_gemm_qmma.cuh, verified there on the GPU; a barrier's
+// Pipeline protocol (the one of grouped_gemm_qmma.cuh, which passed its tests and memcheck on an
+// H100, with lane-0-per-warp empty arrivals instead of one per thread; a barrier's
 // k-th phase completes on the k-th use of its stage, i.e. for step i = s + k S, and a wait for
 // it passes parity k & 1):
 //   full[s]   expected 128: one cp.async.mbarrier.arrive.noinc per producer thread per step,
@@ -39,6 +40,14 @@
 //   for every step; the 8 consumer warps for every step, exactly once), both sides iterate the
 //   same units x KT steps, and the two sides are never more than S steps apart, so a parity
 //   wait refers to the newest or the next phase.
+// Shared memory (227 KB): S stages of 16 KB (weights) + BN x 128 B (activations), the epilogue
+// tile BN x (2 kFeat + 16) B, the row-offset table, barriers, the unit prefix sum. Stages: BN 128
+// -> 5 (store, RoPE) / 6 (SwiGLU); BN 256 -> 3 (all three; store / RoPE: a 68 KB epilogue
+// tile). Registers (ptxas, sm_90a): 168 at launch; producer code <= 56 after setmaxnreg.dec,
+// consumer code <= 224 after setmaxnreg.inc; no spills except one word around setmaxnreg.
+// Unit order: row tile by row tile (find_unit's tb_major) when every expert's activation rows
+// outweigh its weights (the output projection at prefill), feature block by feature block
+// otherwise.
 // Consumer-owned shared memory (the epilogue tile, overlaid by the per-unit RoPE (cos, sin)
 // table: the table is used during the k loop, the tile after it) is ordered by bar.sync 1, 256
 // among the consumers; the producer's row-offset table is per warp (a warp's rows are its own)
