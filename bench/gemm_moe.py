@@ -103,6 +103,7 @@ def mainloop_pair(fn, outs, tile, reps):
     whether the tensors ``outs`` hold the same bits after one call of each (the two mainloops
     run the same MMAs in the same order); a time is None where the run failed."""
     times, snaps = {}, {}
+    before = os.environ.get("DSV4_GEMM_MAINLOOP")
     for ml in ("classic", "ws"):
         _set_tile(tile)
         os.environ["DSV4_GEMM_MAINLOOP"] = ml
@@ -114,7 +115,10 @@ def mainloop_pair(fn, outs, tile, reps):
         except Exception as ex:  # noqa: BLE001
             print(f"mainloop {ml} tile {tile} failed: {ex}")
         finally:
-            os.environ.pop("DSV4_GEMM_MAINLOOP", None)
+            if before is None:
+                os.environ.pop("DSV4_GEMM_MAINLOOP", None)
+            else:
+                os.environ["DSV4_GEMM_MAINLOOP"] = before
             _set_tile("auto")
     same = None
     if len(snaps) == 2:
