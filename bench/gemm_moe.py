@@ -93,6 +93,40 @@ def _set_tile(tile, pipe="serial"):
     os.environ["DSV4_GEMM_PIPE"] = pipe
 
 
+#: tiles timed with the warp-specialised mainloop (DSV4_GEMM_MAINLOOP=ws: bf16 kLarge / kHuge)
+WS_TILES = ("auto", "large", "huge")
+
+
+def mainloop_pair(fn, outs, tile, reps):
+    """Times ``fn`` with the classic and the warp-specialised mainloop (DSV4_GEMM_MAINLOOP) of
+    ``tile``, back to back in this process. Returns ``(classic_us, ws_us, same)``: ``same`` is
+    whether the tensors ``outs`` hold the same bits after one call of each (the two mainloops
+    run the same MMAs in the same order); a time is None where the run failed."""
+    times, snaps = {}, {}
+    before = os.environ.get("DSV4_GEMM_MAINLOOP")
+    for ml in ("classic", "ws"):
+        _set_tile(tile)
+        os.environ["DSV4_GEMM_MAINLOOP"] = ml
+        try:
+            fn()
+            torch.cuda.synchronize()
+            snaps[ml] = [o.clone() for o in outs]
+            times[ml] = _time_us(fn, reps=reps)
+        except Exception as ex:  # noqa: BLE001
+            print(f"mainloop {ml} tile {tile} failed: {ex}")
+        finally:
+            if before is None:
+                os.environ.pop("DSV4_GEMM_MAINLOOP", None)
+            else:
+                os.environ["DSV4_GEMM_MAINLOOP"] = before
+            _set_tile("auto")
+    same = None
+    if len(snaps) == 2:
+        same = all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+                   for a, b in zip(snaps["classic"], snaps["ws"]))
+    return times.get("classic"), times.get("ws"), same
+
+
 def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return []
@@ -179,6 +213,26 @@ def run(quick: bool = False) -> list[dict]:
                           + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
                           + (f"per-expert loop {loop_us:.0f} us" if loop_us else ""))))
                 print(rows[-1])
+            # the warp-specialised mainloop against the classic one of the same tile (prefill,
+            # bf16 weights: the path it serves), same process, same routing
+            if fmt == "bf16" and kind == "prefill":
+                it[0] = 0
+                for tile in WS_TILES:
+                    cl_us, ws_us, same = mainloop_pair(ours, [hs[0], ys[0]], tile, reps=10)
+                    if ws_us is None:
+                        continue
+                    rows.append(dict(
+                        op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile} mainloop=ws",
+                        time_us=ws_us, tflops=flops / ws_us / 1e6,
+                        pct_flops=100 * flops / ws_us / 1e6 / PEAK_TFLOPS,
+                        gbps=wbytes / ws_us / 1e3,
+                        pct_bw=100 * wbytes / ws_us / 1e3 / (PEAK_TBPS * 1e3),
+                        floor_us=floor_us, ref_time_us=cl_us,
+                        speedup=(cl_us / ws_us) if cl_us else None,
+                        note=(f"baseline = the classic mainloop, tile {tile}, same process; "
+                              f"bit-equal to it: {same}; "
+                              + (f"grouped_mm {base_us:.0f} us" if base_us else ""))))
+                    print(rows[-1])
             # act_quant (quant_sim, FP8 activations): the bf16-MMA path (quantisation simulated,
             # weights dequantised in shared memory) against the FP8 x FP8 path
             # (DSV4_MOE_FP8_MMA=1, FP8 tensor cores), tile auto, in the same process

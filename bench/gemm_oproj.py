@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
+from gemm_moe import (PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, WS_TILES, _set_tile,
+                      _time_us, mainloop_pair)
 
 H, HD, G, R = 64, 512, 8, 1024
 DG = H * HD // G
@@ -93,6 +94,27 @@ def run(quick: bool = False) -> list[dict]:
                          f"({flops / ein_us / 1e6:.0f} TFLOP/s); ratio to floor "
                          f"{t_us / floor_us:.2f}"))
                 print(rows[-1])
+            # the warp-specialised mainloop (bf16 wo_a, prefill) against the classic one of the
+            # same tile, same process; same wo_a (w16[0]) for both, so the bits can be compared
+            if fmt == "bf16" and T >= 2048:
+                def ours_one():
+                    grouped_oproj(o, pos, freqs, w16[0], None, out=out)
+                for tile in WS_TILES:
+                    cl_us, ws_us, same = mainloop_pair(ours_one, [out], tile, reps=20)
+                    if ws_us is None:
+                        continue
+                    rows.append(dict(
+                        op="grouped_oproj", case=f"{fmt} wo_a T={T} tile={tile} mainloop=ws",
+                        time_us=ws_us,
+                        tflops=flops / ws_us / 1e6,
+                        pct_flops=100 * flops / ws_us / 1e6 / PEAK_TFLOPS,
+                        gbps=wbytes / ws_us / 1e3,
+                        pct_bw=100 * wbytes / ws_us / 1e3 / (PEAK_TBPS * 1e3), floor_us=floor_us,
+                        ref_time_us=cl_us, speedup=(cl_us / ws_us) if cl_us else None,
+                        note=f"baseline = the classic mainloop, tile {tile}, same process; "
+                             f"bit-equal to it: {same}; einsum alone {ein_us:.1f} us; ratio to "
+                             f"floor {ws_us / floor_us:.2f}"))
+                    print(rows[-1])
     return rows
 
 

@@ -13,6 +13,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
+#include "grouped_gemm_ws.cuh"
 
 namespace dsv4 {
 namespace {
@@ -160,6 +161,13 @@ __global__ void zero_rows_kernel(uint4* __restrict__ out, int64_t rs16, int64_t 
   }
 }
 
+// The warp-specialised mainloop (GemmMainloop; DSV4_GEMM_MAINLOOP=ws when kAuto).
+bool ws_mainloop(const GroupedGemmArgs& a) {
+  if (a.mainloop != GemmMainloop::kAuto) return a.mainloop == GemmMainloop::kWarpSpecialized;
+  const char* v = std::getenv("DSV4_GEMM_MAINLOOP");
+  return v != nullptr && !std::strcmp(v, "ws");
+}
+
 int device_sms() {
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 132;
@@ -206,6 +214,9 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
   }
   const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
   if (a.x_scale != nullptr) return gg::launch_qmma(a, tile, sms, stream);
+  if (a.w_format == GemmWeightFormat::kBF16 &&
+      (tile == GemmTile::kLarge || tile == GemmTile::kHuge) && ws_mainloop(a))
+    return gg::launch_ws_bf16(a, tile, sms, stream);
   switch (a.w_format) {
     case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, overlap, sms, stream);
     case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, overlap, sms, stream);

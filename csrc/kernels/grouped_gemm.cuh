@@ -301,9 +301,13 @@ struct Unit {
   int rows_t;   // rows of the tile, 1 .. BN
 };
 
-// Unit u (< upre[E]) of the walk.
+// Unit u (< upre[E]) of the walk. Within an expert: feature block by feature block (the
+// expert's row tiles of one feature block are consecutive units), or with tb_major row tile by
+// row tile (the feature blocks of one row tile are consecutive: concurrent blocks then share
+// the activation tile, for problems whose activations outweigh their weights).
 template <int BN>
-__device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* upre, int u) {
+__device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* upre, int u,
+                                          bool tb_major = false) {
   int lo = 0, hi = a.n_experts;  // upre[lo] <= u < upre[hi]
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
@@ -315,8 +319,9 @@ __device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* u
   const int64_t cnt = expert_rows(a, lo, &p0);
   const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
   const int local = u - upre[lo];
-  t.fb = local / n_tb;
-  const int tb = local % n_tb;
+  const int n_fb = (upre[lo + 1] - upre[lo]) / n_tb;  // u < upre[E]: expert lo has units
+  t.fb = tb_major ? local % n_fb : local / n_tb;
+  const int tb = tb_major ? local / n_fb : local % n_tb;
   t.pt = p0 + static_cast<int64_t>(tb) * BN;
   const int64_t left = cnt - static_cast<int64_t>(tb) * BN;
   t.rows_t = static_cast<int>(left < BN ? left : BN);

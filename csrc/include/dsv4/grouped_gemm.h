@@ -46,6 +46,12 @@ enum class GemmTile : int32_t {
 
 enum class GemmPipeline : int32_t { kAuto = 0, kSerial = 1, kOverlap = 2 };
 
+// Mainloop of the bf16-weight tensor-core tiles (kLarge, kHuge): every thread loads and issues
+// MMAs with one barrier per k step (kClassic, grouped_gemm.cuh), or a producer warpgroup fills
+// an mbarrier ring for two consumer warpgroups (kWarpSpecialized, grouped_gemm_ws.cuh). kAuto:
+// DSV4_GEMM_MAINLOOP (classic | ws), else classic. Other formats and tiles: classic.
+enum class GemmMainloop : int32_t { kAuto = 0, kClassic = 1, kWarpSpecialized = 2 };
+
 struct GroupedGemmArgs {
   // Weights. All strides in BYTES. Row r of matrix m of expert e starts at
   //   w + e * w_expert_stride + m * w_mat_stride + r * w_row_stride.
@@ -105,6 +111,7 @@ struct GroupedGemmArgs {
   // before the next barrier (kSerial) or stay in flight across it (kOverlap: one stage less of
   // prefetch). kAuto: DSV4_GEMM_PIPE (serial | overlap), else serial.
   GemmPipeline pipeline = GemmPipeline::kAuto;
+  GemmMainloop mainloop = GemmMainloop::kAuto;
   int32_t num_sms = 0;  // 0: read from the current device
 };
 
