@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
+from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, _set_tile, _time_us, add_skinny_fields, variants
 
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096),
           ("wo_b", 4096, 8192), ("shared w1", 2048, 4096), ("shared w2", 4096, 2048)]
@@ -62,10 +62,14 @@ def run(quick: bool = False) -> list[dict]:
 
             deq_us = _time_us(dequant_cublas, reps=10)
             cublas_us = _time_us(lambda: torch.nn.functional.linear(x, w16), reps=20)
-            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+            times = {}
+            for tile, pipe in variants(quick, M <= 64):
                 _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
+                    t_us = _time_us(ours, reps=20 if tile in ("auto", "decode", "skinny",
+                                                              "auto_skinny") else 7)
+                    if pipe == "serial":
+                        times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001
                     print(f"gemm_linear: {name} M={M} tile {tile}/{pipe} failed: {ex}")
                     continue
@@ -80,6 +84,7 @@ def run(quick: bool = False) -> list[dict]:
                     ref_time_us=deq_us, speedup=deq_us / t_us,
                     note=f"dequant+cuBLAS {deq_us:.1f} us; cuBLAS on resident bf16 "
                          f"{cublas_us:.1f} us"))
+                add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
         del qs, ss, w16
         torch.cuda.empty_cache()

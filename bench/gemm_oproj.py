@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
+from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, _set_tile, _time_us, add_skinny_fields, variants
 
 H, HD, G, R = 64, 512, 8, 1024
 DG = H * HD // G
@@ -73,10 +73,14 @@ def run(quick: bool = False) -> list[dict]:
 
             ref_us = _time_us(layer_formula, reps=20)
             ein_us = _time_us(einsum_only, reps=20)
-            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+            times = {}
+            for tile, pipe in variants(quick, T <= 64):
                 _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
+                    t_us = _time_us(ours, reps=20 if tile in ("auto", "decode", "skinny",
+                                                              "auto_skinny") else 7)
+                    if pipe == "serial":
+                        times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001
                     print(f"gemm_oproj: {fmt} T={T} tile {tile}/{pipe} failed: {ex}")
                     continue
@@ -92,6 +96,7 @@ def run(quick: bool = False) -> list[dict]:
                     note=f"apply_rope+einsum {ref_us:.1f} us; einsum alone {ein_us:.1f} us "
                          f"({flops / ein_us / 1e6:.0f} TFLOP/s); ratio to floor "
                          f"{t_us / floor_us:.2f}"))
+                add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
     return rows
 

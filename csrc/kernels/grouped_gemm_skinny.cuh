@@ -343,10 +343,15 @@ cudaError_t launch_rt(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream
   if (units > INT_MAX) return cudaErrorInvalidValue;
   if (units == 0) return cudaSuccess;
   auto* fn = &skinny_kernel<FMT, EPI, ROPE, RT>;
-  int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  if (per_sm < 1) per_sm = 1;
+  // resident CTAs per SM (registers decide: 2 at <= 128 per thread, else 1), asked once
+  static const int per_sm = [fn] {
+    int v = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, fn, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      v = 1;
+    }
+    return v < 1 ? 1 : v;
+  }();
   const int64_t resident = static_cast<int64_t>(num_sms) * per_sm;
   const int grid = static_cast<int>(units < resident ? units : resident);
   fn<<<grid, kThreads, 0, stream>>>(a, wg);
