@@ -93,7 +93,7 @@ def variants(quick: bool, decode: bool) -> list[tuple[str, str]]:
     """The (tile, pipeline) variants of a case. Decode-size cases (a few rows per weight
     matrix) add the 16-row tensor-core tile (the baseline of the skinny tile, when quick) and
     the skinny tile (weight stream on CUDA cores), forced, and "auto_skinny": kAuto with
-    DSV4_GEMM_SKINNY=1 (what its rule picks: equal to one of the two)."""
+    DSV4_GEMM_SKINNY=1 (its rule: dense pairs <= 2, MoE pairs <= E)."""
     v = list(QUICK_VARIANTS if quick else VARIANTS)
     if decode:
         if ("decode", "serial") not in v:

@@ -168,14 +168,16 @@ int device_sms() {
   return sms > 0 ? sms : 132;
 }
 
-// kAuto's use of the skinny tile (DSV4_GEMM_SKINNY=1) and its rule: a few rows per weight
-// matrix. Without expert offsets every matrix has `pairs` rows: pairs <= 8. MoE (offsets on
-// the device): pairs <= 2 E, i.e. about two rows per expert or fewer on average.
+// kAuto's use of the skinny tile (DSV4_GEMM_SKINNY=1) and its rule: the cases whose units
+// hold 1-2 activation rows (grouped_gemm_skinny.cuh rows_per_unit), the variant with two CTAs
+// per SM and eight 16-byte weight loads in flight per lane. Without expert offsets every
+// matrix has `pairs` rows: pairs <= 2. MoE (offsets on the device): pairs <= E (one row per
+// busy expert on average; 2-row units). Beyond that the 4- / 8-row units run one CTA per SM
+// with half the loads in flight: the 16-row tensor-core tile may be as fast (to be measured).
 bool skinny_fits(const GroupedGemmArgs& a) {
   const char* v = std::getenv("DSV4_GEMM_SKINNY");
   if (v == nullptr || std::strcmp(v, "1") != 0 || a.x_scale != nullptr) return false;
-  return a.expert_offsets == nullptr ? a.pairs <= 8
-                                     : a.pairs <= 2 * static_cast<int64_t>(a.n_experts);
+  return a.expert_offsets == nullptr ? a.pairs <= 2 : a.pairs <= a.n_experts;
 }
 
 }  // namespace

@@ -10,9 +10,11 @@
 //   * The CTA's 8 warps form G = 8 / WG row groups of WG warps. A row group owns kRB = 4
 //     weight rows (SwiGLU: the gate and up rows of 2 features) and splits k over its 32 WG
 //     lanes in 16-byte chunks (bf16: 8 values, FP8: 16, FP4: 32 per chunk): lane l of the group
-//     takes chunks l, l + 32 WG, ... of each of its 4 rows, kUnroll chunks per row in flight
-//     (8 independent 16-byte loads per lane, 32 KB per CTA). WG (1, 2, 4, 8) is chosen on the
-//     host so that a lane has about kUnroll chunks per row (short k: more row groups per CTA).
+//     takes chunks l, l + 32 WG, ... of each of its 4 rows, `unroll` chunks per row in flight:
+//     2 (8 independent 16-byte loads per lane, 32 KB per CTA, two CTAs per SM) for bf16 / FP8
+//     with 1-2 activation rows per unit, else 1 (4-8 rows: one CTA per SM, its registers go to
+//     activations and accumulators; FP4: its decoding). WG (1, 2, 4, 8) is chosen on the host
+//     so that a lane has about `unroll` chunks per row (short k: more row groups per CTA).
 //   * Weights are read once, with ld.global.nc.L1::no_allocate; activations (a few KB, read by
 //     every CTA) through the read-only path with L1 allocation; no shared-memory staging.
 //   * Dequantisation with the definitions of grouped_gemm.cuh / grouped_gemm_fp4.cuh

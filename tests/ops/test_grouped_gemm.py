@@ -443,8 +443,8 @@ def test_cuda_skinny_k_split_and_partial_blocks(monkeypatch, fmt, K, N, T):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_skinny_auto_rule(monkeypatch, fmt):
-    """DSV4_GEMM_SKINNY=1 lets kAuto pick the skinny tile (pairs <= 2 E): same outputs as the
-    forced tile, bit for bit (one kernel, fixed reduction order)."""
+    """DSV4_GEMM_SKINNY=1 lets kAuto pick the skinny tile (MoE: pairs <= E; here 8 <= 8):
+    same outputs as the forced tile, bit for bit (one kernel, fixed reduction order)."""
     c = moe_case(T=4, K=256, N=128, E=8, topk=2, fmt=fmt, seed=77).to("cuda")
     args = (c.x, c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale, c.route_weight, LIMIT, False)
     _set_tile(monkeypatch, "skinny")

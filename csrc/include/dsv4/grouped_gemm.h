@@ -45,7 +45,7 @@ enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
 // kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
 // environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny)
 // overrides it. kAuto picks kSkinny only while DSV4_GEMM_SKINNY=1 (until it is measured):
-// without expert offsets when pairs <= 8, with them (MoE) when pairs <= 2 E.
+// without expert offsets when pairs <= 2, with them (MoE) when pairs <= E.
 enum class GemmTile : int32_t {
   kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5, kSkinny = 6
 };
