@@ -3,7 +3,7 @@ V4-Flash dense linear shapes, beside "dequantise the weight, then cuBLAS" (what 
 Linear did before) and plain cuBLAS on a resident bf16 weight, in the same process.
 
 Shapes [out, in] (architecture.md §12.2): wq_a 1024x4096, wq_b 32768x1024, wkv 512x4096,
-wo_b 4096x8192, shared expert w1 2048x4096 and w2 4096x2048; tokens M = 1, 64 (decode: weight
+wo_b 4096x8192, shared expert w1 2048x4096 and w2 4096x2048; tokens M = 1, 8, 64 (decode: weight
 bytes / time is the figure of merit) and 8192 (prefill: TFLOP/s; FLOP floor at 767 TFLOP/s
 since the kernel multiplies in bf16). Floors: max(2·M·N·K / 767 TFLOP/s, bytes / 4.22 TB/s)
 with bytes = FP8 weight + scales + x + y.
@@ -41,7 +41,7 @@ def run(quick: bool = False) -> list[dict]:
         ss = torch.randint(118, 124, (n_rot, N // 128, K // 128), device="cuda", generator=g,
                            dtype=torch.uint8).view(torch.float8_e8m0fnu)
         w16 = fp8_block_dequantize(qs[0], ss[0])
-        for M in ((1, 8192) if quick else (1, 64, 8192)):
+        for M in ((1, 8, 8192) if quick else (1, 8, 64, 8192)):
             x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             flops = 2.0 * M * N * K

@@ -39,7 +39,7 @@ def run(quick: bool = False) -> list[dict]:
                        dtype=torch.uint8).view(torch.float8_e8m0fnu)
     w16 = torch.stack([fp8_block_dequantize(q8[i], s8[i]) for i in range(2)]).view(2, G, R, DG)
     rows = []
-    for T in ((1, 8192) if quick else (1, 64, 256, 8192)):
+    for T in ((1, 8, 8192) if quick else (1, 8, 64, 256, 8192)):
         o = torch.randn(T, H, HD, device="cuda", generator=g).bfloat16()
         pos = torch.randint(0, 1 << 20, (T,), device="cuda", generator=g)
         out = torch.empty(T, G, R, device="cuda", dtype=torch.bfloat16)
