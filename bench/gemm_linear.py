@@ -67,7 +67,8 @@ def run(quick: bool = False) -> list[dict]:
                 _set_tile(tile, pipe)
                 try:
                     t_us = _time_us(ours, reps=20 if tile in ("auto", "decode", "skinny",
-                                                              "auto_skinny") else 7)
+                                                              "skinny_nopf", "auto_skinny")
+                                    else 7)
                     if pipe == "serial":
                         times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001

@@ -92,13 +92,14 @@ QUICK_VARIANTS = VARIANTS[:2]
 def variants(quick: bool, decode: bool) -> list[tuple[str, str]]:
     """The (tile, pipeline) variants of a case. Decode-size cases (a few rows per weight
     matrix) add the 16-row tensor-core tile (the baseline of the skinny tile, when quick) and
-    the skinny tile (weight stream on CUDA cores), forced, and "auto_skinny": kAuto with
+    the skinny tile (weight stream on CUDA cores), forced, with and without its next-unit L2
+    prefetch ("skinny_nopf": DSV4_SKINNY_PREFETCH=0), and "auto_skinny": kAuto with
     DSV4_GEMM_SKINNY=1 (its rule: dense pairs <= 2, MoE pairs <= E)."""
     v = list(QUICK_VARIANTS if quick else VARIANTS)
     if decode:
         if ("decode", "serial") not in v:
             v.append(("decode", "serial"))
-        v += [("skinny", "serial"), ("auto_skinny", "serial")]
+        v += [("skinny", "serial"), ("skinny_nopf", "serial"), ("auto_skinny", "serial")]
     return v
 
 
@@ -107,7 +108,7 @@ def add_skinny_fields(row: dict, tile: str, t_us: float, times: dict) -> None:
     (``times`` maps tile -> us) as fields ``decode_tile_us`` / ``vs_decode_tile`` and in the
     note (the table's column)."""
     base = times.get("decode")
-    if tile not in ("skinny", "auto_skinny") or base is None:
+    if tile not in ("skinny", "skinny_nopf", "auto_skinny") or base is None:
         return
     row.update(decode_tile_us=base, vs_decode_tile=base / t_us)
     row["note"] = (f"{tile}: {base / t_us:.2f}x the 16-row tile ({base:.1f} us); "
@@ -115,8 +116,13 @@ def add_skinny_fields(row: dict, tile: str, t_us: float, times: dict) -> None:
 
 
 def _set_tile(tile, pipe="serial"):
-    """Force a tile (DSV4_GEMM_TILE; "auto_skinny": kAuto with DSV4_GEMM_SKINNY=1)."""
+    """Force a tile (DSV4_GEMM_TILE; "auto_skinny": kAuto with DSV4_GEMM_SKINNY=1;
+    "skinny_nopf": the skinny tile without its L2 prefetch, DSV4_SKINNY_PREFETCH=0)."""
     os.environ.pop("DSV4_GEMM_SKINNY", None)
+    os.environ.pop("DSV4_SKINNY_PREFETCH", None)
+    if tile == "skinny_nopf":
+        os.environ["DSV4_SKINNY_PREFETCH"] = "0"
+        tile = "skinny"
     if tile == "auto_skinny":
         os.environ["DSV4_GEMM_SKINNY"] = "1"
         tile = "auto"
@@ -197,7 +203,8 @@ def run(quick: bool = False) -> list[dict]:
                 _set_tile(tile, pipe)
                 try:
                     reps = (10 if kind == "prefill" else 30) if tile == "auto" else 5
-                    if kind == "decode" and tile in ("decode", "skinny", "auto_skinny"):
+                    if kind == "decode" and tile in ("decode", "skinny", "skinny_nopf",
+                                                     "auto_skinny"):
                         reps = 30
                     t_us = _time_us(ours, reps=reps)
                     if pipe == "serial":

@@ -17,6 +17,9 @@
 //     so that a lane has about `unroll` chunks per row (short k: more row groups per CTA).
 //   * Weights are read once, with ld.global.nc.L1::no_allocate; activations (a few KB, read by
 //     every CTA) through the read-only path with L1 allocation; no shared-memory staging.
+//     Before a unit runs, its CTA asks L2 for the next unit's weight rows (bulk prefetch, one
+//     thread per row; DSV4_SKINNY_PREFETCH=0: off), so HBM keeps streaming while the unit
+//     computes, reduces and stores.
 //   * Dequantisation with the definitions of grouped_gemm.cuh / grouped_gemm_fp4.cuh
 //     (fp8x2_to_f32x2, e2m1x8_to_bf16x8, e8m0_to_f32): each weight value is decoded to fp32,
 //     multiplied by its scale in fp32 (exact for e8m0 scales; the same value the tensor-core
@@ -36,6 +39,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
@@ -324,16 +329,46 @@ __device__ __forceinline__ void run_unit(const GroupedGemmArgs& a, const Unit& t
   __syncthreads();  // sm.fin / sm.rope are rewritten by the next unit
 }
 
+// The weight rows of unit t into L2 (cp.async.bulk.prefetch, one thread per row: a row's k
+// values are contiguous, 16-byte aligned, a multiple of 16 bytes): issued before the current
+// unit runs, so the next unit's loads find them in L2 while this one computes and reduces.
+template <int FMT, int EPI>
+__device__ __forceinline__ void prefetch_unit_rows(const GroupedGemmArgs& a, const Unit& t,
+                                                   int wg) {
+  const int tid = threadIdx.x, G = kWarps / wg, kFeat = feats_per_cta(wg, EPI);
+  if (tid >= G * kRB) return;
+  const int grp = tid / kRB, rr = tid % kRB;
+  const int m = EPI == kEpiSwiGLU ? (rr & 1) : 0;
+  const int row = EPI == kEpiSwiGLU ? t.fb * kFeat + grp * (kRB / 2) + (rr >> 1)
+                                    : t.fb * kFeat + grp * kRB + rr;
+  if (row >= a.rows) return;
+  const char* p = static_cast<const char*>(a.w) + t.e * a.w_expert_stride + m * a.w_mat_stride +
+                  static_cast<int64_t>(row) * a.w_row_stride;
+  const uint32_t bytes = static_cast<uint32_t>(
+      FMT == kFmtBF16 ? 2 * a.k : (FMT == kFmtFP8 ? a.k : a.k / 2));
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
+
 template <int FMT, int EPI, bool ROPE, int RT>
 __global__ void __launch_bounds__(kThreads, RT >= 4 ? 1 : 2)
-    skinny_kernel(const GroupedGemmArgs a, int wg) {
+    skinny_kernel(const GroupedGemmArgs a, int wg, bool prefetch) {
   __shared__ Smem sm;
   const int n_fb = (a.rows + feats_per_cta(wg, EPI) - 1) / feats_per_cta(wg, EPI);
   const int total = unit_prefix<RT>(a, n_fb, sm.upre, threadIdx.x, kThreads);
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const Unit t = find_unit<RT>(a, sm.upre, u);
+    // u + gridDim.x < total <= INT_MAX: no overflow
+    if (prefetch && u + static_cast<int>(gridDim.x) < total) {
+      prefetch_unit_rows<FMT, EPI>(a, find_unit<RT>(a, sm.upre, u + gridDim.x), wg);
+    }
     run_unit<FMT, EPI, ROPE, RT>(a, t, wg, sm);
   }
+}
+
+// DSV4_SKINNY_PREFETCH=0 turns the next-unit L2 prefetch off (for comparison); default on.
+inline bool prefetch_enabled() {
+  const char* v = std::getenv("DSV4_SKINNY_PREFETCH");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 template <int FMT, int EPI, bool ROPE, int RT>
@@ -356,7 +391,7 @@ cudaError_t launch_rt(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream
   }();
   const int64_t resident = static_cast<int64_t>(num_sms) * per_sm;
   const int grid = static_cast<int>(units < resident ? units : resident);
-  fn<<<grid, kThreads, 0, stream>>>(a, wg);
+  fn<<<grid, kThreads, 0, stream>>>(a, wg, prefetch_enabled());
   return cudaGetLastError();
 }
 

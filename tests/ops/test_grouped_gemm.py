@@ -453,8 +453,12 @@ def test_cuda_skinny_auto_rule(monkeypatch, fmt):
     _set_tile(monkeypatch, "auto")
     monkeypatch.setenv("DSV4_GEMM_SKINNY", "1")
     auto = moe_up(*args)
+    _set_tile(monkeypatch, "skinny")
+    monkeypatch.setenv("DSV4_SKINNY_PREFETCH", "0")  # the L2 prefetch changes no value
+    no_prefetch = moe_up(*args)
     _assert_same_bits(forced, again)  # deterministic
     _assert_same_bits(auto, forced)
+    _assert_same_bits(no_prefetch, forced)
 
 
 @pytest.mark.cuda
