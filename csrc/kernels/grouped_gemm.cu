@@ -67,6 +67,7 @@ GemmTile tile_from_env() {
   if (!std::strcmp(v, "medium")) return GemmTile::kMedium;
   if (!std::strcmp(v, "large")) return GemmTile::kLarge;
   if (!std::strcmp(v, "huge")) return GemmTile::kHuge;
+  if (!std::strcmp(v, "skinny")) return GemmTile::kSkinny;
   return GemmTile::kAuto;
 }
 
@@ -175,11 +176,29 @@ int device_sms() {
   return sms > 0 ? sms : 132;
 }
 
+// kAuto's use of the skinny tile (DSV4_GEMM_SKINNY=1) and its rule: the cases whose units
+// hold 1-2 activation rows (grouped_gemm_skinny.cuh rows_per_unit), the variant with two CTAs
+// per SM and eight 16-byte weight loads in flight per lane. Without expert offsets every
+// matrix has `pairs` rows: pairs <= 2. MoE (offsets on the device): pairs <= E (one row per
+// busy expert on average; 2-row units). Beyond that the 4- / 8-row units run one CTA per SM
+// with half the loads in flight: the 16-row tensor-core tile may be as fast (to be measured).
+bool skinny_fits(const GroupedGemmArgs& a) {
+  const char* v = std::getenv("DSV4_GEMM_SKINNY");
+  if (v == nullptr || std::strcmp(v, "1") != 0 || a.x_scale != nullptr) return false;
+  return a.expert_offsets == nullptr ? a.pairs <= 2 : a.pairs <= a.n_experts;
+}
+
 }  // namespace
+
+namespace gg {
+// the skinny tile (grouped_gemm_skinny.cu)
+cudaError_t launch_skinny(const GroupedGemmArgs& a, int num_sms, cudaStream_t s);
+}  // namespace gg
 
 GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
   GemmTile t = a.tile != GemmTile::kAuto ? a.tile : tile_from_env();
   if (t != GemmTile::kAuto) return t;
+  if (skinny_fits(a)) return GemmTile::kSkinny;
   // average activation rows per expert that has any
   int64_t per = a.pairs;
   if (a.expert_offsets != nullptr) {
@@ -213,7 +232,10 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
     overlap = v != nullptr && !std::strcmp(v, "overlap");
   }
   const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
-  if (a.x_scale != nullptr) return gg::launch_qmma(a, tile, sms, stream);
+  if (a.x_scale != nullptr) {  // FP8 activations: no skinny variant; its 16-row tile instead
+    return gg::launch_qmma(a, tile == GemmTile::kSkinny ? GemmTile::kDecode : tile, sms, stream);
+  }
+  if (tile == GemmTile::kSkinny) return gg::launch_skinny(a, sms, stream);
   if (a.w_format == GemmWeightFormat::kBF16 &&
       (tile == GemmTile::kLarge || tile == GemmTile::kHuge) && ws_mainloop(a))
     return gg::launch_ws_bf16(a, tile, sms, stream);

@@ -356,6 +356,19 @@ __device__ __forceinline__ int weight_row(int fb, int r, int& m) {
 }
 
 // ---------------------------------------------------------------- the epilogue (shared)
+// The SwiGLU output of one (feature, row) from the fp32 gate / up sums: both rounded to bf16
+// (as the reference's bf16 GEMM outputs), clamped at limit (> 0; 0 = no clamp), then
+// rw * silu(g) * u in fp32 (the caller rounds). Shared by every kernel's epilogue.
+__device__ __forceinline__ float swiglu_out(float g, float u, float limit, float rw) {
+  float gq = __bfloat162float(__float2bfloat16_rn(g));
+  float uq = __bfloat162float(__float2bfloat16_rn(u));
+  if (limit > 0.f) {
+    gq = gq > limit ? limit : gq;
+    uq = uq > limit ? limit : (uq < -limit ? -limit : uq);
+  }
+  return rw * (gq / (1.f + expf(-gq)) * uq);
+}
+
 // Registers -> shared tile et [BN rows][kFeat] bf16 (row stride kEpiStride bytes). The
 // accumulator of the warpgroup wg (64 tile rows, the m64nN fragment: thread (w4, g, tg) holds
 // rows wg 64 + w4 16 + g (+ 8) x columns 8 i + 2 tg (+ 1)). SwiGLU: bf16-rounded gate / up,
@@ -372,15 +385,8 @@ __device__ __forceinline__ void epi_stage(const float (&acc)[M], uint8_t* et, in
       const float L = limit;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
-        float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
-        if (L > 0.f) {
-          gq = gq > L ? L : gq;
-          uq = uq > L ? L : (uq < -L ? -L : uq);
-        }
-        const float hv = rw(c + h) * (gq / (1.f + expf(-gq)) * uq);
         *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * kEpiStride + f * 2) =
-            __float2bfloat16_rn(hv);
+            __float2bfloat16_rn(swiglu_out(acc[i * 4 + h], acc[i * 4 + 2 + h], L, rw(c + h)));
       }
     } else {
       const int r0 = wg * 64 + w4 * 16 + g;

@@ -712,6 +712,34 @@ int main() {
         c.overlap = ov == 1;
         ok = run_case(c, rng) && ok;
       }
+  // the skinny tile (weight stream on CUDA cores): 1 / 2 / 4 / 8 activation rows per unit,
+  // routed (few pairs: 2-row units; many: 8-row units over several tiles per expert; the last
+  // 3 pairs unowned) and dense with RoPE (T = 1, 2, 3, 8, 70), both scale kinds
+  for (int pairs : {4, 12, 40, 300})
+    for (int f = 0; f < 3; ++f)
+      for (int epi = 0; epi < 2; ++epi) {
+        std::snprintf(names[ni], 64, "%s %s skinny %d pairs", epi ? "swiglu" : "store",
+                      fmt_names[f], pairs);
+        Case c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+               GemmTile::kSkinny, 6, epi ? 96 : 136, f == 2 ? 160 : 208, 45, pairs};
+        c.fp32_scale = (pairs + f) % 2 == 1;
+        ok = run_case(c, rng) && ok;
+      }
+  for (int T : {1, 2, 3, 8, 70})
+    for (int f = 0; f < 2; ++f) {
+      std::snprintf(names[ni], 64, "oproj rope %s skinny T=%d", fmt_names[f], T);
+      Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kSkinny, 2, 128, 256, T, T,
+             true};
+      c.fp32_scale = T % 2 == 1;
+      ok = run_case(c, rng) && ok;
+    }
+  // a long k (2048: two to four warps per row group, up to two chunks in flight per lane),
+  // 2-row units (5 pairs on 6 experts, 2 of them owned)
+  for (int f = 0; f < 3; ++f) {
+    std::snprintf(names[ni], 64, "store %s skinny k=2048", fmt_names[f]);
+    Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kSkinny, 6, 64, 2048, 4, 5};
+    ok = run_case(c, rng) && ok;
+  }
   // one weight matrix whose e8m0 scale tensor has 2 bytes (not a multiple of 4): the scale
   // word read must stay inside it (run under compute-sanitizer to see an over-read)
   for (int t = 0; t < 2; ++t) {
@@ -755,6 +783,11 @@ int main() {
     r2.ws = true;
     r2.num_sms = 3;  // several units per block: the RoPE table rewritten after each epilogue
     ok = run_case(r2, rng) && ok;
+  }
+  {
+    Case c{"store fp8 2-byte e8m0 scales skinny", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+           GemmTile::kSkinny, 1, 120, 208, 9, 9};
+    ok = run_case(c, rng) && ok;
   }
   // the FP8 x FP8 path: FP8 (e8m0 / float32 scales) and FP4 weights, both epilogues, the three
   // tiles (16 / 64 / 128 rows), empty experts, unowned pairs, T = 1, a k of one block
