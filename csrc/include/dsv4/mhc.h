@@ -29,6 +29,9 @@ namespace dsv4 {
 
 constexpr int64_t kMhcStreams = 4;         // hc_mult supported by the kernels
 constexpr int64_t kMhcMaxFusedTokens = 8;  // up to this many tokens: one launch (decode)
+// Up to this many tokens mhc_pre / mhc_head run the decode kernel (one launch after a memset of
+// its arrival counters; DSV4_MHC_DECODE=old, read at each call, selects the previous paths).
+constexpr int64_t kMhcDecodeMaxTokens = 64;
 
 // Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
