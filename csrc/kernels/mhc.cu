@@ -18,9 +18,13 @@
 //  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
 //  cluster per 32-token tile, x kept in shared memory, the cross-CTA sums pipelined a tile
 //  behind through st.async and mbarriers).
-//  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
-//  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
-//  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
+//  Decode (tokens <= kMhcDecodeMaxTokens = 64) runs neither: mhc_decode_kernel (below) is ONE
+//  launch (after a memset of its arrival counters) whose projection is a split GEMV on CUDA
+//  cores over ~2 CTAs per SM, and whose tail is spread over up to 8 token groups, the Sinkhorn
+//  beside the collapse. DSV4_MHC_DECODE=old brings back the previous decode path: tokens <= 8
+//  one mix launch whose last CTA (arrival counter) runs phase 2 for all its tokens at once
+//  (split sums spread over the CTA, one token's Sinkhorn per half-warp, the collapse of every
+//  token spread over the CTA); 9..64 tokens the prefill paths.
 // Every multiply and add of the epilogues is an explicitly rounded __fmul_rn / __fadd_rn (no
 // FMA contraction) in the order of the PyTorch reference.
 // hc_post: one elementwise pass, 16-byte vectors, one thread per 8 columns of a token.
