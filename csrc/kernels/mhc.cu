@@ -477,9 +477,10 @@ __global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f
 // ---------------------------------------------------------------------------------------------
 // hc_pre / head at decode (1 <= tokens <= kMhcDecodeMaxTokens): ONE launch, short critical path
 // ---------------------------------------------------------------------------------------------
-// grid = groups x splits. The tokens form `groups` (<= 8) groups of `group` (<= 8) consecutive
-// tokens (T <= 8: one token per group). CTA (g, s) computes, for the tokens of group g, the
-// projection and Σx̂² over the 4·dim columns [s·passes·128, (s + 1)·passes·128) on CUDA cores:
+// grid = groups x splits. The tokens form `groups` groups of `group` (<= 8) consecutive tokens
+// (decode_group: T <= 4 one group, up to T = 32 groups of 4, then 8 groups). CTA (g, s)
+// computes, for the tokens of group g, the projection and Σx̂² over the 4·dim columns
+// [s·passes·128, (s + 1)·passes·128) on CUDA cores:
 // warp w owns fn rows [NT·w, NT·w + NT) (head: row w; warps 4..7 have none), lane l the columns
 // 4l .. 4l + 3 of each 128-column pass; fp32 FMAs (the product of a bf16 and an fp32 value is
 // exact; the sums are fp32, like the fp32 reference's). The warp sums its 32 lanes by xor
@@ -496,8 +497,6 @@ constexpr int kDecThreads = 256;
 constexpr int kDecWarps = kDecThreads / 32;
 constexpr int kDecCols = 128;                 // columns of one pass of a CTA (32 lanes x 4)
 constexpr int kDecSumsqWarp = kDecWarps - 1;  // the warp that also sums x̂²
-static_assert(kMhcDecodeMaxTokens <= kMaxFinish * kMaxFinish,
-              "at most kMaxFinish groups of at most kMaxFinish tokens");
 
 struct DecArgs {
   const __nv_bfloat16* x;  // [tokens] rows of 4·dim, token stride x_stride
@@ -1098,11 +1097,21 @@ struct DecPlan {
   int64_t group, groups, splits, passes;
 };
 
-// Groups of ceil(T / 8) tokens (T <= 8: a token per group, so the tail of the launch is one
-// token's); splits so that groups x splits is ~2 CTAs per SM, at least one 128-column pass each.
+// Tokens per group: DSV4_MHC_DECODE_GROUP = 1..8 if set (read at each call; for measuring),
+// else min(T, 4) up to T = 32 (groups of 4: fn is read from L2 T / 4 times, and a finisher's
+// collapse of 4 tokens by 6 warps takes about the Sinkhorn's time), then ceil(T / 8) (at most 8
+// groups: 8 finishers, fn read 8 times).
+int64_t decode_group(int64_t tokens) {
+  const char* v = std::getenv("DSV4_MHC_DECODE_GROUP");
+  if (v != nullptr && v[0] >= '1' && v[0] <= '0' + kMaxFinish && v[1] == '\0') return v[0] - '0';
+  if (tokens <= 32) return tokens < 4 ? tokens : 4;
+  return (tokens + kMaxFinish - 1) / kMaxFinish;
+}
+
+// Splits so that groups x splits is ~2 CTAs per SM, at least one 128-column pass each.
 DecPlan make_decode_plan(int64_t tokens, int64_t dim, int num_sms) {
   DecPlan p;
-  p.group = (tokens + kMaxFinish - 1) / kMaxFinish;
+  p.group = decode_group(tokens);
   p.groups = (tokens + p.group - 1) / p.group;
   const int64_t cols = (kHc * dim + kDecCols - 1) / kDecCols;
   int64_t s = (2 * static_cast<int64_t>(num_sms) + p.groups - 1) / p.groups;
@@ -1113,8 +1122,12 @@ DecPlan make_decode_plan(int64_t tokens, int64_t dim, int num_sms) {
   return p;
 }
 
-size_t decode_partial_bytes(const DecPlan& p, int64_t tokens) {
-  return static_cast<size_t>(p.splits * tokens * kPartCols) * sizeof(float);
+// Byte offset of the arrival counters in the workspace, after the largest partials any plan
+// makes ([splits <= 128-column blocks][tokens][32] fp32): independent of the plan, so that the
+// workspace size depends only on the shapes.
+size_t decode_counter_offset(int64_t tokens, int64_t dim) {
+  const int64_t cols = (kHc * dim + kDecCols - 1) / kDecCols;
+  return static_cast<size_t>(cols * tokens * kPartCols) * sizeof(float);
 }
 
 // Workspace: the partials [splits][tokens][32] fp32, then the groups' arrival counters (zeroed
@@ -1140,7 +1153,7 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
   a.passes = static_cast<int>(p.passes);
   a.part = static_cast<float*>(workspace);
   a.counters =
-      reinterpret_cast<int*>(static_cast<char*>(workspace) + decode_partial_bytes(p, tokens));
+      reinterpret_cast<int*>(static_cast<char*>(workspace) + decode_counter_offset(tokens, f.dim));
   a.f = f;
   cudaError_t err =
       cudaMemsetAsync(a.counters, 0, static_cast<size_t>(p.groups) * sizeof(int), stream);
@@ -1338,9 +1351,8 @@ size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
                           : 0;
   size_t need = chunked > wide ? chunked : wide;
   if (tokens <= kMhcDecodeMaxTokens) {  // the decode kernel's partials and counters
-    const DecPlan d = make_decode_plan(tokens, dim, sm_count(device));
     const size_t dec =
-        decode_partial_bytes(d, tokens) + static_cast<size_t>(d.groups) * sizeof(int);
+        decode_counter_offset(tokens, dim) + static_cast<size_t>(tokens) * sizeof(int);
     if (dec > need) need = dec;
   }
   return need;

@@ -388,6 +388,24 @@ bool time_decode(int T, int d, bool head) {
     us[old] = ms * 1000.f / kReps;
   }
   unsetenv("DSV4_MHC_DECODE");
+  // the decode kernel with each group size (DSV4_MHC_DECODE_GROUP; the default picks one)
+  char group_times[160] = "";
+  for (int g = 1; g <= 8 && g <= T; g *= 2) {
+    char gv[2] = {static_cast<char>('0' + g), '\0'};
+    setenv("DSV4_MHC_DECODE_GROUP", gv, 1);
+    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
+    constexpr int kReps = 100;
+    CHECK_CUDA(cudaEventRecord(e0));
+    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    const size_t len = std::strlen(group_times);
+    std::snprintf(group_times + len, sizeof(group_times) - len, " %d: %.2f", g,
+                  ms * 1000.f / kReps);
+  }
+  unsetenv("DSV4_MHC_DECODE_GROUP");
   ok &= run(0) == cudaSuccess;  // the decode kernel's outputs in buffer 0, then a fresh run
   CHECK_CUDA(cudaMemset(du[1], 0xFF, size_t(T) * d * 2));
   CHECK_CUDA(cudaMemset(dp[1], 0xFF, size_t(T) * 4 * 4));
@@ -400,9 +418,9 @@ bool time_decode(int T, int d, bool head) {
            to_host(dc[0], size_t(T) * 16) == to_host(dc[1], size_t(T) * 16);
   ok &= same;
   std::printf("%s time %s T=%-3d d=%-5d decode kernel %.2f us, previous path (DSV4_MHC_DECODE=old)"
-              " %.2f us (stream launches, fn L2-resident)%s\n",
-              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1],
-              same ? ", deterministic run to run" : ", DECODE KERNEL NOT DETERMINISTIC");
+              " %.2f us (stream launches, fn L2-resident); tokens per group (us):%s%s\n",
+              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1], group_times,
+              same ? "; deterministic run to run" : "; DECODE KERNEL NOT DETERMINISTIC");
   CHECK_CUDA(cudaEventDestroy(e0));
   CHECK_CUDA(cudaEventDestroy(e1));
   for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
@@ -454,6 +472,14 @@ int main() {
     if (c[0] <= 64)
       for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
   unsetenv("DSV4_MHC_DECODE");
+  // the decode kernel with the group sizes the default does not pick at these T
+  for (const char* g : {"1", "3", "8"}) {
+    setenv("DSV4_MHC_DECODE_GROUP", g, 1);
+    std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g);
+    for (int T : {8, 13, 64})
+      for (bool head : {false, true}) ok &= check_pre(T, 4096, head, rng);
+  }
+  unsetenv("DSV4_MHC_DECODE_GROUP");
   for (bool head : {false, true})
     for (int T : {1, 8, 64}) ok &= time_decode(T, 4096, head);
   // times (and the one-pass kernel's run-to-run determinism) at the sizes of issue 10's target

@@ -389,6 +389,33 @@ def test_decode_kernel_is_the_one_that_runs(monkeypatch):
 
 
 @cuda
+@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
+@pytest.mark.parametrize("group", ["1", "3", "8"])
+@pytest.mark.parametrize("T,d", [(8, 4096), (13, 136), (64, 4096)])
+def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
+    """DSV4_MHC_DECODE_GROUP forces the tokens per finisher group (the default picks 1, 4 or 8):
+    a token per group, groups of 3 with a short last one, groups of 8 with a short last one; the
+    same values as the default's within the 2x-bf16 rule, post / comb to 2e-5."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 5 * T + d)
+    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
+    u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
+    y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
+    y16 = hc_head_reference(x, hfn, hscale, hbase, 1e-6, 1e-6)
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
+    u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    post = torch.full((T, 4), float("nan"), device="cuda")
+    comb = torch.full((T, 4, 4), float("nan"), device="cuda")
+    ops.mhc_pre_out(*dev[:4], 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
+    _assert_2x_bf16(u, u32, u16, "u")
+    torch.testing.assert_close(post.cpu(), post32, atol=2e-5, rtol=0)
+    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
+    y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.mhc_head_out(dev[0], *dev[4:], 1e-6, 1e-6, y=y)
+    _assert_2x_bf16(y, y32, y16, "head")
+
+
+@cuda
 @pytest.mark.skipif(not DECODE_NEW or not ONE_PASS, reason="a child run")
 def test_cuda_tests_again_with_the_previous_decode_path():
     """The kernel tests of this file again with DSV4_MHC_DECODE=old (T <= 8: the fused mix

@@ -20,9 +20,9 @@
 // Prefill (tokens > 64; > 8 with DSV4_MHC_DECODE=old) runs the projection, then re-reads x
 // from L2 for the collapse, per chunk of 512 tokens, when the environment variable
 // DSV4_MHC_ONE_PASS=0 (read at each call); by default prefill at dim 1024, 2048 or 4096 runs
-// ONE launch that reads x once: a cluster of 16 CTAs keeps a tile's x slices in shared memory and reduces the
-// projection through distributed shared memory (sm_90 clusters); a device where such a
-// cluster cannot run keeps the chunked path.
+// ONE launch that reads x once: a cluster of 16 CTAs keeps a tile's x slices in shared memory
+// and reduces the projection through distributed shared memory (sm_90 clusters); a device
+// where such a cluster cannot run keeps the chunked path.
 #pragma once
 
 #include <cstddef>
