@@ -433,7 +433,7 @@ bool time_decode(int T, int d, bool head) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int n_dev = 0;
   if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
     std::printf("SKIP: no CUDA device\n");
@@ -441,6 +441,21 @@ int main() {
   }
   std::mt19937 rng(4321);
   bool ok = true;
+  // --decode-only: the decode kernel's cases and group sizes, no timing (short enough for
+  // compute-sanitizer)
+  if (argc > 1 && std::strcmp(argv[1], "--decode-only") == 0) {
+    const int dec_cases[][2] = {{1, 4096}, {2, 4096}, {8, 4096}, {13, 4096}, {63, 4096},
+                                {64, 4096}, {64, 136}, {3, 8}, {1, 7168}};
+    for (const char* g : {"", "1", "3", "8"}) {
+      if (g[0] != '\0') setenv("DSV4_MHC_DECODE_GROUP", g, 1);
+      std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g[0] != '\0' ? g : "(default)");
+      for (auto& c : dec_cases)
+        for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+    }
+    unsetenv("DSV4_MHC_DECODE_GROUP");
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   const int post_cases[][2] = {{1, 4096}, {5, 4096}, {300, 136}, {3, 13}};
   for (auto& c : post_cases) ok &= check_post(c[0], c[1], rng);
   std::printf("one-pass prefill kernel (DSV4_MHC_ONE_PASS=1), clusters of 16 CTAs it runs with "
