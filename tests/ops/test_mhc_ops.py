@@ -127,8 +127,8 @@ def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor,
 @pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (4, 4096), (5, 136), (7, 40), (8, 4096),
                                  (9, 4096), (64, 136), (65, 128), (513, 256), (1000, 4096),
                                  (4096, 512), (2, 7168),
-                                 # the decode kernel (T <= 64): a token per group (T <= 8), groups
-                                 # of 2 with a 1-token last one (13), of 8 with a 7-token last one
+                                 # the decode kernel (T <= 64): one group (T <= 4), groups of 4
+                                 # with a short last one (7, 13), of 8 with a 7-token last one
                                  # (63), 8 full groups (64); 65: the prefill path again
                                  (2, 4096), (7, 4096), (13, 4096), (63, 4096), (64, 4096),
                                  (65, 4096), (33, 8), (1, 7168),
@@ -154,8 +154,8 @@ def test_mhc_pre_kernel_matches_reference(T, d):
 
 @cuda
 @pytest.mark.parametrize("iters", [19, 20])
-# the decode kernel (a token per group; groups of 5 and of 8: the Sinkhorn on 3 and 4 warps
-# beside the collapse), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
+# the decode kernel (one token; groups of 5 and of 8: the Sinkhorn on 3 and 4 warps beside the
+# collapse), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
 @pytest.mark.parametrize("T,d", [(1, 64), (40, 64), (64, 64), (100, 64), (100, 1024)])
 def test_mhc_pre_kernel_sinkhorn_vectors(iters, T, d):
     """fn rows 0..23 = 0, base = the logits: the kernel's comb is Sinkhorn(base) exactly; the
@@ -239,7 +239,7 @@ def test_mhc_head_kernel_matches_reference(T, d):
 
 
 @cuda
-# decode kernel (a token per group; groups of 8), one-pass, chunked
+# decode kernel (groups of 4 and 1; 8 groups of 8), one-pass, chunked
 @pytest.mark.parametrize("T,d", [(5, 4096), (64, 256), (100, 1024), (300, 256)])
 def test_mhc_pre_and_head_replay_from_a_cuda_graph(T, d):
     """Captured once, replayed on new inputs copied into the captured buffers: the same values
@@ -393,9 +393,10 @@ def test_decode_kernel_is_the_one_that_runs(monkeypatch):
 @pytest.mark.parametrize("group", ["1", "3", "8"])
 @pytest.mark.parametrize("T,d", [(8, 4096), (13, 136), (64, 4096)])
 def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
-    """DSV4_MHC_DECODE_GROUP forces the tokens per finisher group (the default picks 1, 4 or 8):
-    a token per group, groups of 3 with a short last one, groups of 8 with a short last one; the
-    same values as the default's within the 2x-bf16 rule, post / comb to 2e-5."""
+    """DSV4_MHC_DECODE_GROUP forces the tokens per finisher group (by default 4 at T = 8 and 13,
+    8 at T = 64): a token per group, groups of 3 with a short last one, groups of 8 (one short
+    group at T = 8 and 13): u and y against the fp32 reference with the 2x-bf16 rule, post and
+    comb to 2e-5."""
     x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 5 * T + d)
     u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
     u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
