@@ -310,23 +310,51 @@ __device__ void sum_split_partials(const FinishArgs& a, float4* red, float (*tot
 
 // Phase 2, last step: u = Σ_i pre_i x_i of tokens [t0, t0 + n) (products rounded, summed in
 // stream order), 8 columns per item, the items spread over `nthreads` threads (this one is
-// `tid` of them).
+// `tid` of them). Items go in batches of kCollapseBatch per thread, every load of a batch
+// issued before its first store (the compiler cannot move x loads above u stores that might
+// alias them, so a plain loop waits one memory round trip per item).
+constexpr int kCollapseBatch = 4;
+template <typename Index>  // int when the item count fits (fast division), else int64_t
+__device__ __forceinline__ void collapse_items(const FinishArgs& a, const float (*pre)[kHc],
+                                               int64_t t0, Index n_chunks, Index items, int tid,
+                                               int nthreads) {
+  const Index step = static_cast<Index>(nthreads);
+  for (Index e0 = tid; e0 < items; e0 += kCollapseBatch * step) {
+    uint4 v[kCollapseBatch][kHc];
+    int tok[kCollapseBatch];
+    Index chunk[kCollapseBatch];
+#pragma unroll
+    for (int q = 0; q < kCollapseBatch; ++q) {
+      const Index e = e0 + q * step;
+      tok[q] = static_cast<int>(e / n_chunks);
+      chunk[q] = e - static_cast<Index>(tok[q]) * n_chunks;
+      if (e < items) {
+        const __nv_bfloat16* xt = a.x + (t0 + tok[q]) * a.x_stride + chunk[q] * 8;
+#pragma unroll
+        for (int s = 0; s < kHc; ++s) v[q][s] = *reinterpret_cast<const uint4*>(xt + s * a.dim);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kCollapseBatch; ++q) {
+      if (e0 + q * step < items) {
+        const int i = tok[q];
+        *reinterpret_cast<uint4*>(a.u + (t0 + i) * a.u_stride + chunk[q] * 8) =
+            collapse8(pre[i][0], pre[i][1], pre[i][2], pre[i][3], v[q][0], v[q][1], v[q][2],
+                      v[q][3]);
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ void collapse_tokens(const FinishArgs& a, const float (*pre)[kHc],
                                                 int64_t t0, int n, int tid, int nthreads) {
   const int64_t n_chunks = a.dim / 8;
-#pragma unroll 4
-  for (int64_t e = tid; e < n * n_chunks; e += nthreads) {
-    const int i = static_cast<int>(e / n_chunks);
-    const int64_t c = e % n_chunks;
-    const float p0 = pre[i][0], p1 = pre[i][1], p2 = pre[i][2], p3 = pre[i][3];
-    const __nv_bfloat16* xt = a.x + (t0 + i) * a.x_stride + c * 8;
-    __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride;
-    *reinterpret_cast<uint4*>(ut + c * 8) =
-        collapse8(p0, p1, p2, p3, *reinterpret_cast<const uint4*>(xt),
-                  *reinterpret_cast<const uint4*>(xt + a.dim),
-                  *reinterpret_cast<const uint4*>(xt + 2 * a.dim),
-                  *reinterpret_cast<const uint4*>(xt + 3 * a.dim));
-  }
+  const int64_t items = n * n_chunks;
+  if (items + static_cast<int64_t>(kCollapseBatch) * nthreads <= INT_MAX)
+    collapse_items<int>(a, pre, t0, static_cast<int>(n_chunks), static_cast<int>(items), tid,
+                        nthreads);
+  else
+    collapse_items<int64_t>(a, pre, t0, n_chunks, items, tid, nthreads);
 }
 
 // Phase 2 for tokens [t0, t0 + n), 1 <= n <= kMaxFinish, by the whole CTA (kThreads threads;
@@ -514,10 +542,13 @@ struct DecSmem {
   float pre[kMaxFinish][kHc];
 };
 
-template <int NT>
-__global__ void __launch_bounds__(kDecThreads) mhc_decode_kernel(const DecArgs a) {
+// G: the largest group this instance takes (1, 4 or 8; a.group <= G): the accumulators
+// [G][NT] live in registers and the loops over the group's tokens are unrolled to G.
+template <int NT, int G>
+__global__ void __launch_bounds__(kDecThreads, 2) mhc_decode_kernel(const DecArgs a) {
   constexpr int kNReal = NT == 3 ? 24 : 4;
   static_assert(NT * kDecWarps >= kNReal, "every fn row has a warp");
+  static_assert(G >= 1 && G <= kMaxFinish, "at most kMaxFinish tokens per group");
   __shared__ DecSmem sm;
   const int g = static_cast<int>(blockIdx.x / a.splits);
   const int split = static_cast<int>(blockIdx.x % a.splits);
@@ -526,64 +557,71 @@ __global__ void __launch_bounds__(kDecThreads) mhc_decode_kernel(const DecArgs a
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r0 = warp * NT;  // this warp's first fn row
 
-  float acc[kMaxFinish][NT], sq[kMaxFinish];
+  float acc[G][NT], sq[G];
 #pragma unroll
-  for (int i = 0; i < kMaxFinish; ++i) {
+  for (int i = 0; i < G; ++i) {
     sq[i] = 0.f;
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[i][j] = 0.f;
   }
+  // Branch-free body (predicated loads of zeros for absent rows, tokens and columns; the FMAs
+  // of absent tokens are never stored) so that the loads of a pass, and of the next pass, are
+  // all in flight before the first FMA waits.
   const int64_t k_begin = static_cast<int64_t>(split) * a.passes * kDecCols + lane * 4;
-#pragma unroll 4
+#pragma unroll 2
   for (int p = 0; p < a.passes; ++p) {
     const int64_t k = k_begin + static_cast<int64_t>(p) * kDecCols;
-    if (k < a.K) {  // K % 32 == 0: a lane's 4 columns are all in range or all out
-      float4 w[NT];
+    const bool in = k < a.K;  // K % 32 == 0: a lane's 4 columns are all in range or all out
+    float4 w[NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-        w[j] = r0 + j < kNReal
-                   ? __ldg(reinterpret_cast<const float4*>(a.fn + (r0 + j) * a.K + k))
-                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < NT; ++j)
+      w[j] = in && r0 + j < kNReal
+                 ? __ldg(reinterpret_cast<const float4*>(a.fn + (r0 + j) * a.K + k))
+                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    uint2 xv[G];
 #pragma unroll
-      for (int i = 0; i < kMaxFinish; ++i) {
-        if (i < n) {
-          const uint2 xv =
-              __ldg(reinterpret_cast<const uint2*>(a.x + (t0 + i) * a.x_stride + k));
-          const float x0 = bf16_lo(xv.x), x1 = bf16_hi(xv.x);
-          const float x2 = bf16_lo(xv.y), x3 = bf16_hi(xv.y);
+    for (int i = 0; i < G; ++i)
+      xv[i] = in && i < n
+                  ? __ldg(reinterpret_cast<const uint2*>(a.x + (t0 + i) * a.x_stride + k))
+                  : make_uint2(0u, 0u);
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            float v = __fmaf_rn(x0, w[j].x, acc[i][j]);
-            v = __fmaf_rn(x1, w[j].y, v);
-            v = __fmaf_rn(x2, w[j].z, v);
-            acc[i][j] = __fmaf_rn(x3, w[j].w, v);
-          }
-          if (warp == kDecSumsqWarp) {
-            float v = __fmaf_rn(x0, x0, sq[i]);
-            v = __fmaf_rn(x1, x1, v);
-            v = __fmaf_rn(x2, x2, v);
-            sq[i] = __fmaf_rn(x3, x3, v);
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kMaxFinish; ++i) {
-    if (i < n) {  // n is the same in the whole CTA: full-warp shuffles
-      float* row = a.part + (static_cast<int64_t>(split) * a.tokens + t0 + i) * kPartCols;
+    for (int i = 0; i < G; ++i) {
+      const float x0 = bf16_lo(xv[i].x), x1 = bf16_hi(xv[i].x);
+      const float x2 = bf16_lo(xv[i].y), x3 = bf16_hi(xv[i].y);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        float v = acc[i][j];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0 && r0 + j < kNReal) row[r0 + j] = v;
+        float v = __fmaf_rn(x0, w[j].x, acc[i][j]);
+        v = __fmaf_rn(x1, w[j].y, v);
+        v = __fmaf_rn(x2, w[j].z, v);
+        acc[i][j] = __fmaf_rn(x3, w[j].w, v);
       }
-      if (warp == kDecSumsqWarp) {
-        float v = sq[i];
+      float v = __fmaf_rn(x0, x0, sq[i]);  // every warp (cheaper than a branch); warp 7 stores
+      v = __fmaf_rn(x1, x1, v);
+      v = __fmaf_rn(x2, x2, v);
+      sq[i] = __fmaf_rn(x3, x3, v);
+    }
+  }
+  // The warp's sums over its lanes (xor tree: the same order on every lane and run), all G
+  // tokens' trees interleaved (absent tokens sum zeros and are not stored).
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) row[kSumsqCol] = v;
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        acc[i][j] = __fadd_rn(acc[i][j], __shfl_xor_sync(0xffffffffu, acc[i][j], o));
+      sq[i] = __fadd_rn(sq[i], __shfl_xor_sync(0xffffffffu, sq[i], o));  // warp 7's is stored
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      if (i < n) {
+        float* row = a.part + (static_cast<int64_t>(split) * a.tokens + t0 + i) * kPartCols;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          if (r0 + j < kNReal) row[r0 + j] = acc[i][j];
+        if (warp == kDecSumsqWarp) row[kSumsqCol] = sq[i];
       }
     }
   }
@@ -1158,8 +1196,13 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
   cudaError_t err =
       cudaMemsetAsync(a.counters, 0, static_cast<size_t>(p.groups) * sizeof(int), stream);
   if (err != cudaSuccess) return err;
-  mhc_decode_kernel<NT>
-      <<<static_cast<unsigned>(p.groups * p.splits), kDecThreads, 0, stream>>>(a);
+  const unsigned grid = static_cast<unsigned>(p.groups * p.splits);
+  if (p.group == 1)
+    mhc_decode_kernel<NT, 1><<<grid, kDecThreads, 0, stream>>>(a);
+  else if (p.group <= 4)
+    mhc_decode_kernel<NT, 4><<<grid, kDecThreads, 0, stream>>>(a);
+  else
+    mhc_decode_kernel<NT, kMaxFinish><<<grid, kDecThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
