@@ -329,7 +329,8 @@ __device__ __forceinline__ void collapse_items(const FinishArgs& a, const float 
       tok[q] = static_cast<int>(e / n_chunks);
       chunk[q] = e - static_cast<Index>(tok[q]) * n_chunks;
       if (e < items) {
-        const __nv_bfloat16* xt = a.x + (t0 + tok[q]) * a.x_stride + chunk[q] * 8;
+        const __nv_bfloat16* xt =
+            a.x + (t0 + tok[q]) * a.x_stride + static_cast<int64_t>(chunk[q]) * 8;
 #pragma unroll
         for (int s = 0; s < kHc; ++s) v[q][s] = *reinterpret_cast<const uint4*>(xt + s * a.dim);
       }
@@ -338,7 +339,8 @@ __device__ __forceinline__ void collapse_items(const FinishArgs& a, const float 
     for (int q = 0; q < kCollapseBatch; ++q) {
       if (e0 + q * step < items) {
         const int i = tok[q];
-        *reinterpret_cast<uint4*>(a.u + (t0 + i) * a.u_stride + chunk[q] * 8) =
+        __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride + static_cast<int64_t>(chunk[q]) * 8;
+        *reinterpret_cast<uint4*>(ut) =
             collapse8(pre[i][0], pre[i][1], pre[i][2], pre[i][3], v[q][0], v[q][1], v[q][2],
                       v[q][3]);
       }
