@@ -12,7 +12,10 @@ rotates 64 copies of fn; x is rotated when it is smaller than 4 × L2. Times are
 calls replayed from a CUDA graph (no launch overhead; what the runtime's captured step pays),
 median of 5 samples. Every T > 8 runs twice: the default (chunked) path, then the one-pass
 cluster kernel (DSV4_MHC_ONE_PASS=1, rows "T=… one-pass", whose reference column is the chunked
-path's time in this process). Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
+path's time in this process). T <= 64 runs those (the previous paths, DSV4_MHC_DECODE=old, rows
+"T=… previous") and then the decode kernel (rows "T=… decode", whose reference column is the
+previous default's time in this process: the fused mix kernel at T <= 8, the one-pass kernel at
+T = 64). Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
 launch each.
 
 Usage: python bench/bench_mhc.py [--quick] [--json F] [--markdown F]
@@ -65,10 +68,13 @@ def _row(op, case, t, nbytes, ref_t, note=""):
                 speedup=(ref_t / t) if ref_t else None, note=note)
 
 
-def _cases(T: int, chunked: list[dict] | None = None) -> list[dict]:
+def _cases(T: int, chunked: list[dict] | None = None, decode: bool = False) -> list[dict]:
     """The four rows at T tokens. `chunked`: the rows of the default (chunked) path at the same
     T, timed just before in this process; given, this is the one-pass run (DSV4_MHC_ONE_PASS=1
-    set by the caller) and its reference column is the chunked path's time."""
+    set by the caller) and its reference column is the chunked path's time. `decode`: the
+    decode kernel's run (DSV4_MHC_DECODE unset by the caller), `chunked` then holds the rows of
+    the previous path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the one-pass kernel
+    above), its reference column."""
     from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
 
     ops = torch.ops.dsv4
@@ -115,6 +121,12 @@ def _cases(T: int, chunked: list[dict] | None = None) -> list[dict]:
                                  for fn in (pre_ref, post_ref, head_ref))
         launches = "1 launch" if T <= 8 else f"{2 * -(-T // 512)} launches (chunks of 512)"
         case, ref_note = f"T={T}", ""
+        if T <= 64 and os.environ.get("DSV4_MHC_DECODE") == "old":
+            case = f"T={T} previous"
+    elif decode:
+        r_pre, r_post, r_head = (chunked[i]["time_us"] for i in (0, 1, 3))
+        launches = "1 launch (decode kernel) + a memset of its counters"
+        case, ref_note = f"T={T} decode", "; ref = the previous path (DSV4_MHC_DECODE=old)"
     else:
         r_pre, r_post, r_head = (chunked[i]["time_us"] for i in (0, 1, 3))
         # (the chunked path runs instead where a 16-CTA cluster cannot: check_mhc prints it)
@@ -140,27 +152,43 @@ def run(quick: bool = False) -> list[dict]:
             print(f"bench_mhc: no compiled CUDA kernel for {op}; skipped", file=sys.stderr)
             return []
     rows = []
-    user_choice = os.environ.get("DSV4_MHC_ONE_PASS")
+    user_choice = {k: os.environ.get(k) for k in ("DSV4_MHC_ONE_PASS", "DSV4_MHC_DECODE")}
     os.environ["DSV4_MHC_ONE_PASS"] = "0"     # the chunked path, whatever the default
     with torch.no_grad():
-        for T in ([1, 8, 4096] if quick else [1, 8, 64, 4096, 16384]):   # 8: decode at batch 8
+        # 8: decode at batch 8; 64: the decode kernel's largest T
+        for T in ([1, 8, 64, 4096] if quick else [1, 8, 64, 4096, 16384]):
+            # T <= 64: first the previous paths (DSV4_MHC_DECODE=old), then the decode kernel
+            if T <= 64:
+                os.environ["DSV4_MHC_DECODE"] = "old"
             rows += _cases(T)
-            if T <= 8:
-                continue
-            # the same sizes through the one-pass kernel (opt-in; correct on an H100, H100-5):
-            # a failure is reported, and ends the runs (a fault poisons the context)
-            os.environ["DSV4_MHC_ONE_PASS"] = "1"
-            try:
-                rows += _cases(T, chunked=rows[-4:])
-            except RuntimeError as e:
-                print(f"bench_mhc: the one-pass path failed at T={T}: {e}", file=sys.stderr)
+            failed = False
+            if T > 8:
+                # the same sizes through the one-pass kernel (the default; correct on an H100,
+                # H100-5): a failure is reported, and ends the runs (a fault poisons the context)
+                os.environ["DSV4_MHC_ONE_PASS"] = "1"
+                try:
+                    rows += _cases(T, chunked=rows[-4:])
+                except RuntimeError as e:
+                    print(f"bench_mhc: the one-pass path failed at T={T}: {e}", file=sys.stderr)
+                    failed = True
+                finally:
+                    os.environ["DSV4_MHC_ONE_PASS"] = "0"
+            if T <= 64 and not failed:
+                # the decode kernel against the previous default (the fused kernel at T <= 8,
+                # the one-pass kernel above), timed just before
+                os.environ.pop("DSV4_MHC_DECODE", None)
+                try:
+                    rows += _cases(T, chunked=rows[-4:], decode=True)
+                except RuntimeError as e:
+                    print(f"bench_mhc: the decode kernel failed at T={T}: {e}", file=sys.stderr)
+                    failed = True
+            if failed:
                 break
-            finally:
-                os.environ["DSV4_MHC_ONE_PASS"] = "0"
-    if user_choice is None:
-        os.environ.pop("DSV4_MHC_ONE_PASS", None)
-    else:
-        os.environ["DSV4_MHC_ONE_PASS"] = user_choice
+    for k, v in user_choice.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return rows
 
 
@@ -168,7 +196,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _driver import run_bench  # one command line and table format for all benches
 
-    return run_bench("bench_mhc", __doc__, {"mhc": run}, COLUMNS, "T = 1, 8 and 4096 only", argv)
+    return run_bench("bench_mhc", __doc__, {"mhc": run}, COLUMNS, "T = 1, 8, 64 and 4096 only",
+                     argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,13 @@
 //  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
 //  cluster per 32-token tile, x kept in shared memory, the cross-CTA sums pipelined a tile
 //  behind through st.async and mbarriers).
-//  Decode (tokens <= 8) is ONE launch: the CTA that finishes phase 1 last (arrival counter)
-//  runs phase 2 for all its tokens at once (split sums spread over the CTA, one token's
-//  Sinkhorn per half-warp, the collapse of every token spread over the CTA).
+//  Decode (tokens <= kMhcDecodeMaxTokens = 64) runs neither: mhc_decode_kernel (below) is ONE
+//  launch (after a memset of its arrival counters) whose projection is a split GEMV on CUDA
+//  cores over ~2 CTAs per SM, and whose tail is spread over up to 8 token groups, the Sinkhorn
+//  beside the collapse. DSV4_MHC_DECODE=old brings back the previous decode path: tokens <= 8
+//  one mix launch whose last CTA (arrival counter) runs phase 2 for all its tokens at once
+//  (split sums spread over the CTA, one token's Sinkhorn per half-warp, the collapse of every
+//  token spread over the CTA); 9..64 tokens the prefill paths.
 // Every multiply and add of the epilogues is an explicitly rounded __fmul_rn / __fadd_rn (no
 // FMA contraction) in the order of the PyTorch reference.
 // hc_post: one elementwise pass, 16-byte vectors, one thread per 8 columns of a token.
@@ -155,6 +159,21 @@ __device__ __forceinline__ uint4 collapse8(float p0, float p1, float p2, float p
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// One row h (0: fragment row g, 1: g + 8) of an m16 x (NT x n8) accumulator tile into a partial
+// row: this lane's mix columns j·8 + c2, j·8 + c2 + 1 (those < kNReal), and Σx̂² at sumsq_col
+// from the lane that holds it.
+template <int NT, int kNReal>
+__device__ __forceinline__ void store_frag_row(float* row, const float (&acc)[NT][4], int h,
+                                               int c2, bool sumsq_lane, float sq, int sumsq_col) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int n = j * 8 + c2;
+    if (n < kNReal) row[n] = acc[j][2 * h];
+    if (n + 1 < kNReal) row[n + 1] = acc[j][2 * h + 1];
+  }
+  if (sumsq_lane) row[sumsq_col] = sq;
+}
+
 struct MixArgs {
   const __nv_bfloat16* x;  // first token of the chunk
   int64_t x_stride;        // token stride (elements)
@@ -191,12 +210,14 @@ struct FinishSmem {
 
 // The coefficients of one token, by a half-warp (l = lane & 15; every lane of the warp must
 // call it: the shuffles are full-warp, xor 1..8 stays in the half). `store` false: a lane of
-// a half without a token (its results are dropped).
+// a half without a token (its results are dropped). `pre` null: pre is not stored (the decode
+// finisher computes it before, for every token at once).
 template <int NT>
 __device__ __forceinline__ void token_coefficients(const FinishArgs& a, const float* tot,
                                                    float* pre, int64_t t, int l, bool store) {
   const float r = mix_rstd(a.dim, a.norm_eps, tot[kSumsqCol]);
-  if (store && l < kHc) pre[l] = pre_value(tot[l], r, a.scale[0], a.base[l], a.eps);
+  if (store && pre != nullptr && l < kHc)
+    pre[l] = pre_value(tot[l], r, a.scale[0], a.base[l], a.eps);
   if constexpr (NT == 3) {
     if (store && l >= kHc && l < 2 * kHc) {  // post_i = 2 sigmoid(scale1 * m + base)
       const float m = __fmul_rn(tot[l], r);
@@ -227,19 +248,18 @@ __device__ __forceinline__ void token_coefficients(const FinishArgs& a, const fl
   }
 }
 
-// Phase 2 for tokens [t0, t0 + n), 1 <= n <= kMaxFinish, by the whole CTA (kThreads threads;
-// contains __syncthreads). NT = 3: hc_pre (24 mixes: pre, post, comb); NT = 1: head (4 mixes:
-// pre only). All n tokens advance together, so the fused decode path costs about one token's
-// latency, not n.
-template <int NT>
-__device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, int n) {
-  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
-
-  // 1. Sum the split partials. Pair = (token, 4 columns); the kThreads / pairs groups take
-  //    consecutive split ranges, each summed in split order (float4 loads, 8 in flight), then
-  //    the group sums are added in group order: a fixed order, so the result is deterministic.
+// Phase 2, step 1: tot[i][c] = Σ over the splits of the partial (token t0 + i, column c), for
+// the n <= kMaxFinish tokens, by the whole CTA (kT threads; ends with __syncthreads). Pair =
+// (token, 4 columns); the kT / pairs groups take consecutive split ranges, each summed in split
+// order (float4 loads, 8 in flight), then the group sums are added in group order: a fixed
+// order, so the result is deterministic.
+template <int kT>
+__device__ void sum_split_partials(const FinishArgs& a, float4* red, float (*tot)[kPartCols],
+                                   int64_t t0, int n) {
+  static_assert(kT % (kPartCols / 4 * kMaxFinish) == 0, "whole groups of (token, 4-column) pairs");
+  const int tid = threadIdx.x;
   const int pairs = n * (kPartCols / 4);
-  const int groups = kThreads / pairs;
+  const int groups = kT / pairs;
   const int per = (a.splits + groups - 1) / groups;
   const int64_t stride = a.tokens * (kPartCols / 4);  // float4s per split
   if (tid < groups * pairs) {
@@ -260,24 +280,94 @@ __device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, i
         s.w = __fadd_rn(s.w, v[i].w);
       }
     }
-    for (; sp < s_hi; ++sp) {
-      const float4 v = __ldcg(src + sp * stride);
-      s.x = __fadd_rn(s.x, v.x);
-      s.y = __fadd_rn(s.y, v.y);
-      s.z = __fadd_rn(s.z, v.z);
-      s.w = __fadd_rn(s.w, v.w);
+    if (sp < s_hi) {  // the last < 8 splits: loads issued together, the adds in split order
+      float4 v[7];
+#pragma unroll
+      for (int i = 0; i < 7; ++i)
+        v[i] = sp + i < s_hi ? __ldcg(src + (sp + i) * stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int i = 0; i < 7; ++i) {
+        if (sp + i < s_hi) {
+          s.x = __fadd_rn(s.x, v[i].x);
+          s.y = __fadd_rn(s.y, v[i].y);
+          s.z = __fadd_rn(s.z, v[i].z);
+          s.w = __fadd_rn(s.w, v[i].w);
+        }
+      }
     }
-    sm.red[tid] = s;
+    red[tid] = s;
   }
   __syncthreads();
-  for (int e = tid; e < n * kPartCols; e += kThreads) {
+  for (int e = tid; e < n * kPartCols; e += kT) {
     const int i = e / kPartCols, c = e % kPartCols;
-    const float* red = reinterpret_cast<const float*>(sm.red);
-    float v = red[i * kPartCols + c];  // group 0: pair i * 8 + c / 4, component c % 4
-    for (int g = 1; g < groups; ++g) v = __fadd_rn(v, red[(g * pairs) * 4 + i * kPartCols + c]);
-    sm.tot[i][c] = v;
+    const float* r = reinterpret_cast<const float*>(red);
+    float v = r[i * kPartCols + c];  // group 0: pair i * 8 + c / 4, component c % 4
+    for (int g = 1; g < groups; ++g) v = __fadd_rn(v, r[(g * pairs) * 4 + i * kPartCols + c]);
+    tot[i][c] = v;
   }
   __syncthreads();
+}
+
+// Phase 2, last step: u = Σ_i pre_i x_i of tokens [t0, t0 + n) (products rounded, summed in
+// stream order), 8 columns per item, the items spread over `nthreads` threads (this one is
+// `tid` of them). Items go in batches of kCollapseBatch per thread, every load of a batch
+// issued before its first store (the compiler cannot move x loads above u stores that might
+// alias them, so a plain loop waits one memory round trip per item).
+constexpr int kCollapseBatch = 4;
+template <typename Index>  // int when the item count fits (fast division), else int64_t
+__device__ __forceinline__ void collapse_items(const FinishArgs& a, const float (*pre)[kHc],
+                                               int64_t t0, Index n_chunks, Index items, int tid,
+                                               int nthreads) {
+  const Index step = static_cast<Index>(nthreads);
+  for (Index e0 = tid; e0 < items; e0 += kCollapseBatch * step) {
+    uint4 v[kCollapseBatch][kHc];
+    int tok[kCollapseBatch];
+    Index chunk[kCollapseBatch];
+#pragma unroll
+    for (int q = 0; q < kCollapseBatch; ++q) {
+      const Index e = e0 + q * step;
+      tok[q] = static_cast<int>(e / n_chunks);
+      chunk[q] = e - static_cast<Index>(tok[q]) * n_chunks;
+      if (e < items) {
+        const __nv_bfloat16* xt =
+            a.x + (t0 + tok[q]) * a.x_stride + static_cast<int64_t>(chunk[q]) * 8;
+#pragma unroll
+        for (int s = 0; s < kHc; ++s) v[q][s] = *reinterpret_cast<const uint4*>(xt + s * a.dim);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kCollapseBatch; ++q) {
+      if (e0 + q * step < items) {
+        const int i = tok[q];
+        __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride + static_cast<int64_t>(chunk[q]) * 8;
+        *reinterpret_cast<uint4*>(ut) =
+            collapse8(pre[i][0], pre[i][1], pre[i][2], pre[i][3], v[q][0], v[q][1], v[q][2],
+                      v[q][3]);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void collapse_tokens(const FinishArgs& a, const float (*pre)[kHc],
+                                                int64_t t0, int n, int tid, int nthreads) {
+  const int64_t n_chunks = a.dim / 8;
+  const int64_t items = n * n_chunks;
+  if (items + static_cast<int64_t>(kCollapseBatch) * nthreads <= INT_MAX)
+    collapse_items<int>(a, pre, t0, static_cast<int>(n_chunks), static_cast<int>(items), tid,
+                        nthreads);
+  else
+    collapse_items<int64_t>(a, pre, t0, n_chunks, items, tid, nthreads);
+}
+
+// Phase 2 for tokens [t0, t0 + n), 1 <= n <= kMaxFinish, by the whole CTA (kThreads threads;
+// contains __syncthreads). NT = 3: hc_pre (24 mixes: pre, post, comb); NT = 1: head (4 mixes:
+// pre only). All n tokens advance together, so the fused decode path costs about one token's
+// latency, not n.
+template <int NT>
+__device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, int n) {
+  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
+  // 1. Sum the split partials (deterministic order).
+  sum_split_partials<kThreads>(a, sm.red, sm.tot, t0, n);
 
   // 2. Coefficients: token 2 w + h on half h of warp w (up to 8 tokens at once).
   {
@@ -288,22 +378,8 @@ __device__ void finish_tokens(const FinishArgs& a, FinishSmem& sm, int64_t t0, i
   }
   __syncthreads();
 
-  // 3. Collapse u = Σ_i pre_i x_i (products rounded, summed in stream order), 8 columns per
-  //    item, all tokens' items spread over the CTA.
-  const int64_t n_chunks = a.dim / 8;
-#pragma unroll 2
-  for (int64_t e = tid; e < n * n_chunks; e += kThreads) {
-    const int i = static_cast<int>(e / n_chunks);
-    const int64_t c = e % n_chunks;
-    const float p0 = sm.pre[i][0], p1 = sm.pre[i][1], p2 = sm.pre[i][2], p3 = sm.pre[i][3];
-    const __nv_bfloat16* xt = a.x + (t0 + i) * a.x_stride + c * 8;
-    __nv_bfloat16* ut = a.u + (t0 + i) * a.u_stride;
-    *reinterpret_cast<uint4*>(ut + c * 8) =
-        collapse8(p0, p1, p2, p3, *reinterpret_cast<const uint4*>(xt),
-                  *reinterpret_cast<const uint4*>(xt + a.dim),
-                  *reinterpret_cast<const uint4*>(xt + 2 * a.dim),
-                  *reinterpret_cast<const uint4*>(xt + 3 * a.dim));
-  }
+  // 3. Collapse, all tokens' items spread over the CTA.
+  collapse_tokens(a, sm.pre, t0, n, tid, kThreads);
 }
 
 // Phase 1 (and, when kFused, phase 2 of every token in the last CTA). grid = m_tiles * splits.
@@ -410,13 +486,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t t = t0 + warp * 16 + g + h * 8;
     if (t >= a.tokens) continue;
     float* row = a.part + (static_cast<int64_t>(split) * a.tokens + t) * kPartCols;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int n = j * 8 + c2;
-      if (n < kNReal) row[n] = acc[j][2 * h];
-      if (n + 1 < kNReal) row[n + 1] = acc[j][2 * h + 1];
-    }
-    if ((lane & 3) == 0) row[kSumsqCol] = h == 0 ? sq0 : sq1;
+    store_frag_row<NT, kNReal>(row, acc, h, c2, (lane & 3) == 0, h == 0 ? sq0 : sq1, kSumsqCol);
   }
 
   if constexpr (kFused) {
@@ -432,6 +502,152 @@ template <int NT>
 __global__ void __launch_bounds__(kThreads) mhc_finish_kernel(const FinishArgs f) {
   __shared__ FinishSmem sm;
   finish_tokens<NT>(f, sm, blockIdx.x, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// hc_pre / head at decode (1 <= tokens <= kMhcDecodeMaxTokens): ONE launch, short critical path
+// ---------------------------------------------------------------------------------------------
+// grid = groups x splits. The tokens form `groups` groups of `group` (<= 8) consecutive tokens
+// (decode_group: T <= 4 one group, up to T = 32 groups of 4, then 8 groups). CTA (g, s)
+// computes, for the tokens of group g, the projection and Σx̂² over the 4·dim columns
+// [s·passes·128, (s + 1)·passes·128) on CUDA cores:
+// warp w owns fn rows [NT·w, NT·w + NT) (head: row w; warps 4..7 have none), lane l the columns
+// 4l .. 4l + 3 of each 128-column pass; fp32 FMAs (the product of a bf16 and an fp32 value is
+// exact; the sums are fp32, like the fp32 reference's). The warp sums its 32 lanes by xor
+// shuffles (the same tree on every lane, so a fixed order) and lane 0 stores the partial row
+// [split][token][32] (mixes in columns 0..23, Σx̂² from warp 7 in column 31). Every CTA then
+// takes a ticket on its group's counter (threadfence + atomicAdd, arrive_last); the last one of
+// the group runs phase 2 for the group's tokens: the split sums in a fixed order
+// (sum_split_partials), pre of every token, then at the same time the post / Sinkhorn
+// coefficients (token_coefficients, one token per half-warp, on the first ceil(n / 2) warps)
+// and the collapse u = Σ_i pre_i x_i (the other warps; x was just read, so it comes from L2).
+// The 20 serial Sinkhorn iterations thus overlap the collapse instead of preceding it, and the
+// tail of a launch is one group's, spread over `groups` SMs.
+constexpr int kDecThreads = 256;
+constexpr int kDecWarps = kDecThreads / 32;
+constexpr int kDecCols = 128;                 // columns of one pass of a CTA (32 lanes x 4)
+constexpr int kDecSumsqWarp = kDecWarps - 1;  // the warp that also sums x̂²
+
+struct DecArgs {
+  const __nv_bfloat16* x;  // [tokens] rows of 4·dim, token stride x_stride
+  int64_t x_stride, K, tokens;
+  const float* fn;         // [rows, K]
+  int group, splits, passes;
+  float* part;             // [splits][tokens][32] (f.part: the same, read by the finisher)
+  int* counters;           // [groups], zero at launch
+  FinishArgs f;            // f.part [splits][tokens][32], f.splits = splits, f.tokens = tokens
+};
+
+struct DecSmem {
+  float4 red[kDecThreads];           // split sums, one float4 per thread
+  float tot[kMaxFinish][kPartCols];  // the summed partial row of each token of the group
+  float pre[kMaxFinish][kHc];
+};
+
+// G: the largest group this instance takes (1, 4 or 8; a.group <= G): the accumulators
+// [G][NT] live in registers and the loops over the group's tokens are unrolled to G.
+template <int NT, int G>
+__global__ void __launch_bounds__(kDecThreads, 2) mhc_decode_kernel(const DecArgs a) {
+  constexpr int kNReal = NT == 3 ? 24 : 4;
+  static_assert(NT * kDecWarps >= kNReal, "every fn row has a warp");
+  static_assert(G >= 1 && G <= kMaxFinish, "at most kMaxFinish tokens per group");
+  __shared__ DecSmem sm;
+  const int g = static_cast<int>(blockIdx.x / a.splits);
+  const int split = static_cast<int>(blockIdx.x % a.splits);
+  const int64_t t0 = static_cast<int64_t>(g) * a.group;
+  const int n = static_cast<int>(a.tokens - t0 < a.group ? a.tokens - t0 : a.group);  // >= 1
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r0 = warp * NT;  // this warp's first fn row
+
+  float acc[G][NT], sq[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    sq[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[i][j] = 0.f;
+  }
+  // Branch-free body (predicated loads of zeros for absent rows, tokens and columns; the FMAs
+  // of absent tokens are never stored) so that the loads of a pass, and of the next pass, are
+  // all in flight before the first FMA waits.
+  const int64_t k_begin = static_cast<int64_t>(split) * a.passes * kDecCols + lane * 4;
+#pragma unroll 2
+  for (int p = 0; p < a.passes; ++p) {
+    const int64_t k = k_begin + static_cast<int64_t>(p) * kDecCols;
+    const bool in = k < a.K;  // K % 32 == 0: a lane's 4 columns are all in range or all out
+    float4 w[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      w[j] = in && r0 + j < kNReal
+                 ? __ldg(reinterpret_cast<const float4*>(a.fn + (r0 + j) * a.K + k))
+                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    uint2 xv[G];
+#pragma unroll
+    for (int i = 0; i < G; ++i)
+      xv[i] = in && i < n
+                  ? __ldg(reinterpret_cast<const uint2*>(a.x + (t0 + i) * a.x_stride + k))
+                  : make_uint2(0u, 0u);
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      const float x0 = bf16_lo(xv[i].x), x1 = bf16_hi(xv[i].x);
+      const float x2 = bf16_lo(xv[i].y), x3 = bf16_hi(xv[i].y);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float v = __fmaf_rn(x0, w[j].x, acc[i][j]);
+        v = __fmaf_rn(x1, w[j].y, v);
+        v = __fmaf_rn(x2, w[j].z, v);
+        acc[i][j] = __fmaf_rn(x3, w[j].w, v);
+      }
+      float v = __fmaf_rn(x0, x0, sq[i]);  // every warp (cheaper than a branch); warp 7 stores
+      v = __fmaf_rn(x1, x1, v);
+      v = __fmaf_rn(x2, x2, v);
+      sq[i] = __fmaf_rn(x3, x3, v);
+    }
+  }
+  // The warp's sums over its lanes (xor tree: the same order on every lane and run), all G
+  // tokens' trees interleaved (absent tokens sum zeros and are not stored).
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        acc[i][j] = __fadd_rn(acc[i][j], __shfl_xor_sync(0xffffffffu, acc[i][j], o));
+      sq[i] = __fadd_rn(sq[i], __shfl_xor_sync(0xffffffffu, sq[i], o));  // warp 7's is stored
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      if (i < n) {
+        float* row = a.part + (static_cast<int64_t>(split) * a.tokens + t0 + i) * kPartCols;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          if (r0 + j < kNReal) row[r0 + j] = acc[i][j];
+        if (warp == kDecSumsqWarp) row[kSumsqCol] = sq[i];
+      }
+    }
+  }
+
+  if (!arrive_last(a.counters + g, a.splits)) return;
+
+  // Phase 2 for the group's n tokens.
+  const FinishArgs& f = a.f;
+  sum_split_partials<kDecThreads>(f, sm.red, sm.tot, t0, n);
+  if (tid < n * kHc) {  // pre of every token first: the collapse needs nothing else
+    const int i = tid / kHc, l = tid % kHc;
+    const float r = mix_rstd(f.dim, f.norm_eps, sm.tot[i][kSumsqCol]);
+    sm.pre[i][l] = pre_value(sm.tot[i][l], r, f.scale[0], f.base[l], f.eps);
+  }
+  __syncthreads();
+  const int sink_warps = NT == 3 ? (n + 1) / 2 : 0;  // <= 4 of the 8 warps
+  if (warp < sink_warps) {  // post and comb: token 2 w + h on half h of warp w
+    const int i = 2 * warp + (lane >> 4);
+    const bool have = i < n;
+    const int ii = have ? i : 0;
+    token_coefficients<NT>(f, sm.tot[ii], nullptr, t0 + ii, lane & 15, have);
+  } else {
+    collapse_tokens(f, sm.pre, t0, n, tid - sink_warps * 32, kDecThreads - sink_warps * 32);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,14 +972,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
         float* rw = stage + warp * 16 * kRP;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float* row = rw + (g + 8 * h) * kRP;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int n = nt * 8 + c2;
-            if (n < kNReal) row[n] = acc[nt][2 * h];
-            if (n + 1 < kNReal) row[n + 1] = acc[nt][2 * h + 1];
-          }
-          if ((lane & 3) == 0) row[kRowSumsq] = h == 0 ? sq0 : sq1;
+          store_frag_row<NT, kNReal>(rw + (g + 8 * h) * kRP, acc, h, c2, (lane & 3) == 0,
+                                     h == 0 ? sq0 : sq1, kRowSumsq);
         }
         __syncthreads();  // stage complete
         if (mt == 0 && fin) {
@@ -914,6 +1124,90 @@ cudaError_t run_wide(const __nv_bfloat16* x, int64_t x_token_stride, const float
   return cudaLaunchKernelEx(&cfg, mhc_wide_kernel<NT>, a);
 }
 
+// The decode kernel runs for tokens <= kMhcDecodeMaxTokens unless DSV4_MHC_DECODE=old (read at
+// each call, so a CUDA graph keeps the path it was captured with): then the previous paths run
+// (tokens <= 8: mhc_mix_kernel<NT, true>, one launch whose last CTA finishes every token; more:
+// the prefill paths).
+bool decode_kernel_enabled() {
+  const char* v = std::getenv("DSV4_MHC_DECODE");
+  return !(v != nullptr && v[0] == 'o' && v[1] == 'l' && v[2] == 'd' && v[3] == '\0');
+}
+
+struct DecPlan {
+  int64_t group, groups, splits, passes;
+};
+
+// Tokens per group: DSV4_MHC_DECODE_GROUP = 1..8 if set (read at each call; for measuring),
+// else min(T, 4) up to T = 32 (groups of 4: fn is read from L2 T / 4 times, and a finisher's
+// collapse of 4 tokens by 6 warps takes about the Sinkhorn's time), then ceil(T / 8) (at most 8
+// groups: 8 finishers, fn read 8 times).
+int64_t decode_group(int64_t tokens) {
+  const char* v = std::getenv("DSV4_MHC_DECODE_GROUP");
+  if (v != nullptr && v[0] >= '1' && v[0] <= '0' + kMaxFinish && v[1] == '\0') return v[0] - '0';
+  if (tokens <= 32) return tokens < 4 ? tokens : 4;
+  return (tokens + kMaxFinish - 1) / kMaxFinish;
+}
+
+// Splits so that groups x splits is ~2 CTAs per SM, at least one 128-column pass each.
+DecPlan make_decode_plan(int64_t tokens, int64_t dim, int num_sms) {
+  DecPlan p;
+  p.group = decode_group(tokens);
+  p.groups = (tokens + p.group - 1) / p.group;
+  const int64_t cols = (kHc * dim + kDecCols - 1) / kDecCols;
+  int64_t s = (2 * static_cast<int64_t>(num_sms) + p.groups - 1) / p.groups;
+  if (s > cols) s = cols;
+  if (s < 1) s = 1;
+  p.passes = (cols + s - 1) / s;
+  p.splits = (cols + p.passes - 1) / p.passes;
+  return p;
+}
+
+// Byte offset of the arrival counters in the workspace, after the largest partials any plan
+// makes ([splits <= 128-column blocks][tokens][32] fp32): independent of the plan, so that the
+// workspace size depends only on the shapes.
+size_t decode_counter_offset(int64_t tokens, int64_t dim) {
+  const int64_t cols = (kHc * dim + kDecCols - 1) / kDecCols;
+  return static_cast<size_t>(cols * tokens * kPartCols) * sizeof(float);
+}
+
+// Workspace: the partials [splits][tokens][32] fp32, then the groups' arrival counters (zeroed
+// here by a memset node before the kernel).
+template <int NT>
+cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const float* fn,
+                       FinishArgs f, int64_t tokens, void* workspace, int device,
+                       cudaStream_t stream) {
+  const DecPlan p = make_decode_plan(tokens, f.dim, sm_count(device));
+  f.part = static_cast<float*>(workspace);
+  f.splits = static_cast<int>(p.splits);
+  f.tokens = tokens;
+  f.x = x;
+  f.x_stride = x_token_stride;
+  DecArgs a;
+  a.x = x;
+  a.x_stride = x_token_stride;
+  a.K = kHc * f.dim;
+  a.tokens = tokens;
+  a.fn = fn;
+  a.group = static_cast<int>(p.group);
+  a.splits = static_cast<int>(p.splits);
+  a.passes = static_cast<int>(p.passes);
+  a.part = static_cast<float*>(workspace);
+  a.counters =
+      reinterpret_cast<int*>(static_cast<char*>(workspace) + decode_counter_offset(tokens, f.dim));
+  a.f = f;
+  cudaError_t err =
+      cudaMemsetAsync(a.counters, 0, static_cast<size_t>(p.groups) * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = static_cast<unsigned>(p.groups * p.splits);
+  if (p.group == 1)
+    mhc_decode_kernel<NT, 1><<<grid, kDecThreads, 0, stream>>>(a);
+  else if (p.group <= 4)
+    mhc_decode_kernel<NT, 4><<<grid, kDecThreads, 0, stream>>>(a);
+  else
+    mhc_decode_kernel<NT, kMaxFinish><<<grid, kDecThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 // Shared driver of mhc_pre (NT = 3) and mhc_head (NT = 1).
 template <int NT>
 cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, const float* scale,
@@ -934,6 +1228,21 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (workspace_bytes < mhc_pre_workspace_bytes(tokens, dim, device)) return cudaErrorInvalidValue;
+  if (tokens <= kMhcDecodeMaxTokens && decode_kernel_enabled()) {
+    FinishArgs fa = {};
+    fa.dim = dim;
+    fa.scale = scale;
+    fa.base = base;
+    fa.norm_eps = norm_eps;
+    fa.eps = eps;
+    fa.iters = iters;
+    fa.u = static_cast<__nv_bfloat16*>(u);
+    fa.u_stride = u_stride;
+    fa.post = post;
+    fa.comb = comb;
+    return run_decode<NT>(static_cast<const __nv_bfloat16*>(x), x_token_stride, fn, fa, tokens,
+                          workspace, device, stream);
+  }
   if (tokens > kMhcMaxFusedTokens && wide_dim_ok(dim) && one_pass_enabled()) {
     const int clusters = wide_clusters<NT>(device);
     if (clusters > 0) {
@@ -1085,7 +1394,13 @@ size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
   const size_t wide = tokens > kMhcMaxFusedTokens
                           ? static_cast<size_t>(tokens) * kPartCols * sizeof(float)
                           : 0;
-  return chunked > wide ? chunked : wide;
+  size_t need = chunked > wide ? chunked : wide;
+  if (tokens <= kMhcDecodeMaxTokens) {  // the decode kernel's partials and counters
+    const size_t dec =
+        decode_counter_offset(tokens, dim) + static_cast<size_t>(tokens) * sizeof(int);
+    if (dec > need) need = dec;
+  }
+  return need;
 }
 
 int mhc_prefill_clusters(int64_t dim, bool head) {

@@ -1,10 +1,11 @@
 // Standalone check of dsv4::mhc_pre / mhc_post / mhc_head (no torch): random inputs on the GPU
 // against CPU loops. hc_post uses the same rounded fp32 operations in the same order, so it
 // must match bit for bit; hc_pre / head compute the projection in double on the CPU, so
-// post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (one launch,
-// tokens <= 8), the two-kernel path and chunked prefill (> 512 tokens), dims that are no
-// multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
-// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 8). Then
+// post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (the decode
+// kernel at tokens <= 64, and the previous path, DSV4_MHC_DECODE=old, with the decode timings
+// of both at T = 1, 8, 64), the two-kernel path and chunked prefill (> 512 tokens), dims that
+// are no multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
+// DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 64). Then
 // times both prefill paths at T = 4096 and 16384, dim 4096 (pre and head), with the cluster
 // count, and checks that the one-pass kernel is deterministic run to run. Prints
 // PASS / FAIL (exit 1) or "SKIP: no CUDA device".
@@ -332,9 +333,107 @@ bool time_prefill(int T, int d, bool head, bool check_determinism) {
   return ok;
 }
 
+// Decode timing of mhc_pre / mhc_head at (T, d): the decode kernel, then the previous path
+// (DSV4_MHC_DECODE=old), back-to-back stream launches on the same inputs (fn stays in L2, so
+// these are below a model's, where each layer's fn comes from HBM; bench_mhc rotates fn), and
+// the decode kernel's run-to-run determinism. Informational times; fails only on an error or a
+// nondeterminism.
+bool time_decode(int T, int d, bool head) {
+  const size_t K = 4 * size_t(d);
+  uint16_t* dx = nullptr;
+  CHECK_CUDA(cudaMalloc(&dx, size_t(T) * K * 2));
+  fill_bf16<<<64, 256>>>(dx, size_t(T) * K, 55u);
+  std::vector<float> fn(24 * K), scale = {0.7f, 0.9f, 1.1f}, base(24);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  for (auto& v : fn) v = nd(rng);
+  for (auto& v : base) v = 10 * nd(rng);
+  float* dfn = to_device(fn);
+  float* ds = to_device(scale);
+  float* db = to_device(base);
+  uint16_t *du[2] = {nullptr, nullptr};
+  float *dp[2] = {nullptr, nullptr}, *dc[2] = {nullptr, nullptr};
+  for (int r = 0; r < 2; ++r) {
+    CHECK_CUDA(cudaMalloc(&du[r], size_t(T) * d * 2));
+    CHECK_CUDA(cudaMalloc(&dp[r], size_t(T) * 4 * 4));
+    CHECK_CUDA(cudaMalloc(&dc[r], size_t(T) * 16 * 4));
+  }
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  auto run = [&](int r) {
+    return head ? dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du[r], d, T, d, ws, ws_bytes,
+                                 nullptr)
+                : dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du[r], d, dp[r], dc[r], T,
+                                d, ws, ws_bytes, nullptr);
+  };
+  bool ok = true;
+  float us[2] = {0, 0};
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int old = 0; old < 2; ++old) {
+    if (old) setenv("DSV4_MHC_DECODE", "old", 1);
+    else unsetenv("DSV4_MHC_DECODE");
+    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
+    constexpr int kReps = 100;
+    CHECK_CUDA(cudaEventRecord(e0));
+    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    us[old] = ms * 1000.f / kReps;
+  }
+  unsetenv("DSV4_MHC_DECODE");
+  // the decode kernel with each group size (DSV4_MHC_DECODE_GROUP; the default picks one)
+  char group_times[160] = "";
+  for (int g = 1; g <= 8 && g <= T; g *= 2) {
+    char gv[2] = {static_cast<char>('0' + g), '\0'};
+    setenv("DSV4_MHC_DECODE_GROUP", gv, 1);
+    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
+    constexpr int kReps = 100;
+    CHECK_CUDA(cudaEventRecord(e0));
+    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    const size_t len = std::strlen(group_times);
+    std::snprintf(group_times + len, sizeof(group_times) - len, " %d: %.2f", g,
+                  ms * 1000.f / kReps);
+  }
+  unsetenv("DSV4_MHC_DECODE_GROUP");
+  ok &= run(0) == cudaSuccess;  // the decode kernel's outputs in buffer 0, then a fresh run
+  CHECK_CUDA(cudaMemset(du[1], 0xFF, size_t(T) * d * 2));
+  CHECK_CUDA(cudaMemset(dp[1], 0xFF, size_t(T) * 4 * 4));
+  CHECK_CUDA(cudaMemset(dc[1], 0xFF, size_t(T) * 16 * 4));
+  ok &= run(1) == cudaSuccess;
+  CHECK_CUDA(cudaDeviceSynchronize());
+  bool same = to_host(du[0], size_t(T) * d) == to_host(du[1], size_t(T) * d);
+  if (!head)
+    same = same && to_host(dp[0], size_t(T) * 4) == to_host(dp[1], size_t(T) * 4) &&
+           to_host(dc[0], size_t(T) * 16) == to_host(dc[1], size_t(T) * 16);
+  ok &= same;
+  std::printf("%s time %s T=%-3d d=%-5d decode kernel %.2f us, previous path (DSV4_MHC_DECODE=old)"
+              " %.2f us (stream launches, fn L2-resident); tokens per group (us):%s%s\n",
+              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1], group_times,
+              same ? "; deterministic run to run" : "; DECODE KERNEL NOT DETERMINISTIC");
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                  static_cast<void*>(db), static_cast<void*>(du[0]), static_cast<void*>(du[1]),
+                  static_cast<void*>(dp[0]), static_cast<void*>(dp[1]), static_cast<void*>(dc[0]),
+                  static_cast<void*>(dc[1]), ws})
+    CHECK_CUDA(cudaFree(p));
+  return ok;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int n_dev = 0;
   if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
     std::printf("SKIP: no CUDA device\n");
@@ -342,6 +441,21 @@ int main() {
   }
   std::mt19937 rng(4321);
   bool ok = true;
+  // --decode-only: the decode kernel's cases and group sizes, no timing (short enough for
+  // compute-sanitizer)
+  if (argc > 1 && std::strcmp(argv[1], "--decode-only") == 0) {
+    const int dec_cases[][2] = {{1, 4096}, {2, 4096}, {8, 4096}, {13, 4096}, {63, 4096},
+                                {64, 4096}, {64, 136}, {3, 8}, {1, 7168}};
+    for (const char* g : {"", "1", "3", "8"}) {
+      if (g[0] != '\0') setenv("DSV4_MHC_DECODE_GROUP", g, 1);
+      std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g[0] != '\0' ? g : "(default)");
+      for (auto& c : dec_cases)
+        for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+    }
+    unsetenv("DSV4_MHC_DECODE_GROUP");
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   const int post_cases[][2] = {{1, 4096}, {5, 4096}, {300, 136}, {3, 13}};
   for (auto& c : post_cases) ok &= check_post(c[0], c[1], rng);
   std::printf("one-pass prefill kernel (DSV4_MHC_ONE_PASS=1), clusters of 16 CTAs it runs with "
@@ -349,13 +463,15 @@ int main() {
               "dim 128: %d\n",
               dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true),
               dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
-  // T <= 8: the fused decode launch; T > 8: the chunked two-phase path, or with
+  // T <= 64: the decode kernel (a token per group up to T = 8, then groups of ceil(T / 8) with
+  // a short last one: 13, 63); T > 64: the chunked two-phase path, or with
   // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
-  // last tiles (T % 32 != 0), one tile per cluster (T = 33) and several, through both
-  // mbarrier parities many times (T = 1000, 2000, 4100).
+  // last tiles (T % 32 != 0), one tile per cluster and several, through both mbarrier parities
+  // many times (T = 1000, 2000, 4100).
   const int pre_cases[][2] = {{1, 4096}, {8, 4096}, {9, 128}, {70, 136}, {600, 256},
                               {9, 4096}, {77, 1024}, {100, 2048}, {1000, 4096}, {4100, 1024},
-                              {33, 4096}, {2000, 2048}};
+                              {65, 4096}, {2000, 2048}, {2, 4096}, {7, 4096}, {13, 4096},
+                              {63, 4096}, {64, 4096}, {64, 136}, {3, 8}, {1, 7168}};
   for (const char* one_pass : {"0", "1"}) {
     setenv("DSV4_MHC_ONE_PASS", one_pass, 1);
     std::printf("DSV4_MHC_ONE_PASS=%s\n", one_pass);
@@ -363,6 +479,24 @@ int main() {
       for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
     ok &= check_misaligned_workspace();
   }
+  // the previous decode path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the prefill
+  // paths above) stays selectable: its cases again
+  setenv("DSV4_MHC_DECODE", "old", 1);
+  std::printf("DSV4_MHC_DECODE=old\n");
+  for (auto& c : pre_cases)
+    if (c[0] <= 64)
+      for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+  unsetenv("DSV4_MHC_DECODE");
+  // the decode kernel with the group sizes the default does not pick at these T
+  for (const char* g : {"1", "3", "8"}) {
+    setenv("DSV4_MHC_DECODE_GROUP", g, 1);
+    std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g);
+    for (int T : {8, 13, 64})
+      for (bool head : {false, true}) ok &= check_pre(T, 4096, head, rng);
+  }
+  unsetenv("DSV4_MHC_DECODE_GROUP");
+  for (bool head : {false, true})
+    for (int T : {1, 8, 64}) ok &= time_decode(T, 4096, head);
   // times (and the one-pass kernel's run-to-run determinism) at the sizes of issue 10's target
   for (bool head : {false, true}) {
     ok &= time_prefill(4096, 4096, head, true);

@@ -13,26 +13,27 @@ import pytest
 THREADS, PART_COLS, HC, MAX_FINISH = 128, 32, 4, 8
 
 
-def model_finish_sums(part: np.ndarray, t0: int, n: int):
-    """finish_tokens phase 1 on part [splits, tokens, 32] fp32 -> tot [n, 32], plus the
-    float4 indices read (to check bounds) and the red[] entries read / written."""
+def model_finish_sums(part: np.ndarray, t0: int, n: int, threads: int = THREADS):
+    """finish_tokens phase 1 (sum_split_partials<threads>: 128 in finish_tokens, 256 in the
+    decode kernel) on part [splits, tokens, 32] fp32 -> tot [n, 32], plus the float4 indices
+    read (to check bounds) and the red[] entries read / written."""
     splits, tokens, _ = part.shape
     flat4 = part.reshape(-1, 4)                     # the float4 view of the workspace
     pairs = n * (PART_COLS // 4)
-    groups = THREADS // pairs
+    groups = threads // pairs
     assert groups >= 1
     per = (splits + groups - 1) // groups
     stride = tokens * (PART_COLS // 4)
-    red = np.full((THREADS, 4), np.nan, np.float32)  # poisoned: an unwritten read shows
+    red = np.full((threads, 4), np.nan, np.float32)  # poisoned: an unwritten read shows
     written, reads = set(), []
-    for tid in range(THREADS):
+    for tid in range(threads):
         if tid >= groups * pairs:
             continue
         g, pr = tid // pairs, tid % pairs
         s_lo, s_hi = g * per, min(splits, g * per + per)
         base = t0 * (PART_COLS // 4) + pr
         s = np.zeros(4, np.float32)
-        for sp in range(s_lo, s_hi):                # the 8-wide batches add in the same order
+        for sp in range(s_lo, s_hi):   # the 8-wide batches and the tail add in the same order
             idx = base + sp * stride
             reads.append(idx)
             s = (s + flat4[idx]).astype(np.float32)

@@ -127,10 +127,15 @@ def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor,
 @pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (4, 4096), (5, 136), (7, 40), (8, 4096),
                                  (9, 4096), (64, 136), (65, 128), (513, 256), (1000, 4096),
                                  (4096, 512), (2, 7168),
-                                 # the one-pass cluster kernel (T > 8, dim 1024 / 2048 / 4096):
-                                 # one partial tile, tiles of 32 with a partial last one, more
-                                 # tiles than clusters
-                                 (33, 1024), (100, 2048), (2050, 2048), (4100, 1024)])
+                                 # the decode kernel (T <= 64): one group (T <= 4), groups of 4
+                                 # with a short last one (7, 13), of 8 with a 7-token last one
+                                 # (63), 8 full groups (64); 65: the prefill path again
+                                 (2, 4096), (7, 4096), (13, 4096), (63, 4096), (64, 4096),
+                                 (65, 4096), (33, 8), (1, 7168),
+                                 # the one-pass cluster kernel (T > 64 here, dim 1024 / 2048 /
+                                 # 4096): tiles of 32 with a partial last one, more tiles than
+                                 # clusters
+                                 (80, 1024), (100, 2048), (2050, 2048), (4100, 1024)])
 def test_mhc_pre_kernel_matches_reference(T, d):
     x, fn, scale, base, _ = _inputs(T, d, T + d)
     u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
@@ -149,8 +154,9 @@ def test_mhc_pre_kernel_matches_reference(T, d):
 
 @cuda
 @pytest.mark.parametrize("iters", [19, 20])
-# decode (one launch), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
-@pytest.mark.parametrize("T,d", [(1, 64), (40, 64), (40, 1024)])
+# the decode kernel (one token; groups of 5 and of 8: the Sinkhorn on 3 and 4 warps beside the
+# collapse), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
+@pytest.mark.parametrize("T,d", [(1, 64), (40, 64), (64, 64), (100, 64), (100, 1024)])
 def test_mhc_pre_kernel_sinkhorn_vectors(iters, T, d):
     """fn rows 0..23 = 0, base = the logits: the kernel's comb is Sinkhorn(base) exactly; the
     §7.1 vector and the slow matrix (19 vs 20 iterations differ by 3e-3) in fp64."""
@@ -221,7 +227,8 @@ def test_mhc_post_kernel_one_token_views_with_a_short_stride():
 
 @cuda
 @pytest.mark.parametrize("T,d", [(1, 4096), (2, 128), (3, 136), (5, 4096), (8, 40), (9, 4096),
-                                 (600, 256), (77, 1024), (1000, 4096)])
+                                 (600, 256), (77, 1024), (1000, 4096),
+                                 (7, 4096), (63, 4096), (64, 136), (64, 4096), (65, 4096)])
 def test_mhc_head_kernel_matches_reference(T, d):
     x, _, _, _, (fn, scale, base) = _inputs(T, d, 7 * T + d)
     ref32 = hc_head_reference(x.float(), fn, scale, base, 1e-6, 1e-6)
@@ -232,7 +239,8 @@ def test_mhc_head_kernel_matches_reference(T, d):
 
 
 @cuda
-@pytest.mark.parametrize("T,d", [(5, 4096), (100, 1024), (300, 256)])  # decode, one-pass, chunked
+# decode kernel (groups of 4 and 1; 8 groups of 8), one-pass, chunked
+@pytest.mark.parametrize("T,d", [(5, 4096), (64, 256), (100, 1024), (300, 256)])
 def test_mhc_pre_and_head_replay_from_a_cuda_graph(T, d):
     """Captured once, replayed on new inputs copied into the captured buffers: the same values
     as eager calls on those inputs (no host sync or allocation-dependent state in the launch)."""
@@ -303,7 +311,7 @@ ONE_PASS = os.environ.get("DSV4_MHC_ONE_PASS") != "0"
 @cuda
 @pytest.mark.skipif(not ONE_PASS, reason="this is the child run")
 def test_cuda_tests_again_with_the_chunked_prefill_path():
-    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=0, which sends T > 8 at dim
+    """Every CUDA test of this file again with DSV4_MHC_ONE_PASS=0, which sends T > 64 at dim
     1024 / 2048 / 4096 (the parametrised sizes above) through the chunked two-phase path instead
     of the one-pass cluster kernel. In a child process, with a time limit: a fault or a hang
     there fails this test only, not the CUDA context of the rest of the suite."""
@@ -342,6 +350,88 @@ def test_one_pass_kernel_is_the_one_that_runs():
     names = kernels(100, 4096)
     assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
     assert not any("mhc_wide_kernel" in n for n in kernels(100, 512))
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode kernel (T <= 64; DSV4_MHC_DECODE=old selects the previous paths)
+# ---------------------------------------------------------------------------------------------
+DECODE_NEW = os.environ.get("DSV4_MHC_DECODE") != "old"
+
+
+def _mhc_kernel_names(T, d):
+    from torch.profiler import ProfilerActivity, profile
+
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6)
+        ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if "mhc" in e.key and "kernel" in e.key]
+
+
+@cuda
+@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
+def test_decode_kernel_is_the_one_that_runs(monkeypatch):
+    """T = 1 and 64 launch only mhc_decode_kernel (one per op); T = 65 does not;
+    DSV4_MHC_DECODE=old (read at each call) brings back the previous fused kernel at T = 8."""
+    names = _mhc_kernel_names(1, 4096)
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert len(names) == 2 and all("mhc_decode_kernel" in n for n in names), names
+    names = _mhc_kernel_names(64, 4096)
+    assert len(names) == 2 and all("mhc_decode_kernel" in n for n in names), names
+    assert not any("mhc_decode_kernel" in n for n in _mhc_kernel_names(65, 4096))
+    monkeypatch.setenv("DSV4_MHC_DECODE", "old")
+    names = _mhc_kernel_names(8, 4096)
+    assert names and not any("mhc_decode_kernel" in n for n in names), names
+
+
+@cuda
+@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
+@pytest.mark.parametrize("group", ["1", "3", "8"])
+@pytest.mark.parametrize("T,d", [(8, 4096), (13, 136), (64, 4096)])
+def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
+    """DSV4_MHC_DECODE_GROUP forces the tokens per finisher group (by default 4 at T = 8 and 13,
+    8 at T = 64): a token per group, groups of 3 with a short last one, groups of 8 (one short
+    group at T = 8 and 13): u and y against the fp32 reference with the 2x-bf16 rule, post and
+    comb to 2e-5."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 5 * T + d)
+    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
+    u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
+    y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
+    y16 = hc_head_reference(x, hfn, hscale, hbase, 1e-6, 1e-6)
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
+    u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    post = torch.full((T, 4), float("nan"), device="cuda")
+    comb = torch.full((T, 4, 4), float("nan"), device="cuda")
+    ops.mhc_pre_out(*dev[:4], 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
+    _assert_2x_bf16(u, u32, u16, "u")
+    torch.testing.assert_close(post.cpu(), post32, atol=2e-5, rtol=0)
+    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
+    y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.mhc_head_out(dev[0], *dev[4:], 1e-6, 1e-6, y=y)
+    _assert_2x_bf16(y, y32, y16, "head")
+
+
+@cuda
+@pytest.mark.skipif(not DECODE_NEW or not ONE_PASS, reason="a child run")
+def test_cuda_tests_again_with_the_previous_decode_path():
+    """The kernel tests of this file again with DSV4_MHC_DECODE=old (T <= 8: the fused mix
+    kernel; 9..64: the prefill paths), which stays selectable and is the bench's baseline. In a
+    child process with a time limit: a fault there fails this test only."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DSV4_MHC_DECODE="old")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs",
+                        "-p", "no:cacheprovider", "-k",
+                        "matches_reference or sinkhorn or cuda_graph or strided",
+                        str(Path(__file__).resolve())],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

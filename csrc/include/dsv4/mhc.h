@@ -13,12 +13,16 @@
 // three bf16 terms (hi + mid + lo carry fn's 24 mantissa bits), so its products are those of
 // an fp32 GEMM; the epilogue uses explicitly rounded multiplies and adds in the reference's
 // order of operations. No host synchronisation; the workspace depends only on the shapes.
-// Prefill (tokens > 8) runs the projection, then re-reads x from L2 for the collapse, per chunk
-// of 512 tokens, when the environment variable DSV4_MHC_ONE_PASS=0 (read at each call); by
-// default prefill at dim 1024, 2048 or 4096 runs ONE launch that reads x
-// once: a cluster of 16 CTAs keeps a tile's x slices in shared memory and reduces the
-// projection through distributed shared memory (sm_90 clusters); a device where such a
-// cluster cannot run keeps the chunked path.
+// Decode (tokens <= kMhcDecodeMaxTokens) runs the projection as a split GEMV on CUDA cores
+// (fp32 FMAs; the product of a bf16 x value and an fp32 fn value is exact), one launch whose
+// last-arriving CTA per token group finishes that group (DSV4_MHC_DECODE=old, read at each
+// call: the previous paths, below).
+// Prefill (tokens > 64; > 8 with DSV4_MHC_DECODE=old) runs the projection, then re-reads x
+// from L2 for the collapse, per chunk of 512 tokens, when the environment variable
+// DSV4_MHC_ONE_PASS=0 (read at each call); by default prefill at dim 1024, 2048 or 4096 runs
+// ONE launch that reads x once: a cluster of 16 CTAs keeps a tile's x slices in shared memory
+// and reduces the projection through distributed shared memory (sm_90 clusters); a device
+// where such a cluster cannot run keeps the chunked path.
 #pragma once
 
 #include <cstddef>
@@ -28,7 +32,10 @@
 namespace dsv4 {
 
 constexpr int64_t kMhcStreams = 4;         // hc_mult supported by the kernels
-constexpr int64_t kMhcMaxFusedTokens = 8;  // up to this many tokens: one launch (decode)
+constexpr int64_t kMhcMaxFusedTokens = 8;  // DSV4_MHC_DECODE=old: up to this many, one launch
+// Up to this many tokens mhc_pre / mhc_head run the decode kernel (one launch after a memset of
+// its arrival counters; DSV4_MHC_DECODE=old, read at each call, selects the previous paths).
+constexpr int64_t kMhcDecodeMaxTokens = 64;
 
 // Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
