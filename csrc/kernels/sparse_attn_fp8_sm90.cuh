@@ -15,13 +15,14 @@
 //     tile, both from shared memory), masked online softmax in the log2 domain with the row
 //     max / sum exchanged through shared memory, P (bf16) to shared memory, O [64 x 256 cols]
 //     per warpgroup += P V with wgmma m64n256k16 (V = the same K tile read MN-major).
-//   warpgroup 2 (producer, 104 registers): per 64-key block, reads each key's raw MODEL1 bytes
-//     (448 e4m3 + 64 bf16 rope + 8 UE8M0 scales) with ld.global.nc straight into registers,
-//     dequantises them with integer / fp32 ALU instructions only (below) and writes the bf16 K
-//     tile (128-byte swizzle, the layout wgmma reads) into one of TWO stages, so the producer
-//     prepares block b+1 while the consumers run the GEMMs of block b. It also prefetches the
-//     rows of block b+1 into L2 while block b's loads are in flight (a third, register-free
-//     pipeline stage) and fetches the indices two blocks ahead.
+//   warpgroup 2 (producer, 104 registers): per 64-key block, waits until the consumers are
+//     done with the stage (block b-2), reads each key's 448 e4m3 bytes and 8 UE8M0 scales with
+//     ld.global.nc straight into registers, copies its 64 bf16 rope dims verbatim into the tile
+//     with cp.async (no registers, no ALU work), dequantises the e4m3 bytes with integer and
+//     bf16x2 multiply instructions (below) and writes the bf16 K tile (128-byte swizzle, the
+//     layout wgmma reads) into one of TWO stages, so the producer prepares block b+1 while the
+//     consumers run the GEMMs of block b. It also prefetches the rows of block b+1 into L2
+//     while block b is dequantised and fetches the indices two blocks ahead.
 // Producer warps 0-1 take bytes 0-223 of the nope part and rope bytes 0-63 of keys 0..63 (one
 // key per thread), warps 2-3 nope bytes 224-447 and rope bytes 64-127 (warp-uniform halves).
 //
@@ -40,23 +41,22 @@
 // Dequantisation, exact: for a byte v = (sign, 4-bit exponent e, 3-bit mantissa m) the bf16
 // bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for every non-NaN v
 // (normal: 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8).
-// Placed in the high half of an fp32 it is that number in fp32; times 2^120 (exact) it is
-// e4m3(v), the same fp32 value torch's float8_e4m3fn -> float gives; times the scale
-// 2^(s-127) it is the reference's fp32 product bit for bit (the same fp32 multiply). That
-// product has at most 4 significant bits, so its low 16 bits are zero and the high half IS its
-// bf16 value (what the reference's round-to-nearest gives) whenever |product| >= 2^-133 or it
-// is 0: true for every value when s >= 3 (scales >= 2^-124; the cache writers produce
-// 2^-22 .. 2^120, and 255 for an infinite block maximum in the CUDA writers).
-// NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its fp32 products
-// are NaN, their high halves bf16 NaNs), from a per-byte flag: bit 7 of (v & 0x7f) + 1,
-// replicated over the value's 16-bit lane by prmt's sign mode and ORed into the lane.
-// Scale bytes as the reference reads them (dsv4.ops.kv_cache: fp32 bits byte << 23): 0 is 0,
-// 255 is +inf (e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the reference's fp32 product).
-// The one difference from the reference: scale bytes 1 and 2 (never written) give products
-// below 2^-126 that are not multiples of 2^-133 (bf16 subnormals); the high half truncates
-// them toward zero where the reference rounds to nearest even.
-// Cost per 4 values: 2 prmt + 2 shift + 6 lop3 + 2 imad + 8 FMUL + 2 prmt (values), plus
-// 1 lop3 + 1 iadd + 2 prmt (NaN flags; the OR folds into a lop3).
+// A bf16x2 multiply by 2^120 (fma.rn.bf16x2 with addend -0) makes it e4m3(v) exactly (every
+// e4m3 value is a bf16); a second one by the scale 2^(s-127) (bf16 bits s << 7: 0 for s = 0,
+// +inf for s = 255, as the reference reads the pool, dsv4.ops.kv_cache: fp32 bits s << 23)
+// rounds the exact product once to bf16. The reference rounds it twice (fp32 product, then
+// bf16), but the exact product has at most 4 significant bits and is 0 or >= 2^-135 in size, so
+// its fp32 rounding is exact and both give the same bf16, subnormal results included, for
+// every scale byte. Infinite scale: e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the
+// reference's fp32 product. (This needs bf16 arithmetic that keeps subnormal inputs: the e4m3
+// subnormals are bf16 subnormals before the first multiply. PTX bf16 fma has no .ftz form.)
+// NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its products are
+// NaN), from a per-byte flag: bit 7 of (v & 0x7f) + 1, replicated over the value's 16-bit lane
+// by prmt's sign mode and ORed into the lane.
+// Cost per 4 values (SASS): 2 prmt + 2 shift + 4 lop3 + 4 HMUL2.BF16 (values), plus 1 lop3 +
+// 1 iadd + 2 prmt (NaN flags; the OR folds into a lop3): 16 instructions. The fp32
+// formulation this replaces (fp32 lanes, 8 FMUL, repacking) took 28, and the producer loop was
+// the critical path (see bench/README.md, "FP8-cache decode: warp-specialised kernel").
 #pragma once
 
 #include "sparse_attn.cuh"
@@ -175,14 +175,19 @@ __device__ __forceinline__ uint32_t prmt_sign(uint32_t a) {
   return r;
 }
 
-// fp32 value of a UE8M0 scale byte as the reference reads the pool (dsv4.ops.kv_cache
-// _e8m0_value: the fp32 bits byte << 23): 2^(byte - 127), byte 0 -> 0, byte 255 -> +inf.
-__device__ __forceinline__ float scale_value(uint32_t byte) { return __uint_as_float(byte << 23); }
+// d = a * b per bf16 lane, rounded once (fma.rn.bf16x2 with addend -0, which changes no
+// product, +0 included). bf16 arithmetic keeps subnormal inputs and results (it has no .ftz).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
 
-// Four e4m3 bytes (byte i of w = dim i) times 2^120 * k2 (k2 = the group's scale_value):
-// two bf16x2 words (dims 0-1, 2-3). Exact, NaN bytes -> NaN: see the header comment.
-__device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
-  constexpr float k1 = 1.329227995784916e36f;  // 2^120
+// Four e4m3 bytes (byte i of w = dim i) times the UE8M0 scale s2 (the scale's bf16 bits,
+// byte << 7, in both lanes): two bf16x2 words (dims 0-1, 2-3). Exact, NaN bytes -> NaN: see the
+// header comment. 16 instructions per 4 values (the fp32 formulation took 28).
+__device__ __forceinline__ uint2 dequant4(uint32_t w, uint32_t s2) {
+  constexpr uint32_t k120 = 0x7B807B80u;  // 2^120 in both bf16 lanes
   // Bit 7 of byte i: byte i of w is 0x7f or 0xff (its low 7 bits + 1 carry into bit 7, never
   // into the next byte). Each flag over its value's 16-bit lane: 0xffff (a bf16 NaN) or 0.
   const uint32_t n = (w & 0x7F7F7F7Fu) + 0x01010101u;
@@ -194,13 +199,9 @@ __device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
   // bf16 bits of e4m3 * 2^-120: sign to bit 15, exponent and mantissa to bits 4..10.
   const uint32_t h01 = (u01 & 0x80008000u) | ((u01 >> 4) & 0x07F007F0u) | nan01;
   const uint32_t h23 = (u23 & 0x80008000u) | ((u23 >> 4) & 0x07F007F0u) | nan23;
-  const float f0 = __uint_as_float(h01 << 16) * k1 * k2;
-  const float f1 = __uint_as_float(h01 & 0xFFFF0000u) * k1 * k2;
-  const float f2 = __uint_as_float(h23 << 16) * k1 * k2;
-  const float f3 = __uint_as_float(h23 & 0xFFFF0000u) * k1 * k2;
-  // The high halves (exact bf16 values): dims 0 | 1 << 16 and 2 | 3 << 16.
-  return make_uint2(__byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632),
-                    __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632));
+  // x 2^120 (exact: every e4m3 value is a bf16), then x the scale (one rounding of the exact
+  // product, the reference's fp32 product rounded to bf16).
+  return make_uint2(bf16x2_mul(bf16x2_mul(h01, k120), s2), bf16x2_mul(bf16x2_mul(h23, k120), s2));
 }
 
 // Where key `idx` of block `b` lives in its FP8 pool (row idx = entry idx % block_size of block
@@ -230,49 +231,56 @@ __device__ __forceinline__ Fp8Row fp8_row(const SparseAttnParams& p, const Token
   return row;
 }
 
-// One producer half (HH = 0: nope bytes 0-223, rope bytes 0-63; HH = 1: nope bytes 224-447,
-// rope bytes 64-127) of key `r`: dequantise the registers into the bf16 tile at sK.
+// One producer half (HH = 0: nope bytes 0-223; HH = 1: nope bytes 224-447) of key `r`:
+// dequantise the registers into the bf16 tile at sK.
 template <int HH>
 __device__ __forceinline__ void store_half(uint32_t sK, int r, const uint4 (&nope)[kNopeLoads],
-                                           const uint4 (&rope)[kRopeLoads], uint2 scl) {
+                                           uint2 scl) {
 #pragma unroll
   for (int i = 0; i < kNopeLoads; ++i) {
     constexpr int kDim0 = HH * kNopeHalf;  // first dim of this half
     const int d0 = kDim0 + 16 * i;         // compile-time after unrolling
     const int grp = d0 >> 6;               // 64-dim scale group (16-dim runs never cross one)
     const uint32_t sb = grp < 4 ? (scl.x >> (8 * grp)) & 0xffu : (scl.y >> (8 * (grp - 4))) & 0xffu;
-    const float k2 = scale_value(sb);
-    const uint2 a = dequant4(nope[i].x, k2), b = dequant4(nope[i].y, k2);
-    const uint2 c = dequant4(nope[i].z, k2), d = dequant4(nope[i].w, k2);
+    const uint32_t s2 = sb * 0x00800080u;  // bf16 bits of 2^(sb - 127) (0 -> 0, 255 -> inf), x2
+    const uint2 a = dequant4(nope[i].x, s2), b = dequant4(nope[i].y, s2);
+    const uint2 c = dequant4(nope[i].z, s2), d = dequant4(nope[i].w, s2);
     const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)
     st_shared_v4(sK + swz128(r, chunk), a.x, a.y, b.x, b.y);
     st_shared_v4(sK + swz128(r, chunk + 1), c.x, c.y, d.x, d.y);
   }
-#pragma unroll
-  for (int i = 0; i < kRopeLoads; ++i) {
-    const int chunk = kModel1Nope / 8 + HH * kRopeLoads + i;  // 56 + ...
-    st_shared_v4(sK + swz128(r, chunk), rope[i].x, rope[i].y, rope[i].z, rope[i].w);
-  }
 }
 
+// The raw nope bytes of one half and the 8 scale bytes of key `row` into registers (zeros for
+// an invalid key: its tile row is 0, masked in S and a finite V row for P = 0).
 template <int HH>
 __device__ __forceinline__ void load_half(const Fp8Row& row, uint4 (&nope)[kNopeLoads],
-                                          uint4 (&rope)[kRopeLoads], uint2& scl) {
+                                          uint2& scl) {
   if (row.valid) {
     const char* s0 = row.src + HH * kNopeHalf;
 #pragma unroll
     for (int i = 0; i < kNopeLoads; ++i) nope[i] = ld_nc_v4(s0 + 16 * i);
-    const char* s1 = row.src + kModel1Nope + HH * kRopeHalf;
-#pragma unroll
-    for (int i = 0; i < kRopeLoads; ++i) rope[i] = ld_nc_v4(s1 + 16 * i);
     scl = ld_nc_v2(row.ssrc);
-  } else {  // zeros: the tile row is 0 (masked in S; a finite V row for P = 0)
+  } else {
 #pragma unroll
     for (int i = 0; i < kNopeLoads; ++i) nope[i] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int i = 0; i < kRopeLoads; ++i) rope[i] = make_uint4(0u, 0u, 0u, 0u);
     scl = make_uint2(0u, 0u);
   }
+}
+
+// The rope bytes of one half (bf16 already: copied verbatim) straight into the tile with
+// cp.async (zero-filled for an invalid key); no registers, no conversion. `dummy` is a valid
+// global address for the zero-fill form (nothing is read from it).
+template <int HH>
+__device__ __forceinline__ void copy_rope_half(const Fp8Row& row, uint32_t sK, int r,
+                                               const char* dummy) {
+  const char* s1 = row.valid ? row.src + kModel1Nope + HH * kRopeHalf : dummy;
+#pragma unroll
+  for (int i = 0; i < kRopeLoads; ++i) {
+    const int chunk = kModel1Nope / 8 + HH * kRopeLoads + i;  // 56 + ...
+    cp_async16(sK + swz128(r, chunk), s1 + (row.valid ? 16 * i : 0), row.valid ? 16 : 0);
+  }
+  cp_async_commit();
 }
 
 // Producer loop of one half (HH warp-uniform). Blocks [b_begin, b_end) of token keys tk.
@@ -280,14 +288,21 @@ template <int HH>
 __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
                                          int b_begin, int b_end, int r, uint32_t sK0,
                                          uint8_t* s_valid, volatile int* s_any) {
+  const char* dummy = static_cast<const char*>(p.q);
   int idx_cur = b_begin < b_end ? fetch_index(tk, b_begin, r) : -1;
   int idx_nxt = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, r) : -1;
   for (int b = b_begin; b < b_end; ++b) {
     const int st = (b - b_begin) & 1;
+    const uint32_t sK = sK0 + st * kTile;
     const Fp8Row row = fp8_row(p, tk, b, idx_cur);
-    uint4 nope[kNopeLoads], rope[kRopeLoads];
+    // The stage is free once the consumers are done with block b-2. The producer is the slower
+    // side (its loads of block b would otherwise only overlap that wait), and waiting first lets
+    // the rope copies go out with the nope loads.
+    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);
+    uint4 nope[kNopeLoads];
     uint2 scl;
-    load_half<HH>(row, nope, rope, scl);
+    load_half<HH>(row, nope, scl);
+    copy_rope_half<HH>(row, sK, r, dummy);  // lands while the nope half is dequantised
     // L2 prefetch of block b+1's row: points 0,128,256 | 384,512,575 of the 576 value bytes
     // touch every 128-byte line of it; plus the scales.
     if (b + 1 < b_end) {
@@ -300,10 +315,10 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
       }
     }
     const int idx_nn = b + 2 < b_end ? fetch_index(tk, b + 2, r) : -1;
-    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
-    store_half<HH>(sK0 + st * kTile, r, nope, rope, scl);
+    store_half<HH>(sK, r, nope, scl);
     if (HH == 0) s_valid[st * kBlockN + r] = row.valid ? 1 : 0;
     if (row.valid) *s_any = 1;
+    cp_async_wait_all();  // the rope chunks of this thread are in the tile
     fence_proxy_async();
     bar_arrive(kBarFull + st, kThreads);
     idx_cur = idx_nxt;
