@@ -121,7 +121,9 @@ constexpr int kNopeHalf = kModel1Nope / 2;  // 224 bytes = 14 x 16
 constexpr int kNopeLoads = kNopeHalf / 16;  // 14
 constexpr int kRopeHalf = kModel1Rope * 2 / 2;  // 64 bytes = 4 x 16
 constexpr int kRopeLoads = kRopeHalf / 16;      // 4
+constexpr int kNopeQ = kNopeLoads / 2;          // 7 loads: a quarter (112 bytes) of the nope part
 static_assert(kNopeHalf % 16 == 0 && kRopeHalf % 16 == 0, "16-byte loads");
+static_assert(kNopeLoads == 2 * kNopeQ, "each producer half is loaded in two quarters");
 
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
@@ -231,44 +233,48 @@ __device__ __forceinline__ Fp8Row fp8_row(const SparseAttnParams& p, const Token
   return row;
 }
 
-// One producer half (HH = 0: nope bytes 0-223; HH = 1: nope bytes 224-447) of key `r`:
-// dequantise the registers into the bf16 tile at sK.
-template <int HH>
-__device__ __forceinline__ void store_half(uint32_t sK, int r, const uint4 (&nope)[kNopeLoads],
-                                           uint2 scl) {
+// Nope quarter Q (0, 1) of producer half HH (0, 1): the 112 e4m3 bytes at 224 * HH + 112 * Q
+// of key `r`, in registers, dequantised into the bf16 tile at sK (16-dim runs never cross a
+// 64-dim scale group: every run starts at a multiple of 16). scl: the key's 8 scale bytes.
+template <int HH, int Q>
+__device__ __forceinline__ void store_quarter(uint32_t sK, int r, const uint4 (&v)[kNopeQ],
+                                              uint64_t scl) {
+  constexpr int dq = HH * kNopeHalf + Q * (kNopeQ * 16);  // first dim of the quarter
 #pragma unroll
-  for (int i = 0; i < kNopeLoads; ++i) {
-    constexpr int kDim0 = HH * kNopeHalf;  // first dim of this half
-    const int d0 = kDim0 + 16 * i;         // compile-time after unrolling
-    const int grp = d0 >> 6;               // 64-dim scale group (16-dim runs never cross one)
-    const uint32_t sb = grp < 4 ? (scl.x >> (8 * grp)) & 0xffu : (scl.y >> (8 * (grp - 4))) & 0xffu;
+  for (int i = 0; i < kNopeQ; ++i) {
+    const int d0 = dq + 16 * i;  // compile-time after unrolling
+    const uint32_t sb = static_cast<uint32_t>(scl >> (8 * (d0 >> 6))) & 0xffu;
     const uint32_t s2 = sb * 0x00800080u;  // bf16 bits of 2^(sb - 127) (0 -> 0, 255 -> inf), x2
-    const uint2 a = dequant4(nope[i].x, s2), b = dequant4(nope[i].y, s2);
-    const uint2 c = dequant4(nope[i].z, s2), d = dequant4(nope[i].w, s2);
+    const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
+    const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
     const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)
     st_shared_v4(sK + swz128(r, chunk), a.x, a.y, b.x, b.y);
     st_shared_v4(sK + swz128(r, chunk + 1), c.x, c.y, d.x, d.y);
   }
 }
 
-// The raw nope bytes of one half and the 8 scale bytes of key `row` into registers (zeros for
-// an invalid key: its tile row is 0, masked in S and a finite V row for P = 0).
-template <int HH>
-__device__ __forceinline__ void load_half(const Fp8Row& row, uint4 (&nope)[kNopeLoads],
-                                          uint2& scl) {
+// The raw bytes of nope quarter Q of half HH of key `row` into registers (zeros for an invalid
+// key: its tile row is 0, masked in S and a finite V row for P = 0).
+template <int HH, int Q>
+__device__ __forceinline__ void load_quarter(const Fp8Row& row, uint4 (&v)[kNopeQ]) {
   if (row.valid) {
-    const char* s0 = row.src + HH * kNopeHalf;
+    const char* s0 = row.src + HH * kNopeHalf + Q * (kNopeQ * 16);
 #pragma unroll
-    for (int i = 0; i < kNopeLoads; ++i) nope[i] = ld_nc_v4(s0 + 16 * i);
-    scl = ld_nc_v2(row.ssrc);
+    for (int i = 0; i < kNopeQ; ++i) v[i] = ld_nc_v4(s0 + 16 * i);
   } else {
 #pragma unroll
-    for (int i = 0; i < kNopeLoads; ++i) nope[i] = make_uint4(0u, 0u, 0u, 0u);
-    scl = make_uint2(0u, 0u);
+    for (int i = 0; i < kNopeQ; ++i) v[i] = make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
-// The rope bytes of one half (bf16 already: copied verbatim) straight into the tile with
+// The 8 scale bytes of key `row` (byte g = the scale of dims 64g .. 64g+63); 0 if invalid.
+__device__ __forceinline__ uint64_t load_scales(const Fp8Row& row) {
+  if (!row.valid) return 0;
+  const uint2 v = ld_nc_v2(row.ssrc);
+  return static_cast<uint64_t>(v.x) | (static_cast<uint64_t>(v.y) << 32);
+}
+
+// The rope bytes of half HH (bf16 already: copied verbatim) straight into the tile with
 // cp.async (zero-filled for an invalid key); no registers, no conversion. `dummy` is a valid
 // global address for the zero-fill form (nothing is read from it).
 template <int HH>
@@ -283,45 +289,50 @@ __device__ __forceinline__ void copy_rope_half(const Fp8Row& row, uint32_t sK, i
   cp_async_commit();
 }
 
-// Producer loop of one half (HH warp-uniform). Blocks [b_begin, b_end) of token keys tk.
+// Producer loop of one half HH (warp-uniform: warps 0-1 HH = 0, warps 2-3 HH = 1; compile-time,
+// so every shared-memory address is a register plus an immediate). Blocks [b_begin, b_end).
+// Register pipeline (quarters of 7 x 16 bytes): while quarter 0 of block b is dequantised,
+// quarter 1 of block b is in flight; while quarter 1 is dequantised, quarter 0 (and the scales)
+// of block b+1 are. So no load latency is exposed once the loop runs, with the registers of
+// two quarters (the previous design held a whole half and waited for it every block).
 template <int HH>
 __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
                                          int b_begin, int b_end, int r, uint32_t sK0,
                                          uint8_t* s_valid, volatile int* s_any) {
   const char* dummy = static_cast<const char*>(p.q);
-  int idx_cur = b_begin < b_end ? fetch_index(tk, b_begin, r) : -1;
   int idx_nxt = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, r) : -1;
+  Fp8Row row = fp8_row(p, tk, b_begin, b_begin < b_end ? fetch_index(tk, b_begin, r) : -1);
+  uint4 va[kNopeQ], vb[kNopeQ];
+  load_quarter<HH, 0>(row, va);
+  uint64_t scl = load_scales(row);
   for (int b = b_begin; b < b_end; ++b) {
     const int st = (b - b_begin) & 1;
     const uint32_t sK = sK0 + st * kTile;
-    const Fp8Row row = fp8_row(p, tk, b, idx_cur);
-    // The stage is free once the consumers are done with block b-2. The producer is the slower
-    // side (its loads of block b would otherwise only overlap that wait), and waiting first lets
-    // the rope copies go out with the nope loads.
-    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);
-    uint4 nope[kNopeLoads];
-    uint2 scl;
-    load_half<HH>(row, nope, scl);
-    copy_rope_half<HH>(row, sK, r, dummy);  // lands while the nope half is dequantised
-    // L2 prefetch of block b+1's row: points 0,128,256 | 384,512,575 of the 576 value bytes
-    // touch every 128-byte line of it; plus the scales.
-    if (b + 1 < b_end) {
-      const Fp8Row nr = fp8_row(p, tk, b + 1, idx_nxt);
-      if (nr.valid) {
-        prefetch_l2(nr.src + HH * 384);
-        prefetch_l2(nr.src + HH * 384 + 128);
-        prefetch_l2(nr.src + (HH ? kModel1TokenBytes - 1 : 256));
-        if (HH) prefetch_l2(nr.ssrc);
-      }
+    load_quarter<HH, 1>(row, vb);  // quarter 1 of block b
+    // Block b+1's row (invalid past b_end): L2 prefetch of it now (points 0,128,256 |
+    // 384,512,575 of its 576 value bytes touch every 128-byte line; plus the scales), its
+    // quarter 0 and scales into registers once quarter 0 of block b is stored.
+    const Fp8Row nrow = fp8_row(p, tk, b + 1, idx_nxt);
+    if (nrow.valid) {
+      prefetch_l2(nrow.src + HH * 384);
+      prefetch_l2(nrow.src + HH * 384 + 128);
+      prefetch_l2(nrow.src + (HH ? kModel1TokenBytes - 1 : 256));
+      if (HH) prefetch_l2(nrow.ssrc);
     }
     const int idx_nn = b + 2 < b_end ? fetch_index(tk, b + 2, r) : -1;
-    store_half<HH>(sK, r, nope, scl);
+    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
+    copy_rope_half<HH>(row, sK, r, dummy);  // lands while the nope half is dequantised
+    store_quarter<HH, 0>(sK, r, va, scl);
+    load_quarter<HH, 0>(nrow, va);  // va is free: quarter 0 of block b+1
+    const uint64_t scl_nxt = load_scales(nrow);
+    store_quarter<HH, 1>(sK, r, vb, scl);
     if (HH == 0) s_valid[st * kBlockN + r] = row.valid ? 1 : 0;
     if (row.valid) *s_any = 1;
     cp_async_wait_all();  // the rope chunks of this thread are in the tile
     fence_proxy_async();
     bar_arrive(kBarFull + st, kThreads);
-    idx_cur = idx_nxt;
+    row = nrow;
+    scl = scl_nxt;
     idx_nxt = idx_nn;
   }
 }
