@@ -101,7 +101,7 @@ cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
     // "new": the warp-specialised kernel (producer warps dequantise into two bf16 stages);
     // "old" (the default until the new one has passed its first GPU run): the wgmma kernel
     // that dequantises between its GEMMs.
-    return which == 1 ? sparse_attn_fp8::launch_fp8_ws(p, stream)
+    return which == 1 ? sparse_attn_detail::fp8_ws::launch_fp8_ws(p, stream)
                       : sparse_attn_detail::launch_wgmma<512, true>(p, stream);
   }
   if (D == 512 && current_device_is_sm90()) {

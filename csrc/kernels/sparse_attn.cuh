@@ -790,6 +790,128 @@ __device__ __forceinline__ void dequant_model1_tile(const uint8_t* raw, uint32_t
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// One consumer warpgroup's work on one 64-key block, shared by the two head_dim-512 wgmma
+// kernels (sparse_attn_fwd_wgmma_kernel below and the warp-specialised FP8 kernel of
+// sparse_attn_fp8_sm90.cuh), so both compute the same numbers in the same order. Two
+// warpgroups split a 64-head tile: warpgroup wg takes keys 32*wg .. +32 of S and output columns
+// (D/2)*wg .. +D/2 of O. Thread mapping of the wgmma accumulators: warp w4 (0..3) of the
+// warpgroup owns rows 16*w4 .. +16; lane = 4*g + tg holds rows 16*w4 + g and +8 (hf = 0, 1).
+// Q, K: bf16 [64 x D] SW128 tiles (swz128); P: bf16 [64 x 64] (swz<8>).
+// ---------------------------------------------------------------------------------------------
+constexpr uint32_t kWgSlice = kBlockN * 128;  // bytes of one 64-column slice of a SW128 tile
+
+// s = Q K^T [64 heads x 32 keys: keys 32*wg .. +32 of the K tile at sK], fp32.
+template <int D>
+__device__ __forceinline__ void wg_scores(float (&s)[16], uint32_t sQ, uint32_t sK, int wg) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t koff = (kk >> 2) * kWgSlice + (kk & 3) * 32;
+    wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
+                       smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(s);
+}
+
+// Masked online softmax of one block in the log2 domain: s * sc2 (sc2 = softmax scale * log2 e)
+// where vflag[key] != 0 (vflag: this warpgroup's 32 validity bytes), -inf elsewhere; the row
+// max of the 64 keys through red_max [2][64] and named barrier 1 + w4 (warps w4 and 4 + w4
+// share these rows); m_run updated, alpha = 2^(m_old - m_new) (every exponent uses
+// m_use = (m == -inf ? 0 : m)); this warpgroup's row sums to red_sum [2][64]; P = 2^(s - m_use)
+// rounded to bf16 into sP. The caller publishes P (fence.proxy.async, then a barrier over both
+// warpgroups) before wg_rescale and wg_pv.
+__device__ __forceinline__ void wg_softmax_to_p(float (&s)[16], const uint8_t* vflag, float sc2,
+                                                float (&m_run)[2], float (&alpha)[2],
+                                                float* red_max, float* red_sum, uint32_t sP,
+                                                int wg, int w4, int g, int tg) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
+      s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
+    }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
+  }
+  named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
+    const float m_new = fmaxf(m_run[hf], bm);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hf] = exp2_approx(m_run[hf] - m_use);
+    m_run[hf] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
+        s[i * 4 + 2 * hf + e] = pv;
+        sum += pv;
+      }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (tg == 0) red_sum[wg * kBlockM + row] = sum;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = wg * 32 + i * 8 + 2 * tg;
+      st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
+                    pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+    }
+  }
+}
+
+// After P is published: l_run = l_run * alpha + both warpgroups' row sums; O *= alpha.
+// o: this warpgroup's accumulator [64 rows x N/2 columns] in wgmma fragment order.
+template <int N>
+__device__ __forceinline__ void wg_rescale(float (&o)[N], float (&l_run)[2],
+                                           const float (&alpha)[2], const float* red_sum, int w4,
+                                           int g) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      o[i * 4 + 2 * hf] *= alpha[hf];
+      o[i * 4 + 2 * hf + 1] *= alpha[hf];
+    }
+  }
+}
+
+// O[:, (D/2)*wg .. +D/2] += P V (V = the K tile at sK read MN-major: LBO = the 64-column slice
+// stride, SBO = the 8-key-row stride; verified on the H200 by check_sparse_attn, the swapped
+// assignment gives wrong results). Returns with the wgmma waited.
+template <int D>
+__device__ __forceinline__ void wg_pv(float (&o)[D / 4], uint32_t sP, uint32_t sK, int wg) {
+  static_assert(D == 512, "one m64n256k16 wgmma per 16 keys: D / 2 = 256 output columns");
+  fence_regs(o);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBlockN / 16; ++ks) {
+    wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
+                           smem_desc(sK + wg * (D / 2 / 64) * kWgSlice + ks * 16 * 128, kWgSlice,
+                                     1024u));
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(o);
+}
+
 template <int D, bool kFp8 = false>
 struct WgCfg {
   static_assert(D == 512, "the wgmma kernel is instantiated for head_dim 512");
@@ -932,10 +1054,6 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
   for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sc2 = p.softmax_scale * kLog2e;
-  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
-  constexpr uint32_t kLboV = kSlice;
-  constexpr uint32_t kSboV = 1024u;
-
   for (int b = b_begin; b < b_end; ++b) {
     const int stage = (b - b_begin) & 1;
     cp_async_wait_all();
@@ -952,93 +1070,17 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
       __syncthreads();  // the bf16 tile is complete for both warpgroups
     }
 
-    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    // ---- S = Q K^T for keys 32*wg .. +32; masked online softmax; P to shared memory ----
     float s[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
-      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
-                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(s);
-
-    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
-    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
-        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
-      }
+    wg_scores<D>(s, sQ, sK, wg);
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
-    }
-    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
-      const float m_new = fmaxf(m_run[hf], bm);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[hf] = exp2_approx(m_run[hf] - m_use);
-      m_run[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
-          s[i * 4 + 2 * hf + e] = pv;
-          sum += pv;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = wg * 32 + i * 8 + 2 * tg;
-        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
-                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      }
-    }
+    wg_softmax_to_p(s, s_valid + stage * kBlockN + wg * 32, sc2, m_run, alpha, red_max, red_sum,
+                    sP, wg, w4, g, tg);
     fence_proxy_async();
     __syncthreads();  // P complete (all 64 rows x 64 keys) for both warpgroups
-
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        o[i * 4 + 2 * hf] *= alpha[hf];
-        o[i * 4 + 2 * hf + 1] *= alpha[hf];
-      }
-    }
-
+    wg_rescale(o, l_run, alpha, red_sum, w4, g);
     // ---- O[:, 256*wg .. +256] += P V ----
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
-                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(o);
+    wg_pv<D>(o, sP, sK, wg);
   }
 
   cp_async_wait_all();

@@ -62,35 +62,10 @@
 #include "sparse_attn.cuh"
 
 namespace dsv4 {
-namespace sparse_attn_fp8 {
-
-using sparse_attn_detail::cp_async16;
-using sparse_attn_detail::cp_async_commit;
-using sparse_attn_detail::cp_async_wait_all;
-using sparse_attn_detail::exp2_approx;
-using sparse_attn_detail::fence_proxy_async;
-using sparse_attn_detail::fence_regs;
-using sparse_attn_detail::fetch_index;
-using sparse_attn_detail::kBlockM;
-using sparse_attn_detail::kBlockN;
-using sparse_attn_detail::kLn2;
-using sparse_attn_detail::kLog2e;
-using sparse_attn_detail::ld_shared_v4;
-using sparse_attn_detail::named_barrier;
-using sparse_attn_detail::pack_bf16x2;
-using sparse_attn_detail::smem_desc;
-using sparse_attn_detail::smem_u32;
-using sparse_attn_detail::sparse_attn_combine_kernel;
-using sparse_attn_detail::st_shared_u32;
-using sparse_attn_detail::swz;
-using sparse_attn_detail::swz128;
-using sparse_attn_detail::token_keys;
-using sparse_attn_detail::TokenKeys;
-using sparse_attn_detail::wgmma_commit;
-using sparse_attn_detail::wgmma_fence;
-using sparse_attn_detail::wgmma_m64n256k16_ss_tb;
-using sparse_attn_detail::wgmma_m64n32k16_ss;
-using sparse_attn_detail::wgmma_wait_all;
+namespace sparse_attn_detail {
+// Nested in sparse_attn_detail: the helpers of sparse_attn.cuh (PTX wrappers, the key-list
+// walk, the consumer warpgroup's block step wg_*) are in scope as they are for the old kernel.
+namespace fp8_ws {
 
 constexpr int kD = 512;
 constexpr int kThreads = 384;
@@ -428,102 +403,22 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sc2 = p.softmax_scale * kLog2e;
-  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
-  constexpr uint32_t kLboV = kSlice;
-  constexpr uint32_t kSboV = 1024u;
-
   for (int b = b_begin; b < b_end; ++b) {
     const int stage = (b - b_begin) & 1;
     bar_sync(kBarFull + stage, kThreads);  // block b's tile is in `stage`; both WGs done with b-1
     const uint32_t sK = sK0 + stage * kTile;
 
-    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    // ---- S = Q K^T for keys 32*wg .. +32; masked online softmax; P to shared memory ----
     float s[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
-      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
-                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(s);
-
-    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
-    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
-        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
-      }
+    wg_scores<kD>(s, sQ, sK, wg);
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
-    }
-    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
-      const float m_new = fmaxf(m_run[hf], bm);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[hf] = exp2_approx(m_run[hf] - m_use);
-      m_run[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
-          s[i * 4 + 2 * hf + e] = pv;
-          sum += pv;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = wg * 32 + i * 8 + 2 * tg;
-        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
-                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      }
-    }
+    wg_softmax_to_p(s, s_valid + stage * kBlockN + wg * 32, sc2, m_run, alpha, red_max, red_sum,
+                    sP, wg, w4, g, tg);
     fence_proxy_async();
     bar_sync(kBarConsumers, 256);  // P complete (64 rows x 64 keys) for both warpgroups
-
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        o[i * 4 + 2 * hf] *= alpha[hf];
-        o[i * 4 + 2 * hf + 1] *= alpha[hf];
-      }
-    }
-
+    wg_rescale(o, l_run, alpha, red_sum, w4, g);
     // ---- O[:, 256*wg .. +256] += P V ----
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
-                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(o);
+    wg_pv<kD>(o, sP, sK, wg);
     if (b + 2 < b_end) bar_arrive(kBarEmpty + stage, kThreads);  // the producer may refill it
   }
 
@@ -630,5 +525,6 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
   return err;
 }
 
-}  // namespace sparse_attn_fp8
+}  // namespace fp8_ws
+}  // namespace sparse_attn_detail
 }  // namespace dsv4
