@@ -912,6 +912,92 @@ __device__ __forceinline__ void wg_pv(float (&o)[D / 4], uint32_t sP, uint32_t s
   fence_regs(o);
 }
 
+// Epilogue without a split: O / (l + 2^(sink * log2 e - m)) (0 when no key of the CTA is
+// valid) rounded to bf16 and staged into the Q tile at sQ (the caller makes sure no wgmma still
+// reads it), lse = (m + log2 l) * ln 2 (+inf when no key is valid). The caller then publishes
+// the staging to both warpgroups (a barrier) and calls store_staged_rows.
+template <int D>
+__device__ __forceinline__ void wg_stage_output(const SparseAttnParams& p, const float (&o)[D / 4],
+                                                const float (&m_run)[2], const float (&l_run)[2],
+                                                bool any, uint32_t sQ, int64_t t, int h0, int wg,
+                                                int w4, int g, int tg) {
+  constexpr int NO = D / 2;
+  const int H = static_cast<int>(p.num_heads);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const int h = h0 + row;
+    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+    const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
+    const float inv = any ? 1.f / denom : 0.f;
+    if (wg == 0 && tg == 0 && h < H) {
+      p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+          any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
+    }
+#pragma unroll
+    for (int i = 0; i < NO / 8; ++i) {
+      const int col = wg * NO + i * 8 + 2 * tg;
+      st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
+                    pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
+    }
+  }
+}
+
+// The staged bf16 output rows to p.out with 16-byte coalesced stores: row lrow of the tile,
+// chunks lc0 + i * TPR (i < CPT), as the Q tile was loaded.
+template <int TPR, int CPT>
+__device__ __forceinline__ void store_staged_rows(const SparseAttnParams& p, uint32_t sQ,
+                                                  int64_t t, int h0, int lrow, int lc0) {
+  if (h0 + lrow < static_cast<int>(p.num_heads)) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                        static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
+    }
+  }
+}
+
+// Epilogue of a key split: fp32 partials for sparse_attn_combine_kernel (O / l, the log2-sum-exp
+// m + log2 l or -inf, and one any-valid flag per (split, token, head tile)).
+template <int D>
+__device__ __forceinline__ void wg_write_partials(const SparseAttnParams& p,
+                                                  const float (&o)[D / 4],
+                                                  const float (&m_run)[2],
+                                                  const float (&l_run)[2], bool any, int64_t t,
+                                                  int split, int h0, int ht, int wg, int w4,
+                                                  int g, int tg, int tid) {
+  constexpr int NO = D / 2;
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  const int64_t T = p.num_tokens;
+  float* ws_o = static_cast<float*>(p.workspace);
+  float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
+  float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
+  const int64_t st = static_cast<int64_t>(split) * T + t;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const int h = h0 + row;
+    if (h >= H) continue;
+    const float l = l_run[hf];
+    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float inv_l = l == 0.f ? 0.f : 1.f / l;
+    float* orow = ws_o + (st * H + h) * D;
+#pragma unroll
+    for (int i = 0; i < NO / 8; ++i) {
+      const int col = wg * NO + i * 8 + 2 * tg;
+      *reinterpret_cast<float2*>(orow + col) =
+          make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
+    }
+    if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
+  }
+  if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+}
+
 template <int D, bool kFp8 = false>
 struct WgCfg {
   static_assert(D == 512, "the wgmma kernel is instantiated for head_dim 512");
@@ -1087,60 +1173,11 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
   const bool any = __syncthreads_or(any_valid ? 1 : 0) != 0;
 
   if constexpr (!kSplit) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
-      const float inv = any ? 1.f / denom : 0.f;
-      if (wg == 0 && tg == 0 && h < H) {
-        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
-      }
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
-                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
-      }
-    }
+    wg_stage_output<D>(p, o, m_run, l_run, any, sQ, t, h0, wg, w4, g, tg);
     __syncthreads();
-    if (h0 + lrow < H) {
-      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
-                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
-#pragma unroll
-      for (int i = 0; i < CPT; ++i) {
-        const int c = lc0 + i * TPR;
-        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
-      }
-    }
+    store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    const int64_t T = p.num_tokens;
-    float* ws_o = static_cast<float*>(p.workspace);
-    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
-    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      if (h >= H) continue;
-      const float l = l_run[hf];
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float inv_l = l == 0.f ? 0.f : 1.f / l;
-      float* orow = ws_o + (st * H + h) * D;
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        *reinterpret_cast<float2*>(orow + col) =
-            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
-      }
-      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
-    }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    wg_write_partials<D>(p, o, m_run, l_run, any, t, split, h0, ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }

@@ -428,60 +428,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   const bool any = *s_any != 0;  // final: the producer wrote it before its last FULL arrive
 
   if constexpr (!kSplit) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
-      const float inv = any ? 1.f / denom : 0.f;
-      if (wg == 0 && tg == 0 && h < H) {
-        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
-      }
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
-                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
-      }
-    }
+    wg_stage_output<kD>(p, o, m_run, l_run, any, sQ, t, h0, wg, w4, g, tg);
     bar_sync(kBarConsumers, 256);
-    if (h0 + lrow < H) {
-      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
-                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
-#pragma unroll
-      for (int i = 0; i < CPT; ++i) {
-        const int c = lc0 + i * TPR;
-        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
-      }
-    }
+    store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    const int64_t T = p.num_tokens;
-    float* ws_o = static_cast<float*>(p.workspace);
-    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * kD;
-    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      if (h >= H) continue;
-      const float l = l_run[hf];
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float inv_l = l == 0.f ? 0.f : 1.f / l;
-      float* orow = ws_o + (st * H + h) * kD;
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        *reinterpret_cast<float2*>(orow + col) =
-            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
-      }
-      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
-    }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    wg_write_partials<kD>(p, o, m_run, l_run, any, t, split, h0, ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }
