@@ -234,6 +234,40 @@ __device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
   return blk * tk.bs + (lane_k - col * tk.bs);  // < n_extra_kv <= INT_MAX (host check)
 }
 
+// The work of one CTA of the sparse_attn grids: blockIdx.x = (t * n_ht + ht) * num_splits +
+// split (num_splits = 1 without a split) for token t and 64-head tile ht (heads h0 .. h0+63),
+// and the key blocks [b_begin, b_end) of the split (ceil(nb / num_splits) blocks each; empty
+// past the end of the token's key list).
+struct CtaWork {
+  int64_t t;
+  int ht, h0, split;
+  TokenKeys tk;
+  int b_begin, b_end;
+};
+template <bool kSplit>
+__device__ __forceinline__ CtaWork cta_work(const SparseAttnParams& p) {
+  const int n_ht = (static_cast<int>(p.num_heads) + kBlockM - 1) / kBlockM;
+  CtaWork w;
+  int64_t bid = blockIdx.x;
+  w.split = 0;
+  if (kSplit) {
+    w.split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+  }
+  w.ht = static_cast<int>(bid % n_ht);
+  w.t = bid / n_ht;
+  w.h0 = w.ht * kBlockM;
+  w.tk = token_keys(p, w.t);
+  w.b_begin = 0;
+  w.b_end = w.tk.nb;
+  if (kSplit) {
+    const int per = (w.tk.nb + p.num_splits - 1) / p.num_splits;
+    w.b_begin = min(w.tk.nb, w.split * per);
+    w.b_end = min(w.tk.nb, w.b_begin + per);
+  }
+  return w;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Main kernel. kSplit: write fp32 partials (O / l, log2-sum-exp, any-valid flag) to the
 // workspace for sparse_attn_combine_kernel instead of the final output.
@@ -257,24 +291,10 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   // Loader mapping (Q, K blocks, O store): row lrow, chunks lc0 + i*TPR.
   const int lrow = tid / TPR, lc0 = tid % TPR;
@@ -515,7 +535,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
     float* ws_o = static_cast<float*>(p.workspace);
     float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
     float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
+    const int64_t st = static_cast<int64_t>(cw.split) * T + t;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -535,7 +555,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
         }
         if (wn == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
       }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    if (tid == 0) ws_flag[st * ((H + kBlockM - 1) / kBlockM) + cw.ht] = any ? 1.f : 0.f;
   }
 }
 
@@ -1049,24 +1069,10 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   const int lrow = tid / TPR, lc0 = tid % TPR;
   const char* dummy = static_cast<const char*>(p.q);
@@ -1177,7 +1183,7 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
     __syncthreads();
     store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    wg_write_partials<D>(p, o, m_run, l_run, any, t, split, h0, ht, wg, w4, g, tg, tid);
+    wg_write_partials<D>(p, o, m_run, l_run, any, t, cw.split, h0, cw.ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }

@@ -337,24 +337,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   if (tid == 0) *s_any = 0;
   __syncthreads();  // the only CTA-wide barrier: s_any is 0 before any producer write
@@ -432,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
     bar_sync(kBarConsumers, 256);
     store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    wg_write_partials<kD>(p, o, m_run, l_run, any, t, split, h0, ht, wg, w4, g, tg, tid);
+    wg_write_partials<kD>(p, o, m_run, l_run, any, t, cw.split, h0, cw.ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }
