@@ -21,8 +21,9 @@
 //     with cp.async (no registers, no ALU work), dequantises the e4m3 bytes with integer and
 //     bf16x2 multiply instructions (below) and writes the bf16 K tile (128-byte swizzle, the
 //     layout wgmma reads) into one of TWO stages, so the producer prepares block b+1 while the
-//     consumers run the GEMMs of block b. It also prefetches the rows of block b+1 into L2
-//     while block b is dequantised and fetches the indices two blocks ahead.
+//     consumers run the GEMMs of block b. Loads are pipelined in register quarters (no load
+//     latency exposed per block), rows prefetched to L2 (block b+2 at the end of block b),
+//     indices fetched two blocks ahead.
 // Producer warps 0-1 take bytes 0-223 of the nope part and rope bytes 0-63 of keys 0..63 (one
 // key per thread), warps 2-3 nope bytes 224-447 and rope bytes 64-127 (warp-uniform halves).
 //
@@ -264,12 +265,26 @@ __device__ __forceinline__ void copy_rope_half(const Fp8Row& row, uint32_t sK, i
   cp_async_commit();
 }
 
+// L2 prefetch of a key's row (nothing for an invalid one): points 0,128,256 (HH = 0) |
+// 384,512,575 (HH = 1) of its 576 value bytes touch every 128-byte line; plus the scales.
+template <int HH>
+__device__ __forceinline__ void prefetch_row_l2(const Fp8Row& row) {
+  if (row.valid) {
+    prefetch_l2(row.src + HH * 384);
+    prefetch_l2(row.src + HH * 384 + 128);
+    prefetch_l2(row.src + (HH ? kModel1TokenBytes - 1 : 256));
+    if (HH) prefetch_l2(row.ssrc);
+  }
+}
+
 // Producer loop of one half HH (warp-uniform: warps 0-1 HH = 0, warps 2-3 HH = 1; compile-time,
 // so every shared-memory address is a register plus an immediate). Blocks [b_begin, b_end).
 // Register pipeline (quarters of 7 x 16 bytes): while quarter 0 of block b is dequantised,
 // quarter 1 of block b is in flight; while quarter 1 is dequantised, quarter 0 (and the scales)
 // of block b+1 are. So no load latency is exposed once the loop runs, with the registers of
-// two quarters (the previous design held a whole half and waited for it every block).
+// two quarters (the previous design held a whole half and waited for it every block). Rows
+// are prefetched to L2 at the end of iteration b for block b+2 (half a block before their first
+// register load), indices fetched two blocks ahead.
 template <int HH>
 __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
                                          int b_begin, int b_end, int r, uint32_t sK0,
@@ -280,29 +295,27 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
   uint4 va[kNopeQ], vb[kNopeQ];
   load_quarter<HH, 0>(row, va);
   uint64_t scl = load_scales(row);
+  prefetch_row_l2<HH>(fp8_row(p, tk, b_begin + 1, idx_nxt));
   for (int b = b_begin; b < b_end; ++b) {
     const int st = (b - b_begin) & 1;
     const uint32_t sK = sK0 + st * kTile;
     load_quarter<HH, 1>(row, vb);  // quarter 1 of block b
-    // Block b+1's row (invalid past b_end): L2 prefetch of it now (points 0,128,256 |
-    // 384,512,575 of its 576 value bytes touch every 128-byte line; plus the scales), its
-    // quarter 0 and scales into registers once quarter 0 of block b is stored.
-    const Fp8Row nrow = fp8_row(p, tk, b + 1, idx_nxt);
-    if (nrow.valid) {
-      prefetch_l2(nrow.src + HH * 384);
-      prefetch_l2(nrow.src + HH * 384 + 128);
-      prefetch_l2(nrow.src + (HH ? kModel1TokenBytes - 1 : 256));
-      if (HH) prefetch_l2(nrow.ssrc);
-    }
     const int idx_nn = b + 2 < b_end ? fetch_index(tk, b + 2, r) : -1;
     if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
     copy_rope_half<HH>(row, sK, r, dummy);  // lands while the nope half is dequantised
     store_quarter<HH, 0>(sK, r, va, scl);
-    load_quarter<HH, 0>(nrow, va);  // va is free: quarter 0 of block b+1
+    // Block b+1's row (invalid past b_end; prefetched to L2 at the end of the iteration
+    // before): its quarter 0 and scales into the free va while quarter 1 of block b is
+    // dequantised.
+    const Fp8Row nrow = fp8_row(p, tk, b + 1, idx_nxt);
+    load_quarter<HH, 0>(nrow, va);
     const uint64_t scl_nxt = load_scales(nrow);
     store_quarter<HH, 1>(sK, r, vb, scl);
     if (HH == 0) s_valid[st * kBlockN + r] = row.valid ? 1 : 0;
     if (row.valid) *s_any = 1;
+    // Block b+2's row to L2 (its index, fetched at the top of this iteration, has arrived; half
+    // a block before its quarter 0 is loaded in the middle of the next iteration).
+    prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, idx_nn));
     cp_async_wait_all();  // the rope chunks of this thread are in the tile
     fence_proxy_async();
     bar_arrive(kBarFull + st, kThreads);
