@@ -119,10 +119,13 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
-// Read-only global loads that do not allocate in L1 (each raw row is read once per CTA).
+// Read-only global loads. Each raw row is read once per CTA, but one thread reads its nope
+// bytes as consecutive 16-byte loads, two per 32-byte sector: L1::evict_first lets the second
+// half find the sector in L1 (no_allocate fetched every sector from L2 twice) while keeping
+// these lines first in line for eviction.
 __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm volatile("ld.global.nc.L1::evict_first.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
