@@ -328,8 +328,137 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
   }
 }
 
+// ---- Whole-sector variant (kPairs, DSV4_SPARSE_FP8=new2): the same work per producer half,
+// mapped so that every 16-byte load instruction of a warp reads whole 32-byte sectors. Thread
+// q (0..63) of half HH handles keys k0 = q / 2 and k1 = k0 + 32; lane parity e = q % 2 takes the
+// 16-byte raw chunks e, e + 2, ..., e + 12 of the half's 14 (so lanes 2j and 2j+1 read the two
+// halves of each sector of key j together), and rope chunks e and e + 2 of the half's 4.
+// Quarter A = key k0's 7 chunks, quarter B = key k1's; the register pipeline is the same
+// (quarter B of block b in flight while A is dequantised, A of block b+1 while B is).
+
+// Shared-memory byte offset of bf16 chunk cb + 2e (+ 1 when kHi) of `key` in a SW128 tile, for
+// a compile-time cb with cb % 8 in {0, 4}: no carry into the slice, so the slice is cb / 8 and
+// the chunk-in-row bits are (cb % 8) ^ 2e (^ 1) ^ (key % 8) = (cb % 8) (^ 1) ^ xr, xr = 2e ^ key%8.
+template <int CB, bool kHi>
+__device__ __forceinline__ uint32_t pair_chunk_off(int key, uint32_t xr) {
+  static_assert(CB % 8 == 0 || CB % 8 == 4, "2e must not carry into the slice bits");
+  return static_cast<uint32_t>((CB >> 3) * (kBlockN * 128) + key * 128) +
+         ((((CB & 7) | (kHi ? 1 : 0)) ^ xr) << 4);
+}
+
+template <int HH>
+__device__ __forceinline__ void store_pair_quarter(uint32_t sK, int key, uint32_t xr,
+                                                   const uint4 (&v)[kNopeQ], uint64_t scl) {
+#pragma unroll
+  for (int i = 0; i < kNopeQ; ++i) {
+    // Raw chunk e + 2i: dims HH * 224 + 32 i + 16 e. (HH * 224 + 32 i) % 64 is 0 or 32, so
+    // + 16 e stays in the same 64-dim scale group: the group is compile-time.
+    constexpr int kD0 = HH * kNopeHalf;
+    const int grp = (kD0 + 32 * i) >> 6;
+    const uint32_t sb = static_cast<uint32_t>(scl >> (8 * grp)) & 0xffu;
+    const uint32_t s2 = sb * 0x00800080u;
+    const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
+    const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
+    // bf16 chunk (kD0 + 32 i + 16 e) / 8 = cb + 2e with cb = HH * 28 + 4 i (cb % 8 in {0, 4}).
+    switch (i) {  // compile-time after unrolling
+#define DSV4_PAIR_STORE(I)                                                              \
+  case I:                                                                               \
+    st_shared_v4(sK + pair_chunk_off<HH * 28 + 4 * I, false>(key, xr), a.x, a.y, b.x, b.y); \
+    st_shared_v4(sK + pair_chunk_off<HH * 28 + 4 * I, true>(key, xr), c.x, c.y, d.x, d.y);  \
+    break;
+      DSV4_PAIR_STORE(0)
+      DSV4_PAIR_STORE(1)
+      DSV4_PAIR_STORE(2)
+      DSV4_PAIR_STORE(3)
+      DSV4_PAIR_STORE(4)
+      DSV4_PAIR_STORE(5)
+      DSV4_PAIR_STORE(6)
+#undef DSV4_PAIR_STORE
+    }
+  }
+}
+
+template <int HH>
+__device__ __forceinline__ void load_pair_quarter(const Fp8Row& row, int e, uint4 (&v)[kNopeQ]) {
+  if (row.valid) {
+    const char* s0 = row.src + HH * kNopeHalf + 16 * e;
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = ld_nc_v4(s0 + 32 * i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Rope chunks e and e + 2 of half HH of `key` into the tile (cp.async, zero-fill if invalid);
+// the caller commits.
+template <int HH>
+__device__ __forceinline__ void copy_pair_rope(const Fp8Row& row, uint32_t sK, int key, int e,
+                                               const char* dummy) {
+  const char* s1 = row.valid ? row.src + kModel1Nope + HH * kRopeHalf : dummy;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int rc = e + 2 * k;                                // rope chunk of the half (0..3)
+    const int chunk = kModel1Nope / 8 + HH * kRopeLoads + rc;  // 56 + ...
+    cp_async16(sK + swz128(key, chunk), s1 + (row.valid ? 16 * rc : 0), row.valid ? 16 : 0);
+  }
+}
+
+template <int HH>
+__device__ __forceinline__ void producer_pairs(const SparseAttnParams& p, const TokenKeys& tk,
+                                               int b_begin, int b_end, int q, uint32_t sK0,
+                                               uint8_t* s_valid, volatile int* s_any) {
+  const char* dummy = static_cast<const char*>(p.q);
+  const int e = q & 1;
+  const int k0 = q >> 1, k1 = k0 + 32;
+  const uint32_t xr = static_cast<uint32_t>((2 * e) ^ (k0 & 7));  // k1 % 8 == k0 % 8
+  const bool first = b_begin < b_end, second = b_begin + 1 < b_end;
+  int ia_nxt = second ? fetch_index(tk, b_begin + 1, k0) : -1;
+  int ib_cur = first ? fetch_index(tk, b_begin, k1) : -1;
+  int ib_nxt = second ? fetch_index(tk, b_begin + 1, k1) : -1;
+  Fp8Row ra = fp8_row(p, tk, b_begin, first ? fetch_index(tk, b_begin, k0) : -1);
+  uint4 va[kNopeQ], vb[kNopeQ];
+  load_pair_quarter<HH>(ra, e, va);
+  uint64_t scla = load_scales(ra);
+  prefetch_row_l2<HH>(fp8_row(p, tk, b_begin + 1, e ? ib_nxt : ia_nxt));
+  for (int b = b_begin; b < b_end; ++b) {
+    const int st = (b - b_begin) & 1;
+    const uint32_t sK = sK0 + st * kTile;
+    const Fp8Row rb = fp8_row(p, tk, b, ib_cur);
+    load_pair_quarter<HH>(rb, e, vb);  // quarter B (key k1) of block b
+    const uint64_t sclb = load_scales(rb);
+    const int ia_nn = b + 2 < b_end ? fetch_index(tk, b + 2, k0) : -1;
+    const int ib_nn = b + 2 < b_end ? fetch_index(tk, b + 2, k1) : -1;
+    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
+    copy_pair_rope<HH>(ra, sK, k0, e, dummy);
+    copy_pair_rope<HH>(rb, sK, k1, e, dummy);
+    cp_async_commit();
+    store_pair_quarter<HH>(sK, k0, xr, va, scla);
+    const Fp8Row na = fp8_row(p, tk, b + 1, ia_nxt);  // quarter A (key k0) of block b+1
+    load_pair_quarter<HH>(na, e, va);
+    const uint64_t scla_nxt = load_scales(na);
+    store_pair_quarter<HH>(sK, k1, xr, vb, sclb);
+    if (HH == 0 && e == 0) {
+      s_valid[st * kBlockN + k0] = ra.valid ? 1 : 0;
+      s_valid[st * kBlockN + k1] = rb.valid ? 1 : 0;
+    }
+    if (ra.valid || rb.valid) *s_any = 1;
+    // Block b+2's rows to L2: lane e prefetches key k_e's (its half's lines).
+    prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, e ? ib_nn : ia_nn));
+    cp_async_wait_all();  // the rope chunks of this thread are in the tile
+    fence_proxy_async();
+    bar_arrive(kBarFull + st, kThreads);
+    ra = na;
+    scla = scla_nxt;
+    ia_nxt = ia_nn;
+    ib_cur = ib_nxt;
+    ib_nxt = ib_nn;
+  }
+}
+
 // kSplit: fp32 partials to the workspace for sparse_attn_combine_kernel (as the old kernel).
-template <bool kSplit>
+// kPairs: the whole-sector producer mapping (producer_pairs) instead of one key per thread.
+template <bool kSplit, bool kPairs>
 __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const SparseAttnParams p) {
 #if !DSV4_SPARSE_ATTN_WGMMA
   __trap();
@@ -371,10 +500,17 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
     setmaxnreg_dec<kProducerRegs>();
     const int pt = tid - 256;           // 0..127
     const int r = pt & (kBlockN - 1);   // key of the block
-    if (pt < kBlockN)
-      producer<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
-    else
-      producer<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    if constexpr (kPairs) {
+      if (pt < kBlockN)
+        producer_pairs<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+      else
+        producer_pairs<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    } else {
+      if (pt < kBlockN)
+        producer<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+      else
+        producer<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    }
     return;  // every arrival it owes was made inside the loop
   }
 
@@ -440,19 +576,23 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
 }
 
 // Launch (sparse_attn() validated p; FP8 MODEL1 pools, head_dim 512, sm_90a).
+// kPairs: the whole-sector producer mapping (DSV4_SPARSE_FP8=new2).
+template <bool kPairs>
 inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream) {
   const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
   const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
   const bool split = p.num_splits > 1;
   if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
-  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<true>)
-                         : reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<false>);
+  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<true, kPairs>)
+                         : reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<false, kPairs>);
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   if (split) {
-    sparse_attn_fp8_ws_kernel<true><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+    sparse_attn_fp8_ws_kernel<true, kPairs>
+        <<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
   } else {
-    sparse_attn_fp8_ws_kernel<false><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+    sparse_attn_fp8_ws_kernel<false, kPairs>
+        <<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
