@@ -268,6 +268,14 @@ __device__ __forceinline__ void copy_rope_half(const Fp8Row& row, uint32_t sK, i
   cp_async_commit();
 }
 
+// A producer thread's writes to stage st (its st.shared stores and its cp.async rope copies,
+// waited for here) made visible to wgmma's async proxy, then its FULL arrival.
+__device__ __forceinline__ void publish_stage(int st) {
+  cp_async_wait_all();
+  fence_proxy_async();
+  bar_arrive(kBarFull + st, kThreads);
+}
+
 // L2 prefetch of a key's row (nothing for an invalid one): points 0,128,256 (HH = 0) |
 // 384,512,575 (HH = 1) of its 576 value bytes touch every 128-byte line; plus the scales.
 template <int HH>
@@ -319,9 +327,7 @@ __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenK
     // Block b+2's row to L2 (its index, fetched at the top of this iteration, has arrived; half
     // a block before its quarter 0 is loaded in the middle of the next iteration).
     prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, idx_nn));
-    cp_async_wait_all();  // the rope chunks of this thread are in the tile
-    fence_proxy_async();
-    bar_arrive(kBarFull + st, kThreads);
+    publish_stage(st);
     row = nrow;
     scl = scl_nxt;
     idx_nxt = idx_nn;
@@ -445,9 +451,7 @@ __device__ __forceinline__ void producer_pairs(const SparseAttnParams& p, const 
     if (ra.valid || rb.valid) *s_any = 1;
     // Block b+2's rows to L2: lane e prefetches key k_e's (its half's lines).
     prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, e ? ib_nn : ia_nn));
-    cp_async_wait_all();  // the rope chunks of this thread are in the tile
-    fence_proxy_async();
-    bar_arrive(kBarFull + st, kThreads);
+    publish_stage(st);
     ra = na;
     scla = scla_nxt;
     ia_nxt = ia_nn;
