@@ -108,9 +108,10 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 {kind}", t, flops,
                                nbytes, tb, "sparse_attn + index list", note))
                 if fp8:  # the warp-specialised FP8 kernel, against the old one
-                    tn = time_us(with_fp8_kernel("new", call), reps)
-                    out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 fp8 (new)", tn,
-                                   flops, nbytes, t, "the old FP8 kernel", note))
+                    for kern in ("new", "new2"):
+                        tn = time_us(with_fp8_kernel(kern, call), reps)
+                        out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 fp8 ({kern})",
+                                       tn, flops, nbytes, t, "the old FP8 kernel", note))
                 del a, base
     for T in ((4096,) if quick else (4096, 65536)):
         a, base, flops, nbytes = _prefill(T, 64, g)

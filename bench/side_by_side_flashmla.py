@@ -9,9 +9,11 @@ CUDA-event timings with the L2 flushed before every call, the two libraries alte
   ``torch.ops.dsv4.sparse_attn`` reading THE SAME FP8 bytes (window 128 in a 256-entry-page
   cache + compressed top-512 / top-1024 in a 64-entry-page cache), b = 2, 64, 128, 2 q/seq.
   dsv4 on the dequantised bf16 values is timed too (the previous comparison).
-* Both dsv4 FP8 kernels are timed (``DSV4_SPARSE_FP8=old``: dequantisation between the GEMMs;
-  ``=new``: the warp-specialised kernel); ``dsv4_us`` / ``ratio_dsv4_over_fmla`` are the old
-  kernel's, ``dsv4_new_us`` / ``ratio_new_over_fmla`` the new one's (outputs checked equal).
+* Every dsv4 FP8 kernel is timed (``DSV4_SPARSE_FP8=old``: dequantisation between the GEMMs;
+  ``=new``: the warp-specialised kernel; ``=new2``: the same with whole-sector producer loads);
+  ``dsv4_us`` / ``ratio_dsv4_over_fmla`` are the old kernel's, ``dsv4_new_us`` /
+  ``ratio_new_over_fmla`` the new one's, ``dsv4_new2_us`` / ``ratio_new2_over_fmla`` new2's
+  (outputs checked equal: ``new_equals_old``, ``new2_equals_old``).
 * decode, HCA-style (FlashMLA's MODEL1 CONFIG3/4: compressed scope in pages of 2 entries with
   per-sequence entry counts up to 1024): FlashMLA with the full index list + extra_topk_length
   vs ``torch.ops.dsv4.hca_attn`` (block table + per-query counts, no index list), same FP8
@@ -142,10 +144,13 @@ def decode_cases(results, flush, quick):
                                                                        epool, e2))
             d8n = with_fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
                                                                         epool, e2))
+            d8n2 = with_fp8_kernel("new2", lambda: torch.ops.dsv4.sparse_attn(qf, pool, w2, sink, scale, None,  # noqa: E731
+                                                                          epool, e2))
             d16 = lambda: torch.ops.dsv4.sparse_attn(qf, kd, w2, sink, scale, None, ekd, e2)  # noqa: E731
             fo = f_out()[0].reshape(b * sq, h, D)
-            o8, o8n, o16 = d8()[0], d8n()[0], d16()[0]
-            t = _timeit({"flashmla": f_out, "dsv4_fp8": d8, "dsv4_fp8_new": d8n, "dsv4_bf16": d16},
+            o8, o8n, o8n2, o16 = d8()[0], d8n()[0], d8n2()[0], d16()[0]
+            t = _timeit({"flashmla": f_out, "dsv4_fp8": d8, "dsv4_fp8_new": d8n,
+                         "dsv4_fp8_new2": d8n2, "dsv4_bf16": d16},
                         flush, iters=10 if quick else 30)
             flops = 2 * b * sq * h * (topk + etopk) * (D + 512)
             _emit(results, dict(kind="decode_fp8", h=h, etopk=etopk, b=b, flashmla_us=t["flashmla"],
@@ -159,6 +164,9 @@ def decode_cases(results, flush, quick):
                                 fp8_vs_bf16_equal=bool(torch.equal(o8, o16)),
                                 dsv4_tflops=flops / t["dsv4_fp8"] / 1e6,
                                 dsv4_new_tflops=flops / t["dsv4_fp8_new"] / 1e6,
+                                dsv4_new2_us=t["dsv4_fp8_new2"],
+                                ratio_new2_over_fmla=t["dsv4_fp8_new2"] / t["flashmla"],
+                                new2_equals_old=bool(torch.equal(o8n2, o8)),
                                 target_ratio=0.9))
             del q, kc, ekc, kd, ekd
 
@@ -198,10 +206,11 @@ def hca_cases(results, flush, quick):
             lengths = n_b.repeat_interleave(sq)
             d_call = lambda: hca_attn(qf, pool, w2, sink, scale, None, epool, table, rows, lengths)  # noqa: E731
             d_out, d_new = with_fp8_kernel("old", d_call), with_fp8_kernel("new", d_call)
+            d_new2 = with_fp8_kernel("new2", d_call)
             fo = f_out()[0].reshape(b * sq, h, D)
-            do, dn = d_out()[0], d_new()[0]
-            t = _timeit({"flashmla": f_out, "dsv4": d_out, "dsv4_new": d_new}, flush,
-                        iters=10 if quick else 30)
+            do, dn, dn2 = d_out()[0], d_new()[0], d_new2()[0]
+            t = _timeit({"flashmla": f_out, "dsv4": d_out, "dsv4_new": d_new, "dsv4_new2": d_new2},
+                        flush, iters=10 if quick else 30)
             keys = (topk * b * sq + int(lengths.sum()))
             flops = 2 * h * keys * (D + 512)
             _emit(results, dict(kind="hca_decode_fp8", h=h, b=b, max_entries=etopk,
@@ -213,6 +222,9 @@ def hca_cases(results, flush, quick):
                                 new_equals_old=bool(torch.equal(dn, do)),
                                 dsv4_tflops=flops / t["dsv4"] / 1e6,
                                 dsv4_new_tflops=flops / t["dsv4_new"] / 1e6,
+                                dsv4_new2_us=t["dsv4_new2"],
+                                ratio_new2_over_fmla=t["dsv4_new2"] / t["flashmla"],
+                                new2_equals_old=bool(torch.equal(dn2, do)),
                                 target_us=100.0 if h == 64 else 130.0))
             del q, kc, ekc
 

@@ -1,6 +1,6 @@
 """NaN codes in FP8 (MODEL1) key pools, for the CUDA tests of sparse_attn / hca_attn: a NaN
 activation that reached the cache must make the attention output NaN exactly where the fp32
-reference's is, through both FP8 kernels (DSV4_SPARSE_FP8 = old / new)."""
+reference's is, through every FP8 kernel (DSV4_SPARSE_FP8 = old / new / new2)."""
 
 from __future__ import annotations
 

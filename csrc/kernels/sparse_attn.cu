@@ -99,10 +99,11 @@ cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
     const int which = sparse_attn_fp8_kernel_env();
     if (which < 0) return cudaErrorInvalidValue;
     // "new": the warp-specialised kernel (producer warps dequantise into two bf16 stages);
-    // "old" (the default until the new one has passed its first GPU run): the wgmma kernel
-    // that dequantises between its GEMMs.
-    return which == 1 ? sparse_attn_fp8::launch_fp8_ws(p, stream)
-                      : sparse_attn_detail::launch_wgmma<512, true>(p, stream);
+    // "new2": the same with the whole-sector producer mapping; "old" (the default until a new
+    // one measures faster): the wgmma kernel that dequantises between its GEMMs.
+    if (which == 1) return sparse_attn_detail::fp8_ws::launch_fp8_ws<false>(p, stream);
+    if (which == 2) return sparse_attn_detail::fp8_ws::launch_fp8_ws<true>(p, stream);
+    return sparse_attn_detail::launch_wgmma<512, true>(p, stream);
   }
   if (D == 512 && current_device_is_sm90()) {
     return sparse_attn_detail::launch_wgmma<512, false>(p, stream);
@@ -122,6 +123,7 @@ int sparse_attn_fp8_kernel_env() {
   const char* v = std::getenv("DSV4_SPARSE_FP8");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "old") == 0) return 0;
   if (std::strcmp(v, "new") == 0) return 1;
+  if (std::strcmp(v, "new2") == 0) return 2;
   return -1;
 }
 

@@ -234,6 +234,40 @@ __device__ __forceinline__ int fetch_index(const TokenKeys& tk, int b, int r) {
   return blk * tk.bs + (lane_k - col * tk.bs);  // < n_extra_kv <= INT_MAX (host check)
 }
 
+// The work of one CTA of the sparse_attn grids: blockIdx.x = (t * n_ht + ht) * num_splits +
+// split (num_splits = 1 without a split) for token t and 64-head tile ht (heads h0 .. h0+63),
+// and the key blocks [b_begin, b_end) of the split (ceil(nb / num_splits) blocks each; empty
+// past the end of the token's key list).
+struct CtaWork {
+  int64_t t;
+  int ht, h0, split;
+  TokenKeys tk;
+  int b_begin, b_end;
+};
+template <bool kSplit>
+__device__ __forceinline__ CtaWork cta_work(const SparseAttnParams& p) {
+  const int n_ht = (static_cast<int>(p.num_heads) + kBlockM - 1) / kBlockM;
+  CtaWork w;
+  int64_t bid = blockIdx.x;
+  w.split = 0;
+  if (kSplit) {
+    w.split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+  }
+  w.ht = static_cast<int>(bid % n_ht);
+  w.t = bid / n_ht;
+  w.h0 = w.ht * kBlockM;
+  w.tk = token_keys(p, w.t);
+  w.b_begin = 0;
+  w.b_end = w.tk.nb;
+  if (kSplit) {
+    const int per = (w.tk.nb + p.num_splits - 1) / p.num_splits;
+    w.b_begin = min(w.tk.nb, w.split * per);
+    w.b_end = min(w.tk.nb, w.b_begin + per);
+  }
+  return w;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Main kernel. kSplit: write fp32 partials (O / l, log2-sum-exp, any-valid flag) to the
 // workspace for sparse_attn_combine_kernel instead of the final output.
@@ -257,24 +291,10 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   // Loader mapping (Q, K blocks, O store): row lrow, chunks lc0 + i*TPR.
   const int lrow = tid / TPR, lc0 = tid % TPR;
@@ -515,7 +535,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
     float* ws_o = static_cast<float*>(p.workspace);
     float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
     float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
+    const int64_t st = static_cast<int64_t>(cw.split) * T + t;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -535,7 +555,7 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
         }
         if (wn == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
       }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    if (tid == 0) ws_flag[st * ((H + kBlockM - 1) / kBlockM) + cw.ht] = any ? 1.f : 0.f;
   }
 }
 
@@ -790,6 +810,214 @@ __device__ __forceinline__ void dequant_model1_tile(const uint8_t* raw, uint32_t
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// One consumer warpgroup's work on one 64-key block, shared by the two head_dim-512 wgmma
+// kernels (sparse_attn_fwd_wgmma_kernel below and the warp-specialised FP8 kernel of
+// sparse_attn_fp8_sm90.cuh), so both compute the same numbers in the same order. Two
+// warpgroups split a 64-head tile: warpgroup wg takes keys 32*wg .. +32 of S and output columns
+// (D/2)*wg .. +D/2 of O. Thread mapping of the wgmma accumulators: warp w4 (0..3) of the
+// warpgroup owns rows 16*w4 .. +16; lane = 4*g + tg holds rows 16*w4 + g and +8 (hf = 0, 1).
+// Q, K: bf16 [64 x D] SW128 tiles (swz128); P: bf16 [64 x 64] (swz<8>).
+// ---------------------------------------------------------------------------------------------
+constexpr uint32_t kWgSlice = kBlockN * 128;  // bytes of one 64-column slice of a SW128 tile
+
+// s = Q K^T [64 heads x 32 keys: keys 32*wg .. +32 of the K tile at sK], fp32.
+template <int D>
+__device__ __forceinline__ void wg_scores(float (&s)[16], uint32_t sQ, uint32_t sK, int wg) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t koff = (kk >> 2) * kWgSlice + (kk & 3) * 32;
+    wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
+                       smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(s);
+}
+
+// Masked online softmax of one block in the log2 domain: s * sc2 (sc2 = softmax scale * log2 e)
+// where vflag[key] != 0 (vflag: this warpgroup's 32 validity bytes), -inf elsewhere; the row
+// max of the 64 keys through red_max [2][64] and named barrier 1 + w4 (warps w4 and 4 + w4
+// share these rows); m_run updated, alpha = 2^(m_old - m_new) (every exponent uses
+// m_use = (m == -inf ? 0 : m)); this warpgroup's row sums to red_sum [2][64]; P = 2^(s - m_use)
+// rounded to bf16 into sP. The caller publishes P (fence.proxy.async, then a barrier over both
+// warpgroups) before wg_rescale and wg_pv.
+__device__ __forceinline__ void wg_softmax_to_p(float (&s)[16], const uint8_t* vflag, float sc2,
+                                                float (&m_run)[2], float (&alpha)[2],
+                                                float* red_max, float* red_sum, uint32_t sP,
+                                                int wg, int w4, int g, int tg) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
+      s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
+    }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
+  }
+  named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
+    const float m_new = fmaxf(m_run[hf], bm);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[hf] = exp2_approx(m_run[hf] - m_use);
+    m_run[hf] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
+        s[i * 4 + 2 * hf + e] = pv;
+        sum += pv;
+      }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (tg == 0) red_sum[wg * kBlockM + row] = sum;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = wg * 32 + i * 8 + 2 * tg;
+      st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
+                    pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
+    }
+  }
+}
+
+// After P is published: l_run = l_run * alpha + both warpgroups' row sums; O *= alpha.
+// o: this warpgroup's accumulator [64 rows x N/2 columns] in wgmma fragment order.
+template <int N>
+__device__ __forceinline__ void wg_rescale(float (&o)[N], float (&l_run)[2],
+                                           const float (&alpha)[2], const float* red_sum, int w4,
+                                           int g) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      o[i * 4 + 2 * hf] *= alpha[hf];
+      o[i * 4 + 2 * hf + 1] *= alpha[hf];
+    }
+  }
+}
+
+// O[:, (D/2)*wg .. +D/2] += P V (V = the K tile at sK read MN-major: LBO = the 64-column slice
+// stride, SBO = the 8-key-row stride; verified on the H200 by check_sparse_attn, the swapped
+// assignment gives wrong results). Returns with the wgmma waited.
+template <int D>
+__device__ __forceinline__ void wg_pv(float (&o)[D / 4], uint32_t sP, uint32_t sK, int wg) {
+  static_assert(D == 512, "one m64n256k16 wgmma per 16 keys: D / 2 = 256 output columns");
+  fence_regs(o);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBlockN / 16; ++ks) {
+    wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
+                           smem_desc(sK + wg * (D / 2 / 64) * kWgSlice + ks * 16 * 128, kWgSlice,
+                                     1024u));
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(o);
+}
+
+// Epilogue without a split: O / (l + 2^(sink * log2 e - m)) (0 when no key of the CTA is
+// valid) rounded to bf16 and staged into the Q tile at sQ (the caller makes sure no wgmma still
+// reads it), lse = (m + log2 l) * ln 2 (+inf when no key is valid). The caller then publishes
+// the staging to both warpgroups (a barrier) and calls store_staged_rows.
+template <int D>
+__device__ __forceinline__ void wg_stage_output(const SparseAttnParams& p, const float (&o)[D / 4],
+                                                const float (&m_run)[2], const float (&l_run)[2],
+                                                bool any, uint32_t sQ, int64_t t, int h0, int wg,
+                                                int w4, int g, int tg) {
+  constexpr int NO = D / 2;
+  const int H = static_cast<int>(p.num_heads);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const int h = h0 + row;
+    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
+    const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
+    const float inv = any ? 1.f / denom : 0.f;
+    if (wg == 0 && tg == 0 && h < H) {
+      p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
+          any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
+    }
+#pragma unroll
+    for (int i = 0; i < NO / 8; ++i) {
+      const int col = wg * NO + i * 8 + 2 * tg;
+      st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
+                    pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
+    }
+  }
+}
+
+// The staged bf16 output rows to p.out with 16-byte coalesced stores: row lrow of the tile,
+// chunks lc0 + i * TPR (i < CPT), as the Q tile was loaded.
+template <int TPR, int CPT>
+__device__ __forceinline__ void store_staged_rows(const SparseAttnParams& p, uint32_t sQ,
+                                                  int64_t t, int h0, int lrow, int lc0) {
+  if (h0 + lrow < static_cast<int>(p.num_heads)) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
+                                        static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int c = lc0 + i * TPR;
+      *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
+    }
+  }
+}
+
+// Epilogue of a key split: fp32 partials for sparse_attn_combine_kernel (O / l, the log2-sum-exp
+// m + log2 l or -inf, and one any-valid flag per (split, token, head tile)).
+template <int D>
+__device__ __forceinline__ void wg_write_partials(const SparseAttnParams& p,
+                                                  const float (&o)[D / 4],
+                                                  const float (&m_run)[2],
+                                                  const float (&l_run)[2], bool any, int64_t t,
+                                                  int split, int h0, int ht, int wg, int w4,
+                                                  int g, int tg, int tid) {
+  constexpr int NO = D / 2;
+  const int H = static_cast<int>(p.num_heads);
+  const int n_ht = (H + kBlockM - 1) / kBlockM;
+  const int64_t T = p.num_tokens;
+  float* ws_o = static_cast<float*>(p.workspace);
+  float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
+  float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
+  const int64_t st = static_cast<int64_t>(split) * T + t;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = w4 * 16 + hf * 8 + g;
+    const int h = h0 + row;
+    if (h >= H) continue;
+    const float l = l_run[hf];
+    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float inv_l = l == 0.f ? 0.f : 1.f / l;
+    float* orow = ws_o + (st * H + h) * D;
+#pragma unroll
+    for (int i = 0; i < NO / 8; ++i) {
+      const int col = wg * NO + i * 8 + 2 * tg;
+      *reinterpret_cast<float2*>(orow + col) =
+          make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
+    }
+    if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
+  }
+  if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+}
+
 template <int D, bool kFp8 = false>
 struct WgCfg {
   static_assert(D == 512, "the wgmma kernel is instantiated for head_dim 512");
@@ -841,24 +1069,10 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   const int lrow = tid / TPR, lc0 = tid % TPR;
   const char* dummy = static_cast<const char*>(p.q);
@@ -932,10 +1146,6 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
   for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sc2 = p.softmax_scale * kLog2e;
-  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
-  constexpr uint32_t kLboV = kSlice;
-  constexpr uint32_t kSboV = 1024u;
-
   for (int b = b_begin; b < b_end; ++b) {
     const int stage = (b - b_begin) & 1;
     cp_async_wait_all();
@@ -952,153 +1162,28 @@ __global__ void __launch_bounds__(256, 1) sparse_attn_fwd_wgmma_kernel(const Spa
       __syncthreads();  // the bf16 tile is complete for both warpgroups
     }
 
-    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    // ---- S = Q K^T for keys 32*wg .. +32; masked online softmax; P to shared memory ----
     float s[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
-      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
-                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(s);
-
-    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
-    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
-        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
-      }
+    wg_scores<D>(s, sQ, sK, wg);
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
-    }
-    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
-      const float m_new = fmaxf(m_run[hf], bm);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[hf] = exp2_approx(m_run[hf] - m_use);
-      m_run[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
-          s[i * 4 + 2 * hf + e] = pv;
-          sum += pv;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = wg * 32 + i * 8 + 2 * tg;
-        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
-                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      }
-    }
+    wg_softmax_to_p(s, s_valid + stage * kBlockN + wg * 32, sc2, m_run, alpha, red_max, red_sum,
+                    sP, wg, w4, g, tg);
     fence_proxy_async();
     __syncthreads();  // P complete (all 64 rows x 64 keys) for both warpgroups
-
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        o[i * 4 + 2 * hf] *= alpha[hf];
-        o[i * 4 + 2 * hf + 1] *= alpha[hf];
-      }
-    }
-
+    wg_rescale(o, l_run, alpha, red_sum, w4, g);
     // ---- O[:, 256*wg .. +256] += P V ----
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
-                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(o);
+    wg_pv<D>(o, sP, sK, wg);
   }
 
   cp_async_wait_all();
   const bool any = __syncthreads_or(any_valid ? 1 : 0) != 0;
 
   if constexpr (!kSplit) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
-      const float inv = any ? 1.f / denom : 0.f;
-      if (wg == 0 && tg == 0 && h < H) {
-        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
-      }
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
-                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
-      }
-    }
+    wg_stage_output<D>(p, o, m_run, l_run, any, sQ, t, h0, wg, w4, g, tg);
     __syncthreads();
-    if (h0 + lrow < H) {
-      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
-                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
-#pragma unroll
-      for (int i = 0; i < CPT; ++i) {
-        const int c = lc0 + i * TPR;
-        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
-      }
-    }
+    store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    const int64_t T = p.num_tokens;
-    float* ws_o = static_cast<float*>(p.workspace);
-    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * D;
-    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      if (h >= H) continue;
-      const float l = l_run[hf];
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float inv_l = l == 0.f ? 0.f : 1.f / l;
-      float* orow = ws_o + (st * H + h) * D;
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        *reinterpret_cast<float2*>(orow + col) =
-            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
-      }
-      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
-    }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    wg_write_partials<D>(p, o, m_run, l_run, any, t, cw.split, h0, cw.ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }

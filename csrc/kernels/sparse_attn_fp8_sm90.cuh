@@ -15,13 +15,15 @@
 //     tile, both from shared memory), masked online softmax in the log2 domain with the row
 //     max / sum exchanged through shared memory, P (bf16) to shared memory, O [64 x 256 cols]
 //     per warpgroup += P V with wgmma m64n256k16 (V = the same K tile read MN-major).
-//   warpgroup 2 (producer, 104 registers): per 64-key block, reads each key's raw MODEL1 bytes
-//     (448 e4m3 + 64 bf16 rope + 8 UE8M0 scales) with ld.global.nc straight into registers,
-//     dequantises them with integer / fp32 ALU instructions only (below) and writes the bf16 K
-//     tile (128-byte swizzle, the layout wgmma reads) into one of TWO stages, so the producer
-//     prepares block b+1 while the consumers run the GEMMs of block b. It also prefetches the
-//     rows of block b+1 into L2 while block b's loads are in flight (a third, register-free
-//     pipeline stage) and fetches the indices two blocks ahead.
+//   warpgroup 2 (producer, 104 registers): per 64-key block, waits until the consumers are
+//     done with the stage (block b-2), reads each key's 448 e4m3 bytes and 8 UE8M0 scales with
+//     ld.global.nc straight into registers, copies its 64 bf16 rope dims verbatim into the tile
+//     with cp.async (no registers, no ALU work), dequantises the e4m3 bytes with integer and
+//     bf16x2 multiply instructions (below) and writes the bf16 K tile (128-byte swizzle, the
+//     layout wgmma reads) into one of TWO stages, so the producer prepares block b+1 while the
+//     consumers run the GEMMs of block b. Loads are pipelined in register quarters (no load
+//     latency exposed per block), rows prefetched to L2 (block b+2 at the end of block b),
+//     indices fetched two blocks ahead.
 // Producer warps 0-1 take bytes 0-223 of the nope part and rope bytes 0-63 of keys 0..63 (one
 // key per thread), warps 2-3 nope bytes 224-447 and rope bytes 64-127 (warp-uniform halves).
 //
@@ -40,57 +42,31 @@
 // Dequantisation, exact: for a byte v = (sign, 4-bit exponent e, 3-bit mantissa m) the bf16
 // bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for every non-NaN v
 // (normal: 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8).
-// Placed in the high half of an fp32 it is that number in fp32; times 2^120 (exact) it is
-// e4m3(v), the same fp32 value torch's float8_e4m3fn -> float gives; times the scale
-// 2^(s-127) it is the reference's fp32 product bit for bit (the same fp32 multiply). That
-// product has at most 4 significant bits, so its low 16 bits are zero and the high half IS its
-// bf16 value (what the reference's round-to-nearest gives) whenever |product| >= 2^-133 or it
-// is 0: true for every value when s >= 3 (scales >= 2^-124; the cache writers produce
-// 2^-22 .. 2^120, and 255 for an infinite block maximum in the CUDA writers).
-// NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its fp32 products
-// are NaN, their high halves bf16 NaNs), from a per-byte flag: bit 7 of (v & 0x7f) + 1,
-// replicated over the value's 16-bit lane by prmt's sign mode and ORed into the lane.
-// Scale bytes as the reference reads them (dsv4.ops.kv_cache: fp32 bits byte << 23): 0 is 0,
-// 255 is +inf (e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the reference's fp32 product).
-// The one difference from the reference: scale bytes 1 and 2 (never written) give products
-// below 2^-126 that are not multiples of 2^-133 (bf16 subnormals); the high half truncates
-// them toward zero where the reference rounds to nearest even.
-// Cost per 4 values: 2 prmt + 2 shift + 6 lop3 + 2 imad + 8 FMUL + 2 prmt (values), plus
-// 1 lop3 + 1 iadd + 2 prmt (NaN flags; the OR folds into a lop3).
+// A bf16x2 multiply by 2^120 (fma.rn.bf16x2 with addend -0) makes it e4m3(v) exactly (every
+// e4m3 value is a bf16); a second one by the scale 2^(s-127) (bf16 bits s << 7: 0 for s = 0,
+// +inf for s = 255, as the reference reads the pool, dsv4.ops.kv_cache: fp32 bits s << 23)
+// rounds the exact product once to bf16. The reference rounds it twice (fp32 product, then
+// bf16), but the exact product has at most 4 significant bits and is 0 or >= 2^-135 in size, so
+// its fp32 rounding is exact and both give the same bf16, subnormal results included, for
+// every scale byte. Infinite scale: e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the
+// reference's fp32 product. (This needs bf16 arithmetic that keeps subnormal inputs: the e4m3
+// subnormals are bf16 subnormals before the first multiply. PTX bf16 fma has no .ftz form.)
+// NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its products are
+// NaN), from a per-byte flag: bit 7 of (v & 0x7f) + 1, replicated over the value's 16-bit lane
+// by prmt's sign mode and ORed into the lane.
+// Cost per 4 values (SASS): 2 prmt + 2 shift + 4 lop3 + 4 HMUL2.BF16 (values), plus 1 lop3 +
+// 1 iadd + 2 prmt (NaN flags; the OR folds into a lop3): 16 instructions. The fp32
+// formulation this replaces (fp32 lanes, 8 FMUL, repacking) took 28, and the producer loop was
+// the critical path (see bench/README.md, "FP8-cache decode: warp-specialised kernel").
 #pragma once
 
 #include "sparse_attn.cuh"
 
 namespace dsv4 {
-namespace sparse_attn_fp8 {
-
-using sparse_attn_detail::cp_async16;
-using sparse_attn_detail::cp_async_commit;
-using sparse_attn_detail::cp_async_wait_all;
-using sparse_attn_detail::exp2_approx;
-using sparse_attn_detail::fence_proxy_async;
-using sparse_attn_detail::fence_regs;
-using sparse_attn_detail::fetch_index;
-using sparse_attn_detail::kBlockM;
-using sparse_attn_detail::kBlockN;
-using sparse_attn_detail::kLn2;
-using sparse_attn_detail::kLog2e;
-using sparse_attn_detail::ld_shared_v4;
-using sparse_attn_detail::named_barrier;
-using sparse_attn_detail::pack_bf16x2;
-using sparse_attn_detail::smem_desc;
-using sparse_attn_detail::smem_u32;
-using sparse_attn_detail::sparse_attn_combine_kernel;
-using sparse_attn_detail::st_shared_u32;
-using sparse_attn_detail::swz;
-using sparse_attn_detail::swz128;
-using sparse_attn_detail::token_keys;
-using sparse_attn_detail::TokenKeys;
-using sparse_attn_detail::wgmma_commit;
-using sparse_attn_detail::wgmma_fence;
-using sparse_attn_detail::wgmma_m64n256k16_ss_tb;
-using sparse_attn_detail::wgmma_m64n32k16_ss;
-using sparse_attn_detail::wgmma_wait_all;
+namespace sparse_attn_detail {
+// Nested in sparse_attn_detail: the helpers of sparse_attn.cuh (PTX wrappers, the key-list
+// walk, the consumer warpgroup's block step wg_*) are in scope as they are for the old kernel.
+namespace fp8_ws {
 
 constexpr int kD = 512;
 constexpr int kThreads = 384;
@@ -121,7 +97,9 @@ constexpr int kNopeHalf = kModel1Nope / 2;  // 224 bytes = 14 x 16
 constexpr int kNopeLoads = kNopeHalf / 16;  // 14
 constexpr int kRopeHalf = kModel1Rope * 2 / 2;  // 64 bytes = 4 x 16
 constexpr int kRopeLoads = kRopeHalf / 16;      // 4
+constexpr int kNopeQ = kNopeLoads / 2;          // 7 loads: a quarter (112 bytes) of the nope part
 static_assert(kNopeHalf % 16 == 0 && kRopeHalf % 16 == 0, "16-byte loads");
+static_assert(kNopeLoads == 2 * kNopeQ, "each producer half is loaded in two quarters");
 
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
@@ -141,10 +119,13 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
-// Read-only global loads that do not allocate in L1 (each raw row is read once per CTA).
+// Read-only global loads. Each raw row is read once per CTA, but one thread reads its nope
+// bytes as consecutive 16-byte loads, two per 32-byte sector: L1::evict_first lets the second
+// half find the sector in L1 (no_allocate fetched every sector from L2 twice) while keeping
+// these lines first in line for eviction.
 __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm volatile("ld.global.nc.L1::evict_first.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -175,14 +156,19 @@ __device__ __forceinline__ uint32_t prmt_sign(uint32_t a) {
   return r;
 }
 
-// fp32 value of a UE8M0 scale byte as the reference reads the pool (dsv4.ops.kv_cache
-// _e8m0_value: the fp32 bits byte << 23): 2^(byte - 127), byte 0 -> 0, byte 255 -> +inf.
-__device__ __forceinline__ float scale_value(uint32_t byte) { return __uint_as_float(byte << 23); }
+// d = a * b per bf16 lane, rounded once (fma.rn.bf16x2 with addend -0, which changes no
+// product, +0 included). bf16 arithmetic keeps subnormal inputs and results (it has no .ftz).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
 
-// Four e4m3 bytes (byte i of w = dim i) times 2^120 * k2 (k2 = the group's scale_value):
-// two bf16x2 words (dims 0-1, 2-3). Exact, NaN bytes -> NaN: see the header comment.
-__device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
-  constexpr float k1 = 1.329227995784916e36f;  // 2^120
+// Four e4m3 bytes (byte i of w = dim i) times the UE8M0 scale s2 (the scale's bf16 bits,
+// byte << 7, in both lanes): two bf16x2 words (dims 0-1, 2-3). Exact, NaN bytes -> NaN: see the
+// header comment. 16 instructions per 4 values (the fp32 formulation took 28).
+__device__ __forceinline__ uint2 dequant4(uint32_t w, uint32_t s2) {
+  constexpr uint32_t k120 = 0x7B807B80u;  // 2^120 in both bf16 lanes
   // Bit 7 of byte i: byte i of w is 0x7f or 0xff (its low 7 bits + 1 carry into bit 7, never
   // into the next byte). Each flag over its value's 16-bit lane: 0xffff (a bf16 NaN) or 0.
   const uint32_t n = (w & 0x7F7F7F7Fu) + 0x01010101u;
@@ -194,13 +180,9 @@ __device__ __forceinline__ uint2 dequant4(uint32_t w, float k2) {
   // bf16 bits of e4m3 * 2^-120: sign to bit 15, exponent and mantissa to bits 4..10.
   const uint32_t h01 = (u01 & 0x80008000u) | ((u01 >> 4) & 0x07F007F0u) | nan01;
   const uint32_t h23 = (u23 & 0x80008000u) | ((u23 >> 4) & 0x07F007F0u) | nan23;
-  const float f0 = __uint_as_float(h01 << 16) * k1 * k2;
-  const float f1 = __uint_as_float(h01 & 0xFFFF0000u) * k1 * k2;
-  const float f2 = __uint_as_float(h23 << 16) * k1 * k2;
-  const float f3 = __uint_as_float(h23 & 0xFFFF0000u) * k1 * k2;
-  // The high halves (exact bf16 values): dims 0 | 1 << 16 and 2 | 3 << 16.
-  return make_uint2(__byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632),
-                    __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632));
+  // x 2^120 (exact: every e4m3 value is a bf16), then x the scale (one rounding of the exact
+  // product, the reference's fp32 product rounded to bf16).
+  return make_uint2(bf16x2_mul(bf16x2_mul(h01, k120), s2), bf16x2_mul(bf16x2_mul(h23, k120), s2));
 }
 
 // Where key `idx` of block `b` lives in its FP8 pool (row idx = entry idx % block_size of block
@@ -230,89 +212,257 @@ __device__ __forceinline__ Fp8Row fp8_row(const SparseAttnParams& p, const Token
   return row;
 }
 
-// One producer half (HH = 0: nope bytes 0-223, rope bytes 0-63; HH = 1: nope bytes 224-447,
-// rope bytes 64-127) of key `r`: dequantise the registers into the bf16 tile at sK.
-template <int HH>
-__device__ __forceinline__ void store_half(uint32_t sK, int r, const uint4 (&nope)[kNopeLoads],
-                                           const uint4 (&rope)[kRopeLoads], uint2 scl) {
+// Nope quarter Q (0, 1) of producer half HH (0, 1): the 112 e4m3 bytes at 224 * HH + 112 * Q
+// of key `r`, in registers, dequantised into the bf16 tile at sK (16-dim runs never cross a
+// 64-dim scale group: every run starts at a multiple of 16). scl: the key's 8 scale bytes.
+template <int HH, int Q>
+__device__ __forceinline__ void store_quarter(uint32_t sK, int r, const uint4 (&v)[kNopeQ],
+                                              uint64_t scl) {
+  constexpr int dq = HH * kNopeHalf + Q * (kNopeQ * 16);  // first dim of the quarter
 #pragma unroll
-  for (int i = 0; i < kNopeLoads; ++i) {
-    constexpr int kDim0 = HH * kNopeHalf;  // first dim of this half
-    const int d0 = kDim0 + 16 * i;         // compile-time after unrolling
-    const int grp = d0 >> 6;               // 64-dim scale group (16-dim runs never cross one)
-    const uint32_t sb = grp < 4 ? (scl.x >> (8 * grp)) & 0xffu : (scl.y >> (8 * (grp - 4))) & 0xffu;
-    const float k2 = scale_value(sb);
-    const uint2 a = dequant4(nope[i].x, k2), b = dequant4(nope[i].y, k2);
-    const uint2 c = dequant4(nope[i].z, k2), d = dequant4(nope[i].w, k2);
+  for (int i = 0; i < kNopeQ; ++i) {
+    const int d0 = dq + 16 * i;  // compile-time after unrolling
+    const uint32_t sb = static_cast<uint32_t>(scl >> (8 * (d0 >> 6))) & 0xffu;
+    const uint32_t s2 = sb * 0x00800080u;  // bf16 bits of 2^(sb - 127) (0 -> 0, 255 -> inf), x2
+    const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
+    const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
     const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)
     st_shared_v4(sK + swz128(r, chunk), a.x, a.y, b.x, b.y);
     st_shared_v4(sK + swz128(r, chunk + 1), c.x, c.y, d.x, d.y);
   }
+}
+
+// The raw bytes of nope quarter Q of half HH of key `row` into registers (zeros for an invalid
+// key: its tile row is 0, masked in S and a finite V row for P = 0).
+template <int HH, int Q>
+__device__ __forceinline__ void load_quarter(const Fp8Row& row, uint4 (&v)[kNopeQ]) {
+  if (row.valid) {
+    const char* s0 = row.src + HH * kNopeHalf + Q * (kNopeQ * 16);
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = ld_nc_v4(s0 + 16 * i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// The 8 scale bytes of key `row` (byte g = the scale of dims 64g .. 64g+63); 0 if invalid.
+__device__ __forceinline__ uint64_t load_scales(const Fp8Row& row) {
+  if (!row.valid) return 0;
+  const uint2 v = ld_nc_v2(row.ssrc);
+  return static_cast<uint64_t>(v.x) | (static_cast<uint64_t>(v.y) << 32);
+}
+
+// The rope bytes of half HH (bf16 already: copied verbatim) straight into the tile with
+// cp.async (zero-filled for an invalid key); no registers, no conversion. `dummy` is a valid
+// global address for the zero-fill form (nothing is read from it).
+template <int HH>
+__device__ __forceinline__ void copy_rope_half(const Fp8Row& row, uint32_t sK, int r,
+                                               const char* dummy) {
+  const char* s1 = row.valid ? row.src + kModel1Nope + HH * kRopeHalf : dummy;
 #pragma unroll
   for (int i = 0; i < kRopeLoads; ++i) {
     const int chunk = kModel1Nope / 8 + HH * kRopeLoads + i;  // 56 + ...
-    st_shared_v4(sK + swz128(r, chunk), rope[i].x, rope[i].y, rope[i].z, rope[i].w);
+    cp_async16(sK + swz128(r, chunk), s1 + (row.valid ? 16 * i : 0), row.valid ? 16 : 0);
   }
+  cp_async_commit();
 }
 
+// A producer thread's writes to stage st (its st.shared stores and its cp.async rope copies,
+// waited for here) made visible to wgmma's async proxy, then its FULL arrival.
+__device__ __forceinline__ void publish_stage(int st) {
+  cp_async_wait_all();
+  fence_proxy_async();
+  bar_arrive(kBarFull + st, kThreads);
+}
+
+// L2 prefetch of a key's row (nothing for an invalid one): points 0,128,256 (HH = 0) |
+// 384,512,575 (HH = 1) of its 576 value bytes touch every 128-byte line; plus the scales.
 template <int HH>
-__device__ __forceinline__ void load_half(const Fp8Row& row, uint4 (&nope)[kNopeLoads],
-                                          uint4 (&rope)[kRopeLoads], uint2& scl) {
+__device__ __forceinline__ void prefetch_row_l2(const Fp8Row& row) {
   if (row.valid) {
-    const char* s0 = row.src + HH * kNopeHalf;
-#pragma unroll
-    for (int i = 0; i < kNopeLoads; ++i) nope[i] = ld_nc_v4(s0 + 16 * i);
-    const char* s1 = row.src + kModel1Nope + HH * kRopeHalf;
-#pragma unroll
-    for (int i = 0; i < kRopeLoads; ++i) rope[i] = ld_nc_v4(s1 + 16 * i);
-    scl = ld_nc_v2(row.ssrc);
-  } else {  // zeros: the tile row is 0 (masked in S; a finite V row for P = 0)
-#pragma unroll
-    for (int i = 0; i < kNopeLoads; ++i) nope[i] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int i = 0; i < kRopeLoads; ++i) rope[i] = make_uint4(0u, 0u, 0u, 0u);
-    scl = make_uint2(0u, 0u);
+    prefetch_l2(row.src + HH * 384);
+    prefetch_l2(row.src + HH * 384 + 128);
+    prefetch_l2(row.src + (HH ? kModel1TokenBytes - 1 : 256));
+    if (HH) prefetch_l2(row.ssrc);
   }
 }
 
-// Producer loop of one half (HH warp-uniform). Blocks [b_begin, b_end) of token keys tk.
+// Producer loop of one half HH (warp-uniform: warps 0-1 HH = 0, warps 2-3 HH = 1; compile-time,
+// so every shared-memory address is a register plus an immediate). Blocks [b_begin, b_end).
+// Register pipeline (quarters of 7 x 16 bytes): while quarter 0 of block b is dequantised,
+// quarter 1 of block b is in flight; while quarter 1 is dequantised, quarter 0 (and the scales)
+// of block b+1 are. So no load latency is exposed once the loop runs, with the registers of
+// two quarters (the previous design held a whole half and waited for it every block). Rows
+// are prefetched to L2 at the end of iteration b for block b+2 (half a block before their first
+// register load), indices fetched two blocks ahead.
 template <int HH>
 __device__ __forceinline__ void producer(const SparseAttnParams& p, const TokenKeys& tk,
                                          int b_begin, int b_end, int r, uint32_t sK0,
                                          uint8_t* s_valid, volatile int* s_any) {
-  int idx_cur = b_begin < b_end ? fetch_index(tk, b_begin, r) : -1;
+  const char* dummy = static_cast<const char*>(p.q);
   int idx_nxt = b_begin + 1 < b_end ? fetch_index(tk, b_begin + 1, r) : -1;
+  Fp8Row row = fp8_row(p, tk, b_begin, b_begin < b_end ? fetch_index(tk, b_begin, r) : -1);
+  uint4 va[kNopeQ], vb[kNopeQ];
+  load_quarter<HH, 0>(row, va);
+  uint64_t scl = load_scales(row);
+  prefetch_row_l2<HH>(fp8_row(p, tk, b_begin + 1, idx_nxt));
   for (int b = b_begin; b < b_end; ++b) {
     const int st = (b - b_begin) & 1;
-    const Fp8Row row = fp8_row(p, tk, b, idx_cur);
-    uint4 nope[kNopeLoads], rope[kRopeLoads];
-    uint2 scl;
-    load_half<HH>(row, nope, rope, scl);
-    // L2 prefetch of block b+1's row: points 0,128,256 | 384,512,575 of the 576 value bytes
-    // touch every 128-byte line of it; plus the scales.
-    if (b + 1 < b_end) {
-      const Fp8Row nr = fp8_row(p, tk, b + 1, idx_nxt);
-      if (nr.valid) {
-        prefetch_l2(nr.src + HH * 384);
-        prefetch_l2(nr.src + HH * 384 + 128);
-        prefetch_l2(nr.src + (HH ? kModel1TokenBytes - 1 : 256));
-        if (HH) prefetch_l2(nr.ssrc);
-      }
-    }
+    const uint32_t sK = sK0 + st * kTile;
+    load_quarter<HH, 1>(row, vb);  // quarter 1 of block b
     const int idx_nn = b + 2 < b_end ? fetch_index(tk, b + 2, r) : -1;
     if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
-    store_half<HH>(sK0 + st * kTile, r, nope, rope, scl);
+    copy_rope_half<HH>(row, sK, r, dummy);  // lands while the nope half is dequantised
+    store_quarter<HH, 0>(sK, r, va, scl);
+    // Block b+1's row (invalid past b_end; prefetched to L2 at the end of the iteration
+    // before): its quarter 0 and scales into the free va while quarter 1 of block b is
+    // dequantised.
+    const Fp8Row nrow = fp8_row(p, tk, b + 1, idx_nxt);
+    load_quarter<HH, 0>(nrow, va);
+    const uint64_t scl_nxt = load_scales(nrow);
+    store_quarter<HH, 1>(sK, r, vb, scl);
     if (HH == 0) s_valid[st * kBlockN + r] = row.valid ? 1 : 0;
     if (row.valid) *s_any = 1;
-    fence_proxy_async();
-    bar_arrive(kBarFull + st, kThreads);
-    idx_cur = idx_nxt;
+    // Block b+2's row to L2 (its index, fetched at the top of this iteration, has arrived; half
+    // a block before its quarter 0 is loaded in the middle of the next iteration).
+    prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, idx_nn));
+    publish_stage(st);
+    row = nrow;
+    scl = scl_nxt;
     idx_nxt = idx_nn;
   }
 }
 
+// ---- Whole-sector variant (kPairs, DSV4_SPARSE_FP8=new2): the same work per producer half,
+// mapped so that every 16-byte load instruction of a warp reads whole 32-byte sectors. Thread
+// q (0..63) of half HH handles keys k0 = q / 2 and k1 = k0 + 32; lane parity e = q % 2 takes the
+// 16-byte raw chunks e, e + 2, ..., e + 12 of the half's 14 (so lanes 2j and 2j+1 read the two
+// halves of each sector of key j together), and rope chunks e and e + 2 of the half's 4.
+// Quarter A = key k0's 7 chunks, quarter B = key k1's; the register pipeline is the same
+// (quarter B of block b in flight while A is dequantised, A of block b+1 while B is).
+
+// Shared-memory byte offset of bf16 chunk cb + 2e (+ 1 when kHi) of `key` in a SW128 tile, for
+// a compile-time cb with cb % 8 in {0, 4}: no carry into the slice, so the slice is cb / 8 and
+// the chunk-in-row bits are (cb % 8) ^ 2e (^ 1) ^ (key % 8) = (cb % 8) (^ 1) ^ xr, xr = 2e ^ key%8.
+template <int CB, bool kHi>
+__device__ __forceinline__ uint32_t pair_chunk_off(int key, uint32_t xr) {
+  static_assert(CB % 8 == 0 || CB % 8 == 4, "2e must not carry into the slice bits");
+  return static_cast<uint32_t>((CB >> 3) * (kBlockN * 128) + key * 128) +
+         ((((CB & 7) | (kHi ? 1 : 0)) ^ xr) << 4);
+}
+
+template <int HH>
+__device__ __forceinline__ void store_pair_quarter(uint32_t sK, int key, uint32_t xr,
+                                                   const uint4 (&v)[kNopeQ], uint64_t scl) {
+#pragma unroll
+  for (int i = 0; i < kNopeQ; ++i) {
+    // Raw chunk e + 2i: dims HH * 224 + 32 i + 16 e. (HH * 224 + 32 i) % 64 is 0 or 32, so
+    // + 16 e stays in the same 64-dim scale group: the group is compile-time.
+    constexpr int kD0 = HH * kNopeHalf;
+    const int grp = (kD0 + 32 * i) >> 6;
+    const uint32_t sb = static_cast<uint32_t>(scl >> (8 * grp)) & 0xffu;
+    const uint32_t s2 = sb * 0x00800080u;
+    const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
+    const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
+    // bf16 chunk (kD0 + 32 i + 16 e) / 8 = cb + 2e with cb = HH * 28 + 4 i (cb % 8 in {0, 4}).
+    switch (i) {  // compile-time after unrolling
+#define DSV4_PAIR_STORE(I)                                                              \
+  case I:                                                                               \
+    st_shared_v4(sK + pair_chunk_off<HH * 28 + 4 * I, false>(key, xr), a.x, a.y, b.x, b.y); \
+    st_shared_v4(sK + pair_chunk_off<HH * 28 + 4 * I, true>(key, xr), c.x, c.y, d.x, d.y);  \
+    break;
+      DSV4_PAIR_STORE(0)
+      DSV4_PAIR_STORE(1)
+      DSV4_PAIR_STORE(2)
+      DSV4_PAIR_STORE(3)
+      DSV4_PAIR_STORE(4)
+      DSV4_PAIR_STORE(5)
+      DSV4_PAIR_STORE(6)
+#undef DSV4_PAIR_STORE
+    }
+  }
+}
+
+template <int HH>
+__device__ __forceinline__ void load_pair_quarter(const Fp8Row& row, int e, uint4 (&v)[kNopeQ]) {
+  if (row.valid) {
+    const char* s0 = row.src + HH * kNopeHalf + 16 * e;
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = ld_nc_v4(s0 + 32 * i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNopeQ; ++i) v[i] = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Rope chunks e and e + 2 of half HH of `key` into the tile (cp.async, zero-fill if invalid);
+// the caller commits.
+template <int HH>
+__device__ __forceinline__ void copy_pair_rope(const Fp8Row& row, uint32_t sK, int key, int e,
+                                               const char* dummy) {
+  const char* s1 = row.valid ? row.src + kModel1Nope + HH * kRopeHalf : dummy;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int rc = e + 2 * k;                                // rope chunk of the half (0..3)
+    const int chunk = kModel1Nope / 8 + HH * kRopeLoads + rc;  // 56 + ...
+    cp_async16(sK + swz128(key, chunk), s1 + (row.valid ? 16 * rc : 0), row.valid ? 16 : 0);
+  }
+}
+
+template <int HH>
+__device__ __forceinline__ void producer_pairs(const SparseAttnParams& p, const TokenKeys& tk,
+                                               int b_begin, int b_end, int q, uint32_t sK0,
+                                               uint8_t* s_valid, volatile int* s_any) {
+  const char* dummy = static_cast<const char*>(p.q);
+  const int e = q & 1;
+  const int k0 = q >> 1, k1 = k0 + 32;
+  const uint32_t xr = static_cast<uint32_t>((2 * e) ^ (k0 & 7));  // k1 % 8 == k0 % 8
+  const bool first = b_begin < b_end, second = b_begin + 1 < b_end;
+  int ia_nxt = second ? fetch_index(tk, b_begin + 1, k0) : -1;
+  int ib_cur = first ? fetch_index(tk, b_begin, k1) : -1;
+  int ib_nxt = second ? fetch_index(tk, b_begin + 1, k1) : -1;
+  Fp8Row ra = fp8_row(p, tk, b_begin, first ? fetch_index(tk, b_begin, k0) : -1);
+  uint4 va[kNopeQ], vb[kNopeQ];
+  load_pair_quarter<HH>(ra, e, va);
+  uint64_t scla = load_scales(ra);
+  prefetch_row_l2<HH>(fp8_row(p, tk, b_begin + 1, e ? ib_nxt : ia_nxt));
+  for (int b = b_begin; b < b_end; ++b) {
+    const int st = (b - b_begin) & 1;
+    const uint32_t sK = sK0 + st * kTile;
+    const Fp8Row rb = fp8_row(p, tk, b, ib_cur);
+    load_pair_quarter<HH>(rb, e, vb);  // quarter B (key k1) of block b
+    const uint64_t sclb = load_scales(rb);
+    const int ia_nn = b + 2 < b_end ? fetch_index(tk, b + 2, k0) : -1;
+    const int ib_nn = b + 2 < b_end ? fetch_index(tk, b + 2, k1) : -1;
+    if (b - b_begin >= 2) bar_sync(kBarEmpty + st, kThreads);  // consumers done with b-2
+    copy_pair_rope<HH>(ra, sK, k0, e, dummy);
+    copy_pair_rope<HH>(rb, sK, k1, e, dummy);
+    cp_async_commit();
+    store_pair_quarter<HH>(sK, k0, xr, va, scla);
+    const Fp8Row na = fp8_row(p, tk, b + 1, ia_nxt);  // quarter A (key k0) of block b+1
+    load_pair_quarter<HH>(na, e, va);
+    const uint64_t scla_nxt = load_scales(na);
+    store_pair_quarter<HH>(sK, k1, xr, vb, sclb);
+    if (HH == 0 && e == 0) {
+      s_valid[st * kBlockN + k0] = ra.valid ? 1 : 0;
+      s_valid[st * kBlockN + k1] = rb.valid ? 1 : 0;
+    }
+    if (ra.valid || rb.valid) *s_any = 1;
+    // Block b+2's rows to L2: lane e prefetches key k_e's (its half's lines).
+    prefetch_row_l2<HH>(fp8_row(p, tk, b + 2, e ? ib_nn : ia_nn));
+    publish_stage(st);
+    ra = na;
+    scla = scla_nxt;
+    ia_nxt = ia_nn;
+    ib_cur = ib_nxt;
+    ib_nxt = ib_nn;
+  }
+}
+
 // kSplit: fp32 partials to the workspace for sparse_attn_combine_kernel (as the old kernel).
-template <bool kSplit>
+// kPairs: the whole-sector producer mapping (producer_pairs) instead of one key per thread.
+template <bool kSplit, bool kPairs>
 __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const SparseAttnParams p) {
 #if !DSV4_SPARSE_ATTN_WGMMA
   __trap();
@@ -336,24 +486,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   const int g = lane >> 2, tg = lane & 3;
 
   const int H = static_cast<int>(p.num_heads);
-  const int n_ht = (H + kBlockM - 1) / kBlockM;
-  int64_t bid = blockIdx.x;
-  int split = 0;
-  if (kSplit) {
-    split = static_cast<int>(bid % p.num_splits);
-    bid /= p.num_splits;
-  }
-  const int ht = static_cast<int>(bid % n_ht);
-  const int64_t t = bid / n_ht;
-  const int h0 = ht * kBlockM;
-
-  const TokenKeys tk = token_keys(p, t);
-  int b_begin = 0, b_end = tk.nb;
-  if (kSplit) {
-    const int per = (tk.nb + p.num_splits - 1) / p.num_splits;
-    b_begin = min(tk.nb, split * per);
-    b_end = min(tk.nb, b_begin + per);
-  }
+  const CtaWork cw = cta_work<kSplit>(p);
+  const int64_t t = cw.t;
+  const int h0 = cw.h0, b_begin = cw.b_begin, b_end = cw.b_end;
+  const TokenKeys& tk = cw.tk;
 
   if (tid == 0) *s_any = 0;
   __syncthreads();  // the only CTA-wide barrier: s_any is 0 before any producer write
@@ -368,10 +504,17 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
     setmaxnreg_dec<kProducerRegs>();
     const int pt = tid - 256;           // 0..127
     const int r = pt & (kBlockN - 1);   // key of the block
-    if (pt < kBlockN)
-      producer<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
-    else
-      producer<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    if constexpr (kPairs) {
+      if (pt < kBlockN)
+        producer_pairs<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+      else
+        producer_pairs<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    } else {
+      if (pt < kBlockN)
+        producer<0>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+      else
+        producer<1>(p, tk, b_begin, b_end, r, sK0, s_valid, s_any);
+    }
     return;  // every arrival it owes was made inside the loop
   }
 
@@ -402,102 +545,22 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   for (int i = 0; i < NO / 2; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sc2 = p.softmax_scale * kLog2e;
-  constexpr uint32_t kSlice = kBlockN * 128;  // bytes of one 64-column slice
-  constexpr uint32_t kLboV = kSlice;
-  constexpr uint32_t kSboV = 1024u;
-
   for (int b = b_begin; b < b_end; ++b) {
     const int stage = (b - b_begin) & 1;
     bar_sync(kBarFull + stage, kThreads);  // block b's tile is in `stage`; both WGs done with b-1
     const uint32_t sK = sK0 + stage * kTile;
 
-    // ---- S = Q K^T for keys 32*wg .. +32 ----
+    // ---- S = Q K^T for keys 32*wg .. +32; masked online softmax; P to shared memory ----
     float s[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk >> 2) * kSlice + (kk & 3) * 32;
-      wgmma_m64n32k16_ss(s, smem_desc(sQ + koff, 16, 1024),
-                         smem_desc(sK + koff + wg * 32 * 128, 16, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(s);
-
-    // ---- mask + scale, row max of the 32 keys, exchange with the other warpgroup ----
-    const uint8_t* vflag = s_valid + stage * kBlockN + wg * 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = vflag[i * 8 + 2 * tg + (e & 1)] != 0;
-        s[i * 4 + e] = ok ? s[i * 4 + e] * sc2 : -INFINITY;
-      }
+    wg_scores<kD>(s, sQ, sK, wg);
     float alpha[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      if (tg == 0) red_max[wg * kBlockM + w4 * 16 + hf * 8 + g] = mx;
-    }
-    named_barrier(1 + w4, 64);  // warps w4 and 4 + w4 share these 16 rows
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const float bm = fmaxf(red_max[row], red_max[kBlockM + row]);
-      const float m_new = fmaxf(m_run[hf], bm);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[hf] = exp2_approx(m_run[hf] - m_use);
-      m_run[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2_approx(s[i * 4 + 2 * hf + e] - m_use);
-          s[i * 4 + 2 * hf + e] = pv;
-          sum += pv;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (tg == 0) red_sum[wg * kBlockM + row] = sum;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = wg * 32 + i * 8 + 2 * tg;
-        st_shared_u32(sP + swz<8>(row, key >> 3) + (key & 7) * 2,
-                      pack_bf16x2(s[i * 4 + 2 * hf], s[i * 4 + 2 * hf + 1]));
-      }
-    }
+    wg_softmax_to_p(s, s_valid + stage * kBlockN + wg * 32, sc2, m_run, alpha, red_max, red_sum,
+                    sP, wg, w4, g, tg);
     fence_proxy_async();
     bar_sync(kBarConsumers, 256);  // P complete (64 rows x 64 keys) for both warpgroups
-
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      l_run[hf] = l_run[hf] * alpha[hf] + red_sum[row] + red_sum[kBlockM + row];
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        o[i * 4 + 2 * hf] *= alpha[hf];
-        o[i * 4 + 2 * hf + 1] *= alpha[hf];
-      }
-    }
-
+    wg_rescale(o, l_run, alpha, red_sum, w4, g);
     // ---- O[:, 256*wg .. +256] += P V ----
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      wgmma_m64n256k16_ss_tb(o, smem_desc(sP + ks * 32, 16, 1024),
-                             smem_desc(sK + wg * (NO / 64) * kSlice + ks * 16 * 128, kLboV, kSboV));
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(o);
+    wg_pv<kD>(o, sP, sK, wg);
     if (b + 2 < b_end) bar_arrive(kBarEmpty + stage, kThreads);  // the producer may refill it
   }
 
@@ -507,78 +570,33 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fp8_ws_kernel(const S
   const bool any = *s_any != 0;  // final: the producer wrote it before its last FULL arrive
 
   if constexpr (!kSplit) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float sink2 = h < H ? __ldg(p.attn_sink + h) * kLog2e : 0.f;
-      const float denom = l_run[hf] + exp2_approx(sink2 - m_use);
-      const float inv = any ? 1.f / denom : 0.f;
-      if (wg == 0 && tg == 0 && h < H) {
-        p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-            any ? (m_use + log2f(l_run[hf])) * kLn2 : INFINITY;
-      }
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        st_shared_u32(sQ + swz128(row, col >> 3) + (col & 7) * 2,
-                      pack_bf16x2(o[i * 4 + 2 * hf] * inv, o[i * 4 + 2 * hf + 1] * inv));
-      }
-    }
+    wg_stage_output<kD>(p, o, m_run, l_run, any, sQ, t, h0, wg, w4, g, tg);
     bar_sync(kBarConsumers, 256);
-    if (h0 + lrow < H) {
-      char* dst = reinterpret_cast<char*>(out + t * p.out_stride_token +
-                                          static_cast<int64_t>(h0 + lrow) * p.out_stride_head);
-#pragma unroll
-      for (int i = 0; i < CPT; ++i) {
-        const int c = lc0 + i * TPR;
-        *reinterpret_cast<uint4*>(dst + c * 16) = ld_shared_v4(sQ + swz128(lrow, c));
-      }
-    }
+    store_staged_rows<TPR, CPT>(p, sQ, t, h0, lrow, lc0);
   } else {
-    const int64_t T = p.num_tokens;
-    float* ws_o = static_cast<float*>(p.workspace);
-    float* ws_lse = ws_o + static_cast<int64_t>(p.num_splits) * T * H * kD;
-    float* ws_flag = ws_lse + static_cast<int64_t>(p.num_splits) * T * H;
-    const int64_t st = static_cast<int64_t>(split) * T + t;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = w4 * 16 + hf * 8 + g;
-      const int h = h0 + row;
-      if (h >= H) continue;
-      const float l = l_run[hf];
-      const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-      const float inv_l = l == 0.f ? 0.f : 1.f / l;
-      float* orow = ws_o + (st * H + h) * kD;
-#pragma unroll
-      for (int i = 0; i < NO / 8; ++i) {
-        const int col = wg * NO + i * 8 + 2 * tg;
-        *reinterpret_cast<float2*>(orow + col) =
-            make_float2(o[i * 4 + 2 * hf] * inv_l, o[i * 4 + 2 * hf + 1] * inv_l);
-      }
-      if (wg == 0 && tg == 0) ws_lse[st * H + h] = l == 0.f ? -INFINITY : m_use + log2f(l);
-    }
-    if (tid == 0) ws_flag[st * n_ht + ht] = any ? 1.f : 0.f;
+    wg_write_partials<kD>(p, o, m_run, l_run, any, t, cw.split, h0, cw.ht, wg, w4, g, tg, tid);
   }
 #endif  // DSV4_SPARSE_ATTN_WGMMA
 }
 
 // Launch (sparse_attn() validated p; FP8 MODEL1 pools, head_dim 512, sm_90a).
+// kPairs: the whole-sector producer mapping (DSV4_SPARSE_FP8=new2).
+template <bool kPairs>
 inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream) {
   const int64_t n_ht = (p.num_heads + kBlockM - 1) / kBlockM;
   const int64_t ctas = p.num_tokens * n_ht * p.num_splits;
   const bool split = p.num_splits > 1;
   if (ctas > INT_MAX || (split && p.num_tokens * p.num_heads > INT_MAX)) return cudaErrorInvalidValue;
-  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<true>)
-                         : reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<false>);
+  const void* fn = split ? reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<true, kPairs>)
+                         : reinterpret_cast<const void*>(&sparse_attn_fp8_ws_kernel<false, kPairs>);
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   if (split) {
-    sparse_attn_fp8_ws_kernel<true><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+    sparse_attn_fp8_ws_kernel<true, kPairs>
+        <<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
   } else {
-    sparse_attn_fp8_ws_kernel<false><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
+    sparse_attn_fp8_ws_kernel<false, kPairs>
+        <<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
@@ -604,5 +622,6 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
   return err;
 }
 
-}  // namespace sparse_attn_fp8
+}  // namespace fp8_ws
+}  // namespace sparse_attn_detail
 }  // namespace dsv4

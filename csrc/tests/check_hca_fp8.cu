@@ -6,17 +6,18 @@
 //      BIT-IDENTICAL out / lse to the same kernel fed the equivalent explicit index list.
 //   2. FP8 MODEL1 pools (packed here on the host: e4m3 + UE8M0 scales, FlashMLA's block layout)
 //      give BIT-IDENTICAL results to bf16 pools holding the dequantised values (sm_90 only), in
-//      sparse mode and in HCA mode, with and without the split-K path, through BOTH FP8 kernels
+//      sparse mode and in HCA mode, with and without the split-K path, through EVERY FP8 kernel
 //      (DSV4_SPARSE_FP8=old: dequantisation between the GEMMs; =new: the warp-specialised
-//      kernel of sparse_attn_fp8_sm90.cuh). "raw" cases fill the pools with random bytes (every
+//      kernel of sparse_attn_fp8_sm90.cuh; =new2: the same with the whole-sector producer
+//      mapping). "raw" cases fill the pools with random bytes (every
 //      e4m3 value but the NaNs 0x7f / 0xff, scale bytes 3..127) and dequantise them on the host
 //      with the reference formula (float(e4m3) * 2^(s-127), rounded to bf16): the exactness of
 //      the new kernel's bit-level dequantisation over the whole byte range. "NaN" cases then
 //      write the e4m3 NaN codes 0x7f / 0xff into one key of each pool and a scale byte 255
-//      (+inf) into a third key: both FP8 kernels must give NaN exactly where the bf16 kernel
+//      (+inf) into a third key: every FP8 kernel must give NaN exactly where the bf16 kernel
 //      on the dequantised pools does (NaN = NaN whatever its bits; every other value
 //      bit-identical), and some outputs must be NaN and some not.
-//   3. (sm_90) Times the old and the new FP8 kernel at FlashMLA's decode shapes (printed, not
+//   3. (sm_90) Times the old, new and new2 FP8 kernels at FlashMLA's decode shapes (printed, not
 //      checked; DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer).
 // Prints PASS / FAIL (exit 1) or SKIP.
 #include <cuda_bf16.h>
@@ -359,7 +360,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     fh.extra_max_blocks = max_blocks;
     fh.extra_rows = h.extra_rows;
     const char* kind = nan ? " raw bytes + NaN" : raw ? " raw bytes" : "";
-    for (const char* kernel : {"old", "new"}) {
+    for (const char* kernel : {"old", "new", "new2"}) {
       setenv("DSV4_SPARSE_FP8", kernel, 1);
       std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (list)",
                     kernel, H, (long long)B, (long long)bs, splits, kind);
@@ -385,8 +386,8 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   return ok;
 }
 
-// Median time (us) of sparse_attn(p) under DSV4_SPARSE_FP8=old and =new, alternating, 20 calls
-// each after 3 warm-ups (L2 not flushed). Pools hold a constant byte pattern (timing only).
+// Median time (us) of sparse_attn(p) under DSV4_SPARSE_FP8=old, =new and =new2, alternating, 20
+// calls each after 3 warm-ups (L2 not flushed). Pools hold a constant byte pattern (timing only).
 void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   int dev_id = 0, sms = 0;
   CHECK_CUDA(cudaGetDevice(&dev_id));
@@ -412,25 +413,29 @@ void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<float> t_old, t_new;
+  const char* kernels[3] = {"old", "new", "new2"};
+  std::vector<float> t[3];
   for (int it = 0; it < 23; ++it) {
-    for (int k = 0; k < 2; ++k) {
-      setenv("DSV4_SPARSE_FP8", k ? "new" : "old", 1);
+    for (int k = 0; k < 3; ++k) {
+      setenv("DSV4_SPARSE_FP8", kernels[k], 1);
       CHECK_CUDA(cudaEventRecord(e0));
       CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
       CHECK_CUDA(cudaEventRecord(e1));
       CHECK_CUDA(cudaEventSynchronize(e1));
       float ms = 0.f;
       CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      if (it >= 3) (k ? t_new : t_old).push_back(ms * 1e3f);
+      if (it >= 3) t[k].push_back(ms * 1e3f);
     }
   }
   unsetenv("DSV4_SPARSE_FP8");
-  std::sort(t_old.begin(), t_old.end());
-  std::sort(t_new.begin(), t_new.end());
-  const float mo = t_old[t_old.size() / 2], mn = t_new[t_new.size() / 2];
-  std::printf("time %-44s splits %2d: old %8.1f us, new %8.1f us (new / old %.2f)\n", what,
-              p.num_splits, mo, mn, mn / mo);
+  float med[3];
+  for (int k = 0; k < 3; ++k) {
+    std::sort(t[k].begin(), t[k].end());
+    med[k] = t[k][t[k].size() / 2];
+  }
+  std::printf("time %-44s splits %2d: old %8.1f us, new %8.1f us, new2 %8.1f us "
+              "(new / old %.2f, new2 / old %.2f)\n",
+              what, p.num_splits, med[0], med[1], med[2], med[1] / med[0], med[2] / med[0]);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   cudaFree(out);

@@ -22,7 +22,7 @@ from dsv4.ops import kv_cache as kc
 from dsv4.ops.attention import sparse_attn_reference
 from dsv4.ops.hca_attn import dense_block_table, hca_attn, hca_attn_reference, hca_entry_counts
 
-from _fp8_kernels import both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
+from _fp8_kernels import FP8_KERNELS, both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
 from _paged import scattered_tables  # noqa: E402  (tests/_paged.py)
 
 RATIO = 128
@@ -302,7 +302,7 @@ def test_cuda_70000_queries():
 @pytest.mark.parametrize("seqs", [PREFILL, DECODE, [(65534, 2, 512)] * 64],
                          ids=["prefill", "decode", "decode-b64"])
 @pytest.mark.parametrize("H", [64, 128])
-@pytest.mark.parametrize("kernel", ["old", "new"])
+@pytest.mark.parametrize("kernel", FP8_KERNELS)
 def test_cuda_fp8_equals_bf16_kernel_on_dequantised_cache(seqs, H, kernel, monkeypatch):
     """Both FP8 kernels (DSV4_SPARSE_FP8) dequantise into the same bf16 tile the bf16 kernel
     loads: bit-equal outputs (hca_attn and sparse_attn), and the tolerance rule against the
@@ -402,15 +402,16 @@ def test_cuda_fp8_nan_codes_give_nan_where_the_reference_does(H, B, bs, monkeypa
     ref_o, ref_l = hca_attn_reference(**fp32)
     lo_o, lo_l = hca_attn_reference(**a, compute_dtype=torch.bfloat16)
     res = {}
-    for kernel in ("old", "new"):
+    for kernel in FP8_KERNELS:
         monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
         poison_allocator(T * H * 512, torch.bfloat16)
         poison_allocator(T * H, torch.float32)
         out, lse = torch.ops.dsv4.hca_attn(*a.values())
         assert_nan_where_reference(out, lse, ref_o, ref_l, lo_o, lo_l, nan_tokens)
         res[kernel] = out, lse
-    assert_same_bits_nan_equal(res["old"][0], res["new"][0])
-    assert_same_bits_nan_equal(res["old"][1], res["new"][1])
+    for kernel in FP8_KERNELS[1:]:
+        assert_same_bits_nan_equal(res["old"][0], res[kernel][0])
+        assert_same_bits_nan_equal(res["old"][1], res[kernel][1])
 
 
 @pytest.mark.cuda

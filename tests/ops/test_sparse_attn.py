@@ -12,7 +12,7 @@ import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
 from dsv4.ops.attention import sparse_attn, sparse_attn_reference
 
-from _fp8_kernels import both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
+from _fp8_kernels import FP8_KERNELS, both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
 
 
 def _dense(q, kv, idx, sink, scale, lengths=None, extra=None):
@@ -449,7 +449,7 @@ def test_cuda_fp8_many_tokens_grid_limit(monkeypatch):
 def test_cuda_fp8_kernel_switch_rejects_bad_values(monkeypatch):
     a = _fp8_pools(_random_case(4, 64, 512, 64, 16, seed=2, device="cuda", dtype=torch.bfloat16))
     monkeypatch.setenv("DSV4_SPARSE_FP8", "fast")
-    with pytest.raises(RuntimeError, match="DSV4_SPARSE_FP8 must be 'new' or 'old'"):
+    with pytest.raises(RuntimeError, match="DSV4_SPARSE_FP8 must be 'old', 'new' or 'new2'"):
         torch.ops.dsv4.sparse_attn(**a)
 
 
@@ -496,15 +496,16 @@ def test_cuda_fp8_nan_codes_give_nan_where_the_reference_does(H, K2, batch, monk
     ref_o, ref_l = sparse_attn_reference(**fp32, skip_out_of_range=True)
     lo_o, lo_l = sparse_attn_reference(**a, skip_out_of_range=True, compute_dtype=torch.bfloat16)
     res = {}
-    for kernel in ("old", "new"):
+    for kernel in FP8_KERNELS:
         monkeypatch.setenv("DSV4_SPARSE_FP8", kernel)
         poison_allocator(T * H * 512, torch.bfloat16)
         poison_allocator(T * H, torch.float32)
         out, lse = torch.ops.dsv4.sparse_attn(**a)
         assert_nan_where_reference(out, lse, ref_o, ref_l, lo_o, lo_l, nan_tokens)
         res[kernel] = out, lse
-    assert_same_bits_nan_equal(res["old"][0], res["new"][0])
-    assert_same_bits_nan_equal(res["old"][1], res["new"][1])
+    for kernel in FP8_KERNELS[1:]:
+        assert_same_bits_nan_equal(res["old"][0], res[kernel][0])
+        assert_same_bits_nan_equal(res["old"][1], res[kernel][1])
 
 
 @pytest.mark.cuda

@@ -21,8 +21,8 @@
 // wgmma kernel (needs the library built for sm_90a, the project default "9.0a"); every other
 // case runs the mma.sync kernel (sm_80+). One CTA per (token, 64-head tile[, key split]) on
 // grid.x only, so any number of tokens up to 2^31 - 1 CTAs is fine. FP8 caches: the wgmma
-// kernel, or with DSV4_SPARSE_FP8=new the warp-specialised kernel of sparse_attn_fp8_sm90.cuh
-// (same grid and results; see sparse_attn_fp8_kernel_env).
+// kernel, or with DSV4_SPARSE_FP8=new / new2 the warp-specialised kernel of
+// sparse_attn_fp8_sm90.cuh (same grid and results; see sparse_attn_fp8_kernel_env).
 #pragma once
 
 #include <cstddef>
@@ -115,13 +115,15 @@ bool sparse_attn_supports_head_dim(int64_t head_dim);
 bool sparse_attn_supports_fp8_cache(int64_t head_dim);
 
 // The DSV4_SPARSE_FP8 environment switch, read by sparse_attn at each call with an FP8 cache
-// (so one process can time both kernels): 1 for "new" (the warp-specialised kernel of
+// (so one process can time the kernels): 1 for "new" (the warp-specialised kernel of
 // csrc/kernels/sparse_attn_fp8_sm90.cuh: producer warps dequantise each key block into one of
-// two bf16 stages while the MMA warps run the previous block), 0 when unset, empty or "old"
-// (the wgmma kernel that dequantises between its GEMMs, verified on the H200), -1 for any other
-// value (sparse_attn then returns cudaErrorInvalidValue; the torch glue reports it). Both give
-// bit-identical outputs. The default stays "old" until the new kernel has passed its first GPU
-// run (tests/ops/test_hca_attn.py, tests/ops/test_sparse_attn.py, dsv4_check_hca_fp8).
+// two bf16 stages while the MMA warps run the previous block), 2 for "new2" (the same kernel
+// with the whole-sector producer mapping: each 16-byte load instruction of a warp reads whole
+// 32-byte sectors), 0 when unset, empty or "old" (the wgmma kernel that dequantises between
+// its GEMMs, verified on the H200), -1 for any other value (sparse_attn then returns
+// cudaErrorInvalidValue; the torch glue reports it). All give bit-identical outputs. The
+// default stays "old" until a new kernel measures faster on the GPU
+// (tests/ops/test_hca_attn.py, tests/ops/test_sparse_attn.py, dsv4_check_hca_fp8).
 int sparse_attn_fp8_kernel_env();
 
 // A split count for this shape on a GPU with num_sms SMs: > 1 only when the token x head-tile
