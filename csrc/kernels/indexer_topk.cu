@@ -78,8 +78,9 @@ constexpr int kSelUnroll = 8;
 
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
-// (decode plans only). g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
-constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2;
+// (decode plans only), 3 "legacy": auto with the previous decode split size (below).
+// g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
+constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3;
 int g_merge = -1;
 int merge_mode() {
   if (g_merge >= 0) return g_merge;
@@ -87,6 +88,7 @@ int merge_mode() {
   if (e == nullptr) return kMergeAuto;
   if (std::strcmp(e, "tree") == 0) return kMergeTree;
   if (std::strcmp(e, "hist") == 0) return kMergeHist;
+  if (std::strcmp(e, "legacy") == 0) return kMergeLegacy;
   return kMergeAuto;
 }
 
@@ -1196,7 +1198,19 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   if (pl.cap == 0) return pl;
   pl.smem = static_cast<size_t>(pl.stages * tile_bytes + fixed) +
             static_cast<size_t>(pl.qpc) * pl.cap * sizeof(u64);
-  pl.min_chunk = static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
+  // Smallest key range of a split. Decode (QPC 1): one tile, so that a short row (a few
+  // thousand entries at batch 1) is scored by several CTAs instead of one: the scan of a CTA
+  // costs ~20 ns per key on H100 (mma.sync-latency bound, not HBM), so one CTA scoring 1024
+  // keys alone took ~20 us of the ~55 us per call. Splits of fewer than topk keys are fine:
+  // each leaf hands its (<= topk) candidates to the merge unselected. "legacy" keeps the
+  // previous minimum (max(1024, 2 topk)) for comparison; prefill (QPC 8) is unchanged. The
+  // host cannot see n_valid, so the split count follows the capacity C and the kernel gives
+  // each split max(ceil(n_valid / n_splits), min_chunk) keys: rows much shorter than C use
+  // ceil(n_valid / min_chunk) CTAs, the others stay idle.
+  const int mode = merge_mode();
+  pl.min_chunk = pl.qpc == 1 && mode != kMergeLegacy
+                     ? tile
+                     : static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
 
   int64_t splits = std::max<int64_t>(1, di.sms / pl.n_groups);
   const int64_t by_capacity = std::max<int64_t>(1, (C + pl.min_chunk - 1) / pl.min_chunk);
@@ -1211,9 +1225,9 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   }
   if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
   pl.slot_stride = static_cast<int>(round_up(topk, 16));
-  const int mode = merge_mode();
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
-            (mode == kMergeHist || (mode == kMergeAuto && pl.n_splits > 16));
+            (mode == kMergeHist ||
+             ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
     const int64_t T1 = pl.n_groups;
@@ -1396,7 +1410,7 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
   g_stages = stages;
 }
 
-void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 2 ? mode : -1; }
+void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 3 ? mode : -1; }
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
                                     int64_t heads, int64_t head_dim, int64_t topk, int device,
