@@ -75,6 +75,8 @@ constexpr int kHistBins = 4096;
 constexpr int kHistShift = 20;
 constexpr int kBoundaryCap = 8192;
 constexpr int kSelUnroll = 8;
+// Smallest key range of a decode split (QPC 1): 8 warps x one 16-key m-tile.
+constexpr int kDecodeMinChunk = kWarps * 16;
 
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
@@ -786,8 +788,10 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     const bool me = (active >> qi) & 1u;
 
     // This split's key range [s_begin, s_end) of the row.
+    // (whole tiles, except that a range shorter than a tile is a multiple of one m-tile: a
+    // short decode row is spread over CTAs at 128 keys = one m-tile per warp)
     int64_t L = (static_cast<int64_t>(nv_max) + p.n_splits - 1) / p.n_splits;
-    L = (L + TILE - 1) / TILE * TILE;
+    L = L >= TILE ? (L + TILE - 1) / TILE * TILE : (L + 15) / 16 * 16;
     L = L > p.min_chunk ? L : p.min_chunk;
     const int64_t sb = static_cast<int64_t>(j) * L;
     const int s_begin = sb < nv_max ? static_cast<int>(sb) : nv_max;
@@ -1198,18 +1202,19 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   if (pl.cap == 0) return pl;
   pl.smem = static_cast<size_t>(pl.stages * tile_bytes + fixed) +
             static_cast<size_t>(pl.qpc) * pl.cap * sizeof(u64);
-  // Smallest key range of a split. Decode (QPC 1): one tile, so that a short row (a few
-  // thousand entries at batch 1) is scored by several CTAs instead of one: the scan of a CTA
-  // costs ~20 ns per key on H100 (mma.sync-latency bound, not HBM), so one CTA scoring 1024
-  // keys alone took ~20 us of the ~55 us per call. Splits of fewer than topk keys are fine:
-  // each leaf hands its (<= topk) candidates to the merge unselected. "legacy" keeps the
-  // previous minimum (max(1024, 2 topk)) for comparison; prefill (QPC 8) is unchanged. The
-  // host cannot see n_valid, so the split count follows the capacity C and the kernel gives
-  // each split max(ceil(n_valid / n_splits), min_chunk) keys: rows much shorter than C use
-  // ceil(n_valid / min_chunk) CTAs, the others stay idle.
+  // Smallest key range of a split. Decode (QPC 1): 128 keys (one m-tile per warp), so that a
+  // short row (a few thousand entries at batch 1) is scored by several CTAs instead of one:
+  // a CTA scans ~20-45 ns per key on H100 (the measured 1M scan and the short-row calls), so
+  // one CTA scoring 1024 keys alone was most of the ~55 us per call. Splits of fewer than
+  // topk keys are fine: each leaf hands its (<= topk) candidates to the merge unselected.
+  // "legacy" keeps the previous minimum (max(1024, 2 topk)) for comparison; prefill (QPC 8)
+  // is unchanged. The host cannot see n_valid, so the split count follows the capacity C and
+  // the kernel gives each split max(ceil(n_valid / n_splits), min_chunk) keys (whole tiles
+  // above a tile): rows much shorter than C use ceil(n_valid / min_chunk) CTAs, the others
+  // stay idle. Long rows get the same ranges as before (ceil(n_valid / n_splits) >= a tile).
   const int mode = merge_mode();
   pl.min_chunk = pl.qpc == 1 && mode != kMergeLegacy
-                     ? tile
+                     ? kDecodeMinChunk
                      : static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
 
   int64_t splits = std::max<int64_t>(1, di.sms / pl.n_groups);

@@ -614,10 +614,10 @@ bool long_decode_suite(std::mt19937& rng) {
 }
 
 // Short and medium decode rows (the latency cases: a few thousand entries, batch 1 .. 64):
-// since decode splits may be a single key tile, these cross tile / split / topk boundaries
-// with one query per row, exact integer scores (bit-for-bit against the reference, order of
-// ties included), plus empty scopes, a bad row, NaN keys and an all-zero plateau. Run under
-// every merge mode, including "legacy" (the previous split size).
+// since a decode split may be 128 keys (less than a tile), these cross tile / split / topk
+// boundaries with one query per row, exact integer scores (bit-for-bit against the reference,
+// order of ties included), plus empty scopes, a bad row, NaN keys and an all-zero plateau.
+// Run under every merge mode, including "legacy" (the previous split size).
 bool short_decode_suite(std::mt19937& rng) {
   bool ok = true;
   {  // batch 1: N < k, N == k, N = k + 1, tile boundaries, 2 k and a few thousand

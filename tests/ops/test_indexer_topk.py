@@ -545,8 +545,8 @@ def test_cuda_long_float_scores_cross_split_boundaries(merge3):
 
 # ---------------------------------------------------------------------------------------------
 # Short and medium decode rows (the latency cases of issue 9: N <= 32K entries, batch 1 .. 64).
-# A decode split may be a single 256-key tile, so these shapes cross tile, split and topk
-# boundaries; every merge mode, including "legacy" (the previous split size of max(1024,
+# A decode split may be 128 keys (one m-tile per warp), so these shapes cross tile, split and
+# topk boundaries; every merge mode, including "legacy" (the previous split size of max(1024,
 # 2 topk) keys), must give the reference's indices exactly (integer data: exact scores).
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(params=["auto", "tree", "hist", "legacy"])

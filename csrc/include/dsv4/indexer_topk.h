@@ -23,7 +23,7 @@
 // row (queries in registers), and keeps a per-query candidate buffer in shared memory that an
 // exact radix select (64-bit keys: ordered score bits << 32 | ~index) cuts back to `topk`
 // whenever it fills. When there are few query groups (decode), each query's key range is split
-// over CTAs (at least one 256-key tile per split, so that short rows use several CTAs too);
+// over CTAs (at least 128 keys per split, so that short rows use several CTAs too);
 // each CTA writes its <= `topk` candidates to `workspace`, and the last CTA to finish
 // (an atomic arrival counter, reset by a cudaMemsetAsync in the launch) merges them with the
 // same select, through a two-level tree when there are many splits ("tree" merge). When a
@@ -136,7 +136,7 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages);
 // workspace sizes in this process): 0 auto (histogram select when a decode query's keys span
 // more than 16 splits, else the tree), 1 the candidate-list tree always, 2 the histogram select
 // for every decode plan with splits, 3 "legacy": auto with the previous decode split size (a
-// split of a decode query scores at least max(1024, 2 topk) keys instead of one key tile, so a
+// split of a decode query scores at least max(1024, 2 topk) keys instead of 128 keys, so a
 // short row is scored by a single CTA), -1 (default) the environment variable
 // DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", "legacy", anything else / unset =
 // auto. Every mode returns the same indices (the contract above); this exists for tests and
