@@ -182,7 +182,10 @@ def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
             return _time_us(call, 30), first
         legacy_us, legacy_out = _with_merge("legacy", timed)
         new_us, new_out = _with_merge(None, timed)
-        same = torch.equal(legacy_out, new_out)
+        # the two merges at the new split size (which one the default should take here)
+        tree_us, tree_out = _with_merge("tree", timed)
+        hist_us, hist_out = _with_merge("hist", timed)
+        same = all(torch.equal(legacy_out, o) for o in (new_out, tree_out, hist_out))
         key_bytes = b * n * HEAD_DIM * 2
         flops = 2.0 * b * n * HEADS * HEAD_DIM
         floor_us = key_bytes / PEAK_BW * 1e6
@@ -194,8 +197,10 @@ def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
             "pct_flops": 100 * flops / (new_us * 1e-6) / 1e12 / PEAK_TFLOPS,
             "pct_bw": 100 * gbps * 1e9 / PEAK_BW, "ref_time_us": legacy_us,
             "speedup": legacy_us / new_us, "floor_us": floor_us,
+            "tree_us": tree_us, "hist_us": hist_us,
             "note": ("baseline (ref) = the previous split size (DSV4_INDEXER_TOPK_MERGE=legacy), "
-                     f"same process; indices {'identical' if same else 'DIFFER (bug)'}")
+                     f"same process; forced tree {tree_us:.1f} us, forced hist {hist_us:.1f} us; "
+                     f"indices {'identical' if same else 'DIFFER (bug)'}")
                     if kernel else "CUDA kernel not compiled"})
         del q, w, keys
     torch.cuda.empty_cache()

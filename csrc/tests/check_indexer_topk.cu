@@ -717,15 +717,22 @@ int main(int argc, char** argv) {
     bool bok = true;
     const int cases[][2] = {{1, 1024}, {1, 2048}, {1, 8192}, {1, 32768}, {8, 1024},
                             {32, 2048}, {64, 1024}, {32, 32768}};
-    for (int mode : {3, 0}) {
+    for (int mode : {3, 0, 1, 2}) {
+      static const char* const names[] = {"auto (default)", "tree", "hist", "legacy"};
       dsv4::indexer_topk_set_merge(mode);
-      std::printf("-- short decode bench, merge %s\n", mode == 3 ? "legacy" : "auto (default)");
+      std::printf("-- short decode bench, merge %s\n", names[mode]);
       for (const auto& c : cases) {
         bok &= bench_case("decode", c[0], c[0], c[1], 512, false, 30, {0, c[0] - 1}, flush,
                           flush_bytes);
       }
     }
     dsv4::indexer_topk_set_merge(0);
+    dsv4::indexer_topk_set_tuning(128, 0);  // the 128-key decode tile (4 stages), default merge
+    std::printf("-- short decode bench, decode tile 128, merge auto\n");
+    for (const auto& c : cases) {
+      bok &= bench_case("decode", c[0], c[0], c[1], 512, false, 30, {0}, flush, flush_bytes);
+    }
+    dsv4::indexer_topk_set_tuning(0, 0);
     std::printf("%s (short bench checks)\n", bok ? "PASS" : "FAIL");
     ok &= bok;
     CHECK_CUDA(cudaFree(flush));
