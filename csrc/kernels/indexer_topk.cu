@@ -321,12 +321,22 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        // Plateaus put a whole warp into one bin: one atomic instead of 32 serialised ones.
-        const int b0 = __shfl_sync(kFull, bin[u], 0);
-        if (__all_sync(kFull, bin[u] == b0)) {
-          if (lane == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
-        } else if (bin[u] >= 0) {
-          atomicAdd(&hist[bin[u]], 1);
+        if constexpr (QPC == 1) {
+          // Decode (the selects of a merge and of the histogram select, 256 threads on one
+          // buffer): real scores put a warp's 32 ranks into a few bins in the first rounds
+          // (sign and exponent bits), i.e. 8-32-way serialised shared atomics on the same
+          // few words from all 8 warps. One atomic per distinct bin of the warp instead
+          // (the lowest lane of each group of equal bins adds the group's size): same counts.
+          const unsigned peers = __match_any_sync(kFull, bin[u]);
+          if (bin[u] >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin[u]], __popc(peers));
+        } else {
+          // Plateaus put a whole warp into one bin: one atomic instead of 32 serialised ones.
+          const int b0 = __shfl_sync(kFull, bin[u], 0);
+          if (__all_sync(kFull, bin[u] == b0)) {
+            if (lane == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
+          } else if (bin[u] >= 0) {
+            atomicAdd(&hist[bin[u]], 1);
+          }
         }
       }
     }
