@@ -432,6 +432,12 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
 }
 
 // Bitonic sort of cand[0, n) in descending order (pads to a power of two with 0 < any rank).
+// Pair i of a step compares elements lo = 2i - (i mod stride) and lo + stride. With one query
+// per CTA (QPC 1) the pairs of warp w (i in [32w, 32w + 32) + m * NT) touch only the 64
+// elements [64w, 64w + 64) + 2 m NT when stride <= 32: between two such steps the warp's own
+// __syncwarp orders its shared-memory writes and reads, and a CTA barrier is needed only
+// around the steps with stride >= 64 (6 of the 45 steps at n = 512). Same network, same
+// comparisons: only the barrier between steps changes.
 template <int QPC>
 __device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
   constexpr int NT = kThreads / QPC;
@@ -451,7 +457,13 @@ __device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
           cand[hi] = a;
         }
       }
-      gsync<QPC>(qi);
+      // the next step's stride (0: this was the last step)
+      const int next = stride > 1 ? stride >> 1 : (size < P ? size : 0);
+      if (QPC == 1 && next != 0 && stride <= 32 && next <= 32) {
+        __syncwarp();
+      } else {
+        gsync<QPC>(qi);
+      }
     }
   }
 }
