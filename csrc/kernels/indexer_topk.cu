@@ -80,7 +80,8 @@ constexpr int kDecodeMinChunk = kWarps * 16;
 
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
-// (decode plans only), 3 "legacy": auto with the previous decode split size (below).
+// (decode plans only), 3 "legacy": auto with the previous decode split size (make_plan) and
+// the previous decode selection tail (Params::fast_tail).
 // g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
 constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3;
 int g_merge = -1;
@@ -153,6 +154,9 @@ struct Params {
   int T, H, B, C, topk;
   int n_groups, n_splits, fan1, n_l1;
   int slot_stride, cap, stages, min_chunk;
+  // Decode selection tail (select_topk / sort_desc with QPC 1): warp-aggregated histogram
+  // atomics and warp-synchronised sort steps; false in "legacy" mode (the previous code).
+  bool fast_tail;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -253,7 +257,8 @@ __device__ __forceinline__ void warp_append(bool ok, u64 rank, u64* cand, QState
 // Cuts the buffer down to the k highest ranks (exact; ranks are distinct) and raises thr.
 // Called by all NT threads of the query's group, after a group barrier; st->count > k.
 template <int QPC>
-__device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, int qi) {
+__device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, int qi,
+                            bool fast) {
   constexpr int NT = kThreads / QPC;
   constexpr int NW = NT / 32;
   const int lane = gtid & 31, wq = gtid >> 5;
@@ -321,12 +326,13 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if constexpr (QPC == 1) {
+        if (QPC == 1 && fast) {
           // Decode (the selects of a merge and of the histogram select, 256 threads on one
           // buffer): real scores put a warp's 32 ranks into a few bins in the first rounds
           // (sign and exponent bits), i.e. 8-32-way serialised shared atomics on the same
           // few words from all 8 warps. One atomic per distinct bin of the warp instead
           // (the lowest lane of each group of equal bins adds the group's size): same counts.
+          // (fast = false: the previous code below.)
           const unsigned peers = __match_any_sync(kFull, bin[u]);
           if (bin[u] >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin[u]], __popc(peers));
         } else {
@@ -437,9 +443,10 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
 // elements [64w, 64w + 64) + 2 m NT when stride <= 32: between two such steps the warp's own
 // __syncwarp orders its shared-memory writes and reads, and a CTA barrier is needed only
 // around the steps with stride >= 64 (6 of the 45 steps at n = 512). Same network, same
-// comparisons: only the barrier between steps changes.
+// comparisons: only the barrier between steps changes (fast = false: a group barrier after
+// every step, the previous code).
 template <int QPC>
-__device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
+__device__ void sort_desc(u64* cand, int n, int gtid, int qi, bool fast) {
   constexpr int NT = kThreads / QPC;
   int P = 1;
   while (P < n) P <<= 1;
@@ -459,7 +466,7 @@ __device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
       }
       // the next step's stride (0: this was the last step)
       const int next = stride > 1 ? stride >> 1 : (size < P ? size : 0);
-      if (QPC == 1 && next != 0 && stride <= 32 && next <= 32) {
+      if (QPC == 1 && fast && next != 0 && stride <= 32 && next <= 32) {
         __syncwarp();
       } else {
         gsync<QPC>(qi);
@@ -481,10 +488,10 @@ template <int QPC>
 __device__ void finish_query(const Params& p, u64* cand, QState* st, int* hist, int t, int gtid,
                              int qi, bool to_output, u64* slot_rank, int32_t* slot_count) {
   constexpr int NT = kThreads / QPC;
-  if (st->count > p.topk) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+  if (st->count > p.topk) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
   const int n = st->count < p.topk ? st->count : p.topk;
   if (to_output) {
-    sort_desc<QPC>(cand, n, gtid, qi);
+    sort_desc<QPC>(cand, n, gtid, qi, p.fast_tail);
     write_indices<QPC>(p, cand, n, t, gtid);
   } else {
     for (int i = gtid; i < n; i += NT) slot_rank[i] = cand[i];
@@ -536,7 +543,7 @@ __device__ void merge_slots(const Params& p, u64* cand, QState* st, int* hist, i
     gsync<QPC>(qi);
     const int now = st->count;
     gsync<QPC>(qi);
-    if (now > p.cap - kRound) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+    if (now > p.cap - kRound) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
   }
   gsync<QPC>(qi);
   finish_query<QPC>(p, cand, st, hist, t, gtid, qi, to_output, dst_rank, dst_count);
@@ -906,7 +913,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       if constexpr (!kScanOnly && !kHist) {
         gsync<QPC>(qi);  // this tile's appends are done
-        if (me && st->count > p.cap - TILE) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+        if (me && st->count > p.cap - TILE) {
+          select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
+        }
       }
     }
     cp_async_wait<0>();
@@ -1131,12 +1140,12 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       __syncthreads();
       const int now = st->count;
       __syncthreads();
-      if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0);
+      if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
     }
   }
-  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0);
+  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   const int n = st->count < k ? st->count : k;
-  sort_desc<1>(cand, n, tid, 0);
+  sort_desc<1>(cand, n, tid, 0, p.fast_tail);
   write_indices<1>(p, cand, n, t, tid);
 }
 
@@ -1397,6 +1406,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   prm.cap = pl.cap;
   prm.stages = pl.stages;
   prm.min_chunk = pl.min_chunk;
+  prm.fast_tail = merge_mode() != kMergeLegacy;
   return cudaSuccess;
 }
 

@@ -137,7 +137,9 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages);
 // more than 16 splits, else the tree), 1 the candidate-list tree always, 2 the histogram select
 // for every decode plan with splits, 3 "legacy": auto with the previous decode split size (a
 // split of a decode query scores at least max(1024, 2 topk) keys instead of 128 keys, so a
-// short row is scored by a single CTA), -1 (default) the environment variable
+// short row is scored by a single CTA) and the previous decode selection tail (one shared
+// atomic per lane in the radix histogram, a CTA barrier after every bitonic step), -1
+// (default) the environment variable
 // DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", "legacy", anything else / unset =
 // auto. Every mode returns the same indices (the contract above); this exists for tests and
 // benches.
