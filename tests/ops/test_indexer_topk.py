@@ -547,11 +547,13 @@ def test_cuda_long_float_scores_cross_split_boundaries(merge3):
 # Short and medium decode rows (the latency cases of issue 9: N <= 32K entries, batch 1 .. 64).
 # A decode split may be 128 keys (one m-tile per warp), so these shapes cross tile, split and
 # topk boundaries; every merge mode, including "legacy" (the previous split size of max(1024,
-# 2 topk) keys), must give the reference's indices exactly (integer data: exact scores).
+# 2 topk) keys and the previous selection tail), must give the reference's indices exactly
+# (integer data: exact scores).
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(params=["auto", "tree", "hist", "legacy"])
 def merge4(request, monkeypatch):
-    """As ``merge3``, plus "legacy" (auto with the previous decode split size)."""
+    """As ``merge3``, plus "legacy" (the previous decode code path: split size and selection
+    tail)."""
     if request.param == "auto":
         monkeypatch.delenv("DSV4_INDEXER_TOPK_MERGE", raising=False)
     else:
