@@ -24,8 +24,9 @@ Short decode rows (the decode-step latency of issue 9: batch 1 .. 64, N = 1K .. 
 "b=1 N=1024 in C=65536" is the e2e case at 4,096 tokens with a cache of 256K tokens): the
 default split size (a decode split may be 128 keys) against the previous one
 (``DSV4_INDEXER_TOPK_MERGE=legacy``: at least max(1024, 2 topk) keys per split, so a short row
-was scored by one CTA), same process, same inputs; the legacy time is ``ref_time_us`` and the
-indices must be identical. Run alone with ``--short``.
+was scored by one CTA, and the previous selection tail), same process, same inputs; the legacy
+time is ``ref_time_us`` and the indices must be identical. The note adds the times with the
+merge forced to the tree and to the histogram select. Run alone with ``--short``.
 
     python bench/csa_indexer.py [--quick] [--json out.json]
 """

@@ -617,7 +617,8 @@ bool long_decode_suite(std::mt19937& rng) {
 // since a decode split may be 128 keys (less than a tile), these cross tile / split / topk
 // boundaries with one query per row, exact integer scores (bit-for-bit against the reference,
 // order of ties included), plus empty scopes, a bad row, NaN keys and an all-zero plateau.
-// Run under every merge mode, including "legacy" (the previous split size).
+// Run under every merge mode, including "legacy" (the previous split size and selection
+// tail).
 bool short_decode_suite(std::mt19937& rng) {
   bool ok = true;
   {  // batch 1: N < k, N == k, N = k + 1, tile boundaries, 2 k and a few thousand
