@@ -95,6 +95,14 @@ int merge_mode() {
   return kMergeAuto;
 }
 
+// Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
+// DSV4_INDEXER_TOPK_PDL=0 or the merge mode is "legacy" (the previous code path).
+bool pdl_enabled() {
+  if (merge_mode() == kMergeLegacy) return false;
+  const char* e = std::getenv("DSV4_INDEXER_TOPK_PDL");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
 // Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
 // between barriers; prefill (QPC 8) 128 (each warp already scores 8 m-tiles per stage).
 // g_decode_tile / g_stages: tuning overrides (indexer_topk_set_tuning), 0 = default.
@@ -790,6 +798,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   __syncthreads();
   if constexpr (kHist) {
     if (j == 0 && tid == 0) p.hs_nv[t] = s_nv[0];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The select grid may launch now (programmatic dependent launch, launch_kernel): its CTAs
+    // wait in griddepcontrol.wait until this grid has completed and its writes are visible.
+    // The signal takes effect once every CTA of this grid has given it or exited, i.e. all of
+    // them are resident (at most one wave: n_splits = SMs / queries), so the waiting select
+    // CTAs cannot keep a CTA of this grid from starting. A no-op for a plain launch.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   }
 
   unsigned done = 0;
@@ -1028,6 +1044,11 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
   QState* const st = reinterpret_cast<QState*>(smem);
   int* const hist = reinterpret_cast<int*>(st + 1);
   u64* const cand = reinterpret_cast<u64*>(hist + 256);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
+  // and its histogram / keys are visible (returns at once for a plain launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = static_cast<int>(blockIdx.x / p.n_splits);
@@ -1323,10 +1344,28 @@ cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream
   kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
   e = cudaGetLastError();
   if (e != cudaSuccess || !kHist) return e;
-  // The selection: the same T x n_splits grid, after the scan (stream order).
+  // The selection: the same T x n_splits grid, after the scan (stream order), as a
+  // programmatic dependent launch (its launch overlaps the scan's tail; the kernel starts with
+  // griddepcontrol.wait) unless DSV4_INDEXER_TOPK_PDL=0 or "legacy"; a plain launch if the
+  // runtime refuses it.
   e = cudaFuncSetAttribute(indexer_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(pl.sel_smem));
   if (e != cudaSuccess) return e;
+  if (pdl_enabled()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = pl.sel_smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, indexer_select_kernel, prm);
+    if (e != cudaErrorNotSupported && e != cudaErrorInvalidValue) return e;
+    (void)cudaGetLastError();
+  }
   indexer_select_kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.sel_smem,
                           stream>>>(prm);
   return cudaGetLastError();
