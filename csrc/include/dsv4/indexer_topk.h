@@ -30,8 +30,9 @@
 // decode query's keys are split over more than 16 CTAs (batch <= 8 at long context on 132
 // SMs) the default is the "histogram" select instead: the scan writes every entry's 32-bit
 // score key and a histogram of their top 12 bits; a second launch (a programmatic dependent
-// launch unless DSV4_INDEXER_TOPK_PDL=0) finds the bin holding the topk-th key, gathers the keys above it and in it (parallel over the same CTAs), and its last
-// CTA selects exactly among them with the same select (falling back to a scan of all the
+// launch unless DSV4_INDEXER_TOPK_PDL=0) finds the bin holding the topk-th key, gathers the
+// keys above it and in it (parallel over the same CTAs), and its last CTA selects exactly
+// among them with the same select (falling back to a scan of all the
 // query's keys when that bin holds more than 8192 keys). Same result, same order. No host
 // synchronisation; the workspace size depends only on the shapes, the device and the merge
 // mode (CUDA-graph capturable).
