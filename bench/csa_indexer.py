@@ -26,7 +26,9 @@ default split size (a decode split may be 128 keys) against the previous one
 (``DSV4_INDEXER_TOPK_MERGE=legacy``: at least max(1024, 2 topk) keys per split, so a short row
 was scored by one CTA, and the previous selection tail), same process, same inputs; the legacy
 time is ``ref_time_us`` and the indices must be identical. The note adds the times with the
-merge forced to the tree and to the histogram select. Run alone with ``--short``.
+merge forced to the tree and to the histogram select (with and without the programmatic
+dependent launch of its select kernel, ``DSV4_INDEXER_TOPK_PDL=0``). Run alone with
+``--short``.
 
     python bench/csa_indexer.py [--quick] [--json out.json]
 """
@@ -186,7 +188,13 @@ def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
         # the two merges at the new split size (which one the default should take here)
         tree_us, tree_out = _with_merge("tree", timed)
         hist_us, hist_out = _with_merge("hist", timed)
-        same = all(torch.equal(legacy_out, o) for o in (new_out, tree_out, hist_out))
+        os.environ["DSV4_INDEXER_TOPK_PDL"] = "0"  # the histogram select launched plainly
+        try:
+            hist_plain_us, hist_plain_out = _with_merge("hist", timed)
+        finally:
+            del os.environ["DSV4_INDEXER_TOPK_PDL"]
+        same = all(torch.equal(legacy_out, o)
+                   for o in (new_out, tree_out, hist_out, hist_plain_out))
         key_bytes = b * n * HEAD_DIM * 2
         flops = 2.0 * b * n * HEADS * HEAD_DIM
         floor_us = key_bytes / PEAK_BW * 1e6
@@ -198,9 +206,10 @@ def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
             "pct_flops": 100 * flops / (new_us * 1e-6) / 1e12 / PEAK_TFLOPS,
             "pct_bw": 100 * gbps * 1e9 / PEAK_BW, "ref_time_us": legacy_us,
             "speedup": legacy_us / new_us, "floor_us": floor_us,
-            "tree_us": tree_us, "hist_us": hist_us,
-            "note": ("baseline (ref) = the previous split size (DSV4_INDEXER_TOPK_MERGE=legacy), "
-                     f"same process; forced tree {tree_us:.1f} us, forced hist {hist_us:.1f} us; "
+            "tree_us": tree_us, "hist_us": hist_us, "hist_plain_us": hist_plain_us,
+            "note": ("baseline (ref) = the previous code path (DSV4_INDEXER_TOPK_MERGE=legacy), "
+                     f"same process; forced tree {tree_us:.1f} us, forced hist {hist_us:.1f} us "
+                     f"(without PDL {hist_plain_us:.1f} us); "
                      f"indices {'identical' if same else 'DIFFER (bug)'}")
                     if kernel else "CUDA kernel not compiled"})
         del q, w, keys
