@@ -20,6 +20,16 @@ baseline, ``ref_time_us``) and the default (histogram select beyond 16 splits); 
 are compared (identical indices required). The scan alone (scoring without selection) is measured by the
 C++ check binary: ``check_indexer_topk --bench`` (csrc/tests/check_indexer_topk.cu).
 
+Short decode rows (the decode-step latency of issue 9: batch 1 .. 64, N = 1K .. 32K entries;
+"b=1 N=1024 in C=65536" is the e2e case at 4,096 tokens with a cache of 256K tokens): the
+default split size (a decode split may be 128 keys) against the previous one
+(``DSV4_INDEXER_TOPK_MERGE=legacy``: at least max(1024, 2 topk) keys per split, so a short row
+was scored by one CTA, and the previous selection tail), same process, same inputs; the legacy
+time is ``ref_time_us`` and the indices must be identical. The note adds the times with the
+merge forced to the tree and to the histogram select (with and without the programmatic
+dependent launch of its select kernel, ``DSV4_INDEXER_TOPK_PDL=0``). Run alone with
+``--short``.
+
     python bench/csa_indexer.py [--quick] [--json out.json]
 """
 
@@ -148,14 +158,75 @@ def merge_rows(kernel: bool) -> list[dict]:
     return out_rows
 
 
-def run(quick: bool = False) -> list[dict]:
+# (batch, N visible entries, capacity C of the key rows): the short-decode latency cases
+SHORT_CASES = ((1, 1024, 1024), (1, 1024, 65536), (1, 2048, 2048), (1, 8192, 8192),
+               (1, 32768, 32768), (8, 1024, 16384), (32, 2048, 2048), (64, 1024, 1024),
+               (32, 32768, 32768))
+
+
+def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
+    """Decode at short and medium contexts: the default split plan against "legacy" (the
+    previous split size), same process, same inputs, indices compared."""
+    out_rows = []
+    topk = 512
+    cases = SHORT_CASES[:-1] if quick else SHORT_CASES  # (b=32 N=32K: the 128K row below)
+    for b, n, cap in cases:
+        q, w, keys = _inputs(b, b, cap, seed=1000 + b + n)
+        rows = torch.arange(b, dtype=torch.int32, device="cuda")
+        nv = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        out = torch.empty(b, topk, dtype=torch.int32, device="cuda")
+
+        def call():
+            torch.ops.dsv4.indexer_topk_out(q, w, keys, rows, nv, topk, out)
+
+        def timed():
+            call()
+            first = out.clone()
+            return _time_us(call, 30), first
+        legacy_us, legacy_out = _with_merge("legacy", timed)
+        new_us, new_out = _with_merge(None, timed)
+        # the two merges at the new split size (which one the default should take here)
+        tree_us, tree_out = _with_merge("tree", timed)
+        hist_us, hist_out = _with_merge("hist", timed)
+        os.environ["DSV4_INDEXER_TOPK_PDL"] = "0"  # the histogram select launched plainly
+        try:
+            hist_plain_us, hist_plain_out = _with_merge("hist", timed)
+        finally:
+            del os.environ["DSV4_INDEXER_TOPK_PDL"]
+        same = all(torch.equal(legacy_out, o)
+                   for o in (new_out, tree_out, hist_out, hist_plain_out))
+        key_bytes = b * n * HEAD_DIM * 2
+        flops = 2.0 * b * n * HEADS * HEAD_DIM
+        floor_us = key_bytes / PEAK_BW * 1e6
+        gbps = key_bytes / (new_us * 1e-6) / 1e9
+        where = "" if cap == n else f" in C={cap}"
+        out_rows.append({
+            "op": "indexer_topk", "case": f"decode short b={b} N={n}{where} topk={topk}",
+            "time_us": new_us, "tflops": flops / (new_us * 1e-6) / 1e12, "gbps": gbps,
+            "pct_flops": 100 * flops / (new_us * 1e-6) / 1e12 / PEAK_TFLOPS,
+            "pct_bw": 100 * gbps * 1e9 / PEAK_BW, "ref_time_us": legacy_us,
+            "speedup": legacy_us / new_us, "floor_us": floor_us,
+            "tree_us": tree_us, "hist_us": hist_us, "hist_plain_us": hist_plain_us,
+            "note": ("baseline (ref) = the previous code path (DSV4_INDEXER_TOPK_MERGE=legacy), "
+                     f"same process; forced tree {tree_us:.1f} us, forced hist {hist_us:.1f} us "
+                     f"(without PDL {hist_plain_us:.1f} us); "
+                     f"indices {'identical' if same else 'DIFFER (bug)'}")
+                    if kernel else "CUDA kernel not compiled"})
+        del q, w, keys
+    torch.cuda.empty_cache()
+    return out_rows
+
+
+def run(quick: bool = False, short_only: bool = False) -> list[dict]:
     """One dict per case (keys: op, case, time_us, tflops, gbps, pct_flops, pct_bw, ref_time_us,
     speedup, floor_us, note). gbps counts compressed-key bytes (decode: every query reads its
     row; prefill: the row once)."""
     if not torch.cuda.is_available():
         return []
     kernel = "indexer_topk_out" in ext.info()["cuda_usable_ops"]
-    results = merge_rows(kernel)
+    if short_only:
+        return short_rows(kernel)
+    results = short_rows(kernel, quick) + merge_rows(kernel)
     batches = (1, 32) if quick else (1, 32, 128)
     contexts = (8192, 131072) if quick else (8192, 131072, 1048576)
     topks = (512,) if quick else (512, 1024)
@@ -201,8 +272,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--short", action="store_true",
+                    help="only the short-decode rows (default vs legacy split size)")
     a = ap.parse_args()
-    rows = run(quick=a.quick)
+    rows = run(quick=a.quick, short_only=a.short)
     if not rows:
         print("no CUDA device")
         return

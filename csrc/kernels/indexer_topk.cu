@@ -75,11 +75,15 @@ constexpr int kHistBins = 4096;
 constexpr int kHistShift = 20;
 constexpr int kBoundaryCap = 8192;
 constexpr int kSelUnroll = 8;
+// Smallest key range of a decode split (QPC 1): 8 warps x one 16-key m-tile.
+constexpr int kDecodeMinChunk = kWarps * 16;
 
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
-// (decode plans only). g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
-constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2;
+// (decode plans only), 3 "legacy": auto with the previous decode split size (make_plan) and
+// the previous decode selection tail (Params::fast_tail).
+// g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
+constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3;
 int g_merge = -1;
 int merge_mode() {
   if (g_merge >= 0) return g_merge;
@@ -87,7 +91,16 @@ int merge_mode() {
   if (e == nullptr) return kMergeAuto;
   if (std::strcmp(e, "tree") == 0) return kMergeTree;
   if (std::strcmp(e, "hist") == 0) return kMergeHist;
+  if (std::strcmp(e, "legacy") == 0) return kMergeLegacy;
   return kMergeAuto;
+}
+
+// Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
+// DSV4_INDEXER_TOPK_PDL=0 or the merge mode is "legacy" (the previous code path).
+bool pdl_enabled() {
+  if (merge_mode() == kMergeLegacy) return false;
+  const char* e = std::getenv("DSV4_INDEXER_TOPK_PDL");
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
 // Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
@@ -149,6 +162,9 @@ struct Params {
   int T, H, B, C, topk;
   int n_groups, n_splits, fan1, n_l1;
   int slot_stride, cap, stages, min_chunk;
+  // Decode selection tail (select_topk / sort_desc with QPC 1): warp-aggregated histogram
+  // atomics and warp-synchronised sort steps; false in "legacy" mode (the previous code).
+  bool fast_tail;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -249,7 +265,8 @@ __device__ __forceinline__ void warp_append(bool ok, u64 rank, u64* cand, QState
 // Cuts the buffer down to the k highest ranks (exact; ranks are distinct) and raises thr.
 // Called by all NT threads of the query's group, after a group barrier; st->count > k.
 template <int QPC>
-__device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, int qi) {
+__device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, int qi,
+                            bool fast) {
   constexpr int NT = kThreads / QPC;
   constexpr int NW = NT / 32;
   const int lane = gtid & 31, wq = gtid >> 5;
@@ -317,12 +334,23 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        // Plateaus put a whole warp into one bin: one atomic instead of 32 serialised ones.
-        const int b0 = __shfl_sync(kFull, bin[u], 0);
-        if (__all_sync(kFull, bin[u] == b0)) {
-          if (lane == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
-        } else if (bin[u] >= 0) {
-          atomicAdd(&hist[bin[u]], 1);
+        if (QPC == 1 && fast) {
+          // Decode (the selects of a merge and of the histogram select, 256 threads on one
+          // buffer): real scores put a warp's 32 ranks into a few bins in the first rounds
+          // (sign and exponent bits), i.e. 8-32-way serialised shared atomics on the same
+          // few words from all 8 warps. One atomic per distinct bin of the warp instead
+          // (the lowest lane of each group of equal bins adds the group's size): same counts.
+          // (fast = false: the previous code below.)
+          const unsigned peers = __match_any_sync(kFull, bin[u]);
+          if (bin[u] >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin[u]], __popc(peers));
+        } else {
+          // Plateaus put a whole warp into one bin: one atomic instead of 32 serialised ones.
+          const int b0 = __shfl_sync(kFull, bin[u], 0);
+          if (__all_sync(kFull, bin[u] == b0)) {
+            if (lane == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
+          } else if (bin[u] >= 0) {
+            atomicAdd(&hist[bin[u]], 1);
+          }
         }
       }
     }
@@ -418,8 +446,15 @@ __device__ void select_topk(u64* cand, QState* st, int* hist, int k, int gtid, i
 }
 
 // Bitonic sort of cand[0, n) in descending order (pads to a power of two with 0 < any rank).
+// Pair i of a step compares elements lo = 2i - (i mod stride) and lo + stride. With one query
+// per CTA (QPC 1) the pairs of warp w (i in [32w, 32w + 32) + m * NT) touch only the 64
+// elements [64w, 64w + 64) + 2 m NT when stride <= 32: between two such steps the warp's own
+// __syncwarp orders its shared-memory writes and reads, and a CTA barrier is needed only
+// around the steps with stride >= 64 (6 of the 45 steps at n = 512). Same network, same
+// comparisons: only the barrier between steps changes (fast = false: a group barrier after
+// every step, the previous code).
 template <int QPC>
-__device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
+__device__ void sort_desc(u64* cand, int n, int gtid, int qi, bool fast) {
   constexpr int NT = kThreads / QPC;
   int P = 1;
   while (P < n) P <<= 1;
@@ -437,7 +472,13 @@ __device__ void sort_desc(u64* cand, int n, int gtid, int qi) {
           cand[hi] = a;
         }
       }
-      gsync<QPC>(qi);
+      // the next step's stride (0: this was the last step)
+      const int next = stride > 1 ? stride >> 1 : (size < P ? size : 0);
+      if (QPC == 1 && fast && next != 0 && stride <= 32 && next <= 32) {
+        __syncwarp();
+      } else {
+        gsync<QPC>(qi);
+      }
     }
   }
 }
@@ -455,10 +496,10 @@ template <int QPC>
 __device__ void finish_query(const Params& p, u64* cand, QState* st, int* hist, int t, int gtid,
                              int qi, bool to_output, u64* slot_rank, int32_t* slot_count) {
   constexpr int NT = kThreads / QPC;
-  if (st->count > p.topk) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+  if (st->count > p.topk) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
   const int n = st->count < p.topk ? st->count : p.topk;
   if (to_output) {
-    sort_desc<QPC>(cand, n, gtid, qi);
+    sort_desc<QPC>(cand, n, gtid, qi, p.fast_tail);
     write_indices<QPC>(p, cand, n, t, gtid);
   } else {
     for (int i = gtid; i < n; i += NT) slot_rank[i] = cand[i];
@@ -510,7 +551,7 @@ __device__ void merge_slots(const Params& p, u64* cand, QState* st, int* hist, i
     gsync<QPC>(qi);
     const int now = st->count;
     gsync<QPC>(qi);
-    if (now > p.cap - kRound) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+    if (now > p.cap - kRound) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
   }
   gsync<QPC>(qi);
   finish_query<QPC>(p, cand, st, hist, t, gtid, qi, to_output, dst_rank, dst_count);
@@ -757,6 +798,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   __syncthreads();
   if constexpr (kHist) {
     if (j == 0 && tid == 0) p.hs_nv[t] = s_nv[0];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The select grid may launch now (programmatic dependent launch, launch_kernel): its CTAs
+    // wait in griddepcontrol.wait until this grid has completed and its writes are visible.
+    // The signal takes effect once every CTA of this grid has given it or exited, i.e. all of
+    // them are resident (at most one wave: n_splits = SMs / queries), so the waiting select
+    // CTAs cannot keep a CTA of this grid from starting. A no-op for a plain launch.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   }
 
   unsigned done = 0;
@@ -784,8 +833,10 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     const bool me = (active >> qi) & 1u;
 
     // This split's key range [s_begin, s_end) of the row.
+    // (whole tiles, except that a range shorter than a tile is a multiple of one m-tile: a
+    // short decode row is spread over CTAs at 128 keys = one m-tile per warp)
     int64_t L = (static_cast<int64_t>(nv_max) + p.n_splits - 1) / p.n_splits;
-    L = (L + TILE - 1) / TILE * TILE;
+    L = L >= TILE ? (L + TILE - 1) / TILE * TILE : (L + 15) / 16 * 16;
     L = L > p.min_chunk ? L : p.min_chunk;
     const int64_t sb = static_cast<int64_t>(j) * L;
     const int s_begin = sb < nv_max ? static_cast<int>(sb) : nv_max;
@@ -878,7 +929,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       if constexpr (!kScanOnly && !kHist) {
         gsync<QPC>(qi);  // this tile's appends are done
-        if (me && st->count > p.cap - TILE) select_topk<QPC>(cand, st, hist, p.topk, gtid, qi);
+        if (me && st->count > p.cap - TILE) {
+          select_topk<QPC>(cand, st, hist, p.topk, gtid, qi, p.fast_tail);
+        }
       }
     }
     cp_async_wait<0>();
@@ -991,6 +1044,11 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
   QState* const st = reinterpret_cast<QState*>(smem);
   int* const hist = reinterpret_cast<int*>(st + 1);
   u64* const cand = reinterpret_cast<u64*>(hist + 256);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
+  // and its histogram / keys are visible (returns at once for a plain launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = static_cast<int>(blockIdx.x / p.n_splits);
@@ -1103,12 +1161,12 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       __syncthreads();
       const int now = st->count;
       __syncthreads();
-      if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0);
+      if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
     }
   }
-  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0);
+  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   const int n = st->count < k ? st->count : k;
-  sort_desc<1>(cand, n, tid, 0);
+  sort_desc<1>(cand, n, tid, 0, p.fast_tail);
   write_indices<1>(p, cand, n, t, tid);
 }
 
@@ -1196,7 +1254,21 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   if (pl.cap == 0) return pl;
   pl.smem = static_cast<size_t>(pl.stages * tile_bytes + fixed) +
             static_cast<size_t>(pl.qpc) * pl.cap * sizeof(u64);
-  pl.min_chunk = static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
+  // Smallest key range of a split. Decode (QPC 1): 128 keys (one m-tile per warp), so that a
+  // short row (a few thousand entries at batch 1) is scored by several CTAs instead of one:
+  // a CTA scans ~20-45 ns per key on H100 (the measured 1M scan and the short-row calls), so
+  // one CTA scoring 1024 keys alone was most of the ~55 us per call. Splits of fewer than
+  // topk keys are fine: each leaf hands its (<= topk) candidates to the merge unselected.
+  // "legacy" keeps the previous minimum (max(1024, 2 topk)) for comparison; prefill (QPC 8)
+  // is unchanged. The host cannot see n_valid, so the split count follows the capacity C and
+  // the kernel gives each split max(ceil(n_valid / n_splits), min_chunk) keys (whole tiles
+  // above a tile): rows much shorter than C use ceil(n_valid / min_chunk) CTAs, the others
+  // stay idle. Rows of at least n_splits x 1024 keys get the same split count and ranges as
+  // before (1M at batch 1 / 2, 128K at batch 32: unchanged).
+  const int mode = merge_mode();
+  pl.min_chunk = pl.qpc == 1 && mode != kMergeLegacy
+                     ? kDecodeMinChunk
+                     : static_cast<int>(std::max<int64_t>(1024, 2 * round_up(topk, tile)));
 
   int64_t splits = std::max<int64_t>(1, di.sms / pl.n_groups);
   const int64_t by_capacity = std::max<int64_t>(1, (C + pl.min_chunk - 1) / pl.min_chunk);
@@ -1211,9 +1283,9 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   }
   if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
   pl.slot_stride = static_cast<int>(round_up(topk, 16));
-  const int mode = merge_mode();
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
-            (mode == kMergeHist || (mode == kMergeAuto && pl.n_splits > 16));
+            (mode == kMergeHist ||
+             ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
     const int64_t T1 = pl.n_groups;
@@ -1272,10 +1344,28 @@ cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream
   kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
   e = cudaGetLastError();
   if (e != cudaSuccess || !kHist) return e;
-  // The selection: the same T x n_splits grid, after the scan (stream order).
+  // The selection: the same T x n_splits grid, after the scan (stream order), as a
+  // programmatic dependent launch (its launch overlaps the scan's tail; the kernel starts with
+  // griddepcontrol.wait) unless DSV4_INDEXER_TOPK_PDL=0 or "legacy"; a plain launch if the
+  // runtime refuses it.
   e = cudaFuncSetAttribute(indexer_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(pl.sel_smem));
   if (e != cudaSuccess) return e;
+  if (pdl_enabled()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = pl.sel_smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, indexer_select_kernel, prm);
+    if (e != cudaErrorNotSupported && e != cudaErrorInvalidValue) return e;
+    (void)cudaGetLastError();
+  }
   indexer_select_kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.sel_smem,
                           stream>>>(prm);
   return cudaGetLastError();
@@ -1355,6 +1445,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   prm.cap = pl.cap;
   prm.stages = pl.stages;
   prm.min_chunk = pl.min_chunk;
+  prm.fast_tail = merge_mode() != kMergeLegacy;
   return cudaSuccess;
 }
 
@@ -1396,7 +1487,7 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
   g_stages = stages;
 }
 
-void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 2 ? mode : -1; }
+void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 3 ? mode : -1; }
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
                                     int64_t heads, int64_t head_dim, int64_t topk, int device,

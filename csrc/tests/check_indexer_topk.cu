@@ -613,6 +613,67 @@ bool long_decode_suite(std::mt19937& rng) {
   return ok;
 }
 
+// Short and medium decode rows (the latency cases: a few thousand entries, batch 1 .. 64):
+// since a decode split may be 128 keys (less than a tile), these cross tile / split / topk
+// boundaries with one query per row, exact integer scores (bit-for-bit against the reference,
+// order of ties included), plus empty scopes, a bad row, NaN keys and an all-zero plateau.
+// Run under every merge mode, including "legacy" (the previous split size and selection
+// tail).
+bool short_decode_suite(std::mt19937& rng) {
+  bool ok = true;
+  {  // batch 1: N < k, N == k, N = k + 1, tile boundaries, 2 k and a few thousand
+    const int lens[] = {1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 4097, 8191};
+    for (int n : lens) {
+      Problem p = make_problem("short decode T=1 N=" + std::to_string(n), 1, 1, 8192, 64, 128,
+                               512, true, rng);
+      p.nv[0] = n;
+      ok &= run_problem(p, n == 1025);
+    }
+    // capacity much larger than the visible row (the runtime's cache): idle splits
+    Problem p = make_problem("short decode T=1 N=1024 in C=65536", 1, 1, 65536, 64, 128, 512,
+                             true, rng);
+    p.nv[0] = 1024;
+    ok &= run_problem(p, true);
+  }
+  {  // batch 8 and 64 (rows reversed), mixed lengths incl. 0, k - 1 .. k + 1, 2048
+    for (int T : {8, 64}) {
+      Problem p = make_problem("short decode T=" + std::to_string(T), T, T, 2304, 64, 128, 512,
+                               true, rng);
+      const int lens[] = {0, 511, 512, 513, 1024, 2048, 2304, 300};
+      for (int t = 0; t < T; ++t) p.rows[t] = T - 1 - t, p.nv[t] = lens[t % 8] - (t / 8) % 3;
+      ok &= run_problem(p, T == 8);
+    }
+  }
+  {  // bad row, clamped n_valid, NaN keys from entry 600 on (query sees 600 non-NaN entries)
+    Problem p = make_problem("short decode bad row / NaN tail", 4, 2, 3000, 64, 128, 512, true,
+                             rng);
+    p.rows = {0, -1, 1, 0};
+    p.nv = {3000, 100, 100000, 700};
+    for (int sidx = 600; sidx < 3000; ++sidx) p.keys[static_cast<size_t>(sidx) * p.D] = 0x7fc0;
+    ok &= run_problem(p);
+  }
+  {  // all-zero keys (every score +-0): the lowest indices, in order, across split boundaries
+    Problem p = make_problem("short decode all-zero keys", 2, 1, 4096, 64, 128, 512, true, rng);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    p.nv = {4096, 1500};
+    ok &= run_problem(p, true);
+  }
+  {  // float scores (set check with tolerance), k 2048 > N and k 1024 < N, D 64
+    Problem p = make_problem("short decode float T=3", 3, 3, 6000, 64, 128, 1024, false, rng);
+    p.rows = {1, 2, 0};
+    p.nv = {6000, 1025, 2000};
+    ok &= run_problem(p);
+    Problem p2 = make_problem("short decode float k=2048", 2, 2, 3000, 64, 128, 2048, false, rng);
+    p2.nv = {3000, 2049};
+    p2.rows = {0, 1};
+    ok &= run_problem(p2);
+    Problem p3 = make_problem("short decode float D64", 2, 1, 5000, 16, 64, 512, false, rng);
+    p3.nv = {5000, 700};
+    ok &= run_problem(p3);
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -622,6 +683,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
+  const bool bench_short = argc > 1 && std::string(argv[1]) == "--bench-short";
   std::mt19937 rng(12345);
   // Merge modes (indexer_topk_set_merge): the default (auto: histogram select for > 16
   // splits), the candidate-list tree always, the histogram select whenever there are splits.
@@ -640,8 +702,42 @@ int main(int argc, char** argv) {
   dsv4::indexer_topk_set_tuning(128, 0);
   ok &= correctness_suite(rng);
   dsv4::indexer_topk_set_tuning(0, 0);
+  for (int mode : {0, 1, 2, 3}) {
+    static const char* const names[] = {"auto", "tree", "hist", "legacy"};
+    std::printf("-- short decode, merge: %s\n", names[mode]);
+    dsv4::indexer_topk_set_merge(mode);
+    ok &= short_decode_suite(rng);
+  }
   dsv4::indexer_topk_set_merge(0);
   std::printf("%s\n", ok ? "PASS" : "FAIL");
+
+  if (bench_short) {  // the decode latency cases: legacy split size vs the default, same process
+    void* flush = nullptr;
+    const size_t flush_bytes = 256ull << 20;
+    CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+    bool bok = true;
+    const int cases[][2] = {{1, 1024}, {1, 2048}, {1, 8192}, {1, 32768}, {8, 1024},
+                            {32, 2048}, {64, 1024}, {32, 32768}};
+    for (int mode : {3, 0, 1, 2}) {
+      static const char* const names[] = {"auto (default)", "tree", "hist", "legacy"};
+      dsv4::indexer_topk_set_merge(mode);
+      std::printf("-- short decode bench, merge %s\n", names[mode]);
+      for (const auto& c : cases) {
+        bok &= bench_case("decode", c[0], c[0], c[1], 512, false, 30, {0, c[0] - 1}, flush,
+                          flush_bytes);
+      }
+    }
+    dsv4::indexer_topk_set_merge(0);
+    dsv4::indexer_topk_set_tuning(128, 0);  // the 128-key decode tile (4 stages), default merge
+    std::printf("-- short decode bench, decode tile 128, merge auto\n");
+    for (const auto& c : cases) {
+      bok &= bench_case("decode", c[0], c[0], c[1], 512, false, 30, {0}, flush, flush_bytes);
+    }
+    dsv4::indexer_topk_set_tuning(0, 0);
+    std::printf("%s (short bench checks)\n", bok ? "PASS" : "FAIL");
+    ok &= bok;
+    CHECK_CUDA(cudaFree(flush));
+  }
 
   if (bench) {
     void* flush0 = nullptr;

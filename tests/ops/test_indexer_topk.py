@@ -541,3 +541,98 @@ def test_cuda_long_float_scores_cross_split_boundaries(merge3):
     for topk in (512, 1024):
         got = _run_cuda(q, w, keys, rows, nv, topk)
         check_selection(got, q, w, keys, rows, nv, topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Short and medium decode rows (the latency cases of issue 9: N <= 32K entries, batch 1 .. 64).
+# A decode split may be 128 keys (one m-tile per warp), so these shapes cross tile, split and
+# topk boundaries; every merge mode, including "legacy" (the previous split size of max(1024,
+# 2 topk) keys and the previous selection tail), must give the reference's indices exactly
+# (integer data: exact scores).
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(params=["auto", "tree", "hist", "legacy"])
+def merge4(request, monkeypatch):
+    """As ``merge3``, plus "legacy" (the previous decode code path: split size and selection
+    tail)."""
+    if request.param == "auto":
+        monkeypatch.delenv("DSV4_INDEXER_TOPK_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_INDEXER_TOPK_MERGE", request.param)
+    return request.param
+
+
+SHORT_LENS = [1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 4097]
+
+
+@pytest.mark.parametrize("topk", [512, 2048])
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_short_decode_batch1_equals_reference(topk, merge4):
+    """Batch 1, one row of C = 8192 keys seen up to N entries: N < k, N == k, N = k + 1, tile
+    and split boundaries. Each N is its own call (the split plan follows the shapes)."""
+    q, w, keys = make_inputs(1, 1, 8192, device="cuda", integer=True, seed=31)
+    for n in SHORT_LENS:
+        rows, nv = i32([0], "cuda"), i32([n], "cuda")
+        got = _run_cuda(q, w, keys, rows, nv, topk)
+        want = indexer_topk_varlen_reference(q, w, keys, rows, nv, topk)
+        assert torch.equal(got, want), f"N={n}"
+        m = min(n, topk)
+        assert bool((got[0, :m] >= 0).all()) and bool((got[0, m:] == -1).all())
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_short_decode_capacity_much_larger_than_row(merge4):
+    """The runtime's cache: capacity 65,536 entries (many splits), 1,024 visible (the e2e case
+    at 4,096 tokens); most splits see nothing."""
+    q, w, keys = make_inputs(2, 2, 65536, device="cuda", integer=True, seed=32)
+    rows, nv = i32([1, 0], "cuda"), i32([1024, 700], "cuda")
+    for T in (1, 2):
+        got = _run_cuda(q[:T], w[:T], keys, rows[:T], nv[:T], 512)
+        want = indexer_topk_varlen_reference(q[:T], w[:T], keys, rows[:T], nv[:T], 512)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("T", [8, 64])
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_short_decode_batches_equal_reference(T, merge4):
+    """Batch 8 / 64, one query per row (rows reversed), lengths 0 (and clamped negatives),
+    k - 1 .. k + 1, 1024, 2048 and the full capacity 2304."""
+    q, w, keys = make_inputs(T, T, 2304, device="cuda", integer=True, seed=33 + T)
+    lens = [0, 511, 512, 513, 1024, 2048, 2304, 300]
+    nv = i32([lens[t % 8] - (t // 8) % 3 for t in range(T)], "cuda")
+    rows = i32(list(range(T))[::-1], "cuda")
+    got = _run_cuda(q, w, keys, rows, nv, 512)
+    want = indexer_topk_varlen_reference(q, w, keys, rows, nv.clamp(min=0), 512)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_short_decode_nan_ties_and_empty(merge4):
+    """NaN keys from entry 600 on (never selected), an all-zero row (ties: lowest indices in
+    order across split boundaries), a query that sees nothing."""
+    q, w, keys = make_inputs(4, 2, 3000, device="cuda", integer=True, seed=34)
+    keys[0, 600:, 3] = float("nan")
+    keys[1].zero_()
+    rows, nv = i32([0, 1, 0, 1], "cuda"), i32([3000, 3000, 0, 1500], "cuda")
+    got = _run_cuda(q, w, keys, rows, nv, 512)
+    want = indexer_topk_varlen_reference(q, w, keys, rows, nv, 512)
+    assert torch.equal(got, want)
+    ar = torch.arange(512, dtype=torch.int32, device="cuda")
+    assert torch.equal(got[1], ar) and torch.equal(got[3], ar)
+    assert bool((got[2] == -1).all())
+    assert bool((got[0, :512] < 600).all())
+
+
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_short_decode_float_scores(merge4):
+    """Random float scores (selected sets within the fp32 summation tolerance), D 64 / 128."""
+    for D, H in ((128, 64), (64, 16)):
+        q, w, keys = make_inputs(3, 3, 6000, H=H, D=D, device="cuda", seed=35)
+        rows, nv = i32([1, 2, 0], "cuda"), i32([6000, 1025, 2000], "cuda")
+        for topk in (512, 1024):
+            got = _run_cuda(q, w, keys, rows, nv, topk)
+            check_selection(got, q, w, keys, rows, nv, topk)

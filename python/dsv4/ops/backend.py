@@ -81,7 +81,7 @@ _RUN_20261205E = (
     "memcheck clean on the hca_fp8, mhc, grouped_gemm (FP8 x FP8 cases) and sparse_attn_prefill "
     "checks")
 HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205E for op in (
-    "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
+    "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "sparse_attn",
     "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
     "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest) of that run's csrc with the
