@@ -21,7 +21,10 @@ def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """Power-of-two scale ``2**ceil(log2(amax / qmax))``, exactly (no log2 rounding error).
 
     ``amax`` fp32 (already clamped away from 0 by the caller). Source: the official
-    ``fast_round_scale`` (architecture.md §3.3, training.md §5.2).
+    ``fast_round_scale`` (architecture.md §3.3, training.md §5.2). A non-finite ``amax`` (a
+    block holding inf or NaN) gives 1: ``torch.frexp`` of inf / NaN has exponent 0 on the CPU
+    and in CUDA's ``frexpf``; the CUDA writers and simulations do the same
+    (csrc/kernels/fp8_block_quant.cuh).
     """
     mant, exp = torch.frexp(amax.float() / qmax)  # v = mant * 2**exp, mant in [0.5, 1)
     exp = torch.where(mant == 0.5, exp - 1, exp)
@@ -32,6 +35,9 @@ def fp8_e4m3_quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, t
     """The quantisation half of :func:`fp8_e4m3_sim`: e4m3 codes ``float8_e4m3fn [..., n]`` and
     their power-of-two block scales ``float32 [..., n / block]`` (``x ≈ codes * scale``; the
     FP8 caches store exactly these, dsv4.ops.kv_cache).
+    Non-finite values: a block holding inf or NaN has scale 1 (:func:`ue8m0_scale`); in it a
+    NaN gets the NaN code of its sign (0x7f / 0xff), +-inf +-448 (0x7e / 0xfe), every other
+    value ``e4m3(clamp(x, +-448))``; other blocks are unaffected.
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
     n = x.shape[-1]
