@@ -295,8 +295,8 @@ __device__ __forceinline__ uint8_t e8m0_byte(float s) {
 // (base, row) in the entry format. FP8 formats quantise here (include/dsv4/kv_cache.h):
 // MODEL1: e4m3 of y / s per 64-block of the 448 nope dims with s = 2^ceil(log2(max(amax,
 // 1e-4) / 448)) (exactly ops.quant.fp8_e4m3_sim, NaN / inf as fp8_block_quant.cuh), rope dims
-// as bf16; indexer: the same with one block of d and an fp32 scale. Called by every thread of the block; `scales` holds at
-// least d / 32 floats. Contains __syncthreads (block-uniform call).
+// as bf16; indexer: the same with one block of d and an fp32 scale. Called by every thread of
+// the block; `scales` holds at least d / 32 floats. Contains __syncthreads (block-uniform call).
 template <typename OutT>
 __device__ void store_entry(const Args& a, int64_t base, int64_t row, const float* y,
                             float* scales) {

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ue8m0_scale", "e8m0_to_float", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim", "fp4_e2m1_round",
+__all__ = ["ue8m0_scale", "e8m0_to_float", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim",
+           "fp4_e2m1_round",
            "hadamard",
            "FP8_E4M3_MAX", "FP4_E2M1_MAX"]
 
