@@ -33,6 +33,8 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include "fp8_block_quant.cuh"
+
 namespace dsv4 {
 namespace {
 
@@ -221,11 +223,11 @@ __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// 2^ceil(log2(v)) for a positive normal fp32 v, exactly (ops/quant.py ue8m0_scale).
-__device__ __forceinline__ float ue8m0(float v) {
-  const uint32_t bits = __float_as_uint(v);
-  if ((bits & 0x7fffffu) == 0) return v;
-  return __uint_as_float(((bits >> 23) + 1u) << 23);
+using fp8q::ue8m0_ceil;
+
+// Max of abs bits over the warp (fp8_block_quant.cuh: NaN > inf > finite values).
+__device__ __forceinline__ uint32_t warp_max_bits(uint32_t b) {
+  return fp8q::group_max_bits(b, 32);
 }
 
 // e2m1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code, sign kept (fp4_e2m1_round).
@@ -292,9 +294,9 @@ __device__ __forceinline__ uint8_t e8m0_byte(float s) {
 // Stores the finished entry y[0, d) (values already rounded as the reference rounds them) at
 // (base, row) in the entry format. FP8 formats quantise here (include/dsv4/kv_cache.h):
 // MODEL1: e4m3 of y / s per 64-block of the 448 nope dims with s = 2^ceil(log2(max(amax,
-// 1e-4) / 448)) (exactly ops.quant.fp8_e4m3_sim), rope dims as bf16; indexer: the same with
-// one block of d and an fp32 scale. Called by every thread of the block; `scales` holds at
-// least d / 32 floats. Contains __syncthreads (block-uniform call).
+// 1e-4) / 448)) (exactly ops.quant.fp8_e4m3_sim, NaN / inf as fp8_block_quant.cuh), rope dims
+// as bf16; indexer: the same with one block of d and an fp32 scale. Called by every thread of
+// the block; `scales` holds at least d / 32 floats. Contains __syncthreads (block-uniform call).
 template <typename OutT>
 __device__ void store_entry(const Args& a, int64_t base, int64_t row, const float* y,
                             float* scales) {
@@ -309,16 +311,13 @@ __device__ void store_entry(const Args& a, int64_t base, int64_t row, const floa
   if (a.fmt == 1) {  // MODEL1: [rows x (448 e4m3 | 64 bf16)] then [rows x (7 e8m0 | pad)]
     constexpr int kNope = 448, kTok = 576;
     for (int g = warp; g < kNope / 64; g += n_warps) {
-      float amax = fmaxf(fabsf(y[g * 64 + lane]), fabsf(y[g * 64 + 32 + lane]));
-      amax = warp_max(amax);
-      if (lane == 0) scales[g] = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+      const uint32_t amax = warp_max_bits(
+          max(fp8q::abs_bits(y[g * 64 + lane]), fp8q::abs_bits(y[g * 64 + 32 + lane])));
+      if (lane == 0) scales[g] = fp8q::e4m3_block_scale(amax);
     }
     __syncthreads();
     uint8_t* tok = blk + row * kTok;
-    for (int f = tid; f < kNope; f += nt) {
-      const float v = fminf(fmaxf(y[f] / scales[f >> 6], -448.0f), 448.0f);
-      tok[f] = __nv_fp8_e4m3(v).__x;  // RNE, satfinite
-    }
+    for (int f = tid; f < kNope; f += nt) tok[f] = fp8q::e4m3_code(y[f], 1.0f / scales[f >> 6]);
     __nv_bfloat16* rope = reinterpret_cast<__nv_bfloat16*>(tok + kNope);
     for (int f = kNope + tid; f < d; f += nt) rope[f - kNope] = __float2bfloat16_rn(y[f]);
     uint8_t* sc = blk + a.fp8_rows * kTok + row * 8;
@@ -326,18 +325,17 @@ __device__ void store_entry(const Args& a, int64_t base, int64_t row, const floa
     return;
   }
   // Indexer keys: [rows x d e4m3] then [rows x fp32 scale].
+  // (the maxima of the 32-groups are kept as their abs bits in `scales`)
   for (int g = warp; g < d / 32; g += n_warps) {
-    const float amax = warp_max(fabsf(y[g * 32 + lane]));
-    if (lane == 0) scales[g] = amax;
+    const uint32_t amax = warp_max_bits(fp8q::abs_bits(y[g * 32 + lane]));
+    if (lane == 0) scales[g] = __uint_as_float(amax);
   }
   __syncthreads();
-  float amax = 0.f;
-  for (int g = 0; g < d / 32; ++g) amax = fmaxf(amax, scales[g]);
-  const float s = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+  uint32_t amax = 0u;
+  for (int g = 0; g < d / 32; ++g) amax = max(amax, __float_as_uint(scales[g]));
+  const float s = fp8q::e4m3_block_scale(amax), inv = 1.0f / s;
   uint8_t* vals = blk + row * d;
-  for (int f = tid; f < d; f += nt) {
-    vals[f] = __nv_fp8_e4m3(fminf(fmaxf(y[f] / s, -448.0f), 448.0f)).__x;
-  }
+  for (int f = tid; f < d; f += nt) vals[f] = fp8q::e4m3_code(y[f], inv);
   if (tid == 0) *reinterpret_cast<float*>(blk + a.fp8_rows * d + row * 4) = s;
   __syncthreads();  // scales may be reused by the caller
 }
@@ -456,16 +454,14 @@ __device__ void compute_entry(const Args& a, const Row& r, int64_t b, int64_t i,
   if (a.quant == static_cast<int>(CompressQuant::kFp8)) {
     const int n_groups = nope / 64;
     for (int g = warp; g < n_groups; g += n_warps) {  // one warp per 64-block
-      float amax = fmaxf(fabsf(sm.y[g * 64 + lane]), fabsf(sm.y[g * 64 + 32 + lane]));
-      amax = warp_max(amax);
-      if (lane == 0) sm.scales[g] = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+      const uint32_t amax = warp_max_bits(
+          max(fp8q::abs_bits(sm.y[g * 64 + lane]), fp8q::abs_bits(sm.y[g * 64 + 32 + lane])));
+      if (lane == 0) sm.scales[g] = fp8q::e4m3_block_scale(amax);
     }
     __syncthreads();
     for (int f = tid; f < nope; f += nt) {
       const float s = sm.scales[f / 64];
-      const float v = fminf(fmaxf(sm.y[f] / s, -448.0f), 448.0f);
-      const float q = static_cast<float>(__nv_fp8_e4m3(v));  // RNE, satfinite
-      sm.y[f] = round_out<OutT>(q * s);
+      sm.y[f] = round_out<OutT>(fp8q::e4m3_sim(sm.y[f], s, 1.0f / s));
     }
     __syncthreads();
   } else if (a.quant == static_cast<int>(CompressQuant::kFp4Hadamard)) {
@@ -483,7 +479,7 @@ __device__ void compute_entry(const Args& a, const Row& r, int64_t b, int64_t i,
     const int n_groups = d / 32;
     for (int g = warp; g < n_groups; g += n_warps) {  // one warp per 32-block
       const float amax = warp_max(fabsf(sm.y[g * 32 + lane]));
-      if (lane == 0) sm.scales[g] = ue8m0(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
+      if (lane == 0) sm.scales[g] = ue8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
     }
     __syncthreads();
     for (int f = tid; f < d; f += nt) {
@@ -819,10 +815,10 @@ __device__ void finish_cluster(const Args& a, int64_t j, int64_t base, int64_t r
   if (a.quant == static_cast<int>(CompressQuant::kFp8)) {
     const int n_groups = nope / 64;
     for (int g = warp; g < n_groups; g += n_warps) {
-      float amax = fmaxf(fabsf(sm.y[g * 64 + lane]), fabsf(sm.y[g * 64 + 32 + lane]));
-      amax = warp_max(amax);
+      const uint32_t amax = warp_max_bits(
+          max(fp8q::abs_bits(sm.y[g * 64 + lane]), fp8q::abs_bits(sm.y[g * 64 + 32 + lane])));
       if (lane == 0) {
-        const float s = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+        const float s = fp8q::e4m3_block_scale(amax);
         sm.scales[g] = s;
         sm.inv[g] = 1.0f / s;  // exact: s is a power of two
       }
@@ -830,9 +826,7 @@ __device__ void finish_cluster(const Args& a, int64_t j, int64_t base, int64_t r
     __syncthreads();
     for (int f = tid; f < nope; f += nt) {
       const int g = f >> 6;
-      const float v = fminf(fmaxf(sm.y[f] * sm.inv[g], -448.0f), 448.0f);
-      const float q = static_cast<float>(__nv_fp8_e4m3(v));
-      sm.y[f] = round_out<OutT>(q * sm.scales[g]);
+      sm.y[f] = round_out<OutT>(fp8q::e4m3_sim(sm.y[f], sm.scales[g], sm.inv[g]));
     }
     __syncthreads();
   } else if (a.quant == static_cast<int>(CompressQuant::kFp4Hadamard)) {
@@ -851,7 +845,7 @@ __device__ void finish_cluster(const Args& a, int64_t j, int64_t base, int64_t r
     for (int g = warp; g < n_groups; g += n_warps) {
       const float amax = warp_max(fabsf(sm.y[g * 32 + lane]));
       if (lane == 0) {
-        const float s = ue8m0(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
+        const float s = ue8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
         sm.scales[g] = s;
         sm.inv[g] = 1.0f / s;
       }

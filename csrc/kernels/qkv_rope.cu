@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fp8_block_quant.cuh"
+
 namespace dsv4 {
 namespace {
 
@@ -23,12 +25,7 @@ __device__ __forceinline__ float bf16_round(float v) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-// 2^ceil(log2(v)) for a positive normal fp32 v, exactly (ops/quant.py ue8m0_scale).
-__device__ __forceinline__ float ue8m0(float v) {
-  const uint32_t bits = __float_as_uint(v);
-  if ((bits & 0x7fffffu) == 0) return v;
-  return __uint_as_float(((bits >> 23) + 1u) << 23);
-}
+using fp8q::ue8m0_ceil;
 
 // e2m1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code, sign kept (fp4_e2m1_round).
 __device__ __forceinline__ float e2m1_round(float y) {
@@ -115,6 +112,7 @@ __device__ __forceinline__ void write_dst(const KvCacheDst& d, int64_t t, int la
   }
   // MODEL1 (D = 512, V = 16): lanes 0..27 hold the 448 nope dims, 28..31 the 64 rope dims.
   if constexpr (V == 16) {
+    const float inv = 1.0f / scale;  // exact: a power of two
     uint8_t* base = static_cast<uint8_t*>(d.data) + blk * d.block_stride;
     uint8_t* tok = base + e * kModel1TokenBytes;
     const int c0 = lane * V;
@@ -125,8 +123,7 @@ __device__ __forceinline__ void write_dst(const KvCacheDst& d, int64_t t, int la
         uint32_t word = 0;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float q = fminf(fmaxf(pre[4 * k + j] / scale, -448.0f), 448.0f);
-          word |= static_cast<uint32_t>(__nv_fp8_e4m3(q).__x) << (8 * j);
+          word |= static_cast<uint32_t>(fp8q::e4m3_code(pre[4 * k + j], inv)) << (8 * j);
         }
         w[k] = word;
       }
@@ -204,17 +201,16 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
                        (p.dst[1].data != nullptr && p.dst[1].format != CacheFormat::kPlain);
   float scale = 1.f;  // this lane's 64-block scale (nope lanes; quant 1 or an FP8 cache)
   if (p.quant == 1 || fp8_dst) {
-    float amax = 0.f;
+    // Block maximum and scale as fp8_block_quant.cuh (a NaN / inf in the block: scale 1).
+    uint32_t amax = 0u;
 #pragma unroll
-    for (int k = 0; k < V; ++k) amax = fmaxf(amax, fabsf(v[k]));
-    amax = group_max(amax, 64 / V);  // every lane takes part (uniform shuffles)
-    scale = ue8m0(fmaxf(amax, 1e-4f) / 448.0f);
+    for (int k = 0; k < V; ++k) amax = max(amax, fp8q::abs_bits(v[k]));
+    amax = fp8q::group_max_bits(amax, 64 / V);  // every lane takes part (uniform shuffles)
+    scale = fp8q::e4m3_block_scale(amax);
     if (p.quant == 1 && lane * V < nope) {
+      const float inv = 1.0f / scale;  // exact: a power of two
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float q = fminf(fmaxf(v[k] / scale, -448.0f), 448.0f);
-        v[k] = bf16_round(static_cast<float>(__nv_fp8_e4m3(q)) * scale);
-      }
+      for (int k = 0; k < V; ++k) v[k] = bf16_round(fp8q::e4m3_sim(v[k], scale, inv));
     }
   } else if (p.quant == 2) {
     // Normalised Walsh-Hadamard (Sylvester order, stage h = 1, 2, ..., D/2, fp32), then bf16.
@@ -243,7 +239,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
 #pragma unroll
     for (int k = 0; k < V; ++k) amax = fmaxf(amax, fabsf(v[k]));
     amax = group_max(amax, 32 / V);
-    const float s = ue8m0(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
+    const float s = ue8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) / 6.0f);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       v[k] = bf16_round(e2m1_round(fminf(fmaxf(v[k] / s, -6.0f), 6.0f)) * s);

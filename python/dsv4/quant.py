@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.quant import fp4_e2m1_round, ue8m0_scale
+from .ops.quant import e8m0_to_float, fp4_e2m1_round, ue8m0_scale  # noqa: F401 (re-exported)
 
 __all__ = [
     "FP8_E4M3_MAX", "FP4_E2M1_MAX", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
@@ -50,29 +50,6 @@ _E8M0 = torch.float8_e8m0fnu
 
 
 # ---------------------------------------------------------------------------------- e8m0
-def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
-    """Decode e8m0 scales to float32: ``2**(code - 127)``, code 255 -> NaN, exactly.
-
-    scale: float8_e8m0fnu (or uint8 codes) of any shape. A float32/bf16/fp16 tensor (the
-    float scales of the "-Base" checkpoints, architecture.md §12.3) is returned as float32
-    unchanged in value. Raises TypeError for other dtypes.
-    """
-    if scale.dtype == _E8M0:
-        codes = scale.view(torch.uint8)
-    elif scale.dtype == torch.uint8:
-        codes = scale
-    elif scale.is_floating_point():
-        return scale.float()
-    else:
-        raise TypeError(f"e8m0 scales must be float8_e8m0fnu or uint8 codes (or float scales), "
-                        f"got {scale.dtype}")
-    c = codes.to(torch.int32)
-    # fp32 bit patterns: exponent field = code for codes 1..254; code 0 = 2**-127 (subnormal).
-    bits = torch.where(c == 0, torch.full_like(c, 0x00400000), c << 23)
-    bits = torch.where(c == 255, torch.full_like(c, 0x7FC00000), bits)
-    return bits.view(torch.float32)
-
-
 def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
     """Encode exact powers of two in [2**-127, 2**127] as float8_e8m0fnu (same shape).
 

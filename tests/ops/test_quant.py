@@ -68,3 +68,31 @@ def test_fp8_quantize_is_the_half_of_the_sim_the_caches_store():
     assert ((blocks / s <= 448) & (blocks / s > 224)).flatten()[1:].all()   # the smallest such
     y = (q.double().unflatten(-1, (4, 64)) * s.double()[..., None]).flatten(-2)
     assert torch.equal(y.to(x.dtype), fp8_e4m3_sim(x, 64))
+
+
+def test_e8m0_one_decoding_for_checkpoints_and_kv_caches():
+    """Scale bytes 0, 127, 254, 255 decode to 2**-127, 1, 2**127, NaN (OCP float8_e8m0fnu, as
+    torch's cast) through the one definition, in the checkpoint formats (dsv4.quant) and in the
+    MODEL1 KV cache reader (dsv4.ops.kv_cache.unpack) alike."""
+    import math
+
+    import dsv4.quant
+    from dsv4.ops import kv_cache as kc
+    from dsv4.ops.quant import e8m0_to_float
+
+    assert dsv4.quant.e8m0_to_float is e8m0_to_float
+    codes = torch.tensor([0, 127, 254, 255], dtype=torch.uint8)
+    want = [math.ldexp(1.0, -127), 1.0, math.ldexp(1.0, 127)]
+    got = e8m0_to_float(codes)
+    assert got.dtype == torch.float32 and got[:3].tolist() == want and math.isnan(got[3])
+    assert torch.equal(e8m0_to_float(codes.view(torch.float8_e8m0fnu)).view(torch.int32),
+                       got.view(torch.int32))
+    assert torch.equal(codes[:3].view(torch.float8_e8m0fnu).float(), got[:3])
+    # a MODEL1 entry: every e4m3 code 1.0 (0x38), scale bytes 0, 127, 254, 255, 127, 127, 127
+    entry = torch.zeros(kc.MODEL1_ENTRY_BYTES, dtype=torch.uint8)
+    entry[:kc.MODEL1_NOPE_DIM] = 0x38
+    entry[576:583] = torch.tensor([0, 127, 254, 255, 127, 127, 127], dtype=torch.uint8)
+    x = kc.unpack(kc.MODEL1, entry, torch.float32)
+    assert x[:64].tolist() == [want[0]] * 64 and x[64:128].tolist() == [1.0] * 64
+    assert x[128:192].tolist() == [want[2]] * 64 and bool(x[192:256].isnan().all())
+    assert x[256:448].tolist() == [1.0] * 192 and x[448:].tolist() == [0.0] * 64

@@ -22,6 +22,9 @@
 //   entry (ops.quant.fp8_e4m3_sim with block d). The power-of-two scale keeps keys that are
 //   already FP4-simulated (e2m1 values times power-of-two scales, §5) exact unless the block
 //   scales of one key span more than 2^14.
+// Non-finite values (both FP8 formats, csrc/kernels/fp8_block_quant.cuh): a block holding inf
+// or NaN has scale 1 (byte 127 / 1.0f); in it NaN is the e4m3 code 0x7f / 0xff (its sign),
+// +-inf is +-448 (0x7e / 0xfe), as the Python writer (ops.quant.fp8_e4m3_quantize).
 #pragma once
 
 #include <cstdint>

@@ -7,7 +7,8 @@ Two byte formats, shared by every kernel that writes or reads a cache (the C++ s
   rope): 584 bytes per entry. A block of ``block_size`` entries is laid out as
   ``[block_size x 576 B: 448 e4m3 nope | 64 bf16 rope][block_size x 8 B: 7 UE8M0 scales | pad]``
   and padded to a multiple of 576 bytes (as FlashMLA allocates it). Nope dim ``c`` of an entry
-  is ``e4m3[c] * 2**(scale_byte[c // 64] - 127)``.
+  is ``e4m3[c] * 2**(scale_byte[c // 64] - 127)`` (:func:`dsv4.ops.quant.e8m0_to_float`:
+  byte 0 is 2**-127, byte 255 NaN; the writers produce bytes 105 .. 247 only).
 * **FP8 indexer keys** (DeepGEMM's paged layout; head_dim 64 or 128): ``d + 4`` bytes per entry
   (132 at d = 128), a block being ``[block_size x d e4m3][block_size x fp32 scale]``, padded to
   a multiple of 16 bytes.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import fp8_e4m3_quantize
+from .quant import e8m0_to_float, fp8_e4m3_quantize
 
 __all__ = [
     "MODEL1", "INDEXER", "MODEL1_ENTRY_BYTES", "MODEL1_NOPE_DIM", "MODEL1_ROPE_DIM",
@@ -129,10 +130,6 @@ def _e8m0_byte(s: torch.Tensor) -> torch.Tensor:
     return ((s.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
 
 
-def _e8m0_value(b: torch.Tensor) -> torch.Tensor:
-    return (b.to(torch.int32) << 23).view(torch.float32)
-
-
 def pack(fmt: str, x: torch.Tensor) -> torch.Tensor:
     """Entries ``x`` [..., head_dim] (any float dtype; the reference quantises ``x.float()``)
     to their bytes [..., entry_bytes] in the per-entry order (MODEL1: 448 e4m3 | 128 bytes of
@@ -160,7 +157,7 @@ def unpack(fmt: str, b: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> to
     eb = b.shape[-1]
     if fmt == MODEL1:
         q = b[..., :MODEL1_NOPE_DIM].contiguous().view(torch.float8_e4m3fn).float()
-        s = _e8m0_value(b[..., MODEL1_TOKEN_BYTES:MODEL1_TOKEN_BYTES + 7])
+        s = e8m0_to_float(b[..., MODEL1_TOKEN_BYTES:MODEL1_TOKEN_BYTES + 7])
         nope = (q.unflatten(-1, (7, 64)) * s[..., None]).flatten(-2)
         rope = b[..., MODEL1_NOPE_DIM:MODEL1_TOKEN_BYTES].contiguous().view(torch.bfloat16)
         return torch.cat([nope, rope.float()], -1).to(dtype)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ue8m0_scale", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim", "fp4_e2m1_round",
+__all__ = ["ue8m0_scale", "e8m0_to_float", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim",
+           "fp4_e2m1_round",
            "hadamard",
            "FP8_E4M3_MAX", "FP4_E2M1_MAX"]
 
@@ -21,17 +22,49 @@ def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """Power-of-two scale ``2**ceil(log2(amax / qmax))``, exactly (no log2 rounding error).
 
     ``amax`` fp32 (already clamped away from 0 by the caller). Source: the official
-    ``fast_round_scale`` (architecture.md §3.3, training.md §5.2).
+    ``fast_round_scale`` (architecture.md §3.3, training.md §5.2). A non-finite ``amax`` (a
+    block holding inf or NaN) gives 1: ``torch.frexp`` of inf / NaN has exponent 0 on the CPU
+    and in CUDA's ``frexpf``; the CUDA writers and simulations do the same
+    (csrc/kernels/fp8_block_quant.cuh).
     """
     mant, exp = torch.frexp(amax.float() / qmax)  # v = mant * 2**exp, mant in [0.5, 1)
     exp = torch.where(mant == 0.5, exp - 1, exp)
     return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), exp)
 
 
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """Decode e8m0 (UE8M0) scales to float32: ``2**(code - 127)`` exactly, code 0 -> 2**-127
+    (an fp32 subnormal), code 255 -> NaN (OCP MX ``float8_e8m0fnu``, as torch's own cast).
+    The one decoding of scale bytes: checkpoint scales (:mod:`dsv4.quant`, which re-exports
+    it) and the FP8 KV caches' scale bytes (:mod:`dsv4.ops.kv_cache`) both use it.
+
+    scale: float8_e8m0fnu (or uint8 codes) of any shape. A float32/bf16/fp16 tensor (the
+    float scales of the "-Base" checkpoints, architecture.md §12.3) is returned as float32
+    unchanged in value. Raises TypeError for other dtypes.
+    """
+    if scale.dtype == torch.float8_e8m0fnu:
+        codes = scale.view(torch.uint8)
+    elif scale.dtype == torch.uint8:
+        codes = scale
+    elif scale.is_floating_point():
+        return scale.float()
+    else:
+        raise TypeError(f"e8m0 scales must be float8_e8m0fnu or uint8 codes (or float scales), "
+                        f"got {scale.dtype}")
+    c = codes.to(torch.int32)
+    # fp32 bit patterns: exponent field = code for codes 1..254; code 0 = 2**-127 (subnormal).
+    bits = torch.where(c == 0, torch.full_like(c, 0x00400000), c << 23)
+    bits = torch.where(c == 255, torch.full_like(c, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
 def fp8_e4m3_quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantisation half of :func:`fp8_e4m3_sim`: e4m3 codes ``float8_e4m3fn [..., n]`` and
     their power-of-two block scales ``float32 [..., n / block]`` (``x ≈ codes * scale``; the
     FP8 caches store exactly these, dsv4.ops.kv_cache).
+    Non-finite values: a block holding inf or NaN has scale 1 (:func:`ue8m0_scale`); in it a
+    NaN gets the NaN code of its sign (0x7f / 0xff), +-inf +-448 (0x7e / 0xfe), every other
+    value ``e4m3(clamp(x, +-448))``; other blocks are unaffected.
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
     n = x.shape[-1]
