@@ -772,9 +772,19 @@ __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, int src
                : "memory");
 }
 
-// fp32 value of a UE8M0 scale byte: 2^(byte - 127) (byte 0 = 2^-127, a subnormal).
+// fp32 value of a UE8M0 scale byte: 2^(byte - 127), byte 0 = 2^-127 (a subnormal), byte 255 =
+// NaN (OCP MX e8m0, as dsv4.ops.quant.e8m0_to_float; no writer produces 0 or 255).
 __device__ __forceinline__ float ue8m0_value(uint32_t byte) {
-  return byte == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(byte << 23);
+  return byte == 0     ? __uint_as_float(0x00400000u)
+         : byte == 255 ? __uint_as_float(0x7FC00000u)
+                       : __uint_as_float(byte << 23);
+}
+
+// The same scale as bf16 bits in both 16-bit lanes: byte 0 = 2^-127 (the bf16 subnormal
+// 0x0040), byte 255 = NaN (0x7FC0), else byte << 7; exact (every 2^e, e >= -133, is a bf16).
+__device__ __forceinline__ uint32_t ue8m0_bf16x2(uint32_t byte) {
+  const uint32_t h = byte == 0 ? 0x0040u : byte == 255 ? 0x7FC0u : byte << 7;
+  return h * 0x00010001u;
 }
 
 // Dequantises a raw MODEL1 stage ([64 x 576 B] rows then [64 x 8 B] scales) into the bf16 K

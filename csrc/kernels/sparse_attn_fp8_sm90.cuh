@@ -43,13 +43,12 @@
 // bit pattern sign<<15 | (v & 0x7f)<<4 is the number e4m3(v) * 2^-120 for every non-NaN v
 // (normal: 2^(e-127)(1+m/8); e = 0: the bf16 subnormal 2^-126 * m/8 = 2^-120 * 2^-6 * m/8).
 // A bf16x2 multiply by 2^120 (fma.rn.bf16x2 with addend -0) makes it e4m3(v) exactly (every
-// e4m3 value is a bf16); a second one by the scale 2^(s-127) (bf16 bits s << 7: 0 for s = 0,
-// +inf for s = 255, as the reference reads the pool, dsv4.ops.kv_cache: fp32 bits s << 23)
+// e4m3 value is a bf16); a second one by the scale 2^(s-127) (ue8m0_bf16x2: bf16 bits s << 7,
+// 2^-127 for s = 0, NaN for s = 255, as dsv4.ops.quant.e8m0_to_float reads the pool's bytes)
 // rounds the exact product once to bf16. The reference rounds it twice (fp32 product, then
-// bf16), but the exact product has at most 4 significant bits and is 0 or >= 2^-135 in size, so
+// bf16), but the exact product has at most 4 significant bits and is 0 or >= 2^-136 in size, so
 // its fp32 rounding is exact and both give the same bf16, subnormal results included, for
-// every scale byte. Infinite scale: e4m3 0 * inf = NaN, nonzero * inf = +-inf, as in the
-// reference's fp32 product. (This needs bf16 arithmetic that keeps subnormal inputs: the e4m3
+// every scale byte. NaN scale (byte 255): every product is NaN, as in the reference. (This needs bf16 arithmetic that keeps subnormal inputs: the e4m3
 // subnormals are bf16 subnormals before the first multiply. PTX bf16 fma has no .ftz form.)
 // NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its products are
 // NaN), from a per-byte flag: bit 7 of (v & 0x7f) + 1, replicated over the value's 16-bit lane
@@ -223,7 +222,7 @@ __device__ __forceinline__ void store_quarter(uint32_t sK, int r, const uint4 (&
   for (int i = 0; i < kNopeQ; ++i) {
     const int d0 = dq + 16 * i;  // compile-time after unrolling
     const uint32_t sb = static_cast<uint32_t>(scl >> (8 * (d0 >> 6))) & 0xffu;
-    const uint32_t s2 = sb * 0x00800080u;  // bf16 bits of 2^(sb - 127) (0 -> 0, 255 -> inf), x2
+    const uint32_t s2 = ue8m0_bf16x2(sb);  // bf16 bits of 2^(sb - 127), both lanes
     const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
     const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
     const int chunk = d0 >> 3;  // 16-byte bf16 chunk (8 dims)
@@ -362,7 +361,7 @@ __device__ __forceinline__ void store_pair_quarter(uint32_t sK, int key, uint32_
     constexpr int kD0 = HH * kNopeHalf;
     const int grp = (kD0 + 32 * i) >> 6;
     const uint32_t sb = static_cast<uint32_t>(scl >> (8 * grp)) & 0xffu;
-    const uint32_t s2 = sb * 0x00800080u;
+    const uint32_t s2 = ue8m0_bf16x2(sb);
     const uint2 a = dequant4(v[i].x, s2), b = dequant4(v[i].y, s2);
     const uint2 c = dequant4(v[i].z, s2), d = dequant4(v[i].w, s2);
     // bf16 chunk (kD0 + 32 i + 16 e) / 8 = cb + 2e with cb = HH * 28 + 4 i (cb % 8 in {0, 4}).

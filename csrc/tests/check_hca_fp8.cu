@@ -14,7 +14,7 @@
 //      with the reference formula (float(e4m3) * 2^(s-127), rounded to bf16): the exactness of
 //      the new kernel's bit-level dequantisation over the whole byte range. "NaN" cases then
 //      write the e4m3 NaN codes 0x7f / 0xff into one key of each pool and a scale byte 255
-//      (+inf) into a third key: every FP8 kernel must give NaN exactly where the bf16 kernel
+//      (NaN) into a third key: every FP8 kernel must give NaN exactly where the bf16 kernel
 //      on the dequantised pools does (NaN = NaN whatever its bits; every other value
 //      bit-identical), and some outputs must be NaN and some not.
 //   3. (sm_90) Times the old, new and new2 FP8 kernels at FlashMLA's decode shapes (printed, not
@@ -146,14 +146,14 @@ void set_code(std::vector<uint8_t>& pool, std::vector<uint16_t>& deq, int64_t bs
   deq[r * D + c] = float_to_bf16(static_cast<float>(q) * std::ldexp(1.f, s - 127));
 }
 
-// Makes scale byte g of pool row r the byte `s` (deq of its 64 dims recomputed; 255 = +inf:
-// e4m3 0 -> NaN, others -> +-inf, as the reference reads the pool).
+// Makes scale byte g of pool row r the byte `s` (deq of its 64 dims recomputed; 255 = NaN, the
+// OCP e8m0 NaN, as the reference reads the pool: every value of the group NaN).
 void set_scale(std::vector<uint8_t>& pool, std::vector<uint16_t>& deq, int64_t bs,
                int64_t block_stride, int64_t r, int g, uint8_t s) {
   uint8_t* base = pool.data() + (r / bs) * block_stride;
   const uint8_t* tok = base + (r % bs) * dsv4::kModel1TokenBytes;
   base[bs * dsv4::kModel1TokenBytes + (r % bs) * dsv4::kModel1ScaleBytes + g] = s;
-  const float k = s == 255 ? INFINITY : std::ldexp(1.f, s - 127);
+  const float k = s == 255 ? NAN : std::ldexp(1.f, s - 127);
   for (int c = 64 * g; c < 64 * g + 64; ++c) {
     __nv_fp8_e4m3 q;
     q.__x = static_cast<__nv_fp8_storage_t>(tok[c]);
@@ -288,7 +288,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     cpool = pack_raw_model1(nb, bs, rng, cstride, comp_deq);
     if (nan) {  // needs B >= 3: tokens 2, 3 (window row W + 5) and 4, 5 (row 2W + 9) get NaN
       set_code(wpool, win_deq, bs_w, wstride, W + 5, 5, 0x7f);          // +NaN, first half
-      set_scale(wpool, win_deq, bs_w, wstride, 2 * W + 9, 3, 255);      // scale +inf
+      set_scale(wpool, win_deq, bs_w, wstride, 2 * W + 9, 3, 255);      // scale NaN
       // -NaN in the last nope dim (second producer half) of the first entry of sequence 0's
       // first block (its second if the first is block 0: row 0 stays finite): token 1 if its
       // entry count reaches it.

@@ -72,9 +72,17 @@ def dequant4(w: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bf16x2_mul(bf16x2_mul(h01, k120), s2), bf16x2_mul(bf16x2_mul(h23, k120), s2)
 
 
+def ue8m0_bf16x2(scale_bytes: np.ndarray) -> np.ndarray:
+    """ue8m0_bf16x2 (sparse_attn.cuh): the scale's bf16 bits in both lanes: byte << 7, byte 0
+    -> 0x0040 (2^-127, a bf16 subnormal), byte 255 -> 0x7FC0 (NaN)."""
+    b = scale_bytes.astype(U32)
+    h = np.where(b == 0, U32(0x0040), np.where(b == 255, U32(0x7FC0), b << U32(7)))
+    return (h * U32(0x00010001)).astype(U32)
+
+
 def model_values(words: np.ndarray, scale_bytes: np.ndarray) -> np.ndarray:
     """bf16 bit patterns [n, 4] (dims 0..3 of each word) of the kernel."""
-    lo, hi = dequant4(words, scale_bytes.astype(U32) * U32(0x00800080))
+    lo, hi = dequant4(words, ue8m0_bf16x2(scale_bytes))
     return np.stack([lo & U32(0xFFFF), lo >> U32(16), hi & U32(0xFFFF), hi >> U32(16)],
                     -1).astype(np.uint16)
 
@@ -109,7 +117,7 @@ def _check(words: np.ndarray, s: int) -> None:
     codes = words.view(np.uint8).reshape(-1)           # little endian: byte i = dim i
     ref = bf16_bits(reference_values(codes, s))
     nan_ref = is_nan_bf16(ref)
-    # NaN exactly where the reference has NaN (NaN codes; 0 * inf at scale 255).
+    # NaN exactly where the reference has NaN (NaN codes; every value at scale 255).
     np.testing.assert_array_equal(is_nan_bf16(got), nan_ref)
     np.testing.assert_array_equal(got[~nan_ref], ref[~nan_ref])
 
