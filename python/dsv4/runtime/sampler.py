@@ -21,6 +21,8 @@ other sampled rows (top-k / top-p) outside the graph with their requests' genera
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Sequence
 
 import torch
@@ -28,7 +30,61 @@ import torch
 from ..generate import sample
 from .request import Request
 
-__all__ = ["draws_in_graph", "sample_greedy", "sample_rows", "sample_seeded", "sample_temperature"]
+__all__ = ["argmax_rows", "rows_finite", "draws_in_graph", "sample_greedy", "sample_rows",
+           "sample_seeded", "sample_temperature"]
+
+#: Rows at least this long take the two-stage reductions (:func:`argmax_rows`).
+TWO_STAGE_MIN_LEN = 16384
+
+
+@functools.lru_cache(maxsize=None)
+def two_stage_chunk(n: int) -> int:
+    """Chunk length of the two-stage row reductions for rows of ``n`` elements: the divisor of
+    ``n`` that is a multiple of 8 (32-byte aligned fp32 chunks) in [256, 8192] closest to
+    1024 (129,280 -> 808, 160 chunks), or 0 when there is none, when ``n`` is below
+    :data:`TWO_STAGE_MIN_LEN`, or when ``DSV4_SAMPLER_TWO_STAGE=0`` (read once per ``n``)."""
+    if n < TWO_STAGE_MIN_LEN or os.environ.get("DSV4_SAMPLER_TWO_STAGE", "1") == "0":
+        return 0
+    divisors = [c for c in range(256, min(n, 8192) + 1, 8) if n % c == 0]
+    return min(divisors, key=lambda c: (abs(c - 1024), c)) if divisors else 0
+
+
+def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.argmax(x, dim=-1)`` for x [L, n], exactly (the first index of the row's maximum;
+    a row holding NaN gives its first NaN, as torch's NaN-propagating max), into ``out`` int64
+    [L] when given.
+
+    A long row (the 129,280 logits) is reduced in two stages, because torch's reduction of one
+    long row runs on few CTAs (37 µs for [1, 129280] on an H100): the max and its first index
+    in each chunk of :func:`two_stage_chunk` elements (L · n / chunk outputs), then the first
+    chunk holding the row's maximum (its first NaN) and that chunk's index. The first maximum
+    of the row lies in the first chunk that holds the maximum, at that chunk's first
+    maximum, so both stages keeping the first index reproduce torch's tie rule; torch.max(dim)
+    and torch.argmax break ties and order NaN the same way (ATen's GreaterOrNan comparator).
+    Plain torch ops, no host synchronisation (CUDA-graph safe). Shorter rows, rows of no
+    suitable length and non-contiguous x take ``torch.argmax``.
+    """
+    L, n = x.shape
+    c = two_stage_chunk(n) if x.is_contiguous() else 0
+    if c == 0:
+        return torch.argmax(x, dim=-1, out=out) if out is not None else torch.argmax(x, dim=-1)
+    vals, idx = x.view(L, n // c, c).max(dim=-1)        # [L, chunks]: first max per chunk
+    j = vals.argmax(dim=-1, keepdim=True)               # [L, 1]: first chunk with the max
+    first = idx.gather(-1, j)                           # index inside that chunk
+    if out is None:
+        return torch.add(first, j, alpha=c).squeeze(-1)
+    return torch.add(first.squeeze(-1), j.squeeze(-1), alpha=c, out=out)
+
+
+def rows_finite(x: torch.Tensor) -> torch.Tensor:
+    """bool [L]: ``torch.isfinite(x).all(dim=-1)`` for x [L, n], with the all-reduction of a long
+    row in the two stages of :func:`argmax_rows` (per chunk, then over the chunks)."""
+    L, n = x.shape
+    c = two_stage_chunk(n) if x.is_contiguous() else 0
+    fin = torch.isfinite(x)
+    if c == 0:
+        return fin.all(dim=-1)
+    return fin.view(L, n // c, c).all(dim=-1).all(dim=-1)
 
 
 def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
@@ -41,8 +97,8 @@ def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
             are left as they are.
     """
     L = logits.shape[0]
-    torch.argmax(logits, dim=-1, out=out[0, :L])   # sample()'s temperature-0 case
-    out[1, :L].copy_(torch.isfinite(logits).all(dim=-1))
+    argmax_rows(logits, out=out[0, :L])   # sample()'s temperature-0 case, torch.argmax exactly
+    out[1, :L].copy_(rows_finite(logits))
 
 
 def draws_in_graph(params) -> bool:
