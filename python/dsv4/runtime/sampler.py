@@ -77,11 +77,14 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def rows_finite(x: torch.Tensor) -> torch.Tensor:
-    """bool [L]: ``torch.isfinite(x).all(dim=-1)`` for x [L, n], with the all-reduction of a long
-    row in the two stages of :func:`argmax_rows` (per chunk, then over the chunks)."""
+    """bool [L]: ``torch.isfinite(x).all(dim=-1)`` for float x [L, n], exactly, with the
+    all-reduction of a long row in the two stages of :func:`argmax_rows` (per chunk, then over
+    the chunks). Finiteness as ``|x| < inf`` (False for NaN and +-inf): two elementwise
+    launches, where ``torch.isfinite`` of a float tensor runs four (``(x == x) * (|x| !=
+    inf)``)."""
     L, n = x.shape
     c = two_stage_chunk(n) if x.is_contiguous() else 0
-    fin = torch.isfinite(x)
+    fin = x.abs() < float("inf")
     if c == 0:
         return fin.all(dim=-1)
     return fin.view(L, n // c, c).all(dim=-1).all(dim=-1)
