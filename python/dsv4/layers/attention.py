@@ -212,8 +212,14 @@ class Attention(nn.Module):
             return torch.zeros_like(q_raw)
         dev = x.device
         rows = batch.rows.long()
-        pos = batch.pos.long()
-        slot_t = batch.slots.long()[rows]
+        if batch.decode:
+            # Decode: the window indices (ring rows slot·W + p % W, which the kernels take as
+            # int32) are computed in the batch's int32, without int64 round trips.
+            pos = batch.pos
+            slot_t = batch.slots[rows]
+        else:
+            pos = batch.pos.long()
+            slot_t = batch.slots.long()[rows]
         q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
         quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
         if cache.kv_fp8:
@@ -229,7 +235,7 @@ class Attention(nn.Module):
             ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
                                     quant)
-            ring.index_copy_(0, slot_t * W + pos % W, kv)
+            ring.index_copy_(0, (slot_t * W + pos % W).long(), kv)
             main_kv = ring
         else:
             ring = cache.window.view(-1, cache.window.shape[-1])
@@ -250,7 +256,7 @@ class Attention(nn.Module):
         # The index lists are built for blocks of queries so that their size stays bounded;
         # a decode step or an ordinary prefill is a single block.
         step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
-        lanes = torch.arange(W, device=dev)
+        lanes = torch.arange(W, device=dev, dtype=pos.dtype)
         outs = []
         for t0 in range(0, T, step):
             blk = slice(t0, min(T, t0 + step))
