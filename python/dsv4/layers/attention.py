@@ -246,9 +246,10 @@ class Attention(nn.Module):
         sel = entries = extra_len = None
         if self.compress_ratio:
             m = self.compress_ratio
+            xf = x.float()    # both compressors' fp32 input (one cast on a CSA layer)
             if self.indexer is not None:
-                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs)
-            self.compressor.forward_batch(x, cache.compressor, batch, freqs)
+                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf)
+            self.compressor.forward_batch(xf, cache.compressor, batch, freqs)
             if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
                 entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query

@@ -96,7 +96,9 @@ class Compressor(nn.Module):
         the quantisation simulation run in ``torch.ops.dsv4.compress_kv``, which writes the
         completed entries (paged: through ``batch.block_table``; dense: row b = slot b) and
         updates the partial-block state of each row's slot in place. No host synchronisation
-        (a dense store is grown from the host-side bound ``batch.max_end``).
+        (a dense store is grown from the host-side bound ``batch.max_end``). ``x`` may be
+        given in fp32 already (the projections take ``x.float()``; a CSA layer casts once for
+        its indexer's compressor and its own).
         """
         m = self.compress_ratio
         if not state.paged:

@@ -77,17 +77,19 @@ class Indexer(nn.Module):
         return self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
 
     def forward_batch(self, x: torch.Tensor, qr: torch.Tensor, state: CompressorState,
-                      batch: StepBatch, freqs: torch.Tensor) -> torch.Tensor:
+                      batch: StepBatch, freqs: torch.Tensor,
+                      xf: torch.Tensor | None = None) -> torch.Tensor:
         """Batched path of :meth:`forward` (``x`` [T, dim], ``qr`` [T, q_lora_rank], the
         tokens of ``batch`` back to back; the query path of :meth:`queries` in one
         ``q_norm_rope`` pass). Returns int32 [T, index_topk] LOGICAL entry indices
         of each token's own sequence (−1 = none) from ``torch.ops.dsv4.indexer_topk``; a paged
-        store is read through ``batch.block_table``. No host synchronisation."""
+        store is read through ``batch.block_table``. No host synchronisation. ``xf``: ``x.float()``
+        when the caller has it (the attention layer's main compressor takes it too)."""
         q = _dsv4.q_norm_rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)),
                               batch.pos, freqs, 0.0, False,
                               QUANT_FP4_HADAMARD if self.config.quant_sim else QUANT_NONE)
         w = self.head_weights(x)
-        self.compressor.forward_batch(x, state, batch, freqs)
+        self.compressor.forward_batch(x if xf is None else xf, state, batch, freqs)
         n_valid = torch.div(batch.pos + 1, self.compress_ratio, rounding_mode="floor")
         args = (q.contiguous(), w.contiguous())
         tail = (batch.rows, n_valid.to(torch.int32), self.index_topk)
