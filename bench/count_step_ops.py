@@ -29,8 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dsv4.runtime import bench as B  # noqa: E402
 
 
+#: Ops that make views or metadata only (no kernel): left out of the launch count.
+VIEW_OPS = frozenset(f"aten::{n}" for n in (
+    "view", "reshape", "select", "slice", "unsqueeze", "squeeze", "unflatten", "flatten",
+    "resolve_conj", "resolve_neg", "alias", "detach", "t", "transpose", "permute", "expand",
+    "as_strided", "empty", "to (no-op)"))
+
+
 def outermost_aten_counts(events) -> collections.Counter:
-    """Per aten op name, the calls that are not nested in another aten op or a dsv4 op."""
+    """Per aten op name, the calls that are not nested in another aten op or a dsv4 op
+    (``aten::to`` split into ``to (copy)``, which runs ``_to_copy``, and ``to (no-op)``)."""
     counts: collections.Counter = collections.Counter()
     for e in events:
         if not e.name.startswith("aten::"):
@@ -42,8 +50,13 @@ def outermost_aten_counts(events) -> collections.Counter:
                 nested = True
                 break
             p = p.cpu_parent
-        if not nested:
-            counts[e.name] += 1
+        if nested:
+            continue
+        name = e.name
+        if name == "aten::to":
+            copies = any(c.name == "aten::_to_copy" for c in e.cpu_children)
+            name = "aten::to (copy)" if copies else "aten::to (no-op)"
+        counts[name] += 1
     return counts
 
 
@@ -73,8 +86,10 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
     counts = outermost_aten_counts(prof.events())
     total = sum(counts.values())
+    launching = sum(n for name, n in counts.items() if name not in VIEW_OPS)
     print(f"b={b}, {a.model} x {a.layers} layers, {steps} eager decode steps on {a.device}; "
-          f"aten ops outside the dsv4 ops, per step ({total / steps:.1f} in all):")
+          f"aten ops outside the dsv4 ops, per step ({total / steps:.1f} in all, "
+          f"{launching / steps:.1f} that are not views):")
     for name, n in counts.most_common(a.top):
         print(f"  {n / steps:7.2f}  {name}")
     return 0
