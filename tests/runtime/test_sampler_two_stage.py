@@ -16,6 +16,15 @@ from dsv4.runtime.sampler import argmax_rows, rows_finite, sample_greedy, two_st
 NAN, INF = float("nan"), float("inf")
 
 
+@pytest.fixture(autouse=True)
+def _two_stage_on(monkeypatch):
+    """The two-stage path is opt-in (DSV4_SAMPLER_TWO_STAGE=1): every test here turns it on."""
+    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "1")
+    two_stage_chunk.cache_clear()
+    yield
+    two_stage_chunk.cache_clear()
+
+
 def _rows(n: int, seed: int) -> torch.Tensor:
     """[R, n] fp32 rows, each a corner case of the tie / NaN rule (chunk c = two_stage_chunk)."""
     g = torch.Generator().manual_seed(seed)
@@ -82,17 +91,19 @@ def test_two_stage_equals_torch_argmax_cpu(n):
     _check(x.t().contiguous().t())                    # non-contiguous: torch.argmax
 
 
-def test_env_switch_off(monkeypatch):
-    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "0")
-    two_stage_chunk.cache_clear()
-    try:
-        assert two_stage_chunk(129280) == 0
-        _check(_rows(129280, seed=1))
+@pytest.mark.parametrize("value", [None, "0"])
+def test_env_switch_off(monkeypatch, value):
+    """Unset (the default) or 0: torch.argmax for every row, the same results."""
+    if value is None:
         monkeypatch.delenv("DSV4_SAMPLER_TWO_STAGE")
-        two_stage_chunk.cache_clear()
-        assert sampler.two_stage_chunk(129280) == 808
-    finally:
-        two_stage_chunk.cache_clear()
+    else:
+        monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", value)
+    two_stage_chunk.cache_clear()
+    assert two_stage_chunk(129280) == 0
+    _check(_rows(129280, seed=1))
+    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "1")
+    two_stage_chunk.cache_clear()
+    assert sampler.two_stage_chunk(129280) == 808
 
 
 @pytest.mark.cuda

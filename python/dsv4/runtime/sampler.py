@@ -42,8 +42,10 @@ def two_stage_chunk(n: int) -> int:
     """Chunk length of the two-stage row reductions for rows of ``n`` elements: the divisor of
     ``n`` that is a multiple of 8 (32-byte aligned fp32 chunks) in [256, 8192] closest to
     1024 (129,280 -> 808, 160 chunks), or 0 when there is none, when ``n`` is below
-    :data:`TWO_STAGE_MIN_LEN`, or when ``DSV4_SAMPLER_TWO_STAGE=0`` (read once per ``n``)."""
-    if n < TWO_STAGE_MIN_LEN or os.environ.get("DSV4_SAMPLER_TWO_STAGE", "1") == "0":
+    :data:`TWO_STAGE_MIN_LEN`, or unless ``DSV4_SAMPLER_TWO_STAGE=1`` (read once per ``n``):
+    opt-in until its speed on a GPU is measured (``bench/bench_sampler.py``); off, every row
+    takes ``torch.argmax``."""
+    if n < TWO_STAGE_MIN_LEN or os.environ.get("DSV4_SAMPLER_TWO_STAGE", "0") != "1":
         return 0
     divisors = [c for c in range(256, min(n, 8192) + 1, 8) if n % c == 0]
     return min(divisors, key=lambda c: (abs(c - 1024), c)) if divisors else 0
