@@ -7,6 +7,7 @@ torch.library.opcheck."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,14 +266,18 @@ def test_mhc_pre_and_head_replay_from_a_cuda_graph(T, d):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    xc.copy_(x2.cuda())
-    for t in (u, post, comb, y):
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    want = ops.mhc_pre(x2.cuda(), *dev[1:4], 1e-6, 20, 1e-6)
-    assert torch.equal(u, want[0]) and torch.equal(post, want[1]) and torch.equal(comb, want[2])
-    assert torch.equal(y, ops.mhc_head(x2.cuda(), *dev[4:7], 1e-6, 1e-6))
+    # replayed twice: the second replay finds the arrival counters the first one left behind
+    # (a graph pool's fresh memory is likely zero, so one replay would not see a missing reset)
+    for xr in (x2, _inputs(T, d, 11 * T + d + 2)[0]):
+        xc.copy_(xr.cuda())
+        for t in (u, post, comb, y):
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ops.mhc_pre(xr.cuda(), *dev[1:4], 1e-6, 20, 1e-6)
+        assert torch.equal(u, want[0]) and torch.equal(post, want[1])
+        assert torch.equal(comb, want[2])
+        assert torch.equal(y, ops.mhc_head(xr.cuda(), *dev[4:7], 1e-6, 1e-6))
 
 
 @cuda
@@ -383,6 +388,14 @@ def test_decode_kernel_is_the_one_that_runs(monkeypatch):
     names = _mhc_kernel_names(64, 4096)
     assert len(names) == 2 and all("mhc_decode_kernel" in n for n in names), names
     assert not any("mhc_decode_kernel" in n for n in _mhc_kernel_names(65, 4096))
+    # DSV4_MHC_DECODE_GROUP takes effect (the instance's largest group G: 1, 4 or 8; the
+    # default at T = 8 and 13 is groups of 4, G = 4), so the forced-group tests test what they say
+    for group, T, G in (("1", 8, 1), ("8", 13, 8)):
+        monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
+        names = _mhc_kernel_names(T, 4096)
+        pat = re.compile(rf"mhc_decode_kernel(<[13], ?{G}>|ILi[13]ELi{G}E)")
+        assert len(names) == 2 and all(pat.search(n) for n in names), (group, names)
+    monkeypatch.delenv("DSV4_MHC_DECODE_GROUP")
     monkeypatch.setenv("DSV4_MHC_DECODE", "old")
     names = _mhc_kernel_names(8, 4096)
     assert names and not any("mhc_decode_kernel" in n for n in names), names
