@@ -463,8 +463,8 @@ int main(int argc, char** argv) {
               "dim 128: %d\n",
               dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true),
               dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
-  // T <= 64: the decode kernel (a token per group up to T = 8, then groups of ceil(T / 8) with
-  // a short last one: 13, 63); T > 64: the chunked two-phase path, or with
+  // T <= 64: the decode kernel (groups of min(T, 4) up to T = 32, then of ceil(T / 8), with a
+  // short last one: 7, 13, 63); T > 64: the chunked two-phase path, or with
   // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
   // last tiles (T % 32 != 0), one tile per cluster and several, through both mbarrier parities
   // many times (T = 1000, 2000, 4100).
