@@ -120,20 +120,28 @@ __device__ __forceinline__ void decode8(const uint4& q, int sp, float s, float (
   }
 }
 
+// One level of the reduce-scatter below (lanes exchange halves across lane bit H), then the
+// next. A compile-time recursion: a `for (h = NV / 2; h >= 1; h /= 2)` loop is not unrolled
+// by nvcc at NV = 16 / 32 and then keeps v[] in local memory (64 / 128-byte stack frames).
+template <int H, int NV>
+__device__ __forceinline__ void reduce_scatter_level(float (&v)[NV], int lane) {
+  if constexpr (H >= 1) {
+    const bool upper = (lane & H) != 0;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float send = upper ? v[i] : v[i + H];
+      const float keep = upper ? v[i + H] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, H);
+    }
+    reduce_scatter_level<H / 2, NV>(v, lane);
+  }
+}
+
 // Warp reduce-scatter of NV (power of two <= 32) values: afterwards v[0] of lane l is the sum
 // over the warp of value l % NV. Fixed order: deterministic.
 template <int NV>
 __device__ __forceinline__ float warp_reduce_scatter(float (&v)[NV], int lane) {
-#pragma unroll
-  for (int h = NV / 2; h >= 1; h /= 2) {
-    const bool upper = (lane & h) != 0;
-#pragma unroll
-    for (int i = 0; i < h; ++i) {
-      const float send = upper ? v[i] : v[i + h];
-      const float keep = upper ? v[i + h] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, h);
-    }
-  }
+  reduce_scatter_level<NV / 2, NV>(v, lane);
   float r = v[0];
 #pragma unroll
   for (int d = NV; d < 32; d *= 2) r += __shfl_xor_sync(0xffffffffu, r, d);
