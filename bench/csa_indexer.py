@@ -188,11 +188,15 @@ def short_rows(kernel: bool, quick: bool = False) -> list[dict]:
         # the two merges at the new split size (which one the default should take here)
         tree_us, tree_out = _with_merge("tree", timed)
         hist_us, hist_out = _with_merge("hist", timed)
+        old_pdl = os.environ.get("DSV4_INDEXER_TOPK_PDL")
         os.environ["DSV4_INDEXER_TOPK_PDL"] = "0"  # the histogram select launched plainly
         try:
             hist_plain_us, hist_plain_out = _with_merge("hist", timed)
         finally:
-            del os.environ["DSV4_INDEXER_TOPK_PDL"]
+            if old_pdl is None:
+                del os.environ["DSV4_INDEXER_TOPK_PDL"]
+            else:
+                os.environ["DSV4_INDEXER_TOPK_PDL"] = old_pdl
         same = all(torch.equal(legacy_out, o)
                    for o in (new_out, tree_out, hist_out, hist_plain_out))
         key_bytes = b * n * HEAD_DIM * 2

@@ -169,6 +169,35 @@ def test_cuda_ws_switch_leaves_fp8_weights_alone(monkeypatch, tile):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tile", WS_TILES)
+def test_cuda_ws_kernel_is_the_one_that_runs(monkeypatch, tile):
+    """The switch really launches grouped_gemm_ws_kernel (the profiler's kernel names), so the
+    bit-equality tests above cannot pass by running the classic kernel twice (a stale build,
+    a dispatch that falls back); =classic launches the classic kernel only."""
+    c = moe_case(T=300, K=256, N=128, E=4, topk=2, fmt="bf16", seed=41).to("cuda")
+    o, pos, freqs, wo_a, scale = make(300, 4, 128, 2, 128, "bf16", seed=42, device="cuda")
+    names = {}
+    for ml in ("classic", "ws"):
+        _set(monkeypatch, tile, ml)
+        h = moe_up(c.x, c.row_ids, c.expert_offsets, c.w_up, None, c.route_weight, LIMIT)
+        grouped_oproj(o, pos, freqs, wo_a, scale)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            moe_up(c.x, c.row_ids, c.expert_offsets, c.w_up, None, c.route_weight, LIMIT)
+            moe_down(h, c.expert_offsets, c.w_down, None)
+            grouped_oproj(o, pos, freqs, wo_a, scale)
+            torch.cuda.synchronize()
+        names[ml] = [e.name for e in prof.events() if "grouped_gemm" in e.name]
+    if not names["classic"]:
+        pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI)")
+    ws = [n for n in names["ws"] if "grouped_gemm_ws_kernel" in n]
+    assert not [n for n in names["classic"] if "grouped_gemm_ws_kernel" in n]
+    # moe_up (SwiGLU), moe_down (store), grouped_oproj (store + RoPE): three ws variants
+    assert len(set(ws)) == 3, names["ws"]
+    assert not [n for n in names["ws"] if "grouped_gemm_kernel" in n], names["ws"]
+
+
+@pytest.mark.cuda
 def test_cuda_ws_in_cuda_graph(monkeypatch):
     """The ws kernel captured in a CUDA graph and replayed on new inputs (no host sync; the
     unit counts come from expert_offsets on the device)."""

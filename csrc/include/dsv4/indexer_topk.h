@@ -27,15 +27,14 @@
 // each CTA writes its <= `topk` candidates to `workspace`, and the last CTA to finish
 // (an atomic arrival counter, reset by a cudaMemsetAsync in the launch) merges them with the
 // same select, through a two-level tree when there are many splits ("tree" merge). When a
-// decode query's keys are split over more than 16 CTAs (batch <= 8 at long context on 132
-// SMs) the default is the "histogram" select instead: the scan writes every entry's 32-bit
-// score key and a histogram of their top 12 bits; a second launch (a programmatic dependent
-// launch unless DSV4_INDEXER_TOPK_PDL=0) finds the bin holding the topk-th key, gathers the
-// keys above it and in it (parallel over the same CTAs), and its last CTA selects exactly
-// among them with the same select (falling back to a scan of all the
-// query's keys when that bin holds more than 8192 keys). Same result, same order. No host
-// synchronisation; the workspace size depends only on the shapes, the device and the merge
-// mode (CUDA-graph capturable).
+// decode query's keys are split over more than 16 CTAs (on 132 SMs: batch <= 7 with a capacity
+// above 16 x 128 entries) the default is the "histogram" select instead: the scan writes every
+// entry's 32-bit score key and a histogram of their top 12 bits; a second launch (a programmatic
+// dependent launch unless DSV4_INDEXER_TOPK_PDL=0) finds the bin holding the topk-th key, gathers
+// the keys above it and in it (parallel over the same CTAs), and its last CTA selects exactly among
+// them with the same select (falling back to a scan of all the query's keys when that bin holds
+// more than 8192 keys). Same result, same order. No host synchronisation; the workspace size
+// depends only on the shapes, the device and the merge mode (CUDA-graph capturable).
 #pragma once
 
 #include <cstddef>
@@ -138,8 +137,9 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages);
 // more than 16 splits, else the tree), 1 the candidate-list tree always, 2 the histogram select
 // for every decode plan with splits, 3 "legacy": auto with the previous decode split size (a
 // split of a decode query scores at least max(1024, 2 topk) keys instead of 128 keys, so a
-// short row is scored by a single CTA) and the previous decode selection tail (one shared
-// atomic per lane in the radix histogram, a CTA barrier after every bitonic step), -1
+// short row is scored by a single CTA) and the previous decode selection tail (in the radix
+// histogram one shared atomic per lane unless the whole warp hits one bin, a CTA barrier
+// after every bitonic step), -1
 // (default) the environment variable
 // DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", "legacy", anything else / unset =
 // auto. Every mode returns the same indices (the contract above); this exists for tests and
