@@ -7,9 +7,9 @@ the exact product to bf16, subnormals kept; no conversion instructions). This fi
 that arithmetic in numpy / torch (uint32 lanes; each bf16 multiply as the exact fp32 product of
 two bf16 values, which always fits fp32 here, rounded to bf16 to nearest even) and compares it,
 for EVERY e4m3 byte (NaN codes included) under EVERY scale byte 0..255, with the reference's
-dequantisation (dsv4.ops.kv_cache.unpack: float8_e4m3fn -> fp32, times the fp32 of the scale
-bits ``byte << 23``, rounded to bf16 to nearest even). If the kernel's formula changes, change
-its model here.
+dequantisation (dsv4.ops.kv_cache.unpack: float8_e4m3fn -> fp32, times the scale
+dsv4.ops.quant.e8m0_to_float gives (2^(byte - 127); byte 0 -> 2^-127, 255 -> NaN), rounded to
+bf16 to nearest even). If the kernel's formula changes, change its model here.
 """
 
 from __future__ import annotations
