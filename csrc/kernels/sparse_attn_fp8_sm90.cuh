@@ -48,8 +48,9 @@
 // rounds the exact product once to bf16. The reference rounds it twice (fp32 product, then
 // bf16), but the exact product has at most 4 significant bits and is 0 or >= 2^-136 in size, so
 // its fp32 rounding is exact and both give the same bf16, subnormal results included, for
-// every scale byte. NaN scale (byte 255): every product is NaN, as in the reference. (This needs bf16 arithmetic that keeps subnormal inputs: the e4m3
-// subnormals are bf16 subnormals before the first multiply. PTX bf16 fma has no .ftz form.)
+// every scale byte. NaN scale (byte 255): every product is NaN, as in the reference. (This
+// needs bf16 arithmetic that keeps subnormal inputs: the e4m3 subnormals are bf16 subnormals
+// before the first multiply. PTX bf16 fma has no .ftz form.)
 // NaN: the e4m3 NaN bytes 0x7f / 0xff get the bf16 pattern 0xffff (a NaN; its products are
 // NaN), from a per-byte flag: bit 7 of (v & 0x7f) + 1, replicated over the value's 16-bit lane
 // by prmt's sign mode and ORed into the lane.
