@@ -76,6 +76,34 @@ def cuda_time_us(fn: Callable, reps: int = 10, warmup: int = 2, *, calls: int = 
     return statistics.median(samples)
 
 
+def graph_time_us(fn: Callable, iters: int, replays: int = 5) -> float:
+    """Microseconds per call of ``fn(k)`` replayed from one CUDA graph: two eager warm-up calls
+    on a side stream, ``iters`` calls (k = 0 .. iters - 1) captured in one graph, one untimed
+    replay, then the median over ``replays`` timed replays of the graph's time / ``iters``.
+    What a call costs inside the engine's captured decode step (no host launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for k in range(2):
+            fn(k)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(iters):
+            fn(k)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / iters)
+    return statistics.median(samples)
+
+
 def fmt(v) -> str:
     """One table cell: '–' for a missing value, floats to 3 significant digits below 10."""
     if v is None:

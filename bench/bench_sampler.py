@@ -29,25 +29,9 @@ COLUMNS = ("op", "case", "time_us", "eager_us", "floor_us", "pct_bw", "base_us",
 
 
 def _graph_us(fn) -> float:
-    """GPU µs per call: CALLS calls captured in one CUDA graph, median of 5 replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / CALLS)
-    return sorted(times)[2]
+    """GPU µs per call: CALLS calls captured in one CUDA graph (bench/_driver.py)."""
+    from _driver import graph_time_us
+    return graph_time_us(lambda k: fn(), CALLS)
 
 
 def run(quick: bool = False) -> list[dict]:
