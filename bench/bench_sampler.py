@@ -40,15 +40,10 @@ def run(quick: bool = False) -> list[dict]:
     from _driver import cuda_time_us
     from dsv4.runtime.sampler import argmax_rows, rows_finite, two_stage_chunk
 
-<<<<<<< HEAD
-    c = two_stage_chunk(V)
-    assert c, "the two-stage path is off (DSV4_SAMPLER_TWO_STAGE=0?)"
-=======
     os.environ["DSV4_SAMPLER_TWO_STAGE"] = "1"      # opt-in: this bench times it
     two_stage_chunk.cache_clear()
     c = two_stage_chunk(V)
     assert c, "no two-stage chunk for the V4 vocabulary"
->>>>>>> land-f
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for L in ((1, 8) if quick else (1, 8, 64)):
