@@ -11,7 +11,8 @@ from dsv4.ops import backend
 
 GLUE_A = b'TORCH_LIBRARY_FRAGMENT(dsv4, m) {\n  m.def(\n      "op_a(Tensor x) -> Tensor");\n' \
          b'  m.def("op_a_out(Tensor x, Tensor! out) -> ()");\n}\n'
-GLUE_B = b'#include "dsv4/b.h"\nTORCH_LIBRARY_FRAGMENT(dsv4, m) { m.def("op_b(Tensor x) -> Tensor"); }\n'
+GLUE_B = b'#include "dsv4/b.h"\n' \
+         b'TORCH_LIBRARY_FRAGMENT(dsv4, m) { m.def("op_b(Tensor x) -> Tensor"); }\n'
 
 
 @pytest.fixture
@@ -72,8 +73,8 @@ def test_a_kernel_change_reaches_exactly_its_ops(fake_tree):
 
 
 def test_a_header_change_reaches_every_op_including_it(fake_tree):
-    assert _changed(fake_tree, "include/dsv4/common.h", b"#pragma once\nstruct Common { int x; };\n") \
-        == {"op_a", "op_b"}                                   # through a.h and b.h
+    assert _changed(fake_tree, "include/dsv4/common.h",
+                    b"#pragma once\nstruct Common { int x; };\n") == {"op_a", "op_b"}                                   # through a.h and b.h
     assert _changed(fake_tree, "include/dsv4/a.h", b'#pragma once\n#include "dsv4/common.h"\n') \
         == {"op_a"}
     # a new include pulls the included file's bytes into the op's digest
