@@ -73,8 +73,9 @@ def test_a_kernel_change_reaches_exactly_its_ops(fake_tree):
 
 
 def test_a_header_change_reaches_every_op_including_it(fake_tree):
+    # through a.h and b.h
     assert _changed(fake_tree, "include/dsv4/common.h",
-                    b"#pragma once\nstruct Common { int x; };\n") == {"op_a", "op_b"}                                   # through a.h and b.h
+                    b"#pragma once\nstruct Common { int x; };\n") == {"op_a", "op_b"}
     assert _changed(fake_tree, "include/dsv4/a.h", b'#pragma once\n#include "dsv4/common.h"\n') \
         == {"op_a"}
     # a new include pulls the included file's bytes into the op's digest
