@@ -203,16 +203,26 @@ class BuildPy(_build_py):
             write_build_config(BUILD_VALUES, Path(self.build_lib) / "dsv4" / "_build_config.py")
 
 
-def _kernel_source_digest() -> str | None:
-    """dsv4._kernel_digest.kernel_source_digest of this tree, loaded by path (dsv4 is not
-    importable while it is being built)."""
+def _kernel_digest_module():
+    """dsv4/_kernel_digest.py, loaded by path (dsv4 is not importable while it is being
+    built)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "_dsv4_kernel_digest", ROOT / "python" / "dsv4" / "_kernel_digest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.kernel_source_digest(ROOT)
+    return mod
+
+
+def _kernel_source_digest() -> str | None:
+    """dsv4._kernel_digest.kernel_source_digest of this tree."""
+    return _kernel_digest_module().kernel_source_digest(ROOT)
+
+
+def _kernel_op_digests() -> dict[str, str] | None:
+    """dsv4._kernel_digest.op_source_digests of this tree (op -> digest of its sources)."""
+    return _kernel_digest_module().op_source_digests(ROOT)
 
 
 def source_digest() -> str:
@@ -313,6 +323,8 @@ def cuda_extensions() -> tuple[list, dict]:
             "TORCH_CUDA_VERSION": torch.version.cuda,
             # the kernels' source hash (dsv4.ops.backend compares it with the GPU-verified one)
             "KERNEL_SOURCE_DIGEST": _kernel_source_digest(),
+            # per op (dsv4.ops.backend compares each with the op's GPU-verified digest)
+            "KERNEL_OP_DIGESTS": _kernel_op_digests(),
         }
     )
     print(

@@ -27,6 +27,9 @@ step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())
 from dsv4.ops.backend import kernel_source_digest as d, VERIFIED_SOURCE_DIGEST as v
 print('kernel source digest', d(), '(= the verified one)' if d() == v else '(NOT the verified '
       'one: when every step below passes, record it in dsv4.ops.backend)')"
+# per op: the ops whose sources are not the verified ones (what this run has to verify)
+step op_digests "$PY" -c "from dsv4.ops.backend import op_source_digests as d, VERIFIED_OP_DIGESTS as v
+c = d(); print('ops not verified at these sources:', [o for o in c if c[o] != v.get(o)]); print(c)"
 # dsv4 generate on the GPU with both backends, then the two greedy continuations side by side.
 step generate_cuda "$PY" -m dsv4.cli generate --model tiny --device cuda --backend cuda \
   --prompt "def fibonacci(n):" --max-new-tokens 32

@@ -87,3 +87,23 @@ def test_a_skipped_build_does_not_load_a_stale_extension(monkeypatch):
     assert reason and "DSV4_SKIP_CUDA_BUILD=1" in reason and "not loaded" in reason
     record.CUDA_BUILD = True
     assert _ext._skipped_build() is None
+
+
+def test_the_build_record_holds_the_per_op_kernel_digests(tmp_path):
+    """setup.py records KERNEL_OP_DIGESTS (dsv4._kernel_digest.op_source_digests of the tree it
+    builds) beside KERNEL_SOURCE_DIGEST, and the record reads back as the same dict."""
+    from dsv4 import _kernel_digest
+    setup = _load_setup(ROOT)
+    digests = setup._kernel_op_digests()
+    if digests is None:
+        pytest.skip("no csrc/ beside setup.py")
+    assert digests == _kernel_digest.op_source_digests(ROOT)
+    assert set(digests) == set(_kernel_digest.OP_SOURCES)
+    path = tmp_path / "_build_config.py"
+    setup.write_build_config({"KERNEL_SOURCE_DIGEST": setup._kernel_source_digest(),
+                              "KERNEL_OP_DIGESTS": digests}, path)
+    spec = importlib.util.spec_from_file_location("_bc_roundtrip", path)
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    assert record.KERNEL_OP_DIGESTS == digests
+    assert record.KERNEL_SOURCE_DIGEST == _kernel_digest.kernel_source_digest(ROOT)

@@ -18,7 +18,11 @@ from dsv4.ops import backend
 
 @pytest.fixture
 def cuda_like(monkeypatch):
-    """A stand-in for CUDA bf16 activations with every kernel compiled (no GPU needed)."""
+    """A stand-in for CUDA bf16 activations with every kernel compiled (no GPU needed), from a
+    build whose record has no source digest (not whatever dsv4/_build_config.py this checkout
+    holds)."""
+    import dsv4.ops._ext as ext
+    monkeypatch.setattr(ext, "_build_config", lambda: types.SimpleNamespace())
     monkeypatch.setattr(backend, "_kernel_available", lambda op: True)
     monkeypatch.setattr(backend, "_kernels_run_on", lambda device: True)
     monkeypatch.setattr(backend, "_warned", set())
@@ -79,7 +83,7 @@ def test_expert_gemm_kernels_are_gated_too(monkeypatch):
     from dsv4.layers import moe
     from dsv4.ops import _ext
     monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_up", "moe_down"])
-    monkeypatch.setattr(backend, "built_source_mismatch", lambda: None)
+    monkeypatch.setattr(backend, "built_source_mismatch", lambda ops=None: None)
     monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {})
     monkeypatch.setattr(backend, "_allow_unverified", False)
     assert moe._grouped_kernels_available() is False
@@ -92,15 +96,21 @@ def test_expert_gemm_kernels_are_gated_too(monkeypatch):
 
 
 def test_verified_table_matches_the_kernel_sources():
-    """HARDWARE_VERIFIED holds for the csrc/ it was recorded at: a kernel change without a new
-    GPU run fails here (the model would otherwise call an unverified kernel by default)."""
-    digest = backend.kernel_source_digest()
-    if digest is None:
+    """Each op of HARDWARE_VERIFIED holds for the sources its GPU run passed at: a change to an
+    op's kernel (its files in dsv4._kernel_digest.OP_SOURCES or a header they include) without
+    a new GPU run fails here for that op (the model would otherwise call an unverified kernel
+    by default); the other ops stay verified."""
+    digests = backend.op_source_digests()
+    if digests is None:
         pytest.skip("no csrc/ beside the package (an installed wheel)")
-    assert digest == backend.VERIFIED_SOURCE_DIGEST, (
-        "csrc/ changed since the kernels in dsv4.ops.backend.HARDWARE_VERIFIED passed the GPU "
-        "suite: run scripts/gpu_check.sh on an H100 / H200, then set VERIFIED_SOURCE_DIGEST to "
-        f"{digest} and update the table (meanwhile drop the ops whose kernels changed)")
+    stale = {op: digests.get(op) for op in backend.HARDWARE_VERIFIED
+             if digests.get(op) != backend.VERIFIED_OP_DIGESTS.get(op)}
+    assert not stale, (
+        f"the sources of {', '.join(stale)} changed since their kernels passed the GPU suite "
+        "(dsv4.ops.backend.HARDWARE_VERIFIED): run their CUDA tests (scripts/gpu_check.sh) on an "
+        "H100 / H200, then set VERIFIED_OP_DIGESTS[op] to the new digest and update the op's "
+        "HARDWARE_VERIFIED record; meanwhile drop those ops from HARDWARE_VERIFIED. New "
+        f"digests: {stale}")
 
 
 def test_kernel_source_digest_sees_every_byte(tmp_path):
@@ -123,10 +133,10 @@ def test_kernel_source_digest_sees_every_byte(tmp_path):
     assert backend.kernel_source_digest(str(tmp_path / "nowhere")) is None
 
 
-def test_an_extension_built_from_other_sources_is_not_verified(cuda_like, monkeypatch):
-    """setup.py records the kernels' source digest in dsv4/_build_config.py; an extension
+def test_an_old_build_record_falls_back_to_the_whole_tree_digest(cuda_like, monkeypatch):
+    """A build record without KERNEL_OP_DIGESTS (built before per-op digests): an extension
     built from csrc/ other than the verified one has no verified kernel (a warning says why),
-    whatever HARDWARE_VERIFIED lists; a record without the digest (older builds) is trusted."""
+    whatever HARDWARE_VERIFIED lists; a record without any digest (older still) is trusted."""
     import dsv4.ops._ext as ext
     monkeypatch.setattr(backend, "_allow_unverified", False)
     monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "H200, test"})
@@ -144,6 +154,39 @@ def test_an_extension_built_from_other_sources_is_not_verified(cuda_like, monkey
     assert not backend.may_call(("moe_gate",))
     monkeypatch.setattr(backend, "_allow_unverified", True)                # the opt-in still works
     assert backend.may_call(("moe_gate",))
+
+
+def test_an_extension_built_from_other_sources_for_one_op_leaves_the_others_verified(
+        cuda_like, monkeypatch):
+    """setup.py records each op's source digest (KERNEL_OP_DIGESTS); an op whose built digest
+    differs from VERIFIED_OP_DIGESTS is not verified (a warning names it), the others are."""
+    import dsv4.ops._ext as ext
+    monkeypatch.setattr(backend, "_allow_unverified", False)
+    monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "H200", "mhc_pre": "H200"})
+    monkeypatch.setattr(backend, "VERIFIED_OP_DIGESTS", {"moe_gate": "a" * 64,
+                                                         "mhc_pre": "b" * 64})
+    built = {"moe_gate": "a" * 64, "mhc_pre": "c" * 64}
+    # the whole-tree digest no longer decides once per-op digests are recorded
+    monkeypatch.setattr(ext, "_build_config", lambda: types.SimpleNamespace(
+        KERNEL_SOURCE_DIGEST="f" * 64, KERNEL_OP_DIGESTS=built))
+    assert backend.may_call(("moe_gate",)) and not backend.may_call(("mhc_pre",))
+    assert backend.built_source_mismatch(("moe_gate",)) is None
+    assert backend.built_source_mismatch() == (
+        "the extension was built from sources of mhc_pre other than the GPU-verified ones "
+        "(dsv4.ops.backend.VERIFIED_OP_DIGESTS)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.use_kernels(cuda_like, ("moe_gate",)) is True
+    with pytest.warns(RuntimeWarning, match=r"of mhc_pre have not yet passed the GPU test suite "
+                                            r"at this version \(the extension was built from "
+                                            r"sources of mhc_pre other"):
+        assert backend.use_kernels(cuda_like, ("moe_gate", "mhc_pre")) is False
+    built.pop("mhc_pre")                          # a build that does not know the op
+    assert not backend.may_call(("mhc_pre",)) and backend.may_call(("moe_gate",))
+    built["mhc_pre"] = "b" * 64
+    assert backend.may_call(("moe_gate", "mhc_pre")) and backend.built_source_mismatch() is None
+    monkeypatch.setattr(backend, "VERIFIED_OP_DIGESTS", {"moe_gate": "a" * 64})
+    assert not backend.may_call(("mhc_pre",))     # listed as verified but no verified digest
 
 
 

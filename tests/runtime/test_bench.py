@@ -232,7 +232,7 @@ def test_kernel_state_says_what_the_rows_time(monkeypatch):
     monkeypatch.setattr(_ext, "_COMPILED_CUDA_OPS", ["moe_gate", "moe_gate_out", "mhc_pre"])
     monkeypatch.setattr(backend, "_allow_unverified", False)
     monkeypatch.setattr(backend, "HARDWARE_VERIFIED", {"moe_gate": "test"})
-    monkeypatch.setattr(backend, "built_source_mismatch", lambda: None)
+    monkeypatch.setattr(backend, "built_source_mismatch", lambda ops=None: None)
     k = bench.kernel_state()
     assert (k["kernels_compiled"], k["kernels_called"]) == (2, 1)
     assert "1 of 2" in k["kernel_note"] and "DSV4_UNVERIFIED_KERNELS=1" in k["kernel_note"]

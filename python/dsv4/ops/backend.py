@@ -19,6 +19,15 @@ extension has every op the layer needs, and every one of those kernels has passe
 suite on a Hopper GPU (H100 / H200) at its current code (:data:`HARDWARE_VERIFIED`). Otherwise it
 runs the reference and warns once, naming the reason.
 
+"At its current code" is checked per op: setup.py records in ``dsv4/_build_config.py`` the
+digest of each op's sources (``KERNEL_OP_DIGESTS``: its glue and kernel files and every header
+they include, plus the shared registration file; :mod:`dsv4._kernel_digest`), and an op counts
+as verified when that digest equals :data:`VERIFIED_OP_DIGESTS` [op], the digest of the sources
+its GPU run passed at. A change to one op's kernel thus unverifies that op and the ops sharing
+its files, not the others. A build record without ``KERNEL_OP_DIGESTS`` (older builds) is
+judged by the whole-tree digest, ``KERNEL_SOURCE_DIGEST`` == :data:`VERIFIED_SOURCE_DIGEST`
+(no digest at all: a record that predates digests, trusted).
+
 Kernels written or changed since their last GPU run are *unverified*: the model does not call
 them unless the caller opts in with ``DSV4_UNVERIFIED_KERNELS=1`` or
 :func:`allow_unverified_kernels` (the GPU test harness ``scripts/gpu_check.sh`` and the
@@ -34,12 +43,12 @@ import warnings
 
 import torch
 
-from .._kernel_digest import kernel_source_digest
+from .._kernel_digest import kernel_source_digest, op_source_digests
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "HARDWARE_VERIFIED", "set_backend", "get_backend",
            "use_kernels", "check_backend", "allow_unverified_kernels", "unverified_allowed",
            "may_call", "kernel_source_digest", "built_source_mismatch",
-           "VERIFIED_SOURCE_DIGEST"]
+           "VERIFIED_SOURCE_DIGEST", "VERIFIED_OP_DIGESTS", "op_source_digests"]
 
 BACKENDS = ("cuda", "reference")
 DEFAULT_BACKEND = "cuda"
@@ -59,10 +68,12 @@ _backend = _initial()
 _warned: set[str] = set()
 
 # Ops whose CUDA kernel passed the CUDA test suite (pytest -m cuda and the C++ checks) on a
-# Hopper GPU at its current source, with where that was recorded. A change under csrc/ makes
-# tests/ops/test_backend_verification.py fail until the suite has passed again on a GPU and
-# VERIFIED_SOURCE_DIGEST is updated (an op whose kernel changed leaves this table meanwhile);
-# an extension built from other sources has no verified kernel (built_source_mismatch).
+# Hopper GPU at its current source, with where that was recorded. A change to an op's sources
+# (dsv4._kernel_digest.OP_SOURCES and the headers they include) makes
+# tests/ops/test_backend_verification.py fail for that op until its tests have passed again on
+# a GPU and VERIFIED_OP_DIGESTS[op] is updated (meanwhile the op leaves this table); an
+# extension built from other sources for an op has no verified kernel for that op
+# (built_source_mismatch).
 # bench/README.md and the issue notes keep the history.
 _RUN_20261205E = (
     "2026-12-05 (evening), on an H100 80GB, csrc a06f12f9 (the pipelined one-pass mHC prefill "
@@ -84,8 +95,32 @@ HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205E for op in (
     "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "sparse_attn",
     "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
     "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
-# sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest) of that run's csrc with the
-# sparse_attn prefill default restored (see the record above)
+# op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
+# op_source_digests; all 17 from the run above: csrc 00abaea6, VERIFIED_SOURCE_DIGEST). A run
+# that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
+VERIFIED_OP_DIGESTS: dict[str, str] = {
+    "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
+    "q_norm_rope": "a523b184e7a3d9437c3b65950a65bb94e45499447e82228476c53af5d3e569ad",
+    "kv_norm_rope": "a523b184e7a3d9437c3b65950a65bb94e45499447e82228476c53af5d3e569ad",
+    "compress_kv": "24dc61db73592bcde5531b4ecba979e91ccb21bb12ab88b290fd5fdf330a5255",
+    "indexer_topk": "8c056490988ec4be6f76ca7491b259a6254e17bf8bab3826881c0c3cdce06792",
+    "sparse_attn": "acab0414e9c84bf59e5a651bba84ec7a4764d30fdb23eb33802ea60c2be8e6dd",
+    "hca_attn": "acab0414e9c84bf59e5a651bba84ec7a4764d30fdb23eb33802ea60c2be8e6dd",
+    "grouped_oproj": "323e1578f6bed4d1e6d62f6c49386b0dae0efc759548b3da37210bd140a892d3",
+    "fp8_linear": "c0289dd4a82d9d6a95f45555653d03952a1f509839253fb7e2251127bec745bd",
+    "moe_gate": "210541199aa99a3228337f9b31ceb37fe535765bb53000ab7b6747a44be02058",
+    "moe_dispatch": "eb836c6ed89f95f9b2a2ca5267c2e02ded691b6936535843f803a7db1f189bee",
+    "moe_combine": "68a7430a62f443133155ff118414089143ac69cabbe1d913f2240b9186a0163a",
+    "moe_up": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
+    "moe_down": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
+    "mhc_pre": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
+    "mhc_post": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
+    "mhc_head": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
+}
+# sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
+# run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
+# build records that predate KERNEL_OP_DIGESTS (built_source_mismatch's fallback: every build
+# since records the per-op digests), so it stays at this run.
 VERIFIED_SOURCE_DIGEST = "00abaea6fce7b2924ecb6fefaa2853a85cc0fe3f0b71e6e0181664f7ac6efaa0"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
@@ -114,24 +149,42 @@ def unverified_allowed() -> bool:
 
 def may_call(ops: tuple[str, ...]) -> bool:
     """Whether the model may call the CUDA kernels of ``ops``: each is in
-    :data:`HARDWARE_VERIFIED` and the extension was built from the verified source (see
+    :data:`HARDWARE_VERIFIED` and the extension was built from its verified sources (see
     :func:`built_source_mismatch`), or unverified kernels are allowed (compilation is not
     checked here; :func:`use_kernels` checks everything and says why not)."""
-    return _allow_unverified or (built_source_mismatch() is None
-                                 and all(op in HARDWARE_VERIFIED for op in ops))
+    return _allow_unverified or (all(op in HARDWARE_VERIFIED for op in ops)
+                                 and built_source_mismatch(tuple(ops)) is None)
 
 
-def built_source_mismatch() -> str | None:
-    """None when the compiled extension was built from the kernel sources of
-    :data:`VERIFIED_SOURCE_DIGEST` (or its build record predates the digest), else a sentence
-    saying it was not: then no kernel counts as verified (a csrc/ change since the last GPU
-    run reaches the model only by opting in)."""
+def built_source_mismatch(ops: tuple[str, ...] | None = None) -> str | None:
+    """None when the compiled extension was built from the GPU-verified sources of every op in
+    ``ops`` (default: every op of :data:`HARDWARE_VERIFIED`), else one sentence naming the ops
+    whose built sources differ (those ops' kernels do not count as verified; a csrc/ change
+    since their last GPU run reaches the model only by opting in).
+
+    The build record's ``KERNEL_OP_DIGESTS[op]`` is compared with
+    :data:`VERIFIED_OP_DIGESTS` [op]; a record without ``KERNEL_OP_DIGESTS`` (older builds)
+    falls back to the whole-tree rule: ``KERNEL_SOURCE_DIGEST`` equal to
+    :data:`VERIFIED_SOURCE_DIGEST`, or absent (a record that predates digests: trusted), else
+    no op is verified."""
     from . import _ext
-    built = getattr(_ext._build_config(), "KERNEL_SOURCE_DIGEST", None)
-    if built is None or built == VERIFIED_SOURCE_DIGEST:
+    cfg = _ext._build_config()
+    ops = tuple(HARDWARE_VERIFIED) if ops is None else tuple(ops)
+    if not ops:
         return None
-    return (f"the extension was built from kernel sources (digest {built[:12]}) other than the "
-            f"GPU-verified ones ({VERIFIED_SOURCE_DIGEST[:12]})")
+    built_ops = getattr(cfg, "KERNEL_OP_DIGESTS", None)
+    if built_ops is None:
+        built = getattr(cfg, "KERNEL_SOURCE_DIGEST", None)
+        if built is None or built == VERIFIED_SOURCE_DIGEST:
+            return None
+        return (f"the extension was built from kernel sources (digest {built[:12]}) other than "
+                f"the GPU-verified ones ({VERIFIED_SOURCE_DIGEST[:12]})")
+    differ = [op for op in dict.fromkeys(ops)
+              if built_ops.get(op) is None or built_ops.get(op) != VERIFIED_OP_DIGESTS.get(op)]
+    if not differ:
+        return None
+    return (f"the extension was built from sources of {', '.join(differ)} other than the "
+            "GPU-verified ones (dsv4.ops.backend.VERIFIED_OP_DIGESTS)")
 
 
 def set_backend(name: str) -> None:
@@ -224,8 +277,9 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
                       f"has no code for this GPU (compute capability {cc}); those layers run the "
                       "pure-PyTorch reference (rebuild with this GPU's arch to use the kernels)")
         elif not may_call(ops):
-            mismatch = built_source_mismatch()
-            unverified = ops if mismatch else [op for op in ops if op not in HARDWARE_VERIFIED]
+            unverified = [op for op in ops if not may_call((op,))]
+            mismatch = built_source_mismatch(tuple(op for op in unverified
+                                                   if op in HARDWARE_VERIFIED))
             reason = (f"dsv4: the CUDA kernels of {', '.join(unverified)} have not yet passed the "
                       "GPU test suite at this version"
                       + (f" ({mismatch})" if mismatch else "") + "; those layers run the "
