@@ -46,6 +46,7 @@ def _usage_error(capsys, argv) -> str:
         (["--device", "nonsense"], r"argument --device: invalid device"),
         (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*63\)"),
         (["--quant-sim", "maybe"], r"invalid choice: 'maybe'"),
+        (["--stop", ""], r"argument --stop: expected a non-empty text"),
     ],
 )
 def test_generate_argument_errors(capsys, monkeypatch, extra, message):

@@ -78,6 +78,13 @@ def _seed(s: str) -> int:
     return v
 
 
+def _stop_text(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("expected a non-empty text (an empty stop text would "
+                                         "stop before the first token), got ''")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsv4`` argument parser (subcommands ``generate``, ``info``, ``make-checkpoint``,
     ``convert``)."""
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the K most likely tokens; 0 = off (default: 0)")
     g.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help="sampling seed for reproducible runs (default: nondeterministic)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_text,
                    help="stop when this text is generated (repeatable)")
     g.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
