@@ -366,6 +366,13 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
               f"vocabulary (vocab_size {vocab}); wrong --tokenizer?", file=sys.stderr)
         return 1
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and len(prompt_ids) + args.max_new_tokens > max_pos:
+        print(f"dsv4 generate: error: the prompt ({len(prompt_ids)} tokens) + --max-new-tokens "
+              f"({args.max_new_tokens}) exceeds the model's max_position_embeddings ({max_pos}); "
+              f"--max-new-tokens accepts at most {max(0, max_pos - len(prompt_ids))} here",
+              file=sys.stderr)
+        return 1
 
     out = sys.stdout
     printer = None
