@@ -46,6 +46,7 @@ def _usage_error(capsys, argv) -> str:
         (["--device", "nonsense"], r"argument --device: invalid device"),
         (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*63\)"),
         (["--quant-sim", "maybe"], r"invalid choice: 'maybe'"),
+        (["--stop", ""], r"argument --stop: expected a non-empty text"),
     ],
 )
 def test_generate_argument_errors(capsys, monkeypatch, extra, message):
@@ -157,6 +158,24 @@ def test_generate_length_and_stop(monkeypatch, capsys):
     cap = capsys.readouterr()
     assert cap.out == "p one two \n"
     assert STATS_RE.match(cap.err.strip().splitlines()[-1]).group(4) == "stop"
+
+
+def test_generate_refuses_more_tokens_than_the_model_has_positions(monkeypatch, capsys):
+    """--max-new-tokens 99999999999 on a CPU ran for days (no bound); prompt + new tokens beyond
+    max_position_embeddings is refused before the prompt is printed, naming the most it takes."""
+    model = _ScriptedModel([1])
+    model.config.max_position_embeddings = 16
+    monkeypatch.setattr(cli, "_load_model", lambda *a: model)
+    n_prompt = len(encode_prompt(load_tokenizer(), "p"))
+    assert cli.main(["generate", "--prompt", "p", "--device", "cpu",
+                     "--max-new-tokens", "99999999999"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert (f"exceeds the model's max_position_embeddings (16); --max-new-tokens accepts at "
+            f"most {16 - n_prompt} here") in cap.err
+    assert cli.main(["generate", "--prompt", "p", "--device", "cpu",
+                     "--max-new-tokens", str(16 - n_prompt)]) == 0
+    assert capsys.readouterr().out.startswith("p")
 
 
 def test_info_runs(capsys):
@@ -352,9 +371,11 @@ def test_end_to_end_tiny_chat(capsys):
     assert cli.main(argv) == 0 and capsys.readouterr().out == cap.out  # seeded: reproducible
 
 
-def test_generate_value_error_is_one_line(capsys):
-    """A ValueError from the generation loop (here an empty --stop string; on a GPU e.g. an
-    engine cache that does not fit) is a one-line error and exit status 1, not a traceback."""
+def test_generate_value_error_is_one_line(capsys, monkeypatch):
+    """A ValueError from the generation loop (on a GPU e.g. an engine cache that does not fit;
+    here the loop's own check, reached by bypassing the parser's --stop check) is a one-line
+    error and exit status 1, not a traceback."""
+    monkeypatch.setattr(cli, "_stop_text", lambda s: s)
     assert cli.main(["generate", "--model", "tiny", "--prompt", FIB, "--max-new-tokens", "2",
                      "--stop", ""]) == 1
     err = capsys.readouterr().err

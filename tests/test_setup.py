@@ -85,6 +85,12 @@ def test_a_skipped_build_does_not_load_a_stale_extension(monkeypatch):
     monkeypatch.setitem(sys.modules, "dsv4._build_config", record)
     reason = _ext._skipped_build()
     assert reason and "DSV4_SKIP_CUDA_BUILD=1" in reason and "not loaded" in reason
+    # The stale-file remark only when such a file is there (a fresh pure-Python install has none).
+    monkeypatch.setattr(_ext.glob, "glob", lambda pattern: [])
+    assert "left from an earlier build" not in _ext._skipped_build()
+    monkeypatch.setattr(_ext.glob, "glob",
+                        lambda pattern: [pattern.replace("*", ".cpython-311")])
+    assert "a dsv4._C beside it is left from an earlier build" in _ext._skipped_build()
     record.CUDA_BUILD = True
     assert _ext._skipped_build() is None
 

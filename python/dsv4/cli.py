@@ -78,6 +78,13 @@ def _seed(s: str) -> int:
     return v
 
 
+def _stop_text(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("expected a non-empty text (an empty stop text would "
+                                         "stop before the first token), got ''")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsv4`` argument parser (subcommands ``generate``, ``info``, ``make-checkpoint``,
     ``convert``)."""
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the K most likely tokens; 0 = off (default: 0)")
     g.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help="sampling seed for reproducible runs (default: nondeterministic)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_text,
                    help="stop when this text is generated (repeatable)")
     g.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
@@ -358,6 +365,13 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if vocab is not None and max(prompt_ids) >= vocab:
         print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
               f"vocabulary (vocab_size {vocab}); wrong --tokenizer?", file=sys.stderr)
+        return 1
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and len(prompt_ids) + args.max_new_tokens > max_pos:
+        print(f"dsv4 generate: error: the prompt ({len(prompt_ids)} tokens) + --max-new-tokens "
+              f"({args.max_new_tokens}) exceeds the model's max_position_embeddings ({max_pos}); "
+              f"--max-new-tokens accepts at most {max(0, max_pos - len(prompt_ids))} here",
+              file=sys.stderr)
         return 1
 
     out = sys.stdout

@@ -7,6 +7,8 @@ CPU always; the same on CUDA (torch's CUDA reductions are what the engine runs).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -131,3 +133,18 @@ def test_two_stage_equals_torch_argmax_cuda(n):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[0], torch.argmax(x, dim=-1))
+
+
+def test_an_unrecognised_opt_in_value_warns_and_stays_off(monkeypatch):
+    """DSV4_SAMPLER_TWO_STAGE=yes is not '1': off (torch.argmax), with a warning naming what is
+    accepted, instead of a silently ignored opt-in."""
+    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "yes")
+    two_stage_chunk.cache_clear()
+    with pytest.warns(UserWarning, match=r"DSV4_SAMPLER_TWO_STAGE='yes' is not one of '1'"):
+        assert two_stage_chunk(129280) == 0
+    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "0")
+    two_stage_chunk.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert two_stage_chunk(129280) == 0
+    two_stage_chunk.cache_clear()

@@ -19,7 +19,9 @@ Importing this module loads only torch (no model code); ``dsv4.ops`` imports eve
 
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 from typing import Any, Callable
 
 import torch
@@ -43,13 +45,17 @@ def _build_config() -> Any:
 
 def _skipped_build() -> str | None:
     """Why ``dsv4._C`` must not be loaded, or None: the build record says this install was
-    built without CUDA (``DSV4_SKIP_CUDA_BUILD=1``), so a ``_C`` beside it is left from an
-    earlier build of the same source tree (setup.py never deletes it)."""
+    built without CUDA (``DSV4_SKIP_CUDA_BUILD=1``), so a ``_C`` beside it, if any, is left from
+    an earlier build of the same source tree (setup.py never deletes it); the reason mentions
+    such a file only when there is one (a fresh pure-Python install has none)."""
     build = _build_config()
     if build is None or getattr(build, "CUDA_BUILD", True):
         return None
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stale = glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd"))
+    left = ("; a dsv4._C beside it is left from an earlier build" if stale else "")
     return ("not loaded: this install was built with DSV4_SKIP_CUDA_BUILD=1 (dsv4/_build_config.py "
-            "says CUDA_BUILD = False); a dsv4._C beside it is left from an earlier build. "
+            f"says CUDA_BUILD = False){left}. "
             "Reinstall without DSV4_SKIP_CUDA_BUILD to use the kernels")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -37,6 +38,17 @@ __all__ = ["argmax_rows", "rows_finite", "draws_in_graph", "sample_greedy", "sam
 TWO_STAGE_MIN_LEN = 16384
 
 
+def _two_stage_opted_in() -> bool:
+    """Whether ``DSV4_SAMPLER_TWO_STAGE`` is ``1``; unset, empty or ``0`` is off; any other value
+    (``yes``, ``true``, ...) is off too, with a warning naming the accepted values, so that a
+    mistyped opt-in does not pass unnoticed."""
+    raw = os.environ.get("DSV4_SAMPLER_TWO_STAGE", "")
+    if raw.strip() not in ("", "0", "1"):
+        warnings.warn(f"DSV4_SAMPLER_TWO_STAGE={raw!r} is not one of '1' (on) or '0' / unset "
+                      "(off, the default); the two-stage argmax stays off", stacklevel=3)
+    return raw.strip() == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def two_stage_chunk(n: int) -> int:
     """Chunk length of the two-stage row reductions for rows of ``n`` elements: the divisor of
@@ -45,7 +57,7 @@ def two_stage_chunk(n: int) -> int:
     :data:`TWO_STAGE_MIN_LEN`, or unless ``DSV4_SAMPLER_TWO_STAGE=1`` (read once per ``n``):
     opt-in until its speed on a GPU is measured (``bench/bench_sampler.py``); off, every row
     takes ``torch.argmax``."""
-    if n < TWO_STAGE_MIN_LEN or os.environ.get("DSV4_SAMPLER_TWO_STAGE", "0") != "1":
+    if n < TWO_STAGE_MIN_LEN or not _two_stage_opted_in():
         return 0
     divisors = [c for c in range(256, min(n, 8192) + 1, 8) if n % c == 0]
     return min(divisors, key=lambda c: (abs(c - 1024), c)) if divisors else 0
