@@ -71,6 +71,27 @@ GemmTile tile_from_env() {
   return GemmTile::kAuto;
 }
 
+// One lane's 4 values of a 1x128 activation block at p (bf16, 8-byte aligned) into v, and the
+// block's scale, warp-collective: s = 2^ceil(log2(max(amax, 1e-4) / 448)), exactly
+// (dsv4.ops.quant.ue8m0_scale); a block holding inf or NaN gets s = 1 there (frexp of a
+// non-finite value has exponent 0), and so here. Shared by both activation quantisers below.
+__device__ __forceinline__ float act_block_scale(const __nv_bfloat16* p, float (&v)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  v[0] = __uint_as_float(raw.x << 16);
+  v[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+  v[2] = __uint_as_float(raw.y << 16);
+  v[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+  amax = fmaxf(amax, 1e-4f);
+  const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
+                                                  isfinite(v[2]) && isfinite(v[3]));
+  const uint32_t rb = __float_as_uint(amax / 448.0f);
+  const uint32_t ex = (rb >> 23) & 0xFFu;
+  return finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+}
+
 // The activation quantisation simulation of dsv4.ops.quant.fp8_e4m3_sim (block 128), bit for
 // bit: one warp per 1x128 block, 4 values per lane.
 __global__ void fp8_act_quant_sim_kernel(const __nv_bfloat16* __restrict__ x, int64_t xs,
@@ -81,20 +102,8 @@ __global__ void fp8_act_quant_sim_kernel(const __nv_bfloat16* __restrict__ x, in
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
        b < rows * blocks_per_row; b += warps) {
     const int64_t r = b / blocks_per_row, c0 = (b % blocks_per_row) * 128 + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
-    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
-                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    amax = fmaxf(amax, 1e-4f);
-    // s = 2^ceil(log2(amax / 448)), exactly (dsv4.ops.quant.ue8m0_scale); a block holding inf
-    // or NaN gets s = 1 there (frexp of a non-finite value has exponent 0), and so here.
-    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
-                                                    isfinite(v[2]) && isfinite(v[3]));
-    const uint32_t rb = __float_as_uint(amax / 448.0f);
-    const uint32_t ex = (rb >> 23) & 0xFFu;
-    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    float v[4];
+    const float s = act_block_scale(x + r * xs + c0, v);
     const float inv = 1.0f / s;  // exact: a power of two
     uint32_t out[2];
 #pragma unroll
@@ -125,18 +134,8 @@ __global__ void fp8_act_quant_kernel(const __nv_bfloat16* __restrict__ x, int64_
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
        b < rows * blocks_per_row; b += warps) {
     const int64_t r = b / blocks_per_row, kb = b % blocks_per_row, c0 = kb * 128 + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
-    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
-                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    amax = fmaxf(amax, 1e-4f);
-    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
-                                                    isfinite(v[2]) && isfinite(v[3]));
-    const uint32_t rb = __float_as_uint(amax / 448.0f);
-    const uint32_t ex = (rb >> 23) & 0xFFu;
-    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    float v[4];
+    const float s = act_block_scale(x + r * xs + c0, v);
     const float inv = 1.0f / s;  // exact: a power of two
     uint32_t packed = 0;
 #pragma unroll
