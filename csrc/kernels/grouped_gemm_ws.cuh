@@ -55,37 +55,12 @@
 #pragma once
 
 #include "grouped_gemm.cuh"
+#include "grouped_gemm_mbarrier.cuh"
 
 namespace dsv4 {
 namespace gg {
 
-// ------------------------------------------------------------------------------- mbarriers
-__device__ __forceinline__ void ws_mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void ws_mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// arrives on the barrier once every cp.async this thread issued so far has landed (counts as
-// one of the barrier's expected arrivals)
-__device__ __forceinline__ void ws_mbar_arrive_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void ws_mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void ws_consumer_sync() {  // the 256 consumer threads only
-  asm volatile("bar.sync 1, 256;\n" ::: "memory");
-}
+// ------------------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
 __device__ __forceinline__ int64_t lds64s(uint32_t addr) {
   int64_t v;
   asm volatile("ld.shared.s64 %0, [%1];\n" : "=l"(v) : "r"(addr));
@@ -171,8 +146,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // the initialised barriers) ----
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      ws_mbar_init(full_bar + s * 8, 128u);  // the producer threads, one noinc arrive each
-      ws_mbar_init(empty_bar + s * 8, C::kConsumers / 32);  // lane 0 of each consumer warp
+      mbar_init(full_bar + s * 8, 128u);  // the producer threads, one noinc arrive each
+      mbar_init(empty_bar + s * 8, C::kConsumers / 32);  // lane 0 of each consumer warp
     }
   }
   const int total = unit_prefix<BN>(a, n_fb, upre, tid, C::kThreads);
@@ -213,7 +188,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
       for (int kt = 0; kt < KT; ++kt, ++it) {
         const int s = it % S;
-        if (it >= S) ws_mbar_wait(empty_bar + s * 8, static_cast<uint32_t>((it / S - 1) & 1));
+        if (it >= S) mbar_wait(empty_bar + s * 8, static_cast<uint32_t>((it / S - 1) & 1));
         const uint32_t sb = base + s * C::kStageStride;
         const bool k_ok = kt * kBK + col * 8 < K;
         // weights: tile row r = r0 + 16 j -> weight row of matrix m (SwiGLU interleave)
@@ -236,7 +211,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           cp_async16(sb + C::kOffB + br * 128 + swz, ok ? xbase + off + col * 16 + kt * 128 : dummy,
                      ok ? 16 : 0);
         }
-        ws_mbar_arrive_cp_async(full_bar + s * 8);
+        mbar_arrive_cp_async(full_bar + s * 8);
         cp_async_commit();  // (groups only for the final drain)
       }
     }
@@ -254,7 +229,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // lane 0 of each consumer warp releases stage s (the warp's wgmmas reading it are complete)
   auto release = [&](int step) {
     __syncwarp();
-    if (lane == 0) ws_mbar_arrive(empty_bar + (step % S) * 8);
+    if (lane == 0) mbar_arrive(empty_bar + (step % S) * 8);
   };
 
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
@@ -272,7 +247,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         }
         rope_tab[idx] = make_float2(cs, sn);
       }
-      ws_consumer_sync();
+      consumer_sync();
     }
     // The unit with its MMA width N as a compile-time constant: the k loop and the epilogue
     // use this width's fragment acc[0 .. N/2) alone (one fragment for every wgmma of the
@@ -286,7 +261,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (int kt = 0; kt < KT; ++kt, ++it) {
         const int s = it % S;
         const uint32_t sb = base + s * C::kStageStride;
-        ws_mbar_wait(full_bar + s * 8, static_cast<uint32_t>((it / S) & 1));
+        mbar_wait(full_bar + s * 8, static_cast<uint32_t>((it / S) & 1));
         fence_proxy_async();  // the landed cp.async data -> wgmma's async proxy
         if constexpr (ROPE) {
           if ((kt * kBK) % a.head_dim == a.head_dim - kBK) {
@@ -308,7 +283,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               sts128(addr, v);
             }
             fence_proxy_async();  // this thread's rotated chunks -> the async proxy
-            ws_consumer_sync();
+            consumer_sync();
           }
         }
         mma_step<N>(acc, sb + wg * 64 * 128, sb + C::kOffB);
@@ -322,14 +297,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
       // ---- epilogue: registers -> shared tile [rows][kFeat] bf16 -> global (columns
       // >= N are not staged: the unit has rows_t <= N rows) ----
-      if constexpr (ROPE) ws_consumer_sync();  // every consumer is done with the RoPE table
+      if constexpr (ROPE) consumer_sync();  // every consumer is done with the RoPE table
       epi_stage<EPI, N, C::kEpiStride>(acc, et, wg, w4, g, tg, a.swiglu_limit, [&](int c) {
         return c < t.rows_t ? __ldg(a.route_weight + t.pt + c) : 0.f;
       });
     });
-    ws_consumer_sync();
+    consumer_sync();
     epi_store<C::kFeat, C::kEpiStride>(a, et, t, tid, C::kConsumers);
-    ws_consumer_sync();  // the next unit's epilogue (or RoPE table) overwrites the region
+    consumer_sync();  // the next unit's epilogue (or RoPE table) overwrites the region
   }
 #endif  // DSV4_GG_WGMMA
 }
