@@ -73,7 +73,7 @@ namespace gg {
 
 constexpr int kQBK = 128;  // k per stage: one scale block, one 128-byte e4m3 row
 
-// ------------------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
+// ------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
 // cp.async of 4 bytes of which the first src_bytes (0..4) are read, the rest zero-filled
 __device__ __forceinline__ void cp_async4_part(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),

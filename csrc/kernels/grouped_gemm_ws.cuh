@@ -60,7 +60,7 @@
 namespace dsv4 {
 namespace gg {
 
-// ------------------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
+// ------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
 __device__ __forceinline__ int64_t lds64s(uint32_t addr) {
   int64_t v;
   asm volatile("ld.shared.s64 %0, [%1];\n" : "=l"(v) : "r"(addr));
