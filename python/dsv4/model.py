@@ -286,11 +286,14 @@ class Model(nn.Module):
             (and the streams). No host synchronisation beyond what the layers' ops do, so a
             decode step on the kernels can be captured in a CUDA graph.
         """
-        x = self.embed(input_ids).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, input_ids, layers[i], batch)
-        logits = self._head(x.index_select(0, batch.logits_index), self.hc_head_fn,
-                            self.hc_head_scale, self.hc_head_base, self.norm, head_dtype)
+        # One scope per step: the metadata the layers derive from the batch is computed once
+        # and shared, inside this call (a captured CUDA graph recomputes it at each replay).
+        with batch.step_scope():
+            x = self.embed(input_ids).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, input_ids, layers[i], batch)
+            logits = self._head(x.index_select(0, batch.logits_index), self.hc_head_fn,
+                                self.hc_head_scale, self.hc_head_base, self.norm, head_dtype)
         return (logits, x) if return_hidden else logits
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[Cache] = None,
