@@ -87,9 +87,11 @@ class Block(nn.Module):
         """x [T, hc_mult, dim] residual streams of the step's tokens (``batch``), input_ids
         [T] → the same shape; advances ``cache``."""
         u, post, comb = self._hc_pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(u), cache, batch), x, post, comb)
+        u = self.attn_norm(u, kernel=self.attn_norm.kernel_serves(u))
+        x = hc_post(self.attn(u, cache, batch), x, post, comb)
         u, post, comb = self._hc_pre(x, "ffn")
-        return hc_post(self.ffn(self.ffn_norm(u), input_ids), x, post, comb)
+        u = self.ffn_norm(u, kernel=self.ffn_norm.kernel_serves(u))
+        return hc_post(self.ffn(u, input_ids), x, post, comb)
 
 
 class MTPBlock(Block):
@@ -245,7 +247,8 @@ class Model(nn.Module):
         the bf16 product is upcast).
         """
         c = self.config
-        y = norm(hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps))
+        y = hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps)
+        y = norm(y, kernel=norm.kernel_serves(y))
         if head_dtype in (None, torch.float32):
             return self.head(y.float())
         w = self._low_precision_head(head_dtype)

@@ -222,9 +222,10 @@ def test_run_time_patches_do_not_leak_across_threads():
     import dsv4.layers.linear as linear
     import dsv4.layers.mhc as mhc
     import dsv4.layers.moe as moe
+    import dsv4.layers.norm as norm
     before = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
               linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
-              moe.Expert)
+              moe.Expert, norm.RMSNorm.kernel_serves)
     _interleave(long_context._kernel_path_everywhere)
     cfg = bench.build_config("tiny", 2, 0)
 
@@ -235,5 +236,5 @@ def test_run_time_patches_do_not_leak_across_threads():
     _interleave(lambda: _Factory(cfg, "layers.0.", {}, frozenset()))
     after = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
              linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
-             moe.Expert)
+             moe.Expert, norm.RMSNorm.kernel_serves)
     assert after == before
