@@ -87,9 +87,11 @@ class Block(nn.Module):
         """x [T, hc_mult, dim] residual streams of the step's tokens (``batch``), input_ids
         [T] → the same shape; advances ``cache``."""
         u, post, comb = self._hc_pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(u), cache, batch), x, post, comb)
+        u = self.attn_norm(u, kernel=self.attn_norm.kernel_serves(u))
+        x = hc_post(self.attn(u, cache, batch), x, post, comb)
         u, post, comb = self._hc_pre(x, "ffn")
-        return hc_post(self.ffn(self.ffn_norm(u), input_ids), x, post, comb)
+        u = self.ffn_norm(u, kernel=self.ffn_norm.kernel_serves(u))
+        return hc_post(self.ffn(u, input_ids), x, post, comb)
 
 
 class MTPBlock(Block):
@@ -245,7 +247,8 @@ class Model(nn.Module):
         the bf16 product is upcast).
         """
         c = self.config
-        y = norm(hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps))
+        y = hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps)
+        y = norm(y, kernel=norm.kernel_serves(y))
         if head_dtype in (None, torch.float32):
             return self.head(y.float())
         w = self._low_precision_head(head_dtype)
@@ -286,11 +289,14 @@ class Model(nn.Module):
             (and the streams). No host synchronisation beyond what the layers' ops do, so a
             decode step on the kernels can be captured in a CUDA graph.
         """
-        x = self.embed(input_ids).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, input_ids, layers[i], batch)
-        logits = self._head(x.index_select(0, batch.logits_index), self.hc_head_fn,
-                            self.hc_head_scale, self.hc_head_base, self.norm, head_dtype)
+        # One scope per step: the metadata the layers derive from the batch is computed once
+        # and shared, inside this call (a captured CUDA graph recomputes it at each replay).
+        with batch.step_scope():
+            x = self.embed(input_ids).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, input_ids, layers[i], batch)
+            logits = self._head(x.index_select(0, batch.logits_index), self.hc_head_fn,
+                                self.hc_head_scale, self.hc_head_base, self.norm, head_dtype)
         return (logits, x) if return_hidden else logits
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[Cache] = None,

@@ -73,3 +73,59 @@ def test_moe_matches_explicit_sum_with_clamped_shared_expert():
             for k in range(cfg.n_activated_experts):
                 ref[t] += expert(moe.experts[int(idx[t, k])], x[0, t], w[t, k])
     torch.testing.assert_close(y[0], ref, atol=1e-4, rtol=1e-5)
+
+
+def _two_step_swiglu(gate, up, limit, weight=None, dtype=None):
+    """The formula as written before the launch diet: both inputs upcast to fp32 first, the
+    routing weight multiplied after, the result cast in a separate step."""
+    g, u = gate.float(), up.float()
+    if limit > 0:
+        u = u.clamp(-limit, limit)
+        g = g.clamp(max=limit)
+    h = torch.nn.functional.silu(g) * u
+    if weight is not None:
+        h = weight * h
+    return h if dtype is None else h.to(dtype)
+
+
+def _bits(t):
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16,
+                   torch.float16: torch.int16}[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("limit", [0.0, 10.0, 7.3])
+def test_swiglu_with_fewer_launches_gives_the_same_bits(dtype, limit):
+    """swiglu_clamped clamps ``up`` in its own dtype when the limit is exact there (10 in
+    bf16; 7.3 is not: it upcasts first), lets the fp32 product promote it, and writes the
+    last product in the output dtype directly: bit for bit the two-step formula, fp32 and
+    rounded, with and without a routing weight, at NaN / ±inf / -0 and around the limit."""
+    g = torch.Generator().manual_seed(5)
+    gate = (torch.randn(16, 40, generator=g) * 12).to(dtype)
+    up = (torch.randn(16, 40, generator=g) * 12).to(dtype)
+    gate[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    up[1, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    up[2, :2] = torch.tensor([limit, -limit]).to(dtype)
+    weight = torch.rand(16, 1, generator=g)
+    for w in (None, weight):
+        want = _two_step_swiglu(gate, up, limit, w)
+        got = swiglu_clamped(gate, up, limit, w)
+        assert got.dtype == torch.float32 and torch.equal(_bits(got), _bits(want))
+        want = _two_step_swiglu(gate, up, limit, w, dtype)
+        got = swiglu_clamped(gate, up, limit, w, dtype)
+        assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+
+
+def test_swiglu_rounded_keeps_gradients():
+    """With gradients needed the rounded form is the two-step product (``out=`` has no
+    backward): same values and the gradients of the two-step formula."""
+    g = torch.Generator().manual_seed(6)
+    gate = (torch.randn(5, 8, generator=g) * 12).requires_grad_()
+    up = (torch.randn(5, 8, generator=g) * 12).requires_grad_()
+    weight = torch.rand(5, 1, generator=g).requires_grad_()
+    got = swiglu_clamped(gate, up, 10.0, weight, torch.bfloat16)
+    want = _two_step_swiglu(gate, up, 10.0, weight, torch.bfloat16)
+    assert torch.equal(got, want)
+    grads = torch.autograd.grad(got.float().sum(), (gate, up, weight))
+    wants = torch.autograd.grad(want.float().sum(), (gate, up, weight))
+    assert all(torch.equal(a, b) for a, b in zip(grads, wants))

@@ -238,3 +238,22 @@ def test_paged_rows_against_a_loop():
     # without num_blocks only negative ids are missing; an empty table has no entries
     assert (kc.paged_rows(table, rows, s, bs) >= got).all()
     assert (kc.paged_rows(table[:, :0], rows, s, bs) == -1).all()
+
+
+def test_paged_rows_in_two_halves_and_in_int32():
+    """block_starts (once per table) + paged_rows_from (per lookup) is paged_rows; with int32
+    starts and int32 entry indices (a CSA layer's picks, the kernels' index dtype) the rows
+    are the same values in int32, also for other negative s and entries far past the table."""
+    g = torch.Generator().manual_seed(4)
+    R, M, bs, nb = 3, 4, 5, 7
+    table = torch.randint(-1, nb + 2, (R, M), generator=g, dtype=torch.int32)
+    rows = torch.randint(0, R, (8, 1), generator=g)
+    s = torch.randint(-3, M * bs + 2 * bs, (8, 6), generator=g, dtype=torch.int32)
+    want = kc.paged_rows(table, rows, s, bs, nb)
+    starts = kc.block_starts(table, bs, nb, dtype=torch.int32)
+    assert starts.shape == (R, M + 1) and (starts[:, -1] == -1).all()
+    got = kc.paged_rows_from(starts, rows.int(), s, bs)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    assert torch.equal(kc.paged_rows_from(kc.block_starts(table, bs, nb), rows, s.long(), bs),
+                       want)
+    assert ((s < 0) <= (want == -1)).all() and (want[s >= M * bs] == -1).all()

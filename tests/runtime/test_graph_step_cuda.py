@@ -7,12 +7,14 @@ sync-free."""
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dsv4.generate import sample
+from dsv4.layers.varlen import StepBatch
 from dsv4.runtime import Engine, SamplingParams
 from dsv4.runtime.runner import _copy_generator
 from dsv4.runtime.sampler import sample_temperature
@@ -150,3 +152,47 @@ def test_generator_copy_and_registered_draws_match_eager():
                            check_finite=False)) for i in range(2)]
         assert out[0].tolist() == want
         assert [q.get_offset() for q in reqs] == [f.get_offset() for f in refs]
+
+
+def _decode_batch(starts, slots, device):
+    """A decode step on a static buffer, as the runner builds it (max_end a fixed bound)."""
+    n = len(starts)
+    buf = StepBatch.pack(starts, [1] * n, slots, [[s] for s in slots], list(range(n)), 1)
+    return StepBatch.from_buffer(buf.to(device), n, n, 1, n, 1, 96, True)
+
+
+def test_replay_recomputes_the_steps_shared_metadata():
+    """The per-step metadata the layers share (StepBatch.shared: token slots, ring rows,
+    window index lists, complete-entry counts, block-table starts) is computed inside the
+    captured graph: forward_step runs eagerly on a batch (the warm-up, which used to leave a
+    memo behind), is captured on the same batch, and the batch's buffer is then rewritten in
+    place with the next positions and the two rows' slots swapped. The replay gives the
+    logits of an eager step on a fresh batch of those positions and slots from the same cache
+    state, not the warm-up step's (which are far from them)."""
+    m = tiny_cuda_model()
+    cache = m.make_cache(2)
+    prompt = torch.tensor(random_prompts([21, 21], seed=4), device="cuda")
+    with torch.no_grad():
+        m(prompt, cache=cache, seq_lens=[21, 14])     # slot 0: 21 tokens, slot 1: 14
+        b = _decode_batch([21, 14], [0, 1], "cuda")
+        ids = torch.tensor([5, 9], device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm = m.forward_step(ids, cache.layers, b).clone()   # step A, eagerly
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m.forward_step(ids, cache.layers, b)
+        # step B in place: row 0 continues slot 1 at 15, row 1 slot 0 at 22
+        b.buffer.copy_(StepBatch.pack([15, 22], [1, 1], [1, 0], [[1], [0]], [0, 1], 1))
+        ids.copy_(torch.tensor([7, 3]))
+        before = copy.deepcopy(cache)
+        graph.replay()
+        got = out.clone()
+        want = m.forward_step(ids.clone(), before.layers, _decode_batch([15, 22], [1, 0], "cuda"))
+    torch.cuda.synchronize()
+    err = (got - want).abs().max().item()
+    gap = (warm - want).abs().max().item()
+    assert err <= 1e-2 * want.abs().max().item() and err <= 0.05 * gap, (err, gap)

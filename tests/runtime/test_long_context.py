@@ -35,9 +35,9 @@ def test_attention_decode_step_does_not_grow_with_the_context():
     """One decode token through each layer's Attention module (V4-Flash width, CSA + HCA, FP8
     caches, native weights) at 64K and at 1M context: the same ops on the same shapes. What
     grows: the KV pools and block tables the ops that read or write the cache take (the pools
-    are passed, never copied), and in CSA the int64 copy of the block table that
-    ``kv_cache.paged_rows`` gathers the picks' block ids from (8 B per 1024 tokens of
-    context); nothing else."""
+    are passed, never copied), and in CSA the block table's first flat rows that the picks'
+    rows are gathered from (``kv_cache.block_starts``, int32 + one -1 column: 4 B per 1024
+    tokens of context; in a whole model step, once per step); nothing else."""
     from dsv4.runtime.engine import default_block_tokens
     from dsv4.runtime.pool import blocks_needed
     cfg = bench.build_config("flash", 2, 16)
@@ -50,11 +50,15 @@ def test_attention_decode_step_does_not_grow_with_the_context():
     for kind, small, big in zip(kinds, a, b):
         assert [r.op for r in small] == [r.op for r in big]
         grown = [r for r0, r in zip(small, big) if r0.outputs != r.outputs]
-        table_cast = [("aten._to_copy", (((1, nb), "int32"),), (((1, nb), "int64"),))]
-        assert [(r.op, r.inputs, r.outputs) for r in grown] == (table_cast if kind == "csa" else [])
+        t, b = ((1, nb), "int32"), ((1, nb), "bool")
+        table_starts = [("aten.ge", (t,), (b,)), ("aten.mul", (t,), (t,)),
+                        ("aten.where", (b, t, ((), "int32")), (t,)),
+                        ("aten.constant_pad_nd", (t,), (((1, nb + 1), "int32"),))]
+        assert [(r.op, r.inputs, r.outputs) for r in grown] == (
+            table_starts if kind == "csa" else [])
         grown_in = {r.op for r0, r in zip(small, big) if r0.inputs != r.inputs}
-        # (paged_rows: the table's cast and the gather of the picks' block ids from it)
-        assert grown_in <= kv_ops | {"aten._to_copy", "aten.index"}, grown_in
+        # (block_starts on the table, and the gather of the picks' first rows from it)
+        assert grown_in <= kv_ops | {op for op, _, _ in table_starts} | {"aten.index"}, grown_in
         assert any(r.op == ("dsv4.indexer_topk" if kind == "csa" else "dsv4.hca_attn")
                    for r in big)
 
@@ -218,9 +222,10 @@ def test_run_time_patches_do_not_leak_across_threads():
     import dsv4.layers.linear as linear
     import dsv4.layers.mhc as mhc
     import dsv4.layers.moe as moe
+    import dsv4.layers.norm as norm
     before = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
               linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
-              moe.Expert)
+              moe.Expert, norm.RMSNorm.kernel_serves)
     _interleave(long_context._kernel_path_everywhere)
     cfg = bench.build_config("tiny", 2, 0)
 
@@ -231,5 +236,5 @@ def test_run_time_patches_do_not_leak_across_threads():
     _interleave(lambda: _Factory(cfg, "layers.0.", {}, frozenset()))
     after = (attention.use_kernels, mhc._use_kernels, moe._grouped_kernels_available,
              linear.Linear._fp8_kernel, moe.MoE.kernel_path_stack, moe.Gate.forward,
-             moe.Expert)
+             moe.Expert, norm.RMSNorm.kernel_serves)
     assert after == before

@@ -12,7 +12,7 @@ from ..ops.backend import use_kernels
 from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
 from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
-from .compressor import Compressor
+from .compressor import Compressor, complete_entries
 from .indexer import Indexer
 from ..ops.norm import rms_norm_reference
 from .linear import Linear
@@ -210,32 +210,24 @@ class Attention(nn.Module):
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
         if T == 0:
             return torch.zeros_like(q_raw)
-        dev = x.device
-        rows = batch.rows.long()
-        if batch.decode:
-            # Decode: the window indices (ring rows slot·W + p % W, which the kernels take as
-            # int32) are computed in the batch's int32, without int64 round trips.
-            pos = batch.pos
-            slot_t = batch.slots[rows]
-        else:
-            pos = batch.pos.long()
-            slot_t = batch.slots.long()[rows]
+        rows, pos, slot_t = _token_meta(batch)
         q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
         quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
         if cache.kv_fp8:
             main_kv = _fp8_main_scope(kv_raw, self.kv_norm.weight, batch, freqs, c.norm_eps,
-                                      quant, cache.window, slot_t, pos, W)
+                                      quant, cache.window, _ring_rows(batch, slot_t, pos, W),
+                                      pos, W)
             ring = None
         elif batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
             ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                    quant, ring, (slot_t * W + pos % W).to(torch.int32))
+                                    quant, ring, _ring_rows(batch, slot_t, pos, W))
             main_kv = ring
         elif batch.decode:
             ring = cache.window.view(-1, cache.window.shape[-1])
             kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
                                     quant)
-            ring.index_copy_(0, (slot_t * W + pos % W).long(), kv)
+            ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(), kv)
             main_kv = ring
         else:
             ring = cache.window.view(-1, cache.window.shape[-1])
@@ -253,27 +245,19 @@ class Attention(nn.Module):
             if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
                 entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query
-                extra_len = torch.div(batch.pos + 1, m, rounding_mode="floor").to(torch.int32)
+                extra_len = complete_entries(batch, m)
         # The index lists are built for blocks of queries so that their size stays bounded;
-        # a decode step or an ordinary prefill is a single block.
+        # a decode step or an ordinary prefill is a single block. A decode step's window
+        # indices are the same in every layer: built once per step.
         step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
-        lanes = torch.arange(W, device=dev, dtype=pos.dtype)
+        if batch.decode:
+            win_all = batch.shared(("window_indices", W), lambda: _window_indices(
+                batch, slice(0, T), W, rows, pos, slot_t))
         outs = []
         for t0 in range(0, T, step):
             blk = slice(t0, min(T, t0 + step))
-            r = rows[blk, None]
-            p = pos[blk, None] - (W - 1) + lanes[None, :]
-            if batch.decode:
-                # Window scope = the rings: position p of slot s at s·W + p % W (§3.5).
-                win_idx = slot_t[blk, None] * W + p % W
-            else:
-                # Position p of row b (chunk start s_b, token offset o_b) is at ring slot
-                # b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b).
-                chunk_start = batch.starts.long()[r]
-                offset = batch.cu_seqlens.long()[r]
-                win_idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start),
-                                      r * W + p % W)
-            win_idx = torch.where(p >= 0, win_idx, -1).to(torch.int32)
+            win_idx = (win_all[blk] if batch.decode else
+                       _window_indices(batch, blk, W, rows, pos, slot_t))
             if entries is None:
                 o, _ = _dsv4.sparse_attn(q[blk], main_kv, win_idx, self.attn_sink,
                                          self.softmax_scale)
@@ -282,8 +266,11 @@ class Attention(nn.Module):
                                       self.softmax_scale, None, entries, batch.block_table,
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
-                extra_idx = kv_cache.paged_rows(batch.block_table, r, sel[blk],
-                                                entries.shape[1]).to(torch.int32)
+                bs = entries.shape[1]
+                starts = batch.shared(("block_starts", bs), lambda: kv_cache.block_starts(
+                    batch.block_table, bs, dtype=torch.int32))
+                extra_idx = kv_cache.paged_rows_from(starts, rows[blk, None], sel[blk],
+                                                     bs)   # int32, as the kernels take
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
                 extra = entries if entries.dtype == torch.uint8 else \
                     entries.view(-1, entries.shape[-1])
@@ -297,13 +284,53 @@ class Attention(nn.Module):
             # a ring slot write the same value (deterministic without a host-side list).
             end = (batch.starts + batch.lens).long()[rows]
             final = pos + W * torch.div(end - 1 - pos, W, rounding_mode="floor")
-            src = torch.arange(T, device=dev) + (final - pos)
-            ring.index_copy_(0, slot_t * W + pos % W, kv.index_select(0, src))
+            src = torch.arange(T, device=x.device) + (final - pos)
+            ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(),
+                             kv.index_select(0, src))
         return out
 
 
+def _token_meta(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows int64 [T]: each token's step row; pos [T], slot_t [T]: its position and cache
+    slot), computed once per step (:meth:`StepBatch.shared`). A decode step keeps pos and
+    slot_t in the batch's int32 (the ring rows and window indices, which the kernels take as
+    int32, are then computed without int64 round trips); otherwise int64."""
+    rows = batch.shared(("rows",), lambda: batch.rows.long())
+    if batch.decode:
+        return rows, batch.pos, batch.shared(("token_slots",), lambda: batch.slots[rows])
+    return (rows, batch.shared(("pos",), lambda: batch.pos.long()),
+            batch.shared(("token_slots",), lambda: batch.slots.long()[rows]))
+
+
+def _ring_rows(batch: StepBatch, slot_t: torch.Tensor, pos: torch.Tensor,
+               W: int) -> torch.Tensor:
+    """int32 [T]: the window-ring row of each token, ``slot·W + p % W`` of the rings viewed
+    as [slots·W, head_dim] (§3.5), computed once per step (:meth:`StepBatch.shared`)."""
+    return batch.shared(("ring_rows", W), lambda: (slot_t * W + pos % W).to(torch.int32))
+
+
+def _window_indices(batch: StepBatch, blk: slice, W: int, rows: torch.Tensor,
+                    pos: torch.Tensor, slot_t: torch.Tensor) -> torch.Tensor:
+    """int32 [t, W]: the window part of the index lists of queries ``blk`` in the main key
+    scope of :meth:`Attention._attend_kernels` (query at p sees positions p−W+1 … p, §3.5;
+    −1 before position 0). ``rows``, ``pos``, ``slot_t`` from :func:`_token_meta`."""
+    B = batch.num_rows
+    p = pos[blk, None] + torch.arange(1 - W, 1, device=pos.device, dtype=pos.dtype)[None, :]
+    if batch.decode:
+        # Window scope = the rings: position p of slot s at s·W + p % W.
+        idx = slot_t[blk, None] * W + p % W
+    else:
+        # Position p of row b (chunk start s_b, token offset o_b) is at ring slot
+        # b·W + p % W if p < s_b, else at B·W + o_b + (p − s_b).
+        r = rows[blk, None]
+        chunk_start = batch.starts.long()[r]
+        offset = batch.cu_seqlens.long()[r]
+        idx = torch.where(p >= chunk_start, B * W + offset + (p - chunk_start), r * W + p % W)
+    return torch.where(p >= 0, idx, -1).to(torch.int32)
+
+
 def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: int,
-                    ring: torch.Tensor, slot_t: torch.Tensor, pos: torch.Tensor,
+                    ring: torch.Tensor, ring_rows: torch.Tensor, pos: torch.Tensor,
                     W: int) -> torch.Tensor:
     """The main key scope of a step over an FP8 MODEL1 window ring ``ring``
     (uint8 [slots, W, 584], :mod:`dsv4.ops.kv_cache`), with the step's new keys packed by
@@ -319,9 +346,9 @@ def _fp8_main_scope(kv_raw, weight, batch: StepBatch, freqs, eps: float, quant: 
       row at their ring slot (``p ≥ end − W``; the scope holds the copy, so writing the ring
       before attention is safe). Distinct tokens write distinct ring rows.
 
-    Returns the scope (a uint8 pool [nb, W, 584])."""
+    ``ring_rows``: int32 [T] ring row of each token (:func:`_ring_rows`). Returns the scope
+    (a uint8 pool [nb, W, 584])."""
     T, B = batch.num_tokens, batch.num_rows
-    ring_rows = (slot_t * W + pos % W).to(torch.int32)
     if batch.decode:
         _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, ring, ring_rows)
         return ring

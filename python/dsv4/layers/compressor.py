@@ -14,7 +14,7 @@ from .linear import Linear
 from .norm import RMSNorm
 from .varlen import StepBatch
 
-__all__ = ["Compressor"]
+__all__ = ["Compressor", "complete_entries"]
 
 # The torch.ops.dsv4 namespace (CUDA kernels, references on CPU); one name to patch in tests.
 _dsv4 = torch.ops.dsv4
@@ -125,6 +125,15 @@ class Compressor(nn.Module):
         state.kv.index_copy_(0, slots, kv)
         state.score.index_copy_(0, slots, score)
         state.entries.index_copy_(0, ids, entries.view(-1, *state.entries.shape[1:]))
+
+
+def complete_entries(batch: StepBatch, ratio: int) -> torch.Tensor:
+    """int32 [T]: how many entries of a ratio-``ratio`` compressed store are complete at each
+    token of ``batch`` (``(pos + 1) // ratio``, the entries a query may attend or score,
+    §3.5 / §4). Computed once per step for each ratio (:meth:`StepBatch.shared`) and shared
+    by the layers: the HCA scope lengths and the indexer's valid counts (ratio 4)."""
+    return batch.shared(("complete_entries", ratio), lambda: torch.div(
+        batch.pos + 1, ratio, rounding_mode="floor").to(torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------

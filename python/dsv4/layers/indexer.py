@@ -11,7 +11,7 @@ from ..cache import CompressorState
 from ..ops.indexer import indexer_topk_reference
 from ..ops.qkv_rope import QUANT_FP4_HADAMARD, QUANT_NONE
 from ..ops.quant import fp4_e2m1_sim, hadamard
-from .compressor import (Compressor, gather_blocks, paged_op_available,
+from .compressor import (Compressor, complete_entries, gather_blocks, paged_op_available,
                          paged_op_missing)
 from .linear import Linear
 from .rope import apply_rope
@@ -90,9 +90,8 @@ class Indexer(nn.Module):
                               QUANT_FP4_HADAMARD if self.config.quant_sim else QUANT_NONE)
         w = self.head_weights(x)
         self.compressor.forward_batch(x if xf is None else xf, state, batch, freqs)
-        n_valid = torch.div(batch.pos + 1, self.compress_ratio, rounding_mode="floor")
         args = (q.contiguous(), w.contiguous())
-        tail = (batch.rows, n_valid.to(torch.int32), self.index_topk)
+        tail = (batch.rows, complete_entries(batch, self.compress_ratio), self.index_topk)
         if not state.paged:
             return _dsv4.indexer_topk(*args, state.entries, *tail)
         if paged_op_available("indexer_topk"):

@@ -27,6 +27,8 @@ by hand, call :meth:`MoE.restack`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Optional
 
 import torch
@@ -46,16 +48,54 @@ __all__ = ["Gate", "Expert", "MoE", "ExpertStack", "swiglu_clamped"]
 _dsv4 = torch.ops.dsv4
 
 
-def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """``silu(min(gate, limit)) * clamp(up, -limit, limit)`` in fp32 (limit 0 = no clamp).
+def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float,
+                   weight: Optional[torch.Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``silu(min(gate, limit)) * clamp(up, -limit, limit)`` in fp32 (limit 0 = no clamp),
+    times ``weight`` (fp32, broadcast; the routing weight) when given, returned in fp32 or,
+    with ``dtype``, rounded once to ``dtype``.
 
-    Source: official ``Expert.forward``; training.md §3.6 / §7.4 (test vectors).
+    gate, up: [..., N] float (the w1 / w3 outputs, bf16 in the model). Source: official
+    ``Expert.forward``; training.md §3.6 / §7.4 (test vectors).
+
+    The values are those of upcasting both to fp32 first; fewer launches: ``up`` enters the
+    fp32 product by type promotion (clamped in its own dtype when ``limit`` is exact there,
+    which gives the same values), and the last product is written in ``dtype`` directly.
     """
-    gate, up = gate.float(), up.float()
+    gate = gate.float()
     if limit > 0:
-        up = up.clamp(-limit, limit)
         gate = gate.clamp(max=limit)
-    return F.silu(gate) * up
+        if not _exact_in(limit, up.dtype):
+            up = up.float()
+        up = up.clamp(-limit, limit)
+    h = F.silu(gate)
+    if weight is not None:
+        h = h * up
+        up = weight
+    return _mul_rounded(h, up, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_in(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is a normal number of the floating ``dtype`` (clamping to it there
+    is exact). Pure Python (no tensor: also under fake / meta modes)."""
+    fi = torch.finfo(dtype)
+    bits = round(-math.log2(fi.eps)) + 1          # significand bits (8 for bfloat16)
+    m, _ = math.frexp(value)
+    return fi.tiny <= abs(value) <= fi.max and (m * 2 ** bits).is_integer()
+
+
+def _mul_rounded(a: torch.Tensor, b: torch.Tensor,
+                 dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``(a * b).to(dtype)`` (``a * b`` for dtype None): the product in the promoted dtype,
+    rounded to ``dtype`` as it is stored (one launch; the same values). Autograd takes the
+    two-step form (``out=`` has no backward)."""
+    if dtype is None:
+        return a * b
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).to(dtype)
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -142,10 +182,8 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, dim] → [N, dim] in x.dtype; ``weights`` [N, 1] fp32 routing weights or None."""
-        h = swiglu_clamped(self.w1(x), self.w3(x), self.swiglu_limit)
-        if weights is not None:
-            h = weights * h
-        return self.w2(h.to(x.dtype))
+        return self.w2(swiglu_clamped(self.w1(x), self.w3(x), self.swiglu_limit, weights,
+                                      x.dtype))
 
 
 def _stored(lin: Linear) -> tuple[Optional[str], torch.Tensor, Optional[torch.Tensor]]:
@@ -416,8 +454,8 @@ class MoE(nn.Module):
         offs = offsets[1:]
         gu = torch._grouped_mm(xin[row_ids.long()], stack.w_up.view(E, 2 * N, K).transpose(1, 2),
                                offs=offs)
-        h = (route_weight[:, None] * swiglu_clamped(gu[:, :N], gu[:, N:], self.swiglu_limit)
-             ).to(x.dtype)
+        h = swiglu_clamped(gu[:, :N], gu[:, N:], self.swiglu_limit, route_weight[:, None],
+                           x.dtype)
         if down_q:
             h = fp8_e4m3_sim(h, FP8_BLOCK)
         return torch._grouped_mm(h, stack.w_down.transpose(1, 2), offs=offs)

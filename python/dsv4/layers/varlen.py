@@ -14,13 +14,19 @@ the bounds ``max_seqlen`` / ``max_end``), never on device values, so a decode st
 sizes can be captured in a CUDA graph and replayed after copying new metadata into the same
 buffer (:meth:`StepBatch.pack` + :meth:`StepBatch.from_buffer`). The per-sequence reference
 path also gets the python lists (``host``): it is the oracle, not the engine.
+
+Metadata that the layers derive from the batch (int64 row indices, window-ring rows, window
+index lists, per-query entry counts) is the same for every layer of a step: :meth:`StepBatch.shared`
+computes each once per forward step (``Model.forward_step`` opens the scope,
+:meth:`StepBatch.step_scope`) and hands the same tensor to every layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +68,8 @@ class StepBatch:
         logits_index [L]: the tokens whose logits the step returns, in output order.
 
     host: the :class:`HostBatch` lists, or None (a replayed CUDA graph has no lists).
+
+    Per-step derived metadata: :meth:`shared` (inside :meth:`step_scope`).
     """
 
     num_tokens: int
@@ -81,6 +89,42 @@ class StepBatch:
     block_table: torch.Tensor
     logits_index: torch.Tensor
     host: Optional[HostBatch] = None
+    # The derived tensors of the current forward step (None outside a step_scope).
+    _shared: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ per-step metadata
+    @contextlib.contextmanager
+    def step_scope(self) -> Iterator["StepBatch"]:
+        """The scope of one forward step over this batch: inside it, :meth:`shared` computes
+        each derived tensor once and returns that tensor to every later caller; on exit (and
+        at the next scope's start) they are dropped.
+
+        Why a scope and not a cache on the batch: a CUDA-graph runner runs a step body on the
+        same StepBatch eagerly (warm-up), then captures it, then replays it after writing new
+        positions / slots into the batch's buffer in place. The derived tensors must be
+        computed inside every run, the captured one included (so that the graph recomputes
+        them from the buffer at each replay); a cache surviving from the warm-up run would
+        leave them out of the graph and every replay would read the warm-up's values.
+        ``Model.forward_step`` runs each step inside this scope."""
+        prev, self._shared = self._shared, {}
+        try:
+            yield self
+        finally:
+            self._shared = prev
+
+    def shared(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, computed once per :meth:`step_scope` for ``key`` (a hashable that
+        names what is computed and every layer parameter it depends on, e.g.
+        ``("window_indices", window_size)``) and shared by every layer of the step. Outside
+        a scope (a layer called on its own) it is ``compute()`` each time.
+
+        ``compute`` must depend only on this batch's tensors and on what ``key`` names."""
+        memo = self._shared
+        if memo is None:
+            return compute()
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     # ------------------------------------------------------------------ layout of the buffer
     @staticmethod

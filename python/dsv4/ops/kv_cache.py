@@ -38,7 +38,8 @@ __all__ = [
     "MODEL1", "INDEXER", "MODEL1_ENTRY_BYTES", "MODEL1_NOPE_DIM", "MODEL1_ROPE_DIM",
     "MODEL1_HEAD_DIM", "indexer_entry_bytes", "entry_bytes", "block_bytes", "pool_shape",
     "allocate", "cache_format", "pack", "unpack", "write_entries", "read_entries",
-    "read_pool", "bytes_per_entry", "block_view", "paged_rows",
+    "read_pool", "bytes_per_entry", "block_view", "paged_rows", "block_starts",
+    "paged_rows_from",
 ]
 
 MODEL1 = "fp8_model1"
@@ -200,17 +201,37 @@ def paged_rows(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor, block_s
 
     Returns int64 [t, k]: the flat row, or −1 where ``s < 0``, ``s`` lies past the table's
     blocks, or the block is missing. No host synchronisation (usable in CUDA graphs).
+    The two halves, :func:`block_starts` (per table) and :func:`paged_rows_from` (per lookup),
+    let a caller that looks up several ``s`` in one table (every CSA layer of a step)
+    prepare the table once.
     """
-    M = table.shape[1]
-    s = s.long()
-    if M == 0:
-        return torch.full_like(s, -1)
-    col = torch.div(s, block_size, rounding_mode="floor")
-    blk = table.long()[rows.long(), col.clamp(0, M - 1)]
-    ok = (s >= 0) & (col < M) & (blk >= 0)
+    return paged_rows_from(block_starts(table, block_size, num_blocks), rows, s, block_size)
+
+
+def block_starts(table: torch.Tensor, block_size: int, num_blocks: int | None = None,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The per-table half of :func:`paged_rows`: ``dtype`` [R, max_blocks + 1], the flat row
+    of the first entry of each block of ``table`` (``id * block_size``), −1 where the block
+    is missing (id −1, or outside [0, num_blocks) when ``num_blocks`` is given), and a last
+    column of −1 that stands for every entry past the table. ``dtype`` int32 suits stores
+    whose flat rows fit in int32 (those the kernels address)."""
+    t = table.to(dtype)
+    ok = t >= 0
     if num_blocks is not None:
-        ok &= blk < num_blocks
-    return torch.where(ok, blk * block_size + s % block_size, -1)
+        ok &= t < num_blocks
+    return torch.nn.functional.pad(torch.where(ok, t * block_size, -1), (0, 1), value=-1)
+
+
+def paged_rows_from(starts: torch.Tensor, rows: torch.Tensor, s: torch.Tensor,
+                    block_size: int) -> torch.Tensor:
+    """The per-lookup half of :func:`paged_rows`, from ``starts`` = :func:`block_starts` of
+    the table: [t, k] flat rows (int32 when ``starts`` and ``s`` are, else int64), −1 where
+    there is none (see :func:`paged_rows`). ``rows`` int [t, 1] or [t, k]; ``s`` int [t, k]."""
+    M = starts.shape[1] - 1
+    # s < 0 → column −1 and s past the table → column M: both the last column, all −1
+    col = torch.div(s, block_size, rounding_mode="floor").clamp_(-1, M)
+    first = starts[rows, col]
+    return torch.where(first >= 0, first + s % block_size, -1)
 
 
 def _part_views(fmt: str, blocks: torch.Tensor, bs: int, eb: int):

@@ -109,12 +109,13 @@ class _LiveBytes(TorchDispatchMode):
 def _kernel_path_everywhere():
     """Every layer takes its CUDA kernel path although the tensors are on the meta device
     (the ops then run their registered shape functions)."""
-    from ..layers import attention, linear, mhc, moe
+    from ..layers import attention, linear, mhc, moe, norm
     with PATCH_LOCK:
         saved = [(attention, "use_kernels", lambda *a, **k: True),
                  (mhc, "_use_kernels", lambda *a, **k: True),
                  (moe, "_grouped_kernels_available", lambda: True),
-                 (linear.Linear, "_fp8_kernel", lambda self, x: True)]
+                 (linear.Linear, "_fp8_kernel", lambda self, x: True),
+                 (norm.RMSNorm, "kernel_serves", lambda self, x: True)]
         old = [(mod, name, getattr(mod, name)) for mod, name, _ in saved]
         # MoE / Gate check x.is_cuda themselves; a meta tensor answers False: route on kernels
         orig_stack, orig_gate = moe.MoE.kernel_path_stack, moe.Gate.forward
