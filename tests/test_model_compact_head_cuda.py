@@ -46,7 +46,8 @@ def test_compact_head_logits_and_memory_on_cuda():
     before = torch.cuda.memory_allocated()
     m.compact_head()
     torch.cuda.synchronize()
-    assert before - torch.cuda.memory_allocated() == 2 * V * D   # 4 bytes a value -> 2
+    freed = before - torch.cuda.memory_allocated()
+    assert abs(freed - 2 * V * D) < (1 << 20), freed                # 4 bytes a value -> 2
     with torch.no_grad():
         out = m(ids)
     assert out.dtype == torch.float32 and out.shape == ref.shape
@@ -83,8 +84,8 @@ def test_engine_with_a_compact_head_reads_the_weight_itself():
 
 
 def test_bench_build_holds_the_head_once():
-    """dsv4 bench's model (--head bf16): the head is the only [vocab, dim] tensor besides the
-    embedding, bf16; everything allocated is the model's own storage."""
+    """dsv4 bench's model (--head bf16): the head is held in bf16 and nothing else of its
+    size stays allocated (an fp32 head left behind would add 66 MB at tiny's vocabulary)."""
     from dsv4.runtime import bench
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()
@@ -95,7 +96,7 @@ def test_bench_build_holds_the_head_once():
     for t in list(m.parameters()) + list(m.buffers()):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     held = torch.cuda.memory_allocated() - start
-    assert sum(storages.values()) <= held <= sum(storages.values()) + 512 * len(storages)
+    assert sum(storages.values()) <= held < sum(storages.values()) + (16 << 20), held
     m32 = bench.build_model(cfg, "bf16", "cuda", head="fp32")
     assert m32.head.weight.dtype == torch.float32
 
