@@ -86,7 +86,10 @@ def test_engine_with_a_compact_head_reads_the_weight_itself():
 def test_bench_build_holds_the_head_once():
     """dsv4 bench's model (--head bf16): the head is held in bf16 and nothing else of its
     size stays allocated (an fp32 head left behind would add 66 MB at tiny's vocabulary)."""
+    import gc
+
     from dsv4.runtime import bench
+    gc.collect()                        # earlier tests' models freed before the baseline
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()
     cfg = bench.build_config("tiny", 2, 0)
