@@ -357,6 +357,9 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (ConfigError, CheckpointError) as e:
         print(f"dsv4 generate: error: cannot load {args.model!r}: {e}", file=sys.stderr)
         return 1
+    if device.type == "cuda":   # serving: the head held once, in bf16, when its values allow
+        from dsv4.runtime.generate import compact_head_if_exact
+        compact_head_if_exact(model)
     config = getattr(model, "config", None)
     bos = getattr(config, "bos_token_id", 0)
     eos = getattr(config, "eos_token_id", 1)

@@ -19,6 +19,7 @@ from .argtypes import int_sequence
 from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
+from .layers.head import check_bf16_exact, fp32_logits
 from .layers.linear import Linear
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
@@ -48,11 +49,15 @@ def _fp32_param(*shape: int, std: float = 0.0) -> nn.Parameter:
 
 
 def cast_compute_weights(module: nn.Module, dtype: torch.dtype, keep_fp32,
-                         prefix: str = "") -> None:
+                         prefix: str = "", skip=()) -> None:
     """Store every floating-point parameter of ``module`` in ``dtype``, except those named in
     ``keep_fp32`` (full names: ``prefix`` + the name in ``module``), which stay float32 as the
-    official code keeps them (``Model._fp32_names``). In place, on the parameters' data."""
+    official code keeps them (``Model._fp32_names``), and those named in ``skip``, which keep
+    their dtype (a compact head, :meth:`Model.compact_head`). In place, on the parameters'
+    data."""
     for name, p in module.named_parameters():
+        if prefix + name in skip:
+            continue
         want = torch.float32 if prefix + name in keep_fp32 else dtype
         if p.is_floating_point() and p.dtype != want:
             p.data = p.data.to(want)
@@ -120,6 +125,8 @@ class Model(nn.Module):
     the module is created in fp32 on the CPU; ``.to(device, dtype)`` casts the compute weights
     while parameters the official code keeps in fp32 (norm weights, mHC, ``attn_sink``,
     compressor ``wkv``/``wgate``/``ape``, gate bias, head) stay fp32.
+    :meth:`compact_head` holds the head weight in bf16 instead (serving: half its bytes, the
+    same fp32 logits for the release's bf16 head).
 
     Call ``model(input_ids, cache=None, seq_lens=None)``: input_ids int64 [batch, seq];
     ``seq_lens`` int [batch] (each row's valid tokens, right padding; default all ``seq``);
@@ -162,7 +169,8 @@ class Model(nn.Module):
         if dtype is not None:
             if dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
-            cast_compute_weights(self, dtype, self._fp32_names)
+            cast_compute_weights(self, dtype, self._fp32_names,
+                                 skip=("head.weight",) if self.head_compact else ())
             # The experts' new tensors no longer view their MoE's stacked storage: rebuild
             # it now, so that the stack in the old dtype (a V4-Flash layer's 256 experts:
             # 26 GB in fp32) is freed here rather than at the first forward.
@@ -179,6 +187,96 @@ class Model(nn.Module):
 
     def float(self) -> "Model":
         return self.to(dtype=torch.float32)
+
+    # ------------------------------------------------------------------ head storage
+    def _compact_weight(self) -> Optional[nn.Parameter]:
+        """The head's bf16 weight parameter when the head is compact, else None."""
+        head = self.head
+        p = head._parameters.get("weight") if isinstance(head, Linear) else None
+        return p if p is not None and p.dtype == torch.bfloat16 else None
+
+    @property
+    def head_compact(self) -> bool:
+        """Whether the head weight is held in bf16 (:meth:`compact_head`)."""
+        return self._compact_weight() is not None
+
+    def compact_head(self) -> "Model":
+        """Hold the head weight once, in bf16, for serving; returns the model.
+
+        The release ships ``head.weight`` [vocab, dim] in bf16 and the official code holds it
+        in fp32 (architecture.md §"Globals"); so does this model by default. After this call
+        the parameter holds the same values in bf16 (V4-Flash: 1.06 GB instead of 2.12 GB; the
+        fp32 storage is freed, as is a bf16 copy a ``head_dtype=torch.bfloat16`` step made):
+
+        * logits are unchanged: ``head_dtype`` None / float32 still computes the official fp32
+          head (:func:`dsv4.layers.head.fp32_logits`: fp32 products of the bf16-exact values,
+          fp32 sums; on CUDA one ``mm(..., out_dtype=float32)`` reading 2 bytes a value), and
+          ``head_dtype=torch.bfloat16`` uses the weight itself, no copy.
+        * ``.to(device)`` moves it, ``.to(dtype)`` / ``.float()`` leave it in bf16.
+        * ``state_dict()`` holds the bf16 weight (``save_pretrained`` writes the release's
+          bf16 head; ``from_pretrained`` and ``load_state_dict`` of an fp32 model read it
+          back exactly). ``load_state_dict`` into a compact model takes a head whose values
+          are bf16-exact (stored bf16 then, also with ``assign=True``) and raises ValueError,
+          before anything is loaded, for one that is not.
+        * training: the compact weight is frozen (``requires_grad=False``: it gets no
+          gradient, and a gradient it held is dropped; activations still get theirs).
+          :meth:`expand_head` restores the fp32 parameter.
+
+        Idempotent. Raises ValueError, changing nothing, when a value of the weight is not a
+        bf16 value (a randomly initialised or fp32-trained head: the bf16 head would change
+        the logits), or when the head is not an fp32 :class:`~dsv4.layers.linear.Linear`
+        parameter (native FP8 storage, or a module swapped in). A meta-device model has no
+        values to check: its head becomes a bf16 meta tensor.
+        """
+        head = self.head
+        p = head._parameters.get("weight") if isinstance(head, Linear) else None
+        if p is None or head.weight_format is not None:
+            raise ValueError("compact_head: the head must hold its weight as a parameter "
+                             f"(a dsv4 Linear without native FP8/FP4 storage); got "
+                             f"{type(head).__name__} with weight_format "
+                             f"{getattr(head, 'weight_format', None)!r}")
+        if p.dtype == torch.bfloat16:
+            return self
+        if p.dtype != torch.float32:
+            raise ValueError(f"compact_head: the head weight is {p.dtype}; compact_head takes "
+                             "the float32 head the model holds")
+        check_bf16_exact(p, "compact_head: head.weight")
+        copy = self._cached_head_copy(torch.bfloat16)
+        self.__dict__.pop("_head_copy", None)
+        new = copy if copy is not None else p.detach().to(torch.bfloat16)
+        p._dsv4_requires_grad = p.requires_grad     # for expand_head
+        p.grad = None
+        p.data = new
+        p.requires_grad_(False)
+        return self
+
+    def expand_head(self) -> "Model":
+        """Undo :meth:`compact_head`: the head weight back in fp32 (the same values, exactly),
+        with the ``requires_grad`` it had before. Returns the model; a no-op on an fp32
+        head."""
+        p = self._compact_weight()
+        if p is None:
+            return self
+        p.data = p.detach().float()
+        p.requires_grad_(getattr(p, "_dsv4_requires_grad", True))
+        self.__dict__.pop("_head_copy", None)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Runs before any submodule loads: a compact head takes only bf16-exact values, stored
+        # in bf16 (so that assign=True keeps it compact); anything else is refused here, before
+        # a single tensor of the model has changed.
+        key = prefix + "head.weight"
+        t = state_dict.get(key)
+        if self.head_compact and isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16:
+            if not t.is_floating_point():
+                raise ValueError(f"load_state_dict: {key} is {t.dtype}; the compact head "
+                                 "takes a floating-point weight")
+            check_bf16_exact(t, f"load_state_dict into a compact head: {key}")
+            state_dict[key] = t.to(torch.bfloat16)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def make_cache(self, batch_size: int) -> Cache:
         """An empty :class:`Cache` for ``batch_size`` sequences on the model's device/dtype.
@@ -240,17 +338,18 @@ class Model(nn.Module):
               head_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """hc_head collapse → norm → head: float32 logits [..., vocab] (§10.2).
 
-        ``head_dtype`` None / float32: the official fp32 head (the input upcast to fp32).
-        ``torch.bfloat16``: an opt-in low-precision head for serving: a bf16 copy of the head
-        weight (half the bytes a decode step reads), the normed activations in bf16, fp32
-        accumulation and fp32 logits (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere
-        the bf16 product is upcast).
+        ``head_dtype`` None / float32: the official fp32 head (the input upcast to fp32; a
+        compact head, :meth:`compact_head`, computes the same products from its bf16 weight).
+        ``torch.bfloat16``: an opt-in low-precision head for serving: the head weight in bf16
+        (a compact head's own weight, else a bf16 copy cached on the model; half the bytes a
+        decode step reads), the normed activations in bf16, fp32 accumulation and fp32 logits
+        (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere the bf16 product is upcast).
         """
         c = self.config
         y = hc_head(x, fn, scale, base, c.norm_eps, c.hc_eps)
         y = norm(y, kernel=norm.kernel_serves(y))
         if head_dtype in (None, torch.float32):
-            return self.head(y.float())
+            return self._fp32_head(y)
         w = self._low_precision_head(head_dtype)
         y = y.to(head_dtype)
         if y.is_cuda:
@@ -261,14 +360,37 @@ class Model(nn.Module):
                 pass
         return F.linear(y, w).float()
 
+    def _fp32_head(self, y: torch.Tensor) -> torch.Tensor:
+        """The official fp32 head on the normed ``y`` [..., dim]: fp32 logits [..., vocab].
+        An fp32 head: ``head(y.float())``; a compact one (:meth:`compact_head`): the same
+        products from its bf16 weight (:func:`dsv4.layers.head.fp32_logits`)."""
+        w = self._compact_weight()
+        if w is None:
+            return self.head(y.float())
+        return fp32_logits(y, w)
+
     def _low_precision_head(self, dtype: torch.dtype) -> torch.Tensor:
-        """A cached ``dtype`` copy of the head weight (rebuilt when the weight changes)."""
+        """The head weight in ``dtype``: the weight itself when it is held so (a compact head
+        for bfloat16), else a copy cached on the model (rebuilt when the weight changes; the
+        memory of a second head: :meth:`compact_head` avoids it)."""
         w = self.head.weight
-        key = (dtype, w.data_ptr(), w._version, w.device)
-        cached = getattr(self, "_head_copy", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().to(dtype))
-            self._head_copy = cached
+        if w.dtype == dtype:
+            return w.detach()
+        cached = self._cached_head_copy(dtype)
+        if cached is None:
+            cached = w.detach().to(dtype)
+            self._head_copy = (self._head_copy_key(dtype), cached)
+        return cached
+
+    def _head_copy_key(self, dtype: torch.dtype) -> tuple:
+        w = self.head.weight
+        return (dtype, w.data_ptr(), w._version, w.device)
+
+    def _cached_head_copy(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The cached ``dtype`` copy of the current head weight, or None."""
+        cached = self.__dict__.get("_head_copy")
+        if cached is None or cached[0] != self._head_copy_key(dtype):
+            return None
         return cached[1]
 
     def forward_step(self, input_ids: torch.Tensor, layers: Sequence[LayerCache],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 import dsv4
@@ -14,10 +15,15 @@ from dsv4.layers.moe import MoE
 from dsv4.runtime import bench
 
 
-def _reference(cfg, weights: str) -> dsv4.Model:
-    """The model build_model stands for: Model(config) cast to bf16, the release formats."""
+def _reference(cfg, weights: str, head: str = "bf16") -> dsv4.Model:
+    """The model build_model stands for: Model(config) cast to bf16, the release formats, the
+    head (head="bf16") rounded to bf16 and held compact."""
     torch.manual_seed(0)
     m = dsv4.Model(cfg).to(torch.bfloat16).eval()
+    if head == "bf16":
+        with torch.no_grad():
+            m.head.weight.copy_(m.head.weight.to(torch.bfloat16))
+        m.compact_head()
     if weights == "fp8":
         for name, mod in m.named_modules():
             fmt = linear_formats(cfg, "fp8").get(name)
@@ -60,6 +66,25 @@ def test_streamed_build_has_the_models_layout_formats_and_current_stacks():
     m = bench.build_model(_fp4_config(), "fp8", "cpu")
     assert m.layers[0].ffn.experts[0].w1.weight_format == "fp4"
     assert m.layers[0].ffn.shared_experts.w1.weight_format == "fp8"
+
+
+def test_build_holds_the_head_as_asked():
+    """head="bf16" (dsv4 bench's default): the head holds bf16 values, once, in bf16; "fp32":
+    the official fp32 parameter. non_layer_bytes (LayerFit's fixed part) is what the built
+    model holds outside its layers, up to the final norm and hc_head."""
+    from dsv4.runtime.floors import _tensor_bytes
+    cfg = bench.build_config("tiny", 2, 0)
+    for head, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        m = bench.build_model(cfg, "bf16", "cpu", head=head)
+        assert m.head.weight.dtype == dtype and m.head_compact == (head == "bf16")
+        assert _layout(m) == _layout(_reference(cfg, "bf16", head))
+        outside = _tensor_bytes(m) - sum(_tensor_bytes(b) for b in m.layers)
+        small = _tensor_bytes(m.norm) + sum(t.numel() * t.element_size() for t in (
+            m.hc_head_fn, m.hc_head_base, m.hc_head_scale))
+        assert outside - small == bench.non_layer_bytes(cfg, head) == \
+            cfg.vocab_size * cfg.dim * (4 if head == "bf16" else 6)
+    with pytest.raises(ValueError, match="head must be 'bf16' or 'fp32'"):
+        bench.build_model(cfg, "bf16", "cpu", head="fp16")
 
 
 def test_streamed_build_runs_like_the_reference_model():

@@ -147,6 +147,8 @@ def test_layer_plan_builds_the_layers_layer_fit_counts():
     one = bench.build_model(cfg, "bf16", "cpu")
     sizes = [_tensor_bytes(b) for b in one.layers]          # CSA, HCA
     plan0, _, info0 = bench.layer_plan("tiny", args, 4096, free=0, allocated=measured)
+    # the non-layer weights as held: bf16 embedding + the compact bf16 head
+    assert plan0.fixed == bench.non_layer_bytes(cfg, "bf16") == 4 * cfg.vocab_size * cfg.dim
     over = plan0.fixed + plan0.transient + plan0.margin
     budget = over + int(3.75 * sum(sizes)) + info0["pool_bytes"](8)
     plan, fits, info = bench.layer_plan("tiny", args, 4096, free=budget, allocated=measured)

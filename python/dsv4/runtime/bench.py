@@ -23,9 +23,10 @@ linears, FP4 routed experts, dequantised at use until FP8/FP4 GEMMs land). Rows:
   warm-up forward).
 
 Each row has its floor (:mod:`dsv4.runtime.floors`: bytes / 4.22 TB/s, FLOPs / 767 TFLOP/s)
-and the peak GPU memory. The head is read in bf16 by default (``--head bf16``: a bf16 copy of
-the official fp32 head with fp32 accumulation; the issue's 0.54 ms floor assumes it);
-``--head fp32`` runs the official head and counts its 2x bytes in the floor.
+and the peak GPU memory. The head is held once, in bf16, by default (``--head bf16``: the
+random head rounded to bf16, as the release ships it, then ``Model.compact_head``; read with
+fp32 accumulation; the issue's 0.54 ms floor assumes it); ``--head fp32`` holds and runs the
+official fp32 head and counts its 2x bytes in the floor.
 ``--indexer-cache fp8`` / ``--kv-cache fp8`` store the indexer keys (132 B) / the attention KV
 (window rings and compressed entries, 584 B MODEL1; head_dim 512, sm_90) in the release's FP8
 layouts; the decode floors then count those bytes.
@@ -45,7 +46,7 @@ from typing import Any, Optional
 
 from ..argtypes import int_at_least
 
-__all__ = ["add_bench_command", "main", "build_config", "build_model"]
+__all__ = ["add_bench_command", "main", "build_config", "build_model", "non_layer_bytes"]
 
 
 # ------------------------------------------------------------------ argument parsing
@@ -202,9 +203,12 @@ def build_config(model: str, layers: int, experts: int):
     return dataclasses.replace(base, **over)
 
 
-def build_model(config, weights: str, device, seed: int = 0, fits=None):
+def build_model(config, weights: str, device, seed: int = 0, fits=None, head: str = "bf16"):
     """A random-weight model on ``device`` in bf16; ``weights="fp8"`` stores the linears of the
-    release's FP8/FP4 layout natively (``Linear.set_quantized``).
+    release's FP8/FP4 layout natively (``Linear.set_quantized``). ``head="bf16"`` (default, as
+    ``dsv4 bench --head bf16`` serves): the random head is rounded to bf16 (the release ships
+    it in bf16) and held once in bf16 (``Model.compact_head``); ``head="fp32"``: the official
+    fp32 head parameter, as drawn.
 
     Built one block at a time (:func:`_build_block`), each block cast and quantised before the
     next one is drawn, so that the device holds the finished blocks plus one block in
@@ -218,13 +222,20 @@ def build_model(config, weights: str, device, seed: int = 0, fits=None):
     ``fits(i, blocks)`` (optional): called before block ``i`` is built with the blocks built so
     far; returning False stops the build there. The model then has ``len(blocks)`` layers
     (``config`` truncated to them; at least one layer is always built). Used by ``--layers
-    auto``: see :func:`layer_plan`.
+    auto``: see :func:`layer_plan`. The non-layer weights are drawn after the blocks, in fp32
+    (embedding and head: 8 bytes a vocabulary entry x dim) before they take their held size
+    (:func:`non_layer_bytes`); the pool and the step transient that ``--layers auto`` sets
+    aside do not exist yet then, so that transient stays inside its budget.
+
+    Raises ValueError for a ``head`` other than "bf16" / "fp32".
     """
     import dataclasses
 
     import torch
 
     from ..model import Model
+    if head not in ("bf16", "fp32"):
+        raise ValueError(f"head must be 'bf16' or 'fp32', got {head!r}")
     dev = torch.device(device)
     fmts = {}
     if weights == "fp8":
@@ -264,6 +275,11 @@ def build_model(config, weights: str, device, seed: int = 0, fits=None):
     if left:
         raise RuntimeError(f"build_model left tensors without storage: {left[:5]}")
     m = m.to(torch.bfloat16).eval()
+    if head == "bf16":
+        w = m.head.weight
+        with torch.no_grad():
+            w.copy_(w.to(torch.bfloat16))       # the release's head is bf16
+        m.compact_head()
     if fmts:
         for name, mod in m.named_modules():
             if fmts.get(name) in ("fp8", "fp4") and mod.weight_format is None:
@@ -361,6 +377,14 @@ class _expert_factory:
         return False
 
 
+def non_layer_bytes(config, head: str) -> int:
+    """Bytes of the weights :func:`build_model` holds outside the layers at their held size:
+    the bf16 embedding and the head (``head="bf16"``: compact, 2 bytes a value; ``"fp32"``:
+    4 bytes), [vocab, dim] each. The final norm and hc_head (a few dim-sized vectors) are
+    left to the margin."""
+    return config.vocab_size * config.dim * (2 + (2 if head == "bf16" else 4))
+
+
 def layer_plan(model: str, args, context: int, free: Optional[int] = None, allocated=None):
     """``--layers auto`` on CUDA: the :class:`~dsv4.runtime.long_context.LayerFit` of this GPU
     (its free memory now; the non-layer weights; one ``--chunk`` prefill step's transient
@@ -368,6 +392,7 @@ def layer_plan(model: str, args, context: int, free: Optional[int] = None, alloc
     memory, at least 2 GiB) and the ``fits(i, blocks)`` callback of :func:`build_model`, which
     measures each built layer (allocated bytes before / after it) and adds the next layer
     while ``LayerFit.fits`` holds (the next layer taken as large as the last one of its kind).
+    The fixed part is :func:`non_layer_bytes` (the head as ``--head`` holds it).
     ``free`` (bytes) and ``allocated(blocks)`` (bytes allocated now) stand for the CUDA
     allocator's numbers (``torch.cuda.mem_get_info`` / ``memory_allocated``) in CPU tests.
     Returns (plan, fits, a dict the bench reports)."""
@@ -393,7 +418,7 @@ def layer_plan(model: str, args, context: int, free: Optional[int] = None, alloc
     if allocated is None:
         def allocated(blocks):
             return torch.cuda.memory_allocated()
-    fixed = c.vocab_size * c.dim * (2 + 4 + (2 if args.head == "bf16" else 0))
+    fixed = non_layer_bytes(c, args.head)
     plan = LayerFit(budget=free, fixed=fixed, transient=mem.peak + WORKSPACE_ALLOWANCE,
                     margin=max(2 << 30, int(0.03 * free)))
     start = allocated([])
@@ -684,7 +709,9 @@ def bench_1m(model, args, context: int = 1 << 20) -> list[dict]:
         _fill_pool(eng, args.seed)
         eng.scheduler.admit_prefilled(req, first)
     if getattr(args, "head", "bf16") == "bf16":
-        model._low_precision_head(torch.bfloat16)   # made by the first step, kept: resident
+        # resident: the compact head's own weight (build_model), or else the bf16 copy the
+        # first step would make and keep
+        model._low_precision_head(torch.bfloat16)
     resident = _allocated_gb()          # weights + pool: what stays between steps
     _reset_peak()
     _sync()
@@ -916,7 +943,7 @@ def run(args) -> list[dict]:
     fits, plan_info = None, None
     if auto:
         _, fits, plan_info = layer_plan(args.model, args, 1 << 20)
-    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits)
+    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits, head=args.head)
     cfg = model.config
     if plan_info is not None:
         from .floors import _tensor_bytes
@@ -926,7 +953,7 @@ def run(args) -> list[dict]:
         print(f"layers auto: {n} (at most {ceiling}): {plan_info['budget_gb']:.1f} GB "
               f"free at the start >= layers (measured {min(sizes) / 1e9:.2f}-"
               f"{max(sizes) / 1e9:.2f} GB each, {total / 1e9:.1f} GB) + pool at 1M "
-              f"{plan_info['pool_bytes'](n) / 1e9:.2f} GB + embedding and heads "
+              f"{plan_info['pool_bytes'](n) / 1e9:.2f} GB + embedding and head "
               f"{plan_info['fixed_gb']:.1f} GB + one {args.chunk}-token chunk's transient "
               f"{plan_info['transient_gb']:.2f} GB (meta-device measure + workspaces) + margin "
               f"{plan_info['margin_gb']:.1f} GB; allocated now {_allocated_gb():.1f} GB",
@@ -935,8 +962,12 @@ def run(args) -> list[dict]:
                         for b, op, shape, _ in plan_info["transient_top"][:4])
         print(f"  transient at its peak: {top}", flush=True)
     head = args.head
+    hw = model.head.weight
+    head_held = dict(head_dtype_held=str(hw.dtype).replace("torch.", ""),
+                     head_held_gb=hw.numel() * hw.element_size() / 1e9)
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
-          f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head, "
+          f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head "
+          f"(held in {head_held['head_dtype_held']}: {head_held['head_held_gb']:.2f} GB), "
           f"{args.kv_cache} KV, {args.indexer_cache} indexer keys, "
           f"{torch.cuda.get_device_name()}, commit {_commit()}", flush=True)
     kernels = kernel_state()
@@ -1003,7 +1034,8 @@ def run(args) -> list[dict]:
         plan_info["ceiling"] = ceiling
     meta = dict(model=args.model, layers=cfg.n_layers, layers_auto=auto, layer_plan=plan_info,
                 experts=cfg.n_routed_experts,
-                weights=args.weights, head=head, indexer_cache=args.indexer_cache,
+                weights=args.weights, head=head, **head_held,
+                indexer_cache=args.indexer_cache,
                 kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),
                 commit=_commit(), date=datetime.date.today().isoformat(), **kernels)

@@ -91,8 +91,13 @@ class Engine:
         num_blocks: blocks in the pool (default: every slot can reach ``max_model_len``).
         max_num_batched_tokens: tokens per step at most (prefill chunks + decode tokens).
         cuda_graphs: capture decode steps as CUDA graphs (default: on for CUDA).
-        head_dtype: None for the official fp32 head, or torch.bfloat16 for a bf16 copy of the
-            head weight with fp32 accumulation (half the bytes per decode step).
+        head_dtype: None for the official fp32 head, or torch.bfloat16 for the head weight
+            in bf16 with fp32 accumulation (half the bytes per decode step). The engine does
+            not change the model's weights: on a model whose head is fp32, bfloat16 makes (at
+            the first step) a bf16 copy that the model caches beside it (2 bytes a value more:
+            1.06 GB at V4-Flash width). After ``model.compact_head()`` the head is held once,
+            in bf16: None computes the official fp32 head's logits from it, bfloat16 reads it
+            as it is, and no copy is made; call it before building the engine to serve.
         overlap: the overlapped loop (default: on for CUDA): while the GPU runs step n the
             host schedules and packs step n + 1, which takes step n's sampled tokens on the
             device; the host reads them one step late (see :meth:`step`). Same tokens as the

@@ -20,7 +20,7 @@ from ..generate import GenerationResult, _final_text, _StopStringFilter, check_g
 from .engine import Engine
 from .request import SamplingParams
 
-__all__ = ["generate"]
+__all__ = ["generate", "compact_head_if_exact"]
 
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -46,6 +46,23 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature:
     if is_expert_parallel(model):
         return then_serve(model, _generate, *args, **engine_args)
     return _generate(*args, **engine_args)
+
+
+def compact_head_if_exact(model) -> bool:
+    """For a caller that built ``model`` to serve it (``dsv4 generate`` on a GPU): hold its
+    head once, in bf16 (:meth:`dsv4.Model.compact_head`: the same fp32 logits, half the head's
+    memory and decode bytes) when every value of the head is a bf16 value, as a checkpoint's
+    always is; leave an fp32 head with other values (``--model tiny``'s random head) as it is.
+    Returns whether the head is compact now. :func:`generate` and the Engine never call it:
+    they leave a model passed to them as it is."""
+    compact = getattr(model, "compact_head", None)
+    if compact is None:
+        return False
+    try:
+        compact()
+    except ValueError:
+        return False
+    return True
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id,

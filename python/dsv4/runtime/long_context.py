@@ -147,14 +147,17 @@ def step_transient(config, tokens: int, context: int, kv_cache: str = "bf16",
     ``context`` (its chunk ``[context - tokens, context)``, the earlier tokens cached), on the
     runtime's paged cache and the kernel path, measured on the meta device (see the module
     docstring). ``weights="fp8"`` stores the release's FP8/FP4 linears natively, as the bench
-    does. Returns a :class:`StepMemory`; op workspaces are not in it
+    does; ``head_dtype=torch.bfloat16`` holds the head compact (``Model.compact_head``), as the
+    bench's ``--head bf16`` does. Returns a :class:`StepMemory`; op workspaces are not in it
     (:data:`WORKSPACE_ALLOWANCE`). Raises ValueError for tokens outside [1, context]."""
     if not 1 <= tokens <= context:
         raise ValueError(f"tokens must be in [1, context={context}], got {tokens}")
     model, cache, batch = _meta_step(config, tokens, context, kv_cache, indexer_cache, weights,
                                      block_tokens)
     ids = torch.zeros(tokens, dtype=torch.long, device="meta")
-    if head_dtype not in (None, torch.float32):
+    if head_dtype == torch.bfloat16:
+        model.compact_head()                    # held in bf16: the step makes no copy
+    elif head_dtype not in (None, torch.float32):
         model._low_precision_head(head_dtype)   # kept by the model after the first step
     mode = _LiveBytes()
     with torch.no_grad(), _kernel_path_everywhere(), mode:
@@ -271,12 +274,13 @@ def _quantize_meta(mod, name, fmt, config) -> None:
 @dataclasses.dataclass
 class LayerFit:
     """How many layers fit: ``budget`` bytes (free device memory when the build starts) must
-    hold the layers' weights, what is not a layer (embedding, heads), the pool at the target
+    hold the layers' weights, what is not a layer (embedding, head), the pool at the target
     context, one step's transient and a safety margin.
 
-    Attributes (bytes): budget; fixed: the non-layer weights (embedding, fp32 head, its bf16
-    copy); transient: one prefill chunk's (:func:`step_transient`) plus op workspaces; margin:
-    fragmentation, CUDA graphs' pools, library workspaces.
+    Attributes (bytes): budget; fixed: the non-layer weights as held while serving (embedding;
+    the head, compact in bf16 or fp32: ``bench.non_layer_bytes``); transient: one prefill
+    chunk's (:func:`step_transient`) plus op workspaces; margin: fragmentation, CUDA graphs'
+    pools, library workspaces.
     """
 
     budget: int
