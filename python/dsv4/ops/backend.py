@@ -91,21 +91,37 @@ _RUN_20261205E = (
     "960e02e9; the other C++ checks last ran at a88eeb31); compute-sanitizer "
     "memcheck clean on the hca_fp8, mhc, grouped_gemm (FP8 x FP8 cases) and sparse_attn_prefill "
     "checks")
-HARDWARE_VERIFIED: dict[str, str] = {op: _RUN_20261205E for op in (
-    "rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv", "sparse_attn",
-    "hca_attn", "grouped_oproj", "fp8_linear", "moe_gate", "moe_dispatch", "moe_combine",
-    "moe_up", "moe_down", "mhc_pre", "mhc_post", "mhc_head")}
+_RUN_20261205G = (
+    "2026-12-05 (late night), on an H100 80GB, csrc ffa9e332 (branch integ-f: the "
+    "warp-specialised sparse_attn prefill as the default, the FP8-cache decode producers "
+    "'new' / 'new2' opt-in, indexer_topk's latency plan for decode (splits down to 128 keys, "
+    "PDL), the one-launch mhc_pre / mhc_head decode kernel for T <= 64, the FP8 KV writers' "
+    "NaN / inf codes and the one e8m0 decoding; its grouped-GEMM changes are not part of this "
+    "record and were held back): tests/ops of these ops, tests/runtime, tests/layers, the "
+    "model / golden / engine tests (in parallel pytest processes, all passed), ctest of the "
+    "compress_kv, hca_fp8, indexer_topk and mhc checks (passed), compute-sanitizer memcheck "
+    "of the mhc decode check (clean). Python on top (the step-shared metadata, kernel RMSNorm "
+    "and compact head of branches launch-diet and compact-head) ran in the same tests")
+HARDWARE_VERIFIED: dict[str, str] = {
+    **{op: _RUN_20261205E for op in (
+        "rms_norm", "grouped_oproj", "fp8_linear", "moe_gate",
+        "moe_dispatch", "moe_combine", "moe_up", "moe_down")},
+    **{op: _RUN_20261205G for op in (
+        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
+        "hca_attn", "mhc_pre", "mhc_post", "mhc_head")},
+}
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
-# op_source_digests; all 17 from the run above: csrc 00abaea6, VERIFIED_SOURCE_DIGEST). A run
-# that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
+# op_source_digests): rms_norm, the GEMM and MoE routing ops from the 2026-12-05E run (csrc
+# 00abaea6, VERIFIED_SOURCE_DIGEST), the attention and mHC ops from the 2026-12-05G run (csrc
+# ffa9e332). A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
-    "q_norm_rope": "a523b184e7a3d9437c3b65950a65bb94e45499447e82228476c53af5d3e569ad",
-    "kv_norm_rope": "a523b184e7a3d9437c3b65950a65bb94e45499447e82228476c53af5d3e569ad",
-    "compress_kv": "24dc61db73592bcde5531b4ecba979e91ccb21bb12ab88b290fd5fdf330a5255",
-    "indexer_topk": "8c056490988ec4be6f76ca7491b259a6254e17bf8bab3826881c0c3cdce06792",
-    "sparse_attn": "acab0414e9c84bf59e5a651bba84ec7a4764d30fdb23eb33802ea60c2be8e6dd",
-    "hca_attn": "acab0414e9c84bf59e5a651bba84ec7a4764d30fdb23eb33802ea60c2be8e6dd",
+    "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
+    "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
+    "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
+    "indexer_topk": "539cb40952e0f95fc2c118a5f68bb08c0d3b843b88c2142164651b6b57b7fe0f",
+    "sparse_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
+    "hca_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
     "grouped_oproj": "323e1578f6bed4d1e6d62f6c49386b0dae0efc759548b3da37210bd140a892d3",
     "fp8_linear": "c0289dd4a82d9d6a95f45555653d03952a1f509839253fb7e2251127bec745bd",
     "moe_gate": "210541199aa99a3228337f9b31ceb37fe535765bb53000ab7b6747a44be02058",
@@ -113,9 +129,9 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "68a7430a62f443133155ff118414089143ac69cabbe1d913f2240b9186a0163a",
     "moe_up": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
     "moe_down": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
-    "mhc_pre": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
-    "mhc_post": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
-    "mhc_head": "1445c44a73526d145942094f15a528d1116f375f0766ea3084eee3b39b3643ae",
+    "mhc_pre": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
+    "mhc_post": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
+    "mhc_head": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
