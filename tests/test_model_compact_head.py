@@ -302,3 +302,53 @@ def test_compact_head_if_exact_for_generate():
     r = dsv4.Model(dsv4.ModelConfig.tiny(vocab_size=512))
     assert not compact_head_if_exact(r) and r.head.weight.dtype == torch.float32
     assert not compact_head_if_exact(object())
+
+
+def test_refused_dtype_leaves_the_model_where_it_was():
+    """A dtype the model does not run in (float64) is refused before anything moves: with a
+    device in the same call (the model stays on its device), and through ``.double()`` /
+    ``.type()``, which nn.Module would apply to every parameter (the compact head and the
+    fp32-kept ones included)."""
+    m = _model()
+    m.compact_head()
+    ids = _ids(m)
+    with torch.no_grad():
+        ref = m(ids)
+    head = m.head.weight.detach().clone()
+    for call in (lambda: m.to("meta", torch.float64), lambda: m.to(torch.float64),
+                 lambda: m.double(), lambda: m.type(torch.float64),
+                 lambda: m.type("torch.DoubleTensor")):
+        with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+            call()
+        assert m.device == torch.device("cpu") and m.dtype == torch.float32
+        assert m.head_compact and torch.equal(m.head.weight.detach(), head)
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref)
+    # .type(dtype) is .to(dtype): compute weights cast, fp32-kept parameters and the compact
+    # head keep their dtype
+    assert m.type(torch.bfloat16) is m and m.embed.weight.dtype == torch.bfloat16
+    assert m.norm.weight.dtype == torch.float32 and m.head.weight.dtype == torch.bfloat16
+
+
+def test_expand_head_restores_a_frozen_head_after_deepcopy_and_assign():
+    """expand_head gives back the requires_grad the head had before compact_head, also on a
+    copy.deepcopy of the model and after load_state_dict(assign=True) replaced the
+    parameter (both drop a Parameter's own attributes)."""
+    import copy
+    m = _model()
+    sd = m.state_dict()
+    m.head.weight.requires_grad_(False)
+    m.compact_head()
+    d = copy.deepcopy(m)
+    assert d.head_compact and d.head.weight.data_ptr() != m.head.weight.data_ptr()
+    d.expand_head()
+    assert d.head.weight.dtype == torch.float32 and not d.head.weight.requires_grad
+    m.load_state_dict(sd, assign=True)
+    assert m.head_compact
+    m.expand_head()
+    assert m.head.weight.dtype == torch.float32 and not m.head.weight.requires_grad
+    assert torch.equal(m.head.weight.detach(), sd["head.weight"])
+    t = _model()                                   # trainable before: trainable after
+    t.compact_head()
+    copy.deepcopy(t).expand_head()
+    assert copy.deepcopy(t).expand_head().head.weight.requires_grad

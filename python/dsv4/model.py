@@ -164,11 +164,12 @@ class Model(nn.Module):
     def to(self, *args, **kwargs) -> "Model":
         """Like ``nn.Module.to``, but a dtype applies to compute weights only (see class doc)."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        # Checked before anything moves: a refused dtype leaves the model where it was.
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
             cast_compute_weights(self, dtype, self._fp32_names,
                                  skip=("head.weight",) if self.head_compact else ())
             # The experts' new tensors no longer view their MoE's stacked storage: rebuild
@@ -187,6 +188,22 @@ class Model(nn.Module):
 
     def float(self) -> "Model":
         return self.to(dtype=torch.float32)
+
+    def double(self) -> "Model":
+        """Refused (ValueError, model unchanged): the model runs in float32, bfloat16 or
+        float16 (``nn.Module.double`` would cast every parameter, the compact head and those
+        kept in fp32 included, to float64)."""
+        return self.to(dtype=torch.float64)
+
+    def type(self, dst_type) -> "Model":
+        """``.to(dtype=dst_type)`` for a torch dtype (the compute weights only, see the class
+        doc; float32, bfloat16 or float16); anything else (a tensor type name) raises
+        ValueError, model unchanged (``nn.Module.type`` would cast every parameter, those kept
+        in fp32 and a compact head included)."""
+        if not isinstance(dst_type, torch.dtype):
+            raise ValueError(f"Model.type takes a torch dtype (float32, bfloat16 or float16), "
+                             f"got {dst_type!r}; use .to(dtype)")
+        return self.to(dtype=dst_type)
 
     # ------------------------------------------------------------------ head storage
     def _compact_weight(self) -> Optional[nn.Parameter]:
@@ -244,7 +261,9 @@ class Model(nn.Module):
         copy = self._cached_head_copy(torch.bfloat16)
         self.__dict__.pop("_head_copy", None)
         new = copy if copy is not None else p.detach().to(torch.bfloat16)
-        p._dsv4_requires_grad = p.requires_grad     # for expand_head
+        # For expand_head; on the model, not the parameter: a Parameter's own attributes are
+        # lost by copy.deepcopy and by load_state_dict(assign=True).
+        self._head_requires_grad = p.requires_grad
         p.grad = None
         p.data = new
         p.requires_grad_(False)
@@ -258,7 +277,7 @@ class Model(nn.Module):
         if p is None:
             return self
         p.data = p.detach().float()
-        p.requires_grad_(getattr(p, "_dsv4_requires_grad", True))
+        p.requires_grad_(self.__dict__.get("_head_requires_grad", True))
         self.__dict__.pop("_head_copy", None)
         return self
 
