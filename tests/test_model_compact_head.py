@@ -352,3 +352,44 @@ def test_expand_head_restores_a_frozen_head_after_deepcopy_and_assign():
     t.compact_head()
     copy.deepcopy(t).expand_head()
     assert copy.deepcopy(t).expand_head().head.weight.requires_grad
+
+
+def test_compact_head_does_not_adopt_a_stale_bf16_copy(monkeypatch):
+    """A head_dtype=bf16 step caches a bf16 copy keyed on the weight's version counter; a
+    write through ``head.weight.data`` does not advance it. compact_head must then hold the
+    weight's current values (the fp32 logits unchanged by compaction), not the stale copy's."""
+    from dsv4.layers.varlen import StepBatch
+    monkeypatch.setattr(head_mod, "SLICE_BYTES", 64 << 10)     # several slices compared
+    m = _model(dtype=torch.bfloat16)
+    ids = _ids(m)[0, :7]
+
+    def step(head_dtype):
+        batch = StepBatch.build([0], [7], [0], [[0]], [6], "cpu", max_blocks=1)
+        with torch.no_grad():
+            return m.forward_step(ids, m.make_cache(1).layers, batch, head_dtype)
+
+    step(torch.bfloat16)                              # caches the bf16 copy
+    new = torch.randn(m.head.weight.shape, generator=torch.Generator().manual_seed(3))
+    new = new.to(torch.bfloat16).float()
+    m.head.weight.data.copy_(new)
+    ref = step(None)
+    m.compact_head()
+    assert torch.equal(m.head.weight.detach().float(), new)
+    _close(step(None), ref)
+    # a fresh copy (no write since) is still adopted: no second bf16 head
+    m.expand_head()
+    step(torch.bfloat16)
+    ptr = m._low_precision_head(torch.bfloat16).data_ptr()
+    m.compact_head()
+    assert m.head.weight.data_ptr() == ptr
+
+
+def test_same_bits_by_hand():
+    w = torch.tensor([[1.0, float("nan")], [-0.0, 2.5]])
+    assert head_mod.same_bits(w.to(torch.bfloat16), w)
+    assert not head_mod.same_bits(w.to(torch.bfloat16), w.abs())       # -0 vs +0
+    assert not head_mod.same_bits(w.to(torch.bfloat16)[:1], w)         # shape
+    assert not head_mod.same_bits(w, w)                                 # not bf16
+    w2 = w.clone()
+    w2[1, 1] = 3.0
+    assert not head_mod.same_bits(w.to(torch.bfloat16), w2)

@@ -19,7 +19,7 @@ from .argtypes import int_sequence
 from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
-from .layers.head import check_bf16_exact, fp32_logits
+from .layers.head import check_bf16_exact, fp32_logits, same_bits
 from .layers.linear import Linear
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
@@ -237,7 +237,9 @@ class Model(nn.Module):
           before anything is loaded, for one that is not.
         * training: the compact weight is frozen (``requires_grad=False``: it gets no
           gradient, and a gradient it held is dropped; activations still get theirs).
-          :meth:`expand_head` restores the fp32 parameter.
+          :meth:`expand_head` restores the fp32 parameter. Unfreezing it yourself (e.g.
+          ``model.requires_grad_(True)``) trains the head in bf16 (bf16 gradient and
+          optimizer update, no longer the official fp32 head): expand_head first.
 
         Idempotent. Raises ValueError, changing nothing, when a value of the weight is not a
         bf16 value (a randomly initialised or fp32-trained head: the bf16 head would change
@@ -260,6 +262,8 @@ class Model(nn.Module):
         check_bf16_exact(p, "compact_head: head.weight")
         copy = self._cached_head_copy(torch.bfloat16)
         self.__dict__.pop("_head_copy", None)
+        if copy is not None and not same_bits(copy, p):
+            copy = None      # stale: the weight was written through .data since the copy
         new = copy if copy is not None else p.detach().to(torch.bfloat16)
         # For expand_head; on the model, not the parameter: a Parameter's own attributes are
         # lost by copy.deepcopy and by load_state_dict(assign=True).
@@ -391,7 +395,10 @@ class Model(nn.Module):
     def _low_precision_head(self, dtype: torch.dtype) -> torch.Tensor:
         """The head weight in ``dtype``: the weight itself when it is held so (a compact head
         for bfloat16), else a copy cached on the model (rebuilt when the weight changes; the
-        memory of a second head: :meth:`compact_head` avoids it)."""
+        memory of a second head: :meth:`compact_head` avoids it). "Changes" is seen through
+        the weight's version counter (``copy_`` / optimizer steps / ``load_state_dict``
+        advance it); a write through ``head.weight.data`` does not, so after one the cached
+        copy is stale: write through the parameter under ``torch.no_grad()`` instead."""
         w = self.head.weight
         if w.dtype == dtype:
             return w.detach()
