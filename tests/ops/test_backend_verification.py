@@ -64,13 +64,20 @@ def test_opt_in_calls_unverified_kernels(cuda_like, monkeypatch):
         dsv4.allow_unverified_kernels("yes")
 
 
-@pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("", False)])
-def test_environment_variable(value, expected):
+@pytest.mark.parametrize("value,expected,said", [
+    ("1", True, False), (" On ", True, False), ("0", False, False), ("", False, False),
+    ("off", False, False), ("maybe", False, True), ("2", False, True)])
+def test_environment_variable(value, expected, said):
+    """Recognised values set the flag silently; any other value leaves unverified kernels off
+    and says so on stderr, naming the accepted values."""
     env = dict(os.environ, DSV4_UNVERIFIED_KERNELS=value)
     code = "import dsv4.ops.backend as b; print(b.unverified_allowed())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == str(expected)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True)
+    assert r.stdout.strip() == str(expected)
+    assert ("DSV4_UNVERIFIED_KERNELS=" in r.stderr) is said, r.stderr
+    if said:
+        assert "1, true, yes, on" in r.stderr
 
 
 def test_info_names_the_verified_kernels():

@@ -140,8 +140,25 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
 VERIFIED_SOURCE_DIGEST = "00abaea6fce7b2924ecb6fefaa2853a85cc0fe3f0b71e6e0181664f7ac6efaa0"
 
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
-_allow_unverified = os.environ.get(_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes",
-                                                                           "on")
+_ENV_TRUE = ("1", "true", "yes", "on")
+_ENV_FALSE = ("", "0", "false", "no", "off")
+
+
+def _initial_unverified() -> bool:
+    """``DSV4_UNVERIFIED_KERNELS``: one of _ENV_TRUE allows, one of _ENV_FALSE (or unset) does
+    not; anything else is said on stderr and taken as not allowed (the safe reading)."""
+    raw = os.environ.get(_UNVERIFIED_ENV, "")
+    value = raw.strip().lower()
+    if value in _ENV_TRUE:
+        return True
+    if value not in _ENV_FALSE:
+        print(f"dsv4: {_UNVERIFIED_ENV}={raw!r} is not one of {', '.join(_ENV_TRUE)} (allow) or "
+              f"{', '.join(repr(v) for v in _ENV_FALSE)} (do not allow); unverified kernels "
+              f"stay off", file=sys.stderr, flush=True)
+    return False
+
+
+_allow_unverified = _initial_unverified()
 
 
 def allow_unverified_kernels(flag: bool = True) -> None:
