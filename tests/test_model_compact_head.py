@@ -285,6 +285,28 @@ def test_training_with_a_compact_head():
     assert "head.weight" in grads(m)
 
 
+def test_unfrozen_compact_head_warns_once():
+    """Unfreezing the compact weight trains the head in bf16: the first forward with grad
+    enabled says so (once per model), with expand_head as the way out; a frozen compact
+    head, or a forward under no_grad, says nothing."""
+    import warnings
+    m = _model().train().compact_head()
+    ids = _ids(m, 1, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(ids)                           # frozen: silent
+        m.head.weight.requires_grad_(True)
+        with torch.no_grad():
+            m(ids)                       # no gradient: silent
+    with pytest.warns(RuntimeWarning, match="expand_head"):
+        out = m(ids)
+    out.sum().backward()
+    assert m.head.weight.grad is not None and m.head.weight.grad.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(ids)                           # said once
+
+
 def test_meta_model_compacts():
     from dsv4.model_info import meta_model
     m = meta_model(dsv4.ModelConfig.tiny())

@@ -9,6 +9,7 @@ next from the last residual streams and the next token's embedding.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -248,7 +249,8 @@ class Model(nn.Module):
           gradient, and a gradient it held is dropped; activations still get theirs).
           :meth:`expand_head` restores the fp32 parameter. Unfreezing it yourself (e.g.
           ``model.requires_grad_(True)``) trains the head in bf16 (bf16 gradient and
-          optimizer update, no longer the official fp32 head): expand_head first.
+          optimizer update, no longer the official fp32 head; the first forward with grad
+          enabled warns, once): expand_head first.
 
         Idempotent. Raises ValueError, changing nothing, when a value of the weight is not a
         bf16 value (a randomly initialised or fp32-trained head: the bf16 head would change
@@ -394,6 +396,13 @@ class Model(nn.Module):
         w = self._compact_weight()
         if w is None:
             return self.head(y.float())
+        if w.requires_grad and torch.is_grad_enabled() and not self.__dict__.get(
+                "_warned_bf16_head_training"):
+            self._warned_bf16_head_training = True
+            warnings.warn("the compact head (Model.compact_head) was unfrozen: its gradient and "
+                          "optimizer update are bf16, not the official fp32 head's; call "
+                          "model.expand_head() before training the head", RuntimeWarning,
+                          stacklevel=3)
         return fp32_logits(y, w)
 
     def _low_precision_head(self, dtype: torch.dtype) -> torch.Tensor:
