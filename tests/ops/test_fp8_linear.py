@@ -11,7 +11,7 @@ import dsv4.ops  # noqa: F401  (registers every op)
 from dsv4.layers.linear import Linear
 from dsv4.ops.gemm import fp8_linear, fp8_linear_reference
 from dsv4.ops.quant import fp8_e4m3_sim
-from dsv4.quant import e8m0_to_float, fp8_block_quantize
+from dsv4.quant import e8m0_to_float, fp8_block_dequantize, fp8_block_quantize
 
 
 def make(M, N, K, seed, device="cpu", lead=()):
@@ -211,5 +211,13 @@ def test_cuda_decode_rows(monkeypatch, tile, M, N, K):
     g = torch.Generator().manual_seed(M)
     sf = e8m0_to_float(s) * (1.0 + torch.rand(s.shape, generator=g).to(s.device))
     y = fp8_linear(x, q, sf, False)
-    _assert_2x_bf16_rule(y, fp8_linear_reference(x, q, sf, False),
-                         fp8_linear_reference(x.float(), q, sf, False), "float32 scales")
+    ref = fp8_linear_reference(x, q, sf, False)
+    if tile == "decode":
+        # The tensor-core tiles feed the MMA bf16 weights: with a scale that is not a power of
+        # two, each dequantised weight q * s is rounded to bf16 (the skinny tile applies s in
+        # fp32). Their bf16 reference is the same product of those rounded weights (H100,
+        # 2026-12-05: M = 33 x 136 x 208 had err 3.3 against 2 x 1.3 of the fp32-weight ref).
+        w16 = fp8_block_dequantize(q, sf, torch.float32).to(torch.bfloat16).float()
+        ref = (x.float() @ w16.T).to(x.dtype)
+    _assert_2x_bf16_rule(y, ref, fp8_linear_reference(x.float(), q, sf, False),
+                         f"fp8_linear[{tile}] {M}x{N}x{K} float32 scales")
