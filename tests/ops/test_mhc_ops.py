@@ -330,40 +330,8 @@ def test_cuda_tests_again_with_the_chunked_prefill_path():
     assert " passed" in r.stdout
 
 
-@cuda
-@pytest.mark.skipif(not ONE_PASS, reason="the DSV4_MHC_ONE_PASS=0 child run takes the chunked path")
-def test_one_pass_kernel_is_the_one_that_runs():
-    """By default mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the one-pass kernel
-    (the child run above would otherwise test the same path twice); dim 512 keeps the chunked
-    path's kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(T, d):
-        x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
-        dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6)
-            ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages() if "mhc" in e.key and "kernel" in e.key]
-
-    names = kernels(100, 1024)
-    if not names:
-        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
-    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
-    names = kernels(100, 4096)
-    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
-    assert not any("mhc_wide_kernel" in n for n in kernels(100, 512))
-
-
-# ---------------------------------------------------------------------------------------------
-# the decode kernel (T <= 64; DSV4_MHC_DECODE=old selects the previous paths)
-# ---------------------------------------------------------------------------------------------
-DECODE_NEW = os.environ.get("DSV4_MHC_DECODE") != "old"
-
-
 def _mhc_kernel_names(T, d):
+    """The mHC kernels one mhc_pre + mhc_head call at (T, d) launches (CUDA profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
@@ -374,6 +342,27 @@ def _mhc_kernel_names(T, d):
         ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
         torch.cuda.synchronize()
     return [e.key for e in prof.key_averages() if "mhc" in e.key and "kernel" in e.key]
+
+
+@cuda
+@pytest.mark.skipif(not ONE_PASS, reason="the DSV4_MHC_ONE_PASS=0 child run takes the chunked path")
+def test_one_pass_kernel_is_the_one_that_runs():
+    """By default mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the one-pass kernel
+    (the child run above would otherwise test the same path twice); dim 512 keeps the chunked
+    path's kernels."""
+    names = _mhc_kernel_names(100, 1024)
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    names = _mhc_kernel_names(100, 4096)
+    assert len(names) == 2 and all("mhc_wide_kernel" in n for n in names), names
+    assert not any("mhc_wide_kernel" in n for n in _mhc_kernel_names(100, 512))
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode kernel (T <= 64; DSV4_MHC_DECODE=old selects the previous paths)
+# ---------------------------------------------------------------------------------------------
+DECODE_NEW = os.environ.get("DSV4_MHC_DECODE") != "old"
 
 
 @cuda

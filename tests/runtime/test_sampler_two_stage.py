@@ -20,7 +20,8 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(autouse=True)
 def _two_stage_on(monkeypatch):
-    """The two-stage path is opt-in (DSV4_SAMPLER_TWO_STAGE=1): every test here turns it on."""
+    """The two-stage path is the default (DSV4_SAMPLER_TWO_STAGE=0 turns it off): every test here
+    sets it on explicitly."""
     monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "1")
     two_stage_chunk.cache_clear()
     yield
@@ -93,19 +94,18 @@ def test_two_stage_equals_torch_argmax_cpu(n):
     _check(x.t().contiguous().t())                    # non-contiguous: torch.argmax
 
 
-@pytest.mark.parametrize("value", [None, "0"])
-def test_env_switch_off(monkeypatch, value):
-    """Unset (the default) or 0: torch.argmax for every row, the same results."""
+@pytest.mark.parametrize("value,chunk", [(None, 808), ("1", 808), ("0", 0)])
+def test_env_switch(monkeypatch, value, chunk):
+    """Unset (the default) or 1: two stages for the vocabulary's rows; 0: torch.argmax for every
+    row. The same results either way."""
     if value is None:
         monkeypatch.delenv("DSV4_SAMPLER_TWO_STAGE")
     else:
         monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", value)
     two_stage_chunk.cache_clear()
-    assert two_stage_chunk(129280) == 0
+    assert two_stage_chunk(129280) == chunk
     _check(_rows(129280, seed=1))
-    monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "1")
     two_stage_chunk.cache_clear()
-    assert sampler.two_stage_chunk(129280) == 808
 
 
 @pytest.mark.cuda
@@ -135,13 +135,13 @@ def test_two_stage_equals_torch_argmax_cuda(n):
     assert torch.equal(out[0], torch.argmax(x, dim=-1))
 
 
-def test_an_unrecognised_opt_in_value_warns_and_stays_off(monkeypatch):
-    """DSV4_SAMPLER_TWO_STAGE=yes is not '1': off (torch.argmax), with a warning naming what is
-    accepted, instead of a silently ignored opt-in."""
+def test_an_unrecognised_value_warns_and_keeps_the_default(monkeypatch):
+    """DSV4_SAMPLER_TWO_STAGE=yes is neither '0' nor '1': the default (on), with a warning naming
+    what is accepted, instead of a silently misread switch."""
     monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "yes")
     two_stage_chunk.cache_clear()
-    with pytest.warns(UserWarning, match=r"DSV4_SAMPLER_TWO_STAGE='yes' is not one of '1'"):
-        assert two_stage_chunk(129280) == 0
+    with pytest.warns(UserWarning, match=r"DSV4_SAMPLER_TWO_STAGE='yes' is not one of '0'"):
+        assert two_stage_chunk(129280) == 808
     monkeypatch.setenv("DSV4_SAMPLER_TWO_STAGE", "0")
     two_stage_chunk.cache_clear()
     with warnings.catch_warnings():

@@ -38,15 +38,17 @@ __all__ = ["argmax_rows", "rows_finite", "draws_in_graph", "sample_greedy", "sam
 TWO_STAGE_MIN_LEN = 16384
 
 
-def _two_stage_opted_in() -> bool:
-    """Whether ``DSV4_SAMPLER_TWO_STAGE`` is ``1``; unset, empty or ``0`` is off; any other value
-    (``yes``, ``true``, ...) is off too, with a warning naming the accepted values, so that a
-    mistyped opt-in does not pass unnoticed."""
+def _two_stage_enabled() -> bool:
+    """Whether the two-stage reductions are on: unset, empty or ``DSV4_SAMPLER_TWO_STAGE=1`` is
+    on (the default since its GPU run: 2.2-2.4x torch's one-pass argmax of one or 8 rows of
+    129,280 logits, 1.2x at 64 rows; H100, bench/README.md), ``0`` is off (every row takes
+    ``torch.argmax``); any other value (``yes``, ``off``, ...) keeps the default, with a
+    warning naming the accepted values, so that a mistyped switch does not pass unnoticed."""
     raw = os.environ.get("DSV4_SAMPLER_TWO_STAGE", "")
     if raw.strip() not in ("", "0", "1"):
-        warnings.warn(f"DSV4_SAMPLER_TWO_STAGE={raw!r} is not one of '1' (on) or '0' / unset "
-                      "(off, the default); the two-stage argmax stays off", stacklevel=3)
-    return raw.strip() == "1"
+        warnings.warn(f"DSV4_SAMPLER_TWO_STAGE={raw!r} is not one of '0' (off) or '1' / unset "
+                      "(on, the default); the two-stage argmax stays on", stacklevel=3)
+    return raw.strip() != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,10 +56,9 @@ def two_stage_chunk(n: int) -> int:
     """Chunk length of the two-stage row reductions for rows of ``n`` elements: the divisor of
     ``n`` that is a multiple of 8 (32-byte aligned fp32 chunks) in [256, 8192] closest to
     1024 (129,280 -> 808, 160 chunks), or 0 when there is none, when ``n`` is below
-    :data:`TWO_STAGE_MIN_LEN`, or unless ``DSV4_SAMPLER_TWO_STAGE=1`` (read once per ``n``):
-    opt-in until its speed on a GPU is measured (``bench/bench_sampler.py``); off, every row
-    takes ``torch.argmax``."""
-    if n < TWO_STAGE_MIN_LEN or not _two_stage_opted_in():
+    :data:`TWO_STAGE_MIN_LEN`, or when ``DSV4_SAMPLER_TWO_STAGE=0`` (read once per ``n``; see
+    :func:`_two_stage_enabled`): then every row takes ``torch.argmax``."""
+    if n < TWO_STAGE_MIN_LEN or not _two_stage_enabled():
         return 0
     divisors = [c for c in range(256, min(n, 8192) + 1, 8) if n % c == 0]
     return min(divisors, key=lambda c: (abs(c - 1024), c)) if divisors else 0
