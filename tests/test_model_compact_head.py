@@ -302,3 +302,94 @@ def test_compact_head_if_exact_for_generate():
     r = dsv4.Model(dsv4.ModelConfig.tiny(vocab_size=512))
     assert not compact_head_if_exact(r) and r.head.weight.dtype == torch.float32
     assert not compact_head_if_exact(object())
+
+
+def test_refused_dtype_leaves_the_model_where_it_was():
+    """A dtype the model does not run in (float64) is refused before anything moves: with a
+    device in the same call (the model stays on its device), and through ``.double()`` /
+    ``.type()``, which nn.Module would apply to every parameter (the compact head and the
+    fp32-kept ones included)."""
+    m = _model()
+    m.compact_head()
+    ids = _ids(m)
+    with torch.no_grad():
+        ref = m(ids)
+    head = m.head.weight.detach().clone()
+    for call in (lambda: m.to("meta", torch.float64), lambda: m.to(torch.float64),
+                 lambda: m.double(), lambda: m.type(torch.float64),
+                 lambda: m.type("torch.DoubleTensor")):
+        with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+            call()
+        assert m.device == torch.device("cpu") and m.dtype == torch.float32
+        assert m.head_compact and torch.equal(m.head.weight.detach(), head)
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref)
+    # .type(dtype) is .to(dtype): compute weights cast, fp32-kept parameters and the compact
+    # head keep their dtype
+    assert m.type(torch.bfloat16) is m and m.embed.weight.dtype == torch.bfloat16
+    assert m.norm.weight.dtype == torch.float32 and m.head.weight.dtype == torch.bfloat16
+
+
+def test_expand_head_restores_a_frozen_head_after_deepcopy_and_assign():
+    """expand_head gives back the requires_grad the head had before compact_head, also on a
+    copy.deepcopy of the model and after load_state_dict(assign=True) replaced the
+    parameter (both drop a Parameter's own attributes)."""
+    import copy
+    m = _model()
+    sd = m.state_dict()
+    m.head.weight.requires_grad_(False)
+    m.compact_head()
+    d = copy.deepcopy(m)
+    assert d.head_compact and d.head.weight.data_ptr() != m.head.weight.data_ptr()
+    d.expand_head()
+    assert d.head.weight.dtype == torch.float32 and not d.head.weight.requires_grad
+    m.load_state_dict(sd, assign=True)
+    assert m.head_compact
+    m.expand_head()
+    assert m.head.weight.dtype == torch.float32 and not m.head.weight.requires_grad
+    assert torch.equal(m.head.weight.detach(), sd["head.weight"])
+    t = _model()                                   # trainable before: trainable after
+    t.compact_head()
+    copy.deepcopy(t).expand_head()
+    assert copy.deepcopy(t).expand_head().head.weight.requires_grad
+
+
+def test_compact_head_does_not_adopt_a_stale_bf16_copy(monkeypatch):
+    """A head_dtype=bf16 step caches a bf16 copy keyed on the weight's version counter; a
+    write through ``head.weight.data`` does not advance it. compact_head must then hold the
+    weight's current values (the fp32 logits unchanged by compaction), not the stale copy's."""
+    from dsv4.layers.varlen import StepBatch
+    monkeypatch.setattr(head_mod, "SLICE_BYTES", 64 << 10)     # several slices compared
+    m = _model(dtype=torch.bfloat16)
+    ids = _ids(m)[0, :7]
+
+    def step(head_dtype):
+        batch = StepBatch.build([0], [7], [0], [[0]], [6], "cpu", max_blocks=1)
+        with torch.no_grad():
+            return m.forward_step(ids, m.make_cache(1).layers, batch, head_dtype)
+
+    step(torch.bfloat16)                              # caches the bf16 copy
+    new = torch.randn(m.head.weight.shape, generator=torch.Generator().manual_seed(3))
+    new = new.to(torch.bfloat16).float()
+    m.head.weight.data.copy_(new)
+    ref = step(None)
+    m.compact_head()
+    assert torch.equal(m.head.weight.detach().float(), new)
+    _close(step(None), ref)
+    # a fresh copy (no write since) is still adopted: no second bf16 head
+    m.expand_head()
+    step(torch.bfloat16)
+    ptr = m._low_precision_head(torch.bfloat16).data_ptr()
+    m.compact_head()
+    assert m.head.weight.data_ptr() == ptr
+
+
+def test_same_bits_by_hand():
+    w = torch.tensor([[1.0, float("nan")], [-0.0, 2.5]])
+    assert head_mod.same_bits(w.to(torch.bfloat16), w)
+    assert not head_mod.same_bits(w.to(torch.bfloat16), w.abs())       # -0 vs +0
+    assert not head_mod.same_bits(w.to(torch.bfloat16)[:1], w)         # shape
+    assert not head_mod.same_bits(w, w)                                 # not bf16
+    w2 = w.clone()
+    w2[1, 1] = 3.0
+    assert not head_mod.same_bits(w.to(torch.bfloat16), w2)

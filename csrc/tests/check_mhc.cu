@@ -247,73 +247,111 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
   }
 }
 
-// Prefill timing of mhc_pre / mhc_head at (T, d), the chunked path and then the one-pass kernel
-// (DSV4_MHC_ONE_PASS=0 / 1, the same inputs), and the one-pass result's run-to-run
-// determinism: a second run must give the same bytes of u, post and comb. Informational times
-// (HBM floor: x read once + u written); the check fails only on an error or a nondeterminism.
-bool time_prefill(int T, int d, bool head, bool check_determinism) {
-  const size_t K = 4 * size_t(d);
+// Inputs, two output buffers and the workspace of one mhc_pre / mhc_head timing case at (T, d)
+// (random bf16 x from `x_seed`, random fn / base from `rng_seed`), freed on destruction. The
+// timing checks below share it.
+struct TimedCase {
+  int T, d;
+  bool head;
+  size_t K, ws_bytes = 0;
   uint16_t* dx = nullptr;
-  CHECK_CUDA(cudaMalloc(&dx, size_t(T) * K * 2));
-  fill_bf16<<<1024, 256>>>(dx, size_t(T) * K, 77u);
-  std::vector<float> fn(24 * K), scale = {0.7f, 0.9f, 1.1f}, base(24);
-  std::mt19937 rng(99);
-  std::normal_distribution<float> nd(0.f, 0.02f);
-  for (auto& v : fn) v = nd(rng);
-  for (auto& v : base) v = 10 * nd(rng);
-  float* dfn = to_device(fn);
-  float* ds = to_device(scale);
-  float* db = to_device(base);
-  uint16_t *du[2] = {nullptr, nullptr};
+  float *dfn = nullptr, *ds = nullptr, *db = nullptr;
+  uint16_t* du[2] = {nullptr, nullptr};
   float *dp[2] = {nullptr, nullptr}, *dc[2] = {nullptr, nullptr};
-  for (int r = 0; r < 2; ++r) {
-    CHECK_CUDA(cudaMalloc(&du[r], size_t(T) * d * 2));
-    CHECK_CUDA(cudaMalloc(&dp[r], size_t(T) * 4 * 4));
-    CHECK_CUDA(cudaMalloc(&dc[r], size_t(T) * 16 * 4));
-  }
-  int dev = 0;
-  CHECK_CUDA(cudaGetDevice(&dev));
-  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
   void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  auto run = [&](int r) {
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+
+  TimedCase(int T_, int d_, bool head_, uint32_t x_seed, int x_blocks, unsigned rng_seed)
+      : T(T_), d(d_), head(head_), K(4 * size_t(d_)) {
+    CHECK_CUDA(cudaMalloc(&dx, size_t(T) * K * 2));
+    fill_bf16<<<x_blocks, 256>>>(dx, size_t(T) * K, x_seed);
+    std::vector<float> fn(24 * K), scale = {0.7f, 0.9f, 1.1f}, base(24);
+    std::mt19937 rng(rng_seed);
+    std::normal_distribution<float> nd(0.f, 0.02f);
+    for (auto& v : fn) v = nd(rng);
+    for (auto& v : base) v = 10 * nd(rng);
+    dfn = to_device(fn);
+    ds = to_device(scale);
+    db = to_device(base);
+    for (int r = 0; r < 2; ++r) {
+      CHECK_CUDA(cudaMalloc(&du[r], size_t(T) * d * 2));
+      CHECK_CUDA(cudaMalloc(&dp[r], size_t(T) * 4 * 4));
+      CHECK_CUDA(cudaMalloc(&dc[r], size_t(T) * 16 * 4));
+    }
+    int dev = 0;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+    CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+    CHECK_CUDA(cudaEventCreate(&e0));
+    CHECK_CUDA(cudaEventCreate(&e1));
+  }
+  TimedCase(const TimedCase&) = delete;
+  TimedCase& operator=(const TimedCase&) = delete;
+  ~TimedCase() {
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                    static_cast<void*>(db), static_cast<void*>(du[0]), static_cast<void*>(du[1]),
+                    static_cast<void*>(dp[0]), static_cast<void*>(dp[1]),
+                    static_cast<void*>(dc[0]), static_cast<void*>(dc[1]), ws})
+      cudaFree(p);
+  }
+
+  // One call of the op into output buffer r.
+  cudaError_t run(int r) const {
     return head ? dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du[r], d, T, d, ws, ws_bytes,
                                  nullptr)
                 : dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du[r], d, dp[r], dc[r], T,
                                 d, ws, ws_bytes, nullptr);
-  };
-  bool ok = true;
-  float us[2] = {0, 0};
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  for (int one_pass = 0; one_pass < 2; ++one_pass) {
-    setenv("DSV4_MHC_ONE_PASS", one_pass ? "1" : "0", 1);
+  }
+
+  // Mean µs of `reps` back-to-back calls into buffer 0 after 3 warm-up calls (the path the
+  // environment selects now); `ok` false on a launch error.
+  float time_us(int reps, bool& ok) const {
     for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
-    constexpr int kReps = 20;
     CHECK_CUDA(cudaEventRecord(e0));
-    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
+    for (int i = 0; i < reps; ++i) ok &= run(0) == cudaSuccess;
     CHECK_CUDA(cudaEventRecord(e1));
     CHECK_CUDA(cudaEventSynchronize(e1));
     float ms = 0;
     CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    us[one_pass] = ms * 1000.f / kReps;
+    return ms * 1000.f / reps;
   }
-  bool same = true;
-  if (check_determinism) {  // DSV4_MHC_ONE_PASS is still 1: run 0's outputs vs a fresh run 1
+
+  // Run-to-run determinism: a fresh call into the poisoned buffer 1 must give the same bytes
+  // of u (and post / comb) as the last call into buffer 0.
+  bool rerun_matches(bool& ok) const {
     CHECK_CUDA(cudaMemset(du[1], 0xFF, size_t(T) * d * 2));
     CHECK_CUDA(cudaMemset(dp[1], 0xFF, size_t(T) * 4 * 4));
     CHECK_CUDA(cudaMemset(dc[1], 0xFF, size_t(T) * 16 * 4));
     ok &= run(1) == cudaSuccess;
     CHECK_CUDA(cudaDeviceSynchronize());
-    same = to_host(du[0], size_t(T) * d) == to_host(du[1], size_t(T) * d);
+    bool same = to_host(du[0], size_t(T) * d) == to_host(du[1], size_t(T) * d);
     if (!head)
       same = same && to_host(dp[0], size_t(T) * 4) == to_host(dp[1], size_t(T) * 4) &&
              to_host(dc[0], size_t(T) * 16) == to_host(dc[1], size_t(T) * 16);
     ok &= same;
+    return same;
   }
+};
+
+// Prefill timing of mhc_pre / mhc_head at (T, d), the chunked path and then the one-pass kernel
+// (DSV4_MHC_ONE_PASS=0 / 1, the same inputs), and the one-pass result's run-to-run
+// determinism: a second run must give the same bytes of u, post and comb. Informational times
+// (HBM floor: x read once + u written); the check fails only on an error or a nondeterminism.
+bool time_prefill(int T, int d, bool head, bool check_determinism) {
+  const TimedCase c(T, d, head, 77u, 1024, 99);
+  bool ok = true;
+  float us[2] = {0, 0};
+  for (int one_pass = 0; one_pass < 2; ++one_pass) {
+    setenv("DSV4_MHC_ONE_PASS", one_pass ? "1" : "0", 1);
+    us[one_pass] = c.time_us(20, ok);
+  }
+  // DSV4_MHC_ONE_PASS is still 1: run 0's outputs vs a fresh run 1
+  const bool same = check_determinism ? c.rerun_matches(ok) : true;
   CHECK_CUDA(cudaDeviceSynchronize());
-  const double bytes = double(T) * K * 2 + double(T) * d * 2 + (head ? 0.0 : double(T) * 20 * 4);
+  const double bytes =
+      double(T) * c.K * 2 + double(T) * d * 2 + (head ? 0.0 : double(T) * 20 * 4);
   std::printf("%s time %s T=%-5d d=%-5d chunked %.1f us, one-pass %.1f us = %.2f TB/s (x read "
               "once + u%s; floor at 3.35 TB/s H100 / 4.22 TB/s H200: %.1f / %.1f us), %d "
               "clusters of 16%s\n",
@@ -323,13 +361,6 @@ bool time_prefill(int T, int d, bool head, bool check_determinism) {
               check_determinism ? (same ? ", one-pass deterministic run to run"
                                         : ", ONE-PASS NOT DETERMINISTIC")
                                 : "");
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
-                  static_cast<void*>(db), static_cast<void*>(du[0]), static_cast<void*>(du[1]),
-                  static_cast<void*>(dp[0]), static_cast<void*>(dp[1]), static_cast<void*>(dc[0]),
-                  static_cast<void*>(dc[1]), ws})
-    CHECK_CUDA(cudaFree(p));
   return ok;
 }
 
@@ -339,53 +370,13 @@ bool time_prefill(int T, int d, bool head, bool check_determinism) {
 // the decode kernel's run-to-run determinism. Informational times; fails only on an error or a
 // nondeterminism.
 bool time_decode(int T, int d, bool head) {
-  const size_t K = 4 * size_t(d);
-  uint16_t* dx = nullptr;
-  CHECK_CUDA(cudaMalloc(&dx, size_t(T) * K * 2));
-  fill_bf16<<<64, 256>>>(dx, size_t(T) * K, 55u);
-  std::vector<float> fn(24 * K), scale = {0.7f, 0.9f, 1.1f}, base(24);
-  std::mt19937 rng(7);
-  std::normal_distribution<float> nd(0.f, 0.02f);
-  for (auto& v : fn) v = nd(rng);
-  for (auto& v : base) v = 10 * nd(rng);
-  float* dfn = to_device(fn);
-  float* ds = to_device(scale);
-  float* db = to_device(base);
-  uint16_t *du[2] = {nullptr, nullptr};
-  float *dp[2] = {nullptr, nullptr}, *dc[2] = {nullptr, nullptr};
-  for (int r = 0; r < 2; ++r) {
-    CHECK_CUDA(cudaMalloc(&du[r], size_t(T) * d * 2));
-    CHECK_CUDA(cudaMalloc(&dp[r], size_t(T) * 4 * 4));
-    CHECK_CUDA(cudaMalloc(&dc[r], size_t(T) * 16 * 4));
-  }
-  int dev = 0;
-  CHECK_CUDA(cudaGetDevice(&dev));
-  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
-  void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  auto run = [&](int r) {
-    return head ? dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du[r], d, T, d, ws, ws_bytes,
-                                 nullptr)
-                : dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du[r], d, dp[r], dc[r], T,
-                                d, ws, ws_bytes, nullptr);
-  };
+  const TimedCase c(T, d, head, 55u, 64, 7);
   bool ok = true;
   float us[2] = {0, 0};
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
   for (int old = 0; old < 2; ++old) {
     if (old) setenv("DSV4_MHC_DECODE", "old", 1);
     else unsetenv("DSV4_MHC_DECODE");
-    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
-    constexpr int kReps = 100;
-    CHECK_CUDA(cudaEventRecord(e0));
-    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    us[old] = ms * 1000.f / kReps;
+    us[old] = c.time_us(100, ok);
   }
   unsetenv("DSV4_MHC_DECODE");
   // the decode kernel with each group size (DSV4_MHC_DECODE_GROUP; the default picks one)
@@ -393,41 +384,17 @@ bool time_decode(int T, int d, bool head) {
   for (int g = 1; g <= 8 && g <= T; g *= 2) {
     char gv[2] = {static_cast<char>('0' + g), '\0'};
     setenv("DSV4_MHC_DECODE_GROUP", gv, 1);
-    for (int w = 0; w < 3; ++w) ok &= run(0) == cudaSuccess;
-    constexpr int kReps = 100;
-    CHECK_CUDA(cudaEventRecord(e0));
-    for (int i = 0; i < kReps; ++i) ok &= run(0) == cudaSuccess;
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    const float t = c.time_us(100, ok);
     const size_t len = std::strlen(group_times);
-    std::snprintf(group_times + len, sizeof(group_times) - len, " %d: %.2f", g,
-                  ms * 1000.f / kReps);
+    std::snprintf(group_times + len, sizeof(group_times) - len, " %d: %.2f", g, t);
   }
   unsetenv("DSV4_MHC_DECODE_GROUP");
-  ok &= run(0) == cudaSuccess;  // the decode kernel's outputs in buffer 0, then a fresh run
-  CHECK_CUDA(cudaMemset(du[1], 0xFF, size_t(T) * d * 2));
-  CHECK_CUDA(cudaMemset(dp[1], 0xFF, size_t(T) * 4 * 4));
-  CHECK_CUDA(cudaMemset(dc[1], 0xFF, size_t(T) * 16 * 4));
-  ok &= run(1) == cudaSuccess;
-  CHECK_CUDA(cudaDeviceSynchronize());
-  bool same = to_host(du[0], size_t(T) * d) == to_host(du[1], size_t(T) * d);
-  if (!head)
-    same = same && to_host(dp[0], size_t(T) * 4) == to_host(dp[1], size_t(T) * 4) &&
-           to_host(dc[0], size_t(T) * 16) == to_host(dc[1], size_t(T) * 16);
-  ok &= same;
+  ok &= c.run(0) == cudaSuccess;  // the decode kernel's outputs in buffer 0, then a fresh run
+  const bool same = c.rerun_matches(ok);
   std::printf("%s time %s T=%-3d d=%-5d decode kernel %.2f us, previous path (DSV4_MHC_DECODE=old)"
               " %.2f us (stream launches, fn L2-resident); tokens per group (us):%s%s\n",
               ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1], group_times,
               same ? "; deterministic run to run" : "; DECODE KERNEL NOT DETERMINISTIC");
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
-                  static_cast<void*>(db), static_cast<void*>(du[0]), static_cast<void*>(du[1]),
-                  static_cast<void*>(dp[0]), static_cast<void*>(dp[1]), static_cast<void*>(dc[0]),
-                  static_cast<void*>(dc[1]), ws})
-    CHECK_CUDA(cudaFree(p));
   return ok;
 }
 

@@ -19,7 +19,7 @@ from .argtypes import int_sequence
 from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
-from .layers.head import check_bf16_exact, fp32_logits
+from .layers.head import check_bf16_exact, fp32_logits, same_bits
 from .layers.linear import Linear
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
@@ -164,11 +164,12 @@ class Model(nn.Module):
     def to(self, *args, **kwargs) -> "Model":
         """Like ``nn.Module.to``, but a dtype applies to compute weights only (see class doc)."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        # Checked before anything moves: a refused dtype leaves the model where it was.
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
             cast_compute_weights(self, dtype, self._fp32_names,
                                  skip=("head.weight",) if self.head_compact else ())
             # The experts' new tensors no longer view their MoE's stacked storage: rebuild
@@ -187,6 +188,22 @@ class Model(nn.Module):
 
     def float(self) -> "Model":
         return self.to(dtype=torch.float32)
+
+    def double(self) -> "Model":
+        """Refused (ValueError, model unchanged): the model runs in float32, bfloat16 or
+        float16 (``nn.Module.double`` would cast every parameter, the compact head and those
+        kept in fp32 included, to float64)."""
+        return self.to(dtype=torch.float64)
+
+    def type(self, dst_type) -> "Model":
+        """``.to(dtype=dst_type)`` for a torch dtype (the compute weights only, see the class
+        doc; float32, bfloat16 or float16); anything else (a tensor type name) raises
+        ValueError, model unchanged (``nn.Module.type`` would cast every parameter, those kept
+        in fp32 and a compact head included)."""
+        if not isinstance(dst_type, torch.dtype):
+            raise ValueError(f"Model.type takes a torch dtype (float32, bfloat16 or float16), "
+                             f"got {dst_type!r}; use .to(dtype)")
+        return self.to(dtype=dst_type)
 
     # ------------------------------------------------------------------ head storage
     def _compact_weight(self) -> Optional[nn.Parameter]:
@@ -220,7 +237,9 @@ class Model(nn.Module):
           before anything is loaded, for one that is not.
         * training: the compact weight is frozen (``requires_grad=False``: it gets no
           gradient, and a gradient it held is dropped; activations still get theirs).
-          :meth:`expand_head` restores the fp32 parameter.
+          :meth:`expand_head` restores the fp32 parameter. Unfreezing it yourself (e.g.
+          ``model.requires_grad_(True)``) trains the head in bf16 (bf16 gradient and
+          optimizer update, no longer the official fp32 head): expand_head first.
 
         Idempotent. Raises ValueError, changing nothing, when a value of the weight is not a
         bf16 value (a randomly initialised or fp32-trained head: the bf16 head would change
@@ -243,8 +262,12 @@ class Model(nn.Module):
         check_bf16_exact(p, "compact_head: head.weight")
         copy = self._cached_head_copy(torch.bfloat16)
         self.__dict__.pop("_head_copy", None)
+        if copy is not None and not same_bits(copy, p):
+            copy = None      # stale: the weight was written through .data since the copy
         new = copy if copy is not None else p.detach().to(torch.bfloat16)
-        p._dsv4_requires_grad = p.requires_grad     # for expand_head
+        # For expand_head; on the model, not the parameter: a Parameter's own attributes are
+        # lost by copy.deepcopy and by load_state_dict(assign=True).
+        self._head_requires_grad = p.requires_grad
         p.grad = None
         p.data = new
         p.requires_grad_(False)
@@ -258,7 +281,7 @@ class Model(nn.Module):
         if p is None:
             return self
         p.data = p.detach().float()
-        p.requires_grad_(getattr(p, "_dsv4_requires_grad", True))
+        p.requires_grad_(self.__dict__.get("_head_requires_grad", True))
         self.__dict__.pop("_head_copy", None)
         return self
 
@@ -372,7 +395,10 @@ class Model(nn.Module):
     def _low_precision_head(self, dtype: torch.dtype) -> torch.Tensor:
         """The head weight in ``dtype``: the weight itself when it is held so (a compact head
         for bfloat16), else a copy cached on the model (rebuilt when the weight changes; the
-        memory of a second head: :meth:`compact_head` avoids it)."""
+        memory of a second head: :meth:`compact_head` avoids it). "Changes" is seen through
+        the weight's version counter (``copy_`` / optimizer steps / ``load_state_dict``
+        advance it); a write through ``head.weight.data`` does not, so after one the cached
+        copy is stale: write through the parameter under ``torch.no_grad()`` instead."""
         w = self.head.weight
         if w.dtype == dtype:
             return w.detach()

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bf16_inexact", "check_bf16_exact", "fp32_logits"]
+__all__ = ["bf16_inexact", "check_bf16_exact", "fp32_logits", "same_bits"]
 
 #: Bytes of one fp32 slice of the weight that :func:`fp32_logits` upcasts at a time (and of
 #: one slice :func:`bf16_inexact` inspects): bounds their transient memory.
@@ -76,6 +76,25 @@ def check_bf16_exact(t: torch.Tensor, what: str) -> None:
             "The release ships the head in bf16 (a checkpoint's head always passes); a randomly "
             "initialised or fp32-trained head does not: keep it in fp32, or round it to bf16 "
             "yourself first if that is what you want")
+
+
+def same_bits(copy: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether the bf16 tensor ``copy`` is bit for bit ``t.to(torch.bfloat16)`` (same shape
+    and device), compared in slices of :data:`SLICE_BYTES` along dim 0 without a full copy.
+    ``Model.compact_head`` asks it before adopting a cached bf16 copy of the head as the
+    weight: the cache is keyed on the weight's version counter, which an in-place write
+    through ``weight.data`` does not advance."""
+    if copy.dtype != torch.bfloat16 or copy.shape != t.shape or copy.device != t.device:
+        return False
+    if t.numel() == 0:
+        return True
+    rows = 1 if t.dim() == 0 else t.shape[0]
+    c2, t2 = copy.detach().reshape(rows, -1), t.detach().reshape(rows, -1)
+    for a, b in _slices(rows, t2.shape[1]):
+        if not torch.equal(c2[a:b].contiguous().view(torch.int16),
+                           t2[a:b].to(torch.bfloat16).contiguous().view(torch.int16)):
+            return False
+    return True
 
 
 def fp32_logits(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,9 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
                    help="random weights in bf16, or the release's native FP8/FP4 storage")
     b.add_argument("--head", choices=("bf16", "fp32"), default="bf16",
-                   help="head read in bf16 (fp32 accumulation) or the official fp32 head")
+                   help="bf16: the random head rounded to bf16 (as the release ships it) "
+                   "and held once in bf16 (Model.compact_head), read with fp32 accumulation; "
+                   "fp32: the official fp32 head parameter (default bf16)")
     b.add_argument("--indexer-cache", choices=("bf16", "fp8"), default="bf16",
                    help="indexer keys in bf16 or the release's FP8 132-byte layout")
     b.add_argument("--kv-cache", choices=("bf16", "fp8"), default="bf16",
