@@ -308,7 +308,8 @@ def test_refused_dtype_leaves_the_model_where_it_was():
     """A dtype the model does not run in (float64) is refused before anything moves: with a
     device in the same call (the model stays on its device), and through ``.double()`` /
     ``.type()``, which nn.Module would apply to every parameter (the compact head and the
-    fp32-kept ones included)."""
+    fp32-kept ones included). (A model without a compact head keeps nn.Module.double: the
+    float64 mode of tests/train.)"""
     m = _model()
     m.compact_head()
     ids = _ids(m)
@@ -328,6 +329,8 @@ def test_refused_dtype_leaves_the_model_where_it_was():
     # head keep their dtype
     assert m.type(torch.bfloat16) is m and m.embed.weight.dtype == torch.bfloat16
     assert m.norm.weight.dtype == torch.float32 and m.head.weight.dtype == torch.bfloat16
+    f = _model().double()
+    assert f.head.weight.dtype == f.norm.weight.dtype == f.embed.weight.dtype == torch.float64
 
 
 def test_expand_head_restores_a_frozen_head_after_deepcopy_and_assign():

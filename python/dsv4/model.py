@@ -190,20 +190,24 @@ class Model(nn.Module):
         return self.to(dtype=torch.float32)
 
     def double(self) -> "Model":
-        """Refused (ValueError, model unchanged): the model runs in float32, bfloat16 or
-        float16 (``nn.Module.double`` would cast every parameter, the compact head and those
-        kept in fp32 included, to float64)."""
-        return self.to(dtype=torch.float64)
+        """``nn.Module.double``: every floating parameter and buffer in float64, those kept in
+        fp32 included (the float64 mode of the gradient checks, tests/train). Refused
+        (ValueError, model unchanged) on a compact head, which stays bf16: the model then
+        runs in float32, bfloat16 or float16 (:meth:`expand_head` first)."""
+        if self.head_compact:
+            raise ValueError("Model.double(): a compact head stays bf16, so the model runs in "
+                             "float32, bfloat16 or float16; call expand_head() first")
+        return super().double()
 
     def type(self, dst_type) -> "Model":
-        """``.to(dtype=dst_type)`` for a torch dtype (the compute weights only, see the class
-        doc; float32, bfloat16 or float16); anything else (a tensor type name) raises
-        ValueError, model unchanged (``nn.Module.type`` would cast every parameter, those kept
-        in fp32 and a compact head included)."""
+        """``.to(dtype=dst_type)`` for float32, bfloat16 or float16 (the compute weights only,
+        see the class doc), :meth:`double` for float64; anything else (a tensor type name)
+        raises ValueError, model unchanged (``nn.Module.type`` would cast every parameter,
+        those kept in fp32 and a compact head included)."""
         if not isinstance(dst_type, torch.dtype):
             raise ValueError(f"Model.type takes a torch dtype (float32, bfloat16 or float16), "
                              f"got {dst_type!r}; use .to(dtype)")
-        return self.to(dtype=dst_type)
+        return self.double() if dst_type == torch.float64 else self.to(dtype=dst_type)
 
     # ------------------------------------------------------------------ head storage
     def _compact_weight(self) -> Optional[nn.Parameter]:
