@@ -19,7 +19,7 @@ from .argtypes import int_sequence
 from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
-from .layers.head import check_bf16_exact, fp32_logits, same_bits
+from .layers.head import check_bf16_exact, fp32_logits, mm_fp32_out, same_bits
 from .layers.linear import Linear
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
@@ -210,10 +210,15 @@ class Model(nn.Module):
         return self.double() if dst_type == torch.float64 else self.to(dtype=dst_type)
 
     # ------------------------------------------------------------------ head storage
+    def _head_param(self) -> Optional[nn.Parameter]:
+        """The head's weight parameter when the head is a dsv4 Linear holding one, else None
+        (native FP8 storage, a module swapped in)."""
+        head = self.head
+        return head._parameters.get("weight") if isinstance(head, Linear) else None
+
     def _compact_weight(self) -> Optional[nn.Parameter]:
         """The head's bf16 weight parameter when the head is compact, else None."""
-        head = self.head
-        p = head._parameters.get("weight") if isinstance(head, Linear) else None
+        p = self._head_param()
         return p if p is not None and p.dtype == torch.bfloat16 else None
 
     @property
@@ -252,7 +257,7 @@ class Model(nn.Module):
         values to check: its head becomes a bf16 meta tensor.
         """
         head = self.head
-        p = head._parameters.get("weight") if isinstance(head, Linear) else None
+        p = self._head_param()
         if p is None or head.weight_format is not None:
             raise ValueError("compact_head: the head must hold its weight as a parameter "
                              f"(a dsv4 Linear without native FP8/FP4 storage); got "
@@ -379,13 +384,8 @@ class Model(nn.Module):
             return self._fp32_head(y)
         w = self._low_precision_head(head_dtype)
         y = y.to(head_dtype)
-        if y.is_cuda:
-            try:
-                return torch.mm(y.reshape(-1, y.shape[-1]), w.t(), out_dtype=torch.float32
-                                ).view(*y.shape[:-1], w.shape[0])
-            except (RuntimeError, TypeError):   # a torch without mm(out_dtype=)
-                pass
-        return F.linear(y, w).float()
+        out = mm_fp32_out(y, w) if y.is_cuda else None
+        return out if out is not None else F.linear(y, w).float()
 
     def _fp32_head(self, y: torch.Tensor) -> torch.Tensor:
         """The official fp32 head on the normed ``y`` [..., dim]: fp32 logits [..., vocab].

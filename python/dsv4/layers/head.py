@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bf16_inexact", "check_bf16_exact", "fp32_logits", "same_bits"]
+__all__ = ["bf16_inexact", "check_bf16_exact", "fp32_logits", "mm_fp32_out", "same_bits"]
 
 #: Bytes of one fp32 slice of the weight that :func:`fp32_logits` upcasts at a time (and of
 #: one slice :func:`bf16_inexact` inspects): bounds their transient memory.
@@ -97,6 +97,22 @@ def same_bits(copy: torch.Tensor, t: torch.Tensor) -> bool:
     return True
 
 
+def mm_fp32_out(y: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """float32 [..., vocab] = ``y @ weight.T`` (the head of §10.2) with fp32 accumulation and
+    output, from low-precision ``y`` [..., dim] and ``weight`` [vocab, dim] of the same dtype
+    (bf16 here): one ``torch.mm(..., out_dtype=torch.float32)``, reading the weight's 2 bytes
+    per value once. None where that call is not available (a CPU tensor, or a torch without
+    ``mm(out_dtype=)``): the caller then takes its own fallback. Shared by the compact head's
+    fp32 logits (:func:`fp32_logits`) and ``Model._head``'s bf16 head."""
+    if y.device.type not in ("cuda", "meta"):
+        return None
+    try:
+        return torch.mm(y.reshape(-1, y.shape[-1]), weight.t(), out_dtype=torch.float32
+                        ).view(*y.shape[:-1], weight.shape[0])
+    except (RuntimeError, TypeError):   # a torch without mm(out_dtype=)
+        return None
+
+
 def fp32_logits(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [..., vocab] of the official fp32 head (§10.2) from a bf16 weight.
 
@@ -115,13 +131,10 @@ def fp32_logits(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       of rows at a time (no full fp32 copy of the weight is made). The weight gets no gradient
       (it is held frozen, see ``Model.compact_head``); ``y`` does.
     """
-    if y.dtype == torch.bfloat16 and y.device.type in ("cuda", "meta") and not (
-            torch.is_grad_enabled() and y.requires_grad):
-        try:
-            return torch.mm(y.reshape(-1, y.shape[-1]), weight.t(), out_dtype=torch.float32
-                            ).view(*y.shape[:-1], weight.shape[0])
-        except (RuntimeError, TypeError):   # a torch without mm(out_dtype=)
-            pass
+    if y.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and y.requires_grad):
+        out = mm_fp32_out(y, weight)
+        if out is not None:
+            return out
     x = y.float()
     parts = _slices(weight.shape[0], weight.shape[1])
     if len(parts) == 1:
