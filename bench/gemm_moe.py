@@ -94,7 +94,8 @@ def variants(quick: bool, decode: bool) -> list[tuple[str, str]]:
     matrix) add the 16-row tensor-core tile (the baseline of the skinny tile, when quick) and
     the skinny tile (weight stream on CUDA cores), forced, with and without its next-unit L2
     prefetch ("skinny_nopf": DSV4_SKINNY_PREFETCH=0), and "auto_skinny": kAuto with
-    DSV4_GEMM_SKINNY=1 (its rule: dense pairs <= 2, MoE pairs <= E)."""
+    DSV4_GEMM_SKINNY=1 (its wider rule: dense pairs <= 2, MoE pairs <= E). Plain "auto" takes
+    the skinny tile for FP8 weights without expert offsets at one row (the default rule)."""
     v = list(QUICK_VARIANTS if quick else VARIANTS)
     if decode:
         if ("decode", "serial") not in v:

@@ -175,16 +175,20 @@ int device_sms() {
   return sms > 0 ? sms : 132;
 }
 
-// kAuto's use of the skinny tile (DSV4_GEMM_SKINNY=1) and its rule: the cases whose units
-// hold 1-2 activation rows (grouped_gemm_skinny.cuh rows_per_unit), the variant with two CTAs
-// per SM and eight 16-byte weight loads in flight per lane. Without expert offsets every
-// matrix has `pairs` rows: pairs <= 2. MoE (offsets on the device): pairs <= E (one row per
-// busy expert on average; 2-row units). Beyond that the 4- / 8-row units run one CTA per SM
-// with half the loads in flight: the 16-row tensor-core tile may be as fast (to be measured).
+// kAuto's use of the skinny tile (grouped_gemm_skinny.cuh). Measured on an H100 (bench/README,
+// 2026-12-05 late night): it beats the 16-row tensor-core tile on FP8 weights without expert
+// offsets at one activation row (fp8_linear wq_a 2.8x, wq_b 1.28x, grouped_oproj FP8 wo_a
+// 1.55x) and loses on bf16 weights, on the MoE and at two or more rows per unit. So by
+// default: FP8 weights, BF16 activations, no expert offsets, pairs == 1.
+// DSV4_GEMM_SKINNY=1 widens it to the earlier candidate (any format; without offsets
+// pairs <= 2, with them pairs <= E); DSV4_GEMM_SKINNY=0 never picks it.
 bool skinny_fits(const GroupedGemmArgs& a) {
+  if (a.x_scale != nullptr) return false;
   const char* v = std::getenv("DSV4_GEMM_SKINNY");
-  if (v == nullptr || std::strcmp(v, "1") != 0 || a.x_scale != nullptr) return false;
-  return a.expert_offsets == nullptr ? a.pairs <= 2 : a.pairs <= a.n_experts;
+  if (v != nullptr && !std::strcmp(v, "0")) return false;
+  if (v != nullptr && !std::strcmp(v, "1"))
+    return a.expert_offsets == nullptr ? a.pairs <= 2 : a.pairs <= a.n_experts;
+  return a.w_format == GemmWeightFormat::kFP8 && a.expert_offsets == nullptr && a.pairs == 1;
 }
 
 }  // namespace

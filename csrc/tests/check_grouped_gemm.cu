@@ -665,8 +665,50 @@ bool check_e2m1_to_e4m3() {
 
 }  // namespace
 
+// kAuto's choice of the skinny tile (grouped_gemm_resolve_tile, host only): by default FP8
+// weights without expert offsets at one row; DSV4_GEMM_SKINNY=1 the wider rule; =0 never.
+bool check_skinny_rule() {
+  auto args = [](GemmWeightFormat f, int64_t pairs, bool moe) {
+    static const int32_t offsets[3] = {0, 0, 0};
+    dsv4::GroupedGemmArgs a;
+    a.w_format = f;
+    a.n_experts = moe ? 2 : 1;
+    a.rows = 1024;
+    a.k = 4096;
+    a.pairs = pairs;
+    a.expert_offsets = moe ? offsets : nullptr;
+    a.num_sms = 132;
+    return a;
+  };
+  struct Case { const char* env; GemmWeightFormat f; int64_t pairs; bool moe; bool skinny; };
+  const GemmWeightFormat bf16 = GemmWeightFormat::kBF16, fp8 = GemmWeightFormat::kFP8,
+                         fp4 = GemmWeightFormat::kFP4;
+  const Case cases[] = {
+      {nullptr, fp8, 1, false, true},   {nullptr, fp8, 2, false, false},
+      {nullptr, bf16, 1, false, false}, {nullptr, fp4, 1, false, false},
+      {nullptr, fp8, 1, true, false},   {"1", bf16, 2, false, true},
+      {"1", fp4, 2, true, true},        {"1", fp8, 3, false, false},
+      {"1", bf16, 3, true, false},      {"0", fp8, 1, false, false},
+  };
+  bool ok = true;
+  for (const Case& c : cases) {
+    if (c.env) setenv("DSV4_GEMM_SKINNY", c.env, 1); else unsetenv("DSV4_GEMM_SKINNY");
+    const bool got = dsv4::grouped_gemm_resolve_tile(args(c.f, c.pairs, c.moe)) == GemmTile::kSkinny;
+    if (got != c.skinny) {
+      std::printf("skinny rule: DSV4_GEMM_SKINNY=%s format %d pairs %lld %s: %s, expected %s\n",
+                  c.env ? c.env : "(unset)", static_cast<int>(c.f),
+                  static_cast<long long>(c.pairs), c.moe ? "MoE" : "dense",
+                  got ? "skinny" : "not skinny", c.skinny ? "skinny" : "not skinny");
+      ok = false;
+    }
+  }
+  unsetenv("DSV4_GEMM_SKINNY");
+  std::printf("skinny rule: %s\n", ok ? "ok" : "FAIL");
+  return ok;
+}
+
 int main() {
-  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3()) {
+  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3() || !check_skinny_rule()) {
     std::printf("FAIL\n");
     return 1;
   }

@@ -44,8 +44,9 @@ enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
 //     only: with x_scale (FP8 x FP8) kSkinny runs the FP8 path's 16-row tile.
 // kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
 // environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny)
-// overrides it. kAuto picks kSkinny only while DSV4_GEMM_SKINNY=1 (until it is measured):
-// without expert offsets when pairs <= 2, with them (MoE) when pairs <= E.
+// overrides it. kAuto picks kSkinny for FP8 weights without expert offsets at pairs == 1 (where
+// it was measured faster); DSV4_GEMM_SKINNY=1: also without offsets at pairs <= 2 and with
+// them (MoE) at pairs <= E, any format; DSV4_GEMM_SKINNY=0: never.
 enum class GemmTile : int32_t {
   kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5, kSkinny = 6
 };
