@@ -3,7 +3,7 @@ V4-Flash dense linear shapes, beside "dequantise the weight, then cuBLAS" (what 
 Linear did before) and plain cuBLAS on a resident bf16 weight, in the same process.
 
 Shapes [out, in] (architecture.md §12.2): wq_a 1024x4096, wq_b 32768x1024, wkv 512x4096,
-wo_b 4096x8192, shared expert w1 2048x4096 and w2 4096x2048; tokens M = 1, 64 (decode: weight
+wo_b 4096x8192, shared expert w1 2048x4096 and w2 4096x2048; tokens M = 1, 8, 64 (decode: weight
 bytes / time is the figure of merit) and 8192 (prefill: TFLOP/s; FLOP floor at 767 TFLOP/s
 since the kernel multiplies in bf16). Floors: max(2·M·N·K / 767 TFLOP/s, bytes / 4.22 TB/s)
 with bytes = FP8 weight + scales + x + y.
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
+from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, _set_tile, _time_us, add_skinny_fields, variants
 
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096),
           ("wo_b", 4096, 8192), ("shared w1", 2048, 4096), ("shared w2", 4096, 2048)]
@@ -41,7 +41,7 @@ def run(quick: bool = False) -> list[dict]:
         ss = torch.randint(118, 124, (n_rot, N // 128, K // 128), device="cuda", generator=g,
                            dtype=torch.uint8).view(torch.float8_e8m0fnu)
         w16 = fp8_block_dequantize(qs[0], ss[0])
-        for M in ((1, 8192) if quick else (1, 64, 8192)):
+        for M in ((1, 8, 8192) if quick else (1, 8, 64, 8192)):
             x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             flops = 2.0 * M * N * K
@@ -62,10 +62,15 @@ def run(quick: bool = False) -> list[dict]:
 
             deq_us = _time_us(dequant_cublas, reps=10)
             cublas_us = _time_us(lambda: torch.nn.functional.linear(x, w16), reps=20)
-            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+            times = {}
+            for tile, pipe in variants(quick, M <= 64):
                 _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
+                    t_us = _time_us(ours, reps=20 if tile in ("auto", "decode", "skinny",
+                                                              "skinny_nopf", "auto_skinny")
+                                    else 7)
+                    if pipe == "serial":
+                        times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001
                     print(f"gemm_linear: {name} M={M} tile {tile}/{pipe} failed: {ex}")
                     continue
@@ -80,6 +85,7 @@ def run(quick: bool = False) -> list[dict]:
                     ref_time_us=deq_us, speedup=deq_us / t_us,
                     note=f"dequant+cuBLAS {deq_us:.1f} us; cuBLAS on resident bf16 "
                          f"{cublas_us:.1f} us"))
+                add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
         del qs, ss, w16
         torch.cuda.empty_cache()

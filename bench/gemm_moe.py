@@ -11,6 +11,10 @@ Cases, for bf16 / FP8 (128x128 e8m0 scales) / FP4 (1x32 e8m0 scales) experts:
 * decode T = 1, 8, 32, 128: bytes = the busy experts' weights (+ scales) once; GB/s of weight
   bytes is the figure of merit (target >= 3.0 TB/s).
 
+Decode cases also time the skinny tile (``DSV4_GEMM_TILE=skinny``: a weight stream on CUDA
+cores) against the 16-row tensor-core tile (``decode``) in the same process: fields
+``decode_tile_us`` / ``vs_decode_tile`` of the skinny and ``auto_skinny`` rows.
+
 Baselines in the same process (bf16 weights, same routing): ``torch._grouped_mm`` on the
 pre-gathered rows (the GEMMs only: no gather, no SwiGLU: it favours the baseline) and a per-expert
 cuBLAS loop (``x[rows_e] @ W_eᵀ``, host-side offsets precomputed). Variants: the automatic tile
@@ -85,12 +89,83 @@ VARIANTS = [("auto", "serial"), ("auto", "overlap"), ("decode", "serial"),
 QUICK_VARIANTS = VARIANTS[:2]
 
 
+def variants(quick: bool, decode: bool) -> list[tuple[str, str]]:
+    """The (tile, pipeline) variants of a case. Decode-size cases (a few rows per weight
+    matrix) add the 16-row tensor-core tile (the baseline of the skinny tile, when quick) and
+    the skinny tile (weight stream on CUDA cores), forced, with and without its next-unit L2
+    prefetch ("skinny_nopf": DSV4_SKINNY_PREFETCH=0), and "auto_skinny": kAuto with
+    DSV4_GEMM_SKINNY=1 (its wider rule: dense pairs <= 2, MoE pairs <= E). Plain "auto" takes
+    the skinny tile for FP8 weights without expert offsets at one row (the default rule)."""
+    v = list(QUICK_VARIANTS if quick else VARIANTS)
+    if decode:
+        if ("decode", "serial") not in v:
+            v.append(("decode", "serial"))
+        v += [("skinny", "serial"), ("skinny_nopf", "serial"), ("auto_skinny", "serial")]
+    return v
+
+
+def add_skinny_fields(row: dict, tile: str, t_us: float, times: dict) -> None:
+    """A skinny / auto_skinny row: its time against the 16-row tile timed in the same process
+    (``times`` maps tile -> us) as fields ``decode_tile_us`` / ``vs_decode_tile`` and in the
+    note (the table's column)."""
+    base = times.get("decode")
+    if tile not in ("skinny", "skinny_nopf", "auto_skinny") or base is None:
+        return
+    row.update(decode_tile_us=base, vs_decode_tile=base / t_us)
+    row["note"] = (f"{tile}: {base / t_us:.2f}x the 16-row tile ({base:.1f} us); "
+                   + row.get("note", ""))
+
+
 def _set_tile(tile, pipe="serial"):
+    """Force a tile (DSV4_GEMM_TILE; "auto_skinny": kAuto with DSV4_GEMM_SKINNY=1;
+    "skinny_nopf": the skinny tile without its L2 prefetch, DSV4_SKINNY_PREFETCH=0)."""
+    os.environ.pop("DSV4_GEMM_SKINNY", None)
+    os.environ.pop("DSV4_SKINNY_PREFETCH", None)
+    if tile == "skinny_nopf":
+        os.environ["DSV4_SKINNY_PREFETCH"] = "0"
+        tile = "skinny"
+    if tile == "auto_skinny":
+        os.environ["DSV4_GEMM_SKINNY"] = "1"
+        tile = "auto"
     if tile == "auto":
         os.environ.pop("DSV4_GEMM_TILE", None)
     else:
         os.environ["DSV4_GEMM_TILE"] = tile
     os.environ["DSV4_GEMM_PIPE"] = pipe
+
+
+#: tiles timed with the warp-specialised mainloop (DSV4_GEMM_MAINLOOP=ws: bf16 kLarge / kHuge)
+WS_TILES = ("auto", "large", "huge")
+
+
+def mainloop_pair(fn, outs, tile, reps):
+    """Times ``fn`` with the classic and the warp-specialised mainloop (DSV4_GEMM_MAINLOOP) of
+    ``tile``, back to back in this process. Returns ``(classic_us, ws_us, same)``: ``same`` is
+    whether the tensors ``outs`` hold the same bits after one call of each (the two mainloops
+    run the same MMAs in the same order); a time is None where the run failed."""
+    times, snaps = {}, {}
+    before = os.environ.get("DSV4_GEMM_MAINLOOP")
+    for ml in ("classic", "ws"):
+        _set_tile(tile)
+        os.environ["DSV4_GEMM_MAINLOOP"] = ml
+        try:
+            fn()
+            torch.cuda.synchronize()
+            snaps[ml] = [o.clone() for o in outs]
+            times[ml] = _time_us(fn, reps=reps)
+        except Exception as ex:  # noqa: BLE001
+            print(f"mainloop {ml} tile {tile} failed: {ex}")
+        finally:
+            if before is None:
+                os.environ.pop("DSV4_GEMM_MAINLOOP", None)
+            else:
+                os.environ["DSV4_GEMM_MAINLOOP"] = before
+            _set_tile("auto")
+    same = None
+    if len(snaps) == 2:
+        same = all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+                   for a, b in zip(snaps["classic"], snaps["ws"]))
+    return times.get("classic"), times.get("ws"), same
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -158,11 +233,17 @@ def run(quick: bool = False) -> list[dict]:
                             _ = xe @ w_up[e, 0].T, xe @ w_up[e, 1].T
                             _ = hg[a:b] @ w_down[e].T
                 loop_us = _time_us(loop, warmup=1, reps=3)
-            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+            times = {}
+            for tile, pipe in variants(quick, kind == "decode"):
                 _set_tile(tile, pipe)
                 try:
                     reps = (10 if kind == "prefill" else 30) if tile == "auto" else 5
+                    if kind == "decode" and tile in ("decode", "skinny", "skinny_nopf",
+                                                     "auto_skinny"):
+                        reps = 30
                     t_us = _time_us(ours, reps=reps)
+                    if pipe == "serial":
+                        times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001
                     print(f"gemm_moe: {fmt} {kind} T={T} tile {tile}/{pipe} failed: {ex}")
                     continue
@@ -178,7 +259,28 @@ def run(quick: bool = False) -> list[dict]:
                     note=(f"busy experts {busy:.0f}; weight bytes {wbytes / 1e9:.2f} GB; "
                           + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
                           + (f"per-expert loop {loop_us:.0f} us" if loop_us else ""))))
+                add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
+            # the warp-specialised mainloop against the classic one of the same tile (prefill,
+            # bf16 weights: the path it serves), same process, same routing
+            if fmt == "bf16" and kind == "prefill":
+                it[0] = 0
+                for tile in WS_TILES:
+                    cl_us, ws_us, same = mainloop_pair(ours, [hs[0], ys[0]], tile, reps=10)
+                    if ws_us is None:
+                        continue
+                    rows.append(dict(
+                        op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile} mainloop=ws",
+                        time_us=ws_us, tflops=flops / ws_us / 1e6,
+                        pct_flops=100 * flops / ws_us / 1e6 / PEAK_TFLOPS,
+                        gbps=wbytes / ws_us / 1e3,
+                        pct_bw=100 * wbytes / ws_us / 1e3 / (PEAK_TBPS * 1e3),
+                        floor_us=floor_us, ref_time_us=cl_us,
+                        speedup=(cl_us / ws_us) if cl_us else None,
+                        note=(f"baseline = the classic mainloop, tile {tile}, same process; "
+                              f"bit-equal to it: {same}; "
+                              + (f"grouped_mm {base_us:.0f} us" if base_us else ""))))
+                    print(rows[-1])
             # act_quant (quant_sim, FP8 activations): the bf16-MMA path (quantisation simulated,
             # weights dequantised in shared memory) against the FP8 x FP8 path
             # (DSV4_MOE_FP8_MMA=1, FP8 tensor cores), tile auto, in the same process

@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from gemm_moe import PEAK_TBPS, PEAK_TFLOPS, QUICK_VARIANTS, VARIANTS, _set_tile, _time_us
+from gemm_moe import (PEAK_TBPS, PEAK_TFLOPS, WS_TILES, _set_tile, _time_us, add_skinny_fields,
+                      mainloop_pair, variants)
 
 H, HD, G, R = 64, 512, 8, 1024
 DG = H * HD // G
@@ -39,7 +40,7 @@ def run(quick: bool = False) -> list[dict]:
                        dtype=torch.uint8).view(torch.float8_e8m0fnu)
     w16 = torch.stack([fp8_block_dequantize(q8[i], s8[i]) for i in range(2)]).view(2, G, R, DG)
     rows = []
-    for T in ((1, 8192) if quick else (1, 64, 256, 8192)):
+    for T in ((1, 8, 8192) if quick else (1, 8, 64, 256, 8192)):
         o = torch.randn(T, H, HD, device="cuda", generator=g).bfloat16()
         pos = torch.randint(0, 1 << 20, (T,), device="cuda", generator=g)
         out = torch.empty(T, G, R, device="cuda", dtype=torch.bfloat16)
@@ -73,10 +74,15 @@ def run(quick: bool = False) -> list[dict]:
 
             ref_us = _time_us(layer_formula, reps=20)
             ein_us = _time_us(einsum_only, reps=20)
-            for tile, pipe in (QUICK_VARIANTS if quick else VARIANTS):
+            times = {}
+            for tile, pipe in variants(quick, T <= 64):
                 _set_tile(tile, pipe)
                 try:
-                    t_us = _time_us(ours, reps=20 if tile == "auto" else 7)
+                    t_us = _time_us(ours, reps=20 if tile in ("auto", "decode", "skinny",
+                                                              "skinny_nopf", "auto_skinny")
+                                    else 7)
+                    if pipe == "serial":
+                        times[tile] = t_us
                 except Exception as ex:  # noqa: BLE001
                     print(f"gemm_oproj: {fmt} T={T} tile {tile}/{pipe} failed: {ex}")
                     continue
@@ -92,7 +98,29 @@ def run(quick: bool = False) -> list[dict]:
                     note=f"apply_rope+einsum {ref_us:.1f} us; einsum alone {ein_us:.1f} us "
                          f"({flops / ein_us / 1e6:.0f} TFLOP/s); ratio to floor "
                          f"{t_us / floor_us:.2f}"))
+                add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
+            # the warp-specialised mainloop (bf16 wo_a, prefill) against the classic one of the
+            # same tile, same process; same wo_a (w16[0]) for both, so the bits can be compared
+            if fmt == "bf16" and T >= 2048:
+                def ours_one():
+                    grouped_oproj(o, pos, freqs, w16[0], None, out=out)
+                for tile in WS_TILES:
+                    cl_us, ws_us, same = mainloop_pair(ours_one, [out], tile, reps=20)
+                    if ws_us is None:
+                        continue
+                    rows.append(dict(
+                        op="grouped_oproj", case=f"{fmt} wo_a T={T} tile={tile} mainloop=ws",
+                        time_us=ws_us,
+                        tflops=flops / ws_us / 1e6,
+                        pct_flops=100 * flops / ws_us / 1e6 / PEAK_TFLOPS,
+                        gbps=wbytes / ws_us / 1e3,
+                        pct_bw=100 * wbytes / ws_us / 1e3 / (PEAK_TBPS * 1e3), floor_us=floor_us,
+                        ref_time_us=cl_us, speedup=(cl_us / ws_us) if cl_us else None,
+                        note=f"baseline = the classic mainloop, tile {tile}, same process; "
+                             f"bit-equal to it: {same}; einsum alone {ein_us:.1f} us; ratio to "
+                             f"floor {ws_us / floor_us:.2f}"))
+                    print(rows[-1])
     return rows
 
 

@@ -13,6 +13,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
+#include "grouped_gemm_ws.cuh"
 
 namespace dsv4 {
 namespace {
@@ -66,7 +67,29 @@ GemmTile tile_from_env() {
   if (!std::strcmp(v, "medium")) return GemmTile::kMedium;
   if (!std::strcmp(v, "large")) return GemmTile::kLarge;
   if (!std::strcmp(v, "huge")) return GemmTile::kHuge;
+  if (!std::strcmp(v, "skinny")) return GemmTile::kSkinny;
   return GemmTile::kAuto;
+}
+
+// One lane's 4 values of a 1x128 activation block at p (bf16, 8-byte aligned) into v, and the
+// block's scale, warp-collective: s = 2^ceil(log2(max(amax, 1e-4) / 448)), exactly
+// (dsv4.ops.quant.ue8m0_scale); a block holding inf or NaN gets s = 1 there (frexp of a
+// non-finite value has exponent 0), and so here. Shared by both activation quantisers below.
+__device__ __forceinline__ float act_block_scale(const __nv_bfloat16* p, float (&v)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  v[0] = __uint_as_float(raw.x << 16);
+  v[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+  v[2] = __uint_as_float(raw.y << 16);
+  v[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+  amax = fmaxf(amax, 1e-4f);
+  const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
+                                                  isfinite(v[2]) && isfinite(v[3]));
+  const uint32_t rb = __float_as_uint(amax / 448.0f);
+  const uint32_t ex = (rb >> 23) & 0xFFu;
+  return finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
 }
 
 // The activation quantisation simulation of dsv4.ops.quant.fp8_e4m3_sim (block 128), bit for
@@ -79,20 +102,8 @@ __global__ void fp8_act_quant_sim_kernel(const __nv_bfloat16* __restrict__ x, in
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
        b < rows * blocks_per_row; b += warps) {
     const int64_t r = b / blocks_per_row, c0 = (b % blocks_per_row) * 128 + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
-    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
-                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    amax = fmaxf(amax, 1e-4f);
-    // s = 2^ceil(log2(amax / 448)), exactly (dsv4.ops.quant.ue8m0_scale); a block holding inf
-    // or NaN gets s = 1 there (frexp of a non-finite value has exponent 0), and so here.
-    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
-                                                    isfinite(v[2]) && isfinite(v[3]));
-    const uint32_t rb = __float_as_uint(amax / 448.0f);
-    const uint32_t ex = (rb >> 23) & 0xFFu;
-    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    float v[4];
+    const float s = act_block_scale(x + r * xs + c0, v);
     const float inv = 1.0f / s;  // exact: a power of two
     uint32_t out[2];
 #pragma unroll
@@ -123,18 +134,8 @@ __global__ void fp8_act_quant_kernel(const __nv_bfloat16* __restrict__ x, int64_
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
        b < rows * blocks_per_row; b += warps) {
     const int64_t r = b / blocks_per_row, kb = b % blocks_per_row, c0 = kb * 128 + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + r * xs + c0);
-    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xFFFF0000u),
-                  __uint_as_float(raw.y << 16), __uint_as_float(raw.y & 0xFFFF0000u)};
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    amax = fmaxf(amax, 1e-4f);
-    const bool finite = __all_sync(0xffffffffu, isfinite(v[0]) && isfinite(v[1]) &&
-                                                    isfinite(v[2]) && isfinite(v[3]));
-    const uint32_t rb = __float_as_uint(amax / 448.0f);
-    const uint32_t ex = (rb >> 23) & 0xFFu;
-    const float s = finite ? __uint_as_float(((rb & 0x7FFFFFu) != 0u ? ex + 1u : ex) << 23) : 1.f;
+    float v[4];
+    const float s = act_block_scale(x + r * xs + c0, v);
     const float inv = 1.0f / s;  // exact: a power of two
     uint32_t packed = 0;
 #pragma unroll
@@ -160,6 +161,13 @@ __global__ void zero_rows_kernel(uint4* __restrict__ out, int64_t rs16, int64_t 
   }
 }
 
+// The warp-specialised mainloop (GemmMainloop; DSV4_GEMM_MAINLOOP=ws when kAuto).
+bool ws_mainloop(const GroupedGemmArgs& a) {
+  if (a.mainloop != GemmMainloop::kAuto) return a.mainloop == GemmMainloop::kWarpSpecialized;
+  const char* v = std::getenv("DSV4_GEMM_MAINLOOP");
+  return v != nullptr && !std::strcmp(v, "ws");
+}
+
 int device_sms() {
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 132;
@@ -167,11 +175,33 @@ int device_sms() {
   return sms > 0 ? sms : 132;
 }
 
+// kAuto's use of the skinny tile (grouped_gemm_skinny.cuh). Measured on an H100 (bench/README,
+// 2026-12-05 late night): it beats the 16-row tensor-core tile on FP8 weights without expert
+// offsets at one activation row (fp8_linear wq_a 2.8x, wq_b 1.28x, grouped_oproj FP8 wo_a
+// 1.55x) and loses on bf16 weights, on the MoE and at two or more rows per unit. So by
+// default: FP8 weights, BF16 activations, no expert offsets, pairs == 1.
+// DSV4_GEMM_SKINNY=1 widens it to the earlier candidate (any format; without offsets
+// pairs <= 2, with them pairs <= E); DSV4_GEMM_SKINNY=0 never picks it.
+bool skinny_fits(const GroupedGemmArgs& a) {
+  if (a.x_scale != nullptr) return false;
+  const char* v = std::getenv("DSV4_GEMM_SKINNY");
+  if (v != nullptr && !std::strcmp(v, "0")) return false;
+  if (v != nullptr && !std::strcmp(v, "1"))
+    return a.expert_offsets == nullptr ? a.pairs <= 2 : a.pairs <= a.n_experts;
+  return a.w_format == GemmWeightFormat::kFP8 && a.expert_offsets == nullptr && a.pairs == 1;
+}
+
 }  // namespace
+
+namespace gg {
+// the skinny tile (grouped_gemm_skinny.cu)
+cudaError_t launch_skinny(const GroupedGemmArgs& a, int num_sms, cudaStream_t s);
+}  // namespace gg
 
 GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
   GemmTile t = a.tile != GemmTile::kAuto ? a.tile : tile_from_env();
   if (t != GemmTile::kAuto) return t;
+  if (skinny_fits(a)) return GemmTile::kSkinny;
   // average activation rows per expert that has any
   int64_t per = a.pairs;
   if (a.expert_offsets != nullptr) {
@@ -205,7 +235,13 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
     overlap = v != nullptr && !std::strcmp(v, "overlap");
   }
   const int sms = a.num_sms > 0 ? a.num_sms : device_sms();
-  if (a.x_scale != nullptr) return gg::launch_qmma(a, tile, sms, stream);
+  if (a.x_scale != nullptr) {  // FP8 activations: no skinny variant; its 16-row tile instead
+    return gg::launch_qmma(a, tile == GemmTile::kSkinny ? GemmTile::kDecode : tile, sms, stream);
+  }
+  if (tile == GemmTile::kSkinny) return gg::launch_skinny(a, sms, stream);
+  if (a.w_format == GemmWeightFormat::kBF16 &&
+      (tile == GemmTile::kLarge || tile == GemmTile::kHuge) && ws_mainloop(a))
+    return gg::launch_ws_bf16(a, tile, sms, stream);
   switch (a.w_format) {
     case GemmWeightFormat::kBF16: return gg::launch_bf16(a, tile, overlap, sms, stream);
     case GemmWeightFormat::kFP8: return gg::launch_fp8(a, tile, overlap, sms, stream);

@@ -301,9 +301,13 @@ struct Unit {
   int rows_t;   // rows of the tile, 1 .. BN
 };
 
-// Unit u (< upre[E]) of the walk.
+// Unit u (< upre[E]) of the walk. Within an expert: feature block by feature block (the
+// expert's row tiles of one feature block are consecutive units), or with tb_major row tile by
+// row tile (the feature blocks of one row tile are consecutive: concurrent blocks then share
+// the activation tile, for problems whose activations outweigh their weights).
 template <int BN>
-__device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* upre, int u) {
+__device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* upre, int u,
+                                          bool tb_major = false) {
   int lo = 0, hi = a.n_experts;  // upre[lo] <= u < upre[hi]
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
@@ -315,8 +319,9 @@ __device__ __forceinline__ Unit find_unit(const GroupedGemmArgs& a, const int* u
   const int64_t cnt = expert_rows(a, lo, &p0);
   const int n_tb = static_cast<int>((cnt + BN - 1) / BN);
   const int local = u - upre[lo];
-  t.fb = local / n_tb;
-  const int tb = local % n_tb;
+  const int n_fb = (upre[lo + 1] - upre[lo]) / n_tb;  // u < upre[E]: expert lo has units
+  t.fb = tb_major ? local % n_fb : local / n_tb;
+  const int tb = tb_major ? local / n_fb : local % n_tb;
   t.pt = p0 + static_cast<int64_t>(tb) * BN;
   const int64_t left = cnt - static_cast<int64_t>(tb) * BN;
   t.rows_t = static_cast<int>(left < BN ? left : BN);
@@ -351,6 +356,19 @@ __device__ __forceinline__ int weight_row(int fb, int r, int& m) {
 }
 
 // ---------------------------------------------------------------- the epilogue (shared)
+// The SwiGLU output of one (feature, row) from the fp32 gate / up sums: both rounded to bf16
+// (as the reference's bf16 GEMM outputs), clamped at limit (> 0; 0 = no clamp), then
+// rw * silu(g) * u in fp32 (the caller rounds). Shared by every kernel's epilogue.
+__device__ __forceinline__ float swiglu_out(float g, float u, float limit, float rw) {
+  float gq = __bfloat162float(__float2bfloat16_rn(g));
+  float uq = __bfloat162float(__float2bfloat16_rn(u));
+  if (limit > 0.f) {
+    gq = gq > limit ? limit : gq;
+    uq = uq > limit ? limit : (uq < -limit ? -limit : uq);
+  }
+  return rw * (gq / (1.f + expf(-gq)) * uq);
+}
+
 // Registers -> shared tile et [BN rows][kFeat] bf16 (row stride kEpiStride bytes). The
 // accumulator of the warpgroup wg (64 tile rows, the m64nN fragment: thread (w4, g, tg) holds
 // rows wg 64 + w4 16 + g (+ 8) x columns 8 i + 2 tg (+ 1)). SwiGLU: bf16-rounded gate / up,
@@ -367,15 +385,8 @@ __device__ __forceinline__ void epi_stage(const float (&acc)[M], uint8_t* et, in
       const float L = limit;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float gq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + h]));
-        float uq = __bfloat162float(__float2bfloat16_rn(acc[i * 4 + 2 + h]));
-        if (L > 0.f) {
-          gq = gq > L ? L : gq;
-          uq = uq > L ? L : (uq < -L ? -L : uq);
-        }
-        const float hv = rw(c + h) * (gq / (1.f + expf(-gq)) * uq);
         *reinterpret_cast<__nv_bfloat16*>(et + (c + h) * kEpiStride + f * 2) =
-            __float2bfloat16_rn(hv);
+            __float2bfloat16_rn(swiglu_out(acc[i * 4 + h], acc[i * 4 + 2 + h], L, rw(c + h)));
       }
     } else {
       const int r0 = wg * 64 + w4 * 16 + g;

@@ -65,6 +65,7 @@
 
 #include "grouped_gemm.cuh"
 #include "grouped_gemm_fp4.cuh"
+#include "grouped_gemm_mbarrier.cuh"
 #include "grouped_gemm_qmma_wgmma.cuh"
 
 namespace dsv4 {
@@ -72,38 +73,12 @@ namespace gg {
 
 constexpr int kQBK = 128;  // k per stage: one scale block, one 128-byte e4m3 row
 
-// ------------------------------------------------------------------------------- mbarriers
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// arrives on the barrier once every cp.async this thread issued so far has landed (counts as
-// one of the barrier's expected arrivals)
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
+// ------------------------------ shared-memory helpers (mbarriers: grouped_gemm_mbarrier.cuh)
 // cp.async of 4 bytes of which the first src_bytes (0..4) are read, the rest zero-filled
 __device__ __forceinline__ void cp_async4_part(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void consumer_sync() {  // the 256 consumer threads only
-  asm volatile("bar.sync 1, 256;\n" ::: "memory");
 }
 __device__ __forceinline__ float2 lds64f(uint32_t addr) {
   float2 v;

@@ -119,6 +119,8 @@ struct Case {
   bool rope = false;
   bool fp32_scale = false;
   bool overlap = false;
+  bool ws = false;  // the warp-specialised mainloop (bf16 weights, kLarge / kHuge)
+  int num_sms = 0;  // > 0: a grid of at most this many blocks (each walks several units)
 };
 
 float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
@@ -307,6 +309,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
   a.out_expert_stride = dense ? c.rows : 0;
   a.tile = c.tile;
   a.pipeline = c.overlap ? dsv4::GemmPipeline::kOverlap : dsv4::GemmPipeline::kSerial;
+  if (c.ws) a.mainloop = dsv4::GemmMainloop::kWarpSpecialized;
+  a.num_sms = c.num_sms;
   CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> out16(out_n);
@@ -661,8 +665,50 @@ bool check_e2m1_to_e4m3() {
 
 }  // namespace
 
+// kAuto's choice of the skinny tile (grouped_gemm_resolve_tile, host only): by default FP8
+// weights without expert offsets at one row; DSV4_GEMM_SKINNY=1 the wider rule; =0 never.
+bool check_skinny_rule() {
+  auto args = [](GemmWeightFormat f, int64_t pairs, bool moe) {
+    static const int32_t offsets[3] = {0, 0, 0};
+    dsv4::GroupedGemmArgs a;
+    a.w_format = f;
+    a.n_experts = moe ? 2 : 1;
+    a.rows = 1024;
+    a.k = 4096;
+    a.pairs = pairs;
+    a.expert_offsets = moe ? offsets : nullptr;
+    a.num_sms = 132;
+    return a;
+  };
+  struct Case { const char* env; GemmWeightFormat f; int64_t pairs; bool moe; bool skinny; };
+  const GemmWeightFormat bf16 = GemmWeightFormat::kBF16, fp8 = GemmWeightFormat::kFP8,
+                         fp4 = GemmWeightFormat::kFP4;
+  const Case cases[] = {
+      {nullptr, fp8, 1, false, true},   {nullptr, fp8, 2, false, false},
+      {nullptr, bf16, 1, false, false}, {nullptr, fp4, 1, false, false},
+      {nullptr, fp8, 1, true, false},   {"1", bf16, 2, false, true},
+      {"1", fp4, 2, true, true},        {"1", fp8, 3, false, false},
+      {"1", bf16, 3, true, false},      {"0", fp8, 1, false, false},
+  };
+  bool ok = true;
+  for (const Case& c : cases) {
+    if (c.env) setenv("DSV4_GEMM_SKINNY", c.env, 1); else unsetenv("DSV4_GEMM_SKINNY");
+    const bool got = dsv4::grouped_gemm_resolve_tile(args(c.f, c.pairs, c.moe)) == GemmTile::kSkinny;
+    if (got != c.skinny) {
+      std::printf("skinny rule: DSV4_GEMM_SKINNY=%s format %d pairs %lld %s: %s, expected %s\n",
+                  c.env ? c.env : "(unset)", static_cast<int>(c.f),
+                  static_cast<long long>(c.pairs), c.moe ? "MoE" : "dense",
+                  got ? "skinny" : "not skinny", c.skinny ? "skinny" : "not skinny");
+      ok = false;
+    }
+  }
+  unsetenv("DSV4_GEMM_SKINNY");
+  std::printf("skinny rule: %s\n", ok ? "ok" : "FAIL");
+  return ok;
+}
+
 int main() {
-  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3()) {
+  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3() || !check_skinny_rule()) {
     std::printf("FAIL\n");
     return 1;
   }
@@ -708,11 +754,81 @@ int main() {
         c.overlap = ov == 1;
         ok = run_case(c, rng) && ok;
       }
+  // the skinny tile (weight stream on CUDA cores): 1 / 2 / 4 / 8 activation rows per unit,
+  // routed (few pairs: 2-row units; many: 8-row units over several tiles per expert; the last
+  // 3 pairs unowned) and dense with RoPE (T = 1, 2, 3, 8, 70), both scale kinds
+  for (int pairs : {4, 12, 40, 300})
+    for (int f = 0; f < 3; ++f)
+      for (int epi = 0; epi < 2; ++epi) {
+        std::snprintf(names[ni], 64, "%s %s skinny %d pairs", epi ? "swiglu" : "store",
+                      fmt_names[f], pairs);
+        Case c{names[ni++], fmts[f], epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+               GemmTile::kSkinny, 6, epi ? 96 : 136, f == 2 ? 160 : 208, 45, pairs};
+        c.fp32_scale = (pairs + f) % 2 == 1;
+        ok = run_case(c, rng) && ok;
+      }
+  for (int T : {1, 2, 3, 8, 70})
+    for (int f = 0; f < 2; ++f) {
+      std::snprintf(names[ni], 64, "oproj rope %s skinny T=%d", fmt_names[f], T);
+      Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kSkinny, 2, 128, 256, T, T,
+             true};
+      c.fp32_scale = T % 2 == 1;
+      ok = run_case(c, rng) && ok;
+    }
+  // a long k (2048: two to four warps per row group, up to two chunks in flight per lane),
+  // 2-row units (5 pairs on 6 experts, 2 of them owned)
+  for (int f = 0; f < 3; ++f) {
+    std::snprintf(names[ni], 64, "store %s skinny k=2048", fmt_names[f]);
+    Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kSkinny, 6, 64, 2048, 4, 5};
+    ok = run_case(c, rng) && ok;
+  }
   // one weight matrix whose e8m0 scale tensor has 2 bytes (not a multiple of 4): the scale
   // word read must stay inside it (run under compute-sanitizer to see an over-read)
   for (int t = 0; t < 2; ++t) {
     std::snprintf(names[ni], 64, "store fp8 2-byte e8m0 scales %s", tile_names[t]);
     Case c{names[ni++], GemmWeightFormat::kFP8, GemmEpilogue::kStore, tiles[t], 1, 120, 208, 9, 9};
+    ok = run_case(c, rng) && ok;
+  }
+  // the warp-specialised mainloop (grouped_gemm_ws.cuh; bf16 weights, kLarge / kHuge): both
+  // epilogues and the RoPE load path; a k of 4 steps (fewer than the stages), of 18 steps with
+  // a partial last one (the ring wraps inside a unit), and more units than SMs (each block
+  // walks several units: a grid of 5 blocks; the producer runs ahead across them); empty
+  // experts, unowned pairs
+  for (int t = 3; t < 5; ++t) {
+    for (int epi = 0; epi < 2; ++epi) {
+      std::snprintf(names[ni], 64, "ws %s bf16 %s", epi ? "swiglu" : "store", tile_names[t]);
+      Case c{names[ni++], GemmWeightFormat::kBF16, epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+             tiles[t], 6, epi ? 96 : 136, 208, 45, 300};
+      c.ws = true;
+      ok = run_case(c, rng) && ok;
+      std::snprintf(names[ni], 64, "ws %s bf16 %s k=1096", epi ? "swiglu" : "store", tile_names[t]);
+      Case d{names[ni++], GemmWeightFormat::kBF16, epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+             tiles[t], 3, epi ? 200 : 264, 1096, 300, 700};
+      d.ws = true;
+      ok = run_case(d, rng) && ok;
+      std::snprintf(names[ni], 64, "ws %s bf16 %s grid of 5", epi ? "swiglu" : "store",
+                    tile_names[t]);
+      Case m{names[ni++], GemmWeightFormat::kBF16, epi ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore,
+             tiles[t], 4, 512, 256, 1000, 2000};
+      m.ws = true;
+      m.num_sms = 5;
+      ok = run_case(m, rng) && ok;
+    }
+    std::snprintf(names[ni], 64, "ws oproj rope bf16 %s", tile_names[t]);
+    Case r{names[ni++], GemmWeightFormat::kBF16, GemmEpilogue::kStore, tiles[t], 2, 128, 256, 70, 70,
+           true};
+    r.ws = true;
+    ok = run_case(r, rng) && ok;
+    std::snprintf(names[ni], 64, "ws oproj rope bf16 %s 600 rows k=512", tile_names[t]);
+    Case r2{names[ni++], GemmWeightFormat::kBF16, GemmEpilogue::kStore, tiles[t], 2, 256, 512, 600,
+            600, true};
+    r2.ws = true;
+    r2.num_sms = 3;  // several units per block: the RoPE table rewritten after each epilogue
+    ok = run_case(r2, rng) && ok;
+  }
+  {
+    Case c{"store fp8 2-byte e8m0 scales skinny", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+           GemmTile::kSkinny, 1, 120, 208, 9, 9};
     ok = run_case(c, rng) && ok;
   }
   // the FP8 x FP8 path: FP8 (e8m0 / float32 scales) and FP4 weights, both epilogues, the three

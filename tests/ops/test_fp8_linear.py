@@ -11,7 +11,7 @@ import dsv4.ops  # noqa: F401  (registers every op)
 from dsv4.layers.linear import Linear
 from dsv4.ops.gemm import fp8_linear, fp8_linear_reference
 from dsv4.ops.quant import fp8_e4m3_sim
-from dsv4.quant import e8m0_to_float, fp8_block_quantize
+from dsv4.quant import e8m0_to_float, fp8_block_dequantize, fp8_block_quantize
 
 
 def make(M, N, K, seed, device="cpu", lead=()):
@@ -100,7 +100,8 @@ def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("pipe", ["serial", "overlap"])
-@pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge"])
+@pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge",
+                                  "skinny"])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (3, 96, 208), (77, 256, 384),
                                    (300, 136, 192), (1, 1024, 4096), (512, 512, 1024)])
 def test_cuda_matches_reference(monkeypatch, pipe, tile, M, N, K):
@@ -189,3 +190,34 @@ def test_cuda_awkward_layouts_and_empty_widths():
     s0 = torch.empty(1, 0, dtype=s.dtype, device="cuda")
     assert torch.equal(fp8_linear(x0, q0, s0), torch.zeros(4, 120, dtype=x.dtype, device="cuda"))
     assert fp8_linear(x, q[:0], s[:0]).shape == (5, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile", ["skinny", "decode"])
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (256, 1024), (136, 208)])
+def test_cuda_decode_rows(monkeypatch, tile, M, N, K):
+    """Decode row counts through the skinny tile (1 / 2 / 4 / 8 rows per unit, more rows than
+    one unit holds at 9 .. 33) and the 16-row tensor-core tile; wq_a's shape (1024 x 4096),
+    a short k (1024: more row groups per CTA) and partial scale blocks (136 x 208)."""
+    monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+    x, q, s = make(M, N, K, seed=M * 11 + N + K, device="cuda")
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fp8_linear(x, q, s, False, out=out)
+    ref = fp8_linear_reference(x, q, s, False)
+    truth = fp8_linear_reference(x.float(), q, s, False)
+    _assert_2x_bf16_rule(out, ref, truth, f"fp8_linear[{tile}] {M}x{N}x{K}")
+    # float32 scales that are not powers of two
+    g = torch.Generator().manual_seed(M)
+    sf = e8m0_to_float(s) * (1.0 + torch.rand(s.shape, generator=g).to(s.device))
+    y = fp8_linear(x, q, sf, False)
+    ref = fp8_linear_reference(x, q, sf, False)
+    if tile == "decode":
+        # The tensor-core tiles feed the MMA bf16 weights: with a scale that is not a power of
+        # two, each dequantised weight q * s is rounded to bf16 (the skinny tile applies s in
+        # fp32). Their bf16 reference is the same product of those rounded weights (H100,
+        # 2026-12-05: M = 33 x 136 x 208 had err 3.3 against 2 x 1.3 of the fp32-weight ref).
+        w16 = fp8_block_dequantize(q, sf, torch.float32).to(torch.bfloat16).float()
+        ref = (x.float() @ w16.T).to(x.dtype)
+    _assert_2x_bf16_rule(y, ref, fp8_linear_reference(x.float(), q, sf, False),
+                         f"fp8_linear[{tile}] {M}x{N}x{K} float32 scales")

@@ -236,7 +236,7 @@ def test_route_helper_is_expert_major_and_stable():
 # ---------------------------------------------------------------------------------------------
 # CUDA kernels against the fp32 reference (2x bf16 rule), corner cases, tiles
 # ---------------------------------------------------------------------------------------------
-TILES = ("auto", "decode", "decode_deep", "medium", "large", "huge")
+TILES = ("auto", "decode", "decode_deep", "medium", "large", "huge", "skinny")
 
 
 def _set_tile(monkeypatch, tile, pipe="serial"):
@@ -349,7 +349,8 @@ def test_cuda_widths_not_multiples_of_the_tile(monkeypatch, pipe, fmt, K, N):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt,K,N", [("fp8", 208, 144), ("fp4", 160, 96)])
 @pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "serial"),
-                                       ("large", "overlap"), ("huge", "overlap")])
+                                       ("large", "overlap"), ("huge", "overlap"),
+                                       ("skinny", "serial")])
 def test_cuda_nan_and_tiny_weight_scales(monkeypatch, fmt, K, N, tile, pipe):
     """e8m0 weight scales 255 (NaN) and 2-3 (2^-125, 2^-124: outside the range where the kernel
     converts with one bf16x2 multiply) in a few blocks, K not a multiple of 64 (zero-filled
@@ -383,7 +384,8 @@ def test_cuda_nan_and_tiny_weight_scales(monkeypatch, fmt, K, N, tile, pipe):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
-@pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "overlap")])
+@pytest.mark.parametrize("tile,pipe", [("decode", "serial"), ("large", "overlap"),
+                                       ("skinny", "serial")])
 def test_cuda_float32_scales_not_powers_of_two(monkeypatch, fmt, tile, pipe):
     """float32 weight scales (the "-Base" checkpoints' kind) that are not powers of two: the
     kernel may not take its bf16x2-multiply shortcut (exact only for a power-of-two scale)."""
@@ -400,11 +402,63 @@ def test_cuda_float32_scales_not_powers_of_two(monkeypatch, fmt, tile, pipe):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("skew", ["one", "half"])
 @pytest.mark.parametrize("tile,pipe", [("auto", "serial"), ("decode", "serial"),
-                                       ("huge", "serial"), ("large", "overlap")])
+                                       ("huge", "serial"), ("large", "overlap"),
+                                       ("skinny", "serial")])
 def test_cuda_skewed_routing_and_empty_experts(monkeypatch, fmt, skew, tile, pipe):
     _set_tile(monkeypatch, tile, pipe)
     # skew "one": every pair on one expert, 600 rows (several row tiles), 7 experts empty
     _check_case_cuda(moe_case(T=300, K=128, N=64, E=8, topk=2, fmt=fmt, seed=11, skew=skew))
+
+
+# decode sizes: the skinny tile (a weight stream on CUDA cores, 1 / 2 / 4 / 8 activation rows
+# per unit) against the 16-row tensor-core tile it replaces at small T
+DECODE_T = (1, 2, 7, 8, 9, 16, 33)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", ["skinny", "decode"])
+@pytest.mark.parametrize("T", DECODE_T)
+@pytest.mark.parametrize("skew", [None, "one", "half"])
+def test_cuda_decode_sizes(monkeypatch, fmt, tile, T, skew):
+    """T = 1 .. 33 tokens (top-2 of 8 experts: 2 .. 66 pairs; units of 2 / 4 / 8 rows and an
+    expert split over several row tiles), routing spread, all on one expert, or on half of the
+    experts (empty experts), SwiGLU with the clamp."""
+    _set_tile(monkeypatch, tile)
+    _check_case_cuda(moe_case(T=T, K=256, N=128, E=8, topk=2, fmt=fmt, seed=500 + T,
+                              skew=skew))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,K,N", [("bf16", 2048, 256), ("fp8", 2048, 256), ("fp4", 4096, 256),
+                                     ("fp8", 208, 144), ("bf16", 72, 40), ("fp4", 160, 96)])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_cuda_skinny_k_split_and_partial_blocks(monkeypatch, fmt, K, N, T):
+    """Long k (the skinny tile splits it over 2-4 warps per row group, two chunks in flight per
+    lane) and k / N that are not multiples of the 128-wide FP8 scale blocks."""
+    _set_tile(monkeypatch, "skinny")
+    _check_case_cuda(moe_case(T=T, K=K, N=N, E=4, topk=2, fmt=fmt, seed=K + N + T))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_skinny_auto_rule(monkeypatch, fmt):
+    """DSV4_GEMM_SKINNY=1 lets kAuto pick the skinny tile (MoE: pairs <= E; here 8 <= 8):
+    same outputs as the forced tile, bit for bit (one kernel, fixed reduction order)."""
+    c = moe_case(T=4, K=256, N=128, E=8, topk=2, fmt=fmt, seed=77).to("cuda")
+    args = (c.x, c.row_ids, c.expert_offsets, c.w_up, c.w_up_scale, c.route_weight, LIMIT, False)
+    _set_tile(monkeypatch, "skinny")
+    forced = moe_up(*args)
+    again = moe_up(*args)
+    _set_tile(monkeypatch, "auto")
+    monkeypatch.setenv("DSV4_GEMM_SKINNY", "1")
+    auto = moe_up(*args)
+    _set_tile(monkeypatch, "skinny")
+    monkeypatch.setenv("DSV4_SKINNY_PREFETCH", "0")  # the L2 prefetch changes no value
+    no_prefetch = moe_up(*args)
+    _assert_same_bits(forced, again)  # deterministic
+    _assert_same_bits(auto, forced)
+    _assert_same_bits(no_prefetch, forced)
 
 
 @pytest.mark.cuda

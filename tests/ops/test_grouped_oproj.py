@@ -129,7 +129,8 @@ def _truth(o, pos, freqs, wo_a, scale):
 @pytest.mark.cuda
 @pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-@pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge"])
+@pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge",
+                                  "skinny"])
 @pytest.mark.parametrize("T,H,hd,G,R", [(1, 4, 128, 2, 128), (37, 4, 128, 2, 128),
                                          (5, 8, 512, 2, 256), (300, 16, 64, 4, 128)])
 def test_cuda_matches_reference(monkeypatch, pipe, fmt, tile, T, H, hd, G, R):
@@ -188,3 +189,19 @@ def test_cuda_misaligned_o_and_one_token_views():
                       device="cuda").as_strided((1, 2, 128), (3, 128, 1))
     grouped_oproj(o[:1], pos[:1], freqs, wo_a, scale, out=out1)
     assert torch.equal(out1, z[:1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("tile", ["skinny", "decode"])
+@pytest.mark.parametrize("T", [1, 2, 7, 8, 9, 16, 33])
+def test_cuda_decode_tokens(monkeypatch, fmt, tile, T):
+    """Decode token counts through the skinny tile and the 16-row tensor-core tile: inverse
+    RoPE at positions up to 1M on 512-wide heads (the V4 head size), 2 groups of 256 rows."""
+    monkeypatch.setenv("DSV4_GEMM_TILE", tile)
+    o, pos, freqs, wo_a, scale = make(T, 4, 512, 2, 256, fmt, seed=900 + T, device="cuda",
+                                      max_pos=1 << 20)
+    out = torch.full((T, 2, 256), float("nan"), dtype=torch.bfloat16, device="cuda")
+    grouped_oproj(o, pos, freqs, wo_a, scale, out=out)
+    ref = grouped_oproj_reference(o, pos, freqs, wo_a, scale)
+    _assert_2x_bf16_rule(out, ref, _truth(o, pos, freqs, wo_a, scale), f"grouped_oproj[{tile}]")

@@ -38,13 +38,26 @@ enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
 //   kDecodeDeep 64 x 16 with one CTA per SM and a deep pipeline (few units: e.g. the output
 //     projection at T = 1 has 128 units of 64 weight rows),
 //   kMedium 128 x 64, kLarge 128 x 128, kHuge 128 x 256 (tensor-core bound).
+//   kSkinny: no tensor cores, a weight stream (csrc/kernels/grouped_gemm_skinny.cuh): each
+//     CTA reads 4 x (8 / WG) weight rows once with 16-byte loads and dots them with 1, 2, 4 or 8
+//     activation rows on CUDA cores (fp32); for a few rows per weight matrix. BF16 activations
+//     only: with x_scale (FP8 x FP8) kSkinny runs the FP8 path's 16-row tile.
 // kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
-// environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge) overrides it.
+// environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny)
+// overrides it. kAuto picks kSkinny for FP8 weights without expert offsets at pairs == 1 (where
+// it was measured faster); DSV4_GEMM_SKINNY=1: also without offsets at pairs <= 2 and with
+// them (MoE) at pairs <= E, any format; DSV4_GEMM_SKINNY=0: never.
 enum class GemmTile : int32_t {
-  kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5
+  kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5, kSkinny = 6
 };
 
 enum class GemmPipeline : int32_t { kAuto = 0, kSerial = 1, kOverlap = 2 };
+
+// Mainloop of the bf16-weight tensor-core tiles (kLarge, kHuge): every thread loads and issues
+// MMAs with one barrier per k step (kClassic, grouped_gemm.cuh), or a producer warpgroup fills
+// an mbarrier ring for two consumer warpgroups (kWarpSpecialized, grouped_gemm_ws.cuh). kAuto:
+// DSV4_GEMM_MAINLOOP (classic | ws), else classic. Other formats and tiles: classic.
+enum class GemmMainloop : int32_t { kAuto = 0, kClassic = 1, kWarpSpecialized = 2 };
 
 struct GroupedGemmArgs {
   // Weights. All strides in BYTES. Row r of matrix m of expert e starts at
@@ -105,6 +118,7 @@ struct GroupedGemmArgs {
   // before the next barrier (kSerial) or stay in flight across it (kOverlap: one stage less of
   // prefetch). kAuto: DSV4_GEMM_PIPE (serial | overlap), else serial.
   GemmPipeline pipeline = GemmPipeline::kAuto;
+  GemmMainloop mainloop = GemmMainloop::kAuto;
   int32_t num_sms = 0;  // 0: read from the current device
 };
 
