@@ -376,10 +376,20 @@ def test_dtype_changes_rebuild_the_groups():
 
 
 def test_deepcopy_stays_fused_and_independent():
+    """copy.deepcopy re-fuses the copy over its own Parameters; torch.save / torch.load of
+    the whole model keeps the views (one storage per group) and stays fused."""
+    import io
     m = _model().fuse_projections()
     ids = _ids(m)
     with torch.no_grad():
         ref = m(ids)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.fused_projections() == _expected_groups(m) and _views_of_one_buffer(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref)
     d = copy.deepcopy(m)
     assert d.fused_projections() == _expected_groups(d) and _views_of_one_buffer(d)
     ptrs = {p.untyped_storage().data_ptr() for p in m.parameters()}

@@ -107,7 +107,8 @@ def test_fusing_takes_no_extra_device_memory():
     before = torch.cuda.memory_allocated()
     m.fuse_projections()
     torch.cuda.synchronize()
-    assert abs(torch.cuda.memory_allocated() - before) < (1 << 20)
+    # (block rounding of the caching allocator aside; a duplicated group would add ~150 MB)
+    assert abs(torch.cuda.memory_allocated() - before) < (16 << 20)
     assert sum(len(v) - 1 for v in m.fused_projections().values()) == 9
     assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < (256 << 20)
 
