@@ -250,7 +250,8 @@ class MoE(ProjectionGroups, nn.Module):
     def projection_groups(self) -> dict:
         """{"shared": (shared_experts.w1, shared_experts.w3)}: the linears applied to the
         layer input (see :class:`~dsv4.layers.linear.ProjectionGroups`)."""
-        return {"shared": (self.shared_experts.w1, self.shared_experts.w3)}
+        se = self.shared_experts
+        return {"shared": (se.w1, se.w3)} if isinstance(se, Expert) else {}
 
     # ------------------------------------------------------------------ stacked storage
     def restack(self) -> Optional[ExpertStack]:
@@ -355,9 +356,10 @@ class MoE(ProjectionGroups, nn.Module):
 
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
         """The shared expert on x [N, dim] (its w1 and w3 as one GEMM when fused)."""
-        se = self.shared_experts
-        up = project(x, (se.w1, se.w3), self.projection_group("shared"))
-        return se(x, up=tuple(up))
+        se, group = self.shared_experts, self.projection_group("shared")
+        if group is None or not isinstance(se, Expert):
+            return se(x)
+        return se(x, up=tuple(project(x, (se.w1, se.w3), group)))
 
     def routed_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
                      route_weight: torch.Tensor, stack: Optional[ExpertStack]) -> torch.Tensor:
