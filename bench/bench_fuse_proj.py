@@ -5,7 +5,8 @@ either way, so only the GEMM calls differ).
 
 Groups (per layer of ``dsv4 bench``'s model: one CSA and one HCA layer, each with a MoE):
 ``csa_input`` wq_a + wkv + indexer weights_proj (bf16, [1024 + 512 + 64, 4096]);
-``hca_input`` wq_a + wkv; ``csa_comp`` compressor wkv + wgate + indexer compressor wkv + wgate
+``hca_input`` wq_a + wkv; ``csa_latent`` wq_b + indexer wq_b (bf16, [32768 + 8192, 1024], on
+the query latent); ``csa_comp`` compressor wkv + wgate + indexer compressor wkv + wgate
 (fp32, [2·512 + 2·512 + 2·128 + 2·128, 4096]); ``hca_comp`` wkv + wgate (fp32, [512 + 512,
 4096]); ``shared`` the shared expert's w1 + w3 (bf16, [2048 + 2048, 4096]). T tokens of input.
 
@@ -14,9 +15,9 @@ pays), each call on another copy of the weights (> 256 MB in all: read from HBM,
 step where the other layers' weights evict them). Floor: max(weights + input + output bytes /
 4.22 TB/s, FLOPs / 767 TFLOP/s bf16 or 67 TFLOP/s fp32 (cuBLAS SGEMM, TF32 off)). Baseline:
 the separate GEMMs in the same process. ``step`` rows: the sum over the groups of the bench
-model's decode step (csa_input + hca_input + csa_comp + hca_comp + 2 x shared). Prediction
-(bench/README.md "Fused same-input projections"): at T = 1, 9 fewer GEMMs save ~20-35 µs per
-step on the H200.
+model's decode step (csa_input + hca_input + csa_latent + csa_comp + hca_comp + 2 x shared).
+Prediction (bench/README.md "Fused same-input projections"): at T = 1, 10 fewer GEMMs save
+~20-35 µs per step on the H200.
 
 Usage: python bench/bench_fuse_proj.py [--quick] [--json F] [--markdown F]
 """
@@ -36,27 +37,29 @@ DEVICE = "cuda"
 COLUMNS = ("group", "T", "gemms", "time_us", "floor_us", "pct_floor", "base_us", "saved_us",
            "speedup", "note")
 
-# name -> (dtype, out_features of each member); V4-Flash (dim 4096, q_lora_rank 1024,
-# head_dim 512, index_n_heads 64, index_head_dim 128, moe_inter_dim 2048)
+# name -> (dtype, in_features, out_features of each member); V4-Flash (dim 4096, q_lora_rank
+# 1024, 64 heads of 512, index_n_heads 64, index_head_dim 128, moe_inter_dim 2048)
 GROUPS = {
-    "csa_input": (torch.bfloat16, (1024, 512, 64)),
-    "hca_input": (torch.bfloat16, (1024, 512)),
-    "csa_comp": (torch.float32, (1024, 1024, 256, 256)),
-    "hca_comp": (torch.float32, (512, 512)),
-    "shared": (torch.bfloat16, (2048, 2048)),
+    "csa_input": (torch.bfloat16, DIM, (1024, 512, 64)),
+    "hca_input": (torch.bfloat16, DIM, (1024, 512)),
+    "csa_latent": (torch.bfloat16, 1024, (32768, 8192)),
+    "csa_comp": (torch.float32, DIM, (1024, 1024, 256, 256)),
+    "hca_comp": (torch.float32, DIM, (512, 512)),
+    "shared": (torch.bfloat16, DIM, (2048, 2048)),
 }
-STEP = {"csa_input": 1, "hca_input": 1, "csa_comp": 1, "hca_comp": 1, "shared": 2}
+STEP = {"csa_input": 1, "hca_input": 1, "csa_latent": 1, "csa_comp": 1, "hca_comp": 1,
+        "shared": 2}
 
 
-def _copies(dtype, sizes):
+def _copies(dtype, K, sizes):
     """Copies of one group (Linear modules + their LinearGroup), > 256 MB in all."""
     from dsv4.layers.linear import Linear, LinearGroup
-    nbytes = sum(sizes) * DIM * torch.tensor([], dtype=dtype).element_size()
+    nbytes = sum(sizes) * K * torch.tensor([], dtype=dtype).element_size()
     n = max(1, min(CALLS, -(-(256 << 20) // nbytes)))
     out = []
     for _ in range(n):
         with torch.device(DEVICE):
-            lins = tuple(Linear(DIM, s, keep_fp32=dtype == torch.float32) for s in sizes)
+            lins = tuple(Linear(K, s, keep_fp32=dtype == torch.float32) for s in sizes)
         for lin in lins:
             lin.weight.data = lin.weight.data.to(dtype)
             lin.requires_grad_(False)
@@ -78,9 +81,9 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     rows, step = [], {}
     for T in ((1, 8) if quick else (1, 8, 64, 2048)):
-        for name, (dtype, sizes) in GROUPS.items():
-            copies = _copies(dtype, sizes)
-            x = torch.randn(T, DIM, device=DEVICE, dtype=dtype)
+        for name, (dtype, K, sizes) in GROUPS.items():
+            copies = _copies(dtype, K, sizes)
+            x = torch.randn(T, K, device=DEVICE, dtype=dtype)
             with torch.no_grad():
                 lins, group = copies[0]
                 got = project(x, lins, group)
@@ -99,12 +102,12 @@ def run(quick: bool = False) -> list[dict]:
                     project(x, lins, None)
                 t, tb = _graph_us(fused), _graph_us(separate)
             N, es = sum(sizes), x.element_size()
-            floor = max((N * DIM + T * DIM + T * N) * es / (PEAK_TBPS * 1e6),
-                        2 * T * N * DIM / (PEAK_TFLOPS[dtype] * 1e6))
+            floor = max((N * K + T * K + T * N) * es / (PEAK_TBPS * 1e6),
+                        2 * T * N * K / (PEAK_TFLOPS[dtype] * 1e6))
             rows.append(dict(group=name, T=T, gemms=f"1 vs {len(sizes)}", time_us=t,
                              floor_us=floor, pct_floor=100 * floor / t, base_us=tb,
                              saved_us=tb - t, speedup=tb / t,
-                             note=f"{str(dtype)[6:]} [{'+'.join(map(str, sizes))}, {DIM}]"))
+                             note=f"{str(dtype)[6:]} [{'+'.join(map(str, sizes))}, {K}]"))
             s = step.setdefault(T, [0.0, 0.0, 0.0, 0, 0])
             s[0] += STEP[name] * t
             s[1] += STEP[name] * tb

@@ -13,7 +13,7 @@ from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
 from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor, complete_entries
-from .indexer import Indexer
+from .indexer import Indexer, IndexerProjections
 from ..ops.norm import rms_norm_reference
 from .linear import Linear, ProjectionGroups, project
 from .norm import RMSNorm
@@ -55,10 +55,11 @@ class Attention(ProjectionGroups, nn.Module):
 
     Same-input projections (:meth:`projection_groups`; one GEMM each after
     ``Model.fuse_projections``): ``"input"`` = ``wq_a``, ``wkv`` (and on CSA layers the
-    indexer's ``weights_proj``) on the layer input x; ``"compressor"`` = the compressor's
+    indexer's ``weights_proj``) on the layer input x; ``"latent"`` (CSA layers) = ``wq_b`` and
+    the indexer's ``wq_b`` on the query latent qr; ``"compressor"`` = the compressor's
     ``wkv``, ``wgate`` (and on CSA layers the indexer compressor's ``wkv``, ``wgate``) on
     ``x.float()``. The layer computes them here and hands the outputs to its compressor and
-    indexer, on both paths.
+    indexer (:class:`~dsv4.layers.indexer.IndexerProjections`), on both paths.
     """
 
     def __init__(self, config, layer_id: int):
@@ -93,10 +94,11 @@ class Attention(ProjectionGroups, nn.Module):
         self._freqs = {freqs.device: freqs}
 
     def projection_groups(self) -> dict:
-        """The linears this layer applies to one input (see the class doc), in the order
-        their outputs are used: {"input": on x, "compressor": on x.float() (compressed
-        layers)}."""
+        """The linears this layer applies to one input (see the class doc): {"input": on x,
+        "latent": on qr (CSA layers), "compressor": on x.float() (compressed layers)}."""
         groups = {"input": self._input_linears()}
+        if self.indexer is not None:
+            groups["latent"] = self._latent_linears()
         if self.compressor is not None:
             groups["compressor"] = self._compressor_linears()
         return groups
@@ -105,16 +107,24 @@ class Attention(ProjectionGroups, nn.Module):
         ix = self.indexer
         return (self.wq_a, self.wkv) + (() if ix is None else (ix.weights_proj,))
 
+    def _latent_linears(self) -> tuple:
+        ix = self.indexer
+        return (self.wq_b,) + (() if ix is None else (ix.wq_b,))
+
     def _compressor_linears(self) -> tuple:
         c, ix = self.compressor, self.indexer
         return (c.wkv, c.wgate) + (() if ix is None else (ix.compressor.wkv,
                                                            ix.compressor.wgate))
 
-    def _compressor_projections(self, xf: torch.Tensor) -> tuple:
-        """(the compressor's (wkv, wgate) outputs, the indexer compressor's or None) on
-        ``xf`` = x.float() [n, dim] fp32."""
+    def _compressor_projections(self, xf: torch.Tensor, index_qw=None) -> tuple:
+        """On ``xf`` = x.float() [n, dim] fp32: (the compressor's (wkv, wgate) outputs, the
+        indexer's :class:`~dsv4.layers.indexer.IndexerProjections` (CSA: ``index_qw`` =
+        its ``wq_b`` and ``weights_proj`` outputs of the same n tokens, from the other
+        groups) or None)."""
         ys = project(xf, self._compressor_linears(), self.projection_group("compressor"))
-        return tuple(ys[:2]), (tuple(ys[2:]) if self.indexer is not None else None)
+        if self.indexer is None:
+            return tuple(ys), None
+        return tuple(ys[:2]), IndexerProjections(*index_qw, *ys[2:])
 
     def freqs(self, device: torch.device) -> torch.Tensor:
         """This layer's RoPE frequency table [rope_head_dim // 2] fp32 on ``device``."""
@@ -131,13 +141,15 @@ class Attention(ProjectionGroups, nn.Module):
         freqs = self.freqs(x.device)
         pos = batch.pos
         kernels = use_kernels(x, self._kernel_ops, self._kernel_unsupported)
-        # wq_a, wkv (and the indexer's weights_proj) on x: one GEMM when fused
-        qa, kv, *head_proj = project(x, self._input_linears(), self.projection_group("input"))
-        head_proj = head_proj[0] if head_proj else None
+        # wq_a, wkv (CSA: and the indexer's weights_proj) on x; wq_b (CSA: and the indexer's
+        # wq_b) on qr: one GEMM per input when fused
+        qa, kv, *index_w = project(x, self._input_linears(), self.projection_group("input"))
         qr = self.q_norm(qa, kernel=kernels)   # one rms_norm launch on the kernel path
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q, *index_q = project(qr, self._latent_linears(), self.projection_group("latent"))
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        index_qw = (index_q[0], index_w[0]) if self.indexer is not None else None
         if kernels:
-            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs, head_proj)
+            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs, index_qw)
         else:
             # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
             q = apply_rope(rms_norm_reference(q, None, c.norm_eps), pos[:, None], freqs)
@@ -145,7 +157,7 @@ class Attention(ProjectionGroups, nn.Module):
             if c.quant_sim:
                 rd = self.rope_dim
                 kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
-            o = self._attend_reference(x, qr, q, kv, cache, batch, freqs, head_proj)
+            o = self._attend_reference(x, qr, q, kv, cache, batch, freqs, index_qw)
         return self.wo_b(self._project(o, pos, freqs).flatten(1))
 
     def _project(self, o: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -187,11 +199,11 @@ class Attention(ProjectionGroups, nn.Module):
         return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
 
     def _attend_reference(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
-                          freqs, head_proj=None) -> torch.Tensor:
+                          freqs, index_qw=None) -> torch.Tensor:
         """The reference core: one sequence at a time from the host lists of ``batch``, keys
-        concatenated, then :func:`sparse_attn_reference`. ``head_proj`` [T, index_n_heads]:
-        the indexer's ``weights_proj`` output (CSA; None: the indexer computes it). Returns
-        o [T, heads, head_dim]."""
+        concatenated, then :func:`sparse_attn_reference`. ``index_qw`` (CSA): the indexer's
+        ``wq_b(qr)`` and ``weights_proj(x)`` of the T tokens. Returns o [T, heads,
+        head_dim]."""
         h = batch.require_host()
         o = torch.zeros_like(q)
         W = self.window_size
@@ -205,11 +217,12 @@ class Attention(ProjectionGroups, nn.Module):
             idx = window_indices(s, n, W, x.device)
             parts = [cache.ring_keys(slot), kv_new]
             if self.compress_ratio:
-                proj, index_proj = self._compressor_projections(x[t0:t1].float())
+                proj, index_proj = self._compressor_projections(
+                    x[t0:t1].float(), None if index_qw is None else
+                    tuple(t[t0:t1] for t in index_qw))
                 if self.indexer is not None:
                     comp = self.indexer(x[t0:t1], qr[t0:t1], cache.indexer, slot, s, freqs,
-                                        table, None if head_proj is None else head_proj[t0:t1],
-                                        index_proj)
+                                        table, index_proj)
                 n_entries = self.compressor(x[t0:t1], cache.compressor, slot, s, freqs, table,
                                             proj)
                 if self.indexer is None:   # HCA: every complete entry, causal per query
@@ -227,7 +240,7 @@ class Attention(ProjectionGroups, nn.Module):
         return o
 
     def _attend_kernels(self, x, qr, q_raw, kv_raw, cache: LayerCache, batch: StepBatch,
-                        freqs, head_proj=None) -> torch.Tensor:
+                        freqs, index_qw=None) -> torch.Tensor:
         """The kernel core for the whole step in one launch per op, from device tensors only
         (no host synchronisation; shapes depend on host-side sizes of ``batch`` alone).
 
@@ -242,9 +255,8 @@ class Attention(ProjectionGroups, nn.Module):
         indexer's picks (CSA, ``sparse_attn`` with physical indices) or every complete entry
         (HCA, ``hca_attn`` with per-query entry counts, no index list). With an FP8 cache
         (``cache.kv_fp8``: MODEL1 rings and entry pools) both scopes are FP8 pools with the
-        same flat rows (see :func:`_fp8_main_scope`). ``head_proj``: the indexer's
-        ``weights_proj`` output [T, index_n_heads] (CSA; None: the indexer computes it).
-        Returns o [T, heads, head_dim].
+        same flat rows (see :func:`_fp8_main_scope`). ``index_qw`` (CSA): the indexer's
+        ``wq_b(qr)`` and ``weights_proj(x)``. Returns o [T, heads, head_dim].
         """
         c = self.config
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
@@ -280,10 +292,10 @@ class Attention(ProjectionGroups, nn.Module):
             m = self.compress_ratio
             # both compressors' fp32 input (one cast) and their projections (one GEMM fused)
             xf = x.float()
-            proj, index_proj = self._compressor_projections(xf)
+            proj, index_proj = self._compressor_projections(xf, index_qw)
             if self.indexer is not None:
                 sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf,
-                                                 head_proj, index_proj)
+                                                 index_proj)
             self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
             if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
                 entries = cache.compressor.entries
