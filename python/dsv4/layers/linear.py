@@ -331,10 +331,10 @@ class LinearGroup:
                 quant = q
             elif q != quant:
                 return None
-        ys = dense_linear(x, self.weight, quant).split(self.sizes, dim=-1)
+        y = dense_linear(x, self.weight, quant)
         out = [None] * len(linears)
-        for i, y in zip(self.index, ys):
-            out[i] = y
+        for i, a, n in zip(self.index, self.rows, self.sizes):
+            out[i] = y[..., a:a + n]        # a view (aten::slice)
         return out
 
     def release(self, linears) -> None:
