@@ -5,8 +5,7 @@ either way, so only the GEMM calls differ).
 
 Groups (per layer of ``dsv4 bench``'s model: one CSA and one HCA layer, each with a MoE):
 ``csa_input`` wq_a + wkv + indexer weights_proj (bf16, [1024 + 512 + 64, 4096]);
-``hca_input`` wq_a + wkv; ``csa_latent`` wq_b + indexer wq_b (bf16, [32768 + 8192, 1024], on
-the query latent); ``csa_comp`` compressor wkv + wgate + indexer compressor wkv + wgate
+``hca_input`` wq_a + wkv; ``csa_comp`` compressor wkv + wgate + indexer compressor wkv + wgate
 (fp32, [2·512 + 2·512 + 2·128 + 2·128, 4096]); ``hca_comp`` wkv + wgate (fp32, [512 + 512,
 4096]); ``shared`` the shared expert's w1 + w3 (bf16, [2048 + 2048, 4096]). T tokens of input.
 
@@ -15,9 +14,9 @@ pays), each call on another copy of the weights (> 256 MB in all: read from HBM,
 step where the other layers' weights evict them). Floor: max(weights + input + output bytes /
 4.22 TB/s, FLOPs / 767 TFLOP/s bf16 or 67 TFLOP/s fp32 (cuBLAS SGEMM, TF32 off)). Baseline:
 the separate GEMMs in the same process. ``step`` rows: the sum over the groups of the bench
-model's decode step (csa_input + hca_input + csa_latent + csa_comp + hca_comp + 2 x shared).
-Prediction (bench/README.md "Fused same-input projections"): at T = 1, 10 fewer GEMMs save
-~20-35 µs per step on the H200.
+model's decode step (csa_input + hca_input + csa_comp + hca_comp + 2 x shared). Prediction
+(bench/README.md "Fused same-input projections"): at T = 1, 9 fewer GEMMs save ~20-35 µs per
+step on the H200.
 
 Usage: python bench/bench_fuse_proj.py [--quick] [--json F] [--markdown F]
 """
@@ -38,17 +37,15 @@ COLUMNS = ("group", "T", "gemms", "time_us", "floor_us", "pct_floor", "base_us",
            "speedup", "note")
 
 # name -> (dtype, in_features, out_features of each member); V4-Flash (dim 4096, q_lora_rank
-# 1024, 64 heads of 512, index_n_heads 64, index_head_dim 128, moe_inter_dim 2048)
+# 1024, head_dim 512, index_n_heads 64, index_head_dim 128, moe_inter_dim 2048)
 GROUPS = {
     "csa_input": (torch.bfloat16, DIM, (1024, 512, 64)),
     "hca_input": (torch.bfloat16, DIM, (1024, 512)),
-    "csa_latent": (torch.bfloat16, 1024, (32768, 8192)),
     "csa_comp": (torch.float32, DIM, (1024, 1024, 256, 256)),
     "hca_comp": (torch.float32, DIM, (512, 512)),
     "shared": (torch.bfloat16, DIM, (2048, 2048)),
 }
-STEP = {"csa_input": 1, "hca_input": 1, "csa_latent": 1, "csa_comp": 1, "hca_comp": 1,
-        "shared": 2}
+STEP = {"csa_input": 1, "hca_input": 1, "csa_comp": 1, "hca_comp": 1, "shared": 2}
 
 
 def _copies(dtype, K, sizes):

@@ -324,12 +324,11 @@ class Model(nn.Module):
 
         The groups (one input, one dtype, plain weight parameters; architecture.md §3, §4,
         §5, §9 define each projection): per attention layer ``wq_a`` + ``wkv`` (+ the
-        indexer's ``weights_proj`` on CSA layers) on the layer input, on CSA layers ``wq_b``
-        + the indexer's ``wq_b`` on the query latent qr, and the compressor's ``wkv`` +
-        ``wgate`` (+ the indexer compressor's ``wkv`` + ``wgate`` on CSA layers, all fp32) on
-        its fp32 copy; per MoE the shared expert's ``w1`` + ``w3``. At batch 1 each
+        indexer's ``weights_proj`` on CSA layers) on the layer input, and the compressor's
+        ``wkv`` + ``wgate`` (+ the indexer compressor's ``wkv`` + ``wgate`` on CSA layers, all
+        fp32) on its fp32 copy; per MoE the shared expert's ``w1`` + ``w3``. At batch 1 each
         projection is a small GEMV of mostly fixed cost; ``dsv4 bench``'s 2-layer V4-Flash
-        step (one CSA, one HCA layer) launches 10 fewer GEMMs (23 → 13).
+        step (one CSA, one HCA layer) launches 9 fewer GEMMs (23 → 14).
 
         Each group's weights are copied into one buffer [Σ out_features, in_features] and
         every member's weight Parameter becomes a row-slice view of it
