@@ -346,7 +346,10 @@ def test_dtype_changes_rebuild_the_groups():
     ids = _ids(m, 1, 9)
     with torch.no_grad():
         truth = u(ids)
-    m.double()
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        m.to(torch.float64)                         # refused, nothing changed
+    assert m.fused_projections() == _expected_groups(m)
+    m.type(torch.float64)                           # = .double()
     u.double()
     assert m.fused_projections() == _expected_groups(m) and _views_of_one_buffer(m)
     assert m.layers[1].attn.projection_group("input").weight.dtype == torch.float64
