@@ -360,6 +360,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if device.type == "cuda":   # serving: the head held once, in bf16, when its values allow
         from dsv4.runtime.generate import compact_head_if_exact
         compact_head_if_exact(model)
+        from dsv4.runtime.generate import fuse_projections_for_serving
+        fuse_projections_for_serving(model)     # same-input projections: one GEMM each
     config = getattr(model, "config", None)
     bos = getattr(config, "bos_token_id", 0)
     eos = getattr(config, "eos_token_id", 1)

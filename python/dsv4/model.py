@@ -21,7 +21,7 @@ from .cache import Cache, LayerCache, check_count
 from .config import ModelConfig
 from .layers.attention import Attention
 from .layers.head import check_bf16_exact, fp32_logits, mm_fp32_out, same_bits
-from .layers.linear import Linear
+from .layers.linear import Linear, ProjectionGroups
 from .layers.mhc import hc_head, hc_post, hc_pre
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
@@ -127,7 +127,8 @@ class Model(nn.Module):
     while parameters the official code keeps in fp32 (norm weights, mHC, ``attn_sink``,
     compressor ``wkv``/``wgate``/``ape``, gate bias, head) stay fp32.
     :meth:`compact_head` holds the head weight in bf16 instead (serving: half its bytes, the
-    same fp32 logits for the release's bf16 head).
+    same fp32 logits for the release's bf16 head). :meth:`fuse_projections` runs each layer's
+    same-input projections as one GEMM (serving: fewer, larger GEMMs; the same weights).
 
     Call ``model(input_ids, cache=None, seq_lens=None)``: input_ids int64 [batch, seq];
     ``seq_lens`` int [batch] (each row's valid tokens, right padding; default all ``seq``);
@@ -179,6 +180,7 @@ class Model(nn.Module):
             for mod in self.modules():
                 if isinstance(mod, MoE):
                     mod.stacked_weights()
+            self._refuse_projections()     # the cast members no longer view their buffers
         return self
 
     def bfloat16(self) -> "Model":
@@ -295,6 +297,96 @@ class Model(nn.Module):
         p.requires_grad_(self.__dict__.get("_head_requires_grad", True))
         self.__dict__.pop("_head_copy", None)
         return self
+
+    # ------------------------------------------------------------------ same-input projections
+    def _projection_owners(self) -> list:
+        return [m for m in self.modules() if isinstance(m, ProjectionGroups)]
+
+    @property
+    def projections_fused(self) -> bool:
+        """Whether :meth:`fuse_projections` is in effect (until :meth:`unfuse_projections`)."""
+        return any(m._fused is not None for m in self._projection_owners())
+
+    def fused_projections(self) -> dict[str, tuple[str, ...]]:
+        """The groups that run as one GEMM now (intact): {"<layer>.<group>": member names},
+        e.g. ``{"layers.0.attn.input": ("wq_a", "wkv", "indexer.weights_proj"), ...}``."""
+        out = {}
+        for name, mod in self.named_modules():
+            if not isinstance(mod, ProjectionGroups) or mod._fused is None:
+                continue
+            names = {id(m): n for n, m in mod.named_modules()}
+            for g, linears in mod.projection_groups().items():
+                grp = mod._fused.get(g)
+                if grp is not None and grp.intact(linears):
+                    out[f"{name}.{g}"] = tuple(names[id(linears[i])] for i in grp.index)
+        return out
+
+    def fuse_projections(self) -> "Model":
+        """Run each layer's same-input projections as ONE GEMM (serving); returns the model.
+
+        The groups (one input, one dtype, plain weight parameters; architecture.md §3, §4,
+        §5, §9 define each projection): per attention layer ``wq_a`` + ``wkv`` (+ the
+        indexer's ``weights_proj`` on CSA layers) on the layer input, and the compressor's
+        ``wkv`` + ``wgate`` (+ the indexer compressor's ``wkv`` + ``wgate`` on CSA layers, all
+        fp32) on its fp32 copy; per MoE the shared expert's ``w1`` + ``w3``. At batch 1 each
+        projection is a small GEMV of mostly fixed cost; ``dsv4 bench``'s 2-layer V4-Flash
+        step (one CSA, one HCA layer) launches 9 fewer GEMMs (23 → 14).
+
+        Each group's weights are copied into one buffer [Σ out_features, in_features] and
+        every member's weight Parameter becomes a row-slice view of it
+        (:class:`~dsv4.layers.linear.LinearGroup`): the same Parameter objects and values, no
+        weight held twice, ``state_dict`` keys and values unchanged, in-place
+        ``load_state_dict``, optimizers and training work as before. The layers then compute
+        ``F.linear(x, buffer)`` once and split its columns (views) on every path (reference
+        and kernels, prefill, chunked / mixed steps and decode, CPU and CUDA). The maths is
+        the members' own; the values equal the separate GEMMs' up to the GEMM's summation
+        order (another cuBLAS / CPU kernel for the wider output).
+
+        Members that do not take part: a Linear with native FP8/FP4 storage
+        (``weights="native"``), or in another dtype, or whose ``act_quant`` differs; a group
+        of fewer than two is not fused. A member whose weight is later re-homed or replaced
+        (``p.data = ...``, ``load_state_dict(assign=True)`` on a submodule, a module swapped
+        in) makes its group fall back to the separate GEMMs (never stale weights); so does
+        grad mode with a member weight requiring grad (autograd then reaches each
+        Parameter). The model keeps its groups current itself: ``.to(device / dtype)``,
+        ``.double()``, ``.cuda()``, ``load_state_dict`` and ``copy.deepcopy`` rebuild them in
+        the new storage. A CUDA graph captured on the fused model (the runtime engine's) keeps
+        reading the storage it captured: fuse or unfuse before building the Engine.
+
+        Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
+        (``torch.cuda.empty_cache``, unless a graph is being captured).
+        """
+        for mod in self._projection_owners():
+            mod.fuse_projections()
+        self._release_cached_blocks()
+        return self
+
+    def unfuse_projections(self) -> "Model":
+        """Undo :meth:`fuse_projections`: each member weight back in its own storage (the
+        same values), the separate GEMMs. Returns the model; a no-op when not fused."""
+        for mod in self._projection_owners():
+            mod.unfuse_projections()
+        self._release_cached_blocks()
+        return self
+
+    def _refuse_projections(self) -> None:
+        """Rebuild the broken groups of the fused layers (after storage changed)."""
+        for mod in self._projection_owners():
+            if mod._fused is not None:
+                mod.fuse_projections()
+
+    def _release_cached_blocks(self) -> None:
+        dev = self.embed.weight.device
+        if dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.empty_cache()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``assign=True`` on a fused model
+        (:meth:`fuse_projections`) the assigned weights of each group are then copied into a
+        new group buffer (the model stays fused)."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._refuse_projections()
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -15,7 +15,7 @@ from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor, complete_entries
 from .indexer import Indexer
 from ..ops.norm import rms_norm_reference
-from .linear import Linear
+from .linear import Linear, ProjectionGroups, project
 from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
 from .varlen import StepBatch
@@ -44,7 +44,7 @@ def window_indices(start: int, n: int, window_size: int, device=None) -> torch.T
     return torch.where(p >= 0, idx, -1)
 
 
-class Attention(nn.Module):
+class Attention(ProjectionGroups, nn.Module):
     """One V4 attention layer (SWA, CSA or HCA by ``compress_ratios[layer_id]``).
 
     Query: ``wq_a`` → ``q_norm`` (= qr) → ``wq_b`` → weight-free per-head RMS → RoPE on the last
@@ -52,6 +52,17 @@ class Attention(nn.Module):
     non-RoPE dims with quant_sim). Each query attends, with the per-head ``attn_sink``, to its
     window and (CSA) the indexer's top-k or (HCA) all complete compressed entries. Output:
     inverse RoPE, grouped ``wo_a`` (o_groups × [o_lora_rank, heads·head_dim/o_groups]), ``wo_b``.
+
+    Same-input projections (:meth:`projection_groups`; one GEMM each after
+    ``Model.fuse_projections``): ``"input"`` = ``wq_a``, ``wkv`` (and on CSA layers the
+    indexer's ``weights_proj``) on the layer input x; ``"compressor"`` = the compressor's
+    ``wkv``, ``wgate`` (and on CSA layers the indexer compressor's ``wkv``, ``wgate``) on
+    ``x.float()``. When fused the layer computes them here, on both paths, and hands the
+    outputs to its compressor and indexer; unfused, each module projects its own input where
+    it always did (the same ops and lifetimes as without groups). Not grouped:
+    ``wq_b`` and the indexer's ``wq_b``, which both read qr: one output would keep the
+    indexer's queries [T, 8192] alive as long as ``wq_b``'s, through the attention's peak
+    (+268 MB at a 16K-token prefill chunk of V4-Flash) to save one launch.
     """
 
     def __init__(self, config, layer_id: int):
@@ -85,6 +96,41 @@ class Attention(nn.Module):
             freqs = rope_frequencies(c.rope_head_dim, c.rope_theta)
         self._freqs = {freqs.device: freqs}
 
+    def projection_groups(self) -> dict:
+        """The linears this layer applies to one input (see the class doc): {"input": on x,
+        "compressor": on x.float() (compressed layers)}."""
+        groups = {"input": self._input_linears()}
+        if self.compressor is not None:
+            groups["compressor"] = self._compressor_linears()
+        return groups
+
+    def _input_linears(self) -> tuple:
+        ix = self.indexer
+        return (self.wq_a, self.wkv) + (() if ix is None else (ix.weights_proj,))
+
+    def _compressor_linears(self) -> tuple:
+        c, ix = self.compressor, self.indexer
+        return (c.wkv, c.wgate) + (() if ix is None else (ix.compressor.wkv,
+                                                           ix.compressor.wgate))
+
+    def _input_projections(self, x: torch.Tensor) -> tuple:
+        """(wq_a(x), wkv(x), the indexer's weights_proj(x) or None) for x [T, dim]: one GEMM
+        when the "input" group is fused; unfused, the indexer projects x itself (None)."""
+        group = self.projection_group("input")
+        linears = self._input_linears() if group is not None else (self.wq_a, self.wkv)
+        qa, kv, *w = project(x, linears, group)
+        return qa, kv, (w[0] if w else None)
+
+    def _compressor_projections(self, x: torch.Tensor) -> tuple:
+        """On ``x.float()`` (x [n, dim]) when the "compressor" group is fused: (the
+        compressor's (wkv, wgate) outputs, the indexer compressor's or None), from one GEMM
+        when it serves; (None, None) unfused (each compressor projects its input itself)."""
+        group = self.projection_group("compressor")
+        if group is None:
+            return None, None
+        ys = project(x.float(), self._compressor_linears(), group)
+        return tuple(ys[:2]), (tuple(ys[2:]) if self.indexer is not None else None)
+
     def freqs(self, device: torch.device) -> torch.Tensor:
         """This layer's RoPE frequency table [rope_head_dim // 2] fp32 on ``device``."""
         if device not in self._freqs:
@@ -100,11 +146,13 @@ class Attention(nn.Module):
         freqs = self.freqs(x.device)
         pos = batch.pos
         kernels = use_kernels(x, self._kernel_ops, self._kernel_unsupported)
-        qr = self.q_norm(self.wq_a(x), kernel=kernels)   # one rms_norm launch on the kernel path
+        # wq_a, wkv (CSA: and the indexer's weights_proj) on x: one GEMM when fused
+        qa, kv, index_w = self._input_projections(x)
+        qr = self.q_norm(qa, kernel=kernels)   # one rms_norm launch on the kernel path
+        del qa                                 # (its storage: freed unless fused with kv's)
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        kv = self.wkv(x)
         if kernels:
-            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs)
+            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs, index_w)
         else:
             # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
             q = apply_rope(rms_norm_reference(q, None, c.norm_eps), pos[:, None], freqs)
@@ -112,7 +160,7 @@ class Attention(nn.Module):
             if c.quant_sim:
                 rd = self.rope_dim
                 kv = torch.cat([fp8_e4m3_sim(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
-            o = self._attend_reference(x, qr, q, kv, cache, batch, freqs)
+            o = self._attend_reference(x, qr, q, kv, cache, batch, freqs, index_w)
         return self.wo_b(self._project(o, pos, freqs).flatten(1))
 
     def _project(self, o: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -154,9 +202,11 @@ class Attention(nn.Module):
         return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
 
     def _attend_reference(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
-                          freqs) -> torch.Tensor:
+                          freqs, index_w=None) -> torch.Tensor:
         """The reference core: one sequence at a time from the host lists of ``batch``, keys
-        concatenated, then :func:`sparse_attn_reference`. Returns o [T, heads, head_dim]."""
+        concatenated, then :func:`sparse_attn_reference`. ``index_w`` (CSA, fused): the
+        indexer's ``weights_proj(x)`` of the T tokens, or None. Returns o [T, heads,
+        head_dim]."""
         h = batch.require_host()
         o = torch.zeros_like(q)
         W = self.window_size
@@ -170,10 +220,13 @@ class Attention(nn.Module):
             idx = window_indices(s, n, W, x.device)
             parts = [cache.ring_keys(slot), kv_new]
             if self.compress_ratio:
+                proj, index_proj = self._compressor_projections(x[t0:t1])
                 if self.indexer is not None:
                     comp = self.indexer(x[t0:t1], qr[t0:t1], cache.indexer, slot, s, freqs,
-                                        table)
-                n_entries = self.compressor(x[t0:t1], cache.compressor, slot, s, freqs, table)
+                                        table, None if index_w is None else index_w[t0:t1],
+                                        index_proj)
+                n_entries = self.compressor(x[t0:t1], cache.compressor, slot, s, freqs, table,
+                                            proj)
                 if self.indexer is None:   # HCA: every complete entry, causal per query
                     t = torch.arange(s, s + n, device=x.device)[:, None]
                     j = torch.arange(n_entries, device=x.device)[None, :]
@@ -189,7 +242,7 @@ class Attention(nn.Module):
         return o
 
     def _attend_kernels(self, x, qr, q_raw, kv_raw, cache: LayerCache, batch: StepBatch,
-                        freqs) -> torch.Tensor:
+                        freqs, index_w=None) -> torch.Tensor:
         """The kernel core for the whole step in one launch per op, from device tensors only
         (no host synchronisation; shapes depend on host-side sizes of ``batch`` alone).
 
@@ -204,7 +257,8 @@ class Attention(nn.Module):
         indexer's picks (CSA, ``sparse_attn`` with physical indices) or every complete entry
         (HCA, ``hca_attn`` with per-query entry counts, no index list). With an FP8 cache
         (``cache.kv_fp8``: MODEL1 rings and entry pools) both scopes are FP8 pools with the
-        same flat rows (see :func:`_fp8_main_scope`). Returns o [T, heads, head_dim].
+        same flat rows (see :func:`_fp8_main_scope`). ``index_w`` (CSA, fused): the indexer's
+        ``weights_proj(x)``, or None. Returns o [T, heads, head_dim].
         """
         c = self.config
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
@@ -238,10 +292,14 @@ class Attention(nn.Module):
         sel = entries = extra_len = None
         if self.compress_ratio:
             m = self.compress_ratio
-            xf = x.float()    # both compressors' fp32 input (one cast on a CSA layer)
+            # both compressors' fp32 input (one cast) and their projections (one GEMM fused)
+            xf = x.float()
+            proj, index_proj = self._compressor_projections(xf)
             if self.indexer is not None:
-                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf)
-            self.compressor.forward_batch(xf, cache.compressor, batch, freqs)
+                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf,
+                                                 index_w, index_proj)
+            self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
+            del proj, index_proj      # consumed: not held through the attention below
             if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
                 entries = cache.compressor.entries
             if self.indexer is None:   # HCA: every complete entry, causal per query

@@ -55,7 +55,8 @@ class Compressor(nn.Module):
         return QUANT_FP4_HADAMARD if self.rotate else QUANT_FP8
 
     def forward(self, x: torch.Tensor, state: CompressorState, row: int, start: int,
-                freqs: torch.Tensor, block_table: Optional[list[int]] = None) -> int:
+                freqs: torch.Tensor, block_table: Optional[list[int]] = None,
+                proj: Optional[tuple] = None) -> int:
         """Feed tokens ``x`` [n, dim] of the sequence in slot ``row`` at positions
         start … start+n−1 (the per-sequence reference path).
 
@@ -66,6 +67,9 @@ class Compressor(nn.Module):
         feeding the tokens one at a time (architecture.md §4.5; chunked prefill is defined
         that way). After the two projections the maths is
         :func:`dsv4.ops.compressor.compress_kv_reference` (one definition of the compressor).
+        ``proj``: the projections ``(wkv(x.float()), wgate(x.float()))`` [n, coff·head_dim]
+        fp32 when the caller computed them (the attention layer, one GEMM when fused); None:
+        computed here.
         """
         m = self.compress_ratio
         n = x.shape[0]
@@ -80,17 +84,22 @@ class Compressor(nn.Module):
             table = torch.tensor([list(block_table) or [-1]], dtype=torch.int32, device=dev)
         else:
             state.reserve(n_after)
-        xf = x.float()
+        kv, score = self.projections(x) if proj is None else proj
         compress_kv_reference(
-            self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs,
+            kv, score, self.ape, self.norm.weight, freqs,
             torch.tensor([0, n], dtype=torch.int32, device=dev),
             torch.tensor([start], dtype=torch.int32, device=dev), state.kv, state.score,
             state.entries, m, n, self.norm.eps, self.quant,
             slots=torch.tensor([row], dtype=torch.int32, device=dev), block_table=table)
         return n_after
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(wkv(x.float()), wgate(x.float()))``: fp32 [n, coff·head_dim] each (§4.1)."""
+        xf = x.float()
+        return self.wkv(xf), self.wgate(xf)
+
     def forward_batch(self, x: torch.Tensor, state: CompressorState, batch: StepBatch,
-                      freqs: torch.Tensor) -> None:
+                      freqs: torch.Tensor, proj: Optional[tuple] = None) -> None:
         """Batched path of :meth:`forward`: ``x`` [T, dim] holds the new tokens of every row of
         ``batch`` back to back. The projections run here; gating, pooling, RMSNorm, RoPE and
         the quantisation simulation run in ``torch.ops.dsv4.compress_kv``, which writes the
@@ -98,13 +107,14 @@ class Compressor(nn.Module):
         updates the partial-block state of each row's slot in place. No host synchronisation
         (a dense store is grown from the host-side bound ``batch.max_end``). ``x`` may be
         given in fp32 already (the projections take ``x.float()``; a CSA layer casts once for
-        its indexer's compressor and its own).
+        its indexer's compressor and its own). ``proj``: the projections when the caller
+        computed them (see :meth:`forward`).
         """
         m = self.compress_ratio
         if not state.paged:
             state.reserve(batch.max_end // m)
-        xf = x.float()
-        head = (self.wkv(xf), self.wgate(xf), self.ape, self.norm.weight, freqs,
+        kv, score = self.projections(x) if proj is None else proj
+        head = (kv, score, self.ape, self.norm.weight, freqs,
                 batch.cu_seqlens, batch.starts)
         tail = (m, batch.max_seqlen, self.norm.eps, self.quant)
         if not state.paged:

@@ -4,6 +4,12 @@ A Linear holds its weight either as an ordinary parameter (random init, bf16/fp3
 or FP8/FP4 checkpoints loaded with ``weights="dequant"``) or, after
 ``Model.from_pretrained(..., weights="native")``, in its stored FP8/FP4 form (``qweight`` +
 ``scale`` buffers), dequantised at every use. ``.weight`` returns the float weight either way.
+
+Same-input projections (``Model.fuse_projections``, a serving option): a layer that calls
+several Linears on one input (attention ``wq_a`` / ``wkv`` / indexer ``weights_proj``; the
+compressors' ``wkv`` / ``wgate``; the shared expert's ``w1`` / ``w3``) can hold their weights
+as row slices of one buffer (:class:`LinearGroup`) and run them as one GEMM (:func:`project`);
+the layer declares its groups through :class:`ProjectionGroups`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,22 @@ from ..ops.gemm import fp8_linear
 from ..ops.quant import fp8_e4m3_sim
 from ..quant import FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "LinearGroup", "ProjectionGroups", "dense_linear", "project"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
+    """``x @ weight.T`` for a weight held as a float tensor [out, in]: the input FP8-simulated
+    first when ``act_quant`` (1x128 blocks, :func:`dsv4.ops.quant.fp8_e4m3_sim`), then cast to
+    the weight's dtype, then ``F.linear`` (output in the weight's dtype). The one definition
+    of a parameter-held :class:`Linear`'s forward, which :class:`LinearGroup` runs on the
+    concatenated weight of its members."""
+    if act_quant:
+        x = fp8_e4m3_sim(x, FP8_BLOCK)
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    return F.linear(x, weight)
 
 
 class Linear(nn.Module):
@@ -135,16 +154,13 @@ class Linear(nn.Module):
         Raises ValueError (from the simulation) when the FP8 activation quantisation applies
         and in_features is not a multiple of 128.
         """
-        act_quant = bool(self.act_quant and self.config is not None and self.config.quant_sim)
+        act_quant = self.input_quantized()
         if self.weight_format == "fp8" and not self.keep_fp32 and self._fp8_kernel(x):
             return fp8_linear(x, self.qweight, self.scale, act_quant)
+        if self.weight_format is None:
+            return dense_linear(x, self._parameters["weight"], act_quant)
         if act_quant:
             x = fp8_e4m3_sim(x, FP8_BLOCK)
-        if self.weight_format is None:
-            w = self._parameters["weight"]
-            if x.dtype != w.dtype:
-                x = x.to(w.dtype)
-            return F.linear(x, w)
         # Native storage: dequantise to the activation dtype (exact in bf16/fp32), so that the
         # layer follows Model.to(dtype) like a parameter would; keep_fp32 layers compute in fp32.
         if self.keep_fp32:
@@ -152,6 +168,11 @@ class Linear(nn.Module):
         else:
             dtype = x.dtype if x.dtype in _FLOATS else self.dequant_dtype
         return F.linear(x.to(dtype), self.dequantized_weight(dtype))
+
+    def input_quantized(self) -> bool:
+        """Whether the input gets the FP8 activation simulation before the GEMM (``act_quant``
+        with ``config.quant_sim`` on; see the class doc)."""
+        return bool(self.act_quant and self.config is not None and self.config.quant_sim)
 
     def _fp8_kernel(self, x: torch.Tensor) -> bool:
         """Whether this FP8-stored layer runs the CUDA fp8_linear kernel on ``x``."""
@@ -170,3 +191,238 @@ class Linear(nn.Module):
         elif self.stored_format is not None:
             s += f", stored {self.stored_format}"
         return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-input projections as one GEMM (Model.fuse_projections)
+# ---------------------------------------------------------------------------------------------
+def _fusable(lin) -> bool:
+    """A member candidate: a dsv4 :class:`Linear` (not a subclass, not another module) holding
+    its weight as a 2-D floating-point parameter (no native FP8/FP4 storage)."""
+    if type(lin) is not Linear or lin.weight_format is not None:
+        return False
+    p = lin._parameters.get("weight")
+    return (p is not None and p.is_floating_point() and p.dim() == 2
+            and tuple(p.shape) == (lin.out_features, lin.in_features))
+
+
+class LinearGroup:
+    """Bias-free :class:`Linear` layers that read the same input, computed as ONE GEMM.
+
+    A decode step at batch 1 runs each projection as a small GEMV whose time is mostly fixed
+    cost (launch, ramp-up, tail); the projections a layer applies to one input can be one
+    GEMM over their concatenated weights instead, with the same maths (issue 8).
+
+    :meth:`fuse` takes the linears a layer calls on one input (``linears``, in the layer's
+    order) and picks the members: those holding a plain float weight parameter (no native
+    FP8/FP4 storage) with the same dtype, device, ``in_features``, ``act_quant`` flag and
+    config (so that every member sees the same input after the FP8 activation simulation and
+    the cast to the weight dtype), the largest such set; fewer than two: no group. It copies
+    their weights into one buffer :attr:`weight` [Σ out_features, in_features] (in that
+    order) and re-homes each member's weight Parameter as a row-slice VIEW of it
+    (``p.data = weight[a:b]``): the same Parameter objects, so ``state_dict`` keys and values,
+    in-place ``load_state_dict``, optimizers and ``.grad`` are unchanged, and no weight is
+    held twice (the members' old storage is freed).
+
+    :meth:`apply` computes ``dense_linear(x, weight)`` once (the members' own forward
+    formula) and returns each member's output as its columns of the result (a view
+    [..., out_features] whose rows are Σ out_features apart; only the last dimension is
+    split, so a 1-row output slice is contiguous). Values: those of the separate GEMMs up to
+    the GEMM's accumulation order (another cuBLAS / CPU kernel may be chosen for the wider
+    output).
+
+    The group serves a call only while it is **intact**: every member module passed is still
+    a dsv4 Linear whose weight parameter is exactly its view (same data pointer in the
+    buffer, dtype, device, shape and strides), so that it computes with the weights the
+    members hold. Anything that re-homes or replaces a weight (``.to(dtype)``, ``.double()``,
+    ``p.data = ...``, ``load_state_dict(assign=True)``, ``set_quantized``, a module swapped
+    in) breaks it, and the members then run separately (:func:`project`); the owning layer
+    rebuilds its groups where it changes storage itself (:class:`ProjectionGroups`). Also
+    with gradients (grad mode on and a member's weight requiring grad) the members run
+    separately, so that autograd reaches each Parameter. The check is a few attribute reads
+    per member on the host (a replayed CUDA graph skips it).
+    """
+
+    def __init__(self, index: tuple, params: tuple, weight: torch.Tensor, sizes: tuple):
+        self.index = index        # positions of the members in the caller's ``linears``
+        self.params = params      # the members' weight Parameters (for deepcopy and undo)
+        self.weight = weight      # [Σ out_features, in_features]
+        self.sizes = sizes        # out_features of each member
+        self.rows = tuple(sum(sizes[:k]) for k in range(len(sizes)))   # first row of each
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def members(linears) -> tuple:
+        """Positions in ``linears`` of the members a group over them would hold (see the
+        class doc): the largest set of fusable linears with equal dtype, device,
+        in_features, act_quant and config (the first such set on a tie); () when fewer
+        than two."""
+        sets: dict = {}
+        for i, lin in enumerate(linears):
+            if _fusable(lin):
+                p = lin._parameters["weight"]
+                key = (p.dtype, p.device, lin.in_features, bool(lin.act_quant), id(lin.config))
+                sets.setdefault(key, []).append(i)
+        best = max(sets.values(), key=len, default=[])
+        return tuple(best) if len(best) >= 2 else ()
+
+    @classmethod
+    def fuse(cls, linears) -> Optional["LinearGroup"]:
+        """A group over the members of ``linears`` (:meth:`members`), their weights re-homed
+        into its buffer; None (nothing changed) when fewer than two are eligible."""
+        index = cls.members(linears)
+        if not index:
+            return None
+        return cls._build(index, tuple(linears[i]._parameters["weight"] for i in index))
+
+    @classmethod
+    def _build(cls, index: tuple, params: tuple) -> Optional["LinearGroup"]:
+        """Copy ``params`` (2-D, one dtype, device and width) into a new buffer and make each
+        a view of it; None when they do not fit together."""
+        p0 = params[0]
+        K = p0.shape[1]
+        if any(p.dim() != 2 or p.shape[1] != K or p.dtype != p0.dtype or p.device != p0.device
+               for p in params):
+            return None
+        sizes = tuple(int(p.shape[0]) for p in params)
+        with torch.no_grad():
+            weight = torch.empty(sum(sizes), K, dtype=p0.dtype, device=p0.device)
+            a = 0
+            for p, n in zip(params, sizes):
+                weight[a:a + n].copy_(p.detach())
+                a += n
+        a = 0
+        for p, n in zip(params, sizes):
+            p.data = weight[a:a + n]
+            a += n
+        return cls(index, params, weight, sizes)
+
+    # ------------------------------------------------------------------ state
+    def intact(self, linears) -> bool:
+        """Whether every member in ``linears`` (the caller's modules, as passed to
+        :meth:`fuse`) still computes with its view of :attr:`weight` (see the class doc)."""
+        w = self.weight
+        K = w.shape[1]
+        base, row_bytes = w.data_ptr(), K * w.element_size()
+        for i, a, n in zip(self.index, self.rows, self.sizes):
+            lin = linears[i] if i < len(linears) else None
+            if type(lin) is not Linear or lin.weight_format is not None:
+                return False
+            p = lin._parameters.get("weight")
+            if (p is None or p.data_ptr() != base + a * row_bytes or p.dtype != w.dtype
+                    or p.device != w.device or p.shape != (n, K) or p.stride() != (K, 1)):
+                return False
+        return True
+
+    def apply(self, x: torch.Tensor, linears) -> Optional[list]:
+        """The members' outputs, by position in ``linears`` (None at a non-member), from one
+        GEMM on ``x`` [..., in_features]; None when the group cannot serve this call (not
+        intact, gradients needed, or the members' ``act_quant`` now differ)."""
+        if not self.intact(linears):
+            return None
+        grad = torch.is_grad_enabled()
+        quant = None
+        for i in self.index:
+            lin = linears[i]
+            if grad and lin._parameters["weight"].requires_grad:
+                return None
+            q = lin.input_quantized()
+            if quant is None:
+                quant = q
+            elif q != quant:
+                return None
+        y = dense_linear(x, self.weight, quant)
+        out = [None] * len(linears)
+        for i, a, n in zip(self.index, self.rows, self.sizes):
+            out[i] = y[..., a:a + n]        # a view (aten::slice)
+        return out
+
+    def release(self, linears) -> None:
+        """Give every member still viewing :attr:`weight` its own copy of its rows (the
+        layout before :meth:`fuse`; the same values); the buffer is freed with the group."""
+        w = self.weight
+        for i, p in zip(self.index, self.params):
+            lin = linears[i] if i < len(linears) else None
+            q = lin._parameters.get("weight") if type(lin) is Linear else None
+            for t in {id(p): p, id(q): q}.values():
+                if t is not None and t.untyped_storage().data_ptr() == \
+                        w.untyped_storage().data_ptr() and t.device == w.device:
+                    t.data = t.detach().clone()
+
+    def __deepcopy__(self, memo):
+        # ``copy.deepcopy`` of the owning layer copies its submodules first (they come before
+        # this attribute in its __dict__): Parameter.__deepcopy__ gives each member weight its
+        # own clone, so the copy is re-fused over the copied Parameters; a group whose
+        # Parameters were not copied (a copy of the group alone) becomes None.
+        params = tuple(memo.get(id(p)) for p in self.params)
+        if any(p is None for p in params):
+            return None
+        return LinearGroup._build(self.index, params)
+
+
+def project(x: torch.Tensor, linears, group: Optional[LinearGroup] = None) -> list:
+    """``[lin(x) for lin in linears]``: the outputs of same-input projections, the members of
+    ``group`` (:class:`LinearGroup`, built over the same ``linears``) from its one GEMM when
+    it can serve the call, every other linear (and all of them otherwise) through its own
+    forward. Same values either way up to the GEMM's accumulation order."""
+    ys = group.apply(x, linears) if group is not None else None
+    if ys is None:
+        return [lin(x) for lin in linears]
+    return [lin(x) if y is None else y for y, lin in zip(ys, linears)]
+
+
+class ProjectionGroups:
+    """Mixin for a layer (an ``nn.Module``) whose forward calls several :class:`Linear` layers
+    on one input: it names them in :meth:`projection_groups` and computes them with
+    ``project(x, linears, self.projection_group(name))``.
+
+    :meth:`fuse_projections` builds a :class:`LinearGroup` for each (where at least two
+    members are eligible) and :meth:`unfuse_projections` undoes it; between the two the layer
+    keeps its groups current where nn.Module changes storage (``_apply``: ``.to(device)``,
+    ``.cuda()``, ``.double()``, ...: the groups are rebuilt in the new storage) and
+    ``Model`` does the same after ``.to(dtype)`` and ``load_state_dict``. Groups are held in
+    ``self._fused`` (None: not fused), outside the state_dict.
+    """
+
+    _fused: Optional[dict] = None
+
+    def projection_groups(self) -> dict:
+        """{group name: tuple of the Linear modules the forward calls on one input}."""
+        raise NotImplementedError
+
+    def projection_group(self, name: str) -> Optional[LinearGroup]:
+        """The group ``name`` when fused (intact or not: :func:`project` checks), else None."""
+        fused = self._fused
+        return None if fused is None else fused.get(name)
+
+    def fuse_projections(self):
+        """Build (or rebuild, where broken or where the eligible members changed) a group
+        for each entry of :meth:`projection_groups`; intact groups are kept. Returns self."""
+        old = self._fused or {}
+        new = {}
+        for name, linears in self.projection_groups().items():
+            g = old.get(name)
+            if g is None or g.index != LinearGroup.members(linears) or not g.intact(linears):
+                g = LinearGroup.fuse(linears)
+            new[name] = g
+        self._fused = new
+        return self
+
+    def unfuse_projections(self):
+        """Each member weight back in its own storage (same values); no groups. Returns
+        self; a no-op when not fused."""
+        fused, self._fused = self._fused, None
+        if fused:
+            groups = self.projection_groups()
+            for name, g in fused.items():
+                if g is not None and name in groups:
+                    g.release(groups[name])
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(device / dtype), .cuda(), .double(), to_empty(): convert, then rebuild the groups
+        # in the converted storage (a converted member no longer views its group's buffer).
+        out = super()._apply(fn, recurse)
+        if self._fused is not None:
+            self.fuse_projections()
+        return out

@@ -41,7 +41,7 @@ from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_com
 from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
 from ..ops.quant import fp8_e4m3_sim
 from ..quant import FP8_BLOCK
-from .linear import Linear
+from .linear import Linear, ProjectionGroups, project
 
 __all__ = ["Gate", "Expert", "MoE", "ExpertStack", "swiglu_clamped"]
 
@@ -180,10 +180,13 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter_dim)
         self.swiglu_limit = swiglu_limit
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, dim] → [N, dim] in x.dtype; ``weights`` [N, 1] fp32 routing weights or None."""
-        return self.w2(swiglu_clamped(self.w1(x), self.w3(x), self.swiglu_limit, weights,
-                                      x.dtype))
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None,
+                up: Optional[tuple] = None) -> torch.Tensor:
+        """x [N, dim] → [N, dim] in x.dtype; ``weights`` [N, 1] fp32 routing weights or None;
+        ``up``: ``(w1(x), w3(x))`` when the caller computed them (the MoE for its shared
+        expert, one GEMM when fused), else None."""
+        gate, lin = (self.w1(x), self.w3(x)) if up is None else up
+        return self.w2(swiglu_clamped(gate, lin, self.swiglu_limit, weights, x.dtype))
 
 
 def _stored(lin: Linear) -> tuple[Optional[str], torch.Tensor, Optional[torch.Tensor]]:
@@ -218,12 +221,15 @@ class ExpertStack:
     w_down_scale: Optional[torch.Tensor]
 
 
-class MoE(nn.Module):
+class MoE(ProjectionGroups, nn.Module):
     """Routed experts (top-``n_activated_experts``) plus the always-on shared expert, both clamped.
 
     ``y = Σ_routed expert_e(x, w_e)`` accumulated in fp32 in expert order, ``+ shared(x)``, cast to
     x.dtype (official ``MoE.forward``; the shared expert is clamped too, architecture.md §9).
     See the module docstring for the two paths and the stacked expert storage.
+    Same-input projections (one GEMM after ``Model.fuse_projections``): ``"shared"`` = the
+    shared expert's ``w1``, ``w3`` (the routed experts' w1 / w3 are already adjacent in the
+    stack, ``w_up``).
     """
 
     def __init__(self, config, layer_id: int):
@@ -240,6 +246,12 @@ class MoE(nn.Module):
         self.n_routed_experts = c.n_routed_experts  # what the gate routes over (dispatch bins)
         self._stack: Optional[ExpertStack] = None
         self.restack()
+
+    def projection_groups(self) -> dict:
+        """{"shared": (shared_experts.w1, shared_experts.w3)}: the linears applied to the
+        layer input (see :class:`~dsv4.layers.linear.ProjectionGroups`)."""
+        se = self.shared_experts
+        return {"shared": (se.w1, se.w3)} if isinstance(se, Expert) else {}
 
     # ------------------------------------------------------------------ stacked storage
     def restack(self) -> Optional[ExpertStack]:
@@ -340,7 +352,14 @@ class MoE(nn.Module):
                                                             self.n_routed_experts)
         x2 = x2.contiguous()
         y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
-        return combine(y_pair, pair_pos, self.shared_experts(x2)).view(shape)
+        return combine(y_pair, pair_pos, self.shared_expert(x2)).view(shape)
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert on x [N, dim] (its w1 and w3 as one GEMM when fused)."""
+        se, group = self.shared_experts, self.projection_group("shared")
+        if group is None or not isinstance(se, Expert):
+            return se(x)
+        return se(x, up=tuple(project(x, (se.w1, se.w3), group)))
 
     def routed_pairs(self, x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Tensor,
                      route_weight: torch.Tensor, stack: Optional[ExpertStack]) -> torch.Tensor:

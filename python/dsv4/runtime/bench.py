@@ -27,6 +27,8 @@ and the peak GPU memory. The head is held once, in bf16, by default (``--head bf
 random head rounded to bf16, as the release ships it, then ``Model.compact_head``; read with
 fp32 accumulation; the issue's 0.54 ms floor assumes it); ``--head fp32`` holds and runs the
 official fp32 head and counts its 2x bytes in the floor.
+Each layer's same-input projections run as one GEMM (``Model.fuse_projections``: the same
+weights and maths, fewer launches); ``--no-fuse-projections`` runs them separately.
 ``--indexer-cache fp8`` / ``--kv-cache fp8`` store the indexer keys (132 B) / the attention KV
 (window rings and compressed entries, 584 B MODEL1; head_dim 512, sm_90) in the release's FP8
 layouts; the decode floors then count those bytes.
@@ -147,6 +149,10 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="bf16: the random head rounded to bf16 (as the release ships it) "
                    "and held once in bf16 (Model.compact_head), read with fp32 accumulation; "
                    "fp32: the official fp32 head parameter (default bf16)")
+    b.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each layer's same-input projections (wq_a + wkv + the indexer's "
+                   "weights_proj; the compressors' wkv + wgate; the shared expert's w1 + w3) "
+                   "as one GEMM (Model.fuse_projections; default on)")
     b.add_argument("--indexer-cache", choices=("bf16", "fp8"), default="bf16",
                    help="indexer keys in bf16 or the release's FP8 132-byte layout")
     b.add_argument("--kv-cache", choices=("bf16", "fp8"), default="bf16",
@@ -205,12 +211,15 @@ def build_config(model: str, layers: int, experts: int):
     return dataclasses.replace(base, **over)
 
 
-def build_model(config, weights: str, device, seed: int = 0, fits=None, head: str = "bf16"):
+def build_model(config, weights: str, device, seed: int = 0, fits=None, head: str = "bf16",
+                fuse: bool = True):
     """A random-weight model on ``device`` in bf16; ``weights="fp8"`` stores the linears of the
     release's FP8/FP4 layout natively (``Linear.set_quantized``). ``head="bf16"`` (default, as
     ``dsv4 bench --head bf16`` serves): the random head is rounded to bf16 (the release ships
     it in bf16) and held once in bf16 (``Model.compact_head``); ``head="fp32"``: the official
-    fp32 head parameter, as drawn.
+    fp32 head parameter, as drawn. ``fuse`` (default, as ``dsv4 bench`` serves): each layer's
+    same-input projections run as one GEMM (``Model.fuse_projections``, after the release
+    formats are applied: natively stored linears do not take part; the same weight bytes).
 
     Built one block at a time (:func:`_build_block`), each block cast and quantised before the
     next one is drawn, so that the device holds the finished blocks plus one block in
@@ -286,6 +295,8 @@ def build_model(config, weights: str, device, seed: int = 0, fits=None, head: st
         for name, mod in m.named_modules():
             if fmts.get(name) in ("fp8", "fp4") and mod.weight_format is None:
                 _quantize_linear(mod, name, fmts[name], cfg)
+    if fuse:
+        m.fuse_projections()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return m
@@ -945,7 +956,8 @@ def run(args) -> list[dict]:
     fits, plan_info = None, None
     if auto:
         _, fits, plan_info = layer_plan(args.model, args, 1 << 20)
-    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits, head=args.head)
+    model = build_model(cfg, args.weights, "cuda", args.seed, fits=fits, head=args.head,
+                        fuse=args.fuse_projections)
     cfg = model.config
     if plan_info is not None:
         from .floors import _tensor_bytes
@@ -967,11 +979,17 @@ def run(args) -> list[dict]:
     hw = model.head.weight
     head_held = dict(head_dtype_held=str(hw.dtype).replace("torch.", ""),
                      head_held_gb=hw.numel() * hw.element_size() / 1e9)
+    groups = model.fused_projections()
+    fused = dict(fuse_projections=args.fuse_projections, fused_projection_groups=len(groups),
+                 fused_gemms_saved=sum(len(m) - 1 for m in groups.values()))
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "
           f"{cfg.n_routed_experts} experts, {args.weights} weights, {head} head "
           f"(held in {head_held['head_dtype_held']}: {head_held['head_held_gb']:.2f} GB), "
           f"{args.kv_cache} KV, {args.indexer_cache} indexer keys, "
           f"{torch.cuda.get_device_name()}, commit {_commit()}", flush=True)
+    print(f"projections: {fused['fused_projection_groups']} same-input groups run as one GEMM "
+          f"each ({fused['fused_gemms_saved']} GEMMs fewer per step; --no-fuse-projections: "
+          "separate)", flush=True)
     kernels = kernel_state()
     print(f"kernels: {kernels['kernel_note']}", flush=True)
     if kernels["kernels_called"] == 0:
@@ -1036,7 +1054,7 @@ def run(args) -> list[dict]:
         plan_info["ceiling"] = ceiling
     meta = dict(model=args.model, layers=cfg.n_layers, layers_auto=auto, layer_plan=plan_info,
                 experts=cfg.n_routed_experts,
-                weights=args.weights, head=head, **head_held,
+                weights=args.weights, head=head, **head_held, **fused,
                 indexer_cache=args.indexer_cache,
                 kv_cache=args.kv_cache,
                 gpu=torch.cuda.get_device_name(),

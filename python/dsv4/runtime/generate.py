@@ -20,7 +20,7 @@ from ..generate import GenerationResult, _final_text, _StopStringFilter, check_g
 from .engine import Engine
 from .request import SamplingParams
 
-__all__ = ["generate", "compact_head_if_exact"]
+__all__ = ["generate", "compact_head_if_exact", "fuse_projections_for_serving"]
 
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -63,6 +63,19 @@ def compact_head_if_exact(model) -> bool:
     except ValueError:
         return False
     return True
+
+
+def fuse_projections_for_serving(model) -> bool:
+    """For a caller that built ``model`` to serve it (``dsv4 generate`` on a GPU, beside
+    :func:`compact_head_if_exact`): run each layer's same-input projections as one GEMM
+    (:meth:`dsv4.Model.fuse_projections`: the same weights and maths, fewer GEMM launches a
+    step). Returns whether any group is fused (a model without the method, or whose linears
+    are all natively stored, has none). :func:`generate` and the Engine never call it."""
+    fuse = getattr(model, "fuse_projections", None)
+    if fuse is None:
+        return False
+    fuse()
+    return bool(model.fused_projections())
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
