@@ -105,12 +105,15 @@ def test_fusing_takes_no_extra_device_memory():
     m = bench.build_model(cfg, "bf16", "cuda", fuse=False)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    reserved = torch.cuda.memory_reserved()
     m.fuse_projections()
     torch.cuda.synchronize()
     # (block rounding of the caching allocator aside; a duplicated group would add ~150 MB)
     assert abs(torch.cuda.memory_allocated() - before) < (16 << 20)
     assert sum(len(v) - 1 for v in m.fused_projections().values()) == 9
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < (256 << 20)
+    # The cache grows by at most the new group buffers (the members' old blocks stay cached
+    # for reuse); what earlier tests of this process left cached is not this call's.
+    assert torch.cuda.memory_reserved() - reserved < (256 << 20)
 
 
 def test_moving_a_fused_model_keeps_it_fused():
