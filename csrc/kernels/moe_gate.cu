@@ -80,19 +80,33 @@ __device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
   return v;
 }
 
-// Sum of the split partials p[0], p[stride], ... in split order; 8 loads in flight at a time.
-__device__ __forceinline__ float sum_splits(const float* p, int64_t stride, int splits) {
-  float l = 0.f;
+// The split sums of kU logits p[u * ustride] (u < n_ok; the others give 0): each logit's
+// partials p[u * ustride + s * stride] added in split order (the result does not depend on
+// timing), the loads of 8 splits x kU logits in flight at a time (the epilogue's reduction is
+// bound by L2 latency: at 64 tokens x 64 experts x 32 splits one thread sums 32 logits).
+template <int kU>
+__device__ __forceinline__ void sum_splits(const float* p, int64_t ustride, int n_ok,
+                                           int64_t stride, int splits, float (&l)[kU]) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) l[u] = 0.f;
   int s = 0;
   for (; s + 8 <= splits; s += 8) {
-    float v[8];
+    float v[kU][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __ldcg(p + (s + i) * stride);
+    for (int u = 0; u < kU; ++u)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) l += v[i];
+      for (int i = 0; i < 8; ++i)
+        v[u][i] = u < n_ok ? __ldcg(p + u * ustride + (s + i) * stride) : 0.f;
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) l[u] += v[u][i];
   }
-  for (; s < splits; ++s) l += __ldcg(p + s * stride);
-  return l;
+  for (; s < splits; ++s) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (u < n_ok) l[u] += __ldcg(p + u * ustride + s * stride);
+  }
 }
 
 // The logit (t, e) after the epilogue's reduction (the sum sits in split 0).
@@ -135,10 +149,19 @@ __device__ void gate_epilogue(const GateArgs& a, int64_t m) {
     const int64_t t0 = m * kBM;
     const int64_t rows = a.tokens - t0 < kBM ? a.tokens - t0 : kBM;
     const int64_t stride = a.tokens * a.experts;
-    for (int64_t i = threadIdx.x; i < rows * a.experts; i += kThreads) {
-      float* p = a.part + t0 * a.experts + i;  // (t0 + i / E, i % E) of split 0
-      const float l = sum_splits(p, stride, a.splits);
-      *p = l;  // only this thread reads or writes element i of the tile
+    // Element i of the tile is (t0 + i / E, i % E) of split 0; thread x sums the elements
+    // x, x + kThreads, ... kU at a time. Only this thread reads or writes its elements.
+    constexpr int kU = 4;
+    const int64_t n = rows * a.experts;
+    float* tile = a.part + t0 * a.experts;
+    for (int64_t i0 = threadIdx.x; i0 < n; i0 += static_cast<int64_t>(kThreads) * kU) {
+      const int64_t left = (n - i0 + kThreads - 1) / kThreads;  // elements of this thread left
+      const int n_ok = left < kU ? static_cast<int>(left) : kU;
+      float l[kU];
+      sum_splits<kU>(tile + i0, kThreads, n_ok, stride, a.splits, l);
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (u < n_ok) tile[i0 + u * kThreads] = l[u];
     }
     __syncthreads();
   }
