@@ -102,18 +102,32 @@ _RUN_20261205G = (
     "compress_kv, hca_fp8, indexer_topk and mhc checks (passed), compute-sanitizer memcheck "
     "of the mhc decode check (clean). Python on top (the step-shared metadata, kernel RMSNorm "
     "and compact head of branches launch-diet and compact-head) ran in the same tests")
+_RUN_20261206A = (
+    "2026-12-06, on an H100 80GB, csrc 69af48f7 (branch integ-i: the grouped-GEMM work held "
+    "back on 2026-12-05 (skinny tile, warp-specialised bf16 mainloop opt-in, two dedupes), "
+    "kAuto's skinny rule for FP8 weights at one row, and moe_gate's split reduction with 4 "
+    "logits per thread in flight): in parallel pytest processes, every CUDA test of "
+    "tests/ops/test_grouped_gemm.py (126 + 126 + the rest), test_grouped_gemm_fp8mma.py, "
+    "test_fp8_linear.py except test_cuda_matches_reference (240 in that process; that test "
+    "passed at ffa9e332 on 2026-12-05 with every tile forced, the skinny tile included, and this "
+    "csrc changes only which tile kAuto picks), test_grouped_oproj.py, tests/layers/"
+    "test_attention_oproj.py, tests/test_model_kernel_path.py (148), test_grouped_gemm_ws.py "
+    "with DSV4_GEMM_MAINLOOP=ws (40), tests/ops/test_moe_routing.py (61), tests/layers/"
+    "test_moe.py + test_moe_paths.py (16), the fused-projection CUDA tests (9): all passed. "
+    "The C++ checks were not re-run on a GPU (check_grouped_gemm's host-only skinny-rule check "
+    "runs in CI)")
 HARDWARE_VERIFIED: dict[str, str] = {
-    **{op: _RUN_20261205E for op in (
-        "rms_norm", "grouped_oproj", "fp8_linear", "moe_gate",
-        "moe_dispatch", "moe_combine", "moe_up", "moe_down")},
+    **{op: _RUN_20261205E for op in ("rms_norm", "moe_dispatch", "moe_combine")},
+    **{op: _RUN_20261206A for op in (
+        "grouped_oproj", "fp8_linear", "moe_up", "moe_down", "moe_gate")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
         "hca_attn", "mhc_pre", "mhc_post", "mhc_head")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
-# op_source_digests): rms_norm, the GEMM and MoE routing ops from the 2026-12-05E run (csrc
+# op_source_digests): rms_norm, moe_dispatch and moe_combine from the 2026-12-05E run (csrc
 # 00abaea6, VERIFIED_SOURCE_DIGEST), the attention and mHC ops from the 2026-12-05G run (csrc
-# ffa9e332). A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
+# ffa9e332), the GEMM ops and moe_gate from the 2026-12-06A run. A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
@@ -122,13 +136,13 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "indexer_topk": "539cb40952e0f95fc2c118a5f68bb08c0d3b843b88c2142164651b6b57b7fe0f",
     "sparse_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
     "hca_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
-    "grouped_oproj": "323e1578f6bed4d1e6d62f6c49386b0dae0efc759548b3da37210bd140a892d3",
-    "fp8_linear": "c0289dd4a82d9d6a95f45555653d03952a1f509839253fb7e2251127bec745bd",
-    "moe_gate": "210541199aa99a3228337f9b31ceb37fe535765bb53000ab7b6747a44be02058",
+    "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
+    "fp8_linear": "b82b6ce5c0e3c39a271ac9db391615a8eedc17fe9d83187056e3c697fa10005a",
+    "moe_gate": "8d890f487ea468f622856581af2447b27fb47ad091b8c44cb0a5afc2bb7e5c19",
     "moe_dispatch": "eb836c6ed89f95f9b2a2ca5267c2e02ded691b6936535843f803a7db1f189bee",
     "moe_combine": "68a7430a62f443133155ff118414089143ac69cabbe1d913f2240b9186a0163a",
-    "moe_up": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
-    "moe_down": "2dd9bffe2bf7ba32edceedc310ecbcfa175ac1657aa2aac0d463604d0fb6cf38",
+    "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
+    "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "mhc_pre": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
     "mhc_post": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
     "mhc_head": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
