@@ -23,6 +23,23 @@ def _cuda_tests_use_unverified_kernels(request):
         backend.allow_unverified_kernels(before)
 
 
+@pytest.fixture
+def served(monkeypatch):
+    """Records, per ``LinearGroup.apply`` call (eager, warm-up or captured), whether the group
+    served it (one GEMM for its members: ``Model.fuse_projections``)."""
+    from dsv4.layers.linear import LinearGroup
+
+    calls = []
+    orig = LinearGroup.apply
+
+    def spy(self, x, linears):
+        out = orig(self, x, linears)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(LinearGroup, "apply", spy)
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -15,7 +15,7 @@ import torch
 import dsv4
 import dsv4.layers.attention as attention
 from dsv4.layers import linear as linear_mod
-from dsv4.layers.linear import Linear, LinearGroup
+from dsv4.layers.linear import Linear
 
 REL = 1e-6
 
@@ -43,19 +43,6 @@ def path(request, monkeypatch):
         monkeypatch.setattr(attention, "use_kernels", lambda x, ops, unsupported=None: True)
     return request.param
 
-
-@pytest.fixture
-def served(monkeypatch):
-    """Records, per LinearGroup.apply call, whether the group served it (one GEMM)."""
-    calls = []
-    orig = LinearGroup.apply
-
-    def spy(self, x, linears):
-        out = orig(self, x, linears)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(LinearGroup, "apply", spy)
-    return calls
 
 
 # Expected groups of ModelConfig.tiny (layers: SWA, CSA, HCA, CSA; MTP: SWA): the members

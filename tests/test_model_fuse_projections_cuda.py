@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.layers.linear import LinearGroup
 
 pytestmark = pytest.mark.cuda
 
@@ -41,15 +40,9 @@ def _run(m, ids, lens, prefill):
     return torch.cat(outs, 1)
 
 
-def _errors(cfg, ids, lens, prefill, seed=0):
+def _errors(cfg, ids, lens, prefill, calls, seed=0):
+    """``calls``: the ``served`` fixture's record (only the fused model has groups)."""
     m32, u16, f16 = _trio(cfg, seed)
-    calls = []
-    orig = LinearGroup.apply
-
-    def spy(self, x, linears):
-        out = orig(self, x, linears)
-        calls.append(out is not None)
-        return out
     truth = _run(m32, ids, lens, prefill)
     old = dsv4.get_backend()
     try:
@@ -57,10 +50,9 @@ def _errors(cfg, ids, lens, prefill, seed=0):
         ref = _run(u16, ids, lens, prefill)                 # the bf16 reference (unfused)
         dsv4.set_backend("cuda")
         unfused = _run(u16, ids, lens, prefill)             # the kernel path, separate GEMMs
-        LinearGroup.apply = spy
+        assert not calls
         fused = _run(f16, ids, lens, prefill)               # the kernel path, fused GEMMs
     finally:
-        LinearGroup.apply = orig
         dsv4.set_backend(old)
     assert calls and all(calls)
     mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lens[:, None])[..., None]
@@ -71,19 +63,19 @@ def _errors(cfg, ids, lens, prefill, seed=0):
 
 
 @pytest.mark.parametrize("quant_sim", [False, True])
-def test_fused_kernel_path_within_tolerance_tiny(quant_sim):
+def test_fused_kernel_path_within_tolerance_tiny(quant_sim, served):
     cfg = dsv4.ModelConfig.tiny(quant_sim=quant_sim)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (3, 48), generator=g).cuda()
     lens = torch.tensor([48, 30, 41], device="cuda")
-    e_fused, e_unfused, e_ref, fused, unfused = _errors(cfg, ids, lens, 40)
+    e_fused, e_unfused, e_ref, fused, unfused = _errors(cfg, ids, lens, 40, served)
     assert e_fused <= 2 * e_ref, (e_fused, e_ref)
     # another cuBLAS kernel rounds some bf16 outputs differently: the same error level
     assert e_fused <= 1.25 * e_unfused + 1e-6, (e_fused, e_unfused)
     assert torch.isfinite(fused).all()
 
 
-def test_fused_kernel_path_within_tolerance_flash_width():
+def test_fused_kernel_path_within_tolerance_flash_width(served):
     """V4-Flash's attention shapes (head_dim 512, q_lora 1024, 64 indexer heads of 128; the
     kernels' aligned-row paths), one CSA and one HCA layer, 4 experts: a 300-token prefill
     (T > 1: strided fused outputs) and 4 decode steps."""
@@ -92,7 +84,7 @@ def test_fused_kernel_path_within_tolerance_flash_width():
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (2, 304), generator=g).cuda()
     lens = torch.tensor([304, 290], device="cuda")
-    e_fused, e_unfused, e_ref, _, _ = _errors(cfg, ids, lens, 300)
+    e_fused, e_unfused, e_ref, _, _ = _errors(cfg, ids, lens, 300, served)
     assert e_fused <= 2 * e_ref, (e_fused, e_ref)
     assert e_fused <= 1.25 * e_unfused + 1e-6, (e_fused, e_unfused)
 

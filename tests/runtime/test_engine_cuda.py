@@ -156,14 +156,19 @@ def test_graph_replay_equals_eager(monkeypatch):
     _, m16 = _models()
     for blk in m16.layers:
         monkeypatch.setattr(blk, "ffn", _SharedExpertOnly(blk.ffn))
-    prompts = random_prompts([33, 70, 5], seed=4)
+    _assert_graph_step_equals_eager(m16, random_prompts([33, 70, 5], seed=4))
+
+
+def _assert_graph_step_equals_eager(model, prompts):
+    """The first decode step of ``prompts`` from a CUDA graph and eagerly, each in the
+    synchronous loop (no step in flight before it): the same logits up to bf16 rounding."""
     logits = []
-    for graphs in (True, False):      # the synchronous loop: no step in flight before it
-        engine = _graph_engine(m16, cuda_graphs=graphs, overlap=False)
+    for graphs in (True, False):
+        engine = _graph_engine(model, cuda_graphs=graphs, overlap=False)
         _to_decode(engine, prompts)
         logits.append(torch.cat([o.logits for o in engine.step(logits="sampled")]))
         assert (engine.runner.stats["graph_steps"] > 0) == graphs, engine.runner.graph_off_reason
-    assert logits[0].shape == (3, V)
+    assert logits[0].shape == (len(prompts), V)
     torch.testing.assert_close(logits[0], logits[1], rtol=0,
                                atol=2 ** -7 * logits[1].abs().max().item())
 

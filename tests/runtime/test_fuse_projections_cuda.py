@@ -6,29 +6,13 @@ and a fused decode step stays free of host synchronisation."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from dsv4.layers.linear import LinearGroup
-
-from _runtime_common import V, random_prompts
-from test_engine_cuda import (_assert_as_accurate_as_the_bf16_reference, _collect,
-                              _graph_engine, _models, _sync_free_decode_steps, _to_decode)
+from _runtime_common import random_prompts
+from test_engine_cuda import (_assert_as_accurate_as_the_bf16_reference,
+                              _assert_graph_step_equals_eager, _collect, _graph_engine, _models,
+                              _sync_free_decode_steps, _to_decode)
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture
-def served(monkeypatch):
-    """Per LinearGroup.apply call (eager, warm-up or captured), whether it ran one GEMM."""
-    calls = []
-    orig = LinearGroup.apply
-
-    def spy(self, x, linears):
-        out = orig(self, x, linears)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(LinearGroup, "apply", spy)
-    return calls
 
 
 @pytest.mark.parametrize("quant_sim", [False, True])
@@ -53,16 +37,7 @@ def test_fused_graph_replay_equals_eager():
     logits up to bf16 rounding (the rule of test_engine_cuda.test_graph_replay_equals_eager)."""
     _, f16 = _models()
     f16.fuse_projections()
-    prompts = random_prompts([33, 70, 5], seed=4)
-    logits = []
-    for graphs in (True, False):
-        engine = _graph_engine(f16, cuda_graphs=graphs, overlap=False)
-        _to_decode(engine, prompts)
-        logits.append(torch.cat([o.logits for o in engine.step(logits="sampled")]))
-        assert (engine.runner.stats["graph_steps"] > 0) == graphs, engine.runner.graph_off_reason
-    assert logits[0].shape == (3, V)
-    torch.testing.assert_close(logits[0], logits[1], rtol=0,
-                               atol=2 ** -7 * logits[1].abs().max().item())
+    _assert_graph_step_equals_eager(f16, random_prompts([33, 70, 5], seed=4))
 
 
 def test_fused_decode_step_is_sync_free():
