@@ -430,3 +430,64 @@ def test_meta_model_fuses():
     assert groups == {f"layers.{i}.{k}": v for i, kind in enumerate((_CSA, _HCA))
                       for k, v in kind.items()}
     assert sum(len(v) - 1 for v in groups.values()) == 9
+
+
+def test_hooked_members_run_their_hooks():
+    """A forward hook (one that changes the output), a forward pre-hook, a backward hook, a
+    global module hook or an instance ``forward`` on a member: the group stops serving, so
+    that every hook runs and the logits are the unfused model's with the same hooks; a fuse
+    leaves the hooked linear out, and fuses it again once the hook is removed."""
+    m = _model().fuse_projections()
+    u = _model()
+    ids = _ids(m)
+
+    def install(mm, calls):
+        a = mm.layers[1].attn
+        return [a.wkv.register_forward_hook(lambda mod, i, o: calls.append("wkv") or 2 * o),
+                a.compressor.wgate.register_forward_pre_hook(
+                    lambda mod, i: calls.append("wgate") or (i[0] * 0.5,)),
+                mm.layers[0].ffn.shared_experts.w3.register_full_backward_hook(
+                    lambda mod, gi, go: calls.append("w3-backward"))]
+
+    got, want = [], []
+    hm, hu = install(m, got), install(u, want)
+    assert "layers.1.attn.input" not in m.fused_projections()
+    assert "layers.1.attn.compressor" not in m.fused_projections()
+    with torch.no_grad():
+        out, ref = m(ids), u(ids)
+    assert _rel(out, ref) <= REL and sorted(set(got)) == sorted(set(want)) == ["wgate", "wkv"]
+    # frozen weights, an input needing a gradient: the backward hook runs in both models
+    for mm in (m, u):
+        mm.requires_grad_(False)
+    for mm in (m, u):
+        se = mm.layers[0].ffn
+        x = torch.randn(3, mm.config.dim, generator=torch.Generator().manual_seed(2),
+                        requires_grad=True)
+        se.shared_expert(x).sum().backward()
+    assert got.count("w3-backward") == want.count("w3-backward") == 1
+    # a fuse leaves the hooked linears out; removing the hooks lets them in again
+    m.fuse_projections()
+    groups = m.fused_projections()
+    assert groups["layers.1.attn.input"] == ("wq_a", "indexer.weights_proj")
+    assert "layers.0.ffn.shared" not in groups
+    for h in hm + hu:
+        h.remove()
+    m.fuse_projections()
+    assert m.fused_projections() == _expected_groups(m)
+    # a global module hook and an instance forward
+    seen = []
+    h = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: seen.append(mod) if isinstance(mod, Linear) else None)
+    try:
+        assert m.fused_projections() == {}
+        with torch.no_grad():
+            m(ids)
+        assert any(mod is m.layers[2].attn.compressor.wkv for mod in seen)
+    finally:
+        h.remove()
+    wkv = m.layers[3].attn.wkv
+    wkv.forward = lambda x: torch.zeros(*x.shape[:-1], wkv.out_features)
+    u.layers[3].attn.wkv.forward = wkv.forward
+    assert "layers.3.attn.input" not in m.fused_projections()
+    with torch.no_grad():
+        assert _rel(m(ids), u(ids)) <= REL

@@ -346,9 +346,10 @@ class Model(nn.Module):
         (``weights="native"``), or in another dtype, or whose ``act_quant`` differs; a group
         of fewer than two is not fused. A member whose weight is later re-homed or replaced
         (``p.data = ...``, ``load_state_dict(assign=True)`` on a submodule, a module swapped
-        in) makes its group fall back to the separate GEMMs (never stale weights); so does
-        grad mode with a member weight requiring grad (autograd then reaches each
-        Parameter). The model keeps its groups current itself: ``.to(device / dtype)``,
+        in) makes its group fall back to the separate GEMMs (never stale weights); so does a
+        forward / backward hook on a member (or a global module hook: the hooks then run, and
+        a fuse leaves a hooked linear out), and grad mode with a member weight requiring grad
+        (autograd then reaches each Parameter). The model keeps its groups current itself: ``.to(device / dtype)``,
         ``.double()``, ``.cuda()``, ``load_state_dict`` and ``copy.deepcopy`` rebuild them in
         the new storage. A CUDA graph captured on the fused model (the runtime engine's) keeps
         reading the storage it captured: fuse or unfuse before building the Engine.

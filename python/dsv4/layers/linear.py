@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..ops.backend import use_kernels
 from ..ops.gemm import fp8_linear
@@ -196,10 +197,22 @@ class Linear(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Same-input projections as one GEMM (Model.fuse_projections)
 # ---------------------------------------------------------------------------------------------
+def _called_plainly(lin) -> bool:
+    """Whether calling the module ``lin`` runs exactly ``Linear.forward``: no forward / backward
+    hook (its own, or a global one of ``torch.nn.modules.module.register_module_*_hook``) and
+    no ``forward`` set on the instance. The test ``nn.Module.__call__`` makes before its fast
+    path; a group's GEMM never calls its members, so it would skip what these add."""
+    return not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
+                or lin._backward_pre_hooks or "forward" in lin.__dict__
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 def _fusable(lin) -> bool:
     """A member candidate: a dsv4 :class:`Linear` (not a subclass, not another module) holding
-    its weight as a 2-D floating-point parameter (no native FP8/FP4 storage)."""
-    if type(lin) is not Linear or lin.weight_format is not None:
+    its weight as a 2-D floating-point parameter (no native FP8/FP4 storage), called plainly
+    (no hooks, no instance ``forward``: :func:`_called_plainly`)."""
+    if type(lin) is not Linear or lin.weight_format is not None or not _called_plainly(lin):
         return False
     p = lin._parameters.get("weight")
     return (p is not None and p.is_floating_point() and p.dim() == 2
@@ -215,14 +228,14 @@ class LinearGroup:
 
     :meth:`fuse` takes the linears a layer calls on one input (``linears``, in the layer's
     order) and picks the members: those holding a plain float weight parameter (no native
-    FP8/FP4 storage) with the same dtype, device, ``in_features``, ``act_quant`` flag and
-    config (so that every member sees the same input after the FP8 activation simulation and
-    the cast to the weight dtype), the largest such set; fewer than two: no group. It copies
-    their weights into one buffer :attr:`weight` [Σ out_features, in_features] (in that
-    order) and re-homes each member's weight Parameter as a row-slice VIEW of it
-    (``p.data = weight[a:b]``): the same Parameter objects, so ``state_dict`` keys and values,
-    in-place ``load_state_dict``, optimizers and ``.grad`` are unchanged, and no weight is
-    held twice (the members' old storage is freed).
+    FP8/FP4 storage) and no hooks, with the same dtype, device, ``in_features``,
+    ``act_quant`` flag and config (so that every member sees the same input after the FP8
+    activation simulation and the cast to the weight dtype), the largest such set; fewer
+    than two: no group. It copies their weights into one buffer :attr:`weight`
+    [Σ out_features, in_features] (in that order) and re-homes each member's weight
+    Parameter as a row-slice VIEW of it (``p.data = weight[a:b]``): the same Parameter
+    objects, so ``state_dict`` keys and values, in-place ``load_state_dict``, optimizers and
+    ``.grad`` are unchanged, and no weight is held twice (the members' old storage is freed).
 
     :meth:`apply` computes ``dense_linear(x, weight)`` once (the members' own forward
     formula) and returns each member's output as its columns of the result (a view
@@ -234,9 +247,12 @@ class LinearGroup:
     The group serves a call only while it is **intact**: every member module passed is still
     a dsv4 Linear whose weight parameter is exactly its view (same data pointer in the
     buffer, dtype, device, shape and strides), so that it computes with the weights the
-    members hold. Anything that re-homes or replaces a weight (``.to(dtype)``, ``.double()``,
-    ``p.data = ...``, ``load_state_dict(assign=True)``, ``set_quantized``, a module swapped
-    in) breaks it, and the members then run separately (:func:`project`); the owning layer
+    members hold, and that a call would run plainly (no forward / backward hook on it or
+    global module hook, no ``forward`` set on the instance: the one GEMM never calls the
+    members, so it would skip them). Anything that re-homes or replaces a weight
+    (``.to(dtype)``, ``.double()``, ``p.data = ...``, ``load_state_dict(assign=True)``,
+    ``set_quantized``, a module swapped in) or hooks a member breaks it, and the members then
+    run separately (:func:`project`); :meth:`fuse` leaves a hooked linear out; the owning layer
     rebuilds its groups where it changes storage itself (:class:`ProjectionGroups`). Also
     with gradients (grad mode on and a member's weight requiring grad) the members run
     separately, so that autograd reaches each Parameter. The check is a few attribute reads
@@ -306,7 +322,8 @@ class LinearGroup:
         base, row_bytes = w.data_ptr(), K * w.element_size()
         for i, a, n in zip(self.index, self.rows, self.sizes):
             lin = linears[i] if i < len(linears) else None
-            if type(lin) is not Linear or lin.weight_format is not None:
+            if type(lin) is not Linear or lin.weight_format is not None or \
+                    not _called_plainly(lin):
                 return False
             p = lin._parameters.get("weight")
             if (p is None or p.data_ptr() != base + a * row_bytes or p.dtype != w.dtype
