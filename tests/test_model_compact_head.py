@@ -418,3 +418,22 @@ def test_same_bits_by_hand():
     w2 = w.clone()
     w2[1, 1] = 3.0
     assert not head_mod.same_bits(w.to(torch.bfloat16), w2)
+
+
+def test_unfrozen_compact_head_warns_again_after_recompaction_and_in_a_copy():
+    """The once-per-model warning is per compaction: expand_head + compact_head and an
+    unfrozen head warns again; a deep copy (a model of its own) warns on its first gradient
+    forward even when the original had warned."""
+    import copy
+    m = _model().train().compact_head()
+    ids = _ids(m, 1, 6)
+    m.head.weight.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="expand_head"):
+        m(ids)
+    d = copy.deepcopy(m)
+    with pytest.warns(RuntimeWarning, match="expand_head"):
+        d(ids)
+    m.expand_head().compact_head()
+    m.head.weight.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="expand_head"):
+        m(ids)

@@ -252,7 +252,8 @@ class Model(nn.Module):
           :meth:`expand_head` restores the fp32 parameter. Unfreezing it yourself (e.g.
           ``model.requires_grad_(True)``) trains the head in bf16 (bf16 gradient and
           optimizer update, no longer the official fp32 head; the first forward with grad
-          enabled warns, once): expand_head first.
+          enabled warns, once per model and compaction, a deep copy included): expand_head
+          first.
 
         Idempotent. Raises ValueError, changing nothing, when a value of the weight is not a
         bf16 value (a randomly initialised or fp32-trained head: the bf16 head would change
@@ -281,6 +282,7 @@ class Model(nn.Module):
         # For expand_head; on the model, not the parameter: a Parameter's own attributes are
         # lost by copy.deepcopy and by load_state_dict(assign=True).
         self._head_requires_grad = p.requires_grad
+        self.__dict__.pop("_warned_bf16_head_training", None)   # a new compaction: warn again
         p.grad = None
         p.data = new
         p.requires_grad_(False)
@@ -489,9 +491,11 @@ class Model(nn.Module):
         w = self._compact_weight()
         if w is None:
             return self.head(y.float())
-        if w.requires_grad and torch.is_grad_enabled() and not self.__dict__.get(
-                "_warned_bf16_head_training"):
-            self._warned_bf16_head_training = True
+        # once per model and compaction: the mark is this object's id (a deep copy, which
+        # copies the mark, warns again) and compact_head clears it
+        if w.requires_grad and torch.is_grad_enabled() and self.__dict__.get(
+                "_warned_bf16_head_training") != id(self):
+            self._warned_bf16_head_training = id(self)
             warnings.warn("the compact head (Model.compact_head) was unfrozen: its gradient and "
                           "optimizer update are bf16, not the official fp32 head's; call "
                           "model.expand_head() before training the head", RuntimeWarning,
