@@ -351,9 +351,9 @@ class Model(nn.Module):
         in) makes its group fall back to the separate GEMMs (never stale weights); so does a
         forward / backward hook on a member (or a global module hook: the hooks then run, and
         a fuse leaves a hooked linear out), and grad mode with a member weight requiring grad
-        (autograd then reaches each Parameter). The model keeps its groups current itself: ``.to(device / dtype)``,
-        ``.double()``, ``.cuda()``, ``load_state_dict`` and ``copy.deepcopy`` rebuild them in
-        the new storage. A CUDA graph captured on the fused model (the runtime engine's) keeps
+        (autograd then reaches each Parameter). The model keeps its groups current itself:
+        ``.to(device / dtype)``, ``.double()``, ``.cuda()``, ``load_state_dict`` and
+        ``copy.deepcopy`` rebuild them in the new storage. A CUDA graph captured on the fused model (the runtime engine's) keeps
         reading the storage it captured: fuse or unfuse before building the Engine.
 
         Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
