@@ -198,7 +198,7 @@ def test_to_keeps_the_head_compact():
     m, ref_model = _model(), _model()
     ids = _ids(m)
     m.compact_head()
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float32):
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
         m.to(dtype)
         ref_model.to(dtype)
         assert m.head.weight.dtype == torch.bfloat16 and m.embed.weight.dtype == dtype
@@ -341,7 +341,7 @@ def test_refused_dtype_leaves_the_model_where_it_was():
     for call in (lambda: m.to("meta", torch.float64), lambda: m.to(torch.float64),
                  lambda: m.double(), lambda: m.type(torch.float64),
                  lambda: m.type("torch.DoubleTensor")):
-        with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
             call()
         assert m.device == torch.device("cpu") and m.dtype == torch.float32
         assert m.head_compact and torch.equal(m.head.weight.detach(), head)
@@ -437,3 +437,17 @@ def test_unfrozen_compact_head_warns_again_after_recompaction_and_in_a_copy():
     m.head.weight.requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="expand_head"):
         m(ids)
+
+
+def test_float16_is_refused_before_anything_moves():
+    """The caches take bfloat16 / float32 only, so an fp16 model could not run a forward:
+    .half() / .to(float16) / .type(float16) raise ValueError naming the accepted dtypes and
+    leave the model as it was (it still runs)."""
+    m = _model()
+    ids = _ids(m, 1, 6)
+    before = m(ids)
+    for cast in (m.half, lambda: m.to(torch.float16), lambda: m.type(torch.float16)):
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            cast()
+        assert m.dtype == torch.float32
+    torch.testing.assert_close(m(ids), before, rtol=0, atol=0)

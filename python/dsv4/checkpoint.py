@@ -499,9 +499,9 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
             §12; HF-transformers-style names are mapped as the official convert.py does
             (:func:`official_name`).
         device: where the weights go (None: ``torch.get_default_device()``, normally CPU).
-        dtype: compute dtype (float32, bfloat16 or float16) of the weights; the tensors the
-            official code keeps in fp32 (norms, mHC, ``attn_sink``, ``ape``, compressor
-            ``wkv``/``wgate``, gate bias, head) are held in fp32.
+        dtype: compute dtype (float32 or bfloat16; the caches take no float16) of the
+            weights; the tensors the official code keeps in fp32 (norms, mHC, ``attn_sink``,
+            ``ape``, compressor ``wkv``/``wgate``, gate bias, head) are held in fp32.
         weights: ``"dequant"``: FP8/FP4 linears are dequantised to ``dtype`` at load.
             ``"native"``: they keep their stored bytes (float8_e4m3fn or packed int8 plus the
             e8m0 scales; 1/2 or 1/4 of bf16) and are dequantised at every use
@@ -537,8 +537,8 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
     path = os.fspath(path)
     if weights not in ("dequant", "native"):
         raise ValueError(f"weights must be 'dequant' or 'native', got {weights!r}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16):   # float16: see Model.to
+        raise ValueError(f"dtype must be torch.float32 or bfloat16, got {dtype}")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     device = torch.device(device) if device is not None else torch.get_default_device()

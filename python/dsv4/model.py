@@ -167,8 +167,11 @@ class Model(nn.Module):
         """Like ``nn.Module.to``, but a dtype applies to compute weights only (see class doc)."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         # Checked before anything moves: a refused dtype leaves the model where it was.
-        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"Model dtype must be float32, bfloat16 or float16, got {dtype}")
+        # float16: the caches (compress_kv's entries, the KV rings) take bfloat16 / float32
+        # only, so an fp16 model could not run a forward; refused here rather than there.
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Model dtype must be float32 or bfloat16 (float64: .double(), "
+                             f"for gradient checks), got {dtype}")
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
@@ -187,6 +190,8 @@ class Model(nn.Module):
         return self.to(dtype=torch.bfloat16)
 
     def half(self) -> "Model":
+        """Refused (ValueError, model unchanged): the model runs in float32 or bfloat16 (its
+        caches take no float16); use :meth:`bfloat16`."""
         return self.to(dtype=torch.float16)
 
     def float(self) -> "Model":
@@ -196,20 +201,20 @@ class Model(nn.Module):
         """``nn.Module.double``: every floating parameter and buffer in float64, those kept in
         fp32 included (the float64 mode of the gradient checks, tests/train). Refused
         (ValueError, model unchanged) on a compact head, which stays bf16: the model then
-        runs in float32, bfloat16 or float16 (:meth:`expand_head` first)."""
+        runs in float32 or bfloat16 (:meth:`expand_head` first)."""
         if self.head_compact:
             raise ValueError("Model.double(): a compact head stays bf16, so the model runs in "
-                             "float32, bfloat16 or float16; call expand_head() first")
+                             "float32 or bfloat16; call expand_head() first")
         return super().double()
 
     def type(self, dst_type) -> "Model":
-        """``.to(dtype=dst_type)`` for float32, bfloat16 or float16 (the compute weights only,
-        see the class doc), :meth:`double` for float64; anything else (a tensor type name)
+        """``.to(dtype=dst_type)`` for float32 or bfloat16 (the compute weights only, see the
+        class doc), :meth:`double` for float64; anything else (float16, a tensor type name)
         raises ValueError, model unchanged (``nn.Module.type`` would cast every parameter,
         those kept in fp32 and a compact head included)."""
         if not isinstance(dst_type, torch.dtype):
-            raise ValueError(f"Model.type takes a torch dtype (float32, bfloat16 or float16), "
-                             f"got {dst_type!r}; use .to(dtype)")
+            raise ValueError(f"Model.type takes a torch dtype (float32 or bfloat16; float64 "
+                             f"for .double()), got {dst_type!r}; use .to(dtype)")
         return self.double() if dst_type == torch.float64 else self.to(dtype=dst_type)
 
     # ------------------------------------------------------------------ head storage
