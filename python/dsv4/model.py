@@ -358,8 +358,9 @@ class Model(nn.Module):
         a fuse leaves a hooked linear out), and grad mode with a member weight requiring grad
         (autograd then reaches each Parameter). The model keeps its groups current itself:
         ``.to(device / dtype)``, ``.double()``, ``.cuda()``, ``load_state_dict`` and
-        ``copy.deepcopy`` rebuild them in the new storage. A CUDA graph captured on the fused model (the runtime engine's) keeps
-        reading the storage it captured: fuse or unfuse before building the Engine.
+        ``copy.deepcopy`` rebuild them in the new storage. A CUDA graph captured on the fused
+        model (the runtime engine's) keeps reading the storage it captured: fuse or unfuse
+        before building the Engine.
 
         Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
         (``torch.cuda.empty_cache``, unless a graph is being captured).
@@ -380,8 +381,7 @@ class Model(nn.Module):
     def _refuse_projections(self) -> None:
         """Rebuild the broken groups of the fused layers (after storage changed)."""
         for mod in self._projection_owners():
-            if mod._fused is not None:
-                mod.fuse_projections()
+            mod.refresh_projections()
 
     def _release_cached_blocks(self) -> None:
         dev = self.embed.weight.device

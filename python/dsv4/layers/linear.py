@@ -436,10 +436,16 @@ class ProjectionGroups:
                     g.release(groups[name])
         return self
 
+    def refresh_projections(self):
+        """When fused: rebuild the groups a storage change broke (:meth:`fuse_projections`
+        keeps the intact ones). Returns self; a no-op when not fused."""
+        if self._fused is not None:
+            self.fuse_projections()
+        return self
+
     def _apply(self, fn, recurse=True):
         # .to(device / dtype), .cuda(), .double(), to_empty(): convert, then rebuild the groups
         # in the converted storage (a converted member no longer views its group's buffer).
         out = super()._apply(fn, recurse)
-        if self._fused is not None:
-            self.fuse_projections()
+        self.refresh_projections()
         return out

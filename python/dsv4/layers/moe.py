@@ -326,7 +326,7 @@ class MoE(ProjectionGroups, nn.Module):
         return stack
 
     def _apply(self, fn, recurse=True):
-        # .to(device/dtype), .cuda(), .half(), to_empty(): convert, then restack on the result.
+        # .to(device/dtype), .cuda(), .double(), to_empty(): convert, then restack on the result.
         out = super()._apply(fn, recurse)
         if self._stack is not None:
             self.restack()
