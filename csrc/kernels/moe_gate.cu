@@ -2,14 +2,16 @@
 // selection, normalised weights. Contract: include/dsv4/moe_routing.h; semantics:
 // python/dsv4/ops/moe.py (moe_gate_reference).
 //
-// One launch. The logits GEMM [tokens, dim] x [experts, dim]^T is tiled 64 tokens x 64
-// experts per CTA (4 warps of 32 x 32, mma.sync m16n8k16 bf16 -> fp32, cp.async double
-// buffer, 64-wide k steps) and split along dim when there are too few tiles to fill the GPU
-// (decode): each CTA writes its fp32 partial logits to the workspace. The last CTA to finish a
-// token tile (arrival counter) sums the partials of each logit in split order (so the result
-// does not depend on timing) and runs the per-token epilogue, one warp per token:
-// scores, top-k by repeated warp arg-max on (score + bias, lowest index), or the tid2eid
-// lookup, then the normalised weights.
+// Two launches. moe_gate_logits_kernel: the logits GEMM [tokens, dim] x [experts, dim]^T tiled
+// 64 tokens x 64 experts per CTA (4 warps of 32 x 32, mma.sync m16n8k16 bf16 -> fp32, cp.async
+// double buffer, 64-wide k steps), split along dim when there are too few tiles to fill the GPU
+// (decode); each CTA writes its fp32 partial logits to the workspace [splits, tokens, experts].
+// moe_gate_select_kernel: one warp per token sums the partials of each of its logits in split
+// order (so the result does not depend on timing) and selects: scores, top-k by repeated warp
+// arg-max on (score + bias, lowest index), or the tid2eid lookup, then the normalised weights.
+// (Until 2026-12-06 one launch did both, the last CTA of a token tile summing the whole tile's
+// partials and selecting its 64 tokens with 4 warps: 254 us at 64 tokens x 256 experts on an
+// H100, latency-bound on one SM; spread over a warp per token the same work runs on many SMs.)
 #include "dsv4/moe_routing.h"
 
 #include <climits>
@@ -82,8 +84,8 @@ __device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
 
 // The split sums of kU logits p[u * ustride] (u < n_ok; the others give 0): each logit's
 // partials p[u * ustride + s * stride] added in split order (the result does not depend on
-// timing), the loads of 8 splits x kU logits in flight at a time (the epilogue's reduction is
-// bound by L2 latency: at 64 tokens x 64 experts x 32 splits one thread sums 32 logits).
+// timing), the loads of 8 splits x kU logits in flight at a time (the sums are bound by L2
+// latency, not bandwidth).
 template <int kU>
 __device__ __forceinline__ void sum_splits(const float* p, int64_t ustride, int n_ok,
                                            int64_t stride, int splits, float (&l)[kU]) {
@@ -109,11 +111,6 @@ __device__ __forceinline__ void sum_splits(const float* p, int64_t ustride, int 
   }
 }
 
-// The logit (t, e) after the epilogue's reduction (the sum sits in split 0).
-__device__ __forceinline__ float load_logit(const float* part, int64_t experts, int64_t t, int e) {
-  return __ldcg(part + t * experts + e);
-}
-
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
@@ -131,7 +128,6 @@ struct GateArgs {
   float* weights;
   int32_t* indices;
   float* part;     // [splits, tokens, experts]
-  int* counters;   // [m_tiles]
   int64_t tokens, experts, dim;
   int topk;
   float route_scale;
@@ -139,104 +135,96 @@ struct GateArgs {
   int64_t k_tiles;
 };
 
-// The epilogue of the last CTA of token tile m: the split partials of the tile's logits are
-// summed (in split order, by all threads) into split 0, then one warp per token selects.
-__device__ void gate_epilogue(const GateArgs& a, int64_t m) {
+constexpr int kSelWarps = 4;  // tokens per CTA of the selection kernel (one warp each)
+constexpr int kSelU = 4;      // logits a lane sums at a time (8 splits of each in flight)
+
+// One warp per token: the token's logits (each the sum of its split partials, in split order),
+// then the selection.
+__global__ void __launch_bounds__(kSelWarps * 32) moe_gate_select_kernel(const GateArgs a) {
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kSelWarps + (threadIdx.x >> 5);
+  if (t >= a.tokens) return;  // the whole warp leaves together
   const int E = static_cast<int>(a.experts);
-  if (a.splits > 1) {
-    const int64_t t0 = m * kBM;
-    const int64_t rows = a.tokens - t0 < kBM ? a.tokens - t0 : kBM;
-    const int64_t stride = a.tokens * a.experts;
-    // Element i of the tile is (t0 + i / E, i % E) of split 0; thread x sums the elements
-    // x, x + kThreads, ... kU at a time. Only this thread reads or writes its elements.
-    constexpr int kU = 4;
-    const int64_t n = rows * a.experts;
-    float* tile = a.part + t0 * a.experts;
-    for (int64_t i0 = threadIdx.x; i0 < n; i0 += static_cast<int64_t>(kThreads) * kU) {
-      const int64_t left = (n - i0 + kThreads - 1) / kThreads;  // elements of this thread left
-      const int n_ok = left < kU ? static_cast<int>(left) : kU;
-      float l[kU];
-      sum_splits<kU>(tile + i0, kThreads, n_ok, stride, a.splits, l);
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (u < n_ok) tile[i0 + u * kThreads] = l[u];
+  const int64_t stride = a.tokens * a.experts;  // between splits
+  const float* row = a.part + t * a.experts;
+  float my_w = 0.f;
+  int my_e = -1;
+  if (a.tid2eid != nullptr) {
+    // Hash routing: slot j of token t is tid2eid[id, j]; the id is checked, never trusted.
+    const int64_t id = load_index(a.ids, a.ids_are_int64, t);
+    const bool id_ok = id >= 0 && id < a.n_ids;
+    float s = 0.f;
+    if (lane < a.topk && id_ok) {
+      const int64_t e = load_index(a.tid2eid, a.tid2eid_is_int64, id * a.topk + lane);
+      if (e >= 0 && e < E) {
+        my_e = static_cast<int>(e);
+        float l[1];
+        sum_splits<1>(row + my_e, 0, 1, stride, a.splits, l);
+        s = sqrtf(softplus(l[0]));
+      }
     }
-    __syncthreads();
-  }
-  for (int r = warp; r < kBM; r += kThreads / 32) {
-    const int64_t t = m * kBM + r;
-    if (t >= a.tokens) break;
-    float my_w = 0.f;
-    int my_e = -1;
-    if (a.tid2eid != nullptr) {
-      // Hash routing: slot j of token t is tid2eid[id, j]; the id is checked, never trusted.
-      const int64_t id = load_index(a.ids, a.ids_are_int64, t);
-      const bool id_ok = id >= 0 && id < a.n_ids;
-      float s = 0.f;
-      if (lane < a.topk && id_ok) {
-        const int64_t e = load_index(a.tid2eid, a.tid2eid_is_int64, id * a.topk + lane);
-        if (e >= 0 && e < E) {
-          my_e = static_cast<int>(e);
-          s = sqrtf(softplus(load_logit(a.part, a.experts, t, my_e)));
+    float denom = 0.f;  // slot order, as the reference's sum
+    for (int j = 0; j < a.topk; ++j) denom += __shfl_sync(0xffffffffu, s, j);
+    if (my_e >= 0) my_w = (s / (denom == 0.f ? 1.f : denom)) * a.route_scale;
+  } else {
+    // Learned routing: lane holds experts lane, lane + 32, ...
+    float score[kExpertsPerLane];
+    uint64_t key[kExpertsPerLane];
+#pragma unroll
+    for (int j0 = 0; j0 < kExpertsPerLane; j0 += kSelU) {
+      const int first = lane + 32 * j0;
+      int n_ok = first < E ? (E - first + 31) / 32 : 0;  // experts first, first + 32, ... < E
+      if (n_ok > kSelU) n_ok = kSelU;
+      float l[kSelU];
+      sum_splits<kSelU>(row + first, 32, n_ok, stride, a.splits, l);
+#pragma unroll
+      for (int u = 0; u < kSelU; ++u) {
+        const int e = first + 32 * u;
+        score[j0 + u] = 0.f;
+        key[j0 + u] = 0;
+        if (u < n_ok) {
+          score[j0 + u] = sqrtf(softplus(l[u]));
+          const float b = a.bias != nullptr ? a.bias[e] : 0.f;
+          key[j0 + u] = select_key(score[j0 + u] + b, e);
         }
       }
-      float denom = 0.f;  // slot order, as the reference's sum
-      for (int j = 0; j < a.topk; ++j) denom += __shfl_sync(0xffffffffu, s, j);
-      if (my_e >= 0) my_w = (s / (denom == 0.f ? 1.f : denom)) * a.route_scale;
-    } else {
-      // Learned routing: lane holds experts lane, lane + 32, ...
-      float score[kExpertsPerLane];
-      uint64_t key[kExpertsPerLane];
+    }
+    float denom = 0.f;
+    for (int slot = 0; slot < a.topk; ++slot) {
+      uint64_t best = 0;
+      float best_s = 0.f;
 #pragma unroll
       for (int j = 0; j < kExpertsPerLane; ++j) {
-        const int e = lane + 32 * j;
-        score[j] = 0.f;
-        key[j] = 0;
-        if (e < E) {
-          score[j] = sqrtf(softplus(load_logit(a.part, a.experts, t, e)));
-          const float b = a.bias != nullptr ? a.bias[e] : 0.f;
-          key[j] = select_key(score[j] + b, e);
+        if (key[j] > best) {
+          best = key[j];
+          best_s = score[j];
         }
       }
-      float denom = 0.f;
-      for (int slot = 0; slot < a.topk; ++slot) {
-        uint64_t best = 0;
-        float best_s = 0.f;
+      const uint64_t win = warp_max_u64(best);
+      // win != 0: at least topk <= experts real keys exist.
+      const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(win & 0xFFFFFFFFu));
+      const float s = __shfl_sync(0xffffffffu, best_s, e & 31);
+      if ((e & 31) == lane) {
 #pragma unroll
-        for (int j = 0; j < kExpertsPerLane; ++j) {
-          if (key[j] > best) {
-            best = key[j];
-            best_s = score[j];
-          }
-        }
-        const uint64_t win = warp_max_u64(best);
-        // win != 0: at least topk <= experts real keys exist.
-        const int e = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(win & 0xFFFFFFFFu));
-        const float s = __shfl_sync(0xffffffffu, best_s, e & 31);
-        if ((e & 31) == lane) {
-#pragma unroll
-          for (int j = 0; j < kExpertsPerLane; ++j)
-            if (lane + 32 * j == e) key[j] = 0;
-        }
-        denom += s;
-        if (lane == slot) {
-          my_e = e;
-          my_w = s;
-        }
+        for (int j = 0; j < kExpertsPerLane; ++j)
+          if (lane + 32 * j == e) key[j] = 0;
       }
-      // As the reference: a zero sum gives zero weights (not 0/0); NaN propagates.
-      my_w = (my_w / (denom == 0.f ? 1.f : denom)) * a.route_scale;
+      denom += s;
+      if (lane == slot) {
+        my_e = e;
+        my_w = s;
+      }
     }
-    if (lane < a.topk) {
-      a.weights[t * a.topk + lane] = my_w;
-      a.indices[t * a.topk + lane] = my_e;
-    }
+    // As the reference: a zero sum gives zero weights (not 0/0); NaN propagates.
+    my_w = (my_w / (denom == 0.f ? 1.f : denom)) * a.route_scale;
+  }
+  if (lane < a.topk) {
+    a.weights[t * a.topk + lane] = my_w;
+    a.indices[t * a.topk + lane] = my_e;
   }
 }
 
-__global__ void __launch_bounds__(kThreads) moe_gate_kernel(const GateArgs a) {
+__global__ void __launch_bounds__(kThreads) moe_gate_logits_kernel(const GateArgs a) {
   __shared__ __align__(16) __nv_bfloat16 sA[2][kBM][kPitch];
   __shared__ __align__(16) __nv_bfloat16 sB[2][kBN][kPitch];
 
@@ -344,9 +332,6 @@ __global__ void __launch_bounds__(kThreads) moe_gate_kernel(const GateArgs a) {
           if (e + 1 < a.experts) part[t * a.experts + e + 1] = acc[i][j][2 * h + 1];
         }
       }
-
-  if (!arrive_last(a.counters + m_tile, a.n_tiles * a.splits)) return;
-  gate_epilogue(a, m_tile);
 }
 
 }  // namespace
@@ -359,9 +344,7 @@ size_t moe_gate_workspace_bytes(int64_t tokens, int64_t experts, int64_t dim, in
     num_sms = 132;
   }
   const GatePlan p = make_plan(tokens, experts, dim, num_sms);
-  const size_t part = static_cast<size_t>(p.splits * tokens * experts) * sizeof(float);
-  const size_t counters = static_cast<size_t>(p.m_tiles) * sizeof(int);
-  return ((part + 255) / 256) * 256 + counters;
+  return static_cast<size_t>(p.splits * tokens * experts) * sizeof(float);
 }
 
 cudaError_t moe_gate(const void* x, int64_t x_row_stride, const void* weight, const float* bias,
@@ -394,8 +377,6 @@ cudaError_t moe_gate(const void* x, int64_t x_row_stride, const void* weight, co
     num_sms = 132;
   }
   const GatePlan p = make_plan(tokens, experts, dim, num_sms);
-  const size_t part_bytes =
-      ((static_cast<size_t>(p.splits * tokens * experts) * sizeof(float) + 255) / 256) * 256;
   GateArgs a;
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.x_row_stride = x_row_stride;
@@ -409,7 +390,6 @@ cudaError_t moe_gate(const void* x, int64_t x_row_stride, const void* weight, co
   a.weights = weights;
   a.indices = indices;
   a.part = static_cast<float*>(workspace);
-  a.counters = reinterpret_cast<int*>(static_cast<char*>(workspace) + part_bytes);
   a.tokens = tokens;
   a.experts = experts;
   a.dim = dim;
@@ -419,11 +399,14 @@ cudaError_t moe_gate(const void* x, int64_t x_row_stride, const void* weight, co
   a.splits = static_cast<int>(p.splits);
   a.tiles_per_split = static_cast<int>(p.tiles_per_split);
   a.k_tiles = p.k_tiles;
-  err = cudaMemsetAsync(a.counters, 0, static_cast<size_t>(p.m_tiles) * sizeof(int), stream);
-  if (err != cudaSuccess) return err;
   const int64_t ctas = p.m_tiles * p.n_tiles * p.splits;
   if (ctas > INT_MAX) return cudaErrorInvalidValue;
-  moe_gate_kernel<<<dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream>>>(a);
+  moe_gate_logits_kernel<<<dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t sel_ctas = (tokens + kSelWarps - 1) / kSelWarps;
+  moe_gate_select_kernel<<<dim3(static_cast<unsigned>(sel_ctas)), dim3(kSelWarps * 32), 0,
+                           stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -31,8 +31,8 @@ constexpr int64_t kMoeDispatchMaxExperts = 1023;  // + 1 bucket for invalid pair
 // ---------------------------------------------------------------------------------------------
 // gate
 // ---------------------------------------------------------------------------------------------
-// Bytes of device scratch dsv4::moe_gate needs (fp32 partial logits + one counter per token
-// tile) for these sizes on `device` (it depends on the SM count through the split-K plan).
+// Bytes of device scratch dsv4::moe_gate needs (fp32 partial logits [splits, tokens, experts])
+// for these sizes on `device` (it depends on the SM count through the split-K plan).
 size_t moe_gate_workspace_bytes(int64_t tokens, int64_t experts, int64_t dim, int device);
 
 // x:          [tokens, dim] bf16, row t at x + t * x_row_stride (elements; multiple of 8;
