@@ -39,8 +39,9 @@ def row(op: str, case: str, t_us: float, flops: float, nbytes: float, base_us: f
 
 
 def with_fp8_kernel(kernel: str, fn):
-    """``fn`` run with DSV4_SPARSE_FP8=kernel ("old" / "new" / "new2": which sparse_attn kernel reads FP8
-    caches; read by the op at each call), the previous value restored after each call."""
+    """``fn`` run with DSV4_SPARSE_FP8=kernel ("old" / "new" / "new2" / "auto": which
+    sparse_attn kernel reads FP8 caches; read by the op at each call), the previous value
+    restored after each call."""
     import os
 
     def call():

@@ -5,7 +5,8 @@ pool) + compressed top-512 (h64) or top-1024 (h128) rows of a 64-entry-page pool
 entries per sequence). The same values are timed from the FP8 cache (584 B per key) and from
 a bf16 copy (1024 B per key, the baseline in this process), through the old FP8 kernel
 (DSV4_SPARSE_FP8=old) and the warp-specialised one (=new; =new2 with whole-sector producer
-loads; baseline of both: the old FP8 kernel). FLOPs = 2 x keys x heads x 1024;
+loads; =auto, the default, picks new above one CTA per SM; baseline of all: the old FP8
+kernel). FLOPs = 2 x keys x heads x 1024;
 bytes = q + out + distinct key bytes + indices. The issue's target: <= 0.9x FlashMLA's time
 (bench/side_by_side_flashmla.py measures that ratio in one process).
 
@@ -66,6 +67,8 @@ def run(quick: bool = False) -> list[dict]:
             t8n = time_us(with_fp8_kernel("new", lambda: torch.ops.dsv4.sparse_attn(*fp8)), reps)
             t8n2 = time_us(with_fp8_kernel("new2", lambda: torch.ops.dsv4.sparse_attn(*fp8)),
                            reps)
+            t8a = time_us(with_fp8_kernel("auto", lambda: torch.ops.dsv4.sparse_attn(*fp8)),
+                          reps)
             t16 = time_us(lambda: torch.ops.dsv4.sparse_attn(*bf16), reps)
             small = 2 * T * H * D * 2 + T * (128 + K2) * 4
             note = (f"FlashMLA (FP8, its own run on this H200): {fm[(H, B)]} us; "
@@ -76,6 +79,10 @@ def run(quick: bool = False) -> list[dict]:
                            flops, small + distinct * 584, t8, "the old FP8 kernel", note))
             out.append(row("sparse_attn", f"decode fp8 b{B} x2 h{H} win128+top{K2} (new2)", t8n2,
                            flops, small + distinct * 584, t8, "the old FP8 kernel", note))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            pick = "new" if T * ((H + 63) // 64) > sms else "old"
+            out.append(row("sparse_attn", f"decode fp8 b{B} x2 h{H} win128+top{K2} (auto: {pick})",
+                           t8a, flops, small + distinct * 584, t8, "the old FP8 kernel", note))
     return out
 
 

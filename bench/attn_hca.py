@@ -108,7 +108,7 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 {kind}", t, flops,
                                nbytes, tb, "sparse_attn + index list", note))
                 if fp8:  # the warp-specialised FP8 kernel, against the old one
-                    for kern in ("new", "new2"):
+                    for kern in ("new", "new2", "auto"):
                         tn = time_us(with_fp8_kernel(kern, call), reps)
                         out.append(row("hca_attn", f"decode b{B} x2 h{H} win128+1024 fp8 ({kern})",
                                        tn, flops, nbytes, t, "the old FP8 kernel", note))

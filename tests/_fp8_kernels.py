@@ -1,7 +1,7 @@
 """The kernels that read FP8 (MODEL1) key caches in sparse_attn / hca_attn, for their CUDA
 tests: ``DSV4_SPARSE_FP8=old`` (dequantisation between the GEMMs), ``=new`` (the
-warp-specialised kernel) and ``=new2`` (the same with the whole-sector producer mapping), read
-by the op at each call."""
+warp-specialised kernel), ``=new2`` (the same with the whole-sector producer mapping) and
+``=auto`` (the default: old or new by the grid's size), read by the op at each call."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
                                 reason="FP8 caches need sm_90")
 
 # Every value of DSV4_SPARSE_FP8; the first is the reference the others must equal bit for bit.
-FP8_KERNELS = ("old", "new", "new2")
+FP8_KERNELS = ("old", "new", "new2", "auto")
 
 
 def both_fp8_kernels(check_kernel: Callable, a: dict, monkeypatch,

@@ -89,6 +89,20 @@ bool current_device_is_sm90() {
   return major == 9 && minor == 0;
 }
 
+// SMs of the current device (132 when the query fails; host attribute queries only).
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+    return 132;
+  return n;
+}
+
+// CTAs of the FP8 kernels' grid before any key split: one per (token, 64-head tile).
+int64_t fp8_ctas(const SparseAttnParams& p) {
+  return p.num_tokens * ((p.num_heads + kBlockM - 1) / kBlockM);
+}
+
 // head_dim 512 (the V4 models) on Hopper: the wgmma kernel (294-335 TFLOP/s at the V4 prefill
 // shapes on the H200 against 201-232 for the mma.sync kernel, which serves the other head dims
 // and other GPUs).
@@ -96,11 +110,17 @@ template <int D>
 cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
   if (p.kv_format == CacheFormat::kFp8Model1) {  // FP8 caches: the sm_90a kernels only
     if (D != 512 || !current_device_is_sm90()) return cudaErrorInvalidValue;
-    const int which = sparse_attn_fp8_kernel_env();
+    int which = sparse_attn_fp8_kernel_env();
     if (which < 0) return cudaErrorInvalidValue;
     // "new": the warp-specialised kernel (producer warps dequantise into two bf16 stages);
-    // "new2": the same with the whole-sector producer mapping; "old" (the default until a new
-    // one measures faster): the wgmma kernel that dequantises between its GEMMs.
+    // "new2": the same with the whole-sector producer mapping; "old": the wgmma kernel that
+    // dequantises between its GEMMs. Unset ("auto"): "new" when the grid has more (token,
+    // head-tile) CTAs than the GPU has SMs, else "old". Measured on an H100 beside FlashMLA
+    // (2026-12-06, bench/README.md "FP8-cache decode against FlashMLA"): "new" 1.15-1.32x
+    // faster at 256-512 CTAs (h128 b64, HCA b128), equal at 128 (h64 b64), 0.61-0.94x at 2-4
+    // (b2: its producer pipeline's start is not amortised over 1-2 key blocks per CTA).
+    if (which == kSparseFp8Auto)
+      which = fp8_ctas(p) > static_cast<int64_t>(sm_count()) ? 1 : 0;
     if (which == 1) return sparse_attn_detail::fp8_ws::launch_fp8_ws<false>(p, stream);
     if (which == 2) return sparse_attn_detail::fp8_ws::launch_fp8_ws<true>(p, stream);
     return sparse_attn_detail::launch_wgmma<512, true>(p, stream);
@@ -121,7 +141,8 @@ bool sparse_attn_supports_head_dim(int64_t head_dim) {
 
 int sparse_attn_fp8_kernel_env() {
   const char* v = std::getenv("DSV4_SPARSE_FP8");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "old") == 0) return 0;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return kSparseFp8Auto;
+  if (std::strcmp(v, "old") == 0) return 0;
   if (std::strcmp(v, "new") == 0) return 1;
   if (std::strcmp(v, "new2") == 0) return 2;
   return -1;

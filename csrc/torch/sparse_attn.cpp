@@ -208,9 +208,9 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
                            (!extra_kv.has_value() || extra_kv->scalar_type() == at::kByte)),
               op, "kv and extra_kv must both be FP8 pools or both bfloat16");
   // FP8 caches: DSV4_SPARSE_FP8 picks the kernel (read per call; "new" = warp-specialised,
-  // "new2" = the same with the whole-sector producer mapping).
+  // "new2" = the same with the whole-sector producer mapping; unset = "auto", by grid size).
   TORCH_CHECK(!any_fp8 || sparse_attn_fp8_kernel_env() >= 0, op,
-              "DSV4_SPARSE_FP8 must be 'old', 'new' or 'new2' (unset: old), got '",
+              "DSV4_SPARSE_FP8 must be 'auto', 'old', 'new' or 'new2' (unset: auto), got '",
               std::getenv("DSV4_SPARSE_FP8"), "'");
   check_lengths(op, extra_topk_length, q_in, T, "extra_topk_length");
   check_device(op, attn_sink_in, q_in, "attn_sink");

@@ -443,13 +443,53 @@ def test_cuda_fp8_many_tokens_grid_limit(monkeypatch):
     both_fp8_kernels(_check_kernel, _fp8_pools(a), monkeypatch, out_variants=(False,))
 
 
+def _fp8_kernel_names(a):
+    """The sparse_attn kernels one call on ``a`` launches (CUDA profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.ops.dsv4.sparse_attn(**a)
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if "sparse_attn" in e.key]
+
+
+@pytest.mark.cuda
+@needs_kernel
+@needs_sm90
+@pytest.mark.parametrize("setting", [None, "auto"])
+def test_cuda_fp8_auto_picks_the_kernel_by_grid_size(setting, monkeypatch):
+    """Unset (or ``auto``), DSV4_SPARSE_FP8 picks the warp-specialised kernel when the grid has
+    more (token, 64-head tile) CTAs than the GPU has SMs and the wgmma kernel otherwise; ``old``
+    and ``new`` force theirs."""
+    if setting is None:
+        monkeypatch.delenv("DSV4_SPARSE_FP8", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_SPARSE_FP8", setting)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    small = _fp8_pools(_random_case(4, 64, 512, 256, 64, seed=5, device="cuda",
+                                    dtype=torch.bfloat16))
+    big = _fp8_pools(_random_case(sms + 1, 64, 512, 256, 64, seed=6, device="cuda",
+                                  dtype=torch.bfloat16))
+    names = _fp8_kernel_names(small)
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert not any("fp8_ws" in n for n in names), names
+    assert any("fp8_ws" in n for n in _fp8_kernel_names(big))
+    monkeypatch.setenv("DSV4_SPARSE_FP8", "old")
+    assert not any("fp8_ws" in n for n in _fp8_kernel_names(big))
+    monkeypatch.setenv("DSV4_SPARSE_FP8", "new")
+    assert any("fp8_ws" in n for n in _fp8_kernel_names(small))
+
+
 @pytest.mark.cuda
 @needs_kernel
 @needs_sm90
 def test_cuda_fp8_kernel_switch_rejects_bad_values(monkeypatch):
     a = _fp8_pools(_random_case(4, 64, 512, 64, 16, seed=2, device="cuda", dtype=torch.bfloat16))
     monkeypatch.setenv("DSV4_SPARSE_FP8", "fast")
-    with pytest.raises(RuntimeError, match="DSV4_SPARSE_FP8 must be 'old', 'new' or 'new2'"):
+    with pytest.raises(RuntimeError,
+                       match="DSV4_SPARSE_FP8 must be 'auto', 'old', 'new' or 'new2'"):
         torch.ops.dsv4.sparse_attn(**a)
 
 

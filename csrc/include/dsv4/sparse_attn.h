@@ -21,8 +21,8 @@
 // wgmma kernel (needs the library built for sm_90a, the project default "9.0a"); every other
 // case runs the mma.sync kernel (sm_80+). One CTA per (token, 64-head tile[, key split]) on
 // grid.x only, so any number of tokens up to 2^31 - 1 CTAs is fine. FP8 caches: the wgmma
-// kernel, or with DSV4_SPARSE_FP8=new / new2 the warp-specialised kernel of
-// sparse_attn_fp8_sm90.cuh (same grid and results; see sparse_attn_fp8_kernel_env).
+// kernel or the warp-specialised kernel of sparse_attn_fp8_sm90.cuh, chosen by the grid's size
+// or by DSV4_SPARSE_FP8 (same grid and results; see sparse_attn_fp8_kernel_env).
 #pragma once
 
 #include <cstddef>
@@ -119,11 +119,13 @@ bool sparse_attn_supports_fp8_cache(int64_t head_dim);
 // csrc/kernels/sparse_attn_fp8_sm90.cuh: producer warps dequantise each key block into one of
 // two bf16 stages while the MMA warps run the previous block), 2 for "new2" (the same kernel
 // with the whole-sector producer mapping: each 16-byte load instruction of a warp reads whole
-// 32-byte sectors), 0 when unset, empty or "old" (the wgmma kernel that dequantises between
-// its GEMMs, verified on the H200), -1 for any other value (sparse_attn then returns
-// cudaErrorInvalidValue; the torch glue reports it). All give bit-identical outputs. The
-// default stays "old" until a new kernel measures faster on the GPU
-// (tests/ops/test_hca_attn.py, tests/ops/test_sparse_attn.py, dsv4_check_hca_fp8).
+// 32-byte sectors), 0 for "old" (the wgmma kernel that dequantises between its GEMMs),
+// kSparseFp8Auto when unset, empty or "auto" (per call: "new" when the grid has more
+// (token, 64-head tile) CTAs than the GPU has SMs, else "old"; the measured crossover), -1 for
+// any other value (sparse_attn then returns cudaErrorInvalidValue; the torch glue reports it).
+// All give bit-identical outputs (tests/ops/test_hca_attn.py, tests/ops/test_sparse_attn.py,
+// dsv4_check_hca_fp8).
+constexpr int kSparseFp8Auto = 3;
 int sparse_attn_fp8_kernel_env();
 
 // A split count for this shape on a GPU with num_sms SMs: > 1 only when the token x head-tile

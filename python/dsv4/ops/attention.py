@@ -121,10 +121,12 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
             :mod:`dsv4.ops.kv_cache`): row r is entry r % block_size of block
             r // block_size, dequantised exactly (extra_kv likewise). On CUDA the
             environment variable ``DSV4_SPARSE_FP8`` (read at each call) picks the kernel for
-            FP8 pools: ``old`` (default), ``new`` (warp-specialised: producer warps
-            dequantise the next key block while the MMA warps run the current one) or ``new2``
-            (the same with whole-sector loads); all give bit-identical results; any other
-            value raises RuntimeError.
+            FP8 pools: ``old`` (dequantisation between the GEMMs), ``new`` (warp-specialised:
+            producer warps dequantise the next key block while the MMA warps run the current
+            one), ``new2`` (the same with whole-sector loads) or ``auto`` (the default when
+            unset: ``new`` when the grid has more (token, 64-head tile) CTAs than the GPU has
+            SMs, else ``old``); all give bit-identical results; any other value raises
+            RuntimeError.
         indices: [tokens, k] integer rows into ``kv``; −1 marks an unused slot.
         attn_sink: [heads] float32 sink logit per head.
         softmax_scale: multiplies q·k (``head_dim ** -0.5`` in V4).
