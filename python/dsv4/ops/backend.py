@@ -116,31 +116,45 @@ _RUN_20261206A = (
     "test_moe.py + test_moe_paths.py (16), the fused-projection CUDA tests (9): all passed. "
     "The C++ checks were not re-run on a GPU (check_grouped_gemm's host-only skinny-rule check "
     "runs in CI)")
+_RUN_20261206B = (
+    "2026-12-06 (second session), on an H100 80GB, csrc 6a313317 (moe_gate in two launches: "
+    "the logits GEMM, then one warp per token summing the split partials and selecting; the "
+    "FP8-cache attention kernel chosen by grid size when DSV4_SPARSE_FP8 is unset ('auto')): "
+    "in parallel pytest processes, every CUDA test of tests/ops/test_sparse_attn.py (53), "
+    "tests/ops/test_hca_attn.py (62), tests/ops/test_moe_routing.py + tests/layers/test_moe.py "
+    "+ test_moe_paths.py + tests/runtime/test_graph_step_cuda.py + "
+    "tests/test_model_fuse_projections_cuda.py (90), and tests/ops/test_fp8_linear.py::"
+    "test_cuda_matches_reference (84; fp8_linear's sources are those of the 2026-12-06A run): "
+    "all passed; the C++ checks moe_routing (under compute-sanitizer memcheck: 0 errors), "
+    "hca_fp8 and sparse_attn: PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
-    **{op: _RUN_20261205E for op in ("rms_norm", "moe_dispatch", "moe_combine")},
-    **{op: _RUN_20261206A for op in (
-        "grouped_oproj", "fp8_linear", "moe_up", "moe_down", "moe_gate")},
+    **{op: _RUN_20261205E for op in ("rms_norm",)},
+    **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
-        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "sparse_attn",
-        "hca_attn", "mhc_pre", "mhc_post", "mhc_head")},
+        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "mhc_pre", "mhc_post",
+        "mhc_head")},
+    **{op: _RUN_20261206B for op in (
+        "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
-# op_source_digests): rms_norm, moe_dispatch and moe_combine from the 2026-12-05E run (csrc
-# 00abaea6, VERIFIED_SOURCE_DIGEST), the attention and mHC ops from the 2026-12-05G run (csrc
-# ffa9e332), the GEMM ops and moe_gate from the 2026-12-06A run. A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
+# op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
+# VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv, indexer_topk and mHC ops from the
+# 2026-12-05G run (csrc ffa9e332), the GEMM ops from the 2026-12-06A run, sparse_attn /
+# hca_attn and the MoE routing ops from the 2026-12-06B run. A run that verifies some ops
+# updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
     "indexer_topk": "539cb40952e0f95fc2c118a5f68bb08c0d3b843b88c2142164651b6b57b7fe0f",
-    "sparse_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
-    "hca_attn": "d421db7f0b76846cfa5e3c749994a039057033490738754ef62f0b782f7dfbc9",
+    "sparse_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
+    "hca_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
     "fp8_linear": "b82b6ce5c0e3c39a271ac9db391615a8eedc17fe9d83187056e3c697fa10005a",
-    "moe_gate": "8d890f487ea468f622856581af2447b27fb47ad091b8c44cb0a5afc2bb7e5c19",
-    "moe_dispatch": "eb836c6ed89f95f9b2a2ca5267c2e02ded691b6936535843f803a7db1f189bee",
-    "moe_combine": "68a7430a62f443133155ff118414089143ac69cabbe1d913f2240b9186a0163a",
+    "moe_gate": "3d7866f4acee6f55b66ab877c43f64c1030ebf7102e8df3fc87405114fe7655a",
+    "moe_dispatch": "99fe39694ddc53f4625174ca5e658a315e3a9a30997a9551da9ee984a75dd675",
+    "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "mhc_pre": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
@@ -295,10 +309,12 @@ def _kernels_run_on(device: torch.device) -> bool:
     return _ext.kernels_run_on(device)
 
 
-def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None = None) -> bool:
+def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None = None,
+                dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
     """Whether a layer whose activations are ``x`` runs its kernel path through ``ops``.
 
-    True iff the backend is ``"cuda"``, ``x`` is a CUDA bfloat16 tensor, every op in ``ops``
+    True iff the backend is ``"cuda"``, ``x`` is a CUDA tensor of ``dtypes`` (bfloat16 unless
+    the ops take more, e.g. gemv's float32), every op in ``ops``
     has a compiled CUDA kernel that is hardware-verified (or unverified kernels are allowed, see
     :func:`allow_unverified_kernels`) and the layer passes no ``unsupported`` reason (a shape
     outside the kernels' range, e.g. ``index_topk > 2048``). When the backend is ``"cuda"`` and
@@ -308,7 +324,7 @@ def use_kernels(x: torch.Tensor, ops: tuple[str, ...], unsupported: str | None =
         return False
     if unsupported:
         reason = f"dsv4: {unsupported}; those layers run the pure-PyTorch reference"
-    elif x.dtype != torch.bfloat16:
+    elif x.dtype not in dtypes:
         reason = (f"dsv4: the CUDA kernels take bfloat16 activations; a {x.dtype} model on "
                   "CUDA runs the pure-PyTorch reference")
     else:
