@@ -163,6 +163,25 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def storage_version(self) -> int:
+        """A counter that grows whenever the model may have moved its weights to other storage
+        (``.to`` / ``.cuda`` / ``.double`` and other ``nn.Module._apply`` conversions,
+        :meth:`fuse_projections` / :meth:`unfuse_projections`, :meth:`compact_head` /
+        :meth:`expand_head`, ``load_state_dict``). A CUDA graph reads the storage it was
+        captured on: the runtime engine captures its decode graphs again when this changed
+        since their capture. (Storage replaced behind the model's back, ``p.data = ...``, is
+        not counted.)"""
+        return self.__dict__.get("_storage_version", 0)
+
+    def _storage_moved(self) -> None:
+        self.__dict__["_storage_version"] = self.storage_version + 1
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._storage_moved()
+        return out
+
     def to(self, *args, **kwargs) -> "Model":
         """Like ``nn.Module.to``, but a dtype applies to compute weights only (see class doc)."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
@@ -184,6 +203,7 @@ class Model(nn.Module):
                 if isinstance(mod, MoE):
                     mod.stacked_weights()
             self._refuse_projections()     # the cast members no longer view their buffers
+            self._storage_moved()
         return self
 
     def bfloat16(self) -> "Model":
@@ -291,6 +311,7 @@ class Model(nn.Module):
         p.grad = None
         p.data = new
         p.requires_grad_(False)
+        self._storage_moved()
         return self
 
     def expand_head(self) -> "Model":
@@ -303,6 +324,7 @@ class Model(nn.Module):
         p.data = p.detach().float()
         p.requires_grad_(self.__dict__.get("_head_requires_grad", True))
         self.__dict__.pop("_head_copy", None)
+        self._storage_moved()
         return self
 
     # ------------------------------------------------------------------ same-input projections
@@ -359,14 +381,16 @@ class Model(nn.Module):
         (autograd then reaches each Parameter). The model keeps its groups current itself:
         ``.to(device / dtype)``, ``.double()``, ``.cuda()``, ``load_state_dict`` and
         ``copy.deepcopy`` rebuild them in the new storage. A CUDA graph captured on the fused
-        model (the runtime engine's) keeps reading the storage it captured: fuse or unfuse
-        before building the Engine.
+        model reads the storage it captured: the runtime engine captures its decode graphs
+        again after a fuse or unfuse (:attr:`storage_version`); fusing before building the
+        Engine saves that second capture.
 
         Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
         (``torch.cuda.empty_cache``, unless a graph is being captured).
         """
         for mod in self._projection_owners():
             mod.fuse_projections()
+        self._storage_moved()
         self._release_cached_blocks()
         return self
 
@@ -375,6 +399,7 @@ class Model(nn.Module):
         same values), the separate GEMMs. Returns the model; a no-op when not fused."""
         for mod in self._projection_owners():
             mod.unfuse_projections()
+        self._storage_moved()
         self._release_cached_blocks()
         return self
 
@@ -394,6 +419,7 @@ class Model(nn.Module):
         new group buffer (the model stays fused)."""
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._refuse_projections()
+        self._storage_moved()
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

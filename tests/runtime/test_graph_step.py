@@ -111,6 +111,38 @@ def test_steady_decode_is_one_replay_without_packing(model, monkeypatch):
     assert runs["n"] == 12 and packs["n"] == crossings and 1 <= crossings <= 2
 
 
+def test_graphs_are_captured_again_after_the_model_moves_its_weights(model):
+    """A fuse (or unfuse, .to, load_state_dict: Model.storage_version) after the decode graphs
+    were captured: the next graph step says so once and captures again (a replay would read
+    the storage it captured); steps without such a change keep their graph."""
+    import copy
+
+    m = copy.deepcopy(model)
+    e = _engine(m, False, True, max_model_len=64)
+    for p in random_prompts([10, 11], seed=4):
+        e.add_request(p, SamplingParams(max_new_tokens=12, eos_token_id=-1))
+    for _ in range(3):
+        e.step()
+    g = e.runner.graphs[2]
+    e.step()
+    assert e.runner.graphs[2] is g
+    v = m.storage_version
+    m.fuse_projections()
+    assert m.storage_version > v
+    with pytest.warns(RuntimeWarning, match="captured again"):
+        e.step()
+    g2 = e.runner.graphs[2]
+    assert g2 is not g
+    e.step()
+    assert e.runner.graphs[2] is g2
+    m.load_state_dict(m.state_dict())
+    with pytest.warns(RuntimeWarning, match="captured again"):
+        e.step()
+    assert e.runner.graphs[2] is not g2
+    while e.has_unfinished():
+        e.step()
+
+
 def test_host_ops_outside_the_graph(model):
     """A steady greedy decode step runs at most a handful of torch ops outside the captured
     body (the copy of the sampled ids to the host and the views of it; the emulation's own

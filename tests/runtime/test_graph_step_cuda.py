@@ -57,6 +57,35 @@ def test_captured_step_gives_the_eager_bodys_tokens(overlap):
     assert _generate(m, prompts, False, overlap) == ref
 
 
+def test_refusing_projections_mid_decode_gives_the_same_tokens():
+    """An Engine on a fused model captures its graphs, then the model is unfused and fused
+    again mid-decode (the same values in new storage, the old one returned to the driver): the
+    graphs are captured again (Model.storage_version) and the tokens are those of a run
+    without the round trip, where a replay of the old graphs would read freed storage."""
+    m = tiny_cuda_model().fuse_projections()
+    prompts = random_prompts([30, 9], seed=6)
+    params = [SamplingParams(max_new_tokens=16, eos_token_id=-1)] * 2
+
+    def run(round_trip_at):
+        e = Engine(m, max_batch=2, max_model_len=256, max_num_batched_tokens=64)
+        ids = [e.add_request(p, sp) for p, sp in zip(prompts, params)]
+        toks = {i: [] for i in ids}
+        steps = 0
+        while e.has_unfinished():
+            if steps == round_trip_at:
+                m.unfuse_projections().fuse_projections()
+            for o in e.step():
+                toks[o.request_id] += o.new_token_ids
+            steps += 1
+        assert e.runner.stats["graph_steps"] > 0 and e.runner.graph_off_reason is None
+        return [toks[i] for i in ids]
+
+    want = run(-1)
+    with pytest.warns(RuntimeWarning, match="captured again"):
+        got = run(6)
+    assert got == want
+
+
 def test_steady_step_is_one_graph_launch_and_one_copy():
     """Four greedy rows decoding: per steady-state step (nothing joins, no new block) one
     cudaGraphLaunch, one memcpy (the sampled ids to the host; no metadata upload) and at most

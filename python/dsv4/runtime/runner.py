@@ -107,6 +107,11 @@ class _Graph:
     generators: list = field(default_factory=list)
 
 
+def _storage_version(model) -> int:
+    """``model.storage_version`` (0 for a model without one)."""
+    return getattr(model, "storage_version", 0)
+
+
 class _EagerReplay:
     """A stand-in for a captured graph: ``replay()`` runs the step body eagerly on the same
     static buffers (:meth:`ModelRunner.emulate_graphs`)."""
@@ -155,6 +160,8 @@ class ModelRunner:
         self.head_dtype = head_dtype
         self.buckets = graph_buckets(max_batch)
         self.graphs: dict[int, _Graph] = {}
+        # the model's storage_version when self.graphs were captured (they read that storage)
+        self._graphs_version = _storage_version(model)
         self.graph_off_reason: Optional[str] = None
         if not cuda_graphs:
             self.graph_off_reason = "disabled (cuda_graphs=False)"
@@ -314,6 +321,7 @@ class ModelRunner:
         (its logits, whether those rows were drawn in it), or None when decode must run
         eagerly (capture failed)."""
         bucket = next(b for b in self.buckets if b >= len(rows))
+        self._drop_stale_graphs()
         g = self.graphs.get(bucket)
         if g is None:
             g = self._capture(bucket)
@@ -353,6 +361,21 @@ class ModelRunner:
         g.graph.replay()
         self._last = (g, reqs, starts, widths)
         return g.logits[:len(rows)], False
+
+    def _drop_stale_graphs(self) -> None:
+        """Forget the graphs (captured again when next needed) when the model has moved its
+        weights since their capture (``Model.storage_version``: fuse / unfuse, ``.to``,
+        ``load_state_dict``, ...): a replay would read the old storage, freed or stale."""
+        version = _storage_version(self.model)
+        if version == self._graphs_version:
+            return
+        if self.graphs:
+            warnings.warn("dsv4.runtime: the model moved its weights (fuse_projections, .to, "
+                          "load_state_dict, ...) after its decode graphs were captured; they "
+                          "are captured again", RuntimeWarning, stacklevel=5)
+            self.graphs.clear()
+            self._last = None
+        self._graphs_version = version
 
     def _graph_batch(self, static: torch.Tensor, bucket: int) -> StepBatch:
         return StepBatch.from_buffer(static[_PREFIX * bucket:], bucket, bucket, self.max_blocks,
