@@ -65,7 +65,7 @@ def _expected_groups(m) -> dict:
 
 def _views_of_one_buffer(m) -> bool:
     """Every fused group's member weights are row slices of one storage, back to back."""
-    for name, members in m.fused_projections().items():
+    for name, members in m.fused_projection_groups().items():
         owner = m.get_submodule(name.rsplit(".", 1)[0])
         ws = [owner.get_submodule(n).weight for n in members]
         ptr = ws[0].untyped_storage().data_ptr()
@@ -79,18 +79,18 @@ def _views_of_one_buffer(m) -> bool:
 
 def test_groups_are_the_same_input_projections():
     m = _model()
-    assert not m.projections_fused and m.fused_projections() == {}
+    assert not m.projections_fused and m.fused_projection_groups() == {}
     before = {k: v.data_ptr() for k, v in m.state_dict().items()}
     params = dict(m.named_parameters())
     assert m.fuse_projections() is m
     assert m.projections_fused
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     assert _views_of_one_buffer(m)
     # the same Parameter objects (optimizers keep them), re-homed
     assert all(p is params[n] for n, p in m.named_parameters())
     moved = {k for k, v in m.state_dict().items() if v.data_ptr() != before[k]}
     assert moved and all(k.endswith("weight") for k in moved)
-    assert m.fuse_projections().fused_projections() == _expected_groups(m)   # idempotent
+    assert m.fuse_projections().fused_projection_groups() == _expected_groups(m)   # idempotent
 
 
 @pytest.mark.parametrize("quant_sim", [False, True])
@@ -119,13 +119,13 @@ def test_logits_equal_the_unfused_model(path, served, quant_sim):
     assert served and all(served)
     # 4 forward steps call every main-layer group once (the reference path: the compressor
     # groups once per row, 2 rows), the MTP step its own groups once
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     main = [g for g in groups if g.startswith("layers.")]
     per_row = sum(g.endswith(".compressor") for g in main) if path == "reference" else 0
     assert len(served) == 4 * len(main) + 4 * per_row + (len(groups) - len(main))
     assert _rel(got, ref) <= REL and _rel(got_mtp, ref_mtp) <= REL
     m.unfuse_projections()
-    assert not m.projections_fused and m.fused_projections() == {}
+    assert not m.projections_fused and m.fused_projection_groups() == {}
     again, _ = run()
     assert torch.equal(again, ref)          # the separate layout again: the same GEMMs
 
@@ -186,10 +186,10 @@ def test_load_state_dict_keeps_it_fused_and_follows_the_new_weights():
     ids = _ids(m)
     with torch.no_grad():
         want = other(ids)
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     ptrs = {k: v.data_ptr() for k, v in m.state_dict().items()}
     m.load_state_dict(other.state_dict())               # in place: the views are kept
-    assert m.fused_projections() == groups and _views_of_one_buffer(m)
+    assert m.fused_projection_groups() == groups and _views_of_one_buffer(m)
     assert {k: v.data_ptr() for k, v in m.state_dict().items()} == ptrs
     with torch.no_grad():
         assert _rel(m(ids), want) <= REL
@@ -203,7 +203,7 @@ def test_load_state_dict_assign_refuses_and_never_computes_stale_weights():
         want = src(ids)
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     m.load_state_dict(sd, assign=True)                  # new tensors: rebuilt groups
-    assert m.fused_projections() == _expected_groups(m) and _views_of_one_buffer(m)
+    assert m.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(m)
     with torch.no_grad():
         assert _rel(m(ids), want) <= REL
     # assign on a submodule (the model's load_state_dict does not see it): its groups fall
@@ -212,14 +212,14 @@ def test_load_state_dict_assign_refuses_and_never_computes_stale_weights():
     attn = m.layers[1].attn
     attn.load_state_dict({k: v.clone() for k, v in src2.layers[1].attn.state_dict().items()},
                          assign=True)
-    assert "layers.1.attn.input" not in m.fused_projections()
-    assert "layers.1.attn.compressor" not in m.fused_projections()
+    assert "layers.1.attn.input" not in m.fused_projection_groups()
+    assert "layers.1.attn.compressor" not in m.fused_projection_groups()
     ref = copy.deepcopy(src)
     ref.layers[1].attn.load_state_dict(src2.layers[1].attn.state_dict())
     with torch.no_grad():
         assert _rel(m(ids), ref(ids)) <= REL
     m.fuse_projections()
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     with torch.no_grad():
         assert _rel(m(ids), ref(ids)) <= REL
 
@@ -237,7 +237,7 @@ def test_replaced_weights_or_modules_fall_back():
     swap = Linear(m.config.dim, m.config.moe_inter_dim)
     m.layers[0].ffn.shared_experts.w3 = swap
     u.layers[0].ffn.shared_experts.w3 = copy.deepcopy(swap)
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     assert "layers.3.attn.input" not in groups and "layers.0.ffn.shared" not in groups
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= REL
@@ -245,11 +245,11 @@ def test_replaced_weights_or_modules_fall_back():
     with torch.no_grad():
         for mm in (m, u):
             mm.layers[2].attn.compressor.wgate.weight.mul_(0.5)
-    assert "layers.2.attn.compressor" in m.fused_projections()
+    assert "layers.2.attn.compressor" in m.fused_projection_groups()
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= REL
     m.fuse_projections()
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= REL
 
@@ -267,7 +267,7 @@ def test_native_fp8_members_and_act_quant_partition():
     m.layers[3].attn.wq_a.act_quant = True
     u = copy.deepcopy(m)
     m.fuse_projections()
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     assert groups["layers.1.attn.input"] == ("wkv", "indexer.weights_proj")
     assert groups["layers.3.attn.input"] == ("wq_a", "wkv")          # not weights_proj
     ids = _ids(m)
@@ -278,7 +278,7 @@ def test_native_fp8_members_and_act_quant_partition():
     q, s = fp8_block_quantize(se.w1.weight.detach())
     se.w1.set_quantized(q, s, "fp8", torch.float32)
     m.fuse_projections()
-    assert "layers.0.ffn.shared" not in m.fused_projections()
+    assert "layers.0.ffn.shared" not in m.fused_projection_groups()
     assert m.layers[0].ffn.projection_group("shared") is None
 
 
@@ -303,7 +303,7 @@ def test_gradients_equal_the_unfused_model():
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
     for mm in (m, u):
         torch.optim.SGD(mm.parameters(), lr=0.1).step()
-    assert m.fused_projections() == _expected_groups(m) and _views_of_one_buffer(m)
+    assert m.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(m)
     with torch.no_grad():
         assert _rel(m.eval()(ids), u.eval()(ids)) <= 1e-5
 
@@ -335,10 +335,10 @@ def test_dtype_changes_rebuild_the_groups():
         truth = u(ids)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         m.to(torch.float64)                         # refused, nothing changed
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     m.type(torch.float64)                           # = .double()
     u.double()
-    assert m.fused_projections() == _expected_groups(m) and _views_of_one_buffer(m)
+    assert m.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(m)
     assert m.layers[1].attn.projection_group("input").weight.dtype == torch.float64
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= 1e-12
@@ -349,7 +349,7 @@ def test_dtype_changes_rebuild_the_groups():
     assert w_m.dtype == torch.float64 and torch.allclose(w_m, w_u, rtol=1e-10)
     for mm in (m, u):
         mm.to(torch.bfloat16)
-    assert m.fused_projections() == _expected_groups(m) and _views_of_one_buffer(m)
+    assert m.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(m)
     g = m.layers[1].attn
     assert g.projection_group("input").weight.dtype == torch.bfloat16
     assert g.projection_group("compressor").weight.dtype == torch.float32   # kept fp32
@@ -360,7 +360,7 @@ def test_dtype_changes_rebuild_the_groups():
     assert (out - truth).abs().mean() <= 2 * (ref - truth).abs().mean()
     m.float()
     u.float()
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= REL
 
@@ -377,11 +377,11 @@ def test_deepcopy_stays_fused_and_independent():
     torch.save(m, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert loaded.fused_projections() == _expected_groups(m) and _views_of_one_buffer(loaded)
+    assert loaded.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(ids), ref)
     d = copy.deepcopy(m)
-    assert d.fused_projections() == _expected_groups(d) and _views_of_one_buffer(d)
+    assert d.fused_projection_groups() == _expected_groups(d) and _views_of_one_buffer(d)
     ptrs = {p.untyped_storage().data_ptr() for p in m.parameters()}
     assert not ptrs & {p.untyped_storage().data_ptr() for p in d.parameters()}
     with torch.no_grad():
@@ -426,7 +426,7 @@ def test_meta_model_fuses():
     cfg = bench.build_config("flash", 2, 4)
     with torch.device("meta"):
         m = dsv4.Model(cfg).to(torch.bfloat16).fuse_projections()
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     assert groups == {f"layers.{i}.{k}": v for i, kind in enumerate((_CSA, _HCA))
                       for k, v in kind.items()}
     assert sum(len(v) - 1 for v in groups.values()) == 9
@@ -451,8 +451,8 @@ def test_hooked_members_run_their_hooks():
 
     got, want = [], []
     hm, hu = install(m, got), install(u, want)
-    assert "layers.1.attn.input" not in m.fused_projections()
-    assert "layers.1.attn.compressor" not in m.fused_projections()
+    assert "layers.1.attn.input" not in m.fused_projection_groups()
+    assert "layers.1.attn.compressor" not in m.fused_projection_groups()
     with torch.no_grad():
         out, ref = m(ids), u(ids)
     assert _rel(out, ref) <= REL and sorted(set(got)) == sorted(set(want)) == ["wgate", "wkv"]
@@ -467,19 +467,19 @@ def test_hooked_members_run_their_hooks():
     assert got.count("w3-backward") == want.count("w3-backward") == 1
     # a fuse leaves the hooked linears out; removing the hooks lets them in again
     m.fuse_projections()
-    groups = m.fused_projections()
+    groups = m.fused_projection_groups()
     assert groups["layers.1.attn.input"] == ("wq_a", "indexer.weights_proj")
     assert "layers.0.ffn.shared" not in groups
     for h in hm + hu:
         h.remove()
     m.fuse_projections()
-    assert m.fused_projections() == _expected_groups(m)
+    assert m.fused_projection_groups() == _expected_groups(m)
     # a global module hook and an instance forward
     seen = []
     h = torch.nn.modules.module.register_module_forward_hook(
         lambda mod, i, o: seen.append(mod) if isinstance(mod, Linear) else None)
     try:
-        assert m.fused_projections() == {}
+        assert m.fused_projection_groups() == {}
         with torch.no_grad():
             m(ids)
         assert any(mod is m.layers[2].attn.compressor.wkv for mod in seen)
@@ -488,6 +488,6 @@ def test_hooked_members_run_their_hooks():
     wkv = m.layers[3].attn.wkv
     wkv.forward = lambda x: torch.zeros(*x.shape[:-1], wkv.out_features)
     u.layers[3].attn.wkv.forward = wkv.forward
-    assert "layers.3.attn.input" not in m.fused_projections()
+    assert "layers.3.attn.input" not in m.fused_projection_groups()
     with torch.no_grad():
         assert _rel(m(ids), u(ids)) <= REL

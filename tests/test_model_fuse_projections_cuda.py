@@ -102,7 +102,7 @@ def test_fusing_takes_no_extra_device_memory():
     torch.cuda.synchronize()
     # (block rounding of the caching allocator aside; a duplicated group would add ~150 MB)
     assert abs(torch.cuda.memory_allocated() - before) < (16 << 20)
-    assert sum(len(v) - 1 for v in m.fused_projections().values()) == 9
+    assert sum(len(v) - 1 for v in m.fused_projection_groups().values()) == 9
     # The cache grows by at most the new group buffers (the members' old blocks stay cached
     # for reuse); what earlier tests of this process left cached is not this call's.
     assert torch.cuda.memory_reserved() - reserved < (256 << 20)
@@ -113,9 +113,9 @@ def test_moving_a_fused_model_keeps_it_fused():
     device (no CPU buffer kept), the fp32 compressor groups stay fp32."""
     torch.manual_seed(0)
     m = dsv4.Model(dsv4.ModelConfig.tiny()).eval().fuse_projections()
-    want = m.fused_projections()
+    want = m.fused_projection_groups()
     m.to("cuda", torch.bfloat16)
-    assert m.fused_projections() == want
+    assert m.fused_projection_groups() == want
     for blk in list(m.layers) + list(m.mtp):
         assert blk.attn.projection_group("input").weight.is_cuda
         assert blk.attn.projection_group("input").weight.dtype == torch.bfloat16

@@ -336,7 +336,7 @@ class Model(nn.Module):
         """Whether :meth:`fuse_projections` is in effect (until :meth:`unfuse_projections`)."""
         return any(m._fused is not None for m in self._projection_owners())
 
-    def fused_projections(self) -> dict[str, tuple[str, ...]]:
+    def fused_projection_groups(self) -> dict[str, tuple[str, ...]]:
         """The groups that run as one GEMM now (intact): {"<layer>.<group>": member names},
         e.g. ``{"layers.0.attn.input": ("wq_a", "wkv", "indexer.weights_proj"), ...}``."""
         out = {}

@@ -24,7 +24,7 @@ def test_fused_engine_as_accurate_as_the_bf16_reference(served, quant_sim):
     m32, m16 = _models(quant_sim)
     _, f16 = _models(quant_sim)
     f16.fuse_projections()
-    assert len(f16.fused_projections()) == 13
+    assert len(f16.fused_projection_groups()) == 13
     engine = Engine(f16, max_batch=2, max_model_len=320, max_num_batched_tokens=96)
     runs = _collect(engine, random_prompts([200, 77, 5]), 24)
     assert engine.runner.stats["graph_steps"] > 0, engine.runner.graph_off_reason

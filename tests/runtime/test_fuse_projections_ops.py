@@ -61,7 +61,7 @@ def test_fused_decode_step_launches_fewer_gemms(batch):
     plain = bench.build_model(cfg, a.weights, "cpu", a.seed, fuse=False)
     fused = bench.build_model(cfg, a.weights, "cpu", a.seed)
     assert not plain.projections_fused and fused.projections_fused
-    groups = fused.fused_projections()
+    groups = fused.fused_projection_groups()
     saved = sum(len(m) - 1 for m in groups.values())
     assert saved == (2 + 3) + (1 + 1) + 2 * 1
     before = _linears_per_step(plain, a, batch)
@@ -82,7 +82,7 @@ def test_bench_build_weights_equal_unfused():
         sf, su = f.state_dict(), u.state_dict()
         assert list(sf) == list(su) and all(torch.equal(sf[k], su[k]) for k in sf)
         assert weight_bytes(f) == weight_bytes(u)
-        groups = f.fused_projections()
+        groups = f.fused_projection_groups()
         if weights == "fp8":
             assert set(groups) == {"layers.0.attn.compressor", "layers.1.attn.compressor"}
         else:
@@ -114,7 +114,7 @@ def test_prefill_transient(tokens, context):
         model.compact_head()
         if fuse:
             model.fuse_projections()
-            assert len(model.fused_projections()) == 6
+            assert len(model.fused_projection_groups()) == 6
         mode = L._LiveBytes()
         ids = torch.zeros(tokens, dtype=torch.long, device="meta")
         with torch.no_grad(), L._kernel_path_everywhere(), mode:

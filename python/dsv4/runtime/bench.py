@@ -979,7 +979,7 @@ def run(args) -> list[dict]:
     hw = model.head.weight
     head_held = dict(head_dtype_held=str(hw.dtype).replace("torch.", ""),
                      head_held_gb=hw.numel() * hw.element_size() / 1e9)
-    groups = model.fused_projections()
+    groups = model.fused_projection_groups()
     fused = dict(fuse_projections=args.fuse_projections, fused_projection_groups=len(groups),
                  fused_gemms_saved=sum(len(m) - 1 for m in groups.values()))
     print(f"dsv4 bench: {args.model} x {cfg.n_layers} layers (ratios {cfg.compress_ratios}), "

@@ -75,7 +75,7 @@ def fuse_projections_for_serving(model) -> bool:
     if fuse is None:
         return False
     fuse()
-    return bool(model.fused_projections())
+    return bool(model.fused_projection_groups())
 
 
 def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
