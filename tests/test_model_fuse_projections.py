@@ -324,6 +324,40 @@ def test_gradients_equal_the_unfused_model():
     assert _rel(qx[0], qx[1]) <= 1e-5      # one GEMM sums over every member's columns
 
 
+def test_dtype_cast_frees_each_old_group_buffer_before_the_rebuild(monkeypatch):
+    """.to(bfloat16) on a model fused in fp32: every compute-weight group buffer (attention
+    input, shared expert) is gone before the groups are rebuilt (the cast frees each as soon
+    as its members are cast), the fp32 compressor groups stay the same objects, and the model
+    ends fused in the new dtype."""
+    import gc
+    import weakref
+
+    m = _model(quant_sim=False).fuse_projections()
+    old, kept = [], []
+    for mod in m._projection_owners():
+        for name, g in mod._fused.items():
+            if g is None:
+                continue
+            (kept if g.weight.dtype == torch.float32 and name == "compressor" else old).append(
+                (mod, name, g))
+    assert old and kept
+    dead = [weakref.ref(g.weight) for _, _, g in old]
+    del old, g                                  # the test holds no group nor buffer
+    rebuild = m._refuse_projections
+    seen = {}
+
+    def check_then_rebuild():
+        gc.collect()
+        seen["dead"] = [r() is None for r in dead]
+        seen["kept"] = [mod._fused[name] is g for mod, name, g in kept]
+        rebuild()
+    monkeypatch.setattr(m, "_refuse_projections", check_then_rebuild)
+    m.to(torch.bfloat16)
+    assert all(seen["dead"]) and all(seen["kept"]), seen
+    assert m.fused_projection_groups() == _expected_groups(m) and _views_of_one_buffer(m)
+    assert m.layers[1].attn.projection_group("input").weight.dtype == torch.bfloat16
+
+
 def test_dtype_changes_rebuild_the_groups():
     """.double() (the float64 gradient checks of tests/train), .to(bfloat16), .float(): the
     groups are rebuilt in the new storage (no stale buffer is read), logits equal the unfused

@@ -194,6 +194,8 @@ class Model(nn.Module):
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
+            for mod in self._projection_owners():     # free each old group buffer early
+                mod.forget_groups_changing_dtype(dtype)
             cast_compute_weights(self, dtype, self._fp32_names,
                                  skip=("head.weight",) if self.head_compact else ())
             # The experts' new tensors no longer view their MoE's stacked storage: rebuild

@@ -436,6 +436,22 @@ class ProjectionGroups:
                     g.release(groups[name])
         return self
 
+    def forget_groups_changing_dtype(self, dtype: torch.dtype):
+        """Before a cast of the compute weights to ``dtype``: drop the groups whose members
+        will change dtype (``keep_fp32`` members stay float32), so that each old buffer is
+        freed as soon as its members are cast rather than all of them after the whole cast;
+        :meth:`refresh_projections` rebuilds them. Returns self."""
+        if self._fused:
+            groups = self.projection_groups()
+            for name, g in self._fused.items():
+                if g is None or name not in groups:
+                    continue
+                lin = groups[name][g.index[0]]
+                want = torch.float32 if getattr(lin, "keep_fp32", False) else dtype
+                if g.weight.dtype != want:
+                    self._fused[name] = None
+        return self
+
     def refresh_projections(self):
         """When fused: rebuild the groups a storage change broke (:meth:`fuse_projections`
         keeps the intact ones). Returns self; a no-op when not fused."""
