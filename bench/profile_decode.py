@@ -4,6 +4,7 @@ times for each batch with and without CUDA graphs, then a torch.profiler table o
 at ``--profile-batch`` (by CUDA time and by CPU time).
 
     python bench/profile_decode.py [--batch 1,8,64] [--context 4096] [--profile-batch 8]
+                                   [--rows 0]
 
 What bench/README.md's "Decode step: where the GPU time goes" table was read from (H100,
 2026-12-05). The model arguments are ``dsv4 bench``'s (``--model``, ``--layers``, ``--experts``,
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     B._add_arguments(p)
     p.add_argument("--profile-batch", type=int, default=8)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--rows", type=int, default=22,
+                   help="rows of each profiler table (0: every kernel / op)")
     a = p.parse_args(argv)
     a.steps = min(a.steps, 8)
     cfg = B.build_config(a.model, a.layers, a.experts)
@@ -77,8 +80,14 @@ def main(argv=None) -> int:
             for sort, what in ([("cuda_time_total", "CUDA")] if cuda else []) + \
                     [("cpu_time_total", "CPU")]:
                 print(f"=== b={a.profile_batch} graphs={graphs}: 3 steps by {what} time")
-                print(prof.key_averages().table(sort_by=sort, row_limit=22,
+                print(prof.key_averages().table(sort_by=sort, row_limit=a.rows or -1,
                                                 max_name_column_width=70))
+                if cuda and what == "CUDA":
+                    # kernel rows: device time of their own, no CPU time (ops have both)
+                    kernels = [e for e in prof.key_averages()
+                               if e.self_device_time_total > 0 and e.cpu_time_total == 0]
+                    print(f"kernels: {len(kernels)} kinds, "
+                          f"{sum(e.count for e in kernels) / 3:.0f} launches per step")
             del eng
     return 0
 
