@@ -182,7 +182,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """``torch.ops.dsv4.moe_gate``: the router of :func:`moe_gate_reference`.
 
     The CUDA kernel takes bfloat16 x and weight with dim % 8 == 0, fp32 bias, int32/int64
-    tid2eid and input_ids, experts <= 512, topk <= 16 (one launch; no host synchronisation;
+    tid2eid and input_ids, experts <= 512, topk <= 16 (two launches; no host synchronisation;
     token ids outside the table give index -1 and weight 0 instead of an error).
     Returns (weights fp32 [tokens, topk], indices int32 [tokens, topk]).
     """
