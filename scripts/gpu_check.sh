@@ -11,6 +11,8 @@
 #   (QUICK also runs bench_gemm --quick)
 #   (QUICK also runs bench_moe / bench_mhc --quick)
 #   PYTEST_ARGS="-x -k sparse" ...       # extra pytest arguments
+#   ONLY=build,info,pytest_cuda ...      # run only the steps named (the others print "skipped")
+#   PREBUILT=DIR ...                     # install DIR's _C*.so[.xz] + _build_config.py, no build
 #   RUNTIME_1M=1 / NCU_PROFILE=1 ...     # also the 1M-context mode / ncu of the missed targets
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,8 +23,17 @@ export DSV4_EXPECT_C=1
 # This harness is what verifies kernels on hardware: the model may call all of them here
 # (dsv4.ops.backend.HARDWARE_VERIFIED lists those that passed; the model calls only those by default).
 export DSV4_UNVERIFIED_KERNELS=1
-MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
-  || exit 1
+if [[ -n "${PREBUILT:-}" ]]; then
+  # PREBUILT=DIR: a dsv4/_C*.so (or .so.xz) and its _build_config.py built elsewhere for this
+  # machine's python and torch; the package then runs from python/ (saves the build's minutes)
+  step build bash -c 'set -e; for f in "$0"/_C*.so*; do case "$f" in
+      *.xz) xz -dc "$f" > "python/dsv4/$(basename "${f%.xz}")" ;; *) cp "$f" python/dsv4/ ;; esac
+    done; cp "$0/_build_config.py" python/dsv4/' "$PREBUILT" || exit 1
+  export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+else
+  MAX_JOBS=${MAX_JOBS:-16} step build "$PY" -m pip install --no-build-isolation --no-deps -e . \
+    || exit 1
+fi
 step info "$PY" -c "import dsv4.ops._ext as e; print(e.format_info())
 from dsv4.ops.backend import kernel_source_digest as d, VERIFIED_SOURCE_DIGEST as v
 print('kernel source digest', d(), '(= the verified one)' if d() == v else '(NOT the verified '

