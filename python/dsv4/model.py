@@ -165,21 +165,36 @@ class Model(nn.Module):
 
     @property
     def storage_version(self) -> int:
-        """A counter that grows whenever the model may have moved its weights to other storage
-        (``.to`` / ``.cuda`` / ``.double`` and other ``nn.Module._apply`` conversions,
+        """A counter that grows whenever the model moved a parameter or buffer to other
+        storage (another address, device, dtype, shape or stride) through its own methods:
+        ``.to`` / ``.cuda`` / ``.double`` and other ``nn.Module._apply`` conversions,
         :meth:`fuse_projections` / :meth:`unfuse_projections`, :meth:`compact_head` /
-        :meth:`expand_head`, ``load_state_dict``). A CUDA graph reads the storage it was
-        captured on: the runtime engine captures its decode graphs again when this changed
-        since their capture. (Storage replaced behind the model's back, ``p.data = ...``, is
-        not counted.)"""
+        :meth:`expand_head`; and at every ``load_state_dict`` (also in place: the bf16 head
+        copy a ``head_dtype=torch.bfloat16`` step caches is derived from the values). A call
+        that leaves every tensor where it was (``.to`` the model's own device or dtype, a
+        second fuse) does not count. A CUDA graph reads the storage it was captured on: the
+        runtime engine captures its decode graphs again when this changed since their
+        capture. Not counted: storage replaced behind the model's back (``p.data = ...``,
+        ``torch.nn.utils.vector_to_parameters``) and calls on a submodule
+        (``model.layers[0].to(...)``, ``model.head.load_state_dict(...)``): call them on the
+        model itself."""
         return self.__dict__.get("_storage_version", 0)
 
-    def _storage_moved(self) -> None:
-        self.__dict__["_storage_version"] = self.storage_version + 1
+    def _storage_key(self) -> tuple:
+        """Where every parameter and buffer lives: (device, dtype, address, shape, stride)."""
+        return tuple((t.device, t.dtype, t.data_ptr(), t.shape, t.stride())
+                     for t in (*self.parameters(), *self.buffers()))
+
+    def _storage_moved(self, before: Optional[tuple] = None) -> None:
+        """Advance :attr:`storage_version`: always, or when ``before`` (a
+        :meth:`_storage_key`) is given, only if a tensor moved since it."""
+        if before is None or before != self._storage_key():
+            self.__dict__["_storage_version"] = self.storage_version + 1
 
     def _apply(self, fn, recurse=True):
+        before = self._storage_key()
         out = super()._apply(fn, recurse)
-        self._storage_moved()
+        self._storage_moved(before)
         return out
 
     def to(self, *args, **kwargs) -> "Model":
@@ -194,6 +209,7 @@ class Model(nn.Module):
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
+            before = self._storage_key()
             for mod in self._projection_owners():     # free each old group buffer early
                 mod.forget_groups_changing_dtype(dtype)
             cast_compute_weights(self, dtype, self._fp32_names,
@@ -205,7 +221,7 @@ class Model(nn.Module):
                 if isinstance(mod, MoE):
                     mod.stacked_weights()
             self._refuse_projections()     # the cast members no longer view their buffers
-            self._storage_moved()
+            self._storage_moved(before)
         return self
 
     def bfloat16(self) -> "Model":
@@ -390,18 +406,20 @@ class Model(nn.Module):
         Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
         (``torch.cuda.empty_cache``, unless a graph is being captured).
         """
+        before = self._storage_key()
         for mod in self._projection_owners():
             mod.fuse_projections()
-        self._storage_moved()
+        self._storage_moved(before)
         self._release_cached_blocks()
         return self
 
     def unfuse_projections(self) -> "Model":
         """Undo :meth:`fuse_projections`: each member weight back in its own storage (the
         same values), the separate GEMMs. Returns the model; a no-op when not fused."""
+        before = self._storage_key()
         for mod in self._projection_owners():
             mod.unfuse_projections()
-        self._storage_moved()
+        self._storage_moved(before)
         self._release_cached_blocks()
         return self
 

@@ -143,6 +143,44 @@ def test_graphs_are_captured_again_after_the_model_moves_its_weights(model):
         e.step()
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_calls_that_move_no_weight_keep_the_graphs(overlap):
+    """``.to`` the model's own device or dtype, a second fuse, an unfuse of an unfused model, a
+    refused cast: nothing moved, so the next steps replay the graph captured before, without a
+    warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval()
+    e = _engine(m, overlap, True, max_model_len=64)
+    for p in random_prompts([10, 11], seed=4):
+        e.add_request(p, SamplingParams(max_new_tokens=12, eos_token_id=-1))
+    for _ in range(3):
+        e.step()
+    g = e.runner.graphs[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for call in (lambda: m.to("cpu"), m.float, lambda: m.to("cpu", torch.float32),
+                     m.unfuse_projections, m.expand_head, m.eval):
+            call()
+            e.step()
+        with pytest.raises(ValueError):
+            m.half()
+        e.step()
+        assert e.runner.graphs[2] is g
+        m.fuse_projections()
+        with pytest.warns(RuntimeWarning, match="captured again") as rec:
+            e.step()
+        assert rec[0].filename == __file__         # points at the caller of Engine.step
+        g = e.runner.graphs[2]
+        m.fuse_projections()
+        m.float()
+        e.step()
+    assert e.runner.graphs[2] is g
+    while e.has_unfinished():
+        e.step()
+
+
 def test_host_ops_outside_the_graph(model):
     """A steady greedy decode step runs at most a handful of torch ops outside the captured
     body (the copy of the sampled ids to the host and the views of it; the emulation's own

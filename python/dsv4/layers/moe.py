@@ -325,10 +325,18 @@ class MoE(ProjectionGroups, nn.Module):
             torch.cuda.empty_cache()  # the per-expert blocks just freed would stay reserved
         return stack
 
+    def _expert_storage(self) -> list:
+        return [(t.device, t.dtype, t.data_ptr()) for e in self.experts
+                for n in ("w1", "w3", "w2") for t in _stored(getattr(e, n))[1:]
+                if t is not None]
+
     def _apply(self, fn, recurse=True):
-        # .to(device/dtype), .cuda(), .double(), to_empty(): convert, then restack on the result.
+        # .to(device/dtype), .cuda(), .double(), to_empty(): convert, then restack on the
+        # result, unless no expert tensor moved (.to the device / dtype it is on already).
+        before = self._expert_storage() if self._stack is not None else None
         out = super()._apply(fn, recurse)
-        if self._stack is not None:
+        if self._stack is not None and (before != self._expert_storage()
+                                        or not self._stack_current()):
             self.restack()
         return out
 

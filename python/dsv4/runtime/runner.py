@@ -372,7 +372,8 @@ class ModelRunner:
         if self.graphs:
             warnings.warn("dsv4.runtime: the model moved its weights (fuse_projections, .to, "
                           "load_state_dict, ...) after its decode graphs were captured; they "
-                          "are captured again", RuntimeWarning, stacklevel=5)
+                          "are captured again", RuntimeWarning,
+                          stacklevel=8)    # Engine.step's caller (run is no_grad-wrapped)
             self.graphs.clear()
             self._last = None
         self._graphs_version = version
