@@ -89,3 +89,30 @@ def test_calls_that_move_tensors_advance_the_version(model, call):
     v = model.storage_version
     call(model)
     assert model.storage_version > v
+
+
+@pytest.mark.xfail(strict=True, reason="not counted (documented): calls on a submodule move its "
+                   "storage behind the model's back; a captured CUDA graph would read the old one")
+@pytest.mark.parametrize("call", [
+    lambda m: m.layers[0].attn.to(torch.bfloat16),
+    lambda m: m.layers[0].double(),
+    lambda m: m.layers[1].attn.load_state_dict(
+        {k: v.clone() for k, v in m.layers[1].attn.state_dict().items()}, assign=True),
+    lambda m: torch.nn.utils.vector_to_parameters(
+        torch.nn.utils.parameters_to_vector(m.layers[0].parameters()), m.layers[0].parameters()),
+], ids=["attn-to-bf16", "layer-double", "attn-load-assign", "vector-to-parameters"])
+def test_submodule_calls_that_move_tensors_advance_the_version(model, call):
+    where, v = _where(model), model.storage_version
+    call(model)
+    assert _where(model) != where
+    assert model.storage_version > v
+
+
+@pytest.mark.xfail(strict=True, reason="not counted: an in-place write to the fp32 head leaves "
+                   "the bf16 head copy a head_dtype=bfloat16 graph captured stale")
+def test_in_place_head_write_advances_the_version(model):
+    model._low_precision_head(torch.bfloat16)            # the copy a bf16-head step caches
+    v = model.storage_version
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    assert model.storage_version > v
