@@ -111,6 +111,17 @@ def test_steady_decode_is_one_replay_without_packing(model, monkeypatch):
     assert runs["n"] == 12 and packs["n"] == crossings and 1 <= crossings <= 2
 
 
+def _two_rows_decoding(m, overlap):
+    """An emulated-graph engine on ``m`` with two greedy requests, past their prefills and
+    first graph step: (engine, the 2-row bucket's graph)."""
+    e = _engine(m, overlap, True, max_model_len=64)
+    for p in random_prompts([10, 11], seed=4):
+        e.add_request(p, SamplingParams(max_new_tokens=12, eos_token_id=-1))
+    for _ in range(3):
+        e.step()
+    return e, e.runner.graphs[2]
+
+
 def test_graphs_are_captured_again_after_the_model_moves_its_weights(model):
     """A fuse (or unfuse, .to, load_state_dict: Model.storage_version) after the decode graphs
     were captured: the next graph step says so once and captures again (a replay would read
@@ -118,12 +129,7 @@ def test_graphs_are_captured_again_after_the_model_moves_its_weights(model):
     import copy
 
     m = copy.deepcopy(model)
-    e = _engine(m, False, True, max_model_len=64)
-    for p in random_prompts([10, 11], seed=4):
-        e.add_request(p, SamplingParams(max_new_tokens=12, eos_token_id=-1))
-    for _ in range(3):
-        e.step()
-    g = e.runner.graphs[2]
+    e, g = _two_rows_decoding(m, False)
     e.step()
     assert e.runner.graphs[2] is g
     v = m.storage_version
@@ -152,12 +158,7 @@ def test_calls_that_move_no_weight_keep_the_graphs(overlap):
 
     torch.manual_seed(0)
     m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval()
-    e = _engine(m, overlap, True, max_model_len=64)
-    for p in random_prompts([10, 11], seed=4):
-        e.add_request(p, SamplingParams(max_new_tokens=12, eos_token_id=-1))
-    for _ in range(3):
-        e.step()
-    g = e.runner.graphs[2]
+    e, g = _two_rows_decoding(m, overlap)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for call in (lambda: m.to("cpu"), m.float, lambda: m.to("cpu", torch.float32),
