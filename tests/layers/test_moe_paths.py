@@ -358,3 +358,24 @@ def test_kernel_path_native_experts_against_exact_dequantisation(fmt):
     err = (got.float() - ref32).abs().max().item()
     err16 = (ref16.float() - ref32).abs().max().item()
     assert err <= 2 * err16 + 1e-6, f"{fmt}: kernel error {err:.3g} > 2 x bf16 error {err16:.3g}"
+
+
+def test_deepcopy_holds_the_experts_once():
+    """copy.deepcopy of a MoE: the copy's experts view the copy's own stack (held once, not a
+    stack plus separate expert tensors), nothing is shared with the original, and the copy
+    computes what the original does."""
+    import copy as _copy
+
+    torch.manual_seed(3)
+    cfg = dsv4.ModelConfig.tiny(quant_sim=False)
+    moe = MoE(cfg, cfg.n_hash_layers).eval()
+    dup = _copy.deepcopy(moe)
+    assert dup._stack is not None and dup._stack_current()
+    assert dup._stack.w_up.data_ptr() != moe._stack.w_up.data_ptr()
+    base = dup._stack.w_up.untyped_storage().data_ptr()
+    for ex in dup.experts:
+        assert ex.w1.weight.untyped_storage().data_ptr() == base
+    x = torch.randn(7, cfg.dim)
+    ids = torch.randint(0, cfg.vocab_size, (7,))
+    with torch.no_grad():
+        assert torch.equal(dup(x, ids), moe(x, ids))

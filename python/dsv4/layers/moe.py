@@ -26,6 +26,7 @@ by hand, call :meth:`MoE.restack`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -324,6 +325,19 @@ class MoE(ProjectionGroups, nn.Module):
         if stack is not None and stack.w_up.is_cuda and not torch.cuda.is_current_stream_capturing():
             torch.cuda.empty_cache()  # the per-expert blocks just freed would stay reserved
         return stack
+
+    def __deepcopy__(self, memo):
+        # The default copy would clone the stack and, separately, every expert Parameter (their
+        # views of the stack become tensors of their own): the experts held twice until the
+        # copy's first forward restacked them. Here the stack is not copied; the copy restacks
+        # its experts at once (each copied expert's storage freed as it is stacked).
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k == "_stack" else copy.deepcopy(v, memo)
+        if self._stack is not None:
+            new.restack()
+        return new
 
     def _expert_storage(self) -> list:
         return [(t.device, t.dtype, t.data_ptr()) for e in self.experts
