@@ -15,6 +15,7 @@ from dsv4.ops.grouped_gemm import moe_down, moe_up
 from dsv4.ops.grouped_oproj import grouped_oproj, grouped_oproj_reference
 from dsv4.quant import fp8_block_quantize
 
+from _profiling import cuda_kernel_names  # (tests/_profiling.py)
 from gemm_cases import moe_case
 from test_grouped_gemm import LIMIT, _check_case_cuda
 from test_grouped_oproj import _assert_2x_bf16_rule, _truth, make
@@ -181,13 +182,12 @@ def test_cuda_ws_kernel_is_the_one_that_runs(monkeypatch, tile):
         _set(monkeypatch, tile, ml)
         h = moe_up(c.x, c.row_ids, c.expert_offsets, c.w_up, None, c.route_weight, LIMIT)
         grouped_oproj(o, pos, freqs, wo_a, scale)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+
+        def calls():
             moe_up(c.x, c.row_ids, c.expert_offsets, c.w_up, None, c.route_weight, LIMIT)
             moe_down(h, c.expert_offsets, c.w_down, None)
             grouped_oproj(o, pos, freqs, wo_a, scale)
-            torch.cuda.synchronize()
-        names[ml] = [e.name for e in prof.events() if "grouped_gemm" in e.name]
+        names[ml] = cuda_kernel_names(calls, "grouped_gemm")
     if not names["classic"]:
         pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI)")
     ws = [n for n in names["ws"] if "grouped_gemm_ws_kernel" in n]

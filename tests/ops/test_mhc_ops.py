@@ -18,6 +18,8 @@ import torch
 import dsv4.ops  # noqa: F401  (registers the ops)
 from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
 
+from _profiling import cuda_kernel_names  # (tests/_profiling.py)
+
 ops = torch.ops.dsv4
 cuda = pytest.mark.cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
@@ -332,16 +334,13 @@ def test_cuda_tests_again_with_the_chunked_prefill_path():
 
 def _mhc_kernel_names(T, d):
     """The mHC kernels one mhc_pre + mhc_head call at (T, d) launches (CUDA profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
     dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def call():
         ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6)
         ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6)
-        torch.cuda.synchronize()
-    return [e.key for e in prof.key_averages() if "mhc" in e.key and "kernel" in e.key]
+    return cuda_kernel_names(call, "mhc", "kernel")
 
 
 @cuda

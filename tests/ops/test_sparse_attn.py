@@ -13,6 +13,7 @@ import dsv4.ops._ext as ext
 from dsv4.ops.attention import sparse_attn, sparse_attn_reference
 
 from _fp8_kernels import FP8_KERNELS, both_fp8_kernels, needs_sm90  # (tests/_fp8_kernels.py)
+from _profiling import cuda_kernel_names  # (tests/_profiling.py)
 
 
 def _dense(q, kv, idx, sink, scale, lengths=None, extra=None):
@@ -445,13 +446,7 @@ def test_cuda_fp8_many_tokens_grid_limit(monkeypatch):
 
 def _fp8_kernel_names(a):
     """The sparse_attn kernels one call on ``a`` launches (CUDA profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        torch.ops.dsv4.sparse_attn(**a)
-        torch.cuda.synchronize()
-    return [e.key for e in prof.key_averages() if "sparse_attn" in e.key]
+    return cuda_kernel_names(lambda: torch.ops.dsv4.sparse_attn(**a), "sparse_attn")
 
 
 @pytest.mark.cuda

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from dsv4.ops.attention import sparse_attn_reference
+from _profiling import cuda_kernel_names  # (tests/_profiling.py)
 from test_sparse_attn import _check_kernel, _random_case, needs_kernel
 
 pytestmark = [pytest.mark.cuda, needs_kernel]
@@ -202,11 +203,7 @@ def test_prefill_kernel_is_the_one_that_runs(monkeypatch):
         else:
             monkeypatch.setenv("DSV4_SPARSE_PREFILL", mode)
         torch.ops.dsv4.sparse_attn(**a)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            torch.ops.dsv4.sparse_attn(**a)
-            torch.cuda.synchronize()
-        names[mode] = " ".join(e.name for e in prof.events())
+        names[mode] = " ".join(cuda_kernel_names(lambda: torch.ops.dsv4.sparse_attn(**a)))
     if "sparse_attn" not in names["old"]:
         pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI)")
     assert "sparse_attn_prefill_sm90_kernel" in names["new"]
