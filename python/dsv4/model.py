@@ -8,6 +8,7 @@ next from the last residual streams and the next token's embedding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Optional, Sequence
@@ -185,17 +186,24 @@ class Model(nn.Module):
         return tuple((t.device, t.dtype, t.data_ptr(), t.shape, t.stride())
                      for t in (*self.parameters(), *self.buffers()))
 
-    def _storage_moved(self, before: Optional[tuple] = None) -> None:
-        """Advance :attr:`storage_version`: always, or when ``before`` (a
-        :meth:`_storage_key`) is given, only if a tensor moved since it."""
-        if before is None or before != self._storage_key():
-            self.__dict__["_storage_version"] = self.storage_version + 1
+    def _storage_moved(self) -> None:
+        """Advance :attr:`storage_version` (unconditionally)."""
+        self.__dict__["_storage_version"] = self.storage_version + 1
+
+    @contextlib.contextmanager
+    def _tracking_storage(self):
+        """Advance :attr:`storage_version` when a parameter or buffer moved during the block
+        (also when the block raised after moving some)."""
+        before = self._storage_key()
+        try:
+            yield
+        finally:
+            if before != self._storage_key():
+                self._storage_moved()
 
     def _apply(self, fn, recurse=True):
-        before = self._storage_key()
-        out = super()._apply(fn, recurse)
-        self._storage_moved(before)
-        return out
+        with self._tracking_storage():
+            return super()._apply(fn, recurse)
 
     def to(self, *args, **kwargs) -> "Model":
         """Like ``nn.Module.to``, but a dtype applies to compute weights only (see class doc)."""
@@ -209,19 +217,18 @@ class Model(nn.Module):
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
-            before = self._storage_key()
-            for mod in self._projection_owners():     # free each old group buffer early
-                mod.forget_groups_changing_dtype(dtype)
-            cast_compute_weights(self, dtype, self._fp32_names,
-                                 skip=("head.weight",) if self.head_compact else ())
-            # The experts' new tensors no longer view their MoE's stacked storage: rebuild
-            # it now, so that the stack in the old dtype (a V4-Flash layer's 256 experts:
-            # 26 GB in fp32) is freed here rather than at the first forward.
-            for mod in self.modules():
-                if isinstance(mod, MoE):
-                    mod.stacked_weights()
-            self._refuse_projections()     # the cast members no longer view their buffers
-            self._storage_moved(before)
+            with self._tracking_storage():
+                for mod in self._projection_owners():     # free each old group buffer early
+                    mod.forget_groups_changing_dtype(dtype)
+                cast_compute_weights(self, dtype, self._fp32_names,
+                                     skip=("head.weight",) if self.head_compact else ())
+                # The experts' new tensors no longer view their MoE's stacked storage: rebuild
+                # it now, so that the stack in the old dtype (a V4-Flash layer's 256 experts:
+                # 26 GB in fp32) is freed here rather than at the first forward.
+                for mod in self.modules():
+                    if isinstance(mod, MoE):
+                        mod.stacked_weights()
+                self._refuse_projections()     # the cast members no longer view their buffers
         return self
 
     def bfloat16(self) -> "Model":
@@ -406,20 +413,18 @@ class Model(nn.Module):
         Idempotent. On CUDA the blocks the old storage leaves are returned to the driver
         (``torch.cuda.empty_cache``, unless a graph is being captured).
         """
-        before = self._storage_key()
-        for mod in self._projection_owners():
-            mod.fuse_projections()
-        self._storage_moved(before)
+        with self._tracking_storage():
+            for mod in self._projection_owners():
+                mod.fuse_projections()
         self._release_cached_blocks()
         return self
 
     def unfuse_projections(self) -> "Model":
         """Undo :meth:`fuse_projections`: each member weight back in its own storage (the
         same values), the separate GEMMs. Returns the model; a no-op when not fused."""
-        before = self._storage_key()
-        for mod in self._projection_owners():
-            mod.unfuse_projections()
-        self._storage_moved(before)
+        with self._tracking_storage():
+            for mod in self._projection_owners():
+                mod.unfuse_projections()
         self._release_cached_blocks()
         return self
 
