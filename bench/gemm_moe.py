@@ -40,6 +40,16 @@ E, TOPK, K, N = 256, 6, 4096, 2048
 def _time_us(fn, warmup=3, reps=20) -> float:
     return cuda_time_us(fn, reps, warmup)      # the shared timer (bench/_driver.py)
 
+def _row(case: str, t_us: float, flops: float, wbytes: float, floor_us: float,
+         ref_us, note: str) -> dict:
+    """One moe_up + moe_down row: time, TFLOP/s and weight GB/s with their shares of the
+    ceilings, the floor, and the speedup over ``ref_us`` (None: no baseline)."""
+    return dict(op="moe_up+moe_down", case=case, time_us=t_us, tflops=flops / t_us / 1e6,
+                pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS, gbps=wbytes / t_us / 1e3,
+                pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3), floor_us=floor_us,
+                ref_time_us=ref_us, speedup=(ref_us / t_us) if ref_us else None, note=note)
+
+
 def _route(T, g):
     idx = torch.rand(T, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
     w = torch.rand(T, TOPK, device="cuda", generator=g) + 0.25
@@ -249,16 +259,11 @@ def run(quick: bool = False) -> list[dict]:
                     continue
                 finally:
                     _set_tile("auto")
-                rows.append(dict(
-                    op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile}/{pipe}",
-                    time_us=t_us, tflops=flops / t_us / 1e6,
-                    pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
-                    gbps=wbytes / t_us / 1e3, pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3),
-                    floor_us=floor_us, ref_time_us=base_us,
-                    speedup=(base_us / t_us) if base_us else None,
-                    note=(f"busy experts {busy:.0f}; weight bytes {wbytes / 1e9:.2f} GB; "
-                          + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
-                          + (f"per-expert loop {loop_us:.0f} us" if loop_us else ""))))
+                rows.append(_row(
+                    f"{fmt} {kind} T={T} tile={tile}/{pipe}", t_us, flops, wbytes, floor_us,
+                    base_us, f"busy experts {busy:.0f}; weight bytes {wbytes / 1e9:.2f} GB; "
+                    + (f"grouped_mm {base_us:.0f} us, " if base_us else "")
+                    + (f"per-expert loop {loop_us:.0f} us" if loop_us else "")))
                 add_skinny_fields(rows[-1], tile, t_us, times)
                 print(rows[-1])
             # the warp-specialised mainloop against the classic one of the same tile (prefill,
@@ -269,17 +274,12 @@ def run(quick: bool = False) -> list[dict]:
                     cl_us, ws_us, same = mainloop_pair(ours, [hs[0], ys[0]], tile, reps=10)
                     if ws_us is None:
                         continue
-                    rows.append(dict(
-                        op="moe_up+moe_down", case=f"{fmt} {kind} T={T} tile={tile} mainloop=ws",
-                        time_us=ws_us, tflops=flops / ws_us / 1e6,
-                        pct_flops=100 * flops / ws_us / 1e6 / PEAK_TFLOPS,
-                        gbps=wbytes / ws_us / 1e3,
-                        pct_bw=100 * wbytes / ws_us / 1e3 / (PEAK_TBPS * 1e3),
-                        floor_us=floor_us, ref_time_us=cl_us,
-                        speedup=(cl_us / ws_us) if cl_us else None,
-                        note=(f"baseline = the classic mainloop, tile {tile}, same process; "
-                              f"bit-equal to it: {same}; "
-                              + (f"grouped_mm {base_us:.0f} us" if base_us else ""))))
+                    rows.append(_row(
+                        f"{fmt} {kind} T={T} tile={tile} mainloop=ws", ws_us, flops, wbytes,
+                        floor_us, cl_us,
+                        f"baseline = the classic mainloop, tile {tile}, same process; "
+                        f"bit-equal to it: {same}; "
+                        + (f"grouped_mm {base_us:.0f} us" if base_us else "")))
                     print(rows[-1])
             # act_quant (quant_sim, FP8 activations): the bf16-MMA path (quantisation simulated,
             # weights dequantised in shared memory) against the FP8 x FP8 path
@@ -299,15 +299,10 @@ def run(quick: bool = False) -> list[dict]:
                         os.environ.pop("DSV4_MOE_FP8_MMA", None)
                     if path == "bf16_mma":
                         base_aq = t_us
-                    rows.append(dict(
-                        op="moe_up+moe_down", case=f"{fmt} {kind} T={T} act_quant {path}",
-                        time_us=t_us, tflops=flops / t_us / 1e6,
-                        pct_flops=100 * flops / t_us / 1e6 / PEAK_TFLOPS,
-                        gbps=wbytes / t_us / 1e3,
-                        pct_bw=100 * wbytes / t_us / 1e3 / (PEAK_TBPS * 1e3),
-                        floor_us=floor_us, ref_time_us=base_aq,
-                        speedup=(base_aq / t_us) if base_aq else None,
-                        note=f"act_quant; baseline = the bf16_mma path; busy experts {busy:.0f}"))
+                    rows.append(_row(
+                        f"{fmt} {kind} T={T} act_quant {path}", t_us, flops, wbytes, floor_us,
+                        base_aq, f"act_quant; baseline = the bf16_mma path; busy experts "
+                        f"{busy:.0f}"))
                     print(rows[-1])
                 aq[0] = False
             del hs, ys, xs, routes
