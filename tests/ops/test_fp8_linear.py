@@ -98,6 +98,18 @@ def _assert_2x_bf16_rule(kernel, ref_bf16, truth, what):
         f"{what}: kernel err {k_err:.3g} > 2 x bf16 ref err {r_err:.3g}"
 
 
+def _check_poisoned_out(M, N, K, seed, what):
+    """fp8_linear on fresh CUDA inputs into a NaN-poisoned ``out`` against the fp32 reference
+    (2x bf16 rule); returns (x, q, s, out)."""
+    x, q, s = make(M, N, K, seed=seed, device="cuda")
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fp8_linear(x, q, s, False, out=out)
+    ref = fp8_linear_reference(x, q, s, False)
+    truth = fp8_linear_reference(x.float(), q, s, False)
+    _assert_2x_bf16_rule(out, ref, truth, what)
+    return x, q, s, out
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("pipe", ["serial", "overlap"])
 @pytest.mark.parametrize("tile", ["auto", "decode", "decode_deep", "medium", "large", "huge",
@@ -110,12 +122,7 @@ def test_cuda_matches_reference(monkeypatch, pipe, tile, M, N, K):
     else:
         monkeypatch.setenv("DSV4_GEMM_TILE", tile)
     monkeypatch.setenv("DSV4_GEMM_PIPE", pipe)
-    x, q, s = make(M, N, K, seed=M * 7 + N + K, device="cuda")
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
-    fp8_linear(x, q, s, False, out=out)
-    ref = fp8_linear_reference(x, q, s, False)
-    truth = fp8_linear_reference(x.float(), q, s, False)
-    _assert_2x_bf16_rule(out, ref, truth, f"fp8_linear {M}x{N}x{K}")
+    x, q, s, out = _check_poisoned_out(M, N, K, M * 7 + N + K, f"fp8_linear {M}x{N}x{K}")
     assert torch.equal(fp8_linear(x, q, s), out)
 
 
@@ -201,12 +208,7 @@ def test_cuda_decode_rows(monkeypatch, tile, M, N, K):
     one unit holds at 9 .. 33) and the 16-row tensor-core tile; wq_a's shape (1024 x 4096),
     a short k (1024: more row groups per CTA) and partial scale blocks (136 x 208)."""
     monkeypatch.setenv("DSV4_GEMM_TILE", tile)
-    x, q, s = make(M, N, K, seed=M * 11 + N + K, device="cuda")
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
-    fp8_linear(x, q, s, False, out=out)
-    ref = fp8_linear_reference(x, q, s, False)
-    truth = fp8_linear_reference(x.float(), q, s, False)
-    _assert_2x_bf16_rule(out, ref, truth, f"fp8_linear[{tile}] {M}x{N}x{K}")
+    x, q, s, _ = _check_poisoned_out(M, N, K, M * 11 + N + K, f"fp8_linear[{tile}] {M}x{N}x{K}")
     # float32 scales that are not powers of two
     g = torch.Generator().manual_seed(M)
     sf = e8m0_to_float(s) * (1.0 + torch.rand(s.shape, generator=g).to(s.device))

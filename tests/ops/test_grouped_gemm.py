@@ -515,9 +515,16 @@ def test_cuda_limits_and_zero_pairs():
 def test_cuda_v4_flash_shapes(fmt, T):
     """V4-Flash expert shapes (dim 4096, inter 2048, top-6) with 32 of the 256 experts (the
     kernel does not care how many exist; 32 keeps the weights small), reference on the GPU."""
+    check_v4_flash_shapes(fmt, T, T, "V4")
+
+
+def check_v4_flash_shapes(fmt, T, seed, what):
+    """moe_up and moe_down at V4-Flash expert shapes (4096 -> 2048, top-6, 32 experts) for T
+    tokens in ``fmt``, against the GPU reference with the 2x bf16 rule (also the ws mainloop's
+    test, test_grouped_gemm_ws.py)."""
     E, K, N = 32, 4096, 2048
     g = torch.Generator(device="cuda")
-    g.manual_seed(T)
+    g.manual_seed(seed)
     row_ids, offs, rw = route(T, E, 6, seed=T, device="cuda")
     x = (torch.randn(T, K, device="cuda", generator=g) * 2).bfloat16()
     w_up = torch.randn(E, 2, N, K, device="cuda", generator=g) * K ** -0.5 * 2
@@ -529,10 +536,10 @@ def test_cuda_v4_flash_shapes(fmt, T):
     c = MoECase(x, row_ids, offs, rw, wq_up, s_up, wq_down, s_down, x[:0])
     h = moe_up(x, row_ids, offs, wq_up, s_up, rw, LIMIT)
     ref = moe_up_reference(x, row_ids, offs, wq_up, s_up, rw, LIMIT, False)
-    _assert_2x_bf16_rule(h, ref, _truth_up(c, LIMIT, False), "moe_up V4")
+    _assert_2x_bf16_rule(h, ref, _truth_up(c, LIMIT, False), f"moe_up {what}")
     y = moe_down(ref, offs, wq_down, s_down)
     yref = moe_down_reference(ref, offs, wq_down, s_down, False)
-    _assert_2x_bf16_rule(y, yref, _truth_down(c, ref, False), "moe_down V4")
+    _assert_2x_bf16_rule(y, yref, _truth_down(c, ref, False), f"moe_down {what}")
 
 
 @pytest.mark.cuda

@@ -93,24 +93,9 @@ def test_cuda_ws_moe_equals_classic_bits(monkeypatch, tile, T, K, N, E, topk, sk
 def test_cuda_ws_moe_v4_flash_prefill(monkeypatch, tile):
     """V4-Flash expert shapes (4096 -> 2048, top-6) with 32 experts, 2048 tokens (~384 rows per
     expert), reference on the GPU."""
-    from test_grouped_gemm import _assert_2x_bf16_rule as rule, _truth_down, _truth_up
-    from dsv4.ops.grouped_gemm import moe_down_reference, moe_up_reference
-    from gemm_cases import MoECase, route
+    from test_grouped_gemm import check_v4_flash_shapes
     _set(monkeypatch, tile, "ws")
-    E, K, N, T = 32, 4096, 2048, 2048
-    g = torch.Generator(device="cuda")
-    g.manual_seed(7)
-    row_ids, offs, rw = route(T, E, 6, seed=T, device="cuda")
-    x = (torch.randn(T, K, device="cuda", generator=g) * 2).bfloat16()
-    w_up = (torch.randn(E, 2, N, K, device="cuda", generator=g) * K ** -0.5 * 2).bfloat16()
-    w_down = (torch.randn(E, K, N, device="cuda", generator=g) * N ** -0.5).bfloat16()
-    c = MoECase(x, row_ids, offs, rw, w_up, None, w_down, None, x[:0])
-    h = moe_up(x, row_ids, offs, w_up, None, rw, LIMIT)
-    ref = moe_up_reference(x, row_ids, offs, w_up, None, rw, LIMIT, False)
-    rule(h, ref, _truth_up(c, LIMIT, False), "moe_up V4 ws")
-    y = moe_down(ref, offs, w_down, None)
-    yref = moe_down_reference(ref, offs, w_down, None, False)
-    rule(y, yref, _truth_down(c, ref, False), "moe_down V4 ws")
+    check_v4_flash_shapes("bf16", 2048, 7, "V4 ws")
 
 
 # (T, H, hd, G, R): head_dim 128 / 512 / 64 (RoPE steps every 2 / 8 / 1 k steps), T not a
