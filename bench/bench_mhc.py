@@ -10,13 +10,15 @@ tensor cores):
 fn differs per layer and site in the model (86 sites × 1.5 MB do not fit in L2), so T <= 64
 rotates 64 copies of fn; x is rotated when it is smaller than 4 × L2. Times are GPU times of
 calls replayed from a CUDA graph (no launch overhead; what the runtime's captured step pays),
-median of 5 samples. Every T > 8 runs twice: the default (chunked) path, then the one-pass
-cluster kernel (DSV4_MHC_ONE_PASS=1, rows "T=… one-pass", whose reference column is the chunked
-path's time in this process). T <= 64 runs those (the previous paths, DSV4_MHC_DECODE=old, rows
-"T=… previous") and then the decode kernel (rows "T=… decode", whose reference column is the
-previous default's time in this process: the fused mix kernel at T <= 8, the one-pass kernel at
-T = 64). Target (issue 10): pre + post >= 3.5 TB/s at T >= 4096; decode one
-launch each.
+median of 5 samples. Every T > 64 runs twice: the chunked path (DSV4_MHC_ONE_PASS=0), then
+the one-pass cluster kernel (the default there; rows "T=… one-pass", whose reference column is
+the chunked path's time in this process). T <= 64 runs the previous paths (DSV4_MHC_DECODE=old,
+rows "T=… previous": the fused mix kernel at T <= 8, the chunked path above) and then the
+decode kernel (DSV4_MHC_DECODE=all, rows "T=… decode", whose reference column is the previous
+path's time in this process); by default mhc_pre takes the decode kernel up to T = 16 and
+mhc_head up to T = 8, the previous path above (kMhcPreDecodeTokens / kMhcHeadDecodeTokens in
+csrc/include/dsv4/mhc.h). Target (issue 10):
+pre + post >= 3.5 TB/s at T >= 4096; decode one launch each.
 
 Usage: python bench/bench_mhc.py [--quick] [--json F] [--markdown F]
 """
@@ -54,8 +56,8 @@ def _cases(T: int, chunked: list[dict] | None = None, decode: bool = False) -> l
     """The four rows at T tokens. `chunked`: the rows of the default (chunked) path at the same
     T, timed just before in this process; given, this is the one-pass run (DSV4_MHC_ONE_PASS=1
     set by the caller) and its reference column is the chunked path's time. `decode`: the
-    decode kernel's run (DSV4_MHC_DECODE unset by the caller), `chunked` then holds the rows of
-    the previous path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the one-pass kernel
+    decode kernel's run (DSV4_MHC_DECODE=all set by the caller), `chunked` then holds the rows
+    of the previous path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the chunked path
     above), its reference column."""
     from dsv4.layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
 
@@ -103,12 +105,13 @@ def _cases(T: int, chunked: list[dict] | None = None, decode: bool = False) -> l
                                  for fn in (pre_ref, post_ref, head_ref))
         launches = "1 launch" if T <= 8 else f"{2 * -(-T // 512)} launches (chunks of 512)"
         case, ref_note = f"T={T}", ""
-        if T <= 64 and os.environ.get("DSV4_MHC_DECODE") == "old":
+        if T <= 64:
             case = f"T={T} previous"
     elif decode:
         r_pre, r_post, r_head = (chunked[i]["time_us"] for i in (0, 1, 3))
         launches = "1 launch (decode kernel) + a memset of its counters"
         case, ref_note = f"T={T} decode", "; ref = the previous path (DSV4_MHC_DECODE=old)"
+
     else:
         r_pre, r_post, r_head = (chunked[i]["time_us"] for i in (0, 1, 3))
         # (the chunked path runs instead where a 16-CTA cluster cannot: check_mhc prints it)
@@ -137,15 +140,15 @@ def run(quick: bool = False) -> list[dict]:
     user_choice = {k: os.environ.get(k) for k in ("DSV4_MHC_ONE_PASS", "DSV4_MHC_DECODE")}
     os.environ["DSV4_MHC_ONE_PASS"] = "0"     # the chunked path, whatever the default
     with torch.no_grad():
-        # 8: decode at batch 8; 16 / 32: where the decode kernel meets the one-pass kernel
-        # (slower than it at 64 on the H100, 2026-12-05); 64: the decode kernel's largest T
+        # 8: decode at batch 8; 16 / 32 / 64: where the decode kernel meets the chunked path
+        # (the default's crossover: 16 tokens for mhc_pre, 8 for mhc_head)
         for T in ([1, 8, 16, 32, 64, 4096] if quick else [1, 8, 16, 32, 64, 4096, 16384]):
             # T <= 64: first the previous paths (DSV4_MHC_DECODE=old), then the decode kernel
             if T <= 64:
                 os.environ["DSV4_MHC_DECODE"] = "old"
             rows += _cases(T)
             failed = False
-            if T > 8:
+            if T > 64:
                 # the same sizes through the one-pass kernel (the default; correct on an H100,
                 # H100-5): a failure is reported, and ends the runs (a fault poisons the context)
                 os.environ["DSV4_MHC_ONE_PASS"] = "1"
@@ -156,15 +159,16 @@ def run(quick: bool = False) -> list[dict]:
                     failed = True
                 finally:
                     os.environ["DSV4_MHC_ONE_PASS"] = "0"
-            if T <= 64 and not failed:
-                # the decode kernel against the previous default (the fused kernel at T <= 8,
-                # the one-pass kernel above), timed just before
-                os.environ.pop("DSV4_MHC_DECODE", None)
+            else:
+                # the decode kernel at every T <= 64 against the previous path, timed just before
+                os.environ["DSV4_MHC_DECODE"] = "all"
                 try:
                     rows += _cases(T, chunked=rows[-4:], decode=True)
                 except RuntimeError as e:
                     print(f"bench_mhc: the decode kernel failed at T={T}: {e}", file=sys.stderr)
                     failed = True
+                finally:
+                    os.environ.pop("DSV4_MHC_DECODE", None)
             if failed:
                 break
     for k, v in user_choice.items():

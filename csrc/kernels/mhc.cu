@@ -18,13 +18,16 @@
 //  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
 //  cluster per 32-token tile, x kept in shared memory, the cross-CTA sums pipelined a tile
 //  behind through st.async and mbarriers).
-//  Decode (tokens <= kMhcDecodeMaxTokens = 64) runs neither: mhc_decode_kernel (below) is ONE
-//  launch (after a memset of its arrival counters) whose projection is a split GEMV on CUDA
-//  cores over ~2 CTAs per SM, and whose tail is spread over up to 8 token groups, the Sinkhorn
-//  beside the collapse. DSV4_MHC_DECODE=old brings back the previous decode path: tokens <= 8
-//  one mix launch whose last CTA (arrival counter) runs phase 2 for all its tokens at once
-//  (split sums spread over the CTA, one token's Sinkhorn per half-warp, the collapse of every
-//  token spread over the CTA); 9..64 tokens the prefill paths.
+//  The one-pass kernel runs above kMhcDecodeMaxTokens = 64 tokens; from 9 to 64 tokens the
+//  chunked path runs (one chunk; measured faster there than the one-pass kernel, 2026-12-06).
+//  Decode (mhc_pre up to kMhcPreDecodeTokens = 16 tokens, mhc_head up to
+//  kMhcHeadDecodeTokens = 8) runs mhc_decode_kernel (below): ONE launch (after a memset of its
+//  arrival counters) whose projection is a split GEMV on CUDA cores over ~2 CTAs per SM, and
+//  whose tail is spread over up to 8 token groups, the Sinkhorn beside the collapse.
+//  DSV4_MHC_DECODE=all runs it up to 64 tokens for both ops (for measuring and tests);
+//  DSV4_MHC_DECODE=old never: then tokens <= 8 run one mix launch whose last CTA (arrival
+//  counter) runs phase 2 for all its tokens at once (split sums spread over the CTA, one
+//  token's Sinkhorn per half-warp, the collapse of every token spread over the CTA).
 // Every multiply and add of the epilogues is an explicitly rounded __fmul_rn / __fadd_rn (no
 // FMA contraction) in the order of the PyTorch reference.
 // hc_post: one elementwise pass, 16-byte vectors, one thread per 8 columns of a token.
@@ -33,6 +36,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <cuda_bf16.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -1124,13 +1128,19 @@ cudaError_t run_wide(const __nv_bfloat16* x, int64_t x_token_stride, const float
   return cudaLaunchKernelEx(&cfg, mhc_wide_kernel<NT>, a);
 }
 
-// The decode kernel runs for tokens <= kMhcDecodeMaxTokens unless DSV4_MHC_DECODE=old (read at
-// each call, so a CUDA graph keeps the path it was captured with): then the previous paths run
-// (tokens <= 8: mhc_mix_kernel<NT, true>, one launch whose last CTA finishes every token; more:
-// the prefill paths).
-bool decode_kernel_enabled() {
+// The most tokens the decode kernel runs for (mhc_pre: NT = 3, mhc_head: NT = 1). By default
+// kMhcPreDecodeTokens / kMhcHeadDecodeTokens, where it measured fastest (H100, bench_mhc,
+// 2026-12-06: mhc_pre 12.9 µs at T = 16 vs the chunked path's 13.3, 22.6 vs 14.2 at T = 64;
+// mhc_head 11.1 vs 16.1 at T = 8, 9.65 vs 6.94 at T = 16). DSV4_MHC_DECODE (read at each call,
+// so a CUDA graph keeps the path it was captured with): "all" = kMhcDecodeMaxTokens for both
+// ops, "old" = 0 (tokens <= 8: mhc_mix_kernel<NT, true>, one launch whose last CTA finishes
+// every token; more: the chunked path up to 64).
+template <int NT>
+int64_t decode_kernel_max_tokens() {
   const char* v = std::getenv("DSV4_MHC_DECODE");
-  return !(v != nullptr && v[0] == 'o' && v[1] == 'l' && v[2] == 'd' && v[3] == '\0');
+  if (v != nullptr && std::strcmp(v, "old") == 0) return 0;
+  if (v != nullptr && std::strcmp(v, "all") == 0) return kMhcDecodeMaxTokens;
+  return NT == 3 ? kMhcPreDecodeTokens : kMhcHeadDecodeTokens;
 }
 
 struct DecPlan {
@@ -1228,7 +1238,7 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (workspace_bytes < mhc_pre_workspace_bytes(tokens, dim, device)) return cudaErrorInvalidValue;
-  if (tokens <= kMhcDecodeMaxTokens && decode_kernel_enabled()) {
+  if (tokens <= decode_kernel_max_tokens<NT>()) {
     FinishArgs fa = {};
     fa.dim = dim;
     fa.scale = scale;
@@ -1243,7 +1253,7 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
     return run_decode<NT>(static_cast<const __nv_bfloat16*>(x), x_token_stride, fn, fa, tokens,
                           workspace, device, stream);
   }
-  if (tokens > kMhcMaxFusedTokens && wide_dim_ok(dim) && one_pass_enabled()) {
+  if (tokens > kMhcDecodeMaxTokens && wide_dim_ok(dim) && one_pass_enabled()) {
     const int clusters = wide_clusters<NT>(device);
     if (clusters > 0) {
       FinishArgs fa = {};
@@ -1391,7 +1401,7 @@ size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
   const MhcPlan p = make_plan(tokens, dim, sm_count(device));
   const size_t chunked = static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float) + 16;
   // the wide path's summed rows [tokens, 32] (whichever path run_mix takes, the size fits)
-  const size_t wide = tokens > kMhcMaxFusedTokens
+  const size_t wide = tokens > kMhcDecodeMaxTokens
                           ? static_cast<size_t>(tokens) * kPartCols * sizeof(float)
                           : 0;
   size_t need = chunked > wide ? chunked : wide;

@@ -1,9 +1,10 @@
 // Standalone check of dsv4::mhc_pre / mhc_post / mhc_head (no torch): random inputs on the GPU
 // against CPU loops. hc_post uses the same rounded fp32 operations in the same order, so it
 // must match bit for bit; hc_pre / head compute the projection in double on the CPU, so
-// post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (the decode
-// kernel at tokens <= 64, and the previous path, DSV4_MHC_DECODE=old, with the decode timings
-// of both at T = 1, 8, 64), the two-kernel path and chunked prefill (> 512 tokens), dims that
+// post / comb must agree to 2e-5 and u / y to one bf16 rounding. Covers decode (the default
+// rule: the decode kernel up to 16 tokens for pre, 8 for head, then the chunked path; the
+// decode kernel at every T <= 64 with DSV4_MHC_DECODE=all; the previous path,
+// DSV4_MHC_DECODE=old; the decode timings of the two at T = 1, 8, 16, 32, 64), the two-kernel path and chunked prefill (> 512 tokens), dims that
 // are no multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
 // DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 64). Then
 // times both prefill paths at T = 4096 and 16384, dim 4096 (pre and head), with the cluster
@@ -364,8 +365,9 @@ bool time_prefill(int T, int d, bool head, bool check_determinism) {
   return ok;
 }
 
-// Decode timing of mhc_pre / mhc_head at (T, d): the decode kernel, then the previous path
-// (DSV4_MHC_DECODE=old), back-to-back stream launches on the same inputs (fn stays in L2, so
+// Decode timing of mhc_pre / mhc_head at (T, d): the decode kernel (DSV4_MHC_DECODE=all), then
+// the previous path (DSV4_MHC_DECODE=old: the fused mix kernel or the chunked path; the default
+// rule picks one of the two), back-to-back stream launches on the same inputs (fn stays in L2, so
 // these are below a model's, where each layer's fn comes from HBM; bench_mhc rotates fn), and
 // the decode kernel's run-to-run determinism. Informational times; fails only on an error or a
 // nondeterminism.
@@ -374,11 +376,10 @@ bool time_decode(int T, int d, bool head) {
   bool ok = true;
   float us[2] = {0, 0};
   for (int old = 0; old < 2; ++old) {
-    if (old) setenv("DSV4_MHC_DECODE", "old", 1);
-    else unsetenv("DSV4_MHC_DECODE");
+    setenv("DSV4_MHC_DECODE", old ? "old" : "all", 1);
     us[old] = c.time_us(100, ok);
   }
-  unsetenv("DSV4_MHC_DECODE");
+  setenv("DSV4_MHC_DECODE", "all", 1);
   // the decode kernel with each group size (DSV4_MHC_DECODE_GROUP; the default picks one)
   char group_times[160] = "";
   for (int g = 1; g <= 8 && g <= T; g *= 2) {
@@ -391,6 +392,7 @@ bool time_decode(int T, int d, bool head) {
   unsetenv("DSV4_MHC_DECODE_GROUP");
   ok &= c.run(0) == cudaSuccess;  // the decode kernel's outputs in buffer 0, then a fresh run
   const bool same = c.rerun_matches(ok);
+  unsetenv("DSV4_MHC_DECODE");
   std::printf("%s time %s T=%-3d d=%-5d decode kernel %.2f us, previous path (DSV4_MHC_DECODE=old)"
               " %.2f us (stream launches, fn L2-resident); tokens per group (us):%s%s\n",
               ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0], us[1], group_times,
@@ -413,6 +415,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--decode-only") == 0) {
     const int dec_cases[][2] = {{1, 4096}, {2, 4096}, {8, 4096}, {13, 4096}, {63, 4096},
                                 {64, 4096}, {64, 136}, {3, 8}, {1, 7168}};
+    setenv("DSV4_MHC_DECODE", "all", 1);  // the decode kernel at every T here, both ops
     for (const char* g : {"", "1", "3", "8"}) {
       if (g[0] != '\0') setenv("DSV4_MHC_DECODE_GROUP", g, 1);
       std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g[0] != '\0' ? g : "(default)");
@@ -420,6 +423,7 @@ int main(int argc, char** argv) {
         for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
     }
     unsetenv("DSV4_MHC_DECODE_GROUP");
+    unsetenv("DSV4_MHC_DECODE");
     std::printf("%s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
   }
@@ -430,8 +434,8 @@ int main(int argc, char** argv) {
               "dim 128: %d\n",
               dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true),
               dsv4::mhc_prefill_clusters(1024, false), dsv4::mhc_prefill_clusters(128, false));
-  // T <= 64: the decode kernel (groups of min(T, 4) up to T = 32, then of ceil(T / 8), with a
-  // short last one: 7, 13, 63); T > 64: the chunked two-phase path, or with
+  // T <= 16 (pre) / 8 (head): the decode kernel (groups of min(T, 4) with a short last one: 7,
+  // 13); up to 64 the chunked path; T > 64: the chunked two-phase path, or with
   // DSV4_MHC_ONE_PASS=1 at dim 1024 / 2048 / 4096 the one-pass (cluster) kernel, with partial
   // last tiles (T % 32 != 0), one tile per cluster and several, through both mbarrier parities
   // many times (T = 1000, 2000, 4100).
@@ -446,15 +450,19 @@ int main(int argc, char** argv) {
       for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
     ok &= check_misaligned_workspace();
   }
-  // the previous decode path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the prefill
-  // paths above) stays selectable: its cases again
-  setenv("DSV4_MHC_DECODE", "old", 1);
-  std::printf("DSV4_MHC_DECODE=old\n");
-  for (auto& c : pre_cases)
-    if (c[0] <= 64)
-      for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
-  unsetenv("DSV4_MHC_DECODE");
-  // the decode kernel with the group sizes the default does not pick at these T
+  // the previous decode path (DSV4_MHC_DECODE=old: the fused mix kernel at T <= 8, the chunked
+  // path above) and the decode kernel at every T <= 64 (DSV4_MHC_DECODE=all: groups of
+  // min(T, 4) up to T = 32, then of ceil(T / 8), with a short last one: 63) stay selectable:
+  // their cases again
+  for (const char* mode : {"old", "all"}) {
+    setenv("DSV4_MHC_DECODE", mode, 1);
+    std::printf("DSV4_MHC_DECODE=%s\n", mode);
+    for (auto& c : pre_cases)
+      if (c[0] <= 64)
+        for (bool head : {false, true}) ok &= check_pre(c[0], c[1], head, rng);
+  }
+  // the decode kernel (DSV4_MHC_DECODE is still all) with the group sizes the default does not
+  // pick at these T
   for (const char* g : {"1", "3", "8"}) {
     setenv("DSV4_MHC_DECODE_GROUP", g, 1);
     std::printf("DSV4_MHC_DECODE_GROUP=%s\n", g);
@@ -462,8 +470,9 @@ int main(int argc, char** argv) {
       for (bool head : {false, true}) ok &= check_pre(T, 4096, head, rng);
   }
   unsetenv("DSV4_MHC_DECODE_GROUP");
+  unsetenv("DSV4_MHC_DECODE");
   for (bool head : {false, true})
-    for (int T : {1, 8, 64}) ok &= time_decode(T, 4096, head);
+    for (int T : {1, 8, 16, 32, 64}) ok &= time_decode(T, 4096, head);
   // times (and the one-pass kernel's run-to-run determinism) at the sizes of issue 10's target
   for (bool head : {false, true}) {
     ok &= time_prefill(4096, 4096, head, true);

@@ -130,9 +130,10 @@ def _assert_2x_bf16(got: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor,
 @pytest.mark.parametrize("T,d", [(1, 4096), (3, 128), (4, 4096), (5, 136), (7, 40), (8, 4096),
                                  (9, 4096), (64, 136), (65, 128), (513, 256), (1000, 4096),
                                  (4096, 512), (2, 7168),
-                                 # the decode kernel (T <= 64): one group (T <= 4), groups of 4
-                                 # with a short last one (7, 13), of 8 with a 7-token last one
-                                 # (63), 8 full groups (64); 65: the prefill path again
+                                 # the decode kernel (mhc_pre T <= 16, mhc_head T <= 8): one
+                                 # group (T <= 4), groups of 4 with a short last one (7, 13);
+                                 # 17..64 the chunked path (test_decode_kernel_up_to_64_tokens
+                                 # runs the decode kernel there); 65: the one-pass kernel
                                  (2, 4096), (7, 4096), (13, 4096), (63, 4096), (64, 4096),
                                  (65, 4096), (33, 8), (1, 7168),
                                  # the one-pass cluster kernel (T > 64 here, dim 1024 / 2048 /
@@ -157,12 +158,15 @@ def test_mhc_pre_kernel_matches_reference(T, d):
 
 @cuda
 @pytest.mark.parametrize("iters", [19, 20])
-# the decode kernel (one token; groups of 5 and of 8: the Sinkhorn on 3 and 4 warps beside the
-# collapse), the two-kernel path, the one-pass cluster kernel (comb after the tiles)
+# the decode kernel (one token; with DSV4_MHC_DECODE=all groups of 5 and of 8: the Sinkhorn on
+# 3 and 4 warps beside the collapse), the two-kernel path, the one-pass cluster kernel (comb
+# after the tiles)
 @pytest.mark.parametrize("T,d", [(1, 64), (40, 64), (64, 64), (100, 64), (100, 1024)])
-def test_mhc_pre_kernel_sinkhorn_vectors(iters, T, d):
+def test_mhc_pre_kernel_sinkhorn_vectors(monkeypatch, iters, T, d):
     """fn rows 0..23 = 0, base = the logits: the kernel's comb is Sinkhorn(base) exactly; the
     §7.1 vector and the slow matrix (19 vs 20 iterations differ by 3e-3) in fp64."""
+    if DECODE_NEW:
+        monkeypatch.setenv("DSV4_MHC_DECODE", "all")   # 40 / 64 tokens on the decode kernel
     x = torch.randn(T, 4, d, generator=torch.Generator().manual_seed(T + d))
     x = x.to(torch.bfloat16).cuda()
     fn = torch.zeros(24, 4 * d, device="cuda")
@@ -242,11 +246,14 @@ def test_mhc_head_kernel_matches_reference(T, d):
 
 
 @cuda
-# decode kernel (groups of 4 and 1; 8 groups of 8), one-pass, chunked
-@pytest.mark.parametrize("T,d", [(5, 4096), (64, 256), (100, 1024), (300, 256)])
-def test_mhc_pre_and_head_replay_from_a_cuda_graph(T, d):
+# decode kernel (groups of 4 and 1; 8 groups of 8 with DSV4_MHC_DECODE=all), chunked, one-pass
+@pytest.mark.parametrize("T,d,mode", [(5, 4096, None), (64, 256, "all"), (64, 256, None),
+                                      (100, 1024, None), (300, 256, None)])
+def test_mhc_pre_and_head_replay_from_a_cuda_graph(monkeypatch, T, d, mode):
     """Captured once, replayed on new inputs copied into the captured buffers: the same values
     as eager calls on those inputs (no host sync or allocation-dependent state in the launch)."""
+    if mode is not None and DECODE_NEW:
+        monkeypatch.setenv("DSV4_MHC_DECODE", mode)
     x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 11 * T + d)
     x2 = _inputs(T, d, 11 * T + d + 1)[0]
     dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
@@ -346,7 +353,7 @@ def _mhc_kernel_names(T, d):
 @cuda
 @pytest.mark.skipif(not ONE_PASS, reason="the DSV4_MHC_ONE_PASS=0 child run takes the chunked path")
 def test_one_pass_kernel_is_the_one_that_runs():
-    """By default mhc_pre / mhc_head at T > 8, dim 1024 / 4096 launch only the one-pass kernel
+    """By default mhc_pre / mhc_head at T > 64, dim 1024 / 4096 launch only the one-pass kernel
     (the child run above would otherwise test the same path twice); dim 512 keeps the chunked
     path's kernels."""
     names = _mhc_kernel_names(100, 1024)
@@ -364,22 +371,51 @@ def test_one_pass_kernel_is_the_one_that_runs():
 DECODE_NEW = os.environ.get("DSV4_MHC_DECODE") != "old"
 
 
+def _pre_and_head_kernels(T, d):
+    """(mhc_pre's kernel names, mhc_head's) of one call each at (T, d)."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, T + d)
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    pre = cuda_kernel_names(lambda: ops.mhc_pre(*dev[:4], 1e-6, 20, 1e-6), "mhc", "kernel")
+    head = cuda_kernel_names(lambda: ops.mhc_head(dev[0], *dev[4:], 1e-6, 1e-6), "mhc", "kernel")
+    return pre, head
+
+
 @cuda
 @pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
 def test_decode_kernel_is_the_one_that_runs(monkeypatch):
-    """T = 1 and 64 launch only mhc_decode_kernel (one per op); T = 65 does not;
-    DSV4_MHC_DECODE=old (read at each call) brings back the previous fused kernel at T = 8."""
-    names = _mhc_kernel_names(1, 4096)
-    if not names:
+    """By default mhc_pre runs mhc_decode_kernel alone up to 16 tokens and mhc_head up to 8;
+    above that, to 64 tokens, the chunked path's mix + finish kernels; T = 65 the one-pass
+    kernel (the chunked path in the DSV4_MHC_ONE_PASS=0 child run). DSV4_MHC_DECODE=all (read at each call) takes the decode kernel to 64 tokens for
+    both; =old brings back the previous fused kernel at T = 8."""
+    def only(names, kernel):
+        return len(names) == 1 and kernel in names[0]
+
+    pre, head = _pre_and_head_kernels(1, 4096)
+    if not pre:
         pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
-    assert len(names) == 2 and all("mhc_decode_kernel" in n for n in names), names
-    names = _mhc_kernel_names(64, 4096)
-    assert len(names) == 2 and all("mhc_decode_kernel" in n for n in names), names
-    assert not any("mhc_decode_kernel" in n for n in _mhc_kernel_names(65, 4096))
+    for T, pre_dec, head_dec in ((1, True, True), (8, True, True), (9, True, False),
+                                 (16, True, False), (17, False, False), (64, False, False)):
+        pre, head = _pre_and_head_kernels(T, 4096)
+        assert only(pre, "mhc_decode_kernel") == pre_dec, (T, pre)
+        assert only(head, "mhc_decode_kernel") == head_dec, (T, head)
+        if not pre_dec:   # the chunked path: mix, then finish (no one-pass kernel below 65)
+            assert len(pre) == 2 and "mhc_mix_kernel" in pre[0] and "finish" in pre[1], (T, pre)
+        if not head_dec:
+            assert len(head) == 2 and "mhc_mix_kernel" in head[0], (T, head)
+    pre, head = _pre_and_head_kernels(65, 4096)   # the one-pass kernel (chunked in that child run)
+    prefill = "mhc_wide_kernel" if ONE_PASS else "mhc_mix_kernel"
+    assert prefill in pre[0] and prefill in head[0], (pre, head)
+    assert not any("mhc_decode_kernel" in n for n in pre + head), (pre, head)
+    monkeypatch.setenv("DSV4_MHC_DECODE", "all")
+    for T in (17, 64):
+        pre, head = _pre_and_head_kernels(T, 4096)
+        assert only(pre, "mhc_decode_kernel") and only(head, "mhc_decode_kernel"), (T, pre, head)
+    pre, head = _pre_and_head_kernels(65, 4096)
+    assert not any("mhc_decode_kernel" in n for n in pre + head), (pre, head)
     # DSV4_MHC_DECODE_GROUP takes effect (the instance's largest group G: 1, 4 or 8; the
     # default at T = 8 and 13 is groups of 4, G = 4), so the forced-group tests test what they say
     for group, T, G in (("1", 8, 1), ("8", 13, 8)):
-        monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
+        monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)   # (DSV4_MHC_DECODE=all from above)
         names = _mhc_kernel_names(T, 4096)
         pat = re.compile(rf"mhc_decode_kernel(<[13], ?{G}>|ILi[13]ELi{G}E)")
         assert len(names) == 2 and all(pat.search(n) for n in names), (group, names)
@@ -387,6 +423,34 @@ def test_decode_kernel_is_the_one_that_runs(monkeypatch):
     monkeypatch.setenv("DSV4_MHC_DECODE", "old")
     names = _mhc_kernel_names(8, 4096)
     assert names and not any("mhc_decode_kernel" in n for n in names), names
+
+
+@cuda
+@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
+@pytest.mark.parametrize("T,d", [(9, 4096), (17, 1024), (33, 8), (40, 136), (63, 4096),
+                                 (64, 4096)])
+def test_decode_kernel_up_to_64_tokens(monkeypatch, T, d):
+    """DSV4_MHC_DECODE=all: the decode kernel where the default rule takes the chunked path
+    (mhc_head above 8 tokens, mhc_pre above 16; groups of 4 up to 32 tokens, then up to 8 groups
+    with a short last one): against the fp32 reference with the 2x-bf16 rule, post and comb to
+    2e-5, and within the same rule of the chunked path."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 3 * T + d)
+    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
+    u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
+    y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
+    y16 = hc_head_reference(x, hfn, hscale, hbase, 1e-6, 1e-6)
+    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    monkeypatch.setenv("DSV4_MHC_DECODE", "all")
+    u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    post = torch.full((T, 4), float("nan"), device="cuda")
+    comb = torch.full((T, 4, 4), float("nan"), device="cuda")
+    ops.mhc_pre_out(*dev[:4], 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
+    _assert_2x_bf16(u, u32, u16, "u")
+    torch.testing.assert_close(post.cpu(), post32, atol=2e-5, rtol=0)
+    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
+    y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.mhc_head_out(dev[0], *dev[4:], 1e-6, 1e-6, y=y)
+    _assert_2x_bf16(y, y32, y16, "head")
 
 
 @cuda
@@ -404,6 +468,7 @@ def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
     y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
     y16 = hc_head_reference(x, hfn, hscale, hbase, 1e-6, 1e-6)
     dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
+    monkeypatch.setenv("DSV4_MHC_DECODE", "all")      # T = 13 / 64: the decode kernel for both
     monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
     u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
     post = torch.full((T, 4), float("nan"), device="cuda")

@@ -13,16 +13,15 @@
 // three bf16 terms (hi + mid + lo carry fn's 24 mantissa bits), so its products are those of
 // an fp32 GEMM; the epilogue uses explicitly rounded multiplies and adds in the reference's
 // order of operations. No host synchronisation; the workspace depends only on the shapes.
-// Decode (tokens <= kMhcDecodeMaxTokens) runs the projection as a split GEMV on CUDA cores
-// (fp32 FMAs; the product of a bf16 x value and an fp32 fn value is exact), one launch whose
-// last-arriving CTA per token group finishes that group (DSV4_MHC_DECODE=old, read at each
-// call: the previous paths, below).
-// Prefill (tokens > 64; > 8 with DSV4_MHC_DECODE=old) runs the projection, then re-reads x
-// from L2 for the collapse, per chunk of 512 tokens, when the environment variable
-// DSV4_MHC_ONE_PASS=0 (read at each call); by default prefill at dim 1024, 2048 or 4096 runs
-// ONE launch that reads x once: a cluster of 16 CTAs keeps a tile's x slices in shared memory
-// and reduces the projection through distributed shared memory (sm_90 clusters); a device
-// where such a cluster cannot run keeps the chunked path.
+// Decode (tokens <= kMhcPreDecodeTokens / kMhcHeadDecodeTokens, below) runs the projection as a
+// split GEMV on CUDA cores (fp32 FMAs; the product of a bf16 x value and an fp32 fn value is
+// exact), one launch whose last-arriving CTA per token group finishes that group.
+// Up to 64 tokens above that, and above 64 when DSV4_MHC_ONE_PASS=0 (read at each call) or the
+// dim is not 1024 / 2048 / 4096, the chunked path runs the projection, then re-reads x from L2
+// for the collapse, per chunk of 512 tokens. By default prefill above 64 tokens at dim 1024,
+// 2048 or 4096 runs ONE launch that reads x once: a cluster of 16 CTAs keeps a tile's x slices
+// in shared memory and reduces the projection through distributed shared memory (sm_90
+// clusters); a device where such a cluster cannot run keeps the chunked path.
 #pragma once
 
 #include <cstddef>
@@ -33,8 +32,15 @@ namespace dsv4 {
 
 constexpr int64_t kMhcStreams = 4;         // hc_mult supported by the kernels
 constexpr int64_t kMhcMaxFusedTokens = 8;  // DSV4_MHC_DECODE=old: up to this many, one launch
-// Up to this many tokens mhc_pre / mhc_head run the decode kernel (one launch after a memset of
-// its arrival counters; DSV4_MHC_DECODE=old, read at each call, selects the previous paths).
+// The decode kernel (one launch after a memset of its arrival counters) serves mhc_pre up to
+// kMhcPreDecodeTokens and mhc_head up to kMhcHeadDecodeTokens tokens, where it measured fastest
+// (H100, 2026-12-06: above them the chunked two-phase path wins up to 64 tokens). Above
+// kMhcDecodeMaxTokens the one-pass prefill kernel runs. DSV4_MHC_DECODE (read at each call, so a
+// CUDA graph keeps the path it was captured with): unset = this rule; "all" = the decode kernel
+// up to kMhcDecodeMaxTokens for both ops; "old" = never (the fused mix kernel up to
+// kMhcMaxFusedTokens, then the chunked path).
+constexpr int64_t kMhcPreDecodeTokens = 16;
+constexpr int64_t kMhcHeadDecodeTokens = 8;
 constexpr int64_t kMhcDecodeMaxTokens = 64;
 
 // Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.

@@ -127,20 +127,29 @@ _RUN_20261206B = (
     "test_cuda_matches_reference (84; fp8_linear's sources are those of the 2026-12-06A run): "
     "all passed; the C++ checks moe_routing (under compute-sanitizer memcheck: 0 errors), "
     "hca_fp8 and sparse_attn: PASS")
+_RUN_20261206C = (
+    "2026-12-06 (third session), on an H100 80GB, csrc of mhc 42baed00 (mhc_pre takes the "
+    "decode kernel up to 16 tokens, mhc_head up to 8, the chunked path up to 64, the one-pass "
+    "kernel above; DSV4_MHC_DECODE=all / old select the decode kernel to 64 / never): every "
+    "CUDA test of tests/ops/test_mhc_ops.py (82, with its DSV4_MHC_ONE_PASS=0 and "
+    "DSV4_MHC_DECODE=old child runs), tests/layers, tests/runtime and the model CUDA tests "
+    "(71 passed; one CLI test could not find the tokenizer package on that machine), the C++ "
+    "check mhc (PASS) and its decode cases under compute-sanitizer memcheck (0 errors)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
-        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk", "mhc_pre", "mhc_post",
-        "mhc_head")},
+        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk")},
+    **{op: _RUN_20261206C for op in ("mhc_pre", "mhc_post", "mhc_head")},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
-# VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv, indexer_topk and mHC ops from the
+# VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
 # 2026-12-05G run (csrc ffa9e332), the GEMM ops from the 2026-12-06A run, sparse_attn /
-# hca_attn and the MoE routing ops from the 2026-12-06B run. A run that verifies some ops
+# hca_attn and the MoE routing ops from the 2026-12-06B run, the mHC ops from the 2026-12-06C
+# run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
@@ -157,9 +166,9 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
-    "mhc_post": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
-    "mhc_head": "3075746e5c0b89df0162d665841c699db29f8d49dc49ad9e2b85e58f98edd792",
+    "mhc_pre": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
+    "mhc_post": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
+    "mhc_head": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
