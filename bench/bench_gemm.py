@@ -1,8 +1,9 @@
 """GEMM kernels on the GPU: routed-expert GEMMs (moe_up + moe_down, bf16 / FP8 / FP4 experts),
-the FP8 block-scaled linear and the grouped output projection, at V4-Flash shapes, beside
+the FP8 block-scaled linear, the grouped output projection and the fp32-weight linear on
+split bf16 GEMMs (the compressors' projections), at V4-Flash shapes, beside
 torch._grouped_mm / a per-expert cuBLAS loop / dequantise+cuBLAS / the einsum in the same process.
 
-Usage: python bench/bench_gemm.py [--quick] [--only moe,linear,oproj]
+Usage: python bench/bench_gemm.py [--quick] [--only moe,linear,oproj,split]
                                   [--json results.json] [--markdown table.md]
 
 Each family has its module beside this file (``gemm_<family>.py`` with ``run(quick)`` returning
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _driver import run_bench  # noqa: E402  (one command line and table format for all benches)
 from bench_csa import COLUMNS  # noqa: E402  (the CSA table's columns)
 
-FAMILIES = {f: f"gemm_{f}" for f in ("moe", "linear", "oproj")}
+FAMILIES = {f: f"gemm_{f}" for f in ("moe", "linear", "oproj", "split")}
 
 
 def main(argv=None) -> int:

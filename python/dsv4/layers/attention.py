@@ -15,7 +15,7 @@ from ..ops.quant import fp8_e4m3_sim
 from .compressor import Compressor, complete_entries
 from .indexer import Indexer
 from ..ops.norm import rms_norm_reference
-from .linear import Linear, ProjectionGroups, project
+from .linear import Linear, ProjectionGroups, fp32_input, project
 from .norm import RMSNorm
 from .rope import apply_rope, rope_frequencies
 from .varlen import StepBatch
@@ -122,13 +122,14 @@ class Attention(ProjectionGroups, nn.Module):
         return qa, kv, (w[0] if w else None)
 
     def _compressor_projections(self, x: torch.Tensor) -> tuple:
-        """On ``x.float()`` (x [n, dim]) when the "compressor" group is fused: (the
-        compressor's (wkv, wgate) outputs, the indexer compressor's or None), from one GEMM
-        when it serves; (None, None) unfused (each compressor projects its input itself)."""
+        """On ``x.float()`` (x [n, dim]; see :func:`fp32_input`) when the "compressor" group is
+        fused: (the compressor's (wkv, wgate) outputs, the indexer compressor's or None), from
+        one GEMM when it serves; (None, None) unfused (each compressor projects its input
+        itself)."""
         group = self.projection_group("compressor")
         if group is None:
             return None, None
-        ys = project(x.float(), self._compressor_linears(), group)
+        ys = project(fp32_input(x, self.compressor.wkv), self._compressor_linears(), group)
         return tuple(ys[:2]), (tuple(ys[2:]) if self.indexer is not None else None)
 
     def freqs(self, device: torch.device) -> torch.Tensor:
@@ -292,8 +293,9 @@ class Attention(ProjectionGroups, nn.Module):
         sel = entries = extra_len = None
         if self.compress_ratio:
             m = self.compress_ratio
-            # both compressors' fp32 input (one cast) and their projections (one GEMM fused)
-            xf = x.float()
+            # both compressors' fp32 input (one cast, or x itself for the split bf16 GEMMs of
+            # a prefill) and their projections (one GEMM fused)
+            xf = fp32_input(x, self.compressor.wkv)
             proj, index_proj = self._compressor_projections(xf)
             if self.indexer is not None:
                 sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..cache import CompressorState
 from ..ops.compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE, compress_kv_reference
-from .linear import Linear
+from .linear import Linear, fp32_input
 from .norm import RMSNorm
 from .varlen import StepBatch
 
@@ -94,8 +94,10 @@ class Compressor(nn.Module):
         return n_after
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(wkv(x.float()), wgate(x.float()))``: fp32 [n, coff·head_dim] each (§4.1)."""
-        xf = x.float()
+        """``(wkv(x.float()), wgate(x.float()))``: fp32 [n, coff·head_dim] each (§4.1); a bf16
+        x at prefill size stays bf16 for the split bf16 GEMMs of
+        :func:`dsv4.layers.linear.dense_linear` (the same products)."""
+        xf = fp32_input(x, self.wkv)
         return self.wkv(xf), self.wgate(xf)
 
     def forward_batch(self, x: torch.Tensor, state: CompressorState, batch: StepBatch,
@@ -107,8 +109,8 @@ class Compressor(nn.Module):
         updates the partial-block state of each row's slot in place. No host synchronisation
         (a dense store is grown from the host-side bound ``batch.max_end``). ``x`` may be
         given in fp32 already (the projections take ``x.float()``; a CSA layer casts once for
-        its indexer's compressor and its own). ``proj``: the projections when the caller
-        computed them (see :meth:`forward`).
+        its indexer's compressor and its own: :func:`dsv4.layers.linear.fp32_input`).
+        ``proj``: the projections when the caller computed them (see :meth:`forward`).
         """
         m = self.compress_ratio
         if not state.paged:

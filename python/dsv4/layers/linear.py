@@ -24,9 +24,10 @@ from torch.nn.modules import module as _module
 from ..ops.backend import use_kernels
 from ..ops.gemm import fp8_linear
 from ..ops.quant import fp8_e4m3_sim
+from ..ops.split_gemm import linear_bf16x3, use_split
 from ..quant import FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
-__all__ = ["Linear", "LinearGroup", "ProjectionGroups", "dense_linear", "project"]
+__all__ = ["Linear", "LinearGroup", "ProjectionGroups", "dense_linear", "fp32_input", "project"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,12 +37,36 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False)
     first when ``act_quant`` (1x128 blocks, :func:`dsv4.ops.quant.fp8_e4m3_sim`), then cast to
     the weight's dtype, then ``F.linear`` (output in the weight's dtype). The one definition
     of a parameter-held :class:`Linear`'s forward, which :class:`LinearGroup` runs on the
-    concatenated weight of its members."""
+    concatenated weight of its members. A bf16 x with an fp32 weight (the compressors'
+    ``keep_fp32`` projections) at prefill size on the ``cuda`` backend runs as three bf16
+    tensor-core GEMMs on an exact split of the weight (:mod:`dsv4.ops.split_gemm`: the same
+    products, fp32 accumulation)."""
     if act_quant:
         x = fp8_e4m3_sim(x, FP8_BLOCK)
+    if _split_serves(x, weight):
+        # the same products on bf16 tensor cores (exact 3-way split of the fp32 weight)
+        return linear_bf16x3(x, weight)
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     return F.linear(x, weight)
+
+
+def _split_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`dense_linear` runs ``x @ weight.T`` as split bf16 GEMMs (bf16 x, fp32
+    weight, prefill size, the ``cuda`` backend: :func:`dsv4.ops.split_gemm.use_split`)."""
+    return (weight.dtype == torch.float32 and x.dtype == torch.bfloat16 and use_split(x, weight)
+            and use_kernels(x, ()))
+
+
+def fp32_input(x: torch.Tensor, linear: "Linear") -> torch.Tensor:
+    """``x`` as the fp32 linears of one input want it, for a caller that casts once for several
+    (the compressors' ``wkv`` / ``wgate``): ``x`` itself where :func:`dense_linear` would take
+    the split bf16 GEMMs for ``linear``'s weight, else ``x.float()`` (the same values either
+    way: the split path computes the products of the fp32-promoted x)."""
+    w = linear._parameters.get("weight")
+    if w is not None and _split_serves(x, w):
+        return x
+    return x.float()
 
 
 class Linear(nn.Module):

@@ -1,0 +1,175 @@
+"""dsv4.ops.split_gemm: an fp32-weight linear on bf16 tensor cores through an exact 3-way split
+of the weight (the compressors' projections at prefill size).
+
+CPU: the split is exact, and the routing rule (bf16 x, fp32 weight, CUDA, no gradient, rows,
+DSV4_FP32_LINEAR). CUDA (runs on the H200): the split GEMMs against an fp64 product and
+PyTorch's fp32 GEMM on fresh random inputs, outputs poisoned; the model's compressor
+projections take them at prefill size and give the fp32 path's values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.layers import linear as L
+from dsv4.ops import split_gemm as S
+
+cuda = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-3, 1.0, 3e4, 1e30])
+def test_split_is_exact(scale):
+    g = torch.Generator().manual_seed(int(abs(torch.tensor(scale).log2())) + 7)
+    w = torch.randn(257, 129, generator=g) * scale
+    # (|w| >= 1e-3 scale: every term stays in the normal range, see the next test)
+    w = torch.where(w.abs() < 1e-3 * scale, torch.full_like(w, 1e-3 * scale), w)
+    w[0, :3] = torch.tensor([1.0 + 2 ** -23, -(1.0 + 2 ** -23), 1.0 - 2 ** -24]) * scale
+    hi, mid, lo = S.split_bf16x3(w)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.float() + mid.float() + lo.float(), w)
+    # each term carries the next significant bits: |mid| <= half an ulp of hi
+    assert (mid.float().abs() <= hi.float().abs() * 2 ** -8).all()
+
+
+def test_split_of_tiny_weights_loses_only_below_the_normal_range():
+    """Weights so small that a term falls below fp32's normal range lose only what lies
+    there (an absolute error below 2^-126 per weight)."""
+    w = torch.tensor([1e-40, -3e-39, 1e-36, 2 ** -126 * 1.5, 1e-30 * (1 + 2 ** -23)])
+    hi, mid, lo = S.split_bf16x3(w)
+    assert ((hi.float() + mid.float() + lo.float()) - w).abs().max() < 2 ** -126
+
+
+def test_split_rejects_a_non_fp32_weight():
+    with pytest.raises(ValueError, match="float32"):
+        S.split_bf16x3(torch.ones(2, 2, dtype=torch.bfloat16))
+
+
+def test_use_split_rule(monkeypatch):
+    w = torch.randn(8, 16)
+    x = torch.randn(S.SPLIT_MIN_ROWS, 16).to(torch.bfloat16)
+    assert not S.use_split(x, w)                       # a CPU tensor never
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
+    assert not S.use_split(x, w)
+    assert not S.use_split(x.float(), w)               # an fp32 x never (not exact in bf16)
+
+
+@cuda
+@pytest.mark.parametrize("M,N,K", [(1, 8, 64), (7, 24, 136), (512, 2560, 4096),
+                                   (1000, 1024, 4096), (3, 5, 40)])
+def test_split_linear_matches_fp64(M, N, K):
+    """Against the fp64 product of the same operands: within the error of an fp32 GEMM
+    (the products are exact; only fp32 additions round), and close to PyTorch's fp32 GEMM."""
+    g = torch.Generator(device="cuda").manual_seed(M * 131 + N + K)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", generator=g) * K ** -0.5
+    w[0] *= 1e-3                                       # rows of very different magnitude
+    y = S.linear_bf16x3(x, w)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    truth = x.double() @ w.double().t()
+    fp32 = x.float() @ w.t()
+    bound = (x.double().abs() @ w.double().abs().t()) * (K * 2 ** -24 * 4)
+    assert ((y.double() - truth).abs() <= bound).all()
+    assert ((fp32.double() - truth).abs() <= bound).all()      # the bound holds for fp32 too
+    # three GEMMs of a split: the same additions in another order, never more than 8 fp32 ulps
+    # of the magnitude sum off the fp32 GEMM
+    torch.testing.assert_close(y, fp32, rtol=0, atol=float((bound / 4).max()))
+
+
+@cuda
+def test_split_linear_leading_dims_and_poisoned_output():
+    """x [2, 300, K] (rows as a batch), the result written over a NaN-filled buffer by the
+    caller's copy: every value is written."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, 300, 256, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(96, 256, device="cuda", generator=g)
+    out = torch.full((2, 300, 96), float("nan"), device="cuda")
+    out.copy_(S.linear_bf16x3(x, w))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, x.float() @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@cuda
+def test_dense_linear_routes_by_rows_and_env(monkeypatch):
+    """dense_linear on bf16 x with an fp32 weight: the split GEMMs from SPLIT_MIN_ROWS rows
+    (fp32 output, the fp32 path's values), PyTorch's fp32 GEMM below it and with
+    DSV4_FP32_LINEAR=fp32; never under the reference backend or when a gradient is needed."""
+    calls = []
+    orig = S.linear_bf16x3
+    monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: calls.append(x.shape) or orig(x, w))
+    g = torch.Generator(device="cuda").manual_seed(9)
+    w = torch.randn(64, 512, device="cuda", generator=g)
+    big = torch.randn(S.SPLIT_MIN_ROWS, 512, device="cuda", generator=g).to(torch.bfloat16)
+    small = big[:S.SPLIT_MIN_ROWS - 1]
+    old = dsv4.get_backend()
+    try:
+        dsv4.set_backend("cuda")
+        y = L.dense_linear(big, w)
+        assert calls == [big.shape] and y.dtype == torch.float32
+        torch.testing.assert_close(y, big.float() @ w.t(), rtol=1e-5, atol=1e-4)
+        L.dense_linear(small, w)
+        assert len(calls) == 1
+        monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+        L.dense_linear(big, w)
+        assert len(calls) == 1
+        monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
+        L.dense_linear(small, w)
+        assert len(calls) == 2
+        wg = w.clone().requires_grad_(True)
+        L.dense_linear(big, wg)                        # autograd: PyTorch's GEMM
+        assert len(calls) == 2
+        dsv4.set_backend("reference")
+        L.dense_linear(big, w)
+        assert len(calls) == 2
+    finally:
+        dsv4.set_backend(old)
+
+
+@cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
+    """A bf16 tiny model prefilling 2 x 600 tokens on the cuda backend with
+    DSV4_FP32_LINEAR=split (the row rule would want 4096 rows): the compressors'
+    projections (fused group or separate linears) run as split GEMMs, and the logits pass the
+    kernel tolerance rule against the fp32 model (mean error within 2x the bf16 reference's)
+    at the error level of the same path with DSV4_FP32_LINEAR=fp32."""
+    calls = []
+    orig = S.linear_bf16x3
+    monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: calls.append(w.shape) or orig(x, w))
+    cfg = dsv4.ModelConfig.tiny()
+    torch.manual_seed(0)
+    m32 = dsv4.Model(cfg).eval()
+    m16 = dsv4.Model(cfg).eval()
+    m16.load_state_dict(m32.state_dict())
+    m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
+    if fused:
+        m16.fuse_projections()
+    ids = torch.randint(0, cfg.vocab_size, (2, 600), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(3))
+
+    def run(m):
+        with torch.no_grad():
+            return m(ids, cache=m.make_cache(2)).float()
+
+    old = dsv4.get_backend()
+    try:
+        truth = run(m32)
+        dsv4.set_backend("reference")
+        ref = run(m16)
+        dsv4.set_backend("cuda")
+        assert not calls
+        monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
+        split = run(m16)
+        assert calls, "no compressor projection took the split GEMMs"
+        n = len(calls)
+        monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+        plain = run(m16)
+        assert len(calls) == n
+    finally:
+        dsv4.set_backend(old)
+    assert torch.isfinite(split).all()
+
+    def err(x):
+        return (x - truth).abs().mean().item()
+    assert err(split) <= 2 * err(ref), (err(split), err(ref))
+    assert err(split) <= 1.25 * err(plain) + 1e-6, (err(split), err(plain))
