@@ -20,7 +20,11 @@ pre-gathered rows (the GEMMs only: no gather, no SwiGLU: it favours the baseline
 cuBLAS loop (``x[rows_e] @ W_eᵀ``, host-side offsets precomputed). Variants: the automatic tile
 and each forced tile (``DSV4_GEMM_TILE``), so the best can be kept.
 
-    python bench/gemm_moe.py [--quick]
+    python bench/gemm_moe.py [--quick] [--experts E] [--prefill-tokens T] [--formats bf16,fp8]
+                             [--no-decode]
+
+``--experts 64 --prefill-tokens 32768 --formats bf16 --no-decode`` is the MoE of ``dsv4
+bench``'s prefill row 64 x 512 (64 experts: ~3,000 rows per expert instead of ~96).
 """
 
 from __future__ import annotations
@@ -178,7 +182,8 @@ def mainloop_pair(fn, outs, tile, reps):
     return times.get("classic"), times.get("ws"), same
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, formats=("bf16", "fp8", "fp4"), prefill_tokens: int = 4096,
+        decode: bool = True) -> list[dict]:
     if not torch.cuda.is_available():
         return []
     import dsv4.ops  # noqa: F401
@@ -186,13 +191,12 @@ def run(quick: bool = False) -> list[dict]:
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    formats = ("bf16", "fp8", "fp4")
-    decode_T = (1, 128) if quick else (1, 8, 32, 128)
+    decode_T = ((1, 128) if quick else (1, 8, 32, 128)) if decode else ()
     have_gmm = hasattr(torch, "_grouped_mm")
     for fmt in formats:
         w_up, s_up, w_down, s_down = _weights(fmt, g)
         per_expert_bytes = (_nbytes(w_up, s_up) + _nbytes(w_down, s_down)) / E
-        cases = [("prefill", 4096)] + [("decode", t) for t in decode_T]
+        cases = [("prefill", prefill_tokens)] + [("decode", t) for t in decode_T]
         for kind, T in cases:
             # several routings for decode so that the busy experts' weights are not in L2
             n_rot = 1 if kind == "prefill" else 8
@@ -314,4 +318,10 @@ def run(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    run(ap.parse_args().quick)
+    ap.add_argument("--experts", type=int, default=E, help="routed experts (V4-Flash: 256)")
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--formats", default="bf16,fp8,fp4", help="comma-separated: bf16,fp8,fp4")
+    ap.add_argument("--no-decode", action="store_true", help="the prefill case only")
+    a = ap.parse_args()
+    E = a.experts
+    run(a.quick, tuple(f for f in a.formats.split(",") if f), a.prefill_tokens, not a.no_decode)
