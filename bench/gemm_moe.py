@@ -247,6 +247,28 @@ def run(quick: bool = False, formats=("bf16", "fp8", "fp4"), prefill_tokens: int
                             _ = xe @ w_up[e, 0].T, xe @ w_up[e, 1].T
                             _ = hg[a:b] @ w_down[e].T
                 loop_us = _time_us(loop, warmup=1, reps=3)
+            if fmt == "bf16":
+                # the MoE's other path for bf16 experts (dsv4.layers.moe.experts_grouped_mm:
+                # gather, torch._grouped_mm, moe_swiglu, torch._grouped_mm), which the layer
+                # takes from GROUPED_MM_MIN_PAIRS_PER_EXPERT pairs per expert
+                from dsv4.layers.moe import ExpertStack, experts_grouped_mm
+                stack = ExpertStack(None, w_up, None, w_down, None)
+
+                def gmm_path():
+                    i = it[0] % n_rot
+                    it[0] += 1
+                    r = routes[i]
+                    experts_grouped_mm(xs[i], r[0], r[1], r[2], stack, 10.0)
+                try:
+                    path_us = _time_us(gmm_path, reps=10 if kind == "prefill" else 30)
+                    rows.append(_row(f"{fmt} {kind} T={T} grouped_mm path", path_us, flops,
+                                     wbytes, floor_us, None,
+                                     f"gather + torch._grouped_mm + moe_swiglu + "
+                                     f"torch._grouped_mm; busy experts {busy:.0f}, "
+                                     f"{P / E:.0f} pairs per expert"))
+                    print(rows[-1])
+                except Exception as ex:  # noqa: BLE001
+                    print(f"gemm_moe: the grouped_mm path failed at {kind} T={T}: {ex}")
             times = {}
             for tile, pipe in variants(quick, kind == "decode"):
                 _set_tile(tile, pipe)

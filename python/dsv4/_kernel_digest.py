@@ -51,6 +51,7 @@ OP_SOURCES: dict[str, tuple[str, ...]] = {
     "moe_gate": ("torch/moe_routing.cpp", "kernels/moe_gate.cu"),
     "moe_dispatch": ("torch/moe_routing.cpp", "kernels/moe_dispatch.cu"),
     "moe_combine": ("torch/moe_routing.cpp", "kernels/moe_combine.cu"),
+    "moe_swiglu": ("torch/moe_swiglu.cpp", "kernels/moe_swiglu.cu"),
     "mhc_pre": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_post": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_head": ("torch/mhc.cpp", "kernels/mhc.cu"),

@@ -169,9 +169,27 @@ class _CountingOps:
         return run
 
 
-def _both_paths(moe, x, ids):
+def _both_paths(moe, x, ids, gemm=None):
+    """(kernel path, bf16 reference path) of ``moe`` on ``x``; ``gemm``: DSV4_MOE_GEMM for the
+    kernel path (None: the layer's rule). Checks that the kernel path ran the ops it should:
+    moe_up / moe_down, or torch._grouped_mm around moe_swiglu (bf16 experts at prefill size)."""
+    import os
+
+    before = os.environ.pop("DSV4_MOE_GEMM", None)
+    if gemm is not None:
+        os.environ["DSV4_MOE_GEMM"] = gemm
+    try:
+        return _both_paths_now(moe, x, ids)
+    finally:
+        os.environ.pop("DSV4_MOE_GEMM", None)
+        if before is not None:
+            os.environ["DSV4_MOE_GEMM"] = before
+
+
+def _both_paths_now(moe, x, ids):
     import dsv4.layers.moe as moe_mod
-    from dsv4.layers.moe import _grouped_kernels_available
+    from dsv4.layers.moe import (_grouped_kernels_available, _prefer_grouped_mm,
+                                 _swiglu_kernel_available)
 
     with torch.no_grad():
         dsv4.set_backend("reference")
@@ -186,8 +204,12 @@ def _both_paths(moe, x, ids):
         finally:
             moe_mod._dsv4 = real
     want = {"moe_gate", "moe_dispatch", "moe_combine"}
-    if _grouped_kernels_available():
+    pairs = x.numel() // moe.dim * moe.gate.topk
+    if _grouped_kernels_available() and not _prefer_grouped_mm(moe.stacked_weights(), pairs):
         want |= {"moe_up", "moe_down"}
+    elif _swiglu_kernel_available():
+        want |= {"moe_swiglu"}
+        assert "moe_up" not in spy.calls, spy.calls
     assert want <= set(spy.calls), f"the kernel path did not run: {spy.calls}"
     return got, ref16
 
@@ -204,8 +226,8 @@ def _fp32_reference(moe, x, ids):
             dsv4.set_backend("cuda")
 
 
-def _check(moe, x, ids):
-    got, ref16 = _both_paths(moe, x, ids)
+def _check(moe, x, ids, gemm=None):
+    got, ref16 = _both_paths(moe, x, ids, gemm)
     ref32 = _fp32_reference(moe, x, ids)
     err = (got.float() - ref32).abs().max().item()
     err16 = (ref16.float() - ref32).abs().max().item()
@@ -214,13 +236,36 @@ def _check(moe, x, ids):
 
 
 @cuda
+@pytest.mark.parametrize("gemm", ["kernel", "grouped_mm"])
 @pytest.mark.parametrize("hash_layer", [True, False])
 @pytest.mark.parametrize("T", [1, 7, 64, 131, 1000])
-def test_kernel_path_matches_reference(hash_layer, T):
+def test_kernel_path_matches_reference(hash_layer, T, gemm):
+    """Both expert-GEMM paths (DSV4_MOE_GEMM: moe_up / moe_down, or torch._grouped_mm around
+    moe_swiglu) at every size; by default the rule picks the second from 128 pairs per expert."""
     cfg, moe = _cuda_moe(hash_layer, T)
     x = torch.randn(1, T, cfg.dim, device="cuda").to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
-    _check(moe, x, ids)
+    _check(moe, x, ids, gemm)
+
+
+@cuda
+def test_prefill_size_takes_grouped_mm_for_bf16_experts():
+    """The rule: below 128 pairs per expert on average moe_up / moe_down, from 128 on
+    torch._grouped_mm + moe_swiglu (8 experts, top-3: 341 tokens = 1023 pairs < 1024; 342 =
+    1026)."""
+    from dsv4.layers.moe import (GROUPED_MM_MIN_PAIRS_PER_EXPERT, _prefer_grouped_mm,
+                                 _swiglu_kernel_available)
+
+    cfg, moe = _cuda_moe(False, 14)
+    st = moe.stacked_weights()
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    if not _swiglu_kernel_available():
+        pytest.skip("no compiled moe_swiglu kernel")
+    assert GROUPED_MM_MIN_PAIRS_PER_EXPERT * E == 1024 and k == 3
+    assert not _prefer_grouped_mm(st, 341 * k) and _prefer_grouped_mm(st, 342 * k)
+    for T in (341, 342):
+        x = torch.randn(1, T, cfg.dim, device="cuda").to(torch.bfloat16)
+        _check(moe, x, torch.zeros(1, T, dtype=torch.long, device="cuda"))
 
 
 @cuda
@@ -246,7 +291,9 @@ def test_kernel_path_at_the_swiglu_clamp():
 
 
 @cuda
-def test_kernel_path_is_deterministic_and_graph_capturable():
+@pytest.mark.parametrize("gemm", ["kernel", "grouped_mm"])
+def test_kernel_path_is_deterministic_and_graph_capturable(monkeypatch, gemm):
+    monkeypatch.setenv("DSV4_MOE_GEMM", gemm)
     cfg, moe = _cuda_moe(False, 13)
     x = torch.randn(4, 16, cfg.dim, device="cuda").to(torch.bfloat16)
     ids = torch.zeros(4, 16, dtype=torch.long, device="cuda")

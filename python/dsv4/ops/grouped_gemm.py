@@ -45,10 +45,17 @@ On CUDA (bf16 activations) the kernels in csrc/kernels/grouped_gemm*.cu run; the
 check shapes and dtypes but not the values of ``row_ids`` / ``expert_offsets`` (that would need
 a host sync): an out-of-range row id reads as a zero row and offsets are clamped to [0, P],
 so bad routing gives a wrong result, never an illegal memory access. The references raise.
+
+``torch.ops.dsv4.moe_swiglu(gu, weight, limit)``: the clamped SwiGLU alone, over the bf16
+``[g | u]`` rows of grouped GEMMs that round g and u to bf16 as ``F.linear`` does (the MoE's
+``torch._grouped_mm`` path at prefill size): ``h[p] = bf16(silu(min(g, L)) · clamp(u, −L, L) ·
+weight[p])``, the reference :func:`dsv4.layers.moe.swiglu_clamped`; the CUDA kernel gives its
+bits in one pass.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,6 +69,7 @@ __all__ = [
     "expert_weight_format", "dequantize_expert", "dequantize_experts",
     "MOE_UP_SCHEMA", "MOE_UP_OUT_SCHEMA", "MOE_DOWN_SCHEMA", "MOE_DOWN_OUT_SCHEMA",
     "fp8_act_quant", "fp8_act_quant_reference", "FP8_ACT_QUANT_SCHEMA",
+    "moe_swiglu", "moe_swiglu_reference", "MOE_SWIGLU_SCHEMA",
 ]
 
 _UP_ARGS = ("(Tensor x, Tensor row_ids, Tensor expert_offsets, Tensor w_up, Tensor? w_up_scale, "
@@ -407,6 +415,51 @@ register_op("moe_up", MOE_UP_SCHEMA, moe_up_reference, _moe_up_fake)
 register_op("moe_up_out", MOE_UP_OUT_SCHEMA, _moe_up_out_ref, _moe_up_out_fake)
 register_op("moe_down", MOE_DOWN_SCHEMA, moe_down_reference, _moe_down_fake)
 register_op("moe_down_out", MOE_DOWN_OUT_SCHEMA, _moe_down_out_ref, _moe_down_out_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_swiglu
+# ---------------------------------------------------------------------------------------------
+MOE_SWIGLU_SCHEMA = "(Tensor gu, Tensor weight, float limit) -> Tensor"
+
+
+def _check_swiglu(gu, weight, limit, check) -> None:
+    check(gu.dtype == torch.bfloat16, lambda: f"moe_swiglu: gu must be bfloat16, got {gu.dtype}")
+    check(gu.dim() == 2 and gu.shape[1] % 2 == 0,
+          lambda: f"moe_swiglu: gu must be [pairs, 2 * n] (the gate half, then the up half), "
+                  f"got {tuple(gu.shape)}")
+    check(weight.dtype == torch.float32 and weight.dim() == 1 and weight.shape[0] == gu.shape[0],
+          lambda: f"moe_swiglu: weight must be float32 [{gu.shape[0] if gu.dim() else '?'}] (one "
+                  f"routing weight per pair), got {weight.dtype} {tuple(weight.shape)}")
+    check(math.isfinite(limit) and limit >= 0,
+          lambda: f"moe_swiglu: limit must be finite and >= 0 (0: no clamp), got {limit}")
+
+
+def moe_swiglu_reference(gu: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:
+    """``bf16(silu(min(g, L)) · clamp(u, −L, L) · weight[:, None])`` for ``gu`` = [g | u] bf16
+    [P, 2N], ``weight`` fp32 [P], L = ``limit`` >= 0 (0: no clamp): [P, N] bf16, the values of
+    :func:`dsv4.layers.moe.swiglu_clamped` (one definition). Raises ValueError on other shapes
+    or dtypes."""
+    from ..layers.moe import swiglu_clamped  # lazy: layers.moe imports this module
+
+    _check_swiglu(gu, weight, limit, _raise_value_error)
+    n = gu.shape[1] // 2
+    return swiglu_clamped(gu[:, :n], gu[:, n:], float(limit), weight[:, None],
+                          torch.bfloat16).contiguous()
+
+
+def _moe_swiglu_fake(gu, weight, limit):
+    _check_swiglu(gu, weight, limit, torch._check)
+    return gu.new_empty(gu.shape[0], gu.shape[1] // 2)
+
+
+register_op("moe_swiglu", MOE_SWIGLU_SCHEMA, moe_swiglu_reference, _moe_swiglu_fake)
+
+
+def moe_swiglu(gu: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:
+    """``torch.ops.dsv4.moe_swiglu``: see :func:`moe_swiglu_reference` (on CUDA one kernel, bit
+    for bit the reference)."""
+    return torch.ops.dsv4.moe_swiglu(gu, weight, float(limit))
 
 
 # ---------------------------------------------------------------------------------------------
