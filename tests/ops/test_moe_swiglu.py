@@ -73,7 +73,7 @@ def test_cuda_kernel_gives_the_reference_bits(P, n, limit):
     want = moe_swiglu_reference(gu.cuda(), w.cuda(), limit)       # the Python reference on CUDA
     same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
     assert same.all(), f"{(~same).sum().item()} of {same.numel()} differ"
-    torch.testing.assert_close(got.cpu(), moe_swiglu_reference(gu, w, limit), rtol=2 ** -8,
+    torch.testing.assert_close(got.cpu(), moe_swiglu_reference(gu, w, limit), rtol=2 ** -7,
                                atol=0, equal_nan=True)
     assert _same(moe_swiglu(gu.cuda(), w.cuda(), limit), got)      # run to run
 
