@@ -135,12 +135,20 @@ _RUN_20261206C = (
     "DSV4_MHC_DECODE=old child runs), tests/layers, tests/runtime and the model CUDA tests "
     "(71 passed; one CLI test could not find the tokenizer package on that machine), the C++ "
     "check mhc (PASS) and its decode cases under compute-sanitizer memcheck (0 errors)")
+_RUN_20261206D = (
+    "2026-12-06 (third session), on an H100 80GB, csrc of moe_swiglu a6abe754 (the new op: the "
+    "clamped SwiGLU over torch._grouped_mm outputs, the MoE's path for bf16 experts at prefill "
+    "size): every CUDA test of tests/ops/test_moe_swiglu.py (bitwise against the reference run "
+    "on CUDA, NaN / inf / clamp / 70,000 pairs / strided and misaligned rows, opcheck), "
+    "tests/layers/test_moe_paths.py with both expert-GEMM paths, tests/layers/test_moe.py, "
+    "tests/runtime, tests/test_model_cuda.py and tests/test_golden.py: all passed")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk")},
     **{op: _RUN_20261206C for op in ("mhc_pre", "mhc_post", "mhc_head")},
+    **{op: _RUN_20261206D for op in ("moe_swiglu",)},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
@@ -149,7 +157,7 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
 # 2026-12-05G run (csrc ffa9e332), the GEMM ops from the 2026-12-06A run, sparse_attn /
 # hca_attn and the MoE routing ops from the 2026-12-06B run, the mHC ops from the 2026-12-06C
-# run. A run that verifies some ops
+# run, moe_swiglu from the 2026-12-06D run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
@@ -169,6 +177,7 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "mhc_pre": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
     "mhc_post": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
     "mhc_head": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
+    "moe_swiglu": "a6abe75420b7688e1e5c255d271a15aee0bd1d0b510dc975267ac5053aab0173",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
