@@ -7,7 +7,10 @@ then ``torch.einsum("tgd,grd->tgr")`` in bf16: cuBLAS batched GEMM) and the eins
 Targets: T = 1 with FP8 wo_a within 1.3x of the weight-byte floor (32 MB at 4.22 TB/s = 7.95 us);
 T = 8192 bf16 >= 650 TFLOP/s including the inverse RoPE (cuBLAS einsum alone: 641 measured).
 
-    python bench/gemm_oproj.py [--quick]
+    python bench/gemm_oproj.py [--quick] [--cublas]
+
+``--cublas``: only the prefill-size rows of the grouped_oproj kernel against the cuBLAS form
+(``dsv4.ops.grouped_oproj.oproj_cublas``) that output_projection takes for a bf16 wo_a.
 """
 
 from __future__ import annotations
@@ -121,10 +124,54 @@ def run(quick: bool = False) -> list[dict]:
                              f"bit-equal to it: {same}; einsum alone {ein_us:.1f} us; ratio to "
                              f"floor {ws_us / floor_us:.2f}"))
                     print(rows[-1])
+    rows += cublas_rows(quick, freqs, w16, g)
     return rows
+
+
+def cublas_rows(quick: bool, freqs, w16, g) -> list[dict]:
+    """bf16 wo_a at prefill sizes: the grouped_oproj kernel (tile auto) against
+    ``dsv4.ops.grouped_oproj.oproj_cublas`` (q_norm_rope by -angle + the cuBLAS einsum, what
+    output_projection takes from OPROJ_CUBLAS_MIN_TOKENS tokens), same process, same inputs."""
+    from dsv4.ops.grouped_oproj import grouped_oproj, oproj_cublas
+
+    rows = []
+    for T in ((2048, 16384) if quick else (512, 1024, 2048, 4096, 8192, 16384)):
+        o = torch.randn(T, H, HD, device="cuda", generator=g).bfloat16()
+        pos = torch.randint(0, 1 << 20, (T,), device="cuda", generator=g)
+        flops = 2.0 * T * G * R * DG
+        nbytes = G * R * DG * 2 + T * (H * HD + G * R) * 2
+        floor_us = max(flops / (PEAK_TFLOPS * 1e12), nbytes / (PEAK_TBPS * 1e12)) * 1e6
+        k_us = _time_us(lambda: grouped_oproj(o, pos, freqs, w16[0], None), reps=10)
+        c_us = _time_us(lambda: oproj_cublas(o, pos, freqs, w16[0]), reps=10)
+        diff = (grouped_oproj(o, pos, freqs, w16[0], None).float()
+                - oproj_cublas(o, pos, freqs, w16[0]).float()).abs().max().item()
+        for label, t, ref in (("kernel (tile auto)", k_us, None), ("cuBLAS form", c_us, k_us)):
+            rows.append(dict(
+                op="grouped_oproj", case=f"bf16 wo_a T={T} {label}", time_us=t,
+                tflops=flops / t / 1e6, pct_flops=100 * flops / t / 1e6 / PEAK_TFLOPS,
+                gbps=nbytes / t / 1e3, pct_bw=100 * nbytes / t / 1e3 / (PEAK_TBPS * 1e3),
+                floor_us=floor_us, ref_time_us=ref, speedup=(ref / t) if ref else None,
+                note=(f"max |kernel - cuBLAS form| {diff:.3g}"
+                      + ("; baseline = the kernel" if ref else ""))))
+            print(rows[-1])
+        del o
+    return rows
+
+
+def run_cublas_only() -> list[dict]:
+    """Only :func:`cublas_rows`, at every size (``--cublas``)."""
+    from dsv4.layers.rope import rope_frequencies
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    freqs = rope_frequencies(64, 160000.0, 65536, 16.0, 32.0, 1.0).cuda()
+    w16 = (torch.randn(1, G, R, DG, device="cuda", generator=g) * DG ** -0.5).bfloat16()
+    return cublas_rows(False, freqs, w16, g)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    run(ap.parse_args().quick)
+    ap.add_argument("--cublas", action="store_true",
+                    help="only the kernel vs cuBLAS-form rows at prefill sizes")
+    a = ap.parse_args()
+    run_cublas_only() if a.cublas else run(a.quick)

@@ -18,8 +18,9 @@
 //  4096 runs neither: the "wide" kernel below does both phases in one pass over x (a 16-CTA
 //  cluster per 32-token tile, x kept in shared memory, the cross-CTA sums pipelined a tile
 //  behind through st.async and mbarriers).
-//  The one-pass kernel runs above kMhcDecodeMaxTokens = 64 tokens; from 9 to 64 tokens the
-//  chunked path runs (one chunk; measured faster there than the one-pass kernel, 2026-12-06).
+//  The one-pass kernel runs above kMhcDecodeMaxTokens = 64 tokens; up to 64, above the decode
+//  kernel's range (below), the chunked path runs (one chunk; measured faster there than the
+//  one-pass kernel, 2026-12-06).
 //  Decode (mhc_pre up to kMhcPreDecodeTokens = 16 tokens, mhc_head up to
 //  kMhcHeadDecodeTokens = 8) runs mhc_decode_kernel (below): ONE launch (after a memset of its
 //  arrival counters) whose projection is a split GEMV on CUDA cores over ~2 CTAs per SM, and

@@ -23,23 +23,27 @@ at::Tensor moe_swiglu_cuda(const at::Tensor& gu, const at::Tensor& weight, doubl
               gu.scalar_type());
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, kOp,
               "gu must be [pairs, 2 * n] (the gate half, then the up half), got ", gu.sizes());
-  TORCH_CHECK(gu.stride(1) == 1 || gu.size(1) <= 1, kOp,
-              "gu must have a contiguous last dimension, got stride ", gu.stride(1));
   TORCH_CHECK(weight.scalar_type() == at::kFloat, kOp, "weight must be float32, got ",
               weight.scalar_type());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == gu.size(0), kOp, "weight must be [",
               gu.size(0), "] (one routing weight per pair), got ", weight.sizes());
-  TORCH_CHECK(weight.stride(0) == 1 || weight.size(0) <= 1, kOp,
-              "weight must be contiguous, got stride ", weight.stride(0));
-  TORCH_CHECK(std::isfinite(limit) && limit >= 0, kOp,
-              "limit must be finite and >= 0 (0: no clamp), got ", limit);
+  // 0 or a positive float32 (a positive double that rounds to float 0 would clamp to 0 in the
+  // reference and not at all here)
+  TORCH_CHECK(std::isfinite(limit) && (limit == 0 || limit >= 1.1754943508222875e-38), kOp,
+              "limit must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, got ", limit);
   c10::cuda::CUDAGuard device_guard(gu.device());
   const int64_t pairs = gu.size(0), n = gu.size(1) / 2;
   at::Tensor h = at::empty({pairs, n}, gu.options());
   if (h.numel() == 0) return h;
+  // The kernel reads rows of 2n elements with a unit last stride at a row stride >= 2n; any
+  // other layout (a broadcast row, a transposed view) is copied into that form first.
+  const at::Tensor g = (gu.stride(1) == 1 && (pairs == 1 || gu.stride(0) >= 2 * n))
+                           ? gu : gu.contiguous();
+  const int64_t g_stride = pairs == 1 ? 2 * n : g.stride(0);
+  const at::Tensor w = weight.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gu.device().index()).stream();
-  C10_CUDA_CHECK(dsv4::moe_swiglu(gu.data_ptr(), gu.stride(0), weight.data_ptr<float>(),
-                                  h.data_ptr(), n, pairs, n, static_cast<float>(limit), stream));
+  C10_CUDA_CHECK(dsv4::moe_swiglu(g.data_ptr(), g_stride, w.data_ptr<float>(), h.data_ptr(), n,
+                                  pairs, n, static_cast<float>(limit), stream));
   return h;
 }
 

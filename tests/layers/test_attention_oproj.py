@@ -60,3 +60,56 @@ def test_project_takes_no_kernel_with_gradients(monkeypatch):
         z2 = layer._project(o, pos, layer.freqs(o.device))
     assert asked == [("grouped_oproj",)]
     torch.testing.assert_close(z2, z.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_cublas_path_is_never_taken_on_the_cpu(monkeypatch):
+    """The cuBLAS form of the output projection is a CUDA bf16 choice only (the CPU and fp32
+    models keep grouped_oproj's reference)."""
+    from dsv4.ops import grouped_oproj as go
+    monkeypatch.setenv("DSV4_OPROJ", "cublas")
+    o = torch.randn(3, 4, 64).to(torch.bfloat16)
+    assert not go._prefer_cublas(o, torch.arange(3), torch.ones(2, 8, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["kernel", "cublas", None])
+@pytest.mark.parametrize("T", [5, 2051])
+def test_output_projection_paths_within_the_bf16_rule(monkeypatch, mode, T):
+    """output_projection with the grouped_oproj kernel (DSV4_OPROJ=kernel), the cuBLAS form
+    (q_norm_rope by -angle, then the einsum; DSV4_OPROJ=cublas) and the default rule (the
+    cuBLAS form from OPROJ_CUBLAS_MIN_TOKENS tokens): each within 2x the bf16 reference's error
+    of the fp32 formula, on V4-Flash's head_dim 512 and rope_dim 64, positions up to 1M."""
+    from dsv4.layers.linear import Linear
+    from dsv4.layers.rope import rope_frequencies
+    from dsv4.ops import grouped_oproj as go
+
+    calls = []
+    orig = go.oproj_cublas
+    monkeypatch.setattr(go, "oproj_cublas", lambda *a: calls.append(1) or orig(*a))
+    if mode is not None:
+        monkeypatch.setenv("DSV4_OPROJ", mode)
+    H, hd, G, R = 16, 512, 4, 256
+    g = torch.Generator().manual_seed(T)
+    o = torch.randn(T, H, hd, generator=g).to(torch.bfloat16).cuda()
+    pos = torch.randint(0, 1 << 20, (T,), generator=g).cuda()
+    freqs = rope_frequencies(64, 160000.0, 65536, 16.0, 32.0, 1.0).cuda()
+    lin = Linear(H * hd // G, G * R)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(G * R, H * hd // G, generator=g) * 0.03)
+    lin = lin.to("cuda", torch.bfloat16)
+    w = lin.weight.view(G, R, -1)
+    old = dsv4.get_backend()
+    try:
+        dsv4.set_backend("cuda")
+        with torch.no_grad():
+            z = go.output_projection(o, pos, freqs, lin, G)
+    finally:
+        dsv4.set_backend(old)
+    cublas = mode == "cublas" or (mode is None and T >= go.OPROJ_CUBLAS_MIN_TOKENS)
+    assert bool(calls) == cublas, (mode, T, calls)
+    truth = go.grouped_oproj_reference(o.float(), pos, freqs, w.float(), None).double()
+    ref16 = go.grouped_oproj_reference(o, pos, freqs, w, None)
+    err = (z.double() - truth).abs().max().item()
+    err16 = (ref16.double() - truth).abs().max().item()
+    assert z.shape == (T, G, R) and z.dtype == torch.bfloat16 and torch.isfinite(z).all()
+    assert err <= 2 * err16 + 1e-6, (err, err16)

@@ -51,8 +51,9 @@ def test_reference_is_swiglu_clamped(limit):
     ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(4), 7.0), "one routing weight"),
     ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float64), 7.0),
      "float32"),
-    ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(3), -1.0), ">= 0"),
+    ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(3), -1.0), "must be 0"),
     ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(3), float("nan")), "finite"),
+    ((torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(3), 1e-50), "1.17549435e-38"),
 ])
 def test_bad_input_is_rejected(args, match):
     with pytest.raises(ValueError, match=match):
@@ -80,8 +81,8 @@ def test_cuda_kernel_gives_the_reference_bits(P, n, limit):
 
 @cuda
 def test_cuda_kernel_strided_rows_and_misaligned_start():
-    """gu as a column slice of a wider buffer (row stride 2n + 8), and one whose first element
-    is not 16-byte aligned (the scalar path)."""
+    """gu as a column slice of a wider buffer (row stride 2n + 8), and one with row stride 129
+    (not a multiple of 8: the scalar path)."""
     gu, w = _inputs(40, 64, 3)
     big = torch.zeros(40, 136, dtype=torch.bfloat16)
     big[:, :128] = gu
@@ -91,6 +92,27 @@ def test_cuda_kernel_strided_rows_and_misaligned_start():
     big2[:, 1:] = gu
     got = moe_swiglu(big2.cuda()[:, 1:], w.cuda(), 10.0)
     assert _same(got, moe_swiglu_reference(gu.cuda(), w.cuda(), 10.0))
+
+
+@cuda
+def test_cuda_kernel_layouts():
+    """Row strides that are multiples of 8 with a start 2 bytes off 16-byte alignment (the
+    alignment alone sends it to the scalar path), a broadcast row (stride 0) and a one-pair
+    view with a unit row stride (copied into rows first), a non-contiguous weight."""
+    gu, w = _inputs(40, 64, 4)
+    big = torch.zeros(40, 136, dtype=torch.bfloat16)
+    big[:, 1:129] = gu
+    got = moe_swiglu(big.cuda()[:, 1:129], w.cuda(), 10.0)
+    assert _same(got, moe_swiglu_reference(gu.cuda(), w.cuda(), 10.0))
+    row = gu[:1].cuda().expand(5, -1)
+    assert _same(moe_swiglu(row, w[:5].cuda(), 10.0),
+                 moe_swiglu_reference(row.contiguous(), w[:5].cuda(), 10.0))
+    col = torch.randn(128, 1).to(torch.bfloat16).cuda().t()     # [1, 128], strides (1, 1)
+    assert col.stride() == (1, 1)
+    assert _same(moe_swiglu(col, w[:1].cuda(), 10.0),
+                 moe_swiglu_reference(col.contiguous(), w[:1].cuda(), 10.0))
+    w2 = torch.stack([w, w], 1).cuda()[:, 0]                     # stride 2
+    assert _same(moe_swiglu(gu.cuda(), w2, 10.0), moe_swiglu_reference(gu.cuda(), w.cuda(), 10.0))
 
 
 @cuda

@@ -46,12 +46,38 @@ def test_split_rejects_a_non_fp32_weight():
 
 
 def test_use_split_rule(monkeypatch):
+    """The row rule (device-free) and DSV4_FP32_LINEAR's parse; a CPU or fp32 x never."""
+    from dsv4.ops.backend import env_choice
+
+    assert not S.split_rule(S.SPLIT_MIN_ROWS - 1) and S.split_rule(S.SPLIT_MIN_ROWS)
+    assert S.split_rule(1, "split") and not S.split_rule(10 ** 9, "fp32")
+    for raw, want in (("fp32", "fp32"), (" FP32 ", "fp32"), ("Split", "split"), ("", "")):
+        monkeypatch.setenv("DSV4_FP32_LINEAR", raw)
+        assert env_choice("DSV4_FP32_LINEAR", ("", "fp32", "split")) == want
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "off")
+    with pytest.warns(RuntimeWarning, match="DSV4_FP32_LINEAR='off' is not one of"):
+        assert env_choice("DSV4_FP32_LINEAR", ("", "fp32", "split")) == ""
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
     w = torch.randn(8, 16)
     x = torch.randn(S.SPLIT_MIN_ROWS, 16).to(torch.bfloat16)
     assert not S.use_split(x, w)                       # a CPU tensor never
-    monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
-    assert not S.use_split(x, w)
     assert not S.use_split(x.float(), w)               # an fp32 x never (not exact in bf16)
+
+
+def test_fp32_input_casts_unless_every_consumer_takes_the_split(monkeypatch):
+    """fp32_input hands x on uncast only when every linear of the input is a plain dsv4 Linear
+    for which the split path serves; a hook, another module or a native-format weight gets
+    x.float() (what they were promised)."""
+    monkeypatch.setattr(L, "_split_serves", lambda x, w: True)     # as on CUDA at 4096+ rows
+    a, b = L.Linear(16, 8, keep_fp32=True), L.Linear(16, 8, keep_fp32=True)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    assert L.fp32_input(x, (a, b)) is x
+    h = a.register_forward_pre_hook(lambda m, args: None)
+    assert L.fp32_input(x, (a, b)).dtype == torch.float32
+    h.remove()
+    assert L.fp32_input(x, (a, torch.nn.Linear(16, 8))).dtype == torch.float32
+    monkeypatch.setattr(L, "_split_serves", lambda x, w: False)
+    assert L.fp32_input(x, (a, b)).dtype == torch.float32
 
 
 @cuda
@@ -97,6 +123,7 @@ def test_dense_linear_routes_by_rows_and_env(monkeypatch):
     calls = []
     orig = S.linear_bf16x3
     monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: calls.append(x.shape) or orig(x, w))
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
     g = torch.Generator(device="cuda").manual_seed(9)
     w = torch.randn(64, 512, device="cuda", generator=g)
     big = torch.randn(S.SPLIT_MIN_ROWS, 512, device="cuda", generator=g).to(torch.bfloat16)

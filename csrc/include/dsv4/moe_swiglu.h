@@ -14,8 +14,9 @@
 
 namespace dsv4 {
 
-// gu:     [pairs, 2 * n] bf16, row p at gu + p * gu_stride (gu_stride >= 2 * n), 16-byte
-//         aligned rows when n % 8 == 0 (else any alignment: a scalar path)
+// gu:     [pairs, 2 * n] bf16, row p at gu + p * gu_stride (gu_stride >= 2 * n), any
+//         alignment (16-byte vectors when n, gu_stride and h_stride are multiples of 8 and gu,
+//         h are 16-byte aligned; else a scalar path)
 // weight: [pairs] fp32 (the routing weight of each pair), contiguous
 // h:      [pairs, n] bf16 output, row stride h_stride (>= n)
 // Returns cudaSuccess, cudaErrorInvalidValue (bad sizes or null pointers) or the launch error.

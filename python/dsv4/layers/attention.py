@@ -129,7 +129,8 @@ class Attention(ProjectionGroups, nn.Module):
         group = self.projection_group("compressor")
         if group is None:
             return None, None
-        ys = project(fp32_input(x, self.compressor.wkv), self._compressor_linears(), group)
+        linears = self._compressor_linears()
+        ys = project(fp32_input(x, linears), linears, group)
         return tuple(ys[:2]), (tuple(ys[2:]) if self.indexer is not None else None)
 
     def freqs(self, device: torch.device) -> torch.Tensor:
@@ -295,7 +296,7 @@ class Attention(ProjectionGroups, nn.Module):
             m = self.compress_ratio
             # both compressors' fp32 input (one cast, or x itself for the split bf16 GEMMs of
             # a prefill) and their projections (one GEMM fused)
-            xf = fp32_input(x, self.compressor.wkv)
+            xf = fp32_input(x, self._compressor_linears())
             proj, index_proj = self._compressor_projections(xf)
             if self.indexer is not None:
                 sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf,

@@ -97,7 +97,7 @@ class Compressor(nn.Module):
         """``(wkv(x.float()), wgate(x.float()))``: fp32 [n, coff·head_dim] each (§4.1); a bf16
         x at prefill size stays bf16 for the split bf16 GEMMs of
         :func:`dsv4.layers.linear.dense_linear` (the same products)."""
-        xf = fp32_input(x, self.wkv)
+        xf = fp32_input(x, (self.wkv, self.wgate))
         return self.wkv(xf), self.wgate(xf)
 
     def forward_batch(self, x: torch.Tensor, state: CompressorState, batch: StepBatch,

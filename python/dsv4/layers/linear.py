@@ -52,21 +52,25 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False)
 
 
 def _split_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`dense_linear` runs ``x @ weight.T`` as split bf16 GEMMs (bf16 x, fp32
-    weight, prefill size, the ``cuda`` backend: :func:`dsv4.ops.split_gemm.use_split`)."""
+    """Whether :func:`dense_linear` runs ``x @ weight.T`` as split bf16 GEMMs: bf16 x, fp32
+    weight, prefill size (:func:`dsv4.ops.split_gemm.use_split`), and the compressors' kernel
+    path on (the ``cuda`` backend with ``compress_kv`` callable: where the model runs the
+    reference, its projections stay PyTorch's fp32 GEMM)."""
     return (weight.dtype == torch.float32 and x.dtype == torch.bfloat16 and use_split(x, weight)
-            and use_kernels(x, ()))
+            and use_kernels(x, ("compress_kv",)))
 
 
-def fp32_input(x: torch.Tensor, linear: "Linear") -> torch.Tensor:
-    """``x`` as the fp32 linears of one input want it, for a caller that casts once for several
-    (the compressors' ``wkv`` / ``wgate``): ``x`` itself where :func:`dense_linear` would take
-    the split bf16 GEMMs for ``linear``'s weight, else ``x.float()`` (the same values either
-    way: the split path computes the products of the fp32-promoted x)."""
-    w = linear._parameters.get("weight")
-    if w is not None and _split_serves(x, w):
-        return x
-    return x.float()
+def fp32_input(x: torch.Tensor, linears) -> torch.Tensor:
+    """``x`` as the fp32 linears ``linears`` of one input want it, for a caller that casts once
+    for all of them (the compressors' ``wkv`` / ``wgate``): ``x`` itself when every one is a
+    plain dsv4 :class:`Linear` (no hook, no replaced forward) holding an fp32 parameter for
+    which :func:`dense_linear` takes the split bf16 GEMMs, else ``x.float()``. The same values
+    either way: the split path computes the products of the fp32-promoted x."""
+    for lin in linears:
+        w = lin._parameters.get("weight") if type(lin) is Linear else None
+        if w is None or not _called_plainly(lin) or not _split_serves(x, w):
+            return x.float()
+    return x
 
 
 class Linear(nn.Module):

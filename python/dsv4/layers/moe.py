@@ -31,14 +31,13 @@ import copy
 import dataclasses
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.backend import get_backend, may_call, use_kernels
+from ..ops.backend import env_choice, get_backend, may_call, use_kernels
 from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_combine_reference,
                        moe_dispatch_reference, moe_gate_reference)
 from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
@@ -526,8 +525,9 @@ def _prefer_grouped_mm(stack: "ExpertStack", pairs: int) -> bool:
     count, known on the host) run through torch._grouped_mm + moe_swiglu rather than the
     compiled moe_up / moe_down: at least GROUPED_MM_MIN_PAIRS_PER_EXPERT pairs per expert on
     average, torch._grouped_mm present and the moe_swiglu kernel callable. ``DSV4_MOE_GEMM``
-    (read at each call): ``kernel`` = never, ``grouped_mm`` = always (bf16), unset = the rule."""
-    mode = os.environ.get("DSV4_MOE_GEMM", "")
+    (read at each call): ``kernel`` = never, ``grouped_mm`` = always (bf16), unset = the rule
+    (another value: a warning, then the rule)."""
+    mode = env_choice("DSV4_MOE_GEMM", ("", "kernel", "grouped_mm"))
     if mode == "kernel" or stack.fmt is not None or stack.w_up.dtype != torch.bfloat16:
         return False
     if not hasattr(torch, "_grouped_mm") or not _swiglu_kernel_available():

@@ -142,13 +142,21 @@ _RUN_20261206D = (
     "on CUDA, NaN / inf / clamp / 70,000 pairs / strided and misaligned rows, opcheck), "
     "tests/layers/test_moe_paths.py with both expert-GEMM paths, tests/layers/test_moe.py, "
     "tests/runtime, tests/test_model_cuda.py and tests/test_golden.py: all passed")
+_RUN_20261206E = (
+    "2026-12-06 (third session, last call), on an H100 80GB, csrc of mhc 7963f11e (record C's "
+    "sources with one comment of mhc.cu corrected) and moe_swiglu 358e7bfb (record D's kernel; "
+    "the glue now copies a broadcast / transposed gu and a strided weight into rows, and takes "
+    "limit 0 or a normal float32): in parallel pytest processes, every CUDA test of "
+    "tests/ops/test_mhc_ops.py (with its child runs), test_moe_swiglu.py, test_split_gemm.py, "
+    "test_grouped_oproj.py, tests/layers, tests/test_model_cuda.py, tests/runtime/"
+    "test_engine_cuda.py and test_graph_step_cuda.py, test_model_fuse_projections_cuda.py and "
+    "tests/test_golden.py (319 passed); the C++ check mhc: PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk")},
-    **{op: _RUN_20261206C for op in ("mhc_pre", "mhc_post", "mhc_head")},
-    **{op: _RUN_20261206D for op in ("moe_swiglu",)},
+    **{op: _RUN_20261206E for op in ("mhc_pre", "mhc_post", "mhc_head", "moe_swiglu")},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
@@ -156,8 +164,8 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
 # VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
 # 2026-12-05G run (csrc ffa9e332), the GEMM ops from the 2026-12-06A run, sparse_attn /
-# hca_attn and the MoE routing ops from the 2026-12-06B run, the mHC ops from the 2026-12-06C
-# run, moe_swiglu from the 2026-12-06D run. A run that verifies some ops
+# hca_attn and the MoE routing ops from the 2026-12-06B run, the mHC ops and moe_swiglu from
+# the 2026-12-06E run (after the C and D runs of their earlier sources). A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
@@ -174,10 +182,10 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
-    "mhc_post": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
-    "mhc_head": "42baed00f4029b41c3eeef3311e5439794d216b069106ed7cf144797cf21c7e9",
-    "moe_swiglu": "a6abe75420b7688e1e5c255d271a15aee0bd1d0b510dc975267ac5053aab0173",
+    "mhc_pre": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
+    "mhc_post": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
+    "mhc_head": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
+    "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
@@ -188,6 +196,26 @@ VERIFIED_SOURCE_DIGEST = "00abaea6fce7b2924ecb6fefaa2853a85cc0fe3f0b71e6e0181664
 _UNVERIFIED_ENV = "DSV4_UNVERIFIED_KERNELS"
 _ENV_TRUE = ("1", "true", "yes", "on")
 _ENV_FALSE = ("", "0", "false", "no", "off")
+
+
+_warned_env: set = set()
+
+
+def env_choice(name: str, accepted: tuple[str, ...]) -> str:
+    """The value of environment variable ``name``, stripped and lower-cased, when it is one of
+    ``accepted`` ("" stands for unset); otherwise "" (the caller's default rule) after a
+    one-time RuntimeWarning naming the accepted values. For the per-call switches of the
+    Python-side path choices (``DSV4_FP32_LINEAR``, ``DSV4_MOE_GEMM``, ``DSV4_OPROJ``)."""
+    raw = os.environ.get(name, "")
+    v = raw.strip().lower()
+    if v in accepted:
+        return v
+    if (name, raw) not in _warned_env:
+        _warned_env.add((name, raw))
+        warnings.warn(f"dsv4: {name}={raw!r} is not one of "
+                      f"{', '.join(repr(a) for a in accepted if a)} (or unset); using the "
+                      "default rule", RuntimeWarning, stacklevel=3)
+    return ""
 
 
 def _initial_unverified() -> bool:

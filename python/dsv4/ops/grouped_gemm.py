@@ -421,6 +421,7 @@ register_op("moe_down_out", MOE_DOWN_OUT_SCHEMA, _moe_down_out_ref, _moe_down_ou
 # moe_swiglu
 # ---------------------------------------------------------------------------------------------
 MOE_SWIGLU_SCHEMA = "(Tensor gu, Tensor weight, float limit) -> Tensor"
+_FLT_MIN = 1.1754943508222875e-38   # the smallest normal float32: the kernel clamps in float32
 
 
 def _check_swiglu(gu, weight, limit, check) -> None:
@@ -431,8 +432,9 @@ def _check_swiglu(gu, weight, limit, check) -> None:
     check(weight.dtype == torch.float32 and weight.dim() == 1 and weight.shape[0] == gu.shape[0],
           lambda: f"moe_swiglu: weight must be float32 [{gu.shape[0] if gu.dim() else '?'}] (one "
                   f"routing weight per pair), got {weight.dtype} {tuple(weight.shape)}")
-    check(math.isfinite(limit) and limit >= 0,
-          lambda: f"moe_swiglu: limit must be finite and >= 0 (0: no clamp), got {limit}")
+    check(math.isfinite(limit) and (limit == 0 or limit >= _FLT_MIN),
+          lambda: f"moe_swiglu: limit must be 0 (no clamp) or a finite float32 >= "
+                  f"1.17549435e-38, got {limit}")
 
 
 def moe_swiglu_reference(gu: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:

@@ -15,7 +15,12 @@ rounds the rotated o to o's dtype (as the layer does) and computes the einsum in
 exactly dequantised weight, rounded once. ``wo_b`` stays an ordinary (FP8) linear on z.
 
 On CUDA (bf16 o, rope_dim 64, head_dim a multiple of 64) the grouped GEMM kernel applies the
-inverse RoPE while loading o (no rotated copy of o in memory) and streams wo_a's bytes.
+inverse RoPE while loading o (no rotated copy of o in memory) and streams wo_a's bytes. At
+prefill size with a bf16 ``wo_a``, :func:`output_projection` (the layer's entry) instead writes
+the rotated o once (``q_norm_rope`` without the norm, rotating by -angle) and runs the einsum
+on cuBLAS (:func:`oproj_cublas`; from ``OPROJ_CUBLAS_MIN_TOKENS`` tokens, where cuBLAS's
+batched GEMM outruns the dsv4 tile; ``DSV4_OPROJ=kernel`` / ``cublas``, read per call, forces
+one): the same formula, the rotated o rounded to bf16 as the reference rounds it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ import torch
 from ._ext import register_op
 from .grouped_gemm import dequantize_experts, expert_weight_format
 
-__all__ = ["grouped_oproj", "grouped_oproj_reference", "output_projection",
-           "GROUPED_OPROJ_SCHEMA", "GROUPED_OPROJ_OUT_SCHEMA"]
+__all__ = ["grouped_oproj", "grouped_oproj_reference", "output_projection", "oproj_cublas",
+           "OPROJ_CUBLAS_MIN_TOKENS", "GROUPED_OPROJ_SCHEMA", "GROUPED_OPROJ_OUT_SCHEMA"]
+
+#: Tokens from which :func:`output_projection` takes :func:`oproj_cublas` for a bf16 wo_a:
+#: H100, 2026-12-06 (bench_gemm oproj --cublas): 1.5% slower than the kernel at 1024 tokens,
+#: equal at 2048, 5-7% faster from 4096 to 16384.
+OPROJ_CUBLAS_MIN_TOKENS = 4096
 
 _ARGS = "(Tensor o, Tensor positions, Tensor freqs, Tensor wo_a, Tensor? wo_a_scale"
 GROUPED_OPROJ_SCHEMA = _ARGS + ") -> Tensor"
@@ -159,5 +169,38 @@ def output_projection(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Ten
         w = wo_a.weight.view(G, R, Dg)
         if w.dtype != o.dtype:
             w = w.to(o.dtype)
-    z = grouped_oproj(o.reshape(-1, H, hd), positions.reshape(-1), freqs, w, scale)
+    o2, pos = o.reshape(-1, H, hd), positions.reshape(-1)
+    if scale is None and _prefer_cublas(o2, pos, w):
+        return oproj_cublas(o2, pos, freqs, w).view(*lead, G, R)
+    z = grouped_oproj(o2, pos, freqs, w, scale)
     return z.view(*lead, G, R)
+
+
+def _prefer_cublas(o: torch.Tensor, positions: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`output_projection` runs :func:`oproj_cublas`: bf16 o and wo_a on CUDA,
+    int32 / int64 positions, ``q_norm_rope``'s kernel callable, at least
+    ``OPROJ_CUBLAS_MIN_TOKENS`` tokens (``DSV4_OPROJ`` = ``kernel``: never, ``cublas``: at any
+    size)."""
+    from .backend import env_choice, use_kernels
+
+    mode = env_choice("DSV4_OPROJ", ("", "kernel", "cublas"))
+    if mode == "kernel" or not (o.is_cuda and o.dtype == torch.bfloat16 == w.dtype):
+        return False
+    if mode != "cublas" and o.shape[0] < OPROJ_CUBLAS_MIN_TOKENS:
+        return False
+    return (o.shape[-1] in (64, 128, 256, 512) and
+            positions.dtype in (torch.int32, torch.int64) and use_kernels(o, ("q_norm_rope",)))
+
+
+def oproj_cublas(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+                 wo_a: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_oproj_reference`'s formula for bf16 o [T, H, hd] on CUDA and a bf16 wo_a
+    [G, R, Dg]: the inverse RoPE written once (``q_norm_rope`` without the norm, by -angle:
+    ``apply_rope(..., inverse=True)``'s rotation, rounded to bf16 as the reference rounds it),
+    then the grouped einsum on cuBLAS (fp32 accumulation, rounded once). Returns z [T, G, R]."""
+    from .qkv_rope import QUANT_NONE, q_norm_rope
+
+    T, H, hd = o.shape
+    G, R, Dg = wo_a.shape
+    o_rot = q_norm_rope(o, positions, -freqs, 0.0, norm=False, quant=QUANT_NONE)
+    return torch.einsum("tgd,grd->tgr", o_rot.view(T, G, Dg), wo_a)

@@ -12,8 +12,7 @@ weight is split once per call into three bf16 terms,
 (exact where the three terms lie in fp32's normal range, i.e. for all |w| above ~2^-110, and
 off by less than 2^-126 below: each term takes the next 8 significant bits of the 24, the
 differences are exact in fp32), and ``x @ w.T`` = ``x @ lo.T + x @ mid.T + x @ hi.T`` runs as
-three bf16 tensor-core GEMMs with fp32 output, accumulated through the output (cuBLAS
-``beta = 1``), smallest term first. A bf16 x bf16 product has at most 16 significant bits, so every product is the fp32
+three bf16 tensor-core GEMMs with fp32 output, summed in fp32, smallest term first. A bf16 x bf16 product has at most 16 significant bits, so every product is the fp32
 product of the original operands; what differs from an fp32 GEMM is how the sums round: the
 tensor cores add with fewer guard bits than an FMA chain, so the split result carries a few
 bits less (H100, K = 4096, outputs of magnitude ~1: max |error| against fp64 2.6-3.1e-5, the
@@ -27,26 +26,41 @@ prefill, bound by the host, its ~10 extra launches per call cost more wall time 
 of GPU time it saved (H100, dsv4 bench 1 x 2048: 5% slower in two runs), so :func:`use_split`
 asks for ``SPLIT_MIN_ROWS`` = 4096 rows.
 ``DSV4_FP32_LINEAR`` (read at each call): ``split`` forces the split path for any row count,
-``fp32`` turns it off (PyTorch's fp32 GEMM), unset = the row rule. The split path needs
-``torch.mm(..., out_dtype=torch.float32)`` (CUDA, torch >= 2.9); without it the fp32 GEMM runs.
+``fp32`` turns it off (PyTorch's fp32 GEMM), unset = the row rule (another value: a warning,
+then the rule). The split path needs ``torch.mm(..., out_dtype=torch.float32)`` (CUDA; an
+older torch without that overload runs the fp32 GEMM). The weight is split at every call
+(~5 elementwise passes over it, small beside a GEMM of 4096+ rows); for the release's
+bf16-exact compressor weights ``mid`` and ``lo`` are zero and two of the three GEMMs add
+nothing (a cached ``hi`` would make it one GEMM, at the cost of holding it: not done).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-__all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "SPLIT_MIN_ROWS"]
+from .backend import env_choice
+
+__all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "split_rule", "SPLIT_MIN_ROWS"]
 
 #: Fewest rows of x for which the split path runs by default (module doc: measured crossover).
 SPLIT_MIN_ROWS = 4096
+
+_MODES = ("", "fp32", "split")
+
+
+def split_rule(rows: int, mode: str = "") -> bool:
+    """The row rule of :func:`use_split` once the operands qualify: ``mode`` "fp32" never,
+    "split" always, "" (unset) from ``SPLIT_MIN_ROWS`` rows."""
+    if mode == "fp32":
+        return False
+    return mode == "split" or rows >= SPLIT_MIN_ROWS
 
 
 def split_bf16x3(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hi, mid, lo) bf16 with ``hi.float() + mid.float() + lo.float() == w`` exactly for
     finite fp32 w whose terms stay in the normal range (bf16 shares fp32's exponents; below
-    it the sum is off by less than 2^-126)."""
+    it the sum is off by less than 2^-126) and |w| below bf16's largest finite value,
+    ~3.39e38 (above it ``hi`` rounds to inf)."""
     if w.dtype != torch.float32:
         raise ValueError(f"split_bf16x3: w must be float32, got {w.dtype}")
     hi = w.to(torch.bfloat16)
@@ -57,30 +71,29 @@ def split_bf16x3(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _has_mm_out_dtype() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+    return hasattr(torch.ops.aten.mm, "dtype")
 
 
 def use_split(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`linear_bf16x3` serves ``x @ w.T``: bf16 x and fp32 w on CUDA, no gradient
-    needed, at least ``SPLIT_MIN_ROWS`` rows (``DSV4_FP32_LINEAR`` overrides the row rule)."""
-    mode = os.environ.get("DSV4_FP32_LINEAR", "")
-    if mode == "fp32":
-        return False
+    needed, and :func:`split_rule` on x's rows and ``DSV4_FP32_LINEAR`` (read at each call)."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.float32
             and w.dim() == 2 and x.shape[-1] == w.shape[1] and _has_mm_out_dtype()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
     rows = x.numel() // max(1, x.shape[-1])
-    return mode == "split" or rows >= SPLIT_MIN_ROWS
+    return split_rule(rows, env_choice("DSV4_FP32_LINEAR", _MODES))
 
 
 def linear_bf16x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x.float() @ w.T`` (fp32 [..., N]) for bf16 ``x`` [..., K] and fp32 ``w`` [N, K], as
-    three bf16 tensor-core GEMMs on the exact split of ``w`` (module doc)."""
+    three bf16 tensor-core GEMMs on the exact split of ``w`` (module doc), each with fp32
+    output, summed smallest term first (in place; an fp32 add rounds ``acc + y`` once, as a
+    GEMM's beta = 1 epilogue would)."""
     hi, mid, lo = split_bf16x3(w)
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.mm(x2, lo.t(), out_dtype=torch.float32)
-    y = torch.addmm(y, x2, mid.t(), out_dtype=torch.float32)
-    y = torch.addmm(y, x2, hi.t(), out_dtype=torch.float32)
+    y += torch.mm(x2, mid.t(), out_dtype=torch.float32)
+    y += torch.mm(x2, hi.t(), out_dtype=torch.float32)
     return y.view(*x.shape[:-1], w.shape[0])
