@@ -425,16 +425,11 @@ def test_decode_kernel_is_the_one_that_runs(monkeypatch):
     assert names and not any("mhc_decode_kernel" in n for n in names), names
 
 
-@cuda
-@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
-@pytest.mark.parametrize("T,d", [(9, 4096), (17, 1024), (33, 8), (40, 136), (63, 4096),
-                                 (64, 4096)])
-def test_decode_kernel_up_to_64_tokens(monkeypatch, T, d):
-    """DSV4_MHC_DECODE=all: the decode kernel where the default rule takes the chunked path
-    (mhc_head above 8 tokens, mhc_pre above 16; groups of 4 up to 32 tokens, then up to 8 groups
-    with a short last one): against the fp32 reference with the 2x-bf16 rule, post and comb to
-    2e-5."""
-    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 3 * T + d)
+def _check_decode_kernel(monkeypatch, T, d, seed):
+    """mhc_pre / mhc_head at (T, d) with DSV4_MHC_DECODE=all (the decode kernel up to 64
+    tokens for both ops) into NaN-filled outputs: u and y against the fp32 reference with the
+    2x-bf16 rule, post and comb to 2e-5."""
+    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, seed)
     u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
     u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
     y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
@@ -455,6 +450,18 @@ def test_decode_kernel_up_to_64_tokens(monkeypatch, T, d):
 
 @cuda
 @pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
+@pytest.mark.parametrize("T,d", [(9, 4096), (17, 1024), (33, 8), (40, 136), (63, 4096),
+                                 (64, 4096)])
+def test_decode_kernel_up_to_64_tokens(monkeypatch, T, d):
+    """DSV4_MHC_DECODE=all: the decode kernel where the default rule takes the chunked path
+    (mhc_head above 8 tokens, mhc_pre above 16; groups of 4 up to 32 tokens, then up to 8 groups
+    with a short last one): against the fp32 reference with the 2x-bf16 rule, post and comb to
+    2e-5."""
+    _check_decode_kernel(monkeypatch, T, d, 3 * T + d)
+
+
+@cuda
+@pytest.mark.skipif(not DECODE_NEW, reason="this is the DSV4_MHC_DECODE=old child run")
 @pytest.mark.parametrize("group", ["1", "3", "8"])
 @pytest.mark.parametrize("T,d", [(8, 4096), (13, 136), (64, 4096)])
 def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
@@ -462,24 +469,8 @@ def test_decode_kernel_every_group_size(monkeypatch, group, T, d):
     8 at T = 64): a token per group, groups of 3 with a short last one, groups of 8 (one short
     group at T = 8 and 13): u and y against the fp32 reference with the 2x-bf16 rule, post and
     comb to 2e-5."""
-    x, fn, scale, base, (hfn, hscale, hbase) = _inputs(T, d, 5 * T + d)
-    u32, post32, comb32 = hc_pre_reference(x.float(), fn, scale, base, 1e-6, 20, 1e-6)
-    u16 = hc_pre_reference(x, fn, scale, base, 1e-6, 20, 1e-6)[0]
-    y32 = hc_head_reference(x.float(), hfn, hscale, hbase, 1e-6, 1e-6)
-    y16 = hc_head_reference(x, hfn, hscale, hbase, 1e-6, 1e-6)
-    dev = [t.cuda() for t in (x, fn, scale, base, hfn, hscale, hbase)]
-    monkeypatch.setenv("DSV4_MHC_DECODE", "all")      # T = 13 / 64: the decode kernel for both
     monkeypatch.setenv("DSV4_MHC_DECODE_GROUP", group)
-    u = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-    post = torch.full((T, 4), float("nan"), device="cuda")
-    comb = torch.full((T, 4, 4), float("nan"), device="cuda")
-    ops.mhc_pre_out(*dev[:4], 1e-6, 20, 1e-6, u=u, post=post, comb=comb)
-    _assert_2x_bf16(u, u32, u16, "u")
-    torch.testing.assert_close(post.cpu(), post32, atol=2e-5, rtol=0)
-    torch.testing.assert_close(comb.cpu(), comb32, atol=2e-5, rtol=0)
-    y = torch.full((T, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-    ops.mhc_head_out(dev[0], *dev[4:], 1e-6, 1e-6, y=y)
-    _assert_2x_bf16(y, y32, y16, "head")
+    _check_decode_kernel(monkeypatch, T, d, 5 * T + d)   # T = 13 / 64: the decode kernel
 
 
 @cuda
