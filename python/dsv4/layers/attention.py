@@ -121,16 +121,15 @@ class Attention(ProjectionGroups, nn.Module):
         qa, kv, *w = project(x, linears, group)
         return qa, kv, (w[0] if w else None)
 
-    def _compressor_projections(self, x: torch.Tensor) -> tuple:
-        """On ``x.float()`` (x [n, dim]; see :func:`fp32_input`) when the "compressor" group is
-        fused: (the compressor's (wkv, wgate) outputs, the indexer compressor's or None), from
-        one GEMM when it serves; (None, None) unfused (each compressor projects its input
-        itself)."""
+    def _compressor_projections(self, xf: torch.Tensor) -> tuple:
+        """On ``xf`` [n, dim] (x as :func:`fp32_input` prepares it for the compressors'
+        linears) when the "compressor" group is fused: (the compressor's (wkv, wgate) outputs,
+        the indexer compressor's or None), from one GEMM when it serves; (None, None) unfused
+        (each compressor projects its input itself)."""
         group = self.projection_group("compressor")
         if group is None:
             return None, None
-        linears = self._compressor_linears()
-        ys = project(fp32_input(x, linears), linears, group)
+        ys = project(xf, self._compressor_linears(), group)
         return tuple(ys[:2]), (tuple(ys[2:]) if self.indexer is not None else None)
 
     def freqs(self, device: torch.device) -> torch.Tensor:
@@ -222,7 +221,8 @@ class Attention(ProjectionGroups, nn.Module):
             idx = window_indices(s, n, W, x.device)
             parts = [cache.ring_keys(slot), kv_new]
             if self.compress_ratio:
-                proj, index_proj = self._compressor_projections(x[t0:t1])
+                proj, index_proj = self._compressor_projections(
+                    fp32_input(x[t0:t1], self._compressor_linears()))
                 if self.indexer is not None:
                     comp = self.indexer(x[t0:t1], qr[t0:t1], cache.indexer, slot, s, freqs,
                                         table, None if index_w is None else index_w[t0:t1],

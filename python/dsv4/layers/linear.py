@@ -56,8 +56,7 @@ def _split_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     weight, prefill size (:func:`dsv4.ops.split_gemm.use_split`), and the compressors' kernel
     path on (the ``cuda`` backend with ``compress_kv`` callable: where the model runs the
     reference, its projections stay PyTorch's fp32 GEMM)."""
-    return (weight.dtype == torch.float32 and x.dtype == torch.bfloat16 and use_split(x, weight)
-            and use_kernels(x, ("compress_kv",)))
+    return use_split(x, weight) and use_kernels(x, ("compress_kv",))
 
 
 def fp32_input(x: torch.Tensor, linears) -> torch.Tensor:

@@ -504,7 +504,7 @@ def experts_grouped_mm(x: torch.Tensor, row_ids: torch.Tensor, offsets: torch.Te
     gu = torch._grouped_mm(xin[row_ids.long()], stack.w_up.view(E, 2 * N, K).transpose(1, 2),
                            offs=offs)
     if x.dtype == torch.bfloat16 and _swiglu_kernel_available():
-        h = _dsv4.moe_swiglu(gu, route_weight.float().contiguous(), swiglu_limit)
+        h = _dsv4.moe_swiglu(gu, route_weight.float(), swiglu_limit)
     else:
         h = swiglu_clamped(gu[:, :N], gu[:, N:], swiglu_limit, route_weight[:, None], x.dtype)
     if down_q:

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ._ext import register_op
+from .backend import env_choice, use_kernels
 from .grouped_gemm import dequantize_experts, expert_weight_format
 
 __all__ = ["grouped_oproj", "grouped_oproj_reference", "output_projection", "oproj_cublas",
@@ -181,15 +182,15 @@ def _prefer_cublas(o: torch.Tensor, positions: torch.Tensor, w: torch.Tensor) ->
     int32 / int64 positions, ``q_norm_rope``'s kernel callable, at least
     ``OPROJ_CUBLAS_MIN_TOKENS`` tokens (``DSV4_OPROJ`` = ``kernel``: never, ``cublas``: at any
     size)."""
-    from .backend import env_choice, use_kernels
+    from .qkv_rope import HEAD_DIMS  # lazy: qkv_rope imports the layers, which import this
 
     mode = env_choice("DSV4_OPROJ", ("", "kernel", "cublas"))
     if mode == "kernel" or not (o.is_cuda and o.dtype == torch.bfloat16 == w.dtype):
         return False
     if mode != "cublas" and o.shape[0] < OPROJ_CUBLAS_MIN_TOKENS:
         return False
-    return (o.shape[-1] in (64, 128, 256, 512) and
-            positions.dtype in (torch.int32, torch.int64) and use_kernels(o, ("q_norm_rope",)))
+    return (o.shape[-1] in HEAD_DIMS and positions.dtype in (torch.int32, torch.int64) and
+            use_kernels(o, ("q_norm_rope",)))
 
 
 def oproj_cublas(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
@@ -198,7 +199,7 @@ def oproj_cublas(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     [G, R, Dg]: the inverse RoPE written once (``q_norm_rope`` without the norm, by -angle:
     ``apply_rope(..., inverse=True)``'s rotation, rounded to bf16 as the reference rounds it),
     then the grouped einsum on cuBLAS (fp32 accumulation, rounded once). Returns z [T, G, R]."""
-    from .qkv_rope import QUANT_NONE, q_norm_rope
+    from .qkv_rope import QUANT_NONE, q_norm_rope  # lazy: see _prefer_cublas
 
     T, H, hd = o.shape
     G, R, Dg = wo_a.shape
