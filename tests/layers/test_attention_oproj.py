@@ -62,15 +62,6 @@ def test_project_takes_no_kernel_with_gradients(monkeypatch):
     torch.testing.assert_close(z2, z.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_cublas_path_is_never_taken_on_the_cpu(monkeypatch):
-    """The cuBLAS form of the output projection is a CUDA bf16 choice only (the CPU and fp32
-    models keep grouped_oproj's reference)."""
-    from dsv4.ops import grouped_oproj as go
-    monkeypatch.setenv("DSV4_OPROJ", "cublas")
-    o = torch.randn(3, 4, 64).to(torch.bfloat16)
-    assert not go._prefer_cublas(o, torch.arange(3), torch.ones(2, 8, 128, dtype=torch.bfloat16))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["kernel", "cublas", None])
 @pytest.mark.parametrize("T", [5, 2051])

@@ -198,7 +198,10 @@ def oproj_cublas(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
     """:func:`grouped_oproj_reference`'s formula for bf16 o [T, H, hd] on CUDA and a bf16 wo_a
     [G, R, Dg]: the inverse RoPE written once (``q_norm_rope`` without the norm, by -angle:
     ``apply_rope(..., inverse=True)``'s rotation, rounded to bf16 as the reference rounds it),
-    then the grouped einsum on cuBLAS (fp32 accumulation, rounded once). Returns z [T, G, R]."""
+    then the grouped einsum on cuBLAS (fp32 accumulation, rounded once). Returns z [T, G, R]
+    bf16. Raises ValueError (from q_norm_rope) for a head_dim outside 64 / 128 / 256 / 512,
+    positions that are not int32 / int64 [T] or freqs not float32 [rope_dim / 2]; torch's
+    RuntimeError when H·hd is not G·Dg."""
     from .qkv_rope import QUANT_NONE, q_norm_rope  # lazy: see _prefer_cublas
 
     T, H, hd = o.shape

@@ -90,7 +90,9 @@ def linear_bf16x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x.float() @ w.T`` (fp32 [..., N]) for bf16 ``x`` [..., K] and fp32 ``w`` [N, K], as
     three bf16 tensor-core GEMMs on the exact split of ``w`` (module doc), each with fp32
     output, summed smallest term first (in place; an fp32 add rounds ``acc + y`` once, as a
-    GEMM's beta = 1 epilogue would)."""
+    GEMM's beta = 1 epilogue would). No checks of its own (:func:`use_split` decides when it
+    applies); mismatched shapes or dtypes raise torch's RuntimeError from ``torch.mm``, and
+    ``split_bf16x3``'s ValueError for a non-fp32 ``w``."""
     hi, mid, lo = split_bf16x3(w)
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.mm(x2, lo.t(), out_dtype=torch.float32)
