@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ from ..ops.backend import use_kernels
 from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
 from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
+from .branch import Branch
 from .compressor import Compressor, complete_entries
 from .indexer import Indexer
 from ..ops.norm import rms_norm_reference
@@ -151,10 +154,10 @@ class Attention(ProjectionGroups, nn.Module):
         qa, kv, index_w = self._input_projections(x)
         qr = self.q_norm(qa, kernel=kernels)   # one rms_norm launch on the kernel path
         del qa                                 # (its storage: freed unless fused with kv's)
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         if kernels:
-            o = self._attend_kernels(x, qr, q, kv, cache, batch, freqs, index_w)
+            o = self._attend_kernels(x, qr, kv, cache, batch, freqs, index_w)
         else:
+            q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
             # §3.2: weight-free per-head RMSNorm, RoPE; §3.3: kv_norm, RoPE, FP8 simulation.
             q = apply_rope(rms_norm_reference(q, None, c.norm_eps), pos[:, None], freqs)
             kv = apply_rope(self.kv_norm(kv), pos, freqs)
@@ -243,14 +246,16 @@ class Attention(ProjectionGroups, nn.Module):
             t0 = t1
         return o
 
-    def _attend_kernels(self, x, qr, q_raw, kv_raw, cache: LayerCache, batch: StepBatch,
+    def _attend_kernels(self, x, qr, kv_raw, cache: LayerCache, batch: StepBatch,
                         freqs, index_w=None) -> torch.Tensor:
         """The kernel core for the whole step in one launch per op, from device tensors only
         (no host synchronisation; shapes depend on host-side sizes of ``batch`` alone).
 
-        ``q_raw`` [T, heads, head_dim] / ``kv_raw`` [T, head_dim] are the ``wq_b`` / ``wkv``
-        outputs: ``q_norm_rope`` and ``kv_norm_rope`` finish the q and kv paths in one pass
-        each (§3.2, §3.3). Keys live in two scopes. Main scope: in a decode step (every row at
+        ``qr`` [T, q_lora_rank] is the normed q latent, ``kv_raw`` [T, head_dim] the ``wkv``
+        output: ``wq_b`` + ``q_norm_rope`` and ``kv_norm_rope`` finish the q and kv paths in
+        one pass each (§3.2, §3.3). A compressed layer at decode size runs its compressors
+        and (CSA) indexer beside them, on a side branch (:mod:`dsv4.layers.branch`) joined
+        before the attention. Keys live in two scopes. Main scope: in a decode step (every row at
         most one new token) ``kv_norm_rope`` writes the new keys into the window rings and the
         rings of all slots are the scope, in place; otherwise the rings of the step's rows
         followed by the step's new keys (``[B·window_size + T, head_dim]``, a copy), and the
@@ -265,8 +270,14 @@ class Attention(ProjectionGroups, nn.Module):
         c = self.config
         T, B, W = batch.num_tokens, batch.num_rows, self.window_size
         if T == 0:
-            return torch.zeros_like(q_raw)
+            return x.new_zeros(0, self.n_heads, self.head_dim)
+        sel = entries = extra_len = None
+        branch = Branch(x, enabled=bool(self.compress_ratio) and cache.compressor.paged)
+        if branch.active:
+            with branch:
+                sel = self._compress(x, qr, cache, batch, freqs, index_w)
         rows, pos, slot_t = _token_meta(batch)
+        q_raw = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
         quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
         if cache.kv_fp8:
@@ -291,29 +302,23 @@ class Attention(ProjectionGroups, nn.Module):
                                     quant)
             main_kv = torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1),
                                  kv], dim=0)
-        sel = entries = extra_len = None
-        if self.compress_ratio:
-            m = self.compress_ratio
-            # both compressors' fp32 input (one cast, or x itself for the split bf16 GEMMs of
-            # a prefill) and their projections (one GEMM fused)
-            xf = fp32_input(x, self._compressor_linears())
-            proj, index_proj = self._compressor_projections(xf)
-            if self.indexer is not None:
-                sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf,
-                                                 index_w, index_proj)
-            self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
-            del proj, index_proj      # consumed: not held through the attention below
-            if cache.compressor.entries.shape[1]:     # (a dense store may still be empty)
-                entries = cache.compressor.entries
-            if self.indexer is None:   # HCA: every complete entry, causal per query
-                extra_len = complete_entries(batch, m)
-        # The index lists are built for blocks of queries so that their size stays bounded;
-        # a decode step or an ordinary prefill is a single block. A decode step's window
-        # indices are the same in every layer: built once per step.
-        step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
+        if self.compress_ratio and not branch.active:
+            sel = self._compress(x, qr, cache, batch, freqs, index_w)
+        # A decode step's window indices are the same in every layer: built once per step.
         if batch.decode:
             win_all = batch.shared(("window_indices", W), lambda: _window_indices(
                 batch, slice(0, T), W, rows, pos, slot_t))
+        if self.compress_ratio:
+            if self.indexer is None:   # HCA: every complete entry, causal per query
+                extra_len = complete_entries(batch, self.compress_ratio)
+            elif branch.active:        # (the block starts of the picks' rows, while it runs)
+                _block_starts(batch, cache.compressor.entries.shape[1])
+        branch.join()
+        if self.compress_ratio and cache.compressor.entries.shape[1]:
+            entries = cache.compressor.entries    # (a dense store may still be empty)
+        # The index lists are built for blocks of queries so that their size stays bounded;
+        # a decode step or an ordinary prefill is a single block.
+        step = max(1, _INDEX_ELEMENTS // (W + (sel.shape[1] if sel is not None else 0)))
         outs = []
         for t0 in range(0, T, step):
             blk = slice(t0, min(T, t0 + step))
@@ -328,8 +333,7 @@ class Attention(ProjectionGroups, nn.Module):
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
                 bs = entries.shape[1]
-                starts = batch.shared(("block_starts", bs), lambda: kv_cache.block_starts(
-                    batch.block_table, bs, dtype=torch.int32))
+                starts = _block_starts(batch, bs)
                 extra_idx = kv_cache.paged_rows_from(starts, rows[blk, None], sel[blk],
                                                      bs)   # int32, as the kernels take
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
@@ -350,6 +354,22 @@ class Attention(ProjectionGroups, nn.Module):
                              kv.index_select(0, src))
         return out
 
+    def _compress(self, x, qr, cache: LayerCache, batch: StepBatch, freqs,
+                  index_w=None) -> Optional[torch.Tensor]:
+        """The compressed layer's work on the step's tokens (kernel path): both compressors'
+        fp32 input (one cast, or x itself for the split bf16 GEMMs of a prefill) and their
+        projections (one GEMM when fused), the indexer's top-k (CSA) and the compressed stores'
+        updates. Returns the indexer's picks (int32 [T, index_topk] logical entries; None on
+        HCA layers)."""
+        xf = fp32_input(x, self._compressor_linears())
+        proj, index_proj = self._compressor_projections(xf)
+        sel = None
+        if self.indexer is not None:
+            sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf, index_w,
+                                             index_proj)
+        self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
+        return sel
+
 
 def _token_meta(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows int64 [T]: each token's step row; pos [T], slot_t [T]: its position and cache
@@ -361,6 +381,13 @@ def _token_meta(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         return rows, batch.pos, batch.shared(("token_slots",), lambda: batch.slots[rows])
     return (rows, batch.shared(("pos",), lambda: batch.pos.long()),
             batch.shared(("token_slots",), lambda: batch.slots.long()[rows]))
+
+
+def _block_starts(batch: StepBatch, block_size: int) -> torch.Tensor:
+    """int32 [B, max_blocks + 1]: :func:`kv_cache.block_starts` of the step's block tables for
+    a store of ``block_size``-entry blocks, computed once per step (:meth:`StepBatch.shared`)."""
+    return batch.shared(("block_starts", block_size), lambda: kv_cache.block_starts(
+        batch.block_table, block_size, dtype=torch.int32))
 
 
 def _ring_rows(batch: StepBatch, slot_t: torch.Tensor, pos: torch.Tensor,

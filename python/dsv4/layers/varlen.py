@@ -31,6 +31,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .branch import on_side_stream
+
 __all__ = ["StepBatch", "HostBatch"]
 
 
@@ -118,10 +120,17 @@ class StepBatch:
         ``("window_indices", window_size)``) and shared by every layer of the step. Outside
         a scope (a layer called on its own) it is ``compute()`` each time.
 
-        ``compute`` must depend only on this batch's tensors and on what ``key`` names."""
+        ``compute`` must depend only on this batch's tensors and on what ``key`` names.
+
+        Inside a side branch (:mod:`dsv4.layers.branch`) the branch keeps copies of its own:
+        a tensor computed there is written on the side stream, which the layer's stream may
+        not read before the branch joins, and the branch does not read the layer stream's
+        copies, which may be computed after the fork."""
         memo = self._shared
         if memo is None:
             return compute()
+        if on_side_stream():
+            key = ("side stream",) + key
         if key not in memo:
             memo[key] = compute()
         return memo[key]

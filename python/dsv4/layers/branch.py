@@ -1,0 +1,96 @@
+"""Independent work of a layer on a second CUDA stream (a side branch), joined before its result
+is used: the scheduling of a step, never its maths (the same calls, the same values).
+
+At decode size most kernels of a layer are latency-bound and use a few SMs; the ones that do
+not depend on each other can run at the same time. A layer opens a :class:`Branch`, queues the
+independent work inside ``with branch:`` (it runs on the device's side stream, after everything
+queued before on the current stream), queues its own work after the block as usual, and calls
+:meth:`Branch.join` before it reads what the branch produced. The layers that do (decode-size
+steps, CUDA): the MoE runs its shared expert beside the gate, dispatch and routed experts; an
+attention layer with compressed entries runs its compressor projections, compressors and (CSA)
+indexer beside ``wq_b`` and the q / kv paths. The engines this follows: SGLang's DeepSeek
+models run the shared experts on an alternate stream inside their CUDA graphs.
+
+Memory: tensors the branch allocates live in the side stream's pool. A branch always starts
+by waiting for the current stream, so a block the side pool reuses was last read before the
+fork, and the current stream reads the branch's outputs only after ``join``; inputs the
+branch reads must stay referenced until ``join`` (the layers hold them as locals). Branches
+are kept to steps of at most :data:`MAX_TOKENS` tokens, so that the side pool stays small.
+
+``DSV4_SIDE_STREAM`` (read at each branch): ``0`` runs every branch inline on the current
+stream (the order of the work as written, as on the CPU); unset or ``1`` is the default.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from ..ops.backend import env_choice
+
+__all__ = ["Branch", "MAX_TOKENS", "on_side_stream"]
+
+#: Steps with more tokens than this run their branches inline: at prefill size the kernels
+#: fill the GPU on their own, and the side stream's pool would hold large intermediates.
+MAX_TOKENS = 256
+
+_streams: dict[int, torch.cuda.Stream] = {}
+_local = threading.local()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(device=index)
+    return _streams[index]
+
+
+def on_side_stream() -> bool:
+    """Whether the calling code runs inside a branch on the side stream (this thread)."""
+    return getattr(_local, "depth", 0) > 0
+
+
+class Branch:
+    """``with branch:`` queues its body on the side stream of ``x``'s device when the branch
+    is enabled (``x`` on CUDA, at most :data:`MAX_TOKENS` tokens = ``x.shape[0]``, ``enabled``,
+    ``DSV4_SIDE_STREAM`` not ``0``, not already in a branch), else inline; :meth:`join` makes the
+    current stream wait for it (a no-op inline). Use once: enter, then join."""
+
+    def __init__(self, x: torch.Tensor, enabled: bool = True):
+        switch = env_choice("DSV4_SIDE_STREAM", ("", "0", "1"))
+        on = (enabled and switch != "0" and x.is_cuda and x.shape[0] <= MAX_TOKENS
+              and not on_side_stream())
+        self.stream: Optional[torch.cuda.Stream] = _side_stream(x.device) if on else None
+        self._main: Optional[torch.cuda.Stream] = None
+        self._ctx = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the body runs on the side stream."""
+        return self.stream is not None
+
+    def __enter__(self) -> "Branch":
+        if self.stream is not None:
+            self._main = torch.cuda.current_stream(self.stream.device)
+            self.stream.wait_stream(self._main)
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+            _local.depth = getattr(_local, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._ctx is not None:
+            _local.depth -= 1
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)
+            if exc[0] is not None:          # an error inside: leave no stream behind
+                self.join()
+        return False
+
+    def join(self) -> None:
+        """The current stream waits for the branch's work (call after the block)."""
+        if self._main is not None:
+            self._main.wait_stream(self.stream)
+            self._main = None

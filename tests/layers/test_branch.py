@@ -1,0 +1,89 @@
+"""dsv4.layers.branch: a layer's independent work on a second CUDA stream.
+
+CPU: a branch runs inline (the CPU has one stream), the switch's accepted values, and
+StepBatch.shared keeping a side branch's tensors apart from the layer stream's. CUDA: the body
+runs on the side stream after the work queued before the fork, and join orders what follows
+after it. The model-level check (the same logits with and without the side stream) is
+tests/runtime/test_side_stream_cuda.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dsv4.layers import varlen
+from dsv4.layers.branch import MAX_TOKENS, Branch, on_side_stream
+from dsv4.layers.varlen import StepBatch
+
+
+def test_branch_runs_inline_on_the_cpu():
+    x = torch.randn(4, 8)
+    b = Branch(x)
+    assert not b.active
+    with b:
+        assert not on_side_stream()
+        y = x * 2
+    b.join()
+    assert torch.equal(y, x * 2)
+
+
+def test_switch_values(monkeypatch):
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "sometimes")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        Branch(torch.randn(2, 2))
+    assert any("DSV4_SIDE_STREAM" in str(m.message) and "'0'" in str(m.message) for m in w)
+
+
+def test_shared_metadata_kept_apart_on_the_side(monkeypatch):
+    """Inside a side branch StepBatch.shared memoises under a key of its own: the branch never
+    reads a tensor the layer stream computed after the fork, nor the reverse."""
+    buf = StepBatch.pack([0, 3], [1, 1], [0, 1], [[0], [1]], [0, 1], 1)
+    batch = StepBatch.from_buffer(buf, num_tokens=2, num_rows=2, max_blocks=1, num_logits=2,
+                                  max_seqlen=1, max_end=4, decode=True)
+    calls = []
+
+    def compute():
+        calls.append(on_side_stream())
+        return batch.pos + 1
+
+    with batch.step_scope():
+        main = batch.shared(("k",), compute)
+        assert batch.shared(("k",), compute) is main
+        monkeypatch.setattr(varlen, "on_side_stream", lambda: True)
+        side = batch.shared(("k",), compute)
+        assert side is not main and batch.shared(("k",), compute) is side
+        monkeypatch.setattr(varlen, "on_side_stream", lambda: False)
+        assert batch.shared(("k",), compute) is main
+    assert len(calls) == 2
+
+
+@pytest.mark.cuda
+def test_branch_on_the_side_stream_is_ordered_by_join():
+    """The body runs on the side stream after the work queued before the fork (it reads a
+    value written just before it), and what the current stream queues after join() sees the
+    body's writes, although the body starts with a long spin."""
+    x = torch.zeros(MAX_TOKENS, 16, device="cuda")
+    main = torch.cuda.current_stream()
+    x.fill_(3.0)                          # queued on the current stream before the fork
+    b = Branch(x)
+    assert b.active
+    with b:
+        assert on_side_stream() and torch.cuda.current_stream() == b.stream
+        torch.cuda._sleep(20_000_000)     # ~10 ms of spinning on the side stream
+        y = x * 2
+    assert not on_side_stream() and torch.cuda.current_stream() == main
+    b.join()
+    z = y + 1                             # on the current stream, after the join
+    assert torch.equal(z.cpu(), torch.full((MAX_TOKENS, 16), 7.0))
+    # too many tokens, or switched off: inline
+    assert not Branch(torch.zeros(MAX_TOKENS + 1, 1, device="cuda")).active
+    assert not Branch(x, enabled=False).active
+
+
+@pytest.mark.cuda
+def test_switch_off_runs_inline(monkeypatch):
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "0")
+    assert not Branch(torch.zeros(1, 1, device="cuda")).active
