@@ -426,3 +426,52 @@ def test_deepcopy_holds_the_experts_once():
     ids = torch.randint(0, cfg.vocab_size, (7,))
     with torch.no_grad():
         assert torch.equal(dup(x, ids), moe(x, ids))
+
+
+# --------------------------------------------------------------------------- shared expert
+def test_adjacent_halves_only_for_the_two_halves_of_one_buffer():
+    """The shared expert's w1 / w3 outputs are taken as one [N, 2I] tensor only when they are
+    the two column halves of one contiguous buffer, in that order (the fused GEMM's output)."""
+    from dsv4.layers.moe import _adjacent_halves
+    buf = torch.randn(5, 16).bfloat16()
+    g, u = buf[:, :8], buf[:, 8:]
+    gu = _adjacent_halves(g, u)
+    assert gu is not None and gu.data_ptr() == buf.data_ptr() and torch.equal(gu, buf)
+    assert _adjacent_halves(u, g) is None                       # wrong order
+    assert _adjacent_halves(g, g) is None
+    assert _adjacent_halves(g.contiguous(), u.contiguous()) is None   # two buffers
+    assert _adjacent_halves(buf[:, :4], buf[:, 4:8]) is None    # not the whole row
+    f = buf.float()
+    assert _adjacent_halves(f[:, :8], f[:, 8:]) is None         # fp32
+    assert _adjacent_halves(buf[1:, :8], buf[:-1, 8:]) is None  # rows shifted
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_shared_expert_fused_swiglu_equals_the_elementwise_path(rows, monkeypatch):
+    """Fused w1 / w3 on CUDA: one moe_swiglu launch (routing weight 1) gives the bits of
+    swiglu_clamped's elementwise path; values at and beyond the clamp limit included."""
+    from dsv4.layers import moe as moe_mod
+    torch.manual_seed(1)
+    m = MoE(_cfg(dim=256, moe_inter_dim=128, swiglu_limit=7.0), 5).cuda().bfloat16()
+    m.fuse_projections()
+    assert m.projection_group("shared") is not None
+    x = torch.randn(rows, 256, device="cuda").bfloat16() * 4
+    calls = []
+
+    class CountingOps:            # torch.ops.dsv4, counting moe_swiglu calls
+        def moe_swiglu(self, *args):
+            calls.append(args)
+            return torch.ops.dsv4.moe_swiglu(*args)
+
+        def __getattr__(self, name):
+            return getattr(torch.ops.dsv4, name)
+
+    monkeypatch.setattr(moe_mod, "_dsv4", CountingOps())
+    with torch.no_grad():
+        fused = m.shared_expert(x)
+    assert calls, "the shared expert did not take moe_swiglu"
+    monkeypatch.setattr(moe_mod, "_adjacent_halves", lambda g, u: None)
+    with torch.no_grad():
+        plain = m.shared_expert(x)
+    assert torch.equal(fused, plain)

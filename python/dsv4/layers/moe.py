@@ -43,6 +43,7 @@ from ..ops.moe import (DISPATCH_MAX_EXPERTS, GATE_MAX_EXPERTS, MAX_TOPK, moe_com
 from ..ops.grouped_gemm import moe_down_reference, moe_up_reference
 from ..ops.quant import fp8_e4m3_sim
 from ..quant import FP8_BLOCK
+from .branch import Branch
 from .linear import Linear, ProjectionGroups, project
 
 __all__ = ["Gate", "Expert", "MoE", "ExpertStack", "experts_grouped_mm", "swiglu_clamped"]
@@ -188,7 +189,28 @@ class Expert(nn.Module):
         ``up``: ``(w1(x), w3(x))`` when the caller computed them (the MoE for its shared
         expert, one GEMM when fused), else None."""
         gate, lin = (self.w1(x), self.w3(x)) if up is None else up
+        gu = _adjacent_halves(gate, lin) if weights is None else None
+        if gu is not None and gu.is_cuda and not _needs_grad(gu) and _swiglu_kernel_available():
+            # one moe_swiglu launch (weight 1: the same bits, x * 1.0 is exact) in place of
+            # swiglu_clamped's five elementwise kernels
+            ones = torch.ones(gu.shape[0], dtype=torch.float32, device=gu.device)
+            return self.w2(_dsv4.moe_swiglu(gu, ones, float(self.swiglu_limit)))
         return self.w2(swiglu_clamped(gate, lin, self.swiglu_limit, weights, x.dtype))
+
+
+def _adjacent_halves(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[gate | up]`` as one bf16 [N, 2I] tensor when ``gate`` and ``up`` (bf16 [N, I]) are the
+    two halves of the rows of one contiguous buffer (the output of a fused w1 / w3 GEMM), else
+    None. A view: nothing is copied."""
+    if gate.dtype != torch.bfloat16 or up.dtype != gate.dtype or gate.dim() != 2:
+        return None
+    n, i = gate.shape
+    if (up.shape != gate.shape or gate.stride() != (2 * i, 1) or up.stride() != (2 * i, 1)
+            or up.device != gate.device
+            or up.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()
+            or up.storage_offset() != gate.storage_offset() + i):
+        return None
+    return gate.as_strided((n, 2 * i), (2 * i, 1))
 
 
 def _stored(lin: Linear) -> tuple[Optional[str], torch.Tensor, Optional[torch.Tensor]]:
@@ -370,12 +392,22 @@ class MoE(ProjectionGroups, nn.Module):
             dispatch, combine = _dsv4.moe_dispatch, _dsv4.moe_combine
         else:
             dispatch, combine = moe_dispatch_reference, moe_combine_reference
+        x2 = x2.contiguous()
+        # A decode-size step on the kernel path runs the shared expert beside the routing and
+        # the routed experts (dsv4.layers.branch; x2 stays referenced until the join); else
+        # after them (its output is then not held through the routed experts' peak).
+        branch, shared = Branch(x2, enabled=stack is not None), None
+        if branch.active:
+            with branch:
+                shared = self.shared_expert(x2)
         weights, indices = self.gate(x2, ids)
         row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
                                                             self.n_routed_experts)
-        x2 = x2.contiguous()
         y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
-        return combine(y_pair, pair_pos, self.shared_expert(x2)).view(shape)
+        branch.join()
+        if shared is None:
+            shared = self.shared_expert(x2)
+        return combine(y_pair, pair_pos, shared).view(shape)
 
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
         """The shared expert on x [N, dim] (its w1 and w3 as one GEMM when fused)."""
