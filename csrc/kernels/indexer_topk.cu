@@ -56,6 +56,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "zero_fill.cuh"
+
 namespace dsv4 {
 namespace {
 
@@ -147,7 +149,7 @@ struct Params {
   int32_t* ws_count1;   // [T_pad][n_l1]
   int32_t* arrive1;     // [n_groups][n_l1]
   int32_t* arrive_root; // [n_groups]
-  // Histogram select (decode, QPC 1: query t = group t). Zeroed by the launch's memset:
+  // Histogram select (decode, QPC 1: query t = group t). Zeroed before the launch:
   uint32_t* hs_hist;    // [T][kHistBins] counts of the non-NaN visible keys per top-12-bit bin
   int32_t* hs_arrive;   // [T] select CTAs done
   int32_t* hs_nwin;     // [T] winners appended
@@ -1537,7 +1539,7 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
     prm.hs_win = reinterpret_cast<u64*>(ws + pl.off_hs_win);
     prm.hs_bnd = reinterpret_cast<u64*>(ws + pl.off_hs_bnd);
     prm.sel_cap = pl.sel_cap;
-    e = cudaMemsetAsync(ws, 0, pl.memset_bytes, stream);
+    e = zero_bytes_async(ws, pl.memset_bytes, stream);
     if (e != cudaSuccess) return e;
     if (keys.format == CacheFormat::kFp8Indexer) {
       return launch_for<false, true, true>(prm, pl, head_dim, stream);
@@ -1552,7 +1554,7 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
     prm.ws_count1 = reinterpret_cast<int32_t*>(ws + pl.off_count1);
     prm.ws_rank0 = reinterpret_cast<u64*>(ws + pl.off_rank0);
     prm.ws_rank1 = reinterpret_cast<u64*>(ws + pl.off_rank1);
-    e = cudaMemsetAsync(ws + pl.off_arrive1, 0, pl.memset_bytes, stream);
+    e = zero_bytes_async(ws + pl.off_arrive1, pl.memset_bytes, stream);
     if (e != cudaSuccess) return e;
   }
   if (keys.format == CacheFormat::kFp8Indexer) return launch_for<false, true>(prm, pl, head_dim, stream);

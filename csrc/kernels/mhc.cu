@@ -22,7 +22,7 @@
 //  kernel's range (below), the chunked path runs (one chunk; measured faster there than the
 //  one-pass kernel, 2026-12-06).
 //  Decode (mhc_pre up to kMhcPreDecodeTokens = 16 tokens, mhc_head up to
-//  kMhcHeadDecodeTokens = 8) runs mhc_decode_kernel (below): ONE launch (after a memset of its
+//  kMhcHeadDecodeTokens = 8) runs mhc_decode_kernel (below): ONE launch (after zeroing its
 //  arrival counters) whose projection is a split GEMV on CUDA cores over ~2 CTAs per SM, and
 //  whose tail is spread over up to 8 token groups, the Sinkhorn beside the collapse.
 //  DSV4_MHC_DECODE=all runs it up to 64 tokens for both ops (for measuring and tests);
@@ -45,6 +45,7 @@
 #include <atomic>
 
 #include "moe_mma.cuh"
+#include "zero_fill.cuh"
 
 namespace dsv4 {
 namespace {
@@ -1182,7 +1183,7 @@ size_t decode_counter_offset(int64_t tokens, int64_t dim) {
 }
 
 // Workspace: the partials [splits][tokens][32] fp32, then the groups' arrival counters (zeroed
-// here by a memset node before the kernel).
+// here by a one-CTA kernel before the kernel: zero_fill.cuh says why not a memset).
 template <int NT>
 cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const float* fn,
                        FinishArgs f, int64_t tokens, void* workspace, int device,
@@ -1207,7 +1208,7 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
       reinterpret_cast<int*>(static_cast<char*>(workspace) + decode_counter_offset(tokens, f.dim));
   a.f = f;
   cudaError_t err =
-      cudaMemsetAsync(a.counters, 0, static_cast<size_t>(p.groups) * sizeof(int), stream);
+      zero_bytes_async(a.counters, static_cast<size_t>(p.groups) * sizeof(int), stream);
   if (err != cudaSuccess) return err;
   const unsigned grid = static_cast<unsigned>(p.groups * p.splits);
   if (p.group == 1)
@@ -1277,7 +1278,7 @@ cudaError_t run_mix(const void* x, int64_t x_token_stride, const float* fn, cons
       static_cast<char*>(workspace) +
       static_cast<size_t>(p.splits * p.chunk * kPartCols) * sizeof(float));
   if (p.fused) {
-    err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
+    err = zero_bytes_async(counter, sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
