@@ -52,6 +52,7 @@ OP_SOURCES: dict[str, tuple[str, ...]] = {
     "moe_dispatch": ("torch/moe_routing.cpp", "kernels/moe_dispatch.cu"),
     "moe_combine": ("torch/moe_routing.cpp", "kernels/moe_combine.cu"),
     "moe_swiglu": ("torch/moe_swiglu.cpp", "kernels/moe_swiglu.cu"),
+    "argmax_finite": ("torch/argmax_finite.cpp", "kernels/argmax_finite.cu"),
     "mhc_pre": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_post": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_head": ("torch/mhc.cpp", "kernels/mhc.cu"),

@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 
 from ..generate import sample
+from ..ops.backend import use_kernels
+from ..ops.sampling import argmax_finite
 from .request import Request
 
 __all__ = ["argmax_rows", "rows_finite", "draws_in_graph", "sample_greedy", "sample_rows",
@@ -106,7 +108,9 @@ def rows_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """Every row's greedy id and finiteness flag, into ``out``.
+    """Every row's greedy id and finiteness flag, into ``out``: on the cuda backend the
+    ``torch.ops.dsv4.argmax_finite`` kernel, else :func:`argmax_rows` and :func:`rows_finite`
+    (the same values).
 
     Args:
         logits: float32 [L, vocab].
@@ -115,6 +119,10 @@ def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
             are left as they are.
     """
     L = logits.shape[0]
+    if L and use_kernels(logits, ("argmax_finite",), dtypes=(torch.float32,)):
+        # one kernel: the same values (torch.argmax's order, torch.isfinite(...).all)
+        out[:, :L].copy_(argmax_finite(logits))
+        return
     argmax_rows(logits, out=out[0, :L])   # sample()'s temperature-0 case, torch.argmax exactly
     out[1, :L].copy_(rows_finite(logits))
 
