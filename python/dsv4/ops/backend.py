@@ -151,28 +151,43 @@ _RUN_20261206E = (
     "test_grouped_oproj.py, tests/layers, tests/test_model_cuda.py, tests/runtime/"
     "test_engine_cuda.py and test_graph_step_cuda.py, test_model_fuse_projections_cuda.py and "
     "tests/test_golden.py (319 passed); the C++ check mhc: PASS")
+_RUN_20261206F = (
+    "2026-12-06 (fourth session), on an H100 80GB, csrc of mhc fa24dd7e and indexer_topk "
+    "57ed8b20 (their workspace counters zeroed by a one-CTA kernel, csrc/kernels/zero_fill.cuh, "
+    "instead of cudaMemsetAsync: a memset node in a CUDA graph left 5-8 us idle before the "
+    "next kernel) and argmax_finite 3f6455c2 (the new op: each row's argmax and all-finite "
+    "flag, one cluster of 8 CTAs per row): every CUDA test of tests/ops/test_mhc_ops.py (with "
+    "its child runs), test_indexer_topk.py and test_argmax_finite.py (217 passed with the "
+    "first argmax kernel, one CTA per row; the final cluster kernel's 13 passed, and under "
+    "compute-sanitizer memcheck: 0 errors); the C++ checks mhc and indexer_topk: PASS, and "
+    "both under compute-sanitizer memcheck (mhc's decode cases): 0 errors; tests/runtime, "
+    "tests/layers, tests/test_model_cuda.py, test_model_kernel_path.py and test_golden.py "
+    "(85 + 2 passed, the side-stream branches on)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
-        "q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk")},
-    **{op: _RUN_20261206E for op in ("mhc_pre", "mhc_post", "mhc_head", "moe_swiglu")},
+        "q_norm_rope", "kv_norm_rope", "compress_kv")},
+    **{op: _RUN_20261206E for op in ("moe_swiglu",)},
+    **{op: _RUN_20261206F for op in (
+        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite")},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
 # VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
-# 2026-12-05G run (csrc ffa9e332), the GEMM ops from the 2026-12-06A run, sparse_attn /
-# hca_attn and the MoE routing ops from the 2026-12-06B run, the mHC ops and moe_swiglu from
-# the 2026-12-06E run (after the C and D runs of their earlier sources). A run that verifies some ops
+# 2026-12-05G run (csrc ffa9e332) except indexer_topk, the GEMM ops from the 2026-12-06A run, sparse_attn /
+# hca_attn and the MoE routing ops from the 2026-12-06B run, moe_swiglu from the 2026-12-06E
+# run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
+# from the 2026-12-06F run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "539cb40952e0f95fc2c118a5f68bb08c0d3b843b88c2142164651b6b57b7fe0f",
+    "indexer_topk": "57ed8b206f8760318db47eaed143a4c747ac24c3b84765bae9586c7d349702fe",
     "sparse_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "hca_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
@@ -182,10 +197,11 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
-    "mhc_post": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
-    "mhc_head": "7963f11e7cd740fc56e1617a29bd8698ac044129fc004a3370d90bcd6c0e17ea",
+    "mhc_pre": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
+    "mhc_post": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
+    "mhc_head": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
+    "argmax_finite": "3f6455c2bd55f2dfedbe6fe2e7a2a17e2566b70ea71e908d8e42153a093667ea",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
