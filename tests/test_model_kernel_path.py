@@ -72,7 +72,8 @@ def test_kernel_path_matches_reference(kernel_path, monkeypatch, quant_sim, spli
     assert err < 1e-5, err
     fused = ("sparse_attn", "q_norm_rope", "kv_norm_rope", "rms_norm")
     assert {ops for ops in kernel_path} == {
-        fused, fused + ("compress_kv", "indexer_topk"), fused + ("compress_kv", "hca_attn"),
+        fused, fused + ("compress_kv", "indexer_topk", "paged_rows"),
+        fused + ("compress_kv", "hca_attn"),
         ("grouped_oproj",)}
 
 

@@ -53,6 +53,7 @@ OP_SOURCES: dict[str, tuple[str, ...]] = {
     "moe_combine": ("torch/moe_routing.cpp", "kernels/moe_combine.cu"),
     "moe_swiglu": ("torch/moe_swiglu.cpp", "kernels/moe_swiglu.cu"),
     "argmax_finite": ("torch/argmax_finite.cpp", "kernels/argmax_finite.cu"),
+    "paged_rows": ("torch/paged_rows.cpp", "kernels/paged_rows.cu"),
     "mhc_pre": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_post": ("torch/mhc.cpp", "kernels/mhc.cu"),
     "mhc_head": ("torch/mhc.cpp", "kernels/mhc.cu"),

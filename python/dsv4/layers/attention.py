@@ -202,7 +202,7 @@ class Attention(ProjectionGroups, nn.Module):
     def _kernel_ops(self) -> tuple[str, ...]:
         ops = ("sparse_attn", "q_norm_rope", "kv_norm_rope", "rms_norm")
         if self.indexer is not None:
-            return ops + ("compress_kv", "indexer_topk")
+            return ops + ("compress_kv", "indexer_topk", "paged_rows")
         return ops + ("compress_kv", "hca_attn") if self.compress_ratio else ops
 
     def _attend_reference(self, x, qr, q, kv, cache: LayerCache, batch: StepBatch,
@@ -273,47 +273,46 @@ class Attention(ProjectionGroups, nn.Module):
             return x.new_zeros(0, self.n_heads, self.head_dim)
         sel = entries = extra_len = None
         branch = Branch(x, enabled=bool(self.compress_ratio) and cache.compressor.paged)
-        if branch.active:
-            with branch:
+        try:   # (joined on an error too: no side-stream work left unjoined)
+            if branch.active:
+                with branch:
+                    sel = self._compress(x, qr, cache, batch, freqs, index_w)
+            rows, pos, slot_t = _token_meta(batch)
+            q_raw = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+            q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
+            quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
+            if cache.kv_fp8:
+                main_kv = _fp8_main_scope(kv_raw, self.kv_norm.weight, batch, freqs, c.norm_eps,
+                                          quant, cache.window, _ring_rows(batch, slot_t, pos, W),
+                                          pos, W)
+                ring = None
+            elif batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
+                ring = cache.window.view(-1, cache.window.shape[-1])
+                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                        quant, ring, _ring_rows(batch, slot_t, pos, W))
+                main_kv = ring
+            elif batch.decode:
+                ring = cache.window.view(-1, cache.window.shape[-1])
+                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                        quant)
+                ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(), kv)
+                main_kv = ring
+            else:
+                ring = cache.window.view(-1, cache.window.shape[-1])
+                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
+                                        quant)
+                main_kv = torch.cat(
+                    [cache.window.index_select(0, batch.slots.long()).view(B * W, -1), kv], dim=0)
+            if self.compress_ratio and not branch.active:
                 sel = self._compress(x, qr, cache, batch, freqs, index_w)
-        rows, pos, slot_t = _token_meta(batch)
-        q_raw = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
-        quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
-        if cache.kv_fp8:
-            main_kv = _fp8_main_scope(kv_raw, self.kv_norm.weight, batch, freqs, c.norm_eps,
-                                      quant, cache.window, _ring_rows(batch, slot_t, pos, W),
-                                      pos, W)
-            ring = None
-        elif batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
-            ring = cache.window.view(-1, cache.window.shape[-1])
-            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                    quant, ring, _ring_rows(batch, slot_t, pos, W))
-            main_kv = ring
-        elif batch.decode:
-            ring = cache.window.view(-1, cache.window.shape[-1])
-            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                    quant)
-            ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(), kv)
-            main_kv = ring
-        else:
-            ring = cache.window.view(-1, cache.window.shape[-1])
-            kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                    quant)
-            main_kv = torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1),
-                                 kv], dim=0)
-        if self.compress_ratio and not branch.active:
-            sel = self._compress(x, qr, cache, batch, freqs, index_w)
-        # A decode step's window indices are the same in every layer: built once per step.
-        if batch.decode:
-            win_all = batch.shared(("window_indices", W), lambda: _window_indices(
-                batch, slice(0, T), W, rows, pos, slot_t))
-        if self.compress_ratio:
-            if self.indexer is None:   # HCA: every complete entry, causal per query
-                extra_len = complete_entries(batch, self.compress_ratio)
-            elif branch.active:        # (the block starts of the picks' rows, while it runs)
-                _block_starts(batch, cache.compressor.entries.shape[1])
-        branch.join()
+            # A decode step's window indices are the same in every layer: built once per step.
+            if batch.decode:
+                win_all = batch.shared(("window_indices", W), lambda: _window_indices(
+                    batch, slice(0, T), W, rows, pos, slot_t))
+            if self.indexer is None and self.compress_ratio:   # HCA: every complete entry,
+                extra_len = complete_entries(batch, self.compress_ratio)   # causal per query
+        finally:
+            branch.join()
         if self.compress_ratio and cache.compressor.entries.shape[1]:
             entries = cache.compressor.entries    # (a dense store may still be empty)
         # The index lists are built for blocks of queries so that their size stays bounded;
@@ -332,10 +331,9 @@ class Attention(ProjectionGroups, nn.Module):
                                       self.softmax_scale, None, entries, batch.block_table,
                                       batch.rows[blk], extra_len[blk])
             else:                      # CSA: the indexer's picks (logical entry indices)
-                bs = entries.shape[1]
-                starts = _block_starts(batch, bs)
-                extra_idx = kv_cache.paged_rows_from(starts, rows[blk, None], sel[blk],
-                                                     bs)   # int32, as the kernels take
+                # their flat rows in the entry pool through the rows' block tables (int32)
+                extra_idx = _dsv4.paged_rows(batch.block_table, batch.rows[blk], sel[blk],
+                                             entries.shape[1])
                 # (an FP8 MODEL1 pool is passed as the pool; its flat row is the same)
                 extra = entries if entries.dtype == torch.uint8 else \
                     entries.view(-1, entries.shape[-1])
@@ -381,13 +379,6 @@ def _token_meta(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         return rows, batch.pos, batch.shared(("token_slots",), lambda: batch.slots[rows])
     return (rows, batch.shared(("pos",), lambda: batch.pos.long()),
             batch.shared(("token_slots",), lambda: batch.slots.long()[rows]))
-
-
-def _block_starts(batch: StepBatch, block_size: int) -> torch.Tensor:
-    """int32 [B, max_blocks + 1]: :func:`kv_cache.block_starts` of the step's block tables for
-    a store of ``block_size``-entry blocks, computed once per step (:meth:`StepBatch.shared`)."""
-    return batch.shared(("block_starts", block_size), lambda: kv_cache.block_starts(
-        batch.block_table, block_size, dtype=torch.int32))
 
 
 def _ring_rows(batch: StepBatch, slot_t: torch.Tensor, pos: torch.Tensor,

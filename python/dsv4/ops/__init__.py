@@ -18,3 +18,4 @@ from . import grouped_gemm  # noqa: F401
 from . import gemm  # noqa: F401
 from . import grouped_oproj  # noqa: F401
 from . import sampling  # noqa: F401
+from . import paged  # noqa: F401

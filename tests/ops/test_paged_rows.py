@@ -1,0 +1,113 @@
+"""torch.ops.dsv4.paged_rows: logical compressed entries to flat rows of a paged store through
+block tables (the CSA layers' indexer picks). CPU: the reference is kv_cache.paged_rows in
+int32, rows outside the table give -1, bad input raises ValueError naming what is accepted.
+CUDA (runs on the H200): the kernel gives the reference's values on fresh random tables and
+picks with missing blocks, picks past the table, -1 picks and rows outside the table; strided
+inputs, empty shapes, a large grid; opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4.ops  # noqa: F401  (registers the ops)
+from dsv4.ops.kv_cache import paged_rows as paged_rows_int64
+from dsv4.ops.paged import paged_rows, paged_rows_reference
+
+cuda = pytest.mark.cuda
+
+
+def _inputs(R, MB, T, K, bs, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, 5000, (R, MB), generator=g, dtype=torch.int32)
+    table[torch.rand(R, MB, generator=g) < 0.2] = -1                 # missing blocks
+    rows = torch.randint(0, max(R, 1), (T,), generator=g, dtype=torch.int32)
+    if T > 2:
+        rows[0], rows[1] = -1, R                                     # not rows of the table
+    sel = torch.randint(-1, MB * bs + 2 * bs, (T, K), generator=g, dtype=torch.int32)
+    return table.to(device), rows.to(device), sel.to(device)
+
+
+def test_reference_is_kv_cache_paged_rows():
+    table, rows, sel = _inputs(6, 9, 40, 17, 64, 1)
+    got = paged_rows_reference(table, rows, sel, 64)
+    assert got.dtype == torch.int32 and got.shape == sel.shape
+    ok = (rows >= 0) & (rows < 6)
+    want = paged_rows_int64(table, rows.clamp(0, 5).long()[:, None], sel, 64)
+    assert torch.equal(got[ok], want[ok].int())
+    assert (got[~ok] == -1).all()
+    # by hand: entry s of row r is table[r, s // bs] * bs + s % bs
+    t = torch.tensor([[3, -1, 5]], dtype=torch.int32)
+    s = torch.tensor([[0, 5, 9, 12, -1, 11]], dtype=torch.int32)
+    assert paged_rows(t, torch.zeros(1, dtype=torch.int32), s, 4).tolist() == [
+        [12, -1, 21, -1, -1, 23]]
+
+
+def test_table_without_rows():
+    sel = torch.zeros(3, 2, dtype=torch.int32)
+    out = paged_rows_reference(torch.zeros(0, 4, dtype=torch.int32),
+                               torch.zeros(3, dtype=torch.int32), sel, 8)
+    assert out.tolist() == [[-1, -1]] * 3
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(2, 3), torch.zeros(4, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32),
+      8), "int32"),
+    ((torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
+      torch.zeros(4, 2, dtype=torch.int32), 8), r"\[num_rows, max_blocks\]"),
+    ((torch.zeros(2, 3, dtype=torch.int32), torch.zeros(5, dtype=torch.int32),
+      torch.zeros(4, 2, dtype=torch.int32), 8), "one table row per token"),
+    ((torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
+      torch.zeros(4, dtype=torch.int32), 8), r"\[tokens, k\]"),
+    ((torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
+      torch.zeros(4, 2, dtype=torch.int32), 0), "block_size"),
+])
+def test_bad_input_is_rejected(args, match):
+    with pytest.raises(ValueError, match=match):
+        paged_rows_reference(*args)
+
+
+@cuda
+@pytest.mark.parametrize("R,MB,T,K,bs", [(1, 1, 1, 1, 64), (4, 17, 4, 512, 64),
+                                         (64, 1024, 64, 512, 256), (3, 5, 7, 1024, 1),
+                                         (2, 0, 3, 4, 64), (0, 4, 3, 4, 64), (5, 6, 0, 4, 8),
+                                         (5, 6, 3, 0, 8), (8, 40, 70000, 3, 16)])
+def test_cuda_kernel_gives_the_reference_values(R, MB, T, K, bs):
+    table, rows, sel = _inputs(R, MB, T, K, bs, R * 7 + T)
+    got = paged_rows(table.cuda(), rows.cuda(), sel.cuda(), bs)
+    assert got.dtype == torch.int32 and got.shape == (T, K)
+    assert torch.equal(got.cpu(), paged_rows_reference(table, rows, sel, bs))
+
+
+@cuda
+def test_cuda_kernel_strided_inputs():
+    """sel and table as column slices of wider buffers, rows a strided view."""
+    table, rows, sel = _inputs(5, 12, 30, 64, 32, 3)
+    tw = torch.full((5, 20), 77, dtype=torch.int32)
+    tw[:, :12] = table
+    sw = torch.full((30, 70), 5, dtype=torch.int32)
+    sw[:, 3:67] = sel
+    rw = torch.stack([rows, rows], 1)
+    got = paged_rows(tw.cuda()[:, :12], rw.cuda()[:, 0], sw.cuda()[:, 3:67], 32)
+    assert torch.equal(got.cpu(), paged_rows_reference(table, rows, sel, 32))
+
+
+@cuda
+def test_cuda_bad_input_is_rejected():
+    t = torch.zeros(2, 3, dtype=torch.int32, device="cuda")
+    r = torch.zeros(4, dtype=torch.int32, device="cuda")
+    s = torch.zeros(4, 2, dtype=torch.int32, device="cuda")
+    with pytest.raises((RuntimeError, ValueError), match="int32"):
+        paged_rows(t.long(), r, s, 8)
+    with pytest.raises((RuntimeError, ValueError), match="one table row per token"):
+        paged_rows(t, r[:3], s, 8)
+    with pytest.raises((RuntimeError, ValueError), match="block_size"):
+        paged_rows(t, r, s, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_opcheck(device):
+    table, rows, sel = _inputs(4, 6, 9, 5, 16, 2)
+    rows = rows.clamp(0, 3)
+    torch.library.opcheck(torch.ops.dsv4.paged_rows.default,
+                          (table.to(device), rows.to(device), sel.to(device), 16))
