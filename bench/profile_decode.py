@@ -46,13 +46,17 @@ def engine(model, args, batch: int, context: int, graphs: bool, warm: int = 3):
 
 def write_timeline(prof, path: str) -> None:
     """The profiled kernels, memsets and copies in start order with their durations and the
-    idle time before each (µs), then per step: their count, summed time and the summed gaps. A step starts at the
+    idle time before each (µs), then per step: their count, summed time and the summed gaps.
+    With the layers' side stream (dsv4.layers.branch) kernels overlap: a gap is then negative
+    (the kernel started before the one listed above it ended) and the summed time can exceed
+    the span. A step starts at the
     first kernel after an idle stretch of over ``STEP_GAP_US`` (the host's work between replays)."""
     import json
     import tempfile
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        with open(f.name) as fh:
+            trace = json.load(fh)
     ks = sorted((e["ts"], e["dur"], e["name"]) for e in trace.get("traceEvents", [])
                 if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e)
     steps, end = [], None

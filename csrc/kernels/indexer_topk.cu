@@ -1201,7 +1201,7 @@ struct Plan {
   size_t smem = 0;
   size_t off_arrive1 = 0, off_root = 0, memset_bytes = 0;
   size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
-  // Histogram select (hist): the memset region [0, memset_bytes) holds the bins and counters.
+  // Histogram select (hist): the zeroed region [0, memset_bytes) holds the bins and counters.
   bool hist = false;
   int sel_cap = 0;
   size_t sel_smem = 0;

@@ -3,9 +3,9 @@
 // Why: inside a CUDA graph a memset node is followed by a long idle stretch before the next
 // kernel node starts. Measured on an H200 in a replayed decode step (bench/profile_decode.py
 // --timeline, 2026-12-06): ~1.4 us of memset, then 5-8 us before the kernel that reads the
-// zeroed counters, where a kernel followed by a kernel leaves ~0.4 us; the step had seven such
-// memsets (mhc_pre / mhc_head decode, indexer_topk). A one-CTA kernel does the same work as a
-// kernel node. Eager launches are unaffected either way.
+// zeroed counters, where a kernel followed by a kernel leaves ~0.4 us; a step of the 2-layer
+// bench had six such memsets (mhc_pre x 4 and mhc_head decode, indexer_topk). A one-CTA
+// kernel does the same work as a kernel node. Eager launches are unaffected either way.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -450,7 +450,8 @@ def test_adjacent_halves_only_for_the_two_halves_of_one_buffer():
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_shared_expert_fused_swiglu_equals_the_elementwise_path(rows, monkeypatch):
     """Fused w1 / w3 on CUDA: one moe_swiglu launch (routing weight 1) gives the bits of
-    swiglu_clamped's elementwise path; values at and beyond the clamp limit included."""
+    swiglu_clamped's elementwise path; values at and beyond the clamp limit included. The
+    reference backend and unfused outputs take the formula (no kernel call)."""
     from dsv4.layers import moe as moe_mod
     torch.manual_seed(1)
     m = MoE(_cfg(dim=256, moe_inter_dim=128, swiglu_limit=7.0), 5).cuda().bfloat16()
@@ -471,7 +472,15 @@ def test_shared_expert_fused_swiglu_equals_the_elementwise_path(rows, monkeypatc
     with torch.no_grad():
         fused = m.shared_expert(x)
     assert calls, "the shared expert did not take moe_swiglu"
+    calls.clear()
+    dsv4.set_backend("reference")             # the formula, no kernel
+    try:
+        with torch.no_grad():
+            ref = m.shared_expert(x)
+    finally:
+        dsv4.set_backend("cuda")
+    assert not calls and torch.equal(fused, ref)
     monkeypatch.setattr(moe_mod, "_adjacent_halves", lambda g, u: None)
     with torch.no_grad():
         plain = m.shared_expert(x)
-    assert torch.equal(fused, plain)
+    assert not calls and torch.equal(fused, plain)

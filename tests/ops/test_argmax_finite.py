@@ -24,6 +24,9 @@ def _rows(L, n, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-50, 50, (L, n), generator=g).float() / 4    # many ties
     specials = [
+        lambda r: r.__setitem__(slice(0, 1), float("nan")),          # NaN at index 0
+        lambda r: (r.fill_(-1.0), r.__setitem__(slice(n // 2, n), 0.0),
+                   r.__setitem__(slice(n // 2, n // 2 + 1), -0.0)),  # -0.0 ties +0.0
         lambda r: r.__setitem__(slice(n // 3, n // 3 + 1), float("nan")),
         lambda r: (r.__setitem__(slice(n - 1, n), float("nan")),
                    r.__setitem__(slice(n // 2, n // 2 + 1), float("nan"))),
@@ -44,10 +47,13 @@ def _check(got, x):
     assert torch.equal(got.cpu(), want), (got.cpu(), want)
 
 
-@pytest.mark.parametrize("L,n", [(1, 1), (3, 10), (15, 1000)])
-def test_reference_is_argmax_and_isfinite(L, n):
+@pytest.mark.parametrize("L,n", [(1, 1), (3, 10), (15, 1000), (8, V)])
+def test_reference_equals_the_samplers_two_stage_path(L, n):
+    """The reference against an independent implementation of the same values: the
+    sampler's two-stage argmax_rows / rows_finite (chunked reductions)."""
+    from dsv4.runtime.sampler import argmax_rows, rows_finite
     x = _rows(L, n, 1)
-    want = torch.stack([torch.argmax(x, -1), torch.isfinite(x).all(-1).long()])
+    want = torch.stack([argmax_rows(x), rows_finite(x).long()])
     assert torch.equal(argmax_finite_reference(x), want)
     assert torch.equal(argmax_finite(x), want)                  # CPU: the reference
 
@@ -65,7 +71,7 @@ def test_bad_input_is_rejected(x, match):
 
 @cuda
 @pytest.mark.parametrize("L,n", [(1, V), (8, V), (64, V), (13, 1), (7, 3), (9, 1001),
-                                 (300, 4096), (0, V), (70000, 5)])
+                                 (300, 4096), (0, V), (70000, 5), (66000, 70)])
 def test_cuda_kernel_gives_the_reference_values(L, n):
     x = _rows(L, n, L * 31 + n, "cuda")
     got = argmax_finite(x)
@@ -75,8 +81,9 @@ def test_cuda_kernel_gives_the_reference_values(L, n):
 
 @cuda
 def test_cuda_kernel_strided_and_misaligned_rows():
-    """Rows as a column slice of a wider buffer (16-byte aligned starts, stride n + 8), rows
-    starting 4 bytes off alignment (the scalar path), a transposed view (copied)."""
+    """Rows as a column slice of a wider buffer (stride 1011: some rows' starts 16-byte
+    aligned, the others not), rows starting 4 bytes off alignment, a transposed view
+    (copied): the vector and the scalar path."""
     x = _rows(6, 1003, 5)
     big = torch.full((6, 1011), 9e9)
     big[:, :1003] = x

@@ -19,8 +19,8 @@ namespace dsv4 {
 // x:      [rows, n] fp32, row r at x + r * row_stride (row_stride >= n), unit last stride; any
 //         alignment (16-byte vector loads where a row's start and n allow, scalar otherwise)
 // out:    int64 [2, rows] contiguous: out[r] = ids[r], out[rows + r] = finite[r]
-// Returns cudaSuccess, cudaErrorInvalidValue (n < 1, row_stride < n, null pointers) or the
-// launch error. rows == 0: no-op.
+// Returns cudaSuccess, cudaErrorInvalidValue (rows < 0 or > INT32_MAX, n < 1, row_stride < n,
+// null pointers) or the launch error. rows == 0: no-op.
 cudaError_t argmax_finite(const float* x, int64_t rows, int64_t n, int64_t row_stride,
                           int64_t* out, cudaStream_t stream);
 

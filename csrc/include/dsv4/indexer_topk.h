@@ -25,7 +25,7 @@
 // whenever it fills. When there are few query groups (decode), each query's key range is split
 // over CTAs (at least 128 keys per split, so that short rows use several CTAs too);
 // each CTA writes its <= `topk` candidates to `workspace`, and the last CTA to finish
-// (an atomic arrival counter, reset by a cudaMemsetAsync in the launch) merges them with the
+// (an atomic arrival counter, zeroed by a one-CTA kernel in the launch) merges them with the
 // same select, through a two-level tree when there are many splits ("tree" merge). When a
 // decode query's keys are split over more than 16 CTAs (on 132 SMs: batch <= 7 with a capacity
 // above 16 x 128 entries) the default is the "histogram" select instead: the scan writes every

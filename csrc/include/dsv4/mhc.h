@@ -32,7 +32,7 @@ namespace dsv4 {
 
 constexpr int64_t kMhcStreams = 4;         // hc_mult supported by the kernels
 constexpr int64_t kMhcMaxFusedTokens = 8;  // DSV4_MHC_DECODE=old: up to this many, one launch
-// The decode kernel (one launch after a memset of its arrival counters) serves mhc_pre up to
+// The decode kernel (one launch after zeroing its arrival counters) serves mhc_pre up to
 // kMhcPreDecodeTokens and mhc_head up to kMhcHeadDecodeTokens tokens, where it measured fastest
 // (H100, 2026-12-06: above them the chunked two-phase path wins up to 64 tokens). Above
 // kMhcDecodeMaxTokens the one-pass prefill kernel runs. DSV4_MHC_DECODE (read at each call, so a

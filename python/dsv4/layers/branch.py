@@ -11,11 +11,13 @@ attention layer with compressed entries runs its compressor projections, compres
 indexer beside ``wq_b`` and the q / kv paths. The engines this follows: SGLang's DeepSeek
 models run the shared experts on an alternate stream inside their CUDA graphs.
 
-Memory: tensors the branch allocates live in the side stream's pool. A branch always starts
-by waiting for the current stream, so a block the side pool reuses was last read before the
-fork, and the current stream reads the branch's outputs only after ``join``; inputs the
-branch reads must stay referenced until ``join`` (the layers hold them as locals). Branches
-are kept to steps of at most :data:`MAX_TOKENS` tokens, so that the side pool stays small.
+Memory: tensors the branch allocates live in the side stream's pool (each thread has its own
+side stream). A branch always starts by waiting for the current stream, so a block the side
+pool reuses was last read before the fork, and the current stream reads the branch's outputs
+only after ``join``; inputs the branch reads must stay referenced until ``join`` (the layers
+hold them as locals, and join in a ``finally``, so that an error between the fork and the join
+leaves no side work unjoined). Branches are kept to steps of at most :data:`MAX_TOKENS`
+tokens, so that the side pool stays small.
 
 ``DSV4_SIDE_STREAM`` (read at each branch): ``0`` runs every branch inline on the current
 stream (the order of the work as written, as on the CPU); unset or ``1`` is the default.
@@ -36,15 +38,20 @@ __all__ = ["Branch", "MAX_TOKENS", "on_side_stream"]
 #: fill the GPU on their own, and the side stream's pool would hold large intermediates.
 MAX_TOKENS = 256
 
-_streams: dict[int, torch.cuda.Stream] = {}
+# Per thread: the side stream of each device, and the depth of branches entered. A thread's
+# own side stream keeps the memory argument above within one thread's stream order (a block
+# freed by one thread's work can only be reused by that thread's side stream).
 _local = threading.local()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _streams:
-        _streams[index] = torch.cuda.Stream(device=index)
-    return _streams[index]
+    streams = getattr(_local, "streams", None)
+    if streams is None:
+        streams = _local.streams = {}
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(device=index)
+    return streams[index]
 
 
 def on_side_stream() -> bool:

@@ -189,10 +189,12 @@ class Expert(nn.Module):
         ``up``: ``(w1(x), w3(x))`` when the caller computed them (the MoE for its shared
         expert, one GEMM when fused), else None."""
         gate, lin = (self.w1(x), self.w3(x)) if up is None else up
-        gu = _adjacent_halves(gate, lin) if weights is None else None
-        if gu is not None and gu.is_cuda and not _needs_grad(gu) and _swiglu_kernel_available():
+        gu = _adjacent_halves(gate, lin) if weights is None and x.dtype == gate.dtype else None
+        if (gu is not None and gu.is_cuda and get_backend() == "cuda" and not _needs_grad(gu)
+                and _swiglu_kernel_available()):
             # one moe_swiglu launch (weight 1: the same bits, x * 1.0 is exact) in place of
-            # swiglu_clamped's five elementwise kernels
+            # swiglu_clamped's five elementwise kernels (the cuda backend only: the reference
+            # backend runs the formula)
             ones = torch.ones(gu.shape[0], dtype=torch.float32, device=gu.device)
             return self.w2(_dsv4.moe_swiglu(gu, ones, float(self.swiglu_limit)))
         return self.w2(swiglu_clamped(gate, lin, self.swiglu_limit, weights, x.dtype))
@@ -397,14 +399,16 @@ class MoE(ProjectionGroups, nn.Module):
         # the routed experts (dsv4.layers.branch; x2 stays referenced until the join); else
         # after them (its output is then not held through the routed experts' peak).
         branch, shared = Branch(x2, enabled=stack is not None), None
-        if branch.active:
-            with branch:
-                shared = self.shared_expert(x2)
-        weights, indices = self.gate(x2, ids)
-        row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
-                                                            self.n_routed_experts)
-        y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
-        branch.join()
+        try:
+            if branch.active:
+                with branch:
+                    shared = self.shared_expert(x2)
+            weights, indices = self.gate(x2, ids)
+            row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
+                                                                self.n_routed_experts)
+            y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
+        finally:
+            branch.join()           # (on an error too: no side-stream work left unjoined)
         if shared is None:
             shared = self.shared_expert(x2)
         return combine(y_pair, pair_pos, shared).view(shape)

@@ -108,9 +108,9 @@ def rows_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """Every row's greedy id and finiteness flag, into ``out``: on the cuda backend the
-    ``torch.ops.dsv4.argmax_finite`` kernel, else :func:`argmax_rows` and :func:`rows_finite`
-    (the same values).
+    """Every row's greedy id and finiteness flag, into ``out``: on the cuda backend (float32
+    logits) ``torch.ops.dsv4.argmax_finite`` (one kernel, then a copy into ``out``), else
+    :func:`argmax_rows` and :func:`rows_finite` (the same values).
 
     Args:
         logits: float32 [L, vocab].
@@ -119,8 +119,10 @@ def sample_greedy(logits: torch.Tensor, out: torch.Tensor) -> None:
             are left as they are.
     """
     L = logits.shape[0]
-    if L and use_kernels(logits, ("argmax_finite",), dtypes=(torch.float32,)):
-        # one kernel: the same values (torch.argmax's order, torch.isfinite(...).all)
+    if L and logits.dtype == torch.float32 and use_kernels(logits, ("argmax_finite",),
+                                                            dtypes=(torch.float32,)):
+        # the op's kernel and a copy into out: the same values (torch.argmax's order,
+        # torch.isfinite(...).all)
         out[:, :L].copy_(argmax_finite(logits))
         return
     argmax_rows(logits, out=out[0, :L])   # sample()'s temperature-0 case, torch.argmax exactly
