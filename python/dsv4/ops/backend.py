@@ -151,26 +151,27 @@ _RUN_20261206E = (
     "test_grouped_oproj.py, tests/layers, tests/test_model_cuda.py, tests/runtime/"
     "test_engine_cuda.py and test_graph_step_cuda.py, test_model_fuse_projections_cuda.py and "
     "tests/test_golden.py (319 passed); the C++ check mhc: PASS")
-_RUN_20261206F = (
-    "2026-12-06 (fourth session), on an H100 80GB, csrc of mhc fa24dd7e and indexer_topk "
-    "57ed8b20 (their workspace counters zeroed by a one-CTA kernel, csrc/kernels/zero_fill.cuh, "
+_RUN_20261206G = (
+    "2026-12-06 (fourth session), on an H100 80GB, csrc of mhc eccc4373 and indexer_topk "
+    "9d4856a7 (their workspace counters zeroed by a one-CTA kernel, csrc/kernels/zero_fill.cuh, "
     "instead of cudaMemsetAsync: a memset node in a CUDA graph left 5-8 us idle before the "
-    "next kernel) and argmax_finite 3f6455c2 (the new op: each row's argmax and all-finite "
-    "flag, one cluster of 8 CTAs per row): every CUDA test of tests/ops/test_mhc_ops.py (with "
-    "its child runs), test_indexer_topk.py and test_argmax_finite.py (217 passed with the "
-    "first argmax kernel, one CTA per row; the final cluster kernel's 13 passed, and under "
-    "compute-sanitizer memcheck: 0 errors); the C++ checks mhc and indexer_topk: PASS, and "
-    "both under compute-sanitizer memcheck (mhc's decode cases): 0 errors; tests/runtime, "
-    "tests/layers, tests/test_model_cuda.py, test_model_kernel_path.py and test_golden.py "
-    "(85 + 2 passed, the side-stream branches on)")
+    "next kernel), argmax_finite 04b2f0bd (new: each row's argmax and all-finite flag, one "
+    "cluster of 8 CTAs per row) and paged_rows 6c8a3b79 (new: the CSA picks' flat rows "
+    "through the block tables): every CUDA test of tests/ops/test_mhc_ops.py (with its child "
+    "runs), test_indexer_topk.py, test_argmax_finite.py, test_paged_rows.py (231 passed), the "
+    "last two again under compute-sanitizer memcheck (0 errors); the C++ checks mhc and "
+    "indexer_topk: PASS (mhc's decode cases under memcheck: 0 errors; indexer_topk's whole "
+    "check under memcheck on the same kernel code in an earlier build of the session: 0 "
+    "errors); tests/runtime, tests/layers, the model kernel-path, model CUDA and golden tests "
+    "and test_paged_caches.py (109 passed, the side-stream branches on)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv")},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
-    **{op: _RUN_20261206F for op in (
-        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite")},
+    **{op: _RUN_20261206G for op in (
+        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite", "paged_rows")},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
@@ -179,15 +180,15 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
 # 2026-12-05G run (csrc ffa9e332) except indexer_topk, the GEMM ops from the 2026-12-06A run, sparse_attn /
 # hca_attn and the MoE routing ops from the 2026-12-06B run, moe_swiglu from the 2026-12-06E
-# run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
-# from the 2026-12-06F run. A run that verifies some ops
+# run (after the D run of its earlier sources), the mHC ops, indexer_topk, argmax_finite and
+# paged_rows from the 2026-12-06G run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "57ed8b206f8760318db47eaed143a4c747ac24c3b84765bae9586c7d349702fe",
+    "indexer_topk": "9d4856a77411fd2112dadfa3df0d1aef8aa99aa3f914ee256bd5ebd218aa6399",
     "sparse_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "hca_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
@@ -197,11 +198,12 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
-    "mhc_post": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
-    "mhc_head": "fa24dd7e86d1135ae76db339ee74d2042eb470670290109e9e112f32662f1623",
+    "mhc_pre": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
+    "mhc_post": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
+    "mhc_head": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
-    "argmax_finite": "3f6455c2bd55f2dfedbe6fe2e7a2a17e2566b70ea71e908d8e42153a093667ea",
+    "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
+    "paged_rows": "6c8a3b796a15f828abc1d90c27123eba9a29ae3e09271d19b49a6b846b73d88f",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for
