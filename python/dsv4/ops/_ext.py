@@ -139,6 +139,13 @@ def register_op(name: str, schema: str, reference: Callable, fake: Callable) -> 
     torch.library.register_fake(qualname)(fake)
 
 
+def raise_value_error(cond, msg_fn: Callable[[], str]) -> None:
+    """``check`` of the ops' shared argument checks on the reference path: ValueError with
+    ``msg_fn()`` unless ``cond`` (the fakes pass ``torch._check`` instead)."""
+    if not cond:
+        raise ValueError(msg_fn())
+
+
 # ---------------------------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..quant import FP8_BLOCK, fp8_block_dequantize
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 from .quant import fp8_e4m3_sim
 
 __all__ = ["fp8_linear", "fp8_linear_reference", "FP8_LINEAR_SCHEMA", "FP8_LINEAR_OUT_SCHEMA"]
@@ -32,10 +32,6 @@ _ARGS = "(Tensor x, Tensor weight, Tensor scale, bool act_quant"
 FP8_LINEAR_SCHEMA = _ARGS + ") -> Tensor"
 FP8_LINEAR_OUT_SCHEMA = _ARGS + ", *, Tensor(a!) out) -> ()"
 
-
-def _raise_value_error(cond, msg_fn) -> None:
-    if not cond:
-        raise ValueError(msg_fn())
 
 
 def _check(x, weight, scale, act_quant, check) -> None:
@@ -73,14 +69,14 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     Raises:
         ValueError: dtypes or shapes outside the format.
     """
-    _check(x, weight, scale, act_quant, _raise_value_error)
+    _check(x, weight, scale, act_quant, raise_value_error)
     xin = fp8_e4m3_sim(x, FP8_BLOCK) if act_quant else x
     w = fp8_block_dequantize(weight, scale, torch.float32)
     return (xin.float() @ w.T).to(x.dtype)
 
 
 def _out_ref(x, weight, scale, act_quant, out):
-    _check(x, weight, scale, act_quant, _raise_value_error)
+    _check(x, weight, scale, act_quant, raise_value_error)
     want = (*x.shape[:-1], weight.shape[0])
     if tuple(out.shape) != want or out.dtype != x.dtype:
         raise ValueError(f"fp8_linear_out: out must be {x.dtype} {list(want)}, got {out.dtype} "

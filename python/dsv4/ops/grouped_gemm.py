@@ -61,7 +61,7 @@ from typing import Optional
 import torch
 
 from ..quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 from .quant import fp8_e4m3_quantize, fp8_e4m3_sim
 
 __all__ = [
@@ -104,7 +104,7 @@ def expert_weight_format(w: torch.Tensor, scale: Optional[torch.Tensor], in_feat
     when the dtype, the packed width or the scale's dtype/shape do not fit.
     """
     if check is None:
-        check = _raise_value_error
+        check = raise_value_error
     lead, out = tuple(w.shape[:-2]), w.shape[-2]
     if w.dtype == torch.float8_e4m3fn:
         fmt = "fp8"
@@ -171,10 +171,6 @@ def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], in_featur
 # ---------------------------------------------------------------------------------------------
 # Argument checks (shared by the references and the fakes)
 # ---------------------------------------------------------------------------------------------
-def _raise_value_error(cond, msg_fn) -> None:
-    if not cond:
-        raise ValueError(msg_fn())
-
 
 def _check_routing(op: str, P: int, expert_offsets: torch.Tensor, E: int, check) -> None:
     check(expert_offsets.dim() == 1 and expert_offsets.shape[0] == E + 1,
@@ -266,7 +262,7 @@ def moe_up_reference(x: torch.Tensor, row_ids: torch.Tensor, expert_offsets: tor
     from ..layers.moe import swiglu_clamped  # lazy: layers.moe will import this module
 
     fmt = _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu_limit,
-                    act_quant, _raise_value_error)
+                    act_quant, raise_value_error)
     T, K = x.shape
     E, N = w_up.shape[0], w_up.shape[2]
     P = row_ids.shape[0]
@@ -309,7 +305,7 @@ def moe_down_reference(h: torch.Tensor, expert_offsets: torch.Tensor, w_down: to
     Raises:
         ValueError: shapes, dtypes, formats or offsets outside the contract.
     """
-    fmt = _check_down(h, expert_offsets, w_down, w_down_scale, act_quant, _raise_value_error)
+    fmt = _check_down(h, expert_offsets, w_down, w_down_scale, act_quant, raise_value_error)
     P, N = h.shape
     E, D = w_down.shape[0], w_down.shape[1]
     offs = _offsets(expert_offsets, P, "moe_down")
@@ -338,9 +334,9 @@ def _check_out(op: str, out: torch.Tensor, shape: tuple, dtype: torch.dtype, che
 def _moe_up_out_ref(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu_limit,
                     act_quant, h):
     _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu_limit,
-              act_quant, _raise_value_error)
+              act_quant, raise_value_error)
     P, N = row_ids.shape[0], w_up.shape[2]
-    _check_out("moe_up_out", h, (P, N), x.dtype, _raise_value_error)
+    _check_out("moe_up_out", h, (P, N), x.dtype, raise_value_error)
     res = moe_up_reference(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight,
                            swiglu_limit, act_quant)
     n = int(expert_offsets[-1]) if P else 0
@@ -348,9 +344,9 @@ def _moe_up_out_ref(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, 
 
 
 def _moe_down_out_ref(h, expert_offsets, w_down, w_down_scale, act_quant, y):
-    _check_down(h, expert_offsets, w_down, w_down_scale, act_quant, _raise_value_error)
+    _check_down(h, expert_offsets, w_down, w_down_scale, act_quant, raise_value_error)
     P, D = h.shape[0], w_down.shape[1]
-    _check_out("moe_down_out", y, (P, D), h.dtype, _raise_value_error)
+    _check_out("moe_down_out", y, (P, D), h.dtype, raise_value_error)
     res = moe_down_reference(h, expert_offsets, w_down, w_down_scale, act_quant)
     n = int(expert_offsets[-1]) if P else 0
     y[:n] = res[:n]
@@ -444,7 +440,7 @@ def moe_swiglu_reference(gu: torch.Tensor, weight: torch.Tensor, limit: float) -
     or dtypes."""
     from ..layers.moe import swiglu_clamped  # lazy: layers.moe imports this module
 
-    _check_swiglu(gu, weight, limit, _raise_value_error)
+    _check_swiglu(gu, weight, limit, raise_value_error)
     n = gu.shape[1] // 2
     return swiglu_clamped(gu[:, :n], gu[:, n:], float(limit), weight[:, None],
                           torch.bfloat16).contiguous()

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 from .backend import env_choice, use_kernels
 from .grouped_gemm import dequantize_experts, expert_weight_format
 
@@ -45,10 +45,6 @@ _ARGS = "(Tensor o, Tensor positions, Tensor freqs, Tensor wo_a, Tensor? wo_a_sc
 GROUPED_OPROJ_SCHEMA = _ARGS + ") -> Tensor"
 GROUPED_OPROJ_OUT_SCHEMA = _ARGS + ", *, Tensor(a!) out) -> ()"
 
-
-def _raise_value_error(cond, msg_fn) -> None:
-    if not cond:
-        raise ValueError(msg_fn())
 
 
 def _check(o, positions, freqs, wo_a, wo_a_scale, check) -> str:
@@ -94,7 +90,7 @@ def grouped_oproj_reference(o: torch.Tensor, positions: torch.Tensor, freqs: tor
     """
     from ..layers.rope import apply_rope  # lazy: layers import ops
 
-    fmt = _check(o, positions, freqs, wo_a, wo_a_scale, _raise_value_error)
+    fmt = _check(o, positions, freqs, wo_a, wo_a_scale, raise_value_error)
     T, H, hd = o.shape
     G, R = wo_a.shape[0], wo_a.shape[1]
     Dg = H * hd // G
@@ -105,7 +101,7 @@ def grouped_oproj_reference(o: torch.Tensor, positions: torch.Tensor, freqs: tor
 
 
 def _out_ref(o, positions, freqs, wo_a, wo_a_scale, out):
-    _check(o, positions, freqs, wo_a, wo_a_scale, _raise_value_error)
+    _check(o, positions, freqs, wo_a, wo_a_scale, raise_value_error)
     want = (o.shape[0], wo_a.shape[0], wo_a.shape[1])
     if tuple(out.shape) != want or out.dtype != o.dtype:
         raise ValueError(f"grouped_oproj_out: out must be {o.dtype} {list(want)}, got "

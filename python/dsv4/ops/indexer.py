@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import kv_cache
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 
 __all__ = [
     "indexer_topk",
@@ -138,10 +138,6 @@ def _check_op_contract(q, keys, rows, n_valid, topk, check):
           lambda: f"indexer_topk: rows and n_valid must be int32, got {rows.dtype} and {n_valid.dtype}")
 
 
-def _raise_value_error(cond, msg):
-    if not cond:
-        raise ValueError(msg())
-
 
 def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                                   rows: torch.Tensor, n_valid: torch.Tensor, topk: int,
@@ -181,7 +177,7 @@ def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: 
         ValueError: mismatched shapes, negative topk, or a row index outside its range
             (the CUDA kernel cannot raise; it returns a row of -1 for such a query).
     """
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
+    _check_shapes(q, weights, keys, rows, n_valid, topk, raise_value_error, block_table)
     if keys.dtype == torch.uint8:  # FP8 keys: score the dequantised values (exact in fp32)
         keys = kv_cache.read_pool(keys, q.shape[2], torch.float32)
     T = q.shape[0]
@@ -263,14 +259,14 @@ def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
 # torch.ops.dsv4.indexer_topk / indexer_topk_out
 # ---------------------------------------------------------------------------------------------
 def _indexer_topk_kernel(q, weights, keys, rows, n_valid, topk, block_table=None):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
-    _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
+    _check_shapes(q, weights, keys, rows, n_valid, topk, raise_value_error, block_table)
+    _check_op_contract(q, keys, rows, n_valid, topk, raise_value_error)
     return indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk, block_table)
 
 
 def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices, block_table=None):
-    _check_shapes(q, weights, keys, rows, n_valid, topk, _raise_value_error, block_table)
-    _check_op_contract(q, keys, rows, n_valid, topk, _raise_value_error)
+    _check_shapes(q, weights, keys, rows, n_valid, topk, raise_value_error, block_table)
+    _check_op_contract(q, keys, rows, n_valid, topk, raise_value_error)
     T = q.shape[0]
     if tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32:
         raise ValueError(f"indexer_topk_out: indices must be int32 [{T}, {topk}], got "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 
 __all__ = ["mhc_pre", "mhc_post", "mhc_head"]
 
@@ -27,10 +27,6 @@ _HEAD = "(Tensor x, Tensor fn, Tensor scale, Tensor base, float norm_eps, float 
 _HEAD_OUT = ("(Tensor x, Tensor fn, Tensor scale, Tensor base, float norm_eps, float eps, *, "
              "Tensor(a!) y) -> ()")
 
-
-def _raise_value_error(cond, msg):
-    if not cond:
-        raise ValueError(msg())
 
 
 def _check_mix(name, x, fn, scale, base, rows_of_hc, n_scale, check):
@@ -80,7 +76,7 @@ def _copy_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def _pre_kernel(x, fn, scale, base, norm_eps, iters, eps):
-    _check_pre(x, fn, scale, base, iters, _raise_value_error)
+    _check_pre(x, fn, scale, base, iters, raise_value_error)
     return tuple(t.contiguous() for t in hc_pre_reference(x, fn, scale, base, norm_eps, iters, eps))
 
 
@@ -103,7 +99,7 @@ def _pre_out_fake(x, fn, scale, base, norm_eps, iters, eps, *, u, post, comb):
 
 
 def _post_kernel(f, residual, post, comb):
-    _check_post(f, residual, post, comb, _raise_value_error)
+    _check_post(f, residual, post, comb, raise_value_error)
     return hc_post_reference(f, residual, post, comb).contiguous()
 
 
@@ -121,7 +117,7 @@ def _post_out_fake(f, residual, post, comb, *, out):
 
 
 def _head_kernel(x, fn, scale, base, norm_eps, eps):
-    _check_head(x, fn, scale, base, _raise_value_error)
+    _check_head(x, fn, scale, base, raise_value_error)
     return hc_head_reference(x, fn, scale, base, norm_eps, eps).contiguous()
 
 

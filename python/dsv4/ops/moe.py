@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 
 __all__ = [
     "moe_gate", "moe_gate_reference", "moe_dispatch", "moe_dispatch_reference",
@@ -46,10 +46,6 @@ GATE_MAX_EXPERTS = 512
 MAX_TOPK = 16
 DISPATCH_MAX_EXPERTS = 1023
 
-
-def _raise_value_error(cond, msg):
-    if not cond:
-        raise ValueError(msg())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +113,7 @@ def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
             ``[0, tid2eid.shape[0])``, or table entries outside ``[0, experts)`` (the CUDA
             kernel cannot raise: it gives such slots index -1 and weight 0).
     """
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, _raise_value_error)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, raise_value_error)
     E = weight.shape[0]
     scores = F.softplus(F.linear(x.float(), weight.float())).sqrt()
     if tid2eid is None:
@@ -148,7 +144,7 @@ def _moe_gate_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale):
 
 def _moe_gate_out_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale, *, weights,
                          indices):
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, _raise_value_error)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, raise_value_error)
     T = x.shape[0]
     if (tuple(weights.shape) != (T, topk) or weights.dtype != torch.float32
             or tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32):
@@ -233,7 +229,7 @@ def moe_dispatch_reference(indices: torch.Tensor, weights: torch.Tensor, n_exper
     Raises:
         ValueError: shapes/dtypes other than the above, or n_experts outside [1, 1023].
     """
-    _check_dispatch(indices, weights, n_experts, _raise_value_error)
+    _check_dispatch(indices, weights, n_experts, raise_value_error)
     T, k = indices.shape
     dev = indices.device
     idx = indices.reshape(-1).long()
@@ -257,9 +253,9 @@ def _moe_dispatch_kernel(indices, weights, n_experts):
 
 def _moe_dispatch_out_kernel(indices, weights, n_experts, *, row_ids, expert_offsets,
                              route_weight, pair_pos):
-    _check_dispatch(indices, weights, n_experts, _raise_value_error)
+    _check_dispatch(indices, weights, n_experts, raise_value_error)
     _check_dispatch_out(indices, n_experts, row_ids, expert_offsets, route_weight, pair_pos,
-                        _raise_value_error)
+                        raise_value_error)
     outs = moe_dispatch_reference(indices, weights, n_experts)
     for dst, src in zip((row_ids, expert_offsets, route_weight, pair_pos), outs):
         dst.copy_(src)
@@ -349,7 +345,7 @@ def moe_combine_reference(y_pair: torch.Tensor, pair_pos: torch.Tensor,
     Raises:
         ValueError: shapes/dtypes other than the above, or topk > 16.
     """
-    _check_combine(y_pair, pair_pos, shared, _raise_value_error)
+    _check_combine(y_pair, pair_pos, shared, raise_value_error)
     T, k = pair_pos.shape
     n_rows, D = y_pair.shape
     pos = pair_pos.long()
@@ -371,7 +367,7 @@ def _moe_combine_kernel(y_pair, pair_pos, shared):
 
 
 def _moe_combine_out_kernel(y_pair, pair_pos, shared, *, y):
-    _check_combine(y_pair, pair_pos, shared, _raise_value_error)
+    _check_combine(y_pair, pair_pos, shared, raise_value_error)
     want = (pair_pos.shape[0], y_pair.shape[1])
     if tuple(y.shape) != want or y.dtype != y_pair.dtype:
         raise ValueError(f"moe_combine_out: y must be {y_pair.dtype} {list(want)}, got {y.dtype} "

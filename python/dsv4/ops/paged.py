@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 from .kv_cache import paged_rows as _paged_rows_int64
 
 __all__ = ["PAGED_ROWS_SCHEMA", "paged_rows", "paged_rows_reference"]
@@ -37,16 +37,12 @@ def _check(table, rows, sel, block_size, check) -> None:
           lambda: f"paged_rows: block_size must be in [1, 2147483647], got {block_size}")
 
 
-def _raise_value_error(cond, msg_fn) -> None:
-    if not cond:
-        raise ValueError(msg_fn())
-
 
 def paged_rows_reference(table: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor,
                          block_size: int) -> torch.Tensor:
     """int32 [tokens, k] flat rows (see the module doc). Raises ValueError on other dtypes or
     shapes."""
-    _check(table, rows, sel, block_size, _raise_value_error)
+    _check(table, rows, sel, block_size, raise_value_error)
     R = table.shape[0]
     ok = (rows >= 0) & (rows < R)
     if R == 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 
 __all__ = ["ARGMAX_FINITE_SCHEMA", "argmax_finite", "argmax_finite_reference"]
 
@@ -28,15 +28,11 @@ def _check(logits, check) -> None:
                   f"{tuple(logits.shape)}")
 
 
-def _raise_value_error(cond, msg_fn) -> None:
-    if not cond:
-        raise ValueError(msg_fn())
-
 
 def argmax_finite_reference(logits: torch.Tensor) -> torch.Tensor:
     """int64 [2, rows]: ``[torch.argmax(logits, -1); torch.isfinite(logits).all(-1)]`` for
     float32 ``logits`` [rows, n], n >= 1 (see the module doc). Raises ValueError otherwise."""
-    _check(logits, _raise_value_error)
+    _check(logits, raise_value_error)
     return torch.stack([torch.argmax(logits, dim=-1),
                         torch.isfinite(logits).all(dim=-1).long()])
 
