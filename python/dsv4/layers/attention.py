@@ -145,7 +145,6 @@ class Attention(ProjectionGroups, nn.Module):
         """x [T, dim]: the new tokens of every row of ``batch`` back to back (see
         :class:`~dsv4.layers.varlen.StepBatch`). Advances ``cache`` (the rows' slots);
         returns [T, dim]."""
-        T = x.shape[0]
         c = self.config
         freqs = self.freqs(x.device)
         pos = batch.pos
@@ -268,7 +267,7 @@ class Attention(ProjectionGroups, nn.Module):
         ``weights_proj(x)``, or None. Returns o [T, heads, head_dim].
         """
         c = self.config
-        T, B, W = batch.num_tokens, batch.num_rows, self.window_size
+        T, W = batch.num_tokens, self.window_size
         if T == 0:
             return x.new_zeros(0, self.n_heads, self.head_dim)
         sel = entries = extra_len = None
@@ -280,29 +279,7 @@ class Attention(ProjectionGroups, nn.Module):
             rows, pos, slot_t = _token_meta(batch)
             q_raw = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
             q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
-            quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
-            if cache.kv_fp8:
-                main_kv = _fp8_main_scope(kv_raw, self.kv_norm.weight, batch, freqs, c.norm_eps,
-                                          quant, cache.window, _ring_rows(batch, slot_t, pos, W),
-                                          pos, W)
-                ring = None
-            elif batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
-                ring = cache.window.view(-1, cache.window.shape[-1])
-                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                        quant, ring, _ring_rows(batch, slot_t, pos, W))
-                main_kv = ring
-            elif batch.decode:
-                ring = cache.window.view(-1, cache.window.shape[-1])
-                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                        quant)
-                ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(), kv)
-                main_kv = ring
-            else:
-                ring = cache.window.view(-1, cache.window.shape[-1])
-                kv = _dsv4.kv_norm_rope(kv_raw, self.kv_norm.weight, batch.pos, freqs, c.norm_eps,
-                                        quant)
-                main_kv = torch.cat(
-                    [cache.window.index_select(0, batch.slots.long()).view(B * W, -1), kv], dim=0)
+            main_kv, ring, kv = self._main_scope(kv_raw, cache, batch, freqs, pos, slot_t)
             if self.compress_ratio and not branch.active:
                 sel = self._compress(x, qr, cache, batch, freqs, index_w)
             # A decode step's window indices are the same in every layer: built once per step.
@@ -351,6 +328,32 @@ class Attention(ProjectionGroups, nn.Module):
             ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(),
                              kv.index_select(0, src))
         return out
+
+    def _main_scope(self, kv_raw, cache: LayerCache, batch: StepBatch, freqs, pos, slot_t
+                    ) -> tuple:
+        """The kv path (``kv_norm_rope``, §3.3) and the main key scope of
+        :meth:`_attend_kernels`: (the scope, the bf16 ring viewed as rows or None for an FP8
+        ring, the step's new keys or None). A decode step writes the new keys into the rings
+        first and attends the rings in place; otherwise the scope is a copy of the rows' rings
+        followed by the new keys, and the caller updates the rings after attention."""
+        c, W, B = self.config, self.window_size, batch.num_rows
+        quant = QUANT_FP8 if c.quant_sim else QUANT_NONE
+        weight, eps = self.kv_norm.weight, c.norm_eps
+        if cache.kv_fp8:
+            scope = _fp8_main_scope(kv_raw, weight, batch, freqs, eps, quant, cache.window,
+                                    _ring_rows(batch, slot_t, pos, W), pos, W)
+            return scope, None, None
+        ring = cache.window.view(-1, cache.window.shape[-1])
+        if batch.decode and cache.window.dtype == torch.bfloat16:   # the op's cache dtype
+            kv = _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant, ring,
+                                    _ring_rows(batch, slot_t, pos, W))
+            return ring, ring, kv
+        kv = _dsv4.kv_norm_rope(kv_raw, weight, batch.pos, freqs, eps, quant)
+        if batch.decode:
+            ring.index_copy_(0, _ring_rows(batch, slot_t, pos, W).long(), kv)
+            return ring, ring, kv
+        return torch.cat([cache.window.index_select(0, batch.slots.long()).view(B * W, -1), kv],
+                         dim=0), ring, kv
 
     def _compress(self, x, qr, cache: LayerCache, batch: StepBatch, freqs,
                   index_w=None) -> Optional[torch.Tensor]:
