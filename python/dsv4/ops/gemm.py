@@ -33,7 +33,6 @@ FP8_LINEAR_SCHEMA = _ARGS + ") -> Tensor"
 FP8_LINEAR_OUT_SCHEMA = _ARGS + ", *, Tensor(a!) out) -> ()"
 
 
-
 def _check(x, weight, scale, act_quant, check) -> None:
     op = "fp8_linear"
     check(x.dim() >= 1 and x.is_floating_point() and x.dtype.itemsize >= 2,

@@ -46,7 +46,6 @@ GROUPED_OPROJ_SCHEMA = _ARGS + ") -> Tensor"
 GROUPED_OPROJ_OUT_SCHEMA = _ARGS + ", *, Tensor(a!) out) -> ()"
 
 
-
 def _check(o, positions, freqs, wo_a, wo_a_scale, check) -> str:
     op = "grouped_oproj"
     check(o.dim() == 3 and o.is_floating_point() and o.dtype.itemsize >= 2,

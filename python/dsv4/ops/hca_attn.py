@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import kv_cache
-from ._ext import register_op
+from ._ext import raise_value_error, register_op
 from .attention import _flat_keys, sparse_attn_reference
 
 __all__ = ["hca_attn", "hca_attn_reference", "hca_entry_counts", "dense_block_table"]
@@ -74,11 +74,6 @@ def _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, 
           lambda: f"hca_attn: extra_kv head_dim {extra_kv.shape[-1]} != q head_dim {q.shape[-1]}")
 
 
-def _raise(cond, msg):
-    if not cond:
-        raise ValueError(msg())
-
-
 def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
                        attn_sink: torch.Tensor, softmax_scale: float,
                        topk_length: torch.Tensor | None, extra_kv: torch.Tensor,
@@ -112,7 +107,7 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
             as in the kernel, not an error).
     """
     _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, extra_rows,
-           extra_lengths, _raise)
+           extra_lengths, raise_value_error)
     T = q.shape[0]
     nb, bs = extra_kv.shape[0], extra_kv.shape[1]
     R, max_blocks = extra_block_table.shape

@@ -138,7 +138,6 @@ def _check_op_contract(q, keys, rows, n_valid, topk, check):
           lambda: f"indexer_topk: rows and n_valid must be int32, got {rows.dtype} and {n_valid.dtype}")
 
 
-
 def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                                   rows: torch.Tensor, n_valid: torch.Tensor, topk: int,
                                   block_table: torch.Tensor | None = None) -> torch.Tensor:

@@ -202,8 +202,9 @@ def paged_rows(table: torch.Tensor, rows: torch.Tensor, s: torch.Tensor, block_s
     Returns int64 [t, k]: the flat row, or −1 where ``s < 0``, ``s`` lies past the table's
     blocks, or the block is missing. No host synchronisation (usable in CUDA graphs).
     The two halves, :func:`block_starts` (per table) and :func:`paged_rows_from` (per lookup),
-    let a caller that looks up several ``s`` in one table (every CSA layer of a step)
-    prepare the table once.
+    let a caller that looks up several ``s`` in one table prepare the table once. (The CSA
+    layers of the model use the one-launch ``torch.ops.dsv4.paged_rows``, whose reference
+    computes the same rows.)
     """
     return paged_rows_from(block_starts(table, block_size, num_blocks), rows, s, block_size)
 

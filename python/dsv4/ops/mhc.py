@@ -28,7 +28,6 @@ _HEAD_OUT = ("(Tensor x, Tensor fn, Tensor scale, Tensor base, float norm_eps, f
              "Tensor(a!) y) -> ()")
 
 
-
 def _check_mix(name, x, fn, scale, base, rows_of_hc, n_scale, check):
     check(x.dim() >= 2, lambda: f"{name}: x must be [..., hc, dim], got {tuple(x.shape)}")
     check(x.dtype.is_floating_point, lambda: f"{name}: x must be floating-point, got {x.dtype}")

@@ -31,11 +31,10 @@ def _check(table, rows, sel, block_size, check) -> None:
           lambda: f"paged_rows: table must be [num_rows, max_blocks], got {tuple(table.shape)}")
     check(sel.dim() == 2, lambda: f"paged_rows: sel must be [tokens, k], got {tuple(sel.shape)}")
     check(rows.dim() == 1 and rows.shape[0] == sel.shape[0],
-          lambda: f"paged_rows: rows must be [{sel.shape[0] if sel.dim() else '?'}] (one table "
+          lambda: f"paged_rows: rows must be [{sel.shape[0]}] (one table "
                   f"row per token), got {tuple(rows.shape)}")
     check(1 <= block_size <= 2 ** 31 - 1,
           lambda: f"paged_rows: block_size must be in [1, 2147483647], got {block_size}")
-
 
 
 def paged_rows_reference(table: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor,

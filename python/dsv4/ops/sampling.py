@@ -28,7 +28,6 @@ def _check(logits, check) -> None:
                   f"{tuple(logits.shape)}")
 
 
-
 def argmax_finite_reference(logits: torch.Tensor) -> torch.Tensor:
     """int64 [2, rows]: ``[torch.argmax(logits, -1); torch.isfinite(logits).all(-1)]`` for
     float32 ``logits`` [rows, n], n >= 1 (see the module doc). Raises ValueError otherwise."""
