@@ -1,4 +1,4 @@
-"""Benchmark of ``torch.ops.dsv4.indexer_topk`` on paged keys (contracts.md §A.2) and on FP8
+"""Benchmark of ``torch.ops.dsv4.indexer_topk`` on paged keys (docs/contracts.md §A.2) and on FP8
 indexer keys (132 B per key, issue 9 item 4).
 
 Decode: one query per sequence, 64 heads x 128 dims, batch 32 / 128, 128K and 1M context (N =

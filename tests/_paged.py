@@ -1,4 +1,4 @@
-"""Paged-cache layouts for tests (contracts.md §A): scattered block tables over one shared
+"""Paged-cache layouts for tests (docs/contracts.md §A): scattered block tables over one shared
 pool, and gathering / scattering a dense store through them."""
 
 from __future__ import annotations

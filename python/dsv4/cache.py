@@ -14,9 +14,9 @@ The entry store is either *dense*, [slots, capacity, head_dim] with entry j of s
 ``entries[s, j]`` (grown by :meth:`CompressorState.reserve`; what :class:`Cache` and
 ``dsv4.Model`` use), or *paged*, a pool [num_blocks, block_size, head_dim] shared by all slots,
 entry j of a sequence at ``entries[table[j // block_size], j % block_size]`` through the
-sequence's block table (what ``dsv4.runtime`` uses; contracts.md §A). A dense store is the paged
-layout with one block per slot (``table = [slot]``, ``block_size = capacity``), so the layers
-address both the same way.
+sequence's block table (what ``dsv4.runtime`` uses; docs/contracts.md §A). A dense store is the
+paged layout with one block per slot (``table = [slot]``, ``block_size = capacity``), so the
+layers address both the same way.
 
 :class:`Cache` is the public cache of ``dsv4.Model``: ``lengths[b]`` is the number of tokens of
 row b already processed. Rows are independent: resetting one row (a new request in that batch

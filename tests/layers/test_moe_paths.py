@@ -1,4 +1,4 @@
-"""The MoE layer's two paths and its stacked expert storage (contracts.md §B).
+"""The MoE layer's two paths and its stacked expert storage (docs/contracts.md §B).
 
 CPU: the reference path equals the official per-expert loop bit for bit; experts are views of
 ``w_up`` [E, 2, N, K] / ``w_down`` [E, dim, N] with unchanged state_dict names; in-place loads

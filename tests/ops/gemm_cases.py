@@ -22,7 +22,7 @@ def _gen(seed: int, device="cpu") -> torch.Generator:
 
 def route(T: int, E: int, topk: int, seed: int, skew: Optional[str] = None,
           device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert-major (token, slot) pairs as the MoE dispatch produces them (contracts.md §B).
+    """Expert-major (token, slot) pairs as the MoE dispatch produces them (docs/contracts.md §B).
 
     Each token picks ``topk`` distinct experts uniformly at random. ``skew="one"``: every slot
     of every token goes to expert E // 2 (the other experts get 0 pairs); ``skew="half"``: only

@@ -1,6 +1,6 @@
-"""torch.ops.dsv4.moe_up / moe_down (contracts.md §B): the references against a per-pair formula
-and against today's Expert module (CPU), corner cases, errors, opcheck; the CUDA kernels against
-the fp32 reference with the 2x bf16 rule (GPU)."""
+"""torch.ops.dsv4.moe_up / moe_down (docs/contracts.md §B): the references against a per-pair
+formula and against today's Expert module (CPU), corner cases, errors, opcheck; the CUDA kernels
+against the fp32 reference with the 2x bf16 rule (GPU)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""torch.ops.dsv4.hca_attn (HCA dense path, contracts.md §A.4) and FP8 (MODEL1) key caches in
+"""torch.ops.dsv4.hca_attn (HCA dense path, docs/contracts.md §A.4) and FP8 (MODEL1) key caches in
 sparse_attn / hca_attn.
 
 CPU: the reference against a float64 brute force over the keys each query may see (window +

@@ -1,5 +1,5 @@
-"""Paged caches (contracts.md §A.1-§A.2): ``compress_kv`` with ``slots`` / ``block_table`` and
-``indexer_topk`` with ``block_table`` give the same results as the dense layouts.
+"""Paged caches (docs/contracts.md §A.1-§A.2): ``compress_kv`` with ``slots`` / ``block_table``
+and ``indexer_topk`` with ``block_table`` give the same results as the dense layouts.
 
 The paged layouts are built from a dense problem: state rows scattered into a larger pool
 (``slots``), entries / keys in a block pool whose block ids are scattered and out of order,

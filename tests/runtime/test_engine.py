@@ -28,7 +28,7 @@ def model():
 
 
 class _NoPagedOps:
-    """torch.ops.dsv4 as a build whose CUDA kernels reject paged arguments (contracts.md §A
+    """torch.ops.dsv4 as a build whose CUDA kernels reject paged arguments (docs/contracts.md §A
     before the kernels take them) would behave: the layers must fall back to the dense form."""
 
     def __getattr__(self, name):

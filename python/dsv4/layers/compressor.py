@@ -150,8 +150,8 @@ def complete_entries(batch: StepBatch, ratio: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Paged stores on a build whose CUDA kernels do not take ``slots`` / ``block_table`` yet
-# (contracts.md §A: the CUDA glue rejects them until the kernels land). The layer then runs the
-# dense form of the op on copies gathered through the block table and scatters them back:
+# (docs/contracts.md §A: the CUDA glue rejects them until the kernels land). The layer then runs
+# the dense form of the op on copies gathered through the block table and scatters them back:
 # correct, slow (it copies the rows' whole stores), and said once.
 # ---------------------------------------------------------------------------------------------
 _PAGED_MISSING: dict[str, str] = {}
@@ -168,7 +168,7 @@ def paged_op_missing(op: str, error: RuntimeError) -> None:
         raise error
     _PAGED_MISSING[op] = str(error)
     warnings.warn(f"dsv4: this build's CUDA {op} does not take paged caches yet "
-                  "(contracts.md §A); the runtime gathers the pages of each step and runs the "
+                  "(docs/contracts.md §A); the runtime gathers the pages of each step and runs the "
                   "dense kernel instead (correct, slow at long contexts)", RuntimeWarning,
                   stacklevel=3)
 
@@ -181,7 +181,7 @@ def gather_blocks(store: torch.Tensor, block_table: torch.Tensor
     (int64 [B·max_blocks], for scattering back)."""
     if store.dtype == torch.uint8:
         raise RuntimeError("FP8 cache pools need CUDA kernels that take block tables "
-                           "(contracts.md §A); this build's do not")
+                           "(docs/contracts.md §A); this build's do not")
     ids = torch.where(block_table >= 0, block_table, store.shape[0] - 1).long().flatten()
     B, mb = block_table.shape
     return store.index_select(0, ids).view(B, mb * store.shape[1], store.shape[2]), ids

@@ -9,12 +9,12 @@ Two paths compute the same function:
   :func:`~dsv4.ops.moe.moe_combine_reference` (the fp32 sum in expert order, then the shared
   expert, as the official ``MoE.forward``);
 * kernels (CUDA bfloat16 with the ``"cuda"`` backend): ``moe_gate`` → ``moe_dispatch`` →
-  grouped expert GEMMs (``moe_up`` / ``moe_down`` of contracts.md §B when compiled; for bf16
+  grouped expert GEMMs (``moe_up`` / ``moe_down`` of docs/contracts.md §B when compiled; for bf16
   experts at prefill size, or without those kernels, ``torch._grouped_mm`` around the
   ``moe_swiglu`` kernel) → ``moe_combine``; no host synchronisation, so the step can be
   captured in a CUDA graph.
 
-Routed experts are stored stacked (contracts.md §B): ``w_up`` [E, 2, N, K] (index 0 = w1, the
+Routed experts are stored stacked (docs/contracts.md §B): ``w_up`` [E, 2, N, K] (index 0 = w1, the
 gate; 1 = w3, the up projection) and ``w_down`` [E, dim, N] (w2), in the experts' dtype, or
 their native FP8/FP4 bytes with stacked scales after ``from_pretrained(weights="native")``.
 Each ``experts.{e}.w1/w3/w2`` keeps its official name and is a view into the stack, so
@@ -233,7 +233,7 @@ def _repoint(lin: Linear, weight: torch.Tensor, scale: Optional[torch.Tensor]) -
 
 @dataclasses.dataclass
 class ExpertStack:
-    """The routed experts of one MoE in the layout of contracts.md §B.
+    """The routed experts of one MoE in the layout of docs/contracts.md §B.
 
     fmt None: ``w_up`` [E, 2, N, K] / ``w_down`` [E, dim, N] float (bf16/fp32), no scales;
     ``"fp8"``: float8_e4m3fn with 128x128 block scales [E, 2, ceil(N/128), ceil(K/128)] /
@@ -342,8 +342,8 @@ class MoE(ProjectionGroups, nn.Module):
         return True
 
     def stacked_weights(self) -> Optional[ExpertStack]:
-        """The stacked expert storage (contracts.md §B), rebuilt if an expert got a new tensor;
-        None when the experts cannot be stacked (mixed formats, dtypes or devices)."""
+        """The stacked expert storage (docs/contracts.md §B), rebuilt if an expert got a new
+        tensor; None when the experts cannot be stacked (mixed formats, dtypes or devices)."""
         if self._stack_current():
             return self._stack
         stack = self.restack()
@@ -385,7 +385,7 @@ class MoE(ProjectionGroups, nn.Module):
 
         gate → dispatch (pairs grouped by expert) → :meth:`routed_pairs` → combine with the
         shared expert; dispatch and combine are the kernels on the kernel path, their
-        references otherwise (the same contract, contracts.md §B)."""
+        references otherwise (the same contract, docs/contracts.md §B)."""
         shape = x.shape
         x2 = x.reshape(-1, self.dim)
         ids = input_ids.reshape(-1)
@@ -509,7 +509,7 @@ class MoE(ProjectionGroups, nn.Module):
         grad = _needs_grad(x, *(getattr(self.experts[0], n)._parameters.get("weight")
                                 for n in ("w1", "w2", "w3")))
         stack = None if grad else self.stacked_weights()
-        if stack is not None:  # the expert formula of contracts.md §B (one definition)
+        if stack is not None:  # the expert formula of docs/contracts.md §B (one definition)
             h = moe_up_reference(x, row_ids, offsets, stack.w_up, stack.w_up_scale, route_weight,
                                  float(self.swiglu_limit), self._act_quant(self.experts[0].w1))
             return moe_down_reference(h, offsets, stack.w_down, stack.w_down_scale,
@@ -581,7 +581,7 @@ def _swiglu_kernel_available() -> bool:
 
 
 def _grouped_kernels_available() -> bool:
-    """Whether ``moe_up`` / ``moe_down`` (contracts.md §B) have compiled CUDA kernels that the
+    """Whether ``moe_up`` / ``moe_down`` (docs/contracts.md §B) have compiled CUDA kernels that the
     model may call (hardware-verified, or unverified kernels allowed: ``dsv4.ops.backend``)."""
     ops = ("moe_up", "moe_down")
     if not may_call(ops):

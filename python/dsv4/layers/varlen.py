@@ -4,8 +4,8 @@ A step feeds new tokens to ``B`` rows (sequences). The tokens of all rows lie ba
 grouped by row (flash-attn's "varlen" layout): ``T = Σ lens`` tokens, row b owning tokens
 ``cu_seqlens[b] .. cu_seqlens[b+1]-1`` at absolute positions ``starts[b] ..``. Each row lives in
 a cache *slot* (its window ring and compressor state) and reaches its compressed entries
-through a *block table* (the paged pool of contracts.md §A; a dense per-row store is the special
-case of one block per row, ``block_table[b] = [slot]``).
+through a *block table* (the paged pool of docs/contracts.md §A; a dense per-row store is the
+special case of one block per row, ``block_table[b] = [slot]``).
 
 Everything a layer reads on its batched (kernel) path is a device tensor, built on the host
 from python lists and copied to the device in ONE host-to-device copy (all metadata packed into

@@ -182,7 +182,7 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
         quant: 0 none, 1 FP8 e4m3 of the first d - rope_dim dims in blocks of 64, 2 Hadamard
             rotation + FP4 e2m1 in blocks of 32 (:mod:`dsv4.ops.quant`, §4.4).
         slots: optional [B] int32, the state row (and, without ``block_table``, the entries
-            row) of each step row (contracts.md §A.1).
+            row) of each step row (docs/contracts.md §A.1).
         block_table: optional [B, max_blocks] int32 (see ``entries``).
 
     Per entry (§4.2-§4.4): softmax over the slots (per feature, fp32) of score + ape, weighted
@@ -319,7 +319,7 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     slot is outside the state rows is skipped, and paged entries without a valid block are
     not written (no illegal access).
 
-    Paged / slotted use (contracts.md §A.1): ``slots`` [B] int32 picks the state row of each
+    Paged / slotted use (docs/contracts.md §A.1): ``slots`` [B] int32 picks the state row of each
     step row; ``block_table`` [B, max_blocks] int32 makes ``entries`` a paged pool
     [num_blocks, block_size, d] (entry k of step row b at
     ``entries[block_table[b, k // block_size], k % block_size]``).

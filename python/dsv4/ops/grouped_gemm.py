@@ -1,5 +1,5 @@
 """Grouped expert GEMMs of the routed MoE: ``torch.ops.dsv4.moe_up`` and ``moe_down``
-(architecture.md §9, training.md §3.6; the contract of prompts/contracts.md §B).
+(architecture.md §9, training.md §3.6; the contract of docs/contracts.md §B).
 
 Routed experts are stored stacked, in one of three formats chosen by the weight dtype:
 

@@ -1,4 +1,5 @@
-"""HCA dense attention: ``torch.ops.dsv4.hca_attn`` (architecture.md §3.5, §6; contracts.md §A.4).
+"""HCA dense attention: ``torch.ops.dsv4.hca_attn`` (architecture.md §3.5, §6;
+docs/contracts.md §A.4).
 
 An HCA layer's query at position t attends to its sliding window and to EVERY compressed entry
 it may see (entry s is visible iff ``s < (t + 1) // 128``), with the per-head sink. Instead of

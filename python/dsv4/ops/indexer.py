@@ -157,7 +157,7 @@ def indexer_topk_varlen_reference(q: torch.Tensor, weights: torch.Tensor, keys: 
             [batch, capacity, head_dim] with ``key(t, s) = keys[rows[t], s]``, or (with
             ``block_table``) a paged pool [num_blocks, block_size, head_dim] with
             ``key(t, s) = keys[block_table[rows[t], s // block_size], s % block_size]``
-            (contracts.md §A.2; block_size need not be a power of two). A uint8 ``keys``
+            (docs/contracts.md §A.2; block_size need not be a power of two). A uint8 ``keys``
             [..., head_dim + 4] is an FP8 key cache (:mod:`dsv4.ops.kv_cache`), scored
             through its dequantised values.
         rows: [tokens] integer, the key row of each query: in [0, batch), or in
@@ -306,7 +306,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, row
         rows: [tokens] int32, key row of each query (a row of ``block_table`` when paged).
         n_valid: [tokens] int32, visible entries per query (clamped to [0, capacity]).
         topk: 1 .. 2048.
-        block_table: optional [R, max_blocks] int32 (contracts.md §A.2): key s of query t is
+        block_table: optional [R, max_blocks] int32 (docs/contracts.md §A.2): key s of query t is
             ``keys[block_table[rows[t], s // block_size], s % block_size]``; the result stays
             the logical index s. Entries in missing blocks (id < 0 or >= num_blocks) are
             never selected.

@@ -1,7 +1,7 @@
 """FP8 KV cache formats: definitions, pack / unpack references, allocation helpers.
 
 Two byte formats, shared by every kernel that writes or reads a cache (the C++ side is
-``csrc/include/dsv4/kv_cache.h``; contracts.md §A.5, architecture.md §11.2, kernels.md §3):
+``csrc/include/dsv4/kv_cache.h``; docs/contracts.md §A.5, architecture.md §11.2, kernels.md §3):
 
 * **MODEL1** (FlashMLA ``MODEL1_FP8Sparse``; main attention KV, head_dim 512 = 448 nope + 64
   rope): 584 bytes per entry. A block of ``block_size`` entries is laid out as

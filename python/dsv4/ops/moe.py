@@ -5,7 +5,7 @@ The three ops carry a token through the routed experts without a host synchronis
 
     weights, indices = moe_gate(x, gate.weight, gate.bias, tid2eid, input_ids, topk, route_scale)
     row_ids, expert_offsets, route_weight, pair_pos = moe_dispatch(indices, weights, n_experts)
-    h = moe_up(x, row_ids, expert_offsets, w_up, ...)          # grouped GEMMs (contracts.md §B)
+    h = moe_up(x, row_ids, expert_offsets, w_up, ...)   # grouped GEMMs (docs/contracts.md §B)
     y_pair = moe_down(h, expert_offsets, w_down, ...)
     y = moe_combine(y_pair, pair_pos, shared_expert(x))
 
@@ -210,7 +210,8 @@ def _check_dispatch(indices, weights, n_experts, check):
 
 def moe_dispatch_reference(indices: torch.Tensor, weights: torch.Tensor, n_experts: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert-major, stable order of the (token, slot) pairs (contracts.md §B; training.md §3.8).
+    """Expert-major, stable order of the (token, slot) pairs (docs/contracts.md §B;
+    training.md §3.8).
 
     Args:
         indices: int32 [tokens, topk] selected experts (from :func:`moe_gate_reference`).

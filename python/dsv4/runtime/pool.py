@@ -1,6 +1,6 @@
 """The runtime's caches, allocated once: window rings and compressor state per sequence slot,
 compressed entries in a paged block pool (docs runtime.md "Caches allocated once";
-contracts.md §A).
+docs/contracts.md §A).
 
 A *block* holds the compressed entries of ``block_tokens`` consecutive tokens of one sequence
 in every compressed store of every layer: ``block_tokens // 4`` CSA entries and as many indexer
