@@ -45,13 +45,26 @@ def _official_loop(moe: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hash_layer", [True, False])
 def test_reference_path_equals_official_loop_bitwise(dtype, hash_layer):
+    """fp32: bit for bit. bf16: the reference path forms each expert GEMM as an fp32 product
+    rounded once to bf16 (moe_up_reference), the official loop as ``F.linear`` on bf16, whose
+    CPU kernel sums in its own order on some CPUs (a 2-core AVX-512 Xeon without bf16 units,
+    torch 2.14.1: one element of 896 one bf16 step apart); so bf16 asks for equality on all
+    but a few elements and 2 bf16 steps on those. A wrong expert, weight or order changes
+    most elements by far more."""
     torch.manual_seed(0)
     cfg = _cfg()
     moe = MoE(cfg, 0 if hash_layer else cfg.n_hash_layers).to(dtype)
     x = (torch.randn(2, 7, cfg.dim) * 4).to(dtype)
     ids = torch.randint(0, cfg.vocab_size, (2, 7))
     with torch.no_grad():
-        assert torch.equal(moe(x, ids), _official_loop(moe, x, ids))
+        got, want = moe(x, ids), _official_loop(moe, x, ids)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+        return
+    differ = got != want
+    assert differ.float().mean().item() <= 0.01, f"{int(differ.sum())} of {got.numel()} differ"
+    step = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(2 ** -100))) - 7)
+    assert ((got.float() - want.float()).abs() <= 2 * step).all()
 
 
 def test_experts_are_views_of_the_stack_with_official_names():
