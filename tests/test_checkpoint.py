@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -207,10 +208,14 @@ def test_quant_sim_activation_quantisation_only_for_stored_linears(ckpt, ids):
         assert m.layers[0].ffn.experts[0].w1.act_quant
         assert attn.compressor.wkv.stored_format is None and m.head.stored_format is None
     assert twin.layers[1].attn.wq_a.stored_format is None
-    # switching quant_sim off at run time reaches the linears too
-    deq.config.quant_sim = False
-    off = _logits(deq, ids)
-    assert _rel(off, _logits(_load(ckpt["fp8"], quant_sim=False), ids)) < 1e-6
+    # the linears read quant_sim from the model's one config, which cannot change under them
+    # (it is immutable: a quant_sim flipped at run time would skip the load-time checks)
+    for m in (deq, nat):
+        held = [mod.config for mod in m.modules() if getattr(mod, "config", None) is not None]
+        assert len(held) > 1 and all(c is m.config for c in held)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="dataclasses.replace"):
+        deq.config.quant_sim = False
+    assert deq.config.quant_sim
 
 
 def test_native_holds_fewer_bytes_and_weight_access(ckpt, ids):
@@ -606,8 +611,8 @@ def test_huge_e8m0_and_fp4_scales_are_refused(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(n_routed_experts=10 ** 6), r"n_routed_experts=1000000, but the "
-     r"checkpoint files hold layers 0..3, experts 0..7 \(no layers.0.ffn.experts.999999"),
+    (lambda d: d.update(n_routed_experts=512), r"n_routed_experts=512, but the "
+     r"checkpoint files hold layers 0..3, experts 0..7 \(no layers.0.ffn.experts.511"),
     (lambda d: d.update(num_hidden_layers=10 ** 5, num_hash_layers=2,
                         compress_ratios=[0] * (10 ** 5 + 1)),
      r"n_layers=100000.*\(no layers.99999.attn_norm.weight"),

@@ -4,13 +4,16 @@ accepted (issue 13 item 3), and every required key is required on its own (item 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
 
 import pytest
 
-from dsv4.config import ConfigError, ModelConfig
+from dsv4 import Model
+from dsv4.config import GATE_MAX_EXPERTS, GATE_MAX_TOPK, ConfigError, ModelConfig
+from dsv4.ops import moe
 
 from test_config import HF_FLASH  # noqa: E402  (tests/ is on sys.path)
 
@@ -133,6 +136,59 @@ def test_overrides_are_validated_too():
         ModelConfig.tiny(rope_theta=-1)
     with pytest.raises(ConfigError, match="quant_sim"):
         ModelConfig.tiny(quant_sim="yes")
+
+
+def test_config_is_immutable():
+    """A field assigned after the config was made skipped validate() (head_dim=3 built a
+    model) and changed a built model under it (window_size): configs are frozen, changed
+    copies come from dataclasses.replace, which validates them."""
+    c = ModelConfig.tiny()
+    for name, value in (("head_dim", 3), ("window_size", 4), ("quant_sim", False)):
+        with pytest.raises(dataclasses.FrozenInstanceError,
+                           match=rf"immutable.*cannot assign {name}; make a changed copy with "
+                                 rf"dataclasses\.replace\(config, {name}=\.\.\.\)"):
+            setattr(c, name, value)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete window_size"):
+        del c.window_size
+    assert c == ModelConfig.tiny()
+    m = Model(ModelConfig.tiny(n_layers=1, compress_ratios=(0, 0), n_hash_layers=1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.config.window_size = 4
+    assert m.config.window_size == 16
+    assert dataclasses.replace(c, window_size=4).window_size == 4
+    with pytest.raises(ConfigError, match="rope_head_dim must be even and <= head_dim"):
+        dataclasses.replace(c, head_dim=3)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_routed_experts": 513}, r"n_routed_experts=513: expected an int in \[1, 512\] \(the "
+                                r"experts the router, moe_gate, takes\)"),
+    ({"n_routed_experts": 32, "n_activated_experts": 17},
+     r"n_activated_experts \(num_experts_per_tok\)=17: expected an int in \[1, 16\] \(the "
+     r"experts per token"),
+    ({"head_dim": 130, "quant_sim": False},
+     r"head_dim=130: expected a multiple of 4 in \[4, 1024\] \(the entries compress_kv"),
+    ({"head_dim": 1088, "quant_sim": False}, r"head_dim=1088: expected a multiple of 4 in "
+                                             r"\[4, 1024\]"),
+    ({"index_head_dim": 66, "quant_sim": False},
+     r"index_head_dim=66: expected a multiple of 4 in \[4, 1024\]"),
+])
+def test_op_limits_are_config_errors(change, message):
+    """Shapes the ops refuse at the first forward on every backend (moe_gate's experts,
+    compress_kv's entry head dim) are refused when the config is made, naming the field."""
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.tiny(**change)
+
+
+def test_op_limits_match_the_ops_and_apply_where_the_ops_run():
+    assert (GATE_MAX_EXPERTS, GATE_MAX_TOPK) == (moe.GATE_MAX_EXPERTS, moe.MAX_TOPK)
+    ModelConfig.tiny(n_routed_experts=512, n_activated_experts=16)
+    ModelConfig.tiny(head_dim=1024, index_head_dim=68, quant_sim=False)
+    # compress_kv runs only in compressed layers (head_dim) and CSA indexers (index_head_dim)
+    assert ModelConfig.tiny(head_dim=130, quant_sim=False,
+                            compress_ratios=(0, 0, 0, 0, 0)).head_dim == 130
+    assert ModelConfig.tiny(index_head_dim=66, quant_sim=False,
+                            compress_ratios=(0, 16, 16, 0, 0)).index_head_dim == 66
 
 
 def test_valid_edge_values_are_accepted():

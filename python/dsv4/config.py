@@ -74,6 +74,14 @@ _ARGS_TO_HF.update(original_seq_len="rope_scaling.original_max_position_embeddin
 #: The largest size or count a config may hold: the kernels index with int32.
 INT_MAX = 2 ** 31 - 1
 
+# Limits of the ops the model runs on every backend (their references refuse more at the
+# first forward): the experts of moe_gate (dsv4.ops.moe.GATE_MAX_EXPERTS / MAX_TOPK) and
+# the entry head dim of compress_kv (a multiple of 4 in [4, 1024]; dsv4.ops.compressor).
+# Not imported from dsv4.ops: this module loads without torch.
+GATE_MAX_EXPERTS = 512
+GATE_MAX_TOPK = 16
+COMPRESS_MAX_HEAD_DIM = 1024
+
 _TYPES = {"int": "int", int: "int", "float": "float", float: "float", "bool": "bool",
           bool: "bool", "str": "str", str: "str", "Optional[str]": "optional str"}
 _BAD = object()
@@ -120,9 +128,14 @@ _REQUIRED = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V4 hyper-parameters (official ``ModelArgs`` names; architecture.md §1).
+
+    Immutable: :meth:`validate` runs when a config is made, and a model, its caches and
+    engines share the one object, so a field assigned afterwards would bypass the checks or
+    change a built model under it. Make a changed copy with ``dataclasses.replace(config,
+    field=value)`` (validated like any new config).
 
     ``compress_ratios`` has ``n_layers + n_mtp_layers`` entries: 0 = sliding window only (SWA),
     4 = Compressed Sparse Attention (overlapping compressor + Lightning Indexer), any other
@@ -198,14 +211,14 @@ class ModelConfig:
                         "optional str": "str or null"}[kind]
                 raise ConfigError(f"config field {f.name}{_hf_alias(f.name)} must be of type "
                                   f"{want}, got {_show(v)}")
-            setattr(self, f.name, coerced)
+            object.__setattr__(self, f.name, coerced)
         ratios = self.compress_ratios
         if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (list, tuple)):
             raise ConfigError(f"compress_ratios must be a list of ints, got {_show(ratios)}")
         coerced = tuple(_coerce(r, "int") for r in ratios)
         if any(r is _BAD for r in coerced):
             raise ConfigError(f"compress_ratios must be a list of ints, got {_show(ratios)}")
-        self.compress_ratios = coerced
+        object.__setattr__(self, "compress_ratios", coerced)
         self.validate()
 
     # ------------------------------------------------------------------ presets
@@ -265,8 +278,11 @@ class ModelConfig:
         finite > 0; ``swiglu_limit`` finite >= 0 (0 = no clamp); ``rope_factor`` finite >= 1;
         ``beta_fast`` >= ``beta_slow`` > 0, finite; ``index_topk`` at most the number of CSA
         entries at ``max_position_embeddings`` (a larger top-k can never fill and only sizes
-        buffers); ``window_size`` at most ``max_position_embeddings``; plus the architectural
-        rules (divisibility, supported variants, the compress_ratios layout).
+        buffers); ``window_size`` at most ``max_position_embeddings``; the limits of the ops
+        every backend runs: ``n_routed_experts`` <= 512 and ``n_activated_experts`` <= 16
+        (``moe_gate``), ``head_dim`` (with compressed layers) and ``index_head_dim`` (with CSA
+        layers) multiples of 4 in [4, 1024] (``compress_kv``); plus the architectural rules
+        (divisibility, supported variants, the compress_ratios layout).
         """
         errs = []
 
@@ -339,6 +355,20 @@ class ModelConfig:
             errs.append(f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
         if self.n_activated_experts > self.n_routed_experts:
             errs.append("n_activated_experts must be <= n_routed_experts")
+        if self.n_routed_experts > GATE_MAX_EXPERTS:
+            bad("n_routed_experts", f"an int in [1, {GATE_MAX_EXPERTS}] (the experts the "
+                                    "router, moe_gate, takes)")
+        if self.n_activated_experts > GATE_MAX_TOPK:
+            bad("n_activated_experts", f"an int in [1, {GATE_MAX_TOPK}] (the experts per token "
+                                       "the router, moe_gate, selects)")
+        # compress_kv builds the entries of the compressed layers: head_dim for every layer
+        # with compress_ratio > 0, index_head_dim for the CSA layers' indexer (ratio 4)
+        for name, used in (("head_dim", any(r > 0 for r in self.compress_ratios)),
+                           ("index_head_dim", 4 in self.compress_ratios)):
+            d = getattr(self, name)
+            if used and (d % 4 or d > COMPRESS_MAX_HEAD_DIM):
+                bad(name, f"a multiple of 4 in [4, {COMPRESS_MAX_HEAD_DIM}] (the entries "
+                          f"compress_kv builds for the compressed layers)")
         if self.n_hash_layers > self.n_layers:
             errs.append("n_hash_layers must be <= n_layers")
         if self.score_func != "sqrtsoftplus":
@@ -488,3 +518,16 @@ class ModelConfig:
         """Write :meth:`to_hf_dict` as JSON."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_hf_dict(torch_dtype), f, indent=2)
+
+
+def _refuse_change(self: ModelConfig, name: str, *value: Any) -> None:
+    hint = (f"; make a changed copy with dataclasses.replace(config, {name}=...)"
+            if name in {f.name for f in dataclasses.fields(self)} else "")
+    raise dataclasses.FrozenInstanceError(
+        f"ModelConfig is immutable (validated when made, shared by the model built from it): "
+        f"cannot {'assign' if value else 'delete'} {name}{hint}")
+
+
+# frozen=True's own __setattr__ / __delattr__, with a message that says what to do instead
+ModelConfig.__setattr__ = _refuse_change  # type: ignore[method-assign,assignment]
+ModelConfig.__delattr__ = _refuse_change  # type: ignore[method-assign,assignment]
