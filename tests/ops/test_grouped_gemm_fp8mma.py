@@ -61,10 +61,20 @@ def test_fp8_act_quant_reference_is_fp8_e4m3_quantize():
 
 
 def test_fp8_act_quant_errors_and_opcheck():
-    with pytest.raises(ValueError, match="multiple of the block size 128"):
+    # the op's own name and rule, not those of the internal fp8_e4m3_sim
+    with pytest.raises(ValueError, match=r"^fp8_act_quant: x must be \[rows, cols\] with "
+                                         r"cols % 128 == 0, got \[2, 100\]"):
         fp8_act_quant_reference(torch.randn(2, 100))
     with pytest.raises(ValueError, match=r"\[rows, cols\]"):
         fp8_act_quant_reference(torch.randn(256))
+    # an integer or bool x was quantised as if it were activations
+    for dtype in (torch.int64, torch.int8, torch.bool):
+        x = torch.ones(2, 128, dtype=dtype)
+        with pytest.raises(ValueError, match=rf"^fp8_act_quant: x must be floating point "
+                                             rf"\(bfloat16; .*\), got {dtype}"):
+            fp8_act_quant_reference(x)
+        with pytest.raises(ValueError, match="fp8_act_quant: x must be floating point"):
+            torch.ops.dsv4.fp8_act_quant(x)
     torch.library.opcheck(torch.ops.dsv4.fp8_act_quant.default, (_x(3, 256, 2),))
 
 

@@ -1,6 +1,7 @@
 """torch.ops.dsv4.paged_rows: logical compressed entries to flat rows of a paged store through
 block tables (the CSA layers' indexer picks). CPU: the reference is kv_cache.paged_rows in
-int32, rows outside the table give -1, bad input raises ValueError naming what is accepted.
+int32, rows outside the table give -1, bad input (flat rows past int32 included) raises
+ValueError naming what is accepted.
 CUDA (runs on the H200): the kernel gives the reference's values on fresh random tables and
 picks with missing blocks, picks past the table, -1 picks and rows outside the table; strided
 inputs, empty shapes, a large grid; opcheck."""
@@ -65,6 +66,24 @@ def test_table_without_rows():
 def test_bad_input_is_rejected(args, match):
     with pytest.raises(ValueError, match=match):
         paged_rows_reference(*args)
+
+
+def test_flat_rows_past_int32_are_rejected():
+    """The op's precondition: selected flat rows fit in int32. Past it the reference raises
+    instead of wrapping to a valid-looking row (2**30 * 8 + 1 would wrap to 1)."""
+    t = torch.tensor([[2 ** 30]], dtype=torch.int32)
+    r = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"fit in int32 \(at most 2147483647\); got 8589934593"):
+        paged_rows_reference(t, r, torch.tensor([[1]], dtype=torch.int32), 8)
+    # the largest row that fits is returned; a row past it only where selected raises
+    t = torch.tensor([[2 ** 28 - 1, 2 ** 28]], dtype=torch.int32)
+    assert paged_rows_reference(t, r, torch.tensor([[7, -1]], dtype=torch.int32),
+                                8).tolist() == [[2 ** 31 - 1, -1]]
+    # rows that are not rows of the table give -1, whatever their picks would address
+    assert paged_rows_reference(t, torch.tensor([1], dtype=torch.int32),
+                                torch.tensor([[8]], dtype=torch.int32), 8).tolist() == [[-1]]
+    with pytest.raises(ValueError, match="fit in int32"):
+        paged_rows_reference(t, r, torch.tensor([[8]], dtype=torch.int32), 8)
 
 
 @cuda

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dsv4.ops  # noqa: F401  (registers every op)
 import dsv4.ops._ext as ext
@@ -104,6 +105,21 @@ def test_op_rejects_wrong_weight_shape():
     x, w = make_inputs((4, 8), torch.float32, "cpu")
     with pytest.raises((ValueError, RuntimeError), match="weight must have shape"):
         torch.ops.dsv4.rms_norm(x, w[:7], EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_op_rejects_non_float_x(dtype):
+    """An integer or bool x came back as truncated ints; the reference, the op and the fake
+    refuse it, naming the accepted dtypes."""
+    x = torch.ones(4, 8, dtype=dtype)
+    w = torch.ones(8)
+    msg = rf"rms_norm: x must be a floating-point tensor \(float32, .*\), got {dtype}"
+    with pytest.raises(ValueError, match=msg):
+        rms_norm_reference(x, w, EPS)
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.dsv4.rms_norm(x, w, EPS)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=msg):
+        torch.ops.dsv4.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -391,17 +391,24 @@ def fp8_act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         scale`` per 1x128 block, and ``codes * scale`` is :func:`fp8_e4m3_sim` (x, 128).
 
     Raises:
-        ValueError: x not 2-D or cols not a multiple of 128.
+        ValueError: x not floating point (an integer or bool x has no activations to
+            quantise), not 2-D or cols not a multiple of 128.
     """
-    if x.dim() != 2:
-        raise ValueError(f"fp8_act_quant: x must be [rows, cols], got {list(x.shape)}")
+    _check_act_quant(x, raise_value_error)
     return fp8_e4m3_quantize(x, FP8_BLOCK)
 
 
+def _check_act_quant(x, check) -> None:
+    check(x.dtype.is_floating_point,
+          lambda: f"fp8_act_quant: x must be floating point (bfloat16; the CPU reference also "
+                  f"takes float32, float16 and float64), got {x.dtype}")
+    check(x.dim() == 2 and x.shape[1] % FP8_BLOCK == 0,
+          lambda: f"fp8_act_quant: x must be [rows, cols] with cols % {FP8_BLOCK} == 0, "
+                  f"got {list(x.shape)}")
+
+
 def _fp8_act_quant_fake(x):
-    torch._check(x.dim() == 2 and x.shape[1] % FP8_BLOCK == 0,
-                 lambda: f"fp8_act_quant: x must be [rows, cols] with cols % {FP8_BLOCK} == 0, "
-                         f"got {list(x.shape)}")
+    _check_act_quant(x, torch._check)
     return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
             x.new_empty((x.shape[0], x.shape[1] // FP8_BLOCK), dtype=torch.float32))
 

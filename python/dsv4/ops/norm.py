@@ -9,6 +9,11 @@ from ._ext import register_op
 __all__ = ["rms_norm_reference"]
 
 
+def _dtype_message(dtype: torch.dtype) -> str:
+    return (f"rms_norm: x must be a floating-point tensor (float32, bfloat16, float16 or "
+            f"float64), got {dtype}")
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, the semantics of ``torch.ops.dsv4.rms_norm``.
 
@@ -28,8 +33,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
         ``[..., dim]`` tensor of ``x.dtype`` on ``x.device``.
 
     Raises:
-        ValueError: ``x`` is 0-d, or ``weight`` is not ``[x.size(-1)]``.
+        ValueError: ``x`` is not floating point (an integer or bool x would come back
+            truncated), is 0-d, or ``weight`` is not ``[x.size(-1)]``.
     """
+    if not x.dtype.is_floating_point:
+        raise ValueError(_dtype_message(x.dtype))
     if x.dim() == 0:
         raise ValueError("rms_norm: x must have at least 1 dimension, got a 0-d tensor")
     if weight is not None and (weight.dim() != 1 or weight.size(0) != x.size(-1)):
@@ -48,6 +56,7 @@ def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 
 
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    torch._check(x.dtype.is_floating_point, lambda: _dtype_message(x.dtype))
     torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least 1 dimension")
     torch._check(
         weight.dim() == 1 and weight.size(0) == x.size(-1),
