@@ -34,3 +34,13 @@ def test_int_sequence_accepts_integer_sequences_and_tensors():
 def test_int_sequence_refuses_everything_else(bad):
     with pytest.raises(ValueError, match=r"^ids must be integers; got "):
         int_sequence(bad, "ids must be integers")
+
+
+@pytest.mark.parametrize("bad", [{5, 3}, frozenset({9, 3, 7}), {5: 0, 3: 1}])
+def test_int_sequence_refuses_unordered_collections(bad):
+    """A set iterates in hash order (seq_lens={5, 3} came out as [3, 5]) and a dict as its
+    keys: neither is a sequence, whatever ints they hold."""
+    name = type(bad).__name__
+    with pytest.raises(ValueError, match=rf"^ids must be integers; got a {name} .* \(unordered: "
+                                         r"pass a list or tuple\)$"):
+        int_sequence(bad, "ids must be integers")

@@ -43,7 +43,14 @@ def _usage_error(capsys, argv) -> str:
         (["--max-new-tokens", "-5"], r"expected an integer >= 0"),
         (["--max-new-tokens", "ten"], r"expected an integer >= 0"),
         (["--dtype", "float16"], r"invalid choice: 'float16'"),
-        (["--device", "nonsense"], r"argument --device: invalid device"),
+        (["--device", "nonsense"], r"argument --device: invalid device 'nonsense'; expected "
+                                   r"cpu, or cuda / cuda:N"),
+        (["--device", "mps"], r"argument --device: 'mps' is not supported; expected cpu, or "
+                              r"cuda / cuda:N"),
+        (["--device", "meta"], r"argument --device: 'meta' is not supported; expected cpu"),
+        (["--device", "cpu:1"], r"argument --device: 'cpu:1' is not supported; expected cpu"),
+        (["--device", "cuda:1000"], r"argument --device: 'cuda:1000' (requested but CUDA is "
+                                    r"not available|: this machine has \d+ CUDA device)"),
         (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*63\)"),
         (["--quant-sim", "maybe"], r"invalid choice: 'maybe'"),
         (["--stop", ""], r"argument --stop: expected a non-empty text"),
@@ -85,6 +92,25 @@ def test_missing_tokenizer_file(capsys, monkeypatch, tmp_path):
     rc = cli.main(["generate", "--prompt", "x", "--device", "cpu", "--tokenizer", str(tmp_path)])
     assert rc == 1
     assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_unreadable_tokenizer_file(capsys, monkeypatch, tmp_path):
+    """A file that is not a tokenizer.json printed the tokenizers library's bare traceback;
+    it is an error naming the file, as the other load errors are."""
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    bad = tmp_path / "tokenizer.json"
+    for text in ("garbage", '{"not": "a tokenizer"}'):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=rf"cannot load tokenizer '{re.escape(str(bad))}'"):
+            load_tokenizer(bad)
+        for path in (bad, tmp_path):            # the file, or the directory holding it
+            rc = cli.main(["generate", "--prompt", "x", "--device", "cpu", "--tokenizer",
+                           str(path)])
+            assert rc == 1
+            cap = capsys.readouterr()
+            assert cap.out == ""
+            assert cap.err.startswith(f"dsv4 generate: error: cannot load tokenizer '{bad}': not "
+                                      f"a tokenizer.json"), cap.err
 
 
 class _ScriptedModel(torch.nn.Module):

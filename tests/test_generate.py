@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from dsv4.generate import GenerationResult, generate, sample
+from dsv4.generate import GenerationResult, check_sampling_args, generate, sample
 from dsv4.tokenizer import (
     StreamDecoder,
     default_tokenizer_path,
@@ -206,6 +206,36 @@ def test_sample_invalid_args(kw, match):
     args = {"temperature": 1.0, **kw}
     with pytest.raises(ValueError, match=match):
         sample(torch.randn(2, 10), **args)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": True}, r"temperature must be a finite number >= 0 \(0 = greedy; not a "
+                            r"bool\), got True"),
+    ({"top_p": True}, r"top_p must be in \(0, 1\] \(1 = off; a number, not a bool\), got True"),
+    ({"top_k": True}, "top_k must be an integer >= 0"),
+])
+def test_sampling_args_refuse_bools_alike(kw, match):
+    """A bool was refused as top_k but taken as temperature / top_p (True = 1)."""
+    with pytest.raises(ValueError, match=match):
+        check_sampling_args(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, **kw})
+
+
+def test_sampling_args_take_numpy_scalars_alike():
+    """np.float64 was taken as temperature but np.float32 and numpy ints were refused (and
+    numpy ints as top_k); every numpy int / float scalar is taken, as python numbers."""
+    np = pytest.importorskip("numpy")
+    got = check_sampling_args(np.float32(0.5), np.float16(0.75), np.int64(3))
+    assert got == (0.5, 0.75, 3) and [type(v) for v in got] == [float, float, int]
+    assert check_sampling_args(np.int32(1), np.int8(1), np.uint8(0)) == (1.0, 1.0, 0)
+    for kw in ({"temperature": np.bool_(True)}, {"top_k": np.float32(2.0)},
+               {"top_p": np.float64("nan")}):
+        with pytest.raises(ValueError):
+            check_sampling_args(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, **kw})
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    a = sample(logits, np.float32(0.5), np.float32(0.75), np.int64(5),
+               generator=torch.Generator().manual_seed(1))
+    b = sample(logits, 0.5, 0.75, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
 
 
 def test_sample_rejects_non_2d_logits():

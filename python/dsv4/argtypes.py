@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -27,10 +28,15 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def int_sequence(value, what: str) -> list[int]:
-    """``value`` (a list, tuple or other iterable of integers, or a 1-D integer tensor) as
-    python ints. Raises ValueError ``f"{what}; got ..."`` for anything else: a string, a
-    scalar, a float / bool / complex tensor or a tensor of another rank, an element that is a
-    bool, float, string, None or non-integer tensor. Ranges and lengths are the caller's."""
+    """``value`` (a list, tuple or other ordered iterable of integers, or a 1-D integer tensor)
+    as python ints. Raises ValueError ``f"{what}; got ..."`` for anything else: a string, a
+    scalar, a set / frozenset / dict (no order of their own: the ints would come out in
+    whatever order they iterate), a float / bool / complex tensor or a tensor of another rank,
+    an element that is a bool, float, string, None or non-integer tensor. Ranges and lengths
+    are the caller's."""
+    if isinstance(value, (set, frozenset, Mapping)):
+        raise ValueError(f"{what}; got a {type(value).__name__} {value!r} (unordered: pass a "
+                         "list or tuple)")
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex \
                 or value.dtype == torch.bool:

@@ -155,16 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(parser: argparse.ArgumentParser, name: str | None) -> Any:
+    """``--device``: cpu, or cuda / cuda:N where CUDA has that device; anything else (a device
+    string torch refuses, or one of another type: mps, meta, ...) is a usage error naming the
+    accepted values."""
     import torch
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "expected cpu, or cuda / cuda:N (a CUDA device)"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        parser.error(f"argument --device: invalid device {name!r} ({e})")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"argument --device: {name!r} requested but CUDA is not available")
+    except RuntimeError:
+        parser.error(f"argument --device: invalid device {name!r}; {accepted}")
+    if device.type == "cpu" and device.index in (None, 0):
+        return torch.device("cpu")
+    if device.type != "cuda":
+        parser.error(f"argument --device: {name!r} is not supported; {accepted}")
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {name!r} requested but CUDA is not available "
+                     "(use --device cpu)")
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        parser.error(f"argument --device: {name!r}: this machine has {n} CUDA device(s), "
+                     f"cuda:0 .. cuda:{n - 1}")
     return device
 
 
@@ -331,7 +344,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         tok_path = args.model
     try:
         tokenizer = load_tokenizer(tok_path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"dsv4 generate: error: {e}", file=sys.stderr)
         return 1
     mode = args.mode or "chat"

@@ -32,19 +32,28 @@ FinishReason = Literal["eos", "length", "stop"]
 _MIN_TEMPERATURE = 1e-5  # the reference's max(T, 1e-5) (architecture.md §13.1)
 
 
-def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
-    """Validate sampling parameters.
+def check_sampling_args(temperature: float, top_p: float, top_k: int
+                        ) -> tuple[float, float, int]:
+    """Validate sampling parameters; returns them as python ``(float, float, int)``.
+
+    Numbers are python or numpy scalars alike: ``temperature`` and ``top_p`` ints or floats,
+    ``top_k`` an int; a bool is none of them (as for every count of dsv4).
 
     Raises:
         ValueError: ``temperature`` is not a finite number ≥ 0; ``top_p`` is not in (0, 1];
             ``top_k`` is not an integer ≥ 0 (0 = no top-k filtering).
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    def real(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy; not a bool), "
+                         f"got {temperature!r}")
+    if not (real(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off; a number, not a bool), got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    return float(temperature), float(top_p), int(top_k)
 
 
 def _check_finite(logits: torch.Tensor) -> None:
@@ -107,7 +116,7 @@ def sample(
             return token 0. (-inf entries, i.e. masked tokens, are fine.) The check makes one
             host synchronisation.
     """
-    check_sampling_args(temperature, top_p, top_k)
+    temperature, top_p, top_k = check_sampling_args(temperature, top_p, top_k)
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(
             f"logits must be a floating-point [batch, vocab] tensor, got {tuple(logits.shape)} "

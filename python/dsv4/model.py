@@ -44,6 +44,21 @@ def _seq_lens_arg(seq_lens, batch: int, seq: int) -> list[int]:
     return lens
 
 
+def _check_ids(input_ids, name: str = "input_ids") -> None:
+    """``input_ids`` is an int64/int32 tensor [batch >= 1, seq]; TypeError / ValueError naming
+    it (as ``name``, the caller's argument) otherwise."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids (int64/int32) "
+                        f"[batch, seq], got {type(input_ids).__name__}; e.g. "
+                        "torch.tensor([ids])")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an int64/int32 tensor [batch, seq], got "
+                         f"{input_ids.dtype} {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sequence ([batch >= 1, seq]), got "
+                         f"shape {tuple(input_ids.shape)}")
+
+
 def _fp32_param(*shape: int, std: float = 0.0) -> nn.Parameter:
     p = nn.Parameter(torch.randn(*shape) * std if std else torch.zeros(*shape))
     p._dsv4_keep_fp32 = True
@@ -474,27 +489,21 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, input_ids: torch.Tensor, cache: Cache,
-                      seq_lens: Optional[Sequence[int] | torch.Tensor]
-                      ) -> tuple[list[int], torch.Tensor]:
+                      seq_lens: Optional[Sequence[int] | torch.Tensor],
+                      name: str = "input_ids") -> tuple[list[int], torch.Tensor]:
         """Validate a call; return (valid tokens per row, int64 ids [T] of the valid tokens,
-        row by row). Changes nothing."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids (int64/int32) "
-                            f"[batch, seq], got {type(input_ids).__name__}; e.g. "
-                            "torch.tensor([ids])")
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError("input_ids must be an int64/int32 tensor [batch, seq], got "
-                             f"{input_ids.dtype} {tuple(input_ids.shape)}")
+        row by row). Changes nothing. ``name``: the caller's name of ``input_ids``."""
+        _check_ids(input_ids, name)
         B, S = input_ids.shape
         if not isinstance(cache, Cache) or cache.config != self.config:
             raise ValueError("cache was not made by this model's make_cache (config differs)")
         if cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} sequences but input_ids has batch {B}")
+            raise ValueError(f"cache holds {cache.batch_size} sequences but {name} has batch {B}")
         if cache.dtype != self.dtype or cache.device != self.device:
             raise ValueError(f"cache holds {cache.dtype} on {cache.device} but the model runs "
                              f"{self.dtype} on {self.device}: make the cache after .to(...)")
         if input_ids.device != self.device:
-            raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}")
+            raise ValueError(f"{name} are on {input_ids.device}, the model on {self.device}")
         lens = _seq_lens_arg(seq_lens, B, S)
         cache.check_usable([b for b in range(B) if lens[b]])
         valid = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
@@ -639,8 +648,8 @@ class Model(nn.Module):
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         if cache is None:
-            cache = self.make_cache(input_ids.shape[0] if isinstance(input_ids, torch.Tensor)
-                                    and input_ids.dim() == 2 else 1)
+            _check_ids(input_ids)       # the errors name input_ids, not make_cache's argument
+            cache = self.make_cache(input_ids.shape[0])
         lens, ids = self._check_inputs(input_ids, cache, seq_lens)
         B, S = input_ids.shape
         c = self.config
@@ -698,7 +707,7 @@ class Model(nn.Module):
         if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth < len(self.mtp):
             raise ValueError(f"depth must be an integer in [0, {len(self.mtp)}) (n_mtp_layers), "
                              f"got {depth!r}")
-        lens, ids = self._check_inputs(next_ids, cache, seq_lens)
+        lens, ids = self._check_inputs(next_ids, cache, seq_lens, "next_ids")
         c = self.config
         B, S = next_ids.shape
         want = (B, S, c.hc_mult, c.dim)

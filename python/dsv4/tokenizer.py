@@ -76,6 +76,8 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
     Raises:
         FileNotFoundError: the path does not exist, or the directory has no ``tokenizer.json``;
             the message names the path that was looked for.
+        ValueError: the file is not a tokenizer (not the JSON of a ``tokenizers``
+            ``tokenizer.json``, or unreadable); the message names the file.
     """
     if path is None:
         file = default_tokenizer_path()
@@ -95,7 +97,11 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
                 f"tokenizer not found: '{p}' is neither a {TOKENIZER_FILE} file nor a directory "
                 f"containing one"
             )
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+        raise ValueError(f"cannot load tokenizer '{file}': not a {TOKENIZER_FILE} of the "
+                         f"Hugging Face tokenizers library ({e})") from None
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = 0) -> list[int]:

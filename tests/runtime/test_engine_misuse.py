@@ -121,6 +121,38 @@ def test_sampling_params_name_their_argument():
     assert (sp.max_new_tokens, sp.seed) == (3, 5)
 
 
+def test_eos_and_stop_ids_must_be_token_ids(model):
+    """eos_token_id -1 is "never"; below it, or (where the vocabulary is known: add_request)
+    an id the model never samples, the stop was silently off. Refused, nothing queued; the
+    unordered prompt containers of int_sequence too."""
+    np = pytest.importorskip("numpy")
+    for bad in (-2, -5, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"eos_token_id must be None \(the model config's\), "
+                                             r"-1 \(never\) or a token id >= 0, got "):
+            SamplingParams(eos_token_id=bad)
+    assert SamplingParams(eos_token_id=np.int64(7)).eos_token_id == 7
+    assert type(SamplingParams(eos_token_id=np.int64(7)).eos_token_id) is int
+    sp = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.75), top_k=np.int64(3))
+    assert [(v, type(v)) for v in (sp.temperature, sp.top_p, sp.top_k)] == [
+        (0.5, float), (0.75, float), (3, int)]
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        SamplingParams(temperature=True)
+    e = _engine(model)
+    with pytest.raises(ValueError, match=rf"params.eos_token_id must be -1 \(never\), None "
+                                         rf"\(the config's\) or a token id in \[0, {V}\), got {V}"):
+        e.add_request([1], SamplingParams(max_new_tokens=2, eos_token_id=V))
+    with pytest.raises(ValueError, match=rf"params.stop_token_ids must be token ids in "
+                                         rf"\[0, {V}\), got {V + 5}"):
+        e.add_request([1], SamplingParams(max_new_tokens=2, stop_token_ids=[3, V + 5]))
+    for bad in ({9, 3, 7}, frozenset({9, 3}), {9: 0, 3: 1}):
+        with pytest.raises(ValueError, match=r"prompt_ids must be .* \(unordered: pass a list"):
+            e.add_request(bad, P2)
+    assert _idle(e)
+    rid = e.add_request([1], SamplingParams(max_new_tokens=2, eos_token_id=V - 1,
+                                            stop_token_ids=[V - 1]))
+    assert set(e.requests) == {rid}
+
+
 def test_huge_seed_is_refused_before_queueing(model):
     e = _engine(model)
     with pytest.raises(ValueError, match="seed"):

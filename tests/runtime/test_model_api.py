@@ -99,7 +99,7 @@ def test_an_interrupted_reset_leaves_the_rows_refused_not_half_reset(model, ids,
 
 @pytest.mark.parametrize("bad", [[None, 3], [float("nan"), 3], [math.inf, 3], [1.5, 3],
                                  [True, 3], torch.tensor([[3, 3]]), torch.tensor([3.0, 3.0]),
-                                 "33", 3, [3], [3, 30], [-1, 3]])
+                                 "33", 3, [3], [3, 30], [-1, 3], {3, 5}, {3: 0, 5: 1}])
 def test_seq_lens_errors_name_the_argument(model, ids, bad):
     cache = model.make_cache(2)
     before = _snapshot(cache)
@@ -111,6 +111,23 @@ def test_seq_lens_errors_name_the_argument(model, ids, bad):
 def test_python_list_input_ids_is_a_clear_error(model):
     with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
         model([[1, 2, 3]])
+
+
+def test_empty_batch_names_input_ids(model, ids):
+    """input_ids [0, seq] without a cache said "batch_size must be an integer >= 1, got 0", an
+    argument the caller never passed; with a cache or in forward_mtp it names input_ids too."""
+    msg = (r"input_ids must hold at least one sequence \(\[batch >= 1, seq\]\), got shape "
+           r"\(0, 3\)")
+    with pytest.raises(ValueError, match=msg):
+        model(ids[:0, :3])
+    cache = model.make_cache(2)
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match=msg):
+        model(ids[:0, :3], cache=cache)
+    hidden = torch.zeros(0, 3, model.config.hc_mult, model.config.dim)
+    with pytest.raises(ValueError, match=msg.replace("input_ids", "next_ids")):
+        model.forward_mtp(hidden, ids[:0, :3], cache)
+    assert _same(before, _snapshot(cache))
 
 
 def test_unknown_logits_mode(model, ids):

@@ -204,8 +204,10 @@ class Engine:
         Returns the request id.
 
         Raises:
-            ValueError: an empty prompt, ids outside [0, vocab_size), a request_id that is not
-                a non-empty str or is in use, or a
+            ValueError: an empty prompt, ids outside [0, vocab_size) (prompt ids, and the
+                ``eos_token_id`` / ``stop_token_ids`` of ``params``: the model never samples
+                them, the stop would be silently off), a request_id that is not a non-empty
+                str or is in use, or a
                 request that can never fit: prompt + max_new_tokens beyond ``max_model_len``,
                 or more blocks than the whole pool holds. Nothing is queued then, and the
                 running requests are not disturbed.
@@ -213,7 +215,15 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = _token_list(prompt_ids, self.config.vocab_size)
+        vocab = self.config.vocab_size
+        ids = _token_list(prompt_ids, vocab)
+        if params.eos_token_id is not None and params.eos_token_id >= vocab:
+            raise ValueError(f"params.eos_token_id must be -1 (never), None (the config's) or a "
+                             f"token id in [0, {vocab}), got {params.eos_token_id}")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"params.stop_token_ids must be token ids in [0, {vocab}), got "
+                             f"{bad}")
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens "

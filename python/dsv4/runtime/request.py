@@ -33,11 +33,14 @@ class SamplingParams:
         seed: seeds the request's own ``torch.Generator`` (an int in [0, 2**64); None:
             nondeterministic); a request's sampled tokens do not depend on the other requests
             of the batch.
-        eos_token_id: stop when sampled (not returned); None: the model config's; -1: never.
+        eos_token_id: stop when sampled (not returned); None: the model config's; -1: never;
+            else a token id >= 0.
         stop_token_ids: more ids that stop generation (returned, as the stop token); a
             sequence of ints >= 0.
 
-    Raises ValueError naming the field for a value outside these ranges.
+    Raises ValueError naming the field for a value outside these ranges. Token ids past the
+    vocabulary (which would never be sampled: the stop silently off) are refused by
+    :meth:`dsv4.runtime.Engine.add_request`, which knows the model's ``vocab_size``.
     """
 
     max_new_tokens: int = 64
@@ -51,16 +54,22 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "max_new_tokens",       # numpy / 0-d tensor ints → int
                            check_count(self.max_new_tokens, "max_new_tokens"))
-        check_sampling_args(self.temperature, self.top_p, self.top_k)
+        for name, value in zip(("temperature", "top_p", "top_k"),       # numpy scalars → python
+                               check_sampling_args(self.temperature, self.top_p, self.top_k)):
+            object.__setattr__(self, name, value)
         if self.seed is not None:
             seed = check_count(self.seed, "seed", 0)
             if seed >= 2 ** 64:
                 raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator "
                                  f"seed), got {self.seed!r}")
             object.__setattr__(self, "seed", seed)
-        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
-                                              or not isinstance(self.eos_token_id, int)):
-            raise ValueError(f"eos_token_id must be an int or None, got {self.eos_token_id!r}")
+        if self.eos_token_id is not None:
+            try:
+                eos = check_count(self.eos_token_id, "eos_token_id", -1)
+            except ValueError:
+                raise ValueError(f"eos_token_id must be None (the model config's), -1 (never) "
+                                 f"or a token id >= 0, got {self.eos_token_id!r}") from None
+            object.__setattr__(self, "eos_token_id", eos)
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
             raise ValueError(f"stop_token_ids must be a sequence of token ids (ints >= 0), got "
