@@ -5,6 +5,7 @@ was."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -59,6 +60,23 @@ def _foreign_optimizer(d):
     torch.save(s, d / "trainer_state.pt")
 
 
+def _state_of_another_model(d):
+    s = torch.load(d / "trainer_state.pt", weights_only=True)
+    for st in s["optimizer"]["state"].values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                st[k] = torch.zeros([n + 1 for n in v.shape])
+    torch.save(s, d / "trainer_state.pt")
+
+
+def _run_json(**fields):
+    def damage(d):
+        info = json.loads((d / "run.json").read_text())
+        info.update(fields)
+        (d / "run.json").write_text(json.dumps(info))
+    return damage
+
+
 def _config_of_another_version(d):
     s = torch.load(d / "trainer_state.pt", weights_only=True)
     s["config"]["not_a_field"] = 1
@@ -74,6 +92,15 @@ def _config_of_another_version(d):
     (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors weights found"),
     (lambda d: (d / "metrics.jsonl").write_text("{]\n"), "metrics.jsonl: unreadable metrics"),
     (lambda d: (d / "run.json").write_text("{}"), "run.json lacks dtype, data, val_fraction"),
+    (_state_of_another_model, "trainer_state.pt does not fit this model's optimizer"),
+    (lambda d: (d / "run.json").write_text("[1]"), "run.json: expected a JSON object"),
+    (lambda d: (d / "run.json").write_text("{"), "run.json: not JSON"),
+    (_run_json(dtype="foo"), "run.json: field 'dtype': expected 'float32' or 'bfloat16'"),
+    (_run_json(data=5), "run.json: field 'data': expected null"),
+    (_run_json(data="/nonexistent_dir"), "run.json: field 'data': expected null"),
+    (_run_json(max_files="3"), "run.json: field 'max_files': expected null or an integer"),
+    (_run_json(val_fraction="x"), "run.json: field 'val_fraction': expected a number"),
+    (_run_json(unigram_entropy=None), "run.json: field 'unigram_entropy': expected a finite"),
 ])
 def test_resume_from_a_damaged_run_is_a_one_line_error(run_dir, tmp_path, capsys, damage,
                                                        named):
@@ -113,10 +140,33 @@ def test_bad_device_and_out_are_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--lr", "5"], ["--config", "small"], ["--batch", "7"],
-                                  ["--dtype", "bfloat16"], ["--no-mtp"], ["--max-files", "3"]])
+                                  ["--dtype", "bfloat16"], ["--no-mtp"], ["--max-files", "3"],
+                                  # argparse's defaults were taken for "not given":
+                                  ["--batch", "8"], ["--seq-len", "128"], ["--lr", "0.002"],
+                                  ["--optimizer", "muon"], ["--dtype", "float32"],
+                                  ["--seed", "0"], ["--val-fraction", "0.02"]])
 def test_run_settings_with_resume_are_refused_not_ignored(run_dir, argv, capsys):
     """They were silently ignored (a resumed run keeps its saved settings)."""
     with pytest.raises(SystemExit) as e:
         cli_main(["train", "--resume", str(run_dir), "--steps", "3", *argv])
     assert e.value.code == 2
     assert f"argument {argv[0]}: a resumed run keeps its own settings" in capsys.readouterr().err
+
+
+def test_out_holding_a_run_is_not_overwritten_without_overwrite(run_dir, tmp_path, capsys):
+    """A new run into the directory of another replaced its files silently."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for argv in (["--config", "tiny", "--steps", "1", "--out", str(d)],
+                 ["--resume", str(run_dir), "--out", str(d)]):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["train", *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --out: {str(d)!r} already holds a run" in err, err
+        assert f"dsv4 train --resume {d}" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert cli_main(["train", "--resume", str(run_dir), "--out", str(d), "--overwrite",
+                     "--threads", "1"]) == 0
+    assert torch.load(d / "trainer_state.pt", weights_only=True)["step"] == 2

@@ -89,3 +89,24 @@ def test_zero_gradients_stay_finite_with_the_defaults():
         w.grad, b.grad = torch.zeros(4, 4), torch.zeros(4)
         opt.step()
     assert torch.isfinite(w).all() and torch.isfinite(b).all()
+
+
+def test_state_of_another_model_is_refused_before_anything_is_loaded():
+    """It loaded, then the first step died in a raw size-mismatch RuntimeError."""
+    def stepped(shape_a, shape_b):
+        a = torch.nn.Parameter(torch.ones(shape_a))
+        b = torch.nn.Parameter(torch.ones(shape_b))
+        opt = Muon([{"params": [a]}, {"params": [b], "use_muon": False}], lr=0.1)
+        a.grad, b.grad = torch.ones(shape_a), torch.ones(shape_b)
+        opt.step()
+        return opt
+    other = stepped((4, 6), (3,)).state_dict()
+    opt = stepped((4, 8), (5,))
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 0 has shape \(4, 6\)"):
+        opt.load_state_dict(other)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, s in before["state"].items()
+               for k, v in s.items() if isinstance(v, torch.Tensor))
+    opt.load_state_dict(stepped((4, 8), (5,)).state_dict())     # the same shapes load

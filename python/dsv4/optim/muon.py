@@ -218,11 +218,21 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Like ``Optimizer.load_state_dict``, but state tensors keep their saved dtype: the
         base class casts them to the parameter's dtype, which would round the fp32 master
-        weights and moments of bf16 parameters (and break exact resumption)."""
+        weights and moments of bf16 parameters (and break exact resumption).
+
+        Raises ValueError, with nothing loaded, when a saved state tensor (momentum, moments,
+        master copy) does not have the shape of its parameter (the state of another model)."""
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):     # (other counts: the base class refuses them)
+            for n, (i, p) in enumerate(zip(ids, params)):
+                for k, v in saved.get(i, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                        raise ValueError(f"saved state {k!r} of parameter {n} has shape "
+                                         f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: "
+                                         "not this optimizer's state")
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             for k, v in saved.get(i, {}).items():
                 if isinstance(v, torch.Tensor) and v.is_floating_point():

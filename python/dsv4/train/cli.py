@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -102,13 +103,13 @@ def add_train_parser(sub) -> None:
     t.add_argument("--steps", type=int_at_least(1), default=None, metavar="N",
                    help="optimizer steps of the whole run (the schedules span them); required "
                    "unless --resume")
-    t.add_argument("--batch", type=int_at_least(1), default=8, metavar="B",
+    t.add_argument("--batch", type=int_at_least(1), default=None, metavar="B",
                    help="sequences per step (default 8)")
-    t.add_argument("--seq-len", type=int_at_least(1), default=128, metavar="S",
+    t.add_argument("--seq-len", type=int_at_least(1), default=None, metavar="S",
                    help="tokens per sequence (default 128)")
-    t.add_argument("--lr", type=_float_pos, default=2e-3, metavar="LR",
+    t.add_argument("--lr", type=_float_pos, default=None, metavar="LR",
                    help="peak learning rate of all groups (default 2e-3)")
-    t.add_argument("--optimizer", choices=("muon", "adamw"), default="muon",
+    t.add_argument("--optimizer", choices=("muon", "adamw"), default=None,
                    help="muon: V4's partition (Muon + AdamW groups); adamw: AdamW everywhere "
                    "(default muon)")
     t.add_argument("--out", default=None, metavar="DIR",
@@ -116,50 +117,69 @@ def add_train_parser(sub) -> None:
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR with its saved settings (bit-identical "
                    "on CPU with the same --steps and thread count); only --steps, --out, "
-                   "--device, --threads, --save-every and --stop-after may be given with it")
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   "--device, --threads, --save-every, --stop-after and --overwrite may be "
+                   "given with it")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
                    "optimizer; default float32)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                    help="torch CPU threads (use 1 on a shared machine)")
-    t.add_argument("--seed", type=int_at_least(0), default=0, help="model init and data order")
-    t.add_argument("--weight-decay", type=_float_nonneg, default=0.1)
+    t.add_argument("--seed", type=int_at_least(0), default=None,
+                   help="model init and data order (default 0)")
+    t.add_argument("--weight-decay", type=_float_nonneg, default=None,
+                   help="(default 0.1)")
     t.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                    help="warm-up steps (default 5%% of --steps)")
-    t.add_argument("--decay-start", type=_float_nonneg, default=0.8, metavar="F",
+    t.add_argument("--decay-start", type=_float_nonneg, default=None, metavar="F",
                    help="fraction of the run after which the cosine decay and the MTP weight "
                    "0.1 start (default 0.8)")
-    t.add_argument("--no-mtp", action="store_true", help="do not train the MTP block")
-    t.add_argument("--balance-alpha", type=_float_nonneg, default=1e-4,
+    t.add_argument("--no-mtp", action="store_true", default=None,
+                   help="do not train the MTP block")
+    t.add_argument("--balance-alpha", type=_float_nonneg, default=None,
                    help="α of the sequence-wise balance loss (default 1e-4)")
-    t.add_argument("--bias-speed", type=_float_nonneg, default=1e-3,
+    t.add_argument("--bias-speed", type=_float_nonneg, default=None,
                    help="γ of the loss-free bias update (default 1e-3)")
     t.add_argument("--anticipatory", type=_ranges, default=None, metavar="all|A:B,...",
                    help="anticipatory routing: on for the whole run or in step ranges [A, B)")
-    t.add_argument("--anticipatory-delta", type=int_at_least(0), default=1, metavar="DT",
+    t.add_argument("--anticipatory-delta", type=int_at_least(0), default=None, metavar="DT",
                    help="Δt of anticipatory routing in steps (default 1)")
-    t.add_argument("--grad-clip", type=_float_nonneg, default=1.0,
+    t.add_argument("--grad-clip", type=_float_nonneg, default=None,
                    help="global gradient-norm clip, 0 = off (default 1.0)")
-    t.add_argument("--eval-every", type=int_at_least(1), default=100, metavar="N")
-    t.add_argument("--eval-windows", type=int_at_least(1), default=32, metavar="N",
+    t.add_argument("--eval-every", type=int_at_least(1), default=None, metavar="N",
+                   help="evaluate every N steps (default 100)")
+    t.add_argument("--eval-windows", type=int_at_least(1), default=None, metavar="N",
                    help="validation windows of seq-len + 2 tokens (default 32)")
     t.add_argument("--save-every", type=int_at_least(1), default=None, metavar="N",
                    help="also checkpoint every N steps (default: at the end)")
     t.add_argument("--stop-after", type=int_at_least(1), default=None, metavar="K",
                    help="save and exit after K steps of this invocation (resume later)")
-    t.add_argument("--val-fraction", type=_float_pos, default=0.02,
+    t.add_argument("--val-fraction", type=_float_pos, default=None,
                    help="share of files held out for validation (default 0.02)")
     t.add_argument("--max-files", type=int_at_least(2), default=None, metavar="N",
                    help="use only the first N files (quick runs)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run files already in --out (without --resume, or with "
+                   "--resume and another --out)")
     t.set_defaults(func=_cmd_train, subparser=t)
 
 
 #: Options that define a run: fixed when it starts, refused with --resume (they were ignored).
+#: Their argparse default is None, so that "given" never depends on the value given.
 _RUN_SETTINGS = ("config", "data", "batch", "seq_len", "lr", "optimizer", "dtype", "seed",
                  "weight_decay", "warmup", "decay_start", "no_mtp", "balance_alpha", "bias_speed",
                  "anticipatory", "anticipatory_delta", "grad_clip", "eval_every", "eval_windows",
                  "val_fraction", "max_files")
+
+#: The values of the run settings not given to a new run (those absent here stay None).
+_RUN_DEFAULTS = dict(batch=8, seq_len=128, lr=2e-3, optimizer="muon", dtype="float32", seed=0,
+                     weight_decay=0.1, decay_start=0.8, no_mtp=False, balance_alpha=1e-4,
+                     bias_speed=1e-3, anticipatory_delta=1, grad_clip=1.0, eval_every=100,
+                     eval_windows=32, val_fraction=0.02)
+
+#: The files a run writes into its directory (``--out`` refuses to replace them).
+_RUN_FILES = ("config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl",
+              "run.json", "curves.png")
 
 
 def _model_config(spec: str):
@@ -169,6 +189,42 @@ def _model_config(spec: str):
     if spec == "small":
         return small_config()
     return ModelConfig.from_json(spec)
+
+
+def _read_run_info(path: Path) -> dict:
+    """The ``run.json`` of a run to resume, with the fields a resume uses type-checked.
+
+    Raises ValueError naming the file (and the field) when it is unreadable or malformed."""
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    lacking = [k for k in ("dtype", "data", "val_fraction", "unigram_entropy") if k not in info]
+    if lacking:
+        raise ValueError(f"{path} lacks {', '.join(lacking)}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def bad(field, expected):
+        return ValueError(f"{path}: field {field!r}: expected {expected}, got {info[field]!r}")
+
+    if info["dtype"] not in ("float32", "bfloat16"):
+        raise bad("dtype", "'float32' or 'bfloat16'")
+    data = info["data"]
+    if data is not None and not (isinstance(data, list) and data
+                                 and all(isinstance(d, str) for d in data)):
+        raise bad("data", "null (the standard library) or a non-empty list of paths")
+    mf = info.get("max_files")
+    if mf is not None and not (isinstance(mf, int) and not isinstance(mf, bool) and mf >= 2):
+        raise bad("max_files", "null or an integer >= 2")
+    if not (number(info["val_fraction"]) and 0 < info["val_fraction"] <= 0.5):
+        raise bad("val_fraction", "a number in (0, 0.5]")
+    if not (number(info["unigram_entropy"]) and math.isfinite(info["unigram_entropy"])):
+        raise bad("unigram_entropy", "a finite number")
+    return info
 
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -183,11 +239,15 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(f"argument --resume: {args.resume!r} has no trainer_state.pt")
     if args.resume is not None:
         for dest in _RUN_SETTINGS:
-            if getattr(args, dest) != parser.get_default(dest):
+            if getattr(args, dest) is not None:
                 parser.error(f"argument --{dest.replace('_', '-')}: a resumed run keeps its own "
                              f"settings (saved in {args.resume}); only --steps, --out, "
-                             "--device, --threads, --save-every and --stop-after apply. Start a "
-                             "new run (--out) to change it")
+                             "--device, --threads, --save-every, --stop-after and --overwrite "
+                             "apply. Start a new run (--out) to change it")
+    else:
+        for dest, value in _RUN_DEFAULTS.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)
     try:
         dev = torch.device(args.device)
     except RuntimeError:
@@ -199,6 +259,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     out_dir = Path(args.out or args.resume or "runs/dsv4-train")
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"argument --out: {str(out_dir)!r} exists and is not a directory")
+    resumed_here = args.resume is not None and out_dir.resolve() == Path(args.resume).resolve()
+    held = [f for f in _RUN_FILES if (out_dir / f).exists()] if out_dir.is_dir() else []
+    if held and not resumed_here and not args.overwrite:
+        parser.error(f"argument --out: {str(out_dir)!r} already holds a run ({', '.join(held)}); "
+                     f"continue it with `dsv4 train --resume {out_dir}`, or pass --overwrite to "
+                     "replace its files")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..checkpoint import CheckpointError
@@ -208,17 +274,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .data import Corpus, collect_files, stdlib_files, unigram_entropy
     from .trainer import TrainConfig, Trainer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     out = Path(args.out or args.resume or "runs/dsv4-train")
     run_info: dict = {}
     try:
         if args.resume:
-            run_info = json.loads((Path(args.resume) / "run.json").read_text())
-            lacking = [k for k in ("dtype", "data", "val_fraction", "unigram_entropy")
-                       if not isinstance(run_info, dict) or k not in run_info]
-            if lacking:
-                raise ValueError(f"{Path(args.resume) / 'run.json'} lacks {', '.join(lacking)}")
+            run_info = _read_run_info(Path(args.resume) / "run.json")
             state = Trainer.read_state(args.resume)
             cfg_d = dict(state["config"])
             if args.steps is not None and args.steps != cfg_d["steps"]:
@@ -237,7 +298,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         else:
             config = _model_config(args.config or "small")
             torch.manual_seed(args.seed)
-            model = Model(config).to(device=device, dtype=dtype)
+            model = Model(config).to(device=device, dtype=getattr(torch, args.dtype))
             cfg = TrainConfig(
                 steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                 optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup,
@@ -276,8 +337,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
           f"validation), {len(corpus.train):,} + {len(corpus.val):,} tokens (tokenised in "
           f"{time.perf_counter() - t0:.0f} s), unigram entropy "
           f"{run_info['unigram_entropy']:.3f} nats; model {n_all / 1e6:.2f}M parameters "
-          f"({n_body / 1e6:.2f}M without embedding and head), {cfg.optimizer}, {args.dtype} on "
-          f"{device}; steps {trainer.step} -> {cfg.steps}", file=sys.stderr)
+          f"({n_body / 1e6:.2f}M without embedding and head), {cfg.optimizer}, "
+          f"{run_info['dtype']} on {device}; steps {trainer.step} -> {cfg.steps}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
     return _loop(trainer, out, args, run_info["unigram_entropy"])
