@@ -349,3 +349,100 @@ def test_plan_rank_tensors_reassembles_and_reports_every_inconsistency():
                  "final.weight: a replicated tensor with different shapes",
                  "head.weight has 0 dims; it is split along dim 0"):
         assert want in text
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def _altered(src, dst, change):
+    """A copy of checkpoint ``src`` in ``dst`` whose shards are rewritten by ``change(t)``
+    (``t``: one shard's tensors, changed in place)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in sorted(os.listdir(dst)):
+        if f.endswith(".safetensors"):
+            t = load_file(str(dst / f))
+            change(t)
+            save_file(t, str(dst / f), metadata={"format": "pt"})
+    return dst
+
+
+def _set(name, fn):
+    def change(t):
+        if name in t:
+            t[name] = fn(t[name]).contiguous()
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("layers.0.attn.wq_a.scale", lambda s: torch.ones(3, 5).to(s.dtype)),
+     r"layers.0.attn.wq_a.scale in \S+model-0000\d-of-00002.safetensors: shape \[3, 5\], the "
+     r"F8_E4M3 weight \[128, 128\] needs \[1, 1\]"),
+    (_set("layers.0.attn.wq_b.scale", lambda s: s[:2]),
+     r"layers.0.attn.wq_b.scale in \S+: shape \[2, 1\], the F8_E4M3 weight \[\d+, 128\] needs "
+     r"\[\d+, 1\]"),
+    (_set("layers.0.attn.wo_a.scale", lambda s: s[:1]), r"layers.0.attn.wo_a.scale in \S+: "),
+    (_set("layers.0.ffn.experts.1.w2.scale", lambda s: s[:, :1]),
+     r"layers.0.ffn.experts.1.w2.scale in \S+: shape \[128, 1\], the I8 weight \[128, 64\] "
+     r"needs \[128, 4\]"),
+    (_set("layers.0.attn.wkv.scale", lambda s: s.float().to(torch.bfloat16)),
+     r"layers.0.attn.wkv.scale in \S+: dtype BF16 \(accepted: F8_E8M0, F32\)"),
+    (lambda t: t.pop("layers.0.attn.wkv.scale", None), r"layers.0.attn.wkv.scale: missing"),
+])
+def test_malformed_scales_are_refused_before_anything_is_written(src, tmp_path, capsys, change,
+                                                                 message):
+    """They were split into the rank files as they were (or failed mid-write, naming neither
+    tensor nor file, with an empty --out left behind)."""
+    bad = _altered(src, tmp_path / "bad", change)
+    with pytest.raises(ConvertError, match=message):
+        convert(bad, tmp_path / "o", 2)
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["convert", "--in", str(bad), "--out", str(tmp_path / "o"),
+                     "--model-parallel", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dsv4 convert: error: malformed quantisation scales") and \
+        "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_u8_packed_fp4_experts_convert_like_i8(src, tmp_path):
+    """--expert-fp8 left uint8-packed FP4 experts as they were (only int8 was recognised)."""
+    def to_u8(t):
+        for n in t:
+            if split_rule(n)[0] == "expert" and t[n].dtype == torch.int8:
+                t[n] = t[n].view(torch.uint8)
+    u8 = _altered(src, tmp_path / "u8", to_u8)
+    convert(u8, tmp_path / "fp8", 2, expert_fp8=True)
+    convert(src, tmp_path / "ref", 2, expert_fp8=True)
+    got, want = load_model_parallel(tmp_path / "fp8"), load_model_parallel(tmp_path / "ref")
+    assert got["layers.0.ffn.experts.1.w2.weight"].dtype == torch.float8_e4m3fn
+    assert got.keys() == want.keys()
+    assert all(torch.equal(_bits(got[n]), _bits(want[n])) for n in want)
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        convert(u8, tmp_path / "fp4", 2)
+        with safe_open(str(tmp_path / "fp4" / "model0-mp2.safetensors"), framework="pt") as f:
+            assert f.get_slice("layers.0.ffn.experts.1.w2.weight").get_dtype() == "F4"
+
+
+def test_overwrite_removes_the_ranks_of_another_model_parallel_size(src, mp2, tmp_path):
+    """They were left behind, and unshard / load_model_parallel then failed ("mixes
+    conversions")."""
+    import shutil
+
+    d = tmp_path / "o"
+    shutil.copytree(mp2[0], d)
+    assert convert(src, d, 1, overwrite=True) == ["model0-mp1.safetensors"]
+    assert sorted(f for f in os.listdir(d) if f.startswith("model")) == ["model0-mp1.safetensors"]
+    orig, back = _tensors(src), load_model_parallel(d)
+    assert torch.equal(_bits(back["norm.weight"]), _bits(orig["norm.weight"]))
+
+
+def test_unreadable_rank_file_names_the_file(tmp_path):
+    """safe_open's SafetensorError came out as a raw traceback."""
+    (tmp_path / "model0-mp1.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConvertError, match=r"cannot read \S+model0-mp1.safetensors as "
+                                           r"safetensors: "):
+        load_model_parallel(tmp_path)

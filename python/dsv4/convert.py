@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint import official_name  # the HF -> inference name map of convert.py (§12.4)
+from .quant import FP4_BLOCK, FP8_BLOCK
 
 __all__ = [
     "ConvertError", "DTYPE_NAMES", "convert", "check_model_parallel", "split_rule",
@@ -296,6 +297,14 @@ def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
     return out
 
 
+def _safe_open(file: str):
+    """``safe_open(file)``; ConvertError naming the file when safetensors refuses it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ConvertError(f"cannot read {file} as safetensors: {e}") from None
+
+
 class _Files:
     """Lazily opened safetensors handles (read one tensor or one slice at a time)."""
 
@@ -304,7 +313,7 @@ class _Files:
 
     def get(self, file: str):
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt", device="cpu")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
     def tensor(self, file: str, name: str) -> torch.Tensor:
@@ -445,13 +454,11 @@ def _plan_rank(rank: int, mp: int, n_local: int, src: dict, expert_fp8: bool,
             if not rank * n_local <= arg < (rank + 1) * n_local:
                 continue
             w = src.get(module + ".weight")
-            if w is None or w[1] != "I8":                  # FP8 (-Base) or bf16 experts: as is
+            if w is None or w[1] not in _FP4:              # FP8 (-Base) or bf16 experts: as is
                 entries.append(_Entry(name, dtype, shape, read(name)))
                 continue
-            if module + ".scale" not in src:
-                raise ConvertError(f"{module}.weight is packed FP4 (int8) but {module}.scale is "
-                                   "missing")
-            N, K = w[2][0], 2 * w[2][1]                    # logical [out, in]
+            # logical [out, in] (F4 headers count 4-bit values, I8 / U8 bytes)
+            N, K = w[2][0], w[2][1] if w[1] == "F4" else 2 * w[2][1]
             is_weight = name.endswith(".weight")
             if not expert_fp8:                             # the official float4_e2m1fn_x2 view
                 if is_weight:
@@ -490,6 +497,53 @@ def _plan_rank(rank: int, mp: int, n_local: int, src: dict, expert_fp8: bool,
                               lambda n=name, d=dim, a=rank * size, b=(rank + 1) * size:
                               files.slice(src[n][0], n, d, a, b)))
     return entries
+
+
+#: Safetensors dtypes of packed FP4 weights (two e2m1 codes a byte; "F4" counts the codes).
+_FP4 = ("I8", "U8", "F4")
+#: Safetensors dtypes of unquantised weights (no scale).
+_UNQUANTISED = ("BF16", "F16", "F32", "F64")
+
+
+def _check_scales(src: dict) -> None:
+    """Every FP8 / FP4 weight has a scale of the shape its storage needs (the rules of
+    :func:`dsv4.checkpoint.tensor_specs`: FP8 [N, K] -> [ceil(N/128), ceil(K/128)]; packed FP4
+    [N, K/2] -> [N, K/32]), and no unquantised weight has one. ConvertError naming every bad
+    tensor and its file otherwise (checked before anything is written: a wrong scale was
+    split into the rank files as it was)."""
+    errs = []
+    for name, (file, dtype, shape) in src.items():
+        if not name.endswith(".weight"):
+            continue
+        module = name[:-len(".weight")]
+        scale = src.get(module + ".scale")
+        if dtype in _UNQUANTISED:
+            if scale is not None:
+                errs.append(f"{module}.scale in {scale[0]}: a scale for a {dtype} (unquantised) "
+                            "weight")
+            continue
+        if dtype not in _FP4 and dtype != "F8_E4M3":
+            continue
+        want = None
+        if len(shape) == 2 and dtype == "F8_E4M3":
+            want = [-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK)]
+        elif len(shape) == 2:
+            K = shape[1] if dtype == "F4" else 2 * shape[1]
+            want = [shape[0], K // FP4_BLOCK] if K % FP4_BLOCK == 0 else None
+        if want is None:
+            errs.append(f"{name} in {file}: a {dtype} weight of shape {shape} (accepted: "
+                        f"[N, K], packed FP4 with K a multiple of {FP4_BLOCK})")
+        elif scale is None:
+            errs.append(f"{module}.scale: missing for the {dtype} weight {name} in {file}")
+        elif scale[1] not in ("F8_E8M0", "F32"):
+            errs.append(f"{module}.scale in {scale[0]}: dtype {scale[1]} (accepted: F8_E8M0, "
+                        "F32)")
+        elif scale[2] != want:
+            errs.append(f"{module}.scale in {scale[0]}: shape {scale[2]}, the {dtype} weight "
+                        f"{shape} needs {want}")
+    if errs:
+        raise ConvertError("malformed quantisation scales:\n  " + "\n  ".join(errs[:20]) +
+                           (f"\n  ... ({len(errs)} in all)" if len(errs) > 20 else ""))
 
 
 def _is_fp8_wo_a(module: str, src: dict) -> bool:
@@ -568,6 +622,7 @@ def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = F
     if experts and max(experts) >= n_experts:
         raise ConvertError(f"expert index {max(experts)} >= n_routed_experts {n_experts}")
     check_model_parallel(model_parallel, config, n_experts if experts else None)
+    _check_scales(src)
     _check_splits(src, model_parallel)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ConvertError(f"output directory {out_dir} is not empty (pass overwrite=True / "
@@ -589,6 +644,10 @@ def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = F
             if progress:
                 bar.close()
             out.append(fname)
+    for fname in os.listdir(out_dir):      # (overwrite) another MP's ranks would mix with ours
+        m = _RANK_FILE.match(fname)
+        if m and int(m.group(2)) != model_parallel:
+            os.remove(os.path.join(out_dir, fname))
     for fname in _COPY_FILES:
         p = os.path.join(in_dir, fname)
         if os.path.isfile(p):
@@ -683,7 +742,7 @@ def _plan_unshard(path: str, check_replicas: bool, files: _Files) -> list[_Entry
     mp, paths = _rank_files(path)
     metas = []
     for p in paths:
-        with safe_open(p, framework="pt", device="cpu") as f:
+        with _safe_open(p) as f:
             metas.append({n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape()))
                           for n in f.keys()})
     plan, problems = plan_rank_tensors(metas)
