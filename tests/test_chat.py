@@ -360,6 +360,41 @@ def test_encode_errors(kwargs, match):
         encode_messages(**kwargs)
 
 
+_Q = {"role": "user", "content": "Q"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"messages": [_Q, {"role": "assistant", "content": "", "tool_calls": 5}]},
+         r"messages\[1\]\['tool_calls'\] must be a list of tool call dicts \(or None\), got int"),
+        ({"messages": [_Q, {"role": "assistant", "content": "", "tool_calls": _call("f", "{}")}]},
+         r"messages\[1\]\['tool_calls'\] must be a list of tool call dicts \(or None\), got dict"),
+        ({"messages": [{"role": "system", "content": "S", "tools": 5}, _Q]},
+         r"messages\[0\]\['tools'\] must be a list of tool dicts \(or None\), got int"),
+        ({"messages": HELLO, "tools": 5}, r"tools must be a list of tool dicts \(or None\), got int"),
+        ({"messages": [{"role": "user", "content": "x", "task": ["x"]}]},
+         r"messages\[0\]\['task'\] must be one of action"),
+        ({"messages": [_Q, {"role": "assistant", "content": "A", "reasoning_content": 5}]},
+         r"messages\[1\]\['reasoning_content'\] must be a string \(or None\), got int"),
+        ({"messages": [_Q, {"role": "assistant", "content": "A", "reasoning_content": ["r"]}]},
+         r"messages\[1\]\['reasoning_content'\] must be a string \(or None\), got list"),
+        ({"messages": [_Q, {"role": "assistant", "content": "",
+                            "tool_calls": [_call("f", {"a": {1, 2}})]}]},
+         r"messages\[1\]\.tool_calls\[0\] argument 'a' must be JSON-serialisable"),
+        ({"messages": [{"role": "system", "content": "S", "response_format": {"x": {1}}}, _Q]},
+         r"message 0 \(system\) response_format must be JSON-serialisable"),
+        ({"messages": HELLO, "tools": [{"name": "f", "parameters": {1, 2}}]},
+         r"tools\[0\] must be JSON-serialisable"),
+    ],
+)
+def test_encode_type_errors_are_value_errors_naming_the_field(kwargs, match):
+    """They were TypeErrors from inside the renderer (or, for a dict of tool calls, a report
+    about its keys: "tool_calls[0] must be a dict, got str")."""
+    with pytest.raises(ValueError, match=match):
+        encode_messages(**kwargs)
+
+
 # ---------------------------------------------------------------- parse_completion
 
 

@@ -159,6 +159,20 @@ def _to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _json_of(value: Any, where: str) -> str:
+    """:func:`_to_json`, with a ValueError naming ``where`` for a value JSON cannot hold."""
+    try:
+        return _to_json(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} must be JSON-serialisable (dicts, lists, strings, numbers, "
+                         f"booleans, None): {e}") from None
+
+
+def _is_list(value: Any) -> bool:
+    """A list-like sequence (not a string, bytes or a dict)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping))
+
+
 def _check_mode(mode: str) -> tuple[bool, bool]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
@@ -347,7 +361,7 @@ def _write_tools(w: "_Writer", tools: Sequence[Any], where: str) -> None:
     for i, t in enumerate(tools):
         if i:
             w.format("\n")
-        w.content(_to_json(dict(_function_of(t, i))), f"{where}[{i}]")
+        w.content(_json_of(dict(_function_of(t, i)), f"{where}[{i}]"), f"{where}[{i}]")
     w.format(tail)
 
 
@@ -401,7 +415,7 @@ def _write_parameters(w: "_Writer", arguments: Any, where: str) -> None:
         key = str(key)
         _check_dsml_name(key, f"{where} parameter name", w)
         is_str = isinstance(value, str)
-        text = value if is_str else _to_json(value)
+        text = value if is_str else _json_of(value, f"{where} argument {key!r}")
         if w.mode != "verbatim" and _PARAM_CLOSE in text:
             text = (_to_json(value) if is_str else text).replace(_PARAM_CLOSE, _PARAM_CLOSE_JSON)
             is_str = False
@@ -450,12 +464,20 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
                 f"messages[{i}]['content'] must be a string (or None), got {type(content).__name__}"
             )
         task = m.get("task")
-        if task is not None and task not in TASK_TOKENS:
+        if task is not None and (not isinstance(task, str) or task not in TASK_TOKENS):
             raise ValueError(
                 f"messages[{i}]['task'] must be one of {', '.join(TASK_TOKENS)}, got {task!r}"
             )
         if role == "developer" and not content:
             raise ValueError(f"messages[{i}]: a developer message needs non-empty content")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ValueError(f"messages[{i}]['reasoning_content'] must be a string (or None), "
+                             f"got {type(reasoning).__name__}")
+        for key, what in (("tool_calls", "tool call dicts"), ("tools", "tool dicts")):
+            if m.get(key) is not None and not _is_list(m[key]):
+                raise ValueError(f"messages[{i}]['{key}'] must be a list of {what} (or None), "
+                                 f"got {type(m[key]).__name__}")
         out.append(copy.deepcopy(dict(m)) | {"_index": i})
     return out
 
@@ -577,7 +599,8 @@ def _write_message(w: "_Writer", i: int, messages: Sequence[Mapping[str, Any]], 
         if m.get("response_format"):
             head, tail = _RESPONSE_FORMAT_PROMPT.split("{schema}")
             w.format("\n\n" + head)
-            w.content(_to_json(m["response_format"]), f"{where} response_format")
+            w.content(_json_of(m["response_format"], f"{where} response_format"),
+                      f"{where} response_format")
             w.format(tail)
     elif role == "user":
         w.format(USER)
@@ -669,8 +692,10 @@ def encode_messages(
         the escaping: a string alone cannot say which ``<｜User｜>`` is a control token.
 
     Raises:
-        ValueError: unknown mode, role or ``special_tokens``; non-string content, an empty
-            developer message, an unknown task, malformed tools or tool calls; with
+        ValueError: unknown mode, role or ``special_tokens``; non-string content or
+            reasoning_content, an empty developer message, an unknown task, malformed tools or
+            tool calls (not lists of dicts), arguments, tool schemas or a response_format that
+            JSON cannot hold (a set, ...); with
             ``special_tokens="reject"``, special-token text in content; unless ``"verbatim"``,
             a tool or parameter name holding a double quote or a newline (DSML cannot hold it).
     """
@@ -679,6 +704,9 @@ def encode_messages(
         raise ValueError(f"special_tokens must be one of "
                          f"{', '.join(repr(m) for m in SPECIAL_TOKEN_MODES)}, got {special_tokens!r}")
     msgs = _check_messages(messages)
+    if tools is not None and not _is_list(tools):
+        raise ValueError(f"tools must be a list of tool dicts (or None), got "
+                         f"{type(tools).__name__}")
     if tools:
         tools = list(tools)
         for i, t in enumerate(tools):
