@@ -26,7 +26,8 @@ from torch import nn
 
 from .checkpoint_io import SafetensorsFile, confined_path, read_json
 from .config import ConfigError, ModelConfig
-from .quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
+from .quant import (FP4_BLOCK, FP8_BLOCK, fp4_pack, fp4_unpack, fp8_block_dequantize,
+                    fp8_block_quantize)
 
 __all__ = ["CheckpointError", "checkpoint_files", "tensor_specs", "linear_formats",
            "act_quant_of", "official_name", "load_checkpoint", "save_checkpoint"]
@@ -351,6 +352,13 @@ def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
         if wrong:
             problems.append("the index lists tensors its shards do not hold: "
                             + _shorten(sorted(wrong)))
+        # An index lists every tensor of its shards (the release's and those save_pretrained
+        # and make_checkpoint write do); one that omits some does not describe the files.
+        unlisted = [f"{n} (in {os.path.basename(h.path)})" for h in handles.values()
+                    for n in h.tensors if n not in weight_map]
+        if unlisted:
+            problems.append("the index does not list tensors its shards hold: "
+                            + _shorten(sorted(unlisted)))
     if problems:
         raise CheckpointError("inconsistent checkpoint files:\n  " + "\n  ".join(problems))
     return entries
@@ -531,7 +539,9 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
         CheckpointError: one error listing every missing, unexpected, mis-shaped or mis-typed
             tensor (checked from the headers before any data is read, so nothing is partially
             loaded); an unreadable, truncated or corrupt shard (naming the file); an index that
-            disagrees with its shards; NaN scales; ``tid2eid`` entries outside the expert range.
+            disagrees with its shards (lists a tensor a shard does not hold, or omits one a
+            listed shard holds); NaN scales or NaN FP8 weight codes; ``tid2eid`` entries
+            outside the expert range.
         ValueError: bad ``weights``, ``dtype`` or ``num_layers``.
     """
     path = os.fspath(path)
@@ -644,6 +654,18 @@ def _check_scales(entry: _Entry, scale: torch.Tensor, kind: str) -> None:
             f"is {shown}")
 
 
+def _check_fp8_codes(entry: _Entry, weight: torch.Tensor) -> None:
+    """Refuse an e4m3 weight holding NaN codes (0x7F / 0xFF; e4m3fn has no infinity), which
+    would dequantise to NaN like a NaN scale. One pass over the bytes."""
+    nan = (weight.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        first = [int(i) for i in nan.nonzero()[0]]
+        raise CheckpointError(
+            f"{entry.source} in {os.path.basename(entry.file)}: {int(nan.sum())} NaN code(s) "
+            f"(e4m3 0x7F / 0xFF) in the FP8 weight; the first at {first} (accepted: finite "
+            f"e4m3 values)")
+
+
 def _materialise(model, plans, linears, fp32_names, device, dtype, weights, handles, progress,
                  label):
     from tqdm.auto import tqdm
@@ -669,6 +691,8 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
             else:
                 s = read(p.scale)
                 _check_scales(p.scale, s, p.kind)
+                if p.kind == "fp8":
+                    _check_fp8_codes(p.weight, t)
                 t, s = t.to(device), s.to(device)
                 if p.kind == "fp4":
                     t = t.view(torch.int8)      # uint8 / float4_e2m1fn_x2 bytes alike
@@ -688,14 +712,137 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
 
 
 def save_checkpoint(model, path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (official names, tensors as held).
+    """Write ``config.json`` and ``model.safetensors`` (official names), so that
+    ``from_pretrained(path)`` computes what ``model`` computes.
 
-    A model loaded with ``weights="native"`` writes its FP8/FP4 weights with their ``.scale``
-    tensors (the release format); a dequantised model writes plain bf16/fp32 weights.
+    What a linear computes depends on its storage: a Linear loaded from FP8/FP4 storage
+    (``stored_format``) gets the FP8 activation quantisation under ``quant_sim``
+    (``act_quant``), and the loader knows the storage only from the tensors' dtypes. So every
+    such Linear is written back in its stored form, as the release is: ``<name>.weight``
+    float8_e4m3fn / packed int8 plus ``<name>.scale`` e8m0 (:func:`tensor_specs`). A
+    ``weights="native"`` model writes its bytes as held; a ``weights="dequant"`` model's
+    weights are quantised again (:func:`dsv4.quant.fp8_block_quantize` / ``fp4_pack``) and
+    written only if that gives back exactly the values held (always so for an unchanged
+    dequantised weight: an FP8/FP4 code times a power of two). The release's own format is
+    used, rather than plain weights plus a dsv4-only note of the formats, so that the
+    written checkpoint is one every reader of the release (``dsv4 convert``, the official
+    code) takes for what it is. Linears stored bf16/fp32 (and all of a randomly initialised
+    or bf16-loaded model) are written as held. ``config.json`` describes the tensors written:
+    with FP8/FP4 linears ``dtype`` fp8, ``expert_dtype`` of the routed experts and the
+    release ``quantization_config``, else bf16 without one; ``torch_dtype`` the model dtype.
+
+    A previous checkpoint in ``path`` is replaced like ``make_checkpoint(overwrite=True)``
+    does: its ``config.json`` is removed first, then ``model.safetensors.index.json`` and the
+    shards it lists (only ``*.safetensors`` files inside ``path``: an index left beside the
+    new ``model.safetensors`` would win on reload); ``model.safetensors`` comes next and
+    ``config.json`` last (a directory without it is not a checkpoint). Other files are kept.
+
+    Raises ValueError, before anything is written, when a Linear cannot be written so that
+    it reloads the same: a weight loaded from FP8/FP4 storage that no longer equals its
+    quantised form (changed after loading; quantise it yourself with
+    :meth:`~dsv4.layers.linear.Linear.set_quantized`, or clear ``stored_format`` and
+    ``act_quant`` to write it plain, without the activation quantisation), or an
+    ``act_quant`` other than the loader would give it (:func:`act_quant_of`).
     """
+    from .synthetic import _QUANT_CONFIG
+
     path = os.fspath(path)
+    state, formats = _stored_state(model)
+    quantised = any(f is not None for f in formats.values())
+    experts = {f for n, f in formats.items() if ".ffn.experts." in n}
+    config = dataclasses.replace(
+        model.config, dtype="fp8" if quantised else "bf16",
+        expert_dtype=("fp4" if "fp4" in experts else "fp8") if quantised else None)
+    d = config.to_hf_dict(str(model.dtype).replace("torch.", ""))
+    if quantised:
+        d["quantization_config"] = dict(_QUANT_CONFIG)
     os.makedirs(path, exist_ok=True)
-    model.config.to_json(os.path.join(path, "config.json"),
-                         torch_dtype=str(model.dtype).replace("torch.", ""))
+    _remove_previous_checkpoint(path)
+    out = os.path.join(path, "model.safetensors")
+    save_file(state, out + ".tmp", metadata={"format": "pt"})
+    os.replace(out + ".tmp", out)
+    with open(os.path.join(path, "config.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+def _stored_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Optional[str]]]:
+    """(the CPU tensors :func:`save_checkpoint` writes, ``{linear name: "fp8" | "fp4" | None}``
+    the format each Linear is written in); raises ValueError as :func:`save_checkpoint`."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    formats: dict[str, Optional[str]] = {}
+    changed, act = [], []
+    for name, lin in model.named_modules():
+        if not _is_linear(lin):
+            continue
+        fmt = lin.weight_format or lin.stored_format
+        if fmt is not None and lin.weight_format is None:
+            w = lin._parameters["weight"].detach()
+            q = _requantize(w, fmt)
+            if q is None:
+                changed.append(f"{name} ({fmt})")
+                continue
+            state[f"{name}.weight"], state[f"{name}.scale"] = q
+        formats[name] = fmt
+        if bool(lin.act_quant) != (fmt is not None and act_quant_of(name)):
+            act.append(f"{name} (act_quant={lin.act_quant}, stored "
+                       f"{fmt or 'as ' + str(lin.weight.dtype).replace('torch.', '')})")
+    if changed:
+        raise ValueError(
+            "save_pretrained: these linears were loaded from FP8/FP4 storage (so their input "
+            "gets the FP8 activation quantisation) but their weights no longer equal an "
+            "FP8/FP4-quantised value (changed after loading), so no checkpoint reloads them "
+            "the same: " + _shorten(changed) + ". Quantise them (Linear.set_quantized with "
+            "dsv4.quant.fp8_block_quantize / fp4_pack), or set stored_format = None and "
+            "act_quant = False on them to write plain weights without the activation "
+            "quantisation")
+    if act:
+        raise ValueError(
+            "save_pretrained: the loader gives a linear act_quant=True exactly when it is "
+            "stored FP8/FP4 and is not an attention wo_a; these linears differ, so the "
+            "reloaded model would compute something else: " + _shorten(act))
+    return state, formats
+
+
+def _requantize(w: torch.Tensor, fmt: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, scale) of the float weight ``w`` in storage ``fmt`` ("fp8" / "fp4") on the
+    CPU, or None when they do not dequantise to exactly ``w`` (or ``w`` holds inf/NaN)."""
+    w = w.float()
+    try:
+        if fmt == "fp8":
+            q, s = fp8_block_quantize(w)
+            back = fp8_block_dequantize(q, s, torch.float32)
+        else:
+            q, s = fp4_pack(w)
+            back = fp4_unpack(q, s, torch.float32)
+    except ValueError:
+        return None
+    return (q.cpu(), s.cpu()) if torch.equal(back, w) else None
+
+
+def _remove_previous_checkpoint(path: str) -> None:
+    """Remove ``config.json``, ``model.safetensors.index.json`` and the ``*.safetensors``
+    shards the index lists inside ``path`` (entries naming other files, or files outside
+    ``path``, are left alone; an unreadable index is removed with no shard)."""
+    config = os.path.join(path, "config.json")
+    if os.path.lexists(config):
+        os.remove(config)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.lexists(index):
+        return
+    try:
+        d = read_json(index, "the safetensors index", CheckpointError)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    except CheckpointError:
+        weight_map = None
+    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    for file in sorted(f for f in shards if isinstance(f, str)):
+        try:
+            confined_path(path, file, "index entry", CheckpointError)
+        except CheckpointError:
+            continue
+        shard = os.path.join(path, file)
+        if (file.endswith(".safetensors") and file != "model.safetensors"
+                and os.path.isfile(shard)):
+            os.remove(shard)
+    os.remove(index)

@@ -15,8 +15,9 @@
   kernel's commit limit: a shard larger than RAM + swap fails to open with "Cannot allocate
   memory". Reading with ``readinto`` needs memory for one tensor only, and a file truncated
   while it is read gives an error instead of a SIGBUS. The header is validated completely
-  (known dtypes, shapes of non-negative ints, byte ranges that match the shape, lie inside the
-  file and do not overlap) before any tensor is read.
+  (no name twice, known dtypes, shapes of non-negative ints, byte ranges that match the shape
+  and cover the data section exactly: no overlap, hole or trailing bytes, as
+  ``safetensors.safe_open`` requires) before any tensor is read.
 """
 
 from __future__ import annotations
@@ -99,6 +100,21 @@ def _dtype_tables() -> tuple[dict[str, torch.dtype], dict[str, int]]:
     return {v: k for k, v in DTYPE_NAMES.items()}, _ITEM_BITS
 
 
+class _DuplicateKey(Exception):
+    """A JSON object of a safetensors header gives a key twice (``args[0]``)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` refusing a key given twice: a tensor listed twice (which one
+    would be read?) is refused, as ``safetensors.safe_open`` does."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 class SafetensorsFile:
     """One safetensors file, opened and validated from its header; tensors read on demand.
 
@@ -110,9 +126,10 @@ class SafetensorsFile:
 
     Raises ``error`` (the constructor's argument, e.g. ``CheckpointError``) naming the file for:
     a file shorter than its header, a header length of 0 or above :data:`MAX_HEADER_BYTES`,
-    a header that is not a JSON object of tensor entries (unknown dtype, bad shape, byte range
-    of the wrong size, outside the file or overlapping another), and, when reading, a file
-    that ends early.
+    a header that is not a JSON object of tensor entries (a key given twice, unknown dtype,
+    bad shape, byte range of the wrong size or outside the file, byte ranges that overlap,
+    leave a hole or leave bytes after the last tensor), and, when reading, a file that ends
+    early.
     """
 
     def __init__(self, path: str, error: type[Exception] = ValueError):
@@ -133,7 +150,9 @@ class SafetensorsFile:
                 self._fail(f"header of {n} bytes but the file has {size} bytes (truncated?)")
             raw = self._file.read(n)
             try:
-                header = json.loads(raw.decode("utf-8"))
+                header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                self._fail(f"header lists {e.args[0]!r} twice")
             except (UnicodeDecodeError, ValueError) as e:
                 self._fail(f"header is not JSON ({e}; truncated or not a safetensors file?)")
             except RecursionError:
@@ -182,10 +201,21 @@ class SafetensorsFile:
                            f"[{begin}, {end}] but needs {want / 8:g} bytes inside the "
                            f"{data_bytes} data bytes of the file (truncated?)")
             self.tensors[name] = (dtype, shape, (begin, end))
-        spans = sorted(r for _, _, r in self.tensors.values() if r[1] > r[0])
-        for (b0, e0), (b1, _) in zip(spans, spans[1:]):
-            if b1 < e0:
-                self._fail(f"tensors overlap in the file (bytes {b1} < {e0})")
+        # The data section is the tensors back to back, as the format defines it and
+        # safetensors.safe_open requires: no overlap, no hole, nothing after the last one.
+        at, last = 0, None
+        for name, (_, _, (begin, end)) in sorted(self.tensors.items(), key=lambda t: t[1][2]):
+            if begin < at:
+                self._fail(f"tensors overlap in the file: {name!r} starts at data byte {begin}, "
+                           f"before the end {at} of {last!r}")
+            if begin > at:
+                self._fail(f"hole in the data: {name!r} starts at data byte {begin}, but "
+                           + (f"{last!r} ends at {at}" if last else "the data starts at 0"))
+            at, last = end, name
+        if at != data_bytes:
+            self._fail(f"{data_bytes - at} trailing byte(s) after the last tensor ("
+                       + (f"{last!r} ends at data byte {at} of {data_bytes})" if last else
+                          "the header lists none)"))
 
     def keys(self) -> list[str]:
         return list(self.tensors)
