@@ -691,9 +691,9 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
             else:
                 s = read(p.scale)
                 _check_scales(p.scale, s, p.kind)
-                if p.kind == "fp8":
-                    _check_fp8_codes(p.weight, t)
                 t, s = t.to(device), s.to(device)
+                if p.kind == "fp8":             # on the target device: a GPU scans it fast
+                    _check_fp8_codes(p.weight, t)
                 if p.kind == "fp4":
                     t = t.view(torch.int8)      # uint8 / float4_e2m1fn_x2 bytes alike
                 if weights == "native":
