@@ -119,18 +119,49 @@ def test_save_refuses_what_would_reload_differently(fp8, tmp_path):
     m = _load(fp8, num_layers=2)
     with torch.no_grad():
         m.layers[1].attn.wq_b.weight.add_(1e-3)          # no longer an FP8 value
-    with pytest.raises(ValueError, match=r"layers\.1\.attn\.wq_b \(fp8\).*set_quantized"):
+    with pytest.raises(ValueError, match=r"layers\.1\.attn\.wq_b \(fp8\).*set_quantized.*"
+                       r"changed='plain'"):
         m.save_pretrained(tmp_path / "a")
     assert not os.path.exists(tmp_path / "a")           # nothing written
-    lin = m.layers[1].attn.wq_b
-    lin.stored_format, lin.act_quant = None, False       # the documented way out: plain
-    m.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="changed must be 'refuse' or 'plain'"):
+        m.save_pretrained(tmp_path / "a", changed="yes")
+    with pytest.warns(UserWarning, match=r"written as plain weights.*layers\.1\.attn\.wq_b"):
+        m.save_pretrained(tmp_path / "a", changed="plain")   # a fine-tuned model: plain
     again = _load(tmp_path / "a")
     assert again.layers[1].attn.wq_b.stored_format is None
+    assert not again.layers[1].attn.wq_b.act_quant
+    assert torch.equal(again.layers[1].attn.wq_b.weight, m.layers[1].attn.wq_b.weight)
     assert again.layers[1].attn.wq_a.stored_format == "fp8"
+    lin = m.layers[1].attn.wq_b
+    lin.stored_format, lin.act_quant = None, False       # the same by hand: no warning
+    m.save_pretrained(tmp_path / "a2")
     m.layers[0].attn.wo_a.act_quant = True               # the loader would not give it that
     with pytest.raises(ValueError, match=r"layers\.0\.attn\.wo_a \(act_quant=True"):
         m.save_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_scales_save_back_exactly(fp8, ids, tmp_path, dtype):
+    """The "-Base" checkpoints' FP8 scales are float32 and no power of two: a dequantised
+    load keeps them, so save_pretrained writes the same codes under the same scales."""
+    d = _copy(fp8, tmp_path / "ck")
+    for f in sorted(os.listdir(d)):
+        if not f.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(d, f), "pt") as g:
+            t = {k: g.get_tensor(k) for k in g.keys()}
+        for k in list(t):
+            w = t.get(k[:-len(".scale")] + ".weight") if k.endswith(".scale") else None
+            if w is not None and w.dtype == torch.float8_e4m3fn:
+                t[k] = t[k].float() * 0.75
+        os.unlink(os.path.join(d, f))
+        save_file(t, os.path.join(d, f), metadata={"format": "pt"})
+    m = _load(d, dtype=dtype)
+    m.save_pretrained(tmp_path / "out")
+    again = _load(tmp_path / "out", dtype=dtype)
+    assert torch.equal(_logits(again, ids), _logits(m, ids))
+    with safe_open(os.path.join(tmp_path / "out", "model.safetensors"), "pt") as g:
+        assert g.get_tensor("layers.0.attn.wq_b.scale").dtype == torch.float32
 
 
 def test_save_over_a_sharded_checkpoint_replaces_it(fp8, ids, tmp_path):
@@ -185,6 +216,26 @@ def test_index_that_omits_tensors_is_refused(fp8, tmp_path):
     with pytest.raises(CheckpointError, match="does not list tensors its shards hold: "
                        r"layers\.2\.attn_norm\.weight \(in model-0000"):
         _load(d)
+
+
+def test_index_may_omit_tensors_the_loader_ignores(fp8, tmp_path):
+    """A shard may hold tensors the loader skips (the MTP block's own embedding and head
+    copies) without the index listing them."""
+    d = _copy(fp8, tmp_path / "ck")
+    idx = json.load(open(os.path.join(fp8, INDEX)))
+    shard = os.path.join(d, SHARD2)
+    with safe_open(shard, "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t["mtp.0.emb.tok_emb.weight"] = torch.zeros(4, 4)
+    from dsv4.checkpoint import official_name
+    assert official_name("mtp.0.emb.tok_emb.weight") is None
+    os.unlink(shard)
+    save_file(t, shard, metadata={"format": "pt"})
+    _load(d)                                               # loads: the tensor is ignored
+    idx["weight_map"]["mtp.0.emb.tok_emb.weight"] = SHARD2  # listed or not, alike
+    os.unlink(os.path.join(d, INDEX))
+    json.dump(idx, open(os.path.join(d, INDEX), "w"))
+    _load(d)
 
 
 @pytest.mark.parametrize("code", [0x7F, 0xFF])

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -26,8 +27,8 @@ from torch import nn
 
 from .checkpoint_io import SafetensorsFile, confined_path, read_json
 from .config import ConfigError, ModelConfig
-from .quant import (FP4_BLOCK, FP8_BLOCK, fp4_pack, fp4_unpack, fp8_block_dequantize,
-                    fp8_block_quantize)
+from .quant import (FP4_BLOCK, FP8_BLOCK, e8m0_to_float, fp4_pack, fp4_unpack,
+                    fp8_block_dequantize, fp8_block_quantize)
 
 __all__ = ["CheckpointError", "checkpoint_files", "tensor_specs", "linear_formats",
            "act_quant_of", "official_name", "load_checkpoint", "save_checkpoint"]
@@ -355,7 +356,7 @@ def _read_headers(files, weight_map, stack, handles) -> dict[str, _Entry]:
         # An index lists every tensor of its shards (the release's and those save_pretrained
         # and make_checkpoint write do); one that omits some does not describe the files.
         unlisted = [f"{n} (in {os.path.basename(h.path)})" for h in handles.values()
-                    for n in h.tensors if n not in weight_map]
+                    for n in h.tensors if n not in weight_map and official_name(n) is not None]
         if unlisted:
             problems.append("the index does not list tensors its shards hold: "
                             + _shorten(sorted(unlisted)))
@@ -700,6 +701,10 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
                     linears[mod_name].set_quantized(t, s, p.kind, want)
                     bar.update(1)
                     continue
+                if p.kind == "fp8":
+                    # kept (1/16384 of the weight) so that save_pretrained writes the same
+                    # codes back under a scale that is no power of two (the "-Base" F32 ones)
+                    linears[mod_name]._stored_scale = s.cpu()
                 t = (fp8_block_dequantize(t, s, want) if p.kind == "fp8"
                      else fp4_unpack(t, s, want))
             if attr in mod._parameters:
@@ -711,7 +716,7 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
         bar.close()
 
 
-def save_checkpoint(model, path) -> None:
+def save_checkpoint(model, path, changed: str = "refuse") -> None:
     """Write ``config.json`` and ``model.safetensors`` (official names), so that
     ``from_pretrained(path)`` computes what ``model`` computes.
 
@@ -743,11 +748,16 @@ def save_checkpoint(model, path) -> None:
     :meth:`~dsv4.layers.linear.Linear.set_quantized`, or clear ``stored_format`` and
     ``act_quant`` to write it plain, without the activation quantisation), or an
     ``act_quant`` other than the loader would give it (:func:`act_quant_of`).
+    ``changed="plain"`` writes such changed weights (a fine-tuned dequantised model) as plain
+    weights instead, with a warning: the reloaded model runs those linears without the FP8
+    activation quantisation the model in memory applies.
     """
     from .synthetic import _QUANT_CONFIG
 
+    if changed not in ("refuse", "plain"):
+        raise ValueError(f"save_pretrained: changed must be 'refuse' or 'plain', got {changed!r}")
     path = os.fspath(path)
-    state, formats = _stored_state(model)
+    state, formats = _stored_state(model, changed)
     quantised = any(f is not None for f in formats.values())
     experts = {f for n, f in formats.items() if ".ffn.experts." in n}
     config = dataclasses.replace(
@@ -766,19 +776,25 @@ def save_checkpoint(model, path) -> None:
     os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
 
-def _stored_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Optional[str]]]:
+def _stored_state(model, on_changed: str = "refuse"
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Optional[str]]]:
     """(the CPU tensors :func:`save_checkpoint` writes, ``{linear name: "fp8" | "fp4" | None}``
-    the format each Linear is written in); raises ValueError as :func:`save_checkpoint`."""
+    the format each Linear is written in); raises ValueError as :func:`save_checkpoint`
+    (``on_changed``: its ``changed``)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     formats: dict[str, Optional[str]] = {}
-    changed, act = [], []
+    changed, act, plain = [], [], []
     for name, lin in model.named_modules():
         if not _is_linear(lin):
             continue
         fmt = lin.weight_format or lin.stored_format
         if fmt is not None and lin.weight_format is None:
             w = lin._parameters["weight"].detach()
-            q = _requantize(w, fmt)
+            q = _requantize(w, fmt, getattr(lin, "_stored_scale", None))
+            if q is None and on_changed == "plain":
+                plain.append(f"{name} ({fmt})")
+                formats[name] = None
+                continue
             if q is None:
                 changed.append(f"{name} ({fmt})")
                 continue
@@ -787,15 +803,19 @@ def _stored_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Optional[st
         if bool(lin.act_quant) != (fmt is not None and act_quant_of(name)):
             act.append(f"{name} (act_quant={lin.act_quant}, stored "
                        f"{fmt or 'as ' + str(lin.weight.dtype).replace('torch.', '')})")
+    if plain:
+        warnings.warn("save_pretrained(changed='plain'): these linears were loaded from FP8/FP4 "
+                      "storage and changed since; they are written as plain weights, so the "
+                      "reloaded model runs them without the FP8 activation quantisation: "
+                      + _shorten(plain), UserWarning, stacklevel=3)
     if changed:
         raise ValueError(
             "save_pretrained: these linears were loaded from FP8/FP4 storage (so their input "
             "gets the FP8 activation quantisation) but their weights no longer equal an "
             "FP8/FP4-quantised value (changed after loading), so no checkpoint reloads them "
             "the same: " + _shorten(changed) + ". Quantise them (Linear.set_quantized with "
-            "dsv4.quant.fp8_block_quantize / fp4_pack), or set stored_format = None and "
-            "act_quant = False on them to write plain weights without the activation "
-            "quantisation")
+            "dsv4.quant.fp8_block_quantize / fp4_pack), or pass changed='plain' to write "
+            "them as plain weights (reloaded without the activation quantisation)")
     if act:
         raise ValueError(
             "save_pretrained: the loader gives a linear act_quant=True exactly when it is "
@@ -804,9 +824,16 @@ def _stored_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Optional[st
     return state, formats
 
 
-def _requantize(w: torch.Tensor, fmt: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _requantize(w: torch.Tensor, fmt: str, stored_scale: Optional[torch.Tensor] = None
+                ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, scale) of the float weight ``w`` in storage ``fmt`` ("fp8" / "fp4") on the
-    CPU, or None when they do not dequantise to exactly ``w`` (or ``w`` holds inf/NaN)."""
+    CPU, or None when they do not dequantise to exactly ``w`` (or ``w`` holds inf/NaN).
+    ``stored_scale``: the FP8 scale ``w`` was dequantised with at load, tried first (it need
+    not be a power of two: the "-Base" checkpoints' float32 scales)."""
+    if fmt == "fp8" and stored_scale is not None:
+        q = _fp8_codes_under(w, stored_scale)
+        if q is not None:
+            return q, stored_scale.cpu()
     w = w.float()
     try:
         if fmt == "fp8":
@@ -818,6 +845,25 @@ def _requantize(w: torch.Tensor, fmt: str) -> Optional[tuple[torch.Tensor, torch
     except ValueError:
         return None
     return (q.cpu(), s.cpu()) if torch.equal(back, w) else None
+
+
+def _fp8_codes_under(w: torch.Tensor, scale: torch.Tensor) -> Optional[torch.Tensor]:
+    """The e4m3 codes q (CPU) with ``fp8_block_dequantize(q, scale, w.dtype) == w``, or None:
+    ``w / scale`` rounded to e4m3 (an unchanged weight gives back its codes exactly)."""
+    w = w.detach().cpu()
+    if w.dim() != 2 or scale.dim() != 2:
+        return None
+    N, K = w.shape
+    s = e8m0_to_float(scale.cpu()).float()
+    s = s.repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
+    if s.shape != w.shape:
+        return None
+    q = (w.float() / s).to(torch.float8_e4m3fn)
+    try:
+        back = fp8_block_dequantize(q, scale.cpu(), w.dtype)
+    except ValueError:
+        return None
+    return q if torch.equal(back, w) else None
 
 
 def _remove_previous_checkpoint(path: str) -> None:

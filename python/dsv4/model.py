@@ -758,12 +758,13 @@ class Model(nn.Module):
         return load_checkpoint(cls, path, device=device, dtype=dtype, weights=weights,
                                num_layers=num_layers, progress=progress, **config_overrides)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, changed: str = "refuse") -> None:
         """Write ``config.json`` and ``model.safetensors`` with the official tensor names;
         linears loaded from FP8 / FP4 storage are written back in that format (with the
         release's ``quantization_config``), so a reload computes the same logits. Raises
         ValueError before writing anything when that cannot hold (see
-        :func:`dsv4.checkpoint.save_checkpoint`); a previous checkpoint in ``path`` is
-        replaced."""
+        :func:`dsv4.checkpoint.save_checkpoint`; ``changed="plain"`` writes weights changed
+        since an FP8 / FP4 load as plain weights instead, with a warning); a previous
+        checkpoint in ``path`` is replaced."""
         from .checkpoint import save_checkpoint
-        save_checkpoint(self, path)
+        save_checkpoint(self, path, changed)

@@ -48,3 +48,12 @@ def test_integer_containers_are_accepted(model):
     for ids in (torch.tensor([4, 8, 15]), np.array([4, 8, 15]), (4, 8, 15)):
         assert engine_generate(model, ids, 3).token_ids == want
         assert model_generate(model, ids, 3).token_ids == want
+
+
+def test_eos_ids_that_cannot_be_sampled_are_accepted_alike(model):
+    """An eos_id outside the vocabulary never matches in generate(); the engine's request
+    refuses such an id, so runtime.generate passes "never" (-1) for it: the same tokens."""
+    want = model_generate(model, [4, 8, 15], 3, eos_id=None).token_ids
+    for eos in (model.config.vocab_size, 10 ** 9, -5):
+        assert engine_generate(model, [4, 8, 15], 3, eos_id=eos).token_ids == want
+        assert model_generate(model, [4, 8, 15], 3, eos_id=eos).token_ids == want

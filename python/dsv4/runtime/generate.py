@@ -100,7 +100,9 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
         engine = Engine(model, **args)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
-                                eos_token_id=-1 if eos_id is None else eos_id)
+                                eos_token_id=(eos_id if eos_id is not None
+                                              and 0 <= eos_id < model.config.vocab_size
+                                              else -1))   # as generate(): never sampled
         rid = engine.add_request(prompt, params)
         t0 = time.perf_counter()   # the engine's allocation is set-up, not generation
         try:
