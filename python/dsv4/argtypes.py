@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["int_at_least", "int_sequence"]
+__all__ = ["int_at_least", "int_sequence", "resolve_device"]
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -59,3 +59,28 @@ def int_sequence(value, what: str) -> list[int]:
 
 def _integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def resolve_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """``--device`` of the command lines: cpu, or cuda / cuda:N where CUDA has that device
+    (None: cuda when available, else cpu); anything else (a device string torch refuses, or
+    one of another type: mps, meta, ...) is a usage error naming the accepted values."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "expected cpu, or cuda / cuda:N (a CUDA device)"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"argument --device: invalid device {name!r}; {accepted}")
+    if device.type == "cpu" and device.index in (None, 0):
+        return torch.device("cpu")
+    if device.type != "cuda":
+        parser.error(f"argument --device: {name!r} is not supported; {accepted}")
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {name!r} requested but CUDA is not available "
+                     "(use --device cpu)")
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        parser.error(f"argument --device: {name!r}: this machine has {n} CUDA device(s), "
+                     f"cuda:0 .. cuda:{n - 1}")
+    return device

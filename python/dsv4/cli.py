@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .argtypes import int_at_least
+from .argtypes import int_at_least, resolve_device
 
 __all__ = ["build_parser", "format_config_summary", "main"]
 
@@ -152,33 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _resolve_device(parser: argparse.ArgumentParser, name: str | None) -> Any:
-    """``--device``: cpu, or cuda / cuda:N where CUDA has that device; anything else (a device
-    string torch refuses, or one of another type: mps, meta, ...) is a usage error naming the
-    accepted values."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    accepted = "expected cpu, or cuda / cuda:N (a CUDA device)"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"argument --device: invalid device {name!r}; {accepted}")
-    if device.type == "cpu" and device.index in (None, 0):
-        return torch.device("cpu")
-    if device.type != "cuda":
-        parser.error(f"argument --device: {name!r} is not supported; {accepted}")
-    if not torch.cuda.is_available():
-        parser.error(f"argument --device: {name!r} requested but CUDA is not available "
-                     "(use --device cpu)")
-    n = torch.cuda.device_count()
-    if device.index is not None and device.index >= n:
-        parser.error(f"argument --device: {name!r}: this machine has {n} CUDA device(s), "
-                     f"cuda:0 .. cuda:{n - 1}")
-    return device
 
 
 def _check_model_arg(parser: argparse.ArgumentParser, model: str) -> None:
@@ -323,7 +296,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not args.chat and (args.mode is not None or args.system is not None):
         parser.error("argument --mode/--system: only valid with --chat")
     _check_model_arg(parser, args.model)
-    device = _resolve_device(parser, args.device)
+    device = resolve_device(parser, args.device)
     if args.backend:
         from dsv4.ops.backend import check_backend, set_backend
         try:

@@ -126,7 +126,10 @@ def test_an_undamaged_copy_resumes(run_dir, tmp_path):
 def test_bad_device_and_out_are_usage_errors(tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("x")
-    cases = [(["--device", "bogus"], "argument --device: expected a torch device"),
+    cases = [(["--device", "bogus"], "argument --device: invalid device 'bogus'; expected cpu, "
+              "or cuda / cuda:N"),
+             (["--device", "meta"], "argument --device: 'meta' is not supported"),
+             (["--device", "mps"], "argument --device: 'mps' is not supported"),
              (["--out", str(f)], "argument --out: ")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "argument --device: 'cuda' requested but CUDA is "

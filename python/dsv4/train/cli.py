@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import int_at_least
+from ..argtypes import int_at_least, resolve_device
 
 __all__ = ["add_train_parser", "small_config", "CONFIGS"]
 
@@ -248,14 +248,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         for dest, value in _RUN_DEFAULTS.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, value)
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"argument --device: expected a torch device such as cpu, cuda or cuda:1, "
-                     f"got {args.device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"argument --device: {args.device!r} requested but CUDA is not available "
-                     "(use --device cpu)")
+    device = resolve_device(parser, args.device)
     out_dir = Path(args.out or args.resume or "runs/dsv4-train")
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"argument --out: {str(out_dir)!r} exists and is not a directory")
@@ -274,7 +267,6 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .data import Corpus, collect_files, stdlib_files, unigram_entropy
     from .trainer import TrainConfig, Trainer
 
-    device = torch.device(args.device)
     out = Path(args.out or args.resume or "runs/dsv4-train")
     run_info: dict = {}
     try:
