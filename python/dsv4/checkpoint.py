@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint_io import SafetensorsFile, confined_path, read_json
 from .config import ConfigError, ModelConfig
-from .quant import (FP4_BLOCK, FP8_BLOCK, e8m0_to_float, fp4_pack, fp4_unpack,
+from .quant import (FP4_BLOCK, FP8_BLOCK, block_scale_shape, fp4_pack, fp4_unpack,
                     fp8_block_dequantize, fp8_block_quantize)
 
 __all__ = ["CheckpointError", "checkpoint_files", "tensor_specs", "linear_formats",
@@ -152,14 +152,13 @@ def tensor_specs(config: ModelConfig, fmt: str = "fp8"
         (n, k), f = shapes[name], formats[name]
         if f == "fp8":
             specs[f"{name}.weight"] = ((n, k), torch.float8_e4m3fn)
-            specs[f"{name}.scale"] = ((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
-                                      torch.float8_e8m0fnu)
+            specs[f"{name}.scale"] = (block_scale_shape("fp8", n, k), torch.float8_e8m0fnu)
         elif f == "fp4":
             if k % FP4_BLOCK:
                 raise ValueError(f"{name}: FP4 storage needs in_features % {FP4_BLOCK} == 0, "
                                  f"got {k}")
             specs[f"{name}.weight"] = ((n, k // 2), torch.int8)
-            specs[f"{name}.scale"] = ((n, k // FP4_BLOCK), torch.float8_e8m0fnu)
+            specs[f"{name}.scale"] = (block_scale_shape("fp4", n, k), torch.float8_e8m0fnu)
         else:
             specs[f"{name}.weight"] = ((n, k), bf16)
 
@@ -388,15 +387,15 @@ def _plan_linear(name: str, shape: tuple[int, int], entries: dict[str, _Entry],
             return _Plan("plain", w)
         return None
     if w.dtype == "F8_E4M3":
-        kind, want_w, want_s = "fp8", (N, K), (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+        kind, want_w, want_s = "fp8", (N, K), block_scale_shape("fp8", N, K)
     elif w.dtype in _FP4:
         kind = "fp4"
         want_w = (N, K) if w.dtype == "F4" else (N, K // 2)   # F4 headers count 4-bit values
-        want_s = (N, K // FP4_BLOCK)
         if K % FP4_BLOCK:
             bad.append(f"{name}.weight: packed FP4 needs in_features % {FP4_BLOCK} == 0 "
                        f"(model {[N, K]})")
             return None
+        want_s = block_scale_shape("fp4", N, K)
     else:
         bad.append(f"{name}.weight: dtype {w.dtype} (accepted: BF16/F16/F32, F8_E4M3 + scale, "
                    f"I8/U8/F4 packed FP4 + scale)")
@@ -850,20 +849,16 @@ def _requantize(w: torch.Tensor, fmt: str, stored_scale: Optional[torch.Tensor] 
 def _fp8_codes_under(w: torch.Tensor, scale: torch.Tensor) -> Optional[torch.Tensor]:
     """The e4m3 codes q (CPU) with ``fp8_block_dequantize(q, scale, w.dtype) == w``, or None:
     ``w / scale`` rounded to e4m3 (an unchanged weight gives back its codes exactly)."""
-    w = w.detach().cpu()
-    if w.dim() != 2 or scale.dim() != 2:
+    w, scale = w.detach().cpu(), scale.cpu()
+    if w.dim() != 2:
         return None
-    N, K = w.shape
-    s = e8m0_to_float(scale.cpu()).float()
-    s = s.repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
-    if s.shape != w.shape:
-        return None
-    q = (w.float() / s).to(torch.float8_e4m3fn)
-    try:
-        back = fp8_block_dequantize(q, scale.cpu(), w.dtype)
+    try:   # the scale of every element: the dequantisation of e4m3 ones (exact)
+        s = fp8_block_dequantize(torch.ones(w.shape, dtype=torch.float8_e4m3fn), scale,
+                                 torch.float32)
     except ValueError:
         return None
-    return q if torch.equal(back, w) else None
+    q = (w.float() / s).to(torch.float8_e4m3fn)
+    return q if torch.equal(fp8_block_dequantize(q, scale, w.dtype), w) else None
 
 
 def _remove_previous_checkpoint(path: str) -> None:

@@ -42,8 +42,9 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import _FLOAT, _FP4, _SCALE  # the safetensors dtypes the loader takes
 from .checkpoint import official_name  # the HF -> inference name map of convert.py (§12.4)
-from .quant import FP4_BLOCK, FP8_BLOCK
+from .quant import FP4_BLOCK, block_scale_shape
 
 __all__ = [
     "ConvertError", "DTYPE_NAMES", "convert", "check_model_parallel", "split_rule",
@@ -499,12 +500,6 @@ def _plan_rank(rank: int, mp: int, n_local: int, src: dict, expert_fp8: bool,
     return entries
 
 
-#: Safetensors dtypes of packed FP4 weights (two e2m1 codes a byte; "F4" counts the codes).
-_FP4 = ("I8", "U8", "F4")
-#: Safetensors dtypes of unquantised weights (no scale).
-_UNQUANTISED = ("BF16", "F16", "F32", "F64")
-
-
 def _check_scales(src: dict) -> None:
     """Every FP8 / FP4 weight has a scale of the shape its storage needs (the rules of
     :func:`dsv4.checkpoint.tensor_specs`: FP8 [N, K] -> [ceil(N/128), ceil(K/128)]; packed FP4
@@ -517,7 +512,7 @@ def _check_scales(src: dict) -> None:
             continue
         module = name[:-len(".weight")]
         scale = src.get(module + ".scale")
-        if dtype in _UNQUANTISED:
+        if dtype in _FLOAT:
             if scale is not None:
                 errs.append(f"{module}.scale in {scale[0]}: a scale for a {dtype} (unquantised) "
                             "weight")
@@ -526,16 +521,16 @@ def _check_scales(src: dict) -> None:
             continue
         want = None
         if len(shape) == 2 and dtype == "F8_E4M3":
-            want = [-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK)]
-        elif len(shape) == 2:
+            want = list(block_scale_shape("fp8", *shape))
+        elif len(shape) == 2:     # packed FP4: F4 headers count the codes, I8 / U8 the bytes
             K = shape[1] if dtype == "F4" else 2 * shape[1]
-            want = [shape[0], K // FP4_BLOCK] if K % FP4_BLOCK == 0 else None
+            want = list(block_scale_shape("fp4", shape[0], K)) if K % FP4_BLOCK == 0 else None
         if want is None:
             errs.append(f"{name} in {file}: a {dtype} weight of shape {shape} (accepted: "
                         f"[N, K], packed FP4 with K a multiple of {FP4_BLOCK})")
         elif scale is None:
             errs.append(f"{module}.scale: missing for the {dtype} weight {name} in {file}")
-        elif scale[1] not in ("F8_E8M0", "F32"):
+        elif scale[1] not in _SCALE:
             errs.append(f"{module}.scale in {scale[0]}: dtype {scale[1]} (accepted: F8_E8M0, "
                         "F32)")
         elif scale[2] != want:

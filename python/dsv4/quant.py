@@ -35,6 +35,7 @@ __all__ = [
     "FP8_E4M3_MAX", "FP4_E2M1_MAX", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
     "e8m0_to_float", "float_to_e8m0", "e2m1_encode", "e2m1_decode",
     "fp8_block_quantize", "fp8_block_dequantize", "fp4_pack", "fp4_unpack", "fp4_to_fp8",
+    "block_scale_shape",
 ]
 
 FP8_E4M3_MAX = 448.0
@@ -43,6 +44,21 @@ FP8_BLOCK = 128
 FP4_BLOCK = 32
 #: Magnitudes of the e2m1 codes 0..7 (codes 8..15 are the same values negated).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+
+def block_scale_shape(fmt: str, n: int, k: int) -> tuple[int, int]:
+    """The scale tensor's shape for a weight of logical shape [n, k] (out, in) stored in ``fmt``:
+    "fp8" -> [ceil(n / 128), ceil(k / 128)] (128x128 blocks), "fp4" -> [n, k / 32] (1x32
+    blocks; ValueError unless k % 32 == 0). The release's layout (architecture.md §12)."""
+    if fmt == "fp8":
+        return -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+    if fmt == "fp4":
+        if k % FP4_BLOCK:
+            raise ValueError(f"FP4 storage needs in_features % {FP4_BLOCK} == 0, got {k}")
+        return n, k // FP4_BLOCK
+    raise ValueError(f"block_scale_shape: fmt must be 'fp8' or 'fp4', got {fmt!r}")
+
 
 _FP8_AMAX_MIN = 1e-4
 _FP4_AMAX_MIN = FP4_E2M1_MAX * 2.0 ** -126
