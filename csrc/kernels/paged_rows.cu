@@ -23,7 +23,9 @@ __global__ void __launch_bounds__(kThreads)
   int32_t v = -1;
   if (s >= 0 && r >= 0 && r < num_rows && s / bs < max_blocks) {
     const int32_t id = table[r * table_stride + s / bs];
-    if (id >= 0) v = id * bs + s % bs;
+    // In int64: a row past int32 (outside the contract) gives -1, never a wrapped valid row.
+    const int64_t flat = static_cast<int64_t>(id) * bs + s % bs;
+    if (id >= 0 && flat <= INT_MAX) v = static_cast<int32_t>(flat);
   }
   out[e] = v;
 }

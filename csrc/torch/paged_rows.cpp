@@ -36,8 +36,13 @@ at::Tensor paged_rows_cuda(const at::Tensor& table, const at::Tensor& rows,
   const int64_t tokens = sel.size(0), k = sel.size(1);
   at::Tensor out = at::empty({tokens, k}, sel.options());
   if (out.numel() == 0) return out;
-  const at::Tensor t = table.stride(1) == 1 ? table : table.contiguous();
-  const at::Tensor s = sel.stride(1) == 1 ? sel : sel.contiguous();
+  // Rows must be laid out one after another (unit column stride, row stride >= the row's
+  // length): a broadcast (expanded) or transposed input is copied first.
+  const auto rows_apart = [](const at::Tensor& x) {
+    return x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1));
+  };
+  const at::Tensor t = rows_apart(table) ? table : table.contiguous();
+  const at::Tensor s = rows_apart(sel) ? sel : sel.contiguous();
   const at::Tensor r = rows.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(sel.device().index()).stream();
   C10_CUDA_CHECK(dsv4::paged_rows(t.data_ptr<int32_t>(), t.size(0), t.size(1),

@@ -112,6 +112,33 @@ def test_cuda_kernel_strided_inputs():
 
 
 @cuda
+def test_cuda_kernel_broadcast_and_transposed_inputs():
+    """A table row broadcast to every sequence (row stride 0) and a transposed sel: the glue
+    copies them into rows (the kernel addresses rows one after another)."""
+    table, rows, sel = _inputs(1, 12, 30, 64, 32, 4)
+    rows = rows.clamp(0, 5)
+    wide = table.expand(6, 12)
+    got = paged_rows(wide.cuda(), rows.cuda(), sel.t().contiguous().cuda().t(), 32)
+    assert torch.equal(got.cpu(), paged_rows_reference(wide.contiguous(), rows, sel, 32))
+    # a broadcast sel row (every token the same picks)
+    one = sel[:1].expand(30, 64)
+    got = paged_rows(wide.cuda(), rows.cuda(), one.cuda(), 32)
+    assert torch.equal(got.cpu(), paged_rows_reference(wide.contiguous(), rows,
+                                                       one.contiguous(), 32))
+
+
+@cuda
+def test_cuda_kernel_row_past_int32_is_none():
+    """Outside the op's contract (the reference raises): the kernel writes -1 for a row past
+    int32, never the wrapped value (2**30 * 8 + 1 would wrap to 1), and the largest row that
+    fits as it is."""
+    t = torch.tensor([[2 ** 28 - 1, 2 ** 28, 2 ** 30]], dtype=torch.int32, device="cuda")
+    r = torch.zeros(1, dtype=torch.int32, device="cuda")
+    s = torch.tensor([[7, 8, 9, 17, 0]], dtype=torch.int32, device="cuda")
+    assert paged_rows(t, r, s, 8).tolist() == [[2 ** 31 - 1, -1, -1, -1, 2 ** 31 - 8]]
+
+
+@cuda
 def test_cuda_bad_input_is_rejected():
     t = torch.zeros(2, 3, dtype=torch.int32, device="cuda")
     r = torch.zeros(4, dtype=torch.int32, device="cuda")

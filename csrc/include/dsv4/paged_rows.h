@@ -20,7 +20,9 @@ namespace dsv4 {
 // sel:   int32 [tokens, k], row t at sel + t * sel_stride (>= k)
 // out:   int32 [tokens, k] contiguous
 // block_size >= 1; block ids must satisfy id * block_size + block_size - 1 <= INT32_MAX (the
-// store's rows fit int32, as the kernels that read them require).
+// store's rows fit int32, as the kernels that read them require). A selected row past INT32_MAX
+// (outside that contract) comes out as -1 (no entry), never as a wrapped row; the reference
+// raises ValueError for it instead.
 // Returns cudaSuccess, cudaErrorInvalidValue (bad sizes / null pointers) or the launch error.
 // tokens == 0 or k == 0: no-op.
 cudaError_t paged_rows(const int32_t* table, int64_t num_rows, int64_t max_blocks,

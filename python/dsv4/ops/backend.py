@@ -164,6 +164,12 @@ _RUN_20261206G = (
     "check under memcheck on the same kernel code in an earlier build of the session: 0 "
     "errors); tests/runtime, tests/layers, the model kernel-path, model CUDA and golden tests "
     "and test_paged_caches.py (109 passed, the side-stream branches on)")
+_RUN_20261206H = (
+    "2026-12-06 (sixth session), on an H100 80GB, csrc of paged_rows bfb3a8cd (the flat row "
+    "computed in int64: -1 past int32, never a wrapped row; the glue copies a broadcast or "
+    "transposed table / sel into rows instead of failing with an invalid-value error): every "
+    "CUDA test of tests/ops/test_paged_rows.py (14 passed: the new broadcast / transposed and "
+    "past-int32 cases included), again under compute-sanitizer memcheck (0 errors)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
@@ -171,7 +177,8 @@ HARDWARE_VERIFIED: dict[str, str] = {
         "q_norm_rope", "kv_norm_rope", "compress_kv")},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in (
-        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite", "paged_rows")},
+        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite")},
+    **{op: _RUN_20261206H for op in ("paged_rows",)},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
@@ -180,8 +187,8 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # VERIFIED_SOURCE_DIGEST), the q / kv paths, compress_kv and indexer_topk from the
 # 2026-12-05G run (csrc ffa9e332) except indexer_topk, the GEMM ops from the 2026-12-06A run, sparse_attn /
 # hca_attn and the MoE routing ops from the 2026-12-06B run, moe_swiglu from the 2026-12-06E
-# run (after the D run of its earlier sources), the mHC ops, indexer_topk, argmax_finite and
-# paged_rows from the 2026-12-06G run. A run that verifies some ops
+# run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
+# from the 2026-12-06G run, paged_rows from the 2026-12-06H run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
@@ -203,7 +210,7 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "mhc_head": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
-    "paged_rows": "6c8a3b796a15f828abc1d90c27123eba9a29ae3e09271d19b49a6b846b73d88f",
+    "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
 }
 # sha256 over csrc/{include,kernels,torch} (dsv4._kernel_digest.kernel_source_digest) of that
 # run's csrc with the sparse_attn prefill default restored (see the record above). Used only for

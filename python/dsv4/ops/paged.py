@@ -8,7 +8,8 @@ s % bs`` (the row of entry ``s`` in the store viewed as [num_blocks * bs, ...]),
 the table. The formula is :func:`dsv4.ops.kv_cache.paged_rows` (its int64 result in int32,
 as the kernels that read the rows take them). Precondition: every selected flat row (block id
 times ``block_size`` plus ``s % block_size``) fits in int32, i.e. is at most 2**31 - 1 (the
-CUDA kernel computes it in int32 and does not check; the reference raises ValueError). The CSA
+reference raises ValueError; the CUDA kernel, which cannot raise inside a CUDA graph, gives -1
+for such a row, never a wrapped one). The CSA
 layers turn the indexer's picks into the rows ``sparse_attn`` reads with it: one kernel on
 CUDA where the PyTorch form launches about fifteen.
 """
@@ -71,5 +72,5 @@ def paged_rows(table: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor,
                block_size: int) -> torch.Tensor:
     """``torch.ops.dsv4.paged_rows``: see :func:`paged_rows_reference` (on CUDA one kernel,
     the reference's values). Every selected flat row must fit in int32 (at most 2**31 - 1):
-    the reference raises ValueError otherwise, the kernel does not check."""
+    the reference raises ValueError otherwise, the kernel gives -1 for that row."""
     return torch.ops.dsv4.paged_rows(table, rows, sel, int(block_size))
