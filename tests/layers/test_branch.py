@@ -8,6 +8,7 @@ tests/runtime/test_side_stream_cuda.py."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -87,3 +88,64 @@ def test_branch_on_the_side_stream_is_ordered_by_join():
 def test_switch_off_runs_inline(monkeypatch):
     monkeypatch.setenv("DSV4_SIDE_STREAM", "0")
     assert not Branch(torch.zeros(1, 1, device="cuda")).active
+
+
+def test_mark_and_wait_inline_are_no_ops():
+    b = Branch(torch.randn(2, 2))
+    with b:
+        assert b.mark() is None
+    b.wait(None)
+    b.join()
+
+
+@pytest.mark.parametrize("name,values", [
+    ("DSV4_CSA_COMPRESSOR_STREAM", ("main", "side")),
+    ("DSV4_MOE_SHARED_FORK", ("after-gate", "before-gate"))])
+def test_layout_switches(name, values, monkeypatch):
+    """The two scheduling switches of the layers' branches: unset = the first value, both
+    values, and a bad value (a warning naming the accepted ones, then the default)."""
+    from dsv4.layers.attention import _csa_compressor_on_main
+    from dsv4.layers.moe import _shared_expert_after_gate
+    from dsv4.ops import backend
+    monkeypatch.setattr(backend, "_warned_env", set())   # (the warning is said once per value)
+    fn = (_csa_compressor_on_main if name == "DSV4_CSA_COMPRESSOR_STREAM"
+          else _shared_expert_after_gate)
+    monkeypatch.delenv(name, raising=False)
+    assert fn() is True
+    monkeypatch.setenv(name, values[0])
+    assert fn() is True
+    monkeypatch.setenv(name, values[1])
+    assert fn() is False
+    monkeypatch.setenv(name, "sideways")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert fn() is True
+    assert any(name in str(m.message) and repr(values[0]) in str(m.message) for m in w)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("CUDA_LAUNCH_BLOCKING", "0") not in ("", "0"),
+                    reason="kernels run one at a time: the side stream is never still busy")
+def test_wait_orders_the_work_before_the_mark_only():
+    """After wait(mark) the current stream sees what the body wrote before the mark (behind a
+    spin, so that only the wait makes it ready in time), while the body's later work (a
+    longer spin, then a write) is still running; join orders the rest."""
+    x = torch.zeros(MAX_TOKENS, 16, device="cuda")
+    x.fill_(3.0)
+    b = Branch(x)
+    with b:
+        torch.cuda._sleep(20_000_000)     # ~10 ms on the side stream before the mark
+        y = x * 2
+        ready = b.mark()
+        assert ready is not None
+        torch.cuda._sleep(50_000_000)     # ~25 ms on the side stream after the mark
+        z = y + 1
+    b.wait(ready)
+    w = y * 10                            # current stream: after the mark, beside the spin
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    assert torch.equal(w.cpu(), torch.full((MAX_TOKENS, 16), 60.0))
+    assert not b.stream.query()           # the spin after the mark had not finished
+    b.join()
+    assert torch.equal((z + 0).cpu(), torch.full((MAX_TOKENS, 16), 7.0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsv4.layers.branch import Branch
+from dsv4.layers.moe import Gate
 from dsv4.runtime import Engine, SamplingParams
 
 from _runtime_common import random_prompts, tiny_cuda_model
@@ -30,26 +31,65 @@ def _decode(m, prompts, graphs: bool):
     return [torch.cat(got[rid]) for rid in ids]
 
 
+#: (DSV4_SIDE_STREAM, DSV4_CSA_COMPRESSOR_STREAM, DSV4_MOE_SHARED_FORK): inline, the default
+#: layout (the CSA main compressor handed to the layer stream, the shared expert forked after
+#: the gate), the earlier layout.
+LAYOUTS = [("0", "", ""), ("1", "", ""), ("1", "side", "before-gate")]
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_same_logits_with_and_without_the_side_stream(graphs, monkeypatch):
-    """Tiny model (CSA, HCA and MoE layers on their kernels, paged caches), three requests:
-    bit-identical logits at every sampled position, eager steps and CUDA-graph replays; with
-    the side stream on, branches did run on it."""
+def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch):
+    """Tiny model (CSA, HCA and MoE layers on their kernels, paged caches; its same-input
+    projections fused or not: fused, the CSA hand-off carries the branch's compressor
+    projections to the layer stream), three requests: bit-identical logits at every sampled
+    position, eager steps and CUDA-graph replays, for each layout of the branches. With the
+    side stream on, branches did run on it; the hand-off of the CSA main compressor happened
+    exactly in the default layout; the MoE forked its shared expert right after its gate in
+    the default layout and right before it in the earlier one."""
     m = tiny_cuda_model()
+    if fused:
+        m.fuse_projections()
     prompts = random_prompts([23, 9, 40])
-    active = []
-    enter = Branch.__enter__
+    active, marks, order = [], [], []
+    enter, mark, gate = Branch.__enter__, Branch.mark, Gate.forward
 
     def recording_enter(self):
         active.append(self.active)
+        if self.active:
+            order.append("fork")
         return enter(self)
 
+    def recording_mark(self):
+        event = mark(self)
+        marks.append(event is not None)
+        return event
+
+    def recording_gate(self, *args, **kwargs):
+        order.append("gate")
+        return gate(self, *args, **kwargs)
+
     monkeypatch.setattr(Branch, "__enter__", recording_enter)
+    monkeypatch.setattr(Branch, "mark", recording_mark)
+    monkeypatch.setattr(Gate, "forward", recording_gate)
     runs = []
-    for side in ("0", "1"):
+    for side, comp, fork in LAYOUTS:
         monkeypatch.setenv("DSV4_SIDE_STREAM", side)
+        monkeypatch.setenv("DSV4_CSA_COMPRESSOR_STREAM", comp)
+        monkeypatch.setenv("DSV4_MOE_SHARED_FORK", fork)
         active.clear()
+        marks.clear()
+        order.clear()
         runs.append(_decode(m, prompts, graphs))
         assert any(active) == (side == "1"), active
-    for a, b in zip(*runs):
-        assert a.shape == b.shape and torch.equal(a, b)
+        assert any(marks) == (side == "1" and comp == ""), marks
+        if side == "1":
+            gates = [i for i, what in enumerate(order) if what == "gate"]
+            assert gates
+            if fork == "":      # every gate is followed by its MoE's fork
+                assert all(i + 1 < len(order) and order[i + 1] == "fork" for i in gates)
+            else:               # every gate follows its MoE's fork
+                assert all(i > 0 and order[i - 1] == "fork" for i in gates)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert a.shape == b.shape and torch.equal(a, b)

@@ -10,7 +10,7 @@ from torch import nn
 from ..cache import LayerCache
 from ..ops import kv_cache
 from ..ops.attention import sparse_attn_reference
-from ..ops.backend import use_kernels
+from ..ops.backend import env_choice, use_kernels
 from ..ops.grouped_oproj import grouped_oproj_reference, output_projection
 from ..ops.qkv_rope import QUANT_FP8, QUANT_NONE
 from ..ops.quant import fp8_e4m3_sim
@@ -254,7 +254,8 @@ class Attention(ProjectionGroups, nn.Module):
         output: ``wq_b`` + ``q_norm_rope`` and ``kv_norm_rope`` finish the q and kv paths in
         one pass each (§3.2, §3.3). A compressed layer at decode size runs its compressors
         and (CSA) indexer beside them, on a side branch (:mod:`dsv4.layers.branch`) joined
-        before the attention. Keys live in two scopes. Main scope: in a decode step (every row at
+        before the attention; a CSA layer's main compressor is handed back to this stream
+        after the q / kv paths, beside the indexer (:func:`_csa_compressor_on_main`). Keys live in two scopes. Main scope: in a decode step (every row at
         most one new token) ``kv_norm_rope`` writes the new keys into the window rings and the
         rings of all slots are the scope, in place; otherwise the rings of the step's rows
         followed by the step's new keys (``[B·window_size + T, head_dim]``, a copy), and the
@@ -270,18 +271,22 @@ class Attention(ProjectionGroups, nn.Module):
         T, W = batch.num_tokens, self.window_size
         if T == 0:
             return x.new_zeros(0, self.n_heads, self.head_dim)
-        sel = entries = extra_len = None
+        sel = entries = extra_len = handoff = None
         branch = Branch(x, enabled=bool(self.compress_ratio) and cache.compressor.paged)
         try:   # (joined on an error too: no side-stream work left unjoined)
             if branch.active:
                 with branch:
-                    sel = self._compress(x, qr, cache, batch, freqs, index_w)
+                    sel, handoff = self._compress(x, qr, cache, batch, freqs, index_w, branch)
             rows, pos, slot_t = _token_meta(batch)
             q_raw = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
             q = _dsv4.q_norm_rope(q_raw, batch.pos, freqs, c.norm_eps, True, QUANT_NONE)
             main_kv, ring, kv = self._main_scope(kv_raw, cache, batch, freqs, pos, slot_t)
+            if handoff is not None:   # CSA: the main compressor here, beside the indexer
+                xf, proj, ready = handoff
+                branch.wait(ready)
+                self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
             if self.compress_ratio and not branch.active:
-                sel = self._compress(x, qr, cache, batch, freqs, index_w)
+                sel, _ = self._compress(x, qr, cache, batch, freqs, index_w)
             # A decode step's window indices are the same in every layer: built once per step.
             if batch.decode:
                 win_all = batch.shared(("window_indices", W), lambda: _window_indices(
@@ -356,20 +361,40 @@ class Attention(ProjectionGroups, nn.Module):
                          dim=0), ring, kv
 
     def _compress(self, x, qr, cache: LayerCache, batch: StepBatch, freqs,
-                  index_w=None) -> Optional[torch.Tensor]:
+                  index_w=None, branch: Optional[Branch] = None) -> tuple:
         """The compressed layer's work on the step's tokens (kernel path): both compressors'
         fp32 input (one cast, or x itself for the split bf16 GEMMs of a prefill) and their
         projections (one GEMM when fused), the indexer's top-k (CSA) and the compressed stores'
-        updates. Returns the indexer's picks (int32 [T, index_topk] logical entries; None on
-        HCA layers)."""
+        updates. Returns (the indexer's picks: int32 [T, index_topk] logical entries, None on
+        HCA layers; the hand-off or None).
+
+        Inside a side ``branch`` of a CSA layer (:func:`_csa_compressor_on_main`) the main
+        compressor is not run here: the hand-off (xf, its projections, an event after them)
+        lets the caller run it on the current stream beside the indexer, whose store it does
+        not share (the indexer's top-k is the branch's long latency-bound chain at decode)."""
         xf = fp32_input(x, self._compressor_linears())
         proj, index_proj = self._compressor_projections(xf)
+        ready = None
+        if branch is not None and self.indexer is not None and _csa_compressor_on_main():
+            ready = branch.mark()
         sel = None
         if self.indexer is not None:
             sel = self.indexer.forward_batch(x, qr, cache.indexer, batch, freqs, xf, index_w,
                                              index_proj)
+        if ready is not None:
+            return sel, (xf, proj, ready)
         self.compressor.forward_batch(xf, cache.compressor, batch, freqs, proj)
-        return sel
+        return sel, None
+
+
+def _csa_compressor_on_main() -> bool:
+    """``DSV4_CSA_COMPRESSOR_STREAM`` (read per call): where a CSA layer's main compressor runs
+    when the layer has a side branch (:mod:`dsv4.layers.branch`): ``main`` (the default) on
+    the current stream after the layer's q / kv paths, once the branch's compressor
+    projections are done, beside the indexer;
+    ``side`` in the branch after the indexer (the order before 2026-12-06, kept for A/B runs).
+    Scheduling only: the same kernels on the same inputs."""
+    return env_choice("DSV4_CSA_COMPRESSOR_STREAM", ("", "main", "side")) != "side"
 
 
 def _token_meta(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

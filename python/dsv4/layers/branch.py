@@ -6,10 +6,11 @@ not depend on each other can run at the same time. A layer opens a :class:`Branc
 independent work inside ``with branch:`` (it runs on the device's side stream, after everything
 queued before on the current stream), queues its own work after the block as usual, and calls
 :meth:`Branch.join` before it reads what the branch produced. The layers that do (decode-size
-steps, CUDA): the MoE runs its shared expert beside the gate, dispatch and routed experts; an
-attention layer with compressed entries runs its compressor projections, compressors and (CSA)
-indexer beside ``wq_b`` and the q / kv paths. The engines this follows: SGLang's DeepSeek
-models run the shared experts on an alternate stream inside their CUDA graphs.
+steps, CUDA): the MoE forks its shared expert after its gate and runs it beside dispatch and
+the routed experts; an attention layer with compressed entries runs its compressor projections,
+compressors and (CSA) indexer beside ``wq_b`` and the q / kv paths, a CSA layer's main
+compressor handed back to the layer stream (below). The engines this follows: SGLang's
+DeepSeek models run the shared experts on an alternate stream inside their CUDA graphs.
 
 Memory: tensors the branch allocates live in the side stream's pool (each thread has its own
 side stream). A branch always starts by waiting for the current stream, so a block the side
@@ -18,6 +19,12 @@ only after ``join``; inputs the branch reads must stay referenced until ``join``
 hold them as locals, and join in a ``finally``, so that an error between the fork and the join
 leaves no side work unjoined). Branches are kept to steps of at most :data:`MAX_TOKENS`
 tokens, so that the side pool stays small.
+
+A branch may also hand part of its work to the current stream before the join:
+:meth:`Branch.mark` records an event on the side stream inside the block, and
+:meth:`Branch.wait` makes the current stream wait for that point only (a CSA layer's main
+compressor runs on the current stream after the layer's own q / kv work, once the branch's
+compressor projections are done, beside the indexer).
 
 ``DSV4_SIDE_STREAM`` (read at each branch): ``0`` runs every branch inline on the current
 stream (the order of the work as written, as on the CPU); unset or ``1`` is the default.
@@ -95,6 +102,23 @@ class Branch:
             if exc[0] is not None:          # an error inside: leave no stream behind
                 self.join()
         return False
+
+    def mark(self) -> Optional[torch.cuda.Event]:
+        """Inside ``with branch:``: an event recorded on the side stream after the work queued
+        so far (None inline), for :meth:`wait`."""
+        if self._ctx is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def wait(self, event: Optional[torch.cuda.Event]) -> None:
+        """After the block, before :meth:`join`: the current stream waits for the branch's
+        work up to ``event`` (from :meth:`mark`; None: nothing to wait for). What the branch
+        produced before the mark may then be read on the current stream; it must stay
+        referenced until the join, like every branch output (module docstring)."""
+        if event is not None and self._main is not None:
+            self._main.wait_event(event)
 
     def join(self) -> None:
         """The current stream waits for the branch's work (call after the block)."""

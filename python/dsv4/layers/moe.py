@@ -395,15 +395,20 @@ class MoE(ProjectionGroups, nn.Module):
         else:
             dispatch, combine = moe_dispatch_reference, moe_combine_reference
         x2 = x2.contiguous()
-        # A decode-size step on the kernel path runs the shared expert beside the routing and
-        # the routed experts (dsv4.layers.branch; x2 stays referenced until the join); else
-        # after them (its output is then not held through the routed experts' peak).
+        # A decode-size step on the kernel path runs the shared expert beside the routed
+        # experts (dsv4.layers.branch; x2 stays referenced until the join), forked after the
+        # gate (_shared_expert_after_gate); else after them (its output is then not held
+        # through the routed experts' peak).
         branch, shared = Branch(x2, enabled=stack is not None), None
+        gate_first = branch.active and _shared_expert_after_gate()
         try:
+            if gate_first:
+                weights, indices = self.gate(x2, ids)
             if branch.active:
                 with branch:
                     shared = self.shared_expert(x2)
-            weights, indices = self.gate(x2, ids)
+            if not gate_first:
+                weights, indices = self.gate(x2, ids)
             row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
                                                                 self.n_routed_experts)
             y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
@@ -570,6 +575,17 @@ def _prefer_grouped_mm(stack: "ExpertStack", pairs: int) -> bool:
         return False
     E = stack.w_up.shape[0]
     return mode == "grouped_mm" or pairs >= GROUPED_MM_MIN_PAIRS_PER_EXPERT * E
+
+
+def _shared_expert_after_gate() -> bool:
+    """``DSV4_MOE_SHARED_FORK`` (read per call): where a decode-size MoE forks its shared
+    expert onto the side stream: ``after-gate`` (the default) once the gate's two kernels are
+    queued, so that they run alone (at one token they are latency-bound, and beside the
+    shared expert's weight stream they took ~30 us instead of ~11 on an H100) and the shared
+    expert runs beside the dispatch and the routed experts; ``before-gate`` beside the gate
+    too (the order before 2026-12-06, kept for A/B runs). Scheduling only: the same kernels
+    on the same inputs."""
+    return env_choice("DSV4_MOE_SHARED_FORK", ("", "after-gate", "before-gate")) != "before-gate"
 
 
 def _swiglu_kernel_available() -> bool:
