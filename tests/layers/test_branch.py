@@ -98,29 +98,29 @@ def test_mark_and_wait_inline_are_no_ops():
     b.join()
 
 
-@pytest.mark.parametrize("name,values", [
-    ("DSV4_CSA_COMPRESSOR_STREAM", ("main", "side")),
-    ("DSV4_MOE_SHARED_FORK", ("after-gate", "before-gate"))])
-def test_layout_switches(name, values, monkeypatch):
-    """The two scheduling switches of the layers' branches: unset = the first value, both
-    values, and a bad value (a warning naming the accepted ones, then the default)."""
+def test_layout_switches(monkeypatch):
+    """The two scheduling switches of the layers' branches: unset = the default, every value,
+    and a bad value (a warning naming the accepted ones, then the default)."""
     from dsv4.layers.attention import _csa_compressor_on_main
-    from dsv4.layers.moe import _shared_expert_after_gate
+    from dsv4.layers.moe import SHARED_FORKS, _shared_expert_fork
     from dsv4.ops import backend
     monkeypatch.setattr(backend, "_warned_env", set())   # (the warning is said once per value)
-    fn = (_csa_compressor_on_main if name == "DSV4_CSA_COMPRESSOR_STREAM"
-          else _shared_expert_after_gate)
-    monkeypatch.delenv(name, raising=False)
-    assert fn() is True
-    monkeypatch.setenv(name, values[0])
-    assert fn() is True
-    monkeypatch.setenv(name, values[1])
-    assert fn() is False
-    monkeypatch.setenv(name, "sideways")
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert fn() is True
-    assert any(name in str(m.message) and repr(values[0]) in str(m.message) for m in w)
+    for name, fn, cases, default in (
+            ("DSV4_CSA_COMPRESSOR_STREAM", _csa_compressor_on_main,
+             {"main": True, "side": False}, True),
+            ("DSV4_MOE_SHARED_FORK", _shared_expert_fork,
+             {v: v for v in SHARED_FORKS}, "before-gate")):
+        monkeypatch.delenv(name, raising=False)
+        assert fn() == default
+        for value, want in cases.items():
+            monkeypatch.setenv(name, value)
+            assert fn() == want
+        monkeypatch.setenv(name, "sideways")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert fn() == default
+        first = next(iter(cases))
+        assert any(name in str(m.message) and repr(first) in str(m.message) for m in w)
 
 
 @pytest.mark.cuda

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsv4.layers.branch import Branch
+from dsv4.layers import moe
 from dsv4.layers.moe import Gate
 from dsv4.runtime import Engine, SamplingParams
 
@@ -32,9 +33,27 @@ def _decode(m, prompts, graphs: bool):
 
 
 #: (DSV4_SIDE_STREAM, DSV4_CSA_COMPRESSOR_STREAM, DSV4_MOE_SHARED_FORK): inline, the default
-#: layout (the CSA main compressor handed to the layer stream, the shared expert forked after
-#: the gate), the earlier layout.
-LAYOUTS = [("0", "", ""), ("1", "", ""), ("1", "side", "before-gate")]
+#: layout (the CSA main compressor handed to the layer stream, the shared expert forked before
+#: the gate), the CSA compressor in the branch, and the two later MoE forks.
+LAYOUTS = [("0", "", ""), ("1", "", ""), ("1", "side", "before-gate"), ("1", "", "after-gate"),
+           ("1", "", "after-dispatch")]
+
+
+class _RecordingOps:
+    """torch.ops.dsv4 with moe_dispatch recorded in ``order``."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.dsv4, name)
+        if name != "moe_dispatch":
+            return op
+
+        def recorded(*args, **kwargs):
+            self.order.append("dispatch")
+            return op(*args, **kwargs)
+        return recorded
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -45,19 +64,18 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
     projections to the layer stream), three requests: bit-identical logits at every sampled
     position, eager steps and CUDA-graph replays, for each layout of the branches. With the
     side stream on, branches did run on it; the hand-off of the CSA main compressor happened
-    exactly in the default layout; the MoE forked its shared expert right after its gate in
-    the default layout and right before it in the earlier one."""
+    exactly in the default layout; each MoE forked its shared expert where the layout says
+    (right before its gate by default, right after it, or right after its dispatch)."""
     m = tiny_cuda_model()
     if fused:
         m.fuse_projections()
     prompts = random_prompts([23, 9, 40])
     active, marks, order = [], [], []
-    enter, mark, gate = Branch.__enter__, Branch.mark, Gate.forward
+    enter, mark, gate, shared = (Branch.__enter__, Branch.mark, Gate.forward,
+                                 moe.MoE.shared_expert)
 
     def recording_enter(self):
         active.append(self.active)
-        if self.active:
-            order.append("fork")
         return enter(self)
 
     def recording_mark(self):
@@ -69,9 +87,15 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
         order.append("gate")
         return gate(self, *args, **kwargs)
 
+    def recording_shared(self, *args, **kwargs):
+        order.append("shared")
+        return shared(self, *args, **kwargs)
+
     monkeypatch.setattr(Branch, "__enter__", recording_enter)
     monkeypatch.setattr(Branch, "mark", recording_mark)
     monkeypatch.setattr(Gate, "forward", recording_gate)
+    monkeypatch.setattr(moe.MoE, "shared_expert", recording_shared)
+    monkeypatch.setattr(moe, "_dsv4", _RecordingOps(order))
     runs = []
     for side, comp, fork in LAYOUTS:
         monkeypatch.setenv("DSV4_SIDE_STREAM", side)
@@ -83,13 +107,15 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
         runs.append(_decode(m, prompts, graphs))
         assert any(active) == (side == "1"), active
         assert any(marks) == (side == "1" and comp == ""), marks
-        if side == "1":
+        if side == "1":     # each MoE's gate, dispatch and shared expert in the layout's order
             gates = [i for i, what in enumerate(order) if what == "gate"]
             assert gates
-            if fork == "":      # every gate is followed by its MoE's fork
-                assert all(i + 1 < len(order) and order[i + 1] == "fork" for i in gates)
-            else:               # every gate follows its MoE's fork
-                assert all(i > 0 and order[i - 1] == "fork" for i in gates)
+            want = {"after-dispatch": ["gate", "dispatch", "shared"],
+                    "after-gate": ["gate", "shared", "dispatch"],
+                    "before-gate": ["shared", "gate", "dispatch"]}[fork or "before-gate"]
+            first = want.index("gate")
+            for i in gates:
+                assert order[i - first:i - first + 3] == want, order
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert a.shape == b.shape and torch.equal(a, b)

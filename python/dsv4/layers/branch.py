@@ -6,8 +6,8 @@ not depend on each other can run at the same time. A layer opens a :class:`Branc
 independent work inside ``with branch:`` (it runs on the device's side stream, after everything
 queued before on the current stream), queues its own work after the block as usual, and calls
 :meth:`Branch.join` before it reads what the branch produced. The layers that do (decode-size
-steps, CUDA): the MoE forks its shared expert after its gate and runs it beside dispatch and
-the routed experts; an attention layer with compressed entries runs its compressor projections,
+steps, CUDA): the MoE runs its shared expert beside the gate, dispatch and routed experts; an
+attention layer with compressed entries runs its compressor projections,
 compressors and (CSA) indexer beside ``wq_b`` and the q / kv paths, a CSA layer's main
 compressor handed back to the layer stream (below). The engines this follows: SGLang's
 DeepSeek models run the shared experts on an alternate stream inside their CUDA graphs.

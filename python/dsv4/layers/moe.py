@@ -396,21 +396,24 @@ class MoE(ProjectionGroups, nn.Module):
             dispatch, combine = moe_dispatch_reference, moe_combine_reference
         x2 = x2.contiguous()
         # A decode-size step on the kernel path runs the shared expert beside the routed
-        # experts (dsv4.layers.branch; x2 stays referenced until the join), forked after the
-        # gate (_shared_expert_after_gate); else after them (its output is then not held
-        # through the routed experts' peak).
+        # experts (dsv4.layers.branch; x2 stays referenced until the join), forked where
+        # _shared_expert_fork says (by default before the gate); else after them (its output is then not held through the
+        # routed experts' peak).
         branch, shared = Branch(x2, enabled=stack is not None), None
-        gate_first = branch.active and _shared_expert_after_gate()
+        fork_at = _shared_expert_fork() if branch.active else None
         try:
-            if gate_first:
-                weights, indices = self.gate(x2, ids)
-            if branch.active:
-                with branch:
-                    shared = self.shared_expert(x2)
-            if not gate_first:
-                weights, indices = self.gate(x2, ids)
+            def fork(at: str) -> None:
+                nonlocal shared
+                if fork_at == at:
+                    with branch:
+                        shared = self.shared_expert(x2)
+
+            fork("before-gate")
+            weights, indices = self.gate(x2, ids)
+            fork("after-gate")
             row_ids, offsets, route_weight, pair_pos = dispatch(indices, weights,
                                                                 self.n_routed_experts)
+            fork("after-dispatch")
             y_pair = self.routed_pairs(x2, row_ids, offsets, route_weight, stack)
         finally:
             branch.join()           # (on an error too: no side-stream work left unjoined)
@@ -577,15 +580,21 @@ def _prefer_grouped_mm(stack: "ExpertStack", pairs: int) -> bool:
     return mode == "grouped_mm" or pairs >= GROUPED_MM_MIN_PAIRS_PER_EXPERT * E
 
 
-def _shared_expert_after_gate() -> bool:
+#: Where a decode-size MoE may fork its shared expert onto the side stream
+#: (``DSV4_MOE_SHARED_FORK``), in the order of the layer's work.
+SHARED_FORKS = ("before-gate", "after-gate", "after-dispatch")
+
+
+def _shared_expert_fork() -> str:
     """``DSV4_MOE_SHARED_FORK`` (read per call): where a decode-size MoE forks its shared
-    expert onto the side stream: ``after-gate`` (the default) once the gate's two kernels are
-    queued, so that they run alone (at one token they are latency-bound, and beside the
-    shared expert's weight stream they took ~30 us instead of ~11 on an H100) and the shared
-    expert runs beside the dispatch and the routed experts; ``before-gate`` beside the gate
-    too (the order before 2026-12-06, kept for A/B runs). Scheduling only: the same kernels
-    on the same inputs."""
-    return env_choice("DSV4_MOE_SHARED_FORK", ("", "after-gate", "before-gate")) != "before-gate"
+    expert onto the side stream (:data:`SHARED_FORKS`). ``before-gate`` (the default): beside
+    the gate, the dispatch and the routed experts. ``after-gate``: the gate runs alone; on an
+    H100 the step did not change (the gate took ~12.5 us instead of ~31, but the dispatch
+    and ``moe_up`` beside the shared expert's GEMMs lost as much: bench/README.md, "Session
+    of 2026-12-06, sixth"). ``after-dispatch``: the gate and the dispatch run alone and the
+    shared expert beside the routed GEMMs (predicted -14 to -24 us per batch-1 step; not yet
+    run on a GPU). Scheduling only: the same kernels on the same inputs."""
+    return env_choice("DSV4_MOE_SHARED_FORK", ("",) + SHARED_FORKS) or "before-gate"
 
 
 def _swiglu_kernel_available() -> bool:
