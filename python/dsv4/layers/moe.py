@@ -397,17 +397,18 @@ class MoE(ProjectionGroups, nn.Module):
         x2 = x2.contiguous()
         # A decode-size step on the kernel path runs the shared expert beside the routed
         # experts (dsv4.layers.branch; x2 stays referenced until the join), forked where
-        # _shared_expert_fork says (by default before the gate); else after them (its output is then not held through the
-        # routed experts' peak).
+        # _shared_expert_fork says (by default before the gate); else after them (its output
+        # is then not held through the routed experts' peak).
         branch, shared = Branch(x2, enabled=stack is not None), None
         fork_at = _shared_expert_fork() if branch.active else None
-        try:
-            def fork(at: str) -> None:
-                nonlocal shared
-                if fork_at == at:
-                    with branch:
-                        shared = self.shared_expert(x2)
 
+        def fork(at: str) -> None:
+            nonlocal shared
+            if fork_at == at:
+                with branch:
+                    shared = self.shared_expert(x2)
+
+        try:
             fork("before-gate")
             weights, indices = self.gate(x2, ids)
             fork("after-gate")
