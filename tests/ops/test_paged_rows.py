@@ -3,8 +3,9 @@ block tables (the CSA layers' indexer picks). CPU: the reference is kv_cache.pag
 int32, rows outside the table give -1, bad input (flat rows past int32 included) raises
 ValueError naming what is accepted.
 CUDA (runs on the H200): the kernel gives the reference's values on fresh random tables and
-picks with missing blocks, picks past the table, -1 picks and rows outside the table; strided
-inputs, empty shapes, a large grid; opcheck."""
+picks with missing blocks, picks past the table, -1 picks and rows outside the table; strided,
+broadcast and transposed inputs, empty shapes, a large grid, -1 for a row past int32 (outside
+the contract); opcheck."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.layers.branch import Branch
+from dsv4.layers.branch import Branch, on_side_stream
 from dsv4.layers import moe
 from dsv4.layers.moe import Gate
 from dsv4.runtime import Engine, SamplingParams
@@ -64,8 +64,9 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
     projections to the layer stream), three requests: bit-identical logits at every sampled
     position, eager steps and CUDA-graph replays, for each layout of the branches. With the
     side stream on, branches did run on it; the hand-off of the CSA main compressor happened
-    exactly in the default layout; each MoE forked its shared expert where the layout says
-    (right before its gate by default, right after it, or right after its dispatch)."""
+    exactly in the side-stream layouts that leave its switch unset; each MoE ran its shared
+    expert on the side stream where the layout says (right before its gate by default, right
+    after it, or right after its dispatch)."""
     m = tiny_cuda_model()
     if fused:
         m.fuse_projections()
@@ -88,7 +89,7 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
         return gate(self, *args, **kwargs)
 
     def recording_shared(self, *args, **kwargs):
-        order.append("shared")
+        order.append("shared" if on_side_stream() else "shared inline")
         return shared(self, *args, **kwargs)
 
     monkeypatch.setattr(Branch, "__enter__", recording_enter)
@@ -110,6 +111,7 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
         if side == "1":     # each MoE's gate, dispatch and shared expert in the layout's order
             gates = [i for i, what in enumerate(order) if what == "gate"]
             assert gates
+            assert "dispatch" in order, "the MoE did not take its kernel path (moe_dispatch)"
             want = {"after-dispatch": ["gate", "dispatch", "shared"],
                     "after-gate": ["gate", "shared", "dispatch"],
                     "before-gate": ["shared", "gate", "dispatch"]}[fork or "before-gate"]

@@ -255,7 +255,8 @@ class Attention(ProjectionGroups, nn.Module):
         one pass each (§3.2, §3.3). A compressed layer at decode size runs its compressors
         and (CSA) indexer beside them, on a side branch (:mod:`dsv4.layers.branch`) joined
         before the attention; a CSA layer's main compressor is handed back to this stream
-        after the q / kv paths, beside the indexer (:func:`_csa_compressor_on_main`). Keys live in two scopes. Main scope: in a decode step (every row at
+        after the q / kv paths, beside the indexer (:func:`_csa_compressor_on_main`). Keys
+        live in two scopes. Main scope: in a decode step (every row at
         most one new token) ``kv_norm_rope`` writes the new keys into the window rings and the
         rings of all slots are the scope, in place; otherwise the rings of the step's rows
         followed by the step's new keys (``[B·window_size + T, head_dim]``, a copy), and the
@@ -369,7 +370,8 @@ class Attention(ProjectionGroups, nn.Module):
         HCA layers; the hand-off or None).
 
         Inside a side ``branch`` of a CSA layer (:func:`_csa_compressor_on_main`) the main
-        compressor is not run here: the hand-off (xf, its projections, an event after them)
+        compressor is not run here: the hand-off (xf, its fused projections or None when
+        unfused, an event after them)
         lets the caller run it on the current stream beside the indexer, whose store it does
         not share (the indexer's top-k is the branch's long latency-bound chain at decode)."""
         xf = fp32_input(x, self._compressor_linears())

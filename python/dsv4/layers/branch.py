@@ -24,7 +24,7 @@ A branch may also hand part of its work to the current stream before the join:
 :meth:`Branch.mark` records an event on the side stream inside the block, and
 :meth:`Branch.wait` makes the current stream wait for that point only (a CSA layer's main
 compressor runs on the current stream after the layer's own q / kv work, once the branch's
-compressor projections are done, beside the indexer).
+fused compressor projections are done, beside the indexer).
 
 ``DSV4_SIDE_STREAM`` (read at each branch): ``0`` runs every branch inline on the current
 stream (the order of the work as written, as on the CPU); unset or ``1`` is the default.
