@@ -22,7 +22,6 @@ import warnings
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint_io import SafetensorsFile, confined_path, read_json
@@ -765,14 +764,17 @@ def save_checkpoint(model, path, changed: str = "refuse") -> None:
     d = config.to_hf_dict(str(model.dtype).replace("torch.", ""))
     if quantised:
         d["quantization_config"] = dict(_QUANT_CONFIG)
+    # (import here: dsv4.convert imports this module) the writers of every checkpoint file:
+    # each file appears complete or not at all
+    from .convert import DTYPE_NAMES, _Entry, _file_shape, atomic_write, write_safetensors
+
     os.makedirs(path, exist_ok=True)
     _remove_previous_checkpoint(path)
-    out = os.path.join(path, "model.safetensors")
-    save_file(state, out + ".tmp", metadata={"format": "pt"})
-    os.replace(out + ".tmp", out)
-    with open(os.path.join(path, "config.json.tmp"), "w", encoding="utf-8") as f:
+    write_safetensors(os.path.join(path, "model.safetensors"),
+                      [_Entry(n, DTYPE_NAMES[t.dtype], _file_shape(t), lambda t=t: t)
+                       for n, t in state.items()], {"format": "pt"})
+    with atomic_write(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f, indent=2)
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
 
 def _stored_state(model, on_changed: str = "refuse"
