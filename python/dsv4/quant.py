@@ -46,7 +46,6 @@ FP4_BLOCK = 32
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-
 def block_scale_shape(fmt: str, n: int, k: int) -> tuple[int, int]:
     """The scale tensor's shape for a weight of logical shape [n, k] (out, in) stored in ``fmt``:
     "fp8" -> [ceil(n / 128), ceil(k / 128)] (128x128 blocks), "fp4" -> [n, k / 32] (1x32

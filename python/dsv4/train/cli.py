@@ -104,14 +104,14 @@ def add_train_parser(sub) -> None:
                    help="optimizer steps of the whole run (the schedules span them); required "
                    "unless --resume")
     t.add_argument("--batch", type=int_at_least(1), default=None, metavar="B",
-                   help="sequences per step (default 8)")
+                   help=f"sequences per step (default {_RUN_DEFAULTS['batch']})")
     t.add_argument("--seq-len", type=int_at_least(1), default=None, metavar="S",
-                   help="tokens per sequence (default 128)")
+                   help=f"tokens per sequence (default {_RUN_DEFAULTS['seq_len']})")
     t.add_argument("--lr", type=_float_pos, default=None, metavar="LR",
-                   help="peak learning rate of all groups (default 2e-3)")
+                   help=f"peak learning rate of all groups (default {_RUN_DEFAULTS['lr']:g})")
     t.add_argument("--optimizer", choices=("muon", "adamw"), default=None,
                    help="muon: V4's partition (Muon + AdamW groups); adamw: AdamW everywhere "
-                   "(default muon)")
+                   f"(default {_RUN_DEFAULTS['optimizer']})")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default runs/dsv4-train; with --resume: that DIR)")
     t.add_argument("--resume", default=None, metavar="DIR",
@@ -121,41 +121,47 @@ def add_train_parser(sub) -> None:
                    "given with it")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter / activation dtype (bf16 keeps fp32 master weights in the "
-                   "optimizer; default float32)")
+                   f"optimizer; default {_RUN_DEFAULTS['dtype']})")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                    help="torch CPU threads (use 1 on a shared machine)")
     t.add_argument("--seed", type=int_at_least(0), default=None,
-                   help="model init and data order (default 0)")
+                   help=f"model init and data order (default {_RUN_DEFAULTS['seed']})")
     t.add_argument("--weight-decay", type=_float_nonneg, default=None,
-                   help="(default 0.1)")
+                   help=f"(default {_RUN_DEFAULTS['weight_decay']})")
     t.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
                    help="warm-up steps (default 5%% of --steps)")
     t.add_argument("--decay-start", type=_float_nonneg, default=None, metavar="F",
                    help="fraction of the run after which the cosine decay and the MTP weight "
-                   "0.1 start (default 0.8)")
+                   f"0.1 start (default {_RUN_DEFAULTS['decay_start']})")
     t.add_argument("--no-mtp", action="store_true", default=None,
                    help="do not train the MTP block")
     t.add_argument("--balance-alpha", type=_float_nonneg, default=None,
-                   help="α of the sequence-wise balance loss (default 1e-4)")
+                   help=f"α of the sequence-wise balance loss "
+                   f"(default {_RUN_DEFAULTS['balance_alpha']:g})")
     t.add_argument("--bias-speed", type=_float_nonneg, default=None,
-                   help="γ of the loss-free bias update (default 1e-3)")
+                   help=f"γ of the loss-free bias update "
+                   f"(default {_RUN_DEFAULTS['bias_speed']:g})")
     t.add_argument("--anticipatory", type=_ranges, default=None, metavar="all|A:B,...",
                    help="anticipatory routing: on for the whole run or in step ranges [A, B)")
     t.add_argument("--anticipatory-delta", type=int_at_least(0), default=None, metavar="DT",
-                   help="Δt of anticipatory routing in steps (default 1)")
+                   help=f"Δt of anticipatory routing in steps "
+                   f"(default {_RUN_DEFAULTS['anticipatory_delta']})")
     t.add_argument("--grad-clip", type=_float_nonneg, default=None,
-                   help="global gradient-norm clip, 0 = off (default 1.0)")
+                   help=f"global gradient-norm clip, 0 = off "
+                   f"(default {_RUN_DEFAULTS['grad_clip']})")
     t.add_argument("--eval-every", type=int_at_least(1), default=None, metavar="N",
-                   help="evaluate every N steps (default 100)")
+                   help=f"evaluate every N steps (default {_RUN_DEFAULTS['eval_every']})")
     t.add_argument("--eval-windows", type=int_at_least(1), default=None, metavar="N",
-                   help="validation windows of seq-len + 2 tokens (default 32)")
+                   help=f"validation windows of seq-len + 2 tokens "
+                   f"(default {_RUN_DEFAULTS['eval_windows']})")
     t.add_argument("--save-every", type=int_at_least(1), default=None, metavar="N",
                    help="also checkpoint every N steps (default: at the end)")
     t.add_argument("--stop-after", type=int_at_least(1), default=None, metavar="K",
                    help="save and exit after K steps of this invocation (resume later)")
     t.add_argument("--val-fraction", type=_float_pos, default=None,
-                   help="share of files held out for validation (default 0.02)")
+                   help=f"share of files held out for validation "
+                   f"(default {_RUN_DEFAULTS['val_fraction']})")
     t.add_argument("--max-files", type=int_at_least(2), default=None, metavar="N",
                    help="use only the first N files (quick runs)")
     t.add_argument("--overwrite", action="store_true",
@@ -267,7 +273,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .data import Corpus, collect_files, stdlib_files, unigram_entropy
     from .trainer import TrainConfig, Trainer
 
-    out = Path(args.out or args.resume or "runs/dsv4-train")
+    out = out_dir
     run_info: dict = {}
     try:
         if args.resume:
