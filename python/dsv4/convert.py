@@ -458,8 +458,7 @@ def _plan_rank(rank: int, mp: int, n_local: int, src: dict, expert_fp8: bool,
             if w is None or w[1] not in _FP4:              # FP8 (-Base) or bf16 experts: as is
                 entries.append(_Entry(name, dtype, shape, read(name)))
                 continue
-            # logical [out, in] (F4 headers count 4-bit values, I8 / U8 bytes)
-            N, K = w[2][0], w[2][1] if w[1] == "F4" else 2 * w[2][1]
+            N, K = w[2][0], _fp4_in_features(w[1], w[2])   # logical [out, in]
             is_weight = name.endswith(".weight")
             if not expert_fp8:                             # the official float4_e2m1fn_x2 view
                 if is_weight:
@@ -500,6 +499,12 @@ def _plan_rank(rank: int, mp: int, n_local: int, src: dict, expert_fp8: bool,
     return entries
 
 
+def _fp4_in_features(dtype: str, shape: list[int]) -> int:
+    """in_features of a packed FP4 weight from its header: F4 headers count the 4-bit codes,
+    I8 / U8 ones the bytes (two codes each)."""
+    return shape[1] if dtype == "F4" else 2 * shape[1]
+
+
 def _check_scales(src: dict) -> None:
     """Every FP8 / FP4 weight has a scale of the shape its storage needs (the rules of
     :func:`dsv4.checkpoint.tensor_specs`: FP8 [N, K] -> [ceil(N/128), ceil(K/128)]; packed FP4
@@ -522,8 +527,8 @@ def _check_scales(src: dict) -> None:
         want = None
         if len(shape) == 2 and dtype == "F8_E4M3":
             want = list(block_scale_shape("fp8", *shape))
-        elif len(shape) == 2:     # packed FP4: F4 headers count the codes, I8 / U8 the bytes
-            K = shape[1] if dtype == "F4" else 2 * shape[1]
+        elif len(shape) == 2:     # packed FP4
+            K = _fp4_in_features(dtype, shape)
             want = list(block_scale_shape("fp4", shape[0], K)) if K % FP4_BLOCK == 0 else None
         if want is None:
             errs.append(f"{name} in {file}: a {dtype} weight of shape {shape} (accepted: "
