@@ -32,11 +32,12 @@ def _decode(m, prompts, graphs: bool):
     return [torch.cat(got[rid]) for rid in ids]
 
 
-#: (DSV4_SIDE_STREAM, DSV4_CSA_COMPRESSOR_STREAM, DSV4_MOE_SHARED_FORK): inline, the default
-#: layout (the CSA main compressor handed to the layer stream, the shared expert forked before
-#: the gate), the CSA compressor in the branch, and the two later MoE forks.
-LAYOUTS = [("0", "", ""), ("1", "", ""), ("1", "side", "before-gate"), ("1", "", "after-gate"),
-           ("1", "", "after-dispatch")]
+#: (DSV4_SIDE_STREAM, DSV4_CSA_COMPRESSOR_STREAM, DSV4_MOE_SHARED_FORK, DSV4_STREAM_PRIORITY):
+#: inline, the default layout (the CSA main compressor handed to the layer stream, the shared
+#: expert forked before the gate), the CSA compressor in the branch, the two later MoE forks,
+#: and the default layout with stream priorities.
+LAYOUTS = [("0", "", "", ""), ("1", "", "", ""), ("1", "side", "before-gate", ""),
+           ("1", "", "after-gate", ""), ("1", "", "after-dispatch", ""), ("1", "", "", "1")]
 
 
 class _RecordingOps:
@@ -66,17 +67,21 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
     side stream on, branches did run on it; the hand-off of the CSA main compressor happened
     exactly in the side-stream layouts that leave its switch unset; each MoE ran its shared
     expert on the side stream where the layout says (right before its gate by default, right
-    after it, or right after its dispatch)."""
+    after it, or right after its dispatch); with priorities on, the attention branches ran on
+    a high-priority stream and the shared expert on a default-priority one (else all at the
+    default)."""
     m = tiny_cuda_model()
     if fused:
         m.fuse_projections()
     prompts = random_prompts([23, 9, 40])
-    active, marks, order = [], [], []
+    active, marks, order, prios = [], [], [], []
     enter, mark, gate, shared = (Branch.__enter__, Branch.mark, Gate.forward,
                                  moe.MoE.shared_expert)
 
     def recording_enter(self):
         active.append(self.active)
+        if self.active:
+            prios.append((on_moe[0], self.stream.priority))
         return enter(self)
 
     def recording_mark(self):
@@ -88,6 +93,16 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
         order.append("gate")
         return gate(self, *args, **kwargs)
 
+    on_moe = [False]
+    moe_forward = moe.MoE.forward
+
+    def recording_moe(self, *args, **kwargs):
+        on_moe[0] = True
+        try:
+            return moe_forward(self, *args, **kwargs)
+        finally:
+            on_moe[0] = False
+
     def recording_shared(self, *args, **kwargs):
         order.append("shared" if on_side_stream() else "shared inline")
         return shared(self, *args, **kwargs)
@@ -96,18 +111,26 @@ def test_same_logits_with_and_without_the_side_stream(graphs, fused, monkeypatch
     monkeypatch.setattr(Branch, "mark", recording_mark)
     monkeypatch.setattr(Gate, "forward", recording_gate)
     monkeypatch.setattr(moe.MoE, "shared_expert", recording_shared)
+    monkeypatch.setattr(moe.MoE, "forward", recording_moe)
     monkeypatch.setattr(moe, "_dsv4", _RecordingOps(order))
     runs = []
-    for side, comp, fork in LAYOUTS:
+    default = torch.cuda.Stream().priority
+    for side, comp, fork, prio in LAYOUTS:
         monkeypatch.setenv("DSV4_SIDE_STREAM", side)
         monkeypatch.setenv("DSV4_CSA_COMPRESSOR_STREAM", comp)
         monkeypatch.setenv("DSV4_MOE_SHARED_FORK", fork)
+        monkeypatch.setenv("DSV4_STREAM_PRIORITY", prio)
         active.clear()
+        prios.clear()
         marks.clear()
         order.clear()
         runs.append(_decode(m, prompts, graphs))
         assert any(active) == (side == "1"), active
         assert any(marks) == (side == "1" and comp == ""), marks
+        if side == "1":
+            assert {in_moe for in_moe, _ in prios} == {False, True}, prios
+            for in_moe, p in prios:
+                assert (p < default) == (prio == "1" and not in_moe), prios
         if side == "1":     # each MoE's gate, dispatch and shared expert in the layout's order
             gates = [i for i, what in enumerate(order) if what == "gate"]
             assert gates

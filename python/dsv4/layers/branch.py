@@ -28,6 +28,17 @@ fused compressor projections are done, beside the indexer).
 
 ``DSV4_SIDE_STREAM`` (read at each branch): ``0`` runs every branch inline on the current
 stream (the order of the work as written, as on the CPU); unset or ``1`` is the default.
+
+Priorities: a branch is ``urgent`` (on the step's critical path, as an attention layer's
+compressor / indexer chain) or not (the MoE's shared expert: ~20 us of GEMMs beside ~150 us of
+gate, dispatch and routed experts). When both are ready at once, as after a fork in a replayed
+CUDA graph, the GPU's block scheduler starts whichever kernel came first, so the shared
+expert's GEMM could take every SM while the gate waits. With ``DSV4_STREAM_PRIORITY=1`` the
+runtime captures its decode graphs on a high-priority stream (:func:`step_stream`), urgent
+branches run on a side stream of the same priority and the others on a default-priority one;
+a CUDA graph keeps each kernel's priority (PyTorch instantiates graphs with per-node
+priorities), so the gate's blocks start before the shared expert's pending ones. ``0`` (the
+default until measured): one side stream, every stream at the default priority.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import torch
 
 from ..ops.backend import env_choice
 
-__all__ = ["Branch", "MAX_TOKENS", "on_side_stream"]
+__all__ = ["Branch", "MAX_TOKENS", "on_side_stream", "priorities_on", "step_stream"]
 
 #: Steps with more tokens than this run their branches inline: at prefill size the kernels
 #: fill the GPU on their own, and the side stream's pool would hold large intermediates.
@@ -51,13 +62,38 @@ MAX_TOKENS = 256
 _local = threading.local()
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+#: torch's priority of the high-priority streams (lower = higher; clamped to the device's).
+HIGH_PRIORITY = -1
+
+
+def priorities_on() -> bool:
+    """Whether ``DSV4_STREAM_PRIORITY`` asks for stream priorities (module docstring)."""
+    return env_choice("DSV4_STREAM_PRIORITY", ("0", "1", "")) == "1"
+
+
+def _side_stream(device: torch.device, urgent: bool = True) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     streams = getattr(_local, "streams", None)
     if streams is None:
         streams = _local.streams = {}
+    high = urgent and priorities_on()
+    if (index, high) not in streams:
+        streams[index, high] = torch.cuda.Stream(device=index,
+                                                 priority=HIGH_PRIORITY if high else 0)
+    return streams[index, high]
+
+
+def step_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
+    """The stream a runtime captures its decode graphs on: a high-priority stream of this
+    thread when priorities are on (None otherwise: the caller's own choice)."""
+    if not priorities_on():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    streams = getattr(_local, "step_streams", None)
+    if streams is None:
+        streams = _local.step_streams = {}
     if index not in streams:
-        streams[index] = torch.cuda.Stream(device=index)
+        streams[index] = torch.cuda.Stream(device=index, priority=HIGH_PRIORITY)
     return streams[index]
 
 
@@ -70,13 +106,14 @@ class Branch:
     """``with branch:`` queues its body on the side stream of ``x``'s device when the branch
     is enabled (``x`` on CUDA, at most :data:`MAX_TOKENS` tokens = ``x.shape[0]``, ``enabled``,
     ``DSV4_SIDE_STREAM`` not ``0``, not already in a branch), else inline; :meth:`join` makes the
-    current stream wait for it (a no-op inline). Use once: enter, then join."""
+    current stream wait for it (a no-op inline). ``urgent``: the body is on the step's critical
+    path (module docstring, priorities). Use once: enter, then join."""
 
-    def __init__(self, x: torch.Tensor, enabled: bool = True):
+    def __init__(self, x: torch.Tensor, enabled: bool = True, urgent: bool = True):
         switch = env_choice("DSV4_SIDE_STREAM", ("", "0", "1"))
         on = (enabled and switch != "0" and x.is_cuda and x.shape[0] <= MAX_TOKENS
               and not on_side_stream())
-        self.stream: Optional[torch.cuda.Stream] = _side_stream(x.device) if on else None
+        self.stream: Optional[torch.cuda.Stream] = _side_stream(x.device, urgent) if on else None
         self._main: Optional[torch.cuda.Stream] = None
         self._ctx = None
 

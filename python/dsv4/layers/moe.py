@@ -398,8 +398,9 @@ class MoE(ProjectionGroups, nn.Module):
         # A decode-size step on the kernel path runs the shared expert beside the routed
         # experts (dsv4.layers.branch; x2 stays referenced until the join), forked where
         # _shared_expert_fork says (by default before the gate); else after them (its output
-        # is then not held through the routed experts' peak).
-        branch, shared = Branch(x2, enabled=stack is not None), None
+        # is then not held through the routed experts' peak). Not urgent: the routed path is
+        # the critical one (stream priorities, dsv4.layers.branch).
+        branch, shared = Branch(x2, enabled=stack is not None, urgent=False), None
         fork_at = _shared_expert_fork() if branch.active else None
 
         def fork(at: str) -> None:

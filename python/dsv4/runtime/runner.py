@@ -49,6 +49,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..layers.branch import step_stream
 from ..layers.varlen import StepBatch
 from ..ops.backend import get_backend
 from .pool import PagedCache
@@ -123,11 +124,15 @@ class _EagerReplay:
         self.out.copy_(self.body())
 
 
-def _take_device_tokens(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) -> None:
+def _take_device_tokens(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor
+                        ) -> torch.Tensor:
     """``ids[i] = prev[src[i]]`` where ``src[i] >= 0``, in place, on the device without a host
-    sync (ids, src: int32 [T] views of the step's buffer; prev: int64 [S] sampled ids)."""
-    got = prev.index_select(0, src.clamp(min=0)).to(torch.int32)
-    ids.copy_(torch.where(src >= 0, got, ids))
+    sync (ids, src: int32 [T] views of the step's buffer; prev: int64 [S] sampled ids).
+    Returns the step's ids as int64, the model's input (5 small kernels: each one is ~2 us
+    of a captured decode step)."""
+    took = torch.where(src >= 0, prev.index_select(0, src.clamp(min=0)), ids)
+    ids.copy_(took)
+    return took
 
 
 class ModelRunner:
@@ -309,11 +314,10 @@ class ModelRunner:
             _need(None)
         dev = buf.to(self.device, non_blocking=True)
         T = sizes.pop("num_tokens")
-        if k:
-            _take_device_tokens(dev[:T], dev[T:2 * T], self.sampled[0])
+        ids = _take_device_tokens(dev[:T], dev[T:2 * T], self.sampled[0]) if k else None
         batch = StepBatch.from_buffer(dev[2 * T:], T, **sizes)
-        return self.model.forward_step(dev[:T].long(), self.cache.layers, batch,
-                                       self.head_dtype)
+        return self.model.forward_step(dev[:T].long() if ids is None else ids,
+                                       self.cache.layers, batch, self.head_dtype)
 
     def _run_graph(self, rows: Sequence[ScheduledRow], prev_in_flight,
                    last: Optional[tuple]) -> Optional[tuple[torch.Tensor, bool]]:
@@ -393,14 +397,14 @@ class ModelRunner:
         padding rows unchanged). Returns the logits [bucket, vocab]."""
         b = bucket
         ids, src, nxt = static[:b], static[b:2 * b], static[2 * b:3 * b]
-        _take_device_tokens(ids, src, self.sampled[0])
-        logits = self.model.forward_step(ids.long(), self.cache.layers, batch, self.head_dtype)
+        took = _take_device_tokens(ids, src, self.sampled[0])
+        logits = self.model.forward_step(took, self.cache.layers, batch, self.head_dtype)
         sample_greedy(logits, self.sampled)
         if generators is not None:
             sample_temperature(logits, static[3 * b:4 * b].view(torch.float32),
                                static[4 * b:5 * b].view(torch.float32), static[5 * b:6 * b],
                                generators, self.sampled)
-        step = (nxt >= 0).to(torch.int32)
+        step = nxt >= 0     # bool: added to the int32 counters as 0 / 1
         batch.pos.add_(step)
         batch.starts.add_(step)
         src.copy_(nxt)
@@ -473,7 +477,9 @@ class ModelRunner:
             return _EagerReplay(body, logits), logits
         torch.cuda.synchronize(self.device)
         kept = self.sampled.clone()     # the warm-up runs draw into it: the step reads it after
-        side = torch.cuda.Stream(self.device)
+        # The warm-up and capture stream: a high-priority one with DSV4_STREAM_PRIORITY=1 (the
+        # graph keeps each kernel's priority; dsv4.layers.branch), else a fresh one.
+        side = step_stream(self.device) or torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side):
@@ -491,7 +497,7 @@ class ModelRunner:
                 graph.register_generator_state(gen)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=step_stream(self.device)):
                 logits = body()
         finally:
             torch.cuda.synchronize(self.device)
