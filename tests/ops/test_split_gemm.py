@@ -80,6 +80,65 @@ def test_fp32_input_casts_unless_every_consumer_takes_the_split(monkeypatch):
     assert L.fp32_input(x, (a, b)).dtype == torch.float32
 
 
+def test_bf16_copy_is_checked_once_per_weight_version(monkeypatch):
+    """bf16_copy: a copy for a weight whose values are all bf16, None otherwise; the check runs
+    once per (storage, version): an in-place change or a new storage redoes it; a check
+    without keeping (bf16_valued) then one with keeping makes the copy; DSV4_FP32_LINEAR=fp32
+    turns it off. (Device-free: the operand rule is patched to accept CPU tensors.)"""
+    monkeypatch.setattr(S, "_operands_qualify", lambda x, w: True)
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    checks = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: checks.append(1) or equal(a, b))
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    w = torch.randn(8, 16).bfloat16().float()
+    assert S.bf16_valued(x, w) and len(checks) == 1
+    hi = S.bf16_copy(x, w)                          # keeps a copy now, no second check
+    assert hi.dtype == torch.bfloat16 and equal(hi.float(), w) and len(checks) == 1
+    assert S.bf16_copy(x, w) is hi and len(checks) == 1
+    with torch.no_grad():
+        w[0, 0] += 2 ** -20                         # no longer a bf16 value
+    assert S.bf16_copy(x, w) is None and not S.bf16_valued(x, w) and len(checks) == 2
+    with torch.no_grad():
+        w[0, 0] = 1.5
+    hi2 = S.bf16_copy(x, w)
+    assert hi2 is not None and hi2[0, 0].item() == 1.5 and len(checks) == 3
+    w.data = w.detach().clone()                     # a new storage
+    assert S.bf16_copy(x, w) is not None and len(checks) == 4
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+    assert S.bf16_copy(x, w) is None and not S.bf16_valued(x, w)
+
+
+def test_random_compressor_weights_hold_bf16_values():
+    """As the release stores them (fp32 parameters, bf16 values): the compressors' wkv / wgate
+    of a random model."""
+    m = dsv4.Model(dsv4.ModelConfig.tiny())
+    ws = [p for n, p in m.named_parameters()
+          if ".compressor." in n and n.endswith(("wkv.weight", "wgate.weight"))]
+    assert ws
+    for p in ws:
+        assert p.dtype == torch.float32 and torch.equal(p.bfloat16().float(), p)
+
+
+@cuda
+@pytest.mark.parametrize("M,N,K", [(1, 2560, 4096), (1, 8, 64), (7, 24, 136), (2048, 1024, 4096)])
+def test_bf16_linear_matches_fp64(M, N, K):
+    """One bf16 GEMM on the copy of a bf16-valued fp32 weight: within the error bound of an fp32
+    GEMM of the same operands (the products are exact), output poisoned first."""
+    g = torch.Generator(device="cuda").manual_seed(M * 7 + N + K)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16().float()
+    w[0] *= 2 ** -10
+    hi = S.bf16_copy(x, w)
+    assert hi is not None
+    out = torch.full((M, N), float("nan"), device="cuda")
+    out.copy_(S.linear_bf16(x, hi))
+    truth = x.double() @ w.double().t()
+    bound = (x.double().abs() @ w.double().abs().t()) * (K * 2 ** -24 * 4)
+    assert ((out.double() - truth).abs() <= bound).all()
+    assert S.bf16_copy(x, w + 2 ** -30) is None       # not all bf16 values
+
+
 @cuda
 @pytest.mark.parametrize("M,N,K", [(1, 8, 64), (7, 24, 136), (512, 2560, 4096),
                                    (1000, 1024, 4096), (3, 5, 40)])
@@ -166,6 +225,10 @@ def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
     cfg = dsv4.ModelConfig.tiny()
     torch.manual_seed(0)
     m32 = dsv4.Model(cfg).eval()
+    with torch.no_grad():     # weights of more than bf16 precision (else one bf16 GEMM serves)
+        for n, p in m32.named_parameters():
+            if ".compressor." in n and n.endswith(("wkv.weight", "wgate.weight")):
+                p.mul_(1 + 2 ** -12 * torch.rand_like(p))
     m16 = dsv4.Model(cfg).eval()
     m16.load_state_dict(m32.state_dict())
     m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
@@ -200,3 +263,54 @@ def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
         return (x - truth).abs().mean().item()
     assert err(split) <= 2 * err(ref), (err(split), err(ref))
     assert err(split) <= 1.25 * err(plain) + 1e-6, (err(split), err(plain))
+
+
+@cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_compressors_take_one_bf16_gemm(monkeypatch, fused):
+    """A bf16 tiny model with random (bf16-valued, as released) compressor weights on the cuda
+    backend: prefill and decode run the compressors' projections as one bf16 GEMM on the
+    weights' bf16 copies (fused group or separate linears; never the split GEMMs), and the
+    logits pass the kernel tolerance rule against the fp32 model at the error level of
+    DSV4_FP32_LINEAR=fp32 (PyTorch's fp32 GEMM)."""
+    calls, split = [], []
+    orig, orig3 = S.linear_bf16, S.linear_bf16x3
+    monkeypatch.setattr(L, "linear_bf16", lambda x, w: calls.append(x.shape) or orig(x, w))
+    monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: split.append(1) or orig3(x, w))
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    cfg = dsv4.ModelConfig.tiny()
+    torch.manual_seed(1)
+    m32 = dsv4.Model(cfg).eval()
+    m16 = dsv4.Model(cfg).eval()
+    m16.load_state_dict(m32.state_dict())
+    m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
+    if fused:
+        m16.fuse_projections()
+    ids = torch.randint(0, cfg.vocab_size, (2, 300), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(4))
+
+    def run(m):
+        with torch.no_grad():
+            cache = m.make_cache(2)
+            out = m(ids[:, :299], cache=cache).float()
+            step = m(ids[:, 299:], cache=cache).float()       # one decode token per row
+            return torch.cat([out, step], dim=1)
+
+    old = dsv4.get_backend()
+    try:
+        truth = run(m32)
+        dsv4.set_backend("cuda")
+        got = run(m16)
+        assert any(s[0] == 2 * 299 for s in calls) and any(s[0] == 2 for s in calls), calls
+        assert not split
+        n = len(calls)
+        monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+        plain = run(m16)
+        assert len(calls) == n
+    finally:
+        dsv4.set_backend(old)
+    assert torch.isfinite(got).all()
+
+    def err(x):
+        return (x - truth).abs().mean().item()
+    assert err(got) <= 1.25 * err(plain) + 1e-6, (err(got), err(plain))

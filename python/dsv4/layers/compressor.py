@@ -43,6 +43,13 @@ class Compressor(nn.Module):
         coff = 2 if self.overlap else 1
         self.wkv = Linear(config.dim, coff * head_dim, keep_fp32=True)
         self.wgate = Linear(config.dim, coff * head_dim, keep_fp32=True)
+        # fp32 parameters holding bf16 values, as the release stores them (architecture.md
+        # §12.3): a random model then takes the same GEMM paths as a loaded one
+        # (dsv4.ops.split_gemm: one bf16 GEMM on a bf16 copy).
+        with torch.no_grad():
+            for lin in (self.wkv, self.wgate):
+                if not lin.weight.is_meta:
+                    lin.weight.copy_(lin.weight.bfloat16())
         self.ape = nn.Parameter(torch.randn(compress_ratio, coff * head_dim) * 0.1)
         self.ape._dsv4_keep_fp32 = True
         self.norm = RMSNorm(head_dim, config.norm_eps)

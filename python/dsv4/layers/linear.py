@@ -24,7 +24,7 @@ from torch.nn.modules import module as _module
 from ..ops.backend import use_kernels
 from ..ops.gemm import fp8_linear
 from ..ops.quant import fp8_e4m3_sim
-from ..ops.split_gemm import linear_bf16x3, use_split
+from ..ops.split_gemm import bf16_copy, bf16_valued, linear_bf16, linear_bf16x3, use_split
 from ..quant import FP8_BLOCK, fp4_unpack, fp8_block_dequantize
 
 __all__ = ["Linear", "LinearGroup", "ProjectionGroups", "dense_linear", "fp32_input", "project"]
@@ -38,11 +38,15 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False)
     the weight's dtype, then ``F.linear`` (output in the weight's dtype). The one definition
     of a parameter-held :class:`Linear`'s forward, which :class:`LinearGroup` runs on the
     concatenated weight of its members. A bf16 x with an fp32 weight (the compressors'
-    ``keep_fp32`` projections) at prefill size on the ``cuda`` backend runs as three bf16
-    tensor-core GEMMs on an exact split of the weight (:mod:`dsv4.ops.split_gemm`: the same
-    products, fp32 accumulation)."""
+    ``keep_fp32`` projections) on the ``cuda`` backend runs on bf16 tensor cores with fp32
+    output (:mod:`dsv4.ops.split_gemm`: the same products, fp32 accumulation): as one GEMM on a
+    bf16 copy of the weight when its values are all bf16 (the release's compressor weights),
+    else at prefill size as three GEMMs on an exact split of the weight."""
     if act_quant:
         x = fp8_e4m3_sim(x, FP8_BLOCK)
+    hi = _bf16_weight(x, weight)
+    if hi is not None:
+        return linear_bf16(x, hi)
     if _split_serves(x, weight):
         # the same products on bf16 tensor cores (exact 3-way split of the fp32 weight)
         return linear_bf16x3(x, weight)
@@ -59,15 +63,29 @@ def _split_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return use_split(x, weight) and use_kernels(x, ("compress_kv",))
 
 
+def _bf16_weight(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bf16 copy :func:`dense_linear` multiplies ``x`` with (one GEMM), when the weight's
+    values are all bf16 (:func:`dsv4.ops.split_gemm.bf16_copy`) and the compressors' kernel path
+    is on (as :func:`_split_serves`); else None."""
+    if not (x.is_cuda and weight.dtype == torch.float32 and x.dtype == torch.bfloat16
+            and use_kernels(x, ("compress_kv",))):
+        return None
+    return bf16_copy(x, weight)
+
+
 def fp32_input(x: torch.Tensor, linears) -> torch.Tensor:
     """``x`` as the fp32 linears ``linears`` of one input want it, for a caller that casts once
     for all of them (the compressors' ``wkv`` / ``wgate``): ``x`` itself when every one is a
     plain dsv4 :class:`Linear` (no hook, no replaced forward) holding an fp32 parameter for
-    which :func:`dense_linear` takes the split bf16 GEMMs, else ``x.float()``. The same values
-    either way: the split path computes the products of the fp32-promoted x."""
+    which :func:`dense_linear` takes a bf16 path (its bf16 copy or the split GEMMs), else
+    ``x.float()``. The same values either way: both paths compute the products of the
+    fp32-promoted x. (The members are checked without keeping a bf16 copy: with fused
+    projections the group's GEMM keeps the one copy, of its buffer.)"""
+    kernels = x.is_cuda and use_kernels(x, ("compress_kv",))
     for lin in linears:
         w = lin._parameters.get("weight") if type(lin) is Linear else None
-        if w is None or not _called_plainly(lin) or not _split_serves(x, w):
+        if w is None or not _called_plainly(lin) or not (
+                (kernels and bf16_valued(x, w)) or _split_serves(x, w)):
             return x.float()
     return x
 

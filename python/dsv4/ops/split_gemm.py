@@ -26,21 +26,34 @@ prefill, bound by the host, its ~10 extra launches per call cost more wall time 
 of GPU time it saved (H100, dsv4 bench 1 x 2048: 5% slower in two runs), so :func:`use_split`
 asks for ``SPLIT_MIN_ROWS`` = 4096 rows.
 ``DSV4_FP32_LINEAR`` (read at each call): ``split`` forces the split path for any row count,
-``fp32`` turns it off (PyTorch's fp32 GEMM), unset = the row rule (another value: a warning,
-then the rule). The split path needs ``torch.mm(..., out_dtype=torch.float32)`` (CUDA; an
-older torch without that overload runs the fp32 GEMM). The weight is split at every call
-(~5 elementwise passes over it, small beside a GEMM of 4096+ rows); for the release's
-bf16-exact compressor weights ``mid`` and ``lo`` are zero and two of the three GEMMs add
-nothing (a cached ``hi`` would make it one GEMM, at the cost of holding it: not done).
+``fp32`` turns it (and the bf16 copy below) off (PyTorch's fp32 GEMM), unset = the row rule
+(another value: a warning, then the rule). The split path needs
+``torch.mm(..., out_dtype=torch.float32)`` (CUDA; an older torch without that overload runs the
+fp32 GEMM). The weight is split at every call (~5 elementwise passes over it, small beside a
+GEMM of 4096+ rows).
+
+**bf16-valued weights** (:func:`bf16_copy`): the release stores the compressors' ``wkv`` /
+``wgate`` in bf16 and the model promotes them to fp32 (architecture.md §12.3), so every
+element is a bf16 value: ``mid`` and ``lo`` are zero and ``x @ w.T`` is ONE bf16 GEMM on
+``hi`` with fp32 output, the same products and accumulation as the split path. It pays at
+every row count: a decode step's GEMV reads 2 bytes per weight instead of 4, and a prefill's
+GEMM runs on tensor cores instead of fp32 CUDA cores. The bf16 copy is held beside the fp32
+weight (half its bytes again: ~0.6 GB over V4-Flash's 43 layers), made once per weight
+version after one check (a pass over the weight and a host sync; never while a CUDA graph is
+captured: an unchecked weight then takes the fp32 path).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .backend import env_choice
 
-__all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "split_rule", "SPLIT_MIN_ROWS"]
+__all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "split_rule", "SPLIT_MIN_ROWS",
+           "bf16_copy", "bf16_valued", "linear_bf16"]
 
 #: Fewest rows of x for which the split path runs by default (module doc: measured crossover).
 SPLIT_MIN_ROWS = 4096
@@ -74,16 +87,70 @@ def _has_mm_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
-def use_split(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`linear_bf16x3` serves ``x @ w.T``: bf16 x and fp32 w on CUDA, no gradient
-    needed, and :func:`split_rule` on x's rows and ``DSV4_FP32_LINEAR`` (read at each call)."""
+def _operands_qualify(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """bf16 x and fp32 w [N, K] on CUDA with x [..., K], torch's ``mm`` with ``out_dtype``, and
+    no gradient needed: what both bf16 paths ask of their operands."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.float32
             and w.dim() == 2 and x.shape[-1] == w.shape[1] and _has_mm_out_dtype()):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+
+
+def use_split(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`linear_bf16x3` serves ``x @ w.T``: bf16 x and fp32 w on CUDA, no gradient
+    needed, and :func:`split_rule` on x's rows and ``DSV4_FP32_LINEAR`` (read at each call)."""
+    if not _operands_qualify(x, w):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return split_rule(rows, env_choice("DSV4_FP32_LINEAR", _MODES))
+
+
+# weight -> ((storage pointer, version), all values bf16?, the bf16 copy or None)
+_bf16_checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _bf16_check(x: torch.Tensor, w: torch.Tensor, keep: bool) -> tuple[bool, Optional[torch.Tensor]]:
+    """(whether every element of ``w`` is a bf16 value, the bf16 copy when ``keep``) for the
+    bf16 paths of ``x @ w.T``; (False, None) when the operands do not qualify,
+    ``DSV4_FP32_LINEAR`` is ``fp32``, or ``w`` was not checked before and a CUDA graph is being
+    captured (the check needs a host sync). Cached per weight; redone after an in-place
+    change or a new storage (``w._version``, ``w.data_ptr()``)."""
+    if not _operands_qualify(x, w) or env_choice("DSV4_FP32_LINEAR", _MODES) == "fp32":
+        return False, None
+    key = (w.data_ptr(), w._version)
+    hit = _bf16_checked.get(w)
+    if hit is not None and hit[0] == key and (hit[2] is not None or not (keep and hit[1])):
+        return hit[1], hit[2]
+    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False, None
+    with torch.no_grad():
+        hi = w.to(torch.bfloat16)
+        exact = (hit is not None and hit[0] == key and hit[1]) or bool(torch.equal(hi.float(), w))
+    copy = hi if exact and keep else None
+    _bf16_checked[w] = (key, exact, copy)
+    return exact, copy
+
+
+def bf16_valued(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`bf16_copy` would serve ``x @ w.T`` (without keeping a copy for it)."""
+    return _bf16_check(x, w, keep=False)[0]
+
+
+def bf16_copy(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """``w`` as bf16 for ``x @ w.T`` when the operands qualify (bf16 x, fp32 w on CUDA, no
+    gradient), ``DSV4_FP32_LINEAR`` is not ``fp32``, and every element of ``w`` is a bf16 value
+    (module doc); else None. The copy is kept with the weight (remade after an in-place change
+    or a new storage); while a CUDA graph is captured a weight without one gets None (its
+    fp32 path)."""
+    return _bf16_check(x, w, keep=True)[1]
+
+
+def linear_bf16(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``x.float() @ w.T`` (fp32 [..., N]) for bf16 ``x`` [..., K] and ``hi`` = :func:`bf16_copy`
+    of an fp32 ``w`` [N, K] whose values are all bf16: one bf16 tensor-core GEMM with fp32
+    output (the products exact, as the fp32 GEMM's)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return torch.mm(x2, hi.t(), out_dtype=torch.float32).view(*x.shape[:-1], hi.shape[0])
 
 
 def linear_bf16x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
