@@ -79,6 +79,19 @@ constexpr int kBoundaryCap = 8192;
 constexpr int kSelUnroll = 8;
 // Smallest key range of a decode split (QPC 1): 8 warps x one 16-key m-tile.
 constexpr int kDecodeMinChunk = kWarps * 16;
+// Short-row decode path (indexer_short_kernel, "short path" below): keys per pipeline stage (one
+// 16-key m-tile per warp), pipeline depth, the largest cluster (CTAs per query; 16 needs the
+// non-portable cluster size), the most keys one CTA of a cluster scores (sizes its score-key
+// array and candidate lists), the most heads (q of two head blocks in shared memory), the most
+// queries per launch (clusters must be co-resident: the path exists for batch 1-8 latency), and
+// the radix rounds of the select (8-bit digits of a 32-bit score key).
+constexpr int kShortTile = 128;
+constexpr int kShortStages = 4;
+constexpr int kShortMaxCluster = 16;
+constexpr int kShortMaxKeys = 1024;
+constexpr int kShortMaxHeads = 2 * 64;
+constexpr int kShortMaxT = 16;
+constexpr int kShortRounds = 4;
 
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
@@ -167,6 +180,9 @@ struct Params {
   // Decode selection tail (select_topk / sort_desc with QPC 1): warp-aggregated histogram
   // atomics and warp-synchronised sort steps; false in "legacy" mode (the previous code).
   bool fast_tail;
+  // Short-row decode path (indexer_short_kernel): q may be copied with 16-byte cp.async (q
+  // 16-byte aligned, strides multiples of 8 elements); else 4-byte copies.
+  bool q_vec16;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -1173,11 +1189,507 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
 }
 
 // ------------------------------------------------------------------------------------------
+// short-row decode path: one thread-block cluster per query
+// ------------------------------------------------------------------------------------------
+// Why: with a few thousand entries per query (batch 1-8 decode) the split / merge path above
+// spends ~25 us in parts that do not scale with the keys: the memset launch, the per-split
+// candidate lists in global memory, the arrival counter, and the last CTA's merge (a 64-bit
+// radix select over all children's candidates, a bitonic sort of topk ranks with CTA
+// barriers, then the index writes), plus ~128 uncoalesced 4-byte q loads per thread. Here the
+// cs CTAs of one query form a cluster (sm_90) and exchange everything through distributed
+// shared memory; one launch, no workspace, no global atomics:
+//
+//   1. q (all heads) is copied to shared memory with cp.async next to the first key tiles and
+//      each warp takes its mma B fragments from there with ldmatrix (32 ldmatrix.x4 per warp
+//      instead of 128 scattered global loads). CTA r of the cluster scores keys
+//      [r L, r L + L) of the query's row, L = ceil(n_valid / cs) rounded up to 16 (balanced
+//      on n_valid, which the host cannot see: the cluster size follows the capacity C), with
+//      the scoring code of the main kernel (128-key tiles, one m-tile per warp), and keeps
+//      each key's 32-bit score key (score_key: monotone in the score, 0 for NaN / hidden) in
+//      shared memory.
+//   2. One exact radix select of the topk-th largest score key over the whole cluster, 8-bit
+//      digits from the top: each CTA counts its keys that match the prefix so far in a local
+//      256-bin histogram, adds the non-zero bins into every CTA's histogram of that round
+//      (red.shared::cluster), one cluster barrier, and every warp of every CTA reads the same
+//      summed bins and takes the same decision (no broadcast step). It stops as soon as the
+//      digit's bin holds exactly the ranks still needed (typically after 2-3 rounds with real
+//      scores); after 4 rounds the key T is exact and the keys equal to T are ties.
+//   3. Winners: keys > T' (T' = the prefix, or T + 1 for ties) go to a list of 64-bit ranks
+//      (the main kernel's rank: score key << 32 | ~index); keys == T (ties only) to a list of
+//      indices, both in index order. Each CTA publishes its two counts to every CTA (one
+//      cluster barrier); a CTA's share of the ties is what is left of the needed count after
+//      the CTAs of lower ranges (lower indices), so "lowest index first among equal scores"
+//      holds exactly.
+//   4. Every CTA copies all winners (W = min(topk, non-NaN visible keys) ranks) into its own
+//      shared memory, ranks its 1/cs slice of them by counting the larger ranks (ranks are
+//      distinct, so the positions are a permutation of [0, W)), and writes index i to slot
+//      position(i) directly: no sort and no barriers; slots [W, topk) get -1.
+//
+// Exactly the contract of the main path: descending score, lowest index first on ties, NaN
+// and hidden keys never selected, -0.0 == +0.0 (score_key), -1 padding, rows outside range give
+// n_valid 0 (nothing read). The host takes this path for decode plans (one query per CTA) with
+// T <= 16 queries, H <= 128 heads and C <= cs x 1024 (auto merge mode; DSV4_INDEXER_TOPK_SHORT=0
+// turns it off). Cluster barriers: one at the start (overlapped with the loads), one per radix
+// round, one for the counts, one before exit (no CTA may leave while peers read its shared
+// memory; overlapped with the ranking).
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_nctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  return r;
+}
+// The address of the same shared-memory location in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void cluster_red_add(uint32_t addr, uint32_t v) {
+  asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;\n" ::"r"(addr), "r"(v)
+               : "memory");
+}
+__device__ __forceinline__ void cluster_st_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_ld_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ u64 cluster_ld_u64(uint32_t addr) {
+  u64 v;
+  asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(addr));
+  return v;
+}
+// Split cluster barrier: arrive (release: this thread's shared-memory writes, local and
+// remote, become visible to the peers' matching wait) ... wait (acquire).
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Shared-memory layout of indexer_short_kernel (bytes; the same on the host). The key tiles
+// are dead after the scoring, so the winner lists and the gathered winners reuse them.
+template <int D, bool kFp8>
+struct ShortLayout {
+  static constexpr int kTileBytes = kShortTile * D * 2;
+  static constexpr int kStageBytes = kFp8 ? kShortTile * D + kShortTile * 4 : kTileBytes;
+  static constexpr int kTiles = kShortStages * kStageBytes + (kFp8 ? kTileBytes : 0);
+  // [ranks of keys > T': kShortMaxKeys u64][indices of ties: kShortMaxKeys int][all winners]
+  static constexpr int kElist = kShortMaxKeys * 8;
+  static constexpr int kGather = kShortMaxKeys * 12;
+  static constexpr int kLists = kGather + static_cast<int>(kIndexerMaxTopk) * 8;
+  static constexpr int kRegion = kTiles > kLists ? kTiles : kLists;
+  static constexpr int kQ = (kRegion + 127) / 128 * 128;     // q: [128 heads][D] bf16, swizzled
+  static constexpr int kW = kQ + kShortMaxHeads * D * 2;     // weights: [128] fp32
+  static constexpr int kKeys = kW + kShortMaxHeads * 4;      // score keys: [kShortMaxKeys] u32
+  static constexpr int kHl = kKeys + kShortMaxKeys * 4;      // local histogram [256]
+  static constexpr int kRh = kHl + 256 * 4;                  // cluster sums [rounds][256]
+  static constexpr int kPub = kRh + kShortRounds * 256 * 4;  // counts [cluster][2]
+  static constexpr int kBytes = kPub + kShortMaxCluster * 2 * 4;
+};
+
+// q fragments of head block hb (64 heads) from the swizzled shared-memory copy: ldmatrix.x4
+// matrix m of lane group m = rows h = nt * 8 + (lane & 7), 16-byte chunk 2 ks + m, so the four
+// result registers are qf[ks][nt][0..1] and qf[ks + 1][nt][0..1] (the layout load_q builds from
+// global memory).
+template <int D>
+__device__ __forceinline__ void q_frags_smem(uint32_t q_block, int lane,
+                                             uint32_t (&qf)[D / 16][8][2]) {
+  constexpr int RB = D * 2;
+  const int mat = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const uint32_t row = q_block + (nt * 8 + r) * RB;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ks += 2) {
+      const int chunk = ks * 2 + mat;
+      ldmatrix_x4(row + ((chunk ^ r) << 4), qf[ks][nt][0], qf[ks][nt][1], qf[ks + 1][nt][0],
+                  qf[ks + 1][nt][1]);
+    }
+  }
+}
+
+// The radix digit of one round, from the cluster-summed 256-bin histogram h (whole warp; every
+// warp computes the same): the digit d whose bin holds the needed-th largest key, gt = keys in
+// higher bins, in = keys in bin d, total = keys in all bins. needed > total: d = gt = in = 0.
+__device__ __forceinline__ void short_digit(const uint32_t* h, int needed, int lane, int& d,
+                                            int& gt, int& in, int& total) {
+  const uint4 v0 = *reinterpret_cast<const uint4*>(h + lane * 8);
+  const uint4 v1 = *reinterpret_cast<const uint4*>(h + lane * 8 + 4);
+  const int c[8] = {static_cast<int>(v0.x), static_cast<int>(v0.y), static_cast<int>(v0.z),
+                    static_cast<int>(v0.w), static_cast<int>(v1.x), static_cast<int>(v1.y),
+                    static_cast<int>(v1.z), static_cast<int>(v1.w)};
+  int tot = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) tot += c[e];
+  int incl = tot;  // keys in the bins of lanes >= lane
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_down_sync(kFull, incl, off);
+    if (lane + off < 32) incl += v;
+  }
+  total = __shfl_sync(kFull, incl, 0);
+  const int above = incl - tot;
+  const bool mine = above < needed && incl >= needed;
+  int dd = 0, g = 0, n = 0;
+  if (mine) {
+    int cum = above;
+#pragma unroll
+    for (int e = 7; e >= 0; --e) {
+      if (cum + c[e] >= needed) {
+        dd = lane * 8 + e;
+        g = cum;
+        n = c[e];
+        break;
+      }
+      cum += c[e];
+    }
+  }
+  const unsigned bal = __ballot_sync(kFull, mine);
+  const int src = bal != 0u ? __ffs(bal) - 1 : 0;
+  d = __shfl_sync(kFull, dd, src);
+  gt = __shfl_sync(kFull, g, src);
+  in = __shfl_sync(kFull, n, src);
+}
+
+// Grid: T clusters of cs CTAs (cluster dimension cs along x, set at launch); query t =
+// blockIdx.x / cs. See the section comment.
+template <int D, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) indexer_short_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Ly = ShortLayout<D, kFp8>;
+  constexpr int TILE = kShortTile;
+  constexpr int S = kShortStages;
+  constexpr int RB = D * 2;
+  static_assert(TILE == kWarps * 16, "one m-tile per warp and stage");
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_row, s_nv;
+  __shared__ int s_wcnt[kWarps][2];
+  __shared__ int s_off[kShortMaxCluster + 1], s_gtc[kShortMaxCluster];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g_lane = lane >> 2, tq = lane & 3;
+  const int cs = static_cast<int>(cluster_nctarank());
+  const int crank = static_cast<int>(cluster_ctarank());
+  const int t = static_cast<int>(blockIdx.x) / cs;
+  const uint32_t sbase = smem_u32(smem);
+  const uint32_t q_s = sbase + Ly::kQ;
+  float* const w_s = reinterpret_cast<float*>(smem + Ly::kW);
+  uint32_t* const skeys = reinterpret_cast<uint32_t*>(smem + Ly::kKeys);
+  uint32_t* const hl = reinterpret_cast<uint32_t*>(smem + Ly::kHl);
+  uint32_t* const rh = reinterpret_cast<uint32_t*>(smem + Ly::kRh);
+  int* const pub = reinterpret_cast<int*>(smem + Ly::kPub);
+  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;  // 1 or 2 (host)
+
+  // ---- 1. prologue: q copy first (cp.async group 0), then the row, then the key tiles ----
+  {
+    constexpr int NCH = D / 8;  // 16-byte chunks per q row
+    const __nv_bfloat16* qt = p.q + static_cast<int64_t>(t) * p.q_st;
+    for (int i = tid; i < n_hb * kHeadBlock * NCH; i += kThreads) {
+      const int h = i / NCH, c = i % NCH;
+      const uint32_t dst = q_s + h * RB + ((c ^ (h & 7)) << 4);
+      if (h < p.H) {
+        const __nv_bfloat16* src = qt + static_cast<int64_t>(h) * p.q_sh + c * 8;
+        if (p.q_vec16) {
+          cp_async16(dst, src);
+        } else {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) cp_async4(dst + 4 * u, src + 2 * u);
+        }
+      } else {  // padded heads: q = 0 (their weight is 0 and score_mtile masks them)
+        *reinterpret_cast<uint4*>(smem + (dst - sbase)) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+  }
+  if (tid < kShortMaxHeads) {
+    w_s[tid] = tid < p.H ? __ldg(p.w + static_cast<int64_t>(t) * p.w_st + tid) : 0.f;
+  }
+  for (int i = tid; i < kShortRounds * 256; i += kThreads) rh[i] = 0u;
+  hl[tid] = 0u;  // (256 threads = 256 bins)
+  if (tid == 0) {
+    int r = p.rows[t];
+    int nv = p.n_valid[t];
+    nv = nv < 0 ? 0 : (nv > p.C ? p.C : nv);
+    if (r < 0 || r >= p.B) {
+      r = -1;
+      nv = 0;
+    }
+    s_row = r;
+    s_nv = nv;
+  }
+  // Start barrier, first half: this CTA's histograms are zeroed (the peers add into them only
+  // after the matching wait, just before the first radix round).
+  cluster_arrive();
+  __syncthreads();
+  const int row = s_row, nv = s_nv;
+  int L = (nv + cs - 1) / cs;
+  L = (L + 15) / 16 * 16;
+  const int s_begin = crank * L < nv ? crank * L : nv;
+  const int s_end = s_begin + L < nv ? s_begin + L : nv;
+  const int len = s_end - s_begin;  // <= kShortMaxKeys (host: C <= cs * kShortMaxKeys)
+  const int n_tiles = (len + TILE - 1) / TILE;
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < n_tiles) {
+      load_tile<D, TILE, kFp8>(sbase + s * Ly::kStageBytes, p, row, s_begin + s * TILE, s_end);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<S - 1>();  // group 0 (q) has landed; the key tiles are still in flight
+  __syncthreads();
+  uint32_t qf[D / 16][8][2];
+  if (n_hb == 1) q_frags_smem<D>(q_s, lane, qf);
+
+  // ---- scoring: warp w scores m-tile w of each 128-key tile ----
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait<S - 2>();
+    __syncthreads();  // tile `it` visible; stage (it - 1) % S free
+    {
+      const int nx = it + S - 1;
+      if (nx < n_tiles) {
+        load_tile<D, TILE, kFp8>(sbase + (nx % S) * Ly::kStageBytes, p, row, s_begin + nx * TILE,
+                                 s_end);
+      }
+      cp_async_commit();
+    }
+    const unsigned char* raw = smem + (it % S) * Ly::kStageBytes;
+    const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
+    if constexpr (kFp8) {
+      convert_fp8_tile<D, TILE>(raw, smem + S * Ly::kStageBytes);
+      __syncthreads();
+    }
+    const uint32_t stage = kFp8 ? sbase + S * Ly::kStageBytes : sbase + (it % S) * Ly::kStageBytes;
+    const int tile_s0 = s_begin + it * TILE;
+    const int s0 = tile_s0 + warp * 16;
+    if (s0 < s_end) {  // warp-uniform
+      float a = 0.f, b = 0.f;
+#pragma unroll 1
+      for (int hb = 0; hb < n_hb; ++hb) {
+        if (n_hb > 1) q_frags_smem<D>(q_s + hb * kHeadBlock * RB, lane, qf);
+        const int hlim = p.H - hb * kHeadBlock;
+        if (hlim >= kHeadBlock) {
+          score_mtile<D, false>(stage, warp, lane, qf, w_s + hb * kHeadBlock, hlim, a, b);
+        } else {
+          score_mtile<D, true>(stage, warp, lane, qf, w_s + hb * kHeadBlock, hlim, a, b);
+        }
+      }
+      a += __shfl_xor_sync(kFull, a, 1);
+      a += __shfl_xor_sync(kFull, a, 2);
+      b += __shfl_xor_sync(kFull, b, 1);
+      b += __shfl_xor_sync(kFull, b, 2);
+      const int s = s0 + g_lane + (tq & 1) * 8;  // lane tq 0: row g, tq 1: row g + 8
+      if (tq < 2 && s < s_end) {
+        float sc = (tq & 1) ? b : a;
+        bool vis = true;
+        if (p.bt != nullptr) {
+          int64_t blk;
+          int e;
+          vis = key_place(p, row, s, blk, e);  // a missing block hides the key
+        }
+        if constexpr (kFp8) {
+          if (vis) sc *= key_scale[s - tile_s0];
+        }
+        skeys[s - s_begin] = vis ? score_key(sc) : 0u;
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // skeys complete; the tile region is free
+
+  // ---- 2. cluster radix select of the topk-th largest score key ----
+  uint32_t prefix = 0u, thr = 1u, eq_key = 0u;  // winners: key >= thr, plus ties key == eq_key
+  int needed = p.topk, needed_eq = 0;
+  cluster_wait();  // start barrier: every CTA of the cluster runs and has zeroed rh
+#pragma unroll 1
+  for (int r = 0; r < kShortRounds; ++r) {
+    const int lo = 24 - 8 * r;
+    const uint32_t himask = r == 0 ? 0u : (~0u << (lo + 8));
+    for (int base = 0; base < len; base += kThreads) {
+      const int i = base + tid;
+      const uint32_t key = i < len ? skeys[i] : 0u;
+      const int bin =
+          (key != 0u && (key & himask) == prefix) ? static_cast<int>((key >> lo) & 0xffu) : -1;
+      // one shared atomic per distinct bin of the warp (the first rounds put a warp's keys
+      // into a few bins: sign and exponent)
+      const unsigned peers = __match_any_sync(kFull, bin);
+      if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(hl + bin, __popc(peers));
+    }
+    __syncthreads();
+    {
+      const uint32_t v = hl[tid];
+      if (v != 0u) {
+        hl[tid] = 0u;  // (the next round's atomics come after the cluster barrier below)
+        const uint32_t a = smem_u32(rh + r * 256 + tid);
+        for (int c = 0; c < cs; ++c) cluster_red_add(cluster_map(a, c), v);
+      }
+    }
+    cluster_arrive();
+    cluster_wait();  // every CTA's bins are in every CTA's rh[r]
+    int d, gt, in, total;
+    short_digit(rh + r * 256, needed, lane, d, gt, in, total);
+    if (r == 0 && total <= p.topk) break;  // every non-NaN visible key wins (thr = 1)
+    prefix |= static_cast<uint32_t>(d) << lo;
+    needed -= gt;
+    if (in == needed) {  // all of bin d wins: exactly the keys >= prefix
+      thr = prefix;
+      break;
+    }
+    if (lo == 0) {  // T = prefix exactly, more keys equal to T than still needed: ties
+      thr = prefix + 1u;
+      eq_key = prefix;
+      needed_eq = needed;
+      break;
+    }
+  }
+
+  // ---- 3. this CTA's winners in index order: ranks of keys >= thr, indices of ties ----
+  u64* const glist = reinterpret_cast<u64*>(smem);
+  int* const elist = reinterpret_cast<int*>(smem + Ly::kElist);
+  {
+    const int lw = ((len + kWarps - 1) / kWarps + 31) / 32 * 32;  // warp w: [w lw, w lw + lw)
+    const int w0 = warp * lw < len ? warp * lw : len;
+    const int w1 = w0 + lw < len ? w0 + lw : len;
+    int cg = 0, ce = 0;
+    for (int i0 = w0; i0 < w1; i0 += 32) {
+      const uint32_t key = i0 + lane < w1 ? skeys[i0 + lane] : 0u;
+      cg += __popc(__ballot_sync(kFull, key >= thr));  // (thr >= 1: key 0 never counts)
+      ce += __popc(__ballot_sync(kFull, eq_key != 0u && key == eq_key));
+    }
+    if (lane == 0) {
+      s_wcnt[warp][0] = cg;
+      s_wcnt[warp][1] = ce;
+    }
+    __syncthreads();
+    int og = 0, oe = 0, ng = 0, ne = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      ng += s_wcnt[w][0];
+      ne += s_wcnt[w][1];
+      og += w < warp ? s_wcnt[w][0] : 0;
+      oe += w < warp ? s_wcnt[w][1] : 0;
+    }
+    const unsigned lt = (1u << lane) - 1u;
+    for (int i0 = w0; i0 < w1; i0 += 32) {
+      const int i = i0 + lane;
+      const uint32_t key = i < w1 ? skeys[i] : 0u;
+      const bool isg = key >= thr, ise = eq_key != 0u && key == eq_key;
+      const unsigned bg = __ballot_sync(kFull, isg), be = __ballot_sync(kFull, ise);
+      if (isg) glist[og + __popc(bg & lt)] = key_rank(key, s_begin + i);
+      if (ise) elist[oe + __popc(be & lt)] = s_begin + i;
+      og += __popc(bg);
+      oe += __popc(be);
+    }
+    if (tid < cs) {  // publish this CTA's counts in slot crank of CTA tid
+      const uint32_t a = cluster_map(smem_u32(pub + 2 * crank), tid);
+      cluster_st_u32(a, static_cast<uint32_t>(ng));
+      cluster_st_u32(a + 4, static_cast<uint32_t>(ne));
+    }
+  }
+  cluster_arrive();
+  cluster_wait();  // every CTA's counts and lists are complete
+
+  // Offsets of each CTA's winners in the gathered array: its ranks, then its share of the ties
+  // (what the lower ranges left of needed_eq: lowest indices first).
+  if (warp == 0) {
+    const int g = lane < cs ? pub[2 * lane] : 0, e = lane < cs ? pub[2 * lane + 1] : 0;
+    int ie = e;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(kFull, ie, off);
+      if (lane >= off) ie += v;
+    }
+    int allow = needed_eq - (ie - e);
+    allow = allow < 0 ? 0 : (allow > e ? e : allow);
+    const int n = g + allow;
+    int in = n;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(kFull, in, off);
+      if (lane >= off) in += v;
+    }
+    if (lane < cs) {
+      s_off[lane] = in - n;
+      s_gtc[lane] = g;
+    }
+    if (lane == cs - 1) s_off[cs] = in;
+  }
+  __syncthreads();
+  const int W = s_off[cs];  // = min(topk, non-NaN visible keys)
+
+  // ---- 4. gather all winners, rank this CTA's slice, write ----
+  u64* const G = reinterpret_cast<u64*>(smem + Ly::kGather);
+  {
+    constexpr int kU = 4;
+    for (int base = 0; base < W; base += kThreads * kU) {
+      u64 v[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kThreads + tid;
+        v[u] = 0ull;
+        if (i < W) {
+          int c = 0;
+          while (s_off[c + 1] <= i) ++c;
+          const int j = i - s_off[c];
+          if (j < s_gtc[c]) {
+            v[u] = cluster_ld_u64(cluster_map(sbase + j * 8, c));
+          } else {
+            const uint32_t a = cluster_map(sbase + Ly::kElist + (j - s_gtc[c]) * 4, c);
+            v[u] = key_rank(eq_key, static_cast<int>(cluster_ld_u32(a)));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kThreads + tid;
+        if (i < W) G[i] = v[u];
+      }
+    }
+  }
+  // Exit barrier, first half: this CTA reads no peer memory any more (a CTA may exit only
+  // when no peer reads its shared memory: the wait is at the end).
+  cluster_arrive();
+  __syncthreads();
+  {
+    // Position of winner i = number of larger ranks (distinct). CTA crank ranks winners
+    // [crank per, crank per + per), tpi threads per winner (each scans W / tpi ranks,
+    // consecutive lanes read consecutive ranks: conflict-free).
+    const int per = (W + cs - 1) / cs;
+    const int i0 = crank * per < W ? crank * per : W;
+    const int n_my = (i0 + per < W ? i0 + per : W) - i0;
+    int tpi = 32;
+    while (tpi > 1 && tpi * n_my > kThreads) tpi >>= 1;
+    const int groups = kThreads / tpi;
+    const int part = tid & (tpi - 1), grp = tid / tpi;
+    int32_t* const o = p.out + static_cast<int64_t>(t) * p.out_st;
+    for (int base = 0; base < n_my; base += groups) {
+      const int item = base + grp;
+      const u64 mine = item < n_my ? G[i0 + item] : ~0ull;
+      int cnt = 0;
+#pragma unroll 4
+      for (int j = part; j < W; j += tpi) cnt += G[j] > mine ? 1 : 0;
+      for (int off = 1; off < tpi; off <<= 1) cnt += __shfl_xor_sync(kFull, cnt, off);
+      if (item < n_my && part == 0) o[cnt] = rank_index(mine);
+    }
+    for (int i = W + crank * kThreads + tid; i < p.topk; i += cs * kThreads) o[i] = -1;
+  }
+  cluster_wait();
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
 // host side: launch plan
 // ------------------------------------------------------------------------------------------
 struct DevInfo {
   int sms = 0;
   int max_smem = 0;
+  int cc_major = 0;
 };
 
 cudaError_t device_info(int device, DevInfo& di) {
@@ -1189,6 +1701,8 @@ cudaError_t device_info(int device, DevInfo& di) {
   cudaError_t e = cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&di.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&di.cc_major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return e;
   if (device >= 0 && device < 64) cache[device] = di;
   return cudaSuccess;
@@ -1482,6 +1996,116 @@ cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cuda
   }
 }
 
+
+// ------------------------------------------------------------------------------------------
+// host side: short-row decode path (indexer_short_kernel)
+// ------------------------------------------------------------------------------------------
+// DSV4_INDEXER_TOPK_SHORT=0 turns the path off (the split / merge path runs instead; read at
+// each call, so a process can time both); anything else or unset: on where eligible.
+bool short_enabled() {
+  const char* e = std::getenv("DSV4_INDEXER_TOPK_SHORT");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
+template <int D, bool kFp8>
+cudaError_t short_func_setup() {
+  auto kern = indexer_short_kernel<D, kFp8>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       ShortLayout<D, kFp8>::kBytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+}
+
+template <int D, bool kFp8>
+void short_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[1], int grid,
+                         int cs, cudaStream_t stream) {
+  cfg = cudaLaunchConfig_t{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = ShortLayout<D, kFp8>::kBytes;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cs);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+}
+
+// Clusters of cs CTAs of this kernel that the device can hold at once (0: none, e.g. 16-CTA
+// clusters where no GPC has 16 free SMs). Cached per device and cluster size.
+template <int D, bool kFp8>
+int short_max_clusters(int device, int cs) {
+  static int cache[64][kShortMaxCluster + 1];  // count + 1; 0 = not asked yet
+  if (device < 0 || device >= 64 || cs < 1 || cs > kShortMaxCluster) return 0;
+  int& c = cache[device][cs];
+  if (c == 0) {
+    int n = 0;
+    if (short_func_setup<D, kFp8>() == cudaSuccess) {
+      cudaLaunchConfig_t cfg;
+      cudaLaunchAttribute attr[1];
+      short_launch_config<D, kFp8>(cfg, attr, cs, cs, nullptr);
+      if (cudaOccupancyMaxActiveClusters(&n, indexer_short_kernel<D, kFp8>, &cfg) != cudaSuccess) {
+        n = 0;
+      }
+    }
+    (void)cudaGetLastError();
+    c = n + 1;
+  }
+  return c - 1;
+}
+
+// Cluster size for T queries over a logical capacity C, or 0 when the path does not fit: one
+// CTA per 128 keys of C, at most 16 (8 when T clusters of 16 cannot be resident at once), and at
+// most kShortMaxKeys keys per CTA.
+template <int D, bool kFp8>
+int short_cluster_size(int64_t T, int64_t C, int device) {
+  int cs = static_cast<int>(std::min<int64_t>(
+      kShortMaxCluster, std::max<int64_t>(1, (C + kShortTile - 1) / kShortTile)));
+  for (;;) {
+    const int64_t L = round_up((C + cs - 1) / cs, 16);
+    if (L <= kShortMaxKeys && short_max_clusters<D, kFp8>(device, cs) >= T) return cs;
+    if (cs <= 8) return 0;
+    cs = 8;
+  }
+}
+
+// The short path's cluster size for a call, or 0 (the split / merge path). It serves decode
+// plans (one query per CTA) of at most kShortMaxT queries and kShortMaxHeads heads on sm_90+,
+// in the default (auto) merge mode: the other modes keep selecting the paths they name.
+int short_cluster_for(int64_t T, int64_t C, int64_t H, int64_t D, bool fp8, int qpc,
+                      const DevInfo& di, int device) {
+  if (!short_enabled() || merge_mode() != kMergeAuto) return 0;
+  if (qpc != 1 || T < 1 || T > kShortMaxT || H > kShortMaxHeads || di.cc_major < 9) return 0;
+  if (C > static_cast<int64_t>(kShortMaxCluster) * kShortMaxKeys) return 0;
+  if (D == 128) {
+    return fp8 ? short_cluster_size<128, true>(T, C, device)
+               : short_cluster_size<128, false>(T, C, device);
+  }
+  return fp8 ? short_cluster_size<64, true>(T, C, device)
+             : short_cluster_size<64, false>(T, C, device);
+}
+
+template <int D, bool kFp8>
+cudaError_t launch_short_kernel(const Params& prm, int cs, cudaStream_t stream) {
+  cudaError_t e = short_func_setup<D, kFp8>();
+  if (e != cudaSuccess) return e;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[1];
+  short_launch_config<D, kFp8>(cfg, attr, prm.T * cs, cs, stream);
+  return cudaLaunchKernelEx(&cfg, indexer_short_kernel<D, kFp8>, prm);
+}
+
+cudaError_t launch_short(const Params& prm, int cs, int64_t head_dim, bool fp8,
+                         cudaStream_t stream) {
+  if (head_dim == 128) {
+    return fp8 ? launch_short_kernel<128, true>(prm, cs, stream)
+               : launch_short_kernel<128, false>(prm, cs, stream);
+  }
+  return fp8 ? launch_short_kernel<64, true>(prm, cs, stream)
+             : launch_short_kernel<64, false>(prm, cs, stream);
+}
+
 }  // namespace
 
 void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
@@ -1527,6 +2151,21 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
   if (pl.ws_bytes > 0 && !aligned(workspace, 256)) return cudaErrorInvalidValue;
   prm.out = indices;
   prm.out_st = idx_stride_t;
+  {
+    // Short rows at small batch: one cluster per query, no workspace (the workspace size stays
+    // the split path's, so that callers need not know which path runs).
+    int device = 0;
+    DevInfo di;
+    e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = device_info(device, di);
+    if (e != cudaSuccess) return e;
+    const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
+    const int cs = short_cluster_for(tokens, prm.C, heads, head_dim, fp8, pl.qpc, di, device);
+    if (cs > 0) {
+      prm.q_vec16 = aligned(q, 16) && q_stride_t % 8 == 0 && q_stride_h % 8 == 0;
+      return launch_short(prm, cs, head_dim, fp8, stream);
+    }
+  }
   if (pl.hist) {
     char* ws = static_cast<char*>(workspace);
     prm.hs_hist = reinterpret_cast<uint32_t*>(ws + pl.off_hs_hist);
@@ -1572,6 +2211,23 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
                       dense_keys(keys, k_stride_b, k_stride_c, batch, capacity), rows, n_valid,
                       indices, idx_stride_t, tokens, heads, head_dim, topk, workspace,
                       workspace_bytes, stream);
+}
+
+int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                               int64_t head_dim, int64_t topk) {
+  const bool paged = keys.block_table != nullptr;
+  const int64_t C = paged ? keys.max_blocks * keys.block_size : keys.capacity;
+  if (!args_ok(tokens, keys.rows, C, heads, head_dim, topk) || tokens == 0) return 0;
+  int device = 0;
+  DevInfo di;
+  if (cudaGetDevice(&device) != cudaSuccess || device_info(device, di) != cudaSuccess) return 0;
+  const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
+  const Plan pl = make_plan(tokens, keys.rows, C, head_dim, topk, di, fp8);
+  if (!pl.ok) return 0;
+  const bool any_keys = paged ? (keys.num_blocks > 0 && keys.block_size > 0)
+                              : (keys.rows > 0 && C > 0);
+  const int64_t c_eff = (keys.rows > 0 && any_keys) ? C : 0;
+  return short_cluster_for(tokens, c_eff, heads, head_dim, fp8, pl.qpc, di, device);
 }
 
 cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,

@@ -298,13 +298,16 @@ Timing time_cold(F&& fn, int reps, void* flush, size_t flush_bytes) {
   return {v[v.size() / 2], v[0]};
 }
 
+// cap: the key rows' capacity (0: N); decode rows see N entries of it.
 bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int reps,
-                std::vector<int> check_ts, void* flush, size_t flush_bytes) {
+                std::vector<int> check_ts, void* flush, size_t flush_bytes, int cap = 0,
+                double* med_us = nullptr) {
   const int H = 64, D = 128;
-  const size_t nq = static_cast<size_t>(T) * H * D, nk = static_cast<size_t>(B) * N * D;
+  const int C = cap > 0 ? cap : N;
+  const size_t nq = static_cast<size_t>(T) * H * D, nk = static_cast<size_t>(B) * C * D;
   Problem p;  // host mirror for the sampled checks (keys of the checked rows only)
   p.name = kind;
-  p.T = T, p.B = B, p.C = N, p.H = H, p.D = D, p.k = k, p.c_store = N, p.exact = false;
+  p.T = T, p.B = B, p.C = C, p.H = H, p.D = D, p.k = k, p.c_store = C, p.exact = false;
   p.rows.resize(T), p.nv.resize(T);
   for (int t = 0; t < T; ++t) {
     p.rows[t] = causal ? 0 : t % B;
@@ -325,7 +328,7 @@ bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int r
   CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), T * 4, cudaMemcpyHostToDevice));
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
-  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(T, B, N, H, D, k, dev);
+  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(T, B, C, H, D, k, dev);
   if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
   float* sums = nullptr;
   CHECK_CUDA(cudaMalloc(&sums, T * 4));
@@ -336,8 +339,8 @@ bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int r
   const Timing scan = time_cold(
       [&] {
         CHECK_CUDA(dsv4::indexer_topk_scan_only(d.q, H * D, D, d.w, H, d.keys,
-                                                static_cast<int64_t>(N) * D, D, d.rows, d.nv,
-                                                sums, T, H, D, B, N, k, nullptr));
+                                                static_cast<int64_t>(C) * D, D, d.rows, d.nv,
+                                                sums, T, H, D, B, C, k, nullptr));
       },
       reps, flush, flush_bytes);
 
@@ -366,7 +369,7 @@ bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int r
                             one.q.size() * 2, cudaMemcpyDeviceToHost));
       CHECK_CUDA(cudaMemcpy(one.w.data(), d.w + static_cast<size_t>(t) * H, H * 4, cudaMemcpyDeviceToHost));
       CHECK_CUDA(cudaMemcpy(one.keys.data(),
-                            static_cast<const char*>(d.keys) + static_cast<size_t>(p.rows[t]) * N * D * 2,
+                            static_cast<const char*>(d.keys) + static_cast<size_t>(p.rows[t]) * C * D * 2,
                             one.keys.size() * 2, cudaMemcpyDeviceToHost));
       std::string e = check_row(one, 0, got.data() + static_cast<size_t>(t) * k);
       if (!e.empty()) {
@@ -378,10 +381,11 @@ bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int r
   double key_bytes = 0, flops = 0;
   for (int t = 0; t < T; ++t) flops += 2.0 * H * D * p.nv[t];
   key_bytes = causal ? static_cast<double>(N) * D * 2 : static_cast<double>(T) * N * D * 2;
+  if (med_us) *med_us = full.med_us;
   std::printf(
-      "TIME %-8s T=%-6d N=%-7d k=%-5d full %9.1f us (min %9.1f)  scan-only %9.1f us  ratio %.3f  "
+      "TIME %-8s T=%-6d N=%-7d C=%-6d k=%-5d full %9.1f us (min %9.1f)  scan-only %9.1f us  ratio %.3f  "
       "key-bytes %7.0f GB/s (%5.1f%% of 4.22 TB/s)  %6.1f TFLOP/s  splits-ws=%zuB  %s%s\n",
-      kind, T, N, k, full.med_us, full.min_us, scan.med_us, full.med_us / scan.med_us,
+      kind, T, N, C, k, full.med_us, full.min_us, scan.med_us, full.med_us / scan.med_us,
       key_bytes / full.med_us * 1e-3, key_bytes / full.med_us * 1e-3 / 4220 * 100,
       flops / full.med_us * 1e-6, d.ws_bytes, ok ? "check ok" : "CHECK FAIL: ", ok ? "" : msg.c_str());
   CHECK_CUDA(cudaFree(sums));
@@ -674,6 +678,391 @@ bool short_decode_suite(std::mt19937& rng) {
   return ok;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// key stores (paged / FP8) and the short-row decode path (one thread-block cluster per query)
+// ---------------------------------------------------------------------------------------------
+// How the keys of a Problem are stored for the kernel: dense or paged through a block table
+// (hide_every > 0: every hide_every-th logical block of each row gets a block id outside
+// [0, num_blocks), alternately -1 and num_blocks + 7: its keys must never be read or selected),
+// bf16 or the FP8 indexer layout (e4m3 rows then fp32 scales per block).
+struct StoreSpec {
+  bool paged = false;
+  bool fp8 = false;
+  int bs = 64;  // block size (paged)
+  int hide_every = 0;
+};
+
+std::string spec_name(const StoreSpec& sp) {
+  std::string n = sp.fp8 ? "fp8" : "bf16";
+  n += sp.paged ? " paged bs=" + std::to_string(sp.bs) : " dense";
+  if (sp.hide_every) n += " hide 1/" + std::to_string(sp.hide_every);
+  return n;
+}
+
+// e4m3 code of an integer in [-3, 3], or NaN (0x7f)
+uint8_t e4m3_of(float v) {
+  if (std::isnan(v)) return 0x7f;
+  const float a = std::fabs(v);
+  const uint8_t m = a == 0.f ? 0x00 : a == 1.f ? 0x38 : a == 2.f ? 0x40 : 0x44;
+  return static_cast<uint8_t>(m | (v < 0.f ? 0x80 : 0x00));
+}
+
+struct StoreBufs {
+  void* data = nullptr;
+  int32_t* bt = nullptr;
+  dsv4::IndexerKeys keys;
+};
+
+// Builds the device store of p's keys under sp and rewrites p's keys into the reference's view:
+// FP8 keys become e4m3 integer value x a per-key power-of-two scale (exact in bf16; p must be
+// an exact problem with integer keys in [-3, 3] or NaN), hidden keys become NaN (never
+// selected, as the kernel's hidden keys). Paged stores need p.C % sp.bs == 0.
+StoreBufs build_store(Problem& p, const StoreSpec& sp, std::mt19937& rng) {
+  StoreBufs sb;
+  const int D = p.D, B = std::max(p.B, 1), C = p.C;
+  std::vector<float> scale(static_cast<size_t>(B) * C, 1.f);
+  std::vector<uint8_t> e4(static_cast<size_t>(B) * C * D, 0);
+  if (sp.fp8) {
+    const float sv[] = {0.5f, 1.f, 2.f};
+    std::uniform_int_distribution<int> si(0, 2);
+    for (int b = 0; b < B; ++b) {
+      for (int s = 0; s < C; ++s) {
+        const float sc = sv[si(rng)];
+        scale[static_cast<size_t>(b) * C + s] = sc;
+        for (int d = 0; d < D; ++d) {
+          uint16_t& k = p.keys[(static_cast<size_t>(b) * p.c_store + s) * D + d];
+          const float v = bf16_to_float(k);
+          e4[(static_cast<size_t>(b) * C + s) * D + d] = e4m3_of(v);
+          if (!std::isnan(v)) k = float_to_bf16(v * sc);
+        }
+      }
+    }
+  }
+  auto put_bf16 = [&](std::vector<uint16_t>& dst, size_t at, int b, int s) {
+    std::memcpy(dst.data() + at, p.keys.data() + (static_cast<size_t>(b) * p.c_store + s) * D,
+                static_cast<size_t>(D) * 2);
+  };
+  if (!sp.paged) {
+    if (!sp.fp8) {
+      CHECK_CUDA(cudaMalloc(&sb.data, p.keys.size() * 2));
+      CHECK_CUDA(cudaMemcpy(sb.data, p.keys.data(), p.keys.size() * 2, cudaMemcpyHostToDevice));
+      sb.keys.stride_block = p.c_store * D;
+      sb.keys.stride_entry = D;
+    } else {
+      const int64_t stride = (static_cast<int64_t>(C) * (D + 4) + 15) / 16 * 16;
+      std::vector<uint8_t> buf(static_cast<size_t>(B) * stride, 0);
+      for (int b = 0; b < B; ++b) {
+        for (int s = 0; s < C; ++s) {
+          std::memcpy(buf.data() + b * stride + static_cast<int64_t>(s) * D,
+                      e4.data() + (static_cast<size_t>(b) * C + s) * D, D);
+          std::memcpy(buf.data() + b * stride + static_cast<int64_t>(C) * D + s * 4,
+                      &scale[static_cast<size_t>(b) * C + s], 4);
+        }
+      }
+      CHECK_CUDA(cudaMalloc(&sb.data, buf.size()));
+      CHECK_CUDA(cudaMemcpy(sb.data, buf.data(), buf.size(), cudaMemcpyHostToDevice));
+      sb.keys.format = dsv4::CacheFormat::kFp8Indexer;
+      sb.keys.stride_block = stride;
+    }
+    sb.keys.data = sb.data;
+    sb.keys.rows = p.B;
+    sb.keys.capacity = C;
+    return sb;
+  }
+  const int bs = sp.bs, mb = C / bs;
+  if (mb * bs != C) {
+    std::fprintf(stderr, "FAIL: check bug: paged store with C %% block size != 0\n");
+    std::exit(1);
+  }
+  const int nblk = B * mb + 3;
+  std::vector<int> ids(nblk);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const int bt_st = mb + 1;
+  std::vector<int32_t> bt(static_cast<size_t>(B) * bt_st, 12345);
+  int hidden = 0;
+  for (int b = 0; b < B; ++b) {
+    for (int c = 0; c < mb; ++c) {
+      int id = ids[b * mb + c];
+      if (sp.hide_every > 0 && (b + c) % sp.hide_every == sp.hide_every - 1) {
+        id = (hidden++ & 1) ? nblk + 7 : -1;
+        for (int e = 0; e < bs; ++e)  // the reference: NaN (never selected)
+          p.keys[(static_cast<size_t>(b) * p.c_store + c * bs + e) * D] = 0x7fc0;
+      }
+      bt[static_cast<size_t>(b) * bt_st + c] = id;
+    }
+  }
+  if (!sp.fp8) {
+    std::vector<uint16_t> pool(static_cast<size_t>(nblk) * bs * D, float_to_bf16(1.f));
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < mb; ++c) {
+        const int id = bt[static_cast<size_t>(b) * bt_st + c];
+        if (id < 0 || id >= nblk) continue;
+        for (int e = 0; e < bs; ++e) put_bf16(pool, (static_cast<size_t>(id) * bs + e) * D, b, c * bs + e);
+      }
+    CHECK_CUDA(cudaMalloc(&sb.data, pool.size() * 2));
+    CHECK_CUDA(cudaMemcpy(sb.data, pool.data(), pool.size() * 2, cudaMemcpyHostToDevice));
+    sb.keys.stride_block = static_cast<int64_t>(bs) * D;
+    sb.keys.stride_entry = D;
+  } else {
+    const int64_t stride = (static_cast<int64_t>(bs) * (D + 4) + 15) / 16 * 16;
+    std::vector<uint8_t> pool(static_cast<size_t>(nblk) * stride, 0x38);
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < mb; ++c) {
+        const int id = bt[static_cast<size_t>(b) * bt_st + c];
+        if (id < 0 || id >= nblk) continue;
+        for (int e = 0; e < bs; ++e) {
+          const int s = c * bs + e;
+          std::memcpy(pool.data() + id * stride + static_cast<int64_t>(e) * D,
+                      e4.data() + (static_cast<size_t>(b) * C + s) * D, D);
+          std::memcpy(pool.data() + id * stride + static_cast<int64_t>(bs) * D + e * 4,
+                      &scale[static_cast<size_t>(b) * C + s], 4);
+        }
+      }
+    CHECK_CUDA(cudaMalloc(&sb.data, pool.size()));
+    CHECK_CUDA(cudaMemcpy(sb.data, pool.data(), pool.size(), cudaMemcpyHostToDevice));
+    sb.keys.format = dsv4::CacheFormat::kFp8Indexer;
+    sb.keys.stride_block = stride;
+  }
+  CHECK_CUDA(cudaMalloc(&sb.bt, bt.size() * 4));
+  CHECK_CUDA(cudaMemcpy(sb.bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+  sb.keys.data = sb.data;
+  sb.keys.rows = p.B;
+  sb.keys.block_table = sb.bt;
+  sb.keys.block_table_stride = bt_st;
+  sb.keys.max_blocks = mb;
+  sb.keys.block_size = bs;
+  sb.keys.num_blocks = nblk;
+  return sb;
+}
+
+// "cs=N" (the short path with clusters of N CTAs) or "split" (the split / merge path)
+std::string path_name(const Problem& p, const dsv4::IndexerKeys& keys) {
+  const int cs = dsv4::indexer_topk_short_cluster(p.T, keys, p.H, p.D, p.k);
+  return cs > 0 ? "short cs=" + std::to_string(cs) : "split";
+}
+
+// Runs p (already rewritten by build_store) on the store; checks every row against the
+// reference. expect_short: 1 the short path must run, 0 the split path, -1 either.
+bool run_store(const Problem& p, const StoreBufs& sb, bool det, int expect_short) {
+  DeviceBufs d;
+  CHECK_CUDA(cudaMalloc(&d.q, std::max<size_t>(p.q.size(), 1) * 2));
+  CHECK_CUDA(cudaMalloc(&d.w, std::max<size_t>(p.w.size(), 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.rows, std::max<size_t>(p.T, 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.nv, std::max<size_t>(p.T, 1) * 4));
+  CHECK_CUDA(cudaMalloc(&d.out, std::max<size_t>(static_cast<size_t>(p.T) * p.k, 1) * 4));
+  CHECK_CUDA(cudaMemcpy(d.q, p.q.data(), p.q.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.w, p.w.data(), p.w.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.rows, p.rows.data(), p.T * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), p.T * 4, cudaMemcpyHostToDevice));
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(p.T, sb.keys, p.H, p.D, p.k, dev);
+  if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
+  const std::string path = path_name(p, sb.keys);
+  auto go = [&]() {
+    return dsv4::indexer_topk(d.q, static_cast<int64_t>(p.H) * p.D, p.D, d.w, p.H, sb.keys,
+                              d.rows, d.nv, d.out, p.k, p.T, p.H, p.D, p.k, d.ws, d.ws_bytes,
+                              nullptr);
+  };
+  const size_t n_out = static_cast<size_t>(p.T) * p.k;
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, n_out * 4));
+  CHECK_CUDA(go());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<int32_t> got(n_out);
+  CHECK_CUDA(cudaMemcpy(got.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
+  bool ok = true;
+  std::string msg;
+  int bad = 0;
+  if (expect_short >= 0 && (path != "split") != (expect_short == 1)) {
+    ok = false;
+    msg = "unexpected path " + path;
+  }
+  for (int t = 0; t < p.T; ++t) {
+    std::string e = check_row(p, t, got.data() + static_cast<size_t>(t) * p.k);
+    if (!e.empty()) {
+      if (bad == 0) msg = e;
+      ++bad;
+      ok = false;
+    }
+  }
+  if (det) {
+    std::vector<int32_t> again(n_out);
+    for (int rep = 0; rep < 3 && ok; ++rep) {
+      CHECK_CUDA(cudaMemset(d.out, 0x7f, n_out * 4));
+      CHECK_CUDA(go());
+      CHECK_CUDA(cudaMemcpy(again.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
+      if (again != got) {
+        ok = false;
+        msg = "relaunch gave a different result";
+      }
+    }
+  }
+  std::printf("%s %-52s T=%-3d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d [%s]%s%s\n",
+              ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, path.c_str(),
+              ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
+  d.free_all();
+  return ok;
+}
+
+bool run_spec(Problem p, const StoreSpec& sp, std::mt19937& rng, bool det = false,
+              int expect_short = -1) {
+  p.name += " [" + spec_name(sp) + "]";
+  StoreBufs sb = build_store(p, sp, rng);
+  const bool ok = run_store(p, sb, det, expect_short);
+  cudaFree(sb.data);
+  cudaFree(sb.bt);
+  return ok;
+}
+
+// The short-row decode path's cases (run with the path on and off: the same indices).
+// expect: 1 where the short path must run (DSV4_INDEXER_TOPK_SHORT unset / 1), -1 otherwise.
+bool short_path_suite(std::mt19937& rng, int expect) {
+  bool ok = true;
+  const int lens[] = {1, 127, 128, 129, 511, 512, 513, 1024, 2047, 4096, 8192};
+  const StoreSpec dense;
+  for (int k : {512, 1024}) {
+    // batch 1: C = N (cluster of ceil(N / 128) CTAs, 1 .. 16)
+    for (int n : lens) {
+      Problem p = make_problem("short path b=1 N=" + std::to_string(n), 1, 1, n, 64, 128, k,
+                               true, rng);
+      p.nv[0] = n;
+      ok &= run_spec(p, dense, rng, n == 1024 || n == 129, expect);
+    }
+    // batch 2 in a larger capacity (idle CTAs, ranges balanced on n_valid): N and N / 2
+    for (int n : lens) {
+      const int C = std::max(n, 2048);
+      Problem p = make_problem("short path b=2 N=" + std::to_string(n), 2, 2, C, 64, 128, k,
+                               true, rng);
+      p.rows = {1, 0};
+      p.nv = {n, n / 2};
+      ok &= run_spec(p, dense, rng, false, expect);
+    }
+    // batch 8: every length once per k (rows reversed, lengths - 0 / 1 / 2)
+    {
+      Problem p = make_problem("short path b=8 mixed N", 8, 8, 8192, 64, 128, k, true, rng);
+      const int l8[] = {8192, 1, 127, 129, 513, 1024, 2047, 4096};
+      for (int t = 0; t < 8; ++t) p.rows[t] = 7 - t, p.nv[t] = l8[t] - (t % 3 == 2 ? 1 : 0);
+      ok &= run_spec(p, dense, rng, true, expect);
+      Problem p2 = make_problem("short path b=8 N=1024 C=2048", 8, 8, 2048, 64, 128, k, true,
+                                rng);
+      for (int t = 0; t < 8; ++t) p2.rows[t] = t, p2.nv[t] = 1024 + 7 * t;
+      ok &= run_spec(p2, dense, rng, false, expect);
+    }
+  }
+  {  // empty rows, a bad row, clamped n_valid
+    Problem p = make_problem("short path empty / bad rows", 4, 2, 1024, 64, 128, 512, true, rng);
+    p.rows = {0, -1, 1, 5};
+    p.nv = {0, 100, 100000, 50};
+    ok &= run_spec(p, dense, rng, false, expect);
+  }
+  {  // NaN scores: NaN keys scattered, and a row that is NaN from entry 600 on
+    Problem p = make_problem("short path NaN keys", 2, 1, 3000, 64, 128, 512, true, rng);
+    std::uniform_int_distribution<int> u(0, 9);
+    for (int sidx = 0; sidx < 3000; ++sidx)
+      if (u(rng) == 0 || sidx >= 2600) p.keys[static_cast<size_t>(sidx) * 128 + u(rng)] = 0x7fc0;
+    p.nv = {3000, 700};
+    ok &= run_spec(p, dense, rng, true, expect);
+    Problem p2 = make_problem("short path all-NaN row", 1, 1, 600, 64, 128, 512, true, rng);
+    std::fill(p2.keys.begin(), p2.keys.end(), static_cast<uint16_t>(0x7fc0));
+    p2.nv = {600};
+    ok &= run_spec(p2, dense, rng, false, expect);
+  }
+  {  // ties: all scores +-0 (negative weights: -0.0 == +0.0), and 100 winners + zeros with
+     // k above and below the number of distinct values
+    for (int k : {512, 1024}) {
+      Problem p = make_problem("short path all-zero keys", 2, 1, 4096, 64, 128, k, true, rng);
+      std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+      p.nv = {4096, 1500};
+      ok &= run_spec(p, dense, rng, true, expect);
+    }
+    for (int k : {64, 512}) {
+      Problem p = make_problem("short path 100 winners + zeros k=" + std::to_string(k), 1, 1,
+                               8192, 64, 128, k, true, rng);
+      std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+      for (auto& v : p.q) v = float_to_bf16(1.f);
+      for (auto& v : p.w) v = 0.5f;
+      std::vector<int> pos(8192);
+      std::iota(pos.begin(), pos.end(), 0);
+      std::shuffle(pos.begin(), pos.end(), rng);
+      for (int i = 0; i < 100; ++i)  // two winners per value: ties among winners too
+        p.keys[static_cast<size_t>(pos[i]) * p.D + (i % p.D)] = float_to_bf16(static_cast<float>(i / 2 + 1));
+      p.nv = {8192};
+      ok &= run_spec(p, dense, rng, true, expect);
+    }
+    // scores differing only in low mantissa bits (one bin per round until the last)
+    Problem p = make_problem("short path low mantissa bits", 2, 1, 8192, 1, 128, 1024, true, rng);
+    std::fill(p.q.begin(), p.q.end(), float_to_bf16(0.f));
+    for (int t = 0; t < 2; ++t) {
+      p.q[static_cast<size_t>(t) * 128 + 0] = float_to_bf16(1.f);
+      p.q[static_cast<size_t>(t) * 128 + 1] = float_to_bf16(1.f / 256);
+      p.q[static_cast<size_t>(t) * 128 + 2] = float_to_bf16(1.f / 65536);
+      p.w[t] = 1.f;
+      p.nv[t] = 8192 - 7 * t;
+    }
+    std::uniform_int_distribution<int> a(0, 15), b(0, 255);
+    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+    for (int sidx = 0; sidx < 8192; ++sidx) {
+      p.keys[static_cast<size_t>(sidx) * 128 + 0] = float_to_bf16(1.f);
+      p.keys[static_cast<size_t>(sidx) * 128 + 1] = float_to_bf16(static_cast<float>(a(rng)));
+      p.keys[static_cast<size_t>(sidx) * 128 + 2] = float_to_bf16(static_cast<float>(b(rng)));
+    }
+    ok &= run_spec(p, dense, rng, true, expect);
+  }
+  {  // paged (hidden blocks, block sizes 64 and 37), FP8 dense and paged, D 64, heads 1 / 100
+    StoreSpec pg;
+    pg.paged = true;
+    pg.hide_every = 3;
+    for (int bs : {64, 37}) {
+      pg.bs = bs;
+      const int C = bs * (4096 / bs);
+      Problem p = make_problem("short path paged b=2", 2, 2, C, 64, 128, 512, true, rng);
+      p.rows = {1, 0};
+      p.nv = {C, 1000};
+      ok &= run_spec(p, pg, rng, true, expect);
+    }
+    StoreSpec f8;
+    f8.fp8 = true;
+    for (int n : {129, 1024, 8192}) {
+      Problem p = make_problem("short path fp8 dense b=1 N=" + std::to_string(n), 1, 1, 8192, 64,
+                               128, 512, true, rng);
+      p.nv = {n};
+      ok &= run_spec(p, f8, rng, n == 1024, expect);
+    }
+    f8.paged = true;
+    f8.hide_every = 4;
+    Problem p = make_problem("short path fp8 paged b=8", 8, 8, 2048, 64, 128, 1024, true, rng);
+    for (int t = 0; t < 8; ++t) p.rows[t] = (t * 3) % 8, p.nv[t] = 2048 - 200 * t;
+    ok &= run_spec(p, f8, rng, true, expect);
+    Problem p2 = make_problem("short path fp8 paged NaN", 2, 1, 1024, 64, 128, 512, true, rng);
+    for (int sidx = 0; sidx < 1024; sidx += 5) p2.keys[static_cast<size_t>(sidx) * 128 + 3] = 0x7fc0;
+    p2.nv = {1024, 333};
+    ok &= run_spec(p2, f8, rng, false, expect);
+    pg.bs = 64;
+    Problem p3 = make_problem("short path D64 paged", 3, 3, 1536, 16, 64, 512, true, rng);
+    p3.nv = {1536, 700, 0};
+    ok &= run_spec(p3, pg, rng, false, expect);
+    for (int H : {1, 100}) {
+      Problem p4 = make_problem("short path heads=" + std::to_string(H), 2, 2, 3000, H, 128, 256,
+                                true, rng);
+      p4.nv = {3000, 1999};
+      ok &= run_spec(p4, dense, rng, false, expect);
+    }
+  }
+  {  // float scores (set check with tolerance)
+    Problem p = make_problem("short path float b=2", 2, 2, 6000, 64, 128, 1024, false, rng);
+    p.nv = {6000, 1500};
+    ok &= run_spec(p, dense, rng, true, expect);
+  }
+  {  // not eligible (batch 64 / capacity 64K): the split path, same results
+    Problem p = make_problem("short path off: T=20", 20, 20, 1024, 64, 128, 512, true, rng);
+    for (int t = 0; t < 20; ++t) p.rows[t] = t, p.nv[t] = 1024 - t;
+    ok &= run_spec(p, dense, rng, false, expect == 1 ? 0 : -1);
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -709,6 +1098,19 @@ int main(int argc, char** argv) {
     ok &= short_decode_suite(rng);
   }
   dsv4::indexer_topk_set_merge(0);
+  // The short-row decode path (auto merge mode): on (must run where eligible), then off (the
+  // split path on the same cases), and the older short cases with the path off.
+  unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  std::printf("-- short-row path (cluster per query): on\n");
+  bool sok = short_path_suite(rng, 1);
+  setenv("DSV4_INDEXER_TOPK_SHORT", "0", 1);
+  std::printf("-- short-row path: off (DSV4_INDEXER_TOPK_SHORT=0), same cases on the split path\n");
+  sok &= short_path_suite(rng, 0);
+  std::printf("-- short decode, merge: auto, short-row path off\n");
+  sok &= short_decode_suite(rng);
+  unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  std::printf("%s (short-row path cases)\n", sok ? "PASS" : "FAIL");
+  ok &= sok;
   std::printf("%s\n", ok ? "PASS" : "FAIL");
 
   if (bench_short) {  // the decode latency cases: legacy split size vs the default, same process
@@ -716,6 +1118,41 @@ int main(int argc, char** argv) {
     const size_t flush_bytes = 256ull << 20;
     CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
     bool bok = true;
+    {  // the short-row path against the split path (DSV4_INDEXER_TOPK_SHORT=0), auto merge
+      struct Row {
+        int b, n, c, k;
+      };
+      std::vector<Row> rows;
+      for (int k : {512, 1024})
+        for (int b : {1, 2, 8})
+          for (int n : {512, 1024, 2048, 4096, 8192}) rows.push_back({b, n, n, k});
+      rows.push_back({1, 1024, 2048, 512});   // the e2e decode step's shape (C ~ 1-2K)
+      rows.push_back({1, 1024, 16384, 512});  // n_valid << C
+      rows.push_back({4, 2048, 4096, 512});
+      rows.push_back({16, 1024, 1024, 512});
+      std::printf("-- short-row path vs split path (old = DSV4_INDEXER_TOPK_SHORT=0), cold L2\n");
+      std::vector<std::string> summary;
+      for (const Row& r : rows) {
+        double t_old = 0, t_new = 0;
+        setenv("DSV4_INDEXER_TOPK_SHORT", "0", 1);
+        bok &= bench_case("old", r.b, r.b, r.n, r.k, false, 30, {0, r.b - 1}, flush, flush_bytes,
+                          r.c, &t_old);
+        unsetenv("DSV4_INDEXER_TOPK_SHORT");
+        Problem probe;
+        probe.T = r.b, probe.H = 64, probe.D = 128, probe.k = r.k;
+        dsv4::IndexerKeys kk;
+        kk.rows = r.b, kk.capacity = r.c;
+        const std::string path = path_name(probe, kk);
+        bok &= bench_case("short", r.b, r.b, r.n, r.k, false, 30, {0, r.b - 1}, flush,
+                          flush_bytes, r.c, &t_new);
+        char buf[256];
+        std::snprintf(buf, sizeof(buf),
+                      "SHORT b=%-2d N=%-5d C=%-5d k=%-4d old %7.1f us  new %7.1f us  x%.2f  [%s]",
+                      r.b, r.n, r.c, r.k, t_old, t_new, t_old / t_new, path.c_str());
+        summary.push_back(buf);
+      }
+      for (const auto& l : summary) std::printf("%s\n", l.c_str());
+    }
     const int cases[][2] = {{1, 1024}, {1, 2048}, {1, 8192}, {1, 32768}, {8, 1024},
                             {32, 2048}, {64, 1024}, {32, 32768}};
     for (int mode : {3, 0, 1, 2}) {

@@ -146,4 +146,17 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages);
 // benches.
 void indexer_topk_set_merge(int mode);
 
+// Short-row decode path: for decode plans (one query per CTA) with at most 16 queries, at most
+// 128 heads and a logical capacity C of at most 16 x 1024 entries (8 x 1024 when 16-CTA
+// clusters cannot all be resident), on sm_90+, in the default (auto) merge mode, indexer_topk
+// runs one thread-block cluster of cs = min(16, ceil(C / 128)) CTAs per query instead of the
+// split / merge path: the CTAs score n_valid / cs keys each, select the topk-th score exactly
+// with one radix select through distributed shared memory and write the indices (ranked by
+// counting), in one launch without workspace use or global atomics. Same indices as every
+// other path. DSV4_INDEXER_TOPK_SHORT=0 (read at each call) turns it off.
+// This aid returns the cluster size indexer_topk would use for these arguments on the current
+// device now, or 0 when the call takes the split / merge path (tests and benches).
+int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                               int64_t head_dim, int64_t topk);
+
 }  // namespace dsv4
