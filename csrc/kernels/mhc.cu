@@ -25,6 +25,11 @@
 //  kMhcHeadDecodeTokens = 8) runs mhc_decode_kernel (below): ONE launch (after zeroing its
 //  arrival counters) whose projection is a split GEMV on CUDA cores over ~2 CTAs per SM, and
 //  whose tail is spread over up to 8 token groups, the Sinkhorn beside the collapse.
+//  Since 2026-12 ("v2", the default): the decode kernel is launched cooperatively and its CTAs
+//  meet at the grid barrier of cooperative groups instead of arrival counters, so the separate
+//  zeroing launch is gone; its Sinkhorn fetches the three partners of a row / column sum at
+//  once (quad_sum): the same operands in the same order, so v2 gives v1's bits.
+//  DSV4_MHC_DECODE_IMPL=v1 runs the previous kernel (zeroing launch + counters).
 //  DSV4_MHC_DECODE=all runs it up to 64 tokens for both ops (for measuring and tests);
 //  DSV4_MHC_DECODE=old never: then tokens <= 8 run one mix launch whose last CTA (arrival
 //  counter) runs phase 2 for all its tokens at once (split sums spread over the CTA, one
@@ -214,11 +219,33 @@ struct FinishSmem {
   float pre[kMaxFinish][kHc];
 };
 
+// Sum and max over a comb row (m = 1: lanes 4j .. 4j + 3) or column (m = 4: lanes k, k + 4, ..)
+// of a half-warp, in the order of the xor tree "v + shfl(v, m), then + shfl(., 2m)": lane q
+// gets (v_q + v_q^m) + (v_q^2m + v_q^3m), the partner q ^ 2m having formed the right-hand pair
+// in that operand order. The tree waits for two shuffles one after the other; here the three
+// partners' values are fetched at once (one shuffle latency, ~25-30 cycles, instead of two
+// plus an add), the same operands in the same order, so the same bits on every lane.
+__device__ __forceinline__ float quad_sum(float v, int m) {
+  const float a = __shfl_xor_sync(0xffffffffu, v, m);
+  const float b = __shfl_xor_sync(0xffffffffu, v, 2 * m);
+  const float c = __shfl_xor_sync(0xffffffffu, v, 3 * m);
+  return __fadd_rn(__fadd_rn(v, a), __fadd_rn(b, c));
+}
+__device__ __forceinline__ float quad_max(float v, int m) {
+  const float a = __shfl_xor_sync(0xffffffffu, v, m);
+  const float b = __shfl_xor_sync(0xffffffffu, v, 2 * m);
+  const float c = __shfl_xor_sync(0xffffffffu, v, 3 * m);
+  return fmaxf(fmaxf(v, a), fmaxf(b, c));
+}
+
 // The coefficients of one token, by a half-warp (l = lane & 15; every lane of the warp must
-// call it: the shuffles are full-warp, xor 1..8 stays in the half). `store` false: a lane of
+// call it: the shuffles are full-warp, xor 1..12 stays in the half). `store` false: a lane of
 // a half without a token (its results are dropped). `pre` null: pre is not stored (the decode
-// finisher computes it before, for every token at once).
-template <int NT>
+// finisher computes it before, for every token at once). kQuad: the row / column sums and the
+// row max by quad_sum / quad_max (one shuffle latency per sum; the decode kernel's default,
+// whose tail this Sinkhorn is); false: the xor tree (two dependent shuffles per sum; the other
+// paths and DSV4_MHC_DECODE_IMPL=v1). Both give the same bits.
+template <int NT, bool kQuad = false>
 __device__ __forceinline__ void token_coefficients(const FinishArgs& a, const float* tot,
                                                    float* pre, int64_t t, int l, bool store) {
   const float r = mix_rstd(a.dim, a.norm_eps, tot[kSumsqCol]);
@@ -233,6 +260,17 @@ __device__ __forceinline__ void token_coefficients(const FinishArgs& a, const fl
     // comb[j][k], l = 4 j + k; row = lanes xor 1, 2; column = lanes xor 4, 8.
     const float m = __fmul_rn(tot[2 * kHc + l], r);
     const float L = __fadd_rn(__fmul_rn(m, a.scale[2]), a.base[2 * kHc + l]);
+    if constexpr (kQuad) {
+      const float ex = expf(__fsub_rn(L, quad_max(L, 1)));
+      float c = __fadd_rn(__fdiv_rn(ex, quad_sum(ex, 1)), a.eps);
+      c = __fdiv_rn(c, __fadd_rn(quad_sum(c, 4), a.eps));
+      for (int it = 1; it < a.iters; ++it) {
+        c = __fdiv_rn(c, __fadd_rn(quad_sum(c, 1), a.eps));
+        c = __fdiv_rn(c, __fadd_rn(quad_sum(c, 4), a.eps));
+      }
+      if (store) a.comb[t * kHc * kHc + l] = c;
+      return;
+    }
     float mx = fmaxf(L, __shfl_xor_sync(0xffffffffu, L, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float ex = expf(__fsub_rn(L, mx));
@@ -540,9 +578,26 @@ struct DecArgs {
   const float* fn;         // [rows, K]
   int group, splits, passes;
   float* part;             // [splits][tokens][32] (f.part: the same, read by the finisher)
-  int* counters;           // [groups], zero at launch
+  int* counters;           // [groups], zero at launch (kGridSync false only)
+  unsigned long long* stamps;  // null, or kDecStamps phase stamps (kGridSync true only)
   FinishArgs f;            // f.part [splits][tokens][32], f.splits = splits, f.tokens = tokens
 };
+
+// Phase stamps of the decode kernel (DSV4_MHC_DECODE_STAMPS=1, for measuring where its time
+// goes; check_mhc prints them): the finisher of group 0 (CTA 0) writes %globaltimer (ns) into
+// stamps[0..7] and clock64 into stamps[8..15] at: 0 its start, 1 its partials stored, 2 past
+// the grid barrier, 3 the split sums done, 4 pre done, 5 the Sinkhorn done (lane 0 of warp 0),
+// 6 the last collapse warp done (atomicMax), 7 unused (0).
+constexpr int kDecStamps = 16;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void stamp(unsigned long long* s, int i) {
+  s[i] = global_ns();
+  s[8 + i] = static_cast<unsigned long long>(clock64());
+}
 
 struct DecSmem {
   float4 red[kDecThreads];           // split sums, one float4 per thread
@@ -552,7 +607,14 @@ struct DecSmem {
 
 // G: the largest group this instance takes (1, 4 or 8; a.group <= G): the accumulators
 // [G][NT] live in registers and the loops over the group's tokens are unrolled to G.
-template <int NT, int G>
+// kGridSync (the default, "v2"): launched cooperatively (all CTAs co-resident); instead of the
+// arrival counters, which a separate launch had to zero first (the workspace comes from the
+// caching allocator, so nothing is zero at launch), every CTA meets the grid barrier of
+// cooperative groups (driver-owned, self-resetting memory: no zeroing, graph-replay safe) and
+// split 0 of each group finishes it; its Sinkhorn sums by quad_sum. The values are those of
+// kGridSync false ("v1", DSV4_MHC_DECODE_IMPL=v1): the same partials, the same sums in the
+// same order.
+template <int NT, int G, bool kGridSync>
 __global__ void __launch_bounds__(kDecThreads, 2) mhc_decode_kernel(const DecArgs a) {
   constexpr int kNReal = NT == 3 ? 24 : 4;
   static_assert(NT * kDecWarps >= kNReal, "every fn row has a warp");
@@ -564,6 +626,8 @@ __global__ void __launch_bounds__(kDecThreads, 2) mhc_decode_kernel(const DecArg
   const int n = static_cast<int>(a.tokens - t0 < a.group ? a.tokens - t0 : a.group);  // >= 1
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r0 = warp * NT;  // this warp's first fn row
+  unsigned long long* const st = kGridSync && blockIdx.x == 0 ? a.stamps : nullptr;
+  if (st != nullptr && tid == 0) stamp(st, 0);
 
   float acc[G][NT], sq[G];
 #pragma unroll
@@ -634,25 +698,44 @@ __global__ void __launch_bounds__(kDecThreads, 2) mhc_decode_kernel(const DecArg
     }
   }
 
-  if (!arrive_last(a.counters + g, a.splits)) return;
+  if constexpr (kGridSync) {
+    if (st != nullptr && tid == 0) stamp(st, 1);
+    cg::this_grid().sync();  // fences included: every CTA's partials are visible past it
+    if (split != 0) return;
+    if (st != nullptr && tid == 0) {
+      stamp(st, 2);
+      st[5] = 0;  // stays 0 for the head (no Sinkhorn)
+      st[6] = 0;  // atomicMax'ed by the collapse warps below (ordered by the __syncthreads)
+      st[7] = 0;
+    }
+  } else {
+    if (!arrive_last(a.counters + g, a.splits)) return;
+  }
 
   // Phase 2 for the group's n tokens.
   const FinishArgs& f = a.f;
   sum_split_partials<kDecThreads>(f, sm.red, sm.tot, t0, n);
+  if (st != nullptr && tid == 0) stamp(st, 3);
   if (tid < n * kHc) {  // pre of every token first: the collapse needs nothing else
     const int i = tid / kHc, l = tid % kHc;
     const float r = mix_rstd(f.dim, f.norm_eps, sm.tot[i][kSumsqCol]);
     sm.pre[i][l] = pre_value(sm.tot[i][l], r, f.scale[0], f.base[l], f.eps);
   }
   __syncthreads();
+  if (st != nullptr && tid == 0) stamp(st, 4);
   const int sink_warps = NT == 3 ? (n + 1) / 2 : 0;  // <= 4 of the 8 warps
   if (warp < sink_warps) {  // post and comb: token 2 w + h on half h of warp w
     const int i = 2 * warp + (lane >> 4);
     const bool have = i < n;
     const int ii = have ? i : 0;
-    token_coefficients<NT>(f, sm.tot[ii], nullptr, t0 + ii, lane & 15, have);
+    token_coefficients<NT, kGridSync>(f, sm.tot[ii], nullptr, t0 + ii, lane & 15, have);
+    if (st != nullptr && tid == 0) stamp(st, 5);
   } else {
     collapse_tokens(f, sm.pre, t0, n, tid - sink_warps * 32, kDecThreads - sink_warps * 32);
+    if (st != nullptr) {
+      __syncwarp();
+      if (lane == 0) atomicMax(st + 6, global_ns());
+    }
   }
 }
 
@@ -1181,9 +1264,73 @@ size_t decode_counter_offset(int64_t tokens, int64_t dim) {
   const int64_t cols = (kHc * dim + kDecCols - 1) / kDecCols;
   return static_cast<size_t>(cols * tokens * kPartCols) * sizeof(float);
 }
+// Byte offset of v2's phase stamps (DSV4_MHC_DECODE_STAMPS=1): after the counters, 8-byte
+// aligned. check_mhc computes the same: (ceil(4·dim / 128)·tokens·128 + 4·tokens + 7) & ~7.
+size_t decode_stamp_offset(int64_t tokens, int64_t dim) {
+  return (decode_counter_offset(tokens, dim) + static_cast<size_t>(tokens) * sizeof(int) + 7) &
+         ~static_cast<size_t>(7);
+}
 
-// Workspace: the partials [splits][tokens][32] fp32, then the groups' arrival counters (zeroed
-// here by a one-CTA kernel before the kernel: zero_fill.cuh says why not a memset).
+// DSV4_MHC_DECODE_IMPL (read at each call, so a CUDA graph keeps the kernel it was captured
+// with): "v1" = the decode kernel with arrival counters, zeroed by a separate launch (the
+// previous default; for comparing); unset or anything else = v2, the cooperative launch with a
+// grid barrier (mhc_decode_kernel<NT, G, true>), where the grid can be co-resident (else v1).
+bool decode_v1_forced() {
+  const char* v = std::getenv("DSV4_MHC_DECODE_IMPL");
+  return v != nullptr && std::strcmp(v, "v1") == 0;
+}
+// DSV4_MHC_DECODE_STAMPS=1: v2 writes its phase stamps (kDecStamps) into the workspace at
+// decode_stamp_offset (for check_mhc; read at each call).
+bool decode_stamps_on() {
+  const char* v = std::getenv("DSV4_MHC_DECODE_STAMPS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// CTAs of mhc_decode_kernel<NT, G, true> that can be resident at once on `device` (blocks per
+// SM x SMs): a cooperative launch must not exceed it. Queried once per device and instance.
+template <int NT, int G>
+int64_t decode_coop_capacity(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet; else capacity + 1
+  if (device < 0 || device >= kMaxDevices) return 0;
+  const int known = cache[device].load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  int per_sm = 0, coop = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (err == cudaSuccess && coop != 0)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mhc_decode_kernel<NT, G, true>,
+                                                        kDecThreads, 0);
+  if (err != cudaSuccess || coop == 0) {
+    (void)cudaGetLastError();  // this query's own error: the caller falls back to v1
+    per_sm = 0;
+  }
+  const int cap = per_sm * sm_count(device);
+  cache[device].store(cap + 1, std::memory_order_relaxed);
+  return cap;
+}
+
+template <int NT, int G>
+cudaError_t launch_decode(const DecArgs& a, unsigned grid, bool coop, cudaStream_t stream) {
+  if (!coop) {
+    mhc_decode_kernel<NT, G, false><<<grid, kDecThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kDecThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, mhc_decode_kernel<NT, G, true>, a);
+}
+
+// Workspace: the partials [splits][tokens][32] fp32, then the groups' arrival counters (v1:
+// zeroed here by a one-CTA kernel before the kernel, zero_fill.cuh says why not a memset; v2
+// does not use them), then (8-byte aligned) kDecStamps stamps.
 template <int NT>
 cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const float* fn,
                        FinishArgs f, int64_t tokens, void* workspace, int device,
@@ -1207,17 +1354,27 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
   a.counters =
       reinterpret_cast<int*>(static_cast<char*>(workspace) + decode_counter_offset(tokens, f.dim));
   a.f = f;
-  cudaError_t err =
-      zero_bytes_async(a.counters, static_cast<size_t>(p.groups) * sizeof(int), stream);
-  if (err != cudaSuccess) return err;
-  const unsigned grid = static_cast<unsigned>(p.groups * p.splits);
-  if (p.group == 1)
-    mhc_decode_kernel<NT, 1><<<grid, kDecThreads, 0, stream>>>(a);
-  else if (p.group <= 4)
-    mhc_decode_kernel<NT, 4><<<grid, kDecThreads, 0, stream>>>(a);
-  else
-    mhc_decode_kernel<NT, kMaxFinish><<<grid, kDecThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  a.stamps = nullptr;
+  const int64_t ctas = p.groups * p.splits;
+  const unsigned grid = static_cast<unsigned>(ctas);
+  const int gi = p.group == 1 ? 0 : p.group <= 4 ? 1 : 2;  // the instance: G = 1, 4, 8
+  const int64_t cap = decode_v1_forced() ? 0
+                      : gi == 0         ? decode_coop_capacity<NT, 1>(device)
+                      : gi == 1         ? decode_coop_capacity<NT, 4>(device)
+                                        : decode_coop_capacity<NT, kMaxFinish>(device);
+  const bool coop = ctas <= cap;
+  if (coop) {
+    if (decode_stamps_on())
+      a.stamps = reinterpret_cast<unsigned long long*>(static_cast<char*>(workspace) +
+                                                       decode_stamp_offset(tokens, f.dim));
+  } else {
+    const cudaError_t err =
+        zero_bytes_async(a.counters, static_cast<size_t>(p.groups) * sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (gi == 0) return launch_decode<NT, 1>(a, grid, coop, stream);
+  if (gi == 1) return launch_decode<NT, 4>(a, grid, coop, stream);
+  return launch_decode<NT, kMaxFinish>(a, grid, coop, stream);
 }
 
 // Shared driver of mhc_pre (NT = 3) and mhc_head (NT = 1).
@@ -1408,8 +1565,8 @@ size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
                           : 0;
   size_t need = chunked > wide ? chunked : wide;
   if (tokens <= kMhcDecodeMaxTokens) {  // the decode kernel's partials and counters
-    const size_t dec =
-        decode_counter_offset(tokens, dim) + static_cast<size_t>(tokens) * sizeof(int);
+    const size_t dec =  // partials, counters, v2's phase stamps (128 bytes)
+        decode_stamp_offset(tokens, dim) + kDecStamps * sizeof(unsigned long long);
     if (dec > need) need = dec;
   }
   return need;

@@ -8,7 +8,13 @@
 // are no multiple of the 64-wide k tile; every pre / head case runs twice, the second time with
 // DSV4_MHC_ONE_PASS=1 (the one-pass cluster kernel at dim 1024 / 2048 / 4096, T > 64). Then
 // times both prefill paths at T = 4096 and 16384, dim 4096 (pre and head), with the cluster
-// count, and checks that the one-pass kernel is deterministic run to run. Prints
+// count, and checks that the one-pass kernel is deterministic run to run. The decode kernel v2
+// (default: cooperative launch, grid barrier, no zeroing launch) must give v1's bytes
+// (DSV4_MHC_DECODE_IMPL=v1) at T = 1..8, dim 4096 / 7168, inputs scaled by 2^0, 2^+-16,
+// 2^+-40; both are timed per call (stream and CUDA graph) with v2's phase stamps.
+// `--decode-v2` runs only that (plus v2 against the CPU reference), `--decode-only` the decode
+// kernel's cases. Build without CMake: nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc/include -Icsrc
+// csrc/tests/check_mhc.cu csrc/kernels/mhc.cu -o check_mhc. Prints
 // PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
 
@@ -400,6 +406,144 @@ bool time_decode(int T, int d, bool head) {
   return ok;
 }
 
+// Decode kernel v2 (the default: cooperative launch, grid barrier, no zeroing launch) against
+// v1 (DSV4_MHC_DECODE_IMPL=v1: arrival counters zeroed by a separate launch) on the same inputs:
+// u, post and comb must be the same bytes. `mag` scales x by 2^mag per token (large / small
+// magnitudes: the rsqrt normalises them away, but Σx̂² and the mixes' rounding see them), fn by
+// 2^-mag (so the mixes stay in the range where the Sinkhorn is not one-hot for every token).
+bool check_decode_v1_v2(int T, int d, bool head, int mag, std::mt19937& rng) {
+  const int K = 4 * d, rows = head ? 4 : 24;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<uint16_t> x(static_cast<size_t>(T) * K);
+  std::vector<float> fn(static_cast<size_t>(rows) * K), scale(head ? 1 : 3), base(rows);
+  for (int t = 0; t < T; ++t) {
+    const float s = std::ldexp(1.f, (t % 2 == 0 ? mag : -mag));  // alternate big / small tokens
+    for (int c = 0; c < K; ++c) x[static_cast<size_t>(t) * K + c] = float_to_bf16(s * 2 * nd(rng));
+  }
+  for (auto& v : fn) v = std::ldexp(nd(rng) * 3.f / std::sqrt(float(K)), -mag / 4);
+  for (auto& v : scale) v = 0.5f + std::fabs(nd(rng)) * 0.5f;
+  for (auto& v : base) v = 0.5f * nd(rng);
+  uint16_t* dx = to_device(x);
+  float* dfn = to_device(fn);
+  float* ds = to_device(scale);
+  float* db = to_device(base);
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  const size_t ws_bytes = dsv4::mhc_pre_workspace_bytes(T, d, dev);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  std::vector<uint16_t> u[2];
+  std::vector<float> post[2], comb[2];
+  for (int v = 0; v < 2; ++v) {  // 0: v1, 1: v2
+    if (v == 0) setenv("DSV4_MHC_DECODE_IMPL", "v1", 1);
+    else unsetenv("DSV4_MHC_DECODE_IMPL");
+    CHECK_CUDA(cudaMemset(ws, 0x5A, ws_bytes));  // garbage counters: v1 zeroes them, v2 needs none
+    uint16_t* du = to_device(std::vector<uint16_t>(static_cast<size_t>(T) * d, 0xFFFF));
+    float* dp = to_device(std::vector<float>(T * 4, NAN));
+    float* dc = to_device(std::vector<float>(T * 16, NAN));
+    if (head)
+      CHECK_CUDA(dsv4::mhc_head(dx, K, dfn, ds, db, 1e-6f, 1e-6f, du, d, T, d, ws, ws_bytes,
+                                nullptr));
+    else
+      CHECK_CUDA(dsv4::mhc_pre(dx, K, dfn, ds, db, 1e-6f, 20, 1e-6f, du, d, dp, dc, T, d, ws,
+                               ws_bytes, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    u[v] = to_host(du, static_cast<size_t>(T) * d);
+    post[v] = to_host(dp, T * 4);
+    comb[v] = to_host(dc, T * 16);
+    for (void* q : {static_cast<void*>(du), static_cast<void*>(dp), static_cast<void*>(dc)})
+      CHECK_CUDA(cudaFree(q));
+  }
+  unsetenv("DSV4_MHC_DECODE_IMPL");
+  const auto bytes_eq = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+  };
+  const bool ok = u[0] == u[1] && bytes_eq(post[0], post[1]) && bytes_eq(comb[0], comb[1]);
+  std::printf("%s decode v2 == v1 bit for bit %s T=%-2d d=%-5d x scale 2^+-%d\n", ok ? "ok  " : "FAIL",
+              head ? "head" : "pre ", T, d, mag);
+  for (void* q : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
+                  static_cast<void*>(db), ws})
+    CHECK_CUDA(cudaFree(q));
+  return ok;
+}
+
+// Per-call µs of v1 and v2 of the decode kernel at (T, d): back-to-back launches on a stream
+// (cudaEvent over `reps` calls) and the same calls captured in a CUDA graph (one graph of
+// `reps` calls, replayed; the environment is read at capture, so each graph keeps its kernel).
+// fn stays in L2 here (a model's layers read it from HBM). Then v2's phase stamps
+// (DSV4_MHC_DECODE_STAMPS=1), averaged over 50 calls: the finisher CTA's %globaltimer (ns)
+// and clock64 (cycles) deltas from its start. Informational; fails only on an error.
+bool bench_decode_impl(int T, int d, bool head) {
+  const TimedCase c(T, d, head, 31u, 64, 5);
+  bool ok = true;
+  cudaStream_t s = nullptr;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const auto call = [&]() {
+    return head ? dsv4::mhc_head(c.dx, c.K, c.dfn, c.ds, c.db, 1e-6f, 1e-6f, c.du[0], d, T, d,
+                                 c.ws, c.ws_bytes, s)
+                : dsv4::mhc_pre(c.dx, c.K, c.dfn, c.ds, c.db, 1e-6f, 20, 1e-6f, c.du[0], d,
+                                c.dp[0], c.dc[0], T, d, c.ws, c.ws_bytes, s);
+  };
+  constexpr int reps = 200;
+  float us[2][2] = {{0, 0}, {0, 0}};  // [v1, v2][stream, graph]
+  for (int v = 0; v < 2; ++v) {
+    if (v == 0) setenv("DSV4_MHC_DECODE_IMPL", "v1", 1);
+    else unsetenv("DSV4_MHC_DECODE_IMPL");
+    for (int w = 0; w < 10; ++w) ok &= call() == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(c.e0, s));
+    for (int i = 0; i < reps; ++i) ok &= call() == cudaSuccess;
+    CHECK_CUDA(cudaEventRecord(c.e1, s));
+    CHECK_CUDA(cudaEventSynchronize(c.e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, c.e0, c.e1));
+    us[v][0] = ms * 1000.f / reps;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t ge = nullptr;
+    CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < reps; ++i) ok &= call() == cudaSuccess;
+    CHECK_CUDA(cudaStreamEndCapture(s, &g));
+    CHECK_CUDA(cudaGraphInstantiate(&ge, g, 0));
+    CHECK_CUDA(cudaGraphLaunch(ge, s));  // warm-up replay
+    CHECK_CUDA(cudaEventRecord(c.e0, s));
+    for (int r = 0; r < 3; ++r) CHECK_CUDA(cudaGraphLaunch(ge, s));
+    CHECK_CUDA(cudaEventRecord(c.e1, s));
+    CHECK_CUDA(cudaEventSynchronize(c.e1));
+    CHECK_CUDA(cudaEventElapsedTime(&ms, c.e0, c.e1));
+    us[v][1] = ms * 1000.f / (3 * reps);
+    CHECK_CUDA(cudaGraphExecDestroy(ge));
+    CHECK_CUDA(cudaGraphDestroy(g));
+  }
+  // v2's phase stamps
+  setenv("DSV4_MHC_DECODE_STAMPS", "1", 1);
+  const size_t cols = (4 * size_t(d) + 127) / 128;
+  const size_t off = (cols * T * 128 + 4 * size_t(T) + 7) & ~size_t(7);
+  double ns[8] = {0}, cyc[8] = {0};
+  constexpr int kStampRuns = 50;
+  for (int r = 0; r < kStampRuns; ++r) {
+    ok &= call() == cudaSuccess;
+    CHECK_CUDA(cudaStreamSynchronize(s));
+    unsigned long long st[16];
+    CHECK_CUDA(cudaMemcpy(st, static_cast<char*>(c.ws) + off, sizeof(st), cudaMemcpyDeviceToHost));
+    for (int i = 1; i < 7; ++i) {
+      ns[i] += (st[i] >= st[0] ? double(st[i] - st[0]) : 0.0) / kStampRuns;
+      if (i != 6) cyc[i] += (st[8 + i] >= st[8] ? double(st[8 + i] - st[8]) : 0.0) / kStampRuns;
+    }
+  }
+  unsetenv("DSV4_MHC_DECODE_STAMPS");
+  CHECK_CUDA(cudaStreamSynchronize(s));
+  CHECK_CUDA(cudaStreamDestroy(s));
+  std::printf("%s bench decode %s T=%-2d d=%-5d per call: v1 (zeroing launch + counters) %.2f us "
+              "stream / %.2f us graph; v2 (cooperative, grid barrier) %.2f us stream / %.2f us "
+              "graph (fn L2-resident)\n",
+              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, us[0][0], us[0][1], us[1][0],
+              us[1][1]);
+  std::printf("     v2 phases of CTA 0 from its start, ns (cycles): partials stored %.0f (%.0f), "
+              "past grid barrier %.0f (%.0f), split sums %.0f (%.0f), pre %.0f (%.0f), Sinkhorn "
+              "done %.0f (%.0f), collapse done %.0f\n",
+              ns[1], cyc[1], ns[2], cyc[2], ns[3], cyc[3], ns[4], cyc[4], ns[5], cyc[5], ns[6]);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -412,6 +556,21 @@ int main(int argc, char** argv) {
   bool ok = true;
   // --decode-only: the decode kernel's cases and group sizes, no timing (short enough for
   // compute-sanitizer)
+  // --decode-v2: the decode kernel v2 against v1 bit for bit and against the CPU reference at
+  // T = 1..8, dim 4096 / 7168, then v1 vs v2 timings and v2's phase stamps (a minute or less)
+  if (argc > 1 && std::strcmp(argv[1], "--decode-v2") == 0) {
+    for (int d : {4096, 7168})
+      for (int T : {1, 2, 3, 4, 7, 8})
+        for (bool head : {false, true}) {
+          for (int mag : {0, 16, 40}) ok &= check_decode_v1_v2(T, d, head, mag, rng);
+          ok &= check_pre(T, d, head, rng);  // v2 (the default) vs the CPU reference
+        }
+    for (int d : {4096, 7168})
+      for (int T : {1, 2, 4, 8})
+        for (bool head : {false, true}) ok &= bench_decode_impl(T, d, head);
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   if (argc > 1 && std::strcmp(argv[1], "--decode-only") == 0) {
     const int dec_cases[][2] = {{1, 4096}, {2, 4096}, {8, 4096}, {13, 4096}, {63, 4096},
                                 {64, 4096}, {64, 136}, {3, 8}, {1, 7168}};
@@ -471,6 +630,13 @@ int main(int argc, char** argv) {
   }
   unsetenv("DSV4_MHC_DECODE_GROUP");
   unsetenv("DSV4_MHC_DECODE");
+  // decode kernel v2 (default) vs v1 (DSV4_MHC_DECODE_IMPL=v1), bit for bit, then their times
+  for (int d : {4096, 7168})
+    for (int T : {1, 2, 3, 4, 7, 8})
+      for (bool head : {false, true})
+        for (int mag : {0, 16, 40}) ok &= check_decode_v1_v2(T, d, head, mag, rng);
+  for (bool head : {false, true})
+    for (int T : {1, 8}) ok &= bench_decode_impl(T, 4096, head);
   for (bool head : {false, true})
     for (int T : {1, 8, 16, 32, 64}) ok &= time_decode(T, 4096, head);
   // times (and the one-pass kernel's run-to-run determinism) at the sizes of issue 10's target
