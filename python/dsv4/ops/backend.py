@@ -170,15 +170,29 @@ _RUN_20261206H = (
     "transposed table / sel into rows instead of failing with an invalid-value error): every "
     "CUDA test of tests/ops/test_paged_rows.py (14 passed: the new broadcast / transposed and "
     "past-int32 cases included), again under compute-sanitizer memcheck (0 errors)")
+_RUN_20261206I = (
+    "2026-12-06 (seventh session), on an H100 80GB, csrc of indexer_topk c1b1ff66 (the "
+    "short-row decode path: one thread-block cluster per query, an exact radix select through "
+    "distributed shared memory, no workspace) and of the mHC ops 19d5ce0d (the decode kernel "
+    "launched cooperatively with a grid barrier instead of a zero-fill launch and arrival "
+    "counters; the Sinkhorn sums in one shuffle round): csrc/tests/check_indexer_topk.cu "
+    "--bench-short PASS (the short-path suite with the path on and off, every merge mode) and "
+    "csrc/tests/check_mhc.cu --decode-v2 PASS (new vs old bit for bit, T 1-8, dim 4096 / "
+    "7168, scales 2^-40..2^40); tests/ops/test_indexer_topk.py, test_mhc_ops.py (with its "
+    "child runs), test_moe_routing.py, test_split_gemm.py, tests/runtime, tests/layers, the "
+    "model CUDA, fused-projection and golden tests: 378 passed, 2 failed (the same test of "
+    "test_mhc_ops.py and its child run: its kernel-name pattern did not allow the decode "
+    "kernel's new third template argument; the pattern is fixed, the kernel names it printed "
+    "match the fixed pattern)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv")},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
-    **{op: _RUN_20261206G for op in (
-        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "argmax_finite")},
+    **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
+    **{op: _RUN_20261206I for op in ("mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
     **{op: _RUN_20261206B for op in (
         "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
 }
@@ -188,14 +202,15 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # 2026-12-05G run (csrc ffa9e332) except indexer_topk, the GEMM ops from the 2026-12-06A run, sparse_attn /
 # hca_attn and the MoE routing ops from the 2026-12-06B run, moe_swiglu from the 2026-12-06E
 # run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
-# from the 2026-12-06G run, paged_rows from the 2026-12-06H run. A run that verifies some ops
+# from the 2026-12-06G run, paged_rows from the 2026-12-06H run, the mHC ops and indexer_topk
+# again from the 2026-12-06I run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "9d4856a77411fd2112dadfa3df0d1aef8aa99aa3f914ee256bd5ebd218aa6399",
+    "indexer_topk": "c1b1ff662d3a7fe3cf0c9f74e4feab669b044e0b0c286acdb3177dfcb4c36092",
     "sparse_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "hca_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
     "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
@@ -205,9 +220,9 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
-    "mhc_post": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
-    "mhc_head": "eccc43732990f46435bcb91b6e7ef0d7402c1539d24abf581e1674619b6a8f0d",
+    "mhc_pre": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
+    "mhc_post": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
+    "mhc_head": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
