@@ -71,6 +71,29 @@ Problem make_problem(const std::string& name, int T, int B, int C, int H, int D,
   return p;
 }
 
+// Two decode queries (one head, D = 128, topk 1024) over n keys whose scores differ only in
+// their low mantissa bits (tilelang #1351, sglang #37591): score = k0 + k1 / 256 + k2 / 65536
+// with k1 in [0, 16), k2 in [0, 256); query t sees n - 7 t keys.
+Problem make_low_mantissa_problem(const std::string& name, int n, std::mt19937& rng) {
+  Problem p = make_problem(name, 2, 1, n, 1, 128, 1024, true, rng);
+  std::fill(p.q.begin(), p.q.end(), float_to_bf16(0.f));
+  for (int t = 0; t < 2; ++t) {
+    p.q[static_cast<size_t>(t) * 128 + 0] = float_to_bf16(1.f);
+    p.q[static_cast<size_t>(t) * 128 + 1] = float_to_bf16(1.f / 256);
+    p.q[static_cast<size_t>(t) * 128 + 2] = float_to_bf16(1.f / 65536);
+    p.w[t] = 1.f;
+    p.nv[t] = n - 7 * t;
+  }
+  std::uniform_int_distribution<int> a(0, 15), b(0, 255);
+  std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
+  for (int s = 0; s < n; ++s) {
+    p.keys[static_cast<size_t>(s) * 128 + 0] = float_to_bf16(1.f);
+    p.keys[static_cast<size_t>(s) * 128 + 1] = float_to_bf16(static_cast<float>(a(rng)));
+    p.keys[static_cast<size_t>(s) * 128 + 2] = float_to_bf16(static_cast<float>(b(rng)));
+  }
+  return p;
+}
+
 // Reference scores of query t in double (NaN kept); entries [0, nv) of its row.
 std::vector<double> ref_scores(const Problem& p, int t, double* abs_bound) {
   std::vector<double> out;
@@ -482,22 +505,7 @@ bool correctness_suite(std::mt19937& rng) {
     }
   }
   {  // scores differing only in the low 16 mantissa bits (tilelang #1351, sglang #37591)
-    Problem p = make_problem("low mantissa bits", 2, 1, 20000, 1, 128, 1024, true, rng);
-    std::fill(p.q.begin(), p.q.end(), float_to_bf16(0.f));
-    for (int t = 0; t < 2; ++t) {
-      p.q[static_cast<size_t>(t) * 128 + 0] = float_to_bf16(1.f);
-      p.q[static_cast<size_t>(t) * 128 + 1] = float_to_bf16(1.f / 256);
-      p.q[static_cast<size_t>(t) * 128 + 2] = float_to_bf16(1.f / 65536);
-      p.w[t] = 1.f;
-      p.nv[t] = 20000 - 7 * t;
-    }
-    std::uniform_int_distribution<int> a(0, 15), b(0, 255);
-    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
-    for (int s = 0; s < 20000; ++s) {
-      p.keys[static_cast<size_t>(s) * 128 + 0] = float_to_bf16(1.f);
-      p.keys[static_cast<size_t>(s) * 128 + 1] = float_to_bf16(static_cast<float>(a(rng)));
-      p.keys[static_cast<size_t>(s) * 128 + 2] = float_to_bf16(static_cast<float>(b(rng)));
-    }
+    Problem p = make_low_mantissa_problem("low mantissa bits", 20000, rng);
     ok &= run_problem(p, true);
   }
   {  // NaN keys are never selected (vllm #49896); decode + prefill
@@ -992,22 +1000,7 @@ bool short_path_suite(std::mt19937& rng, int expect) {
       ok &= run_spec(p, dense, rng, true, expect);
     }
     // scores differing only in low mantissa bits (one bin per round until the last)
-    Problem p = make_problem("short path low mantissa bits", 2, 1, 8192, 1, 128, 1024, true, rng);
-    std::fill(p.q.begin(), p.q.end(), float_to_bf16(0.f));
-    for (int t = 0; t < 2; ++t) {
-      p.q[static_cast<size_t>(t) * 128 + 0] = float_to_bf16(1.f);
-      p.q[static_cast<size_t>(t) * 128 + 1] = float_to_bf16(1.f / 256);
-      p.q[static_cast<size_t>(t) * 128 + 2] = float_to_bf16(1.f / 65536);
-      p.w[t] = 1.f;
-      p.nv[t] = 8192 - 7 * t;
-    }
-    std::uniform_int_distribution<int> a(0, 15), b(0, 255);
-    std::fill(p.keys.begin(), p.keys.end(), float_to_bf16(0.f));
-    for (int sidx = 0; sidx < 8192; ++sidx) {
-      p.keys[static_cast<size_t>(sidx) * 128 + 0] = float_to_bf16(1.f);
-      p.keys[static_cast<size_t>(sidx) * 128 + 1] = float_to_bf16(static_cast<float>(a(rng)));
-      p.keys[static_cast<size_t>(sidx) * 128 + 2] = float_to_bf16(static_cast<float>(b(rng)));
-    }
+    Problem p = make_low_mantissa_problem("short path low mantissa bits", 8192, rng);
     ok &= run_spec(p, dense, rng, true, expect);
   }
   {  // paged (hidden blocks, block sizes 64 and 37), FP8 dense and paged, D 64, heads 1 / 100

@@ -211,6 +211,26 @@ def test_dense_linear_routes_by_rows_and_env(monkeypatch):
         dsv4.set_backend(old)
 
 
+def _tiny_fp32_and_bf16(seed: int, fused: bool, bf16_valued: bool):
+    """(config, fp32 model, bf16 copy) of a random tiny model on CUDA, the bf16 one's same-input
+    projections fused or not; ``bf16_valued=False`` first gives the compressors' weights more
+    than bf16 precision (a random model draws them as bf16 values, as released)."""
+    cfg = dsv4.ModelConfig.tiny()
+    torch.manual_seed(seed)
+    m32 = dsv4.Model(cfg).eval()
+    if not bf16_valued:
+        with torch.no_grad():
+            for n, p in m32.named_parameters():
+                if ".compressor." in n and n.endswith(("wkv.weight", "wgate.weight")):
+                    p.mul_(1 + 2 ** -12 * torch.rand_like(p))
+    m16 = dsv4.Model(cfg).eval()
+    m16.load_state_dict(m32.state_dict())
+    m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
+    if fused:
+        m16.fuse_projections()
+    return cfg, m32, m16
+
+
 @cuda
 @pytest.mark.parametrize("fused", [False, True])
 def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
@@ -222,18 +242,8 @@ def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
     calls = []
     orig = S.linear_bf16x3
     monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: calls.append(w.shape) or orig(x, w))
-    cfg = dsv4.ModelConfig.tiny()
-    torch.manual_seed(0)
-    m32 = dsv4.Model(cfg).eval()
-    with torch.no_grad():     # weights of more than bf16 precision (else one bf16 GEMM serves)
-        for n, p in m32.named_parameters():
-            if ".compressor." in n and n.endswith(("wkv.weight", "wgate.weight")):
-                p.mul_(1 + 2 ** -12 * torch.rand_like(p))
-    m16 = dsv4.Model(cfg).eval()
-    m16.load_state_dict(m32.state_dict())
-    m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
-    if fused:
-        m16.fuse_projections()
+    # compressor weights of more than bf16 precision (else one bf16 GEMM serves)
+    cfg, m32, m16 = _tiny_fp32_and_bf16(0, fused, bf16_valued=False)
     ids = torch.randint(0, cfg.vocab_size, (2, 600), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(3))
 
@@ -278,14 +288,7 @@ def test_model_compressors_take_one_bf16_gemm(monkeypatch, fused):
     monkeypatch.setattr(L, "linear_bf16", lambda x, w: calls.append(x.shape) or orig(x, w))
     monkeypatch.setattr(L, "linear_bf16x3", lambda x, w: split.append(1) or orig3(x, w))
     monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
-    cfg = dsv4.ModelConfig.tiny()
-    torch.manual_seed(1)
-    m32 = dsv4.Model(cfg).eval()
-    m16 = dsv4.Model(cfg).eval()
-    m16.load_state_dict(m32.state_dict())
-    m32, m16 = m32.to("cuda"), m16.to("cuda", torch.bfloat16)
-    if fused:
-        m16.fuse_projections()
+    cfg, m32, m16 = _tiny_fp32_and_bf16(1, fused, bf16_valued=True)
     ids = torch.randint(0, cfg.vocab_size, (2, 300), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(4))
 
