@@ -139,19 +139,26 @@ struct DeviceBufs {
   }
 };
 
-DeviceBufs upload(const Problem& p) {
+// The query side of a problem on the device (q, w, rows, n_valid, out); keys and workspace
+// are the caller's.
+DeviceBufs upload_queries(const Problem& p) {
   DeviceBufs d;
   CHECK_CUDA(cudaMalloc(&d.q, std::max<size_t>(p.q.size(), 1) * 2));
-  CHECK_CUDA(cudaMalloc(&d.keys, std::max<size_t>(p.keys.size(), 1) * 2));
   CHECK_CUDA(cudaMalloc(&d.w, std::max<size_t>(p.w.size(), 1) * 4));
   CHECK_CUDA(cudaMalloc(&d.rows, std::max<size_t>(p.T, 1) * 4));
   CHECK_CUDA(cudaMalloc(&d.nv, std::max<size_t>(p.T, 1) * 4));
   CHECK_CUDA(cudaMalloc(&d.out, std::max<size_t>(static_cast<size_t>(p.T) * p.k, 1) * 4));
   CHECK_CUDA(cudaMemcpy(d.q, p.q.data(), p.q.size() * 2, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d.keys, p.keys.data(), p.keys.size() * 2, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d.w, p.w.data(), p.w.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d.rows, p.rows.data(), p.T * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), p.T * 4, cudaMemcpyHostToDevice));
+  return d;
+}
+
+DeviceBufs upload(const Problem& p) {
+  DeviceBufs d = upload_queries(p);
+  CHECK_CUDA(cudaMalloc(&d.keys, std::max<size_t>(p.keys.size(), 1) * 2));
+  CHECK_CUDA(cudaMemcpy(d.keys, p.keys.data(), p.keys.size() * 2, cudaMemcpyHostToDevice));
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   d.ws_bytes = dsv4::indexer_topk_workspace_bytes(p.T, p.B, p.C, p.H, p.D, p.k, dev);
@@ -227,15 +234,12 @@ std::string check_row(const Problem& p, int t, const int32_t* got) {
   return "";
 }
 
-bool run_problem(const Problem& p, bool check_determinism = false) {
-  DeviceBufs d = upload(p);
-  CHECK_CUDA(cudaMemset(d.out, 0x7f, static_cast<size_t>(p.T) * p.k * 4));  // poison
-  CHECK_CUDA(launch(p, d));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<int32_t> got(static_cast<size_t>(p.T) * p.k);
-  CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
-  bool ok = true;
-  std::string msg;
+// Checks every row of got (the launch's output, d_out on the device) against the reference:
+// the number of bad rows (ok cleared and msg set to the first one's message when nonzero);
+// with det also that three relaunches (outputs poisoned first) give the same bits.
+template <class Launch>
+int check_rows(const Problem& p, const std::vector<int32_t>& got, int32_t* d_out, bool det,
+               Launch&& relaunch, bool& ok, std::string& msg) {
   int bad = 0;
   for (int t = 0; t < p.T; ++t) {
     std::string e = check_row(p, t, got.data() + static_cast<size_t>(t) * p.k);
@@ -245,18 +249,32 @@ bool run_problem(const Problem& p, bool check_determinism = false) {
       ok = false;
     }
   }
-  if (check_determinism) {
+  if (det) {
     std::vector<int32_t> again(got.size());
     for (int rep = 0; rep < 3 && ok; ++rep) {
-      CHECK_CUDA(cudaMemset(d.out, 0x7f, got.size() * 4));
-      CHECK_CUDA(launch(p, d));
-      CHECK_CUDA(cudaMemcpy(again.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemset(d_out, 0x7f, got.size() * 4));
+      CHECK_CUDA(relaunch());
+      CHECK_CUDA(cudaMemcpy(again.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost));
       if (again != got) {
         ok = false;
         msg = "relaunch gave a different result";
       }
     }
   }
+  return bad;
+}
+
+bool run_problem(const Problem& p, bool check_determinism = false) {
+  DeviceBufs d = upload(p);
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, static_cast<size_t>(p.T) * p.k * 4));  // poison
+  CHECK_CUDA(launch(p, d));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<int32_t> got(static_cast<size_t>(p.T) * p.k);
+  CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+  bool ok = true;
+  std::string msg;
+  const int bad = check_rows(p, got, d.out, check_determinism, [&] { return launch(p, d); },
+                             ok, msg);
   std::printf("%s %-44s T=%-6d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d ws=%zu%s%s\n",
               ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, d.ws_bytes,
               ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
@@ -722,6 +740,15 @@ struct StoreBufs {
   dsv4::IndexerKeys keys;
 };
 
+// Entry `src` of the FP8 keys (D e4m3 bytes in e4, one fp32 scale) as entry e of a block of
+// `entries` entries in the indexer layout: every entry's D bytes, then every entry's scale.
+void put_fp8_entry(uint8_t* block, int entries, int e, const std::vector<uint8_t>& e4,
+                   const std::vector<float>& scale, size_t src, int D) {
+  std::memcpy(block + static_cast<int64_t>(e) * D, e4.data() + src * D, D);
+  std::memcpy(block + static_cast<int64_t>(entries) * D + static_cast<int64_t>(e) * 4,
+              &scale[src], 4);
+}
+
 // Builds the device store of p's keys under sp and rewrites p's keys into the reference's view:
 // FP8 keys become e4m3 integer value x a per-key power-of-two scale (exact in bf16; p must be
 // an exact problem with integer keys in [-3, 3] or NaN), hidden keys become NaN (never
@@ -762,10 +789,8 @@ StoreBufs build_store(Problem& p, const StoreSpec& sp, std::mt19937& rng) {
       std::vector<uint8_t> buf(static_cast<size_t>(B) * stride, 0);
       for (int b = 0; b < B; ++b) {
         for (int s = 0; s < C; ++s) {
-          std::memcpy(buf.data() + b * stride + static_cast<int64_t>(s) * D,
-                      e4.data() + (static_cast<size_t>(b) * C + s) * D, D);
-          std::memcpy(buf.data() + b * stride + static_cast<int64_t>(C) * D + s * 4,
-                      &scale[static_cast<size_t>(b) * C + s], 4);
+          put_fp8_entry(buf.data() + b * stride, C, s, e4, scale,
+                        static_cast<size_t>(b) * C + s, D);
         }
       }
       CHECK_CUDA(cudaMalloc(&sb.data, buf.size()));
@@ -822,10 +847,8 @@ StoreBufs build_store(Problem& p, const StoreSpec& sp, std::mt19937& rng) {
         if (id < 0 || id >= nblk) continue;
         for (int e = 0; e < bs; ++e) {
           const int s = c * bs + e;
-          std::memcpy(pool.data() + id * stride + static_cast<int64_t>(e) * D,
-                      e4.data() + (static_cast<size_t>(b) * C + s) * D, D);
-          std::memcpy(pool.data() + id * stride + static_cast<int64_t>(bs) * D + e * 4,
-                      &scale[static_cast<size_t>(b) * C + s], 4);
+          put_fp8_entry(pool.data() + id * stride, bs, e, e4, scale,
+                        static_cast<size_t>(b) * C + s, D);
         }
       }
     CHECK_CUDA(cudaMalloc(&sb.data, pool.size()));
@@ -854,16 +877,7 @@ std::string path_name(const Problem& p, const dsv4::IndexerKeys& keys) {
 // Runs p (already rewritten by build_store) on the store; checks every row against the
 // reference. expect_short: 1 the short path must run, 0 the split path, -1 either.
 bool run_store(const Problem& p, const StoreBufs& sb, bool det, int expect_short) {
-  DeviceBufs d;
-  CHECK_CUDA(cudaMalloc(&d.q, std::max<size_t>(p.q.size(), 1) * 2));
-  CHECK_CUDA(cudaMalloc(&d.w, std::max<size_t>(p.w.size(), 1) * 4));
-  CHECK_CUDA(cudaMalloc(&d.rows, std::max<size_t>(p.T, 1) * 4));
-  CHECK_CUDA(cudaMalloc(&d.nv, std::max<size_t>(p.T, 1) * 4));
-  CHECK_CUDA(cudaMalloc(&d.out, std::max<size_t>(static_cast<size_t>(p.T) * p.k, 1) * 4));
-  CHECK_CUDA(cudaMemcpy(d.q, p.q.data(), p.q.size() * 2, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d.w, p.w.data(), p.w.size() * 4, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d.rows, p.rows.data(), p.T * 4, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d.nv, p.nv.data(), p.T * 4, cudaMemcpyHostToDevice));
+  DeviceBufs d = upload_queries(p);
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   d.ws_bytes = dsv4::indexer_topk_workspace_bytes(p.T, sb.keys, p.H, p.D, p.k, dev);
@@ -882,31 +896,11 @@ bool run_store(const Problem& p, const StoreBufs& sb, bool det, int expect_short
   CHECK_CUDA(cudaMemcpy(got.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
   bool ok = true;
   std::string msg;
-  int bad = 0;
   if (expect_short >= 0 && (path != "split") != (expect_short == 1)) {
     ok = false;
     msg = "unexpected path " + path;
   }
-  for (int t = 0; t < p.T; ++t) {
-    std::string e = check_row(p, t, got.data() + static_cast<size_t>(t) * p.k);
-    if (!e.empty()) {
-      if (bad == 0) msg = e;
-      ++bad;
-      ok = false;
-    }
-  }
-  if (det) {
-    std::vector<int32_t> again(n_out);
-    for (int rep = 0; rep < 3 && ok; ++rep) {
-      CHECK_CUDA(cudaMemset(d.out, 0x7f, n_out * 4));
-      CHECK_CUDA(go());
-      CHECK_CUDA(cudaMemcpy(again.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
-      if (again != got) {
-        ok = false;
-        msg = "relaunch gave a different result";
-      }
-    }
-  }
+  const int bad = check_rows(p, got, d.out, det, go, ok, msg);
   std::printf("%s %-52s T=%-3d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d [%s]%s%s\n",
               ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, path.c_str(),
               ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());

@@ -211,6 +211,16 @@ def test_dense_linear_routes_by_rows_and_env(monkeypatch):
         dsv4.set_backend(old)
 
 
+def _rerun_on_fp32(monkeypatch, run, m, calls: list):
+    """``run(m)`` again with DSV4_FP32_LINEAR=fp32, which no bf16 path may take (``calls``, the
+    recorded bf16-path calls, unchanged)."""
+    n = len(calls)
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+    out = run(m)
+    assert len(calls) == n
+    return out
+
+
 def _tiny_fp32_and_bf16(seed: int, fused: bool, bf16_valued: bool):
     """(config, fp32 model, bf16 copy) of a random tiny model on CUDA, the bf16 one's same-input
     projections fused or not; ``bf16_valued=False`` first gives the compressors' weights more
@@ -261,10 +271,7 @@ def test_model_prefill_compressors_take_the_split_path(monkeypatch, fused):
         monkeypatch.setenv("DSV4_FP32_LINEAR", "split")
         split = run(m16)
         assert calls, "no compressor projection took the split GEMMs"
-        n = len(calls)
-        monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
-        plain = run(m16)
-        assert len(calls) == n
+        plain = _rerun_on_fp32(monkeypatch, run, m16, calls)
     finally:
         dsv4.set_backend(old)
     assert torch.isfinite(split).all()
@@ -306,10 +313,7 @@ def test_model_compressors_take_one_bf16_gemm(monkeypatch, fused):
         got = run(m16)
         assert any(s[0] == 2 * 299 for s in calls) and any(s[0] == 2 for s in calls), calls
         assert not split
-        n = len(calls)
-        monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
-        plain = run(m16)
-        assert len(calls) == n
+        plain = _rerun_on_fp32(monkeypatch, run, m16, calls)
     finally:
         dsv4.set_backend(old)
     assert torch.isfinite(got).all()
