@@ -107,6 +107,12 @@ def test_bf16_copy_is_checked_once_per_weight_version(monkeypatch):
     assert S.bf16_copy(x, w) is not None and len(checks) == 4
     monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
     assert S.bf16_copy(x, w) is None and not S.bf16_valued(x, w)
+    monkeypatch.delenv("DSV4_FP32_LINEAR")
+    with torch.inference_mode():    # no version counter: never a copy (and no error)
+        wi = torch.randn(8, 16).bfloat16().float()
+    assert S.bf16_copy(x, wi) is None and not S.bf16_valued(x, wi)
+    with torch.inference_mode():
+        assert S.bf16_copy(x, w) is not None      # a normal weight used in inference mode
 
 
 def test_random_compressor_weights_hold_bf16_values():

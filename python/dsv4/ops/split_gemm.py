@@ -40,7 +40,8 @@ every row count: a decode step's GEMV reads 2 bytes per weight instead of 4, and
 GEMM runs on tensor cores instead of fp32 CUDA cores. The bf16 copy is held beside the fp32
 weight (half its bytes again: ~0.6 GB over V4-Flash's 43 layers), made once per weight
 version after one check (a pass over the weight and a host sync; never while a CUDA graph is
-captured: an unchecked weight then takes the fp32 path).
+captured: an unchecked weight then takes the fp32 path). A weight made under
+``torch.inference_mode`` has no version counter and keeps the fp32 / split path.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def _bf16_check(x: torch.Tensor, w: torch.Tensor, keep: bool) -> tuple[bool, Opt
     captured (the check needs a host sync). Cached per weight; redone after an in-place
     change or a new storage (``w._version``, ``w.data_ptr()``)."""
     if not _operands_qualify(x, w) or env_choice("DSV4_FP32_LINEAR", _MODES) == "fp32":
+        return False, None
+    if w.is_inference():
+        # (made under torch.inference_mode: no version counter, so an in-place change, e.g.
+        # new weights loaded in inference mode, could not be seen; such a weight keeps its
+        # fp32 / split path)
         return False, None
     key = (w.data_ptr(), w._version)
     hit = _bf16_checked.get(w)
