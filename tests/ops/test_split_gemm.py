@@ -115,6 +115,59 @@ def test_bf16_copy_is_checked_once_per_weight_version(monkeypatch):
         assert S.bf16_copy(x, w) is not None      # a normal weight used in inference mode
 
 
+def test_a_fused_groups_copy_follows_writes_through_its_members(monkeypatch):
+    """A fused group's buffer is viewed by its members' Parameters: a write through a member
+    (load_state_dict copies in place) advances the member's version, not the buffer's; the
+    copy follows the members' versions (``also``), so it is remade with the new values."""
+    monkeypatch.setattr(S, "_operands_qualify", lambda x, w: True)
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    a, b = L.Linear(16, 8, keep_fp32=True), L.Linear(16, 4, keep_fp32=True)
+    for lin in (a, b):
+        with torch.no_grad():
+            lin.weight.copy_(lin.weight.bfloat16())
+    g = L.LinearGroup.fuse([a, b])
+    assert g is not None
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    first = S.bf16_copy(x, g.weight, g.params)
+    assert torch.equal(first.float(), g.weight)
+    new = torch.randn(4, 16).bfloat16().float()
+    b.load_state_dict({"weight": new})              # in place, through the member
+    assert g.intact([a, b])
+    again = S.bf16_copy(x, g.weight, g.params)
+    assert again is not first and torch.equal(again[8:].float(), new)
+    assert S.bf16_copy(x, g.weight, g.params) is again
+
+
+def test_recorded_copies_go_stale_with_their_weights(monkeypatch):
+    """recording_copies lists the copies served inside it (holding them); copies_current turns
+    False after a write through the weight or one of its ``also`` tensors, or when the weight
+    is gone."""
+    monkeypatch.setattr(S, "_operands_qualify", lambda x, w: True)
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    w = torch.randn(8, 16).bfloat16().float()
+    m = torch.nn.Parameter(w[:4], requires_grad=False)   # an "also" tensor
+    with S.recording_copies() as recs:
+        hi = S.bf16_copy(x, w, (m,))
+        assert S.bf16_copy(torch.randn(2, 16), torch.randn(3, 16)) is None   # not bf16: none
+    assert len(recs) == 1 and recs[0][3] is hi and S.copies_current(recs)
+    assert S.bf16_copy(x, w, (m,)) is hi                 # outside: served, not recorded
+    assert len(recs) == 1
+    with torch.no_grad():
+        m.mul_(2)                                       # (still bf16 values)
+    assert not S.copies_current(recs)
+    with S.recording_copies() as recs2:
+        S.bf16_copy(x, w, (m,))
+    assert S.copies_current(recs2)
+    with torch.no_grad():
+        w.mul_(2)
+    assert not S.copies_current(recs2)
+    with S.recording_copies() as recs3:
+        S.bf16_copy(x, w, (m,))
+    del w
+    assert not S.copies_current(recs3)
+
+
 def test_random_compressor_weights_hold_bf16_values():
     """As the release stores them (fp32 parameters, bf16 values): the compressors' wkv / wgate
     of a random model."""
@@ -327,3 +380,60 @@ def test_model_compressors_take_one_bf16_gemm(monkeypatch, fused):
     def err(x):
         return (x - truth).abs().mean().item()
     assert err(got) <= 1.25 * err(plain) + 1e-6, (err(got), err(plain))
+
+
+@cuda
+def test_runtime_recaptures_after_a_weight_behind_a_copy_changes():
+    """The runtime's decode graphs read the compressors' bf16 copies: after an in-place write
+    to such a weight (no storage move, so Model.storage_version stays), the next step drops
+    the graphs (a warning), captures again and gives the logits a fresh engine gives on the
+    new weights."""
+    import warnings
+
+    from dsv4.runtime import Engine, SamplingParams
+
+    def decode(m):
+        e = Engine(m, max_batch=2, max_model_len=128, max_num_batched_tokens=64,
+                   cuda_graphs=True)
+        rid = e.add_request(list(range(5, 40)), SamplingParams(max_new_tokens=5,
+                                                               eos_token_id=-1))
+        out = []
+        while e.has_unfinished():
+            out += [o.logits.float().cpu() for o in e.step(logits="sampled")
+                    if o.request_id == rid and o.logits is not None]
+        return e, out
+
+    old = dsv4.get_backend()
+    try:
+        dsv4.set_backend("cuda")
+        _, m = _tiny_fp32_and_bf16(2, True, bf16_valued=True)[1:]
+        e, _ = decode(m)
+        assert e.runner.graphs and e.runner._copies, "no bf16 copy was read by the graphs"
+        w = next(p for n, p in m.named_parameters()
+                 if ".compressor." in n and n.endswith("wkv.weight"))
+        with torch.no_grad():
+            w.copy_((w * 2).bfloat16())
+        version = m.storage_version
+        rid = e.add_request(list(range(7, 30)), SamplingParams(max_new_tokens=3,
+                                                               eos_token_id=-1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = []
+            while e.has_unfinished():
+                got += [o.logits.float().cpu() for o in e.step(logits="sampled")
+                        if o.request_id == rid and o.logits is not None]
+        assert m.storage_version == version
+        assert any("captured again" in str(c.message) for c in caught)
+        e2 = Engine(m, max_batch=2, max_model_len=128, max_num_batched_tokens=64,
+                    cuda_graphs=True)
+        rid2 = e2.add_request(list(range(7, 30)), SamplingParams(max_new_tokens=3,
+                                                                 eos_token_id=-1))
+        want = []
+        while e2.has_unfinished():
+            want += [o.logits.float().cpu() for o in e2.step(logits="sampled")
+                     if o.request_id == rid2 and o.logits is not None]
+    finally:
+        dsv4.set_backend(old)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -32,7 +32,8 @@ __all__ = ["Linear", "LinearGroup", "ProjectionGroups", "dense_linear", "fp32_in
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False,
+                 also: tuple = ()) -> torch.Tensor:
     """``x @ weight.T`` for a weight held as a float tensor [out, in]: the input FP8-simulated
     first when ``act_quant`` (1x128 blocks, :func:`dsv4.ops.quant.fp8_e4m3_sim`), then cast to
     the weight's dtype, then ``F.linear`` (output in the weight's dtype). The one definition
@@ -41,10 +42,12 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool = False)
     ``keep_fp32`` projections) on the ``cuda`` backend runs on bf16 tensor cores with fp32
     output (:mod:`dsv4.ops.split_gemm`: the same products, fp32 accumulation): as one GEMM on a
     bf16 copy of the weight when its values are all bf16 (the release's compressor weights),
-    else at prefill size as three GEMMs on an exact split of the weight."""
+    else at prefill size as three GEMMs on an exact split of the weight. ``also``: the
+    Parameters viewing ``weight`` (a fused group's members), whose writes the bf16 copy must
+    follow."""
     if act_quant:
         x = fp8_e4m3_sim(x, FP8_BLOCK)
-    hi = _bf16_weight(x, weight)
+    hi = _bf16_weight(x, weight, also)
     if hi is not None:
         return linear_bf16(x, hi)
     if _split_serves(x, weight):
@@ -63,14 +66,15 @@ def _split_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return use_split(x, weight) and use_kernels(x, ("compress_kv",))
 
 
-def _bf16_weight(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+def _bf16_weight(x: torch.Tensor, weight: torch.Tensor,
+                 also: tuple = ()) -> Optional[torch.Tensor]:
     """The bf16 copy :func:`dense_linear` multiplies ``x`` with (one GEMM), when the weight's
     values are all bf16 (:func:`dsv4.ops.split_gemm.bf16_copy`) and the compressors' kernel path
     is on (as :func:`_split_serves`); else None."""
     if not (x.is_cuda and weight.dtype == torch.float32 and x.dtype == torch.bfloat16
             and use_kernels(x, ("compress_kv",))):
         return None
-    return bf16_copy(x, weight)
+    return bf16_copy(x, weight, also)
 
 
 def fp32_input(x: torch.Tensor, linears) -> torch.Tensor:
@@ -394,7 +398,7 @@ class LinearGroup:
                 quant = q
             elif q != quant:
                 return None
-        y = dense_linear(x, self.weight, quant)
+        y = dense_linear(x, self.weight, quant, also=self.params)
         out = [None] * len(linears)
         for i, a, n in zip(self.index, self.rows, self.sizes):
             out[i] = y[..., a:a + n]        # a view (aten::slice)

@@ -46,7 +46,10 @@ captured: an unchecked weight then takes the fp32 path). A weight made under
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import threading
+import weakref
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -54,7 +57,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .backend import env_choice
 
 __all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "split_rule", "SPLIT_MIN_ROWS",
-           "bf16_copy", "bf16_valued", "linear_bf16"]
+           "bf16_copy", "bf16_valued", "linear_bf16", "recording_copies", "copies_current"]
 
 #: Fewest rows of x for which the split path runs by default (module doc: measured crossover).
 SPLIT_MIN_ROWS = 4096
@@ -106,35 +109,78 @@ def use_split(x: torch.Tensor, w: torch.Tensor) -> bool:
     return split_rule(rows, env_choice("DSV4_FP32_LINEAR", _MODES))
 
 
-# weight -> ((storage pointer, version), all values bf16?, the bf16 copy or None)
+# weight -> (key, all values bf16?, the bf16 copy or None); key: _copy_key
 _bf16_checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# per thread: the list recording_copies() fills, or None
+_recording = threading.local()
 
 
-def _bf16_check(x: torch.Tensor, w: torch.Tensor, keep: bool) -> tuple[bool, Optional[torch.Tensor]]:
+def _copy_key(w: torch.Tensor, also: Sequence[torch.Tensor]) -> tuple:
+    """What a copy of ``w`` depends on: its storage pointer and version, and the versions of
+    ``also`` (the Parameters viewing a fused group's buffer: a write through one of them
+    advances its own version, not the buffer's)."""
+    return (w.data_ptr(), w._version, tuple(t._version for t in also))
+
+
+def _bf16_check(x: torch.Tensor, w: torch.Tensor, keep: bool,
+                also: Sequence[torch.Tensor] = ()) -> tuple[bool, Optional[torch.Tensor]]:
     """(whether every element of ``w`` is a bf16 value, the bf16 copy when ``keep``) for the
     bf16 paths of ``x @ w.T``; (False, None) when the operands do not qualify,
     ``DSV4_FP32_LINEAR`` is ``fp32``, or ``w`` was not checked before and a CUDA graph is being
     captured (the check needs a host sync). Cached per weight; redone after an in-place
-    change or a new storage (``w._version``, ``w.data_ptr()``)."""
+    change or a new storage (:func:`_copy_key`)."""
     if not _operands_qualify(x, w) or env_choice("DSV4_FP32_LINEAR", _MODES) == "fp32":
         return False, None
-    if w.is_inference():
+    if w.is_inference() or any(t.is_inference() for t in also):
         # (made under torch.inference_mode: no version counter, so an in-place change, e.g.
         # new weights loaded in inference mode, could not be seen; such a weight keeps its
         # fp32 / split path)
         return False, None
-    key = (w.data_ptr(), w._version)
+    key = _copy_key(w, also)
     hit = _bf16_checked.get(w)
     if hit is not None and hit[0] == key and (hit[2] is not None or not (keep and hit[1])):
-        return hit[1], hit[2]
-    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        exact, copy = hit[1], hit[2]
+    elif w.is_cuda and torch.cuda.is_current_stream_capturing():
         return False, None
-    with torch.no_grad():
-        hi = w.to(torch.bfloat16)
-        exact = (hit is not None and hit[0] == key and hit[1]) or bool(torch.equal(hi.float(), w))
-    copy = hi if exact and keep else None
-    _bf16_checked[w] = (key, exact, copy)
+    else:
+        with torch.no_grad():
+            hi = w.to(torch.bfloat16)
+            exact = ((hit is not None and hit[0] == key and hit[1])
+                     or bool(torch.equal(hi.float(), w)))
+        copy = hi if exact and keep else None
+        _bf16_checked[w] = (key, exact, copy)
+    records = getattr(_recording, "list", None)
+    if copy is not None and records is not None:
+        records.append((weakref.ref(w), tuple(weakref.ref(t) for t in also), key, copy))
     return exact, copy
+
+
+@contextlib.contextmanager
+def recording_copies():
+    """Inside the block (this thread), every bf16 copy :func:`bf16_copy` serves is recorded in
+    the yielded list: a CUDA graph captured there reads those copies, so its owner keeps the
+    records (they hold the copies: a graph never reads a freed one) and replays the graph
+    only while :func:`copies_current` says their weights have not changed since."""
+    prev = getattr(_recording, "list", None)
+    records: list = []
+    _recording.list = records
+    try:
+        yield records
+    finally:
+        _recording.list = prev
+
+
+def copies_current(records: Sequence[tuple]) -> bool:
+    """Whether every weight a recorded copy was made from (:func:`recording_copies`) is still
+    alive with the same storage and versions (a write through the parameter, an optimizer
+    step or ``load_state_dict`` advances them; a write through ``.data`` does not: write
+    through the parameter under ``torch.no_grad()``)."""
+    for wref, also_refs, key, _copy in records:
+        w = wref()
+        also = [r() for r in also_refs]
+        if w is None or any(t is None for t in also) or _copy_key(w, also) != key:
+            return False
+    return True
 
 
 def bf16_valued(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -142,13 +188,15 @@ def bf16_valued(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _bf16_check(x, w, keep=False)[0]
 
 
-def bf16_copy(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+def bf16_copy(x: torch.Tensor, w: torch.Tensor,
+              also: Sequence[torch.Tensor] = ()) -> Optional[torch.Tensor]:
     """``w`` as bf16 for ``x @ w.T`` when the operands qualify (bf16 x, fp32 w on CUDA, no
     gradient), ``DSV4_FP32_LINEAR`` is not ``fp32``, and every element of ``w`` is a bf16 value
     (module doc); else None. The copy is kept with the weight (remade after an in-place change
-    or a new storage); while a CUDA graph is captured a weight without one gets None (its
-    fp32 path)."""
-    return _bf16_check(x, w, keep=True)[1]
+    or a new storage, of ``w`` or of a tensor in ``also``: the Parameters viewing a fused
+    group's buffer); while a CUDA graph is captured a weight without one gets None (its fp32
+    path)."""
+    return _bf16_check(x, w, keep=True, also=also)[1]
 
 
 def linear_bf16(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..layers.branch import step_stream
+from ..ops import split_gemm
 from ..layers.varlen import StepBatch
 from ..ops.backend import get_backend
 from .pool import PagedCache
@@ -167,6 +168,9 @@ class ModelRunner:
         self.graphs: dict[int, _Graph] = {}
         # the model's storage_version when self.graphs were captured (they read that storage)
         self._graphs_version = _storage_version(model)
+        # the bf16 weight copies the graphs read (dsv4.ops.split_gemm.recording_copies): held,
+        # and the graphs captured again once a weight behind one changed
+        self._copies: dict = {}
         self.graph_off_reason: Optional[str] = None
         if not cuda_graphs:
             self.graph_off_reason = "disabled (cuda_graphs=False)"
@@ -369,17 +373,21 @@ class ModelRunner:
     def _drop_stale_graphs(self) -> None:
         """Forget the graphs (captured again when next needed) when the model has moved its
         weights since their capture (``Model.storage_version``: fuse / unfuse, ``.to``,
-        ``load_state_dict``, ...): a replay would read the old storage, freed or stale."""
+        ``load_state_dict``, ...), or a weight the graphs read through a bf16 copy changed
+        (:func:`dsv4.ops.split_gemm.copies_current`): a replay would read the old storage or
+        the old copy."""
         version = _storage_version(self.model)
-        if version == self._graphs_version:
+        if version == self._graphs_version and split_gemm.copies_current(self._copies.values()):
             return
         if self.graphs:
-            warnings.warn("dsv4.runtime: the model moved its weights (fuse_projections, .to, "
-                          "load_state_dict, ...) after its decode graphs were captured; they "
+            warnings.warn("dsv4.runtime: the model moved or changed its weights (fuse_projections, "
+                          ".to, load_state_dict, an in-place update of a weight the graphs read "
+                          "through a bf16 copy, ...) after its decode graphs were captured; they "
                           "are captured again", RuntimeWarning,
                           stacklevel=8)    # Engine.step's caller (run is no_grad-wrapped)
             self.graphs.clear()
             self._last = None
+        self._copies = {}
         self._graphs_version = version
 
     def _graph_batch(self, static: torch.Tensor, bucket: int) -> StepBatch:
@@ -497,8 +505,11 @@ class ModelRunner:
                 graph.register_generator_state(gen)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool, stream=step_stream(self.device)):
+            with split_gemm.recording_copies() as copies, \
+                    torch.cuda.graph(graph, pool=self._pool, stream=step_stream(self.device)):
                 logits = body()
+            for rec in copies:          # the bf16 weight copies the graph reads (one each)
+                self._copies.setdefault((id(rec[3]), rec[2]), rec)
         finally:
             torch.cuda.synchronize(self.device)
             self.sampled.copy_(kept)
