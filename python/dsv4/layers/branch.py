@@ -71,30 +71,26 @@ def priorities_on() -> bool:
     return env_choice("DSV4_STREAM_PRIORITY", ("0", "1", "")) == "1"
 
 
-def _side_stream(device: torch.device, urgent: bool = True) -> torch.cuda.Stream:
+def _thread_stream(device: torch.device, key, priority: int) -> torch.cuda.Stream:
+    """This thread's stream ``key`` of ``device`` (made once, at ``priority``)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     streams = getattr(_local, "streams", None)
     if streams is None:
         streams = _local.streams = {}
+    if (index, key) not in streams:
+        streams[index, key] = torch.cuda.Stream(device=index, priority=priority)
+    return streams[index, key]
+
+
+def _side_stream(device: torch.device, urgent: bool = True) -> torch.cuda.Stream:
     high = urgent and priorities_on()
-    if (index, high) not in streams:
-        streams[index, high] = torch.cuda.Stream(device=index,
-                                                 priority=HIGH_PRIORITY if high else 0)
-    return streams[index, high]
+    return _thread_stream(device, ("side", high), HIGH_PRIORITY if high else 0)
 
 
 def step_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
     """The stream a runtime captures its decode graphs on: a high-priority stream of this
     thread when priorities are on (None otherwise: the caller's own choice)."""
-    if not priorities_on():
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    streams = getattr(_local, "step_streams", None)
-    if streams is None:
-        streams = _local.step_streams = {}
-    if index not in streams:
-        streams[index] = torch.cuda.Stream(device=index, priority=HIGH_PRIORITY)
-    return streams[index]
+    return _thread_stream(device, "step", HIGH_PRIORITY) if priorities_on() else None
 
 
 def on_side_stream() -> bool:

@@ -138,15 +138,15 @@ def _bf16_check(x: torch.Tensor, w: torch.Tensor, keep: bool,
         return False, None
     key = _copy_key(w, also)
     hit = _bf16_checked.get(w)
-    if hit is not None and hit[0] == key and (hit[2] is not None or not (keep and hit[1])):
+    checked = hit is not None and hit[0] == key         # this version of w was checked
+    if checked and (hit[2] is not None or not (keep and hit[1])):   # nothing left to make
         exact, copy = hit[1], hit[2]
     elif w.is_cuda and torch.cuda.is_current_stream_capturing():
         return False, None
     else:
         with torch.no_grad():
             hi = w.to(torch.bfloat16)
-            exact = ((hit is not None and hit[0] == key and hit[1])
-                     or bool(torch.equal(hi.float(), w)))
+            exact = (checked and hit[1]) or bool(torch.equal(hi.float(), w))
         copy = hi if exact and keep else None
         _bf16_checked[w] = (key, exact, copy)
     records = getattr(_recording, "list", None)

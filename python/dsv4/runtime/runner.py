@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 from ..layers.branch import step_stream
-from ..ops import split_gemm
 from ..layers.varlen import StepBatch
+from ..ops import split_gemm
 from ..ops.backend import get_backend
 from .pool import PagedCache
 from .sampler import (draws_in_graph, sample_greedy, sample_rows, sample_seeded,
@@ -487,7 +487,8 @@ class ModelRunner:
         kept = self.sampled.clone()     # the warm-up runs draw into it: the step reads it after
         # The warm-up and capture stream: a high-priority one with DSV4_STREAM_PRIORITY=1 (the
         # graph keeps each kernel's priority; dsv4.layers.branch), else a fresh one.
-        side = step_stream(self.device) or torch.cuda.Stream(self.device)
+        prio = step_stream(self.device)
+        side = prio or torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side):
@@ -506,7 +507,7 @@ class ModelRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with split_gemm.recording_copies() as copies, \
-                    torch.cuda.graph(graph, pool=self._pool, stream=step_stream(self.device)):
+                    torch.cuda.graph(graph, pool=self._pool, stream=prio):
                 logits = body()
             for rec in copies:          # the bf16 weight copies the graph reads (one each)
                 self._copies.setdefault((id(rec[3]), rec[2]), rec)
