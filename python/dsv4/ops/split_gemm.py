@@ -184,15 +184,18 @@ def copies_current(records: Sequence[tuple]) -> bool:
 
 
 def bf16_valued(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`bf16_copy` would serve ``x @ w.T`` (without keeping a copy for it)."""
+    """Whether :func:`bf16_copy` would serve ``x @ w.T`` (without keeping a copy for it): the
+    same operands and rules; never raises."""
     return _bf16_check(x, w, keep=False)[0]
 
 
 def bf16_copy(x: torch.Tensor, w: torch.Tensor,
               also: Sequence[torch.Tensor] = ()) -> Optional[torch.Tensor]:
-    """``w`` as bf16 for ``x @ w.T`` when the operands qualify (bf16 x, fp32 w on CUDA, no
-    gradient), ``DSV4_FP32_LINEAR`` is not ``fp32``, and every element of ``w`` is a bf16 value
-    (module doc); else None. The copy is kept with the weight (remade after an in-place change
+    """``w`` (fp32 [N, K]) as bf16 [N, K] for ``x @ w.T`` (x bf16 [..., K]) when the operands
+    qualify (both on CUDA, no gradient), ``DSV4_FP32_LINEAR`` is not ``fp32``, and every
+    element of ``w`` is a bf16 value (the release stores the compressors' weights so,
+    architecture.md §12.3; module doc); else None (never raises: a non-qualifying call keeps
+    its fp32 / split path). The copy is kept with the weight (remade after an in-place change
     or a new storage, of ``w`` or of a tensor in ``also``: the Parameters viewing a fused
     group's buffer); while a CUDA graph is captured a weight without one gets None (its fp32
     path)."""
@@ -202,7 +205,9 @@ def bf16_copy(x: torch.Tensor, w: torch.Tensor,
 def linear_bf16(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``x.float() @ w.T`` (fp32 [..., N]) for bf16 ``x`` [..., K] and ``hi`` = :func:`bf16_copy`
     of an fp32 ``w`` [N, K] whose values are all bf16: one bf16 tensor-core GEMM with fp32
-    output (the products exact, as the fp32 GEMM's)."""
+    output (the products exact, as the fp32 GEMM's; fp32 accumulation). No checks of its own
+    (:func:`bf16_copy` decides when it applies): mismatched shapes or dtypes raise torch's
+    RuntimeError from ``torch.mm``."""
     x2 = x.reshape(-1, x.shape[-1])
     return torch.mm(x2, hi.t(), out_dtype=torch.float32).view(*x.shape[:-1], hi.shape[0])
 
