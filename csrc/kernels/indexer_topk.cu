@@ -50,6 +50,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -83,8 +84,11 @@ constexpr int kDecodeMinChunk = kWarps * 16;
 // 16-key m-tile per warp), pipeline depth, the largest cluster (CTAs per query; 16 needs the
 // non-portable cluster size), the most keys one CTA of a cluster scores (sizes its score-key
 // array and candidate lists), the most heads (q of two head blocks in shared memory), the most
-// queries per launch (clusters must be co-resident: the path exists for batch 1-8 latency), and
-// the radix rounds of the select (8-bit digits of a 32-bit score key).
+// queries per launch, and the radix rounds of the select (8-bit digits of a 32-bit score key).
+// The query limit is a latency heuristic: the path exists for batch 1-8 latency, where all T
+// clusters run at once (one wave); no cluster ever waits for another (the only barriers are
+// within a cluster), so clusters that do not fit at once just run in a later wave, and
+// correctness never depends on co-residency.
 constexpr int kShortTile = 128;
 constexpr int kShortStages = 4;
 constexpr int kShortMaxCluster = 16;
@@ -1255,14 +1259,17 @@ __device__ __forceinline__ void cluster_red_add(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ void cluster_st_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+// The loads carry a "memory" clobber like the stores above: the compiler must not move them
+// across plain shared-memory accesses of this thread (or cache their value), whose order the
+// cluster barriers rely on.
 __device__ __forceinline__ uint32_t cluster_ld_u32(uint32_t addr) {
   uint32_t v;
-  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
 __device__ __forceinline__ u64 cluster_ld_u64(uint32_t addr) {
   u64 v;
-  asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(addr));
+  asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(addr) : "memory");
   return v;
 }
 // Split cluster barrier: arrive (release: this thread's shared-memory writes, local and
@@ -1680,6 +1687,12 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_short_kernel(const Params
     for (int i = W + crank * kThreads + tid; i < p.topk; i += cs * kThreads) o[i] = -1;
   }
   cluster_wait();
+#else
+  // Compiled for an architecture without clusters (e.g. PTX of compute_80 JIT-compiled on an
+  // H100): the host never selects this kernel then (short_max_clusters checks the function's
+  // PTX version), but should it run, it must fail loudly rather than return without writing
+  // the indices.
+  __trap();
 #endif
 }
 
@@ -1692,19 +1705,31 @@ struct DevInfo {
   int cc_major = 0;
 };
 
+// Cached per device (successful queries only). A slot is filled by the one thread that claims
+// it (state 0 -> 1) and published by a release store of 2, which a reader's acquire load pairs
+// with: a reader that sees 2 sees all three fields, never a half-written entry. Threads that
+// lose the claim use their own query's result.
 cudaError_t device_info(int device, DevInfo& di) {
   static DevInfo cache[64];
-  if (device >= 0 && device < 64 && cache[device].sms > 0) {
+  static std::atomic<int> state[64];  // 0 empty, 1 being filled, 2 filled
+  const bool slot = device >= 0 && device < 64;
+  if (slot && state[device].load(std::memory_order_acquire) == 2) {
     di = cache[device];
     return cudaSuccess;
   }
-  cudaError_t e = cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount, device);
+  DevInfo q;
+  cudaError_t e = cudaDeviceGetAttribute(&q.sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return e;
-  e = cudaDeviceGetAttribute(&di.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  e = cudaDeviceGetAttribute(&q.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return e;
-  e = cudaDeviceGetAttribute(&di.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+  e = cudaDeviceGetAttribute(&q.cc_major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return e;
-  if (device >= 0 && device < 64) cache[device] = di;
+  di = q;
+  int empty = 0;
+  if (slot && state[device].compare_exchange_strong(empty, 1, std::memory_order_relaxed)) {
+    cache[device] = q;
+    state[device].store(2, std::memory_order_release);
+  }
   return cudaSuccess;
 }
 
@@ -2007,13 +2032,29 @@ bool short_enabled() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
+// Clears the calling thread's last error if it is `e`, the error of a query of this file that
+// the caller handles itself (by not taking the short path); any other pending error stays for
+// the caller's own cudaGetLastError().
+void clear_own_error(cudaError_t e) {
+  if (e != cudaSuccess && cudaPeekAtLastError() == e) (void)cudaGetLastError();
+}
+
+// The attributes every launch of indexer_short_kernel<D, kFp8> needs on the current device
+// (`device`): set once per device and instance (cudaFuncSetAttribute applies to the current
+// device's context). The flag is set only after both succeeded; two threads that both see it
+// unset both set the same values, which is harmless.
 template <int D, bool kFp8>
-cudaError_t short_func_setup() {
+cudaError_t short_func_setup(int device) {
+  static std::atomic<bool> done[64];
+  const bool slot = device >= 0 && device < 64;
+  if (slot && done[device].load(std::memory_order_acquire)) return cudaSuccess;
   auto kern = indexer_short_kernel<D, kFp8>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        ShortLayout<D, kFp8>::kBytes);
-  if (e != cudaSuccess) return e;
-  return cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (e == cudaSuccess && slot) done[device].store(true, std::memory_order_release);
+  return e;
 }
 
 template <int D, bool kFp8>
@@ -2033,26 +2074,41 @@ void short_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[1]
 }
 
 // Clusters of cs CTAs of this kernel that the device can hold at once (0: none, e.g. 16-CTA
-// clusters where no GPC has 16 free SMs). Cached per device and cluster size.
+// clusters on a device whose GPCs do not have 16 SMs each; the occupancy query describes the
+// idle device: at run time, kernels of other streams occupying SMs may delay a 16-CTA cluster
+// until a GPC has 16 free SMs, which costs time, never correctness), also 0 when the kernel
+// was compiled for an architecture below sm_90 (its body is empty there: a PTX-JIT build) or a
+// query failed. Cached per device and cluster size (count + 1; 0 = not known yet), successful
+// queries only: a failed one (its error cleared, the split path runs) is asked again at the
+// next call.
 template <int D, bool kFp8>
 int short_max_clusters(int device, int cs) {
-  static int cache[64][kShortMaxCluster + 1];  // count + 1; 0 = not asked yet
+  static std::atomic<int> cache[64][kShortMaxCluster + 1];
   if (device < 0 || device >= 64 || cs < 1 || cs > kShortMaxCluster) return 0;
-  int& c = cache[device][cs];
-  if (c == 0) {
-    int n = 0;
-    if (short_func_setup<D, kFp8>() == cudaSuccess) {
-      cudaLaunchConfig_t cfg;
-      cudaLaunchAttribute attr[1];
-      short_launch_config<D, kFp8>(cfg, attr, cs, cs, nullptr);
-      if (cudaOccupancyMaxActiveClusters(&n, indexer_short_kernel<D, kFp8>, &cfg) != cudaSuccess) {
-        n = 0;
-      }
-    }
-    (void)cudaGetLastError();
-    c = n + 1;
+  std::atomic<int>& c = cache[device][cs];
+  const int known = c.load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  int n = 0;
+  // ptxVersion: the __CUDA_ARCH__ the body was compiled for (a PTX of compute_80 JIT-compiled
+  // for sm_90 reports 80 here and 90 as binaryVersion); 0 = not recorded, trusted.
+  cudaFuncAttributes fa;
+  cudaError_t e = cudaFuncGetAttributes(&fa, indexer_short_kernel<D, kFp8>);
+  const bool arch_ok =
+      e == cudaSuccess && fa.binaryVersion >= 90 && (fa.ptxVersion == 0 || fa.ptxVersion >= 90);
+  if (e == cudaSuccess && arch_ok) e = short_func_setup<D, kFp8>(device);
+  if (e == cudaSuccess && arch_ok) {
+    cudaLaunchConfig_t cfg;
+    cudaLaunchAttribute attr[1];
+    short_launch_config<D, kFp8>(cfg, attr, cs, cs, nullptr);
+    e = cudaOccupancyMaxActiveClusters(&n, indexer_short_kernel<D, kFp8>, &cfg);
   }
-  return c - 1;
+  if (e != cudaSuccess) {
+    clear_own_error(e);
+    return 0;
+  }
+  if (!arch_ok || n < 0) n = 0;
+  c.store(n + 1, std::memory_order_relaxed);
+  return n;
 }
 
 // Cluster size for T queries over a logical capacity C, or 0 when the path does not fit: one
@@ -2087,8 +2143,8 @@ int short_cluster_for(int64_t T, int64_t C, int64_t H, int64_t D, bool fp8, int 
 }
 
 template <int D, bool kFp8>
-cudaError_t launch_short_kernel(const Params& prm, int cs, cudaStream_t stream) {
-  cudaError_t e = short_func_setup<D, kFp8>();
+cudaError_t launch_short_kernel(const Params& prm, int cs, int device, cudaStream_t stream) {
+  cudaError_t e = short_func_setup<D, kFp8>(device);  // done once per device: a flag test
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr[1];
@@ -2096,14 +2152,14 @@ cudaError_t launch_short_kernel(const Params& prm, int cs, cudaStream_t stream) 
   return cudaLaunchKernelEx(&cfg, indexer_short_kernel<D, kFp8>, prm);
 }
 
-cudaError_t launch_short(const Params& prm, int cs, int64_t head_dim, bool fp8,
+cudaError_t launch_short(const Params& prm, int cs, int64_t head_dim, bool fp8, int device,
                          cudaStream_t stream) {
   if (head_dim == 128) {
-    return fp8 ? launch_short_kernel<128, true>(prm, cs, stream)
-               : launch_short_kernel<128, false>(prm, cs, stream);
+    return fp8 ? launch_short_kernel<128, true>(prm, cs, device, stream)
+               : launch_short_kernel<128, false>(prm, cs, device, stream);
   }
-  return fp8 ? launch_short_kernel<64, true>(prm, cs, stream)
-             : launch_short_kernel<64, false>(prm, cs, stream);
+  return fp8 ? launch_short_kernel<64, true>(prm, cs, device, stream)
+             : launch_short_kernel<64, false>(prm, cs, device, stream);
 }
 
 }  // namespace
@@ -2163,7 +2219,7 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
     const int cs = short_cluster_for(tokens, prm.C, heads, head_dim, fp8, pl.qpc, di, device);
     if (cs > 0) {
       prm.q_vec16 = aligned(q, 16) && q_stride_t % 8 == 0 && q_stride_h % 8 == 0;
-      return launch_short(prm, cs, head_dim, fp8, stream);
+      return launch_short(prm, cs, head_dim, fp8, device, stream);
     }
   }
   if (pl.hist) {

@@ -29,7 +29,9 @@
 //  meet at the grid barrier of cooperative groups instead of arrival counters, so the separate
 //  zeroing launch is gone; its Sinkhorn fetches the three partners of a row / column sum at
 //  once (quad_sum): the same operands in the same order, so v2 gives v1's bits.
-//  DSV4_MHC_DECODE_IMPL=v1 runs the previous kernel (zeroing launch + counters).
+//  DSV4_MHC_DECODE_IMPL=v1 runs the previous kernel (zeroing launch + counters); so does a call
+//  whose grid cannot be co-resident, or on a device that refused a cooperative launch (a green
+//  context, MPS with fewer SMs than the device has: run_decode).
 //  DSV4_MHC_DECODE=all runs it up to 64 tokens for both ops (for measuring and tests);
 //  DSV4_MHC_DECODE=old never: then tokens <= 8 run one mix launch whose last CTA (arrival
 //  counter) runs phase 2 for all its tokens at once (split sums spread over the CTA, one
@@ -1265,7 +1267,7 @@ size_t decode_counter_offset(int64_t tokens, int64_t dim) {
   return static_cast<size_t>(cols * tokens * kPartCols) * sizeof(float);
 }
 // Byte offset of v2's phase stamps (DSV4_MHC_DECODE_STAMPS=1): after the counters, 8-byte
-// aligned. check_mhc computes the same: (ceil(4·dim / 128)·tokens·128 + 4·tokens + 7) & ~7.
+// aligned. Exported as mhc_decode_stamp_offset, which check_mhc reads them at (one formula).
 size_t decode_stamp_offset(int64_t tokens, int64_t dim) {
   return (decode_counter_offset(tokens, dim) + static_cast<size_t>(tokens) * sizeof(int) + 7) &
          ~static_cast<size_t>(7);
@@ -1274,7 +1276,9 @@ size_t decode_stamp_offset(int64_t tokens, int64_t dim) {
 // DSV4_MHC_DECODE_IMPL (read at each call, so a CUDA graph keeps the kernel it was captured
 // with): "v1" = the decode kernel with arrival counters, zeroed by a separate launch (the
 // previous default; for comparing); unset or anything else = v2, the cooperative launch with a
-// grid barrier (mhc_decode_kernel<NT, G, true>), where the grid can be co-resident (else v1).
+// grid barrier (mhc_decode_kernel<NT, G, true>), where the grid can be co-resident (else v1:
+// decode_coop_capacity), and v1 after the device refused a cooperative launch
+// (decode_coop_refused).
 bool decode_v1_forced() {
   const char* v = std::getenv("DSV4_MHC_DECODE_IMPL");
   return v != nullptr && std::strcmp(v, "v1") == 0;
@@ -1286,25 +1290,54 @@ bool decode_stamps_on() {
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
+// Clears the calling thread's last error if it is `err`, the error that a query or launch of
+// this file just returned and handles itself (by falling back), so that a later
+// cudaGetLastError() of the caller does not report it; any other pending error stays for the
+// caller to see.
+void clear_own_error(cudaError_t err) {
+  if (err != cudaSuccess && cudaPeekAtLastError() == err) (void)cudaGetLastError();
+}
+
+// Devices where a cooperative launch of the decode kernel was refused with
+// cudaErrorCooperativeLaunchTooLarge although decode_coop_capacity allowed the grid: the device
+// attributes and the occupancy query describe the whole GPU, but the context may own fewer SMs
+// (a green context; MPS with a reduced active-thread percentage). From then on v1 runs there for
+// every instance (the capacity of the others is as wrong as the one that was refused). Set once,
+// never cleared; relaxed is enough since the flag carries no other data.
+constexpr int kDecMaxDevices = 64;
+std::atomic<bool> g_decode_coop_refused[kDecMaxDevices];  // static storage: false at start
+
+// (true too for a device beyond the table: no capacity is cached for it either)
+bool decode_coop_refused(int device) {
+  return device < 0 || device >= kDecMaxDevices ||
+         g_decode_coop_refused[device].load(std::memory_order_relaxed);
+}
+
 // CTAs of mhc_decode_kernel<NT, G, true> that can be resident at once on `device` (blocks per
-// SM x SMs): a cooperative launch must not exceed it. Queried once per device and instance.
+// SM x SMs): a cooperative launch must not exceed it; 0 = do not use v2 (no cooperative launch
+// on the device, or a query failed). The SM count is the one the query returns, never the
+// planning default of sm_count (132): a guessed count could allow a grid that is not
+// co-resident. Only successful queries are cached (once per device and instance); a failed one
+// is asked again at the next call (its error is cleared, v1 runs meanwhile).
 template <int NT, int G>
 int64_t decode_coop_capacity(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet; else capacity + 1
-  if (device < 0 || device >= kMaxDevices) return 0;
+  static std::atomic<int> cache[kDecMaxDevices];  // 0: not known yet; else capacity + 1
+  if (decode_coop_refused(device)) return 0;
   const int known = cache[device].load(std::memory_order_relaxed);
   if (known > 0) return known - 1;
-  int per_sm = 0, coop = 0;
+  int coop = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (err == cudaSuccess && coop != 0)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess && coop != 0)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mhc_decode_kernel<NT, G, true>,
                                                         kDecThreads, 0);
-  if (err != cudaSuccess || coop == 0) {
-    (void)cudaGetLastError();  // this query's own error: the caller falls back to v1
-    per_sm = 0;
+  if (err != cudaSuccess) {
+    clear_own_error(err);  // this query's own error: the caller runs v1, nothing failed
+    return 0;
   }
-  const int cap = per_sm * sm_count(device);
+  if (coop != 0 && sms <= 0) return 0;  // no usable SM count: as a failed query, not cached
+  const int cap = coop != 0 && per_sm > 0 ? per_sm * sms : 0;
   cache[device].store(cap + 1, std::memory_order_relaxed);
   return cap;
 }
@@ -1362,19 +1395,30 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
                       : gi == 0         ? decode_coop_capacity<NT, 1>(device)
                       : gi == 1         ? decode_coop_capacity<NT, 4>(device)
                                         : decode_coop_capacity<NT, kMaxFinish>(device);
-  const bool coop = ctas <= cap;
-  if (coop) {
+  if (ctas <= cap) {
     if (decode_stamps_on())
       a.stamps = reinterpret_cast<unsigned long long*>(static_cast<char*>(workspace) +
                                                        decode_stamp_offset(tokens, f.dim));
-  } else {
-    const cudaError_t err =
-        zero_bytes_async(a.counters, static_cast<size_t>(p.groups) * sizeof(int), stream);
-    if (err != cudaSuccess) return err;
+    const cudaError_t err = gi == 0   ? launch_decode<NT, 1>(a, grid, true, stream)
+                            : gi == 1 ? launch_decode<NT, 4>(a, grid, true, stream)
+                                      : launch_decode<NT, kMaxFinish>(a, grid, true, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) return err;
+    // The context holds fewer SMs than the queries said (decode_coop_refused): nothing was
+    // launched, so this call runs v1 instead, and so do the later ones on this device. Only
+    // this error is cleared. Under stream capture the refusal may come only when the graph is
+    // instantiated or launched, out of reach here; an eager call before the capture (a warm-up)
+    // records it, and the capture then takes v1.
+    clear_own_error(err);
+    if (device >= 0 && device < kDecMaxDevices)
+      g_decode_coop_refused[device].store(true, std::memory_order_relaxed);
+    a.stamps = nullptr;
   }
-  if (gi == 0) return launch_decode<NT, 1>(a, grid, coop, stream);
-  if (gi == 1) return launch_decode<NT, 4>(a, grid, coop, stream);
-  return launch_decode<NT, kMaxFinish>(a, grid, coop, stream);
+  const cudaError_t err =
+      zero_bytes_async(a.counters, static_cast<size_t>(p.groups) * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  if (gi == 0) return launch_decode<NT, 1>(a, grid, false, stream);
+  if (gi == 1) return launch_decode<NT, 4>(a, grid, false, stream);
+  return launch_decode<NT, kMaxFinish>(a, grid, false, stream);
 }
 
 // Shared driver of mhc_pre (NT = 3) and mhc_head (NT = 1).
@@ -1570,6 +1614,11 @@ size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device) {
     if (dec > need) need = dec;
   }
   return need;
+}
+
+size_t mhc_decode_stamp_offset(int64_t tokens, int64_t dim) {
+  if (tokens <= 0 || dim <= 0) return 0;
+  return decode_stamp_offset(tokens, dim);
 }
 
 int mhc_prefill_clusters(int64_t dim, bool head) {

@@ -515,8 +515,7 @@ bool bench_decode_impl(int T, int d, bool head) {
   }
   // v2's phase stamps
   setenv("DSV4_MHC_DECODE_STAMPS", "1", 1);
-  const size_t cols = (4 * size_t(d) + 127) / 128;
-  const size_t off = (cols * T * 128 + 4 * size_t(T) + 7) & ~size_t(7);
+  const size_t off = dsv4::mhc_decode_stamp_offset(T, d);  // the kernel file's own formula
   double ns[8] = {0}, cyc[8] = {0};
   constexpr int kStampRuns = 50;
   for (int r = 0; r < kStampRuns; ++r) {

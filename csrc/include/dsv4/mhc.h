@@ -46,6 +46,10 @@ constexpr int64_t kMhcDecodeMaxTokens = 64;
 // Bytes of device scratch dsv4::mhc_pre / dsv4::mhc_head need for these sizes on `device`.
 size_t mhc_pre_workspace_bytes(int64_t tokens, int64_t dim, int device);
 
+// Byte offset in the workspace of the decode kernel's phase stamps (16 x u64, written by v2 when
+// DSV4_MHC_DECODE_STAMPS=1; for check_mhc), for these sizes (0 when tokens or dim <= 0).
+size_t mhc_decode_stamp_offset(int64_t tokens, int64_t dim);
+
 // Clusters of 16 CTAs the one-pass prefill kernel of mhc_pre (head = false) or mhc_head
 // (head = true) runs with for this dim on the current device (unless DSV4_MHC_ONE_PASS=0): 0 when
 // it cannot run (dim not 1024 / 2048 / 4096, or no such cluster fits the device).
