@@ -57,6 +57,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cluster_ptx.cuh"
 #include "zero_fill.cuh"
 
 namespace dsv4 {
@@ -1236,51 +1237,6 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
 // turns it off). Cluster barriers: one at the start (overlapped with the loads), one per radix
 // round, one for the counts, one before exit (no CTA may leave while peers read its shared
 // memory; overlapped with the ranking).
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t cluster_nctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
-  return r;
-}
-// The address of the same shared-memory location in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void cluster_red_add(uint32_t addr, uint32_t v) {
-  asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;\n" ::"r"(addr), "r"(v)
-               : "memory");
-}
-__device__ __forceinline__ void cluster_st_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-// The loads carry a "memory" clobber like the stores above: the compiler must not move them
-// across plain shared-memory accesses of this thread (or cache their value), whose order the
-// cluster barriers rely on.
-__device__ __forceinline__ uint32_t cluster_ld_u32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ u64 cluster_ld_u64(uint32_t addr) {
-  u64 v;
-  asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(addr) : "memory");
-  return v;
-}
-// Split cluster barrier: arrive (release: this thread's shared-memory writes, local and
-// remote, become visible to the peers' matching wait) ... wait (acquire).
-__device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 // Shared-memory layout of indexer_short_kernel (bytes; the same on the host). The key tiles
 // are dead after the scoring, so the winner lists and the gathered winners reuse them.
 template <int D, bool kFp8>

@@ -52,6 +52,7 @@
 #include <atomic>
 
 #include "moe_mma.cuh"
+#include "cluster_ptx.cuh"
 #include "zero_fill.cuh"
 
 namespace dsv4 {
@@ -868,12 +869,6 @@ __device__ __forceinline__ void wide_mbar_wait(uint32_t bar, uint32_t parity, bo
     if (n == (1u << 24)) alive = false;
   }
 }
-// The address of the same shared-memory location in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t wide_mapa(uint32_t addr, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
 // Stores into another CTA's shared memory; the bytes complete on that CTA's mbarrier `rbar`.
 __device__ __forceinline__ void wide_st_async(uint32_t raddr, float v, uint32_t rbar) {
   asm volatile(
@@ -1016,7 +1011,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
     __syncwarp();
     const float4 pv = *reinterpret_cast<const float4*>(pre_loc + h * kHc);
     const uint32_t dst = smem_addr(spre + (par * kWideTM + i) * kHc);
-    wide_st_async4(wide_mapa(dst, l), pv, wide_mapa(pre_bar0 + 8 * par, l));  // -> CTA rank l
+    wide_st_async4(cluster_map(dst, l), pv, cluster_map(pre_bar0 + 8 * par, l));  // -> CTA rank l
   };
 
   int cur = 0;  // x buffer of tile it (it % 3)
@@ -1080,7 +1075,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) mhc_wide_kernel(const WideArg
           const uint32_t dst =
               smem_addr(recv + ((par * kCluster + rank) * 2 + (ti & 1)) * kRP + c);
           const uint32_t fr = static_cast<uint32_t>(ti >> 1);
-          wide_st_async(wide_mapa(dst, fr), v, wide_mapa(recv_bar0 + 8 * par, fr));
+          wide_st_async(cluster_map(dst, fr), v, cluster_map(recv_bar0 + 8 * par, fr));
         }
       }
     } else if (fin) {
