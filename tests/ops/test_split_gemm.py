@@ -437,3 +437,31 @@ def test_runtime_recaptures_after_a_weight_behind_a_copy_changes():
     assert len(got) == len(want) == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pending_copy_bytes_counts_each_storage_without_a_current_copy(monkeypatch):
+    """The engine's memory budget: 2 bytes per element of each storage that has no current
+    copy; a fused group's buffer and its members count once; a made copy is not counted again
+    until its weight changes; DSV4_FP32_LINEAR=fp32 needs none; a non-fp32 weight is never
+    copied. (Device-free: the device rules are patched to accept CPU tensors.)"""
+    monkeypatch.setattr(S, "_operands_qualify", lambda x, w: True)
+    monkeypatch.setattr(S, "_may_copy", lambda w: w.dtype == torch.float32)
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    a, b = L.Linear(16, 8, keep_fp32=True), L.Linear(16, 4, keep_fp32=True)
+    c = L.Linear(16, 6, keep_fp32=True)
+    for lin in (a, b, c):
+        with torch.no_grad():
+            lin.weight.copy_(lin.weight.bfloat16())
+    g = L.LinearGroup.fuse([a, b])
+    weights = [a.weight, b.weight, c.weight, torch.zeros(5, 16, dtype=torch.bfloat16)]
+    assert S.pending_copy_bytes(weights) == 2 * (12 * 16 + 6 * 16)
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    assert S.bf16_copy(x, g.weight, g.params) is not None
+    assert S.pending_copy_bytes(weights) == 2 * 6 * 16
+    assert S.bf16_copy(x, c.weight) is not None
+    assert S.pending_copy_bytes(weights) == 0
+    with torch.no_grad():
+        c.weight.mul_(2)                    # a new version: its copy will be made again
+    assert S.pending_copy_bytes(weights) == 2 * 6 * 16
+    monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
+    assert S.pending_copy_bytes(weights) == 0

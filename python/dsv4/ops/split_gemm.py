@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -200,6 +200,34 @@ def bf16_copy(x: torch.Tensor, w: torch.Tensor,
     group's buffer); while a CUDA graph is captured a weight without one gets None (its fp32
     path)."""
     return _bf16_check(x, w, keep=True, also=also)[1]
+
+
+def _may_copy(w: torch.Tensor) -> bool:
+    """Whether :func:`bf16_copy` could ever keep a copy of ``w``: an fp32 CUDA tensor with a
+    version counter (not made under inference mode)."""
+    return w.is_cuda and w.dtype == torch.float32 and not w.is_inference()
+
+
+def pending_copy_bytes(weights: Iterable[torch.Tensor]) -> int:
+    """An upper bound of the bytes :func:`bf16_copy` may still allocate for ``weights`` (the
+    fp32 weights it may serve): 2 per element of every CUDA fp32 storage among them that holds
+    no current copy yet (tensors sharing a storage, a fused group's members, count once;
+    whether their values are all bf16 is not checked, so a weight that keeps its fp32 path is
+    counted too). 0 when ``DSV4_FP32_LINEAR`` is ``fp32``. For a memory budget made before the
+    first step, when the copies do not exist yet (V4-Flash: ~0.6 GB)."""
+    if env_choice("DSV4_FP32_LINEAR", _MODES) == "fp32":
+        return 0
+    held = set()
+    for w, (key, _exact, copy) in list(_bf16_checked.items()):
+        if copy is not None and key[:2] == (w.data_ptr(), w._version):
+            held.add(w.untyped_storage().data_ptr())
+    pending: dict[int, int] = {}
+    for w in weights:
+        if _may_copy(w):
+            s = w.untyped_storage()
+            if s.data_ptr() not in held:
+                pending[s.data_ptr()] = s.nbytes() // 4
+    return 2 * sum(pending.values())
 
 
 def linear_bf16(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from ..argtypes import int_sequence
 from ..cache import check_count
+from ..ops.split_gemm import pending_copy_bytes
 from .pool import PagedCache, blocks_needed, check_cache_formats
 from .request import (Request, RequestOutput, SamplingParams, Status, TokenPrefix,
                       new_request_id)
@@ -156,13 +157,16 @@ class Engine:
         check_cache_formats(c, indexer_cache, kv_cache, model.device)
         need = PagedCache.estimate_bytes(c, self.max_batch, nb, bt, model.dtype, indexer_cache,
                                          kv_cache)
+        copies = pending_copy_bytes(_bf16_path_weights(model))
         free = _available_bytes(model.device)
-        if free is not None and need > free:
+        if free is not None and need + copies > free:
             raise ValueError(
                 f"the runtime cache ({self.max_batch} slots, {nb} blocks of {bt} tokens for "
-                f"max_model_len {self.max_model_len}) needs {need / 2**30:.2f} GiB but "
-                f"{model.device} has {free / 2**30:.2f} GiB available; lower max_batch, "
-                "max_model_len or num_blocks")
+                f"max_model_len {self.max_model_len}) needs {need / 2**30:.2f} GiB"
+                + (f" (+ {copies / 2**30:.2f} GiB of bf16 weight copies made at the first "
+                   "step)" if copies else "")
+                + f" but {model.device} has {free / 2**30:.2f} GiB available; lower "
+                "max_batch, max_model_len or num_blocks")
         self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
                                 indexer_cache, kv_cache)
         self.scheduler = Scheduler(self.cache, budget)
@@ -561,6 +565,16 @@ def _available_bytes(device: torch.device) -> Optional[int]:
     except (OSError, RuntimeError, ValueError):
         pass
     return None
+
+
+def _bf16_path_weights(model) -> list[torch.Tensor]:
+    """The fp32 weights a step may multiply through a bf16 copy (dsv4.ops.split_gemm): those
+    of the fp32-pinned linears (the compressors' ``wkv`` / ``wgate``) other than the head,
+    which has its own path."""
+    from ..layers.linear import Linear
+    return [m._parameters["weight"] for m in model.modules()
+            if type(m) is Linear and m.keep_fp32 and m is not model.head
+            and m._parameters.get("weight") is not None]
 
 
 def _token_list(prompt_ids, vocab: int) -> list[int]:
