@@ -103,6 +103,45 @@ int64_t fp8_ctas(const SparseAttnParams& p) {
   return p.num_tokens * ((p.num_heads + kBlockM - 1) / kBlockM);
 }
 
+// Most 64-key blocks a token can have (host bound: the scopes' lane counts; HCA tokens have up to
+// extra_topk entries, fewer at run time).
+int64_t fp8_max_blocks(const SparseAttnParams& p) {
+  int64_t blocks = (p.topk + kBlockN - 1) / kBlockN;
+  if (p.extra_indices != nullptr || p.extra_block_table != nullptr)
+    blocks += (p.extra_topk + kBlockN - 1) / kBlockN;
+  return blocks;
+}
+
+// "auto": "new" when the grid has more (token, head-tile) CTAs than SMs, or more than half as
+// many and a token may have >= 14 key blocks; else "old". Measured (H100, 132 SMs, beside
+// FlashMLA, L2 flushed; bench/README.md "Session of 2026-12-06, third"; old / new us, the one not
+// chosen then derived from its ratio to FlashMLA (+-0.5%); blocks = the host bound, window 128 +
+// top-k or + up to 1024 HCA entries):
+//   CTAs  blocks  case                   old     new
+//      4      10  CSA h64 b2            21.6    24.7   (key splits: 1-2 blocks per CTA)
+//      8      18  CSA h128 b2           28.5    30.4
+//      4      18  HCA h64 b2            27.3    43.4
+//      8      18  HCA h128 b2           23.8    34.0
+//    128      10  CSA h64 b64           67.7    69.4   (one wave, every CTA 10 blocks)
+//    128      18  HCA h64 b64          119.9    91.2   (one wave, the longest CTA 18 blocks)
+//    256      10  CSA h64 b128         128.8   119.7
+//    256      18  CSA h128 b64         209.1   180.2   (and HCA h64 b128 195.3 / 148.4,
+//    512      18  CSA h128 b128        418.1   345.4    HCA h128 b64 190.9 / 142.7,
+//                                                       HCA h128 b128 297.8 / 226.0)
+// Per block of its longest CTA (one wave), old costs ~6.7 us at both 10 and 18 blocks, new ~6.9
+// at 10 (scattered CSA rows) and ~5.1 at 18 (HCA's contiguous entries), so the crossover in one
+// wave lies between 10 and 18 blocks; 14 splits it (no measurement in between, nor of CSA at
+// 67-132 CTAs with >= 14 blocks, e.g. h128 b32, which the rule gives to "new"). Small grids
+// (<= 66 CTAs) are split into 1-2 blocks per CTA, where new's pipeline start is not amortised.
+// Checked after the change (H100, 2026-12-06 eighth session, check_hca_fp8's timing): HCA h64
+// b64 old 122.8 / new 83.9 / auto 82.6 us; every other case's auto equal to the kernel chosen
+// before.
+int fp8_auto_kernel(const SparseAttnParams& p) {
+  const int64_t ctas = fp8_ctas(p), sms = sm_count();
+  if (ctas > sms) return 1;
+  return 2 * ctas > sms && fp8_max_blocks(p) >= 14 ? 1 : 0;
+}
+
 // head_dim 512 (the V4 models) on Hopper: the wgmma kernel (294-335 TFLOP/s at the V4 prefill
 // shapes on the H200 against 201-232 for the mma.sync kernel, which serves the other head dims
 // and other GPUs).
@@ -114,13 +153,8 @@ cudaError_t dispatch(const SparseAttnParams& p, cudaStream_t stream) {
     if (which < 0) return cudaErrorInvalidValue;
     // "new": the warp-specialised kernel (producer warps dequantise into two bf16 stages);
     // "new2": the same with the whole-sector producer mapping; "old": the wgmma kernel that
-    // dequantises between its GEMMs. Unset ("auto"): "new" when the grid has more (token,
-    // head-tile) CTAs than the GPU has SMs, else "old". Measured on an H100 beside FlashMLA
-    // (2026-12-06, bench/README.md "FP8-cache decode against FlashMLA"): "new" 1.15-1.32x
-    // faster at 256-512 CTAs (h128 b64, HCA b128), equal at 128 (h64 b64), 0.61-0.94x at 2-4
-    // (b2: its producer pipeline's start is not amortised over 1-2 key blocks per CTA).
-    if (which == kSparseFp8Auto)
-      which = fp8_ctas(p) > static_cast<int64_t>(sm_count()) ? 1 : 0;
+    // dequantises between its GEMMs. Unset ("auto"): fp8_auto_kernel.
+    if (which == kSparseFp8Auto) which = fp8_auto_kernel(p);
     if (which == 1) return sparse_attn_detail::fp8_ws::launch_fp8_ws<false>(p, stream);
     if (which == 2) return sparse_attn_detail::fp8_ws::launch_fp8_ws<true>(p, stream);
     return sparse_attn_detail::launch_wgmma<512, true>(p, stream);
