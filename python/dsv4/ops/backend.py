@@ -184,6 +184,19 @@ _RUN_20261206I = (
     "test_mhc_ops.py and its child run: its kernel-name pattern did not allow the decode "
     "kernel's new third template argument; the pattern is fixed, the kernel names it printed "
     "match the fixed pattern)")
+_RUN_20261206J = (
+    "2026-12-06 (eighth session), on H100 80GB machines, csrc of sparse_attn / hca_attn "
+    "46c62d0e (the FP8-cache decode kernels' auto rule: the warp-specialised kernel also at "
+    "more than SMs / 2 CTAs when a token may have >= 14 key blocks), indexer_topk afdc0d1b and "
+    "the mHC ops c2d46d83 (host-side fixes of the short-row path and the cooperative decode "
+    "kernel: fallback to the previous kernel when a cooperative launch is refused, "
+    "success-only caches, a guard against a PTX too old for the cluster path; the cluster PTX "
+    "wrappers in one header, csrc/kernels/cluster_ptx.cuh): check_mhc (full and --decode-v2) "
+    "PASS, check_indexer_topk PASS (every suite, the short-row path on and off); "
+    "tests/ops/test_sparse_attn.py, test_hca_attn.py, test_indexer_topk.py, test_mhc_ops.py, "
+    "test_split_gemm.py, tests/runtime, tests/layers, the model CUDA, fused-projection and "
+    "golden tests: 435 passed (the .so of that call also held the GEMV tile of branch "
+    "oproj-gemv, which is not on main; it changes none of these ops' sources)")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
@@ -192,9 +205,9 @@ HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
-    **{op: _RUN_20261206I for op in ("mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
-    **{op: _RUN_20261206B for op in (
-        "sparse_attn", "hca_attn", "moe_gate", "moe_dispatch", "moe_combine")},
+    **{op: _RUN_20261206J for op in (
+        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "sparse_attn", "hca_attn")},
+    **{op: _RUN_20261206B for op in ("moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
@@ -203,16 +216,17 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # hca_attn and the MoE routing ops from the 2026-12-06B run, moe_swiglu from the 2026-12-06E
 # run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
 # from the 2026-12-06G run, paged_rows from the 2026-12-06H run, the mHC ops and indexer_topk
-# again from the 2026-12-06I run. A run that verifies some ops
+# again from the 2026-12-06I run, and with sparse_attn / hca_attn from the 2026-12-06J
+# run. A run that verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "c1b1ff662d3a7fe3cf0c9f74e4feab669b044e0b0c286acdb3177dfcb4c36092",
-    "sparse_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
-    "hca_attn": "cca853d60277587ef0e716c944b40af139a1ad3857deb2ec32adb54bf9ae8cec",
+    "indexer_topk": "afdc0d1b82d26334c0f7e50e59335de759a4889907f045f2ee95beb7c4df8f6b",
+    "sparse_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
+    "hca_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
     "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
     "fp8_linear": "b82b6ce5c0e3c39a271ac9db391615a8eedc17fe9d83187056e3c697fa10005a",
     "moe_gate": "3d7866f4acee6f55b66ab877c43f64c1030ebf7102e8df3fc87405114fe7655a",
@@ -220,9 +234,9 @@ VERIFIED_OP_DIGESTS: dict[str, str] = {
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
     "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
     "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
-    "mhc_post": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
-    "mhc_head": "19d5ce0da6f20b6fe6c2243eb797fad85386c800886c28b21823bc8e61fe6183",
+    "mhc_pre": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
+    "mhc_post": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
+    "mhc_head": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
