@@ -465,3 +465,21 @@ def test_pending_copy_bytes_counts_each_storage_without_a_current_copy(monkeypat
     assert S.pending_copy_bytes(weights) == 2 * 6 * 16
     monkeypatch.setenv("DSV4_FP32_LINEAR", "fp32")
     assert S.pending_copy_bytes(weights) == 0
+
+
+def test_pending_copy_bytes_counts_the_elements_a_copy_would_hold(monkeypatch):
+    """Only the elements of the weights themselves count, not the rest of a storage they view;
+    a weight whose current version was found not bf16-valued never gets a copy."""
+    monkeypatch.setattr(S, "_operands_qualify", lambda x, w: True)
+    monkeypatch.setattr(S, "_may_copy", lambda w: w.dtype == torch.float32)
+    monkeypatch.delenv("DSV4_FP32_LINEAR", raising=False)
+    big = torch.zeros(1000, 16).bfloat16().float()
+    c = L.Linear(16, 4, keep_fp32=True)
+    with torch.no_grad():
+        c.weight.data = big[8:12]
+    assert S.pending_copy_bytes([c.weight]) == 2 * 4 * 16
+    d = L.Linear(16, 4, keep_fp32=True)           # random fp32 values: not bf16-valued
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    assert S.pending_copy_bytes([d.weight]) == 2 * 4 * 16      # not checked yet
+    assert S.bf16_copy(x, d.weight) is None
+    assert S.pending_copy_bytes([d.weight]) == 0

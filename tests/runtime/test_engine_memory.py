@@ -35,3 +35,34 @@ def test_unknown_formats_are_refused_before_the_estimate(monkeypatch, kw, match)
                         lambda *a, **k: pytest.fail("estimated an unknown format"))
     with pytest.raises(ValueError, match=match):
         Engine(m, max_batch=2, max_model_len=256, **kw)
+
+
+def test_the_check_names_the_weights_a_step_copies():
+    """The bf16-path weights are the compressors' wkv / wgate (not the head, not another
+    linear); the head's bf16 copy counts for head_dtype=bfloat16 unless the head is compact."""
+    m = dsv4.Model(dsv4.ModelConfig.tiny()).to(torch.bfloat16).eval()
+    want = {id(p) for n, p in m.named_parameters()
+            if n.endswith(("compressor.wkv.weight", "compressor.wgate.weight"))}
+    assert want and {id(p) for p in engine_mod._bf16_path_weights(m)} == want
+    head = 2 * m.head.weight.numel()
+    assert engine_mod._pending_copy_bytes(m, torch.bfloat16) == head     # CPU: no compressor copy
+    assert engine_mod._pending_copy_bytes(m, None) == 0
+    with torch.no_grad():
+        m.head.weight.copy_(m.head.weight.bfloat16())
+    m.compact_head()
+    assert engine_mod._pending_copy_bytes(m, torch.bfloat16) == 0
+
+
+def test_the_check_refuses_for_the_head_copy(monkeypatch):
+    m = dsv4.Model(dsv4.ModelConfig.tiny()).to(torch.bfloat16).eval()
+    kw = dict(max_batch=1, max_model_len=256)
+    c = m.config
+    from dsv4.runtime.engine import default_block_tokens
+    from dsv4.runtime.pool import blocks_needed
+    bt = default_block_tokens(c)
+    need = PagedCache.estimate_bytes(c, 1, blocks_needed(c, 256, bt), bt, torch.bfloat16,
+                                     "bf16", "bf16")
+    monkeypatch.setattr(engine_mod, "_available_bytes", lambda device: need + 1)
+    Engine(m, **kw)
+    with pytest.raises(ValueError, match=r"GiB of bf16 weight copies.*DSV4_FP32_LINEAR=fp32"):
+        Engine(m, head_dtype=torch.bfloat16, **kw)

@@ -57,7 +57,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .backend import env_choice
 
 __all__ = ["split_bf16x3", "linear_bf16x3", "use_split", "split_rule", "SPLIT_MIN_ROWS",
-           "bf16_copy", "bf16_valued", "linear_bf16", "recording_copies", "copies_current"]
+           "bf16_copy", "bf16_valued", "linear_bf16", "recording_copies", "copies_current",
+           "pending_copy_bytes"]
 
 #: Fewest rows of x for which the split path runs by default (module doc: measured crossover).
 SPLIT_MIN_ROWS = 4096
@@ -208,26 +209,48 @@ def _may_copy(w: torch.Tensor) -> bool:
     return w.is_cuda and w.dtype == torch.float32 and not w.is_inference()
 
 
+def _span(w: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first element, end element) of the elements ``w`` covers (a
+    contiguous weight or a fused group's row slice: what :func:`bf16_copy` copies)."""
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), w.storage_offset() + w.numel())
+
+
 def pending_copy_bytes(weights: Iterable[torch.Tensor]) -> int:
     """An upper bound of the bytes :func:`bf16_copy` may still allocate for ``weights`` (the
-    fp32 weights it may serve): 2 per element of every CUDA fp32 storage among them that holds
-    no current copy yet (tensors sharing a storage, a fused group's members, count once;
-    whether their values are all bf16 is not checked, so a weight that keeps its fp32 path is
-    counted too). 0 when ``DSV4_FP32_LINEAR`` is ``fp32``. For a memory budget made before the
-    first step, when the copies do not exist yet (V4-Flash: ~0.6 GB)."""
+    fp32 weights it may serve): 2 per element of the CUDA fp32 weights among them that no
+    current copy covers (a fused group's copy covers its members; elements shared by several
+    weights count once; a weight whose current version was found not bf16-valued is never
+    copied and not counted; one not checked yet is counted whatever its values). 0 when
+    ``DSV4_FP32_LINEAR`` is ``fp32``. For a memory budget made before the first step, when
+    the copies do not exist yet (V4-Flash: ~0.6 GB)."""
     if env_choice("DSV4_FP32_LINEAR", _MODES) == "fp32":
         return 0
-    held = set()
-    for w, (key, _exact, copy) in list(_bf16_checked.items()):
-        if copy is not None and key[:2] == (w.data_ptr(), w._version):
-            held.add(w.untyped_storage().data_ptr())
-    pending: dict[int, int] = {}
+    covered: dict[int, list[tuple[int, int]]] = {}
+    # (a snapshot of the underlying dict: list() of a dict is one step under the GIL, while
+    # iterating the WeakIdKeyDictionary itself raises if another thread adds a weight)
+    for ref, (key, exact, copy) in list(_bf16_checked.data.items()):
+        w = ref()
+        if w is None or key[:2] != (w.data_ptr(), w._version):
+            continue                     # gone, or changed since: its copy will be remade
+        if copy is not None or not exact:
+            ptr, a, b = _span(w)
+            covered.setdefault(ptr, []).append((a, b))
+    todo: dict[int, list[tuple[int, int]]] = {}
     for w in weights:
-        if _may_copy(w):
-            s = w.untyped_storage()
-            if s.data_ptr() not in held:
-                pending[s.data_ptr()] = s.nbytes() // 4
-    return 2 * sum(pending.values())
+        if not _may_copy(w):
+            continue
+        ptr, a, b = _span(w)
+        if any(c <= a and b <= d for c, d in covered.get(ptr, ())):
+            continue
+        todo.setdefault(ptr, []).append((a, b))
+    total = 0
+    for spans in todo.values():          # union of each storage's spans
+        end = -1
+        for a, b in sorted(spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+    return 2 * total
 
 
 def linear_bf16(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

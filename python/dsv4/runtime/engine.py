@@ -157,7 +157,7 @@ class Engine:
         check_cache_formats(c, indexer_cache, kv_cache, model.device)
         need = PagedCache.estimate_bytes(c, self.max_batch, nb, bt, model.dtype, indexer_cache,
                                          kv_cache)
-        copies = pending_copy_bytes(_bf16_path_weights(model))
+        copies = _pending_copy_bytes(model, head_dtype)
         free = _available_bytes(model.device)
         if free is not None and need + copies > free:
             raise ValueError(
@@ -166,7 +166,9 @@ class Engine:
                 + (f" (+ {copies / 2**30:.2f} GiB of bf16 weight copies made at the first "
                    "step)" if copies else "")
                 + f" but {model.device} has {free / 2**30:.2f} GiB available; lower "
-                "max_batch, max_model_len or num_blocks")
+                "max_batch, max_model_len or num_blocks"
+                + ("; DSV4_FP32_LINEAR=fp32 / model.compact_head() avoid the weight copies"
+                   if copies else ""))
         self.cache = PagedCache(c, self.max_batch, nb, bt, model.dtype, model.device,
                                 indexer_cache, kv_cache)
         self.scheduler = Scheduler(self.cache, budget)
@@ -565,6 +567,21 @@ def _available_bytes(device: torch.device) -> Optional[int]:
     except (OSError, RuntimeError, ValueError):
         pass
     return None
+
+
+def _pending_copy_bytes(model, head_dtype: Optional[torch.dtype]) -> int:
+    """Bytes of the bf16 weight copies the first step of a bf16 model may still make: the
+    compressors' (:func:`dsv4.ops.split_gemm.pending_copy_bytes`) and, for
+    ``head_dtype=torch.bfloat16`` with an fp32 head, the head's (``Model._low_precision_head``:
+    V4-Flash 1.06 GB)."""
+    if model.dtype != torch.bfloat16:       # fp32 activations: no bf16 path, no copy
+        return 0
+    n = pending_copy_bytes(_bf16_path_weights(model))
+    w = model._head_param()
+    if (head_dtype == torch.bfloat16 and w is not None and w.dtype != torch.bfloat16
+            and model._cached_head_copy(torch.bfloat16) is None):
+        n += 2 * w.numel()
+    return n
 
 
 def _bf16_path_weights(model) -> list[torch.Tensor]:
