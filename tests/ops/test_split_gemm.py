@@ -392,46 +392,36 @@ def test_runtime_recaptures_after_a_weight_behind_a_copy_changes():
 
     from dsv4.runtime import Engine, SamplingParams
 
-    def decode(m):
-        e = Engine(m, max_batch=2, max_model_len=128, max_num_batched_tokens=64,
-                   cuda_graphs=True)
-        rid = e.add_request(list(range(5, 40)), SamplingParams(max_new_tokens=5,
-                                                               eos_token_id=-1))
+    def engine(m):
+        return Engine(m, max_batch=2, max_model_len=128, max_num_batched_tokens=64,
+                      cuda_graphs=True)
+
+    def sampled_logits(e, prompt, n):     # one request to its end: its logits, step by step
+        rid = e.add_request(prompt, SamplingParams(max_new_tokens=n, eos_token_id=-1))
         out = []
         while e.has_unfinished():
             out += [o.logits.float().cpu() for o in e.step(logits="sampled")
                     if o.request_id == rid and o.logits is not None]
-        return e, out
+        return out
 
     old = dsv4.get_backend()
     try:
         dsv4.set_backend("cuda")
         _, m = _tiny_fp32_and_bf16(2, True, bf16_valued=True)[1:]
-        e, _ = decode(m)
+        e = engine(m)
+        sampled_logits(e, list(range(5, 40)), 5)
         assert e.runner.graphs and e.runner._copies, "no bf16 copy was read by the graphs"
         w = next(p for n, p in m.named_parameters()
                  if ".compressor." in n and n.endswith("wkv.weight"))
         with torch.no_grad():
             w.copy_((w * 2).bfloat16())
         version = m.storage_version
-        rid = e.add_request(list(range(7, 30)), SamplingParams(max_new_tokens=3,
-                                                               eos_token_id=-1))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            got = []
-            while e.has_unfinished():
-                got += [o.logits.float().cpu() for o in e.step(logits="sampled")
-                        if o.request_id == rid and o.logits is not None]
+            got = sampled_logits(e, list(range(7, 30)), 3)
         assert m.storage_version == version
         assert any("captured again" in str(c.message) for c in caught)
-        e2 = Engine(m, max_batch=2, max_model_len=128, max_num_batched_tokens=64,
-                    cuda_graphs=True)
-        rid2 = e2.add_request(list(range(7, 30)), SamplingParams(max_new_tokens=3,
-                                                                 eos_token_id=-1))
-        want = []
-        while e2.has_unfinished():
-            want += [o.logits.float().cpu() for o in e2.step(logits="sampled")
-                     if o.request_id == rid2 and o.logits is not None]
+        want = sampled_logits(engine(m), list(range(7, 30)), 3)
     finally:
         dsv4.set_backend(old)
     assert len(got) == len(want) == 3
