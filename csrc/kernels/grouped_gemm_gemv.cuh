@@ -17,10 +17,11 @@
 //     l + 32 j (j < CPL) of each of its RW rows, all 16 loads of 16 bytes
 //     (ld.global.nc.L1::no_allocate, skinny::ld_stream16) issued before the first use: 8 KB per
 //     warp, 128 KB per SM in flight.
-//   * L2 prefetch (cp.async.bulk.prefetch, one lane per row; DSV4_GEMV_PREFETCH=0: off): each
+//   * L2 prefetch (cp.async.bulk.prefetch, one lane per row; DSV4_GEMV_PREFETCH=0 / 1 / 2): each
 //     warp asks for its first RW rows before the activations are staged, so that HBM streams
-//     while the CTA reads o and evaluates the RoPE angles, and for its next RW rows before it
-//     loads the current ones (the stream keeps going while the warp computes and reduces).
+//     while the CTA reads o and evaluates the RoPE angles (1), and for its next RW rows before
+//     it loads the current ones (2: the stream keeps going while the warp computes and
+//     reduces; by default only when all the weights fit in 40 MB of L2, prefetch_mode).
 //   * Activations in shared memory as 16-byte pieces of 8 bf16 values, laid out [row][piece of
 //     the chunk][chunk], so that the 32 lanes' reads of one piece index are consecutive 16-byte
 //     words (no bank conflicts); each piece is read once per batch and used for all RW rows.
@@ -222,12 +223,12 @@ __device__ __forceinline__ void prefetch_rows(const GroupedGemmArgs& a, int e, i
   }
 }
 
-// prefetch: each warp asks L2 for its first row group before the activations are staged (HBM
-// streams while the CTA reads o and computes the RoPE angles) and for its next row group
-// before it loads the current one (DSV4_GEMV_PREFETCH=0: off).
+// prefetch (L2): 0 none; 1 each warp asks for its first row group before the activations are
+// staged (HBM streams while the CTA reads o and computes the RoPE angles); 2 also for its next
+// row group before it loads the current one.
 template <int FMT, bool ROPE, int RT, int CPL>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    gemv_kernel(const GroupedGemmArgs a, int unit_rows, int n_ub, bool prefetch) {
+    gemv_kernel(const GroupedGemmArgs a, int unit_rows, int n_ub, int prefetch) {
   extern __shared__ __align__(16) uint4 xs[];
   constexpr int RW = kLoads / CPL;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int e = u / n_ub, ub = u % n_ub;
     const int r_end = min(a.rows, (ub + 1) * unit_rows);
     const int r_first = ub * unit_rows + warp * RW;
-    if (prefetch && r_first < r_end) prefetch_rows<FMT, RW>(a, e, r_first, lane);
+    if (prefetch > 0 && r_first < r_end) prefetch_rows<FMT, RW>(a, e, r_first, lane);
     if (e != staged) {
       if (staged >= 0) __syncthreads();  // every warp done with the previous expert's rows
       stage_x<FMT, ROPE, RT>(a, e, xs);
@@ -245,16 +246,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       staged = e;
     }
     for (int r0 = r_first; r0 < r_end; r0 += kWarps * RW) {
-      if (prefetch && r0 + kWarps * RW < r_end) prefetch_rows<FMT, RW>(a, e, r0 + kWarps * RW, lane);
+      if (prefetch > 1 && r0 + kWarps * RW < r_end) {
+        prefetch_rows<FMT, RW>(a, e, r0 + kWarps * RW, lane);
+      }
       rows_dot<FMT, RT, CPL>(a, e, r0, xs, lane);
     }
   }
 }
 
-// DSV4_GEMV_PREFETCH=0 turns the L2 prefetch of the kernel off (read per call); default on.
-inline bool prefetch_enabled() {
+// The kernel's L2 prefetch mode: DSV4_GEMV_PREFETCH=0 / 1 / 2 (read per call); by default 2
+// when all the weight bytes fit in 40 MB (less than the H100's 50 MB L2: prefetched rows are
+// not evicted before their loads), else 1 (bf16 wo_a, 67 MB: all of it requested at once
+// would not fit).
+inline int prefetch_mode(const GroupedGemmArgs& a) {
   const char* v = std::getenv("DSV4_GEMV_PREFETCH");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v != nullptr && (!std::strcmp(v, "0") || !std::strcmp(v, "1") || !std::strcmp(v, "2")))
+    return v[0] - '0';
+  const int64_t row_bytes = a.w_format == GemmWeightFormat::kBF16 ? 2 * int64_t{a.k} : a.k;
+  return static_cast<int64_t>(a.n_experts) * a.rows * row_bytes <= (int64_t{40} << 20) ? 2 : 1;
 }
 
 template <int FMT, bool ROPE, int RT, int CPL>
@@ -277,7 +286,7 @@ cudaError_t launch_v(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream)
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxXBytes);
   if (err != cudaSuccess) return err;
   fn<<<grid, kThreads, smem, stream>>>(a, static_cast<int>(ur), static_cast<int>(n_ub),
-                                       prefetch_enabled());
+                                       prefetch_mode(a));
   return cudaGetLastError();
 }
 

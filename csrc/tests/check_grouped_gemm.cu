@@ -634,7 +634,8 @@ bool check_gemv_cases(std::mt19937& rng) {
 // [T, 64 heads, 512], 8 groups of wo_a [1024, 4096], inverse RoPE; bf16 and FP8 wo_a with e8m0
 // scales) at T = 1 and 2, and fp8_linear wq_b (32768 x 1024) and wq_a (1024 x 4096) at M = 1
 // and 2, through the 16-row tensor-core tiles (decode_deep / decode), the skinny tile, the GEMV
-// tile (with and without its L2 prefetch) and kAuto, interleaved per repetition. Prints one line per case and tile: mean and
+// tile (its default L2 prefetch, and each of the three prefetch modes) and kAuto, interleaved
+// per repetition. Prints one line per case and tile: mean and
 // min µs over 30 repetitions, weight bytes / mean time; then each tile's output against the
 // GEMV tile's (max |diff| / max |gemv|; FAIL above 2e-2: the tolerance rule of the cases above).
 bool time_gemv() {
@@ -645,11 +646,15 @@ bool time_gemv() {
       {"wq_b fp8 M=1", true, false, 1, 32768, 1024, 1},  {"wq_b fp8 M=2", true, false, 1, 32768, 1024, 2},
       {"wq_a fp8 M=1", true, false, 1, 1024, 4096, 1},
   };
-  // gemv_nopf: the GEMV tile with DSV4_GEMV_PREFETCH=0 (no L2 prefetch)
+  // gemv: its default L2 prefetch; gemv_pf0 / pf1 / pf2: DSV4_GEMV_PREFETCH=0 (none) / 1
+  // (first rows only) / 2 (first and next rows)
   const GemmTile tiles[] = {GemmTile::kDecodeDeep, GemmTile::kDecode, GemmTile::kSkinny,
-                            GemmTile::kGemv, GemmTile::kAuto, GemmTile::kGemv};
-  const char* tnames[] = {"decode_deep", "decode", "skinny", "gemv", "auto", "gemv_nopf"};
-  constexpr int NT = 6;
+                            GemmTile::kGemv, GemmTile::kAuto, GemmTile::kGemv, GemmTile::kGemv,
+                            GemmTile::kGemv};
+  const char* tnames[] = {"decode_deep", "decode", "skinny", "gemv", "auto", "gemv_pf0",
+                          "gemv_pf1", "gemv_pf2"};
+  const char* pf_env[] = {nullptr, nullptr, nullptr, nullptr, nullptr, "0", "1", "2"};
+  constexpr int NT = 8;
   const size_t flush_bytes = 256ull << 20;
   void* flush = nullptr;
   CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
@@ -724,7 +729,7 @@ bool time_gemv() {
       for (int t = 0; t < NT; ++t) {
         a.tile = tiles[t];
         a.out = dout[t];
-        if (t == 5) setenv("DSV4_GEMV_PREFETCH", "0", 1); else unsetenv("DSV4_GEMV_PREFETCH");
+        if (pf_env[t]) setenv("DSV4_GEMV_PREFETCH", pf_env[t], 1); else unsetenv("DSV4_GEMV_PREFETCH");
         CHECK_CUDA(cudaMemsetAsync(flush, r & 0xff, flush_bytes));
         CHECK_CUDA(cudaEventRecord(t0));
         CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
