@@ -68,6 +68,7 @@ GemmTile tile_from_env() {
   if (!std::strcmp(v, "large")) return GemmTile::kLarge;
   if (!std::strcmp(v, "huge")) return GemmTile::kHuge;
   if (!std::strcmp(v, "skinny")) return GemmTile::kSkinny;
+  if (!std::strcmp(v, "gemv")) return GemmTile::kGemv;
   return GemmTile::kAuto;
 }
 
@@ -196,11 +197,27 @@ bool skinny_fits(const GroupedGemmArgs& a) {
 namespace gg {
 // the skinny tile (grouped_gemm_skinny.cu)
 cudaError_t launch_skinny(const GroupedGemmArgs& a, int num_sms, cudaStream_t s);
+// the GEMV tile (grouped_gemm_gemv.cu): whether it takes these arguments; its launch
+bool gemv_supports(const GroupedGemmArgs& a);
+cudaError_t launch_gemv(const GroupedGemmArgs& a, int num_sms, cudaStream_t s);
 }  // namespace gg
+
+namespace {
+// kAuto's use of the GEMV tile (grouped_gemm_gemv.cuh): every problem it takes (dense weights,
+// pairs <= 2, bf16 / FP8 weights, store epilogue); DSV4_GEMM_GEMV=0 never picks it.
+bool gemv_fits(const GroupedGemmArgs& a) {
+  const char* v = std::getenv("DSV4_GEMM_GEMV");
+  if (v != nullptr && !std::strcmp(v, "0")) return false;
+  return gg::gemv_supports(a);
+}
+}  // namespace
 
 GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
   GemmTile t = a.tile != GemmTile::kAuto ? a.tile : tile_from_env();
+  // forced outside its contract (MoE, 3+ rows, FP4, SwiGLU, FP8 activations): the skinny tile
+  if (t == GemmTile::kGemv && !gg::gemv_supports(a)) t = GemmTile::kSkinny;
   if (t != GemmTile::kAuto) return t;
+  if (gemv_fits(a)) return GemmTile::kGemv;
   if (skinny_fits(a)) return GemmTile::kSkinny;
   // average activation rows per expert that has any
   int64_t per = a.pairs;
@@ -238,6 +255,7 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
   if (a.x_scale != nullptr) {  // FP8 activations: no skinny variant; its 16-row tile instead
     return gg::launch_qmma(a, tile == GemmTile::kSkinny ? GemmTile::kDecode : tile, sms, stream);
   }
+  if (tile == GemmTile::kGemv) return gg::launch_gemv(a, sms, stream);
   if (tile == GemmTile::kSkinny) return gg::launch_skinny(a, sms, stream);
   if (a.w_format == GemmWeightFormat::kBF16 &&
       (tile == GemmTile::kLarge || tile == GemmTile::kHuge) && ws_mainloop(a))

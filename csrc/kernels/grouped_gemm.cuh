@@ -156,6 +156,14 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
+// The inverse RoPE of one interleaved pair (x0 = low bf16 of w, x1 = high) by the angle whose
+// (cos, sin) is cs: (x0 + i x1) * conj(cos + i sin) in fp32, rounded to bf16 as the reference
+// rounds the rotated o. The one definition every grouped-GEMM kernel's RoPE path uses.
+__device__ __forceinline__ uint32_t rope_inv_bf16x2(uint32_t w, float2 cs) {
+  const float x0 = bf16_lo(w), x1 = bf16_hi(w);
+  return pack_bf16x2(x0 * cs.x + x1 * cs.y, x1 * cs.x - x0 * cs.y);
+}
+
 // s is +-2^e with lo <= |s| <= hi (then s is exact in bf16 and a bf16 product by it is exact
 // while it stays normal).
 __device__ __forceinline__ bool pow2_in(float s, float lo, float hi) {
@@ -702,10 +710,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             uint32_t* w = reinterpret_cast<uint32_t*>(&v);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {  // pairs 4 * b_col + q of the 32 rope pairs
-              const float2 cs = rope_tab[br * kRopePairs + b_col * 4 + q];
-              const float x0 = bf16_lo(w[q]), x1 = bf16_hi(w[q]);
-              // (x0 + i x1) * conj(cos + i sin)
-              w[q] = pack_bf16x2(x0 * cs.x + x1 * cs.y, x1 * cs.x - x0 * cs.y);
+              w[q] = rope_inv_bf16x2(w[q], rope_tab[br * kRopePairs + b_col * 4 + q]);
             }
             sts128(addr, v);
           }

@@ -271,10 +271,7 @@ __device__ __forceinline__ void run_unit(const GroupedGemmArgs& a, const Unit& t
               const int j0 = (dh - (a.head_dim - 2 * kRopePairs)) / 2;
 #pragma unroll
               for (int p = 0; p < 4; ++p) {
-                const float2 cs = sm.rope[i][j0 + p];
-                const float x0 = bf16_lo(xw[p]), x1 = bf16_hi(xw[p]);
-                // (x0 + i x1) * conj(cos + i sin), rounded to bf16 as the reference
-                xw[p] = pack_bf16x2(x0 * cs.x + x1 * cs.y, x1 * cs.x - x0 * cs.y);
+                xw[p] = rope_inv_bf16x2(xw[p], sm.rope[i][j0 + p]);
               }
             }
           }
@@ -337,6 +334,11 @@ __device__ __forceinline__ void run_unit(const GroupedGemmArgs& a, const Unit& t
   __syncthreads();  // sm.fin / sm.rope are rewritten by the next unit
 }
 
+// Asks L2 for `bytes` (a multiple of 16) from the 16-byte aligned global address p.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  prefetch_l2_bulk(p, bytes);
+}
+
 // The weight rows of unit t into L2 (cp.async.bulk.prefetch, one thread per row: a row's k
 // values are contiguous, 16-byte aligned, a multiple of 16 bytes): issued before the current
 // unit runs, so the next unit's loads find them in L2 while this one computes and reduces.
@@ -354,7 +356,7 @@ __device__ __forceinline__ void prefetch_unit_rows(const GroupedGemmArgs& a, con
                   static_cast<int64_t>(row) * a.w_row_stride;
   const uint32_t bytes = static_cast<uint32_t>(
       FMT == kFmtBF16 ? 2 * a.k : (FMT == kFmtFP8 ? a.k : a.k / 2));
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+  prefetch_l2_bulk(p, bytes);
 }
 
 template <int FMT, int EPI, bool ROPE, int RT>

@@ -275,10 +275,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               uint32_t* wv = reinterpret_cast<uint32_t*>(&v);
 #pragma unroll
               for (int q = 0; q < 4; ++q) {  // pairs 4 bc + q of the 32 rope pairs
-                const float2 cs = rope_tab[br * kRopePairs + bc * 4 + q];
-                const float x0 = bf16_lo(wv[q]), x1 = bf16_hi(wv[q]);
-                // (x0 + i x1) * conj(cos + i sin), rounded to bf16 (grouped_gemm.cuh)
-                wv[q] = pack_bf16x2(x0 * cs.x + x1 * cs.y, x1 * cs.x - x0 * cs.y);
+                wv[q] = rope_inv_bf16x2(wv[q], rope_tab[br * kRopePairs + bc * 4 + q]);
               }
               sts128(addr, v);
             }

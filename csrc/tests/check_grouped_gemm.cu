@@ -121,6 +121,8 @@ struct Case {
   bool overlap = false;
   bool ws = false;  // the warp-specialised mainloop (bf16 weights, kLarge / kHuge)
   int num_sms = 0;  // > 0: a grid of at most this many blocks (each walks several units)
+  int head_dim = 128;  // RoPE cases: the head width (the last 64 dims of each head rotate)
+  bool dense = false;  // without RoPE: every expert all `pairs` rows (x [pairs, E k]), no offsets
 };
 
 float bf16_round(double v) { return bf16_to_float(float_to_bf16(static_cast<float>(v))); }
@@ -202,7 +204,8 @@ bool compare_out(const char* name, const std::vector<double>& ref,
 
 bool run_case(const Case& c, std::mt19937& rng) {
   const bool swiglu = c.epi == GemmEpilogue::kSwiGLU;
-  const bool dense = c.rope;  // the RoPE case is the output projection: every expert, all rows
+  // the RoPE case is the output projection: every expert, all rows (also `dense` without RoPE)
+  const bool dense = c.rope || c.dense;
   const int mats = c.E * (swiglu ? 2 : 1);
   Weights w = make_weights(c.fmt, mats, c.rows, c.k, rng);
   // activations: for the output projection x is [x_rows, E * k] (group e reads columns e*k ..)
@@ -225,7 +228,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   std::uniform_int_distribution<int> posd(0, 1 << 20);
   for (auto& p : positions) p = posd(rng);
   for (int j = 0; j < 32; ++j) freqs[j] = std::pow(10000.0f, -2.0f * j / 64.0f);
-  const int head_dim = 128;
+  const int head_dim = c.head_dim;
 
   // ---- CPU reference (double accumulation) ----
   const int64_t out_cols = dense ? static_cast<int64_t>(c.E) * c.rows : c.rows;
@@ -553,6 +556,229 @@ bool time_qmma_prefill() {
   return ok;
 }
 
+// The GEMV tile's cases (grouped_gemm_gemv.cuh; dense weights, 1-2 activation rows).
+bool check_gemv_cases(std::mt19937& rng) {
+  static char names[64][64];
+  int ni = 0;
+  const GemmWeightFormat fmts[] = {GemmWeightFormat::kBF16, GemmWeightFormat::kFP8};
+  const char* fmt_names[] = {"bf16", "fp8"};
+  bool ok = true;
+  // the GEMV tile (grouped_gemm_gemv.cuh; dense weights, 1-2 activation rows): the output
+  // projection with RoPE (8 groups of 4 heads of 128; 2 groups of 4 heads of 512 as V4), e8m0
+  // and float32 scales; dense stores with rows of fewer chunks than lanes (k = 208), a partial
+  // last batch (k = 4112 FP8 / 4104 bf16), 4 and 8 rows per warp (k = 1024 / 208), the 2-byte
+  // e8m0 scale tensor; grids of 2 blocks walking every unit (restaging per expert); and forced
+  // outside its contract (3 rows, MoE, FP4, SwiGLU, FP8 activations: the skinny tile runs)
+  for (int T = 1; T <= 2; ++T)
+    for (int f = 0; f < 2; ++f) {
+      std::snprintf(names[ni], 64, "oproj rope %s gemv T=%d", fmt_names[f], T);
+      Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kGemv, 8, 128, 512, T, T, true};
+      c.fp32_scale = T == 2;
+      ok = run_case(c, rng) && ok;
+      std::snprintf(names[ni], 64, "oproj rope %s gemv T=%d head_dim 512", fmt_names[f], T);
+      Case d{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kGemv, 2, 256, 2048, T, T, true};
+      d.head_dim = 512;
+      d.fp32_scale = T == 1;
+      ok = run_case(d, rng) && ok;
+      std::snprintf(names[ni], 64, "oproj rope %s gemv T=%d grid of 2", fmt_names[f], T);
+      Case g{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kGemv, 4, 256, 512, T, T, true};
+      g.num_sms = 1;
+      ok = run_case(g, rng) && ok;
+    }
+  {
+    struct Shape { int E, rows, k_bf16, k_fp8; const char* what; };
+    const Shape shapes[] = {{3, 136, 208, 208, "k=208"},
+                            {1, 64, 4104, 4112, "k=4104/4112"},
+                            {2, 192, 1024, 1024, "k=1024"}};
+    for (const Shape& sh : shapes)
+      for (int T = 1; T <= 2; ++T)
+        for (int f = 0; f < 2; ++f) {
+          std::snprintf(names[ni], 64, "dense store %s gemv %s T=%d", fmt_names[f], sh.what, T);
+          Case c{names[ni++], fmts[f], GemmEpilogue::kStore, GemmTile::kGemv, sh.E, sh.rows,
+                 f == 0 ? sh.k_bf16 : sh.k_fp8, T, T};
+          c.dense = true;
+          c.fp32_scale = (T + sh.E) % 2 == 1;
+          ok = run_case(c, rng) && ok;
+        }
+    Case g{"dense store bf16 gemv grid of 2 T=2", GemmWeightFormat::kBF16, GemmEpilogue::kStore,
+           GemmTile::kGemv, 5, 64, 320, 2, 2};
+    g.dense = true;
+    g.num_sms = 1;
+    ok = run_case(g, rng) && ok;
+    Case s2{"dense store fp8 2-byte e8m0 scales gemv", GemmWeightFormat::kFP8,
+            GemmEpilogue::kStore, GemmTile::kGemv, 1, 120, 208, 1, 1};
+    s2.dense = true;
+    ok = run_case(s2, rng) && ok;
+    Case r3{"oproj rope fp8 gemv forced T=3 (skinny)", GemmWeightFormat::kFP8,
+            GemmEpilogue::kStore, GemmTile::kGemv, 2, 128, 256, 3, 3, true};
+    ok = run_case(r3, rng) && ok;
+    Case m{"store fp8 gemv forced MoE (skinny)", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+           GemmTile::kGemv, 6, 136, 208, 45, 12};
+    ok = run_case(m, rng) && ok;
+    Case f4{"dense store fp4 gemv forced T=1 (skinny)", GemmWeightFormat::kFP4,
+            GemmEpilogue::kStore, GemmTile::kGemv, 2, 64, 256, 1, 1};
+    f4.dense = true;
+    ok = run_case(f4, rng) && ok;
+    Case sw{"swiglu bf16 gemv forced (skinny)", GemmWeightFormat::kBF16, GemmEpilogue::kSwiGLU,
+            GemmTile::kGemv, 6, 96, 208, 45, 4};
+    ok = run_case(sw, rng) && ok;
+    QCase c4{"fp8_mma store fp8 T=1 gemv forced (16-row)", GemmWeightFormat::kFP8,
+             GemmEpilogue::kStore, GemmTile::kGemv, 1, 128, 256, 1, 1, 0};
+    ok = run_qmma_case(c4, rng) && ok;
+  }
+  return ok;
+}
+
+// Decode-size weight streams, same process, cold weights (L2 flushed by a 256 MB memset before
+// every timed call; CUDA events around the call only): grouped_oproj at V4-Flash shapes (o
+// [T, 64 heads, 512], 8 groups of wo_a [1024, 4096], inverse RoPE; bf16 and FP8 wo_a with e8m0
+// scales) at T = 1 and 2, and fp8_linear wq_b (32768 x 1024) and wq_a (1024 x 4096) at M = 1
+// and 2, through the 16-row tensor-core tiles (decode_deep / decode), the skinny tile, the GEMV
+// tile (its default L2 prefetch, and each of the three prefetch modes) and kAuto, interleaved
+// per repetition. Prints one line per case and tile: mean and
+// min µs over 30 repetitions, weight bytes / mean time; then each tile's output against the
+// GEMV tile's (max |diff| / max |gemv|; FAIL above 2e-2: the tolerance rule of the cases above).
+bool time_gemv() {
+  struct Shape { const char* name; bool fp8, rope; int E, rows, k, T; };
+  const Shape shapes[] = {
+      {"oproj bf16 T=1", false, true, 8, 1024, 4096, 1}, {"oproj bf16 T=2", false, true, 8, 1024, 4096, 2},
+      {"oproj fp8 T=1", true, true, 8, 1024, 4096, 1},   {"oproj fp8 T=2", true, true, 8, 1024, 4096, 2},
+      {"wq_b fp8 M=1", true, false, 1, 32768, 1024, 1},  {"wq_b fp8 M=2", true, false, 1, 32768, 1024, 2},
+      {"wq_a fp8 M=1", true, false, 1, 1024, 4096, 1},
+  };
+  // gemv: its default L2 prefetch; gemv_pf0 / pf1 / pf2: DSV4_GEMV_PREFETCH=0 (none) / 1
+  // (first rows only) / 2 (first and next rows)
+  const GemmTile tiles[] = {GemmTile::kDecodeDeep, GemmTile::kDecode, GemmTile::kSkinny,
+                            GemmTile::kGemv, GemmTile::kAuto, GemmTile::kGemv, GemmTile::kGemv,
+                            GemmTile::kGemv};
+  const char* tnames[] = {"decode_deep", "decode", "skinny", "gemv", "auto", "gemv_pf0",
+                          "gemv_pf1", "gemv_pf2"};
+  const char* pf_env[] = {nullptr, nullptr, nullptr, nullptr, nullptr, "0", "1", "2"};
+  constexpr int NT = 8;
+  const size_t flush_bytes = 256ull << 20;
+  void* flush = nullptr;
+  CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+  cudaEvent_t t0, t1;
+  CHECK_CUDA(cudaEventCreate(&t0));
+  CHECK_CUDA(cudaEventCreate(&t1));
+  bool ok = true;
+  for (const Shape& sh : shapes) {
+    const int64_t row_bytes = sh.fp8 ? sh.k : 2 * sh.k;
+    const int64_t w_n = static_cast<int64_t>(sh.E) * sh.rows * row_bytes;
+    const int64_t s_rows = sh.rows / 128, s_cols = sh.k / 128;
+    const int64_t s_n = static_cast<int64_t>(sh.E) * s_rows * s_cols;
+    const int64_t x_cols = static_cast<int64_t>(sh.E) * sh.k;  // x [T, E k] (E = 1: [T, k])
+    const int64_t out_cols = static_cast<int64_t>(sh.E) * sh.rows;
+    uint8_t *dw = nullptr, *ds = nullptr;
+    uint16_t* dx = nullptr;
+    int32_t* dpos = nullptr;
+    float* dfr = nullptr;
+    uint16_t* dout[NT] = {};
+    CHECK_CUDA(cudaMalloc(&dw, w_n));
+    CHECK_CUDA(cudaMalloc(&ds, std::max<int64_t>(s_n, 1)));
+    CHECK_CUDA(cudaMalloc(&dx, sh.T * x_cols * 2));
+    CHECK_CUDA(cudaMalloc(&dpos, sh.T * 4));
+    CHECK_CUDA(cudaMalloc(&dfr, 32 * 4));
+    for (auto& o : dout) CHECK_CUDA(cudaMalloc(&o, sh.T * out_cols * 2));
+    // FP8: bit 3 of every byte cleared (no NaN codes); bf16: bit 6 of every byte cleared (the
+    // exponent's top bit: |w| < 2, no inf / NaN); scales 2^-7 .. 2^0
+    fill_hash<<<1024, 256>>>(dw, w_n, 11u, sh.fp8 ? 0x08u : 0x40u, 0, 0);
+    fill_hash<<<64, 256>>>(ds, s_n, 12u, 0u, 120, 8);
+    CHECK_CUDA(cudaGetLastError());
+    std::mt19937 rng(17);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    std::vector<uint16_t> x(sh.T * x_cols);
+    for (auto& v : x) v = float_to_bf16(normal(rng));
+    std::vector<int32_t> pos(sh.T);
+    for (int t = 0; t < sh.T; ++t) pos[t] = 1000003 + 7 * t;
+    std::vector<float> fr(32);
+    for (int j = 0; j < 32; ++j) fr[j] = std::pow(10000.0f, -2.0f * j / 64.0f);
+    CHECK_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dpos, pos.data(), pos.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dfr, fr.data(), fr.size() * 4, cudaMemcpyHostToDevice));
+    dsv4::GroupedGemmArgs a;
+    a.w = dw;
+    a.w_format = sh.fp8 ? GemmWeightFormat::kFP8 : GemmWeightFormat::kBF16;
+    a.w_row_stride = row_bytes;
+    a.w_expert_stride = sh.rows * row_bytes;
+    if (sh.fp8) {
+      a.w_scale = ds;
+      a.w_scale_bytes = s_n;
+      a.s_row_stride = s_cols;
+      a.s_expert_stride = s_rows * s_cols;
+    }
+    a.n_experts = sh.E;
+    a.rows = sh.rows;
+    a.k = sh.k;
+    a.x = dx;
+    a.x_row_stride = x_cols;
+    a.x_expert_stride = sh.k;
+    a.x_rows = sh.T;
+    a.pairs = sh.T;
+    if (sh.rope) {
+      a.positions = dpos;
+      a.freqs = dfr;
+      a.head_dim = 512;
+    }
+    a.out_row_stride = out_cols;
+    a.out_expert_stride = sh.rows;
+    double sum[NT] = {}, mn[NT];
+    for (double& m : mn) m = 1e30;
+    const int reps = 30;
+    for (int r = -2; r < reps; ++r)  // two warm-up rounds
+      for (int t = 0; t < NT; ++t) {
+        a.tile = tiles[t];
+        a.out = dout[t];
+        if (pf_env[t]) setenv("DSV4_GEMV_PREFETCH", pf_env[t], 1); else unsetenv("DSV4_GEMV_PREFETCH");
+        CHECK_CUDA(cudaMemsetAsync(flush, r & 0xff, flush_bytes));
+        CHECK_CUDA(cudaEventRecord(t0));
+        CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+        CHECK_CUDA(cudaEventRecord(t1));
+        CHECK_CUDA(cudaEventSynchronize(t1));
+        float ms = 0;
+        CHECK_CUDA(cudaEventElapsedTime(&ms, t0, t1));
+        if (r >= 0) {
+          sum[t] += ms * 1e3;
+          mn[t] = std::min(mn[t], static_cast<double>(ms) * 1e3);
+        }
+      }
+    unsetenv("DSV4_GEMV_PREFETCH");
+    a.tile = GemmTile::kAuto;
+    const GemmTile auto_tile = dsv4::grouped_gemm_resolve_tile(a);
+    std::vector<uint16_t> ref(sh.T * out_cols), got(ref.size());
+    CHECK_CUDA(cudaMemcpy(ref.data(), dout[3], ref.size() * 2, cudaMemcpyDeviceToHost));
+    double max_ref = 0;
+    for (uint16_t v : ref) max_ref = std::max(max_ref, static_cast<double>(std::fabs(bf16_to_float(v))));
+    for (int t = 0; t < NT; ++t) {
+      CHECK_CUDA(cudaMemcpy(got.data(), dout[t], got.size() * 2, cudaMemcpyDeviceToHost));
+      double worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double d = std::fabs(static_cast<double>(bf16_to_float(got[i])) - bf16_to_float(ref[i]));
+        worst = std::max(worst, std::isnan(d) ? 1e30 : d);
+      }
+      const double rel = worst / (max_ref > 0 ? max_ref : 1);
+      const bool good = rel <= 2e-2 && std::isfinite(max_ref);
+      ok = ok && good;
+      const double mean = sum[t] / reps;
+      std::printf("time %-16s %-12s %8.2f us mean %8.2f us min %6.2f TB/s (%.1f MB)  vs gemv %.1e %s%s\n",
+                  sh.name, tnames[t], mean, mn[t], w_n / (mean * 1e-6) / 1e12, w_n / 1e6, rel,
+                  good ? "ok" : "FAIL",
+                  t == 4 ? (auto_tile == GemmTile::kGemv ? " (auto = gemv)"
+                            : auto_tile == GemmTile::kSkinny ? " (auto = skinny)"
+                            : auto_tile == GemmTile::kDecodeDeep ? " (auto = decode_deep)"
+                            : " (auto = other)") : "");
+    }
+    for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds), static_cast<void*>(dx),
+                    static_cast<void*>(dpos), static_cast<void*>(dfr)})
+      CHECK_CUDA(cudaFree(p));
+    for (auto* o : dout) CHECK_CUDA(cudaFree(o));
+  }
+  CHECK_CUDA(cudaEventDestroy(t0));
+  CHECK_CUDA(cudaEventDestroy(t1));
+  CHECK_CUDA(cudaFree(flush));
+  return ok;
+}
+
 // fp8_act_quant_sim against a transcription of dsv4.ops.quant.fp8_e4m3_sim (block 128).
 bool check_act_quant(std::mt19937& rng) {
   const int rows = 37, cols = 384;
@@ -691,6 +917,7 @@ bool check_skinny_rule() {
       {"1", bf16, 3, true, false},      {"0", fp8, 1, false, false},
   };
   bool ok = true;
+  setenv("DSV4_GEMM_GEMV", "0", 1);  // the GEMV tile precedes the skinny rule (check_gemv_rule)
   for (const Case& c : cases) {
     if (c.env) setenv("DSV4_GEMM_SKINNY", c.env, 1); else unsetenv("DSV4_GEMM_SKINNY");
     const bool got = dsv4::grouped_gemm_resolve_tile(args(c.f, c.pairs, c.moe)) == GemmTile::kSkinny;
@@ -703,12 +930,86 @@ bool check_skinny_rule() {
     }
   }
   unsetenv("DSV4_GEMM_SKINNY");
+  unsetenv("DSV4_GEMM_GEMV");
   std::printf("skinny rule: %s\n", ok ? "ok" : "FAIL");
   return ok;
 }
 
+// kAuto's choice of the GEMV tile and DSV4_GEMM_TILE=gemv (grouped_gemm_resolve_tile, host
+// only): kAuto takes it for dense bf16 / FP8 weights, pairs 1-2, the store epilogue, bf16
+// activations (DSV4_GEMM_GEMV=0: never); forced outside that contract it resolves to kSkinny.
+bool check_gemv_rule() {
+  struct Case {
+    const char* gemv_env;  // DSV4_GEMM_GEMV
+    const char* tile_env;  // DSV4_GEMM_TILE
+    GemmWeightFormat f;
+    int64_t pairs;
+    bool moe, swiglu, fp8_act;
+    int k;
+    GemmTile want;
+  };
+  const GemmWeightFormat bf16 = GemmWeightFormat::kBF16, fp8 = GemmWeightFormat::kFP8,
+                         fp4 = GemmWeightFormat::kFP4;
+  const GemmTile gemv = GemmTile::kGemv, skinny = GemmTile::kSkinny,
+                 deep = GemmTile::kDecodeDeep, dec = GemmTile::kDecode;
+  const Case cases[] = {
+      {nullptr, nullptr, fp8, 1, false, false, false, 4096, gemv},
+      {nullptr, nullptr, fp8, 2, false, false, false, 4096, gemv},
+      {nullptr, nullptr, bf16, 1, false, false, false, 4096, gemv},
+      {nullptr, nullptr, bf16, 2, false, false, false, 4096, gemv},
+      {nullptr, nullptr, bf16, 2, false, false, false, 24576, gemv},   // 96 KB of activations
+      {nullptr, nullptr, bf16, 2, false, false, false, 24592, deep},   // past them
+      {nullptr, nullptr, fp8, 3, false, false, false, 4096, deep},
+      {nullptr, nullptr, fp4, 1, false, false, false, 4096, deep},
+      {nullptr, nullptr, fp8, 1, true, false, false, 4096, deep},
+      {nullptr, nullptr, fp8, 1, false, true, false, 4096, skinny},    // SwiGLU: skinny rule
+      {nullptr, nullptr, fp8, 1, false, false, true, 4096, deep},      // FP8 x FP8: 16-row tile
+      {"0", nullptr, fp8, 1, false, false, false, 4096, skinny},
+      {"0", nullptr, bf16, 1, false, false, false, 4096, deep},
+      {"1", nullptr, bf16, 2, false, false, false, 4096, gemv},
+      {"0", "gemv", bf16, 1, false, false, false, 4096, gemv},         // forced: the env rule is kAuto's
+      {nullptr, "gemv", fp8, 3, false, false, false, 4096, skinny},    // forced, outside: skinny
+      {nullptr, "gemv", fp8, 1, true, false, false, 4096, skinny},
+      {nullptr, "gemv", fp4, 1, false, false, false, 4096, skinny},
+      {nullptr, "gemv", bf16, 1, false, true, false, 4096, skinny},
+      {nullptr, "decode", fp8, 1, false, false, false, 4096, dec},
+  };
+  bool ok = true;
+  for (const Case& c : cases) {
+    if (c.gemv_env) setenv("DSV4_GEMM_GEMV", c.gemv_env, 1); else unsetenv("DSV4_GEMM_GEMV");
+    if (c.tile_env) setenv("DSV4_GEMM_TILE", c.tile_env, 1); else unsetenv("DSV4_GEMM_TILE");
+    static const int32_t offsets[3] = {0, 0, 0};
+    static const float xs = 1.f;
+    dsv4::GroupedGemmArgs a;
+    a.w_format = c.f;
+    a.n_experts = c.moe ? 2 : 1;
+    a.rows = 1024;
+    a.k = c.k;
+    a.pairs = c.pairs;
+    a.expert_offsets = c.moe ? offsets : nullptr;
+    a.epilogue = c.swiglu ? GemmEpilogue::kSwiGLU : GemmEpilogue::kStore;
+    a.x_scale = c.fp8_act ? &xs : nullptr;
+    a.num_sms = 132;
+    const GemmTile got = dsv4::grouped_gemm_resolve_tile(a);
+    if (got != c.want) {
+      std::printf("gemv rule: GEMV=%s TILE=%s format %d pairs %lld%s%s%s k %d: tile %d, "
+                  "expected %d\n", c.gemv_env ? c.gemv_env : "(unset)",
+                  c.tile_env ? c.tile_env : "(unset)", static_cast<int>(c.f),
+                  static_cast<long long>(c.pairs), c.moe ? " MoE" : "", c.swiglu ? " swiglu" : "",
+                  c.fp8_act ? " fp8-act" : "", c.k, static_cast<int>(got),
+                  static_cast<int>(c.want));
+      ok = false;
+    }
+  }
+  unsetenv("DSV4_GEMM_GEMV");
+  unsetenv("DSV4_GEMM_TILE");
+  std::printf("gemv rule: %s\n", ok ? "ok" : "FAIL");
+  return ok;
+}
+
 int main() {
-  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3() || !check_skinny_rule()) {
+  if (!check_e2m1_decoder() || !check_e2m1_to_e4m3() || !check_skinny_rule() ||
+      !check_gemv_rule()) {
     std::printf("FAIL\n");
     return 1;
   }
@@ -724,6 +1025,12 @@ int main() {
     return 0;
   }
   std::mt19937 rng(20261205);
+  if (std::getenv("DSV4_CHECK_GEMV_ONLY") != nullptr) {  // the GEMV tile's cases and timing only
+    bool ok = check_gemv_cases(rng);
+    if (std::getenv("DSV4_CHECK_NO_TIMING") == nullptr) ok = time_gemv() && ok;
+    std::printf(ok ? "PASS\n" : "FAIL\n");
+    return ok ? 0 : 1;
+  }
   const GemmTile tiles[] = {GemmTile::kDecode, GemmTile::kDecodeDeep, GemmTile::kMedium,
                             GemmTile::kLarge, GemmTile::kHuge};
   const char* tile_names[] = {"decode", "decode_deep", "medium", "large", "huge"};
@@ -831,6 +1138,7 @@ int main() {
            GemmTile::kSkinny, 1, 120, 208, 9, 9};
     ok = run_case(c, rng) && ok;
   }
+  ok = check_gemv_cases(rng) && ok;
   // the FP8 x FP8 path: FP8 (e8m0 / float32 scales) and FP4 weights, both epilogues, the three
   // tiles (16 / 64 / 128 rows), empty experts, unowned pairs, T = 1, a k of one block
   const GemmTile qtiles[] = {GemmTile::kDecode, GemmTile::kMedium, GemmTile::kLarge};
@@ -856,7 +1164,10 @@ int main() {
     ok = run_qmma_case(c3, rng) && ok;
   }
   // (DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer)
-  if (std::getenv("DSV4_CHECK_NO_TIMING") == nullptr) ok = time_qmma_prefill() && ok;
+  if (std::getenv("DSV4_CHECK_NO_TIMING") == nullptr) {
+    ok = time_qmma_prefill() && ok;
+    ok = time_gemv() && ok;
+  }
   std::printf(ok ? "PASS\n" : "FAIL\n");
   return ok ? 0 : 1;
 }

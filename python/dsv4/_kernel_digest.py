@@ -21,11 +21,11 @@ _SUFFIXES = {".h", ".hpp", ".cuh", ".cu", ".cpp", ".cc"}
 # The kernel translation units of the grouped GEMM: grouped_gemm.cu (the entry points
 # dsv4::grouped_gemm, fp8_act_quant(_sim), zero_rows_past_offsets) picks at run time one of the
 # TUs it calls (gg::launch_bf16 / launch_fp8 / launch_fp4 / launch_qmma / launch_skinny /
-# launch_ws_bf16).
+# launch_ws_bf16 / launch_gemv).
 _GEMM_TUS = ("kernels/grouped_gemm.cu", "kernels/grouped_gemm_bf16.cu",
              "kernels/grouped_gemm_fp8.cu", "kernels/grouped_gemm_fp4.cu",
              "kernels/grouped_gemm_qmma.cu", "kernels/grouped_gemm_skinny.cu",
-             "kernels/grouped_gemm_ws.cu")
+             "kernels/grouped_gemm_ws.cu", "kernels/grouped_gemm_gemv.cu")
 _ATTN_TUS = ("kernels/sparse_attn.cu", "kernels/sparse_attn_prefill_sm90.cu")
 
 # op -> the csrc/ files (relative to csrc/) its CUDA implementation starts from: the torch glue

@@ -200,12 +200,13 @@ def test_cuda_awkward_layouts_and_empty_widths():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tile", ["skinny", "decode"])
+@pytest.mark.parametrize("tile", ["skinny", "decode", "gemv"])
 @pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 33])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (256, 1024), (136, 208)])
 def test_cuda_decode_rows(monkeypatch, tile, M, N, K):
     """Decode row counts through the skinny tile (1 / 2 / 4 / 8 rows per unit, more rows than
-    one unit holds at 9 .. 33) and the 16-row tensor-core tile; wq_a's shape (1024 x 4096),
+    one unit holds at 9 .. 33), the 16-row tensor-core tile and the GEMV tile (M <= 2; forced
+    at M > 2 it runs the skinny tile); wq_a's shape (1024 x 4096),
     a short k (1024: more row groups per CTA) and partial scale blocks (136 x 208)."""
     monkeypatch.setenv("DSV4_GEMM_TILE", tile)
     x, q, s, _ = _check_poisoned_out(M, N, K, M * 11 + N + K, f"fp8_linear[{tile}] {M}x{N}x{K}")

@@ -193,11 +193,12 @@ def test_cuda_misaligned_o_and_one_token_views():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-@pytest.mark.parametrize("tile", ["skinny", "decode"])
+@pytest.mark.parametrize("tile", ["skinny", "decode", "gemv"])
 @pytest.mark.parametrize("T", [1, 2, 7, 8, 9, 16, 33])
 def test_cuda_decode_tokens(monkeypatch, fmt, tile, T):
-    """Decode token counts through the skinny tile and the 16-row tensor-core tile: inverse
-    RoPE at positions up to 1M on 512-wide heads (the V4 head size), 2 groups of 256 rows."""
+    """Decode token counts through the skinny tile, the 16-row tensor-core tile and the GEMV
+    tile (T <= 2; forced at T > 2 it runs the skinny tile): inverse RoPE at positions up to 1M
+    on 512-wide heads (the V4 head size), 2 groups of 256 rows."""
     monkeypatch.setenv("DSV4_GEMM_TILE", tile)
     o, pos, freqs, wo_a, scale = make(T, 4, 512, 2, 256, fmt, seed=900 + T, device="cuda",
                                       max_pos=1 << 20)

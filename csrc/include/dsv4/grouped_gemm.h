@@ -42,13 +42,21 @@ enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
 //     CTA reads 4 x (8 / WG) weight rows once with 16-byte loads and dots them with 1, 2, 4 or 8
 //     activation rows on CUDA cores (fp32); for a few rows per weight matrix. BF16 activations
 //     only: with x_scale (FP8 x FP8) kSkinny runs the FP8 path's 16-row tile.
+//   kGemv: no tensor cores, a weight stream for dense weights (no expert offsets) and 1-2
+//     activation rows (csrc/kernels/grouped_gemm_gemv.cuh): each warp owns whole weight rows
+//     (16 loads of 16 bytes in flight per lane), the CTA's activation rows (RoPE applied) sit
+//     in shared memory. bf16 / FP8 weights, bf16 activations, the store epilogue, pairs * k
+//     * 2 <= 96 KB; forced (tile or DSV4_GEMM_TILE=gemv) on other arguments it runs kSkinny.
 // kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
-// environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny)
-// overrides it. kAuto picks kSkinny for FP8 weights without expert offsets at pairs == 1 (where
-// it was measured faster); DSV4_GEMM_SKINNY=1: also without offsets at pairs <= 2 and with
-// them (MoE) at pairs <= E, any format; DSV4_GEMM_SKINNY=0: never.
+// environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny, gemv)
+// overrides it. kAuto picks kGemv wherever it applies (dense, pairs <= 2, bf16 / FP8 weights,
+// store epilogue; DSV4_GEMM_GEMV=0: never, read per call), then kSkinny for FP8 weights without
+// expert offsets at pairs == 1 (where it was measured faster than the 16-row tile);
+// DSV4_GEMM_SKINNY=1: also without offsets at pairs <= 2 and with them (MoE) at pairs <= E,
+// any format; DSV4_GEMM_SKINNY=0: never.
 enum class GemmTile : int32_t {
-  kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5, kSkinny = 6
+  kAuto = 0, kDecode = 1, kMedium = 2, kLarge = 3, kHuge = 4, kDecodeDeep = 5, kSkinny = 6,
+  kGemv = 7
 };
 
 enum class GemmPipeline : int32_t { kAuto = 0, kSerial = 1, kOverlap = 2 };
