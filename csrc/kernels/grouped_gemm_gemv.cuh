@@ -22,6 +22,11 @@
 //     while the CTA reads o and evaluates the RoPE angles (1), and for its next RW rows before
 //     it loads the current ones (2: the stream keeps going while the warp computes and
 //     reduces; by default only when all the weights fit in 40 MB of L2, prefetch_mode).
+//   * DSV4_GEMV_PIPE=1 (read per call; default off): the pipelined walk (rows_pipe): each batch
+//     in two halves of 8 loads per lane in two register sets, the next half's loads issued
+//     before the current half's FMAs, across batches and row groups, and the first half before
+//     the activations are staged; so a warp has 4-8 KB in flight through its compute and
+//     reduction instead of 8 KB then none. Bit-identical to the default walk.
 //   * Activations in shared memory as 16-byte pieces of 8 bf16 values, laid out [row][piece of
 //     the chunk][chunk], so that the 32 lanes' reads of one piece index are consecutive 16-byte
 //     words (no bank conflicts); each piece is read once per batch and used for all RW rows.
@@ -116,23 +121,94 @@ __device__ __forceinline__ void stage_x(const GroupedGemmArgs& a, int e, uint4* 
   }
 }
 
+// Row r0 of expert e: its first weight byte; FP8: the first scale of its 128-row block.
+__device__ __forceinline__ const char* row_ptr(const GroupedGemmArgs& a, int e, int r0) {
+  return static_cast<const char*>(a.w) + e * a.w_expert_stride +
+         static_cast<int64_t>(r0) * a.w_row_stride;
+}
+__device__ __forceinline__ const char* scale_ptr(const GroupedGemmArgs& a, int e, int r0) {
+  return static_cast<const char*>(a.w_scale) +
+         (e * a.s_expert_stride + static_cast<int64_t>(r0 / 128) * a.s_row_stride) *
+             (a.scale_fp32 ? 4 : 1);
+}
+
+// One 16-byte chunk c (< nchunks) of RW weight rows (q[rr]) against the staged activation rows:
+// acc[rr][i] += w x (x s), value by value in k order (the per-lane fma chain).
+template <int FMT, int RT, int RW>
+__device__ __forceinline__ void chunk_fma(const uint4 (&q)[RW], int c, int nchunks,
+                                          const uint4* xs, const char* sbase, bool s32,
+                                          float (&acc)[RW][RT]) {
+  constexpr int EPC = skinny::elems_per_chunk<FMT>();
+  constexpr int SP = EPC / 8;
+  // FP8: the chunk's block scale (a few hundred bytes per CTA: L1 hits after the first)
+  float sj = 1.f;
+  if constexpr (FMT == kFmtFP8) {
+    const int blk = (c * EPC) / 128;
+    sj = s32 ? __ldg(reinterpret_cast<const float*>(sbase) + blk)
+             : e8m0_to_f32(__ldg(reinterpret_cast<const unsigned char*>(sbase) + blk));
+  }
+#pragma unroll
+  for (int sp = 0; sp < SP; ++sp) {
+    float x[RT][8];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      const uint4 xv = xs[(i * SP + sp) * nchunks + c];
+      const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        x[i][2 * p] = bf16_lo(xw[p]);
+        x[i][2 * p + 1] = bf16_hi(xw[p]);
+      }
+      if constexpr (FMT == kFmtFP8) {  // the scale on the activation: once for RW rows
+#pragma unroll
+        for (int v = 0; v < 8; ++v) x[i][v] *= sj;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RW; ++rr) {
+      float w[8];
+      skinny::decode8<FMT>(q[rr], sp, 1.f, w);
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+#pragma unroll
+        for (int v = 0; v < 8; ++v) acc[rr][i] = fmaf(w[v], x[i][v], acc[rr][i]);
+      }
+    }
+  }
+}
+
+// Deterministic warp reduction of acc and the store of rows r0 .. r0 + RW - 1: lane v < RW RT
+// holds (row r0 + v / RT, activation row v % RT).
+template <int RT, int RW>
+__device__ __forceinline__ void reduce_store(const GroupedGemmArgs& a, int e, int r0,
+                                             const float (&acc)[RW][RT], int lane) {
+  float v[RW * RT];
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) v[rr * RT + i] = acc[rr][i];
+  }
+  const float tot = skinny::warp_reduce_scatter<RW * RT>(v, lane);
+  const int rr = lane / RT, i = lane % RT;
+  if (lane < RW * RT && i < a.pairs) {
+    static_cast<__nv_bfloat16*>(a.out)[e * a.out_expert_stride + i * a.out_row_stride + r0 + rr] =
+        __float2bfloat16_rn(tot);
+  }
+}
+
 // RW weight rows r0 .. r0 + RW - 1 of expert e (all < a.rows) against the staged activation
 // rows: one warp, no barrier.
 template <int FMT, int RT, int CPL>
 __device__ __forceinline__ void rows_dot(const GroupedGemmArgs& a, int e, int r0,
                                          const uint4* xs, int lane) {
   constexpr int EPC = skinny::elems_per_chunk<FMT>();
-  constexpr int SP = EPC / 8;
   constexpr int RW = kLoads / CPL;
   const int nchunks = a.k / EPC;
-  const char* wrow = static_cast<const char*>(a.w) + e * a.w_expert_stride +
-                     static_cast<int64_t>(r0) * a.w_row_stride;
+  const char* wrow = row_ptr(a, e, r0);
   // FP8: the RW rows (r0 a multiple of RW, RW | 128) share one 128-row scale block, whose
   // scales (e8m0 bytes or float32) start at sbase
   const bool s32 = a.scale_fp32;
-  const char* sbase = static_cast<const char*>(a.w_scale) +
-                      (e * a.s_expert_stride + static_cast<int64_t>(r0 / 128) * a.s_row_stride) *
-                          (s32 ? 4 : 1);
+  const char* sbase = FMT == kFmtFP8 ? scale_ptr(a, e, r0) : nullptr;
 
   float acc[RW][RT];
 #pragma unroll
@@ -159,58 +235,14 @@ __device__ __forceinline__ void rows_dot(const GroupedGemmArgs& a, int e, int r0
     for (int j = 0; j < CPL; ++j) {
       const int c = c0 + 32 * j;
       if (c < nchunks) {
-        // FP8: the chunk's block scale (a few hundred bytes per CTA: L1 hits after the first)
-        float sj = 1.f;
-        if constexpr (FMT == kFmtFP8) {
-          const int blk = (c * EPC) / 128;
-          sj = s32 ? __ldg(reinterpret_cast<const float*>(sbase) + blk)
-                   : e8m0_to_f32(__ldg(reinterpret_cast<const unsigned char*>(sbase) + blk));
-        }
+        uint4 qj[RW];
 #pragma unroll
-        for (int sp = 0; sp < SP; ++sp) {
-          float x[RT][8];
-#pragma unroll
-          for (int i = 0; i < RT; ++i) {
-            const uint4 xv = xs[(i * SP + sp) * nchunks + c];
-            const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-            for (int p = 0; p < 4; ++p) {
-              x[i][2 * p] = bf16_lo(xw[p]);
-              x[i][2 * p + 1] = bf16_hi(xw[p]);
-            }
-            if constexpr (FMT == kFmtFP8) {  // the scale on the activation: once for RW rows
-#pragma unroll
-              for (int v = 0; v < 8; ++v) x[i][v] *= sj;
-            }
-          }
-#pragma unroll
-          for (int rr = 0; rr < RW; ++rr) {
-            float w[8];
-            skinny::decode8<FMT>(q[rr][j], sp, 1.f, w);
-#pragma unroll
-            for (int i = 0; i < RT; ++i) {
-#pragma unroll
-              for (int v = 0; v < 8; ++v) acc[rr][i] = fmaf(w[v], x[i][v], acc[rr][i]);
-            }
-          }
-        }
+        for (int rr = 0; rr < RW; ++rr) qj[rr] = q[rr][j];
+        chunk_fma<FMT, RT, RW>(qj, c, nchunks, xs, sbase, s32, acc);
       }
     }
   }
-
-  // deterministic warp reduction; lane v < RW RT holds (row r0 + v / RT, activation row v % RT)
-  float v[RW * RT];
-#pragma unroll
-  for (int rr = 0; rr < RW; ++rr) {
-#pragma unroll
-    for (int i = 0; i < RT; ++i) v[rr * RT + i] = acc[rr][i];
-  }
-  const float tot = skinny::warp_reduce_scatter<RW * RT>(v, lane);
-  const int rr = lane / RT, i = lane % RT;
-  if (lane < RW * RT && i < a.pairs) {
-    static_cast<__nv_bfloat16*>(a.out)[e * a.out_expert_stride + i * a.out_row_stride + r0 + rr] =
-        __float2bfloat16_rn(tot);
-  }
+  reduce_store<RT, RW>(a, e, r0, acc, lane);
 }
 
 // Lanes 0 .. RW - 1 ask L2 for the whole of weight rows r0 .. r0 + RW - 1 of expert e.
@@ -223,10 +255,107 @@ __device__ __forceinline__ void prefetch_rows(const GroupedGemmArgs& a, int e, i
   }
 }
 
+// ---- the pipelined walk (DSV4_GEMV_PIPE=1) ----
+// A batch (32 CPL chunks of RW rows, as rows_dot) is split in two halves of H = CPL / 2 chunks
+// per lane and row: half 0 (chunks j < H) in registers qa, half 1 in qb. The loads of the next
+// half are issued before the FMAs of the current one, across batches and row groups, so each
+// warp keeps 8 loads of 16 bytes per lane (4 KB per warp at RW CPL = 16) in flight while it
+// computes and reduces; the first half of the warp's first row group is issued before the
+// activations are staged. Same chunk order per row and lane, same reduction: bit-identical to
+// rows_dot.
+
+// Loads of chunks c = b + lane + 32 (J0 + j), j < H, of the RW rows starting at wrow.
+template <int CPL, int J0>
+__device__ __forceinline__ void load_half(const GroupedGemmArgs& a, const char* wrow, int b,
+                                          int nchunks, int lane,
+                                          uint4 (&q)[kLoads / CPL][CPL / 2]) {
+  constexpr int RW = kLoads / CPL, H = CPL / 2;
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int c = b + lane + 32 * (J0 + j);
+    const bool ok = c < nchunks;
+#pragma unroll
+    for (int rr = 0; rr < RW; ++rr) {
+      q[rr][j] = ok ? skinny::ld_stream16(wrow + rr * a.w_row_stride + static_cast<int64_t>(c) * 16)
+                    : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <int FMT, int RT, int CPL, int J0>
+__device__ __forceinline__ void fma_half(const uint4 (&q)[kLoads / CPL][CPL / 2], int b,
+                                         int nchunks, const uint4* xs, const char* sbase,
+                                         bool s32, int lane, float (&acc)[kLoads / CPL][RT]) {
+  constexpr int RW = kLoads / CPL, H = CPL / 2;
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int c = b + lane + 32 * (J0 + j);
+    if (c < nchunks) {
+      uint4 qj[RW];
+#pragma unroll
+      for (int rr = 0; rr < RW; ++rr) qj[rr] = q[rr][j];
+      chunk_fma<FMT, RT, RW>(qj, c, nchunks, xs, sbase, s32, acc);
+    }
+  }
+}
+
+// The warp's row groups r_first, r_first + kWarps RW, ... < r_end of expert e; qa holds the
+// first half of r_first's first batch (issued by the caller). prefetch > 1: each row group's
+// successor asked of L2 when the group's first loads are issued.
+template <int FMT, int RT, int CPL>
+__device__ __forceinline__ void rows_pipe(const GroupedGemmArgs& a, int e, int r_first,
+                                          int r_end, const uint4* xs, int lane, int prefetch,
+                                          uint4 (&qa)[kLoads / CPL][CPL / 2]) {
+  constexpr int EPC = skinny::elems_per_chunk<FMT>();
+  constexpr int RW = kLoads / CPL, H = CPL / 2;
+  constexpr int kGroupStride = kWarps * RW;
+  const int nchunks = a.k / EPC;
+  const bool s32 = a.scale_fp32;
+  float acc[RW][RT];
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) acc[rr][i] = 0.f;
+  }
+  int r0 = r_first, b = 0;
+#pragma unroll 1
+  while (true) {
+    const char* wrow = row_ptr(a, e, r0);
+    const char* sbase = FMT == kFmtFP8 ? scale_ptr(a, e, r0) : nullptr;
+    uint4 qb[RW][H];
+    load_half<CPL, H>(a, wrow, b, nchunks, lane, qb);
+    int nb = b + 32 * CPL, nr0 = r0;
+    if (nb >= nchunks) {
+      nb = 0;
+      nr0 = r0 + kGroupStride;
+    }
+    const bool more = nr0 < r_end;  // warp-uniform
+    fma_half<FMT, RT, CPL, 0>(qa, b, nchunks, xs, sbase, s32, lane, acc);
+    if (more) {
+      load_half<CPL, 0>(a, row_ptr(a, e, nr0), nb, nchunks, lane, qa);
+      if (prefetch > 1 && nb == 0 && nr0 + kGroupStride < r_end) {
+        prefetch_rows<FMT, RW>(a, e, nr0 + kGroupStride, lane);
+      }
+    }
+    fma_half<FMT, RT, CPL, H>(qb, b, nchunks, xs, sbase, s32, lane, acc);
+    if (nb == 0) {  // the row group is complete
+      reduce_store<RT, RW>(a, e, r0, acc, lane);
+#pragma unroll
+      for (int rr = 0; rr < RW; ++rr) {
+#pragma unroll
+        for (int i = 0; i < RT; ++i) acc[rr][i] = 0.f;
+      }
+    }
+    if (!more) break;
+    r0 = nr0;
+    b = nb;
+  }
+}
+
 // prefetch (L2): 0 none; 1 each warp asks for its first row group before the activations are
 // staged (HBM streams while the CTA reads o and computes the RoPE angles); 2 also for its next
-// row group before it loads the current one.
-template <int FMT, bool ROPE, int RT, int CPL>
+// row group before it loads the current one. PIPE: the pipelined walk (rows_pipe).
+template <int FMT, bool ROPE, int RT, int CPL, bool PIPE>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     gemv_kernel(const GroupedGemmArgs a, int unit_rows, int n_ub, int prefetch) {
   extern __shared__ __align__(16) uint4 xs[];
@@ -239,19 +368,43 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int r_end = min(a.rows, (ub + 1) * unit_rows);
     const int r_first = ub * unit_rows + warp * RW;
     if (prefetch > 0 && r_first < r_end) prefetch_rows<FMT, RW>(a, e, r_first, lane);
-    if (e != staged) {
-      if (staged >= 0) __syncthreads();  // every warp done with the previous expert's rows
-      stage_x<FMT, ROPE, RT>(a, e, xs);
-      __syncthreads();
-      staged = e;
-    }
-    for (int r0 = r_first; r0 < r_end; r0 += kWarps * RW) {
-      if (prefetch > 1 && r0 + kWarps * RW < r_end) {
-        prefetch_rows<FMT, RW>(a, e, r0 + kWarps * RW, lane);
+    if constexpr (PIPE) {
+      uint4 qa[RW][CPL / 2];
+      if (r_first < r_end) {  // the first loads fly while the activations are staged
+        load_half<CPL, 0>(a, row_ptr(a, e, r_first), 0, a.k / skinny::elems_per_chunk<FMT>(),
+                          lane, qa);
+        if (prefetch > 1 && r_first + kWarps * RW < r_end) {
+          prefetch_rows<FMT, RW>(a, e, r_first + kWarps * RW, lane);
+        }
       }
-      rows_dot<FMT, RT, CPL>(a, e, r0, xs, lane);
+      if (e != staged) {
+        if (staged >= 0) __syncthreads();
+        stage_x<FMT, ROPE, RT>(a, e, xs);
+        __syncthreads();
+        staged = e;
+      }
+      if (r_first < r_end) rows_pipe<FMT, RT, CPL>(a, e, r_first, r_end, xs, lane, prefetch, qa);
+    } else {
+      if (e != staged) {
+        if (staged >= 0) __syncthreads();  // every warp done with the previous expert's rows
+        stage_x<FMT, ROPE, RT>(a, e, xs);
+        __syncthreads();
+        staged = e;
+      }
+      for (int r0 = r_first; r0 < r_end; r0 += kWarps * RW) {
+        if (prefetch > 1 && r0 + kWarps * RW < r_end) {
+          prefetch_rows<FMT, RW>(a, e, r0 + kWarps * RW, lane);
+        }
+        rows_dot<FMT, RT, CPL>(a, e, r0, xs, lane);
+      }
     }
   }
+}
+
+// DSV4_GEMV_PIPE=1 (read per call): the pipelined walk; otherwise (default) rows_dot.
+inline bool pipe_mode() {
+  const char* v = std::getenv("DSV4_GEMV_PIPE");
+  return v != nullptr && !std::strcmp(v, "1");
 }
 
 // The kernel's L2 prefetch mode: DSV4_GEMV_PREFETCH=0 / 1 / 2 (read per call); by default 2
@@ -282,7 +435,8 @@ cudaError_t launch_v(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream)
   if (units > INT_MAX) return cudaErrorInvalidValue;
   const int grid = static_cast<int>(units < resident ? units : resident);
   const int smem = RT * a.k * 2;
-  auto* fn = &gemv_kernel<FMT, ROPE, RT, CPL>;
+  auto* fn = pipe_mode() ? &gemv_kernel<FMT, ROPE, RT, CPL, true>
+                         : &gemv_kernel<FMT, ROPE, RT, CPL, false>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxXBytes);
   if (err != cudaSuccess) return err;
   fn<<<grid, kThreads, smem, stream>>>(a, static_cast<int>(ur), static_cast<int>(n_ub),

@@ -319,7 +319,23 @@ bool run_case(const Case& c, std::mt19937& rng) {
   std::vector<uint16_t> out16(out_n);
   CHECK_CUDA(cudaMemcpy(out16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
 
-  const bool pass = compare_out(c.name, ref, out16, out_cols);
+  bool pass = compare_out(c.name, ref, out16, out_cols);
+  if (c.tile == GemmTile::kGemv) {
+    // the pipelined walk (DSV4_GEMV_PIPE=1) into a poisoned output: bit-identical to the
+    // default walk (same products, same per-lane chain, same reduction)
+    CHECK_CUDA(cudaMemset(dout, 0xff, out_n * 2));
+    setenv("DSV4_GEMV_PIPE", "1", 1);
+    CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+    unsetenv("DSV4_GEMV_PIPE");
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<uint16_t> pipe16(out_n);
+    CHECK_CUDA(cudaMemcpy(pipe16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
+    size_t diff = 0;
+    for (size_t i = 0; i < out_n; ++i) diff += pipe16[i] != out16[i];
+    std::printf("%-44s %s (pipe: %zu of %zu elements differ from the default walk)\n", c.name,
+                diff == 0 ? "ok" : "FAIL", diff, static_cast<size_t>(out_n));
+    pass = pass && diff == 0;
+  }
   for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
                   static_cast<void*>(dx), static_cast<void*>(doff), static_cast<void*>(drow),
                   static_cast<void*>(drw), static_cast<void*>(dpos), static_cast<void*>(dfr),
@@ -629,13 +645,26 @@ bool check_gemv_cases(std::mt19937& rng) {
   return ok;
 }
 
+// The read flush of time_gemv: every 16-byte word of buf read once, one xor
+// stored only when it matches an impossible value (the loads stay live).
+__global__ void read_sum(const uint4* buf, size_t n, unsigned* sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcg(buf + i);  // L2 default policy: replaces the dirty lines
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 // Decode-size weight streams, same process, cold weights (L2 flushed by a 256 MB memset before
 // every timed call; CUDA events around the call only): grouped_oproj at V4-Flash shapes (o
 // [T, 64 heads, 512], 8 groups of wo_a [1024, 4096], inverse RoPE; bf16 and FP8 wo_a with e8m0
 // scales) at T = 1 and 2, and fp8_linear wq_b (32768 x 1024) and wq_a (1024 x 4096) at M = 1
 // and 2, through the 16-row tensor-core tiles (decode_deep / decode), the skinny tile, the GEMV
-// tile (its default L2 prefetch, and each of the three prefetch modes) and kAuto, interleaved
-// per repetition. Prints one line per case and tile: mean and
+// tile (its default L2 prefetch, each of the three prefetch modes, and the pipelined walk
+// DSV4_GEMV_PIPE=1) and kAuto, interleaved per repetition (DSV4_CHECK_FLUSH=read: the flush
+// also reads the 256 MB, leaving no dirty lines in L2; lines start "time(read flush)"). Prints one line per case and tile: mean and
 // min µs over 30 repetitions, weight bytes / mean time; then each tile's output against the
 // GEMV tile's (max |diff| / max |gemv|; FAIL above 2e-2: the tolerance rule of the cases above).
 bool time_gemv() {
@@ -648,13 +677,22 @@ bool time_gemv() {
   };
   // gemv: its default L2 prefetch; gemv_pf0 / pf1 / pf2: DSV4_GEMV_PREFETCH=0 (none) / 1
   // (first rows only) / 2 (first and next rows)
+  // gemv_pipe: DSV4_GEMV_PIPE=1 (the pipelined walk, default prefetch)
   const GemmTile tiles[] = {GemmTile::kDecodeDeep, GemmTile::kDecode, GemmTile::kSkinny,
                             GemmTile::kGemv, GemmTile::kAuto, GemmTile::kGemv, GemmTile::kGemv,
-                            GemmTile::kGemv};
+                            GemmTile::kGemv, GemmTile::kGemv};
   const char* tnames[] = {"decode_deep", "decode", "skinny", "gemv", "auto", "gemv_pf0",
-                          "gemv_pf1", "gemv_pf2"};
-  const char* pf_env[] = {nullptr, nullptr, nullptr, nullptr, nullptr, "0", "1", "2"};
-  constexpr int NT = 8;
+                          "gemv_pf1", "gemv_pf2", "gemv_pipe"};
+  const char* pf_env[] = {nullptr, nullptr, nullptr, nullptr, nullptr, "0", "1", "2", nullptr};
+  const bool pipe_t[] = {false, false, false, false, false, false, false, false, true};
+  constexpr int NT = 9;
+  // flush: the 256 MB memset (as before) leaves up to the L2's size of dirty lines, whose
+  // write-back the timed call pays as it evicts them; DSV4_CHECK_FLUSH=read instead reads the
+  // 256 MB (a sum kernel) after the memset, so that the L2 holds clean lines only
+  const bool read_flush = std::getenv("DSV4_CHECK_FLUSH") != nullptr &&
+                          !std::strcmp(std::getenv("DSV4_CHECK_FLUSH"), "read");
+  unsigned* flush_sink = nullptr;
+  CHECK_CUDA(cudaMalloc(&flush_sink, 4));
   const size_t flush_bytes = 256ull << 20;
   void* flush = nullptr;
   CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
@@ -730,7 +768,12 @@ bool time_gemv() {
         a.tile = tiles[t];
         a.out = dout[t];
         if (pf_env[t]) setenv("DSV4_GEMV_PREFETCH", pf_env[t], 1); else unsetenv("DSV4_GEMV_PREFETCH");
+        if (pipe_t[t]) setenv("DSV4_GEMV_PIPE", "1", 1); else unsetenv("DSV4_GEMV_PIPE");
         CHECK_CUDA(cudaMemsetAsync(flush, r & 0xff, flush_bytes));
+        if (read_flush) {
+          read_sum<<<1024, 256>>>(static_cast<const uint4*>(flush), flush_bytes / 16, flush_sink);
+          CHECK_CUDA(cudaGetLastError());
+        }
         CHECK_CUDA(cudaEventRecord(t0));
         CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
         CHECK_CUDA(cudaEventRecord(t1));
@@ -743,6 +786,7 @@ bool time_gemv() {
         }
       }
     unsetenv("DSV4_GEMV_PREFETCH");
+    unsetenv("DSV4_GEMV_PIPE");
     a.tile = GemmTile::kAuto;
     const GemmTile auto_tile = dsv4::grouped_gemm_resolve_tile(a);
     std::vector<uint16_t> ref(sh.T * out_cols), got(ref.size());
@@ -760,8 +804,8 @@ bool time_gemv() {
       const bool good = rel <= 2e-2 && std::isfinite(max_ref);
       ok = ok && good;
       const double mean = sum[t] / reps;
-      std::printf("time %-16s %-12s %8.2f us mean %8.2f us min %6.2f TB/s (%.1f MB)  vs gemv %.1e %s%s\n",
-                  sh.name, tnames[t], mean, mn[t], w_n / (mean * 1e-6) / 1e12, w_n / 1e6, rel,
+      std::printf("time%s %-16s %-12s %8.2f us mean %8.2f us min %6.2f TB/s (%.1f MB)  vs gemv %.1e %s%s\n",
+                  read_flush ? "(read flush)" : "", sh.name, tnames[t], mean, mn[t], w_n / (mean * 1e-6) / 1e12, w_n / 1e6, rel,
                   good ? "ok" : "FAIL",
                   t == 4 ? (auto_tile == GemmTile::kGemv ? " (auto = gemv)"
                             : auto_tile == GemmTile::kSkinny ? " (auto = skinny)"
@@ -776,6 +820,7 @@ bool time_gemv() {
   CHECK_CUDA(cudaEventDestroy(t0));
   CHECK_CUDA(cudaEventDestroy(t1));
   CHECK_CUDA(cudaFree(flush));
+  CHECK_CUDA(cudaFree(flush_sink));
   return ok;
 }
 
