@@ -336,7 +336,7 @@ __device__ __forceinline__ void run_unit(const GroupedGemmArgs& a, const Unit& t
 
 // Asks L2 for `bytes` (a multiple of 16) from the 16-byte aligned global address p.
 __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  prefetch_l2_bulk(p, bytes);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // The weight rows of unit t into L2 (cp.async.bulk.prefetch, one thread per row: a row's k
