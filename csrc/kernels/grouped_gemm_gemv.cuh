@@ -17,11 +17,10 @@
 //     l + 32 j (j < CPL) of each of its RW rows, all 16 loads of 16 bytes
 //     (ld.global.nc.L1::no_allocate, skinny::ld_stream16) issued before the first use: 8 KB per
 //     warp, 128 KB per SM in flight.
-//   * L2 prefetch (cp.async.bulk.prefetch, one lane per row; DSV4_GEMV_PREFETCH=0 / 1 / 2): each
-//     warp asks for its first RW rows before the activations are staged, so that HBM streams
-//     while the CTA reads o and evaluates the RoPE angles (1), and for its next RW rows before
-//     it loads the current ones (2: the stream keeps going while the warp computes and
-//     reduces; by default only when all the weights fit in 40 MB of L2, prefetch_mode).
+//   * L2 prefetch (cp.async.bulk.prefetch, one lane per row; DSV4_GEMV_PREFETCH=1 / 2, default
+//     none: measured slower or equal, prefetch_mode): each warp asks for its first RW rows
+//     before the activations are staged (1), and for its next RW rows before it loads the
+//     current ones (2).
 //   * DSV4_GEMV_PIPE=1 (read per call; default off): the pipelined walk (rows_pipe): each batch
 //     in two halves of 8 loads per lane in two register sets, the next half's loads issued
 //     before the current half's FMAs, across batches and row groups, and the first half before
@@ -88,15 +87,26 @@ __device__ __forceinline__ void stage_x(const GroupedGemmArgs& a, int e, uint4* 
   constexpr int SP = EPC / 8;
   const int nchunks = a.k / EPC, npieces = a.k / 8;
   const __nv_bfloat16* xbase = static_cast<const __nv_bfloat16*>(a.x);
+  // the inverse RoPE's (cos, sin) depend on the row's position and the pair only: one table of
+  // kRopePairs per row (rows past `pairs`: angle 0), not one sincosf per head and pair
+  __shared__ float2 rope_cs[ROPE ? RT : 1][kRopePairs];
+  if constexpr (ROPE) {
+    for (int t = threadIdx.x; t < RT * kRopePairs; t += kThreads) {
+      const int i = t / kRopePairs, j = t % kRopePairs;
+      const float pos = i < a.pairs ? static_cast<float>(__ldg(a.positions + i)) : 0.f;
+      float sn, cs;
+      sincosf(pos * __ldg(a.freqs + j), &sn, &cs);
+      rope_cs[i][j] = make_float2(cs, sn);
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int i = 0; i < RT; ++i) {
     bool ok = i < a.pairs;
     int64_t xr = 0;
-    float pos = 0.f;
     if (ok) {
       xr = a.row_ids != nullptr ? static_cast<int64_t>(__ldg(a.row_ids + i)) : i;
       ok = xr >= 0 && xr < a.x_rows;
-      if constexpr (ROPE) pos = static_cast<float>(__ldg(a.positions + i));
     }
     const __nv_bfloat16* xrow = xbase + (ok ? e * a.x_expert_stride + xr * a.x_row_stride : 0);
     for (int q = threadIdx.x; q < npieces; q += kThreads) {
@@ -108,11 +118,7 @@ __device__ __forceinline__ void stage_x(const GroupedGemmArgs& a, int e, uint4* 
           const int j0 = (dh - (a.head_dim - 2 * kRopePairs)) / 2;
           uint32_t* w = reinterpret_cast<uint32_t*>(&v);
 #pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            float sn, cs;
-            sincosf(pos * __ldg(a.freqs + j0 + p), &sn, &cs);
-            w[p] = rope_inv_bf16x2(w[p], make_float2(cs, sn));
-          }
+          for (int p = 0; p < 4; ++p) w[p] = rope_inv_bf16x2(w[p], rope_cs[i][j0 + p]);
         }
       }
       const int c = k0 / EPC, sp = (k0 % EPC) / 8;
@@ -407,16 +413,14 @@ inline bool pipe_mode() {
   return v != nullptr && !std::strcmp(v, "1");
 }
 
-// The kernel's L2 prefetch mode: DSV4_GEMV_PREFETCH=0 / 1 / 2 (read per call); by default 2
-// when all the weight bytes fit in 40 MB (less than the H100's 50 MB L2: prefetched rows are
-// not evicted before their loads), else 1 (bf16 wo_a, 67 MB: all of it requested at once
-// would not fit).
-inline int prefetch_mode(const GroupedGemmArgs& a) {
+// The kernel's L2 prefetch mode: DSV4_GEMV_PREFETCH=1 / 2 (read per call; any other value or
+// unset: 0, no prefetch). Measured on an H100 (2026-12-06, ninth session, L2 flushed, cold
+// weights): mode 2 slower by 2-8 us at every V4-Flash shape, mode 1 within -0.2 / +1.3 us of
+// none; the loads of the walk alone keep enough bytes in flight.
+inline int prefetch_mode(const GroupedGemmArgs&) {
   const char* v = std::getenv("DSV4_GEMV_PREFETCH");
-  if (v != nullptr && (!std::strcmp(v, "0") || !std::strcmp(v, "1") || !std::strcmp(v, "2")))
-    return v[0] - '0';
-  const int64_t row_bytes = a.w_format == GemmWeightFormat::kBF16 ? 2 * int64_t{a.k} : a.k;
-  return static_cast<int64_t>(a.n_experts) * a.rows * row_bytes <= (int64_t{40} << 20) ? 2 : 1;
+  if (v != nullptr && (!std::strcmp(v, "1") || !std::strcmp(v, "2"))) return v[0] - '0';
+  return 0;
 }
 
 template <int FMT, bool ROPE, int RT, int CPL>

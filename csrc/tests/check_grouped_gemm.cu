@@ -321,6 +321,18 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   bool pass = compare_out(c.name, ref, out16, out_cols);
   if (c.tile == GemmTile::kGemv) {
+    // the tile that ran: the GEMV tile inside its contract; the cases named "(skinny)" /
+    // "(16-row)" are outside it (else every GEMV case could pass on the fallback tile)
+    const bool ran_gemv = dsv4::grouped_gemm_resolve_tile(a) == GemmTile::kGemv;
+    const bool want_gemv = std::strstr(c.name, "(skinny)") == nullptr &&
+                           std::strstr(c.name, "(16-row)") == nullptr;
+    if (ran_gemv != want_gemv) {
+      std::printf("%-44s FAIL (resolved to %s, expected %s)\n", c.name,
+                  ran_gemv ? "gemv" : "another tile", want_gemv ? "gemv" : "another tile");
+      pass = false;
+    }
+  }
+  if (c.tile == GemmTile::kGemv && dsv4::grouped_gemm_resolve_tile(a) == GemmTile::kGemv) {
     // the pipelined walk (DSV4_GEMV_PIPE=1) into a poisoned output: bit-identical to the
     // default walk (same products, same per-lane chain, same reduction)
     CHECK_CUDA(cudaMemset(dout, 0xff, out_n * 2));

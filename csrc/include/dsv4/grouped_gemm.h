@@ -46,7 +46,8 @@ enum class GemmEpilogue : int32_t { kStore = 0, kSwiGLU = 1 };
 //     activation rows (csrc/kernels/grouped_gemm_gemv.cuh): each warp owns whole weight rows
 //     (16 loads of 16 bytes in flight per lane), the CTA's activation rows (RoPE applied) sit
 //     in shared memory. bf16 / FP8 weights, bf16 activations, the store epilogue, pairs * k
-//     * 2 <= 96 KB; forced (tile or DSV4_GEMM_TILE=gemv) on other arguments it runs kSkinny.
+//     * 2 <= 96 KB; forced (tile or DSV4_GEMM_TILE=gemv) on other arguments it runs kSkinny
+//     (FP8 activations, x_scale: the FP8 path's 16-row tile).
 // kAuto picks from the average rows per expert (pairs / min(E, pairs)) and the unit count; the
 // environment variable DSV4_GEMM_TILE (decode, decode_deep, medium, large, huge, skinny, gemv)
 // overrides it. kAuto picks kGemv wherever it applies (dense, pairs <= 2, bf16 / FP8 weights,
