@@ -58,6 +58,7 @@
 #include <cstring>
 
 #include "cluster_ptx.cuh"
+#include "own_error.cuh"
 #include "zero_fill.cuh"
 
 namespace dsv4 {
@@ -1859,9 +1860,13 @@ cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, indexer_select_kernel, prm);
+    // DSV4_TEST_REFUSE=launch (test only, own_error.cuh): refused as by the runtime
+    e = test_refusal() == TestRefusal::kLaunch
+            ? refused_for_test()
+            : cudaLaunchKernelEx(&cfg, indexer_select_kernel, prm);
     if (e != cudaErrorNotSupported && e != cudaErrorInvalidValue) return e;
-    (void)cudaGetLastError();
+    // its own error: the cudaGetLastError() after the scan's launch left none pending before it
+    clear_own_error(e);
   }
   indexer_select_kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.sel_smem,
                           stream>>>(prm);
@@ -1988,13 +1993,6 @@ bool short_enabled() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-// Clears the calling thread's last error if it is `e`, the error of a query of this file that
-// the caller handles itself (by not taking the short path); any other pending error stays for
-// the caller's own cudaGetLastError().
-void clear_own_error(cudaError_t e) {
-  if (e != cudaSuccess && cudaPeekAtLastError() == e) (void)cudaGetLastError();
-}
-
 // The attributes every launch of indexer_short_kernel<D, kFp8> needs on the current device
 // (`device`): set once per device and instance (cudaFuncSetAttribute applies to the current
 // device's context). The flag is set only after both succeeded; two threads that both see it
@@ -2035,8 +2033,8 @@ void short_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[1]
 // until a GPC has 16 free SMs, which costs time, never correctness), also 0 when the kernel
 // was compiled for an architecture below sm_90 (its body is empty there: a PTX-JIT build) or a
 // query failed. Cached per device and cluster size (count + 1; 0 = not known yet), successful
-// queries only: a failed one (its error cleared, the split path runs) is asked again at the
-// next call.
+// queries only (own_error.cuh): a failed one (its own error cleared, the split path runs) is
+// asked again at the next call; while the caller has an error pending none is made.
 template <int D, bool kFp8>
 int short_max_clusters(int device, int cs) {
   static std::atomic<int> cache[64][kShortMaxCluster + 1];
@@ -2044,11 +2042,14 @@ int short_max_clusters(int device, int cs) {
   std::atomic<int>& c = cache[device][cs];
   const int known = c.load(std::memory_order_relaxed);
   if (known > 0) return known - 1;
+  if (error_pending()) return 0;
   int n = 0;
   // ptxVersion: the __CUDA_ARCH__ the body was compiled for (a PTX of compute_80 JIT-compiled
   // for sm_90 reports 80 here and 90 as binaryVersion); 0 = not recorded, trusted.
   cudaFuncAttributes fa;
-  cudaError_t e = cudaFuncGetAttributes(&fa, indexer_short_kernel<D, kFp8>);
+  cudaError_t e = test_refusal() == TestRefusal::kQuery
+                      ? refused_for_test()
+                      : cudaFuncGetAttributes(&fa, indexer_short_kernel<D, kFp8>);
   const bool arch_ok =
       e == cudaSuccess && fa.binaryVersion >= 90 && (fa.ptxVersion == 0 || fa.ptxVersion >= 90);
   if (e == cudaSuccess && arch_ok) e = short_func_setup<D, kFp8>(device);

@@ -53,6 +53,7 @@
 
 #include "moe_mma.cuh"
 #include "cluster_ptx.cuh"
+#include "own_error.cuh"
 #include "zero_fill.cuh"
 
 namespace dsv4 {
@@ -1137,20 +1138,26 @@ bool one_pass_enabled() {
 }
 
 // Clusters of the wide kernel that can be resident at once on `device` (the current device):
-// 0 when a 16-CTA cluster of it cannot run there (then the chunked two-phase path runs).
-// Queried once per device and kernel; the attributes it sets are those every launch needs.
+// 0 when a 16-CTA cluster of it cannot run there (then the chunked two-phase path runs). The
+// query also sets the attributes every launch needs. Cached per device and kernel, successful
+// queries only (own_error.cuh): after a failed one (its own error cleared) or while the caller
+// has an error pending (no query made, that error left alone) the chunked path runs and the
+// next call asks again.
 template <int NT>
 int wide_clusters(int device) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet; else clusters + 1
+  static std::atomic<int> cache[kMaxDevices];  // 0: not known yet; else clusters + 1
   if (device < 0 || device >= kMaxDevices) return 0;
   const int known = cache[device].load(std::memory_order_relaxed);
   if (known > 0) return known - 1;
+  if (error_pending()) return 0;
   const size_t smem = wide_smem_bytes(64 * kWideMaxKs);
   int n = 0;
-  cudaError_t err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = test_refusal() == TestRefusal::kQuery
+                        ? refused_for_test()
+                        : cudaFuncSetAttribute(mhc_wide_kernel<NT>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
                                cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -1169,8 +1176,8 @@ int wide_clusters(int device) {
     err = cudaOccupancyMaxActiveClusters(&n, mhc_wide_kernel<NT>, &cfg);
   }
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // this query's own error: the caller falls back, nothing failed
-    n = 0;
+    clear_own_error(err);  // this query's own error: the caller falls back, nothing failed
+    return 0;
   }
   if (n < 0) n = 0;
   cache[device].store(n + 1, std::memory_order_relaxed);
@@ -1285,14 +1292,6 @@ bool decode_stamps_on() {
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
-// Clears the calling thread's last error if it is `err`, the error that a query or launch of
-// this file just returned and handles itself (by falling back), so that a later
-// cudaGetLastError() of the caller does not report it; any other pending error stays for the
-// caller to see.
-void clear_own_error(cudaError_t err) {
-  if (err != cudaSuccess && cudaPeekAtLastError() == err) (void)cudaGetLastError();
-}
-
 // Devices where a cooperative launch of the decode kernel was refused with
 // cudaErrorCooperativeLaunchTooLarge although decode_coop_capacity allowed the grid: the device
 // attributes and the occupancy query describe the whole GPU, but the context may own fewer SMs
@@ -1301,6 +1300,9 @@ void clear_own_error(cudaError_t err) {
 // never cleared; relaxed is enough since the flag carries no other data.
 constexpr int kDecMaxDevices = 64;
 std::atomic<bool> g_decode_coop_refused[kDecMaxDevices];  // static storage: false at start
+// The cooperative grid of DSV4_TEST_REFUSE=launch: more CTAs than any device holds at once (an
+// SM holds at most 32 CTAs), so the runtime refuses the launch.
+constexpr unsigned kTestRefusedGrid = 1u << 20;
 
 // (true too for a device beyond the table: no capacity is cached for it either)
 bool decode_coop_refused(int device) {
@@ -1313,15 +1315,19 @@ bool decode_coop_refused(int device) {
 // on the device, or a query failed). The SM count is the one the query returns, never the
 // planning default of sm_count (132): a guessed count could allow a grid that is not
 // co-resident. Only successful queries are cached (once per device and instance); a failed one
-// is asked again at the next call (its error is cleared, v1 runs meanwhile).
+// is asked again at the next call (its own error is cleared, v1 runs meanwhile). While the
+// caller has an error pending, no query is made (v1 runs; own_error.cuh says why).
 template <int NT, int G>
 int64_t decode_coop_capacity(int device) {
   static std::atomic<int> cache[kDecMaxDevices];  // 0: not known yet; else capacity + 1
   if (decode_coop_refused(device)) return 0;
   const int known = cache[device].load(std::memory_order_relaxed);
   if (known > 0) return known - 1;
+  if (error_pending()) return 0;
   int coop = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  cudaError_t err = test_refusal() == TestRefusal::kQuery
+                        ? refused_for_test()
+                        : cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   if (err == cudaSuccess && coop != 0)
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess && coop != 0)
@@ -1390,19 +1396,24 @@ cudaError_t run_decode(const __nv_bfloat16* x, int64_t x_token_stride, const flo
                       : gi == 0         ? decode_coop_capacity<NT, 1>(device)
                       : gi == 1         ? decode_coop_capacity<NT, 4>(device)
                                         : decode_coop_capacity<NT, kMaxFinish>(device);
-  if (ctas <= cap) {
+  // No cooperative launch while the caller has an error pending (v1 runs, and its launch check
+  // reports that error): a refusal would overwrite it, and clearing the refusal would hide it.
+  if (ctas <= cap && !error_pending()) {
     if (decode_stamps_on())
       a.stamps = reinterpret_cast<unsigned long long*>(static_cast<char*>(workspace) +
                                                        decode_stamp_offset(tokens, f.dim));
-    const cudaError_t err = gi == 0   ? launch_decode<NT, 1>(a, grid, true, stream)
-                            : gi == 1 ? launch_decode<NT, 4>(a, grid, true, stream)
-                                      : launch_decode<NT, kMaxFinish>(a, grid, true, stream);
+    // DSV4_TEST_REFUSE=launch (test only, own_error.cuh): a grid no device holds at once, which
+    // the runtime refuses with cudaErrorCooperativeLaunchTooLarge before launching anything
+    const unsigned coop_grid = test_refusal() == TestRefusal::kLaunch ? kTestRefusedGrid : grid;
+    const cudaError_t err = gi == 0   ? launch_decode<NT, 1>(a, coop_grid, true, stream)
+                            : gi == 1 ? launch_decode<NT, 4>(a, coop_grid, true, stream)
+                                      : launch_decode<NT, kMaxFinish>(a, coop_grid, true, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) return err;
     // The context holds fewer SMs than the queries said (decode_coop_refused): nothing was
     // launched, so this call runs v1 instead, and so do the later ones on this device. Only
-    // this error is cleared. Under stream capture the refusal may come only when the graph is
-    // instantiated or launched, out of reach here; an eager call before the capture (a warm-up)
-    // records it, and the capture then takes v1.
+    // this error is cleared (nothing was pending before the launch). Under stream capture the
+    // refusal may come only when the graph is instantiated or launched, out of reach here; an
+    // eager call before the capture (a warm-up) records it, and the capture then takes v1.
     clear_own_error(err);
     if (device >= 0 && device < kDecMaxDevices)
       g_decode_coop_refused[device].store(true, std::memory_order_relaxed);

@@ -7,7 +7,10 @@
 // Float cases (random normal data) check the selected SET with a tolerance: every selected
 // score >= every unselected score - tol, descending order within tol, exact -1 counts.
 // With an argument "--bench" it also times the benchmark shapes (decode and causal prefill)
-// with cold L2, and the scan alone (indexer_topk_scan_only).
+// with cold L2, and the scan alone (indexer_topk_scan_only). "--refusal" (alone in its process)
+// checks the fallbacks of refused cluster queries and programmatic launches (DSV4_TEST_REFUSE=
+// query / launch, test only): the same indices, no error left pending, an error the caller left
+// pending never cleared.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -275,6 +278,11 @@ bool run_problem(const Problem& p, bool check_determinism = false) {
   std::string msg;
   const int bad = check_rows(p, got, d.out, check_determinism, [&] { return launch(p, d); },
                              ok, msg);
+  const cudaError_t pend = cudaGetLastError();  // the op must leave no error pending
+  if (pend != cudaSuccess) {
+    ok = false;
+    msg = std::string("error left pending: ") + cudaGetErrorName(pend) + "; " + msg;
+  }
   std::printf("%s %-44s T=%-6d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d ws=%zu%s%s\n",
               ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, d.ws_bytes,
               ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
@@ -901,6 +909,11 @@ bool run_store(const Problem& p, const StoreBufs& sb, bool det, int expect_short
     msg = "unexpected path " + path;
   }
   const int bad = check_rows(p, got, d.out, det, go, ok, msg);
+  const cudaError_t pend = cudaGetLastError();  // the op must leave no error pending
+  if (pend != cudaSuccess) {
+    ok = false;
+    msg = std::string("error left pending: ") + cudaGetErrorName(pend) + "; " + msg;
+  }
   std::printf("%s %-52s T=%-3d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d [%s]%s%s\n",
               ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, path.c_str(),
               ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
@@ -1050,6 +1063,152 @@ bool short_path_suite(std::mt19937& rng, int expect) {
   return ok;
 }
 
+// ---------------------------------------------------------------------------------------------
+// --refusal: the fallback paths of refused queries and launches (DSV4_TEST_REFUSE, test only,
+// csrc/kernels/own_error.cuh), in a fresh process (the cluster queries must not be cached yet)
+// ---------------------------------------------------------------------------------------------
+
+// One call of p into d.out, poisoned first: the call's return, the error left pending after it
+// (read and cleared), the output. pend_first: leave cudaErrorInvalidValue pending before the
+// call, as an unrelated earlier launch of the caller could (DSV4_TEST_REFUSE's code too).
+struct IdxRun {
+  cudaError_t ret = cudaSuccess, pending = cudaSuccess;
+  bool injected = true;
+  std::vector<int32_t> out;
+};
+IdxRun poisoned_run(const Problem& p, const DeviceBufs& d, bool pend_first) {
+  const size_t n = static_cast<size_t>(p.T) * p.k;
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, n * 4));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  IdxRun r;
+  if (pend_first) {
+    (void)cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
+    r.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+  }
+  r.ret = launch(p, d);
+  r.pending = cudaGetLastError();
+  CHECK_CUDA(cudaDeviceSynchronize());
+  r.out.resize(n);
+  CHECK_CUDA(cudaMemcpy(r.out.data(), d.out, n * 4, cudaMemcpyDeviceToHost));
+  return r;
+}
+
+// "short cs=N" or "split" for p on its dense keys, as indexer_topk would choose now
+std::string dense_path(const Problem& p) {
+  dsv4::IndexerKeys kk;
+  kk.rows = p.B;
+  kk.capacity = p.C;
+  return path_name(p, kk);
+}
+
+// One refusal-suite call: no error returned or left pending, the expected path ("short" /
+// "split" prefix; empty: any), every row right against the reference (check_ref), and
+// (ref != nullptr) the same indices as ref.
+bool refusal_call(const Problem& p, const DeviceBufs& d, const char* phase, const char* expect,
+                  bool check_ref, const IdxRun* ref, IdxRun* keep) {
+  const std::string path = dense_path(p);
+  IdxRun r = poisoned_run(p, d, false);
+  bool ok = r.ret == cudaSuccess && r.pending == cudaSuccess;
+  std::string msg;
+  if (expect[0] != '\0' && path.rfind(expect, 0) != 0) {
+    ok = false;
+    msg = " UNEXPECTED PATH";
+  }
+  int bad = 0;
+  if (check_ref && r.ret == cudaSuccess)
+    for (int t = 0; t < p.T; ++t)
+      if (!check_row(p, t, r.out.data() + static_cast<size_t>(t) * p.k).empty()) ++bad;
+  if (bad > 0) {
+    ok = false;
+    msg += " " + std::to_string(bad) + " BAD ROWS";
+  }
+  if (ref != nullptr) msg += r.out == ref->out ? ", same indices as the default path" : " INDICES DIFFER";
+  if (ref != nullptr && r.out != ref->out) ok = false;
+  std::printf("%s refusal: %-30s %-34s T=%-2d C=%-6d k=%-4d [%s] returned %s, pending after %s%s\n",
+              ok ? "ok  " : "FAIL", phase, p.name.c_str(), p.T, p.C, p.k, path.c_str(),
+              cudaGetErrorName(r.ret), cudaGetErrorName(r.pending), msg.c_str());
+  if (keep != nullptr) *keep = std::move(r);
+  return ok;
+}
+
+// A call made with an error already pending: it must reach the caller (returned by the call or
+// still pending after it); the launcher may not clear it.
+bool pending_kept(const Problem& p, const DeviceBufs& d, const char* phase) {
+  const IdxRun r = poisoned_run(p, d, true);
+  const bool ok = r.injected && (r.ret == cudaErrorInvalidValue ||
+                                 r.pending == cudaErrorInvalidValue);
+  std::printf("%s refusal: %-30s error pending before the call kept (%s): returned %s, pending "
+              "after %s%s\n",
+              ok ? "ok  " : "FAIL", phase, p.name.c_str(), cudaGetErrorName(r.ret),
+              cudaGetErrorName(r.pending), r.injected ? "" : " (COULD NOT LEAVE AN ERROR PENDING)");
+  return ok;
+}
+
+bool refusal_suite(std::mt19937& rng) {
+  bool ok = true;
+  unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  unsetenv("DSV4_INDEXER_TOPK_PDL");
+  dsv4::indexer_topk_set_merge(0);
+  // short-path eligible decode rows (exact scores: one right answer, order of ties included)
+  std::vector<Problem> sp;
+  sp.push_back(make_problem("short b=1 N=1024", 1, 1, 1024, 64, 128, 512, true, rng));
+  sp.back().nv = {1024};
+  sp.push_back(make_problem("short b=2 N=4096/2000", 2, 2, 4096, 64, 128, 1024, true, rng));
+  sp.back().rows = {1, 0};
+  sp.back().nv = {4096, 2000};
+  sp.push_back(make_problem("short b=8 C=2048", 8, 8, 2048, 64, 128, 512, true, rng));
+  for (int t = 0; t < 8; ++t) sp.back().rows[t] = 7 - t, sp.back().nv[t] = 2048 - 129 * t;
+  sp.push_back(make_problem("short D64 b=3", 3, 3, 1536, 16, 64, 512, true, rng));
+  sp.back().nv = {1536, 700, 0};
+  std::vector<DeviceBufs> sd;
+  for (const Problem& p : sp) sd.push_back(upload(p));
+  std::vector<IdxRun> q(sp.size()), n(sp.size());
+
+  // A: DSV4_TEST_REFUSE=query before any cluster query is cached: every query fails (not
+  // cached), the split path runs
+  setenv("DSV4_TEST_REFUSE", "query", 1);
+  std::printf("-- DSV4_TEST_REFUSE=query (no cluster query cached yet)\n");
+  ok &= pending_kept(sp[0], sd[0], "query refused:");
+  for (size_t i = 0; i < sp.size(); ++i)
+    ok &= refusal_call(sp[i], sd[i], "query refused:", "split", true, nullptr, &q[i]);
+
+  // B: unset: the queries succeed now (the failed ones were not cached): the short path, the
+  // same indices
+  unsetenv("DSV4_TEST_REFUSE");
+  std::printf("-- DSV4_TEST_REFUSE unset (default paths)\n");
+  for (size_t i = 0; i < sp.size(); ++i)
+    ok &= refusal_call(sp[i], sd[i], "default:", "short", true, &q[i], &n[i]);
+  for (auto& d : sd) d.free_all();
+
+  // C: the programmatic launch of the selection (histogram-select plans: merge mode "hist",
+  // short path off) refused (DSV4_TEST_REFUSE=launch): the plain launch runs, same indices
+  setenv("DSV4_INDEXER_TOPK_SHORT", "0", 1);
+  dsv4::indexer_topk_set_merge(2);
+  std::vector<Problem> hp;
+  hp.push_back(make_problem("hist T=1 N=4097", 1, 1, 8192, 64, 128, 512, true, rng));
+  hp.back().nv = {4097};
+  hp.push_back(make_problem("hist T=4 N=8192..", 4, 4, 8192, 16, 128, 1024, true, rng));
+  for (int t = 0; t < 4; ++t) hp.back().rows[t] = t, hp.back().nv[t] = 8192 - 1000 * t;
+  hp.push_back(make_problem("hist T=2 C=40000 float", 2, 2, 40000, 16, 128, 512, false, rng));
+  hp.back().nv = {40000, 33333};
+  std::printf("-- DSV4_TEST_REFUSE=launch (the selection's programmatic launch refused), merge "
+              "hist, short path off\n");
+  for (Problem& p : hp) {
+    DeviceBufs d = upload(p);
+    unsetenv("DSV4_TEST_REFUSE");
+    IdxRun def;
+    ok &= refusal_call(p, d, "default (PDL):", "split", true, nullptr, &def);
+    setenv("DSV4_TEST_REFUSE", "launch", 1);
+    ok &= refusal_call(p, d, "launch refused:", "split", false, &def, nullptr);
+    ok &= pending_kept(p, d, "launch refused:");
+    d.free_all();
+  }
+  unsetenv("DSV4_TEST_REFUSE");
+  unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  dsv4::indexer_topk_set_merge(0);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1061,6 +1220,13 @@ int main(int argc, char** argv) {
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
   const bool bench_short = argc > 1 && std::string(argv[1]) == "--bench-short";
   std::mt19937 rng(12345);
+  // --refusal: the fallbacks of refused cluster queries and programmatic launches
+  // (DSV4_TEST_REFUSE=query / launch; must run first in its process, before any query is cached)
+  if (argc > 1 && std::string(argv[1]) == "--refusal") {
+    const bool rok = refusal_suite(rng);
+    std::printf("%s\n", rok ? "PASS" : "FAIL");
+    return rok ? 0 : 1;
+  }
   // Merge modes (indexer_topk_set_merge): the default (auto: histogram select for > 16
   // splits), the candidate-list tree always, the histogram select whenever there are splits.
   dsv4::indexer_topk_set_merge(0);

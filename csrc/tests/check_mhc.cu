@@ -13,7 +13,10 @@
 // (DSV4_MHC_DECODE_IMPL=v1) at T = 1..8, dim 4096 / 7168, inputs scaled by 2^0, 2^+-16,
 // 2^+-40; both are timed per call (stream and CUDA graph) with v2's phase stamps.
 // `--decode-v2` runs only that (plus v2 against the CPU reference), `--decode-only` the decode
-// kernel's cases. Build without CMake: nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc/include -Icsrc
+// kernel's cases, `--refusal` (alone in its process) the fallbacks of refused path queries and
+// cooperative launches (DSV4_TEST_REFUSE=query / launch, test only: v1 instead of v2 with the
+// same bytes, the chunked path instead of the one-pass kernel, no error left pending, an error
+// the caller left pending never cleared). Build without CMake: nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc/include -Icsrc
 // csrc/tests/check_mhc.cu csrc/kernels/mhc.cu -o check_mhc. Prints
 // PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
@@ -24,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -189,8 +193,12 @@ bool check_pre(int T, int d, bool head, std::mt19937& rng) {
       max_pc = std::max(max_pc, e);
     }
   }
-  std::printf("%s %s T=%-5d d=%-5d max_rel_u=%.3g max_abs_post_comb=%.3g\n", ok ? "ok  " : "FAIL",
-              head ? "head" : "pre ", T, d, max_u, max_pc);
+  const cudaError_t pend = cudaGetLastError();  // the op must leave no error pending
+  if (pend != cudaSuccess) ok = false;
+  std::printf("%s %s T=%-5d d=%-5d max_rel_u=%.3g max_abs_post_comb=%.3g%s%s\n",
+              ok ? "ok  " : "FAIL", head ? "head" : "pre ", T, d, max_u, max_pc,
+              pend == cudaSuccess ? "" : " error left pending: ",
+              pend == cudaSuccess ? "" : cudaGetErrorName(pend));
   for (void* p : {static_cast<void*>(dx), static_cast<void*>(dfn), static_cast<void*>(ds),
                   static_cast<void*>(db), static_cast<void*>(du), static_cast<void*>(dp),
                   static_cast<void*>(dc), ws})
@@ -543,6 +551,163 @@ bool bench_decode_impl(int T, int d, bool head) {
   return ok;
 }
 
+// ---------------------------------------------------------------------------------------------
+// --refusal: the fallback paths of refused queries and launches (DSV4_TEST_REFUSE, test only,
+// csrc/kernels/own_error.cuh), in a fresh process (the queries must not be cached yet)
+// ---------------------------------------------------------------------------------------------
+
+// One call into buffer r of a TimedCase, its outputs poisoned (0xFF: NaN post / comb) and its
+// workspace filled with 0x5A first, v2's phase stamps on: the call's return, the error left
+// pending after it (read and cleared), whether v2 ran (its first stamp was written) and the
+// outputs' bytes. pend_first: leave cudaErrorInvalidValue pending before the call, as an
+// unrelated earlier launch of the caller could (the code DSV4_TEST_REFUSE's failures have too).
+struct CallResult {
+  cudaError_t ret = cudaSuccess, pending = cudaSuccess;
+  bool injected = true, v2 = false;
+  std::vector<uint16_t> u;
+  std::vector<float> post, comb;
+};
+CallResult poisoned_call(const TimedCase& c, int r, bool pend_first) {
+  const size_t T = c.T;
+  CHECK_CUDA(cudaMemset(c.du[r], 0xFF, T * c.d * 2));
+  CHECK_CUDA(cudaMemset(c.dp[r], 0xFF, T * 4 * 4));
+  CHECK_CUDA(cudaMemset(c.dc[r], 0xFF, T * 16 * 4));
+  CHECK_CUDA(cudaMemset(c.ws, 0x5A, c.ws_bytes));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  setenv("DSV4_MHC_DECODE_STAMPS", "1", 1);
+  CallResult o;
+  if (pend_first) {
+    (void)cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
+    o.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+  }
+  o.ret = c.run(r);
+  o.pending = cudaGetLastError();
+  unsetenv("DSV4_MHC_DECODE_STAMPS");
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const size_t off = dsv4::mhc_decode_stamp_offset(c.T, c.d);
+  if (off + 8 <= c.ws_bytes) {
+    unsigned long long st0 = 0;
+    CHECK_CUDA(cudaMemcpy(&st0, static_cast<char*>(c.ws) + off, 8, cudaMemcpyDeviceToHost));
+    o.v2 = st0 != 0x5A5A5A5A5A5A5A5Aull;
+  }
+  o.u = to_host(c.du[r], T * c.d);
+  if (!c.head) {
+    o.post = to_host(c.dp[r], T * 4);
+    o.comb = to_host(c.dc[r], T * 16);
+  }
+  return o;
+}
+
+bool same_bytes(const CallResult& a, const CallResult& b) {
+  const auto eq = [](const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * 4) == 0;
+  };
+  return a.u == b.u && eq(a.post, b.post) && eq(a.comb, b.comb);
+}
+
+// A call made with an error already pending (pend_first): that error must reach the caller,
+// returned by the call or still pending after it; the launcher may not clear it.
+bool check_pending_kept(const TimedCase& c, const char* what) {
+  const CallResult r = poisoned_call(c, 1, true);
+  const bool ok = r.injected && (r.ret == cudaErrorInvalidValue ||
+                                 r.pending == cudaErrorInvalidValue);
+  std::printf("%s refusal: error pending before the call kept (%s %s T=%-2d d=%d): returned %s, "
+              "pending after %s%s\n",
+              ok ? "ok  " : "FAIL", what, c.head ? "head" : "pre ", c.T, c.d,
+              cudaGetErrorName(r.ret), cudaGetErrorName(r.pending),
+              r.injected ? "" : " (COULD NOT LEAVE AN ERROR PENDING)");
+  return ok;
+}
+
+// One decode case's call in a phase: no error returned or left pending, v2 ran or not as
+// expected, and (ref != nullptr) the same bytes as ref.
+bool check_decode_call(const TimedCase& c, const char* phase, bool expect_v2,
+                       const CallResult* ref, CallResult* keep) {
+  CallResult r = poisoned_call(c, 0, false);
+  const bool same = ref == nullptr || same_bytes(r, *ref);
+  const bool ok = r.ret == cudaSuccess && r.pending == cudaSuccess && r.v2 == expect_v2 && same;
+  std::printf("%s refusal: %-34s decode %s T=%-2d d=%-5d returned %s, pending after %s, ran %s "
+              "(expected %s)%s\n",
+              ok ? "ok  " : "FAIL", phase, c.head ? "head" : "pre ", c.T, c.d,
+              cudaGetErrorName(r.ret), cudaGetErrorName(r.pending), r.v2 ? "v2" : "v1",
+              expect_v2 ? "v2" : "v1",
+              ref == nullptr ? "" : same ? ", same bytes as the default path" : ", BYTES DIFFER");
+  if (keep != nullptr) *keep = std::move(r);
+  return ok;
+}
+
+bool refusal_suite(std::mt19937& rng) {
+  bool ok = true;
+  unsetenv("DSV4_MHC_ONE_PASS");  // the defaults: one-pass prefill, decode v2
+  unsetenv("DSV4_MHC_DECODE");
+  unsetenv("DSV4_MHC_DECODE_IMPL");
+  unsetenv("DSV4_MHC_DECODE_GROUP");
+  // decode cases (T <= 16 pre, <= 8 head: the decode kernel; groups of 1, 4 and 8 CTAs' worth)
+  const int dec[][3] = {{1, 4096, 0}, {4, 4096, 1}, {8, 7168, 0}, {16, 4096, 0}, {8, 4096, 1}};
+  constexpr int kDec = sizeof(dec) / sizeof(dec[0]);
+  std::vector<std::unique_ptr<TimedCase>> cs;
+  for (auto& c : dec)
+    cs.emplace_back(new TimedCase(c[0], c[1], c[2] != 0, 1000u + c[0], 64, 7u + c[0]));
+  const TimedCase prefill(100, 4096, false, 555u, 256, 3u);  // one-pass eligible (T > 64)
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const auto prefill_cases = [&](const char* phase) {
+    std::printf("  %s: prefill (the one-pass kernel, or the chunked path when its query "
+                "failed) and decode against the CPU reference\n", phase);
+    bool k = true;
+    for (bool head : {false, true}) {
+      k &= check_pre(100, 4096, head, rng);
+      k &= check_pre(1000, 2048, head, rng);
+      k &= check_pre(4, 4096, head, rng);
+    }
+    return k;
+  };
+  CallResult q[kDec], n[kDec];
+
+  // A: DSV4_TEST_REFUSE=query before any query is cached: every path query fails (not cached),
+  // so the decode calls run v1 and the prefill calls the chunked path
+  setenv("DSV4_TEST_REFUSE", "query", 1);
+  std::printf("-- DSV4_TEST_REFUSE=query (no query cached yet)\n");
+  ok &= check_pending_kept(*cs[0], "query refused,");
+  ok &= check_pending_kept(prefill, "query refused,");
+  const int c0[2] = {dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true)};
+  const bool c0_ok = c0[0] == 0 && c0[1] == 0 && cudaGetLastError() == cudaSuccess;
+  std::printf("%s refusal: query refused: mhc_prefill_clusters pre %d head %d (expected 0 0, "
+              "nothing pending)\n", c0_ok ? "ok  " : "FAIL", c0[0], c0[1]);
+  ok &= c0_ok;
+  for (int i = 0; i < kDec; ++i)
+    ok &= check_decode_call(*cs[i], "query refused:", false, nullptr, &q[i]);
+  ok &= prefill_cases("query refused");
+
+  // B: unset: the queries succeed now (the failed ones were not cached): v2, one-pass; the
+  // decode outputs are v1's bytes under A (v2 == v1 bit for bit, check_decode_v1_v2)
+  unsetenv("DSV4_TEST_REFUSE");
+  std::printf("-- DSV4_TEST_REFUSE unset (default paths)\n");
+  const int c1[2] = {dsv4::mhc_prefill_clusters(4096, false), dsv4::mhc_prefill_clusters(4096, true)};
+  const bool c1_ok = c1[0] > 0 && c1[1] > 0 && cudaGetLastError() == cudaSuccess;
+  std::printf("%s refusal: default: mhc_prefill_clusters pre %d head %d (expected > 0: the "
+              "failed query was asked again)\n", c1_ok ? "ok  " : "FAIL", c1[0], c1[1]);
+  ok &= c1_ok;
+  for (int i = 0; i < kDec; ++i)
+    ok &= check_decode_call(*cs[i], "default:", true, &q[i], &n[i]);
+  ok &= prefill_cases("default");
+
+  // C: DSV4_TEST_REFUSE=launch: the cooperative launch is refused by the runtime
+  // (cudaErrorCooperativeLaunchTooLarge), the call runs v1 and marks the device refused
+  setenv("DSV4_TEST_REFUSE", "launch", 1);
+  std::printf("-- DSV4_TEST_REFUSE=launch (the cooperative decode launch refused)\n");
+  ok &= check_pending_kept(*cs[1], "launch refused,");  // before any refusal: v2 is tried
+  for (int i = 0; i < kDec; ++i)
+    ok &= check_decode_call(*cs[i], "launch refused:", false, &n[i], nullptr);
+
+  // D: unset again: the device stays marked refused for the process, so v1 runs directly
+  unsetenv("DSV4_TEST_REFUSE");
+  std::printf("-- DSV4_TEST_REFUSE unset after a refusal (v1 for the rest of the process)\n");
+  for (int i = 0; i < kDec; ++i)
+    ok &= check_decode_call(*cs[i], "after a refusal:", false, &n[i], nullptr);
+  ok &= prefill_cases("after a refusal");
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -567,6 +732,13 @@ int main(int argc, char** argv) {
     for (int d : {4096, 7168})
       for (int T : {1, 2, 4, 8})
         for (bool head : {false, true}) ok &= bench_decode_impl(T, d, head);
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
+  // --refusal: the fallbacks of refused path queries and cooperative launches
+  // (DSV4_TEST_REFUSE=query / launch; must run first in its process, before any query is cached)
+  if (argc > 1 && std::strcmp(argv[1], "--refusal") == 0) {
+    ok = refusal_suite(rng);
     std::printf("%s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
   }

@@ -52,8 +52,9 @@ size_t mhc_decode_stamp_offset(int64_t tokens, int64_t dim);
 
 // Clusters of 16 CTAs the one-pass prefill kernel of mhc_pre (head = false) or mhc_head
 // (head = true) runs with for this dim on the current device (unless DSV4_MHC_ONE_PASS=0): 0 when
-// it cannot run (dim not 1024 / 2048 / 4096, or no such cluster fits the device).
-// Diagnostics and tests.
+// it cannot run (dim not 1024 / 2048 / 4096, or no such cluster fits the device), and 0 without
+// caching it when the device query failed or an error was pending (asked again at the next
+// call). Diagnostics and tests.
 int mhc_prefill_clusters(int64_t dim, bool head);
 
 // x:      [tokens, 4, dim] bf16; token t at x + t * x_token_stride, its 4 streams contiguous

@@ -1,0 +1,63 @@
+// Host helpers for the runtime calls a launcher makes only to choose its path and handles itself
+// when they fail: an occupancy query, a cooperative or programmatic launch the device refuses.
+// The launcher then takes a path that needs none of them, so the failure is not the caller's.
+// Shared by mhc.cu and indexer_topk.cu; host code, no torch.
+//
+// The runtime keeps one last error per host thread. A failing call overwrites it (the earlier
+// value is lost); cudaGetLastError() returns it and resets it to cudaSuccess;
+// cudaPeekAtLastError() returns it and leaves it. Hence the protocol of these launchers:
+//   1. error_pending(): if the caller left an error pending (an unrelated earlier launch), make
+//      no call that could fail and take the fallback path; the error stays for the caller (a
+//      failing query would overwrite it, and clearing the query's error would then hide it).
+//   2. the query or launch; on a failure the launcher handles, clear_own_error(err): the error
+//      is the one this call produced (nothing was pending before it), so clearing it hides
+//      nothing of the caller's.
+// Only a successful query is cached: a failed one is asked again at the next call.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace dsv4 {
+namespace {
+
+// True when the calling thread has an error pending (read without clearing it).
+inline bool error_pending() { return cudaPeekAtLastError() != cudaSuccess; }
+
+// Clears the calling thread's last error if it is `err`, an error that the launcher's own
+// query or launch just returned and that the launcher handles by falling back. Call it only
+// after error_pending() was false before that query or launch.
+inline void clear_own_error(cudaError_t err) {
+  if (err != cudaSuccess && cudaPeekAtLastError() == err) (void)cudaGetLastError();
+}
+
+// DSV4_TEST_REFUSE: test only (csrc/tests/check_mhc.cu and check_indexer_topk.cu, --refusal);
+// never set it in production. Read at each call where it applies:
+//   "query":  each path query that is not cached yet fails as if the device refused (through
+//             refused_for_test, a real failing call), so the launcher takes its fallback path;
+//             a failed query is not cached, so unsetting the variable restores the default.
+//   "launch": the launches that have a fallback for a refusal are refused (mhc: the
+//             cooperative decode launch, by a grid no device can hold; indexer_topk: the
+//             programmatic launch of the selection, through refused_for_test); for eager
+//             calls (under stream capture a cooperative refusal may come only at instantiation).
+// Unset or anything else: no effect.
+enum class TestRefusal { kNone, kQuery, kLaunch };
+inline TestRefusal test_refusal() {
+  const char* v = std::getenv("DSV4_TEST_REFUSE");
+  if (v == nullptr) return TestRefusal::kNone;
+  if (std::strcmp(v, "query") == 0) return TestRefusal::kQuery;
+  if (std::strcmp(v, "launch") == 0) return TestRefusal::kLaunch;
+  return TestRefusal::kNone;
+}
+
+// For DSV4_TEST_REFUSE: a runtime call that fails (cudaErrorInvalidValue: no output pointer) and
+// leaves its error as the thread's last error, as a refused query or launch does; it runs
+// nothing.
+inline cudaError_t refused_for_test() {
+  return cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
+}
+
+}  // namespace
+}  // namespace dsv4
