@@ -37,6 +37,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -44,6 +45,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
+#include "own_error.cuh"
 
 namespace dsv4 {
 namespace gg {
@@ -390,15 +392,23 @@ cudaError_t launch_rt(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream
   if (units > INT_MAX) return cudaErrorInvalidValue;
   if (units == 0) return cudaSuccess;
   auto* fn = &skinny_kernel<FMT, EPI, ROPE, RT>;
-  // resident CTAs per SM (registers decide: 2 at <= 128 per thread, else 1), asked once
-  static const int per_sm = [fn] {
+  // resident CTAs per SM (registers decide: 2 at <= 128 per thread, else 1): asked until a
+  // query succeeds, 1 meanwhile; a failed query's own error cleared, never a caller's
+  // (own_error.cuh)
+  static std::atomic<int> known{0};
+  int per_sm = known.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, fn, kThreads, 0) != cudaSuccess) {
-      (void)cudaGetLastError();
-      v = 1;
+    if (!error_pending()) {
+      const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, fn, kThreads, 0);
+      if (err == cudaSuccess && v >= 1) {
+        known.store(v, std::memory_order_relaxed);
+      } else {
+        clear_own_error(err);
+      }
     }
-    return v < 1 ? 1 : v;
-  }();
+    per_sm = v >= 1 ? v : 1;
+  }
   const int64_t resident = static_cast<int64_t>(num_sms) * per_sm;
   const int grid = static_cast<int>(units < resident ? units : resident);
   fn<<<grid, kThreads, 0, stream>>>(a, wg, prefetch_enabled());
