@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch CPU thread pool gets its share of the cores
+    (cores // workers, at least 1), unless OMP_NUM_THREADS says otherwise: with every worker
+    at the default (all cores), the CPU references' OpenMP regions oversubscribe the machine
+    (12 workers x 16 threads on the GPU machine's 16 cores slowed the GEMM tests about tenfold)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(workers))))
 
 
 @pytest.fixture(autouse=True)
