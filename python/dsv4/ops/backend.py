@@ -197,16 +197,38 @@ _RUN_20261206J = (
     "test_split_gemm.py, tests/runtime, tests/layers, the model CUDA, fused-projection and "
     "golden tests: 435 passed (the .so of that call also held the GEMV tile of branch "
     "oproj-gemv, which is not on main; it changes none of these ops' sources)")
+_RUN_20261206K = (
+    "2026-12-06 (ninth session), on an H200, csrc of branch land-c 112d1e6: the GEMV tile for "
+    "dense decode GEMMs (grouped_oproj and fp8_linear at 1-2 rows; no L2 prefetch by default, "
+    "the inverse RoPE's angles in a shared table), the skinny tile's occupancy query asked "
+    "until it succeeds, and the host-side error handling of mhc.cu / indexer_topk.cu in one "
+    "header (own_error.cuh: success-only caches, no query or cooperative launch while the "
+    "caller has an error pending, the test-only DSV4_TEST_REFUSE). grouped_oproj 5117e8d5 and "
+    "fp8_linear 792cc9c1: tests/ops/test_grouped_oproj.py (162) and test_fp8_linear.py (153) "
+    "passed, check_grouped_gemm PASS (every case; the GEMV cases checked against the tile that "
+    "ran). moe_up / moe_down 56fe1b8b: the device code of every kernel they launch is the "
+    "2026-12-06A-verified one (the PTX of each grouped-GEMM translation unit compared with "
+    "main 45cabbf's: the only differing entries are the RoPE (grouped_oproj) instantiations and "
+    "the GEMV unit, which takes no expert offsets, so no MoE call reaches it); their host code "
+    "differs by kAuto's GEMV rule (dense only) and the skinny launcher's occupancy query. On "
+    "that H200 test_grouped_gemm.py ran 285 of 345 and test_grouped_gemm_fp8mma.py 27 of 99 "
+    "(all passed; the others were not reached in the call's time: each xdist worker's CPU pool "
+    "used all 16 cores, fixed in tests/conftest.py), tests/layers/test_moe_paths.py 31 passed, "
+    "the model and runtime CUDA tests passed. mHC ops 905ffc10: test_mhc_ops.py 82 passed, "
+    "check_mhc PASS (full, and --refusal: forced refusals of the cluster query and the "
+    "cooperative launch). indexer_topk 957dfdb3: test_indexer_topk.py 123 passed (its C++ "
+    "check, --refusal included, did not run: its compile did not finish in the call's cap). "
+    "Device time ran out before the remaining GEMM tests could run")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
-    **{op: _RUN_20261206A for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
+    **{op: _RUN_20261206K for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
     **{op: _RUN_20261205G for op in (
         "q_norm_rope", "kv_norm_rope", "compress_kv")},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
-    **{op: _RUN_20261206J for op in (
-        "mhc_pre", "mhc_post", "mhc_head", "indexer_topk", "sparse_attn", "hca_attn")},
+    **{op: _RUN_20261206J for op in ("sparse_attn", "hca_attn")},
+    **{op: _RUN_20261206K for op in ("mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
     **{op: _RUN_20261206B for op in ("moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
@@ -217,26 +239,27 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
 # from the 2026-12-06G run, paged_rows from the 2026-12-06H run, the mHC ops and indexer_topk
 # again from the 2026-12-06I run, and with sparse_attn / hca_attn from the 2026-12-06J
-# run. A run that verifies some ops
+# run, the GEMM ops, the mHC ops and indexer_topk from the 2026-12-06K run. A run that
+# verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "afdc0d1b82d26334c0f7e50e59335de759a4889907f045f2ee95beb7c4df8f6b",
+    "indexer_topk": "957dfdb39ad8972ebaadd963ea7eafbb9333dc3da721004ec91ab3391946375a",
     "sparse_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
     "hca_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
-    "grouped_oproj": "46e7b459bffa2b2af1c99c69a64139ef6cb2107ca6e9ab68a4469ec3684ba996",
-    "fp8_linear": "b82b6ce5c0e3c39a271ac9db391615a8eedc17fe9d83187056e3c697fa10005a",
+    "grouped_oproj": "5117e8d5925a4f22ba41a8b02e20d6fbda14a7c8099012070acfeeb891fee723",
+    "fp8_linear": "792cc9c12717d778b680e8f76fb57fb5dabf21620a00ec1e5ca3dff5330a8d89",
     "moe_gate": "3d7866f4acee6f55b66ab877c43f64c1030ebf7102e8df3fc87405114fe7655a",
     "moe_dispatch": "99fe39694ddc53f4625174ca5e658a315e3a9a30997a9551da9ee984a75dd675",
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
-    "moe_up": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "moe_down": "a2de04a246faa77d607aeefdcce8cbc5242a396a33ad8663c5599cfe39660b88",
-    "mhc_pre": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
-    "mhc_post": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
-    "mhc_head": "c2d46d838df7facf66de7ae28ceb8fc8e8afa548da14b9942bda2cd9bb41c5a6",
+    "moe_up": "56fe1b8b002bc8484156a32d9ba37bf02b8cb1d2f4adaa125535ce029db4b5f1",
+    "moe_down": "56fe1b8b002bc8484156a32d9ba37bf02b8cb1d2f4adaa125535ce029db4b5f1",
+    "mhc_pre": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
+    "mhc_post": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
+    "mhc_head": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
