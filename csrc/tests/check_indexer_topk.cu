@@ -28,6 +28,7 @@
 #include "dsv4/indexer_topk.h"
 
 #include "check_common.h"
+#include "../kernels/own_error.cuh"
 
 namespace {
 
@@ -1082,7 +1083,7 @@ IdxRun poisoned_run(const Problem& p, const DeviceBufs& d, bool pend_first) {
   CHECK_CUDA(cudaDeviceSynchronize());
   IdxRun r;
   if (pend_first) {
-    (void)cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
+    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
     r.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
   }
   r.ret = launch(p, d);

@@ -34,6 +34,7 @@
 #include "dsv4/mhc.h"
 
 #include "check_common.h"
+#include "../kernels/own_error.cuh"
 
 namespace {
 
@@ -577,7 +578,7 @@ CallResult poisoned_call(const TimedCase& c, int r, bool pend_first) {
   setenv("DSV4_MHC_DECODE_STAMPS", "1", 1);
   CallResult o;
   if (pend_first) {
-    (void)cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
+    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
     o.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
   }
   o.ret = c.run(r);
