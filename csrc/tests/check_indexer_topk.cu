@@ -1228,6 +1228,22 @@ int main(int argc, char** argv) {
     std::printf("%s\n", rok ? "PASS" : "FAIL");
     return rok ? 0 : 1;
   }
+  // --bench-one T N k [merge]: one decode bench case alone (a profiler's target, e.g.
+  // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy.
+  if (argc > 4 && std::string(argv[1]) == "--bench-one") {
+    const int T = std::atoi(argv[2]), N = std::atoi(argv[3]), k = std::atoi(argv[4]);
+    if (T < 1 || N < 1 || k < 1) {
+      std::printf("usage: --bench-one T N k [merge 0-3], each of T, N, k >= 1\n");
+      return 2;
+    }
+    dsv4::indexer_topk_set_merge(argc > 5 ? std::atoi(argv[5]) : 0);
+    void* flush = nullptr;
+    CHECK_CUDA(cudaMalloc(&flush, 256ull << 20));
+    const bool bok = bench_case("decode", T, T, N, k, false, 5, {0}, flush, 256ull << 20);
+    CHECK_CUDA(cudaFree(flush));
+    std::printf("%s\n", bok ? "PASS" : "FAIL");
+    return bok ? 0 : 1;
+  }
   // Merge modes (indexer_topk_set_merge): the default (auto: histogram select for > 16
   // splits), the candidate-list tree always, the histogram select whenever there are splits.
   dsv4::indexer_topk_set_merge(0);
