@@ -197,6 +197,18 @@ _RUN_20261206J = (
     "test_split_gemm.py, tests/runtime, tests/layers, the model CUDA, fused-projection and "
     "golden tests: 435 passed (the .so of that call also held the GEMV tile of branch "
     "oproj-gemv, which is not on main; it changes none of these ops' sources)")
+_RUN_20261206L = (
+    "2026-12-06 (tenth session), on an H100 80GB, csrc of branch land-d 27dd308, whose sources "
+    "of these ops are main's from that session (branch land-f): host-side error handling "
+    "(own_error.cuh's DeviceQueryCache: per-device, success-only cached queries for mHC, the "
+    "skinny GEMM tile and compress_kv; mHC's one-pass query caches a successful 'no'; the "
+    "helpers as inline functions of a named namespace). tests/ops: 1465 passed, 1 skipped; the "
+    "other CUDA tests (model, runtime, layers, golden, fused projections): 106 passed, 8 "
+    "skipped. C++ checks of that build: check_mhc --refusal, --refusal-nofit and --decode-only "
+    "PASS; check_grouped_gemm --refusal and full PASS; check_compress_kv --refusal PASS (its "
+    "full run was cut by the call's 40 s limit, every case printed before the cut ok); "
+    "check_indexer_topk --refusal PASS. That build also held a sparse_attn change (the split "
+    "merge) that is not landed: sparse_attn / hca_attn keep their 2026-12-06J record")
 _RUN_20261206K = (
     "2026-12-06 (ninth session), on an H200, csrc of branch land-c 112d1e6: the GEMV tile for "
     "dense decode GEMMs (grouped_oproj and fp8_linear at 1-2 rows; no L2 prefetch by default, "
@@ -221,14 +233,14 @@ _RUN_20261206K = (
     "Device time ran out before the remaining GEMM tests could run")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
-    **{op: _RUN_20261206K for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
-    **{op: _RUN_20261205G for op in (
-        "q_norm_rope", "kv_norm_rope", "compress_kv")},
+    **{op: _RUN_20261206L for op in ("grouped_oproj", "fp8_linear", "moe_up", "moe_down")},
+    **{op: _RUN_20261205G for op in ("q_norm_rope", "kv_norm_rope")},
+    **{op: _RUN_20261206L for op in ("compress_kv",)},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
     **{op: _RUN_20261206J for op in ("sparse_attn", "hca_attn")},
-    **{op: _RUN_20261206K for op in ("mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
+    **{op: _RUN_20261206L for op in ("mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
     **{op: _RUN_20261206B for op in ("moe_gate", "moe_dispatch", "moe_combine")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
@@ -239,27 +251,28 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # run (after the D run of its earlier sources), the mHC ops, indexer_topk and argmax_finite
 # from the 2026-12-06G run, paged_rows from the 2026-12-06H run, the mHC ops and indexer_topk
 # again from the 2026-12-06I run, and with sparse_attn / hca_attn from the 2026-12-06J
-# run, the GEMM ops, the mHC ops and indexer_topk from the 2026-12-06K run. A run that
+# run, the GEMM ops, the mHC ops and indexer_topk from the 2026-12-06K run, and all of those
+# with compress_kv from the 2026-12-06L run. A run that
 # verifies some ops
 # updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
     "kv_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
-    "compress_kv": "b6215bf20c00ff370aca3564e5300b930841207bf6231e669b27c88acf6f7a1d",
-    "indexer_topk": "957dfdb39ad8972ebaadd963ea7eafbb9333dc3da721004ec91ab3391946375a",
+    "compress_kv": "b6d694d6e4529612b49c78bff81656c72f07a2a0aae993423447db0011927693",
+    "indexer_topk": "48a36909821c968b5836aefc6a37deb4ab63b7c9560606667a4fad01b016303f",
     "sparse_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
     "hca_attn": "46c62d0eb543fc7b1f03db1e6d44a1b5e8519cf779e0a23f6bfdb42a79086496",
-    "grouped_oproj": "5117e8d5925a4f22ba41a8b02e20d6fbda14a7c8099012070acfeeb891fee723",
-    "fp8_linear": "792cc9c12717d778b680e8f76fb57fb5dabf21620a00ec1e5ca3dff5330a8d89",
+    "grouped_oproj": "c6b08aba0c2640847a6c65c449630d0e9ee50206c6e4fd5400fa2ab4276cf65d",
+    "fp8_linear": "8492ee630224315340f1d187b80285f21944b18ad8ea7aaad55f8b1066bce0cf",
     "moe_gate": "3d7866f4acee6f55b66ab877c43f64c1030ebf7102e8df3fc87405114fe7655a",
     "moe_dispatch": "99fe39694ddc53f4625174ca5e658a315e3a9a30997a9551da9ee984a75dd675",
     "moe_combine": "c8c06ffd1e630fad0767528288b0f5202a8fd9f6a593434f451bc349561af117",
-    "moe_up": "56fe1b8b002bc8484156a32d9ba37bf02b8cb1d2f4adaa125535ce029db4b5f1",
-    "moe_down": "56fe1b8b002bc8484156a32d9ba37bf02b8cb1d2f4adaa125535ce029db4b5f1",
-    "mhc_pre": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
-    "mhc_post": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
-    "mhc_head": "905ffc10ce806a506fdf2a22b0805a2967e5cae62e04c0db04d580165a2b2a79",
+    "moe_up": "c97e0a2605f541d2ce30207f2bb9becb19e217e173b5e598a9f2890eb2e9f011",
+    "moe_down": "c97e0a2605f541d2ce30207f2bb9becb19e217e173b5e598a9f2890eb2e9f011",
+    "mhc_pre": "4af36d64c6818bbfcaabc89637163ed7ed5372710411407769d7768437f457f5",
+    "mhc_post": "4af36d64c6818bbfcaabc89637163ed7ed5372710411407769d7768437f457f5",
+    "mhc_head": "4af36d64c6818bbfcaabc89637163ed7ed5372710411407769d7768437f457f5",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
