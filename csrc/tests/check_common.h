@@ -1,5 +1,6 @@
 // Shared helpers of the torch-free C++ checks (csrc/tests/check_*.cu): the CUDA error check that
-// fails the check, and bf16 <-> float conversion on the host (bf16 is stored as uint16_t).
+// fails the check, bf16 <-> float conversion on the host (bf16 is stored as uint16_t), and the
+// caller's-error-pending probe of the --refusal modes.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include "../kernels/own_error.cuh"
 
 #define CHECK_CUDA(expr)                                                               \
   do {                                                                                 \
@@ -37,6 +40,20 @@ inline uint16_t float_to_bf16(float f) {
   }
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// --refusal modes (own_error.cuh's protocol): an op called while its caller has an error pending
+// must hand that error back (returned, or still pending after the call), never clear it.
+// leave_error_pending() leaves cudaErrorInvalidValue pending, as an unrelated earlier launch of
+// the caller could, with the failing call DSV4_TEST_REFUSE uses; false if none is pending then.
+inline bool leave_error_pending() {
+  (void)dsv4::refused_for_test();
+  return cudaPeekAtLastError() == cudaErrorInvalidValue;
+}
+// Whether that error reached the caller: `ret` is the call's return, `pending_after` what
+// cudaGetLastError() read after it.
+inline bool pending_error_kept(bool injected, cudaError_t ret, cudaError_t pending_after) {
+  return injected && (ret == cudaErrorInvalidValue || pending_after == cudaErrorInvalidValue);
 }
 
 }  // namespace dsv4_check

@@ -25,13 +25,14 @@
 
 #include "dsv4/compress_kv.h"
 
-#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
 
 using dsv4_check::bf16_to_float;
 using dsv4_check::float_to_bf16;
+using dsv4_check::leave_error_pending;
+using dsv4_check::pending_error_kept;
 
 constexpr int kRopeDim = 64;
 constexpr float kEps = 1e-6f;
@@ -550,13 +551,11 @@ bool run_case(const Cfg& cfg, const std::vector<int>& lens, const Options& opt,
         p.eps = kEps;
         p.quant = static_cast<dsv4::CompressQuant>(cfg.quant);
         if (opt.pend_first) {
-          (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
-          const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+          const bool injected = leave_error_pending();
           const cudaError_t ret =
               dsv4::detail::compress_kv_variant(p, var.variant, var.cluster, nullptr);
           const cudaError_t pend = cudaGetLastError();
-          const bool kept =
-              injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+          const bool kept = pending_error_kept(injected, ret, pend);
           ok &= kept;
           if (!kept || (si == 0 && &c == &calls.front()))
             std::printf("%s %-22s %-7s %-24s error pending before the call: returned %s, "

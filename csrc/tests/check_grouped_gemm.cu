@@ -24,7 +24,6 @@
 #include "dsv4/grouped_gemm.h"
 
 #include "../kernels/grouped_gemm_fp4.cuh"
-#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
@@ -34,6 +33,8 @@ using dsv4::GemmTile;
 using dsv4::GemmWeightFormat;
 using dsv4_check::bf16_to_float;
 using dsv4_check::float_to_bf16;
+using dsv4_check::leave_error_pending;
+using dsv4_check::pending_error_kept;
 
 float e4m3_to_float(uint8_t v) {
   const int s = v >> 7, e = (v >> 3) & 15, m = v & 7;
@@ -330,13 +331,11 @@ bool run_case(const Case& c, std::mt19937& rng, bool pend_first = false) {
       CHECK_CUDA(cudaFree(p));
   };
   if (pend_first) {
-    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
-    const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+    const bool injected = leave_error_pending();
     const cudaError_t ret = dsv4::grouped_gemm(a, nullptr);
     const cudaError_t pend = cudaGetLastError();
     CHECK_CUDA(cudaDeviceSynchronize());
-    const bool kept =
-        injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+    const bool kept = pending_error_kept(injected, ret, pend);
     std::printf("%-44s %s (error pending before the call: returned %s, pending after %s)\n",
                 c.name, kept ? "ok" : "FAIL", cudaGetErrorName(ret), cudaGetErrorName(pend));
     free_all();

@@ -28,12 +28,13 @@
 #include "dsv4/indexer_topk.h"
 
 #include "check_common.h"
-#include "../kernels/own_error.cuh"
 
 namespace {
 
 using dsv4_check::bf16_to_float;
 using dsv4_check::float_to_bf16;
+using dsv4_check::leave_error_pending;
+using dsv4_check::pending_error_kept;
 
 struct Problem {
   std::string name;
@@ -1082,10 +1083,7 @@ IdxRun poisoned_run(const Problem& p, const DeviceBufs& d, bool pend_first) {
   CHECK_CUDA(cudaMemset(d.out, 0x7f, n * 4));
   CHECK_CUDA(cudaDeviceSynchronize());
   IdxRun r;
-  if (pend_first) {
-    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
-    r.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
-  }
+  if (pend_first) r.injected = leave_error_pending();
   r.ret = launch(p, d);
   r.pending = cudaGetLastError();
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -1136,8 +1134,7 @@ bool refusal_call(const Problem& p, const DeviceBufs& d, const char* phase, cons
 // still pending after it); the launcher may not clear it.
 bool pending_kept(const Problem& p, const DeviceBufs& d, const char* phase) {
   const IdxRun r = poisoned_run(p, d, true);
-  const bool ok = r.injected && (r.ret == cudaErrorInvalidValue ||
-                                 r.pending == cudaErrorInvalidValue);
+  const bool ok = pending_error_kept(r.injected, r.ret, r.pending);
   std::printf("%s refusal: %-30s error pending before the call kept (%s): returned %s, pending "
               "after %s%s\n",
               ok ? "ok  " : "FAIL", phase, p.name.c_str(), cudaGetErrorName(r.ret),

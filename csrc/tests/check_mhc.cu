@@ -36,12 +36,13 @@
 #include "dsv4/mhc.h"
 
 #include "check_common.h"
-#include "../kernels/own_error.cuh"
 
 namespace {
 
 using dsv4_check::bf16_to_float;
 using dsv4_check::float_to_bf16;
+using dsv4_check::leave_error_pending;
+using dsv4_check::pending_error_kept;
 
 template <typename T>
 T* to_device(const std::vector<T>& v) {
@@ -579,10 +580,7 @@ CallResult poisoned_call(const TimedCase& c, int r, bool pend_first) {
   CHECK_CUDA(cudaDeviceSynchronize());
   setenv("DSV4_MHC_DECODE_STAMPS", "1", 1);
   CallResult o;
-  if (pend_first) {
-    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
-    o.injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
-  }
+  if (pend_first) o.injected = leave_error_pending();
   o.ret = c.run(r);
   o.pending = cudaGetLastError();
   unsetenv("DSV4_MHC_DECODE_STAMPS");
@@ -612,8 +610,7 @@ bool same_bytes(const CallResult& a, const CallResult& b) {
 // returned by the call or still pending after it; the launcher may not clear it.
 bool check_pending_kept(const TimedCase& c, const char* what) {
   const CallResult r = poisoned_call(c, 1, true);
-  const bool ok = r.injected && (r.ret == cudaErrorInvalidValue ||
-                                 r.pending == cudaErrorInvalidValue);
+  const bool ok = pending_error_kept(r.injected, r.ret, r.pending);
   std::printf("%s refusal: error pending before the call kept (%s %s T=%-2d d=%d): returned %s, "
               "pending after %s%s\n",
               ok ? "ok  " : "FAIL", what, c.head ? "head" : "pre ", c.T, c.d,
