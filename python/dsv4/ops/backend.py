@@ -252,9 +252,8 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # from the 2026-12-06G run, paged_rows from the 2026-12-06H run, the mHC ops and indexer_topk
 # again from the 2026-12-06I run, and with sparse_attn / hca_attn from the 2026-12-06J
 # run, the GEMM ops, the mHC ops and indexer_topk from the 2026-12-06K run, and all of those
-# with compress_kv from the 2026-12-06L run. A run that
-# verifies some ops
-# updates their entries (and HARDWARE_VERIFIED's) only.
+# with compress_kv from the 2026-12-06L run. A run that verifies some ops updates their entries
+# (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "87b2b1ef05f35bf05224058c343d5201f6c9669541632d31f1802ca7d897d56f",
