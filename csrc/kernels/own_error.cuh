@@ -13,6 +13,12 @@
 //      is the one this call produced (nothing was pending before it), so clearing it hides
 //      nothing of the caller's.
 // Only a successful query is cached: a failed one is asked again at the next call.
+//
+// The helpers are inline functions in a named namespace (dsv4::own_error), not in an unnamed
+// one: several translation units include this header, and templates with external linkage use
+// the helpers, so every TU must see the same entities (one definition rule). The
+// using-declarations at the end keep the short names (dsv4::error_pending, ...) the files above
+// use.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,7 +27,7 @@
 #include <cstring>
 
 namespace dsv4 {
-namespace {
+namespace own_error {
 
 // True when the calling thread has an error pending (read without clearing it).
 inline bool error_pending() { return cudaPeekAtLastError() != cudaSuccess; }
@@ -59,5 +65,12 @@ inline cudaError_t refused_for_test() {
   return cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
 }
 
-}  // namespace
+}  // namespace own_error
+
+using own_error::clear_own_error;
+using own_error::error_pending;
+using own_error::refused_for_test;
+using own_error::test_refusal;
+using own_error::TestRefusal;
+
 }  // namespace dsv4
