@@ -37,7 +37,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -392,23 +391,17 @@ cudaError_t launch_rt(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream
   if (units > INT_MAX) return cudaErrorInvalidValue;
   if (units == 0) return cudaSuccess;
   auto* fn = &skinny_kernel<FMT, EPI, ROPE, RT>;
-  // resident CTAs per SM (registers decide: 2 at <= 128 per thread, else 1): asked until a
-  // query succeeds, 1 meanwhile; a failed query's own error cleared, never a caller's
-  // (own_error.cuh)
-  static std::atomic<int> known{0};
-  int per_sm = known.load(std::memory_order_relaxed);
-  if (per_sm == 0) {
-    int v = 0;
-    if (!error_pending()) {
-      const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, fn, kThreads, 0);
-      if (err == cudaSuccess && v >= 1) {
-        known.store(v, std::memory_order_relaxed);
-      } else {
-        clear_own_error(err);
-      }
-    }
-    per_sm = v >= 1 ? v : 1;
-  }
+  // resident CTAs per SM (registers decide: 2 at <= 128 per thread, else 1), per device: asked
+  // until a query succeeds, 1 meanwhile; a failed query's own error cleared, never a caller's
+  // (DeviceQueryCache, own_error.cuh)
+  static DeviceQueryCache cache;
+  // (cudaGetDevice fails only without a usable device, and then so does the launch below)
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) device = -1;  // the fallback, no query
+  const int v = cache.get(device, 1, [fn](int& n) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kThreads, 0);
+  });
+  const int per_sm = v >= 1 ? v : 1;
   const int64_t resident = static_cast<int64_t>(num_sms) * per_sm;
   const int grid = static_cast<int>(units < resident ? units : resident);
   fn<<<grid, kThreads, 0, stream>>>(a, wg, prefetch_enabled());

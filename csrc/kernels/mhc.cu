@@ -1140,28 +1140,20 @@ bool one_pass_enabled() {
 // Clusters of the wide kernel that can be resident at once on `device` (the current device):
 // 0 when a 16-CTA cluster of it cannot run there (then the chunked two-phase path runs). The
 // query also sets the attributes every launch needs. Cached per device and kernel, successful
-// queries only (own_error.cuh): after a failed one (its own error cleared) or while the caller
-// has an error pending (no query made, that error left alone) the chunked path runs and the
-// next call asks again.
+// queries only (DeviceQueryCache, own_error.cuh): after a failed one (its own error cleared) or
+// while the caller has an error pending (no query made, that error left alone) the chunked path
+// runs and the next call asks again.
 template <int NT>
 int wide_clusters(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // 0: not known yet; else clusters + 1
-  if (device < 0 || device >= kMaxDevices) return 0;
-  const int known = cache[device].load(std::memory_order_relaxed);
-  if (known > 0) return known - 1;
-  if (error_pending()) return 0;
-  const size_t smem = wide_smem_bytes(64 * kWideMaxKs);
-  int n = 0;
-  cudaError_t err = test_refusal() == TestRefusal::kQuery
-                        ? refused_for_test()
-                        : cudaFuncSetAttribute(mhc_wide_kernel<NT>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
-                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (err == cudaSuccess) {
+  static DeviceQueryCache cache;
+  return cache.get(device, 0, [](int& n) {
+    const size_t smem = wide_smem_bytes(64 * kWideMaxKs);
+    cudaError_t err = cudaFuncSetAttribute(
+        mhc_wide_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,
+                                 cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -1173,15 +1165,8 @@ int wide_clusters(int device) {
     cfg.dynamicSmemBytes = smem;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    err = cudaOccupancyMaxActiveClusters(&n, mhc_wide_kernel<NT>, &cfg);
-  }
-  if (err != cudaSuccess) {
-    clear_own_error(err);  // this query's own error: the caller falls back, nothing failed
-    return 0;
-  }
-  if (n < 0) n = 0;
-  cache[device].store(n + 1, std::memory_order_relaxed);
-  return n;
+    return cudaOccupancyMaxActiveClusters(&n, mhc_wide_kernel<NT>, &cfg);
+  });
 }
 
 template <int NT>
@@ -1314,33 +1299,29 @@ bool decode_coop_refused(int device) {
 // SM x SMs): a cooperative launch must not exceed it; 0 = do not use v2 (no cooperative launch
 // on the device, or a query failed). The SM count is the one the query returns, never the
 // planning default of sm_count (132): a guessed count could allow a grid that is not
-// co-resident. Only successful queries are cached (once per device and instance); a failed one
-// is asked again at the next call (its own error is cleared, v1 runs meanwhile). While the
-// caller has an error pending, no query is made (v1 runs; own_error.cuh says why).
+// co-resident. Only successful queries are cached (once per device and instance,
+// DeviceQueryCache); a failed one is asked again at the next call (its own error is cleared, v1
+// runs meanwhile). While the caller has an error pending, no query is made (v1 runs;
+// own_error.cuh says why).
 template <int NT, int G>
 int64_t decode_coop_capacity(int device) {
-  static std::atomic<int> cache[kDecMaxDevices];  // 0: not known yet; else capacity + 1
+  static DeviceQueryCache cache;
   if (decode_coop_refused(device)) return 0;
-  const int known = cache[device].load(std::memory_order_relaxed);
-  if (known > 0) return known - 1;
-  if (error_pending()) return 0;
-  int coop = 0, sms = 0, per_sm = 0;
-  cudaError_t err = test_refusal() == TestRefusal::kQuery
-                        ? refused_for_test()
-                        : cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (err == cudaSuccess && coop != 0)
+  return cache.get(device, 0, [device](int& cap) {
+    int coop = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+    if (err != cudaSuccess || coop == 0) return err;  // no cooperative launch: cap 0, cached
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess && coop != 0)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mhc_decode_kernel<NT, G, true>,
-                                                        kDecThreads, 0);
-  if (err != cudaSuccess) {
-    clear_own_error(err);  // this query's own error: the caller runs v1, nothing failed
-    return 0;
-  }
-  if (coop != 0 && sms <= 0) return 0;  // no usable SM count: as a failed query, not cached
-  const int cap = coop != 0 && per_sm > 0 ? per_sm * sms : 0;
-  cache[device].store(cap + 1, std::memory_order_relaxed);
-  return cap;
+    if (err == cudaSuccess)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mhc_decode_kernel<NT, G, true>,
+                                                          kDecThreads, 0);
+    if (err != cudaSuccess) return err;
+    // no usable SM count: as a failed query, not cached (an error of this query's own making;
+    // no runtime call failed, so nothing is pending and nothing is cleared)
+    if (sms <= 0) return cudaErrorInvalidValue;
+    cap = per_sm > 0 ? per_sm * sms : 0;
+    return cudaSuccess;
+  });
 }
 
 template <int NT, int G>

@@ -1,7 +1,7 @@
 // Host helpers for the runtime calls a launcher makes only to choose its path and handles itself
 // when they fail: an occupancy query, a cooperative or programmatic launch the device refuses.
 // The launcher then takes a path that needs none of them, so the failure is not the caller's.
-// Shared by mhc.cu and indexer_topk.cu; host code, no torch.
+// Shared by mhc.cu, indexer_topk.cu and grouped_gemm_skinny.cuh; host code, no torch.
 //
 // The runtime keeps one last error per host thread. A failing call overwrites it (the earlier
 // value is lost); cudaGetLastError() returns it and resets it to cudaSuccess;
@@ -13,6 +13,7 @@
 //      is the one this call produced (nothing was pending before it), so clearing it hides
 //      nothing of the caller's.
 // Only a successful query is cached: a failed one is asked again at the next call.
+// DeviceQueryCache (below) does all of it for a query with an int result.
 //
 // The helpers are inline functions in a named namespace (dsv4::own_error), not in an unnamed
 // one: several translation units include this header, and templates with external linkage use
@@ -23,6 +24,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 
@@ -39,8 +42,9 @@ inline void clear_own_error(cudaError_t err) {
   if (err != cudaSuccess && cudaPeekAtLastError() == err) (void)cudaGetLastError();
 }
 
-// DSV4_TEST_REFUSE: test only (csrc/tests/check_mhc.cu and check_indexer_topk.cu, --refusal);
-// never set it in production. Read at each call where it applies:
+// DSV4_TEST_REFUSE: test only (csrc/tests/check_mhc.cu, check_indexer_topk.cu and
+// check_grouped_gemm.cu, --refusal); never set it in production. Read at each call where it
+// applies:
 //   "query":  each path query that is not cached yet fails as if the device refused (through
 //             refused_for_test, a real failing call), so the launcher takes its fallback path;
 //             a failed query is not cached, so unsetting the variable restores the default.
@@ -65,9 +69,50 @@ inline cudaError_t refused_for_test() {
   return cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
 }
 
+// The result of one path query (an int >= 0), per device ordinal (0 .. kMaxDevices - 1),
+// following the protocol above: get() returns the cached result if there is one; else, while
+// the caller has an error pending, `fallback` (no query made); else it runs the query
+// (DSV4_TEST_REFUSE=query: refused_for_test instead), caches its result if it succeeded and
+// returns it, or clears the query's own error and returns `fallback` (nothing cached: the next
+// call asks again). A device outside the table gets `fallback` without a query.
+// `query` is a callable cudaError_t(int& result). It may also return an error of its own making
+// (no runtime call failed) for a result it cannot use: that is not cached either, and since
+// nothing is pending then, nothing is cleared.
+// Declare one per query and kernel instance, with static storage (zero-initialised: nothing
+// known), e.g. `static DeviceQueryCache cache;` in the launcher (a function template gives each
+// instantiation its own). Relaxed atomics: a slot carries no other data, and two threads that
+// race on an empty slot both query and store the same value.
+class DeviceQueryCache {
+ public:
+  static constexpr int kMaxDevices = 64;
+
+  template <typename Query>
+  int get(int device, int fallback, Query&& query) {
+    if (device < 0 || device >= kMaxDevices) return fallback;
+    const int known = slot_[device].load(std::memory_order_relaxed);
+    if (known > 0) return known - 1;
+    if (error_pending()) return fallback;
+    int result = 0;
+    const cudaError_t err =
+        test_refusal() == TestRefusal::kQuery ? refused_for_test() : query(result);
+    if (err != cudaSuccess) {
+      clear_own_error(err);  // the query's own error (nothing was pending): the fallback runs
+      return fallback;
+    }
+    if (result < 0) result = 0;
+    if (result == INT_MAX) result = INT_MAX - 1;  // kept as result + 1
+    slot_[device].store(result + 1, std::memory_order_relaxed);
+    return result;
+  }
+
+ private:
+  std::atomic<int> slot_[kMaxDevices];  // 0: nothing cached; else the result + 1
+};
+
 }  // namespace own_error
 
 using own_error::clear_own_error;
+using own_error::DeviceQueryCache;
 using own_error::error_pending;
 using own_error::refused_for_test;
 using own_error::test_refusal;

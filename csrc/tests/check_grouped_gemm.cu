@@ -4,6 +4,10 @@
 // NaN-poisoned first; rows past expert_offsets[E] must stay poisoned. Also checks
 // fp8_act_quant_sim against a CPU transcription of dsv4.ops.quant.fp8_e4m3_sim, and (on the host,
 // with or without a GPU) the kernel's byte-permutation e2m1 decoder against the e2m1 table.
+// `--refusal` (alone in its process, before the skinny tile's occupancy query is cached): the
+// skinny tile with that query refused (DSV4_TEST_REFUSE=query, own_error.cuh: one CTA per SM,
+// same results, no error left pending), with an error the caller left pending (reaches the
+// caller, never cleared), then with the query asked again (unset).
 // Prints PASS / FAIL (exit 1) or "SKIP: ..." (exit 0).
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -20,6 +24,7 @@
 #include "dsv4/grouped_gemm.h"
 
 #include "../kernels/grouped_gemm_fp4.cuh"
+#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
@@ -202,7 +207,10 @@ bool compare_out(const char* name, const std::vector<double>& ref,
   return bad == 0;
 }
 
-bool run_case(const Case& c, std::mt19937& rng) {
+// pend_first (--refusal): leave cudaErrorInvalidValue pending before the call, as an unrelated
+// earlier launch of the caller could; the call must return it or leave it pending (never clear
+// it). Outputs are not compared then (the op may stop at its first launch check).
+bool run_case(const Case& c, std::mt19937& rng, bool pend_first = false) {
   const bool swiglu = c.epi == GemmEpilogue::kSwiGLU;
   // the RoPE case is the output projection: every expert, all rows (also `dense` without RoPE)
   const bool dense = c.rope || c.dense;
@@ -314,12 +322,37 @@ bool run_case(const Case& c, std::mt19937& rng) {
   a.pipeline = c.overlap ? dsv4::GemmPipeline::kOverlap : dsv4::GemmPipeline::kSerial;
   if (c.ws) a.mainloop = dsv4::GemmMainloop::kWarpSpecialized;
   a.num_sms = c.num_sms;
+  const auto free_all = [&] {
+    for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
+                    static_cast<void*>(dx), static_cast<void*>(doff), static_cast<void*>(drow),
+                    static_cast<void*>(drw), static_cast<void*>(dpos), static_cast<void*>(dfr),
+                    static_cast<void*>(dout)})
+      CHECK_CUDA(cudaFree(p));
+  };
+  if (pend_first) {
+    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
+    const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+    const cudaError_t ret = dsv4::grouped_gemm(a, nullptr);
+    const cudaError_t pend = cudaGetLastError();
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const bool kept =
+        injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+    std::printf("%-44s %s (error pending before the call: returned %s, pending after %s)\n",
+                c.name, kept ? "ok" : "FAIL", cudaGetErrorName(ret), cudaGetErrorName(pend));
+    free_all();
+    return kept;
+  }
   CHECK_CUDA(dsv4::grouped_gemm(a, nullptr));
+  const cudaError_t left = cudaGetLastError();  // the op must leave no error pending
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> out16(out_n);
   CHECK_CUDA(cudaMemcpy(out16.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
 
   bool pass = compare_out(c.name, ref, out16, out_cols);
+  if (left != cudaSuccess) {
+    std::printf("%-44s FAIL (error left pending: %s)\n", c.name, cudaGetErrorName(left));
+    pass = false;
+  }
   if (c.tile == GemmTile::kGemv) {
     // the tile that ran: the GEMV tile inside its contract; the cases named "(skinny)" /
     // "(16-row)" are outside it (else every GEMV case could pass on the fallback tile)
@@ -348,11 +381,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
                 diff == 0 ? "ok" : "FAIL", diff, static_cast<size_t>(out_n));
     pass = pass && diff == 0;
   }
-  for (void* p : {static_cast<void*>(dw), static_cast<void*>(ds8), static_cast<void*>(ds32),
-                  static_cast<void*>(dx), static_cast<void*>(doff), static_cast<void*>(drow),
-                  static_cast<void*>(drw), static_cast<void*>(dpos), static_cast<void*>(dfr),
-                  static_cast<void*>(dout)})
-    CHECK_CUDA(cudaFree(p));
+  free_all();
   return pass;
 }
 
@@ -1064,7 +1093,38 @@ bool check_gemv_rule() {
   return ok;
 }
 
-int main() {
+// --refusal: the skinny tile's occupancy query refused, then an error pending before the call,
+// then the query asked again (own_error.cuh; a fresh process: nothing cached yet). Each phase
+// runs FP8 store dense at 1 pair and routed at 12, bf16 SwiGLU and FP8 RoPE (several of the
+// tile's instances, each with its own cache).
+bool refusal_suite(std::mt19937& rng) {
+  const auto cases = [&](const char* phase, bool pend_first) {
+    std::printf("-- %s\n", phase);
+    bool ok = true;
+    Case c1{"store fp8 skinny dense 1 pair", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+            GemmTile::kSkinny, 1, 136, 208, 1, 1};
+    c1.dense = true;
+    Case c2{"store fp8 skinny 12 pairs", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+            GemmTile::kSkinny, 6, 136, 208, 45, 12};
+    Case c3{"swiglu bf16 skinny 4 pairs", GemmWeightFormat::kBF16, GemmEpilogue::kSwiGLU,
+            GemmTile::kSkinny, 6, 96, 208, 45, 4};
+    Case c4{"oproj rope fp8 skinny T=2", GemmWeightFormat::kFP8, GemmEpilogue::kStore,
+            GemmTile::kSkinny, 2, 128, 256, 2, 2, true};
+    for (const Case* c : {&c1, &c2, &c3, &c4}) ok = run_case(*c, rng, pend_first) && ok;
+    return ok;
+  };
+  bool ok = true;
+  setenv("DSV4_TEST_REFUSE", "query", 1);
+  ok = cases("DSV4_TEST_REFUSE=query (the occupancy query fails: 1 CTA per SM)", false) && ok;
+  ok = cases("DSV4_TEST_REFUSE=query, an error pending before each call", true) && ok;
+  unsetenv("DSV4_TEST_REFUSE");
+  ok = cases("an error pending before each call (no query made while it is)", true) && ok;
+  ok = cases("DSV4_TEST_REFUSE unset (the query asked again, cached)", false) && ok;
+  ok = cases("again (the cached query)", false) && ok;
+  return ok;
+}
+
+int main(int argc, char** argv) {
   if (!check_e2m1_decoder() || !check_e2m1_to_e4m3() || !check_skinny_rule() ||
       !check_gemv_rule()) {
     std::printf("FAIL\n");
@@ -1082,6 +1142,11 @@ int main() {
     return 0;
   }
   std::mt19937 rng(20261205);
+  if (argc > 1 && std::strcmp(argv[1], "--refusal") == 0) {
+    const bool ok = refusal_suite(rng);
+    std::printf(ok ? "PASS\n" : "FAIL\n");
+    return ok ? 0 : 1;
+  }
   if (std::getenv("DSV4_CHECK_GEMV_ONLY") != nullptr) {  // the GEMV tile's cases and timing only
     bool ok = check_gemv_cases(rng);
     if (std::getenv("DSV4_CHECK_NO_TIMING") == nullptr) ok = time_gemv() && ok;
