@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include "fp8_block_quant.cuh"
+#include "own_error.cuh"
 
 namespace dsv4 {
 namespace {
@@ -947,32 +948,32 @@ __global__ void __launch_bounds__(kMaxThreads) compress_fused_kernel(const Args 
                static_cast<int64_t>(a.cluster) * blockDim.x);
 }
 
+// SMs of the current device, 132 (the planning default) while unknown. Cached per device,
+// successful queries only (DeviceQueryCache, own_error.cuh): a failed query (its own error
+// cleared) or a call while the caller has an error pending (no query made) gets 132 this time,
+// and the next call asks again.
 int device_sm_count() {
-  static int cached[64] = {0};
+  static DeviceQueryCache cache;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      n = 132;
-    }
-    cached[dev] = n;
-  }
-  return cached[dev];
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  const int n = cache.get(dev, 0, [dev](int& v) {
+    return cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+  });
+  return n > 0 ? n : 132;
 }
 
 // Whether the current device supports thread block clusters (compute capability >= 9.0).
+// Cached as device_sm_count; no clusters (a cluster size of 1) while unknown.
 bool device_has_clusters() {
-  static int cached[64] = {0};  // 0 unknown, 1 no, 2 yes
+  static DeviceQueryCache cache;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  return cache.get(dev, 0, [dev](int& yes) {
     int major = 0;
-    const bool ok =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
-    cached[dev] = ok && major >= 9 ? 2 : 1;
-  }
-  return cached[dev] == 2;
+    const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    yes = major >= 9 ? 1 : 0;
+    return err;
+  }) != 0;
 }
 
 template <typename Kernel>

@@ -5,6 +5,10 @@
 // entries must match within the rounding rule below, and the GPU entries of the schedules must
 // agree (bit for bit where all calls run the same arithmetic).
 // With --bench, then times prefill / decode at the V4-Flash shapes (printed, not checked).
+// `--refusal` (alone in its process, before the device queries are cached): the cases with those
+// queries refused (DSV4_TEST_REFUSE=query, own_error.cuh: no clusters, 132 SMs assumed; same
+// checks), calls made with an error the caller left pending (it must reach the caller, never
+// cleared), then the queries asked again (unset).
 // Prints PASS / FAIL (exit 1), or "SKIP: no CUDA device" (exit 0).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -21,6 +25,7 @@
 
 #include "dsv4/compress_kv.h"
 
+#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
@@ -294,6 +299,10 @@ struct Options {
   bool strided = false;          // kv / score interleaved in one buffer, padded entry rows
   bool invalid_row = false;      // last row gets starts = -1 (must stay untouched)
   bool understate = false;       // pass max_seqlen / 3 (it only sizes the grid)
+  // --refusal: leave cudaErrorInvalidValue pending before each call, as an unrelated earlier
+  // launch of the caller could; the call must return it or leave it pending (never clear it).
+  // Nothing else is compared then (the op may stop at its first launch check).
+  bool pend_first = false;
 };
 
 // Kernel variants exercised by every case: {variant, forced cluster size (0 = auto)}.
@@ -540,9 +549,26 @@ bool run_case(const Cfg& cfg, const std::vector<int>& lens, const Options& opt,
         p.max_seqlen = opt.understate ? c.max_len / 3 : c.max_len;
         p.eps = kEps;
         p.quant = static_cast<dsv4::CompressQuant>(cfg.quant);
+        if (opt.pend_first) {
+          (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
+          const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+          const cudaError_t ret =
+              dsv4::detail::compress_kv_variant(p, var.variant, var.cluster, nullptr);
+          const cudaError_t pend = cudaGetLastError();
+          const bool kept =
+              injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+          ok &= kept;
+          if (!kept || (si == 0 && &c == &calls.front()))
+            std::printf("%s %-22s %-7s %-24s error pending before the call: returned %s, "
+                        "pending after %s\n", kept ? "ok  " : "FAIL", cfg.name, var.name,
+                        names[si], cudaGetErrorName(ret), cudaGetErrorName(pend));
+          continue;
+        }
         CHECK_CUDA(dsv4::detail::compress_kv_variant(p, var.variant, var.cluster, nullptr));
+        CHECK_CUDA(cudaGetLastError());  // the op leaves no error pending
       }
       CHECK_CUDA(cudaDeviceSynchronize());
+      if (opt.pend_first) continue;
       std::vector<float> gkv(state_n), gsc(state_n);
       CHECK_CUDA(cudaMemcpy(gkv.data(), D.skv, state_n * 4, cudaMemcpyDeviceToHost));
       CHECK_CUDA(cudaMemcpy(gsc.data(), D.ssc, state_n * 4, cudaMemcpyDeviceToHost));
@@ -712,6 +738,7 @@ int main(int argc, char** argv) {
   }
   // `--bench`: also time prefill / decode at the V4-Flash shapes (not part of ctest).
   const bool do_bench = argc > 1 && std::string(argv[1]) == "--bench";
+  const bool refusal = argc > 1 && std::string(argv[1]) == "--refusal";
   std::mt19937 rng(std::random_device{}());
   bool ok = true;
   const Cfg csa{"csa d512 r4 fp8", 512, 4, 1, true};
@@ -726,6 +753,25 @@ int main(int argc, char** argv) {
   // Prompt lengths of kernels.md §5 #11 (1, 3, 4, 5, 127, 128, 129) with a zero-length row.
   const std::vector<int> lens_a = {1, 0, 3, 4, 5};
   const std::vector<int> lens_b = {127, 128, 0, 129};
+  if (refusal) {  // decode (fused kernel) and prefill (entry kernels), every variant
+    const auto phase = [&](const char* what, const Options& opt) {
+      std::printf("-- %s\n", what);
+      ok &= run_case(csa, lens_a, opt, rng);
+      ok &= run_case(csa, lens_b, opt, rng);
+      ok &= run_case(hca, {129, 0, 128, 260}, opt, rng);
+      ok &= run_case(idx, {61, 2}, opt, rng);
+    };
+    Options pend;
+    pend.pend_first = true;
+    setenv("DSV4_TEST_REFUSE", "query", 1);
+    phase("DSV4_TEST_REFUSE=query (device queries fail: no clusters, 132 SMs)", {});
+    phase("DSV4_TEST_REFUSE=query, an error pending before each call", pend);
+    unsetenv("DSV4_TEST_REFUSE");
+    phase("an error pending before each call (no query made while it is)", pend);
+    phase("DSV4_TEST_REFUSE unset (the queries asked again, cached)", {});
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   for (const Cfg& c : {csa, idx, tiny_hca, tiny_idx, f32, r8}) {
     ok &= run_case(c, lens_a, {}, rng);
     ok &= run_case(c, lens_b, {}, rng);
