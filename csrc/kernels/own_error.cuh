@@ -1,8 +1,8 @@
 // Host helpers for the runtime calls a launcher makes only to choose its path and handles itself
 // when they fail: an occupancy query, a cooperative or programmatic launch the device refuses.
 // The launcher then takes a path that needs none of them, so the failure is not the caller's.
-// Shared by mhc.cu, indexer_topk.cu, compress_kv.cu and grouped_gemm_skinny.cuh; host code, no
-// torch.
+// Shared by mhc.cu, indexer_topk.cu, compress_kv.cu, grouped_gemm_skinny.cuh and
+// sparse_attn_fp8_sm90.cuh; host code, no torch.
 //
 // The runtime keeps one last error per host thread. A failing call overwrites it (the earlier
 // value is lost); cudaGetLastError() returns it and resets it to cudaSuccess;
@@ -44,15 +44,16 @@ inline void clear_own_error(cudaError_t err) {
 }
 
 // DSV4_TEST_REFUSE: test only (csrc/tests/check_mhc.cu, check_indexer_topk.cu,
-// check_grouped_gemm.cu and check_compress_kv.cu, --refusal); never set it in production. Read
-// at each call where it applies:
+// check_grouped_gemm.cu, check_compress_kv.cu and check_hca_fp8.cu, --refusal); never set it in
+// production. Read at each call where it applies:
 //   "query":  each path query that is not cached yet fails as if the device refused (through
 //             refused_for_test, a real failing call), so the launcher takes its fallback path;
 //             a failed query is not cached, so unsetting the variable restores the default.
 //   "launch": the launches that have a fallback for a refusal are refused (mhc: the
 //             cooperative decode launch, by a grid no device can hold; indexer_topk: the
-//             programmatic launch of the selection, through refused_for_test); for eager
-//             calls (under stream capture a cooperative refusal may come only at instantiation).
+//             programmatic launch of the selection; sparse_attn's FP8 kernel: the programmatic
+//             launch of the split-K merge; both through refused_for_test); for eager calls
+//             (under stream capture a cooperative refusal may come only at instantiation).
 // Unset or anything else: no effect.
 enum class TestRefusal { kNone, kQuery, kLaunch };
 inline TestRefusal test_refusal() {

@@ -19,6 +19,10 @@
 //      bit-identical), and some outputs must be NaN and some not.
 //   3. (sm_90) Times the old, new and new2 FP8 kernels at FlashMLA's decode shapes (printed, not
 //      checked; DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer).
+// `--refusal` (sm_90): the split-K cases with the merge's programmatic launch refused
+// (DSV4_TEST_REFUSE=launch, own_error.cuh: the plain launch instead, same bytes, no error left
+// pending), each FP8 kernel also called with an error the caller left pending (it must reach the
+// caller, never cleared), then with the variable unset.
 // Prints PASS / FAIL (exit 1) or SKIP.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -36,6 +40,7 @@
 #include "dsv4/kv_cache.h"
 #include "dsv4/sparse_attn.h"
 
+#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
@@ -166,7 +171,14 @@ struct Result {
   std::vector<float> lse;
 };
 
-Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
+// --refusal: also make each FP8 kernel's call with an error pending before it (pending_kept)
+bool g_refusal = false;
+
+// kept != nullptr (--refusal): leave cudaErrorInvalidValue pending before the call, as an
+// unrelated earlier launch of the caller could; *kept = whether the call returned it or left it
+// pending (never cleared). The outputs are then whatever ran (the op may stop at its first
+// launch check).
+Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept = nullptr) {
   uint16_t* d_out;
   float* d_lse;
   CHECK_CUDA(cudaMalloc(&d_out, T * H * D * 2));
@@ -189,7 +201,16 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
     CHECK_CUDA(cudaMalloc(&ws, p.workspace_bytes));
     p.workspace = ws;
   }
-  CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+  if (kept != nullptr) {
+    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
+    const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+    const cudaError_t ret = dsv4::sparse_attn(p, nullptr);
+    const cudaError_t pend = cudaGetLastError();
+    *kept = injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+  } else {
+    CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+    CHECK_CUDA(cudaGetLastError());  // the op leaves no error pending
+  }
   CHECK_CUDA(cudaDeviceSynchronize());
   Result r;
   r.out.resize(T * H * D);
@@ -368,6 +389,13 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
       std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (HCA)",
                     kernel, H, (long long)B, (long long)bs, splits, kind);
       ok &= same(launch(fh, T, H, splits), ra, name, nan);
+      if (g_refusal) {
+        bool kept = false;
+        (void)launch(f, T, H, splits, &kept);
+        std::printf("%-4s FP8 %s H=%d B=%lld splits=%d: error pending before the call kept\n",
+                    kept ? "ok" : "FAIL", kernel, H, (long long)B, splits);
+        ok &= kept;
+      }
     }
     unsetenv("DSV4_SPARSE_FP8");
     cudaFree(const_cast<void*>(f.kv));
@@ -529,7 +557,7 @@ void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::printf("SKIP: no CUDA device\n");
@@ -537,6 +565,25 @@ int main() {
   }
   std::mt19937 rng(1234);
   const bool fp8 = dsv4::sparse_attn_supports_fp8_cache(D);
+  if (argc > 1 && std::strcmp(argv[1], "--refusal") == 0) {
+    if (!fp8) {
+      std::printf("SKIP: the FP8 kernels need sm_90 (head_dim 512)\n");
+      return 0;
+    }
+    g_refusal = true;
+    bool ok = true;
+    setenv("DSV4_TEST_REFUSE", "launch", 1);
+    std::printf("-- DSV4_TEST_REFUSE=launch (the merge's programmatic launch refused)\n");
+    ok &= run(64, 1, 1, 200, 4, fp8, rng);              // split-K path
+    ok &= run(128, 2, 64, 1024, 8, fp8, rng);           // split-K, 2 head tiles
+    ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);
+    unsetenv("DSV4_TEST_REFUSE");
+    std::printf("-- DSV4_TEST_REFUSE unset (the programmatic launch)\n");
+    ok &= run(64, 1, 1, 200, 4, fp8, rng);
+    ok &= run(128, 2, 64, 1024, 8, fp8, rng);
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   if (!fp8) std::printf("note: FP8 caches need sm_90 (head_dim 512): checking HCA mode only\n");
   bool ok = true;
   ok &= run(64, 3, 64, 1024, 1, fp8, rng);
