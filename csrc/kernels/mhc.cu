@@ -1142,13 +1142,27 @@ bool one_pass_enabled() {
 // query also sets the attributes every launch needs. Cached per device and kernel, successful
 // queries only (DeviceQueryCache, own_error.cuh): after a failed one (its own error cleared) or
 // while the caller has an error pending (no query made, that error left alone) the chunked path
-// runs and the next call asks again.
+// runs and the next call asks again. A device without clusters or with less shared memory per
+// block than the kernel needs gets a successful "no" (0), cached like any answer, so eager
+// prefill calls do not ask again (the attribute call below would fail there each time).
 template <int NT>
 int wide_clusters(int device) {
   static DeviceQueryCache cache;
-  return cache.get(device, 0, [](int& n) {
+  return cache.get(device, 0, [device](int& n) {
     const size_t smem = wide_smem_bytes(64 * kWideMaxKs);
-    cudaError_t err = cudaFuncSetAttribute(
+    int has_clusters = 0, smem_optin = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&has_clusters, cudaDevAttrClusterLaunch, device);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return err;
+    // DSV4_TEST_REFUSE=nofit (test only, own_error.cuh): as a device with too little shared
+    // memory per block
+    if (test_refusal() == TestRefusal::kNoFit) smem_optin = 0;
+    if (has_clusters == 0 || static_cast<size_t>(smem_optin) < smem) {
+      n = 0;
+      return cudaSuccess;
+    }
+    err = cudaFuncSetAttribute(
         mhc_wide_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err == cudaSuccess)
       err = cudaFuncSetAttribute(mhc_wide_kernel<NT>,

@@ -44,8 +44,8 @@ inline void clear_own_error(cudaError_t err) {
 }
 
 // DSV4_TEST_REFUSE: test only (csrc/tests/check_mhc.cu, check_indexer_topk.cu,
-// check_grouped_gemm.cu, check_compress_kv.cu and check_hca_fp8.cu, --refusal); never set it in
-// production. Read at each call where it applies:
+// check_grouped_gemm.cu, check_compress_kv.cu and check_hca_fp8.cu: --refusal; check_mhc.cu also
+// --refusal-nofit); never set it in production. Read at each call where it applies:
 //   "query":  each path query that is not cached yet fails as if the device refused (through
 //             refused_for_test, a real failing call), so the launcher takes its fallback path;
 //             a failed query is not cached, so unsetting the variable restores the default.
@@ -54,13 +54,17 @@ inline void clear_own_error(cudaError_t err) {
 //             programmatic launch of the selection; sparse_attn's FP8 kernel: the programmatic
 //             launch of the split-K merge; both through refused_for_test); for eager calls
 //             (under stream capture a cooperative refusal may come only at instantiation).
+//   "nofit":  mhc's one-pass (wide cluster) query answers as on a device with too little shared
+//             memory per block for the kernel: a successful "no", cached like any successful
+//             answer (so it outlives the variable in the process).
 // Unset or anything else: no effect.
-enum class TestRefusal { kNone, kQuery, kLaunch };
+enum class TestRefusal { kNone, kQuery, kLaunch, kNoFit };
 inline TestRefusal test_refusal() {
   const char* v = std::getenv("DSV4_TEST_REFUSE");
   if (v == nullptr) return TestRefusal::kNone;
   if (std::strcmp(v, "query") == 0) return TestRefusal::kQuery;
   if (std::strcmp(v, "launch") == 0) return TestRefusal::kLaunch;
+  if (std::strcmp(v, "nofit") == 0) return TestRefusal::kNoFit;
   return TestRefusal::kNone;
 }
 

@@ -16,7 +16,9 @@
 // kernel's cases, `--refusal` (alone in its process) the fallbacks of refused path queries and
 // cooperative launches (DSV4_TEST_REFUSE=query / launch, test only: v1 instead of v2 with the
 // same bytes, the chunked path instead of the one-pass kernel, no error left pending, an error
-// the caller left pending never cleared). Build without CMake: nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc/include -Icsrc
+// the caller left pending never cleared), `--refusal-nofit` (alone in its process) the
+// one-pass query's caching: refused (DSV4_TEST_REFUSE=query) it is asked again, answered "no"
+// (=nofit: as on a device with too little shared memory) it is not. Build without CMake: nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc/include -Icsrc
 // csrc/tests/check_mhc.cu csrc/kernels/mhc.cu -o check_mhc. Prints
 // PASS / FAIL (exit 1) or "SKIP: no CUDA device".
 #include <cuda_runtime.h>
@@ -714,6 +716,37 @@ bool refusal_suite(std::mt19937& rng) {
   return ok;
 }
 
+// --refusal-nofit: a failed one-pass query is asked again at the next call, a successful "no"
+// is cached (not asked again). mhc_pre's query (wide_clusters<3>) goes through the three
+// phases; mhc_head's (wide_clusters<1>) is first asked in the last one. Each phase also runs
+// prefill cases against the CPU reference (the chunked path while the answer is 0).
+bool nofit_suite(std::mt19937& rng) {
+  bool ok = true;
+  unsetenv("DSV4_MHC_ONE_PASS");
+  const auto phase = [&](const char* env, const char* what, bool pre_yes, bool ask_head) {
+    if (env != nullptr) setenv("DSV4_TEST_REFUSE", env, 1);
+    else unsetenv("DSV4_TEST_REFUSE");
+    std::printf("-- DSV4_TEST_REFUSE=%s\n", env != nullptr ? env : "(unset)");
+    const int pre = dsv4::mhc_prefill_clusters(4096, false);
+    const int head = ask_head ? dsv4::mhc_prefill_clusters(4096, true) : -1;
+    const cudaError_t pend = cudaGetLastError();
+    const bool k = (pre_yes ? pre > 0 : pre == 0) && (!ask_head || head > 0) && pend == cudaSuccess;
+    std::printf("%s nofit: %s: mhc_prefill_clusters pre %d (expected %s)", k ? "ok  " : "FAIL",
+                what, pre, pre_yes ? "> 0" : "0");
+    if (ask_head) std::printf(", head %d (expected > 0)", head);
+    std::printf(", pending after %s\n", cudaGetErrorName(pend));
+    ok &= k;
+    ok &= check_pre(100, 4096, false, rng);  // one-pass eligible: chunked while pre is 0
+    ok &= check_pre(1000, 2048, false, rng);
+  };
+  phase("query", "query refused (not cached)", false, false);
+  phase("nofit", "answered no (cached)", false, false);
+  phase(nullptr, "unset: pre keeps the cached no, head asked now", false, true);
+  phase("query", "query refused again: both cached, no query made", false, true);
+  unsetenv("DSV4_TEST_REFUSE");
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -745,6 +778,12 @@ int main(int argc, char** argv) {
   // (DSV4_TEST_REFUSE=query / launch; must run first in its process, before any query is cached)
   if (argc > 1 && std::strcmp(argv[1], "--refusal") == 0) {
     ok = refusal_suite(rng);
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
+  // --refusal-nofit: the one-pass query's caching (refused: asked again; "no": cached)
+  if (argc > 1 && std::strcmp(argv[1], "--refusal-nofit") == 0) {
+    ok = nofit_suite(rng);
     std::printf("%s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
   }
