@@ -471,6 +471,84 @@ void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   if (ws) cudaFree(ws);
 }
 
+// Decode at 1M context, one query per sequence (the runtime's step): HCA window 128 + 8,192
+// entries through a block table of 8 entries per block (1,024 tokens), and CSA window 128 +
+// top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1).
+void time_1m(int H, int64_t B, bool hca) {
+  const int64_t T = B, W = 128, s_k = 8192, bs_w = 128, bs_c = hca ? 8 : 64;
+  auto pool = [](int64_t n, int64_t bs) {
+    void* d = nullptr;
+    CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    return d;
+  };
+  std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
+  std::vector<float> sink(H, 0.f);
+  std::vector<int32_t> win(T * W);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < W; ++k) win[t * W + k] = static_cast<int32_t>(t * W + k);
+  dsv4::SparseAttnParams p;
+  p.q = dev(q);
+  p.q_stride_token = H * D;
+  p.q_stride_head = D;
+  p.kv = pool(B * W, bs_w);
+  p.kv_stride = bs_w * dsv4::kModel1EntryBytes;
+  p.n_kv = B * W;
+  p.kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.kv_block_size = bs_w;
+  p.indices = dev(win);
+  p.indices_stride = W;
+  p.topk = W;
+  p.attn_sink = dev(sink);
+  p.softmax_scale = 1.f / std::sqrt(float(D));
+  const int64_t n_c = B * s_k;
+  p.extra_kv = pool(n_c, bs_c);
+  p.extra_kv_stride = bs_c * dsv4::kModel1EntryBytes;
+  p.n_extra_kv = n_c;
+  p.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.extra_block_size = bs_c;
+  std::vector<int32_t> eidx, table, rows, lens;
+  if (!hca) {
+    std::mt19937 r(7);
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(s_k) - 1);
+    eidx.resize(T * 512);
+    for (int64_t t = 0; t < T; ++t)
+      for (int i = 0; i < 512; ++i) eidx[t * 512 + i] = static_cast<int32_t>(t * s_k + pick(r));
+    p.extra_indices = dev(eidx);
+    p.extra_indices_stride = 512;
+    p.extra_topk = 512;
+  } else {
+    const int64_t mb = s_k / bs_c;
+    table.resize(B * mb);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < mb; ++j) table[b * mb + j] = static_cast<int32_t>(b * mb + (j * 37) % mb);
+    rows.resize(T);
+    lens.assign(T, static_cast<int32_t>(s_k));
+    for (int64_t t = 0; t < T; ++t) rows[t] = static_cast<int32_t>(t);
+    p.extra_block_table = dev(table);
+    p.extra_block_table_stride = mb;
+    p.extra_block_table_rows = B;
+    p.extra_max_blocks = static_cast<int>(mb);
+    p.extra_rows = dev(rows);
+    p.extra_topk = static_cast<int>(s_k);
+    p.extra_topk_length = dev(lens);
+  }
+  char what[96];
+  std::snprintf(what, sizeof(what), "1M %s h%d b%lld x1 (window 128 + %s)", hca ? "HCA" : "CSA", H,
+                (long long)B, hca ? "8192 entries" : "top-512");
+  time_pair(p, T, H, what);
+  cudaFree(const_cast<void*>(p.q));
+  cudaFree(const_cast<void*>(p.kv));
+  cudaFree(const_cast<void*>(p.extra_kv));
+  cudaFree(const_cast<int32_t*>(p.indices));
+  cudaFree(const_cast<float*>(p.attn_sink));
+  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
+  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
+  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
+  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
+  CHECK_CUDA(cudaGetLastError());
+}
+
 // FlashMLA's decode shapes: B sequences x 2 queries, window 128 (pages of 256), and either a
 // top-`etopk` list over the sequence's 16384 compressed entries (pages of 64) or (hca) the
 // sequence's first n_b <= 1024 compressed entries through a block table (pages of 2).
@@ -592,6 +670,8 @@ int main(int argc, char** argv) {
   ok &= run(64, 1, 1, 200, 4, fp8, rng);      // split-K path
   ok &= run(128, 2, 64, 1024, 8, fp8, rng);   // split-K path, 2 head tiles
   ok &= run(3, 5, 7, 150, 1, fp8, rng);       // 3 heads (a partial head tile)
+  ok &= run(64, 1, 8, 8192, 130, fp8, rng);   // 1M-context HCA shape: 130 splits of one block
+  ok &= run(3, 1, 8, 3000, 77, fp8, rng);     // many splits, 3 heads, a ragged last group
   if (fp8) {
     ok &= run(64, 3, 64, 1024, 1, fp8, rng, /*raw=*/true);
     ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);  // split-K, HCA pages of 2
@@ -607,6 +687,10 @@ int main(int argc, char** argv) {
     time_decode(128, 64, 1024, false, rng);
     time_decode(64, 128, 0, true, rng);
     time_decode(128, 128, 0, true, rng);
+    for (int64_t b : {1, 2, 4}) {
+      time_1m(64, b, true);
+      time_1m(64, b, false);
+    }
   }
   std::printf("%s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
