@@ -14,6 +14,9 @@
 //              shuffles). With QPC = 8 each warp owns a query and scores all 8 m-tiles of a
 //              tile; with QPC = 1 the 8 warps split the tile (2 m-tiles each). heads > 64:
 //              several head blocks, q reloaded from L1/L2 per m-tile.
+//              DSV4_INDEXER_WGMMA=1 (decode plans, head_dim 128, <= 128 heads, sm_90a):
+//              the same scan on wgmma instead, q in shared memory, 64 keys per MMA chain per
+//              warpgroup (section "wgmma scan" below).
 //   selection  each query has a candidate buffer of `cap` 64-bit ranks in shared memory,
 //              rank = ordered(score) << 32 | ~index (NaN is never inserted, -0.0 -> +0.0), so
 //              "higher rank" = higher score, then lower index: a total order. A candidate is
@@ -58,6 +61,7 @@
 #include <cstring>
 
 #include "cluster_ptx.cuh"
+#include "grouped_gemm_wgmma.cuh"
 #include "own_error.cuh"
 #include "zero_fill.cuh"
 
@@ -114,6 +118,14 @@ int merge_mode() {
   if (std::strcmp(e, "hist") == 0) return kMergeHist;
   if (std::strcmp(e, "legacy") == 0) return kMergeLegacy;
   return kMergeAuto;
+}
+
+// Decode scan on wgmma (kWg instances of indexer_topk_kernel): DSV4_INDEXER_WGMMA=1, read at
+// each call; anything else or unset: the mma.sync scan. Taken only where the plan allows it
+// (make_plan: sm_90, one query per CTA, head_dim 128, the 256-key decode tile, <= 128 heads).
+bool wgmma_requested() {
+  const char* e = std::getenv("DSV4_INDEXER_WGMMA");
+  return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
 // Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
@@ -600,14 +612,28 @@ __device__ __forceinline__ bool key_place(const Params& p, int row, int s, int64
   return id >= 0 && id < p.n_blocks;
 }
 
+// Byte offset of bf16 16-byte chunk c of key row r in a tile of TILE rows. kWgL false: rows of
+// 2D bytes, chunk c ^ (r & 7) (ldmatrix, conflict-free). kWgL true (the wgmma scan): wgmma's
+// K-major 128-byte-swizzle layout, the row's 64-column slices stored as separate [TILE][128 B]
+// arrays (slice c / 8), chunk (c % 8) ^ (r & 7) within the slice's 128-byte row; the tile must
+// start at a multiple of 1024 bytes (the swizzle follows address bits 4-6 ^ 7-9).
+template <int D, int TILE, bool kWgL>
+__device__ __forceinline__ int tile_chunk(int r, int c) {
+  if constexpr (kWgL) {
+    return (c >> 3) * (TILE * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+  } else {
+    return r * (D * 2) + ((c ^ (r & 7)) << 4);
+  }
+}
+
 // Loads keys [s_first, min(s_first + TILE, s_end)) of row `row` into a pipeline stage.
-// bf16: the XOR-swizzled bf16 tile itself. FP8: the raw e4m3 rows [TILE][D] followed by the
-// scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
-template <int D, int TILE, bool kFp8>
+// bf16: the swizzled bf16 tile itself (tile_chunk). FP8: the raw e4m3 rows [TILE][D] followed
+// by the scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
+template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
                                           int s_first, int s_end) {
   if constexpr (!kFp8) {
-    constexpr int NCH = D / 8, RB = D * 2;
+    constexpr int NCH = D / 8;
 #pragma unroll
     for (int u = 0; u < TILE * NCH / kThreads; ++u) {
       const int i = u * kThreads + static_cast<int>(threadIdx.x);
@@ -616,7 +642,7 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
       int64_t blk;
       int e;
       if (s < s_end && key_place(p, row, s, blk, e)) {
-        cp_async16(stage + r * RB + ((c ^ (r & 7)) << 4),
+        cp_async16(stage + tile_chunk<D, TILE, kWgL>(r, c),
                    p.keys + blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc + c * 8);
       }
     }
@@ -756,14 +782,195 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 }
 
 // ------------------------------------------------------------------------------------------
+// wgmma scan (kWg instances, DSV4_INDEXER_WGMMA=1): decode plans, one query per CTA
+// ------------------------------------------------------------------------------------------
+// The query's q (all head blocks, [64 heads][D] bf16 each) sits in shared memory once per CTA
+// as wgmma's operand B (N = 64 heads, K-major, 128-byte swizzle); each warpgroup (4 warps)
+// scores 64 keys per wgmma chain (operand A = the key tile in the same layout, M = 64 keys,
+// D / 16 k16 steps) into a 64 x 64 fp32 accumulator: 32 registers per thread holding the same
+// rows and heads as the 8 n-tiles of the mma.sync path (warp w4 of the warpgroup: rows
+// 16 w4 + g and + 8), so the epilogue (ReLU, weight, head sum, quad shuffles) is the same.
+// The PTX helpers (descriptor, fences, m64n64k16) are grouped_gemm_wgmma.cuh's; wgmma is
+// sm_90a-only device code (DSV4_GG_WGMMA), so other targets compile the kWg kernels as a trap
+// and the host plans them on compute capability 9.0 only.
+
+// Shared-memory bytes of one head block of q in the kWg scan (a multiple of 1024).
+constexpr int wg_q_block_bytes(int D) { return kHeadBlock * D * 2; }
+
+// q of query t (n_hb head blocks; heads >= H are 0) into q_s (1024-byte aligned) in the wgmma
+// layout (tile_chunk with 64 rows per head block), and its weights into w_all[n_hb * 64] (0 for
+// heads >= H). Whole CTA; 4-byte global loads (q's alignment contract). kPerm: each group of 4
+// values in the order (0, 2, 1, 3), as convert_fp8_tile_wg stores the keys.
+template <int D, bool kPerm>
+__device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsigned char* q_s,
+                                          float* w_all) {
+  constexpr int NCH = D / 8;
+  const __nv_bfloat16* qt = p.q + static_cast<int64_t>(t) * p.q_st;
+  for (int i = threadIdx.x; i < n_hb * kHeadBlock * NCH; i += kThreads) {
+    const int h = i / NCH, c = i % NCH;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h < p.H) {
+      const unsigned int* src =
+          reinterpret_cast<const unsigned int*>(qt + static_cast<int64_t>(h) * p.q_sh + c * 8);
+      v.x = __ldg(src);
+      v.y = __ldg(src + 1);
+      v.z = __ldg(src + 2);
+      v.w = __ldg(src + 3);
+      if (kPerm) {
+        v = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
+                       __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
+      }
+    }
+    const int hb = h / kHeadBlock, hr = h % kHeadBlock;
+    *reinterpret_cast<uint4*>(q_s + hb * wg_q_block_bytes(D) +
+                              tile_chunk<D, kHeadBlock, true>(hr, c)) = v;
+  }
+  const float* wt = p.w + static_cast<int64_t>(t) * p.w_st;
+  for (int h = threadIdx.x; h < n_hb * kHeadBlock; h += kThreads) {
+    w_all[h] = h < p.H ? __ldg(wt + h) : 0.f;
+  }
+}
+
+// FP8 keys, kWg: converts the e4m3 rows of a stage into the bf16 tile (wgmma layout) with
+// integer bit moves instead of convert_fp8_tile's per-value float path (~3 instead of ~8
+// instructions per value; the conversion is the FP8 scan's largest cost per key). For the e4m3
+// byte b in bits 8-15 of a 16-bit half, (b & 0x80) << 8 | (b & 0x7f) << 4 is the bf16 of
+// value(b) * 2^-120 exactly (e4m3 subnormals become bf16 subnormals); one bf16x2 multiply by
+// 2^120 (exact: a power of two, no overflow; PTX mul.bf16x2 keeps subnormals) restores it.
+// The bytes 1, 3 of a word are in place; bytes 0, 2 after a shift by 8, so each group of 4
+// values is stored in the order (0, 2, 1, 3): load_q_wg<D, true> permutes q the same way (the
+// dot product over D does not depend on the order of its terms, only the fp32 summation order
+// does). NaN codes (0x7f / 0xff, which the bit move would turn into 480) are patched to a bf16
+// NaN on a rare branch.
+template <int D, int TILE>
+__device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
+                                                    unsigned char* dst_tile) {
+  constexpr int NCH = D / 16;
+  for (int i = threadIdx.x; i < TILE * NCH; i += kThreads) {
+    const int r = i / NCH, c = i % NCH;
+    const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+    uint32_t nan_any = 0u;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      // a byte is a NaN code iff its low 7 bits are all ones: the + 1 carries into bit 7
+      nan_any |= ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+      const uint32_t e02 = w[k] << 8, e13 = w[k];  // bytes (0, 2) / (1, 3) in bits 8-15, 24-31
+      const uint32_t h02 = (e02 & 0x80008000u) | ((e02 & 0x7f007f00u) >> 4);
+      const uint32_t h13 = (e13 & 0x80008000u) | ((e13 & 0x7f007f00u) >> 4);
+      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k]) : "r"(h02), "r"(0x7b807b80u));
+      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k + 1]) : "r"(h13), "r"(0x7b807b80u));
+    }
+    if (nan_any != 0u) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t nb = ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+        o[2 * k] |= ((nb >> 7) & 0x00010001u) * 0x7fc0u;       // bytes 0, 2
+        o[2 * k + 1] |= ((nb >> 15) & 0x00010001u) * 0x7fc0u;  // bytes 1, 3
+      }
+    }
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c)) =
+        make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + 1)) =
+        make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
+// ReLU, weight and sum over this lane's 16 heads of a wgmma accumulator [64 keys][64 heads]
+// (acc[4 j + c]: head 8 j + 2 tq + (c & 1), row g for c < 2, g + 8 else), added to p0 / p1.
+// Heads >= hlim (padding: q = 0, weight 0) contribute exactly 0 even where 0 * inf gave NaN:
+// ReLU and the mask are one select (no branch: a branch here, between the wait for one wgmma
+// chain and the next chain's completion, makes ptxas serialise the wgmmas). For the real
+// heads the same operations in the same order as score_mtile's epilogue.
+__device__ __forceinline__ void head_sum_wg(const float (&acc)[32], const float* w_s, int tq,
+                                            int hlim, float& p0, float& p1) {
+  float e0[2] = {0.f, 0.f}, e1[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 w2 = *reinterpret_cast<const float2*>(w_s + nt * 8 + 2 * tq);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float wv = c ? w2.y : w2.x;
+      const bool pad = nt * 8 + 2 * tq + c >= hlim;
+      float x0 = acc[nt * 4 + c], x1 = acc[nt * 4 + 2 + c];
+      x0 = (x0 < 0.f || pad) ? 0.f : x0;  // ReLU that keeps NaN (as torch.relu)
+      x1 = (x1 < 0.f || pad) ? 0.f : x1;
+      e0[c] = fmaf(wv, x0, e0[c]);
+      e1[c] = fmaf(wv, x1, e1[c]);
+    }
+  }
+  p0 += e0[0] + e0[1];
+  p1 += e1[0] + e1[1];
+}
+
+// This warpgroup's (wg) m64 blocks wg + 2 i (i < MBW) of the key tile at `stage` (wgmma
+// layout): a[i] / b[i] = the lane's partial head sums of rows g / g + 8 of its warp's 16 rows
+// (before the quad shuffles), over all head blocks. The MBW wgmma chains of a head block are
+// issued back to back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
+// Blocks past the keys are scored too (stale rows; the caller drops their results): every
+// wgmma is issued by the whole warpgroup unconditionally.
+template <int D, int TILE>
+__device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const float* w_all,
+                                         int n_hb, int H, int wg, int tq,
+                                         float (&a)[TILE / 128], float (&b)[TILE / 128]) {
+  constexpr int MBW = TILE / 128;  // 64-key blocks per warpgroup and tile (2 warpgroups)
+  constexpr int KS = D / 16;
+  static_assert(MBW == 1 || MBW == 2, "wait_group depths below assume <= 2 chains");
+#pragma unroll
+  for (int i = 0; i < MBW; ++i) a[i] = b[i] = 0.f;
+#pragma unroll 1
+  for (int hb = 0; hb < n_hb; ++hb) {
+    float acc[MBW][32];
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
+    }
+    const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
+    gg::wgmma_fence();
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+      const uint32_t ab = stage + (wg + 2 * i) * 64 * 128;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
+                           gg::smem_desc(qb + (ks >> 2) * (kHeadBlock * 128) + (ks & 3) * 32));
+      }
+      gg::wgmma_commit();
+    }
+    const int hlim = H - hb * kHeadBlock;
+    const float* w_s = w_all + hb * kHeadBlock;
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+      if (i + 1 < MBW) {
+        gg::wgmma_wait_1();
+      } else {
+        gg::wgmma_wait_all();
+      }
+      gg::fence_regs(acc[i]);
+      head_sum_wg(acc[i], w_s, tq, hlim, a[i], b[i]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
 // kHist (decode, QPC 1): no candidate buffer; every visible entry's score key goes to
 // p.hs_keys and is counted in the query's histogram p.hs_hist (shared-memory bins first, then
 // one global atomic per non-empty bin); indexer_select_kernel does the selection.
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
+// kWg (decode, QPC 1): the scan on wgmma (section above); shared memory gains a pad to 1024
+// bytes at the start and q (n_hb head blocks) after the key tiles.
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
+  static_assert(!kWg || (QPC == 1 && TILE % 128 == 0), "the wgmma scan serves decode plans");
+#if defined(__CUDA_ARCH__) && !DSV4_GG_WGMMA
+  if constexpr (kWg) {
+    __trap();  // not sm_90a device code: no wgmma (the host plans kWg on sm_90 only)
+  }
+#endif
   constexpr int WPQ = kWarps / QPC;          // warps per query
   constexpr int NT = kThreads / QPC;         // threads per query
   constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
@@ -774,7 +981,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   constexpr int EXTRA_BYTES = kFp8 ? TILE_BYTES : 0;
   constexpr unsigned kAllDone = (1u << QPC) - 1u;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_dyn[];
   __shared__ int s_row[QPC], s_nv[QPC];
   __shared__ int s_flag;
   __shared__ __align__(16) float s_w[kWarps][kHeadBlock];  // each warp's copy of its weights
@@ -783,10 +990,16 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   const int qi = warp / WPQ, kw = warp % WPQ;
   const int gtid = tid - qi * NT;
   const int g_lane = lane >> 2, tq = lane & 3;
+  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
 
-  // Shared memory: [stages key tiles][FP8: bf16 tile][QState x QPC][hist 256 x QPC]
-  // [cand cap x QPC].
-  QState* const states = reinterpret_cast<QState*>(smem + p.stages * STAGE_BYTES + EXTRA_BYTES);
+  // Shared memory: [kWg: pad to 1024 B][stages key tiles][FP8: bf16 tile][kWg: q, n_hb head
+  // blocks][QState x QPC][hist 256 x QPC][cand cap x QPC]. (kWg: the stage and tile sizes are
+  // multiples of 1024 at TILE 256.)
+  unsigned char* const smem =
+      kWg ? smem_dyn + ((1024u - (smem_u32(smem_dyn) & 1023u)) & 1023u) : smem_dyn;
+  unsigned char* const q_wg = smem + p.stages * STAGE_BYTES + EXTRA_BYTES;
+  const int Q_BYTES = kWg ? n_hb * wg_q_block_bytes(D) : 0;
+  QState* const states = reinterpret_cast<QState*>(q_wg + Q_BYTES);
   int* const hists = reinterpret_cast<int*>(states + QPC);
   u64* const cands = reinterpret_cast<u64*>(hists + QPC * 256);
   QState* const st = states + qi;
@@ -835,10 +1048,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   unsigned done = 0;
 #pragma unroll
   for (int i = 0; i < QPC; ++i) done |= s_row[i] == -2 ? (1u << i) : 0u;
+  // kWg: values read from shared memory that steer the control flow around the wgmmas are
+  // taken through a shuffle, so that ptxas sees them warp-uniform (else it serialises the
+  // wgmmas: "divergent path"); they are CTA-uniform anyway (QPC 1: one query per CTA).
+  if constexpr (kWg) done = __shfl_sync(kFull, done, 0);
 
   uint32_t qf[D / 16][8][2];
   float* const w_s = s_w[warp];
-  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
+  float* const w_all = &s_w[0][0];  // kWg: the weights of all head blocks (<= 2, host)
 
   // Queries of the group that share a row are scored together (normally all of them).
   while (done != kAllDone) {
@@ -853,6 +1070,10 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         nv_max = s_nv[i] > nv_max ? s_nv[i] : nv_max;
       }
     }
+    if constexpr (kWg) {
+      active = __shfl_sync(kFull, active, 0);
+      nv_max = __shfl_sync(kFull, nv_max, 0);
+    }
     done |= active;
     const bool me = (active >> qi) & 1u;
 
@@ -866,59 +1087,61 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     const int s_begin = sb < nv_max ? static_cast<int>(sb) : nv_max;
     const int s_end = sb + L < nv_max ? static_cast<int>(sb + L) : nv_max;
     const int n_tiles = (s_end - s_begin + TILE - 1) / TILE;
-    const int my_nv = s_nv[qi];
+    const int my_nv = kWg ? __shfl_sync(kFull, s_nv[qi], 0) : s_nv[qi];
     const int hi = s_end < my_nv ? s_end : my_nv;  // this query's keys: [s_begin, hi)
 
     if (me && gtid == 0) {
       st->count = 0;
       st->thr = 0;
     }
-    if (me && n_hb == 1) load_q<D>(p, t, 0, lane, qf, w_s);
+    if constexpr (kWg) {
+      if (me) load_q_wg<D, kFp8>(p, t, n_hb, q_wg, w_all);
+      gg::fence_proxy_async();  // q visible to wgmma after the barrier
+    } else {
+      if (me && n_hb == 1) load_q<D>(p, t, 0, lane, qf, w_s);
+    }
     float scan_acc = 0.f;
     __syncthreads();
 
     // (lead_row is -1 only with nv_max == 0: no tile is loaded for it.)
     for (int s = 0; s < p.stages - 1; ++s) {
       if (s < n_tiles) {
-        load_tile<D, TILE, kFp8>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE, s_end);
+        load_tile<D, TILE, kFp8, kWg>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE,
+                                      s_end);
       }
       cp_async_commit();
     }
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait_dyn(p.stages - 2);
+      if constexpr (kWg && !kFp8) gg::fence_proxy_async();  // this thread's copies -> wgmma
       __syncthreads();  // tile `it` visible; stage (it-1) % stages free
       {
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
-          load_tile<D, TILE, kFp8>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
-                                   s_begin + nx * TILE, s_end);
+          load_tile<D, TILE, kFp8, kWg>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
+                                        s_begin + nx * TILE, s_end);
         }
         cp_async_commit();
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
       if constexpr (kFp8) {
-        convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+        if constexpr (kWg) {
+          convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+          gg::fence_proxy_async();  // this thread's stores -> wgmma
+        } else {
+          convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+        }
         __syncthreads();  // the bf16 tile is complete (the next top barrier frees it again)
       }
-      if (me) {
+      if (kWg || me) {  // (QPC 1: me)
         const uint32_t stage =
             kFp8 ? tiles + p.stages * STAGE_BYTES : tiles + (it % p.stages) * STAGE_BYTES;
         const int tile_s0 = s_begin + it * TILE;
         const u64 thr = kScanOnly ? 0ull : st->thr;
-#pragma unroll 1
-        for (int mi = 0; mi < MT; ++mi) {
-          const int m = kw + WPQ * mi;
-          const int s0 = tile_s0 + m * 16;
-          if (s0 >= hi) break;  // warp-uniform; later m-tiles start even further
-          float a = 0.f, b = 0.f;
-#pragma unroll 1
-          for (int hb = 0; hb < n_hb; ++hb) {
-            if (n_hb > 1) load_q<D>(p, t, hb, lane, qf, w_s);
-            const int hlim = p.H - hb * kHeadBlock;
-            if (hlim >= kHeadBlock) score_mtile<D, false>(stage, m, lane, qf, w_s, hlim, a, b);
-            else score_mtile<D, true>(stage, m, lane, qf, w_s, hlim, a, b);
-          }
+        // The 16 keys [s0, s0 + 16) of a warp: a / b = the lane's partial head sums of rows g /
+        // g + 8 (whole warp calls).
+        auto emit = [&](int s0, float a, float b) {
           a += __shfl_xor_sync(kFull, a, 1);
           a += __shfl_xor_sync(kFull, a, 2);
           b += __shfl_xor_sync(kFull, b, 1);
@@ -948,6 +1171,35 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
             u64 r = 0;
             const bool ok = in_range && make_rank(sc, s, r) && r >= thr;
             warp_append(ok, r, cand, st);
+          }
+        };
+        if constexpr (kWg) {
+          // warpgroup wg scores the tile's 64-key blocks wg, wg + 2 (TILE 256); warp w4 of
+          // it owns rows [16 w4, 16 w4 + 16) of each block
+          constexpr int MBW = TILE / 128;
+          const int wg = warp >> 2, w4 = warp & 3;
+          float a[MBW], b[MBW];
+          score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+#pragma unroll
+          for (int i = 0; i < MBW; ++i) {
+            const int s0 = tile_s0 + (wg + 2 * i) * 64 + w4 * 16;
+            if (s0 < hi) emit(s0, a[i], b[i]);  // warp-uniform
+          }
+        } else {
+#pragma unroll 1
+          for (int mi = 0; mi < MT; ++mi) {
+            const int m = kw + WPQ * mi;
+            const int s0 = tile_s0 + m * 16;
+            if (s0 >= hi) break;  // warp-uniform; later m-tiles start even further
+            float a = 0.f, b = 0.f;
+#pragma unroll 1
+            for (int hb = 0; hb < n_hb; ++hb) {
+              if (n_hb > 1) load_q<D>(p, t, hb, lane, qf, w_s);
+              const int hlim = p.H - hb * kHeadBlock;
+              if (hlim >= kHeadBlock) score_mtile<D, false>(stage, m, lane, qf, w_s, hlim, a, b);
+              else score_mtile<D, true>(stage, m, lane, qf, w_s, hlim, a, b);
+            }
+            emit(s0, a, b);
           }
         }
       }
@@ -1699,6 +1951,10 @@ struct Plan {
   size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
   // Histogram select (hist): the zeroed region [0, memset_bytes) holds the bins and counters.
   bool hist = false;
+  // wgmma scan (kWg kernels): chosen per call (DSV4_INDEXER_WGMMA=1 where eligible); its
+  // shared memory (q + alignment pad) is in smem, so it may have fewer stages / a smaller cap.
+  // Nothing of the workspace layout depends on it.
+  bool wg = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
   size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0;
@@ -1712,8 +1968,8 @@ bool args_ok(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk
          H <= INT_MAX / 2 && (D == 64 || D == 128) && topk >= 1 && topk <= kIndexerMaxTopk;
 }
 
-Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const DevInfo& di,
-               bool fp8) {
+Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk,
+               const DevInfo& di, bool fp8) {
   Plan pl;
   if (T <= 0) return pl;
   // Prefill-like calls (many queries per key row, consecutive in t): 8 queries per CTA share
@@ -1730,8 +1986,16 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   // Per stage: a bf16 tile, or FP8 rows + scales (plus one bf16 conversion tile, in `fixed`).
   const int64_t tile_bytes =
       fp8 ? static_cast<int64_t>(tile) * (D + 4) : static_cast<int64_t>(tile) * D * 2;
+  // wgmma scan: decode (QPC 1) with the 256-key tile at head_dim 128, <= 128 heads (q of
+  // both head blocks stays in shared memory), sm_90 (wgmma is sm_90a code).
+  pl.wg = wgmma_requested() && pl.qpc == 1 && tile == 256 && D == 128 && H <= 2 * kHeadBlock &&
+          di.cc_major == 9;
+  const int64_t wg_bytes =
+      pl.wg ? ((H + kHeadBlock - 1) / kHeadBlock) * static_cast<int64_t>(wg_q_block_bytes(128)) +
+                  1024
+            : 0;  // q + the pad that aligns the tiles to 1024 bytes
   const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int)) +
-                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0);
+                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0) + wg_bytes;
   const int64_t margin = 3072;  // static shared memory of the kernel (2.1 KB) + slack
   // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
   // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
@@ -1830,10 +2094,10 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   return pl;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
-  if (pl.tile != TILE) return cudaErrorInvalidValue;
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist>;
+  if (pl.tile != TILE || pl.wg != kWg) return cudaErrorInvalidValue;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
@@ -1915,7 +2179,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   DevInfo di;
   e = device_info(device, di);
   if (e != cudaSuccess) return e;
-  pl = make_plan(T, B, C, D, topk, di, fp8);
+  pl = make_plan(T, B, C, H, D, topk, di, fp8);
   if (!pl.ok) return cudaErrorInvalidValue;
   prm = Params{};
   prm.q = static_cast<const __nv_bfloat16*>(q);
@@ -1969,6 +2233,7 @@ cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cuda
     if constexpr (!kHist) {
       if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8, false>(prm, pl, stream);
     }
+    if (pl.wg) return launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist, true>(prm, pl, stream);
     return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8, kHist>(prm, pl, stream)
                           : launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist>(prm, pl, stream);
   }
@@ -2134,7 +2399,7 @@ size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capac
   if (!args_ok(tokens, batch, capacity, heads, head_dim, topk) || tokens == 0) return 0;
   DevInfo di;
   if (device_info(device, di) != cudaSuccess) return 0;
-  const Plan pl = make_plan(tokens, batch, capacity, head_dim, topk, di, fp8_keys);
+  const Plan pl = make_plan(tokens, batch, capacity, heads, head_dim, topk, di, fp8_keys);
   return pl.ok ? pl.ws_bytes : 0;
 }
 
@@ -2235,12 +2500,25 @@ int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t 
   DevInfo di;
   if (cudaGetDevice(&device) != cudaSuccess || device_info(device, di) != cudaSuccess) return 0;
   const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
-  const Plan pl = make_plan(tokens, keys.rows, C, head_dim, topk, di, fp8);
+  const Plan pl = make_plan(tokens, keys.rows, C, heads, head_dim, topk, di, fp8);
   if (!pl.ok) return 0;
   const bool any_keys = paged ? (keys.num_blocks > 0 && keys.block_size > 0)
                               : (keys.rows > 0 && C > 0);
   const int64_t c_eff = (keys.rows > 0 && any_keys) ? C : 0;
   return short_cluster_for(tokens, c_eff, heads, head_dim, fp8, pl.qpc, di, device);
+}
+
+bool indexer_topk_uses_wgmma(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                             int64_t head_dim, int64_t topk) {
+  const bool paged = keys.block_table != nullptr;
+  const int64_t C = paged ? keys.max_blocks * keys.block_size : keys.capacity;
+  if (!args_ok(tokens, keys.rows, C, heads, head_dim, topk) || tokens == 0) return false;
+  int device = 0;
+  DevInfo di;
+  if (cudaGetDevice(&device) != cudaSuccess || device_info(device, di) != cudaSuccess) return false;
+  const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
+  const Plan pl = make_plan(tokens, keys.rows, C, heads, head_dim, topk, di, fp8);
+  return pl.ok && pl.wg && indexer_topk_short_cluster(tokens, keys, heads, head_dim, topk) == 0;
 }
 
 cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,
