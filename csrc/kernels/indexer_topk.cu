@@ -49,6 +49,7 @@
 // differ from the fp32 PyTorch reference only by summation order.
 #include "dsv4/indexer_topk.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -106,9 +107,11 @@ constexpr int kShortRounds = 4;
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
 // (decode plans only), 3 "legacy": auto with the previous decode split size (make_plan) and
-// the previous decode selection tail (Params::fast_tail).
+// the previous decode selection tail (Params::fast_tail), 4 "coop": the plans of mode 2, with
+// the scan grid launched cooperatively where it can be co-resident and the selection finished
+// inside it (coop_select; else, or when the launch is refused, mode 2's two launches).
 // g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
-constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3;
+constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3, kMergeCoop = 4;
 int g_merge = -1;
 int merge_mode() {
   if (g_merge >= 0) return g_merge;
@@ -117,6 +120,7 @@ int merge_mode() {
   if (std::strcmp(e, "tree") == 0) return kMergeTree;
   if (std::strcmp(e, "hist") == 0) return kMergeHist;
   if (std::strcmp(e, "legacy") == 0) return kMergeLegacy;
+  if (std::strcmp(e, "coop") == 0) return kMergeCoop;
   return kMergeAuto;
 }
 
@@ -192,6 +196,9 @@ struct Params {
   u64* hs_win;          // [T][slot_stride] ranks of the keys above the boundary bin
   u64* hs_bnd;          // [T][kBoundaryCap] ranks of the boundary bin's keys
   int sel_cap;          // candidate buffer of the select kernel (entries)
+  // Set only in the copy of a cooperative launch (merge mode "coop"): the scan kernel of a
+  // kHist plan finishes the selection itself (coop_select) and no select kernel follows.
+  int coop;
   int T, H, B, C, topk;
   int n_groups, n_splits, fan1, n_l1;
   int slot_stride, cap, stages, min_chunk;
@@ -957,6 +964,11 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
+// Merge mode "coop" (Params::coop, a cooperative launch of a kHist plan): the selection after
+// the scan, inside the scan grid; defined with the histogram select below.
+__device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int big_cap,
+                            u64* cand, QState* st, int* hist);
+
 // kHist (decode, QPC 1): no candidate buffer; every visible entry's score key goes to
 // p.hs_keys and is counted in the query's histogram p.hs_hist (shared-memory bins first, then
 // one global atomic per non-empty bin); indexer_select_kernel does the selection.
@@ -1234,6 +1246,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       const unsigned c = hbins[i];
       if (c != 0u) atomicAdd(gh + i, c);
     }
+    // Cooperative launch: the key tiles are free now (every cp.async waited for) and hold the
+    // candidates of the final ranking; the candidate buffer (where hbins lived) serves the
+    // fallback select.
+    if (p.coop) {
+      coop_select(p, t, j, s_nv[0], reinterpret_cast<u64*>(smem),
+                  (p.stages * STAGE_BYTES + EXTRA_BYTES) / 8, cand, st, hist);
+    }
     return;
   }
   if constexpr (!kScanOnly) {
@@ -1299,39 +1318,15 @@ __device__ __forceinline__ void warp_append_global(bool ok, u64 rank, u64* list,
   if (ok && pos < limit) list[pos] = rank;
 }
 
-// Grid: T x n_splits CTAs (query t = blockIdx.x / n_splits, chunk c = blockIdx.x % n_splits).
-//  1. From the query's histogram (exact counts of its non-NaN visible keys per top-12-bit bin)
-//     every CTA finds the boundary bin b*: the bin holding the topk-th largest key; fewer than
-//     topk keys lie in bins above it. With at most topk keys in all, b* = -1 (all are kept).
-//  2. Each CTA reads its chunk of the query's keys: keys in bins above b* are winners (fewer
-//     than topk in all: the list hs_win), keys in bin b* are boundary candidates (hs_bnd, up to
-//     kBoundaryCap of them), keys below b* cannot be selected.
-//  3. The last CTA of the query (arrival counter) loads the winners and the boundary
-//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
-//     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
-//     it streams all of the query's keys instead, keeping those of bin b* with the same select
-//     (exact as well, one CTA reading 4 B per entry).
-// Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
-__global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
+// Step 1 of the histogram select (whole CTA): the boundary bin b* of query t from its histogram
+// (exact counts of its non-NaN visible keys per top-12-bit bin), the bin holding the topk-th
+// largest key; fewer than topk keys lie in bins above it. With at most topk keys in all, -1
+// (every key is kept). s_wsum [kWarps], s_bstar: shared scratch.
+__device__ int hist_boundary(const Params& p, int t, int* s_wsum, int* s_bstar) {
   static_assert(kHistBins == kThreads * 16, "16 bins per thread");
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int s_wsum[kWarps];
-  __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
-  QState* const st = reinterpret_cast<QState*>(smem);
-  int* const hist = reinterpret_cast<int*>(st + 1);
-  u64* const cand = reinterpret_cast<u64*>(hist + 256);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
-  // and its histogram / keys are visible (returns at once for a plain launch).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t = static_cast<int>(blockIdx.x / p.n_splits);
-  const int c = static_cast<int>(blockIdx.x % p.n_splits);
   const int k = p.topk;
-
-  // 1. the boundary bin: thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins.
+  // thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins
   const uint32_t* hq = p.hs_hist + static_cast<int64_t>(t) * kHistBins + tid * 16;
   int h[16];
   int tot = 0;
@@ -1347,7 +1342,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
     if (lane + off < 32) incl += v;
   }
   if (lane == 0) s_wsum[warp] = incl;
-  if (tid == 0) s_bstar = -1;  // kept when every key is kept (total <= topk)
+  if (tid == 0) *s_bstar = -1;  // kept when every key is kept (total <= topk)
   __syncthreads();
   int above = incl - tot, total = 0;
 #pragma unroll
@@ -1360,17 +1355,21 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
 #pragma unroll
     for (int e = 15; e >= 0; --e) {
       if (cum + h[e] >= k) {
-        s_bstar = tid * 16 + e;
+        *s_bstar = tid * 16 + e;
         break;
       }
       cum += h[e];
     }
   }
   __syncthreads();
-  const int bstar = s_bstar;
+  return *s_bstar;
+}
 
-  // 2. this CTA's chunk of the query's keys
-  const int nv = __ldcg(p.hs_nv + t);
+// Step 2 (whole CTA): chunk c of the n_splits chunks of query t's nv keys; keys in bins above
+// bstar go to the winners (fewer than topk in all: the list hs_win), keys in bin bstar to the
+// boundary candidates (hs_bnd, up to kBoundaryCap of them; hs_nbnd counts them all).
+__device__ void hist_gather(const Params& p, int t, int c, int nv, int bstar) {
+  const int tid = threadIdx.x;
   const int64_t chunk = (static_cast<int64_t>(nv) + p.n_splits - 1) / p.n_splits;
   const int64_t s0 = std::min<int64_t>(static_cast<int64_t>(c) * chunk, nv);
   const int64_t s1 = std::min<int64_t>(s0 + chunk, nv);
@@ -1393,6 +1392,45 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       warp_append_global(v[u] != 0u && bin == bstar, r, bnd, p.hs_nbnd + t, kBoundaryCap);
     }
   }
+}
+
+// Grid: T x n_splits CTAs (query t = blockIdx.x / n_splits, chunk c = blockIdx.x % n_splits).
+//  1. From the query's histogram every CTA finds the boundary bin b* (hist_boundary).
+//  2. Each CTA reads its chunk of the query's keys: winners and boundary candidates
+//     (hist_gather); keys below b* cannot be selected.
+//  3. The last CTA of the query (arrival counter) loads the winners and the boundary
+//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
+//     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
+//     it streams all of the query's keys instead, keeping those of bin b* with the same select
+//     (exact as well, one CTA reading 4 B per entry).
+// Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
+__global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_wsum[kWarps];
+  __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
+  QState* const st = reinterpret_cast<QState*>(smem);
+  int* const hist = reinterpret_cast<int*>(st + 1);
+  u64* const cand = reinterpret_cast<u64*>(hist + 256);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
+  // and its histogram / keys are visible (returns at once for a plain launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+
+  const int tid = threadIdx.x;
+  const int t = static_cast<int>(blockIdx.x / p.n_splits);
+  const int c = static_cast<int>(blockIdx.x % p.n_splits);
+  const int k = p.topk;
+
+  // 1. the boundary bin
+  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+
+  // 2. this CTA's chunk of the query's keys
+  const int nv = __ldcg(p.hs_nv + t);
+  hist_gather(p, t, c, nv, bstar);
+  const uint32_t* keys = p.hs_keys + static_cast<int64_t>(t) * p.hs_key_stride;
+  u64* const win = p.hs_win + static_cast<int64_t>(t) * p.slot_stride;
+  u64* const bnd = p.hs_bnd + static_cast<int64_t>(t) * kBoundaryCap;
 
   // 3. the last CTA of the query selects
   __threadfence();
@@ -1439,6 +1477,118 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       __syncthreads();
       if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
     }
+  }
+  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
+  const int n = st->count < k ? st->count : k;
+  sort_desc<1>(cand, n, tid, 0, p.fast_tail);
+  write_indices<1>(p, cand, n, t, tid);
+}
+
+// Merge mode "coop": the selection of a kHist plan inside the scan grid, launched
+// cooperatively (all T x n_splits CTAs co-resident; query t, chunk j = this CTA's split). After
+// the scan every CTA has added its histogram to the query's (and written its score keys):
+//   1. grid barrier; every CTA finds b* (hist_boundary) and gathers the winners and boundary
+//      candidates of its chunk (hist_gather), as the select kernel's CTAs do;
+//   2. grid barrier; every CTA loads all n = n_win + n_bnd candidates (n_win < topk, plus bin b*:
+//      typically topk + a few hundred) into `big` (the free key tiles, big_cap entries) and
+//      ranks its 1/n_splits slice of them: position = the number of larger ranks (ranks are
+//      distinct, so the positions of the n candidates are a permutation of [0, n)); a candidate
+//      at position < topk writes its index there, and the CTAs pad [min(n, topk), topk) with -1.
+//      The output equals the sorted top-k of the two-launch path exactly (same ranks, same
+//      total order), with no select, no sort and no last-CTA step.
+//   3. Bin b* too full (more than kBoundaryCap keys, or n > big_cap): the query's CTA j = 0 runs
+//      the select kernel's fallback on its own candidate buffer `cand` (p.cap entries, >= topk +
+//      kThreads * kSelUnroll): the winners, then the boundary list or (overflow) a scan of all
+//      of the query's keys for bin b*, compacted with select_topk whenever the buffer could
+//      overflow, then sort_desc and write_indices.
+// The grid barriers are cooperative groups' (no workspace counters; the launch guarantees
+// co-residency, and every CTA of the grid reaches both barriers).
+__device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int big_cap,
+                            u64* cand, QState* st, int* hist) {
+  namespace cg = cooperative_groups;
+  __shared__ int s_wsum[kWarps];
+  __shared__ int s_bstar, s_nwin, s_nbnd;
+  const int tid = threadIdx.x;
+  const int k = p.topk;
+  cg::grid_group grid = cg::this_grid();
+  grid.sync();  // every CTA's histogram counts and score keys are in
+  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+  hist_gather(p, t, j, nv, bstar);
+  grid.sync();  // every CTA's winners and boundary candidates are in
+  if (tid == 0) {
+    const int nw = __ldcg(p.hs_nwin + t);
+    s_nwin = nw < p.slot_stride ? nw : p.slot_stride;  // (nw < topk by construction)
+    s_nbnd = __ldcg(p.hs_nbnd + t);
+  }
+  __syncthreads();
+  const int n_win = s_nwin, n_bnd = s_nbnd;
+  const u64* const win = p.hs_win + static_cast<int64_t>(t) * p.slot_stride;
+  const u64* const bnd = p.hs_bnd + static_cast<int64_t>(t) * kBoundaryCap;
+  int32_t* const o = p.out + static_cast<int64_t>(t) * p.out_st;
+
+  if (n_bnd <= kBoundaryCap && n_win + n_bnd <= big_cap) {
+    const int n = n_win + n_bnd;
+    for (int i = tid; i < n; i += kThreads) {
+      big[i] = i < n_win ? __ldcg(win + i) : __ldcg(bnd + (i - n_win));
+    }
+    __syncthreads();
+    // this CTA's slice [i0, i0 + n_my); tpi threads per candidate (a power of two <= 32, each
+    // scans n / tpi ranks; consecutive lanes of a group read consecutive ranks)
+    const int per = (n + p.n_splits - 1) / p.n_splits;
+    const int i0 = j * per < n ? j * per : n;
+    const int n_my = (i0 + per < n ? i0 + per : n) - i0;
+    int tpi = 32;
+    while (tpi > 1 && tpi * n_my > kThreads) tpi >>= 1;
+    const int groups = kThreads / tpi;
+    const int part = tid & (tpi - 1), grp = tid / tpi;
+    for (int base = 0; base < n_my; base += groups) {  // CTA-uniform trip count
+      const int item = base + grp;
+      const u64 mine = item < n_my ? big[i0 + item] : ~0ull;
+      int cnt = 0;
+#pragma unroll 4
+      for (int m = part; m < n; m += tpi) cnt += big[m] > mine ? 1 : 0;
+      for (int off = 1; off < tpi; off <<= 1) cnt += __shfl_xor_sync(kFull, cnt, off);
+      if (item < n_my && part == 0 && cnt < k) o[cnt] = rank_index(mine);
+    }
+    const int n_out = n < k ? n : k;
+    for (int i = n_out + j * kThreads + tid; i < k; i += p.n_splits * kThreads) o[i] = -1;
+    return;
+  }
+
+  // Fallback: one CTA per query selects as the select kernel's last CTA does.
+  if (j != 0) return;
+  if (tid == 0) {
+    st->count = n_win;
+    st->thr = 0;
+  }
+  for (int i = tid; i < n_win; i += kThreads) cand[i] = __ldcg(win + i);
+  __syncthreads();
+  const bool all_keys = n_bnd > kBoundaryCap;  // the list is incomplete: scan every key
+  const int64_t n_src = all_keys ? nv : n_bnd;
+  const uint32_t* const keys = p.hs_keys + static_cast<int64_t>(t) * p.hs_key_stride;
+  constexpr int kRound = kThreads * kSelUnroll;
+  for (int64_t base = 0; base < n_src; base += kRound) {
+    const u64 thr = st->thr;
+    u64 r[kSelUnroll];
+    bool ok[kSelUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) {
+      const int64_t s = base + u * kThreads + tid;
+      if (all_keys) {
+        const uint32_t v = s < n_src ? __ldcg(keys + s) : 0u;
+        r[u] = key_rank(v, static_cast<int>(s));
+        ok[u] = v != 0u && static_cast<int>(v >> kHistShift) == bstar && r[u] >= thr;
+      } else {
+        r[u] = s < n_src ? __ldcg(bnd + s) : 0ull;
+        ok[u] = s < n_src && r[u] >= thr;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) warp_append(ok[u], r[u], cand, st);
+    __syncthreads();
+    const int now = st->count;
+    __syncthreads();
+    if (now > p.cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   }
   if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   const int n = st->count < k ? st->count : k;
@@ -2046,7 +2196,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
   if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
   pl.slot_stride = static_cast<int>(round_up(topk, 16));
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
-            (mode == kMergeHist ||
+            (mode == kMergeHist || mode == kMergeCoop ||
              ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
@@ -2094,6 +2244,99 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
   return pl;
 }
 
+// Merge mode "coop": devices where a cooperative launch of a scan kernel was refused with
+// cudaErrorCooperativeLaunchTooLarge although the occupancy query allowed its grid (the context
+// may own fewer SMs than the device, e.g. under MPS or a green context): later calls take the
+// two-launch path at once.
+std::atomic<bool> g_coop_refused[64];  // static storage: false at start
+// Merge mode "coop" calls that launched cooperatively / took the two launches instead
+// (indexer_topk_coop_counts, a test aid).
+std::atomic<long long> g_coop_launched{0}, g_coop_declined{0};
+
+// CTAs of kernel `kern` with `smem` bytes of dynamic shared memory that `device` holds at once
+// (0: no cooperative launch there, or a query failed). Per kernel instance (Tag) and device,
+// the last successful answer is cached with its smem (a plan of another topk may use another
+// size): (smem << 20 | count + 1), 0 = not known. A failed query clears its own error
+// (own_error.cuh) and is asked again at the next call; none is made while the caller has an
+// error pending.
+template <class Tag>
+int coop_capacity(const void* kern, int device, size_t smem, int sms) {
+  static std::atomic<long long> cache[64];
+  if (device < 0 || device >= 64 || g_coop_refused[device].load(std::memory_order_relaxed))
+    return 0;
+  const long long known = cache[device].load(std::memory_order_relaxed);
+  if (known != 0 && static_cast<size_t>(known >> 20) == smem) {
+    return static_cast<int>((known & 0xfffff) - 1);
+  }
+  if (error_pending()) return 0;
+  int coop = 0, per_sm = 0;
+  cudaError_t e = test_refusal() == TestRefusal::kQuery
+                      ? refused_for_test()
+                      : cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (e == cudaSuccess && coop != 0) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem);
+  }
+  if (e != cudaSuccess) {
+    clear_own_error(e);
+    return 0;
+  }
+  long long n = coop != 0 && per_sm > 0 ? static_cast<long long>(per_sm) * sms : 0;
+  n = n < 0xffffe ? n : 0xffffe;
+  cache[device].store((static_cast<long long>(smem) << 20) | (n + 1), std::memory_order_relaxed);
+  return static_cast<int>(n);
+}
+
+// The cooperative launch of a kHist scan kernel that finishes its own selection (Params::coop,
+// coop_select), when the grid fits on the device at once. launched = false: no launch was
+// made or it was refused (its own error cleared): the caller takes the two-launch path;
+// launched = true: the launch's result is returned (an error is the caller's).
+template <class Tag, class Kern>
+cudaError_t launch_coop(Kern kern, const Params& prm, const Plan& pl, int64_t grid,
+                        cudaStream_t stream, bool& launched) {
+  launched = false;
+  g_coop_declined.fetch_add(1, std::memory_order_relaxed);  // (taken back below if launched)
+  if (error_pending()) return cudaSuccess;  // the caller's error stays; no call that can fail
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  DevInfo di;
+  if (e == cudaSuccess) e = device_info(device, di);
+  if (e != cudaSuccess) {
+    clear_own_error(e);
+    return cudaSuccess;
+  }
+  const int cap = coop_capacity<Tag>(reinterpret_cast<const void*>(kern), device, pl.smem, di.sms);
+  if (grid > cap) return cudaSuccess;
+  Params cp = prm;
+  cp.coop = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = pl.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // DSV4_TEST_REFUSE=launch (test only, own_error.cuh): refused as by the runtime
+  e = test_refusal() == TestRefusal::kLaunch ? refused_for_test()
+                                             : cudaLaunchKernelEx(&cfg, kern, cp);
+  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported ||
+      e == cudaErrorInvalidValue) {
+    // nothing ran; its own error (nothing was pending before it)
+    clear_own_error(e);
+    if (e == cudaErrorCooperativeLaunchTooLarge && device >= 0 && device < 64)
+      g_coop_refused[device].store(true, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  launched = true;
+  if (e == cudaSuccess) {
+    g_coop_declined.fetch_sub(1, std::memory_order_relaxed);
+    g_coop_launched.fetch_add(1, std::memory_order_relaxed);
+  }
+  return e;
+}
+
 template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
   if (pl.tile != TILE || pl.wg != kWg) return cudaErrorInvalidValue;
@@ -2103,6 +2346,14 @@ cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream
   if (e != cudaSuccess) return e;
   const int64_t grid = static_cast<int64_t>(pl.n_groups) * pl.n_splits;
   if (grid > INT_MAX) return cudaErrorInvalidValue;
+  if constexpr (kHist) {
+    if (merge_mode() == kMergeCoop) {  // one cooperative launch, else the two launches below
+      struct Tag {};
+      bool launched = false;
+      e = launch_coop<Tag>(kern, prm, pl, grid, stream, launched);
+      if (launched) return e;
+    }
+  }
   kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
   e = cudaGetLastError();
   if (e != cudaSuccess || !kHist) return e;
@@ -2391,7 +2642,12 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
   g_stages = stages;
 }
 
-void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 3 ? mode : -1; }
+void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 4 ? mode : -1; }
+
+void indexer_topk_coop_counts(long long* launched, long long* declined) {
+  if (launched != nullptr) *launched = g_coop_launched.load(std::memory_order_relaxed);
+  if (declined != nullptr) *declined = g_coop_declined.load(std::memory_order_relaxed);
+}
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
                                     int64_t heads, int64_t head_dim, int64_t topk, int device,

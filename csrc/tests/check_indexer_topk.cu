@@ -24,6 +24,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dsv4/indexer_topk.h"
@@ -1249,6 +1250,52 @@ bool refusal_suite(std::mt19937& rng) {
     d.free_all();
   }
   unsetenv("DSV4_TEST_REFUSE");
+
+  // D: merge mode "coop" (short path off): the cooperative launch's occupancy query refused
+  // (nothing cached yet: the two launches run), then the default (the cooperative launch runs),
+  // then the cooperative launch refused (DSV4_TEST_REFUSE=launch: the two launches run): the
+  // same indices each time, and the counters say which path ran.
+  dsv4::indexer_topk_set_merge(4);
+  std::printf("-- merge coop, short path off: DSV4_TEST_REFUSE=query (no cooperative query cached "
+              "yet), then unset, then launch\n");
+  auto counts = [] {
+    long long l = 0, dcl = 0;
+    dsv4::indexer_topk_coop_counts(&l, &dcl);
+    return std::make_pair(l, dcl);
+  };
+  auto expect_path = [&](const Problem& p, const char* phase, std::pair<long long, long long> before,
+                         bool coop) {
+    const auto after = counts();
+    const bool good = coop ? (after.first > before.first && after.second == before.second)
+                           : (after.first == before.first && after.second > before.second);
+    std::printf("%s coop counters: %-30s %-34s launched +%lld, declined +%lld (expected %s)\n",
+                good ? "ok  " : "FAIL", phase, p.name.c_str(), after.first - before.first,
+                after.second - before.second, good ? "so" : coop ? "the cooperative launch" : "two launches");
+    return good;
+  };
+  std::vector<DeviceBufs> hd;
+  std::vector<IdxRun> qref(hp.size());
+  for (const Problem& p : hp) hd.push_back(upload(p));
+  setenv("DSV4_TEST_REFUSE", "query", 1);
+  for (size_t i = 0; i < hp.size(); ++i) {
+    const auto c0 = counts();
+    ok &= refusal_call(hp[i], hd[i], "coop query refused:", "split", true, nullptr, &qref[i]);
+    ok &= expect_path(hp[i], "coop query refused:", c0, false);
+  }
+  for (size_t i = 0; i < hp.size(); ++i) {
+    unsetenv("DSV4_TEST_REFUSE");
+    auto c0 = counts();
+    IdxRun def;
+    ok &= refusal_call(hp[i], hd[i], "coop default:", "split", true, &qref[i], &def);
+    ok &= expect_path(hp[i], "coop default:", c0, true);
+    setenv("DSV4_TEST_REFUSE", "launch", 1);
+    c0 = counts();
+    ok &= refusal_call(hp[i], hd[i], "coop launch refused:", "split", false, &def, nullptr);
+    ok &= expect_path(hp[i], "coop launch refused:", c0, false);
+    ok &= pending_kept(hp[i], hd[i], "coop launch refused:");
+  }
+  unsetenv("DSV4_TEST_REFUSE");
+  for (auto& d : hd) d.free_all();
   unsetenv("DSV4_INDEXER_TOPK_SHORT");
   dsv4::indexer_topk_set_merge(0);
   return ok;
@@ -1465,6 +1512,34 @@ bool bench_wgmma() {
   return ok;
 }
 
+// --suites M: every correctness suite under merge mode M alone (0 auto: the short path where
+// eligible; other modes: the split path), with the number of cooperative launches made and
+// declined (mode 4).
+bool merge_suites(int mode, std::mt19937& rng) {
+  static const char* const names[] = {"auto", "tree", "hist", "legacy", "coop"};
+  dsv4::indexer_topk_set_merge(mode);
+  long long l0 = 0, d0 = 0;
+  dsv4::indexer_topk_coop_counts(&l0, &d0);
+  std::printf("-- merge %s: correctness suite\n", names[mode]);
+  bool ok = correctness_suite(rng);
+  std::printf("-- merge %s: long decode\n", names[mode]);
+  ok &= long_decode_suite(rng);
+  std::printf("-- merge %s: short decode\n", names[mode]);
+  ok &= short_decode_suite(rng);
+  std::printf("-- merge %s: short-row path cases (dense / paged / FP8)\n", names[mode]);
+  ok &= short_path_suite(rng, mode == 0 ? 1 : 0);
+  long long l1 = 0, d1 = 0;
+  dsv4::indexer_topk_coop_counts(&l1, &d1);
+  std::printf("COOP counters (merge %s): %lld cooperative launches, %lld declined\n", names[mode],
+              l1 - l0, d1 - d0);
+  if (mode == 4 && l1 == l0) {
+    std::printf("FAIL merge coop: no cooperative launch ran\n");
+    ok = false;
+  }
+  dsv4::indexer_topk_set_merge(0);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1483,6 +1558,58 @@ int main(int argc, char** argv) {
     std::printf("%s\n", rok ? "PASS" : "FAIL");
     return rok ? 0 : 1;
   }
+  // --suites M: the correctness suites under merge mode M (0-4) alone
+  if (argc > 2 && std::string(argv[1]) == "--suites") {
+    const int mode = std::atoi(argv[2]);
+    if (mode < 0 || mode > 4) {
+      std::printf("usage: --suites M, merge mode M in 0-4\n");
+      return 2;
+    }
+    const bool sok = merge_suites(mode, rng);
+    std::printf("%s\n", sok ? "PASS" : "FAIL");
+    return sok ? 0 : 1;
+  }
+  // --bench-coop: merge coop vs hist vs tree, same process, cold L2 (decode, topk 512)
+  if (argc > 1 && std::string(argv[1]) == "--bench-coop") {
+    void* flush = nullptr;
+    const size_t flush_bytes = 256ull << 20;
+    CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+    bool bok = true;
+    const int cases[][2] = {{1, 262144}, {2, 262144}, {4, 262144}, {7, 262144}, {1, 32768}};
+    std::vector<std::string> summary;
+    for (const auto& c : cases) {
+      const int b = c[0], n = c[1];
+      double full[3] = {0, 0, 0}, scan[3] = {0, 0, 0};
+      const int modes[3] = {4, 2, 1};
+      long long l0 = 0, l1 = 0;
+      for (int m = 0; m < 3; ++m) {
+        dsv4::indexer_topk_set_merge(modes[m]);
+        if (m == 0) dsv4::indexer_topk_coop_counts(&l0, nullptr);
+        // CPU checks cost ~1 s per 1M row: query 0 under coop (and b = 1 rows everywhere)
+        std::vector<int> ts;
+        if (m == 0 || n < 262144) ts = {0};
+        if (m == 0 && b > 1 && n < 262144) ts.push_back(b - 1);
+        bok &= bench_case(m == 0 ? "coop" : m == 1 ? "hist" : "tree", b, b, n, 512, false, 20, ts,
+                          flush, flush_bytes, 0, &full[m], &scan[m]);
+        if (m == 0) dsv4::indexer_topk_coop_counts(&l1, nullptr);
+      }
+      char buf[320];
+      std::snprintf(buf, sizeof(buf),
+                    "COOP b=%d N=%-6d k=512  coop %6.1f us  hist %6.1f us  tree %6.1f us  "
+                    "scan-only %5.1f us  coop/hist %.2f  after-scan: coop %5.1f hist %5.1f us  "
+                    "[%s]",
+                    b, n, full[0], full[1], full[2], scan[1], full[0] / full[1],
+                    full[0] - scan[1], full[1] - scan[1],
+                    l1 > l0 ? "cooperative launch" : "COOP NOT LAUNCHED");
+      if (l1 == l0) bok = false;
+      summary.push_back(buf);
+    }
+    dsv4::indexer_topk_set_merge(0);
+    for (const auto& l : summary) std::printf("%s\n", l.c_str());
+    CHECK_CUDA(cudaFree(flush));
+    std::printf("%s\n", bok ? "PASS" : "FAIL");
+    return bok ? 0 : 1;
+  }
   // --decode-suites: every decode case under the current environment (DSV4_INDEXER_WGMMA=1:
   // the wgmma scan); --bench-wgmma: the wgmma scan against the default, same process
   if (argc > 1 && std::string(argv[1]) == "--decode-suites") {
@@ -1496,13 +1623,13 @@ int main(int argc, char** argv) {
     return bok ? 0 : 1;
   }
   // --bench-one T N k [merge]: one decode bench case alone (a profiler's target, e.g.
-  // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy.
+  // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy, 4 coop.
   // DSV4_INDEXER_WGMMA=1 in the environment: the wgmma scan where eligible (the TIME line's
   // kind says "wgmma" then).
   if (argc > 4 && std::string(argv[1]) == "--bench-one") {
     const int T = std::atoi(argv[2]), N = std::atoi(argv[3]), k = std::atoi(argv[4]);
     if (T < 1 || N < 1 || k < 1) {
-      std::printf("usage: --bench-one T N k [merge 0-3], each of T, N, k >= 1\n");
+      std::printf("usage: --bench-one T N k [merge 0-4], each of T, N, k >= 1\n");
       return 2;
     }
     dsv4::indexer_topk_set_merge(argc > 5 ? std::atoi(argv[5]) : 0);
@@ -1530,13 +1657,17 @@ int main(int argc, char** argv) {
   std::printf("-- merge: histogram select for every split decode plan\n");
   dsv4::indexer_topk_set_merge(2);
   ok &= correctness_suite(rng);
+  std::printf("-- merge: coop (histogram select inside a cooperative scan grid)\n");
+  dsv4::indexer_topk_set_merge(4);
+  ok &= correctness_suite(rng);
+  ok &= long_decode_suite(rng);
   // The same cases with the alternative decode tile (128 keys per stage, 4 stages).
   std::printf("-- decode tile 128 (tuning variant), merge: histogram select\n");
   dsv4::indexer_topk_set_tuning(128, 0);
   ok &= correctness_suite(rng);
   dsv4::indexer_topk_set_tuning(0, 0);
-  for (int mode : {0, 1, 2, 3}) {
-    static const char* const names[] = {"auto", "tree", "hist", "legacy"};
+  for (int mode : {0, 1, 2, 3, 4}) {
+    static const char* const names[] = {"auto", "tree", "hist", "legacy", "coop"};
     std::printf("-- short decode, merge: %s\n", names[mode]);
     dsv4::indexer_topk_set_merge(mode);
     ok &= short_decode_suite(rng);
