@@ -1319,18 +1319,55 @@ bool decode_suites(std::mt19937& rng) {
               "scan: %s)\n",
               e != nullptr ? e : "(unset)",
               dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512) ? "yes" : "no");
+  // DSV4_INDEXER_WGMMA=1 but the plan does not take the wgmma scan: every case below would
+  // pass on the mma.sync scan, so say so instead of passing vacuously
+  const bool want_wg = e != nullptr && std::strcmp(e, "1") == 0;
+  bool ok = true;
+  if (want_wg && !dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512)) {
+    std::printf("FAIL DSV4_INDEXER_WGMMA=1 but a 1M bf16 decode call does not take the wgmma scan\n");
+    ok = false;
+  }
   dsv4::indexer_topk_set_merge(0);
   std::printf("-- merge: auto\n");
-  bool ok = correctness_suite(rng);
+  ok &= correctness_suite(rng);
   ok &= long_decode_suite(rng);
   std::printf("-- merge: tree\n");
   dsv4::indexer_topk_set_merge(1);
   ok &= long_decode_suite(rng);
   dsv4::indexer_topk_set_merge(0);
   setenv("DSV4_INDEXER_TOPK_SHORT", "0", 1);
+  // FP8 keys with more than 64 heads (two head blocks of the permuted q), dense and paged
+  auto fp8_two_head_blocks = [&rng] {
+    bool r = true;
+    StoreSpec f8;
+    f8.fp8 = true;
+    Problem p = make_problem("fp8 dense heads=100 split", 3, 3, 5000, 100, 128, 512, true, rng);
+    p.rows = {2, 0, 1};
+    p.nv = {5000, 2345, 129};
+    r &= run_spec(p, f8, rng, false, 0);
+    f8.paged = true;
+    f8.hide_every = 5;
+    Problem p2 = make_problem("fp8 paged heads=128 split", 2, 2, 4096, 128, 128, 256, true, rng);
+    p2.nv = {4096, 3001};
+    r &= run_spec(p2, f8, rng, false, 0);
+    return r;
+  };
   std::printf("-- short-row cases on the split path (DSV4_INDEXER_TOPK_SHORT=0), merge auto\n");
   ok &= short_decode_suite(rng);
   ok &= short_path_suite(rng, 0);
+  ok &= fp8_two_head_blocks();
+  // the same cases with the selection inside a cooperative scan grid (merge coop; under
+  // DSV4_INDEXER_WGMMA=1 its candidates reuse the key tiles while q stays in shared memory)
+  std::printf("-- short-row cases on the split path, merge coop\n");
+  long long l0 = 0, l1 = 0;
+  dsv4::indexer_topk_coop_counts(&l0, nullptr);
+  dsv4::indexer_topk_set_merge(4);
+  ok &= short_path_suite(rng, 0);
+  ok &= fp8_two_head_blocks();
+  dsv4::indexer_topk_set_merge(0);
+  dsv4::indexer_topk_coop_counts(&l1, nullptr);
+  std::printf("%s merge coop: %lld cooperative launches\n", l1 > l0 ? "ok  " : "FAIL", l1 - l0);
+  ok &= l1 > l0;
   unsetenv("DSV4_INDEXER_TOPK_SHORT");
   return ok;
 }
