@@ -14,6 +14,9 @@
 //              shuffles). With QPC = 8 each warp owns a query and scores all 8 m-tiles of a
 //              tile; with QPC = 1 the 8 warps split the tile (2 m-tiles each). heads > 64:
 //              several head blocks, q reloaded from L1/L2 per m-tile.
+//              DSV4_INDEXER_WGMMA=1 (decode plans, head_dim 128, <= 128 heads, sm_90a):
+//              the same scan on wgmma instead, q in shared memory, 64 keys per MMA chain per
+//              warpgroup (section "wgmma scan" below).
 //   selection  each query has a candidate buffer of `cap` 64-bit ranks in shared memory,
 //              rank = ordered(score) << 32 | ~index (NaN is never inserted, -0.0 -> +0.0), so
 //              "higher rank" = higher score, then lower index: a total order. A candidate is
@@ -46,6 +49,7 @@
 // differ from the fp32 PyTorch reference only by summation order.
 #include "dsv4/indexer_topk.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -58,6 +62,7 @@
 #include <cstring>
 
 #include "cluster_ptx.cuh"
+#include "grouped_gemm_wgmma.cuh"
 #include "own_error.cuh"
 #include "zero_fill.cuh"
 
@@ -102,9 +107,11 @@ constexpr int kShortRounds = 4;
 // Split merge: 0 auto (histogram select when a query's keys are split over more than 16 CTAs,
 // else the candidate-list tree), 1 tree always, 2 histogram select whenever there are splits
 // (decode plans only), 3 "legacy": auto with the previous decode split size (make_plan) and
-// the previous decode selection tail (Params::fast_tail).
+// the previous decode selection tail (Params::fast_tail), 4 "coop": the plans of mode 2, with
+// the scan grid launched cooperatively where it can be co-resident and the selection finished
+// inside it (coop_select; else, or when the launch is refused, mode 2's two launches).
 // g_merge < 0: from DSV4_INDEXER_TOPK_MERGE (indexer_topk_set_merge).
-constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3;
+constexpr int kMergeAuto = 0, kMergeTree = 1, kMergeHist = 2, kMergeLegacy = 3, kMergeCoop = 4;
 int g_merge = -1;
 int merge_mode() {
   if (g_merge >= 0) return g_merge;
@@ -113,7 +120,16 @@ int merge_mode() {
   if (std::strcmp(e, "tree") == 0) return kMergeTree;
   if (std::strcmp(e, "hist") == 0) return kMergeHist;
   if (std::strcmp(e, "legacy") == 0) return kMergeLegacy;
+  if (std::strcmp(e, "coop") == 0) return kMergeCoop;
   return kMergeAuto;
+}
+
+// Decode scan on wgmma (kWg instances of indexer_topk_kernel): DSV4_INDEXER_WGMMA=1, read at
+// each call; anything else or unset: the mma.sync scan. Taken only where the plan allows it
+// (make_plan: sm_90, one query per CTA, head_dim 128, the 256-key decode tile, <= 128 heads).
+bool wgmma_requested() {
+  const char* e = std::getenv("DSV4_INDEXER_WGMMA");
+  return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
 // Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
@@ -180,6 +196,9 @@ struct Params {
   u64* hs_win;          // [T][slot_stride] ranks of the keys above the boundary bin
   u64* hs_bnd;          // [T][kBoundaryCap] ranks of the boundary bin's keys
   int sel_cap;          // candidate buffer of the select kernel (entries)
+  // Set only in the copy of a cooperative launch (merge mode "coop"): the scan kernel of a
+  // kHist plan finishes the selection itself (coop_select) and no select kernel follows.
+  int coop;
   int T, H, B, C, topk;
   int n_groups, n_splits, fan1, n_l1;
   int slot_stride, cap, stages, min_chunk;
@@ -600,14 +619,28 @@ __device__ __forceinline__ bool key_place(const Params& p, int row, int s, int64
   return id >= 0 && id < p.n_blocks;
 }
 
+// Byte offset of bf16 16-byte chunk c of key row r in a tile of TILE rows. kWgL false: rows of
+// 2D bytes, chunk c ^ (r & 7) (ldmatrix, conflict-free). kWgL true (the wgmma scan): wgmma's
+// K-major 128-byte-swizzle layout, the row's 64-column slices stored as separate [TILE][128 B]
+// arrays (slice c / 8), chunk (c % 8) ^ (r & 7) within the slice's 128-byte row; the tile must
+// start at a multiple of 1024 bytes (the swizzle follows address bits 4-6 ^ 7-9).
+template <int D, int TILE, bool kWgL>
+__device__ __forceinline__ int tile_chunk(int r, int c) {
+  if constexpr (kWgL) {
+    return (c >> 3) * (TILE * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+  } else {
+    return r * (D * 2) + ((c ^ (r & 7)) << 4);
+  }
+}
+
 // Loads keys [s_first, min(s_first + TILE, s_end)) of row `row` into a pipeline stage.
-// bf16: the XOR-swizzled bf16 tile itself. FP8: the raw e4m3 rows [TILE][D] followed by the
-// scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
-template <int D, int TILE, bool kFp8>
+// bf16: the swizzled bf16 tile itself (tile_chunk). FP8: the raw e4m3 rows [TILE][D] followed
+// by the scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
+template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
                                           int s_first, int s_end) {
   if constexpr (!kFp8) {
-    constexpr int NCH = D / 8, RB = D * 2;
+    constexpr int NCH = D / 8;
 #pragma unroll
     for (int u = 0; u < TILE * NCH / kThreads; ++u) {
       const int i = u * kThreads + static_cast<int>(threadIdx.x);
@@ -616,7 +649,7 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
       int64_t blk;
       int e;
       if (s < s_end && key_place(p, row, s, blk, e)) {
-        cp_async16(stage + r * RB + ((c ^ (r & 7)) << 4),
+        cp_async16(stage + tile_chunk<D, TILE, kWgL>(r, c),
                    p.keys + blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc + c * 8);
       }
     }
@@ -756,14 +789,200 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 }
 
 // ------------------------------------------------------------------------------------------
+// wgmma scan (kWg instances, DSV4_INDEXER_WGMMA=1): decode plans, one query per CTA
+// ------------------------------------------------------------------------------------------
+// The query's q (all head blocks, [64 heads][D] bf16 each) sits in shared memory once per CTA
+// as wgmma's operand B (N = 64 heads, K-major, 128-byte swizzle); each warpgroup (4 warps)
+// scores 64 keys per wgmma chain (operand A = the key tile in the same layout, M = 64 keys,
+// D / 16 k16 steps) into a 64 x 64 fp32 accumulator: 32 registers per thread holding the same
+// rows and heads as the 8 n-tiles of the mma.sync path (warp w4 of the warpgroup: rows
+// 16 w4 + g and + 8), so the epilogue (ReLU, weight, head sum, quad shuffles) is the same.
+// The PTX helpers (descriptor, fences, m64n64k16) are grouped_gemm_wgmma.cuh's; wgmma is
+// sm_90a-only device code (DSV4_GG_WGMMA), so other targets compile the kWg kernels as a trap
+// and the host plans them on compute capability 9.0 only.
+
+// Shared-memory bytes of one head block of q in the kWg scan (a multiple of 1024).
+constexpr int wg_q_block_bytes(int D) { return kHeadBlock * D * 2; }
+
+// q of query t (n_hb head blocks; heads >= H are 0) into q_s (1024-byte aligned) in the wgmma
+// layout (tile_chunk with 64 rows per head block), and its weights into w_all[n_hb * 64] (0 for
+// heads >= H). Whole CTA; 4-byte global loads (q's alignment contract). kPerm: each group of 4
+// values in the order (0, 2, 1, 3), as convert_fp8_tile_wg stores the keys.
+template <int D, bool kPerm>
+__device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsigned char* q_s,
+                                          float* w_all) {
+  constexpr int NCH = D / 8;
+  const __nv_bfloat16* qt = p.q + static_cast<int64_t>(t) * p.q_st;
+  for (int i = threadIdx.x; i < n_hb * kHeadBlock * NCH; i += kThreads) {
+    const int h = i / NCH, c = i % NCH;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h < p.H) {
+      const unsigned int* src =
+          reinterpret_cast<const unsigned int*>(qt + static_cast<int64_t>(h) * p.q_sh + c * 8);
+      v.x = __ldg(src);
+      v.y = __ldg(src + 1);
+      v.z = __ldg(src + 2);
+      v.w = __ldg(src + 3);
+      if (kPerm) {
+        v = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
+                       __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
+      }
+    }
+    const int hb = h / kHeadBlock, hr = h % kHeadBlock;
+    *reinterpret_cast<uint4*>(q_s + hb * wg_q_block_bytes(D) +
+                              tile_chunk<D, kHeadBlock, true>(hr, c)) = v;
+  }
+  const float* wt = p.w + static_cast<int64_t>(t) * p.w_st;
+  for (int h = threadIdx.x; h < n_hb * kHeadBlock; h += kThreads) {
+    w_all[h] = h < p.H ? __ldg(wt + h) : 0.f;
+  }
+}
+
+// FP8 keys, kWg: converts the e4m3 rows of a stage into the bf16 tile (wgmma layout) with
+// integer bit moves instead of convert_fp8_tile's per-value float path (~3 instead of ~8
+// instructions per value; the conversion is the FP8 scan's largest cost per key). For the e4m3
+// byte b in bits 8-15 of a 16-bit half, (b & 0x80) << 8 | (b & 0x7f) << 4 is the bf16 of
+// value(b) * 2^-120 exactly (e4m3 subnormals become bf16 subnormals); one bf16x2 multiply by
+// 2^120 (exact: a power of two, no overflow; PTX mul.bf16x2 keeps subnormals) restores it.
+// The bytes 1, 3 of a word are in place; bytes 0, 2 after a shift by 8, so each group of 4
+// values is stored in the order (0, 2, 1, 3): load_q_wg<D, true> permutes q the same way (the
+// dot product over D does not depend on the order of its terms, only the fp32 summation order
+// does). NaN codes (0x7f / 0xff, which the bit move would turn into 480) are patched to a bf16
+// NaN on a rare branch.
+template <int D, int TILE>
+__device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
+                                                    unsigned char* dst_tile) {
+  constexpr int NCH = D / 16;
+  for (int i = threadIdx.x; i < TILE * NCH; i += kThreads) {
+    const int r = i / NCH, c = i % NCH;
+    const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+    uint32_t nan_any = 0u;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      // a byte is a NaN code iff its low 7 bits are all ones: the + 1 carries into bit 7
+      nan_any |= ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+      const uint32_t e02 = w[k] << 8, e13 = w[k];  // bytes (0, 2) / (1, 3) in bits 8-15, 24-31
+      const uint32_t h02 = (e02 & 0x80008000u) | ((e02 & 0x7f007f00u) >> 4);
+      const uint32_t h13 = (e13 & 0x80008000u) | ((e13 & 0x7f007f00u) >> 4);
+      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k]) : "r"(h02), "r"(0x7b807b80u));
+      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k + 1]) : "r"(h13), "r"(0x7b807b80u));
+    }
+    if (nan_any != 0u) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t nb = ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+        o[2 * k] |= ((nb >> 7) & 0x00010001u) * 0x7fc0u;       // bytes 0, 2
+        o[2 * k + 1] |= ((nb >> 15) & 0x00010001u) * 0x7fc0u;  // bytes 1, 3
+      }
+    }
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c)) =
+        make_uint4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + 1)) =
+        make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
+// ReLU, weight and sum over this lane's 16 heads of a wgmma accumulator [64 keys][64 heads]
+// (acc[4 j + c]: head 8 j + 2 tq + (c & 1), row g for c < 2, g + 8 else), added to p0 / p1.
+// Heads >= hlim (padding: q = 0, weight 0) contribute exactly 0 even where 0 * inf gave NaN:
+// ReLU and the mask are one select (no branch: a branch here, between the wait for one wgmma
+// chain and the next chain's completion, makes ptxas serialise the wgmmas). For the real
+// heads the same operations in the same order as score_mtile's epilogue.
+__device__ __forceinline__ void head_sum_wg(const float (&acc)[32], const float* w_s, int tq,
+                                            int hlim, float& p0, float& p1) {
+  float e0[2] = {0.f, 0.f}, e1[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 w2 = *reinterpret_cast<const float2*>(w_s + nt * 8 + 2 * tq);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float wv = c ? w2.y : w2.x;
+      const bool pad = nt * 8 + 2 * tq + c >= hlim;
+      float x0 = acc[nt * 4 + c], x1 = acc[nt * 4 + 2 + c];
+      x0 = (x0 < 0.f || pad) ? 0.f : x0;  // ReLU that keeps NaN (as torch.relu)
+      x1 = (x1 < 0.f || pad) ? 0.f : x1;
+      e0[c] = fmaf(wv, x0, e0[c]);
+      e1[c] = fmaf(wv, x1, e1[c]);
+    }
+  }
+  p0 += e0[0] + e0[1];
+  p1 += e1[0] + e1[1];
+}
+
+// This warpgroup's (wg) m64 blocks wg + 2 i (i < MBW) of the key tile at `stage` (wgmma
+// layout): a[i] / b[i] = the lane's partial head sums of rows g / g + 8 of its warp's 16 rows
+// (before the quad shuffles), over all head blocks. The MBW wgmma chains of a head block are
+// issued back to back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
+// Blocks past the keys are scored too (stale rows; the caller drops their results): every
+// wgmma is issued by the whole warpgroup unconditionally.
+template <int D, int TILE>
+__device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const float* w_all,
+                                         int n_hb, int H, int wg, int tq,
+                                         float (&a)[TILE / 128], float (&b)[TILE / 128]) {
+  constexpr int MBW = TILE / 128;  // 64-key blocks per warpgroup and tile (2 warpgroups)
+  constexpr int KS = D / 16;
+  static_assert(MBW == 1 || MBW == 2, "wait_group depths below assume <= 2 chains");
+#pragma unroll
+  for (int i = 0; i < MBW; ++i) a[i] = b[i] = 0.f;
+#pragma unroll 1
+  for (int hb = 0; hb < n_hb; ++hb) {
+    float acc[MBW][32];
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
+    }
+    const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
+    gg::wgmma_fence();
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+      const uint32_t ab = stage + (wg + 2 * i) * 64 * 128;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
+                           gg::smem_desc(qb + (ks >> 2) * (kHeadBlock * 128) + (ks & 3) * 32));
+      }
+      gg::wgmma_commit();
+    }
+    const int hlim = H - hb * kHeadBlock;
+    const float* w_s = w_all + hb * kHeadBlock;
+#pragma unroll
+    for (int i = 0; i < MBW; ++i) {
+      if (i + 1 < MBW) {
+        gg::wgmma_wait_1();
+      } else {
+        gg::wgmma_wait_all();
+      }
+      gg::fence_regs(acc[i]);
+      head_sum_wg(acc[i], w_s, tq, hlim, a[i], b[i]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
+// Merge mode "coop" (Params::coop, a cooperative launch of a kHist plan): the selection after
+// the scan, inside the scan grid; defined with the histogram select below.
+__device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int big_cap,
+                            u64* cand, QState* st, int* hist);
+
 // kHist (decode, QPC 1): no candidate buffer; every visible entry's score key goes to
 // p.hs_keys and is counted in the query's histogram p.hs_hist (shared-memory bins first, then
 // one global atomic per non-empty bin); indexer_select_kernel does the selection.
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
+// kWg (decode, QPC 1): the scan on wgmma (section above); shared memory gains a pad to 1024
+// bytes at the start and q (n_hb head blocks) after the key tiles.
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
+  static_assert(!kWg || (QPC == 1 && TILE % 128 == 0), "the wgmma scan serves decode plans");
+#if defined(__CUDA_ARCH__) && !DSV4_GG_WGMMA
+  if constexpr (kWg) {
+    __trap();  // not sm_90a device code: no wgmma (the host plans kWg on sm_90 only)
+  }
+#endif
   constexpr int WPQ = kWarps / QPC;          // warps per query
   constexpr int NT = kThreads / QPC;         // threads per query
   constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
@@ -774,7 +993,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   constexpr int EXTRA_BYTES = kFp8 ? TILE_BYTES : 0;
   constexpr unsigned kAllDone = (1u << QPC) - 1u;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_dyn[];
   __shared__ int s_row[QPC], s_nv[QPC];
   __shared__ int s_flag;
   __shared__ __align__(16) float s_w[kWarps][kHeadBlock];  // each warp's copy of its weights
@@ -783,10 +1002,16 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   const int qi = warp / WPQ, kw = warp % WPQ;
   const int gtid = tid - qi * NT;
   const int g_lane = lane >> 2, tq = lane & 3;
+  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
 
-  // Shared memory: [stages key tiles][FP8: bf16 tile][QState x QPC][hist 256 x QPC]
-  // [cand cap x QPC].
-  QState* const states = reinterpret_cast<QState*>(smem + p.stages * STAGE_BYTES + EXTRA_BYTES);
+  // Shared memory: [kWg: pad to 1024 B][stages key tiles][FP8: bf16 tile][kWg: q, n_hb head
+  // blocks][QState x QPC][hist 256 x QPC][cand cap x QPC]. (kWg: the stage and tile sizes are
+  // multiples of 1024 at TILE 256.)
+  unsigned char* const smem =
+      kWg ? smem_dyn + ((1024u - (smem_u32(smem_dyn) & 1023u)) & 1023u) : smem_dyn;
+  unsigned char* const q_wg = smem + p.stages * STAGE_BYTES + EXTRA_BYTES;
+  const int Q_BYTES = kWg ? n_hb * wg_q_block_bytes(D) : 0;
+  QState* const states = reinterpret_cast<QState*>(q_wg + Q_BYTES);
   int* const hists = reinterpret_cast<int*>(states + QPC);
   u64* const cands = reinterpret_cast<u64*>(hists + QPC * 256);
   QState* const st = states + qi;
@@ -835,10 +1060,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   unsigned done = 0;
 #pragma unroll
   for (int i = 0; i < QPC; ++i) done |= s_row[i] == -2 ? (1u << i) : 0u;
+  // kWg: values read from shared memory that steer the control flow around the wgmmas are
+  // taken through a shuffle, so that ptxas sees them warp-uniform (else it serialises the
+  // wgmmas: "divergent path"); they are CTA-uniform anyway (QPC 1: one query per CTA).
+  if constexpr (kWg) done = __shfl_sync(kFull, done, 0);
 
   uint32_t qf[D / 16][8][2];
   float* const w_s = s_w[warp];
-  const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
+  float* const w_all = &s_w[0][0];  // kWg: the weights of all head blocks (<= 2, host)
 
   // Queries of the group that share a row are scored together (normally all of them).
   while (done != kAllDone) {
@@ -853,6 +1082,10 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         nv_max = s_nv[i] > nv_max ? s_nv[i] : nv_max;
       }
     }
+    if constexpr (kWg) {
+      active = __shfl_sync(kFull, active, 0);
+      nv_max = __shfl_sync(kFull, nv_max, 0);
+    }
     done |= active;
     const bool me = (active >> qi) & 1u;
 
@@ -866,59 +1099,61 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     const int s_begin = sb < nv_max ? static_cast<int>(sb) : nv_max;
     const int s_end = sb + L < nv_max ? static_cast<int>(sb + L) : nv_max;
     const int n_tiles = (s_end - s_begin + TILE - 1) / TILE;
-    const int my_nv = s_nv[qi];
+    const int my_nv = kWg ? __shfl_sync(kFull, s_nv[qi], 0) : s_nv[qi];
     const int hi = s_end < my_nv ? s_end : my_nv;  // this query's keys: [s_begin, hi)
 
     if (me && gtid == 0) {
       st->count = 0;
       st->thr = 0;
     }
-    if (me && n_hb == 1) load_q<D>(p, t, 0, lane, qf, w_s);
+    if constexpr (kWg) {
+      if (me) load_q_wg<D, kFp8>(p, t, n_hb, q_wg, w_all);
+      gg::fence_proxy_async();  // q visible to wgmma after the barrier
+    } else {
+      if (me && n_hb == 1) load_q<D>(p, t, 0, lane, qf, w_s);
+    }
     float scan_acc = 0.f;
     __syncthreads();
 
     // (lead_row is -1 only with nv_max == 0: no tile is loaded for it.)
     for (int s = 0; s < p.stages - 1; ++s) {
       if (s < n_tiles) {
-        load_tile<D, TILE, kFp8>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE, s_end);
+        load_tile<D, TILE, kFp8, kWg>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE,
+                                      s_end);
       }
       cp_async_commit();
     }
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait_dyn(p.stages - 2);
+      if constexpr (kWg && !kFp8) gg::fence_proxy_async();  // this thread's copies -> wgmma
       __syncthreads();  // tile `it` visible; stage (it-1) % stages free
       {
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
-          load_tile<D, TILE, kFp8>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
-                                   s_begin + nx * TILE, s_end);
+          load_tile<D, TILE, kFp8, kWg>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
+                                        s_begin + nx * TILE, s_end);
         }
         cp_async_commit();
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
       if constexpr (kFp8) {
-        convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+        if constexpr (kWg) {
+          convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+          gg::fence_proxy_async();  // this thread's stores -> wgmma
+        } else {
+          convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
+        }
         __syncthreads();  // the bf16 tile is complete (the next top barrier frees it again)
       }
-      if (me) {
+      if (kWg || me) {  // (QPC 1: me)
         const uint32_t stage =
             kFp8 ? tiles + p.stages * STAGE_BYTES : tiles + (it % p.stages) * STAGE_BYTES;
         const int tile_s0 = s_begin + it * TILE;
         const u64 thr = kScanOnly ? 0ull : st->thr;
-#pragma unroll 1
-        for (int mi = 0; mi < MT; ++mi) {
-          const int m = kw + WPQ * mi;
-          const int s0 = tile_s0 + m * 16;
-          if (s0 >= hi) break;  // warp-uniform; later m-tiles start even further
-          float a = 0.f, b = 0.f;
-#pragma unroll 1
-          for (int hb = 0; hb < n_hb; ++hb) {
-            if (n_hb > 1) load_q<D>(p, t, hb, lane, qf, w_s);
-            const int hlim = p.H - hb * kHeadBlock;
-            if (hlim >= kHeadBlock) score_mtile<D, false>(stage, m, lane, qf, w_s, hlim, a, b);
-            else score_mtile<D, true>(stage, m, lane, qf, w_s, hlim, a, b);
-          }
+        // The 16 keys [s0, s0 + 16) of a warp: a / b = the lane's partial head sums of rows g /
+        // g + 8 (whole warp calls).
+        auto emit = [&](int s0, float a, float b) {
           a += __shfl_xor_sync(kFull, a, 1);
           a += __shfl_xor_sync(kFull, a, 2);
           b += __shfl_xor_sync(kFull, b, 1);
@@ -948,6 +1183,35 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
             u64 r = 0;
             const bool ok = in_range && make_rank(sc, s, r) && r >= thr;
             warp_append(ok, r, cand, st);
+          }
+        };
+        if constexpr (kWg) {
+          // warpgroup wg scores the tile's 64-key blocks wg, wg + 2 (TILE 256); warp w4 of
+          // it owns rows [16 w4, 16 w4 + 16) of each block
+          constexpr int MBW = TILE / 128;
+          const int wg = warp >> 2, w4 = warp & 3;
+          float a[MBW], b[MBW];
+          score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+#pragma unroll
+          for (int i = 0; i < MBW; ++i) {
+            const int s0 = tile_s0 + (wg + 2 * i) * 64 + w4 * 16;
+            if (s0 < hi) emit(s0, a[i], b[i]);  // warp-uniform
+          }
+        } else {
+#pragma unroll 1
+          for (int mi = 0; mi < MT; ++mi) {
+            const int m = kw + WPQ * mi;
+            const int s0 = tile_s0 + m * 16;
+            if (s0 >= hi) break;  // warp-uniform; later m-tiles start even further
+            float a = 0.f, b = 0.f;
+#pragma unroll 1
+            for (int hb = 0; hb < n_hb; ++hb) {
+              if (n_hb > 1) load_q<D>(p, t, hb, lane, qf, w_s);
+              const int hlim = p.H - hb * kHeadBlock;
+              if (hlim >= kHeadBlock) score_mtile<D, false>(stage, m, lane, qf, w_s, hlim, a, b);
+              else score_mtile<D, true>(stage, m, lane, qf, w_s, hlim, a, b);
+            }
+            emit(s0, a, b);
           }
         }
       }
@@ -981,6 +1245,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     for (int i = tid; i < kHistBins; i += kThreads) {
       const unsigned c = hbins[i];
       if (c != 0u) atomicAdd(gh + i, c);
+    }
+    // Cooperative launch: the key tiles are free now (every cp.async waited for) and hold the
+    // candidates of the final ranking; the candidate buffer (where hbins lived) serves the
+    // fallback select.
+    if (p.coop) {
+      coop_select(p, t, j, s_nv[0], reinterpret_cast<u64*>(smem),
+                  (p.stages * STAGE_BYTES + EXTRA_BYTES) / 8, cand, st, hist);
     }
     return;
   }
@@ -1047,39 +1318,15 @@ __device__ __forceinline__ void warp_append_global(bool ok, u64 rank, u64* list,
   if (ok && pos < limit) list[pos] = rank;
 }
 
-// Grid: T x n_splits CTAs (query t = blockIdx.x / n_splits, chunk c = blockIdx.x % n_splits).
-//  1. From the query's histogram (exact counts of its non-NaN visible keys per top-12-bit bin)
-//     every CTA finds the boundary bin b*: the bin holding the topk-th largest key; fewer than
-//     topk keys lie in bins above it. With at most topk keys in all, b* = -1 (all are kept).
-//  2. Each CTA reads its chunk of the query's keys: keys in bins above b* are winners (fewer
-//     than topk in all: the list hs_win), keys in bin b* are boundary candidates (hs_bnd, up to
-//     kBoundaryCap of them), keys below b* cannot be selected.
-//  3. The last CTA of the query (arrival counter) loads the winners and the boundary
-//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
-//     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
-//     it streams all of the query's keys instead, keeping those of bin b* with the same select
-//     (exact as well, one CTA reading 4 B per entry).
-// Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
-__global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
+// Step 1 of the histogram select (whole CTA): the boundary bin b* of query t from its histogram
+// (exact counts of its non-NaN visible keys per top-12-bit bin), the bin holding the topk-th
+// largest key; fewer than topk keys lie in bins above it. With at most topk keys in all, -1
+// (every key is kept). s_wsum [kWarps], s_bstar: shared scratch.
+__device__ int hist_boundary(const Params& p, int t, int* s_wsum, int* s_bstar) {
   static_assert(kHistBins == kThreads * 16, "16 bins per thread");
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int s_wsum[kWarps];
-  __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
-  QState* const st = reinterpret_cast<QState*>(smem);
-  int* const hist = reinterpret_cast<int*>(st + 1);
-  u64* const cand = reinterpret_cast<u64*>(hist + 256);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
-  // and its histogram / keys are visible (returns at once for a plain launch).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t = static_cast<int>(blockIdx.x / p.n_splits);
-  const int c = static_cast<int>(blockIdx.x % p.n_splits);
   const int k = p.topk;
-
-  // 1. the boundary bin: thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins.
+  // thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins
   const uint32_t* hq = p.hs_hist + static_cast<int64_t>(t) * kHistBins + tid * 16;
   int h[16];
   int tot = 0;
@@ -1095,7 +1342,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
     if (lane + off < 32) incl += v;
   }
   if (lane == 0) s_wsum[warp] = incl;
-  if (tid == 0) s_bstar = -1;  // kept when every key is kept (total <= topk)
+  if (tid == 0) *s_bstar = -1;  // kept when every key is kept (total <= topk)
   __syncthreads();
   int above = incl - tot, total = 0;
 #pragma unroll
@@ -1108,17 +1355,21 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
 #pragma unroll
     for (int e = 15; e >= 0; --e) {
       if (cum + h[e] >= k) {
-        s_bstar = tid * 16 + e;
+        *s_bstar = tid * 16 + e;
         break;
       }
       cum += h[e];
     }
   }
   __syncthreads();
-  const int bstar = s_bstar;
+  return *s_bstar;
+}
 
-  // 2. this CTA's chunk of the query's keys
-  const int nv = __ldcg(p.hs_nv + t);
+// Step 2 (whole CTA): chunk c of the n_splits chunks of query t's nv keys; keys in bins above
+// bstar go to the winners (fewer than topk in all: the list hs_win), keys in bin bstar to the
+// boundary candidates (hs_bnd, up to kBoundaryCap of them; hs_nbnd counts them all).
+__device__ void hist_gather(const Params& p, int t, int c, int nv, int bstar) {
+  const int tid = threadIdx.x;
   const int64_t chunk = (static_cast<int64_t>(nv) + p.n_splits - 1) / p.n_splits;
   const int64_t s0 = std::min<int64_t>(static_cast<int64_t>(c) * chunk, nv);
   const int64_t s1 = std::min<int64_t>(s0 + chunk, nv);
@@ -1141,6 +1392,45 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       warp_append_global(v[u] != 0u && bin == bstar, r, bnd, p.hs_nbnd + t, kBoundaryCap);
     }
   }
+}
+
+// Grid: T x n_splits CTAs (query t = blockIdx.x / n_splits, chunk c = blockIdx.x % n_splits).
+//  1. From the query's histogram every CTA finds the boundary bin b* (hist_boundary).
+//  2. Each CTA reads its chunk of the query's keys: winners and boundary candidates
+//     (hist_gather); keys below b* cannot be selected.
+//  3. The last CTA of the query (arrival counter) loads the winners and the boundary
+//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
+//     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
+//     it streams all of the query's keys instead, keeping those of bin b* with the same select
+//     (exact as well, one CTA reading 4 B per entry).
+// Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
+__global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_wsum[kWarps];
+  __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
+  QState* const st = reinterpret_cast<QState*>(smem);
+  int* const hist = reinterpret_cast<int*>(st + 1);
+  u64* const cand = reinterpret_cast<u64*>(hist + 256);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the scan grid: wait until that grid has completed
+  // and its histogram / keys are visible (returns at once for a plain launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+
+  const int tid = threadIdx.x;
+  const int t = static_cast<int>(blockIdx.x / p.n_splits);
+  const int c = static_cast<int>(blockIdx.x % p.n_splits);
+  const int k = p.topk;
+
+  // 1. the boundary bin
+  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+
+  // 2. this CTA's chunk of the query's keys
+  const int nv = __ldcg(p.hs_nv + t);
+  hist_gather(p, t, c, nv, bstar);
+  const uint32_t* keys = p.hs_keys + static_cast<int64_t>(t) * p.hs_key_stride;
+  u64* const win = p.hs_win + static_cast<int64_t>(t) * p.slot_stride;
+  u64* const bnd = p.hs_bnd + static_cast<int64_t>(t) * kBoundaryCap;
 
   // 3. the last CTA of the query selects
   __threadfence();
@@ -1187,6 +1477,118 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       __syncthreads();
       if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
     }
+  }
+  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
+  const int n = st->count < k ? st->count : k;
+  sort_desc<1>(cand, n, tid, 0, p.fast_tail);
+  write_indices<1>(p, cand, n, t, tid);
+}
+
+// Merge mode "coop": the selection of a kHist plan inside the scan grid, launched
+// cooperatively (all T x n_splits CTAs co-resident; query t, chunk j = this CTA's split). After
+// the scan every CTA has added its histogram to the query's (and written its score keys):
+//   1. grid barrier; every CTA finds b* (hist_boundary) and gathers the winners and boundary
+//      candidates of its chunk (hist_gather), as the select kernel's CTAs do;
+//   2. grid barrier; every CTA loads all n = n_win + n_bnd candidates (n_win < topk, plus bin b*:
+//      typically topk + a few hundred) into `big` (the free key tiles, big_cap entries) and
+//      ranks its 1/n_splits slice of them: position = the number of larger ranks (ranks are
+//      distinct, so the positions of the n candidates are a permutation of [0, n)); a candidate
+//      at position < topk writes its index there, and the CTAs pad [min(n, topk), topk) with -1.
+//      The output equals the sorted top-k of the two-launch path exactly (same ranks, same
+//      total order), with no select, no sort and no last-CTA step.
+//   3. Bin b* too full (more than kBoundaryCap keys, or n > big_cap): the query's CTA j = 0 runs
+//      the select kernel's fallback on its own candidate buffer `cand` (p.cap entries, >= topk +
+//      kThreads * kSelUnroll): the winners, then the boundary list or (overflow) a scan of all
+//      of the query's keys for bin b*, compacted with select_topk whenever the buffer could
+//      overflow, then sort_desc and write_indices.
+// The grid barriers are cooperative groups' (no workspace counters; the launch guarantees
+// co-residency, and every CTA of the grid reaches both barriers).
+__device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int big_cap,
+                            u64* cand, QState* st, int* hist) {
+  namespace cg = cooperative_groups;
+  __shared__ int s_wsum[kWarps];
+  __shared__ int s_bstar, s_nwin, s_nbnd;
+  const int tid = threadIdx.x;
+  const int k = p.topk;
+  cg::grid_group grid = cg::this_grid();
+  grid.sync();  // every CTA's histogram counts and score keys are in
+  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+  hist_gather(p, t, j, nv, bstar);
+  grid.sync();  // every CTA's winners and boundary candidates are in
+  if (tid == 0) {
+    const int nw = __ldcg(p.hs_nwin + t);
+    s_nwin = nw < p.slot_stride ? nw : p.slot_stride;  // (nw < topk by construction)
+    s_nbnd = __ldcg(p.hs_nbnd + t);
+  }
+  __syncthreads();
+  const int n_win = s_nwin, n_bnd = s_nbnd;
+  const u64* const win = p.hs_win + static_cast<int64_t>(t) * p.slot_stride;
+  const u64* const bnd = p.hs_bnd + static_cast<int64_t>(t) * kBoundaryCap;
+  int32_t* const o = p.out + static_cast<int64_t>(t) * p.out_st;
+
+  if (n_bnd <= kBoundaryCap && n_win + n_bnd <= big_cap) {
+    const int n = n_win + n_bnd;
+    for (int i = tid; i < n; i += kThreads) {
+      big[i] = i < n_win ? __ldcg(win + i) : __ldcg(bnd + (i - n_win));
+    }
+    __syncthreads();
+    // this CTA's slice [i0, i0 + n_my); tpi threads per candidate (a power of two <= 32, each
+    // scans n / tpi ranks; consecutive lanes of a group read consecutive ranks)
+    const int per = (n + p.n_splits - 1) / p.n_splits;
+    const int i0 = j * per < n ? j * per : n;
+    const int n_my = (i0 + per < n ? i0 + per : n) - i0;
+    int tpi = 32;
+    while (tpi > 1 && tpi * n_my > kThreads) tpi >>= 1;
+    const int groups = kThreads / tpi;
+    const int part = tid & (tpi - 1), grp = tid / tpi;
+    for (int base = 0; base < n_my; base += groups) {  // CTA-uniform trip count
+      const int item = base + grp;
+      const u64 mine = item < n_my ? big[i0 + item] : ~0ull;
+      int cnt = 0;
+#pragma unroll 4
+      for (int m = part; m < n; m += tpi) cnt += big[m] > mine ? 1 : 0;
+      for (int off = 1; off < tpi; off <<= 1) cnt += __shfl_xor_sync(kFull, cnt, off);
+      if (item < n_my && part == 0 && cnt < k) o[cnt] = rank_index(mine);
+    }
+    const int n_out = n < k ? n : k;
+    for (int i = n_out + j * kThreads + tid; i < k; i += p.n_splits * kThreads) o[i] = -1;
+    return;
+  }
+
+  // Fallback: one CTA per query selects as the select kernel's last CTA does.
+  if (j != 0) return;
+  if (tid == 0) {
+    st->count = n_win;
+    st->thr = 0;
+  }
+  for (int i = tid; i < n_win; i += kThreads) cand[i] = __ldcg(win + i);
+  __syncthreads();
+  const bool all_keys = n_bnd > kBoundaryCap;  // the list is incomplete: scan every key
+  const int64_t n_src = all_keys ? nv : n_bnd;
+  const uint32_t* const keys = p.hs_keys + static_cast<int64_t>(t) * p.hs_key_stride;
+  constexpr int kRound = kThreads * kSelUnroll;
+  for (int64_t base = 0; base < n_src; base += kRound) {
+    const u64 thr = st->thr;
+    u64 r[kSelUnroll];
+    bool ok[kSelUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) {
+      const int64_t s = base + u * kThreads + tid;
+      if (all_keys) {
+        const uint32_t v = s < n_src ? __ldcg(keys + s) : 0u;
+        r[u] = key_rank(v, static_cast<int>(s));
+        ok[u] = v != 0u && static_cast<int>(v >> kHistShift) == bstar && r[u] >= thr;
+      } else {
+        r[u] = s < n_src ? __ldcg(bnd + s) : 0ull;
+        ok[u] = s < n_src && r[u] >= thr;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSelUnroll; ++u) warp_append(ok[u], r[u], cand, st);
+    __syncthreads();
+    const int now = st->count;
+    __syncthreads();
+    if (now > p.cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   }
   if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   const int n = st->count < k ? st->count : k;
@@ -1699,6 +2101,10 @@ struct Plan {
   size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
   // Histogram select (hist): the zeroed region [0, memset_bytes) holds the bins and counters.
   bool hist = false;
+  // wgmma scan (kWg kernels): chosen per call (DSV4_INDEXER_WGMMA=1 where eligible); its
+  // shared memory (q + alignment pad) is in smem, so it may have fewer stages / a smaller cap.
+  // Nothing of the workspace layout depends on it.
+  bool wg = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
   size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0;
@@ -1712,8 +2118,8 @@ bool args_ok(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk
          H <= INT_MAX / 2 && (D == 64 || D == 128) && topk >= 1 && topk <= kIndexerMaxTopk;
 }
 
-Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const DevInfo& di,
-               bool fp8) {
+Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t topk,
+               const DevInfo& di, bool fp8) {
   Plan pl;
   if (T <= 0) return pl;
   // Prefill-like calls (many queries per key row, consecutive in t): 8 queries per CTA share
@@ -1730,8 +2136,16 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   // Per stage: a bf16 tile, or FP8 rows + scales (plus one bf16 conversion tile, in `fixed`).
   const int64_t tile_bytes =
       fp8 ? static_cast<int64_t>(tile) * (D + 4) : static_cast<int64_t>(tile) * D * 2;
+  // wgmma scan: decode (QPC 1) with the 256-key tile at head_dim 128, <= 128 heads (q of
+  // both head blocks stays in shared memory), sm_90 (wgmma is sm_90a code).
+  pl.wg = wgmma_requested() && pl.qpc == 1 && tile == 256 && D == 128 && H <= 2 * kHeadBlock &&
+          di.cc_major == 9;
+  const int64_t wg_bytes =
+      pl.wg ? ((H + kHeadBlock - 1) / kHeadBlock) * static_cast<int64_t>(wg_q_block_bytes(128)) +
+                  1024
+            : 0;  // q + the pad that aligns the tiles to 1024 bytes
   const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int)) +
-                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0);
+                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0) + wg_bytes;
   const int64_t margin = 3072;  // static shared memory of the kernel (2.1 KB) + slack
   // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
   // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
@@ -1782,7 +2196,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   if (pl.fan1 > kMaxChildren || pl.n_l1 > kMaxChildren) return pl;  // not ok (cannot happen)
   pl.slot_stride = static_cast<int>(round_up(topk, 16));
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
-            (mode == kMergeHist ||
+            (mode == kMergeHist || mode == kMergeCoop ||
              ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
@@ -1830,15 +2244,116 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t D, int64_t topk, const D
   return pl;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist>
+// Merge mode "coop": devices where a cooperative launch of a scan kernel was refused with
+// cudaErrorCooperativeLaunchTooLarge although the occupancy query allowed its grid (the context
+// may own fewer SMs than the device, e.g. under MPS or a green context): later calls take the
+// two-launch path at once.
+std::atomic<bool> g_coop_refused[64];  // static storage: false at start
+// Merge mode "coop" calls that launched cooperatively / took the two launches instead
+// (indexer_topk_coop_counts, a test aid).
+std::atomic<long long> g_coop_launched{0}, g_coop_declined{0};
+
+// CTAs of kernel `kern` with `smem` bytes of dynamic shared memory that `device` holds at once
+// (0: no cooperative launch there, or a query failed). Per kernel instance (Tag) and device,
+// the last successful answer is cached with its smem (a plan of another topk may use another
+// size): (smem << 20 | count + 1), 0 = not known. A failed query clears its own error
+// (own_error.cuh) and is asked again at the next call; none is made while the caller has an
+// error pending.
+template <class Tag>
+int coop_capacity(const void* kern, int device, size_t smem, int sms) {
+  static std::atomic<long long> cache[64];
+  if (device < 0 || device >= 64 || g_coop_refused[device].load(std::memory_order_relaxed))
+    return 0;
+  const long long known = cache[device].load(std::memory_order_relaxed);
+  if (known != 0 && static_cast<size_t>(known >> 20) == smem) {
+    return static_cast<int>((known & 0xfffff) - 1);
+  }
+  if (error_pending()) return 0;
+  int coop = 0, per_sm = 0;
+  cudaError_t e = test_refusal() == TestRefusal::kQuery
+                      ? refused_for_test()
+                      : cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (e == cudaSuccess && coop != 0) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem);
+  }
+  if (e != cudaSuccess) {
+    clear_own_error(e);
+    return 0;
+  }
+  long long n = coop != 0 && per_sm > 0 ? static_cast<long long>(per_sm) * sms : 0;
+  n = n < 0xffffe ? n : 0xffffe;
+  cache[device].store((static_cast<long long>(smem) << 20) | (n + 1), std::memory_order_relaxed);
+  return static_cast<int>(n);
+}
+
+// The cooperative launch of a kHist scan kernel that finishes its own selection (Params::coop,
+// coop_select), when the grid fits on the device at once. launched = false: no launch was
+// made or it was refused (its own error cleared): the caller takes the two-launch path;
+// launched = true: the launch's result is returned (an error is the caller's).
+template <class Tag, class Kern>
+cudaError_t launch_coop(Kern kern, const Params& prm, const Plan& pl, int64_t grid,
+                        cudaStream_t stream, bool& launched) {
+  launched = false;
+  g_coop_declined.fetch_add(1, std::memory_order_relaxed);  // (taken back below if launched)
+  if (error_pending()) return cudaSuccess;  // the caller's error stays; no call that can fail
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  DevInfo di;
+  if (e == cudaSuccess) e = device_info(device, di);
+  if (e != cudaSuccess) {
+    clear_own_error(e);
+    return cudaSuccess;
+  }
+  const int cap = coop_capacity<Tag>(reinterpret_cast<const void*>(kern), device, pl.smem, di.sms);
+  if (grid > cap) return cudaSuccess;
+  Params cp = prm;
+  cp.coop = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = pl.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // DSV4_TEST_REFUSE=launch (test only, own_error.cuh): refused as by the runtime
+  e = test_refusal() == TestRefusal::kLaunch ? refused_for_test()
+                                             : cudaLaunchKernelEx(&cfg, kern, cp);
+  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported ||
+      e == cudaErrorInvalidValue) {
+    // nothing ran; its own error (nothing was pending before it)
+    clear_own_error(e);
+    if (e == cudaErrorCooperativeLaunchTooLarge && device >= 0 && device < 64)
+      g_coop_refused[device].store(true, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  launched = true;
+  if (e == cudaSuccess) {
+    g_coop_declined.fetch_sub(1, std::memory_order_relaxed);
+    g_coop_launched.fetch_add(1, std::memory_order_relaxed);
+  }
+  return e;
+}
+
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
-  if (pl.tile != TILE) return cudaErrorInvalidValue;
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist>;
+  if (pl.tile != TILE || pl.wg != kWg) return cudaErrorInvalidValue;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
   const int64_t grid = static_cast<int64_t>(pl.n_groups) * pl.n_splits;
   if (grid > INT_MAX) return cudaErrorInvalidValue;
+  if constexpr (kHist) {
+    if (merge_mode() == kMergeCoop) {  // one cooperative launch, else the two launches below
+      struct Tag {};
+      bool launched = false;
+      e = launch_coop<Tag>(kern, prm, pl, grid, stream, launched);
+      if (launched) return e;
+    }
+  }
   kern<<<dim3(static_cast<unsigned>(grid)), dim3(kThreads), pl.smem, stream>>>(prm);
   e = cudaGetLastError();
   if (e != cudaSuccess || !kHist) return e;
@@ -1915,7 +2430,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   DevInfo di;
   e = device_info(device, di);
   if (e != cudaSuccess) return e;
-  pl = make_plan(T, B, C, D, topk, di, fp8);
+  pl = make_plan(T, B, C, H, D, topk, di, fp8);
   if (!pl.ok) return cudaErrorInvalidValue;
   prm = Params{};
   prm.q = static_cast<const __nv_bfloat16*>(q);
@@ -1969,6 +2484,7 @@ cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cuda
     if constexpr (!kHist) {
       if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8, false>(prm, pl, stream);
     }
+    if (pl.wg) return launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist, true>(prm, pl, stream);
     return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8, kHist>(prm, pl, stream)
                           : launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist>(prm, pl, stream);
   }
@@ -2126,7 +2642,12 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages) {
   g_stages = stages;
 }
 
-void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 3 ? mode : -1; }
+void indexer_topk_set_merge(int mode) { g_merge = mode >= 0 && mode <= 4 ? mode : -1; }
+
+void indexer_topk_coop_counts(long long* launched, long long* declined) {
+  if (launched != nullptr) *launched = g_coop_launched.load(std::memory_order_relaxed);
+  if (declined != nullptr) *declined = g_coop_declined.load(std::memory_order_relaxed);
+}
 
 size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capacity,
                                     int64_t heads, int64_t head_dim, int64_t topk, int device,
@@ -2134,7 +2655,7 @@ size_t indexer_topk_workspace_bytes(int64_t tokens, int64_t batch, int64_t capac
   if (!args_ok(tokens, batch, capacity, heads, head_dim, topk) || tokens == 0) return 0;
   DevInfo di;
   if (device_info(device, di) != cudaSuccess) return 0;
-  const Plan pl = make_plan(tokens, batch, capacity, head_dim, topk, di, fp8_keys);
+  const Plan pl = make_plan(tokens, batch, capacity, heads, head_dim, topk, di, fp8_keys);
   return pl.ok ? pl.ws_bytes : 0;
 }
 
@@ -2235,12 +2756,25 @@ int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t 
   DevInfo di;
   if (cudaGetDevice(&device) != cudaSuccess || device_info(device, di) != cudaSuccess) return 0;
   const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
-  const Plan pl = make_plan(tokens, keys.rows, C, head_dim, topk, di, fp8);
+  const Plan pl = make_plan(tokens, keys.rows, C, heads, head_dim, topk, di, fp8);
   if (!pl.ok) return 0;
   const bool any_keys = paged ? (keys.num_blocks > 0 && keys.block_size > 0)
                               : (keys.rows > 0 && C > 0);
   const int64_t c_eff = (keys.rows > 0 && any_keys) ? C : 0;
   return short_cluster_for(tokens, c_eff, heads, head_dim, fp8, pl.qpc, di, device);
+}
+
+bool indexer_topk_uses_wgmma(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                             int64_t head_dim, int64_t topk) {
+  const bool paged = keys.block_table != nullptr;
+  const int64_t C = paged ? keys.max_blocks * keys.block_size : keys.capacity;
+  if (!args_ok(tokens, keys.rows, C, heads, head_dim, topk) || tokens == 0) return false;
+  int device = 0;
+  DevInfo di;
+  if (cudaGetDevice(&device) != cudaSuccess || device_info(device, di) != cudaSuccess) return false;
+  const bool fp8 = keys.format == CacheFormat::kFp8Indexer;
+  const Plan pl = make_plan(tokens, keys.rows, C, heads, head_dim, topk, di, fp8);
+  return pl.ok && pl.wg && indexer_topk_short_cluster(tokens, keys, heads, head_dim, topk) == 0;
 }
 
 cudaError_t indexer_topk_scan_only(const void* q, int64_t q_stride_t, int64_t q_stride_h,

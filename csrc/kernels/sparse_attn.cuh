@@ -559,16 +559,31 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
   }
 }
 
-// Merge of the split partials: one CTA of 64 threads per (token, head), 8 columns per thread.
+// Merge of the split partials: one CTA per (token, head), kCombineThreads threads (any block
+// size up to that works). A decode call at batch 1 splits a long key list over up to 132 CTAs,
+// so the merge reads ~130 partials of D floats per head: a thread that walked every split of
+// its columns one after another waited on ~130 dependent L2 round trips (the previous merge,
+// 64 threads x 8 columns: most of an HCA call at 1M context). Here the splits are cut into G
+// contiguous groups (G = threads / (D / 4), each thread one float4 column of one group, 8
+// loads in flight), the groups' sums are added in group order through shared memory, and the
+// log-sum-exp's max is reduced over all threads. Deterministic: a given split count always
+// adds in the same order (groups in order, each group's splits in order); L is the serial sum
+// in split order as before.
+constexpr int kCombineThreads = 512;
+
 template <int D>
-__global__ void __launch_bounds__(64) sparse_attn_combine_kernel(const SparseAttnParams p) {
+__global__ void __launch_bounds__(kCombineThreads) sparse_attn_combine_kernel(const SparseAttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // The FP8 decode kernel (sparse_attn_fp8_sm90.cuh) launches this grid with programmatic
   // dependent launch: wait until the main grid has completed and its partials are visible.
   // Returns at once for an ordinary launch.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+  constexpr int C4 = D / 4;  // float4 columns of a partial
   __shared__ float w_s[kSparseAttnMaxSplits];
+  __shared__ float4 part[kCombineThreads];  // [group][column]
+  __shared__ float red_m[kCombineThreads / 32];
+  __shared__ int red_any[kCombineThreads / 32];
   __shared__ float s_inv;
   const int H = static_cast<int>(p.num_heads);
   const int n_ht = (H + kBlockM - 1) / kBlockM;
@@ -576,54 +591,83 @@ __global__ void __launch_bounds__(64) sparse_attn_combine_kernel(const SparseAtt
   const int64_t T = p.num_tokens;
   const int h = static_cast<int>(blockIdx.x % H);
   const int64_t t = blockIdx.x / H;
+  const int tid = threadIdx.x, nthr = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, n_warps = (nthr + 31) >> 5;
   const float* ws_o = static_cast<const float*>(p.workspace);
   const float* ws_lse = ws_o + static_cast<int64_t>(ns) * T * H * D;
   const float* ws_flag = ws_lse + static_cast<int64_t>(ns) * T * H;
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + t * p.out_stride_token +
                        static_cast<int64_t>(h) * p.out_stride_head;
 
-  if (threadIdx.x == 0) {
-    bool any = false;
-    float M = -INFINITY;
-    for (int s = 0; s < ns; ++s) {
-      any |= ws_flag[(static_cast<int64_t>(s) * T + t) * n_ht + h / kBlockM] != 0.f;
-      const float v = ws_lse[(static_cast<int64_t>(s) * T + t) * H + h];
-      M = (v > M || v != v) ? v : M;  // keeps a NaN
-    }
-    const float M_use = M == -INFINITY ? 0.f : M;
+  // max of the splits' lse (a NaN wins and stays) and whether any split saw a valid key
+  auto nan_max = [](float a, float b) { return (b > a || b != b) ? b : a; };
+  float m = -INFINITY;
+  bool any = false;
+  for (int s = tid; s < ns; s += nthr) {
+    any |= ws_flag[(static_cast<int64_t>(s) * T + t) * n_ht + h / kBlockM] != 0.f;
+    m = nan_max(m, ws_lse[(static_cast<int64_t>(s) * T + t) * H + h]);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    any = __any_sync(0xffffffffu, any);
+  }
+  if (lane == 0) red_m[warp] = m, red_any[warp] = any ? 1 : 0;
+  __syncthreads();
+  float M = -INFINITY;
+  int any_all = 0;
+  for (int w = 0; w < n_warps; ++w) M = nan_max(M, red_m[w]), any_all |= red_any[w];
+  const float M_use = M == -INFINITY ? 0.f : M;
+  for (int s = tid; s < ns; s += nthr)
+    w_s[s] = any_all ? exp2_approx(ws_lse[(static_cast<int64_t>(s) * T + t) * H + h] - M_use) : 0.f;
+  __syncthreads();
+  if (tid == 0) {
     float L = 0.f;
-    for (int s = 0; s < ns; ++s) {
-      const float w = exp2_approx(ws_lse[(static_cast<int64_t>(s) * T + t) * H + h] - M_use);
-      w_s[s] = w;
-      L += w;
-    }
+    for (int s = 0; s < ns; ++s) L += w_s[s];
     const float denom = L + exp2_approx(__ldg(p.attn_sink + h) * kLog2e - M_use);
-    s_inv = any ? 1.f / denom : 0.f;
+    s_inv = any_all ? 1.f / denom : 0.f;
     p.lse[t * p.lse_stride_token + static_cast<int64_t>(h) * p.lse_stride_head] =
-        any ? (M_use + log2f(L)) * kLn2 : INFINITY;
-    if (!any)
-      for (int s = 0; s < ns; ++s) w_s[s] = 0.f;
+        any_all ? (M_use + log2f(L)) * kLn2 : INFINITY;
+  }
+
+  // each (group, column) item: the sum over the group's splits, in split order
+  const int G = nthr >= C4 ? nthr / C4 : 1;
+  const int per = (ns + G - 1) / G;
+  for (int item = tid; item < G * C4; item += nthr) {
+    const int g = item / C4, c4 = item % C4;
+    const int s0 = g * per, s1 = min(ns, s0 + per);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4* src = reinterpret_cast<const float4*>(ws_o) + (t * H + h) * C4 + c4;
+    const int64_t split_stride = T * H * C4;  // float4s between splits
+    for (int s = s0; s < s1; s += 8) {
+      float4 x[8];
+      float w[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        w[u] = s + u < s1 ? w_s[s + u] : 0.f;
+        // an empty split (partial 0) or no valid key at all: not read, not added
+        if (w[u] != 0.f) x[u] = src[static_cast<int64_t>(s + u) * split_stride];
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (w[u] == 0.f) continue;
+        acc.x += w[u] * x[u].x; acc.y += w[u] * x[u].y;
+        acc.z += w[u] * x[u].z; acc.w += w[u] * x[u].w;
+      }
+    }
+    part[item] = acc;
   }
   __syncthreads();
   const float inv = s_inv;
-  for (int c8 = threadIdx.x; c8 < D / 8; c8 += blockDim.x) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int s = 0; s < ns; ++s) {
-      const float w = w_s[s];
-      if (w == 0.f) continue;  // empty split (its partial is 0) or no valid key at all
-      const float4* src =
-          reinterpret_cast<const float4*>(ws_o + ((static_cast<int64_t>(s) * T + t) * H + h) * D) +
-          2 * c8;
-      const float4 x0 = src[0], x1 = src[1];
-      acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
-      acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
+  for (int c4 = tid; c4 < C4; c4 += nthr) {
+    float4 a = part[c4];
+    for (int g = 1; g < G; ++g) {
+      const float4 b = part[g * C4 + c4];
+      a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
     }
-    uint4 v;
-    v.x = pack_bf16x2(acc[0] * inv, acc[1] * inv);
-    v.y = pack_bf16x2(acc[2] * inv, acc[3] * inv);
-    v.z = pack_bf16x2(acc[4] * inv, acc[5] * inv);
-    v.w = pack_bf16x2(acc[6] * inv, acc[7] * inv);
-    *reinterpret_cast<uint4*>(out + c8 * 8) = v;
+    uint2 v;
+    v.x = pack_bf16x2(a.x * inv, a.y * inv);
+    v.y = pack_bf16x2(a.z * inv, a.w * inv);
+    *reinterpret_cast<uint2*>(out + c4 * 4) = v;
   }
 }
 
@@ -650,7 +694,7 @@ cudaError_t launch(const SparseAttnParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
   sparse_attn_combine_kernel<D>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -1221,7 +1265,7 @@ cudaError_t launch_wgmma(const SparseAttnParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
   sparse_attn_combine_kernel<D>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

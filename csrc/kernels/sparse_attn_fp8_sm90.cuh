@@ -60,6 +60,7 @@
 // the critical path (see bench/README.md, "FP8-cache decode: warp-specialised kernel").
 #pragma once
 
+#include "own_error.cuh"
 #include "sparse_attn.cuh"
 
 namespace dsv4 {
@@ -601,25 +602,30 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
   // The merge, as a programmatic dependent launch (its launch overlaps this grid's tail; the
-  // kernel starts with griddepcontrol.wait). A plain launch if the runtime refuses it.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.num_tokens * p.num_heads));
-  cfg.blockDim = dim3(64);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  err = cudaLaunchKernelEx(&cfg, sparse_attn_combine_kernel<kD>, p);
-  if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue) {
-    (void)cudaGetLastError();
-    sparse_attn_combine_kernel<kD>
-        <<<static_cast<unsigned>(p.num_tokens * p.num_heads), 64, 0, stream>>>(p);
-    err = cudaGetLastError();
+  // kernel starts with griddepcontrol.wait). A plain launch if the runtime refuses it, and
+  // without trying while an error is pending (own_error.cuh: a refusal would overwrite it and
+  // clearing the refusal would hide it; none is, after the cudaGetLastError() above).
+  if (!error_pending()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.num_tokens * p.num_heads));
+    cfg.blockDim = dim3(kCombineThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    // DSV4_TEST_REFUSE=launch (test only, own_error.cuh): refused as by the runtime
+    err = test_refusal() == TestRefusal::kLaunch
+              ? refused_for_test()
+              : cudaLaunchKernelEx(&cfg, sparse_attn_combine_kernel<kD>, p);
+    if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue) return err;
+    clear_own_error(err);  // this launch's own refusal (nothing was pending before it)
   }
-  return err;
+  sparse_attn_combine_kernel<kD>
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace fp8_ws

@@ -19,6 +19,10 @@
 //      bit-identical), and some outputs must be NaN and some not.
 //   3. (sm_90) Times the old, new and new2 FP8 kernels at FlashMLA's decode shapes (printed, not
 //      checked; DSV4_CHECK_NO_TIMING=1 skips it, e.g. under compute-sanitizer).
+// `--refusal` (sm_90): the split-K cases with the merge's programmatic launch refused
+// (DSV4_TEST_REFUSE=launch, own_error.cuh: the plain launch instead, same bytes, no error left
+// pending), each FP8 kernel also called with an error the caller left pending (it must reach the
+// caller, never cleared), then with the variable unset.
 // Prints PASS / FAIL (exit 1) or SKIP.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -36,6 +40,7 @@
 #include "dsv4/kv_cache.h"
 #include "dsv4/sparse_attn.h"
 
+#include "../kernels/own_error.cuh"
 #include "check_common.h"
 
 namespace {
@@ -166,7 +171,14 @@ struct Result {
   std::vector<float> lse;
 };
 
-Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
+// --refusal: also make each FP8 kernel's call with an error pending before it (pending_kept)
+bool g_refusal = false;
+
+// kept != nullptr (--refusal): leave cudaErrorInvalidValue pending before the call, as an
+// unrelated earlier launch of the caller could; *kept = whether the call returned it or left it
+// pending (never cleared). The outputs are then whatever ran (the op may stop at its first
+// launch check).
+Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept = nullptr) {
   uint16_t* d_out;
   float* d_lse;
   CHECK_CUDA(cudaMalloc(&d_out, T * H * D * 2));
@@ -189,7 +201,16 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits) {
     CHECK_CUDA(cudaMalloc(&ws, p.workspace_bytes));
     p.workspace = ws;
   }
-  CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+  if (kept != nullptr) {
+    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
+    const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+    const cudaError_t ret = dsv4::sparse_attn(p, nullptr);
+    const cudaError_t pend = cudaGetLastError();
+    *kept = injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+  } else {
+    CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
+    CHECK_CUDA(cudaGetLastError());  // the op leaves no error pending
+  }
   CHECK_CUDA(cudaDeviceSynchronize());
   Result r;
   r.out.resize(T * H * D);
@@ -368,6 +389,13 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
       std::snprintf(name, sizeof(name), "FP8 %s == bf16  H=%d B=%lld bs=%lld splits=%d%s (HCA)",
                     kernel, H, (long long)B, (long long)bs, splits, kind);
       ok &= same(launch(fh, T, H, splits), ra, name, nan);
+      if (g_refusal) {
+        bool kept = false;
+        (void)launch(f, T, H, splits, &kept);
+        std::printf("%-4s FP8 %s H=%d B=%lld splits=%d: error pending before the call kept\n",
+                    kept ? "ok" : "FAIL", kernel, H, (long long)B, splits);
+        ok &= kept;
+      }
     }
     unsetenv("DSV4_SPARSE_FP8");
     cudaFree(const_cast<void*>(f.kv));
@@ -441,6 +469,84 @@ void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   cudaFree(out);
   cudaFree(lse);
   if (ws) cudaFree(ws);
+}
+
+// Decode at 1M context, one query per sequence (the runtime's step): HCA window 128 + 8,192
+// entries through a block table of 8 entries per block (1,024 tokens), and CSA window 128 +
+// top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1).
+void time_1m(int H, int64_t B, bool hca) {
+  const int64_t T = B, W = 128, s_k = 8192, bs_w = 128, bs_c = hca ? 8 : 64;
+  auto pool = [](int64_t n, int64_t bs) {
+    void* d = nullptr;
+    CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
+    return d;
+  };
+  std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
+  std::vector<float> sink(H, 0.f);
+  std::vector<int32_t> win(T * W);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < W; ++k) win[t * W + k] = static_cast<int32_t>(t * W + k);
+  dsv4::SparseAttnParams p;
+  p.q = dev(q);
+  p.q_stride_token = H * D;
+  p.q_stride_head = D;
+  p.kv = pool(B * W, bs_w);
+  p.kv_stride = bs_w * dsv4::kModel1EntryBytes;
+  p.n_kv = B * W;
+  p.kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.kv_block_size = bs_w;
+  p.indices = dev(win);
+  p.indices_stride = W;
+  p.topk = W;
+  p.attn_sink = dev(sink);
+  p.softmax_scale = 1.f / std::sqrt(float(D));
+  const int64_t n_c = B * s_k;
+  p.extra_kv = pool(n_c, bs_c);
+  p.extra_kv_stride = bs_c * dsv4::kModel1EntryBytes;
+  p.n_extra_kv = n_c;
+  p.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
+  p.extra_block_size = bs_c;
+  std::vector<int32_t> eidx, table, rows, lens;
+  if (!hca) {
+    std::mt19937 r(7);
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(s_k) - 1);
+    eidx.resize(T * 512);
+    for (int64_t t = 0; t < T; ++t)
+      for (int i = 0; i < 512; ++i) eidx[t * 512 + i] = static_cast<int32_t>(t * s_k + pick(r));
+    p.extra_indices = dev(eidx);
+    p.extra_indices_stride = 512;
+    p.extra_topk = 512;
+  } else {
+    const int64_t mb = s_k / bs_c;
+    table.resize(B * mb);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < mb; ++j) table[b * mb + j] = static_cast<int32_t>(b * mb + (j * 37) % mb);
+    rows.resize(T);
+    lens.assign(T, static_cast<int32_t>(s_k));
+    for (int64_t t = 0; t < T; ++t) rows[t] = static_cast<int32_t>(t);
+    p.extra_block_table = dev(table);
+    p.extra_block_table_stride = mb;
+    p.extra_block_table_rows = B;
+    p.extra_max_blocks = static_cast<int>(mb);
+    p.extra_rows = dev(rows);
+    p.extra_topk = static_cast<int>(s_k);
+    p.extra_topk_length = dev(lens);
+  }
+  char what[96];
+  std::snprintf(what, sizeof(what), "1M %s h%d b%lld x1 (window 128 + %s)", hca ? "HCA" : "CSA", H,
+                (long long)B, hca ? "8192 entries" : "top-512");
+  time_pair(p, T, H, what);
+  cudaFree(const_cast<void*>(p.q));
+  cudaFree(const_cast<void*>(p.kv));
+  cudaFree(const_cast<void*>(p.extra_kv));
+  cudaFree(const_cast<int32_t*>(p.indices));
+  cudaFree(const_cast<float*>(p.attn_sink));
+  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
+  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
+  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
+  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
+  CHECK_CUDA(cudaGetLastError());
 }
 
 // FlashMLA's decode shapes: B sequences x 2 queries, window 128 (pages of 256), and either a
@@ -529,7 +635,7 @@ void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::printf("SKIP: no CUDA device\n");
@@ -537,7 +643,41 @@ int main() {
   }
   std::mt19937 rng(1234);
   const bool fp8 = dsv4::sparse_attn_supports_fp8_cache(D);
+  if (argc > 1 && std::strcmp(argv[1], "--refusal") == 0) {
+    if (!fp8) {
+      std::printf("SKIP: the FP8 kernels need sm_90 (head_dim 512)\n");
+      return 0;
+    }
+    g_refusal = true;
+    bool ok = true;
+    setenv("DSV4_TEST_REFUSE", "launch", 1);
+    std::printf("-- DSV4_TEST_REFUSE=launch (the merge's programmatic launch refused)\n");
+    ok &= run(64, 1, 1, 200, 4, fp8, rng);              // split-K path
+    ok &= run(128, 2, 64, 1024, 8, fp8, rng);           // split-K, 2 head tiles
+    ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);
+    unsetenv("DSV4_TEST_REFUSE");
+    std::printf("-- DSV4_TEST_REFUSE unset (the programmatic launch)\n");
+    ok &= run(64, 1, 1, 200, 4, fp8, rng);
+    ok &= run(128, 2, 64, 1024, 8, fp8, rng);
+    std::printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+  }
   if (!fp8) std::printf("note: FP8 caches need sm_90 (head_dim 512): checking HCA mode only\n");
+  // --time-only: the timing tables alone (e.g. this check built against another build of the
+  // kernels, for a same-GPU comparison)
+  if (argc > 1 && std::strcmp(argv[1], "--time-only") == 0) {
+    if (!fp8) {
+      std::printf("SKIP: the FP8 kernels need sm_90 (head_dim 512)\n");
+      return 0;
+    }
+    time_decode(64, 2, 512, false, rng);
+    time_decode(128, 2, 1024, false, rng);
+    for (int64_t b : {1, 2, 4}) {
+      time_1m(64, b, true);
+      time_1m(64, b, false);
+    }
+    return 0;
+  }
   bool ok = true;
   ok &= run(64, 3, 64, 1024, 1, fp8, rng);
   ok &= run(64, 2, 61, 700, 1, fp8, rng);
@@ -545,6 +685,8 @@ int main() {
   ok &= run(64, 1, 1, 200, 4, fp8, rng);      // split-K path
   ok &= run(128, 2, 64, 1024, 8, fp8, rng);   // split-K path, 2 head tiles
   ok &= run(3, 5, 7, 150, 1, fp8, rng);       // 3 heads (a partial head tile)
+  ok &= run(64, 1, 8, 8192, 130, fp8, rng);   // 1M-context HCA shape: 130 splits of one block
+  ok &= run(3, 1, 8, 3000, 77, fp8, rng);     // many splits, 3 heads, a ragged last group
   if (fp8) {
     ok &= run(64, 3, 64, 1024, 1, fp8, rng, /*raw=*/true);
     ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);  // split-K, HCA pages of 2
@@ -560,6 +702,10 @@ int main() {
     time_decode(128, 64, 1024, false, rng);
     time_decode(64, 128, 0, true, rng);
     time_decode(128, 128, 0, true, rng);
+    for (int64_t b : {1, 2, 4}) {
+      time_1m(64, b, true);
+      time_1m(64, b, false);
+    }
   }
   std::printf("%s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;

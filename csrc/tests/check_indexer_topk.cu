@@ -12,6 +12,7 @@
 // query / launch, test only): the same indices, no error left pending, an error the caller left
 // pending never cleared.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dsv4/indexer_topk.h"
@@ -285,9 +287,14 @@ bool run_problem(const Problem& p, bool check_determinism = false) {
     ok = false;
     msg = std::string("error left pending: ") + cudaGetErrorName(pend) + "; " + msg;
   }
-  std::printf("%s %-44s T=%-6d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d ws=%zu%s%s\n",
+  dsv4::IndexerKeys kk;  // (dense keys: only rows and capacity matter for the plan)
+  kk.rows = p.B;
+  kk.capacity = p.C;
+  const bool wg = dsv4::indexer_topk_uses_wgmma(p.T, kk, p.H, p.D, p.k);
+  std::printf("%s %-44s T=%-6d B=%-3d C=%-6d H=%-3d D=%-3d k=%-4d ws=%zu%s%s%s\n",
               ok ? "ok  " : "FAIL", p.name.c_str(), p.T, p.B, p.C, p.H, p.D, p.k, d.ws_bytes,
-              ok ? "" : "  ", ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
+              wg ? " [wgmma]" : "", ok ? "" : "  ",
+              ok ? "" : (msg + " (" + std::to_string(bad) + " bad rows)").c_str());
   d.free_all();
   return ok;
 }
@@ -352,7 +359,7 @@ Timing time_cold(F&& fn, int reps, void* flush, size_t flush_bytes) {
 // cap: the key rows' capacity (0: N); decode rows see N entries of it.
 bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int reps,
                 std::vector<int> check_ts, void* flush, size_t flush_bytes, int cap = 0,
-                double* med_us = nullptr) {
+                double* med_us = nullptr, double* scan_us = nullptr) {
   const int H = 64, D = 128;
   const int C = cap > 0 ? cap : N;
   const size_t nq = static_cast<size_t>(T) * H * D, nk = static_cast<size_t>(B) * C * D;
@@ -433,6 +440,7 @@ bool bench_case(const char* kind, int T, int B, int N, int k, bool causal, int r
   for (int t = 0; t < T; ++t) flops += 2.0 * H * D * p.nv[t];
   key_bytes = causal ? static_cast<double>(N) * D * 2 : static_cast<double>(T) * N * D * 2;
   if (med_us) *med_us = full.med_us;
+  if (scan_us) *scan_us = scan.med_us;
   std::printf(
       "TIME %-8s T=%-6d N=%-7d C=%-6d k=%-5d full %9.1f us (min %9.1f)  scan-only %9.1f us  ratio %.3f  "
       "key-bytes %7.0f GB/s (%5.1f%% of 4.22 TB/s)  %6.1f TFLOP/s  splits-ws=%zuB  %s%s\n",
@@ -736,12 +744,32 @@ std::string spec_name(const StoreSpec& sp) {
   return n;
 }
 
-// e4m3 code of an integer in [-3, 3], or NaN (0x7f)
+// e4m3 code of a value that e4m3 represents exactly (integers in [-3, 3], the subnormals
+// m 2^-9, ...), or NaN (0x7f)
 uint8_t e4m3_of(float v) {
   if (std::isnan(v)) return 0x7f;
   const float a = std::fabs(v);
-  const uint8_t m = a == 0.f ? 0x00 : a == 1.f ? 0x38 : a == 2.f ? 0x40 : 0x44;
-  return static_cast<uint8_t>(m | (v < 0.f ? 0x80 : 0x00));
+  uint8_t m = 0x00;
+  if (a > 0.f && a < 0x1p-6f) {
+    m = static_cast<uint8_t>(a * 512.f);  // subnormal: exponent field 0, mantissa a / 2^-9
+  } else if (a > 0.f) {
+    const int e = static_cast<int>(std::floor(std::log2(a)));
+    m = static_cast<uint8_t>(((e + 7) << 3) | static_cast<int>((a / std::ldexp(1.f, e) - 1.f) * 8.f));
+  }
+  return static_cast<uint8_t>(m | (std::signbit(v) ? 0x80 : 0x00));
+}
+
+// An exact problem whose keys use e4m3 subnormals (m 2^-9), the smallest normals, +-0 and
+// integers up to 3 (FP8 stores only: build_store encodes them exactly), 8 heads with weights 1
+// or 2: every score is a multiple of 2^-9 below 2^14, exact in fp32 in any summation order.
+Problem make_fp8_codes_problem(const std::string& name, int T, int B, int C, std::mt19937& rng) {
+  Problem p = make_problem(name, T, B, C, 8, 128, 512, true, rng);
+  const float vals[] = {0.f, -0.f, 0x1p-9f, -0x1p-9f, 0x3p-9f, 0x7p-9f, -0x5p-9f, 0x1p-6f,
+                        -0x1.2p-6f, 0x1.ep-5f, 1.f, -1.f, 2.f, 3.f, -3.f, 0.5f};
+  std::uniform_int_distribution<int> vi(0, 15), wi(1, 2);
+  for (auto& v : p.keys) v = float_to_bf16(vals[vi(rng)]);
+  for (auto& v : p.w) v = static_cast<float>(wi(rng));
+  return p;
 }
 
 struct StoreBufs {
@@ -878,10 +906,12 @@ StoreBufs build_store(Problem& p, const StoreSpec& sp, std::mt19937& rng) {
   return sb;
 }
 
-// "cs=N" (the short path with clusters of N CTAs) or "split" (the split / merge path)
+// "cs=N" (the short path with clusters of N CTAs) or "split" (the split / merge path; "split
+// wgmma" when its scan runs on wgmma, DSV4_INDEXER_WGMMA=1)
 std::string path_name(const Problem& p, const dsv4::IndexerKeys& keys) {
   const int cs = dsv4::indexer_topk_short_cluster(p.T, keys, p.H, p.D, p.k);
-  return cs > 0 ? "short cs=" + std::to_string(cs) : "split";
+  if (cs > 0) return "short cs=" + std::to_string(cs);
+  return dsv4::indexer_topk_uses_wgmma(p.T, keys, p.H, p.D, p.k) ? "split wgmma" : "split";
 }
 
 // Runs p (already rewritten by build_store) on the store; checks every row against the
@@ -906,7 +936,7 @@ bool run_store(const Problem& p, const StoreBufs& sb, bool det, int expect_short
   CHECK_CUDA(cudaMemcpy(got.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
   bool ok = true;
   std::string msg;
-  if (expect_short >= 0 && (path != "split") != (expect_short == 1)) {
+  if (expect_short >= 0 && (path.rfind("short", 0) == 0) != (expect_short == 1)) {
     ok = false;
     msg = "unexpected path " + path;
   }
@@ -1041,6 +1071,21 @@ bool short_path_suite(std::mt19937& rng, int expect) {
     for (int sidx = 0; sidx < 1024; sidx += 5) p2.keys[static_cast<size_t>(sidx) * 128 + 3] = 0x7fc0;
     p2.nv = {1024, 333};
     ok &= run_spec(p2, f8, rng, false, expect);
+    // e4m3 subnormal / small codes (exact scores), NaN keys too; the long row (C = 40000)
+    // takes the split path whatever the short-path switch
+    Problem p5 = make_fp8_codes_problem("fp8 subnormal codes paged", 2, 2, 4096, rng);
+    for (int sidx = 0; sidx < 4096; sidx += 7) p5.keys[static_cast<size_t>(sidx) * 128 + 5] = 0x7fc0;
+    p5.nv = {4096, 2900};
+    ok &= run_spec(p5, f8, rng, true, expect);
+    StoreSpec f8d;
+    f8d.fp8 = true;
+    Problem p6 = make_fp8_codes_problem("fp8 subnormal codes dense b=1", 1, 1, 3000, rng);
+    p6.nv = {3000};
+    ok &= run_spec(p6, f8d, rng, false, expect);
+    Problem p7 = make_fp8_codes_problem("fp8 subnormal codes dense long", 2, 2, 40000, rng);
+    for (int sidx = 100; sidx < 40000; sidx += 97) p7.keys[static_cast<size_t>(sidx) * 128 + 64] = 0x7fc0;
+    p7.nv = {40000, 39001};
+    ok &= run_spec(p7, f8d, rng, false, expect == 1 ? 0 : -1);
     pg.bs = 64;
     Problem p3 = make_problem("short path D64 paged", 3, 3, 1536, 16, 64, 512, true, rng);
     p3.nv = {1536, 700, 0};
@@ -1202,7 +1247,329 @@ bool refusal_suite(std::mt19937& rng) {
     d.free_all();
   }
   unsetenv("DSV4_TEST_REFUSE");
+
+  // D: merge mode "coop" (short path off): the cooperative launch's occupancy query refused
+  // (nothing cached yet: the two launches run), then the default (the cooperative launch runs),
+  // then the cooperative launch refused (DSV4_TEST_REFUSE=launch: the two launches run): the
+  // same indices each time, and the counters say which path ran.
+  dsv4::indexer_topk_set_merge(4);
+  std::printf("-- merge coop, short path off: DSV4_TEST_REFUSE=query (no cooperative query cached "
+              "yet), then unset, then launch\n");
+  auto counts = [] {
+    long long l = 0, dcl = 0;
+    dsv4::indexer_topk_coop_counts(&l, &dcl);
+    return std::make_pair(l, dcl);
+  };
+  auto expect_path = [&](const Problem& p, const char* phase, std::pair<long long, long long> before,
+                         bool coop) {
+    const auto after = counts();
+    const bool good = coop ? (after.first > before.first && after.second == before.second)
+                           : (after.first == before.first && after.second > before.second);
+    std::printf("%s coop counters: %-30s %-34s launched +%lld, declined +%lld (expected %s)\n",
+                good ? "ok  " : "FAIL", phase, p.name.c_str(), after.first - before.first,
+                after.second - before.second, good ? "so" : coop ? "the cooperative launch" : "two launches");
+    return good;
+  };
+  std::vector<DeviceBufs> hd;
+  std::vector<IdxRun> qref(hp.size());
+  for (const Problem& p : hp) hd.push_back(upload(p));
+  setenv("DSV4_TEST_REFUSE", "query", 1);
+  for (size_t i = 0; i < hp.size(); ++i) {
+    const auto c0 = counts();
+    ok &= refusal_call(hp[i], hd[i], "coop query refused:", "split", true, nullptr, &qref[i]);
+    ok &= expect_path(hp[i], "coop query refused:", c0, false);
+  }
+  for (size_t i = 0; i < hp.size(); ++i) {
+    unsetenv("DSV4_TEST_REFUSE");
+    auto c0 = counts();
+    IdxRun def;
+    ok &= refusal_call(hp[i], hd[i], "coop default:", "split", true, &qref[i], &def);
+    ok &= expect_path(hp[i], "coop default:", c0, true);
+    setenv("DSV4_TEST_REFUSE", "launch", 1);
+    c0 = counts();
+    ok &= refusal_call(hp[i], hd[i], "coop launch refused:", "split", false, &def, nullptr);
+    ok &= expect_path(hp[i], "coop launch refused:", c0, false);
+    ok &= pending_kept(hp[i], hd[i], "coop launch refused:");
+  }
+  unsetenv("DSV4_TEST_REFUSE");
+  for (auto& d : hd) d.free_all();
   unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  dsv4::indexer_topk_set_merge(0);
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// --decode-suites / --bench-wgmma: the decode scan on wgmma (DSV4_INDEXER_WGMMA=1)
+// ---------------------------------------------------------------------------------------------
+// Every decode case of the suites above under the current environment (run it once as is and
+// once with DSV4_INDEXER_WGMMA=1): auto merge (tree below 17 splits, histogram select above:
+// both scan kernels), the tree for the long rows, and the short-row cases on the split path
+// (DSV4_INDEXER_TOPK_SHORT=0: paged with hidden blocks, FP8 dense / paged, heads 1 / 100, D 64).
+// (The full run's "histogram select for every split plan" pass is left out: same kernels, and
+// its prefill cases cost most of the CPU reference time.)
+bool decode_suites(std::mt19937& rng) {
+  dsv4::IndexerKeys kk;
+  kk.rows = 1;
+  kk.capacity = 262144;
+  const char* e = std::getenv("DSV4_INDEXER_WGMMA");
+  std::printf("-- decode suites, DSV4_INDEXER_WGMMA=%s (a 1M bf16 decode call takes the wgmma "
+              "scan: %s)\n",
+              e != nullptr ? e : "(unset)",
+              dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512) ? "yes" : "no");
+  // DSV4_INDEXER_WGMMA=1 but the plan does not take the wgmma scan: every case below would
+  // pass on the mma.sync scan, so say so instead of passing vacuously
+  const bool want_wg = e != nullptr && std::strcmp(e, "1") == 0;
+  bool ok = true;
+  if (want_wg && !dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512)) {
+    std::printf("FAIL DSV4_INDEXER_WGMMA=1 but a 1M bf16 decode call does not take the wgmma scan\n");
+    ok = false;
+  }
+  dsv4::indexer_topk_set_merge(0);
+  std::printf("-- merge: auto\n");
+  ok &= correctness_suite(rng);
+  ok &= long_decode_suite(rng);
+  std::printf("-- merge: tree\n");
+  dsv4::indexer_topk_set_merge(1);
+  ok &= long_decode_suite(rng);
+  dsv4::indexer_topk_set_merge(0);
+  setenv("DSV4_INDEXER_TOPK_SHORT", "0", 1);
+  // FP8 keys with more than 64 heads (two head blocks of the permuted q), dense and paged
+  auto fp8_two_head_blocks = [&rng] {
+    bool r = true;
+    StoreSpec f8;
+    f8.fp8 = true;
+    Problem p = make_problem("fp8 dense heads=100 split", 3, 3, 5000, 100, 128, 512, true, rng);
+    p.rows = {2, 0, 1};
+    p.nv = {5000, 2345, 129};
+    r &= run_spec(p, f8, rng, false, 0);
+    f8.paged = true;
+    f8.hide_every = 5;
+    Problem p2 = make_problem("fp8 paged heads=128 split", 2, 2, 4096, 128, 128, 256, true, rng);
+    p2.nv = {4096, 3001};
+    r &= run_spec(p2, f8, rng, false, 0);
+    return r;
+  };
+  std::printf("-- short-row cases on the split path (DSV4_INDEXER_TOPK_SHORT=0), merge auto\n");
+  ok &= short_decode_suite(rng);
+  ok &= short_path_suite(rng, 0);
+  ok &= fp8_two_head_blocks();
+  // the same cases with the selection inside a cooperative scan grid (merge coop; under
+  // DSV4_INDEXER_WGMMA=1 its candidates reuse the key tiles while q stays in shared memory)
+  std::printf("-- short-row cases on the split path, merge coop\n");
+  long long l0 = 0, l1 = 0;
+  dsv4::indexer_topk_coop_counts(&l0, nullptr);
+  dsv4::indexer_topk_set_merge(4);
+  ok &= short_path_suite(rng, 0);
+  ok &= fp8_two_head_blocks();
+  dsv4::indexer_topk_set_merge(0);
+  dsv4::indexer_topk_coop_counts(&l1, nullptr);
+  std::printf("%s merge coop: %lld cooperative launches\n", l1 > l0 ? "ok  " : "FAIL", l1 - l0);
+  ok &= l1 > l0;
+  unsetenv("DSV4_INDEXER_TOPK_SHORT");
+  return ok;
+}
+
+// Exact fp32 value of an e4m3 code (no NaN codes here).
+float e4m3_value(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9)
+                           : std::ldexp(1.f + static_cast<float>(m) / 8.f, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+
+// FP8 indexer blocks for the bench: values like fill_bf16's (x 16, e4m3, saturating), scale
+// 1/16 per entry (a power of two, as the cache's).
+__global__ void fill_fp8_blocks(uint8_t* pool, int64_t n_blocks, int bs, int D, int64_t stride,
+                                uint64_t seed) {
+  const int64_t per = static_cast<int64_t>(bs) * D;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < n_blocks * per; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed ^ (static_cast<uint64_t>(i) * 0x2545f4914f6cdd1dull));
+    float v = 0.f;
+    for (int j = 0; j < 3; ++j) v += static_cast<float>((h >> (j * 21)) & 0x1fffff) / 1048576.f - 1.f;
+    pool[(i / per) * stride + i % per] =
+        static_cast<uint8_t>(__nv_cvt_float_to_fp8(v * 16.f, __NV_SATFINITE, __NV_E4M3));
+  }
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_blocks * bs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    *reinterpret_cast<float*>(pool + (i / bs) * stride + per + (i % bs) * 4) = 0.0625f;
+  }
+}
+
+// One decode bench case on FP8 paged keys (block size 64; row b owns blocks [b mb, b mb + mb)),
+// T queries over N entries each, H 64, D 128: cold-L2 time of the full call, and (check) query
+// 0 checked against the CPU reference on the decoded keys.
+bool bench_fp8_case(int T, int N, int k, int reps, bool check, void* flush, size_t flush_bytes,
+                    double* med_us) {
+  const int H = 64, D = 128, bs = 64;
+  const int mb = (N + bs - 1) / bs;
+  const int64_t stride = (static_cast<int64_t>(bs) * (D + 4) + 15) / 16 * 16;
+  const int64_t nblk = static_cast<int64_t>(T) * mb;
+  uint8_t* pool = nullptr;
+  int32_t* bt = nullptr;
+  CHECK_CUDA(cudaMalloc(&pool, nblk * stride));
+  CHECK_CUDA(cudaMalloc(&bt, nblk * 4));
+  std::vector<int32_t> bth(nblk);
+  std::iota(bth.begin(), bth.end(), 0);
+  CHECK_CUDA(cudaMemcpy(bt, bth.data(), nblk * 4, cudaMemcpyHostToDevice));
+  fill_fp8_blocks<<<4096, 256>>>(pool, nblk, bs, D, stride, 7);
+  CHECK_CUDA(cudaGetLastError());
+  dsv4::IndexerKeys keys;
+  keys.data = pool;
+  keys.format = dsv4::CacheFormat::kFp8Indexer;
+  keys.stride_block = stride;
+  keys.rows = T;
+  keys.block_table = bt;
+  keys.block_table_stride = mb;
+  keys.max_blocks = mb;
+  keys.block_size = bs;
+  keys.num_blocks = nblk;
+  DeviceBufs d;
+  const size_t nq = static_cast<size_t>(T) * H * D;
+  CHECK_CUDA(cudaMalloc(&d.q, nq * 2));
+  CHECK_CUDA(cudaMalloc(&d.w, static_cast<size_t>(T) * H * 4));
+  CHECK_CUDA(cudaMalloc(&d.rows, T * 4));
+  CHECK_CUDA(cudaMalloc(&d.nv, T * 4));
+  CHECK_CUDA(cudaMalloc(&d.out, static_cast<size_t>(T) * k * 4));
+  fill_bf16<<<1024, 256>>>(static_cast<__nv_bfloat16*>(d.q), nq, 1);
+  fill_f32<<<256, 256>>>(d.w, static_cast<size_t>(T) * H, 3, 0.0156f);
+  CHECK_CUDA(cudaGetLastError());
+  std::vector<int32_t> rows(T), nv(T, N);
+  std::iota(rows.begin(), rows.end(), 0);
+  CHECK_CUDA(cudaMemcpy(d.rows, rows.data(), T * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d.nv, nv.data(), T * 4, cudaMemcpyHostToDevice));
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  d.ws_bytes = dsv4::indexer_topk_workspace_bytes(T, keys, H, D, k, dev);
+  if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
+  CHECK_CUDA(cudaMemset(d.out, 0x7f, static_cast<size_t>(T) * k * 4));
+  auto go = [&] {
+    return dsv4::indexer_topk(d.q, static_cast<int64_t>(H) * D, D, d.w, H, keys, d.rows, d.nv,
+                              d.out, k, T, H, D, k, d.ws, d.ws_bytes, nullptr);
+  };
+  const Timing full = time_cold([&] { CHECK_CUDA(go()); }, reps, flush, flush_bytes);
+  bool ok = true;
+  std::string msg;
+  std::vector<int32_t> got(static_cast<size_t>(T) * k);
+  CHECK_CUDA(cudaMemcpy(got.data(), d.out, got.size() * 4, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size() && ok; ++i)
+    if (got[i] == 0x7f7f7f7f) ok = false, msg = "unwritten output slot";
+  if (check && ok) {  // query 0 (row 0: blocks [0, mb))
+    Problem one;
+    one.name = "fp8 paged";
+    one.T = 1, one.B = 1, one.C = N, one.H = H, one.D = D, one.k = k, one.c_store = N;
+    one.exact = false;
+    one.rows = {0};
+    one.nv = {N};
+    one.q.resize(static_cast<size_t>(H) * D);
+    one.w.resize(H);
+    CHECK_CUDA(cudaMemcpy(one.q.data(), d.q, one.q.size() * 2, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(one.w.data(), d.w, H * 4, cudaMemcpyDeviceToHost));
+    std::vector<uint8_t> raw(static_cast<size_t>(mb) * stride);
+    CHECK_CUDA(cudaMemcpy(raw.data(), pool, raw.size(), cudaMemcpyDeviceToHost));
+    one.keys.resize(static_cast<size_t>(N) * D);
+    for (int sidx = 0; sidx < N; ++sidx) {
+      const uint8_t* blk = raw.data() + static_cast<size_t>(sidx / bs) * stride;
+      const int e = sidx % bs;
+      float sc;
+      std::memcpy(&sc, blk + static_cast<size_t>(bs) * D + e * 4, 4);
+      for (int dd = 0; dd < D; ++dd)
+        one.keys[static_cast<size_t>(sidx) * D + dd] =
+            float_to_bf16(e4m3_value(blk[static_cast<size_t>(e) * D + dd]) * sc);
+    }
+    const std::string e = check_row(one, 0, got.data());
+    if (!e.empty()) ok = false, msg = "t=0: " + e;
+  }
+  const bool wg = dsv4::indexer_topk_uses_wgmma(T, keys, H, D, k);
+  const double key_bytes = static_cast<double>(T) * N * (D + 4);
+  if (med_us) *med_us = full.med_us;
+  std::printf("TIME fp8pg    T=%-6d N=%-7d k=%-5d full %9.1f us (min %9.1f)  key-bytes %7.0f GB/s  "
+              "[%s]  %s%s\n",
+              T, N, k, full.med_us, full.min_us, key_bytes / full.med_us * 1e-3,
+              wg ? "wgmma" : "default", ok ? "check ok" : "CHECK FAIL: ", ok ? "" : msg.c_str());
+  d.free_all();
+  CHECK_CUDA(cudaFree(pool));
+  CHECK_CUDA(cudaFree(bt));
+  return ok;
+}
+
+// The wgmma scan against the default one, same process, cold L2: bf16 dense (full call and
+// scan only) and FP8 paged (full call), decode batch 1 / 32 / 128 at 1M context (262144
+// entries) and batch 1 at 32K (8192 entries: the short path, the same code either way).
+bool bench_wgmma() {
+  void* flush = nullptr;
+  const size_t flush_bytes = 256ull << 20;
+  CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+  dsv4::indexer_topk_set_merge(0);
+  dsv4::indexer_topk_set_tuning(0, 0);
+  struct Case {
+    bool fp8;
+    int b, n;
+  };
+  const Case cases[] = {{false, 1, 262144}, {false, 32, 262144}, {false, 128, 262144},
+                        {false, 1, 8192},   {true, 1, 262144},   {true, 32, 262144},
+                        {true, 128, 262144}, {true, 1, 8192}};
+  bool ok = true;
+  std::vector<std::string> summary;
+  for (const Case& c : cases) {
+    double full[2] = {0, 0}, scan[2] = {0, 0};
+    const int reps = c.b == 1 ? 15 : (c.b == 32 ? 7 : 5);
+    for (int v = 0; v < 2; ++v) {
+      if (v == 0) unsetenv("DSV4_INDEXER_WGMMA");
+      else setenv("DSV4_INDEXER_WGMMA", "1", 1);
+      if (c.fp8) {
+        ok &= bench_fp8_case(c.b, c.n, 512, reps, c.b == 1, flush, flush_bytes, &full[v]);
+      } else {
+        ok &= bench_case(v == 0 ? "default" : "wgmma", c.b, c.b, c.n, 512, false, reps,
+                         c.b == 1 ? std::vector<int>{0} : std::vector<int>{}, flush, flush_bytes,
+                         0, &full[v], &scan[v]);
+      }
+    }
+    char buf[320];
+    if (c.fp8) {
+      std::snprintf(buf, sizeof(buf),
+                    "WGMMA fp8 paged  b=%-3d N=%-6d k=512  full: default %8.1f us  wgmma %8.1f us  "
+                    "x%.2f",
+                    c.b, c.n, full[0], full[1], full[0] / full[1]);
+    } else {
+      std::snprintf(buf, sizeof(buf),
+                    "WGMMA bf16 dense b=%-3d N=%-6d k=512  full: default %8.1f us  wgmma %8.1f us  "
+                    "x%.2f   scan-only: default %8.1f us  wgmma %8.1f us  x%.2f",
+                    c.b, c.n, full[0], full[1], full[0] / full[1], scan[0], scan[1],
+                    scan[0] / scan[1]);
+    }
+    summary.push_back(buf);
+  }
+  unsetenv("DSV4_INDEXER_WGMMA");
+  for (const auto& l : summary) std::printf("%s\n", l.c_str());
+  CHECK_CUDA(cudaFree(flush));
+  return ok;
+}
+
+// --suites M: every correctness suite under merge mode M alone (0 auto: the short path where
+// eligible; other modes: the split path), with the number of cooperative launches made and
+// declined (mode 4).
+bool merge_suites(int mode, std::mt19937& rng) {
+  static const char* const names[] = {"auto", "tree", "hist", "legacy", "coop"};
+  dsv4::indexer_topk_set_merge(mode);
+  long long l0 = 0, d0 = 0;
+  dsv4::indexer_topk_coop_counts(&l0, &d0);
+  std::printf("-- merge %s: correctness suite\n", names[mode]);
+  bool ok = correctness_suite(rng);
+  std::printf("-- merge %s: long decode\n", names[mode]);
+  ok &= long_decode_suite(rng);
+  std::printf("-- merge %s: short decode\n", names[mode]);
+  ok &= short_decode_suite(rng);
+  std::printf("-- merge %s: short-row path cases (dense / paged / FP8)\n", names[mode]);
+  ok &= short_path_suite(rng, mode == 0 ? 1 : 0);
+  long long l1 = 0, d1 = 0;
+  dsv4::indexer_topk_coop_counts(&l1, &d1);
+  std::printf("COOP counters (merge %s): %lld cooperative launches, %lld declined\n", names[mode],
+              l1 - l0, d1 - d0);
+  if (mode == 4 && l1 == l0) {
+    std::printf("FAIL merge coop: no cooperative launch ran\n");
+    ok = false;
+  }
   dsv4::indexer_topk_set_merge(0);
   return ok;
 }
@@ -1225,18 +1592,89 @@ int main(int argc, char** argv) {
     std::printf("%s\n", rok ? "PASS" : "FAIL");
     return rok ? 0 : 1;
   }
+  // --suites M: the correctness suites under merge mode M (0-4) alone
+  if (argc > 2 && std::string(argv[1]) == "--suites") {
+    const int mode = std::atoi(argv[2]);
+    if (mode < 0 || mode > 4) {
+      std::printf("usage: --suites M, merge mode M in 0-4\n");
+      return 2;
+    }
+    const bool sok = merge_suites(mode, rng);
+    std::printf("%s\n", sok ? "PASS" : "FAIL");
+    return sok ? 0 : 1;
+  }
+  // --bench-coop: merge coop vs hist vs tree, same process, cold L2 (decode, topk 512)
+  if (argc > 1 && std::string(argv[1]) == "--bench-coop") {
+    void* flush = nullptr;
+    const size_t flush_bytes = 256ull << 20;
+    CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+    bool bok = true;
+    const int cases[][2] = {{1, 262144}, {2, 262144}, {4, 262144}, {7, 262144}, {1, 32768}};
+    std::vector<std::string> summary;
+    for (const auto& c : cases) {
+      const int b = c[0], n = c[1];
+      double full[3] = {0, 0, 0}, scan[3] = {0, 0, 0};
+      const int modes[3] = {4, 2, 1};
+      long long l0 = 0, l1 = 0;
+      for (int m = 0; m < 3; ++m) {
+        dsv4::indexer_topk_set_merge(modes[m]);
+        if (m == 0) dsv4::indexer_topk_coop_counts(&l0, nullptr);
+        // CPU checks cost ~1 s per 1M row: query 0 under coop (and b = 1 rows everywhere)
+        std::vector<int> ts;
+        if (m == 0 || n < 262144) ts = {0};
+        if (m == 0 && b > 1 && n < 262144) ts.push_back(b - 1);
+        bok &= bench_case(m == 0 ? "coop" : m == 1 ? "hist" : "tree", b, b, n, 512, false, 20, ts,
+                          flush, flush_bytes, 0, &full[m], &scan[m]);
+        if (m == 0) dsv4::indexer_topk_coop_counts(&l1, nullptr);
+      }
+      char buf[320];
+      std::snprintf(buf, sizeof(buf),
+                    "COOP b=%d N=%-6d k=512  coop %6.1f us  hist %6.1f us  tree %6.1f us  "
+                    "scan-only %5.1f us  coop/hist %.2f  after-scan: coop %5.1f hist %5.1f us  "
+                    "[%s]",
+                    b, n, full[0], full[1], full[2], scan[1], full[0] / full[1],
+                    full[0] - scan[1], full[1] - scan[1],
+                    l1 > l0 ? "cooperative launch" : "COOP NOT LAUNCHED");
+      if (l1 == l0) bok = false;
+      summary.push_back(buf);
+    }
+    dsv4::indexer_topk_set_merge(0);
+    for (const auto& l : summary) std::printf("%s\n", l.c_str());
+    CHECK_CUDA(cudaFree(flush));
+    std::printf("%s\n", bok ? "PASS" : "FAIL");
+    return bok ? 0 : 1;
+  }
+  // --decode-suites: every decode case under the current environment (DSV4_INDEXER_WGMMA=1:
+  // the wgmma scan); --bench-wgmma: the wgmma scan against the default, same process
+  if (argc > 1 && std::string(argv[1]) == "--decode-suites") {
+    const bool dok = decode_suites(rng);
+    std::printf("%s (decode suites)\n", dok ? "PASS" : "FAIL");
+    return dok ? 0 : 1;
+  }
+  if (argc > 1 && std::string(argv[1]) == "--bench-wgmma") {
+    const bool bok = bench_wgmma();
+    std::printf("%s (wgmma bench checks)\n", bok ? "PASS" : "FAIL");
+    return bok ? 0 : 1;
+  }
   // --bench-one T N k [merge]: one decode bench case alone (a profiler's target, e.g.
-  // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy.
+  // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy, 4 coop.
+  // DSV4_INDEXER_WGMMA=1 in the environment: the wgmma scan where eligible (the TIME line's
+  // kind says "wgmma" then).
   if (argc > 4 && std::string(argv[1]) == "--bench-one") {
     const int T = std::atoi(argv[2]), N = std::atoi(argv[3]), k = std::atoi(argv[4]);
     if (T < 1 || N < 1 || k < 1) {
-      std::printf("usage: --bench-one T N k [merge 0-3], each of T, N, k >= 1\n");
+      std::printf("usage: --bench-one T N k [merge 0-4], each of T, N, k >= 1\n");
       return 2;
     }
     dsv4::indexer_topk_set_merge(argc > 5 ? std::atoi(argv[5]) : 0);
     void* flush = nullptr;
     CHECK_CUDA(cudaMalloc(&flush, 256ull << 20));
-    const bool bok = bench_case("decode", T, T, N, k, false, 5, {0}, flush, 256ull << 20);
+    dsv4::IndexerKeys kk;
+    kk.rows = T;
+    kk.capacity = N;
+    const bool wg = dsv4::indexer_topk_uses_wgmma(T, kk, 64, 128, k);
+    const bool bok = bench_case(wg ? "wgmma" : "decode", T, T, N, k, false, 5, {0}, flush,
+                                256ull << 20);
     CHECK_CUDA(cudaFree(flush));
     std::printf("%s\n", bok ? "PASS" : "FAIL");
     return bok ? 0 : 1;
@@ -1253,13 +1691,17 @@ int main(int argc, char** argv) {
   std::printf("-- merge: histogram select for every split decode plan\n");
   dsv4::indexer_topk_set_merge(2);
   ok &= correctness_suite(rng);
+  std::printf("-- merge: coop (histogram select inside a cooperative scan grid)\n");
+  dsv4::indexer_topk_set_merge(4);
+  ok &= correctness_suite(rng);
+  ok &= long_decode_suite(rng);
   // The same cases with the alternative decode tile (128 keys per stage, 4 stages).
   std::printf("-- decode tile 128 (tuning variant), merge: histogram select\n");
   dsv4::indexer_topk_set_tuning(128, 0);
   ok &= correctness_suite(rng);
   dsv4::indexer_topk_set_tuning(0, 0);
-  for (int mode : {0, 1, 2, 3}) {
-    static const char* const names[] = {"auto", "tree", "hist", "legacy"};
+  for (int mode : {0, 1, 2, 3, 4}) {
+    static const char* const names[] = {"auto", "tree", "hist", "legacy", "coop"};
     std::printf("-- short decode, merge: %s\n", names[mode]);
     dsv4::indexer_topk_set_merge(mode);
     ok &= short_decode_suite(rng);

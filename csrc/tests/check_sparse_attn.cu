@@ -500,6 +500,11 @@ int main(int argc, char** argv) {
         {"d128 h64 split", 5, 64, 128, 300, 100, false, 200, 190, true, true, 4, 8, 0.2, true},
         {"d64 h1", 17, 1, 64, 128, 129, true, 64, 3, true, true, 1, 0, 0.2, true},
         {"d64 h128 strided", 13, 128, 64, 128, 127, false, 0, 0, false, false, 1, 8, 0.2, true},
+        // many splits: the combine kernel's split groups (512 threads = 4 groups at d512, 32 at
+        // d64, 16 at d128), ragged last groups, empty splits past the lengths
+        {"d512 h64 T=1 auto (130 splits)", 1, 64, 512, 200, 128, true, 9000, 8192, true, true, 0, 0, 0.05, false},
+        {"d64 h3 split 77", 2, 3, 64, 300, 128, true, 5000, 4800, true, true, 77, 0, 0.1, true},
+        {"d128 h16 split 100", 3, 16, 128, 300, 128, true, 7000, 6300, true, true, 100, 0, 0.1, true},
     };
     if (mode == "tiny") cases.resize(2);
     if (mode != "quick" && mode != "tiny") {

@@ -274,6 +274,18 @@ def test_cuda_long_prefill_many_entries():
 
 @pytest.mark.cuda
 @needs_kernel
+@pytest.mark.parametrize("seqs", [[(1048575, 1, 8192)], [(1048575, 1, 8192), (300000, 1, 2400)]],
+                         ids=["b1-1M", "b2"])
+def test_cuda_decode_at_1m_context(seqs):
+    """Decode at 1M context (8,192 entries in blocks of 8, the runtime's paging): 130 key splits
+    of one block at batch 1 (65 of two at batch 2), merged by the combine kernel."""
+    a = make_problem(seqs, H=64, D=512, bs=8, W=128, seed=11, device="cuda",
+                     dtype=torch.bfloat16)
+    _check_kernel(a)
+
+
+@pytest.mark.cuda
+@needs_kernel
 def test_cuda_empty_scopes_and_sink():
     a = make_problem(DECODE, H=8, D=512, bs=3, W=128, seed=2, device="cuda",
                      dtype=torch.bfloat16)

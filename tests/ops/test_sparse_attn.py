@@ -374,6 +374,25 @@ def test_cuda_decode_shapes_split_path(H, batch):
         _check_kernel(a, out_variant)
 
 
+@pytest.mark.cuda
+@needs_kernel
+@pytest.mark.parametrize("T,K2", [(1, 8000), (1, 4100), (3, 2000)])
+def test_cuda_decode_many_splits(T, K2):
+    """One to three decode tokens over window 128 + a long compressed list (up to 127 key
+    blocks): more than 64 splits at T = 1, each of one or two blocks, merged by the combine
+    kernel's split groups (ragged last group); lengths cut some splits empty."""
+    D, H = 512, 64
+    g = torch.Generator().manual_seed(K2 + T)
+    a = _random_case(T, H, D, 128 * T, 128, 3 * K2, K2, seed=K2 + T, device="cuda",
+                     dtype=torch.bfloat16, sink_inf=False)
+    a["indices"] = (torch.arange(T)[:, None] * 128 + torch.arange(128)).int().cuda()
+    ln2 = torch.randint(K2 // 2, K2 + 1, (T,), generator=g, dtype=torch.int32)
+    ln2[0] = K2
+    a["extra_topk_length"] = ln2.cuda()
+    for out_variant in (False, True):
+        _check_kernel(a, out_variant)
+
+
 # FP8 (MODEL1) caches: both kernels (DSV4_SPARSE_FP8 = old / new) against the fp32 reference
 # of the same FP8 bytes, and bit-equal to each other (the new kernel keeps the old one's math).
 def _fp8_pools(a, bs1=64, bs2=64):

@@ -139,12 +139,22 @@ void indexer_topk_set_tuning(int decode_tile_keys, int stages);
 // split of a decode query scores at least max(1024, 2 topk) keys instead of 128 keys, so a
 // short row is scored by a single CTA) and the previous decode selection tail (in the radix
 // histogram one shared atomic per lane unless the whole warp hits one bin, a CTA barrier
-// after every bitonic step), -1
+// after every bitonic step), 4 "coop": the plans of mode 2, with the scan grid launched
+// cooperatively where all of its CTAs can be resident at once (decode, batch <= 7 at 1M on 132
+// SMs), finishing the histogram select inside it (two grid barriers, then every CTA ranks a slice
+// of the candidates by counting) instead of a second launch; mode 2's two launches where the
+// grid cannot be co-resident or the device refuses the launch. -1
 // (default) the environment variable
-// DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", "legacy", anything else / unset =
-// auto. Every mode returns the same indices (the contract above); this exists for tests and
+// DSV4_INDEXER_TOPK_MERGE read at each call: "tree", "hist", "legacy", "coop", anything else /
+// unset = auto. Every mode returns the same indices (the contract above); this exists for tests and
 // benches.
 void indexer_topk_set_merge(int mode);
+
+// Test aid for merge mode 4 ("coop"): how many calls in this process so far launched the scan
+// grid cooperatively (launched), and how many took the two-launch path instead (declined: the
+// grid cannot be co-resident, a query or the launch was refused, or the caller had an error
+// pending). Either pointer may be null.
+void indexer_topk_coop_counts(long long* launched, long long* declined);
 
 // Short-row decode path: for decode plans (one query per CTA) with at most 16 queries, at most
 // 128 heads and a logical capacity C of at most 16 x 1024 entries (8 x 1024 when 16-CTA
@@ -158,5 +168,15 @@ void indexer_topk_set_merge(int mode);
 // device now, or 0 when the call takes the split / merge path (tests and benches).
 int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t heads,
                                int64_t head_dim, int64_t topk);
+
+// Decode scan on wgmma (sm_90a warpgroup MMA; q in shared memory, 64 keys per MMA chain):
+// DSV4_INDEXER_WGMMA=1 (read at each call; default off) selects it for split / merge decode
+// plans (one query per CTA) with head_dim 128, the default 256-key decode tile and at most 128
+// heads, on sm_90; everything else (prefill plans, the short path, other shapes) runs as
+// before. Same contract and indices (scores differ only by fp32 summation order). This aid
+// returns whether indexer_topk would run the wgmma scan for these arguments now (tests and
+// benches).
+bool indexer_topk_uses_wgmma(int64_t tokens, const IndexerKeys& keys, int64_t heads,
+                             int64_t head_dim, int64_t topk);
 
 }  // namespace dsv4

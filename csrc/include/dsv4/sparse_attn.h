@@ -104,8 +104,9 @@ struct SparseAttnParams {
   size_t workspace_bytes = 0;
 };
 
-// Most splits sparse_attn accepts.
-constexpr int kSparseAttnMaxSplits = 64;
+// Most splits sparse_attn accepts (and sparse_attn_num_splits chooses: one 64-key block per
+// split at batch 1 for up to 256 blocks, e.g. an HCA layer's 8,192 entries at 1M context).
+constexpr int kSparseAttnMaxSplits = 256;
 
 // Whether head_dim is one the kernel is compiled for (64, 128, 256, 512).
 bool sparse_attn_supports_head_dim(int64_t head_dim);
