@@ -663,6 +663,21 @@ int main(int argc, char** argv) {
     return ok ? 0 : 1;
   }
   if (!fp8) std::printf("note: FP8 caches need sm_90 (head_dim 512): checking HCA mode only\n");
+  // --time-only: the timing tables alone (e.g. this check built against another build of the
+  // kernels, for a same-GPU comparison)
+  if (argc > 1 && std::strcmp(argv[1], "--time-only") == 0) {
+    if (!fp8) {
+      std::printf("SKIP: the FP8 kernels need sm_90 (head_dim 512)\n");
+      return 0;
+    }
+    time_decode(64, 2, 512, false, rng);
+    time_decode(128, 2, 1024, false, rng);
+    for (int64_t b : {1, 2, 4}) {
+      time_1m(64, b, true);
+      time_1m(64, b, false);
+    }
+    return 0;
+  }
   bool ok = true;
   ok &= run(64, 3, 64, 1024, 1, fp8, rng);
   ok &= run(64, 2, 61, 700, 1, fp8, rng);
