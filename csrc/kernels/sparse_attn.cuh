@@ -570,6 +570,11 @@ __global__ void __launch_bounds__(WM * WN * 32, 1)
 // adds in the same order (groups in order, each group's splits in order); L is the serial sum
 // in split order as before.
 constexpr int kCombineThreads = 512;
+// Threads of a merge CTA for `ns` splits: the groups pay only when there are many splits (a
+// 512-thread CTA per (token, head) measured 5-10 us slower than the 64-thread merge at 9-18
+// splits on an H100, bench/README.md "Session of 2026-12-06, tenth"); up to 32 splits one group
+// of 64 threads walks them (8 loads in flight per thread).
+inline int combine_threads(int ns) { return ns > 32 ? kCombineThreads : 64; }
 
 template <int D>
 __global__ void __launch_bounds__(kCombineThreads) sparse_attn_combine_kernel(const SparseAttnParams p) {
@@ -694,7 +699,7 @@ cudaError_t launch(const SparseAttnParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
   sparse_attn_combine_kernel<D>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), combine_threads(p.num_splits), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -1265,7 +1270,7 @@ cudaError_t launch_wgmma(const SparseAttnParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess || !split) return err;
   sparse_attn_combine_kernel<D>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), combine_threads(p.num_splits), 0, stream>>>(p);
   return cudaGetLastError();
 }
 

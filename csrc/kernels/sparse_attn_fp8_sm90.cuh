@@ -608,7 +608,7 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
   if (!error_pending()) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.num_tokens * p.num_heads));
-    cfg.blockDim = dim3(kCombineThreads);
+    cfg.blockDim = dim3(combine_threads(p.num_splits));
     cfg.dynamicSmemBytes = 0;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -624,7 +624,7 @@ inline cudaError_t launch_fp8_ws(const SparseAttnParams& p, cudaStream_t stream)
     clear_own_error(err);  // this launch's own refusal (nothing was pending before it)
   }
   sparse_attn_combine_kernel<kD>
-      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), kCombineThreads, 0, stream>>>(p);
+      <<<static_cast<unsigned>(p.num_tokens * p.num_heads), combine_threads(p.num_splits), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
