@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["GenerationResult", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
+__all__ = ["GenerationResult", "check_eos_id", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
 
 FinishReason = Literal["eos", "length", "stop"]
 
@@ -234,6 +235,27 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
     return prompt, stops
 
 
+def check_eos_id(eos_id: Any) -> int | None:
+    """``eos_id`` of :func:`generate` (and ``dsv4.runtime.generate``) as a python int, or None.
+
+    Any integer (python, numpy or a 0-d torch integer) is accepted; one outside the vocabulary
+    never matches a sampled id. Anything else (a string, a float, a bool) would silently
+    never match (or, for ``True``, match id 1), so it is refused.
+
+    Raises:
+        ValueError: ``eos_id`` is not None and not an integer.
+    """
+    if eos_id is None:
+        return None
+    if not isinstance(eos_id, (bool, str, bytes, float)):
+        try:
+            return operator.index(eos_id)
+        except TypeError:
+            pass
+    raise ValueError(f"eos_id must be None or an integer (a token id; None = never stop at "
+                     f"EOS), got {eos_id!r}")
+
+
 def _final_text(decoder, stops, finish: str, on_token) -> str | None:
     """The generated text once generation ended (None without a tokenizer): the decoder's held
     bytes unless a stop string ended it, the stop-string filter's held-back tail passed to
@@ -331,7 +353,8 @@ def generate(
         seed: seeds a ``torch.Generator`` on the model's device, making sampled runs
             reproducible; ``None`` → a nondeterministic seed.
         eos_id: generation stops when this id is sampled; it is neither returned nor passed to
-            ``on_token``. ``None`` disables EOS stopping.
+            ``on_token``. ``None`` disables EOS stopping (as does an id outside the
+            vocabulary); anything but None or an integer is a ValueError.
         stop_strings: generation stops once the decoded text contains one of them; the text is
             cut before it (needs ``tokenizer``). Streamed text that might begin a stop string is
             held back until it is decided.
@@ -346,10 +369,12 @@ def generate(
 
     Raises:
         ValueError: invalid sampling arguments, ``max_new_tokens < 0``, an empty prompt, a
-            negative prompt id, or ``stop_strings`` without a tokenizer.
+            negative prompt id, an ``eos_id`` that is not None or an integer
+            (:func:`check_eos_id`), or ``stop_strings`` without a tokenizer.
     """
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
+    eos_id = check_eos_id(eos_id)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 
