@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+from .cache import check_count
+
 __all__ = ["GenerationResult", "check_eos_id", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
 
 FinishReason = Literal["eos", "length", "stop"]
@@ -206,8 +208,7 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
             ``stop_strings`` without a tokenizer, or a seed outside [0, 2**64).
     """
     check_sampling_args(temperature, top_p, top_k)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens", 0)   # numpy / 0-d torch ints as SamplingParams
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
             raise ValueError(f"prompt_ids must be a 1-D integer tensor or a list of ints, got "
@@ -375,6 +376,7 @@ def generate(
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
     eos_id = check_eos_id(eos_id)
+    max_new_tokens = operator.index(max_new_tokens)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 

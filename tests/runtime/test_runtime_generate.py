@@ -69,3 +69,16 @@ def test_eos_id_that_is_not_an_integer_is_refused_alike(model, eos):
         with pytest.raises(ValueError, match=r"eos_id must be None or an integer"):
             fn(model, [4, 8, 15], 2, eos_id=eos)
 
+
+def test_integer_like_counts_are_accepted_alike(model):
+    """numpy / 0-d torch integers for max_new_tokens and eos_id, as SamplingParams, the seed
+    and the prompt ids take them (the model loop refused max_new_tokens=np.int64(3) as "not an
+    integer >= 0")."""
+    import numpy as np
+    want = model_generate(model, [4, 8, 15], 3, eos_id=None)
+    eos = want.token_ids[1]        # stops at the second token
+    for n, e in ((np.int64(3), np.int64(eos)), (torch.tensor(3), torch.tensor(eos))):
+        for fn in (engine_generate, model_generate):
+            r = fn(model, [4, 8, 15], n, eos_id=e)
+            cut = want.token_ids.index(eos)
+            assert r.token_ids == want.token_ids[:cut] and r.finish_reason == "eos"
