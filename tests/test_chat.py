@@ -495,6 +495,20 @@ def test_parse_errors(text, mode, match):
         parse_completion(text, mode=mode)
 
 
+@pytest.mark.parametrize("text", [None, b"A", 5, ["A"]])
+def test_parse_and_splitter_name_a_completion_that_is_not_text(text):
+    """A completion that is not a str was an AttributeError ('NoneType' object has no attribute
+    'find') or a TypeError from inside the parser; it is a ValueError saying a str is needed,
+    and the splitter keeps what it held."""
+    with pytest.raises(ValueError, match=r"completion text must be a str"):
+        parse_completion(text, mode="chat")
+    s = CompletionSplitter("chat")
+    assert s.push("A\n\n<｜DSML") == [("answer", "A")]
+    with pytest.raises(ValueError, match=r"completion text must be a str"):
+        s.push(text)
+    assert s.finish() == [("answer", "\n\n<｜DSML")]
+
+
 # ---------------------------------------------------------------- CompletionSplitter
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,6 +111,24 @@ def test_json_round_trip(tmp_path):
 def test_unsupported_values_are_rejected(change, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_dict(dict(HF_FLASH, **change))
+
+
+@pytest.mark.parametrize("quant, match", [
+    ({"scale_fmt": None}, r"scale_fmt"),
+    ({"scale_fmt": "fp32"}, r"scale_fmt='fp32' is not supported \(V4 uses 'ue8m0'"),
+    ({"fmt": "e5m2"}, r"quantization_config.fmt='e5m2' is not supported \(V4 uses 'e4m3'"),
+    ({"weight_block_size": [64, 64]},
+     r"quantization_config.weight_block_size=\[64, 64\] is not supported \(V4 uses \[128, 128\]"),
+])
+def test_quantization_formats_dsv4_does_not_implement_are_rejected(quant, match):
+    """dsv4 implements the release's FP8 format only (e4m3 values, 128x128 weight blocks,
+    power-of-two ue8m0 activation scales): another value was ignored, and the model computed
+    the release's format for a file that says otherwise."""
+    q = dict(HF_FLASH["quantization_config"], **quant)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(dict(HF_FLASH, quantization_config=q))
+    with pytest.raises(ConfigError, match="scale_fmt='fp32' is not supported"):
+        dataclasses.replace(ModelConfig.tiny(), scale_fmt="fp32")
 
 
 def test_numeric_strings_are_coerced():

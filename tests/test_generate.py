@@ -123,6 +123,22 @@ def test_stream_decoder_flushes_incomplete_tail(tok):
     assert d.text == tok.decode(ids)
 
 
+@pytest.mark.parametrize("bad", [-1, 2 ** 40, 1.5, "7", None])
+def test_stream_decoder_refuses_a_bad_id_and_keeps_its_state(tok, bad):
+    """step(-1) kept -1 in the decoder's window and raised OverflowError from the tokenizer,
+    then every later step() / flush() raised again: one bad id broke the stream. A bad id is
+    a ValueError naming it, and the decoder goes on as if it had not been fed."""
+    ids = tok.encode(TEXT_MB).ids
+    d = StreamDecoder(tok)
+    pieces = [d.step(i) for i in ids[:2]]
+    with pytest.raises(ValueError, match=r"token_id must be an integer id >= 0"):
+        d.step(bad)
+    assert d.ids == ids[:2]
+    pieces += [d.step(i) for i in ids[2:]]
+    pieces.append(d.flush())
+    assert "".join(pieces) == TEXT_MB == d.text
+
+
 # ---------------------------------------------------------------- sample()
 
 

@@ -281,3 +281,19 @@ def test_fp4_to_fp8_errors():
     bad[0, 0] = 255
     with pytest.raises(ValueError, match="NaN"):
         fp4_to_fp8(p, bad.view(E8M0))
+
+
+@pytest.mark.parametrize("fn, kw, match", [
+    ("fp4_unpack", dict(block=0), r"fp4_unpack: block must be even and >= 2, got 0"),
+    ("fp4_unpack", dict(block=-32), r"fp4_unpack: block must be even and >= 2, got -32"),
+    ("fp4_to_fp8", dict(block=0), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
+    ("fp4_to_fp8", dict(block=-128), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
+    ("fp4_to_fp8", dict(fp4_block=0), r"fp4_to_fp8: fp4_block must be even and >= 2, got 0"),
+])
+def test_fp4_block_sizes_outside_their_range_are_named(fn, kw, match):
+    """A block size of 0 or below was a ZeroDivisionError or a negative grid inside the
+    function; like fp4_pack / fp8_block_quantize, the argument and its range are named."""
+    p, s = fp4_pack(torch.randn(4, 64))
+    f = {"fp4_unpack": fp4_unpack, "fp4_to_fp8": fp4_to_fp8}[fn]
+    with pytest.raises(ValueError, match=match):
+        f(p, s, **kw)

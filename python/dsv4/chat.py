@@ -909,6 +909,12 @@ def _parse_tool_calls(text: str, pos: int) -> tuple[list[ToolCall], int]:
     return calls, pos + len(TOOL_CALLS_CLOSE)
 
 
+def _check_text(text: Any) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"completion text must be a str (decoded with special tokens kept), "
+                         f"got {type(text).__name__}")
+
+
 def parse_completion(text: str, mode: str = "chat") -> ParsedCompletion:
     """Split a generated assistant turn into reasoning, answer and tool calls.
 
@@ -925,11 +931,13 @@ def parse_completion(text: str, mode: str = "chat") -> ParsedCompletion:
         :class:`ParsedCompletion`.
 
     Raises:
-        ValueError: unknown mode; a DSML block before ``</think>``; a malformed or incomplete DSML
-            block; text after the DSML block or after EOS; a special string (BOS, EOS, ``<think>``,
-            ``</think>``, ``｜DSML｜``) inside the reasoning or the answer.
+        ValueError: unknown mode; ``text`` not a str; a DSML block before ``</think>``; a
+            malformed or incomplete DSML block; text after the DSML block or after EOS; a special
+            string (BOS, EOS, ``<think>``, ``</think>``, ``｜DSML｜``) inside the reasoning or the
+            answer.
     """
     thinking, _ = _check_mode(mode)
+    _check_text(text)
     reasoning, pos, reasoning_complete = "", 0, True
     if thinking:
         end = text.find(THINK_END)
@@ -993,7 +1001,9 @@ class CompletionSplitter:
         return {"reasoning": THINK_END, "answer": TOOL_CALLS_MARKER}.get(self.section)
 
     def push(self, text: str) -> list[tuple[str, str]]:
-        """Add text; return ``[(section, text), ...]`` that is decided (possibly empty)."""
+        """Add text; return ``[(section, text), ...]`` that is decided (possibly empty).
+        Raises ValueError (holding what it held) for a ``text`` that is not a str."""
+        _check_text(text)
         self._pending += text
         out: list[tuple[str, str]] = []
         while True:

@@ -334,6 +334,9 @@ class ModelConfig:
                 errs.append(f"{name}={getattr(self, name)!r} is not supported (V4 uses {want!r})")
         if self.dtype not in ("fp8", "bf16"):
             errs.append(f"dtype={self.dtype!r}: expected 'fp8' (release storage) or 'bf16'")
+        if self.scale_fmt != "ue8m0":
+            errs.append(f"scale_fmt={self.scale_fmt!r} is not supported (V4 uses 'ue8m0': "
+                        "dsv4 rounds FP8 scales to powers of two)")
         if self.expert_dtype not in (None, "fp4", "fp8"):
             errs.append(f"expert_dtype={self.expert_dtype!r}: expected 'fp4', 'fp8' or null")
         n_total = self.n_layers + self.n_mtp_layers
@@ -442,8 +445,14 @@ class ModelConfig:
             q = d["quantization_config"] or {}
             if not isinstance(q, dict):
                 raise ConfigError(f"quantization_config must be a JSON object, got {_show(q)}")
-            if q.get("scale_fmt"):
+            if "scale_fmt" in q:   # null included: the release's code reads it as fp32 scales
                 args["scale_fmt"] = q["scale_fmt"]
+            # the FP8 storage dsv4 reads (dsv4.quant): e4m3 values in 128x128 blocks
+            for key, want in (("fmt", "e4m3"), ("weight_block_size", [128, 128])):
+                if key in q and q[key] != want:
+                    raise ConfigError(f"quantization_config.{key}={_show(q[key])} is not "
+                                      f"supported (V4 uses {want!r}: dsv4 reads FP8 weights "
+                                      "as e4m3 in 128x128 blocks)")
             args.setdefault("dtype", "fp8" if q.get("quant_method") == "fp8" else "bf16")
         elif "dtype" not in d:
             args["dtype"] = "bf16"

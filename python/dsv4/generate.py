@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["GenerationResult", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
+from .cache import check_count
+
+__all__ = ["GenerationResult", "check_eos_id", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
 
 FinishReason = Literal["eos", "length", "stop"]
 
@@ -205,8 +208,7 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
             ``stop_strings`` without a tokenizer, or a seed outside [0, 2**64).
     """
     check_sampling_args(temperature, top_p, top_k)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens", 0)   # numpy / 0-d torch ints as SamplingParams
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
             raise ValueError(f"prompt_ids must be a 1-D integer tensor or a list of ints, got "
@@ -232,6 +234,27 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
         raise ValueError(f"seed must be None or an integer in [0, 2**64) (a torch.Generator "
                          f"seed), got {seed!r}")
     return prompt, stops
+
+
+def check_eos_id(eos_id: Any) -> int | None:
+    """``eos_id`` of :func:`generate` (and ``dsv4.runtime.generate``) as a python int, or None.
+
+    Any integer (python, numpy or a 0-d torch integer) is accepted; one outside the vocabulary
+    never matches a sampled id. Anything else (a string, a float, a bool) would silently
+    never match (or, for ``True``, match id 1), so it is refused.
+
+    Raises:
+        ValueError: ``eos_id`` is not None and not an integer.
+    """
+    if eos_id is None:
+        return None
+    if not isinstance(eos_id, (bool, str, bytes, float)):
+        try:
+            return operator.index(eos_id)
+        except TypeError:
+            pass
+    raise ValueError(f"eos_id must be None or an integer (a token id; None = never stop at "
+                     f"EOS), got {eos_id!r}")
 
 
 def _final_text(decoder, stops, finish: str, on_token) -> str | None:
@@ -331,7 +354,8 @@ def generate(
         seed: seeds a ``torch.Generator`` on the model's device, making sampled runs
             reproducible; ``None`` → a nondeterministic seed.
         eos_id: generation stops when this id is sampled; it is neither returned nor passed to
-            ``on_token``. ``None`` disables EOS stopping.
+            ``on_token``. ``None`` disables EOS stopping (as does an id outside the
+            vocabulary); anything but None or an integer is a ValueError.
         stop_strings: generation stops once the decoded text contains one of them; the text is
             cut before it (needs ``tokenizer``). Streamed text that might begin a stop string is
             held back until it is decided.
@@ -346,10 +370,13 @@ def generate(
 
     Raises:
         ValueError: invalid sampling arguments, ``max_new_tokens < 0``, an empty prompt, a
-            negative prompt id, or ``stop_strings`` without a tokenizer.
+            negative prompt id, an ``eos_id`` that is not None or an integer
+            (:func:`check_eos_id`), or ``stop_strings`` without a tokenizer.
     """
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
+    eos_id = check_eos_id(eos_id)
+    max_new_tokens = operator.index(max_new_tokens)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 

@@ -220,8 +220,11 @@ def fp4_unpack(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     -> ``W`` [N, K] in ``dtype`` (computed in fp32, exact, cast once).
 
     Source: official convert.py FP4 table / ``fp4_gemm`` (architecture.md §12.3).
-    Raises ValueError for wrong dtypes or a scale shape other than [N, K/block].
+    Raises ValueError for wrong dtypes, a scale shape other than [N, K/block], or a ``block``
+    that is not even and >= 2.
     """
+    if block < 2 or block % 2:
+        raise ValueError(f"fp4_unpack: block must be even and >= 2, got {block}")
     codes = _fp4_codes(packed)
     N, K = codes.shape
     if K % block or tuple(scale.shape) != (N, K // block):
@@ -250,11 +253,14 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK
     ``max scale / 2**6`` falls below 2**-127 (the smallest e8m0), S is clamped to 2**-127.
     N and K need not be multiples of ``block`` (the grid is ceil-divided; the official script
     requires multiples). Returns ``(q float8_e4m3fn [N, K], scale float8_e8m0fnu
-    [ceil(N/block), ceil(K/block)])``. Raises ValueError for malformed inputs or a ``block``
-    that is not a multiple of ``fp4_block``.
+    [ceil(N/block), ceil(K/block)])``. Raises ValueError for malformed inputs, a ``fp4_block``
+    that is not even and >= 2, or a ``block`` that is not a positive multiple of it.
     """
-    if block % fp4_block:
-        raise ValueError(f"fp4_to_fp8: block {block} must be a multiple of fp4_block {fp4_block}")
+    if fp4_block < 2 or fp4_block % 2:
+        raise ValueError(f"fp4_to_fp8: fp4_block must be even and >= 2, got {fp4_block}")
+    if block < 1 or block % fp4_block:
+        raise ValueError(f"fp4_to_fp8: block must be a positive multiple of fp4_block "
+                         f"{fp4_block}, got {block}")
     codes = _fp4_codes(packed)
     N, K = codes.shape
     if K % fp4_block or tuple(scale.shape) != (N, K // fp4_block):

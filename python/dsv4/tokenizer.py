@@ -14,6 +14,7 @@ post-processor adds nothing, so :func:`encode_prompt` prepends BOS by hand.
 from __future__ import annotations
 
 import importlib.util
+import operator
 import os
 from pathlib import Path
 
@@ -178,9 +179,28 @@ class StreamDecoder:
         return ""
 
     def step(self, token_id: int) -> str:
-        """Add one id; return the newly completed text (``""`` while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        return self._advance(final=False)
+        """Add one id; return the newly completed text (``""`` while a character is incomplete).
+
+        Raises ValueError for an id that is not an integer >= 0 the tokenizer can decode (a
+        bool, float or string included); the decoder is then left as it was."""
+        bad = ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode), "
+                         f"got {token_id!r}")
+        if isinstance(token_id, (bool, str, bytes, float)):
+            raise bad
+        try:
+            tid = operator.index(token_id)
+        except TypeError:
+            raise bad from None
+        if tid < 0:
+            raise bad
+        self._ids.append(tid)
+        try:
+            return self._advance(final=False)
+        except BaseException as e:      # leave the window as it was: later steps still work
+            self._ids.pop()
+            if isinstance(e, OverflowError):   # past the tokenizer's u32 ids
+                raise bad from None
+            raise
 
     def flush(self) -> str:
         """Return the text still held back (an incomplete character decodes to ``'\\ufffd'``)."""

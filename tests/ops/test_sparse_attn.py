@@ -242,6 +242,20 @@ def test_op_rejects_bad_arguments():
         torch.ops.dsv4.sparse_attn(q, kv, idx, torch.zeros(2), 1.0, torch.zeros(3, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("name", ["topk_length", "extra_topk_length"])
+@pytest.mark.parametrize("length", [[1.5, 2.0], [True, False]])
+def test_op_rejects_lengths_that_are_not_integers(name, length):
+    """A lane count is an integer (int32 on CUDA, any integer dtype for the reference): a float
+    length was truncated (1.5 read as 1 lane) and a bool read as 0 / 1 lanes, silently."""
+    q, kv = torch.randn(2, 2, 8), torch.randn(5, 8)
+    idx = torch.zeros(2, 3, dtype=torch.int32)
+    args = dict(topk_length=None, extra_kv=kv, extra_indices=idx, extra_topk_length=None)
+    args[name] = torch.tensor(length)
+    with pytest.raises((ValueError, RuntimeError),
+                       match=rf"{name} must be an integer tensor, got torch\.(float32|bool)"):
+        torch.ops.dsv4.sparse_attn(q, kv, idx, torch.zeros(2), 1.0, *args.values())
+
+
 def test_public_wrapper_out_variant_cpu():
     a = _random_case(6, 2, 16, 30, 10, 20, 5, seed=11)
     out = torch.full((6, 2, 16), float("nan"))

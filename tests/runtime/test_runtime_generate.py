@@ -57,3 +57,28 @@ def test_eos_ids_that_cannot_be_sampled_are_accepted_alike(model):
     for eos in (model.config.vocab_size, 10 ** 9, -5):
         assert engine_generate(model, [4, 8, 15], 3, eos_id=eos).token_ids == want
         assert model_generate(model, [4, 8, 15], 3, eos_id=eos).token_ids == want
+
+
+@pytest.mark.parametrize("eos", ["1", 1.0, True, [1]])
+def test_eos_id_that_is_not_an_integer_is_refused_alike(model, eos):
+    """eos_id is None or a token id: a string or a float never equalled a sampled id in the
+    model loop (EOS silently off), True equalled id 1, and the engine's path raised a
+    TypeError from a comparison (or named SamplingParams' field). Both refuse it, naming
+    eos_id, before any model call."""
+    for fn in (engine_generate, model_generate):
+        with pytest.raises(ValueError, match=r"eos_id must be None or an integer"):
+            fn(model, [4, 8, 15], 2, eos_id=eos)
+
+
+def test_integer_like_counts_are_accepted_alike(model):
+    """numpy / 0-d torch integers for max_new_tokens and eos_id, as SamplingParams, the seed
+    and the prompt ids take them (the model loop refused max_new_tokens=np.int64(3) as "not an
+    integer >= 0")."""
+    import numpy as np
+    want = model_generate(model, [4, 8, 15], 3, eos_id=None)
+    eos = want.token_ids[1]        # stops at the second token
+    for n, e in ((np.int64(3), np.int64(eos)), (torch.tensor(3), torch.tensor(eos))):
+        for fn in (engine_generate, model_generate):
+            r = fn(model, [4, 8, 15], n, eos_id=e)
+            cut = want.token_ids.index(eos)
+            assert r.token_ids == want.token_ids[:cut] and r.finish_reason == "eos"

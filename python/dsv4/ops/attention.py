@@ -83,6 +83,10 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
         if length is not None and tuple(length.shape) != (T,):
             raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
                              f"{tuple(length.shape)}")
+        if length is not None and (length.dtype.is_floating_point or length.dtype.is_complex
+                                   or length.dtype == torch.bool):
+            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {length.dtype} "
+                             "(lane counts; int32 on CUDA)")
     for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
         if t is not None and not t.dtype.is_floating_point and not _is_fp8_pool(t):
             raise ValueError(f"sparse_attn: {name} must be a floating-point tensor (bfloat16 on "
@@ -147,7 +151,7 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
 
     Raises:
         ValueError: on mismatched shapes, extra_kv without extra_indices (or the reverse),
-            non-integer indices, non-floating q / kv / extra_kv, or (unless
+            non-integer indices or lengths, non-floating q / kv / extra_kv, or (unless
             skip_out_of_range) an out-of-range used index.
     """
     _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,

@@ -10,13 +10,15 @@ gives the tokens of the reference loop up to the kernels' rounding.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..generate import GenerationResult, _final_text, _StopStringFilter, check_generate_args
+from ..generate import (GenerationResult, _final_text, _StopStringFilter, check_eos_id,
+                        check_generate_args)
 from .engine import Engine
 from .request import SamplingParams
 
@@ -82,6 +84,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
               stop_strings, on_token, tokenizer, **engine_args) -> GenerationResult:
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
+    eos_id = check_eos_id(eos_id)
+    max_new_tokens = operator.index(max_new_tokens)
     from ..tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
