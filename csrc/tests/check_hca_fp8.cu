@@ -471,6 +471,21 @@ void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   if (ws) cudaFree(ws);
 }
 
+// Frees the device buffers a timing case allocated for p (q, both pools, the index lists, the
+// sink and the HCA block table, rows and lengths when present).
+void free_timing_params(const dsv4::SparseAttnParams& p) {
+  cudaFree(const_cast<void*>(p.q));
+  cudaFree(const_cast<void*>(p.kv));
+  cudaFree(const_cast<void*>(p.extra_kv));
+  cudaFree(const_cast<int32_t*>(p.indices));
+  cudaFree(const_cast<float*>(p.attn_sink));
+  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
+  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
+  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
+  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
+  CHECK_CUDA(cudaGetLastError());
+}
+
 // Decode at 1M context, one query per sequence (the runtime's step): HCA window 128 + 8,192
 // entries through a block table of 8 entries per block (1,024 tokens), and CSA window 128 +
 // top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1).
@@ -537,16 +552,7 @@ void time_1m(int H, int64_t B, bool hca) {
   std::snprintf(what, sizeof(what), "1M %s h%d b%lld x1 (window 128 + %s)", hca ? "HCA" : "CSA", H,
                 (long long)B, hca ? "8192 entries" : "top-512");
   time_pair(p, T, H, what);
-  cudaFree(const_cast<void*>(p.q));
-  cudaFree(const_cast<void*>(p.kv));
-  cudaFree(const_cast<void*>(p.extra_kv));
-  cudaFree(const_cast<int32_t*>(p.indices));
-  cudaFree(const_cast<float*>(p.attn_sink));
-  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
-  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
-  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
-  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
-  CHECK_CUDA(cudaGetLastError());
+  free_timing_params(p);
 }
 
 // FlashMLA's decode shapes: B sequences x 2 queries, window 128 (pages of 256), and either a
@@ -621,16 +627,7 @@ void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
   std::snprintf(what, sizeof(what), "%s h%d b%lld (window 128 + %s)", hca ? "HCA decode" : "FP8 decode",
                 H, (long long)B, hca ? "<= 1024 entries" : (etopk == 512 ? "top-512" : "top-1024"));
   time_pair(p, T, H, what);
-  cudaFree(const_cast<void*>(p.q));
-  cudaFree(const_cast<void*>(p.kv));
-  cudaFree(const_cast<void*>(p.extra_kv));
-  cudaFree(const_cast<int32_t*>(p.indices));
-  cudaFree(const_cast<float*>(p.attn_sink));
-  if (p.extra_indices) cudaFree(const_cast<int32_t*>(p.extra_indices));
-  if (p.extra_block_table) cudaFree(const_cast<int32_t*>(p.extra_block_table));
-  if (p.extra_rows) cudaFree(const_cast<int32_t*>(p.extra_rows));
-  if (p.extra_topk_length) cudaFree(const_cast<int32_t*>(p.extra_topk_length));
-  CHECK_CUDA(cudaGetLastError());
+  free_timing_params(p);
 }
 
 }  // namespace
