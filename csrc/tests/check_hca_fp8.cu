@@ -471,6 +471,15 @@ void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
   if (ws) cudaFree(ws);
 }
 
+// A timing case's FP8 MODEL1 pool of n entries in blocks of bs (whole blocks), every byte 0x31
+// (finite codes: the timing reads the bytes, the values do not matter).
+void* timing_pool(int64_t n, int64_t bs) {
+  void* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
+  CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
+  return d;
+}
+
 // Frees the device buffers a timing case allocated for p (q, both pools, the index lists, the
 // sink and the HCA block table, rows and lengths when present).
 void free_timing_params(const dsv4::SparseAttnParams& p) {
@@ -491,12 +500,6 @@ void free_timing_params(const dsv4::SparseAttnParams& p) {
 // top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1).
 void time_1m(int H, int64_t B, bool hca) {
   const int64_t T = B, W = 128, s_k = 8192, bs_w = 128, bs_c = hca ? 8 : 64;
-  auto pool = [](int64_t n, int64_t bs) {
-    void* d = nullptr;
-    CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
-    CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
-    return d;
-  };
   std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
   std::vector<float> sink(H, 0.f);
   std::vector<int32_t> win(T * W);
@@ -506,7 +509,7 @@ void time_1m(int H, int64_t B, bool hca) {
   p.q = dev(q);
   p.q_stride_token = H * D;
   p.q_stride_head = D;
-  p.kv = pool(B * W, bs_w);
+  p.kv = timing_pool(B * W, bs_w);
   p.kv_stride = bs_w * dsv4::kModel1EntryBytes;
   p.n_kv = B * W;
   p.kv_format = dsv4::CacheFormat::kFp8Model1;
@@ -517,7 +520,7 @@ void time_1m(int H, int64_t B, bool hca) {
   p.attn_sink = dev(sink);
   p.softmax_scale = 1.f / std::sqrt(float(D));
   const int64_t n_c = B * s_k;
-  p.extra_kv = pool(n_c, bs_c);
+  p.extra_kv = timing_pool(n_c, bs_c);
   p.extra_kv_stride = bs_c * dsv4::kModel1EntryBytes;
   p.n_extra_kv = n_c;
   p.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
@@ -561,12 +564,6 @@ void time_1m(int H, int64_t B, bool hca) {
 void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
   const int64_t T = 2 * B, W = 128, s_k = 16384, bs_w = 256, bs_c = hca ? 2 : 64;
   const int64_t n_w = B * s_k, n_c = B * s_k;
-  auto pool = [](int64_t n, int64_t bs) {
-    void* d = nullptr;
-    CHECK_CUDA(cudaMalloc(&d, (n / bs) * bs * dsv4::kModel1EntryBytes));
-    CHECK_CUDA(cudaMemset(d, 0x31, (n / bs) * bs * dsv4::kModel1EntryBytes));
-    return d;
-  };
   std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
   std::vector<float> sink(H, 0.f);
   std::vector<int32_t> win(T * W);
@@ -576,7 +573,7 @@ void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
   p.q = dev(q);
   p.q_stride_token = H * D;
   p.q_stride_head = D;
-  p.kv = pool(n_w, bs_w);
+  p.kv = timing_pool(n_w, bs_w);
   p.kv_stride = bs_w * dsv4::kModel1EntryBytes;
   p.n_kv = n_w;
   p.kv_format = dsv4::CacheFormat::kFp8Model1;
@@ -586,7 +583,7 @@ void time_decode(int H, int64_t B, int etopk, bool hca, std::mt19937& rng) {
   p.topk = W;
   p.attn_sink = dev(sink);
   p.softmax_scale = 1.f / std::sqrt(float(D));
-  p.extra_kv = pool(n_c, bs_c);
+  p.extra_kv = timing_pool(n_c, bs_c);
   p.extra_kv_stride = bs_c * dsv4::kModel1EntryBytes;
   p.n_extra_kv = n_c;
   p.extra_kv_format = dsv4::CacheFormat::kFp8Model1;
