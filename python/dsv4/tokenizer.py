@@ -14,11 +14,12 @@ post-processor adds nothing, so :func:`encode_prompt` prepends BOS by hand.
 from __future__ import annotations
 
 import importlib.util
-import operator
 import os
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from .cache import check_count
 
 __all__ = [
     "TOKENIZER_FILE",
@@ -185,14 +186,10 @@ class StreamDecoder:
         bool, float or string included); the decoder is then left as it was."""
         bad = ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode), "
                          f"got {token_id!r}")
-        if isinstance(token_id, (bool, str, bytes, float)):
-            raise bad
         try:
-            tid = operator.index(token_id)
-        except TypeError:
+            tid = check_count(token_id, "token_id", 0)
+        except ValueError:
             raise bad from None
-        if tid < 0:
-            raise bad
         self._ids.append(tid)
         try:
             return self._advance(final=False)

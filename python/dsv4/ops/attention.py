@@ -83,17 +83,16 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
         if length is not None and tuple(length.shape) != (T,):
             raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
                              f"{tuple(length.shape)}")
-        if length is not None and (length.dtype.is_floating_point or length.dtype.is_complex
-                                   or length.dtype == torch.bool):
-            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {length.dtype} "
-                             "(lane counts; int32 on CUDA)")
     for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
         if t is not None and not t.dtype.is_floating_point and not _is_fp8_pool(t):
             raise ValueError(f"sparse_attn: {name} must be a floating-point tensor (bfloat16 on "
                              f"CUDA; float32 or bfloat16 for the reference), got {t.dtype}")
-    for name, idx in (("indices", indices), ("extra_indices", extra_indices)):
-        if idx is not None and (idx.dtype.is_floating_point or idx.dtype == torch.bool):
-            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {idx.dtype}")
+    for name, t in (("indices", indices), ("extra_indices", extra_indices),
+                    ("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex
+                              or t.dtype == torch.bool):
+            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {t.dtype} "
+                             "(int32 on CUDA)")
 
 
 def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
