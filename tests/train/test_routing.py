@@ -74,6 +74,21 @@ def test_balance_loss_vector_74():
     assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
 
 
+def test_balance_loss_all_zero_token():
+    # A token whose softplus underflowed everywhere (scores all 0) counts as uniform: the loss
+    # equals the one with that token's scores replaced by any constant row, and the gradient
+    # is finite (was 0/0 = NaN).
+    s = torch.nn.functional.softplus(LOGITS).sqrt()
+    dead = torch.nn.functional.softplus(torch.full((1, 8), -200.0)).sqrt()
+    assert (dead == 0).all()
+    x = torch.cat([s, dead])[None].clone().requires_grad_()
+    loss = sequence_balance_loss(x, 2)
+    loss.backward()
+    same = sequence_balance_loss(torch.cat([s, torch.ones(1, 8)])[None], 2)
+    assert torch.isfinite(loss) and abs(loss.item() - same.item()) < 1e-6
+    assert torch.isfinite(x.grad).all() and (x.grad[0, 2] == 0).all()
+
+
 def test_bias_update_vector_74():
     b = torch.zeros(8)
     load = torch.tensor([0, 0, 1, 0, 0, 1, 1, 1])          # the biased selection [[6,2],[5,7]]

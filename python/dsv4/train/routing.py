@@ -42,14 +42,20 @@ def sequence_balance_loss(scores: torch.Tensor, topk: int) -> torch.Tensor:
     Returns:
         0-d tensor (scores' dtype). ``f_i = E/(K·T) · #{t : i ∈ TopK(s_{:,t})}`` (unbiased
         top-K, no gradient), ``P_i = (1/T) Σ_t s_{i,t} / Σ_j s_{j,t}`` (training.md §3.4,
-        DeepSeek-V3 eq. 17-20; §7.4 has a test vector). A uniform router gives 1.
+        DeepSeek-V3 eq. 17-20; §7.4 has a test vector). A uniform router gives 1. A token
+        whose scores are all 0 (every softplus underflowed, logits below about -103 in fp32)
+        counts as uniform, ``1/E`` each, with no gradient, instead of 0/0.
     """
     B, T, E = scores.shape
     idx = scores.detach().topk(topk, dim=-1).indices.reshape(B, -1)
     counts = torch.zeros(B, E, dtype=scores.dtype, device=scores.device)
     counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=scores.dtype))
     f = counts * (E / (topk * T))
-    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    total = scores.sum(-1, keepdim=True)
+    live = total > 0
+    # the division by a safe denominator: where() alone would pass 0 * (1/0) = NaN backward
+    share = torch.where(live, scores / torch.where(live, total, torch.ones_like(total)), 1.0 / E)
+    p = share.mean(1)
     return (f * p).sum(-1).mean()
 
 
