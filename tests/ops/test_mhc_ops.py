@@ -95,6 +95,20 @@ def test_ops_reject_bad_shapes():
         ops.mhc_head(x, torch.randn(4, 32), torch.ones(3), torch.zeros(4), 1e-6, 1e-6)
 
 
+@pytest.mark.parametrize("bad", ["post", "comb"])
+def test_mhc_pre_out_bad_buffer_writes_nothing(bad):
+    """A wrong-shaped later buffer is refused before u (or post) is written: the op leaves every
+    buffer as it was (u used to be written, then post refused)."""
+    X, fn, scale, base = _vectors()
+    bufs = {"u": torch.full((1, 1, 3), 7.0), "post": torch.full((1, 1, 4), 7.0),
+            "comb": torch.full((1, 1, 4, 4), 7.0)}
+    bufs[bad] = torch.full((1, 1, 3) if bad == "post" else (1, 1, 4, 3), 7.0)
+    with pytest.raises(ValueError, match=f"mhc_pre_out: {bad} must be"):
+        ops.mhc_pre_out(X, fn, scale, base, 1e-6, 20, 1e-6, **bufs)
+    for name, t in bufs.items():
+        assert bool((t == 7.0).all()), f"{name} was written by a call that raised"
+
+
 # ---------------------------------------------------------------------------------------------
 # inputs and the tolerance rule
 # ---------------------------------------------------------------------------------------------

@@ -67,10 +67,14 @@ def _check_post(f, residual, post, comb, check):
                   f"{tuple(comb.shape)}")
 
 
-def _copy_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+def _check_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(dst.shape) != tuple(src.shape) or dst.dtype != src.dtype:
         raise ValueError(f"{name} must be {src.dtype} {list(src.shape)}, got {dst.dtype} "
                          f"{list(dst.shape)}")
+
+
+def _copy_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    _check_out(dst, src, name)
     dst.copy_(src)
 
 
@@ -81,9 +85,12 @@ def _pre_kernel(x, fn, scale, base, norm_eps, iters, eps):
 
 def _pre_out_kernel(x, fn, scale, base, norm_eps, iters, eps, *, u, post, comb):
     outs = _pre_kernel(x, fn, scale, base, norm_eps, iters, eps)
-    for dst, src, name in zip((u, post, comb), outs, ("mhc_pre_out: u", "mhc_pre_out: post",
-                                                      "mhc_pre_out: comb")):
-        _copy_out(dst, src, name)
+    bufs = tuple(zip((u, post, comb), outs, ("mhc_pre_out: u", "mhc_pre_out: post",
+                                             "mhc_pre_out: comb")))
+    for dst, src, name in bufs:  # every buffer checked before any is written
+        _check_out(dst, src, name)
+    for dst, src, _ in bufs:
+        dst.copy_(src)
 
 
 def _pre_fake(x, fn, scale, base, norm_eps, iters, eps):
