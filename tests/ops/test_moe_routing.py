@@ -169,6 +169,13 @@ def test_gate_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"expert ids outside \[0, 4\)"):
         ops.moe_gate(x, w, None, torch.full((10, 2), 4, dtype=torch.long),
                      torch.tensor([0, 1, 1]), 2, 1.0)
+    # a bool table / bool ids (read as ids 0 and 1) are refused, as on CUDA (int32 / int64)
+    with pytest.raises(ValueError, match=r"tid2eid must be an int32/int64 \[vocab, 2\]"):
+        ops.moe_gate(x, w, None, torch.ones(10, 2, dtype=torch.bool), torch.tensor([0, 1, 1]),
+                     2, 1.0)
+    with pytest.raises(ValueError, match=r"input_ids must be an int32/int64 \[3\]"):
+        ops.moe_gate(x, w, None, torch.zeros(10, 2, dtype=torch.long),
+                     torch.tensor([True, False, True]), 2, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

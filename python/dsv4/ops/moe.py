@@ -56,6 +56,9 @@ _GATE_OUT_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? tid2eid, Te
                     "int topk, float route_scale, *, Tensor(a!) weights, Tensor(b!) indices) -> ()")
 
 
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
 def _check_gate(x, weight, bias, tid2eid, input_ids, topk, check):
     check(x.dim() == 2, lambda: f"moe_gate: x must be [tokens, dim], got {tuple(x.shape)}")
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
@@ -75,12 +78,14 @@ def _check_gate(x, weight, bias, tid2eid, input_ids, topk, check):
                       f"{tuple(bias.shape)}")
     if tid2eid is not None:
         check(input_ids is not None, lambda: "moe_gate: hash routing (tid2eid) needs input_ids")
-        check(tid2eid.dim() == 2 and tid2eid.shape[1] == topk and not tid2eid.dtype.is_floating_point,
-              lambda: f"moe_gate: tid2eid must be an integer [vocab, {topk}] ([vocab, topk]) "
+        # int32 / int64, as the CUDA kernel: a bool (or complex) table or ids would otherwise be
+        # read as expert / token ids 0 and 1
+        check(tid2eid.dim() == 2 and tid2eid.shape[1] == topk and tid2eid.dtype in _ID_DTYPES,
+              lambda: f"moe_gate: tid2eid must be an int32/int64 [vocab, {topk}] ([vocab, topk]) "
                       f"table, got {tid2eid.dtype} {tuple(tid2eid.shape)}")
         check(input_ids.dim() == 1 and input_ids.shape[0] == x.shape[0]
-              and not input_ids.dtype.is_floating_point,
-              lambda: f"moe_gate: input_ids must be an integer [{x.shape[0]}] ([tokens]), got "
+              and input_ids.dtype in _ID_DTYPES,
+              lambda: f"moe_gate: input_ids must be an int32/int64 [{x.shape[0]}] ([tokens]), got "
                       f"{input_ids.dtype} {tuple(input_ids.shape)}")
 
 
@@ -94,8 +99,8 @@ def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         x: [tokens, dim] float (the ffn-normed hidden state; upcast to fp32).
         weight: [experts, dim] float gate weight (upcast to fp32).
         bias: [experts] fp32 selection bias (learned layers) or None.
-        tid2eid: [vocab, topk] integer table (hash layers) or None (learned routing).
-        input_ids: [tokens] integer token ids (hash layers; ignored otherwise).
+        tid2eid: [vocab, topk] int32 / int64 table (hash layers) or None (learned routing).
+        input_ids: [tokens] int32 / int64 token ids (hash layers; ignored otherwise).
         topk: experts per token, in [1, min(experts, 16)].
         route_scale: factor on the normalised weights (1.5 Flash, 2.5 Pro).
         select_hook: optional Python callable ``(scores [tokens, experts] fp32, indices
