@@ -5,6 +5,8 @@ overrides (used to be dropped without a word)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -78,3 +80,96 @@ def test_unknown_config_override_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown config override"):
         dsv4.Model.from_pretrained(tmp_path, device="cpu", dtype=torch.float32,
                                    progress=False, window_sise=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers written in place must not be broadcast (expanded) views: the op refuses such a buffer
+# before writing anything. Used to be: the other buffers of a multi-output _out op written, then
+# torch's copy_ refused the broadcast one (sparse_attn_out, hca_attn_out, moe_gate_out,
+# moe_dispatch_out, mhc_pre_out; kv_norm_rope_out had written the caches), or, for writes by
+# index (compress_kv's state / entries, kv_norm_rope's caches), no error at all and every row
+# landing on the same memory.
+# ---------------------------------------------------------------------------------------------
+def _bcast(t: torch.Tensor) -> torch.Tensor:
+    """A broadcast view of t's shape (every element one memory location) holding 7s."""
+    return torch.full((1,) * t.dim(), 7, dtype=t.dtype).expand(t.shape)
+
+
+def _buffer_cases():
+    from dsv4.ops.hca_attn import dense_block_table
+
+    q, kv, idx, sink = _attn_inputs()
+    T, H, D = q.shape
+
+    def attn(bufs):
+        torch.ops.dsv4.sparse_attn_out(q, kv, idx, sink, 0.125, **bufs)
+
+    def hca(bufs):
+        torch.ops.dsv4.hca_attn_out(q, kv, idx, sink, 0.125, None, torch.randn(2, 4, D),
+                                    dense_block_table(2), torch.tensor([0, 1, 0, 1, 1],
+                                                                      dtype=torch.int32),
+                                    torch.full((T,), 3, dtype=torch.int32), **bufs)
+
+    attn_bufs = {"out": torch.empty(T, H, D), "lse": torch.empty(T, H)}
+    x, wg = torch.randn(4, 16), torch.randn(8, 16)
+    ind = torch.randint(0, 8, (4, 2), dtype=torch.int32)
+    mx = torch.randn(2, 4, 8)
+    kx, kw, kpos = torch.randn(3, 64), torch.rand(64) + 0.5, torch.arange(3)
+    kfreqs, krows = torch.rand(8), torch.tensor([0, 1, 2], dtype=torch.int32)
+
+    def kv_rope(bufs):
+        torch.ops.dsv4.kv_norm_rope(kx, kw, kpos, kfreqs, 1e-6, 0, bufs["cache"], krows,
+                                    bufs["cache2"], krows)
+
+    def kv_rope_out(bufs):
+        torch.ops.dsv4.kv_norm_rope_out(kx, kw, kpos, kfreqs, 1e-6, 0, bufs["cache"], krows,
+                                        out=bufs["out"])
+
+    ck = {"state_kv": torch.zeros(2, 8, 128), "state_score": torch.full((2, 8, 128), -math.inf),
+          "entries": torch.zeros(2, 4, 64, dtype=torch.bfloat16)}
+
+    def compress(bufs):
+        torch.ops.dsv4.compress_kv(torch.randn(6, 128), torch.randn(6, 128),
+                                   torch.randn(4, 128), torch.ones(64), torch.rand(16),
+                                   torch.tensor([0, 3, 6], dtype=torch.int32),
+                                   torch.zeros(2, dtype=torch.int32), bufs["state_kv"],
+                                   bufs["state_score"], bufs["entries"], 4, 3, 1e-6, 0)
+
+    return {
+        "sparse_attn_out": (attn, attn_bufs),
+        "hca_attn_out": (hca, attn_bufs),
+        "moe_gate_out": (lambda b: torch.ops.dsv4.moe_gate_out(x, wg, None, None, None, 2, 1.0,
+                                                               **b),
+                         {"weights": torch.empty(4, 2), "indices": torch.empty(4, 2,
+                                                                               dtype=torch.int32)}),
+        "moe_dispatch_out": (lambda b: torch.ops.dsv4.moe_dispatch_out(ind, torch.rand(4, 2), 8,
+                                                                       **b),
+                             {"row_ids": torch.empty(8, dtype=torch.int32),
+                              "expert_offsets": torch.empty(9, dtype=torch.int32),
+                              "route_weight": torch.empty(8),
+                              "pair_pos": torch.empty(4, 2, dtype=torch.int32)}),
+        "mhc_pre_out": (lambda b: torch.ops.dsv4.mhc_pre_out(mx, torch.randn(24, 32),
+                                                             torch.ones(3), torch.zeros(24),
+                                                             1e-6, 20, 1e-6, **b),
+                        {"u": torch.empty(2, 8), "post": torch.empty(2, 4),
+                         "comb": torch.empty(2, 4, 4)}),
+        "kv_norm_rope": (kv_rope, {"cache": torch.zeros(4, 64, dtype=torch.bfloat16),
+                                   "cache2": torch.zeros(4, 64, dtype=torch.bfloat16)}),
+        "kv_norm_rope_out": (kv_rope_out, {"cache": torch.zeros(4, 64, dtype=torch.bfloat16),
+                                           "out": torch.empty(3, 64)}),
+        "compress_kv": (compress, ck),
+    }
+
+
+_BUFFER_CASES = [(op, name) for op, (_, bufs) in _buffer_cases().items() for name in bufs]
+
+
+@pytest.mark.parametrize("op,bad", _BUFFER_CASES, ids=[f"{o}-{b}" for o, b in _BUFFER_CASES])
+def test_broadcast_buffer_is_refused_before_any_write(op, bad):
+    run, bufs = _buffer_cases()[op]
+    run({k: v.clone() for k, v in bufs.items()})  # the buffers as given work
+    bufs = {k: (_bcast(v) if k == bad else torch.full_like(v, 7)) for k, v in bufs.items()}
+    with pytest.raises(ValueError, match=f"{bad} must not be a broadcast"):
+        run(bufs)
+    for name, t in bufs.items():
+        assert bool((t == 7).all()), f"{op}: {name} was written by a call that raised"

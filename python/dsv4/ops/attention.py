@@ -18,7 +18,7 @@ import math
 import torch
 
 from . import kv_cache
-from ._ext import register_op
+from ._ext import check_writable, register_op
 
 __all__ = ["sparse_attn", "sparse_attn_reference"]
 
@@ -238,6 +238,7 @@ def _sparse_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length=No
     if out.dtype != q.dtype or lse.dtype != torch.float32:
         raise ValueError(f"sparse_attn_out: out must have q's dtype ({q.dtype}) and lse must be "
                          f"float32; got {out.dtype} and {lse.dtype}")
+    check_writable("sparse_attn_out", out=out, lse=lse)
     o, l = _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
                            extra_indices, extra_topk_length)
     out.copy_(o)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.rope import apply_rope
-from ._ext import register_op
+from ._ext import check_writable, register_op
 from .norm import rms_norm_reference
 from . import kv_cache
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
@@ -198,6 +198,7 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
     B, d, coff, rd = _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts,
                                  state_kv, state_score, entries, compress_ratio, max_seqlen,
                                  quant, slots, block_table)
+    check_writable("compress_kv", state_kv=state_kv, state_score=state_score, entries=entries)
     m = int(compress_ratio)
     overlap = m == 4
     off = m if overlap else 0

@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import kv_cache
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 from .attention import _flat_keys, sparse_attn_reference
 
 __all__ = ["hca_attn", "hca_attn_reference", "hca_entry_counts", "dense_block_table"]
@@ -163,6 +163,7 @@ def _hca_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extr
         raise ValueError(f"hca_attn_out: out must be {q.dtype} [{T}, {H}, {D}] and lse float32 "
                          f"[{T}, {H}]; got {out.dtype} {tuple(out.shape)} and {lse.dtype} "
                          f"{tuple(lse.shape)}")
+    check_writable("hca_attn_out", out=out, lse=lse)
     o, l = _hca_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
                         extra_block_table, extra_rows, extra_lengths)
     out.copy_(o)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 
 __all__ = ["mhc_pre", "mhc_post", "mhc_head"]
 
@@ -89,6 +89,7 @@ def _pre_out_kernel(x, fn, scale, base, norm_eps, iters, eps, *, u, post, comb):
                                              "mhc_pre_out: comb")))
     for dst, src, name in bufs:  # every buffer checked before any is written
         _check_out(dst, src, name)
+    check_writable("mhc_pre_out", u=u, post=post, comb=comb)
     for dst, src, _ in bufs:
         dst.copy_(src)
 

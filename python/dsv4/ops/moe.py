@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 
 __all__ = [
     "moe_gate", "moe_gate_reference", "moe_dispatch", "moe_dispatch_reference",
@@ -155,6 +155,7 @@ def _moe_gate_out_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale,
         raise ValueError(f"moe_gate_out: weights must be float32 [{T}, {topk}] and indices int32 "
                          f"[{T}, {topk}], got {weights.dtype} {tuple(weights.shape)} and "
                          f"{indices.dtype} {tuple(indices.shape)}")
+    check_writable("moe_gate_out", weights=weights, indices=indices)
     w, idx = moe_gate_reference(x, weight, bias, tid2eid, input_ids, topk, route_scale)
     weights.copy_(w)
     indices.copy_(idx)
@@ -261,6 +262,8 @@ def _moe_dispatch_out_kernel(indices, weights, n_experts, *, row_ids, expert_off
     _check_dispatch(indices, weights, n_experts, raise_value_error)
     _check_dispatch_out(indices, n_experts, row_ids, expert_offsets, route_weight, pair_pos,
                         raise_value_error)
+    check_writable("moe_dispatch_out", row_ids=row_ids, expert_offsets=expert_offsets,
+                   route_weight=route_weight, pair_pos=pair_pos)
     outs = moe_dispatch_reference(indices, weights, n_experts)
     for dst, src in zip((row_ids, expert_offsets, route_weight, pair_pos), outs):
         dst.copy_(src)

@@ -22,7 +22,7 @@ import torch
 
 from ..layers.rope import apply_rope
 from . import kv_cache
-from ._ext import register_op
+from ._ext import check_writable, register_op
 from .norm import rms_norm_reference
 from .compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
@@ -211,6 +211,7 @@ def kv_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, positions: tor
     """
     caches = (("cache", cache, cache_rows), ("cache2", cache2, cache2_rows))
     _check_kv(x, weight, positions, freqs, quant, caches, lambda c, m: c or _fail(m()))
+    check_writable("kv_norm_rope", cache=cache, cache2=cache2)
     pre = apply_rope(rms_norm_reference(x, weight, eps), positions, freqs)
     y = _quantize(pre, quant, 2 * freqs.numel())
     for _, c, rows in caches:
@@ -230,6 +231,7 @@ def _kv_out_op(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=N
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
         _fail(f"kv_norm_rope_out: out must be {x.dtype} {tuple(x.shape)}, got {out.dtype} "
               f"{tuple(out.shape)}")
+    check_writable("kv_norm_rope_out", out=out)  # before _kv_op writes the caches
     out.copy_(_kv_op(x, weight, positions, freqs, eps, quant, cache, cache_rows, cache2,
                      cache2_rows))
 
