@@ -173,3 +173,29 @@ def test_broadcast_buffer_is_refused_before_any_write(op, bad):
         run(bufs)
     for name, t in bufs.items():
         assert bool((t == 7).all()), f"{op}: {name} was written by a call that raised"
+
+
+@pytest.mark.parametrize("op", ["compress_kv", "kv_norm_rope"])
+def test_fp8_pool_without_the_pool_layout_is_refused_before_any_write(op):
+    """A uint8 MODEL1 pool whose rows are not 584 bytes apart is refused before anything is
+    written (used to be: compress_kv wrote row 0's state, kv_norm_rope the first cache, then
+    the pool's layout check refused the call)."""
+    from dsv4.ops import kv_cache
+
+    d = 512
+    pool = kv_cache.allocate(kv_cache.MODEL1, 2, 8, d)[:, ::2]  # row stride 2 x 584 bytes
+    written = torch.zeros(2, 8, 2 * d) if op == "compress_kv" else \
+        torch.zeros(8, d, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a pool must have row stride 584"):
+        if op == "compress_kv":
+            torch.ops.dsv4.compress_kv(
+                torch.randn(10, 2 * d), torch.randn(10, 2 * d), torch.randn(4, 2 * d),
+                torch.ones(d), torch.rand(32), torch.tensor([0, 5, 10], dtype=torch.int32),
+                torch.zeros(2, dtype=torch.int32), written,
+                torch.full((2, 8, 2 * d), -math.inf), pool, 4, 5, 1e-6, 0)
+        else:
+            rows = torch.tensor([0, 1, 2], dtype=torch.int32)
+            torch.ops.dsv4.kv_norm_rope(torch.randn(3, d), torch.ones(d), torch.arange(3),
+                                        torch.rand(32), 1e-6, 0, written, rows, pool, rows)
+    assert bool((written == 0).all())
+    assert bool((pool == 0).all())

@@ -199,6 +199,8 @@ def compress_kv_reference(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tens
                                  state_kv, state_score, entries, compress_ratio, max_seqlen,
                                  quant, slots, block_table)
     check_writable("compress_kv", state_kv=state_kv, state_score=state_score, entries=entries)
+    if entries.dtype == torch.uint8:
+        kv_cache.block_view(entries)  # the pool layout, checked before the first row is written
     m = int(compress_ratio)
     overlap = m == 4
     off = m if overlap else 0

@@ -212,6 +212,9 @@ def kv_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, positions: tor
     caches = (("cache", cache, cache_rows), ("cache2", cache2, cache2_rows))
     _check_kv(x, weight, positions, freqs, quant, caches, lambda c, m: c or _fail(m()))
     check_writable("kv_norm_rope", cache=cache, cache2=cache2)
+    for c in (cache, cache2):  # FP8 pool layouts, checked before either cache is written
+        if c is not None and c.dtype == torch.uint8:
+            kv_cache.block_view(c)
     pre = apply_rope(rms_norm_reference(x, weight, eps), positions, freqs)
     y = _quantize(pre, quant, 2 * freqs.numel())
     for _, c, rows in caches:
