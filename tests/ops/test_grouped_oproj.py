@@ -93,8 +93,13 @@ def test_errors_and_opcheck():
     o, pos, freqs, wo_a, scale = make(T=4, H=4, hd=128, G=2, R=128, fmt="fp8", seed=4)
     with pytest.raises(ValueError, match="must split into 3 groups"):
         grouped_oproj_reference(o, pos, freqs, wo_a[:1].expand(3, -1, -1), scale)
-    with pytest.raises(ValueError, match="positions must be an integer tensor"):
-        grouped_oproj_reference(o, pos.float(), freqs, wo_a, scale)
+    # positions int32 / int64 as on CUDA (a bool tensor used to be read as positions 0 / 1)
+    for bad in (pos.float(), pos.bool()):
+        with pytest.raises(ValueError, match="positions must be int32 or int64"):
+            grouped_oproj_reference(o, bad, freqs, wo_a, scale)
+    # head_dim 0: a ValueError (used to be a ZeroDivisionError from the group check)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        torch.ops.dsv4.grouped_oproj(o[..., :0], pos, freqs, wo_a, scale)
     with pytest.raises(ValueError, match="wo_a_scale is required"):
         grouped_oproj_reference(o, pos, freqs, wo_a, None)
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

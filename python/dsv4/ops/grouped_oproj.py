@@ -54,13 +54,15 @@ def _check(o, positions, freqs, wo_a, wo_a_scale, check) -> str:
     check(wo_a.dim() == 3, lambda: f"{op}: wo_a must be [groups, o_lora_rank, features per "
                                     f"group], got {list(wo_a.shape)}")
     T, H, hd = o.shape
+    check(hd >= 1, lambda: f"{op}: o's head_dim must be >= 1, got {list(o.shape)}")
     G, Dg = wo_a.shape[0], H * hd // max(wo_a.shape[0], 1)
     check(G >= 1 and G * Dg == H * hd and Dg % hd == 0,
           lambda: f"{op}: {H} heads x {hd} must split into {G} groups of whole heads")
     fmt = expert_weight_format(wo_a, wo_a_scale, Dg, "wo_a", check)
     check(fmt != "fp4", lambda: f"{op}: wo_a must be bf16/fp32 or float8_e4m3fn, not FP4")
-    check(positions.dim() == 1 and positions.shape[0] == T and not positions.is_floating_point(),
-          lambda: f"{op}: positions must be an integer tensor [{T}], got {positions.dtype} "
+    check(positions.dim() == 1 and positions.shape[0] == T
+          and positions.dtype in (torch.int32, torch.int64),
+          lambda: f"{op}: positions must be int32 or int64 [{T}], got {positions.dtype} "
                   f"{list(positions.shape)}")
     check(freqs.dim() == 1 and 0 < 2 * freqs.shape[0] <= hd and freqs.dtype == torch.float32,
           lambda: f"{op}: freqs must be float32 [rope_dim / 2] with rope_dim <= head_dim "
@@ -74,7 +76,7 @@ def grouped_oproj_reference(o: torch.Tensor, positions: torch.Tensor, freqs: tor
 
     Args:
         o: [T, n_heads, head_dim] float (bf16 in the model): the attention output.
-        positions: [T] integer, the absolute position of each token.
+        positions: [T] int32 / int64, the absolute position of each token.
         freqs: [rope_dim / 2] float32, the layer's RoPE frequencies (rope_frequencies).
         wo_a: [G, R, Dg] bf16/fp32, or float8_e4m3fn with ``wo_a_scale``
             [G, ⌈R/128⌉, ⌈Dg/128⌉] (float8_e8m0fnu or float32).
