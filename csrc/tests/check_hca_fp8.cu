@@ -207,6 +207,9 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept
     const cudaError_t ret = dsv4::sparse_attn(p, nullptr);
     const cudaError_t pend = cudaGetLastError();
     *kept = injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+    if (!*kept)
+      std::printf("     pending probe: injected %d, returned %s, pending after %s\n", injected ? 1 : 0,
+                  cudaGetErrorName(ret), cudaGetErrorName(pend));
   } else {
     CHECK_CUDA(dsv4::sparse_attn(p, nullptr));
     CHECK_CUDA(cudaGetLastError());  // the op leaves no error pending
@@ -416,14 +419,16 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
 
 // Median time (us) of sparse_attn(p) under DSV4_SPARSE_FP8=old, =new and =new2, alternating, 20
 // calls each after 3 warm-ups (L2 not flushed). Pools hold a constant byte pattern (timing only).
-void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what) {
+// splits > 0: that split count instead of sparse_attn_num_splits' (--time-splits).
+void time_pair(dsv4::SparseAttnParams p, int64_t T, int H, const char* what, int splits = 0) {
   int dev_id = 0, sms = 0;
   CHECK_CUDA(cudaGetDevice(&dev_id));
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev_id));
   p.num_tokens = T;
   p.num_heads = H;
   p.head_dim = D;
-  p.num_splits = dsv4::sparse_attn_num_splits(T, H, p.topk, p.extra_topk, sms);
+  p.num_splits =
+      splits > 0 ? splits : dsv4::sparse_attn_num_splits(T, H, p.topk, p.extra_topk, sms);
   void *out, *lse, *ws = nullptr;
   CHECK_CUDA(cudaMalloc(&out, T * H * D * 2));
   CHECK_CUDA(cudaMalloc(&lse, T * H * 4));
@@ -497,8 +502,9 @@ void free_timing_params(const dsv4::SparseAttnParams& p) {
 
 // Decode at 1M context, one query per sequence (the runtime's step): HCA window 128 + 8,192
 // entries through a block table of 8 entries per block (1,024 tokens), and CSA window 128 +
-// top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1).
-void time_1m(int H, int64_t B, bool hca) {
+// top-512; the split count is sparse_attn_num_splits' (e.g. 130 for HCA at batch 1) unless
+// splits > 0.
+void time_1m(int H, int64_t B, bool hca, int splits = 0) {
   const int64_t T = B, W = 128, s_k = 8192, bs_w = 128, bs_c = hca ? 8 : 64;
   std::vector<uint16_t> q(T * H * D, float_to_bf16(0.01f));
   std::vector<float> sink(H, 0.f);
@@ -554,7 +560,7 @@ void time_1m(int H, int64_t B, bool hca) {
   char what[96];
   std::snprintf(what, sizeof(what), "1M %s h%d b%lld x1 (window 128 + %s)", hca ? "HCA" : "CSA", H,
                 (long long)B, hca ? "8192 entries" : "top-512");
-  time_pair(p, T, H, what);
+  time_pair(p, T, H, what, splits);
   free_timing_params(p);
 }
 
@@ -670,6 +676,18 @@ int main(int argc, char** argv) {
       time_1m(64, b, true);
       time_1m(64, b, false);
     }
+    return 0;
+  }
+  // --time-splits: the 1M HCA decode rows (b = 1, 2, 4) at other split counts than
+  // sparse_attn_num_splits' (the first row of each batch), e.g. to choose that rule
+  if (argc > 1 && std::strcmp(argv[1], "--time-splits") == 0) {
+    if (!fp8) {
+      std::printf("SKIP: the FP8 kernels need sm_90 (head_dim 512)\n");
+      return 0;
+    }
+    for (int64_t b : {1, 2, 4})
+      for (int splits : {0, 16, 24, 33, 44, 65, 98, 130})
+        if (splits * b <= 264) time_1m(64, b, true, splits);
     return 0;
   }
   bool ok = true;
