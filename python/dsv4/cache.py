@@ -32,25 +32,32 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Cache", "LayerCache", "CompressorState", "CacheRowError", "check_count"]
+__all__ = ["Cache", "LayerCache", "CompressorState", "CacheRowError", "as_int", "check_count"]
 
 
 class CacheRowError(RuntimeError):
     """A cache row is unusable: a call that was advancing it failed midway (reset it)."""
 
 
-def check_count(value, name: str, minimum: int = 1) -> int:
-    """``value`` as a python int >= ``minimum``; ValueError naming ``name`` otherwise.
+def as_int(value, name: str, expected: str) -> int:
+    """``value`` as a python int; ``ValueError("{name} must be {expected}, got {value!r}")``
+    otherwise.
 
     Accepts ints and integer-like objects (``operator.index``: numpy / 0-d torch integers);
     rejects bools, floats (also 2.0), strings and everything else.
     """
-    if isinstance(value, bool) or isinstance(value, (str, bytes, float)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if not isinstance(value, (bool, str, bytes, float)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as a python int >= ``minimum`` (:func:`as_int`); ValueError naming ``name``
+    otherwise."""
+    v = as_int(value, name, f"an integer >= {minimum}")
     if v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v}")
     return v

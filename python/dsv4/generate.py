@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from .cache import check_count
+from .cache import as_int, check_count
 
 __all__ = ["GenerationResult", "check_eos_id", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
 
@@ -248,13 +248,7 @@ def check_eos_id(eos_id: Any) -> int | None:
     """
     if eos_id is None:
         return None
-    if not isinstance(eos_id, (bool, str, bytes, float)):
-        try:
-            return operator.index(eos_id)
-        except TypeError:
-            pass
-    raise ValueError(f"eos_id must be None or an integer (a token id; None = never stop at "
-                     f"EOS), got {eos_id!r}")
+    return as_int(eos_id, "eos_id", "None or an integer (a token id; None = never stop at EOS)")
 
 
 def _final_text(decoder, stops, finish: str, on_token) -> str | None:
