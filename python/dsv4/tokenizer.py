@@ -127,6 +127,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = 0)
     return ([int(bos_token_id)] if bos_token_id is not None else []) + list(ids)
 
 
+def _bad_token_id(token_id) -> ValueError:
+    """StreamDecoder.step's error for an id it cannot decode."""
+    return ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode), "
+                      f"got {token_id!r}")
+
+
 class StreamDecoder:
     """Incremental detokeniser: feed generated ids one at a time, get the new text to print.
 
@@ -184,19 +190,17 @@ class StreamDecoder:
 
         Raises ValueError for an id that is not an integer >= 0 the tokenizer can decode (a
         bool, float or string included); the decoder is then left as it was."""
-        bad = ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode), "
-                         f"got {token_id!r}")
         try:
             tid = check_count(token_id, "token_id", 0)
         except ValueError:
-            raise bad from None
+            raise _bad_token_id(token_id) from None
         self._ids.append(tid)
         try:
             return self._advance(final=False)
         except BaseException as e:      # leave the window as it was: later steps still work
             self._ids.pop()
             if isinstance(e, OverflowError):   # past the tokenizer's u32 ids
-                raise bad from None
+                raise _bad_token_id(token_id) from None
             raise
 
     def flush(self) -> str:
