@@ -53,9 +53,8 @@ def sequence_balance_loss(scores: torch.Tensor, topk: int) -> torch.Tensor:
     f = counts * (E / (topk * T))
     total = scores.sum(-1, keepdim=True)
     live = total > 0
-    # the division by a safe denominator: where() alone would pass 0 * (1/0) = NaN backward
-    share = torch.where(live, scores / torch.where(live, total, torch.ones_like(total)), 1.0 / E)
-    p = share.mean(1)
+    # an all-zero row becomes 1 / E: both operands replaced, so no 0/0 forward or backward
+    p = (torch.where(live, scores, 1.0) / torch.where(live, total, float(E))).mean(1)
     return (f * p).sum(-1).mean()
 
 
