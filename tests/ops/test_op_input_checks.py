@@ -158,6 +158,54 @@ def _buffer_cases():
         "kv_norm_rope_out": (kv_rope_out, {"cache": torch.zeros(4, 64, dtype=torch.bfloat16),
                                            "out": torch.empty(3, 64)}),
         "compress_kv": (compress, ck),
+        **_single_buffer_cases(),
+    }
+
+
+def _single_buffer_cases():
+    """The _out ops that write one buffer, refused as the CUDA glue refuses them (used to be:
+    refused only by torch's copy_, a RuntimeError that does not name the argument; and
+    moe_up_out / moe_down_out, which write the rows below expert_offsets[E] only, took a
+    broadcast buffer without an error when no row was routed)."""
+    from dsv4.layers.rope import rope_frequencies
+    from dsv4.quant import fp8_block_quantize
+    from gemm_cases import moe_case  # (tests/ops/gemm_cases.py)
+
+    qx, pos, freqs = torch.randn(3, 2, 64), torch.arange(3), rope_frequencies(64, 10000.0)
+    lx, (lw, ls) = torch.randn(2, 128), fp8_block_quantize(torch.randn(64, 128))
+    o, wo_a = torch.randn(3, 4, 64), torch.randn(2, 16, 128)
+    mc = moe_case(T=3, K=32, N=16, E=4, topk=2, fmt="bf16", seed=0, x_dtype=torch.float32)
+    P = mc.row_ids.shape[0]
+    iq, iw, ik = torch.randn(3, 2, 64), torch.randn(3, 2), torch.randn(2, 6, 64)
+    irows, ivalid = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([4, 6, 2],
+                                                                          dtype=torch.int32)
+    mx, mf, mres = torch.randn(3, 4, 8), torch.randn(3, 8), torch.randn(3, 4, 8)
+    mpost, mcomb = torch.rand(3, 4), torch.rand(3, 4, 4)
+    y_pair, pair_pos = torch.randn(6, 8), torch.tensor([[0, 3], [1, -1], [5, 2]],
+                                                       dtype=torch.int32)
+    ops = torch.ops.dsv4
+    return {
+        "q_norm_rope_out": (lambda b: ops.q_norm_rope_out(qx, pos, freqs, 1e-6, True, 0, **b),
+                            {"out": torch.empty(3, 2, 64)}),
+        "fp8_linear_out": (lambda b: ops.fp8_linear_out(lx, lw, ls, False, **b),
+                           {"out": torch.empty(2, 64)}),
+        "grouped_oproj_out": (lambda b: ops.grouped_oproj_out(o, pos, freqs, wo_a, None, **b),
+                              {"out": torch.empty(3, 2, 16)}),
+        "moe_up_out": (lambda b: ops.moe_up_out(mc.x, mc.row_ids, mc.expert_offsets, mc.w_up,
+                                                None, mc.route_weight, 10.0, False, **b),
+                       {"h": torch.empty(P, 16)}),
+        "moe_down_out": (lambda b: ops.moe_down_out(mc.h.float(), mc.expert_offsets, mc.w_down,
+                                                    None, False, **b),
+                         {"y": torch.empty(P, 32)}),
+        "indexer_topk_out": (lambda b: ops.indexer_topk_out(iq, iw, ik, irows, ivalid, 4, **b),
+                             {"indices": torch.empty(3, 4, dtype=torch.int32)}),
+        "mhc_post_out": (lambda b: ops.mhc_post_out(mf, mres, mpost, mcomb, **b),
+                         {"out": torch.empty(3, 4, 8)}),
+        "mhc_head_out": (lambda b: ops.mhc_head_out(mx, torch.randn(4, 32), torch.ones(1),
+                                                    torch.zeros(4), 1e-6, 1e-6, **b),
+                         {"y": torch.empty(3, 8)}),
+        "moe_combine_out": (lambda b: ops.moe_combine_out(y_pair, pair_pos, None, **b),
+                            {"y": torch.empty(3, 8)}),
     }
 
 

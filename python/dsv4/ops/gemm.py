@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..quant import FP8_BLOCK, fp8_block_dequantize
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 from .quant import fp8_e4m3_sim
 
 __all__ = ["fp8_linear", "fp8_linear_reference", "FP8_LINEAR_SCHEMA", "FP8_LINEAR_OUT_SCHEMA"]
@@ -80,6 +80,7 @@ def _out_ref(x, weight, scale, act_quant, out):
     if tuple(out.shape) != want or out.dtype != x.dtype:
         raise ValueError(f"fp8_linear_out: out must be {x.dtype} {list(want)}, got {out.dtype} "
                          f"{list(out.shape)}")
+    check_writable("fp8_linear_out", out=out)
     out.copy_(fp8_linear_reference(x, weight, scale, act_quant))
 
 

@@ -61,7 +61,7 @@ from typing import Optional
 import torch
 
 from ..quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 from .quant import fp8_e4m3_quantize, fp8_e4m3_sim
 
 __all__ = [
@@ -337,6 +337,7 @@ def _moe_up_out_ref(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, 
               act_quant, raise_value_error)
     P, N = row_ids.shape[0], w_up.shape[2]
     _check_out("moe_up_out", h, (P, N), x.dtype, raise_value_error)
+    check_writable("moe_up_out", h=h)  # also when no row is routed (nothing written then)
     res = moe_up_reference(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight,
                            swiglu_limit, act_quant)
     n = int(expert_offsets[-1]) if P else 0
@@ -347,6 +348,7 @@ def _moe_down_out_ref(h, expert_offsets, w_down, w_down_scale, act_quant, y):
     _check_down(h, expert_offsets, w_down, w_down_scale, act_quant, raise_value_error)
     P, D = h.shape[0], w_down.shape[1]
     _check_out("moe_down_out", y, (P, D), h.dtype, raise_value_error)
+    check_writable("moe_down_out", y=y)
     res = moe_down_reference(h, expert_offsets, w_down, w_down_scale, act_quant)
     n = int(expert_offsets[-1]) if P else 0
     y[:n] = res[:n]

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 from .backend import env_choice, use_kernels
 from .grouped_gemm import dequantize_experts, expert_weight_format
 
@@ -107,6 +107,7 @@ def _out_ref(o, positions, freqs, wo_a, wo_a_scale, out):
     if tuple(out.shape) != want or out.dtype != o.dtype:
         raise ValueError(f"grouped_oproj_out: out must be {o.dtype} {list(want)}, got "
                          f"{out.dtype} {list(out.shape)}")
+    check_writable("grouped_oproj_out", out=out)
     out.copy_(grouped_oproj_reference(o, positions, freqs, wo_a, wo_a_scale))
 
 

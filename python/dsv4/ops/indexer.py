@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import kv_cache
-from ._ext import raise_value_error, register_op
+from ._ext import check_writable, raise_value_error, register_op
 
 __all__ = [
     "indexer_topk",
@@ -270,6 +270,7 @@ def _indexer_topk_out_kernel(q, weights, keys, rows, n_valid, topk, indices, blo
     if tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32:
         raise ValueError(f"indexer_topk_out: indices must be int32 [{T}, {topk}], got "
                          f"{indices.dtype} {tuple(indices.shape)}")
+    check_writable("indexer_topk_out", indices=indices)
     indices.copy_(indexer_topk_varlen_reference(q, weights, keys, rows, n_valid, topk,
                                                 block_table))
 

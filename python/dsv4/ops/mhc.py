@@ -73,8 +73,9 @@ def _check_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
                          f"{list(dst.shape)}")
 
 
-def _copy_out(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    _check_out(dst, src, name)
+def _copy_out(dst: torch.Tensor, src: torch.Tensor, op: str, name: str) -> None:
+    _check_out(dst, src, f"{op}: {name}")
+    check_writable(op, **{name: dst})
     dst.copy_(src)
 
 
@@ -111,7 +112,7 @@ def _post_kernel(f, residual, post, comb):
 
 
 def _post_out_kernel(f, residual, post, comb, *, out):
-    _copy_out(out, _post_kernel(f, residual, post, comb), "mhc_post_out: out")
+    _copy_out(out, _post_kernel(f, residual, post, comb), "mhc_post_out", "out")
 
 
 def _post_fake(f, residual, post, comb):
@@ -129,7 +130,7 @@ def _head_kernel(x, fn, scale, base, norm_eps, eps):
 
 
 def _head_out_kernel(x, fn, scale, base, norm_eps, eps, *, y):
-    _copy_out(y, _head_kernel(x, fn, scale, base, norm_eps, eps), "mhc_head_out: y")
+    _copy_out(y, _head_kernel(x, fn, scale, base, norm_eps, eps), "mhc_head_out", "y")
 
 
 def _head_fake(x, fn, scale, base, norm_eps, eps):

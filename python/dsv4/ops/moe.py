@@ -380,6 +380,7 @@ def _moe_combine_out_kernel(y_pair, pair_pos, shared, *, y):
     if tuple(y.shape) != want or y.dtype != y_pair.dtype:
         raise ValueError(f"moe_combine_out: y must be {y_pair.dtype} {list(want)}, got {y.dtype} "
                          f"{list(y.shape)}")
+    check_writable("moe_combine_out", y=y)
     y.copy_(moe_combine_reference(y_pair, pair_pos, shared))
 
 

@@ -115,6 +115,7 @@ def _q_out_op(x, positions, freqs, eps, norm, quant, *, out):
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
         _fail(f"q_norm_rope_out: out must be {x.dtype} {tuple(x.shape)}, got {out.dtype} "
               f"{tuple(out.shape)}")
+    check_writable("q_norm_rope_out", out=out)
     out.copy_(q_norm_rope_reference(x, positions, freqs, eps, norm, quant))
 
 
