@@ -217,7 +217,7 @@ def test_broadcast_buffer_is_refused_before_any_write(op, bad):
     run, bufs = _buffer_cases()[op]
     run({k: v.clone() for k, v in bufs.items()})  # the buffers as given work
     bufs = {k: (_bcast(v) if k == bad else torch.full_like(v, 7)) for k, v in bufs.items()}
-    with pytest.raises(ValueError, match=f"{bad} must not be a broadcast"):
+    with pytest.raises(ValueError, match=f"{bad} must not be broadcast"):
         run(bufs)
     for name, t in bufs.items():
         assert bool((t == 7).all()), f"{op}: {name} was written by a call that raised"

@@ -154,10 +154,11 @@ def check_writable(op: str, **buffers) -> None:
     anything, so a refused call leaves every buffer as it was."""
     for name, t in buffers.items():
         if t is not None and any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
-            raise ValueError(f"{op}: {name} must not be a broadcast (expanded) view: it is "
-                             f"written in place, and shape {list(t.shape)} with strides "
-                             f"{list(t.stride())} maps several elements to one memory location "
-                             "(pass a tensor with its own storage, e.g. .clone() or .contiguous())")
+            raise ValueError(f"{op}: {name} must not be broadcast (an expanded view whose elements "
+                             f"share memory): it is written in place, and shape {list(t.shape)} "
+                             f"with strides {list(t.stride())} maps several elements to one "
+                             "memory location (pass a tensor with its own storage per element, "
+                             "e.g. .contiguous() or .clone())")
 
 
 # ---------------------------------------------------------------------------------------------
