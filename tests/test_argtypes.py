@@ -30,7 +30,7 @@ def test_int_sequence_accepts_integer_sequences_and_tensors():
 @pytest.mark.parametrize("bad", ["12", b"12", 3, None, 2.0, [1, 2.0], [True], [None], ["1"],
                                  [torch.tensor([1, 2])], [torch.tensor(1.0)],
                                  torch.tensor([1.0]), torch.tensor([[1]]),
-                                 torch.tensor([True]), torch.tensor(3)])
+                                 torch.tensor([True]), torch.tensor(3), np.array(3)])
 def test_int_sequence_refuses_everything_else(bad):
     with pytest.raises(ValueError, match=r"^ids must be integers; got "):
         int_sequence(bad, "ids must be integers")

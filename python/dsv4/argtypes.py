@@ -30,10 +30,10 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 def int_sequence(value, what: str) -> list[int]:
     """``value`` (a list, tuple or other ordered iterable of integers, or a 1-D integer tensor)
     as python ints. Raises ValueError ``f"{what}; got ..."`` for anything else: a string, a
-    scalar, a set / frozenset / dict (no order of their own: the ints would come out in
-    whatever order they iterate), a float / bool / complex tensor or a tensor of another rank,
-    an element that is a bool, float, string, None or non-integer tensor. Ranges and lengths
-    are the caller's."""
+    scalar (a numpy 0-d array too), a set / frozenset / dict (no order of their own: the ints
+    would come out in whatever order they iterate), a float / bool / complex tensor or a
+    tensor of another rank, an element that is a bool, float, string, None or non-integer
+    tensor. Ranges and lengths are the caller's."""
     if isinstance(value, (set, frozenset, Mapping)):
         raise ValueError(f"{what}; got a {type(value).__name__} {value!r} (unordered: pass a "
                          "list or tuple)")
@@ -43,10 +43,14 @@ def int_sequence(value, what: str) -> list[int]:
             raise ValueError(f"{what}; got a {value.dtype} tensor of shape "
                              f"{tuple(value.shape)}")
         return value.tolist()
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    try:    # (a numpy 0-d array has __iter__, but iter() raises TypeError)
+        items = iter(value) if not isinstance(value, (str, bytes)) else None
+    except TypeError:
+        items = None
+    if items is None:
         raise ValueError(f"{what}; got {value!r}")
     out = []
-    for v in value:
+    for v in items:
         if isinstance(v, (bool, float, str, bytes)) or v is None or (
                 isinstance(v, torch.Tensor) and (v.dim() or not _integer(v.dtype))):
             raise ValueError(f"{what}; got {v!r}")
