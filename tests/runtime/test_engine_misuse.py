@@ -86,6 +86,25 @@ def test_generate_prompts_must_be_a_list_of_prompts(model):
     assert e.generate(torch.tensor([[1, 2, 3]]), P2) == e.generate([[1, 2, 3]], P2)
 
 
+@pytest.mark.parametrize("bad,hint", [
+    ({"a": [1, 2], "b": [3]}, "unordered"), ({(1, 2), (3,)}, "unordered"),
+    (frozenset({(1, 2)}), "unordered"), ("np0d", "got"), ("np1d", "flat"),
+    ("npints", "flat"), ([torch.tensor(1), torch.tensor(2)], "flat")])
+def test_generate_names_prompts_that_are_not_a_sequence_of_prompts(model, bad, hint):
+    """What is not an ordered sequence of prompts: a dict or a set of prompts (the results come
+    "in order", which a set has not; a dict gave "prompt_ids ...; got 'a'"), a numpy 0-d array
+    (a bare TypeError), a flat numpy array or list of numpy / 0-d tensor ints (blamed one int
+    as a prompt): each refused naming what is accepted, nothing queued."""
+    np = pytest.importorskip("numpy")
+    bad = {"np0d": np.array(3), "np1d": np.array([1, 2, 3]),
+           "npints": [np.int64(1), np.int64(2)]}.get(bad, bad) if isinstance(bad, str) else bad
+    e = _engine(model)
+    with pytest.raises(ValueError, match=rf"^prompts must be a sequence of prompts .*{hint}"):
+        e.generate(bad, P2)
+    assert _idle(e)
+    assert e.generate(np.array([[1, 2, 3]]), P2) == e.generate([[1, 2, 3]], P2)
+
+
 @pytest.mark.parametrize("bad", [5, 1.5, b"x", ["a"], ""])
 def test_request_id_must_be_a_non_empty_string(model, bad):
     e = _engine(model)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -495,7 +497,8 @@ class Engine:
         Raises:
             ValueError: the engine already holds requests (their outputs would be consumed
                 here; drive them with :meth:`step` / :meth:`stream` or :meth:`abort` them),
-                ``prompts`` is not a sequence of prompts, or a prompt / params is invalid
+                ``prompts`` is not an ordered sequence of prompts (a set or dict, a flat
+                sequence of ints, a scalar), or a prompt / params is invalid
                 (:meth:`add_request`'s errors). Nothing is queued then.
             EngineStepError: a step failed; RuntimeError: a request ended with an error.
             On any exception (Ctrl-C included) the requests of this call that are still
@@ -511,15 +514,23 @@ class Engine:
             raise ValueError(f"generate() needs an idle engine: {len(self.requests)} request(s) "
                              "already added would be run and their outputs dropped; drive them "
                              "with step() / stream() or abort() them first")
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__") or (
-                isinstance(prompts, torch.Tensor) and prompts.dim() != 2):
-            raise ValueError(f"prompts must be a sequence of prompts (each a list or 1-D tensor "
-                             f"of token ids; or a 2-D tensor, one prompt per row), got "
-                             f"{type(prompts).__name__} {tuple(getattr(prompts, 'shape', ()))}")
-        prompts = list(prompts)
-        if any(isinstance(p, int) for p in prompts):
-            raise ValueError("prompts must be a sequence of prompts (each a list or 1-D tensor "
-                             "of token ids), got a flat list of ints; wrap it: [ids]")
+        what = ("prompts must be a sequence of prompts (each a list or 1-D tensor of token ids; "
+                "or a 2-D tensor or array, one prompt per row)")
+        if isinstance(prompts, (set, frozenset, Mapping)):
+            raise ValueError(f"{what}, got a {type(prompts).__name__} (unordered: the results "
+                             "come in the order of the prompts; pass a list)")
+        try:    # (a numpy 0-d array has __iter__, but iter() raises TypeError)
+            items = None if isinstance(prompts, (str, bytes)) or (
+                isinstance(prompts, torch.Tensor) and prompts.dim() != 2) else list(prompts)
+        except TypeError:
+            items = None
+        if items is None:
+            raise ValueError(f"{what}, got {type(prompts).__name__} "
+                             f"{tuple(getattr(prompts, 'shape', ()))}")
+        prompts = items
+        if any(isinstance(p, numbers.Integral) or (isinstance(p, torch.Tensor) and p.dim() == 0)
+               for p in prompts):
+            raise ValueError(f"{what}, got a flat sequence of ints; wrap it: [ids]")
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
