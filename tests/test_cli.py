@@ -51,7 +51,8 @@ def _usage_error(capsys, argv) -> str:
         (["--device", "cpu:1"], r"argument --device: 'cpu:1' is not supported; expected cpu"),
         (["--device", "cuda:1000"], r"argument --device: 'cuda:1000' (requested but CUDA is "
                                     r"not available|: this machine has \d+ CUDA device)"),
-        (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*63\)"),
+        (["--seed", "99999999999999999999999"], r"argument --seed: must be in \[0, 2\*\*64\)"),
+        (["--seed", str(2 ** 64)], r"argument --seed: must be in \[0, 2\*\*64\)"),
         (["--quant-sim", "maybe"], r"invalid choice: 'maybe'"),
         (["--stop", ""], r"argument --stop: expected a non-empty text"),
     ],
@@ -61,6 +62,14 @@ def test_generate_argument_errors(capsys, monkeypatch, extra, message):
     err = _usage_error(capsys, ["generate", "--prompt", "x", *extra])
     assert re.search(message, err), err
     assert "usage: dsv4 generate" in err
+
+
+def test_seed_takes_every_seed_generate_takes():
+    """--seed accepts what dsv4.generate.generate / SamplingParams accept (a torch.Generator
+    seed: [0, 2**64)); it refused [2**63, 2**64) with its own bound."""
+    for seed in (0, 2 ** 63, 2 ** 64 - 1):
+        args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--seed", str(seed)])
+        assert args.seed == seed
 
 
 def _no_model(*a, **k):

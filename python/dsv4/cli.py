@@ -73,8 +73,9 @@ def _seed(s: str) -> int:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if not 0 <= v < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    from dsv4.generate import SEED_LIMIT
+    if not 0 <= v < SEED_LIMIT:     # generate()'s range (a torch.Generator seed)
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {s}")
     return v
 
 

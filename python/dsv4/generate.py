@@ -195,6 +195,11 @@ class GenerationResult:
         return steps / self.decode_seconds if steps and self.decode_seconds > 0 else 0.0
 
 
+#: Seeds are integers in [0, SEED_LIMIT): what ``torch.Generator.manual_seed`` takes (the
+#: ``seed`` of :func:`generate`, of ``dsv4.runtime.SamplingParams`` and ``dsv4 generate --seed``).
+SEED_LIMIT = 2 ** 64
+
+
 def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
                         top_p: float, top_k: int, stop_strings: Sequence[str] | str,
                         tokenizer: Any | None, seed: int | None = None
@@ -230,7 +235,7 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < 2 ** 64):
+                             or not 0 <= seed < SEED_LIMIT):
         raise ValueError(f"seed must be None or an integer in [0, 2**64) (a torch.Generator "
                          f"seed), got {seed!r}")
     return prompt, stops

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..cache import check_count
-from ..generate import check_sampling_args
+from ..generate import SEED_LIMIT, check_sampling_args
 
 __all__ = ["SamplingParams", "Request", "RequestOutput", "Status"]
 
@@ -59,7 +59,7 @@ class SamplingParams:
             object.__setattr__(self, name, value)
         if self.seed is not None:
             seed = check_count(self.seed, "seed", 0)
-            if seed >= 2 ** 64:
+            if seed >= SEED_LIMIT:
                 raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator "
                                  f"seed), got {self.seed!r}")
             object.__setattr__(self, "seed", seed)
