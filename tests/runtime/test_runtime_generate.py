@@ -82,3 +82,16 @@ def test_integer_like_counts_are_accepted_alike(model):
             r = fn(model, [4, 8, 15], n, eos_id=e)
             cut = want.token_ids.index(eos)
             assert r.token_ids == want.token_ids[:cut] and r.finish_reason == "eos"
+
+
+def test_non_finite_logits_are_the_same_error_as_the_model_loop():
+    """A model whose logits are NaN: generate() raises the sampler's ValueError; the engine's
+    path raised a RuntimeError, which `dsv4 generate` on a GPU (it catches ValueError) printed
+    as a traceback. Both raise ValueError saying the model produced non-finite values."""
+    torch.manual_seed(0)
+    nan_model = dsv4.Model(dsv4.ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        nan_model.norm.weight.fill_(float("nan"))
+    for fn in (engine_generate, model_generate):
+        with pytest.raises(ValueError, match=r"the model produced (NaN/inf|non-finite)"):
+            fn(nan_model, [4, 8, 15], 3)

@@ -111,8 +111,8 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
         t0 = time.perf_counter()   # the engine's allocation is set-up, not generation
         try:
             for out in engine.stream():
-                if out.finish_reason == "error":
-                    raise RuntimeError(f"generation failed: {out.error}")
+                if out.finish_reason == "error":   # non-finite logits: sample()'s ValueError
+                    raise ValueError(f"generation failed: {out.error}, no token can be sampled")
                 new_tokens += 1
                 if new_tokens == 1:
                     prefill_seconds = time.perf_counter() - t0
