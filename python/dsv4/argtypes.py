@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["int_at_least", "int_sequence", "resolve_device"]
+__all__ = ["int_at_least", "int_sequence", "iter_items", "resolve_device"]
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -43,10 +43,7 @@ def int_sequence(value, what: str) -> list[int]:
             raise ValueError(f"{what}; got a {value.dtype} tensor of shape "
                              f"{tuple(value.shape)}")
         return value.tolist()
-    try:    # (a numpy 0-d array has __iter__, but iter() raises TypeError)
-        items = iter(value) if not isinstance(value, (str, bytes)) else None
-    except TypeError:
-        items = None
+    items = iter_items(value)
     if items is None:
         raise ValueError(f"{what}; got {value!r}")
     out = []
@@ -59,6 +56,17 @@ def int_sequence(value, what: str) -> list[int]:
         except TypeError:
             raise ValueError(f"{what}; got {v!r}") from None
     return out
+
+
+def iter_items(value):
+    """An iterator over ``value``, or None for a string / bytes or what ``iter`` refuses: a
+    scalar, and a numpy / torch 0-d array (which has ``__iter__`` but raises TypeError)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return iter(value)
+    except TypeError:
+        return None
 
 
 def _integer(dtype: torch.dtype) -> bool:

@@ -140,6 +140,16 @@ def test_sampling_params_name_their_argument():
     assert (sp.max_new_tokens, sp.seed) == (3, 5)
 
 
+@pytest.mark.parametrize("bad", ["np0d", torch.tensor(3), 3, None])
+def test_stop_token_ids_scalar_is_named(bad):
+    """A scalar (a numpy or torch 0-d array too: they have __iter__, and iterating them raised
+    a bare TypeError) is not a sequence of stop ids: the ValueError names the field."""
+    np = pytest.importorskip("numpy")
+    bad = np.array(3) if isinstance(bad, str) else bad
+    with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids"):
+        SamplingParams(stop_token_ids=bad)
+
+
 def test_eos_and_stop_ids_must_be_token_ids(model):
     """eos_token_id -1 is "never"; below it, or (where the vocabulary is known: add_request)
     an id the model never samples, the stop was silently off. Refused, nothing queued; the

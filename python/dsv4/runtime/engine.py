@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..argtypes import int_sequence
+from ..argtypes import int_sequence, iter_items
 from ..cache import check_count
 from ..ops.split_gemm import pending_copy_bytes
 from .pool import PagedCache, blocks_needed, check_cache_formats
@@ -519,15 +519,12 @@ class Engine:
         if isinstance(prompts, (set, frozenset, Mapping)):
             raise ValueError(f"{what}, got a {type(prompts).__name__} (unordered: the results "
                              "come in the order of the prompts; pass a list)")
-        try:    # (a numpy 0-d array has __iter__, but iter() raises TypeError)
-            items = None if isinstance(prompts, (str, bytes)) or (
-                isinstance(prompts, torch.Tensor) and prompts.dim() != 2) else list(prompts)
-        except TypeError:
-            items = None
+        items = None if isinstance(prompts, torch.Tensor) and prompts.dim() != 2 else \
+            iter_items(prompts)
         if items is None:
             raise ValueError(f"{what}, got {type(prompts).__name__} "
                              f"{tuple(getattr(prompts, 'shape', ()))}")
-        prompts = items
+        prompts = list(items)
         if any(isinstance(p, numbers.Integral) or (isinstance(p, torch.Tensor) and p.dim() == 0)
                for p in prompts):
             raise ValueError(f"{what}, got a flat sequence of ints; wrap it: [ids]")

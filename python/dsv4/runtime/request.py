@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..argtypes import iter_items
 from ..cache import check_count
 from ..generate import SEED_LIMIT, check_sampling_args
 
@@ -71,11 +72,12 @@ class SamplingParams:
                                  f"or a token id >= 0, got {self.eos_token_id!r}") from None
             object.__setattr__(self, "eos_token_id", eos)
         stops = self.stop_token_ids
-        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+        items = iter_items(stops)
+        if items is None:
             raise ValueError(f"stop_token_ids must be a sequence of token ids (ints >= 0), got "
                              f"{stops!r}")
         object.__setattr__(self, "stop_token_ids",
-                           tuple(check_count(t, "stop_token_ids entries", 0) for t in stops))
+                           tuple(check_count(t, "stop_token_ids entries", 0) for t in items))
 
     @property
     def greedy(self) -> bool:
