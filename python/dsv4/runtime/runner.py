@@ -195,8 +195,11 @@ class ModelRunner:
     def emulate_graphs(self) -> None:
         """Run decode steps through the graph path with the captured step body replayed
         eagerly (no CUDA graph): the static buffers, the upload-when-changed logic and the
-        device-side advance run as on the GPU, on any device and backend. For CPU tests and
-        the host-side profile."""
+        device-side advance run as on the GPU, on any device. The layers must take their
+        batched (kernel-path) glue, as a captured step does: a graph step has no host lists,
+        so on the reference backend the per-sequence attention path raises RuntimeError (the
+        CPU tests patch ``dsv4.layers.attention.use_kernels``). For CPU tests and the
+        host-side profile."""
         self._emulate = True
         self.graph_off_reason = None
 
