@@ -208,7 +208,9 @@ size_t sparse_attn_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_
   return static_cast<size_t>(floats) * sizeof(float);
 }
 
-cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream) {
+namespace {
+
+cudaError_t run(const SparseAttnParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 && p.num_heads >= 1 && sparse_attn_supports_head_dim(p.head_dim))
     return cudaSuccess;
   if (!valid_params(p)) return cudaErrorInvalidValue;
@@ -223,6 +225,17 @@ cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream) {
       return dispatch<512>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// An error the caller left pending must reach the caller: read (not cleared) on entry and
+// returned if the call itself succeeded, whether or not a runtime call on the way reset it (the
+// launch's own cudaGetLastError() returns and clears it; csrc/tests/check_hca_fp8.cu --refusal).
+cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  const cudaError_t err = run(p, stream);
+  return err == cudaSuccess ? pending : err;
 }
 
 }  // namespace dsv4

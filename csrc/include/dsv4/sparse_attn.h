@@ -143,7 +143,8 @@ size_t sparse_attn_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_
 // Returns cudaSuccess, cudaErrorInvalidValue for bad arguments (unsupported head_dim,
 // num_heads < 1, negative sizes, null or misaligned pointers, bad strides, topk > 2^31 - 65,
 // a grid over 2^31 - 1 CTAs, a missing or short workspace), or the launch error.
-// num_tokens == 0 is a no-op. Does not synchronise.
+// num_tokens == 0 is a no-op. Does not synchronise. An error the caller left pending (an
+// earlier failed runtime call on this thread) is returned when the call itself succeeds.
 cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream);
 
 }  // namespace dsv4
