@@ -1,6 +1,7 @@
 // torch.ops.dsv4.sparse_attn / sparse_attn_out: schemas and CUDA implementation (argument checks,
 // device guard, current stream, split workspace, and the call into the torch-free kernel
 // csrc/kernels/sparse_attn.cu). Semantics: include/dsv4/sparse_attn.h, architecture.md §3.6.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
@@ -232,6 +233,12 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
               lse.scalar_type());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H, op,
               "lse must have shape [", T, ", ", H, "], got ", lse.sizes());
+  // Written in place: a broadcast view (a dimension of size > 1 with stride 0) would have
+  // several tokens / heads write one memory location.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes &&
+                  at::has_internal_overlap(lse) != at::MemOverlap::Yes,
+              op, "out and lse must not be broadcast (expanded) views: every element needs its "
+              "own memory; got strides ", out.strides(), " and ", lse.strides());
 
   if (T == 0) return;
 
