@@ -1,6 +1,7 @@
 // torch.ops.dsv4.grouped_oproj / grouped_oproj_out: schemas and CUDA implementation (the grouped
 // GEMM kernel with one "expert" per output group and the inverse RoPE applied while loading o).
 // Semantics: python/dsv4/ops/grouped_oproj.py (architecture.md §3.7, §7).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,6 +34,7 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
   TORCH_CHECK(wo_a.dim() == 3, kOp, "wo_a must be [groups, o_lora_rank, features per group], "
               "got ", wo_a.sizes());
   const int64_t G = wo_a.size(0), R = wo_a.size(1);
+  TORCH_CHECK(hd >= 1, kOp, "o's head_dim must be >= 1, got ", o_in.sizes());
   TORCH_CHECK(G >= 1 && G <= 1024 && (H * hd) % G == 0 && ((H * hd) / G) % hd == 0, kOp, H,
               " heads x ", hd, " must split into ", G, " groups of whole heads (G <= 1024)");
   const int64_t Dg = H * hd / G;
@@ -58,6 +60,9 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
                          (T <= 1 || out.stride(0) % 8 == 0) && aligned16(out)),
               kOp, "out must have a unit last stride, other strides multiples of 8 and a 16-byte "
               "aligned data pointer (e.g. contiguous), got strides ", out.strides());
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kOp,
+              "out must not be a broadcast (expanded) view: every element needs its own memory; "
+              "got strides ", out.strides());
   if (T == 0) return;
   // o rows of n_heads * head_dim contiguous features, 16-byte aligned
   at::Tensor o = o_in;
