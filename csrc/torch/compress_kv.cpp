@@ -2,6 +2,7 @@
 // current stream, and the call into the torch-free kernels csrc/kernels/compress_kv.cu).
 // The pure-PyTorch reference and the fake are registered from python/dsv4/ops/compressor.py
 // with the same schema.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -88,8 +89,11 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                 "bytes, block stride >= block bytes and a multiple of 16, 16-byte aligned), got "
                 "strides ", entries.strides());
   } else {
-    TORCH_CHECK(entries.stride(2) == 1, kOp,
-                "entries must have a contiguous last dimension, got strides ", entries.strides());
+    // written by row: a broadcast view (stride 0 over slots or rows) would put every row on
+    // one memory location
+    TORCH_CHECK(entries.stride(2) == 1 && at::has_internal_overlap(entries) != at::MemOverlap::Yes,
+                kOp, "entries must have a contiguous last dimension and must not be a broadcast "
+                "(expanded) view, got strides ", entries.strides());
   }
   TORCH_CHECK(d % 4 == 0 && d >= 4 && d <= 1024, kOp,
               "head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got ", d);
