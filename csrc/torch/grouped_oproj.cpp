@@ -1,7 +1,6 @@
 // torch.ops.dsv4.grouped_oproj / grouped_oproj_out: schemas and CUDA implementation (the grouped
 // GEMM kernel with one "expert" per output group and the inverse RoPE applied while loading o).
 // Semantics: python/dsv4/ops/grouped_oproj.py (architecture.md §3.7, §7).
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +13,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "gemm_utils.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -56,13 +56,11 @@ void run_oproj(const at::Tensor& o_in, const at::Tensor& positions, const at::Te
                   out.size(1) == G && out.size(2) == R,
               kOp, "out must be bfloat16 [", T, ", ", G, ", ", R, "], got ", out.scalar_type(),
               " ", out.sizes());
+  check_not_broadcast(out, kOp, "out");
   TORCH_CHECK(T == 0 || ((out.stride(2) == 1 || R <= 1) && out.stride(1) % 8 == 0 &&
                          (T <= 1 || out.stride(0) % 8 == 0) && aligned16(out)),
               kOp, "out must have a unit last stride, other strides multiples of 8 and a 16-byte "
               "aligned data pointer (e.g. contiguous), got strides ", out.strides());
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kOp,
-              "out must not be a broadcast (expanded) view: every element needs its own memory; "
-              "got strides ", out.strides());
   if (T == 0) return;
   // o rows of n_heads * head_dim contiguous features, 16-byte aligned
   at::Tensor o = o_in;

@@ -1,7 +1,6 @@
 // torch.ops.dsv4.sparse_attn / sparse_attn_out: schemas and CUDA implementation (argument checks,
 // device guard, current stream, split workspace, and the call into the torch-free kernel
 // csrc/kernels/sparse_attn.cu). Semantics: include/dsv4/sparse_attn.h, architecture.md §3.6.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +17,7 @@
 
 #include "dsv4/sparse_attn.h"
 #include "dsv4/sparse_attn_prefill.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -224,6 +224,7 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
               out.scalar_type());
   TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == D, op,
               "out must have shape [", T, ", ", H, ", ", D, "], got ", out.sizes());
+  check_not_broadcast(out, op, "out");
   TORCH_CHECK(T == 0 || rows_aligned(out), op,
               "out must have a unit last stride, other strides multiples of 8 and a 16-byte "
               "aligned data pointer (e.g. a contiguous tensor); got strides ",
@@ -233,12 +234,7 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
               lse.scalar_type());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H, op,
               "lse must have shape [", T, ", ", H, "], got ", lse.sizes());
-  // Written in place: a broadcast view (a dimension of size > 1 with stride 0) would have
-  // several tokens / heads write one memory location.
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes &&
-                  at::has_internal_overlap(lse) != at::MemOverlap::Yes,
-              op, "out and lse must not be broadcast (expanded) views: every element needs its "
-              "own memory; got strides ", out.strides(), " and ", lse.strides());
+  check_not_broadcast(lse, op, "lse");
 
   if (T == 0) return;
 
