@@ -2,7 +2,6 @@
 // current stream, and the call into the torch-free kernels csrc/kernels/compress_kv.cu).
 // The pure-PyTorch reference and the fake are registered from python/dsv4/ops/compressor.py
 // with the same schema.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +14,7 @@
 #include <string>
 
 #include "dsv4/compress_kv.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -50,6 +50,10 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
   check_on(entries, "entries", dev);
   if (slots.has_value()) check_on(*slots, "slots", dev);
   if (block_table.has_value()) check_on(*block_table, "block_table", dev);
+  // written in place (state rows, entries by row / slot): checked before anything is written
+  check_not_broadcast(state_kv, kOp, "state_kv");
+  check_not_broadcast(state_score, kOp, "state_score");
+  check_not_broadcast(entries, kOp, "entries");
 
   const int64_t m = compress_ratio;
   TORCH_CHECK(m >= 1 && m <= INT_MAX, kOp, "compress_ratio must be >= 1, got ", m);
@@ -89,11 +93,8 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                 "bytes, block stride >= block bytes and a multiple of 16, 16-byte aligned), got "
                 "strides ", entries.strides());
   } else {
-    // written by row: a broadcast view (stride 0 over slots or rows) would put every row on
-    // one memory location
-    TORCH_CHECK(entries.stride(2) == 1 && at::has_internal_overlap(entries) != at::MemOverlap::Yes,
-                kOp, "entries must have a contiguous last dimension and must not be a broadcast "
-                "(expanded) view, got strides ", entries.strides());
+    TORCH_CHECK(entries.stride(2) == 1, kOp,
+                "entries must have a contiguous last dimension, got strides ", entries.strides());
   }
   TORCH_CHECK(d % 4 == 0 && d >= 4 && d <= 1024, kOp,
               "head_dim (entries.size(-1)) must be a multiple of 4 in [4, 1024], got ", d);

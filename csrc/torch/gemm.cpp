@@ -13,6 +13,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "gemm_utils.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -96,6 +97,7 @@ void fp8_linear_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t N = weight.size(0);
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape(x, N)), kOp, "out must be ",
               at::IntArrayRef(out_shape(x, N)), ", got ", out.sizes());
+  check_not_broadcast(out, kOp, "out");
   const int64_t M = lead_rows(x);
   TORCH_CHECK(out.is_contiguous() || out.dim() == 2, kOp,
               "out must be contiguous (or 2-D with a unit last stride), got strides ",

@@ -14,6 +14,7 @@
 
 #include "dsv4/grouped_gemm.h"
 #include "gemm_utils.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -58,6 +59,7 @@ void run_up(const at::Tensor& x_in, const at::Tensor& row_ids_in, const at::Tens
               route_weight_in.scalar_type(), " ", route_weight_in.sizes());
   check_routing(offsets_in, x_in, E, kUp);
   TORCH_CHECK(swiglu_limit >= 0, kUp, "swiglu_limit must be >= 0, got ", swiglu_limit);
+  check_not_broadcast(h, kUp, "h");
   check_out_rows(h, x_in, P, N, kUp, "h");
   TORCH_CHECK(!act_quant || K % 128 == 0, kUp, "act_quant needs dim divisible by 128, got ", K);
   if (P == 0 || T == 0) {
@@ -111,6 +113,7 @@ void run_down(const at::Tensor& h_in, const at::Tensor& offsets_in, const at::Te
   const GemmWeightFormat fmt = weight_format(w_down, w_down_scale, N, kDown, "w_down");
   TORCH_CHECK(P <= INT_MAX, kDown, "at most ", INT_MAX, " pairs, got ", P);
   check_routing(offsets_in, h_in, E, kDown);
+  check_not_broadcast(y, kDown, "y");
   check_out_rows(y, h_in, P, D, kDown, "y");
   TORCH_CHECK(!act_quant || N % 128 == 0, kDown,
               "act_quant needs moe_inter_dim divisible by 128, got ", N);

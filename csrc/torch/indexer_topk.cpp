@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "dsv4/indexer_topk.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -174,6 +175,7 @@ void indexer_topk_out_cuda(const at::Tensor& q, const at::Tensor& weights,
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == q.size(0) && indices.size(1) == topk,
               kOp, "indices must be [", q.size(0), ", ", topk, "] ([tokens, topk]), got ",
               indices.sizes());
+  check_not_broadcast(indices, kOp, "indices");
   TORCH_CHECK(indices.stride(1) == 1 || topk == 1, kOp,
               "indices must have a unit last stride, got strides ", indices.strides());
   run_indexer_topk(q, weights, keys, rows, n_valid, topk, indices, block_table);

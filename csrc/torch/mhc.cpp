@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dsv4/mhc.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -99,6 +100,7 @@ at::Tensor mix_workspace(const at::Tensor& x, int64_t T, int64_t d, const char* 
 void check_rows_out(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape,
                     const at::Tensor& x, const char* op) {
   check_same_device(t, name, x, op);
+  check_not_broadcast(t, op, name);
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.sizes() == at::IntArrayRef(shape) &&
                   t.is_contiguous() && aligned16(t.data_ptr()),
               op, name, " must be a contiguous, 16-byte aligned bfloat16 ", at::IntArrayRef(shape),
@@ -158,6 +160,7 @@ void mhc_pre_out_cuda(const at::Tensor& x, const at::Tensor& fn, const at::Tenso
   for (auto [t, name, shape] : {std::make_tuple(&post, "post", lead_shape(x, {kHc})),
                                 std::make_tuple(&comb, "comb", lead_shape(x, {kHc, kHc}))}) {
     check_same_device(*t, name, x, kPre);
+    check_not_broadcast(*t, kPre, name);
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == at::IntArrayRef(shape) &&
                     t->is_contiguous(),
                 kPre, name, " must be a contiguous float32 ", at::IntArrayRef(shape), ", got ",
@@ -267,6 +270,7 @@ void mhc_post_out_cuda(const at::Tensor& f, const at::Tensor& residual, const at
                        const at::Tensor& comb, at::Tensor& out) {
   check_post_args(f, residual, post, comb);
   check_same_device(out, "out", residual, kPost);
+  check_not_broadcast(out, kPost, "out");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.sizes() == residual.sizes() &&
                   out.is_contiguous(),
               kPost, "out must be a contiguous bfloat16 ", residual.sizes(), ", got ",

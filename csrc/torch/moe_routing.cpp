@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "dsv4/moe_routing.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -124,6 +125,8 @@ void moe_gate_out_cuda(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.dim() == 2, kGate, "x must be [tokens, dim], got ", x.sizes());
   check_device(weights, "weights", x, kGate);
   check_device(indices, "indices", x, kGate);
+  check_not_broadcast(weights, kGate, "weights");
+  check_not_broadcast(indices, kGate, "indices");
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
                   weights.size(0) == x.size(0) && weights.size(1) == topk &&
                   weights.is_contiguous(),
@@ -198,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(
 void check_out(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
                const at::Tensor& ref, const char* op) {
   check_device(t, name, ref, op);
+  check_not_broadcast(t, op, name);
   TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous(), op, name,
               " must be a contiguous ", dtype, " ", shape, ", got ", t.scalar_type(), " ",
               t.sizes());
@@ -278,6 +282,7 @@ void moe_combine_out_cuda(const at::Tensor& y_pair, const at::Tensor& pair_pos,
                           const std::optional<at::Tensor>& shared, at::Tensor& y) {
   check_combine_inputs(y_pair, pair_pos, shared);
   check_device(y, "y", y_pair, kCombine);
+  check_not_broadcast(y, kCombine, "y");
   TORCH_CHECK(y.dim() == 2 && y.size(0) == pair_pos.size(0) && y.size(1) == y_pair.size(1) &&
                   y.scalar_type() == at::kBFloat16 && (y.stride(1) == 1 || y.size(1) <= 1),
               kCombine, "y must be bfloat16 [", pair_pos.size(0), ", ", y_pair.size(1),

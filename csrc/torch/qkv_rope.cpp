@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "dsv4/qkv_rope.h"
+#include "glue_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -60,6 +61,7 @@ void check_out(const char* op, const at::Tensor& out, const at::Tensor& x) {
                   out.sizes() == x.sizes(),
               op, "out must be bfloat16 ", x.sizes(), " on x's device, got ", out.scalar_type(),
               " ", out.sizes());
+  check_not_broadcast(out, op, "out");
   TORCH_CHECK(x.numel() == 0 || rows_ok(out, x.size(-1)), op,
               "out must have a unit last stride and aligned rows (e.g. contiguous), got strides ",
               out.strides());
@@ -123,6 +125,7 @@ void set_dst(KvCacheDst& d, const std::optional<at::Tensor>& cache,
   }
   const at::Tensor& c = *cache;
   TORCH_CHECK(c.device() == x.device(), kKV, name, " must be on x's device");
+  check_not_broadcast(c, kKV, name);
   TORCH_CHECK(rows.has_value() && rows->device() == x.device() &&
                   rows->scalar_type() == at::kInt && rows->dim() == 1 &&
                   rows->size(0) == x.size(0) && rows->is_contiguous(),
