@@ -17,15 +17,11 @@
 //     l + 32 j (j < CPL) of each of its RW rows, all 16 loads of 16 bytes
 //     (ld.global.nc.L1::no_allocate, skinny::ld_stream16) issued before the first use: 8 KB per
 //     warp, 128 KB per SM in flight.
-//   * L2 prefetch (cp.async.bulk.prefetch, one lane per row; DSV4_GEMV_PREFETCH=1 / 2, default
-//     none: measured slower or equal, prefetch_mode): each warp asks for its first RW rows
-//     before the activations are staged (1), and for its next RW rows before it loads the
-//     current ones (2).
-//   * DSV4_GEMV_PIPE=1 (read per call; default off): the pipelined walk (rows_pipe): each batch
-//     in two halves of 8 loads per lane in two register sets, the next half's loads issued
-//     before the current half's FMAs, across batches and row groups, and the first half before
-//     the activations are staged; so a warp has 4-8 KB in flight through its compute and
-//     reduction instead of 8 KB then none. Bit-identical to the default walk.
+//   * No L2 prefetch and no software pipelining across batches: both were built and measured
+//     (ninth session, H100 / H200, bench/README.md "GEMV tile, with the prefetch real"): the
+//     bulk L2 prefetch 2-8 us slower or no faster, a walk with the next half-batch's loads
+//     issued before the current FMAs 0-4 us slower; the 16 loads per lane of rows_dot keep as
+//     many bytes in flight. Both were removed.
 //   * Activations in shared memory as 16-byte pieces of 8 bf16 values, laid out [row][piece of
 //     the chunk][chunk], so that the 32 lanes' reads of one piece index are consecutive 16-byte
 //     words (no bank conflicts); each piece is read once per batch and used for all RW rows.
@@ -52,8 +48,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
@@ -251,119 +245,11 @@ __device__ __forceinline__ void rows_dot(const GroupedGemmArgs& a, int e, int r0
   reduce_store<RT, RW>(a, e, r0, acc, lane);
 }
 
-// Lanes 0 .. RW - 1 ask L2 for the whole of weight rows r0 .. r0 + RW - 1 of expert e.
-template <int FMT, int RW>
-__device__ __forceinline__ void prefetch_rows(const GroupedGemmArgs& a, int e, int r0, int lane) {
-  if (lane < RW) {
-    skinny::prefetch_l2_bulk(static_cast<const char*>(a.w) + e * a.w_expert_stride +
-                                 static_cast<int64_t>(r0 + lane) * a.w_row_stride,
-                             static_cast<uint32_t>(FMT == kFmtBF16 ? 2 * a.k : a.k));
-  }
-}
-
-// ---- the pipelined walk (DSV4_GEMV_PIPE=1) ----
-// A batch (32 CPL chunks of RW rows, as rows_dot) is split in two halves of H = CPL / 2 chunks
-// per lane and row: half 0 (chunks j < H) in registers qa, half 1 in qb. The loads of the next
-// half are issued before the FMAs of the current one, across batches and row groups, so each
-// warp keeps 8 loads of 16 bytes per lane (4 KB per warp at RW CPL = 16) in flight while it
-// computes and reduces; the first half of the warp's first row group is issued before the
-// activations are staged. Same chunk order per row and lane, same reduction: bit-identical to
-// rows_dot.
-
-// Loads of chunks c = b + lane + 32 (J0 + j), j < H, of the RW rows starting at wrow.
-template <int CPL, int J0>
-__device__ __forceinline__ void load_half(const GroupedGemmArgs& a, const char* wrow, int b,
-                                          int nchunks, int lane,
-                                          uint4 (&q)[kLoads / CPL][CPL / 2]) {
-  constexpr int RW = kLoads / CPL, H = CPL / 2;
-#pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int c = b + lane + 32 * (J0 + j);
-    const bool ok = c < nchunks;
-#pragma unroll
-    for (int rr = 0; rr < RW; ++rr) {
-      q[rr][j] = ok ? skinny::ld_stream16(wrow + rr * a.w_row_stride + static_cast<int64_t>(c) * 16)
-                    : make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-}
-
-template <int FMT, int RT, int CPL, int J0>
-__device__ __forceinline__ void fma_half(const uint4 (&q)[kLoads / CPL][CPL / 2], int b,
-                                         int nchunks, const uint4* xs, const char* sbase,
-                                         bool s32, int lane, float (&acc)[kLoads / CPL][RT]) {
-  constexpr int RW = kLoads / CPL, H = CPL / 2;
-#pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int c = b + lane + 32 * (J0 + j);
-    if (c < nchunks) {
-      uint4 qj[RW];
-#pragma unroll
-      for (int rr = 0; rr < RW; ++rr) qj[rr] = q[rr][j];
-      chunk_fma<FMT, RT, RW>(qj, c, nchunks, xs, sbase, s32, acc);
-    }
-  }
-}
-
-// The warp's row groups r_first, r_first + kWarps RW, ... < r_end of expert e; qa holds the
-// first half of r_first's first batch (issued by the caller). prefetch > 1: each row group's
-// successor asked of L2 when the group's first loads are issued.
-template <int FMT, int RT, int CPL>
-__device__ __forceinline__ void rows_pipe(const GroupedGemmArgs& a, int e, int r_first,
-                                          int r_end, const uint4* xs, int lane, int prefetch,
-                                          uint4 (&qa)[kLoads / CPL][CPL / 2]) {
-  constexpr int EPC = skinny::elems_per_chunk<FMT>();
-  constexpr int RW = kLoads / CPL, H = CPL / 2;
-  constexpr int kGroupStride = kWarps * RW;
-  const int nchunks = a.k / EPC;
-  const bool s32 = a.scale_fp32;
-  float acc[RW][RT];
-#pragma unroll
-  for (int rr = 0; rr < RW; ++rr) {
-#pragma unroll
-    for (int i = 0; i < RT; ++i) acc[rr][i] = 0.f;
-  }
-  int r0 = r_first, b = 0;
-#pragma unroll 1
-  while (true) {
-    const char* wrow = row_ptr(a, e, r0);
-    const char* sbase = FMT == kFmtFP8 ? scale_ptr(a, e, r0) : nullptr;
-    uint4 qb[RW][H];
-    load_half<CPL, H>(a, wrow, b, nchunks, lane, qb);
-    int nb = b + 32 * CPL, nr0 = r0;
-    if (nb >= nchunks) {
-      nb = 0;
-      nr0 = r0 + kGroupStride;
-    }
-    const bool more = nr0 < r_end;  // warp-uniform
-    fma_half<FMT, RT, CPL, 0>(qa, b, nchunks, xs, sbase, s32, lane, acc);
-    if (more) {
-      load_half<CPL, 0>(a, row_ptr(a, e, nr0), nb, nchunks, lane, qa);
-      if (prefetch > 1 && nb == 0 && nr0 + kGroupStride < r_end) {
-        prefetch_rows<FMT, RW>(a, e, nr0 + kGroupStride, lane);
-      }
-    }
-    fma_half<FMT, RT, CPL, H>(qb, b, nchunks, xs, sbase, s32, lane, acc);
-    if (nb == 0) {  // the row group is complete
-      reduce_store<RT, RW>(a, e, r0, acc, lane);
-#pragma unroll
-      for (int rr = 0; rr < RW; ++rr) {
-#pragma unroll
-        for (int i = 0; i < RT; ++i) acc[rr][i] = 0.f;
-      }
-    }
-    if (!more) break;
-    r0 = nr0;
-    b = nb;
-  }
-}
-
-// prefetch (L2): 0 none; 1 each warp asks for its first row group before the activations are
-// staged (HBM streams while the CTA reads o and computes the RoPE angles); 2 also for its next
-// row group before it loads the current one. PIPE: the pipelined walk (rows_pipe).
-template <int FMT, bool ROPE, int RT, int CPL, bool PIPE>
+// One CTA walks its work units (expert, block of unit_rows rows); each warp its row groups of RW
+// rows, RW kWarps apart.
+template <int FMT, bool ROPE, int RT, int CPL>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    gemv_kernel(const GroupedGemmArgs a, int unit_rows, int n_ub, int prefetch) {
+    gemv_kernel(const GroupedGemmArgs a, int unit_rows, int n_ub) {
   extern __shared__ __align__(16) uint4 xs[];
   constexpr int RW = kLoads / CPL;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -373,54 +259,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int e = u / n_ub, ub = u % n_ub;
     const int r_end = min(a.rows, (ub + 1) * unit_rows);
     const int r_first = ub * unit_rows + warp * RW;
-    if (prefetch > 0 && r_first < r_end) prefetch_rows<FMT, RW>(a, e, r_first, lane);
-    if constexpr (PIPE) {
-      uint4 qa[RW][CPL / 2];
-      if (r_first < r_end) {  // the first loads fly while the activations are staged
-        load_half<CPL, 0>(a, row_ptr(a, e, r_first), 0, a.k / skinny::elems_per_chunk<FMT>(),
-                          lane, qa);
-        if (prefetch > 1 && r_first + kWarps * RW < r_end) {
-          prefetch_rows<FMT, RW>(a, e, r_first + kWarps * RW, lane);
-        }
-      }
-      if (e != staged) {
-        if (staged >= 0) __syncthreads();
-        stage_x<FMT, ROPE, RT>(a, e, xs);
-        __syncthreads();
-        staged = e;
-      }
-      if (r_first < r_end) rows_pipe<FMT, RT, CPL>(a, e, r_first, r_end, xs, lane, prefetch, qa);
-    } else {
-      if (e != staged) {
-        if (staged >= 0) __syncthreads();  // every warp done with the previous expert's rows
-        stage_x<FMT, ROPE, RT>(a, e, xs);
-        __syncthreads();
-        staged = e;
-      }
-      for (int r0 = r_first; r0 < r_end; r0 += kWarps * RW) {
-        if (prefetch > 1 && r0 + kWarps * RW < r_end) {
-          prefetch_rows<FMT, RW>(a, e, r0 + kWarps * RW, lane);
-        }
-        rows_dot<FMT, RT, CPL>(a, e, r0, xs, lane);
-      }
+    if (e != staged) {
+      if (staged >= 0) __syncthreads();  // every warp done with the previous expert's rows
+      stage_x<FMT, ROPE, RT>(a, e, xs);
+      __syncthreads();
+      staged = e;
+    }
+    for (int r0 = r_first; r0 < r_end; r0 += kWarps * RW) {
+      rows_dot<FMT, RT, CPL>(a, e, r0, xs, lane);
     }
   }
-}
-
-// DSV4_GEMV_PIPE=1 (read per call): the pipelined walk; otherwise (default) rows_dot.
-inline bool pipe_mode() {
-  const char* v = std::getenv("DSV4_GEMV_PIPE");
-  return v != nullptr && !std::strcmp(v, "1");
-}
-
-// The kernel's L2 prefetch mode: DSV4_GEMV_PREFETCH=1 / 2 (read per call; any other value or
-// unset: 0, no prefetch). Measured on an H100 (2026-12-06, ninth session, L2 flushed, cold
-// weights): mode 2 slower by 2-8 us at every V4-Flash shape, mode 1 within -0.2 / +1.3 us of
-// none; the loads of the walk alone keep enough bytes in flight.
-inline int prefetch_mode(const GroupedGemmArgs&) {
-  const char* v = std::getenv("DSV4_GEMV_PREFETCH");
-  if (v != nullptr && (!std::strcmp(v, "1") || !std::strcmp(v, "2"))) return v[0] - '0';
-  return 0;
 }
 
 template <int FMT, bool ROPE, int RT, int CPL>
@@ -439,12 +287,10 @@ cudaError_t launch_v(const GroupedGemmArgs& a, int num_sms, cudaStream_t stream)
   if (units > INT_MAX) return cudaErrorInvalidValue;
   const int grid = static_cast<int>(units < resident ? units : resident);
   const int smem = RT * a.k * 2;
-  auto* fn = pipe_mode() ? &gemv_kernel<FMT, ROPE, RT, CPL, true>
-                         : &gemv_kernel<FMT, ROPE, RT, CPL, false>;
+  auto* fn = &gemv_kernel<FMT, ROPE, RT, CPL>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxXBytes);
   if (err != cudaSuccess) return err;
-  fn<<<grid, kThreads, smem, stream>>>(a, static_cast<int>(ur), static_cast<int>(n_ub),
-                                       prefetch_mode(a));
+  fn<<<grid, kThreads, smem, stream>>>(a, static_cast<int>(ur), static_cast<int>(n_ub));
   return cudaGetLastError();
 }
 
