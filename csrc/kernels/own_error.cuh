@@ -68,10 +68,20 @@ inline TestRefusal test_refusal() {
   return TestRefusal::kNone;
 }
 
+// How many times refused_for_test() has run in this process. Test only: a --refusal check reads
+// it around a call to confirm that the refusal it asked for happened (else a fallback check
+// could pass without its fallback running). One counter for the whole program: a static local
+// of an inline function is one object in every translation unit that uses it.
+inline std::atomic<long long>& refusals_for_test() {
+  static std::atomic<long long> n{0};
+  return n;
+}
+
 // For DSV4_TEST_REFUSE: a runtime call that fails (cudaErrorInvalidValue: no output pointer) and
 // leaves its error as the thread's last error, as a refused query or launch does; it runs
-// nothing.
+// nothing. Counted in refusals_for_test().
 inline cudaError_t refused_for_test() {
+  refusals_for_test().fetch_add(1, std::memory_order_relaxed);
   return cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
 }
 
@@ -121,6 +131,7 @@ using own_error::clear_own_error;
 using own_error::DeviceQueryCache;
 using own_error::error_pending;
 using own_error::refused_for_test;
+using own_error::refusals_for_test;
 using own_error::test_refusal;
 using own_error::TestRefusal;
 

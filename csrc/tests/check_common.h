@@ -45,9 +45,11 @@ inline uint16_t float_to_bf16(float f) {
 // --refusal modes (own_error.cuh's protocol): an op called while its caller has an error pending
 // must hand that error back (returned, or still pending after the call), never clear it.
 // leave_error_pending() leaves cudaErrorInvalidValue pending, as an unrelated earlier launch of
-// the caller could, with the failing call DSV4_TEST_REFUSE uses; false if none is pending then.
+// the caller could, with the failing call DSV4_TEST_REFUSE uses (made here, not through
+// dsv4::refused_for_test, so that dsv4::refusals_for_test counts the launchers' refusals only);
+// false if none is pending then.
 inline bool leave_error_pending() {
-  (void)dsv4::refused_for_test();
+  (void)cudaDeviceGetAttribute(nullptr, cudaDevAttrMultiProcessorCount, 0);
   return cudaPeekAtLastError() == cudaErrorInvalidValue;
 }
 // Whether that error reached the caller: `ret` is the call's return, `pending_after` what

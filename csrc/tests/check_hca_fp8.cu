@@ -202,8 +202,7 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept
     p.workspace = ws;
   }
   if (kept != nullptr) {
-    (void)dsv4::refused_for_test();  // the failing call DSV4_TEST_REFUSE uses
-    const bool injected = cudaPeekAtLastError() == cudaErrorInvalidValue;
+    const bool injected = dsv4_check::leave_error_pending();
     const cudaError_t ret = dsv4::sparse_attn(p, nullptr);
     const cudaError_t pend = cudaGetLastError();
     *kept = injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
@@ -652,9 +651,22 @@ int main(int argc, char** argv) {
     bool ok = true;
     setenv("DSV4_TEST_REFUSE", "launch", 1);
     std::printf("-- DSV4_TEST_REFUSE=launch (the merge's programmatic launch refused)\n");
+    // each run must meet forced refusals (else its fallback checks checked nothing)
+    auto refused = [](long long before) {
+      const long long n = dsv4::refusals_for_test().load() - before;
+      std::printf("%s %lld forced refusal(s) in the run above%s\n", n > 0 ? "ok  " : "FAIL", n,
+                  n > 0 ? "" : " (THE FALLBACK WAS NOT EXERCISED)");
+      return n > 0;
+    };
+    long long r0 = dsv4::refusals_for_test().load();
     ok &= run(64, 1, 1, 200, 4, fp8, rng);              // split-K path
+    ok &= refused(r0);
+    r0 = dsv4::refusals_for_test().load();
     ok &= run(128, 2, 64, 1024, 8, fp8, rng);           // split-K, 2 head tiles
+    ok &= refused(r0);
+    r0 = dsv4::refusals_for_test().load();
     ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);
+    ok &= refused(r0);
     unsetenv("DSV4_TEST_REFUSE");
     std::printf("-- DSV4_TEST_REFUSE unset (the programmatic launch)\n");
     ok &= run(64, 1, 1, 200, 4, fp8, rng);

@@ -1187,6 +1187,16 @@ bool pending_kept(const Problem& p, const DeviceBufs& d, const char* phase) {
   return ok;
 }
 
+// The call since `before` (a refusals_for_test() reading) met at least one forced refusal, so
+// the fallback it checked did run.
+bool refusal_happened(long long before, const char* phase, const Problem& p) {
+  const long long n = dsv4::refusals_for_test().load() - before;
+  std::printf("%s refusal: %-30s %-34s %lld forced refusal(s) during the call%s\n",
+              n > 0 ? "ok  " : "FAIL", phase, p.name.c_str(), n,
+              n > 0 ? "" : " (THE FALLBACK WAS NOT EXERCISED)");
+  return n > 0;
+}
+
 bool refusal_suite(std::mt19937& rng) {
   bool ok = true;
   unsetenv("DSV4_INDEXER_TOPK_SHORT");
@@ -1242,7 +1252,9 @@ bool refusal_suite(std::mt19937& rng) {
     IdxRun def;
     ok &= refusal_call(p, d, "default (PDL):", "split", true, nullptr, &def);
     setenv("DSV4_TEST_REFUSE", "launch", 1);
+    const long long r0 = dsv4::refusals_for_test().load();
     ok &= refusal_call(p, d, "launch refused:", "split", false, &def, nullptr);
+    ok &= refusal_happened(r0, "launch refused:", p);
     ok &= pending_kept(p, d, "launch refused:");
     d.free_all();
   }
@@ -1287,7 +1299,9 @@ bool refusal_suite(std::mt19937& rng) {
     ok &= expect_path(hp[i], "coop default:", c0, true);
     setenv("DSV4_TEST_REFUSE", "launch", 1);
     c0 = counts();
+    const long long r0 = dsv4::refusals_for_test().load();
     ok &= refusal_call(hp[i], hd[i], "coop launch refused:", "split", false, &def, nullptr);
+    ok &= refusal_happened(r0, "coop launch refused:", hp[i]);
     ok &= expect_path(hp[i], "coop launch refused:", c0, false);
     ok &= pending_kept(hp[i], hd[i], "coop launch refused:");
   }
