@@ -14,7 +14,7 @@
 //              shuffles). With QPC = 8 each warp owns a query and scores all 8 m-tiles of a
 //              tile; with QPC = 1 the 8 warps split the tile (2 m-tiles each). heads > 64:
 //              several head blocks, q reloaded from L1/L2 per m-tile.
-//              DSV4_INDEXER_WGMMA=1 (decode plans, head_dim 128, <= 128 heads, sm_90a):
+//              Decode plans (head_dim 128, <= 128 heads, sm_90a; DSV4_INDEXER_WGMMA=0: off):
 //              the same scan on wgmma instead, q in shared memory, 64 keys per MMA chain per
 //              warpgroup (section "wgmma scan" below).
 //   selection  each query has a candidate buffer of `cap` 64-bit ranks in shared memory,
@@ -124,12 +124,14 @@ int merge_mode() {
   return kMergeAuto;
 }
 
-// Decode scan on wgmma (kWg instances of indexer_topk_kernel): DSV4_INDEXER_WGMMA=1, read at
-// each call; anything else or unset: the mma.sync scan. Taken only where the plan allows it
-// (make_plan: sm_90, one query per CTA, head_dim 128, the 256-key decode tile, <= 128 heads).
+// Decode scan on wgmma (kWg instances of indexer_topk_kernel): on by default, read at each
+// call; DSV4_INDEXER_WGMMA=0: the mma.sync scan. Taken only where the plan allows it (make_plan:
+// sm_90, one query per CTA, head_dim 128, the 256-key decode tile, <= 128 heads). In the 1M
+// decode step on an H100 it took 20-80 us off a step at batch 1-4 (bench/README.md, thirteenth
+// session).
 bool wgmma_requested() {
   const char* e = std::getenv("DSV4_INDEXER_WGMMA");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
 // Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
@@ -789,7 +791,8 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 }
 
 // ------------------------------------------------------------------------------------------
-// wgmma scan (kWg instances, DSV4_INDEXER_WGMMA=1): decode plans, one query per CTA
+// wgmma scan (kWg instances; the default, DSV4_INDEXER_WGMMA=0 turns it off): decode plans,
+// one query per CTA
 // ------------------------------------------------------------------------------------------
 // The query's q (all head blocks, [64 heads][D] bf16 each) sits in shared memory once per CTA
 // as wgmma's operand B (N = 64 heads, K-major, 128-byte swizzle); each warpgroup (4 warps)
@@ -2101,7 +2104,7 @@ struct Plan {
   size_t off_count0 = 0, off_count1 = 0, off_rank0 = 0, off_rank1 = 0, ws_bytes = 0;
   // Histogram select (hist): the zeroed region [0, memset_bytes) holds the bins and counters.
   bool hist = false;
-  // wgmma scan (kWg kernels): chosen per call (DSV4_INDEXER_WGMMA=1 where eligible); its
+  // wgmma scan (kWg kernels): chosen per call (where eligible unless DSV4_INDEXER_WGMMA=0); its
   // shared memory (q + alignment pad) is in smem, so it may have fewer stages / a smaller cap.
   // Nothing of the workspace layout depends on it.
   bool wg = false;

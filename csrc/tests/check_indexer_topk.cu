@@ -907,7 +907,7 @@ StoreBufs build_store(Problem& p, const StoreSpec& sp, std::mt19937& rng) {
 }
 
 // "cs=N" (the short path with clusters of N CTAs) or "split" (the split / merge path; "split
-// wgmma" when its scan runs on wgmma, DSV4_INDEXER_WGMMA=1)
+// wgmma" when its scan runs on wgmma: the default where eligible, DSV4_INDEXER_WGMMA=0 off)
 std::string path_name(const Problem& p, const dsv4::IndexerKeys& keys) {
   const int cs = dsv4::indexer_topk_short_cluster(p.T, keys, p.H, p.D, p.k);
   if (cs > 0) return "short cs=" + std::to_string(cs);
@@ -1313,10 +1313,11 @@ bool refusal_suite(std::mt19937& rng) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// --decode-suites / --bench-wgmma: the decode scan on wgmma (DSV4_INDEXER_WGMMA=1)
+// --decode-suites / --bench-wgmma: the decode scan on wgmma (the default) and on mma.sync
+// (DSV4_INDEXER_WGMMA=0)
 // ---------------------------------------------------------------------------------------------
 // Every decode case of the suites above under the current environment (run it once as is and
-// once with DSV4_INDEXER_WGMMA=1): auto merge (tree below 17 splits, histogram select above:
+// once with DSV4_INDEXER_WGMMA=0; ctest does both): auto merge (tree below 17 splits, histogram select above:
 // both scan kernels), the tree for the long rows, and the short-row cases on the split path
 // (DSV4_INDEXER_TOPK_SHORT=0: paged with hidden blocks, FP8 dense / paged, heads 1 / 100, D 64).
 // (The full run's "histogram select for every split plan" pass is left out: same kernels, and
@@ -1330,12 +1331,14 @@ bool decode_suites(std::mt19937& rng) {
               "scan: %s)\n",
               e != nullptr ? e : "(unset)",
               dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512) ? "yes" : "no");
-  // DSV4_INDEXER_WGMMA=1 but the plan does not take the wgmma scan: every case below would
-  // pass on the mma.sync scan, so say so instead of passing vacuously
-  const bool want_wg = e != nullptr && std::strcmp(e, "1") == 0;
+  // the wgmma scan asked for (DSV4_INDEXER_WGMMA unset or not "0") but the plan does not take
+  // it: every case below would pass on the mma.sync scan, so say so instead of passing
+  // vacuously; and the converse for DSV4_INDEXER_WGMMA=0
+  const bool want_wg = e == nullptr || std::strcmp(e, "0") != 0;
   bool ok = true;
-  if (want_wg && !dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512)) {
-    std::printf("FAIL DSV4_INDEXER_WGMMA=1 but a 1M bf16 decode call does not take the wgmma scan\n");
+  if (want_wg != dsv4::indexer_topk_uses_wgmma(1, kk, 64, 128, 512)) {
+    std::printf("FAIL DSV4_INDEXER_WGMMA=%s but a 1M bf16 decode call %s the wgmma scan\n",
+                e != nullptr ? e : "(unset)", want_wg ? "does not take" : "takes");
     ok = false;
   }
   dsv4::indexer_topk_set_merge(0);
@@ -1500,14 +1503,14 @@ bool bench_fp8_case(int T, int N, int k, int reps, bool check, void* flush, size
   std::printf("TIME fp8pg    T=%-6d N=%-7d k=%-5d full %9.1f us (min %9.1f)  key-bytes %7.0f GB/s  "
               "[%s]  %s%s\n",
               T, N, k, full.med_us, full.min_us, key_bytes / full.med_us * 1e-3,
-              wg ? "wgmma" : "default", ok ? "check ok" : "CHECK FAIL: ", ok ? "" : msg.c_str());
+              wg ? "wgmma" : "mma.sync", ok ? "check ok" : "CHECK FAIL: ", ok ? "" : msg.c_str());
   d.free_all();
   CHECK_CUDA(cudaFree(pool));
   CHECK_CUDA(cudaFree(bt));
   return ok;
 }
 
-// The wgmma scan against the default one, same process, cold L2: bf16 dense (full call and
+// The wgmma scan against the mma.sync one, same process, cold L2: bf16 dense (full call and
 // scan only) and FP8 paged (full call), decode batch 1 / 32 / 128 at 1M context (262144
 // entries) and batch 1 at 32K (8192 entries: the short path, the same code either way).
 bool bench_wgmma() {
@@ -1529,12 +1532,11 @@ bool bench_wgmma() {
     double full[2] = {0, 0}, scan[2] = {0, 0};
     const int reps = c.b == 1 ? 15 : (c.b == 32 ? 7 : 5);
     for (int v = 0; v < 2; ++v) {
-      if (v == 0) unsetenv("DSV4_INDEXER_WGMMA");
-      else setenv("DSV4_INDEXER_WGMMA", "1", 1);
+      setenv("DSV4_INDEXER_WGMMA", v == 0 ? "0" : "1", 1);  // mma.sync, then wgmma
       if (c.fp8) {
         ok &= bench_fp8_case(c.b, c.n, 512, reps, c.b == 1, flush, flush_bytes, &full[v]);
       } else {
-        ok &= bench_case(v == 0 ? "default" : "wgmma", c.b, c.b, c.n, 512, false, reps,
+        ok &= bench_case(v == 0 ? "mma.sync" : "wgmma", c.b, c.b, c.n, 512, false, reps,
                          c.b == 1 ? std::vector<int>{0} : std::vector<int>{}, flush, flush_bytes,
                          0, &full[v], &scan[v]);
       }
@@ -1542,13 +1544,13 @@ bool bench_wgmma() {
     char buf[320];
     if (c.fp8) {
       std::snprintf(buf, sizeof(buf),
-                    "WGMMA fp8 paged  b=%-3d N=%-6d k=512  full: default %8.1f us  wgmma %8.1f us  "
+                    "WGMMA fp8 paged  b=%-3d N=%-6d k=512  full: mma.sync %8.1f us  wgmma %8.1f us  "
                     "x%.2f",
                     c.b, c.n, full[0], full[1], full[0] / full[1]);
     } else {
       std::snprintf(buf, sizeof(buf),
-                    "WGMMA bf16 dense b=%-3d N=%-6d k=512  full: default %8.1f us  wgmma %8.1f us  "
-                    "x%.2f   scan-only: default %8.1f us  wgmma %8.1f us  x%.2f",
+                    "WGMMA bf16 dense b=%-3d N=%-6d k=512  full: mma.sync %8.1f us  wgmma %8.1f us  "
+                    "x%.2f   scan-only: mma.sync %8.1f us  wgmma %8.1f us  x%.2f",
                     c.b, c.n, full[0], full[1], full[0] / full[1], scan[0], scan[1],
                     scan[0] / scan[1]);
     }
@@ -1658,8 +1660,9 @@ int main(int argc, char** argv) {
     std::printf("%s\n", bok ? "PASS" : "FAIL");
     return bok ? 0 : 1;
   }
-  // --decode-suites: every decode case under the current environment (DSV4_INDEXER_WGMMA=1:
-  // the wgmma scan); --bench-wgmma: the wgmma scan against the default, same process
+  // --decode-suites: every decode case under the current environment (DSV4_INDEXER_WGMMA=0:
+  // the mma.sync scan; else the wgmma scan where eligible); --bench-wgmma: the wgmma scan
+  // against the mma.sync one, same process
   if (argc > 1 && std::string(argv[1]) == "--decode-suites") {
     const bool dok = decode_suites(rng);
     std::printf("%s (decode suites)\n", dok ? "PASS" : "FAIL");
@@ -1672,8 +1675,8 @@ int main(int argc, char** argv) {
   }
   // --bench-one T N k [merge]: one decode bench case alone (a profiler's target, e.g.
   // ncu -k regex:indexer); merge 0 auto (default), 1 tree, 2 histogram select, 3 legacy, 4 coop.
-  // DSV4_INDEXER_WGMMA=1 in the environment: the wgmma scan where eligible (the TIME line's
-  // kind says "wgmma" then).
+  // The wgmma scan where eligible, unless DSV4_INDEXER_WGMMA=0 in the environment (the TIME
+  // line's kind says "wgmma" when it runs).
   if (argc > 4 && std::string(argv[1]) == "--bench-one") {
     const int T = std::atoi(argv[2]), N = std::atoi(argv[3]), k = std::atoi(argv[4]);
     if (T < 1 || N < 1 || k < 1) {

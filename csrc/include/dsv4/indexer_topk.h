@@ -170,7 +170,7 @@ int indexer_topk_short_cluster(int64_t tokens, const IndexerKeys& keys, int64_t 
                                int64_t head_dim, int64_t topk);
 
 // Decode scan on wgmma (sm_90a warpgroup MMA; q in shared memory, 64 keys per MMA chain):
-// DSV4_INDEXER_WGMMA=1 (read at each call; default off) selects it for split / merge decode
+// the default (DSV4_INDEXER_WGMMA=0, read at each call, turns it off) for split / merge decode
 // plans (one query per CTA) with head_dim 128, the default 256-key decode tile and at most 128
 // heads, on sm_90; everything else (prefill plans, the short path, other shapes) runs as
 // before. Same contract and indices (scores differ only by fp32 summation order). This aid
