@@ -14,6 +14,7 @@
 #include "dsv4/grouped_gemm.h"
 #include "grouped_gemm.cuh"
 #include "grouped_gemm_ws.cuh"
+#include "own_error.cuh"
 
 namespace dsv4 {
 namespace {
@@ -241,7 +242,9 @@ GemmTile grouped_gemm_resolve_tile(const GroupedGemmArgs& a) {
   return GemmTile::kHuge;
 }
 
-cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
+namespace {
+
+cudaError_t run(const GroupedGemmArgs& a, cudaStream_t stream) {
   cudaError_t err = check_args(a);
   if (err != cudaSuccess) return err;
   if (a.pairs == 0) return cudaSuccess;
@@ -266,6 +269,15 @@ cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
     case GemmWeightFormat::kFP4: return gg::launch_fp4(a, tile, overlap, sms, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// An error the caller left pending reaches the caller (own_error.cuh keep_pending: the tiles'
+// launchers set their shared-memory size on every call; check_grouped_gemm --refusal).
+cudaError_t grouped_gemm(const GroupedGemmArgs& a, cudaStream_t stream) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  return keep_pending(pending, run(a, stream));
 }
 
 cudaError_t fp8_act_quant_sim(const void* x, int64_t x_row_stride, void* y, int64_t y_row_stride,

@@ -68,6 +68,15 @@ inline TestRefusal test_refusal() {
   return TestRefusal::kNone;
 }
 
+// The result of a public entry point that hands back an error its caller left pending: `pending`
+// is cudaPeekAtLastError() read on entry (not cleared), `own` what the call itself returned.
+// Needed where a launcher sets its kernel's shared-memory size on every call:
+// cudaFuncSetAttribute clears the thread's last error (measured on an H100, CUDA 13.0,
+// bench/README.md "Session of 2026-12-07, thirteenth"), so the caller's error would vanish.
+inline cudaError_t keep_pending(cudaError_t pending, cudaError_t own) {
+  return own == cudaSuccess ? pending : own;
+}
+
 // How many times refused_for_test() has run in this process. Test only: a --refusal check reads
 // it around a call to confirm that the refusal it asked for happened (else a fallback check
 // could pass without its fallback running). One counter for the whole program: a static local
@@ -130,6 +139,7 @@ class DeviceQueryCache {
 using own_error::clear_own_error;
 using own_error::DeviceQueryCache;
 using own_error::error_pending;
+using own_error::keep_pending;
 using own_error::refused_for_test;
 using own_error::refusals_for_test;
 using own_error::test_refusal;

@@ -229,13 +229,11 @@ cudaError_t run(const SparseAttnParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// An error the caller left pending must reach the caller: read (not cleared) on entry and
-// returned if the call itself succeeded, whether or not a runtime call on the way reset it (the
-// launch's own cudaGetLastError() returns and clears it; csrc/tests/check_hca_fp8.cu --refusal).
+// An error the caller left pending reaches the caller (own_error.cuh keep_pending: the
+// launchers' per-call cudaFuncSetAttribute clears it; csrc/tests/check_hca_fp8.cu --refusal).
 cudaError_t sparse_attn(const SparseAttnParams& p, cudaStream_t stream) {
   const cudaError_t pending = cudaPeekAtLastError();
-  const cudaError_t err = run(p, stream);
-  return err == cudaSuccess ? pending : err;
+  return keep_pending(pending, run(p, stream));
 }
 
 }  // namespace dsv4

@@ -80,6 +80,7 @@
 #include <cstring>
 
 #include "dsv4/sparse_attn_prefill.h"
+#include "own_error.cuh"
 
 namespace dsv4 {
 namespace sparse_prefill_detail {
@@ -866,7 +867,9 @@ bool sparse_attn_prefill_persistent_env() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t stream) {
+namespace {
+
+cudaError_t run_prefill(const SparseAttnParams& p, cudaStream_t stream) {
   using namespace sparse_prefill_detail;
   if (p.num_tokens == 0 && p.num_heads >= 1 && p.head_dim == kD && p.num_splits == 1)
     return cudaSuccess;
@@ -889,6 +892,15 @@ cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t str
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+// An error the caller left pending reaches the caller (own_error.cuh keep_pending: the launch
+// sets the kernel's shared-memory size on every call).
+cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t stream) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  return keep_pending(pending, run_prefill(p, stream));
 }
 
 }  // namespace dsv4

@@ -1093,6 +1093,21 @@ bool refusal_suite(std::mt19937& rng) {
   ok = cases("an error pending before each call (no query made while it is)", true) && ok;
   ok = cases("DSV4_TEST_REFUSE unset (the query asked again, cached)", false) && ok;
   ok = cases("again (the cached query)", false) && ok;
+  // the other tiles, whose launchers set their kernel's shared-memory size on every call
+  // (cudaFuncSetAttribute, which clears the thread's last error): the caller's error must
+  // still come back
+  std::printf("-- an error pending before each call: the GEMV and tensor-core tiles\n");
+  const Case others[] = {
+      {"oproj rope fp8 gemv T=1", GemmWeightFormat::kFP8, GemmEpilogue::kStore, GemmTile::kGemv,
+       8, 128, 512, 1, 1, true},
+      {"store bf16 decode", GemmWeightFormat::kBF16, GemmEpilogue::kStore, GemmTile::kDecode, 6,
+       136, 208, 45, 300},
+      {"store fp8 large", GemmWeightFormat::kFP8, GemmEpilogue::kStore, GemmTile::kLarge, 6, 136,
+       208, 45, 300},
+      {"swiglu fp4 medium", GemmWeightFormat::kFP4, GemmEpilogue::kSwiGLU, GemmTile::kMedium, 6,
+       96, 160, 45, 300},
+  };
+  for (const Case& c : others) ok = run_case(c, rng, true) && ok;
   return ok;
 }
 

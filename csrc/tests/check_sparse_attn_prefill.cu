@@ -491,6 +491,16 @@ int main(int argc, char** argv) {
       f.extra_rows = nullptr;
       ok &= dsv4::sparse_attn_prefill_sm90(f, nullptr) == cudaSuccess;
       CHECK_CUDA(cudaDeviceSynchronize());
+      // An error the caller left pending reaches the caller (returned, or still pending): the
+      // launch sets the kernel's shared-memory size, which clears the thread's last error.
+      const bool injected = dsv4_check::leave_error_pending();
+      const cudaError_t ret = dsv4::sparse_attn_prefill_sm90(f, nullptr);
+      const cudaError_t pend = cudaGetLastError();
+      const bool kept = dsv4_check::pending_error_kept(injected, ret, pend);
+      std::printf("%s error pending before a call kept: returned %s, pending after %s\n",
+                  kept ? "ok  " : "FAIL", cudaGetErrorName(ret), cudaGetErrorName(pend));
+      ok &= kept;
+      CHECK_CUDA(cudaDeviceSynchronize());
       CHECK_CUDA(cudaFree(buf));
     }
     std::printf("%s\n", ok ? "PASS" : "FAIL");

@@ -134,7 +134,9 @@ struct GroupedGemmArgs {
 // Runs the grouped GEMM. Returns cudaErrorInvalidValue for arguments outside the contract
 // above (null pointers, k / rows not multiples of 8 (FP8 k: 16, FP4 k: 32), misaligned rows,
 // more than 1024 experts, RoPE with head_dim not a multiple of 64 or a SwiGLU epilogue),
-// cudaErrorNotSupported when built without sm_90a code, or the launch error. No host sync.
+// cudaErrorNotSupported when built without sm_90a code, or the launch error. No host sync. An
+// error the caller left pending (an earlier failed runtime call on this thread) is returned when
+// the call itself succeeds.
 cudaError_t grouped_gemm(const GroupedGemmArgs& args, cudaStream_t stream);
 
 // The tile kAuto resolves to for these arguments (what grouped_gemm will run).

@@ -46,7 +46,8 @@ bool sparse_attn_prefill_persistent_env();
 // arguments (head_dim other than 512, num_splits other than 1, num_heads < 1, negative sizes,
 // null or misaligned pointers, strides that are not multiples of 8 elements, topk or
 // extra_topk > 2^31 - 65, a grid over 2^31 - 1 CTAs), or the launch error. num_tokens == 0 is a
-// no-op. Does not synchronise. Alignment rules and strides as in SparseAttnParams.
+// no-op. Does not synchronise. Alignment rules and strides as in SparseAttnParams. An error the
+// caller left pending is returned when the call itself succeeds.
 cudaError_t sparse_attn_prefill_sm90(const SparseAttnParams& p, cudaStream_t stream);
 
 }  // namespace dsv4
