@@ -166,8 +166,9 @@ class RequestOutput:
     new_token_ids: tokens generated in this step (0 or 1; an EOS is not included);
     token_ids: every token generated so far (without EOS; a list built when first read, so a
     step does not copy every request's tokens); finished / finish_reason:
-    ``"eos"``, ``"stop"`` (a stop token), ``"length"`` (max_new_tokens or max_model_len),
-    ``"abort"`` or ``"error"`` (``error`` says why); logits: with ``Engine.step(logits=...)``,
+    ``"eos"``, ``"stop"`` (a stop token), ``"length"`` (max_new_tokens: ``add_request`` refuses
+    a request that could outgrow max_model_len) or ``"error"`` (``error`` says why); a request
+    ended by ``Engine.abort`` gets no further output; logits: with ``Engine.step(logits=...)``,
     float32 [tokens, vocab] on the device (the sampled position, or every token fed this
     step), else None.
     """
