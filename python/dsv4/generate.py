@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from .argtypes import check_seed
 from .cache import as_int, check_count
 
 __all__ = ["GenerationResult", "check_eos_id", "check_generate_args", "check_sampling_args", "format_rates", "generate", "sample"]
@@ -72,7 +73,7 @@ def _check_finite(logits: torch.Tensor) -> None:
         i = int(bad[r].nonzero()[0])
         raise ValueError(f"logits row {r} holds {float(logits[r, i])} at token {i} "
                          f"({int(bad[r].sum())} non-finite values): the model produced "
-                         "NaN/inf, no token can be sampled")
+                         "non-finite logits (NaN/inf), no token can be sampled")
     raise ValueError(f"logits row {r} has no finite value (every token is -inf): no token "
                      "can be sampled")
 
@@ -234,10 +235,8 @@ def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperat
         raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed must be None or an integer in [0, 2**64) (a torch.Generator "
-                         f"seed), got {seed!r}")
+    if seed is not None:
+        check_seed(seed, SEED_LIMIT)
     return prompt, stops
 
 

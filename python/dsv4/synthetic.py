@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .argtypes import check_seed
 from .config import ModelConfig
 
 __all__ = ["make_checkpoint", "official_order", "synthetic_tensor", "checkpoint_config"]
@@ -107,6 +108,11 @@ def checkpoint_config(config: ModelConfig, fmt: str = "fp8",
 
 def _module(name: str) -> str:
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".scale")) else name
+
+
+#: A synthetic checkpoint's seed is an integer in [0, SEED_LIMIT) (``make_checkpoint``, ``dsv4
+#: make-checkpoint --seed``): distinct seeds give distinct checkpoints (they are not reduced).
+SEED_LIMIT = 2 ** 63
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
@@ -273,8 +279,7 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     from .convert import atomic_write, entry_bytes, write_sharded
     from .tokenizer import TOKENIZER_FILE, default_tokenizer_path
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    seed = check_seed(seed, SEED_LIMIT)
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be an integer >= 1, got {n_shards!r}")
     cfg, cfg_dict = checkpoint_config(config, fmt, expert_dtype)

@@ -93,5 +93,5 @@ def test_non_finite_logits_are_the_same_error_as_the_model_loop():
     with torch.no_grad():
         nan_model.norm.weight.fill_(float("nan"))
     for fn in (engine_generate, model_generate):
-        with pytest.raises(ValueError, match=r"the model produced (NaN/inf|non-finite)"):
+        with pytest.raises(ValueError, match=r"the model produced non-finite logits"):
             fn(nan_model, [4, 8, 15], 3)

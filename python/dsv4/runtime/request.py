@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..argtypes import iter_items
+from ..argtypes import check_seed, iter_items
 from ..cache import check_count
 from ..generate import SEED_LIMIT, check_sampling_args
 
@@ -59,11 +59,7 @@ class SamplingParams:
                                check_sampling_args(self.temperature, self.top_p, self.top_k)):
             object.__setattr__(self, name, value)
         if self.seed is not None:
-            seed = check_count(self.seed, "seed", 0)
-            if seed >= SEED_LIMIT:
-                raise ValueError(f"seed must be an integer in [0, 2**64) (a torch.Generator "
-                                 f"seed), got {self.seed!r}")
-            object.__setattr__(self, "seed", seed)
+            object.__setattr__(self, "seed", check_seed(self.seed, SEED_LIMIT))
         if self.eos_token_id is not None:
             try:
                 eos = check_count(self.eos_token_id, "eos_token_id", -1)
