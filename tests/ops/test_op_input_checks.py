@@ -247,3 +247,13 @@ def test_fp8_pool_without_the_pool_layout_is_refused_before_any_write(op):
                                         torch.rand(32), 1e-6, 0, written, rows, pool, rows)
     assert bool((written == 0).all())
     assert bool((pool == 0).all())
+
+
+def test_check_writable_takes_an_empty_expanded_buffer():
+    """An empty tensor has no element to share: an expanded empty view is not refused (the CUDA
+    glue's at::has_internal_overlap says the same), a non-empty one is."""
+    from dsv4.ops._ext import check_writable
+
+    check_writable("op", out=torch.empty(0, 1).expand(0, 4))
+    with pytest.raises(ValueError, match="out must not be broadcast"):
+        check_writable("op", out=torch.empty(2, 1).expand(2, 4))

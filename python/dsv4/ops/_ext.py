@@ -149,11 +149,13 @@ def raise_value_error(cond, msg_fn: Callable[[], str]) -> None:
 def check_writable(op: str, **buffers) -> None:
     """ValueError unless every named buffer (None: skipped) the op writes in place has its own
     memory for each element: no dimension of size > 1 with stride 0 (a broadcast / ``expand``
-    view). Ops that write several buffers, or write by index (a broadcast buffer takes such
+    view; an empty tensor has no element to share, as ``at::has_internal_overlap`` says in the
+    CUDA glue). Ops that write several buffers, or write by index (a broadcast buffer takes such
     writes without an error, every row landing on the same memory), call it before writing
     anything, so a refused call leaves every buffer as it was."""
     for name, t in buffers.items():
-        if t is not None and any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+        if t is not None and t.numel() > 0 and any(n > 1 and st == 0
+                                                    for n, st in zip(t.shape, t.stride())):
             raise ValueError(f"{op}: {name} must not be broadcast (an expanded view whose elements "
                              f"share memory): it is written in place, and shape {list(t.shape)} "
                              f"with strides {list(t.stride())} maps several elements to one "
