@@ -54,8 +54,8 @@ def _bcast(shape, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# One correct call per op on fresh random inputs: (op, call(buffers), {name: buffer}) with
-# every written argument in the buffers.
+# One correct call per op on fresh random inputs: each builder returns (call(buffers), {name:
+# buffer}) with every written argument in the buffers.
 # ---------------------------------------------------------------------------------------------
 def _sparse_attn_out():
     a = attn_case(23, 64, 512, 300, 130, 500, 77, seed=_seed(), device=DEV,
