@@ -54,9 +54,10 @@ def seed_arg(limit: int) -> Callable[[str], int]:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if not 0 <= v < limit:
-            raise argparse.ArgumentTypeError(f"must be in {_seed_range(limit)}, got {s}")
-        return v
+        try:
+            return check_seed(v, limit)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be in {_seed_range(limit)}, got {s}") from None
     return parse
 
 

