@@ -58,4 +58,14 @@ inline bool pending_error_kept(bool injected, cudaError_t ret, cudaError_t pendi
   return injected && (ret == cudaErrorInvalidValue || pending_after == cudaErrorInvalidValue);
 }
 
+// --refusal phases that force a refusal (DSV4_TEST_REFUSE): whether the calls since `before` (a
+// dsv4::refusals_for_test() reading) met at least one, so the fallback they checked did run.
+// Prints an ok / FAIL line after `label`.
+inline bool refusal_happened(long long before, const char* label) {
+  const long long n = dsv4::refusals_for_test().load() - before;
+  std::printf("%s %s %lld forced refusal(s)%s\n", n > 0 ? "ok  " : "FAIL", label, n,
+              n > 0 ? "" : " (THE FALLBACK WAS NOT EXERCISED)");
+  return n > 0;
+}
+
 }  // namespace dsv4_check

@@ -205,7 +205,7 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept
     const bool injected = dsv4_check::leave_error_pending();
     const cudaError_t ret = dsv4::sparse_attn(p, nullptr);
     const cudaError_t pend = cudaGetLastError();
-    *kept = injected && (ret == cudaErrorInvalidValue || pend == cudaErrorInvalidValue);
+    *kept = dsv4_check::pending_error_kept(injected, ret, pend);
     if (!*kept)
       std::printf("     pending probe: injected %d, returned %s, pending after %s\n", injected ? 1 : 0,
                   cudaGetErrorName(ret), cudaGetErrorName(pend));
@@ -653,10 +653,7 @@ int main(int argc, char** argv) {
     std::printf("-- DSV4_TEST_REFUSE=launch (the merge's programmatic launch refused)\n");
     // each run must meet forced refusals (else its fallback checks checked nothing)
     auto refused = [](long long before) {
-      const long long n = dsv4::refusals_for_test().load() - before;
-      std::printf("%s %lld forced refusal(s) in the run above%s\n", n > 0 ? "ok  " : "FAIL", n,
-                  n > 0 ? "" : " (THE FALLBACK WAS NOT EXERCISED)");
-      return n > 0;
+      return dsv4_check::refusal_happened(before, "the run above:");
     };
     long long r0 = dsv4::refusals_for_test().load();
     ok &= run(64, 1, 1, 200, 4, fp8, rng);              // split-K path
