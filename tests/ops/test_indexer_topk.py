@@ -234,6 +234,17 @@ def merge3(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["wgmma", "mma"])
+def scan(request, monkeypatch):
+    """The decode scan: on wgmma (the default where eligible: sm_90, head_dim 128, <= 128 heads)
+    or on mma.sync (DSV4_INDEXER_WGMMA=0, read at each call); both give the same indices."""
+    if request.param == "wgmma":
+        monkeypatch.delenv("DSV4_INDEXER_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_INDEXER_WGMMA", "0")
+    return request.param
+
+
 def _run_cuda(q, w, keys, rows, n_valid, topk):
     out = torch.full((q.shape[0], topk), 0x7F7F7F7F, dtype=torch.int32, device=q.device)  # poison
     indexer_topk_out(q, w, keys, rows, n_valid, topk, out)
@@ -259,7 +270,7 @@ def test_cuda_lengths_decode(D, H, topk, merge):
 @pytest.mark.parametrize("topk", [4, 8, 512])
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_exact_scores_equal_reference(topk, merge):
+def test_cuda_exact_scores_equal_reference(topk, merge, scan):
     """Integer data: scores are exact, so the kernel must equal the reference bit for bit."""
     q, w, keys = make_inputs(12, 4, 3000, device="cuda", integer=True)
     rows = i32([0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3], "cuda")
@@ -454,7 +465,7 @@ def _run_paged(q, w, pool, rows, nv, topk, table):
 
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_1m_decode_exact_equals_reference(merge3):
+def test_cuda_1m_decode_exact_equals_reference(merge3, scan):
     """Batch 1 (and 2: MTP-like) at 1M, integer data: many exact ties among 262,144 scores."""
     q, w, keys = make_inputs(2, 1, N_1M, device="cuda", integer=True, seed=11)
     rows, nv = i32([0, 0], "cuda"), i32([N_1M, N_1M - 1], "cuda")
@@ -467,7 +478,7 @@ def test_cuda_1m_decode_exact_equals_reference(merge3):
 
 @pytest.mark.cuda
 @needs_kernel
-def test_cuda_1m_paged_fp8_decode_equals_reference(merge3):
+def test_cuda_1m_paged_fp8_decode_equals_reference(merge3, scan):
     """The runtime's layout at 1M: FP8 indexer keys (132 B) in a paged pool of 256-entry
     blocks, scattered block ids, a missing block (-1) in one row, rows that end mid-block."""
     from dsv4.ops import kv_cache as kc
