@@ -109,26 +109,44 @@ def _with_merge(mode: str | None, fn):
             os.environ["DSV4_INDEXER_TOPK_MERGE"] = old
 
 
+N_1M = (1 << 20) // 4        # the indexer's keys at 1M context (compression ratio 4)
+
+
+def keys_1m(g: torch.Generator):
+    """One sequence's 1M-context indexer keys, dense bf16 [N_1M, D], and the same keys in the
+    runtime's layout: the FP8 (132 B) pool of 256-entry blocks with scattered block ids, and
+    its block table [1, N_1M / 256]. Returns (keys, pool, table)."""
+    from dsv4.ops import kv_cache as kc
+    bs = 256
+    keys = torch.randn(N_1M, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+    nb = N_1M // bs
+    pool = kc.allocate(kc.INDEXER, nb + 1, bs, HEAD_DIM, device="cuda")
+    perm = torch.randperm(nb, generator=g, device="cuda")          # scattered block ids
+    s = torch.arange(N_1M, device="cuda")
+    kc.write_entries(pool, perm[s // bs], s % bs, keys)
+    return keys, pool, perm.to(torch.int32)[None, :]
+
+
+def queries_1m(T: int, g: torch.Generator):
+    """T decode queries over keys_1m's sequence: q [T, H, D] bf16, weights [T, H], rows,
+    n_valid (every key visible)."""
+    q = torch.randn(T, HEADS, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.rand(T, HEADS, generator=g, device="cuda") * 2 - 1) * (HEADS ** -0.5 * HEAD_DIM ** -0.5)
+    rows = torch.zeros(T, dtype=torch.int32, device="cuda")
+    nv = torch.full((T,), N_1M, dtype=torch.int32, device="cuda")
+    return q, w, rows, nv
+
+
 def merge_rows(kernel: bool) -> list[dict]:
     """Batch 1 (and 2) at 1M context, paged FP8 keys and dense bf16 keys: the histogram select
     (default) against the candidate-list tree (baseline, same process, same inputs)."""
-    from dsv4.ops import kv_cache as kc
-    N, bs, topk = (1 << 20) // 4, 256, 512
+    N, topk = N_1M, 512
     out_rows = []
     g = torch.Generator(device="cuda")
     g.manual_seed(1)
-    keys = torch.randn(N, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
-    nb = N // bs
-    pool = kc.allocate(kc.INDEXER, nb + 1, bs, HEAD_DIM, device="cuda")
-    perm = torch.randperm(nb, generator=g, device="cuda")          # scattered block ids
-    s = torch.arange(N, device="cuda")
-    kc.write_entries(pool, perm[s // bs], s % bs, keys)
-    table = perm.to(torch.int32)[None, :]
+    keys, pool, table = keys_1m(g)
     for T in (1, 2):
-        q = torch.randn(T, HEADS, HEAD_DIM, generator=g, device="cuda").to(torch.bfloat16)
-        w = (torch.rand(T, HEADS, generator=g, device="cuda") * 2 - 1) * (HEADS ** -0.5 * HEAD_DIM ** -0.5)
-        rows = torch.zeros(T, dtype=torch.int32, device="cuda")
-        nv = torch.full((T,), N, dtype=torch.int32, device="cuda")
+        q, w, rows, nv = queries_1m(T, g)
         for label, kv, tb, key_bytes in (("FP8 paged", pool, table, N * 132),
                                          ("bf16 dense", keys[None], None, N * HEAD_DIM * 2)):
             out = torch.empty(T, topk, dtype=torch.int32, device="cuda")

@@ -103,11 +103,23 @@ def _fp8_decode(H, B):
     return "attn_fp8_decode", make
 
 
-def _hca_decode(H, B, fp8):
+def _hca_decode(H, B, fp8, n_entries=1024):
     def make(m):
-        a = m._decode(B, H, 1024, fp8, _gen())[0]
+        a = m._decode(B, H, n_entries, fp8, _gen())[0]
         return lambda: torch.ops.dsv4.hca_attn(*a)
     return "attn_hca", make
+
+
+def _indexer_1m(T):
+    """indexer_topk decode at 1M in the runtime's layout (paged FP8 keys): csa_indexer's inputs
+    (the bench's merge rows), T queries, topk 512: the zero fill, scan and select launches."""
+    def make(m):
+        g = _gen()
+        _, pool, table = m.keys_1m(g)
+        q, w, rows, nv = m.queries_1m(T, g)
+        out = torch.empty(T, 512, dtype=torch.int32, device="cuda")
+        return lambda: torch.ops.dsv4.indexer_topk_out(q, w, pool, rows, nv, 512, out, table)
+    return "csa_indexer", make
 
 
 def _gemm(module, **where):
@@ -138,6 +150,9 @@ CASES = {
     "hca_decode_h64_b128_fp8": _hca_decode(64, 128, True),
     "hca_decode_h128_b128_fp8": _hca_decode(128, 128, True),
     "hca_decode_h64_b128_bf16": _hca_decode(64, 128, False),
+    "hca_decode_h64_b1_1m_fp8": _hca_decode(64, 1, True, 8192),
+    "indexer_decode_b1_1m_fp8": _indexer_1m(1),
+    "indexer_decode_b2_1m_fp8": _indexer_1m(2),
     "oproj_t1_fp8": _gemm("gemm_oproj", fmt="fp8", T=1),
     "oproj_t8192_bf16": _gemm("gemm_oproj", fmt="bf16", T=8192),
     "moe_prefill_t4096_bf16": _gemm("gemm_moe", fmt="bf16", kind="prefill", T=4096),

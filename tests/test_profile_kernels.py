@@ -19,7 +19,8 @@ import profile_kernels as pk  # noqa: E402
 
 WANTED = ["sparse_prefill_h64_8k", "sparse_prefill_h128_64k", "fp8_decode_h64_b64",
           "fp8_decode_h128_b64", "hca_decode_h64_b128_fp8", "hca_decode_h128_b128_fp8",
-          "hca_decode_h64_b128_bf16", "oproj_t1_fp8", "oproj_t8192_bf16",
+          "hca_decode_h64_b128_bf16", "hca_decode_h64_b1_1m_fp8", "indexer_decode_b1_1m_fp8",
+          "indexer_decode_b2_1m_fp8", "oproj_t1_fp8", "oproj_t8192_bf16",
           "moe_prefill_t4096_bf16", "moe_prefill_t4096_fp8", "moe_decode_t1_fp8",
           "fp8_linear_m1_wqb", "moe_gate_t4096", "mhc_pre_t4096", "mhc_pre_t1", "mhc_pre_t8",
           "mhc_head_t4096"]
