@@ -194,12 +194,12 @@ def load(args, group, config, dtype):
         return from_pretrained(args.checkpoint, group, dtype=dtype, weights="native",
                                n_mtp_layers=0, progress=False)
     cfg, cfg_json = checkpoint_config(config, "fp8", "fp4")
-    tmp = tempfile.mkdtemp(prefix="dsv4-ep-config-")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg_json, f)
-    reader = SyntheticRelease(cfg, group.device, seed=0)
-    return from_pretrained(tmp, group, dtype=dtype, weights="native", n_mtp_layers=0,
-                           progress=False, readers=[reader])
+    with tempfile.TemporaryDirectory(prefix="dsv4-ep-config-") as tmp:  # only config.json
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg_json, f)
+        reader = SyntheticRelease(cfg, group.device, seed=0)
+        return from_pretrained(tmp, group, dtype=dtype, weights="native", n_mtp_layers=0,
+                               progress=False, readers=[reader])
 
 
 # ----------------------------------------------------------------------------- runs
