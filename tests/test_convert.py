@@ -248,6 +248,25 @@ def test_output_directory_checks(src, mp2, tmp_path):
         unshard(mp2[0], tmp_path, 1)
 
 
+def test_output_through_a_link_to_the_input_is_refused(src, mp2, tmp_path):
+    """--out naming --in through a symbolic link (or with ``..``) is the same directory: refused
+    before anything is written, even with overwrite."""
+    def listing(d):
+        return sorted((p.name, p.stat().st_size) for p in d.iterdir())
+
+    for d in (src, mp2[0]):
+        link = tmp_path / f"link-{d.name}"
+        link.symlink_to(d, target_is_directory=True)
+        before = listing(d)
+        with pytest.raises(ConvertError, match="differ"):
+            convert(d, link, 2, overwrite=True)
+        with pytest.raises(ConvertError, match="differ"):
+            unshard(d, link, 1, overwrite=True)
+        with pytest.raises(ConvertError, match="differ"):
+            unshard(d, tmp_path / ".." / tmp_path.name / link.name, 1, overwrite=True)
+        assert listing(d) == before
+
+
 def test_reassembly_detects_missing_ranks_and_bad_replicas(mp2, tmp_path):
     import shutil
 

@@ -583,6 +583,17 @@ def _check_splits(src: dict, mp: int) -> None:
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
 
 
+def _same_directory(a: str, b: str) -> bool:
+    """Whether two paths name one directory: equal once resolved (symbolic links, ``..``), or
+    the same file on disk (a bind mount, another mount of it)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:     # either does not exist (yet)
+        return False
+
+
 def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = False,
             overwrite: bool = False, progress: bool = False) -> list[str]:
     """Shard an official checkpoint for ``model_parallel`` ranks (official convert.py; §12.4).
@@ -603,8 +614,8 @@ def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = F
     without ``overwrite``, or ``out_dir`` equal to ``in_dir``.
     """
     in_dir, out_dir = os.fspath(in_dir), os.fspath(out_dir)
-    if os.path.abspath(in_dir) == os.path.abspath(out_dir):
-        raise ConvertError("--out must differ from --in")
+    if _same_directory(in_dir, out_dir):
+        raise ConvertError(f"--out must differ from --in ({out_dir} is {in_dir})")
     config = _read_config(in_dir)
     raw = read_checkpoint_index(in_dir)
     src: dict[str, tuple[str, str, list[int]]] = {}
@@ -807,8 +818,9 @@ def unshard(in_dir: str, out_dir: str, n_shards: int = 1, check_replicas: bool =
     or a non-empty ``out_dir`` without ``overwrite``.
     """
     in_dir, out_dir = os.fspath(in_dir), os.fspath(out_dir)
-    if os.path.abspath(in_dir) == os.path.abspath(out_dir):
-        raise ConvertError("output directory must differ from the input directory")
+    if _same_directory(in_dir, out_dir):
+        raise ConvertError(f"output directory must differ from the input directory ({out_dir} "
+                           f"is {in_dir})")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ConvertError(f"output directory {out_dir} is not empty (pass overwrite=True)")
     with _Files() as files:
