@@ -291,9 +291,15 @@ def test_num_layers_loads_a_prefix(ckpt, ids):
     assert one.config.n_hash_layers == 1
     no_mtp = _load(ckpt["fp8"], quant_sim=False, n_mtp_layers=0)
     assert len(no_mtp.layers) == 4 and len(no_mtp.mtp) == 0
-    for bad in (0, 5, 2.0):
+    for bad in (0, 5, 2.0, True, "2"):
         with pytest.raises(ValueError, match="num_layers"):
             _load(ckpt["fp8"], num_layers=bad)
+    # integer-like values count as integers, as elsewhere in the API (operator.index)
+    import numpy as np
+    two = _load(ckpt["fp8"], quant_sim=False, num_layers=np.int64(2), n_mtp_layers=torch.tensor(0))
+    assert two.config.n_layers == 2 and two.config.n_mtp_layers == 0
+    with pytest.raises(ValueError, match="n_mtp_layers"):
+        _load(ckpt["fp8"], num_layers=2, n_mtp_layers=np.int64(7))
 
 
 def test_hf_names_load_like_official_names(ckpt, ids, tmp_path):
@@ -380,6 +386,30 @@ def test_nan_scale_is_refused(ckpt, tmp_path):
         _load(tmp_path)
 
 
+@pytest.mark.parametrize("name, stored, value, message", [
+    ("norm.weight", torch.float32, float("nan"), "norm.weight in .* non-finite"),
+    ("layers.0.attn_norm.weight", torch.bfloat16, float("-inf"),
+     "layers.0.attn_norm.weight in .* non-finite"),
+    # finite as stored, beyond bf16's range once loaded in bf16
+    ("layers.2.ffn_norm.weight", torch.float64, 1e300, "layers.2.ffn_norm.weight in .* overflow"),
+])
+def test_non_finite_plain_tensors_are_refused(ckpt, tmp_path, name, stored, value, message):
+    """A NaN / inf, or a value the load's dtype cannot hold, is refused at load (naming the
+    tensor), as NaN FP8 codes and scales are, not found as NaN logits at the first forward."""
+    t = dict(ckpt["rel"])
+    w = t[name].to(stored).clone()
+    w[0] = value
+    t[name] = w
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError, match=message):
+        _load(tmp_path, dtype=torch.bfloat16)
+    if stored == torch.float64:         # fp32 holds 1e300 neither; a finite value loads
+        w[0] = 1e30
+        _write(tmp_path, ckpt["config"], t)
+        m = _load(tmp_path, dtype=torch.float32, quant_sim=False)
+        assert dict(m.named_parameters())[name][0].item() == pytest.approx(1e30, rel=1e-6)
+
+
 def test_later_revision_compress_ratios_refused(ckpt, tmp_path):
     def edit(d):     # Flash-0731-like: more compress_ratios entries than layers + MTP
         d["compress_ratios"] = d["compress_ratios"] + [0, 0]
@@ -413,6 +443,9 @@ def test_bad_arguments(ckpt):
         _load(ckpt["fp8"], dtype=torch.int8)
     with pytest.raises(CheckpointError, match="not found"):
         _load(os.path.join(ckpt["fp8"], "nope"))
+    for device in ("meta", "bogus", torch.device("meta"), 3.5):
+        with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
+            _load(ckpt["fp8"], device=device)
 
 
 # ------------------------------------------------------------------------------ confined paths

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .cache import as_int
 from .checkpoint_io import SafetensorsFile, confined_path, read_json
 from .config import ConfigError, ModelConfig
 from .quant import (FP4_BLOCK, FP8_BLOCK, block_scale_shape, fp4_pack, fp4_unpack,
@@ -444,6 +445,21 @@ def _skipped(name: str, c: ModelConfig) -> bool:
     return False
 
 
+def _load_device(device) -> torch.device:
+    """The device a checkpoint loads onto (None: torch's default device): a CPU or CUDA device;
+    ValueError otherwise (a "meta" device would leave every tensor unloaded)."""
+    if device is None:
+        device = torch.get_default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device ('cpu', 'cuda', 'cuda:N' or a "
+                         f"torch.device), got {device!r}")
+    return dev
+
+
 def _resolve_config(path: str, num_layers: Optional[int], overrides: dict) -> ModelConfig:
     """The config of ``path`` with overrides; ``num_layers`` / ``n_mtp_layers`` keep a prefix
     of the main layers / MTP blocks (their compress_ratios entries follow)."""
@@ -451,14 +467,15 @@ def _resolve_config(path: str, num_layers: Optional[int], overrides: dict) -> Mo
     full = ModelConfig.from_json(path, **overrides)
     if num_layers is None and keep_mtp is None:
         return full
-    n = full.n_layers if num_layers is None else num_layers
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= full.n_layers:
-        raise ValueError(f"num_layers must be an int in [1, {full.n_layers}] (the checkpoint's "
-                         f"layer count), got {num_layers!r}")
-    m = (0 if num_layers is not None else full.n_mtp_layers) if keep_mtp is None else keep_mtp
-    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= full.n_mtp_layers:
-        raise ValueError(f"n_mtp_layers must be an int in [0, {full.n_mtp_layers}] (the "
-                         f"checkpoint's MTP blocks), got {keep_mtp!r}")
+    n_want = f"an integer in [1, {full.n_layers}] (the checkpoint's layer count)"
+    n = full.n_layers if num_layers is None else as_int(num_layers, "num_layers", n_want)
+    if not 1 <= n <= full.n_layers:
+        raise ValueError(f"num_layers must be {n_want}, got {num_layers!r}")
+    m_want = f"an integer in [0, {full.n_mtp_layers}] (the checkpoint's MTP blocks)"
+    m = ((0 if num_layers is not None else full.n_mtp_layers) if keep_mtp is None
+         else as_int(keep_mtp, "n_mtp_layers", m_want))
+    if not 0 <= m <= full.n_mtp_layers:
+        raise ValueError(f"n_mtp_layers must be {m_want}, got {keep_mtp!r}")
     r = full.compress_ratios
     return dataclasses.replace(
         full, n_layers=n, n_mtp_layers=m, n_hash_layers=min(full.n_hash_layers, n),
@@ -539,9 +556,10 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
             tensor (checked from the headers before any data is read, so nothing is partially
             loaded); an unreadable, truncated or corrupt shard (naming the file); an index that
             disagrees with its shards (lists a tensor a shard does not hold, or omits one a
-            listed shard holds); NaN scales or NaN FP8 weight codes; ``tid2eid`` entries
+            listed shard holds); NaN scales or NaN FP8 weight codes; a plain tensor holding
+            NaN / inf or overflowing ``dtype``; ``tid2eid`` entries
             outside the expert range.
-        ValueError: bad ``weights``, ``dtype`` or ``num_layers``.
+        ValueError: bad ``weights``, ``dtype``, ``device`` or ``num_layers``.
     """
     path = os.fspath(path)
     if weights not in ("dequant", "native"):
@@ -550,7 +568,7 @@ def load_checkpoint(model_cls, path, device=None, dtype=torch.bfloat16, weights=
         raise ValueError(f"dtype must be torch.float32 or bfloat16, got {dtype}")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    device = torch.device(device) if device is not None else torch.get_default_device()
+    device = _load_device(device)
     if os.path.exists(os.path.join(path, "config.json")):
         confined_path(path, "config.json", "config.json", CheckpointError)
     config = _resolve_config(path, num_layers, dict(config_overrides))
@@ -665,6 +683,20 @@ def _check_fp8_codes(entry: _Entry, weight: torch.Tensor) -> None:
             f"e4m3 values)")
 
 
+def _refuse_non_finite(e: "_Entry", raw: torch.Tensor, want: torch.dtype) -> None:
+    """Raise CheckpointError for a plain tensor that holds NaN / inf, or whose values overflow
+    the dtype it is loaded in (an F32/F64 value beyond bf16's range): the model would compute
+    NaN from it, found only at its first forward."""
+    stored = raw.dtype
+    if raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+        bad = int((~torch.isfinite(raw)).sum())
+        raise CheckpointError(f"{e.source} in {e.file} holds {bad} non-finite value(s) "
+                              f"(NaN or inf) of {raw.numel()}")
+    raise CheckpointError(f"{e.source} in {e.file}: its {stored} values overflow {want} "
+                          f"(largest magnitude {float(raw.abs().max()):.3g}); load it with a "
+                          "wider dtype or fix the checkpoint")
+
+
 def _materialise(model, plans, linears, fp32_names, device, dtype, weights, handles, progress,
                  label):
     from tqdm.auto import tqdm
@@ -686,7 +718,9 @@ def _materialise(model, plans, linears, fp32_names, device, dtype, weights, hand
                 else old.dtype
             t = read(p.weight)
             if p.kind == "plain":
-                t = t.to(device=device, dtype=want)
+                raw, t = t, t.to(device=device, dtype=want)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    _refuse_non_finite(p.weight, raw, want)
             else:
                 s = read(p.scale)
                 _check_scales(p.scale, s, p.kind)
