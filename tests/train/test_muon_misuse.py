@@ -57,7 +57,10 @@ def test_a_bad_parameter_changes_nothing_in_that_step():
     ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", "0.1"),
     ("weight_decay", float("inf")), ("momentum", 2.0), ("update_rms", -1.0),
     ("eps", 0.0), ("ns_eps", 0.0), ("betas", (2.0, 0.0)), ("betas", (0.9,)),
-    ("ns_schedule", [(1.0, 2.0)]), ("ns_dtype", torch.int32), ("row_blocks", 0),
+    ("ns_schedule", [(1.0, 2.0)]), ("ns_schedule", [(float("nan"), 0.0, 0.0)]),
+    ("ns_dtype", torch.int32), ("ns_dtype", torch.float8_e4m3fn), ("row_blocks", 0),
+    # an epsilon that rounds to 0 where it is added is 0 (fp32 moments; bf16 Newton-Schulz)
+    ("eps", 1e-50), ("ns_eps", 1e-45),
     ("row_blocks", 1.5), ("use_muon", "yes"),
 ])
 def test_bad_group_values_are_refused_by_name(key, value):
@@ -71,6 +74,42 @@ def test_bad_group_values_are_refused_by_name(key, value):
     if key not in ("row_blocks", "use_muon"):
         with pytest.raises(ValueError, match=f"Muon: {key} must be|ns_schedule"):
             Muon([w], **{key: value})
+
+
+def test_tiny_epsilons_and_the_ns_dtype_they_need():
+    """ns_eps is checked in the group's ns_dtype: 1e-45 is a float32 subnormal, zero in bf16."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Muon([dict(params=[w], ns_eps=1e-45, ns_dtype=torch.float32)])
+    w.grad = torch.zeros(4, 4)
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+def test_complex_parameters_are_refused():
+    w = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="real floating tensors, got a torch.complex64"):
+        Muon([w])
+    with pytest.raises(ValueError, match="real floating"):
+        Muon([dict(params=[w], use_muon=False)])
+
+
+def test_saved_groups_with_bad_values_are_refused_before_anything_is_loaded():
+    """A saved momentum of NaN (or 5) loaded, and the next step made every weight NaN."""
+    a = torch.nn.Parameter(torch.ones(4, 4))
+    opt = Muon([a], lr=0.1)
+    a.grad = torch.ones(4, 4)
+    opt.step()
+    before = opt.state_dict()
+    for key, value in (("momentum", float("nan")), ("momentum", 5.0), ("lr", -1.0),
+                       ("ns_dtype", torch.float8_e4m3fn)):
+        bad = opt.state_dict()
+        bad["param_groups"][0][key] = value
+        with pytest.raises(ValueError, match=f"saved param group 0: {key} must be"):
+            opt.load_state_dict(bad)
+        after = opt.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        assert torch.equal(after["state"][0]["momentum_buffer"],
+                           before["state"][0]["momentum_buffer"])
 
 
 def test_group_schedules_given_as_lists_work():

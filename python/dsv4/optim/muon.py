@@ -50,7 +50,12 @@ def _check_schedule(schedule) -> tuple[tuple[float, float, float], ...]:
                          f"{schedule!r}") from None
     if not out:
         raise ValueError("ns_schedule must hold at least one (a, b, c) triple")
+    if not all(math.isfinite(v) for t in out for v in t):
+        raise ValueError(f"ns_schedule must be finite (a, b, c) triples, got {schedule!r}")
     return out
+
+
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def _check_group(group: dict, where: str) -> dict:
@@ -66,8 +71,16 @@ def _check_group(group: dict, where: str) -> dict:
     number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
     number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
     number("update_rms", lambda v: v > 0, "a finite number > 0")
-    number("eps", lambda v: v > 0, "a finite number > 0 (0 turns a zero gradient into NaN)")
-    number("ns_eps", lambda v: v > 0, "a finite number > 0 (0 turns a zero gradient into NaN)")
+    # eps is added in fp32 (the moments), ns_eps in ns_dtype: a value that rounds to 0 there is
+    # 0, which turns a zero gradient into 0 / 0 = NaN
+    number("eps", lambda v: v > 0 and _nonzero_in(v, torch.float32),
+           "a finite number > 0 that float32 holds as nonzero (0 turns a zero gradient into NaN)")
+    if not isinstance(group["ns_dtype"], torch.dtype) or group["ns_dtype"] not in _NS_DTYPES:
+        raise ValueError(f"{where}: ns_dtype must be one of torch.bfloat16, float16, float32, "
+                         f"float64, got {group['ns_dtype']!r}")
+    number("ns_eps", lambda v: v > 0 and _nonzero_in(v, group["ns_dtype"]),
+           f"a finite number > 0 that {group['ns_dtype']} holds as nonzero (0 turns a zero "
+           "gradient into NaN)")
     b = group["betas"]
     try:
         b = tuple(float(x) for x in b)
@@ -80,16 +93,22 @@ def _check_group(group: dict, where: str) -> dict:
         group["ns_schedule"] = _check_schedule(group["ns_schedule"])
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    if not isinstance(group["ns_dtype"], torch.dtype) or not group["ns_dtype"].is_floating_point:
-        raise ValueError(f"{where}: ns_dtype must be a floating torch.dtype, got "
-                         f"{group['ns_dtype']!r}")
     rb = group["row_blocks"]
     if isinstance(rb, bool) or not isinstance(rb, int) or rb < 1:
         raise ValueError(f"{where}: row_blocks must be an integer >= 1, got {rb!r}")
     for key in ("use_muon", "nesterov"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{where}: {key} must be a bool, got {group[key]!r}")
+    bad = next((p for p in group.get("params", ()) if isinstance(p, torch.Tensor)
+                and not p.is_floating_point()), None)
+    if bad is not None:
+        raise ValueError(f"{where}: parameters must be real floating tensors, got a "
+                         f"{bad.dtype} parameter of shape {tuple(bad.shape)}")
     return group
+
+
+def _nonzero_in(v: float, dtype: torch.dtype) -> bool:
+    return bool(torch.tensor(v, dtype=torch.float64).to(dtype) != 0)
 
 
 def newton_schulz(x: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
@@ -162,7 +181,9 @@ class Muon(torch.optim.Optimizer):
     Raises:
         ValueError: a bad hyper-parameter, in the constructor's defaults or in any group
             (lr, weight_decay finite >= 0; momentum, betas in [0, 1); update_rms, eps, ns_eps
-            finite > 0; ns_dtype floating; row_blocks an int >= 1), or (at ``step``, before
+            finite > 0, eps nonzero in float32 and ns_eps in ns_dtype; ns_dtype bfloat16,
+            float16, float32 or float64; finite ns_schedule coefficients; row_blocks an int
+            >= 1), a parameter that is not a real floating tensor, or (at ``step``, before
             anything is updated) a Muon parameter that is not a [rows, cols] / [E, rows, cols]
             matrix, or whose rows do not split into ``row_blocks``. Empty matrices are fine.
     """
@@ -221,7 +242,10 @@ class Muon(torch.optim.Optimizer):
         weights and moments of bf16 parameters (and break exact resumption).
 
         Raises ValueError, with nothing loaded, when a saved state tensor (momentum, moments,
-        master copy) does not have the shape of its parameter (the state of another model)."""
+        master copy) does not have the shape of its parameter (the state of another model), or
+        a saved group's hyper-parameter is one the constructor refuses (a NaN momentum, ...)."""
+        for n, g in enumerate(state_dict["param_groups"]):
+            _check_group({k: v for k, v in g.items() if k != "params"}, f"saved param group {n}")
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -233,6 +257,8 @@ class Muon(torch.optim.Optimizer):
                                          f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: "
                                          "not this optimizer's state")
         super().load_state_dict(state_dict)
+        for n, g in enumerate(self.param_groups):
+            _check_group(g, f"param group {n}")     # (normalises: betas, schedule as tuples)
         for i, p in zip(ids, params):
             for k, v in saved.get(i, {}).items():
                 if isinstance(v, torch.Tensor) and v.is_floating_point():

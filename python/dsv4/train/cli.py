@@ -387,6 +387,12 @@ def _loop(trainer, out: Path, args, unigram: float) -> int:
         save()
         print(f"dsv4 train: interrupted at step {trainer.step}; saved to {out}", file=sys.stderr)
         return 130
+    except FloatingPointError as e:     # non-finite gradients: the step was not taken
+        bar.close()
+        save()
+        print(f"dsv4 train: error: {e}. The run up to step {trainer.step} is saved to {out} "
+              f"(`dsv4 train --resume {out}` continues it)", file=sys.stderr)
+        return 1
     bar.close()
     print(f"dsv4 train: step {trainer.step}/{cfg.steps}; checkpoint in {out} "
           f"(`dsv4 generate --model {out} --prompt ...`)", file=sys.stderr)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
+from ..cache import as_int
 from ..layers.moe import Gate
 
 __all__ = ["sequence_balance_loss", "bias_update", "load_imbalance", "RoutingController"]
@@ -95,21 +97,17 @@ class RoutingController:
             ctl.store(step + Δt, rec)
 
     Raises:
-        ValueError: negative γ, α or Δt, or a model without gates.
+        ValueError: a γ or α that is negative or not finite, a Δt that is not an integer >= 0,
+            or a model without gates.
     """
 
     def __init__(self, model: nn.Module, bias_update_speed: float = 1e-3,
                  balance_alpha: float = 1e-4, anticipatory_delta: int = 1):
-        if bias_update_speed < 0 or balance_alpha < 0 or anticipatory_delta < 0:
-            raise ValueError("bias_update_speed, balance_alpha and anticipatory_delta must be "
-                             f">= 0, got {bias_update_speed}, {balance_alpha}, "
-                             f"{anticipatory_delta}")
+        speed, alpha, delta = _check_rates(bias_update_speed, balance_alpha, anticipatory_delta)
         self.gates = {name: m for name, m in model.named_modules() if isinstance(m, Gate)}
         if not self.gates:
             raise ValueError("the model has no MoE Gate modules")
-        self.bias_update_speed = float(bias_update_speed)
-        self.balance_alpha = float(balance_alpha)
-        self.anticipatory_delta = int(anticipatory_delta)
+        self.bias_update_speed, self.balance_alpha, self.anticipatory_delta = speed, alpha, delta
         self.anticipatory = False
         self._recorded: dict[int, dict[str, torch.Tensor]] = {}
         self._mode: Optional[str] = None        # None | "train" | "record"
@@ -168,9 +166,14 @@ class RoutingController:
         self._replay = replay
         self._balance_terms = []
         self.replayed_layers = 0
+        load_before = {k: v.clone() for k, v in self.load.items()}
         try:
             with self._attached("train", (batch, seq)):
                 yield
+        except BaseException:       # a failed step adds no load (the bias rule never sees it)
+            self.load = load_before
+            self._balance_terms = []
+            raise
         finally:
             self._replay = None
 
@@ -232,8 +235,58 @@ class RoutingController:
                 "balance_alpha": self.balance_alpha}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Raises ValueError, with nothing changed, for a γ / α / Δt
+        outside the constructor's ranges, or recorded indices that are not this model's (a
+        gate it does not have, not an integer [tokens, topk] tensor, expert ids out of range,
+        different token counts between gates of one step)."""
+        speed, alpha, delta = _check_rates(state["bias_update_speed"], state["balance_alpha"],
+                                           state["anticipatory_delta"])
+        recorded = {}
+        for step, rec in state["recorded"].items():
+            rec = dict(rec)
+            rows = set()
+            for name, idx in rec.items():
+                g = self.gates.get(name)
+                ok = (g is not None and not g.hash and isinstance(idx, torch.Tensor)
+                      and not idx.is_floating_point() and not idx.is_complex()
+                      and idx.dim() == 2 and idx.shape[1] == g.topk
+                      and (idx.numel() == 0
+                           or (int(idx.min()) >= 0 and int(idx.max()) < g.n_experts)))
+                if not ok:
+                    what = (f"a {tuple(idx.shape)} {idx.dtype} tensor"
+                            if isinstance(idx, torch.Tensor) else type(idx).__name__)
+                    raise ValueError(f"recorded routing of step {step} for {name!r}: expected "
+                                     "integer expert ids [tokens, topk] of a learned gate of "
+                                     f"this model, got {what}")
+                rows.add(idx.shape[0])
+            if len(rows) > 1:
+                raise ValueError(f"recorded routing of step {step}: gates routed different "
+                                 f"token counts {sorted(rows)}")
+            recorded[int(step)] = rec
         self.anticipatory = bool(state["anticipatory"])
-        self.anticipatory_delta = int(state["anticipatory_delta"])
-        self._recorded = {int(k): dict(v) for k, v in state["recorded"].items()}
-        self.bias_update_speed = float(state["bias_update_speed"])
-        self.balance_alpha = float(state["balance_alpha"])
+        self.anticipatory_delta = delta
+        self._recorded = recorded
+        self.bias_update_speed = speed
+        self.balance_alpha = alpha
+
+    def recorded_tokens(self) -> set[int]:
+        """The token counts (batch · seq) of the recorded steps' routings."""
+        return {idx.shape[0] for rec in self._recorded.values() for idx in rec.values()}
+
+    def unstore(self, step: int) -> None:
+        """Drop what :meth:`store` kept for ``step`` (a failed step's recording)."""
+        self._recorded.pop(int(step), None)
+
+
+def _check_rates(speed, alpha, delta) -> tuple[float, float, int]:
+    """(γ, α, Δt) as (float, float, int): finite γ, α >= 0 and an integer Δt >= 0; ValueError
+    naming the value otherwise."""
+    def rate(v, name):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        return float(v)
+    d = as_int(delta, "anticipatory_delta", "an integer >= 0")
+    if d < 0:
+        raise ValueError(f"anticipatory_delta must be an integer >= 0, got {delta!r}")
+    return rate(speed, "bias_update_speed"), rate(alpha, "balance_alpha"), d

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..cache import as_int
 from ..optim import Muon, param_groups
 from .data import Corpus
 from .loss import head_features, linear_cross_entropy, reference_backend
@@ -85,17 +86,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         errs = []
+
+        def integer(name, minimum):
+            v = getattr(self, name)
+            try:
+                iv = as_int(v, name, "")
+            except ValueError:
+                iv = None
+            if iv is None or iv < minimum:
+                errs.append(f"{name} must be an integer >= {minimum}, got {v!r}")
+            else:
+                setattr(self, name, iv)
+
+        def number(name, ok, accepted):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not ok(v):
+                errs.append(f"{name} must be {accepted}, got {v!r}")
+
         for name in ("steps", "batch", "seq_len", "eval_every", "eval_windows"):
-            if int(getattr(self, name)) < 1:
-                errs.append(f"{name} must be >= 1")
+            integer(name, 1)
+        integer("anticipatory_delta", 0)
+        integer("seed", 0)
+        if self.warmup is not None:
+            integer("warmup", 0)
         if self.optimizer not in ("muon", "adamw"):
             errs.append(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
-        if not self.lr > 0:
-            errs.append("lr must be > 0")
-        if not 0 <= self.decay_start <= 1:
-            errs.append("decay_start must be in [0, 1]")
-        if self.anticipatory_delta < 0:
-            errs.append("anticipatory_delta must be >= 0")
+        number("lr", lambda v: v > 0, "a finite number > 0")
+        number("decay_start", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("final_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the end of the decay / peak)")
+        for name in ("weight_decay", "mtp_weight", "mtp_weight_decay", "balance_alpha",
+                     "bias_update_speed", "grad_clip"):
+            number(name, lambda v: v >= 0, "a finite number >= 0")
         if self.anticipatory not in (None, "all"):
             try:
                 self.anticipatory = [[int(a), int(b)] for a, b in self.anticipatory]
@@ -195,34 +217,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        """Run step ``self.step``; returns its metrics (also appended to ``history``)."""
+        """Run step ``self.step``; returns its metrics (also appended to ``history``).
+
+        Raises FloatingPointError when the step's gradients are not finite (NaN / inf, e.g. a
+        bf16 overflow), and re-raises any error of the forward / backward: the step is not
+        taken then, and the weights, optimizer state, routing load and biases, the recorded
+        routing of step ``self.step`` and ``self.step`` are as they were before the call."""
         c, s = self.cfg, self.step
         t0 = time.perf_counter()
         lr = lr_at(c, s)
         lam = mtp_weight_at(c, s)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
         self.model.train()
         routing = self.routing
         routing.set_anticipatory(c.anticipatory_on(s))
-        with reference_backend():
-            if routing.anticipatory:          # record the routing of step s + Δt with θ_s
-                target = s + routing.anticipatory_delta
-                with torch.no_grad(), head_features(self.model), \
-                        routing.recording(c.batch, c.seq_len) as rec:
-                    self._features(self.batch(target), self._use_mtp)
-                routing.store(target, rec)
-            tokens = self.batch(s)
-            with routing.step(c.batch, c.seq_len, replay=routing.take(s)):
-                main, extra = self._losses(tokens, self._use_mtp)
-                bal = routing.balance_loss().to(main.device)
-                replayed = routing.replayed_layers
-            loss = main + bal + (lam * extra if extra is not None else 0.0)
-            loss.backward()
-        gnorm = float("nan")
+        replay = target = None
+        try:
+            with reference_backend():
+                if routing.anticipatory:          # record the routing of step s + Δt with θ_s
+                    with torch.no_grad(), head_features(self.model), \
+                            routing.recording(c.batch, c.seq_len) as rec:
+                        self._features(self.batch(s + routing.anticipatory_delta),
+                                       self._use_mtp)
+                    target = s + routing.anticipatory_delta
+                    routing.store(target, rec)
+                replay = routing.take(s)          # (Δt = 0: the routing just recorded)
+                tokens = self.batch(s)
+                with routing.step(c.batch, c.seq_len, replay=replay):
+                    main, extra = self._losses(tokens, self._use_mtp)
+                    bal = routing.balance_loss().to(main.device)
+                    replayed = routing.replayed_layers
+                    loss = main + bal + (lam * extra if extra is not None else 0.0)
+                    loss.backward()
+                    with_grad = [p for p in self.params if p.grad is not None]
+                    total = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+                    gnorm = float(total)
+                    if not math.isfinite(gnorm):     # (inside: the step's load is dropped too)
+                        raise FloatingPointError(
+                            f"step {s}: the gradient norm is {gnorm} (NaN / inf gradients, e.g. "
+                            "a bf16 overflow or a NaN in the data path); the step was not taken")
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            if target is not None:
+                routing.unstore(target)
+            if replay is not None and target != s:
+                routing.store(s, replay)
+            raise
         if c.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.params if p.grad is not None], c.grad_clip))
+            torch.nn.utils.clip_grads_with_norm_(with_grad, c.grad_clip, total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         imbalance = routing.update_biases()
@@ -315,12 +358,18 @@ class Trainer:
                 if metrics.is_file() else []
         except (ValueError, OSError) as e:
             raise ValueError(f"{metrics}: unreadable metrics ({e})") from None
-        saved_opt = self.optimizer.state_dict()
+        saved_opt, saved_routing = self.optimizer.state_dict(), self.routing.state_dict()
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.routing.load_state_dict(state["routing"])
+            tokens = self.routing.recorded_tokens() - {self.cfg.batch * self.cfg.seq_len}
+            if tokens:
+                raise ValueError(f"its recorded routing covers {sorted(tokens)} tokens per step, "
+                                 f"this trainer's steps {self.cfg.batch * self.cfg.seq_len} "
+                                 f"(batch {self.cfg.batch} x seq_len {self.cfg.seq_len})")
         except Exception as e:
             self.optimizer.load_state_dict(saved_opt)
+            self.routing.load_state_dict(saved_routing)
             raise ValueError(f"{out / STATE_FILE} does not fit this model's optimizer / routing "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
         self.step = int(state["step"])
