@@ -195,6 +195,18 @@ def test_generate_length_and_stop(monkeypatch, capsys):
     assert STATS_RE.match(cap.err.strip().splitlines()[-1]).group(4) == "stop"
 
 
+def test_generate_refuses_a_model_vocabulary_past_the_tokenizer(monkeypatch, capsys):
+    """Ids at or past the tokenizer's 129,280 have no text: a model that can sample them is
+    refused before anything is printed (the stream decoder refuses such an id)."""
+    model = _ScriptedModel([1])
+    model.config.vocab_size = 129281
+    monkeypatch.setattr(cli, "_load_model", lambda *a: model)
+    assert cli.main(["generate", "--prompt", "p", "--device", "cpu"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and ("the model's vocabulary (vocab_size 129281) is larger than the "
+                              "tokenizer's (129280 with added tokens)") in cap.err
+
+
 def test_generate_refuses_more_tokens_than_the_model_has_positions(monkeypatch, capsys):
     """--max-new-tokens 99999999999 on a CPU ran for days (no bound); prompt + new tokens beyond
     max_position_embeddings is refused before the prompt is printed, naming the most it takes."""

@@ -123,11 +123,13 @@ def test_stream_decoder_flushes_incomplete_tail(tok):
     assert d.text == tok.decode(ids)
 
 
-@pytest.mark.parametrize("bad", [-1, 2 ** 40, 1.5, "7", None])
+@pytest.mark.parametrize("bad", [-1, 2 ** 40, 1.5, "7", None, 129280, 10 ** 6, 2 ** 32 - 1])
 def test_stream_decoder_refuses_a_bad_id_and_keeps_its_state(tok, bad):
     """step(-1) kept -1 in the decoder's window and raised OverflowError from the tokenizer,
     then every later step() / flush() raised again: one bad id broke the stream. A bad id is
-    a ValueError naming it, and the decoder goes on as if it had not been fed."""
+    a ValueError naming it, and the decoder goes on as if it had not been fed. Ids at or past
+    the vocabulary (129,280 with the added tokens) were kept and dropped from the text."""
+    assert tok.get_vocab_size(with_added_tokens=True) == 129280
     ids = tok.encode(TEXT_MB).ids
     d = StreamDecoder(tok)
     pieces = [d.step(i) for i in ids[:2]]

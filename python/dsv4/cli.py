@@ -345,6 +345,12 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     eos = getattr(config, "eos_token_id", 1)
     prompt_ids = chat_ids if args.chat else encode_prompt(tokenizer, args.prompt, bos_token_id=bos)
     vocab = getattr(config, "vocab_size", None)
+    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab is not None and vocab > tok_vocab:     # its ids past tok_vocab have no text
+        print(f"dsv4 generate: error: the model's vocabulary (vocab_size {vocab}) is larger than "
+              f"the tokenizer's ({tok_vocab} with added tokens); wrong --tokenizer?",
+              file=sys.stderr)
+        return 1
     if vocab is not None and max(prompt_ids) >= vocab:
         print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
               f"vocabulary (vocab_size {vocab}); wrong --tokenizer?", file=sys.stderr)

@@ -129,8 +129,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = 0)
 
 def _bad_token_id(token_id) -> ValueError:
     """StreamDecoder.step's error for an id it cannot decode."""
-    return ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode), "
-                      f"got {token_id!r}")
+    return ValueError(f"token_id must be an integer id >= 0 (one the tokenizer can decode: "
+                      f"below its vocabulary size with added tokens), got {token_id!r}")
 
 
 class StreamDecoder:
@@ -160,6 +160,9 @@ class StreamDecoder:
         self._prefix_offset = 0  # start of the context window (already emitted text)
         self._read_offset = 0  # ids before this have been emitted
         self._pieces: list[str] = []
+        size = getattr(tokenizer, "get_vocab_size", None)
+        # ids at or past this have no token: decode() drops them, step() refuses them
+        self._vocab_size = int(size(with_added_tokens=True)) if size is not None else None
 
     @property
     def ids(self) -> list[int]:
@@ -194,6 +197,8 @@ class StreamDecoder:
             tid = check_count(token_id, "token_id", 0)
         except ValueError:
             raise _bad_token_id(token_id) from None
+        if self._vocab_size is not None and tid >= self._vocab_size:
+            raise _bad_token_id(token_id)
         self._ids.append(tid)
         try:
             return self._advance(final=False)
