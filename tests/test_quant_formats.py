@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsv4.ops.quant import fp4_e2m1_round
+from dsv4.ops.quant import fp4_e2m1_round, fp4_e2m1_sim, fp8_e4m3_sim
 from dsv4.quant import (E2M1_VALUES, e2m1_decode, e2m1_encode, e8m0_to_float, float_to_e8m0,
                         fp4_pack, fp4_to_fp8, fp4_unpack, fp8_block_dequantize,
                         fp8_block_quantize)
@@ -284,8 +284,9 @@ def test_fp4_to_fp8_errors():
 
 
 @pytest.mark.parametrize("fn, kw, match", [
-    ("fp4_unpack", dict(block=0), r"fp4_unpack: block must be even and >= 2, got 0"),
-    ("fp4_unpack", dict(block=-32), r"fp4_unpack: block must be even and >= 2, got -32"),
+    ("fp4_unpack", dict(block=0), r"fp4_unpack: block must be an even integer >= 2, got 0"),
+    ("fp4_unpack", dict(block=-32), r"fp4_unpack: block must be an even integer >= 2, got -32"),
+    ("fp4_unpack", dict(block=32.0), r"fp4_unpack: block must be an even integer >= 2, got 32.0"),
     ("fp4_to_fp8", dict(block=0), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
     ("fp4_to_fp8", dict(block=-128), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
     ("fp4_to_fp8", dict(fp4_block=0), r"fp4_to_fp8: fp4_block must be even and >= 2, got 0"),
@@ -297,3 +298,31 @@ def test_fp4_block_sizes_outside_their_range_are_named(fn, kw, match):
     f = {"fp4_unpack": fp4_unpack, "fp4_to_fp8": fp4_to_fp8}[fn]
     with pytest.raises(ValueError, match=match):
         f(p, s, **kw)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: fp8_block_dequantize(*fp8_block_quantize(torch.randn(4, 8)), block=0),
+     r"fp8_block_dequantize: block must be an integer >= 1, got 0"),
+    (lambda: fp8_block_dequantize(*fp8_block_quantize(torch.randn(4, 8)), block=-1),
+     r"fp8_block_dequantize: block must be an integer >= 1, got -1"),
+    (lambda: fp8_block_quantize(torch.randn(4, 8), 128.0),
+     r"fp8_block_quantize: block must be an integer >= 1, got 128.0"),
+    (lambda: fp8_e4m3_sim(torch.randn(2, 64), 0), r"fp8_e4m3_sim: block must be an integer >= 1"),
+    (lambda: fp8_e4m3_sim(torch.randn(2, 64), -2), r"fp8_e4m3_sim: block must be an integer >= 1"),
+    (lambda: fp8_e4m3_sim(torch.ones(2, 64, dtype=torch.int32)), r"fp8_e4m3_sim: x must be a float"),
+    (lambda: fp4_e2m1_sim(torch.randn(2, 64), -2), r"fp4_e2m1_sim: block must be an integer >= 1"),
+    (lambda: fp4_e2m1_sim(torch.tensor(1.0)), r"fp4_e2m1_sim: x must be a float tensor \[\.\.\., n\]"),
+    (lambda: float_to_e8m0(torch.tensor([1 + 2 ** -30], dtype=torch.float64)),
+     r"values must be powers of two"),
+])
+def test_block_arguments_and_inputs_are_named(call, match):
+    """block=0 was a ZeroDivisionError, -2 an unflatten error, 128.0 a pad() TypeError, an int
+    tensor came back as int, a 0-d tensor an IndexError; a float64 value that is no power of two
+    was rounded to one by the fp32 cast and encoded."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_float64_powers_of_two_encode():
+    x = torch.tensor([2.0 ** -127, 1.0, 2.0 ** 127], dtype=torch.float64)
+    assert float_to_e8m0(x).view(torch.uint8).tolist() == [0, 127, 254]

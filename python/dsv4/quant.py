@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.quant import e8m0_to_float, fp4_e2m1_round, ue8m0_scale  # noqa: F401 (re-exported)
+from .ops.quant import check_block, e8m0_to_float, fp4_e2m1_round, ue8m0_scale  # noqa: F401 (re-exported)
 
 __all__ = [
     "FP8_E4M3_MAX", "FP4_E2M1_MAX", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
@@ -71,7 +71,7 @@ def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
     Raises ValueError if any value is not a positive power of two in that range (an e8m0 scale
     holds nothing else; round first, e.g. with :func:`dsv4.ops.quant.ue8m0_scale`).
     """
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()   # (a float64 1 + 2**-30 is no power of 2)
     mant, exp = torch.frexp(xf)            # x = mant * 2**exp, mant in [0.5, 1)
     code = exp.to(torch.int32) - 1 + 127
     # 2**-127 is subnormal in fp32: frexp still gives mant 0.5, exp -126 -> code 0.
@@ -139,8 +139,7 @@ def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK
     Raises ValueError for a non-2-D or non-float input, a block < 1, or inf/NaN values.
     """
     _check_2d_float(w, "fp8_block_quantize")
-    if block < 1:
-        raise ValueError(f"fp8_block_quantize: block must be >= 1, got {block}")
+    block = check_block(block, "fp8_block_quantize")
     N, K = w.shape
     nb, kb = -(-N // block), -(-K // block)
     wf = torch.nn.functional.pad(w.float(), (0, kb * block - K, 0, nb * block - N))
@@ -161,6 +160,7 @@ def fp8_block_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     Source: official ``weight_dequant`` / convert.py's ``wo_a`` step (architecture.md §12.3/4).
     Raises ValueError for a wrong dtype or a scale whose shape does not match the grid.
     """
+    block = check_block(block, "fp8_block_dequantize")
     if q.dim() != 2 or q.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8_block_dequantize: q must be float8_e4m3fn [N, K], got {q.dtype} "
                          f"{tuple(q.shape)}")
@@ -190,8 +190,7 @@ def fp4_pack(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, tor
     ``block``, or inf/NaN values.
     """
     _check_2d_float(w, "fp4_pack")
-    if block < 2 or block % 2:
-        raise ValueError(f"fp4_pack: block must be even and >= 2, got {block}")
+    block = check_block(block, "fp4_pack", even=True)
     N, K = w.shape
     if K % block:
         raise ValueError(f"fp4_pack: K = {K} is not a multiple of the block size {block}")
@@ -223,8 +222,7 @@ def fp4_unpack(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     Raises ValueError for wrong dtypes, a scale shape other than [N, K/block], or a ``block``
     that is not even and >= 2.
     """
-    if block < 2 or block % 2:
-        raise ValueError(f"fp4_unpack: block must be even and >= 2, got {block}")
+    block = check_block(block, "fp4_unpack", even=True)
     codes = _fp4_codes(packed)
     N, K = codes.shape
     if K % block or tuple(scale.shape) != (N, K // block):

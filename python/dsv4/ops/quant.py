@@ -18,6 +18,22 @@ FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 
 
+def check_block(block, fn: str, even: bool = False) -> int:
+    """``block`` as a python int >= 1 (even and >= 2 with ``even``); ValueError naming ``fn``
+    otherwise (a block of 0 divided by zero, a float one failed deep in torch)."""
+    import operator
+    ok = not isinstance(block, (bool, float, str, bytes))
+    if ok:
+        try:
+            block = operator.index(block)
+        except TypeError:
+            ok = False
+    if not ok or block < (2 if even else 1) or (even and block % 2):
+        raise ValueError(f"{fn}: block must be {'an even integer >= 2' if even else 'an integer >= 1'}"
+                         f", got {block!r}")
+    return block
+
+
 def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """Power-of-two scale ``2**ceil(log2(amax / qmax))``, exactly (no log2 rounding error).
 
@@ -58,6 +74,13 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _check_float_blocks(x: torch.Tensor, fn: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"{fn}: x must be a float tensor [..., n] (at least 1-D), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+
+
 def fp8_e4m3_quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantisation half of :func:`fp8_e4m3_sim`: e4m3 codes ``float8_e4m3fn [..., n]`` and
     their power-of-two block scales ``float32 [..., n / block]`` (``x ≈ codes * scale``; the
@@ -67,6 +90,8 @@ def fp8_e4m3_quantize(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, t
     value ``e4m3(clamp(x, +-448))``; other blocks are unaffected.
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
+    block = check_block(block, "fp8_e4m3_sim")
+    _check_float_blocks(x, "fp8_e4m3_sim")
     n = x.shape[-1]
     if n % block:
         raise ValueError(f"fp8_e4m3_sim: last dim {n} is not a multiple of the block size {block}")
@@ -95,6 +120,8 @@ def fp4_e2m1_round(y: torch.Tensor) -> torch.Tensor:
 
     Ties: 0.25→0, 0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4, 5→4 (the even code of each pair).
     The sign is kept (−0 for negative values that round to 0). Source: the OCP MX e2m1 format.
+    NaN (e2m1 has no NaN code) rounds to 6 with the NaN's sign bit, as the CUDA kernels'
+    e2m1 rounding does (compress_kv.cu); a block holding NaN has scale 1 (:func:`ue8m0_scale`).
     """
     a = y.abs()
     v = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0,
@@ -111,6 +138,8 @@ def fp4_e2m1_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     indexer queries and keys after the Hadamard rotation (architecture.md §5).
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
+    block = check_block(block, "fp4_e2m1_sim")
+    _check_float_blocks(x, "fp4_e2m1_sim")
     n = x.shape[-1]
     if n % block:
         raise ValueError(f"fp4_e2m1_sim: last dim {n} is not a multiple of the block size {block}")
