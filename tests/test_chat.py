@@ -777,3 +777,20 @@ def test_verbatim_is_the_release_rendering_of_the_closing_tag():
             in encode_messages(msgs, special_tokens="verbatim"))
     assert ('<｜DSML｜parameter name="s" string="false">"x\\u003c/｜DSML｜parameter>y"'
             '</｜DSML｜parameter>' in encode_messages(msgs))
+
+
+@pytest.mark.parametrize("messages, where", [
+    ([{"role": "user", "content": "hi \ud800 there"}], r"messages\[0\]\['content'\]"),
+    ([{"role": "user", "content": "q"},
+      {"role": "assistant", "content": "a", "reasoning_content": "\udfff"}],
+     r"messages\[1\]\['reasoning_content'\]"),
+])
+def test_lone_surrogates_are_named(tok, messages, where):
+    """A lone surrogate passed the str check and failed inside the tokenizer with a bare
+    "TypeError: TextInputSequence must be str" naming no message."""
+    with pytest.raises(ValueError, match=where + r" is not valid Unicode text: .* lone surrogate"):
+        encode_chat(tok, messages)
+    from dsv4.tokenizer import encode_prompt
+    with pytest.raises(ValueError, match=r"the prompt is not valid Unicode text: '\\ud800' at "
+                                         r"index 3"):
+        encode_prompt(tok, "hi \ud800")

@@ -52,6 +52,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tokenizer import check_unicode
+
 __all__ = [
     "ASSISTANT",
     "BOS",
@@ -261,6 +263,7 @@ class ChatPrompt(str):
         (the tokenizer splits on added tokens first and tokenises the pieces between them on
         their own, which is what happens here).
         """
+        check_unicode(str(self), "the chat prompt")   # (tool schemas, arguments, ...)
         if self.special_tokens == "verbatim":
             return list(tokenizer.encode(str(self), add_special_tokens=False).ids)
         text_only, added, pattern = _tokenizer_tables(tokenizer)
@@ -463,6 +466,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             raise ValueError(
                 f"messages[{i}]['content'] must be a string (or None), got {type(content).__name__}"
             )
+        if content is not None:
+            check_unicode(content, f"messages[{i}]['content']")
         task = m.get("task")
         if task is not None and (not isinstance(task, str) or task not in TASK_TOKENS):
             raise ValueError(
@@ -474,6 +479,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
         if reasoning is not None and not isinstance(reasoning, str):
             raise ValueError(f"messages[{i}]['reasoning_content'] must be a string (or None), "
                              f"got {type(reasoning).__name__}")
+        if reasoning is not None:
+            check_unicode(reasoning, f"messages[{i}]['reasoning_content']")
         for key, what in (("tool_calls", "tool call dicts"), ("tools", "tool dicts")):
             if m.get(key) is not None and not _is_list(m[key]):
                 raise ValueError(f"messages[{i}]['{key}'] must be a list of {what} (or None), "

@@ -123,8 +123,21 @@ def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None = 0)
     Returns:
         ``list[int]`` of length ``1 + n_text_tokens`` (or ``n_text_tokens`` without BOS).
     """
+    check_unicode(text, "the prompt")
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ([int(bos_token_id)] if bos_token_id is not None else []) + list(ids)
+
+
+def check_unicode(text: str, what: str) -> None:
+    """ValueError naming ``what`` when ``text`` is not a str or cannot be UTF-8 encoded (a lone
+    surrogate such as ``"\\ud800"``, which the tokenizer refuses with a bare TypeError)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {text[e.start]!r} at index "
+                         f"{e.start} is a lone surrogate (no UTF-8 encoding)") from None
 
 
 def _bad_token_id(token_id) -> ValueError:
