@@ -61,6 +61,24 @@ def test_group_arguments_are_checked():
         ExpertParallelGroup(rank=2, world_size=2, device="cpu")
     with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
         ExpertParallelGroup(rank=0, world_size=0, device="cpu")
+    with pytest.raises(ValueError, match=r"device must be a torch.device or a device string"):
+        ExpertParallelGroup(rank=0, world_size=1, device="foo")
+    group = ExpertParallelGroup(rank=0, world_size=1, device="cpu")
+    for bad in (-3, 2.0, True):
+        with pytest.raises(ValueError, match="n_experts must be an integer >= 0"):
+            group.expert_range(bad)
+    assert group.expert_range(0) == range(0, 0)
+
+
+def test_init_names_a_bad_local_rank_and_serve_once_an_empty_mapping(monkeypatch):
+    from dsv4.distributed import init
+    from dsv4.distributed.moe import serve_once
+    for bad in ("x", "-1", ""):
+        monkeypatch.setenv("LOCAL_RANK", bad)
+        with pytest.raises(ValueError, match="LOCAL_RANK must be an integer >= 0"):
+            init(device="cpu")
+    with pytest.raises(ValueError, match="serve_once: moes must map tags"):
+        serve_once({})
 
 
 def test_rank_keeps_its_experts_under_their_global_names():

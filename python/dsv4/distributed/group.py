@@ -9,6 +9,7 @@ and the device its tensors (and the all-to-all buffers) live on.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -58,7 +59,11 @@ class ExpertParallelGroup:
                 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got "
                              f"{self.rank!r}")
-        device = torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device string ('cpu', "
+                             f"'cuda:0', ...), got {self.device!r}") from None
         if device.type == "cuda" and device.index is None:   # tensors report their index
             device = torch.device("cuda", torch.cuda.current_device())
         object.__setattr__(self, "device", device)
@@ -88,6 +93,8 @@ class ExpertParallelGroup:
         Raises ValueError unless ``world_size`` divides ``n_experts`` (every rank holds the
         same number of experts, as in the official layout).
         """
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 0:
+            raise ValueError(f"n_experts must be an integer >= 0, got {n_experts!r}")
         if n_experts % self.world_size:
             raise ValueError(
                 f"expert parallelism over {self.world_size} processes needs a world size that "
@@ -117,7 +124,13 @@ def init(device: Optional[torch.device | str] = None, backend: Optional[str] = N
     """
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"the environment variable LOCAL_RANK must be an integer >= 0 (torchrun "
+                         f"sets it), got {os.environ['LOCAL_RANK']!r}") from None
     if device is None:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -142,6 +155,14 @@ def init(device: Optional[torch.device | str] = None, backend: Optional[str] = N
         import tempfile
         store = tempfile.NamedTemporaryFile(prefix="dsv4-ep-", delete=False)
         store.close()
+        atexit.register(_remove_file, store.name)   # the store lives as long as the group
         dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0,
                                 world_size=1, timeout=timeout)
     return ExpertParallelGroup.current(device)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -266,9 +266,13 @@ def serve_once(moes: Mapping[int, ExpertParallelMoE]) -> Optional[int]:
 
     ``moes``: this rank's expert-parallel MoE layers by tag. Computes this rank's experts for
     the pairs the other ranks send. Returns the tag of the layer served, or None when every
-    rank was serving (nothing was exchanged). Raises RuntimeError when the ranks with work are
-    out of step, or when a tag names a layer this rank does not have.
+    rank was serving (nothing was exchanged). Raises ValueError for an empty ``moes``, and
+    RuntimeError when the ranks with work are out of step, or when a tag names a layer this
+    rank does not have.
     """
+    if not moes:
+        raise ValueError("serve_once: moes must map tags to at least one of this rank's "
+                         "ExpertParallelMoE layers, got an empty mapping")
     any_moe = next(iter(moes.values()))
     group = any_moe.group
     c = _exchange_counts(group, IDLE, -1, len(any_moe.experts), None)
