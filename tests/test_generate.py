@@ -164,6 +164,9 @@ def test_sample_top_k_1_and_tiny_top_p_are_greedy(temperature):
     ref = logits.argmax(-1)
     assert torch.equal(sample(logits, temperature, top_k=1, generator=_gen(1)), ref)
     assert torch.equal(sample(logits, temperature, top_p=1e-6, generator=_gen(2)), ref)
+    # below fp32's range top_p compared as 0: every token was removed, NaN, token 0 drawn
+    for tiny in (1e-46, 1e-300, 5e-324):
+        assert torch.equal(sample(logits, temperature, top_p=tiny, generator=_gen(3)), ref)
 
 
 def test_sample_seeded_reproducible():

@@ -141,6 +141,7 @@ def sample(
         sorted_p = torch.softmax(sorted_z, dim=-1)
         # Remove a token when the tokens before it already reach top_p; the first never is.
         remove_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
+        remove_sorted[..., 0] = False   # (a top_p below fp32's range compares as 0 >= 0)
         remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
         z = z.masked_fill(remove, float("-inf"))
     probs = torch.softmax(z, dim=-1, dtype=torch.float32)
