@@ -46,7 +46,8 @@ import sys
 import time
 from typing import Any, Optional
 
-from ..argtypes import int_at_least
+from ..argtypes import int_at_least, seed_arg
+from ..generate import SEED_LIMIT
 
 __all__ = ["add_bench_command", "main", "build_config", "build_model", "non_layer_bytes"]
 
@@ -132,6 +133,35 @@ def add_bench_command(sub: Any) -> None:
     b.set_defaults(func=_cmd_bench, subparser=b)
 
 
+# The e2e table's cases (--mode 1m has its own: one 1M prompt, decode at 1M).
+E2E_DEFAULTS = {"prefill": ((1, 2048), (8, 2048), (64, 512)), "batch": (1, 8, 64),
+                "context": (4096,)}
+
+
+def _check_outputs_and_mode(args) -> None:
+    """Refuse, before anything is built, outputs the end of the run could not write (a
+    directory, a plot that is not a .png) and e2e options that --mode 1m would ignore."""
+    for opt in ("json", "plot"):
+        path = getattr(args, opt, None)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"argument --{opt}: {path!r} is a directory; name a file")
+        if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise ValueError(f"argument --{opt}: cannot write {path!r} (its directory does not "
+                             "exist or is not writable)")
+    if getattr(args, "plot", None) and not str(args.plot).lower().endswith(".png"):
+        raise ValueError(f"argument --plot: name a .png file, got {args.plot!r}")
+    if args.mode == "1m":
+        given = [f"--{k}" for k, d in E2E_DEFAULTS.items()
+                 if [tuple(v) if isinstance(v, (list, tuple)) else v
+                     for v in getattr(args, k)] != list(d)]
+        given += [f"--{k}" for k in ("compare", "plot") if getattr(args, k, None)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: e2e options; --mode 1m runs one 1M-token "
+                             "prompt and decodes at 1M (its rows go to --json)")
+
+
 def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", default="flash", metavar="flash|pro|tiny|DIR",
                    help="config preset or a checkpoint directory's config.json (default: flash)")
@@ -158,11 +188,12 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--kv-cache", choices=("bf16", "fp8"), default="bf16",
                    help="attention KV (window rings, CSA / HCA entries) in bf16 or the "
                    "release's FP8 584-byte MODEL1 layout (head_dim 512, sm_90)")
-    b.add_argument("--prefill", type=_cases, default=[(1, 2048), (8, 2048), (64, 512)],
+    b.add_argument("--prefill", type=_cases, default=list(E2E_DEFAULTS["prefill"]),
                    metavar="BxP,...", help="prefill cases (default 1x2048,8x2048,64x512)")
-    b.add_argument("--batch", type=_int_list, default=[1, 8, 64], metavar="B,...",
-                   help="decode batch sizes (default 1,8,64)")
-    b.add_argument("--context", type=_sizes, default=[4096], metavar="C,...",
+    b.add_argument("--batch", type=_int_list, default=list(E2E_DEFAULTS["batch"]),
+                   metavar="B,...", help="decode batch sizes (default 1,8,64)")
+    b.add_argument("--context", type=_sizes, default=list(E2E_DEFAULTS["context"]),
+                   metavar="C,...",
                    help="decode contexts in tokens, e.g. 4096,64K,1M (default 4096)")
     b.add_argument("--steps", type=int_at_least(1), default=32,
                    help="timed decode steps (default 32); the row is their median")
@@ -188,7 +219,8 @@ def _add_arguments(b: argparse.ArgumentParser) -> None:
                    help="fewer cases (1x2048 prefill; decode batch 1 and 8; 8 steps)")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
-    b.add_argument("--seed", type=int_at_least(0), default=0)
+    b.add_argument("--seed", type=seed_arg(SEED_LIMIT), default=0, metavar="S",
+                   help="seed of the random weights and inputs (default 0)")
 
 
 # ------------------------------------------------------------------ model
@@ -938,15 +970,14 @@ def run(args) -> list[dict]:
     if auto and args.mode != "1m":
         raise ValueError("--layers auto is for --mode 1m (it sizes the model for the 1M pool)")
     ceiling = max_layers(args.model)
+    if not auto and args.layers > ceiling:
+        raise ValueError(f"argument --layers: {args.model} has {ceiling} main layers, got "
+                         f"{args.layers}")
     if auto and ":" in args.layers:
         ceiling = min(ceiling, int(args.layers.split(":")[1]))
     cfg = build_config(args.model, ceiling if auto else args.layers,
                        args.experts)                # config errors first, anywhere
-    for opt in ("json", "plot"):
-        path = getattr(args, opt, None)
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            raise ValueError(f"argument --{opt}: cannot write {path!r} (its directory does not "
-                             "exist or is not writable)")
+    _check_outputs_and_mode(args)
     if not torch.cuda.is_available():
         raise RuntimeError("dsv4 bench needs a CUDA GPU (the floors are the H200's)")
     if args.quick:
