@@ -28,6 +28,19 @@ def test_allocate_free_and_exhaustion():
         a.allocate(1)
 
 
+@pytest.mark.parametrize("ids", [[True], [1.0], 5, "ab", [None]])
+def test_free_takes_integer_ids_only(ids):
+    """free([True]) / free([1.0]) freed block 1, and allocate() then handed out True / 1.0 as
+    block ids; free(5) was a TypeError from list()."""
+    a = BlockAllocator(4)
+    a.allocate(2)
+    with pytest.raises(ValueError, match=r"free: ids must be a sequence of block ids"):
+        a.free(ids)
+    assert a.num_free == 2 and a.allocate(2) == [2, 3]
+    a.free(torch.tensor([0, 1]))                            # a tensor of ids is a sequence
+    assert a.allocate(2) == [0, 1]
+
+
 def test_fragmented_pool_serves_any_request():
     """Blocks freed out of order (holes between live ones) serve a request as well as a fresh
     pool: there is no external fragmentation with fixed-size blocks."""
@@ -59,6 +72,16 @@ def test_paged_cache_shapes_and_slots():
         c.release_slot(1)
     with pytest.raises(ValueError, match="multiple of every compress ratio"):
         PagedCache(cfg, 1, 1, 24, torch.float32, "cpu")
+    for slot in (False, "a", 1.0):
+        with pytest.raises(ValueError, match="release_slot: slot must be an integer"):
+            c.release_slot(slot)
+    assert c.num_free_slots == 1
+    for dtype in (torch.float16, torch.int32):
+        with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+            PagedCache(cfg, 1, 1, 32, dtype, "cpu")
+    with pytest.raises(RuntimeError, match=r"the runtime cache \(2 slots, 1000000000000000 "
+                                           r"blocks .* does not fit on cpu"):
+        PagedCache(cfg, 2, 10 ** 15, 32, torch.float32, "cpu")
 
 
 def test_taking_a_slot_clears_its_state():

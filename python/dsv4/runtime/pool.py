@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from ..cache import LayerCache, check_count
+from ..argtypes import int_sequence
+from ..cache import LayerCache, as_int, check_count
 
 __all__ = ["BlockAllocator", "PagedCache", "PoolExhausted", "blocks_needed", "check_cache_formats",
            "check_kv_cache"]
@@ -106,7 +107,7 @@ class BlockAllocator:
         return ids
 
     def free(self, ids: list[int]) -> None:
-        ids = list(ids)
+        ids = int_sequence(ids, "free: ids must be a sequence of block ids (integers)")
         bad = [i for i in ids if i not in self._used]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"free: blocks {bad or ids} are not allocated (double free?)")
@@ -145,8 +146,9 @@ class PagedCache:
     dims rounded to e4m3, the RoPE dims to bf16). See :func:`check_kv_cache`.
 
     Raises ValueError for ``block_tokens`` that is not a multiple of every compress ratio, an
-    unknown ``indexer_cache`` or a ``kv_cache`` this model / device cannot use, and a
-    RuntimeError naming the size when the device cannot hold the pool.
+    unknown ``indexer_cache`` or a ``kv_cache`` this model / device cannot use, a ``dtype``
+    other than float32 / bfloat16, and a RuntimeError naming the size when the device (GPU or
+    CPU memory) cannot hold the pool.
     """
 
     def __init__(self, config, max_seqs: int, num_blocks: int, block_tokens: int,
@@ -167,6 +169,9 @@ class PagedCache:
         self.kv_cache = kv_cache
         self.scratch_slot = self.max_seqs
         self.device = torch.device(device)
+        if dtype not in (torch.float32, torch.bfloat16):   # the model's dtypes (see Model.to)
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (the model's), got "
+                             f"{dtype}")
         self.dtype = dtype
         try:
             self.layers = [
@@ -175,7 +180,10 @@ class PagedCache:
                            num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens,
                            indexer_fp8=indexer_cache == "fp8", kv_fp8=kv_cache == "fp8")
                 for i in range(config.n_layers)]
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                    and "can't allocate memory" not in str(e):     # (the CPU allocator's)
+                raise
             need = PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks,
                                              self.block_tokens, dtype, indexer_cache, kv_cache)
             raise RuntimeError(
@@ -265,6 +273,7 @@ class PagedCache:
         return slot
 
     def release_slot(self, slot: int) -> None:
+        slot = as_int(slot, "release_slot: slot", f"an integer in [0, {self.max_seqs})")
         if slot in self._free_slots or not 0 <= slot < self.max_seqs:
             raise ValueError(f"release_slot: slot {slot} is not in use")
         self._free_slots.append(slot)
