@@ -247,6 +247,37 @@ def test_info_model_preset(capsys):
     assert "model config (flash):" in out and "SWA 2, CSA 21, HCA 20" in out
 
 
+def test_info_context_beyond_the_models_positions_is_refused(capsys):
+    """--context 10**23 printed KV totals for ~1e23 tokens (and broke the table's header)."""
+    assert cli.main(["info", "--model", "flash", "--context", str(10 ** 23)]) == 1
+    err = capsys.readouterr().err
+    assert ("dsv4 info: error: argument --context: flash holds at most 1,048,576 tokens "
+            "(max_position_embeddings), got 100,000,000,000,000,000,000,000") in err
+    from dsv4.model_info import format_model_info
+    with pytest.raises(ValueError, match=r"context must be in \[1, 1,048,576\]"):
+        format_model_info(dsv4.ModelConfig.flash(), context=(1 << 20) + 1)
+
+
+def test_make_checkpoint_output_must_be_a_directory(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert cli.main(["make-checkpoint", "--config", "tiny", "--out", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert f"the output must be a directory (new or existing), got '{f}': a file" in err
+    assert "writing" not in err and f.read_text() == "x"
+    from dsv4.synthetic import make_checkpoint
+    with pytest.raises(ValueError, match="output must be a directory"):
+        make_checkpoint(dsv4.ModelConfig.tiny(), "")
+    with pytest.raises(ValueError, match="tokenizer must be a path, None"):
+        make_checkpoint(dsv4.ModelConfig.tiny(), tmp_path / "o", tokenizer=True)
+    with pytest.raises(TypeError, match="config must be a dsv4.ModelConfig, got dict"):
+        make_checkpoint({"dim": 8}, tmp_path / "o")
+    for bad in ({}, "tiny"):
+        with pytest.raises(TypeError, match=r"config must be a dsv4.ModelConfig \(e.g."):
+            dsv4.Model(bad)
+    assert not (tmp_path / "o").exists()
+
+
 def _model_importable() -> bool:
     try:
         return importlib.util.find_spec("dsv4.model") is not None and bool(

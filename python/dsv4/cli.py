@@ -493,6 +493,11 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"dsv4 info: error: cannot load the config of {model!r}: {e}", file=sys.stderr)
             return 1
         print(format_config_summary(config, model))
+        if args.context > config.max_position_embeddings:
+            print(f"dsv4 info: error: argument --context: {model} holds at most "
+                  f"{config.max_position_embeddings:,} tokens (max_position_embeddings), got "
+                  f"{args.context:,}", file=sys.stderr)
+            return 1
         from dsv4.model_info import format_model_info
 
         try:

@@ -154,6 +154,10 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a dsv4.ModelConfig (e.g. ModelConfig.tiny(), "
+                            f"ModelConfig.flash(), ModelConfig.from_json(path)), got "
+                            f"{type(config).__name__}")
         c = config
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.dim)

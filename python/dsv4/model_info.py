@@ -329,8 +329,12 @@ def format_model_info(config: ModelConfig, context: int = ONE_M,
     """The parameter, layer-schedule and KV-cache lines of ``dsv4 info`` for ``config``.
 
     ``counts`` defaults to :func:`param_counts` (builds the model on the meta device).
+    Raises ValueError for a ``context`` outside [1, ``max_position_embeddings``].
     """
     c = config
+    if not 1 <= context <= c.max_position_embeddings:
+        raise ValueError(f"context must be in [1, {c.max_position_embeddings:,}] (the model's "
+                         f"max_position_embeddings), got {context:,}")
     pc = param_counts(c) if counts is None else counts
     k, E = c.n_activated_experts, c.n_routed_experts
     lines = ["parameters (Model on the meta device; routing: "

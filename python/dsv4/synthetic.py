@@ -87,6 +87,8 @@ def checkpoint_config(config: ModelConfig, fmt: str = "fp8",
     """
     import dataclasses
 
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a dsv4.ModelConfig, got {type(config).__name__}")
     if fmt not in ("fp8", "bf16"):
         raise ValueError(f"fmt must be 'fp8' (release format) or 'bf16', got {fmt!r}")
     if fmt == "fp8":
@@ -271,8 +273,9 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     partial file (only whole shards, without ``config.json``).
 
     Returns the names of the files written.
-    Raises ValueError for a bad ``fmt``/``expert_dtype``/``n_shards``/``seed``, a non-empty
-    ``out_dir``, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
+    Raises TypeError for a ``config`` that is no ModelConfig; ValueError for a bad
+    ``fmt``/``expert_dtype``/``n_shards``/``seed``/``tokenizer``, an ``out_dir`` that is a file
+    or not empty, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
     little free space (checked before writing: the weights' bytes plus
     :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the tokenizer cannot be found.
     """
@@ -284,6 +287,9 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
         raise ValueError(f"n_shards must be an integer >= 1, got {n_shards!r}")
     cfg, cfg_dict = checkpoint_config(config, fmt, expert_dtype)
     out_dir = os.fspath(out_dir)
+    if not out_dir or (os.path.lexists(out_dir) and not os.path.isdir(out_dir)):
+        raise ValueError(f"the output must be a directory (new or existing), got "
+                         f"{out_dir!r}" + (": a file" if out_dir else ""))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"output directory {out_dir} is not empty (pass overwrite=True / "
                          "--overwrite to write into it)")
@@ -292,6 +298,9 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
         if tokenizer is None:
             tok_src = default_tokenizer_path()
         else:
+            if isinstance(tokenizer, bool):     # (True is no path: None means the default)
+                raise ValueError("tokenizer must be a path, None (the default tokenizer) or "
+                                 "False (none), got True")
             tok_src = os.fspath(tokenizer)
             if os.path.isdir(tok_src):
                 tok_src = os.path.join(tok_src, TOKENIZER_FILE)
