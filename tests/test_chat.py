@@ -386,6 +386,12 @@ _Q = {"role": "user", "content": "Q"}
          r"message 0 \(system\) response_format must be JSON-serialisable"),
         ({"messages": HELLO, "tools": [{"name": "f", "parameters": {1, 2}}]},
          r"tools\[0\] must be JSON-serialisable"),
+        # NaN / inf were written as NaN / Infinity: text no JSON parser reads
+        ({"messages": [_Q, {"role": "assistant", "content": "",
+                            "tool_calls": [_call("f", {"a": float("nan")})]}]},
+         r"messages\[1\]\.tool_calls\[0\] argument 'a' must be JSON-serialisable .*finite"),
+        ({"messages": HELLO, "tools": [{"name": "f", "parameters": {"max": float("inf")}}]},
+         r"tools\[0\] must be JSON-serialisable"),
     ],
 )
 def test_encode_type_errors_are_value_errors_naming_the_field(kwargs, match):

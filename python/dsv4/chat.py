@@ -156,18 +156,20 @@ _USER_LIKE = ("user", "developer")
 _KEPT_ROLES = ("user", "system", "tool", "latest_reminder", "direct_search_results")
 
 
-def _to_json(value: Any) -> str:
+def _to_json(value: Any, allow_nan: bool = True) -> str:
     """JSON text as the release writes it: ``json.dumps`` with non-ASCII kept, default separators."""
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, allow_nan=allow_nan)
 
 
 def _json_of(value: Any, where: str) -> str:
-    """:func:`_to_json`, with a ValueError naming ``where`` for a value JSON cannot hold."""
+    """:func:`_to_json`, with a ValueError naming ``where`` for a value JSON cannot hold (NaN
+    and infinities included: ``json.dumps`` would write them as ``NaN`` / ``Infinity``, which
+    no JSON parser reads)."""
     try:
-        return _to_json(value)
+        return _to_json(value, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where} must be JSON-serialisable (dicts, lists, strings, numbers, "
-                         f"booleans, None): {e}") from None
+        raise ValueError(f"{where} must be JSON-serialisable (dicts, lists, strings, finite "
+                         f"numbers, booleans, None): {e}") from None
 
 
 def _is_list(value: Any) -> bool:
