@@ -24,8 +24,10 @@ if __name__ == "__main__":
     argv = sys.argv[1:] or ["--steps", "16"]
     if "--json" not in argv:
         argv += ["--json", os.path.join(out, "bench_e2e.json")]
-    if "--plot" not in argv:
+    e2e = "1m" not in [b for a, b in zip(argv, argv[1:]) if a == "--mode"] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
+    if "--plot" not in argv and e2e:        # (--mode 1m has no plot and no transformers row)
         argv += ["--plot", os.path.join(out, "bench_e2e.png")]
-    if "--compare" not in argv and importlib.util.find_spec("transformers") is not None:
+    if "--compare" not in argv and e2e and importlib.util.find_spec("transformers") is not None:
         argv += ["--compare", "hf"]
     raise SystemExit(main(argv))
