@@ -173,3 +173,51 @@ def test_out_holding_a_run_is_not_overwritten_without_overwrite(run_dir, tmp_pat
     assert cli_main(["train", "--resume", str(run_dir), "--out", str(d), "--overwrite",
                      "--threads", "1"]) == 0
     assert torch.load(d / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+    (["--lr", "x"], "argument --lr: expected a number > 0, got 'x'"),
+    (["--weight-decay", "-1"], "argument --weight-decay: expected a finite number >= 0"),
+    (["--grad-clip", "nan"], "argument --grad-clip: expected a finite number >= 0"),
+    (["--anticipatory", "3:1"], "argument --anticipatory: range '3:1': need 0 <= START < END"),
+    (["--anticipatory", "1:3,x"], "argument --anticipatory: expected 'all' or step ranges"),
+])
+def test_bad_numbers_and_ranges_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--config", "tiny", "--steps", "1", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_anticipatory_ranges_and_the_small_config():
+    from dsv4.cli import build_parser
+    from dsv4.train.cli import small_config
+    p = build_parser()
+    assert p.parse_args(["train", "--anticipatory", "all"]).anticipatory == "all"
+    assert p.parse_args(["train", "--anticipatory", "1:3,5:8"]).anticipatory == [[1, 3], [5, 8]]
+    c = small_config()              # the evidence runs' model: every layer type at dim 64
+    assert c.compress_ratios == (0, 4, 16, 4, 0) and c.n_hash_layers == 2 and c.n_mtp_layers == 1
+    import dsv4
+    with torch.device("meta"):
+        m = dsv4.Model(c)
+    counts = {n: p.numel() for n, p in m.named_parameters()}
+    body = sum(v for n, v in counts.items() if n not in ("embed.weight", "head.weight"))
+    assert round(body / 1e6, 2) == 1.77 and round(sum(counts.values()) / 1e6, 1) == 18.3
+
+
+def test_plot_command_compares_runs(run_dir, tmp_path, capsys):
+    """``python -m dsv4.train.plot RUN... --out PNG`` (the comparison figure of the evidence
+    runs) writes a PNG; labels must match the runs."""
+    pytest.importorskip("matplotlib")
+    from dsv4.train.plot import main as plot_main, read_metrics
+    out = tmp_path / "cmp.png"
+    assert plot_main([str(run_dir), str(run_dir), "--out", str(out), "--labels", "a", "b"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_metrics(run_dir)[-1]["step"] == 1
+    with pytest.raises(SystemExit) as e:
+        plot_main([str(run_dir), "--out", str(out), "--labels", "a", "b"])
+    assert e.value.code == 2 and "give one label per run" in capsys.readouterr().err
+
