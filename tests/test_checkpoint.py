@@ -351,6 +351,32 @@ def test_missing_unexpected_misshaped_listed_together(ckpt, tmp_path):
         assert s in msg, (s, msg)
 
 
+def test_every_storage_mismatch_is_named(ckpt, tmp_path):
+    """The header checks of a linear's weight / scale pair and of plain tensors, each named in
+    the one error that lists them all."""
+    t = dict(ckpt["rel"])
+    bf16 = ckpt["twin"]
+    t["layers.0.attn.wkv.weight"] = bf16["layers.0.attn.wkv.weight"]      # scale left beside it
+    t["layers.1.attn.wkv.weight"] = bf16["layers.1.attn.wkv.weight"][:, :8].clone()
+    del t["layers.1.attn.wkv.scale"]                                      # plain, misshaped
+    s = t["layers.2.attn.wkv.scale"]
+    t["layers.2.attn.wkv.scale"] = torch.ones(s.shape, dtype=torch.bfloat16)   # scale dtype
+    t["layers.0.attn_norm.weight"] = torch.ones(t["layers.0.attn_norm.weight"].shape,
+                                                 dtype=torch.int32)     # int for a float
+    tid = next(k for k in t if k.endswith("tid2eid"))
+    t[tid] = t[tid].float()                                               # float for an int
+    _write(tmp_path, ckpt["config"], t)
+    with pytest.raises(CheckpointError) as e:
+        _load(tmp_path)
+    msg = str(e.value)
+    for part in ("layers.0.attn.wkv.scale: a scale for a BF16 (unquantised) weight",
+                 "layers.1.attn.wkv.weight: file [",
+                 "layers.2.attn.wkv.scale: dtype BF16 (accepted: F8_E8M0, F32)",
+                 "layers.0.attn_norm.weight: file dtype I32 vs a float tensor",
+                 f"{tid}: file dtype F32 vs an integer tensor"):
+        assert part in msg, (part, msg)
+
+
 def test_truncated_and_corrupt_shards_name_the_file(ckpt, tmp_path):
     _write(tmp_path, ckpt["config"], ckpt["rel"])
     f = tmp_path / SHARD2
