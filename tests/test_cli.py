@@ -195,6 +195,19 @@ def test_generate_length_and_stop(monkeypatch, capsys):
     assert STATS_RE.match(cap.err.strip().splitlines()[-1]).group(4) == "stop"
 
 
+@pytest.mark.parametrize("extra", [[], ["--chat"], ["--chat", "--system", "s\udcff"]])
+def test_generate_prompt_bytes_that_are_not_utf8_are_a_usage_error(extra, capsys):
+    """A command-line argument holding bytes that are not UTF-8 reaches Python as lone
+    surrogates; the raw prompt path raised a traceback from the tokenizer."""
+    prompt = "a\udcff" if "--system" not in extra else "a"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--prompt", prompt, "--device", "cpu", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not valid Unicode text" in err and "Traceback" not in err
+    assert ("argument --system" if "--system" in extra else "argument --prompt") in err
+
+
 def test_generate_refuses_a_model_vocabulary_past_the_tokenizer(monkeypatch, capsys):
     """Ids at or past the tokenizer's 129,280 have no text: a model that can sample them is
     refused before anything is printed (the stream decoder refuses such an id)."""

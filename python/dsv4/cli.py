@@ -288,6 +288,13 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not args.chat and (args.mode is not None or args.system is not None):
         parser.error("argument --mode/--system: only valid with --chat")
     _check_model_arg(parser, args.model)
+    from dsv4.tokenizer import check_unicode
+    for opt in ("prompt", "system"):    # argv bytes that are not UTF-8 come as lone surrogates
+        if getattr(args, opt, None) is not None:
+            try:
+                check_unicode(getattr(args, opt), f"argument --{opt}")
+            except ValueError as e:
+                parser.error(str(e))
     device = resolve_device(parser, args.device)
     if args.backend:
         from dsv4.ops.backend import check_backend, set_backend
