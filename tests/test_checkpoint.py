@@ -630,6 +630,41 @@ def test_shard_header_is_validated(ckpt, tmp_path):
         _load(tmp_path)
 
 
+@pytest.mark.parametrize("blob, msg", [
+    (b"\x05\x00", "shorter than the 8-byte header length"),
+    ((100).to_bytes(8, "little") + b"{}", "header of 100 bytes but the file has 10 bytes"),
+    ((9).to_bytes(8, "little") + b"{\"a\":1,\"a\":2}"[:9], "header is not JSON"),
+    ((17).to_bytes(8, "little") + b'{"a":{},"a":{}}  ', "header lists 'a' twice"),
+    ((4).to_bytes(8, "little") + b"\xff\xfe{}", "header is not JSON"),
+    ((20002).to_bytes(8, "little") + b"[" * 10001 + b"]" * 10001, "nested too deeply|not a JSON"),
+    ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
+    ((24).to_bytes(8, "little") + b'{"__metadata__":{"a":1}}', "__metadata__ must be an object"),
+])
+def test_malformed_headers_are_named_errors(tmp_path, blob, msg):
+    """Crafted safetensors headers: each is the constructor's error naming the file (never a
+    raw JSON / struct / recursion error)."""
+    from dsv4.checkpoint_io import SafetensorsFile
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(blob)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        SafetensorsFile(str(f), CheckpointError)
+    assert str(f) in str(e.value)
+
+
+def test_a_file_cut_after_its_header_fails_at_the_read(ckpt, tmp_path):
+    """The header is checked against the file's size at open; a file that shrinks later (a
+    download being replaced) fails at the read, naming the tensor."""
+    from dsv4.checkpoint_io import SafetensorsFile
+    _write(tmp_path, ckpt["config"], ckpt["rel"], shards=False)
+    f = tmp_path / "model.safetensors"
+    st = SafetensorsFile(str(f), CheckpointError)
+    name = max(st.tensors, key=lambda k: st.tensors[k][2][1])      # the last tensor's bytes
+    with open(f, "r+b") as h:
+        h.truncate(f.stat().st_size - 1)
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}': the file ends after"):
+        st.read(name)
+
+
 # ------------------------------------------------------------------------------ scales, sizes
 @pytest.mark.parametrize("value, shown", [
     (float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf"), (-0.5, "-0.5"),
