@@ -12,6 +12,7 @@ DeepseekV4ForCausalLM on the same config when it is importable. JSON and PNG go 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -24,8 +25,9 @@ if __name__ == "__main__":
     argv = sys.argv[1:] or ["--steps", "16"]
     if "--json" not in argv:
         argv += ["--json", os.path.join(out, "bench_e2e.json")]
-    e2e = "1m" not in [b for a, b in zip(argv, argv[1:]) if a == "--mode"] + \
-        [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    e2e = mode.parse_known_args(argv)[0].mode != "1m"
     if "--plot" not in argv and e2e:        # (--mode 1m has no plot and no transformers row)
         argv += ["--plot", os.path.join(out, "bench_e2e.png")]
     if "--compare" not in argv and e2e and importlib.util.find_spec("transformers") is not None:

@@ -5,6 +5,7 @@ accepted."""
 from __future__ import annotations
 
 import argparse
+import math
 import operator
 from collections.abc import Mapping
 from typing import Callable
@@ -13,8 +14,17 @@ import torch
 
 from .cache import as_int
 
-__all__ = ["check_seed", "int_at_least", "int_sequence", "iter_items", "resolve_device",
-           "seed_arg"]
+__all__ = ["check_number", "check_seed", "int_at_least", "int_sequence", "iter_items",
+           "resolve_device", "seed_arg"]
+
+
+def check_number(value, name: str, ok: Callable[[float], bool], accepted: str) -> float:
+    """``value`` as a float when it is a finite python int or float (not a bool) for which
+    ``ok`` holds; ``ValueError("{name} must be {accepted}, got {value!r}")`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return float(value)
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:

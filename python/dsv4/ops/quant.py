@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import as_int
+
 __all__ = ["ue8m0_scale", "e8m0_to_float", "fp8_e4m3_quantize", "fp8_e4m3_sim", "fp4_e2m1_sim",
            "fp4_e2m1_round",
            "hadamard",
@@ -21,17 +23,11 @@ FP4_E2M1_MAX = 6.0
 def check_block(block, fn: str, even: bool = False) -> int:
     """``block`` as a python int >= 1 (even and >= 2 with ``even``); ValueError naming ``fn``
     otherwise (a block of 0 divided by zero, a float one failed deep in torch)."""
-    import operator
-    ok = not isinstance(block, (bool, float, str, bytes))
-    if ok:
-        try:
-            block = operator.index(block)
-        except TypeError:
-            ok = False
-    if not ok or block < (2 if even else 1) or (even and block % 2):
-        raise ValueError(f"{fn}: block must be {'an even integer >= 2' if even else 'an integer >= 1'}"
-                         f", got {block!r}")
-    return block
+    want = "an even integer >= 2" if even else "an integer >= 1"
+    b = as_int(block, f"{fn}: block", want)
+    if b < (2 if even else 1) or (even and b % 2):
+        raise ValueError(f"{fn}: block must be {want}, got {block!r}")
+    return b
 
 
 def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:

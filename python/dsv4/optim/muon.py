@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..argtypes import check_number
+
 __all__ = [
     "KELLER_COEFFS", "FINAL_COEFFS", "HYBRID_SCHEDULE", "KELLER_SCHEDULE",
     "newton_schulz", "orthogonalize", "Muon", "param_groups",
@@ -62,10 +64,7 @@ def _check_group(group: dict, where: str) -> dict:
     """Check (and normalise in place) the hyper-parameters of a Muon / AdamW group; ValueError
     naming ``where`` and the key otherwise. Returns ``group``."""
     def number(key, ok, accepted):
-        v = group[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or not ok(v):
-            raise ValueError(f"{where}: {key} must be {accepted}, got {v!r}")
+        check_number(group[key], f"{where}: {key}", ok, accepted)
 
     number("lr", lambda v: v >= 0, "a finite number >= 0")
     number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
@@ -244,8 +243,9 @@ class Muon(torch.optim.Optimizer):
         Raises ValueError, with nothing loaded, when a saved state tensor (momentum, moments,
         master copy) does not have the shape of its parameter (the state of another model), or
         a saved group's hyper-parameter is one the constructor refuses (a NaN momentum, ...)."""
-        for n, g in enumerate(state_dict["param_groups"]):
-            _check_group({k: v for k, v in g.items() if k != "params"}, f"saved param group {n}")
+        state_dict = dict(state_dict, param_groups=[       # checked and normalised copies
+            _check_group(dict(g), f"saved param group {n}")
+            for n, g in enumerate(state_dict["param_groups"])])
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -257,8 +257,6 @@ class Muon(torch.optim.Optimizer):
                                          f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: "
                                          "not this optimizer's state")
         super().load_state_dict(state_dict)
-        for n, g in enumerate(self.param_groups):
-            _check_group(g, f"param group {n}")     # (normalises: betas, schedule as tuples)
         for i, p in zip(ids, params):
             for k, v in saved.get(i, {}).items():
                 if isinstance(v, torch.Tensor) and v.is_floating_point():

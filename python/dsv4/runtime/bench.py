@@ -153,9 +153,7 @@ def _check_outputs_and_mode(args) -> None:
     if getattr(args, "plot", None) and not str(args.plot).lower().endswith(".png"):
         raise ValueError(f"argument --plot: name a .png file, got {args.plot!r}")
     if args.mode == "1m":
-        given = [f"--{k}" for k, d in E2E_DEFAULTS.items()
-                 if [tuple(v) if isinstance(v, (list, tuple)) else v
-                     for v in getattr(args, k)] != list(d)]
+        given = [f"--{k}" for k, d in E2E_DEFAULTS.items() if tuple(getattr(args, k)) != d]
         given += [f"--{k}" for k in ("compare", "plot") if getattr(args, k, None)]
         if given:
             raise ValueError(f"{', '.join(given)}: e2e options; --mode 1m runs one 1M-token "

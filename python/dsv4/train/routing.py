@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from ..cache import as_int
+from ..argtypes import check_number
+from ..cache import check_count
 from ..layers.moe import Gate
 
 __all__ = ["sequence_balance_loss", "bias_update", "load_imbalance", "RoutingController"]
@@ -282,11 +282,6 @@ def _check_rates(speed, alpha, delta) -> tuple[float, float, int]:
     """(γ, α, Δt) as (float, float, int): finite γ, α >= 0 and an integer Δt >= 0; ValueError
     naming the value otherwise."""
     def rate(v, name):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        return float(v)
-    d = as_int(delta, "anticipatory_delta", "an integer >= 0")
-    if d < 0:
-        raise ValueError(f"anticipatory_delta must be an integer >= 0, got {delta!r}")
-    return rate(speed, "bias_update_speed"), rate(alpha, "balance_alpha"), d
+        return check_number(v, name, lambda x: x >= 0, "a finite number >= 0")
+    return (rate(speed, "bias_update_speed"), rate(alpha, "balance_alpha"),
+            check_count(delta, "anticipatory_delta", 0))

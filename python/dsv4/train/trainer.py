@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..cache import as_int
+from ..argtypes import check_number
+from ..cache import check_count
 from ..optim import Muon, param_groups
 from .data import Corpus
 from .loss import head_features, linear_cross_entropy, reference_backend
@@ -88,21 +89,16 @@ class TrainConfig:
         errs = []
 
         def integer(name, minimum):
-            v = getattr(self, name)
             try:
-                iv = as_int(v, name, "")
-            except ValueError:
-                iv = None
-            if iv is None or iv < minimum:
-                errs.append(f"{name} must be an integer >= {minimum}, got {v!r}")
-            else:
-                setattr(self, name, iv)
+                setattr(self, name, check_count(getattr(self, name), name, minimum))
+            except ValueError as e:
+                errs.append(str(e))
 
         def number(name, ok, accepted):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or not ok(v):
-                errs.append(f"{name} must be {accepted}, got {v!r}")
+            try:
+                check_number(getattr(self, name), name, ok, accepted)
+            except ValueError as e:
+                errs.append(str(e))
 
         for name in ("steps", "batch", "seq_len", "eval_every", "eval_windows"):
             integer(name, 1)
