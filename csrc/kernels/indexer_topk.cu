@@ -36,10 +36,12 @@
 //              key (4 B per entry: 1 MB at 1M context) and counts it in a 4096-bin histogram of
 //              the key's top 12 bits; a second launch over the same CTAs finds the bin b* of
 //              the topk-th key, gathers the keys above b* (< topk) and in b* (usually a few
-//              hundred), and the query's last CTA selects among them (select + sort as above).
+//              hundred), and the query's last CTA sorts them in registers (select + sort as
+//              above when there are more than 2,048). A 64-bin coarse histogram beside the
+//              4,096 bins lets each select CTA find b* from 2 x 64 counts.
 //              Serial work after the scan: one launch, a pass over 8 KB of keys per CTA, one
-//              select over ~topk + |b*| candidates and the sort, instead of three selects over
-//              2K-6K candidates each in the tree.
+//              sort of ~topk + |b*| candidates, instead of three selects over 2K-6K
+//              candidates each in the tree.
 //
 // Measured on H200 (csrc/tests/check_indexer_topk.cu --bench): the decode scan is bound by the
 // CTA's mma.sync/latency chain (~2.8 TB/s of key bytes scan-only at batch 128, 1M context),
@@ -83,6 +85,10 @@ constexpr unsigned kFull = 0xffffffffu;
 // all keys, and the keys each thread has in flight in the select kernel's loops.
 constexpr int kHistBins = 4096;
 constexpr int kHistShift = 20;
+// Coarse histogram beside it: 64 bins of 64 fine bins each (the top 6 bits of the score key),
+// so that finding the boundary bin reads 2 x 64 counts instead of all 4,096.
+constexpr int kCoarseBins = 64;
+constexpr int kFinePerCoarse = kHistBins / kCoarseBins;
 constexpr int kBoundaryCap = 8192;
 constexpr int kSelUnroll = 8;
 // Smallest key range of a decode split (QPC 1): 8 warps x one 16-key m-tile.
@@ -188,6 +194,7 @@ struct Params {
   int32_t* arrive_root; // [n_groups]
   // Histogram select (decode, QPC 1: query t = group t). Zeroed before the launch:
   uint32_t* hs_hist;    // [T][kHistBins] counts of the non-NaN visible keys per top-12-bit bin
+  uint32_t* hs_coarse;  // [T][kCoarseBins] the same counts per top-6-bit bin
   int32_t* hs_arrive;   // [T] select CTAs done
   int32_t* hs_nwin;     // [T] winners appended
   int32_t* hs_nbnd;     // [T] boundary-bin keys appended (may exceed kBoundaryCap)
@@ -528,6 +535,74 @@ __device__ void sort_desc(u64* cand, int n, int gtid, int qi, bool fast) {
   }
 }
 
+// Bitonic sort of cand[0, n) in descending order by one CTA (n <= kThreads * EPT; pads with 0 <
+// any rank), the same network as sort_desc but held in registers: thread i holds the EPT
+// consecutive elements [EPT i, EPT i + EPT), so the steps of stride < EPT are register swaps,
+// those of stride < 32 EPT warp shuffles (the partner element is in lane ^ stride / EPT), and
+// only the steps of stride >= 32 EPT go through shared memory (6 of the 55 steps at EPT 4, one
+// barrier pair each). The loops over sizes and strides stay rolled: the network unrolled is
+// thousands of instructions run once, and fetching them cost more than the sort (~17 us). For
+// a few hundred to 2,048 candidates it replaces the select_topk + sort_desc pair, whose ~50
+// barrier-separated steps over shared memory cost ~13 us at the end of a batch-1 select
+// (globaltimer probe, H100). Whole CTA calls (QPC 1); cand[0, n) holds the sorted ranks on
+// return (and cand[n, kThreads * EPT) the padding).
+template <int EPT>
+__device__ void sort_small_desc(u64* cand, int n) {
+  static_assert(EPT == 4 || EPT == 8, "sort_small_desc: 4 or 8 elements per thread");
+  constexpr int P = kThreads * EPT;
+  const int tid = threadIdx.x;
+  u64 v[EPT];
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) {
+    const int i = tid * EPT + m;
+    v[m] = i < n ? cand[i] : 0ull;
+  }
+  __syncthreads();  // every read of cand is done before the first shared-memory step writes it
+#pragma unroll 1
+  for (int size = 2; size <= P; size <<= 1) {
+    // strides >= EPT: the partner is another thread's element m (same m)
+#pragma unroll 1
+    for (int stride = size >> 1; stride >= EPT; stride >>= 1) {
+      const bool via_smem = stride >= 32 * EPT;  // CTA-uniform
+      if (via_smem) {
+#pragma unroll
+        for (int m = 0; m < EPT; ++m) cand[tid * EPT + m] = v[m];
+        __syncthreads();
+      }
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        // element i keeps the larger of (i, i ^ stride) iff it is the lower one of a
+        // descending pair or the upper one of an ascending pair
+        const int i = tid * EPT + m;
+        const u64 o = via_smem ? cand[i ^ stride] : __shfl_xor_sync(kFull, v[m], stride / EPT);
+        const bool keep_big = ((i & stride) == 0) == ((i & size) == 0);
+        v[m] = keep_big ? (v[m] > o ? v[m] : o) : (v[m] < o ? v[m] : o);
+      }
+      if (via_smem) __syncthreads();
+    }
+    // strides < EPT: both elements are this thread's (compile-time register indices)
+#pragma unroll
+    for (int stride = EPT / 2; stride > 0; stride >>= 1) {
+      if (stride < size) {
+#pragma unroll
+        for (int m = 0; m < EPT; ++m) {
+          if ((m & stride) == 0) {
+            const bool desc = ((tid * EPT + m) & size) == 0;
+            const u64 a = v[m], b = v[m | stride];
+            if ((a < b) == desc) {
+              v[m] = b;
+              v[m | stride] = a;
+            }
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) cand[tid * EPT + m] = v[m];
+  __syncthreads();
+}
+
 template <int QPC>
 __device__ void write_indices(const Params& p, const u64* cand, int n, int t, int gtid) {
   constexpr int NT = kThreads / QPC;
@@ -638,45 +713,49 @@ __device__ __forceinline__ int tile_chunk(int r, int c) {
 // Loads keys [s_first, min(s_first + TILE, s_end)) of row `row` into a pipeline stage.
 // bf16: the swizzled bf16 tile itself (tile_chunk). FP8: the raw e4m3 rows [TILE][D] followed
 // by the scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
+// Warp w copies the rows [w RPW, w RPW + RPW) of the tile; lane j < RPW finds the place of row
+// w RPW + j once (key_place: a division and a block-table read when paged) and hands its byte
+// offset to the lanes copying that row's chunks by shuffle, so each key is placed once per tile
+// instead of once per 16-byte chunk (which made this loader the scan's largest cost: ~150
+// instructions per chunk, Nsight Compute, batch-1 1M FP8 paged). Each warp instruction copies
+// 32 / NCH whole rows (contiguous bytes within a block). Whole CTA calls (shuffles).
 template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
                                           int s_first, int s_end) {
-  if constexpr (!kFp8) {
-    constexpr int NCH = D / 8;
-#pragma unroll
-    for (int u = 0; u < TILE * NCH / kThreads; ++u) {
-      const int i = u * kThreads + static_cast<int>(threadIdx.x);
-      const int r = i / NCH, c = i % NCH;
-      const int s = s_first + r;
-      int64_t blk;
-      int e;
-      if (s < s_end && key_place(p, row, s, blk, e)) {
-        cp_async16(stage + tile_chunk<D, TILE, kWgL>(r, c),
-                   p.keys + blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc + c * 8);
-      }
-    }
-  } else {
-    constexpr int NCH = D / 16;  // 16-byte chunks of e4m3 per key
-    const unsigned char* base = reinterpret_cast<const unsigned char*>(p.keys);
-#pragma unroll
-    for (int u = 0; u < TILE * NCH / kThreads; ++u) {
-      const int i = u * kThreads + static_cast<int>(threadIdx.x);
-      const int r = i / NCH, c = i % NCH;
-      const int s = s_first + r;
-      int64_t blk;
-      int e;
-      if (s < s_end && key_place(p, row, s, blk, e)) {
-        cp_async16(stage + r * D + c * 16, base + blk * p.k_sb + static_cast<int64_t>(e) * D + c * 16);
-      }
-    }
-    for (int r = threadIdx.x; r < TILE; r += kThreads) {
-      const int s = s_first + r;
-      int64_t blk;
-      int e;
-      if (s < s_end && key_place(p, row, s, blk, e)) {
-        cp_async4(stage + TILE * D + r * 4,
+  constexpr int RPW = TILE / kWarps;                // rows per warp (16 or 32)
+  constexpr int NCH = kFp8 ? D / 16 : D / 8;        // 16-byte chunks per key row
+  constexpr int RPI = 32 / NCH;                     // rows per warp instruction
+  static_assert(RPW <= 32 && RPW % RPI == 0, "load_tile: tile / warp shape");
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int r0 = warp * RPW;
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(p.keys);
+  // this lane's row (lanes < RPW): its byte offset, or -1 when it is not loaded
+  int64_t off = -1;
+  {
+    const int s = s_first + r0 + lane;
+    int64_t blk;
+    int e;
+    if (lane < RPW && s < s_end && key_place(p, row, s, blk, e)) {
+      off = kFp8 ? blk * p.k_sb + static_cast<int64_t>(e) * D
+                 : (blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc) * 2;
+      if constexpr (kFp8) {  // the key's scale
+        cp_async4(stage + TILE * D + (r0 + lane) * 4,
                   base + blk * p.k_sb + static_cast<int64_t>(p.fp8_rows) * D +
                       static_cast<int64_t>(e) * 4);
+      }
+    }
+  }
+  const int c = lane % NCH;
+#pragma unroll
+  for (int u = 0; u < RPW / RPI; ++u) {
+    const int rw = u * RPI + lane / NCH;  // row within the warp's rows
+    const int64_t o = __shfl_sync(kFull, off, rw);
+    if (o >= 0) {
+      const int r = r0 + rw;
+      if constexpr (kFp8) {
+        cp_async16(stage + r * D + c * 16, base + o + c * 16);
+      } else {
+        cp_async16(stage + tile_chunk<D, TILE, kWgL>(r, c), base + o + c * 16);
       }
     }
   }
@@ -856,8 +935,11 @@ template <int D, int TILE>
 __device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
                                                     unsigned char* dst_tile) {
   constexpr int NCH = D / 16;
-  for (int i = threadIdx.x; i < TILE * NCH; i += kThreads) {
-    const int r = i / NCH, c = i % NCH;
+  static_assert(TILE * NCH % kThreads == 0 && kThreads % NCH == 0, "convert: tile shape");
+  const int c = static_cast<int>(threadIdx.x) % NCH;  // the same chunk at every step
+#pragma unroll 2
+  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
+    const int r = u * (kThreads / NCH) + static_cast<int>(threadIdx.x) / NCH;
     const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
     uint32_t o[8];
@@ -880,10 +962,15 @@ __device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
         o[2 * k + 1] |= ((nb >> 15) & 0x00010001u) * 0x7fc0u;  // bytes 1, 3
       }
     }
-    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c)) =
-        make_uint4(o[0], o[1], o[2], o[3]);
-    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + 1)) =
-        make_uint4(o[4], o[5], o[6], o[7]);
+    // Chunks 2c and 2c + 1: the lanes of c >= 4 (the row's second 64-column slice, whose
+    // 128-byte rows fall on the same banks as the first's) store their odd chunk first, so
+    // that the 8 lanes of a row hit 8 different 16-byte bank groups in each store.
+    const uint4 lo = make_uint4(o[0], o[1], o[2], o[3]), hi = make_uint4(o[4], o[5], o[6], o[7]);
+    const bool odd_first = (c & 4) != 0;
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + odd_first)) =
+        odd_first ? hi : lo;
+    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + !odd_first)) =
+        odd_first ? lo : hi;
   }
 }
 
@@ -1244,10 +1331,25 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
 
   if constexpr (kHist) {
     // (the loop ended with a barrier: every shared-memory count is in)
+    // thread i flushes the fine bins [16 i, 16 i + 16); the 4 threads of a coarse bin add
+    // their sums to it
+    static_assert(kHistBins == kThreads * 16 && kFinePerCoarse == 4 * 16, "flush layout");
     uint32_t* const gh = p.hs_hist + static_cast<int64_t>(t) * kHistBins;
-    for (int i = tid; i < kHistBins; i += kThreads) {
-      const unsigned c = hbins[i];
-      if (c != 0u) atomicAdd(gh + i, c);
+    unsigned part = 0u;
+#pragma unroll
+    for (int e4 = 0; e4 < 4; ++e4) {
+      const uint4 c4 = reinterpret_cast<const uint4*>(hbins)[tid * 4 + e4];
+      const unsigned c[4] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        part += c[e];
+        if (c[e] != 0u) atomicAdd(gh + tid * 16 + e4 * 4 + e, c[e]);
+      }
+    }
+    part += __shfl_xor_sync(kFull, part, 1);
+    part += __shfl_xor_sync(kFull, part, 2);
+    if ((tid & 3) == 0 && part != 0u) {
+      atomicAdd(p.hs_coarse + static_cast<int64_t>(t) * kCoarseBins + tid / 4, part);
     }
     // Cooperative launch: the key tiles are free now (every cp.async waited for) and hold the
     // candidates of the final ranking; the candidate buffer (where hbins lived) serves the
@@ -1324,45 +1426,50 @@ __device__ __forceinline__ void warp_append_global(bool ok, u64 rank, u64* list,
 // Step 1 of the histogram select (whole CTA): the boundary bin b* of query t from its histogram
 // (exact counts of its non-NaN visible keys per top-12-bit bin), the bin holding the topk-th
 // largest key; fewer than topk keys lie in bins above it. With at most topk keys in all, -1
-// (every key is kept). s_wsum [kWarps], s_bstar: shared scratch.
-__device__ int hist_boundary(const Params& p, int t, int* s_wsum, int* s_bstar) {
-  static_assert(kHistBins == kThreads * 16, "16 bins per thread");
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// (every key is kept). Warp 0 finds the coarse bin of the topk-th key from the 64 coarse
+// counts, then b* among that coarse bin's 64 fine counts (two dependent reads of 256 bytes;
+// reading all 4,096 fine counts in each of the ~132 CTAs took 4.5-7.5 us, globaltimer probe,
+// H100). s_bstar: shared scratch.
+__device__ int hist_boundary(const Params& p, int t, int* s_bstar) {
+  const int tid = threadIdx.x, lane = tid & 31;
   const int k = p.topk;
-  // thread i holds bins [16 i, 16 i + 16); `above` = keys in higher bins
-  const uint32_t* hq = p.hs_hist + static_cast<int64_t>(t) * kHistBins + tid * 16;
-  int h[16];
-  int tot = 0;
+  if (tid < 32) {
+    // Lane l holds bins 2 l and 2 l + 1 of a 64-bin level; `above` = the keys in the bins of
+    // higher lanes (higher scores), cum = the keys above the level's first bin.
+    auto find = [&](const uint32_t* bins, int cum, int& total) {
+      const int h0 = static_cast<int>(__ldcg(bins + 2 * lane));
+      const int h1 = static_cast<int>(__ldcg(bins + 2 * lane + 1));
+      const int tot = h0 + h1;
+      int incl = tot;  // sum over lanes >= lane
 #pragma unroll
-  for (int e = 0; e < 16; ++e) {
-    h[e] = static_cast<int>(__ldcg(hq + e));
-    tot += h[e];
-  }
-  int incl = tot;  // sum over lanes >= lane
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int v = __shfl_down_sync(kFull, incl, off);
-    if (lane + off < 32) incl += v;
-  }
-  if (lane == 0) s_wsum[warp] = incl;
-  if (tid == 0) *s_bstar = -1;  // kept when every key is kept (total <= topk)
-  __syncthreads();
-  int above = incl - tot, total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    total += s_wsum[w];
-    above += w > warp ? s_wsum[w] : 0;
-  }
-  if (total > k && above < k && above + tot >= k) {  // exactly one thread
-    int cum = above;
-#pragma unroll
-    for (int e = 15; e >= 0; --e) {
-      if (cum + h[e] >= k) {
-        *s_bstar = tid * 16 + e;
-        break;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_down_sync(kFull, incl, off);
+        if (lane + off < 32) incl += v;
       }
-      cum += h[e];
+      total = __shfl_sync(kFull, incl, 0);
+      const int above = cum + incl - tot;
+      const bool mine = above < k && above + tot >= k;  // one lane when cum < k <= cum + total
+      const unsigned who = __ballot_sync(kFull, mine);
+      int bin = -1, bin_above = 0;
+      if (mine) {
+        const bool hi = above + h1 >= k;
+        bin = 2 * lane + (hi ? 1 : 0);
+        bin_above = hi ? above : above + h1;
+      }
+      const int src = who != 0u ? __ffs(who) - 1 : 0;
+      cum = __shfl_sync(kFull, bin_above, src);
+      return make_int2(__shfl_sync(kFull, bin, src), cum);
+    };
+    int total = 0, fine_total = 0;
+    const int2 coarse = find(p.hs_coarse + static_cast<int64_t>(t) * kCoarseBins, 0, total);
+    int b = -1;
+    if (total > k && coarse.x >= 0) {
+      const int2 fine = find(p.hs_hist + static_cast<int64_t>(t) * kHistBins +
+                                 coarse.x * kFinePerCoarse,
+                             coarse.y, fine_total);
+      b = fine.x >= 0 ? coarse.x * kFinePerCoarse + fine.x : -1;
     }
+    if (lane == 0) *s_bstar = b;
   }
   __syncthreads();
   return *s_bstar;
@@ -1402,14 +1509,14 @@ __device__ void hist_gather(const Params& p, int t, int c, int nv, int bstar) {
 //  2. Each CTA reads its chunk of the query's keys: winners and boundary candidates
 //     (hist_gather); keys below b* cannot be selected.
 //  3. The last CTA of the query (arrival counter) loads the winners and the boundary
-//     candidates into its buffer and runs the tree path's exact select, sort and write. If bin
+//     candidates into its buffer and sorts them (sort_small_desc, up to 2,048 of them; beyond
+//     that, or in "legacy" mode, the tree path's exact select, sort_desc) and writes. If bin
 //     b* held more than kBoundaryCap keys (heavy ties, e.g. a ReLU plateau of exact zeros),
 //     it streams all of the query's keys instead, keeping those of bin b* with the same select
 //     (exact as well, one CTA reading 4 B per entry).
 // Ranks are the tree path's (score key << 32 | ~index), so the order contract is the same.
 __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int s_wsum[kWarps];
   __shared__ int s_bstar, s_flag, s_nwin, s_nbnd;
   QState* const st = reinterpret_cast<QState*>(smem);
   int* const hist = reinterpret_cast<int*>(st + 1);
@@ -1426,7 +1533,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
   const int k = p.topk;
 
   // 1. the boundary bin
-  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+  const int bstar = hist_boundary(p, t, &s_bstar);
 
   // 2. this CTA's chunk of the query's keys
   const int nv = __ldcg(p.hs_nv + t);
@@ -1481,7 +1588,19 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
       if (now > p.sel_cap - kRound) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
     }
   }
-  if (st->count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
+  const int count = st->count;  // (the last write to it was followed by a barrier)
+  if (p.fast_tail && count <= kThreads * 8) {
+    // The usual case (the winners and bin b*: a few hundred to ~1,000 candidates): sort them
+    // all in registers; the first min(count, topk) are the selection, in order.
+    if (count <= kThreads * 4) {
+      sort_small_desc<4>(cand, count);
+    } else {
+      sort_small_desc<8>(cand, count);
+    }
+    write_indices<1>(p, cand, count < k ? count : k, t, tid);
+    return;
+  }
+  if (count > k) select_topk<1>(cand, st, hist, k, tid, 0, p.fast_tail);
   const int n = st->count < k ? st->count : k;
   sort_desc<1>(cand, n, tid, 0, p.fast_tail);
   write_indices<1>(p, cand, n, t, tid);
@@ -1509,13 +1628,12 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
 __device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int big_cap,
                             u64* cand, QState* st, int* hist) {
   namespace cg = cooperative_groups;
-  __shared__ int s_wsum[kWarps];
   __shared__ int s_bstar, s_nwin, s_nbnd;
   const int tid = threadIdx.x;
   const int k = p.topk;
   cg::grid_group grid = cg::this_grid();
   grid.sync();  // every CTA's histogram counts and score keys are in
-  const int bstar = hist_boundary(p, t, s_wsum, &s_bstar);
+  const int bstar = hist_boundary(p, t, &s_bstar);
   hist_gather(p, t, j, nv, bstar);
   grid.sync();  // every CTA's winners and boundary candidates are in
   if (tid == 0) {
@@ -2110,7 +2228,7 @@ struct Plan {
   bool wg = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
-  size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0;
+  size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0, off_hs_coarse = 0;
   size_t off_hs_nv = 0, off_hs_keys = 0, off_hs_win = 0, off_hs_bnd = 0;
 };
 
@@ -2208,7 +2326,8 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
     pl.off_hs_arrive = static_cast<size_t>(T1) * kHistBins * sizeof(uint32_t);
     pl.off_hs_nwin = pl.off_hs_arrive + static_cast<size_t>(T1) * sizeof(int32_t);
     pl.off_hs_nbnd = pl.off_hs_nwin + static_cast<size_t>(T1) * sizeof(int32_t);
-    pl.memset_bytes = pl.off_hs_nbnd + static_cast<size_t>(T1) * sizeof(int32_t);
+    pl.off_hs_coarse = pl.off_hs_nbnd + static_cast<size_t>(T1) * sizeof(int32_t);
+    pl.memset_bytes = pl.off_hs_coarse + static_cast<size_t>(T1) * kCoarseBins * sizeof(uint32_t);
     size_t off = static_cast<size_t>(round_up(static_cast<int64_t>(pl.memset_bytes), 256));
     auto take = [&off](size_t bytes) {
       const size_t at = off;
@@ -2706,6 +2825,7 @@ cudaError_t indexer_topk(const void* q, int64_t q_stride_t, int64_t q_stride_h,
   if (pl.hist) {
     char* ws = static_cast<char*>(workspace);
     prm.hs_hist = reinterpret_cast<uint32_t*>(ws + pl.off_hs_hist);
+    prm.hs_coarse = reinterpret_cast<uint32_t*>(ws + pl.off_hs_coarse);
     prm.hs_arrive = reinterpret_cast<int32_t*>(ws + pl.off_hs_arrive);
     prm.hs_nwin = reinterpret_cast<int32_t*>(ws + pl.off_hs_nwin);
     prm.hs_nbnd = reinterpret_cast<int32_t*>(ws + pl.off_hs_nbnd);
