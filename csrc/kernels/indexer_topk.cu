@@ -718,10 +718,13 @@ __device__ __forceinline__ int tile_chunk(int r, int c) {
 // offset to the lanes copying that row's chunks by shuffle, so each key is placed once per tile
 // instead of once per 16-byte chunk (which made this loader the scan's largest cost: ~150
 // instructions per chunk, Nsight Compute, batch-1 1M FP8 paged). Each warp instruction copies
-// 32 / NCH whole rows (contiguous bytes within a block). Whole CTA calls (shuffles).
+// 32 / NCH whole rows (contiguous bytes within a block). valid (optional): word w gets the
+// mask of warp w's rows that were loaded (bit j: row w RPW + j is < s_end and its block
+// exists), so that the scan's epilogue need not place each key again. Whole CTA calls
+// (shuffles).
 template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
-                                          int s_first, int s_end) {
+                                          int s_first, int s_end, unsigned* valid = nullptr) {
   constexpr int RPW = TILE / kWarps;                // rows per warp (16 or 32)
   constexpr int NCH = kFp8 ? D / 16 : D / 8;        // 16-byte chunks per key row
   constexpr int RPI = 32 / NCH;                     // rows per warp instruction
@@ -744,6 +747,10 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
                       static_cast<int64_t>(e) * 4);
       }
     }
+  }
+  if (valid != nullptr) {
+    const unsigned m = __ballot_sync(kFull, off >= 0);
+    if (lane == 0) valid[warp] = m;
   }
   const int c = lane % NCH;
 #pragma unroll
@@ -1087,6 +1094,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   __shared__ int s_row[QPC], s_nv[QPC];
   __shared__ int s_flag;
   __shared__ __align__(16) float s_w[kWarps][kHeadBlock];  // each warp's copy of its weights
+  // per pipeline stage: which of its rows were loaded (load_tile; TILE / kWarps rows per word)
+  __shared__ unsigned s_valid[4][kWarps];
+  constexpr int RPW = TILE / kWarps;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int qi = warp / WPQ, kw = warp % WPQ;
@@ -1209,7 +1219,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     for (int s = 0; s < p.stages - 1; ++s) {
       if (s < n_tiles) {
         load_tile<D, TILE, kFp8, kWg>(tiles + s * STAGE_BYTES, p, lead_row, s_begin + s * TILE,
-                                      s_end);
+                                      s_end, s_valid[s]);
       }
       cp_async_commit();
     }
@@ -1221,7 +1231,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
           load_tile<D, TILE, kFp8, kWg>(tiles + (nx % p.stages) * STAGE_BYTES, p, lead_row,
-                                        s_begin + nx * TILE, s_end);
+                                        s_begin + nx * TILE, s_end, s_valid[nx % p.stages]);
         }
         cp_async_commit();
       }
@@ -1251,10 +1261,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
           const int s = s0 + g_lane + (tq & 1) * 8;  // lane tq 0: row g, tq 1: row g + 8
           float sc = (tq & 1) ? b : a;
           bool in_range = tq < 2 && s < hi;
-          if (p.bt != nullptr && in_range) {
-            int64_t blk;
-            int e;
-            in_range = key_place(p, lead_row, s, blk, e);  // a missing block hides the key
+          if (p.bt != nullptr && in_range) {  // a missing block hides the key
+            const int r = s - tile_s0;                 // (load_tile found the blocks)
+            in_range = (s_valid[it % p.stages][r / RPW] >> (r % RPW)) & 1u;
           }
           if constexpr (kFp8) {
             // score(k * scale) = scale * score(k) exactly (power-of-two scale > 0)
