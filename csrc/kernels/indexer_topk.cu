@@ -732,13 +732,16 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int r0 = warp * RPW;
   const unsigned char* base = reinterpret_cast<const unsigned char*>(p.keys);
-  // this lane's row (lanes < RPW): its byte offset, or -1 when it is not loaded
-  int64_t off = -1;
+  // this lane's row (lanes < RPW): loaded or not (bit `lane` of `rows_ok`), and its byte offset
+  // (which may be negative: strides are not required to be positive)
+  int64_t off = 0;
+  bool ok = false;
   {
     const int s = s_first + r0 + lane;
     int64_t blk;
     int e;
     if (lane < RPW && s < s_end && key_place(p, row, s, blk, e)) {
+      ok = true;
       off = kFp8 ? blk * p.k_sb + static_cast<int64_t>(e) * D
                  : (blk * p.k_sb + static_cast<int64_t>(e) * p.k_sc) * 2;
       if constexpr (kFp8) {  // the key's scale
@@ -748,16 +751,14 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
       }
     }
   }
-  if (valid != nullptr) {
-    const unsigned m = __ballot_sync(kFull, off >= 0);
-    if (lane == 0) valid[warp] = m;
-  }
+  const unsigned rows_ok = __ballot_sync(kFull, ok);
+  if (valid != nullptr && lane == 0) valid[warp] = rows_ok;
   const int c = lane % NCH;
 #pragma unroll
   for (int u = 0; u < RPW / RPI; ++u) {
     const int rw = u * RPI + lane / NCH;  // row within the warp's rows
     const int64_t o = __shfl_sync(kFull, off, rw);
-    if (o >= 0) {
+    if ((rows_ok >> rw) & 1u) {
       const int r = r0 + rw;
       if constexpr (kFp8) {
         cp_async16(stage + r * D + c * 16, base + o + c * 16);
@@ -2276,7 +2277,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
             : 0;  // q + the pad that aligns the tiles to 1024 bytes
   const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int)) +
                         (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0) + wg_bytes;
-  const int64_t margin = 3072;  // static shared memory of the kernel (2.1 KB) + slack
+  const int64_t margin = 3072;  // static shared memory of the kernel (up to ~2.3 KB) + slack
   // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
   // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
   int stages = D == 64 ? 4 : (pl.qpc == 1 && tile == 256 && topk > 512 ? 2 : 3);
@@ -2329,7 +2330,8 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
             (mode == kMergeHist || mode == kMergeCoop ||
              ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
   if (pl.hist) {
-    // [bins T x 4096][arrive T][nwin T][nbnd T] (zeroed per launch), then nv, keys, lists.
+    // [bins T x 4096][arrive T][nwin T][nbnd T][coarse bins T x 64] (zeroed per launch), then
+    // nv, keys, lists.
     const int64_t T1 = pl.n_groups;
     pl.off_hs_hist = 0;
     pl.off_hs_arrive = static_cast<size_t>(T1) * kHistBins * sizeof(uint32_t);
