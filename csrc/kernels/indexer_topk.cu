@@ -140,6 +140,13 @@ bool wgmma_requested() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
+// The warpgroup-split wgmma scan (score_wg_split): off by default, read at each call;
+// DSV4_INDEXER_WG_SPLIT=1 turns it on where the plan allows it (wgmma scan, histogram select).
+bool wg_split_requested() {
+  const char* e = std::getenv("DSV4_INDEXER_WG_SPLIT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
 // Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
 // DSV4_INDEXER_TOPK_PDL=0 or the merge mode is "legacy" (the previous code path).
 bool pdl_enabled() {
@@ -939,15 +946,18 @@ __device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsi
 // dot product over D does not depend on the order of its terms, only the fp32 summation order
 // does). NaN codes (0x7f / 0xff, which the bit move would turn into 480) are patched to a bf16
 // NaN on a rare branch.
-template <int D, int TILE>
+// ROWS rows from row0, by the NT threads of a group (tid: the thread's rank in it): the whole
+// tile by the CTA, or one 64-key block by a warpgroup (the warpgroup-split scan).
+template <int D, int TILE, int ROWS = TILE, int NT = kThreads>
 __device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
-                                                    unsigned char* dst_tile) {
+                                                    unsigned char* dst_tile, int row0 = 0,
+                                                    int tid = static_cast<int>(threadIdx.x)) {
   constexpr int NCH = D / 16;
-  static_assert(TILE * NCH % kThreads == 0 && kThreads % NCH == 0, "convert: tile shape");
-  const int c = static_cast<int>(threadIdx.x) % NCH;  // the same chunk at every step
+  static_assert(ROWS * NCH % NT == 0 && NT % NCH == 0, "convert: tile shape");
+  const int c = tid % NCH;  // the same chunk at every step
 #pragma unroll 2
-  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
-    const int r = u * (kThreads / NCH) + static_cast<int>(threadIdx.x) / NCH;
+  for (int u = 0; u < ROWS * NCH / NT; ++u) {
+    const int r = row0 + u * (NT / NCH) + tid / NCH;
     const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
     uint32_t o[8];
@@ -1059,6 +1069,64 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
   }
 }
 
+// Barrier over the 128 threads of warpgroup wg (named barriers 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void wg_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+
+// The warpgroup-split scan (kSplit: decode, histogram select, TILE 256): warpgroup wg owns
+// rows [128 wg, 128 wg + 128) of every tile, i.e. its 64-key blocks 2 wg and 2 wg + 1, which its
+// own warps load (load_tile: warp w copies rows [32 w, 32 w + 32)), convert and score; the
+// loop needs no CTA barrier, so one warpgroup's conversion runs beside the other's MMAs.
+// Within the warpgroup, block 2 wg + 1 is converted while block 2 wg's wgmma chain runs.
+// FP8: `raw` is the stage's e4m3 rows, `tile` the bf16 tile (wgmma layout); bf16 keys: `tile`
+// is the stage itself (raw unused). Results as score_wg (a[i] / b[i]: block 2 wg + i).
+template <int D, int TILE, bool kFp8>
+__device__ __forceinline__ void score_wg_split(const unsigned char* raw, unsigned char* tile,
+                                               uint32_t q_s, const float* w_all, int n_hb,
+                                               int H, int wg, int tq, float (&a)[2],
+                                               float (&b)[2]) {
+  static_assert(TILE == 256, "the warpgroup-split scan takes the 256-key decode tile");
+  constexpr int KS = D / 16;
+  const uint32_t stage = smem_u32(tile);
+  const int wtid = static_cast<int>(threadIdx.x) - 128 * wg;
+  a[0] = a[1] = b[0] = b[1] = 0.f;
+#pragma unroll 1
+  for (int hb = 0; hb < n_hb; ++hb) {
+    float acc[2][32];
+    const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int blk = 2 * wg + i;
+      if constexpr (kFp8) {
+        if (hb == 0) {  // (later head blocks reuse the converted keys)
+          convert_fp8_tile_wg<D, TILE, 64, 128>(raw, tile, blk * 64, wtid);
+          gg::fence_proxy_async();  // this thread's stores -> wgmma
+          wg_sync(wg);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
+      gg::wgmma_fence();
+      const uint32_t ab = stage + blk * 64 * 128;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
+                           gg::smem_desc(qb + (ks >> 2) * (kHeadBlock * 128) + (ks & 3) * 32));
+      }
+      gg::wgmma_commit();
+    }
+    const int hlim = H - hb * kHeadBlock;
+    const float* w_s = w_all + hb * kHeadBlock;
+    gg::wgmma_wait_1();
+    gg::fence_regs(acc[0]);
+    head_sum_wg(acc[0], w_s, tq, hlim, a[0], b[0]);
+    gg::wgmma_wait_all();
+    gg::fence_regs(acc[1]);
+    head_sum_wg(acc[1], w_s, tq, hlim, a[1], b[1]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
@@ -1072,10 +1140,14 @@ __device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int
 // one global atomic per non-empty bin); indexer_select_kernel does the selection.
 // kWg (decode, QPC 1): the scan on wgmma (section above); shared memory gains a pad to 1024
 // bytes at the start and q (n_hb head blocks) after the key tiles.
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false,
+          bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
   static_assert(!kWg || (QPC == 1 && TILE % 128 == 0), "the wgmma scan serves decode plans");
+  // kSplit (DSV4_INDEXER_WG_SPLIT=1): the warpgroup-split scan (score_wg_split); only with the
+  // histogram select, whose scan loop has no CTA-wide step (the tree's selects have).
+  static_assert(!kSplit || (kWg && kHist && TILE == 256 && D == 128), "kSplit: wgmma + hist");
 #if defined(__CUDA_ARCH__) && !DSV4_GG_WGMMA
   if constexpr (kWg) {
     __trap();  // not sm_90a device code: no wgmma (the host plans kWg on sm_90 only)
@@ -1227,7 +1299,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait_dyn(p.stages - 2);
       if constexpr (kWg && !kFp8) gg::fence_proxy_async();  // this thread's copies -> wgmma
-      __syncthreads();  // tile `it` visible; stage (it-1) % stages free
+      // tile `it` visible; stage (it-1) % stages free (kSplit: the warpgroup's half of them,
+      // which only it loads, converts and reads)
+      if constexpr (kSplit) {
+        wg_sync(warp >> 2);
+      } else {
+        __syncthreads();
+      }
       {
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
@@ -1238,7 +1316,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
-      if constexpr (kFp8) {
+      if constexpr (kFp8 && !kSplit) {  // (kSplit: score_wg_split converts its own blocks)
         if constexpr (kWg) {
           convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
           gg::fence_proxy_async();  // this thread's stores -> wgmma
@@ -1288,13 +1366,21 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         if constexpr (kWg) {
           // warpgroup wg scores the tile's 64-key blocks wg, wg + 2 (TILE 256); warp w4 of
           // it owns rows [16 w4, 16 w4 + 16) of each block
+          // (kSplit: blocks 2 wg, 2 wg + 1, see score_wg_split)
           constexpr int MBW = TILE / 128;
           const int wg = warp >> 2, w4 = warp & 3;
           float a[MBW], b[MBW];
-          score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+          if constexpr (kSplit) {
+            score_wg_split<D, TILE, kFp8>(raw, smem + (kFp8 ? p.stages * STAGE_BYTES
+                                                            : (it % p.stages) * STAGE_BYTES),
+                                          smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+          } else {
+            score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+          }
 #pragma unroll
           for (int i = 0; i < MBW; ++i) {
-            const int s0 = tile_s0 + (wg + 2 * i) * 64 + w4 * 16;
+            const int blk = kSplit ? 2 * wg + i : wg + 2 * i;
+            const int s0 = tile_s0 + blk * 64 + w4 * 16;
             if (s0 < hi) emit(s0, a[i], b[i]);  // warp-uniform
           }
         } else {
@@ -2236,6 +2322,9 @@ struct Plan {
   // shared memory (q + alignment pad) is in smem, so it may have fewer stages / a smaller cap.
   // Nothing of the workspace layout depends on it.
   bool wg = false;
+  // The warpgroup-split variant of the wgmma scan (DSV4_INDEXER_WG_SPLIT=1, histogram select
+  // plans only; score_wg_split).
+  bool wg_split = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
   size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0, off_hs_coarse = 0;
@@ -2329,6 +2418,7 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
             (mode == kMergeHist || mode == kMergeCoop ||
              ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
+  pl.wg_split = pl.wg && pl.hist && wg_split_requested();
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T][coarse bins T x 64] (zeroed per launch), then
     // nv, keys, lists.
@@ -2470,10 +2560,13 @@ cudaError_t launch_coop(Kern kern, const Params& prm, const Plan& pl, int64_t gr
   return e;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false,
+          bool kSplit = false>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
-  if (pl.tile != TILE || pl.wg != kWg) return cudaErrorInvalidValue;
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg>;
+  if (pl.tile != TILE || pl.wg != kWg || (kHist && pl.wg_split) != kSplit) {
+    return cudaErrorInvalidValue;
+  }
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg, kSplit>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
@@ -2616,6 +2709,11 @@ cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cuda
   if (head_dim == 128) {
     if constexpr (!kHist) {
       if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8, false>(prm, pl, stream);
+    }
+    if constexpr (kHist) {
+      if (pl.wg_split) {
+        return launch_kernel<128, 1, 256, false, kFp8, true, true, true>(prm, pl, stream);
+      }
     }
     if (pl.wg) return launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist, true>(prm, pl, stream);
     return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8, kHist>(prm, pl, stream)

@@ -234,14 +234,18 @@ def merge3(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["wgmma", "mma"])
+@pytest.fixture(params=["wgmma", "mma", "wg_split"])
 def scan(request, monkeypatch):
-    """The decode scan: on wgmma (the default where eligible: sm_90, head_dim 128, <= 128 heads)
-    or on mma.sync (DSV4_INDEXER_WGMMA=0, read at each call); both give the same indices."""
-    if request.param == "wgmma":
-        monkeypatch.delenv("DSV4_INDEXER_WGMMA", raising=False)
-    else:
+    """The decode scan: on wgmma (the default where eligible: sm_90, head_dim 128, <= 128 heads),
+    on mma.sync (DSV4_INDEXER_WGMMA=0), or on wgmma with each warpgroup scanning its own half of
+    every tile (DSV4_INDEXER_WG_SPLIT=1, histogram-select plans); all read at each call, all
+    give the same indices."""
+    monkeypatch.delenv("DSV4_INDEXER_WGMMA", raising=False)
+    monkeypatch.delenv("DSV4_INDEXER_WG_SPLIT", raising=False)
+    if request.param == "mma":
         monkeypatch.setenv("DSV4_INDEXER_WGMMA", "0")
+    elif request.param == "wg_split":
+        monkeypatch.setenv("DSV4_INDEXER_WG_SPLIT", "1")
     return request.param
 
 
