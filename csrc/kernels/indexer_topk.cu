@@ -727,8 +727,9 @@ __device__ __forceinline__ int tile_chunk(int r, int c) {
 // instructions per chunk, Nsight Compute, batch-1 1M FP8 paged). Each warp instruction copies
 // 32 / NCH whole rows (contiguous bytes within a block). valid (optional): word w gets the
 // mask of warp w's rows that were loaded (bit j: row w RPW + j is < s_end and its block
-// exists), so that the scan's epilogue need not place each key again. Whole CTA calls
-// (shuffles).
+// exists), so that the scan's epilogue need not place each key again. Every lane of each warp
+// calls it (warp shuffles); the CTA's 8 warps together cover the tile (in the warpgroup-split
+// scan each warpgroup's 4 warps load that warpgroup's half).
 template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
                                           int s_first, int s_end, unsigned* valid = nullptr) {

@@ -467,6 +467,36 @@ def _run_paged(q, w, pool, rows, nv, topk, table):
     return out
 
 
+@pytest.mark.parametrize("H", [1, 64, 100, 128])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.cuda
+@needs_kernel
+def test_cuda_decode_heads_scans_exact(H, fp8, scan, monkeypatch):
+    """Every head count the wgmma scans take (one head block, padded heads, two head blocks)
+    on each scan, bf16 and paged FP8 keys, with the histogram select (so the warpgroup-split
+    scan runs), rows ending mid-tile and mid-block; integer data: exact equality."""
+    from dsv4.ops import kv_cache as kc
+    from _paged import scattered_tables  # (tests/_paged.py)
+    monkeypatch.setenv("DSV4_INDEXER_TOPK_MERGE", "hist")
+    N, bs, topk = 20_000, 256, 512
+    q, w, keys = make_inputs(3, 2, N, H=H, device="cuda", integer=True, seed=H + 7 * fp8)
+    rows, nv = i32([0, 1, 0], "cuda"), i32([N, N - 77, 12_345], "cuda")
+    if fp8:
+        table, nb = scattered_tables([N, N], bs, -(-N // bs), seed=4)
+        pool = kc.allocate(kc.INDEXER, nb, bs, 128, device="cuda")
+        s = torch.arange(N)
+        for b in range(2):
+            blk = table[b, s // bs].long()
+            kc.write_entries(pool, blk.cuda(), (s % bs).cuda(), keys[b])
+        table = table.cuda()
+        got = _run_paged(q, w, pool, rows, nv, topk, table)
+        want = indexer_topk_varlen_reference(q, w, pool, rows, nv, topk, table)
+    else:
+        got = _run_cuda(q, w, keys, rows, nv, topk)
+        want = indexer_topk_varlen_reference(q, w, keys, rows, nv, topk)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.cuda
 @needs_kernel
 def test_cuda_1m_decode_exact_equals_reference(merge3, scan):
