@@ -140,7 +140,7 @@ bool wgmma_requested() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-// The warpgroup-split wgmma scan (score_wg_split): off by default, read at each call;
+// The warpgroup-split wgmma scan (score_wg's kSplit): off by default, read at each call;
 // DSV4_INDEXER_WG_SPLIT=1 turns it on where the plan allows it (wgmma scan, histogram select).
 bool wg_split_requested() {
   const char* e = std::getenv("DSV4_INDEXER_WG_SPLIT");
@@ -1020,19 +1020,32 @@ __device__ __forceinline__ void head_sum_wg(const float (&acc)[32], const float*
   p1 += e1[0] + e1[1];
 }
 
-// This warpgroup's (wg) m64 blocks wg + 2 i (i < MBW) of the key tile at `stage` (wgmma
-// layout): a[i] / b[i] = the lane's partial head sums of rows g / g + 8 of its warp's 16 rows
-// (before the quad shuffles), over all head blocks. The MBW wgmma chains of a head block are
-// issued back to back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
+// Barrier over the 128 threads of warpgroup wg (named barriers 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void wg_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+
+// This warpgroup's (wg) m64 blocks of the key tile at `stage` (wgmma layout): a[i] / b[i] = the
+// lane's partial head sums of rows g / g + 8 of its warp's 16 rows of block i (before the quad
+// shuffles), over all head blocks. The MBW wgmma chains of a head block are issued back to
+// back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
+// Blocks: wg + 2 i; kSplit (the warpgroup-split scan, TILE 256): 2 wg + i, i.e. rows
+// [128 wg, 128 wg + 128), which this warpgroup's own warps load (load_tile: warp w copies rows
+// [32 w, 32 w + 32)), so the scan loop needs no CTA barrier and one warpgroup's FP8 conversion
+// runs beside the other's MMAs. There `convert(blk)` runs before block blk's chain at the first
+// head block (FP8: it converts the block and joins the warpgroup, so block 2 wg + 1 is converted
+// while block 2 wg's chain runs; bf16 keys: nothing); later head blocks reuse the keys.
 // Blocks past the keys are scored too (stale rows; the caller drops their results): every
 // wgmma is issued by the whole warpgroup unconditionally.
-template <int D, int TILE>
+template <int D, int TILE, bool kSplit = false, class Convert>
 __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const float* w_all,
                                          int n_hb, int H, int wg, int tq,
-                                         float (&a)[TILE / 128], float (&b)[TILE / 128]) {
+                                         float (&a)[TILE / 128], float (&b)[TILE / 128],
+                                         Convert&& convert) {
   constexpr int MBW = TILE / 128;  // 64-key blocks per warpgroup and tile (2 warpgroups)
   constexpr int KS = D / 16;
   static_assert(MBW == 1 || MBW == 2, "wait_group depths below assume <= 2 chains");
+  static_assert(!kSplit || TILE == 256, "the warpgroup-split scan takes the 256-key tile");
 #pragma unroll
   for (int i = 0; i < MBW; ++i) a[i] = b[i] = 0.f;
 #pragma unroll 1
@@ -1044,10 +1057,14 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
       for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
     }
     const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
-    gg::wgmma_fence();
 #pragma unroll
     for (int i = 0; i < MBW; ++i) {
-      const uint32_t ab = stage + (wg + 2 * i) * 64 * 128;
+      const int blk = kSplit ? 2 * wg + i : wg + 2 * i;
+      if constexpr (kSplit) {
+        if (hb == 0) convert(blk);
+      }
+      if (kSplit || i == 0) gg::wgmma_fence();
+      const uint32_t ab = stage + blk * 64 * 128;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
@@ -1070,64 +1087,6 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
   }
 }
 
-// Barrier over the 128 threads of warpgroup wg (named barriers 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void wg_sync(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
-// The warpgroup-split scan (kSplit: decode, histogram select, TILE 256): warpgroup wg owns
-// rows [128 wg, 128 wg + 128) of every tile, i.e. its 64-key blocks 2 wg and 2 wg + 1, which its
-// own warps load (load_tile: warp w copies rows [32 w, 32 w + 32)), convert and score; the
-// loop needs no CTA barrier, so one warpgroup's conversion runs beside the other's MMAs.
-// Within the warpgroup, block 2 wg + 1 is converted while block 2 wg's wgmma chain runs.
-// FP8: `raw` is the stage's e4m3 rows, `tile` the bf16 tile (wgmma layout); bf16 keys: `tile`
-// is the stage itself (raw unused). Results as score_wg (a[i] / b[i]: block 2 wg + i).
-template <int D, int TILE, bool kFp8>
-__device__ __forceinline__ void score_wg_split(const unsigned char* raw, unsigned char* tile,
-                                               uint32_t q_s, const float* w_all, int n_hb,
-                                               int H, int wg, int tq, float (&a)[2],
-                                               float (&b)[2]) {
-  static_assert(TILE == 256, "the warpgroup-split scan takes the 256-key decode tile");
-  constexpr int KS = D / 16;
-  const uint32_t stage = smem_u32(tile);
-  const int wtid = static_cast<int>(threadIdx.x) - 128 * wg;
-  a[0] = a[1] = b[0] = b[1] = 0.f;
-#pragma unroll 1
-  for (int hb = 0; hb < n_hb; ++hb) {
-    float acc[2][32];
-    const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int blk = 2 * wg + i;
-      if constexpr (kFp8) {
-        if (hb == 0) {  // (later head blocks reuse the converted keys)
-          convert_fp8_tile_wg<D, TILE, 64, 128>(raw, tile, blk * 64, wtid);
-          gg::fence_proxy_async();  // this thread's stores -> wgmma
-          wg_sync(wg);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
-      gg::wgmma_fence();
-      const uint32_t ab = stage + blk * 64 * 128;
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
-                           gg::smem_desc(qb + (ks >> 2) * (kHeadBlock * 128) + (ks & 3) * 32));
-      }
-      gg::wgmma_commit();
-    }
-    const int hlim = H - hb * kHeadBlock;
-    const float* w_s = w_all + hb * kHeadBlock;
-    gg::wgmma_wait_1();
-    gg::fence_regs(acc[0]);
-    head_sum_wg(acc[0], w_s, tq, hlim, a[0], b[0]);
-    gg::wgmma_wait_all();
-    gg::fence_regs(acc[1]);
-    head_sum_wg(acc[1], w_s, tq, hlim, a[1], b[1]);
-  }
-}
-
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
@@ -1146,7 +1105,7 @@ template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool 
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
   static_assert(!kWg || (QPC == 1 && TILE % 128 == 0), "the wgmma scan serves decode plans");
-  // kSplit (DSV4_INDEXER_WG_SPLIT=1): the warpgroup-split scan (score_wg_split); only with the
+  // kSplit (DSV4_INDEXER_WG_SPLIT=1): the warpgroup-split scan (score_wg); only with the
   // histogram select, whose scan loop has no CTA-wide step (the tree's selects have).
   static_assert(!kSplit || (kWg && kHist && TILE == 256 && D == 128), "kSplit: wgmma + hist");
 #if defined(__CUDA_ARCH__) && !DSV4_GG_WGMMA
@@ -1317,7 +1276,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
-      if constexpr (kFp8 && !kSplit) {  // (kSplit: score_wg_split converts its own blocks)
+      if constexpr (kFp8 && !kSplit) {  // (kSplit: score_wg has each warpgroup convert its own blocks)
         if constexpr (kWg) {
           convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
           gg::fence_proxy_async();  // this thread's stores -> wgmma
@@ -1367,17 +1326,21 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         if constexpr (kWg) {
           // warpgroup wg scores the tile's 64-key blocks wg, wg + 2 (TILE 256); warp w4 of
           // it owns rows [16 w4, 16 w4 + 16) of each block
-          // (kSplit: blocks 2 wg, 2 wg + 1, see score_wg_split)
+          // (kSplit: blocks 2 wg, 2 wg + 1, see score_wg)
           constexpr int MBW = TILE / 128;
           const int wg = warp >> 2, w4 = warp & 3;
           float a[MBW], b[MBW];
-          if constexpr (kSplit) {
-            score_wg_split<D, TILE, kFp8>(raw, smem + (kFp8 ? p.stages * STAGE_BYTES
-                                                            : (it % p.stages) * STAGE_BYTES),
-                                          smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
-          } else {
-            score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
-          }
+          // kSplit, FP8: this warpgroup converts block blk of the raw stage into the bf16 tile
+          auto convert = [&](int blk) {
+            if constexpr (kFp8) {
+              convert_fp8_tile_wg<D, TILE, 64, 128>(raw, smem + p.stages * STAGE_BYTES, blk * 64,
+                                                    tid - 128 * wg);
+              gg::fence_proxy_async();  // this thread's stores -> wgmma
+              wg_sync(wg);
+            }
+          };
+          score_wg<D, TILE, kSplit>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b,
+                                    convert);
 #pragma unroll
           for (int i = 0; i < MBW; ++i) {
             const int blk = kSplit ? 2 * wg + i : wg + 2 * i;
@@ -2324,7 +2287,7 @@ struct Plan {
   // Nothing of the workspace layout depends on it.
   bool wg = false;
   // The warpgroup-split variant of the wgmma scan (DSV4_INDEXER_WG_SPLIT=1, histogram select
-  // plans only; score_wg_split).
+  // plans only; score_wg's kSplit).
   bool wg_split = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
