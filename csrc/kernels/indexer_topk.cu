@@ -140,13 +140,6 @@ bool wgmma_requested() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-// The warpgroup-split wgmma scan (score_wg's kSplit): off by default, read at each call;
-// DSV4_INDEXER_WG_SPLIT=1 turns it on where the plan allows it (wgmma scan, histogram select).
-bool wg_split_requested() {
-  const char* e = std::getenv("DSV4_INDEXER_WG_SPLIT");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
-
 // Programmatic dependent launch of the histogram select kernel (see launch_kernel): on unless
 // DSV4_INDEXER_TOPK_PDL=0 or the merge mode is "legacy" (the previous code path).
 bool pdl_enabled() {
@@ -728,8 +721,7 @@ __device__ __forceinline__ int tile_chunk(int r, int c) {
 // 32 / NCH whole rows (contiguous bytes within a block). valid (optional): word w gets the
 // mask of warp w's rows that were loaded (bit j: row w RPW + j is < s_end and its block
 // exists), so that the scan's epilogue need not place each key again. Every lane of each warp
-// calls it (warp shuffles); the CTA's 8 warps together cover the tile (in the warpgroup-split
-// scan each warpgroup's 4 warps load that warpgroup's half).
+// calls it (warp shuffles); the CTA's 8 warps together cover the tile.
 template <int D, int TILE, bool kFp8, bool kWgL = false>
 __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int row,
                                           int s_first, int s_end, unsigned* valid = nullptr) {
@@ -947,18 +939,15 @@ __device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsi
 // dot product over D does not depend on the order of its terms, only the fp32 summation order
 // does). NaN codes (0x7f / 0xff, which the bit move would turn into 480) are patched to a bf16
 // NaN on a rare branch.
-// ROWS rows from row0, by the NT threads of a group (tid: the thread's rank in it): the whole
-// tile by the CTA, or one 64-key block by a warpgroup (the warpgroup-split scan).
-template <int D, int TILE, int ROWS = TILE, int NT = kThreads>
+template <int D, int TILE>
 __device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
-                                                    unsigned char* dst_tile, int row0 = 0,
-                                                    int tid = static_cast<int>(threadIdx.x)) {
+                                                    unsigned char* dst_tile) {
   constexpr int NCH = D / 16;
-  static_assert(ROWS * NCH % NT == 0 && NT % NCH == 0, "convert: tile shape");
-  const int c = tid % NCH;  // the same chunk at every step
+  static_assert(TILE * NCH % kThreads == 0 && kThreads % NCH == 0, "convert: tile shape");
+  const int c = static_cast<int>(threadIdx.x) % NCH;  // the same chunk at every step
 #pragma unroll 2
-  for (int u = 0; u < ROWS * NCH / NT; ++u) {
-    const int r = row0 + u * (NT / NCH) + tid / NCH;
+  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
+    const int r = u * (kThreads / NCH) + static_cast<int>(threadIdx.x) / NCH;
     const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
     uint32_t o[8];
@@ -1020,32 +1009,19 @@ __device__ __forceinline__ void head_sum_wg(const float (&acc)[32], const float*
   p1 += e1[0] + e1[1];
 }
 
-// Barrier over the 128 threads of warpgroup wg (named barriers 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void wg_sync(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
-// This warpgroup's (wg) m64 blocks of the key tile at `stage` (wgmma layout): a[i] / b[i] = the
-// lane's partial head sums of rows g / g + 8 of its warp's 16 rows of block i (before the quad
-// shuffles), over all head blocks. The MBW wgmma chains of a head block are issued back to
-// back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
-// Blocks: wg + 2 i; kSplit (the warpgroup-split scan, TILE 256): 2 wg + i, i.e. rows
-// [128 wg, 128 wg + 128), which this warpgroup's own warps load (load_tile: warp w copies rows
-// [32 w, 32 w + 32)), so the scan loop needs no CTA barrier and one warpgroup's FP8 conversion
-// runs beside the other's MMAs. There `convert(blk)` runs before block blk's chain at the first
-// head block (FP8: it converts the block and joins the warpgroup, so block 2 wg + 1 is converted
-// while block 2 wg's chain runs; bf16 keys: nothing); later head blocks reuse the keys.
+// This warpgroup's (wg) m64 blocks wg + 2 i (i < MBW) of the key tile at `stage` (wgmma
+// layout): a[i] / b[i] = the lane's partial head sums of rows g / g + 8 of its warp's 16 rows
+// (before the quad shuffles), over all head blocks. The MBW wgmma chains of a head block are
+// issued back to back, one commit group each, so block 0's epilogue overlaps block 1's MMAs.
 // Blocks past the keys are scored too (stale rows; the caller drops their results): every
 // wgmma is issued by the whole warpgroup unconditionally.
-template <int D, int TILE, bool kSplit = false, class Convert>
+template <int D, int TILE>
 __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const float* w_all,
                                          int n_hb, int H, int wg, int tq,
-                                         float (&a)[TILE / 128], float (&b)[TILE / 128],
-                                         Convert&& convert) {
+                                         float (&a)[TILE / 128], float (&b)[TILE / 128]) {
   constexpr int MBW = TILE / 128;  // 64-key blocks per warpgroup and tile (2 warpgroups)
   constexpr int KS = D / 16;
   static_assert(MBW == 1 || MBW == 2, "wait_group depths below assume <= 2 chains");
-  static_assert(!kSplit || TILE == 256, "the warpgroup-split scan takes the 256-key tile");
 #pragma unroll
   for (int i = 0; i < MBW; ++i) a[i] = b[i] = 0.f;
 #pragma unroll 1
@@ -1057,14 +1033,10 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
       for (int j = 0; j < 32; ++j) acc[i][j] = 0.f;
     }
     const uint32_t qb = q_s + hb * wg_q_block_bytes(D);
+    gg::wgmma_fence();
 #pragma unroll
     for (int i = 0; i < MBW; ++i) {
-      const int blk = kSplit ? 2 * wg + i : wg + 2 * i;
-      if constexpr (kSplit) {
-        if (hb == 0) convert(blk);
-      }
-      if (kSplit || i == 0) gg::wgmma_fence();
-      const uint32_t ab = stage + blk * 64 * 128;
+      const uint32_t ab = stage + (wg + 2 * i) * 64 * 128;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         gg::Wgmma<64>::mma(acc[i], gg::smem_desc(ab + (ks >> 2) * (TILE * 128) + (ks & 3) * 32),
@@ -1100,14 +1072,10 @@ __device__ void coop_select(const Params& p, int t, int j, int nv, u64* big, int
 // one global atomic per non-empty bin); indexer_select_kernel does the selection.
 // kWg (decode, QPC 1): the scan on wgmma (section above); shared memory gains a pad to 1024
 // bytes at the start and q (n_hb head blocks) after the key tiles.
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false,
-          bool kSplit = false>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params p) {
   static_assert(!kHist || (QPC == 1 && !kScanOnly), "the histogram select serves decode plans");
   static_assert(!kWg || (QPC == 1 && TILE % 128 == 0), "the wgmma scan serves decode plans");
-  // kSplit (DSV4_INDEXER_WG_SPLIT=1): the warpgroup-split scan (score_wg); only with the
-  // histogram select, whose scan loop has no CTA-wide step (the tree's selects have).
-  static_assert(!kSplit || (kWg && kHist && TILE == 256 && D == 128), "kSplit: wgmma + hist");
 #if defined(__CUDA_ARCH__) && !DSV4_GG_WGMMA
   if constexpr (kWg) {
     __trap();  // not sm_90a device code: no wgmma (the host plans kWg on sm_90 only)
@@ -1259,13 +1227,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait_dyn(p.stages - 2);
       if constexpr (kWg && !kFp8) gg::fence_proxy_async();  // this thread's copies -> wgmma
-      // tile `it` visible; stage (it-1) % stages free (kSplit: the warpgroup's half of them,
-      // which only it loads, converts and reads)
-      if constexpr (kSplit) {
-        wg_sync(warp >> 2);
-      } else {
-        __syncthreads();
-      }
+      __syncthreads();  // tile `it` visible; stage (it-1) % stages free
       {
         const int nx = it + p.stages - 1;
         if (nx < n_tiles) {
@@ -1276,7 +1238,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
-      if constexpr (kFp8 && !kSplit) {  // (kSplit: score_wg has each warpgroup convert its own blocks)
+      if constexpr (kFp8) {
         if constexpr (kWg) {
           convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
           gg::fence_proxy_async();  // this thread's stores -> wgmma
@@ -1326,25 +1288,13 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
         if constexpr (kWg) {
           // warpgroup wg scores the tile's 64-key blocks wg, wg + 2 (TILE 256); warp w4 of
           // it owns rows [16 w4, 16 w4 + 16) of each block
-          // (kSplit: blocks 2 wg, 2 wg + 1, see score_wg)
           constexpr int MBW = TILE / 128;
           const int wg = warp >> 2, w4 = warp & 3;
           float a[MBW], b[MBW];
-          // kSplit, FP8: this warpgroup converts block blk of the raw stage into the bf16 tile
-          auto convert = [&](int blk) {
-            if constexpr (kFp8) {
-              convert_fp8_tile_wg<D, TILE, 64, 128>(raw, smem + p.stages * STAGE_BYTES, blk * 64,
-                                                    tid - 128 * wg);
-              gg::fence_proxy_async();  // this thread's stores -> wgmma
-              wg_sync(wg);
-            }
-          };
-          score_wg<D, TILE, kSplit>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b,
-                                    convert);
+          score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
 #pragma unroll
           for (int i = 0; i < MBW; ++i) {
-            const int blk = kSplit ? 2 * wg + i : wg + 2 * i;
-            const int s0 = tile_s0 + blk * 64 + w4 * 16;
+            const int s0 = tile_s0 + (wg + 2 * i) * 64 + w4 * 16;
             if (s0 < hi) emit(s0, a[i], b[i]);  // warp-uniform
           }
         } else {
@@ -2286,9 +2236,6 @@ struct Plan {
   // shared memory (q + alignment pad) is in smem, so it may have fewer stages / a smaller cap.
   // Nothing of the workspace layout depends on it.
   bool wg = false;
-  // The warpgroup-split variant of the wgmma scan (DSV4_INDEXER_WG_SPLIT=1, histogram select
-  // plans only; score_wg's kSplit).
-  bool wg_split = false;
   int sel_cap = 0;
   size_t sel_smem = 0;
   size_t off_hs_hist = 0, off_hs_arrive = 0, off_hs_nwin = 0, off_hs_nbnd = 0, off_hs_coarse = 0;
@@ -2382,7 +2329,6 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
   pl.hist = pl.qpc == 1 && pl.n_splits > 1 && C > 0 && pl.cap >= kHistBins / 2 &&
             (mode == kMergeHist || mode == kMergeCoop ||
              ((mode == kMergeAuto || mode == kMergeLegacy) && pl.n_splits > 16));
-  pl.wg_split = pl.wg && pl.hist && wg_split_requested();
   if (pl.hist) {
     // [bins T x 4096][arrive T][nwin T][nbnd T][coarse bins T x 64] (zeroed per launch), then
     // nv, keys, lists.
@@ -2524,13 +2470,10 @@ cudaError_t launch_coop(Kern kern, const Params& prm, const Plan& pl, int64_t gr
   return e;
 }
 
-template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false,
-          bool kSplit = false>
+template <int D, int QPC, int TILE, bool kScanOnly, bool kFp8, bool kHist, bool kWg = false>
 cudaError_t launch_kernel(const Params& prm, const Plan& pl, cudaStream_t stream) {
-  if (pl.tile != TILE || pl.wg != kWg || (kHist && pl.wg_split) != kSplit) {
-    return cudaErrorInvalidValue;
-  }
-  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg, kSplit>;
+  if (pl.tile != TILE || pl.wg != kWg) return cudaErrorInvalidValue;
+  auto kern = indexer_topk_kernel<D, QPC, TILE, kScanOnly, kFp8, kHist, kWg>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(pl.smem));
   if (e != cudaSuccess) return e;
@@ -2673,11 +2616,6 @@ cudaError_t launch_for(const Params& prm, const Plan& pl, int64_t head_dim, cuda
   if (head_dim == 128) {
     if constexpr (!kHist) {
       if (pl.qpc == 8) return launch_kernel<128, 8, 128, kScanOnly, kFp8, false>(prm, pl, stream);
-    }
-    if constexpr (kHist) {
-      if (pl.wg_split) {
-        return launch_kernel<128, 1, 256, false, kFp8, true, true, true>(prm, pl, stream);
-      }
     }
     if (pl.wg) return launch_kernel<128, 1, 256, kScanOnly, kFp8, kHist, true>(prm, pl, stream);
     return pl.tile == 128 ? launch_kernel<128, 1, 128, kScanOnly, kFp8, kHist>(prm, pl, stream)

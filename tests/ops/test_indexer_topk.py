@@ -234,18 +234,14 @@ def merge3(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["wgmma", "mma", "wg_split"])
+@pytest.fixture(params=["wgmma", "mma"])
 def scan(request, monkeypatch):
-    """The decode scan: on wgmma (the default where eligible: sm_90, head_dim 128, <= 128 heads),
-    on mma.sync (DSV4_INDEXER_WGMMA=0), or on wgmma with each warpgroup scanning its own half of
-    every tile (DSV4_INDEXER_WG_SPLIT=1, histogram-select plans); all read at each call, all
-    give the same indices."""
-    monkeypatch.delenv("DSV4_INDEXER_WGMMA", raising=False)
-    monkeypatch.delenv("DSV4_INDEXER_WG_SPLIT", raising=False)
-    if request.param == "mma":
+    """The decode scan: on wgmma (the default where eligible: sm_90, head_dim 128, <= 128 heads)
+    or on mma.sync (DSV4_INDEXER_WGMMA=0, read at each call); both give the same indices."""
+    if request.param == "wgmma":
+        monkeypatch.delenv("DSV4_INDEXER_WGMMA", raising=False)
+    else:
         monkeypatch.setenv("DSV4_INDEXER_WGMMA", "0")
-    elif request.param == "wg_split":
-        monkeypatch.setenv("DSV4_INDEXER_WG_SPLIT", "1")
     return request.param
 
 
@@ -472,9 +468,9 @@ def _run_paged(q, w, pool, rows, nv, topk, table):
 @pytest.mark.cuda
 @needs_kernel
 def test_cuda_decode_heads_scans_exact(H, fp8, scan, monkeypatch):
-    """Every head count the wgmma scans take (one head block, padded heads, two head blocks)
-    on each scan, bf16 and paged FP8 keys, with the histogram select (so the warpgroup-split
-    scan runs), rows ending mid-tile and mid-block; integer data: exact equality."""
+    """Every head count the wgmma scan takes (one head block, padded heads, two head blocks)
+    on each scan, bf16 and paged FP8 keys, with the histogram select, rows ending mid-tile and
+    mid-block; integer data: exact equality."""
     from dsv4.ops import kv_cache as kc
     from _paged import scattered_tables  # (tests/_paged.py)
     monkeypatch.setenv("DSV4_INDEXER_TOPK_MERGE", "hist")
