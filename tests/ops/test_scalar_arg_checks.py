@@ -271,3 +271,16 @@ def test_cuda_glue_refuses_before_any_write(op, arg, value):
 def test_cuda_glue_accepts(op, arg, value):
     _needs_kernel(op)
     _accepted("cuda", op, arg, value)
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_q_norm_rope_without_norm_ignores_eps(dev):
+    """norm = False never reads eps (the indexer and the inverse RoPE pass 0): not refused."""
+    if dev == "cuda":
+        _needs_kernel("q_norm_rope")
+    T, H, D = 7, 8, 128
+    x = (torch.randn(T, H, D, device=dev) * 2).bfloat16()
+    pos, f = rope_pos(T, 3).to(dev), rope_freqs(64).to(dev)
+    want = ops.q_norm_rope(x, pos, f, 1e-6, False, 0)
+    for eps in (0.0, -1.0, NAN, INF):
+        assert torch.equal(ops.q_norm_rope(x, pos, f, eps, False, 0), want)
