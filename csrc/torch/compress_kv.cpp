@@ -15,6 +15,7 @@
 
 #include "dsv4/compress_kv.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -37,6 +38,8 @@ void compress_kv_cuda(const at::Tensor& kv, const at::Tensor& score, const at::T
                       int64_t compress_ratio, int64_t max_seqlen, double eps, int64_t quant,
                       const std::optional<at::Tensor>& slots,
                       const std::optional<at::Tensor>& block_table) {
+  // the RMSNorm's epsilon: a positive finite float32 (0 gives inf / NaN for an all-zero entry)
+  check_positive_f32(eps, kOp, "eps");
   TORCH_CHECK(kv.is_cuda(), kOp, "kv must be a CUDA tensor, got device ", kv.device());
   const at::Device dev = kv.device();
   check_on(score, "score", dev);

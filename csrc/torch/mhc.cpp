@@ -16,6 +16,7 @@
 
 #include "dsv4/mhc.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -127,7 +128,11 @@ void run_pre(const at::Tensor& x_in, const at::Tensor& fn_in, const at::Tensor& 
 }
 
 void check_pre_args(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& scale,
-                    const at::Tensor& base, int64_t iters) {
+                    const at::Tensor& base, double norm_eps, int64_t iters, double eps) {
+  // norm_eps: added to the mean square before the square root; eps: added to pre and to every
+  // Sinkhorn entry and sum before it divides (eps = 0 divides by a column sum that can be 0)
+  check_positive_f32(norm_eps, kPre, "norm_eps");
+  check_positive_f32(eps, kPre, "eps");
   TORCH_CHECK(x.is_cuda(), kPre, "x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() >= 2 && x.size(-2) == kHc, kPre, "x must be [..., ", kHc,
               ", dim] (the kernels take hc_mult = ", kHc, "), got ", x.sizes());
@@ -141,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_pre_cuda(const at::Tensor& x,
                                                             const at::Tensor& base,
                                                             double norm_eps, int64_t iters,
                                                             double eps) {
-  check_pre_args(x, fn, scale, base, iters);
+  check_pre_args(x, fn, scale, base, norm_eps, iters, eps);
   c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t d = x.size(-1);
   at::Tensor u = at::empty(lead_shape(x, {d}), x.options());
@@ -154,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mhc_pre_cuda(const at::Tensor& x,
 void mhc_pre_out_cuda(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& scale,
                       const at::Tensor& base, double norm_eps, int64_t iters, double eps,
                       at::Tensor& u, at::Tensor& post, at::Tensor& comb) {
-  check_pre_args(x, fn, scale, base, iters);
+  check_pre_args(x, fn, scale, base, norm_eps, iters, eps);
   const int64_t d = x.size(-1);
   check_rows_out(u, "u", lead_shape(x, {d}), x, kPre);
   for (auto [t, name, shape] : {std::make_tuple(&post, "post", lead_shape(x, {kHc})),
@@ -187,7 +192,10 @@ void run_head(const at::Tensor& x_in, const at::Tensor& fn_in, const at::Tensor&
 }
 
 void check_head_args(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& scale,
-                     const at::Tensor& base) {
+                     const at::Tensor& base, double norm_eps, double eps) {
+  // norm_eps as mhc_pre's; eps is only added to the collapse weights (no division): any finite
+  check_positive_f32(norm_eps, kHead, "norm_eps");
+  check_finite_f32(eps, kHead, "eps");
   TORCH_CHECK(x.is_cuda(), kHead, "x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() >= 2 && x.size(-2) == kHc, kHead, "x must be [..., ", kHc,
               ", dim] (the kernels take hc_mult = ", kHc, "), got ", x.sizes());
@@ -196,7 +204,7 @@ void check_head_args(const at::Tensor& x, const at::Tensor& fn, const at::Tensor
 
 at::Tensor mhc_head_cuda(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& scale,
                          const at::Tensor& base, double norm_eps, double eps) {
-  check_head_args(x, fn, scale, base);
+  check_head_args(x, fn, scale, base, norm_eps, eps);
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty(lead_shape(x, {x.size(-1)}), x.options());
   run_head(x, fn, scale, base, norm_eps, eps, y);
@@ -205,7 +213,7 @@ at::Tensor mhc_head_cuda(const at::Tensor& x, const at::Tensor& fn, const at::Te
 
 void mhc_head_out_cuda(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& scale,
                        const at::Tensor& base, double norm_eps, double eps, at::Tensor& y) {
-  check_head_args(x, fn, scale, base);
+  check_head_args(x, fn, scale, base, norm_eps, eps);
   check_rows_out(y, "y", lead_shape(x, {x.size(-1)}), x, kHead);
   run_head(x, fn, scale, base, norm_eps, eps, y);
 }

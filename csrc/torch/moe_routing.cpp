@@ -16,6 +16,7 @@
 
 #include "dsv4/moe_routing.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -36,6 +37,8 @@ void run_gate(const at::Tensor& x_in, const at::Tensor& weight_in,
               const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& tid2eid_in,
               const std::optional<at::Tensor>& ids_in, int64_t topk, double route_scale,
               const at::Tensor& weights, const at::Tensor& indices) {
+  // any finite float32 (0 and negative factors are well defined)
+  check_finite_f32(route_scale, kGate, "route_scale");
   TORCH_CHECK(x_in.is_cuda(), kGate, "x must be a CUDA tensor, got device ", x_in.device());
   TORCH_CHECK(x_in.dim() == 2, kGate, "x must be [tokens, dim], got ", x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, kGate, "x must be bfloat16, got ",

@@ -15,6 +15,7 @@
 
 #include "dsv4/qkv_rope.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -69,6 +70,8 @@ void check_out(const char* op, const at::Tensor& out, const at::Tensor& x) {
 
 void run_q(const at::Tensor& x_in, const at::Tensor& positions, const at::Tensor& freqs,
            double eps, bool norm, int64_t quant, const at::Tensor& out) {
+  // eps is read only by the norm (norm = false: the model passes 0 there)
+  if (norm) check_positive_f32(eps, kQ, "eps");
   TORCH_CHECK(x_in.dim() == 3, kQ, "x must be [tokens, heads, head_dim], got ", x_in.sizes());
   const int64_t T = x_in.size(0), H = x_in.size(1), D = x_in.size(2);
   check_common(kQ, x_in, positions, freqs, quant, D);
@@ -176,6 +179,7 @@ void run_kv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& 
             const std::optional<at::Tensor>& cache, const std::optional<at::Tensor>& cache_rows,
             const std::optional<at::Tensor>& cache2,
             const std::optional<at::Tensor>& cache2_rows, const at::Tensor& out) {
+  check_positive_f32(eps, kKV, "eps");
   TORCH_CHECK(x_in.dim() == 2, kKV, "x must be [tokens, head_dim], got ", x_in.sizes());
   const int64_t T = x_in.size(0), D = x_in.size(1);
   check_common(kKV, x_in, positions, freqs, quant, D);

@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "dsv4/rms_norm.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -33,6 +34,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
               cols, "] (x.size(-1)), got ", weight.sizes());
   TORCH_CHECK(weight.stride(0) == 1 || cols <= 1, kOp, "weight must be contiguous, got stride ",
               weight.stride(0));
+  check_positive_f32(eps, kOp, "eps");
 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());  // contiguous, like the fake impl

@@ -18,6 +18,7 @@
 #include "dsv4/sparse_attn.h"
 #include "dsv4/sparse_attn_prefill.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -165,6 +166,9 @@ void run(const char* op, const at::Tensor& q_in, const at::Tensor& kv_in,
          const std::optional<at::Tensor>& extra_indices,
          const std::optional<at::Tensor>& extra_topk_length, const at::Tensor& out,
          const at::Tensor& lse, const HcaScope* hca = nullptr) {
+  // any finite float32 (0 and negative scales are well defined: the kernels scale the scores
+  // before taking their maximum)
+  check_finite_f32(softmax_scale, op, "softmax_scale");
   TORCH_CHECK(q_in.is_cuda(), op, "q must be a CUDA tensor, got device ", q_in.device());
   // q's device from here on: check_kv asks whether it can read FP8 pools (compute capability).
   c10::cuda::CUDAGuard device_guard(q_in.device());

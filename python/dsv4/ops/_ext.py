@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import math
 import os
 from typing import Any, Callable
 
@@ -144,6 +145,32 @@ def raise_value_error(cond, msg_fn: Callable[[], str]) -> None:
     ``msg_fn()`` unless ``cond`` (the fakes pass ``torch._check`` instead)."""
     if not cond:
         raise ValueError(msg_fn())
+
+
+# The largest finite float32 and the smallest positive one (subnormal: the kernels are built
+# without fast-math), as Python floats; csrc/torch/scalar_checks.h holds the same values.
+FLOAT32_MAX = 3.4028234663852886e+38
+FLOAT32_TRUE_MIN = 1.4012984643248171e-45
+
+
+def check_finite_f32(op: str, name: str, value, check=raise_value_error) -> None:
+    """``check`` that the float scalar ``name`` is a finite float32 (the CUDA kernels take it as
+    one): NaN, +-inf and values beyond the float32 range are refused; 0 and negative values are
+    accepted. The words of the CUDA glue's ``check_finite_f32`` (csrc/torch/scalar_checks.h)."""
+    v = float(value)
+    check(math.isfinite(v) and abs(v) <= FLOAT32_MAX,
+          lambda: f"{op}: {name} must be a finite float32 (|{name}| <= 3.40282347e+38), got {v}")
+
+
+def check_positive_f32(op: str, name: str, value, check=raise_value_error) -> None:
+    """``check`` that the float scalar ``name`` (an epsilon added before a square root or a
+    division) is a positive finite float32: 0, negative values, NaN, inf and positive values
+    that round to 0 or inf in float32 are refused. The words of the CUDA glue's
+    ``check_positive_f32`` (csrc/torch/scalar_checks.h)."""
+    v = float(value)
+    check(FLOAT32_TRUE_MIN <= v <= FLOAT32_MAX,
+          lambda: f"{op}: {name} must be a finite float32 > 0 (1.40129846e-45 <= {name} <= "
+                  f"3.40282347e+38), got {v}")
 
 
 def check_writable(op: str, **buffers) -> None:

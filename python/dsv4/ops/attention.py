@@ -18,7 +18,7 @@ import math
 import torch
 
 from . import kv_cache
-from ._ext import check_writable, register_op
+from ._ext import check_finite_f32, check_writable, register_op
 
 __all__ = ["sparse_attn", "sparse_attn_reference"]
 
@@ -223,6 +223,8 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
 # ---------------------------------------------------------------------------------------------
 def _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length=None, extra_kv=None,
                     extra_indices=None, extra_topk_length=None):
+    # the kernel's float32 scale: any finite one (the CUDA glue's check)
+    check_finite_f32("sparse_attn", "softmax_scale", softmax_scale)
     out, lse = sparse_attn_reference(q, kv, indices, attn_sink, softmax_scale, topk_length,
                                      extra_kv, extra_indices, extra_topk_length,
                                      skip_out_of_range=True)
@@ -231,6 +233,7 @@ def _sparse_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length=None, 
 
 def _sparse_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length=None,
                         extra_kv=None, extra_indices=None, extra_topk_length=None, *, out, lse):
+    check_finite_f32("sparse_attn", "softmax_scale", softmax_scale)
     T, H, D = q.shape if q.dim() == 3 else (None, None, None)
     if tuple(out.shape) != (T, H, D) or tuple(lse.shape) != (T, H):
         raise ValueError(f"sparse_attn_out: out must be [{T}, {H}, {D}] and lse [{T}, {H}]; "
@@ -258,12 +261,14 @@ def _fake_checks(q, kv, indices, attn_sink):
 
 def _sparse_attn_fake(q, kv, indices, attn_sink, softmax_scale, topk_length=None, extra_kv=None,
                       extra_indices=None, extra_topk_length=None):
+    check_finite_f32("sparse_attn", "softmax_scale", softmax_scale, torch._check)
     _fake_checks(q, kv, indices, attn_sink)
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 def _sparse_attn_out_fake(q, kv, indices, attn_sink, softmax_scale, topk_length=None,
                           extra_kv=None, extra_indices=None, extra_topk_length=None, *, out, lse):
+    check_finite_f32("sparse_attn", "softmax_scale", softmax_scale, torch._check)
     _fake_checks(q, kv, indices, attn_sink)
     return None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.rope import apply_rope
-from ._ext import check_writable, register_op
+from ._ext import check_positive_f32, check_writable, raise_value_error, register_op
 from .norm import rms_norm_reference
 from . import kv_cache
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
@@ -293,15 +293,27 @@ def _store_entries(entries: torch.Tensor, out: torch.Tensor, slot: int, first: i
         entries[blk_ids, rows] = out[src.to(out.device)]
 
 
+def _compress_kv_op(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
+                    state_score, entries, compress_ratio, max_seqlen, eps, quant, slots=None,
+                    block_table=None) -> None:
+    # the op's eps (the kernel's float32): a positive finite float32, as the CUDA glue checks,
+    # before anything is written (compress_kv_reference itself takes any eps: the model's maths)
+    check_positive_f32("compress_kv", "eps", eps, raise_value_error)
+    compress_kv_reference(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
+                          state_score, entries, compress_ratio, max_seqlen, eps, quant, slots,
+                          block_table)
+
+
 def _compress_kv_fake(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv,
                       state_score, entries, compress_ratio, max_seqlen, eps, quant, slots=None,
                       block_table=None) -> None:
+    check_positive_f32("compress_kv", "eps", eps, torch._check)
     _check_args(kv, score, ape, norm_weight, freqs, cu_seqlens, starts, state_kv, state_score,
                 entries, compress_ratio, max_seqlen, quant, slots, block_table)
     return None
 
 
-register_op("compress_kv", COMPRESS_KV_SCHEMA, compress_kv_reference, _compress_kv_fake)
+register_op("compress_kv", COMPRESS_KV_SCHEMA, _compress_kv_op, _compress_kv_fake)
 
 
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,

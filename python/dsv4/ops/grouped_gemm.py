@@ -201,7 +201,10 @@ def _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu
           lambda: f"{op}: route_weight must be float32 [P] = [{P}], got {route_weight.dtype} "
                   f"{list(route_weight.shape)}")
     _check_routing(op, P, expert_offsets, E, check)
-    check(swiglu_limit >= 0, lambda: f"{op}: swiglu_limit must be >= 0, got {swiglu_limit}")
+    # moe_swiglu's rule (the kernel clamps in float32; the CUDA glue checks the same)
+    check(math.isfinite(swiglu_limit) and (swiglu_limit == 0 or swiglu_limit >= _FLT_MIN),
+          lambda: f"{op}: swiglu_limit must be 0 (no clamp) or a finite float32 >= "
+                  f"1.17549435e-38, got {swiglu_limit}")
     check(not act_quant or K % FP8_BLOCK == 0,
           lambda: f"{op}: act_quant needs dim divisible by {FP8_BLOCK}, got {K}")
     return fmt

@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import kv_cache
-from ._ext import check_writable, raise_value_error, register_op
+from ._ext import check_finite_f32, check_writable, raise_value_error, register_op
 from .attention import _flat_keys, sparse_attn_reference
 
 __all__ = ["hca_attn", "hca_attn_reference", "hca_entry_counts", "dense_block_table"]
@@ -150,6 +150,8 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 
 def _hca_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
                  extra_block_table, extra_rows, extra_lengths):
+    # the kernel's float32 scale: any finite one (the CUDA glue's check)
+    check_finite_f32("hca_attn", "softmax_scale", softmax_scale)
     out, lse = hca_attn_reference(q, kv, indices, attn_sink, softmax_scale, topk_length,
                                   extra_kv, extra_block_table, extra_rows, extra_lengths)
     return out.contiguous(), lse
@@ -157,6 +159,7 @@ def _hca_attn_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv
 
 def _hca_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
                      extra_block_table, extra_rows, extra_lengths, *, out, lse):
+    check_finite_f32("hca_attn", "softmax_scale", softmax_scale)
     T, H, D = q.shape if q.dim() == 3 else (None, None, None)
     if tuple(out.shape) != (T, H, D) or tuple(lse.shape) != (T, H) or out.dtype != q.dtype \
             or lse.dtype != torch.float32:
@@ -172,6 +175,7 @@ def _hca_attn_out_op(q, kv, indices, attn_sink, softmax_scale, topk_length, extr
 
 def _fake(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra_block_table,
           extra_rows, extra_lengths):
+    check_finite_f32("hca_attn", "softmax_scale", softmax_scale, torch._check)
     _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, extra_rows,
            extra_lengths, torch._check)
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
@@ -179,6 +183,7 @@ def _fake(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv, extra
 
 def _fake_out(q, kv, indices, attn_sink, softmax_scale, topk_length, extra_kv,
               extra_block_table, extra_rows, extra_lengths, *, out, lse):
+    check_finite_f32("hca_attn", "softmax_scale", softmax_scale, torch._check)
     _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, extra_rows,
            extra_lengths, torch._check)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..layers.mhc import hc_head_reference, hc_post_reference, hc_pre_reference
-from ._ext import check_writable, raise_value_error, register_op
+from ._ext import (check_finite_f32, check_positive_f32, check_writable, raise_value_error,
+                   register_op)
 
 __all__ = ["mhc_pre", "mhc_post", "mhc_head"]
 
@@ -43,12 +44,20 @@ def _check_mix(name, x, fn, scale, base, rows_of_hc, n_scale, check):
           lambda: f"{name}: base must be float32 [{rows}], got {base.dtype} {tuple(base.shape)}")
 
 
-def _check_pre(x, fn, scale, base, iters, check):
+def _check_pre(x, fn, scale, base, norm_eps, iters, eps, check):
+    # the kernel's float32 epsilons, as the CUDA glue checks them: norm_eps is added to the mean
+    # square before the square root, eps to pre and to every Sinkhorn entry and sum before it
+    # divides (eps = 0 divides by a column sum that can underflow to 0)
+    check_positive_f32("mhc_pre", "norm_eps", norm_eps, check)
+    check_positive_f32("mhc_pre", "eps", eps, check)
     _check_mix("mhc_pre", x, fn, scale, base, lambda hc: (2 + hc) * hc, 3, check)
     check(iters >= 1, lambda: f"mhc_pre: iters must be >= 1, got {iters}")
 
 
-def _check_head(x, fn, scale, base, check):
+def _check_head(x, fn, scale, base, norm_eps, eps, check):
+    # norm_eps as mhc_pre's; eps is only added to the collapse weights (no division): any finite
+    check_positive_f32("mhc_head", "norm_eps", norm_eps, check)
+    check_finite_f32("mhc_head", "eps", eps, check)
     _check_mix("mhc_head", x, fn, scale, base, lambda hc: hc, 1, check)
 
 
@@ -80,7 +89,7 @@ def _copy_out(dst: torch.Tensor, src: torch.Tensor, op: str, name: str) -> None:
 
 
 def _pre_kernel(x, fn, scale, base, norm_eps, iters, eps):
-    _check_pre(x, fn, scale, base, iters, raise_value_error)
+    _check_pre(x, fn, scale, base, norm_eps, iters, eps, raise_value_error)
     return tuple(t.contiguous() for t in hc_pre_reference(x, fn, scale, base, norm_eps, iters, eps))
 
 
@@ -96,14 +105,14 @@ def _pre_out_kernel(x, fn, scale, base, norm_eps, iters, eps, *, u, post, comb):
 
 
 def _pre_fake(x, fn, scale, base, norm_eps, iters, eps):
-    _check_pre(x, fn, scale, base, iters, torch._check)
+    _check_pre(x, fn, scale, base, norm_eps, iters, eps, torch._check)
     lead, (hc, d) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
     return (x.new_empty(lead + (d,)), x.new_empty(lead + (hc,), dtype=torch.float32),
             x.new_empty(lead + (hc, hc), dtype=torch.float32))
 
 
 def _pre_out_fake(x, fn, scale, base, norm_eps, iters, eps, *, u, post, comb):
-    _check_pre(x, fn, scale, base, iters, torch._check)
+    _check_pre(x, fn, scale, base, norm_eps, iters, eps, torch._check)
 
 
 def _post_kernel(f, residual, post, comb):
@@ -125,7 +134,7 @@ def _post_out_fake(f, residual, post, comb, *, out):
 
 
 def _head_kernel(x, fn, scale, base, norm_eps, eps):
-    _check_head(x, fn, scale, base, raise_value_error)
+    _check_head(x, fn, scale, base, norm_eps, eps, raise_value_error)
     return hc_head_reference(x, fn, scale, base, norm_eps, eps).contiguous()
 
 
@@ -134,12 +143,12 @@ def _head_out_kernel(x, fn, scale, base, norm_eps, eps, *, y):
 
 
 def _head_fake(x, fn, scale, base, norm_eps, eps):
-    _check_head(x, fn, scale, base, torch._check)
+    _check_head(x, fn, scale, base, norm_eps, eps, torch._check)
     return x.new_empty(tuple(x.shape[:-2]) + (x.shape[-1],))
 
 
 def _head_out_fake(x, fn, scale, base, norm_eps, eps, *, y):
-    _check_head(x, fn, scale, base, torch._check)
+    _check_head(x, fn, scale, base, norm_eps, eps, torch._check)
 
 
 register_op("mhc_pre", _PRE, _pre_kernel, _pre_fake)

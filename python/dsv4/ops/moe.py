@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._ext import check_writable, raise_value_error, register_op
+from ._ext import check_finite_f32, check_writable, raise_value_error, register_op
 
 __all__ = [
     "moe_gate", "moe_gate_reference", "moe_dispatch", "moe_dispatch_reference",
@@ -59,7 +59,9 @@ _GATE_OUT_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? tid2eid, Te
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_gate(x, weight, bias, tid2eid, input_ids, topk, check):
+def _check_gate(x, weight, bias, tid2eid, input_ids, topk, route_scale, check):
+    # the kernel's float32 factor on the normalised weights: any finite one (the CUDA glue's)
+    check_finite_f32("moe_gate", "route_scale", route_scale, check)
     check(x.dim() == 2, lambda: f"moe_gate: x must be [tokens, dim], got {tuple(x.shape)}")
     check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
           lambda: f"moe_gate: weight must be [experts, {x.shape[-1]}] ([experts, dim]), got "
@@ -117,7 +119,7 @@ def moe_gate_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
             ``[0, tid2eid.shape[0])``, or table entries outside ``[0, experts)`` (the CUDA
             kernel cannot raise: it gives such slots index -1 and weight 0).
     """
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, raise_value_error)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, route_scale, raise_value_error)
     E = weight.shape[0]
     scores = F.softplus(F.linear(x.float(), weight.float())).sqrt()
     if tid2eid is None:
@@ -148,7 +150,7 @@ def _moe_gate_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale):
 
 def _moe_gate_out_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale, *, weights,
                          indices):
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, raise_value_error)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, route_scale, raise_value_error)
     T = x.shape[0]
     if (tuple(weights.shape) != (T, topk) or weights.dtype != torch.float32
             or tuple(indices.shape) != (T, topk) or indices.dtype != torch.int32):
@@ -162,7 +164,7 @@ def _moe_gate_out_kernel(x, weight, bias, tid2eid, input_ids, topk, route_scale,
 
 
 def _moe_gate_fake(x, weight, bias, tid2eid, input_ids, topk, route_scale):
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, torch._check)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, route_scale, torch._check)
     T = x.shape[0]
     return (x.new_empty((T, topk), dtype=torch.float32),
             x.new_empty((T, topk), dtype=torch.int32))
@@ -170,7 +172,7 @@ def _moe_gate_fake(x, weight, bias, tid2eid, input_ids, topk, route_scale):
 
 def _moe_gate_out_fake(x, weight, bias, tid2eid, input_ids, topk, route_scale, *, weights,
                        indices):
-    _check_gate(x, weight, bias, tid2eid, input_ids, topk, torch._check)
+    _check_gate(x, weight, bias, tid2eid, input_ids, topk, route_scale, torch._check)
 
 
 register_op("moe_gate", _GATE_SCHEMA, _moe_gate_kernel, _moe_gate_fake)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import register_op
+from ._ext import check_positive_f32, raise_value_error, register_op
 
 __all__ = ["rms_norm_reference"]
 
@@ -51,11 +51,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
 
 
 def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the op's eps (the kernel's float32): a positive finite float32, as the CUDA glue checks
+    # (rms_norm_reference itself takes any eps: the model's maths, eps 0 in hand-worked tests)
+    check_positive_f32("rms_norm", "eps", eps, raise_value_error)
     # contiguous(): the CUDA kernel and the fake return a contiguous tensor whatever x's layout.
     return rms_norm_reference(x, weight, eps).contiguous()
 
 
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    check_positive_f32("rms_norm", "eps", eps, torch._check)
     torch._check(x.dtype.is_floating_point, lambda: _dtype_message(x.dtype))
     torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least 1 dimension")
     torch._check(

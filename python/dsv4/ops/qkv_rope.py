@@ -22,7 +22,7 @@ import torch
 
 from ..layers.rope import apply_rope
 from . import kv_cache
-from ._ext import check_writable, register_op
+from ._ext import check_positive_f32, check_writable, raise_value_error, register_op
 from .norm import rms_norm_reference
 from .compressor import QUANT_FP4_HADAMARD, QUANT_FP8, QUANT_NONE
 from .quant import fp4_e2m1_sim, fp8_e4m3_sim, hadamard
@@ -47,6 +47,18 @@ KV_OUT_SCHEMA = _KV_ARGS + ", *, Tensor(c!) out) -> ()"
 
 def _fail(msg: str):
     raise ValueError(msg)
+
+
+def _check_q_eps(eps, norm, check=raise_value_error) -> None:
+    """The op's eps (the kernel's float32): a positive finite float32 where the norm reads it
+    (norm = False ignores it: the model passes 0 there), as the CUDA glue checks. The
+    references themselves take any eps (the model's maths)."""
+    if norm:
+        check_positive_f32("q_norm_rope", "eps", eps, check)
+
+
+def _check_kv_eps(eps, check=raise_value_error) -> None:
+    check_positive_f32("kv_norm_rope", "eps", eps, check)
 
 
 def _check_common(name, x, positions, freqs, quant, check):
@@ -108,10 +120,12 @@ def q_norm_rope_reference(x: torch.Tensor, positions: torch.Tensor, freqs: torch
 
 
 def _q_op(x, positions, freqs, eps, norm, quant):
+    _check_q_eps(eps, norm)
     return q_norm_rope_reference(x, positions, freqs, eps, norm, quant).contiguous()
 
 
 def _q_out_op(x, positions, freqs, eps, norm, quant, *, out):
+    _check_q_eps(eps, norm)
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
         _fail(f"q_norm_rope_out: out must be {x.dtype} {tuple(x.shape)}, got {out.dtype} "
               f"{tuple(out.shape)}")
@@ -120,11 +134,13 @@ def _q_out_op(x, positions, freqs, eps, norm, quant, *, out):
 
 
 def _q_fake(x, positions, freqs, eps, norm, quant):
+    _check_q_eps(eps, norm, torch._check)
     _check_q(x, positions, freqs, quant, torch._check)
     return x.new_empty(x.shape)
 
 
 def _q_out_fake(x, positions, freqs, eps, norm, quant, *, out):
+    _check_q_eps(eps, norm, torch._check)
     _check_q(x, positions, freqs, quant, torch._check)
 
 
@@ -226,12 +242,14 @@ def kv_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, positions: tor
 
 def _kv_op(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=None, cache2=None,
            cache2_rows=None):
+    _check_kv_eps(eps)
     return kv_norm_rope_reference(x, weight, positions, freqs, eps, quant, cache, cache_rows,
                                   cache2, cache2_rows).contiguous()
 
 
 def _kv_out_op(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=None, cache2=None,
                cache2_rows=None, *, out):
+    _check_kv_eps(eps)  # before _kv_op writes the caches
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
         _fail(f"kv_norm_rope_out: out must be {x.dtype} {tuple(x.shape)}, got {out.dtype} "
               f"{tuple(out.shape)}")
@@ -242,6 +260,7 @@ def _kv_out_op(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=N
 
 def _kv_fake(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=None, cache2=None,
              cache2_rows=None):
+    _check_kv_eps(eps, torch._check)
     _check_kv(x, weight, positions, freqs, quant,
               (("cache", cache, cache_rows), ("cache2", cache2, cache2_rows)), torch._check)
     return x.new_empty(x.shape)
@@ -249,6 +268,7 @@ def _kv_fake(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=Non
 
 def _kv_out_fake(x, weight, positions, freqs, eps, quant, cache=None, cache_rows=None,
                  cache2=None, cache2_rows=None, *, out):
+    _check_kv_eps(eps, torch._check)
     _check_kv(x, weight, positions, freqs, quant,
               (("cache", cache, cache_rows), ("cache2", cache2, cache2_rows)), torch._check)
 
