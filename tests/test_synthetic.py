@@ -231,6 +231,20 @@ def test_bad_arguments(tmp_path, kwargs, exc, match):
     assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
 
 
+def test_refuses_a_tokenizer_that_generate_could_not_use(tmp_path):
+    """A file that is not a tokenizers tokenizer.json, or one with fewer tokens than the model's
+    vocab_size, is refused before anything is written (dsv4 generate would fail on it)."""
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        make_checkpoint(ModelConfig.tiny(), tmp_path / "x", tokenizer=bad)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"129280 tokens .* vocab_size 129281"):
+        make_checkpoint(ModelConfig.tiny(vocab_size=129281), tmp_path / "y",
+                        tokenizer=default_tokenizer_path())
+    assert not (tmp_path / "y").exists()
+
+
 def test_refuses_non_empty_dir_and_fp4_misfit(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):

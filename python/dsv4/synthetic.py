@@ -274,13 +274,14 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
 
     Returns the names of the files written.
     Raises TypeError for a ``config`` that is no ModelConfig; ValueError for a bad
-    ``fmt``/``expert_dtype``/``n_shards``/``seed``/``tokenizer``, an ``out_dir`` that is a file
-    or not empty, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
+    ``fmt``/``expert_dtype``/``n_shards``/``seed``/``tokenizer`` (also a tokenizer file that
+    the ``tokenizers`` library cannot load, or whose vocabulary is smaller than the config's
+    ``vocab_size``), an ``out_dir`` that is a file or not empty, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
     little free space (checked before writing: the weights' bytes plus
     :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the tokenizer cannot be found.
     """
     from .convert import atomic_write, entry_bytes, write_sharded
-    from .tokenizer import TOKENIZER_FILE, default_tokenizer_path
+    from .tokenizer import TOKENIZER_FILE, default_tokenizer_path, load_tokenizer
 
     seed = check_seed(seed, SEED_LIMIT)
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
@@ -306,6 +307,13 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
                 tok_src = os.path.join(tok_src, TOKENIZER_FILE)
             if not os.path.isfile(tok_src):
                 raise FileNotFoundError(f"tokenizer file not found: {tok_src}")
+        # the checkpoint must be usable by dsv4 generate: a tokenizers file whose vocabulary
+        # covers the model's (load_tokenizer: ValueError naming a file that is not one)
+        tok_vocab = load_tokenizer(tok_src).get_vocab_size(with_added_tokens=True)
+        if cfg.vocab_size > tok_vocab:
+            raise ValueError(f"the tokenizer {tok_src} has {tok_vocab} tokens (with added "
+                             f"tokens), fewer than the model's vocab_size {cfg.vocab_size}: "
+                             "ids past it would have no text")
     entries = _entries(cfg, fmt, seed)
     if n_shards > len(entries):
         raise ValueError(f"n_shards {n_shards} exceeds the {len(entries)} tensors")
