@@ -276,9 +276,10 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     Raises TypeError for a ``config`` that is no ModelConfig; ValueError for a bad
     ``fmt``/``expert_dtype``/``n_shards``/``seed``/``tokenizer`` (also a tokenizer file that
     the ``tokenizers`` library cannot load, or whose vocabulary is smaller than the config's
-    ``vocab_size``), an ``out_dir`` that is a file or not empty, dims the storage cannot hold (FP4 needs in_features % 32 == 0), or too
-    little free space (checked before writing: the weights' bytes plus
-    :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the tokenizer cannot be found.
+    ``vocab_size``), an ``out_dir`` that is a file or not empty, dims the storage cannot
+    hold (FP4 needs in_features % 32 == 0), or too little free space (checked before
+    writing: the weights' bytes plus :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the
+    tokenizer cannot be found.
     """
     from .convert import atomic_write, entry_bytes, write_sharded
     from .tokenizer import TOKENIZER_FILE, default_tokenizer_path, load_tokenizer

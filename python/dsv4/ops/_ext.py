@@ -162,6 +162,21 @@ def check_finite_f32(op: str, name: str, value, check=raise_value_error) -> None
           lambda: f"{op}: {name} must be a finite float32 (|{name}| <= 3.40282347e+38), got {v}")
 
 
+# The smallest normal float32 (the lowest nonzero clamp limit the ops take).
+FLOAT32_NORMAL_MIN = 1.1754943508222875e-38
+
+
+def check_clamp_limit_f32(op: str, name: str, value, check=raise_value_error) -> None:
+    """``check`` that the SwiGLU clamp limit ``name`` is 0 (no clamp) or a finite float32 >= the
+    smallest normal one (a positive double that rounds to float32 0 would clamp to 0 in the
+    reference and not at all in the kernels; NaN clamps nothing there). The rule of
+    moe_swiglu's ``limit`` and moe_up's ``swiglu_limit``, the words of their CUDA glue
+    (csrc/torch/moe_swiglu.cpp, grouped_gemm.cpp)."""
+    check(math.isfinite(value) and (value == 0 or value >= FLOAT32_NORMAL_MIN),
+          lambda: f"{op}: {name} must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, "
+                  f"got {value}")
+
+
 def check_positive_f32(op: str, name: str, value, check=raise_value_error) -> None:
     """``check`` that the float scalar ``name`` (an epsilon added before a square root or a
     division) is a positive finite float32: 0, negative values, NaN, inf and positive values

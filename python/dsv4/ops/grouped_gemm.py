@@ -55,13 +55,12 @@ bits in one pass.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ..quant import FP4_BLOCK, FP8_BLOCK, fp4_unpack, fp8_block_dequantize
-from ._ext import check_writable, raise_value_error, register_op
+from ._ext import check_clamp_limit_f32, check_writable, raise_value_error, register_op
 from .quant import fp8_e4m3_quantize, fp8_e4m3_sim
 
 __all__ = [
@@ -201,10 +200,7 @@ def _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu
           lambda: f"{op}: route_weight must be float32 [P] = [{P}], got {route_weight.dtype} "
                   f"{list(route_weight.shape)}")
     _check_routing(op, P, expert_offsets, E, check)
-    # moe_swiglu's rule (the kernel clamps in float32; the CUDA glue checks the same)
-    check(math.isfinite(swiglu_limit) and (swiglu_limit == 0 or swiglu_limit >= _FLT_MIN),
-          lambda: f"{op}: swiglu_limit must be 0 (no clamp) or a finite float32 >= "
-                  f"1.17549435e-38, got {swiglu_limit}")
+    check_clamp_limit_f32(op, "swiglu_limit", swiglu_limit, check)   # moe_swiglu's rule
     check(not act_quant or K % FP8_BLOCK == 0,
           lambda: f"{op}: act_quant needs dim divisible by {FP8_BLOCK}, got {K}")
     return fmt
@@ -429,7 +425,6 @@ register_op("moe_down_out", MOE_DOWN_OUT_SCHEMA, _moe_down_out_ref, _moe_down_ou
 # moe_swiglu
 # ---------------------------------------------------------------------------------------------
 MOE_SWIGLU_SCHEMA = "(Tensor gu, Tensor weight, float limit) -> Tensor"
-_FLT_MIN = 1.1754943508222875e-38   # the smallest normal float32: the kernel clamps in float32
 
 
 def _check_swiglu(gu, weight, limit, check) -> None:
@@ -440,9 +435,7 @@ def _check_swiglu(gu, weight, limit, check) -> None:
     check(weight.dtype == torch.float32 and weight.dim() == 1 and weight.shape[0] == gu.shape[0],
           lambda: f"moe_swiglu: weight must be float32 [{gu.shape[0] if gu.dim() else '?'}] (one "
                   f"routing weight per pair), got {weight.dtype} {tuple(weight.shape)}")
-    check(math.isfinite(limit) and (limit == 0 or limit >= _FLT_MIN),
-          lambda: f"moe_swiglu: limit must be 0 (no clamp) or a finite float32 >= "
-                  f"1.17549435e-38, got {limit}")
+    check_clamp_limit_f32("moe_swiglu", "limit", limit, check)
 
 
 def moe_swiglu_reference(gu: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:

@@ -180,9 +180,9 @@ class PagedCache:
                            num_blocks=self.num_blocks + 1, block_tokens=self.block_tokens,
                            indexer_fp8=indexer_cache == "fp8", kv_fp8=kv_cache == "fp8")
                 for i in range(config.n_layers)]
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
-                    and "can't allocate memory" not in str(e):     # (the CPU allocator's)
+        except (MemoryError, RuntimeError) as e:    # (torch.OutOfMemoryError is a RuntimeError)
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) \
+                    and "can't allocate memory" not in str(e):     # (the CPU allocator's words)
                 raise
             need = PagedCache.estimate_bytes(config, self.max_seqs, self.num_blocks,
                                              self.block_tokens, dtype, indexer_cache, kv_cache)

@@ -34,7 +34,8 @@ def small_config(**overrides):
     """The CPU-trainable V4 of the evidence runs (docs/training.md): every layer type (SWA, CSA
     with indexer, HCA, hash-routed and learned MoE, mHC, one MTP block) at dim 64, with the
     real 129,280-token vocabulary. 1.77M parameters outside the embedding and head (16.5M in
-    them; 18.3M in all). Window 64 and HCA ratio 16 so that 128-token training windows exercise both."""
+    them; 18.3M in all). Window 64 and HCA ratio 16 so that 128-token training windows
+    exercise both."""
     from ..config import ModelConfig
     base = dict(dim=64, moe_inter_dim=128, n_layers=4, n_hash_layers=2, n_mtp_layers=1,
                 n_heads=4, n_routed_experts=8, n_activated_experts=2, q_lora_rank=64,
