@@ -245,6 +245,16 @@ def test_refuses_a_tokenizer_that_generate_could_not_use(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_overwrite_without_tokenizer_removes_the_old_one(tmp_path):
+    """Overwriting a checkpoint with tokenizer=False (--no-tokenizer) leaves no tokenizer.json
+    of the old checkpoint behind (dsv4 generate would load it with the new weights)."""
+    make_checkpoint(ModelConfig.tiny(), tmp_path, tokenizer=default_tokenizer_path())
+    assert (tmp_path / "tokenizer.json").exists()
+    files = make_checkpoint(ModelConfig.tiny(), tmp_path, tokenizer=False, overwrite=True)
+    assert "tokenizer.json" not in files and not (tmp_path / "tokenizer.json").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
+
+
 def test_refuses_non_empty_dir_and_fp4_misfit(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):

@@ -334,8 +334,10 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     made_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # Overwriting: until the new config.json is written the directory is not a checkpoint (a
-    # half-replaced one must not load), and an old index would shadow a new single file.
+    # half-replaced one must not load), an old index would shadow a new single file, and an
+    # old tokenizer.json left beside a checkpoint written without one would be loaded with it.
     stale = ["config.json"] + (["model.safetensors.index.json"] if n_shards == 1 else [])
+    stale += [TOKENIZER_FILE] if tok_src is None else []
     for n in stale:
         if os.path.lexists(os.path.join(out_dir, n)):
             os.remove(os.path.join(out_dir, n))
