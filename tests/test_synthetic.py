@@ -255,6 +255,19 @@ def test_overwrite_without_tokenizer_removes_the_old_one(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(files)
 
 
+@pytest.mark.parametrize("before, after", [(3, 1), (3, 2), (1, 3)])
+def test_overwrite_with_another_shard_count_leaves_no_old_weights(tmp_path, before, after):
+    """Overwriting with fewer shards, one file or shards over one file leaves none of the old
+    weight files behind (the new index does not list them: they would only hold the disk),
+    as save_pretrained replaces a checkpoint; other files stay."""
+    make_checkpoint(ModelConfig.tiny(), tmp_path, tokenizer=False, n_shards=before)
+    (tmp_path / "notes.txt").write_text("kept")
+    files = make_checkpoint(ModelConfig.tiny(), tmp_path, tokenizer=False, n_shards=after,
+                            overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(files + ["notes.txt"])
+    assert len([f for f in files if f.endswith(".safetensors")]) == after
+
+
 def test_refuses_non_empty_dir_and_fp4_misfit(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):

@@ -282,6 +282,7 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     writing: the weights' bytes plus :data:`FREE_SPACE_MARGIN`); FileNotFoundError when the
     tokenizer cannot be found.
     """
+    from .checkpoint import _remove_previous_checkpoint
     from .convert import atomic_write, entry_bytes, write_sharded
     from .tokenizer import TOKENIZER_FILE, default_tokenizer_path, load_tokenizer
 
@@ -335,9 +336,13 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
     made_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # Overwriting: until the new config.json is written the directory is not a checkpoint (a
-    # half-replaced one must not load), an old index would shadow a new single file, and an
-    # old tokenizer.json left beside a checkpoint written without one would be loaded with it.
-    stale = ["config.json"] + (["model.safetensors.index.json"] if n_shards == 1 else [])
+    # half-replaced one must not load), an old index would shadow a new single file, the
+    # shards it lists would stay behind unread when the new checkpoint has fewer or none
+    # (checkpoint._remove_previous_checkpoint, as save_pretrained replaces one), an old
+    # model.safetensors would stay beside new shards likewise, and an old tokenizer.json left
+    # beside a checkpoint written without one would be loaded with it.
+    _remove_previous_checkpoint(out_dir)
+    stale = ["model.safetensors"] if n_shards > 1 else []
     stale += [TOKENIZER_FILE] if tok_src is None else []
     for n in stale:
         if os.path.lexists(os.path.join(out_dir, n)):
