@@ -263,7 +263,9 @@ def make_checkpoint(config: ModelConfig, out_dir: str, fmt: str = "fp8", n_shard
             False = write none (overwriting, an old ``tokenizer.json`` is removed with the
             old ``config.json``).
         expert_dtype: with ``fmt="fp8"``, ``"fp4"`` (release) or ``"fp8"`` routed experts.
-        overwrite: allow a non-empty ``out_dir``.
+        overwrite: allow a non-empty ``out_dir``; the checkpoint there is replaced (its
+            ``config.json``, index, the shards the index lists and a ``model.safetensors``
+            beside new shards are removed before writing); other files are kept.
         log: called with a line giving the size of the checkpoint and the free space, before
             anything is written (``dsv4 make-checkpoint`` prints it).
 
