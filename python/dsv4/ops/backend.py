@@ -366,9 +366,9 @@ def env_choice(name: str, accepted: tuple[str, ...]) -> str:
     """The value of environment variable ``name``, stripped and lower-cased, when it is one of
     ``accepted`` ("" stands for unset); otherwise "" (the caller's default rule) after a
     one-time RuntimeWarning naming the accepted values. For the per-call switches of the
-    Python-side path choices (``DSV4_FP32_LINEAR``, ``DSV4_MOE_GEMM``, ``DSV4_OPROJ``) and of
-    the side-stream layout (``DSV4_SIDE_STREAM``, ``DSV4_CSA_COMPRESSOR_STREAM``,
-    ``DSV4_MOE_SHARED_FORK``)."""
+    Python-side path choices (``DSV4_FP32_LINEAR``, ``DSV4_MOE_GEMM``, ``DSV4_OPROJ``,
+    ``DSV4_SAMPLER_TWO_STAGE``) and of the side-stream layout (``DSV4_SIDE_STREAM``,
+    ``DSV4_CSA_COMPRESSOR_STREAM``, ``DSV4_MOE_SHARED_FORK``, ``DSV4_STREAM_PRIORITY``)."""
     raw = os.environ.get(name, "")
     v = raw.strip().lower()
     if v in accepted:

@@ -22,14 +22,12 @@ other sampled rows (top-k / top-p) outside the graph with their requests' genera
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from typing import Sequence
 
 import torch
 
 from ..generate import sample
-from ..ops.backend import use_kernels
+from ..ops.backend import env_choice, use_kernels
 from ..ops.sampling import argmax_finite
 from .request import Request
 
@@ -45,12 +43,9 @@ def _two_stage_enabled() -> bool:
     on (the default since its GPU run: 2.2-2.4x torch's one-pass argmax of one or 8 rows of
     129,280 logits, 1.2x at 64 rows; H100, bench/README.md), ``0`` is off (every row takes
     ``torch.argmax``); any other value (``yes``, ``off``, ...) keeps the default, with a
-    warning naming the accepted values, so that a mistyped switch does not pass unnoticed."""
-    raw = os.environ.get("DSV4_SAMPLER_TWO_STAGE", "")
-    if raw.strip() not in ("", "0", "1"):
-        warnings.warn(f"DSV4_SAMPLER_TWO_STAGE={raw!r} is not one of '0' (off) or '1' / unset "
-                      "(on, the default); the two-stage argmax stays on", stacklevel=3)
-    return raw.strip() != "0"
+    warning naming the accepted values (:func:`dsv4.ops.backend.env_choice`, the parser of
+    every Python-side switch), so that a mistyped switch does not pass unnoticed."""
+    return env_choice("DSV4_SAMPLER_TWO_STAGE", ("", "0", "1")) != "0"
 
 
 @functools.lru_cache(maxsize=None)
