@@ -465,3 +465,36 @@ def test_unreadable_rank_file_names_the_file(tmp_path):
     with pytest.raises(ConvertError, match=r"cannot read \S+model0-mp1.safetensors as "
                                            r"safetensors: "):
         load_model_parallel(tmp_path)
+
+
+def test_expert_fp8_refuses_float_scales_with_no_e8m0_form(src, tmp_path, capsys):
+    """FP4 experts with float (F32) 1x32 scales: powers of two convert as their e8m0 codes do;
+    others were rounded to their exponent by --expert-fp8 (a scale of 1.5 s written as s, a
+    silent change of the weight): refused before anything is written, naming the tensor.
+    Without --expert-fp8 they are kept as they are."""
+    from dsv4.quant import e8m0_to_float
+
+    name = "layers.0.ffn.experts.1.w2.scale"
+
+    def as_f32(factor):
+        def change(t):
+            for n in t:
+                if split_rule(n)[0] == "expert" and n.endswith(".scale"):
+                    t[n] = e8m0_to_float(t[n]) * (factor if n == name else 1.0)
+        return change
+
+    pow2 = _altered(src, tmp_path / "pow2", as_f32(1.0))
+    convert(pow2, tmp_path / "f32", 2, expert_fp8=True)
+    convert(src, tmp_path / "ref", 2, expert_fp8=True)
+    got, want = load_model_parallel(tmp_path / "f32"), load_model_parallel(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(_bits(got[n]), _bits(want[n])) for n in want)
+    bad = _altered(src, tmp_path / "bad", as_f32(1.5))
+    with pytest.raises(ConvertError, match=r"--expert-fp8: these FP4 experts' float scales are "
+                                           r"not powers of two(.|\n)*" + name.replace(".", r"\.")):
+        convert(bad, tmp_path / "o", 2, expert_fp8=True)
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["convert", "--in", str(bad), "--out", str(tmp_path / "o"),
+                     "--model-parallel", "2", "--expert-fp8"]) == 1
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
+    convert(bad, tmp_path / "fp4", 2)           # kept as FP4 with its scales: no refusal

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsv4.ops.quant import fp4_e2m1_round, fp4_e2m1_sim, fp8_e4m3_sim
-from dsv4.quant import (E2M1_VALUES, e2m1_decode, e2m1_encode, e8m0_to_float, float_to_e8m0,
-                        fp4_pack, fp4_to_fp8, fp4_unpack, fp8_block_dequantize,
+from dsv4.quant import (E2M1_VALUES, block_scale_shape, e2m1_decode, e2m1_encode,
+                        e8m0_to_float, float_to_e8m0, fp4_pack, fp4_to_fp8, fp4_unpack, fp8_block_dequantize,
                         fp8_block_quantize)
 
 E8M0 = torch.float8_e8m0fnu
@@ -283,6 +283,33 @@ def test_fp4_to_fp8_errors():
         fp4_to_fp8(p, bad.view(E8M0))
 
 
+@pytest.mark.parametrize("factor", [1.5, -1.0, 0.0, 3.0])
+def test_fp4_to_fp8_refuses_float_scales_with_no_e8m0_form(factor):
+    """Float 1x32 scales (the "-Base" checkpoints' form, which the loader applies exactly)
+    that are not powers of two have no exact FP8 block form: refused, never rounded to their
+    exponent (a scale of 1.5 s became s, a negative one lost its sign). Float scales that are
+    powers of two convert as their e8m0 codes do."""
+    p, s = fp4_pack(torch.randn(128, 256, generator=torch.Generator().manual_seed(5)))
+    sf = e8m0_to_float(s)
+    q, S = fp4_to_fp8(p, s)
+    qf, Sf = fp4_to_fp8(p, sf)
+    assert torch.equal(qf.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(Sf.view(torch.uint8), S.view(torch.uint8))
+    bad = sf.clone()
+    bad[7, 3] *= factor
+    with pytest.raises(ValueError, match=r"powers of two in \[2\*\*-127, 2\*\*127\]"):
+        fp4_to_fp8(p, bad)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        fp4_to_fp8(p, torch.where(bad == bad[7, 3], torch.inf, sf))
+
+
+@pytest.mark.parametrize("n, k", [(-5, 3), (5, -32), (1.0, 32), (True, 32)])
+def test_block_scale_shape_refuses_sizes_that_are_no_count(n, k):
+    with pytest.raises(ValueError, match="block_scale_shape: [nk] must be an integer >= 0"):
+        block_scale_shape("fp8", n, k)
+    assert block_scale_shape("fp4", 0, 64) == (0, 2)
+
+
 @pytest.mark.parametrize("fn, kw, match", [
     ("fp4_unpack", dict(block=0), r"fp4_unpack: block must be an even integer >= 2, got 0"),
     ("fp4_unpack", dict(block=-32), r"fp4_unpack: block must be an even integer >= 2, got -32"),
@@ -290,6 +317,10 @@ def test_fp4_to_fp8_errors():
     ("fp4_to_fp8", dict(block=0), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
     ("fp4_to_fp8", dict(block=-128), r"fp4_to_fp8: block must be a positive multiple of fp4_block"),
     ("fp4_to_fp8", dict(fp4_block=0), r"fp4_to_fp8: fp4_block must be even and >= 2, got 0"),
+    ("fp4_to_fp8", dict(block=128.0), r"fp4_to_fp8: block must be a positive multiple of "
+                                      r"fp4_block 32, got 128.0"),
+    ("fp4_to_fp8", dict(fp4_block=32.0), r"fp4_to_fp8: fp4_block must be even and >= 2, "
+                                         r"got 32.0"),
 ])
 def test_fp4_block_sizes_outside_their_range_are_named(fn, kw, match):
     """A block size of 0 or below was a ZeroDivisionError or a negative grid inside the

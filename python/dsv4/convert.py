@@ -546,6 +546,31 @@ def _check_scales(src: dict) -> None:
                            (f"\n  ... ({len(errs)} in all)" if len(errs) > 20 else ""))
 
 
+def _check_expert_fp8_scales(src: dict) -> None:
+    """With ``--expert-fp8``: the float (F32) 1x32 scales of FP4 routed experts are powers of
+    two in [2**-127, 2**127], the only scales an e8m0 128x128 block can carry
+    (:func:`dsv4.quant.fp4_to_fp8`; e8m0 scales always are). ConvertError naming every other
+    tensor and its file, before anything is written (such a weight has no exact FP8 form;
+    without ``--expert-fp8`` it is kept as FP4 with its scales)."""
+    errs = []
+    with _Files() as files:
+        for name, (file, dtype, _) in src.items():
+            w = src.get(name[:-len(".scale")] + ".weight") if name.endswith(".scale") else None
+            if (dtype != "F32" or w is None or w[1] not in _FP4
+                    or split_rule(name)[0] != "expert"):
+                continue
+            mant, e = torch.frexp(files.tensor(file, name).float())
+            ok = (mant == 0.5) & (e >= -126) & (e <= 128)
+            if not bool(ok.all()):
+                bad = files.tensor(file, name).float()[~ok].flatten()[:2].tolist()
+                errs.append(f"{name} in {file}: e.g. {bad}")
+    if errs:
+        raise ConvertError("--expert-fp8: these FP4 experts' float scales are not powers of two "
+                           "in [2**-127, 2**127], so they have no exact FP8 block form (convert "
+                           "without --expert-fp8 keeps them as FP4):\n  " + "\n  ".join(errs[:20])
+                           + (f"\n  ... ({len(errs)} in all)" if len(errs) > 20 else ""))
+
+
 def _is_fp8_wo_a(module: str, src: dict) -> bool:
     """``module`` is a ``wo_a`` stored as FP8 weight + scale (de-quantised by the conversion)."""
     w = src.get(module + ".weight")
@@ -610,8 +635,10 @@ def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = F
         progress: show a tqdm bar per rank.
 
     Returns the rank file names. Raises ConvertError for an unreadable input, an MP that does
-    not divide the experts/heads/o_groups/vocabulary or a split tensor, a non-empty ``out_dir``
-    without ``overwrite``, or ``out_dir`` equal to ``in_dir``.
+    not divide the experts/heads/o_groups/vocabulary or a split tensor, malformed scales (with
+    ``expert_fp8`` also float FP4-expert scales that are not powers of two), a non-empty
+    ``out_dir`` without ``overwrite``, or ``out_dir`` equal to ``in_dir``; all before anything
+    is written.
     """
     in_dir, out_dir = os.fspath(in_dir), os.fspath(out_dir)
     if _same_directory(in_dir, out_dir):
@@ -634,6 +661,8 @@ def convert(in_dir: str, out_dir: str, model_parallel: int, expert_fp8: bool = F
         raise ConvertError(f"expert index {max(experts)} >= n_routed_experts {n_experts}")
     check_model_parallel(model_parallel, config, n_experts if experts else None)
     _check_scales(src)
+    if expert_fp8:
+        _check_expert_fp8_scales(src)
     _check_splits(src, model_parallel)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ConvertError(f"output directory {out_dir} is not empty (pass overwrite=True / "

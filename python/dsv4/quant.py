@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .cache import as_int, check_count
 from .ops.quant import check_block, e8m0_to_float, fp4_e2m1_round, ue8m0_scale  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -49,7 +50,10 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 def block_scale_shape(fmt: str, n: int, k: int) -> tuple[int, int]:
     """The scale tensor's shape for a weight of logical shape [n, k] (out, in) stored in ``fmt``:
     "fp8" -> [ceil(n / 128), ceil(k / 128)] (128x128 blocks), "fp4" -> [n, k / 32] (1x32
-    blocks; ValueError unless k % 32 == 0). The release's layout (architecture.md §12)."""
+    blocks; ValueError unless k % 32 == 0). The release's layout (architecture.md §12).
+    Raises ValueError for an ``n`` or ``k`` that is not an integer >= 0."""
+    n = check_count(n, "block_scale_shape: n", 0)
+    k = check_count(k, "block_scale_shape: k", 0)
     if fmt == "fp8":
         return -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
     if fmt == "fp4":
@@ -252,10 +256,15 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK
     N and K need not be multiples of ``block`` (the grid is ceil-divided; the official script
     requires multiples). Returns ``(q float8_e4m3fn [N, K], scale float8_e8m0fnu
     [ceil(N/block), ceil(K/block)])``. Raises ValueError for malformed inputs, a ``fp4_block``
-    that is not even and >= 2, or a ``block`` that is not a positive multiple of it.
+    that is not an even integer >= 2, a ``block`` that is not a positive multiple of it, or
+    float scales (the "-Base" checkpoints' form) that are not powers of two in
+    [2**-127, 2**127]: an e8m0 block scale can carry no other factor, so such a weight has no
+    exact FP8 block form (convert keeps it as FP4 without ``--expert-fp8``).
     """
+    fp4_block = as_int(fp4_block, "fp4_to_fp8: fp4_block", "even and >= 2")
     if fp4_block < 2 or fp4_block % 2:
         raise ValueError(f"fp4_to_fp8: fp4_block must be even and >= 2, got {fp4_block}")
+    block = as_int(block, "fp4_to_fp8: block", f"a positive multiple of fp4_block {fp4_block}")
     if block < 1 or block % fp4_block:
         raise ValueError(f"fp4_to_fp8: block must be a positive multiple of fp4_block "
                          f"{fp4_block}, got {block}")
@@ -266,8 +275,17 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK
                          f"{tuple(scale.shape)}")
     s = e8m0_to_float(scale).to(codes.device)                             # [N, K/32]
     if not bool(torch.isfinite(s).all()):
-        raise ValueError("fp4_to_fp8: scale holds NaN (e8m0 code 255)")
-    exp = torch.frexp(s)[1] - 1                                           # s = 2**exp
+        raise ValueError("fp4_to_fp8: scale holds NaN (e8m0 code 255)" if not
+                         scale.is_floating_point() or scale.dtype == torch.float8_e8m0fnu
+                         else "fp4_to_fp8: scale holds inf or NaN")
+    mant, e = torch.frexp(s)
+    pow2 = (mant == 0.5) & (e - 1 >= -127) & (e - 1 <= 127)
+    if not bool(pow2.all()):
+        bad = s[~pow2].flatten()[:4].tolist()
+        raise ValueError(f"fp4_to_fp8: the FP8 block format holds only scales that are powers of "
+                         f"two in [2**-127, 2**127] (e8m0); this weight's 1x{fp4_block} scales "
+                         f"hold others, e.g. {bad}, so it has no exact FP8 form")
+    exp = e - 1                                                           # s = 2**exp
     nb, kb = -(-N // block), -(-K // block)
     g = block // fp4_block                                               # groups per tile row
     # Pad the group exponents with a very small value so partial tiles ignore the padding.
