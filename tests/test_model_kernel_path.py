@@ -14,6 +14,7 @@ import torch
 
 import dsv4
 import dsv4.layers.attention as attention
+from _model_params import vary_constant_parameters
 
 pytest.importorskip("dsv4.ops.compressor")
 pytest.importorskip("dsv4.ops.indexer")
@@ -33,8 +34,10 @@ def kernel_path(monkeypatch):
 
 
 def _model(**overrides) -> dsv4.Model:
+    """The tiny model with its norm weights, sinks and hc scales varied (a glue bug that drops
+    or swaps one of them must change the logits)."""
     torch.manual_seed(0)
-    return dsv4.Model(dsv4.ModelConfig.tiny(**overrides)).eval()
+    return vary_constant_parameters(dsv4.Model(dsv4.ModelConfig.tiny(**overrides)).eval())
 
 
 def _run(m: dsv4.Model, ids: torch.Tensor, lens: list[int], splits: list[int]) -> torch.Tensor:

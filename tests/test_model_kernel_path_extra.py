@@ -18,6 +18,7 @@ import torch
 
 import dsv4
 import dsv4.layers.attention as attention
+from _model_params import vary_constant_parameters
 
 pytest.importorskip("dsv4.ops.compressor")
 pytest.importorskip("dsv4.ops.indexer")
@@ -81,7 +82,7 @@ CASES = {
 def test_kernel_path_matches_reference_more(name, monkeypatch):
     overrides, plan = CASES[name]
     torch.manual_seed(0)
-    m = dsv4.Model(dsv4.ModelConfig.tiny(**overrides)).eval()
+    m = vary_constant_parameters(dsv4.Model(dsv4.ModelConfig.tiny(**overrides)).eval())
     steps = _steps(zlib.crc32(name.encode()), plan)
     got = _run(m, steps, True, monkeypatch)
     ref = _run(m, steps, False, monkeypatch)

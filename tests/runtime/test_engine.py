@@ -18,13 +18,15 @@ import dsv4.layers.attention as attention
 from dsv4.generate import generate as reference_generate
 from dsv4.runtime import Engine, EngineStepError, SamplingParams
 
+from _model_params import vary_constant_parameters
 from _runtime_common import V, random_prompts
 
 
 @pytest.fixture(scope="module")
 def model():
+    """The tiny model with its norm weights, sinks and hc scales varied (_model_params)."""
     torch.manual_seed(0)
-    return dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval()
+    return vary_constant_parameters(dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval())
 
 
 class _NoPagedOps:
@@ -224,7 +226,10 @@ def test_golden_logits_through_the_engine(name, quant_sim, weights, path):
 def test_bf16_kernel_path_decode_matches_the_reference_path(model, monkeypatch):
     """bf16 (the kernels' dtype): decode steps write the window ring inside kv_norm_rope;
     the forced kernel path (CPU references of the ops) agrees with the per-sequence reference
-    path to bf16 rounding over prefill + decode."""
+    path over prefill + decode. Both run the same reference ops on the CPU, so the logits
+    are equal (0.0 measured); the bound, about one bf16 rounding step of the largest logit,
+    leaves room for a BLAS that orders its sums differently per shape, far below what a
+    RoPE position off by one in the decode branch gives (0.98; the bound was 3e-2)."""
     m16 = dsv4.Model(model.config).eval()
     m16.load_state_dict(model.state_dict())
     m16 = m16.to(torch.bfloat16)
@@ -240,7 +245,7 @@ def test_bf16_kernel_path_decode_matches_the_reference_path(model, monkeypatch):
         got[path] = [logits[i] for i in ids]
     for a, b in zip(got["kernels"], got["reference"]):
         assert a.shape == b.shape
-        assert _rel(a, b) < 3e-2, _rel(a, b)
+        assert _rel(a, b) < 5e-3, _rel(a, b)
 
 
 @pytest.mark.parametrize("route", ["reference", "kernels"])
