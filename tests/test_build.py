@@ -66,6 +66,8 @@ def test_extension_built_when_expected():
     assert d["build_arch_list"], "python/dsv4/_build_config.py missing: was setup.py run?"
 
 
+@pytest.mark.skipif(not ext.HAS_C, reason="without the extension the ops are defined from "
+                    "this table (the comparison would be the table with itself)")
 @pytest.mark.parametrize("name", sorted(ext.OP_SCHEMAS))
 def test_op_schema_matches_python_table(name):
     # The C++ m.def and the Python fallback definition must declare the same schema.

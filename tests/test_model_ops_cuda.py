@@ -1,6 +1,11 @@
-"""Every CUDA op, called by the tiny model with the inputs the model really produces (mixed-length
-prefill, decode, ring buffers, growing compressed stores), agrees with its reference on the same
-inputs. This pins down which op differs when the cuda and reference backends diverge.
+"""sparse_attn, compress_kv and indexer_topk on CUDA, called by the tiny model with the inputs the
+model really produces (mixed-length prefill, decode, ring buffers, growing compressed stores),
+agree with their references on the same inputs. This pins down which of them differs when the
+cuda and reference backends diverge.
+
+The other ops the model calls (hca_attn, q/kv_norm_rope, paged_rows, grouped_oproj, rms_norm, the
+MoE and mHC ops) pass through the spy unchecked: tests/ops checks each against its reference on
+random inputs, and test_model_cuda.py the whole model against the fp32 one.
 """
 
 from __future__ import annotations

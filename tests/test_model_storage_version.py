@@ -50,7 +50,8 @@ def test_calls_that_move_nothing_keep_the_version(model, call):
                                   lambda m: m.to(torch.float64)])
 def test_refused_casts_change_nothing(model, call):
     where, v = _where(model), model.storage_version
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Model dtype must be float32 or bfloat16 .*, got "
+                                         r"torch\.float(16|64)$"):
         call(model)
     assert _where(model) == where and model.storage_version == v
 

@@ -39,10 +39,21 @@ def _inputs(P, n, seed, device="cpu", scale=8.0, specials=True):
 
 @pytest.mark.parametrize("limit", [0.0, 7.0, 10.0])
 def test_reference_is_swiglu_clamped(limit):
+    """The reference gives swiglu_clamped's bits (the model's one definition) on the [g | u]
+    halves, and those are the clamped SwiGLU written out here in float64, rounded once to
+    bf16 (NaN where it is NaN)."""
     gu, w = _inputs(13, 24, 1)
     want = swiglu_clamped(gu[:, :24], gu[:, 24:], limit, w[:, None], torch.bfloat16)
     assert _same(moe_swiglu_reference(gu, w, limit), want)
     assert _same(moe_swiglu(gu, w, limit), want)                 # CPU: the reference
+    g, u = gu[:, :24].double(), gu[:, 24:].double()
+    if limit > 0:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    f64 = g / (1 + torch.exp(-g)) * u * w.double()[:, None]    # (silu(-inf) is NaN, as F.silu)
+    got = want.double()
+    # one bf16 rounding; below bf16's normal range the fp32 product may flush to 0
+    close = (got == f64) | ((got - f64).abs() <= 2 ** -8 * f64.abs() + 2 ** -126)
+    assert bool((close | (got.isnan() & f64.isnan())).all())
 
 
 @pytest.mark.parametrize("args,match", [
