@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsv4.ops.quant import fp4_e2m1_round, fp4_e2m1_sim, fp8_e4m3_sim, hadamard, ue8m0_scale
@@ -51,6 +52,13 @@ def test_hadamard_matches_sylvester_matrix_and_is_orthonormal():
     x = torch.randn(3, 64)
     torch.testing.assert_close(hadamard(x), x @ H.T / 8, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hadamard(hadamard(x)), x, atol=1e-5, rtol=1e-5)
+
+
+def test_hadamard_refuses_integer_input():
+    """An integer tensor came back cast to its dtype: [1, 0, 0, 0] gave zeros, not 0.5 each."""
+    with pytest.raises(ValueError, match="hadamard: x must be a float tensor"):
+        hadamard(torch.tensor([[1, 0, 0, 0]]))
+    assert torch.equal(hadamard(torch.tensor([[1.0, 0, 0, 0]])), torch.full((1, 4), 0.5))
 
 
 def test_fp8_quantize_is_the_half_of_the_sim_the_caches_store():

@@ -105,6 +105,9 @@ def fp8_e4m3_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     ``s = 2**ceil(log2(amax / 448))``, ``y = e4m3(clamp(x / s, ±448)) * s`` (round to nearest
     even). Used on the non-RoPE KV dims (architecture.md §3.3: dsv4 performs the real FP8 round
     trip) and, with block 128, on activations before FP8 GEMMs (§12.3).
+    Near the top of ``x``'s dtype the round trip can overflow: a block maximum that rounds up
+    to ``256 * s`` comes back as inf when that exceeds the dtype (fp32/bf16 values above
+    ~3.3e38, fp16 values from 63,488), as the same fp32 arithmetic in the kernels gives.
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
     q, s = fp8_e4m3_quantize(x, block)
@@ -132,6 +135,8 @@ def fp4_e2m1_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     Per block: ``amax = max(|x|, 6 * 2**-126)``, ``s = 2**ceil(log2(amax / 6))``,
     ``y = e2m1(x / s) * s``. Source: official ``fp4_act_quant`` (training.md §5.2), applied to
     indexer queries and keys after the Hadamard rotation (architecture.md §5).
+    As in :func:`fp8_e4m3_sim`, a block maximum within a rounding step of its dtype's largest
+    value (fp32 above ~3e38) can come back as inf.
     Raises ValueError if the last dim is not a multiple of ``block``.
     """
     block = check_block(block, "fp4_e2m1_sim")
@@ -152,8 +157,10 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     x: [..., n] with n a power of two; computed in fp32 by butterflies and cast back to
     ``x.dtype``. Equals ``x @ H_n.T / sqrt(n)`` with ``H_{2k} = [[H_k, H_k], [H_k, -H_k]]``, the
     matrix ``fast_hadamard_transform`` applies (architecture.md §5 step 3).
-    Raises ValueError if n is not a power of two.
+    Raises ValueError if ``x`` is not a floating-point tensor (an integer one came back
+    truncated to integers) or n is not a power of two.
     """
+    _check_float_blocks(x, "hadamard")
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard: last dim must be a power of two, got {n}")
