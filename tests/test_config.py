@@ -105,7 +105,10 @@ def test_json_round_trip(tmp_path):
     ({"n_group": 8, "topk_group": 4}, "group-limited"),
     ({"n_shared_experts": 2}, "n_shared_experts"),
     ({"hc_sinkhorn_iters": 0}, "hc_sinkhorn_iters"),
-    ({"hidden_size": "4096x"}, "must be of type int"),
+    ({"hidden_size": "4096x"}, r"must be of type int \(an integer JSON number, an integral "
+                               r"float or a string holding an integer\), got '4096x'"),
+    ({"rms_norm_eps": "tiny"}, r"must be of type float \(a JSON number or a string holding "
+                               r"one\), got 'tiny'"),
     ({"num_attention_heads": 0}, "n_heads"),
 ])
 def test_unsupported_values_are_rejected(change, match):

@@ -206,7 +206,9 @@ class ModelConfig:
                 continue
             coerced = _coerce(v, kind)
             if coerced is _BAD:
-                want = {"int": "int (an integer JSON number)", "float": "float (a JSON number)",
+                want = {"int": "int (an integer JSON number, an integral float or a string "
+                                "holding an integer)",
+                        "float": "float (a JSON number or a string holding one)",
                         "bool": "bool (JSON true/false)", "str": "str (a JSON string)",
                         "optional str": "str or null"}[kind]
                 raise ConfigError(f"config field {f.name}{_hf_alias(f.name)} must be of type "
