@@ -680,3 +680,23 @@ def test_prefill_and_decode_rates_are_reported_separately(monkeypatch):
                     "decode: 4.0 tokens/s (2.00 s), finish: length]")
     one = generate(TimedModel([5]), prompt, max_new_tokens=1, eos_id=None)
     assert one.decode_tokens_per_second == 0.0 and "decode: n/a" in gen.format_rates(one)
+
+
+def test_a_generation_past_max_position_embeddings_is_refused_like_the_cli():
+    """generate() refuses what ``dsv4 generate`` refuses (prompt + max_new_tokens beyond
+    max_position_embeddings), before any model call; up to it, it runs."""
+    import dataclasses
+
+    import dsv4
+
+    c = dataclasses.replace(dsv4.ModelConfig.tiny(quant_sim=False), max_position_embeddings=40)
+    torch.manual_seed(0)
+    m = dsv4.Model(c).eval()
+    calls = []
+    m.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"prompt \(30 tokens\) \+ max_new_tokens \(11\) exceeds "
+                                         r"the model's max_position_embeddings \(40\); "
+                                         r"max_new_tokens accepts at most 10 here"):
+        generate(m, [1] * 30, 11)
+    assert not calls
+    assert len(generate(m, [1] * 30, 10, eos_id=None).token_ids) == 10

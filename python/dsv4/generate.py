@@ -370,12 +370,18 @@ def generate(
     Raises:
         ValueError: invalid sampling arguments, ``max_new_tokens < 0``, an empty prompt, a
             negative prompt id, an ``eos_id`` that is not None or an integer
-            (:func:`check_eos_id`), or ``stop_strings`` without a tokenizer.
+            (:func:`check_eos_id`), ``stop_strings`` without a tokenizer, or a prompt +
+            ``max_new_tokens`` beyond the model's ``config.max_position_embeddings``.
     """
     prompt, stop_strings = check_generate_args(prompt_ids, max_new_tokens, temperature, top_p,
                                                top_k, stop_strings, tokenizer, seed)
     eos_id = check_eos_id(eos_id)
     max_new_tokens = operator.index(max_new_tokens)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and len(prompt) + max_new_tokens > max_pos:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's max_position_embeddings ({max_pos}); "
+                         f"max_new_tokens accepts at most {max(0, max_pos - len(prompt))} here")
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 
