@@ -498,3 +498,25 @@ def test_expert_fp8_refuses_float_scales_with_no_e8m0_form(src, tmp_path, capsys
                      "--model-parallel", "2", "--expert-fp8"]) == 1
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
     convert(bad, tmp_path / "fp4", 2)           # kept as FP4 with its scales: no refusal
+
+
+def test_without_an_index_convert_reads_model_safetensors_as_the_loader_does(tmp_path):
+    """No index: model.safetensors is the checkpoint (checkpoint_files' order). convert read
+    every *.safetensors beside it too, so a stray copy failed with "tensor ... is in both",
+    and one holding other names would have been converted with the checkpoint."""
+    import shutil
+
+    from dsv4.checkpoint import checkpoint_files
+
+    d = tmp_path / "ck"
+    make_checkpoint(ModelConfig.tiny(**TINY_MP), d, seed=3, tokenizer=False)
+    shutil.copyfile(d / "model.safetensors", d / "old-copy.safetensors")
+    def names(files):
+        return {os.path.basename(f) for f in files}
+
+    assert names(checkpoint_files(str(d))) == {"model.safetensors"}
+    assert names(f for f, _, _ in read_checkpoint_index(str(d)).values()) == {"model.safetensors"}
+    convert(d, tmp_path / "o", 1)
+    os.remove(d / "model.safetensors")            # then every *.safetensors, as before
+    assert names(f for f, _, _ in read_checkpoint_index(str(d)).values()) == {
+        "old-copy.safetensors"}

@@ -260,8 +260,10 @@ def write_sharded(out_dir: str, entries: list, n_shards: int = 1,
 def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
     """``{name: (file, dtype string, shape)}`` of a checkpoint directory, from file headers only.
 
-    Files: those listed in ``model.safetensors.index.json``, else every ``*.safetensors`` except
-    ``golden.safetensors`` and model-parallel rank files, each confined to the directory
+    Files: those listed in ``model.safetensors.index.json``, else ``model.safetensors``, else
+    every ``*.safetensors`` except ``golden.safetensors`` and model-parallel rank files (the
+    loader's order, :func:`dsv4.checkpoint.checkpoint_files`, which also reads no other file
+    beside an index or a ``model.safetensors``), each confined to the directory
     (:func:`dsv4.checkpoint_io.confined_path`). Raises ConvertError for a missing
     directory, no weights, a file outside the directory, an unreadable file or a tensor
     present in two files.
@@ -282,6 +284,8 @@ def read_checkpoint_index(path: str) -> dict[str, tuple[str, str, list[int]]]:
                 first[f] = confined_path(path, f, f"{index}: weight_map entry {n!r} -> {f!r}",
                                          ConvertError)
         files = sorted(set(first.values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = [confined_path(path, "model.safetensors", "model.safetensors", ConvertError)]
     else:
         files = sorted(confined_path(path, f, f, ConvertError) for f in os.listdir(path)
                        if f.endswith(".safetensors") and f != "golden.safetensors"
@@ -559,10 +563,11 @@ def _check_expert_fp8_scales(src: dict) -> None:
             if (dtype != "F32" or w is None or w[1] not in _FP4
                     or split_rule(name)[0] != "expert"):
                 continue
-            mant, e = torch.frexp(files.tensor(file, name).float())
+            scale = files.tensor(file, name).float()
+            mant, e = torch.frexp(scale)
             ok = (mant == 0.5) & (e >= -126) & (e <= 128)
             if not bool(ok.all()):
-                bad = files.tensor(file, name).float()[~ok].flatten()[:2].tolist()
+                bad = scale[~ok].flatten()[:2].tolist()
                 errs.append(f"{name} in {file}: e.g. {bad}")
     if errs:
         raise ConvertError("--expert-fp8: these FP4 experts' float scales are not powers of two "
