@@ -3,7 +3,9 @@
 // double-precision loop:
 //   1. HCA mode (extra lanes computed from a block table, scattered blocks, block sizes 1 / 2 /
 //      61 / 64, per-token entry counts incl. 0 and > capacity, missing blocks, bad rows) gives
-//      BIT-IDENTICAL out / lse to the same kernel fed the equivalent explicit index list.
+//      BIT-IDENTICAL out / lse to the same kernel fed the equivalent explicit index list (a
+//      token without a row: length 0 in the list), also split (up to 130 splits; b = 4 at 3
+//      and 33). The split workspace is poisoned with NaN before every call.
 //   2. FP8 MODEL1 pools (packed here on the host: e4m3 + UE8M0 scales, FlashMLA's block layout)
 //      give BIT-IDENTICAL results to bf16 pools holding the dequantised values (sm_90 only), in
 //      sparse mode and in HCA mode, with and without the split-K path, through EVERY FP8 kernel
@@ -199,6 +201,8 @@ Result launch(dsv4::SparseAttnParams p, int64_t T, int H, int splits, bool* kept
   if (splits > 1) {
     p.workspace_bytes = dsv4::sparse_attn_workspace_bytes(T, H, D, splits);
     CHECK_CUDA(cudaMalloc(&ws, p.workspace_bytes));
+    // poisoned (NaN): a partial the merge reads but no CTA wrote shows as NaN
+    CHECK_CUDA(cudaMemset(ws, 0xff, p.workspace_bytes));
     p.workspace = ws;
   }
   if (kept != nullptr) {
@@ -291,10 +295,13 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   lengths[0] = 0;
   if (T > 3) lengths[3] = static_cast<int32_t>(max_blocks * bs + 50);  // clamps to capacity
   if (T > 5) rows[5] = -3;                                            // no compressed key
-  // the equivalent explicit list
+  // the equivalent explicit list; a token without a block-table row has no compressed key in
+  // the HCA mode, so its list has length 0 (a length of -1 entries is the same attention, but
+  // the split partition counts those blocks, and the fp32 summation order would differ)
   const int64_t cap = max_blocks * bs;
-  std::vector<int32_t> eidx(T * cap, -1);
+  std::vector<int32_t> eidx(T * cap, -1), list_len(lengths);
   for (int64_t t = 0; t < T; ++t) {
+    if (rows[t] < 0) list_len[t] = 0;
     if (rows[t] < 0) continue;
     const int64_t n = std::min<int64_t>(std::max(lengths[t], 0), cap);
     for (int64_t i = 0; i < n; ++i) {
@@ -335,6 +342,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   base.attn_sink = dev(sink);
   base.softmax_scale = 1.f / std::sqrt(float(D));
   int32_t* d_len = dev(lengths);
+  int32_t* d_list_len = dev(list_len);
   base.extra_topk_length = d_len;
 
   // bf16 explicit list (the verified path)
@@ -348,6 +356,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   a.extra_indices = dev(eidx);
   a.extra_indices_stride = cap;
   a.extra_topk = cap;
+  a.extra_topk_length = d_list_len;
   const Result ra = launch(a, T, H, splits);
 
   // bf16 HCA mode
@@ -360,6 +369,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   h.extra_max_blocks = max_blocks;
   h.extra_block_size = bs;
   h.extra_rows = dev(rows);
+  h.extra_topk_length = d_len;
   char name[160];
   std::snprintf(name, sizeof(name), "HCA == list   H=%d B=%lld bs=%lld entries<=%d splits=%d",
                 H, (long long)B, (long long)bs, max_entries, splits);
@@ -382,6 +392,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
     fh.extra_block_table_rows = B;
     fh.extra_max_blocks = max_blocks;
     fh.extra_rows = h.extra_rows;
+    fh.extra_topk_length = d_len;
     const char* kind = nan ? " raw bytes + NaN" : raw ? " raw bytes" : "";
     for (const char* kernel : {"old", "new", "new2"}) {
       setenv("DSV4_SPARSE_FP8", kernel, 1);
@@ -407,6 +418,7 @@ bool run(int H, int64_t B, int64_t bs, int max_entries, int splits, bool fp8, st
   cudaFree(const_cast<int32_t*>(base.indices));
   cudaFree(const_cast<float*>(base.attn_sink));
   cudaFree(d_len);
+  cudaFree(d_list_len);
   cudaFree(const_cast<void*>(a.kv));
   cudaFree(const_cast<void*>(a.extra_kv));
   cudaFree(const_cast<int32_t*>(a.extra_indices));
@@ -707,6 +719,8 @@ int main(int argc, char** argv) {
   ok &= run(3, 5, 7, 150, 1, fp8, rng);       // 3 heads (a partial head tile)
   ok &= run(64, 1, 8, 8192, 130, fp8, rng);   // 1M-context HCA shape: 130 splits of one block
   ok &= run(3, 1, 8, 3000, 77, fp8, rng);     // many splits, 3 heads, a ragged last group
+  for (int splits : {3, 33})                  // b = 4 (a row-less token, a bad block) split
+    ok &= run(64, 4, 8, 2048, splits, fp8, rng);
   if (fp8) {
     ok &= run(64, 3, 64, 1024, 1, fp8, rng, /*raw=*/true);
     ok &= run(128, 2, 2, 600, 6, fp8, rng, /*raw=*/true);  // split-K, HCA pages of 2
