@@ -800,3 +800,29 @@ def test_lone_surrogates_are_named(tok, messages, where):
     with pytest.raises(ValueError, match=r"the prompt is not valid Unicode text: '\\ud800' at "
                                          r"index 3"):
         encode_prompt(tok, "hi \ud800")
+
+
+def test_json_nested_too_deeply_is_a_value_error():
+    """A model completion or tool-call arguments nested past Python's recursion limit raised
+    RecursionError (a server that catches the documented ValueError crashed); now ValueError,
+    on parsing and on encoding (JSON text or Python values)."""
+    d = "｜DSML｜"
+
+    def completion(value):
+        return (f'\n\n<{d}tool_calls>\n<{d}invoke name="f">\n<{d}parameter name="a" '
+                f'string="false">{value}</{d}parameter>\n</{d}invoke>\n</{d}tool_calls>')
+
+    assert parse_completion(completion("[[1]]")).tool_calls == [ToolCall("f", '{"a": [[1]]}')]
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ValueError, match="parameter 'a' of 'f' is nested too deeply"):
+        parse_completion(completion(deep))
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    user = {"role": "user", "content": "x"}
+    for arguments in ('{"a": ' + deep + "}", {"a": nested}):
+        call = {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function",
+                                "function": {"name": "f", "arguments": arguments}}]}
+        with pytest.raises(ValueError, match="nested too deeply"):
+            encode_messages([user, call])

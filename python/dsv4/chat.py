@@ -170,6 +170,8 @@ def _json_of(value: Any, where: str) -> str:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} must be JSON-serialisable (dicts, lists, strings, finite "
                          f"numbers, booleans, None): {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be written as JSON") from None
 
 
 def _is_list(value: Any) -> bool:
@@ -414,6 +416,8 @@ def _write_parameters(w: "_Writer", arguments: Any, where: str) -> None:
             args = json.loads(arguments)
         except json.JSONDecodeError:
             args = {"arguments": arguments}
+        except RecursionError:
+            raise ValueError(f"{where} arguments are nested too deeply to be read as JSON") from None
         if not isinstance(args, dict):
             raise ValueError(f"{where} arguments must be a JSON object, got {arguments!r}")
     for k, (key, value) in enumerate(args.items()):
@@ -487,7 +491,11 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             if m.get(key) is not None and not _is_list(m[key]):
                 raise ValueError(f"messages[{i}]['{key}'] must be a list of {what} (or None), "
                                  f"got {type(m[key]).__name__}")
-        out.append(copy.deepcopy(dict(m)) | {"_index": i})
+        try:
+            out.append(copy.deepcopy(dict(m)) | {"_index": i})
+        except RecursionError:
+            raise ValueError(f"messages[{i}] is nested too deeply to be copied or written as "
+                             "JSON") from None
     return out
 
 
@@ -908,6 +916,9 @@ def _parse_tool_calls(text: str, pos: int) -> tuple[list[ToolCall], int]:
                 except json.JSONDecodeError:
                     raise ValueError(f'DSML parameter {key!r} of {name!r} has string="false" but '
                                      f"its value is not JSON: {value!r}") from None
+                except RecursionError:
+                    raise ValueError(f"DSML parameter {key!r} of {name!r} is nested too deeply "
+                                     "to be read as JSON") from None
                 value_json = value
             fields.append(f"{_to_json(key)}: {value_json}")
             pos = expect("\n", end + len(_PARAM_CLOSE), "a newline after")
