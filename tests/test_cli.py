@@ -263,12 +263,24 @@ def test_info_model_preset(capsys):
 def test_info_context_beyond_the_models_positions_is_refused(capsys):
     """--context 10**23 printed KV totals for ~1e23 tokens (and broke the table's header)."""
     assert cli.main(["info", "--model", "flash", "--context", str(10 ** 23)]) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert ("dsv4 info: error: argument --context: flash holds at most 1,048,576 tokens "
             "(max_position_embeddings), got 100,000,000,000,000,000,000,000") in err
+    assert out == ""                     # refused before printing anything (it printed it all)
     from dsv4.model_info import format_model_info
     with pytest.raises(ValueError, match=r"context must be in \[1, 1,048,576\]"):
         format_model_info(dsv4.ModelConfig.flash(), context=(1 << 20) + 1)
+
+
+@pytest.mark.parametrize("context, shown", [("64K", "at 65,536 tokens"), ("1m", "at 1M tokens"),
+                                           ("4096", "at 4,096 tokens")])
+def test_info_context_takes_the_sizes_bench_takes(capsys, context, shown):
+    """dsv4 bench took --context 1M, dsv4 info refused it: one parser for both."""
+    assert cli.main(["info", "--model", "flash", "--context", context]) == 0
+    assert shown in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--model", "flash", "--context", "0K"])
+    assert "expected a positive token count, got '0K'" in capsys.readouterr().err
 
 
 def test_make_checkpoint_output_must_be_a_directory(tmp_path, capsys):

@@ -214,8 +214,9 @@ def test_cli_info_without_model_is_unchanged(capsys):
     (["info", "/nonexistent/dir"], "argument DIR: expected tiny, flash, pro or an existing"),
     (["info", "--model", "huge"], "argument --model: expected tiny, flash, pro"),
     (["info", GOLDEN_FP8, "--model", "tiny"], "either as DIR or as --model"),
-    (["info", "--model", "tiny", "--context", "0"], "expected an integer >= 1"),
-    (["info", "--model", "tiny", "--context", "1M"], "expected an integer >= 1"),
+    (["info", "--model", "tiny", "--context", "0"], "expected a positive token count, got '0'"),
+    (["info", "--model", "tiny", "--context", "1.5M"],
+     "expected a token count like 4096, 64K or 1M, got '1.5M'"),
 ])
 def test_cli_info_errors(capsys, argv, message):
     assert message in _usage_error(capsys, argv)

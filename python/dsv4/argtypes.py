@@ -15,7 +15,7 @@ import torch
 from .cache import as_int
 
 __all__ = ["check_number", "check_seed", "int_at_least", "int_sequence", "iter_items",
-           "resolve_device", "seed_arg"]
+           "resolve_device", "seed_arg", "token_count", "token_count_arg"]
 
 
 def check_number(value, name: str, ok: Callable[[float], bool], accepted: str) -> float:
@@ -38,6 +38,30 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
         return v
     return parse
+
+
+def token_count(v: str) -> int:
+    """A token count written ``4096``, ``64K`` (x 1024) or ``1M`` (x 2**20), case and spaces
+    ignored; ValueError for anything else (the sign is not checked here)."""
+    v = v.strip().upper()
+    mult = 1
+    if v.endswith("K"):
+        mult, v = 1024, v[:-1]
+    elif v.endswith("M"):
+        mult, v = 1 << 20, v[:-1]
+    return int(v) * mult
+
+
+def token_count_arg(s: str) -> int:
+    """An argparse type: a positive :func:`token_count` (``4096``, ``64K``, ``1M``)."""
+    try:
+        v = token_count(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 64K or 1M, got "
+                                         f"{s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive token count, got {s!r}")
+    return v
 
 
 def _seed_range(limit: int) -> str:

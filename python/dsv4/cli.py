@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .argtypes import int_at_least, resolve_device, seed_arg
+from .argtypes import int_at_least, resolve_device, seed_arg, token_count_arg
 from .generate import SEED_LIMIT
 from .synthetic import SEED_LIMIT as SYNTHETIC_SEED_LIMIT
 
@@ -429,8 +429,9 @@ def _add_info_and_checkpoint_commands(sub: Any) -> None:
                    help="checkpoint directory to summarise (same as --model DIR)")
     i.add_argument("--model", default=None, metavar="tiny|flash|pro|DIR",
                    help="also summarise this preset's or checkpoint directory's config")
-    i.add_argument("--context", type=_positive_int, default=1 << 20, metavar="TOKENS",
-                   help="context length for the KV-cache totals (default: 1048576 = 1M)")
+    i.add_argument("--context", type=token_count_arg, default=1 << 20, metavar="TOKENS",
+                   help="context length for the KV-cache totals: 4096, 64K, 1M, ... "
+                        "(default: 1M = 1048576)")
     i.set_defaults(func=_cmd_info, subparser=i)
 
     m = sub.add_parser(
@@ -484,6 +485,18 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         what = "argument --model" if args.model is not None else "argument DIR"
         parser.error(f"{what}: expected tiny, flash, pro or an existing checkpoint directory, "
                      f"got {model!r}")
+    config = None
+    if model is not None:     # (checked before any output)
+        try:
+            config = _load_config(model)
+        except Exception as e:
+            print(f"dsv4 info: error: cannot load the config of {model!r}: {e}", file=sys.stderr)
+            return 1
+        if args.context > config.max_position_embeddings:
+            print(f"dsv4 info: error: argument --context: {model} holds at most "
+                  f"{config.max_position_embeddings:,} tokens (max_position_embeddings), got "
+                  f"{args.context:,}", file=sys.stderr)
+            return 1
     import torch
 
     try:
@@ -493,18 +506,8 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"dsv4 kernels: no information (dsv4.ops._ext.format_info unavailable: {e})")
     else:
         print(format_info())
-    if model is not None:
-        try:
-            config = _load_config(model)
-        except Exception as e:
-            print(f"dsv4 info: error: cannot load the config of {model!r}: {e}", file=sys.stderr)
-            return 1
+    if config is not None:
         print(format_config_summary(config, model))
-        if args.context > config.max_position_embeddings:
-            print(f"dsv4 info: error: argument --context: {model} holds at most "
-                  f"{config.max_position_embeddings:,} tokens (max_position_embeddings), got "
-                  f"{args.context:,}", file=sys.stderr)
-            return 1
         from dsv4.model_info import format_model_info
 
         try:

@@ -46,7 +46,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from ..argtypes import int_at_least, seed_arg
+from ..argtypes import int_at_least, seed_arg, token_count
 from ..generate import SEED_LIMIT
 
 __all__ = ["add_bench_command", "main", "build_config", "build_model", "non_layer_bytes"]
@@ -66,20 +66,9 @@ def _int_list(s: str) -> list[int]:
 
 
 
-def eval_size(v: str) -> int:
-    """'4096', '64K', '1M' -> tokens."""
-    v = v.strip().upper()
-    mult = 1
-    if v.endswith("K"):
-        mult, v = 1024, v[:-1]
-    elif v.endswith("M"):
-        mult, v = 1 << 20, v[:-1]
-    return int(v) * mult
-
-
 def _sizes(s: str) -> list[int]:
     try:
-        out = [eval_size(v) for v in s.split(",") if v.strip()]
+        out = [token_count(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 4096,64K,1M, got {s!r}") from None
     if not out or min(out) < 1:
@@ -97,7 +86,7 @@ def _cases(s: str) -> list[tuple[int, int]]:
     for part in s.split(","):
         try:
             b, p = part.lower().split("x")
-            out.append((int(b), eval_size(p)))
+            out.append((int(b), token_count(p)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected cases like 1x2048,64x512, got {s!r}") \
                 from None
