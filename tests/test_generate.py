@@ -700,3 +700,9 @@ def test_a_generation_past_max_position_embeddings_is_refused_like_the_cli():
         generate(m, [1] * 30, 11)
     assert not calls
     assert len(generate(m, [1] * 30, 10, eos_id=None).token_ids) == 10
+    from dsv4.runtime import generate as runtime_generate     # the same rule on the engine
+    calls.clear()
+    with pytest.raises(ValueError, match=r"max_new_tokens accepts at most 10 here"):
+        runtime_generate(m, [1] * 30, 11)
+    assert not calls
+    assert len(runtime_generate(m, [1] * 30, 10, eos_id=None).token_ids) == 10

@@ -89,7 +89,12 @@ class Engine:
     Args:
         model: the model (any dtype / device; the CUDA kernels run for bf16 on CUDA).
         max_batch: sequences in flight at once (cache slots); also the largest decode graph.
-        max_model_len: longest sequence (prompt + generated tokens) a request may reach.
+        max_model_len: longest sequence (prompt + generated tokens) a request may reach. It
+            is not bounded by the model's ``max_position_embeddings``: positions past it take
+            the same RoPE (YaRN) formula, as in the official code, which bounds positions only
+            by its cache (``dsv4 bench --mode 1m`` decodes a few past 2**20); the generation
+            helpers (``dsv4 generate``, :func:`dsv4.generate.generate`,
+            :func:`dsv4.runtime.generate`) refuse them (:func:`dsv4.generate.check_positions`).
         block_tokens: tokens per pool block (default :func:`default_block_tokens`).
         num_blocks: blocks in the pool (default: every slot can reach ``max_model_len``).
         max_num_batched_tokens: tokens per step at most (prefill chunks + decode tokens).

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..generate import (GenerationResult, _final_text, _StopStringFilter, check_eos_id,
-                        check_generate_args)
+                        check_generate_args, check_positions)
 from .engine import Engine
 from .request import SamplingParams
 
@@ -86,6 +86,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
                                                top_k, stop_strings, tokenizer, seed)
     eos_id = check_eos_id(eos_id)
     max_new_tokens = operator.index(max_new_tokens)
+    check_positions(model, len(prompt), max_new_tokens)
     from ..tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
