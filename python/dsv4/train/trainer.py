@@ -18,10 +18,14 @@ resumed from a checkpoint continues bit-identically (on the same machine and thr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +41,7 @@ from .data import Corpus
 from .loss import head_features, linear_cross_entropy, reference_backend
 from .routing import RoutingController
 
-__all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at"]
+__all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at", "deferred_sigint", "weights_digest"]
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -139,6 +143,39 @@ class TrainConfig:
         return any(a <= step < b for a, b in self.anticipatory)
 
 
+@contextlib.contextmanager
+def deferred_sigint():
+    """Inside, Ctrl-C (SIGINT) does not interrupt: in the main thread the signal is recorded and
+    delivered to the previous handler right after the block (``KeyboardInterrupt`` with Python's
+    default handler), so that the block (an optimizer step, a save) is applied whole or not at
+    all. The previous handler is restored on exit, also on error. Elsewhere than in the main
+    thread (where Python runs signal handlers) and where SIGINT has a handler not installed from
+    Python, the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)      # the previous handler, now
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of ``model``'s parameters (names, dtypes, shapes and bytes): recorded in
+    ``trainer_state.pt`` and checked on resume against the weights loaded beside it."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(p.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up, constant, cosine decay."""
     w = cfg.warmup_steps
@@ -218,7 +255,10 @@ class Trainer:
         Raises FloatingPointError when the step's gradients are not finite (NaN / inf, e.g. a
         bf16 overflow), and re-raises any error of the forward / backward: the step is not
         taken then, and the weights, optimizer state, routing load and biases, the recorded
-        routing of step ``self.step`` and ``self.step`` are as they were before the call."""
+        routing of step ``self.step`` and ``self.step`` are as they were before the call. A
+        Ctrl-C (SIGINT) in the main thread during the update (optimizer step, bias update, step
+        counter, metrics) is deferred to its end (:func:`deferred_sigint`): the step is taken
+        whole, then KeyboardInterrupt is raised."""
         c, s = self.cfg, self.step
         t0 = time.perf_counter()
         lr = lr_at(c, s)
@@ -258,23 +298,24 @@ class Trainer:
             if replay is not None and target != s:
                 routing.store(s, replay)
             raise
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, c.grad_clip, total)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        imbalance = routing.update_biases()
-        learned = [v for k, v in imbalance.items() if not routing.gates[k].hash]
-        self.step += 1
-        dt = time.perf_counter() - t0
-        m = {"step": self.step, "loss": float(main.detach()), "mtp_loss": None if extra is None
-             else float(extra.detach()), "balance_loss": float(bal.detach()), "lr": lr,
-             "mtp_weight": lam,
-             "grad_norm": gnorm, "load_max_over_mean": sum(learned) / max(1, len(learned)),
-             "anticipatory": routing.anticipatory, "replayed_gates": replayed,
-             "seconds": dt, "tokens_per_s": c.batch * c.seq_len / dt}
-        self.history.append(m)
+        with deferred_sigint():     # the update is applied whole: Ctrl-C waits for its end
+            if c.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(with_grad, c.grad_clip, total)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            imbalance = routing.update_biases()
+            learned = [v for k, v in imbalance.items() if not routing.gates[k].hash]
+            self.step += 1
+            dt = time.perf_counter() - t0
+            m = {"step": self.step, "loss": float(main.detach()), "mtp_loss": None
+                 if extra is None else float(extra.detach()), "balance_loss": float(bal.detach()),
+                 "lr": lr, "mtp_weight": lam,
+                 "grad_norm": gnorm, "load_max_over_mean": sum(learned) / max(1, len(learned)),
+                 "anticipatory": routing.anticipatory, "replayed_gates": replayed,
+                 "seconds": dt, "tokens_per_s": c.batch * c.seq_len / dt}
+            self.history.append(m)
         return m
 
     # ------------------------------------------------------------------ evaluation
@@ -302,18 +343,24 @@ class Trainer:
     def save(self, out: str | os.PathLike) -> None:
         """Write the model (official format: ``config.json`` + ``model.safetensors``, loadable
         by ``dsv4 generate --model OUT`` and ``Model.from_pretrained``), the optimizer / routing
-        / step state (``trainer_state.pt``) and the metrics (``metrics.jsonl``) into ``out``."""
+        / step state (``trainer_state.pt``, written after the weights, through a temporary file,
+        with the :func:`weights_digest` of the weights it belongs to) and the metrics
+        (``metrics.jsonl``) into ``out``. Ctrl-C during the save is deferred to its end; a
+        process killed between the two files leaves a state whose digest :meth:`load_state`
+        refuses."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "routing": self.routing.state_dict(), "config": dataclasses.asdict(self.cfg)}
-        tmp = out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, out / STATE_FILE)
-        with open(out / METRICS_FILE, "w", encoding="utf-8") as f:
-            for m in self.history:
-                f.write(json.dumps(m) + "\n")
+        with deferred_sigint():
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(out)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "routing": self.routing.state_dict(), "config": dataclasses.asdict(self.cfg),
+                     "weights_sha256": weights_digest(self.model)}
+            tmp = out / (STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, out / STATE_FILE)
+            with open(out / METRICS_FILE, "w", encoding="utf-8") as f:
+                for m in self.history:
+                    f.write(json.dumps(m) + "\n")
 
     @staticmethod
     def read_state(out: str | os.PathLike) -> dict:
@@ -343,7 +390,9 @@ class Trainer:
         read again; it holds the optimizer state, several times the model's size).
 
         Raises ValueError naming the file (``trainer_state.pt`` or ``metrics.jsonl``) when it
-        is unreadable or does not fit this trainer's model; the trainer is unchanged then.
+        is unreadable or does not fit this trainer's model, or when the model's weights are not
+        those the state was saved with (its ``weights_sha256``: e.g. a save killed between
+        ``model.safetensors`` and ``trainer_state.pt``); the trainer is unchanged then.
         """
         out = Path(out)
         if state is None:
@@ -368,5 +417,13 @@ class Trainer:
             self.routing.load_state_dict(saved_routing)
             raise ValueError(f"{out / STATE_FILE} does not fit this model's optimizer / routing "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        digest = state.get("weights_sha256")
+        if digest is not None and digest != weights_digest(self.model):
+            self.optimizer.load_state_dict(saved_opt)
+            self.routing.load_state_dict(saved_routing)
+            raise ValueError(f"{out / STATE_FILE} was saved with other weights than this "
+                             f"model's (those of {out}/model.safetensors?): a save interrupted "
+                             "between the two files, or files of two runs; resume from a "
+                             "complete checkpoint")
         self.step = int(state["step"])
         self.history = history

@@ -1,0 +1,97 @@
+"""The Trainer misused or interrupted: Ctrl-C inside the update, a checkpoint whose two files do
+not belong together, a saved state of other settings or an impossible step, schedules that
+cannot be laid out."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import dsv4
+import dsv4.optim.muon as muon_mod
+from dsv4.train import Trainer
+from dsv4.train.trainer import deferred_sigint
+
+from .test_gradients import micro_config
+from .test_routing import _corpus, _state, _trainer
+
+
+def _optimizer_state(tr):
+    return {(i, k): v.clone() for i, p in enumerate(tr.params)
+            for k, v in tr.optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+
+def test_ctrl_c_inside_the_optimizer_step_completes_the_step_then_interrupts(monkeypatch):
+    """SIGINT while Muon orthogonalises (after every momentum buffer was updated): the step is
+    applied whole (weights, momenta, biases, step counter, metrics, as an uninterrupted step),
+    then KeyboardInterrupt; the SIGINT handler is the previous one again."""
+    a, b = _trainer(), _trainer()
+    a.train_step()
+    real = muon_mod.orthogonalize
+    sent = []
+
+    def orthogonalize(*args, **kw):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+    monkeypatch.setattr(muon_mod, "orthogonalize", orthogonalize)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        b.train_step()
+    assert sent and signal.getsignal(signal.SIGINT) is handler
+    assert b.step == 1 and len(b.history) == 1
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = _optimizer_state(a), _optimizer_state(b)
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert b.history[0]["loss"] == a.history[0]["loss"]
+
+
+def test_deferred_sigint_outside_the_main_thread_and_without_a_signal():
+    import threading
+    handler = signal.getsignal(signal.SIGINT)
+    with deferred_sigint():
+        x = 1
+    assert x == 1 and signal.getsignal(signal.SIGINT) is handler
+    out = []
+
+    def run():
+        with deferred_sigint():
+            out.append(signal.getsignal(signal.SIGINT) is handler)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert out == [True]
+
+
+def test_ctrl_c_inside_save_writes_the_whole_checkpoint(tmp_path, monkeypatch):
+    tr = _trainer()
+    tr.train_step()
+    real = type(tr.model).save_pretrained
+
+    def save_pretrained(self, out):
+        real(self, out)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(type(tr.model), "save_pretrained", save_pretrained)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(tmp_path)
+    assert Trainer.read_state(tmp_path)["step"] == 1 and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_state_saved_with_other_weights_is_refused(tmp_path):
+    """model.safetensors of step 2 beside trainer_state.pt of step 1 (a save killed between
+    the two files): refused, and the trainer is unchanged."""
+    tr = _trainer()
+    tr.train_step()
+    tr.save(tmp_path)
+    tr.train_step()
+    tr.model.save_pretrained(tmp_path)      # the weights of the next save, not its state
+    model = dsv4.Model.from_pretrained(tmp_path, dtype=torch.float32, progress=False)
+    c = Trainer(model, _corpus(), tr.cfg)
+    with pytest.raises(ValueError, match="was saved with other weights than this model's"):
+        c.load_state(tmp_path)
+    assert c.step == 0 and not c.optimizer.state and c.history == []
