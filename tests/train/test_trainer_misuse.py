@@ -95,3 +95,60 @@ def test_a_state_saved_with_other_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="was saved with other weights than this model's"):
         c.load_state(tmp_path)
     assert c.step == 0 and not c.optimizer.state and c.history == []
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(weight_decay=0.0), "weight_decay 0.1 saved, 0.0 given"),
+    (dict(optimizer="adamw", bias_update_speed=0.5),
+     "optimizer 'muon' saved, 'adamw' given; bias_update_speed 0.001 saved, 0.5 given"),
+    (dict(balance_alpha=0.0), "balance_alpha 0.0001 saved, 0.0 given"),
+    (dict(anticipatory_delta=2), "anticipatory_delta 1 saved, 2 given"),
+])
+def test_a_state_of_other_optimizer_or_routing_settings_is_refused(tmp_path, changes, named):
+    """load_state replaced the trainer's optimizer groups and routing rates with the saved ones
+    while trainer.cfg still showed the caller's: refused now, naming saved and given values,
+    with the trainer unchanged. The number of steps may change (a resume extends a run)."""
+    import dataclasses
+    a = _trainer()
+    a.train_step()
+    a.save(tmp_path)
+    model = dsv4.Model.from_pretrained(tmp_path, dtype=torch.float32, progress=False)
+    b = Trainer(model, _corpus(), dataclasses.replace(a.cfg, **changes))
+    groups = [dict((k, v) for k, v in g.items() if k != "params")
+              for g in b.optimizer.param_groups]
+    with pytest.raises(ValueError, match="was saved by a run of other optimizer / routing "
+                       "settings") as e:
+        b.load_state(tmp_path)
+    assert named in str(e.value)
+    assert b.step == 0 and not b.optimizer.state
+    assert groups == [dict((k, v) for k, v in g.items() if k != "params")
+                      for g in b.optimizer.param_groups]
+    assert b.routing.bias_update_speed == b.cfg.bias_update_speed
+    model = dsv4.Model.from_pretrained(tmp_path, dtype=torch.float32, progress=False)
+    c = Trainer(model, _corpus(), dataclasses.replace(a.cfg, steps=20))
+    c.load_state(tmp_path)
+    assert c.step == 1
+
+
+@pytest.mark.parametrize("step", [-1, 7, 1.5, "1"])
+def test_a_saved_step_outside_the_run_is_refused(tmp_path, step):
+    """A negative step gave a negative learning rate; one past cfg.steps a run that never
+    ends its schedule."""
+    a = _trainer()                              # steps=6
+    a.train_step()
+    a.save(tmp_path)
+    state = Trainer.read_state(tmp_path)
+    state["step"] = step
+    model = dsv4.Model.from_pretrained(tmp_path, dtype=torch.float32, progress=False)
+    b = Trainer(model, _corpus(), a.cfg)
+    with pytest.raises(ValueError, match="trainer_state.pt: its step must be an integer"):
+        b.load_state(tmp_path, state)
+    assert b.step == 0 and not b.optimizer.state
+
+
+def test_lr_at_refuses_a_negative_step():
+    from dsv4.train import TrainConfig, lr_at
+    c = TrainConfig(steps=10)
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
+        lr_at(c, -1)
+    assert lr_at(c, 0) > 0

@@ -176,8 +176,17 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+#: The TrainConfig fields that the saved optimizer / routing state carries (Trainer.load_state
+#: would replace the trainer's with them): a state of other values is refused.
+_STATE_SETTINGS = ("optimizer", "weight_decay", "bias_update_speed", "balance_alpha",
+                   "anticipatory_delta")
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up, constant, cosine decay."""
+    """Learning rate of step ``step`` (0-based): linear warm-up, constant, cosine decay.
+
+    Raises ValueError for a step that is not an integer >= 0."""
+    step = check_count(step, "step", 0)
     w = cfg.warmup_steps
     if step < w:
         return cfg.lr * (step + 1) / w
@@ -390,13 +399,31 @@ class Trainer:
         read again; it holds the optimizer state, several times the model's size).
 
         Raises ValueError naming the file (``trainer_state.pt`` or ``metrics.jsonl``) when it
-        is unreadable or does not fit this trainer's model, or when the model's weights are not
+        is unreadable or does not fit this trainer's model, when its run's optimizer / routing
+        settings (optimizer, weight_decay, bias_update_speed, balance_alpha,
+        anticipatory_delta) differ from ``self.cfg``'s, when its step is outside
+        [0, ``cfg.steps``], or when the model's weights are not
         those the state was saved with (its ``weights_sha256``: e.g. a save killed between
         ``model.safetensors`` and ``trainer_state.pt``); the trainer is unchanged then.
         """
         out = Path(out)
         if state is None:
             state = self.read_state(out)
+        saved_cfg = state["config"] if isinstance(state["config"], dict) else {}
+        differ = [f"{k} {saved_cfg[k]!r} saved, {getattr(self.cfg, k)!r} given"
+                  for k in _STATE_SETTINGS
+                  if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        if differ:
+            raise ValueError(f"{out / STATE_FILE} was saved by a run of other optimizer / "
+                             f"routing settings ({'; '.join(differ)}); give this trainer the "
+                             "run's TrainConfig (only steps may change on resume)")
+        try:
+            step = check_count(state["step"], "its step", 0)
+            if step > self.cfg.steps:
+                raise ValueError(f"its step must be an integer in [0, {self.cfg.steps}] (the "
+                                 f"steps of this trainer's run), got {step}")
+        except ValueError as e:
+            raise ValueError(f"{out / STATE_FILE}: {e}") from None
         metrics = out / METRICS_FILE
         try:
             history = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] \
@@ -425,5 +452,5 @@ class Trainer:
                              f"model's (those of {out}/model.safetensors?): a save interrupted "
                              "between the two files, or files of two runs; resume from a "
                              "complete checkpoint")
-        self.step = int(state["step"])
+        self.step = step
         self.history = history
