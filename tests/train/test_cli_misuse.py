@@ -254,3 +254,23 @@ def test_resume_reads_the_recorded_corpus_from_any_directory(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "is not the corpus of the run (files 4 recorded, 3 found; train_tokens" in err, err
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_resume_with_nothing_left_to_do_is_an_error(run_dir, tmp_path, capsys):
+    """--steps at or below the saved step (and a complete run without --steps) did nothing and
+    exited 0; an error naming the saved step now, with the run's files as they were."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)                 # saved at step 1 of 2
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for steps in ("1", None):
+        if steps is None:
+            assert cli_main(["train", "--resume", str(d), "--threads", "1"]) == 0
+            before = {p.name: p.read_bytes() for p in d.iterdir()}
+        capsys.readouterr()
+        argv = ["train", "--resume", str(d), "--threads", "1"]
+        assert cli_main(argv + (["--steps", steps] if steps else [])) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"dsv4 train: error: cannot resume from {d}: the run was saved "
+                              f"at step {1 if steps else 2}"), err
+        assert "give --steps greater than" in err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before

@@ -294,6 +294,14 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             run_info = _read_run_info(Path(args.resume) / "run.json")
             state = Trainer.read_state(args.resume)
             cfg_d = dict(state["config"])
+            saved_step = int(state["step"])
+            if (args.steps if args.steps is not None else cfg_d.get("steps")) == saved_step \
+                    or (args.steps is not None and args.steps < saved_step):
+                raise ValueError(
+                    f"the run was saved at step {saved_step}"
+                    + (f" of its {saved_step} steps: it is complete" if args.steps is None
+                       else f"; --steps {args.steps} leaves nothing to do")
+                    + f"; give --steps greater than {saved_step} to continue it")
             if args.steps is not None and args.steps != cfg_d["steps"]:
                 print(f"dsv4 train: --steps {args.steps} differs from the run's "
                       f"{cfg_d['steps']}: the schedules are laid out anew", file=sys.stderr)
