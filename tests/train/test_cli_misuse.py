@@ -183,6 +183,9 @@ def test_out_holding_a_run_is_not_overwritten_without_overwrite(run_dir, tmp_pat
     (["--grad-clip", "nan"], "argument --grad-clip: expected a finite number >= 0"),
     (["--anticipatory", "3:1"], "argument --anticipatory: range '3:1': need 0 <= START < END"),
     (["--anticipatory", "1:3,x"], "argument --anticipatory: expected 'all' or step ranges"),
+    (["--seed", str(2 ** 63)], "argument --seed: must be in [0, 2**32), got 9223372036854775808"),
+    (["--seed", str(2 ** 32)], "argument --seed: must be in [0, 2**32)"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**32), got -1"),
 ])
 def test_bad_numbers_and_ranges_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -88,7 +88,7 @@ def test_training_reduces_validation_loss(dtype):
     ("balance_alpha", float("nan")), ("bias_update_speed", float("nan")),
     ("grad_clip", float("nan")), ("grad_clip", -1.0), ("steps", 2.5), ("batch", "2"),
     ("warmup", -1), ("anticipatory_delta", -1), ("anticipatory_delta", 0.5),
-    ("decay_start", float("nan")), ("seed", -3),
+    ("decay_start", float("nan")), ("seed", -3), ("seed", 2 ** 32), ("seed", 2 ** 63),
 ])
 def test_train_config_refuses_values_that_reach_the_weights_as_nan(key, value):
     """Each of these was accepted: a NaN / negative schedule or loss weight turned the weights

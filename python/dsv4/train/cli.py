@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import int_at_least, resolve_device
+from ..argtypes import int_at_least, resolve_device, seed_arg
+from .data import SEED_LIMIT
 
 __all__ = ["add_train_parser", "small_config", "CONFIGS"]
 
@@ -126,8 +127,9 @@ def add_train_parser(sub) -> None:
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
                    help="torch CPU threads (use 1 on a shared machine)")
-    t.add_argument("--seed", type=int_at_least(0), default=None,
-                   help=f"model init and data order (default {_RUN_DEFAULTS['seed']})")
+    t.add_argument("--seed", type=seed_arg(SEED_LIMIT), default=None,
+                   help="model init and data order, in [0, 2**32) "
+                   f"(default {_RUN_DEFAULTS['seed']})")
     t.add_argument("--weight-decay", type=_float_nonneg, default=None,
                    help=f"(default {_RUN_DEFAULTS['weight_decay']})")
     t.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",

@@ -23,7 +23,12 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["stdlib_files", "collect_files", "split_files", "Corpus", "unigram_entropy"]
+__all__ = ["stdlib_files", "collect_files", "split_files", "Corpus", "unigram_entropy",
+           "SEED_LIMIT"]
+
+#: Seeds of a training run lie in [0, SEED_LIMIT): the batch generator of step t is seeded with
+#: ``seed * 1_000_003 + t``, which then stays far inside int64 (below 2**52 + t).
+SEED_LIMIT = 2 ** 32
 
 
 def stdlib_files() -> list[Path]:

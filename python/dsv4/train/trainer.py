@@ -34,10 +34,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..argtypes import check_number
+from ..argtypes import check_number, check_seed
 from ..cache import check_count
 from ..optim import Muon, param_groups
-from .data import Corpus
+from .data import SEED_LIMIT, Corpus
 from .loss import head_features, linear_cross_entropy, reference_backend
 from .routing import RoutingController
 
@@ -64,7 +64,8 @@ class TrainConfig:
     anticipatory_delta: Δt; anticipatory: None (off), "all" (whole run) or a list of
         [start, end) step ranges in which it is on.
     grad_clip: max global gradient norm (DeepSeek-V3 used 1.0; 0 = off).
-    seed: data order (and nothing else: model init is seeded by the caller).
+    seed: data order (and nothing else: model init is seeded by the caller); in
+        [0, 2**32) (:data:`dsv4.train.data.SEED_LIMIT`).
     eval_every, eval_windows: validation cadence (steps) and number of validation windows.
     """
 
@@ -107,7 +108,10 @@ class TrainConfig:
         for name in ("steps", "batch", "seq_len", "eval_every", "eval_windows"):
             integer(name, 1)
         integer("anticipatory_delta", 0)
-        integer("seed", 0)
+        try:
+            self.seed = check_seed(self.seed, SEED_LIMIT)
+        except ValueError as e:
+            errs.append(str(e))
         if self.warmup is not None:
             integer("warmup", 0)
         if self.optimizer not in ("muon", "adamw"):
