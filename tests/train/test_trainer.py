@@ -49,6 +49,28 @@ def test_linear_cross_entropy_chunks_and_errors():
         linear_cross_entropy(h, w, t + 50)
 
 
+@pytest.mark.parametrize("chunk", [-1, 0, 2.5, 2.0, True, "4", None])
+def test_linear_cross_entropy_refuses_a_chunk_that_is_not_a_count(chunk):
+    """chunk -1 gave loss 0 and gradients from torch.empty, 0 a bare range() error, 2.5 was
+    truncated."""
+    h, w, t = torch.randn(2, 4, 8), torch.randn(50, 8), torch.randint(0, 50, (2, 4))
+    with pytest.raises(ValueError, match="linear_cross_entropy: chunk must be an integer >= 1"):
+        linear_cross_entropy(h, w, t, chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.complex64])
+def test_linear_cross_entropy_refuses_targets_that_are_not_integers(dtype):
+    """Float targets were truncated to token ids, bool ones taken as 0 / 1."""
+    h, w = torch.randn(2, 4, 8), torch.randn(50, 8)
+    t = torch.randint(0, 2, (2, 4)).to(dtype)
+    if dtype.is_floating_point:
+        t += 0.7
+    with pytest.raises(ValueError, match=f"target must be an integer tensor of token ids, "
+                       f"got {dtype}"):
+        linear_cross_entropy(h, w, t)
+    assert linear_cross_entropy(h, w, t.real.long() if dtype.is_complex else t.long()) > 0
+
+
 def test_schedules():
     c = TrainConfig(steps=100, lr=1.0, warmup=10, decay_start=0.8, final_lr_ratio=0.1)
     assert lr_at(c, 0) == pytest.approx(0.1) and lr_at(c, 9) == pytest.approx(1.0)

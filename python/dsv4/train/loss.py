@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import check_count
+
 __all__ = ["LinearCrossEntropy", "linear_cross_entropy", "head_features", "reference_backend",
            "model_losses"]
 
@@ -72,14 +74,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
         h: [..., dim] features (any float dtype; promoted to fp32 as the model's head does).
         weight: [vocab, dim] output projection (the model's ``head.weight``).
         target: integer [...] token ids in [0, vocab).
-        chunk: rows of logits materialised at once.
+        chunk: rows of logits materialised at once (an integer >= 1).
 
     Returns:
         0-d fp32 tensor, differentiable w.r.t. h and weight.
 
     Raises:
-        ValueError: mismatched shapes or targets outside [0, vocab).
+        ValueError: a chunk that is not an integer >= 1, a target that is not an integer
+            tensor (float, bool, complex), mismatched shapes or targets outside [0, vocab).
     """
+    chunk = check_count(chunk, "linear_cross_entropy: chunk", 1)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: target must be an integer tensor of token ids, "
+                         f"got {target.dtype}")
     if h.shape[:-1] != target.shape or h.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)}, weight "
                          f"{tuple(weight.shape)} and target {tuple(target.shape)} do not fit "
@@ -89,7 +96,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
         raise ValueError("linear_cross_entropy: no target tokens")
     if int(flat_t.min()) < 0 or int(flat_t.max()) >= weight.shape[0]:
         raise ValueError(f"linear_cross_entropy: targets must lie in [0, {weight.shape[0]})")
-    total = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, flat_t, int(chunk))
+    total = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, flat_t, chunk)
     return total / flat_t.numel()
 
 
