@@ -53,6 +53,27 @@ def test_a_bad_parameter_changes_nothing_in_that_step():
     assert not opt.state
 
 
+@pytest.mark.parametrize("sparse_first", [False, True])
+def test_a_sparse_gradient_is_refused_before_anything_changes(sparse_first):
+    """A sparse gradient failed in the middle of the step, after weight decay and the AdamW
+    step count had been applied to the parameters before it."""
+    e = torch.nn.Parameter(torch.randn(5, 3))         # an embedding with a sparse gradient
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    c = torch.nn.Parameter(torch.randn(3))
+    groups = [dict(params=[c], use_muon=False), dict(params=[a])]
+    groups.insert(0 if sparse_first else 2, dict(params=[e], use_muon=False))
+    opt = Muon(groups, weight_decay=0.1)
+    for p in (a, c):
+        p.grad = torch.ones_like(p)
+    e.grad = torch.sparse_coo_tensor([[1, 3]], torch.ones(2, 3), (5, 3))
+    before = [p.detach().clone() for p in (e, a, c)]
+    with pytest.raises(ValueError, match="expected a dense floating-point gradient of the "
+                       r"parameter's shape \(5, 3\), got a sparse torch.float32 gradient"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip((e, a, c), before))
+    assert not opt.state
+
+
 @pytest.mark.parametrize("key, value", [
     ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", "0.1"),
     ("weight_decay", float("inf")), ("momentum", 2.0), ("update_rms", -1.0),

@@ -265,16 +265,29 @@ class Muon(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
+        """One update of every parameter that has a gradient; returns ``closure()`` if given.
+
+        Raises ValueError, with no parameter or state changed, for a gradient that is sparse,
+        not floating-point or not of its parameter's shape, or a Muon parameter whose shape
+        the group cannot orthogonalise."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:     # shapes first: a bad one changes nothing
-            if group["use_muon"]:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._matrices(p, int(group["row_blocks"]))
+        for n, group in enumerate(self.param_groups):   # checks first: a bad one changes nothing
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided or not g.dtype.is_floating_point \
+                        or g.shape != p.shape:
+                    raise ValueError(
+                        f"param group {n} parameter {i}: expected a dense floating-point "
+                        f"gradient of the parameter's shape {tuple(p.shape)}, got a "
+                        f"{'sparse ' if g.is_sparse else ''}{g.dtype} gradient of shape "
+                        f"{tuple(g.shape)}; nothing was updated")
+                if group["use_muon"]:
+                    self._matrices(p, int(group["row_blocks"]))
         # Muon: momentum per parameter, then one batched Newton-Schulz per (shape, settings).
         buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
         for group in self.param_groups:
