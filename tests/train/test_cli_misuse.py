@@ -277,3 +277,14 @@ def test_resume_with_nothing_left_to_do_is_an_error(run_dir, tmp_path, capsys):
                               f"at step {1 if steps else 2}"), err
         assert "give --steps greater than" in err
         assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_plot_of_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    """A raw FileNotFoundError traceback before; an error naming the file and status 1 now."""
+    from dsv4.train.plot import main as plot_main
+    out = tmp_path / "x.png"
+    assert plot_main([str(tmp_path / "nonexist"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m dsv4.train.plot: error: "
+                          f"{tmp_path / 'nonexist' / 'metrics.jsonl'}: no metrics"), err
+    assert not out.exists()

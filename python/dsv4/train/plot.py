@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,9 +16,14 @@ __all__ = ["read_metrics", "plot_runs"]
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    """The metric records of a run directory (``metrics.jsonl``)."""
+    """The metric records of a run directory (``metrics.jsonl``).
+
+    Raises ValueError naming the file when it is missing, unreadable or not JSON lines."""
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    try:
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no metrics of a dsv4 train run ({e})") from None
 
 
 def _smooth(v: list[float], k: int) -> list[float]:
@@ -84,8 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = Path(r) / "run.json"
         if info.is_file():
             unigram = json.loads(info.read_text()).get("unigram_entropy", unigram)
-    plot_runs([(l, read_metrics(r)) for l, r in zip(labels, args.runs)], args.out, unigram,
-              args.title)
+    try:
+        runs = [(l, read_metrics(r)) for l, r in zip(labels, args.runs)]
+    except ValueError as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 1
+    plot_runs(runs, args.out, unigram, args.title)
     return 0
 
 
