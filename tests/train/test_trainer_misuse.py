@@ -152,3 +152,56 @@ def test_lr_at_refuses_a_negative_step():
     with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
         lr_at(c, -1)
     assert lr_at(c, 0) > 0
+
+
+@pytest.mark.parametrize("bad", [[[5, 2]], [[-3, -1]], [[1.7, 3.9]], [["1", "3"]],
+                                 [[0, float("inf")]], "3:5", 5, [[1, 2, 3]]])
+def test_anticipatory_ranges_follow_the_cli_rule(bad):
+    """TrainConfig took [[5, 2]] and [[-3, -1]] (routing never on, silently), truncated floats,
+    parsed strings and raised OverflowError for inf; --anticipatory refused them. One rule now
+    (step_ranges)."""
+    from dsv4.train.trainer import TrainConfig
+    with pytest.raises(ValueError, match=r"anticipatory must be None, 'all' or a list of "
+                                         r"\[start, end\) step ranges of integers"):
+        TrainConfig(anticipatory=bad)
+    assert TrainConfig(anticipatory=[[0, 3], (5, 9)]).anticipatory == [[0, 3], [5, 9]]
+
+
+def test_warmup_never_runs_into_the_decay():
+    """steps 10, warmup 9, decay from step 5: the lr fell from its peak to the final value in
+    one step. An explicit warm-up past the decay's start is refused; the default one (5 % of
+    the steps) stops at the decay's start."""
+    from dsv4.train.trainer import TrainConfig, lr_at
+    with pytest.raises(ValueError, match=r"warmup 9 exceeds the decay's start, step 5"):
+        TrainConfig(steps=10, warmup=9, decay_start=0.5)
+    c = TrainConfig(steps=10, warmup=5, decay_start=0.5)
+    lrs = [lr_at(c, s) / c.lr for s in range(10)]
+    assert lrs[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0]) and all(
+        a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    c = TrainConfig(steps=100, decay_start=0.02)
+    assert c.warmup_steps == 2 and lr_at(c, 1) == lr_at(c, 2) == c.lr
+    assert TrainConfig(steps=1).warmup_steps == 1
+
+
+@pytest.mark.parametrize("scores, topk", [((2, 0, 8), 2), ((2, 4, 8), 0), ((0, 4, 8), 2),
+                                          ((2, 4, 8), 9), ((4, 8), 2)])
+def test_sequence_balance_loss_refuses_empty_or_bad_shapes(scores, topk):
+    """0 tokens or topk 0 raised ZeroDivisionError, batch 0 an opaque reshape error."""
+    from dsv4.train.routing import sequence_balance_loss
+    with pytest.raises(ValueError, match="sequence_balance_loss: (scores|topk)"):
+        sequence_balance_loss(torch.rand(scores), topk)
+
+
+def test_routing_helpers_show_nan_and_refuse_a_nan_speed():
+    """All-NaN scores gave a balance loss of 1.0 (taken for all-zero rows); a NaN speed made
+    every bias NaN."""
+    from dsv4.train.routing import bias_update, sequence_balance_loss
+    assert sequence_balance_loss(torch.full((1, 3, 4), float("nan")), 2).isnan()
+    zeros = torch.zeros(1, 3, 4)
+    assert sequence_balance_loss(zeros, 2).item() == pytest.approx(1.0)   # all-zero: uniform
+    b = torch.zeros(4)
+    for speed, load in ((float("nan"), torch.arange(4.0)), (-1.0, torch.arange(4.0)),
+                        (0.1, torch.arange(3.0))):
+        with pytest.raises(ValueError, match="bias_update: (speed|load)"):
+            bias_update(b, load, speed)
+        assert torch.equal(b, torch.zeros(4))

@@ -71,6 +71,7 @@ def _float_nonneg(s: str) -> float:
 
 def _ranges(s: str):
     """'all' or 'A:B[,C:D...]' (step ranges [A, B))."""
+    from .trainer import step_ranges
     if s == "all":
         return "all"
     out = []
@@ -80,9 +81,10 @@ def _ranges(s: str):
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected 'all' or step ranges START:END[,START:END...], got {s!r}") from None
-        if not 0 <= a < b:
-            raise argparse.ArgumentTypeError(f"range {part!r}: need 0 <= START < END")
-        out.append([a, b])
+        try:
+            out += step_ranges([[a, b]])          # TrainConfig's rule
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"range {part!r}: need 0 <= START < END") from None
     return out
 
 

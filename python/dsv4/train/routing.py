@@ -48,13 +48,22 @@ def sequence_balance_loss(scores: torch.Tensor, topk: int) -> torch.Tensor:
         whose scores are all 0 (every softplus underflowed, logits below about -103 in fp32)
         counts as uniform, ``1/E`` each, with no gradient, instead of 0/0.
     """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or not scores.is_floating_point() \
+            or 0 in scores.shape:
+        raise ValueError(f"sequence_balance_loss: scores must be a float tensor [batch, tokens, "
+                         f"n_experts] with every size >= 1, got "
+                         f"{getattr(scores, 'dtype', type(scores).__name__)} "
+                         f"{tuple(getattr(scores, 'shape', ()))}")
     B, T, E = scores.shape
+    topk = check_count(topk, "sequence_balance_loss: topk", 1)
+    if topk > E:
+        raise ValueError(f"sequence_balance_loss: topk must be in [1, {E}] (n_experts), got {topk}")
     idx = scores.detach().topk(topk, dim=-1).indices.reshape(B, -1)
     counts = torch.zeros(B, E, dtype=scores.dtype, device=scores.device)
     counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=scores.dtype))
     f = counts * (E / (topk * T))
     total = scores.sum(-1, keepdim=True)
-    live = total > 0
+    live = total != 0                          # (a NaN total stays NaN: NaN scores show)
     # an all-zero row becomes 1 / E: both operands replaced, so no 0/0 forward or backward
     p = (torch.where(live, scores, 1.0) / torch.where(live, total, float(E))).mean(1)
     return (f * p).sum(-1).mean()
@@ -65,8 +74,14 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, speed: float) -> None:
     """In place: ``bias += speed · sign(mean(load) − load)`` (training.md §3.3; §7.4 vector).
 
     bias, load: [n_experts]; load counts the (token, slot) assignments of the step (any dtype).
-    An expert at exactly the mean load keeps its bias.
+    An expert at exactly the mean load keeps its bias. Raises ValueError for a ``speed`` that
+    is not a finite number >= 0 (a NaN one made every bias NaN) or a ``load`` of another shape
+    than ``bias``, before changing anything.
     """
+    check_number(speed, "bias_update: speed", lambda v: v >= 0, "a finite number >= 0")
+    if tuple(load.shape) != tuple(bias.shape):
+        raise ValueError(f"bias_update: load must have the bias's shape {tuple(bias.shape)}, got "
+                         f"{tuple(load.shape)}")
     load = load.to(torch.float64)
     bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=speed)
 

@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from ..argtypes import check_number, check_seed
-from ..cache import check_count
+from ..cache import as_int, check_count
 from ..optim import Muon, param_groups
 from .data import SEED_LIMIT, Corpus
 from .loss import head_features, linear_cross_entropy, reference_backend
 from .routing import RoutingController
 
-__all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at", "deferred_sigint", "weights_digest"]
+__all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at", "deferred_sigint", "weights_digest",
+           "step_ranges"]
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -124,15 +125,23 @@ class TrainConfig:
             number(name, lambda v: v >= 0, "a finite number >= 0")
         if self.anticipatory not in (None, "all"):
             try:
-                self.anticipatory = [[int(a), int(b)] for a, b in self.anticipatory]
-            except (TypeError, ValueError):
-                errs.append("anticipatory must be None, 'all' or a list of [start, end) ranges")
+                self.anticipatory = step_ranges(self.anticipatory)
+            except ValueError as e:
+                errs.append(str(e))
+        if not errs and self.warmup is not None and self.warmup > max(1, self.decay_start_step):
+            errs.append(f"warmup {self.warmup} exceeds the decay's start, step "
+                        f"{self.decay_start_step} (decay_start {self.decay_start} x steps "
+                        f"{self.steps}): the learning rate would fall from its peak to the "
+                        "decay's value in one step")
         if errs:
             raise ValueError("invalid TrainConfig: " + "; ".join(errs))
 
     @property
     def warmup_steps(self) -> int:
-        return max(1, round(0.05 * self.steps)) if self.warmup is None else int(self.warmup)
+        """``warmup``, or by default 5 % of the steps, at most up to the decay's start."""
+        if self.warmup is not None:
+            return int(self.warmup)
+        return min(max(1, round(0.05 * self.steps)), max(1, self.decay_start_step))
 
     @property
     def decay_start_step(self) -> int:
@@ -145,6 +154,26 @@ class TrainConfig:
         if self.anticipatory == "all":
             return True
         return any(a <= step < b for a, b in self.anticipatory)
+
+
+def step_ranges(value) -> list[list[int]]:
+    """``value`` (a sequence of ``[start, end)`` pairs) as a list of ``[start, end]`` int lists
+    with ``0 <= start < end``; ValueError naming what is accepted otherwise. The rule of
+    ``TrainConfig.anticipatory`` and of ``dsv4 train --anticipatory``."""
+    want = ("anticipatory must be None, 'all' or a list of [start, end) step ranges of "
+            "integers with 0 <= start < end")
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{want}, got {value!r}")
+    out = []
+    for r in value:
+        try:
+            a, b = (as_int(x, "anticipatory", want) for x in r)
+        except (TypeError, ValueError):
+            raise ValueError(f"{want}, got {value!r}") from None
+        if not 0 <= a < b:
+            raise ValueError(f"{want}, got the range {[a, b]}")
+        out.append([a, b])
+    return out
 
 
 @contextlib.contextmanager
