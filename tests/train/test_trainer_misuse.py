@@ -205,3 +205,14 @@ def test_routing_helpers_show_nan_and_refuse_a_nan_speed():
         with pytest.raises(ValueError, match="bias_update: (speed|load)"):
             bias_update(b, load, speed)
         assert torch.equal(b, torch.zeros(4))
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused():
+    """Windows of seq_len tokens past max_position_embeddings trained silently (dsv4 generate
+    refuses such positions)."""
+    from dsv4.train.trainer import TrainConfig
+    torch.manual_seed(0)
+    model = dsv4.Model(micro_config(max_position_embeddings=8))
+    with pytest.raises(ValueError, match="seq_len 12 exceeds the model's max_position_embeddings 8"):
+        Trainer(model, _corpus(), TrainConfig(steps=2, batch=2, seq_len=12))
+    Trainer(model, _corpus(), TrainConfig(steps=2, batch=2, seq_len=8))

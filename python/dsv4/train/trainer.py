@@ -248,9 +248,16 @@ class Trainer:
     Attributes: ``step`` (steps done), ``optimizer`` (:class:`dsv4.optim.Muon`), ``routing``
     (:class:`~dsv4.train.routing.RoutingController`), ``history`` (list of per-step metric
     dicts, validation entries included).
+
+    Raises ValueError for a ``cfg.seq_len`` beyond the model's ``max_position_embeddings`` or
+    a corpus too small or with ids outside the vocabulary (``Corpus.check``).
     """
 
     def __init__(self, model: nn.Module, corpus: Corpus, cfg: TrainConfig):
+        max_pos = model.config.max_position_embeddings
+        if cfg.seq_len > max_pos:      # (dsv4 generate refuses such positions likewise)
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                             f"{max_pos}")
         self.model, self.corpus, self.cfg = model, corpus, cfg
         corpus.check(cfg.seq_len + 2, model.config.vocab_size)
         self.optimizer = Muon(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
