@@ -287,3 +287,33 @@ def test_cache_must_match_model(model):
         small(torch.zeros(1, 2, dtype=torch.long), cache=model.make_cache(1))
     with pytest.raises(ValueError, match="integers"):
         model(torch.zeros(1, 3, dtype=torch.long), seq_lens=[2.7])
+
+
+def test_mtp_input_takes_the_next_token_through_e_proj_and_the_streams_through_h_proj():
+    """§10.3: x = e_proj(enorm(embed(next))) + h_proj(hnorm(h)). The MTP tests compared the model
+    with itself (decode vs prefill, fused vs not), so e_proj and h_proj could be swapped: with
+    e_proj zeroed the draft must not depend on next_ids, with h_proj zeroed not on hidden."""
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny(quant_sim=False)).eval()
+    V = m.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, 12), generator=g)
+    other = torch.randint(0, V, (1, 10), generator=g)
+
+    def draft(hidden_of=None, nxt=None):
+        cache = m.make_cache(1)
+        _, h = m(ids[:, :10], cache=cache, return_hidden=True)
+        h = h if hidden_of is None else hidden_of(h)
+        return m.forward_mtp(h, ids[:, 1:11] if nxt is None else nxt, cache)
+
+    blk = m.mtp[0]
+    with torch.no_grad():
+        base = draft()
+        assert not torch.equal(base, draft(nxt=other))
+        assert not torch.equal(base, draft(hidden_of=lambda h: torch.randn_like(h)))
+        w = blk.e_proj.weight.clone()
+        blk.e_proj.weight.zero_()
+        assert torch.equal(draft(), draft(nxt=other))
+        blk.e_proj.weight.copy_(w)
+        blk.h_proj.weight.zero_()
+        assert torch.equal(draft(), draft(hidden_of=lambda h: torch.randn_like(h)))

@@ -287,3 +287,35 @@ def test_cli_train_errors(tmp_path, capsys):
     assert cli_main(["train", "--config", "tiny", "--steps", "1",
                      "--data", str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_step_gradient_is_main_plus_lambda_mtp_plus_balance():
+    """The gradient a step hands the optimizer is that of main + λ·MTP + the balance loss as
+    model_losses and a fresh RoutingController compute them (the trainer's loss was a second
+    copy: its MTP target, λ and the balance term could each be wrong with no test failing)."""
+    import copy
+
+    from dsv4.train.loss import reference_backend
+    from dsv4.train.routing import RoutingController
+
+    from .test_routing import _trainer
+
+    tr = _trainer(mtp_weight=0.7, balance_alpha=0.05, grad_clip=0)
+    ref = copy.deepcopy(tr.model)
+    tokens = tr.batch(0)
+    S = tokens.shape[1] - 2
+    ctl = RoutingController(ref, bias_update_speed=0, balance_alpha=0.05)
+    with reference_backend(), ctl.step(tokens.shape[0], S):
+        main, extra = model_losses(ref, tokens)
+        loss = main + 0.7 * extra + ctl.balance_loss()
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for p in ref.parameters() if p.requires_grad],
+                                allow_unused=True)
+    want = {n: g for n, g in zip(names, grads) if g is not None}
+    got = {}
+    tr.optimizer.step = lambda *a, **k: got.update(
+        {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    tr.train_step()
+    assert got.keys() == want.keys() and len(got) > 10
+    for n, g in got.items():
+        torch.testing.assert_close(g, want[n], rtol=1e-5, atol=1e-7, msg=n)

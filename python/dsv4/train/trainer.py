@@ -38,7 +38,7 @@ from ..argtypes import check_number, check_seed
 from ..cache import as_int, check_count
 from ..optim import Muon, param_groups
 from .data import SEED_LIMIT, Corpus
-from .loss import head_features, linear_cross_entropy, reference_backend
+from .loss import head_features, model_losses, reference_backend
 from .routing import RoutingController
 
 __all__ = ["TrainConfig", "Trainer", "lr_at", "mtp_weight_at", "deferred_sigint", "weights_digest",
@@ -271,7 +271,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward pieces
     def _features(self, tokens: torch.Tensor, mtp: bool):
-        """Head inputs of the main model and the MTP block for a [B, seq+2] block."""
+        """Head inputs of the main model and the MTP block for a [B, seq+2] block: the forward
+        of :func:`~dsv4.train.loss.model_losses` without the losses (anticipatory routing
+        records the routing of a future batch with it)."""
         S = tokens.shape[1] - 2
         model = self.model
         cache = model.make_cache(tokens.shape[0])
@@ -279,14 +281,6 @@ class Trainer:
         y, hidden = model(inp, cache=cache, return_hidden=True)
         y2 = model.forward_mtp(hidden, nxt, cache) if mtp else None
         return y, y2
-
-    def _losses(self, tokens: torch.Tensor, mtp: bool):
-        S = tokens.shape[1] - 2
-        with head_features(self.model) as w:
-            y, y2 = self._features(tokens, mtp)
-            main = linear_cross_entropy(y, w, tokens[:, 1:S + 1])
-            extra = linear_cross_entropy(y2, w, tokens[:, 2:S + 2]) if mtp else None
-        return main, extra
 
     @property
     def _use_mtp(self) -> bool:
@@ -328,7 +322,7 @@ class Trainer:
                 replay = routing.take(s)          # (Δt = 0: the routing just recorded)
                 tokens = self.batch(s)
                 with routing.step(c.batch, c.seq_len, replay=replay):
-                    main, extra = self._losses(tokens, self._use_mtp)
+                    main, extra = model_losses(self.model, tokens, self._use_mtp)
                     bal = routing.balance_loss().to(main.device)
                     replayed = routing.replayed_layers
                     loss = main + bal + (lam * extra if extra is not None else 0.0)
@@ -379,7 +373,7 @@ class Trainer:
         n = 0
         with reference_backend():
             for b in self._val:
-                main, extra = self._losses(b.to(self.model.device), self._use_mtp)
+                main, extra = model_losses(self.model, b.to(self.model.device), self._use_mtp)
                 tot += float(main) * b.shape[0]
                 tot2 += float(extra) * b.shape[0] if extra is not None else 0.0
                 n += b.shape[0]
