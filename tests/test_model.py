@@ -130,11 +130,18 @@ def test_mixed_length_batch_equals_each_alone(model, ids):
 def test_cache_reset_leaks_nothing(model, ids):
     cache = model.make_cache(2)
     with torch.no_grad():
-        model(ids[:, :50], cache=cache)
+        _, hidden = model(ids[:, :50], cache=cache, return_hidden=True)
+        model.forward_mtp(hidden, ids[:, 1:51], cache)
         cache.reset([1])
-        a = model(ids[:, 60:63], cache=cache, seq_lens=[3, 3])
-        fresh = model(ids[1:, 60:63])
+        assert cache.lengths == [50, 0] and cache.mtp_lengths == [50, 0]
+        # 45 tokens: 11 ratio-4 entries, more than index_topk, so the indexer's keys choose
+        a, hidden = model(ids[:, 60:105], cache=cache, seq_lens=[45, 45], return_hidden=True)
+        fresh_cache = model.make_cache(1)
+        fresh, fresh_hidden = model(ids[1:, 60:105], cache=fresh_cache, return_hidden=True)
         _close(a[1], fresh[0], tol=1e-5)
+        mtp = model.forward_mtp(hidden, ids[:, 61:106], cache)
+        _close(mtp[1], model.forward_mtp(fresh_hidden, ids[1:, 61:106], fresh_cache)[0],
+               tol=1e-5)
         # a prompt shorter than one block after a long one: stale "previous block" rows
         # of the overlapping compressor must be cleared by reset (architecture.md §15)
         cache.reset()
