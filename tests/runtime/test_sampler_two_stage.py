@@ -148,3 +148,30 @@ def test_an_unrecognised_value_warns_and_keeps_the_default(monkeypatch):
         warnings.simplefilter("error")
         assert two_stage_chunk(129280) == 0
     two_stage_chunk.cache_clear()
+
+
+def test_seeded_rows_apply_the_requests_top_p_and_top_k():
+    """The engine's per-request draw passes each request's top_p / top_k to the sampler (the
+    engine tests' near-flat logits let a dropped filter pass): logits 10 and 9.9 on two tokens
+    draw both without a filter, only the first with top_p 0.5 or top_k 1."""
+    from types import SimpleNamespace
+
+    from dsv4.runtime import SamplingParams
+    from dsv4.runtime.sampler import sample_seeded
+
+    logits = torch.full((1, 16), -float("inf"))
+    logits[0, 0], logits[0, 1] = 10.0, 9.9
+
+    def draws(**kw):
+        got = set()
+        for seed in range(40):
+            req = SimpleNamespace(params=SamplingParams(temperature=1.0, **kw),
+                                  generator=torch.Generator().manual_seed(seed))
+            out = torch.full((2, 1), -1, dtype=torch.long)
+            sample_seeded(logits, [req], out)
+            got.add(int(out[0, 0]))
+        return got
+
+    assert draws() == {0, 1}
+    assert draws(top_p=0.5) == {0}
+    assert draws(top_k=1) == {0}
