@@ -95,3 +95,19 @@ def test_non_finite_logits_are_the_same_error_as_the_model_loop():
     for fn in (engine_generate, model_generate):
         with pytest.raises(ValueError, match=r"the model produced non-finite logits"):
             fn(nan_model, [4, 8, 15], 3)
+
+
+def test_stop_strings_stop_the_engine_loop_as_the_model_loop(model):
+    """The engine loop's stop-string path (what `dsv4 generate --stop` runs on a GPU) gives the
+    model loop's tokens, text and finish reason; no test reached it (a loop that never stopped
+    passed). The stop string is cut from the middle of the greedy continuation."""
+    from dsv4.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    prompt = [0, 5, 17, 99, 3, 42]
+    full = model_generate(model, prompt, 12, tokenizer=tok, eos_id=None)
+    assert full.finish_reason == "length" and len(full.text) >= 4, full.text
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    a = engine_generate(model, prompt, 12, tokenizer=tok, eos_id=None, stop_strings=[stop])
+    b = model_generate(model, prompt, 12, tokenizer=tok, eos_id=None, stop_strings=[stop])
+    assert b.finish_reason == "stop" and stop not in b.text and len(b.token_ids) < 12
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
