@@ -191,3 +191,28 @@ def test_controller_rejects_bad_settings():
         RoutingController(model, bias_update_speed=-1)
     with pytest.raises(ValueError, match="no MoE Gate"):
         RoutingController(torch.nn.Linear(2, 2))
+
+
+def test_balance_loss_covers_the_learned_routing_layers_only():
+    """The sequence-wise balance loss is α × the mean over the learned-routing gates that ran
+    (training.md §3.4; hash layers route by table and have no balance term): recomputed here
+    from the scores each gate saw. Taking the hash layers in too passed every other test."""
+    from dsv4.train import model_losses, sequence_balance_loss
+    torch.manual_seed(0)
+    model = dsv4.Model(micro_config())
+    assert any(g.hash for g in model.modules() if isinstance(g, Gate))
+    seen = []
+    for g in (g for g in model.modules() if isinstance(g, Gate)):
+        g.register_forward_hook(lambda mod, args, out, g=g: seen.append((g, args[0])))
+    ctl = RoutingController(model, bias_update_speed=0, balance_alpha=0.3)
+    tokens = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(1))
+    with ctl.step(2, 12):
+        model_losses(model, tokens)
+        got = ctl.balance_loss()
+    want = []
+    for g, x in seen:
+        if not g.hash:
+            scores = torch.nn.functional.softplus(x.float() @ g.weight.float().T).sqrt()
+            want.append(sequence_balance_loss(scores.view(2, 12, -1), g.topk))
+    assert len(want) >= 2
+    torch.testing.assert_close(got, 0.3 * torch.stack(want).mean(), rtol=1e-5, atol=1e-7)
