@@ -127,3 +127,20 @@ def test_a_short_pool_shrinks_a_prompt_chunk_before_evicting():
     rows = s.schedule()                          # b gets the one free block: 16 tokens
     assert _plan(rows) == [("a", 20, 1, True), ("b", 0, 16, False)]
     assert a.status == b.status == Status.RUNNING
+
+
+def test_a_short_pool_shrinks_a_running_requests_chunk_before_evicting():
+    """The same for a request already running (its next prompt chunk): with 2 free blocks left
+    after a finishes, b's next chunk is cut to 32 tokens and b keeps running. Without the cut
+    the chunk did not fit, b was preempted and recomputed later: the same tokens, work thrown
+    away, so no output-level test saw it."""
+    s, cache = _sched(slots=3, blocks=4, budget=64, block_tokens=16)
+    a, b = _req(20, "a"), _req(70, "b")
+    s.add(a)
+    _done(s.schedule())
+    s.add(b)
+    rows = s.schedule()
+    assert _plan(rows) == [("a", 20, 1, True), ("b", 0, 32, False)]
+    _done(rows)
+    s.finish(a, "eos")
+    assert _plan(s.schedule()) == [("b", 32, 32, False)] and b.status == Status.RUNNING
