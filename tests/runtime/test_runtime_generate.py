@@ -111,3 +111,16 @@ def test_stop_strings_stop_the_engine_loop_as_the_model_loop(model):
     b = model_generate(model, prompt, 12, tokenizer=tok, eos_id=None, stop_strings=[stop])
     assert b.finish_reason == "stop" and stop not in b.text and len(b.token_ids) < 12
     assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+
+
+def test_eos_id_0_stops_both_loops():
+    """Token 0 as EOS: the engine loop stops like the model loop (a rule reading 0 as 'no EOS'
+    passed every test). A zero head makes every logit 0, so greedy picks token 0."""
+    torch.manual_seed(0)
+    m = dsv4.Model(dsv4.ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        m.head.weight.zero_()
+    a = engine_generate(m, [5, 6, 7], 4, eos_id=0)
+    b = model_generate(m, [5, 6, 7], 4, eos_id=0)
+    assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason) == ([], "eos")
+    assert engine_generate(m, [5, 6, 7], 4, eos_id=None).token_ids == [0, 0, 0, 0]
