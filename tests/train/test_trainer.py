@@ -280,10 +280,13 @@ def test_cli_train_resume_and_generate(tmp_path, capsys):
 
 
 def test_cli_train_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli_main(["train", "--config", "tiny"])                       # no --steps
-    with pytest.raises(SystemExit):
+    assert e.value.code == 2
+    assert "error: argument --steps is required (unless --resume)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         cli_main(["train", "--resume", str(tmp_path), "--steps", "2"])  # nothing to resume
+    assert e.value.code == 2 and "has no trainer_state.pt" in capsys.readouterr().err
     assert cli_main(["train", "--config", "tiny", "--steps", "1",
                      "--data", str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err
