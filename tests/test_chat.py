@@ -826,3 +826,15 @@ def test_json_nested_too_deeply_is_a_value_error():
                                 "function": {"name": "f", "arguments": arguments}}]}
         with pytest.raises(ValueError, match="nested too deeply"):
             encode_messages([user, call])
+
+
+def test_an_answer_after_a_task_token_has_no_reasoning_in_the_history():
+    """In the middle of a conversation: the assistant turn after an action task follows the
+    task token directly (its reasoning is not written back, as after the release's task
+    prompt), then the next user turn opens thinking. Task tokens were tested only at the end."""
+    msgs = [SYS, {"role": "user", "content": "Weather?", "task": "action"},
+            {"role": "assistant", "reasoning_content": "R", "content": "A"},
+            {"role": "user", "content": "next"}]
+    want = f"{B}You are a helpful assistant.{U}Weather?{A}<think><｜action｜>A{E}{U}next{A}<think>"
+    for drop in (True, False):          # (kept reasoning would be written with drop False)
+        assert encode_messages(msgs, mode="think-high", drop_thinking=drop) == want
