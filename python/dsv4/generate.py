@@ -363,7 +363,9 @@ def generate(
         max_new_tokens: maximum number of tokens to sample (≥ 0; 0 makes no model call).
         temperature, top_p, top_k: see :func:`sample`.
         seed: seeds a ``torch.Generator`` on the model's device, making sampled runs
-            reproducible; ``None`` → a nondeterministic seed.
+            reproducible; ``None`` → a nondeterministic seed. An int in [0, 2**64); torch's
+            CPU generator (mt19937) keeps its low 32 bits, so on the CPU seeds that differ
+            only above bit 32 draw the same tokens (CUDA's Philox keeps all 64).
         eos_id: generation stops when this id is sampled; it is neither returned nor passed to
             ``on_token``. ``None`` disables EOS stopping (as does an id outside the
             vocabulary); anything but None or an integer is a ValueError.

@@ -32,8 +32,9 @@ class SamplingParams:
         temperature, top_p, top_k: :func:`dsv4.generate.sample`'s (0 = greedy; the official
             Gumbel-max sampler otherwise, architecture.md §13.1).
         seed: seeds the request's own ``torch.Generator`` (an int in [0, 2**64); None:
-            nondeterministic); a request's sampled tokens do not depend on the other requests
-            of the batch.
+            nondeterministic; on the CPU only its low 32 bits count, see
+            :func:`dsv4.generate.generate`); a request's sampled tokens do not depend on the
+            other requests of the batch.
         eos_token_id: stop when sampled (not returned); None: the model config's; -1: never;
             else a token id >= 0.
         stop_token_ids: more ids that stop generation (returned, as the stop token); a
