@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .argtypes import int_at_least, resolve_device, seed_arg, token_count_arg
-from .generate import SEED_LIMIT
+from .generate import SEED_LIMIT, check_positions
 from .synthetic import SEED_LIMIT as SYNTHETIC_SEED_LIMIT
 
 __all__ = ["build_parser", "format_config_summary", "main"]
@@ -362,12 +362,10 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"dsv4 generate: error: prompt token id {max(prompt_ids)} is outside the model's "
               f"vocabulary (vocab_size {vocab}); wrong --tokenizer?", file=sys.stderr)
         return 1
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and len(prompt_ids) + args.max_new_tokens > max_pos:
-        print(f"dsv4 generate: error: the prompt ({len(prompt_ids)} tokens) + --max-new-tokens "
-              f"({args.max_new_tokens}) exceeds the model's max_position_embeddings ({max_pos}); "
-              f"--max-new-tokens accepts at most {max(0, max_pos - len(prompt_ids))} here",
-              file=sys.stderr)
+    try:
+        check_positions(config, len(prompt_ids), args.max_new_tokens, "--max-new-tokens")
+    except ValueError as e:
+        print(f"dsv4 generate: error: {e}", file=sys.stderr)
         return 1
 
     out = sys.stdout

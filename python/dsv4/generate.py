@@ -202,16 +202,17 @@ class GenerationResult:
 SEED_LIMIT = 2 ** 64
 
 
-def check_positions(model: Any, prompt_len: int, max_new_tokens: int) -> None:
+def check_positions(config: Any, prompt_len: int, max_new_tokens: int,
+                    name: str = "max_new_tokens") -> None:
     """The position rule of a generation (:func:`generate`, ``dsv4.runtime.generate`` and
-    ``dsv4 generate``): prompt + ``max_new_tokens`` within the model's
-    ``config.max_position_embeddings`` (when it has one); ValueError naming the largest
-    ``max_new_tokens`` accepted otherwise."""
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    ``dsv4 generate``): prompt + ``max_new_tokens`` within ``config.max_position_embeddings``
+    (no rule for a config without one, or None); ValueError naming the largest
+    ``max_new_tokens`` accepted otherwise (``name``: what the caller calls it)."""
+    max_pos = getattr(config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and prompt_len + max_new_tokens > max_pos:
-        raise ValueError(f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+        raise ValueError(f"the prompt ({prompt_len} tokens) + {name} ({max_new_tokens}) "
                          f"exceeds the model's max_position_embeddings ({max_pos}); "
-                         f"max_new_tokens accepts at most {max(0, max_pos - prompt_len)} here")
+                         f"{name} accepts at most {max(0, max_pos - prompt_len)} here")
 
 
 def check_generate_args(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
@@ -391,7 +392,7 @@ def generate(
                                                top_k, stop_strings, tokenizer, seed)
     eos_id = check_eos_id(eos_id)
     max_new_tokens = operator.index(max_new_tokens)
-    check_positions(model, len(prompt), max_new_tokens)
+    check_positions(getattr(model, "config", None), len(prompt), max_new_tokens)
 
     from dsv4.tokenizer import StreamDecoder  # local: keeps `tokenizers` optional for ids-only use
 

@@ -86,7 +86,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed
                                                top_k, stop_strings, tokenizer, seed)
     eos_id = check_eos_id(eos_id)
     max_new_tokens = operator.index(max_new_tokens)
-    check_positions(model, len(prompt), max_new_tokens)
+    check_positions(model.config, len(prompt), max_new_tokens)
     from ..tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
