@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import _FLOAT, _FP4, _SCALE  # the safetensors dtypes the loader takes
 from .checkpoint import official_name  # the HF -> inference name map of convert.py (§12.4)
-from .quant import FP4_BLOCK, block_scale_shape
+from .quant import FP4_BLOCK, block_scale_shape, e8m0_exponent
 
 __all__ = [
     "ConvertError", "DTYPE_NAMES", "convert", "check_model_parallel", "split_rule",
@@ -564,8 +564,7 @@ def _check_expert_fp8_scales(src: dict) -> None:
                     or split_rule(name)[0] != "expert"):
                 continue
             scale = files.tensor(file, name).float()
-            mant, e = torch.frexp(scale)
-            ok = (mant == 0.5) & (e >= -126) & (e <= 128)
+            ok = e8m0_exponent(scale)[1]
             if not bool(ok.all()):
                 bad = scale[~ok].flatten()[:2].tolist()
                 errs.append(f"{name} in {file}: e.g. {bad}")

@@ -34,7 +34,7 @@ from .ops.quant import check_block, e8m0_to_float, fp4_e2m1_round, ue8m0_scale  
 
 __all__ = [
     "FP8_E4M3_MAX", "FP4_E2M1_MAX", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
-    "e8m0_to_float", "float_to_e8m0", "e2m1_encode", "e2m1_decode",
+    "e8m0_to_float", "e8m0_exponent", "float_to_e8m0", "e2m1_encode", "e2m1_decode",
     "fp8_block_quantize", "fp8_block_dequantize", "fp4_pack", "fp4_unpack", "fp4_to_fp8",
     "block_scale_shape",
 ]
@@ -69,17 +69,27 @@ _E8M0 = torch.float8_e8m0fnu
 
 
 # ---------------------------------------------------------------------------------- e8m0
+def e8m0_exponent(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e, ok)`` for float values ``x`` (any shape; computed in fp32, fp64 kept): int32 ``e``
+    with ``x == 2**e`` where ``ok``, and ``ok`` true exactly for the values an e8m0 scale holds,
+    the powers of two in [2**-127, 2**127] (not 0, negatives, other values, inf or NaN).
+    The one test of that rule (:func:`float_to_e8m0`, :func:`fp4_to_fp8`, ``dsv4 convert``)."""
+    xf = x if x.dtype == torch.float64 else x.float()   # (a float64 1 + 2**-30 is no power of 2)
+    mant, exp = torch.frexp(xf)            # x = mant * 2**exp, mant in [0.5, 1)
+    e = exp.to(torch.int32) - 1
+    # 2**-127 is subnormal in fp32: frexp still gives mant 0.5, exp -126 -> e = -127.
+    return e, (mant == 0.5) & (e >= -127) & (e <= 127)
+
+
 def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
     """Encode exact powers of two in [2**-127, 2**127] as float8_e8m0fnu (same shape).
 
     Raises ValueError if any value is not a positive power of two in that range (an e8m0 scale
     holds nothing else; round first, e.g. with :func:`dsv4.ops.quant.ue8m0_scale`).
     """
-    xf = x if x.dtype == torch.float64 else x.float()   # (a float64 1 + 2**-30 is no power of 2)
-    mant, exp = torch.frexp(xf)            # x = mant * 2**exp, mant in [0.5, 1)
-    code = exp.to(torch.int32) - 1 + 127
-    # 2**-127 is subnormal in fp32: frexp still gives mant 0.5, exp -126 -> code 0.
-    ok = (mant == 0.5) & (code >= 0) & (code <= 254)
+    xf = x if x.dtype == torch.float64 else x.float()
+    e, ok = e8m0_exponent(xf)
+    code = e + 127
     if not bool(ok.all()):
         bad = xf[~ok].flatten()[:4].tolist()
         raise ValueError(f"float_to_e8m0: values must be powers of two in [2**-127, 2**127], "
@@ -275,17 +285,15 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK
                          f"{tuple(scale.shape)}")
     s = e8m0_to_float(scale).to(codes.device)                             # [N, K/32]
     if not bool(torch.isfinite(s).all()):
-        raise ValueError("fp4_to_fp8: scale holds NaN (e8m0 code 255)" if not
-                         scale.is_floating_point() or scale.dtype == torch.float8_e8m0fnu
+        raise ValueError("fp4_to_fp8: scale holds NaN (e8m0 code 255)"
+                         if scale.dtype in (_E8M0, torch.uint8)
                          else "fp4_to_fp8: scale holds inf or NaN")
-    mant, e = torch.frexp(s)
-    pow2 = (mant == 0.5) & (e - 1 >= -127) & (e - 1 <= 127)
+    exp, pow2 = e8m0_exponent(s)                                         # s = 2**exp
     if not bool(pow2.all()):
         bad = s[~pow2].flatten()[:4].tolist()
         raise ValueError(f"fp4_to_fp8: the FP8 block format holds only scales that are powers of "
                          f"two in [2**-127, 2**127] (e8m0); this weight's 1x{fp4_block} scales "
                          f"hold others, e.g. {bad}, so it has no exact FP8 form")
-    exp = e - 1                                                           # s = 2**exp
     nb, kb = -(-N // block), -(-K // block)
     g = block // fp4_block                                               # groups per tile row
     # Pad the group exponents with a very small value so partial tiles ignore the padding.
