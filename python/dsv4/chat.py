@@ -417,7 +417,8 @@ def _write_parameters(w: "_Writer", arguments: Any, where: str) -> None:
         except json.JSONDecodeError:
             args = {"arguments": arguments}
         except RecursionError:
-            raise ValueError(f"{where} arguments are nested too deeply to be read as JSON") from None
+            raise ValueError(f"{where} arguments are nested too deeply to be read as "
+                             "JSON") from None
         if not isinstance(args, dict):
             raise ValueError(f"{where} arguments must be a JSON object, got {arguments!r}")
     for k, (key, value) in enumerate(args.items()):

@@ -279,13 +279,13 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse or g.layout != torch.strided or not g.dtype.is_floating_point \
+                if g.layout != torch.strided or not g.dtype.is_floating_point \
                         or g.shape != p.shape:
                     raise ValueError(
                         f"param group {n} parameter {i}: expected a dense floating-point "
                         f"gradient of the parameter's shape {tuple(p.shape)}, got a "
-                        f"{'sparse ' if g.is_sparse else ''}{g.dtype} gradient of shape "
-                        f"{tuple(g.shape)}; nothing was updated")
+                        f"{'sparse ' if g.layout != torch.strided else ''}{g.dtype} gradient "
+                        f"of shape {tuple(g.shape)}; nothing was updated")
                 if group["use_muon"]:
                     self._matrices(p, int(group["row_blocks"]))
         # Muon: momentum per parameter, then one batched Newton-Schulz per (shape, settings).

@@ -299,8 +299,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             state = Trainer.read_state(args.resume)
             cfg_d = dict(state["config"])
             saved_step = int(state["step"])
-            if (args.steps if args.steps is not None else cfg_d.get("steps")) == saved_step \
-                    or (args.steps is not None and args.steps < saved_step):
+            if (args.steps if args.steps is not None else cfg_d["steps"]) <= saved_step:
                 raise ValueError(
                     f"the run was saved at step {saved_step}"
                     + (f" of its {saved_step} steps: it is complete" if args.steps is None
