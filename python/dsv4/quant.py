@@ -72,8 +72,9 @@ _E8M0 = torch.float8_e8m0fnu
 def e8m0_exponent(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e, ok)`` for float values ``x`` (any shape; computed in fp32, fp64 kept): int32 ``e``
     with ``x == 2**e`` where ``ok``, and ``ok`` true exactly for the values an e8m0 scale holds,
-    the powers of two in [2**-127, 2**127] (not 0, negatives, other values, inf or NaN).
-    The one test of that rule (:func:`float_to_e8m0`, :func:`fp4_to_fp8`, ``dsv4 convert``)."""
+    the powers of two in [2**-127, 2**127] (not 0, negatives, other values, inf or NaN;
+    codes 0..254 of OCP MX ``float8_e8m0fnu``, architecture.md §12.3). The one test of that
+    rule (:func:`float_to_e8m0`, :func:`fp4_to_fp8`, ``dsv4 convert``)."""
     xf = x if x.dtype == torch.float64 else x.float()   # (a float64 1 + 2**-30 is no power of 2)
     mant, exp = torch.frexp(xf)            # x = mant * 2**exp, mant in [0.5, 1)
     e = exp.to(torch.int32) - 1
