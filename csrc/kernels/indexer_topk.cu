@@ -149,6 +149,13 @@ bool pdl_enabled() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
+// The select kernel's final sort: sort_merge_write unless DSV4_INDEXER_SORT=bitonic (the
+// previous sort_small_desc), read at each call.
+bool merge_sort_enabled() {
+  const char* e = std::getenv("DSV4_INDEXER_SORT");
+  return e == nullptr || std::strcmp(e, "bitonic") != 0;
+}
+
 // Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
 // between barriers; prefill (QPC 8) 128 (each warp already scores 8 m-tiles per stage).
 // g_decode_tile / g_stages: tuning overrides (indexer_topk_set_tuning), 0 = default.
@@ -215,6 +222,9 @@ struct Params {
   // Decode selection tail (select_topk / sort_desc with QPC 1): warp-aggregated histogram
   // atomics and warp-synchronised sort steps; false in "legacy" mode (the previous code).
   bool fast_tail;
+  // The fast tail's final sort (indexer_select_kernel): sort_merge_write (warp runs merged by
+  // binary search) unless DSV4_INDEXER_SORT=bitonic (sort_small_desc + write_indices).
+  bool merge_sort;
   // Short-row decode path (indexer_short_kernel): q may be copied with 16-byte cp.async (q
   // 16-byte aligned, strides multiples of 8 elements); else 4-byte copies.
   bool q_vec16;
@@ -602,6 +612,114 @@ __device__ void sort_small_desc(u64* cand, int n) {
 #pragma unroll
   for (int m = 0; m < EPT; ++m) cand[tid * EPT + m] = v[m];
   __syncthreads();
+}
+
+// Sorts cand[0, n) (n <= kThreads * EPT distinct nonzero ranks) in descending order and writes
+// query t's first min(n, topk) indices, then -1 up to topk: the output of sort_small_desc +
+// write_indices, with a shorter dependency chain. Stage 1: warp w sorts its run of R = 32 EPT
+// elements [w R, w R + R) in registers (the bitonic network of sort_small_desc up to size R:
+// register swaps and shuffles, no barrier; 28 steps at EPT 4 where the whole network has 55).
+// Stage 2: the 8 sorted runs are merged pairwise in 3 rounds through shared memory. An
+// element keeps its registers; its place in the merge of runs a and a ^ 1 is its place in run a
+// plus the number of elements of run a ^ 1 ranked above it (a branch-free binary search,
+// log2(L) + 1 loads; the searches of a thread's EPT elements interleaved). Real ranks are
+// distinct; the padding zeros tie, and a tie counts as "above" only for the odd run, so the
+// places of a round are a permutation. The last round writes the indices, with no store back.
+// Whole CTA calls; cand[0, kThreads * EPT) is overwritten.
+template <int EPT>
+__device__ void sort_merge_write(const Params& p, u64* cand, int n, int t) {
+  static_assert(EPT == 4 || EPT == 8, "sort_merge_write: 4 or 8 elements per thread");
+  constexpr int R = 32 * EPT;
+  constexpr int P = kThreads * EPT;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  u64 v[EPT];
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) {
+    const int i = tid * EPT + m;
+    v[m] = i < n ? cand[i] : 0ull;
+  }
+  // Stage 1: position j = lane * EPT + m of the warp's run; every size's blocks descending
+  // except those whose bit `size` is set (bitonic), so size R ends all descending.
+#pragma unroll 1
+  for (int size = 2; size <= R; size <<= 1) {
+#pragma unroll 1
+    for (int stride = size >> 1; stride >= EPT; stride >>= 1) {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        const int j = lane * EPT + m;
+        const u64 o = __shfl_xor_sync(kFull, v[m], stride / EPT);
+        const bool keep_big = ((j & stride) == 0) == ((j & size) == 0);
+        v[m] = keep_big ? (v[m] > o ? v[m] : o) : (v[m] < o ? v[m] : o);
+      }
+    }
+#pragma unroll
+    for (int stride = EPT / 2; stride > 0; stride >>= 1) {
+      if (stride < size) {
+#pragma unroll
+        for (int m = 0; m < EPT; ++m) {
+          if ((m & stride) == 0) {
+            const bool desc = ((lane * EPT + m) & size) == 0;
+            const u64 a = v[m], b = v[m | stride];
+            if ((a < b) == desc) {
+              v[m] = b;
+              v[m | stride] = a;
+            }
+          }
+        }
+      }
+    }
+  }
+  // The thread's elements sit at cand[tid * EPT + m]: the slots it read (no barrier before).
+  int at[EPT];
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) {
+    at[m] = tid * EPT + m;
+    cand[at[m]] = v[m];
+  }
+  // Stage 2: rounds over run lengths L = R, 2R, 4R (the last one writes the output).
+  int32_t* o = p.out + static_cast<int64_t>(t) * p.out_st;
+  const int k = p.topk;
+#pragma unroll 1
+  for (int L = R; L < P; L <<= 1) {
+    __syncthreads();  // the runs of length L are in cand
+    int base[EPT];
+#pragma unroll
+    for (int m = 0; m < EPT; ++m) base[m] = (at[m] & ~(L - 1)) ^ L;  // start of the other run
+#pragma unroll 1
+    for (int half = L >> 1; half >= 1; half >>= 1) {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        const u64 y = cand[base[m] + half - 1];
+        const bool upper = (at[m] & L) != 0;
+        base[m] += (y > v[m] || (upper && y == v[m])) ? half : 0;
+      }
+    }
+    int place[EPT];
+#pragma unroll
+    for (int m = 0; m < EPT; ++m) {
+      const u64 y = cand[base[m]];
+      const bool upper = (at[m] & L) != 0;
+      const int other = (at[m] & ~(L - 1)) ^ L;
+      const int above = base[m] - other + ((y > v[m] || (upper && y == v[m])) ? 1 : 0);
+      // merged run starts at the lower run's start; own place + the other run's count above
+      place[m] = (at[m] & ~(2 * L - 1)) + (at[m] & (L - 1)) + above;
+    }
+    if (2 * L < P) {
+      __syncthreads();  // every search of this round has read cand
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        at[m] = place[m];
+        cand[at[m]] = v[m];
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        if (place[m] < k && v[m] != 0ull) o[place[m]] = rank_index(v[m]);
+      }
+    }
+  }
+  for (int i = n + tid; i < k; i += kThreads) o[i] = -1;
 }
 
 template <int QPC>
@@ -1706,6 +1824,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
   if (p.fast_tail && count <= kThreads * 8) {
     // The usual case (the winners and bin b*: a few hundred to ~1,000 candidates): sort them
     // all in registers; the first min(count, topk) are the selection, in order.
+    if (p.merge_sort) {
+      if (count <= kThreads * 4) {
+        sort_merge_write<4>(p, cand, count, t);
+      } else {
+        sort_merge_write<8>(p, cand, count, t);
+      }
+      return;
+    }
     if (count <= kThreads * 4) {
       sort_small_desc<4>(cand, count);
     } else {
@@ -2704,6 +2830,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   prm.stages = pl.stages;
   prm.min_chunk = pl.min_chunk;
   prm.fast_tail = merge_mode() != kMergeLegacy;
+  prm.merge_sort = merge_sort_enabled();
   return cudaSuccess;
 }
 
