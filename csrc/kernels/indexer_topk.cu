@@ -16,7 +16,8 @@
 //              several head blocks, q reloaded from L1/L2 per m-tile.
 //              Decode plans (head_dim 128, <= 128 heads, sm_90a; DSV4_INDEXER_WGMMA=0: off):
 //              the same scan on wgmma instead, q in shared memory, 64 keys per MMA chain per
-//              warpgroup (section "wgmma scan" below).
+//              warpgroup; FP8 keys go from shared memory through registers into wgmma's A
+//              operand, with no bf16 tile (section "wgmma scan" below).
 //   selection  each query has a candidate buffer of `cap` 64-bit ranks in shared memory,
 //              rank = ordered(score) << 32 | ~index (NaN is never inserted, -0.0 -> +0.0), so
 //              "higher rank" = higher score, then lower index: a total order. A candidate is
@@ -148,6 +149,13 @@ bool pdl_enabled() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
+// The select kernel's final sort: sort_merge_write unless DSV4_INDEXER_SORT=bitonic (the
+// previous sort_small_desc), read at each call.
+bool merge_sort_enabled() {
+  const char* e = std::getenv("DSV4_INDEXER_SORT");
+  return e == nullptr || std::strcmp(e, "bitonic") != 0;
+}
+
 // Keys per pipeline stage: decode (QPC 1) 256 by default, so that each warp scores 2 m-tiles
 // between barriers; prefill (QPC 8) 128 (each warp already scores 8 m-tiles per stage).
 // g_decode_tile / g_stages: tuning overrides (indexer_topk_set_tuning), 0 = default.
@@ -214,6 +222,9 @@ struct Params {
   // Decode selection tail (select_topk / sort_desc with QPC 1): warp-aggregated histogram
   // atomics and warp-synchronised sort steps; false in "legacy" mode (the previous code).
   bool fast_tail;
+  // The fast tail's final sort (indexer_select_kernel): sort_merge_write (warp runs merged by
+  // binary search) unless DSV4_INDEXER_SORT=bitonic (sort_small_desc + write_indices).
+  bool merge_sort;
   // Short-row decode path (indexer_short_kernel): q may be copied with 16-byte cp.async (q
   // 16-byte aligned, strides multiples of 8 elements); else 4-byte copies.
   bool q_vec16;
@@ -603,6 +614,114 @@ __device__ void sort_small_desc(u64* cand, int n) {
   __syncthreads();
 }
 
+// Sorts cand[0, n) (n <= kThreads * EPT distinct nonzero ranks) in descending order and writes
+// query t's first min(n, topk) indices, then -1 up to topk: the output of sort_small_desc +
+// write_indices, with a shorter dependency chain. Stage 1: warp w sorts its run of R = 32 EPT
+// elements [w R, w R + R) in registers (the bitonic network of sort_small_desc up to size R:
+// register swaps and shuffles, no barrier; 28 steps at EPT 4 where the whole network has 55).
+// Stage 2: the 8 sorted runs are merged pairwise in 3 rounds through shared memory. An
+// element keeps its registers; its place in the merge of runs a and a ^ 1 is its place in run a
+// plus the number of elements of run a ^ 1 ranked above it (a branch-free binary search,
+// log2(L) + 1 loads; the searches of a thread's EPT elements interleaved). Real ranks are
+// distinct; the padding zeros tie, and a tie counts as "above" only for the odd run, so the
+// places of a round are a permutation. The last round writes the indices, with no store back.
+// Whole CTA calls; cand[0, kThreads * EPT) is overwritten.
+template <int EPT>
+__device__ void sort_merge_write(const Params& p, u64* cand, int n, int t) {
+  static_assert(EPT == 4 || EPT == 8, "sort_merge_write: 4 or 8 elements per thread");
+  constexpr int R = 32 * EPT;
+  constexpr int P = kThreads * EPT;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  u64 v[EPT];
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) {
+    const int i = tid * EPT + m;
+    v[m] = i < n ? cand[i] : 0ull;
+  }
+  // Stage 1: position j = lane * EPT + m of the warp's run; every size's blocks descending
+  // except those whose bit `size` is set (bitonic), so size R ends all descending.
+#pragma unroll 1
+  for (int size = 2; size <= R; size <<= 1) {
+#pragma unroll 1
+    for (int stride = size >> 1; stride >= EPT; stride >>= 1) {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        const int j = lane * EPT + m;
+        const u64 o = __shfl_xor_sync(kFull, v[m], stride / EPT);
+        const bool keep_big = ((j & stride) == 0) == ((j & size) == 0);
+        v[m] = keep_big ? (v[m] > o ? v[m] : o) : (v[m] < o ? v[m] : o);
+      }
+    }
+#pragma unroll
+    for (int stride = EPT / 2; stride > 0; stride >>= 1) {
+      if (stride < size) {
+#pragma unroll
+        for (int m = 0; m < EPT; ++m) {
+          if ((m & stride) == 0) {
+            const bool desc = ((lane * EPT + m) & size) == 0;
+            const u64 a = v[m], b = v[m | stride];
+            if ((a < b) == desc) {
+              v[m] = b;
+              v[m | stride] = a;
+            }
+          }
+        }
+      }
+    }
+  }
+  // The thread's elements sit at cand[tid * EPT + m]: the slots it read (no barrier before).
+  int at[EPT];
+#pragma unroll
+  for (int m = 0; m < EPT; ++m) {
+    at[m] = tid * EPT + m;
+    cand[at[m]] = v[m];
+  }
+  // Stage 2: rounds over run lengths L = R, 2R, 4R (the last one writes the output).
+  int32_t* o = p.out + static_cast<int64_t>(t) * p.out_st;
+  const int k = p.topk;
+#pragma unroll 1
+  for (int L = R; L < P; L <<= 1) {
+    __syncthreads();  // the runs of length L are in cand
+    int base[EPT];
+#pragma unroll
+    for (int m = 0; m < EPT; ++m) base[m] = (at[m] & ~(L - 1)) ^ L;  // start of the other run
+#pragma unroll 1
+    for (int half = L >> 1; half >= 1; half >>= 1) {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        const u64 y = cand[base[m] + half - 1];
+        const bool upper = (at[m] & L) != 0;
+        base[m] += (y > v[m] || (upper && y == v[m])) ? half : 0;
+      }
+    }
+    int place[EPT];
+#pragma unroll
+    for (int m = 0; m < EPT; ++m) {
+      const u64 y = cand[base[m]];
+      const bool upper = (at[m] & L) != 0;
+      const int other = (at[m] & ~(L - 1)) ^ L;
+      const int above = base[m] - other + ((y > v[m] || (upper && y == v[m])) ? 1 : 0);
+      // merged run starts at the lower run's start; own place + the other run's count above
+      place[m] = (at[m] & ~(2 * L - 1)) + (at[m] & (L - 1)) + above;
+    }
+    if (2 * L < P) {
+      __syncthreads();  // every search of this round has read cand
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        at[m] = place[m];
+        cand[at[m]] = v[m];
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < EPT; ++m) {
+        if (place[m] < k && v[m] != 0ull) o[place[m]] = rank_index(v[m]);
+      }
+    }
+  }
+  for (int i = n + tid; i < k; i += kThreads) o[i] = -1;
+}
+
 template <int QPC>
 __device__ void write_indices(const Params& p, const u64* cand, int n, int t, int gtid) {
   constexpr int NT = kThreads / QPC;
@@ -712,7 +831,8 @@ __device__ __forceinline__ int tile_chunk(int r, int c) {
 
 // Loads keys [s_first, min(s_first + TILE, s_end)) of row `row` into a pipeline stage.
 // bf16: the swizzled bf16 tile itself (tile_chunk). FP8: the raw e4m3 rows [TILE][D] followed
-// by the scales [TILE] (converted by convert_fp8_tile). Missing keys are not loaded.
+// by the scales [TILE] (converted by convert_fp8_tile; kWgL: 16-byte chunks swizzled within
+// each row, read into registers by score_wg_fp8). Missing keys are not loaded.
 // Warp w copies the rows [w RPW, w RPW + RPW) of the tile; lane j < RPW finds the place of row
 // w RPW + j once (key_place: a division and a block-table read when paged) and hands its byte
 // offset to the lanes copying that row's chunks by shuffle, so each key is placed once per tile
@@ -729,6 +849,7 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
   constexpr int NCH = kFp8 ? D / 16 : D / 8;        // 16-byte chunks per key row
   constexpr int RPI = 32 / NCH;                     // rows per warp instruction
   static_assert(RPW <= 32 && RPW % RPI == 0, "load_tile: tile / warp shape");
+  static_assert(!(kFp8 && kWgL) || NCH == 8, "the swizzled FP8 rows are 128 bytes");
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int r0 = warp * RPW;
   const unsigned char* base = reinterpret_cast<const unsigned char*>(p.keys);
@@ -761,7 +882,10 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const Params& p, int r
     if ((rows_ok >> rw) & 1u) {
       const int r = r0 + rw;
       if constexpr (kFp8) {
-        cp_async16(stage + r * D + c * 16, base + o + c * 16);
+        // kWgL: chunk c ^ (r & 7) of the row, so that score_wg_fp8's register loads (the 8
+        // rows g of a warp, 2 chunks each) hit 8 different 16-byte bank groups
+        const int cs = kWgL ? (c ^ (r & 7)) : c;
+        cp_async16(stage + r * D + cs * 16, base + o + c * 16);
       } else {
         cp_async16(stage + tile_chunk<D, TILE, kWgL>(r, c), base + o + c * 16);
       }
@@ -887,35 +1011,59 @@ __device__ __forceinline__ void score_mtile(uint32_t stage, int m, int lane,
 // D / 16 k16 steps) into a 64 x 64 fp32 accumulator: 32 registers per thread holding the same
 // rows and heads as the 8 n-tiles of the mma.sync path (warp w4 of the warpgroup: rows
 // 16 w4 + g and + 8), so the epilogue (ReLU, weight, head sum, quad shuffles) is the same.
-// The PTX helpers (descriptor, fences, m64n64k16) are grouped_gemm_wgmma.cuh's; wgmma is
+// FP8 keys: operand A comes from registers instead (score_wg_fp8), converted from the raw
+// e4m3 rows of the stage. The PTX helpers (descriptor, fences, m64n64k16 with both operands
+// in shared memory) are grouped_gemm_wgmma.cuh's; the register-A form is below. wgmma is
 // sm_90a-only device code (DSV4_GG_WGMMA), so other targets compile the kWg kernels as a trap
 // and the host plans them on compute capability 9.0 only.
 
 // Shared-memory bytes of one head block of q in the kWg scan (a multiple of 1024).
 constexpr int wg_q_block_bytes(int D) { return kHeadBlock * D * 2; }
 
+// FP8 keys (kWg): the key dimension behind column 16 ks + col (col < 16) of k step ks, i.e.
+// the order in which score_wg_fp8 hands a key row to wgmma as register fragments. Lane tq of
+// a quad holds the row's bytes [32 tq, 32 tq + 32) (two 16-byte shared-memory loads); k step
+// ks takes its word ks (bytes 32 tq + 4 ks + 0..3): bytes 0 and 2 become the fragment's
+// columns 2 tq and 2 tq + 1, bytes 1 and 3 the columns 2 tq + 8 and 2 tq + 9 (the A fragment
+// layout of mma.m16n8k16, which wgmma's register operand shares), so that each bf16x2 comes
+// from one word by bit moves alone. q is stored in the same order (load_q_wg<D, true>): the
+// dot product over D does not depend on the order of its terms, only the fp32 summation
+// order inside the MMA does.
+__host__ __device__ constexpr int fp8_k_dim(int ks, int col) {
+  return 32 * ((col & 7) >> 1) + 4 * ks + (col >> 3) + 2 * (col & 1);
+}
+
 // q of query t (n_hb head blocks; heads >= H are 0) into q_s (1024-byte aligned) in the wgmma
 // layout (tile_chunk with 64 rows per head block), and its weights into w_all[n_hb * 64] (0 for
-// heads >= H). Whole CTA; 4-byte global loads (q's alignment contract). kPerm: each group of 4
-// values in the order (0, 2, 1, 3), as convert_fp8_tile_wg stores the keys.
-template <int D, bool kPerm>
+// heads >= H). Whole CTA; 4-byte global loads (q's alignment contract). kFp8: column c of the
+// MMA's K holds dimension fp8_k_dim(c / 16, c % 16) (the FP8 keys' register order).
+template <int D, bool kFp8>
 __device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsigned char* q_s,
                                           float* w_all) {
   constexpr int NCH = D / 8;
+  static_assert(!kFp8 || D == 128, "fp8_k_dim: 128-byte key rows");
   const __nv_bfloat16* qt = p.q + static_cast<int64_t>(t) * p.q_st;
   for (int i = threadIdx.x; i < n_hb * kHeadBlock * NCH; i += kThreads) {
     const int h = i / NCH, c = i % NCH;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (h < p.H) {
       const unsigned int* src =
-          reinterpret_cast<const unsigned int*>(qt + static_cast<int64_t>(h) * p.q_sh + c * 8);
-      v.x = __ldg(src);
-      v.y = __ldg(src + 1);
-      v.z = __ldg(src + 2);
-      v.w = __ldg(src + 3);
-      if (kPerm) {
-        v = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
-                       __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
+          reinterpret_cast<const unsigned int*>(qt + static_cast<int64_t>(h) * p.q_sh);
+      if constexpr (kFp8) {
+        // chunk c = columns 8 c .. 8 c + 7 of the K order: 4 pairs (dimension d0, d0 + 2)
+        uint32_t o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int d0 = fp8_k_dim(c >> 1, (c & 1) * 8 + 2 * j);
+          const uint32_t x = __ldg(src + (d0 >> 1)), y = __ldg(src + ((d0 + 2) >> 1));
+          o[j] = __byte_perm(x, y, (d0 & 1) ? 0x7632 : 0x5410);
+        }
+        v = make_uint4(o[0], o[1], o[2], o[3]);
+      } else {
+        v.x = __ldg(src + c * 4);
+        v.y = __ldg(src + c * 4 + 1);
+        v.z = __ldg(src + c * 4 + 2);
+        v.w = __ldg(src + c * 4 + 3);
       }
     }
     const int hb = h / kHeadBlock, hr = h % kHeadBlock;
@@ -928,58 +1076,46 @@ __device__ __forceinline__ void load_q_wg(const Params& p, int t, int n_hb, unsi
   }
 }
 
-// FP8 keys, kWg: converts the e4m3 rows of a stage into the bf16 tile (wgmma layout) with
-// integer bit moves instead of convert_fp8_tile's per-value float path (~3 instead of ~8
-// instructions per value; the conversion is the FP8 scan's largest cost per key). For the e4m3
-// byte b in bits 8-15 of a 16-bit half, (b & 0x80) << 8 | (b & 0x7f) << 4 is the bf16 of
-// value(b) * 2^-120 exactly (e4m3 subnormals become bf16 subnormals); one bf16x2 multiply by
-// 2^120 (exact: a power of two, no overflow; PTX mul.bf16x2 keeps subnormals) restores it.
-// The bytes 1, 3 of a word are in place; bytes 0, 2 after a shift by 8, so each group of 4
-// values is stored in the order (0, 2, 1, 3): load_q_wg<D, true> permutes q the same way (the
-// dot product over D does not depend on the order of its terms, only the fp32 summation order
-// does). NaN codes (0x7f / 0xff, which the bit move would turn into 480) are patched to a bf16
-// NaN on a rare branch.
-template <int D, int TILE>
-__device__ __forceinline__ void convert_fp8_tile_wg(const unsigned char* src,
-                                                    unsigned char* dst_tile) {
-  constexpr int NCH = D / 16;
-  static_assert(TILE * NCH % kThreads == 0 && kThreads % NCH == 0, "convert: tile shape");
-  const int c = static_cast<int>(threadIdx.x) % NCH;  // the same chunk at every step
-#pragma unroll 2
-  for (int u = 0; u < TILE * NCH / kThreads; ++u) {
-    const int r = u * (kThreads / NCH) + static_cast<int>(threadIdx.x) / NCH;
-    const uint4 v = *reinterpret_cast<const uint4*>(src + r * D + c * 16);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    uint32_t o[8];
-    uint32_t nan_any = 0u;
+// Two e4m3 values as a bf16x2, exactly: e holds the bytes in bits 8-15 (low lane) and 24-31
+// (high lane). For an e4m3 byte v, (v & 0x80) << 8 | (v & 0x7f) << 4 is the bf16 of
+// e4m3(v) * 2^-120 for every non-NaN v (e4m3 subnormals become bf16 subnormals); one bf16x2
+// multiply by 2^120 (exact: a power of two, no overflow; PTX mul.bf16x2 keeps subnormals)
+// restores the value. The NaN codes 0x7f / 0xff come out as 480 (finite): score_wg_fp8 flags
+// them separately.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t e) {
+  const uint32_t h = (e & 0x80008000u) | ((e & 0x7f007f00u) >> 4);
+  uint32_t o;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o) : "r"(h), "r"(0x7b807b80u));
+  return o;
+}
+
+// Keeps a register fragment live (its registers not reused) up to this point: called after
+// the wgmma.wait_group that retires the MMAs reading it.
+template <int N>
+__device__ __forceinline__ void keep_frag(const uint32_t (&r)[N]) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      // a byte is a NaN code iff its low 7 bits are all ones: the + 1 carries into bit 7
-      nan_any |= ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
-      const uint32_t e02 = w[k] << 8, e13 = w[k];  // bytes (0, 2) / (1, 3) in bits 8-15, 24-31
-      const uint32_t h02 = (e02 & 0x80008000u) | ((e02 & 0x7f007f00u) >> 4);
-      const uint32_t h13 = (e13 & 0x80008000u) | ((e13 & 0x7f007f00u) >> 4);
-      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k]) : "r"(h02), "r"(0x7b807b80u));
-      asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(o[2 * k + 1]) : "r"(h13), "r"(0x7b807b80u));
-    }
-    if (nan_any != 0u) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint32_t nb = ((w[k] & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
-        o[2 * k] |= ((nb >> 7) & 0x00010001u) * 0x7fc0u;       // bytes 0, 2
-        o[2 * k + 1] |= ((nb >> 15) & 0x00010001u) * 0x7fc0u;  // bytes 1, 3
-      }
-    }
-    // Chunks 2c and 2c + 1: the lanes of c >= 4 (the row's second 64-column slice, whose
-    // 128-byte rows fall on the same banks as the first's) store their odd chunk first, so
-    // that the 8 lanes of a row hit 8 different 16-byte bank groups in each store.
-    const uint4 lo = make_uint4(o[0], o[1], o[2], o[3]), hi = make_uint4(o[4], o[5], o[6], o[7]);
-    const bool odd_first = (c & 4) != 0;
-    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + odd_first)) =
-        odd_first ? hi : lo;
-    *reinterpret_cast<uint4*>(dst_tile + tile_chunk<D, TILE, true>(r, 2 * c + !odd_first)) =
-        odd_first ? lo : hi;
-  }
+  for (int i = 0; i < N; ++i) asm volatile("" ::"r"(r[i]) : "memory");
+}
+
+// wgmma.mma_async m64n64k16, f32 += bf16 x bf16, with A (64 keys x 16 columns) from registers:
+// a = the warp's mma.m16n8k16-style A fragment of its 16 rows; B (q, 64 heads, K-major,
+// 128-byte swizzle) from shared memory. accumulate 0: d = A B (scale-d 0: no zeroing needed).
+__device__ __forceinline__ void wgmma_rs_m64n64(float (&d)[32], const uint32_t (&a)[4],
+                                                uint64_t db, int accumulate) {
+#if DSV4_GG_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+#endif
 }
 
 // ReLU, weight and sum over this lane's 16 heads of a wgmma accumulator [64 keys][64 heads]
@@ -1059,6 +1195,93 @@ __device__ __forceinline__ void score_wg(uint32_t stage, uint32_t q_s, const flo
   }
 }
 
+// score_wg for FP8 keys (TILE 256, D 128): the raw e4m3 rows of the stage (load_tile<.., true>:
+// 16-byte chunks swizzled within each 128-byte row) go into registers and straight into wgmma
+// as its A operand, instead of through a bf16 tile in shared memory (convert, store, fence,
+// CTA barrier, then wgmma reading it back: 64 KB written and read per tile, and the MMAs
+// waited for the whole tile's conversion). Lane (g, tq) of warp w4 loads bytes
+// [32 tq, 32 tq + 32) of its rows g and g + 8 of each 16-row slice (fp8_k_dim: the K order,
+// q stored to match), converts them with bit moves (e4m3x2_to_bf16x2) and issues the chain;
+// block 1 is converted while block 0's chain runs. A key with an e4m3 NaN byte scores NaN (its
+// bf16 NaN made every head's dot product NaN in the tile path): the lane's NaN flag of each row
+// turns its partial sum into NaN, which the quad sum passes on. Padding heads (>= H) and the
+// order of the epilogue are head_sum_wg's, as in score_wg.
+template <int D, int TILE>
+__device__ __forceinline__ void score_wg_fp8(const unsigned char* raw, uint32_t q_s,
+                                             const float* w_all, int n_hb, int H, int wg,
+                                             int lane, float (&a)[TILE / 128],
+                                             float (&b)[TILE / 128]) {
+  static_assert(D == 128 && TILE == 256, "score_wg_fp8: 128-byte rows, two 64-key blocks");
+  constexpr int MBW = 2, KS = D / 16;
+  const int g = lane >> 2, tq = lane & 3, w4 = (static_cast<int>(threadIdx.x) >> 5) & 3;
+  uint32_t fa[MBW][KS][4];  // [block][k step]: rows g / g + 8, columns 2 tq / 2 tq + 8
+  uint32_t nan_row[MBW][2];
+  auto convert = [&](int i) {
+    const int r0 = (wg + 2 * i) * 64 + w4 * 16 + g;  // rows r0 and r0 + 8: both = g mod 8
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const unsigned char* row = raw + (r0 + 8 * h) * D;
+      const uint4 v0 = *reinterpret_cast<const uint4*>(row + (((2 * tq) ^ g) << 4));
+      const uint4 v1 = *reinterpret_cast<const uint4*>(row + (((2 * tq + 1) ^ g) << 4));
+      const uint32_t w[KS] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      uint32_t carry = 0u;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        // a byte is a NaN code iff its low 7 bits are all ones: the + 1 carries into bit 7
+        carry |= (w[ks] & 0x7f7f7f7fu) + 0x01010101u;
+        fa[i][ks][h] = e4m3x2_to_bf16x2(w[ks] << 8);  // bytes 0, 2: columns 2 tq, 2 tq + 1
+        fa[i][ks][2 + h] = e4m3x2_to_bf16x2(w[ks]);   // bytes 1, 3: columns 2 tq + 8, + 9
+      }
+      nan_row[i][h] = carry & 0x80808080u;
+    }
+  };
+  float acc[MBW][32];
+  auto chain = [&](int i, uint32_t qb) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      wgmma_rs_m64n64(acc[i], fa[i][ks],
+                      gg::smem_desc(qb + (ks >> 2) * (kHeadBlock * 128) + (ks & 3) * 32), ks);
+    }
+    gg::wgmma_commit();
+  };
+  auto finish = [&](int hb) {
+    const int hlim = H - hb * kHeadBlock;
+    const float* w_s = w_all + hb * kHeadBlock;
+    gg::wgmma_wait_1();
+    gg::fence_regs(acc[0]);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) keep_frag(fa[0][ks]);
+    head_sum_wg(acc[0], w_s, tq, hlim, a[0], b[0]);
+    gg::wgmma_wait_all();
+    gg::fence_regs(acc[1]);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) keep_frag(fa[1][ks]);
+    head_sum_wg(acc[1], w_s, tq, hlim, a[1], b[1]);
+  };
+#pragma unroll
+  for (int i = 0; i < MBW; ++i) a[i] = b[i] = 0.f;
+  convert(0);
+  gg::wgmma_fence();  // the fragments (and the accumulators, re-used) written above
+  chain(0, q_s);
+  convert(1);  // overlaps block 0's MMAs
+  gg::wgmma_fence();
+  chain(1, q_s);
+  finish(0);
+#pragma unroll 1
+  for (int hb = 1; hb < n_hb; ++hb) {  // heads 64-127: the same fragments, q's second block
+    gg::wgmma_fence();
+    chain(0, q_s + hb * wg_q_block_bytes(D));
+    chain(1, q_s + hb * wg_q_block_bytes(D));
+    finish(hb);
+  }
+  const float qnan = __int_as_float(0x7fc00000);
+#pragma unroll
+  for (int i = 0; i < MBW; ++i) {
+    a[i] = nan_row[i][0] != 0u ? qnan : a[i];
+    b[i] = nan_row[i][1] != 0u ? qnan : b[i];
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // the kernel
 // ------------------------------------------------------------------------------------------
@@ -1085,10 +1308,11 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   constexpr int NT = kThreads / QPC;         // threads per query
   constexpr int MT = TILE / 16 / WPQ;         // m-tiles per warp per stage
   constexpr int TILE_BYTES = TILE * D * 2;   // a bf16 tile
-  // A pipeline stage: the bf16 tile, or (FP8) e4m3 rows + fp32 scales; FP8 adds one bf16
-  // tile that each stage is converted into before scoring.
+  // A pipeline stage: the bf16 tile, or (FP8) e4m3 rows + fp32 scales; FP8 on mma.sync adds
+  // one bf16 tile that each stage is converted into before scoring (the wgmma scan converts
+  // into registers: score_wg_fp8).
   constexpr int STAGE_BYTES = kFp8 ? TILE * D + TILE * 4 : TILE_BYTES;
-  constexpr int EXTRA_BYTES = kFp8 ? TILE_BYTES : 0;
+  constexpr int EXTRA_BYTES = kFp8 && !kWg ? TILE_BYTES : 0;
   constexpr unsigned kAllDone = (1u << QPC) - 1u;
 
   extern __shared__ __align__(128) unsigned char smem_dyn[];
@@ -1105,9 +1329,9 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
   const int g_lane = lane >> 2, tq = lane & 3;
   const int n_hb = (p.H + kHeadBlock - 1) / kHeadBlock;
 
-  // Shared memory: [kWg: pad to 1024 B][stages key tiles][FP8: bf16 tile][kWg: q, n_hb head
-  // blocks][QState x QPC][hist 256 x QPC][cand cap x QPC]. (kWg: the stage and tile sizes are
-  // multiples of 1024 at TILE 256.)
+  // Shared memory: [kWg: pad to 1024 B][stages key tiles][FP8, not kWg: bf16 tile][kWg: q,
+  // n_hb head blocks][QState x QPC][hist 256 x QPC][cand cap x QPC]. (kWg: the stage sizes
+  // are multiples of 1024 at TILE 256.)
   unsigned char* const smem =
       kWg ? smem_dyn + ((1024u - (smem_u32(smem_dyn) & 1023u)) & 1023u) : smem_dyn;
   unsigned char* const q_wg = smem + p.stages * STAGE_BYTES + EXTRA_BYTES;
@@ -1238,13 +1462,8 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
       }
       const unsigned char* raw = smem + (it % p.stages) * STAGE_BYTES;
       const float* key_scale = reinterpret_cast<const float*>(raw + TILE * D);  // FP8 only
-      if constexpr (kFp8) {
-        if constexpr (kWg) {
-          convert_fp8_tile_wg<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
-          gg::fence_proxy_async();  // this thread's stores -> wgmma
-        } else {
-          convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
-        }
+      if constexpr (kFp8 && !kWg) {
+        convert_fp8_tile<D, TILE>(raw, smem + p.stages * STAGE_BYTES);
         __syncthreads();  // the bf16 tile is complete (the next top barrier frees it again)
       }
       if (kWg || me) {  // (QPC 1: me)
@@ -1291,7 +1510,11 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_topk_kernel(const Params 
           constexpr int MBW = TILE / 128;
           const int wg = warp >> 2, w4 = warp & 3;
           float a[MBW], b[MBW];
-          score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+          if constexpr (kFp8) {
+            score_wg_fp8<D, TILE>(raw, smem_u32(q_wg), w_all, n_hb, p.H, wg, lane, a, b);
+          } else {
+            score_wg<D, TILE>(stage, smem_u32(q_wg), w_all, n_hb, p.H, wg, tq, a, b);
+          }
 #pragma unroll
           for (int i = 0; i < MBW; ++i) {
             const int s0 = tile_s0 + (wg + 2 * i) * 64 + w4 * 16;
@@ -1445,8 +1668,9 @@ __device__ int hist_boundary(const Params& p, int t, int* s_bstar) {
   const int k = p.topk;
   if (tid < 32) {
     // Lane l holds bins 2 l and 2 l + 1 of a 64-bin level; `above` = the keys in the bins of
-    // higher lanes (higher scores), cum = the keys above the level's first bin.
-    auto find = [&](const uint32_t* bins, int cum, int& total) {
+    // higher lanes (higher scores), cum = the keys above the level's first bin. Returns (the
+    // bin holding the k-th key or -1, the keys above that bin, the level's total).
+    auto find = [&](const uint32_t* bins, int cum) {
       const int h0 = static_cast<int>(__ldcg(bins + 2 * lane));
       const int h1 = static_cast<int>(__ldcg(bins + 2 * lane + 1));
       const int tot = h0 + h1;
@@ -1456,7 +1680,7 @@ __device__ int hist_boundary(const Params& p, int t, int* s_bstar) {
         const int v = __shfl_down_sync(kFull, incl, off);
         if (lane + off < 32) incl += v;
       }
-      total = __shfl_sync(kFull, incl, 0);
+      const int total = __shfl_sync(kFull, incl, 0);
       const int above = cum + incl - tot;
       const bool mine = above < k && above + tot >= k;  // one lane when cum < k <= cum + total
       const unsigned who = __ballot_sync(kFull, mine);
@@ -1467,16 +1691,14 @@ __device__ int hist_boundary(const Params& p, int t, int* s_bstar) {
         bin_above = hi ? above : above + h1;
       }
       const int src = who != 0u ? __ffs(who) - 1 : 0;
-      cum = __shfl_sync(kFull, bin_above, src);
-      return make_int2(__shfl_sync(kFull, bin, src), cum);
+      return make_int3(__shfl_sync(kFull, bin, src), __shfl_sync(kFull, bin_above, src), total);
     };
-    int total = 0, fine_total = 0;
-    const int2 coarse = find(p.hs_coarse + static_cast<int64_t>(t) * kCoarseBins, 0, total);
+    const int3 coarse = find(p.hs_coarse + static_cast<int64_t>(t) * kCoarseBins, 0);
     int b = -1;
-    if (total > k && coarse.x >= 0) {
-      const int2 fine = find(p.hs_hist + static_cast<int64_t>(t) * kHistBins +
+    if (coarse.z > k && coarse.x >= 0) {
+      const int3 fine = find(p.hs_hist + static_cast<int64_t>(t) * kHistBins +
                                  coarse.x * kFinePerCoarse,
-                             coarse.y, fine_total);
+                             coarse.y);
       b = fine.x >= 0 ? coarse.x * kFinePerCoarse + fine.x : -1;
     }
     if (lane == 0) *s_bstar = b;
@@ -1602,6 +1824,14 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_select_kernel(const Param
   if (p.fast_tail && count <= kThreads * 8) {
     // The usual case (the winners and bin b*: a few hundred to ~1,000 candidates): sort them
     // all in registers; the first min(count, topk) are the selection, in order.
+    if (p.merge_sort) {
+      if (count <= kThreads * 4) {
+        sort_merge_write<4>(p, cand, count, t);
+      } else {
+        sort_merge_write<8>(p, cand, count, t);
+      }
+      return;
+    }
     if (count <= kThreads * 4) {
       sort_small_desc<4>(cand, count);
     } else {
@@ -2264,7 +2494,8 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
   int64_t pow2 = 1;
   while (pow2 < topk) pow2 <<= 1;
   const int64_t need = std::max<int64_t>(topk + round, pow2);
-  // Per stage: a bf16 tile, or FP8 rows + scales (plus one bf16 conversion tile, in `fixed`).
+  // Per stage: a bf16 tile, or FP8 rows + scales (plus, on mma.sync, one bf16 conversion tile,
+  // in `fixed`; the wgmma scan converts into registers).
   const int64_t tile_bytes =
       fp8 ? static_cast<int64_t>(tile) * (D + 4) : static_cast<int64_t>(tile) * D * 2;
   // wgmma scan: decode (QPC 1) with the 256-key tile at head_dim 128, <= 128 heads (q of
@@ -2276,12 +2507,15 @@ Plan make_plan(int64_t T, int64_t B, int64_t C, int64_t H, int64_t D, int64_t to
                   1024
             : 0;  // q + the pad that aligns the tiles to 1024 bytes
   const int64_t fixed = pl.qpc * static_cast<int64_t>(sizeof(QState) + 256 * sizeof(int)) +
-                        (fp8 ? static_cast<int64_t>(tile) * D * 2 : 0) + wg_bytes;
+                        (fp8 && !pl.wg ? static_cast<int64_t>(tile) * D * 2 : 0) + wg_bytes;
   const int64_t margin = 3072;  // static shared memory of the kernel (up to ~2.3 KB) + slack
   // Decode (QPC 1, 64 KB stages at D = 128): 3 stages for topk <= 512, else 2 so that the
   // candidate buffer is large (fewer selects in the merges). Prefill: 3, fewer if needed.
   int stages = D == 64 ? 4 : (pl.qpc == 1 && tile == 256 && topk > 512 ? 2 : 3);
   if (tile == 128 && pl.qpc == 1) stages = 4;
+  // FP8 keys on the wgmma scan: 33 KB stages and no conversion tile, so 4 fit beside a full
+  // candidate buffer (3 keys tiles in flight per CTA while one is scored).
+  if (pl.wg && fp8) stages = 4;
   if (g_stages >= 2 && g_stages <= 4) stages = g_stages;
   for (; stages >= 2; --stages) {
     const int64_t avail = di.max_smem - stages * tile_bytes - fixed - margin;
@@ -2596,6 +2830,7 @@ cudaError_t prepare(const void* q, int64_t q_st, int64_t q_sh, const float* w, i
   prm.stages = pl.stages;
   prm.min_chunk = pl.min_chunk;
   prm.fast_tail = merge_mode() != kMergeLegacy;
+  prm.merge_sort = merge_sort_enabled();
   return cudaSuccess;
 }
 

@@ -1694,6 +1694,64 @@ int main(int argc, char** argv) {
     std::printf("%s\n", bok ? "PASS" : "FAIL");
     return bok ? 0 : 1;
   }
+  // --bench-fp8 T N k [stages]: the runtime's 1M layout, FP8 indexer keys (132 B) in a paged
+  // pool of 256-entry blocks with shuffled block ids, T decode queries of N keys each (N a
+  // multiple of 256), 64 heads; cold L2, default merge; query 0 and T - 1 checked exactly
+  // (integer keys x power-of-two scales). stages 2-4: the pipeline depth (0: the default).
+  if (argc > 4 && std::string(argv[1]) == "--bench-fp8") {
+    const int T = std::atoi(argv[2]), N = std::atoi(argv[3]), k = std::atoi(argv[4]);
+    const int stages = argc > 5 ? std::atoi(argv[5]) : 0;
+    if (T < 1 || N < 256 || N % 256 != 0 || k < 1 || stages < 0 || stages > 4) {
+      std::printf("usage: --bench-fp8 T N k [stages], T >= 1, N a multiple of 256, k >= 1, "
+                  "stages 0 (default) or 2-4\n");
+      return 2;
+    }
+    dsv4::indexer_topk_set_merge(0);
+    dsv4::indexer_topk_set_tuning(0, stages);
+    Problem p = make_problem("fp8 paged bench", T, T, N, 64, 128, k, true, rng);
+    for (int t = 0; t < T; ++t) p.rows[t] = t, p.nv[t] = N;
+    StoreSpec sp;
+    sp.fp8 = true;
+    sp.paged = true;
+    sp.bs = 256;
+    StoreBufs sb = build_store(p, sp, rng);
+    DeviceBufs d = upload_queries(p);
+    int dev = 0;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    d.ws_bytes = dsv4::indexer_topk_workspace_bytes(p.T, sb.keys, p.H, p.D, p.k, dev);
+    if (d.ws_bytes) CHECK_CUDA(cudaMalloc(&d.ws, d.ws_bytes));
+    void* flush = nullptr;
+    const size_t flush_bytes = 256ull << 20;
+    CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+    auto go = [&]() {
+      return dsv4::indexer_topk(d.q, static_cast<int64_t>(p.H) * p.D, p.D, d.w, p.H, sb.keys,
+                                d.rows, d.nv, d.out, p.k, p.T, p.H, p.D, p.k, d.ws, d.ws_bytes,
+                                nullptr);
+    };
+    const size_t n_out = static_cast<size_t>(T) * k;
+    CHECK_CUDA(cudaMemset(d.out, 0x7f, n_out * 4));
+    const Timing tm = time_cold([&] { CHECK_CUDA(go()); }, 20, flush, flush_bytes);
+    std::vector<int32_t> got(n_out);
+    CHECK_CUDA(cudaMemcpy(got.data(), d.out, n_out * 4, cudaMemcpyDeviceToHost));
+    std::string msg;
+    for (int t : {0, T - 1}) {
+      const std::string e = check_row(p, t, got.data() + static_cast<size_t>(t) * k);
+      if (!e.empty() && msg.empty()) msg = "t=" + std::to_string(t) + ": " + e;
+    }
+    const double bytes = static_cast<double>(T) * N * (128 + 4);
+    std::printf("TIME fp8-paged [%s] T=%-3d N=%-7d k=%-5d stages=%s  full %8.1f us (min %8.1f)  "
+                "key-bytes %6.0f GB/s  %s%s\n",
+                path_name(p, sb.keys).c_str(), T, N, k, stages ? argv[5] : "default", tm.med_us,
+                tm.min_us, bytes / tm.med_us * 1e-3, msg.empty() ? "check ok" : "CHECK FAIL: ",
+                msg.c_str());
+    dsv4::indexer_topk_set_tuning(0, 0);
+    CHECK_CUDA(cudaFree(flush));
+    cudaFree(sb.data);
+    cudaFree(sb.bt);
+    d.free_all();
+    std::printf("%s\n", msg.empty() ? "PASS" : "FAIL");
+    return msg.empty() ? 0 : 1;
+  }
   // Merge modes (indexer_topk_set_merge): the default (auto: histogram select for > 16
   // splits), the candidate-list tree always, the histogram select whenever there are splits.
   dsv4::indexer_topk_set_merge(0);

@@ -9,13 +9,13 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <cmath>
 #include <optional>
 #include <tuple>
 
 #include "dsv4/grouped_gemm.h"
 #include "gemm_utils.h"
 #include "glue_checks.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -59,12 +59,7 @@ void run_up(const at::Tensor& x_in, const at::Tensor& row_ids_in, const at::Tens
               kUp, "route_weight must be float32 [P] = [", P, "], got ",
               route_weight_in.scalar_type(), " ", route_weight_in.sizes());
   check_routing(offsets_in, x_in, E, kUp);
-  // moe_swiglu's rule: 0 or a positive float32 (a positive double that rounds to float 0 would
-  // clamp to 0 in the reference and not at all here; NaN clamps nothing here)
-  TORCH_CHECK(std::isfinite(swiglu_limit) &&
-                  (swiglu_limit == 0 || swiglu_limit >= 1.1754943508222875e-38),
-              kUp, "swiglu_limit must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, got ",
-              swiglu_limit);
+  check_clamp_limit_f32(swiglu_limit, kUp, "swiglu_limit");
   check_not_broadcast(h, kUp, "h");
   check_out_rows(h, x_in, P, N, kUp, "h");
   TORCH_CHECK(!act_quant || K % 128 == 0, kUp, "act_quant needs dim divisible by 128, got ", K);

@@ -7,9 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "dsv4/moe_swiglu.h"
+#include "scalar_checks.h"
 
 namespace dsv4 {
 namespace {
@@ -27,10 +26,7 @@ at::Tensor moe_swiglu_cuda(const at::Tensor& gu, const at::Tensor& weight, doubl
               weight.scalar_type());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == gu.size(0), kOp, "weight must be [",
               gu.size(0), "] (one routing weight per pair), got ", weight.sizes());
-  // 0 or a positive float32 (a positive double that rounds to float 0 would clamp to 0 in the
-  // reference and not at all here)
-  TORCH_CHECK(std::isfinite(limit) && (limit == 0 || limit >= 1.1754943508222875e-38), kOp,
-              "limit must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, got ", limit);
+  check_clamp_limit_f32(limit, kOp, "limit");
   c10::cuda::CUDAGuard device_guard(gu.device());
   const int64_t pairs = gu.size(0), n = gu.size(1) / 2;
   at::Tensor h = at::empty({pairs, n}, gu.options());

@@ -33,4 +33,13 @@ inline void check_positive_f32(double value, const char* op, const char* name) {
               " <= 3.40282347e+38), got ", value);
 }
 
+// A SwiGLU clamp limit (moe_swiglu's `limit`, moe_up's `swiglu_limit`): 0 (no clamp) or a
+// finite float32 >= FLT_MIN. A positive double that rounds to float 0 would clamp to 0 in the
+// reference and not at all here; a NaN clamps nothing here. Python: _ext.check_clamp_limit_f32.
+constexpr double kFloat32MinNormal = 1.1754943508222875e-38;
+inline void check_clamp_limit_f32(double value, const char* op, const char* name) {
+  TORCH_CHECK(std::isfinite(value) && (value == 0 || value >= kFloat32MinNormal), op, name,
+              " must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, got ", value);
+}
+
 }  // namespace dsv4

