@@ -337,3 +337,17 @@ def test_zero_heads_are_refused(op):
         args = tuple(a.values())
     with pytest.raises(ValueError, match=f"{op}: q must have at least one head"):
         getattr(torch.ops.dsv4, op)(*args)
+
+
+def test_mhc_post_out_refuses_out_aliasing_residual():
+    """out=residual (an in-place residual update) is refused, as the CUDA glue refuses it (its
+    kernel reads residual while writing out); used to be computed on CPU."""
+    f, res = torch.randn(3, 8), torch.randn(3, 4, 8)
+    post, comb = torch.rand(3, 4), torch.rand(3, 4, 4)
+    before = res.clone()
+    with pytest.raises(ValueError, match="mhc_post_out: out must not alias residual or f"):
+        torch.ops.dsv4.mhc_post_out(f, res, post, comb, out=res)
+    assert torch.equal(res, before)
+    out = torch.empty_like(res)
+    torch.ops.dsv4.mhc_post_out(f, res, post, comb, out=out)
+    torch.testing.assert_close(out, torch.ops.dsv4.mhc_post(f, res, post, comb))
