@@ -351,3 +351,31 @@ def test_mhc_post_out_refuses_out_aliasing_residual():
     out = torch.empty_like(res)
     torch.ops.dsv4.mhc_post_out(f, res, post, comb, out=out)
     torch.testing.assert_close(out, torch.ops.dsv4.mhc_post(f, res, post, comb))
+
+
+def test_moe_grouped_gemms_refuse_what_the_cuda_glue_refuses():
+    """No expert (E = 0) or more than 1024, and moe_up pairs without tokens (used to be: zero
+    rows returned)."""
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    x, w_up, w_down = torch.randn(3, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 16, 8)
+    rows, rw, h = i32([0, 1, 2, 0]), torch.rand(4), torch.randn(4, 8)
+    ops = torch.ops.dsv4
+    ops.moe_up(x, rows, i32([0, 2, 4]), w_up, None, rw, 0.0, False)
+    ops.moe_down(h, i32([0, 2, 4]), w_down, None, False)
+    with pytest.raises(ValueError, match=r"moe_up: E must be in \[1, 1024\]"):
+        ops.moe_up(x, rows, i32([0]), w_up[:0], None, rw, 0.0, False)
+    with pytest.raises(ValueError, match=r"moe_down: E must be in \[1, 1024\]"):
+        ops.moe_down(h, i32([0]), w_down[:0], None, False)
+    with pytest.raises(ValueError, match=r"moe_down: E must be in \[1, 1024\]"):
+        ops.moe_down(h, torch.zeros(1026, dtype=torch.int32), torch.randn(1025, 8, 8), None,
+                     False)
+    with pytest.raises(ValueError, match="moe_up: pairs need tokens: x has 0 rows but P = 4"):
+        ops.moe_up(x[:0], rows, i32([0, 0, 0]), w_up, None, rw, 0.0, False)
+
+
+def test_grouped_oproj_refuses_more_than_1024_groups():
+    o = torch.randn(2, 1025, 2)
+    pos, freqs = torch.arange(2), torch.rand(1)
+    torch.ops.dsv4.grouped_oproj(o[:, :1024], pos, freqs, torch.randn(1024, 8, 2), None)
+    with pytest.raises(ValueError, match=r"groups of whole heads \(G <= 1024\)"):
+        torch.ops.dsv4.grouped_oproj(o, pos, freqs, torch.randn(1025, 8, 2), None)
