@@ -164,8 +164,10 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
         lse: [tokens, heads] float32; +inf for a query without a valid key.
 
     Raises:
-        ValueError: on mismatched shapes, extra_kv without extra_indices (or the reverse),
-            non-integer indices or lengths, non-floating q / kv / extra_kv, or (unless
+        ValueError: on mismatched shapes, a q without heads, extra_kv without extra_indices
+            (or the reverse), an FP8 pool with a floating-point scope (kv and extra_kv are both
+            FP8 pools or both floating-point, as on CUDA), non-integer indices or lengths,
+            non-floating q / kv / extra_kv, or (unless
             skip_out_of_range) an out-of-range used index.
     """
     _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,

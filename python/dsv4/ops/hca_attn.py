@@ -104,8 +104,9 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         query without any valid key.
 
     Raises:
-        ValueError: bad shapes / dtypes (an out-of-range row or block id is an unused slot,
-            as in the kernel, not an error).
+        ValueError: bad shapes / dtypes of either scope, checked as sparse_attn checks them
+            (also with no query), or kv and extra_kv of mixed formats (an out-of-range row or
+            block id is an unused slot, as in the kernel, not an error).
     """
     _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, extra_rows,
            extra_lengths, raise_value_error)
