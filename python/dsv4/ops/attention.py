@@ -38,7 +38,11 @@ def _is_fp8_pool(t: torch.Tensor | None) -> bool:
 
 def _check_pool(name: str, t: torch.Tensor, D: int, op: str = "sparse_attn") -> None:
     """An FP8 (MODEL1) key pool [num_blocks, block_size, 584] for head_dim 512."""
-    if t.dim() != 3 or t.shape[2] != kv_cache.MODEL1_ENTRY_BYTES or D != kv_cache.MODEL1_HEAD_DIM:
+    try:
+        fmt = kv_cache.cache_format(t, D)
+    except ValueError:  # no FP8 format at all: this op's own words below
+        fmt = None
+    if t.dim() != 3 or fmt != kv_cache.MODEL1:
         raise ValueError(f"{op}: a uint8 {name} must be a MODEL1 FP8 pool "
                          f"[num_blocks, block_size, 584] (head_dim 512, dsv4.ops.kv_cache), got "
                          f"{tuple(t.shape)} for head_dim {D}")
