@@ -257,3 +257,125 @@ def test_check_writable_takes_an_empty_expanded_buffer():
     check_writable("op", out=torch.empty(0, 1).expand(0, 4))
     with pytest.raises(ValueError, match="out must not be broadcast"):
         check_writable("op", out=torch.empty(2, 1).expand(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs the CUDA glue refuses (csrc/torch/*.cpp) that the references took without a word.
+# ---------------------------------------------------------------------------------------------
+def _hca_inputs(T=5, H=4, D=64):
+    from dsv4.ops.hca_attn import dense_block_table
+
+    q, kv, idx, sink = _attn_inputs(T, H, D)
+    return dict(q=q, kv=kv, indices=idx, attn_sink=sink, softmax_scale=0.125, topk_length=None,
+                extra_kv=torch.randn(2, 4, D), extra_block_table=dense_block_table(2),
+                extra_rows=torch.arange(T, dtype=torch.int32) % 2,
+                extra_lengths=torch.full((T,), 3, dtype=torch.int32))
+
+
+_HCA_WINDOW_CASES = {
+    # name: (change to the arguments, words of the error)
+    "topk_length": (lambda a, T: {"topk_length": torch.ones(T + 2, dtype=torch.int32)},
+                    r"topk_length must have shape"),
+    "indices_rank": (lambda a, T: {"indices": a["indices"][:, 0]}, r"indices \[tokens, k\]"),
+    "indices_dtype": (lambda a, T: {"indices": a["indices"].float()}, "indices must be an integer"),
+    "attn_sink": (lambda a, T: {"attn_sink": a["attn_sink"][:1]}, "shape mismatch"),
+    "kv_head_dim": (lambda a, T: {"kv": a["kv"][:, :32]}, "shape mismatch"),
+}
+
+
+@pytest.mark.parametrize("T", [5, 0])
+@pytest.mark.parametrize("case", list(_HCA_WINDOW_CASES))
+def test_hca_attn_checks_the_window_scope_for_every_call(case, T):
+    """hca_attn's window scope (kv, indices, attn_sink, topk_length) is checked as the CUDA glue
+    checks it (used to be: only by sparse_attn_reference on slices of it, so a topk_length of
+    the wrong length was sliced to fit and taken, and with no query nothing was checked)."""
+    a = _hca_inputs()
+    a = {k: (v[:T] if k in ("q", "indices", "extra_rows", "extra_lengths") else v)
+         for k, v in a.items()}
+    change, words = _HCA_WINDOW_CASES[case]
+    torch.ops.dsv4.hca_attn(*a.values())  # the inputs as given work
+    a.update(change(a, T))
+    with pytest.raises(ValueError, match=f"hca_attn: .*{words}"):
+        torch.ops.dsv4.hca_attn(*a.values())
+
+
+@pytest.mark.parametrize("op", ["sparse_attn", "hca_attn"])
+def test_attention_refuses_an_fp8_scope_with_a_float_one(op):
+    """kv and extra_kv are both FP8 (MODEL1) pools or both floating-point, as the CUDA glue
+    requires (used to be: the references dequantised the pool and took the mix)."""
+    from dsv4.ops import kv_cache
+
+    D, T = 512, 3
+    q, sink = torch.randn(T, 2, D), torch.randn(2)
+    pool = kv_cache.allocate(kv_cache.MODEL1, 2, 4, D)
+    idx = torch.zeros(T, 2, dtype=torch.int32)
+    for kv, extra in ((pool, torch.randn(2, 4, D)), (torch.randn(8, D), pool)):
+        if op == "sparse_attn":
+            args = (q, kv, idx, sink, 0.1, None,
+                    extra if extra.dtype == torch.uint8 else extra.flatten(0, 1), idx)
+        else:
+            a = _hca_inputs(T, 2, D)
+            a.update(q=q, kv=kv, indices=idx, attn_sink=sink, extra_kv=extra)
+            args = tuple(a.values())
+        with pytest.raises(ValueError, match=f"{op}: kv and extra_kv must both be FP8 pools or "
+                                             "both floating-point"):
+            getattr(torch.ops.dsv4, op)(*args)
+
+
+@pytest.mark.parametrize("op", ["sparse_attn", "hca_attn", "q_norm_rope"])
+def test_zero_heads_are_refused(op):
+    """q with no head: the CUDA glue's "at least one head" (used to be: an empty result)."""
+    if op == "q_norm_rope":
+        with pytest.raises(ValueError, match="q_norm_rope: x must have at least one head"):
+            torch.ops.dsv4.q_norm_rope(torch.randn(3, 0, 64), torch.arange(3), torch.rand(8),
+                                       1e-6, True, 0)
+        return
+    a = _hca_inputs(H=0)
+    if op == "sparse_attn":
+        args = (a["q"], a["kv"], a["indices"], a["attn_sink"], 0.125)
+    else:
+        args = tuple(a.values())
+    with pytest.raises(ValueError, match=f"{op}: q must have at least one head"):
+        getattr(torch.ops.dsv4, op)(*args)
+
+
+def test_mhc_post_out_refuses_out_aliasing_residual():
+    """out=residual (an in-place residual update) is refused, as the CUDA glue refuses it (its
+    kernel reads residual while writing out); used to be computed on CPU."""
+    f, res = torch.randn(3, 8), torch.randn(3, 4, 8)
+    post, comb = torch.rand(3, 4), torch.rand(3, 4, 4)
+    before = res.clone()
+    with pytest.raises(ValueError, match="mhc_post_out: out must not alias residual or f"):
+        torch.ops.dsv4.mhc_post_out(f, res, post, comb, out=res)
+    assert torch.equal(res, before)
+    out = torch.empty_like(res)
+    torch.ops.dsv4.mhc_post_out(f, res, post, comb, out=out)
+    torch.testing.assert_close(out, torch.ops.dsv4.mhc_post(f, res, post, comb))
+
+
+def test_moe_grouped_gemms_refuse_what_the_cuda_glue_refuses():
+    """No expert (E = 0) or more than 1024, and moe_up pairs without tokens (used to be: zero
+    rows returned)."""
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    x, w_up, w_down = torch.randn(3, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 16, 8)
+    rows, rw, h = i32([0, 1, 2, 0]), torch.rand(4), torch.randn(4, 8)
+    ops = torch.ops.dsv4
+    ops.moe_up(x, rows, i32([0, 2, 4]), w_up, None, rw, 0.0, False)
+    ops.moe_down(h, i32([0, 2, 4]), w_down, None, False)
+    with pytest.raises(ValueError, match=r"moe_up: E must be in \[1, 1024\]"):
+        ops.moe_up(x, rows, i32([0]), w_up[:0], None, rw, 0.0, False)
+    with pytest.raises(ValueError, match=r"moe_down: E must be in \[1, 1024\]"):
+        ops.moe_down(h, i32([0]), w_down[:0], None, False)
+    with pytest.raises(ValueError, match=r"moe_down: E must be in \[1, 1024\]"):
+        ops.moe_down(h, torch.zeros(1026, dtype=torch.int32), torch.randn(1025, 8, 8), None,
+                     False)
+    with pytest.raises(ValueError, match="moe_up: pairs need tokens: x has 0 rows but P = 4"):
+        ops.moe_up(x[:0], rows, i32([0, 0, 0]), w_up, None, rw, 0.0, False)
+
+
+def test_grouped_oproj_refuses_more_than_1024_groups():
+    o = torch.randn(2, 1025, 2)
+    pos, freqs = torch.arange(2), torch.rand(1)
+    torch.ops.dsv4.grouped_oproj(o[:, :1024], pos, freqs, torch.randn(1024, 8, 2), None)
+    with pytest.raises(ValueError, match=r"groups of whole heads \(G <= 1024\)"):
+        torch.ops.dsv4.grouped_oproj(o, pos, freqs, torch.randn(1025, 8, 2), None)

@@ -36,12 +36,36 @@ def _is_fp8_pool(t: torch.Tensor | None) -> bool:
     return t is not None and t.dtype == torch.uint8
 
 
-def _check_pool(name: str, t: torch.Tensor, D: int) -> None:
+def _check_pool(name: str, t: torch.Tensor, D: int, op: str = "sparse_attn") -> None:
     """An FP8 (MODEL1) key pool [num_blocks, block_size, 584] for head_dim 512."""
-    if t.dim() != 3 or kv_cache.cache_format(t, D) != kv_cache.MODEL1:
-        raise ValueError(f"sparse_attn: a uint8 {name} must be a MODEL1 FP8 pool "
+    try:
+        fmt = kv_cache.cache_format(t, D)
+    except ValueError:  # no FP8 format at all: this op's own words below
+        fmt = None
+    if t.dim() != 3 or fmt != kv_cache.MODEL1:
+        raise ValueError(f"{op}: a uint8 {name} must be a MODEL1 FP8 pool "
                          f"[num_blocks, block_size, 584] (head_dim 512, dsv4.ops.kv_cache), got "
                          f"{tuple(t.shape)} for head_dim {D}")
+
+
+def _check_scopes(q, kv, extra_kv, op: str = "sparse_attn") -> None:
+    """The key scopes' formats (sparse_attn and hca_attn; the CUDA glue's rules): a uint8 scope
+    is a MODEL1 FP8 pool, any other scope floating-point, and kv and extra_kv (when given) both
+    FP8 pools or both floating-point; q has at least one head."""
+    D = q.shape[2]
+    if q.shape[1] < 1:
+        raise ValueError(f"{op}: q must have at least one head, got {tuple(q.shape)}")
+    for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
+        if t is None:
+            continue
+        if _is_fp8_pool(t) and name != "q":
+            _check_pool(name, t, D, op)
+        elif not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be a floating-point tensor (bfloat16 on "
+                             f"CUDA; float32 or bfloat16 for the reference), got {t.dtype}")
+    if extra_kv is not None and _is_fp8_pool(kv) != _is_fp8_pool(extra_kv):
+        raise ValueError(f"{op}: kv and extra_kv must both be FP8 pools or both floating-point "
+                         f"(bfloat16 on CUDA), got {kv.dtype} and {extra_kv.dtype}")
 
 
 def _flat_keys(t: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -53,19 +77,18 @@ def _flat_keys(t: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,
-                  extra_topk_length) -> None:
+                  extra_topk_length, op: str = "sparse_attn") -> None:
+    """Every argument of sparse_attn (``op``: the message prefix; hca_attn checks its window
+    scope here with extra_kv etc. None)."""
     if q.dim() != 3 or indices.dim() != 2 or (kv.dim() != 2 and not _is_fp8_pool(kv)):
-        raise ValueError("sparse_attn: expected q [tokens, heads, dim], kv [n_kv, dim] (or a "
+        raise ValueError(f"{op}: expected q [tokens, heads, dim], kv [n_kv, dim] (or a "
                          "uint8 FP8 pool), indices [tokens, k]; got "
                          f"{tuple(q.shape)}, {tuple(kv.shape)}, {tuple(indices.shape)}")
     T, H, D = q.shape
-    if _is_fp8_pool(kv):
-        _check_pool("kv", kv, D)
-    if extra_kv is not None and _is_fp8_pool(extra_kv):
-        _check_pool("extra_kv", extra_kv, D)
+    _check_scopes(q, kv, extra_kv, op)
     if (not _is_fp8_pool(kv) and kv.shape[1] != D) or indices.shape[0] != T or \
             tuple(attn_sink.shape) != (H,):
-        raise ValueError("sparse_attn: shape mismatch between q, kv, indices and attn_sink: "
+        raise ValueError(f"{op}: shape mismatch between q, kv, indices and attn_sink: "
                          f"q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices "
                          f"{tuple(indices.shape)}, attn_sink {tuple(attn_sink.shape)}")
     if (extra_kv is None) != (extra_indices is None):
@@ -81,17 +104,13 @@ def _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indice
                              f"{tuple(extra_indices.shape)}")
     for name, length in (("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
         if length is not None and tuple(length.shape) != (T,):
-            raise ValueError(f"sparse_attn: {name} must have shape [{T}], got "
+            raise ValueError(f"{op}: {name} must have shape [{T}], got "
                              f"{tuple(length.shape)}")
-    for name, t in (("q", q), ("kv", kv), ("extra_kv", extra_kv)):
-        if t is not None and not t.dtype.is_floating_point and not _is_fp8_pool(t):
-            raise ValueError(f"sparse_attn: {name} must be a floating-point tensor (bfloat16 on "
-                             f"CUDA; float32 or bfloat16 for the reference), got {t.dtype}")
     for name, t in (("indices", indices), ("extra_indices", extra_indices),
                     ("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
         if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex
                               or t.dtype == torch.bool):
-            raise ValueError(f"sparse_attn: {name} must be an integer tensor, got {t.dtype} "
+            raise ValueError(f"{op}: {name} must be an integer tensor, got {t.dtype} "
                              "(int32 on CUDA)")
 
 
@@ -149,8 +168,10 @@ def sparse_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tens
         lse: [tokens, heads] float32; +inf for a query without a valid key.
 
     Raises:
-        ValueError: on mismatched shapes, extra_kv without extra_indices (or the reverse),
-            non-integer indices or lengths, non-floating q / kv / extra_kv, or (unless
+        ValueError: on mismatched shapes, a q without heads, extra_kv without extra_indices
+            (or the reverse), an FP8 pool with a floating-point scope (kv and extra_kv are both
+            FP8 pools or both floating-point, as on CUDA), non-integer indices or lengths,
+            non-floating q / kv / extra_kv, or (unless
             skip_out_of_range) an out-of-range used index.
     """
     _check_shapes(q, kv, indices, attn_sink, topk_length, extra_kv, extra_indices,

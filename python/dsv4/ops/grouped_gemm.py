@@ -79,6 +79,10 @@ _DOWN_ARGS = "(Tensor h, Tensor expert_offsets, Tensor w_down, Tensor? w_down_sc
 MOE_DOWN_SCHEMA = _DOWN_ARGS + ") -> Tensor"
 MOE_DOWN_OUT_SCHEMA = _DOWN_ARGS + ", *, Tensor(a!) y) -> ()"
 
+# Experts of one grouped GEMM (w_up / w_down .shape[0]): the CUDA glue's range
+# (csrc/torch/grouped_gemm.cpp check_routing), checked on every device.
+MAX_EXPERTS = 1024
+
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32)
 _FP4_DTYPES = (torch.int8, torch.uint8)
 
@@ -177,6 +181,9 @@ def _check_routing(op: str, P: int, expert_offsets: torch.Tensor, E: int, check)
                   f"{list(expert_offsets.shape)}")
     check(expert_offsets.dtype == torch.int32,
           lambda: f"{op}: expert_offsets must be int32, got {expert_offsets.dtype}")
+    check(1 <= E <= MAX_EXPERTS,
+          lambda: f"{op}: E must be in [1, {MAX_EXPERTS}] experts (the CUDA kernel's range), "
+                  f"got {E}")
 
 
 def _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu_limit,
@@ -203,6 +210,8 @@ def _check_up(x, row_ids, expert_offsets, w_up, w_up_scale, route_weight, swiglu
     check_clamp_limit_f32(op, "swiglu_limit", swiglu_limit, check)   # moe_swiglu's rule
     check(not act_quant or K % FP8_BLOCK == 0,
           lambda: f"{op}: act_quant needs dim divisible by {FP8_BLOCK}, got {K}")
+    check(x.shape[0] > 0 or P == 0,
+          lambda: f"{op}: pairs need tokens: x has 0 rows but P = {P}")
     return fmt
 
 

@@ -56,8 +56,9 @@ def _check(o, positions, freqs, wo_a, wo_a_scale, check) -> str:
     T, H, hd = o.shape
     check(hd >= 1, lambda: f"{op}: o's head_dim must be >= 1, got {list(o.shape)}")
     G, Dg = wo_a.shape[0], H * hd // max(wo_a.shape[0], 1)
-    check(G >= 1 and G * Dg == H * hd and Dg % hd == 0,
-          lambda: f"{op}: {H} heads x {hd} must split into {G} groups of whole heads")
+    check(1 <= G <= 1024 and G * Dg == H * hd and Dg % hd == 0,
+          lambda: f"{op}: {H} heads x {hd} must split into {G} groups of whole heads "
+                  "(G <= 1024)")
     fmt = expert_weight_format(wo_a, wo_a_scale, Dg, "wo_a", check)
     check(fmt != "fp4", lambda: f"{op}: wo_a must be bf16/fp32 or float8_e4m3fn, not FP4")
     check(positions.dim() == 1 and positions.shape[0] == T

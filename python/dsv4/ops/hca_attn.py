@@ -31,7 +31,7 @@ import torch
 
 from . import kv_cache
 from ._ext import check_finite_f32, check_writable, raise_value_error, register_op
-from .attention import _flat_keys, sparse_attn_reference
+from .attention import _check_scopes, _check_shapes, _flat_keys, sparse_attn_reference
 
 __all__ = ["hca_attn", "hca_attn_reference", "hca_entry_counts", "dense_block_table"]
 
@@ -104,11 +104,16 @@ def hca_attn_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         query without any valid key.
 
     Raises:
-        ValueError: bad shapes / dtypes (an out-of-range row or block id is an unused slot,
-            as in the kernel, not an error).
+        ValueError: bad shapes / dtypes of either scope, checked as sparse_attn checks them
+            (also with no query), or kv and extra_kv of mixed formats (an out-of-range row or
+            block id is an unused slot, as in the kernel, not an error).
     """
     _check(q, kv, indices, attn_sink, topk_length, extra_kv, extra_block_table, extra_rows,
            extra_lengths, raise_value_error)
+    # The window scope and both scopes' formats, checked here for every call (the chunks below
+    # pass slices to sparse_attn_reference, and none at all when there is no query).
+    _check_shapes(q, kv, indices, attn_sink, topk_length, None, None, None, op="hca_attn")
+    _check_scopes(q, kv, extra_kv, op="hca_attn")
     T = q.shape[0]
     nb, bs = extra_kv.shape[0], extra_kv.shape[1]
     R, max_blocks = extra_block_table.shape

@@ -120,7 +120,16 @@ def _post_kernel(f, residual, post, comb):
     return hc_post_reference(f, residual, post, comb).contiguous()
 
 
+def _check_post_out_alias(f, residual, out, check) -> None:
+    # the CUDA kernel reads residual and f while it writes out: the glue refuses the same tensor
+    # (at::Tensor::is_same), and so does the reference (an in-place residual update would
+    # work here and fail on CUDA)
+    check(out is not residual and out is not f,
+          lambda: "mhc_post_out: out must not alias residual or f")
+
+
 def _post_out_kernel(f, residual, post, comb, *, out):
+    _check_post_out_alias(f, residual, out, raise_value_error)
     _copy_out(out, _post_kernel(f, residual, post, comb), "mhc_post_out", "out")
 
 
@@ -131,6 +140,7 @@ def _post_fake(f, residual, post, comb):
 
 def _post_out_fake(f, residual, post, comb, *, out):
     _check_post(f, residual, post, comb, torch._check)
+    _check_post_out_alias(f, residual, out, torch._check)
 
 
 def _head_kernel(x, fn, scale, base, norm_eps, eps):

@@ -94,6 +94,8 @@ def _quantize(y: torch.Tensor, quant: int, rd: int) -> torch.Tensor:
 def _check_q(x, positions, freqs, quant, check):
     check(x.dim() == 3, lambda: f"q_norm_rope: x must be [tokens, heads, head_dim], got {tuple(x.shape)}")
     _check_common("q_norm_rope", x, positions, freqs, quant, check)
+    check(x.shape[1] >= 1,
+          lambda: f"q_norm_rope: x must have at least one head, got {tuple(x.shape)}")
 
 
 def q_norm_rope_reference(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
