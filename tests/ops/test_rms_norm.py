@@ -122,6 +122,21 @@ def test_op_rejects_non_float_x(dtype):
         torch.ops.dsv4.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_op_rejects_non_float_weight(dtype):
+    """An integer weight is refused by the reference, the op and the fake, as the CUDA glue
+    refuses it (it had been upcast and used on the CPU)."""
+    x = torch.randn(4, 8)
+    w = torch.ones(8, dtype=dtype)
+    msg = rf"rms_norm: weight must be a floating-point tensor \(float32 on CUDA.*\), got {dtype}"
+    with pytest.raises(ValueError, match=msg):
+        rms_norm_reference(x, w, EPS)
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.dsv4.rms_norm(x, w, EPS)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=msg):
+        torch.ops.dsv4.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA kernel vs reference
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ def _dtype_message(dtype: torch.dtype) -> str:
             f"float64), got {dtype}")
 
 
+def _weight_dtype_message(dtype: torch.dtype) -> str:
+    return (f"rms_norm: weight must be a floating-point tensor (float32 on CUDA, where RMSNorm "
+            f"weights are kept in fp32), got {dtype}")
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, the semantics of ``torch.ops.dsv4.rms_norm``.
 
@@ -34,7 +39,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
 
     Raises:
         ValueError: ``x`` is not floating point (an integer or bool x would come back
-            truncated), is 0-d, or ``weight`` is not ``[x.size(-1)]``.
+            truncated), is 0-d, or ``weight`` is not a floating-point ``[x.size(-1)]``.
     """
     if not x.dtype.is_floating_point:
         raise ValueError(_dtype_message(x.dtype))
@@ -45,6 +50,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
             f"rms_norm: weight must have shape [{x.size(-1)}] (x.size(-1)), "
             f"got {list(weight.shape)}"
         )
+    if weight is not None and not weight.dtype.is_floating_point:
+        raise ValueError(_weight_dtype_message(weight.dtype))
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (y if weight is None else weight.float() * y).to(x.dtype)
@@ -66,6 +73,7 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         weight.dim() == 1 and weight.size(0) == x.size(-1),
         lambda: f"rms_norm: weight must have shape [{x.size(-1)}], got {list(weight.shape)}",
     )
+    torch._check(weight.dtype.is_floating_point, lambda: _weight_dtype_message(weight.dtype))
     return x.new_empty(x.shape)
 
 
