@@ -107,19 +107,24 @@ def test_op_rejects_wrong_weight_shape():
         torch.ops.dsv4.rms_norm(x, w[:7], EPS)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_op_rejects_non_float_x(dtype):
-    """An integer or bool x came back as truncated ints; the reference, the op and the fake
-    refuse it, naming the accepted dtypes."""
-    x = torch.ones(4, 8, dtype=dtype)
-    w = torch.ones(8)
-    msg = rf"rms_norm: x must be a floating-point tensor \(float32, .*\), got {dtype}"
+def _refused_everywhere(x, w, msg):
+    """The reference and the op raise ValueError, the fake RuntimeError, all matching msg."""
     with pytest.raises(ValueError, match=msg):
         rms_norm_reference(x, w, EPS)
     with pytest.raises(ValueError, match=msg):
         torch.ops.dsv4.rms_norm(x, w, EPS)
     with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=msg):
         torch.ops.dsv4.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_op_rejects_non_float_x(dtype):
+    """An integer or bool x came back as truncated ints; the reference, the op and the fake
+    refuse it, naming the accepted dtypes."""
+    x = torch.ones(4, 8, dtype=dtype)
+    w = torch.ones(8)
+    _refused_everywhere(x, w, rf"rms_norm: x must be a floating-point tensor \(float32, .*\), "
+                              rf"got {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
@@ -128,13 +133,8 @@ def test_op_rejects_non_float_weight(dtype):
     refuses it (it had been upcast and used on the CPU)."""
     x = torch.randn(4, 8)
     w = torch.ones(8, dtype=dtype)
-    msg = rf"rms_norm: weight must be a floating-point tensor \(float32 on CUDA.*\), got {dtype}"
-    with pytest.raises(ValueError, match=msg):
-        rms_norm_reference(x, w, EPS)
-    with pytest.raises(ValueError, match=msg):
-        torch.ops.dsv4.rms_norm(x, w, EPS)
-    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=msg):
-        torch.ops.dsv4.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
+    _refused_everywhere(x, w, rf"rms_norm: weight must be a floating-point tensor "
+                              rf"\(float32 on CUDA.*\), got {dtype}")
 
 
 # ---------------------------------------------------------------------------------------------
