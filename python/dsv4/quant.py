@@ -88,11 +88,10 @@ def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
     Raises ValueError if any value is not a positive power of two in that range (an e8m0 scale
     holds nothing else; round first, e.g. with :func:`dsv4.ops.quant.ue8m0_scale`).
     """
-    xf = x if x.dtype == torch.float64 else x.float()
-    e, ok = e8m0_exponent(xf)
+    e, ok = e8m0_exponent(x)
     code = e + 127
     if not bool(ok.all()):
-        bad = xf[~ok].flatten()[:4].tolist()
+        bad = x[~ok].flatten()[:4].double().tolist()
         raise ValueError(f"float_to_e8m0: values must be powers of two in [2**-127, 2**127], "
                          f"got e.g. {bad}")
     return code.to(torch.uint8).view(_E8M0)
